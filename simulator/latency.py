@@ -1,0 +1,247 @@
+"""Step times of one replica's engine iteration: a calibrated roofline, or plain coefficients.
+
+An iteration serves ``n_prefill`` sequences whose prompts (``P`` tokens in all, ``pairs`` = the
+sum of squared prompt lengths) are prefilled, and ``n`` decoding sequences that attend ``C`` keys
+in all. Its time is
+
+    roofline:  t = overhead + max(F / (tp * peak * eff_c(T)), B / (tp * bw * eff_m)) + comm(T)
+    linear:    t = base + [P > 0] * prefill_base + a_tok * P + a_seq * (n_prefill + n) + a_ctx * C
+
+with ``F`` and ``B`` the FLOPs and bytes of :class:`~simulator.modelspec.ModelSpec`, ``T = P + n``
+the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` and ``comm`` two ring
+all-reduces per layer under tensor parallelism.
+
+Between composition changes a replica runs identical decode iterations whose only change is that
+``C`` grows by ``n`` per step. Each step time is then ``base + max(a1 + b1 C, a2 + b2 C)``: the
+max of two lines, so ``k`` steps sum in closed form (:func:`run_sums`). That is what lets the
+engine advance ``k`` iterations with one event.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .modelspec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class PowerSpec:
+    """Per-GPU power model.
+
+    ``P = idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m)`` with ``u_c`` the
+    fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the iteration.
+    The dynamic energy is then linear in FLOPs and bytes (J per FLOP, J per byte), which is
+    both the textbook energy model of a processor and exact to integrate over a run.
+    """
+
+    idle_w: float
+    max_w: float
+    active_w: float = 0.0
+    compute_w: float = 0.0
+    memory_w: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RooflineProfile:
+    """A device as the roofline sees it (analytic from a catalog, or measured)."""
+
+    name: str
+    peak_flops: float
+    mem_bw_bytes_per_s: float
+    mem_bytes: float
+    compute_eff_max: float
+    compute_eff_half_tokens: float
+    memory_eff: float
+    overhead_s: float
+    overhead_per_layer_s: float = 0.0
+    link_bw_bytes_per_s: float = 450e9
+    link_latency_s: float = 5e-6
+    power: PowerSpec | None = None
+    kind: Literal["roofline"] = "roofline"
+    source: str = "analytic"
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LinearProfile:
+    """Step times from plain coefficients (textbook queues in tests, or a fitted engine)."""
+
+    name: str
+    base_s: float
+    prefill_base_s: float = 0.0
+    per_prefill_token_s: float = 0.0
+    per_seq_s: float = 0.0
+    per_context_token_s: float = 0.0
+    mem_bytes: float = 80e9
+    peak_flops: float = 1e15
+    mem_bw_bytes_per_s: float = 3e12
+    power: PowerSpec | None = None
+    kind: Literal["linear"] = "linear"
+    source: str = "linear"
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+Profile = RooflineProfile | LinearProfile
+
+
+@dataclass(frozen=True, slots=True)
+class RunCoeffs:
+    """A decode run with ``n`` sequences: step ``i`` at context ``C_i`` takes
+    ``base + max(a1 + b1*C_i, a2 + b2*C_i)`` seconds and moves ``fa + fb*C_i`` FLOPs and
+    ``ba + bb*C_i`` bytes."""
+
+    base: float
+    a1: float
+    b1: float
+    a2: float
+    b2: float
+    fa: float
+    fb: float
+    ba: float
+    bb: float
+
+
+def _lin_sum(a: float, b: float, x0: float, dx: float, i0: int, i1: int) -> float:
+    """Sum of ``a + b*(x0 + dx*i)`` for i in [i0, i1)."""
+    m = i1 - i0
+    if m <= 0:
+        return 0.0
+    return m * (a + b * x0) + b * dx * (m * (i0 + i1 - 1) / 2.0)
+
+
+def _split(c: RunCoeffs, x0: float, dx: float, m: int) -> tuple[int, bool]:
+    """Index s in [0, m] where max() switches branch, and whether line 1 wins for i < s."""
+    da = c.a1 - c.a2
+    db = c.b1 - c.b2
+    g0 = da + db * x0  # line1 - line2 at i = 0
+    slope = db * dx
+    if slope == 0.0:
+        return m, g0 >= 0.0
+    r = -g0 / slope
+    s = min(max(math.ceil(r), 0), m)
+    return s, slope < 0.0  # decreasing difference: line 1 wins first
+
+
+def run_sums(c: RunCoeffs, c0: float, n: int, m: int) -> tuple[float, float, float]:
+    """Total time, FLOPs and bytes of ``m`` decode steps starting at context ``c0``."""
+    if m <= 0:
+        return 0.0, 0.0, 0.0
+    s, first_is_1 = _split(c, c0, n, m)
+    if first_is_1:
+        t = _lin_sum(c.a1, c.b1, c0, n, 0, s) + _lin_sum(c.a2, c.b2, c0, n, s, m)
+    else:
+        t = _lin_sum(c.a2, c.b2, c0, n, 0, s) + _lin_sum(c.a1, c.b1, c0, n, s, m)
+    t += m * c.base
+    f = _lin_sum(c.fa, c.fb, c0, n, 0, m)
+    b = _lin_sum(c.ba, c.bb, c0, n, 0, m)
+    return t, f, b
+
+
+def step_time(c: RunCoeffs, ctx: float) -> float:
+    """Time of one decode step at total context ``ctx``."""
+    return c.base + max(c.a1 + c.b1 * ctx, c.a2 + c.b2 * ctx)
+
+
+class LatencyModel:
+    """Iteration times of one replica (``tp`` GPUs) serving ``model`` under ``profile``."""
+
+    def __init__(self, model: ModelSpec, profile: Profile, tp: int = 1) -> None:
+        self.model = model
+        self.profile = profile
+        self.tp = tp
+        self.kind = profile.kind
+        m = model
+        self.f_lin = m.flops_per_token_linear
+        self.f_head = m.flops_lm_head
+        self.f_pair = m.attn_flops_per_pair
+        self.kvb = m.kv_bytes_per_token
+        self._dense = m.n_experts <= 1
+        self._w_dense = m.weight_bytes_read(1.0)
+        if isinstance(profile, RooflineProfile):
+            p = profile
+            self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
+            self._rc_peak = tp * p.peak_flops
+            self._rm = tp * p.mem_bw_bytes_per_s * p.memory_eff
+            if tp > 1:
+                ring = 2.0 * (tp - 1) / tp
+                act_bytes = m.d_model * 2.0  # activations travel in 16-bit
+                self._comm_a = 2.0 * m.n_layers * p.link_latency_s
+                self._comm_b = 2.0 * m.n_layers * ring * act_bytes / p.link_bw_bytes_per_s
+            else:
+                self._comm_a = self._comm_b = 0.0
+        self._coeff_cache: dict[int, RunCoeffs] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _weights(self, tokens: float) -> float:
+        return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
+
+    def _eff_c(self, tokens: float) -> float:
+        p = self.profile
+        return p.compute_eff_max * tokens / (tokens + p.compute_eff_half_tokens)
+
+    # -- one general iteration -------------------------------------------------------------
+    def iteration(
+        self, p_tokens: int, pairs: float, n_prefill: int, n: int, ctx: float
+    ) -> tuple[float, float, float]:
+        """Time (s), FLOPs and bytes of one iteration (see the module docstring)."""
+        flops = (
+            p_tokens * self.f_lin
+            + pairs * self.f_pair
+            + n_prefill * self.f_head
+            + n * (self.f_lin + self.f_head)
+            + ctx * self.f_pair
+        )
+        tokens = p_tokens + n
+        nbytes = self._weights(tokens) + self.kvb * (ctx + tokens)
+        if p_tokens == 0:  # a pure decode step: the run formula, so both modes agree exactly
+            return step_time(self.run_coeffs(n), ctx), flops, nbytes
+        prof = self.profile
+        if isinstance(prof, LinearProfile):
+            t = (
+                prof.base_s
+                + prof.prefill_base_s
+                + prof.per_prefill_token_s * p_tokens
+                + prof.per_seq_s * (n_prefill + n)
+                + prof.per_context_token_s * ctx
+            )
+        else:
+            t = (
+                self._oh
+                + max(flops / (self._rc_peak * self._eff_c(tokens)), nbytes / self._rm)
+                + self._comm_a
+                + self._comm_b * tokens
+            )
+        return t, flops, nbytes
+
+    # -- decode runs -----------------------------------------------------------------------
+    def run_coeffs(self, n: int) -> RunCoeffs:
+        """Coefficients of a decode step of ``n`` sequences (cached per ``n``)."""
+        c = self._coeff_cache.get(n)
+        if c is not None:
+            return c
+        fa = n * (self.f_lin + self.f_head)
+        fb = self.f_pair
+        ba = self._weights(n) + self.kvb * n
+        bb = self.kvb
+        prof = self.profile
+        if isinstance(prof, LinearProfile):
+            a = prof.per_seq_s * n
+            c = RunCoeffs(prof.base_s, a, prof.per_context_token_s, a, prof.per_context_token_s,
+                          fa, fb, ba, bb)
+        else:
+            rc = self._rc_peak * self._eff_c(n)
+            base = self._oh + self._comm_a + self._comm_b * n
+            c = RunCoeffs(base, fa / rc, fb / rc, ba / self._rm, bb / self._rm, fa, fb, ba, bb)
+        self._coeff_cache[n] = c
+        return c
+
+    # -- convenience for reports and tests --------------------------------------------------
+    def prefill_time(self, prompt_tokens: int, batch: int = 1) -> float:
+        """Time of one iteration prefilling ``batch`` prompts of ``prompt_tokens`` each."""
+        return self.iteration(prompt_tokens * batch, float(batch * prompt_tokens**2), batch, 0, 0.0)[0]
+
+    def decode_time(self, batch: int, context_tokens: int) -> float:
+        """Time of one decode step of ``batch`` sequences, each with ``context_tokens`` of context."""
+        return step_time(self.run_coeffs(batch), float(batch * context_tokens))
