@@ -1,0 +1,137 @@
+"""The ``fleetsim`` command line: validate, run, and the subcommands of the other modules.
+
+User mistakes print one line naming the field, the value and the fix, and exit with code 2,
+without a traceback. SIGINT and SIGTERM stop a run with a short message and exit code 130/143,
+and leave no partial output files (they are written under temporary names until complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .errors import InvariantError, UserError
+
+
+class Interrupted(Exception):
+    """A signal asked the run to stop."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _on_signal(signum, _frame):
+    raise Interrupted(signum)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", help="scenario TOML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any scenario field (repeatable), e.g. --set fleet.replicas=8")
+    p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+
+
+def _out_dir(args, default_name: str) -> Path:
+    out = Path(args.out) if args.out else Path("out") / default_name
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"--out {str(out)!r}: the folder exists and is not empty "
+                        "(fix: pass --force to overwrite, or choose another --out)")
+    return out
+
+
+def cmd_validate(args) -> int:
+    from .scenario import load_scenario, resolve
+
+    sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
+    rs = resolve(sc, args.scenario)
+    import tomllib  # noqa: F401  (the resolved scenario is printed as JSON)
+
+    print(sc.model_dump_json(indent=2))
+    print(f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters, "
+          f"{rs.model.weight_bytes / 1e9:.1f} GB weights; KV budget {rs.kv_capacity_tokens:,} "
+          f"tokens per replica; profile {rs.profile_id}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .output import RequestWriter
+    from .scenario import load_scenario, resolve
+    from .simulate import simulate, write_outputs
+    from .summary import print_summary
+
+    sc, text = load_scenario(args.scenario, args.overrides, args.seed)
+    rs = resolve(sc, args.scenario)
+    out = _out_dir(args, Path(args.scenario).stem)
+    console = Console(stderr=True, quiet=args.quiet)
+    sink = RequestWriter(out / "requests.parquet") if args.requests else None
+    n_pods = len(range(min(sc.fleet.sample_pods or sc.fleet.pods, sc.fleet.pods)))
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("simulating", total=n_pods * sc.simulation.hours)
+            res = simulate(rs, source=args.scenario, request_sink=sink,
+                           progress=lambda k: bar.advance(task, k))
+        path = write_outputs(res, out, text)
+        if sink is not None:
+            sink.close(res.metadata(text))
+            sink = None
+    finally:
+        if sink is not None:
+            sink.abort()
+    if not args.quiet:
+        print_summary(res, Console())
+        Console().print(f"wrote {path}" + (f" and {out / 'requests.parquet'}" if args.requests else "")
+                        + f" in {res.wall_s:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fleetsim", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="print the resolved scenario or a clear error")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("run", help="simulate a scenario and write hourly.parquet")
+    _add_run_args(p)
+    p.add_argument("--out", help="output folder (default out/<scenario name>)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--requests", action="store_true", help="also write requests.parquet")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("calibrate", help="measure a torch Transformer on this device; write a profile",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: _delegate("calibrate.cli", a.rest))
+    return ap
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"fleetsim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"fleetsim: interrupted by {exc}; no partial output was left", file=sys.stderr)
+        return 128 + exc.signum
+    except InvariantError as exc:
+        print(f"fleetsim: internal error: invariant violated: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

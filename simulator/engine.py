@@ -1,0 +1,335 @@
+"""The serving engine of one replica, and one pod of replicas, on SimPy's event kernel.
+
+A replica runs iteration-level continuous batching (Orca/vLLM style):
+
+* at every iteration boundary, waiting requests are admitted first-come-first-served while the
+  batch has fewer than ``max_batch_size`` sequences, the iteration's tokens stay within
+  ``max_batched_tokens`` and the KV cache can reserve the request's prompt + output tokens;
+* an admitted request is prefilled in its first iteration, which also yields its first token;
+  every later iteration yields one more token per sequence; a request leaves after its last token.
+
+**Macro-stepping.** Between two composition changes (an admission, a completion, an hour
+boundary) every iteration is a decode step of the same ``n`` sequences whose total context grows
+by ``n`` per step, so ``k`` steps take a closed-form time (:func:`simulator.latency.run_sums`). A
+replica therefore plans a *run*: one general iteration (with the prefills) followed by ``k - 1``
+identical decode steps ending at the next completion, and sets one SimPy event at its end. An
+arrival that could join mid-run cuts the run at the first iteration boundary at or after its
+arrival time (:meth:`Replica.on_arrival`). ``engine = "iteration"`` caps every run at one
+iteration: the per-iteration reference mode, which shares every other line of code.
+
+Bookkeeping is O(1) per iteration: the running sequences sit in a heap keyed by the global
+iteration index at which they finish, and their total context is ``S + n * it`` with ``S`` the
+sum of ``prompt - join_iteration`` over the batch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+
+import simpy
+
+from .latency import LatencyModel, run_sums, step_time
+
+HOUR_S = 3600.0
+
+
+class Request:
+    """One request's state inside the engine."""
+
+    __slots__ = ("rid", "arrival_s", "prompt", "out", "need", "join_it", "first_token_s")
+
+    def __init__(self, rid: int, arrival_s: float, prompt: int, out: int) -> None:
+        self.rid = rid
+        self.arrival_s = arrival_s
+        self.prompt = prompt
+        self.out = out
+        self.need = prompt + out  # KV tokens reserved on admission
+        self.join_it = -1
+        self.first_token_s = math.nan
+
+
+def _run_time(c, c0: float, n: int, m: int) -> float:
+    return run_sums(c, c0, n, m)[0] if m > 0 else 0.0
+
+
+class Replica:
+    """One model replica (``tp`` GPUs) with its continuous-batching engine."""
+
+    def __init__(self, index: int, pod: "Pod") -> None:
+        self.index = index
+        self.pod = pod
+        self.lat: LatencyModel = pod.lat
+        self.env: simpy.Environment = pod.env
+        self.rec = pod.rec
+        self.max_batch = pod.max_batch
+        self.max_tokens = pod.max_tokens
+        self.kv_cap = pod.kv_cap
+        self.waiting: deque[Request] = pod.shared_queue if pod.shared_queue is not None else deque()
+        # running decode set
+        self.it = 0          # index of the next iteration to start
+        self.n = 0           # decoding sequences
+        self.S = 0.0         # sum(prompt - join_it) over decoding sequences
+        self.heap: list = []  # (finish_it, seq, request)
+        self.kv_used = 0
+        self.outstanding = 0  # routed and not finished (for least_loaded)
+        # current run
+        self.busy = False
+        self.pf: list[Request] = []   # prefills of the run's first iteration
+        self.P = 0                    # their prompt tokens
+        self.pairs = 0.0              # sum of squared prompt lengths
+        self.T0 = 0.0
+        self.k = 0
+        self.t_first = self.F_first = self.B_first = 0.0
+        self.n1 = 0
+        self.c1 = 0.0
+        self.coef = None
+        self.run_end = 0.0
+        # the pending SimPy event
+        self.armed_t: float | None = None
+        self.token = 0
+
+    # ---- admission ----------------------------------------------------------------------------
+    def _fits(self, r: Request, n_total: int, p_tokens: int, n_decode: int) -> bool:
+        return (n_total < self.max_batch
+                and p_tokens + r.prompt + n_decode <= self.max_tokens
+                and self.kv_used + r.need <= self.kv_cap)
+
+    def _admit(self) -> None:
+        w = self.waiting
+        pf = self.pf
+        while w:
+            r = w[0]
+            if not self._fits(r, self.n + len(pf), self.P, self.n):
+                break
+            w.popleft()
+            pf.append(r)
+            self.P += r.prompt
+            self.pairs += float(r.prompt) * r.prompt
+            self.kv_used += r.need
+            if self.pod.shared_queue is not None:
+                self.outstanding += 1
+
+    # ---- planning -----------------------------------------------------------------------------
+    def plan(self, T: float) -> None:
+        """Plan the run that starts at boundary time ``T`` and arm its end event."""
+        if T >= self.pod.horizon_s:
+            self.busy = False
+            return
+        self._admit()
+        pf = self.pf
+        if not pf and self.n == 0:
+            self.busy = False
+            return
+        self.busy = True
+        self.T0 = T
+        it = self.it
+        n = self.n
+        lat = self.lat
+        t1, F1, B1 = lat.iteration(self.P, self.pairs, len(pf), n, self.S + n * it)
+        self.t_first, self.F_first, self.B_first = t1, F1, B1
+        nxt = self.heap[0][0] if self.heap else 1 << 62
+        S1 = self.S
+        for r in pf:
+            f = it + r.out - 1
+            if f < nxt:
+                nxt = f
+            S1 += r.prompt - it
+        k = nxt - it + 1
+        if self.pod.per_iteration:
+            k = 1
+        end = T + t1
+        if k > 1:
+            n1 = n + len(pf)
+            c1 = S1 + n1 * (it + 1)
+            coef = lat.run_coeffs(n1)
+            self.n1, self.c1, self.coef = n1, c1, coef
+            H = (math.floor(T / HOUR_S) + 1.0) * HOUR_S
+            if end >= H:
+                k = 1
+            else:
+                dec = _run_time(coef, c1, n1, k - 1)
+                if end + dec > H:
+                    # smallest m in [1, k-1] whose m decode steps reach H
+                    lo, hi = 1, k - 1
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        if end + _run_time(coef, c1, n1, mid) >= H:
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    k = 1 + lo
+                    dec = _run_time(coef, c1, n1, lo)
+                end += dec
+        self.k = k
+        self.run_end = end
+        self._arm(end)
+
+    def _prefix_time(self, j: int) -> float:
+        """Time from the run's start to its boundary ``j`` (0 <= j <= k)."""
+        if j == 0:
+            return 0.0
+        return self.t_first + (_run_time(self.coef, self.c1, self.n1, j - 1) if j > 1 else 0.0)
+
+    # ---- events -------------------------------------------------------------------------------
+    def _arm(self, t: float) -> None:
+        if self.armed_t is not None and self.armed_t <= t:
+            return  # an earlier event is pending; it re-arms when it fires
+        self.token += 1
+        self.armed_t = t
+        ev = self.env.timeout(max(t - self.env.now, 0.0), self.token)
+        ev.callbacks.append(self._on_wake)
+        self.rec.events += 1
+
+    def _on_wake(self, ev) -> None:
+        if ev.value != self.token:
+            return  # superseded by an earlier event
+        fired = self.armed_t
+        self.armed_t = None
+        if not self.busy:
+            return
+        if self.run_end != fired:
+            self._arm(self.run_end)
+            return
+        end = self.run_end
+        self._commit(self.k)
+        self.plan(end)
+
+    # ---- committing iterations ------------------------------------------------------------------
+    def _commit(self, j: int, finish: bool = True) -> None:
+        """Account iterations [0, j) of the current run and advance the state past them.
+
+        With ``finish`` false (the end of the horizon) nothing completes: what was still
+        running is left in flight, and only its work and energy are accounted."""
+        rec = self.rec
+        T0 = self.T0
+        it0 = self.it
+        k = self.k
+        pf = self.pf
+        pod = self.pod
+        # iteration 0: prefills join the decode set
+        ft = T0 + self.t_first
+        heap = self.heap
+        n0 = self.n
+        for r in pf:
+            r.first_token_s = ft
+            r.join_it = it0
+            self.S += r.prompt - it0
+            heapq.heappush(heap, (it0 + r.out - 1, r.rid, r))
+        self.n += len(pf)
+        rec.add_tokens(ft, self.P, n0 + len(pf))
+        # time, FLOPs and bytes of iterations [0, j), and the last one separately if it straddles
+        h = int(T0 // HOUR_S)
+        last_straddles = j == k and (T0 + self._prefix_time(k)) > (h + 1) * HOUR_S
+        m_full = j - 1 if last_straddles else j  # iterations wholly inside hour h
+        t_sum = f_sum = b_sum = 0.0
+        if m_full >= 1:
+            t_sum, f_sum, b_sum = self.t_first, self.F_first, self.B_first
+            if m_full > 1:
+                dt, df, db = run_sums(self.coef, self.c1, self.n1, m_full - 1)
+                t_sum += dt
+                f_sum += df
+                b_sum += db
+        e_full = pod.e_active_w * t_sum + pod.e_flop_j * f_sum + pod.e_byte_j * b_sum
+        rec.add_work(h, t_sum, e_full)
+        if j > 1:
+            dec_tokens = self.n1 * (j - 1 - (1 if last_straddles else 0))
+            if dec_tokens:
+                rec.add_tokens(T0 + self._prefix_time(m_full), 0, dec_tokens)
+        if last_straddles:
+            if k == 1:
+                t_l, f_l, b_l = self.t_first, self.F_first, self.B_first
+                start = T0
+            else:
+                ctx = self.c1 + self.n1 * (k - 2)
+                c = self.coef
+                t_l = step_time(c, ctx)
+                f_l = c.fa + c.fb * ctx
+                b_l = c.ba + c.bb * ctx
+                start = T0 + self._prefix_time(k - 1)
+                rec.add_tokens(start + t_l, 0, self.n1)
+            e_l = pod.e_active_w * t_l + pod.e_flop_j * f_l + pod.e_byte_j * b_l
+            H = (h + 1) * HOUR_S
+            frac = (H - start) / t_l if t_l > 0 else 1.0
+            rec.add_work(h, t_l * frac, e_l * frac)
+            rec.add_work(h + 1, t_l * (1.0 - frac), e_l * (1.0 - frac))
+        rec.iterations += j
+        self.it = it0 + j
+        self.pf = []
+        self.P = 0
+        self.pairs = 0.0
+        self.T0 = T0 + self._prefix_time(j) if j < k else self.run_end
+        if j == k and finish:
+            self._finish_due()
+
+    def _finish_due(self) -> None:
+        """Retire every sequence whose last token came out in the iteration just committed."""
+        heap = self.heap
+        it = self.it
+        end = self.run_end
+        while heap and heap[0][0] < it:
+            _, _, r = heapq.heappop(heap)
+            self.n -= 1
+            self.S -= r.prompt - r.join_it
+            self.kv_used -= r.need
+            self.outstanding -= 1
+            self.pod.rec.complete(r, end, self.index)
+            self.pod.in_flight -= 1
+        if self.n == 0:
+            self.S = 0.0  # no drift from float sums over a long day
+
+    # ---- arrivals -----------------------------------------------------------------------------
+    def on_arrival(self, r: Request) -> None:
+        """A request routed to this replica arrives now."""
+        self.outstanding += 1
+        self.waiting.append(r)
+        self.poke()
+
+    def _cut_point(self, r: Request) -> int:
+        """The boundary j of the current run at which ``r`` (arriving now) would be admitted:
+        0 = into the first iteration (not started yet), 1..k-1 = a cut, -1 = not before the
+        run's end."""
+        ta = self.env.now
+        T0 = self.T0
+        k = self.k
+        if ta <= T0:
+            if self._fits(r, self.n + len(self.pf), self.P, self.n):
+                return 0
+            j = 1
+        elif ta <= T0 + self.t_first:
+            j = 1
+        else:  # smallest j in [2, k] with T0 + prefix(j) >= ta
+            lo, hi = 2, k
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if T0 + self._prefix_time(mid) >= ta:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            j = lo
+        if j >= k:
+            return -1  # the run ends first; its end admits the request
+        n_all = self.n + len(self.pf)
+        return j if self._fits(r, n_all, 0, n_all) else -1
+
+    def admission_boundary(self, r: Request) -> float:
+        """When ``r`` could start here if it arrived now (infinity: not before a completion)."""
+        if not self.busy:
+            return self.env.now
+        j = self._cut_point(r)
+        return math.inf if j < 0 else self.T0 + self._prefix_time(j)
+
+    def poke(self) -> None:
+        """The head of the queue might be admitted: start or cut the current run if so."""
+        if not self.busy:
+            self.plan(self.env.now)
+            return
+        if len(self.waiting) != 1:
+            return  # others wait ahead of it: they are blocked until a completion
+        j = self._cut_point(self.waiting[0])
+        if j < 0:
+            return
+        if j > 0:
+            self._commit(j)
+        self.plan(self.T0)

@@ -1,0 +1,517 @@
+"""Scenario files: a typed, frozen, validated tree loaded from TOML.
+
+``load_scenario(path, overrides)`` reads the file, applies ``--set section.key=value`` overrides,
+validates every field (unknown keys are rejected with a "did you mean"), and returns a
+:class:`Scenario`. :func:`resolve` then joins it with the catalogs and the profile into the
+objects the engine needs (:class:`Resolved`), and runs the cross-field checks (the model fits,
+the KV budget holds a maximum-length request). Every problem is a :class:`ScenarioError` that
+names the file, the field path, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import catalog
+from .errors import ScenarioError, UserError
+from .latency import LatencyModel, PowerSpec, Profile, RooflineProfile
+from .modelspec import DTYPE_BYTES, ModelSpec, model_from_catalog
+
+DType = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Hourly24 = Annotated[list[NonNegFloat], Field(min_length=24, max_length=24)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# request-size distributions
+class Fixed(_Section):
+    """Every request has ``value`` tokens."""
+
+    dist: Literal["fixed"]
+    value: Annotated[int, Field(ge=1)]
+
+
+class Uniform(_Section):
+    """Integers uniform on [low, high]."""
+
+    dist: Literal["uniform"]
+    low: Annotated[int, Field(ge=1)]
+    high: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _order(self) -> "Uniform":
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class LogNormal(_Section):
+    """Lognormal with the given median and log-space sigma, rounded and clipped to [min, max]."""
+
+    dist: Literal["lognormal"]
+    median: PosFloat
+    sigma: NonNegFloat
+    min: Annotated[int, Field(ge=1)] = 1
+    max: Annotated[int, Field(ge=1)] = 32768
+
+    @model_validator(mode="after")
+    def _order(self) -> "LogNormal":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class Geometric(_Section):
+    """Geometric on {1, 2, ...} with the given mean (memoryless: one token ends with p = 1/mean)."""
+
+    dist: Literal["geometric"]
+    mean: Annotated[float, Field(ge=1, allow_inf_nan=False)]
+    max: Annotated[int, Field(ge=1)] = 1_000_000
+
+
+class Empirical(_Section):
+    """Sampled from a CSV trace column (with replacement)."""
+
+    dist: Literal["empirical"]
+    file: str
+    column: str
+
+
+Dist = Annotated[Union[Fixed, Uniform, LogNormal, Geometric, Empirical], Field(discriminator="dist")]
+
+
+# ---------------------------------------------------------------------------------------------
+class SimulationSection(_Section):
+    hours: Annotated[int, Field(ge=1, le=24 * 366)] = 24
+    start_utc: datetime = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    engine: Literal["macro", "iteration"] = "macro"
+
+
+class ModelSection(_Section):
+    """A catalog model by ``name``, or an inline architecture (all of n_layers..vocab_size)."""
+
+    name: str = "llama-3.1-70b"
+    dtype: DType = "bf16"
+    kv_dtype: DType | None = None
+    n_layers: Annotated[int, Field(ge=1)] | None = None
+    d_model: Annotated[int, Field(ge=1)] | None = None
+    n_heads: Annotated[int, Field(ge=1)] | None = None
+    n_kv_heads: Annotated[int, Field(ge=1)] | None = None
+    d_ff: Annotated[int, Field(ge=1)] | None = None
+    vocab_size: Annotated[int, Field(ge=1)] | None = None
+    n_experts: Annotated[int, Field(ge=1)] | None = None
+    n_active_experts: Annotated[int, Field(ge=1)] | None = None
+    mlp: Literal["swiglu", "gelu"] | None = None
+    tied_embeddings: bool | None = None
+    max_context_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class HardwareSection(_Section):
+    """A catalog GPU, optionally with field overrides and a calibrated profile."""
+
+    gpu: str = "h100-sxm"
+    profile: str | None = None
+    peak_flops: PosFloat | None = None
+    mem_bw_bytes_per_s: PosFloat | None = None
+    mem_bytes: PosFloat | None = None
+    tdp_w: PosFloat | None = None
+    idle_w: NonNegFloat | None = None
+    active_w: NonNegFloat | None = None
+    compute_w: NonNegFloat | None = None
+    memory_w: NonNegFloat | None = None
+    node_overhead_w: NonNegFloat | None = None
+    gpus_per_node: Annotated[int, Field(ge=1)] | None = None
+    capex_usd: NonNegFloat | None = None
+    rent_usd_per_gpu_hour: NonNegFloat | None = None
+
+
+class FleetSection(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    replicas: Annotated[int, Field(ge=1, le=100_000, alias="replicas_per_pod")] = 1
+    pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
+    sample_pods: Annotated[int, Field(ge=1)] | None = None
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    router: Literal["round_robin", "random", "least_loaded", "central_queue"] = "least_loaded"
+    max_batch_size: Annotated[int, Field(ge=1)] = 256
+    max_batched_tokens: Annotated[int, Field(ge=1)] = 16384
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+
+    @model_validator(mode="after")
+    def _sample(self) -> "FleetSection":
+        if self.sample_pods is not None and self.sample_pods > self.pods:
+            raise ValueError(f"sample_pods ({self.sample_pods}) must be <= pods ({self.pods})")
+        return self
+
+
+class TrafficSection(_Section):
+    requests_per_day: NonNegFloat = 1_000_000.0
+    diurnal: Hourly24 | Literal["flat", "azure-conv", "azure-code"] = "azure-conv"
+    prompt: Dist = LogNormal(dist="lognormal", median=1020, sigma=0.985, min=2, max=14050)
+    output: Dist = LogNormal(dist="lognormal", median=129, sigma=0.859, min=1, max=2000)
+    trace: str | None = None
+
+    @field_validator("diurnal")
+    @classmethod
+    def _positive_day(cls, v: Any) -> Any:
+        if isinstance(v, list) and sum(v) <= 0:
+            raise ValueError("the 24 values must not all be zero")
+        return v
+
+
+class PowerSection(_Section):
+    pue: Annotated[float, Field(ge=1.0, le=5.0)] = 1.2
+
+
+class CostSection(_Section):
+    electricity_usd_per_kwh: NonNegFloat | Hourly24 = 0.0806
+    hardware: Literal["owned", "rented"] = "owned"
+    amortization_years: Annotated[float, Field(gt=0, le=30)] = 5.0
+    maintenance_usd_per_gpu_hour: NonNegFloat = 0.0
+    carbon_kg_per_kwh: NonNegFloat | Hourly24 | None = None
+
+
+class SloSection(_Section):
+    ttft_s: PosFloat = 2.0
+    tpot_s: PosFloat = 0.2
+
+
+class Scenario(_Section):
+    """The whole scenario file."""
+
+    name: str = "scenario"
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    simulation: SimulationSection = SimulationSection()
+    model: ModelSection = ModelSection()
+    hardware: HardwareSection = HardwareSection()
+    fleet: FleetSection = FleetSection()
+    traffic: TrafficSection = TrafficSection()
+    power: PowerSection = PowerSection()
+    cost: CostSection = CostSection()
+    slo: SloSection = SloSection()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and error messages
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at ``loc`` (for 'did you mean')."""
+    cls: Any = Scenario
+    for part in loc[:-1]:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        f = cls.model_fields.get(part)
+        if f is None:
+            return None
+        ann = f.annotation
+        cls = ann if isinstance(ann, type) else None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _format_validation(exc: ValidationError, source: str) -> ScenarioError:
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in
+                                              ("fixed", "uniform", "lognormal", "geometric", "empirical")))
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("list[", "literal["))))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    value = err.get("input")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc)
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+        return ScenarioError(path, value, "unknown key", fix, source)
+    if kind == "missing":
+        return ScenarioError(path, None, "is required", "add it to the scenario", source)
+    msg = err["msg"].removeprefix("Value error, ")
+    fix = ""
+    if kind.startswith(("greater", "less")):
+        fix = "use a value in the allowed range"
+    elif kind in ("too_short", "too_long"):
+        fix = "give exactly 24 hourly values" if "24" in msg else "check the list length"
+    elif kind == "literal_error":
+        fix = msg.split("Input should be ", 1)[-1]
+        msg = "not an accepted value"
+    elif kind.endswith("_type") or kind.endswith("_parsing"):
+        fix = "check the TOML type (quotes make a string)"
+    elif kind == "union_tag_invalid":
+        fix = "dist is one of fixed, uniform, lognormal, geometric, empirical"
+    return ScenarioError(path, value, msg, fix, source)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, value); the value is read as TOML, else as a string."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value (e.g. fleet.replicas=8)")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """A copy of ``data`` with each ``section.key=value`` applied."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = out
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: {p!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
+    """Validate a scenario dict; a ScenarioError on the first problem."""
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation(exc, source) from None
+
+
+def read_toml(path: str | Path) -> tuple[dict, str]:
+    """The parsed TOML and its text; a UserError if unreadable or malformed."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such scenario file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p}: cannot read it ({exc})") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{p}: not valid TOML: {exc}") from None
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None,
+                  seed: int | None = None) -> tuple[Scenario, str]:
+    """Read, override and validate a scenario file. Returns the scenario and the file text."""
+    data, text = read_toml(path)
+    if seed is not None:
+        data["seed"] = seed
+    data = apply_overrides(data, overrides)
+    return scenario_from_dict(data, str(path)), text
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution: catalogs, profile, cross-field checks
+@dataclass(frozen=True)
+class GpuSpec:
+    """A GPU as the cost and power layers see it (catalog entry plus overrides)."""
+
+    name: str
+    tdp_w: float
+    idle_w: float
+    node_overhead_w: float
+    gpus_per_node: int
+    capex_usd: float
+    rent_usd_per_gpu_hour: float
+    power: PowerSpec
+
+    @property
+    def overhead_w_per_gpu(self) -> float:
+        return self.node_overhead_w / self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A scenario joined with its catalogs: what the engine and the accounting consume."""
+
+    scenario: Scenario
+    model: ModelSpec
+    gpu: GpuSpec
+    profile: Profile
+    profile_id: str
+    profile_sha256: str
+    tp: int
+    kv_capacity_tokens: int
+    max_request_tokens: int
+    hourly_rate_per_s: tuple[float, ...]  # whole fleet
+
+    def latency_model(self) -> LatencyModel:
+        return LatencyModel(self.model, self.profile, self.tp)
+
+
+# shape of the diurnal curves (hourly weights, normalised to mean 1 when used)
+def diurnal_weights(d: list[float] | str) -> list[float]:
+    """24 hourly weights of a named shape or a list (not normalised)."""
+    if isinstance(d, list):
+        return [float(x) for x in d]
+    if d == "flat":
+        return [1.0] * 24
+    if d == "azure-conv":
+        # Azure 2024 conversation week (shared/REFERENCES.md): peak/mean ~1.35, peak/trough ~2,
+        # peak ~14:00 UTC -> 1 + 0.35 cos(2 pi (h + 0.5 - 14.5)/24), peak/trough = 1.35/0.65.
+        return [1.0 + 0.35 * math.cos(2 * math.pi * (h - 14) / 24) for h in range(24)]
+    if d == "azure-code":
+        # Azure 2024 coding week: peak/mean ~2.25, peak/trough ~9-11, peak ~19:00 UTC. A von Mises
+        # shape exp(k cos(...)) with k = 1.15 gives peak/trough e^2.3 = 10 and peak/mean ~2.3.
+        return [math.exp(1.15 * math.cos(2 * math.pi * (h - 19) / 24)) for h in range(24)]
+    raise ValueError(d)
+
+
+def _dist_max(d: Any, trace_max: dict[str, int]) -> int:
+    if isinstance(d, Fixed):
+        return d.value
+    if isinstance(d, (Uniform,)):
+        return d.high
+    if isinstance(d, (LogNormal, Geometric)):
+        return d.max
+    return trace_max.get(d.column, 0)
+
+
+def _model_spec(sc: Scenario, src: str) -> ModelSpec:
+    m = sc.model
+    inline = {k: v for k, v in m.model_dump().items()
+              if k not in ("name", "dtype", "kv_dtype") and v is not None}
+    required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
+    if m.name in catalog.models():
+        spec = model_from_catalog(m.name, m.dtype)
+        if inline or m.kv_dtype:
+            spec = replace(spec, **inline, kv_dtype=m.kv_dtype)
+    else:
+        missing = [k for k in required if k not in inline]
+        if missing:
+            close = difflib.get_close_matches(m.name, list(catalog.models()), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ScenarioError("model.name", m.name, "not in the catalog and no inline architecture",
+                                f"{hint}catalog: {', '.join(catalog.models())}; or give "
+                                f"{', '.join(missing)}", src)
+        spec = ModelSpec(name=m.name, dtype=m.dtype, kv_dtype=m.kv_dtype, **inline)
+    if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+        raise ScenarioError("model.n_heads", spec.n_heads,
+                            "d_model must divide by n_heads and n_heads by n_kv_heads",
+                            "check the architecture", src)
+    if spec.n_active_experts > spec.n_experts:
+        raise ScenarioError("model.n_active_experts", spec.n_active_experts,
+                            f"more than n_experts ({spec.n_experts})", "lower it", src)
+    return spec
+
+
+def resolve(sc: Scenario, source: str = "") -> Resolved:
+    """Join the scenario with the catalogs and profile, and run the cross-field checks."""
+    from .profile import load_profile
+    from .workload import trace_columns_max
+
+    src = source
+    model = _model_spec(sc, src)
+    hw = sc.hardware
+    try:
+        entry = catalog.gpu(hw.gpu)
+    except ScenarioError as exc:
+        raise ScenarioError(exc.field, exc.value, exc.problem, exc.fix, src) from None
+    over = {k: v for k, v in hw.model_dump().items() if k not in ("gpu", "profile") and v is not None}
+    entry.update(over)
+    power = PowerSpec(idle_w=entry["idle_w"], max_w=entry["tdp_w"], active_w=entry["active_w"],
+                      compute_w=entry["compute_w"], memory_w=entry["memory_w"])
+    sha = ""
+    if hw.profile:
+        ppath = Path(hw.profile)
+        if not ppath.is_absolute() and src:
+            cand = Path(src).parent / ppath
+            ppath = cand if cand.exists() else ppath
+        profile, sha = load_profile(ppath)
+        cat_gpu = profile.meta.get("catalog_gpu")
+        if cat_gpu and cat_gpu != hw.gpu:
+            raise ScenarioError("hardware.profile", hw.profile,
+                                f"was measured on {cat_gpu!r} but hardware.gpu is {hw.gpu!r}",
+                                f"set hardware.gpu = {cat_gpu!r} or use a profile of {hw.gpu}", src)
+        if profile.power is not None:
+            power = profile.power
+        profile_id = f"{profile.name} ({ppath.name})"
+    else:
+        profile = RooflineProfile(
+            name=f"{hw.gpu}-analytic", peak_flops=entry["peak_flops"],
+            mem_bw_bytes_per_s=entry["mem_bw_bytes_per_s"], mem_bytes=entry["mem_bytes"],
+            compute_eff_max=entry["compute_eff_max"],
+            compute_eff_half_tokens=entry["compute_eff_half_tokens"],
+            memory_eff=entry["memory_eff"], overhead_s=entry["overhead_s"],
+            link_bw_bytes_per_s=entry["link_bw_bytes_per_s"],
+            link_latency_s=entry["link_latency_s"], power=power, source="analytic")
+        profile_id = profile.name
+    gpu = GpuSpec(name=hw.gpu, tdp_w=entry["tdp_w"], idle_w=power.idle_w,
+                  node_overhead_w=entry["node_overhead_w"], gpus_per_node=entry["gpus_per_node"],
+                  capex_usd=entry["capex_usd"], rent_usd_per_gpu_hour=entry["rent_usd_per_gpu_hour"],
+                  power=power)
+
+    # memory: weights must fit, and the KV budget must hold a maximum-length request
+    tp = sc.fleet.tensor_parallel
+    usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
+    if model.weight_bytes >= usable:
+        need_tp = math.ceil(model.weight_bytes / (profile.mem_bytes * sc.fleet.gpu_memory_utilization))
+        raise ScenarioError(
+            "fleet.tensor_parallel", tp,
+            f"{model.name} weights need {model.weight_bytes / 1e9:.1f} GB but a replica has "
+            f"{usable / 1e9:.1f} GB usable ({tp} x {profile.mem_bytes / 1e9:.0f} GB x "
+            f"{sc.fleet.gpu_memory_utilization}); {(model.weight_bytes - usable) / 1e9:.1f} GB missing",
+            f"set fleet.tensor_parallel >= {need_tp + 1}, a larger GPU, or a smaller dtype", src)
+    kv_tokens = int((usable - model.weight_bytes) // model.kv_bytes_per_token)
+    tr = sc.traffic
+    trace_max: dict[str, int] = {}
+    for d in (tr.prompt, tr.output):
+        if isinstance(d, Empirical):
+            trace_max.update(trace_columns_max(d.file, src))
+    max_req = _dist_max(tr.prompt, trace_max) + _dist_max(tr.output, trace_max)
+    if max_req > kv_tokens:
+        raise ScenarioError(
+            "traffic.prompt.max", max_req,
+            f"a maximum-length request ({max_req} tokens) exceeds the KV budget of a replica "
+            f"({kv_tokens} tokens)",
+            "lower the prompt/output maximum, raise fleet.tensor_parallel or "
+            "fleet.gpu_memory_utilization", src)
+    if max_req > model.max_context_tokens:
+        raise ScenarioError("traffic.prompt.max", max_req,
+                            f"prompt + output exceeds {model.name}'s context of "
+                            f"{model.max_context_tokens} tokens", "lower the maxima", src)
+    pmax = _dist_max(tr.prompt, trace_max)
+    if pmax > sc.fleet.max_batched_tokens:
+        raise ScenarioError("fleet.max_batched_tokens", sc.fleet.max_batched_tokens,
+                            f"smaller than the longest prompt ({pmax} tokens); such prompts could "
+                            "never be scheduled", f"set it >= {pmax}", src)
+    w = diurnal_weights(tr.diurnal)
+    mean_w = sum(w) / 24.0
+    base = tr.requests_per_day / 86400.0
+    rates = tuple(base * x / mean_w for x in w)
+    if not all(math.isfinite(r) for r in rates):
+        raise ScenarioError("traffic.requests_per_day", tr.requests_per_day, "rate is not finite",
+                            "use a finite rate", src)
+    return Resolved(scenario=sc, model=model, gpu=gpu, profile=profile, profile_id=profile_id,
+                    profile_sha256=sha, tp=tp, kv_capacity_tokens=kv_tokens,
+                    max_request_tokens=max_req, hourly_rate_per_s=rates)
+
+
+def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | None:
+    """A flat value or a 24-value daily profile, expanded to ``hours`` hours."""
+    if v is None:
+        return None
+    if isinstance(v, list):
+        return [float(v[h % 24]) for h in range(hours)]
+    return [float(v)] * hours
+
+
+__all__ = ["Scenario", "Resolved", "GpuSpec", "load_scenario", "scenario_from_dict", "resolve",
+           "apply_overrides", "parse_override", "diurnal_weights", "hourly_values", "DTYPE_BYTES"]

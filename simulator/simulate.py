@@ -1,0 +1,207 @@
+"""``simulate(scenario) -> Result``: the one in-process entry point of a whole run.
+
+The CLI, sweeps, the capacity planner and the executors all call this function (or its
+per-pod half, :func:`simulate_pod`); none of them shell out or glob for files.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .accounting import PodSummary, hourly_table
+from .errors import InvariantError
+from .output import dumps
+from .pod import Pod
+from .recorder import hist_percentile
+from .scenario import Resolved, Scenario, resolve
+
+
+@dataclass
+class Result:
+    """The outcome of one simulated run."""
+
+    resolved: Resolved
+    hourly: pa.Table
+    pods: list[PodSummary]
+    scale: float
+    wall_s: float
+    totals: dict[str, float] = field(default_factory=dict)
+    day_latency: dict[str, float] = field(default_factory=dict)
+    pod_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def scenario(self) -> Scenario:
+        return self.resolved.scenario
+
+    def metadata(self, scenario_text: str = "") -> dict[str, str]:
+        """Key-value metadata that makes an output file explain itself."""
+        rs = self.resolved
+        return {
+            "fleetsim.version": __version__,
+            "fleetsim.scenario_text": scenario_text,
+            "fleetsim.config": rs.scenario.model_dump_json(),
+            "fleetsim.resolved": dumps({
+                "model": asdict(rs.model),
+                "gpu": asdict(rs.gpu),
+                "tensor_parallel": rs.tp,
+                "kv_capacity_tokens": rs.kv_capacity_tokens,
+                "hourly_rate_per_s": rs.hourly_rate_per_s,
+                "scale": self.scale,
+                "pods_simulated": [p.pod for p in self.pods],
+            }),
+            "fleetsim.seed": str(rs.scenario.seed),
+            "fleetsim.profile_id": rs.profile_id,
+            "fleetsim.profile_sha256": rs.profile_sha256,
+            "fleetsim.wall_s": f"{self.wall_s:.3f}",
+            "fleetsim.totals": dumps(self.totals),
+        }
+
+
+def simulate_pod(rs: Resolved, pod_index: int, *, keep_hist: bool = True, request_sink=None,
+                 progress: Callable[[int], None] | None = None, source: str = "") -> PodSummary:
+    """Simulate pod ``pod_index`` of the fleet and summarise it."""
+    sc = rs.scenario
+    pod = Pod(rs, pod_index, sc.fleet.pods, keep_hist=keep_hist, request_sink=request_sink,
+              progress=progress, source=source)
+    rec = pod.run()
+    H = sc.simulation.hours
+    powered = [sc.fleet.replicas * rs.tp * 3600.0] * H
+    return PodSummary.from_recorder(pod_index, rec, powered)
+
+
+def pods_to_simulate(sc: Scenario) -> list[int]:
+    """The pods that are simulated: all, or the first ``sample_pods`` (pods are exchangeable)."""
+    k = sc.fleet.sample_pods or sc.fleet.pods
+    return list(range(min(k, sc.fleet.pods)))
+
+
+def simulate(scenario: Scenario | Resolved, *, source: str = "", request_sink=None,
+             progress: Callable[[int], None] | None = None, pod_runner=None) -> Result:
+    """Simulate the scenario's fleet over its horizon and return the hourly table and totals.
+
+    ``pod_runner(rs, pod_indices, source) -> list[PodSummary]`` lets an executor run the pods
+    elsewhere (process pool, Ray); by default they run here, one after the other."""
+    t0 = time.perf_counter()
+    rs = scenario if isinstance(scenario, Resolved) else resolve(scenario, source)
+    sc = rs.scenario
+    idx = pods_to_simulate(sc)
+    if pod_runner is None or request_sink is not None:
+        pods = [simulate_pod(rs, i, request_sink=request_sink, progress=progress, source=source)
+                for i in idx]
+    else:
+        pods = pod_runner(rs, idx, source)
+    scale = sc.fleet.pods / len(idx)
+    table = hourly_table(rs, pods, scale)
+    res = Result(resolved=rs, hourly=table, pods=pods, scale=scale,
+                 wall_s=time.perf_counter() - t0)
+    res.totals = day_totals(res)
+    res.day_latency = day_latency(pods)
+    res.pod_ci = pod_confidence(rs, pods) if len(pods) > 1 else {}
+    check_invariants(res)
+    res.wall_s = time.perf_counter() - t0
+    return res
+
+
+def day_totals(res: Result) -> dict[str, float]:
+    """Sums over the day of the hourly table, and the derived per-request figures."""
+    t = res.hourly
+    s = {c: float(np.nansum(t.column(c).to_numpy())) for c in (
+        "requests_arrived", "requests_completed", "requests_rejected", "prompt_tokens",
+        "output_tokens", "gpu_busy_s", "energy_gpu_kwh", "energy_overhead_kwh", "energy_it_kwh",
+        "energy_facility_kwh", "energy_cost_usd", "hardware_cost_usd", "total_cost_usd",
+        "carbon_kg")}
+    s["requests_in_flight"] = res.scale * sum(p.in_flight for p in res.pods)
+    done = s["requests_completed"]
+    s["wh_per_request"] = s["energy_facility_kwh"] * 1000 / done if done else math.nan
+    s["usd_per_mtok"] = s["total_cost_usd"] / s["output_tokens"] * 1e6 if s["output_tokens"] else math.nan
+    s["usd_per_1k_requests"] = s["total_cost_usd"] / done * 1000 if done else math.nan
+    gpu_s = float(np.sum(t.column("gpus_powered_mean").to_numpy())) * 3600.0
+    s["gpu_hours"] = gpu_s / 3600.0
+    s["utilization"] = s["gpu_busy_s"] / gpu_s if gpu_s else 0.0
+    cost = t.column("total_cost_usd").to_numpy()
+    s["peak_hour"] = int(np.argmax(cost)) if len(cost) else 0
+    s["iterations"] = float(sum(p.iterations for p in res.pods))
+    s["events"] = float(sum(p.events for p in res.pods))
+    ok = sum(sum(p.slo_ok) for p in res.pods)
+    n = sum(sum(p.lat_n) for p in res.pods)
+    s["slo_attainment"] = ok / n if n else math.nan
+    return s
+
+
+def day_latency(pods: list[PodSummary]) -> dict[str, float]:
+    """Day-wide latency figures: means (exact) and p50/p99 (from log-histograms, +-0.23%)."""
+    out: dict[str, float] = {}
+    for m in ("ttft", "tpot", "e2e"):
+        n = sum(p.lat_n_tpot[h] if m == "tpot" else p.lat_n[h]
+                for p in pods for h in range(p.hours))
+        total = sum(p.lat_sum_s[h][m] for p in pods for h in range(p.hours))
+        out[f"{m}_mean_s"] = total / n if n else math.nan
+        hists = [p.hist[h][m] for p in pods for h in range(p.hours) if p.hist and p.hist[h]]
+        if hists:
+            hsum = np.sum(hists, axis=0)
+            out[f"{m}_p50_s"] = hist_percentile(hsum, 50)
+            out[f"{m}_p99_s"] = hist_percentile(hsum, 99)
+        else:
+            out[f"{m}_p50_s"] = out[f"{m}_p99_s"] = math.nan
+    return out
+
+
+def pod_confidence(rs: Resolved, pods: list[PodSummary]) -> dict[str, tuple[float, float]]:
+    """95% confidence intervals of the fleet's daily energy and cost from the spread between
+    the simulated pods (a t-interval on the pod mean, scaled to all pods)."""
+    from scipy import stats
+
+    P = rs.scenario.fleet.pods
+    k = len(pods)
+    out = {}
+    for name in ("energy_facility_kwh", "total_cost_usd"):
+        vals = np.array([float(np.nansum(hourly_table(rs, [p]).column(name).to_numpy()))
+                         for p in pods])
+        mean = vals.mean() * P
+        se = vals.std(ddof=1) / math.sqrt(k) * P * math.sqrt(max(0.0, 1 - k / P))
+        half = stats.t.ppf(0.975, k - 1) * se
+        out[name] = (mean - half, mean + half)
+    return out
+
+
+def check_invariants(res: Result) -> None:
+    """Conservation, finiteness and ordering checks at the end of every run. A violation is
+    a bug: it raises InvariantError naming the invariant, and nothing is written."""
+    for p in res.pods:
+        a, c, r = sum(p.arrived), sum(p.completed), sum(p.rejected)
+        if a != c + r + p.in_flight:
+            raise InvariantError(f"request conservation failed in pod {p.pod}: arrived {a} != "
+                                 f"completed {c} + rejected {r} + in flight {p.in_flight}")
+    t = res.hourly
+    for col in ("energy_gpu_kwh", "energy_overhead_kwh", "energy_it_kwh", "energy_facility_kwh",
+                "energy_cost_usd", "hardware_cost_usd", "total_cost_usd", "gpu_busy_s"):
+        v = t.column(col).to_numpy()
+        if not np.all(np.isfinite(v)) or np.any(v < 0):
+            raise InvariantError(f"{col} is negative or not finite: {v.tolist()}")
+    util = t.column("utilization").to_numpy()
+    if np.any(util > 1 + 1e-9):
+        raise InvariantError(f"utilization above 1: {util.max()}")
+    for m in ("ttft", "tpot", "e2e"):
+        p50 = t.column(f"{m}_p50_s").to_numpy()
+        p99 = t.column(f"{m}_p99_s").to_numpy()
+        bad = np.isfinite(p50) & np.isfinite(p99) & (p50 > p99 * (1 + 1e-12))
+        if np.any(bad):
+            raise InvariantError(f"{m} percentiles out of order in hours {np.nonzero(bad)[0].tolist()}")
+
+
+def write_outputs(res: Result, out_dir: Path, scenario_text: str = "") -> Path:
+    """Write ``hourly.parquet`` (atomically) with its metadata; returns its path."""
+    from .output import write_table_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "hourly.parquet"
+    write_table_atomic(res.hourly, path, res.metadata(scenario_text))
+    return path
