@@ -30,7 +30,7 @@ from collections import deque
 
 import simpy
 
-from .latency import LatencyModel, run_sums, step_time
+from .latency import LatencyModel, run_sums, run_time, step_time, steps_to_reach
 
 HOUR_S = 3600.0
 
@@ -48,10 +48,6 @@ class Request:
         self.need = prompt + out  # KV tokens reserved on admission
         self.join_it = -1
         self.first_token_s = math.nan
-
-
-def _run_time(c, c0: float, n: int, m: int) -> float:
-    return run_sums(c, c0, n, m)[0] if m > 0 else 0.0
 
 
 class Replica:
@@ -149,28 +145,28 @@ class Replica:
             if end >= H:
                 k = 1
             else:
-                dec = _run_time(coef, c1, n1, k - 1)
+                dec = run_time(coef, c1, n1, k - 1)
                 if end + dec > H:
-                    # smallest m in [1, k-1] whose m decode steps reach H
-                    lo, hi = 1, k - 1
-                    while lo < hi:
-                        mid = (lo + hi) // 2
-                        if end + _run_time(coef, c1, n1, mid) >= H:
-                            hi = mid
-                        else:
-                            lo = mid + 1
-                    k = 1 + lo
-                    dec = _run_time(coef, c1, n1, lo)
+                    # the first decode step that reaches H ends the run
+                    m = max(steps_to_reach(coef, c1, n1, k - 1, H - end), 1)
+                    while m > 1 and end + run_time(coef, c1, n1, m - 1) >= H:
+                        m -= 1
+                    while m < k - 1 and end + run_time(coef, c1, n1, m) < H:
+                        m += 1
+                    k = 1 + m
+                    dec = run_time(coef, c1, n1, m)
                 end += dec
         self.k = k
         self.run_end = end
         self._arm(end)
 
-    def _prefix_time(self, j: int) -> float:
-        """Time from the run's start to its boundary ``j`` (0 <= j <= k)."""
+    def _boundary(self, j: int) -> float:
+        """Time of the run's iteration boundary ``j`` (0 <= j <= k). Always computed as
+        ``(T0 + t_first) + run_time(j - 1)``, the same association as the run's end."""
         if j == 0:
-            return 0.0
-        return self.t_first + (_run_time(self.coef, self.c1, self.n1, j - 1) if j > 1 else 0.0)
+            return self.T0
+        t = self.T0 + self.t_first
+        return t + run_time(self.coef, self.c1, self.n1, j - 1) if j > 1 else t
 
     # ---- events -------------------------------------------------------------------------------
     def _arm(self, t: float) -> None:
@@ -221,7 +217,7 @@ class Replica:
         rec.add_tokens(ft, self.P, n0 + len(pf))
         # time, FLOPs and bytes of iterations [0, j), and the last one separately if it straddles
         h = int(T0 // HOUR_S)
-        last_straddles = j == k and (T0 + self._prefix_time(k)) > (h + 1) * HOUR_S
+        last_straddles = j == k and self.run_end > (h + 1) * HOUR_S
         m_full = j - 1 if last_straddles else j  # iterations wholly inside hour h
         t_sum = f_sum = b_sum = 0.0
         if m_full >= 1:
@@ -236,7 +232,7 @@ class Replica:
         if j > 1:
             dec_tokens = self.n1 * (j - 1 - (1 if last_straddles else 0))
             if dec_tokens:
-                rec.add_tokens(T0 + self._prefix_time(m_full), 0, dec_tokens)
+                rec.add_tokens(self._boundary(m_full), 0, dec_tokens)
         if last_straddles:
             if k == 1:
                 t_l, f_l, b_l = self.t_first, self.F_first, self.B_first
@@ -247,7 +243,7 @@ class Replica:
                 t_l = step_time(c, ctx)
                 f_l = c.fa + c.fb * ctx
                 b_l = c.ba + c.bb * ctx
-                start = T0 + self._prefix_time(k - 1)
+                start = self._boundary(k - 1)
                 rec.add_tokens(start + t_l, 0, self.n1)
             e_l = pod.e_active_w * t_l + pod.e_flop_j * f_l + pod.e_byte_j * b_l
             H = (h + 1) * HOUR_S
@@ -259,7 +255,7 @@ class Replica:
         self.pf = []
         self.P = 0
         self.pairs = 0.0
-        self.T0 = T0 + self._prefix_time(j) if j < k else self.run_end
+        self.T0 = self._boundary(j) if j < k else self.run_end
         if j == k and finish:
             self._finish_due()
 
@@ -300,14 +296,14 @@ class Replica:
         elif ta <= T0 + self.t_first:
             j = 1
         else:  # smallest j in [2, k] with T0 + prefix(j) >= ta
-            lo, hi = 2, k
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if T0 + self._prefix_time(mid) >= ta:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            j = lo
+            base = T0 + self.t_first
+            m = steps_to_reach(self.coef, self.c1, self.n1, k - 1, ta - base)
+            # exact against the same sums that place the boundaries
+            while m > 1 and base + run_time(self.coef, self.c1, self.n1, m - 1) >= ta:
+                m -= 1
+            while m < k - 1 and base + run_time(self.coef, self.c1, self.n1, m) < ta:
+                m += 1
+            j = 1 + m
         if j >= k:
             return -1  # the run ends first; its end admits the request
         n_all = self.n + len(self.pf)
@@ -318,7 +314,7 @@ class Replica:
         if not self.busy:
             return self.env.now
         j = self._cut_point(r)
-        return math.inf if j < 0 else self.T0 + self._prefix_time(j)
+        return math.inf if j < 0 else self._boundary(j)
 
     def poke(self) -> None:
         """The head of the queue might be admitted: start or cut the current run if so."""

@@ -139,6 +139,59 @@ def run_sums(c: RunCoeffs, c0: float, n: int, m: int) -> tuple[float, float, flo
     return t, f, b
 
 
+def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
+    """Total time of ``m`` decode steps starting at context ``c0`` (the time part of
+    :func:`run_sums`, inlined: it is on the engine's hot path)."""
+    if m <= 0:
+        return 0.0
+    da = c.a1 - c.a2
+    db = c.b1 - c.b2
+    slope = db * n
+    g0 = da + db * c0
+    if slope == 0.0:
+        s, first_is_1 = m, g0 >= 0.0
+    else:
+        s = min(max(math.ceil(-g0 / slope), 0), m)
+        first_is_1 = slope < 0.0
+    if first_is_1:
+        a_, b_, a2, b2 = c.a1, c.b1, c.a2, c.b2
+    else:
+        a_, b_, a2, b2 = c.a2, c.b2, c.a1, c.b1
+    t = m * c.base
+    if s > 0:
+        t += s * (a_ + b_ * c0) + b_ * n * (s * (s - 1) / 2.0)
+    r = m - s
+    if r > 0:
+        t += r * (a2 + b2 * c0) + b2 * n * (r * (s + m - 1) / 2.0)
+    return t
+
+
+def steps_to_reach(c: RunCoeffs, c0: float, n: int, m_max: int, target: float) -> int:
+    """The smallest m in [0, m_max] with ``run_time(c, c0, n, m) >= target`` (m_max if none).
+
+    Solved as a quadratic on each branch of the max, then nudged so that the answer is exact
+    with respect to :func:`run_time` itself (the definition every other caller uses)."""
+    if target <= 0.0:
+        return 0
+    if run_time(c, c0, n, m_max) < target:
+        return m_max
+    # guess from the branch that is steeper at the start (an upper bound on the step time)
+    b = max(c.b1, c.b2)
+    a = c.base + max(c.a1 + c.b1 * c0, c.a2 + c.b2 * c0)
+    alpha = b * n / 2.0
+    beta = a - alpha
+    if alpha > 0.0:
+        m = math.ceil((-beta + math.sqrt(beta * beta + 4.0 * alpha * target)) / (2.0 * alpha))
+    else:
+        m = math.ceil(target / a) if a > 0 else m_max
+    m = min(max(m, 1), m_max)
+    while m > 0 and run_time(c, c0, n, m - 1) >= target:
+        m -= 1
+    while m < m_max and run_time(c, c0, n, m) < target:
+        m += 1
+    return m
+
+
 def step_time(c: RunCoeffs, ctx: float) -> float:
     """Time of one decode step at total context ``ctx``."""
     return c.base + max(c.a1 + c.b1 * ctx, c.a2 + c.b2 * ctx)
