@@ -117,6 +117,8 @@ class Replica:
         pf = self.pf
         if not pf and self.n == 0:
             self.busy = False
+            if self.pod.shared_queue:
+                self.pod.router.dispatch()
             return
         self.busy = True
         self.T0 = T
@@ -159,6 +161,8 @@ class Replica:
         self.k = k
         self.run_end = end
         self._arm(end)
+        if self.pod.shared_queue:
+            self.pod.router.dispatch()  # the new head of a central queue may fit elsewhere
 
     def _boundary(self, j: int) -> float:
         """Time of the run's iteration boundary ``j`` (0 <= j <= k). Always computed as
@@ -309,12 +313,22 @@ class Replica:
         n_all = self.n + len(self.pf)
         return j if self._fits(r, n_all, 0, n_all) else -1
 
-    def admission_boundary(self, r: Request) -> float:
-        """When ``r`` could start here if it arrived now (infinity: not before a completion)."""
+    def admission_time(self, r: Request) -> tuple[float, bool]:
+        """The earliest boundary at which ``r`` could be admitted here, and whether reaching it
+        needs a cut (False: it is this run's end, where the replica looks at the queue anyway)."""
         if not self.busy:
-            return self.env.now
+            return self.env.now, True
         j = self._cut_point(r)
-        return math.inf if j < 0 else self._boundary(j)
+        return (self.run_end, False) if j < 0 else (self._boundary(j), True)
+
+    def cut_for(self, r: Request) -> None:
+        """Cut the current run where ``r`` (the head of the queue) can join, and replan."""
+        j = self._cut_point(r)
+        if j < 0:
+            return
+        if j > 0:
+            self._commit(j)
+        self.plan(self.T0)
 
     def poke(self) -> None:
         """The head of the queue might be admitted: start or cut the current run if so."""
@@ -323,9 +337,4 @@ class Replica:
             return
         if len(self.waiting) != 1:
             return  # others wait ahead of it: they are blocked until a completion
-        j = self._cut_point(self.waiting[0])
-        if j < 0:
-            return
-        if j > 0:
-            self._commit(j)
-        self.plan(self.T0)
+        self.cut_for(self.waiting[0])

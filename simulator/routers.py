@@ -64,25 +64,47 @@ class LeastLoaded(Router):
 class CentralQueue(Router):
     """One FIFO queue per pod; whichever replica can take the head of the queue first does.
 
-    An idle replica starts at once; otherwise the busy replica whose next iteration boundary
-    comes first and that has room cuts its run there."""
+    The head goes to an idle replica at once, else to the busy replica whose earliest iteration
+    boundary with room for it comes first (cutting its run there). When that is some replica's
+    run end, nothing is done now: the replica admits from the queue when it gets there. After
+    every admission and every run end the new head is dispatched the same way, so no boundary
+    with room is ever skipped (the per-iteration reference mode checks this)."""
+
+    def __init__(self, pod, rng) -> None:
+        super().__init__(pod, rng)
+        self._busy = False
 
     def route(self, r) -> None:
-        q = self.pod.shared_queue
-        q.append(r)
-        if len(q) != 1:
-            return  # requests ahead of it are waiting for room
-        for rep in self.replicas:
-            if not rep.busy:
-                rep.plan(self.pod.env.now)
-                return
-        best, best_t = None, float("inf")
-        for rep in self.replicas:
-            t = rep.admission_boundary(r)
-            if t < best_t:
-                best, best_t = rep, t
-        if best is not None:
-            best.poke()
+        self.pod.shared_queue.append(r)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        if self._busy:
+            return  # an outer dispatch loop is running and will look again
+        self._busy = True
+        try:
+            q = self.pod.shared_queue
+            now = self.pod.env.now
+            while q:
+                r = q[0]
+                idle = next((rep for rep in self.replicas if not rep.busy), None)
+                if idle is not None:
+                    idle.plan(now)
+                    if q and q[0] is r:
+                        break  # could not start even on an idle replica (cannot happen)
+                    continue
+                best, best_t, best_cut = None, float("inf"), False
+                for rep in self.replicas:
+                    t, cut = rep.admission_time(r)
+                    if t < best_t:
+                        best, best_t, best_cut = rep, t, cut
+                if best is None or not best_cut:
+                    break  # the earliest chance is a run end: that replica admits it then
+                best.cut_for(r)
+                if q and q[0] is r:
+                    break
+        finally:
+            self._busy = False
 
 
 ROUTERS: dict[str, type[Router]] = {

@@ -1,0 +1,5 @@
+"""``python -m calibrate ...``: the same as ``fleetsim calibrate ...``."""
+
+from .cli import main
+
+raise SystemExit(main())

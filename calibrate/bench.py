@@ -1,0 +1,178 @@
+"""Micro-benchmarks (matmul FLOP/s, copy bandwidth) and the prefill / decode timing grid.
+
+Every timed call runs under ``torch.inference_mode``; on CUDA the device is synchronised before
+the clock starts and before it stops (``torch.cuda.synchronize``), so a time covers the host
+launch overhead and the kernels, as an engine iteration does. Each point is warmed up, repeated,
+and summarised by its median.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .model import TORCH_DTYPES, TorchTransformer
+from .power import PowerMeter
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work (a no-op on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_fn(fn: Callable[[], object], sync: Callable[[], None], *, warmup: int, repeats: int,
+            min_time_s: float = 0.0) -> tuple[list[float], float, float]:
+    """Run ``fn`` ``warmup`` times untimed, then at least ``repeats`` times (and for at least
+    ``min_time_s`` seconds); returns the per-call times (s) and the wall window of the timed runs."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync()
+        times: list[float] = []
+        t_begin = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - t_begin < min_time_s:
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 10_000:
+                break
+        return times, t_begin, time.perf_counter()
+
+
+def matmul_peak(device: torch.device, dtype: str, n: int, repeats: int) -> dict:
+    """Achievable FLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` (median of repeats)."""
+    gen = torch.Generator(device=device).manual_seed(123)
+    dt = TORCH_DTYPES[dtype]
+    a = torch.empty(n, n, device=device, dtype=dt).uniform_(-1, 1, generator=gen)
+    b = torch.empty(n, n, device=device, dtype=dt).uniform_(-1, 1, generator=gen)
+    times, _, _ = time_fn(lambda: a @ b, synchronizer(device), warmup=2, repeats=repeats)
+    t = statistics.median(times)
+    return {"peak_flops": 2.0 * n**3 / t, "matmul_n": n, "matmul_dtype": dtype,
+            "matmul_time_s": t}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> dict:
+    """Achievable memory bandwidth: a copy of ``nbytes`` (bytes read + written per second)."""
+    src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    times, _, _ = time_fn(lambda: dst.copy_(src), synchronizer(device), warmup=2, repeats=repeats)
+    t = statistics.median(times)
+    moved = 2.0 * src.numel() * 4
+    return {"mem_bw_bytes_per_s": moved / t, "copy_bytes": int(moved), "copy_time_s": t}
+
+
+def matmul_rate(device: torch.device, dtype: str, n: int = 256) -> float:
+    """FLOP/s of a small matmul: a cheap probe for a pathological dtype (bf16 on old CPUs)."""
+    return matmul_peak(device, dtype, n, repeats=3)["peak_flops"]
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Shapes and repeats of the timing grid."""
+
+    prompt_tokens: tuple[int, ...]
+    prefill_batches: tuple[int, ...]
+    max_prefill_tokens: int
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    max_cache_tokens: int
+    layer_counts: tuple[int, ...]
+    warmup: int = 1
+    repeats: int = 3
+    min_time_s: float = 0.0
+
+    def prefill_points(self) -> list[tuple[int, int]]:
+        """(batch, prompt_tokens) pairs within the token budget."""
+        return [(b, n) for n in self.prompt_tokens for b in self.prefill_batches
+                if b * n <= self.max_prefill_tokens]
+
+    def decode_points(self) -> list[tuple[int, int]]:
+        """(batch, context_tokens) pairs within the cache budget."""
+        return [(b, c) for b in self.decode_batches for c in self.decode_contexts
+                if b * c <= self.max_cache_tokens]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_grid(model: TorchTransformer, grid: GridSpec, *, meter: PowerMeter | None = None,
+             deadline: float = math.inf, progress: Callable[[str], None] = lambda s: None,
+             ) -> tuple[list[dict], list[str]]:
+    """Time prefill and decode over the grid; returns rows and notes (skipped points).
+
+    Decode points run at a fixed context: the cache position is reset before each step, so the
+    new token attends exactly ``context_tokens`` keys (itself included). Cache contents are
+    zeros; attention time does not depend on the values.
+    """
+    sync = synchronizer(model.device)
+    rows: list[dict] = []
+    notes: list[str] = []
+
+    def record(phase: str, layers: int, b: int, prompt: int, ctx: int, fn: Callable) -> None:
+        times, t0, t1 = time_fn(fn, sync, warmup=grid.warmup, repeats=grid.repeats,
+                                min_time_s=grid.min_time_s)
+        power = math.nan
+        if meter is not None:  # skip the first 30% of the window: the meter's averaging lag
+            power = meter.mean_w(t0 + 0.3 * (t1 - t0), t1)
+        rows.append({
+            "phase": phase, "n_layers": layers, "batch": b, "prompt_tokens": prompt,
+            "context_tokens": ctx, "time_s": statistics.median(times), "time_min_s": min(times),
+            "time_max_s": max(times), "repeats": len(times), "power_w": power,
+            "window_s": t1 - t0,
+        })
+        progress(f"{phase} layers={layers} B={b} L={prompt} ctx={ctx}: "
+                 f"{statistics.median(times) * 1e3:.2f} ms")
+
+    for layers in grid.layer_counts:
+        for b, n in grid.prefill_points():
+            if time.perf_counter() > deadline:
+                notes.append(f"deadline: skipped prefill B={b} L={n} layers={layers}")
+                continue
+            try:
+                model.allocate_cache(b, n)
+                toks = model.random_tokens(b, n)
+                record("prefill", layers, b, n, 0, lambda: model.prefill(toks, n_layers=layers))
+            except (RuntimeError, MemoryError) as exc:
+                if not _is_oom(exc) and not isinstance(exc, MemoryError):
+                    raise
+                notes.append(f"out of memory: skipped prefill B={b} L={n} layers={layers}")
+            finally:
+                model.free_cache()
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        by_batch: dict[int, list[int]] = {}
+        for b, c in grid.decode_points():
+            by_batch.setdefault(b, []).append(c)
+        for b, contexts in by_batch.items():
+            try:
+                model.allocate_cache(b, max(contexts))
+                tok = model.random_tokens(b, 1)[:, 0]
+                for c in contexts:
+                    if time.perf_counter() > deadline:
+                        notes.append(f"deadline: skipped decode B={b} ctx={c} layers={layers}")
+                        continue
+
+                    def step(c: int = c) -> None:
+                        model.set_position(c - 1)
+                        model.decode_step(tok, n_layers=layers)
+
+                    record("decode", layers, b, 0, c, step)
+            except (RuntimeError, MemoryError) as exc:
+                if not _is_oom(exc) and not isinstance(exc, MemoryError):
+                    raise
+                notes.append(f"out of memory: skipped decode B={b} layers={layers}")
+            finally:
+                model.free_cache()
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows, notes

@@ -1,0 +1,179 @@
+"""Fit the roofline profile and the power model to the timing grid; check a profile's honesty.
+
+The roofline of :class:`simulator.latency.LatencyModel` predicts a prefill of ``B`` prompts of
+``L`` tokens and a decode step of ``B`` sequences at ``ctx`` keys from the analytic FLOPs and
+bytes of :class:`simulator.modelspec.ModelSpec` and five parameters: ``compute_eff_max``,
+``compute_eff_half_tokens``, ``memory_eff``, ``overhead_s`` and ``overhead_per_layer_s``
+(peaks come from the micro-benchmarks). :func:`fit_roofline` finds them by least squares on the
+relative error (``scipy.optimize.least_squares`` with bounds), so a 1 ms decode step weighs as
+much as a 1 s prefill. The two overheads can only be told apart when the grid holds two layer
+counts; with one, ``overhead_per_layer_s`` is fixed at 0 and ``overhead_s`` absorbs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import least_squares, lsq_linear
+
+from simulator.latency import LatencyModel, PowerSpec, RooflineProfile
+from simulator.modelspec import ModelSpec
+
+_BOUNDS = {  # name: (low, high)
+    "compute_eff_max": (1e-3, 2.0),
+    "compute_eff_half_tokens": (0.0, 1e5),
+    "memory_eff": (1e-3, 2.0),
+    "overhead_s": (0.0, 10.0),
+    "overhead_per_layer_s": (0.0, 1.0),
+}
+
+
+def work(spec: ModelSpec, row: dict) -> tuple[float, float]:
+    """Analytic FLOPs and bytes of one grid point (as :class:`LatencyModel` charges them)."""
+    s = dataclasses.replace(spec, n_layers=int(row["n_layers"]))
+    b = int(row["batch"])
+    if row["phase"] == "prefill":
+        n = int(row["prompt_tokens"])
+        tokens = b * n
+        return s.prefill_flops(n) * b, s.weight_bytes_read(tokens) + s.kv_bytes_per_token * tokens
+    c = int(row["context_tokens"])
+    return (s.decode_flops(b, b * c),
+            s.weight_bytes_read(b) + s.kv_bytes_per_token * (b * c + b))
+
+
+def predict(spec: ModelSpec, profile: RooflineProfile, rows: Sequence[dict]) -> np.ndarray:
+    """Predicted seconds of each grid row under ``profile`` (tp = 1)."""
+    models: dict[int, LatencyModel] = {}
+    out = np.empty(len(rows))
+    for i, r in enumerate(rows):
+        k = int(r["n_layers"])
+        lm = models.get(k)
+        if lm is None:
+            lm = models[k] = LatencyModel(dataclasses.replace(spec, n_layers=k), profile, tp=1)
+        if r["phase"] == "prefill":
+            out[i] = lm.prefill_time(int(r["prompt_tokens"]), int(r["batch"]))
+        else:
+            out[i] = lm.decode_time(int(r["batch"]), int(r["context_tokens"]))
+    return out
+
+
+def quality(measured: np.ndarray, predicted: np.ndarray) -> dict:
+    """R² of the times, R² of their logs, worst and RMS relative error."""
+    m = np.asarray(measured, float)
+    p = np.asarray(predicted, float)
+    rel = p / m - 1.0
+
+    def r2(y: np.ndarray, f: np.ndarray) -> float:
+        ss_tot = float(np.sum((y - y.mean()) ** 2))
+        return 1.0 - float(np.sum((y - f) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+
+    return {"r2": r2(m, p), "r2_log": r2(np.log(m), np.log(p)),
+            "max_rel_err": float(np.max(np.abs(rel))), "rms_rel_err": float(np.sqrt(np.mean(rel**2))),
+            "n_points": int(m.size)}
+
+
+def fit_roofline(spec: ModelSpec, rows: Sequence[dict], *, name: str, peak_flops: float,
+                 mem_bw_bytes_per_s: float, mem_bytes: float,
+                 fit_per_layer: bool | None = None) -> tuple[RooflineProfile, dict]:
+    """Least-squares roofline parameters for the measured ``rows``; returns profile and quality.
+
+    ``fit_per_layer`` (default: whether the rows hold two or more layer counts) decides whether
+    ``overhead_per_layer_s`` is fitted or fixed at 0.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no grid points to fit")
+    layer_counts = {int(r["n_layers"]) for r in rows}
+    if fit_per_layer is None:
+        fit_per_layer = len(layer_counts) >= 2
+    names = list(_BOUNDS) if fit_per_layer else list(_BOUNDS)[:-1]
+    meas = np.array([float(r["time_s"]) for r in rows])
+
+    def make(x: np.ndarray) -> RooflineProfile:
+        vals = dict(zip(names, (float(v) for v in x), strict=True))
+        vals.setdefault("overhead_per_layer_s", 0.0)
+        return RooflineProfile(name=name, peak_flops=peak_flops,
+                               mem_bw_bytes_per_s=mem_bw_bytes_per_s, mem_bytes=mem_bytes,
+                               source="measured", **vals)
+
+    def resid(x: np.ndarray) -> np.ndarray:
+        return predict(spec, make(x), rows) / meas - 1.0
+
+    # starting points from the points' own efficiencies
+    fl = np.array([work(spec, r)[0] for r in rows])
+    by = np.array([work(spec, r)[1] for r in rows])
+    eff_c0 = float(np.clip(np.max(fl / meas / peak_flops), 0.01, 1.5))
+    eff_m0 = float(np.clip(np.max(by / meas / mem_bw_bytes_per_s), 0.01, 1.5))
+    oh0 = float(np.min(meas)) * 0.05
+    lo = np.array([_BOUNDS[n][0] for n in names])
+    hi = np.array([_BOUNDS[n][1] for n in names])
+    best = None
+    for t_half in (1.0, 16.0, 128.0, 1024.0):
+        x0 = [eff_c0, t_half, eff_m0, oh0] + ([oh0 / max(layer_counts)] if fit_per_layer else [])
+        x0 = np.clip(np.array(x0), lo + 1e-12, hi - 1e-12)
+        res = least_squares(resid, x0, bounds=(lo, hi), x_scale="jac", method="trf")
+        if best is None or res.cost < best.cost:
+            best = res
+    profile = make(best.x)
+    q = quality(meas, predict(spec, profile, rows))
+    q["overhead_per_layer_fitted"] = bool(fit_per_layer)
+    q["layer_counts"] = sorted(layer_counts)
+    return profile, q
+
+
+def fit_power(spec: ModelSpec, rows: Sequence[dict], *, idle_w: float, max_w: float,
+              peak_flops: float, mem_bw_bytes_per_s: float) -> tuple[PowerSpec, dict]:
+    """``PowerSpec`` by non-negative least squares of the busy excess over idle.
+
+    Busy power = idle_w + active_w + compute_w * u_c + memory_w * u_m with u_c = flops /
+    (t * peak) and u_m = bytes / (t * bandwidth) of each grid point (mean power over its repeats).
+    """
+    pts = [r for r in rows if math.isfinite(float(r.get("power_w", math.nan)))]
+    if len(pts) < 3:
+        raise ValueError("fewer than 3 grid points with a power reading")
+    a = np.empty((len(pts), 3))
+    y = np.empty(len(pts))
+    for i, r in enumerate(pts):
+        f, b = work(spec, r)
+        t = float(r["time_s"])
+        a[i] = (1.0, min(f / (t * peak_flops), 1.5), min(b / (t * mem_bw_bytes_per_s), 1.5))
+        y[i] = float(r["power_w"]) - idle_w
+    res = lsq_linear(a, y, bounds=(0.0, np.inf))
+    active_w, compute_w, memory_w = (float(v) for v in res.x)
+    pred = a @ res.x
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((y - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+    spec_out = PowerSpec(idle_w=idle_w, max_w=max_w, active_w=active_w, compute_w=compute_w,
+                         memory_w=memory_w)
+    return spec_out, {"r2": r2, "max_abs_err_w": float(np.max(np.abs(y - pred))),
+                      "n_points": len(pts)}
+
+
+def predicted_vs_measured(profile_path: str | Path) -> list[dict]:
+    """Each grid point of a calibrated profile with its measured and predicted seconds.
+
+    Reads the profile with :func:`simulator.profile.load_profile`, the model it timed from its
+    ``model_config`` key and the grid from its ``grid_file`` (Parquet, beside the JSON), and
+    predicts with ``LatencyModel(spec, profile)``. Rows carry ``measured_s``, ``predicted_s`` and
+    ``rel_err`` = predicted / measured - 1.
+    """
+    import pyarrow.parquet as pq
+
+    from simulator.profile import load_profile
+
+    path = Path(profile_path)
+    profile, _ = load_profile(path)
+    raw = json.loads(path.read_text())
+    spec = ModelSpec(**raw["model_config"])
+    rows = pq.read_table(path.parent / raw["grid_file"]).to_pylist()
+    pred = predict(spec, profile, rows)
+    out = []
+    for r, p in zip(rows, pred, strict=True):
+        out.append({**r, "measured_s": float(r["time_s"]), "predicted_s": float(p),
+                    "rel_err": float(p) / float(r["time_s"]) - 1.0})
+    return out

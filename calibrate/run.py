@@ -1,0 +1,295 @@
+"""One calibration, end to end: build, check FLOPs, benchmark, time the grid, fit, write.
+
+:func:`calibrate` returns the profile dict it wrote; :func:`render` prints the summary with rich.
+The profile JSON follows :mod:`simulator.profile` (``fleetsim-profile/1``), with extra keys:
+``device``, ``model``, ``model_config`` (the :class:`ModelSpec` that was timed, after
+``--layers``), ``micro``, ``flop_check``, ``fit``, ``power``/``power_fit``, ``grid_file``
+(Parquet beside the JSON, one row per grid point), ``notes`` and ``created_utc``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simulator.modelspec import ModelSpec
+from simulator.profile import profile_to_dict
+
+from . import bench, fit
+from .model import TorchTransformer, flop_check
+from .power import open_meter
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of the device (GPU product name, or the CPU model)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def slug(text: str) -> str:
+    """Lower-case file-name-safe form of ``text``."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "device"
+
+
+def catalog_gpu_for(name: str) -> str | None:
+    """The catalog GPU whose short name ("h200", "a100", ...) appears in the device name."""
+    from simulator import catalog
+
+    low = name.lower().replace(" ", "")
+    for key in catalog.gpus():
+        short = key.split("-")[0]
+        if short in low:
+            return key
+    return None
+
+
+def device_mem_bytes(device: torch.device) -> float:
+    """Memory capacity of the device in bytes."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return float(psutil.virtual_memory().total)
+
+
+def choose_grid(device: torch.device, spec: ModelSpec, quick: bool, free_bytes: float) -> bench.GridSpec:
+    """The timing grid for this device and mode (see the module docstring of :mod:`bench`)."""
+    layers = spec.n_layers
+    two = (layers, max(1, layers // 2)) if layers >= 2 else (layers,)
+    kv_cap = int(max(1024, 0.4 * free_bytes / max(spec.kv_bytes_per_token, 1.0)))
+    if device.type == "cuda":
+        if quick:
+            return bench.GridSpec((128, 512, 2048), (1, 4), 8192, (1, 8, 64), (512, 4096),
+                                  min(kv_cap, 1 << 18), (layers,), warmup=2, repeats=5)
+        return bench.GridSpec((64, 256, 1024, 2048, 4096, 8192), (1, 2, 4, 8, 16), 32768,
+                              (1, 4, 16, 32, 64, 128, 256), (512, 2048, 8192),
+                              min(kv_cap, 1 << 20), two, warmup=2, repeats=5)
+    if quick:
+        return bench.GridSpec((16, 64, 128), (1, 2), 256, (1, 4, 16), (128, 512),
+                              min(kv_cap, 8192), (layers,), warmup=1, repeats=2)
+    return bench.GridSpec((16, 64, 256, 512), (1, 2, 4), 1024, (1, 2, 4, 8, 16, 32),
+                          (128, 1024, 4096), min(kv_cap, 65536), two, warmup=1, repeats=3)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp_path)`` to a temporary name beside ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(profile: dict, rows: list[dict], out: Path) -> None:
+    """Write the grid Parquet, then the profile JSON, both atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    grid_path = out.with_name(profile["grid_file"])
+    table = pa.Table.from_pylist(rows).replace_schema_metadata(
+        {"fleetsim.profile": profile["name"], "fleetsim.created_utc": profile["created_utc"]})
+    _atomic_write(grid_path, lambda p: pq.write_table(table, p))
+    text = json.dumps(profile, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    _atomic_write(out, lambda p: Path(p).write_text(text))
+
+
+def _clean(x: object) -> object:
+    """JSON-safe: NaN/inf become None, numpy scalars become Python numbers."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick: bool,
+              seed: int = 0, budget_s: float | None = None, dtype_requested: str | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Calibrate ``spec`` (already sliced to the layers to build, ``spec.dtype`` = timed dtype).
+
+    Returns the profile dict (with ``"_path"`` and ``"_rows"`` for the caller) after writing it.
+    """
+    t_start = time.perf_counter()
+    dtype = spec.dtype
+    dname = device_name(device)
+    dev_slug = "cpu" if device.type == "cpu" else slug(dname)
+    log(f"building {spec.name} ({spec.n_layers} layers, {dtype}) on {dname}")
+    model = TorchTransformer(spec, device=device, dtype=dtype, seed=seed)
+    log(f"  built in {time.perf_counter() - t_start:.1f} s")
+
+    # 1. FLOPs: counted vs analytic, on a small prefill and decode step
+    fc = flop_check(model, batch=2, prompt_tokens=32 if quick else 64, context_tokens=128)
+    log(f"FLOP check: prefill {fc['prefill_rel_err']:+.3%}, decode {fc['decode_rel_err']:+.3%}")
+
+    # 2. micro-benchmarks
+    if device.type == "cuda":
+        micro = bench.matmul_peak(device, dtype, 8192, repeats=20)
+        micro.update(bench.copy_bandwidth(device, 2 << 30, repeats=20))
+    else:
+        micro = bench.matmul_peak(device, dtype, 1536 if quick else 3072, repeats=3 if quick else 5)
+        micro.update(bench.copy_bandwidth(device, 256 << 20, repeats=5 if quick else 10))
+    log(f"peaks: matmul {micro['peak_flops'] / 1e12:.3f} TFLOP/s ({dtype}), "
+        f"copy {micro['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s")
+
+    # 3. power meter and idle power
+    meter, power_method = open_meter(device.type, device.index or 0)
+    idle_w = math.nan
+    if meter is not None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        time.sleep(3.0 if device.type == "cuda" else 1.5)
+        idle_w = meter.mean_w(t0 + 1.0, time.perf_counter())
+        log(f"idle power ({power_method}): {idle_w:.1f} W")
+
+    # 4. the timing grid
+    mem_bytes = device_mem_bytes(device)
+    if device.type == "cuda":
+        free = float(torch.cuda.mem_get_info(device)[0])
+    else:
+        import psutil
+
+        free = float(psutil.virtual_memory().available)
+    grid = choose_grid(device, spec, quick, free)
+    if meter is not None:
+        grid = dataclasses.replace(grid, min_time_s=1.0 if device.type == "cuda" else 0.5)
+    if budget_s is None:
+        budget_s = 45.0 if quick else math.inf
+    deadline = t_start + budget_s
+    rows, notes = bench.run_grid(model, grid, meter=meter, deadline=deadline,
+                                 progress=lambda s: log("  " + s))
+    if meter is not None:
+        meter.stop()
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not rows:
+        raise RuntimeError("no grid point could be timed")
+
+    # 5. fits
+    name = f"{dev_slug}-{spec.name}-l{spec.n_layers}"
+    prof, quality = fit.fit_roofline(spec, rows, name=name, peak_flops=micro["peak_flops"],
+                                     mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
+                                     mem_bytes=mem_bytes)
+    pred = fit.predict(spec, prof, rows)
+    for r, p in zip(rows, pred, strict=True):
+        f, b = fit.work(spec, r)
+        r.update(flops=f, bytes=b, predicted_s=float(p), rel_err=float(p) / r["time_s"] - 1.0,
+                 u_compute=f / (r["time_s"] * micro["peak_flops"]),
+                 u_memory=b / (r["time_s"] * micro["mem_bw_bytes_per_s"]))
+    power_d = None
+    power_fit = None
+    if meter is not None and math.isfinite(idle_w):
+        try:
+            max_w = meter.max_w or max(float(r["power_w"]) for r in rows
+                                        if math.isfinite(r["power_w"]))
+            pspec, power_fit = fit.fit_power(spec, rows, idle_w=idle_w, max_w=max_w,
+                                             peak_flops=micro["peak_flops"],
+                                             mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"])
+            prof = dataclasses.replace(prof, power=pspec)
+            power_d = {**dataclasses.asdict(pspec), "method": power_method}
+        except ValueError as exc:
+            notes.append(f"power fit skipped: {exc}")
+    else:
+        log(f"power was not measured ({power_method})")
+
+    # 6. write
+    created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if out is None:
+        out = Path("profiles") / f"{dev_slug}-{spec.name}.json"
+    out = Path(out)
+    wall_s = time.perf_counter() - t_start
+    profile = profile_to_dict(
+        prof,
+        device={"type": device.type, "name": dname, "torch_version": torch.__version__,
+                "dtype": dtype, "dtype_requested": dtype_requested or dtype,
+                "threads": torch.get_num_threads() if device.type == "cpu" else None},
+        catalog_gpu=catalog_gpu_for(dname) if device.type == "cuda" else None,
+        model=spec.name, model_config=dataclasses.asdict(spec),
+        micro=micro, flop_check=fc, fit=quality, power_fit=power_fit,
+        grid=dataclasses.asdict(grid), quick=quick, wall_s=wall_s, notes=notes,
+        created_utc=created, grid_file=out.stem + ".grid.parquet",
+    )
+    profile["power"] = None if power_d is None else power_d
+    if power_d is None:
+        profile["power_note"] = f"power was not measured ({power_method})"
+    profile = _clean(profile)
+    write_outputs(profile, rows, out)
+    profile["_path"] = str(out)
+    profile["_rows"] = rows
+    return profile
+
+
+def render(profile: dict, console: object) -> None:
+    """Print the grid (measured vs predicted) and the fitted parameters as rich tables."""
+    from rich.table import Table
+
+    rows = profile["_rows"]
+    t = Table(title=f"calibration grid: {profile['name']}")
+    for col in ("phase", "layers", "B", "L", "ctx", "measured ms", "predicted ms", "rel err",
+                "u_c", "u_m", "W"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        p = r.get("power_w")
+        t.add_row(r["phase"], str(r["n_layers"]), str(r["batch"]), str(r["prompt_tokens"]),
+                  str(r["context_tokens"]), f"{r['time_s'] * 1e3:.2f}",
+                  f"{r['predicted_s'] * 1e3:.2f}", f"{r['rel_err']:+.1%}",
+                  f"{r['u_compute']:.3f}", f"{r['u_memory']:.3f}",
+                  "-" if p is None or not math.isfinite(p) else f"{p:.0f}")
+    console.print(t)
+    s = Table(title="fitted roofline profile", show_header=False)
+    q = profile["fit"]
+    fc = profile["flop_check"]
+    items = [
+        ("device", f"{profile['device']['name']} ({profile['device']['dtype']})"),
+        ("peak_flops (matmul)", f"{profile['peak_flops'] / 1e12:.3f} TFLOP/s"),
+        ("mem_bw_bytes_per_s (copy)", f"{profile['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s"),
+        ("compute_eff_max", f"{profile['compute_eff_max']:.3f}"),
+        ("compute_eff_half_tokens", f"{profile['compute_eff_half_tokens']:.1f}"),
+        ("memory_eff", f"{profile['memory_eff']:.3f}"),
+        ("overhead_s", f"{profile['overhead_s'] * 1e3:.3f} ms"),
+        ("overhead_per_layer_s", f"{profile['overhead_per_layer_s'] * 1e6:.1f} us"
+         + ("" if q["overhead_per_layer_fitted"] else " (fixed: one layer count)")),
+        ("fit R² / R² log", f"{q['r2']:.4f} / {q['r2_log']:.4f}"),
+        ("max / rms rel err", f"{q['max_rel_err']:.1%} / {q['rms_rel_err']:.1%} "
+         f"over {q['n_points']} points"),
+        ("FLOP check (prefill, decode)",
+         f"{fc['prefill_rel_err']:+.3%}, {fc['decode_rel_err']:+.3%}"),
+        ("power", "not measured" if profile["power"] is None else
+         ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in profile["power"].items())),
+        ("wall time", f"{profile['wall_s']:.1f} s"),
+        ("written", f"{profile['_path']} (+ {profile['grid_file']})"),
+    ]
+    for k, v in items:
+        s.add_row(k, v)
+    console.print(s)
+    for n in profile.get("notes", []):
+        console.print(f"note: {n}")

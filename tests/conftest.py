@@ -1,0 +1,77 @@
+"""Shared helpers: small scenarios built in code, and an in-memory request sink."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from simulator.scenario import resolve, scenario_from_dict
+
+SMALL = {
+    "name": "small",
+    "seed": 7,
+    "simulation": {"hours": 2},
+    "model": {"name": "llama-3.1-8b"},
+    "hardware": {"gpu": "h100-sxm"},
+    "fleet": {"replicas": 2, "tensor_parallel": 1, "router": "round_robin"},
+    "traffic": {
+        "requests_per_day": 200_000,
+        "diurnal": "flat",
+        "prompt": {"dist": "lognormal", "median": 500, "sigma": 0.8, "min": 4, "max": 4000},
+        "output": {"dist": "lognormal", "median": 100, "sigma": 0.8, "min": 1, "max": 1000},
+    },
+}
+
+
+def merge(base: dict, **sections) -> dict:
+    """A deep copy of ``base`` with ``sections`` merged in (section -> dict of fields)."""
+    out = copy.deepcopy(base)
+    for sec, fields in sections.items():
+        if isinstance(fields, dict) and isinstance(out.get(sec), dict):
+            out[sec].update(fields)
+        else:
+            out[sec] = fields
+    return out
+
+
+def resolved(d: dict):
+    return resolve(scenario_from_dict(d))
+
+
+class ListSink:
+    """Collects request records in memory (the RequestWriter interface)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple] = {}
+
+    def add(self, r, replica, finish_s, ttft_s, tpot_s, e2e_s, status) -> None:
+        self.rows[r.rid] = (r.arrival_s, replica, r.prompt, r.out, r.first_token_s, finish_s, status)
+
+
+@pytest.fixture
+def small() -> dict:
+    return copy.deepcopy(SMALL)
+
+
+def rel(a: float, b: float) -> float:
+    if a == b:
+        return 0.0
+    return abs(a - b) / max(abs(a), abs(b), 1e-300) if math.isfinite(a) and math.isfinite(b) else math.inf
+
+
+def tables_equal(a, b) -> bool:
+    """Column-by-column equality with NaN == NaN (pyarrow's equals treats NaN as unequal)."""
+    import numpy as np
+
+    if a.schema.names != b.schema.names or a.num_rows != b.num_rows:
+        return False
+    for name in a.schema.names:
+        x, y = a.column(name).to_numpy(), b.column(name).to_numpy()
+        if x.dtype.kind == "f":
+            if not np.array_equal(x, y, equal_nan=True):
+                return False
+        elif not np.array_equal(x, y):
+            return False
+    return True
