@@ -83,6 +83,10 @@ def cmd_run(args) -> int:
     finally:
         if sink is not None:
             sink.abort()
+    if args.report:
+        from .report import write_report
+
+        write_report(out, result=res)
     if not args.quiet:
         print_summary(res, Console())
         Console().print(f"wrote {path}" + (f" and {out / 'requests.parquet'}" if args.requests else "")
@@ -102,12 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     p.add_argument("--requests", action="store_true", help="also write requests.parquet")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--report", action="store_true", help="also write the report (plots + page)")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("calibrate", help="measure a torch Transformer on this device; write a profile",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: _delegate("calibrate.cli", a.rest))
+    # subcommands that own their argument parsing: name -> (module with main(argv), help)
+    for name, module, text in DELEGATED:
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
     return ap
+
+
+DELEGATED = [
+    ("calibrate", "calibrate.cli", "measure a torch Transformer on this device; write a profile"),
+    ("replay", "calibrate.replay", "replay a trace on the real torch engine and the simulator"),
+    ("plan", "simulator.plan", "find the cheapest fleet that meets the SLO"),
+    ("sweep", "simulator.sweep", "simulate every point of a parameter grid"),
+    ("report", "simulator.report", "plots and a page for a finished run"),
+]
 
 
 def _delegate(module: str, argv: list[str]) -> int:
