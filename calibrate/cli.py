@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small grid, few repeats (under a minute on a 2-core CPU)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop timing new grid points after this many seconds "
-                        "(default 45 with --quick, none otherwise)")
+                        "(default 40 with --quick, none otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return p
 

@@ -84,8 +84,8 @@ def choose_grid(device: torch.device, spec: ModelSpec, quick: bool, free_bytes: 
                               (1, 4, 16, 32, 64, 128, 256), (512, 2048, 8192),
                               min(kv_cap, 1 << 20), two, warmup=2, repeats=5)
     if quick:
-        return bench.GridSpec((16, 64, 128), (1, 2), 256, (1, 4, 16), (128, 512),
-                              min(kv_cap, 8192), (layers,), warmup=1, repeats=2)
+        return bench.GridSpec((16, 64, 128), (1, 2), 128, (1, 4, 16), (128, 1024),
+                              min(kv_cap, 4096), (layers,), warmup=1, repeats=2)
     return bench.GridSpec((16, 64, 256, 512), (1, 2, 4), 1024, (1, 2, 4, 8, 16, 32),
                           (128, 1024, 4096), min(kv_cap, 65536), two, warmup=1, repeats=3)
 
@@ -145,7 +145,8 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     log(f"  built in {time.perf_counter() - t_start:.1f} s")
 
     # 1. FLOPs: counted vs analytic, on a small prefill and decode step
-    fc = flop_check(model, batch=2, prompt_tokens=32 if quick else 64, context_tokens=128)
+    fc = flop_check(model, batch=2, prompt_tokens=16 if quick else 64,
+                    context_tokens=64 if quick else 256)
     log(f"FLOP check: prefill {fc['prefill_rel_err']:+.3%}, decode {fc['decode_rel_err']:+.3%}")
 
     # 2. micro-benchmarks
@@ -181,7 +182,7 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     if meter is not None:
         grid = dataclasses.replace(grid, min_time_s=1.0 if device.type == "cuda" else 0.5)
     if budget_s is None:
-        budget_s = 45.0 if quick else math.inf
+        budget_s = 40.0 if quick else math.inf
     deadline = t_start + budget_s
     rows, notes = bench.run_grid(model, grid, meter=meter, deadline=deadline,
                                  progress=lambda s: log("  " + s))
