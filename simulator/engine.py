@@ -92,77 +92,83 @@ class Replica:
                 and p_tokens + r.prompt + n_decode <= self.max_tokens
                 and self.kv_used + r.need <= self.kv_cap)
 
-    def _admit(self) -> None:
-        w = self.waiting
-        pf = self.pf
-        while w:
-            r = w[0]
-            if not self._fits(r, self.n + len(pf), self.P, self.n):
-                break
-            w.popleft()
-            pf.append(r)
-            self.P += r.prompt
-            self.pairs += float(r.prompt) * r.prompt
-            self.kv_used += r.need
-            if self.pod.shared_queue is not None:
-                self.outstanding += 1
-
     # ---- planning -----------------------------------------------------------------------------
     def plan(self, T: float) -> None:
         """Plan the run that starts at boundary time ``T`` and arm its end event."""
-        if T >= self.pod.horizon_s:
+        pod = self.pod
+        if T >= pod.horizon_s:
             self.busy = False
             return
-        self._admit()
+        # admission, first-come-first-served (see _fits; inlined: this is the hot path)
+        w = self.waiting
         pf = self.pf
-        if not pf and self.n == 0:
+        n = self.n
+        if w:
+            P = self.P
+            kv = self.kv_used
+            nt = n + len(pf)
+            max_batch, max_tokens, kv_cap = self.max_batch, self.max_tokens, self.kv_cap
+            shared = pod.shared_queue is not None
+            while w:
+                r = w[0]
+                if nt >= max_batch or P + r.prompt + n > max_tokens or kv + r.need > kv_cap:
+                    break
+                w.popleft()
+                pf.append(r)
+                P += r.prompt
+                self.pairs += float(r.prompt) * r.prompt
+                kv += r.need
+                nt += 1
+                if shared:
+                    self.outstanding += 1
+            self.P = P
+            self.kv_used = kv
+        if not pf and n == 0:
             self.busy = False
-            if self.pod.shared_queue:
-                self.pod.router.dispatch()
+            if pod.shared_queue:
+                pod.router.dispatch()
             return
         self.busy = True
         self.T0 = T
         it = self.it
-        n = self.n
         lat = self.lat
         t1, F1, B1 = lat.iteration(self.P, self.pairs, len(pf), n, self.S + n * it)
-        self.t_first, self.F_first, self.B_first = t1, F1, B1
-        nxt = self.heap[0][0] if self.heap else 1 << 62
+        self.t_first = t1
+        self.F_first = F1
+        self.B_first = B1
+        heap = self.heap
+        nxt = heap[0][0] if heap else 1 << 62
         S1 = self.S
         for r in pf:
             f = it + r.out - 1
             if f < nxt:
                 nxt = f
             S1 += r.prompt - it
-        k = nxt - it + 1
-        if self.pod.per_iteration:
-            k = 1
+        k = 1 if pod.per_iteration else nxt - it + 1
         end = T + t1
         if k > 1:
             n1 = n + len(pf)
             c1 = S1 + n1 * (it + 1)
             coef = lat.run_coeffs(n1)
-            self.n1, self.c1, self.coef = n1, c1, coef
-            H = (math.floor(T / HOUR_S) + 1.0) * HOUR_S
+            self.n1 = n1
+            self.c1 = c1
+            self.coef = coef
+            H = (T // HOUR_S + 1.0) * HOUR_S
             if end >= H:
                 k = 1
             else:
                 dec = run_time(coef, c1, n1, k - 1)
-                if end + dec > H:
-                    # the first decode step that reaches H ends the run
-                    m = max(steps_to_reach(coef, c1, n1, k - 1, H - end), 1)
-                    while m > 1 and end + run_time(coef, c1, n1, m - 1) >= H:
-                        m -= 1
-                    while m < k - 1 and end + run_time(coef, c1, n1, m) < H:
-                        m += 1
+                if end + dec > H:  # the first decode step that reaches H ends the run
+                    m = steps_to_reach(coef, c1, n1, k - 1, end, H)
                     k = 1 + m
                     dec = run_time(coef, c1, n1, m)
                 end += dec
         self.k = k
         self.run_end = end
-        self._arm(end)
-        if self.pod.shared_queue:
-            self.pod.router.dispatch()  # the new head of a central queue may fit elsewhere
+        if self.armed_t is None or end < self.armed_t:
+            self._arm(end)
+        if pod.shared_queue:
+            pod.router.dispatch()  # the new head of a central queue may fit elsewhere
 
     def _boundary(self, j: int) -> float:
         """Time of the run's iteration boundary ``j`` (0 <= j <= k). Always computed as
@@ -174,8 +180,10 @@ class Replica:
 
     # ---- events -------------------------------------------------------------------------------
     def _arm(self, t: float) -> None:
+        """Make sure an event fires at ``t`` or earlier. An earlier pending event re-arms when
+        it fires; a later one is superseded (its token no longer matches)."""
         if self.armed_t is not None and self.armed_t <= t:
-            return  # an earlier event is pending; it re-arms when it fires
+            return
         self.token += 1
         self.armed_t = t
         ev = self.env.timeout(max(t - self.env.now, 0.0), self.token)
@@ -203,40 +211,49 @@ class Replica:
         With ``finish`` false (the end of the horizon) nothing completes: what was still
         running is left in flight, and only its work and energy are accounted."""
         rec = self.rec
+        pod = self.pod
         T0 = self.T0
         it0 = self.it
         k = self.k
         pf = self.pf
-        pod = self.pod
-        # iteration 0: prefills join the decode set
+        # iteration 0: its prefills yield their first token and join the decode set
         ft = T0 + self.t_first
-        heap = self.heap
-        n0 = self.n
-        for r in pf:
-            r.first_token_s = ft
-            r.join_it = it0
-            self.S += r.prompt - it0
-            heapq.heappush(heap, (it0 + r.out - 1, r.rid, r))
-        self.n += len(pf)
-        rec.add_tokens(ft, self.P, n0 + len(pf))
-        # time, FLOPs and bytes of iterations [0, j), and the last one separately if it straddles
+        n_first = self.n + len(pf)
+        if pf:
+            heap = self.heap
+            S = self.S
+            for r in pf:
+                r.first_token_s = ft
+                r.join_it = it0
+                S += r.prompt - it0
+                heapq.heappush(heap, (it0 + r.out - 1, r.rid, r))
+            self.S = S
+            self.n = n_first
+            self.pf = []
+        hf = int(ft // HOUR_S)
+        if hf > rec.hours:
+            hf = rec.hours
+        rec.prompt_tokens[hf] += self.P
+        rec.output_tokens[hf] += n_first
+        # work of iterations [0, j): those wholly inside hour h, then a straddling last one
         h = int(T0 // HOUR_S)
-        last_straddles = j == k and self.run_end > (h + 1) * HOUR_S
-        m_full = j - 1 if last_straddles else j  # iterations wholly inside hour h
-        t_sum = f_sum = b_sum = 0.0
+        if h > rec.hours:
+            h = rec.hours
+        H = (h + 1) * HOUR_S
+        last_straddles = j == k and self.run_end > H
+        m_full = j - 1 if last_straddles else j
         if m_full >= 1:
             t_sum, f_sum, b_sum = self.t_first, self.F_first, self.B_first
             if m_full > 1:
-                dt, df, db = run_sums(self.coef, self.c1, self.n1, m_full - 1)
+                xs = m_full - 1
+                dt, df, db = run_sums(self.coef, self.c1, self.n1, xs)
                 t_sum += dt
                 f_sum += df
                 b_sum += db
-        e_full = pod.e_active_w * t_sum + pod.e_flop_j * f_sum + pod.e_byte_j * b_sum
-        rec.add_work(h, t_sum, e_full)
-        if j > 1:
-            dec_tokens = self.n1 * (j - 1 - (1 if last_straddles else 0))
-            if dec_tokens:
-                rec.add_tokens(self._boundary(m_full), 0, dec_tokens)
+                # decode tokens of iterations [1, m_full): all end inside hour h
+                rec.output_tokens[h] += self.n1 * xs
+            rec.busy_s[h] += t_sum
+            rec.dyn_j[h] += pod.e_active_w * t_sum + pod.e_flop_j * f_sum + pod.e_byte_j * b_sum
         if last_straddles:
             if k == 1:
                 t_l, f_l, b_l = self.t_first, self.F_first, self.B_first
@@ -250,18 +267,19 @@ class Replica:
                 start = self._boundary(k - 1)
                 rec.add_tokens(start + t_l, 0, self.n1)
             e_l = pod.e_active_w * t_l + pod.e_flop_j * f_l + pod.e_byte_j * b_l
-            H = (h + 1) * HOUR_S
             frac = (H - start) / t_l if t_l > 0 else 1.0
             rec.add_work(h, t_l * frac, e_l * frac)
             rec.add_work(h + 1, t_l * (1.0 - frac), e_l * (1.0 - frac))
         rec.iterations += j
         self.it = it0 + j
-        self.pf = []
         self.P = 0
         self.pairs = 0.0
-        self.T0 = self._boundary(j) if j < k else self.run_end
-        if j == k and finish:
-            self._finish_due()
+        if j < k:
+            self.T0 = self._boundary(j)
+        else:
+            self.T0 = self.run_end
+            if finish:
+                self._finish_due()
 
     def _finish_due(self) -> None:
         """Retire every sequence whose last token came out in the iteration just committed."""
@@ -299,15 +317,8 @@ class Replica:
             j = 1
         elif ta <= T0 + self.t_first:
             j = 1
-        else:  # smallest j in [2, k] with T0 + prefix(j) >= ta
-            base = T0 + self.t_first
-            m = steps_to_reach(self.coef, self.c1, self.n1, k - 1, ta - base)
-            # exact against the same sums that place the boundaries
-            while m > 1 and base + run_time(self.coef, self.c1, self.n1, m - 1) >= ta:
-                m -= 1
-            while m < k - 1 and base + run_time(self.coef, self.c1, self.n1, m) < ta:
-                m += 1
-            j = 1 + m
+        else:  # smallest j in [2, k] with boundary(j) >= ta
+            j = 1 + steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
         if j >= k:
             return -1  # the run ends first; its end admits the request
         n_all = self.n + len(self.pf)

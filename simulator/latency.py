@@ -103,40 +103,12 @@ class RunCoeffs:
     bb: float
 
 
-def _lin_sum(a: float, b: float, x0: float, dx: float, i0: int, i1: int) -> float:
-    """Sum of ``a + b*(x0 + dx*i)`` for i in [i0, i1)."""
-    m = i1 - i0
-    if m <= 0:
-        return 0.0
-    return m * (a + b * x0) + b * dx * (m * (i0 + i1 - 1) / 2.0)
-
-
-def _split(c: RunCoeffs, x0: float, dx: float, m: int) -> tuple[int, bool]:
-    """Index s in [0, m] where max() switches branch, and whether line 1 wins for i < s."""
-    da = c.a1 - c.a2
-    db = c.b1 - c.b2
-    g0 = da + db * x0  # line1 - line2 at i = 0
-    slope = db * dx
-    if slope == 0.0:
-        return m, g0 >= 0.0
-    r = -g0 / slope
-    s = min(max(math.ceil(r), 0), m)
-    return s, slope < 0.0  # decreasing difference: line 1 wins first
-
-
 def run_sums(c: RunCoeffs, c0: float, n: int, m: int) -> tuple[float, float, float]:
     """Total time, FLOPs and bytes of ``m`` decode steps starting at context ``c0``."""
     if m <= 0:
         return 0.0, 0.0, 0.0
-    s, first_is_1 = _split(c, c0, n, m)
-    if first_is_1:
-        t = _lin_sum(c.a1, c.b1, c0, n, 0, s) + _lin_sum(c.a2, c.b2, c0, n, s, m)
-    else:
-        t = _lin_sum(c.a2, c.b2, c0, n, 0, s) + _lin_sum(c.a1, c.b1, c0, n, s, m)
-    t += m * c.base
-    f = _lin_sum(c.fa, c.fb, c0, n, 0, m)
-    b = _lin_sum(c.ba, c.bb, c0, n, 0, m)
-    return t, f, b
+    xs = c0 * m + n * (m * (m - 1) / 2.0)  # sum of the contexts
+    return run_time(c, c0, n, m), m * c.fa + c.fb * xs, m * c.ba + c.bb * xs
 
 
 def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
@@ -151,7 +123,11 @@ def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
     if slope == 0.0:
         s, first_is_1 = m, g0 >= 0.0
     else:
-        s = min(max(math.ceil(-g0 / slope), 0), m)
+        s = math.ceil(-g0 / slope)
+        if s < 0:
+            s = 0
+        elif s > m:
+            s = m
         first_is_1 = slope < 0.0
     if first_is_1:
         a_, b_, a2, b2 = c.a1, c.b1, c.a2, c.b2
@@ -166,28 +142,35 @@ def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
     return t
 
 
-def steps_to_reach(c: RunCoeffs, c0: float, n: int, m_max: int, target: float) -> int:
-    """The smallest m in [0, m_max] with ``run_time(c, c0, n, m) >= target`` (m_max if none).
+def steps_to_reach(c: RunCoeffs, c0: float, n: int, m_max: int, base: float,
+                   target: float) -> int:
+    """The smallest m in [0, m_max] with ``base + run_time(c, c0, n, m) >= target`` (m_max if
+    none): the first decode step of a run started at ``base`` that ends at or after ``target``.
 
-    Solved as a quadratic on each branch of the max, then nudged so that the answer is exact
-    with respect to :func:`run_time` itself (the definition every other caller uses)."""
-    if target <= 0.0:
+    Solved as a quadratic on the steeper branch of the max, then nudged so that the answer is
+    exact with respect to the very expression ``base + run_time(...)`` that places boundaries."""
+    if base >= target:
         return 0
-    if run_time(c, c0, n, m_max) < target:
-        return m_max
-    # guess from the branch that is steeper at the start (an upper bound on the step time)
-    b = max(c.b1, c.b2)
-    a = c.base + max(c.a1 + c.b1 * c0, c.a2 + c.b2 * c0)
+    b = c.b1 if c.b1 > c.b2 else c.b2
+    x1 = c.a1 + c.b1 * c0
+    x2 = c.a2 + c.b2 * c0
+    a = c.base + (x1 if x1 > x2 else x2)
     alpha = b * n / 2.0
     beta = a - alpha
+    gap = target - base
     if alpha > 0.0:
-        m = math.ceil((-beta + math.sqrt(beta * beta + 4.0 * alpha * target)) / (2.0 * alpha))
+        m = math.ceil((-beta + math.sqrt(beta * beta + 4.0 * alpha * gap)) / (2.0 * alpha))
+    elif a > 0.0:
+        m = math.ceil(gap / a)
     else:
-        m = math.ceil(target / a) if a > 0 else m_max
-    m = min(max(m, 1), m_max)
-    while m > 0 and run_time(c, c0, n, m - 1) >= target:
+        m = m_max
+    if m > m_max:
+        m = m_max
+    elif m < 1:
+        m = 1
+    while m > 0 and base + run_time(c, c0, n, m - 1) >= target:
         m -= 1
-    while m < m_max and run_time(c, c0, n, m) < target:
+    while m < m_max and base + run_time(c, c0, n, m) < target:
         m += 1
     return m
 

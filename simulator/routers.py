@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from operator import attrgetter
+
 import numpy as np
+
+_LOAD = attrgetter("outstanding")
 
 if TYPE_CHECKING:
     from .engine import Request
@@ -52,13 +56,7 @@ class LeastLoaded(Router):
     """The replica with the fewest requests routed and not yet finished (lowest index on ties)."""
 
     def route(self, r) -> None:
-        reps = self.replicas
-        best = reps[0]
-        load = best.outstanding
-        for rep in reps:
-            if rep.outstanding < load:
-                best, load = rep, rep.outstanding
-        best.on_arrival(r)
+        min(self.replicas, key=_LOAD).on_arrival(r)  # min() keeps the first of equals
 
 
 class CentralQueue(Router):

@@ -49,10 +49,11 @@ def test_run_sums_equal_step_by_step(model, gpu, tp):
         assert T == pytest.approx(t, rel=1e-11) and run_time(c, c0, n, m) == pytest.approx(t, rel=1e-11)
         assert F == pytest.approx(f, rel=1e-11) and B == pytest.approx(b, rel=1e-11)
         # the first step count that reaches a target, exactly against run_time
-        target = float(rng.uniform(0, T * 1.1))
-        k = steps_to_reach(c, c0, n, m, target)
-        assert (run_time(c, c0, n, k) >= target) or k == m
-        assert k == 0 or run_time(c, c0, n, k - 1) < target
+        base = float(rng.uniform(0, 1e5))
+        target = base + float(rng.uniform(0, T * 1.1))
+        k = steps_to_reach(c, c0, n, m, base, target)
+        assert (base + run_time(c, c0, n, k) >= target) or k == m
+        assert k == 0 or base + run_time(c, c0, n, k - 1) < target
 
 
 def test_roofline_regimes_h100_70b_tp4():
