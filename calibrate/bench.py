@@ -101,18 +101,40 @@ class GridSpec:
                 if b * c <= self.max_cache_tokens]
 
 
+def spread(items: list) -> list:
+    """``items`` reordered first, last, middle, quarter points, ...: any prefix covers the range."""
+    out: list = []
+    seen: set[int] = set()
+    n = len(items)
+    step = n
+    while len(out) < n:
+        for i in [0, n - 1] if step == n else range(step // 2, n, max(step, 1)):
+            if i not in seen:
+                seen.add(i)
+                out.append(items[i])
+        if step <= 1:
+            out.extend(items[i] for i in range(n) if i not in seen)
+            break
+        step = max(step // 2, 1)
+    return out
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def run_grid(model: TorchTransformer, grid: GridSpec, *, meter: PowerMeter | None = None,
              deadline: float = math.inf, progress: Callable[[str], None] = lambda s: None,
-             ) -> tuple[list[dict], list[str]]:
+             min_points: int = 3) -> tuple[list[dict], list[str]]:
     """Time prefill and decode over the grid; returns rows and notes (skipped points).
 
     Decode points run at a fixed context: the cache position is reset before each step, so the
     new token attends exactly ``context_tokens`` keys (itself included). Cache contents are
     zeros; attention time does not depend on the values.
+
+    With a ``deadline`` (``time.perf_counter`` seconds), each layer count gets an equal share of
+    the time left, and prefill half of that share; a phase stops starting new points when its
+    share is spent, but always times its first ``min_points`` points so the fit has both phases.
     """
     sync = synchronizer(model.device)
     rows: list[dict] = []
@@ -133,9 +155,16 @@ def run_grid(model: TorchTransformer, grid: GridSpec, *, meter: PowerMeter | Non
         progress(f"{phase} layers={layers} B={b} L={prompt} ctx={ctx}: "
                  f"{statistics.median(times) * 1e3:.2f} ms")
 
-    for layers in grid.layer_counts:
-        for b, n in grid.prefill_points():
-            if time.perf_counter() > deadline:
+    def share(fraction: float) -> float:
+        now = time.perf_counter()
+        return now + fraction * (deadline - now) if math.isfinite(deadline) else math.inf
+
+    for li, layers in enumerate(grid.layer_counts):
+        layer_deadline = share(1.0 / (len(grid.layer_counts) - li))
+        now = time.perf_counter()
+        phase_deadline = now + 0.5 * (layer_deadline - now)
+        for i, (b, n) in enumerate(spread(grid.prefill_points())):
+            if i >= min_points and time.perf_counter() > phase_deadline:
                 notes.append(f"deadline: skipped prefill B={b} L={n} layers={layers}")
                 continue
             try:
@@ -153,12 +182,15 @@ def run_grid(model: TorchTransformer, grid: GridSpec, *, meter: PowerMeter | Non
         by_batch: dict[int, list[int]] = {}
         for b, c in grid.decode_points():
             by_batch.setdefault(b, []).append(c)
-        for b, contexts in by_batch.items():
+        done = 0
+        for b in spread(list(by_batch)):
+            contexts = by_batch[b]
             try:
                 model.allocate_cache(b, max(contexts))
                 tok = model.random_tokens(b, 1)[:, 0]
                 for c in contexts:
-                    if time.perf_counter() > deadline:
+                    done += 1
+                    if done > min_points and time.perf_counter() > layer_deadline:
                         notes.append(f"deadline: skipped decode B={b} ctx={c} layers={layers}")
                         continue
 

@@ -248,6 +248,10 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     return profile
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def render(profile: dict, console: object) -> None:
     """Print the grid (measured vs predicted) and the fitted parameters as rich tables."""
     from rich.table import Table
@@ -278,7 +282,7 @@ def render(profile: dict, console: object) -> None:
         ("overhead_s", f"{profile['overhead_s'] * 1e3:.3f} ms"),
         ("overhead_per_layer_s", f"{profile['overhead_per_layer_s'] * 1e6:.1f} us"
          + ("" if q["overhead_per_layer_fitted"] else " (fixed: one layer count)")),
-        ("fit R² / R² log", f"{q['r2']:.4f} / {q['r2_log']:.4f}"),
+        ("fit R² / R² log", f"{_fmt(q['r2'])} / {_fmt(q['r2_log'])}"),
         ("max / rms rel err", f"{q['max_rel_err']:.1%} / {q['rms_rel_err']:.1%} "
          f"over {q['n_points']} points"),
         ("FLOP check (prefill, decode)",
