@@ -299,10 +299,18 @@ class Replica:
 
     # ---- arrivals -----------------------------------------------------------------------------
     def on_arrival(self, r: Request) -> None:
-        """A request routed to this replica arrives now."""
+        """A request routed to this replica arrives now (poke() inlined: the hot path)."""
         self.outstanding += 1
-        self.waiting.append(r)
-        self.poke()
+        w = self.waiting
+        w.append(r)
+        if not self.busy:
+            self.plan(self.env.now)
+        elif len(w) == 1:
+            j = self._cut_point(r)
+            if j >= 0:
+                if j > 0:
+                    self._commit(j)
+                self.plan(self.T0)
 
     def _cut_point(self, r: Request) -> int:
         """The boundary j of the current run at which ``r`` (arriving now) would be admitted:
