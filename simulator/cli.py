@@ -71,18 +71,23 @@ def cmd_run(args) -> int:
     console = Console(stderr=True, quiet=args.quiet)
     sink = RequestWriter(out / "requests.parquet") if args.requests else None
     n_pods = len(range(min(sc.fleet.sample_pods or sc.fleet.pods, sc.fleet.pods)))
+    committed: list[Path] = []  # the run's files are all or nothing
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("simulating", total=n_pods * sc.simulation.hours)
             res = simulate(rs, source=args.scenario, request_sink=sink,
                            progress=lambda k: bar.advance(task, k))
-        path = write_outputs(res, out, text)
         if sink is not None:
             sink.close(res.metadata(text))
+            committed.append(sink.path)
             sink = None
-    finally:
+        path = write_outputs(res, out, text)
+    except BaseException:
         if sink is not None:
             sink.abort()
+        for f in committed:
+            f.unlink(missing_ok=True)
+        raise
     if args.report:
         from .report import write_report
 
@@ -132,9 +137,17 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    """Run the command line; returns the exit code (the signal handlers are restored after)."""
     args = build_parser().parse_args(argv)
+    saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _main(args)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def _main(args) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

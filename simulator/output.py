@@ -115,13 +115,17 @@ class RequestWriter:
         self._cols = [[] for _ in REQUEST_SCHEMA.names]
 
     def close(self, metadata: dict[str, str] | None = None) -> None:
-        """Finish the file and move it into place."""
-        self._flush()
-        if metadata:
-            for k, v in metadata.items():
-                self._writer.add_key_value_metadata({k: v})
-        self._writer.close()
-        commit(self.tmp, self.path)
+        """Finish the file and move it into place (on any failure, drop the partial file)."""
+        try:
+            self._flush()
+            if metadata:
+                for k, v in metadata.items():
+                    self._writer.add_key_value_metadata({k: v})
+            self._writer.close()
+            commit(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Drop the partial file."""

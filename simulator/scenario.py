@@ -31,6 +31,23 @@ PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Hourly24 = Annotated[list[NonNegFloat], Field(min_length=24, max_length=24)]
 
 
+def _bounded(lo: float, hi: float, *, strict_lo: bool = False) -> Any:
+    """A finite float in [lo, hi] (or (lo, hi]). The upper bounds are sanity limits, orders of
+    magnitude above any real device or tariff, that keep every product in the accounting finite
+    (a value like 1e300 would overflow to inf deep inside numpy instead of failing here)."""
+    low = {"gt": lo} if strict_lo else {"ge": lo}
+    return Annotated[float, Field(**low, le=hi, allow_inf_nan=False)]
+
+
+Watts = _bounded(0, 1e5)                       # per GPU; a B200 is 1.2 kW
+Usd = _bounded(0, 1e9)                         # capex of one GPU
+UsdPerHour = _bounded(0, 1e6)                  # rent or maintenance per GPU-hour
+PricePerKwh = _bounded(0, 1e3)                 # $/kWh; wholesale price caps are ~5-10 $/kWh
+CarbonPerKwh = _bounded(0, 1e2)                # kg/kWh; coal is ~1
+Tokens = Annotated[int, Field(ge=1, le=1_000_000_000)]
+ArchInt = Annotated[int, Field(ge=1, le=10_000_000)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -41,15 +58,15 @@ class Fixed(_Section):
     """Every request has ``value`` tokens."""
 
     dist: Literal["fixed"]
-    value: Annotated[int, Field(ge=1)]
+    value: Tokens
 
 
 class Uniform(_Section):
     """Integers uniform on [low, high]."""
 
     dist: Literal["uniform"]
-    low: Annotated[int, Field(ge=1)]
-    high: Annotated[int, Field(ge=1)]
+    low: Tokens
+    high: Tokens
 
     @model_validator(mode="after")
     def _order(self) -> "Uniform":
@@ -62,10 +79,10 @@ class LogNormal(_Section):
     """Lognormal with the given median and log-space sigma, rounded and clipped to [min, max]."""
 
     dist: Literal["lognormal"]
-    median: PosFloat
-    sigma: NonNegFloat
-    min: Annotated[int, Field(ge=1)] = 1
-    max: Annotated[int, Field(ge=1)] = 32768
+    median: _bounded(0, 1e9, strict_lo=True)
+    sigma: _bounded(0, 10)
+    min: Tokens = 1
+    max: Tokens = 32768
 
     @model_validator(mode="after")
     def _order(self) -> "LogNormal":
@@ -78,8 +95,8 @@ class Geometric(_Section):
     """Geometric on {1, 2, ...} with the given mean (memoryless: one token ends with p = 1/mean)."""
 
     dist: Literal["geometric"]
-    mean: Annotated[float, Field(ge=1, allow_inf_nan=False)]
-    max: Annotated[int, Field(ge=1)] = 1_000_000
+    mean: _bounded(1, 1e9)
+    max: Tokens = 1_000_000
 
 
 class Empirical(_Section):
@@ -99,6 +116,16 @@ class SimulationSection(_Section):
     start_utc: datetime = datetime(2026, 1, 1, tzinfo=timezone.utc)
     engine: Literal["macro", "iteration"] = "macro"
 
+    @field_validator("start_utc")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        """In UTC (a time without an offset is taken as UTC), in years 1970..9000 so that the
+        hourly timestamps of the run stay representable."""
+        v = v.replace(tzinfo=timezone.utc) if v.tzinfo is None else v.astimezone(timezone.utc)
+        if not 1970 <= v.year <= 9000:
+            raise ValueError(f"year {v.year} is outside 1970..9000")
+        return v
+
 
 class ModelSection(_Section):
     """A catalog model by ``name``, or an inline architecture (all of n_layers..vocab_size)."""
@@ -106,17 +133,17 @@ class ModelSection(_Section):
     name: str = "llama-3.1-70b"
     dtype: DType = "bf16"
     kv_dtype: DType | None = None
-    n_layers: Annotated[int, Field(ge=1)] | None = None
-    d_model: Annotated[int, Field(ge=1)] | None = None
-    n_heads: Annotated[int, Field(ge=1)] | None = None
-    n_kv_heads: Annotated[int, Field(ge=1)] | None = None
-    d_ff: Annotated[int, Field(ge=1)] | None = None
-    vocab_size: Annotated[int, Field(ge=1)] | None = None
-    n_experts: Annotated[int, Field(ge=1)] | None = None
-    n_active_experts: Annotated[int, Field(ge=1)] | None = None
+    n_layers: ArchInt | None = None
+    d_model: ArchInt | None = None
+    n_heads: ArchInt | None = None
+    n_kv_heads: ArchInt | None = None
+    d_ff: ArchInt | None = None
+    vocab_size: ArchInt | None = None
+    n_experts: ArchInt | None = None
+    n_active_experts: ArchInt | None = None
     mlp: Literal["swiglu", "gelu"] | None = None
     tied_embeddings: bool | None = None
-    max_context_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_context_tokens: Tokens | None = None
 
 
 class HardwareSection(_Section):
@@ -124,18 +151,18 @@ class HardwareSection(_Section):
 
     gpu: str = "h100-sxm"
     profile: str | None = None
-    peak_flops: PosFloat | None = None
-    mem_bw_bytes_per_s: PosFloat | None = None
-    mem_bytes: PosFloat | None = None
-    tdp_w: PosFloat | None = None
-    idle_w: NonNegFloat | None = None
-    active_w: NonNegFloat | None = None
-    compute_w: NonNegFloat | None = None
-    memory_w: NonNegFloat | None = None
-    node_overhead_w: NonNegFloat | None = None
-    gpus_per_node: Annotated[int, Field(ge=1)] | None = None
-    capex_usd: NonNegFloat | None = None
-    rent_usd_per_gpu_hour: NonNegFloat | None = None
+    peak_flops: _bounded(1e6, 1e19) | None = None          # an H100 is ~1e15 (dense bf16)
+    mem_bw_bytes_per_s: _bounded(1e6, 1e16) | None = None  # an H200 is 4.8e12
+    mem_bytes: _bounded(1e6, 1e14) | None = None           # an H200 is 1.41e11
+    tdp_w: _bounded(0, 1e5, strict_lo=True) | None = None
+    idle_w: Watts | None = None
+    active_w: Watts | None = None
+    compute_w: Watts | None = None
+    memory_w: Watts | None = None
+    node_overhead_w: _bounded(0, 1e6) | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
+    capex_usd: Usd | None = None
+    rent_usd_per_gpu_hour: UsdPerHour | None = None
 
 
 class FleetSection(_Section):
@@ -177,16 +204,18 @@ class PowerSection(_Section):
 
 
 class CostSection(_Section):
-    electricity_usd_per_kwh: NonNegFloat | Hourly24 = 0.0806
+    electricity_usd_per_kwh: PricePerKwh | Annotated[list[PricePerKwh], Field(
+        min_length=24, max_length=24)] = 0.0806
     hardware: Literal["owned", "rented"] = "owned"
-    amortization_years: Annotated[float, Field(gt=0, le=30)] = 5.0
-    maintenance_usd_per_gpu_hour: NonNegFloat = 0.0
-    carbon_kg_per_kwh: NonNegFloat | Hourly24 | None = None
+    amortization_years: _bounded(0.01, 30) = 5.0
+    maintenance_usd_per_gpu_hour: UsdPerHour = 0.0
+    carbon_kg_per_kwh: CarbonPerKwh | Annotated[list[CarbonPerKwh], Field(
+        min_length=24, max_length=24)] | None = None
 
 
 class SloSection(_Section):
-    ttft_s: PosFloat = 2.0
-    tpot_s: PosFloat = 0.2
+    ttft_s: _bounded(0, 1e6, strict_lo=True) = 2.0
+    tpot_s: _bounded(0, 1e6, strict_lo=True) = 0.2
 
 
 class Scenario(_Section):
@@ -206,50 +235,11 @@ class Scenario(_Section):
 
 # ---------------------------------------------------------------------------------------------
 # loading and error messages
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that holds the field at ``loc`` (for 'did you mean')."""
-    cls: Any = Scenario
-    for part in loc[:-1]:
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
-            return None
-        f = cls.model_fields.get(part)
-        if f is None:
-            return None
-        ann = f.annotation
-        cls = ann if isinstance(ann, type) else None
-    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+def _format_validation(exc: ValidationError, source: str, data: Any = None) -> ScenarioError:
+    """One clear line for a pydantic error (see :mod:`simulator.validation`)."""
+    from .validation import format_validation_error
 
-
-def _format_validation(exc: ValidationError, source: str) -> ScenarioError:
-    err = exc.errors(include_url=False)[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in
-                                              ("fixed", "uniform", "lognormal", "geometric", "empirical")))
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith(("list[", "literal["))))
-    path = ".".join(str(p) for p in loc) or "(top level)"
-    value = err.get("input")
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent = _model_at(loc)
-        known = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-        return ScenarioError(path, value, "unknown key", fix, source)
-    if kind == "missing":
-        return ScenarioError(path, None, "is required", "add it to the scenario", source)
-    msg = err["msg"].removeprefix("Value error, ")
-    fix = ""
-    if kind.startswith(("greater", "less")):
-        fix = "use a value in the allowed range"
-    elif kind in ("too_short", "too_long"):
-        fix = "give exactly 24 hourly values" if "24" in msg else "check the list length"
-    elif kind == "literal_error":
-        fix = msg.split("Input should be ", 1)[-1]
-        msg = "not an accepted value"
-    elif kind.endswith("_type") or kind.endswith("_parsing"):
-        fix = "check the TOML type (quotes make a string)"
-    elif kind == "union_tag_invalid":
-        fix = "dist is one of fixed, uniform, lognormal, geometric, empirical"
-    return ScenarioError(path, value, msg, fix, source)
+    return format_validation_error(exc, Scenario, data, source)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -286,10 +276,16 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
     """Validate a scenario dict; a ScenarioError on the first problem."""
+    from .validation import check_scalar_types
+
+    if not isinstance(data, dict):
+        raise ScenarioError("(top level)", data, "a scenario is a table of sections",
+                            "start from a scenario in examples/", source)
+    check_scalar_types(data, Scenario, source)
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        raise _format_validation(exc, source) from None
+        raise _format_validation(exc, source, data) from None
 
 
 def read_toml(path: str | Path) -> tuple[dict, str]:
@@ -357,6 +353,10 @@ class Resolved:
 
 
 # shape of the diurnal curves (hourly weights, normalised to mean 1 when used)
+# Arrivals of one pod-hour are generated at once (~100 bytes each): 1e7 bounds that at ~1 GB.
+MAX_ARRIVALS_PER_POD_HOUR = 10_000_000
+
+
 def diurnal_weights(d: list[float] | str) -> list[float]:
     """24 hourly weights of a named shape or a list (not normalised)."""
     if isinstance(d, list):
@@ -372,6 +372,17 @@ def diurnal_weights(d: list[float] | str) -> list[float]:
         # shape exp(k cos(...)) with k = 1.15 gives peak/trough e^2.3 = 10 and peak/mean ~2.3.
         return [math.exp(1.15 * math.cos(2 * math.pi * (h - 19) / 24)) for h in range(24)]
     raise ValueError(d)
+
+
+def _longest_field(tr: TrafficSection, trace_max: dict[str, int]) -> tuple[str, Any]:
+    """The field that sets the longest requests (the larger of the prompt and output maxima),
+    for error messages: (path, value)."""
+    if tr.trace:
+        return "traffic.trace", tr.trace
+    which = "output" if _dist_max(tr.output, trace_max) > _dist_max(tr.prompt, trace_max) else "prompt"
+    d = getattr(tr, which)
+    key = {Fixed: "value", Uniform: "high", LogNormal: "max", Geometric: "max"}.get(type(d), "file")
+    return f"traffic.{which}.{key}", getattr(d, key)
 
 
 def _dist_max(d: Any, trace_max: dict[str, int]) -> int:
@@ -463,12 +474,15 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
     if model.weight_bytes >= usable:
         need_tp = math.ceil(model.weight_bytes / (profile.mem_bytes * sc.fleet.gpu_memory_utilization))
+        tp_fix = (f"set fleet.tensor_parallel >= {need_tp + 1}, a larger GPU, or a smaller dtype"
+                  if need_tp + 1 <= 64 else "even 64-way tensor parallelism is too small: use a "
+                  "larger GPU, a smaller dtype or a higher fleet.gpu_memory_utilization")
         raise ScenarioError(
             "fleet.tensor_parallel", tp,
             f"{model.name} weights need {model.weight_bytes / 1e9:.1f} GB but a replica has "
             f"{usable / 1e9:.1f} GB usable ({tp} x {profile.mem_bytes / 1e9:.0f} GB x "
             f"{sc.fleet.gpu_memory_utilization}); {(model.weight_bytes - usable) / 1e9:.1f} GB missing",
-            f"set fleet.tensor_parallel >= {need_tp + 1}, a larger GPU, or a smaller dtype", src)
+            tp_fix, src)
     kv_tokens = int((usable - model.weight_bytes) // model.kv_bytes_per_token)
     tr = sc.traffic
     trace_max: dict[str, int] = {}
@@ -476,16 +490,17 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         if isinstance(d, Empirical):
             trace_max.update(trace_columns_max(d.file, src))
     max_req = _dist_max(tr.prompt, trace_max) + _dist_max(tr.output, trace_max)
+    big_field, big_value = _longest_field(tr, trace_max)
     if max_req > kv_tokens:
         raise ScenarioError(
-            "traffic.prompt.max", max_req,
+            big_field, big_value,
             f"a maximum-length request ({max_req} tokens) exceeds the KV budget of a replica "
             f"({kv_tokens} tokens)",
             "lower the prompt/output maximum, raise fleet.tensor_parallel or "
             "fleet.gpu_memory_utilization", src)
     if max_req > model.max_context_tokens:
-        raise ScenarioError("traffic.prompt.max", max_req,
-                            f"prompt + output exceeds {model.name}'s context of "
+        raise ScenarioError(big_field, big_value,
+                            f"prompt + output ({max_req} tokens) exceeds {model.name}'s context of "
                             f"{model.max_context_tokens} tokens", "lower the maxima", src)
     pmax = _dist_max(tr.prompt, trace_max)
     if pmax > sc.fleet.max_batched_tokens:
@@ -493,12 +508,22 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
                             f"smaller than the longest prompt ({pmax} tokens); such prompts could "
                             "never be scheduled", f"set it >= {pmax}", src)
     w = diurnal_weights(tr.diurnal)
+    w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
     mean_w = sum(w) / 24.0
     base = tr.requests_per_day / 86400.0
     rates = tuple(base * x / mean_w for x in w)
     if not all(math.isfinite(r) for r in rates):
         raise ScenarioError("traffic.requests_per_day", tr.requests_per_day, "rate is not finite",
                             "use a finite rate", src)
+    peak_pod_hour = max(rates) * 3600.0 / sc.fleet.pods
+    if peak_pod_hour > MAX_ARRIVALS_PER_POD_HOUR:
+        raise ScenarioError(
+            "traffic.requests_per_day", tr.requests_per_day,
+            f"the busiest hour brings {peak_pod_hour:.3g} requests to each of the "
+            f"{sc.fleet.pods} pod(s), above the limit of {MAX_ARRIVALS_PER_POD_HOUR:,} per pod-hour "
+            "(one hour of a pod's arrivals is held in memory)",
+            "split the fleet into more, smaller pods (fleet.pods, and fleet.sample_pods to simulate "
+            "a few of them) or lower the rate", src)
     return Resolved(scenario=sc, model=model, gpu=gpu, profile=profile, profile_id=profile_id,
                     profile_sha256=sha, tp=tp, kv_capacity_tokens=kv_tokens,
                     max_request_tokens=max_req, hourly_rate_per_s=rates)

@@ -195,6 +195,46 @@ def check_invariants(res: Result) -> None:
         bad = np.isfinite(p50) & np.isfinite(p99) & (p50 > p99 * (1 + 1e-12))
         if np.any(bad):
             raise InvariantError(f"{m} percentiles out of order in hours {np.nonzero(bad)[0].tolist()}")
+    _check_sums(res)
+
+
+def _check_sums(res: Result) -> None:
+    """The hourly rows add up: to the day's totals, to the pods' own counters (computed apart
+    from the table), and across the energy and cost columns of every hour."""
+    t, rs = res.hourly, res.resolved
+    H = rs.scenario.simulation.hours
+    if t.num_rows != H:
+        raise InvariantError(f"hourly table has {t.num_rows} rows, expected {H} (one per hour)")
+
+    def col(name: str) -> np.ndarray:
+        return t.column(name).to_numpy().astype(np.float64)
+
+    def close(a: float, b: float) -> bool:
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+    extensive = ("requests_arrived", "requests_completed", "requests_rejected", "prompt_tokens",
+                 "output_tokens", "gpu_busy_s", "energy_gpu_kwh", "energy_overhead_kwh",
+                 "energy_it_kwh", "energy_facility_kwh", "energy_cost_usd", "hardware_cost_usd",
+                 "total_cost_usd", "carbon_kg")
+    for name in (n for n in extensive if n in res.totals):
+        if not close(res.totals[name], float(np.nansum(col(name)))):
+            raise InvariantError(f"hourly sums != day totals: sum of {name} is "
+                                 f"{float(np.nansum(col(name)))!r}, the day's total {res.totals[name]!r}")
+    # counts: each hour is rounded after scaling by pods/sample_pods, so allow 0.5 per hour then
+    slack = 0.0 if res.scale == 1 else 0.5 * H
+    for name, attr in (("requests_arrived", "arrived"), ("requests_completed", "completed"),
+                       ("requests_rejected", "rejected"), ("prompt_tokens", "prompt_tokens"),
+                       ("output_tokens", "output_tokens")):
+        pods = res.scale * sum(sum(getattr(p, attr)) for p in res.pods)
+        if abs(float(col(name).sum()) - pods) > slack + 1e-6 * pods:
+            raise InvariantError(f"hourly sums != pod counters: sum of {name} is "
+                                 f"{float(col(name).sum())!r}, the pods counted {pods!r}")
+    for total, parts in (("energy_it_kwh", ("energy_gpu_kwh", "energy_overhead_kwh")),
+                         ("total_cost_usd", ("energy_cost_usd", "hardware_cost_usd"))):
+        lhs, rhs = col(total), sum(col(c) for c in parts)
+        bad = ~np.isclose(lhs, rhs, rtol=1e-9, atol=1e-12)
+        if np.any(bad):
+            raise InvariantError(f"{total} != {' + '.join(parts)} in hours {np.nonzero(bad)[0].tolist()}")
 
 
 def write_outputs(res: Result, out_dir: Path, scenario_text: str = "") -> Path:
