@@ -16,6 +16,7 @@ INSTALL_HINT = ("fleetsim calibrate needs torch: pip install -e '.[calibrate]'  
                 "(or: pip install torch==2.13.0)")
 DEFAULT_MODEL = "llama-3.1-8b"
 CPU_DEFAULT_LAYERS = 2
+CPU_QUICK_LAYERS = 1
 
 
 class _Usage(Exception):
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on most CPUs)")
     p.add_argument("--layers", type=int, default=None,
                    help=f"build only N of the model's layers (default: all on CUDA, "
-                        f"{CPU_DEFAULT_LAYERS} on CPU); efficiencies transfer per layer")
+                        f"{CPU_DEFAULT_LAYERS} on CPU, {CPU_QUICK_LAYERS} with --quick); "
+                        "efficiencies transfer per layer")
     p.add_argument("--out", type=Path, default=None,
                    help="profile JSON to write (default profiles/<device>-<model>.json); the "
                         "grid Parquet goes beside it")
@@ -114,8 +116,9 @@ def _run(args: argparse.Namespace, torch: object) -> int:
                      f"{spec.n_layers} layers")
     if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads or spec.head_dim % 2:
         raise _Usage(f"--model {args.model}: d_model / n_heads / n_kv_heads do not divide evenly")
+    cpu_layers = CPU_QUICK_LAYERS if args.quick else CPU_DEFAULT_LAYERS
     layers = args.layers or (spec.n_layers if dev_type == "cuda"
-                             else min(spec.n_layers, CPU_DEFAULT_LAYERS))
+                             else min(spec.n_layers, cpu_layers))
     if args.out is not None and args.out.is_dir():
         raise _Usage(f"--out {args.out}: is a directory; give a .json file name")
 

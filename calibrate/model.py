@@ -71,7 +71,7 @@ class TorchTransformer:
     """Decoder-only Transformer with a KV cache; weights random from ``seed``.
 
     ``spec.n_layers`` layers are built (pass a spec sliced with ``dataclasses.replace`` to build
-    fewer). ``prefill`` and ``decode_step`` take ``n_layers`` to run only the first layers, which
+    fewer); ``embed_rows`` shrinks an untied input-embedding table (see ``__init__``). ``prefill`` and ``decode_step`` take ``n_layers`` to run only the first layers, which
     the calibration uses to separate per-layer from per-iteration overhead.
     """
 
@@ -85,6 +85,7 @@ class TorchTransformer:
         rope: bool = True,
         rope_theta: float = 500000.0,
         norm_eps: float = 1e-5,
+        embed_rows: int | None = None,
     ) -> None:
         if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
             raise ValueError(f"{spec.name}: d_model, n_heads and n_kv_heads do not divide")
@@ -109,7 +110,14 @@ class TorchTransformer:
         def ones(n: int) -> torch.Tensor:
             return torch.ones(n, device=self.device, dtype=self.dtype)
 
-        self.embed = w(spec.vocab_size, d, s=1.0)
+        # The input embedding is a gather of B x L rows; its table is never read whole (and
+        # ModelSpec.weight_bytes_read does not count it). ``embed_rows`` keeps only that many
+        # rows of an untied table (token ids are taken modulo), which saves gigabytes of page
+        # faults when building a 128k-vocabulary model on a small CPU without changing the timing.
+        rows = spec.vocab_size
+        if embed_rows is not None and not spec.tied_embeddings:
+            rows = max(1, min(embed_rows, spec.vocab_size))
+        self.embed = w(rows, d, s=1.0)
         n_exp = spec.n_experts
         self.layers: list[_Layer] = []
         for _ in range(spec.n_layers):
@@ -229,6 +237,8 @@ class TorchTransformer:
         if b > self.cache_batch or start + n > self.cache_tokens:
             raise ValueError(f"batch {b} x {start + n} tokens exceeds the cache "
                              f"({self.cache_batch} x {self.cache_tokens}); allocate_cache first")
+        if self.embed.shape[0] < self.spec.vocab_size:
+            tokens = tokens % self.embed.shape[0]
         x = F.embedding(tokens, self.embed)
         layers = self.layers if n_layers is None else self.layers[:n_layers]
         for i, layer in enumerate(layers):

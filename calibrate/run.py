@@ -141,7 +141,8 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     dname = device_name(device)
     dev_slug = "cpu" if device.type == "cpu" else slug(dname)
     log(f"building {spec.name} ({spec.n_layers} layers, {dtype}) on {dname}")
-    model = TorchTransformer(spec, device=device, dtype=dtype, seed=seed)
+    embed_rows = 32768 if device.type == "cpu" else None
+    model = TorchTransformer(spec, device=device, dtype=dtype, seed=seed, embed_rows=embed_rows)
     log(f"  built in {time.perf_counter() - t_start:.1f} s")
 
     # 1. FLOPs: counted vs analytic, on a small prefill and decode step
@@ -232,6 +233,7 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
         device={"type": device.type, "name": dname, "torch_version": torch.__version__,
                 "dtype": dtype, "dtype_requested": dtype_requested or dtype,
                 "threads": torch.get_num_threads() if device.type == "cpu" else None},
+        embed_rows=embed_rows,
         catalog_gpu=catalog_gpu_for(dname) if device.type == "cuda" else None,
         model=spec.name, model_config=dataclasses.asdict(spec),
         micro=micro, flop_check=fc, fit=quality, power_fit=power_fit,
