@@ -56,10 +56,20 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _run_executor(args):
+    """The executor of ``run --executor/--workers``, or None to simulate the pods here."""
+    if args.executor is None and args.workers is None:
+        return None
+    from .executors import make_executor
+
+    return make_executor(args.executor or "local", args.workers, args.address)
+
+
 def cmd_run(args) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
+    from .executors import pod_runner
     from .output import RequestWriter
     from .scenario import load_scenario, resolve
     from .simulate import simulate, write_outputs
@@ -75,8 +85,15 @@ def cmd_run(args) -> int:
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("simulating", total=n_pods * sc.simulation.hours)
-            res = simulate(rs, source=args.scenario, request_sink=sink,
-                           progress=lambda k: bar.advance(task, k))
+            ex = _run_executor(args)  # pods as tasks of a process pool or Ray (executors.py)
+            try:
+                runner = None if ex is None else pod_runner(
+                    ex, lambda: bar.advance(task, sc.simulation.hours))
+                res = simulate(rs, source=args.scenario, request_sink=sink,
+                               progress=lambda k: bar.advance(task, k), pod_runner=runner)
+            finally:
+                if ex is not None:
+                    ex.close()
         if sink is not None:
             sink.close(res.metadata(text))
             committed.append(sink.path)
@@ -112,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", action="store_true", help="also write requests.parquet")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--report", action="store_true", help="also write the report (plots + page)")
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="simulate the pods as tasks of a process pool or Ray (default: here)")
+    p.add_argument("--workers", type=int, default=None, help="workers for --executor "
+                   "(default os.cpu_count())")
+    p.add_argument("--address", default=None, help="Ray cluster address (--executor ray)")
     p.set_defaults(func=cmd_run)
     # subcommands that own their argument parsing: name -> (module with main(argv), help)
     for name, module, text in DELEGATED:

@@ -156,18 +156,28 @@ def day_latency(pods: list[PodSummary]) -> dict[str, float]:
 
 def pod_confidence(rs: Resolved, pods: list[PodSummary]) -> dict[str, tuple[float, float]]:
     """95% confidence intervals of the fleet's daily energy and cost from the spread between
-    the simulated pods (a t-interval on the pod mean, scaled to all pods)."""
+    the simulated pods.
+
+    Pods are exchangeable (iid seeds, identical configuration), so the k simulated pods are a
+    simple random sample of the P pods. Let ``y_i`` be pod i's fleet total estimated from pod i
+    alone (``hourly_table(rs, [pod i], scale=P)``: extensive figures x P, fixed costs such as
+    owned hardware counted once). The estimate of the total is their mean (it equals the run's
+    total) and the unsimulated pods add the prediction error of a finite population total:
+    ``Var = P^2 s^2 / k x (1 - k/P)`` with ``s`` the spread of one pod's figure; so the
+    standard error of the mean of ``y_i`` takes the finite population correction
+    ``sqrt(1 - k/P)`` (the interval is exact, of zero width, when every pod is simulated), and
+    the interval uses Student's t with k - 1 degrees of freedom."""
     from scipy import stats
 
     P = rs.scenario.fleet.pods
     k = len(pods)
     out = {}
     for name in ("energy_facility_kwh", "total_cost_usd"):
-        vals = np.array([float(np.nansum(hourly_table(rs, [p]).column(name).to_numpy()))
+        vals = np.array([float(np.nansum(hourly_table(rs, [p], P).column(name).to_numpy()))
                          for p in pods])
-        mean = vals.mean() * P
-        se = vals.std(ddof=1) / math.sqrt(k) * P * math.sqrt(max(0.0, 1 - k / P))
-        half = stats.t.ppf(0.975, k - 1) * se
+        mean = float(vals.mean())
+        se = float(vals.std(ddof=1)) / math.sqrt(k) * math.sqrt(max(0.0, 1 - k / P))
+        half = float(stats.t.ppf(0.975, k - 1)) * se
         out[name] = (mean - half, mean + half)
     return out
 
