@@ -2,9 +2,10 @@
 
 Energy is the integral of power over time, never "FLOPs x power x time":
 
-    GPU energy      = idle_w x powered GPU-seconds + the iterations' dynamic energy
+    GPU energy      = idle_w x on GPU-seconds + wake_w x waking GPU-seconds
+                      + standby_w x off GPU-seconds + the iterations' dynamic energy
                       (active_w x busy time + J/FLOP x FLOPs + J/byte x bytes)
-    overhead energy = node_overhead_w / gpus_per_node x powered GPU-seconds
+    overhead energy = node_overhead_w / gpus_per_node x powered (on + waking) GPU-seconds
     facility energy = (GPU + overhead energy) x PUE
     cost            = facility kWh x the price in that hour + GPU-hours x the hourly hardware price
 
@@ -82,11 +83,16 @@ class PodSummary:
     lat_pct: list[dict]            # per hour: {"ttft": {50: .., 99: ..}, ...} (exact, this pod)
     lat_sum_s: list[dict]          # per hour: {"ttft": sum, "tpot": sum, "e2e": sum}
     hist: list[dict | None] = field(default_factory=list)
+    waking_gpu_s: list[float] = field(default_factory=list)  # cold starts (part of powered)
+    off_gpu_s: list[float] = field(default_factory=list)     # powered off, on standby draw
 
     @classmethod
-    def from_recorder(cls, pod: int, rec: Recorder, powered_gpu_s: list[float]) -> "PodSummary":
+    def from_recorder(cls, pod: int, rec: Recorder, powered_gpu_s: list[float],
+                      waking_gpu_s: list[float] | None = None,
+                      off_gpu_s: list[float] | None = None) -> "PodSummary":
         H = rec.hours
         return cls(
+            waking_gpu_s=list(waking_gpu_s or [])[:H], off_gpu_s=list(off_gpu_s or [])[:H],
             pod=pod, hours=H, powered_gpu_s=list(powered_gpu_s[:H]), busy_s=rec.busy_s[:H],
             dyn_j=rec.dyn_j[:H], prompt_tokens=rec.prompt_tokens[:H],
             output_tokens=rec.output_tokens[:H], arrived=rec.arrived[:H],
@@ -129,11 +135,20 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
     def tot(name: str) -> np.ndarray:
         return scale * np.sum([np.asarray(getattr(p, name), dtype=np.float64) for p in pods], axis=0)
 
-    powered = tot("powered_gpu_s")
+    def tot0(name: str) -> np.ndarray:  # optional per-hour fields: empty means zeros
+        return scale * np.sum([np.asarray(getattr(p, name) or [0.0] * H, dtype=np.float64)
+                               for p in pods], axis=0)
+
+    powered = tot("powered_gpu_s")  # on + waking GPU-seconds
+    waking = tot0("waking_gpu_s")
+    off = tot0("off_gpu_s")
     busy_gpu_s = tot("busy_s") * rs.tp
     dyn_j = tot("dyn_j")
     g = rs.gpu
-    e_gpu = (g.idle_w * powered + dyn_j) / J_PER_KWH
+    pw = sc.power
+    wake_w = g.idle_w if pw.wake_w is None else pw.wake_w
+    e_gpu = (g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off
+             + dyn_j) / J_PER_KWH
     e_over = g.overhead_w_per_gpu * powered / J_PER_KWH
     e_it = e_gpu + e_over
     e_fac = e_it * sc.power.pue

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import simpy
 
+from .autoscale import make_autoscaler
 from .engine import Replica, Request
 from .recorder import Recorder
 from .routers import make_router
@@ -60,6 +61,8 @@ class Pod:
         self.shared_queue: deque | None = deque() if sc.fleet.router == "central_queue" else None
         base = pod_index * sc.fleet.replicas  # global replica index = pod * replicas + i
         self.replicas = [Replica(base + i, self) for i in range(sc.fleet.replicas)]
+        self.active = self.replicas  # the routable replicas; an autoscaler keeps its own list
+        self.scaler = make_autoscaler(rs, self)  # None for a static fleet
         seeds = pod_seed(sc.seed, pod_index).spawn(2)
         self.router = make_router(sc.fleet.router, self, np.random.default_rng(seeds[1]))
         rates = [rs.hourly_rate_per_s[h % 24] / n_pods for h in range(self.hours)]
@@ -124,10 +127,14 @@ class Pod:
             env.timeout(h * HOUR_S, h).callbacks.append(self._tick)
         if self._next_chunk():
             self._schedule_arrival()
+        if self.scaler is not None:
+            self.scaler.start()
         env.run(until=self.horizon_s)
         for rep in self.replicas:  # work still running at the horizon: account it, finish nothing
             if rep.busy and rep.T0 < self.horizon_s:
                 rep._commit(rep.k, finish=False)
+        if self.scaler is not None:  # close the power-state intervals; held requests
+            self.scaler.finish(self.sink)
         self.rec.flush_until(self.hours)
         if self._progress is not None:
             self._progress(1)

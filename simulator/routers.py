@@ -20,11 +20,14 @@ class Router:
 
     def __init__(self, pod: "Pod", rng: np.random.Generator) -> None:
         self.pod = pod
-        self.replicas = pod.replicas
+        self.replicas = pod.active  # the routable ones (an autoscaler changes it in place)
         self.rng = rng
 
     def route(self, r: "Request") -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def active_changed(self) -> None:
+        """The autoscaler changed the list of routable replicas."""
 
 
 class RoundRobin(Router):
@@ -45,6 +48,9 @@ class RandomRouter(Router):
     def __init__(self, pod, rng) -> None:
         super().__init__(pod, rng)
         self._buf: list[int] = []
+
+    def active_changed(self) -> None:
+        self._buf = []  # buffered draws were for the old number of replicas
 
     def route(self, r) -> None:
         if not self._buf:

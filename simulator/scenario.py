@@ -200,7 +200,35 @@ class TrafficSection(_Section):
 
 
 class PowerSection(_Section):
+    """Facility overhead and the GPU power states used by the autoscalers (simulator/autoscale.py).
+
+    Defaults of the power states are assumptions (confidence L), labelled in README.md:
+    ``standby_w`` 10 W per GPU for a powered-off node's BMC and PSU standby (about 80 W per
+    8-GPU node; no measurement found); ``wake_s`` 60 s of cold start (container, weights into HBM,
+    CUDA graphs: reports range from about 10 s with weight streamers to minutes for 70B models);
+    ``wake_w`` during a cold start: the GPU's loaded idle draw when unset."""
+
     pue: Annotated[float, Field(ge=1.0, le=5.0)] = 1.2
+    standby_w: NonNegFloat = 10.0
+    wake_s: NonNegFloat = 60.0
+    wake_w: NonNegFloat | None = None
+
+
+class AutoscalerSection(_Section):
+    """Which replicas are powered when (simulator/autoscale.py): ``static`` (all on), ``schedule``
+    (``replicas_by_hour`` or ``schedule_file``) or ``reactive`` (in-flight requests per replica)."""
+
+    policy: Literal["static", "schedule", "reactive"] = "static"
+    replicas_by_hour: Annotated[list[Annotated[int, Field(ge=0)]],
+                                Field(min_length=24, max_length=24)] | None = None
+    schedule_file: str | None = None
+    prewarm: bool = True
+    interval_s: PosFloat = 30.0
+    target_requests_per_replica: PosFloat = 32.0
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] | None = None
+    initial_replicas: Annotated[int, Field(ge=0)] | None = None
+    idle_timeout_s: NonNegFloat = 600.0
 
 
 class CostSection(_Section):
@@ -231,6 +259,7 @@ class Scenario(_Section):
     power: PowerSection = PowerSection()
     cost: CostSection = CostSection()
     slo: SloSection = SloSection()
+    autoscaler: AutoscalerSection = AutoscalerSection()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +376,7 @@ class Resolved:
     kv_capacity_tokens: int
     max_request_tokens: int
     hourly_rate_per_s: tuple[float, ...]  # whole fleet
+    replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule (24 values)
 
     def latency_model(self) -> LatencyModel:
         return LatencyModel(self.model, self.profile, self.tp)
@@ -524,9 +554,12 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             "(one hour of a pod's arrivals is held in memory)",
             "split the fleet into more, smaller pods (fleet.pods, and fleet.sample_pods to simulate "
             "a few of them) or lower the rate", src)
+    from .autoscale import check_autoscaler
+
     return Resolved(scenario=sc, model=model, gpu=gpu, profile=profile, profile_id=profile_id,
                     profile_sha256=sha, tp=tp, kv_capacity_tokens=kv_tokens,
-                    max_request_tokens=max_req, hourly_rate_per_s=rates)
+                    max_request_tokens=max_req, hourly_rate_per_s=rates,
+                    replicas_by_hour=check_autoscaler(sc, src))
 
 
 def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | None:

@@ -74,7 +74,10 @@ def simulate_pod(rs: Resolved, pod_index: int, *, keep_hist: bool = True, reques
     rec = pod.run()
     H = sc.simulation.hours
     powered = [sc.fleet.replicas * rs.tp * 3600.0] * H
-    return PodSummary.from_recorder(pod_index, rec, powered)
+    states: dict[str, list[float]] = {}
+    if pod.scaler is not None:  # power states integrated by the autoscaler (autoscale.py)
+        powered, states = pod.scaler.gpu_seconds()
+    return PodSummary.from_recorder(pod_index, rec, powered, **states)
 
 
 def pods_to_simulate(sc: Scenario) -> list[int]:

@@ -23,6 +23,16 @@ CASES = {
     "moe_tp2": dict(model={"name": "mixtral-8x7b"}, traffic={"requests_per_day": 40_000},
                     fleet={"tensor_parallel": 2}),
     "token_budget": dict(traffic={"requests_per_day": 30_000}, fleet={"max_batched_tokens": 4000}),
+    # power states: replicas wake (cold start), drain and power off while requests flow
+    "reactive": dict(traffic={"requests_per_day": 40_000, "diurnal": "azure-code"},
+                     fleet={"replicas": 3, "router": "random"}, power={"wake_s": 20.0},
+                     autoscaler={"policy": "reactive", "min_replicas": 0, "initial_replicas": 1,
+                                 "target_requests_per_replica": 3, "interval_s": 15,
+                                 "idle_timeout_s": 120}),
+    "schedule_central": dict(traffic={"requests_per_day": 40_000},
+                             fleet={"replicas": 3, "router": "central_queue"},
+                             power={"wake_s": 30.0},
+                             autoscaler={"policy": "schedule", "replicas_by_hour": [3, 1] * 12}),
 }
 
 
