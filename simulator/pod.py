@@ -19,7 +19,7 @@ from .engine import Replica, Request
 from .recorder import Recorder
 from .routers import make_router
 from .scenario import Resolved
-from .workload import SizeSampler, hourly_arrivals
+from .workload import SizeSampler, hourly_arrivals, trace_arrivals
 
 HOUR_S = 3600.0
 
@@ -67,7 +67,10 @@ class Pod:
         self.router = make_router(sc.fleet.router, self, np.random.default_rng(seeds[1]))
         rates = [rs.hourly_rate_per_s[h % 24] / n_pods for h in range(self.hours)]
         sampler = SizeSampler(sc.traffic.prompt, sc.traffic.output, source)
-        self._chunks = hourly_arrivals(rates, sampler, seeds[0])
+        if sc.traffic.trace:  # replay a timed trace instead of drawing arrivals
+            self._chunks = trace_arrivals(sc.traffic.trace, source, self.hours, pod_index, n_pods)
+        else:
+            self._chunks = hourly_arrivals(rates, sampler, seeds[0])
         self._progress = progress
         self._rid_base = pod_index << 40
         self._next = 0

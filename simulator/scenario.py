@@ -520,6 +520,12 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         if isinstance(d, Empirical):
             trace_max.update(trace_columns_max(d.file, src))
     max_req = _dist_max(tr.prompt, trace_max) + _dist_max(tr.output, trace_max)
+    pmax = _dist_max(tr.prompt, trace_max)
+    if tr.trace:  # a timed trace replaces the size distributions: check its own requests
+        from .workload import _resolve_path, read_arrival_trace
+
+        _, tp_, to_ = read_arrival_trace(str(_resolve_path(tr.trace, src)))
+        max_req, pmax = int((tp_ + to_).max()), int(tp_.max())
     big_field, big_value = _longest_field(tr, trace_max)
     if max_req > kv_tokens:
         raise ScenarioError(
@@ -532,7 +538,6 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         raise ScenarioError(big_field, big_value,
                             f"prompt + output ({max_req} tokens) exceeds {model.name}'s context of "
                             f"{model.max_context_tokens} tokens", "lower the maxima", src)
-    pmax = _dist_max(tr.prompt, trace_max)
     if pmax > sc.fleet.max_batched_tokens:
         raise ScenarioError("fleet.max_batched_tokens", sc.fleet.max_batched_tokens,
                             f"smaller than the longest prompt ({pmax} tokens); such prompts could "

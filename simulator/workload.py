@@ -144,3 +144,55 @@ def hourly_arrivals(
         times = np.sort(rng_t.uniform(0.0, 3600.0, size=n)) + h * 3600.0
         p, o = sampler.draw(n, rng_s)
         yield HourChunk(h, times.tolist(), p.tolist(), o.tolist())
+
+
+TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+
+
+@lru_cache(maxsize=8)
+def read_arrival_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A timed trace for ``traffic.trace``: CSV with columns arrival_s (seconds from the start,
+    non-decreasing), prompt_tokens and output_tokens (integers >= 1). Returns the three columns."""
+    p = Path(path)
+    try:
+        fh = p.open(newline="")
+    except OSError as exc:
+        raise UserError(f"traffic.trace = {path!r}: cannot read it ({exc.strerror})") from None
+    with fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in TRACE_COLUMNS if c not in header]
+        if missing:
+            raise UserError(f"traffic.trace = {path!r}: missing column(s) {', '.join(missing)} "
+                            f"(fix: a header line {','.join(TRACE_COLUMNS)})")
+        j = [header.index(c) for c in TRACE_COLUMNS]
+        t: list[float] = []
+        pr: list[int] = []
+        out: list[int] = []
+        for i, row in enumerate(reader):
+            try:
+                a, b, c = float(row[j[0]]), int(row[j[1]]), int(row[j[2]])
+            except (ValueError, IndexError):
+                raise UserError(f"traffic.trace = {path!r}: row {i + 2} = {row!r} is not "
+                                "arrival_s (number), prompt_tokens, output_tokens (integers)") from None
+            if not (np.isfinite(a) and a >= 0 and b >= 1 and c >= 1) or (t and a < t[-1]):
+                raise UserError(f"traffic.trace = {path!r}: row {i + 2} = {row!r}: need arrival_s "
+                                ">= 0 and non-decreasing, token counts >= 1 (fix: sort the file)")
+            t.append(a)
+            pr.append(b)
+            out.append(c)
+    if not t:
+        raise UserError(f"traffic.trace = {path!r}: no data rows")
+    return np.array(t), np.array(pr, dtype=np.int64), np.array(out, dtype=np.int64)
+
+
+def trace_arrivals(file: str, source: str, hours: int, pod: int = 0,
+                   n_pods: int = 1) -> Iterator[HourChunk]:
+    """Replay a timed trace hour by hour (rows past the horizon are dropped). With several pods,
+    row ``i`` goes to pod ``i % n_pods`` (a deterministic split of the same trace)."""
+    t, p, o = read_arrival_trace(str(_resolve_path(file, source)))
+    t, p, o = t[pod::n_pods], p[pod::n_pods], o[pod::n_pods]
+    hour_of = np.floor(t / 3600.0).astype(np.int64)
+    for h in range(hours):
+        lo, hi = np.searchsorted(hour_of, [h, h + 1])
+        yield HourChunk(h, t[lo:hi].tolist(), p[lo:hi].tolist(), o[lo:hi].tolist())
