@@ -1,0 +1,81 @@
+"""``fleetsim report``: the four plots and the page, from memory and from disk, and the
+peak-hour analysis (its marginal cost re-simulates the flat day)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simulator.errors import UserError
+from simulator.report import PLOTS, main, peak_analysis, write_report, _from_result
+from simulator.simulate import simulate, write_outputs
+
+from conftest import merge, resolved
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import SMALL
+
+    d = merge(SMALL, simulation={"hours": 3}, fleet={"replicas": 2},
+              traffic={"requests_per_day": 40_000, "diurnal": "azure-code"},
+              cost={"hardware": "rented"},
+              autoscaler={"policy": "schedule", "replicas_by_hour": [2, 1, 1] * 8})
+    res = simulate(resolved(d))
+    out = tmp_path_factory.mktemp("run")
+    write_outputs(res, out, "")
+    return res, out
+
+
+def _check_files(out):
+    for p in PLOTS:
+        data = (out / f"{p}.png").read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        assert len(data) > 10_000, p  # axes, bars and labels, not an empty canvas
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    md = (out / "report.md").read_text()
+    assert all(f"]({p}.png)" in md for p in PLOTS)
+    assert not list(out.glob(".fleetsim-tmp-*"))  # atomic writes leave no temporaries
+
+
+def test_report_from_result_writes_plots_and_page(run):
+    res, out = run
+    page = write_report(out, result=res)
+    assert page == out / "report.html"
+    _check_files(out)
+
+
+def test_report_from_disk_and_peak_analysis(run, capsys):
+    res, out = run
+    assert main([str(out)]) == 0
+    _check_files(out)
+    a = json.loads((out / "peak.json").read_text())
+    cost = res.hourly.column("total_cost_usd").to_numpy()
+    arrived = res.hourly.column("requests_arrived").to_numpy()
+    done = res.hourly.column("requests_completed").to_numpy()
+    h = int(arrived.argmax())
+    assert a["peak_hour"] == h
+    assert a["peak_cost_share"] == pytest.approx(cost[h] / cost.sum(), rel=1e-12)
+    assert a["peak_usd_per_request"] == pytest.approx(cost[h] / done[h], rel=1e-12)
+    # the flat day re-simulated from the metadata has the same fleet and schedule: its cost is
+    # the same rent plus energy, within a few percent
+    assert a["flat_day_cost_usd"] == pytest.approx(cost.sum(), rel=0.05)
+    assert a["marginal_cost_of_peak_usd"] == pytest.approx(cost.sum() - a["flat_day_cost_usd"], rel=1e-12)
+    assert "marginal cost of the peak" in capsys.readouterr().out
+
+
+def test_report_without_scenario_says_so(run):
+    res, _ = run
+    d = _from_result(res)
+    d.config = None
+    a = peak_analysis(d)
+    assert a["marginal_cost_of_peak_usd"] is None and "not in the file" in a["flat_note"]
+
+
+def test_report_of_a_folder_without_a_run(tmp_path):
+    with pytest.raises(UserError, match="no hourly.parquet"):
+        main([str(tmp_path)])
