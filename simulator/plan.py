@@ -141,6 +141,42 @@ def replica_capacity_rps(rs: Resolved, source: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+def search_min(test, start: int, workers: int = 1, *, first: list[int] | None = None,
+               hi: int | None = None, cap: int = 100_000) -> int | None:
+    """The smallest n >= 1 with ``test(n)`` true, for a monotone predicate, by rounds of up to
+    ``workers`` probes (``test`` takes a list of n and returns a list of bools): gallop up from
+    ``start`` until a pass (steps growing from 5% of ``start``), gallop down from a pass until a
+    fail, then k-section of the bracket. ``first``: the points of the first round; ``hi``: a
+    count known to pass. None when nothing up to ``cap`` passes."""
+    lo = 0
+    up = max(1, round(0.05 * start))  # galloping steps, doubled after every probe
+    down = 1
+    pending = list(first or [])
+    w = max(1, workers)
+    while hi is None or hi - lo > 1:
+        if pending:
+            pts, pending = pending, []
+        elif hi is None:
+            base = start if lo < start else lo + up
+            pts = [min(cap, base + up * (2**i - 1)) for i in range(w)]
+            up *= 2**w
+        elif lo == 0:
+            pts = [max(1, hi - down * 2**i) for i in range(w)]
+            down *= 2**w
+        else:
+            pts = [lo + round((hi - lo) * (i + 1) / (w + 1)) for i in range(w)]
+        pts = sorted({p for p in pts if lo < p <= cap and (hi is None or p < hi)})
+        if not pts:
+            return hi
+        results = test(pts)
+        for n, ok in zip(pts, results):
+            if ok and (hi is None or n < hi):
+                hi = n
+        lo = max([lo] + [n for n, ok in zip(pts, results) if not ok and (hi is None or n < hi)])
+    return hi
+
+
+# ---------------------------------------------------------------------------------------------
 class Planner:
     """Runs the searches of one plan with an executor, caching every probe."""
 
@@ -194,33 +230,8 @@ class Planner:
     # -- search ---------------------------------------------------------------------------------
     def min_passing(self, cand: Candidate, test, start: int, first: list[int] | None = None,
                     hi: int | None = None, cap: int = 100_000) -> int | None:
-        """The smallest n with ``test(n)`` true (assumed monotone), by rounds of up to
-        ``workers`` probes: gallop up from ``start`` until a pass, gallop down from a pass until
-        a fail, then k-section. ``test`` takes a list of n and returns a list of bools."""
-        lo = 0
-        step0 = max(1, round(0.05 * start))
-        pending = list(first or [])
-        w = max(1, self.ex.workers)
-        while hi is None or hi - lo > 1:
-            if pending:
-                pts, pending = pending, []
-            elif hi is None:
-                base = max(lo + 1, start)
-                pts = [base + step0 * (2**i - 1) for i in range(w)]
-            elif lo == 0:
-                pts = [hi - step0 * (2**i - 1) - 1 for i in range(w)]
-            else:
-                pts = [lo + round((hi - lo) * (i + 1) / (w + 1)) for i in range(w)]
-            pts = sorted({p for p in pts if lo < p <= cap and (hi is None or p < hi)})
-            if not pts:
-                return None if hi is None else hi
-            results = test(pts)
-            for n, ok in zip(pts, results):
-                if ok and (hi is None or n < hi):
-                    hi = n
-            lo = max([lo] + [n for n, ok in zip(pts, results) if not ok and (hi is None or n < hi)])
-            start = lo + 1
-        return hi
+        """:func:`search_min` with one probe per worker per round."""
+        return search_min(test, start, max(1, self.ex.workers), first=first, hi=hi, cap=cap)
 
     def steady_test(self, cand: Candidate, rate: float):
         def test(ns: list[int]) -> list[bool]:
