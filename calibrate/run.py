@@ -90,6 +90,14 @@ def choose_grid(device: torch.device, spec: ModelSpec, quick: bool, free_bytes: 
                           (128, 1024, 4096), min(kv_cap, 65536), two, warmup=1, repeats=3)
 
 
+def _loadavg() -> float | None:
+    """1-minute load average (other processes competing for the CPU skew CPU timings)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through ``write(tmp_path)`` to a temporary name beside ``path``, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +145,7 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     Returns the profile dict (with ``"_path"`` and ``"_rows"`` for the caller) after writing it.
     """
     t_start = time.perf_counter()
+    load_start = _loadavg()
     dtype = spec.dtype
     dname = device_name(device)
     dev_slug = "cpu" if device.type == "cpu" else slug(dname)
@@ -194,6 +203,10 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
         torch.cuda.empty_cache()
     if not rows:
         raise RuntimeError("no grid point could be timed")
+    load_end = _loadavg()
+    if device.type == "cpu" and max(load_start or 0.0, load_end or 0.0) > 0.5 * (os.cpu_count() or 1):
+        notes.append(f"the CPU was shared during the run (1-min load {load_start} -> {load_end} "
+                     f"on {os.cpu_count()} cores): timings are noisy; rerun on an idle machine")
 
     # 5. fits
     name = f"{dev_slug}-{spec.name}-l{spec.n_layers}"
@@ -232,7 +245,9 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
         prof,
         device={"type": device.type, "name": dname, "torch_version": torch.__version__,
                 "dtype": dtype, "dtype_requested": dtype_requested or dtype,
-                "threads": torch.get_num_threads() if device.type == "cpu" else None},
+                "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "cpus": os.cpu_count(), "loadavg_1min_start": load_start,
+                "loadavg_1min_end": _loadavg()},
         embed_rows=embed_rows,
         catalog_gpu=catalog_gpu_for(dname) if device.type == "cuda" else None,
         model=spec.name, model_config=dataclasses.asdict(spec),
