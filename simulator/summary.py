@@ -39,6 +39,12 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     tab.add_row("tokens", _f(t["output_tokens"], ",.0f"),
                 f"output; prompt {_f(t['prompt_tokens'], ',.0f')}")
     tab.add_row("GPU-hours", _f(t["gpu_hours"], ",.1f"), f"utilisation {t['utilization']:.1%}")
+    if sc.autoscaler.policy != "static":  # power states: what the autoscaler kept powered
+        gp = res.hourly.column("gpus_powered_mean").to_numpy()
+        tab.add_row("autoscaler", sc.autoscaler.policy,
+                    f"GPUs powered per hour {gp.min():,.1f} .. {gp.max():,.1f} of "
+                    f"{sc.fleet.pods * sc.fleet.replicas * rs.tp}; cold start "
+                    f"{sc.power.wake_s:g} s")
     tab.add_row("energy", f"{_f(t['energy_facility_kwh'])} kWh",
                 f"facility = (GPU {_f(t['energy_gpu_kwh'])} + node overhead "
                 f"{_f(t['energy_overhead_kwh'])}) kWh x PUE {sc.power.pue}")
