@@ -81,7 +81,8 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
     if kind == "roofline":
         missing = [k for k in _ROOFLINE_REQUIRED if k not in d]
         if missing:
-            raise UserError(f"{where}: roofline profile lacks {', '.join(missing)}")
+            raise UserError(f"{where}: roofline profile lacks {', '.join(missing)} "
+                            "(fix: regenerate it with `fleetsim calibrate`)")
         vals = {k: _num(d, k, where) for k in _ROOFLINE_REQUIRED}
         vals.update({k: _num(d, k, where) for k in _ROOFLINE_OPTIONAL if k in d})
         for k in ("peak_flops", "mem_bw_bytes_per_s", "mem_bytes", "compute_eff_max", "memory_eff"):
@@ -92,7 +93,8 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
     if kind == "linear":
         vals = {k: _num(d, k, where) for k in _LINEAR_FIELDS if k in d}
         if "base_s" not in vals:
-            raise UserError(f"{where}: linear profile lacks base_s")
+            raise UserError(f"{where}: linear profile lacks base_s "
+                            "(fix: regenerate it with `fleetsim calibrate`)")
         return LinearProfile(name=name, power=power, meta=meta, **vals)
     raise UserError(f"{where}: 'kind' is {kind!r}; expected 'roofline' or 'linear'")
 

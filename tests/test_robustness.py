@@ -160,7 +160,7 @@ PROFILES = [
     ("bad-json", "{not json", ["not valid JSON", "fleetsim calibrate"]),
     ("wrong-format", {**GOOD_PROFILE, "format": "other/9"}, ["'format' is 'other/9'"]),
     ("missing-field", {k: v for k, v in GOOD_PROFILE.items() if k != "memory_eff"},
-     ["lacks memory_eff"]),
+     ["lacks memory_eff", "fleetsim calibrate"]),
     ("negative", {**GOOD_PROFILE, "peak_flops": -1.0}, ["'peak_flops' = -1.0", "non-negative"]),
     ("not-object", [1, 2], ["expected a JSON object"]),
     ("other-gpu", {**GOOD_PROFILE, "catalog_gpu": "h200"},
