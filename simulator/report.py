@@ -277,7 +277,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
     if a["marginal_cost_of_peak_usd"] is not None:
         m = a["marginal_cost_of_peak_usd"]
         rows.append(("same requests, flat day", f"$ {_fmt(a['flat_day_cost_usd'])}"))
-        rows.append(("marginal cost of the peak", f"$ {_fmt(m)} "
+        rows.append(("marginal cost of the peak", f"$ {_fmt(m, ',.2f' if abs(m) >= 1 else '.4f')} "
                      f"({_fmt(m / a['day_cost_usd'] if a['day_cost_usd'] else math.nan, '.2%')} "
                      "of the day)"))
     else:
