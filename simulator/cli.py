@@ -108,7 +108,7 @@ def cmd_run(args) -> int:
     if args.report:
         from .report import write_report
 
-        write_report(out, result=res)
+        write_report(out, result=res, source=args.scenario)
     if not args.quiet:
         print_summary(res, Console())
         Console().print(f"wrote {path}" + (f" and {out / 'requests.parquet'}" if args.requests else "")

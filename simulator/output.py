@@ -29,6 +29,8 @@ REQUEST_SCHEMA = pa.schema([
 ])
 
 _TMP_PREFIX = ".fleetsim-tmp-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def temp_path(final: Path) -> Path:
@@ -36,6 +38,7 @@ def temp_path(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX + final.name + ".", dir=final.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     return Path(name)
 
 

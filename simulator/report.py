@@ -25,6 +25,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,12 @@ def flat_day_cost(cfg: dict[str, Any], source: str = "") -> tuple[float | None, 
     # the same expected number of requests over the simulated hours, spread evenly
     w = diurnal_weights(tr.get("diurnal", "azure-conv"))
     hours = int((flat.get("simulation") or {}).get("hours", 24))
-    share = (sum(w[h % 24] for h in range(hours)) / hours) / (sum(w) / 24.0)
+    start = str((flat.get("simulation") or {}).get("start_utc", "2026-01-01T00:00:00Z"))
+    try:  # the curve is by UTC hour of day; the run starts at this hour
+        hod0 = datetime.fromisoformat(start.replace("Z", "+00:00")).astimezone(timezone.utc).hour
+    except ValueError:
+        hod0 = 0
+    share = (sum(w[(hod0 + h) % 24] for h in range(hours)) / hours) / (sum(w) / 24.0)
     tr["requests_per_day"] = float(tr.get("requests_per_day", 1_000_000.0)) * share
     tr["diurnal"] = "flat"
     try:

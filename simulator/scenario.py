@@ -375,8 +375,8 @@ class Resolved:
     tp: int
     kv_capacity_tokens: int
     max_request_tokens: int
-    hourly_rate_per_s: tuple[float, ...]  # whole fleet
-    replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule (24 values)
+    hourly_rate_per_s: tuple[float, ...]  # whole fleet, by simulation hour % 24 (see resolve)
+    replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule, by simulation hour % 24
 
     def latency_model(self) -> LatencyModel:
         return LatencyModel(self.model, self.profile, self.tp)
@@ -561,10 +561,19 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             "a few of them) or lower the rate", src)
     from .autoscale import check_autoscaler
 
+    # Every 24-value profile is given by UTC hour of day. The engine indexes by simulation hour
+    # (h % 24), so rotate them to start at the scenario's starting hour.
+    hod0 = sc.simulation.start_utc.hour
+    sched = check_autoscaler(sc, src)
     return Resolved(scenario=sc, model=model, gpu=gpu, profile=profile, profile_id=profile_id,
                     profile_sha256=sha, tp=tp, kv_capacity_tokens=kv_tokens,
-                    max_request_tokens=max_req, hourly_rate_per_s=rates,
-                    replicas_by_hour=check_autoscaler(sc, src))
+                    max_request_tokens=max_req, hourly_rate_per_s=_rotate(rates, hod0),
+                    replicas_by_hour=None if sched is None else _rotate(sched, hod0))
+
+
+def _rotate(v: tuple, hod0: int) -> tuple:
+    """``v`` indexed by UTC hour of day -> indexed by simulation hour (starting at ``hod0``)."""
+    return tuple(v[(hod0 + i) % 24] for i in range(24))
 
 
 def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | None:

@@ -110,3 +110,18 @@ def test_arrivals_follow_the_diurnal_curve(small):
     assert np.all(np.abs(z) < 5), z
     assert lam.sum() == pytest.approx(240_000, rel=1e-12)
     assert lam.max() / lam.min() == pytest.approx(math.exp(2.3) * 0.98, rel=0.05)
+
+
+def test_daily_profiles_follow_utc_hour_of_day(small):
+    """Traffic, prices and carbon are all given by UTC hour of day: a run that starts at 10:00
+    UTC sees hour 10's rate and price in its first row."""
+    prices = [0.1] * 24
+    prices[10] = 0.5
+    d = merge(small, simulation={"hours": 3, "start_utc": "2026-03-01T10:00:00Z"},
+              traffic={"requests_per_day": 50_000, "diurnal": [1.0] * 10 + [5.0] + [1.0] * 13},
+              fleet={"replicas": 4}, cost={"electricity_usd_per_kwh": prices})
+    res = simulate(resolved(d))
+    arrived = _col(res, "requests_arrived")
+    assert arrived[0] > 3 * arrived[1] and arrived[0] > 3 * arrived[2]
+    assert _col(res, "price_usd_per_kwh").tolist() == [0.5, 0.1, 0.1]
+    assert res.hourly.column("hour_start").to_pylist()[0].hour == 10
