@@ -305,7 +305,7 @@ class Planner:
 # results
 PLAN_COLUMNS = (
     ("rank", pa.int32()), ("gpu", pa.string()), ("tensor_parallel", pa.int32()),
-    ("status", pa.string()), ("replicas", pa.int32()), ("pods", pa.int32()), ("gpus", pa.int32()),
+    ("status", pa.string()), ("problem", pa.string()), ("replicas", pa.int32()), ("pods", pa.int32()), ("gpus", pa.int32()),
     ("lower_bound_replicas", pa.int32()), ("probes", pa.int32()), ("requests", pa.float64()),
     ("energy_facility_kwh", pa.float64()), ("energy_cost_usd", pa.float64()),
     ("hardware_cost_usd", pa.float64()), ("total_cost_usd", pa.float64()),
@@ -320,9 +320,11 @@ PLAN_COLUMNS = (
 def candidate_row(c: Candidate, pods: int) -> dict:
     """One row of plan.parquet (NaN/None where the candidate has no answer)."""
     row: dict = {k: None for k, _ in PLAN_COLUMNS}
+    status = "ok" if c.replicas else ("does not fit" if c.problem.startswith("does not fit")
+                                      else "infeasible" if c.problem else "not planned")
     row.update(gpu=c.gpu, tensor_parallel=c.tp, pods=pods, probes=c.probes,
-               lower_bound_replicas=c.lower_bound or None,
-               status="ok" if c.replicas else (c.problem or "not planned"))
+               lower_bound_replicas=c.lower_bound or None, status=status,
+               problem=c.problem or None)
     if c.day is not None and c.replicas:
         t, lat, hr = c.day.totals, c.day.day_latency, c.day.hourly
         row.update(
@@ -430,14 +432,15 @@ def main(argv: list[str]) -> int:
     with make_executor(args.executor, args.workers, args.address) as ex, \
             task_progress(f"plan ({ex.name}, {ex.workers} workers)", args.quiet) as hooks:
         planner = Planner(data, args.scenario, slo, ex, hooks)
-        ratio = None
+        ratios: dict[int, float] = {}  # TP -> replicas / throughput bound, last planned
+        last = None
         for c in cands:
             if c.rs is None:
                 continue
             hooks.describe(f"plan {c.gpu} TP{c.tp}")
-            planner.plan_candidate(c, ratio)
+            planner.plan_candidate(c, ratios.get(c.tp, last))
             if c.replicas and c.lower_bound:
-                ratio = c.replicas / c.lower_bound
+                ratios[c.tp] = last = c.replicas / c.lower_bound
             console.print(f"{c.gpu} TP{c.tp}: " + (f"{c.replicas} replicas per pod "
                           f"({c.probes} probes)" if c.replicas else c.problem))
         table = plan_table(cands, sc.fleet.pods)
@@ -457,7 +460,8 @@ def main(argv: list[str]) -> int:
     if sched is not None:
         write_text_atomic(json.dumps(sched, indent=1) + "\n", out / "schedule.json")
     if not args.quiet:
-        print_plan(table, slo, sched, Console())
+        wide = Console() if Console().is_terminal else Console(width=160)
+        print_plan(table, slo, sched, wide)
         Console().print(f"wrote {path}" + (" and schedule.json" if sched else "")
                         + f" in {wall:.1f} s")
     return 0
@@ -484,6 +488,9 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
                     f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"), r["status"])
     c.print(tab)
     c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
+    for r in table.to_pylist():
+        if r["problem"]:
+            c.print(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}")
     if sched:
         c.print(f"schedule ({sched['gpu']} TP{sched['tensor_parallel']}), replicas per pod by "
                 f"hour: {sched['replicas_by_hour']}")
