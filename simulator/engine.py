@@ -30,7 +30,7 @@ from collections import deque
 
 import simpy
 
-from .latency import LatencyModel, run_sums, run_time, step_time, steps_to_reach
+from .latency import LatencyModel, run_time, step_time, steps_to_reach
 
 HOUR_S = 3600.0
 
@@ -52,6 +52,11 @@ class Request:
 
 class Replica:
     """One model replica (``tp`` GPUs) with its continuous-batching engine."""
+
+    __slots__ = ("index", "pod", "lat", "env", "rec", "max_batch", "max_tokens", "kv_cap",
+                 "waiting", "it", "n", "S", "heap", "kv_used", "outstanding", "busy", "pf", "P",
+                 "pairs", "T0", "k", "t_first", "F_first", "B_first", "n1", "c1", "coef",
+                 "run_end", "dec_s", "armed_t", "token", "__weakref__")
 
     def __init__(self, index: int, pod: "Pod") -> None:
         self.index = index
@@ -82,6 +87,7 @@ class Replica:
         self.c1 = 0.0
         self.coef = None
         self.run_end = 0.0
+        self.dec_s = 0.0              # time of the run's decode steps 1..k-1
         # the pending SimPy event
         self.armed_t: float | None = None
         self.token = 0
@@ -146,6 +152,7 @@ class Replica:
             S1 += r.prompt - it
         k = 1 if pod.per_iteration else nxt - it + 1
         end = T + t1
+        dec = 0.0
         if k > 1:
             n1 = n + len(pf)
             c1 = S1 + n1 * (it + 1)
@@ -163,6 +170,7 @@ class Replica:
                     k = 1 + m
                     dec = run_time(coef, c1, n1, m)
                 end += dec
+        self.dec_s = dec
         self.k = k
         self.run_end = end
         if self.armed_t is None or end < self.armed_t:
@@ -246,10 +254,14 @@ class Replica:
             t_sum, f_sum, b_sum = self.t_first, self.F_first, self.B_first
             if m_full > 1:
                 xs = m_full - 1
-                dt, df, db = run_sums(self.coef, self.c1, self.n1, xs)
-                t_sum += dt
-                f_sum += df
-                b_sum += db
+                c = self.coef
+                c1 = self.c1
+                n1 = self.n1
+                # the decode steps' time was summed when the run was planned (reuse it)
+                t_sum += self.dec_s if xs == k - 1 else run_time(c, c1, n1, xs)
+                sc = c1 * xs + n1 * (xs * (xs - 1) / 2.0)  # sum of their contexts
+                f_sum += xs * c.fa + c.fb * sc
+                b_sum += xs * c.ba + c.bb * sc
                 # decode tokens of iterations [1, m_full): all end inside hour h
                 rec.output_tokens[h] += self.n1 * xs
             rec.busy_s[h] += t_sum
