@@ -160,7 +160,15 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (the signal handlers are restored after)."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = {name: module for name, module, _ in DELEGATED}
+    if argv and argv[0] in delegated:
+        # argparse.REMAINDER does not keep options that come first ("replay --trace F"),
+        # so these subcommands get their arguments untouched
+        args = argparse.Namespace(func=lambda _a, m=delegated[argv[0]], rest=argv[1:]:
+                                  _delegate(m, rest))
+    else:
+        args = build_parser().parse_args(argv)
     saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _main(args)

@@ -120,3 +120,11 @@ def test_validate_prints_resolved(tmp_path):
     cfg = json.loads(p.stdout)
     assert cfg["fleet"]["tensor_parallel"] == 1 and cfg["cost"]["hardware"] == "owned"
     assert "KV budget" in p.stderr
+
+
+def test_delegated_subcommands_keep_their_options(tmp_path):
+    """`fleetsim sweep --grid ...` style options reach the subcommand's own parser."""
+    p = fleetsim("sweep", "--help", cwd=tmp_path)
+    assert p.returncode == 0 and "--grid" in p.stdout
+    p = fleetsim("plan", "--help", cwd=tmp_path)
+    assert p.returncode == 0 and "--tp" in p.stdout
