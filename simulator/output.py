@@ -62,14 +62,20 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | N
         raise
 
 
-def write_text_atomic(text: str, path: Path) -> None:
+def write_bytes_atomic(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file renamed when complete)."""
     tmp = temp_path(path)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         commit(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    write_bytes_atomic(text.encode(), path)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .output import commit, read_metadata, temp_path, write_text_atomic
+from .output import read_metadata, write_bytes_atomic, write_text_atomic
 
 PLOTS = ("cost", "power", "utilization", "latency")
 
@@ -322,16 +322,6 @@ th{{text-align:left;padding-right:2em}} td{{text-align:right}} img{{max-width:10
 """
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    tmp = temp_path(path)
-    try:
-        tmp.write_bytes(data)
-        commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_report(out_dir: Path, result=None, *, flatten: bool = True, source: str = "") -> Path:
     """Write the four PNGs, ``report.html`` and ``report.md`` into ``out_dir``; returns the
     HTML page's path. ``result`` is a finished :class:`~simulator.simulate.Result`; without it
@@ -344,7 +334,7 @@ def write_report(out_dir: Path, result=None, *, flatten: bool = True, source: st
     a = peak_analysis(d, flatten)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, data in pngs.items():
-        _write_bytes_atomic(data, out_dir / f"{name}.png")
+        write_bytes_atomic(data, out_dir / f"{name}.png")
     write_text_atomic(render_markdown(d, a), out_dir / "report.md")
     page = out_dir / "report.html"
     write_text_atomic(render_html(d, a, pngs), page)
