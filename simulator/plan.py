@@ -276,12 +276,14 @@ class Planner:
         return [self.rates[h] for h in self.judged_hours()]
 
     def schedule(self, cand: Candidate) -> list[int]:
-        """The smallest replica count per hour of the day (24 ints) for ``cand``: steady probes
-        at each hour's rate, galloping down the rates sorted high to low; hours that failed in
-        the whole day at N - 1 get N; never above N."""
+        """The smallest replica count per UTC hour of day (24 ints, the convention of every
+        24-value profile in a scenario) for ``cand``: steady probes at each hour's rate,
+        galloping down the rates sorted high to low; hours that failed in the whole day at
+        N - 1 get N; never above N."""
         assert cand.rs is not None and cand.replicas is not None
         N = cand.replicas
-        rates = [cand.rs.hourly_rate_per_s[h] for h in range(24)]
+        hod0 = self.sc.simulation.start_utc.hour  # simulation hour h is UTC hour (h + hod0) % 24
+        rates = [cand.rs.hourly_rate_per_s[(u - hod0) % 24] for u in range(24)]
         need = [N] * 24
         if self.steady_ok:
             prev = max(N, cand.screened or N)
@@ -297,7 +299,7 @@ class Planner:
             ok = hours_passing(cand.day_below, self.slo)
             for h in range(24):
                 if not ok[h]:
-                    need[h] = N
+                    need[(h + hod0) % 24] = N
         return need
 
 
