@@ -56,7 +56,7 @@ class Replica:
     __slots__ = ("index", "pod", "lat", "env", "rec", "max_batch", "max_tokens", "kv_cap",
                  "waiting", "it", "n", "S", "heap", "kv_used", "outstanding", "busy", "pf", "P",
                  "pairs", "T0", "k", "t_first", "F_first", "B_first", "n1", "c1", "coef",
-                 "run_end", "dec_s", "armed_t", "token", "__weakref__")
+                 "run_end", "dec_s", "cut_m", "cut_rt", "armed_t", "token", "__weakref__")
 
     def __init__(self, index: int, pod: "Pod") -> None:
         self.index = index
@@ -88,6 +88,8 @@ class Replica:
         self.coef = None
         self.run_end = 0.0
         self.dec_s = 0.0              # time of the run's decode steps 1..k-1
+        self.cut_m = -1               # decode steps to the last cut point found, and their time
+        self.cut_rt = 0.0
         # the pending SimPy event
         self.armed_t: float | None = None
         self.token = 0
@@ -166,11 +168,11 @@ class Replica:
             else:
                 dec = run_time(coef, c1, n1, k - 1)
                 if end + dec > H:  # the first decode step that reaches H ends the run
-                    m = steps_to_reach(coef, c1, n1, k - 1, end, H)
+                    m, dec = steps_to_reach(coef, c1, n1, k - 1, end, H)
                     k = 1 + m
-                    dec = run_time(coef, c1, n1, m)
                 end += dec
         self.dec_s = dec
+        self.cut_m = -1
         self.k = k
         self.run_end = end
         if self.armed_t is None or end < self.armed_t:
@@ -257,8 +259,14 @@ class Replica:
                 c = self.coef
                 c1 = self.c1
                 n1 = self.n1
-                # the decode steps' time was summed when the run was planned (reuse it)
-                t_sum += self.dec_s if xs == k - 1 else run_time(c, c1, n1, xs)
+                # the decode steps' time was summed when the run was planned or cut: reuse it
+                if xs == k - 1:
+                    rt = self.dec_s
+                elif xs == self.cut_m:
+                    rt = self.cut_rt
+                else:
+                    rt = run_time(c, c1, n1, xs)
+                t_sum += rt
                 sc = c1 * xs + n1 * (xs * (xs - 1) / 2.0)  # sum of their contexts
                 f_sum += xs * c.fa + c.fb * sc
                 b_sum += xs * c.ba + c.bb * sc
@@ -287,7 +295,8 @@ class Replica:
         self.P = 0
         self.pairs = 0.0
         if j < k:
-            self.T0 = self._boundary(j)
+            # boundary j: (T0 + t_first) + rt, with rt = run_time(j - 1) from above (j >= 2)
+            self.T0 = self._boundary(j) if j < 2 else (T0 + self.t_first) + rt
         else:
             self.T0 = self.run_end
             if finish:
@@ -338,7 +347,10 @@ class Replica:
         elif ta <= T0 + self.t_first:
             j = 1
         else:  # smallest j in [2, k] with boundary(j) >= ta
-            j = 1 + steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
+            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
+            self.cut_m = m  # remembered for _commit(j = m + 1): its decode time is rt
+            self.cut_rt = rt
+            j = 1 + m
         if j >= k:
             return -1  # the run ends first; its end admits the request
         n_all = self.n + len(self.pf)

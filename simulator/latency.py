@@ -143,14 +143,15 @@ def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
 
 
 def steps_to_reach(c: RunCoeffs, c0: float, n: int, m_max: int, base: float,
-                   target: float) -> int:
+                   target: float) -> tuple[int, float]:
     """The smallest m in [0, m_max] with ``base + run_time(c, c0, n, m) >= target`` (m_max if
-    none): the first decode step of a run started at ``base`` that ends at or after ``target``.
+    none), and ``run_time(c, c0, n, m)``: the first decode step of a run started at ``base``
+    that ends at or after ``target``, and the time it ends after ``base``.
 
     Solved as a quadratic on the steeper branch of the max, then nudged so that the answer is
     exact with respect to the very expression ``base + run_time(...)`` that places boundaries."""
     if base >= target:
-        return 0
+        return 0, 0.0
     b = c.b1 if c.b1 > c.b2 else c.b2
     x1 = c.a1 + c.b1 * c0
     x2 = c.a2 + c.b2 * c0
@@ -168,16 +169,28 @@ def steps_to_reach(c: RunCoeffs, c0: float, n: int, m_max: int, base: float,
         m = m_max
     elif m < 1:
         m = 1
-    while m > 0 and base + run_time(c, c0, n, m - 1) >= target:
-        m -= 1
-    while m < m_max and base + run_time(c, c0, n, m) < target:
-        m += 1
-    return m
+    rt = run_time(c, c0, n, m)
+    if base + rt >= target:
+        while m > 0:
+            prev = run_time(c, c0, n, m - 1)
+            if base + prev < target:
+                break
+            m -= 1
+            rt = prev
+    else:
+        while m < m_max:
+            m += 1
+            rt = run_time(c, c0, n, m)
+            if base + rt >= target:
+                break
+    return m, rt
 
 
 def step_time(c: RunCoeffs, ctx: float) -> float:
     """Time of one decode step at total context ``ctx``."""
-    return c.base + max(c.a1 + c.b1 * ctx, c.a2 + c.b2 * ctx)
+    x1 = c.a1 + c.b1 * ctx
+    x2 = c.a2 + c.b2 * ctx
+    return c.base + (x1 if x1 > x2 else x2)
 
 
 class LatencyModel:
@@ -243,12 +256,9 @@ class LatencyModel:
                 + prof.per_context_token_s * ctx
             )
         else:
-            t = (
-                self._oh
-                + max(flops / (self._rc_peak * self._eff_c(tokens)), nbytes / self._rm)
-                + self._comm_a
-                + self._comm_b * tokens
-            )
+            t_c = flops / (self._rc_peak * self._eff_c(tokens))
+            t_m = nbytes / self._rm
+            t = self._oh + (t_c if t_c > t_m else t_m) + self._comm_a + self._comm_b * tokens
         return t, flops, nbytes
 
     # -- decode runs -----------------------------------------------------------------------

@@ -51,7 +51,8 @@ def test_run_sums_equal_step_by_step(model, gpu, tp):
         # the first step count that reaches a target, exactly against run_time
         base = float(rng.uniform(0, 1e5))
         target = base + float(rng.uniform(0, T * 1.1))
-        k = steps_to_reach(c, c0, n, m, base, target)
+        k, rt = steps_to_reach(c, c0, n, m, base, target)
+        assert rt == run_time(c, c0, n, k)
         assert (base + run_time(c, c0, n, k) >= target) or k == m
         assert k == 0 or base + run_time(c, c0, n, k - 1) < target
 
