@@ -29,6 +29,7 @@ import math
 from collections import deque
 
 import simpy
+from simpy.events import Timeout
 
 from .latency import LatencyModel, run_time, step_time, steps_to_reach
 
@@ -175,8 +176,14 @@ class Replica:
         self.cut_m = -1
         self.k = k
         self.run_end = end
-        if self.armed_t is None or end < self.armed_t:
-            self._arm(end)
+        armed = self.armed_t
+        if armed is None or end < armed:  # _arm(end), inlined
+            self.token += 1
+            self.armed_t = end
+            now = self.env.now
+            ev = Timeout(self.env, end - now if end > now else 0.0, self.token)
+            ev.callbacks.append(self._on_wake)
+            self.rec.events += 1
         if pod.shared_queue:
             pod.router.dispatch()  # the new head of a central queue may fit elsewhere
 
@@ -196,7 +203,8 @@ class Replica:
             return
         self.token += 1
         self.armed_t = t
-        ev = self.env.timeout(max(t - self.env.now, 0.0), self.token)
+        now = self.env.now
+        ev = Timeout(self.env, t - now if t > now else 0.0, self.token)
         ev.callbacks.append(self._on_wake)
         self.rec.events += 1
 

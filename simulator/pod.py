@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import simpy
+from simpy.events import Timeout
 
 from .autoscale import make_autoscaler
 from .engine import Replica, Request
@@ -91,8 +92,9 @@ class Pod:
         return False
 
     def _schedule_arrival(self) -> None:
-        ev = self.env.timeout(max(self._times[self._i] - self.env.now, 0.0))
-        ev.callbacks.append(self._arrive)
+        now = self.env.now
+        t = self._times[self._i]
+        Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
         self.rec.events += 1
 
     def _arrive(self, _ev) -> None:
@@ -112,8 +114,14 @@ class Pod:
         else:
             self.in_flight += 1
             self.router.route(Request(rid, t, p, o))
-        self._i = i + 1
-        if self._i < len(self._times) or self._next_chunk():
+        i += 1
+        self._i = i
+        if i < len(self._times):  # _schedule_arrival(), inlined
+            t = self._times[i]
+            now = self.env.now
+            Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
+            self.rec.events += 1
+        elif self._next_chunk():
             self._schedule_arrival()
 
     # ---- hours --------------------------------------------------------------------------------
