@@ -95,6 +95,18 @@ class GridSpec:
         return [(b, n) for n in self.prompt_tokens for b in self.prefill_batches
                 if b * n <= self.max_prefill_tokens]
 
+    def prefill_order(self) -> list[tuple[int, int]]:
+        """:meth:`prefill_points` in timing order: one point per distinct token count ``B * L``
+        first (the smallest batch; spread over the range), then the others (spread): a grid cut
+        by the deadline still covers every ``T`` that the tabulated efficiency needs."""
+        pts = self.prefill_points()
+        first: dict[int, tuple[int, int]] = {}
+        for b, n in sorted(pts):
+            first.setdefault(b * n, (b, n))
+        lead = [first[t] for t in sorted(first)]
+        rest = [pt for pt in pts if pt not in lead]
+        return spread(lead) + spread(rest)
+
     def decode_points(self) -> list[tuple[int, int]]:
         """(batch, context_tokens) pairs within the cache budget."""
         return [(b, c) for b in self.decode_batches for c in self.decode_contexts
@@ -163,7 +175,7 @@ def run_grid(model: TorchTransformer, grid: GridSpec, *, meter: PowerMeter | Non
         layer_deadline = share(1.0 / (len(grid.layer_counts) - li))
         now = time.perf_counter()
         phase_deadline = now + 0.5 * (layer_deadline - now)
-        for i, (b, n) in enumerate(spread(grid.prefill_points())):
+        for i, (b, n) in enumerate(grid.prefill_order()):
             if i >= min_points and time.perf_counter() > phase_deadline:
                 notes.append(f"deadline: skipped prefill B={b} L={n} layers={layers}")
                 continue

@@ -8,6 +8,13 @@ bytes of :class:`simulator.modelspec.ModelSpec` and five parameters: ``compute_e
 relative error (``scipy.optimize.least_squares`` with bounds), so a 1 ms decode step weighs as
 much as a 1 s prefill. The two overheads can only be told apart when the grid holds two layer
 counts; with one, ``overhead_per_layer_s`` is fixed at 0 and ``overhead_s`` absorbs it.
+
+A hyperbolic ``eff_c(T)`` cannot follow a CPU whose small GEMMs are slow in steps (4 rows much
+slower per row than 1 or 64), so :func:`fit_roofline_table` also fits one compute efficiency per
+distinct ``T`` of the grid (``compute_eff_table``, interpolated in log T by the simulator) jointly
+with the overheads and ``memory_eff``. A ``T`` whose points are all memory-bound under the fit
+does not identify its efficiency; it gets the larger of its nearest identified neighbour's value
+and the floor that keeps its points' compute branch at or below their memory branch.
 """
 
 from __future__ import annotations
@@ -177,3 +184,90 @@ def predicted_vs_measured(profile_path: str | Path) -> list[dict]:
         out.append({**r, "measured_s": float(r["time_s"]), "predicted_s": float(p),
                     "rel_err": float(p) / float(r["time_s"]) - 1.0})
     return out
+
+
+def tokens_of(row: dict) -> int:
+    """Tokens ``T`` of one grid point's iteration: ``B * L`` for a prefill, ``B`` for a decode."""
+    b = int(row["batch"])
+    return b * int(row["prompt_tokens"]) if row["phase"] == "prefill" else b
+
+
+def fit_roofline_table(spec: ModelSpec, rows: Sequence[dict], base: RooflineProfile, *,
+                       fit_per_layer: bool | None = None) -> tuple[RooflineProfile, dict]:
+    """A roofline with a tabulated ``compute_eff_table`` (one efficiency per distinct ``T`` of
+    ``rows``), fitted with ``memory_eff``, ``overhead_s`` and ``overhead_per_layer_s`` by least
+    squares on the relative error. ``base`` (the hyperbolic fit) gives the peaks, the starting
+    point and the ``compute_eff_max`` / ``compute_eff_half_tokens`` kept in the profile.
+
+    Returns the profile and its quality with ``identified_tokens`` (the ``T`` values whose
+    efficiency some compute-bound point fixes) and ``filled_tokens`` (the others, see the module
+    docstring)."""
+    rows = list(rows)
+    layer_counts = {int(r["n_layers"]) for r in rows}
+    if fit_per_layer is None:
+        fit_per_layer = len(layer_counts) >= 2
+    meas = np.array([float(r["time_s"]) for r in rows])
+    toks = np.array([tokens_of(r) for r in rows])
+    t_values = sorted({int(t) for t in toks})
+    fl = np.array([work(spec, r)[0] for r in rows])
+    by = np.array([work(spec, r)[1] for r in rows])
+    peak, bw = base.peak_flops, base.mem_bw_bytes_per_s
+    n_head = 3 if fit_per_layer else 2
+    lo_e, hi_e = math.log(1e-3), math.log(1.5)
+    lo = np.array([_BOUNDS["memory_eff"][0], _BOUNDS["overhead_s"][0],
+                   _BOUNDS["overhead_per_layer_s"][0]][:n_head] + [lo_e] * len(t_values))
+    hi = np.array([_BOUNDS["memory_eff"][1], _BOUNDS["overhead_s"][1],
+                   _BOUNDS["overhead_per_layer_s"][1]][:n_head] + [hi_e] * len(t_values))
+
+    def make(x: np.ndarray) -> RooflineProfile:
+        table = tuple((float(t), float(math.exp(v))) for t, v in zip(t_values, x[n_head:],
+                                                                       strict=True))
+        return dataclasses.replace(base, memory_eff=float(x[0]), overhead_s=float(x[1]),
+                                   overhead_per_layer_s=float(x[2]) if fit_per_layer else 0.0,
+                                   compute_eff_table=table)
+
+    def resid(x: np.ndarray) -> np.ndarray:
+        return predict(spec, make(x), rows) / meas - 1.0
+
+    layers = np.array([int(r["n_layers"]) for r in rows], float)
+    best = None
+    for oh_scale in (1.0, 0.0):  # from the hyperbolic fit's overheads, and from none
+        oh = oh_scale * (base.overhead_s + base.overhead_per_layer_s * layers)
+        rest = np.maximum(meas - oh, 0.05 * meas)
+        x0 = [base.memory_eff, oh_scale * base.overhead_s,
+              oh_scale * base.overhead_per_layer_s][:n_head]
+        for t in t_values:
+            sel = toks == t
+            x0.append(math.log(float(np.clip(np.median(fl[sel] / (rest[sel] * peak)), 2e-3, 1.4))))
+        x0 = np.clip(np.array(x0), lo + 1e-12, hi - 1e-12)
+        res = least_squares(resid, x0, bounds=(lo, hi), x_scale="jac", method="trf")
+        if best is None or res.cost < best.cost:
+            best = res
+    prof = make(best.x)
+    # which T values does a compute-bound point identify?
+    effs = dict(prof.compute_eff_table)
+    t_c = fl / (peak * np.array([effs[float(t)] for t in toks]))
+    t_m = by / (bw * prof.memory_eff)
+    # (the optimiser stops a memory-bound T at the kink t_c = t_m, so ask for a 1 % margin: a
+    # point whose time would change if its efficiency rose by 1 %)
+    identified = [t for t in t_values if np.any(t_c[toks == t] >= 1.01 * t_m[toks == t])]
+    filled = [t for t in t_values if t not in identified]
+    if not identified:  # every point memory-bound: no efficiency is measured; keep the base
+        q = quality(meas, predict(spec, base, rows))
+        q.update(overhead_per_layer_fitted=bool(fit_per_layer), layer_counts=sorted(layer_counts),
+                 identified_tokens=[], filled_tokens=t_values)
+        return base, q
+    if filled:
+        table = dict(effs)
+        for t in filled:
+            sel = toks == t
+            floor = float(np.max(fl[sel] / (peak * t_m[sel])))
+            near = min(identified, key=lambda u: (abs(math.log(u / t)), u))
+            table[float(t)] = min(max(floor, effs[float(near)]), 1.5)
+        prof = dataclasses.replace(prof, compute_eff_table=tuple(sorted(table.items())))
+    q = quality(meas, predict(spec, prof, rows))
+    q["overhead_per_layer_fitted"] = bool(fit_per_layer)
+    q["layer_counts"] = sorted(layer_counts)
+    q["identified_tokens"] = identified
+    q["filled_tokens"] = filled
+    return prof, q

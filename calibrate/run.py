@@ -84,8 +84,10 @@ def choose_grid(device: torch.device, spec: ModelSpec, quick: bool, free_bytes: 
                               (1, 4, 16, 32, 64, 128, 256), (512, 2048, 8192),
                               min(kv_cap, 1 << 20), two, warmup=2, repeats=5)
     if quick:
-        return bench.GridSpec((16, 64, 128), (1, 2), 128, (1, 4, 16), (128, 1024),
+        # T = B * L or B covers 1, 2, 4, ..., 128 (the tabulated efficiency's points)
+        return bench.GridSpec((16, 64, 128), (1, 2), 128, (1, 2, 4, 8, 16, 32), (128, 1024),
                               min(kv_cap, 4096), (layers,), warmup=1, repeats=2)
+    # T covers 1, 2, 4, ..., 1024 (decode for T <= 32, prefill from 16 up)
     return bench.GridSpec((16, 64, 256, 512), (1, 2, 4), 1024, (1, 2, 4, 8, 16, 32),
                           (128, 1024, 4096), min(kv_cap, 65536), two, warmup=1, repeats=3)
 
@@ -213,13 +215,25 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
 
     # 5. fits
     name = f"{dev_slug}-{spec.name}-l{spec.n_layers}"
-    prof, quality = fit.fit_roofline(spec, rows, name=name, peak_flops=micro["peak_flops"],
-                                     mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
-                                     mem_bytes=mem_bytes)
+    prof_h, q_h = fit.fit_roofline(spec, rows, name=name, peak_flops=micro["peak_flops"],
+                                   mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
+                                   mem_bytes=mem_bytes)
+    prof_t, q_t = fit.fit_roofline_table(spec, rows, prof_h)
+    use_table = prof_t.compute_eff_table is not None and q_t["rms_rel_err"] < q_h["rms_rel_err"]
+    prof, quality = (prof_t, dict(q_t)) if use_table else (prof_h, dict(q_h))
+    quality["compute_eff"] = "table" if use_table else "hyperbolic"
+    quality["hyperbolic"] = q_h
+    quality["table"] = q_t
+    if q_t["filled_tokens"] and use_table:
+        notes.append(f"compute_eff_table: T = {q_t['filled_tokens']} only had memory-bound points; "
+                     "their efficiency is not measured (set to the nearest measured T's value, or "
+                     "the floor that keeps those points memory-bound)")
     pred = fit.predict(spec, prof, rows)
-    for r, p in zip(rows, pred, strict=True):
+    pred_h = fit.predict(spec, prof_h, rows)
+    for r, p, ph in zip(rows, pred, pred_h, strict=True):
         f, b = fit.work(spec, r)
         r.update(flops=f, bytes=b, predicted_s=float(p), rel_err=float(p) / r["time_s"] - 1.0,
+                 predicted_hyperbolic_s=float(ph), tokens=fit.tokens_of(r),
                  u_compute=f / (r["time_s"] * micro["peak_flops"]),
                  u_memory=b / (r["time_s"] * micro["mem_bw_bytes_per_s"]))
     power_d = None
@@ -296,15 +310,31 @@ def render(profile: dict, console: object) -> None:
         ("device", f"{profile['device']['name']} ({profile['device']['dtype']})"),
         ("peak_flops (matmul)", f"{profile['peak_flops'] / 1e12:.3f} TFLOP/s"),
         ("mem_bw_bytes_per_s (copy)", f"{profile['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s"),
-        ("compute_eff_max", f"{profile['compute_eff_max']:.3f}"),
-        ("compute_eff_half_tokens", f"{profile['compute_eff_half_tokens']:.1f}"),
+        ("compute_eff_max (hyperbolic)", f"{profile['compute_eff_max']:.3f}"),
+        ("compute_eff_half_tokens (hyperbolic)", f"{profile['compute_eff_half_tokens']:.1f}"),
         ("memory_eff", f"{profile['memory_eff']:.3f}"),
         ("overhead_s", f"{profile['overhead_s'] * 1e3:.3f} ms"),
         ("overhead_per_layer_s", f"{profile['overhead_per_layer_s'] * 1e6:.1f} us"
          + ("" if q["overhead_per_layer_fitted"] else " (fixed: one layer count)")),
-        ("fit R² / R² log", f"{_fmt(q['r2'])} / {_fmt(q['r2_log'])}"),
-        ("max / rms rel err", f"{q['max_rel_err']:.1%} / {q['rms_rel_err']:.1%} "
-         f"over {q['n_points']} points"),
+    ]
+    for kind in ("hyperbolic", "table"):
+        qk = q.get(kind)
+        if qk is None:
+            continue
+        used = " (used)" if q.get("compute_eff") == kind else ""
+        items.append((f"fit {kind}{used}: R² / R² log",
+                      f"{_fmt(qk['r2'])} / {_fmt(qk['r2_log'])}"))
+        items.append((f"fit {kind}{used}: max / rms rel err",
+                      f"{qk['max_rel_err']:.1%} / {qk['rms_rel_err']:.1%} "
+                      f"over {qk['n_points']} points"))
+    if "hyperbolic" not in q:
+        items.append(("fit R² / R² log", f"{_fmt(q['r2'])} / {_fmt(q['r2_log'])}"))
+        items.append(("max / rms rel err", f"{q['max_rel_err']:.1%} / {q['rms_rel_err']:.1%} "
+                      f"over {q['n_points']} points"))
+    if profile.get("compute_eff_table"):
+        items.append(("compute_eff_table (T: eff)", ", ".join(
+            f"{t:g}: {e:.3f}" for t, e in profile["compute_eff_table"])))
+    items += [
         ("FLOP check (prefill, decode)",
          f"{fc['prefill_rel_err']:+.3%}, {fc['decode_rel_err']:+.3%}"),
         ("power", "not measured" if profile["power"] is None else

@@ -8,7 +8,8 @@ in all. Its time is
     linear:    t = base + [P > 0] * prefill_base + a_tok * P + a_seq * (n_prefill + n) + a_ctx * C
 
 with ``F`` and ``B`` the FLOPs and bytes of :class:`~simulator.modelspec.ModelSpec`, ``T = P + n``
-the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` and ``comm`` two ring
+the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` (or a measured table of
+``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring
 all-reduces per layer under tensor parallelism.
 
 Between composition changes a replica runs identical decode iterations whose only change is that
@@ -62,6 +63,33 @@ class RooflineProfile:
     kind: Literal["roofline"] = "roofline"
     source: str = "analytic"
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    #: measured compute efficiency by tokens per iteration, ``((T, eff), ...)`` with T strictly
+    #: increasing; when set it replaces the hyperbolic ``eff_c(T)``: piecewise linear in log(T)
+    #: between points, flat beyond the ends (see :func:`eff_from_table`).
+    compute_eff_table: tuple[tuple[float, float], ...] | None = None
+
+
+def eff_from_table(table: tuple[tuple[float, float], ...], tokens: float) -> float:
+    """Compute efficiency at ``tokens`` from a ``((T, eff), ...)`` table: linear in log(T)
+    between points, clamped to the end values outside them."""
+    t0, e0 = table[0]
+    if tokens <= t0:
+        return e0
+    tn, en = table[-1]
+    if tokens >= tn:
+        return en
+    lo = 0
+    hi = len(table) - 1
+    while hi - lo > 1:  # bisection: table[lo][0] < tokens < table[hi][0]
+        mid = (lo + hi) // 2
+        if table[mid][0] <= tokens:
+            lo = mid
+        else:
+            hi = mid
+    ta, ea = table[lo]
+    tb, eb = table[hi]
+    w = math.log(tokens / ta) / math.log(tb / ta)
+    return ea + w * (eb - ea)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +256,8 @@ class LatencyModel:
 
     def _eff_c(self, tokens: float) -> float:
         p = self.profile
+        if p.compute_eff_table is not None:
+            return eff_from_table(p.compute_eff_table, tokens)
         return p.compute_eff_max * tokens / (tokens + p.compute_eff_half_tokens)
 
     # -- one general iteration -------------------------------------------------------------

@@ -12,6 +12,7 @@ A profile describes a device for the latency model (:mod:`simulator.latency`)::
       "compute_eff_max": ..., "compute_eff_half_tokens": ..., "memory_eff": ...,
       "overhead_s": ..., "overhead_per_layer_s": ...,
       "link_bw_bytes_per_s": ..., "link_latency_s": ...,              # optional
+      "compute_eff_table": [[1, 0.05], [16, 0.2], ...] | null,       # optional: eff_c by T
       "power": {"idle_w":..,"max_w":..,"active_w":..,"compute_w":..,"memory_w":..,
                 "method": "nvml" | "rapl" | "assumed"} | null,
       "fit": {"r2": ..., "max_rel_err": ..., "n_points": ...},          # optional
@@ -66,6 +67,34 @@ def power_from_dict(d: dict | None, where: str) -> PowerSpec | None:
     return PowerSpec(**vals)
 
 
+def eff_table_from_json(v: Any, where: str) -> tuple[tuple[float, float], ...] | None:
+    """The ``compute_eff_table`` of a profile: ``[[tokens, eff], ...]`` with tokens >= 1 strictly
+    increasing and 0 < eff <= 1.5, or null."""
+    if v is None:
+        return None
+    fix = "(fix: a list of [tokens, efficiency] pairs, tokens >= 1 strictly increasing, " \
+          "0 < efficiency <= 1.5; or regenerate it with `fleetsim calibrate`)"
+    if not isinstance(v, list) or not v:
+        raise UserError(f"{where}: field 'compute_eff_table' = {v!r} must be a non-empty list {fix}")
+    out: list[tuple[float, float]] = []
+    for i, pair in enumerate(v):
+        ok = (isinstance(pair, list) and len(pair) == 2
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                      and math.isfinite(x) for x in pair))
+        if not ok:
+            raise UserError(f"{where}: compute_eff_table[{i}] = {pair!r} is not a "
+                            f"[tokens, efficiency] pair of finite numbers {fix}")
+        t, e = float(pair[0]), float(pair[1])
+        if t < 1.0 or (out and t <= out[-1][0]):
+            raise UserError(f"{where}: compute_eff_table[{i}] tokens = {pair[0]!r} must be >= 1 "
+                            f"and greater than the previous entry's {fix}")
+        if not 0.0 < e <= 1.5:
+            raise UserError(f"{where}: compute_eff_table[{i}] efficiency = {pair[1]!r} must be in "
+                            f"(0, 1.5] {fix}")
+        out.append((t, e))
+    return tuple(out)
+
+
 def profile_from_dict(d: Any, where: str = "profile") -> Profile:
     """Build a profile from its JSON object; a UserError names the bad field."""
     if not isinstance(d, dict):
@@ -88,8 +117,9 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
         for k in ("peak_flops", "mem_bw_bytes_per_s", "mem_bytes", "compute_eff_max", "memory_eff"):
             if vals[k] <= 0:
                 raise UserError(f"{where}: field {k!r} = {vals[k]!r} must be positive")
+        table = eff_table_from_json(d.get("compute_eff_table"), where)
         return RooflineProfile(name=name, power=power, source=str(d.get("source", "measured")),
-                               meta=meta, **vals)
+                               meta=meta, compute_eff_table=table, **vals)
     if kind == "linear":
         vals = {k: _num(d, k, where) for k in _LINEAR_FIELDS if k in d}
         if "base_s" not in vals:
@@ -119,6 +149,8 @@ def profile_to_dict(p: Profile, **extra: Any) -> dict:
     if isinstance(p, RooflineProfile):
         for k in _ROOFLINE_REQUIRED + _ROOFLINE_OPTIONAL:
             d[k] = getattr(p, k)
+        d["compute_eff_table"] = (None if p.compute_eff_table is None
+                                  else [[t, e] for t, e in p.compute_eff_table])
         d["source"] = p.source
     else:
         for k in _LINEAR_FIELDS:
