@@ -6,8 +6,13 @@ definition. Conventions, chosen to match what ``torch.utils.flop_counter`` charg
 
 * a multiply-add is 2 FLOPs;
 * attention scores and the weighted sum each cost ``2 * n_heads * head_dim`` FLOPs per
-  (query, key) pair; a prefill of ``L`` tokens is charged the full ``L x L`` square (the
-  flop counter charges SDPA that way whether or not the mask is causal);
+  (query, key) pair, at the *query* head count also under grouped-query attention; a prefill of
+  ``L`` tokens is charged the full ``L x L`` square. That is torch's ``sdpa_flop_count``, which
+  the flop counter applies to the CUDA SDPA kernels whether or not the mask is causal (on CPU,
+  torch 2.13's ``_scaled_dot_product_flash_attention_for_cpu`` has no formula, and
+  ``calibrate.model`` registers the same one for it);
+* a decode step of a sequence with context ``ctx`` attends ``ctx`` keys, the new token's own
+  included (``decode_flops(B, B * ctx)``);
 * the LM head runs only on the last position of each sequence (what serving engines do);
 * norms, activations, softmax and rotary embeddings are not counted (under 0.5% of the work).
 """
