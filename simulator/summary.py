@@ -38,7 +38,11 @@ def print_summary(res: Result, console: Console | None = None) -> None:
                 f"{_f(t['requests_in_flight'], ',.0f')}")
     tab.add_row("tokens", _f(t["output_tokens"], ",.0f"),
                 f"output; prompt {_f(t['prompt_tokens'], ',.0f')}")
-    tab.add_row("GPU-hours", _f(t["gpu_hours"], ",.1f"), f"utilisation {t['utilization']:.1%}")
+    iters = sum(p.iterations for p in res.pods)
+    batch = sum(sum(p.output_tokens) for p in res.pods) / iters if iters else math.nan
+    tab.add_row("GPU-hours", _f(t["gpu_hours"], ",.1f"),
+                f"busy {t['utilization']:.1%} of powered time; {_f(batch, '.1f')} output tokens "
+                "per iteration on average")
     if sc.autoscaler.policy != "static":  # power states: what the autoscaler kept powered
         gp = res.hourly.column("gpus_powered_mean").to_numpy()
         tab.add_row("autoscaler", sc.autoscaler.policy,
