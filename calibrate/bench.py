@@ -131,6 +131,33 @@ def spread(items: list) -> list:
     return out
 
 
+def time_point(model: TorchTransformer, grid: GridSpec, row: dict) -> list[float]:
+    """Time one grid point again (same shapes, warm-up and repeats as :func:`run_grid`);
+    returns the per-call seconds."""
+    sync = synchronizer(model.device)
+    layers, b = int(row["n_layers"]), int(row["batch"])
+    try:
+        if row["phase"] == "prefill":
+            n = int(row["prompt_tokens"])
+            model.allocate_cache(b, n)
+            toks = model.random_tokens(b, n)
+            fn: Callable[[], object] = lambda: model.prefill(toks, n_layers=layers)  # noqa: E731
+        else:
+            c = int(row["context_tokens"])
+            model.allocate_cache(b, c)
+            tok = model.random_tokens(b, 1)[:, 0]
+
+            def fn() -> None:
+                model.set_position(c - 1)
+                model.decode_step(tok, n_layers=layers)
+
+        times, _, _ = time_fn(fn, sync, warmup=grid.warmup, repeats=grid.repeats,
+                              min_time_s=grid.min_time_s)
+        return times
+    finally:
+        model.free_cache()
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 

@@ -214,9 +214,12 @@ def fit_roofline_table(spec: ModelSpec, rows: Sequence[dict], base: RooflineProf
     peak, bw = base.peak_flops, base.mem_bw_bytes_per_s
     n_head = 3 if fit_per_layer else 2
     lo_e, hi_e = math.log(1e-3), math.log(1.5)
+    # memory_eff <= 1: the weights stream no faster than the measured copy. Without the bound a
+    # grid of one layer count (--quick) trades overhead_s against memory_eff freely (batch-1
+    # decode = overhead + bytes / (bw * memory_eff)) and lands on the upper bound.
     lo = np.array([_BOUNDS["memory_eff"][0], _BOUNDS["overhead_s"][0],
                    _BOUNDS["overhead_per_layer_s"][0]][:n_head] + [lo_e] * len(t_values))
-    hi = np.array([_BOUNDS["memory_eff"][1], _BOUNDS["overhead_s"][1],
+    hi = np.array([1.0, _BOUNDS["overhead_s"][1],
                    _BOUNDS["overhead_per_layer_s"][1]][:n_head] + [hi_e] * len(t_values))
 
     def make(x: np.ndarray) -> RooflineProfile:
@@ -234,7 +237,7 @@ def fit_roofline_table(spec: ModelSpec, rows: Sequence[dict], base: RooflineProf
     for oh_scale in (1.0, 0.0):  # from the hyperbolic fit's overheads, and from none
         oh = oh_scale * (base.overhead_s + base.overhead_per_layer_s * layers)
         rest = np.maximum(meas - oh, 0.05 * meas)
-        x0 = [base.memory_eff, oh_scale * base.overhead_s,
+        x0 = [min(base.memory_eff, 0.99), oh_scale * base.overhead_s,
               oh_scale * base.overhead_per_layer_s][:n_head]
         for t in t_values:
             sel = toks == t

@@ -75,7 +75,8 @@ def eff_table_from_json(v: Any, where: str) -> tuple[tuple[float, float], ...] |
     fix = "(fix: a list of [tokens, efficiency] pairs, tokens >= 1 strictly increasing, " \
           "0 < efficiency <= 1.5; or regenerate it with `fleetsim calibrate`)"
     if not isinstance(v, list) or not v:
-        raise UserError(f"{where}: field 'compute_eff_table' = {v!r} must be a non-empty list {fix}")
+        raise UserError(f"{where}: field 'compute_eff_table' = {v!r} must be a non-empty list "
+                        f"{fix}")
     out: list[tuple[float, float]] = []
     for i, pair in enumerate(v):
         ok = (isinstance(pair, list) and len(pair) == 2

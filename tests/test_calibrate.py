@@ -142,6 +142,12 @@ def test_quick_cpu_calibration_writes_an_honest_profile(tmp_path):
     assert raw["power"] is None or raw["power"]["method"] == "rapl"
     assert abs(raw["flop_check"]["prefill_rel_err"]) < 0.02
     assert raw["fit"]["n_points"] >= 6
+    # both fits are reported; the one used is the better by rms relative error
+    q = raw["fit"]
+    assert q["compute_eff"] in ("table", "hyperbolic")
+    assert q["n_points"] == q["hyperbolic"]["n_points"] == q["table"]["n_points"]
+    assert q["rms_rel_err"] == min(q["hyperbolic"]["rms_rel_err"], q["table"]["rms_rel_err"])
+    assert (raw["compute_eff_table"] is not None) == (q["compute_eff"] == "table")
 
     profile, sha = load_profile(out)
     assert len(sha) == 64 and profile.peak_flops > 0 and profile.mem_bw_bytes_per_s > 0
