@@ -27,11 +27,15 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from typing import TYPE_CHECKING
 
 import simpy
 from simpy.events import Timeout
 
 from .latency import LatencyModel, run_time, step_time, steps_to_reach
+
+if TYPE_CHECKING:
+    from .pod import Pod
 
 HOUR_S = 3600.0
 
