@@ -102,7 +102,7 @@ def test_macro_equals_per_iteration_with_a_table(small, tmp_path):
     f.write_text(json.dumps(PROFILE))
     d = merge(small, hardware={"gpu": "h100-sxm", "profile": str(f)},
               traffic={**small["traffic"], "requests_per_day": 30_000},
-              fleet={**small["fleet"], "max_batch_size": 6, "max_batched_tokens": 3000})
+              fleet={**small["fleet"], "max_batch_size": 6, "max_batched_tokens": 4096})
     runs = {}
     for engine in ("macro", "iteration"):
         sink = ListSink()
