@@ -249,9 +249,13 @@ def run_replay(args, trace, spec, device, torch) -> int:
         from .run import calibrate
 
         profile_path = out / "profile.json"
-        print(f"calibrating {spec.name} ({spec.n_layers} layers) on {device} (quick roofline) ...")
+        print(f"calibrating {spec.name} ({spec.n_layers} layers) on {device} (quick roofline on "
+              "the trace's shapes, then the engine's per-iteration overhead) ...")
+        grid = replay_grid(spec, trace, max_batch_size=args.max_batch_size,
+                           max_batched_tokens=args.max_batched_tokens)
         calibrate(spec, device=device, out=profile_path, quick=True, seed=args.seed,
-                  log=lambda s: None)
+                  budget_s=40.0, grid=grid, log=lambda s: None)
+        add_engine_overhead(eng, spec, profile_path, trace)
     elif profile_path is None:
         profile_path = out / "profile-engine.json"
         print(f"fitting a linear profile to the engine's own iterations on {device} ...")
@@ -348,6 +352,94 @@ def run_replay(args, trace, spec, device, torch) -> int:
           f"in sum, median relative error {facts['iteration_median_rel_err']:+.1%}")
     print(f"written: {out}/replay.csv, replay.json, requests.csv, iterations.csv, trace.csv")
     return 0
+
+
+def replay_grid(spec, trace, *, max_batch_size: int, max_batched_tokens: int):
+    """The roofline timing grid for a replay's shapes: decode at every batch size 1 .. max(8,
+    ``max_batch_size``) (up to 16; powers of two above), at the trace's typical and longest
+    context, and prefill of one prompt at the trace's prompt-length quantiles, so that
+    ``compute_eff_table`` has a point at every small ``T`` the replay's iterations have (a CPU's
+    small GEMMs are not monotonic in the rows: see docs/validation.md section 2)."""
+    from .bench import GridSpec
+
+    prompts = np.array([p for _, p, _ in trace])
+    longest = max(p + o for _, p, o in trace)
+    top = max(8, min(max_batch_size, 16))
+    batches = list(range(1, top + 1))
+    b = 32
+    while b <= max_batch_size:
+        batches.append(b)
+        b *= 2
+    typical = int(np.median([p + o / 2 for _, p, o in trace]))
+    contexts = tuple(sorted({max(2, typical), max(2, longest)}))
+    # one prompt per prefill (at ~1 arrival per iteration or less, a replay's prefill iterations
+    # hold one prompt; two prompts of L and one of 2L have the same T but not the same time, and
+    # a table mixing them is jagged), at the trace's prompt-length quantiles and its longest
+    lens = sorted({max(2, int(round(q))) for q in np.percentile(prompts, (5, 20, 35, 50, 65, 80,
+                                                                          95))}
+                  | {int(prompts.max())})
+    return GridSpec(tuple(lens), (1,), max_batched_tokens, tuple(batches), contexts,
+                    max(contexts) * max(batches), (spec.n_layers,), warmup=1, repeats=3)
+
+
+def warmup_trace(trace, max_batch_size: int, max_batched_tokens: int,
+                 max_seq: int) -> list[tuple[float, int, int]]:
+    """A synthetic burst (not the replay's trace): ``2 x max_batch_size`` requests at t = 0 with
+    the trace's median prompt and staggered outputs, so the engine runs decode steps of every
+    batch size from ``max_batch_size`` down to 1, prefills, and mixed iterations."""
+    med = int(np.median([p for _, p, _ in trace]))
+    B = max_batch_size
+    rows = []
+    for k in range(2):
+        for i in range(1, B + 1):
+            o = 3 * i + 1
+            p = max(2, min(med // (k + 1), max_seq - o - 2, max_batched_tokens - B))
+            rows.append((0.0, p, o))
+    return rows
+
+
+def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 2) -> dict:
+    """Time the real engine loop on a synthetic warm-up burst (:func:`warmup_trace`, not the
+    replay's trace), compare its iterations with the roofline profile at ``profile_path`` (fitted
+    to bare forward passes), and add the median difference, the engine's per-iteration
+    bookkeeping (admission, input ids, packing, sampling, token accounting), to the profile's
+    ``overhead_s``; rewrites the profile atomically with a note. Returns the facts recorded."""
+    from simulator.latency import LatencyModel
+    from simulator.output import write_text_atomic
+    from simulator.profile import load_profile
+
+    from .engine import TraceRequest
+
+    profile, _ = load_profile(profile_path)
+    lat = LatencyModel(spec, profile, tp=1)
+    burst = warmup_trace(trace, eng.max_batch, eng.max_tokens, eng.max_seq)
+    diffs, classes = [], {}
+    for _ in range(rounds):
+        res = eng.replay([TraceRequest(a, p, o) for a, p, o in burst])
+        for x in res.iterations:
+            t = x.end_s - x.start_s
+            pred = lat.iteration(x.prompt_tokens, x.pairs, x.n_prefill, x.n_decode,
+                                 float(x.context_tokens))[0]
+            diffs.append(t - pred)
+            key = f"decode n={x.n_decode}" if x.n_prefill == 0 else "with prefill"
+            classes.setdefault(key, []).append(t - pred)
+    delta = float(np.median(diffs))
+    raw = json.loads(profile_path.read_text())
+    old = float(raw["overhead_s"])
+    raw["overhead_s"] = max(0.0, old + delta)
+    by_class = {k: round(float(np.median(v)) * 1e3, 3) for k, v in sorted(classes.items())}
+    facts = {"bare_overhead_s": old, "engine_overhead_s": raw["overhead_s"] - old,
+             "iterations": len(diffs), "median_ms_by_class": by_class}
+    raw["engine_overhead"] = facts
+    raw.setdefault("notes", []).append(
+        f"overhead_s = {old * 1e3:.3f} ms (fit to bare forward passes) + {delta * 1e3:.3f} ms: the "
+        f"median excess of {len(diffs)} iterations of calibrate.engine's serving loop on a "
+        "synthetic warm-up burst over this profile (engine bookkeeping); median excess by "
+        "iteration kind, ms: " + ", ".join(f"{k}: {v}" for k, v in by_class.items()))
+    write_text_atomic(json.dumps(raw, indent=2) + "\n", profile_path)
+    print(f"engine per-iteration overhead: {delta * 1e3:+.3f} ms over the bare forward passes "
+          f"({len(diffs)} warm-up iterations)")
+    return facts
 
 
 def write_engine_profile(eng, spec, device, path: Path, *, max_prompt: int,

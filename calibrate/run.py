@@ -179,8 +179,12 @@ def _clean(x: object) -> object:
 
 def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick: bool,
               seed: int = 0, budget_s: float | None = None, dtype_requested: str | None = None,
+              grid: bench.GridSpec | None = None,
               log: Callable[[str], None] = print) -> dict:
     """Calibrate ``spec`` (already sliced to the layers to build, ``spec.dtype`` = timed dtype).
+
+    ``grid`` replaces the timing grid of :func:`choose_grid` (``fleetsim replay`` passes one fitted
+    to its trace's shapes: every small decode batch, the trace's prompt lengths).
 
     Returns the profile dict (with ``"_path"`` and ``"_rows"`` for the caller) after writing it.
     """
@@ -228,7 +232,8 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
         import psutil
 
         free = float(psutil.virtual_memory().available)
-    grid = choose_grid(device, spec, quick, free)
+    if grid is None:
+        grid = choose_grid(device, spec, quick, free)
     if meter is not None:
         grid = dataclasses.replace(grid, min_time_s=1.0 if device.type == "cuda" else 0.5)
     if budget_s is None:
