@@ -379,7 +379,7 @@ def replay_grid(spec, trace, *, max_batch_size: int, max_batched_tokens: int):
                                                                           95))}
                   | {int(prompts.max())})
     return GridSpec(tuple(lens), (1,), max_batched_tokens, tuple(batches), contexts,
-                    max(contexts) * max(batches), (spec.n_layers,), warmup=1, repeats=3)
+                    max(contexts) * max(batches), (spec.n_layers,), warmup=2, repeats=9)
 
 
 def warmup_trace(trace, max_batch_size: int, max_batched_tokens: int,
@@ -398,7 +398,7 @@ def warmup_trace(trace, max_batch_size: int, max_batched_tokens: int,
     return rows
 
 
-def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 2) -> dict:
+def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 6) -> dict:
     """Time the real engine loop on a synthetic warm-up burst (:func:`warmup_trace`, not the
     replay's trace), compare its iterations with the roofline profile at ``profile_path`` (fitted
     to bare forward passes), and add the median difference, the engine's per-iteration
