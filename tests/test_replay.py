@@ -146,6 +146,58 @@ def test_replay_end_to_end(tmp_path):
     assert max(int(i["n_prefill"]) + int(i["n_decode"]) for i in its) <= 4
 
 
+def test_replay_grid_covers_the_trace_shapes():
+    """The replay's roofline grid times decode at every batch size up to max(8, the cap) (powers
+    of two above 16) and one-prompt prefills at the trace's prompt-length quantiles and maximum;
+    the warm-up burst is synthetic (not the trace) and staggers its outputs so that every decode
+    batch size from the cap down to 1 occurs."""
+    from calibrate.replay import poisson_trace, replay_grid, warmup_trace
+    from simulator.modelspec import ModelSpec
+
+    spec = ModelSpec(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                     vocab_size=500, max_context_tokens=2048)
+    trace = poisson_trace(50, 1.0, 64, 16, seed=0)
+    g = replay_grid(spec, trace, max_batch_size=8, max_batched_tokens=2048)
+    assert g.decode_batches == tuple(range(1, 9))
+    assert g.prefill_batches == (1,) and g.layer_counts == (2,)
+    prompts = [p for _, p, _ in trace]
+    assert max(g.prompt_tokens) == max(prompts) and min(g.prompt_tokens) >= min(prompts)
+    assert max(g.decode_contexts) == max(p + o for _, p, o in trace)
+    assert len(g.decode_points()) == 8 * len(g.decode_contexts)  # none cut by the cache budget
+    g64 = replay_grid(spec, trace, max_batch_size=64, max_batched_tokens=2048)
+    assert g64.decode_batches == (*range(1, 17), 32, 64)
+    burst = warmup_trace(trace, 4, 2048, 4096)
+    assert len(burst) == 8 and all(a == 0.0 for a, _, _ in burst)
+    assert sorted({o for _, _, o in burst}) == [4, 7, 10, 13]  # distinct finishing steps
+    assert burst != trace[:8]
+
+
+@pytest.mark.torch
+def test_engine_overhead_added_to_profile(tmp_path):
+    """The engine-loop overhead is the median excess of the warm-up iterations over the
+    profile: against a profile that predicts ~0 s per iteration, it is the median iteration
+    time itself, and it is added to overhead_s with a note."""
+    from calibrate.engine import ServingEngine
+    from calibrate.replay import add_engine_overhead
+    from simulator.profile import load_profile
+
+    _, m = _tiny_model(tmp_path)
+    eng = ServingEngine(m, max_batch_size=4, max_batched_tokens=256, kv_budget_tokens=10_000,
+                        max_seq_tokens=64)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({
+        "format": "fleetsim-profile/1", "kind": "roofline", "name": "fast", "peak_flops": 1e30,
+        "mem_bw_bytes_per_s": 1e30, "mem_bytes": 8e10, "compute_eff_max": 1.0,
+        "compute_eff_half_tokens": 0.0, "memory_eff": 1.0, "overhead_s": 1e-6,
+        "overhead_per_layer_s": 0.0, "power": None}))
+    facts = add_engine_overhead(eng, m.spec, path, [(0.0, 16, 4)] * 3, rounds=1)
+    prof, _ = load_profile(path)
+    assert facts["iterations"] > 4
+    assert facts["engine_overhead_s"] > 0
+    assert prof.overhead_s == pytest.approx(1e-6 + facts["engine_overhead_s"], rel=1e-9)
+    assert "engine bookkeeping" in json.loads(path.read_text())["notes"][-1]
+
+
 def test_replay_bad_input(tmp_path):
     from calibrate.replay import main
 
