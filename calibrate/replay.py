@@ -7,7 +7,8 @@ The real side is :class:`calibrate.engine.ServingEngine` replaying the trace in 
 device. The simulated side is ``simulate()`` on a scenario built here with the same model (the
 same layers), the same batching limits, the same KV budget and the same requests at the same
 times (``traffic.trace``), timed by ``--profile`` or, without it, by a quick calibration run on
-this device first (``calibrate.run.calibrate(quick=True)``). Both sides' per-request TTFT, TPOT and
+this device first (``--calibration engine``: :func:`write_engine_profile`; ``roofline``:
+``calibrate.run.calibrate(quick=True)`` on :func:`replay_grid` + :func:`add_engine_overhead`). Both sides' per-request TTFT, TPOT and
 end-to-end latency are summarised (mean, p50, p90) with the simulator's relative error, printed,
 and written atomically to ``--out``: ``replay.csv`` (the table), ``replay.json`` (the table and
 the run's facts), ``requests.csv`` (every request on both sides) and ``trace.csv`` (the trace).
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=("engine", "roofline"), default="engine",
                    help="without --profile: 'engine' fits the simulator's linear step-time model "
                         "to this engine's own iterations on a grid (about 20 s); 'roofline' runs "
-                        "`fleetsim calibrate --quick` (the bench of calibrate/)")
+                        "the quick roofline calibration on the trace's shapes and adds the "
+                        "engine loop's per-iteration overhead, measured on a synthetic "
+                        "warm-up burst (about 20 s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of a generated trace and the weights")
     p.add_argument("--out", type=Path, default=Path("replay-out"), help="output directory")
@@ -375,7 +378,7 @@ def replay_grid(spec, trace, *, max_batch_size: int, max_batched_tokens: int):
     # one prompt per prefill (at ~1 arrival per iteration or less, a replay's prefill iterations
     # hold one prompt; two prompts of L and one of 2L have the same T but not the same time, and
     # a table mixing them is jagged), at the trace's prompt-length quantiles and its longest
-    lens = sorted({max(2, int(round(q))) for q in np.percentile(prompts, (5, 20, 35, 50, 65, 80,
+    lens = sorted({max(2, int(np.rint(q))) for q in np.percentile(prompts, (5, 20, 35, 50, 65, 80,
                                                                           95))}
                   | {int(prompts.max())})
     return GridSpec(tuple(lens), (1,), max_batched_tokens, tuple(batches), contexts,
