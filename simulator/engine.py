@@ -332,7 +332,8 @@ class Replica:
 
     # ---- arrivals -----------------------------------------------------------------------------
     def on_arrival(self, r: Request) -> None:
-        """A request routed to this replica arrives now (poke() inlined: the hot path)."""
+        """A request routed to this replica arrives now: start a run if idle, else (alone in the
+        queue) cut the current run where it can join; cut_for() inlined, the hot path."""
         self.outstanding += 1
         w = self.waiting
         w.append(r)
@@ -384,12 +385,3 @@ class Replica:
         if j > 0:
             self._commit(j)
         self.plan(self.T0)
-
-    def poke(self) -> None:
-        """The head of the queue might be admitted: start or cut the current run if so."""
-        if not self.busy:
-            self.plan(self.env.now)
-            return
-        if len(self.waiting) != 1:
-            return  # others wait ahead of it: they are blocked until a completion
-        self.cut_for(self.waiting[0])
