@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from simulator.cli import main
-from simulator.output import read_metadata
+from fleetsim.apps.cli import main
+from fleetsim.results.output import read_metadata
 args = json.loads(sys.argv[1])
 rc = main(args["argv"])
 wall = time.perf_counter() - t0
@@ -41,17 +41,40 @@ print(json.dumps({"rc": rc, "wall_s": wall, "totals": tot,
 def run_one(n: int, engine: str, scenario: str) -> dict:
     replicas = max(1, round(8 * n / 1e6))
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["run", scenario, "--out", tmp, "--force", "--quiet",
-                "--set", f"traffic.requests_per_day={n}", "--set", f"fleet.replicas={replicas}",
-                "--set", f'simulation.engine="{engine}"']
-        p = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"argv": argv, "out": tmp})],
-                           cwd=ROOT, capture_output=True, text=True, check=True)
+        argv = [
+            "run",
+            scenario,
+            "--out",
+            tmp,
+            "--force",
+            "--quiet",
+            "--set",
+            f"traffic.requests_per_day={n}",
+            "--set",
+            f"fleet.replicas={replicas}",
+            "--set",
+            f'simulation.engine="{engine}"',
+        ]
+        p = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps({"argv": argv, "out": tmp})],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out = json.loads(p.stdout.strip().splitlines()[-1])
     t = out["totals"]
     req = t["requests_arrived"]
-    return {"requests": int(req), "replicas": replicas, "engine": engine, "wall_s": out["wall_s"],
-            "req_per_s": req / out["wall_s"], "events_per_req": t["events"] / req,
-            "iterations_per_req": t["iterations"] / req, "rss_mib": out["rss_mib"]}
+    return {
+        "requests": int(req),
+        "replicas": replicas,
+        "engine": engine,
+        "wall_s": out["wall_s"],
+        "req_per_s": req / out["wall_s"],
+        "events_per_req": t["events"] / req,
+        "iterations_per_req": t["iterations"] / req,
+        "rss_mib": out["rss_mib"],
+    }
 
 
 def main() -> None:
@@ -62,28 +85,41 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}; one process per size")
-    print(f"{'requests':>10} {'replicas':>8} {'engine':>9} {'wall s':>8} {'req/s':>9} "
-          f"{'events/req':>10} {'iter/req':>8} {'RSS MiB':>8}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; one process per size"
+    )
+    print(
+        f"{'requests':>10} {'replicas':>8} {'engine':>9} {'wall s':>8} {'req/s':>9} "
+        f"{'events/req':>10} {'iter/req':>8} {'RSS MiB':>8}"
+    )
     rows = []
     for n in sizes:
         rows.append(run_one(n, "macro", args.scenario))
         r = rows[-1]
-        print(f"{r['requests']:>10,} {r['replicas']:>8} {r['engine']:>9} {r['wall_s']:>8.2f} "
-              f"{r['req_per_s']:>9,.0f} {r['events_per_req']:>10.2f} {r['iterations_per_req']:>8.1f} "
-              f"{r['rss_mib']:>8.0f}", flush=True)
+        print(
+            f"{r['requests']:>10,} {r['replicas']:>8} {r['engine']:>9} {r['wall_s']:>8.2f} "
+            f"{r['req_per_s']:>9,.0f} {r['events_per_req']:>10.2f} {r['iterations_per_req']:>8.1f} "
+            f"{r['rss_mib']:>8.0f}",
+            flush=True,
+        )
     if not args.no_reference:
         ref = run_one(100_000, "iteration", args.scenario)
         rows.append(ref)
-        mac = next((r for r in rows if r["engine"] == "macro" and abs(r["requests"] - 1e5) < 2e4), None)
+        mac = next(
+            (r for r in rows if r["engine"] == "macro" and abs(r["requests"] - 1e5) < 2e4), None
+        )
         mac = mac or run_one(100_000, "macro", args.scenario)
-        print(f"{ref['requests']:>10,} {ref['replicas']:>8} {'iteration':>9} {ref['wall_s']:>8.2f} "
-              f"{ref['req_per_s']:>9,.0f} {ref['events_per_req']:>10.2f} "
-              f"{ref['iterations_per_req']:>8.1f} {ref['rss_mib']:>8.0f}")
-        print(f"macro-stepping is {mac['req_per_s'] / ref['req_per_s']:.1f}x the per-iteration mode "
-              f"at 100k requests: {ref['events_per_req']:.1f} vs {mac['events_per_req']:.2f} events "
-              f"per request ({ref['iterations_per_req']:.0f} iterations per request)")
+        print(
+            f"{ref['requests']:>10,} {ref['replicas']:>8} {'iteration':>9} {ref['wall_s']:>8.2f} "
+            f"{ref['req_per_s']:>9,.0f} {ref['events_per_req']:>10.2f} "
+            f"{ref['iterations_per_req']:>8.1f} {ref['rss_mib']:>8.0f}"
+        )
+        print(
+            f"macro-stepping is {mac['req_per_s'] / ref['req_per_s']:.1f}x the per-iteration mode "
+            f"at 100k requests: {ref['events_per_req']:.1f} vs {mac['events_per_req']:.2f} events "
+            f"per request ({ref['iterations_per_req']:.0f} iterations per request)"
+        )
     per_req = {r["requests"]: r["wall_s"] / r["requests"] for r in rows if r["engine"] == "macro"}
     big = [v for k, v in per_req.items() if k >= 90_000]
     if len(big) >= 2:

@@ -27,8 +27,14 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def time_fn(fn: Callable[[], object], sync: Callable[[], None], *, warmup: int, repeats: int,
-            min_time_s: float = 0.0) -> tuple[list[float], float, float]:
+def time_fn(
+    fn: Callable[[], object],
+    sync: Callable[[], None],
+    *,
+    warmup: int,
+    repeats: int,
+    min_time_s: float = 0.0,
+) -> tuple[list[float], float, float]:
     """Run ``fn`` ``warmup`` times untimed, then at least ``repeats`` times (and for at least
     ``min_time_s`` seconds); returns the per-call times (s) and the wall window of the timed runs."""
     with torch.inference_mode():
@@ -56,8 +62,7 @@ def matmul_peak(device: torch.device, dtype: str, n: int, repeats: int) -> dict:
     b = torch.empty(n, n, device=device, dtype=dt).uniform_(-1, 1, generator=gen)
     times, _, _ = time_fn(lambda: a @ b, synchronizer(device), warmup=2, repeats=repeats)
     t = statistics.median(times)
-    return {"peak_flops": 2.0 * n**3 / t, "matmul_n": n, "matmul_dtype": dtype,
-            "matmul_time_s": t}
+    return {"peak_flops": 2.0 * n**3 / t, "matmul_n": n, "matmul_dtype": dtype, "matmul_time_s": t}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> dict:
@@ -92,8 +97,12 @@ class GridSpec:
 
     def prefill_points(self) -> list[tuple[int, int]]:
         """(batch, prompt_tokens) pairs within the token budget."""
-        return [(b, n) for n in self.prompt_tokens for b in self.prefill_batches
-                if b * n <= self.max_prefill_tokens]
+        return [
+            (b, n)
+            for n in self.prompt_tokens
+            for b in self.prefill_batches
+            if b * n <= self.max_prefill_tokens
+        ]
 
     def prefill_order(self) -> list[tuple[int, int]]:
         """:meth:`prefill_points` in timing order: one point per distinct token count ``B * L``
@@ -109,8 +118,12 @@ class GridSpec:
 
     def decode_points(self) -> list[tuple[int, int]]:
         """(batch, context_tokens) pairs within the cache budget."""
-        return [(b, c) for b in self.decode_batches for c in self.decode_contexts
-                if b * c <= self.max_cache_tokens]
+        return [
+            (b, c)
+            for b in self.decode_batches
+            for c in self.decode_contexts
+            if b * c <= self.max_cache_tokens
+        ]
 
 
 def spread(items: list) -> list:
@@ -151,8 +164,9 @@ def time_point(model: TorchTransformer, grid: GridSpec, row: dict) -> list[float
                 model.set_position(c - 1)
                 model.decode_step(tok, n_layers=layers)
 
-        times, _, _ = time_fn(fn, sync, warmup=grid.warmup, repeats=grid.repeats,
-                              min_time_s=grid.min_time_s)
+        times, _, _ = time_fn(
+            fn, sync, warmup=grid.warmup, repeats=grid.repeats, min_time_s=grid.min_time_s
+        )
         return times
     finally:
         model.free_cache()
@@ -162,9 +176,15 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def run_grid(model: TorchTransformer, grid: GridSpec, *, meter: PowerMeter | None = None,
-             deadline: float = math.inf, progress: Callable[[str], None] = lambda s: None,
-             min_points: int = 3) -> tuple[list[dict], list[str]]:
+def run_grid(
+    model: TorchTransformer,
+    grid: GridSpec,
+    *,
+    meter: PowerMeter | None = None,
+    deadline: float = math.inf,
+    progress: Callable[[str], None] = lambda s: None,
+    min_points: int = 3,
+) -> tuple[list[dict], list[str]]:
     """Time prefill and decode over the grid; returns rows and notes (skipped points).
 
     Decode points run at a fixed context: the cache position is reset before each step, so the
@@ -180,19 +200,31 @@ def run_grid(model: TorchTransformer, grid: GridSpec, *, meter: PowerMeter | Non
     notes: list[str] = []
 
     def record(phase: str, layers: int, b: int, prompt: int, ctx: int, fn: Callable) -> None:
-        times, t0, t1 = time_fn(fn, sync, warmup=grid.warmup, repeats=grid.repeats,
-                                min_time_s=grid.min_time_s)
+        times, t0, t1 = time_fn(
+            fn, sync, warmup=grid.warmup, repeats=grid.repeats, min_time_s=grid.min_time_s
+        )
         power = math.nan
         if meter is not None:  # skip the first 30% of the window: the meter's averaging lag
             power = meter.mean_w(t0 + 0.3 * (t1 - t0), t1)
-        rows.append({
-            "phase": phase, "n_layers": layers, "batch": b, "prompt_tokens": prompt,
-            "context_tokens": ctx, "time_s": statistics.median(times), "time_min_s": min(times),
-            "time_max_s": max(times), "repeats": len(times), "power_w": power,
-            "window_s": t1 - t0,
-        })
-        progress(f"{phase} layers={layers} B={b} L={prompt} ctx={ctx}: "
-                 f"{statistics.median(times) * 1e3:.2f} ms")
+        rows.append(
+            {
+                "phase": phase,
+                "n_layers": layers,
+                "batch": b,
+                "prompt_tokens": prompt,
+                "context_tokens": ctx,
+                "time_s": statistics.median(times),
+                "time_min_s": min(times),
+                "time_max_s": max(times),
+                "repeats": len(times),
+                "power_w": power,
+                "window_s": t1 - t0,
+            }
+        )
+        progress(
+            f"{phase} layers={layers} B={b} L={prompt} ctx={ctx}: "
+            f"{statistics.median(times) * 1e3:.2f} ms"
+        )
 
     def share(fraction: float) -> float:
         now = time.perf_counter()

@@ -1,6 +1,6 @@
 """``fleetsim calibrate`` (also ``python -m calibrate``): the command line.
 
-torch is imported only after the argument check, so that ``import calibrate.cli`` is cheap and a
+torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is cheap and a
 machine without torch gets one line with the install command instead of a traceback.
 """
 
@@ -12,8 +12,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-INSTALL_HINT = ("fleetsim calibrate needs torch: pip install -e '.[calibrate]'  "
-                "(or: pip install torch==2.13.0)")
+INSTALL_HINT = (
+    "fleetsim calibrate needs torch: pip install -e '.[calibrate]'  (or: pip install torch==2.13.0)"
+)
 DEFAULT_MODEL = "llama-3.1-8b"
 CPU_DEFAULT_LAYERS = 2
 CPU_QUICK_LAYERS = 1
@@ -28,34 +29,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleetsim calibrate",
         description="Time a real torch Transformer (random weights) on this device and write a "
-                    "roofline profile for the simulator.")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"catalog model name or a TOML file of ModelSpec fields (default "
-                        f"{DEFAULT_MODEL})")
+        "roofline profile for the simulator.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"catalog model name or a TOML file of ModelSpec fields (default {DEFAULT_MODEL})",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU (bf16 matmul is emulated and very slow "
-                        "on most CPUs)")
-    p.add_argument("--layers", type=int, default=None,
-                   help=f"build only N of the model's layers (default: all on CUDA, "
-                        f"{CPU_DEFAULT_LAYERS} on CPU, {CPU_QUICK_LAYERS} with --quick); "
-                        "efficiencies transfer per layer")
-    p.add_argument("--out", type=Path, default=None,
-                   help="profile JSON to write (default profiles/<device>-<model>.json); the "
-                        "grid Parquet goes beside it")
-    p.add_argument("--quick", action="store_true",
-                   help="small grid, few repeats (under a minute on a 2-core CPU)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="stop timing new grid points after this many seconds "
-                        "(default 40 with --quick, none otherwise)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="auto: bf16 on CUDA, fp32 on CPU (bf16 matmul is emulated and very slow on most CPUs)",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help=f"build only N of the model's layers (default: all on CUDA, "
+        f"{CPU_DEFAULT_LAYERS} on CPU, {CPU_QUICK_LAYERS} with --quick); "
+        "efficiencies transfer per layer",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="profile JSON to write (default profiles/<device>-<model>.json); the "
+        "grid Parquet goes beside it",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small grid, few repeats (under a minute on a 2-core CPU)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop timing new grid points after this many seconds "
+        "(default 40 with --quick, none otherwise)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return p
 
 
-def resolve_model(arg: str, dtype: str) -> "object":
+def resolve_model(arg: str, dtype: str) -> object:
     """ModelSpec of a catalog name or a TOML file (``name`` defaults to the file's stem)."""
-    from simulator.errors import UserError
-    from simulator.modelspec import ModelSpec, model_from_catalog
+    from fleetsim.base.errors import UserError
+    from fleetsim.device.modelspec import ModelSpec, model_from_catalog
 
     path = Path(arg)
     if arg.endswith(".toml") or path.is_file():
@@ -72,8 +94,10 @@ def resolve_model(arg: str, dtype: str) -> "object":
         fields = {f.name for f in dataclasses.fields(ModelSpec)}
         unknown = sorted(set(data) - fields)
         if unknown:
-            raise _Usage(f"--model {arg}: unknown field(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(fields))}")
+            raise _Usage(
+                f"--model {arg}: unknown field(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(fields))}"
+            )
         try:
             return ModelSpec(**data)
         except TypeError as exc:
@@ -104,21 +128,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, torch: object) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise _Usage("--device cuda: no CUDA device is available to torch "
-                     f"{torch.__version__} (fix: use --device cpu, or install a CUDA build of torch)")
-    dev_type = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+        raise _Usage(
+            "--device cuda: no CUDA device is available to torch "
+            f"{torch.__version__} (fix: use --device cpu, or install a CUDA build of torch)"
+        )
+    dev_type = (
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     device = torch.device(dev_type, 0) if dev_type == "cuda" else torch.device("cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if dev_type == "cuda" else "fp32")
     spec = resolve_model(args.model, dtype)
     if args.layers is not None and not 1 <= args.layers <= spec.n_layers:
-        raise _Usage(f"--layers {args.layers}: must be between 1 and {spec.name}'s "
-                     f"{spec.n_layers} layers")
+        raise _Usage(
+            f"--layers {args.layers}: must be between 1 and {spec.name}'s {spec.n_layers} layers"
+        )
     if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads or spec.head_dim % 2:
         raise _Usage(f"--model {args.model}: d_model / n_heads / n_kv_heads do not divide evenly")
     cpu_layers = CPU_QUICK_LAYERS if args.quick else CPU_DEFAULT_LAYERS
-    layers = args.layers or (spec.n_layers if dev_type == "cuda"
-                             else min(spec.n_layers, cpu_layers))
+    layers = args.layers or (
+        spec.n_layers if dev_type == "cuda" else min(spec.n_layers, cpu_layers)
+    )
     if args.out is not None and args.out.is_dir():
         raise _Usage(f"--out {args.out}: is a directory; give a .json file name")
 
@@ -132,15 +161,26 @@ def _run(args: argparse.Namespace, torch: object) -> int:
         slow = bench.matmul_rate(device, dtype)
         fast = bench.matmul_rate(device, "fp32")
         if slow < 0.1 * fast:
-            console.print(f"note: {dtype} matmul runs at {slow / 1e9:.1f} GFLOP/s on this CPU vs "
-                          f"{fast / 1e9:.1f} in fp32; timing fp32 instead (recorded in the profile)")
+            console.print(
+                f"note: {dtype} matmul runs at {slow / 1e9:.1f} GFLOP/s on this CPU vs "
+                f"{fast / 1e9:.1f} in fp32; timing fp32 instead (recorded in the profile)"
+            )
             dtype = "fp32"
     spec_used = dataclasses.replace(spec, n_layers=layers, dtype=dtype)
     if layers != spec.n_layers:
-        console.print(f"timing {layers} of {spec.name}'s {spec.n_layers} layers "
-                      "(efficiencies transfer per layer)")
-    profile = run.calibrate(spec_used, device=device, out=args.out, quick=args.quick,
-                            seed=args.seed, budget_s=args.budget_s, dtype_requested=requested,
-                            log=lambda s: console.print(s, highlight=False))
+        console.print(
+            f"timing {layers} of {spec.name}'s {spec.n_layers} layers "
+            "(efficiencies transfer per layer)"
+        )
+    profile = run.calibrate(
+        spec_used,
+        device=device,
+        out=args.out,
+        quick=args.quick,
+        seed=args.seed,
+        budget_s=args.budget_s,
+        dtype_requested=requested,
+        log=lambda s: console.print(s, highlight=False),
+    )
     run.render(profile, console)
     return 0

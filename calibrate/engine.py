@@ -1,6 +1,6 @@
 """A minimal real serving engine: continuous batching over the torch Transformer, in wall time.
 
-It mirrors :mod:`simulator.engine` rule for rule, so that a trace replayed here and through
+It mirrors :mod:`fleetsim.serving.engine` rule for rule, so that a trace replayed here and through
 ``simulate()`` differ only by the latency model:
 
 * at every iteration boundary, waiting requests are admitted first-come-first-served while the
@@ -62,7 +62,7 @@ class RequestRecord:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
-    status: str = "waiting"            # completed | rejected | waiting | running
+    status: str = "waiting"  # completed | rejected | waiting | running
     admit_s: float = math.nan
     first_token_s: float = math.nan
     finish_s: float = math.nan
@@ -91,17 +91,17 @@ class IterationRecord:
     end_s: float
     n_prefill: int
     prompt_tokens: int
-    pairs: float          # sum of squared prompt lengths
+    pairs: float  # sum of squared prompt lengths
     n_decode: int
-    context_tokens: int   # keys attended by the decoding sequences (their new token included)
+    context_tokens: int  # keys attended by the decoding sequences (their new token included)
 
 
 @dataclass(slots=True)
 class _Seq:
     rec: RequestRecord
     slot: int
-    length: int = 0       # tokens in the cache
-    left: int = 0         # tokens still to produce
+    length: int = 0  # tokens in the cache
+    left: int = 0  # tokens still to produce
     last_token: int = 0
 
 
@@ -121,8 +121,15 @@ class ReplayResult:
 class ServingEngine:
     """Continuous batching over ``model`` (its weights; the KV cache is the engine's own)."""
 
-    def __init__(self, model: TorchTransformer, *, max_batch_size: int, max_batched_tokens: int,
-                 kv_budget_tokens: int, max_seq_tokens: int) -> None:
+    def __init__(
+        self,
+        model: TorchTransformer,
+        *,
+        max_batch_size: int,
+        max_batched_tokens: int,
+        kv_budget_tokens: int,
+        max_seq_tokens: int,
+    ) -> None:
         self.model = model
         self.max_batch = max_batch_size
         self.max_tokens = max_batched_tokens
@@ -133,14 +140,22 @@ class ServingEngine:
         shape = (max_batch_size, m.n_kv_heads, max_seq_tokens, m.head_dim)
         self.kc = [torch.zeros(shape, device=self.device, dtype=m.dtype) for _ in m.layers]
         self.vc = [torch.zeros(shape, device=self.device, dtype=m.dtype) for _ in m.layers]
-        inv = 1.0 / (m.rope_theta ** (torch.arange(0, m.head_dim, 2, device=self.device,
-                                                   dtype=torch.float32) / m.head_dim))
-        ang = torch.outer(torch.arange(max_seq_tokens, device=self.device, dtype=torch.float32), inv)
+        inv = 1.0 / (
+            m.rope_theta
+            ** (
+                torch.arange(0, m.head_dim, 2, device=self.device, dtype=torch.float32) / m.head_dim
+            )
+        )
+        ang = torch.outer(
+            torch.arange(max_seq_tokens, device=self.device, dtype=torch.float32), inv
+        )
         self._cos = torch.cat((torch.cos(ang), torch.cos(ang)), -1).to(m.dtype)
         self._sin = torch.cat((torch.sin(ang), torch.sin(ang)), -1).to(m.dtype)
         self._sync: Callable[[], None] = (
-            (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda"
-            else (lambda: None))
+            (lambda: torch.cuda.synchronize(self.device))
+            if self.device.type == "cuda"
+            else (lambda: None)
+        )
         self._gen = torch.Generator(device="cpu").manual_seed(1234)
 
     # ---- one iteration --------------------------------------------------------------------
@@ -155,8 +170,9 @@ class ServingEngine:
         return x * cos + rot * sin
 
     @torch.inference_mode()
-    def forward(self, prefills: Sequence[tuple[int, torch.Tensor]],
-                decodes: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    def forward(
+        self, prefills: Sequence[tuple[int, torch.Tensor]], decodes: Sequence[tuple[int, int, int]]
+    ) -> torch.Tensor:
         """One packed iteration. ``prefills``: (slot, prompt ids [L]); ``decodes``: (slot, cache
         length, last token id). Returns the next token of every sequence (prefills first)."""
         m = self.model
@@ -172,7 +188,9 @@ class ServingEngine:
             pos.append(dec_len)
             dec_slots = torch.tensor([d[0] for d in decodes], device=dev)
             max_ctx = max(d[1] for d in decodes) + 1
-            mask = (torch.arange(max_ctx, device=dev)[None, :] <= dec_len[:, None])[:, None, None, :]
+            mask = (torch.arange(max_ctx, device=dev)[None, :] <= dec_len[:, None])[
+                :, None, None, :
+            ]
         tokens = torch.cat(toks)
         positions = torch.cat(pos)
         if m.embed.shape[0] < m.spec.vocab_size:
@@ -188,12 +206,16 @@ class ServingEngine:
             outs = []
             off = 0
             for (slot, _), L in zip(prefills, lens):
-                kc[slot, :, :L] = k[off:off + L].transpose(0, 1)
-                vc[slot, :, :L] = v[off:off + L].transpose(0, 1)
-                qi = q[off:off + L].transpose(0, 1).unsqueeze(0)
+                kc[slot, :, :L] = k[off : off + L].transpose(0, 1)
+                vc[slot, :, :L] = v[off : off + L].transpose(0, 1)
+                qi = q[off : off + L].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(
-                    qi, kc[slot:slot + 1, :, :L], vc[slot:slot + 1, :, :L], is_causal=L > 1,
-                    enable_gqa=h != hk)
+                    qi,
+                    kc[slot : slot + 1, :, :L],
+                    vc[slot : slot + 1, :, :L],
+                    is_causal=L > 1,
+                    enable_gqa=h != hk,
+                )
                 outs.append(o[0].transpose(0, 1).reshape(L, h * hd))
                 off += L
             if n_dec:
@@ -201,19 +223,23 @@ class ServingEngine:
                 vc[dec_slots, :, dec_len] = v[P:]
                 keys = kc[dec_slots, :, :max_ctx]
                 vals = vc[dec_slots, :, :max_ctx]
-                o = F.scaled_dot_product_attention(q[P:].unsqueeze(2), keys, vals, attn_mask=mask,
-                                                   enable_gqa=h != hk)
+                o = F.scaled_dot_product_attention(
+                    q[P:].unsqueeze(2), keys, vals, attn_mask=mask, enable_gqa=h != hk
+                )
                 outs.append(o.reshape(n_dec, h * hd))
             x = x + F.linear(torch.cat(outs) if len(outs) > 1 else outs[0], layer.wo)
             x = x + m._mlp(layer, m._norm(x, layer.mlp_norm))
-        last = torch.tensor([*(torch.tensor(lens).cumsum(0) - 1).tolist(),
-                             *range(P, P + n_dec)], device=dev)
+        last = torch.tensor(
+            [*(torch.tensor(lens).cumsum(0) - 1).tolist(), *range(P, P + n_dec)], device=dev
+        )
         logits = F.linear(m._norm(x[last], m.final_norm), m.lm_head)
         return logits.argmax(-1)
 
     # ---- the serving loop -----------------------------------------------------------------
     def _prompt_ids(self, n: int) -> torch.Tensor:
-        return torch.randint(0, self.model.spec.vocab_size, (n,), generator=self._gen).to(self.device)
+        return torch.randint(0, self.model.spec.vocab_size, (n,), generator=self._gen).to(
+            self.device
+        )
 
     def warmup(self, iterations: int = 3) -> None:
         """A few untimed mixed iterations (allocator, kernels, caches)."""
@@ -222,13 +248,20 @@ class ServingEngine:
             self.forward([(0, self._prompt_ids(L))], [(1, L, 1)] if self.max_batch > 1 else [])
         self._sync()
 
-    def replay(self, trace: Sequence[TraceRequest], *, max_context_tokens: int | None = None,
-               clock: Callable[[], float] = time.perf_counter,
-               sleep: Callable[[float], None] = time.sleep,
-               progress: Callable[[int], None] | None = None) -> ReplayResult:
+    def replay(
+        self,
+        trace: Sequence[TraceRequest],
+        *,
+        max_context_tokens: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+        progress: Callable[[int], None] | None = None,
+    ) -> ReplayResult:
         """Serve ``trace`` in real time: each request arrives at its ``arrival_s`` after the start."""
-        recs = [RequestRecord(i, r.arrival_s, r.prompt_tokens, r.output_tokens)
-                for i, r in enumerate(trace)]
+        recs = [
+            RequestRecord(i, r.arrival_s, r.prompt_tokens, r.output_tokens)
+            for i, r in enumerate(trace)
+        ]
         order = sorted(range(len(recs)), key=lambda i: recs[i].arrival_s)
         max_ctx = max_context_tokens or self.max_seq
         waiting: deque[RequestRecord] = deque()
@@ -244,8 +277,12 @@ class ServingEngine:
                 r = recs[order[nxt]]
                 nxt += 1
                 need = r.prompt_tokens + r.output_tokens
-                if (need > self.kv_cap or r.prompt_tokens > self.max_tokens or need > max_ctx
-                        or need > self.max_seq):
+                if (
+                    need > self.kv_cap
+                    or r.prompt_tokens > self.max_tokens
+                    or need > max_ctx
+                    or need > self.max_seq
+                ):
                     r.status = "rejected"
                 else:
                     waiting.append(r)
@@ -258,16 +295,18 @@ class ServingEngine:
                 while clock() - t0 < recs[order[nxt]].arrival_s:
                     pass  # the last millisecond: spin, so that an idle engine starts on time
                 continue
-            # admission (FCFS, head-of-line blocking), exactly simulator.engine.Replica._fits
+            # admission (FCFS, head-of-line blocking), exactly fleetsim.serving.engine.Replica._fits
             pf: list[_Seq] = []
             P = 0
             n_dec = len(running)
             while waiting:
                 r = waiting[0]
                 need = r.prompt_tokens + r.output_tokens
-                if not (n_dec + len(pf) < self.max_batch
-                        and P + r.prompt_tokens + n_dec <= self.max_tokens
-                        and kv_used + need <= self.kv_cap):
+                if not (
+                    n_dec + len(pf) < self.max_batch
+                    and P + r.prompt_tokens + n_dec <= self.max_tokens
+                    and kv_used + need <= self.kv_cap
+                ):
                     break
                 waiting.popleft()
                 r.admit_s = now
@@ -277,8 +316,10 @@ class ServingEngine:
                 kv_used += need
             ctx = sum(s.length + 1 for s in running)
             start = now  # the boundary: the iteration's time includes admission and input prep
-            nxt_tok = self.forward([(s.slot, self._prompt_ids(s.rec.prompt_tokens)) for s in pf],
-                                   [(s.slot, s.length, s.last_token) for s in running])
+            nxt_tok = self.forward(
+                [(s.slot, self._prompt_ids(s.rec.prompt_tokens)) for s in pf],
+                [(s.slot, s.length, s.last_token) for s in running],
+            )
             self._sync()
             toks = nxt_tok.tolist()
             done: list[_Seq] = []
@@ -304,18 +345,33 @@ class ServingEngine:
                 s.rec.status = "completed"
                 if progress is not None:
                     progress(1)
-            iters.append(IterationRecord(start, end, len(pf), P,
-                                         float(sum(s.rec.prompt_tokens ** 2 for s in pf)),
-                                         n_dec, ctx))
+            iters.append(
+                IterationRecord(
+                    start,
+                    end,
+                    len(pf),
+                    P,
+                    float(sum(s.rec.prompt_tokens**2 for s in pf)),
+                    n_dec,
+                    ctx,
+                )
+            )
         return ReplayResult(recs, iters, clock() - t0)
 
 
 # ---- a linear profile of this engine ---------------------------------------------------------------
-LINEAR_TERMS = ("base_s", "prefill_base_s", "per_prefill_token_s", "per_seq_s", "per_context_token_s")
+LINEAR_TERMS = (
+    "base_s",
+    "prefill_base_s",
+    "per_prefill_token_s",
+    "per_seq_s",
+    "per_context_token_s",
+)
 
 
-def time_iteration(engine: ServingEngine, prompts: Sequence[int], contexts: Sequence[int],
-                   repeats: int = 3) -> float:
+def time_iteration(
+    engine: ServingEngine, prompts: Sequence[int], contexts: Sequence[int], repeats: int = 3
+) -> float:
     """Median wall time (s) of one packed iteration prefilling ``prompts`` (lengths) while the
     sequences of ``contexts`` (cache lengths) decode. Slots: prefills first, then decodes."""
     pf = [(i, engine._prompt_ids(L)) for i, L in enumerate(prompts)]
@@ -331,8 +387,9 @@ def time_iteration(engine: ServingEngine, prompts: Sequence[int], contexts: Sequ
     return sorted(times)[len(times) // 2]
 
 
-def fit_linear_profile(engine: ServingEngine, *, max_prompt: int, max_context: int,
-                       repeats: int = 3) -> tuple[dict[str, float], list[dict]]:
+def fit_linear_profile(
+    engine: ServingEngine, *, max_prompt: int, max_context: int, repeats: int = 3
+) -> tuple[dict[str, float], list[dict]]:
     """Time the engine's own iterations on a small grid of compositions (prefill only, decode
     only, mixed) and fit the simulator's linear step-time model to them by non-negative least
     squares: ``t = base + [P>0] prefill_base + per_prefill_token P + per_seq (n_prefill + n)
@@ -348,14 +405,25 @@ def fit_linear_profile(engine: ServingEngine, *, max_prompt: int, max_context: i
     if B >= 2:
         points.append(([mp // 2, mp // 2], []))
     points += [([], [c] * b) for b in batches for c in ctxs]
-    points += [([L], [c] * (b - 1)) for L in (plens[0], plens[-1]) for b in batches if b > 1
-               for c in (ctxs[0], ctxs[-1])]
+    points += [
+        ([L], [c] * (b - 1))
+        for L in (plens[0], plens[-1])
+        for b in batches
+        if b > 1
+        for c in (ctxs[0], ctxs[-1])
+    ]
     rows = []
     for prompts, contexts in points:
         t = time_iteration(engine, prompts, contexts, repeats)
-        rows.append({"n_prefill": len(prompts), "prompt_tokens": sum(prompts),
-                     "n_decode": len(contexts), "context_tokens": sum(c + 1 for c in contexts),
-                     "time_s": t})
+        rows.append(
+            {
+                "n_prefill": len(prompts),
+                "prompt_tokens": sum(prompts),
+                "n_decode": len(contexts),
+                "context_tokens": sum(c + 1 for c in contexts),
+                "time_s": t,
+            }
+        )
     return fit_linear_rows(rows), rows
 
 
@@ -366,8 +434,18 @@ def fit_linear_rows(rows: list[dict], relative: bool = True) -> dict[str, float]
     adds ``predicted_s`` and ``rel_err`` to each row and returns the coefficients."""
     from scipy.optimize import nnls
 
-    X = np.array([[1.0, 1.0 if r["prompt_tokens"] else 0.0, r["prompt_tokens"],
-                   r["n_prefill"] + r["n_decode"], r["context_tokens"]] for r in rows])
+    X = np.array(
+        [
+            [
+                1.0,
+                1.0 if r["prompt_tokens"] else 0.0,
+                r["prompt_tokens"],
+                r["n_prefill"] + r["n_decode"],
+                r["context_tokens"],
+            ]
+            for r in rows
+        ]
+    )
     y = np.array([r["time_s"] for r in rows])
     w = 1.0 / y if relative else np.ones_like(y)
     coef, _ = nnls(X * w[:, None], y * w)

@@ -1,8 +1,8 @@
 """Fit the roofline profile and the power model to the timing grid; check a profile's honesty.
 
-The roofline of :class:`simulator.latency.LatencyModel` predicts a prefill of ``B`` prompts of
+The roofline of :class:`fleetsim.device.latency.LatencyModel` predicts a prefill of ``B`` prompts of
 ``L`` tokens and a decode step of ``B`` sequences at ``ctx`` keys from the analytic FLOPs and
-bytes of :class:`simulator.modelspec.ModelSpec` and five parameters: ``compute_eff_max``,
+bytes of :class:`fleetsim.device.modelspec.ModelSpec` and five parameters: ``compute_eff_max``,
 ``compute_eff_half_tokens``, ``memory_eff``, ``overhead_s`` and ``overhead_per_layer_s``
 (peaks come from the micro-benchmarks). :func:`fit_roofline` finds them by least squares on the
 relative error (``scipy.optimize.least_squares`` with bounds), so a 1 ms decode step weighs as
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
-from simulator.latency import LatencyModel, PowerSpec, RooflineProfile
-from simulator.modelspec import ModelSpec
+from fleetsim.device.latency import LatencyModel, PowerSpec, RooflineProfile
+from fleetsim.device.modelspec import ModelSpec
 
 _BOUNDS = {  # name: (low, high)
     "compute_eff_max": (1e-3, 2.0),
@@ -49,8 +49,7 @@ def work(spec: ModelSpec, row: dict) -> tuple[float, float]:
         tokens = b * n
         return s.prefill_flops(n) * b, s.weight_bytes_read(tokens) + s.kv_bytes_per_token * tokens
     c = int(row["context_tokens"])
-    return (s.decode_flops(b, b * c),
-            s.weight_bytes_read(b) + s.kv_bytes_per_token * (b * c + b))
+    return (s.decode_flops(b, b * c), s.weight_bytes_read(b) + s.kv_bytes_per_token * (b * c + b))
 
 
 def predict(spec: ModelSpec, profile: RooflineProfile, rows: Sequence[dict]) -> np.ndarray:
@@ -79,14 +78,25 @@ def quality(measured: np.ndarray, predicted: np.ndarray) -> dict:
         ss_tot = float(np.sum((y - y.mean()) ** 2))
         return 1.0 - float(np.sum((y - f) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
 
-    return {"r2": r2(m, p), "r2_log": r2(np.log(m), np.log(p)),
-            "max_rel_err": float(np.max(np.abs(rel))), "rms_rel_err": float(np.sqrt(np.mean(rel**2))),
-            "n_points": int(m.size)}
+    return {
+        "r2": r2(m, p),
+        "r2_log": r2(np.log(m), np.log(p)),
+        "max_rel_err": float(np.max(np.abs(rel))),
+        "rms_rel_err": float(np.sqrt(np.mean(rel**2))),
+        "n_points": int(m.size),
+    }
 
 
-def fit_roofline(spec: ModelSpec, rows: Sequence[dict], *, name: str, peak_flops: float,
-                 mem_bw_bytes_per_s: float, mem_bytes: float,
-                 fit_per_layer: bool | None = None) -> tuple[RooflineProfile, dict]:
+def fit_roofline(
+    spec: ModelSpec,
+    rows: Sequence[dict],
+    *,
+    name: str,
+    peak_flops: float,
+    mem_bw_bytes_per_s: float,
+    mem_bytes: float,
+    fit_per_layer: bool | None = None,
+) -> tuple[RooflineProfile, dict]:
     """Least-squares roofline parameters for the measured ``rows``; returns profile and quality.
 
     ``fit_per_layer`` (default: whether the rows hold two or more layer counts) decides whether
@@ -104,9 +114,14 @@ def fit_roofline(spec: ModelSpec, rows: Sequence[dict], *, name: str, peak_flops
     def make(x: np.ndarray) -> RooflineProfile:
         vals = dict(zip(names, (float(v) for v in x), strict=True))
         vals.setdefault("overhead_per_layer_s", 0.0)
-        return RooflineProfile(name=name, peak_flops=peak_flops,
-                               mem_bw_bytes_per_s=mem_bw_bytes_per_s, mem_bytes=mem_bytes,
-                               source="measured", **vals)
+        return RooflineProfile(
+            name=name,
+            peak_flops=peak_flops,
+            mem_bw_bytes_per_s=mem_bw_bytes_per_s,
+            mem_bytes=mem_bytes,
+            source="measured",
+            **vals,
+        )
 
     def resid(x: np.ndarray) -> np.ndarray:
         return predict(spec, make(x), rows) / meas - 1.0
@@ -133,8 +148,15 @@ def fit_roofline(spec: ModelSpec, rows: Sequence[dict], *, name: str, peak_flops
     return profile, q
 
 
-def fit_power(spec: ModelSpec, rows: Sequence[dict], *, idle_w: float, max_w: float,
-              peak_flops: float, mem_bw_bytes_per_s: float) -> tuple[PowerSpec, dict]:
+def fit_power(
+    spec: ModelSpec,
+    rows: Sequence[dict],
+    *,
+    idle_w: float,
+    max_w: float,
+    peak_flops: float,
+    mem_bw_bytes_per_s: float,
+) -> tuple[PowerSpec, dict]:
     """``PowerSpec`` by non-negative least squares of the busy excess over idle.
 
     Busy power = idle_w + active_w + compute_w * u_c + memory_w * u_m with u_c = flops /
@@ -155,23 +177,27 @@ def fit_power(spec: ModelSpec, rows: Sequence[dict], *, idle_w: float, max_w: fl
     pred = a @ res.x
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum((y - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
-    spec_out = PowerSpec(idle_w=idle_w, max_w=max_w, active_w=active_w, compute_w=compute_w,
-                         memory_w=memory_w)
-    return spec_out, {"r2": r2, "max_abs_err_w": float(np.max(np.abs(y - pred))),
-                      "n_points": len(pts)}
+    spec_out = PowerSpec(
+        idle_w=idle_w, max_w=max_w, active_w=active_w, compute_w=compute_w, memory_w=memory_w
+    )
+    return spec_out, {
+        "r2": r2,
+        "max_abs_err_w": float(np.max(np.abs(y - pred))),
+        "n_points": len(pts),
+    }
 
 
 def predicted_vs_measured(profile_path: str | Path) -> list[dict]:
     """Each grid point of a calibrated profile with its measured and predicted seconds.
 
-    Reads the profile with :func:`simulator.profile.load_profile`, the model it timed from its
+    Reads the profile with :func:`fleetsim.device.profile.load_profile`, the model it timed from its
     ``model_config`` key and the grid from its ``grid_file`` (Parquet, beside the JSON), and
     predicts with ``LatencyModel(spec, profile)``. Rows carry ``measured_s``, ``predicted_s`` and
     ``rel_err`` = predicted / measured - 1.
     """
     import pyarrow.parquet as pq
 
-    from simulator.profile import load_profile
+    from fleetsim.device.profile import load_profile
 
     path = Path(profile_path)
     profile, _ = load_profile(path)
@@ -181,8 +207,14 @@ def predicted_vs_measured(profile_path: str | Path) -> list[dict]:
     pred = predict(spec, profile, rows)
     out = []
     for r, p in zip(rows, pred, strict=True):
-        out.append({**r, "measured_s": float(r["time_s"]), "predicted_s": float(p),
-                    "rel_err": float(p) / float(r["time_s"]) - 1.0})
+        out.append(
+            {
+                **r,
+                "measured_s": float(r["time_s"]),
+                "predicted_s": float(p),
+                "rel_err": float(p) / float(r["time_s"]) - 1.0,
+            }
+        )
     return out
 
 
@@ -192,8 +224,13 @@ def tokens_of(row: dict) -> int:
     return b * int(row["prompt_tokens"]) if row["phase"] == "prefill" else b
 
 
-def fit_roofline_table(spec: ModelSpec, rows: Sequence[dict], base: RooflineProfile, *,
-                       fit_per_layer: bool | None = None) -> tuple[RooflineProfile, dict]:
+def fit_roofline_table(
+    spec: ModelSpec,
+    rows: Sequence[dict],
+    base: RooflineProfile,
+    *,
+    fit_per_layer: bool | None = None,
+) -> tuple[RooflineProfile, dict]:
     """A roofline with a tabulated ``compute_eff_table`` (one efficiency per distinct ``T`` of
     ``rows``), fitted with ``memory_eff``, ``overhead_s`` and ``overhead_per_layer_s`` by least
     squares on the relative error. ``base`` (the hyperbolic fit) gives the peaks, the starting
@@ -217,17 +254,28 @@ def fit_roofline_table(spec: ModelSpec, rows: Sequence[dict], base: RooflineProf
     # memory_eff <= 1: the weights stream no faster than the measured copy. Without the bound a
     # grid of one layer count (--quick) trades overhead_s against memory_eff freely (batch-1
     # decode = overhead + bytes / (bw * memory_eff)) and lands on the upper bound.
-    lo = np.array([_BOUNDS["memory_eff"][0], _BOUNDS["overhead_s"][0],
-                   _BOUNDS["overhead_per_layer_s"][0]][:n_head] + [lo_e] * len(t_values))
-    hi = np.array([1.0, _BOUNDS["overhead_s"][1],
-                   _BOUNDS["overhead_per_layer_s"][1]][:n_head] + [hi_e] * len(t_values))
+    lo = np.array(
+        [_BOUNDS["memory_eff"][0], _BOUNDS["overhead_s"][0], _BOUNDS["overhead_per_layer_s"][0]][
+            :n_head
+        ]
+        + [lo_e] * len(t_values)
+    )
+    hi = np.array(
+        [1.0, _BOUNDS["overhead_s"][1], _BOUNDS["overhead_per_layer_s"][1]][:n_head]
+        + [hi_e] * len(t_values)
+    )
 
     def make(x: np.ndarray) -> RooflineProfile:
-        table = tuple((float(t), float(math.exp(v))) for t, v in zip(t_values, x[n_head:],
-                                                                       strict=True))
-        return dataclasses.replace(base, memory_eff=float(x[0]), overhead_s=float(x[1]),
-                                   overhead_per_layer_s=float(x[2]) if fit_per_layer else 0.0,
-                                   compute_eff_table=table)
+        table = tuple(
+            (float(t), float(math.exp(v))) for t, v in zip(t_values, x[n_head:], strict=True)
+        )
+        return dataclasses.replace(
+            base,
+            memory_eff=float(x[0]),
+            overhead_s=float(x[1]),
+            overhead_per_layer_s=float(x[2]) if fit_per_layer else 0.0,
+            compute_eff_table=table,
+        )
 
     def resid(x: np.ndarray) -> np.ndarray:
         return predict(spec, make(x), rows) / meas - 1.0
@@ -237,8 +285,11 @@ def fit_roofline_table(spec: ModelSpec, rows: Sequence[dict], base: RooflineProf
     for oh_scale in (1.0, 0.0):  # from the hyperbolic fit's overheads, and from none
         oh = oh_scale * (base.overhead_s + base.overhead_per_layer_s * layers)
         rest = np.maximum(meas - oh, 0.05 * meas)
-        x0 = [min(base.memory_eff, 0.99), oh_scale * base.overhead_s,
-              oh_scale * base.overhead_per_layer_s][:n_head]
+        x0 = [
+            min(base.memory_eff, 0.99),
+            oh_scale * base.overhead_s,
+            oh_scale * base.overhead_per_layer_s,
+        ][:n_head]
         for t in t_values:
             sel = toks == t
             x0.append(math.log(float(np.clip(np.median(fl[sel] / (rest[sel] * peak)), 2e-3, 1.4))))
@@ -257,8 +308,12 @@ def fit_roofline_table(spec: ModelSpec, rows: Sequence[dict], base: RooflineProf
     filled = [t for t in t_values if t not in identified]
     if not identified:  # every point memory-bound: no efficiency is measured; keep the base
         q = quality(meas, predict(spec, base, rows))
-        q.update(overhead_per_layer_fitted=bool(fit_per_layer), layer_counts=sorted(layer_counts),
-                 identified_tokens=[], filled_tokens=t_values)
+        q.update(
+            overhead_per_layer_fitted=bool(fit_per_layer),
+            layer_counts=sorted(layer_counts),
+            identified_tokens=[],
+            filled_tokens=t_values,
+        )
         return base, q
     if filled:
         table = dict(effs)

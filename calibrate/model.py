@@ -1,4 +1,4 @@
-"""A decoder-only Transformer in torch, built from a :class:`~simulator.modelspec.ModelSpec`.
+"""A decoder-only Transformer in torch, built from a :class:`~fleetsim.device.modelspec.ModelSpec`.
 
 Random weights from an explicit ``torch.Generator`` (fixed seed); nothing is downloaded. The
 model has what a serving engine's forward pass has, so that its timing means something:
@@ -8,7 +8,7 @@ model has what a serving engine's forward pass has, so that its timing means som
 * a SwiGLU (3 matrices) or GELU (2 matrices) MLP, or a mixture of experts with top-k routing
   when ``n_experts > 1`` (routed experts computed by a loop over the experts that got tokens);
 * a tied or untied LM head, applied to the last position only (the contract of
-  :mod:`simulator.modelspec`);
+  :mod:`fleetsim.device.modelspec`);
 * a real KV cache, preallocated per batch for a maximum length, and true incremental decoding:
   :meth:`TorchTransformer.prefill` fills the cache, :meth:`TorchTransformer.decode_step` feeds one
   token per sequence against it without recomputing the prefix.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from simulator.modelspec import ModelSpec
+from fleetsim.device.modelspec import ModelSpec
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -121,18 +121,20 @@ class TorchTransformer:
         n_exp = spec.n_experts
         self.layers: list[_Layer] = []
         for _ in range(spec.n_layers):
-            self.layers.append(_Layer(
-                attn_norm=ones(d),
-                wq=w(spec.n_heads * hd, d),
-                wk=w(spec.n_kv_heads * hd, d),
-                wv=w(spec.n_kv_heads * hd, d),
-                wo=w(d, spec.n_heads * hd, s=std / math.sqrt(2 * spec.n_layers)),
-                mlp_norm=ones(d),
-                router=w(n_exp, d, s=1.0 / math.sqrt(d)) if n_exp > 1 else None,
-                w1=w(n_exp, spec.d_ff, d),
-                w2=w(n_exp, d, spec.d_ff, s=std / math.sqrt(2 * spec.n_layers)),
-                w3=w(n_exp, spec.d_ff, d) if spec.mlp == "swiglu" else None,
-            ))
+            self.layers.append(
+                _Layer(
+                    attn_norm=ones(d),
+                    wq=w(spec.n_heads * hd, d),
+                    wk=w(spec.n_kv_heads * hd, d),
+                    wv=w(spec.n_kv_heads * hd, d),
+                    wo=w(d, spec.n_heads * hd, s=std / math.sqrt(2 * spec.n_layers)),
+                    mlp_norm=ones(d),
+                    router=w(n_exp, d, s=1.0 / math.sqrt(d)) if n_exp > 1 else None,
+                    w1=w(n_exp, spec.d_ff, d),
+                    w2=w(n_exp, d, spec.d_ff, s=std / math.sqrt(2 * spec.n_layers)),
+                    w3=w(n_exp, spec.d_ff, d) if spec.mlp == "swiglu" else None,
+                )
+            )
         self.final_norm = ones(d)
         self.lm_head = self.embed if spec.tied_embeddings else w(spec.vocab_size, d)
         self.k_cache: list[torch.Tensor] = []
@@ -147,16 +149,24 @@ class TorchTransformer:
     def allocate_cache(self, batch: int, max_tokens: int) -> None:
         """Preallocate K and V for ``batch`` sequences of up to ``max_tokens`` tokens (zeros)."""
         shape = (batch, self.n_kv_heads, max_tokens, self.head_dim)
-        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype)
-                        for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype)
-                        for _ in self.layers]
+        self.k_cache = [
+            torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers
+        ]
+        self.v_cache = [
+            torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers
+        ]
         self.cache_batch, self.cache_tokens, self.pos = batch, max_tokens, 0
         if self.rope:
-            inv = 1.0 / (self.rope_theta ** (
-                torch.arange(0, self.head_dim, 2, device=self.device, dtype=torch.float32)
-                / self.head_dim))
-            ang = torch.outer(torch.arange(max_tokens, device=self.device, dtype=torch.float32), inv)
+            inv = 1.0 / (
+                self.rope_theta
+                ** (
+                    torch.arange(0, self.head_dim, 2, device=self.device, dtype=torch.float32)
+                    / self.head_dim
+                )
+            )
+            ang = torch.outer(
+                torch.arange(max_tokens, device=self.device, dtype=torch.float32), inv
+            )
             self._cos = torch.cos(ang).to(self.dtype)
             self._sin = torch.sin(ang).to(self.dtype)
 
@@ -206,14 +216,17 @@ class TorchTransformer:
         gqa = h != hk
         # prefill: the whole prompt attends causally; decode (n == 1): the new token attends
         # everything in the cache, no mask needed.
-        o = F.scaled_dot_product_attention(q, keys, vals, is_causal=(start == 0 and n > 1),
-                                           enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            q, keys, vals, is_causal=(start == 0 and n > 1), enable_gqa=gqa
+        )
         o = o.transpose(1, 2).reshape(b, n, h * hd)
         return F.linear(o, layer.wo)
 
     def _expert(self, layer: _Layer, e: int, x: torch.Tensor) -> torch.Tensor:
         if layer.w3 is not None:
-            return F.linear(F.silu(F.linear(x, layer.w1[e])) * F.linear(x, layer.w3[e]), layer.w2[e])
+            return F.linear(
+                F.silu(F.linear(x, layer.w1[e])) * F.linear(x, layer.w3[e]), layer.w2[e]
+            )
         return F.linear(F.gelu(F.linear(x, layer.w1[e])), layer.w2[e])
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -235,8 +248,10 @@ class TorchTransformer:
         """Run ``tokens`` [B, n] at positions start.., return last-position logits [B, vocab]."""
         b, n = tokens.shape
         if b > self.cache_batch or start + n > self.cache_tokens:
-            raise ValueError(f"batch {b} x {start + n} tokens exceeds the cache "
-                             f"({self.cache_batch} x {self.cache_tokens}); allocate_cache first")
+            raise ValueError(
+                f"batch {b} x {start + n} tokens exceeds the cache "
+                f"({self.cache_batch} x {self.cache_tokens}); allocate_cache first"
+            )
         if self.embed.shape[0] < self.spec.vocab_size:
             tokens = tokens % self.embed.shape[0]
         x = F.embedding(tokens, self.embed)
@@ -263,8 +278,9 @@ class TorchTransformer:
     def random_tokens(self, batch: int, length: int, seed: int = 1) -> torch.Tensor:
         """Token ids [batch, length] from a fixed generator."""
         g = torch.Generator(device=self.device).manual_seed(seed)
-        return torch.randint(0, self.spec.vocab_size, (batch, length), generator=g,
-                             device=self.device)
+        return torch.randint(
+            0, self.spec.vocab_size, (batch, length), generator=g, device=self.device
+        )
 
 
 # ---- FLOP counting ---------------------------------------------------------------------------
@@ -302,8 +318,9 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def flop_check(model: TorchTransformer, batch: int, prompt_tokens: int,
-               context_tokens: int) -> dict[str, float]:
+def flop_check(
+    model: TorchTransformer, batch: int, prompt_tokens: int, context_tokens: int
+) -> dict[str, float]:
     """Counted vs analytic FLOPs of one prefill (B x L) and one decode step (B at ``ctx`` keys).
 
     The decode step's new token attends ``context_tokens`` keys, itself included (the cache
@@ -320,9 +337,13 @@ def flop_check(model: TorchTransformer, batch: int, prompt_tokens: int,
     want_p = spec.prefill_flops(prompt_tokens) * batch
     want_d = spec.decode_flops(batch, batch * context_tokens)
     return {
-        "batch": batch, "prompt_tokens": prompt_tokens, "context_tokens": context_tokens,
-        "prefill_counted_flops": counted_p, "prefill_analytic_flops": want_p,
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "context_tokens": context_tokens,
+        "prefill_counted_flops": counted_p,
+        "prefill_analytic_flops": want_p,
         "prefill_rel_err": counted_p / want_p - 1.0,
-        "decode_counted_flops": counted_d, "decode_analytic_flops": want_d,
+        "decode_counted_flops": counted_d,
+        "decode_analytic_flops": want_d,
         "decode_rel_err": counted_d / want_d - 1.0,
     }

@@ -82,7 +82,7 @@ class NvmlMeter(PowerMeter):
         try:
             v = self._nvml.nvmlDeviceGetFieldValues(self._h, [field])[0]
             return v.nvmlReturn == 0 and v.value.uiVal > 0
-        except Exception:  # noqa: BLE001 - any NVML/ctypes failure means "not available"
+        except Exception:
             return False
 
     def read_w(self) -> float | None:
@@ -90,7 +90,8 @@ class NvmlMeter(PowerMeter):
         try:
             if self._instant:
                 v = self._nvml.nvmlDeviceGetFieldValues(
-                    self._h, [self._nvml.NVML_FI_DEV_POWER_INSTANT])[0]
+                    self._h, [self._nvml.NVML_FI_DEV_POWER_INSTANT]
+                )[0]
                 if v.nvmlReturn == 0:
                     return v.value.uiVal / 1000.0
             return self._nvml.nvmlDeviceGetPowerUsage(self._h) / 1000.0
@@ -140,7 +141,7 @@ def open_meter(device_type: str, index: int = 0) -> tuple[PowerMeter | None, str
             return NvmlMeter(index).start(), "nvml"
         except ImportError:
             return None, "no NVML: pip install nvidia-ml-py"
-        except Exception as exc:  # noqa: BLE001 - NVML errors have many classes
+        except Exception as exc:
             return None, f"NVML failed: {exc}"
     try:
         return RaplMeter().start(), "rapl"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.errors import UserError
+from fleetsim.base.errors import UserError
 
 METRICS = ("ttft", "tpot", "e2e")
 STATS = ("mean", "p50", "p90")
@@ -40,24 +40,45 @@ COLUMNS = ("metric", "stat", "real_s", "sim_s", "rel_err")
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fleetsim replay``."""
     p = argparse.ArgumentParser(prog="fleetsim replay", description=__doc__.split("\n\n")[1])
-    p.add_argument("--trace", required=True,
-                   help="CSV with arrival_s,prompt_tokens,output_tokens, or poisson:N:RATE[:P:O]")
-    p.add_argument("--model", default="llama-3.1-8b", help="catalog model or a TOML of ModelSpec fields")
-    p.add_argument("--profile", type=Path, default=None,
-                   help="profile JSON of this device (default: run a quick calibration first)")
+    p.add_argument(
+        "--trace",
+        required=True,
+        help="CSV with arrival_s,prompt_tokens,output_tokens, or poisson:N:RATE[:P:O]",
+    )
+    p.add_argument(
+        "--model", default="llama-3.1-8b", help="catalog model or a TOML of ModelSpec fields"
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="profile JSON of this device (default: run a quick calibration first)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--layers", type=int, default=None,
-                   help="build only N of the model's layers (default: all on CUDA, 1 on CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="auto: bf16 on CUDA, fp32 on CPU",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="build only N of the model's layers (default: all on CUDA, 1 on CPU)",
+    )
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
-    p.add_argument("--calibration", choices=("engine", "roofline"), default="engine",
-                   help="without --profile: 'engine' fits the simulator's linear step-time model "
-                        "to this engine's own iterations on a grid (about 20 s); 'roofline' runs "
-                        "the quick roofline calibration on the trace's shapes and adds the "
-                        "engine loop's per-iteration overhead, measured on a synthetic "
-                        "warm-up burst (about 20 s)")
+    p.add_argument(
+        "--calibration",
+        choices=("engine", "roofline"),
+        default="engine",
+        help="without --profile: 'engine' fits the simulator's linear step-time model "
+        "to this engine's own iterations on a grid (about 20 s); 'roofline' runs "
+        "the quick roofline calibration on the trace's shapes and adds the "
+        "engine loop's per-iteration overhead, measured on a synthetic "
+        "warm-up burst (about 20 s)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of a generated trace and the weights")
     p.add_argument("--out", type=Path, default=Path("replay-out"), help="output directory")
@@ -65,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- traces --------------------------------------------------------------------------------------
-def poisson_trace(n: int, rate_per_s: float, prompt_median: int = 64, output_median: int = 16,
-                  seed: int = 0) -> list[tuple[float, int, int]]:
+def poisson_trace(
+    n: int, rate_per_s: float, prompt_median: int = 64, output_median: int = 16, seed: int = 0
+) -> list[tuple[float, int, int]]:
     """``n`` Poisson arrivals at ``rate_per_s`` with lognormal sizes (sigma 0.5, clipped to
     [4, 4 x median]); the first arrival is at 0.5 s (after the engine has warmed up)."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0x7E,)))
@@ -91,12 +113,14 @@ def parse_trace_arg(arg: str, seed: int) -> list[tuple[float, int, int]]:
             pm = int(parts[2]) if len(parts) > 2 else 64
             om = int(parts[3]) if len(parts) > 3 else 16
         except ValueError:
-            raise UserError(f"--trace {arg!r}: expected poisson:N:RATE[:PROMPT:OUTPUT] "
-                            "(e.g. poisson:200:2.5:64:16)") from None
+            raise UserError(
+                f"--trace {arg!r}: expected poisson:N:RATE[:PROMPT:OUTPUT] "
+                "(e.g. poisson:200:2.5:64:16)"
+            ) from None
         if n < 1 or not (rate > 0 and math.isfinite(rate)) or pm < 1 or om < 1:
             raise UserError(f"--trace {arg!r}: N, RATE, PROMPT and OUTPUT must be positive")
         return poisson_trace(n, rate, pm, om, seed)
-    from simulator.workload import read_arrival_trace
+    from fleetsim.workload.sampling import read_arrival_trace
 
     t, p, o = read_arrival_trace(str(Path(arg)))
     return list(zip(t.tolist(), p.tolist(), o.tolist()))
@@ -112,18 +136,35 @@ def trace_csv(rows: list[tuple[float, int, int]]) -> str:
 
 
 # ---- the simulated side --------------------------------------------------------------------------
-def sim_scenario(spec, profile_path: Path, trace_path: Path, *, max_batch_size: int,
-                 max_batched_tokens: int, catalog_gpu: str | None, hours: int) -> dict:
+def sim_scenario(
+    spec,
+    profile_path: Path,
+    trace_path: Path,
+    *,
+    max_batch_size: int,
+    max_batched_tokens: int,
+    catalog_gpu: str | None,
+    hours: int,
+) -> dict:
     """The scenario that mirrors the engine: one replica, the engine's limits, the trace."""
-    model = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
-             if f.name not in ("kv_dtype",)}
+    model = {
+        f.name: getattr(spec, f.name)
+        for f in dataclasses.fields(spec)
+        if f.name not in ("kv_dtype",)
+    }
     model["name"] = f"{spec.name}-replay"  # inline architecture (the layers actually built)
     return {
-        "name": "replay", "seed": 0, "simulation": {"hours": hours},
+        "name": "replay",
+        "seed": 0,
+        "simulation": {"hours": hours},
         "model": model,
         "hardware": {"gpu": catalog_gpu or "h100-sxm", "profile": str(profile_path)},
-        "fleet": {"replicas": 1, "router": "round_robin", "max_batch_size": max_batch_size,
-                  "max_batched_tokens": max_batched_tokens},
+        "fleet": {
+            "replicas": 1,
+            "router": "round_robin",
+            "max_batch_size": max_batch_size,
+            "max_batched_tokens": max_batched_tokens,
+        },
         "traffic": {"diurnal": "flat", "trace": str(trace_path)},
     }
 
@@ -142,8 +183,11 @@ def latency_arrays(arrival, first, finish, out) -> dict[str, np.ndarray]:
     arrival, first, finish, out = map(np.asarray, (arrival, first, finish, out))
     ok = np.isfinite(finish)
     multi = ok & (out > 1)
-    return {"ttft": (first - arrival)[ok], "e2e": (finish - arrival)[ok],
-            "tpot": ((finish - first)[multi] / (out[multi] - 1))}
+    return {
+        "ttft": (first - arrival)[ok],
+        "e2e": (finish - arrival)[ok],
+        "tpot": ((finish - first)[multi] / (out[multi] - 1)),
+    }
 
 
 def error_table(real: dict[str, np.ndarray], sim: dict[str, np.ndarray]) -> list[dict]:
@@ -154,16 +198,24 @@ def error_table(real: dict[str, np.ndarray], sim: dict[str, np.ndarray]) -> list
             f = np.mean if s == "mean" else (lambda x, q=float(s[1:]): np.percentile(x, q))
             a = float(f(real[m])) if len(real[m]) else math.nan
             b = float(f(sim[m])) if len(sim[m]) else math.nan
-            rows.append({"metric": m, "stat": s, "real_s": a, "sim_s": b,
-                         "rel_err": b / a - 1.0 if a > 0 else math.nan})
+            rows.append(
+                {
+                    "metric": m,
+                    "stat": s,
+                    "real_s": a,
+                    "sim_s": b,
+                    "rel_err": b / a - 1.0 if a > 0 else math.nan,
+                }
+            )
     return rows
 
 
 def table_csv(rows: list[dict]) -> str:
     """The error table as CSV text."""
     lines = [",".join(COLUMNS)]
-    lines += [f"{r['metric']},{r['stat']},{r['real_s']!r},{r['sim_s']!r},{r['rel_err']!r}"
-              for r in rows]
+    lines += [
+        f"{r['metric']},{r['stat']},{r['real_s']!r},{r['sim_s']!r},{r['rel_err']!r}" for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -176,8 +228,13 @@ def render(rows: list[dict], title: str) -> None:
     for c in ("metric", "stat", "real ms", "sim ms", "rel err"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(r["metric"], r["stat"], f"{r['real_s'] * 1e3:.2f}", f"{r['sim_s'] * 1e3:.2f}",
-                  f"{r['rel_err']:+.1%}")
+        t.add_row(
+            r["metric"],
+            r["stat"],
+            f"{r['real_s'] * 1e3:.2f}",
+            f"{r['sim_s'] * 1e3:.2f}",
+            f"{r['rel_err']:+.1%}",
+        )
     Console().print(t)
 
 
@@ -189,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.profile is not None and not args.profile.is_file():
-        raise UserError(f"--profile {args.profile}: no such file (fix: run `fleetsim calibrate` "
-                        "or leave --profile out to calibrate now)")
+        raise UserError(
+            f"--profile {args.profile}: no such file (fix: run `fleetsim calibrate` "
+            "or leave --profile out to calibrate now)"
+        )
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a directory")
     trace = parse_trace_arg(args.trace, args.seed)
@@ -198,12 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
     except ImportError:
         raise UserError("fleetsim replay needs torch: pip install -e '.[calibrate]'") from None
-    from calibrate.cli import _Usage, resolve_model
+    from fleetsim.calibrate.cli import _Usage, resolve_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (fix: --device cpu)")
-    dev_type = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    dev_type = (
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     device = torch.device(dev_type, 0) if dev_type == "cuda" else torch.device("cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if dev_type == "cuda" else "fp32")
     if args.threads is not None:
@@ -220,17 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     spec = dataclasses.replace(spec, n_layers=layers, dtype=dtype)
     longest = max(p + o for _, p, o in trace)
     if longest > spec.max_context_tokens:
-        raise UserError(f"--trace: a request of {longest} tokens exceeds {spec.name}'s context "
-                        f"({spec.max_context_tokens})")
+        raise UserError(
+            f"--trace: a request of {longest} tokens exceeds {spec.name}'s context "
+            f"({spec.max_context_tokens})"
+        )
     return run_replay(args, trace, spec, device, torch)
 
 
 def run_replay(args, trace, spec, device, torch) -> int:
     """Calibrate if needed, replay on the engine, simulate, compare, write."""
-    from simulator.output import write_text_atomic
-    from simulator.profile import load_profile
-    from simulator.scenario import resolve, scenario_from_dict
-    from simulator.simulate import simulate
+    from fleetsim.apps.simulate import simulate
+    from fleetsim.config.scenario import resolve, scenario_from_dict
+    from fleetsim.device.profile import load_profile
+    from fleetsim.results.output import write_text_atomic
 
     from .engine import ServingEngine, TraceRequest
     from .model import TorchTransformer
@@ -240,42 +302,77 @@ def run_replay(args, trace, spec, device, torch) -> int:
     trace_path = out / "trace.csv"
     write_text_atomic(trace_csv(trace), trace_path)
     # the real engine (built first: an engine calibration times it)
-    model = TorchTransformer(spec, device=device, dtype=spec.dtype, seed=args.seed,
-                             embed_rows=4096 if device.type == "cpu" else None)
+    model = TorchTransformer(
+        spec,
+        device=device,
+        dtype=spec.dtype,
+        seed=args.seed,
+        embed_rows=4096 if device.type == "cpu" else None,
+    )
     longest = max(p + o for _, p, o in trace)
-    eng = ServingEngine(model, max_batch_size=args.max_batch_size,
-                        max_batched_tokens=args.max_batched_tokens,
-                        kv_budget_tokens=1 << 62, max_seq_tokens=longest + 1)
+    eng = ServingEngine(
+        model,
+        max_batch_size=args.max_batch_size,
+        max_batched_tokens=args.max_batched_tokens,
+        kv_budget_tokens=1 << 62,
+        max_seq_tokens=longest + 1,
+    )
     eng.warmup()
     profile_path = args.profile
     if profile_path is None and args.calibration == "roofline":
         from .run import calibrate
 
         profile_path = out / "profile.json"
-        print(f"calibrating {spec.name} ({spec.n_layers} layers) on {device} (quick roofline on "
-              "the trace's shapes, then the engine's per-iteration overhead) ...")
-        grid = replay_grid(spec, trace, max_batch_size=args.max_batch_size,
-                           max_batched_tokens=args.max_batched_tokens)
-        calibrate(spec, device=device, out=profile_path, quick=True, seed=args.seed,
-                  budget_s=40.0, grid=grid, log=lambda s: None)
+        print(
+            f"calibrating {spec.name} ({spec.n_layers} layers) on {device} (quick roofline on "
+            "the trace's shapes, then the engine's per-iteration overhead) ..."
+        )
+        grid = replay_grid(
+            spec,
+            trace,
+            max_batch_size=args.max_batch_size,
+            max_batched_tokens=args.max_batched_tokens,
+        )
+        calibrate(
+            spec,
+            device=device,
+            out=profile_path,
+            quick=True,
+            seed=args.seed,
+            budget_s=40.0,
+            grid=grid,
+            log=lambda s: None,
+        )
         add_engine_overhead(eng, spec, profile_path, trace)
     elif profile_path is None:
         profile_path = out / "profile-engine.json"
         print(f"fitting a linear profile to the engine's own iterations on {device} ...")
-        write_engine_profile(eng, spec, device, profile_path,
-                             max_prompt=max(p for _, p, _ in trace),
-                             max_context=longest)
+        write_engine_profile(
+            eng,
+            spec,
+            device,
+            profile_path,
+            max_prompt=max(p for _, p, _ in trace),
+            max_context=longest,
+        )
     profile, _ = load_profile(profile_path)
     hours = max(1, math.ceil((trace[-1][0] + 600.0) / 3600.0))
-    d = sim_scenario(spec, profile_path.resolve(), trace_path.resolve(),
-                     max_batch_size=args.max_batch_size, max_batched_tokens=args.max_batched_tokens,
-                     catalog_gpu=profile.meta.get("catalog_gpu"), hours=hours)
+    d = sim_scenario(
+        spec,
+        profile_path.resolve(),
+        trace_path.resolve(),
+        max_batch_size=args.max_batch_size,
+        max_batched_tokens=args.max_batched_tokens,
+        catalog_gpu=profile.meta.get("catalog_gpu"),
+        hours=hours,
+    )
     rs = resolve(scenario_from_dict(d, "replay"), "")
     eng.kv_cap = rs.kv_capacity_tokens  # the simulator's KV budget, the same on both sides
     span = trace[-1][0] - trace[0][0]
     print(f"replaying {len(trace)} requests over {span:.1f} s on the real engine ...")
-    real = eng.replay([TraceRequest(a, p, o) for a, p, o in trace],
-                      max_context_tokens=spec.max_context_tokens)
+    real = eng.replay(
+        [TraceRequest(a, p, o) for a, p, o in trace], max_context_tokens=spec.max_context_tokens
+    )
 
     # the simulator, same trace
     sink = _Sink()
@@ -288,71 +385,128 @@ def run_replay(args, trace, spec, device, torch) -> int:
     sim_finish = np.array([sink.rows.get(i, (math.nan, math.nan, 0))[1] for i in range(len(trace))])
     real_first = np.array([r.first_token_s for r in real.requests])
     real_finish = np.array([r.finish_s for r in real.requests])
-    rows = error_table(latency_arrays(arrival, real_first, real_finish, outs),
-                       latency_arrays(arrival, sim_first, sim_finish, outs))
+    rows = error_table(
+        latency_arrays(arrival, real_first, real_finish, outs),
+        latency_arrays(arrival, sim_first, sim_finish, outs),
+    )
     lat = rs.latency_model()
     t_real = np.array([x.end_s - x.start_s for x in real.iterations])
-    t_pred = np.array([lat.iteration(x.prompt_tokens, x.pairs, x.n_prefill, x.n_decode,
-                                     float(x.context_tokens))[0] for x in real.iterations])
+    t_pred = np.array(
+        [
+            lat.iteration(
+                x.prompt_tokens, x.pairs, x.n_prefill, x.n_decode, float(x.context_tokens)
+            )[0]
+            for x in real.iterations
+        ]
+    )
     window = max(real_finish[np.isfinite(real_finish)].max() - arrival[0], 1e-9)
     facts = {
         "command": "fleetsim replay " + " ".join(_argv_text(args)),
-        "device": str(device), "model": spec.name, "layers": spec.n_layers, "dtype": spec.dtype,
-        "profile": str(profile_path), "profile_kind": profile.kind,
-        "requests": len(trace), "completed_real": int(np.isfinite(real_finish).sum()),
+        "device": str(device),
+        "model": spec.name,
+        "layers": spec.n_layers,
+        "dtype": spec.dtype,
+        "profile": str(profile_path),
+        "profile_kind": profile.kind,
+        "requests": len(trace),
+        "completed_real": int(np.isfinite(real_finish).sum()),
         "completed_sim": int(np.isfinite(sim_finish).sum()),
         "busy_fraction_real": real.busy_s / window,
         "busy_fraction_sim": float(res.totals["gpu_busy_s"]) / window,
         "iteration_time_ratio_sim_over_real": float(t_pred.sum() / t_real.sum()),
         "iteration_median_rel_err": float(np.median(t_pred / t_real - 1.0)),
-        "iterations_real": len(real.iterations), "iterations_sim": int(res.totals["iterations"]),
-        "replay_wall_s": real.wall_s, "sim_wall_s": sim_wall,
+        "iterations_real": len(real.iterations),
+        "iterations_sim": int(res.totals["iterations"]),
+        "replay_wall_s": real.wall_s,
+        "sim_wall_s": sim_wall,
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "max_batch_size": args.max_batch_size, "max_batched_tokens": args.max_batched_tokens,
+        "max_batch_size": args.max_batch_size,
+        "max_batched_tokens": args.max_batched_tokens,
     }
     # diagnosis: the same simulation with the step-time model fitted to this replay's own
     # iterations (in-sample). What is left is the simulator's scheduling, not its device model.
     from .engine import fit_linear_rows
 
-    it_rows = [{"n_prefill": x.n_prefill, "prompt_tokens": x.prompt_tokens,
-                "n_decode": x.n_decode, "context_tokens": x.context_tokens,
-                "time_s": x.end_s - x.start_s} for x in real.iterations]
+    it_rows = [
+        {
+            "n_prefill": x.n_prefill,
+            "prompt_tokens": x.prompt_tokens,
+            "n_decode": x.n_decode,
+            "context_tokens": x.context_tokens,
+            "time_s": x.end_s - x.start_s,
+        }
+        for x in real.iterations
+    ]
     coef = fit_linear_rows(it_rows, relative=False)  # the mean, stalls included
     insample = out / "profile-insample.json"
-    write_text_atomic(json.dumps({"format": "fleetsim-profile/1", "kind": "linear",
-                                  "name": "replay-insample", "mem_bytes": profile.mem_bytes,
-                                  **coef}) + "\n", insample)
-    rs2 = resolve(scenario_from_dict({**d, "hardware": {**d["hardware"],
-                                                        "profile": str(insample.resolve())}},
-                                     "replay"), "")
+    write_text_atomic(
+        json.dumps(
+            {
+                "format": "fleetsim-profile/1",
+                "kind": "linear",
+                "name": "replay-insample",
+                "mem_bytes": profile.mem_bytes,
+                **coef,
+            }
+        )
+        + "\n",
+        insample,
+    )
+    rs2 = resolve(
+        scenario_from_dict(
+            {**d, "hardware": {**d["hardware"], "profile": str(insample.resolve())}}, "replay"
+        ),
+        "",
+    )
     sink2 = _Sink()
     simulate(rs2, request_sink=sink2)
     s2_first = np.array([sink2.rows.get(i, (math.nan, math.nan, 0))[0] for i in range(len(trace))])
     s2_finish = np.array([sink2.rows.get(i, (math.nan, math.nan, 0))[1] for i in range(len(trace))])
-    rows_in = error_table(latency_arrays(arrival, real_first, real_finish, outs),
-                          latency_arrays(arrival, s2_first, s2_finish, outs))
+    rows_in = error_table(
+        latency_arrays(arrival, real_first, real_finish, outs),
+        latency_arrays(arrival, s2_first, s2_finish, outs),
+    )
     facts["insample_profile"] = coef
     facts["table_insample"] = rows_in
     write_text_atomic(table_csv(rows), out / "replay.csv")
-    write_text_atomic(json.dumps({"table": rows, **facts}, indent=2, allow_nan=True) + "\n",
-                      out / "replay.json")
-    req = ["rid,arrival_s,prompt_tokens,output_tokens,real_first_token_s,real_finish_s,"
-           "sim_first_token_s,sim_finish_s"]
-    req += [f"{i},{a!r},{p},{o},{float(real_first[i])!r},{float(real_finish[i])!r},"
-            f"{float(sim_first[i])!r},{float(sim_finish[i])!r}" for i, (a, p, o) in enumerate(trace)]
+    write_text_atomic(
+        json.dumps({"table": rows, **facts}, indent=2, allow_nan=True) + "\n", out / "replay.json"
+    )
+    req = [
+        "rid,arrival_s,prompt_tokens,output_tokens,real_first_token_s,real_finish_s,"
+        "sim_first_token_s,sim_finish_s"
+    ]
+    req += [
+        f"{i},{a!r},{p},{o},{float(real_first[i])!r},{float(real_finish[i])!r},"
+        f"{float(sim_first[i])!r},{float(sim_finish[i])!r}"
+        for i, (a, p, o) in enumerate(trace)
+    ]
     write_text_atomic("\n".join(req) + "\n", out / "requests.csv")
-    it = [f"{x.start_s!r},{x.end_s!r},{x.n_prefill},{x.prompt_tokens},{x.n_decode},"
-          f"{x.context_tokens},{float(p)!r}" for x, p in zip(real.iterations, t_pred)]
-    write_text_atomic("start_s,end_s,n_prefill,prompt_tokens,n_decode,context_tokens,"
-                      "sim_time_s\n"
-                      + "\n".join(it) + "\n", out / "iterations.csv")
-    render(rows, f"replay: {len(trace)} requests, {spec.name} ({spec.n_layers} layers) on "
-                 f"{device}; busy {facts['busy_fraction_real']:.0%} real, "
-                 f"{facts['busy_fraction_sim']:.0%} simulated")
-    render(rows_in, "diagnosis: the simulator with a step-time model fitted to this replay's "
-                    "own iterations (in-sample)")
-    print(f"iteration times, simulated / real: {facts['iteration_time_ratio_sim_over_real']:.3f} "
-          f"in sum, median relative error {facts['iteration_median_rel_err']:+.1%}")
+    it = [
+        f"{x.start_s!r},{x.end_s!r},{x.n_prefill},{x.prompt_tokens},{x.n_decode},"
+        f"{x.context_tokens},{float(p)!r}"
+        for x, p in zip(real.iterations, t_pred)
+    ]
+    write_text_atomic(
+        "start_s,end_s,n_prefill,prompt_tokens,n_decode,context_tokens,"
+        "sim_time_s\n" + "\n".join(it) + "\n",
+        out / "iterations.csv",
+    )
+    render(
+        rows,
+        f"replay: {len(trace)} requests, {spec.name} ({spec.n_layers} layers) on "
+        f"{device}; busy {facts['busy_fraction_real']:.0%} real, "
+        f"{facts['busy_fraction_sim']:.0%} simulated",
+    )
+    render(
+        rows_in,
+        "diagnosis: the simulator with a step-time model fitted to this replay's "
+        "own iterations (in-sample)",
+    )
+    print(
+        f"iteration times, simulated / real: {facts['iteration_time_ratio_sim_over_real']:.3f} "
+        f"in sum, median relative error {facts['iteration_median_rel_err']:+.1%}"
+    )
     print(f"written: {out}/replay.csv, replay.json, requests.csv, iterations.csv, trace.csv")
     return 0
 
@@ -378,15 +532,26 @@ def replay_grid(spec, trace, *, max_batch_size: int, max_batched_tokens: int):
     # one prompt per prefill (at ~1 arrival per iteration or less, a replay's prefill iterations
     # hold one prompt; two prompts of L and one of 2L have the same T but not the same time, and
     # a table mixing them is jagged), at the trace's prompt-length quantiles and its longest
-    lens = sorted({max(2, int(np.rint(q))) for q in np.percentile(prompts, (5, 20, 35, 50, 65, 80,
-                                                                          95))}
-                  | {int(prompts.max())})
-    return GridSpec(tuple(lens), (1,), max_batched_tokens, tuple(batches), contexts,
-                    max(contexts) * max(batches), (spec.n_layers,), warmup=2, repeats=9)
+    lens = sorted(
+        {max(2, int(np.rint(q))) for q in np.percentile(prompts, (5, 20, 35, 50, 65, 80, 95))}
+        | {int(prompts.max())}
+    )
+    return GridSpec(
+        tuple(lens),
+        (1,),
+        max_batched_tokens,
+        tuple(batches),
+        contexts,
+        max(contexts) * max(batches),
+        (spec.n_layers,),
+        warmup=2,
+        repeats=9,
+    )
 
 
-def warmup_trace(trace, max_batch_size: int, max_batched_tokens: int,
-                 max_seq: int) -> list[tuple[float, int, int]]:
+def warmup_trace(
+    trace, max_batch_size: int, max_batched_tokens: int, max_seq: int
+) -> list[tuple[float, int, int]]:
     """A synthetic burst (not the replay's trace): ``2 x max_batch_size`` requests at t = 0 with
     the trace's median prompt and staggered outputs, so the engine runs decode steps of every
     batch size from ``max_batch_size`` down to 1, prefills, and mixed iterations."""
@@ -407,9 +572,9 @@ def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 6) -
     to bare forward passes), and add the median difference, the engine's per-iteration
     bookkeeping (admission, input ids, packing, sampling, token accounting), to the profile's
     ``overhead_s``; rewrites the profile atomically with a note. Returns the facts recorded."""
-    from simulator.latency import LatencyModel
-    from simulator.output import write_text_atomic
-    from simulator.profile import load_profile
+    from fleetsim.device.latency import LatencyModel
+    from fleetsim.device.profile import load_profile
+    from fleetsim.results.output import write_text_atomic
 
     from .engine import TraceRequest
 
@@ -421,8 +586,9 @@ def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 6) -
         res = eng.replay([TraceRequest(a, p, o) for a, p, o in burst])
         for x in res.iterations:
             t = x.end_s - x.start_s
-            pred = lat.iteration(x.prompt_tokens, x.pairs, x.n_prefill, x.n_decode,
-                                 float(x.context_tokens))[0]
+            pred = lat.iteration(
+                x.prompt_tokens, x.pairs, x.n_prefill, x.n_decode, float(x.context_tokens)
+            )[0]
             diffs.append(t - pred)
             key = f"decode n={x.n_decode}" if x.n_prefill == 0 else "with prefill"
             classes.setdefault(key, []).append(t - pred)
@@ -431,45 +597,68 @@ def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 6) -
     old = float(raw["overhead_s"])
     raw["overhead_s"] = max(0.0, old + delta)
     by_class = {k: round(float(np.median(v)) * 1e3, 3) for k, v in sorted(classes.items())}
-    facts = {"bare_overhead_s": old, "engine_overhead_s": raw["overhead_s"] - old,
-             "iterations": len(diffs), "median_ms_by_class": by_class}
+    facts = {
+        "bare_overhead_s": old,
+        "engine_overhead_s": raw["overhead_s"] - old,
+        "iterations": len(diffs),
+        "median_ms_by_class": by_class,
+    }
     raw["engine_overhead"] = facts
     raw.setdefault("notes", []).append(
         f"overhead_s = {old * 1e3:.3f} ms (fit to bare forward passes) + {delta * 1e3:.3f} ms: the "
         f"median excess of {len(diffs)} iterations of calibrate.engine's serving loop on a "
         "synthetic warm-up burst over this profile (engine bookkeeping); median excess by "
-        "iteration kind, ms: " + ", ".join(f"{k}: {v}" for k, v in by_class.items()))
+        "iteration kind, ms: " + ", ".join(f"{k}: {v}" for k, v in by_class.items())
+    )
     write_text_atomic(json.dumps(raw, indent=2) + "\n", profile_path)
-    print(f"engine per-iteration overhead: {delta * 1e3:+.3f} ms over the bare forward passes "
-          f"({len(diffs)} warm-up iterations)")
+    print(
+        f"engine per-iteration overhead: {delta * 1e3:+.3f} ms over the bare forward passes "
+        f"({len(diffs)} warm-up iterations)"
+    )
     return facts
 
 
-def write_engine_profile(eng, spec, device, path: Path, *, max_prompt: int,
-                         max_context: int) -> dict:
+def write_engine_profile(
+    eng, spec, device, path: Path, *, max_prompt: int, max_context: int
+) -> dict:
     """Fit the linear step-time model to ``eng``'s iterations and write it as a profile JSON."""
     import torch
 
-    from simulator.latency import LinearProfile
-    from simulator.output import write_text_atomic
-    from simulator.profile import profile_to_dict
+    from fleetsim.device.latency import LinearProfile
+    from fleetsim.device.profile import profile_to_dict
+    from fleetsim.results.output import write_text_atomic
 
     from .engine import fit_linear_profile
     from .run import device_mem_bytes, device_name
 
     coef, rows = fit_linear_profile(eng, max_prompt=max_prompt, max_context=max_context)
     errs = np.array([r["rel_err"] for r in rows])
-    prof = LinearProfile(name=f"{device.type}-{spec.name}-l{spec.n_layers}-engine",
-                         mem_bytes=device_mem_bytes(device), **coef)
+    prof = LinearProfile(
+        name=f"{device.type}-{spec.name}-l{spec.n_layers}-engine",
+        mem_bytes=device_mem_bytes(device),
+        **coef,
+    )
     d = profile_to_dict(
-        prof, device={"type": device.type, "name": device_name(device),
-                      "torch_version": torch.__version__, "dtype": spec.dtype,
-                      "threads": torch.get_num_threads() if device.type == "cpu" else None},
-        catalog_gpu=None, model=spec.name, model_config=dataclasses.asdict(spec),
-        fit={"method": "nnls, 1/t weights, on calibrate.engine iterations",
-             "max_rel_err": float(np.abs(errs).max()),
-             "rms_rel_err": float(np.sqrt(np.mean(errs**2))), "n_points": len(rows)},
-        grid=rows, created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        prof,
+        device={
+            "type": device.type,
+            "name": device_name(device),
+            "torch_version": torch.__version__,
+            "dtype": spec.dtype,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        },
+        catalog_gpu=None,
+        model=spec.name,
+        model_config=dataclasses.asdict(spec),
+        fit={
+            "method": "nnls, 1/t weights, on calibrate.engine iterations",
+            "max_rel_err": float(np.abs(errs).max()),
+            "rms_rel_err": float(np.sqrt(np.mean(errs**2))),
+            "n_points": len(rows),
+        },
+        grid=rows,
+        created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     write_text_atomic(json.dumps(d, indent=2) + "\n", path)
     return d
 
@@ -480,10 +669,14 @@ def _argv_text(args) -> list[str]:
         parts.append(f"--profile {args.profile}")
     if args.profile is None:
         parts.append(f"--calibration {args.calibration}")
-    parts += [f"--device {args.device}", f"--layers {args.layers}" if args.layers else "",
-              f"--max-batch-size {args.max_batch_size}",
-              f"--max-batched-tokens {args.max_batched_tokens}", f"--seed {args.seed}",
-              f"--out {args.out}"]
+    parts += [
+        f"--device {args.device}",
+        f"--layers {args.layers}" if args.layers else "",
+        f"--max-batch-size {args.max_batch_size}",
+        f"--max-batched-tokens {args.max_batched_tokens}",
+        f"--seed {args.seed}",
+        f"--out {args.out}",
+    ]
     if args.threads:
         parts.append(f"--threads {args.threads}")
     return [p for p in parts if p]

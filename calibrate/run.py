@@ -1,7 +1,7 @@
 """One calibration, end to end: build, check FLOPs, benchmark, time the grid, fit, write.
 
 :func:`calibrate` returns the profile dict it wrote; :func:`render` prints the summary with rich.
-The profile JSON follows :mod:`simulator.profile` (``fleetsim-profile/1``), with extra keys:
+The profile JSON follows :mod:`fleetsim.device.profile` (``fleetsim-profile/1``), with extra keys:
 ``device``, ``model``, ``model_config`` (the :class:`ModelSpec` that was timed, after
 ``--layers``), ``micro``, ``flop_check``, ``fit``, ``power``/``power_fit``, ``grid_file``
 (Parquet beside the JSON, one row per grid point), ``notes`` and ``created_utc``.
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simulator.modelspec import ModelSpec
-from simulator.profile import profile_to_dict
+from fleetsim.device.modelspec import ModelSpec
+from fleetsim.device.profile import profile_to_dict
 
 from . import bench, fit
 from .model import TorchTransformer, flop_check
@@ -52,7 +52,7 @@ def slug(text: str) -> str:
 
 def catalog_gpu_for(name: str) -> str | None:
     """The catalog GPU whose short name ("h200", "a100", ...) appears in the device name."""
-    from simulator import catalog
+    from fleetsim.device import catalog
 
     low = name.lower().replace(" ", "")
     for key in catalog.gpus():
@@ -71,42 +71,95 @@ def device_mem_bytes(device: torch.device) -> float:
     return float(psutil.virtual_memory().total)
 
 
-def choose_grid(device: torch.device, spec: ModelSpec, quick: bool, free_bytes: float) -> bench.GridSpec:
+def choose_grid(
+    device: torch.device, spec: ModelSpec, quick: bool, free_bytes: float
+) -> bench.GridSpec:
     """The timing grid for this device and mode (see the module docstring of :mod:`bench`)."""
     layers = spec.n_layers
     two = (layers, max(1, layers // 2)) if layers >= 2 else (layers,)
     kv_cap = int(max(1024, 0.4 * free_bytes / max(spec.kv_bytes_per_token, 1.0)))
     if device.type == "cuda":
         if quick:
-            return bench.GridSpec((128, 512, 2048), (1, 4), 8192, (1, 8, 64), (512, 4096),
-                                  min(kv_cap, 1 << 18), (layers,), warmup=2, repeats=5)
-        return bench.GridSpec((64, 256, 1024, 2048, 4096, 8192), (1, 2, 4, 8, 16), 32768,
-                              (1, 4, 16, 32, 64, 128, 256), (512, 2048, 8192),
-                              min(kv_cap, 1 << 20), two, warmup=2, repeats=5)
+            return bench.GridSpec(
+                (128, 512, 2048),
+                (1, 4),
+                8192,
+                (1, 8, 64),
+                (512, 4096),
+                min(kv_cap, 1 << 18),
+                (layers,),
+                warmup=2,
+                repeats=5,
+            )
+        return bench.GridSpec(
+            (64, 256, 1024, 2048, 4096, 8192),
+            (1, 2, 4, 8, 16),
+            32768,
+            (1, 4, 16, 32, 64, 128, 256),
+            (512, 2048, 8192),
+            min(kv_cap, 1 << 20),
+            two,
+            warmup=2,
+            repeats=5,
+        )
     if quick:
         # T = B * L or B covers 1, 2, 4, ..., 128 (the tabulated efficiency's points)
-        return bench.GridSpec((16, 64, 128), (1, 2), 128, (1, 2, 4, 8, 16, 32), (128, 1024),
-                              min(kv_cap, 4096), (layers,), warmup=1, repeats=2)
+        return bench.GridSpec(
+            (16, 64, 128),
+            (1, 2),
+            128,
+            (1, 2, 4, 8, 16, 32),
+            (128, 1024),
+            min(kv_cap, 4096),
+            (layers,),
+            warmup=1,
+            repeats=2,
+        )
     # T covers 1, 2, 4, ..., 1024 (decode for T <= 32, prefill from 16 up)
-    return bench.GridSpec((16, 64, 256, 512), (1, 2, 4), 1024, (1, 2, 4, 8, 16, 32),
-                          (128, 1024, 4096), min(kv_cap, 65536), two, warmup=1, repeats=3)
+    return bench.GridSpec(
+        (16, 64, 256, 512),
+        (1, 2, 4),
+        1024,
+        (1, 2, 4, 8, 16, 32),
+        (128, 1024, 4096),
+        min(kv_cap, 65536),
+        two,
+        warmup=1,
+        repeats=3,
+    )
 
 
-def retime_outliers(spec: ModelSpec, model: TorchTransformer, grid: bench.GridSpec,
-                    rows: list[dict], micro: dict, mem: float, *, until: float,
-                    log: Callable[[str], None], threshold: float = 0.2) -> list[str]:
+def retime_outliers(
+    spec: ModelSpec,
+    model: TorchTransformer,
+    grid: bench.GridSpec,
+    rows: list[dict],
+    micro: dict,
+    mem: float,
+    *,
+    until: float,
+    log: Callable[[str], None],
+    threshold: float = 0.2,
+) -> list[str]:
     """Re-time, worst first and until ``until``, the rows that a preliminary fit (tabulated,
     falling back to hyperbolic) misses by more than ``threshold``; a row keeps the lower
     median (``time_s``) and records the first one (``time_first_s``). Returns one note per
     re-timed row."""
     if not rows:
         return []
-    prof_h, _ = fit.fit_roofline(spec, rows, name="pre", peak_flops=micro["peak_flops"],
-                                 mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"], mem_bytes=mem)
+    prof_h, _ = fit.fit_roofline(
+        spec,
+        rows,
+        name="pre",
+        peak_flops=micro["peak_flops"],
+        mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
+        mem_bytes=mem,
+    )
     prof_t, _ = fit.fit_roofline_table(spec, rows, prof_h)
     pred = fit.predict(spec, prof_t, rows)
-    errs = [(abs(p / r["time_s"] - 1.0), i)
-            for i, (r, p) in enumerate(zip(rows, pred, strict=True))]
+    errs = [
+        (abs(p / r["time_s"] - 1.0), i) for i, (r, p) in enumerate(zip(rows, pred, strict=True))
+    ]
     out: list[str] = []
     for err, i in sorted(errs, reverse=True):
         if err <= threshold or time.perf_counter() > until:
@@ -118,9 +171,11 @@ def retime_outliers(spec: ModelSpec, model: TorchTransformer, grid: bench.GridSp
         r["time_s"] = min(r["time_s"], second)
         r["time_min_s"] = min(r["time_min_s"], min(times))
         r["time_max_s"] = max(r["time_max_s"], max(times))
-        out.append(f"{r['phase']} layers={r['n_layers']} B={r['batch']} L={r['prompt_tokens']} "
-                   f"ctx={r['context_tokens']}: {r['time_first_s'] * 1e3:.1f} -> "
-                   f"{second * 1e3:.1f}")
+        out.append(
+            f"{r['phase']} layers={r['n_layers']} B={r['batch']} L={r['prompt_tokens']} "
+            f"ctx={r['context_tokens']}: {r['time_first_s'] * 1e3:.1f} -> "
+            f"{second * 1e3:.1f}"
+        )
         log(f"  re-timed {out[-1]} ms")
     for r in rows:
         r.setdefault("time_first_s", r["time_s"])
@@ -158,7 +213,8 @@ def write_outputs(profile: dict, rows: list[dict], out: Path) -> None:
 
     grid_path = out.with_name(profile["grid_file"])
     table = pa.Table.from_pylist(rows).replace_schema_metadata(
-        {"fleetsim.profile": profile["name"], "fleetsim.created_utc": profile["created_utc"]})
+        {"fleetsim.profile": profile["name"], "fleetsim.created_utc": profile["created_utc"]}
+    )
     _atomic_write(grid_path, lambda p: pq.write_table(table, p))
     text = json.dumps(profile, indent=2, sort_keys=False, allow_nan=False) + "\n"
     _atomic_write(out, lambda p: Path(p).write_text(text))
@@ -177,10 +233,18 @@ def _clean(x: object) -> object:
     return x
 
 
-def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick: bool,
-              seed: int = 0, budget_s: float | None = None, dtype_requested: str | None = None,
-              grid: bench.GridSpec | None = None,
-              log: Callable[[str], None] = print) -> dict:
+def calibrate(
+    spec: ModelSpec,
+    *,
+    device: torch.device,
+    out: Path | None,
+    quick: bool,
+    seed: int = 0,
+    budget_s: float | None = None,
+    dtype_requested: str | None = None,
+    grid: bench.GridSpec | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Calibrate ``spec`` (already sliced to the layers to build, ``spec.dtype`` = timed dtype).
 
     ``grid`` replaces the timing grid of :func:`choose_grid` (``fleetsim replay`` passes one fitted
@@ -199,8 +263,9 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     log(f"  built in {time.perf_counter() - t_start:.1f} s")
 
     # 1. FLOPs: counted vs analytic, on a small prefill and decode step
-    fc = flop_check(model, batch=2, prompt_tokens=16 if quick else 64,
-                    context_tokens=64 if quick else 256)
+    fc = flop_check(
+        model, batch=2, prompt_tokens=16 if quick else 64, context_tokens=64 if quick else 256
+    )
     log(f"FLOP check: prefill {fc['prefill_rel_err']:+.3%}, decode {fc['decode_rel_err']:+.3%}")
 
     # 2. micro-benchmarks
@@ -210,8 +275,10 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     else:
         micro = bench.matmul_peak(device, dtype, 1536 if quick else 3072, repeats=3 if quick else 5)
         micro.update(bench.copy_bandwidth(device, 256 << 20, repeats=5 if quick else 10))
-    log(f"peaks: matmul {micro['peak_flops'] / 1e12:.3f} TFLOP/s ({dtype}), "
-        f"copy {micro['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s")
+    log(
+        f"peaks: matmul {micro['peak_flops'] / 1e12:.3f} TFLOP/s ({dtype}), "
+        f"copy {micro['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s"
+    )
 
     # 3. power meter and idle power
     meter, power_method = open_meter(device.type, device.index or 0)
@@ -239,18 +306,19 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     if budget_s is None:
         budget_s = 40.0 if quick else math.inf
     deadline = t_start + budget_s
-    rows, notes = bench.run_grid(model, grid, meter=meter, deadline=deadline,
-                                 progress=lambda s: log("  " + s))
+    rows, notes = bench.run_grid(
+        model, grid, meter=meter, deadline=deadline, progress=lambda s: log("  " + s)
+    )
     if meter is not None:
         meter.stop()
     # 4b. a CPU shared with anything else (the host's other guests included) slows a 2-thread
     # GEMM ~2x for seconds at a time: re-time the points furthest from a first fit, once, and
     # keep the lower of the two medians (both are kept in the grid file and listed in the notes)
     if rows:
-        retime_until = time.perf_counter() + 0.25 * (budget_s if math.isfinite(budget_s)
-                                                      else 120.0)
-        retimed = retime_outliers(spec, model, grid, rows, micro, mem_bytes,
-                                  until=retime_until, log=log)
+        retime_until = time.perf_counter() + 0.25 * (budget_s if math.isfinite(budget_s) else 120.0)
+        retimed = retime_outliers(
+            spec, model, grid, rows, micro, mem_bytes, until=retime_until, log=log
+        )
         if retimed:
             notes.append("re-timed (first -> second median, ms): " + "; ".join(retimed))
     del model
@@ -261,15 +329,22 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     load_end = _loadavg()
     # the load before the run (the run's own threads raise the load at its end by ~their count)
     if device.type == "cpu" and (load_start or 0.0) > 0.5 * (os.cpu_count() or 1):
-        notes.append(f"the CPU was busy when the run started (1-min load {load_start}, "
-                     f"{load_end} at the end of the grid, on {os.cpu_count()} cores): timings are "
-                     "noisy; rerun on an idle machine")
+        notes.append(
+            f"the CPU was busy when the run started (1-min load {load_start}, "
+            f"{load_end} at the end of the grid, on {os.cpu_count()} cores): timings are "
+            "noisy; rerun on an idle machine"
+        )
 
     # 5. fits
     name = f"{dev_slug}-{spec.name}-l{spec.n_layers}"
-    prof_h, q_h = fit.fit_roofline(spec, rows, name=name, peak_flops=micro["peak_flops"],
-                                   mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
-                                   mem_bytes=mem_bytes)
+    prof_h, q_h = fit.fit_roofline(
+        spec,
+        rows,
+        name=name,
+        peak_flops=micro["peak_flops"],
+        mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
+        mem_bytes=mem_bytes,
+    )
     prof_t, q_t = fit.fit_roofline_table(spec, rows, prof_h)
     use_table = prof_t.compute_eff_table is not None and q_t["rms_rel_err"] < q_h["rms_rel_err"]
     prof, quality = (prof_t, dict(q_t)) if use_table else (prof_h, dict(q_h))
@@ -277,26 +352,40 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     quality["hyperbolic"] = q_h
     quality["table"] = q_t
     if q_t["filled_tokens"] and use_table:
-        notes.append(f"compute_eff_table: T = {q_t['filled_tokens']} only had memory-bound points; "
-                     "their efficiency is not measured (set to the nearest measured T's value, or "
-                     "the floor that keeps those points memory-bound)")
+        notes.append(
+            f"compute_eff_table: T = {q_t['filled_tokens']} only had memory-bound points; "
+            "their efficiency is not measured (set to the nearest measured T's value, or "
+            "the floor that keeps those points memory-bound)"
+        )
     pred = fit.predict(spec, prof, rows)
     pred_h = fit.predict(spec, prof_h, rows)
     for r, p, ph in zip(rows, pred, pred_h, strict=True):
         f, b = fit.work(spec, r)
-        r.update(flops=f, bytes=b, predicted_s=float(p), rel_err=float(p) / r["time_s"] - 1.0,
-                 predicted_hyperbolic_s=float(ph), tokens=fit.tokens_of(r),
-                 u_compute=f / (r["time_s"] * micro["peak_flops"]),
-                 u_memory=b / (r["time_s"] * micro["mem_bw_bytes_per_s"]))
+        r.update(
+            flops=f,
+            bytes=b,
+            predicted_s=float(p),
+            rel_err=float(p) / r["time_s"] - 1.0,
+            predicted_hyperbolic_s=float(ph),
+            tokens=fit.tokens_of(r),
+            u_compute=f / (r["time_s"] * micro["peak_flops"]),
+            u_memory=b / (r["time_s"] * micro["mem_bw_bytes_per_s"]),
+        )
     power_d = None
     power_fit = None
     if meter is not None and math.isfinite(idle_w):
         try:
-            max_w = meter.max_w or max(float(r["power_w"]) for r in rows
-                                        if math.isfinite(r["power_w"]))
-            pspec, power_fit = fit.fit_power(spec, rows, idle_w=idle_w, max_w=max_w,
-                                             peak_flops=micro["peak_flops"],
-                                             mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"])
+            max_w = meter.max_w or max(
+                float(r["power_w"]) for r in rows if math.isfinite(r["power_w"])
+            )
+            pspec, power_fit = fit.fit_power(
+                spec,
+                rows,
+                idle_w=idle_w,
+                max_w=max_w,
+                peak_flops=micro["peak_flops"],
+                mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
+            )
             prof = dataclasses.replace(prof, power=pspec)
             power_d = {**dataclasses.asdict(pspec), "method": power_method}
         except ValueError as exc:
@@ -312,17 +401,31 @@ def calibrate(spec: ModelSpec, *, device: torch.device, out: Path | None, quick:
     wall_s = time.perf_counter() - t_start
     profile = profile_to_dict(
         prof,
-        device={"type": device.type, "name": dname, "torch_version": torch.__version__,
-                "dtype": dtype, "dtype_requested": dtype_requested or dtype,
-                "threads": torch.get_num_threads() if device.type == "cpu" else None,
-                "cpus": os.cpu_count(), "loadavg_1min_start": load_start,
-                "loadavg_1min_end": _loadavg()},
+        device={
+            "type": device.type,
+            "name": dname,
+            "torch_version": torch.__version__,
+            "dtype": dtype,
+            "dtype_requested": dtype_requested or dtype,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "cpus": os.cpu_count(),
+            "loadavg_1min_start": load_start,
+            "loadavg_1min_end": _loadavg(),
+        },
         embed_rows=embed_rows,
         catalog_gpu=catalog_gpu_for(dname) if device.type == "cuda" else None,
-        model=spec.name, model_config=dataclasses.asdict(spec),
-        micro=micro, flop_check=fc, fit=quality, power_fit=power_fit,
-        grid=dataclasses.asdict(grid), quick=quick, wall_s=wall_s, notes=notes,
-        created_utc=created, grid_file=out.stem + ".grid.parquet",
+        model=spec.name,
+        model_config=dataclasses.asdict(spec),
+        micro=micro,
+        flop_check=fc,
+        fit=quality,
+        power_fit=power_fit,
+        grid=dataclasses.asdict(grid),
+        quick=quick,
+        wall_s=wall_s,
+        notes=notes,
+        created_utc=created,
+        grid_file=out.stem + ".grid.parquet",
     )
     profile["power"] = None if power_d is None else power_d
     if power_d is None:
@@ -344,16 +447,35 @@ def render(profile: dict, console: object) -> None:
 
     rows = profile["_rows"]
     t = Table(title=f"calibration grid: {profile['name']}")
-    for col in ("phase", "layers", "B", "L", "ctx", "measured ms", "predicted ms", "rel err",
-                "u_c", "u_m", "W"):
+    for col in (
+        "phase",
+        "layers",
+        "B",
+        "L",
+        "ctx",
+        "measured ms",
+        "predicted ms",
+        "rel err",
+        "u_c",
+        "u_m",
+        "W",
+    ):
         t.add_column(col, justify="right")
     for r in rows:
         p = r.get("power_w")
-        t.add_row(r["phase"], str(r["n_layers"]), str(r["batch"]), str(r["prompt_tokens"]),
-                  str(r["context_tokens"]), f"{r['time_s'] * 1e3:.2f}",
-                  f"{r['predicted_s'] * 1e3:.2f}", f"{r['rel_err']:+.1%}",
-                  f"{r['u_compute']:.3f}", f"{r['u_memory']:.3f}",
-                  "-" if p is None or not math.isfinite(p) else f"{p:.0f}")
+        t.add_row(
+            r["phase"],
+            str(r["n_layers"]),
+            str(r["batch"]),
+            str(r["prompt_tokens"]),
+            str(r["context_tokens"]),
+            f"{r['time_s'] * 1e3:.2f}",
+            f"{r['predicted_s'] * 1e3:.2f}",
+            f"{r['rel_err']:+.1%}",
+            f"{r['u_compute']:.3f}",
+            f"{r['u_memory']:.3f}",
+            "-" if p is None or not math.isfinite(p) else f"{p:.0f}",
+        )
     console.print(t)
     s = Table(title="fitted roofline profile", show_header=False)
     q = profile["fit"]
@@ -366,32 +488,53 @@ def render(profile: dict, console: object) -> None:
         ("compute_eff_half_tokens (hyperbolic)", f"{profile['compute_eff_half_tokens']:.1f}"),
         ("memory_eff", f"{profile['memory_eff']:.3f}"),
         ("overhead_s", f"{profile['overhead_s'] * 1e3:.3f} ms"),
-        ("overhead_per_layer_s", f"{profile['overhead_per_layer_s'] * 1e6:.1f} us"
-         + ("" if q["overhead_per_layer_fitted"] else " (fixed: one layer count)")),
+        (
+            "overhead_per_layer_s",
+            f"{profile['overhead_per_layer_s'] * 1e6:.1f} us"
+            + ("" if q["overhead_per_layer_fitted"] else " (fixed: one layer count)"),
+        ),
     ]
     for kind in ("hyperbolic", "table"):
         qk = q.get(kind)
         if qk is None:
             continue
         used = " (used)" if q.get("compute_eff") == kind else ""
-        items.append((f"fit {kind}{used}: R² / R² log",
-                      f"{_fmt(qk['r2'])} / {_fmt(qk['r2_log'])}"))
-        items.append((f"fit {kind}{used}: max / rms rel err",
-                      f"{qk['max_rel_err']:.1%} / {qk['rms_rel_err']:.1%} "
-                      f"over {qk['n_points']} points"))
+        items.append((f"fit {kind}{used}: R² / R² log", f"{_fmt(qk['r2'])} / {_fmt(qk['r2_log'])}"))
+        items.append(
+            (
+                f"fit {kind}{used}: max / rms rel err",
+                f"{qk['max_rel_err']:.1%} / {qk['rms_rel_err']:.1%} over {qk['n_points']} points",
+            )
+        )
     if "hyperbolic" not in q:
         items.append(("fit R² / R² log", f"{_fmt(q['r2'])} / {_fmt(q['r2_log'])}"))
-        items.append(("max / rms rel err", f"{q['max_rel_err']:.1%} / {q['rms_rel_err']:.1%} "
-                      f"over {q['n_points']} points"))
+        items.append(
+            (
+                "max / rms rel err",
+                f"{q['max_rel_err']:.1%} / {q['rms_rel_err']:.1%} over {q['n_points']} points",
+            )
+        )
     if profile.get("compute_eff_table"):
-        items.append(("compute_eff_table (T: eff)", ", ".join(
-            f"{t:g}: {e:.3f}" for t, e in profile["compute_eff_table"])))
+        items.append(
+            (
+                "compute_eff_table (T: eff)",
+                ", ".join(f"{t:g}: {e:.3f}" for t, e in profile["compute_eff_table"]),
+            )
+        )
     items += [
-        ("FLOP check (prefill, decode)",
-         f"{fc['prefill_rel_err']:+.3%}, {fc['decode_rel_err']:+.3%}"),
-        ("power", "not measured" if profile["power"] is None else
-         ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in profile["power"].items())),
+        (
+            "FLOP check (prefill, decode)",
+            f"{fc['prefill_rel_err']:+.3%}, {fc['decode_rel_err']:+.3%}",
+        ),
+        (
+            "power",
+            "not measured"
+            if profile["power"] is None
+            else ", ".join(
+                f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in profile["power"].items()
+            ),
+        ),
         ("wall time", f"{profile['wall_s']:.1f} s"),
         ("written", f"{profile['_path']} (+ {profile['grid_file']})"),
     ]

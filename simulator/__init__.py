@@ -1,3 +1,5 @@
 """fleetsim: a discrete-event simulator of GPU fleets serving large language models."""
 
-__version__ = "0.1.0"
+from fleetsim.base.version import __version__
+
+__all__ = ["__version__"]

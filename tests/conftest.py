@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from simulator.scenario import resolve, scenario_from_dict
+from fleetsim.config.scenario import resolve, scenario_from_dict
 
 SMALL = {
     "name": "small",
@@ -47,7 +47,15 @@ class ListSink:
         self.rows: dict[int, tuple] = {}
 
     def add(self, r, replica, finish_s, ttft_s, tpot_s, e2e_s, status) -> None:
-        self.rows[r.rid] = (r.arrival_s, replica, r.prompt, r.out, r.first_token_s, finish_s, status)
+        self.rows[r.rid] = (
+            r.arrival_s,
+            replica,
+            r.prompt,
+            r.out,
+            r.first_token_s,
+            finish_s,
+            status,
+        )
 
 
 @pytest.fixture
@@ -58,7 +66,11 @@ def small() -> dict:
 def rel(a: float, b: float) -> float:
     if a == b:
         return 0.0
-    return abs(a - b) / max(abs(a), abs(b), 1e-300) if math.isfinite(a) and math.isfinite(b) else math.inf
+    return (
+        abs(a - b) / max(abs(a), abs(b), 1e-300)
+        if math.isfinite(a) and math.isfinite(b)
+        else math.inf
+    )
 
 
 def tables_equal(a, b) -> bool:

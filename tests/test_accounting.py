@@ -6,24 +6,32 @@ import math
 
 import numpy as np
 import pytest
-
-from simulator.simulate import simulate
-
 from conftest import merge, resolved, tables_equal
+
+from fleetsim.apps.simulate import simulate
 
 
 def _col(res, name):
     return res.hourly.column(name).to_numpy()
 
 
-@pytest.mark.parametrize("gpu,tp,replicas", [("h100-sxm", 1, 3), ("a100-80gb", 2, 2), ("b200", 1, 5)])
+@pytest.mark.parametrize(
+    "gpu,tp,replicas", [("h100-sxm", 1, 3), ("a100-80gb", 2, 2), ("b200", 1, 5)]
+)
 def test_zero_traffic_energy_and_cost_are_exact(small, gpu, tp, replicas):
-    d = merge(small, simulation={"hours": 24}, hardware={"gpu": gpu},
-              fleet={"replicas": replicas, "tensor_parallel": tp},
-              traffic={"requests_per_day": 0},
-              power={"pue": 1.37},
-              cost={"electricity_usd_per_kwh": [0.05 + 0.01 * h for h in range(24)],
-                    "hardware": "owned", "amortization_years": 4.0})
+    d = merge(
+        small,
+        simulation={"hours": 24},
+        hardware={"gpu": gpu},
+        fleet={"replicas": replicas, "tensor_parallel": tp},
+        traffic={"requests_per_day": 0},
+        power={"pue": 1.37},
+        cost={
+            "electricity_usd_per_kwh": [0.05 + 0.01 * h for h in range(24)],
+            "hardware": "owned",
+            "amortization_years": 4.0,
+        },
+    )
     rs = resolved(d)
     res = simulate(rs)
     assert res.hourly.num_rows == 24
@@ -51,24 +59,37 @@ def test_rented_hardware_costs_powered_gpu_hours(small):
     rs = resolved(d)
     res = simulate(rs)
     gpu_h = 2 * 2  # 2 replicas x 2 hours
-    assert res.totals["hardware_cost_usd"] == pytest.approx(gpu_h * rs.gpu.rent_usd_per_gpu_hour, rel=1e-12)
+    assert res.totals["hardware_cost_usd"] == pytest.approx(
+        gpu_h * rs.gpu.rent_usd_per_gpu_hour, rel=1e-12
+    )
 
 
 def test_traffic_conservation_and_hourly_sums(small):
     res = simulate(resolved(merge(small, simulation={"hours": 3})))
     t = res.totals
     assert t["requests_arrived"] > 20_000
-    assert t["requests_arrived"] == t["requests_completed"] + t["requests_rejected"] + t["requests_in_flight"]
+    assert (
+        t["requests_arrived"]
+        == t["requests_completed"] + t["requests_rejected"] + t["requests_in_flight"]
+    )
     for p in res.pods:
         assert sum(p.arrived) == sum(p.completed) + sum(p.rejected) + p.in_flight
     for c in ("energy_facility_kwh", "total_cost_usd", "output_tokens", "requests_completed"):
         assert _col(res, c).sum() == pytest.approx(t[c], rel=1e-12)
     # facility = IT x PUE and IT = GPU + overhead, hour by hour
-    np.testing.assert_allclose(_col(res, "energy_facility_kwh"), _col(res, "energy_it_kwh") * 1.2, rtol=1e-12)
-    np.testing.assert_allclose(_col(res, "energy_it_kwh"),
-                               _col(res, "energy_gpu_kwh") + _col(res, "energy_overhead_kwh"), rtol=1e-12)
-    np.testing.assert_allclose(_col(res, "total_cost_usd"),
-                               _col(res, "energy_cost_usd") + _col(res, "hardware_cost_usd"), rtol=1e-12)
+    np.testing.assert_allclose(
+        _col(res, "energy_facility_kwh"), _col(res, "energy_it_kwh") * 1.2, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        _col(res, "energy_it_kwh"),
+        _col(res, "energy_gpu_kwh") + _col(res, "energy_overhead_kwh"),
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        _col(res, "total_cost_usd"),
+        _col(res, "energy_cost_usd") + _col(res, "hardware_cost_usd"),
+        rtol=1e-12,
+    )
     # busy GPUs draw more than idle ones: GPU energy exceeds the idle floor
     rs = res.resolved
     idle_floor = 2 * rs.gpu.idle_w * 3 * 3600 / 3.6e6
@@ -101,8 +122,12 @@ def test_same_seed_same_table_different_seed_different(small):
 
 def test_arrivals_follow_the_diurnal_curve(small):
     """Hourly arrival counts are Poisson with the curve's rates: a chi-square-like check."""
-    d = merge(small, simulation={"hours": 24}, traffic={"requests_per_day": 240_000, "diurnal": "azure-code"},
-              fleet={"replicas": 8})
+    d = merge(
+        small,
+        simulation={"hours": 24},
+        traffic={"requests_per_day": 240_000, "diurnal": "azure-code"},
+        fleet={"replicas": 8},
+    )
     res = simulate(resolved(d))
     lam = np.array(res.resolved.hourly_rate_per_s) * 3600
     got = _col(res, "requests_arrived")
@@ -117,9 +142,13 @@ def test_daily_profiles_follow_utc_hour_of_day(small):
     UTC sees hour 10's rate and price in its first row."""
     prices = [0.1] * 24
     prices[10] = 0.5
-    d = merge(small, simulation={"hours": 3, "start_utc": "2026-03-01T10:00:00Z"},
-              traffic={"requests_per_day": 50_000, "diurnal": [1.0] * 10 + [5.0] + [1.0] * 13},
-              fleet={"replicas": 4}, cost={"electricity_usd_per_kwh": prices})
+    d = merge(
+        small,
+        simulation={"hours": 3, "start_utc": "2026-03-01T10:00:00Z"},
+        traffic={"requests_per_day": 50_000, "diurnal": [1.0] * 10 + [5.0] + [1.0] * 13},
+        fleet={"replicas": 4},
+        cost={"electricity_usd_per_kwh": prices},
+    )
     res = simulate(resolved(d))
     arrived = _col(res, "requests_arrived")
     assert arrived[0] > 3 * arrived[1] and arrived[0] > 3 * arrived[2]

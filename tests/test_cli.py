@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from simulator.accounting import HOURLY_COLUMNS
-from simulator.output import REQUEST_SCHEMA, read_metadata
+from fleetsim.results.accounting import HOURLY_COLUMNS
+from fleetsim.results.output import REQUEST_SCHEMA, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,16 +35,31 @@ output = { dist = "fixed", value = 50 }
 
 
 def fleetsim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "simulator", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fleetsim", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_run_writes_24_contract_rows_and_requests(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(GOOD)
     out = tmp_path / "out"
-    p = fleetsim("run", str(f), "--out", str(out), "--requests", "--set", "fleet.replicas=3",
-                 "--set", "traffic.requests_per_day=24000", cwd=tmp_path)
+    p = fleetsim(
+        "run",
+        str(f),
+        "--out",
+        str(out),
+        "--requests",
+        "--set",
+        "fleet.replicas=3",
+        "--set",
+        "traffic.requests_per_day=24000",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     t = pq.read_table(out / "hourly.parquet")
     assert t.num_rows == 24
@@ -60,7 +75,13 @@ def test_run_writes_24_contract_rows_and_requests(tmp_path):
     assert r.num_rows == sum(t.column("requests_arrived").to_pylist())
     status = r.column("status").to_pylist()
     assert status.count("completed") == sum(t.column("requests_completed").to_pylist())
-    done = r.filter(pq.ParquetFile(out / "requests.parquet").read().column("status").to_numpy(zero_copy_only=False) == "completed")
+    done = r.filter(
+        pq.ParquetFile(out / "requests.parquet")
+        .read()
+        .column("status")
+        .to_numpy(zero_copy_only=False)
+        == "completed"
+    )
     ttft = done.column("ttft_s").to_numpy()
     assert (ttft > 0).all()
     e2e = done.column("e2e_s").to_numpy()
@@ -74,16 +95,39 @@ def test_run_writes_24_contract_rows_and_requests(tmp_path):
 
 
 BAD = [
-    ("unknown key", "[fleet]\nreplicass = 2\n", ["fleet.replicass", "unknown key", "did you mean 'replicas'"]),
-    ("wrong type", "[fleet]\nreplicas = \"two\"\n", ["fleet.replicas", "'two'"]),
+    (
+        "unknown key",
+        "[fleet]\nreplicass = 2\n",
+        ["fleet.replicass", "unknown key", "did you mean 'replicas'"],
+    ),
+    ("wrong type", '[fleet]\nreplicas = "two"\n', ["fleet.replicas", "'two'"]),
     ("negative rate", "[traffic]\nrequests_per_day = -5\n", ["traffic.requests_per_day", "-5"]),
-    ("diurnal 23", "[traffic]\ndiurnal = [" + ",".join(["1"] * 23) + "]\n", ["traffic.diurnal", "24"]),
-    ("unknown gpu", "[hardware]\ngpu = \"h100\"\n", ["hardware.gpu", "'h100'", "did you mean"]),
-    ("unknown model", "[model]\nname = \"llama-3-70b\"\n", ["model.name", "llama-3-70b", "llama-3.1-70b"]),
-    ("does not fit", "[model]\nname = \"gpt3-175b\"\n[fleet]\ntensor_parallel = 2\n",
-     ["fleet.tensor_parallel", "GB missing", "tensor_parallel >="]),
-    ("bad dist", "[traffic]\nprompt = { dist = \"poisson\", mean = 3 }\n", ["traffic.prompt", "dist"]),
-    ("nan price", "[cost]\nelectricity_usd_per_kwh = nan\n", ["cost.electricity_usd_per_kwh", "nan"]),
+    (
+        "diurnal 23",
+        "[traffic]\ndiurnal = [" + ",".join(["1"] * 23) + "]\n",
+        ["traffic.diurnal", "24"],
+    ),
+    ("unknown gpu", '[hardware]\ngpu = "h100"\n', ["hardware.gpu", "'h100'", "did you mean"]),
+    (
+        "unknown model",
+        '[model]\nname = "llama-3-70b"\n',
+        ["model.name", "llama-3-70b", "llama-3.1-70b"],
+    ),
+    (
+        "does not fit",
+        '[model]\nname = "gpt3-175b"\n[fleet]\ntensor_parallel = 2\n',
+        ["fleet.tensor_parallel", "GB missing", "tensor_parallel >="],
+    ),
+    (
+        "bad dist",
+        '[traffic]\nprompt = { dist = "poisson", mean = 3 }\n',
+        ["traffic.prompt", "dist"],
+    ),
+    (
+        "nan price",
+        "[cost]\nelectricity_usd_per_kwh = nan\n",
+        ["cost.electricity_usd_per_kwh", "nan"],
+    ),
     ("bad toml", "[fleet\nreplicas = 2\n", ["not valid TOML"]),
 ]
 
@@ -106,7 +150,9 @@ def test_bad_input_is_one_clear_line(tmp_path, name, text, needles):
 def test_bad_override_and_missing_file(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(GOOD)
-    p = fleetsim("run", str(f), "--set", "fleet.replicas=-1", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    p = fleetsim(
+        "run", str(f), "--set", "fleet.replicas=-1", "--out", str(tmp_path / "o"), cwd=tmp_path
+    )
     assert p.returncode == 2 and "fleet.replicas = -1" in p.stderr
     p = fleetsim("validate", str(tmp_path / "nope.toml"), cwd=tmp_path)
     assert p.returncode == 2 and "no such scenario file" in p.stderr

@@ -6,33 +6,48 @@ import math
 
 import numpy as np
 import pytest
-
-from simulator.simulate import simulate
-
 from conftest import ListSink, merge, rel, resolved
+
+from fleetsim.apps.simulate import simulate
 
 # llama-3.1-8b on one H100: about 20 ms per decode step; 2 hours keep an hour boundary inside.
 CASES = {
     "light": dict(traffic={"requests_per_day": 8_000}),
     "heavy": dict(traffic={"requests_per_day": 30_000}, fleet={"max_batch_size": 4}),
-    "kv_pressure": dict(traffic={"requests_per_day": 30_000}, fleet={"gpu_memory_utilization": 0.22}),
+    "kv_pressure": dict(
+        traffic={"requests_per_day": 30_000}, fleet={"gpu_memory_utilization": 0.22}
+    ),
     "random": dict(traffic={"requests_per_day": 40_000}, fleet={"router": "random"}),
     "least_loaded": dict(traffic={"requests_per_day": 40_000}, fleet={"router": "least_loaded"}),
-    "central_queue": dict(traffic={"requests_per_day": 40_000},
-                          fleet={"router": "central_queue", "max_batch_size": 4}),
-    "moe_tp2": dict(model={"name": "mixtral-8x7b"}, traffic={"requests_per_day": 40_000},
-                    fleet={"tensor_parallel": 2}),
+    "central_queue": dict(
+        traffic={"requests_per_day": 40_000}, fleet={"router": "central_queue", "max_batch_size": 4}
+    ),
+    "moe_tp2": dict(
+        model={"name": "mixtral-8x7b"},
+        traffic={"requests_per_day": 40_000},
+        fleet={"tensor_parallel": 2},
+    ),
     "token_budget": dict(traffic={"requests_per_day": 30_000}, fleet={"max_batched_tokens": 4000}),
     # power states: replicas wake (cold start), drain and power off while requests flow
-    "reactive": dict(traffic={"requests_per_day": 40_000, "diurnal": "azure-code"},
-                     fleet={"replicas": 3, "router": "random"}, power={"wake_s": 20.0},
-                     autoscaler={"policy": "reactive", "min_replicas": 0, "initial_replicas": 1,
-                                 "target_requests_per_replica": 3, "interval_s": 15,
-                                 "idle_timeout_s": 120}),
-    "schedule_central": dict(traffic={"requests_per_day": 40_000},
-                             fleet={"replicas": 3, "router": "central_queue"},
-                             power={"wake_s": 30.0},
-                             autoscaler={"policy": "schedule", "replicas_by_hour": [3, 1] * 12}),
+    "reactive": dict(
+        traffic={"requests_per_day": 40_000, "diurnal": "azure-code"},
+        fleet={"replicas": 3, "router": "random"},
+        power={"wake_s": 20.0},
+        autoscaler={
+            "policy": "reactive",
+            "min_replicas": 0,
+            "initial_replicas": 1,
+            "target_requests_per_replica": 3,
+            "interval_s": 15,
+            "idle_timeout_s": 120,
+        },
+    ),
+    "schedule_central": dict(
+        traffic={"requests_per_day": 40_000},
+        fleet={"replicas": 3, "router": "central_queue"},
+        power={"wake_s": 30.0},
+        autoscaler={"policy": "schedule", "replicas_by_hour": [3, 1] * 12},
+    ),
 }
 
 
@@ -58,7 +73,13 @@ def test_macro_equals_per_iteration(small, case):
                 continue
             worst = max(worst, rel(a[i], b[i]))
     assert worst < 1e-9, worst
-    for col in ("energy_gpu_kwh", "gpu_busy_s", "output_tokens", "prompt_tokens", "requests_completed"):
+    for col in (
+        "energy_gpu_kwh",
+        "gpu_busy_s",
+        "output_tokens",
+        "prompt_tokens",
+        "requests_completed",
+    ):
         x = macro.hourly.column(col).to_numpy()
         y = ref.hourly.column(col).to_numpy()
         np.testing.assert_allclose(x, y, rtol=1e-9, atol=0)

@@ -21,8 +21,8 @@ SCRIPT = """
 import json, resource, sys, time
 sys.path.insert(0, {tests!r})
 from conftest import SMALL, merge
-from simulator.scenario import resolve, scenario_from_dict
-from simulator.simulate import simulate
+from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.apps.simulate import simulate
 d = merge(SMALL, simulation={{"hours": 24 * {days}}},
           traffic={{"requests_per_day": {rpd}, "diurnal": "azure-conv"}})
 rs = resolve(scenario_from_dict(d))
@@ -36,17 +36,23 @@ print(json.dumps({{"before_kb": before, "peak_kb": resource.getrusage(resource.R
 
 
 def _run(days: int, rpd: float) -> dict:
-    p = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(TESTS), days=days, rpd=rpd)],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(tests=str(TESTS), days=days, rpd=rpd)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def _compare(short_days: int, long_days: int, rpd: float, tol: float) -> tuple[dict, dict]:
     a, b = _run(short_days, rpd), _run(long_days, rpd)
-    print(f"\n{short_days}-day: peak RSS {a['peak_kb'] / 1024:.1f} MiB ({a['wall_s']:.1f} s, "
-          f"{a['arrived']:.0f} requests); {long_days}-day: peak RSS {b['peak_kb'] / 1024:.1f} MiB "
-          f"({b['wall_s']:.1f} s, {b['arrived']:.0f} requests)")
+    print(
+        f"\n{short_days}-day: peak RSS {a['peak_kb'] / 1024:.1f} MiB ({a['wall_s']:.1f} s, "
+        f"{a['arrived']:.0f} requests); {long_days}-day: peak RSS {b['peak_kb'] / 1024:.1f} MiB "
+        f"({b['wall_s']:.1f} s, {b['arrived']:.0f} requests)"
+    )
     # the same traffic per day: the long run really simulated long_days days of it
     ratio = b["arrived"] / a["arrived"]
     assert abs(ratio - long_days / short_days) < 0.05 * long_days / short_days

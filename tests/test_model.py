@@ -5,10 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulator import catalog
-from simulator.latency import LatencyModel, LinearProfile, run_sums, run_time, step_time, steps_to_reach
-from simulator.modelspec import model_from_catalog
-from simulator.scenario import resolve, scenario_from_dict
+from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.device import catalog
+from fleetsim.device.latency import (
+    LatencyModel,
+    LinearProfile,
+    run_sums,
+    run_time,
+    step_time,
+    steps_to_reach,
+)
+from fleetsim.device.modelspec import model_from_catalog
 
 
 @pytest.mark.parametrize("name", list(catalog.models()))
@@ -24,13 +31,22 @@ def test_mixtral_active_parameters():
 
 
 def _lat(model="llama-3.1-70b", gpu="h100-sxm", tp=4):
-    rs = resolve(scenario_from_dict({"model": {"name": model}, "hardware": {"gpu": gpu},
-                                     "fleet": {"tensor_parallel": tp}}))
+    rs = resolve(
+        scenario_from_dict(
+            {"model": {"name": model}, "hardware": {"gpu": gpu}, "fleet": {"tensor_parallel": tp}}
+        )
+    )
     return rs.latency_model()
 
 
-@pytest.mark.parametrize("model,gpu,tp", [("llama-3.1-70b", "h100-sxm", 4), ("llama-3.1-8b", "a100-80gb", 1),
-                                          ("mixtral-8x7b", "h200", 2)])
+@pytest.mark.parametrize(
+    "model,gpu,tp",
+    [
+        ("llama-3.1-70b", "h100-sxm", 4),
+        ("llama-3.1-8b", "a100-80gb", 1),
+        ("mixtral-8x7b", "h200", 2),
+    ],
+)
 def test_run_sums_equal_step_by_step(model, gpu, tp):
     lat = _lat(model, gpu, tp)
     rng = np.random.default_rng(0)
@@ -46,8 +62,10 @@ def test_run_sums_equal_step_by_step(model, gpu, tp):
             f += c.fa + c.fb * ctx
             b += c.ba + c.bb * ctx
         T, F, B = run_sums(c, c0, n, m)
-        assert T == pytest.approx(t, rel=1e-11) and run_time(c, c0, n, m) == pytest.approx(t, rel=1e-11)
-        assert F == pytest.approx(f, rel=1e-11) and B == pytest.approx(b, rel=1e-11)
+        assert pytest.approx(t, rel=1e-11) == T and run_time(c, c0, n, m) == pytest.approx(
+            t, rel=1e-11
+        )
+        assert pytest.approx(f, rel=1e-11) == F and pytest.approx(b, rel=1e-11) == B
         # the first step count that reaches a target, exactly against run_time
         base = float(rng.uniform(0, 1e5))
         target = base + float(rng.uniform(0, T * 1.1))
@@ -83,8 +101,14 @@ def test_throughput_anchor_llama8b_h100():
 
 def test_linear_profile_iteration():
     m = model_from_catalog("llama-3.1-8b")
-    p = LinearProfile(name="lin", base_s=0.01, prefill_base_s=0.002, per_prefill_token_s=1e-5,
-                      per_seq_s=1e-4, per_context_token_s=1e-7)
+    p = LinearProfile(
+        name="lin",
+        base_s=0.01,
+        prefill_base_s=0.002,
+        per_prefill_token_s=1e-5,
+        per_seq_s=1e-4,
+        per_context_token_s=1e-7,
+    )
     lat = LatencyModel(m, p, 1)
     t, _, _ = lat.iteration(100, 100.0**2, 1, 3, 3000.0)
     assert t == pytest.approx(0.01 + 0.002 + 1e-3 + 4e-4 + 3e-4, rel=1e-12)

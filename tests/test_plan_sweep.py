@@ -9,52 +9,72 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from simulator.cli import main as cli_main
-from simulator.errors import UserError
-from simulator.executors import make_executor
-from simulator.plan import search_min
-from simulator.scenario import scenario_from_dict
-from simulator.simulate import simulate
-from simulator.sweep import grid_points, parse_grid, run_sweep, split_values
-
 from conftest import SMALL, merge, tables_equal
+
+from fleetsim.apps.cli import main as cli_main
+from fleetsim.apps.executors import make_executor
+from fleetsim.apps.plan import search_min
+from fleetsim.apps.simulate import simulate
+from fleetsim.apps.sweep import grid_points, parse_grid, run_sweep, split_values
+from fleetsim.base.errors import UserError
+from fleetsim.config.scenario import scenario_from_dict
 
 # Llama-3.1-70B on TP4 H100s, one flat hour at 4.6 requests/s: 3 replicas meet p99 TTFT <= 1 s
 # (0.92 s), 2 do not (1.11 s); TP2 cannot hold a maximum-length request in its KV budget.
 PLAN = {
-    "name": "plan-small", "seed": 3, "simulation": {"hours": 1},
-    "model": {"name": "llama-3.1-70b"}, "hardware": {"gpu": "h100-sxm"},
+    "name": "plan-small",
+    "seed": 3,
+    "simulation": {"hours": 1},
+    "model": {"name": "llama-3.1-70b"},
+    "hardware": {"gpu": "h100-sxm"},
     "fleet": {"replicas": 1, "tensor_parallel": 4},
-    "traffic": {"requests_per_day": 400_000, "diurnal": "flat",
-                "prompt": {"dist": "lognormal", "median": 1020, "sigma": 0.985, "min": 2,
-                           "max": 14050},
-                "output": {"dist": "lognormal", "median": 129, "sigma": 0.859, "min": 7,
-                           "max": 1000}},
+    "traffic": {
+        "requests_per_day": 400_000,
+        "diurnal": "flat",
+        "prompt": {"dist": "lognormal", "median": 1020, "sigma": 0.985, "min": 2, "max": 14050},
+        "output": {"dist": "lognormal", "median": 129, "sigma": 0.859, "min": 7, "max": 1000},
+    },
     "slo": {"ttft_s": 1.0, "tpot_s": 0.1},
 }
 
-SWEEP_BASE = merge(SMALL, simulation={"hours": 1},
-                   traffic=dict(SMALL["traffic"], requests_per_day=48_000))
+SWEEP_BASE = merge(
+    SMALL, simulation={"hours": 1}, traffic=dict(SMALL["traffic"], requests_per_day=48_000)
+)
 SWEEP_GRID = ["fleet.replicas=1,2", 'fleet.router="round_robin","least_loaded"']
 
 
 def _meets_slo(res, ttft_s: float, tpot_s: float) -> bool:
     ttft = res.hourly.column("ttft_p99_s").to_numpy()
     tpot = res.hourly.column("tpot_p99_s").to_numpy()
-    return bool(np.all(ttft <= ttft_s) and np.all(tpot <= tpot_s)
-                and res.totals["requests_rejected"] == 0)
+    return bool(
+        np.all(ttft <= ttft_s) and np.all(tpot <= tpot_s) and res.totals["requests_rejected"] == 0
+    )
 
 
 def test_plan_answer_meets_slo_and_one_fewer_fails(tmp_path):
     scen = tmp_path / "s.toml"
     scen.write_text(_toml(PLAN))
     out = tmp_path / "plan"
-    rc = cli_main(["plan", str(scen), "--gpus", "h100-sxm", "--tp", "2,4", "--workers", "1",
-                   "--out", str(out), "--quiet"])
+    rc = cli_main(
+        [
+            "plan",
+            str(scen),
+            "--gpus",
+            "h100-sxm",
+            "--tp",
+            "2,4",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     rows = pq.read_table(out / "plan.parquet").to_pylist()
-    assert [r["status"].startswith("does not fit") for r in rows if r["tensor_parallel"] == 2] == [True]
+    assert [r["status"].startswith("does not fit") for r in rows if r["tensor_parallel"] == 2] == [
+        True
+    ]
     ok = [r for r in rows if r["status"] == "ok"]
     assert [r["tensor_parallel"] for r in ok] == [4] and ok[0]["rank"] == 1
     best = ok[0]
@@ -64,8 +84,9 @@ def test_plan_answer_meets_slo_and_one_fewer_fails(tmp_path):
     assert math.isclose(best["total_cost_usd"], best["energy_cost_usd"] + best["hardware_cost_usd"])
     # independent runs of the scenario, as a user would run them
     at_n = simulate(scenario_from_dict(merge(PLAN, fleet={"replicas": n, "tensor_parallel": 4})))
-    below = simulate(scenario_from_dict(merge(PLAN, fleet={"replicas": n - 1,
-                                                           "tensor_parallel": 4})))
+    below = simulate(
+        scenario_from_dict(merge(PLAN, fleet={"replicas": n - 1, "tensor_parallel": 4}))
+    )
     assert _meets_slo(at_n, 1.0, 0.1)
     assert not _meets_slo(below, 1.0, 0.1)
     assert best["total_cost_usd"] == at_n.totals["total_cost_usd"]  # same seed, same scenario
@@ -96,7 +117,7 @@ def test_plan_errors(tmp_path):
     scen = tmp_path / "s.toml"
     scen.write_text(_toml(PLAN))
     with pytest.raises(UserError, match="--gpus 'h1OO'"):
-        from simulator.plan import main
+        from fleetsim.apps.plan import main
 
         main([str(scen), "--gpus", "h1OO", "--out", str(tmp_path / "x")])
     assert cli_main(["plan", str(scen), "--tp", "two", "--out", str(tmp_path / "y")]) == 2
@@ -134,33 +155,56 @@ def test_sweep_cli(tmp_path):
     scen = tmp_path / "s.toml"
     scen.write_text(_toml(SWEEP_BASE))
     out = tmp_path / "sw"
-    assert cli_main(["sweep", str(scen), "--grid", "fleet.replicas=1,2", "--workers", "1",
-                     "--out", str(out), "--quiet"]) == 0
+    assert (
+        cli_main(
+            [
+                "sweep",
+                str(scen),
+                "--grid",
+                "fleet.replicas=1,2",
+                "--workers",
+                "1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     t = pq.read_table(out / "sweep.parquet")
     assert t.column("fleet.replicas").to_pylist() == [1, 2]
     assert t.schema.names[1:4] == ["requests", "requests_completed", "requests_in_flight"]
 
 
 def test_grid_parsing_and_validation(tmp_path):
-    assert split_values('1,2, 3') == ["1", "2", "3"]
+    assert split_values("1,2, 3") == ["1", "2", "3"]
     assert split_values('"a,b",[1,2],{x=1,y=2}') == ['"a,b"', "[1,2]", "{x=1,y=2}"]
     assert grid_points(parse_grid(["a.b=1,2", "c.d=x"])) == [["a.b=1", "c.d=x"], ["a.b=2", "c.d=x"]]
-    for bad, msg in ((["fleet.replicas"], "expected section.key=v1"),
-                     (["fleet.replicas=1,,2"], "empty value"),
-                     (["fleet.replicas=1", "fleet.replicas=2"], "given twice"),
-                     ([], "no --grid")):
+    for bad, msg in (
+        (["fleet.replicas"], "expected section.key=v1"),
+        (["fleet.replicas=1,,2"], "empty value"),
+        (["fleet.replicas=1", "fleet.replicas=2"], "given twice"),
+        ([], "no --grid"),
+    ):
         with pytest.raises(UserError, match=msg):
             parse_grid(bad)
     scen = tmp_path / "s.toml"
     scen.write_text(_toml(SWEEP_BASE))
-    from simulator.sweep import main
+    from fleetsim.apps.sweep import main
 
     # one bad point among good ones: a clear error before anything runs, naming the point
     with pytest.raises(UserError, match=r"sweep point fleet.replicas=0: .*fleet.replicas = 0"):
         main([str(scen), "--grid", "fleet.replicas=1,0", "--out", str(tmp_path / "o")])
     with pytest.raises(UserError, match=r"fleet.tensor_parallel = 1 .*exceed|does not|need"):
-        main([str(scen), "--grid", "model.name=\"llama-3.1-8b\",\"llama-3.1-70b\"",
-              "--out", str(tmp_path / "o")])
+        main(
+            [
+                str(scen),
+                "--grid",
+                'model.name="llama-3.1-8b","llama-3.1-70b"',
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     with pytest.raises(UserError, match="fleet.replcas.*did you mean 'replicas'"):
         main([str(scen), "--grid", "fleet.replcas=1", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
@@ -168,12 +212,16 @@ def test_grid_parsing_and_validation(tmp_path):
 
 def _toml(d: dict) -> str:
     """A small TOML writer for the test scenarios (tables of scalars and inline tables)."""
+
     def val(v):
         if isinstance(v, dict):
             return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
         return json.dumps(v)
 
     top = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    secs = [f"[{k}]\n" + "\n".join(f"{kk} = {val(vv)}" for kk, vv in v.items())
-            for k, v in d.items() if isinstance(v, dict)]
+    secs = [
+        f"[{k}]\n" + "\n".join(f"{kk} = {val(vv)}" for kk, vv in v.items())
+        for k, v in d.items()
+        if isinstance(v, dict)
+    ]
     return "\n".join(top + secs) + "\n"

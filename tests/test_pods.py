@@ -8,18 +8,21 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from simulator.accounting import hourly_table
-from simulator.cli import main as cli_main
-from simulator.scenario import resolve, scenario_from_dict
-from simulator.simulate import pod_confidence, simulate
-
 from conftest import SMALL, merge, tables_equal
 
+from fleetsim.apps.cli import main as cli_main
+from fleetsim.apps.simulate import simulate
+from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.results.accounting import hourly_table
+from fleetsim.results.result import pod_confidence
+
 P = 10
-PODS = merge(SMALL, simulation={"hours": 1},
-             fleet={"replicas": 1, "pods": P, "router": "round_robin"},
-             traffic=dict(SMALL["traffic"], requests_per_day=24 * 300 * P))  # 300 per pod-hour
+PODS = merge(
+    SMALL,
+    simulation={"hours": 1},
+    fleet={"replicas": 1, "pods": P, "router": "round_robin"},
+    traffic=dict(SMALL["traffic"], requests_per_day=24 * 300 * P),
+)  # 300 per pod-hour
 
 
 def _sum(t, col: str) -> float:
@@ -34,11 +37,15 @@ def test_sample_scales_by_pods_over_k():
         assert a.arrived == b.arrived and a.dyn_j == b.dyn_j
     rs = full.resolved
     four = hourly_table(rs, full.pods[:4])  # the four pods alone, unscaled
-    assert math.isclose(part.totals["energy_facility_kwh"], P / 4 * _sum(four, "energy_facility_kwh"))
+    assert math.isclose(
+        part.totals["energy_facility_kwh"], P / 4 * _sum(four, "energy_facility_kwh")
+    )
     assert math.isclose(part.totals["energy_cost_usd"], P / 4 * _sum(four, "energy_cost_usd"))
     # owned hardware is the whole fleet's, whatever is simulated
     assert math.isclose(part.totals["hardware_cost_usd"], full.totals["hardware_cost_usd"])
-    assert abs(part.totals["requests_arrived"] - P / 4 * sum(sum(p.arrived) for p in part.pods)) <= 0.5
+    assert (
+        abs(part.totals["requests_arrived"] - P / 4 * sum(sum(p.arrived) for p in part.pods)) <= 0.5
+    )
     # the interval is centred on the reported total
     for name in ("energy_facility_kwh", "total_cost_usd"):
         lo, hi = part.pod_ci[name]
@@ -87,14 +94,28 @@ def test_pods_as_executor_tasks_match_in_process(tmp_path):
     """``fleetsim run --workers 2`` (pods in a process pool) writes the in-process table."""
     d = merge(PODS, fleet={"sample_pods": 3})
     scen = tmp_path / "s.toml"
-    lines = ["name = 'pods'", f"seed = {d['seed']}", "[simulation]", "hours = 1", "[model]",
-             "name = 'llama-3.1-8b'", "[fleet]", "replicas = 1", f"pods = {P}", "sample_pods = 3",
-             "router = 'round_robin'", "[traffic]", f"requests_per_day = {d['traffic']['requests_per_day']}",
-             "diurnal = 'flat'",
-             "prompt = { dist = 'lognormal', median = 500, sigma = 0.8, min = 4, max = 4000 }",
-             "output = { dist = 'lognormal', median = 100, sigma = 0.8, min = 1, max = 1000 }"]
+    lines = [
+        "name = 'pods'",
+        f"seed = {d['seed']}",
+        "[simulation]",
+        "hours = 1",
+        "[model]",
+        "name = 'llama-3.1-8b'",
+        "[fleet]",
+        "replicas = 1",
+        f"pods = {P}",
+        "sample_pods = 3",
+        "router = 'round_robin'",
+        "[traffic]",
+        f"requests_per_day = {d['traffic']['requests_per_day']}",
+        "diurnal = 'flat'",
+        "prompt = { dist = 'lognormal', median = 500, sigma = 0.8, min = 4, max = 4000 }",
+        "output = { dist = 'lognormal', median = 100, sigma = 0.8, min = 1, max = 1000 }",
+    ]
     scen.write_text("\n".join(lines) + "\n")
-    assert cli_main(["run", str(scen), "--workers", "2", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert (
+        cli_main(["run", str(scen), "--workers", "2", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    )
     pooled = pq.read_table(tmp_path / "o" / "hourly.parquet")
     here = simulate(scenario_from_dict(d))
     assert tables_equal(pooled.select(here.hourly.schema.names), here.hourly)
@@ -103,11 +124,19 @@ def test_pods_as_executor_tasks_match_in_process(tmp_path):
 @pytest.mark.slow
 def test_interval_narrows_with_more_sampled_pods():
     """The half-width shrinks like sqrt((1 - k/P) / k) (the spread between pods is the same)."""
-    full = simulate(scenario_from_dict(merge(PODS, fleet={"pods": 40, "replicas": 1},
-                                             traffic=dict(PODS["traffic"],
-                                                          requests_per_day=24 * 300 * 40))))
+    full = simulate(
+        scenario_from_dict(
+            merge(
+                PODS,
+                fleet={"pods": 40, "replicas": 1},
+                traffic=dict(PODS["traffic"], requests_per_day=24 * 300 * 40),
+            )
+        )
+    )
     rs = full.resolved
-    widths = {k: np.subtract(*pod_confidence(rs, full.pods[:k])["energy_facility_kwh"][::-1])
-              for k in (4, 16, 40)}
+    widths = {
+        k: np.subtract(*pod_confidence(rs, full.pods[:k])["energy_facility_kwh"][::-1])
+        for k in (4, 16, 40)
+    }
     assert widths[40] == pytest.approx(0.0, abs=1e-9)
     assert widths[16] < widths[4]

@@ -9,11 +9,10 @@ import math
 
 import numpy as np
 import pytest
-
-from simulator.errors import ScenarioError
-from simulator.simulate import simulate
-
 from conftest import ListSink, merge, resolved
+
+from fleetsim.apps.simulate import simulate
+from fleetsim.base.errors import ScenarioError
 
 J_PER_KWH = 3.6e6
 
@@ -24,9 +23,14 @@ def _col(res, name):
 
 def _idle_fleet(small, sched, policy="schedule", **extra):
     """Zero traffic, TP2 replicas of an 8B model, powered by a schedule."""
-    d = merge(small, simulation={"hours": len(sched)}, fleet={"replicas": 3, "tensor_parallel": 2},
-              traffic={"requests_per_day": 0},
-              autoscaler={"policy": policy, "replicas_by_hour": (sched * 24)[:24]}, **extra)
+    d = merge(
+        small,
+        simulation={"hours": len(sched)},
+        fleet={"replicas": 3, "tensor_parallel": 2},
+        traffic={"requests_per_day": 0},
+        autoscaler={"policy": policy, "replicas_by_hour": (sched * 24)[:24]},
+        **extra,
+    )
     rs = resolved(d)
     return rs, simulate(rs)
 
@@ -40,7 +44,9 @@ def test_off_replica_draws_only_standby_and_no_overhead(small):
         over_kwh = g.overhead_w_per_gpu * on * tp * 3600 / J_PER_KWH
         assert _col(res, "energy_gpu_kwh")[h] == pytest.approx(gpu_kwh, rel=1e-12)
         assert _col(res, "energy_overhead_kwh")[h] == pytest.approx(over_kwh, rel=1e-12)
-        assert _col(res, "energy_facility_kwh")[h] == pytest.approx((gpu_kwh + over_kwh) * 1.3, rel=1e-12)
+        assert _col(res, "energy_facility_kwh")[h] == pytest.approx(
+            (gpu_kwh + over_kwh) * 1.3, rel=1e-12
+        )
         assert _col(res, "gpus_powered_mean")[h] == on * tp
 
 
@@ -53,7 +59,9 @@ def test_cold_start_costs_its_energy(small):
     over0 = g.overhead_w_per_gpu * (3600 + waking_s) * tp / J_PER_KWH
     assert _col(res, "energy_gpu_kwh")[0] == pytest.approx(gpu0, rel=1e-12)
     assert _col(res, "energy_overhead_kwh")[0] == pytest.approx(over0, rel=1e-12)
-    assert _col(res, "gpus_powered_mean")[0] == pytest.approx((3600 + waking_s) * tp / 3600, rel=1e-12)
+    assert _col(res, "gpus_powered_mean")[0] == pytest.approx(
+        (3600 + waking_s) * tp / 3600, rel=1e-12
+    )
     # the wake's own energy: what hour 0 costs beyond a fleet that stays at one replica
     _, flat = _idle_fleet(small, [1, 1], power={"wake_s": 100.0, "wake_w": 250.0, "standby_w": 5.0})
     extra_kwh = _col(res, "energy_gpu_kwh")[0] - _col(flat, "energy_gpu_kwh")[0]
@@ -76,12 +84,17 @@ def test_rented_cost_follows_powered_hours_owned_does_not(small):
     costs = {}
     for hw in ("rented", "owned"):
         for policy in ("schedule", "static"):
-            rs, res = _idle_fleet(small, sched, policy, cost={"hardware": hw}, power={"wake_s": 0.0})
+            rs, res = _idle_fleet(
+                small, sched, policy, cost={"hardware": hw}, power={"wake_s": 0.0}
+            )
             costs[hw, policy] = _col(res, "hardware_cost_usd")
     g = rs.gpu
-    np.testing.assert_allclose(costs["rented", "schedule"],
-                               np.array(sched) * 2 * g.rent_usd_per_gpu_hour, rtol=1e-12)
-    np.testing.assert_allclose(costs["rented", "static"], np.full(4, 3 * 2 * g.rent_usd_per_gpu_hour), rtol=1e-12)
+    np.testing.assert_allclose(
+        costs["rented", "schedule"], np.array(sched) * 2 * g.rent_usd_per_gpu_hour, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        costs["rented", "static"], np.full(4, 3 * 2 * g.rent_usd_per_gpu_hour), rtol=1e-12
+    )
     per_h = 3 * 2 * g.capex_usd / (5.0 * 8760)
     np.testing.assert_allclose(costs["owned", "schedule"], np.full(4, per_h), rtol=1e-12)
     np.testing.assert_array_equal(costs["owned", "schedule"], costs["owned", "static"])
@@ -90,11 +103,20 @@ def test_rented_cost_follows_powered_hours_owned_does_not(small):
 def test_cold_start_delays_service(small):
     """Scale from zero: nothing serves until the replica is up, wake_s after the first arrival."""
     wake = 45.0
-    d = merge(small, simulation={"hours": 1}, fleet={"replicas": 2},
-              traffic={"requests_per_day": 40_000},
-              power={"wake_s": wake},
-              autoscaler={"policy": "reactive", "min_replicas": 0, "initial_replicas": 0,
-                          "target_requests_per_replica": 1000, "idle_timeout_s": 3600})
+    d = merge(
+        small,
+        simulation={"hours": 1},
+        fleet={"replicas": 2},
+        traffic={"requests_per_day": 40_000},
+        power={"wake_s": wake},
+        autoscaler={
+            "policy": "reactive",
+            "min_replicas": 0,
+            "initial_replicas": 0,
+            "target_requests_per_replica": 1000,
+            "idle_timeout_s": 3600,
+        },
+    )
     sink = ListSink()
     res = simulate(resolved(d), request_sink=sink)
     rows = sorted(sink.rows.values())
@@ -115,16 +137,25 @@ def test_reactive_scales_up_under_load_and_down_when_idle(small):
     # hours 0 and 2 without traffic, hour 1 heavy: the whole day's 40,000 requests (11 req/s)
     diurnal = [0.0] * 24
     diurnal[1] = 1.0
-    d = merge(small, simulation={"hours": 3}, fleet={"replicas": 4, "router": "least_loaded"},
-              traffic={"requests_per_day": 40_000, "diurnal": diurnal},
-              power={"wake_s": 30.0},
-              autoscaler={"policy": "reactive", "min_replicas": 1, "initial_replicas": 1,
-                          "target_requests_per_replica": 6, "interval_s": 10,
-                          "idle_timeout_s": 300})
+    d = merge(
+        small,
+        simulation={"hours": 3},
+        fleet={"replicas": 4, "router": "least_loaded"},
+        traffic={"requests_per_day": 40_000, "diurnal": diurnal},
+        power={"wake_s": 30.0},
+        autoscaler={
+            "policy": "reactive",
+            "min_replicas": 1,
+            "initial_replicas": 1,
+            "target_requests_per_replica": 6,
+            "interval_s": 10,
+            "idle_timeout_s": 300,
+        },
+    )
     res = simulate(resolved(d))
     on = _col(res, "gpus_powered_mean")
-    assert on[0] == 1.0                  # nothing happened: one replica, exactly
-    assert on[1] > 2.5                   # the load woke more
+    assert on[0] == 1.0  # nothing happened: one replica, exactly
+    assert on[1] > 2.5  # the load woke more
     # ... and the three extra ones went off after the idle timeout (300 s) and a tick or two
     assert 1.0 <= on[2] <= 1.0 + 3 * (300 + 2 * 10) / 3600
     assert on[2] > 1.0 + 3 * 250 / 3600  # not before the idle timeout
@@ -135,20 +166,29 @@ def test_reactive_scales_up_under_load_and_down_when_idle(small):
 def test_tariff_and_carbon_follow_utc_hour_of_day(small):
     price = [0.10 + 0.01 * h for h in range(24)]
     carbon = [0.30 + 0.02 * h for h in range(24)]
-    d = merge(small, simulation={"hours": 4, "start_utc": "2026-03-01T21:00:00Z"},
-              cost={"electricity_usd_per_kwh": price, "carbon_kg_per_kwh": carbon})
+    d = merge(
+        small,
+        simulation={"hours": 4, "start_utc": "2026-03-01T21:00:00Z"},
+        cost={"electricity_usd_per_kwh": price, "carbon_kg_per_kwh": carbon},
+    )
     res = simulate(resolved(d))
     hod = [21, 22, 23, 0]
     np.testing.assert_allclose(_col(res, "price_usd_per_kwh"), [price[x] for x in hod], rtol=0)
     fac = _col(res, "energy_facility_kwh")
-    np.testing.assert_allclose(_col(res, "energy_cost_usd"), fac * [price[x] for x in hod], rtol=1e-12)
+    np.testing.assert_allclose(
+        _col(res, "energy_cost_usd"), fac * [price[x] for x in hod], rtol=1e-12
+    )
     np.testing.assert_allclose(_col(res, "carbon_kg"), fac * [carbon[x] for x in hod], rtol=1e-12)
-    assert res.totals["carbon_kg"] == pytest.approx(float(np.sum(fac * [carbon[x] for x in hod])), rel=1e-12)
+    assert res.totals["carbon_kg"] == pytest.approx(
+        float(np.sum(fac * [carbon[x] for x in hod])), rel=1e-12
+    )
 
 
 def test_schedule_file_and_errors(small, tmp_path):
     f = tmp_path / "plan.json"
-    f.write_text(json.dumps({"gpu": "h100-sxm", "tensor_parallel": 2, "replicas_by_hour": [1, 2] * 12}))
+    f.write_text(
+        json.dumps({"gpu": "h100-sxm", "tensor_parallel": 2, "replicas_by_hour": [1, 2] * 12})
+    )
     base = merge(small, fleet={"replicas": 2, "tensor_parallel": 2})
     rs = resolved(merge(base, autoscaler={"policy": "schedule", "schedule_file": str(f)}))
     assert rs.replicas_by_hour == (1, 2) * 12
@@ -163,6 +203,11 @@ def test_schedule_file_and_errors(small, tmp_path):
         with pytest.raises(ScenarioError, match=text):
             resolved(merge(base, autoscaler=section))
     with pytest.raises(ScenarioError, match="tensor_parallel"):
-        resolved(merge(base, fleet={"tensor_parallel": 1},
-                       autoscaler={"policy": "schedule", "schedule_file": str(f)}))
+        resolved(
+            merge(
+                base,
+                fleet={"tensor_parallel": 1},
+                autoscaler={"policy": "schedule", "schedule_file": str(f)},
+            )
+        )
     assert math.isfinite(rs.hourly_rate_per_s[0])

@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from simulator.scenario import resolve, scenario_from_dict
-from simulator.simulate import simulate
+from fleetsim.apps.simulate import simulate
+from fleetsim.config.scenario import resolve, scenario_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "cpu-llama-3.1-8b.json"
@@ -28,10 +28,18 @@ def _scenario(raw: dict, n_layers: int) -> dict:
         "simulation": {"hours": 1},
         "model": {"name": cfg["name"], "dtype": cfg["dtype"], "n_layers": n_layers},
         "hardware": {"gpu": "h100-sxm", "profile": str(PROFILE)},  # power falls back to the catalog
-        "fleet": {"replicas": 1, "max_batch_size": 8, "max_batched_tokens": 4096,
-                  "router": "round_robin"},
-        "traffic": {"requests_per_day": 24 * 40, "diurnal": "flat",
-                    "prompt": {"dist": "fixed", "value": 32}, "output": {"dist": "fixed", "value": 4}},
+        "fleet": {
+            "replicas": 1,
+            "max_batch_size": 8,
+            "max_batched_tokens": 4096,
+            "router": "round_robin",
+        },
+        "traffic": {
+            "requests_per_day": 24 * 40,
+            "diurnal": "flat",
+            "prompt": {"dist": "fixed", "value": 32},
+            "output": {"dist": "fixed", "value": 4},
+        },
     }
 
 

@@ -8,12 +8,11 @@ import math
 
 import numpy as np
 import pytest
-
-from simulator.errors import UserError
-from simulator.scenario import resolve, scenario_from_dict
-from simulator.simulate import simulate
-
 from conftest import ListSink
+
+from fleetsim.apps.simulate import simulate
+from fleetsim.base.errors import UserError
+from fleetsim.config.scenario import resolve, scenario_from_dict
 
 TINY = """name = "tiny"
 n_layers = 2
@@ -31,17 +30,31 @@ def test_trace_replay_in_simulator(tmp_path):
     """A timed trace drives simulate(): the same arrivals and sizes, and an isolated request's
     times are the linear profile's closed form."""
     prof = tmp_path / "p.json"
-    prof.write_text(json.dumps({"format": "fleetsim-profile/1", "kind": "linear", "name": "t",
-                                "base_s": 0.01, "prefill_base_s": 0.02,
-                                "per_prefill_token_s": 1e-4, "per_seq_s": 1e-3}))
+    prof.write_text(
+        json.dumps(
+            {
+                "format": "fleetsim-profile/1",
+                "kind": "linear",
+                "name": "t",
+                "base_s": 0.01,
+                "prefill_base_s": 0.02,
+                "per_prefill_token_s": 1e-4,
+                "per_seq_s": 1e-3,
+            }
+        )
+    )
     trace = tmp_path / "t.csv"
     rows = [(0.5, 100, 10), (100.0, 50, 1), (100.001, 20, 5), (3700.25, 10, 3)]
-    trace.write_text("arrival_s,prompt_tokens,output_tokens\n"
-                     + "".join(f"{a},{p},{o}\n" for a, p, o in rows))
-    d = {"simulation": {"hours": 2}, "model": {"name": "llama-3.1-8b"},
-         "hardware": {"gpu": "h100-sxm", "profile": str(prof)},
-         "fleet": {"replicas": 1, "router": "round_robin", "max_batch_size": 4},
-         "traffic": {"diurnal": "flat", "trace": str(trace)}}
+    trace.write_text(
+        "arrival_s,prompt_tokens,output_tokens\n" + "".join(f"{a},{p},{o}\n" for a, p, o in rows)
+    )
+    d = {
+        "simulation": {"hours": 2},
+        "model": {"name": "llama-3.1-8b"},
+        "hardware": {"gpu": "h100-sxm", "profile": str(prof)},
+        "fleet": {"replicas": 1, "router": "round_robin", "max_batch_size": 4},
+        "traffic": {"diurnal": "flat", "trace": str(trace)},
+    }
     sink = ListSink()
     res = simulate(resolve(scenario_from_dict(d)), request_sink=sink)
     got = sorted(sink.rows.values())
@@ -69,7 +82,7 @@ def test_trace_errors(tmp_path):
 
 
 def test_poisson_trace_argument():
-    from calibrate.replay import parse_trace_arg
+    from fleetsim.calibrate.replay import parse_trace_arg
 
     tr = parse_trace_arg("poisson:400:5:32:8", seed=3)
     t = np.array([r[0] for r in tr])
@@ -86,8 +99,8 @@ torch = pytest.importorskip("torch")
 
 
 def _tiny_model(tmp_path):
-    from calibrate.cli import resolve_model
-    from calibrate.model import TorchTransformer
+    from fleetsim.calibrate.cli import resolve_model
+    from fleetsim.calibrate.model import TorchTransformer
 
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
@@ -97,11 +110,12 @@ def _tiny_model(tmp_path):
 @pytest.mark.torch
 def test_packed_iteration_matches_model(tmp_path):
     """The engine's packed mixed iteration computes what the model's own prefill / decode do."""
-    from calibrate.engine import ServingEngine
+    from fleetsim.calibrate.engine import ServingEngine
 
     _, m = _tiny_model(tmp_path)
-    eng = ServingEngine(m, max_batch_size=4, max_batched_tokens=256, kv_budget_tokens=10_000,
-                        max_seq_tokens=64)
+    eng = ServingEngine(
+        m, max_batch_size=4, max_batched_tokens=256, kv_budget_tokens=10_000, max_seq_tokens=64
+    )
     toks = m.random_tokens(1, 20)
     m.allocate_cache(1, 64)
     with torch.inference_mode():
@@ -117,18 +131,35 @@ def test_packed_iteration_matches_model(tmp_path):
 @pytest.mark.torch
 def test_replay_end_to_end(tmp_path):
     """fleetsim replay on a tiny model: both sides serve every request, the table is complete."""
-    from calibrate.replay import COLUMNS, main
+    from fleetsim.calibrate.replay import COLUMNS, main
 
     model_path, _ = _tiny_model(tmp_path)
     out = tmp_path / "out"
-    rc = main(["--trace", "poisson:30:20:16:6", "--model", str(model_path), "--layers", "2",
-               "--device", "cpu", "--max-batch-size", "4", "--out", str(out), "--threads", "1"])
+    rc = main(
+        [
+            "--trace",
+            "poisson:30:20:16:6",
+            "--model",
+            str(model_path),
+            "--layers",
+            "2",
+            "--device",
+            "cpu",
+            "--max-batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     with (out / "replay.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == COLUMNS
     assert [(r["metric"], r["stat"]) for r in rows] == [
-        (m, s) for m in ("ttft", "tpot", "e2e") for s in ("mean", "p50", "p90")]
+        (m, s) for m in ("ttft", "tpot", "e2e") for s in ("mean", "p50", "p90")
+    ]
     for r in rows:
         assert float(r["real_s"]) > 0 and float(r["sim_s"]) > 0
         assert math.isfinite(float(r["rel_err"]))
@@ -151,11 +182,19 @@ def test_replay_grid_covers_the_trace_shapes():
     of two above 16) and one-prompt prefills at the trace's prompt-length quantiles and maximum;
     the warm-up burst is synthetic (not the trace) and staggers its outputs so that every decode
     batch size from the cap down to 1 occurs."""
-    from calibrate.replay import poisson_trace, replay_grid, warmup_trace
-    from simulator.modelspec import ModelSpec
+    from fleetsim.calibrate.replay import poisson_trace, replay_grid, warmup_trace
+    from fleetsim.device.modelspec import ModelSpec
 
-    spec = ModelSpec(name="t", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
-                     vocab_size=500, max_context_tokens=2048)
+    spec = ModelSpec(
+        name="t",
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        vocab_size=500,
+        max_context_tokens=2048,
+    )
     trace = poisson_trace(50, 1.0, 64, 16, seed=0)
     g = replay_grid(spec, trace, max_batch_size=8, max_batched_tokens=2048)
     assert g.decode_batches == tuple(range(1, 9))
@@ -177,19 +216,33 @@ def test_engine_overhead_added_to_profile(tmp_path):
     """The engine-loop overhead is the median excess of the warm-up iterations over the
     profile: against a profile that predicts ~0 s per iteration, it is the median iteration
     time itself, and it is added to overhead_s with a note."""
-    from calibrate.engine import ServingEngine
-    from calibrate.replay import add_engine_overhead
-    from simulator.profile import load_profile
+    from fleetsim.calibrate.engine import ServingEngine
+    from fleetsim.calibrate.replay import add_engine_overhead
+    from fleetsim.device.profile import load_profile
 
     _, m = _tiny_model(tmp_path)
-    eng = ServingEngine(m, max_batch_size=4, max_batched_tokens=256, kv_budget_tokens=10_000,
-                        max_seq_tokens=64)
+    eng = ServingEngine(
+        m, max_batch_size=4, max_batched_tokens=256, kv_budget_tokens=10_000, max_seq_tokens=64
+    )
     path = tmp_path / "p.json"
-    path.write_text(json.dumps({
-        "format": "fleetsim-profile/1", "kind": "roofline", "name": "fast", "peak_flops": 1e30,
-        "mem_bw_bytes_per_s": 1e30, "mem_bytes": 8e10, "compute_eff_max": 1.0,
-        "compute_eff_half_tokens": 0.0, "memory_eff": 1.0, "overhead_s": 1e-6,
-        "overhead_per_layer_s": 0.0, "power": None}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "fleetsim-profile/1",
+                "kind": "roofline",
+                "name": "fast",
+                "peak_flops": 1e30,
+                "mem_bw_bytes_per_s": 1e30,
+                "mem_bytes": 8e10,
+                "compute_eff_max": 1.0,
+                "compute_eff_half_tokens": 0.0,
+                "memory_eff": 1.0,
+                "overhead_s": 1e-6,
+                "overhead_per_layer_s": 0.0,
+                "power": None,
+            }
+        )
+    )
     facts = add_engine_overhead(eng, m.spec, path, [(0.0, 16, 4)] * 3, rounds=1)
     prof, _ = load_profile(path)
     assert facts["iterations"] > 4
@@ -199,7 +252,7 @@ def test_engine_overhead_added_to_profile(tmp_path):
 
 
 def test_replay_bad_input(tmp_path):
-    from calibrate.replay import main
+    from fleetsim.calibrate.replay import main
 
     with pytest.raises(UserError, match="--profile"):
         main(["--trace", "poisson:3:1", "--profile", str(tmp_path / "nope.json")])

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from simulator.errors import UserError
-from simulator.report import PLOTS, main, peak_analysis, write_report, _from_result
-from simulator.simulate import simulate, write_outputs
-
 from conftest import merge, resolved
+
+from fleetsim.apps.report import PLOTS, _from_result, main, peak_analysis, write_report
+from fleetsim.apps.simulate import simulate, write_outputs
+from fleetsim.base.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -20,10 +19,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def run(tmp_path_factory):
     from conftest import SMALL
 
-    d = merge(SMALL, simulation={"hours": 3}, fleet={"replicas": 2},
-              traffic={"requests_per_day": 40_000, "diurnal": "azure-code"},
-              cost={"hardware": "rented"},
-              autoscaler={"policy": "schedule", "replicas_by_hour": [2, 1, 1] * 8})
+    d = merge(
+        SMALL,
+        simulation={"hours": 3},
+        fleet={"replicas": 2},
+        traffic={"requests_per_day": 40_000, "diurnal": "azure-code"},
+        cost={"hardware": "rented"},
+        autoscaler={"policy": "schedule", "replicas_by_hour": [2, 1, 1] * 8},
+    )
     res = simulate(resolved(d))
     out = tmp_path_factory.mktemp("run")
     write_outputs(res, out, "")
@@ -64,7 +67,9 @@ def test_report_from_disk_and_peak_analysis(run, capsys):
     # the flat day re-simulated from the metadata has the same fleet and schedule: its cost is
     # the same rent plus energy, within a few percent
     assert a["flat_day_cost_usd"] == pytest.approx(cost.sum(), rel=0.05)
-    assert a["marginal_cost_of_peak_usd"] == pytest.approx(cost.sum() - a["flat_day_cost_usd"], rel=1e-12)
+    assert a["marginal_cost_of_peak_usd"] == pytest.approx(
+        cost.sum() - a["flat_day_cost_usd"], rel=1e-12
+    )
     assert "marginal cost of the peak" in capsys.readouterr().out
 
 

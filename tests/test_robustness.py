@@ -13,14 +13,13 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-
-from simulator import cli
-from simulator import simulate as simulate_mod
-from simulator.errors import InvariantError, ScenarioError, UserError
-from simulator.scenario import resolve, scenario_from_dict
-from simulator.simulate import simulate
-
 from conftest import SMALL, merge, tables_equal
+
+from fleetsim.apps import cli
+from fleetsim.apps import simulate as simulate_mod
+from fleetsim.apps.simulate import simulate
+from fleetsim.base.errors import InvariantError, ScenarioError, UserError
+from fleetsim.config.scenario import resolve, scenario_from_dict
 
 TINY = merge(SMALL, simulation={"hours": 1}, traffic={"requests_per_day": 5000})
 
@@ -36,54 +35,109 @@ def _error(d: dict) -> str:
 LOG = {"dist": "lognormal", "median": 100, "sigma": 1.0}
 CASES = [
     # (id, scenario sections, needles that must all appear in the one line)
-    ("price-str", {"cost": {"electricity_usd_per_kwh": "cheap"}},
-     ["cost.electricity_usd_per_kwh = 'cheap'", "a number >= 0", "list of 24"]),
-    ("price-quoted-number", {"cost": {"electricity_usd_per_kwh": "0.1"}},
-     ["cost.electricity_usd_per_kwh = '0.1'", "without quotes"]),
-    ("price-23", {"cost": {"electricity_usd_per_kwh": [0.1] * 23}},
-     ["cost.electricity_usd_per_kwh = [0.1", "has 23 values", "list of 24"]),
-    ("price-nan-in-list", {"cost": {"electricity_usd_per_kwh": [0.1] * 23 + [math.nan]}},
-     ["cost.electricity_usd_per_kwh[23] = nan", "finite"]),
-    ("price-huge", {"cost": {"electricity_usd_per_kwh": 1e300}},
-     ["cost.electricity_usd_per_kwh = 1e+300", "<= 1000"]),
+    (
+        "price-str",
+        {"cost": {"electricity_usd_per_kwh": "cheap"}},
+        ["cost.electricity_usd_per_kwh = 'cheap'", "a number >= 0", "list of 24"],
+    ),
+    (
+        "price-quoted-number",
+        {"cost": {"electricity_usd_per_kwh": "0.1"}},
+        ["cost.electricity_usd_per_kwh = '0.1'", "without quotes"],
+    ),
+    (
+        "price-23",
+        {"cost": {"electricity_usd_per_kwh": [0.1] * 23}},
+        ["cost.electricity_usd_per_kwh = [0.1", "has 23 values", "list of 24"],
+    ),
+    (
+        "price-nan-in-list",
+        {"cost": {"electricity_usd_per_kwh": [0.1] * 23 + [math.nan]}},
+        ["cost.electricity_usd_per_kwh[23] = nan", "finite"],
+    ),
+    (
+        "price-huge",
+        {"cost": {"electricity_usd_per_kwh": 1e300}},
+        ["cost.electricity_usd_per_kwh = 1e+300", "<= 1000"],
+    ),
     ("carbon-neg", {"cost": {"carbon_kg_per_kwh": -1}}, ["cost.carbon_kg_per_kwh = -1", ">= 0"]),
-    ("diurnal-name", {"traffic": {"diurnal": "weekly"}},
-     ["traffic.diurnal = 'weekly'", "not an accepted value", "'azure-conv'"]),
-    ("diurnal-number", {"traffic": {"diurnal": 5}},
-     ["traffic.diurnal = 5", "a number is not accepted", "list of 24"]),
-    ("diurnal-neg", {"traffic": {"diurnal": [1] * 23 + [-1]}}, ["traffic.diurnal[23] = -1", ">= 0"]),
+    (
+        "diurnal-name",
+        {"traffic": {"diurnal": "weekly"}},
+        ["traffic.diurnal = 'weekly'", "not an accepted value", "'azure-conv'"],
+    ),
+    (
+        "diurnal-number",
+        {"traffic": {"diurnal": 5}},
+        ["traffic.diurnal = 5", "a number is not accepted", "list of 24"],
+    ),
+    (
+        "diurnal-neg",
+        {"traffic": {"diurnal": [1] * 23 + [-1]}},
+        ["traffic.diurnal[23] = -1", ">= 0"],
+    ),
     ("diurnal-zero", {"traffic": {"diurnal": [0] * 24}}, ["traffic.diurnal", "not all be zero"]),
-    ("dist-typo", {"traffic": {"prompt": {**LOG, "medain": 5}}},
-     ["traffic.prompt.medain = 5", "unknown key", "did you mean 'median'"]),
-    ("dist-missing", {"traffic": {"prompt": {"dist": "lognormal", "sigma": 1.0}}},
-     ["traffic.prompt.median", "is required", "add median = a number > 0"]),
-    ("dist-no-tag", {"traffic": {"prompt": {"median": 5, "sigma": 1}}},
-     ["traffic.prompt", "no 'dist' key", "'lognormal'"]),
-    ("dist-bad-tag", {"traffic": {"prompt": {"dist": "poisson", "mean": 3}}},
-     ["traffic.prompt.dist = 'poisson'", "'geometric'"]),
+    (
+        "dist-typo",
+        {"traffic": {"prompt": {**LOG, "medain": 5}}},
+        ["traffic.prompt.medain = 5", "unknown key", "did you mean 'median'"],
+    ),
+    (
+        "dist-missing",
+        {"traffic": {"prompt": {"dist": "lognormal", "sigma": 1.0}}},
+        ["traffic.prompt.median", "is required", "add median = a number > 0"],
+    ),
+    (
+        "dist-no-tag",
+        {"traffic": {"prompt": {"median": 5, "sigma": 1}}},
+        ["traffic.prompt", "no 'dist' key", "'lognormal'"],
+    ),
+    (
+        "dist-bad-tag",
+        {"traffic": {"prompt": {"dist": "poisson", "mean": 3}}},
+        ["traffic.prompt.dist = 'poisson'", "'geometric'"],
+    ),
     ("dist-not-table", {"traffic": {"prompt": "big"}}, ["traffic.prompt = 'big'", "table"]),
-    ("sigma-huge", {"traffic": {"prompt": {**LOG, "sigma": 1e300}}},
-     ["traffic.prompt.sigma = 1e+300", "<= 10"]),
+    (
+        "sigma-huge",
+        {"traffic": {"prompt": {**LOG, "sigma": 1e300}}},
+        ["traffic.prompt.sigma = 1e+300", "<= 10"],
+    ),
     ("section-list", {"fleet": [1, 2]}, ["fleet = [1, 2]", "table", "[fleet]"]),
     ("top-typo", {"fleeet": {}}, ["fleeet", "did you mean 'fleet'"]),
-    ("bool-number", {"traffic": {"requests_per_day": True}},
-     ["traffic.requests_per_day = True", "boolean where a number goes"]),
+    (
+        "bool-number",
+        {"traffic": {"requests_per_day": True}},
+        ["traffic.requests_per_day = True", "boolean where a number goes"],
+    ),
     ("quoted-int", {"fleet": {"replicas": "2"}}, ["fleet.replicas = '2'", "without quotes"]),
     ("alias-quoted", {"fleet": {"replicas_per_pod": "two"}}, ["fleet.replicas_per_pod = 'two'"]),
     ("fraction-int", {"simulation": {"hours": 1.5}}, ["simulation.hours = 1.5", "whole number"]),
     ("rate-inf", {"traffic": {"requests_per_day": math.inf}}, ["requests_per_day = inf", "finite"]),
-    ("rate-huge", {"traffic": {"requests_per_day": 1e300}},
-     ["traffic.requests_per_day = 1e+300", "per pod-hour", "fleet.pods"]),
+    (
+        "rate-huge",
+        {"traffic": {"requests_per_day": 1e300}},
+        ["traffic.requests_per_day = 1e+300", "per pod-hour", "fleet.pods"],
+    ),
     ("tdp-huge", {"hardware": {"tdp_w": 1e300}}, ["hardware.tdp_w = 1e+300", "<= 100000"]),
     ("flops-tiny", {"hardware": {"peak_flops": 1e-300}}, ["hardware.peak_flops", ">= 1e+06"]),
-    ("start-far", {"simulation": {"start_utc": "9999-12-31T23:00:00Z"}},
-     ["simulation.start_utc", "1970..9000"]),
+    (
+        "start-far",
+        {"simulation": {"start_utc": "9999-12-31T23:00:00Z"}},
+        ["simulation.start_utc", "1970..9000"],
+    ),
     ("hours-zero", {"simulation": {"hours": 0}}, ["simulation.hours = 0", ">= 1", "<= 8,784"]),
     ("layers-huge", {"model": {"n_layers": 10**30}}, ["model.n_layers", "<= 10,000,000"]),
-    ("gmu-tiny", {"fleet": {"gpu_memory_utilization": 1e-9}},
-     ["fleet.tensor_parallel", "even 64-way tensor parallelism is too small"]),
-    ("output-too-long", {"traffic": {"output": {"dist": "geometric", "mean": 100, "max": 999_000}}},
-     ["traffic.output.max = 999000", "KV budget"]),
+    (
+        "gmu-tiny",
+        {"fleet": {"gpu_memory_utilization": 1e-9}},
+        ["fleet.tensor_parallel", "even 64-way tensor parallelism is too small"],
+    ),
+    (
+        "output-too-long",
+        {"traffic": {"output": {"dist": "geometric", "mean": 100, "max": 999_000}}},
+        ["traffic.output.max = 999000", "KV budget"],
+    ),
     ("sample-gt-pods", {"fleet": {"pods": 2, "sample_pods": 3}}, ["fleet", "sample_pods (3)"]),
 ]
 
@@ -98,7 +152,10 @@ def test_validation_message(sections, needles):
 
 def test_start_utc_is_converted_to_utc():
     sc = scenario_from_dict(merge(TINY, simulation={"start_utc": "2026-01-01T05:00:00+05:00"}))
-    assert sc.simulation.start_utc.hour == 0 and sc.simulation.start_utc.utcoffset().total_seconds() == 0
+    assert (
+        sc.simulation.start_utc.hour == 0
+        and sc.simulation.start_utc.utcoffset().total_seconds() == 0
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,16 +191,21 @@ def _scenario(tmp_path, prompt='{ dist = "fixed", value = 50 }', extra_hw=""):
 
 
 def test_trace_with_a_bad_row_names_the_row(tmp_path, capsys):
-    (tmp_path / "trace.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                                       "t0,100,20\nt1,200,30\nt2,abc,40\n")
-    f = _scenario(tmp_path, prompt='{ dist = "empirical", file = "trace.csv", column = "ContextTokens" }')
+    (tmp_path / "trace.csv").write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\nt0,100,20\nt1,200,30\nt2,abc,40\n"
+    )
+    f = _scenario(
+        tmp_path, prompt='{ dist = "empirical", file = "trace.csv", column = "ContextTokens" }'
+    )
     rc, err = _cli(tmp_path, capsys, "run", str(f), "--out", str(tmp_path / "o"))
     assert rc == 2 and len(err) == 1, err
     assert "row 4" in err[0] and "'ContextTokens'" in err[0] and "'abc'" in err[0], err
     assert not (tmp_path / "o").exists()
     # and a good trace runs
-    (tmp_path / "trace.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nt0,100,20\nt1,200,30\n")
-    from simulator.workload import read_trace
+    (tmp_path / "trace.csv").write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\nt0,100,20\nt1,200,30\n"
+    )
+    from fleetsim.workload.sampling import read_trace
 
     read_trace.cache_clear()
     rc, err = _cli(tmp_path, capsys, "run", str(f), "--out", str(tmp_path / "o2"), "--quiet")
@@ -151,20 +213,34 @@ def test_trace_with_a_bad_row_names_the_row(tmp_path, capsys):
 
 
 GOOD_PROFILE = {
-    "format": "fleetsim-profile/1", "kind": "roofline", "name": "test-h100",
-    "catalog_gpu": "h100-sxm", "peak_flops": 9.89e14, "mem_bw_bytes_per_s": 3.35e12,
-    "mem_bytes": 8.0e10, "compute_eff_max": 0.6, "compute_eff_half_tokens": 256,
-    "memory_eff": 0.7, "overhead_s": 0.004, "power": None,
+    "format": "fleetsim-profile/1",
+    "kind": "roofline",
+    "name": "test-h100",
+    "catalog_gpu": "h100-sxm",
+    "peak_flops": 9.89e14,
+    "mem_bw_bytes_per_s": 3.35e12,
+    "mem_bytes": 8.0e10,
+    "compute_eff_max": 0.6,
+    "compute_eff_half_tokens": 256,
+    "memory_eff": 0.7,
+    "overhead_s": 0.004,
+    "power": None,
 }
 PROFILES = [
     ("bad-json", "{not json", ["not valid JSON", "fleetsim calibrate"]),
     ("wrong-format", {**GOOD_PROFILE, "format": "other/9"}, ["'format' is 'other/9'"]),
-    ("missing-field", {k: v for k, v in GOOD_PROFILE.items() if k != "memory_eff"},
-     ["lacks memory_eff", "fleetsim calibrate"]),
+    (
+        "missing-field",
+        {k: v for k, v in GOOD_PROFILE.items() if k != "memory_eff"},
+        ["lacks memory_eff", "fleetsim calibrate"],
+    ),
     ("negative", {**GOOD_PROFILE, "peak_flops": -1.0}, ["'peak_flops' = -1.0", "non-negative"]),
     ("not-object", [1, 2], ["expected a JSON object"]),
-    ("other-gpu", {**GOOD_PROFILE, "catalog_gpu": "h200"},
-     ["hardware.profile = 'p.json'", "measured on 'h200'", "hardware.gpu = 'h200'"]),
+    (
+        "other-gpu",
+        {**GOOD_PROFILE, "catalog_gpu": "h200"},
+        ["hardware.profile = 'p.json'", "measured on 'h200'", "hardware.gpu = 'h200'"],
+    ),
 ]
 
 
@@ -224,11 +300,14 @@ def _break_conservation(monkeypatch):
     monkeypatch.setattr(simulate_mod, "simulate_pod", lossy)
 
 
-@pytest.mark.parametrize("breaker,name", [(_break_totals, "hourly sums != day totals"),
-                                          (_break_conservation, "request conservation")],
-                         ids=["sums", "conservation"])
-def test_invariant_violation_is_exit_3_and_writes_nothing(tmp_path, capsys, monkeypatch, breaker,
-                                                          name):
+@pytest.mark.parametrize(
+    "breaker,name",
+    [(_break_totals, "hourly sums != day totals"), (_break_conservation, "request conservation")],
+    ids=["sums", "conservation"],
+)
+def test_invariant_violation_is_exit_3_and_writes_nothing(
+    tmp_path, capsys, monkeypatch, breaker, name
+):
     breaker(monkeypatch)
     with pytest.raises(InvariantError, match=name):
         simulate(resolve(scenario_from_dict(TINY)))
@@ -251,19 +330,25 @@ def test_same_seed_same_files(tmp_path, capsys):
     f = _scenario(tmp_path, prompt='{ dist = "lognormal", median = 200, sigma = 1.0, max = 2000 }')
     tables = []
     for run in ("a", "b"):
-        rc, err = _cli(tmp_path, capsys, "run", str(f), "--out", str(tmp_path / run), "--requests",
-                       "--quiet")
+        rc, err = _cli(
+            tmp_path, capsys, "run", str(f), "--out", str(tmp_path / run), "--requests", "--quiet"
+        )
         assert rc == 0, err
-        tables.append((pq.read_table(tmp_path / run / "hourly.parquet"),
-                       pq.read_table(tmp_path / run / "requests.parquet")))
+        tables.append(
+            (
+                pq.read_table(tmp_path / run / "hourly.parquet"),
+                pq.read_table(tmp_path / run / "requests.parquet"),
+            )
+        )
     (h1, r1), (h2, r2) = tables
     assert h1.num_rows == 1 and r1.num_rows > 50
     assert tables_equal(h1, h2)
     assert tables_equal(r1.drop_columns(["status"]), r2.drop_columns(["status"]))
     assert r1.column("status").to_pylist() == r2.column("status").to_pylist()
     # a different seed gives different data (the test can fail)
-    rc, err = _cli(tmp_path, capsys, "run", str(f), "--out", str(tmp_path / "c"), "--quiet",
-                   "--seed", "99")
+    rc, err = _cli(
+        tmp_path, capsys, "run", str(f), "--out", str(tmp_path / "c"), "--quiet", "--seed", "99"
+    )
     assert rc == 0
     assert not tables_equal(h1, pq.read_table(tmp_path / "c" / "hourly.parquet"))
 

@@ -43,15 +43,30 @@ def _started(out: Path, proc: subprocess.Popen, timeout_s: float = 60.0) -> None
     raise AssertionError("run did not start within the timeout")
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
 def test_signal_mid_run_leaves_nothing(tmp_path, sig, code):
     f = tmp_path / "long.toml"
     f.write_text(LONG)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "simulator", "run", str(f), "--out", str(out),
-                             "--requests", "--quiet"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetsim",
+            "run",
+            str(f),
+            "--out",
+            str(out),
+            "--requests",
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _started(out, proc)
         t_sig = time.monotonic()

@@ -1,0 +1,77 @@
+"""Check that every scenario in scenarios/ gives the same hourly table, bit for bit.
+
+Used around refactors that must not change results:
+
+    python bench/same_tables.py save /tmp/before      # on the old code
+    python bench/same_tables.py compare /tmp/before   # on the new code
+
+Each scenario runs through the installed ``fleetsim`` command (its default seed, its own
+hours); the comparison is of the Parquet tables' data (the key-value metadata carries the
+version and paths, which may differ).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_all(dest: Path, only: list[str]) -> dict[str, Path]:
+    fleetsim = Path(sys.executable).parent / "fleetsim"
+    out = {}
+    for sc in sorted((ROOT / "scenarios").glob("*.toml")):
+        if only and sc.stem not in only:
+            continue
+        d = dest / sc.stem
+        if d.exists():
+            shutil.rmtree(d)
+        r = subprocess.run(
+            [str(fleetsim), "run", str(sc), "--out", str(d), "--force"],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            print(f"{sc.stem}: exit {r.returncode}: {r.stderr.strip()[-300:]}")
+            continue
+        out[sc.stem] = d / "hourly.parquet"
+        print(f"{sc.stem}: ran", flush=True)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    mode, dest = argv[0], Path(argv[1])
+    only = argv[2:]
+    if mode == "save":
+        run_all(dest, only)
+        return 0
+    new = run_all(Path(str(dest) + "-new"), only)
+    bad = 0
+    for name, path in new.items():
+        ref = dest / name / "hourly.parquet"
+        if not ref.exists():
+            print(f"{name}: no reference table")
+            bad += 1
+            continue
+        a = pq.read_table(ref).replace_schema_metadata(None)
+        b = pq.read_table(path).replace_schema_metadata(None)
+        common = [c for c in a.column_names if c in b.column_names]
+        same = a.select(common).equals(b.select(common))
+        extra = sorted(set(b.column_names) - set(a.column_names))
+        missing = sorted(set(a.column_names) - set(b.column_names))
+        print(
+            f"{name}: {'identical' if same else 'DIFFERENT'} ({a.num_rows} rows, "
+            f"{len(common)} columns compared; new columns {extra or 'none'}; "
+            f"dropped {missing or 'none'})"
+        )
+        bad += (not same) or bool(missing)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,222 @@
+"""The ``fleetsim`` command line: validate, run, and the subcommands of the other modules.
+
+User mistakes print one line naming the field, the value and the fix, and exit with code 2,
+without a traceback. SIGINT and SIGTERM stop a run with a short message and exit code 130/143,
+and leave no partial output files (they are written under temporary names until complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from fleetsim.apps.common import out_dir as _out_dir
+from fleetsim.base.errors import InvariantError, UserError
+
+
+class Interrupted(Exception):
+    """A signal asked the run to stop."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _on_signal(signum, _frame):
+    raise Interrupted(signum)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", help="scenario TOML file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any scenario field (repeatable), e.g. --set fleet.replicas=8",
+    )
+    p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+
+
+def cmd_validate(args) -> int:
+    from fleetsim.config.scenario import load_scenario, resolve
+
+    sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
+    rs = resolve(sc, args.scenario)
+    import tomllib  # noqa: F401  (the resolved scenario is printed as JSON)
+
+    print(sc.model_dump_json(indent=2))
+    print(
+        f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters, "
+        f"{rs.model.weight_bytes / 1e9:.1f} GB weights; KV budget {rs.kv_capacity_tokens:,} "
+        f"tokens per replica; profile {rs.profile_id}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _run_executor(args):
+    """The executor of ``run --executor/--workers``, or None to simulate the pods here."""
+    if args.executor is None and args.workers is None:
+        return None
+    from fleetsim.apps.executors import make_executor
+
+    return make_executor(args.executor or "local", args.workers, args.address)
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from fleetsim.apps.executors import pod_runner
+    from fleetsim.apps.simulate import simulate, write_outputs
+    from fleetsim.config.scenario import load_scenario, resolve
+    from fleetsim.results.output import RequestWriter
+    from fleetsim.results.summary import print_summary
+
+    sc, text = load_scenario(args.scenario, args.overrides, args.seed)
+    rs = resolve(sc, args.scenario)
+    out = _out_dir(args, Path(args.scenario).stem)
+    console = Console(stderr=True, quiet=args.quiet)
+    sink = RequestWriter(out / "requests.parquet") if args.requests else None
+    n_pods = len(range(min(sc.fleet.sample_pods or sc.fleet.pods, sc.fleet.pods)))
+    committed: list[Path] = []  # the run's files are all or nothing
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("simulating", total=n_pods * sc.simulation.hours)
+            ex = _run_executor(args)  # pods as tasks of a process pool or Ray (executors.py)
+            try:
+                runner = (
+                    None
+                    if ex is None
+                    else pod_runner(ex, lambda: bar.advance(task, sc.simulation.hours))
+                )
+                res = simulate(
+                    rs,
+                    source=args.scenario,
+                    request_sink=sink,
+                    progress=lambda k: bar.advance(task, k),
+                    pod_runner=runner,
+                )
+            finally:
+                if ex is not None:
+                    ex.close()
+        if sink is not None:
+            sink.close(res.metadata(text))
+            committed.append(sink.path)
+            sink = None
+        path = write_outputs(res, out, text)
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        for f in committed:
+            f.unlink(missing_ok=True)
+        raise
+    if args.report:
+        from fleetsim.apps.report import write_report
+
+        write_report(out, result=res, source=args.scenario)
+    if not args.quiet:
+        print_summary(res, Console())
+        Console().print(
+            f"wrote {path}"
+            + (f" and {out / 'requests.parquet'}" if args.requests else "")
+            + f" in {res.wall_s:.1f} s"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fleetsim", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="print the resolved scenario or a clear error")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("run", help="simulate a scenario and write hourly.parquet")
+    _add_run_args(p)
+    p.add_argument("--out", help="output folder (default out/<scenario name>)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--requests", action="store_true", help="also write requests.parquet")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--report", action="store_true", help="also write the report (plots + page)")
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default=None,
+        help="simulate the pods as tasks of a process pool or Ray (default: here)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="workers for --executor (default os.cpu_count())"
+    )
+    p.add_argument("--address", default=None, help="Ray cluster address (--executor ray)")
+    p.set_defaults(func=cmd_run)
+    # subcommands that own their argument parsing: name -> (module with main(argv), help)
+    for name, module, text in DELEGATED:
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
+    return ap
+
+
+DELEGATED = [
+    (
+        "calibrate",
+        "fleetsim.calibrate.cli",
+        "measure a torch Transformer on this device; write a profile",
+    ),
+    (
+        "replay",
+        "fleetsim.calibrate.replay",
+        "replay a trace on the real torch engine and the simulator",
+    ),
+    ("plan", "fleetsim.apps.plan", "find the cheapest fleet that meets the SLO"),
+    ("sweep", "fleetsim.apps.sweep", "simulate every point of a parameter grid"),
+    ("report", "fleetsim.apps.report", "plots and a page for a finished run"),
+]
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return importlib.import_module(module).main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the signal handlers are restored after)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = {name: module for name, module, _ in DELEGATED}
+    if argv and argv[0] in delegated:
+        # argparse.REMAINDER does not keep options that come first ("replay --trace F"),
+        # so these subcommands get their arguments untouched
+        args = argparse.Namespace(
+            func=lambda _a, m=delegated[argv[0]], rest=argv[1:]: _delegate(m, rest)
+        )
+    else:
+        args = build_parser().parse_args(argv)
+    saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _main(args)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def _main(args) -> int:
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"fleetsim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"fleetsim: interrupted by {exc}; no partial output was left", file=sys.stderr)
+        return 128 + exc.signum
+    except InvariantError as exc:
+        print(f"fleetsim: internal error: invariant violated: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

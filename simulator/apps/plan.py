@@ -1,0 +1,663 @@
+"""``fleetsim plan``: the cheapest fleet (GPU type x tensor parallelism x replicas) that meets
+the latency SLO, found by simulation.
+
+For every candidate GPU and TP degree that fits the model, the planner finds the smallest
+number of replicas per pod whose hourly p99 TTFT and p99 TPOT meet the SLO in every hour of the
+day (``--hours all``) or in the peak-traffic hour (``--hours peak``); it then ranks the
+candidates by the day's total cost. A fleet that falls behind fails even if the few requests it
+completes look fast: the requests still in flight at the end must not exceed what Little's law
+allows a compliant fleet, and no request may be rejected.
+
+The search reuses what it learns (every probe is a task for the executor, cached by scenario):
+
+1. **Throughput bound.** A replica's best-case request rate (prefill at full chunks, decode at
+   the largest batch the KV budget holds, from the latency model) gives ``lb`` replicas.
+2. **Screening with steady probes.** Two simulated hours at the peak hour's rate, flat (the
+   first hour warms the queues, the second is judged), cost about a tenth of a day. A galloping
+   search from the start point, then k-section with one probe per worker per round, finds the
+   smallest passing count ``n*``. The next candidate starts from ``lb x n*/lb`` of the last.
+3. **Day verification.** Whole simulated days at ``n*`` and ``n* - 1`` (one round); the search
+   moves on whole days until N passes and N - 1 fails. Reported figures come from the day at N.
+4. **Schedule.** For the best candidate, steady probes at every hour's rate give the smallest
+   count per hour (monotone in the rate, so one galloping search down the sorted rates); hours
+   that failed in the day at N - 1 get N. Written to ``schedule.json``.
+
+All probes of one candidate share the scenario's seed (common random numbers): two replica
+counts see the same arrivals, so pass/fail is monotone up to router effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fleetsim.apps.executors import (
+    Executor,
+    RunSummary,
+    add_executor_args,
+    make_executor,
+    run_task,
+    task_progress,
+)
+from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.config.scenario import (
+    Resolved,
+    apply_overrides,
+    read_toml,
+    resolve,
+    scenario_from_dict,
+)
+
+DEFAULT_TPS = (1, 2, 4, 8)
+CAP_FACTOR = 16  # give up on a candidate above CAP_FACTOR x its throughput bound (+ 16)
+
+
+@dataclass(frozen=True)
+class Slo:
+    """The planner's target: p99 TTFT and p99 TPOT per hour, in every hour or the peak one."""
+
+    ttft_p99_s: float
+    tpot_p99_s: float
+    hours: str = "all"  # "all" | "peak"
+
+
+@dataclass
+class Candidate:
+    """One GPU type x TP degree, with what the planner learns about it."""
+
+    gpu: str
+    tp: int
+    base: dict
+    rs: Resolved | None = None
+    problem: str = ""
+    capacity_rps: float = math.nan  # best-case requests/s of one replica
+    lower_bound: int = 0
+    screened: int | None = None
+    replicas: int | None = None
+    day: RunSummary | None = None
+    day_below: RunSummary | None = None
+    below_passes: bool | None = None  # the day at N - 1 meets the SLO (False by construction)
+    probes: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# judging a probe
+def hours_passing(res: RunSummary, slo: Slo) -> np.ndarray:
+    """Per hour: p99 TTFT and p99 TPOT (of the requests completed in it) within the SLO and no
+    rejection. An hour with nothing completed has no latency to judge and passes here; a
+    stalled fleet is caught by :func:`backlog_ok`."""
+    t = res.hourly
+    ttft = t.column("ttft_p99_s").to_numpy()
+    tpot = t.column("tpot_p99_s").to_numpy()
+    rej = t.column("requests_rejected").to_numpy()
+    ok_ttft = np.where(np.isnan(ttft), True, ttft <= slo.ttft_p99_s)
+    ok_tpot = np.where(np.isnan(tpot), True, tpot <= slo.tpot_p99_s)
+    return ok_ttft & ok_tpot & (rej == 0)
+
+
+def backlog_ok(res: RunSummary, slo: Slo) -> bool:
+    """The requests in flight at the end fit a fleet that keeps up: by Little's law a compliant
+    fleet holds on average ``m = rate x (TTFT target + mean output x TPOT target)`` requests;
+    allow ``m + 4 sqrt(m) + 10`` (Poisson spread). A growing queue exceeds it by far."""
+    t = res.hourly
+    last_rate = float(t.column("requests_arrived").to_numpy()[-1]) / 3600.0
+    tot = res.totals
+    mean_out = tot["output_tokens"] / max(tot["requests_completed"], 1.0)
+    m = last_rate * (slo.ttft_p99_s + mean_out * slo.tpot_p99_s)
+    return tot["requests_in_flight"] <= m + 4.0 * math.sqrt(m) + 10.0
+
+
+def passes(res: RunSummary, slo: Slo, judged: list[int]) -> bool:
+    """Whether the probe meets the SLO in the ``judged`` hours and keeps up at the end."""
+    ok = hours_passing(res, slo)
+    return bool(all(ok[h] for h in judged)) and backlog_ok(res, slo)
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates and their throughput bound
+def candidate_base(data: dict, gpu: str, tp: int, own_gpu: str) -> dict:
+    """The scenario dict for a candidate: the scenario's own hardware section for its own GPU
+    (a calibrated profile stays), the bare catalog entry for any other GPU."""
+    d = copy.deepcopy(data)
+    d["hardware"] = dict(d.get("hardware", {})) if gpu == own_gpu else {}
+    d["hardware"]["gpu"] = gpu
+    d.setdefault("fleet", {})["tensor_parallel"] = tp
+    d["fleet"].pop("replicas_per_pod", None)
+    return d
+
+
+def replica_capacity_rps(rs: Resolved, source: str) -> float:
+    """Best-case requests/s of one replica: prefill in full ``max_batched_tokens`` chunks and
+    decode at the largest batch the KV budget (and ``max_batch_size``) allows. An optimistic
+    bound: real batches are smaller and mixed, so it is only where the search starts."""
+    from fleetsim.workload.sampling import SizeSampler
+
+    sc = rs.scenario
+    p, o = SizeSampler(sc.traffic.prompt, sc.traffic.output, source).draw(
+        20_000, np.random.default_rng(np.random.SeedSequence(sc.seed, spawn_key=(2**31,)))
+    )
+    ep, eo = float(p.mean()), float(o.mean())
+    lat = rs.latency_model()
+    per_seq = ep + eo / 2.0
+    batch = int(max(1, min(sc.fleet.max_batch_size, rs.kv_capacity_tokens // max(per_seq, 1.0))))
+    t_dec = lat.decode_time(batch, int(per_seq)) / batch
+    chunk = max(1, sc.fleet.max_batched_tokens // max(int(ep), 1))
+    t_pf = lat.prefill_time(max(int(ep), 1), chunk) / (chunk * max(ep, 1.0))
+    return 1.0 / (ep * t_pf + eo * t_dec)
+
+
+# ---------------------------------------------------------------------------------------------
+def search_min(
+    test,
+    start: int,
+    workers: int = 1,
+    *,
+    first: list[int] | None = None,
+    hi: int | None = None,
+    cap: int = 100_000,
+) -> int | None:
+    """The smallest n >= 1 with ``test(n)`` true, for a monotone predicate, by rounds of up to
+    ``workers`` probes (``test`` takes a list of n and returns a list of bools): gallop up from
+    ``start`` until a pass (steps growing from 5% of ``start``), gallop down from a pass until a
+    fail, then k-section of the bracket. ``first``: the points of the first round; ``hi``: a
+    count known to pass. None when nothing up to ``cap`` passes."""
+    lo = 0
+    up = max(1, round(0.05 * start))  # galloping steps, doubled after every probe
+    down = 1
+    pending = list(first or [])
+    w = max(1, workers)
+    while hi is None or hi - lo > 1:
+        if pending:
+            pts, pending = pending, []
+        elif hi is None:
+            base = start if lo < start else lo + up
+            pts = [min(cap, base + up * (2**i - 1)) for i in range(w)]
+            up *= 2**w
+        elif lo == 0:
+            pts = [max(1, hi - down * 2**i) for i in range(w)]
+            down *= 2**w
+        else:
+            pts = [lo + round((hi - lo) * (i + 1) / (w + 1)) for i in range(w)]
+        pts = sorted({p for p in pts if lo < p <= cap and (hi is None or p < hi)})
+        if not pts:
+            return hi
+        results = test(pts)
+        for n, ok in zip(pts, results):
+            if ok and (hi is None or n < hi):
+                hi = n
+        lo = max([lo] + [n for n, ok in zip(pts, results) if not ok and (hi is None or n < hi)])
+    return hi
+
+
+# ---------------------------------------------------------------------------------------------
+class Planner:
+    """Runs the searches of one plan with an executor, caching every probe."""
+
+    def __init__(self, data: dict, source: str, slo: Slo, executor: Executor, hooks=None) -> None:
+        self.data = data
+        self.source = source
+        self.slo = slo
+        self.ex = executor
+        self.hooks = hooks
+        self.cache: dict[str, RunSummary] = {}
+        sc = scenario_from_dict(data, source)
+        self.sc = sc
+        H = sc.simulation.hours
+        self.rates = [0.0] * H  # filled per candidate (fleet rate per hour, requests/s)
+        self.steady_ok = sc.traffic.trace is None
+
+    # -- probes ---------------------------------------------------------------------------------
+    def _scenario(self, cand: Candidate, n: int, rate: float | None) -> dict:
+        """A probe: the whole horizon (``rate`` None), or two flat hours at ``rate`` (fleet
+        requests/s) judged on the second, one pod of the fleet."""
+        d = copy.deepcopy(cand.base)
+        d["fleet"]["replicas"] = n
+        if rate is not None:
+            d.setdefault("simulation", {})["hours"] = 2
+            d["traffic"]["diurnal"] = "flat"
+            d["traffic"]["requests_per_day"] = rate * 86400.0
+            if d["fleet"].get("pods", 1) > 1:
+                d["fleet"]["sample_pods"] = 1
+        return d
+
+    def run_probes(
+        self, cand: Candidate, specs: list[tuple[int, float | None]]
+    ) -> list[RunSummary]:
+        """Simulate (or fetch from the cache) the probes ``(replicas, rate or None)``."""
+        scen = [self._scenario(cand, n, r) for n, r in specs]
+        keys = [json.dumps(d, sort_keys=True) for d in scen]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if todo:
+            if self.hooks is not None:
+                self.hooks.add(len(todo))
+            done = self.ex.map(
+                run_task,
+                [(json.loads(k), self.source) for k in todo],
+                self.hooks.done if self.hooks is not None else None,
+            )
+            self.cache.update(zip(todo, done))
+            cand.probes += len(todo)
+        return [self.cache[k] for k in keys]
+
+    def judged_hours(self) -> list[int]:
+        H = self.sc.simulation.hours
+        if self.slo.hours == "peak":
+            return [int(np.argmax(self.rates))]
+        return list(range(H))
+
+    # -- search ---------------------------------------------------------------------------------
+    def min_passing(
+        self,
+        cand: Candidate,
+        test,
+        start: int,
+        first: list[int] | None = None,
+        hi: int | None = None,
+        cap: int = 100_000,
+    ) -> int | None:
+        """:func:`search_min` with one probe per worker per round."""
+        return search_min(test, start, max(1, self.ex.workers), first=first, hi=hi, cap=cap)
+
+    def steady_test(self, cand: Candidate, rate: float):
+        def test(ns: list[int]) -> list[bool]:
+            return [
+                passes(r, self.slo, [1]) for r in self.run_probes(cand, [(n, rate) for n in ns])
+            ]
+
+        return test
+
+    def day_test(self, cand: Candidate):
+        def test(ns: list[int]) -> list[bool]:
+            return [
+                passes(r, self.slo, self.judged_hours())
+                for r in self.run_probes(cand, [(n, None) for n in ns])
+            ]
+
+        return test
+
+    def plan_candidate(self, cand: Candidate, ratio: float | None) -> None:
+        """Find the candidate's replica count (screen, then verify on whole days)."""
+        rs = cand.rs
+        assert rs is not None
+        self.rates = [rs.hourly_rate_per_s[h % 24] for h in range(self.sc.simulation.hours)]
+        peak = max(self.judged_rates())
+        pods = self.sc.fleet.pods
+        cand.capacity_rps = replica_capacity_rps(rs, self.source)
+        cand.lower_bound = max(1, math.ceil(peak / pods / cand.capacity_rps))
+        start = max(1, math.ceil(cand.lower_bound * (ratio or 1.0)))
+        cap = CAP_FACTOR * cand.lower_bound + 16
+        if self.steady_ok:
+            cand.screened = self.min_passing(cand, self.steady_test(cand, peak), start, cap=cap)
+            if cand.screened is None:
+                cand.problem = f"no replica count up to {cap} per pod meets the SLO at peak"
+                return
+            start = cand.screened
+        first = [start, start - 1] if start > 1 else [start]
+        n = self.min_passing(cand, self.day_test(cand), start, first=first, cap=cap)
+        if n is None:
+            cand.problem = f"no replica count up to {cap} per pod meets the SLO"
+            return
+        cand.replicas = n
+        cand.day = self.run_probes(cand, [(n, None)])[0]
+        if n > 1:
+            cand.day_below = self.run_probes(cand, [(n - 1, None)])[0]
+            cand.below_passes = passes(cand.day_below, self.slo, self.judged_hours())
+
+    def judged_rates(self) -> list[float]:
+        return [self.rates[h] for h in self.judged_hours()]
+
+    def schedule(self, cand: Candidate) -> list[int]:
+        """The smallest replica count per UTC hour of day (24 ints, the convention of every
+        24-value profile in a scenario) for ``cand``: steady probes at each hour's rate,
+        galloping down the rates sorted high to low; hours that failed in the whole day at
+        N - 1 get N; never above N."""
+        assert cand.rs is not None and cand.replicas is not None
+        N = cand.replicas
+        hod0 = self.sc.simulation.start_utc.hour  # simulation hour h is UTC hour (h + hod0) % 24
+        rates = [cand.rs.hourly_rate_per_s[(u - hod0) % 24] for u in range(24)]
+        need = [N] * 24
+        if self.steady_ok:
+            prev = max(N, cand.screened or N)
+            for r in sorted(set(rates), reverse=True):
+                n = 1
+                if r > 0:
+                    n = self.min_passing(cand, self.steady_test(cand, r), prev, hi=prev) or prev
+                    prev = n
+                for h in range(24):
+                    if rates[h] == r:
+                        need[h] = min(N, n)
+        if cand.day_below is not None and self.sc.simulation.hours >= 24:
+            ok = hours_passing(cand.day_below, self.slo)
+            for h in range(24):
+                if not ok[h]:
+                    need[(h + hod0) % 24] = N
+        return need
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+PLAN_COLUMNS = (
+    ("rank", pa.int32()),
+    ("gpu", pa.string()),
+    ("tensor_parallel", pa.int32()),
+    ("status", pa.string()),
+    ("problem", pa.string()),
+    ("replicas", pa.int32()),
+    ("pods", pa.int32()),
+    ("gpus", pa.int32()),
+    ("lower_bound_replicas", pa.int32()),
+    ("probes", pa.int32()),
+    ("requests", pa.float64()),
+    ("energy_facility_kwh", pa.float64()),
+    ("energy_cost_usd", pa.float64()),
+    ("hardware_cost_usd", pa.float64()),
+    ("total_cost_usd", pa.float64()),
+    ("usd_per_mtok", pa.float64()),
+    ("wh_per_request", pa.float64()),
+    ("ttft_p99_s", pa.float64()),
+    ("tpot_p99_s", pa.float64()),
+    ("worst_hour_ttft_p99_s", pa.float64()),
+    ("worst_hour_tpot_p99_s", pa.float64()),
+    ("slo_attainment", pa.float64()),
+    ("below_worst_hour_ttft_p99_s", pa.float64()),
+    ("below_worst_hour_tpot_p99_s", pa.float64()),
+    ("below_passes", pa.bool_()),
+)
+
+
+def candidate_row(c: Candidate, pods: int) -> dict:
+    """One row of plan.parquet (NaN/None where the candidate has no answer)."""
+    row: dict = {k: None for k, _ in PLAN_COLUMNS}
+    status = (
+        "ok"
+        if c.replicas
+        else (
+            "does not fit"
+            if c.problem.startswith("does not fit")
+            else "infeasible"
+            if c.problem
+            else "not planned"
+        )
+    )
+    row.update(
+        gpu=c.gpu,
+        tensor_parallel=c.tp,
+        pods=pods,
+        probes=c.probes,
+        lower_bound_replicas=c.lower_bound or None,
+        status=status,
+        problem=c.problem or None,
+    )
+    if c.day is not None and c.replicas:
+        t, lat, hr = c.day.totals, c.day.day_latency, c.day.hourly
+        row.update(
+            replicas=c.replicas,
+            gpus=pods * c.replicas * c.tp,
+            requests=t["requests_arrived"],
+            energy_facility_kwh=t["energy_facility_kwh"],
+            energy_cost_usd=t["energy_cost_usd"],
+            hardware_cost_usd=t["hardware_cost_usd"],
+            total_cost_usd=t["total_cost_usd"],
+            usd_per_mtok=t["usd_per_mtok"],
+            wh_per_request=t["wh_per_request"],
+            ttft_p99_s=lat["ttft_p99_s"],
+            tpot_p99_s=lat["tpot_p99_s"],
+            worst_hour_ttft_p99_s=float(np.nanmax(hr.column("ttft_p99_s").to_numpy())),
+            worst_hour_tpot_p99_s=float(np.nanmax(hr.column("tpot_p99_s").to_numpy())),
+            slo_attainment=t["slo_attainment"],
+        )
+        if c.day_below is not None:  # the day at N - 1: why it fails
+            hb = c.day_below.hourly
+            row["below_worst_hour_ttft_p99_s"] = float(
+                np.nanmax(hb.column("ttft_p99_s").to_numpy())
+            )
+            row["below_worst_hour_tpot_p99_s"] = float(
+                np.nanmax(hb.column("tpot_p99_s").to_numpy())
+            )
+            row["below_passes"] = c.below_passes
+    return row
+
+
+def plan_table(cands: list[Candidate], pods: int) -> pa.Table:
+    """Candidates ranked by the day's total cost (those without an answer last)."""
+    rows = [candidate_row(c, pods) for c in cands]
+    rows.sort(key=lambda r: (r["total_cost_usd"] is None, r["total_cost_usd"] or 0.0))
+    for i, r in enumerate(rows):
+        r["rank"] = i + 1 if r["total_cost_usd"] is not None else None
+    return pa.table({k: pa.array([r[k] for r in rows], type=t) for k, t in PLAN_COLUMNS})
+
+
+def parse_list(flag: str, raw: str, kind=str) -> list:
+    items = [x.strip() for x in raw.split(",") if x.strip()]
+    if not items:
+        raise UserError(f"{flag} {raw!r}: empty list (fix: e.g. {flag} h100-sxm,h200)")
+    try:
+        out = [kind(x) for x in items]
+    except ValueError:
+        raise UserError(
+            f"{flag} {raw!r}: not a list of integers (fix: e.g. {flag} 2,4,8)"
+        ) from None
+    if kind is int and any(x < 1 for x in out):
+        raise UserError(f"{flag} {raw!r}: values must be >= 1")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fleetsim plan", description=__doc__.splitlines()[0])
+    ap.add_argument("scenario", help="scenario TOML file")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a scenario field first",
+    )
+    ap.add_argument(
+        "--gpus", help="candidate GPUs, comma-separated (default: the scenario's GPU and h200)"
+    )
+    ap.add_argument("--tp", help="candidate tensor-parallel degrees (default 1,2,4,8)")
+    ap.add_argument(
+        "--slo-ttft-p99-s",
+        type=float,
+        default=None,
+        help="p99 TTFT target per hour (default: the scenario's slo.ttft_s)",
+    )
+    ap.add_argument(
+        "--slo-tpot-p99-s",
+        type=float,
+        default=None,
+        help="p99 TPOT target per hour (default: the scenario's slo.tpot_s)",
+    )
+    ap.add_argument(
+        "--hours",
+        choices=("all", "peak"),
+        default="all",
+        help="the SLO must hold in every hour (default) or in the peak-traffic hour",
+    )
+    ap.add_argument("--out", help="output folder (default out/<scenario name>-plan)")
+    ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    ap.add_argument("--no-schedule", action="store_true", help="skip the per-hour schedule")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    add_executor_args(ap)
+    return ap
+
+
+def make_candidates(
+    data: dict, sc, gpus: list[str], tps: list[int], source: str
+) -> list[Candidate]:
+    """Resolve every GPU x TP; a candidate whose weights or KV do not fit is kept with its
+    reason. An unknown GPU name is a user error."""
+    cands = []
+    for g in gpus:
+        for tp in tps:
+            c = Candidate(gpu=g, tp=tp, base=candidate_base(data, g, tp, sc.hardware.gpu))
+            try:
+                c.rs = resolve(scenario_from_dict(c.base, source), source)
+            except ScenarioError as exc:
+                if exc.field.startswith("hardware"):
+                    raise UserError(f"--gpus {g!r}: {exc}") from None
+                c.problem = f"does not fit: {exc.problem}"
+            cands.append(c)
+    return cands
+
+
+def main(argv: list[str]) -> int:
+    """``fleetsim plan``: see the module docstring."""
+    from rich.console import Console
+
+    from fleetsim.apps.common import out_dir as _out_dir
+    from fleetsim.results.output import write_table_atomic, write_text_atomic
+
+    args = build_parser().parse_args(argv)
+    data, text = read_toml(args.scenario)
+    data = apply_overrides(data, args.overrides)
+    sc = scenario_from_dict(data, args.scenario)
+    resolve(sc, args.scenario)
+    data = sc.model_dump(mode="json")
+    slo = Slo(
+        args.slo_ttft_p99_s or sc.slo.ttft_s, args.slo_tpot_p99_s or sc.slo.tpot_s, args.hours
+    )
+    for flag, v in (
+        ("--slo-ttft-p99-s", args.slo_ttft_p99_s),
+        ("--slo-tpot-p99-s", args.slo_tpot_p99_s),
+    ):
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise UserError(f"{flag} {v}: must be a positive number of seconds")
+    gpus = (
+        parse_list("--gpus", args.gpus)
+        if args.gpus
+        else list(dict.fromkeys([sc.hardware.gpu, "h200"]))
+    )
+    tps = parse_list("--tp", args.tp, int) if args.tp else list(DEFAULT_TPS)
+    cands = make_candidates(data, sc, gpus, tps, args.scenario)
+    out = _out_dir(args, Path(args.scenario).stem + "-plan")
+    console = Console(stderr=True, quiet=args.quiet)
+    t0 = time.perf_counter()
+    sched = None
+    with (
+        make_executor(args.executor, args.workers, args.address) as ex,
+        task_progress(f"plan ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
+    ):
+        planner = Planner(data, args.scenario, slo, ex, hooks)
+        ratios: dict[int, float] = {}  # TP -> replicas / throughput bound, last planned
+        last = None
+        for c in cands:
+            if c.rs is None:
+                continue
+            hooks.describe(f"plan {c.gpu} TP{c.tp}")
+            planner.plan_candidate(c, ratios.get(c.tp, last))
+            if c.replicas and c.lower_bound:
+                ratios[c.tp] = last = c.replicas / c.lower_bound
+            console.print(
+                f"{c.gpu} TP{c.tp}: "
+                + (
+                    f"{c.replicas} replicas per pod ({c.probes} probes)"
+                    if c.replicas
+                    else c.problem
+                )
+            )
+        table = plan_table(cands, sc.fleet.pods)
+        best = next(
+            (
+                c
+                for c in cands
+                if c.replicas
+                and c.gpu == table["gpu"][0].as_py()
+                and c.tp == table["tensor_parallel"][0].as_py()
+            ),
+            None,
+        )
+        if best is not None and not args.no_schedule:
+            hooks.describe(f"schedule {best.gpu} TP{best.tp}")
+            sched = {
+                "gpu": best.gpu,
+                "tensor_parallel": best.tp,
+                "replicas_by_hour": planner.schedule(best),
+            }
+    wall = time.perf_counter() - t0
+    meta = {
+        "fleetsim.scenario_text": text,
+        "fleetsim.overrides": json.dumps(args.overrides),
+        "fleetsim.slo": json.dumps(
+            {"ttft_p99_s": slo.ttft_p99_s, "tpot_p99_s": slo.tpot_p99_s, "hours": slo.hours}
+        ),
+        "fleetsim.wall_s": f"{wall:.3f}",
+        "fleetsim.schedule": json.dumps(sched),
+    }
+    path = out / "plan.parquet"
+    write_table_atomic(table, path, meta)
+    if sched is not None:
+        write_text_atomic(json.dumps(sched, indent=1) + "\n", out / "schedule.json")
+    if not args.quiet:
+        wide = Console() if Console().is_terminal else Console(width=160)
+        print_plan(table, slo, sched, wide)
+        Console().print(
+            f"wrote {path}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
+        )
+    return 0
+
+
+def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
+    """The ranked candidates as a rich table."""
+    from rich.table import Table
+
+    def f(v, fmt):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    tab = Table(
+        title=f"capacity plan: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
+        f"{slo.tpot_p99_s * 1000:g} ms in {'every hour' if slo.hours == 'all' else 'the peak hour'}"
+    )
+    for h in (
+        "#",
+        "GPU",
+        "TP",
+        "repl",
+        "GPUs",
+        "$/day",
+        "energy $",
+        "hw $",
+        "kWh/day",
+        "$/Mtok",
+        "Wh/req",
+        "TTFT s",
+        "TPOT ms",
+        "status",
+    ):
+        tab.add_column(h, justify="right" if h not in ("GPU", "status") else "left")
+    for r in table.to_pylist():
+        tab.add_row(
+            f(r["rank"], "d"),
+            r["gpu"],
+            str(r["tensor_parallel"]),
+            f(r["replicas"], "d"),
+            f(r["gpus"], ",d"),
+            f(r["total_cost_usd"], ",.2f"),
+            f(r["energy_cost_usd"], ",.2f"),
+            f(r["hardware_cost_usd"], ",.2f"),
+            f(r["energy_facility_kwh"], ",.1f"),
+            f(r["usd_per_mtok"], ".3f"),
+            f(r["wh_per_request"], ".3f"),
+            f(r["worst_hour_ttft_p99_s"], ".3f"),
+            f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
+            r["status"],
+        )
+    c.print(tab)
+    c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
+    for r in table.to_pylist():
+        if r["problem"]:
+            c.print(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}")
+    if sched:
+        c.print(
+            f"schedule ({sched['gpu']} TP{sched['tensor_parallel']}), replicas per pod by "
+            f"hour: {sched['replicas_by_hour']}"
+        )

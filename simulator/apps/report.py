@@ -1,0 +1,420 @@
+"""``fleetsim report DIR``: plots and a page for a finished run, with a peak-hour analysis.
+
+From ``DIR/hourly.parquet`` (and the scenario in its metadata), or from a :class:`Result` in
+memory (``fleetsim run --report``), this writes into ``DIR``:
+
+* ``cost.png``: hourly cost stacked by part (energy, hardware);
+* ``power.png``: hourly facility power (mean kW over the hour, numerically its kWh) by part,
+  with the electricity price;
+* ``utilization.png``: utilisation and the GPUs powered (autoscaling shows here);
+* ``latency.png``: p99 TTFT and TPOT against the SLO lines;
+* ``report.html`` (self-contained: the PNGs are embedded as base64) and ``report.md`` (links).
+
+The peak-hour analysis gives the busiest hour's share of the day's cost, the cost per request
+at the busiest and the quietest hour, and the *marginal cost of the peak*: the day's cost minus
+the cost of the same day with the same requests spread evenly over it (``traffic.diurnal =
+"flat"``), re-simulated from the scenario when it is available. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleetsim.base.errors import UserError
+from fleetsim.results.output import read_metadata, write_bytes_atomic, write_text_atomic
+
+PLOTS = ("cost", "power", "utilization", "latency")
+
+
+@dataclass
+class RunData:
+    """What the report needs of a run, from memory or from disk."""
+
+    cols: dict[str, np.ndarray]
+    totals: dict[str, float]
+    config: dict[str, Any] | None  # the validated scenario as a dict (None if unknown)
+    name: str = "run"
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _from_result(res) -> RunData:
+    t = res.hourly
+    cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
+    cfg = json.loads(res.scenario.model_dump_json())
+    return RunData(cols, dict(res.totals), cfg, res.scenario.name)
+
+
+def _from_dir(out_dir: Path) -> RunData:
+    import pyarrow.parquet as pq
+
+    path = out_dir / "hourly.parquet"
+    if not path.is_file():
+        raise UserError(
+            f"{out_dir}: no hourly.parquet in it (fix: give the --out folder of a `fleetsim run`)"
+        )
+    try:
+        t = pq.read_table(path)
+        meta = read_metadata(path)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read it as Parquet ({exc})") from None
+    cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
+    missing = [
+        c for c in ("hour", "hour_start", "total_cost_usd", "energy_facility_kwh") if c not in cols
+    ]
+    if missing:
+        raise UserError(f"{path}: not a fleetsim hourly table (missing {', '.join(missing)})")
+    cfg = json.loads(meta["fleetsim.config"]) if "fleetsim.config" in meta else None
+    totals = json.loads(meta["fleetsim.totals"]) if "fleetsim.totals" in meta else {}
+    name = (cfg or {}).get("name", out_dir.name)
+    return RunData(cols, totals, cfg, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+def _hours_axis(ax, cols) -> np.ndarray:
+    h = cols["hour"].astype(int)
+    starts = cols["hour_start"]
+    labels = [
+        f"{np.datetime64(s, 'h').astype(object).hour:02d}" if not isinstance(s, str) else s
+        for s in starts
+    ]
+    step = max(1, len(h) // 12)
+    ax.set_xticks(h[::step])
+    ax.set_xticklabels(labels[::step])
+    ax.set_xlabel("hour of day (UTC)")
+    ax.grid(axis="y", alpha=0.3)
+    return h
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def make_plots(d: RunData, slo: dict[str, float] | None) -> dict[str, bytes]:
+    """The four figures as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = d.cols
+    out: dict[str, bytes] = {}
+    with plt.rc_context({"figure.figsize": (9, 4), "font.size": 9}):
+        fig, ax = plt.subplots()
+        h = _hours_axis(ax, c)
+        e, hw = c["energy_cost_usd"], c["hardware_cost_usd"]
+        ax.bar(h, hw, color="#7f7f7f", label="hardware (amortised or rented)")
+        ax.bar(h, e, bottom=hw, color="#1f77b4", label="energy (facility kWh x price)")
+        ax.set_ylabel("cost per hour ($)")
+        ax.set_title(f"{d.name}: hourly cost by part")
+        ax.set_ylim(0, float(np.nanmax(e + hw)) * 1.3 or 1.0)
+        ax.legend(loc="upper left", ncol=2)
+        out["cost"] = _png(fig)
+        plt.close(fig)
+
+        fig, ax = plt.subplots()
+        h = _hours_axis(ax, c)
+        fac = c["energy_facility_kwh"]
+        it = np.maximum(c["energy_it_kwh"], 1e-300)
+        gpu_share = c["energy_gpu_kwh"] / it
+        ax.bar(h, fac * gpu_share, color="#d62728", label="GPUs (x PUE)")
+        ax.bar(
+            h,
+            fac * (1 - gpu_share),
+            bottom=fac * gpu_share,
+            color="#ff9896",
+            label="node overhead (x PUE)",
+        )
+        ax.set_ylabel("facility power, mean kW (= kWh in the hour)")
+        ax.set_ylim(0, float(np.nanmax(fac)) * 1.35 or 1.0)
+        ax.set_title(
+            f"{d.name}: facility power and energy per hour (day: {np.nansum(fac):,.1f} kWh)"
+        )
+        ax2 = ax.twinx()
+        ax2.step(
+            h, c["price_usd_per_kwh"], where="mid", color="black", lw=1.2, label="electricity price"
+        )
+        ax2.set_ylabel("$ per kWh")
+        ax2.set_ylim(0, max(float(np.nanmax(c["price_usd_per_kwh"])) * 1.3, 1e-9))
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", ncol=3)
+        out["power"] = _png(fig)
+        plt.close(fig)
+
+        fig, ax = plt.subplots()
+        h = _hours_axis(ax, c)
+        ax.plot(h, c["utilization"], "o-", color="#2ca02c", label="utilisation (busy / powered)")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("utilisation")
+        ax2 = ax.twinx()
+        ax2.step(
+            h,
+            c["gpus_powered_mean"],
+            where="mid",
+            color="#9467bd",
+            lw=1.5,
+            label="GPUs powered (mean)",
+        )
+        ax2.set_ylim(0, max(float(np.nanmax(c["gpus_powered_mean"])) * 1.15, 1))
+        ax2.set_ylabel("GPUs powered")
+        ax.set_title(f"{d.name}: utilisation and powered GPUs")
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left")
+        out["utilization"] = _png(fig)
+        plt.close(fig)
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, col, key, label, unit in (
+            (a1, "ttft_p99_s", "ttft_s", "p99 TTFT", 1.0),
+            (a2, "tpot_p99_s", "tpot_s", "p99 TPOT", 1000.0),
+        ):
+            h = _hours_axis(ax, c)
+            ax.plot(h, c[col] * unit, "o-", label=label)
+            if col.replace("99", "50") in c:
+                ax.plot(
+                    h,
+                    c[col.replace("99", "50")] * unit,
+                    ".--",
+                    alpha=0.6,
+                    label=label.replace("p99", "p50"),
+                )
+            if slo and key in slo:
+                ax.axhline(slo[key] * unit, color="red", ls=":", label=f"SLO {slo[key] * unit:g}")
+            ax.set_ylabel("seconds" if unit == 1.0 else "milliseconds")
+            ax.set_ylim(bottom=0)
+            ax.legend(loc="best")
+            ax.set_title(f"{label} per hour")
+        out["latency"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# peak-hour analysis
+def flat_day_cost(cfg: dict[str, Any], source: str = "") -> tuple[float | None, str]:
+    """The day's cost with the same requests spread evenly (``diurnal = "flat"``), or None and
+    why not."""
+    from fleetsim.apps.simulate import simulate
+    from fleetsim.base.errors import ScenarioError
+    from fleetsim.config.scenario import scenario_from_dict
+
+    if (cfg.get("traffic") or {}).get("trace"):
+        return None, "the run replays a timed trace, which cannot be flattened"
+    from fleetsim.config.scenario import diurnal_weights
+
+    flat = json.loads(json.dumps(cfg))
+    tr = flat.setdefault("traffic", {})
+    # the same expected number of requests over the simulated hours, spread evenly
+    w = diurnal_weights(tr.get("diurnal", "azure-conv"))
+    hours = int((flat.get("simulation") or {}).get("hours", 24))
+    start = str((flat.get("simulation") or {}).get("start_utc", "2026-01-01T00:00:00Z"))
+    try:  # the curve is by UTC hour of day; the run starts at this hour
+        hod0 = datetime.fromisoformat(start.replace("Z", "+00:00")).astimezone(UTC).hour
+    except ValueError:
+        hod0 = 0
+    share = (sum(w[(hod0 + h) % 24] for h in range(hours)) / hours) / (sum(w) / 24.0)
+    tr["requests_per_day"] = float(tr.get("requests_per_day", 1_000_000.0)) * share
+    tr["diurnal"] = "flat"
+    try:
+        res = simulate(
+            scenario_from_dict(flat, source or "scenario (from metadata)"), source=source
+        )
+    except (UserError, ScenarioError) as exc:
+        return None, f"the scenario could not be re-simulated here ({exc})"
+    return float(res.totals["total_cost_usd"]), ""
+
+
+def peak_analysis(d: RunData, flatten: bool = True) -> dict[str, Any]:
+    """Peak and trough hours, the peak's share of the cost, and its marginal cost."""
+    c = d.cols
+    arrived = c["requests_arrived"].astype(float)
+    done = c["requests_completed"].astype(float)
+    cost = c["total_cost_usd"]
+    day = float(np.nansum(cost))
+    peak = int(np.argmax(arrived))
+    served = np.nonzero(done > 0)[0]
+    trough = int(served[np.argmin(arrived[served])]) if len(served) else int(np.argmin(arrived))
+    a: dict[str, Any] = {
+        "day_cost_usd": day,
+        "peak_hour": peak,
+        "trough_hour": trough,
+        "peak_requests": int(arrived[peak]),
+        "trough_requests": int(arrived[trough]),
+        "peak_cost_share": float(cost[peak] / day) if day else math.nan,
+        "peak_usd_per_request": float(cost[peak] / done[peak]) if done[peak] else math.nan,
+        "trough_usd_per_request": float(cost[trough] / done[trough]) if done[trough] else math.nan,
+        "peak_to_mean_traffic": float(arrived[peak] / arrived.mean())
+        if arrived.mean()
+        else math.nan,
+        "flat_day_cost_usd": None,
+        "marginal_cost_of_peak_usd": None,
+        "flat_note": "",
+    }
+    if not flatten:
+        a["flat_note"] = "not computed (--no-flat)"
+    elif d.config is None:
+        a["flat_note"] = "not computed: the run's scenario is not in the file's metadata"
+    else:
+        flat, why = flat_day_cost(d.config, d.source)
+        if flat is None:
+            a["flat_note"] = f"not computed: {why}"
+        else:
+            a["flat_day_cost_usd"] = flat
+            a["marginal_cost_of_peak_usd"] = day - flat
+    return a
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+def _fmt(x: Any, spec: str = ",.2f") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return format(x, spec)
+
+
+def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
+    t = d.totals
+    hs = d.cols["hour_start"]
+
+    def hod(i: int) -> str:
+        return f"{np.datetime64(hs[i], 'h').astype(object).hour:02d}:00 UTC (hour {i})"
+
+    rows = [
+        ("requests completed", _fmt(t.get("requests_completed"), ",.0f")),
+        ("facility energy", f"{_fmt(t.get('energy_facility_kwh'))} kWh"),
+        ("energy cost", f"$ {_fmt(t.get('energy_cost_usd'))}"),
+        ("hardware cost", f"$ {_fmt(t.get('hardware_cost_usd'))}"),
+        ("total cost", f"$ {_fmt(t.get('total_cost_usd'))}"),
+        ("GPU-hours powered", _fmt(t.get("gpu_hours"), ",.1f")),
+        ("Wh per request", _fmt(t.get("wh_per_request"), ",.3f")),
+        ("$ per M output tokens", _fmt(t.get("usd_per_mtok"), ",.3f")),
+        ("SLO attainment", _fmt(t.get("slo_attainment"), ".2%")),
+        (
+            "busiest hour",
+            f"{hod(a['peak_hour'])}: {a['peak_requests']:,} requests "
+            f"({_fmt(a['peak_to_mean_traffic'], '.2f')} x the hourly mean)",
+        ),
+        ("busiest hour's share of the day's cost", _fmt(a["peak_cost_share"], ".2%")),
+        ("cost per request, busiest hour", f"$ {_fmt(a['peak_usd_per_request'], '.6f')}"),
+        (
+            "cost per request, quietest hour",
+            f"$ {_fmt(a['trough_usd_per_request'], '.6f')} "
+            f"({hod(a['trough_hour'])}, {a['trough_requests']:,} requests)",
+        ),
+    ]
+    if a["marginal_cost_of_peak_usd"] is not None:
+        m = a["marginal_cost_of_peak_usd"]
+        rows.append(("same requests, flat day", f"$ {_fmt(a['flat_day_cost_usd'])}"))
+        rows.append(
+            (
+                "marginal cost of the peak",
+                f"$ {_fmt(m, ',.2f' if abs(m) >= 1 else '.4f')} "
+                f"({_fmt(m / a['day_cost_usd'] if a['day_cost_usd'] else math.nan, '.2%')} "
+                "of the day)",
+            )
+        )
+    else:
+        rows.append(("marginal cost of the peak", a["flat_note"]))
+    return rows
+
+
+_EXPLAIN = (
+    "The marginal cost of the peak is the day's cost minus the cost of the same requests "
+    'spread evenly over the day (traffic.diurnal = "flat", re-simulated with the same '
+    "fleet, autoscaler and prices). With a static, owned fleet it is only the energy the "
+    "peak adds; autoscaling, rented GPUs and time-of-use prices make it larger or smaller."
+)
+
+
+def render_markdown(d: RunData, a: dict[str, Any]) -> str:
+    lines = [f"# fleetsim report: {d.name}", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _rows(d, a)]
+    lines += ["", _EXPLAIN, ""]
+    for p in PLOTS:
+        lines += [f"![{p}]({p}.png)", ""]
+    return "\n".join(lines)
+
+
+def render_html(d: RunData, a: dict[str, Any], pngs: dict[str, bytes]) -> str:
+    rows = "\n".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _rows(d, a)
+    )
+    imgs = "\n".join(
+        f'<p><img alt="{p}" src="data:image/png;base64,{base64.b64encode(pngs[p]).decode()}"></p>'
+        for p in PLOTS
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fleetsim report: {html.escape(d.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+th{{text-align:left;padding-right:2em}} td{{text-align:right}} img{{max-width:100%}}</style>
+</head><body><h1>fleetsim report: {html.escape(d.name)}</h1>
+<table>{rows}</table><p>{html.escape(_EXPLAIN)}</p>
+{imgs}
+</body></html>
+"""
+
+
+def write_report(out_dir: Path, result=None, *, flatten: bool = True, source: str = "") -> Path:
+    """Write the four PNGs, ``report.html`` and ``report.md`` into ``out_dir``; returns the
+    HTML page's path. ``result`` is a finished :class:`~fleetsim.apps.simulate.Result`; without it
+    the run is read from ``out_dir/hourly.parquet``."""
+    out_dir = Path(out_dir)
+    d = _from_result(result) if result is not None else _from_dir(out_dir)
+    d.source = source
+    slo = (d.config or {}).get("slo")
+    pngs = make_plots(d, slo)
+    a = peak_analysis(d, flatten)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in pngs.items():
+        write_bytes_atomic(data, out_dir / f"{name}.png")
+    write_text_atomic(render_markdown(d, a), out_dir / "report.md")
+    page = out_dir / "report.html"
+    write_text_atomic(render_html(d, a, pngs), page)
+    write_text_atomic(json.dumps(a, indent=2, default=str), out_dir / "peak.json")
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fleetsim report DIR [--no-flat]``."""
+    ap = argparse.ArgumentParser(prog="fleetsim report", description=__doc__.splitlines()[0])
+    ap.add_argument("dir", help="the --out folder of a `fleetsim run` (holds hourly.parquet)")
+    ap.add_argument(
+        "--no-flat",
+        action="store_true",
+        help="skip the flat-day re-simulation (no marginal cost of the peak)",
+    )
+    ap.add_argument(
+        "--scenario",
+        default="",
+        help="the scenario file the run came from, to resolve its relative paths",
+    )
+    args = ap.parse_args(argv)
+    page = write_report(Path(args.dir), flatten=not args.no_flat, source=args.scenario)
+    a = json.loads((page.parent / "peak.json").read_text())
+    print(f"wrote {page}, report.md and {', '.join(p + '.png' for p in PLOTS)} in {page.parent}")
+    m = a["marginal_cost_of_peak_usd"]
+    print(
+        f"busiest hour {a['peak_hour']}: {a['peak_cost_share']:.2%} of the day's cost; "
+        + (
+            f"marginal cost of the peak $ {m:,.2f}"
+            if m is not None
+            else f"marginal cost of the peak {a['flat_note']}"
+        )
+    )
+    return 0

@@ -1,0 +1,101 @@
+"""``simulate(scenario) -> Result``: the one in-process entry point of a whole run.
+
+The CLI, sweeps, the capacity planner and the executors all call this function (or its
+per-pod half, :func:`simulate_pod`); none of them shell out or glob for files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fleetsim.config.scenario import Resolved, Scenario, resolve
+from fleetsim.results.accounting import PodSummary, hourly_table
+from fleetsim.results.result import (
+    Result,
+    check_invariants,
+    day_latency,
+    day_totals,
+    pod_confidence,
+)
+from fleetsim.serving.pod import Pod
+
+
+def simulate_pod(
+    rs: Resolved,
+    pod_index: int,
+    *,
+    keep_hist: bool = True,
+    request_sink=None,
+    progress: Callable[[int], None] | None = None,
+    source: str = "",
+) -> PodSummary:
+    """Simulate pod ``pod_index`` of the fleet and summarise it."""
+    sc = rs.scenario
+    pod = Pod(
+        rs,
+        pod_index,
+        sc.fleet.pods,
+        keep_hist=keep_hist,
+        request_sink=request_sink,
+        progress=progress,
+        source=source,
+    )
+    rec = pod.run()
+    H = sc.simulation.hours
+    powered = [sc.fleet.replicas * rs.tp * 3600.0] * H
+    states: dict[str, list[float]] = {}
+    if pod.scaler is not None:  # power states integrated by the autoscaler (autoscale.py)
+        powered, states = pod.scaler.gpu_seconds()
+    return PodSummary.from_recorder(pod_index, rec, powered, **states)
+
+
+def pods_to_simulate(sc: Scenario) -> list[int]:
+    """The pods that are simulated: all, or the first ``sample_pods`` (pods are exchangeable)."""
+    k = sc.fleet.sample_pods or sc.fleet.pods
+    return list(range(min(k, sc.fleet.pods)))
+
+
+def simulate(
+    scenario: Scenario | Resolved,
+    *,
+    source: str = "",
+    request_sink=None,
+    progress: Callable[[int], None] | None = None,
+    pod_runner=None,
+) -> Result:
+    """Simulate the scenario's fleet over its horizon and return the hourly table and totals.
+
+    ``pod_runner(rs, pod_indices, source) -> list[PodSummary]`` lets an executor run the pods
+    elsewhere (process pool, Ray); by default they run here, one after the other."""
+    t0 = time.perf_counter()
+    rs = scenario if isinstance(scenario, Resolved) else resolve(scenario, source)
+    sc = rs.scenario
+    idx = pods_to_simulate(sc)
+    if pod_runner is None or request_sink is not None:
+        pods = [
+            simulate_pod(rs, i, request_sink=request_sink, progress=progress, source=source)
+            for i in idx
+        ]
+    else:
+        pods = pod_runner(rs, idx, source)
+    scale = sc.fleet.pods / len(idx)
+    table = hourly_table(rs, pods, scale)
+    res = Result(resolved=rs, hourly=table, pods=pods, scale=scale, wall_s=time.perf_counter() - t0)
+    res.totals = day_totals(res)
+    res.day_latency = day_latency(pods)
+    res.pod_ci = pod_confidence(rs, pods) if len(pods) > 1 else {}
+    check_invariants(res)
+    res.wall_s = time.perf_counter() - t0
+    return res
+
+
+def write_outputs(res: Result, out_dir: Path, scenario_text: str = "") -> Path:
+    """Write ``hourly.parquet`` (atomically) with its metadata; returns its path."""
+    from fleetsim.results.output import write_table_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "hourly.parquet"
+    write_table_atomic(res.hourly, path, res.metadata(scenario_text))
+    return path

@@ -1,0 +1,267 @@
+"""``fleetsim sweep``: simulate every point of a parameter grid and tabulate the day of each.
+
+    fleetsim sweep scenarios/default.toml --grid fleet.replicas=6,8,10 \\
+        --grid 'cost.hardware="owned","rented"' --workers 2
+
+The grid is the cartesian product of the ``--grid`` axes; each point is the scenario with the
+point's values applied as ``--set`` overrides (the same parsing: values are TOML). All points are
+validated before anything runs. Points share the scenario's seed on purpose (common random
+numbers: two points differ by their parameters, not by their random draws); sweep ``seed=1,2,3``
+for replications. ``sweep.parquet`` has one row per point, in grid order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fleetsim.apps.executors import (
+    RunSummary,
+    add_executor_args,
+    make_executor,
+    run_task,
+    task_progress,
+)
+from fleetsim.base.errors import UserError
+from fleetsim.config.scenario import (
+    apply_overrides,
+    parse_override,
+    read_toml,
+    resolve,
+    scenario_from_dict,
+)
+
+#: the day's figures of each point (in this order, after the grid columns)
+RESULT_COLUMNS = (
+    "requests",
+    "requests_completed",
+    "requests_in_flight",
+    "energy_facility_kwh",
+    "energy_cost_usd",
+    "hardware_cost_usd",
+    "total_cost_usd",
+    "usd_per_mtok",
+    "wh_per_request",
+    "slo_attainment",
+    "ttft_p99_s",
+    "tpot_p99_s",
+    "peak_hour",
+    "peak_hour_total_cost_usd",
+    "peak_hour_ttft_p99_s",
+)
+
+
+def split_values(raw: str) -> list[str]:
+    """Split ``v1,v2,...`` at top-level commas (not inside quotes, brackets or braces)."""
+    out, depth, quote, cur = [], 0, "", []
+    for ch in raw:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = ""
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur).strip())
+    return out
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+    """``section.key=v1,v2`` items -> [(key, [raw values])], keys unique, values non-empty."""
+    axes: list[tuple[str, list[str]]] = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(
+                f"--grid {item!r}: expected section.key=v1,v2,... (e.g. --grid fleet.replicas=4,8)"
+            )
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or ("." not in key and key not in ("seed", "name")):
+            raise UserError(f"--grid {item!r}: the key must be section.key (e.g. fleet.replicas)")
+        if any(k == key for k, _ in axes):
+            raise UserError(f"--grid {key}: given twice (fix: list all its values in one --grid)")
+        values = split_values(raw)
+        if any(v == "" for v in values):
+            raise UserError(f"--grid {item!r}: an empty value (fix: remove the stray comma)")
+        axes.append((key, values))
+    if not axes:
+        raise UserError("sweep: no --grid given (fix: e.g. --grid fleet.replicas=4,8)")
+    return axes
+
+
+def grid_points(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """The cartesian product as lists of ``key=value`` overrides, first axis slowest."""
+    return [
+        [f"{k}={v}" for (k, _), v in zip(axes, combo)]
+        for combo in itertools.product(*(vals for _, vals in axes))
+    ]
+
+
+def point_scenarios(base: dict, points: list[list[str]], source: str) -> list[dict]:
+    """Validate every point up front (schema and catalogs); the scenario dict of each."""
+    out = []
+    for ov in points:
+        try:
+            sc = scenario_from_dict(apply_overrides(base, ov), source)
+            resolve(sc, source)
+        except UserError as exc:
+            raise UserError(f"sweep point {' '.join(ov)}: {exc}") from None
+        out.append(sc.model_dump(mode="json"))
+    return out
+
+
+def point_row(res: RunSummary) -> dict[str, float]:
+    """The result columns of one point."""
+    t, lat, hourly = res.totals, res.day_latency, res.hourly
+    ph = int(t["peak_hour"])
+    cost = hourly.column("total_cost_usd").to_numpy()
+    ttft = hourly.column("ttft_p99_s").to_numpy()
+    return {
+        "requests": t["requests_arrived"],
+        "requests_completed": t["requests_completed"],
+        "requests_in_flight": t["requests_in_flight"],
+        "energy_facility_kwh": t["energy_facility_kwh"],
+        "energy_cost_usd": t["energy_cost_usd"],
+        "hardware_cost_usd": t["hardware_cost_usd"],
+        "total_cost_usd": t["total_cost_usd"],
+        "usd_per_mtok": t["usd_per_mtok"],
+        "wh_per_request": t["wh_per_request"],
+        "slo_attainment": t["slo_attainment"],
+        "ttft_p99_s": lat["ttft_p99_s"],
+        "tpot_p99_s": lat["tpot_p99_s"],
+        "peak_hour": ph,
+        "peak_hour_total_cost_usd": float(cost[ph]) if len(cost) else math.nan,
+        "peak_hour_ttft_p99_s": float(ttft[ph]) if len(ttft) else math.nan,
+    }
+
+
+def _grid_column(values: list):
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([json.dumps(v) if not isinstance(v, str) else v for v in values])
+
+
+def sweep_table(axes, points: list[list[str]], rows: list[dict]) -> pa.Table:
+    """One row per point: the grid values (typed as parsed), then :data:`RESULT_COLUMNS`."""
+    cols: dict[str, pa.Array] = {}
+    for j, (key, _) in enumerate(axes):
+        cols[key] = _grid_column([parse_override(p[j])[1] for p in points])
+    for c in RESULT_COLUMNS:
+        typ = pa.int64() if c == "peak_hour" else pa.float64()
+        cols[c] = pa.array([r[c] for r in rows], type=typ)
+    return pa.table(cols)
+
+
+def run_sweep(base: dict, axes, source: str, executor, hooks=None) -> pa.Table:
+    """Validate, simulate every point with ``executor`` and tabulate (in grid order)."""
+    points = grid_points(axes)
+    scenarios = point_scenarios(base, points, source)
+    if hooks is not None:
+        hooks.add(len(points))
+    results = executor.map(
+        run_task, [(d, source) for d in scenarios], hooks.done if hooks is not None else None
+    )
+    return sweep_table(axes, points, [point_row(r) for r in results])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fleetsim sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("scenario", help="scenario TOML file")
+    ap.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=V1,V2,...",
+        help="an axis of the grid (repeatable); values are TOML",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a field for every point",
+    )
+    ap.add_argument("--out", help="output folder (default out/<scenario name>-sweep)")
+    ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    add_executor_args(ap)
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    """``fleetsim sweep``: see the module docstring."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fleetsim.apps.common import out_dir as _out_dir
+    from fleetsim.results.output import write_table_atomic
+
+    args = build_parser().parse_args(argv)
+    axes = parse_grid(args.grid)
+    data, text = read_toml(args.scenario)
+    base = apply_overrides(data, args.overrides)
+    point_scenarios(base, grid_points(axes), args.scenario)  # fail fast, before any worker
+    out = _out_dir(args, Path(args.scenario).stem + "-sweep")
+    t0 = time.perf_counter()
+    with (
+        make_executor(args.executor, args.workers, args.address) as ex,
+        task_progress(f"sweep ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
+    ):
+        table = run_sweep(base, axes, args.scenario, ex, hooks)
+    wall = time.perf_counter() - t0
+    path = out / "sweep.parquet"
+    write_table_atomic(
+        table,
+        path,
+        {
+            "fleetsim.scenario_text": text,
+            "fleetsim.grid": json.dumps(args.grid),
+            "fleetsim.overrides": json.dumps(args.overrides),
+            "fleetsim.wall_s": f"{wall:.3f}",
+            "fleetsim.executor": args.executor,
+        },
+    )
+    if not args.quiet:
+        tab = Table(title=f"sweep of {args.scenario}: {table.num_rows} points")
+        shown = [k for k, _ in axes] + [
+            "requests",
+            "total_cost_usd",
+            "usd_per_mtok",
+            "wh_per_request",
+            "ttft_p99_s",
+            "tpot_p99_s",
+            "slo_attainment",
+        ]
+        for c in shown:
+            tab.add_column(c, justify="right")
+        for row in table.select(shown).to_pylist():
+            tab.add_row(*(_fmt(row[c]) for c in shown))
+        Console().print(tab)
+        Console().print(f"wrote {path} in {wall:.1f} s")
+    return 0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if not np.isfinite(v) else f"{v:,.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)

@@ -1,0 +1,720 @@
+"""Scenario files: a typed, frozen, validated tree loaded from TOML.
+
+``load_scenario(path, overrides)`` reads the file, applies ``--set section.key=value`` overrides,
+validates every field (unknown keys are rejected with a "did you mean"), and returns a
+:class:`Scenario`. :func:`resolve` then joins it with the catalogs and the profile into the
+objects the engine needs (:class:`Resolved`), and runs the cross-field checks (the model fits,
+the KV budget holds a maximum-length request). Every problem is a :class:`ScenarioError` that
+names the file, the field path, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.schema import Section, Tokens, bounded
+from fleetsim.base.units import rotate_to_start
+from fleetsim.device import catalog
+from fleetsim.device.latency import LatencyModel, PowerSpec, Profile, RooflineProfile
+from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec, model_from_catalog
+from fleetsim.workload.distributions import Dist, Empirical, LogNormal
+
+DType = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Hourly24 = Annotated[list[NonNegFloat], Field(min_length=24, max_length=24)]
+
+
+_bounded = bounded
+
+
+Watts = _bounded(0, 1e5)  # per GPU; a B200 is 1.2 kW
+Usd = _bounded(0, 1e9)  # capex of one GPU
+UsdPerHour = _bounded(0, 1e6)  # rent or maintenance per GPU-hour
+PricePerKwh = _bounded(0, 1e3)  # $/kWh; wholesale price caps are ~5-10 $/kWh
+CarbonPerKwh = _bounded(0, 1e2)  # kg/kWh; coal is ~1
+ArchInt = Annotated[int, Field(ge=1, le=10_000_000)]
+
+
+_Section = Section
+
+
+# ---------------------------------------------------------------------------------------------
+class SimulationSection(_Section):
+    hours: Annotated[int, Field(ge=1, le=24 * 366)] = 24
+    start_utc: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    engine: Literal["macro", "iteration"] = "macro"
+
+    @field_validator("start_utc")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        """In UTC (a time without an offset is taken as UTC), in years 1970..9000 so that the
+        hourly timestamps of the run stay representable."""
+        v = v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        if not 1970 <= v.year <= 9000:
+            raise ValueError(f"year {v.year} is outside 1970..9000")
+        return v
+
+
+class ModelSection(_Section):
+    """A catalog model by ``name``, or an inline architecture (all of n_layers..vocab_size)."""
+
+    name: str = "llama-3.1-70b"
+    dtype: DType = "bf16"
+    kv_dtype: DType | None = None
+    n_layers: ArchInt | None = None
+    d_model: ArchInt | None = None
+    n_heads: ArchInt | None = None
+    n_kv_heads: ArchInt | None = None
+    d_ff: ArchInt | None = None
+    vocab_size: ArchInt | None = None
+    n_experts: ArchInt | None = None
+    n_active_experts: ArchInt | None = None
+    mlp: Literal["swiglu", "gelu"] | None = None
+    tied_embeddings: bool | None = None
+    max_context_tokens: Tokens | None = None
+
+
+class HardwareSection(_Section):
+    """A catalog GPU, optionally with field overrides and a calibrated profile."""
+
+    gpu: str = "h100-sxm"
+    profile: str | None = None
+    peak_flops: _bounded(1e6, 1e19) | None = None  # an H100 is ~1e15 (dense bf16)
+    mem_bw_bytes_per_s: _bounded(1e6, 1e16) | None = None  # an H200 is 4.8e12
+    mem_bytes: _bounded(1e6, 1e14) | None = None  # an H200 is 1.41e11
+    tdp_w: _bounded(0, 1e5, strict_lo=True) | None = None
+    idle_w: Watts | None = None
+    active_w: Watts | None = None
+    compute_w: Watts | None = None
+    memory_w: Watts | None = None
+    node_overhead_w: _bounded(0, 1e6) | None = None
+    gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
+    capex_usd: Usd | None = None
+    rent_usd_per_gpu_hour: UsdPerHour | None = None
+
+
+class FleetSection(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    replicas: Annotated[int, Field(ge=1, le=100_000, alias="replicas_per_pod")] = 1
+    pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
+    sample_pods: Annotated[int, Field(ge=1)] | None = None
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    router: Literal["round_robin", "random", "least_loaded", "central_queue"] = "least_loaded"
+    max_batch_size: Annotated[int, Field(ge=1)] = 256
+    max_batched_tokens: Annotated[int, Field(ge=1)] = 16384
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+
+    @model_validator(mode="after")
+    def _sample(self) -> FleetSection:
+        if self.sample_pods is not None and self.sample_pods > self.pods:
+            raise ValueError(f"sample_pods ({self.sample_pods}) must be <= pods ({self.pods})")
+        return self
+
+
+class TrafficSection(_Section):
+    requests_per_day: NonNegFloat = 1_000_000.0
+    diurnal: Hourly24 | Literal["flat", "azure-conv", "azure-code"] = "azure-conv"
+    prompt: Dist = LogNormal(dist="lognormal", median=1020, sigma=0.985, min=2, max=14050)
+    output: Dist = LogNormal(dist="lognormal", median=129, sigma=0.859, min=1, max=2000)
+    trace: str | None = None
+
+    @field_validator("diurnal")
+    @classmethod
+    def _positive_day(cls, v: Any) -> Any:
+        if isinstance(v, list) and sum(v) <= 0:
+            raise ValueError("the 24 values must not all be zero")
+        return v
+
+
+class PowerSection(_Section):
+    """Facility overhead and the GPU power states used by the autoscalers (simulator/autoscale.py).
+
+    Defaults of the power states are assumptions (confidence L), labelled in README.md:
+    ``standby_w`` 10 W per GPU for a powered-off node's BMC and PSU standby (about 80 W per
+    8-GPU node; no measurement found); ``wake_s`` 60 s of cold start (container, weights into HBM,
+    CUDA graphs: reports range from about 10 s with weight streamers to minutes for 70B models);
+    ``wake_w`` during a cold start: the GPU's loaded idle draw when unset."""
+
+    pue: Annotated[float, Field(ge=1.0, le=5.0)] = 1.2
+    standby_w: NonNegFloat = 10.0
+    wake_s: NonNegFloat = 60.0
+    wake_w: NonNegFloat | None = None
+
+
+class AutoscalerSection(_Section):
+    """Which replicas are powered when (simulator/autoscale.py): ``static`` (all on), ``schedule``
+    (``replicas_by_hour`` or ``schedule_file``) or ``reactive`` (in-flight requests per replica)."""
+
+    policy: Literal["static", "schedule", "reactive"] = "static"
+    replicas_by_hour: (
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=24, max_length=24)] | None
+    ) = None
+    schedule_file: str | None = None
+    prewarm: bool = True
+    interval_s: PosFloat = 30.0
+    target_requests_per_replica: PosFloat = 32.0
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] | None = None
+    initial_replicas: Annotated[int, Field(ge=0)] | None = None
+    idle_timeout_s: NonNegFloat = 600.0
+
+
+class CostSection(_Section):
+    electricity_usd_per_kwh: (
+        PricePerKwh | Annotated[list[PricePerKwh], Field(min_length=24, max_length=24)]
+    ) = 0.0806
+    hardware: Literal["owned", "rented"] = "owned"
+    amortization_years: _bounded(0.01, 30) = 5.0
+    maintenance_usd_per_gpu_hour: UsdPerHour = 0.0
+    carbon_kg_per_kwh: (
+        CarbonPerKwh | Annotated[list[CarbonPerKwh], Field(min_length=24, max_length=24)] | None
+    ) = None
+
+
+class SloSection(_Section):
+    ttft_s: _bounded(0, 1e6, strict_lo=True) = 2.0
+    tpot_s: _bounded(0, 1e6, strict_lo=True) = 0.2
+
+
+class Scenario(_Section):
+    """The whole scenario file."""
+
+    name: str = "scenario"
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    simulation: SimulationSection = SimulationSection()
+    model: ModelSection = ModelSection()
+    hardware: HardwareSection = HardwareSection()
+    fleet: FleetSection = FleetSection()
+    traffic: TrafficSection = TrafficSection()
+    power: PowerSection = PowerSection()
+    cost: CostSection = CostSection()
+    slo: SloSection = SloSection()
+    autoscaler: AutoscalerSection = AutoscalerSection()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and error messages
+def _format_validation(exc: ValidationError, source: str, data: Any = None) -> ScenarioError:
+    """One clear line for a pydantic error (see :mod:`fleetsim.config.validation`)."""
+    from fleetsim.config.validation import format_validation_error
+
+    return format_validation_error(exc, Scenario, data, source)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, value); the value is read as TOML, else as a string."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value (e.g. fleet.replicas=8)")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """A copy of ``data`` with each ``section.key=value`` applied."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = out
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: {p!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
+    """Validate a scenario dict; a ScenarioError on the first problem."""
+    from fleetsim.config.validation import check_scalar_types
+
+    if not isinstance(data, dict):
+        raise ScenarioError(
+            "(top level)",
+            data,
+            "a scenario is a table of sections",
+            "start from a scenario in examples/",
+            source,
+        )
+    check_scalar_types(data, Scenario, source)
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation(exc, source, data) from None
+
+
+def read_toml(path: str | Path) -> tuple[dict, str]:
+    """The parsed TOML and its text; a UserError if unreadable or malformed."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{p}: no such scenario file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{p}: cannot read it ({exc})") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{p}: not valid TOML: {exc}") from None
+
+
+def load_scenario(
+    path: str | Path, overrides: list[str] | None = None, seed: int | None = None
+) -> tuple[Scenario, str]:
+    """Read, override and validate a scenario file. Returns the scenario and the file text."""
+    data, text = read_toml(path)
+    if seed is not None:
+        data["seed"] = seed
+    data = apply_overrides(data, overrides)
+    return scenario_from_dict(data, str(path)), text
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution: catalogs, profile, cross-field checks
+@dataclass(frozen=True)
+class GpuSpec:
+    """A GPU as the cost and power layers see it (catalog entry plus overrides)."""
+
+    name: str
+    tdp_w: float
+    idle_w: float
+    node_overhead_w: float
+    gpus_per_node: int
+    capex_usd: float
+    rent_usd_per_gpu_hour: float
+    power: PowerSpec
+
+    @property
+    def overhead_w_per_gpu(self) -> float:
+        return self.node_overhead_w / self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A scenario joined with its catalogs: what the engine and the accounting consume."""
+
+    scenario: Scenario
+    model: ModelSpec
+    gpu: GpuSpec
+    profile: Profile
+    profile_id: str
+    profile_sha256: str
+    tp: int
+    kv_capacity_tokens: int
+    max_request_tokens: int
+    hourly_rate_per_s: tuple[float, ...]  # whole fleet, by simulation hour % 24 (see resolve)
+    replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule, by simulation hour % 24
+
+    def latency_model(self) -> LatencyModel:
+        return LatencyModel(self.model, self.profile, self.tp)
+
+
+# shape of the diurnal curves (hourly weights, normalised to mean 1 when used)
+# Arrivals of one pod-hour are generated at once (~100 bytes each): 1e7 bounds that at ~1 GB.
+MAX_ARRIVALS_PER_POD_HOUR = 10_000_000
+
+
+def diurnal_weights(d: list[float] | str) -> list[float]:
+    """24 hourly weights of a named shape or a list (not normalised)."""
+    if isinstance(d, list):
+        return [float(x) for x in d]
+    if d == "flat":
+        return [1.0] * 24
+    if d == "azure-conv":
+        # Azure 2024 conversation week (shared/REFERENCES.md): peak/mean ~1.35, peak/trough ~2,
+        # peak ~14:00 UTC -> 1 + 0.35 cos(2 pi (h + 0.5 - 14.5)/24), peak/trough = 1.35/0.65.
+        return [1.0 + 0.35 * math.cos(2 * math.pi * (h - 14) / 24) for h in range(24)]
+    if d == "azure-code":
+        # Azure 2024 coding week: peak/mean ~2.25, peak/trough ~9-11, peak ~19:00 UTC. A von Mises
+        # shape exp(k cos(...)) with k = 1.15 gives peak/trough e^2.3 = 10 and peak/mean ~2.3.
+        return [math.exp(1.15 * math.cos(2 * math.pi * (h - 19) / 24)) for h in range(24)]
+    raise ValueError(d)
+
+
+def _longest_field(tr: TrafficSection, trace_max: dict[str, int]) -> tuple[str, Any]:
+    """The field that sets the longest requests (the larger of the prompt and output maxima),
+    for error messages: (path, value)."""
+    if tr.trace:
+        return "traffic.trace", tr.trace
+    longer_output = tr.output.max_tokens(trace_max) > tr.prompt.max_tokens(trace_max)
+    which = "output" if longer_output else "prompt"
+    d = getattr(tr, which)
+    return f"traffic.{which}.{d.max_field}", getattr(d, d.max_field)
+
+
+def _model_spec(sc: Scenario, src: str) -> ModelSpec:
+    m = sc.model
+    inline = {
+        k: v
+        for k, v in m.model_dump().items()
+        if k not in ("name", "dtype", "kv_dtype") and v is not None
+    }
+    required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
+    if m.name in catalog.models():
+        spec = model_from_catalog(m.name, m.dtype)
+        if inline or m.kv_dtype:
+            spec = replace(spec, **inline, kv_dtype=m.kv_dtype)
+    else:
+        missing = [k for k in required if k not in inline]
+        if missing:
+            close = difflib.get_close_matches(m.name, list(catalog.models()), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ScenarioError(
+                "model.name",
+                m.name,
+                "not in the catalog and no inline architecture",
+                f"{hint}catalog: {', '.join(catalog.models())}; or give {', '.join(missing)}",
+                src,
+            )
+        spec = ModelSpec(name=m.name, dtype=m.dtype, kv_dtype=m.kv_dtype, **inline)
+    if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+        raise ScenarioError(
+            "model.n_heads",
+            spec.n_heads,
+            "d_model must divide by n_heads and n_heads by n_kv_heads",
+            "check the architecture",
+            src,
+        )
+    if spec.n_active_experts > spec.n_experts:
+        raise ScenarioError(
+            "model.n_active_experts",
+            spec.n_active_experts,
+            f"more than n_experts ({spec.n_experts})",
+            "lower it",
+            src,
+        )
+    return spec
+
+
+def resolve(sc: Scenario, source: str = "") -> Resolved:
+    """Join the scenario with the catalogs and profile, and run the cross-field checks."""
+    from fleetsim.device.profile import load_profile
+    from fleetsim.workload.sampling import trace_columns_max
+
+    src = source
+    model = _model_spec(sc, src)
+    hw = sc.hardware
+    try:
+        entry = catalog.gpu(hw.gpu)
+    except ScenarioError as exc:
+        raise ScenarioError(exc.field, exc.value, exc.problem, exc.fix, src) from None
+    over = {
+        k: v for k, v in hw.model_dump().items() if k not in ("gpu", "profile") and v is not None
+    }
+    entry.update(over)
+    power = PowerSpec(
+        idle_w=entry["idle_w"],
+        max_w=entry["tdp_w"],
+        active_w=entry["active_w"],
+        compute_w=entry["compute_w"],
+        memory_w=entry["memory_w"],
+    )
+    sha = ""
+    if hw.profile:
+        ppath = Path(hw.profile)
+        if not ppath.is_absolute() and src:
+            cand = Path(src).parent / ppath
+            ppath = cand if cand.exists() else ppath
+        profile, sha = load_profile(ppath)
+        cat_gpu = profile.meta.get("catalog_gpu")
+        if cat_gpu and cat_gpu != hw.gpu:
+            raise ScenarioError(
+                "hardware.profile",
+                hw.profile,
+                f"was measured on {cat_gpu!r} but hardware.gpu is {hw.gpu!r}",
+                f"set hardware.gpu = {cat_gpu!r} or use a profile of {hw.gpu}",
+                src,
+            )
+        if profile.power is not None:
+            power = profile.power
+        profile_id = f"{profile.name} ({ppath.name})"
+    else:
+        profile = RooflineProfile(
+            name=f"{hw.gpu}-analytic",
+            peak_flops=entry["peak_flops"],
+            mem_bw_bytes_per_s=entry["mem_bw_bytes_per_s"],
+            mem_bytes=entry["mem_bytes"],
+            compute_eff_max=entry["compute_eff_max"],
+            compute_eff_half_tokens=entry["compute_eff_half_tokens"],
+            memory_eff=entry["memory_eff"],
+            overhead_s=entry["overhead_s"],
+            link_bw_bytes_per_s=entry["link_bw_bytes_per_s"],
+            link_latency_s=entry["link_latency_s"],
+            power=power,
+            source="analytic",
+        )
+        profile_id = profile.name
+    gpu = GpuSpec(
+        name=hw.gpu,
+        tdp_w=entry["tdp_w"],
+        idle_w=power.idle_w,
+        node_overhead_w=entry["node_overhead_w"],
+        gpus_per_node=entry["gpus_per_node"],
+        capex_usd=entry["capex_usd"],
+        rent_usd_per_gpu_hour=entry["rent_usd_per_gpu_hour"],
+        power=power,
+    )
+
+    # memory: weights must fit, and the KV budget must hold a maximum-length request
+    tp = sc.fleet.tensor_parallel
+    usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
+    if model.weight_bytes >= usable:
+        need_tp = math.ceil(
+            model.weight_bytes / (profile.mem_bytes * sc.fleet.gpu_memory_utilization)
+        )
+        tp_fix = (
+            f"set fleet.tensor_parallel >= {need_tp + 1}, a larger GPU, or a smaller dtype"
+            if need_tp + 1 <= 64
+            else "even 64-way tensor parallelism is too small: use a "
+            "larger GPU, a smaller dtype or a higher fleet.gpu_memory_utilization"
+        )
+        raise ScenarioError(
+            "fleet.tensor_parallel",
+            tp,
+            f"{model.name} weights need {model.weight_bytes / 1e9:.1f} GB but a replica has "
+            f"{usable / 1e9:.1f} GB usable ({tp} x {profile.mem_bytes / 1e9:.0f} GB x "
+            f"{sc.fleet.gpu_memory_utilization}); {(model.weight_bytes - usable) / 1e9:.1f} GB missing",
+            tp_fix,
+            src,
+        )
+    kv_tokens = int((usable - model.weight_bytes) // model.kv_bytes_per_token)
+    tr = sc.traffic
+    trace_max: dict[str, int] = {}
+    for d in (tr.prompt, tr.output):
+        if isinstance(d, Empirical):
+            trace_max.update(trace_columns_max(d.file, src))
+    max_req = tr.prompt.max_tokens(trace_max) + tr.output.max_tokens(trace_max)
+    pmax = tr.prompt.max_tokens(trace_max)
+    if tr.trace:  # a timed trace replaces the size distributions: check its own requests
+        from fleetsim.workload.sampling import _resolve_path, read_arrival_trace
+
+        _, tp_, to_ = read_arrival_trace(str(_resolve_path(tr.trace, src)))
+        max_req, pmax = int((tp_ + to_).max()), int(tp_.max())
+    big_field, big_value = _longest_field(tr, trace_max)
+    if max_req > kv_tokens:
+        raise ScenarioError(
+            big_field,
+            big_value,
+            f"a maximum-length request ({max_req} tokens) exceeds the KV budget of a replica "
+            f"({kv_tokens} tokens)",
+            "lower the prompt/output maximum, raise fleet.tensor_parallel or "
+            "fleet.gpu_memory_utilization",
+            src,
+        )
+    if max_req > model.max_context_tokens:
+        raise ScenarioError(
+            big_field,
+            big_value,
+            f"prompt + output ({max_req} tokens) exceeds {model.name}'s context of "
+            f"{model.max_context_tokens} tokens",
+            "lower the maxima",
+            src,
+        )
+    if pmax > sc.fleet.max_batched_tokens:
+        raise ScenarioError(
+            "fleet.max_batched_tokens",
+            sc.fleet.max_batched_tokens,
+            f"smaller than the longest prompt ({pmax} tokens); such prompts could "
+            "never be scheduled",
+            f"set it >= {pmax}",
+            src,
+        )
+    w = diurnal_weights(tr.diurnal)
+    w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
+    mean_w = sum(w) / 24.0
+    base = tr.requests_per_day / 86400.0
+    rates = tuple(base * x / mean_w for x in w)
+    if not all(math.isfinite(r) for r in rates):
+        raise ScenarioError(
+            "traffic.requests_per_day",
+            tr.requests_per_day,
+            "rate is not finite",
+            "use a finite rate",
+            src,
+        )
+    peak_pod_hour = max(rates) * 3600.0 / sc.fleet.pods
+    if peak_pod_hour > MAX_ARRIVALS_PER_POD_HOUR:
+        raise ScenarioError(
+            "traffic.requests_per_day",
+            tr.requests_per_day,
+            f"the busiest hour brings {peak_pod_hour:.3g} requests to each of the "
+            f"{sc.fleet.pods} pod(s), above the limit of {MAX_ARRIVALS_PER_POD_HOUR:,} per pod-hour "
+            "(one hour of a pod's arrivals is held in memory)",
+            "split the fleet into more, smaller pods (fleet.pods, and fleet.sample_pods to simulate "
+            "a few of them) or lower the rate",
+            src,
+        )
+
+    # Every 24-value profile is given by UTC hour of day. The engine indexes by simulation hour
+    # (h % 24), so rotate them to start at the scenario's starting hour.
+    hod0 = sc.simulation.start_utc.hour
+    sched = check_autoscaler(sc, src)
+    return Resolved(
+        scenario=sc,
+        model=model,
+        gpu=gpu,
+        profile=profile,
+        profile_id=profile_id,
+        profile_sha256=sha,
+        tp=tp,
+        kv_capacity_tokens=kv_tokens,
+        max_request_tokens=max_req,
+        hourly_rate_per_s=rotate_to_start(rates, hod0),
+        replicas_by_hour=None if sched is None else rotate_to_start(sched, hod0),
+    )
+
+
+def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | None:
+    """A flat value or a 24-value daily profile, expanded to ``hours`` hours."""
+    if v is None:
+        return None
+    if isinstance(v, list):
+        return [float(v[h % 24]) for h in range(hours)]
+    return [float(v)] * hours
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (called by scenario.resolve)
+def load_schedule_file(path: str, source: str) -> dict:
+    """The JSON schedule ``{"gpu", "tensor_parallel", "replicas_by_hour": [24 ints]}``;
+    a relative path resolves against the scenario file's folder."""
+    p = Path(path)
+    if not p.is_absolute() and source:
+        cand = Path(source).parent / p
+        p = cand if cand.exists() else p
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(
+            "autoscaler.schedule_file",
+            path,
+            "no such file",
+            "give the path of a schedule JSON (relative to the scenario file)",
+            source,
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ScenarioError(
+            "autoscaler.schedule_file",
+            path,
+            f"not readable JSON ({exc})",
+            "write it with `fleetsim plan` or by hand",
+            source,
+        ) from None
+    r = data.get("replicas_by_hour") if isinstance(data, dict) else None
+    if not (
+        isinstance(r, list)
+        and len(r) == 24
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r)
+    ):
+        raise ScenarioError(
+            "autoscaler.schedule_file",
+            path,
+            "has no 'replicas_by_hour' list of 24 non-negative integers",
+            'use {"gpu": ..., "tensor_parallel": ..., "replicas_by_hour": [...]}',
+            source,
+        )
+    return data
+
+
+def check_autoscaler(sc: Scenario, source: str = "") -> tuple[int, ...] | None:
+    """Cross-field checks of ``[autoscaler]``; the schedule's 24 replica counts (or None)."""
+    a = sc.autoscaler
+    n = sc.fleet.replicas
+    if a.policy == "schedule":
+        if (a.replicas_by_hour is None) == (a.schedule_file is None):
+            raise ScenarioError(
+                "autoscaler.replicas_by_hour",
+                a.replicas_by_hour,
+                "the schedule policy needs exactly one of replicas_by_hour and schedule_file",
+                "give one of them",
+                source,
+            )
+        if a.schedule_file is not None:
+            data = load_schedule_file(a.schedule_file, source)
+            for key, mine in (
+                ("gpu", sc.hardware.gpu),
+                ("tensor_parallel", sc.fleet.tensor_parallel),
+            ):
+                if key in data and data[key] != mine:
+                    raise ScenarioError(
+                        "autoscaler.schedule_file",
+                        a.schedule_file,
+                        f"was planned for {key} {data[key]!r} but the scenario has {mine!r}",
+                        f"set {key} to {data[key]!r} or re-plan",
+                        source,
+                    )
+            sched = tuple(int(x) for x in data["replicas_by_hour"])
+        else:
+            sched = tuple(a.replicas_by_hour)
+        if max(sched) > n:
+            raise ScenarioError(
+                "autoscaler.replicas_by_hour",
+                max(sched),
+                f"more replicas than a pod has (fleet.replicas = {n})",
+                f"set fleet.replicas >= {max(sched)}",
+                source,
+            )
+        return sched
+    if a.policy == "reactive":
+        hi = a.max_replicas if a.max_replicas is not None else n
+        if hi > n:
+            raise ScenarioError(
+                "autoscaler.max_replicas",
+                hi,
+                f"more than the pod's replicas (fleet.replicas = {n})",
+                f"set it <= {n} or raise fleet.replicas",
+                source,
+            )
+        if a.min_replicas > hi:
+            raise ScenarioError(
+                "autoscaler.min_replicas",
+                a.min_replicas,
+                f"above max_replicas ({hi})",
+                f"set it <= {hi}",
+                source,
+            )
+        if a.initial_replicas is not None and not a.min_replicas <= a.initial_replicas <= hi:
+            raise ScenarioError(
+                "autoscaler.initial_replicas",
+                a.initial_replicas,
+                f"outside [min_replicas, max_replicas] = [{a.min_replicas}, {hi}]",
+                "choose a value in that range",
+                source,
+            )
+    return None
+
+
+__all__ = [
+    "DTYPE_BYTES",
+    "GpuSpec",
+    "Resolved",
+    "Scenario",
+    "apply_overrides",
+    "diurnal_weights",
+    "hourly_values",
+    "load_scenario",
+    "parse_override",
+    "resolve",
+    "scenario_from_dict",
+]

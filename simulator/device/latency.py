@@ -1,0 +1,335 @@
+"""Step times of one replica's engine iteration: a calibrated roofline, or plain coefficients.
+
+An iteration serves ``n_prefill`` sequences whose prompts (``P`` tokens in all, ``pairs`` = the
+sum of squared prompt lengths) are prefilled, and ``n`` decoding sequences that attend ``C`` keys
+in all. Its time is
+
+    roofline:  t = overhead + max(F / (tp * peak * eff_c(T)), B / (tp * bw * eff_m)) + comm(T)
+    linear:    t = base + [P > 0] * prefill_base + a_tok * P + a_seq * (n_prefill + n) + a_ctx * C
+
+with ``F`` and ``B`` the FLOPs and bytes of :class:`~fleetsim.device.modelspec.ModelSpec`, ``T = P + n``
+the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` (or a measured table of
+``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring
+all-reduces per layer under tensor parallelism.
+
+Between composition changes a replica runs identical decode iterations whose only change is that
+``C`` grows by ``n`` per step. Each step time is then ``base + max(a1 + b1 C, a2 + b2 C)``: the
+max of two lines, so ``k`` steps sum in closed form (:func:`run_sums`). That is what lets the
+engine advance ``k`` iterations with one event.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fleetsim.device.modelspec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class PowerSpec:
+    """Per-GPU power model.
+
+    ``P = idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m)`` with ``u_c`` the
+    fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the iteration.
+    The dynamic energy is then linear in FLOPs and bytes (J per FLOP, J per byte), which is
+    both the textbook energy model of a processor and exact to integrate over a run.
+    """
+
+    idle_w: float
+    max_w: float
+    active_w: float = 0.0
+    compute_w: float = 0.0
+    memory_w: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RooflineProfile:
+    """A device as the roofline sees it (analytic from a catalog, or measured)."""
+
+    name: str
+    peak_flops: float
+    mem_bw_bytes_per_s: float
+    mem_bytes: float
+    compute_eff_max: float
+    compute_eff_half_tokens: float
+    memory_eff: float
+    overhead_s: float
+    overhead_per_layer_s: float = 0.0
+    link_bw_bytes_per_s: float = 450e9
+    link_latency_s: float = 5e-6
+    power: PowerSpec | None = None
+    kind: Literal["roofline"] = "roofline"
+    source: str = "analytic"
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+    #: measured compute efficiency by tokens per iteration, ``((T, eff), ...)`` with T strictly
+    #: increasing; when set it replaces the hyperbolic ``eff_c(T)``: piecewise linear in log(T)
+    #: between points, flat beyond the ends (see :func:`eff_from_table`).
+    compute_eff_table: tuple[tuple[float, float], ...] | None = None
+
+
+def eff_from_table(table: tuple[tuple[float, float], ...], tokens: float) -> float:
+    """Compute efficiency at ``tokens`` from a ``((T, eff), ...)`` table: linear in log(T)
+    between points, clamped to the end values outside them."""
+    t0, e0 = table[0]
+    if tokens <= t0:
+        return e0
+    tn, en = table[-1]
+    if tokens >= tn:
+        return en
+    lo = 0
+    hi = len(table) - 1
+    while hi - lo > 1:  # bisection: table[lo][0] < tokens < table[hi][0]
+        mid = (lo + hi) // 2
+        if table[mid][0] <= tokens:
+            lo = mid
+        else:
+            hi = mid
+    ta, ea = table[lo]
+    tb, eb = table[hi]
+    w = math.log(tokens / ta) / math.log(tb / ta)
+    return ea + w * (eb - ea)
+
+
+@dataclass(frozen=True, slots=True)
+class LinearProfile:
+    """Step times from plain coefficients (textbook queues in tests, or a fitted engine)."""
+
+    name: str
+    base_s: float
+    prefill_base_s: float = 0.0
+    per_prefill_token_s: float = 0.0
+    per_seq_s: float = 0.0
+    per_context_token_s: float = 0.0
+    mem_bytes: float = 80e9
+    peak_flops: float = 1e15
+    mem_bw_bytes_per_s: float = 3e12
+    power: PowerSpec | None = None
+    kind: Literal["linear"] = "linear"
+    source: str = "linear"
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+Profile = RooflineProfile | LinearProfile
+
+
+@dataclass(frozen=True, slots=True)
+class RunCoeffs:
+    """A decode run with ``n`` sequences: step ``i`` at context ``C_i`` takes
+    ``base + max(a1 + b1*C_i, a2 + b2*C_i)`` seconds and moves ``fa + fb*C_i`` FLOPs and
+    ``ba + bb*C_i`` bytes."""
+
+    base: float
+    a1: float
+    b1: float
+    a2: float
+    b2: float
+    fa: float
+    fb: float
+    ba: float
+    bb: float
+
+
+def run_sums(c: RunCoeffs, c0: float, n: int, m: int) -> tuple[float, float, float]:
+    """Total time, FLOPs and bytes of ``m`` decode steps starting at context ``c0``."""
+    if m <= 0:
+        return 0.0, 0.0, 0.0
+    xs = c0 * m + n * (m * (m - 1) / 2.0)  # sum of the contexts
+    return run_time(c, c0, n, m), m * c.fa + c.fb * xs, m * c.ba + c.bb * xs
+
+
+def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
+    """Total time of ``m`` decode steps starting at context ``c0`` (the time part of
+    :func:`run_sums`, inlined: it is on the engine's hot path)."""
+    if m <= 0:
+        return 0.0
+    da = c.a1 - c.a2
+    db = c.b1 - c.b2
+    slope = db * n
+    g0 = da + db * c0
+    if slope == 0.0:
+        s, first_is_1 = m, g0 >= 0.0
+    else:
+        s = math.ceil(-g0 / slope)
+        if s < 0:
+            s = 0
+        elif s > m:
+            s = m
+        first_is_1 = slope < 0.0
+    if first_is_1:
+        a_, b_, a2, b2 = c.a1, c.b1, c.a2, c.b2
+    else:
+        a_, b_, a2, b2 = c.a2, c.b2, c.a1, c.b1
+    t = m * c.base
+    if s > 0:
+        t += s * (a_ + b_ * c0) + b_ * n * (s * (s - 1) / 2.0)
+    r = m - s
+    if r > 0:
+        t += r * (a2 + b2 * c0) + b2 * n * (r * (s + m - 1) / 2.0)
+    return t
+
+
+def steps_to_reach(
+    c: RunCoeffs, c0: float, n: int, m_max: int, base: float, target: float
+) -> tuple[int, float]:
+    """The smallest m in [0, m_max] with ``base + run_time(c, c0, n, m) >= target`` (m_max if
+    none), and ``run_time(c, c0, n, m)``: the first decode step of a run started at ``base``
+    that ends at or after ``target``, and the time it ends after ``base``.
+
+    Solved as a quadratic on the steeper branch of the max, then nudged so that the answer is
+    exact with respect to the very expression ``base + run_time(...)`` that places boundaries."""
+    if base >= target:
+        return 0, 0.0
+    b = c.b1 if c.b1 > c.b2 else c.b2
+    x1 = c.a1 + c.b1 * c0
+    x2 = c.a2 + c.b2 * c0
+    a = c.base + (x1 if x1 > x2 else x2)
+    alpha = b * n / 2.0
+    beta = a - alpha
+    gap = target - base
+    if alpha > 0.0:
+        m = math.ceil((-beta + math.sqrt(beta * beta + 4.0 * alpha * gap)) / (2.0 * alpha))
+    elif a > 0.0:
+        m = math.ceil(gap / a)
+    else:
+        m = m_max
+    if m > m_max:
+        m = m_max
+    elif m < 1:
+        m = 1
+    rt = run_time(c, c0, n, m)
+    if base + rt >= target:
+        while m > 0:
+            prev = run_time(c, c0, n, m - 1)
+            if base + prev < target:
+                break
+            m -= 1
+            rt = prev
+    else:
+        while m < m_max:
+            m += 1
+            rt = run_time(c, c0, n, m)
+            if base + rt >= target:
+                break
+    return m, rt
+
+
+def step_time(c: RunCoeffs, ctx: float) -> float:
+    """Time of one decode step at total context ``ctx``."""
+    x1 = c.a1 + c.b1 * ctx
+    x2 = c.a2 + c.b2 * ctx
+    return c.base + (x1 if x1 > x2 else x2)
+
+
+class LatencyModel:
+    """Iteration times of one replica (``tp`` GPUs) serving ``model`` under ``profile``."""
+
+    def __init__(self, model: ModelSpec, profile: Profile, tp: int = 1) -> None:
+        self.model = model
+        self.profile = profile
+        self.tp = tp
+        self.kind = profile.kind
+        m = model
+        self.f_lin = m.flops_per_token_linear
+        self.f_head = m.flops_lm_head
+        self.f_pair = m.attn_flops_per_pair
+        self.kvb = m.kv_bytes_per_token
+        self._dense = m.n_experts <= 1
+        self._w_dense = m.weight_bytes_read(1.0)
+        if isinstance(profile, RooflineProfile):
+            p = profile
+            self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
+            self._rc_peak = tp * p.peak_flops
+            self._rm = tp * p.mem_bw_bytes_per_s * p.memory_eff
+            if tp > 1:
+                ring = 2.0 * (tp - 1) / tp
+                act_bytes = m.d_model * 2.0  # activations travel in 16-bit
+                self._comm_a = 2.0 * m.n_layers * p.link_latency_s
+                self._comm_b = 2.0 * m.n_layers * ring * act_bytes / p.link_bw_bytes_per_s
+            else:
+                self._comm_a = self._comm_b = 0.0
+        self._coeff_cache: dict[int, RunCoeffs] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _weights(self, tokens: float) -> float:
+        return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
+
+    def _eff_c(self, tokens: float) -> float:
+        p = self.profile
+        if p.compute_eff_table is not None:
+            return eff_from_table(p.compute_eff_table, tokens)
+        return p.compute_eff_max * tokens / (tokens + p.compute_eff_half_tokens)
+
+    # -- one general iteration -------------------------------------------------------------
+    def iteration(
+        self, p_tokens: int, pairs: float, n_prefill: int, n: int, ctx: float
+    ) -> tuple[float, float, float]:
+        """Time (s), FLOPs and bytes of one iteration (see the module docstring)."""
+        flops = (
+            p_tokens * self.f_lin
+            + pairs * self.f_pair
+            + n_prefill * self.f_head
+            + n * (self.f_lin + self.f_head)
+            + ctx * self.f_pair
+        )
+        tokens = p_tokens + n
+        nbytes = self._weights(tokens) + self.kvb * (ctx + tokens)
+        if p_tokens == 0:  # a pure decode step: the run formula, so both modes agree exactly
+            return step_time(self.run_coeffs(n), ctx), flops, nbytes
+        prof = self.profile
+        if isinstance(prof, LinearProfile):
+            t = (
+                prof.base_s
+                + prof.prefill_base_s
+                + prof.per_prefill_token_s * p_tokens
+                + prof.per_seq_s * (n_prefill + n)
+                + prof.per_context_token_s * ctx
+            )
+        else:
+            t_c = flops / (self._rc_peak * self._eff_c(tokens))
+            t_m = nbytes / self._rm
+            t = self._oh + (t_c if t_c > t_m else t_m) + self._comm_a + self._comm_b * tokens
+        return t, flops, nbytes
+
+    # -- decode runs -----------------------------------------------------------------------
+    def run_coeffs(self, n: int) -> RunCoeffs:
+        """Coefficients of a decode step of ``n`` sequences (cached per ``n``)."""
+        c = self._coeff_cache.get(n)
+        if c is not None:
+            return c
+        fa = n * (self.f_lin + self.f_head)
+        fb = self.f_pair
+        ba = self._weights(n) + self.kvb * n
+        bb = self.kvb
+        prof = self.profile
+        if isinstance(prof, LinearProfile):
+            a = prof.per_seq_s * n
+            c = RunCoeffs(
+                prof.base_s,
+                a,
+                prof.per_context_token_s,
+                a,
+                prof.per_context_token_s,
+                fa,
+                fb,
+                ba,
+                bb,
+            )
+        else:
+            rc = self._rc_peak * self._eff_c(n)
+            base = self._oh + self._comm_a + self._comm_b * n
+            c = RunCoeffs(base, fa / rc, fb / rc, ba / self._rm, bb / self._rm, fa, fb, ba, bb)
+        self._coeff_cache[n] = c
+        return c
+
+    # -- convenience for reports and tests --------------------------------------------------
+    def prefill_time(self, prompt_tokens: int, batch: int = 1) -> float:
+        """Time of one iteration prefilling ``batch`` prompts of ``prompt_tokens`` each."""
+        return self.iteration(
+            prompt_tokens * batch, float(batch * prompt_tokens**2), batch, 0, 0.0
+        )[0]
+
+    def decode_time(self, batch: int, context_tokens: int) -> float:
+        """Time of one decode step of ``batch`` sequences, each with ``context_tokens`` of context."""
+        return step_time(self.run_coeffs(batch), float(batch * context_tokens))

@@ -1,0 +1,209 @@
+"""Profile files: the JSON contract between ``fleetsim calibrate`` and the simulator.
+
+A profile describes a device for the latency model (:mod:`fleetsim.device.latency`)::
+
+    {
+      "format": "fleetsim-profile/1",
+      "kind": "roofline",                 # or "linear"
+      "name": "cpu-llama-3.1-8b-l2",      # free text
+      "device": {"type": "cpu", "name": "...", "torch_version": "...", "dtype": "bf16"},
+      "catalog_gpu": null,                # or the catalog GPU this device is (e.g. "h200")
+      "peak_flops": ..., "mem_bw_bytes_per_s": ..., "mem_bytes": ...,
+      "compute_eff_max": ..., "compute_eff_half_tokens": ..., "memory_eff": ...,
+      "overhead_s": ..., "overhead_per_layer_s": ...,
+      "link_bw_bytes_per_s": ..., "link_latency_s": ...,              # optional
+      "compute_eff_table": [[1, 0.05], [16, 0.2], ...] | null,       # optional: eff_c by T
+      "power": {"idle_w":..,"max_w":..,"active_w":..,"compute_w":..,"memory_w":..,
+                "method": "nvml" | "rapl" | "assumed"} | null,
+      "fit": {"r2": ..., "max_rel_err": ..., "n_points": ...},          # optional
+      "model": "llama-3.1-8b", "created_utc": "...", "grid_file": "....parquet"
+    }
+
+A ``linear`` profile carries ``base_s``, ``prefill_base_s``, ``per_prefill_token_s``,
+``per_seq_s`` and ``per_context_token_s`` instead of the roofline fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fleetsim.base.errors import UserError
+from fleetsim.device.latency import LinearProfile, PowerSpec, Profile, RooflineProfile
+
+FORMAT = "fleetsim-profile/1"
+
+_ROOFLINE_REQUIRED = (
+    "peak_flops",
+    "mem_bw_bytes_per_s",
+    "mem_bytes",
+    "compute_eff_max",
+    "compute_eff_half_tokens",
+    "memory_eff",
+    "overhead_s",
+)
+_ROOFLINE_OPTIONAL = ("overhead_per_layer_s", "link_bw_bytes_per_s", "link_latency_s")
+_LINEAR_FIELDS = (
+    "base_s",
+    "prefill_base_s",
+    "per_prefill_token_s",
+    "per_seq_s",
+    "per_context_token_s",
+    "mem_bytes",
+    "peak_flops",
+    "mem_bw_bytes_per_s",
+)
+_POWER_FIELDS = ("idle_w", "max_w", "active_w", "compute_w", "memory_w")
+
+
+def _num(d: dict, key: str, where: str, *, positive: bool = False) -> float:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise UserError(f"{where}: field {key!r} = {v!r} must be a finite non-negative number")
+    if positive and v <= 0:
+        raise UserError(f"{where}: field {key!r} = {v!r} must be positive")
+    return float(v)
+
+
+def power_from_dict(d: dict | None, where: str) -> PowerSpec | None:
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: 'power' must be an object or null, got {d!r}")
+    vals = {k: _num(d, k, where + " power") for k in _POWER_FIELDS if k in d}
+    for k in ("idle_w", "max_w"):
+        if k not in vals:
+            raise UserError(f"{where}: power.{k} is missing")
+    return PowerSpec(**vals)
+
+
+def eff_table_from_json(v: Any, where: str) -> tuple[tuple[float, float], ...] | None:
+    """The ``compute_eff_table`` of a profile: ``[[tokens, eff], ...]`` with tokens >= 1 strictly
+    increasing and 0 < eff <= 1.5, or null."""
+    if v is None:
+        return None
+    fix = (
+        "(fix: a list of [tokens, efficiency] pairs, tokens >= 1 strictly increasing, "
+        "0 < efficiency <= 1.5; or regenerate it with `fleetsim calibrate`)"
+    )
+    if not isinstance(v, list) or not v:
+        raise UserError(
+            f"{where}: field 'compute_eff_table' = {v!r} must be a non-empty list {fix}"
+        )
+    out: list[tuple[float, float]] = []
+    for i, pair in enumerate(v):
+        ok = (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in pair
+            )
+        )
+        if not ok:
+            raise UserError(
+                f"{where}: compute_eff_table[{i}] = {pair!r} is not a "
+                f"[tokens, efficiency] pair of finite numbers {fix}"
+            )
+        t, e = float(pair[0]), float(pair[1])
+        if t < 1.0 or (out and t <= out[-1][0]):
+            raise UserError(
+                f"{where}: compute_eff_table[{i}] tokens = {pair[0]!r} must be >= 1 "
+                f"and greater than the previous entry's {fix}"
+            )
+        if not 0.0 < e <= 1.5:
+            raise UserError(
+                f"{where}: compute_eff_table[{i}] efficiency = {pair[1]!r} must be in "
+                f"(0, 1.5] {fix}"
+            )
+        out.append((t, e))
+    return tuple(out)
+
+
+def profile_from_dict(d: Any, where: str = "profile") -> Profile:
+    """Build a profile from its JSON object; a UserError names the bad field."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    if d.get("format") != FORMAT:
+        raise UserError(
+            f"{where}: 'format' is {d.get('format')!r}, expected {FORMAT!r} "
+            "(fix: regenerate it with `fleetsim calibrate`)"
+        )
+    kind = d.get("kind")
+    name = str(d.get("name", Path(where).stem))
+    power = power_from_dict(d.get("power"), where)
+    meta = {
+        k: d[k]
+        for k in ("device", "catalog_gpu", "model", "created_utc", "fit", "grid_file")
+        if k in d
+    }
+    if kind == "roofline":
+        missing = [k for k in _ROOFLINE_REQUIRED if k not in d]
+        if missing:
+            raise UserError(
+                f"{where}: roofline profile lacks {', '.join(missing)} "
+                "(fix: regenerate it with `fleetsim calibrate`)"
+            )
+        vals = {k: _num(d, k, where) for k in _ROOFLINE_REQUIRED}
+        vals.update({k: _num(d, k, where) for k in _ROOFLINE_OPTIONAL if k in d})
+        for k in ("peak_flops", "mem_bw_bytes_per_s", "mem_bytes", "compute_eff_max", "memory_eff"):
+            if vals[k] <= 0:
+                raise UserError(f"{where}: field {k!r} = {vals[k]!r} must be positive")
+        table = eff_table_from_json(d.get("compute_eff_table"), where)
+        return RooflineProfile(
+            name=name,
+            power=power,
+            source=str(d.get("source", "measured")),
+            meta=meta,
+            compute_eff_table=table,
+            **vals,
+        )
+    if kind == "linear":
+        vals = {k: _num(d, k, where) for k in _LINEAR_FIELDS if k in d}
+        if "base_s" not in vals:
+            raise UserError(
+                f"{where}: linear profile lacks base_s "
+                "(fix: regenerate it with `fleetsim calibrate`)"
+            )
+        return LinearProfile(name=name, power=power, meta=meta, **vals)
+    raise UserError(f"{where}: 'kind' is {kind!r}; expected 'roofline' or 'linear'")
+
+
+def load_profile(path: str | Path) -> tuple[Profile, str]:
+    """Read a profile file; returns the profile and the SHA-256 of the file's bytes."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise UserError(
+            f"hardware.profile = {str(path)!r}: cannot read it ({exc.strerror})"
+        ) from None
+    try:
+        d = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"{p}: not valid JSON ({exc}); regenerate it with `fleetsim calibrate`"
+        ) from None
+    return profile_from_dict(d, str(p)), hashlib.sha256(raw).hexdigest()
+
+
+def profile_to_dict(p: Profile, **extra: Any) -> dict:
+    """The JSON object of a profile (for writing), with ``extra`` keys added."""
+    d: dict[str, Any] = {"format": FORMAT, "kind": p.kind, "name": p.name}
+    if isinstance(p, RooflineProfile):
+        for k in _ROOFLINE_REQUIRED + _ROOFLINE_OPTIONAL:
+            d[k] = getattr(p, k)
+        d["compute_eff_table"] = (
+            None if p.compute_eff_table is None else [[t, e] for t, e in p.compute_eff_table]
+        )
+        d["source"] = p.source
+    else:
+        for k in _LINEAR_FIELDS:
+            d[k] = getattr(p, k)
+    d["power"] = None if p.power is None else {k: getattr(p.power, k) for k in _POWER_FIELDS}
+    d.update(p.meta)
+    d.update(extra)
+    return d

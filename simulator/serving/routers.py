@@ -1,0 +1,126 @@
+"""Routers: how a pod spreads its arrivals over its replicas. Chosen by name via ``ROUTERS``."""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+_LOAD = attrgetter("outstanding")
+
+if TYPE_CHECKING:
+    from fleetsim.serving.ports import PodPort
+    from fleetsim.serving.request import Request
+
+
+class Router:
+    """Base class: ``route(request)`` hands the request to a replica (or a shared queue)."""
+
+    def __init__(self, pod: PodPort, rng: np.random.Generator) -> None:
+        self.pod = pod
+        self.replicas = pod.active  # the routable ones (an autoscaler changes it in place)
+        self.rng = rng
+
+    def route(self, r: Request) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def active_changed(self) -> None:
+        """The autoscaler changed the list of routable replicas."""
+
+    def dispatch(self) -> None:
+        """Offer the head of a shared queue to the replicas (only the central queue has one)."""
+
+
+class RoundRobin(Router):
+    """Replicas in turn."""
+
+    def __init__(self, pod, rng) -> None:
+        super().__init__(pod, rng)
+        self._i = -1
+
+    def route(self, r) -> None:
+        self._i = (self._i + 1) % len(self.replicas)
+        self.replicas[self._i].on_arrival(r)
+
+
+class RandomRouter(Router):
+    """A uniformly random replica (draws buffered from the pod's routing stream)."""
+
+    def __init__(self, pod, rng) -> None:
+        super().__init__(pod, rng)
+        self._buf: list[int] = []
+
+    def active_changed(self) -> None:
+        self._buf = []  # buffered draws were for the old number of replicas
+
+    def route(self, r) -> None:
+        if not self._buf:
+            self._buf = self.rng.integers(0, len(self.replicas), size=4096).tolist()[::-1]
+        self.replicas[self._buf.pop()].on_arrival(r)
+
+
+class LeastLoaded(Router):
+    """The replica with the fewest requests routed and not yet finished (lowest index on ties)."""
+
+    def route(self, r) -> None:
+        min(self.replicas, key=_LOAD).on_arrival(r)  # min() keeps the first of equals
+
+
+class CentralQueue(Router):
+    """One FIFO queue per pod; whichever replica can take the head of the queue first does.
+
+    The head goes to an idle replica at once, else to the busy replica whose earliest iteration
+    boundary with room for it comes first (cutting its run there). When that is some replica's
+    run end, nothing is done now: the replica admits from the queue when it gets there. After
+    every admission and every run end the new head is dispatched the same way, so no boundary
+    with room is ever skipped (the per-iteration reference mode checks this)."""
+
+    def __init__(self, pod, rng) -> None:
+        super().__init__(pod, rng)
+        self._busy = False
+
+    def route(self, r) -> None:
+        self.pod.shared_queue.append(r)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        if self._busy:
+            return  # an outer dispatch loop is running and will look again
+        self._busy = True
+        try:
+            q = self.pod.shared_queue
+            now = self.pod.env.now
+            while q:
+                r = q[0]
+                idle = next((rep for rep in self.replicas if not rep.busy), None)
+                if idle is not None:
+                    idle.plan(now)
+                    if q and q[0] is r:
+                        break  # could not start even on an idle replica (cannot happen)
+                    continue
+                best, best_t, best_cut = None, float("inf"), False
+                for rep in self.replicas:
+                    t, cut = rep.admission_time(r)
+                    if t < best_t:
+                        best, best_t, best_cut = rep, t, cut
+                if best is None or not best_cut:
+                    break  # the earliest chance is a run end: that replica admits it then
+                best.cut_for(r)
+                if q and q[0] is r:
+                    break
+        finally:
+            self._busy = False
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "round_robin": RoundRobin,
+    "random": RandomRouter,
+    "least_loaded": LeastLoaded,
+    "central_queue": CentralQueue,
+}
+
+
+def make_router(name: str, pod: PodPort, rng: np.random.Generator) -> Router:
+    """The router registered as ``name``."""
+    return ROUTERS[name](pod, rng)

@@ -1,0 +1,201 @@
+"""Workload: non-homogeneous Poisson arrivals and request sizes, generated hour by hour.
+
+The arrival rate is piecewise constant per hour (the diurnal curve). Within hour ``h`` the number
+of arrivals is Poisson(``rate_h * 3600``) and, given the count, their times are i.i.d. uniform in
+the hour: this is exactly a Poisson process of rate ``rate_h``. Generating one hour at a time keeps
+memory bounded whatever the length of the run. Pods split the fleet's traffic at random; a thinned
+Poisson process is again Poisson, so each pod draws its own process at ``rate / pods``.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fleetsim.base.errors import UserError
+from fleetsim.workload.distributions import Empirical
+
+
+@dataclass(frozen=True, slots=True)
+class HourChunk:
+    """The arrivals of one hour: times (s from start) and sizes, as Python lists for speed."""
+
+    hour: int
+    arrival_s: list[float]
+    prompt_tokens: list[int]
+    output_tokens: list[int]
+
+
+def _resolve_path(file: str, source: str) -> Path:
+    p = Path(file)
+    if not p.is_absolute() and source:
+        cand = Path(source).parent / p
+        if cand.exists():
+            return cand
+    return p
+
+
+@lru_cache(maxsize=8)
+def read_trace(path: str) -> dict[str, np.ndarray]:
+    """Integer columns of a CSV trace (e.g. Azure's TIMESTAMP,ContextTokens,GeneratedTokens).
+
+    Non-numeric columns are skipped; a bad value in a numeric column names its row."""
+    p = Path(path)
+    try:
+        fh = p.open(newline="")
+    except OSError as exc:
+        raise UserError(f"trace {path!r}: cannot read it ({exc.strerror})") from None
+    with fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise UserError(f"trace {path!r}: the file is empty") from None
+        rows = list(reader)
+    if not rows:
+        raise UserError(f"trace {path!r}: no data rows")
+    out: dict[str, np.ndarray] = {}
+    for j, name in enumerate(header):
+        first = rows[0][j] if j < len(rows[0]) else ""
+        try:
+            int(first)
+        except ValueError:
+            continue  # a non-numeric column (timestamps)
+        vals = np.empty(len(rows), dtype=np.int64)
+        for i, row in enumerate(rows):
+            try:
+                v = int(row[j])
+            except (ValueError, IndexError):
+                cell = row[j] if j < len(row) else "<missing>"
+                raise UserError(
+                    f"trace {path!r}: row {i + 2}, column {name!r} = {cell!r} is not an "
+                    "integer (fix or remove that row)"
+                ) from None
+            if v < 1:
+                raise UserError(f"trace {path!r}: row {i + 2}, column {name!r} = {v} must be >= 1")
+            vals[i] = v
+        out[name] = vals
+    return out
+
+
+def trace_columns_max(file: str, source: str = "") -> dict[str, int]:
+    """The maximum of every integer column of a trace (used by the KV-budget check)."""
+    cols = read_trace(str(_resolve_path(file, source)))
+    return {k: int(v.max()) for k, v in cols.items()}
+
+
+def _trace_column(d: Empirical, source: str) -> np.ndarray:
+    cols = read_trace(str(_resolve_path(d.file, source)))
+    if d.column not in cols:
+        raise UserError(
+            f"traffic: empirical column {d.column!r} not in {d.file!r} "
+            f"(integer columns: {', '.join(cols)})"
+        )
+    return cols[d.column]
+
+
+class SizeSampler:
+    """Draws prompt and output lengths. Two empirical columns of the same file are sampled
+    jointly (the same rows), which keeps their correlation."""
+
+    def __init__(self, prompt, output, source: str = "") -> None:
+        self.prompt = prompt
+        self.output = output
+        self.source = source
+        self._joint = (
+            isinstance(prompt, Empirical)
+            and isinstance(output, Empirical)
+            and prompt.file == output.file
+        )
+        self._cols = {
+            id(d): _trace_column(d, source) for d in (prompt, output) if isinstance(d, Empirical)
+        }
+
+    def _draw(self, d, n: int, rng: np.random.Generator, rows: np.ndarray | None) -> np.ndarray:
+        if isinstance(d, Empirical):
+            return d.draw_from(self._cols[id(d)], rng, n, rows)
+        return d.draw(rng, n)
+
+    def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        rows = None
+        if self._joint:
+            rows = rng.integers(0, len(self._cols[id(self.prompt)]), size=n)
+        return self._draw(self.prompt, n, rng, rows), self._draw(self.output, n, rng, rows)
+
+
+def hourly_arrivals(
+    rates_per_s: list[float], sampler: SizeSampler, seed: np.random.SeedSequence
+) -> Iterator[HourChunk]:
+    """Yield one :class:`HourChunk` per hour (``len(rates_per_s)`` hours)."""
+    t_seq, s_seq = seed.spawn(2)
+    rng_t = np.random.default_rng(t_seq)
+    rng_s = np.random.default_rng(s_seq)
+    for h, rate in enumerate(rates_per_s):
+        n = int(rng_t.poisson(rate * 3600.0)) if rate > 0 else 0
+        times = np.sort(rng_t.uniform(0.0, 3600.0, size=n)) + h * 3600.0
+        p, o = sampler.draw(n, rng_s)
+        yield HourChunk(h, times.tolist(), p.tolist(), o.tolist())
+
+
+TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+
+
+@lru_cache(maxsize=8)
+def read_arrival_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A timed trace for ``traffic.trace``: CSV with columns arrival_s (seconds from the start,
+    non-decreasing), prompt_tokens and output_tokens (integers >= 1). Returns the three columns."""
+    p = Path(path)
+    try:
+        fh = p.open(newline="")
+    except OSError as exc:
+        raise UserError(f"traffic.trace = {path!r}: cannot read it ({exc.strerror})") from None
+    with fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in TRACE_COLUMNS if c not in header]
+        if missing:
+            raise UserError(
+                f"traffic.trace = {path!r}: missing column(s) {', '.join(missing)} "
+                f"(fix: a header line {','.join(TRACE_COLUMNS)})"
+            )
+        j = [header.index(c) for c in TRACE_COLUMNS]
+        t: list[float] = []
+        pr: list[int] = []
+        out: list[int] = []
+        for i, row in enumerate(reader):
+            try:
+                a, b, c = float(row[j[0]]), int(row[j[1]]), int(row[j[2]])
+            except (ValueError, IndexError):
+                raise UserError(
+                    f"traffic.trace = {path!r}: row {i + 2} = {row!r} is not "
+                    "arrival_s (number), prompt_tokens, output_tokens (integers)"
+                ) from None
+            if not (np.isfinite(a) and a >= 0 and b >= 1 and c >= 1) or (t and a < t[-1]):
+                raise UserError(
+                    f"traffic.trace = {path!r}: row {i + 2} = {row!r}: need arrival_s "
+                    ">= 0 and non-decreasing, token counts >= 1 (fix: sort the file)"
+                )
+            t.append(a)
+            pr.append(b)
+            out.append(c)
+    if not t:
+        raise UserError(f"traffic.trace = {path!r}: no data rows")
+    return np.array(t), np.array(pr, dtype=np.int64), np.array(out, dtype=np.int64)
+
+
+def trace_arrivals(
+    file: str, source: str, hours: int, pod: int = 0, n_pods: int = 1
+) -> Iterator[HourChunk]:
+    """Replay a timed trace hour by hour (rows past the horizon are dropped). With several pods,
+    row ``i`` goes to pod ``i % n_pods`` (a deterministic split of the same trace)."""
+    t, p, o = read_arrival_trace(str(_resolve_path(file, source)))
+    t, p, o = t[pod::n_pods], p[pod::n_pods], o[pod::n_pods]
+    hour_of = np.floor(t / 3600.0).astype(np.int64)
+    for h in range(hours):
+        lo, hi = np.searchsorted(hour_of, [h, h + 1])
+        yield HourChunk(h, t[lo:hi].tolist(), p[lo:hi].tolist(), o[lo:hi].tolist())
