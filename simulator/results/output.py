@@ -405,6 +405,7 @@ class RunOutput:
             self.abort()
             raise
         self.state = "open"
+        LAST.clear()
         LAST.update(out=str(out), state="open")
         return self
 
@@ -521,6 +522,8 @@ class RunOutput:
         for d in self._created:  # folders this run created, if still empty
             with contextlib.suppress(OSError):
                 d.rmdir()
+        if self._created and not self.out.exists():
+            LAST["removed"] = "1"
         self._created = []
         with contextlib.suppress(ValueError):
             _OPEN.remove(self)
@@ -553,6 +556,8 @@ def interrupted_note() -> str:
     out, state = LAST.get("out"), LAST.get("state")
     if state == "committed":
         return f"the outputs in {_shown(out or '')} were complete before the interrupt"
+    if state in ("open", "aborted") and LAST.get("removed"):
+        return f"nothing was written ({_shown(out or '')}, which this run created, was removed)"
     if state in ("open", "aborted"):
         return (
             f"nothing new was written to {_shown(out or '')}; its previous contents are unchanged"
