@@ -71,7 +71,7 @@ def test_signal_mid_run_leaves_nothing(tmp_path, sig, code):
         _started(out, proc)
         t_sig = time.monotonic()
         proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=30)
+        _stdout, stderr = proc.communicate(timeout=30)
         stop_s = time.monotonic() - t_sig
     finally:
         if proc.poll() is None:
@@ -143,8 +143,19 @@ def test_parallel_command_stops_within_a_second(tmp_path, cmd, signals):
     f.write_text(PARALLEL)
     out = tmp_path / "X"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetsim", cmd[0], str(f), *cmd[1:]]
-        + ["--workers", "2", "--out", str(out), "--quiet"],
+        [
+            sys.executable,
+            "-m",
+            "fleetsim",
+            cmd[0],
+            str(f),
+            *cmd[1:],
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
