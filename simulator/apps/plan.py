@@ -48,6 +48,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.io import term
 from fleetsim.config.scenario import (
     Resolved,
     apply_overrides,
@@ -558,11 +559,14 @@ def main(argv: list[str]) -> int:
             if c.replicas and c.lower_bound:
                 ratios[c.tp] = last = c.replicas / c.lower_bound
             console.print(
-                f"{c.gpu} TP{c.tp}: "
-                + (
-                    f"{c.replicas} replicas per pod ({c.probes} probes)"
-                    if c.replicas
-                    else c.problem
+                term(  # (a problem quotes user text: escaped for the console)
+                    f"{c.gpu} TP{c.tp}: "
+                    + (
+                        f"{c.replicas} replicas per pod ({c.probes} probes)"
+                        if c.replicas
+                        else c.problem
+                    ),
+                    400,
                 )
             )
         table = plan_table(cands, sc.fleet.pods)
@@ -602,7 +606,7 @@ def main(argv: list[str]) -> int:
         wide = Console() if Console().is_terminal else Console(width=160)
         print_plan(table, slo, sched, wide)
         Console().print(
-            f"wrote {path}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
+            f"wrote {term(path)}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
         )
     return 0
 
@@ -638,7 +642,7 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
     for r in table.to_pylist():
         tab.add_row(
             f(r["rank"], "d"),
-            r["gpu"],
+            term(r["gpu"]),
             str(r["tensor_parallel"]),
             f(r["replicas"], "d"),
             f(r["gpus"], ",d"),
@@ -650,13 +654,13 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
             f(r["wh_per_request"], ".3f"),
             f(r["worst_hour_ttft_p99_s"], ".3f"),
             f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
-            r["status"],
+            term(r["status"]),
         )
     c.print(tab)
     c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
     for r in table.to_pylist():
         if r["problem"]:
-            c.print(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}")
+            c.print(term(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}", 400))
     if sched:
         c.print(
             f"schedule ({sched['gpu']} TP{sched['tensor_parallel']}), replicas per pod by "

@@ -30,6 +30,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import UserError
+from fleetsim.base.io import term
 from fleetsim.config.scenario import (
     apply_overrides,
     parse_override,
@@ -241,7 +242,7 @@ def main(argv: list[str]) -> int:
     )
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     if not args.quiet:
-        tab = Table(title=f"sweep of {args.scenario}: {table.num_rows} points")
+        tab = Table(title=f"sweep of {term(args.scenario)}: {table.num_rows} points")
         shown = [k for k, _ in axes] + [
             "requests",
             "total_cost_usd",
@@ -252,11 +253,11 @@ def main(argv: list[str]) -> int:
             "slo_attainment",
         ]
         for c in shown:
-            tab.add_column(c, justify="right")
+            tab.add_column(term(c), justify="right")
         for row in table.select(shown).to_pylist():
             tab.add_row(*(_fmt(row[c]) for c in shown))
         Console().print(tab)
-        Console().print(f"wrote {path} in {wall:.1f} s")
+        Console().print(f"wrote {term(path)} in {wall:.1f} s")
     return 0
 
 
@@ -265,4 +266,4 @@ def _fmt(v) -> str:
         return "n/a" if not np.isfinite(v) else f"{v:,.4g}"
     if isinstance(v, int):
         return f"{v:,}"
-    return str(v)
+    return term(v)  # a grid value is user text: escaped for the console

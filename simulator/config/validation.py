@@ -271,7 +271,11 @@ def _branch_for_tag(br: list, tag: str) -> Any:
                 for f in base.model_fields.values()
             ):
                 return b
-        elif (tag.startswith("list[") and get_origin(base) is list) or (tag.startswith("literal[") and get_origin(base) is Literal) or (base in (int, float, str, bool) and tag.split("-")[-1] == base.__name__):
+        elif (
+            (tag.startswith("list[") and get_origin(base) is list)
+            or (tag.startswith("literal[") and get_origin(base) is Literal)
+            or (base in (int, float, str, bool) and tag.split("-")[-1] == base.__name__)
+        ):
             return b
     return None
 
@@ -292,7 +296,9 @@ def _lookup(data: Any, loc: tuple, root: type[BaseModel]) -> Any:
     """The raw input at the user-facing part of ``loc`` (union tags skipped)."""
     node = data
     for part in loc:
-        if (isinstance(node, dict) and part in node) or (isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node)):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node)
+        ):
             node = node[part]
         elif isinstance(part, str) and not isinstance(node, dict):
             continue
@@ -332,6 +338,21 @@ def format_validation_error(
         parent = w["parent"]
         known = list(parent.model_fields) if parent else []
         key = str(err["loc"][-1])
+        aliases = {
+            f.alias: name for name, f in (parent.model_fields if parent else {}).items() if f.alias
+        }
+        twin = aliases.get(key) or next((a for a, n in aliases.items() if n == key), None)
+        node = data
+        for part in err["loc"][:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if twin is not None and isinstance(node, dict) and twin in node:
+            return ScenarioError(  # e.g. replicas and replicas_per_pod: one field, two names
+                w["path"],
+                err.get("input"),
+                f"given twice: {key!r} and {twin!r} are two names of the same field",
+                f"keep one of them (--set overrides whichever name the file uses: {key})",
+                source,
+            )
         close = difflib.get_close_matches(key, known, n=1)
         fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
         return ScenarioError(w["path"], err.get("input"), "unknown key", fix, source)

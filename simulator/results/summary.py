@@ -7,6 +7,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from fleetsim.base.io import term
 from fleetsim.results.result import Result
 
 
@@ -26,9 +27,9 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         f"{sc.fleet.pods} pod(s) x {sc.fleet.replicas} replica(s) x TP{rs.tp} = "
         f"{sc.fleet.pods * sc.fleet.replicas * rs.tp} x {rs.gpu.name}"
     )
-    c.print(
-        f"[bold]{sc.name}[/bold]: {rs.model.name} ({rs.model.dtype}) on {fleet}; "
-        f"{hours} h, seed {sc.seed}, profile {rs.profile_id}"
+    c.print(  # user text is escaped for the console (names are data, not markup)
+        f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({rs.model.dtype}) on "
+        f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}"
     )
     if res.scale != 1:
         c.print(
