@@ -59,15 +59,33 @@ def test_memory_bombs_are_refused_under_a_memory_limit(tmp_path):
     out = str(tmp_path / "o")
     run = ["run", str(f), "--out", out, "--quiet"]
     cases = {
-        "rate": run
-        + ["--set", "fleet.replicas=1", "--set", "simulation.hours=1"]
-        + ["--set", "traffic.requests_per_day=2.3e8"],
+        "rate": [
+            *run,
+            "--set",
+            "fleet.replicas=1",
+            "--set",
+            "simulation.hours=1",
+            "--set",
+            "traffic.requests_per_day=2.3e8",
+        ],
         "pods": [*run, "--set", "fleet.pods=10000000"],
-        "ticks": run
-        + ["--set", 'autoscaler.policy="reactive"', "--set", "autoscaler.interval_s=1e-6"],
+        "ticks": [
+            *run,
+            "--set",
+            'autoscaler.policy="reactive"',
+            "--set",
+            "autoscaler.interval_s=1e-6",
+        ],
         "long": [*run, "--set", "simulation.hours=8000", "--set", "traffic.requests_per_day=1e6"],
-        "replay": ["replay", "--trace", "poisson:300000000:1", "--model", "llama-3.1-8b"]
-        + ["--out", out],
+        "replay": [
+            "replay",
+            "--trace",
+            "poisson:300000000:1",
+            "--model",
+            "llama-3.1-8b",
+            "--out",
+            out,
+        ],
     }
     t0 = time.monotonic()
     got, peak = run_limited(cases, tmp_path)
@@ -190,8 +208,19 @@ def test_sweep_grid_values_print_as_written(tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(S)
     p = subprocess.run(
-        [sys.executable, "-m", "fleetsim", "sweep", str(f), "--grid", 'name="[/]a","[b]x[/b]"']
-        + ["--out", str(tmp_path / "o"), "--workers", "1"],
+        [
+            sys.executable,
+            "-m",
+            "fleetsim",
+            "sweep",
+            str(f),
+            "--grid",
+            'name="[/]a","[b]x[/b]"',
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "1",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
