@@ -634,6 +634,10 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     for d in (tr.prompt, tr.output):
         if isinstance(d, Empirical):
             trace_max.update(trace_columns_max(d.file, src))
+            if d.column not in trace_max:  # (checked here, before anything is simulated)
+                from fleetsim.workload.sampling import _trace_column
+
+                _trace_column(d, src)
     max_req = tr.prompt.max_tokens(trace_max) + tr.output.max_tokens(trace_max)
     pmax = tr.prompt.max_tokens(trace_max)
     trace_rows: int | None = None
