@@ -178,7 +178,10 @@ class Replica:
         if cfg.horizon_s <= T:
             self.busy = False
             return
-        # admission, first-come-first-served: Limits.admits, inlined (the hot path; GAIN)
+        # admission, first-come-first-served: Limits.admits, hand-inlined here and in Pod._arrive
+        # (Limits.servable), the hot path. Measured: 2% of the run's CPU time (default scenario
+        # at 300k requests, 3 runs each on a loaded machine: 4.81 s user inlined, 4.92 s with
+        # the calls). calibrate/engine.py and _cut_point call Limits.admits itself.
         w = self.waiting
         pf = self.pf
         n = self.n

@@ -78,6 +78,7 @@ class Pod:
             e_flop_j=p.compute_w / prof.peak_flops,
             e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
         )
+        self.limits = self.plan.limits
         self.max_context = rs.model.max_context_tokens
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.sink = request_sink
@@ -194,8 +195,8 @@ class Pod:
         self._next += 1
         h = self._hour
         self.rec.arrived[h] += 1
-        # not Limits.servable, inlined (once per arrival; GAIN2)
-        lim = self.plan.limits
+        # not Limits.servable, inlined: once per arrival (the gain: see Replica.plan)
+        lim = self.limits
         if p + o > lim.kv_cap or p > lim.max_tokens or p + o > self.max_context:
             self.rec.rejected[h] += 1
             if self.sink is not None:
