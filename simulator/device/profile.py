@@ -60,11 +60,11 @@ _POWER_FIELDS = ("idle_w", "max_w", "active_w", "compute_w", "memory_w")
 
 # Upper bounds of profile fields: orders of magnitude above any device, so that every product
 # in the latency and energy model stays finite (times in seconds per iteration or per token).
-_MAX = {
-    "peak_flops": 1e19,
-    "mem_bw_bytes_per_s": 1e16,
-    "mem_bytes": 1e14,
-    "link_bw_bytes_per_s": 1e16,
+_MAX = {  # (rates up to 1e30: tests use "infinitely fast" profiles; work / 1e30 stays > 0)
+    "peak_flops": 1e30,
+    "mem_bw_bytes_per_s": 1e30,
+    "mem_bytes": 1e15,
+    "link_bw_bytes_per_s": 1e30,
     "compute_eff_max": 1.5,
     "memory_eff": 1.5,
     "compute_eff_half_tokens": 1e9,
