@@ -188,6 +188,39 @@ class SloSection(_Section):
     tpot_s: _bounded(0, 1e6, strict_lo=True) = 0.2
 
 
+Router = Literal["round_robin", "random", "least_loaded", "central_queue"]
+
+
+class PoolSection(_Section):
+    """One pool of a disaggregated fleet (``[disaggregation.prefill]`` or ``.decode``). Unset
+    fields take the value of ``[fleet]`` (limits, router) or ``[hardware]`` (gpu); a pool on
+    ``hardware.gpu`` keeps that section's overrides and profile, any other GPU is the bare
+    catalog entry. ``replicas`` is per pod, like ``fleet.replicas``."""
+
+    gpu: str | None = None
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] | None = None
+    replicas: Annotated[int, Field(ge=1, le=100_000)] = 1
+    max_batch_size: Annotated[int, Field(ge=1)] | None = None
+    max_batched_tokens: Annotated[int, Field(ge=1)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    router: Router | None = None
+    autoscaler: Literal["static"] = "static"
+
+
+class DisaggregationSection(_Section):
+    """Disaggregated prefill/decode serving (DistServe, Splitwise, Mooncake, vLLM's disaggregated
+    prefill): a prefill pool computes each prompt and its first token, the prompt's KV moves over
+    ``link`` (a catalog entry of simulator/device/catalog/links.toml, per GPU and direction) to a
+    decode replica chosen by the decode pool's router. Absent: the aggregated fleet of
+    ``[fleet]``."""
+
+    link: str = "infiniband-ndr"
+    link_bandwidth_bytes_per_s: _bounded(1e3, 1e15, strict_lo=True) | None = None
+    link_latency_s: _bounded(0, 1e3) | None = None
+    prefill: PoolSection = PoolSection()
+    decode: PoolSection = PoolSection()
+
+
 class Scenario(_Section):
     """The whole scenario file."""
 
@@ -202,6 +235,7 @@ class Scenario(_Section):
     cost: CostSection = CostSection()
     slo: SloSection = SloSection()
     autoscaler: AutoscalerSection = AutoscalerSection()
+    disaggregation: DisaggregationSection | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +359,7 @@ class Resolved:
     max_request_tokens: int
     hourly_rate_per_s: tuple[float, ...]  # whole fleet, by simulation hour % 24 (see resolve)
     replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule, by simulation hour % 24
+    pools: Any = None  # disaggregated fleets: fleetsim.config.pools.Pools (None: aggregated)
 
     def latency_model(self) -> LatencyModel:
         return LatencyModel(self.model, self.profile, self.tp)
@@ -409,6 +444,10 @@ def _model_spec(sc: Scenario, src: str) -> ModelSpec:
 
 def resolve(sc: Scenario, source: str = "") -> Resolved:
     """Join the scenario with the catalogs and profile, and run the cross-field checks."""
+    if sc.disaggregation is not None:  # two pools, each resolved like a fleet (config/pools.py)
+        from fleetsim.config.pools import resolve_disaggregated
+
+        return resolve_disaggregated(sc, source)
     from fleetsim.device.profile import load_profile
     from fleetsim.workload.sampling import trace_columns_max
 

@@ -58,6 +58,7 @@ class Replica:
         "cut_rt",
         "dec_s",
         "env",
+        "handoff",
         "heap",
         "index",
         "it",
@@ -69,10 +70,12 @@ class Replica:
         "max_tokens",
         "n",
         "n1",
+        "on_admitted",
         "outstanding",
         "pairs",
         "pf",
         "pod",
+        "ready_join",
         "rec",
         "run_end",
         "t_first",
@@ -115,14 +118,63 @@ class Replica:
         # the pending SimPy event
         self.armed_t: float | None = None
         self.token = 0
+        # disaggregated pools (serving/disagg.py): a prefill-only replica hands each request to
+        # its pool after the first token, keeping its KV until the pool calls release(); a
+        # decode-only replica admits requests whose prompt KV has arrived straight into the
+        # decode set, telling its pool which ones at what time. Both None: aggregated.
+        role = getattr(pod, "role", "both")
+        self.handoff = pod.handoff if role == "prefill" else None  # type: ignore[attr-defined]
+        self.ready_join = role == "decode"
+        self.on_admitted = pod.on_admitted if role == "decode" else None  # type: ignore[attr-defined]
 
     # ---- admission ----------------------------------------------------------------------------
     def _fits(self, r: Request, n_total: int, p_tokens: int, n_decode: int) -> bool:
         return (
             n_total < self.max_batch
-            and p_tokens + r.prompt + n_decode <= self.max_tokens
+            and p_tokens + (1 if self.ready_join else r.prompt) + n_decode <= self.max_tokens
             and self.kv_used + r.need <= self.kv_cap
         )
+
+    def _join_ready(self, T: float) -> None:
+        """Decode-only replica: admit waiting requests whose prompt KV has arrived (first come,
+        first served, while the batch, the token budget and the KV budget allow) straight into
+        the decode set. Their first token came from the prefill pool, so the iteration starting
+        at ``T`` makes their second token at context prompt + 1 (join_it = it - 1)."""
+        w = self.waiting
+        n = self.n
+        kv = self.kv_used
+        it = self.it
+        max_batch, max_tokens, kv_cap = self.max_batch, self.max_tokens, self.kv_cap
+        S = self.S
+        heap = self.heap
+        joined = []
+        while w:
+            r = w[0]
+            if n >= max_batch or n + 1 > max_tokens or kv + r.need > kv_cap:
+                break
+            w.popleft()
+            kv += r.need
+            n += 1
+            r.join_it = it - 1
+            S += r.prompt - (it - 1)
+            heapq.heappush(heap, (it + r.out - 2, r.rid, r))
+            joined.append(r)
+        if joined:
+            self.n = n
+            self.S = S
+            self.kv_used = kv
+            self.on_admitted(joined, T, self)  # type: ignore[misc]
+
+    def release(self, tokens: int) -> None:
+        """Prefill-only replica: the KV of a handed-off request (``tokens``) has left; start
+        the next run if the replica was waiting for the space."""
+        self.kv_used -= tokens
+        self.outstanding -= 1
+        if not self.busy:
+            if self.pod.shared_queue is not None:
+                self.pod.router.dispatch()
+            elif self.waiting:
+                self.plan(self.env.now)
 
     # ---- planning -----------------------------------------------------------------------------
     def plan(self, T: float) -> None:
@@ -134,8 +186,10 @@ class Replica:
         # admission, first-come-first-served (see _fits; inlined: this is the hot path)
         w = self.waiting
         pf = self.pf
+        if self.ready_join and w:
+            self._join_ready(T)
         n = self.n
-        if w:
+        if w and not self.ready_join:
             P = self.P
             kv = self.kv_used
             nt = n + len(pf)
@@ -338,10 +392,14 @@ class Replica:
         heap = self.heap
         it = self.it
         end = self.run_end
+        hand = self.handoff
         while heap and heap[0][0] < it:
             _, _, r = heapq.heappop(heap)
             self.n -= 1
             self.S -= r.prompt - r.join_it
+            if hand is not None:  # prefill-only: the pool moves the KV on, then release()s it
+                hand(r, end, self)
+                continue
             self.kv_used -= r.need
             self.outstanding -= 1
             self.pod.rec.complete(r, end, self.index)
