@@ -186,6 +186,17 @@ def resolve_disaggregated(sc: Scenario, source: str = "") -> Resolved:
             "set autoscaler.policy = 'static' or remove [disaggregation]",
             source,
         )
+    if d.decode.router == "central_queue" or (
+        d.decode.router is None and sc.fleet.router == "central_queue"
+    ):
+        raise ScenarioError(
+            "disaggregation.decode.router",
+            "central_queue",
+            "the decode pool cannot use a central queue: a request's KV is sent to one decode "
+            "replica, chosen when its prefill ends",
+            "use least_loaded, round_robin or random for the decode pool",
+            source,
+        )
     try:
         entry = catalog.link(d.link)
     except ScenarioError as exc:

@@ -55,7 +55,7 @@ class DisaggRequest(Request):
     """A request of a disaggregated pod: its true output length while the prefill replica
     sees one token, the prefill replica that holds its KV, and its transfer."""
 
-    __slots__ = ("dst", "out_total", "pf_need", "src", "xfer_s")
+    __slots__ = ("dst", "link_wait_s", "out_total", "pf_need", "src", "xfer_s")
 
     def __init__(self, rid: int, arrival_s: float, prompt: int, out: int) -> None:
         super().__init__(rid, arrival_s, prompt, 1)  # the prefill pool makes the first token
@@ -63,7 +63,8 @@ class DisaggRequest(Request):
         self.pf_need = self.need  # prompt + 1 tokens of KV held in the prefill replica
         self.src: Replica | None = None
         self.dst: Replica | None = None
-        self.xfer_s = math.nan
+        self.xfer_s = math.nan  # hand-off to KV arrival: link wait + latency + bytes / bw
+        self.link_wait_s = math.nan  # time spent queued behind earlier transfers
 
 
 class _NoRouter:
@@ -264,9 +265,11 @@ class DisaggPod:
         k = rep.index - self.prefill.replicas[0].index
         free = self._link_free[k]
         start = free if free > t else t
-        end = start + (self._lat_s + r.prompt * self._kvb / self._bw)
+        dur = self._lat_s + r.prompt * self._kvb / self._bw  # on the link, FIFO
+        end = start + dur
         self._link_free[k] = end
-        r.xfer_s = end - t
+        r.link_wait_s = start - t
+        r.xfer_s = r.link_wait_s + dur  # (not end - t: that would round in the clock's digits)
         self.in_transfer += 1
         self._moving[r.rid] = r
         now = self.env.now
