@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fleetsim.config.scenario import Resolved, Scenario, resolve
-from fleetsim.results.accounting import PodSummary, hourly_table
+from fleetsim.results.accounting import PodSummary, hourly_table, pools_table
 from fleetsim.results.result import (
     Result,
     check_invariants,
@@ -119,6 +119,7 @@ def simulate(
     res.totals = day_totals(res)
     res.day_latency = day_latency(pods)
     res.pod_ci = pod_confidence(rs, pods) if len(pods) > 1 else {}
+    res.pools = pools_table(rs, pods, scale)
     check_invariants(res)
     res.wall_s = time.perf_counter() - t0
     return res
@@ -131,4 +132,6 @@ def write_outputs(res: Result, out_dir: Path, scenario_text: str = "") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "hourly.parquet"
     write_table_atomic(res.hourly, path, res.metadata(scenario_text))
+    if res.pools is not None:  # disaggregated: per (hour, pool); hourly.parquet is their sum
+        write_table_atomic(res.pools, out_dir / "pools.parquet", res.metadata(scenario_text))
     return path
