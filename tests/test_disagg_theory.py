@@ -109,7 +109,8 @@ def test_prefill_pool_is_mdc():
     se = means.std(ddof=1) / math.sqrt(len(means))
     assert len(wait) > 50_000
     print(
-        f"M/D/{c}: D {D:.4f} s, rho {rho}, n {len(wait)}, W sim {wait.mean():.5f} +- {se:.5f} s, theory {w_theory:.5f} s"
+        f"M/D/{c}: D {D:.4f} s, rho {rho}, n {len(wait)}, "
+        f"W sim {wait.mean():.5f} +- {se:.5f} s, theory {w_theory:.5f} s"
     )
     assert abs(wait.mean() - w_theory) < 4 * se, (wait.mean(), w_theory, se)
     assert se < 0.1 * w_theory  # the check has teeth: the error bar is small
