@@ -188,18 +188,25 @@ def energy_cost(
     }
 
 
+def _pools(p: PodSummary) -> dict:
+    """The per-pool record of a pod of a disaggregated fleet."""
+    assert p.pools is not None, "not a disaggregated pod"
+    return p.pools
+
+
 def pool_energy_cost(
     rs: Resolved, name: str, pods: list[PodSummary], scale: float, price: np.ndarray
 ) -> dict[str, np.ndarray]:
     """:func:`energy_cost` of one pool of a disaggregated fleet (static pools: no waking or
     off time), from the pods' ``pools`` records."""
+    assert rs.pools is not None
     spec = rs.pools.by_name()[name]
     prs = spec.rs
     H = len(price)
 
     def tot(key: str) -> np.ndarray:
         return scale * np.sum(
-            [np.asarray(p.pools[name][key], dtype=np.float64) for p in pods], axis=0
+            [np.asarray(_pools(p)[name][key], dtype=np.float64) for p in pods], axis=0
         )
 
     zeros = np.zeros(H)
@@ -355,21 +362,25 @@ def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.
     start = sc.simulation.start_utc
     hod0 = start.hour
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
+    assert price_day is not None
     price = np.array([price_day[(hod0 + h) % 24] for h in range(H)])
 
     def tot(name: str, key: str) -> np.ndarray:
         return scale * np.sum(
-            [np.asarray(p.pools[name][key], dtype=np.float64) for p in pods], axis=0
+            [np.asarray(_pools(p)[name][key], dtype=np.float64) for p in pods], axis=0
         )
 
     count = tot("transfer", "count")
     tsum = tot("transfer", "time_sum_s")
     if len(pods) == 1:
-        p99 = np.asarray(pods[0].pools["transfer"]["p99_s"], dtype=np.float64)
+        p99 = np.asarray(_pools(pods[0])["transfer"]["p99_s"], dtype=np.float64)
     else:
         p99 = np.array(
             [
-                hist_percentile(sum(p.pools["transfer"]["hist"][h] for p in pods), 99.0)
+                hist_percentile(
+                    np.sum([np.asarray(_pools(p)["transfer"]["hist"][h]) for p in pods], axis=0),
+                    99.0,
+                )
                 for h in range(H)
             ]
         )

@@ -35,6 +35,7 @@ import math
 from array import array
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import simpy
@@ -47,6 +48,9 @@ from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.routers import make_router
 from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
+
+if TYPE_CHECKING:
+    from fleetsim.serving.ports import RouterPort
 
 HOUR_S = 3600.0
 
@@ -111,7 +115,7 @@ class Pool:
         self.shared_queue: deque | None = deque() if shared else None
         self.replicas = [Replica(base + i, self) for i in range(spec.replicas)]
         self.active = self.replicas
-        self.router = _NoRouter()
+        self.router: RouterPort = _NoRouter()
 
 
 class DisaggPod:
@@ -147,7 +151,7 @@ class DisaggPod:
         self.prefill = Pool("prefill", pools.prefill, self, self.rec_prefill, base)
         self.decode = Pool("decode", pools.decode, self, self.rec, base + P)
         seeds = pod_seed(sc.seed, pod_index).spawn(3)
-        self.prefill.router = make_router(  # type: ignore[assignment]
+        self.prefill.router = make_router(
             pools.prefill.router, self.prefill, np.random.default_rng(seeds[1])
         )
         self._drng = np.random.default_rng(seeds[2])

@@ -109,6 +109,7 @@ class Recorder:
         self.completed = [0] * n
         self.iterations = 0  # engine iterations simulated (for the benchmarks)
         self.events = 0  # SimPy events scheduled
+        self.in_flight = 0  # requests neither completed nor rejected at the end (set by the pod)
         self.slo_ttft_s = slo_ttft_s
         self.slo_tpot_s = slo_tpot_s
         self.keep_hist = keep_hist
