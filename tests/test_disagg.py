@@ -120,16 +120,16 @@ def test_backpressure_holds_kv_in_the_prefill_pool():
     pod = run_pod(d)
     pre = pod.prefill.replicas[0]
     dec = pod.decode.replicas[0]
-    assert pre.kv_used <= pre.kv_cap and dec.kv_used <= dec.kv_cap
+    assert pre.kv_used <= pre.limits.kv_cap and dec.kv_used <= dec.limits.kv_cap
     # the prefill replica's KV is mostly held for requests the decode pool has not admitted
-    assert pre.kv_used > 0.5 * pre.kv_cap
+    assert pre.kv_used > 0.5 * pre.limits.kv_cap
     assert len(dec.waiting) > 0  # KV arrived, waiting for decode room
     assert pod.in_prefill > 100  # prompts backed up in the prefill pool
     held = sum(r.pf_need for r in dec.waiting) + sum(r.pf_need for r in pod._moving.values())
     assert held == pre.kv_used  # exactly the KV of requests not yet admitted by decode
     # the same load with a decode pool that keeps up leaves nothing behind
     free = run_pod(disagg(heavy, decode={"replicas": 2}))
-    assert free.in_prefill < 20 and free.prefill.replicas[0].kv_used < 0.1 * pre.kv_cap
+    assert free.in_prefill < 20 and free.prefill.replicas[0].kv_used < 0.1 * pre.limits.kv_cap
 
 
 def test_pools_add_up_to_the_fleet_and_are_priced_per_gpu():
@@ -185,7 +185,7 @@ def test_single_token_requests_complete_in_the_prefill_pool():
     pod = run_pod(d)
     assert not pod.arrived_kv and sum(pod.xfer_count) == 0
     assert sum(pod.rec.completed) > 5000
-    assert pod.prefill.replicas[0].kv_used <= pod.prefill.replicas[0].kv_cap
+    assert pod.prefill.replicas[0].kv_used <= pod.prefill.replicas[0].limits.kv_cap
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ from simpy.events import Timeout
 
 from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.scenario import Resolved
-from fleetsim.serving.engine import Replica
+from fleetsim.serving.admission import Limits
+from fleetsim.serving.engine import EnginePlan, Replica
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.routers import make_router
@@ -85,7 +86,8 @@ class _NoRouter:
 
 
 class Pool:
-    """One pool as its replicas see their pod (the PodPort of serving/ports.py)."""
+    """One pool as its replicas and router see their pod (serving/ports.py's PodPort). Pools
+    are static: every replica is routable for the whole run."""
 
     def __init__(
         self, role: str, spec: PoolSpec, owner: DisaggPod, rec: Recorder, base: int
@@ -102,20 +104,41 @@ class Pool:
         self.tp = rs.tp
         p = rs.gpu.power
         prof = rs.profile
-        self.e_active_w = rs.tp * p.active_w
-        self.e_flop_j = p.compute_w / prof.peak_flops
-        self.e_byte_j = p.memory_w / prof.mem_bw_bytes_per_s
-        self.max_batch = spec.max_batch
-        self.max_tokens = spec.max_tokens
-        self.kv_cap = spec.kv_capacity_tokens
-        self.per_iteration = owner.per_iteration
+        self.plan = EnginePlan(
+            limits=Limits(
+                max_batch=spec.max_batch,
+                max_tokens=spec.max_tokens,
+                kv_cap=spec.kv_capacity_tokens,
+            ),
+            horizon_s=owner.horizon_s,
+            per_iteration=owner.per_iteration,
+            e_active_w=rs.tp * p.active_w,
+            e_flop_j=p.compute_w / prof.peak_flops,
+            e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
+        )
         self.handoff = owner.handoff
         self.on_admitted = owner.on_admitted
         shared = role == "prefill" and spec.router == "central_queue"
-        self.shared_queue: deque | None = deque() if shared else None
-        self.replicas = [Replica(base + i, self) for i in range(spec.replicas)]
+        self.shared_queue: deque[Request] | None = deque() if shared else None
+        self.replicas = [Replica(base + i, self, self.plan) for i in range(spec.replicas)]
         self.active = self.replicas
         self.router: RouterPort = _NoRouter()
+
+    # the rest of the PodPort: a static pool never holds arrivals or powers replicas
+    def admit(self, r: Request) -> None:
+        self.router.route(r)
+
+    def hold(self) -> None:  # pragma: no cover - static pools
+        raise AssertionError("static pool")
+
+    def release(self) -> None:  # pragma: no cover - static pools
+        raise AssertionError("static pool")
+
+    def power_on(self, i: int) -> None:  # pragma: no cover - static pools
+        raise AssertionError("static pool")
+
+    def power_off(self, i: int) -> None:  # pragma: no cover - static pools
+        raise AssertionError("static pool")
 
 
 class DisaggPod:
@@ -336,8 +359,7 @@ class DisaggPod:
             self._schedule()
         env.run(until=self.horizon_s)
         for rep in self.replicas:  # work still running at the horizon: account it
-            if rep.busy and self.horizon_s > rep.T0:
-                rep._commit(rep.k, finish=False)
+            rep.stop()
         self.rec.flush_until(self.hours)
         if self._progress is not None:
             self._progress(1)
