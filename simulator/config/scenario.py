@@ -10,18 +10,18 @@ names the file, the field path, the value and the fix.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import tomllib
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.names import closest
 from fleetsim.base.schema import Section, Tokens, bounded
 from fleetsim.base.units import rotate_to_start
 from fleetsim.device import catalog
@@ -105,9 +105,16 @@ class HardwareSection(_Section):
 
 
 class FleetSection(_Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    #: other spellings accepted in files and ``--set`` (vLLM's engine arguments among them); they
+    #: are renamed to the field's own name before validation (:func:`canonical_keys`)
+    ALIASES: ClassVar[dict[str, str]] = {
+        "replicas_per_pod": "replicas",
+        "max_num_seqs": "max_batch_size",
+        "max_num_batched_tokens": "max_batched_tokens",
+        "tensor_parallel_size": "tensor_parallel",
+    }
 
-    replicas: Annotated[int, Field(ge=1, le=100_000, alias="replicas_per_pod")] = 1
+    replicas: Annotated[int, Field(ge=1, le=100_000)] = 1
     pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sample_pods: Annotated[int, Field(ge=1)] | None = None
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
@@ -228,13 +235,58 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _section_aliases(section: str) -> dict[str, str]:
+    f = Scenario.model_fields.get(section)
+    return dict(getattr(f.annotation, "ALIASES", {})) if f is not None else {}
+
+
+def canonical_keys(data: dict, source: str = "") -> tuple[dict, dict[str, str]]:
+    """``data`` with the aliases of every section's keys (``replicas_per_pod``, vLLM's
+    ``max_num_seqs``...) renamed to the fields' own names; and {canonical path: path as written}
+    for error messages. A field given under two of its names is an error."""
+    out = dict(data)
+    written: dict[str, str] = {}
+    for section, sec in data.items():
+        aliases = _section_aliases(section) if isinstance(section, str) else {}
+        if not aliases or not isinstance(sec, dict):
+            continue
+        sec = dict(sec)
+        for alias, name in aliases.items():
+            if alias not in sec:
+                continue
+            if name in sec:
+                raise ScenarioError(
+                    f"{section}.{alias}",
+                    sec[alias],
+                    f"the same field as {section}.{name}, which is also given",
+                    f"keep one of {section}.{name} and {section}.{alias}",
+                    source,
+                )
+            sec[name] = sec.pop(alias)
+            written[f"{section}.{name}"] = f"{section}.{alias}"
+        out[section] = sec
+    return out, written
+
+
+def canonical_path(path: list[str]) -> list[str]:
+    """An override's key path with a section alias renamed (``fleet.max_num_seqs`` ->
+    ``fleet.max_batch_size``)."""
+    if len(path) == 2:
+        return [path[0], _section_aliases(path[0]).get(path[1], path[1])]
+    return path
+
+
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """A copy of ``data`` with each ``section.key=value`` applied."""
+    """A copy of ``data`` with each ``section.key=value`` applied. Keys are matched by the
+    fields' own names, whichever alias the file or the override uses."""
     import copy
 
     out = copy.deepcopy(data)
+    if overrides:
+        out, _ = canonical_keys(out)
     for item in overrides or []:
         path, value = parse_override(item)
+        path = canonical_path(path)
         node = out
         for p in path[:-1]:
             nxt = node.setdefault(p, {})
@@ -258,10 +310,14 @@ def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
             source,
         )
     check_scalar_types(data, Scenario, source)
+    data, written = canonical_keys(data, source)
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        raise _format_validation(exc, source, data) from None
+        err = _format_validation(exc, source, data)
+        if err.field in written:  # name the field as the file spells it
+            err = ScenarioError(written[err.field], err.value, err.problem, err.fix, source)
+        raise err from None
 
 
 def read_toml(path: str | Path) -> tuple[dict, str]:
@@ -378,8 +434,8 @@ def _model_spec(sc: Scenario, src: str) -> ModelSpec:
     else:
         missing = [k for k in required if k not in inline]
         if missing:
-            close = difflib.get_close_matches(m.name, list(catalog.models()), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest(m.name, catalog.models())
+            hint = f"did you mean {close!r}? " if close else ""
             raise ScenarioError(
                 "model.name",
                 m.name,
@@ -585,6 +641,46 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     )
 
 
+def resolved_dict(rs: Resolved) -> dict:
+    """The scenario as the run uses it: every ``[model]`` and ``[hardware]`` field resolved from
+    the catalog, the profile and the overrides (none left null), and a ``derived`` table with
+    the figures computed from them (parameter count, weights, KV budget)."""
+    d = rs.scenario.model_dump(mode="json")
+    m = rs.model
+    for k in d["model"]:
+        if k != "config" and hasattr(m, k):
+            d["model"][k] = getattr(m, k)
+    d["model"]["kv_dtype"] = m.kv_dtype or m.dtype
+    g, pw, prof = rs.gpu, rs.gpu.power, rs.profile
+    hw = d["hardware"]
+    hw.update(
+        tdp_w=g.tdp_w,
+        idle_w=pw.idle_w,
+        active_w=pw.active_w,
+        compute_w=pw.compute_w,
+        memory_w=pw.memory_w,
+        node_overhead_w=g.node_overhead_w,
+        gpus_per_node=g.gpus_per_node,
+        capex_usd=g.capex_usd,
+        rent_usd_per_gpu_hour=g.rent_usd_per_gpu_hour,
+        peak_flops=getattr(prof, "peak_flops", None),
+        mem_bw_bytes_per_s=getattr(prof, "mem_bw_bytes_per_s", None),
+        mem_bytes=getattr(prof, "mem_bytes", None),
+    )
+    d["derived"] = {
+        "total_params": m.total_params,
+        "active_params_per_token": m.active_params_per_token,
+        "weight_bytes": m.weight_bytes,
+        "kv_bytes_per_token": m.kv_bytes_per_token,
+        "kv_capacity_tokens_per_replica": rs.kv_capacity_tokens,
+        "max_request_tokens": rs.max_request_tokens,
+        "gpus": rs.scenario.fleet.pods * rs.scenario.fleet.replicas * rs.tp,
+        "profile": rs.profile_id,
+        "profile_sha256": rs.profile_sha256 or None,
+    }
+    return d
+
+
 def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | None:
     """A flat value or a 24-value daily profile, expanded to ``hours`` hours."""
     if v is None:
@@ -711,10 +807,12 @@ __all__ = [
     "Resolved",
     "Scenario",
     "apply_overrides",
+    "canonical_keys",
     "diurnal_weights",
     "hourly_values",
     "load_scenario",
     "parse_override",
     "resolve",
+    "resolved_dict",
     "scenario_from_dict",
 ]
