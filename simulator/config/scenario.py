@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fleetsim.base.errors import ScenarioError, UserError
 from fleetsim.base.names import closest
@@ -197,6 +197,10 @@ class SloSection(_Section):
 
 class Scenario(_Section):
     """The whole scenario file."""
+
+    #: the file it was read from (relative paths inside it resolve against its folder); set by
+    #: ``fleetsim.load``, not part of the scenario's fields
+    _source: str = PrivateAttr("")
 
     name: str = "scenario"
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
@@ -536,14 +540,21 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     tp = sc.fleet.tensor_parallel
     usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
     if model.weight_bytes >= usable:
-        need_tp = math.ceil(
-            model.weight_bytes / (profile.mem_bytes * sc.fleet.gpu_memory_utilization)
-        )
+        per_gpu = profile.mem_bytes * sc.fleet.gpu_memory_utilization
+        # the smallest degree that holds the weights and that vLLM accepts (it divides the
+        # attention heads)
+        fits = [
+            k
+            for k in range(tp + 1, 65)
+            if model.n_heads % k == 0 and model.weight_bytes < k * per_gpu
+        ]
         tp_fix = (
-            f"set fleet.tensor_parallel >= {need_tp + 1}, a larger GPU, or a smaller dtype"
-            if need_tp + 1 <= 64
-            else "even 64-way tensor parallelism is too small: use a "
-            "larger GPU, a smaller dtype or a higher fleet.gpu_memory_utilization"
+            f"set fleet.tensor_parallel = {fits[0]} (the smallest degree that holds the weights "
+            f"and divides the {model.n_heads} attention heads), a larger GPU, or a smaller dtype"
+            if fits
+            else "no tensor-parallel degree up to 64 that divides the attention heads holds "
+            "the weights: use a larger GPU, a smaller dtype or a higher "
+            "fleet.gpu_memory_utilization"
         )
         raise ScenarioError(
             "fleet.tensor_parallel",
@@ -681,6 +692,27 @@ def resolved_dict(rs: Resolved) -> dict:
     return d
 
 
+def scenario_json_schema() -> dict:
+    """The scenario file's JSON Schema (draft 2020-12), with the names the documentation uses.
+    Aliases a section accepts (``fleet.max_num_seqs``...) are listed as properties too, each
+    pointing at its field, so that editors complete and check them."""
+    schema = Scenario.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "fleetsim scenario"
+    defs = schema.get("$defs", {})
+    for name, f in Scenario.model_fields.items():
+        aliases = getattr(f.annotation, "ALIASES", {})
+        sec = defs.get(getattr(f.annotation, "__name__", ""), {})
+        props = sec.get("properties", {})
+        for alias, field in aliases.items():
+            if field in props:
+                props[alias] = {
+                    **props[field],
+                    "description": f"another name of {name}.{field} (give one of them)",
+                }
+    return schema
+
+
 def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | None:
     """A flat value or a 24-value daily profile, expanded to ``hours`` hours."""
     if v is None:
@@ -814,5 +846,6 @@ __all__ = [
     "parse_override",
     "resolve",
     "resolved_dict",
+    "scenario_json_schema",
     "scenario_from_dict",
 ]

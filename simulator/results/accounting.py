@@ -232,4 +232,6 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         "usd_per_mtok": usd_mtok,
         "carbon_kg": carbon,
     }
+    # no grid intensity: carbon is unknown, null (not NaN, which SQL engines would sum to NaN)
+    cols["carbon_kg"] = pa.array(carbon, type=pa.float64(), from_pandas=True)
     return pa.table({k: cols[k] for k in HOURLY_COLUMNS}, schema=HOURLY_SCHEMA)

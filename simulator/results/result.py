@@ -82,6 +82,8 @@ def day_totals(res: Result) -> dict[str, float]:
             "carbon_kg",
         )
     }
+    if t.column("carbon_kg").null_count == t.num_rows:  # no grid intensity given: unknown
+        s["carbon_kg"] = math.nan
     s["requests_in_flight"] = res.scale * sum(p.in_flight for p in res.pods)
     done = s["requests_completed"]
     s["wh_per_request"] = s["energy_facility_kwh"] * 1000 / done if done else math.nan
@@ -219,6 +221,8 @@ def _check_sums(res: Result) -> None:
         "carbon_kg",
     )
     for name in (n for n in extensive if n in res.totals):
+        if math.isnan(res.totals[name]) and t.column(name).null_count == t.num_rows:
+            continue  # unknown all day (carbon without a grid intensity)
         if not close(res.totals[name], float(np.nansum(col(name)))):
             raise InvariantError(
                 f"hourly sums != day totals: sum of {name} is "
