@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -495,7 +496,8 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         ppath = Path(hw.profile)
         if not ppath.is_absolute() and src:
             cand = Path(src).parent / ppath
-            ppath = cand if cand.exists() else ppath
+            ppath = cand if cand.exists() or not ppath.exists() else ppath
+        ppath = Path(os.path.abspath(ppath))  # errors show where the file was looked for
         profile, sha = load_profile(ppath)
         cat_gpu = profile.meta.get("catalog_gpu")
         if cat_gpu and cat_gpu != hw.gpu:
@@ -846,6 +848,6 @@ __all__ = [
     "parse_override",
     "resolve",
     "resolved_dict",
-    "scenario_json_schema",
     "scenario_from_dict",
+    "scenario_json_schema",
 ]

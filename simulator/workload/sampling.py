@@ -10,6 +10,7 @@ Poisson process is again Poisson, so each pod draws its own process at ``rate / 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,12 +33,15 @@ class HourChunk:
 
 
 def _resolve_path(file: str, source: str) -> Path:
+    """The absolute path of a data file named in a scenario: relative to the scenario file's
+    folder (else to the working folder, where it exists there only). Absolute, so that an error
+    about the file shows where it was looked for."""
     p = Path(file)
     if not p.is_absolute() and source:
         cand = Path(source).parent / p
-        if cand.exists():
-            return cand
-    return p
+        if cand.exists() or not p.exists():
+            p = cand
+    return Path(os.path.abspath(p))
 
 
 @lru_cache(maxsize=8)
