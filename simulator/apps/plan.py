@@ -571,7 +571,7 @@ def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
     from rich.console import Console
 
-    from fleetsim.apps.common import out_dir as _out_dir
+    from fleetsim.apps.common import open_output
     from fleetsim.results.output import write_table_atomic, write_text_atomic
 
     args = build_parser().parse_args(argv)
@@ -596,7 +596,7 @@ def main(argv: list[str]) -> int:
     )
     tps = parse_list("--tp", args.tp, int) if args.tp else list(DEFAULT_TPS)
     cands = make_candidates(data, sc, gpus, tps, args.scenario)
-    out = _out_dir(args, Path(args.scenario).stem + "-plan")
+    outp = open_output(args, Path(args.scenario).stem + "-plan", ("plan.parquet", "schedule.json"))
     console = Console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
     with (
@@ -623,10 +623,11 @@ def main(argv: list[str]) -> int:
         "fleetsim.wall_s": f"{wall:.3f}",
         "fleetsim.schedule": json.dumps(sched),
     }
-    path = out / "plan.parquet"
-    write_table_atomic(table, path, meta)
+    path = outp.final("plan.parquet")
+    write_table_atomic(table, outp.path("plan.parquet"), meta)
     if sched is not None:
-        write_text_atomic(json.dumps(sched, indent=1) + "\n", out / "schedule.json")
+        write_text_atomic(json.dumps(sched, indent=1) + "\n", outp.path("schedule.json"))
+    outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     if not args.quiet:
         wide = Console() if Console().is_terminal else Console(width=160)
         print_plan(table, slo, sched, wide)

@@ -211,7 +211,7 @@ def main(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fleetsim.apps.common import out_dir as _out_dir
+    from fleetsim.apps.common import open_output
     from fleetsim.results.output import write_table_atomic
 
     args = build_parser().parse_args(argv)
@@ -219,7 +219,7 @@ def main(argv: list[str]) -> int:
     data, text = read_toml(args.scenario)
     base = apply_overrides(data, args.overrides)
     point_scenarios(base, grid_points(axes), args.scenario)  # fail fast, before any worker
-    out = _out_dir(args, Path(args.scenario).stem + "-sweep")
+    outp = open_output(args, Path(args.scenario).stem + "-sweep", ("sweep.parquet",))
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -227,10 +227,10 @@ def main(argv: list[str]) -> int:
     ):
         table = run_sweep(base, axes, args.scenario, ex, hooks)
     wall = time.perf_counter() - t0
-    path = out / "sweep.parquet"
+    path = outp.final("sweep.parquet")
     write_table_atomic(
         table,
-        path,
+        outp.path("sweep.parquet"),
         {
             "fleetsim.scenario_text": text,
             "fleetsim.grid": json.dumps(args.grid),
@@ -239,6 +239,7 @@ def main(argv: list[str]) -> int:
             "fleetsim.executor": args.executor,
         },
     )
+    outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     if not args.quiet:
         tab = Table(title=f"sweep of {args.scenario}: {table.num_rows} points")
         shown = [k for k, _ in axes] + [

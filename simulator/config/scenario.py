@@ -10,7 +10,6 @@ names the file, the field path, the value and the fix.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tomllib
@@ -326,18 +325,15 @@ def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
 
 
 def read_toml(path: str | Path) -> tuple[dict, str]:
-    """The parsed TOML and its text; a UserError if unreadable or malformed."""
+    """The parsed TOML and its text; a UserError if unreadable, too large or malformed
+    (bounded reading: :mod:`fleetsim.base.io`)."""
+    from fleetsim.base import io
+
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such scenario file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p}: cannot read it ({exc})") from None
-    try:
-        return tomllib.loads(text), text
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{p}: not valid TOML: {exc}") from None
+    if not p.exists() and not p.is_symlink():
+        raise UserError(f"{io.clean(str(p))}: no such scenario file")
+    text = io.read_text(p, "scenario")
+    return io.parse_toml(text, io.clean(str(p))), text
 
 
 def load_scenario(
@@ -729,28 +725,21 @@ def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | No
 def load_schedule_file(path: str, source: str) -> dict:
     """The JSON schedule ``{"gpu", "tensor_parallel", "replicas_by_hour": [24 ints]}``;
     a relative path resolves against the scenario file's folder."""
+    from fleetsim.base import io
+
     p = Path(path)
     if not p.is_absolute() and source:
         cand = Path(source).parent / p
         p = cand if cand.exists() else p
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
+    if not p.exists():
         raise ScenarioError(
             "autoscaler.schedule_file",
             path,
             "no such file",
             "give the path of a schedule JSON (relative to the scenario file)",
             source,
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ScenarioError(
-            "autoscaler.schedule_file",
-            path,
-            f"not readable JSON ({exc})",
-            "write it with `fleetsim plan` or by hand",
-            source,
-        ) from None
+        )
+    data, _ = io.load_json(p, "autoscaler.schedule_file")
     r = data.get("replicas_by_hour") if isinstance(data, dict) else None
     if not (
         isinstance(r, list)
