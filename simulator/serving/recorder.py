@@ -121,7 +121,7 @@ class HourStats:
     tpot_sum_s: float = 0.0
     itl_sum_s: float = 0.0  # sum of the token gaps = sum of (e2e - ttft)
     e2e_sum_s: float = 0.0
-    hist: dict[str, np.ndarray] | None = None
+    hist: dict[str, SparseHist] | None = None
 
 
 class Recorder:
@@ -144,6 +144,7 @@ class Recorder:
         self.iters_h = [0] * n  # iterations, by the hour in which each ended
         self.iterations = 0  # engine iterations simulated (for the benchmarks)
         self.events = 0  # SimPy events scheduled
+        self.in_flight = 0  # requests admitted and not finished at the horizon (set by the pod)
         self.slo_ttft_s = slo_ttft_s
         self.slo_tpot_s = slo_tpot_s
         self.keep_hist = keep_hist
