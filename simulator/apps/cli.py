@@ -111,6 +111,8 @@ def cmd_run(args) -> int:
     sc, text = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
     names = ("hourly.parquet",) + (("requests.parquet",) if args.requests else ())
+    if rs.pools is not None:  # a disaggregated fleet: one row per (hour, pool) as well
+        names += ("pools.parquet",)
     # the folder is checked, locked and probed before simulating; the run's files (the report
     # included) are staged and moved into place together at the end (results/output.py)
     outp = open_output(args, Path(args.scenario).stem, names)

@@ -22,7 +22,7 @@ from datetime import timedelta
 import numpy as np
 import pyarrow as pa
 
-from fleetsim.config.scenario import Resolved, hourly_values
+from fleetsim.config.scenario import GpuSpec, Resolved, hourly_values
 from fleetsim.serving.recorder import LAT_METRICS, LAT_PCTS, Recorder, hist_percentile
 
 J_PER_KWH = 3.6e6
@@ -99,6 +99,7 @@ class PodSummary:
     iters_h: list[int] = field(default_factory=list)  # iterations ended in each hour
     waking_gpu_s: list[float] = field(default_factory=list)  # cold starts (part of powered)
     off_gpu_s: list[float] = field(default_factory=list)  # powered off, on standby draw
+    pools: dict | None = None  # disaggregated: per-pool work and the link (serving/disagg.py)
 
     @classmethod
     def from_recorder(
@@ -177,6 +178,87 @@ def _latency_columns(pods: list[PodSummary], H: int) -> dict[str, list[float]]:
     return cols
 
 
+def energy_cost(
+    rs: Resolved,
+    g: GpuSpec,
+    total_gpus: int,
+    powered: np.ndarray,
+    waking: np.ndarray,
+    off: np.ndarray,
+    busy_gpu_s: np.ndarray,
+    dyn_j: np.ndarray,
+    price: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Hourly energy and cost of ``total_gpus`` GPUs of type ``g`` (see the module docstring):
+    powered/waking/off GPU-seconds, busy GPU-seconds and the iterations' dynamic energy (J)."""
+    sc = rs.scenario
+    pw = sc.power
+    H = len(price)
+    wake_w = g.idle_w if pw.wake_w is None else pw.wake_w
+    # static draw (idle while on, wake, standby while off) and the iterations' dynamic energy
+    e_gpu_idle = (g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off) / J_PER_KWH
+    e_gpu_dyn = dyn_j / J_PER_KWH
+    e_gpu = e_gpu_idle + e_gpu_dyn
+    e_over = g.overhead_w_per_gpu * powered / J_PER_KWH
+    e_it = e_gpu + e_over
+    e_fac = e_it * pw.pue
+    if sc.cost.hardware == "owned":
+        per_gpu_h = (
+            g.capex_usd / (sc.cost.amortization_years * 8760.0)
+            + sc.cost.maintenance_usd_per_gpu_hour
+        )
+        hw_cost = np.full(H, total_gpus * per_gpu_h)
+    else:
+        hw_cost = g.rent_usd_per_gpu_hour * powered / 3600.0
+    return {
+        "powered_gpu_s": powered,
+        "gpu_busy_s": busy_gpu_s,
+        "energy_gpu_kwh": e_gpu,
+        "energy_gpu_idle_kwh": e_gpu_idle,
+        "energy_gpu_dynamic_kwh": e_gpu_dyn,
+        "energy_overhead_kwh": e_over,
+        "energy_it_kwh": e_it,
+        "energy_facility_kwh": e_fac,
+        "energy_cost_usd": e_fac * price,
+        "hardware_cost_usd": hw_cost,
+    }
+
+
+def _pools(p: PodSummary) -> dict:
+    """The per-pool record of a pod of a disaggregated fleet."""
+    assert p.pools is not None, "not a disaggregated pod"
+    return p.pools
+
+
+def pool_energy_cost(
+    rs: Resolved, name: str, pods: list[PodSummary], scale: float, price: np.ndarray
+) -> dict[str, np.ndarray]:
+    """:func:`energy_cost` of one pool of a disaggregated fleet (static pools: no waking or
+    off time), from the pods' ``pools`` records."""
+    assert rs.pools is not None
+    spec = rs.pools.by_name()[name]
+    prs = spec.rs
+    H = len(price)
+
+    def tot(key: str) -> np.ndarray:
+        return scale * np.sum(
+            [np.asarray(_pools(p)[name][key], dtype=np.float64) for p in pods], axis=0
+        )
+
+    zeros = np.zeros(H)
+    return energy_cost(
+        rs,
+        prs.gpu,
+        rs.scenario.fleet.pods * spec.replicas * prs.tp,
+        tot("powered_gpu_s"),
+        zeros,
+        zeros,
+        tot("busy_s") * prs.tp,
+        tot("dyn_j"),
+        price,
+    )
+
+
 def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.Table:
     """The hourly contract table of ``pods`` (extensive figures multiplied by ``scale``)."""
     sc = rs.scenario
@@ -194,34 +276,43 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
             [np.asarray(getattr(p, name) or [0.0] * H, dtype=np.float64) for p in pods], axis=0
         )
 
-    powered = tot("powered_gpu_s")  # on + waking GPU-seconds
-    waking = tot0("waking_gpu_s")
-    off = tot0("off_gpu_s")
-    busy_gpu_s = tot("busy_s") * rs.tp
-    dyn_j = tot("dyn_j")
-    g = rs.gpu
-    pw = sc.power
-    wake_w = g.idle_w if pw.wake_w is None else pw.wake_w
-    # static draw (idle while on, wake, standby while off) and the iterations' dynamic energy
-    e_gpu_idle = (g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off) / J_PER_KWH
-    e_gpu_dyn = dyn_j / J_PER_KWH
-    e_gpu = e_gpu_idle + e_gpu_dyn
-    e_over = g.overhead_w_per_gpu * powered / J_PER_KWH
-    e_it = e_gpu + e_over
-    e_fac = e_it * sc.power.pue
     hod = [(hod0 + h) % 24 for h in range(H)]
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
     price = np.array([price_day[x] for x in hod])
-    e_cost = e_fac * price
-    total_gpus = sc.fleet.pods * sc.fleet.replicas * rs.tp
-    if sc.cost.hardware == "owned":
-        per_gpu_h = (
-            g.capex_usd / (sc.cost.amortization_years * 8760.0)
-            + sc.cost.maintenance_usd_per_gpu_hour
-        )
-        hw_cost = np.full(H, total_gpus * per_gpu_h)
+    if rs.pools is not None:  # disaggregated: each pool priced with its own GPU, then summed
+        parts = [pool_energy_cost(rs, name, pods, scale, price) for name in ("prefill", "decode")]
+        powered = sum(p["powered_gpu_s"] for p in parts)
+        busy_gpu_s = sum(p["gpu_busy_s"] for p in parts)
+        e_gpu = sum(p["energy_gpu_kwh"] for p in parts)
+        e_gpu_idle = sum(p["energy_gpu_idle_kwh"] for p in parts)
+        e_gpu_dyn = sum(p["energy_gpu_dynamic_kwh"] for p in parts)
+        e_over = sum(p["energy_overhead_kwh"] for p in parts)
+        e_cost = sum(p["energy_cost_usd"] for p in parts)
+        hw_cost = sum(p["hardware_cost_usd"] for p in parts)
+        e_it = e_gpu + e_over
+        e_fac = e_it * sc.power.pue
     else:
-        hw_cost = g.rent_usd_per_gpu_hour * powered / 3600.0
+        powered = tot("powered_gpu_s")  # on + waking GPU-seconds
+        ec = energy_cost(
+            rs,
+            rs.gpu,
+            sc.fleet.pods * sc.fleet.replicas * rs.tp,
+            powered,
+            tot0("waking_gpu_s"),
+            tot0("off_gpu_s"),
+            tot("busy_s") * rs.tp,
+            tot("dyn_j"),
+            price,
+        )
+        busy_gpu_s = ec["gpu_busy_s"]
+        e_gpu, e_over, e_it, e_fac = (
+            ec["energy_gpu_kwh"],
+            ec["energy_overhead_kwh"],
+            ec["energy_it_kwh"],
+            ec["energy_facility_kwh"],
+        )
+        e_cost, hw_cost = ec["energy_cost_usd"], ec["hardware_cost_usd"]
+        e_gpu_idle, e_gpu_dyn = ec["energy_gpu_idle_kwh"], ec["energy_gpu_dynamic_kwh"]
     total = e_cost + hw_cost
     arrived = np.rint(tot("arrived")).astype(np.int64)
     completed = np.rint(tot("completed")).astype(np.int64)
@@ -235,18 +326,33 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         slo = np.where(n_lat > 0, ok / np.maximum(n_lat, 1), np.nan)
         whpr = np.where(completed > 0, e_fac * 1000.0 / np.maximum(completed, 1), np.nan)
         usd_mtok = np.where(output > 0, total / np.maximum(output, 1) * 1e6, np.nan)
-    iters = tot0("iters_h")
-    prof = rs.profile
+    # work done (FLOPs, bytes, iterations) and the peak of the powered GPUs that did it
+    if rs.pools is not None:
+        work = {k: np.zeros(H) for k in ("flops", "bytes_moved", "iters_h")}
+        peak_f, peak_b = np.zeros(H), np.zeros(H)
+        for name, spec in rs.pools.by_name().items():
+            for k in work:
+                work[k] += scale * np.sum(
+                    [np.asarray(_pools(p)[name].get(k) or [0.0] * H, float) for p in pods], axis=0
+                )
+            pw_s = scale * np.sum(
+                [np.asarray(_pools(p)[name]["powered_gpu_s"], float) for p in pods], axis=0
+            )
+            peak_f += spec.rs.profile.peak_flops * pw_s
+            peak_b += spec.rs.profile.mem_bw_bytes_per_s * pw_s
+        flops_done, bytes_done, iters = work["flops"], work["bytes_moved"], work["iters_h"]
+    else:
+        flops_done, bytes_done, iters = tot0("flops"), tot0("bytes_moved"), tot0("iters_h")
+        peak_f = rs.profile.peak_flops * powered
+        peak_b = rs.profile.mem_bw_bytes_per_s * powered
     with np.errstate(invalid="ignore", divide="ignore"):
         # mean sequences per iteration (each yields one token) against max_num_seqs
         occupancy = np.where(iters > 0, output / np.maximum(iters, 1), np.nan) / (
             sc.fleet.max_batch_size
         )
         # achieved FLOP/s and bytes/s of the powered GPUs against their peak
-        flops_util = np.where(powered > 0, tot0("flops") / (prof.peak_flops * powered), np.nan)
-        bw_util = np.where(
-            powered > 0, tot0("bytes_moved") / (prof.mem_bw_bytes_per_s * powered), np.nan
-        )
+        flops_util = np.where(peak_f > 0, flops_done / np.where(peak_f > 0, peak_f, 1), np.nan)
+        bw_util = np.where(peak_b > 0, bytes_done / np.where(peak_b > 0, peak_b, 1), np.nan)
     carbon_day = hourly_values(sc.cost.carbon_kg_per_kwh, 24)
     carbon = (
         e_fac * np.array([carbon_day[x] for x in hod])
@@ -289,3 +395,112 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
     # no grid intensity: carbon is unknown, null (not NaN, which SQL engines would sum to NaN)
     cols["carbon_kg"] = pa.array(carbon, type=pa.float64(), from_pandas=True)
     return pa.table({k: cols[k] for k in HOURLY_COLUMNS}, schema=HOURLY_SCHEMA)
+
+
+POOLS_SCHEMA = pa.schema(
+    [
+        ("hour", pa.int32()),
+        ("hour_start", pa.timestamp("s", tz="UTC")),
+        ("pool", pa.string()),
+        ("gpu", pa.string()),
+        ("tensor_parallel", pa.int32()),
+        ("replicas", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+        ("gpus_powered_mean", pa.float64()),
+        ("gpu_busy_s", pa.float64()),
+        ("utilization", pa.float64()),
+        ("energy_gpu_kwh", pa.float64()),
+        ("energy_overhead_kwh", pa.float64()),
+        ("energy_it_kwh", pa.float64()),
+        ("energy_facility_kwh", pa.float64()),
+        ("energy_cost_usd", pa.float64()),
+        ("hardware_cost_usd", pa.float64()),
+        ("total_cost_usd", pa.float64()),
+        ("kv_transfers", pa.int64()),
+        ("kv_transfer_bytes", pa.float64()),
+        ("kv_transfer_mean_s", pa.float64()),
+        ("kv_transfer_p99_s", pa.float64()),
+    ]
+)
+
+
+def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.Table | None:
+    """One row per (hour, pool) of a disaggregated fleet (None for an aggregated one): each
+    pool's GPUs, busy time, energy and cost, priced with its own GPU type. The fleet's hourly
+    table is their sum. The KV-transfer columns sit on the prefill rows (the link is the
+    prefill replicas' egress; transfers counted in the hour the KV arrives) and are 0 / null
+    on the decode rows."""
+    if rs.pools is None:
+        return None
+    sc = rs.scenario
+    H = sc.simulation.hours
+    start = sc.simulation.start_utc
+    hod0 = start.hour
+    price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
+    assert price_day is not None
+    price = np.array([price_day[(hod0 + h) % 24] for h in range(H)])
+
+    def tot(name: str, key: str) -> np.ndarray:
+        return scale * np.sum(
+            [np.asarray(_pools(p)[name][key], dtype=np.float64) for p in pods], axis=0
+        )
+
+    count = tot("transfer", "count")
+    tsum = tot("transfer", "time_sum_s")
+    if len(pods) == 1:
+        p99 = np.asarray(_pools(pods[0])["transfer"]["p99_s"], dtype=np.float64)
+    else:
+        p99 = np.array(
+            [
+                hist_percentile(
+                    np.sum([np.asarray(_pools(p)["transfer"]["hist"][h]) for p in pods], axis=0),
+                    99.0,
+                )
+                for h in range(H)
+            ]
+        )
+    rows: dict[str, list] = {k: [] for k in POOLS_SCHEMA.names}
+    xbytes = tot("transfer", "bytes")
+    cols_by_pool = {}
+    for name, spec in rs.pools.by_name().items():
+        ec = pool_energy_cost(rs, name, pods, scale, price)
+        ec["prompt_tokens"] = tot(name, "prompt_tokens")
+        ec["output_tokens"] = tot(name, "output_tokens")
+        cols_by_pool[name] = (spec, ec)
+    for h in range(H):
+        for name, (spec, ec) in cols_by_pool.items():
+            pw = ec["powered_gpu_s"][h]
+            pre = name == "prefill"
+            rows["hour"].append(h)
+            rows["hour_start"].append(start + timedelta(hours=h))
+            rows["pool"].append(name)
+            rows["gpu"].append(spec.gpu_name)
+            rows["tensor_parallel"].append(spec.tp)
+            rows["replicas"].append(sc.fleet.pods * spec.replicas)
+            rows["prompt_tokens"].append(round(ec["prompt_tokens"][h]))
+            rows["output_tokens"].append(round(ec["output_tokens"][h]))
+            rows["gpus_powered_mean"].append(pw / 3600.0)
+            rows["gpu_busy_s"].append(ec["gpu_busy_s"][h])
+            rows["utilization"].append(ec["gpu_busy_s"][h] / pw if pw > 0 else 0.0)
+            for k in (
+                "energy_gpu_kwh",
+                "energy_overhead_kwh",
+                "energy_it_kwh",
+                "energy_facility_kwh",
+                "energy_cost_usd",
+                "hardware_cost_usd",
+            ):
+                rows[k].append(float(ec[k][h]))
+            rows["total_cost_usd"].append(
+                float(ec["energy_cost_usd"][h] + ec["hardware_cost_usd"][h])
+            )
+            rows["kv_transfers"].append(round(count[h]) if pre else 0)
+            rows["kv_transfer_bytes"].append(float(xbytes[h]) if pre else 0.0)
+            rows["kv_transfer_mean_s"].append(
+                float(tsum[h] / count[h]) if pre and count[h] > 0 else None
+            )
+            rows["kv_transfer_p99_s"].append(
+                float(p99[h]) if pre and count[h] > 0 and math.isfinite(p99[h]) else None
+            )
+    return pa.table(rows, schema=POOLS_SCHEMA)

@@ -188,6 +188,7 @@ MANIFEST_NAME = ".fleetsim-manifest.json"
 OUTPUT_NAMES = frozenset(
     {
         "hourly.parquet",
+        "pools.parquet",
         "requests.parquet",
         "sweep.parquet",
         "plan.parquet",

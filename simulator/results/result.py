@@ -30,6 +30,7 @@ class Result:
     totals: dict[str, float] = field(default_factory=dict)
     day_latency: dict[str, float] = field(default_factory=dict)
     pod_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    pools: pa.Table | None = None  # disaggregated fleets: one row per (hour, pool)
 
     @property
     def scenario(self) -> Scenario:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -130,6 +131,12 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         f"{sc.fleet.pods} pod(s) x {sc.fleet.replicas} replica(s) x TP{rs.tp} = "
         f"{sc.fleet.pods * sc.fleet.replicas * rs.tp} x {rs.gpu.name}"
     )
+    if rs.pools is not None:
+        ps = rs.pools
+        fleet = f"{sc.fleet.pods} pod(s) of " + " + ".join(
+            f"{p.name} {p.replicas} x TP{p.tp} {p.gpu_name}" for p in (ps.prefill, ps.decode)
+        )
+        fleet += f", KV over {ps.link.name}"
     c.print(
         f"[bold]{sc.name}[/bold]: {rs.model.name} ({rs.model.dtype}) on {fleet}; "
         f"{hours} h, seed {sc.seed}, profile {rs.profile_id}"
@@ -217,5 +224,73 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         else "",
     )
     c.print(tab)
+    if res.pools is not None:
+        print_pools(res, c)
     for name, (lo, hi) in res.pod_ci.items():
         c.print(f"95% CI over pods, {name}: [{lo:,.2f}, {hi:,.2f}]")
+
+
+def pool_totals(res: Result) -> dict[str, dict[str, float]]:
+    """The day's figures of each pool of a disaggregated fleet, and of the KV link."""
+    assert res.pools is not None
+    df = res.pools.to_pandas()
+    out: dict[str, dict[str, float]] = {}
+    for name, g in df.groupby("pool", sort=False):
+        d = {
+            c: float(g[c].sum())
+            for c in (
+                "gpu_busy_s",
+                "energy_facility_kwh",
+                "energy_cost_usd",
+                "hardware_cost_usd",
+                "total_cost_usd",
+                "kv_transfers",
+                "kv_transfer_bytes",
+            )
+        }
+        d["gpu_hours"] = float(g["gpus_powered_mean"].sum())
+        d["utilization"] = d["gpu_busy_s"] / (d["gpu_hours"] * 3600.0) if d["gpu_hours"] else 0.0
+        n = g["kv_transfers"].to_numpy()
+        mean = g["kv_transfer_mean_s"].to_numpy(dtype=float, na_value=math.nan)
+        p99 = g["kv_transfer_p99_s"].to_numpy(dtype=float, na_value=math.nan)
+        d["kv_transfer_mean_s"] = (
+            float((n * np.nan_to_num(mean)).sum() / n.sum()) if n.sum() else math.nan
+        )
+        d["kv_transfer_worst_hour_p99_s"] = (
+            float(np.nanmax(p99)) if np.isfinite(p99).any() else math.nan
+        )
+        out[str(name)] = d
+    return out
+
+
+def print_pools(res: Result, c: Console) -> None:
+    """Both pools of a disaggregated fleet side by side, and the KV traffic between them."""
+    rs = res.resolved
+    tab = Table(title="pools (pools.parquet)")
+    for h in ("pool", "GPU", "GPU-h", "busy", "kWh", "energy $", "hardware $", "total $"):
+        tab.add_column(h, justify="left" if h in ("pool", "GPU") else "right")
+    pt = pool_totals(res)
+    specs = rs.pools.by_name()
+    for name, d in pt.items():
+        sp = specs[name]
+        tab.add_row(
+            name,
+            f"{sp.replicas} x TP{sp.tp} {sp.gpu_name}",
+            _f(d["gpu_hours"], ",.1f"),
+            f"{d['utilization']:.1%}",
+            _f(d["energy_facility_kwh"]),
+            _f(d["energy_cost_usd"]),
+            _f(d["hardware_cost_usd"]),
+            _f(d["total_cost_usd"]),
+        )
+    c.print(tab)
+    x = pt["prefill"]
+    hours = res.scenario.simulation.hours
+    link = rs.pools.link
+    c.print(
+        f"KV transfers ({link.name}, {link.bandwidth_bytes_per_s / 1e9:g} GB/s per GPU, "
+        f"{link.latency_s * 1e6:g} us): {_f(x['kv_transfers'], ',.0f')} requests, "
+        f"{_f(x['kv_transfer_bytes'] / 1e9 / hours, ',.1f')} GB per hour on average; transfer "
+        f"time mean {_f(x['kv_transfer_mean_s'] * 1e3, '.2f')} ms, worst hour's p99 "
+        f"{_f(x['kv_transfer_worst_hour_p99_s'] * 1e3, '.2f')} ms"
+    )

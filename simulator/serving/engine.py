@@ -80,6 +80,10 @@ class Replica:
         "limits",
         "pod",
         "rec",
+        # disaggregated pools (serving/disagg.py); None/False in an aggregated fleet
+        "handoff",
+        "on_admitted",
+        "ready_join",
         # the queue and the decoding sequences
         "S",
         "heap",
@@ -144,6 +148,14 @@ class Replica:
         # the pending SimPy event
         self.armed_t: float | None = None
         self.token = 0
+        # disaggregated pools (serving/disagg.py): a prefill-only replica hands each request to
+        # its pool after the first token, keeping its KV until the pool calls release(); a
+        # decode-only replica admits requests whose prompt KV has arrived straight into the
+        # decode set, telling its pool which ones at what time. Aggregated: None, False.
+        role = getattr(pod, "role", "both")
+        self.handoff = pod.handoff if role == "prefill" else None  # type: ignore[attr-defined]
+        self.ready_join = role == "decode"
+        self.on_admitted = pod.on_admitted if role == "decode" else None  # type: ignore[attr-defined]
 
     # ---- the port (fleetsim.serving.ports.ReplicaPort) ----------------------------------------
     def join_queue(self, q: deque[Request]) -> None:
@@ -170,6 +182,48 @@ class Replica:
             out += list(self.waiting)
         return out
 
+    # ---- disaggregated pools ---------------------------------------------------------------------
+    def _join_ready(self, T: float) -> None:
+        """Decode-only replica: admit waiting requests whose prompt KV has arrived (first come,
+        first served, while the batch, the token budget and the KV budget allow) straight into
+        the decode set. Their first token came from the prefill pool, so the iteration starting
+        at ``T`` makes their second token at context prompt + 1 (join_it = it - 1)."""
+        w = self.waiting
+        n = self.n
+        kv = self.kv_used
+        it = self.it
+        lim = self.limits
+        S = self.S
+        heap = self.heap
+        joined = []
+        while w:
+            r = w[0]
+            if not lim.admits(n, n, kv, 1, r.need):  # one token per decoding sequence
+                break
+            w.popleft()
+            kv += r.need
+            n += 1
+            r.join_it = it - 1
+            S += r.prompt - (it - 1)
+            heapq.heappush(heap, (it + r.out - 2, r.rid, r))
+            joined.append(r)
+        if joined:
+            self.n = n
+            self.S = S
+            self.kv_used = kv
+            self.on_admitted(joined, T, self)  # type: ignore[misc]
+
+    def release(self, tokens: int) -> None:
+        """Prefill-only replica: the KV of a handed-off request (``tokens``) has left; start
+        the next run if the replica was waiting for the space."""
+        self.kv_used -= tokens
+        self.outstanding -= 1
+        if not self.busy:
+            if self.pod.shared_queue is not None:
+                self.pod.router.dispatch()
+            elif self.waiting:
+                self.plan(self.env.now)
+
     # ---- planning -----------------------------------------------------------------------------
     def plan(self, T: float) -> None:
         """Plan the run that starts at boundary time ``T`` and arm its end event."""
@@ -184,8 +238,10 @@ class Replica:
         # the calls). calibrate/engine.py and _cut_point call Limits.admits itself.
         w = self.waiting
         pf = self.pf
+        if self.ready_join and w:
+            self._join_ready(T)
         n = self.n
-        if w:
+        if w and not self.ready_join:
             P = self.P
             kv = self.kv_used
             nt = n + len(pf)
@@ -400,10 +456,14 @@ class Replica:
         heap = self.heap
         it = self.it
         end = self.run_end
+        hand = self.handoff
         while heap and heap[0][0] < it:
             _, _, r = heapq.heappop(heap)
             self.n -= 1
             self.S -= r.prompt - r.join_it
+            if hand is not None:  # prefill-only: the pool moves the KV on, then release()s it
+                hand(r, end, self)
+                continue
             self.kv_used -= r.need
             self.outstanding -= 1
             self.pod.rec.complete(r, end, self.index)
@@ -436,7 +496,7 @@ class Replica:
         k = self.k
         if ta <= T0:
             if self.limits.admits(
-                self.n + len(self.pf), self.P + self.n, self.kv_used, r.prompt, r.need
+                self.n + len(self.pf), self.P + self.n, self.kv_used, self._tokens(r), r.need
             ):
                 return 0
             j = 1
@@ -450,7 +510,13 @@ class Replica:
         if j >= k:
             return -1  # the run ends first; its end admits the request
         n_all = self.n + len(self.pf)
-        return j if self.limits.admits(n_all, n_all, self.kv_used, r.prompt, r.need) else -1
+        ok = self.limits.admits(n_all, n_all, self.kv_used, self._tokens(r), r.need)
+        return j if ok else -1
+
+    def _tokens(self, r: Request) -> int:
+        """Tokens ``r`` adds to its first iteration: its prompt, or one on a decode-only
+        replica (the prompt's KV arrived from the prefill pool)."""
+        return 1 if self.ready_join else r.prompt
 
     def admission_time(self, r: Request) -> tuple[float, bool]:
         """The earliest boundary at which ``r`` could be admitted here, and whether reaching it

@@ -1,6 +1,6 @@
 """Catalogs of GPUs and models, as data files with a source for every number.
 
-``gpus.toml`` and ``models.toml`` sit beside this module. :func:`gpu` and :func:`model` return
+``gpus.toml``, ``models.toml`` and ``links.toml`` sit beside this module. :func:`gpu` and :func:`model` return
 plain dicts of the entry's fields; the scenario layer turns them into typed objects.
 """
 
@@ -30,6 +30,11 @@ def models() -> dict[str, dict]:
     return _load("models.toml")
 
 
+def links() -> dict[str, dict]:
+    """All KV-transfer link entries (disaggregated serving), by name."""
+    return _load("links.toml")
+
+
 def _lookup(table: dict[str, dict], name: str, field: str) -> dict:
     if name in table:
         return dict(table[name])
@@ -43,6 +48,11 @@ def _lookup(table: dict[str, dict], name: str, field: str) -> dict:
 def gpu(name: str, field: str = "hardware.gpu") -> dict:
     """The catalog entry of GPU ``name``; a ScenarioError naming ``field`` if unknown."""
     return _lookup(gpus(), name, field)
+
+
+def link(name: str, field: str = "disaggregation.link") -> dict:
+    """The catalog entry of KV-transfer link ``name``; a ScenarioError naming ``field``."""
+    return _lookup(links(), name, field)
 
 
 def model(name: str, field: str = "model.name") -> dict:
