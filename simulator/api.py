@@ -144,8 +144,9 @@ class Run:
 
     @property
     def totals(self) -> dict[str, float]:
-        """The day's sums and derived figures (requests, energy, cost, SLO attainment...)."""
-        return self.result.totals
+        """The day's sums and derived figures (requests, energy, cost, SLO attainment...), as
+        a dict (the fields of :class:`fleetsim.results.result.DayTotals`)."""
+        return self.result.totals.as_dict()
 
     @property
     def latency(self) -> dict[str, float]:

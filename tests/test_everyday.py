@@ -225,10 +225,10 @@ def test_hourly_parquet_reads_in_pandas_polars_and_duckdb(one_run):
     q = f"SELECT SUM(carbon_kg), SUM(energy_gpu_kwh), SUM(itl_mean_s) FROM '{path}'"
     carbon, gpu_kwh, itl = con.execute(q).fetchone()
     assert carbon is None  # null, not NaN, without a grid intensity
-    assert gpu_kwh == pytest.approx(res.totals["energy_gpu_kwh"], rel=1e-12)
+    assert gpu_kwh == pytest.approx(res.totals.energy_gpu_kwh, rel=1e-12)
     assert itl == pytest.approx(float(df["itl_mean_s"].sum()), rel=1e-12)
     assert pf["carbon_kg"].null_count() == pf.height
-    assert math.isnan(res.totals["carbon_kg"])
+    assert math.isnan(res.totals.carbon_kg)
 
 
 def test_carbon_with_an_intensity_is_energy_times_intensity():
@@ -263,7 +263,7 @@ def test_throughput_and_occupancy_columns(one_run):
         occ = t["output_tokens"][h] / t["iterations"][h] / res.scenario.fleet.max_batch_size
         assert t["batch_occupancy"][h] == pytest.approx(occ, rel=1e-12)
     # every iteration is in some hour (or past the horizon)
-    assert sum(t["iterations"]) <= res.totals["iterations"]
+    assert sum(t["iterations"]) <= res.totals.iterations
 
 
 # ---- latency metrics against the per-request records -----------------------------------------

@@ -29,7 +29,7 @@ def backlog_limit(res: Result) -> float:
     t = res.totals
     arrived = res.hourly.column("requests_arrived").to_numpy()
     last_rate = float(arrived[-1]) / 3600.0 if len(arrived) else 0.0
-    mean_out = t["output_tokens"] / max(t["requests_completed"], 1.0)
+    mean_out = t.output_tokens / max(t.requests_completed, 1.0)
     m = last_rate * (sc.slo.ttft_s + mean_out * sc.slo.tpot_s)
     return m + 4.0 * math.sqrt(m) + 10.0
 
@@ -40,14 +40,14 @@ def health(res: Result) -> dict:
     :data:`SLO_ATTAINMENT_WARN_BELOW`), ``overloaded`` (either), and one-line ``warnings``."""
     t = res.totals
     limit = backlog_limit(res)
-    unbounded = t["requests_in_flight"] > limit
-    att = t["slo_attainment"]
+    unbounded = t.requests_in_flight > limit
+    att = t.slo_attainment
     low = not math.isnan(att) and att < SLO_ATTAINMENT_WARN_BELOW
     warnings = []
     if unbounded:
         warnings.append(
-            f"OVERLOADED: the queue grows without bound: {t['requests_in_flight']:,.0f} of "
-            f"{t['requests_arrived']:,.0f} requests still in flight at the end (a fleet that "
+            f"OVERLOADED: the queue grows without bound: {t.requests_in_flight:,.0f} of "
+            f"{t.requests_arrived:,.0f} requests still in flight at the end (a fleet that "
             f"keeps up holds about {limit:,.0f}); add replicas or lower the rate"
         )
     if low:
@@ -103,7 +103,7 @@ def summary_dict(res: Result, paths: dict[str, str] | None = None) -> dict:
                 "tensor_parallel": rs.tp,
                 "gpus": sc.fleet.pods * sc.fleet.replicas * rs.tp,
             },
-            "totals": res.totals,
+            "totals": res.totals.as_dict(),
             "latency": res.day_latency,
             "pod_ci95": {k: list(v) for k, v in res.pod_ci.items()},
             "health": health(res),
@@ -151,20 +151,20 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     tab.add_column()
     tab.add_row(
         "requests",
-        _f(t["requests_arrived"], ",.0f"),
-        f"completed {_f(t['requests_completed'], ',.0f')}, rejected "
-        f"{_f(t['requests_rejected'], ',.0f')}, in flight at the end "
-        f"{_f(t['requests_in_flight'], ',.0f')}",
+        _f(t.requests_arrived, ",.0f"),
+        f"completed {_f(t.requests_completed, ',.0f')}, rejected "
+        f"{_f(t.requests_rejected, ',.0f')}, in flight at the end "
+        f"{_f(t.requests_in_flight, ',.0f')}",
     )
     tab.add_row(
-        "tokens", _f(t["output_tokens"], ",.0f"), f"output; prompt {_f(t['prompt_tokens'], ',.0f')}"
+        "tokens", _f(t.output_tokens, ",.0f"), f"output; prompt {_f(t.prompt_tokens, ',.0f')}"
     )
     iters = sum(p.iterations for p in res.pods)
     batch = sum(sum(p.output_tokens) for p in res.pods) / iters if iters else math.nan
     tab.add_row(
         "GPU-hours",
-        _f(t["gpu_hours"], ",.1f"),
-        f"busy {t['utilization']:.1%} of powered time; {_f(batch, '.1f')} output tokens "
+        _f(t.gpu_hours, ",.1f"),
+        f"busy {t.utilization:.1%} of powered time; {_f(batch, '.1f')} output tokens "
         "per iteration on average",
     )
     if sc.autoscaler.policy != "static":  # power states: what the autoscaler kept powered
@@ -178,23 +178,23 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         )
     tab.add_row(
         "energy",
-        f"{_f(t['energy_facility_kwh'])} kWh",
-        f"facility = (GPU {_f(t['energy_gpu_kwh'])} + node overhead "
-        f"{_f(t['energy_overhead_kwh'])}) kWh x PUE {sc.power.pue}",
+        f"{_f(t.energy_facility_kwh)} kWh",
+        f"facility = (GPU {_f(t.energy_gpu_kwh)} + node overhead "
+        f"{_f(t.energy_overhead_kwh)}) kWh x PUE {sc.power.pue}",
     )
     tab.add_row(
-        "energy cost", f"$ {_f(t['energy_cost_usd'])}", "facility kWh x the price in each hour"
+        "energy cost", f"$ {_f(t.energy_cost_usd)}", "facility kWh x the price in each hour"
     )
     hw = "amortised capex" if sc.cost.hardware == "owned" else "rent while provisioned"
-    tab.add_row("hardware cost", f"$ {_f(t['hardware_cost_usd'])}", f"GPU-hours x {hw}")
-    tab.add_row("total cost", f"$ {_f(t['total_cost_usd'])}", "")
-    if not math.isnan(t.get("carbon_kg", math.nan)):
-        tab.add_row("carbon", f"{_f(t['carbon_kg'])} kg CO2e", "")
-    tab.add_row("Wh per request", _f(t["wh_per_request"], ",.3f"), "facility energy")
+    tab.add_row("hardware cost", f"$ {_f(t.hardware_cost_usd)}", f"GPU-hours x {hw}")
+    tab.add_row("total cost", f"$ {_f(t.total_cost_usd)}", "")
+    if not math.isnan(t.carbon_kg):
+        tab.add_row("carbon", f"{_f(t.carbon_kg)} kg CO2e", "")
+    tab.add_row("Wh per request", _f(t.wh_per_request, ",.3f"), "facility energy")
     tab.add_row(
         "$ per M output tokens",
-        _f(t["usd_per_mtok"], ",.3f"),
-        f"$ per 1k requests {_f(t['usd_per_1k_requests'], ',.4f')}",
+        _f(t.usd_per_mtok, ",.3f"),
+        f"$ per 1k requests {_f(t.usd_per_1k_requests, ',.4f')}",
     )
     tab.add_row(
         "TTFT",
@@ -209,18 +209,18 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     )
     tab.add_row(
         "SLO attainment",
-        f"{t['slo_attainment']:.2%}" if not math.isnan(t["slo_attainment"]) else "n/a",
+        f"{t.slo_attainment:.2%}" if not math.isnan(t.slo_attainment) else "n/a",
         "requests meeting both TTFT and TPOT targets",
     )
-    ph = t["peak_hour"]
+    ph = t.peak_hour
     row = res.hourly.slice(ph, 1).to_pylist()[0]
     tab.add_row(
         "peak hour",
         f"{row['hour_start']:%H:00} UTC (hour {ph})",
-        f"$ {_f(row['total_cost_usd'])} = {row['total_cost_usd'] / t['total_cost_usd']:.1%}"
+        f"$ {_f(row['total_cost_usd'])} = {row['total_cost_usd'] / t.total_cost_usd:.1%}"
         f" of the day; {row['requests_arrived']:,} requests; p99 TTFT "
         f"{_f(row['ttft_p99_s'], '.3f')} s"
-        if t["total_cost_usd"]
+        if t.total_cost_usd
         else "",
     )
     c.print(tab)
