@@ -346,7 +346,7 @@ def test_set_of_an_alias_replaces_the_files_name(tmp_path, capsys):
     assert sc.fleet.replicas == 3
     f.write_text(f.read_text() + "replicas_per_pod = 4\n")  # both names in the file
     rc, err = _cli(capsys, "validate", f)
-    _one_line(rc, err, "given twice", "replicas_per_pod")
+    _one_line(rc, err, "also given", "replicas_per_pod")
 
 
 def test_newline_in_the_scenario_path_keeps_one_line(tmp_path, capsys):

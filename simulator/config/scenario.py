@@ -334,24 +334,7 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
                 raise UserError(f"--set {item!r}: {p!r} is not a section")
             node = nxt
         node[path[-1]] = value
-        twin = _alias_twin(path)  # --set replicas_per_pod=3 replaces the file's replicas = 2
-        if twin is not None:
-            node.pop(twin, None)
     return out
-
-
-def _alias_twin(path: list[str]) -> str | None:
-    """The other name of the field at ``path`` (a field and its alias), if it has one."""
-    model: Any = Scenario
-    for p in path[:-1]:
-        f = model.model_fields.get(p) if hasattr(model, "model_fields") else None
-        model = f.annotation if f is not None else None
-        if not (isinstance(model, type) and hasattr(model, "model_fields")):
-            return None
-    for name, f in model.model_fields.items():
-        if f.alias and path[-1] in (name, f.alias):
-            return f.alias if path[-1] == name else name
-    return None
 
 
 def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:

@@ -340,21 +340,6 @@ def format_validation_error(
         parent = w["parent"]
         known = list(parent.model_fields) if parent else []
         key = str(err["loc"][-1])
-        aliases = {
-            f.alias: name for name, f in (parent.model_fields if parent else {}).items() if f.alias
-        }
-        twin = aliases.get(key) or next((a for a, n in aliases.items() if n == key), None)
-        node = data
-        for part in err["loc"][:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if twin is not None and isinstance(node, dict) and twin in node:
-            return ScenarioError(  # e.g. replicas and replicas_per_pod: one field, two names
-                w["path"],
-                err.get("input"),
-                f"given twice: {key!r} and {twin!r} are two names of the same field",
-                f"keep one of them (--set overrides whichever name the file uses: {key})",
-                source,
-            )
         close = closest(key, known)
         fix = f"did you mean {close!r}?" if close else f"known keys: {', '.join(known)}"
         return ScenarioError(w["path"], err.get("input"), "unknown key", fix, source)
