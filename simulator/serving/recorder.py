@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fleetsim.base.units import HOUR_S
+
 LAT_PCTS = (50.0, 99.0)
 # log-spaced histogram (for merging latency distributions across pods): 1 us .. 1e6 s
 HIST_LO_S, HIST_DECADES, HIST_PER_DECADE = 1e-6, 12, 500
@@ -122,7 +124,7 @@ class Recorder:
 
     # -- per request --------------------------------------------------------------------------
     def complete(self, r, finish_s: float, replica: int) -> None:
-        h = int(finish_s // 3600.0)
+        h = int(finish_s // HOUR_S)
         if h >= self.hours:
             return
         if h != self._cur_hour:
@@ -179,7 +181,7 @@ class Recorder:
         self.dyn_j[h] += dyn_j
 
     def add_tokens(self, t_end: float, prompt: int, output: int) -> None:
-        h = int(t_end // 3600.0)
+        h = int(t_end // HOUR_S)
         if h > self.hours:
             h = self.hours
         self.prompt_tokens[h] += prompt
