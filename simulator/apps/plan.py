@@ -511,6 +511,63 @@ def make_candidates(
     return cands
 
 
+def plan_fleet(
+    data: dict,
+    source: str,
+    slo: Slo,
+    cands: list[Candidate],
+    ex: Executor,
+    hooks=None,
+    *,
+    schedule: bool = True,
+    log=None,
+) -> tuple[pa.Table, dict | None]:
+    """Plan every candidate (see the module docstring); the ranked table and the schedule of the
+    best candidate (None without one, or with ``schedule=False``)."""
+    planner = Planner(data, source, slo, ex, hooks)
+    ratios: dict[int, float] = {}  # TP -> replicas / throughput bound, last planned
+    last = None
+    for c in cands:
+        if c.rs is None:
+            continue
+        if hooks is not None:
+            hooks.describe(f"plan {c.gpu} TP{c.tp}")
+        planner.plan_candidate(c, ratios.get(c.tp, last))
+        if c.replicas and c.lower_bound:
+            ratios[c.tp] = last = c.replicas / c.lower_bound
+        if log is not None:
+            log(
+                f"{c.gpu} TP{c.tp}: "
+                + (
+                    f"{c.replicas} replicas per pod ({c.probes} probes)"
+                    if c.replicas
+                    else c.problem
+                )
+            )
+    pods = scenario_from_dict(data, source).fleet.pods
+    table = plan_table(cands, pods)
+    best = next(
+        (
+            c
+            for c in cands
+            if c.replicas
+            and c.gpu == table["gpu"][0].as_py()
+            and c.tp == table["tensor_parallel"][0].as_py()
+        ),
+        None,
+    )
+    sched = None
+    if best is not None and schedule:
+        if hooks is not None:
+            hooks.describe(f"schedule {best.gpu} TP{best.tp}")
+        sched = {
+            "gpu": best.gpu,
+            "tensor_parallel": best.tp,
+            "replicas_by_hour": planner.schedule(best),
+        }
+    return table, sched
+
+
 def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
     from rich.console import Console
@@ -544,47 +601,20 @@ def main(argv: list[str]) -> int:
     outp = open_output(args, Path(args.scenario).stem + "-plan", ("plan.parquet", "schedule.json"))
     console = Console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
-    sched = None
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
         task_progress(f"plan ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
     ):
-        planner = Planner(data, args.scenario, slo, ex, hooks)
-        ratios: dict[int, float] = {}  # TP -> replicas / throughput bound, last planned
-        last = None
-        for c in cands:
-            if c.rs is None:
-                continue
-            hooks.describe(f"plan {c.gpu} TP{c.tp}")
-            planner.plan_candidate(c, ratios.get(c.tp, last))
-            if c.replicas and c.lower_bound:
-                ratios[c.tp] = last = c.replicas / c.lower_bound
-            console.print(
-                f"{c.gpu} TP{c.tp}: "
-                + (
-                    f"{c.replicas} replicas per pod ({c.probes} probes)"
-                    if c.replicas
-                    else c.problem
-                )
-            )
-        table = plan_table(cands, sc.fleet.pods)
-        best = next(
-            (
-                c
-                for c in cands
-                if c.replicas
-                and c.gpu == table["gpu"][0].as_py()
-                and c.tp == table["tensor_parallel"][0].as_py()
-            ),
-            None,
+        table, sched = plan_fleet(
+            data,
+            args.scenario,
+            slo,
+            cands,
+            ex,
+            hooks,
+            schedule=not args.no_schedule,
+            log=console.print,
         )
-        if best is not None and not args.no_schedule:
-            hooks.describe(f"schedule {best.gpu} TP{best.tp}")
-            sched = {
-                "gpu": best.gpu,
-                "tensor_parallel": best.tp,
-                "replicas_by_hour": planner.schedule(best),
-            }
     wall = time.perf_counter() - t0
     meta = provenance(
         rs,

@@ -402,6 +402,9 @@ class DisaggPod:
                 "prompt_tokens": rec.prompt_tokens[:H],
                 "output_tokens": rec.output_tokens[:H],
                 "powered_gpu_s": [pool.spec.replicas * pool.tp * HOUR_S] * H,
+                "flops": rec.flops[:H],
+                "bytes_moved": rec.bytes_moved[:H],
+                "iters_h": rec.iters_h[:H],
             }
         out["transfer"] = {
             "count": self.xfer_count[:H],

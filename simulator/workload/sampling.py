@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,12 +35,15 @@ class HourChunk:
 
 
 def _resolve_path(file: str, source: str) -> Path:
+    """The absolute path of a data file named in a scenario: relative to the scenario file's
+    folder (else to the working folder, where it exists there only). Absolute, so that an error
+    about the file shows where it was looked for."""
     p = Path(file)
     if not p.is_absolute() and source:
         cand = Path(source).parent / p
-        if cand.exists():
-            return cand
-    return p
+        if cand.exists() or not p.exists():
+            p = cand
+    return Path(os.path.abspath(p))
 
 
 MAX_TRACE_TOKENS = 1_000_000_000  # a token count above this is a broken file, not a request
