@@ -19,7 +19,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from fleetsim.apps.executors import (
@@ -31,6 +30,7 @@ from fleetsim.apps.executors import (
 )
 from fleetsim.base.errors import UserError
 from fleetsim.base.io import term
+from fleetsim.base.units import fmt_num
 from fleetsim.config.scenario import (
     apply_overrides,
     parse_override,
@@ -269,9 +269,6 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "n/a" if not np.isfinite(v) else f"{v:,.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return term(v)  # a grid value is user text: escaped for the console
+def _fmt(v: object) -> str:
+    s = fmt_num(v, ",.4g" if isinstance(v, float) else ",")
+    return s if isinstance(v, (int, float)) else term(s)  # a grid value is user text: escaped

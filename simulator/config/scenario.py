@@ -23,7 +23,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from fleetsim.base.errors import ScenarioError, UserError
 from fleetsim.base.names import closest
 from fleetsim.base.schema import Section, Tokens, bounded
-from fleetsim.base.units import rotate_to_start
+from fleetsim.base.units import DAY_S, rotate_to_start
 from fleetsim.config.pools import POOLS, LinkSpec, Pools, PoolSpec
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile, RooflineProfile
@@ -714,7 +714,8 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             tp,
             f"{model.name} weights need {model.weight_bytes / 1e9:.1f} GB but a replica has "
             f"{usable / 1e9:.1f} GB usable ({tp} x {profile.mem_bytes / 1e9:.0f} GB x "
-            f"{sc.fleet.gpu_memory_utilization}); {(model.weight_bytes - usable) / 1e9:.1f} GB missing",
+            f"{sc.fleet.gpu_memory_utilization}); "
+            f"{(model.weight_bytes - usable) / 1e9:.1f} GB missing",
             tp_fix,
             src,
         )
@@ -769,7 +770,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     w = diurnal_weights(tr.diurnal)
     w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
     mean_w = sum(w) / 24.0
-    base = tr.requests_per_day / 86400.0
+    base = tr.requests_per_day / DAY_S
     rates = tuple(base * x / mean_w for x in w)
     if not all(math.isfinite(r) for r in rates):
         raise ScenarioError(

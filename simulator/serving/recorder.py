@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fleetsim.base.units import HOUR_S
+
 LAT_PCTS = (50.0, 90.0, 95.0, 99.0)
 #: the latency metrics, named as vLLM's benchmarks name them (docs/model.md, "Latency metrics")
 LAT_METRICS = ("ttft", "tpot", "itl", "e2e")
@@ -43,7 +45,7 @@ def _hist(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
 
 class SparseHist:
     """A log-histogram kept as its non-empty span (first bin + int32 counts; a pod-hour has at most
-    MAX_ARRIVALS_PER_POD_HOUR = 1e7 requests). A dense histogram is 3 x 48 kB per pod-hour, which
+    MAX_ARRIVALS_PER_POD_HOUR = 2e6 requests). A dense histogram is 3 x 48 kB per pod-hour, which
     made memory grow by ~3.5 MB per simulated day; the span of real latencies is a few hundred
     bins. It behaves as the dense array where one is needed: ``np.asarray(h)``, ``h + other``,
     ``sum(hists)``, ``np.sum(hists, axis=0)``."""
@@ -158,7 +160,7 @@ class Recorder:
 
     # -- per request --------------------------------------------------------------------------
     def complete(self, r, finish_s: float, replica: int) -> None:
-        h = int(finish_s // 3600.0)
+        h = int(finish_s // HOUR_S)
         if h >= self.hours:
             return
         if h != self._cur_hour:
@@ -232,7 +234,7 @@ class Recorder:
         self.bytes_moved[h] += bytes_moved
 
     def add_tokens(self, t_end: float, prompt: int, output: int) -> None:
-        h = int(t_end // 3600.0)
+        h = int(t_end // HOUR_S)
         if h > self.hours:
             h = self.hours
         self.prompt_tokens[h] += prompt
