@@ -192,6 +192,7 @@ OUTPUT_NAMES = frozenset(
         "requests.parquet",
         "sweep.parquet",
         "plan.parquet",
+        "plan_disaggregated.parquet",
         "schedule.json",
         "cost.png",
         "power.png",
