@@ -622,7 +622,7 @@ def main(argv: list[str]) -> int:
         if dcands:
             from fleetsim.apps.plan_disagg import DisaggPlanner, disagg_table
 
-            dplanner = DisaggPlanner(planner)
+            dplanner = DisaggPlanner(planner, search_min, backlog_ok)
             for dc in dcands:
                 if dc.rs is None:
                     continue

@@ -75,11 +75,10 @@ def disagg_base(data: dict, prefill_gpu: str, decode_gpu: str) -> dict:
     return d
 
 
-def _hours_ok(res: RunSummary, slo, metric: str, judged: list[int]) -> bool:
+def _hours_ok(res: RunSummary, slo, metric: str, judged: list[int], backlog_ok) -> bool:
     """Hours ``judged`` meet the ``metric`` target(s) ("ttft", "tpot" or "both"), nothing was
-    rejected, and the backlog at the end fits a fleet that keeps up."""
-    from fleetsim.apps.plan import backlog_ok
-
+    rejected, and the backlog at the end fits a fleet that keeps up (``backlog_ok``, the
+    aggregated planner's rule)."""
     t = res.hourly
     ok = t.column("requests_rejected").to_numpy() == 0
     for m, target in (("ttft", slo.ttft_p99_s), ("tpot", slo.tpot_p99_s)):
@@ -89,11 +88,11 @@ def _hours_ok(res: RunSummary, slo, metric: str, judged: list[int]) -> bool:
     return bool(all(ok[h] for h in judged)) and backlog_ok(res, slo)
 
 
-def _failing_metrics(res: RunSummary, slo, judged: list[int]) -> tuple[bool, bool]:
+def _failing_metrics(res: RunSummary, slo, judged: list[int], backlog_ok) -> tuple[bool, bool]:
     """Whether TTFT and whether TPOT fail in some judged hour (or the fleet falls behind)."""
     return (
-        not _hours_ok(res, slo, "ttft", judged),
-        not _hours_ok(res, slo, "tpot", judged),
+        not _hours_ok(res, slo, "ttft", judged, backlog_ok),
+        not _hours_ok(res, slo, "tpot", judged, backlog_ok),
     )
 
 
@@ -123,10 +122,13 @@ def pool_bounds(rs: Resolved, source: str) -> tuple[int, int]:
 
 
 class DisaggPlanner:
-    """The disaggregated search, sharing the aggregated planner's executor, cache and SLO."""
+    """The disaggregated search, sharing the aggregated planner's executor, cache and SLO, and
+    its search (``search_min``) and backlog rule (``backlog_ok``), passed in by apps/plan.py."""
 
-    def __init__(self, planner) -> None:
+    def __init__(self, planner, search_min, backlog_ok) -> None:
         self.p = planner
+        self.search_min = search_min
+        self.ok = backlog_ok
 
     def _scenario(self, cand: DisaggCandidate, P: int, D: int, rate: float | None) -> dict:
         d = copy.deepcopy(cand.base)
@@ -159,8 +161,8 @@ class DisaggPlanner:
 
     def plan(self, cand: DisaggCandidate) -> None:
         """Size both pools of ``cand`` (see the module docstring)."""
-        from fleetsim.apps.plan import search_min
-
+        search_min = self.search_min
+        bk = self.ok
         p = self.p
         rs = cand.rs
         assert rs is not None
@@ -176,7 +178,7 @@ class DisaggPlanner:
 
             def test_p(ns: list[int]) -> list[bool]:
                 res = self.run(cand, [(n, big_d, peak) for n in ns])
-                return [_hours_ok(r, p.slo, "ttft", [1]) for r in res]
+                return [_hours_ok(r, p.slo, "ttft", [1], bk) for r in res]
 
             Ps = search_min(test_p, cand.lb_prefill, w, cap=CAP)
             if Ps is None:
@@ -185,7 +187,7 @@ class DisaggPlanner:
 
             def test_d(ns: list[int]) -> list[bool]:
                 res = self.run(cand, [(Ps, n, peak) for n in ns])
-                return [_hours_ok(r, p.slo, "tpot", [1]) for r in res]
+                return [_hours_ok(r, p.slo, "tpot", [1], bk) for r in res]
 
             Ds = search_min(test_d, cand.lb_decode, w, cap=CAP)
             if Ds is None:
@@ -201,8 +203,8 @@ class DisaggPlanner:
                 specs.append((P, D - 1, None))
             res = dict(zip(specs, self.run(cand, specs)))
             here = res[(P, D, None)]
-            if not _hours_ok(here, p.slo, "both", judged):
-                bad_ttft, bad_tpot = _failing_metrics(here, p.slo, judged)
+            if not _hours_ok(here, p.slo, "both", judged, bk):
+                bad_ttft, bad_tpot = _failing_metrics(here, p.slo, judged, bk)
                 P += 1 if bad_ttft or not bad_tpot else 0
                 D += 1 if bad_tpot else 0
                 if max(P, D) > CAP:
@@ -212,7 +214,7 @@ class DisaggPlanner:
             down = [
                 (a, b)
                 for a, b in ((P - 1, D), (P, D - 1))
-                if (a, b, None) in res and _hours_ok(res[(a, b, None)], p.slo, "both", judged)
+                if (a, b, None) in res and _hours_ok(res[(a, b, None)], p.slo, "both", judged, bk)
             ]
             if not down:
                 break
@@ -294,13 +296,13 @@ def disagg_table(cands: list[DisaggCandidate], pods: int) -> pa.Table:
                     (c.prefill or 0) * c.rs.pools.prefill.tp
                     + (c.decode or 0) * c.rs.pools.decode.tp
                 ),
-                energy_facility_kwh=t["energy_facility_kwh"],
-                energy_cost_usd=t["energy_cost_usd"],
-                hardware_cost_usd=t["hardware_cost_usd"],
-                total_cost_usd=t["total_cost_usd"],
+                energy_facility_kwh=t.energy_facility_kwh,
+                energy_cost_usd=t.energy_cost_usd,
+                hardware_cost_usd=t.hardware_cost_usd,
+                total_cost_usd=t.total_cost_usd,
                 worst_hour_ttft_p99_s=float(np.nanmax(hr.column("ttft_p99_s").to_numpy())),
                 worst_hour_tpot_p99_s=float(np.nanmax(hr.column("tpot_p99_s").to_numpy())),
-                slo_attainment=t["slo_attainment"],
+                slo_attainment=t.slo_attainment,
             )
         rows.append(r)
     rows.sort(key=lambda r: (r["total_cost_usd"] is None, r["total_cost_usd"] or 0.0))
