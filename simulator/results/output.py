@@ -193,6 +193,8 @@ OUTPUT_NAMES = frozenset(
         "sweep.parquet",
         "plan.parquet",
         "plan_disaggregated.parquet",
+        "crossover.parquet",
+        "crossover.png",
         "schedule.json",
         "cost.png",
         "power.png",
