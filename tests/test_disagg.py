@@ -83,13 +83,10 @@ def test_conservation_across_pools(case):
     assert a > 5000
     res = simulate(resolved(merge(CASES[case], simulation={"hours": 1})))
     t = res.totals
-    assert t["requests_arrived"] == a
-    assert (
-        t["requests_completed"] + t["requests_rejected"] + t["requests_in_flight"]
-        == t["requests_arrived"]
-    )
+    assert t.requests_arrived == a
+    assert t.requests_completed + t.requests_rejected + t.requests_in_flight == t.requests_arrived
     st = res.pods[0].pools
-    assert t["requests_in_flight"] == st["in_prefill"] + st["in_transfer"] + st["in_decode"]
+    assert t.requests_in_flight == st["in_prefill"] + st["in_transfer"] + st["in_decode"]
 
 
 def test_transfer_time_on_idle_link_is_latency_plus_bytes_over_bandwidth():

@@ -96,7 +96,7 @@ def test_macro_equals_per_iteration(small, case):
     d = merge(small, **CASES[case])
     macro, ms = _run(d, "macro")
     ref, rs_ = _run(d, "iteration")
-    assert macro.totals["requests_arrived"] > 200
+    assert macro.totals.requests_arrived > 200
     assert ms.rows.keys() == rs_.rows.keys()
     worst = 0.0
     for rid, a in ms.rows.items():
@@ -118,5 +118,5 @@ def test_macro_equals_per_iteration(small, case):
         y = ref.hourly.column(col).to_numpy()
         np.testing.assert_allclose(x, y, rtol=1e-9, atol=0)
     # the point of macro-stepping: far fewer events than iterations
-    assert macro.totals["iterations"] == ref.totals["iterations"]
-    assert macro.totals["events"] < ref.totals["events"] / 3
+    assert macro.totals.iterations == ref.totals.iterations
+    assert macro.totals.events < ref.totals.events / 3

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from fleetsim.base.errors import UserError
 from fleetsim.results.accounting import PodSummary
+from fleetsim.results.result import DayTotals
 
 EXECUTORS = ("local", "ray")
 
@@ -42,7 +43,7 @@ class RunSummary:
     """What a whole-run task hands back: the hourly table, the day's totals and latency."""
 
     hourly: pa.Table
-    totals: dict[str, float]
+    totals: DayTotals
     day_latency: dict[str, float]
     pod_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     in_flight_by_pod: list[int] = field(default_factory=list)

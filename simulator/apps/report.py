@@ -33,6 +33,7 @@ import numpy as np
 
 from fleetsim.base.errors import UserError
 from fleetsim.results.output import write_bytes_atomic, write_text_atomic
+from fleetsim.results.result import DayTotals
 
 PLOTS = ("cost", "power", "utilization", "latency")
 
@@ -42,7 +43,7 @@ class RunData:
     """What the report needs of a run, from memory or from disk."""
 
     cols: dict[str, np.ndarray]
-    totals: dict[str, float]
+    totals: DayTotals
     config: dict[str, Any] | None  # the validated scenario as a dict (None if unknown)
     name: str = "run"
     source: str = ""
@@ -53,7 +54,7 @@ def _from_result(res) -> RunData:
     t = res.hourly
     cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
     cfg = json.loads(res.scenario.model_dump_json())
-    return RunData(cols, dict(res.totals), cfg, res.scenario.name)
+    return RunData(cols, res.totals, cfg, res.scenario.name)
 
 
 REQUIRED_COLUMNS = (
@@ -122,8 +123,7 @@ def _from_dir(out_dir: Path) -> RunData:
         return v
 
     cfg = obj("fleetsim.config")
-    totals = obj("fleetsim.totals") or {}
-    totals = {k: v for k, v in totals.items() if isinstance(v, (int, float))}
+    totals = DayTotals.from_dict(obj("fleetsim.totals") or {})
     name = str((cfg or {}).get("name", out_dir.name))
     if cfg is not None:
         from fleetsim.config.scenario import scenario_from_dict
@@ -310,7 +310,7 @@ def flat_day_cost(cfg: dict[str, Any], source: str = "") -> tuple[float | None, 
         )
     except (UserError, ScenarioError) as exc:
         return None, f"the scenario could not be re-simulated here ({exc})"
-    return float(res.totals["total_cost_usd"]), ""
+    return float(res.totals.total_cost_usd), ""
 
 
 def peak_analysis(d: RunData, flatten: bool = True) -> dict[str, Any]:
@@ -369,15 +369,15 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         return f"{np.datetime64(hs[i], 'h').astype(object).hour:02d}:00 UTC (hour {i})"
 
     rows = [
-        ("requests completed", _fmt(t.get("requests_completed"), ",.0f")),
-        ("facility energy", f"{_fmt(t.get('energy_facility_kwh'))} kWh"),
-        ("energy cost", f"$ {_fmt(t.get('energy_cost_usd'))}"),
-        ("hardware cost", f"$ {_fmt(t.get('hardware_cost_usd'))}"),
-        ("total cost", f"$ {_fmt(t.get('total_cost_usd'))}"),
-        ("GPU-hours powered", _fmt(t.get("gpu_hours"), ",.1f")),
-        ("Wh per request", _fmt(t.get("wh_per_request"), ",.3f")),
-        ("$ per M output tokens", _fmt(t.get("usd_per_mtok"), ",.3f")),
-        ("SLO attainment", _fmt(t.get("slo_attainment"), ".2%")),
+        ("requests completed", _fmt(t.requests_completed, ",.0f")),
+        ("facility energy", f"{_fmt(t.energy_facility_kwh)} kWh"),
+        ("energy cost", f"$ {_fmt(t.energy_cost_usd)}"),
+        ("hardware cost", f"$ {_fmt(t.hardware_cost_usd)}"),
+        ("total cost", f"$ {_fmt(t.total_cost_usd)}"),
+        ("GPU-hours powered", _fmt(t.gpu_hours, ",.1f")),
+        ("Wh per request", _fmt(t.wh_per_request, ",.3f")),
+        ("$ per M output tokens", _fmt(t.usd_per_mtok, ",.3f")),
+        ("SLO attainment", _fmt(t.slo_attainment, ".2%")),
         (
             "busiest hour",
             f"{hod(a['peak_hour'])}: {a['peak_requests']:,} requests "

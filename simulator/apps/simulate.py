@@ -115,8 +115,14 @@ def simulate(
         pods = pod_runner(rs, idx, source)
     scale = sc.fleet.pods / len(idx)
     table = hourly_table(rs, pods, scale)
-    res = Result(resolved=rs, hourly=table, pods=pods, scale=scale, wall_s=time.perf_counter() - t0)
-    res.totals = day_totals(res)
+    res = Result(
+        resolved=rs,
+        hourly=table,
+        pods=pods,
+        scale=scale,
+        wall_s=time.perf_counter() - t0,
+        totals=day_totals(rs, table, pods, scale),
+    )
     res.day_latency = day_latency(pods)
     res.pod_ci = pod_confidence(rs, pods) if len(pods) > 1 else {}
     res.pools = pools_table(rs, pods, scale)

@@ -47,20 +47,20 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     tab.add_column()
     tab.add_row(
         "requests",
-        _f(t["requests_arrived"], ",.0f"),
-        f"completed {_f(t['requests_completed'], ',.0f')}, rejected "
-        f"{_f(t['requests_rejected'], ',.0f')}, in flight at the end "
-        f"{_f(t['requests_in_flight'], ',.0f')}",
+        _f(t.requests_arrived, ",.0f"),
+        f"completed {_f(t.requests_completed, ',.0f')}, rejected "
+        f"{_f(t.requests_rejected, ',.0f')}, in flight at the end "
+        f"{_f(t.requests_in_flight, ',.0f')}",
     )
     tab.add_row(
-        "tokens", _f(t["output_tokens"], ",.0f"), f"output; prompt {_f(t['prompt_tokens'], ',.0f')}"
+        "tokens", _f(t.output_tokens, ",.0f"), f"output; prompt {_f(t.prompt_tokens, ',.0f')}"
     )
     iters = sum(p.iterations for p in res.pods)
     batch = sum(sum(p.output_tokens) for p in res.pods) / iters if iters else math.nan
     tab.add_row(
         "GPU-hours",
-        _f(t["gpu_hours"], ",.1f"),
-        f"busy {t['utilization']:.1%} of powered time; {_f(batch, '.1f')} output tokens "
+        _f(t.gpu_hours, ",.1f"),
+        f"busy {t.utilization:.1%} of powered time; {_f(batch, '.1f')} output tokens "
         "per iteration on average",
     )
     if sc.autoscaler.policy != "static":  # power states: what the autoscaler kept powered
@@ -74,23 +74,23 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         )
     tab.add_row(
         "energy",
-        f"{_f(t['energy_facility_kwh'])} kWh",
-        f"facility = (GPU {_f(t['energy_gpu_kwh'])} + node overhead "
-        f"{_f(t['energy_overhead_kwh'])}) kWh x PUE {sc.power.pue}",
+        f"{_f(t.energy_facility_kwh)} kWh",
+        f"facility = (GPU {_f(t.energy_gpu_kwh)} + node overhead "
+        f"{_f(t.energy_overhead_kwh)}) kWh x PUE {sc.power.pue}",
     )
     tab.add_row(
-        "energy cost", f"$ {_f(t['energy_cost_usd'])}", "facility kWh x the price in each hour"
+        "energy cost", f"$ {_f(t.energy_cost_usd)}", "facility kWh x the price in each hour"
     )
     hw = "amortised capex" if sc.cost.hardware == "owned" else "rent while provisioned"
-    tab.add_row("hardware cost", f"$ {_f(t['hardware_cost_usd'])}", f"GPU-hours x {hw}")
-    tab.add_row("total cost", f"$ {_f(t['total_cost_usd'])}", "")
-    if not math.isnan(t.get("carbon_kg", math.nan)) and t.get("carbon_kg"):
-        tab.add_row("carbon", f"{_f(t['carbon_kg'])} kg CO2e", "")
-    tab.add_row("Wh per request", _f(t["wh_per_request"], ",.3f"), "facility energy")
+    tab.add_row("hardware cost", f"$ {_f(t.hardware_cost_usd)}", f"GPU-hours x {hw}")
+    tab.add_row("total cost", f"$ {_f(t.total_cost_usd)}", "")
+    if not math.isnan(t.carbon_kg) and t.carbon_kg:
+        tab.add_row("carbon", f"{_f(t.carbon_kg)} kg CO2e", "")
+    tab.add_row("Wh per request", _f(t.wh_per_request, ",.3f"), "facility energy")
     tab.add_row(
         "$ per M output tokens",
-        _f(t["usd_per_mtok"], ",.3f"),
-        f"$ per 1k requests {_f(t['usd_per_1k_requests'], ',.4f')}",
+        _f(t.usd_per_mtok, ",.3f"),
+        f"$ per 1k requests {_f(t.usd_per_1k_requests, ',.4f')}",
     )
     tab.add_row(
         "TTFT",
@@ -105,18 +105,18 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     )
     tab.add_row(
         "SLO attainment",
-        f"{t['slo_attainment']:.2%}" if not math.isnan(t["slo_attainment"]) else "n/a",
+        f"{t.slo_attainment:.2%}" if not math.isnan(t.slo_attainment) else "n/a",
         "requests meeting both TTFT and TPOT targets",
     )
-    ph = t["peak_hour"]
+    ph = t.peak_hour
     row = res.hourly.slice(ph, 1).to_pylist()[0]
     tab.add_row(
         "peak hour",
         f"{row['hour_start']:%H:00} UTC (hour {ph})",
-        f"$ {_f(row['total_cost_usd'])} = {row['total_cost_usd'] / t['total_cost_usd']:.1%}"
+        f"$ {_f(row['total_cost_usd'])} = {row['total_cost_usd'] / t.total_cost_usd:.1%}"
         f" of the day; {row['requests_arrived']:,} requests; p99 TTFT "
         f"{_f(row['ttft_p99_s'], '.3f')} s"
-        if t["total_cost_usd"]
+        if t.total_cost_usd
         else "",
     )
     c.print(tab)
