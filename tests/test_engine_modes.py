@@ -15,7 +15,7 @@ CASES = {
     "light": dict(traffic={"requests_per_day": 8_000}),
     "heavy": dict(traffic={"requests_per_day": 30_000}, fleet={"max_batch_size": 4}),
     "kv_pressure": dict(
-        traffic={"requests_per_day": 30_000}, fleet={"gpu_memory_utilization": 0.22}
+        traffic={"requests_per_day": 30_000}, fleet={"gpu_memory_utilization": 0.25}
     ),
     "random": dict(traffic={"requests_per_day": 40_000}, fleet={"router": "random"}),
     "least_loaded": dict(traffic={"requests_per_day": 40_000}, fleet={"router": "least_loaded"}),
@@ -49,6 +49,52 @@ CASES = {
         autoscaler={"policy": "schedule", "replicas_by_hour": [3, 1] * 12},
     ),
 }
+# Every case above runs the default engine (paged KV, chunked prefill, prefix caching on but no
+# block ids). The first engine, and each mechanism alone and combined:
+RESERVE = {"kv_allocation": "reserve"}
+for _name in ("light", "heavy", "kv_pressure", "central_queue", "token_budget", "reactive"):
+    _c = CASES[_name]
+    CASES[f"{_name}_reserve"] = dict(_c, fleet={**_c.get("fleet", {}), **RESERVE})
+# llama-3.1-8b: 128 KiB of KV per token; 0.215 x 80 GB - weights - activations (2048-token
+# budget) leaves 411 blocks of 16 (6.6k tokens) for requests of up to 5k tokens: preemptions
+PREEMPT = {"gpu_memory_utilization": 0.215, "max_batch_size": 64, "max_batched_tokens": 2048}
+CASES.update(
+    {
+        "paged_no_chunk": dict(
+            traffic={"requests_per_day": 200_000},
+            fleet={
+                **PREEMPT,
+                "gpu_memory_utilization": 0.216,
+                "max_batched_tokens": 4096,
+                "enable_chunked_prefill": False,
+            },
+        ),
+        "paged_preempt": dict(traffic={"requests_per_day": 150_000}, fleet=PREEMPT),
+        "paged_preempt_central": dict(
+            traffic={"requests_per_day": 200_000},
+            fleet={**PREEMPT, "router": "central_queue", "replicas": 3},
+        ),
+        "chunk_small_budget": dict(
+            traffic={"requests_per_day": 40_000}, fleet={"max_batched_tokens": 300}
+        ),
+        "chunk_budget_preempt": dict(
+            traffic={"requests_per_day": 150_000},
+            fleet={
+                **PREEMPT,
+                "gpu_memory_utilization": 0.2115,
+                "max_batched_tokens": 700,
+                "block_size_tokens": 32,
+            },
+        ),
+        "paged_watermark_block1": dict(
+            traffic={"requests_per_day": 150_000},
+            fleet={**PREEMPT, "kv_watermark_fraction": 0.05, "block_size_tokens": 1},
+        ),
+    }
+)
+# cases that must show the mechanism they test
+EXPECT_PREEMPTIONS = ("paged_no_chunk", "paged_preempt", "paged_preempt_central",
+                      "chunk_budget_preempt", "paged_watermark_block1")
 
 
 def _run(d: dict, engine: str):
@@ -63,6 +109,11 @@ def test_macro_equals_per_iteration(small, case):
     macro, ms = _run(d, "macro")
     ref, rs_ = _run(d, "iteration")
     assert macro.totals["requests_arrived"] > 200
+    if case in EXPECT_PREEMPTIONS:
+        assert macro.totals["preemptions"] > 10, macro.totals["preemptions"]
+        assert macro.totals["recomputed_tokens"] > 0
+    assert macro.totals["preemptions"] == ref.totals["preemptions"]
+    assert macro.totals["prefix_hit_tokens"] == ref.totals["prefix_hit_tokens"]
     assert ms.rows.keys() == rs_.rows.keys()
     worst = 0.0
     for rid, a in ms.rows.items():

@@ -188,7 +188,7 @@ class Autoscaler:
 
     def _try_off(self, i: int) -> None:
         rep = self.reps[i]
-        if not rep.busy and rep.n == 0 and not rep.pf and not rep.waiting:
+        if not rep.busy and rep.n == 0 and not rep.pending() and not rep.waiting:
             self._set(i, OFF)
 
     def scale_to(self, n: int) -> None:

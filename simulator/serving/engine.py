@@ -396,6 +396,10 @@ class Replica:
         j = self._cut_point(r)
         return (self.run_end, False) if j < 0 else (self._boundary(j), True)
 
+    def pending(self) -> list[Request]:
+        """Requests admitted here and not finished (for the end-of-run records)."""
+        return list(self.pf) + [e[2] for e in self.heap]
+
     def cut_for(self, r: Request) -> None:
         """Cut the current run where ``r`` (the head of the queue) can join, and replan."""
         j = self._cut_point(r)

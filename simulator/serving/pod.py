@@ -18,6 +18,7 @@ from simpy.events import Timeout
 from fleetsim.config.scenario import Resolved
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import Replica
+from fleetsim.serving.paged import PagedReplica
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.routers import make_router
@@ -63,6 +64,16 @@ class Pod:
         self.max_batch = sc.fleet.max_batch_size
         self.max_tokens = sc.fleet.max_batched_tokens
         self.kv_cap = rs.kv_capacity_tokens
+        # second-generation engine (serving/paged.py)
+        f = sc.fleet
+        self.kv = rs.kv
+        self.chunked = f.chunked_prefill
+        self.prefix = f.prefix_caching
+        self.kv_watermark = f.kv_watermark_fraction
+        ses = sc.traffic.sessions
+        self.hash_tokens = ses.block_tokens if ses is not None else sc.traffic.trace_block_tokens
+        self.refuse_long_prompts = not self.chunked
+        replica_cls = PagedReplica if f.kv_allocation == "paged" else Replica
         self.max_context = rs.model.max_context_tokens
         self.per_iteration = sc.simulation.engine == "iteration"
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
@@ -70,7 +81,9 @@ class Pod:
         self.in_flight = 0
         self.shared_queue: deque | None = deque() if sc.fleet.router == "central_queue" else None
         base = pod_index * sc.fleet.replicas  # global replica index = pod * replicas + i
-        self.replicas = [Replica(base + i, self) for i in range(sc.fleet.replicas)]
+        self.replicas = [replica_cls(base + i, self) for i in range(sc.fleet.replicas)]
+        if f.kv_allocation == "paged" and rs.kv is not None:
+            self.rec.kv_blocks = rs.kv.blocks * len(self.replicas)
         self.active = self.replicas  # the routable replicas; an autoscaler keeps its own list
         self.scaler = make_autoscaler(rs, self)  # None for a static fleet
         seeds = pod_seed(sc.seed, pod_index).spawn(2)
@@ -119,7 +132,11 @@ class Pod:
         self._next += 1
         h = self._hour
         self.rec.arrived[h] += 1
-        if p + o > self.kv_cap or p > self.max_tokens or p + o > self.max_context:
+        if (
+            p + o > self.kv_cap
+            or (p > self.max_tokens and self.refuse_long_prompts)
+            or p + o > self.max_context
+        ):
             self.rec.rejected[h] += 1
             if self.sink is not None:
                 r = Request(rid, t, p, o)
@@ -164,7 +181,7 @@ class Pod:
             self._progress(1)
         if self.sink is not None:
             for rep in self.replicas:
-                pending = list(rep.pf) + [e[2] for e in rep.heap]
+                pending = rep.pending()
                 if self.shared_queue is None:
                     pending += list(rep.waiting)
                 for r in pending:

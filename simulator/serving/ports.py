@@ -11,7 +11,7 @@ pod) and document the contract in one place.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import simpy
@@ -73,6 +73,11 @@ class PodPort(Protocol):
     max_batch: int
     max_tokens: int
     kv_cap: int
+    kv: Any  # KvBudget (config.scenario)
+    chunked: bool
+    prefix: bool
+    kv_watermark: float
+    hash_tokens: int
     per_iteration: bool
     e_active_w: float
     e_flop_j: float

@@ -107,6 +107,12 @@ class Recorder:
         self.arrived = [0] * n
         self.rejected = [0] * n
         self.completed = [0] * n
+        # second-generation engine (serving/paged.py)
+        self.prefix_hit_tokens = [0] * n  # prompt tokens served from the prefix cache
+        self.preemptions = [0] * n
+        self.recomputed_tokens = [0] * n  # prefill tokens computed again after a preemption
+        self.kv_block_s = [0.0] * n  # KV blocks in use x seconds, summed over replicas
+        self.kv_blocks = 0  # KV blocks of all the pod's replicas (set by the pod)
         self.iterations = 0  # engine iterations simulated (for the benchmarks)
         self.events = 0  # SimPy events scheduled
         self.slo_ttft_s = slo_ttft_s
