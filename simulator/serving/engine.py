@@ -346,6 +346,8 @@ class Replica:
             self.outstanding -= 1
             self.pod.rec.complete(r, end, self.index)
             self.pod.in_flight -= 1
+            if r.session is not None:
+                self.pod.turn_done(r, end)
         if self.n == 0:
             self.S = 0.0  # no drift from float sums over a long day
 

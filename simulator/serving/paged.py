@@ -48,6 +48,8 @@ tests/test_engine_modes.py holds the two together.
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
+from itertools import accumulate
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
@@ -91,6 +93,12 @@ def first_short(cnt: list[int], it: int, n: int, avail: int) -> int:
     raise AssertionError("cnt does not sum to n")  # pragma: no cover
 
 
+def cumulative(cnt: list[int]) -> list[int]:
+    """Prefix sums of ``cnt`` repeated twice: ``blocks_in`` and ``first_short`` in O(1) and
+    O(log b) with them (:meth:`PagedReplica._blocks`, :meth:`PagedReplica._short`)."""
+    return list(accumulate(cnt + cnt, initial=0))
+
+
 class PagedReplica:
     """One model replica (``tp`` GPUs) with the paged, chunked, prefix-caching engine."""
 
@@ -113,6 +121,7 @@ class PagedReplica:
         "chunked",
         "cnt",
         "coef",
+        "cum",
         "cut_m",
         "cut_rt",
         "dec_s",
@@ -126,6 +135,7 @@ class PagedReplica:
         "it",
         "k",
         "lat",
+        "lb",
         "lru",
         "mask",
         "max_batch",
@@ -171,6 +181,8 @@ class PagedReplica:
         self.cache: dict[int, int] = {}  # resident block id -> references
         self.lru: OrderedDict[int, None] = OrderedDict()  # unreferenced resident ids, LRU first
         self.cnt = [0] * b  # decoding sequences by block residue
+        self.cum: list[int] | None = None  # cumulative(cnt), None when cnt changed
+        self.lb = b.bit_length() - 1  # log2(b)
         self.waiting: deque[Request] = pod.shared_queue if pod.shared_queue is not None else deque()
         self.it = 0
         self.n = 0
@@ -222,6 +234,25 @@ class PagedReplica:
             h, _v = lru.popitem(last=False)
             del cache[h]
         self.free = e * g - x
+
+    def _blocks(self, it: int, m: int, n: int) -> int:
+        """:func:`blocks_in` of the replica's decoding sequences (``n`` of them)."""
+        cum = self.cum
+        if cum is None:
+            cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
+        s = it & self.mask
+        return (m >> self.lb) * n + cum[s + (m & self.mask)] - cum[s]
+
+    def _short(self, it: int, n: int, avail: int) -> int:
+        """:func:`first_short` of the replica's decoding sequences (``n`` of them)."""
+        if n == 0:
+            return 0
+        cum = self.cum
+        if cum is None:
+            cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
+        q, R = divmod(avail, n)
+        s = it & self.mask
+        return (q << self.lb) + bisect_right(cum, cum[s] + R, s) - s
 
     def _lookup(self, r: Request) -> tuple[int, int]:
         """(cached leading blocks of ``r``, how many of them are unreferenced)."""
@@ -303,6 +334,7 @@ class PagedReplica:
             self.n -= 1
             self.S -= r.eff - r.join_it
             self.cnt[r.rho] -= 1
+            self.cum = None
             self.heap = [e for e in self.heap if e[2] is not r]
             heapq.heapify(self.heap)
             r.gen += it - r.join_it
@@ -351,6 +383,7 @@ class PagedReplica:
             rho = (it + 1 - nd) & self.mask
             r.rho = rho
             self.cnt[rho] += 1
+            self.cum = None
             if r.gen == 0:
                 self.P_first += r.prompt
                 self.hit_tok += r.cached
@@ -481,7 +514,7 @@ class PagedReplica:
         H, ev = self._lookup(r)
         if not ev:
             return avail
-        x = blocks_in(self.cnt, it, m, n) - self.free
+        x = self._blocks(it, m, n) - self.free
         if x <= 0:
             return avail
         chain = set(r.ids[:H])  # type: ignore[index]
@@ -503,7 +536,10 @@ class PagedReplica:
         it = self.it
         if not self.planned:
             self.planned = True
-            self._schedule_running(it)
+            if self.pre or (self.n and self.cnt[it & self.mask]):
+                self._schedule_running(it)
+            else:  # the common case: no block to allocate, no chunk to continue
+                self.budget = self.max_tokens - self.n
         w = self.waiting
         if w and self.budget > 0:
             self._admit(it)
@@ -541,11 +577,14 @@ class PagedReplica:
             k = nxt - it + 1
             # the first decode step that finds no block ends the run (it preempts)
             avail = self.free + self.g * len(self.lru)
-            if w and self.lru:
-                avail = self._head_cap(avail, it + 1, n1, k - 1)
-            m = first_short(self.cnt, it + 1, n1, avail)
-            if m < k:
-                k = m
+            # no sequence needs more than ((k - 1) >> lb) + 1 new blocks in k - 1 steps
+            worst = n1 * (((k - 1) >> self.lb) + 1)
+            if avail < worst or (w and self.lru and self.free < worst):
+                if w and self.lru:
+                    avail = self._head_cap(avail, it + 1, n1, k - 1)
+                m = self._short(it + 1, n1, avail)
+                if m < k:
+                    k = m
         end = T + t1
         dec = 0.0
         if k > 1:
@@ -643,7 +682,7 @@ class PagedReplica:
         if self.re_tok:
             rec.recomputed_tokens[hf] += self.re_tok
         if j > 1:  # the decode steps' new blocks
-            self._take(blocks_in(self.cnt, it0 + 1, j - 1, self.n))
+            self._take(self._blocks(it0 + 1, j - 1, self.n))
         h = int(T0 // HOUR_S)
         if h > rec.hours:
             h = rec.hours
@@ -718,10 +757,20 @@ class PagedReplica:
             self.n -= 1
             self.S -= r.eff - r.join_it
             cnt[r.rho] -= 1
-            self._drop(r, r.eff + f - r.join_it)  # the last token's KV is never written
+            self.cum = None
+            tokens = r.eff + f - r.join_it  # the last token's KV is never written
+            ids = r.ids
+            if r.session is not None and ids is not None and self.prefix:
+                # a session turn's ids cover its answer too: keep the answer's full blocks
+                full = tokens // self.ht
+                self._register(r, full if full < len(ids) else len(ids))
+            self._drop(r, tokens)
             self.outstanding -= 1
-            self.pod.rec.complete(r, end, self.index)
-            self.pod.in_flight -= 1
+            pod = self.pod
+            pod.rec.complete(r, end, self.index)
+            pod.in_flight -= 1
+            if r.session is not None:
+                pod.turn_done(r, end)
         if self.n == 0:
             self.S = 0.0
 
@@ -762,7 +811,7 @@ class PagedReplica:
         if self.prefix and r.ids is not None and self.lru:
             return j  # decode steps may evict its cached prefix first: the boundary decides
         n1 = self.n + len(self.pf)
-        extra = blocks_in(self.cnt, self.it + 1, j, n1)
+        extra = self._blocks(self.it + 1, j, n1)
         return j if self._head_fits(self.it + j, n1, extra) else -1
 
     def admission_time(self, r: Request) -> tuple[float, bool]:

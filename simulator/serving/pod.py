@@ -23,6 +23,7 @@ from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.routers import make_router
 from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
+from fleetsim.workload.sessions import SessionSource
 
 HOUR_S = 3600.0
 
@@ -86,10 +87,16 @@ class Pod:
             self.rec.kv_blocks = rs.kv.blocks * len(self.replicas)
         self.active = self.replicas  # the routable replicas; an autoscaler keeps its own list
         self.scaler = make_autoscaler(rs, self)  # None for a static fleet
-        seeds = pod_seed(sc.seed, pod_index).spawn(2)
+        seeds = pod_seed(sc.seed, pod_index).spawn(3)  # (the first two as spawn(2) gives)
         self.router = make_router(sc.fleet.router, self, np.random.default_rng(seeds[1]))
         rates = [rs.hourly_rate_per_s[h % 24] / n_pods for h in range(self.hours)]
         sampler = SizeSampler(sc.traffic.prompt, sc.traffic.output, source)
+        self.sessions: SessionSource | None = None
+        if ses is not None:  # multi-turn sessions: the Poisson process starts sessions
+            self.sessions = SessionSource(
+                ses, sc.traffic.prompt, sc.traffic.output, sampler, seeds[2], ses.block_tokens,
+                pod_index,
+            )
         if sc.traffic.trace:  # replay a timed trace instead of drawing arrivals
             self._chunks = trace_arrivals(sc.traffic.trace, source, self.hours, pod_index, n_pods)
         else:
@@ -100,6 +107,7 @@ class Pod:
         self._times: list[float] = []
         self._p: list[int] = []
         self._o: list[int] = []
+        self._ids: list[list[int]] | None = None
         self._i = 0
         self._hour = -1
 
@@ -108,10 +116,11 @@ class Pod:
         for chunk in self._chunks:
             self._hour = chunk.hour
             if chunk.arrival_s:
-                self._times, self._p, self._o = (
+                self._times, self._p, self._o, self._ids = (
                     chunk.arrival_s,
                     chunk.prompt_tokens,
                     chunk.output_tokens,
+                    chunk.ids,
                 )
                 self._i = 0
                 return True
@@ -132,6 +141,11 @@ class Pod:
         self._next += 1
         h = self._hour
         self.rec.arrived[h] += 1
+        ids = self._ids[i] if self._ids is not None else None
+        ses = None
+        if self.sessions is not None:
+            ses = self.sessions.start(p, o)
+            p, o, ids = self.sessions.turn(ses)
         if (
             p + o > self.kv_cap
             or (p > self.max_tokens and self.refuse_long_prompts)
@@ -143,7 +157,10 @@ class Pod:
                 self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
         else:
             self.in_flight += 1
-            self.router.route(Request(rid, t, p, o))
+            r = Request(rid, t, p, o, ids)
+            if ses is not None:
+                r.session = ses
+            self.router.route(r)
         i += 1
         self._i = i
         if i < len(self._times):  # _schedule_arrival(), inlined
@@ -153,6 +170,42 @@ class Pod:
             self.rec.events += 1
         elif self._next_chunk():
             self._schedule_arrival()
+
+    # ---- sessions -----------------------------------------------------------------------------
+    def turn_done(self, r: Request, end_s: float) -> None:
+        """Turn ``r`` of a session finished at ``end_s``: its next turn comes after the think
+        time (one arrival event, like any other)."""
+        src = self.sessions
+        assert src is not None and r.session is not None
+        think = src.advance(r.session)
+        if think is None or end_s + think >= self.horizon_s:
+            return
+        ev = Timeout(self.env, end_s + think - self.env.now, r.session)
+        ev.callbacks.append(self._next_turn)
+        self.rec.events += 1
+
+    def _next_turn(self, ev) -> None:
+        ses = ev.value
+        src = self.sessions
+        assert src is not None
+        t = self.env.now
+        p, o, ids = src.turn(ses)
+        rid = self._rid_base | self._next
+        self._next += 1
+        h = int(t // HOUR_S)
+        self.rec.arrived[h] += 1
+        if p + o > self.kv_cap or p + o > self.max_context or (
+            p > self.max_tokens and self.refuse_long_prompts
+        ):
+            self.rec.rejected[h] += 1  # the session ends here
+            if self.sink is not None:
+                r = Request(rid, t, p, o)
+                self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
+            return
+        self.in_flight += 1
+        r = Request(rid, t, p, o, ids)
+        r.session = ses
+        self.router.route(r)
 
     # ---- hours --------------------------------------------------------------------------------
     def _tick(self, ev) -> None:

@@ -82,3 +82,6 @@ class PodPort(Protocol):
     e_active_w: float
     e_flop_j: float
     e_byte_j: float
+
+    def turn_done(self, r: Request, end_s: float) -> None:
+        """A session's turn finished: schedule its next turn (workload/sessions.py)."""
