@@ -93,8 +93,13 @@ CASES.update(
     }
 )
 # cases that must show the mechanism they test
-EXPECT_PREEMPTIONS = ("paged_no_chunk", "paged_preempt", "paged_preempt_central",
-                      "chunk_budget_preempt", "paged_watermark_block1")
+EXPECT_PREEMPTIONS = (
+    "paged_no_chunk",
+    "paged_preempt",
+    "paged_preempt_central",
+    "chunk_budget_preempt",
+    "paged_watermark_block1",
+)
 
 
 def _run(d: dict, engine: str):
@@ -103,17 +108,21 @@ def _run(d: dict, engine: str):
     return res, sink
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_macro_equals_per_iteration(small, case):
-    d = merge(small, **CASES[case])
+def assert_modes_equal(
+    d: dict, *, preemptions: bool = False, hits: float = 0.0, fewer_events: bool = True
+):
+    """Run ``d`` macro-stepped and per iteration; every request's replica, status, first-token
+    and finish time, and the hourly work, energy and counts must agree (rel. 1e-9). With
+    ``preemptions`` the run must preempt; with ``hits`` > 0 at least that fraction of its prompt
+    tokens must come from the prefix cache."""
     macro, ms = _run(d, "macro")
     ref, rs_ = _run(d, "iteration")
     assert macro.totals["requests_arrived"] > 200
-    if case in EXPECT_PREEMPTIONS:
+    if preemptions:
         assert macro.totals["preemptions"] > 10, macro.totals["preemptions"]
         assert macro.totals["recomputed_tokens"] > 0
-    assert macro.totals["preemptions"] == ref.totals["preemptions"]
-    assert macro.totals["prefix_hit_tokens"] == ref.totals["prefix_hit_tokens"]
+    if hits:
+        assert macro.totals["prefix_hit_tokens"] > hits * macro.totals["prompt_tokens"]
     assert ms.rows.keys() == rs_.rows.keys()
     worst = 0.0
     for rid, a in ms.rows.items():
@@ -130,10 +139,19 @@ def test_macro_equals_per_iteration(small, case):
         "output_tokens",
         "prompt_tokens",
         "requests_completed",
+        "prefix_hit_tokens",
+        "preemptions",
+        "recomputed_tokens",
     ):
         x = macro.hourly.column(col).to_numpy()
         y = ref.hourly.column(col).to_numpy()
         np.testing.assert_allclose(x, y, rtol=1e-9, atol=0)
-    # the point of macro-stepping: far fewer events than iterations
     assert macro.totals["iterations"] == ref.totals["iterations"]
-    assert macro.totals["events"] < ref.totals["events"] / 3
+    if fewer_events:  # the point of macro-stepping: far fewer events than iterations
+        assert macro.totals["events"] < ref.totals["events"] / 3
+    return macro
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_macro_equals_per_iteration(small, case):
+    assert_modes_equal(merge(small, **CASES[case]), preemptions=case in EXPECT_PREEMPTIONS)

@@ -111,9 +111,9 @@ class FleetSection(_Section):
     pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sample_pods: Annotated[int, Field(ge=1)] | None = None
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
-    router: Literal[
-        "round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"
-    ] = "least_loaded"
+    router: Literal["round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"] = (
+        "least_loaded"
+    )
     max_batch_size: Annotated[int, Field(ge=1)] = 256
     max_batched_tokens: Annotated[int, Field(ge=1)] = 16384
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
@@ -148,7 +148,7 @@ class FleetSection(_Section):
             raise ValueError(
                 'kv_allocation = "reserve" is the first-generation engine, without chunked '
                 "prefill or prefix caching: set enable_chunked_prefill = false and "
-                "enable_prefix_caching = false, or kv_allocation = \"paged\""
+                'enable_prefix_caching = false, or kv_allocation = "paged"'
             )
         return self
 
@@ -529,6 +529,38 @@ def _model_spec(sc: Scenario, src: str) -> ModelSpec:
     return spec
 
 
+def _check_prefix_blocks(sc: Scenario, model: ModelSpec, src: str) -> None:
+    """Sessions and Mooncake traces name prompt blocks that must be whole KV blocks."""
+    tr = sc.traffic
+    b = sc.fleet.block_size_tokens
+    ses = tr.sessions
+    if ses is not None:
+        if ses.system_prompt_tokens >= model.max_context_tokens:
+            raise ScenarioError(
+                "traffic.sessions.system_prompt_tokens",
+                ses.system_prompt_tokens,
+                f"not shorter than {model.name}'s context of {model.max_context_tokens} tokens",
+                "shorten the system prompt",
+                src,
+            )
+        if ses.block_tokens % b:
+            raise ScenarioError(
+                "traffic.sessions.block_tokens",
+                ses.block_tokens,
+                f"not a multiple of fleet.block_size_tokens ({b})",
+                f"use a multiple of {b}",
+                src,
+            )
+    if tr.trace and tr.trace.endswith(".jsonl") and tr.trace_block_tokens % b:
+        raise ScenarioError(
+            "traffic.trace_block_tokens",
+            tr.trace_block_tokens,
+            f"not a multiple of fleet.block_size_tokens ({b})",
+            f"use a multiple of {b}",
+            src,
+        )
+
+
 def resolve(sc: Scenario, source: str = "") -> Resolved:
     """Join the scenario with the catalogs and profile, and run the cross-field checks."""
     from fleetsim.device.profile import load_profile
@@ -673,6 +705,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             f"set it >= {pmax}, or fleet.enable_chunked_prefill = true",
             src,
         )
+    _check_prefix_blocks(sc, model, src)
     w = diurnal_weights(tr.diurnal)
     w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
     mean_w = sum(w) / 24.0
@@ -841,15 +874,15 @@ def check_autoscaler(sc: Scenario, source: str = "") -> tuple[int, ...] | None:
 
 __all__ = [
     "DTYPE_BYTES",
-    "KvBudget",
-    "activation_reserve_bytes",
-    "kv_budget",
     "GpuSpec",
+    "KvBudget",
     "Resolved",
     "Scenario",
+    "activation_reserve_bytes",
     "apply_overrides",
     "diurnal_weights",
     "hourly_values",
+    "kv_budget",
     "load_scenario",
     "parse_override",
     "resolve",

@@ -85,7 +85,9 @@ def day_totals(res: Result) -> dict[str, float]:
             "recomputed_tokens",
         )
     }
-    s["prefix_hit_rate"] = s["prefix_hit_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
+    s["prefix_hit_rate"] = (
+        s["prefix_hit_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
+    )
     s["requests_in_flight"] = res.scale * sum(p.in_flight for p in res.pods)
     done = s["requests_completed"]
     s["wh_per_request"] = s["energy_facility_kwh"] * 1000 / done if done else math.nan

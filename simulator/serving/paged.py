@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_right
-from itertools import accumulate
 from collections import OrderedDict, deque
+from itertools import accumulate, islice
 from typing import TYPE_CHECKING
 
 import simpy
@@ -263,7 +263,7 @@ class PagedReplica:
         cap = min(len(ids), r.prompt // ht, (r.eff - 1) // ht)
         cache = self.cache
         H = ev = 0
-        while H < cap:
+        while cap > H:
             ref = cache.get(ids[H])
             if ref is None:
                 break
@@ -485,16 +485,33 @@ class PagedReplica:
         need = -(-(done + c) // self.b) - H * self.g
         return need <= self.free + self.g * (len(self.lru) - ev) - (self.wm if nt else 0)
 
-    def _head_fits(self, it: int, n: int, extra_blocks: int) -> bool:
-        """Whether the queue's head would be admitted at the boundary of iteration ``it`` of a
-        pure decode run of ``n`` sequences, after ``extra_blocks`` more blocks are allocated."""
+    def _fit_at(self, r: Request, n: int, x: int) -> bool:
+        """Whether ``r``, the queue's head, would be admitted at a boundary of the current pure
+        decode run of ``n`` sequences by which the decodes have taken ``x`` more blocks (taking
+        free blocks first, then evicting the least recently used cached ones, perhaps some of
+        ``r``'s cached prefix)."""
         if n >= self.max_batch:
             return False
         budget = self.max_tokens - n
         if budget <= 0:
             return False
-        r = self.waiting[0]
         H, ev = self._lookup(r)
+        g = self.g
+        over = x - self.free
+        if over > 0 and ev:
+            gone = set(islice(self.lru, -(-over // g)))
+            ids = r.ids
+            assert ids is not None
+            cache = self.cache
+            h = e = 0
+            while h < H:
+                key = ids[h]
+                if key in gone:
+                    break
+                if cache[key] == 0:
+                    e += 1
+                h += 1
+            H, ev = h, e
         done = H * self.ht
         rem = r.eff - done
         if rem <= budget:
@@ -503,8 +520,8 @@ class PagedReplica:
             c = budget
         else:
             return False
-        need = -(-(done + c) // self.b) - H * self.g
-        avail = self.free + self.g * (len(self.lru) - ev) - extra_blocks
+        need = -(-(done + c) // self.b) - H * g
+        avail = self.free + g * (len(self.lru) - ev) - x
         return need <= avail - (self.wm if n else 0)
 
     def _head_cap(self, avail: int, it: int, n: int, m: int) -> int:
@@ -572,7 +589,7 @@ class PagedReplica:
             not pod.per_iteration
             and nxt > it
             and len(self.pre) == len(pf)
-            and not (w and self._head_fits(it + 1, n1, self.cnt[(it + 1) & self.mask]))
+            and not (w and self._fit_at(w[0], n1, self.cnt[(it + 1) & self.mask]))
         ):
             k = nxt - it + 1
             # the first decode step that finds no block ends the run (it preempts)
@@ -808,11 +825,33 @@ class PagedReplica:
             j = 1 + m
         if j >= k:
             return -1
-        if self.prefix and r.ids is not None and self.lru:
-            return j  # decode steps may evict its cached prefix first: the boundary decides
         n1 = self.n + len(self.pf)
-        extra = self._blocks(self.it + 1, j, n1)
-        return j if self._head_fits(self.it + j, n1, extra) else -1
+        it1 = self.it + 1
+        if self._fit_at(r, n1, self._blocks(it1, j, n1)):
+            return j
+        if not (self.prefix and r.ids is not None and self.lru):
+            return -1  # the free blocks only shrink: no later boundary of the run admits it
+        # ... unless a decode step evicts part of its cached prefix: the boundaries where one
+        # of its cached blocks goes are the only ones where it may come to fit
+        H, ev = self._lookup(r)
+        total = self._blocks(it1, k - 1, n1) - self.free
+        if not ev or total <= 0:
+            return -1
+        g = self.g
+        limit = -(-total // g)
+        chain = set(r.ids[:H])  # type: ignore[index]
+        cands = []
+        for p, h in enumerate(self.lru):
+            if p >= limit:
+                break
+            if h in chain:
+                m = self._short(it1, n1, self.free + g * p)  # its eviction's iteration
+                if j < m < k:
+                    cands.append(m)
+        for m in sorted(cands):
+            if self._fit_at(r, n1, self._blocks(it1, m, n1)):
+                return m
+        return -1
 
     def admission_time(self, r: Request) -> tuple[float, bool]:
         if not self.busy:
@@ -831,4 +870,3 @@ class PagedReplica:
     def pending(self) -> list[Request]:
         """Requests admitted here and not finished (for the end-of-run records)."""
         return list(self.pre) + [e[2] for e in self.heap]
-

@@ -71,6 +71,7 @@ class Pod:
         self.chunked = f.chunked_prefill
         self.prefix = f.prefix_caching
         self.kv_watermark = f.kv_watermark_fraction
+        self.affinity_margin = f.prefix_affinity_margin
         ses = sc.traffic.sessions
         self.hash_tokens = ses.block_tokens if ses is not None else sc.traffic.trace_block_tokens
         self.refuse_long_prompts = not self.chunked
@@ -94,7 +95,12 @@ class Pod:
         self.sessions: SessionSource | None = None
         if ses is not None:  # multi-turn sessions: the Poisson process starts sessions
             self.sessions = SessionSource(
-                ses, sc.traffic.prompt, sc.traffic.output, sampler, seeds[2], ses.block_tokens,
+                ses,
+                sc.traffic.prompt,
+                sc.traffic.output,
+                sampler,
+                seeds[2],
+                ses.block_tokens,
                 pod_index,
             )
         if sc.traffic.trace:  # replay a timed trace instead of drawing arrivals
@@ -194,8 +200,10 @@ class Pod:
         self._next += 1
         h = int(t // HOUR_S)
         self.rec.arrived[h] += 1
-        if p + o > self.kv_cap or p + o > self.max_context or (
-            p > self.max_tokens and self.refuse_long_prompts
+        if (
+            p + o > self.kv_cap
+            or p + o > self.max_context
+            or (p > self.max_tokens and self.refuse_long_prompts)
         ):
             self.rec.rejected[h] += 1  # the session ends here
             if self.sink is not None:

@@ -78,6 +78,7 @@ class PodPort(Protocol):
     prefix: bool
     kv_watermark: float
     hash_tokens: int
+    affinity_margin: int
     per_iteration: bool
     e_active_w: float
     e_flop_j: float
