@@ -559,12 +559,22 @@ class PagedReplica:
                 self.budget = self.max_tokens - self.n
         w = self.waiting
         if w and self.budget > 0:
-            self._admit(it)
+            if pod.shared_queue is None:
+                self._admit(it)
+            elif T >= pod.queue_floor:
+                # a central queue is first come first served in time too: no admission before
+                # the boundary at which an earlier head was admitted (it may lie ahead of now)
+                q = len(w)
+                self._admit(it)
+                if len(w) < q:
+                    pod.queue_floor = T
         pf = self.pf
         n = self.n
         if not self.nchunks and n == 0:
             self.planned = False
             self.busy = False
+            if w and pod.shared_queue is not None and T < pod.queue_floor:
+                self._arm(pod.queue_floor)  # idle until the queue may move (see _on_wake)
             if pod.shared_queue:
                 pod.router.dispatch()
             return
@@ -657,6 +667,8 @@ class PagedReplica:
         fired = self.armed_t
         self.armed_t = None
         if not self.busy:
+            if self.waiting and self.pod.shared_queue is not None:
+                self.plan(self.env.now)  # an idle replica waiting for the central queue's floor
             return
         if self.run_end != fired:
             self._arm(self.run_end)
@@ -810,6 +822,9 @@ class PagedReplica:
         could be admitted: 0 = into the first iteration (replan it), 1..k-1 = a cut, -1 = not
         before the run's end."""
         ta = self.env.now
+        pod = self.pod
+        if pod.shared_queue is not None and pod.queue_floor > ta:
+            ta = pod.queue_floor
         T0 = self.T0
         k = self.k
         if ta <= T0:
@@ -855,7 +870,7 @@ class PagedReplica:
 
     def admission_time(self, r: Request) -> tuple[float, bool]:
         if not self.busy:
-            return self.env.now, True
+            return max(self.env.now, self.pod.queue_floor), True
         j = self._cut_point(r)
         return (self.run_end, False) if j < 0 else (self._boundary(j), True)
 

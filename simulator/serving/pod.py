@@ -82,6 +82,7 @@ class Pod:
         self.sink = request_sink
         self.in_flight = 0
         self.shared_queue: deque | None = deque() if sc.fleet.router == "central_queue" else None
+        self.queue_floor = 0.0  # the latest boundary at which a head left the central queue
         base = pod_index * sc.fleet.replicas  # global replica index = pod * replicas + i
         self.replicas = [replica_cls(base + i, self) for i in range(sc.fleet.replicas)]
         if f.kv_allocation == "paged" and rs.kv is not None:

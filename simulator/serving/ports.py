@@ -79,6 +79,7 @@ class PodPort(Protocol):
     kv_watermark: float
     hash_tokens: int
     affinity_margin: int
+    queue_floor: float  # central queue: no admission from it before this boundary
     per_iteration: bool
     e_active_w: float
     e_flop_j: float
