@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tomllib
 from pathlib import Path
 
 INSTALL_HINT = (
@@ -81,13 +80,15 @@ def resolve_model(arg: str, dtype: str) -> object:
 
     path = Path(arg)
     if arg.endswith(".toml") or path.is_file():
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise _Usage(f"--model {arg}: cannot read it ({exc.strerror})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise _Usage(f"--model {arg}: not valid TOML ({exc})") from None
+        from fleetsim.base import io
+
+        try:  # bounded reading: a regular file, size limit, UTF-8, depth limit (base/io.py)
+            data = io.parse_toml(io.read_text(path, "--model"), f"--model {io.clean(arg)}")
+        except UserError as exc:
+            raise _Usage(str(exc)) from None
         data = data.get("model", data)
+        if not isinstance(data, dict):
+            raise _Usage(f"--model {io.clean(arg)}: [model] must be a table")
         data.pop("published_params", None)
         data.setdefault("name", path.stem)
         data["dtype"] = dtype
@@ -95,13 +96,34 @@ def resolve_model(arg: str, dtype: str) -> object:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise _Usage(
-                f"--model {arg}: unknown field(s) {', '.join(unknown)}; "
+                f"--model {io.clean(arg)}: unknown field(s) {io.clean(', '.join(unknown), 80)}; "
                 f"known: {', '.join(sorted(fields))}"
+            )
+        required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise _Usage(f"--model {io.clean(arg)}: missing field(s) {', '.join(missing)}")
+        # the same bounds as an inline [model] of a scenario (config/scenario.py ModelSection)
+        from pydantic import ValidationError
+
+        from fleetsim.config.scenario import ModelSection
+
+        try:
+            ModelSection.model_validate(dict(data.items()))
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            loc = ".".join(str(x) for x in e["loc"])
+            raise _Usage(
+                f"--model {io.clean(arg)}: {loc} = {io.clean(repr(e.get('input')), 60)}: {e['msg']}"
+            ) from None
+        if data["d_model"] % data["n_heads"] or data["n_heads"] % data["n_kv_heads"]:
+            raise _Usage(
+                f"--model {io.clean(arg)}: d_model must divide by n_heads and n_heads by n_kv_heads"
             )
         try:
             return ModelSpec(**data)
         except TypeError as exc:
-            raise _Usage(f"--model {arg}: {exc}") from None
+            raise _Usage(f"--model {io.clean(arg)}: {exc}") from None
     try:
         return model_from_catalog(arg, dtype, field="--model")
     except UserError as exc:

@@ -7,12 +7,14 @@ It mirrors :mod:`fleetsim.serving.engine` rule for rule, so that a trace replaye
   batch has fewer than ``max_batch_size`` sequences, the iteration's tokens (prompts being
   prefilled + one per decoding sequence) stay within ``max_batched_tokens``, and the KV budget
   can reserve the request's prompt + output tokens; the first request that does not fit blocks
-  the queue (no overtaking);
+  the queue (no overtaking). This is :meth:`fleetsim.serving.admission.Limits.admits`, the
+  simulator's own rule, called here;
 * an admitted request is prefilled in its first iteration, which yields its first token; every
   later iteration yields one more token per sequence; a request leaves after its last token
   (``output_tokens`` tokens in all: the trace fixes the length, no EOS);
 * a request that could never be served (prompt + output over the KV budget or the context,
-  prompt over ``max_batched_tokens``) is rejected on arrival.
+  prompt over ``max_batched_tokens``: :meth:`~fleetsim.serving.admission.Limits.servable`; or
+  over this engine's KV slab) is rejected on arrival.
 
 **Mixed iterations.** An iteration that prefills new requests while others decode is one forward
 pass over the *packed* tokens (vLLM style): every linear layer (QKV, output projection, MLP, LM
@@ -41,6 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fleetsim.serving.admission import Limits
 
 from .model import TorchTransformer
 
@@ -134,6 +138,7 @@ class ServingEngine:
         self.max_batch = max_batch_size
         self.max_tokens = max_batched_tokens
         self.kv_cap = kv_budget_tokens
+        self.limits = Limits(max_batch_size, max_batched_tokens, kv_budget_tokens)
         self.max_seq = max_seq_tokens
         self.device = model.device
         m = model
@@ -257,13 +262,14 @@ class ServingEngine:
         sleep: Callable[[float], None] = time.sleep,
         progress: Callable[[int], None] | None = None,
     ) -> ReplayResult:
-        """Serve ``trace`` in real time: each request arrives at its ``arrival_s`` after the start."""
+        """Serve ``trace`` in real time: each request arrives ``arrival_s`` after the start."""
         recs = [
             RequestRecord(i, r.arrival_s, r.prompt_tokens, r.output_tokens)
             for i, r in enumerate(trace)
         ]
         order = sorted(range(len(recs)), key=lambda i: recs[i].arrival_s)
         max_ctx = max_context_tokens or self.max_seq
+        lim = self.limits
         waiting: deque[RequestRecord] = deque()
         running: list[_Seq] = []
         free = list(range(self.max_batch))[::-1]
@@ -278,9 +284,7 @@ class ServingEngine:
                 nxt += 1
                 need = r.prompt_tokens + r.output_tokens
                 if (
-                    need > self.kv_cap
-                    or r.prompt_tokens > self.max_tokens
-                    or need > max_ctx
+                    not lim.servable(r.prompt_tokens, r.output_tokens, max_ctx)
                     or need > self.max_seq
                 ):
                     r.status = "rejected"
@@ -295,18 +299,14 @@ class ServingEngine:
                 while clock() - t0 < recs[order[nxt]].arrival_s:
                     pass  # the last millisecond: spin, so that an idle engine starts on time
                 continue
-            # admission (FCFS, head-of-line blocking), exactly fleetsim.serving.engine.Replica._fits
+            # admission (FCFS, head-of-line blocking): the simulator's rule, Limits.admits
             pf: list[_Seq] = []
             P = 0
             n_dec = len(running)
             while waiting:
                 r = waiting[0]
                 need = r.prompt_tokens + r.output_tokens
-                if not (
-                    n_dec + len(pf) < self.max_batch
-                    and P + r.prompt_tokens + n_dec <= self.max_tokens
-                    and kv_used + need <= self.kv_cap
-                ):
+                if not lim.admits(n_dec + len(pf), P + n_dec, kv_used, r.prompt_tokens, need):
                     break
                 waiting.popleft()
                 r.admit_s = now
@@ -359,7 +359,7 @@ class ServingEngine:
         return ReplayResult(recs, iters, clock() - t0)
 
 
-# ---- a linear profile of this engine ---------------------------------------------------------------
+# ---- a linear profile of this engine ------------------------------------------------------------
 LINEAR_TERMS = (
     "base_s",
     "prefill_base_s",

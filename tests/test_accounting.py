@@ -40,18 +40,18 @@ def test_zero_traffic_energy_and_cost_are_exact(small, gpu, tp, replicas):
     idle_kwh = gpus * g.idle_w * 24 * 3600 / 3.6e6
     over_kwh = gpus * g.node_overhead_w / g.gpus_per_node * 24 * 3600 / 3.6e6
     t = res.totals
-    assert t["energy_gpu_kwh"] == pytest.approx(idle_kwh, rel=1e-12)
-    assert t["energy_overhead_kwh"] == pytest.approx(over_kwh, rel=1e-12)
-    assert t["energy_it_kwh"] == pytest.approx(idle_kwh + over_kwh, rel=1e-12)
-    assert t["energy_facility_kwh"] == pytest.approx((idle_kwh + over_kwh) * 1.37, rel=1e-12)
+    assert t.energy_gpu_kwh == pytest.approx(idle_kwh, rel=1e-12)
+    assert t.energy_overhead_kwh == pytest.approx(over_kwh, rel=1e-12)
+    assert t.energy_it_kwh == pytest.approx(idle_kwh + over_kwh, rel=1e-12)
+    assert t.energy_facility_kwh == pytest.approx((idle_kwh + over_kwh) * 1.37, rel=1e-12)
     fac_h = (idle_kwh + over_kwh) * 1.37 / 24
     energy_cost = sum(fac_h * (0.05 + 0.01 * h) for h in range(24))
     hw = gpus * g.capex_usd / (4.0 * 8760) * 24
-    assert t["energy_cost_usd"] == pytest.approx(energy_cost, rel=1e-12)
-    assert t["hardware_cost_usd"] == pytest.approx(hw, rel=1e-12)
-    assert t["total_cost_usd"] == pytest.approx(energy_cost + hw, rel=1e-12)
+    assert t.energy_cost_usd == pytest.approx(energy_cost, rel=1e-12)
+    assert t.hardware_cost_usd == pytest.approx(hw, rel=1e-12)
+    assert t.total_cost_usd == pytest.approx(energy_cost + hw, rel=1e-12)
     assert np.all(_col(res, "gpu_busy_s") == 0)
-    assert t["requests_arrived"] == 0
+    assert t.requests_arrived == 0
 
 
 def test_rented_hardware_costs_powered_gpu_hours(small):
@@ -59,7 +59,7 @@ def test_rented_hardware_costs_powered_gpu_hours(small):
     rs = resolved(d)
     res = simulate(rs)
     gpu_h = 2 * 2  # 2 replicas x 2 hours
-    assert res.totals["hardware_cost_usd"] == pytest.approx(
+    assert res.totals.hardware_cost_usd == pytest.approx(
         gpu_h * rs.gpu.rent_usd_per_gpu_hour, rel=1e-12
     )
 
@@ -67,15 +67,12 @@ def test_rented_hardware_costs_powered_gpu_hours(small):
 def test_traffic_conservation_and_hourly_sums(small):
     res = simulate(resolved(merge(small, simulation={"hours": 3})))
     t = res.totals
-    assert t["requests_arrived"] > 20_000
-    assert (
-        t["requests_arrived"]
-        == t["requests_completed"] + t["requests_rejected"] + t["requests_in_flight"]
-    )
+    assert t.requests_arrived > 20_000
+    assert t.requests_arrived == t.requests_completed + t.requests_rejected + t.requests_in_flight
     for p in res.pods:
         assert sum(p.arrived) == sum(p.completed) + sum(p.rejected) + p.in_flight
     for c in ("energy_facility_kwh", "total_cost_usd", "output_tokens", "requests_completed"):
-        assert _col(res, c).sum() == pytest.approx(t[c], rel=1e-12)
+        assert _col(res, c).sum() == pytest.approx(getattr(t, c), rel=1e-12)
     # facility = IT x PUE and IT = GPU + overhead, hour by hour
     np.testing.assert_allclose(
         _col(res, "energy_facility_kwh"), _col(res, "energy_it_kwh") * 1.2, rtol=1e-12
@@ -93,7 +90,7 @@ def test_traffic_conservation_and_hourly_sums(small):
     # busy GPUs draw more than idle ones: GPU energy exceeds the idle floor
     rs = res.resolved
     idle_floor = 2 * rs.gpu.idle_w * 3 * 3600 / 3.6e6
-    assert t["energy_gpu_kwh"] > idle_floor * 1.05
+    assert t.energy_gpu_kwh > idle_floor * 1.05
     u = _col(res, "utilization")
     assert np.all((u >= 0) & (u <= 1))
 
@@ -104,8 +101,8 @@ def test_energy_per_token_matches_the_power_model(small):
     rs = resolved(small)
     res = simulate(rs)
     p = rs.gpu.power
-    busy = res.totals["gpu_busy_s"]
-    dyn_kwh = res.totals["energy_gpu_kwh"] - 2 * 2 * 3600 * p.idle_w / 3.6e6
+    busy = res.totals.gpu_busy_s
+    dyn_kwh = res.totals.energy_gpu_kwh - 2 * 2 * 3600 * p.idle_w / 3.6e6
     # while busy, a GPU draws at least active_w above idle and at most TDP
     assert dyn_kwh >= busy * p.active_w / 3.6e6 * (1 - 1e-12)
     assert dyn_kwh <= busy * (p.max_w - p.idle_w) / 3.6e6

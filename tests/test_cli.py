@@ -88,7 +88,11 @@ def test_run_writes_24_contract_rows_and_requests(tmp_path):
     assert (e2e >= ttft).all()
     assert "total cost" in p.stdout and "peak hour" in p.stdout
     # no temporary files are left behind
-    assert sorted(x.name for x in out.iterdir()) == ["hourly.parquet", "requests.parquet"]
+    assert sorted(x.name for x in out.iterdir()) == [
+        ".fleetsim-manifest.json",  # what the run wrote (results/output.py RunOutput)
+        "hourly.parquet",
+        "requests.parquet",
+    ]
     # an existing output folder is not overwritten without --force
     p2 = fleetsim("run", str(f), "--out", str(out), cwd=tmp_path)
     assert p2.returncode == 2 and "--force" in p2.stderr

@@ -12,28 +12,33 @@ from fleetsim.apps.simulate import simulate
 
 # llama-3.1-8b on one H100: about 20 ms per decode step; 2 hours keep an hour boundary inside.
 CASES = {
-    "light": dict(traffic={"requests_per_day": 8_000}),
-    "heavy": dict(traffic={"requests_per_day": 30_000}, fleet={"max_batch_size": 4}),
-    "kv_pressure": dict(
-        traffic={"requests_per_day": 30_000}, fleet={"gpu_memory_utilization": 0.25}
-    ),
-    "random": dict(traffic={"requests_per_day": 40_000}, fleet={"router": "random"}),
-    "least_loaded": dict(traffic={"requests_per_day": 40_000}, fleet={"router": "least_loaded"}),
-    "central_queue": dict(
-        traffic={"requests_per_day": 40_000}, fleet={"router": "central_queue", "max_batch_size": 4}
-    ),
-    "moe_tp2": dict(
-        model={"name": "mixtral-8x7b"},
-        traffic={"requests_per_day": 40_000},
-        fleet={"tensor_parallel": 2},
-    ),
-    "token_budget": dict(traffic={"requests_per_day": 30_000}, fleet={"max_batched_tokens": 4000}),
+    "light": {"traffic": {"requests_per_day": 8_000}},
+    "heavy": {"traffic": {"requests_per_day": 30_000}, "fleet": {"max_batch_size": 4}},
+    "kv_pressure": {
+        "traffic": {"requests_per_day": 30_000},
+        "fleet": {"gpu_memory_utilization": 0.25},
+    },
+    "random": {"traffic": {"requests_per_day": 40_000}, "fleet": {"router": "random"}},
+    "least_loaded": {"traffic": {"requests_per_day": 40_000}, "fleet": {"router": "least_loaded"}},
+    "central_queue": {
+        "traffic": {"requests_per_day": 40_000},
+        "fleet": {"router": "central_queue", "max_batch_size": 4},
+    },
+    "moe_tp2": {
+        "model": {"name": "mixtral-8x7b"},
+        "traffic": {"requests_per_day": 40_000},
+        "fleet": {"tensor_parallel": 2},
+    },
+    "token_budget": {
+        "traffic": {"requests_per_day": 30_000},
+        "fleet": {"max_batched_tokens": 4000},
+    },
     # power states: replicas wake (cold start), drain and power off while requests flow
-    "reactive": dict(
-        traffic={"requests_per_day": 40_000, "diurnal": "azure-code"},
-        fleet={"replicas": 3, "router": "random"},
-        power={"wake_s": 20.0},
-        autoscaler={
+    "reactive": {
+        "traffic": {"requests_per_day": 40_000, "diurnal": "azure-code"},
+        "fleet": {"replicas": 3, "router": "random"},
+        "power": {"wake_s": 20.0},
+        "autoscaler": {
             "policy": "reactive",
             "min_replicas": 0,
             "initial_replicas": 1,
@@ -41,13 +46,42 @@ CASES = {
             "interval_s": 15,
             "idle_timeout_s": 120,
         },
-    ),
-    "schedule_central": dict(
-        traffic={"requests_per_day": 40_000},
-        fleet={"replicas": 3, "router": "central_queue"},
-        power={"wake_s": 30.0},
-        autoscaler={"policy": "schedule", "replicas_by_hour": [3, 1] * 12},
-    ),
+    },
+    # disaggregated prefill/decode (serving/disagg.py): KV arrivals cut decode runs like arrivals
+    "disagg": {
+        "traffic": {"requests_per_day": 60_000},
+        "disaggregation": {"prefill": {"replicas": 1}, "decode": {"replicas": 2}},
+    },
+    "disagg_backpressure": {  # slow link (FIFO queueing) and a decode pool short of KV
+        "traffic": {"requests_per_day": 120_000},
+        "disaggregation": {
+            "link_bandwidth_bytes_per_s": 4e9,
+            "link_latency_s": 2e-3,
+            "prefill": {"replicas": 2, "router": "random"},
+            "decode": {
+                "replicas": 2,
+                "router": "round_robin",
+                "gpu_memory_utilization": 0.215,
+                "max_batch_size": 8,
+            },
+        },
+    },
+    "disagg_central_prefill_moe": {
+        "model": {"name": "mixtral-8x7b"},
+        "traffic": {"requests_per_day": 60_000},
+        "fleet": {"tensor_parallel": 2},
+        "disaggregation": {
+            "link": "nvlink-4",
+            "prefill": {"replicas": 2, "router": "central_queue", "max_batch_size": 2},
+            "decode": {"replicas": 1, "gpu": "h200", "tensor_parallel": 1},
+        },
+    },
+    "schedule_central": {
+        "traffic": {"requests_per_day": 40_000},
+        "fleet": {"replicas": 3, "router": "central_queue"},
+        "power": {"wake_s": 30.0},
+        "autoscaler": {"policy": "schedule", "replicas_by_hour": [3, 1] * 12},
+    },
 }
 # Every case above runs the default engine (paged KV, chunked prefill, prefix caching on but no
 # block ids). The first engine, and each mechanism alone and combined:
@@ -60,36 +94,37 @@ for _name in ("light", "heavy", "kv_pressure", "central_queue", "token_budget", 
 PREEMPT = {"gpu_memory_utilization": 0.215, "max_batch_size": 64, "max_batched_tokens": 2048}
 CASES.update(
     {
-        "paged_no_chunk": dict(
-            traffic={"requests_per_day": 200_000},
-            fleet={
+        "paged_no_chunk": {
+            "traffic": {"requests_per_day": 200_000},
+            "fleet": {
                 **PREEMPT,
                 "gpu_memory_utilization": 0.216,
                 "max_batched_tokens": 4096,
                 "enable_chunked_prefill": False,
             },
-        ),
-        "paged_preempt": dict(traffic={"requests_per_day": 150_000}, fleet=PREEMPT),
-        "paged_preempt_central": dict(
-            traffic={"requests_per_day": 200_000},
-            fleet={**PREEMPT, "router": "central_queue", "replicas": 3},
-        ),
-        "chunk_small_budget": dict(
-            traffic={"requests_per_day": 40_000}, fleet={"max_batched_tokens": 300}
-        ),
-        "chunk_budget_preempt": dict(
-            traffic={"requests_per_day": 150_000},
-            fleet={
+        },
+        "paged_preempt": {"traffic": {"requests_per_day": 150_000}, "fleet": PREEMPT},
+        "paged_preempt_central": {
+            "traffic": {"requests_per_day": 200_000},
+            "fleet": {**PREEMPT, "router": "central_queue", "replicas": 3},
+        },
+        "chunk_small_budget": {
+            "traffic": {"requests_per_day": 40_000},
+            "fleet": {"max_batched_tokens": 300},
+        },
+        "chunk_budget_preempt": {
+            "traffic": {"requests_per_day": 150_000},
+            "fleet": {
                 **PREEMPT,
                 "gpu_memory_utilization": 0.2115,
                 "max_batched_tokens": 700,
                 "block_size_tokens": 32,
             },
-        ),
-        "paged_watermark_block1": dict(
-            traffic={"requests_per_day": 150_000},
-            fleet={**PREEMPT, "kv_watermark_fraction": 0.05, "block_size_tokens": 1},
-        ),
+        },
+        "paged_watermark_block1": {
+            "traffic": {"requests_per_day": 150_000},
+            "fleet": {**PREEMPT, "kv_watermark_fraction": 0.05, "block_size_tokens": 1},
+        },
     }
 )
 # cases that must show the mechanism they test
@@ -117,12 +152,12 @@ def assert_modes_equal(
     tokens must come from the prefix cache."""
     macro, ms = _run(d, "macro")
     ref, rs_ = _run(d, "iteration")
-    assert macro.totals["requests_arrived"] > 200
+    assert macro.totals.requests_arrived > 200
     if preemptions:
-        assert macro.totals["preemptions"] > 10, macro.totals["preemptions"]
-        assert macro.totals["recomputed_tokens"] > 0
+        assert macro.totals.preemptions > 10, macro.totals.preemptions
+        assert macro.totals.recomputed_tokens > 0
     if hits:
-        assert macro.totals["prefix_hit_tokens"] > hits * macro.totals["prompt_tokens"]
+        assert macro.totals.prefix_hit_tokens > hits * macro.totals.prompt_tokens
     assert ms.rows.keys() == rs_.rows.keys()
     worst = 0.0
     for rid, a in ms.rows.items():
@@ -146,9 +181,9 @@ def assert_modes_equal(
         x = macro.hourly.column(col).to_numpy()
         y = ref.hourly.column(col).to_numpy()
         np.testing.assert_allclose(x, y, rtol=1e-9, atol=0)
-    assert macro.totals["iterations"] == ref.totals["iterations"]
+    assert macro.totals.iterations == ref.totals.iterations
     if fewer_events:  # the point of macro-stepping: far fewer events than iterations
-        assert macro.totals["events"] < ref.totals["events"] / 3
+        assert macro.totals.events < ref.totals.events / 3
     return macro
 
 

@@ -31,7 +31,7 @@ t0 = time.perf_counter()
 res = simulate(rs)
 print(json.dumps({{"before_kb": before, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "wall_s": time.perf_counter() - t0,
-                  "arrived": res.totals["requests_arrived"]}}))
+                  "arrived": res.totals.requests_arrived}}))
 """
 
 

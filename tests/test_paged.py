@@ -111,7 +111,7 @@ def test_long_prompt_is_chunked_and_ttft_ends_with_last_chunk(tmp_path):
     ttft = row[4] - row[0]
     expect = 3 * (0.01 + 0.002 + 1e-4) + 1e-5 * 10_000
     assert ttft == pytest.approx(expect, rel=1e-12)
-    assert res.totals["iterations"] == 3 + 4  # three chunks, then four decode steps
+    assert res.totals.iterations == 3 + 4  # three chunks, then four decode steps
     # without chunking the same prompt is refused (it could never be scheduled)
     with pytest.raises(ScenarioError, match="max_batched_tokens"):
         resolved(merge(d, fleet={"max_batched_tokens": 4096, "enable_chunked_prefill": False}))
@@ -148,17 +148,17 @@ def test_preemption_conserves_tokens_and_recomputes(tmp_path):
     sink = ListSink()
     res = simulate(resolved(d), request_sink=sink)
     T = res.totals
-    assert T["preemptions"] > 20
+    assert T.preemptions > 20
     done = [r for r in sink.rows.values() if r[6] == "completed"]
     flight = [r for r in sink.rows.values() if r[6] == "in_flight"]
     assert len(done) > 500
     # each request's prompt is counted once, when its first prefill completes
     started = [r for r in sink.rows.values() if not math.isnan(r[4])]
-    assert T["prompt_tokens"] == sum(r[2] for r in started)
+    assert T.prompt_tokens == sum(r[2] for r in started)
     # output tokens: every completed request's, plus what the unfinished ones had generated
     out_done = sum(r[3] for r in done)
-    assert out_done <= T["output_tokens"] <= out_done + sum(r[3] for r in flight)
-    assert T["recomputed_tokens"] > 0
+    assert out_done <= T.output_tokens <= out_done + sum(r[3] for r in flight)
+    assert T.recomputed_tokens > 0
     assert 0.0 < float(np.max(res.hourly.column("kv_utilization").to_numpy())) <= 1.0
 
 
@@ -180,11 +180,11 @@ def test_mooncake_prefix_cache_oracle():
     res = simulate(resolved(_mooncake_one_replica(str(MOONCAKE))))
     T = res.totals
     hit, prompt = prefix_hit_oracle(read_mooncake(str(MOONCAKE)))
-    assert T["requests_completed"] == T["requests_arrived"] == 12_031
-    assert T["prompt_tokens"] == prompt
-    assert T["prefix_hit_tokens"] == hit
+    assert T.requests_completed == T.requests_arrived == 12_031
+    assert T.prompt_tokens == prompt
+    assert T.prefix_hit_tokens == hit
     assert hit / prompt == pytest.approx(0.37338, abs=1e-5)
-    assert T["preemptions"] == 0
+    assert T.preemptions == 0
 
 
 def _head(tmp_path: Path, n: int) -> str:
@@ -205,8 +205,8 @@ def test_realistic_cache_evicts_and_hits_less(tmp_path):
         "traffic": {"trace": trace},
     }
     real = simulate(resolved(d))
-    rate_big = big.totals["prefix_hit_tokens"] / big.totals["prompt_tokens"]
-    rate_real = real.totals["prefix_hit_tokens"] / real.totals["prompt_tokens"]
+    rate_big = big.totals.prefix_hit_tokens / big.totals.prompt_tokens
+    rate_real = real.totals.prefix_hit_tokens / real.totals.prompt_tokens
     assert rate_big > 0.3
     assert 0.0 < rate_real < rate_big - 0.05
 
@@ -230,7 +230,7 @@ def test_prefix_caching_macro_equals_per_iteration(tmp_path, router):
     }
     # (a cache of ~35 prompts against a working set of ~1000: 3.7% hit, most blocks evicted)
     macro = assert_modes_equal(d, hits=0.02, fewer_events=False)
-    assert macro.totals["requests_completed"] > 300
+    assert macro.totals.requests_completed > 300
 
 
 def test_prefix_affinity_beats_least_loaded_on_hits(tmp_path):
@@ -245,7 +245,7 @@ def test_prefix_affinity_beats_least_loaded_on_hits(tmp_path):
             "traffic": {"trace": trace},
         }
         T = simulate(resolved(d)).totals
-        rates[router] = T["prefix_hit_tokens"] / T["prompt_tokens"]
+        rates[router] = T.prefix_hit_tokens / T.prompt_tokens
     assert rates["prefix_affinity"] > rates["least_loaded"] + 0.05, rates
 
 
@@ -273,9 +273,9 @@ def test_sessions_macro_equals_per_iteration():
     macro = assert_modes_equal(dict(SESSIONS), hits=0.5)
     T = macro.totals
     # turns come back: more requests than sessions started (~20k/day x 2 h = 1,667)
-    assert T["requests_arrived"] > 1.5 * 20_000 / 12
+    assert T.requests_arrived > 1.5 * 20_000 / 12
     # the shared system prompt alone is 15 of 16 blocks of 64 (1000 tokens) of the first turn
-    assert T["prefix_hit_tokens"] / T["prompt_tokens"] > 0.5
+    assert T.prefix_hit_tokens / T.prompt_tokens > 0.5
 
 
 def test_session_turns_extend_the_previous_turn():
@@ -303,7 +303,9 @@ def test_bad_engine_options(patch, field):
 
 
 def test_system_prompt_longer_than_context():
-    d = merge(SESSIONS, traffic={**SESSIONS["traffic"], "sessions": {"system_prompt_tokens": 200_000}})
+    d = merge(
+        SESSIONS, traffic={**SESSIONS["traffic"], "sessions": {"system_prompt_tokens": 200_000}}
+    )
     with pytest.raises(ScenarioError, match="system_prompt_tokens"):
         resolved(d)
 

@@ -17,7 +17,9 @@ from fleetsim.apps.plan import search_min
 from fleetsim.apps.simulate import simulate
 from fleetsim.apps.sweep import grid_points, parse_grid, run_sweep, split_values
 from fleetsim.base.errors import UserError
-from fleetsim.config.scenario import scenario_from_dict
+from fleetsim.base.version import __version__
+from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.results.output import read_metadata
 
 # Llama-3.1-70B on TP4 H100s, one flat hour at 4.6 requests/s: 3 replicas meet p99 TTFT <= 1 s
 # (0.92 s), 2 do not (1.11 s); TP2 cannot hold a maximum-length request in its KV budget.
@@ -47,7 +49,7 @@ def _meets_slo(res, ttft_s: float, tpot_s: float) -> bool:
     ttft = res.hourly.column("ttft_p99_s").to_numpy()
     tpot = res.hourly.column("tpot_p99_s").to_numpy()
     return bool(
-        np.all(ttft <= ttft_s) and np.all(tpot <= tpot_s) and res.totals["requests_rejected"] == 0
+        np.all(ttft <= ttft_s) and np.all(tpot <= tpot_s) and res.totals.requests_rejected == 0
     )
 
 
@@ -89,11 +91,24 @@ def test_plan_answer_meets_slo_and_one_fewer_fails(tmp_path):
     )
     assert _meets_slo(at_n, 1.0, 0.1)
     assert not _meets_slo(below, 1.0, 0.1)
-    assert best["total_cost_usd"] == at_n.totals["total_cost_usd"]  # same seed, same scenario
+    assert best["total_cost_usd"] == at_n.totals.total_cost_usd  # same seed, same scenario
     sched = json.loads((out / "schedule.json").read_text())
     assert sched["gpu"] == "h100-sxm" and sched["tensor_parallel"] == 4
     assert len(sched["replicas_by_hour"]) == 24
     assert all(isinstance(x, int) and 1 <= x <= n for x in sched["replicas_by_hour"])
+    _check_provenance(out / "plan.parquet", scen, PLAN["seed"])
+
+
+def _check_provenance(path, scen, seed: int) -> None:
+    """The file says which fleetsim, scenario, seed and profile made it."""
+    md = read_metadata(path)
+    assert md["fleetsim.version"] == __version__
+    assert md["fleetsim.scenario_text"] == scen.read_text()
+    assert json.loads(md["fleetsim.config"])["seed"] == seed
+    assert md["fleetsim.seed"] == str(seed)
+    rs = resolve(scenario_from_dict(json.loads(md["fleetsim.config"])))
+    assert md["fleetsim.profile_id"] == rs.profile_id != ""
+    assert md["fleetsim.profile_sha256"] == rs.profile_sha256  # "" for a catalog profile
 
 
 def test_search_min_finds_the_threshold_in_logarithmic_rounds():
@@ -174,6 +189,7 @@ def test_sweep_cli(tmp_path):
     t = pq.read_table(out / "sweep.parquet")
     assert t.column("fleet.replicas").to_pylist() == [1, 2]
     assert t.schema.names[1:4] == ["requests", "requests_completed", "requests_in_flight"]
+    _check_provenance(out / "sweep.parquet", scen, SWEEP_BASE["seed"])
 
 
 def test_grid_parsing_and_validation(tmp_path):

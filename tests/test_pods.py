@@ -37,27 +37,23 @@ def test_sample_scales_by_pods_over_k():
         assert a.arrived == b.arrived and a.dyn_j == b.dyn_j
     rs = full.resolved
     four = hourly_table(rs, full.pods[:4])  # the four pods alone, unscaled
-    assert math.isclose(
-        part.totals["energy_facility_kwh"], P / 4 * _sum(four, "energy_facility_kwh")
-    )
-    assert math.isclose(part.totals["energy_cost_usd"], P / 4 * _sum(four, "energy_cost_usd"))
+    assert math.isclose(part.totals.energy_facility_kwh, P / 4 * _sum(four, "energy_facility_kwh"))
+    assert math.isclose(part.totals.energy_cost_usd, P / 4 * _sum(four, "energy_cost_usd"))
     # owned hardware is the whole fleet's, whatever is simulated
-    assert math.isclose(part.totals["hardware_cost_usd"], full.totals["hardware_cost_usd"])
-    assert (
-        abs(part.totals["requests_arrived"] - P / 4 * sum(sum(p.arrived) for p in part.pods)) <= 0.5
-    )
+    assert math.isclose(part.totals.hardware_cost_usd, full.totals.hardware_cost_usd)
+    assert abs(part.totals.requests_arrived - P / 4 * sum(sum(p.arrived) for p in part.pods)) <= 0.5
     # the interval is centred on the reported total
     for name in ("energy_facility_kwh", "total_cost_usd"):
         lo, hi = part.pod_ci[name]
-        assert math.isclose((lo + hi) / 2, part.totals[name], rel_tol=1e-12)
-        assert lo < part.totals[name] < hi
+        assert math.isclose((lo + hi) / 2, getattr(part.totals, name), rel_tol=1e-12)
+        assert lo < getattr(part.totals, name) < hi
 
 
 def test_all_pods_simulated_gives_an_exact_interval():
     full = simulate(scenario_from_dict(PODS))
     for name, (lo, hi) in full.pod_ci.items():
-        assert math.isclose(lo, full.totals[name], rel_tol=1e-12)
-        assert math.isclose(hi, full.totals[name], rel_tol=1e-12)
+        assert math.isclose(lo, getattr(full.totals, name), rel_tol=1e-12)
+        assert math.isclose(hi, getattr(full.totals, name), rel_tol=1e-12)
 
 
 def test_interval_covers_the_all_pods_total_95_percent():
@@ -78,12 +74,12 @@ def test_interval_covers_the_all_pods_total_95_percent():
         ci = pod_confidence(rs, full.pods[:k])
         for name in covered:
             lo, hi = ci[name]
-            covered[name] += lo <= full.totals[name] <= hi
+            covered[name] += lo <= getattr(full.totals, name) <= hi
         # spread of the k-pod estimate around the truth vs the interval's half-width
         vals = [_sum(hourly_table(rs, [p], P), "energy_facility_kwh") for p in full.pods]
         est = float(np.mean(vals[:k]))
         lo, hi = ci["energy_facility_kwh"]
-        width_ratio.append(abs(est - full.totals["energy_facility_kwh"]) / ((hi - lo) / 2))
+        width_ratio.append(abs(est - full.totals.energy_facility_kwh) / ((hi - lo) / 2))
     for name, c in covered.items():
         assert c >= 40, (name, c)
     # |error| / half-width: below 1 in 95% of cases, and not tiny on average (not over-wide)

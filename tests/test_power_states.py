@@ -159,8 +159,8 @@ def test_reactive_scales_up_under_load_and_down_when_idle(small):
     # ... and the three extra ones went off after the idle timeout (300 s) and a tick or two
     assert 1.0 <= on[2] <= 1.0 + 3 * (300 + 2 * 10) / 3600
     assert on[2] > 1.0 + 3 * 250 / 3600  # not before the idle timeout
-    assert res.totals["requests_completed"] > 39_000
-    assert res.totals["slo_attainment"] > 0.9
+    assert res.totals.requests_completed > 39_000
+    assert res.totals.slo_attainment > 0.9
 
 
 def test_tariff_and_carbon_follow_utc_hour_of_day(small):
@@ -179,7 +179,7 @@ def test_tariff_and_carbon_follow_utc_hour_of_day(small):
         _col(res, "energy_cost_usd"), fac * [price[x] for x in hod], rtol=1e-12
     )
     np.testing.assert_allclose(_col(res, "carbon_kg"), fac * [carbon[x] for x in hod], rtol=1e-12)
-    assert res.totals["carbon_kg"] == pytest.approx(
+    assert res.totals.carbon_kg == pytest.approx(
         float(np.sum(fac * [carbon[x] for x in hod])), rel=1e-12
     )
 

@@ -63,4 +63,4 @@ def test_scenario_with_the_profile_reproduces_the_measured_grid():
             assert err <= fit_err * (1 + 1e-9), (g, pred, fit_err)
     assert worst == pytest.approx(fit_err, rel=1e-6)  # the reported error is the worst one
     res = simulate(rs)  # and the scenario runs
-    assert res.totals["requests_completed"] > 0
+    assert res.totals.requests_completed > 0

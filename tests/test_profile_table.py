@@ -137,7 +137,7 @@ def test_macro_equals_per_iteration_with_a_table(small, tmp_path):
 
         runs[engine] = (simulate(rs, request_sink=sink), sink)
     (macro, ms), (_, rs_) = runs["macro"], runs["iteration"]
-    assert macro.totals["requests_arrived"] > 500
+    assert macro.totals.requests_arrived > 500
     assert ms.rows.keys() == rs_.rows.keys()
     worst = 0.0
     for rid, a in ms.rows.items():

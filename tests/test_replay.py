@@ -59,7 +59,7 @@ def test_trace_replay_in_simulator(tmp_path):
     res = simulate(resolve(scenario_from_dict(d)), request_sink=sink)
     got = sorted(sink.rows.values())
     assert [(g[0], g[2], g[3]) for g in got] == rows
-    assert res.totals["requests_arrived"] == 4 and res.totals["requests_completed"] == 4
+    assert res.totals.requests_arrived == 4 and res.totals.requests_completed == 4
     # the first request is alone: prefill 0.01+0.02+1e-4*100+1e-3 = 0.041 s, then 9 decode
     # steps of 0.01 + 1e-3 s each
     a, _, _, _, first, finish, _ = got[0]

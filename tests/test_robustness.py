@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -281,10 +282,9 @@ def test_existing_output_needs_force(tmp_path, capsys):
 def _break_totals(monkeypatch):
     real = simulate_mod.day_totals
 
-    def wrong(res):
-        t = real(res)
-        t["energy_facility_kwh"] *= 1.01
-        return t
+    def wrong(*args):
+        t = real(*args)
+        return dataclasses.replace(t, energy_facility_kwh=t.energy_facility_kwh * 1.01)
 
     monkeypatch.setattr(simulate_mod, "day_totals", wrong)
 
@@ -321,7 +321,7 @@ def test_invariant_violation_is_exit_3_and_writes_nothing(
 def test_hourly_sums_hold_with_sampled_pods():
     res = simulate(resolve(scenario_from_dict(merge(TINY, fleet={"pods": 5, "sample_pods": 2}))))
     assert res.scale == 2.5
-    assert res.totals["requests_arrived"] > 0
+    assert res.totals.requests_arrived > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def test_mg1_pollaczek_khinchine(tmp_path, case):
     e2e, se2 = batch_means(r["arrival"], r["finish"] - r["arrival"], t0, t1)
     assert abs(e2e - (wq_theory + ES_hat)) < Z * se2, (case, e2e, wq_theory + ES_hat, se2)
     # utilisation = lambda E[S]: busy time over the hour (Poisson count noise + edge carry-over)
-    busy = res.totals["gpu_busy_s"] / HOUR_S
+    busy = res.totals.gpu_busy_s / HOUR_S
     se_busy = math.sqrt(lam * HOUR_S * ES2) / HOUR_S
     print(
         f"{case}: W sim={e2e * 1e3:.4f} ms theory={(wq_theory + ES_hat) * 1e3:.4f} ms "
@@ -312,7 +312,7 @@ def test_mmc_erlang_c(tmp_path):
     wq, se = batch_means(r["arrival"], wait, t0, t1)
     approx = abs(wq_mmc - wq_theory)  # the size of the non-exponential correction
     assert abs(wq - wq_theory) < Z * se + approx, (wq, wq_theory, wq_mmc, se)
-    busy = res.totals["gpu_busy_s"] / (c * HOUR_S)
+    busy = res.totals.gpu_busy_s / (c * HOUR_S)
     se_busy = math.sqrt(lam * HOUR_S * ES2) / (c * HOUR_S)
     assert abs(busy - rho) < Z * se_busy + 10 * ES / HOUR_S
     print(

@@ -214,13 +214,11 @@ def _cheap(rs) -> bool:
         * pods
     )
     return (
-        (arrivals <= 5000
+        arrivals <= 5000
         and pods * sc.fleet.replicas <= 64
         and pods * sc.simulation.hours <= 200
-        and sc.simulation.engine == "macro")
-        or (arrivals <= 300
-        and pods <= 2)
-    )
+        and sc.simulation.engine == "macro"
+    ) or (arrivals <= 300 and pods <= 2)
 
 
 COUNT = {"cases": 0, "valid": 0, "simulated": 0, "errors": 0}

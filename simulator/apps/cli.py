@@ -12,7 +12,6 @@ import signal
 import sys
 from pathlib import Path
 
-from fleetsim.apps.common import out_dir as _out_dir
 from fleetsim.base.errors import InvariantError, UserError
 
 
@@ -24,8 +23,31 @@ class Interrupted(Exception):
         super().__init__(signal.Signals(signum).name)
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def _on_signal(signum, _frame):
+    """The first signal: stop the command by an exception, so that outputs are aborted and
+    workers terminated on the way out. A second signal exits at once (:func:`_on_second`)."""
+    for s in SIGNALS:
+        signal.signal(s, _on_second)
     raise Interrupted(signum)
+
+
+def _on_second(signum, _frame):
+    """A second signal while the first one is being handled: never wait for anything. Worker
+    processes are killed; a staging folder left behind is removed by the next run into it."""
+    import os
+
+    from fleetsim.apps.executors import kill_workers
+
+    kill_workers()
+    os.write(
+        2,
+        f"fleetsim: interrupted again by {signal.Signals(signum).name}; stopped at once "
+        "(any temporary files are removed by the next run into that folder)\n".encode(),
+    )
+    os._exit(128 + signum)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +93,7 @@ def cmd_run(args) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
+    from fleetsim.apps.common import open_output
     from fleetsim.apps.executors import pod_runner
     from fleetsim.apps.simulate import simulate, write_outputs
     from fleetsim.config.scenario import load_scenario, resolve
@@ -79,15 +102,21 @@ def cmd_run(args) -> int:
 
     sc, text = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
-    out = _out_dir(args, Path(args.scenario).stem)
+    names = ("hourly.parquet",) + (("requests.parquet",) if args.requests else ())
+    if rs.pools is not None:  # a disaggregated fleet: one row per (hour, pool) as well
+        names += ("pools.parquet",)
+    # the folder is checked, locked and probed before simulating; the run's files (the report
+    # included) are staged and moved into place together at the end (results/output.py)
+    outp = open_output(args, Path(args.scenario).stem, names)
+    out = outp.out
     console = Console(stderr=True, quiet=args.quiet)
-    sink = RequestWriter(out / "requests.parquet") if args.requests else None
+    sink = RequestWriter(outp.path("requests.parquet")) if args.requests else None
     n_pods = len(range(min(sc.fleet.sample_pods or sc.fleet.pods, sc.fleet.pods)))
-    committed: list[Path] = []  # the run's files are all or nothing
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("simulating", total=n_pods * sc.simulation.hours)
             ex = _run_executor(args)  # pods as tasks of a process pool or Ray (executors.py)
+            failed = True
             try:
                 runner = (
                     None
@@ -101,32 +130,36 @@ def cmd_run(args) -> int:
                     progress=lambda k: bar.advance(task, k),
                     pod_runner=runner,
                 )
+                failed = False
             finally:
                 if ex is not None:
-                    ex.close()
+                    ex.close(cancel=failed)
         if sink is not None:
             sink.close(res.metadata(text))
-            committed.append(sink.path)
             sink = None
-        path = write_outputs(res, out, text)
+        write_outputs(res, outp.stage, text)
+        if args.report:
+            from fleetsim.apps.report import write_report
+
+            write_report(out, result=res, source=args.scenario, into=outp.stage)
+        written = outp.commit()
     except BaseException:
         if sink is not None:
             sink.abort()
-        for f in committed:
-            f.unlink(missing_ok=True)
-        raise
-    if args.report:
-        from fleetsim.apps.report import write_report
-
-        write_report(out, result=res, source=args.scenario)
+        raise  # (main() aborts the uncommitted output: the folder is left as it was)
     if not args.quiet:
         print_summary(res, Console())
         Console().print(
-            f"wrote {path}"
-            + (f" and {out / 'requests.parquet'}" if args.requests else "")
-            + f" in {res.wall_s:.1f} s"
+            f"wrote {', '.join(p.name for p in written)} in {_shown(out)} in {res.wall_s:.1f} s",
+            markup=False,
         )
     return 0
+
+
+def _shown(p) -> str:
+    from fleetsim.base.io import clean
+
+    return clean(str(p))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         args = build_parser().parse_args(argv)
-    saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved = {s: signal.signal(s, _on_signal) for s in SIGNALS}
     try:
         return _main(args)
     finally:
@@ -205,16 +238,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+    from fleetsim.base.io import clean
+    from fleetsim.results import output
+
+    output.LAST.clear()
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except OSError as exc:  # writing a staged output failed (full disk, ulimit -f, ...)
+            if not output.open_outputs():
+                raise
+            where = output.open_outputs()[-1].out
+            raise output.out_error(where, f"cannot write there: {output.os_problem(exc)}") from None
+        finally:
+            output.abort_open_outputs()  # an output not committed leaves the folder as it was
     except UserError as exc:
-        print(f"fleetsim: error: {exc}", file=sys.stderr)
+        print(f"fleetsim: error: {clean(str(exc), 4000)}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
-        print(f"fleetsim: interrupted by {exc}; no partial output was left", file=sys.stderr)
+        print(f"fleetsim: interrupted by {exc}; {output.interrupted_note()}", file=sys.stderr)
         return 128 + exc.signum
     except InvariantError as exc:
-        print(f"fleetsim: internal error: invariant violated: {exc}", file=sys.stderr)
+        print(f"fleetsim: internal error: invariant violated: {clean(str(exc))}", file=sys.stderr)
         return 3
 
 

@@ -1,18 +1,38 @@
-"""Helpers shared by the commands (run, plan, sweep): the output folder rule."""
+"""Helpers shared by the commands (run, plan, sweep, report): the output folder rule.
+
+A command's files are written all or nothing through
+:class:`~fleetsim.results.output.RunOutput`: :func:`open_output` checks the ``--out`` path,
+takes the folder's lock and probes that it is writable *before* anything is simulated; the
+command writes to ``o.path(name)`` and calls ``o.commit()`` at the end. An output that is not
+committed (an error, an interrupt) is aborted by the CLI, leaving the folder as it was.
+``--force`` replaces only the previous run's files that fleetsim wrote
+(:func:`~fleetsim.results.output.remove_previous_outputs` is the same rule as a function).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fleetsim.base.errors import UserError
+from fleetsim.results.output import RunOutput, check_out_path, remove_previous_outputs
+
+__all__ = ["open_output", "out_dir", "remove_previous_outputs"]
 
 
 def out_dir(args, default_name: str) -> Path:
-    """``--out`` or ``out/<default_name>``; a non-empty folder needs ``--force``."""
+    """``--out`` or ``out/<default_name>``, after the checks that need no writing (a file, a
+    path under a file, a dangling link). The not-empty rule is :func:`open_output`'s."""
     out = Path(args.out) if args.out else Path("out") / default_name
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise UserError(
-            f"--out {str(out)!r}: the folder exists and is not empty "
-            "(fix: pass --force to overwrite, or choose another --out)"
-        )
+    check_out_path(out)
     return out
+
+
+def open_output(
+    args, default_name: str, names: tuple[str, ...] = (), mode: str = "new"
+) -> RunOutput:
+    """The command's output folder, opened (locked, checked, probed); see the module doc."""
+    return RunOutput(
+        out_dir(args, default_name),
+        force=bool(getattr(args, "force", False)),
+        mode=mode,
+        names=names,
+    ).open()

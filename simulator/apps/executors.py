@@ -17,6 +17,7 @@ the results do not depend on the executor, the number of workers or the order of
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,6 +31,7 @@ import pyarrow as pa
 
 from fleetsim.base.errors import UserError
 from fleetsim.results.accounting import PodSummary
+from fleetsim.results.result import DayTotals
 
 EXECUTORS = ("local", "ray")
 
@@ -41,7 +43,7 @@ class RunSummary:
     """What a whole-run task hands back: the hourly table, the day's totals and latency."""
 
     hourly: pa.Table
-    totals: dict[str, float]
+    totals: DayTotals
     day_latency: dict[str, float]
     pod_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     in_flight_by_pod: list[int] = field(default_factory=list)
@@ -99,14 +101,15 @@ class Executor:
                 on_done()
         return out
 
-    def close(self) -> None:
-        """Release the workers."""
+    def close(self, cancel: bool = False) -> None:
+        """Release the workers; ``cancel``: stop the running tasks now, without waiting."""
 
     def __enter__(self) -> Executor:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *_exc) -> None:
+        # leaving on an error or an interrupt: the running tasks are cancelled, not awaited
+        self.close(cancel=exc_type is not None)
 
 
 class LocalExecutor(Executor):
@@ -122,7 +125,10 @@ class LocalExecutor(Executor):
         if self._pool is None:
             import multiprocessing as mp
 
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
+            )
+            _LIVE.add(self)
         return self._pool
 
     def imap_unordered(self, fn, args):
@@ -141,10 +147,54 @@ class LocalExecutor(Executor):
             for f in futs:
                 f.cancel()
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        _LIVE.discard(self)
+        if not cancel:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        _terminate(pool)
+
+
+def _worker_init() -> None:
+    """In a worker: a terminal's Ctrl-C (sent to the whole process group) is the parent's to
+    handle; the parent then terminates the workers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _terminate(pool: ProcessPoolExecutor, grace_s: float = 0.5) -> None:
+    """Stop a process pool now: pending tasks cancelled, worker processes terminated (SIGTERM,
+    then SIGKILL after ``grace_s``), never waiting for a running task."""
+    import time
+
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    t_end = time.monotonic() + grace_s
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.join(max(0.0, t_end - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(0.5)
+
+
+_LIVE: set[LocalExecutor] = set()  # executors with a live pool (for kill_workers)
+
+
+def kill_workers() -> None:
+    """SIGKILL every worker process of this process's pools (a second Ctrl-C: no waiting)."""
+    for ex in list(_LIVE):
+        pool = ex._pool
+        for p in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                p.kill()
 
 
 class RayExecutor(Executor):
@@ -192,7 +242,7 @@ class RayExecutor(Executor):
             for r in pending:
                 ray.cancel(r, force=True)
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
             self._started = False

@@ -110,9 +110,9 @@ def backlog_ok(res: RunSummary, slo: Slo) -> bool:
     t = res.hourly
     last_rate = float(t.column("requests_arrived").to_numpy()[-1]) / 3600.0
     tot = res.totals
-    mean_out = tot["output_tokens"] / max(tot["requests_completed"], 1.0)
+    mean_out = tot.output_tokens / max(tot.requests_completed, 1.0)
     m = last_rate * (slo.ttft_p99_s + mean_out * slo.tpot_p99_s)
-    return tot["requests_in_flight"] <= m + 4.0 * math.sqrt(m) + 10.0
+    return tot.requests_in_flight <= m + 4.0 * math.sqrt(m) + 10.0
 
 
 def passes(res: RunSummary, slo: Slo, judged: list[int]) -> bool:
@@ -401,18 +401,18 @@ def candidate_row(c: Candidate, pods: int) -> dict:
         row.update(
             replicas=c.replicas,
             gpus=pods * c.replicas * c.tp,
-            requests=t["requests_arrived"],
-            energy_facility_kwh=t["energy_facility_kwh"],
-            energy_cost_usd=t["energy_cost_usd"],
-            hardware_cost_usd=t["hardware_cost_usd"],
-            total_cost_usd=t["total_cost_usd"],
-            usd_per_mtok=t["usd_per_mtok"],
-            wh_per_request=t["wh_per_request"],
+            requests=t.requests_arrived,
+            energy_facility_kwh=t.energy_facility_kwh,
+            energy_cost_usd=t.energy_cost_usd,
+            hardware_cost_usd=t.hardware_cost_usd,
+            total_cost_usd=t.total_cost_usd,
+            usd_per_mtok=t.usd_per_mtok,
+            wh_per_request=t.wh_per_request,
             ttft_p99_s=lat["ttft_p99_s"],
             tpot_p99_s=lat["tpot_p99_s"],
             worst_hour_ttft_p99_s=float(np.nanmax(hr.column("ttft_p99_s").to_numpy())),
             worst_hour_tpot_p99_s=float(np.nanmax(hr.column("tpot_p99_s").to_numpy())),
-            slo_attainment=t["slo_attainment"],
+            slo_attainment=t.slo_attainment,
         )
         if c.day_below is not None:  # the day at N - 1: why it fails
             hb = c.day_below.hourly
@@ -514,14 +514,15 @@ def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
     from rich.console import Console
 
-    from fleetsim.apps.common import out_dir as _out_dir
+    from fleetsim.apps.common import open_output
     from fleetsim.results.output import write_table_atomic, write_text_atomic
+    from fleetsim.results.provenance import provenance
 
     args = build_parser().parse_args(argv)
     data, text = read_toml(args.scenario)
     data = apply_overrides(data, args.overrides)
     sc = scenario_from_dict(data, args.scenario)
-    resolve(sc, args.scenario)
+    rs = resolve(sc, args.scenario)
     data = sc.model_dump(mode="json")
     slo = Slo(
         args.slo_ttft_p99_s or sc.slo.ttft_s, args.slo_tpot_p99_s or sc.slo.tpot_s, args.hours
@@ -539,7 +540,7 @@ def main(argv: list[str]) -> int:
     )
     tps = parse_list("--tp", args.tp, int) if args.tp else list(DEFAULT_TPS)
     cands = make_candidates(data, sc, gpus, tps, args.scenario)
-    out = _out_dir(args, Path(args.scenario).stem + "-plan")
+    outp = open_output(args, Path(args.scenario).stem + "-plan", ("plan.parquet", "schedule.json"))
     console = Console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
     sched = None
@@ -584,19 +585,21 @@ def main(argv: list[str]) -> int:
                 "replicas_by_hour": planner.schedule(best),
             }
     wall = time.perf_counter() - t0
-    meta = {
-        "fleetsim.scenario_text": text,
-        "fleetsim.overrides": json.dumps(args.overrides),
-        "fleetsim.slo": json.dumps(
+    meta = provenance(
+        rs,
+        text,
+        overrides=json.dumps(args.overrides),
+        slo=json.dumps(
             {"ttft_p99_s": slo.ttft_p99_s, "tpot_p99_s": slo.tpot_p99_s, "hours": slo.hours}
         ),
-        "fleetsim.wall_s": f"{wall:.3f}",
-        "fleetsim.schedule": json.dumps(sched),
-    }
-    path = out / "plan.parquet"
-    write_table_atomic(table, path, meta)
+        wall_s=f"{wall:.3f}",
+        schedule=json.dumps(sched),
+    )
+    path = outp.final("plan.parquet")
+    write_table_atomic(table, outp.path("plan.parquet"), meta)
     if sched is not None:
-        write_text_atomic(json.dumps(sched, indent=1) + "\n", out / "schedule.json")
+        write_text_atomic(json.dumps(sched, indent=1) + "\n", outp.path("schedule.json"))
+    outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     if not args.quiet:
         wide = Console() if Console().is_terminal else Console(width=160)
         print_plan(table, slo, sched, wide)

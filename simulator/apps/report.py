@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from fleetsim.base.errors import UserError
-from fleetsim.results.output import read_metadata, write_bytes_atomic, write_text_atomic
+from fleetsim.results.output import write_bytes_atomic, write_text_atomic
+from fleetsim.results.result import DayTotals
 
 PLOTS = ("cost", "power", "utilization", "latency")
 
@@ -42,7 +43,7 @@ class RunData:
     """What the report needs of a run, from memory or from disk."""
 
     cols: dict[str, np.ndarray]
-    totals: dict[str, float]
+    totals: DayTotals
     config: dict[str, Any] | None  # the validated scenario as a dict (None if unknown)
     name: str = "run"
     source: str = ""
@@ -53,32 +54,103 @@ def _from_result(res) -> RunData:
     t = res.hourly
     cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
     cfg = json.loads(res.scenario.model_dump_json())
-    return RunData(cols, dict(res.totals), cfg, res.scenario.name)
+    return RunData(cols, res.totals, cfg, res.scenario.name)
+
+
+REQUIRED_COLUMNS = (
+    "hour",
+    "total_cost_usd",
+    "energy_facility_kwh",
+    "energy_cost_usd",
+    "hardware_cost_usd",
+    "energy_it_kwh",
+    "energy_gpu_kwh",
+    "price_usd_per_kwh",
+    "utilization",
+    "gpus_powered_mean",
+    "ttft_p99_s",
+    "tpot_p99_s",
+    "requests_arrived",
+    "requests_completed",
+)
 
 
 def _from_dir(out_dir: Path) -> RunData:
+    """The run in ``out_dir/hourly.parquet``; anything that is not a fleetsim hourly table (no
+    rows, a missing or non-numeric column, metadata that is not a JSON object) is one line."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from fleetsim.base import io
 
     path = out_dir / "hourly.parquet"
     if not path.is_file():
         raise UserError(
-            f"{out_dir}: no hourly.parquet in it (fix: give the --out folder of a `fleetsim run`)"
+            f"{io.clean(str(out_dir))}: no hourly.parquet in it "
+            "(fix: give the --out folder of a `fleetsim run`)"
         )
+    where = io.clean(str(path))
+    bad = f"{where}: not a fleetsim hourly table"
+    raw = io.read_bytes(path, "", io.MAX_TRACE_BYTES)
     try:
-        t = pq.read_table(path)
-        meta = read_metadata(path)
+        t = pq.read_table(pa.BufferReader(raw))
+        meta = {
+            k.decode(errors="replace"): v.decode(errors="replace")
+            for k, v in (t.schema.metadata or {}).items()
+            if not k.startswith(b"ARROW")
+        }
     except Exception as exc:
-        raise UserError(f"{path}: cannot read it as Parquet ({exc})") from None
-    cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
-    missing = [
-        c for c in ("hour", "hour_start", "total_cost_usd", "energy_facility_kwh") if c not in cols
-    ]
+        raise UserError(f"{where}: cannot read it as Parquet ({io.clean(str(exc), 120)})") from None
+    missing = [c for c in ("hour_start", *REQUIRED_COLUMNS) if c not in t.schema.names]
     if missing:
-        raise UserError(f"{path}: not a fleetsim hourly table (missing {', '.join(missing)})")
-    cfg = json.loads(meta["fleetsim.config"]) if "fleetsim.config" in meta else None
-    totals = json.loads(meta["fleetsim.totals"]) if "fleetsim.totals" in meta else {}
-    name = (cfg or {}).get("name", out_dir.name)
+        raise UserError(f"{bad} (missing column(s) {', '.join(missing)})")
+    if t.num_rows == 0:
+        raise UserError(f"{bad} (it has no rows)")
+    for c in REQUIRED_COLUMNS:
+        ty = t.schema.field(c).type
+        if not (pa.types.is_integer(ty) or pa.types.is_floating(ty)):
+            raise UserError(f"{bad} (column {c} is {ty}, not numbers)")
+    if not pa.types.is_timestamp(t.schema.field("hour_start").type):
+        raise UserError(f"{bad} (column hour_start is not a timestamp)")
+    cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
+
+    def obj(key: str) -> dict | None:
+        if key not in meta:
+            return None
+        v = io.parse_json(meta[key], f"{where}: metadata {key}")
+        if not isinstance(v, dict):
+            raise UserError(f"{where}: metadata {key} is a JSON {type(v).__name__}, not an object")
+        return v
+
+    cfg = obj("fleetsim.config")
+    totals = DayTotals.from_dict(obj("fleetsim.totals") or {})
+    name = str((cfg or {}).get("name", out_dir.name))
+    if cfg is not None:
+        from fleetsim.config.scenario import scenario_from_dict
+
+        try:  # only a valid scenario is re-simulated or read for its SLO
+            cfg = json.loads(scenario_from_dict(cfg, where).model_dump_json())
+        except UserError:
+            cfg = None
     return RunData(cols, totals, cfg, name)
+
+
+def plain(text: str) -> str:
+    """User text on one line: control characters (ANSI escapes, newlines) shown escaped."""
+    from fleetsim.base.io import clean
+
+    return clean(str(text), 200)
+
+
+def for_plot(text: str) -> str:
+    """User text for a matplotlib title: ``$`` escaped so that it is never math."""
+    return plain(text).replace("$", r"\$")
+
+
+def for_markdown(text: str) -> str:
+    """User text for Markdown: HTML escaped and Markdown punctuation backslash-escaped."""
+    out = html.escape(plain(text), quote=False)
+    return "".join("\\" + ch if ch in "\\`*_{}[]()#+-.!|~<>" else ch for ch in out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +192,7 @@ def make_plots(d: RunData, slo: dict[str, float] | None) -> dict[str, bytes]:
         ax.bar(h, hw, color="#7f7f7f", label="hardware (amortised or rented)")
         ax.bar(h, e, bottom=hw, color="#1f77b4", label="energy (facility kWh x price)")
         ax.set_ylabel("cost per hour ($)")
-        ax.set_title(f"{d.name}: hourly cost by part")
+        ax.set_title(f"{for_plot(d.name)}: hourly cost by part")
         ax.set_ylim(0, float(np.nanmax(e + hw)) * 1.3 or 1.0)
         ax.legend(loc="upper left", ncol=2)
         out["cost"] = _png(fig)
@@ -142,7 +214,8 @@ def make_plots(d: RunData, slo: dict[str, float] | None) -> dict[str, bytes]:
         ax.set_ylabel("facility power, mean kW (= kWh in the hour)")
         ax.set_ylim(0, float(np.nanmax(fac)) * 1.35 or 1.0)
         ax.set_title(
-            f"{d.name}: facility power and energy per hour (day: {np.nansum(fac):,.1f} kWh)"
+            f"{for_plot(d.name)}: facility power and energy per hour "
+            f"(day: {np.nansum(fac):,.1f} kWh)"
         )
         ax2 = ax.twinx()
         ax2.step(
@@ -172,7 +245,7 @@ def make_plots(d: RunData, slo: dict[str, float] | None) -> dict[str, bytes]:
         )
         ax2.set_ylim(0, max(float(np.nanmax(c["gpus_powered_mean"])) * 1.15, 1))
         ax2.set_ylabel("GPUs powered")
-        ax.set_title(f"{d.name}: utilisation and powered GPUs")
+        ax.set_title(f"{for_plot(d.name)}: utilisation and powered GPUs")
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left")
@@ -237,7 +310,7 @@ def flat_day_cost(cfg: dict[str, Any], source: str = "") -> tuple[float | None, 
         )
     except (UserError, ScenarioError) as exc:
         return None, f"the scenario could not be re-simulated here ({exc})"
-    return float(res.totals["total_cost_usd"]), ""
+    return float(res.totals.total_cost_usd), ""
 
 
 def peak_analysis(d: RunData, flatten: bool = True) -> dict[str, Any]:
@@ -296,15 +369,15 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         return f"{np.datetime64(hs[i], 'h').astype(object).hour:02d}:00 UTC (hour {i})"
 
     rows = [
-        ("requests completed", _fmt(t.get("requests_completed"), ",.0f")),
-        ("facility energy", f"{_fmt(t.get('energy_facility_kwh'))} kWh"),
-        ("energy cost", f"$ {_fmt(t.get('energy_cost_usd'))}"),
-        ("hardware cost", f"$ {_fmt(t.get('hardware_cost_usd'))}"),
-        ("total cost", f"$ {_fmt(t.get('total_cost_usd'))}"),
-        ("GPU-hours powered", _fmt(t.get("gpu_hours"), ",.1f")),
-        ("Wh per request", _fmt(t.get("wh_per_request"), ",.3f")),
-        ("$ per M output tokens", _fmt(t.get("usd_per_mtok"), ",.3f")),
-        ("SLO attainment", _fmt(t.get("slo_attainment"), ".2%")),
+        ("requests completed", _fmt(t.requests_completed, ",.0f")),
+        ("facility energy", f"{_fmt(t.energy_facility_kwh)} kWh"),
+        ("energy cost", f"$ {_fmt(t.energy_cost_usd)}"),
+        ("hardware cost", f"$ {_fmt(t.hardware_cost_usd)}"),
+        ("total cost", f"$ {_fmt(t.total_cost_usd)}"),
+        ("GPU-hours powered", _fmt(t.gpu_hours, ",.1f")),
+        ("Wh per request", _fmt(t.wh_per_request, ",.3f")),
+        ("$ per M output tokens", _fmt(t.usd_per_mtok, ",.3f")),
+        ("SLO attainment", _fmt(t.slo_attainment, ".2%")),
         (
             "busiest hour",
             f"{hod(a['peak_hour'])}: {a['peak_requests']:,} requests "
@@ -343,7 +416,7 @@ _EXPLAIN = (
 
 
 def render_markdown(d: RunData, a: dict[str, Any]) -> str:
-    lines = [f"# fleetsim report: {d.name}", "", "| figure | value |", "|---|---|"]
+    lines = [f"# fleetsim report: {for_markdown(d.name)}", "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _rows(d, a)]
     lines += ["", _EXPLAIN, ""]
     for p in PLOTS:
@@ -360,34 +433,51 @@ def render_html(d: RunData, a: dict[str, Any], pngs: dict[str, bytes]) -> str:
         for p in PLOTS
     )
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>fleetsim report: {html.escape(d.name)}</title>
+<html><head><meta charset="utf-8"><title>fleetsim report: {html.escape(plain(d.name))}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 th{{text-align:left;padding-right:2em}} td{{text-align:right}} img{{max-width:100%}}</style>
-</head><body><h1>fleetsim report: {html.escape(d.name)}</h1>
+</head><body><h1>fleetsim report: {html.escape(plain(d.name))}</h1>
 <table>{rows}</table><p>{html.escape(_EXPLAIN)}</p>
 {imgs}
 </body></html>
 """
 
 
-def write_report(out_dir: Path, result=None, *, flatten: bool = True, source: str = "") -> Path:
-    """Write the four PNGs, ``report.html`` and ``report.md`` into ``out_dir``; returns the
-    HTML page's path. ``result`` is a finished :class:`~fleetsim.apps.simulate.Result`; without it
-    the run is read from ``out_dir/hourly.parquet``."""
+def write_report(
+    out_dir: Path, result=None, *, flatten: bool = True, source: str = "", into: Path | None = None
+) -> Path:
+    """Write the four PNGs, ``report.html``, ``report.md`` and ``peak.json``; returns the HTML
+    page's path. ``result`` is a finished :class:`~fleetsim.apps.simulate.Result`; without it
+    the run is read from ``out_dir/hourly.parquet``. The files go into ``into`` (a staging
+    folder of :class:`~fleetsim.results.output.RunOutput`, moved into place with the run's other
+    files) or, without it, into ``out_dir`` all together (staged there, then committed)."""
+    from fleetsim.results.output import RunOutput
+
     out_dir = Path(out_dir)
     d = _from_result(result) if result is not None else _from_dir(out_dir)
     d.source = source
     slo = (d.config or {}).get("slo")
-    pngs = make_plots(d, slo)
-    a = peak_analysis(d, flatten)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in pngs.items():
-        write_bytes_atomic(data, out_dir / f"{name}.png")
-    write_text_atomic(render_markdown(d, a), out_dir / "report.md")
-    page = out_dir / "report.html"
-    write_text_atomic(render_html(d, a, pngs), page)
-    write_text_atomic(json.dumps(a, indent=2, default=str), out_dir / "peak.json")
-    return page
+    outp = None
+    if into is None:  # the folder is locked and probed before the plots are drawn
+        outp = RunOutput(out_dir, mode="add", names=REPORT_FILES).open()
+        into = outp.path("")
+    try:
+        pngs = make_plots(d, slo)
+        a = peak_analysis(d, flatten)
+        for name, data in pngs.items():
+            write_bytes_atomic(data, into / f"{name}.png")
+        write_text_atomic(render_markdown(d, a), into / "report.md")
+        write_text_atomic(render_html(d, a, pngs), into / "report.html")
+        write_text_atomic(json.dumps(a, indent=2, default=str), into / "peak.json")
+        if outp is not None:
+            outp.commit()
+    finally:
+        if outp is not None:
+            outp.abort()  # (no-op after a commit)
+    return out_dir / "report.html"
+
+
+REPORT_FILES = (*tuple(f"{p}.png" for p in PLOTS), "report.md", "report.html", "peak.json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fleetsim.config.scenario import Resolved, Scenario, resolve
-from fleetsim.results.accounting import PodSummary, hourly_table
+from fleetsim.results.accounting import PodSummary, hourly_table, pools_table
 from fleetsim.results.result import (
     Result,
     check_invariants,
@@ -33,6 +33,15 @@ def simulate_pod(
 ) -> PodSummary:
     """Simulate pod ``pod_index`` of the fleet and summarise it."""
     sc = rs.scenario
+    if rs.pools is not None:
+        return _simulate_disagg_pod(
+            rs,
+            pod_index,
+            keep_hist=keep_hist,
+            request_sink=request_sink,
+            progress=progress,
+            source=source,
+        )
     pod = Pod(
         rs,
         pod_index,
@@ -49,6 +58,30 @@ def simulate_pod(
     if pod.scaler is not None:  # power states integrated by the autoscaler (autoscale.py)
         powered, states = pod.scaler.gpu_seconds()
     return PodSummary.from_recorder(pod_index, rec, powered, **states)
+
+
+def _simulate_disagg_pod(rs: Resolved, pod_index: int, **kw) -> PodSummary:
+    """One pod of a disaggregated fleet (serving/disagg.py): the pod's figures are the sums of
+    both pools; the pools' own hourly work and the link's traffic ride along in ``pools``."""
+    from fleetsim.serving.disagg import DisaggPod
+
+    sc = rs.scenario
+    pod = DisaggPod(rs, pod_index, sc.fleet.pods, **kw)
+    rec = pod.run()
+    state = pod.pool_state()
+    H = sc.simulation.hours
+    pp, dp = state["prefill"], state["decode"]
+    powered = [a + b for a, b in zip(pp["powered_gpu_s"], dp["powered_gpu_s"])]
+    s = PodSummary.from_recorder(pod_index, rec, powered)
+    tp_p, tp_d = pod.prefill.tp, pod.decode.tp
+    # the pod's busy time in units of rs.tp (the decode pool's) replica-seconds, so that
+    # busy_s x rs.tp is the GPU-seconds of both pools
+    s.busy_s = [dp["busy_s"][h] + pp["busy_s"][h] * tp_p / tp_d for h in range(H)]
+    s.dyn_j = [dp["dyn_j"][h] + pp["dyn_j"][h] for h in range(H)]
+    s.prompt_tokens = [dp["prompt_tokens"][h] + pp["prompt_tokens"][h] for h in range(H)]
+    s.output_tokens = [dp["output_tokens"][h] + pp["output_tokens"][h] for h in range(H)]
+    s.pools = state
+    return s
 
 
 def pods_to_simulate(sc: Scenario) -> list[int]:
@@ -82,10 +115,17 @@ def simulate(
         pods = pod_runner(rs, idx, source)
     scale = sc.fleet.pods / len(idx)
     table = hourly_table(rs, pods, scale)
-    res = Result(resolved=rs, hourly=table, pods=pods, scale=scale, wall_s=time.perf_counter() - t0)
-    res.totals = day_totals(res)
+    res = Result(
+        resolved=rs,
+        hourly=table,
+        pods=pods,
+        scale=scale,
+        wall_s=time.perf_counter() - t0,
+        totals=day_totals(rs, table, pods, scale),
+    )
     res.day_latency = day_latency(pods)
     res.pod_ci = pod_confidence(rs, pods) if len(pods) > 1 else {}
+    res.pools = pools_table(rs, pods, scale)
     check_invariants(res)
     res.wall_s = time.perf_counter() - t0
     return res
@@ -98,4 +138,6 @@ def write_outputs(res: Result, out_dir: Path, scenario_text: str = "") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "hourly.parquet"
     write_table_atomic(res.hourly, path, res.metadata(scenario_text))
+    if res.pools is not None:  # disaggregated: per (hour, pool); hourly.parquet is their sum
+        write_table_atomic(res.pools, out_dir / "pools.parquet", res.metadata(scenario_text))
     return path

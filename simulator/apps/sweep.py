@@ -129,20 +129,20 @@ def point_scenarios(base: dict, points: list[list[str]], source: str) -> list[di
 def point_row(res: RunSummary) -> dict[str, float]:
     """The result columns of one point."""
     t, lat, hourly = res.totals, res.day_latency, res.hourly
-    ph = int(t["peak_hour"])
+    ph = t.peak_hour
     cost = hourly.column("total_cost_usd").to_numpy()
     ttft = hourly.column("ttft_p99_s").to_numpy()
     return {
-        "requests": t["requests_arrived"],
-        "requests_completed": t["requests_completed"],
-        "requests_in_flight": t["requests_in_flight"],
-        "energy_facility_kwh": t["energy_facility_kwh"],
-        "energy_cost_usd": t["energy_cost_usd"],
-        "hardware_cost_usd": t["hardware_cost_usd"],
-        "total_cost_usd": t["total_cost_usd"],
-        "usd_per_mtok": t["usd_per_mtok"],
-        "wh_per_request": t["wh_per_request"],
-        "slo_attainment": t["slo_attainment"],
+        "requests": t.requests_arrived,
+        "requests_completed": t.requests_completed,
+        "requests_in_flight": t.requests_in_flight,
+        "energy_facility_kwh": t.energy_facility_kwh,
+        "energy_cost_usd": t.energy_cost_usd,
+        "hardware_cost_usd": t.hardware_cost_usd,
+        "total_cost_usd": t.total_cost_usd,
+        "usd_per_mtok": t.usd_per_mtok,
+        "wh_per_request": t.wh_per_request,
+        "slo_attainment": t.slo_attainment,
         "ttft_p99_s": lat["ttft_p99_s"],
         "tpot_p99_s": lat["tpot_p99_s"],
         "peak_hour": ph,
@@ -211,15 +211,22 @@ def main(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fleetsim.apps.common import out_dir as _out_dir
+    from fleetsim.apps.common import open_output
     from fleetsim.results.output import write_table_atomic
+    from fleetsim.results.provenance import provenance
 
     args = build_parser().parse_args(argv)
     axes = parse_grid(args.grid)
     data, text = read_toml(args.scenario)
     base = apply_overrides(data, args.overrides)
-    point_scenarios(base, grid_points(axes), args.scenario)  # fail fast, before any worker
-    out = _out_dir(args, Path(args.scenario).stem + "-sweep")
+    points = point_scenarios(base, grid_points(axes), args.scenario)  # fail fast, before work
+    # the provenance: the base scenario (overrides applied), or the first point where the grid
+    # is needed to make it valid; the grid's values are in the table
+    try:
+        base_rs = resolve(scenario_from_dict(base, args.scenario), args.scenario)
+    except UserError:
+        base_rs = resolve(scenario_from_dict(points[0], args.scenario), args.scenario)
+    outp = open_output(args, Path(args.scenario).stem + "-sweep", ("sweep.parquet",))
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -227,18 +234,20 @@ def main(argv: list[str]) -> int:
     ):
         table = run_sweep(base, axes, args.scenario, ex, hooks)
     wall = time.perf_counter() - t0
-    path = out / "sweep.parquet"
+    path = outp.final("sweep.parquet")
     write_table_atomic(
         table,
-        path,
-        {
-            "fleetsim.scenario_text": text,
-            "fleetsim.grid": json.dumps(args.grid),
-            "fleetsim.overrides": json.dumps(args.overrides),
-            "fleetsim.wall_s": f"{wall:.3f}",
-            "fleetsim.executor": args.executor,
-        },
+        outp.path("sweep.parquet"),
+        provenance(
+            base_rs,
+            text,
+            grid=json.dumps(args.grid),
+            overrides=json.dumps(args.overrides),
+            wall_s=f"{wall:.3f}",
+            executor=args.executor,
+        ),
     )
+    outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     if not args.quiet:
         tab = Table(title=f"sweep of {args.scenario}: {table.num_rows} points")
         shown = [k for k, _ in axes] + [

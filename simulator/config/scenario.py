@@ -11,7 +11,6 @@ names the file, the field path, the value and the fix.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import tomllib
 from dataclasses import dataclass, replace
@@ -24,10 +23,11 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from fleetsim.base.errors import ScenarioError, UserError
 from fleetsim.base.schema import Section, Tokens, bounded
 from fleetsim.base.units import rotate_to_start
+from fleetsim.config.pools import POOLS, LinkSpec, Pools, PoolSpec
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile, RooflineProfile
 from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec, model_from_catalog
-from fleetsim.workload.distributions import Dist, Empirical, LogNormal
+from fleetsim.workload.distributions import Dist, Empirical, Fixed, LogNormal
 
 DType = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -246,6 +246,39 @@ class SloSection(_Section):
     tpot_s: _bounded(0, 1e6, strict_lo=True) = 0.2
 
 
+Router = Literal["round_robin", "random", "least_loaded", "central_queue"]
+
+
+class PoolSection(_Section):
+    """One pool of a disaggregated fleet (``[disaggregation.prefill]`` or ``.decode``). Unset
+    fields take the value of ``[fleet]`` (limits, router) or ``[hardware]`` (gpu); a pool on
+    ``hardware.gpu`` keeps that section's overrides and profile, any other GPU is the bare
+    catalog entry. ``replicas`` is per pod, like ``fleet.replicas``."""
+
+    gpu: str | None = None
+    tensor_parallel: Annotated[int, Field(ge=1, le=64)] | None = None
+    replicas: Annotated[int, Field(ge=1, le=100_000)] = 1
+    max_batch_size: Annotated[int, Field(ge=1)] | None = None
+    max_batched_tokens: Annotated[int, Field(ge=1)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    router: Router | None = None
+    autoscaler: Literal["static"] = "static"
+
+
+class DisaggregationSection(_Section):
+    """Disaggregated prefill/decode serving (DistServe, Splitwise, Mooncake, vLLM's disaggregated
+    prefill): a prefill pool computes each prompt and its first token, the prompt's KV moves over
+    ``link`` (a catalog entry of simulator/device/catalog/links.toml, per GPU and direction) to a
+    decode replica chosen by the decode pool's router. Absent: the aggregated fleet of
+    ``[fleet]``."""
+
+    link: str = "infiniband-ndr"
+    link_bandwidth_bytes_per_s: _bounded(1e3, 1e15, strict_lo=True) | None = None
+    link_latency_s: _bounded(0, 1e3) | None = None
+    prefill: PoolSection = PoolSection()
+    decode: PoolSection = PoolSection()
+
+
 class Scenario(_Section):
     """The whole scenario file."""
 
@@ -260,6 +293,7 @@ class Scenario(_Section):
     cost: CostSection = CostSection()
     slo: SloSection = SloSection()
     autoscaler: AutoscalerSection = AutoscalerSection()
+    disaggregation: DisaggregationSection | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,18 +357,15 @@ def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
 
 
 def read_toml(path: str | Path) -> tuple[dict, str]:
-    """The parsed TOML and its text; a UserError if unreadable or malformed."""
+    """The parsed TOML and its text; a UserError if unreadable, too large or malformed
+    (bounded reading: :mod:`fleetsim.base.io`)."""
+    from fleetsim.base import io
+
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{p}: no such scenario file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p}: cannot read it ({exc})") from None
-    try:
-        return tomllib.loads(text), text
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{p}: not valid TOML: {exc}") from None
+    if not p.exists() and not p.is_symlink():
+        raise UserError(f"{io.clean(str(p))}: no such scenario file")
+    text = io.read_text(p, "scenario")
+    return io.parse_toml(text, io.clean(str(p))), text
 
 
 def load_scenario(
@@ -447,6 +478,7 @@ class Resolved:
     hourly_rate_per_s: tuple[float, ...]  # whole fleet, by simulation hour % 24 (see resolve)
     replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule, by simulation hour % 24
     kv: KvBudget | None = None  # the KV budget, in bytes, blocks and tokens (see kv_budget)
+    pools: Any = None  # disaggregated fleets: fleetsim.config.pools.Pools (None: aggregated)
 
     def latency_model(self) -> LatencyModel:
         return LatencyModel(self.model, self.profile, self.tp)
@@ -563,6 +595,8 @@ def _check_prefix_blocks(sc: Scenario, model: ModelSpec, src: str) -> None:
 
 def resolve(sc: Scenario, source: str = "") -> Resolved:
     """Join the scenario with the catalogs and profile, and run the cross-field checks."""
+    if sc.disaggregation is not None:  # two pools, each resolved like a fleet (config/pools.py)
+        return resolve_disaggregated(sc, source)
     from fleetsim.device.profile import load_profile
     from fleetsim.workload.sampling import trace_columns_max
 
@@ -752,6 +786,162 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# disaggregated fleets (the dataclasses and the rules are described in config/pools.py)
+def _pool_scenario(sc: Scenario, name: str, *, bmt_override: int | None = None) -> Scenario:
+    """The scenario as an aggregated fleet of pool ``name`` (no validation needed: every field
+    comes from an already validated section)."""
+    d = sc.disaggregation
+    assert d is not None
+    p = getattr(d, name)
+    f = sc.fleet
+    upd = {
+        "replicas": p.replicas,
+        "tensor_parallel": p.tensor_parallel
+        if p.tensor_parallel is not None
+        else f.tensor_parallel,
+        "max_batch_size": p.max_batch_size if p.max_batch_size is not None else f.max_batch_size,
+        "max_batched_tokens": (
+            p.max_batched_tokens if p.max_batched_tokens is not None else f.max_batched_tokens
+        ),
+        "gpu_memory_utilization": (
+            p.gpu_memory_utilization
+            if p.gpu_memory_utilization is not None
+            else f.gpu_memory_utilization
+        ),
+        "router": p.router if p.router is not None else f.router,
+        # the pools run the first engine (serving/disagg.py: KV reserved at admission, whole
+        # prefills) with its KV budget, without the activation reserve of kv_budget() unless
+        # one is given (the decode pool's token budget below is a placeholder, not a size)
+        "kv_allocation": "reserve",
+        "enable_chunked_prefill": False,
+        "enable_prefix_caching": False,
+        "activation_reserve_bytes": (
+            f.activation_reserve_bytes if f.activation_reserve_bytes is not None else 0.0
+        ),
+    }
+    if bmt_override is not None:
+        upd["max_batched_tokens"] = bmt_override
+    gpu = p.gpu if p.gpu is not None else sc.hardware.gpu
+    hw = sc.hardware if gpu == sc.hardware.gpu else HardwareSection(gpu=gpu)
+    traffic = sc.traffic
+    if name == "prefill" and traffic.trace is None:
+        # the prefill pool holds a prompt and its first token (out = 1), never the output
+        traffic = traffic.model_copy(update={"output": Fixed(dist="fixed", value=1)})
+    return sc.model_copy(
+        update={
+            "fleet": f.model_copy(update=upd),
+            "hardware": hw,
+            "traffic": traffic,
+            "disaggregation": None,
+        }
+    )
+
+
+_FLEET_FIELDS = (
+    "replicas",
+    "tensor_parallel",
+    "max_batch_size",
+    "max_batched_tokens",
+    "gpu_memory_utilization",
+    "router",
+)
+
+
+def _renamed(exc: ScenarioError, name: str, src: str) -> ScenarioError:
+    """The pool's own field names in an error found through the pool's [fleet]/[hardware]."""
+    pre = f"disaggregation.{name}."
+    field = exc.field
+    for k in _FLEET_FIELDS:
+        if field == f"fleet.{k}":
+            field = pre + k
+    if field == "hardware.gpu":
+        field = pre + "gpu"
+    fix = exc.fix
+    for k in _FLEET_FIELDS:
+        fix = fix.replace(f"fleet.{k}", pre + k)
+    problem = exc.problem if field.startswith(pre) else f"{exc.problem} in the {name} pool"
+    return ScenarioError(field, exc.value, problem, fix, src)
+
+
+def _resolve_pool(sc: Scenario, name: str, src: str) -> tuple[Resolved, Scenario]:
+    psc = _pool_scenario(sc, name)
+    try:
+        return resolve(psc, src), psc
+    except ScenarioError as exc:
+        if name == "decode" and exc.field == "fleet.max_batched_tokens":
+            # a decode replica never prefills (one token per sequence per iteration): the
+            # longest-prompt check of max_batched_tokens does not apply to it
+            psc2 = _pool_scenario(sc, name, bmt_override=1_000_000_000)
+            try:
+                rs = resolve(psc2, src)
+            except ScenarioError as exc2:
+                raise _renamed(exc2, name, src) from None
+            return rs, psc
+        raise _renamed(exc, name, src) from None
+
+
+def resolve_disaggregated(sc: Scenario, source: str = "") -> Resolved:
+    """Resolve both pools and the link; the returned :class:`Resolved` describes the decode
+    pool in its aggregate fields (gpu, tp, kv budget) and carries both in ``pools``."""
+    d = sc.disaggregation
+    assert d is not None
+    if sc.autoscaler.policy != "static":
+        raise ScenarioError(
+            "autoscaler.policy",
+            sc.autoscaler.policy,
+            "a disaggregated fleet is static in this version (each pool's autoscaler is 'static')",
+            "set autoscaler.policy = 'static' or remove [disaggregation]",
+            source,
+        )
+    if d.decode.router == "central_queue" or (
+        d.decode.router is None and sc.fleet.router == "central_queue"
+    ):
+        raise ScenarioError(
+            "disaggregation.decode.router",
+            "central_queue",
+            "the decode pool cannot use a central queue: a request's KV is sent to one decode "
+            "replica, chosen when its prefill ends",
+            "use least_loaded, round_robin or random for the decode pool",
+            source,
+        )
+    try:
+        entry = catalog.link(d.link)
+    except ScenarioError as exc:
+        raise ScenarioError(exc.field, exc.value, exc.problem, exc.fix, source) from None
+    link = LinkSpec(
+        name=d.link,
+        bandwidth_bytes_per_s=float(
+            d.link_bandwidth_bytes_per_s
+            if d.link_bandwidth_bytes_per_s is not None
+            else entry["bandwidth_bytes_per_s"]
+        ),
+        latency_s=float(d.link_latency_s if d.link_latency_s is not None else entry["latency_s"]),
+    )
+    specs = {}
+    rs_dec = None
+    for name in POOLS:
+        rs, psc = _resolve_pool(sc, name, source)
+        specs[name] = PoolSpec(
+            name=name,
+            rs=rs,
+            replicas=psc.fleet.replicas,
+            max_batch=psc.fleet.max_batch_size,
+            max_tokens=psc.fleet.max_batched_tokens,
+            router=psc.fleet.router,
+        )
+        if name == "decode":
+            rs_dec = rs
+    assert rs_dec is not None
+    pools = Pools(
+        prefill=specs["prefill"],
+        decode=specs["decode"],
+        link=link,
+        kv_bytes_per_token=float(rs_dec.model.kv_bytes_per_token),
+    )
+    return replace(rs_dec, scenario=sc, pools=pools)
+
+
 def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | None:
     """A flat value or a 24-value daily profile, expanded to ``hours`` hours."""
     if v is None:
@@ -766,28 +956,21 @@ def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | No
 def load_schedule_file(path: str, source: str) -> dict:
     """The JSON schedule ``{"gpu", "tensor_parallel", "replicas_by_hour": [24 ints]}``;
     a relative path resolves against the scenario file's folder."""
+    from fleetsim.base import io
+
     p = Path(path)
     if not p.is_absolute() and source:
         cand = Path(source).parent / p
         p = cand if cand.exists() else p
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
+    if not p.exists():
         raise ScenarioError(
             "autoscaler.schedule_file",
             path,
             "no such file",
             "give the path of a schedule JSON (relative to the scenario file)",
             source,
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ScenarioError(
-            "autoscaler.schedule_file",
-            path,
-            f"not readable JSON ({exc})",
-            "write it with `fleetsim plan` or by hand",
-            source,
-        ) from None
+        )
+    data, _ = io.load_json(p, "autoscaler.schedule_file")
     r = data.get("replicas_by_hour") if isinstance(data, dict) else None
     if not (
         isinstance(r, list)

@@ -271,7 +271,11 @@ def _branch_for_tag(br: list, tag: str) -> Any:
                 for f in base.model_fields.values()
             ):
                 return b
-        elif (tag.startswith("list[") and get_origin(base) is list) or (tag.startswith("literal[") and get_origin(base) is Literal) or (base in (int, float, str, bool) and tag.split("-")[-1] == base.__name__):
+        elif (
+            (tag.startswith("list[") and get_origin(base) is list)
+            or (tag.startswith("literal[") and get_origin(base) is Literal)
+            or (base in (int, float, str, bool) and tag.split("-")[-1] == base.__name__)
+        ):
             return b
     return None
 
@@ -292,7 +296,9 @@ def _lookup(data: Any, loc: tuple, root: type[BaseModel]) -> Any:
     """The raw input at the user-facing part of ``loc`` (union tags skipped)."""
     node = data
     for part in loc:
-        if (isinstance(node, dict) and part in node) or (isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node)):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, (list, tuple)) and isinstance(part, int) and part < len(node)
+        ):
             node = node[part]
         elif isinstance(part, str) and not isinstance(node, dict):
             continue

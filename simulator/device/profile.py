@@ -26,7 +26,6 @@ A ``linear`` profile carries ``base_s``, ``prefill_base_s``, ``per_prefill_token
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -174,19 +173,10 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
 
 def load_profile(path: str | Path) -> tuple[Profile, str]:
     """Read a profile file; returns the profile and the SHA-256 of the file's bytes."""
+    from fleetsim.base import io
+
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise UserError(
-            f"hardware.profile = {str(path)!r}: cannot read it ({exc.strerror})"
-        ) from None
-    try:
-        d = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(
-            f"{p}: not valid JSON ({exc}); regenerate it with `fleetsim calibrate`"
-        ) from None
+    d, raw = io.load_json(p, "hardware.profile", fix="regenerate it with `fleetsim calibrate`")
     return profile_from_dict(d, str(p)), hashlib.sha256(raw).hexdigest()
 
 

@@ -22,7 +22,7 @@ from datetime import timedelta
 import numpy as np
 import pyarrow as pa
 
-from fleetsim.config.scenario import Resolved, hourly_values
+from fleetsim.config.scenario import GpuSpec, Resolved, hourly_values
 from fleetsim.serving.recorder import LAT_PCTS, Recorder, hist_percentile
 
 J_PER_KWH = 3.6e6
@@ -97,6 +97,7 @@ class PodSummary:
     recomputed_tokens: list[int] = field(default_factory=list)
     kv_block_s: list[float] = field(default_factory=list)  # KV blocks in use x seconds
     kv_blocks: int = 0  # KV blocks per replica x replicas of the pod
+    pools: dict | None = None  # disaggregated: per-pool work and the link (serving/disagg.py)
 
     @classmethod
     def from_recorder(
@@ -159,6 +160,84 @@ def _latency_columns(pods: list[PodSummary], H: int) -> dict[str, list[float]]:
     return cols
 
 
+def energy_cost(
+    rs: Resolved,
+    g: GpuSpec,
+    total_gpus: int,
+    powered: np.ndarray,
+    waking: np.ndarray,
+    off: np.ndarray,
+    busy_gpu_s: np.ndarray,
+    dyn_j: np.ndarray,
+    price: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Hourly energy and cost of ``total_gpus`` GPUs of type ``g`` (see the module docstring):
+    powered/waking/off GPU-seconds, busy GPU-seconds and the iterations' dynamic energy (J)."""
+    sc = rs.scenario
+    pw = sc.power
+    H = len(price)
+    wake_w = g.idle_w if pw.wake_w is None else pw.wake_w
+    e_gpu = (
+        g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off + dyn_j
+    ) / J_PER_KWH
+    e_over = g.overhead_w_per_gpu * powered / J_PER_KWH
+    e_it = e_gpu + e_over
+    e_fac = e_it * pw.pue
+    if sc.cost.hardware == "owned":
+        per_gpu_h = (
+            g.capex_usd / (sc.cost.amortization_years * 8760.0)
+            + sc.cost.maintenance_usd_per_gpu_hour
+        )
+        hw_cost = np.full(H, total_gpus * per_gpu_h)
+    else:
+        hw_cost = g.rent_usd_per_gpu_hour * powered / 3600.0
+    return {
+        "powered_gpu_s": powered,
+        "gpu_busy_s": busy_gpu_s,
+        "energy_gpu_kwh": e_gpu,
+        "energy_overhead_kwh": e_over,
+        "energy_it_kwh": e_it,
+        "energy_facility_kwh": e_fac,
+        "energy_cost_usd": e_fac * price,
+        "hardware_cost_usd": hw_cost,
+    }
+
+
+def _pools(p: PodSummary) -> dict:
+    """The per-pool record of a pod of a disaggregated fleet."""
+    assert p.pools is not None, "not a disaggregated pod"
+    return p.pools
+
+
+def pool_energy_cost(
+    rs: Resolved, name: str, pods: list[PodSummary], scale: float, price: np.ndarray
+) -> dict[str, np.ndarray]:
+    """:func:`energy_cost` of one pool of a disaggregated fleet (static pools: no waking or
+    off time), from the pods' ``pools`` records."""
+    assert rs.pools is not None
+    spec = rs.pools.by_name()[name]
+    prs = spec.rs
+    H = len(price)
+
+    def tot(key: str) -> np.ndarray:
+        return scale * np.sum(
+            [np.asarray(_pools(p)[name][key], dtype=np.float64) for p in pods], axis=0
+        )
+
+    zeros = np.zeros(H)
+    return energy_cost(
+        rs,
+        prs.gpu,
+        rs.scenario.fleet.pods * spec.replicas * prs.tp,
+        tot("powered_gpu_s"),
+        zeros,
+        zeros,
+        tot("busy_s") * prs.tp,
+        tot("dyn_j"),
+        price,
+    )
+
+
 def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.Table:
     """The hourly contract table of ``pods`` (extensive figures multiplied by ``scale``)."""
     sc = rs.scenario
@@ -176,33 +255,40 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
             [np.asarray(getattr(p, name) or [0.0] * H, dtype=np.float64) for p in pods], axis=0
         )
 
-    powered = tot("powered_gpu_s")  # on + waking GPU-seconds
-    waking = tot0("waking_gpu_s")
-    off = tot0("off_gpu_s")
-    busy_gpu_s = tot("busy_s") * rs.tp
-    dyn_j = tot("dyn_j")
-    g = rs.gpu
-    pw = sc.power
-    wake_w = g.idle_w if pw.wake_w is None else pw.wake_w
-    e_gpu = (
-        g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off + dyn_j
-    ) / J_PER_KWH
-    e_over = g.overhead_w_per_gpu * powered / J_PER_KWH
-    e_it = e_gpu + e_over
-    e_fac = e_it * sc.power.pue
     hod = [(hod0 + h) % 24 for h in range(H)]
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
     price = np.array([price_day[x] for x in hod])
-    e_cost = e_fac * price
-    total_gpus = sc.fleet.pods * sc.fleet.replicas * rs.tp
-    if sc.cost.hardware == "owned":
-        per_gpu_h = (
-            g.capex_usd / (sc.cost.amortization_years * 8760.0)
-            + sc.cost.maintenance_usd_per_gpu_hour
-        )
-        hw_cost = np.full(H, total_gpus * per_gpu_h)
+    if rs.pools is not None:  # disaggregated: each pool priced with its own GPU, then summed
+        parts = [pool_energy_cost(rs, name, pods, scale, price) for name in ("prefill", "decode")]
+        powered = sum(p["powered_gpu_s"] for p in parts)
+        busy_gpu_s = sum(p["gpu_busy_s"] for p in parts)
+        e_gpu = sum(p["energy_gpu_kwh"] for p in parts)
+        e_over = sum(p["energy_overhead_kwh"] for p in parts)
+        e_cost = sum(p["energy_cost_usd"] for p in parts)
+        hw_cost = sum(p["hardware_cost_usd"] for p in parts)
+        e_it = e_gpu + e_over
+        e_fac = e_it * sc.power.pue
     else:
-        hw_cost = g.rent_usd_per_gpu_hour * powered / 3600.0
+        powered = tot("powered_gpu_s")  # on + waking GPU-seconds
+        ec = energy_cost(
+            rs,
+            rs.gpu,
+            sc.fleet.pods * sc.fleet.replicas * rs.tp,
+            powered,
+            tot0("waking_gpu_s"),
+            tot0("off_gpu_s"),
+            tot("busy_s") * rs.tp,
+            tot("dyn_j"),
+            price,
+        )
+        busy_gpu_s = ec["gpu_busy_s"]
+        e_gpu, e_over, e_it, e_fac = (
+            ec["energy_gpu_kwh"],
+            ec["energy_overhead_kwh"],
+            ec["energy_it_kwh"],
+            ec["energy_facility_kwh"],
+        )
+        e_cost, hw_cost = ec["energy_cost_usd"], ec["hardware_cost_usd"]
     total = e_cost + hw_cost
     arrived = np.rint(tot("arrived")).astype(np.int64)
     completed = np.rint(tot("completed")).astype(np.int64)
@@ -255,3 +341,112 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         "carbon_kg": carbon,
     }
     return pa.table({k: cols[k] for k in HOURLY_COLUMNS}, schema=HOURLY_SCHEMA)
+
+
+POOLS_SCHEMA = pa.schema(
+    [
+        ("hour", pa.int32()),
+        ("hour_start", pa.timestamp("s", tz="UTC")),
+        ("pool", pa.string()),
+        ("gpu", pa.string()),
+        ("tensor_parallel", pa.int32()),
+        ("replicas", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("output_tokens", pa.int64()),
+        ("gpus_powered_mean", pa.float64()),
+        ("gpu_busy_s", pa.float64()),
+        ("utilization", pa.float64()),
+        ("energy_gpu_kwh", pa.float64()),
+        ("energy_overhead_kwh", pa.float64()),
+        ("energy_it_kwh", pa.float64()),
+        ("energy_facility_kwh", pa.float64()),
+        ("energy_cost_usd", pa.float64()),
+        ("hardware_cost_usd", pa.float64()),
+        ("total_cost_usd", pa.float64()),
+        ("kv_transfers", pa.int64()),
+        ("kv_transfer_bytes", pa.float64()),
+        ("kv_transfer_mean_s", pa.float64()),
+        ("kv_transfer_p99_s", pa.float64()),
+    ]
+)
+
+
+def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.Table | None:
+    """One row per (hour, pool) of a disaggregated fleet (None for an aggregated one): each
+    pool's GPUs, busy time, energy and cost, priced with its own GPU type. The fleet's hourly
+    table is their sum. The KV-transfer columns sit on the prefill rows (the link is the
+    prefill replicas' egress; transfers counted in the hour the KV arrives) and are 0 / null
+    on the decode rows."""
+    if rs.pools is None:
+        return None
+    sc = rs.scenario
+    H = sc.simulation.hours
+    start = sc.simulation.start_utc
+    hod0 = start.hour
+    price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
+    assert price_day is not None
+    price = np.array([price_day[(hod0 + h) % 24] for h in range(H)])
+
+    def tot(name: str, key: str) -> np.ndarray:
+        return scale * np.sum(
+            [np.asarray(_pools(p)[name][key], dtype=np.float64) for p in pods], axis=0
+        )
+
+    count = tot("transfer", "count")
+    tsum = tot("transfer", "time_sum_s")
+    if len(pods) == 1:
+        p99 = np.asarray(_pools(pods[0])["transfer"]["p99_s"], dtype=np.float64)
+    else:
+        p99 = np.array(
+            [
+                hist_percentile(
+                    np.sum([np.asarray(_pools(p)["transfer"]["hist"][h]) for p in pods], axis=0),
+                    99.0,
+                )
+                for h in range(H)
+            ]
+        )
+    rows: dict[str, list] = {k: [] for k in POOLS_SCHEMA.names}
+    xbytes = tot("transfer", "bytes")
+    cols_by_pool = {}
+    for name, spec in rs.pools.by_name().items():
+        ec = pool_energy_cost(rs, name, pods, scale, price)
+        ec["prompt_tokens"] = tot(name, "prompt_tokens")
+        ec["output_tokens"] = tot(name, "output_tokens")
+        cols_by_pool[name] = (spec, ec)
+    for h in range(H):
+        for name, (spec, ec) in cols_by_pool.items():
+            pw = ec["powered_gpu_s"][h]
+            pre = name == "prefill"
+            rows["hour"].append(h)
+            rows["hour_start"].append(start + timedelta(hours=h))
+            rows["pool"].append(name)
+            rows["gpu"].append(spec.gpu_name)
+            rows["tensor_parallel"].append(spec.tp)
+            rows["replicas"].append(sc.fleet.pods * spec.replicas)
+            rows["prompt_tokens"].append(round(ec["prompt_tokens"][h]))
+            rows["output_tokens"].append(round(ec["output_tokens"][h]))
+            rows["gpus_powered_mean"].append(pw / 3600.0)
+            rows["gpu_busy_s"].append(ec["gpu_busy_s"][h])
+            rows["utilization"].append(ec["gpu_busy_s"][h] / pw if pw > 0 else 0.0)
+            for k in (
+                "energy_gpu_kwh",
+                "energy_overhead_kwh",
+                "energy_it_kwh",
+                "energy_facility_kwh",
+                "energy_cost_usd",
+                "hardware_cost_usd",
+            ):
+                rows[k].append(float(ec[k][h]))
+            rows["total_cost_usd"].append(
+                float(ec["energy_cost_usd"][h] + ec["hardware_cost_usd"][h])
+            )
+            rows["kv_transfers"].append(round(count[h]) if pre else 0)
+            rows["kv_transfer_bytes"].append(float(xbytes[h]) if pre else 0.0)
+            rows["kv_transfer_mean_s"].append(
+                float(tsum[h] / count[h]) if pre and count[h] > 0 else None
+            )
+            rows["kv_transfer_p99_s"].append(
+                float(p99[h]) if pre and count[h] > 0 and math.isfinite(p99[h]) else None
+            )
+    return pa.table(rows, schema=POOLS_SCHEMA)

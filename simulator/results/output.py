@@ -2,17 +2,35 @@
 
 Every file is written to a temporary name in the destination folder and renamed into place
 only when complete, so a failed or interrupted run never leaves a half-written Parquet file.
+
+A whole run's files are all-or-nothing (:class:`RunOutput`): they are written into a staging
+folder ``<out>/.fleetsim-tmp-<pid>-<random>/`` and moved into ``<out>`` together at the end,
+under an exclusive lock (``<out>/.fleetsim-lock``, ``fcntl.flock``) that is taken before the
+simulation starts and held until the files are in place, so the "folder not empty" check and
+the write are one step with respect to another fleetsim run. The previous run's files are moved
+aside first and put back if anything fails. A staging folder whose process is gone (a killed
+run) is recognised by the pid in its name and removed. ``.fleetsim-manifest.json`` lists the
+files the last run wrote: ``--force`` replaces those (and fleetsim's fixed output names), never
+a file fleetsim did not write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
+import signal
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from fleetsim.base.errors import UserError
 
 REQUEST_SCHEMA = pa.schema(
     [
@@ -163,3 +181,399 @@ class RequestWriter:
 
 def dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's output folder, all or nothing
+LOCK_NAME = ".fleetsim-lock"
+MANIFEST_NAME = ".fleetsim-manifest.json"
+# The files fleetsim's commands write into an --out folder. replay's trace.csv is not here: a
+# user's own trace is often called that, so it counts as fleetsim's only when a manifest lists it.
+OUTPUT_NAMES = frozenset(
+    {
+        "hourly.parquet",
+        "pools.parquet",
+        "requests.parquet",
+        "sweep.parquet",
+        "plan.parquet",
+        "schedule.json",
+        "cost.png",
+        "power.png",
+        "utilization.png",
+        "latency.png",
+        "report.html",
+        "report.md",
+        "peak.json",
+        "replay.csv",
+        "replay.json",
+        "requests.csv",
+        "iterations.csv",
+        "profile.json",
+        "profile-engine.json",
+        "profile-insample.json",
+        MANIFEST_NAME,
+    }
+)
+PROBE_BYTES = 1 << 20  # written and removed before simulating: a full disk or ulimit -f shows
+_STAGE_RE = re.compile(r"^\.fleetsim-tmp-(\d+)-")
+_OPEN: list[RunOutput] = []  # RunOutputs of this process not yet committed or aborted
+LAST: dict[str, str] = {}  # what became of the last output: {"out": path, "state": ...}
+
+
+def _shown(p: Path | str) -> str:
+    from fleetsim.base.io import clean
+
+    return repr(clean(str(p), 160))
+
+
+def os_problem(exc: OSError) -> str:
+    """A short, plain reason for an OSError while writing."""
+    reasons = {
+        errno.EROFS: "the file system is read-only",
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EFBIG: "the file-size limit (ulimit -f) was reached",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EISDIR: "a file the run writes exists there as a folder",
+        errno.ENAMETOOLONG: "the path is too long",
+        errno.ELOOP: "too many levels of symbolic links",
+    }
+    return reasons.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+def out_error(out: Path | str, problem: str, fix: str = "choose another --out") -> UserError:
+    return UserError(f"--out {_shown(out)}: {problem} (fix: {fix})")
+
+
+def check_out_path(out: Path) -> None:
+    """The problems of an --out path that show without writing anything: a file, a path under
+    a file, a dangling symbolic link."""
+    if out.is_symlink() and not out.exists():
+        raise out_error(
+            out, f"is a symbolic link to {_shown(os.readlink(out))}, which does not exist"
+        )
+    if out.exists() and not out.is_dir():
+        raise out_error(out, "exists and is a file, not a folder")
+    for anc in out.parents:
+        if anc.exists() or anc.is_symlink():
+            if not anc.is_dir():
+                raise out_error(out, f"{_shown(anc)} is a file, not a folder")
+            break
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove temporaries of fleetsim runs that are gone (their pid, in the name, is not
+    running; names without a pid are from older versions). Returns the names removed."""
+    gone = []
+    with contextlib.suppress(OSError):
+        for p in out.iterdir():
+            if not p.name.startswith(_TMP_PREFIX):
+                continue
+            m = _STAGE_RE.match(p.name)
+            if m and _pid_alive(int(m.group(1))):
+                continue
+            _remove(p)
+            gone.append(p.name)
+    return gone
+
+
+def _manifest(out: Path) -> list[str]:
+    from fleetsim.base.io import MiB, load_json
+
+    p = out / MANIFEST_NAME
+    if not p.is_file():
+        return []
+    try:
+        d, _ = load_json(p, "manifest", MiB)
+    except UserError:
+        return []
+    files = d.get("files") if isinstance(d, dict) else None
+    return (
+        [f for f in files if isinstance(f, str) and "/" not in f] if isinstance(files, list) else []
+    )
+
+
+def previous_outputs(out: Path) -> list[str]:
+    """The names in ``out`` that a previous fleetsim run wrote: those its manifest lists and
+    fleetsim's fixed output names. Nothing else in the folder is ever fleetsim's."""
+    if not out.is_dir():
+        return []
+    owned = set(_manifest(out)) | OUTPUT_NAMES
+    return sorted(p.name for p in out.iterdir() if p.name in owned and not p.is_dir())
+
+
+def remove_previous_outputs(out: Path) -> list[str]:
+    """``--force``: delete the previous run's files that fleetsim wrote (see
+    :func:`previous_outputs`), and only those. Returns the names removed. (Commands that write
+    through :class:`RunOutput` get this at commit time, all or nothing.)"""
+    names = previous_outputs(out)
+    for n in names:
+        with contextlib.suppress(FileNotFoundError):
+            (out / n).unlink()
+    return names
+
+
+class RunOutput:
+    """The output folder of one command, written all or nothing.
+
+    ``open()`` (before simulating) checks the path, creates the folder, takes the lock, removes
+    stale temporaries, refuses a non-empty folder without ``force`` (``mode="new"``), creates
+    the staging folder and probes that a file can be written there. The command writes its files
+    to :meth:`path` (inside the staging folder); :meth:`commit` moves them into place together,
+    replacing the previous run's files (``force``) or the files of the same names
+    (``mode="add"``: a report added to a run). :meth:`abort` drops the staging folder; the
+    folder is then as it was."""
+
+    def __init__(
+        self, out: Path | str, *, force: bool = False, mode: str = "new", names: Iterable[str] = ()
+    ) -> None:
+        self.out = Path(out)
+        self.force = force
+        self.mode = mode
+        self.names = tuple(names)
+        self.stage: Path | None = None
+        self._fd: int | None = None
+        self._created: list[Path] = []
+        self.state = "new"
+
+    # -- opening ------------------------------------------------------------------------------
+    def open(self) -> RunOutput:
+        out = self.out
+        for other in list(_OPEN):  # an abandoned output of this process for the same folder
+            if other.out.resolve() == out.resolve():
+                other.abort()
+        check_out_path(out)
+        for n in self.names:
+            t = out / n
+            if t.is_dir() and not t.is_symlink():
+                raise out_error(out, f"{n} exists there as a folder", f"remove {_shown(t)}")
+        missing = [p for p in [out, *out.parents] if not p.exists()]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self._created = missing  # innermost first (removed in this order on abort)
+            _OPEN.append(self)
+            self._lock()
+            clean_stale(out)
+            if self.mode == "new" and not self.force:
+                extra = [p.name for p in out.iterdir() if p.name != LOCK_NAME]
+                if extra:
+                    raise out_error(
+                        out,
+                        "the folder exists and is not empty",
+                        "pass --force to replace the previous run's files, or choose another --out",
+                    )
+            if self.mode != "new" or self.force:
+                foreign = [
+                    n for n in self.names if (out / n).exists() and n not in previous_outputs(out)
+                ]
+                if foreign:
+                    raise out_error(
+                        out,
+                        f"{', '.join(foreign)} there was not written by fleetsim and would be "
+                        "overwritten",
+                        "move it away or choose another --out",
+                    )
+            self.stage = out / f"{_TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+            self.stage.mkdir()
+            probe = self.stage / ".probe"
+            with open(probe, "wb") as fh:
+                fh.write(b"\0" * PROBE_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+            probe.unlink()
+        except OSError as exc:
+            self.abort()
+            raise out_error(out, f"cannot write there: {os_problem(exc)}") from None
+        except BaseException:
+            self.abort()
+            raise
+        self.state = "open"
+        LAST.clear()
+        LAST.update(out=str(out), state="open")
+        return self
+
+    def _lock(self) -> None:
+        lock = self.out / LOCK_NAME
+        import fcntl
+
+        for _ in range(10):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise out_error(
+                    self.out,
+                    f"another fleetsim run (pid {holder}) is writing into this folder",
+                    "wait for it to finish or choose another --out",
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self._fd = fd
+                return
+            os.close(fd)  # the holder removed the file between our open and our lock: retry
+        raise out_error(self.out, "could not take the folder's lock", "try again")
+
+    def _unlock(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.fstat(self._fd).st_ino == os.stat(self.out / LOCK_NAME).st_ino:
+                os.unlink(self.out / LOCK_NAME)
+        os.close(self._fd)
+        self._fd = None
+
+    # -- writing ------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Where the command writes its file ``name`` (inside the staging folder)."""
+        if self.stage is None:
+            raise RuntimeError("RunOutput.path() before open()")
+        return self.stage / name
+
+    def final(self, name: str) -> Path:
+        """Where ``name`` will be after :meth:`commit`."""
+        return self.out / name
+
+    def commit(self) -> list[Path]:
+        """Move the staged files into place together; returns their final paths."""
+        if self.stage is None:
+            raise RuntimeError("RunOutput.commit() before open()")
+        out, stage = self.out, self.stage
+        names = sorted(
+            p.name for p in stage.iterdir() if not p.name.startswith((_TMP_PREFIX, ".probe"))
+        )
+        old = set(_manifest(out)) if self.mode != "new" else set()
+        keep = sorted(n for n in old if n not in names and (out / n).is_file())
+        backup = out / f"{_TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-old"
+        signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        moved: list[str] = []
+        placed: list[str] = []
+        try:
+            try:
+                write_text_atomic(
+                    json.dumps({"files": sorted(set(names) | set(keep))}, indent=1) + "\n",
+                    stage / MANIFEST_NAME,
+                )
+                names.append(MANIFEST_NAME)
+                aside = set(previous_outputs(out)) if (self.force and self.mode == "new") else set()
+                aside |= {n for n in names if (out / n).exists()}
+                backup.mkdir()
+                for n in sorted(aside):
+                    os.replace(out / n, backup / n)
+                    moved.append(n)
+                for n in names:
+                    os.replace(stage / n, out / n)
+                    placed.append(n)
+            except BaseException as exc:
+                for n in placed:  # roll back: the previous files return
+                    with contextlib.suppress(OSError):
+                        os.replace(out / n, stage / n)
+                for n in moved:
+                    with contextlib.suppress(OSError):
+                        os.replace(backup / n, out / n)
+                _remove(backup)
+                self.abort()
+                if isinstance(exc, OSError):
+                    raise out_error(out, f"cannot write there: {os_problem(exc)}") from None
+                raise
+            _remove(backup)
+            _remove(stage)
+            self.stage = None
+            self._created = []
+            self.state = "committed"
+            LAST.update(out=str(out), state="committed")
+            self._unlock()
+            with contextlib.suppress(ValueError):
+                _OPEN.remove(self)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return [out / n for n in names if n != MANIFEST_NAME]
+
+    def abort(self) -> None:
+        """Drop the staged files and the lock; the folder is as it was before :meth:`open`."""
+        if self.stage is not None:
+            _remove(self.stage)
+            self.stage = None
+        self._unlock()
+        for d in self._created:  # folders this run created, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if self._created and not self.out.exists():
+            LAST["removed"] = "1"
+        self._created = []
+        with contextlib.suppress(ValueError):
+            _OPEN.remove(self)
+        if self.state == "open":
+            LAST.update(out=str(self.out), state="aborted")
+        self.state = "aborted" if self.state != "committed" else self.state
+
+    def __enter__(self) -> RunOutput:
+        return self.open() if self.state == "new" else self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        if self.state == "open":
+            self.abort()
+
+
+def open_outputs() -> list[RunOutput]:
+    """The outputs of this process opened and not yet committed or aborted."""
+    return list(_OPEN)
+
+
+def abort_open_outputs() -> None:
+    """Abort every output of this process that was opened but not committed (the command
+    failed or was interrupted)."""
+    for o in list(_OPEN):
+        o.abort()
+
+
+def interrupted_note() -> str:
+    """What an interrupt left, for the one-line message."""
+    out, state = LAST.get("out"), LAST.get("state")
+    if state == "committed":
+        return f"the outputs in {_shown(out or '')} were complete before the interrupt"
+    if state in ("open", "aborted") and LAST.get("removed"):
+        return f"nothing was written ({_shown(out or '')}, which this run created, was removed)"
+    if state in ("open", "aborted"):
+        return (
+            f"nothing new was written to {_shown(out or '')}; its previous contents are unchanged"
+        )
+    return "no output was written"
+
+
+@contextlib.contextmanager
+def staged(out: Path | str, **kw) -> Iterator[RunOutput]:
+    """``with staged(out, force=..., names=...) as o:`` write to ``o.path(name)``, then
+    ``o.commit()``; leaving the block without a commit aborts."""
+    o = RunOutput(out, **kw)
+    with o:
+        yield o

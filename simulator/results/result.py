@@ -4,17 +4,72 @@ end-of-run invariants (conservation, finiteness, sums) that every run must pass.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 
 from fleetsim.base.errors import InvariantError
-from fleetsim.base.version import __version__
 from fleetsim.config.scenario import Resolved, Scenario
 from fleetsim.results.accounting import PodSummary, hourly_table
 from fleetsim.results.output import dumps
+from fleetsim.results.provenance import provenance
 from fleetsim.serving.recorder import hist_percentile
+
+
+@dataclass(frozen=True, slots=True)
+class DayTotals:
+    """The day's totals of a run: sums of the hourly table's columns over the horizon, and the
+    figures derived from them. Written into every output's metadata (``fleetsim.totals``, the
+    fields in this order, by :meth:`as_dict`)."""
+
+    requests_arrived: float
+    requests_completed: float
+    requests_rejected: float
+    prompt_tokens: float
+    output_tokens: float
+    gpu_busy_s: float
+    energy_gpu_kwh: float
+    energy_overhead_kwh: float
+    energy_it_kwh: float
+    energy_facility_kwh: float
+    energy_cost_usd: float
+    hardware_cost_usd: float
+    total_cost_usd: float
+    carbon_kg: float
+    requests_in_flight: float  # at the horizon (scaled to the fleet)
+    wh_per_request: float  # facility energy per completed request
+    usd_per_mtok: float  # total cost per million output tokens
+    usd_per_1k_requests: float
+    gpu_hours: float  # powered GPU-hours
+    utilization: float  # busy share of the powered GPU time
+    peak_hour: int  # the hour of the highest total cost
+    iterations: float  # engine iterations simulated (the simulated pods only)
+    events: float  # SimPy events scheduled (the simulated pods only)
+    slo_attainment: float  # share of completed requests meeting both TTFT and TPOT targets
+    # second-generation engine (serving/paged.py)
+    prefix_hit_tokens: float  # prompt tokens served from the prefix cache
+    preemptions: float
+    recomputed_tokens: float  # prefill tokens computed again after a preemption
+    prefix_hit_rate: float  # prefix_hit_tokens / prompt_tokens
+
+    def as_dict(self) -> dict[str, float]:
+        """The totals as a plain dict, for JSON."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> DayTotals:
+        """Totals read back from a file's metadata: a figure that is missing or not a number
+        there is NaN (``peak_hour``: -1), and unknown keys are ignored."""
+        vals: dict[str, float] = {}
+        for f in fields(cls):
+            v = d.get(f.name)
+            vals[f.name] = (
+                float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+            )
+        peak = vals.pop("peak_hour")
+        return cls(peak_hour=int(peak) if math.isfinite(peak) else -1, **vals)
 
 
 @dataclass
@@ -26,9 +81,10 @@ class Result:
     pods: list[PodSummary]
     scale: float
     wall_s: float
-    totals: dict[str, float] = field(default_factory=dict)
+    totals: DayTotals
     day_latency: dict[str, float] = field(default_factory=dict)
     pod_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    pools: pa.Table | None = None  # disaggregated fleets: one row per (hour, pool)
 
     @property
     def scenario(self) -> Scenario:
@@ -37,11 +93,10 @@ class Result:
     def metadata(self, scenario_text: str = "") -> dict[str, str]:
         """Key-value metadata that makes an output file explain itself."""
         rs = self.resolved
-        return {
-            "fleetsim.version": __version__,
-            "fleetsim.scenario_text": scenario_text,
-            "fleetsim.config": rs.scenario.model_dump_json(),
-            "fleetsim.resolved": dumps(
+        return provenance(
+            rs,
+            scenario_text,
+            resolved=dumps(
                 {
                     "model": asdict(rs.model),
                     "gpu": asdict(rs.gpu),
@@ -52,18 +107,15 @@ class Result:
                     "pods_simulated": [p.pod for p in self.pods],
                 }
             ),
-            "fleetsim.seed": str(rs.scenario.seed),
-            "fleetsim.profile_id": rs.profile_id,
-            "fleetsim.profile_sha256": rs.profile_sha256,
-            "fleetsim.wall_s": f"{self.wall_s:.3f}",
-            "fleetsim.totals": dumps(self.totals),
-        }
+            wall_s=f"{self.wall_s:.3f}",
+            totals=dumps(self.totals.as_dict()),
+        )
 
 
-def day_totals(res: Result) -> dict[str, float]:
+def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: float) -> DayTotals:
     """Sums over the day of the hourly table, and the derived per-request figures."""
-    t = res.hourly
-    s = {
+    t = hourly
+    s: dict[str, float] = {
         c: float(np.nansum(t.column(c).to_numpy()))
         for c in (
             "requests_arrived",
@@ -88,7 +140,7 @@ def day_totals(res: Result) -> dict[str, float]:
     s["prefix_hit_rate"] = (
         s["prefix_hit_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
     )
-    s["requests_in_flight"] = res.scale * sum(p.in_flight for p in res.pods)
+    s["requests_in_flight"] = scale * sum(p.in_flight for p in pods)
     done = s["requests_completed"]
     s["wh_per_request"] = s["energy_facility_kwh"] * 1000 / done if done else math.nan
     s["usd_per_mtok"] = (
@@ -99,13 +151,13 @@ def day_totals(res: Result) -> dict[str, float]:
     s["gpu_hours"] = gpu_s / 3600.0
     s["utilization"] = s["gpu_busy_s"] / gpu_s if gpu_s else 0.0
     cost = t.column("total_cost_usd").to_numpy()
-    s["peak_hour"] = int(np.argmax(cost)) if len(cost) else 0
-    s["iterations"] = float(sum(p.iterations for p in res.pods))
-    s["events"] = float(sum(p.events for p in res.pods))
-    ok = sum(sum(p.slo_ok) for p in res.pods)
-    n = sum(sum(p.lat_n) for p in res.pods)
+    peak_hour = int(np.argmax(cost)) if len(cost) else 0
+    s["iterations"] = float(sum(p.iterations for p in pods))
+    s["events"] = float(sum(p.events for p in pods))
+    ok = sum(sum(p.slo_ok) for p in pods)
+    n = sum(sum(p.lat_n) for p in pods)
     s["slo_attainment"] = ok / n if n else math.nan
-    return s
+    return DayTotals(peak_hour=peak_hour, **s)
 
 
 def day_latency(pods: list[PodSummary]) -> dict[str, float]:
@@ -224,11 +276,12 @@ def _check_sums(res: Result) -> None:
         "total_cost_usd",
         "carbon_kg",
     )
-    for name in (n for n in extensive if n in res.totals):
-        if not close(res.totals[name], float(np.nansum(col(name)))):
+    for name in extensive:
+        total = getattr(res.totals, name)
+        if not close(total, float(np.nansum(col(name)))):
             raise InvariantError(
                 f"hourly sums != day totals: sum of {name} is "
-                f"{float(np.nansum(col(name)))!r}, the day's total {res.totals[name]!r}"
+                f"{float(np.nansum(col(name)))!r}, the day's total {total!r}"
             )
     # counts: each hour is rounded after scaling by pods/sample_pods, so allow 0.5 per hour then
     slack = 0.0 if res.scale == 1 else 0.5 * H

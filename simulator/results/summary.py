@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +27,12 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         f"{sc.fleet.pods} pod(s) x {sc.fleet.replicas} replica(s) x TP{rs.tp} = "
         f"{sc.fleet.pods * sc.fleet.replicas * rs.tp} x {rs.gpu.name}"
     )
+    if rs.pools is not None:
+        ps = rs.pools
+        fleet = f"{sc.fleet.pods} pod(s) of " + " + ".join(
+            f"{p.name} {p.replicas} x TP{p.tp} {p.gpu_name}" for p in (ps.prefill, ps.decode)
+        )
+        fleet += f", KV over {ps.link.name}"
     c.print(
         f"[bold]{sc.name}[/bold]: {rs.model.name} ({rs.model.dtype}) on {fleet}; "
         f"{hours} h, seed {sc.seed}, profile {rs.profile_id}"
@@ -40,20 +47,20 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     tab.add_column()
     tab.add_row(
         "requests",
-        _f(t["requests_arrived"], ",.0f"),
-        f"completed {_f(t['requests_completed'], ',.0f')}, rejected "
-        f"{_f(t['requests_rejected'], ',.0f')}, in flight at the end "
-        f"{_f(t['requests_in_flight'], ',.0f')}",
+        _f(t.requests_arrived, ",.0f"),
+        f"completed {_f(t.requests_completed, ',.0f')}, rejected "
+        f"{_f(t.requests_rejected, ',.0f')}, in flight at the end "
+        f"{_f(t.requests_in_flight, ',.0f')}",
     )
     tab.add_row(
-        "tokens", _f(t["output_tokens"], ",.0f"), f"output; prompt {_f(t['prompt_tokens'], ',.0f')}"
+        "tokens", _f(t.output_tokens, ",.0f"), f"output; prompt {_f(t.prompt_tokens, ',.0f')}"
     )
     iters = sum(p.iterations for p in res.pods)
     batch = sum(sum(p.output_tokens) for p in res.pods) / iters if iters else math.nan
     tab.add_row(
         "GPU-hours",
-        _f(t["gpu_hours"], ",.1f"),
-        f"busy {t['utilization']:.1%} of powered time; {_f(batch, '.1f')} output tokens "
+        _f(t.gpu_hours, ",.1f"),
+        f"busy {t.utilization:.1%} of powered time; {_f(batch, '.1f')} output tokens "
         "per iteration on average",
     )
     if sc.autoscaler.policy != "static":  # power states: what the autoscaler kept powered
@@ -67,23 +74,23 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         )
     tab.add_row(
         "energy",
-        f"{_f(t['energy_facility_kwh'])} kWh",
-        f"facility = (GPU {_f(t['energy_gpu_kwh'])} + node overhead "
-        f"{_f(t['energy_overhead_kwh'])}) kWh x PUE {sc.power.pue}",
+        f"{_f(t.energy_facility_kwh)} kWh",
+        f"facility = (GPU {_f(t.energy_gpu_kwh)} + node overhead "
+        f"{_f(t.energy_overhead_kwh)}) kWh x PUE {sc.power.pue}",
     )
     tab.add_row(
-        "energy cost", f"$ {_f(t['energy_cost_usd'])}", "facility kWh x the price in each hour"
+        "energy cost", f"$ {_f(t.energy_cost_usd)}", "facility kWh x the price in each hour"
     )
     hw = "amortised capex" if sc.cost.hardware == "owned" else "rent while provisioned"
-    tab.add_row("hardware cost", f"$ {_f(t['hardware_cost_usd'])}", f"GPU-hours x {hw}")
-    tab.add_row("total cost", f"$ {_f(t['total_cost_usd'])}", "")
-    if not math.isnan(t.get("carbon_kg", math.nan)) and t.get("carbon_kg"):
-        tab.add_row("carbon", f"{_f(t['carbon_kg'])} kg CO2e", "")
-    tab.add_row("Wh per request", _f(t["wh_per_request"], ",.3f"), "facility energy")
+    tab.add_row("hardware cost", f"$ {_f(t.hardware_cost_usd)}", f"GPU-hours x {hw}")
+    tab.add_row("total cost", f"$ {_f(t.total_cost_usd)}", "")
+    if not math.isnan(t.carbon_kg) and t.carbon_kg:
+        tab.add_row("carbon", f"{_f(t.carbon_kg)} kg CO2e", "")
+    tab.add_row("Wh per request", _f(t.wh_per_request, ",.3f"), "facility energy")
     tab.add_row(
         "$ per M output tokens",
-        _f(t["usd_per_mtok"], ",.3f"),
-        f"$ per 1k requests {_f(t['usd_per_1k_requests'], ',.4f')}",
+        _f(t.usd_per_mtok, ",.3f"),
+        f"$ per 1k requests {_f(t.usd_per_1k_requests, ',.4f')}",
     )
     tab.add_row(
         "TTFT",
@@ -98,20 +105,88 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     )
     tab.add_row(
         "SLO attainment",
-        f"{t['slo_attainment']:.2%}" if not math.isnan(t["slo_attainment"]) else "n/a",
+        f"{t.slo_attainment:.2%}" if not math.isnan(t.slo_attainment) else "n/a",
         "requests meeting both TTFT and TPOT targets",
     )
-    ph = t["peak_hour"]
+    ph = t.peak_hour
     row = res.hourly.slice(ph, 1).to_pylist()[0]
     tab.add_row(
         "peak hour",
         f"{row['hour_start']:%H:00} UTC (hour {ph})",
-        f"$ {_f(row['total_cost_usd'])} = {row['total_cost_usd'] / t['total_cost_usd']:.1%}"
+        f"$ {_f(row['total_cost_usd'])} = {row['total_cost_usd'] / t.total_cost_usd:.1%}"
         f" of the day; {row['requests_arrived']:,} requests; p99 TTFT "
         f"{_f(row['ttft_p99_s'], '.3f')} s"
-        if t["total_cost_usd"]
+        if t.total_cost_usd
         else "",
     )
     c.print(tab)
+    if res.pools is not None:
+        print_pools(res, c)
     for name, (lo, hi) in res.pod_ci.items():
         c.print(f"95% CI over pods, {name}: [{lo:,.2f}, {hi:,.2f}]")
+
+
+def pool_totals(res: Result) -> dict[str, dict[str, float]]:
+    """The day's figures of each pool of a disaggregated fleet, and of the KV link."""
+    assert res.pools is not None
+    df = res.pools.to_pandas()
+    out: dict[str, dict[str, float]] = {}
+    for name, g in df.groupby("pool", sort=False):
+        d = {
+            c: float(g[c].sum())
+            for c in (
+                "gpu_busy_s",
+                "energy_facility_kwh",
+                "energy_cost_usd",
+                "hardware_cost_usd",
+                "total_cost_usd",
+                "kv_transfers",
+                "kv_transfer_bytes",
+            )
+        }
+        d["gpu_hours"] = float(g["gpus_powered_mean"].sum())
+        d["utilization"] = d["gpu_busy_s"] / (d["gpu_hours"] * 3600.0) if d["gpu_hours"] else 0.0
+        n = g["kv_transfers"].to_numpy()
+        mean = g["kv_transfer_mean_s"].to_numpy(dtype=float, na_value=math.nan)
+        p99 = g["kv_transfer_p99_s"].to_numpy(dtype=float, na_value=math.nan)
+        d["kv_transfer_mean_s"] = (
+            float((n * np.nan_to_num(mean)).sum() / n.sum()) if n.sum() else math.nan
+        )
+        d["kv_transfer_worst_hour_p99_s"] = (
+            float(np.nanmax(p99)) if np.isfinite(p99).any() else math.nan
+        )
+        out[str(name)] = d
+    return out
+
+
+def print_pools(res: Result, c: Console) -> None:
+    """Both pools of a disaggregated fleet side by side, and the KV traffic between them."""
+    rs = res.resolved
+    tab = Table(title="pools (pools.parquet)")
+    for h in ("pool", "GPU", "GPU-h", "busy", "kWh", "energy $", "hardware $", "total $"):
+        tab.add_column(h, justify="left" if h in ("pool", "GPU") else "right")
+    pt = pool_totals(res)
+    specs = rs.pools.by_name()
+    for name, d in pt.items():
+        sp = specs[name]
+        tab.add_row(
+            name,
+            f"{sp.replicas} x TP{sp.tp} {sp.gpu_name}",
+            _f(d["gpu_hours"], ",.1f"),
+            f"{d['utilization']:.1%}",
+            _f(d["energy_facility_kwh"]),
+            _f(d["energy_cost_usd"]),
+            _f(d["hardware_cost_usd"]),
+            _f(d["total_cost_usd"]),
+        )
+    c.print(tab)
+    x = pt["prefill"]
+    hours = res.scenario.simulation.hours
+    link = rs.pools.link
+    c.print(
+        f"KV transfers ({link.name}, {link.bandwidth_bytes_per_s / 1e9:g} GB/s per GPU, "
+        f"{link.latency_s * 1e6:g} us): {_f(x['kv_transfers'], ',.0f')} requests, "
+        f"{_f(x['kv_transfer_bytes'] / 1e9 / hours, ',.1f')} GB per hour on average; transfer "
+        f"time mean {_f(x['kv_transfer_mean_s'] * 1e3, '.2f')} ms, worst hour's p99 "
+        f"{_f(x['kv_transfer_worst_hour_p99_s'] * 1e3, '.2f')} ms"
+    )

@@ -23,22 +23,29 @@ An autoscaler, chosen by ``[autoscaler] policy``, moves replicas between these s
   below what is powered. ``min_replicas`` <= replicas <= ``max_replicas`` (default: all). A
   request that finds no replica up is held and wakes one at once (scale from zero).
 
+An autoscaler acts on its pod only through the pod's port (:class:`fleetsim.serving.ports.PodPort`):
+``power_on(i)`` when replica ``i`` is up, ``power_off(i)`` when it starts draining; the pod
+holds arrivals while no replica is up and tells the autoscaler (:meth:`Autoscaler.on_held`).
+
 The time each replica spends in each state is integrated exactly per hour
-(:class:`PowerLedger`); :func:`fleetsim.results.accounting.hourly_table` turns it into energy and cost.
+(:class:`PowerLedger`); :func:`fleetsim.results.accounting.hourly_table` turns it into energy
+and cost.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING
 
+from fleetsim.base.units import HOUR_S
+
 if TYPE_CHECKING:
+    from simpy.events import Event
+
     from fleetsim.config.scenario import Resolved
     from fleetsim.serving.ports import PodPort
-
-HOUR_S = 3600.0
 OFF, WAKING, ON, DRAINING = "off", "waking", "on", "draining"
 _BUCKET = {OFF: 0, WAKING: 1, ON: 2, DRAINING: 2}
 
@@ -65,24 +72,6 @@ class PowerLedger:
             t0 = end
 
 
-class _Holding:
-    """Stands in for the router while no replica is up: holds arrivals and asks for one."""
-
-    def __init__(self, scaler: Autoscaler) -> None:
-        self.scaler = scaler
-
-    def route(self, r) -> None:
-        sq = self.scaler.pod.shared_queue
-        (sq if sq is not None else self.scaler.held).append(r)
-        self.scaler.on_held()
-
-    def dispatch(self) -> None:
-        pass
-
-    def active_changed(self) -> None:
-        pass
-
-
 class Autoscaler:
     """Power states of one pod's replicas, and the moves between them (base of the policies)."""
 
@@ -96,12 +85,9 @@ class Autoscaler:
         self.horizon_s = pod.horizon_s
         self.reps = pod.replicas
         self.ledger = PowerLedger(pod.hours, rs.tp)
-        n0 = self.initial_replicas(rs)
-        self.st = [ON if i < n0 else OFF for i in range(len(self.reps))]
+        self.n_initial = self.initial_replicas(rs)  # replicas 0 .. n_initial - 1 start on
+        self.st = [ON if i < self.n_initial else OFF for i in range(len(self.reps))]
         self.since = [0.0] * len(self.reps)
-        pod.active = [rep for i, rep in enumerate(self.reps) if self.st[i] == ON]
-        self.held: deque = deque()
-        self._router = None  # the real router while _Holding stands in
         self.wakes = 0  # cold starts begun (for reports and tests)
 
     # ---- policy interface ------------------------------------------------------------------
@@ -110,15 +96,13 @@ class Autoscaler:
 
     def start(self) -> None:
         """Arm the periodic tick (and the policy's own events)."""
-        if not self.pod.active:
-            self._hold()
         self.env.timeout(min(self.interval_s, self.horizon_s)).callbacks.append(self._tick)
 
     def evaluate(self) -> None:
         """Called every ``interval_s``."""
 
     def on_held(self) -> None:
-        """A request arrived while no replica was up."""
+        """A request arrived while no replica was up (the pod holds it)."""
 
     # ---- counts and moves ------------------------------------------------------------------
     def count(self, state: str) -> int:
@@ -134,37 +118,6 @@ class Autoscaler:
         self.st[i] = new
         self.since[i] = now
 
-    def _activate(self, i: int) -> None:
-        rep = self.reps[i]
-        pod = self.pod
-        if pod.shared_queue is not None:
-            rep.waiting = pod.shared_queue
-        act = pod.active
-        act.insert(bisect.bisect([r.index for r in act], rep.index), rep)
-        if self._router is not None:  # someone is up again: the real router takes over
-            pod.router, self._router = self._router, None
-            held, self.held = self.held, deque()
-            for r in held:
-                pod.router.route(r)
-        pod.router.active_changed()
-        if pod.shared_queue is not None:
-            pod.router.dispatch()
-
-    def _deactivate(self, i: int) -> None:
-        rep = self.reps[i]
-        pod = self.pod
-        pod.active.remove(rep)
-        if pod.shared_queue is not None:
-            rep.waiting = deque()  # a draining replica stops taking from the central queue
-        pod.router.active_changed()
-        if not pod.active:
-            self._hold()
-
-    def _hold(self) -> None:
-        if self._router is None:
-            self._router = self.pod.router
-            self.pod.router = _Holding(self)
-
     def wake(self, i: int) -> None:
         """Begin the cold start of off replica ``i``."""
         self._set(i, WAKING)
@@ -172,23 +125,25 @@ class Autoscaler:
         if self.wake_s <= 0:
             self._up(i)
         else:
-            self.env.timeout(self.wake_s).callbacks.append(lambda _ev, i=i: self._up(i))
+            self.env.timeout(self.wake_s).callbacks.append(partial(self._on_up, i))
+
+    def _on_up(self, i: int, _ev: Event) -> None:
+        self._up(i)
 
     def _up(self, i: int) -> None:
         if self.st[i] != WAKING:
             return  # cancelled while waking
         self._set(i, ON)
-        self._activate(i)
+        self.pod.power_on(i)
 
     def drain(self, i: int) -> None:
         """Stop routing to on replica ``i``; it powers off once empty."""
         self._set(i, DRAINING)
-        self._deactivate(i)
+        self.pod.power_off(i)
         self._try_off(i)
 
     def _try_off(self, i: int) -> None:
-        rep = self.reps[i]
-        if not rep.busy and rep.n == 0 and not rep.pending() and not rep.waiting:
+        if self.reps[i].is_empty():
             self._set(i, OFF)
 
     def scale_to(self, n: int) -> None:
@@ -197,7 +152,7 @@ class Autoscaler:
         if n > cap:
             for i in [i for i, s in enumerate(self.st) if s == DRAINING][: n - cap]:
                 self._set(i, ON)
-                self._activate(i)
+                self.pod.power_on(i)
                 cap += 1
             for i in [i for i, s in enumerate(self.st) if s == OFF][: max(n - cap, 0)]:
                 self.wake(i)
@@ -215,7 +170,7 @@ class Autoscaler:
                     self.drain(i)
 
     # ---- the clock ---------------------------------------------------------------------------
-    def _tick(self, _ev) -> None:
+    def _tick(self, _ev: Event) -> None:
         for i, s in enumerate(self.st):
             if s == DRAINING:
                 self._try_off(i)
@@ -224,14 +179,11 @@ class Autoscaler:
         if nxt < self.horizon_s:
             self.env.timeout(self.interval_s).callbacks.append(self._tick)
 
-    def finish(self, sink=None) -> None:
-        """Close every replica's last interval at the horizon; report held requests."""
+    def finish(self) -> None:
+        """Close every replica's last interval at the horizon."""
         for i, s in enumerate(self.st):
             self.ledger.add(_BUCKET[s], self.since[i], self.horizon_s)
             self.since[i] = self.horizon_s
-        if sink is not None:
-            for r in self.held:
-                sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "in_flight")
 
     def gpu_seconds(self) -> tuple[list[float], dict[str, list[float]]]:
         """Powered GPU-seconds per hour, and the waking and off ones (PodSummary fields)."""
@@ -244,7 +196,9 @@ class ScheduleScaler(Autoscaler):
     """``replicas_by_hour[h % 24]`` replicas in simulation hour ``h``."""
 
     def initial_replicas(self, rs: Resolved) -> int:
-        self.sched = rs.replicas_by_hour
+        if rs.replicas_by_hour is None:  # resolve() sets it for this policy
+            raise ValueError("the schedule autoscaler needs replicas_by_hour")
+        self.sched: tuple[int, ...] = rs.replicas_by_hour
         return self.sched[0]
 
     def start(self) -> None:
@@ -257,7 +211,10 @@ class ScheduleScaler(Autoscaler):
             t = h * HOUR_S
             if n > prev and self.cfg.prewarm:
                 t = max(t - self.wake_s, 0.0)
-            self.env.timeout(t).callbacks.append(lambda _ev, n=n: self.scale_to(n))
+            self.env.timeout(t).callbacks.append(partial(self._on_step, n))
+
+    def _on_step(self, n: int, _ev: Event) -> None:
+        self.scale_to(n)
 
 
 class ReactiveScaler(Autoscaler):
@@ -267,7 +224,8 @@ class ReactiveScaler(Autoscaler):
         a = self.cfg
         self.lo = a.min_replicas
         self.hi = a.max_replicas if a.max_replicas is not None else len(self.pod.replicas)
-        self.window: deque = deque()  # (time, replicas wanted) over the last idle_timeout_s
+        # (time, replicas wanted) over the last idle_timeout_s
+        self.window: deque[tuple[float, int]] = deque()
         self.last_up_s = 0.0
         return self.hi if a.initial_replicas is None else a.initial_replicas
 

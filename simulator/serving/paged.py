@@ -60,6 +60,7 @@ from fleetsim.device.latency import LatencyModel, run_time, step_time, steps_to_
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
+    from fleetsim.serving.engine import EnginePlan
     from fleetsim.serving.ports import PodPort
 
 HOUR_S = 3600.0
@@ -118,6 +119,7 @@ class PagedReplica:
         "busy",
         "c1",
         "cache",
+        "cfg",
         "chunked",
         "cnt",
         "coef",
@@ -159,25 +161,27 @@ class PagedReplica:
         "wm",
     )
 
-    def __init__(self, index: int, pod: PodPort) -> None:
+    def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:
         self.index = index
         self.pod = pod
+        self.cfg = cfg
         self.lat: LatencyModel = pod.lat
         self.env: simpy.Environment = pod.env
         self.rec = pod.rec
-        self.max_batch = pod.max_batch
-        self.max_tokens = pod.max_tokens
-        kv = pod.kv
-        b = kv.block_size_tokens
+        self.max_batch = cfg.limits.max_batch
+        self.max_tokens = cfg.limits.max_tokens
+        kv = cfg.paged
+        assert kv is not None
+        b = kv.block_tokens
         self.b = b
         self.mask = b - 1
         self.NB = kv.blocks
         self.free = kv.blocks  # blocks holding nothing
-        self.wm = int(pod.kv_watermark * kv.blocks)
-        self.chunked: bool = pod.chunked
-        self.prefix: bool = pod.prefix
-        self.ht = pod.hash_tokens
-        self.g = max(1, pod.hash_tokens // b)
+        self.wm = kv.watermark_blocks
+        self.chunked: bool = kv.chunked
+        self.prefix: bool = kv.prefix
+        self.ht = kv.hash_tokens
+        self.g = max(1, kv.hash_tokens // b)
         self.cache: dict[int, int] = {}  # resident block id -> references
         self.lru: OrderedDict[int, None] = OrderedDict()  # unreferenced resident ids, LRU first
         self.cnt = [0] * b  # decoding sequences by block residue
@@ -547,7 +551,7 @@ class PagedReplica:
     def plan(self, T: float) -> None:
         """Plan the run that starts at boundary time ``T`` and arm its end event."""
         pod = self.pod
-        if pod.horizon_s <= T:
+        if self.cfg.horizon_s <= T:
             self.busy = False
             return
         it = self.it
@@ -561,7 +565,7 @@ class PagedReplica:
         if w and self.budget > 0:
             if pod.shared_queue is None:
                 self._admit(it)
-            elif T >= pod.queue_floor:
+            elif pod.queue_floor <= T:
                 # a central queue is first come first served in time too: no admission before
                 # the boundary at which an earlier head was admitted (it may lie ahead of now)
                 q = len(w)
@@ -573,7 +577,7 @@ class PagedReplica:
         if not self.nchunks and n == 0:
             self.planned = False
             self.busy = False
-            if w and pod.shared_queue is not None and T < pod.queue_floor:
+            if w and pod.shared_queue is not None and pod.queue_floor > T:
                 self._arm(pod.queue_floor)  # idle until the queue may move (see _on_wake)
             if pod.shared_queue:
                 pod.router.dispatch()
@@ -596,7 +600,7 @@ class PagedReplica:
         n1 = n + len(pf)
         k = 1
         if (
-            not pod.per_iteration
+            not self.cfg.per_iteration
             and nxt > it
             and len(self.pre) == len(pf)
             and not (w and self._fit_at(w[0], n1, self.cnt[(it + 1) & self.mask]))
@@ -681,7 +685,7 @@ class PagedReplica:
     def _commit(self, j: int, finish: bool = True) -> None:
         """Account iterations [0, j) of the current run and advance the state past them."""
         rec = self.rec
-        pod = self.pod
+        pod = self.cfg  # (the energy coefficients)
         T0 = self.T0
         it0 = self.it
         k = self.k
@@ -882,6 +886,27 @@ class PagedReplica:
             self._commit(j)
         self.plan(self.T0)
 
+    # ---- the port (fleetsim.serving.ports.ReplicaPort) ----------------------------------------
+    def join_queue(self, q: deque[Request]) -> None:
+        """Take work from the pod's shared queue ``q`` (central_queue: a replica powered on)."""
+        self.waiting = q
+
+    def leave_queue(self) -> None:
+        """Stop taking from the shared queue (a replica draining or off); a queue of its own."""
+        self.waiting = deque()
+
+    def is_empty(self) -> bool:
+        """Nothing running, nothing admitted, nothing queued: it can be powered off."""
+        return not self.busy and self.n == 0 and not self.pre and not self.waiting
+
+    def stop(self) -> None:
+        """The horizon: account the work of the run in progress, and finish nothing."""
+        if self.busy and self.cfg.horizon_s > self.T0:
+            self._commit(self.k, finish=False)
+
     def pending(self) -> list[Request]:
-        """Requests admitted here and not finished (for the end-of-run records)."""
-        return list(self.pre) + [e[2] for e in self.heap]
+        """The requests it holds (admitted, decoding, and its own queue) at the horizon."""
+        out = list(self.pre) + [e[2] for e in self.heap]
+        if self.pod.shared_queue is None:
+            out += list(self.waiting)
+        return out

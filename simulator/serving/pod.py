@@ -3,35 +3,61 @@
 Pods are independent simulations (a Poisson stream split at random between pods gives
 independent Poisson streams), so a fleet of many pods is simulated pod by pod, possibly on
 different processes or machines, and the results are summed.
+
+The pod owns the wiring of its parts and changes it only through its port
+(:class:`fleetsim.serving.ports.PodPort`): an arrival is admitted (handed to the router) or held
+(while no replica is up); an autoscaler powers replicas on and off, and the pod updates its list
+of routable replicas, the shared queue's users and its router. Routers and the autoscaler never
+touch each other or another object's attributes.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import numpy as np
 import simpy
 from simpy.events import Timeout
 
+from fleetsim.base.units import HOUR_S
 from fleetsim.config.scenario import Resolved
+from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.engine import Replica
+from fleetsim.serving.engine import EnginePlan, Replica
 from fleetsim.serving.paged import PagedReplica
+from fleetsim.serving.ports import RequestSink
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.routers import make_router
-from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
+from fleetsim.workload.sampling import HourChunk, SizeSampler, hourly_arrivals, trace_arrivals
 from fleetsim.workload.sessions import SessionSource
-
-HOUR_S = 3600.0
 
 
 def pod_seed(seed: int, pod: int) -> np.random.SeedSequence:
     """The seed of pod ``pod``: derived from the scenario seed and the pod's identity only, so
     results do not depend on the executor, the number of workers or the order of tasks."""
     return np.random.SeedSequence(seed, spawn_key=(pod,))
+
+
+def paged_limits(rs: Resolved) -> PagedLimits | None:
+    """The paged engine's settings of a scenario (None: the first engine, KV reserved)."""
+    f = rs.scenario.fleet
+    if f.kv_allocation != "paged" or rs.kv is None:
+        return None
+    ses = rs.scenario.traffic.sessions
+    return PagedLimits(
+        blocks=rs.kv.blocks,
+        block_tokens=f.block_size_tokens,
+        chunked=f.chunked_prefill,
+        prefix=f.prefix_caching,
+        watermark_blocks=int(f.kv_watermark_fraction * rs.kv.blocks),
+        hash_tokens=ses.block_tokens if ses is not None else rs.scenario.traffic.trace_block_tokens,
+        affinity_margin=f.prefix_affinity_margin,
+    )
 
 
 class Pod:
@@ -44,7 +70,7 @@ class Pod:
         n_pods: int,
         *,
         keep_hist: bool = False,
-        request_sink=None,
+        request_sink: RequestSink | None = None,
         progress: Callable[[int], None] | None = None,
         source: str = "",
     ) -> None:
@@ -58,39 +84,55 @@ class Pod:
         self.tp = rs.tp
         p = rs.gpu.power
         prof = rs.profile
-        # dynamic energy coefficients of a whole replica (see latency.PowerSpec)
-        self.e_active_w = rs.tp * p.active_w
-        self.e_flop_j = p.compute_w / prof.peak_flops
-        self.e_byte_j = p.memory_w / prof.mem_bw_bytes_per_s
-        self.max_batch = sc.fleet.max_batch_size
-        self.max_tokens = sc.fleet.max_batched_tokens
-        self.kv_cap = rs.kv_capacity_tokens
-        # second-generation engine (serving/paged.py)
-        f = sc.fleet
-        self.kv = rs.kv
-        self.chunked = f.chunked_prefill
-        self.prefix = f.prefix_caching
-        self.kv_watermark = f.kv_watermark_fraction
-        self.affinity_margin = f.prefix_affinity_margin
+        self.plan = EnginePlan(
+            limits=Limits(
+                max_batch=sc.fleet.max_batch_size,
+                max_tokens=sc.fleet.max_batched_tokens,
+                kv_cap=rs.kv_capacity_tokens,
+            ),
+            horizon_s=self.horizon_s,
+            per_iteration=sc.simulation.engine == "iteration",
+            # dynamic energy coefficients of a whole replica (see latency.PowerSpec)
+            e_active_w=rs.tp * p.active_w,
+            e_flop_j=p.compute_w / prof.peak_flops,
+            e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
+            paged=paged_limits(rs),
+        )
+        self.limits = self.plan.limits
+        self.paged = self.plan.paged
+        paged = self.paged is not None
         ses = sc.traffic.sessions
-        self.hash_tokens = ses.block_tokens if ses is not None else sc.traffic.trace_block_tokens
-        self.refuse_long_prompts = not self.chunked
-        replica_cls = PagedReplica if f.kv_allocation == "paged" else Replica
+        # without chunked prefill a prompt longer than the token budget can never be scheduled
+        chunked = sc.fleet.chunked_prefill
+        self.max_prompt = sc.fleet.max_batched_tokens if not chunked else 1 << 62
+        self.queue_floor = 0.0  # central queue: the latest boundary at which a head left it
         self.max_context = rs.model.max_context_tokens
-        self.per_iteration = sc.simulation.engine == "iteration"
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.sink = request_sink
         self.in_flight = 0
-        self.shared_queue: deque | None = deque() if sc.fleet.router == "central_queue" else None
-        self.queue_floor = 0.0  # the latest boundary at which a head left the central queue
+        self.shared_queue: deque[Request] | None = (
+            deque() if sc.fleet.router == "central_queue" else None
+        )
         base = pod_index * sc.fleet.replicas  # global replica index = pod * replicas + i
-        self.replicas = [replica_cls(base + i, self) for i in range(sc.fleet.replicas)]
-        if f.kv_allocation == "paged" and rs.kv is not None:
+        self.replicas: list[Replica | PagedReplica] = [
+            (PagedReplica if paged else Replica)(base + i, self, self.plan)
+            for i in range(sc.fleet.replicas)
+        ]
+        if paged and rs.kv is not None:
             self.rec.kv_blocks = rs.kv.blocks * len(self.replicas)
-        self.active = self.replicas  # the routable replicas; an autoscaler keeps its own list
         self.scaler = make_autoscaler(rs, self)  # None for a static fleet
+        n_on = len(self.replicas) if self.scaler is None else self.scaler.n_initial
+        # the routable replicas, in index order: one list for the pod's life, changed in place
+        # by power_on and power_off only (routers may keep a reference to it)
+        self.active: list[Replica | PagedReplica] = self.replicas[:n_on]
+        for rep in self.replicas[n_on:]:
+            rep.leave_queue()
         seeds = pod_seed(sc.seed, pod_index).spawn(3)  # (the first two as spawn(2) gives)
         self.router = make_router(sc.fleet.router, self, np.random.default_rng(seeds[1]))
+        # arrivals go to the router, or are held while no replica is up (see hold/release)
+        self.held: deque[Request] = deque()
+        self.holding = False
+        self._route: Callable[[Request], None] = self.router.route
         rates = [rs.hourly_rate_per_s[h % 24] / n_pods for h in range(self.hours)]
         sampler = SizeSampler(sc.traffic.prompt, sc.traffic.output, source)
         self.sessions: SessionSource | None = None
@@ -104,6 +146,7 @@ class Pod:
                 ses.block_tokens,
                 pod_index,
             )
+        self._chunks: Iterator[HourChunk]
         if sc.traffic.trace:  # replay a timed trace instead of drawing arrivals
             self._chunks = trace_arrivals(sc.traffic.trace, source, self.hours, pod_index, n_pods)
         else:
@@ -117,6 +160,55 @@ class Pod:
         self._ids: list[list[int]] | None = None
         self._i = 0
         self._hour = -1
+
+    # ---- the port (fleetsim.serving.ports.PodPort) --------------------------------------------
+    def admit(self, r: Request) -> None:
+        """Hand an arrival to the router, or hold it while no replica is up."""
+        self._route(r)
+
+    def hold(self) -> None:
+        """No replica is up: from now on arrivals wait (in the shared queue under
+        central_queue, else in ``held``) and each one tells the autoscaler."""
+        if not self.holding:
+            self.holding = True
+            self._route = self._hold_one
+
+    def release(self) -> None:
+        """A replica is up again: arrivals go to the router, and so do the held ones."""
+        if self.holding:
+            self.holding = False
+            self._route = self.router.route
+            held, self.held = self.held, deque()
+            for r in held:
+                self._route(r)
+
+    def _hold_one(self, r: Request) -> None:
+        sq = self.shared_queue
+        (sq if sq is not None else self.held).append(r)
+        if self.scaler is not None:
+            self.scaler.on_held()
+
+    def power_on(self, i: int) -> None:
+        """Make replica ``i`` routable (an autoscaler woke or undrained it)."""
+        rep = self.replicas[i]
+        if self.shared_queue is not None:
+            rep.join_queue(self.shared_queue)
+        act = self.active
+        act.insert(bisect.bisect([r.index for r in act], rep.index), rep)
+        self.release()
+        self.router.active_changed()
+        if self.shared_queue is not None:
+            self.router.dispatch()
+
+    def power_off(self, i: int) -> None:
+        """Route nothing more to replica ``i`` (an autoscaler drains it); it finishes its work."""
+        rep = self.replicas[i]
+        self.active.remove(rep)
+        if self.shared_queue is not None:
+            rep.leave_queue()  # a draining replica stops taking from the central queue
+        self.router.active_changed()
+        if not self.active:
+            self.hold()
 
     # ---- arrivals -----------------------------------------------------------------------------
     def _next_chunk(self) -> bool:
@@ -139,7 +231,7 @@ class Pod:
         Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
         self.rec.events += 1
 
-    def _arrive(self, _ev) -> None:
+    def _arrive(self, _ev: Timeout) -> None:
         i = self._i
         t = self._times[i]
         p = self._p[i]
@@ -153,11 +245,9 @@ class Pod:
         if self.sessions is not None:
             ses = self.sessions.start(p, o)
             p, o, ids = self.sessions.turn(ses)
-        if (
-            p + o > self.kv_cap
-            or (p > self.max_tokens and self.refuse_long_prompts)
-            or p + o > self.max_context
-        ):
+        # not Limits.servable, inlined: once per arrival (the gain: see Replica.plan); with
+        # chunked prefill a prompt longer than the token budget is served in chunks
+        if p + o > self.limits.kv_cap or p > self.max_prompt or p + o > self.max_context:
             self.rec.rejected[h] += 1
             if self.sink is not None:
                 r = Request(rid, t, p, o)
@@ -167,7 +257,7 @@ class Pod:
             r = Request(rid, t, p, o, ids)
             if ses is not None:
                 r.session = ses
-            self.router.route(r)
+            self._route(r)
         i += 1
         self._i = i
         if i < len(self._times):  # _schedule_arrival(), inlined
@@ -191,7 +281,7 @@ class Pod:
         ev.callbacks.append(self._next_turn)
         self.rec.events += 1
 
-    def _next_turn(self, ev) -> None:
+    def _next_turn(self, ev: Timeout) -> None:
         ses = ev.value
         src = self.sessions
         assert src is not None
@@ -201,11 +291,7 @@ class Pod:
         self._next += 1
         h = int(t // HOUR_S)
         self.rec.arrived[h] += 1
-        if (
-            p + o > self.kv_cap
-            or p + o > self.max_context
-            or (p > self.max_tokens and self.refuse_long_prompts)
-        ):
+        if p + o > self.limits.kv_cap or p > self.max_prompt or p + o > self.max_context:
             self.rec.rejected[h] += 1  # the session ends here
             if self.sink is not None:
                 r = Request(rid, t, p, o)
@@ -214,11 +300,10 @@ class Pod:
         self.in_flight += 1
         r = Request(rid, t, p, o, ids)
         r.session = ses
-        self.router.route(r)
+        self._route(r)
 
     # ---- hours --------------------------------------------------------------------------------
-    def _tick(self, ev) -> None:
-        h = ev.value
+    def _tick(self, h: int, _ev: Timeout) -> None:
         self.rec.flush_until(h)
         if self._progress is not None:
             self._progress(1)
@@ -227,26 +312,27 @@ class Pod:
     def run(self) -> Recorder:
         env = self.env
         for h in range(1, self.hours):
-            env.timeout(h * HOUR_S, h).callbacks.append(self._tick)
+            env.timeout(h * HOUR_S).callbacks.append(partial(self._tick, h))
         if self._next_chunk():
             self._schedule_arrival()
+        if not self.active:
+            self.hold()
         if self.scaler is not None:
             self.scaler.start()
         env.run(until=self.horizon_s)
         for rep in self.replicas:  # work still running at the horizon: account it, finish nothing
-            if rep.busy and self.horizon_s > rep.T0:
-                rep._commit(rep.k, finish=False)
-        if self.scaler is not None:  # close the power-state intervals; held requests
-            self.scaler.finish(self.sink)
+            rep.stop()
+        if self.scaler is not None:  # close the power-state intervals
+            self.scaler.finish()
+        if self.sink is not None:
+            for r in self.held:
+                self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "in_flight")
         self.rec.flush_until(self.hours)
         if self._progress is not None:
             self._progress(1)
         if self.sink is not None:
             for rep in self.replicas:
-                pending = rep.pending()
-                if self.shared_queue is None:
-                    pending += list(rep.waiting)
-                for r in pending:
+                for r in rep.pending():
                     self.sink.add(
                         r,
                         rep.index,

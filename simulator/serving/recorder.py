@@ -89,7 +89,7 @@ class HourStats:
     ttft_sum_s: float = 0.0
     tpot_sum_s: float = 0.0
     e2e_sum_s: float = 0.0
-    hist: dict[str, np.ndarray] | None = None
+    hist: dict[str, SparseHist] | None = None
 
 
 class Recorder:
@@ -115,6 +115,7 @@ class Recorder:
         self.kv_blocks = 0  # KV blocks of all the pod's replicas (set by the pod)
         self.iterations = 0  # engine iterations simulated (for the benchmarks)
         self.events = 0  # SimPy events scheduled
+        self.in_flight = 0  # requests admitted and not finished at the horizon (set by the pod)
         self.slo_ttft_s = slo_ttft_s
         self.slo_tpot_s = slo_tpot_s
         self.keep_hist = keep_hist

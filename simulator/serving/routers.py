@@ -1,8 +1,14 @@
-"""Routers: how a pod spreads its arrivals over its replicas. Chosen by name via ``ROUTERS``."""
+"""Routers: how a pod spreads its arrivals over its replicas. Chosen by name via ``ROUTERS``.
+
+A router sees its pod and the replicas through the ports of :mod:`fleetsim.serving.ports`: it
+reads the pod's list of routable replicas (``PodPort.active``, which only the pod changes, in
+place, and announces with :meth:`Router.active_changed`) and hands each request to one of them.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -11,7 +17,7 @@ import numpy as np
 _LOAD = attrgetter("outstanding")
 
 if TYPE_CHECKING:
-    from fleetsim.serving.ports import PodPort
+    from fleetsim.serving.ports import PodPort, ReplicaPort
     from fleetsim.serving.request import Request
 
 
@@ -20,14 +26,14 @@ class Router:
 
     def __init__(self, pod: PodPort, rng: np.random.Generator) -> None:
         self.pod = pod
-        self.replicas = pod.active  # the routable ones (an autoscaler changes it in place)
+        self.replicas: Sequence[ReplicaPort] = pod.active  # the routable ones (changed in place)
         self.rng = rng
 
     def route(self, r: Request) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def active_changed(self) -> None:
-        """The autoscaler changed the list of routable replicas."""
+        """The pod changed its list of routable replicas (an autoscaler powered one on or off)."""
 
     def dispatch(self) -> None:
         """Offer the head of a shared queue to the replicas (only the central queue has one)."""
@@ -36,11 +42,11 @@ class Router:
 class RoundRobin(Router):
     """Replicas in turn."""
 
-    def __init__(self, pod, rng) -> None:
+    def __init__(self, pod: PodPort, rng: np.random.Generator) -> None:
         super().__init__(pod, rng)
         self._i = -1
 
-    def route(self, r) -> None:
+    def route(self, r: Request) -> None:
         self._i = (self._i + 1) % len(self.replicas)
         self.replicas[self._i].on_arrival(r)
 
@@ -48,14 +54,14 @@ class RoundRobin(Router):
 class RandomRouter(Router):
     """A uniformly random replica (draws buffered from the pod's routing stream)."""
 
-    def __init__(self, pod, rng) -> None:
+    def __init__(self, pod: PodPort, rng: np.random.Generator) -> None:
         super().__init__(pod, rng)
         self._buf: list[int] = []
 
     def active_changed(self) -> None:
         self._buf = []  # buffered draws were for the old number of replicas
 
-    def route(self, r) -> None:
+    def route(self, r: Request) -> None:
         if not self._buf:
             self._buf = self.rng.integers(0, len(self.replicas), size=4096).tolist()[::-1]
         self.replicas[self._buf.pop()].on_arrival(r)
@@ -64,7 +70,7 @@ class RandomRouter(Router):
 class LeastLoaded(Router):
     """The replica with the fewest requests routed and not yet finished (lowest index on ties)."""
 
-    def route(self, r) -> None:
+    def route(self, r: Request) -> None:
         min(self.replicas, key=_LOAD).on_arrival(r)  # min() keeps the first of equals
 
 
@@ -77,12 +83,15 @@ class CentralQueue(Router):
     every admission and every run end the new head is dispatched the same way, so no boundary
     with room is ever skipped (the per-iteration reference mode checks this)."""
 
-    def __init__(self, pod, rng) -> None:
+    def __init__(self, pod: PodPort, rng: np.random.Generator) -> None:
         super().__init__(pod, rng)
+        if pod.shared_queue is None:
+            raise ValueError("central_queue needs the pod's shared queue")
+        self.queue: deque[Request] = pod.shared_queue
         self._busy = False
 
-    def route(self, r) -> None:
-        self.pod.shared_queue.append(r)
+    def route(self, r: Request) -> None:
+        self.queue.append(r)
         self.dispatch()
 
     def dispatch(self) -> None:
@@ -90,7 +99,7 @@ class CentralQueue(Router):
             return  # an outer dispatch loop is running and will look again
         self._busy = True
         try:
-            q = self.pod.shared_queue
+            q = self.queue
             now = self.pod.env.now
             while q:
                 r = q[0]
@@ -100,7 +109,8 @@ class CentralQueue(Router):
                     if q and q[0] is r:
                         break  # could not start even on an idle replica (cannot happen)
                     continue
-                best, best_t, best_cut = None, float("inf"), False
+                best: ReplicaPort | None = None
+                best_t, best_cut = float("inf"), False
                 for rep in self.replicas:
                     t, cut = rep.admission_time(r)
                     if t < best_t:
@@ -127,10 +137,12 @@ class PrefixAffinity(Router):
 
     def __init__(self, pod, rng) -> None:
         super().__init__(pod, rng)
-        self.margin = pod.affinity_margin
-        kv = pod.kv
-        g = max(1, pod.hash_tokens // kv.block_size_tokens) if kv is not None else 1
-        self.capacity = max(1, (kv.blocks if kv is not None else 1) // g)
+        kv = pod.paged
+        if kv is None:  # the first engine keeps no prefix cache: remember a little anyway
+            self.margin, self.capacity = 8, 1 << 16
+        else:
+            self.margin = kv.affinity_margin
+            self.capacity = max(1, kv.blocks // max(1, kv.hash_tokens // kv.block_tokens))
         self.trees: dict[int, OrderedDict[int, None]] = {}
 
     def route(self, r) -> None:
@@ -152,7 +164,9 @@ class PrefixAffinity(Router):
                 if x not in tree:
                     break
                 h += 1
-            if h > best_h or (h == best_h and best is not None and rep.outstanding < best.outstanding):
+            if h > best_h or (
+                h == best_h and best is not None and rep.outstanding < best.outstanding
+            ):
                 best, best_h = rep, h
         if best is None or best_h == 0 or best.outstanding - least.outstanding > self.margin:
             best = least

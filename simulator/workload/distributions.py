@@ -114,7 +114,5 @@ class Empirical(Section):
         return trace_max.get(self.column, 0)
 
 
-Dist = Annotated[
-    Fixed | Uniform | LogNormal | Geometric | Empirical, Field(discriminator="dist")
-]
+Dist = Annotated[Fixed | Uniform | LogNormal | Geometric | Empirical, Field(discriminator="dist")]
 Analytic = Fixed | Uniform | LogNormal | Geometric

@@ -67,7 +67,10 @@ def read_mooncake(path: str) -> MooncakeTrace:
             ts, a, b = d.get("timestamp"), d.get("input_length"), d.get("output_length")
             if not (isinstance(ts, int | float) and not isinstance(ts, bool) and ts >= 0):
                 raise UserError(f"{where}: 'timestamp' = {ts!r} must be milliseconds >= 0")
-            if not (_int(a) and a >= 1 and _int(b) and b >= 1):
+            if (
+                not (isinstance(a, int) and _int(a) and a >= 1 and isinstance(b, int) and _int(b))
+                or b < 1
+            ):
                 raise UserError(
                     f"{where}: 'input_length' = {a!r}, 'output_length' = {b!r} must be "
                     "integers >= 1"

@@ -10,6 +10,7 @@ Poisson process is again Poisson, so each pod draws its own process at ``rate / 
 from __future__ import annotations
 
 import csv
+import io as _io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,45 +43,78 @@ def _resolve_path(file: str, source: str) -> Path:
     return p
 
 
+MAX_TRACE_TOKENS = 1_000_000_000  # a token count above this is a broken file, not a request
+
+
+def _csv_rows(path: str, what: str) -> list[list[str]]:
+    """The rows of a CSV file read through :mod:`fleetsim.base.io` (regular file, size limit,
+    UTF-8 with or without a BOM, bounded field length); a UserError names the line."""
+    from fleetsim.base import io
+
+    text = io.read_text(path, what, io.MAX_TRACE_BYTES)
+    where = f"{what} = {io.clean(path)!r}"
+    old = csv.field_size_limit(io.CSV_FIELD_LIMIT)
+    reader = csv.reader(_io.StringIO(text, newline=""))
+    try:
+        return list(reader)
+    except csv.Error as exc:
+        raise UserError(
+            f"{where}: line {reader.line_num}: {io.clean(str(exc), 100)} "
+            f"(fields are at most {io.CSV_FIELD_LIMIT} characters; fix that line)"
+        ) from None
+    finally:
+        csv.field_size_limit(old)
+
+
+def _token_count(cell: str) -> int:
+    """A token count: a plain integer in 1..MAX_TRACE_TOKENS (ValueError otherwise)."""
+    c = cell.strip()
+    if not c.isascii() or len(c) > 12:
+        raise ValueError(c)
+    v = int(c)
+    if not 1 <= v <= MAX_TRACE_TOKENS:
+        raise ValueError(c)
+    return v
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
 @lru_cache(maxsize=8)
 def read_trace(path: str) -> dict[str, np.ndarray]:
     """Integer columns of a CSV trace (e.g. Azure's TIMESTAMP,ContextTokens,GeneratedTokens).
 
-    Non-numeric columns are skipped; a bad value in a numeric column names its row."""
-    p = Path(path)
-    try:
-        fh = p.open(newline="")
-    except OSError as exc:
-        raise UserError(f"trace {path!r}: cannot read it ({exc.strerror})") from None
-    with fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise UserError(f"trace {path!r}: the file is empty") from None
-        rows = list(reader)
+    Columns whose first value is not a number are skipped (timestamps); in the others every
+    value must be an integer in 1..MAX_TRACE_TOKENS, and a bad value names its row."""
+    from fleetsim.base.io import clean
+
+    rows = _csv_rows(path, "trace")
     if not rows:
-        raise UserError(f"trace {path!r}: no data rows")
+        raise UserError(f"trace {clean(path)!r}: the file is empty")
+    header, rows = [h.strip() for h in rows[0]], rows[1:]
+    if not rows:
+        raise UserError(f"trace {clean(path)!r}: no data rows")
     out: dict[str, np.ndarray] = {}
     for j, name in enumerate(header):
         first = rows[0][j] if j < len(rows[0]) else ""
-        try:
-            int(first)
-        except ValueError:
+        if not _is_number(first):
             continue  # a non-numeric column (timestamps)
         vals = np.empty(len(rows), dtype=np.int64)
         for i, row in enumerate(rows):
+            cell = row[j] if j < len(row) else "<missing>"
             try:
-                v = int(row[j])
-            except (ValueError, IndexError):
-                cell = row[j] if j < len(row) else "<missing>"
+                vals[i] = _token_count(cell)
+            except ValueError:
                 raise UserError(
-                    f"trace {path!r}: row {i + 2}, column {name!r} = {cell!r} is not an "
-                    "integer (fix or remove that row)"
+                    f"trace {clean(path)!r}: row {i + 2}, column {clean(name, 40)!r} = "
+                    f"{clean(cell, 40)!r} is not an integer token count in "
+                    f"1..{MAX_TRACE_TOKENS:,} (fix or remove that row)"
                 ) from None
-            if v < 1:
-                raise UserError(f"trace {path!r}: row {i + 2}, column {name!r} = {v} must be >= 1")
-            vals[i] = v
         out[name] = vals
     return out
 
@@ -150,48 +184,46 @@ TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 @lru_cache(maxsize=8)
 def read_arrival_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A timed trace for ``traffic.trace``: CSV with columns arrival_s (seconds from the start,
-    non-decreasing), prompt_tokens and output_tokens (integers >= 1), or a Mooncake JSONL trace
-    (workload/mooncake.py). Returns the three columns."""
+    non-decreasing), prompt_tokens and output_tokens (integers in 1..MAX_TRACE_TOKENS), or a
+    Mooncake JSONL trace (workload/mooncake.py). Returns the three columns."""
     if is_mooncake(path):
         tr = read_mooncake(path)
         return tr.arrival_s, tr.prompt_tokens, tr.output_tokens
-    p = Path(path)
-    try:
-        fh = p.open(newline="")
-    except OSError as exc:
-        raise UserError(f"traffic.trace = {path!r}: cannot read it ({exc.strerror})") from None
-    with fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in TRACE_COLUMNS if c not in header]
-        if missing:
+    from fleetsim.base.io import clean
+
+    where = f"traffic.trace = {clean(path)!r}"
+    rows = _csv_rows(path, "traffic.trace")
+    header = [h.strip() for h in rows[0]] if rows else []
+    missing = [c for c in TRACE_COLUMNS if c not in header]
+    if missing:
+        raise UserError(
+            f"{where}: missing column(s) {', '.join(missing)} in the header "
+            f"{clean(','.join(header), 60)!r} (fix: a header line {','.join(TRACE_COLUMNS)})"
+        )
+    j = [header.index(c) for c in TRACE_COLUMNS]
+    n = len(rows) - 1
+    t = np.empty(n)
+    pr = np.empty(n, dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    last = 0.0
+    for i, row in enumerate(rows[1:]):
+        try:
+            a = float(row[j[0]])
+            b, c = _token_count(row[j[1]]), _token_count(row[j[2]])
+        except (ValueError, IndexError):
             raise UserError(
-                f"traffic.trace = {path!r}: missing column(s) {', '.join(missing)} "
-                f"(fix: a header line {','.join(TRACE_COLUMNS)})"
+                f"{where}: row {i + 2} = {clean(repr(row), 80)} is not arrival_s (number), "
+                f"prompt_tokens, output_tokens (integers in 1..{MAX_TRACE_TOKENS:,})"
+            ) from None
+        if not (np.isfinite(a) and 0 <= a <= 1e9) or (i and a < last):
+            raise UserError(
+                f"{where}: row {i + 2} = {clean(repr(row), 80)}: need arrival_s in "
+                "[0, 1e9] s and non-decreasing (fix: sort the file)"
             )
-        j = [header.index(c) for c in TRACE_COLUMNS]
-        t: list[float] = []
-        pr: list[int] = []
-        out: list[int] = []
-        for i, row in enumerate(reader):
-            try:
-                a, b, c = float(row[j[0]]), int(row[j[1]]), int(row[j[2]])
-            except (ValueError, IndexError):
-                raise UserError(
-                    f"traffic.trace = {path!r}: row {i + 2} = {row!r} is not "
-                    "arrival_s (number), prompt_tokens, output_tokens (integers)"
-                ) from None
-            if not (np.isfinite(a) and a >= 0 and b >= 1 and c >= 1) or (t and a < t[-1]):
-                raise UserError(
-                    f"traffic.trace = {path!r}: row {i + 2} = {row!r}: need arrival_s "
-                    ">= 0 and non-decreasing, token counts >= 1 (fix: sort the file)"
-                )
-            t.append(a)
-            pr.append(b)
-            out.append(c)
-    if not t:
-        raise UserError(f"traffic.trace = {path!r}: no data rows")
-    return np.array(t), np.array(pr, dtype=np.int64), np.array(out, dtype=np.int64)
+        t[i], pr[i], out[i], last = a, b, c, a
+    if not n:
+        raise UserError(f"{where}: no data rows")
+    return t, pr, out
 
 
 def trace_arrivals(

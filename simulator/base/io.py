@@ -1,0 +1,195 @@
+"""Bounded input: the one way fleetsim reads a file the user names.
+
+Every read goes through :func:`read_bytes` / :func:`read_text`, which
+
+* open without blocking (a FIFO cannot hang the run) and accept a regular file only (not
+  ``/dev/zero``, a FIFO, a socket or a directory);
+* refuse a file above a stated size limit *before* reading it (a multi-GB checkpoint named as a
+  profile is one clear line, not an out-of-memory kill), and never read more than the limit even
+  if the file grows meanwhile;
+* decode UTF-8 with an optional byte-order mark; any other byte is one line naming the file, the
+  line and the byte.
+
+The parsers get limits too: :func:`check_depth` bounds the nesting of JSON and TOML (the
+standard parsers recurse, so 100,000 nested arrays would be a ``RecursionError``), and
+:func:`parse_json` reads integers of at most :data:`MAX_INT_DIGITS` digits. Every problem is a
+:class:`~fleetsim.base.errors.UserError` (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from fleetsim.base.errors import UserError
+
+MiB = 1 << 20
+# Stated limits (bytes). A scenario, a model file, a schedule or a profile is a few KB; the
+# largest real trace we ship (Azure 2024 conversation, one week) is ~30 MB of CSV.
+MAX_CONFIG_BYTES = 4 * MiB  # scenario TOML, model TOML, schedule JSON, profile JSON
+MAX_TRACE_BYTES = 256 * MiB  # CSV traces (timed arrivals, empirical sizes)
+MAX_DEPTH = 64  # nesting of arrays/tables in JSON and TOML (a scenario needs 3)
+MAX_INT_DIGITS = 20  # an integer in a JSON file: 2**64 has 20 digits
+CSV_FIELD_LIMIT = 4096  # characters of one CSV field (a number needs < 30)
+
+
+def clean(text: str, limit: int = 200) -> str:
+    """``text`` fit for one terminal line: control characters (newlines, ANSI escapes) shown
+    escaped, and cut to ``limit`` characters."""
+    out = "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _name(path: str | Path) -> str:
+    return clean(str(path), 160)
+
+
+def read_bytes(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit``); ``what`` names it in errors
+    (e.g. ``"hardware.profile"``)."""
+    p = str(path)
+    where = f"{what} = {_name(p)!r}" if what else repr(_name(p))
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a directory, not a file (fix: name the file)") from None
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read it ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(st.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(st.st_mode)
+                else "a device"
+                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket"
+                if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file"
+            )
+            raise UserError(f"{where}: is {kind}, not a regular file (fix: name a file)")
+        if st.st_size > limit:
+            raise UserError(
+                f"{where}: is {st.st_size / MiB:,.1f} MiB, above the limit of "
+                f"{limit / MiB:,.0f} MiB for this kind of file (fix: name the right file)"
+            )
+        chunks: list[bytes] = []
+        got = 0
+        while True:
+            b = os.read(fd, min(1 << 20, limit + 1 - got))
+            if not b:
+                break
+            chunks.append(b)
+            got += len(b)
+            if got > limit:
+                raise UserError(f"{where}: grew above the limit of {limit / MiB:,.0f} MiB")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read it ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def decode(raw: bytes, where: str) -> str:
+    """UTF-8 text of ``raw`` without a leading byte-order mark; a bad byte names its line."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        bad = raw[exc.start : exc.start + 1]
+        raise UserError(
+            f"{where}: line {line}: byte 0x{bad.hex()} is not UTF-8 (fix: save the file as UTF-8)"
+        ) from None
+
+
+def read_text(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of a regular file (see :func:`read_bytes`)."""
+    return decode(
+        read_bytes(path, what, limit), f"{what} = {_name(path)!r}" if what else _name(path)
+    )
+
+
+def check_depth(text: str, where: str, limit: int = MAX_DEPTH, toml: bool = False) -> None:
+    """Refuse ``text`` (JSON, or TOML with ``toml=True``) whose arrays/tables nest deeper than
+    ``limit``. Brackets inside strings (and TOML comments) do not count."""
+    if text.count("[") + text.count("{") <= limit:
+        return  # cannot be deeper than the number of openers (the usual, fast case)
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"' or (toml and ch == "'"):
+            triple = toml and text.startswith(ch * 3, i)
+            end = ch * 3 if triple else ch
+            j = i + len(end)
+            while j < n:
+                if text.startswith(end, j):
+                    break
+                if ch == '"' and text[j] == "\\":
+                    j += 1
+                elif not triple and text[j] == "\n":
+                    break
+                j += 1
+            i = j + len(end)
+            continue
+        if toml and ch == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    line = text.count("\n", 0, i) + 1
+                    raise UserError(
+                        f"{where}: line {line}: arrays or tables nested deeper than {limit} "
+                        "levels (fix: flatten the file)"
+                    )
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+
+
+def _bounded_int(s: str) -> int:
+    digits = s.lstrip("+-")
+    if len(digits) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits)} digits (at most {MAX_INT_DIGITS})")
+    return int(s)
+
+
+def parse_json(text: str, where: str, fix: str = "") -> Any:
+    """``json.loads`` with a depth limit and bounded integers; a UserError names the problem."""
+    check_depth(text, where)
+    try:
+        return json.loads(text, parse_int=_bounded_int)
+    except (ValueError, RecursionError) as exc:
+        tail = f" (fix: {fix})" if fix else ""
+        raise UserError(f"{where}: not valid JSON ({clean(str(exc), 120)}){tail}") from None
+
+
+def load_json(
+    path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES, fix: str = ""
+) -> tuple[Any, bytes]:
+    """The parsed JSON file and its bytes."""
+    raw = read_bytes(path, what, limit)
+    where = f"{what} = {_name(path)!r}" if what else _name(path)
+    return parse_json(decode(raw, where), where, fix), raw
+
+
+def parse_toml(text: str, where: str) -> dict:
+    """``tomllib.loads`` with a depth limit; a UserError names the problem."""
+    import tomllib
+
+    check_depth(text, where, toml=True)
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError, ValueError) as exc:
+        raise UserError(f"{where}: not valid TOML: {clean(str(exc), 160)}") from None

@@ -1,0 +1,53 @@
+"""The admission rule of a continuous-batching replica, shared by the simulated engine
+(:mod:`fleetsim.serving.engine`) and the real torch engine (``fleetsim.calibrate.engine``).
+
+At every iteration boundary the waiting requests are taken first-come-first-served while
+:meth:`Limits.admits` holds for the head of the queue; the first that does not fit blocks the
+queue (no overtaking). A request that :meth:`Limits.servable` rejects could never be admitted,
+even into an empty replica, and is turned away on arrival.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one iteration of a replica may hold."""
+
+    max_batch: int  # sequences in one iteration (prefilling + decoding)
+    max_tokens: int  # tokens in one iteration: prompts being prefilled + one per decoding sequence
+    kv_cap: int  # KV-cache tokens a replica can reserve (prompt + output of every sequence)
+
+    def admits(
+        self, n_seqs: int, batch_tokens: int, kv_used: int, prompt_tokens: int, need_tokens: int
+    ) -> bool:
+        """Whether a request of ``prompt_tokens`` that reserves ``need_tokens`` of KV cache
+        (prompt + output) joins an iteration that already holds ``n_seqs`` sequences and
+        ``batch_tokens`` tokens, on a replica with ``kv_used`` KV tokens reserved."""
+        return (
+            n_seqs < self.max_batch
+            and batch_tokens + prompt_tokens <= self.max_tokens
+            and kv_used + need_tokens <= self.kv_cap
+        )
+
+    def servable(self, prompt_tokens: int, output_tokens: int, max_context_tokens: int) -> bool:
+        """Whether the request fits an empty replica at all (else it is rejected on arrival)."""
+        need = prompt_tokens + output_tokens
+        return (
+            need <= self.kv_cap and prompt_tokens <= self.max_tokens and need <= max_context_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PagedLimits:
+    """What the paged engine fixes for a simulation (``EnginePlan.paged``)."""
+
+    blocks: int  # KV blocks of a replica
+    block_tokens: int  # tokens per block (a power of two)
+    chunked: bool  # chunked prefill
+    prefix: bool  # prefix caching
+    watermark_blocks: int  # blocks kept free when admitting while others run
+    hash_tokens: int  # tokens per prompt block id (prefix caching granularity)
+    affinity_margin: int  # prefix_affinity router: the load margin

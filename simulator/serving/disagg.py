@@ -1,0 +1,421 @@
+"""A pod of a disaggregated fleet: a prefill pool, a decode pool and the KV link between them.
+
+The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
+
+1. A request arrives and the prefill pool's router sends it to a prefill replica. That replica
+   runs the same engine as an aggregated one (:class:`fleetsim.serving.engine.Replica`) with the
+   request's output set to one token: the iteration that computes the prompt's (last) chunk
+   yields the first token, which ends the TTFT.
+2. The replica then hands the request to the pod (``handoff``) instead of completing it. Its
+   KV (prompt tokens x KV bytes per token) stays in the prefill replica's memory. The decode
+   router chooses a decode replica now (least loaded counts requests in transfer), and the KV
+   goes over the prefill replica's link: a FIFO server, so a transfer that finds the link busy
+   waits for the ones before it. Its time on an idle link is ``latency + bytes / bandwidth``.
+3. When the KV has arrived, the request joins the decode replica's queue like an arrival (a
+   composition change: the current decode run is cut at the first iteration boundary where it
+   fits, so macro-stepping stays exact). The decode replica admits it when its batch, token
+   budget and KV blocks allow, straight into the decode set (no prefill compute); the next
+   iteration makes its second token.
+4. Only at that admission does the prefill replica free the request's KV (``release``). A slow
+   link or a full decode pool therefore holds KV in the prefill pool and backs up into it.
+
+A request with a single output token completes at step 2 (nothing to transfer).
+
+Counted at every moment: ``in_prefill`` (routed to the prefill pool, first token not out),
+``in_transfer`` (handed off, KV not yet at the decode replica) and ``in_decode`` (KV arrived,
+not finished), so that arrived = completed + rejected + in_prefill + in_transfer + in_decode.
+
+Work, energy and tokens of each pool go to that pool's recorder (``rec_prefill``, and
+``rec`` for the decode pool, which also holds the pod's arrivals, completions and latencies).
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import simpy
+from simpy.events import Timeout
+
+from fleetsim.config.pools import Pools, PoolSpec
+from fleetsim.config.scenario import Resolved
+from fleetsim.serving.admission import Limits
+from fleetsim.serving.engine import EnginePlan, Replica
+from fleetsim.serving.recorder import Recorder
+from fleetsim.serving.request import Request
+from fleetsim.serving.routers import make_router
+from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
+
+if TYPE_CHECKING:
+    from fleetsim.serving.ports import RouterPort
+
+HOUR_S = 3600.0
+
+
+class DisaggRequest(Request):
+    """A request of a disaggregated pod: its true output length while the prefill replica
+    sees one token, the prefill replica that holds its KV, and its transfer."""
+
+    __slots__ = ("dst", "link_wait_s", "out_total", "pf_need", "src", "xfer_s")
+
+    def __init__(self, rid: int, arrival_s: float, prompt: int, out: int) -> None:
+        super().__init__(rid, arrival_s, prompt, 1)  # the prefill pool makes the first token
+        self.out_total = out
+        self.pf_need = self.need  # prompt + 1 tokens of KV held in the prefill replica
+        self.src: Replica | None = None
+        self.dst: Replica | None = None
+        self.xfer_s = math.nan  # hand-off to KV arrival: link wait + latency + bytes / bw
+        self.link_wait_s = math.nan  # time spent queued behind earlier transfers
+
+
+class _NoRouter:
+    """The decode pool's replicas never see a shared queue (the KV travels to one replica)."""
+
+    def dispatch(self) -> None:
+        """Nothing to dispatch."""
+
+    def route(self, r: Request) -> None:  # pragma: no cover - never called
+        raise AssertionError("the decode pool is routed by DisaggPod")
+
+    def active_changed(self) -> None:
+        """Static pools."""
+
+
+class Pool:
+    """One pool as its replicas and router see their pod (serving/ports.py's PodPort). Pools
+    are static: every replica is routable for the whole run."""
+
+    def __init__(
+        self, role: str, spec: PoolSpec, owner: DisaggPod, rec: Recorder, base: int
+    ) -> None:
+        rs = spec.rs
+        self.role = role
+        self.spec = spec
+        self.env = owner.env
+        self.rec = rec
+        self.lat = rs.latency_model()
+        self.hours = owner.hours
+        self.horizon_s = owner.horizon_s
+        self.in_flight = 0
+        self.tp = rs.tp
+        p = rs.gpu.power
+        prof = rs.profile
+        self.plan = EnginePlan(
+            limits=Limits(
+                max_batch=spec.max_batch,
+                max_tokens=spec.max_tokens,
+                kv_cap=spec.kv_capacity_tokens,
+            ),
+            horizon_s=owner.horizon_s,
+            per_iteration=owner.per_iteration,
+            e_active_w=rs.tp * p.active_w,
+            e_flop_j=p.compute_w / prof.peak_flops,
+            e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
+        )
+        self.handoff = owner.handoff
+        self.on_admitted = owner.on_admitted
+        shared = role == "prefill" and spec.router == "central_queue"
+        self.shared_queue: deque[Request] | None = deque() if shared else None
+        self.replicas = [Replica(base + i, self, self.plan) for i in range(spec.replicas)]
+        self.active = self.replicas
+        self.router: RouterPort = _NoRouter()
+
+    # the rest of the PodPort: a static pool never holds arrivals or powers replicas
+    def admit(self, r: Request) -> None:
+        self.router.route(r)
+
+    def hold(self) -> None:  # pragma: no cover - static pools
+        raise AssertionError("static pool")
+
+    def release(self) -> None:  # pragma: no cover - static pools
+        raise AssertionError("static pool")
+
+    def power_on(self, i: int) -> None:  # pragma: no cover - static pools
+        raise AssertionError("static pool")
+
+    def power_off(self, i: int) -> None:  # pragma: no cover - static pools
+        raise AssertionError("static pool")
+
+
+class DisaggPod:
+    """Simulates one pod of a disaggregated fleet for the scenario's horizon."""
+
+    def __init__(
+        self,
+        rs: Resolved,
+        pod_index: int,
+        n_pods: int,
+        *,
+        keep_hist: bool = False,
+        request_sink=None,
+        progress: Callable[[int], None] | None = None,
+        source: str = "",
+    ) -> None:
+        from fleetsim.serving.pod import pod_seed
+
+        sc = rs.scenario
+        pools: Pools = rs.pools
+        self.rs = rs
+        self.pools = pools
+        self.index = pod_index
+        self.hours = sc.simulation.hours
+        self.horizon_s = self.hours * HOUR_S
+        self.env = simpy.Environment()
+        self.per_iteration = sc.simulation.engine == "iteration"
+        self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
+        self.rec_prefill = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, False, None)
+        self.sink = request_sink
+        P, D = pools.prefill.replicas, pools.decode.replicas
+        base = pod_index * (P + D)  # global replica index: prefill first, then decode
+        self.prefill = Pool("prefill", pools.prefill, self, self.rec_prefill, base)
+        self.decode = Pool("decode", pools.decode, self, self.rec, base + P)
+        seeds = pod_seed(sc.seed, pod_index).spawn(3)
+        self.prefill.router = make_router(
+            pools.prefill.router, self.prefill, np.random.default_rng(seeds[1])
+        )
+        self._drng = np.random.default_rng(seeds[2])
+        self._dbuf: list[int] = []
+        self._rr = -1
+        self._droute = pools.decode.router
+        self.max_context = rs.model.max_context_tokens
+        # the KV link of each prefill replica: when it is next free (FIFO)
+        self._link_free = [0.0] * P
+        self._lat_s = pools.link.latency_s
+        self._kvb = pools.kv_bytes_per_token
+        self._bw = pools.egress_bytes_per_s
+        # transfer statistics by the hour in which the KV arrives
+        n = self.hours + 1
+        self.xfer_count = [0] * n
+        self.xfer_bytes = [0.0] * n
+        self.xfer_sum_s = [0.0] * n
+        self.xfer_times: list[array] = [array("d") for _ in range(n)]
+        self.in_prefill = 0
+        self.in_transfer = 0
+        self._moving: dict[int, DisaggRequest] = {}
+        # arrivals (as serving.pod.Pod)
+        rates = [rs.hourly_rate_per_s[h % 24] / n_pods for h in range(self.hours)]
+        sampler = SizeSampler(sc.traffic.prompt, sc.traffic.output, source)
+        if sc.traffic.trace:
+            self._chunks = trace_arrivals(sc.traffic.trace, source, self.hours, pod_index, n_pods)
+        else:
+            self._chunks = hourly_arrivals(rates, sampler, seeds[0])
+        self._progress = progress
+        self._rid_base = pod_index << 40
+        self._next = 0
+        self._times: list[float] = []
+        self._p: list[int] = []
+        self._o: list[int] = []
+        self._i = 0
+        self._hour = -1
+        self.kv_cap_p = pools.prefill.kv_capacity_tokens
+        self.kv_cap_d = pools.decode.kv_capacity_tokens
+        self.max_tokens_p = pools.prefill.max_tokens
+
+    # ---- arrivals -----------------------------------------------------------------------------
+    def _next_chunk(self) -> bool:
+        for chunk in self._chunks:
+            self._hour = chunk.hour
+            if chunk.arrival_s:
+                self._times, self._p, self._o = (
+                    chunk.arrival_s,
+                    chunk.prompt_tokens,
+                    chunk.output_tokens,
+                )
+                self._i = 0
+                return True
+        return False
+
+    def _schedule(self) -> None:
+        t = self._times[self._i]
+        now = self.env.now
+        Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
+        self.rec.events += 1
+
+    def _arrive(self, _ev) -> None:
+        i = self._i
+        t = self._times[i]
+        p = self._p[i]
+        o = self._o[i]
+        rid = self._rid_base | self._next
+        self._next += 1
+        h = self._hour
+        self.rec.arrived[h] += 1
+        if (
+            p + o > self.kv_cap_d
+            or p + 1 > self.kv_cap_p
+            or p > self.max_tokens_p
+            or p + o > self.max_context
+        ):
+            self.rec.rejected[h] += 1
+            if self.sink is not None:
+                r = Request(rid, t, p, o)
+                self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
+        else:
+            self.in_prefill += 1
+            self.prefill.router.route(DisaggRequest(rid, t, p, o))
+        i += 1
+        self._i = i
+        if i < len(self._times) or self._next_chunk():
+            self._schedule()
+
+    # ---- the hand-off from prefill to decode -------------------------------------------------
+    def _pick_decode(self) -> Replica:
+        reps = self.decode.replicas
+        rule = self._droute
+        if rule == "least_loaded":
+            return min(reps, key=_load)
+        if rule == "round_robin":
+            self._rr = (self._rr + 1) % len(reps)
+            return reps[self._rr]
+        if not self._dbuf:  # random
+            self._dbuf = self._drng.integers(0, len(reps), size=4096).tolist()[::-1]
+        return reps[self._dbuf.pop()]
+
+    def handoff(self, r: DisaggRequest, t: float, rep: Replica) -> None:
+        """A prefill replica produced ``r``'s first token at ``t`` (now). Complete it if that was
+        its only token, else start its KV transfer to the decode replica chosen now."""
+        self.in_prefill -= 1
+        r.src = rep
+        if r.out_total == 1:
+            self.rec.complete(r, t, rep.index)
+            rep.release(r.pf_need)
+            return
+        r.out = r.out_total
+        r.need = r.prompt + r.out_total
+        dst = self._pick_decode()
+        dst.outstanding += 1  # counted from now, so that least_loaded sees transfers
+        r.dst = dst
+        k = rep.index - self.prefill.replicas[0].index
+        free = self._link_free[k]
+        start = free if free > t else t
+        dur = self._lat_s + r.prompt * self._kvb / self._bw  # on the link, FIFO
+        end = start + dur
+        self._link_free[k] = end
+        r.link_wait_s = start - t
+        r.xfer_s = r.link_wait_s + dur  # (not end - t: that would round in the clock's digits)
+        self.in_transfer += 1
+        self._moving[r.rid] = r
+        now = self.env.now
+        Timeout(self.env, end - now if end > now else 0.0, r).callbacks.append(self._kv_arrived)
+        self.rec.events += 1
+
+    def _kv_arrived(self, ev) -> None:
+        r: DisaggRequest = ev.value
+        self.in_transfer -= 1
+        del self._moving[r.rid]
+        self.decode.in_flight += 1
+        h = int(self.env.now // HOUR_S)
+        if h > self.hours:
+            h = self.hours
+        self.xfer_count[h] += 1
+        self.xfer_bytes[h] += r.prompt * self._kvb
+        self.xfer_sum_s[h] += r.xfer_s
+        self.xfer_times[h].append(r.xfer_s)
+        dst = r.dst
+        assert dst is not None
+        dst.outstanding -= 1  # on_arrival counts it again
+        dst.on_arrival(r)
+
+    def on_admitted(self, joined: list, T: float, _rep: Replica) -> None:
+        """A decode replica admitted ``joined`` at boundary ``T``: their KV leaves the prefill
+        replicas then (now, or by an event at ``T`` when the boundary lies ahead)."""
+        now = self.env.now
+        if now >= T:
+            for r in joined:
+                r.src.release(r.pf_need)
+        else:
+            ev = Timeout(self.env, T - now, joined)
+            ev.callbacks.append(self._release)
+            self.rec.events += 1
+
+    @staticmethod
+    def _release(ev) -> None:
+        for r in ev.value:
+            r.src.release(r.pf_need)
+
+    # ---- hours and the run --------------------------------------------------------------------
+    def _tick(self, ev) -> None:
+        self.rec.flush_until(ev.value)
+        if self._progress is not None:
+            self._progress(1)
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.prefill.replicas + self.decode.replicas
+
+    @property
+    def in_decode(self) -> int:
+        return self.decode.in_flight
+
+    def run(self) -> Recorder:
+        env = self.env
+        for h in range(1, self.hours):
+            env.timeout(h * HOUR_S, h).callbacks.append(self._tick)
+        if self._next_chunk():
+            self._schedule()
+        env.run(until=self.horizon_s)
+        for rep in self.replicas:  # work still running at the horizon: account it
+            rep.stop()
+        self.rec.flush_until(self.hours)
+        if self._progress is not None:
+            self._progress(1)
+        if self.sink is not None:
+            self._sink_in_flight()
+        self.rec.in_flight = self.in_prefill + self.in_transfer + self.in_decode
+        self.rec.iterations += self.rec_prefill.iterations
+        self.rec.events += self.rec_prefill.events
+        return self.rec
+
+    def _sink_in_flight(self) -> None:
+        sink = self.sink
+        rows: list[tuple[Request, int]] = []
+        for rep in self.replicas:
+            pending = list(rep.pf) + [e[2] for e in rep.heap] + list(rep.waiting)
+            rows += [(r, rep.index) for r in pending]
+        rows += [(r, -1) for r in self.prefill.shared_queue or ()]
+        rows += [(r, r.dst.index if r.dst else -1) for r in self._moving.values()]
+        for r, idx in rows:
+            sink.add(
+                r, idx, math.nan, r.first_token_s - r.arrival_s, math.nan, math.nan, "in_flight"
+            )
+
+    def pool_state(self) -> dict:
+        """Per-pool hourly work and the link's traffic, for the accounting (plain lists)."""
+        H = self.hours
+        xp99 = []
+        xhist = []
+        from fleetsim.serving.recorder import SparseHist, _hist
+
+        for h in range(H):
+            x = np.frombuffer(self.xfer_times[h], dtype=np.float64)
+            xp99.append(float(np.percentile(x, 99)) if len(x) else math.nan)
+            xhist.append(SparseHist(_hist(x)))
+        out: dict = {}
+        for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
+            rec = pool.rec
+            out[name] = {
+                "busy_s": rec.busy_s[:H],
+                "dyn_j": rec.dyn_j[:H],
+                "prompt_tokens": rec.prompt_tokens[:H],
+                "output_tokens": rec.output_tokens[:H],
+                "powered_gpu_s": [pool.spec.replicas * pool.tp * HOUR_S] * H,
+            }
+        out["transfer"] = {
+            "count": self.xfer_count[:H],
+            "bytes": self.xfer_bytes[:H],
+            "time_sum_s": self.xfer_sum_s[:H],
+            "p99_s": xp99,
+            "hist": xhist,
+        }
+        out["in_prefill"] = self.in_prefill
+        out["in_transfer"] = self.in_transfer
+        out["in_decode"] = self.in_decode
+        return out
+
+
+def _load(rep: Replica) -> int:
+    return rep.outstanding

@@ -1,0 +1,238 @@
+"""Disaggregated prefill/decode fleets: conservation across pools, the KV link, backpressure,
+per-pool accounting and validation (serving/disagg.py, config/pools.py)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from conftest import SMALL, merge, resolved
+
+from fleetsim.apps.simulate import simulate
+from fleetsim.base.errors import ScenarioError
+from fleetsim.results.accounting import pools_table
+from fleetsim.serving.disagg import DisaggPod
+
+
+def disagg(base: dict | None = None, **pools) -> dict:
+    d = {"link": "infiniband-ndr", "prefill": {"replicas": 1}, "decode": {"replicas": 1}}
+    for k, v in pools.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    return merge(base or SMALL, disaggregation=d)
+
+
+class Tap(DisaggPod):
+    """A DisaggPod that keeps every request whose KV arrived, and the conservation terms at
+    every hand-off and arrival (not only at the end)."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.arrived_kv: list = []
+        self.balance_checks = 0
+
+    def _balance(self) -> None:
+        a = sum(self.rec.arrived)
+        done = sum(self.rec.completed) + sum(self.rec.rejected)
+        assert a == done + self.in_prefill + self.in_transfer + self.in_decode
+        self.balance_checks += 1
+
+    def handoff(self, r, t, rep) -> None:
+        super().handoff(r, t, rep)
+        self._balance()
+
+    def _kv_arrived(self, ev) -> None:
+        self.arrived_kv.append(ev.value)
+        super()._kv_arrived(ev)
+        self._balance()
+
+
+def run_pod(d: dict, hours: int = 1) -> Tap:
+    rs = resolved(merge(d, simulation={"hours": hours}))
+    pod = Tap(rs, 0, 1)  # its replicas call the Tap's hooks (bound at construction)
+    pod.run()
+    return pod
+
+
+CASES = {
+    "light": disagg(),
+    "two_by_two": disagg(prefill={"replicas": 2}, decode={"replicas": 2, "router": "random"}),
+    # a slow link: transfers queue (FIFO) behind each other
+    "slow_link": disagg(link_bandwidth_bytes_per_s=2e9, link_latency_s=1e-3),
+    # a decode pool with little KV room: KV waits in the prefill replicas (backpressure)
+    "decode_full": disagg(decode={"gpu_memory_utilization": 0.22}),
+    "central_prefill": disagg(
+        prefill={"replicas": 2, "router": "central_queue", "max_batch_size": 2},
+        decode={"replicas": 2, "router": "round_robin"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_conservation_across_pools(case):
+    """arrived = completed + rejected + in prefill + in transfer + in decode, at every hand-off,
+    every KV arrival and at the end; and the run's own invariant check agrees."""
+    pod = run_pod(CASES[case])
+    pod._balance()
+    assert pod.balance_checks > 1000
+    a = sum(pod.rec.arrived)
+    assert a > 5000
+    res = simulate(resolved(merge(CASES[case], simulation={"hours": 1})))
+    t = res.totals
+    assert t.requests_arrived == a
+    assert t.requests_completed + t.requests_rejected + t.requests_in_flight == t.requests_arrived
+    st = res.pods[0].pools
+    assert t.requests_in_flight == st["in_prefill"] + st["in_transfer"] + st["in_decode"]
+
+
+def test_transfer_time_on_idle_link_is_latency_plus_bytes_over_bandwidth():
+    """Exactly (==) when the link was idle; otherwise the FIFO wait is added and transfers
+    leave the link in hand-off order."""
+    d = CASES["slow_link"]
+    pod = run_pod(d)
+    pools = pod.pools
+    lat, bw, kvb = pools.link.latency_s, pools.egress_bytes_per_s, pools.kv_bytes_per_token
+    idle = [r for r in pod.arrived_kv if r.link_wait_s == 0.0]
+    queued = [r for r in pod.arrived_kv if r.link_wait_s > 0.0]
+    assert len(idle) > 500 and len(queued) > 500  # both kinds occur at this load
+    for r in idle:
+        assert r.xfer_s == lat + r.prompt * kvb / bw
+        assert r.xfer_s == pools.transfer_s(r.prompt)
+    for r in queued:
+        assert math.isclose(r.xfer_s, r.link_wait_s + lat + r.prompt * kvb / bw, rel_tol=1e-12)
+    # FIFO: a later hand-off never arrives before an earlier one on the same link
+    ends = [r.first_token_s + r.xfer_s for r in pod.arrived_kv]
+    assert all(b >= a for a, b in itertools.pairwise(ends))
+
+
+def test_backpressure_holds_kv_in_the_prefill_pool():
+    """With a decode pool that cannot keep up, requests wait for decode blocks, their KV stays
+    in the prefill replica, and the prefill replica stops admitting: prompts queue there."""
+    heavy = merge(SMALL, traffic={**SMALL["traffic"], "requests_per_day": 600_000})
+    d = disagg(heavy, decode={"gpu_memory_utilization": 0.215, "max_batch_size": 8})
+    pod = run_pod(d)
+    pre = pod.prefill.replicas[0]
+    dec = pod.decode.replicas[0]
+    assert pre.kv_used <= pre.limits.kv_cap and dec.kv_used <= dec.limits.kv_cap
+    # the prefill replica's KV is mostly held for requests the decode pool has not admitted
+    assert pre.kv_used > 0.5 * pre.limits.kv_cap
+    assert len(dec.waiting) > 0  # KV arrived, waiting for decode room
+    assert pod.in_prefill > 100  # prompts backed up in the prefill pool
+    held = sum(r.pf_need for r in dec.waiting) + sum(r.pf_need for r in pod._moving.values())
+    assert held == pre.kv_used  # exactly the KV of requests not yet admitted by decode
+    # the same load with a decode pool that keeps up leaves nothing behind
+    free = run_pod(disagg(heavy, decode={"replicas": 2}))
+    assert free.in_prefill < 20 and free.prefill.replicas[0].kv_used < 0.1 * pre.limits.kv_cap
+
+
+def test_pools_add_up_to_the_fleet_and_are_priced_per_gpu():
+    """hourly.parquet is the sum of pools.parquet; a decode pool on A100s is priced as A100s."""
+    d = disagg(prefill={"replicas": 2}, decode={"replicas": 3, "gpu": "a100-80gb"})
+    res = simulate(resolved(merge(d, simulation={"hours": 2})))
+    pt = pools_table(res.resolved, res.pods, res.scale)
+    assert pt is not None and pt.num_rows == 4
+    df = pt.to_pandas()
+    hr = res.hourly.to_pandas()
+    for col in (
+        "gpus_powered_mean",
+        "gpu_busy_s",
+        "energy_gpu_kwh",
+        "energy_overhead_kwh",
+        "energy_it_kwh",
+        "energy_facility_kwh",
+        "energy_cost_usd",
+        "hardware_cost_usd",
+        "total_cost_usd",
+        "prompt_tokens",
+        "output_tokens",
+    ):
+        s = df.groupby("hour")[col].sum().to_numpy()
+        np.testing.assert_allclose(s, hr[col].to_numpy(), rtol=1e-12, err_msg=col)
+    dec = df[df.pool == "decode"].iloc[0]
+    pre = df[df.pool == "prefill"].iloc[0]
+    assert dec.gpu == "a100-80gb" and pre.gpu == "h100-sxm"
+    assert dec.gpus_powered_mean == 3.0 and pre.gpus_powered_mean == 2.0
+    # owned hardware: capex / (years x 8760 h) per GPU-hour, from each pool's catalog entry
+    per_h = {"a100-80gb": 20000 / (5 * 8760), "h100-sxm": 39000 / (5 * 8760)}
+    assert math.isclose(dec.hardware_cost_usd, 3 * per_h["a100-80gb"], rel_tol=1e-12)
+    assert math.isclose(pre.hardware_cost_usd, 2 * per_h["h100-sxm"], rel_tol=1e-12)
+    # prompts are computed only in the prefill pool; first tokens there, the rest in decode
+    assert dec.prompt_tokens == 0 and pre.prompt_tokens > 0
+    assert pre.kv_transfers > 0 and dec.kv_transfers == 0
+    assert pre.kv_transfer_p99_s >= pre.kv_transfer_mean_s > 0
+
+
+def test_transfer_bytes_are_prompt_tokens_times_kv_bytes():
+    pod = run_pod(disagg())
+    kvb = pod.pools.kv_bytes_per_token
+    assert kvb == 131072  # llama-3.1-8b bf16: 2 x 32 layers x 8 KV heads x 128 x 2 bytes
+    assert sum(pod.xfer_bytes) == pytest.approx(sum(r.prompt for r in pod.arrived_kv) * kvb)
+    assert sum(pod.xfer_count) == len(pod.arrived_kv)
+
+
+def test_single_token_requests_complete_in_the_prefill_pool():
+    d = merge(
+        disagg(),
+        traffic={**SMALL["traffic"], "output": {"dist": "fixed", "value": 1}},
+    )
+    pod = run_pod(d)
+    assert not pod.arrived_kv and sum(pod.xfer_count) == 0
+    assert sum(pod.rec.completed) > 5000
+    assert pod.prefill.replicas[0].kv_used <= pod.prefill.replicas[0].limits.kv_cap
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: one line naming the pool's own field
+def _err(d: dict) -> ScenarioError:
+    with pytest.raises(ScenarioError) as ei:
+        resolved(d)
+    return ei.value
+
+
+def test_weights_checked_per_pool():
+    base = merge(SMALL, model={"name": "llama-3.1-70b"}, fleet={"tensor_parallel": 4})
+    e = _err(disagg(base, decode={"tensor_parallel": 1}))
+    assert e.field == "disaggregation.decode.tensor_parallel"
+    assert "disaggregation.decode.tensor_parallel" in e.fix
+    e = _err(disagg(base, prefill={"gpu": "a100-80gb", "tensor_parallel": 1}))
+    assert e.field == "disaggregation.prefill.tensor_parallel"
+
+
+def test_kv_budget_checked_per_pool():
+    """A KV budget of 3,000 tokens cannot hold a 4,000-token prompt, in either pool; the error
+    names the traffic field that sets the size and the pool."""
+    base = merge(SMALL, traffic={**SMALL["traffic"], "prompt": {"dist": "fixed", "value": 4000}})
+    rs = resolved(disagg(base))
+    u = (rs.model.weight_bytes + 3000.5 * rs.model.kv_bytes_per_token) / rs.profile.mem_bytes
+    for pool in ("prefill", "decode"):
+        e = _err(disagg(base, **{pool: {"gpu_memory_utilization": u}}))
+        assert e.field.startswith("traffic.") and e.problem.endswith(f"in the {pool} pool")
+        assert "3000 tokens" in e.problem
+        assert f"disaggregation.{pool}.gpu_memory_utilization" in e.fix
+
+
+def test_prefill_pool_needs_room_for_the_prompt_only():
+    """Prompts up to 4,000 tokens and outputs up to 1,000: a KV budget of 4,500 tokens is
+    enough for the prefill pool (prompt + first token), not for the decode pool."""
+    rs = resolved(disagg())
+    m, mem = rs.model, rs.profile.mem_bytes
+    u = (m.weight_bytes + 4500.5 * m.kv_bytes_per_token) / mem
+    ok = resolved(disagg(prefill={"gpu_memory_utilization": u}))
+    assert 4001 <= ok.pools.prefill.kv_capacity_tokens < 5000
+    e = _err(disagg(decode={"gpu_memory_utilization": u}))
+    assert "5000 tokens" in e.problem and "decode pool" in e.problem
+
+
+def test_bad_link_and_routers():
+    e = _err(disagg(link="infiniband-xdr"))
+    assert e.field == "disaggregation.link" and "infiniband-ndr" in e.fix
+    e = _err(disagg(decode={"router": "central_queue"}))
+    assert e.field == "disaggregation.decode.router"
+    e = _err(merge(disagg(), autoscaler={"policy": "reactive"}))
+    assert e.field == "autoscaler.policy"
+    e = _err(disagg(decode={"gpu": "h100-pcie-typo"}))
+    assert e.field == "disaggregation.decode.gpu"
