@@ -56,7 +56,13 @@ from typing import TYPE_CHECKING
 import simpy
 from simpy.events import Timeout
 
-from fleetsim.device.latency import LatencyModel, run_time, step_time, steps_to_reach
+from fleetsim.device.latency import (
+    LatencyModel,
+    RunCoeffs,
+    run_time,
+    step_time,
+    steps_to_reach,
+)
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -64,6 +70,7 @@ if TYPE_CHECKING:
     from fleetsim.serving.ports import PodPort
 
 HOUR_S = 3600.0
+_NO_COEFFS = RunCoeffs(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a run with no decode steps
 
 
 def blocks_in(cnt: list[int], it: int, m: int, n: int) -> int:
@@ -210,7 +217,7 @@ class PagedReplica:
         self.t_first = self.F_first = self.B_first = 0.0
         self.n1 = 0
         self.c1 = 0.0
-        self.coef = None
+        self.coef: RunCoeffs = _NO_COEFFS  # set with n1 and c1 when a run has decode steps
         self.run_end = 0.0
         self.dec_s = 0.0
         self.cut_m = -1
@@ -456,7 +463,8 @@ class PagedReplica:
             if shared:
                 self.outstanding += 1
             if H:
-                self._acquire(r.ids, H)  # type: ignore[arg-type]
+                assert r.ids is not None
+                self._acquire(r.ids, H)
             r.held = H
             r.done = done
             if r.gen == 0 and r.preemptions == 0:
@@ -538,7 +546,7 @@ class PagedReplica:
         x = self._blocks(it, m, n) - self.free
         if x <= 0:
             return avail
-        chain = set(r.ids[:H])  # type: ignore[index]
+        chain = set(r.ids[:H]) if r.ids is not None else set()
         limit = -(-x // self.g)
         for p, h in enumerate(self.lru):
             if p >= limit:
@@ -652,7 +660,7 @@ class PagedReplica:
         if j == 0:
             return self.T0
         t = self.T0 + self.t_first
-        return t + run_time(self.coef, self.c1, self.n1, j - 1) if j > 1 else t  # type: ignore[arg-type]
+        return t + run_time(self.coef, self.c1, self.n1, j - 1) if j > 1 else t
 
     # ---- events -------------------------------------------------------------------------------
     def _arm(self, t: float) -> None:
@@ -838,7 +846,7 @@ class PagedReplica:
         elif ta <= T0 + self.t_first:
             j = 1
         else:
-            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)  # type: ignore[arg-type]
+            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
             self.cut_m = m
             self.cut_rt = rt
             j = 1 + m
@@ -858,7 +866,7 @@ class PagedReplica:
             return -1
         g = self.g
         limit = -(-total // g)
-        chain = set(r.ids[:H])  # type: ignore[index]
+        chain = set(r.ids[:H]) if r.ids is not None else set()
         cands = []
         for p, h in enumerate(self.lru):
             if p >= limit:

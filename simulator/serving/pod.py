@@ -34,7 +34,7 @@ from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.routers import make_router
 from fleetsim.workload.sampling import HourChunk, SizeSampler, hourly_arrivals, trace_arrivals
-from fleetsim.workload.sessions import SessionSource
+from fleetsim.workload.sessions import Session, SessionSource
 
 
 def pod_seed(seed: int, pod: int) -> np.random.SeedSequence:
@@ -241,7 +241,7 @@ class Pod:
         h = self._hour
         self.rec.arrived[h] += 1
         ids = self._ids[i] if self._ids is not None else None
-        ses = None
+        ses: Session | None = None
         if self.sessions is not None:
             ses = self.sessions.start(p, o)
             p, o, ids = self.sessions.turn(ses)
@@ -283,6 +283,7 @@ class Pod:
 
     def _next_turn(self, ev: Timeout) -> None:
         ses = ev.value
+        assert isinstance(ses, Session)
         src = self.sessions
         assert src is not None
         t = self.env.now

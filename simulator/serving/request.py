@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleetsim.workload.sessions import Session
 
 
 class Request:
@@ -57,4 +61,6 @@ class Request:
         self.rho = 0
         self.preemptions = 0
         self.cached = 0
-        self.session = None  # the session this turn belongs to (workload/sessions.py)
+        self.session: Session | None = (
+            None  # the session this turn belongs to (workload/sessions.py)
+        )
