@@ -111,7 +111,11 @@ BAD = [
         "[traffic]\ndiurnal = [" + ",".join(["1"] * 23) + "]\n",
         ["traffic.diurnal", "24"],
     ),
-    ("unknown gpu", '[hardware]\ngpu = "h100"\n', ["hardware.gpu", "'h100'", "did you mean"]),
+    (
+        "unknown gpu",
+        '[hardware]\ngpu = "h100"\n',
+        ["hardware.gpu", "'h100'", "did you mean 'h100-sxm'"],
+    ),
     (
         "unknown model",
         '[model]\nname = "llama-3-70b"\n',
@@ -120,7 +124,7 @@ BAD = [
     (
         "does not fit",
         '[model]\nname = "gpt3-175b"\n[fleet]\ntensor_parallel = 2\n',
-        ["fleet.tensor_parallel", "GB missing", "tensor_parallel >="],
+        ["fleet.tensor_parallel", "GB missing", "tensor_parallel = 6 (the smallest"],
     ),
     (
         "bad dist",

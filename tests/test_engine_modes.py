@@ -91,10 +91,13 @@ for _name in ("light", "heavy", "kv_pressure", "central_queue", "token_budget", 
     CASES[f"{_name}_reserve"] = dict(_c, fleet={**_c.get("fleet", {}), **RESERVE})
 # llama-3.1-8b: 128 KiB of KV per token; 0.215 x 80 GB - weights - activations (2048-token
 # budget) leaves 411 blocks of 16 (6.6k tokens) for requests of up to 5k tokens: preemptions
+# (the device memory pinned at 80e9 bytes, so that the fractions below keep their meaning)
+HW_80GB = {"hardware": {"gpu": "h100-sxm", "mem_bytes": 80e9}}
 PREEMPT = {"gpu_memory_utilization": 0.215, "max_batch_size": 64, "max_batched_tokens": 2048}
 CASES.update(
     {
         "paged_no_chunk": {
+            **HW_80GB,
             "traffic": {"requests_per_day": 200_000},
             "fleet": {
                 **PREEMPT,
@@ -103,16 +106,19 @@ CASES.update(
                 "enable_chunked_prefill": False,
             },
         },
-        "paged_preempt": {"traffic": {"requests_per_day": 150_000}, "fleet": PREEMPT},
+        "paged_preempt": {**HW_80GB, "traffic": {"requests_per_day": 150_000}, "fleet": PREEMPT},
         "paged_preempt_central": {
+            **HW_80GB,
             "traffic": {"requests_per_day": 200_000},
             "fleet": {**PREEMPT, "router": "central_queue", "replicas": 3},
         },
         "chunk_small_budget": {
+            **HW_80GB,
             "traffic": {"requests_per_day": 40_000},
             "fleet": {"max_batched_tokens": 300},
         },
         "chunk_budget_preempt": {
+            **HW_80GB,
             "traffic": {"requests_per_day": 150_000},
             "fleet": {
                 **PREEMPT,
@@ -122,6 +128,7 @@ CASES.update(
             },
         },
         "paged_watermark_block1": {
+            **HW_80GB,
             "traffic": {"requests_per_day": 150_000},
             "fleet": {**PREEMPT, "kv_watermark_fraction": 0.05, "block_size_tokens": 1},
         },

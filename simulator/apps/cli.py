@@ -64,28 +64,36 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    from fleetsim.config.scenario import load_scenario, resolve
+    from fleetsim.apps.common import print_json
+    from fleetsim.config.scenario import load_scenario, resolve, resolved_dict
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
-    import tomllib  # noqa: F401  (the resolved scenario is printed as JSON)
-
-    print(sc.model_dump_json(indent=2))
-    print(
-        f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters, "
-        f"{rs.model.weight_bytes / 1e9:.1f} GB weights; KV budget {rs.kv_capacity_tokens:,} "
-        f"tokens per replica"
-        + (
-            f" ({rs.kv.blocks:,} blocks of {rs.kv.block_size_tokens}; "
-            f"{rs.kv.kv_bytes / 1e9:,.1f} GB = {sc.fleet.gpu_memory_utilization:g} x "
-            f"{rs.kv.memory_bytes / 1e9:,.1f} GB - {rs.kv.weight_bytes / 1e9:,.1f} GB weights - "
-            f"{rs.kv.activation_bytes / 1e9:,.2f} GB activations)"
-            if rs.kv is not None
-            else ""
+    print_json(resolved_dict(rs))  # every catalog field resolved, and the derived figures
+    if not args.json:
+        print(
+            f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters "
+            f"({rs.model.total_params:,}), {rs.model.weight_bytes / 1e9:.1f} GB weights; "
+            f"KV budget {rs.kv_capacity_tokens:,} tokens per replica"
+            + (
+                f" ({rs.kv.blocks:,} blocks of {rs.kv.block_size_tokens}; "
+                f"{rs.kv.kv_bytes / 1e9:,.1f} GB = {sc.fleet.gpu_memory_utilization:g} x "
+                f"{rs.kv.memory_bytes / 1e9:,.1f} GB - {rs.kv.weight_bytes / 1e9:,.1f} GB "
+                f"weights - {rs.kv.activation_bytes / 1e9:,.2f} GB activations)"
+                if rs.kv is not None
+                else ""
+            )
+            + f"; profile {rs.profile_id}",
+            file=sys.stderr,
         )
-        + f"; profile {rs.profile_id}",
-        file=sys.stderr,
-    )
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from fleetsim.apps.common import print_json
+    from fleetsim.config.scenario import scenario_json_schema
+
+    print_json(scenario_json_schema())
     return 0
 
 
@@ -99,15 +107,15 @@ def _run_executor(args):
 
 
 def cmd_run(args) -> int:
-    from rich.console import Console
     from rich.progress import Progress
 
-    from fleetsim.apps.common import open_output
+    from fleetsim.apps.common import console as make_console
+    from fleetsim.apps.common import open_output, print_json
     from fleetsim.apps.executors import pod_runner
     from fleetsim.apps.simulate import simulate, write_outputs
     from fleetsim.config.scenario import load_scenario, resolve
     from fleetsim.results.output import RequestWriter
-    from fleetsim.results.summary import print_summary
+    from fleetsim.results.summary import health, print_summary, print_warnings, summary_dict
 
     sc, text = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
@@ -118,7 +126,7 @@ def cmd_run(args) -> int:
     # included) are staged and moved into place together at the end (results/output.py)
     outp = open_output(args, Path(args.scenario).stem, names)
     out = outp.out
-    console = Console(stderr=True, quiet=args.quiet)
+    console = make_console(stderr=True, quiet=args.quiet)
     sink = RequestWriter(outp.path("requests.parquet")) if args.requests else None
     n_pods = len(range(min(sc.fleet.sample_pods or sc.fleet.pods, sc.fleet.pods)))
     try:
@@ -156,12 +164,21 @@ def cmd_run(args) -> int:
         if sink is not None:
             sink.abort()
         raise  # (main() aborts the uncommitted output: the folder is left as it was)
+    paths = {p.stem if p.suffix == ".parquet" else p.name: str(p.resolve()) for p in written}
+    # the human summary: stdout, or stderr when stdout carries the JSON document
+    human = make_console(stderr=args.json, quiet=args.quiet)
     if not args.quiet:
-        print_summary(res, Console())
-        Console().print(
+        print_summary(res, human)
+        human.print(
             f"wrote {', '.join(p.name for p in written)} in {_shown(out)} in {res.wall_s:.1f} s",
             markup=False,
         )
+    # an overloaded run says so, even with --quiet (one prominent line on stderr)
+    print_warnings(res, make_console(stderr=True))
+    if args.json:
+        print_json(summary_dict(res, paths))
+    if args.strict and health(res)["overloaded"]:
+        return 4
     return 0
 
 
@@ -172,13 +189,37 @@ def _shown(p) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fleetsim.base.version import __version__
+
     ap = argparse.ArgumentParser(prog="fleetsim", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"fleetsim {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("validate", help="print the resolved scenario or a clear error")
+    p = sub.add_parser(
+        "validate",
+        help="print the resolved scenario (JSON: catalog fields filled in, parameter count) "
+        "or a clear error",
+    )
     _add_run_args(p)
+    p.add_argument(
+        "--json", action="store_true", help="only the JSON document (no summary line on stderr)"
+    )
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("schema", help="print the scenario file's JSON Schema")
+    p.set_defaults(func=cmd_schema)
     p = sub.add_parser("run", help="simulate a scenario and write hourly.parquet")
     _add_run_args(p)
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (the day's figures, health flags, the paths "
+        "written); the human summary goes to stderr",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with code 4 when the run is overloaded (the queue grows without bound or "
+        "under 90%% of requests meet the SLO)",
+    )
     p.add_argument("--out", help="output folder (default out/<scenario name>)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     p.add_argument("--requests", action="store_true", help="also write requests.parquet")
@@ -215,6 +256,7 @@ DELEGATED = [
         "replay a trace on the real torch engine and the simulator",
     ),
     ("plan", "fleetsim.apps.plan", "find the cheapest fleet that meets the SLO"),
+    ("latency", "fleetsim.apps.latency", "predicted time of one iteration and its parts"),
     ("sweep", "fleetsim.apps.sweep", "simulate every point of a parameter grid"),
     ("report", "fleetsim.apps.report", "plots and a page for a finished run"),
 ]

@@ -26,6 +26,28 @@ def out_dir(args, default_name: str) -> Path:
     return out
 
 
+def console(*, stderr: bool = False, quiet: bool = False):
+    """A rich Console; when not a terminal (piped, redirected) it never wraps a line, so a value
+    is never split (rich would wrap at 80 columns)."""
+    from rich.console import Console
+
+    c = Console(stderr=stderr, quiet=quiet)
+    if not c.is_terminal:
+        c = Console(stderr=stderr, quiet=quiet, width=100_000, soft_wrap=True)
+    return c
+
+
+def print_json(doc) -> None:
+    """One strict JSON document on stdout (NaN and infinities as null)."""
+    import json
+    import sys
+
+    from fleetsim.results.summary import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
 def open_output(
     args, default_name: str, names: tuple[str, ...] = (), mode: str = "new"
 ) -> RunOutput:

@@ -48,6 +48,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.units import DAY_S, HOUR_S, fmt_num, rotate_to_utc, utc_hour
 from fleetsim.config.scenario import (
     Resolved,
     apply_overrides,
@@ -108,7 +109,7 @@ def backlog_ok(res: RunSummary, slo: Slo) -> bool:
     fleet holds on average ``m = rate x (TTFT target + mean output x TPOT target)`` requests;
     allow ``m + 4 sqrt(m) + 10`` (Poisson spread). A growing queue exceeds it by far."""
     t = res.hourly
-    last_rate = float(t.column("requests_arrived").to_numpy()[-1]) / 3600.0
+    last_rate = float(t.column("requests_arrived").to_numpy()[-1]) / HOUR_S
     tot = res.totals
     mean_out = tot.output_tokens / max(tot.requests_completed, 1.0)
     m = last_rate * (slo.ttft_p99_s + mean_out * slo.tpot_p99_s)
@@ -223,7 +224,7 @@ class Planner:
         if rate is not None:
             d.setdefault("simulation", {})["hours"] = 2
             d["traffic"]["diurnal"] = "flat"
-            d["traffic"]["requests_per_day"] = rate * 86400.0
+            d["traffic"]["requests_per_day"] = rate * DAY_S
             if d["fleet"].get("pods", 1) > 1:
                 d["fleet"]["sample_pods"] = 1
         return d
@@ -322,7 +323,7 @@ class Planner:
         assert cand.rs is not None and cand.replicas is not None
         N = cand.replicas
         hod0 = self.sc.simulation.start_utc.hour  # simulation hour h is UTC hour (h + hod0) % 24
-        rates = [cand.rs.hourly_rate_per_s[(u - hod0) % 24] for u in range(24)]
+        rates = list(rotate_to_utc(cand.rs.hourly_rate_per_s, hod0))
         need = [N] * 24
         if self.steady_ok:
             prev = max(N, cand.screened or N)
@@ -338,7 +339,7 @@ class Planner:
             ok = hours_passing(cand.day_below, self.slo)
             for h in range(24):
                 if not ok[h]:
-                    need[(h + hod0) % 24] = N
+                    need[utc_hour(h, hod0)] = N
         return need
 
 
@@ -510,6 +511,63 @@ def make_candidates(
     return cands
 
 
+def plan_fleet(
+    data: dict,
+    source: str,
+    slo: Slo,
+    cands: list[Candidate],
+    ex: Executor,
+    hooks=None,
+    *,
+    schedule: bool = True,
+    log=None,
+) -> tuple[pa.Table, dict | None]:
+    """Plan every candidate (see the module docstring); the ranked table and the schedule of the
+    best candidate (None without one, or with ``schedule=False``)."""
+    planner = Planner(data, source, slo, ex, hooks)
+    ratios: dict[int, float] = {}  # TP -> replicas / throughput bound, last planned
+    last = None
+    for c in cands:
+        if c.rs is None:
+            continue
+        if hooks is not None:
+            hooks.describe(f"plan {c.gpu} TP{c.tp}")
+        planner.plan_candidate(c, ratios.get(c.tp, last))
+        if c.replicas and c.lower_bound:
+            ratios[c.tp] = last = c.replicas / c.lower_bound
+        if log is not None:
+            log(
+                f"{c.gpu} TP{c.tp}: "
+                + (
+                    f"{c.replicas} replicas per pod ({c.probes} probes)"
+                    if c.replicas
+                    else c.problem
+                )
+            )
+    pods = scenario_from_dict(data, source).fleet.pods
+    table = plan_table(cands, pods)
+    best = next(
+        (
+            c
+            for c in cands
+            if c.replicas
+            and c.gpu == table["gpu"][0].as_py()
+            and c.tp == table["tensor_parallel"][0].as_py()
+        ),
+        None,
+    )
+    sched = None
+    if best is not None and schedule:
+        if hooks is not None:
+            hooks.describe(f"schedule {best.gpu} TP{best.tp}")
+        sched = {
+            "gpu": best.gpu,
+            "tensor_parallel": best.tp,
+            "replicas_by_hour": planner.schedule(best),
+        }
+    return table, sched
+
+
 def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
     from rich.console import Console
@@ -543,47 +601,20 @@ def main(argv: list[str]) -> int:
     outp = open_output(args, Path(args.scenario).stem + "-plan", ("plan.parquet", "schedule.json"))
     console = Console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
-    sched = None
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
         task_progress(f"plan ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
     ):
-        planner = Planner(data, args.scenario, slo, ex, hooks)
-        ratios: dict[int, float] = {}  # TP -> replicas / throughput bound, last planned
-        last = None
-        for c in cands:
-            if c.rs is None:
-                continue
-            hooks.describe(f"plan {c.gpu} TP{c.tp}")
-            planner.plan_candidate(c, ratios.get(c.tp, last))
-            if c.replicas and c.lower_bound:
-                ratios[c.tp] = last = c.replicas / c.lower_bound
-            console.print(
-                f"{c.gpu} TP{c.tp}: "
-                + (
-                    f"{c.replicas} replicas per pod ({c.probes} probes)"
-                    if c.replicas
-                    else c.problem
-                )
-            )
-        table = plan_table(cands, sc.fleet.pods)
-        best = next(
-            (
-                c
-                for c in cands
-                if c.replicas
-                and c.gpu == table["gpu"][0].as_py()
-                and c.tp == table["tensor_parallel"][0].as_py()
-            ),
-            None,
+        table, sched = plan_fleet(
+            data,
+            args.scenario,
+            slo,
+            cands,
+            ex,
+            hooks,
+            schedule=not args.no_schedule,
+            log=console.print,
         )
-        if best is not None and not args.no_schedule:
-            hooks.describe(f"schedule {best.gpu} TP{best.tp}")
-            sched = {
-                "gpu": best.gpu,
-                "tensor_parallel": best.tp,
-                "replicas_by_hour": planner.schedule(best),
-            }
     wall = time.perf_counter() - t0
     meta = provenance(
         rs,
@@ -613,8 +644,8 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
     """The ranked candidates as a rich table."""
     from rich.table import Table
 
-    def f(v, fmt):
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    def f(v: object, fmt: str) -> str:
+        return fmt_num(v, fmt, missing="")
 
     tab = Table(
         title=f"capacity plan: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "

@@ -19,7 +19,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from fleetsim.apps.executors import (
@@ -30,6 +29,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import UserError
+from fleetsim.base.units import fmt_num
 from fleetsim.config.scenario import (
     apply_overrides,
     parse_override,
@@ -268,9 +268,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "n/a" if not np.isfinite(v) else f"{v:,.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+def _fmt(v: object) -> str:
+    return fmt_num(v, ",.4g" if isinstance(v, float) else ",")

@@ -10,22 +10,23 @@ names the file, the field path, the value and the fix.
 
 from __future__ import annotations
 
-import difflib
 import math
+import os
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.names import closest
 from fleetsim.base.schema import Section, Tokens, bounded
-from fleetsim.base.units import rotate_to_start
+from fleetsim.base.units import DAY_S, HOUR_S, rotate_to_start
 from fleetsim.config.pools import POOLS, LinkSpec, Pools, PoolSpec
 from fleetsim.device import catalog
-from fleetsim.device.latency import LatencyModel, PowerSpec, Profile, RooflineProfile
+from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec, model_from_catalog
 from fleetsim.workload.distributions import Dist, Empirical, Fixed, LogNormal
 
@@ -105,9 +106,16 @@ class HardwareSection(_Section):
 
 
 class FleetSection(_Section):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    #: other spellings accepted in files and ``--set`` (vLLM's engine arguments among them); they
+    #: are renamed to the field's own name before validation (:func:`canonical_keys`)
+    ALIASES: ClassVar[dict[str, str]] = {
+        "replicas_per_pod": "replicas",
+        "max_num_seqs": "max_batch_size",
+        "max_num_batched_tokens": "max_batched_tokens",
+        "tensor_parallel_size": "tensor_parallel",
+    }
 
-    replicas: Annotated[int, Field(ge=1, le=100_000, alias="replicas_per_pod")] = 1
+    replicas: Annotated[int, Field(ge=1, le=100_000)] = 1
     pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sample_pods: Annotated[int, Field(ge=1)] | None = None
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
@@ -282,6 +290,10 @@ class DisaggregationSection(_Section):
 class Scenario(_Section):
     """The whole scenario file."""
 
+    #: the file it was read from (relative paths inside it resolve against its folder); set by
+    #: ``fleetsim.load``, not part of the scenario's fields
+    _source: str = PrivateAttr("")
+
     name: str = "scenario"
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     simulation: SimulationSection = SimulationSection()
@@ -320,13 +332,58 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _section_aliases(section: str) -> dict[str, str]:
+    f = Scenario.model_fields.get(section)
+    return dict(getattr(f.annotation, "ALIASES", {})) if f is not None else {}
+
+
+def canonical_keys(data: dict, source: str = "") -> tuple[dict, dict[str, str]]:
+    """``data`` with the aliases of every section's keys (``replicas_per_pod``, vLLM's
+    ``max_num_seqs``...) renamed to the fields' own names; and {canonical path: path as written}
+    for error messages. A field given under two of its names is an error."""
+    out = dict(data)
+    written: dict[str, str] = {}
+    for section, sec in data.items():
+        aliases = _section_aliases(section) if isinstance(section, str) else {}
+        if not aliases or not isinstance(sec, dict):
+            continue
+        sec = dict(sec)
+        for alias, name in aliases.items():
+            if alias not in sec:
+                continue
+            if name in sec:
+                raise ScenarioError(
+                    f"{section}.{alias}",
+                    sec[alias],
+                    f"the same field as {section}.{name}, which is also given",
+                    f"keep one of {section}.{name} and {section}.{alias}",
+                    source,
+                )
+            sec[name] = sec.pop(alias)
+            written[f"{section}.{name}"] = f"{section}.{alias}"
+        out[section] = sec
+    return out, written
+
+
+def canonical_path(path: list[str]) -> list[str]:
+    """An override's key path with a section alias renamed (``fleet.max_num_seqs`` ->
+    ``fleet.max_batch_size``)."""
+    if len(path) == 2:
+        return [path[0], _section_aliases(path[0]).get(path[1], path[1])]
+    return path
+
+
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
-    """A copy of ``data`` with each ``section.key=value`` applied."""
+    """A copy of ``data`` with each ``section.key=value`` applied. Keys are matched by the
+    fields' own names, whichever alias the file or the override uses."""
     import copy
 
     out = copy.deepcopy(data)
+    if overrides:
+        out, _ = canonical_keys(out)
     for item in overrides or []:
         path, value = parse_override(item)
+        path = canonical_path(path)
         node = out
         for p in path[:-1]:
             nxt = node.setdefault(p, {})
@@ -350,10 +407,14 @@ def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
             source,
         )
     check_scalar_types(data, Scenario, source)
+    data, written = canonical_keys(data, source)
     try:
         return Scenario.model_validate(data)
     except ValidationError as exc:
-        raise _format_validation(exc, source, data) from None
+        err = _format_validation(exc, source, data)
+        if err.field in written:  # name the field as the file spells it
+            err = ScenarioError(written[err.field], err.value, err.problem, err.fix, source)
+        raise err from None
 
 
 def read_toml(path: str | Path) -> tuple[dict, str]:
@@ -451,7 +512,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     )
     act = tp * act_gpu
     kv = usable - model.weight_bytes - act
-    bpt = model.kv_bytes_per_token
+    bpt = model.kv_bytes_per_token_tp(tp)  # KV heads replicated when tp exceeds them
     b = f.block_size_tokens
     if f.kv_allocation == "paged":
         blocks = max(0, int(kv // (bpt * b)))
@@ -532,8 +593,8 @@ def _model_spec(sc: Scenario, src: str) -> ModelSpec:
     else:
         missing = [k for k in required if k not in inline]
         if missing:
-            close = difflib.get_close_matches(m.name, list(catalog.models()), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            close = closest(m.name, catalog.models())
+            hint = f"did you mean {close!r}? " if close else ""
             raise ScenarioError(
                 "model.name",
                 m.name,
@@ -597,7 +658,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     """Join the scenario with the catalogs and profile, and run the cross-field checks."""
     if sc.disaggregation is not None:  # two pools, each resolved like a fleet (config/pools.py)
         return resolve_disaggregated(sc, source)
-    from fleetsim.device.profile import load_profile
+    from fleetsim.device.profile import catalog_profile, load_profile
     from fleetsim.workload.sampling import trace_columns_max
 
     src = source
@@ -623,7 +684,8 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         ppath = Path(hw.profile)
         if not ppath.is_absolute() and src:
             cand = Path(src).parent / ppath
-            ppath = cand if cand.exists() else ppath
+            ppath = cand if cand.exists() or not ppath.exists() else ppath
+        ppath = Path(os.path.abspath(ppath))  # errors show where the file was looked for
         profile, sha = load_profile(ppath)
         cat_gpu = profile.meta.get("catalog_gpu")
         if cat_gpu and cat_gpu != hw.gpu:
@@ -638,20 +700,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             power = profile.power
         profile_id = f"{profile.name} ({ppath.name})"
     else:
-        profile = RooflineProfile(
-            name=f"{hw.gpu}-analytic",
-            peak_flops=entry["peak_flops"],
-            mem_bw_bytes_per_s=entry["mem_bw_bytes_per_s"],
-            mem_bytes=entry["mem_bytes"],
-            compute_eff_max=entry["compute_eff_max"],
-            compute_eff_half_tokens=entry["compute_eff_half_tokens"],
-            memory_eff=entry["memory_eff"],
-            overhead_s=entry["overhead_s"],
-            link_bw_bytes_per_s=entry["link_bw_bytes_per_s"],
-            link_latency_s=entry["link_latency_s"],
-            power=power,
-            source="analytic",
-        )
+        profile = catalog_profile(hw.gpu, entry, power)
         profile_id = profile.name
     gpu = GpuSpec(
         name=hw.gpu,
@@ -666,16 +715,26 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
 
     # memory: weights must fit, and the KV budget must hold a maximum-length request
     tp = sc.fleet.tensor_parallel
+    tp_problem = model.tp_problem(tp)
+    if tp_problem:
+        raise ScenarioError("fleet.tensor_parallel", tp, tp_problem, model.tp_fix(tp), src)
     usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
     if model.weight_bytes >= usable:
-        need_tp = math.ceil(
-            model.weight_bytes / (profile.mem_bytes * sc.fleet.gpu_memory_utilization)
-        )
+        per_gpu = profile.mem_bytes * sc.fleet.gpu_memory_utilization
+        # the smallest degree that holds the weights and that vLLM accepts (it divides the
+        # attention heads)
+        fits = [
+            k
+            for k in range(tp + 1, 65)
+            if model.n_heads % k == 0 and model.weight_bytes < k * per_gpu
+        ]
         tp_fix = (
-            f"set fleet.tensor_parallel >= {need_tp + 1}, a larger GPU, or a smaller dtype"
-            if need_tp + 1 <= 64
-            else "even 64-way tensor parallelism is too small: use a "
-            "larger GPU, a smaller dtype or a higher fleet.gpu_memory_utilization"
+            f"set fleet.tensor_parallel = {fits[0]} (the smallest degree that holds the weights "
+            f"and divides the {model.n_heads} attention heads), a larger GPU, or a smaller dtype"
+            if fits
+            else "no tensor-parallel degree up to 64 that divides the attention heads holds "
+            "the weights: use a larger GPU, a smaller dtype or a higher "
+            "fleet.gpu_memory_utilization"
         )
         raise ScenarioError(
             "fleet.tensor_parallel",
@@ -743,7 +802,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     w = diurnal_weights(tr.diurnal)
     w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
     mean_w = sum(w) / 24.0
-    base = tr.requests_per_day / 86400.0
+    base = tr.requests_per_day / DAY_S
     rates = tuple(base * x / mean_w for x in w)
     if not all(math.isfinite(r) for r in rates):
         raise ScenarioError(
@@ -753,7 +812,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             "use a finite rate",
             src,
         )
-    peak_pod_hour = max(rates) * 3600.0 / sc.fleet.pods
+    peak_pod_hour = max(rates) * HOUR_S / sc.fleet.pods
     if peak_pod_hour > MAX_ARRIVALS_PER_POD_HOUR:
         raise ScenarioError(
             "traffic.requests_per_day",
@@ -784,6 +843,68 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         replicas_by_hour=None if sched is None else rotate_to_start(sched, hod0),
         kv=kvb,
     )
+
+
+def resolved_dict(rs: Resolved) -> dict:
+    """The scenario as the run uses it: every ``[model]`` and ``[hardware]`` field resolved from
+    the catalog, the profile and the overrides (none left null), and a ``derived`` table with
+    the figures computed from them (parameter count, weights, KV budget)."""
+    d = rs.scenario.model_dump(mode="json")
+    m = rs.model
+    for k in d["model"]:
+        if k != "config" and hasattr(m, k):
+            d["model"][k] = getattr(m, k)
+    d["model"]["kv_dtype"] = m.kv_dtype or m.dtype
+    g, pw, prof = rs.gpu, rs.gpu.power, rs.profile
+    hw = d["hardware"]
+    hw.update(
+        tdp_w=g.tdp_w,
+        idle_w=pw.idle_w,
+        active_w=pw.active_w,
+        compute_w=pw.compute_w,
+        memory_w=pw.memory_w,
+        node_overhead_w=g.node_overhead_w,
+        gpus_per_node=g.gpus_per_node,
+        capex_usd=g.capex_usd,
+        rent_usd_per_gpu_hour=g.rent_usd_per_gpu_hour,
+        peak_flops=getattr(prof, "peak_flops", None),
+        mem_bw_bytes_per_s=getattr(prof, "mem_bw_bytes_per_s", None),
+        mem_bytes=getattr(prof, "mem_bytes", None),
+    )
+    d["derived"] = {
+        "total_params": m.total_params,
+        "active_params_per_token": m.active_params_per_token,
+        "weight_bytes": m.weight_bytes,
+        "kv_bytes_per_token": m.kv_bytes_per_token,
+        "kv_capacity_tokens_per_replica": rs.kv_capacity_tokens,
+        "kv_budget": None if rs.kv is None else asdict(rs.kv),
+        "max_request_tokens": rs.max_request_tokens,
+        "gpus": rs.scenario.fleet.pods * rs.scenario.fleet.replicas * rs.tp,
+        "profile": rs.profile_id,
+        "profile_sha256": rs.profile_sha256 or None,
+    }
+    return d
+
+
+def scenario_json_schema() -> dict:
+    """The scenario file's JSON Schema (draft 2020-12), with the names the documentation uses.
+    Aliases a section accepts (``fleet.max_num_seqs``...) are listed as properties too, each
+    pointing at its field, so that editors complete and check them."""
+    schema = Scenario.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "fleetsim scenario"
+    defs = schema.get("$defs", {})
+    for name, f in Scenario.model_fields.items():
+        aliases = getattr(f.annotation, "ALIASES", {})
+        sec = defs.get(getattr(f.annotation, "__name__", ""), {})
+        props = sec.get("properties", {})
+        for alias, field in aliases.items():
+            if field in props:
+                props[alias] = {
+                    **props[field],
+                    "description": f"another name of {name}.{field} (give one of them)",
+                }
+    return schema
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1063,11 +1184,14 @@ __all__ = [
     "Scenario",
     "activation_reserve_bytes",
     "apply_overrides",
+    "canonical_keys",
     "diurnal_weights",
     "hourly_values",
     "kv_budget",
     "load_scenario",
     "parse_override",
     "resolve",
+    "resolved_dict",
     "scenario_from_dict",
+    "scenario_json_schema",
 ]

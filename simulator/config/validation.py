@@ -10,7 +10,6 @@ pydantic's lax mode would silently convert (``replicas = "2"``, ``requests_per_d
 
 from __future__ import annotations
 
-import difflib
 import types
 from datetime import date, datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from fleetsim.base.errors import ScenarioError
+from fleetsim.base.names import closest
 
 # (annotation, constraint metadata) as carried through the walk
 Ann = tuple[Any, tuple]
@@ -57,6 +57,8 @@ def _fields(model: type[BaseModel]) -> dict[str, FieldInfo]:
         out[name] = f
         if f.alias:
             out[f.alias] = f
+    for alias, name in getattr(model, "ALIASES", {}).items():  # renamed before validation
+        out[alias] = model.model_fields[name]
     return out
 
 
@@ -338,8 +340,8 @@ def format_validation_error(
         parent = w["parent"]
         known = list(parent.model_fields) if parent else []
         key = str(err["loc"][-1])
-        close = difflib.get_close_matches(key, known, n=1)
-        fix = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+        close = closest(key, known)
+        fix = f"did you mean {close!r}?" if close else f"known keys: {', '.join(known)}"
         return ScenarioError(w["path"], err.get("input"), "unknown key", fix, source)
     if kind == "missing":
         ann, meta = w["ann"]

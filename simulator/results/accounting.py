@@ -22,8 +22,9 @@ from datetime import timedelta
 import numpy as np
 import pyarrow as pa
 
+from fleetsim.base.units import HOUR_S, per_sim_hour, utc_hour
 from fleetsim.config.scenario import GpuSpec, Resolved, hourly_values
-from fleetsim.serving.recorder import LAT_PCTS, Recorder, hist_percentile
+from fleetsim.serving.recorder import LAT_METRICS, LAT_PCTS, Recorder, hist_percentile
 
 J_PER_KWH = 3.6e6
 
@@ -47,12 +48,20 @@ HOURLY_SCHEMA = pa.schema(
         ("energy_cost_usd", pa.float64()),
         ("hardware_cost_usd", pa.float64()),
         ("total_cost_usd", pa.float64()),
-        ("ttft_p50_s", pa.float64()),
-        ("ttft_p99_s", pa.float64()),
-        ("tpot_p50_s", pa.float64()),
-        ("tpot_p99_s", pa.float64()),
-        ("e2e_p50_s", pa.float64()),
-        ("e2e_p99_s", pa.float64()),
+        ("energy_gpu_idle_kwh", pa.float64()),
+        ("energy_gpu_dynamic_kwh", pa.float64()),
+        ("iterations", pa.int64()),
+        ("batch_occupancy", pa.float64()),
+        ("flops_utilization", pa.float64()),
+        ("bandwidth_utilization", pa.float64()),
+        ("request_throughput_per_s", pa.float64()),
+        ("output_throughput_tokens_per_s", pa.float64()),
+        # vLLM's latency metrics: mean and percentiles of TTFT, TPOT, ITL and e2e, in seconds
+        *(
+            (f"{m}_{stat}_s", pa.float64())
+            for m in LAT_METRICS
+            for stat in ("mean", *(f"p{int(q)}" for q in LAT_PCTS))
+        ),
         ("slo_attainment", pa.float64()),
         ("wh_per_request", pa.float64()),
         ("usd_per_mtok", pa.float64()),
@@ -90,6 +99,10 @@ class PodSummary:
     lat_pct: list[dict]  # per hour: {"ttft": {50: .., 99: ..}, ...} (exact, this pod)
     lat_sum_s: list[dict]  # per hour: {"ttft": sum, "tpot": sum, "e2e": sum}
     hist: list[dict | None] = field(default_factory=list)
+    lat_n_itl: list[int] = field(default_factory=list)  # token gaps (ITL samples) per hour
+    flops: list[float] = field(default_factory=list)  # per hour, all replicas
+    bytes_moved: list[float] = field(default_factory=list)
+    iters_h: list[int] = field(default_factory=list)  # iterations ended in each hour
     waking_gpu_s: list[float] = field(default_factory=list)  # cold starts (part of powered)
     off_gpu_s: list[float] = field(default_factory=list)  # powered off, on standby draw
     prefix_hit_tokens: list[int] = field(default_factory=list)
@@ -128,9 +141,12 @@ class PodSummary:
             lat_n=[s.n for s in rec.stats],
             lat_n_tpot=[s.n_tpot for s in rec.stats],
             slo_ok=[s.slo_ok for s in rec.stats],
-            lat_pct=[{"ttft": s.ttft, "tpot": s.tpot, "e2e": s.e2e} for s in rec.stats],
+            lat_pct=[
+                {"ttft": s.ttft, "tpot": s.tpot, "itl": s.itl, "e2e": s.e2e} for s in rec.stats
+            ],
             lat_sum_s=[
-                {"ttft": s.ttft_sum_s, "tpot": s.tpot_sum_s, "e2e": s.e2e_sum_s} for s in rec.stats
+                {"ttft": s.ttft_sum_s, "tpot": s.tpot_sum_s, "itl": s.itl_sum_s, "e2e": s.e2e_sum_s}
+                for s in rec.stats
             ],
             hist=[s.hist for s in rec.stats],
             prefix_hit_tokens=rec.prefix_hit_tokens[:H],
@@ -138,19 +154,37 @@ class PodSummary:
             recomputed_tokens=rec.recomputed_tokens[:H],
             kv_block_s=rec.kv_block_s[:H],
             kv_blocks=rec.kv_blocks,
+            lat_n_itl=[s.n_itl for s in rec.stats],
+            flops=rec.flops[:H],
+            bytes_moved=rec.bytes_moved[:H],
+            iters_h=rec.iters_h[:H],
         )
 
 
+def lat_count(p: PodSummary, h: int, m: str) -> int:
+    """The samples behind metric ``m`` in hour ``h`` of pod ``p`` (requests, or token gaps)."""
+    if m == "tpot":
+        return p.lat_n_tpot[h]
+    if m == "itl":
+        return p.lat_n_itl[h] if p.lat_n_itl else 0
+    return p.lat_n[h]
+
+
 def _latency_columns(pods: list[PodSummary], H: int) -> dict[str, list[float]]:
-    cols: dict[str, list[float]] = {
-        f"{m}_p{int(q)}_s": [] for m in ("ttft", "tpot", "e2e") for q in LAT_PCTS
-    }
+    cols: dict[str, list[float]] = {}
+    for m in LAT_METRICS:
+        cols[f"{m}_mean_s"] = []
+        for q in LAT_PCTS:
+            cols[f"{m}_p{int(q)}_s"] = []
     for h in range(H):
         with_data = [p for p in pods if p.lat_n[h] > 0]
-        for m in ("ttft", "tpot", "e2e"):
+        for m in LAT_METRICS:
+            n = sum(lat_count(p, h, m) for p in with_data)
+            total = sum(p.lat_sum_s[h].get(m, 0.0) for p in with_data)
+            cols[f"{m}_mean_s"].append(total / n if n else math.nan)
             for q in LAT_PCTS:
                 key = f"{m}_p{int(q)}_s"
-                if not with_data:
+                if not with_data or not n:
                     cols[key].append(math.nan)
                 elif len(with_data) == 1:  # exact percentiles of the one pod
                     cols[key].append(float(with_data[0].lat_pct[h][m].get(q, math.nan)))
@@ -177,9 +211,10 @@ def energy_cost(
     pw = sc.power
     H = len(price)
     wake_w = g.idle_w if pw.wake_w is None else pw.wake_w
-    e_gpu = (
-        g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off + dyn_j
-    ) / J_PER_KWH
+    # static draw (idle while on, wake, standby while off) and the iterations' dynamic energy
+    e_gpu_idle = (g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off) / J_PER_KWH
+    e_gpu_dyn = dyn_j / J_PER_KWH
+    e_gpu = e_gpu_idle + e_gpu_dyn
     e_over = g.overhead_w_per_gpu * powered / J_PER_KWH
     e_it = e_gpu + e_over
     e_fac = e_it * pw.pue
@@ -190,11 +225,13 @@ def energy_cost(
         )
         hw_cost = np.full(H, total_gpus * per_gpu_h)
     else:
-        hw_cost = g.rent_usd_per_gpu_hour * powered / 3600.0
+        hw_cost = g.rent_usd_per_gpu_hour * powered / HOUR_S
     return {
         "powered_gpu_s": powered,
         "gpu_busy_s": busy_gpu_s,
         "energy_gpu_kwh": e_gpu,
+        "energy_gpu_idle_kwh": e_gpu_idle,
+        "energy_gpu_dynamic_kwh": e_gpu_dyn,
         "energy_overhead_kwh": e_over,
         "energy_it_kwh": e_it,
         "energy_facility_kwh": e_fac,
@@ -255,7 +292,7 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
             [np.asarray(getattr(p, name) or [0.0] * H, dtype=np.float64) for p in pods], axis=0
         )
 
-    hod = [(hod0 + h) % 24 for h in range(H)]
+    hod = [utc_hour(h, hod0) for h in range(H)]
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
     price = np.array([price_day[x] for x in hod])
     if rs.pools is not None:  # disaggregated: each pool priced with its own GPU, then summed
@@ -263,6 +300,8 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         powered = sum(p["powered_gpu_s"] for p in parts)
         busy_gpu_s = sum(p["gpu_busy_s"] for p in parts)
         e_gpu = sum(p["energy_gpu_kwh"] for p in parts)
+        e_gpu_idle = sum(p["energy_gpu_idle_kwh"] for p in parts)
+        e_gpu_dyn = sum(p["energy_gpu_dynamic_kwh"] for p in parts)
         e_over = sum(p["energy_overhead_kwh"] for p in parts)
         e_cost = sum(p["energy_cost_usd"] for p in parts)
         hw_cost = sum(p["hardware_cost_usd"] for p in parts)
@@ -289,6 +328,7 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
             ec["energy_facility_kwh"],
         )
         e_cost, hw_cost = ec["energy_cost_usd"], ec["hardware_cost_usd"]
+        e_gpu_idle, e_gpu_dyn = ec["energy_gpu_idle_kwh"], ec["energy_gpu_dynamic_kwh"]
     total = e_cost + hw_cost
     arrived = np.rint(tot("arrived")).astype(np.int64)
     completed = np.rint(tot("completed")).astype(np.int64)
@@ -302,6 +342,33 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         slo = np.where(n_lat > 0, ok / np.maximum(n_lat, 1), np.nan)
         whpr = np.where(completed > 0, e_fac * 1000.0 / np.maximum(completed, 1), np.nan)
         usd_mtok = np.where(output > 0, total / np.maximum(output, 1) * 1e6, np.nan)
+    # work done (FLOPs, bytes, iterations) and the peak of the powered GPUs that did it
+    if rs.pools is not None:
+        work = {k: np.zeros(H) for k in ("flops", "bytes_moved", "iters_h")}
+        peak_f, peak_b = np.zeros(H), np.zeros(H)
+        for name, spec in rs.pools.by_name().items():
+            for k in work:
+                work[k] += scale * np.sum(
+                    [np.asarray(_pools(p)[name].get(k) or [0.0] * H, float) for p in pods], axis=0
+                )
+            pw_s = scale * np.sum(
+                [np.asarray(_pools(p)[name]["powered_gpu_s"], float) for p in pods], axis=0
+            )
+            peak_f += spec.rs.profile.peak_flops * pw_s
+            peak_b += spec.rs.profile.mem_bw_bytes_per_s * pw_s
+        flops_done, bytes_done, iters = work["flops"], work["bytes_moved"], work["iters_h"]
+    else:
+        flops_done, bytes_done, iters = tot0("flops"), tot0("bytes_moved"), tot0("iters_h")
+        peak_f = rs.profile.peak_flops * powered
+        peak_b = rs.profile.mem_bw_bytes_per_s * powered
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # mean sequences per iteration (each yields one token) against max_num_seqs
+        occupancy = np.where(iters > 0, output / np.maximum(iters, 1), np.nan) / (
+            sc.fleet.max_batch_size
+        )
+        # achieved FLOP/s and bytes/s of the powered GPUs against their peak
+        flops_util = np.where(peak_f > 0, flops_done / np.where(peak_f > 0, peak_f, 1), np.nan)
+        bw_util = np.where(peak_b > 0, bytes_done / np.where(peak_b > 0, peak_b, 1), np.nan)
     carbon_day = hourly_values(sc.cost.carbon_kg_per_kwh, 24)
     carbon = (
         e_fac * np.array([carbon_day[x] for x in hod])
@@ -323,7 +390,7 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         "requests_rejected": rejected,
         "prompt_tokens": prompt,
         "output_tokens": output,
-        "gpus_powered_mean": powered / 3600.0,
+        "gpus_powered_mean": powered / HOUR_S,
         "gpu_busy_s": busy_gpu_s,
         "utilization": util,
         "energy_gpu_kwh": e_gpu,
@@ -334,12 +401,22 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         "energy_cost_usd": e_cost,
         "hardware_cost_usd": hw_cost,
         "total_cost_usd": total,
+        "energy_gpu_idle_kwh": e_gpu_idle,
+        "energy_gpu_dynamic_kwh": e_gpu_dyn,
+        "iterations": np.rint(iters).astype(np.int64),
+        "batch_occupancy": occupancy,
+        "flops_utilization": flops_util,
+        "bandwidth_utilization": bw_util,
+        "request_throughput_per_s": completed / HOUR_S,
+        "output_throughput_tokens_per_s": output / HOUR_S,
         **_latency_columns(pods, H),
         "slo_attainment": slo,
         "wh_per_request": whpr,
         "usd_per_mtok": usd_mtok,
         "carbon_kg": carbon,
     }
+    # no grid intensity: carbon is unknown, null (not NaN, which SQL engines would sum to NaN)
+    cols["carbon_kg"] = pa.array(carbon, type=pa.float64(), from_pandas=True)
     return pa.table({k: cols[k] for k in HOURLY_COLUMNS}, schema=HOURLY_SCHEMA)
 
 
@@ -385,7 +462,7 @@ def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.
     hod0 = start.hour
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
     assert price_day is not None
-    price = np.array([price_day[(hod0 + h) % 24] for h in range(H)])
+    price = np.array(per_sim_hour(price_day, hod0, H))
 
     def tot(name: str, key: str) -> np.ndarray:
         return scale * np.sum(
@@ -426,7 +503,7 @@ def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.
             rows["replicas"].append(sc.fleet.pods * spec.replicas)
             rows["prompt_tokens"].append(round(ec["prompt_tokens"][h]))
             rows["output_tokens"].append(round(ec["output_tokens"][h]))
-            rows["gpus_powered_mean"].append(pw / 3600.0)
+            rows["gpus_powered_mean"].append(pw / HOUR_S)
             rows["gpu_busy_s"].append(ec["gpu_busy_s"][h])
             rows["utilization"].append(ec["gpu_busy_s"][h] / pw if pw > 0 else 0.0)
             for k in (

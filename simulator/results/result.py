@@ -3,6 +3,7 @@ end-of-run invariants (conservation, finiteness, sums) that every run must pass.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -11,11 +12,12 @@ import numpy as np
 import pyarrow as pa
 
 from fleetsim.base.errors import InvariantError
+from fleetsim.base.units import HOUR_S
 from fleetsim.config.scenario import Resolved, Scenario
 from fleetsim.results.accounting import PodSummary, hourly_table
 from fleetsim.results.output import dumps
 from fleetsim.results.provenance import provenance
-from fleetsim.serving.recorder import hist_percentile
+from fleetsim.serving.recorder import LAT_METRICS, LAT_PCTS, hist_percentile
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +50,18 @@ class DayTotals:
     iterations: float  # engine iterations simulated (the simulated pods only)
     events: float  # SimPy events scheduled (the simulated pods only)
     slo_attainment: float  # share of completed requests meeting both TTFT and TPOT targets
+    energy_gpu_idle_kwh: float = math.nan  # static draw: idle while on, wake, standby
+    energy_gpu_dynamic_kwh: float = math.nan  # the iterations' dynamic energy
+    request_throughput_per_s: float = math.nan  # completed requests per second of the horizon
+    output_throughput_tokens_per_s: float = math.nan
+    batch_occupancy: float = math.nan  # mean sequences per iteration / max_num_seqs
+    flops_utilization: float = math.nan  # achieved FLOP/s / peak of the powered GPUs
+    bandwidth_utilization: float = math.nan  # achieved bytes/s / peak of the powered GPUs
     # second-generation engine (serving/paged.py)
-    prefix_hit_tokens: float  # prompt tokens served from the prefix cache
-    preemptions: float
-    recomputed_tokens: float  # prefill tokens computed again after a preemption
-    prefix_hit_rate: float  # prefix_hit_tokens / prompt_tokens
+    prefix_hit_tokens: float = 0.0  # prompt tokens served from the prefix cache
+    preemptions: float = 0.0
+    recomputed_tokens: float = 0.0  # prefill tokens computed again after a preemption
+    prefix_hit_rate: float = 0.0  # prefix_hit_tokens / prompt_tokens
 
     def as_dict(self) -> dict[str, float]:
         """The totals as a plain dict, for JSON."""
@@ -125,6 +134,8 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
             "output_tokens",
             "gpu_busy_s",
             "energy_gpu_kwh",
+            "energy_gpu_idle_kwh",
+            "energy_gpu_dynamic_kwh",
             "energy_overhead_kwh",
             "energy_it_kwh",
             "energy_facility_kwh",
@@ -140,6 +151,8 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
     s["prefix_hit_rate"] = (
         s["prefix_hit_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
     )
+    if t.column("carbon_kg").null_count == t.num_rows:  # no grid intensity given: unknown
+        s["carbon_kg"] = math.nan
     s["requests_in_flight"] = scale * sum(p.in_flight for p in pods)
     done = s["requests_completed"]
     s["wh_per_request"] = s["energy_facility_kwh"] * 1000 / done if done else math.nan
@@ -147,8 +160,8 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
         s["total_cost_usd"] / s["output_tokens"] * 1e6 if s["output_tokens"] else math.nan
     )
     s["usd_per_1k_requests"] = s["total_cost_usd"] / done * 1000 if done else math.nan
-    gpu_s = float(np.sum(t.column("gpus_powered_mean").to_numpy())) * 3600.0
-    s["gpu_hours"] = gpu_s / 3600.0
+    gpu_s = float(np.sum(t.column("gpus_powered_mean").to_numpy())) * HOUR_S
+    s["gpu_hours"] = gpu_s / HOUR_S
     s["utilization"] = s["gpu_busy_s"] / gpu_s if gpu_s else 0.0
     cost = t.column("total_cost_usd").to_numpy()
     peak_hour = int(np.argmax(cost)) if len(cost) else 0
@@ -156,26 +169,34 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
     s["events"] = float(sum(p.events for p in pods))
     ok = sum(sum(p.slo_ok) for p in pods)
     n = sum(sum(p.lat_n) for p in pods)
+    secs = HOUR_S * t.num_rows
+    s["request_throughput_per_s"] = done / secs if secs else math.nan
+    s["output_throughput_tokens_per_s"] = s["output_tokens"] / secs if secs else math.nan
+    it = float(np.sum(t.column("iterations").to_numpy()))
+    mb = rs.scenario.fleet.max_batch_size
+    s["batch_occupancy"] = s["output_tokens"] / it / mb if it else math.nan
+    g = t.column("gpus_powered_mean").to_numpy()
+    for name in ("flops_utilization", "bandwidth_utilization"):  # weighted by powered GPUs
+        u = np.nan_to_num(t.column(name).to_numpy(zero_copy_only=False))
+        s[name] = float(np.sum(u * g) / np.sum(g)) if np.sum(g) else math.nan
     s["slo_attainment"] = ok / n if n else math.nan
     return DayTotals(peak_hour=peak_hour, **s)
 
 
 def day_latency(pods: list[PodSummary]) -> dict[str, float]:
-    """Day-wide latency figures: means (exact) and p50/p99 (from log-histograms, +-0.23%)."""
+    """Day-wide latency figures of TTFT, TPOT, ITL and e2e: means (exact) and p50/p90/p95/p99
+    (from log-histograms, +-0.23%)."""
+    from fleetsim.results.accounting import lat_count
+
     out: dict[str, float] = {}
-    for m in ("ttft", "tpot", "e2e"):
-        n = sum(
-            p.lat_n_tpot[h] if m == "tpot" else p.lat_n[h] for p in pods for h in range(p.hours)
-        )
-        total = sum(p.lat_sum_s[h][m] for p in pods for h in range(p.hours))
+    for m in LAT_METRICS:
+        n = sum(lat_count(p, h, m) for p in pods for h in range(p.hours))
+        total = sum(p.lat_sum_s[h].get(m, 0.0) for p in pods for h in range(p.hours))
         out[f"{m}_mean_s"] = total / n if n else math.nan
         hists = [p.hist[h][m] for p in pods for h in range(p.hours) if p.hist and p.hist[h]]
-        if hists:
-            hsum = sum(hists[1:], np.asarray(hists[0]))  # one bin array at a time: O(bins) memory
-            out[f"{m}_p50_s"] = hist_percentile(hsum, 50)
-            out[f"{m}_p99_s"] = hist_percentile(hsum, 99)
-        else:
-            out[f"{m}_p50_s"] = out[f"{m}_p99_s"] = math.nan
+        hsum = sum(hists[1:], np.asarray(hists[0])) if hists else None  # O(bins) memory
+        for q in LAT_PCTS:
+            out[f"{m}_p{int(q)}_s"] = hist_percentile(hsum, q) if hsum is not None else math.nan
     return out
 
 
@@ -235,14 +256,15 @@ def check_invariants(res: Result) -> None:
     util = t.column("utilization").to_numpy()
     if np.any(util > 1 + 1e-9):
         raise InvariantError(f"utilization above 1: {util.max()}")
-    for m in ("ttft", "tpot", "e2e"):
-        p50 = t.column(f"{m}_p50_s").to_numpy()
-        p99 = t.column(f"{m}_p99_s").to_numpy()
-        bad = np.isfinite(p50) & np.isfinite(p99) & (p50 > p99 * (1 + 1e-12))
-        if np.any(bad):
-            raise InvariantError(
-                f"{m} percentiles out of order in hours {np.nonzero(bad)[0].tolist()}"
-            )
+    for m in LAT_METRICS:
+        for lo_q, hi_q in itertools.pairwise(LAT_PCTS):
+            lo = t.column(f"{m}_p{int(lo_q)}_s").to_numpy()
+            hi = t.column(f"{m}_p{int(hi_q)}_s").to_numpy()
+            bad = np.isfinite(lo) & np.isfinite(hi) & (lo > hi * (1 + 1e-12))
+            if np.any(bad):
+                raise InvariantError(
+                    f"{m} percentiles out of order in hours {np.nonzero(bad)[0].tolist()}"
+                )
     _check_sums(res)
 
 
@@ -278,6 +300,8 @@ def _check_sums(res: Result) -> None:
     )
     for name in extensive:
         total = getattr(res.totals, name)
+        if math.isnan(total) and t.column(name).null_count == t.num_rows:
+            continue  # unknown all day (carbon without a grid intensity)
         if not close(total, float(np.nansum(col(name)))):
             raise InvariantError(
                 f"hourly sums != day totals: sum of {name} is "
@@ -300,6 +324,7 @@ def _check_sums(res: Result) -> None:
             )
     for total, parts in (
         ("energy_it_kwh", ("energy_gpu_kwh", "energy_overhead_kwh")),
+        ("energy_gpu_kwh", ("energy_gpu_idle_kwh", "energy_gpu_dynamic_kwh")),
         ("total_cost_usd", ("energy_cost_usd", "hardware_cost_usd")),
     ):
         lhs, rhs = col(total), sum(col(c) for c in parts)

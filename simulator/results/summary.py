@@ -8,11 +8,114 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from fleetsim.base.units import HOUR_S, fmt_num
 from fleetsim.results.result import Result
 
+_f = fmt_num  # (short: used in every row below)
 
-def _f(x: float, fmt: str = ",.2f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+#: below this share of requests meeting the SLO, a run is flagged (summary line, ``--json``,
+#: ``--strict``)
+SLO_ATTAINMENT_WARN_BELOW = 0.9
+
+
+def backlog_limit(res: Result) -> float:
+    """The requests in flight at the end that a fleet keeping up can hold: by Little's law a
+    fleet meeting the SLO holds on average ``m = rate x (TTFT target + mean output tokens x TPOT
+    target)`` requests at the last hour's arrival rate; allow ``m + 4 sqrt(m) + 10`` (Poisson
+    spread). A queue that grows without bound exceeds it by far (the rule of ``fleetsim plan``)."""
+    sc = res.scenario
+    t = res.totals
+    arrived = res.hourly.column("requests_arrived").to_numpy()
+    last_rate = float(arrived[-1]) / HOUR_S if len(arrived) else 0.0
+    mean_out = t.output_tokens / max(t.requests_completed, 1.0)
+    m = last_rate * (sc.slo.ttft_s + mean_out * sc.slo.tpot_s)
+    return m + 4.0 * math.sqrt(m) + 10.0
+
+
+def health(res: Result) -> dict:
+    """Whether the run is overloaded: ``queue_unbounded`` (more requests in flight at the end
+    than :func:`backlog_limit`), ``slo_attainment_low`` (below
+    :data:`SLO_ATTAINMENT_WARN_BELOW`), ``overloaded`` (either), and one-line ``warnings``."""
+    t = res.totals
+    limit = backlog_limit(res)
+    unbounded = t.requests_in_flight > limit
+    att = t.slo_attainment
+    low = not math.isnan(att) and att < SLO_ATTAINMENT_WARN_BELOW
+    warnings = []
+    if unbounded:
+        warnings.append(
+            f"OVERLOADED: the queue grows without bound: {t.requests_in_flight:,.0f} of "
+            f"{t.requests_arrived:,.0f} requests still in flight at the end (a fleet that "
+            f"keeps up holds about {limit:,.0f}); add replicas or lower the rate"
+        )
+    if low:
+        warnings.append(
+            f"SLO MISSED: only {att:.1%} of requests met the TTFT and TPOT targets (warning "
+            f"below {SLO_ATTAINMENT_WARN_BELOW:.0%})"
+        )
+    return {
+        "overloaded": unbounded or low,
+        "queue_unbounded": bool(unbounded),
+        "slo_attainment_low": bool(low),
+        "backlog_limit_requests": limit,
+        "warnings": warnings,
+    }
+
+
+def json_safe(obj):
+    """``obj`` with NaN and infinities as None, numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return obj
+
+
+def summary_dict(res: Result, paths: dict[str, str] | None = None) -> dict:
+    """The run as one JSON-ready document (``fleetsim run --json``, ``Run.summary()``): the
+    scenario's identity, the fleet, the day's totals and latency, health flags and the paths
+    written. NaN is None."""
+    from fleetsim.base.version import __version__
+
+    sc, rs = res.scenario, res.resolved
+    return json_safe(
+        {
+            "fleetsim_version": __version__,
+            "scenario": sc.name,
+            "seed": sc.seed,
+            "hours": sc.simulation.hours,
+            "start_utc": sc.simulation.start_utc,
+            "model": rs.model.name,
+            "gpu": rs.gpu.name,
+            "profile": rs.profile_id,
+            "fleet": {
+                "pods": sc.fleet.pods,
+                "pods_simulated": len(res.pods),
+                "replicas_per_pod": sc.fleet.replicas,
+                "tensor_parallel": rs.tp,
+                "gpus": sc.fleet.pods * sc.fleet.replicas * rs.tp,
+            },
+            "totals": res.totals.as_dict(),
+            "latency": res.day_latency,
+            "pod_ci95": {k: list(v) for k, v in res.pod_ci.items()},
+            "health": health(res),
+            "wall_s": res.wall_s,
+            "paths": paths or {},
+        }
+    )
+
+
+def print_warnings(res: Result, console: Console) -> None:
+    """The health warnings, one prominent line each."""
+    for w in health(res)["warnings"]:
+        console.print(f"[bold red]WARNING[/bold red] {w}", soft_wrap=True)
 
 
 def print_summary(res: Result, console: Console | None = None) -> None:
@@ -110,7 +213,7 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     hw = "amortised capex" if sc.cost.hardware == "owned" else "rent while provisioned"
     tab.add_row("hardware cost", f"$ {_f(t.hardware_cost_usd)}", f"GPU-hours x {hw}")
     tab.add_row("total cost", f"$ {_f(t.total_cost_usd)}", "")
-    if not math.isnan(t.carbon_kg) and t.carbon_kg:
+    if not math.isnan(t.carbon_kg):
         tab.add_row("carbon", f"{_f(t.carbon_kg)} kg CO2e", "")
     tab.add_row("Wh per request", _f(t.wh_per_request, ",.3f"), "facility energy")
     tab.add_row(
@@ -131,7 +234,7 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     )
     tab.add_row(
         "SLO attainment",
-        f"{t.slo_attainment:.2%}" if not math.isnan(t.slo_attainment) else "n/a",
+        _f(t.slo_attainment, ".2%"),
         "requests meeting both TTFT and TPOT targets",
     )
     ph = t.peak_hour
@@ -171,7 +274,7 @@ def pool_totals(res: Result) -> dict[str, dict[str, float]]:
             )
         }
         d["gpu_hours"] = float(g["gpus_powered_mean"].sum())
-        d["utilization"] = d["gpu_busy_s"] / (d["gpu_hours"] * 3600.0) if d["gpu_hours"] else 0.0
+        d["utilization"] = d["gpu_busy_s"] / (d["gpu_hours"] * HOUR_S) if d["gpu_hours"] else 0.0
         n = g["kv_transfers"].to_numpy()
         mean = g["kv_transfer_mean_s"].to_numpy(dtype=float, na_value=math.nan)
         p99 = g["kv_transfer_p99_s"].to_numpy(dtype=float, na_value=math.nan)

@@ -41,6 +41,7 @@ import numpy as np
 import simpy
 from simpy.events import Timeout
 
+from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
@@ -52,8 +53,6 @@ from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arriv
 
 if TYPE_CHECKING:
     from fleetsim.serving.ports import RouterPort
-
-HOUR_S = 3600.0
 
 
 class DisaggRequest(Request):
@@ -408,6 +407,9 @@ class DisaggPod:
                 "prompt_tokens": rec.prompt_tokens[:H],
                 "output_tokens": rec.output_tokens[:H],
                 "powered_gpu_s": [pool.spec.replicas * pool.tp * HOUR_S] * H,
+                "flops": rec.flops[:H],
+                "bytes_moved": rec.bytes_moved[:H],
+                "iters_h": rec.iters_h[:H],
             }
         out["transfer"] = {
             "count": self.xfer_count[:H],

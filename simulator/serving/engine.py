@@ -413,6 +413,9 @@ class Replica:
                 rec.output_tokens[h] += self.n1 * xs
             rec.busy_s[h] += t_sum
             rec.dyn_j[h] += cfg.e_active_w * t_sum + cfg.e_flop_j * f_sum + cfg.e_byte_j * b_sum
+            rec.flops[h] += f_sum
+            rec.bytes_moved[h] += b_sum
+            rec.iters_h[h] += m_full
         if last_straddles:
             if k == 1:
                 t_l, f_l, b_l = self.t_first, self.F_first, self.B_first
@@ -427,8 +430,16 @@ class Replica:
                 rec.add_tokens(start + t_l, 0, self.n1)
             e_l = cfg.e_active_w * t_l + cfg.e_flop_j * f_l + cfg.e_byte_j * b_l
             frac = (H - start) / t_l if t_l > 0 else 1.0
-            rec.add_work(h, t_l * frac, e_l * frac)
-            rec.add_work(h + 1, t_l * (1.0 - frac), e_l * (1.0 - frac))
+            rec.add_work(h, t_l * frac, e_l * frac, f_l * frac, b_l * frac)
+            rec.add_work(
+                h + 1,
+                t_l * (1.0 - frac),
+                e_l * (1.0 - frac),
+                f_l * (1.0 - frac),
+                b_l * (1.0 - frac),
+            )
+            # counted in the hour its tokens are credited to (its end), like them
+            rec.iters_h[min(int((start + t_l) // HOUR_S), rec.hours)] += 1
         rec.iterations += j
         self.it = it0 + j
         self.P = 0

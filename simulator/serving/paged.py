@@ -752,6 +752,9 @@ class PagedReplica:
                 rec.output_tokens[h] += self.n1 * xs
             rec.busy_s[h] += t_sum
             rec.dyn_j[h] += pod.e_active_w * t_sum + pod.e_flop_j * f_sum + pod.e_byte_j * b_sum
+            rec.flops[h] += f_sum
+            rec.bytes_moved[h] += b_sum
+            rec.iters_h[h] += m_full
         if last_straddles:
             if k == 1:
                 t_l, f_l, b_l = self.t_first, self.F_first, self.B_first
@@ -767,8 +770,16 @@ class PagedReplica:
                 rec.add_tokens(start + t_l, 0, self.n1)
             e_l = pod.e_active_w * t_l + pod.e_flop_j * f_l + pod.e_byte_j * b_l
             frac = (H - start) / t_l if t_l > 0 else 1.0
-            rec.add_work(h, t_l * frac, e_l * frac)
-            rec.add_work(h + 1, t_l * (1.0 - frac), e_l * (1.0 - frac))
+            rec.add_work(h, t_l * frac, e_l * frac, f_l * frac, b_l * frac)
+            rec.add_work(
+                h + 1,
+                t_l * (1.0 - frac),
+                e_l * (1.0 - frac),
+                f_l * (1.0 - frac),
+                b_l * (1.0 - frac),
+            )
+            # counted in the hour its tokens are credited to (its end), like them
+            rec.iters_h[min(int((start + t_l) // HOUR_S), rec.hours)] += 1
         rec.iterations += j
         self.it = it0 + j
         self.P = 0

@@ -18,18 +18,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-LAT_PCTS = (50.0, 99.0)
+from fleetsim.base.units import HOUR_S
+
+LAT_PCTS = (50.0, 90.0, 95.0, 99.0)
+#: the latency metrics, named as vLLM's benchmarks name them (docs/model.md, "Latency metrics")
+LAT_METRICS = ("ttft", "tpot", "itl", "e2e")
 # log-spaced histogram (for merging latency distributions across pods): 1 us .. 1e6 s
 HIST_LO_S, HIST_DECADES, HIST_PER_DECADE = 1e-6, 12, 500
 HIST_BINS = HIST_DECADES * HIST_PER_DECADE
 
 
-def _hist(x: np.ndarray) -> np.ndarray:
-    x = x[np.isfinite(x)]
+def _hist(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """The log-histogram of ``x`` (each value counted ``weights[i]`` times, integers)."""
+    ok = np.isfinite(x)
+    x = x[ok]
     idx = np.floor(np.log10(np.maximum(x, HIST_LO_S) / HIST_LO_S) * HIST_PER_DECADE).astype(
         np.int64
     )
-    return np.bincount(np.clip(idx, 0, HIST_BINS - 1), minlength=HIST_BINS).astype(np.int64)
+    idx = np.clip(idx, 0, HIST_BINS - 1)
+    if weights is None:
+        return np.bincount(idx, minlength=HIST_BINS).astype(np.int64)
+    out = np.zeros(HIST_BINS, dtype=np.int64)
+    np.add.at(out, idx, weights[ok].astype(np.int64))  # exact integer counts
+    return out
 
 
 class SparseHist:
@@ -45,7 +56,10 @@ class SparseHist:
         nz = np.flatnonzero(dense)
         lo, hi = (int(nz[0]), int(nz[-1]) + 1) if len(nz) else (0, 0)
         self.lo = lo
-        self.counts = dense[lo:hi].astype(np.int32)
+        span = dense[lo:hi]
+        # int32 for request counts; token-gap counts (ITL) can exceed it
+        small = not len(span) or int(span.max()) < 2**31
+        self.counts = span.astype(np.int32 if small else np.int64)
 
     def dense(self) -> np.ndarray:
         """The full-length int64 histogram."""
@@ -66,6 +80,23 @@ class SparseHist:
         return HIST_BINS
 
 
+def weighted_percentile(x: np.ndarray, w: np.ndarray, q: float) -> float:
+    """The q-th percentile of the sample in which value ``x[i]`` occurs ``w[i]`` times (integer
+    weights), with numpy's default linear interpolation: equal to
+    ``np.percentile(np.repeat(x, w), q)`` without building the repeated array."""
+    keep = w > 0
+    x, w = x[keep], w[keep]
+    if not len(x):
+        return math.nan
+    order = np.argsort(x, kind="stable")
+    x, cw = x[order], np.cumsum(w[order])
+    rank = q / 100.0 * (int(cw[-1]) - 1)
+    lo, hi = math.floor(rank), math.ceil(rank)
+    xl = float(x[np.searchsorted(cw, lo, side="right")])
+    xh = float(x[np.searchsorted(cw, hi, side="right")])
+    return xl + (xh - xl) * (rank - lo)
+
+
 def hist_percentile(h: np.ndarray, q: float) -> float:
     """The q-th percentile of a log-histogram (geometric mid-point of the bin)."""
     total = int(h.sum())
@@ -83,11 +114,14 @@ class HourStats:
     n: int = 0
     n_tpot: int = 0
     slo_ok: int = 0
+    n_itl: int = 0  # token gaps (output tokens - 1, summed over the requests)
     ttft: dict[float, float] = field(default_factory=dict)
     tpot: dict[float, float] = field(default_factory=dict)
+    itl: dict[float, float] = field(default_factory=dict)
     e2e: dict[float, float] = field(default_factory=dict)
     ttft_sum_s: float = 0.0
     tpot_sum_s: float = 0.0
+    itl_sum_s: float = 0.0  # sum of the token gaps = sum of (e2e - ttft)
     e2e_sum_s: float = 0.0
     hist: dict[str, SparseHist] | None = None
 
@@ -113,6 +147,9 @@ class Recorder:
         self.recomputed_tokens = [0] * n  # prefill tokens computed again after a preemption
         self.kv_block_s = [0.0] * n  # KV blocks in use x seconds, summed over replicas
         self.kv_blocks = 0  # KV blocks of all the pod's replicas (set by the pod)
+        self.flops = [0.0] * n  # FLOPs of the iterations (whole replica, all its GPUs)
+        self.bytes_moved = [0.0] * n  # bytes read and written by the iterations (all GPUs)
+        self.iters_h = [0] * n  # iterations, by the hour in which each ended
         self.iterations = 0  # engine iterations simulated (for the benchmarks)
         self.events = 0  # SimPy events scheduled
         self.in_flight = 0  # requests admitted and not finished at the horizon (set by the pod)
@@ -124,11 +161,12 @@ class Recorder:
         self._ttft = array("d")
         self._tpot = array("d")
         self._e2e = array("d")
+        self._gaps = array("q")  # token gaps of each request: output tokens - 1
         self.stats: list[HourStats] = [HourStats() for _ in range(hours)]
 
     # -- per request --------------------------------------------------------------------------
     def complete(self, r, finish_s: float, replica: int) -> None:
-        h = int(finish_s // 3600.0)
+        h = int(finish_s // HOUR_S)
         if h >= self.hours:
             return
         if h != self._cur_hour:
@@ -140,6 +178,7 @@ class Recorder:
         self._ttft.append(ttft)
         self._tpot.append(tpot)
         self._e2e.append(e2e)
+        self._gaps.append(r.out - 1)
         if self.sink is not None:
             self.sink.add(r, replica, finish_s, ttft, tpot, e2e, "completed")
 
@@ -163,29 +202,45 @@ class Recorder:
                 if len(finite)
                 else dict.fromkeys(LAT_PCTS, math.nan)
             )
+            # ITL, as vLLM's benchmarks define it: the gaps between consecutive output tokens,
+            # pooled over requests. The engine advances in runs of decode steps, so each
+            # request's gaps are taken at their mean (its TPOT), weighted by its gap count:
+            # the mean is exact, the percentiles lose the spread within a request.
+            gaps = np.frombuffer(self._gaps, dtype=np.int64)
+            has = gaps > 0
+            tp, gp = tpot[has], gaps[has]
+            st.n_itl = int(gp.sum())
+            st.itl = {q: weighted_percentile(tp, gp, q) for q in LAT_PCTS}
             st.ttft_sum_s = float(ttft.sum())
             st.tpot_sum_s = float(finite.sum())
+            st.itl_sum_s = float((tp * gp).sum())
             st.e2e_sum_s = float(e2e.sum())
             if self.keep_hist:
                 st.hist = {
                     "ttft": SparseHist(_hist(ttft)),
                     "tpot": SparseHist(_hist(finite)),
+                    "itl": SparseHist(_hist(tp, gp)),
                     "e2e": SparseHist(_hist(e2e)),
                 }
         self._ttft = array("d")
         self._tpot = array("d")
         self._e2e = array("d")
+        self._gaps = array("q")
         self._cur_hour = hour
 
     # -- per run (called by the engine) ----------------------------------------------------------
-    def add_work(self, h: int, busy_s: float, dyn_j: float) -> None:
+    def add_work(
+        self, h: int, busy_s: float, dyn_j: float, flops: float = 0.0, bytes_moved: float = 0.0
+    ) -> None:
         if h > self.hours:
             h = self.hours
         self.busy_s[h] += busy_s
         self.dyn_j[h] += dyn_j
+        self.flops[h] += flops
+        self.bytes_moved[h] += bytes_moved
 
     def add_tokens(self, t_end: float, prompt: int, output: int) -> None:
-        h = int(t_end // 3600.0)
+        h = int(t_end // HOUR_S)
         if h > self.hours:
             h = self.hours
         self.prompt_tokens[h] += prompt

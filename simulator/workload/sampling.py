@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fleetsim.base.errors import UserError
+from fleetsim.base.units import HOUR_S
 from fleetsim.workload.distributions import Empirical
 from fleetsim.workload.mooncake import is_mooncake, read_mooncake
 
@@ -35,12 +37,15 @@ class HourChunk:
 
 
 def _resolve_path(file: str, source: str) -> Path:
+    """The absolute path of a data file named in a scenario: relative to the scenario file's
+    folder (else to the working folder, where it exists there only). Absolute, so that an error
+    about the file shows where it was looked for."""
     p = Path(file)
     if not p.is_absolute() and source:
         cand = Path(source).parent / p
-        if cand.exists():
-            return cand
-    return p
+        if cand.exists() or not p.exists():
+            p = cand
+    return Path(os.path.abspath(p))
 
 
 MAX_TRACE_TOKENS = 1_000_000_000  # a token count above this is a broken file, not a request
@@ -172,8 +177,8 @@ def hourly_arrivals(
     rng_t = np.random.default_rng(t_seq)
     rng_s = np.random.default_rng(s_seq)
     for h, rate in enumerate(rates_per_s):
-        n = int(rng_t.poisson(rate * 3600.0)) if rate > 0 else 0
-        times = np.sort(rng_t.uniform(0.0, 3600.0, size=n)) + h * 3600.0
+        n = int(rng_t.poisson(rate * HOUR_S)) if rate > 0 else 0
+        times = np.sort(rng_t.uniform(0.0, HOUR_S, size=n)) + h * HOUR_S
         p, o = sampler.draw(n, rng_s)
         yield HourChunk(h, times.tolist(), p.tolist(), o.tolist())
 
@@ -235,7 +240,7 @@ def trace_arrivals(
     t, p, o = read_arrival_trace(path)
     ids = read_mooncake(path).ids[pod::n_pods] if is_mooncake(path) else None
     t, p, o = t[pod::n_pods], p[pod::n_pods], o[pod::n_pods]
-    hour_of = np.floor(t / 3600.0).astype(np.int64)
+    hour_of = np.floor(t / HOUR_S).astype(np.int64)
     for h in range(hours):
         lo, hi = (int(x) for x in np.searchsorted(hour_of, [h, h + 1]))
         yield HourChunk(

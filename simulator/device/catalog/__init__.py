@@ -6,12 +6,12 @@ plain dicts of the entry's fields; the scenario layer turns them into typed obje
 
 from __future__ import annotations
 
-import difflib
 import tomllib
 from functools import cache
 from importlib import resources
 
 from fleetsim.base.errors import ScenarioError
+from fleetsim.base.names import closest
 
 
 @cache
@@ -38,8 +38,8 @@ def links() -> dict[str, dict]:
 def _lookup(table: dict[str, dict], name: str, field: str) -> dict:
     if name in table:
         return dict(table[name])
-    close = difflib.get_close_matches(name, list(table), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    close = closest(name, table)
+    hint = f"did you mean {close!r}? " if close else ""
     raise ScenarioError(
         field, name, "unknown catalog name", f"{hint}known: {', '.join(sorted(table))}"
     )
