@@ -154,11 +154,12 @@ def cmd_run(args) -> int:
         if sink is not None:
             sink.close(res.metadata(text))
             sink = None
-        write_outputs(res, outp.stage, text)
+        stage = outp.path("")  # the staging folder
+        write_outputs(res, stage, text)
         if args.report:
             from fleetsim.apps.report import write_report
 
-            write_report(out, result=res, source=args.scenario, into=outp.stage)
+            write_report(out, result=res, source=args.scenario, into=stage)
         written = outp.commit()
     except BaseException:
         if sink is not None:
