@@ -48,6 +48,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.io import term
 from fleetsim.base.units import DAY_S, HOUR_S, fmt_num, rotate_to_utc, utc_hour
 from fleetsim.config.scenario import (
     Resolved,
@@ -654,7 +655,7 @@ def main(argv: list[str]) -> int:
             ex,
             hooks,
             schedule=not args.no_schedule,
-            log=console.print,
+            log=lambda text: console.print(term(text, 400)),  # (user text: escaped)
         )
         dtable = None
         if dcands:
@@ -705,7 +706,7 @@ def main(argv: list[str]) -> int:
 
             print_designs(table if cands else None, dtable, slo, wide)
         Console().print(
-            f"wrote {path}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
+            f"wrote {term(path)}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
         )
     return 0
 
@@ -741,7 +742,7 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
     for r in table.to_pylist():
         tab.add_row(
             f(r["rank"], "d"),
-            r["gpu"],
+            term(r["gpu"]),
             str(r["tensor_parallel"]),
             f(r["replicas"], "d"),
             f(r["gpus"], ",d"),
@@ -753,13 +754,13 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
             f(r["wh_per_request"], ".3f"),
             f(r["worst_hour_ttft_p99_s"], ".3f"),
             f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
-            r["status"],
+            term(r["status"]),
         )
     c.print(tab)
     c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
     for r in table.to_pylist():
         if r["problem"]:
-            c.print(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}")
+            c.print(term(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}", 400))
     if sched:
         c.print(
             f"schedule ({sched['gpu']} TP{sched['tensor_parallel']}), replicas per pod by "

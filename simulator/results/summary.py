@@ -8,6 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from fleetsim.base.io import term
 from fleetsim.base.units import HOUR_S, fmt_num
 from fleetsim.results.result import Result
 
@@ -141,9 +142,9 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     dt = f"{rs.model.dtype} weights, KV cache {rs.model.kv_dtype_resolved}"
     if compute_peak(rs.profile, rs.model.dtype)[1]:
         dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
-    c.print(
-        f"[bold]{sc.name}[/bold]: {rs.model.name} ({dt}) on {fleet}; "
-        f"{hours} h, seed {sc.seed}, profile {rs.profile_id}"
+    c.print(  # user text is escaped for the console (names are data, not markup)
+        f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({dt}) on "
+        f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}"
     )
     if res.scale != 1:
         c.print(
