@@ -141,6 +141,12 @@ class Recorder:
         self.arrived = [0] * n
         self.rejected = [0] * n
         self.completed = [0] * n
+        # second-generation engine (serving/paged.py)
+        self.prefix_hit_tokens = [0] * n  # prompt tokens served from the prefix cache
+        self.preemptions = [0] * n
+        self.recomputed_tokens = [0] * n  # prefill tokens computed again after a preemption
+        self.kv_block_s = [0.0] * n  # KV blocks in use x seconds, summed over replicas
+        self.kv_blocks = 0  # KV blocks of all the pod's replicas (set by the pod)
         self.flops = [0.0] * n  # FLOPs of the iterations (whole replica, all its GPUs)
         self.bytes_moved = [0.0] * n  # bytes read and written by the iterations (all GPUs)
         self.iters_h = [0] * n  # iterations, by the hour in which each ended
@@ -232,6 +238,25 @@ class Recorder:
         self.dyn_j[h] += dyn_j
         self.flops[h] += flops
         self.bytes_moved[h] += bytes_moved
+
+    def add_work_spread(
+        self, h: int, start_s: float, busy_s: float, dyn_j: float, flops: float, bytes_moved: float
+    ) -> None:
+        """The work of one iteration that starts at ``start_s`` in hour ``h`` and lasts
+        ``busy_s``, put into every hour it overlaps by the share of its time in each (an
+        iteration of a slow device can span several hours: issue #16 item 14). A two-hour
+        straddle is split exactly as ``frac, 1 - frac``."""
+        last = min(int((start_s + busy_s) // HOUR_S), self.hours) if busy_s > 0 else h
+        last = max(h, last)
+        done = 0.0
+        for g in range(h, last + 1):
+            frac = (
+                1.0 - done
+                if g == last
+                else min(1.0 - done, ((g + 1) * HOUR_S - max(start_s, g * HOUR_S)) / busy_s)
+            )
+            self.add_work(g, busy_s * frac, dyn_j * frac, flops * frac, bytes_moved * frac)
+            done += frac
 
     def add_tokens(self, t_end: float, prompt: int, output: int) -> None:
         h = int(t_end // HOUR_S)
