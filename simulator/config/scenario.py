@@ -71,6 +71,9 @@ class ModelSection(_Section):
     """A catalog model by ``name``, or an inline architecture (all of n_layers..vocab_size)."""
 
     name: str = "llama-3.1-70b"
+    #: a local Hugging Face config.json (relative to the scenario file) for the architecture;
+    #: fields given here override it (config/hf.py)
+    config: str | None = None
     dtype: DType = "bf16"
     kv_dtype: DType | None = None
     n_layers: ArchInt | None = None
@@ -461,10 +464,20 @@ def _model_spec(sc: Scenario, src: str) -> ModelSpec:
     inline = {
         k: v
         for k, v in m.model_dump().items()
-        if k not in ("name", "dtype", "kv_dtype") and v is not None
+        if k not in ("name", "dtype", "kv_dtype", "config") and v is not None
     }
     required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
-    if m.name in catalog.models():
+    if m.config is not None:  # a Hugging Face config.json; inline fields override it
+        from fleetsim.config.hf import read_hf_config
+        from fleetsim.workload.sampling import _resolve_path
+
+        path = _resolve_path(m.config, src)
+        arch = read_hf_config(path, src)
+        file_dtype = arch.pop("dtype", None)
+        dtype = m.dtype if "dtype" in m.model_fields_set or file_dtype is None else file_dtype
+        name = m.name if "name" in m.model_fields_set else path.parent.name or path.stem
+        spec = ModelSpec(name=name, dtype=dtype, kv_dtype=m.kv_dtype, **{**arch, **inline})
+    elif m.name in catalog.models():
         spec = model_from_catalog(m.name, m.dtype)
         if inline or m.kv_dtype:
             spec = replace(spec, **inline, kv_dtype=m.kv_dtype)
