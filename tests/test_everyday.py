@@ -370,3 +370,30 @@ def test_every_shipped_scenario_validates_and_runs_inside_the_repository(path, t
     )
     assert rc == 0
     assert pq.read_table(tmp_path / "o" / "hourly.parquet").num_rows == 1
+
+
+# ---- the JSON Schema ------------------------------------------------------------------------
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    return x.isoformat() if hasattr(x, "isoformat") else x
+
+
+def test_schema_accepts_every_shipped_scenario_and_rejects_a_typo(capsys):
+    import jsonschema
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    fleet = schema["$defs"]["FleetSection"]["properties"]
+    assert {"replicas", "max_batch_size", "max_num_seqs", "replicas_per_pod"} <= set(fleet)
+    assert "``" not in json.dumps(schema)
+    for path in SCENARIOS:
+        data, _ = read_toml(path)
+        errors = [e.message for e in v.iter_errors(_jsonable(data))]
+        assert errors == [], (path.name, errors)
+    assert not v.is_valid({"fleet": {"replicass": 2}})
+    assert not v.is_valid({"fleet": {"replicas": 0}})

@@ -10,6 +10,7 @@ names the file, the field path, the value and the fix.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
@@ -745,7 +746,9 @@ def scenario_json_schema() -> dict:
     """The scenario file's JSON Schema (draft 2020-12), with the names the documentation uses.
     Aliases a section accepts (``fleet.max_num_seqs``...) are listed as properties too, each
     pointing at its field, so that editors complete and check them."""
-    schema = Scenario.model_json_schema(mode="validation")
+    schema = json.loads(
+        json.dumps(Scenario.model_json_schema(mode="validation")).replace("``", "`")
+    )  # (docstrings' RST literals as the single backticks editors show as code)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "fleetsim scenario"
     defs = schema.get("$defs", {})
