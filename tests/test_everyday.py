@@ -397,3 +397,52 @@ def test_schema_accepts_every_shipped_scenario_and_rejects_a_typo(capsys):
         assert errors == [], (path.name, errors)
     assert not v.is_valid({"fleet": {"replicass": 2}})
     assert not v.is_valid({"fleet": {"replicas": 0}})
+
+
+# ---- sweep and plan: TOML arrays, --json, help ----------------------------------------------
+def test_grid_values_are_toml_arrays_parsed_like_set():
+    from fleetsim.apps.sweep import parse_grid
+
+    assert parse_grid(["fleet.replicas=[4, 8]"]) == parse_grid(["fleet.replicas=4,8"])
+    axes = parse_grid(['cost.hardware=["owned", "rented"]', "traffic.diurnal=[[1.0, 2.0], [3]]"])
+    assert axes == [
+        ("cost.hardware", ['"owned"', '"rented"']),
+        ("traffic.diurnal", ["[1.0, 2.0]", "[3]"]),
+    ]
+
+
+def test_sweep_json_and_units(tmp_path, capsys):
+    from fleetsim.apps.sweep import main as sweep_main
+
+    f = _small_file(tmp_path)
+    argv = [str(f), "--grid", "fleet.replicas=[1, 2]", "--set", "simulation.hours=1"]
+    rc = sweep_main([*argv, "--out", str(tmp_path / "o"), "--workers", "1", "--json"])
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert rc == 0 and [p["fleet.replicas"] for p in doc["points"]] == [1, 2]
+    assert doc["paths"]["sweep"] == str((tmp_path / "o/sweep.parquet").resolve())
+    assert {"itl_p99_s", "ttft_mean_s", "request_throughput_per_s"} <= set(doc["points"][0])
+    # the table (stderr here) shows TPOT in ms as run and plan do, values never cut
+    assert "TPOT p99 ms" in cap.err and "…" not in cap.err
+    tpot_ms = f"{doc['points'][0]['tpot_p99_s'] * 1000:.1f}"
+    assert tpot_ms in cap.err
+
+
+@pytest.mark.parametrize("cmd", ["plan", "sweep", "report", "run", "validate"])
+def test_help_is_complete_and_has_no_rst(cmd):
+    p = subprocess.run(
+        [sys.executable, "-m", "fleetsim", cmd, "--help"], capture_output=True, text=True
+    )
+    assert p.returncode == 0
+    assert "``" not in p.stdout
+    if cmd == "plan":  # the description is the docstring's whole first sentence
+        assert "that meets the latency SLO, found by simulation." in " ".join(p.stdout.split())
+
+
+def test_version():
+    p = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "--version"], capture_output=True, text=True
+    )
+    import fleetsim
+
+    assert p.returncode == 0 and p.stdout.strip() == f"fleetsim {fleetsim.__version__}"

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fleetsim.apps.common import description
 from fleetsim.base.errors import InvariantError, UserError
 
 
@@ -182,7 +183,7 @@ def _shown(p) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from fleetsim.base.version import __version__
 
-    ap = argparse.ArgumentParser(prog="fleetsim", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fleetsim", description=description(__doc__))
     ap.add_argument("--version", action="version", version=f"fleetsim {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser(

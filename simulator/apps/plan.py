@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fleetsim.apps.common import description
 from fleetsim.apps.executors import (
     Executor,
     RunSummary,
@@ -451,7 +452,7 @@ def parse_list(flag: str, raw: str, kind=str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fleetsim plan", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file")
     ap.add_argument(
         "--set",
@@ -487,6 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--no-schedule", action="store_true", help="skip the per-hour schedule")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    ap.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (the ranked candidates, the schedule, the paths "
+        "written); the table goes to stderr",
+    )
     add_executor_args(ap)
     return ap
 
@@ -569,9 +576,7 @@ def plan_fleet(
 
 def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
-    from rich.console import Console
-
-    from fleetsim.apps.common import open_output
+    from fleetsim.apps.common import console, open_output, print_json
     from fleetsim.results.output import write_table_atomic, write_text_atomic
     from fleetsim.results.provenance import provenance
 
@@ -598,7 +603,7 @@ def main(argv: list[str]) -> int:
     tps = parse_list("--tp", args.tp, int) if args.tp else list(DEFAULT_TPS)
     cands = make_candidates(data, sc, gpus, tps, args.scenario)
     outp = open_output(args, Path(args.scenario).stem + "-plan", ("plan.parquet", "schedule.json"))
-    console = Console(stderr=True, quiet=args.quiet)
+    log = console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -612,7 +617,7 @@ def main(argv: list[str]) -> int:
             ex,
             hooks,
             schedule=not args.no_schedule,
-            log=console.print,
+            log=log.print,
         )
     wall = time.perf_counter() - t0
     meta = provenance(
@@ -630,11 +635,25 @@ def main(argv: list[str]) -> int:
     if sched is not None:
         write_text_atomic(json.dumps(sched, indent=1) + "\n", outp.path("schedule.json"))
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
+    human = console(stderr=args.json)  # stderr when stdout carries the JSON document
     if not args.quiet:
-        wide = Console() if Console().is_terminal else Console(width=160)
-        print_plan(table, slo, sched, wide)
-        Console().print(
-            f"wrote {path}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
+        print_plan(table, slo, sched, human)
+        human.print(
+            f"wrote {path}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s",
+            markup=False,
+        )
+    if args.json:
+        paths = {"plan": str(path.resolve())}
+        if sched is not None:
+            paths["schedule"] = str(outp.final("schedule.json").resolve())
+        print_json(
+            {
+                "slo": {"ttft_p99_s": slo.ttft_p99_s, "tpot_p99_s": slo.tpot_p99_s},
+                "candidates": table.to_pylist(),
+                "schedule": sched,
+                "paths": paths,
+                "wall_s": wall,
+            }
         )
     return 0
 

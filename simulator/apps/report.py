@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetsim.apps.common import description
 from fleetsim.base.errors import UserError
 from fleetsim.results.output import write_bytes_atomic, write_text_atomic
 from fleetsim.results.result import DayTotals
@@ -482,7 +483,7 @@ REPORT_FILES = (*tuple(f"{p}.png" for p in PLOTS), "report.md", "report.html", "
 
 def main(argv: list[str] | None = None) -> int:
     """``fleetsim report DIR [--no-flat]``."""
-    ap = argparse.ArgumentParser(prog="fleetsim report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fleetsim report", description=description(__doc__))
     ap.add_argument("dir", help="the --out folder of a `fleetsim run` (holds hourly.parquet)")
     ap.add_argument(
         "--no-flat",

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -317,6 +318,23 @@ def canonical_path(path: list[str]) -> list[str]:
     if len(path) == 2:
         return [path[0], _section_aliases(path[0]).get(path[1], path[1])]
     return path
+
+
+def toml_value(v: Any) -> str:
+    """``v`` as TOML value text (what ``--set section.key=<text>`` parses back to ``v``)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    raise TypeError(type(v).__name__)
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -1040,4 +1058,5 @@ __all__ = [
     "resolved_dict",
     "scenario_from_dict",
     "scenario_json_schema",
+    "toml_value",
 ]
