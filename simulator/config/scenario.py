@@ -629,7 +629,8 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             tp,
             f"{model.name} weights need {model.weight_bytes / 1e9:.1f} GB but a replica has "
             f"{usable / 1e9:.1f} GB usable ({tp} x {profile.mem_bytes / 1e9:.0f} GB x "
-            f"{sc.fleet.gpu_memory_utilization}); {(model.weight_bytes - usable) / 1e9:.1f} GB missing",
+            f"{sc.fleet.gpu_memory_utilization}); "
+            f"{(model.weight_bytes - usable) / 1e9:.1f} GB missing",
             tp_fix,
             src,
         )
