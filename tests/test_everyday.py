@@ -446,3 +446,21 @@ def test_version():
     import fleetsim
 
     assert p.returncode == 0 and p.stdout.strip() == f"fleetsim {fleetsim.__version__}"
+
+
+# ---- the report ---------------------------------------------------------------------------------
+def test_report_has_latency_rows_from_memory_and_from_the_file(tmp_path, capsys):
+    from fleetsim.apps.report import main as report_main
+
+    f = _small_file(tmp_path)
+    out = tmp_path / "o"
+    assert main(["run", str(f), "--out", str(out), "--set", "simulation.hours=1", "--json"]) == 0
+    lat = json.loads(capsys.readouterr().out)["latency"]
+    itl = " / ".join(f"{lat[f'itl_p{q}_s'] * 1000:.1f}" for q in (50, 90, 99))
+    expect = f"| ITL (token gaps): p50 / p90 / p99, mean | {itl} ms, mean {lat['itl_mean_s'] * 1000:.1f} ms |"
+    assert report_main([str(out), "--no-flat"]) == 0  # from hourly.parquet and its metadata
+    said = capsys.readouterr().out
+    assert f"wrote {(out / 'report.html').resolve()}" in said
+    md = (out / "report.md").read_text()
+    assert expect in md and "| TTFT: p50 / p90 / p99, mean |" in md
+    assert "| worst hour's p99 TPOT |" in md

@@ -150,7 +150,13 @@ def cmd_run(args) -> int:
         if args.report:
             from fleetsim.apps.report import write_report
 
-            write_report(out, result=res, source=args.scenario, into=outp.stage)
+            write_report(
+                out,
+                result=res,
+                source=args.scenario,
+                into=outp.stage,
+                show_progress=not args.quiet,
+            )
         written = outp.commit()
     except BaseException:
         if sink is not None:

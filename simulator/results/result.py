@@ -112,6 +112,7 @@ class Result:
             ),
             wall_s=f"{self.wall_s:.3f}",
             totals=dumps(self.totals.as_dict()),
+            latency=dumps(self.day_latency),
         )
 
 
