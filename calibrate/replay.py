@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fleetsim.base.errors import UserError
+from fleetsim.base.units import HOUR_S
 
 METRICS = ("ttft", "tpot", "e2e")
 STATS = ("mean", "p50", "p90")
@@ -356,7 +357,7 @@ def run_replay(args, trace, spec, device, torch) -> int:
             max_context=longest,
         )
     profile, _ = load_profile(profile_path)
-    hours = max(1, math.ceil((trace[-1][0] + 600.0) / 3600.0))
+    hours = max(1, math.ceil((trace[-1][0] + 600.0) / HOUR_S))
     d = sim_scenario(
         spec,
         profile_path.resolve(),

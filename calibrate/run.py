@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -190,34 +189,20 @@ def _loadavg() -> float | None:
         return None
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` to a temporary name beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_outputs(profile: dict, rows: list[dict], out: Path) -> None:
     """Write the grid Parquet, then the profile JSON, both atomically."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from fleetsim.results.output import write_table_atomic, write_text_atomic
 
     grid_path = out.with_name(profile["grid_file"])
-    table = pa.Table.from_pylist(rows).replace_schema_metadata(
-        {"fleetsim.profile": profile["name"], "fleetsim.created_utc": profile["created_utc"]}
+    write_table_atomic(
+        pa.Table.from_pylist(rows),
+        grid_path,
+        {"fleetsim.profile": profile["name"], "fleetsim.created_utc": profile["created_utc"]},
     )
-    _atomic_write(grid_path, lambda p: pq.write_table(table, p))
     text = json.dumps(profile, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    _atomic_write(out, lambda p: Path(p).write_text(text))
+    write_text_atomic(text, out)
 
 
 def _clean(x: object) -> object:

@@ -49,6 +49,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.units import DAY_S, HOUR_S, fmt_num, rotate_to_utc, utc_hour
 from fleetsim.config.scenario import (
     Resolved,
     apply_overrides,
@@ -109,7 +110,7 @@ def backlog_ok(res: RunSummary, slo: Slo) -> bool:
     fleet holds on average ``m = rate x (TTFT target + mean output x TPOT target)`` requests;
     allow ``m + 4 sqrt(m) + 10`` (Poisson spread). A growing queue exceeds it by far."""
     t = res.hourly
-    last_rate = float(t.column("requests_arrived").to_numpy()[-1]) / 3600.0
+    last_rate = float(t.column("requests_arrived").to_numpy()[-1]) / HOUR_S
     tot = res.totals
     mean_out = tot.output_tokens / max(tot.requests_completed, 1.0)
     m = last_rate * (slo.ttft_p99_s + mean_out * slo.tpot_p99_s)
@@ -224,7 +225,7 @@ class Planner:
         if rate is not None:
             d.setdefault("simulation", {})["hours"] = 2
             d["traffic"]["diurnal"] = "flat"
-            d["traffic"]["requests_per_day"] = rate * 86400.0
+            d["traffic"]["requests_per_day"] = rate * DAY_S
             if d["fleet"].get("pods", 1) > 1:
                 d["fleet"]["sample_pods"] = 1
         return d
@@ -323,7 +324,7 @@ class Planner:
         assert cand.rs is not None and cand.replicas is not None
         N = cand.replicas
         hod0 = self.sc.simulation.start_utc.hour  # simulation hour h is UTC hour (h + hod0) % 24
-        rates = [cand.rs.hourly_rate_per_s[(u - hod0) % 24] for u in range(24)]
+        rates = list(rotate_to_utc(cand.rs.hourly_rate_per_s, hod0))
         need = [N] * 24
         if self.steady_ok:
             prev = max(N, cand.screened or N)
@@ -339,7 +340,7 @@ class Planner:
             ok = hours_passing(cand.day_below, self.slo)
             for h in range(24):
                 if not ok[h]:
-                    need[(h + hod0) % 24] = N
+                    need[utc_hour(h, hod0)] = N
         return need
 
 
@@ -662,8 +663,8 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
     """The ranked candidates as a rich table."""
     from rich.table import Table
 
-    def f(v, fmt):
-        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    def f(v: object, fmt: str) -> str:
+        return fmt_num(v, fmt, missing="")
 
     tab = Table(
         title=f"capacity plan: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "

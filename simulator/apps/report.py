@@ -34,6 +34,7 @@ import numpy as np
 
 from fleetsim.apps.common import description
 from fleetsim.base.errors import UserError
+from fleetsim.base.units import fmt_num, per_sim_hour
 from fleetsim.results.output import write_bytes_atomic, write_text_atomic
 from fleetsim.results.result import DayTotals
 
@@ -323,7 +324,7 @@ def flat_day_cost(cfg: dict[str, Any], source: str = "", progress=None) -> tuple
         hod0 = datetime.fromisoformat(start.replace("Z", "+00:00")).astimezone(UTC).hour
     except ValueError:
         hod0 = 0
-    share = (sum(w[(hod0 + h) % 24] for h in range(hours)) / hours) / (sum(w) / 24.0)
+    share = (sum(per_sim_hour(w, hod0, hours)) / hours) / (sum(w) / 24.0)
     tr["requests_per_day"] = float(tr.get("requests_per_day", 1_000_000.0)) * share
     tr["diurnal"] = "flat"
     try:
@@ -381,10 +382,7 @@ def peak_analysis(d: RunData, flatten: bool = True, progress=None) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------
 # the page
-def _fmt(x: Any, spec: str = ",.2f") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return format(x, spec)
+_fmt = fmt_num
 
 
 def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:

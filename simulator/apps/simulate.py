@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fleetsim.base.units import HOUR_S
 from fleetsim.config.scenario import Resolved, Scenario, resolve
 from fleetsim.results.accounting import PodSummary, hourly_table, pools_table
 from fleetsim.results.result import (
@@ -53,7 +54,7 @@ def simulate_pod(
     )
     rec = pod.run()
     H = sc.simulation.hours
-    powered = [sc.fleet.replicas * rs.tp * 3600.0] * H
+    powered = [sc.fleet.replicas * rs.tp * HOUR_S] * H
     states: dict[str, list[float]] = {}
     if pod.scaler is not None:  # power states integrated by the autoscaler (autoscale.py)
         powered, states = pod.scaler.gpu_seconds()

@@ -21,7 +21,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from fleetsim.apps.common import description
@@ -33,6 +32,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import UserError
+from fleetsim.base.units import fmt_num
 from fleetsim.config.scenario import (
     apply_overrides,
     parse_override,
@@ -320,9 +320,7 @@ SHOWN = (
 )
 
 
-def _fmt(v, scale: float = 1.0, fmt: str = "") -> str:
-    if isinstance(v, float):
-        return "n/a" if not np.isfinite(v) else format(v * scale, fmt or ",.4g")
-    if isinstance(v, int) and not isinstance(v, bool):
-        return format(v * scale, fmt or ",") if scale != 1.0 else format(v, ",")
-    return str(v)
+def _fmt(v: object, scale: float = 1.0, fmt: str = "") -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and scale != 1.0:
+        v = v * scale
+    return fmt_num(v, fmt or (",.4g" if isinstance(v, float) else ","))

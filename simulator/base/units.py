@@ -1,7 +1,9 @@
-"""Physical constants and the one helper for hour-of-day profiles."""
+"""Physical constants, the hour helpers (hours of the simulation against UTC hours of the day)
+and the one formatter of numbers for people."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -15,3 +17,29 @@ T = TypeVar("T")
 def rotate_to_start(v: Sequence[T], hod0: int) -> tuple[T, ...]:
     """``v`` indexed by UTC hour of day -> indexed by simulation hour (starting at ``hod0``)."""
     return tuple(v[(hod0 + i) % 24] for i in range(24))
+
+
+def rotate_to_utc(v: Sequence[T], hod0: int) -> tuple[T, ...]:
+    """The inverse of :func:`rotate_to_start`: ``v`` indexed by simulation hour of day (the
+    run starting at UTC hour ``hod0``) -> indexed by UTC hour of day."""
+    return tuple(v[(u - hod0) % 24] for u in range(24))
+
+
+def utc_hour(h: int, hod0: int) -> int:
+    """The UTC hour of day of simulation hour ``h`` of a run that starts at UTC hour ``hod0``."""
+    return (hod0 + h) % 24
+
+
+def per_sim_hour(v: Sequence[T], hod0: int, hours: int) -> list[T]:
+    """``v`` indexed by UTC hour of day -> one value per simulation hour ``0 .. hours - 1``."""
+    return [v[(hod0 + h) % 24] for h in range(hours)]
+
+
+def fmt_num(x: object, spec: str = ",.2f", missing: str = "n/a") -> str:
+    """A number for people: ``format(x, spec)``; ``missing`` for None, NaN and infinities;
+    anything else as ``str(x)``."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return missing
+    if isinstance(x, (int, float)):
+        return format(x, spec)
+    return str(x)

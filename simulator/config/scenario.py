@@ -25,7 +25,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from fleetsim.base.errors import ScenarioError, UserError
 from fleetsim.base.names import closest
 from fleetsim.base.schema import Section, Tokens, bounded
-from fleetsim.base.units import rotate_to_start
+from fleetsim.base.units import DAY_S, HOUR_S, rotate_to_start
 from fleetsim.config.pools import POOLS, LinkSpec, Pools, PoolSpec
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile, RooflineProfile
@@ -679,7 +679,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     w = diurnal_weights(tr.diurnal)
     w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
     mean_w = sum(w) / 24.0
-    base = tr.requests_per_day / 86400.0
+    base = tr.requests_per_day / DAY_S
     rates = tuple(base * x / mean_w for x in w)
     if not all(math.isfinite(r) for r in rates):
         raise ScenarioError(
@@ -689,7 +689,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             "use a finite rate",
             src,
         )
-    peak_pod_hour = max(rates) * 3600.0 / sc.fleet.pods
+    peak_pod_hour = max(rates) * HOUR_S / sc.fleet.pods
     if peak_pod_hour > MAX_ARRIVALS_PER_POD_HOUR:
         raise ScenarioError(
             "traffic.requests_per_day",

@@ -22,6 +22,7 @@ from datetime import timedelta
 import numpy as np
 import pyarrow as pa
 
+from fleetsim.base.units import HOUR_S, per_sim_hour, utc_hour
 from fleetsim.config.scenario import GpuSpec, Resolved, hourly_values
 from fleetsim.serving.recorder import LAT_METRICS, LAT_PCTS, Recorder, hist_percentile
 
@@ -209,7 +210,7 @@ def energy_cost(
         )
         hw_cost = np.full(H, total_gpus * per_gpu_h)
     else:
-        hw_cost = g.rent_usd_per_gpu_hour * powered / 3600.0
+        hw_cost = g.rent_usd_per_gpu_hour * powered / HOUR_S
     return {
         "powered_gpu_s": powered,
         "gpu_busy_s": busy_gpu_s,
@@ -276,7 +277,7 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
             [np.asarray(getattr(p, name) or [0.0] * H, dtype=np.float64) for p in pods], axis=0
         )
 
-    hod = [(hod0 + h) % 24 for h in range(H)]
+    hod = [utc_hour(h, hod0) for h in range(H)]
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
     price = np.array([price_day[x] for x in hod])
     if rs.pools is not None:  # disaggregated: each pool priced with its own GPU, then summed
@@ -367,7 +368,7 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         "requests_rejected": rejected,
         "prompt_tokens": prompt,
         "output_tokens": output,
-        "gpus_powered_mean": powered / 3600.0,
+        "gpus_powered_mean": powered / HOUR_S,
         "gpu_busy_s": busy_gpu_s,
         "utilization": util,
         "energy_gpu_kwh": e_gpu,
@@ -384,8 +385,8 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         "batch_occupancy": occupancy,
         "flops_utilization": flops_util,
         "bandwidth_utilization": bw_util,
-        "request_throughput_per_s": completed / 3600.0,
-        "output_throughput_tokens_per_s": output / 3600.0,
+        "request_throughput_per_s": completed / HOUR_S,
+        "output_throughput_tokens_per_s": output / HOUR_S,
         **_latency_columns(pods, H),
         "slo_attainment": slo,
         "wh_per_request": whpr,
@@ -439,7 +440,7 @@ def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.
     hod0 = start.hour
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
     assert price_day is not None
-    price = np.array([price_day[(hod0 + h) % 24] for h in range(H)])
+    price = np.array(per_sim_hour(price_day, hod0, H))
 
     def tot(name: str, key: str) -> np.ndarray:
         return scale * np.sum(
@@ -480,7 +481,7 @@ def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.
             rows["replicas"].append(sc.fleet.pods * spec.replicas)
             rows["prompt_tokens"].append(round(ec["prompt_tokens"][h]))
             rows["output_tokens"].append(round(ec["output_tokens"][h]))
-            rows["gpus_powered_mean"].append(pw / 3600.0)
+            rows["gpus_powered_mean"].append(pw / HOUR_S)
             rows["gpu_busy_s"].append(ec["gpu_busy_s"][h])
             rows["utilization"].append(ec["gpu_busy_s"][h] / pw if pw > 0 else 0.0)
             for k in (

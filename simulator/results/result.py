@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from fleetsim.base.errors import InvariantError
+from fleetsim.base.units import HOUR_S
 from fleetsim.config.scenario import Resolved, Scenario
 from fleetsim.results.accounting import PodSummary, hourly_table
 from fleetsim.results.output import dumps
@@ -149,8 +150,8 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
         s["total_cost_usd"] / s["output_tokens"] * 1e6 if s["output_tokens"] else math.nan
     )
     s["usd_per_1k_requests"] = s["total_cost_usd"] / done * 1000 if done else math.nan
-    gpu_s = float(np.sum(t.column("gpus_powered_mean").to_numpy())) * 3600.0
-    s["gpu_hours"] = gpu_s / 3600.0
+    gpu_s = float(np.sum(t.column("gpus_powered_mean").to_numpy())) * HOUR_S
+    s["gpu_hours"] = gpu_s / HOUR_S
     s["utilization"] = s["gpu_busy_s"] / gpu_s if gpu_s else 0.0
     cost = t.column("total_cost_usd").to_numpy()
     peak_hour = int(np.argmax(cost)) if len(cost) else 0
@@ -158,7 +159,7 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
     s["events"] = float(sum(p.events for p in pods))
     ok = sum(sum(p.slo_ok) for p in pods)
     n = sum(sum(p.lat_n) for p in pods)
-    secs = 3600.0 * t.num_rows
+    secs = HOUR_S * t.num_rows
     s["request_throughput_per_s"] = done / secs if secs else math.nan
     s["output_throughput_tokens_per_s"] = s["output_tokens"] / secs if secs else math.nan
     it = float(np.sum(t.column("iterations").to_numpy()))

@@ -8,11 +8,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from fleetsim.base.units import HOUR_S, fmt_num
 from fleetsim.results.result import Result
 
-
-def _f(x: float, fmt: str = ",.2f") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+_f = fmt_num  # (short: used in every row below)
 
 
 #: below this share of requests meeting the SLO, a run is flagged (summary line, ``--json``,
@@ -28,7 +27,7 @@ def backlog_limit(res: Result) -> float:
     sc = res.scenario
     t = res.totals
     arrived = res.hourly.column("requests_arrived").to_numpy()
-    last_rate = float(arrived[-1]) / 3600.0 if len(arrived) else 0.0
+    last_rate = float(arrived[-1]) / HOUR_S if len(arrived) else 0.0
     mean_out = t.output_tokens / max(t.requests_completed, 1.0)
     m = last_rate * (sc.slo.ttft_s + mean_out * sc.slo.tpot_s)
     return m + 4.0 * math.sqrt(m) + 10.0
@@ -233,7 +232,7 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     )
     tab.add_row(
         "SLO attainment",
-        f"{t.slo_attainment:.2%}" if not math.isnan(t.slo_attainment) else "n/a",
+        _f(t.slo_attainment, ".2%"),
         "requests meeting both TTFT and TPOT targets",
     )
     ph = t.peak_hour
@@ -273,7 +272,7 @@ def pool_totals(res: Result) -> dict[str, dict[str, float]]:
             )
         }
         d["gpu_hours"] = float(g["gpus_powered_mean"].sum())
-        d["utilization"] = d["gpu_busy_s"] / (d["gpu_hours"] * 3600.0) if d["gpu_hours"] else 0.0
+        d["utilization"] = d["gpu_busy_s"] / (d["gpu_hours"] * HOUR_S) if d["gpu_hours"] else 0.0
         n = g["kv_transfers"].to_numpy()
         mean = g["kv_transfer_mean_s"].to_numpy(dtype=float, na_value=math.nan)
         p99 = g["kv_transfer_p99_s"].to_numpy(dtype=float, na_value=math.nan)

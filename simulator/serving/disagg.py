@@ -41,6 +41,7 @@ import numpy as np
 import simpy
 from simpy.events import Timeout
 
+from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits
@@ -52,8 +53,6 @@ from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arriv
 
 if TYPE_CHECKING:
     from fleetsim.serving.ports import RouterPort
-
-HOUR_S = 3600.0
 
 
 class DisaggRequest(Request):

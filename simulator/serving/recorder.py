@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fleetsim.base.units import HOUR_S
+
 LAT_PCTS = (50.0, 90.0, 95.0, 99.0)
 #: the latency metrics, named as vLLM's benchmarks name them (docs/model.md, "Latency metrics")
 LAT_METRICS = ("ttft", "tpot", "itl", "e2e")
@@ -158,7 +160,7 @@ class Recorder:
 
     # -- per request --------------------------------------------------------------------------
     def complete(self, r, finish_s: float, replica: int) -> None:
-        h = int(finish_s // 3600.0)
+        h = int(finish_s // HOUR_S)
         if h >= self.hours:
             return
         if h != self._cur_hour:
@@ -232,7 +234,7 @@ class Recorder:
         self.bytes_moved[h] += bytes_moved
 
     def add_tokens(self, t_end: float, prompt: int, output: int) -> None:
-        h = int(t_end // 3600.0)
+        h = int(t_end // HOUR_S)
         if h > self.hours:
             h = self.hours
         self.prompt_tokens[h] += prompt

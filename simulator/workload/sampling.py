@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fleetsim.base.errors import UserError
+from fleetsim.base.units import HOUR_S
 from fleetsim.workload.distributions import Empirical
 
 
@@ -174,8 +175,8 @@ def hourly_arrivals(
     rng_t = np.random.default_rng(t_seq)
     rng_s = np.random.default_rng(s_seq)
     for h, rate in enumerate(rates_per_s):
-        n = int(rng_t.poisson(rate * 3600.0)) if rate > 0 else 0
-        times = np.sort(rng_t.uniform(0.0, 3600.0, size=n)) + h * 3600.0
+        n = int(rng_t.poisson(rate * HOUR_S)) if rate > 0 else 0
+        times = np.sort(rng_t.uniform(0.0, HOUR_S, size=n)) + h * HOUR_S
         p, o = sampler.draw(n, rng_s)
         yield HourChunk(h, times.tolist(), p.tolist(), o.tolist())
 
@@ -232,7 +233,7 @@ def trace_arrivals(
     row ``i`` goes to pod ``i % n_pods`` (a deterministic split of the same trace)."""
     t, p, o = read_arrival_trace(str(_resolve_path(file, source)))
     t, p, o = t[pod::n_pods], p[pod::n_pods], o[pod::n_pods]
-    hour_of = np.floor(t / 3600.0).astype(np.int64)
+    hour_of = np.floor(t / HOUR_S).astype(np.int64)
     for h in range(hours):
         lo, hi = np.searchsorted(hour_of, [h, h + 1])
         yield HourChunk(h, t[lo:hi].tolist(), p[lo:hi].tolist(), o[lo:hi].tolist())
