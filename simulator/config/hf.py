@@ -131,17 +131,17 @@ def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, A
     return out
 
 
-def read_hf_config(path: str | Path, source: str = "") -> dict[str, Any]:
-    """:func:`architecture_from_hf` of the file at ``path`` (already resolved; bounded
-    reading, one clear line on a bad file)."""
+def read_hf_config(path: str | Path, source: str = "", written: str = "") -> dict[str, Any]:
+    """:func:`architecture_from_hf` of the file at ``path`` (already resolved; ``written`` is
+    the path as the scenario gives it; bounded reading, one clear line on a bad file)."""
     from fleetsim.base import io
 
     p = Path(path)
     if not p.exists():
         raise ScenarioError(
             "model.config",
-            str(p),
-            "no such file",
+            written or str(p),
+            f"no such file: {p}",
             "give the path of the model's config.json (relative to the scenario file)",
             source,
         )

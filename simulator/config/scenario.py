@@ -491,7 +491,7 @@ def _model_spec(sc: Scenario, src: str) -> ModelSpec:
         from fleetsim.workload.sampling import _resolve_path
 
         path = _resolve_path(m.config, src)
-        arch = read_hf_config(path, src)
+        arch = read_hf_config(path, src, m.config)
         file_dtype = arch.pop("dtype", None)
         dtype = m.dtype if "dtype" in m.model_fields_set or file_dtype is None else file_dtype
         name = m.name if "name" in m.model_fields_set else path.parent.name or path.stem
