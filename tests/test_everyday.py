@@ -464,3 +464,19 @@ def test_report_has_latency_rows_from_memory_and_from_the_file(tmp_path, capsys)
     md = (out / "report.md").read_text()
     assert expect in md and "| TTFT: p50 / p90 / p99, mean |" in md
     assert "| worst hour's p99 TPOT |" in md
+
+
+def test_plan_json(tmp_path, capsys):
+    from fleetsim.apps.plan import main as plan_main
+
+    f = _small_file(tmp_path)
+    argv = [str(f), "--gpus", "h100-sxm", "--tp", "1", "--no-schedule", "--workers", "1"]
+    assert (
+        plan_main([*argv, "--set", "simulation.hours=1", "--out", str(tmp_path / "p"), "--json"])
+        == 0
+    )
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert doc["candidates"][0]["status"] == "ok" and doc["candidates"][0]["rank"] == 1
+    assert doc["paths"]["plan"] == str((tmp_path / "p/plan.parquet").resolve())
+    assert "capacity plan" in cap.err  # the table went to stderr

@@ -256,7 +256,12 @@ def print_summary(res: Result, console: Console | None = None) -> None:
 def pool_totals(res: Result) -> dict[str, dict[str, float]]:
     """The day's figures of each pool of a disaggregated fleet, and of the KV link."""
     assert res.pools is not None
-    df = res.pools.to_pandas()
+    return pool_day_totals(res.pools)
+
+
+def pool_day_totals(pools) -> dict[str, dict[str, float]]:
+    """:func:`pool_totals` of a ``pools.parquet`` table."""
+    df = pools.to_pandas()
     out: dict[str, dict[str, float]] = {}
     for name, g in df.groupby("pool", sort=False):
         d = {
