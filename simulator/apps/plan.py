@@ -49,6 +49,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.io import term
 from fleetsim.base.units import DAY_S, HOUR_S, fmt_num, rotate_to_utc, utc_hour
 from fleetsim.config.scenario import (
     Resolved,
@@ -659,7 +660,7 @@ def main(argv: list[str]) -> int:
             ex,
             hooks,
             schedule=not args.no_schedule,
-            log=log.print,
+            log=lambda text: log.print(term(text, 400)),  # (user text: escaped)
         )
         dtable = None
         if dcands:
@@ -710,8 +711,7 @@ def main(argv: list[str]) -> int:
 
             print_designs(table if cands else None, dtable, slo, wide)
         wide.print(
-            f"wrote {path}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s",
-            markup=False,
+            f"wrote {term(path)}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
         )
     if args.json:
         paths = {"plan": str(path.resolve())}
@@ -763,7 +763,7 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
     for r in table.to_pylist():
         tab.add_row(
             f(r["rank"], "d"),
-            r["gpu"],
+            term(r["gpu"]),
             str(r["tensor_parallel"]),
             f(r["replicas"], "d"),
             f(r["gpus"], ",d"),
@@ -775,13 +775,13 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
             f(r["wh_per_request"], ".3f"),
             f(r["worst_hour_ttft_p99_s"], ".3f"),
             f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
-            r["status"],
+            term(r["status"]),
         )
     c.print(tab)
     c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
     for r in table.to_pylist():
         if r["problem"]:
-            c.print(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}")
+            c.print(term(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}", 400))
     if sched:
         c.print(
             f"schedule ({sched['gpu']} TP{sched['tensor_parallel']}), replicas per pod by "

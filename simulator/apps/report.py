@@ -207,7 +207,7 @@ def for_plot(text: str) -> str:
 def for_markdown(text: str) -> str:
     """User text for Markdown: HTML escaped and Markdown punctuation backslash-escaped."""
     out = html.escape(plain(text), quote=False)
-    return "".join("\\" + ch if ch in "\\`*_{}[]()#+-.!|~<>" else ch for ch in out)
+    return "".join("\\" + ch if ch in "\\`*_{}[]()#+-.!|~<>$" else ch for ch in out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import UserError
+from fleetsim.base.io import term
 from fleetsim.base.units import fmt_num
 from fleetsim.config.scenario import (
     apply_overrides,
@@ -287,14 +288,14 @@ def main(argv: list[str]) -> int:
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
-        tab = Table(title=f"sweep of {args.scenario}: {table.num_rows} points")
+        tab = Table(title=f"sweep of {term(args.scenario)}: {table.num_rows} points")
         shown = [(k, k, 1.0, "") for k, _ in axes] + list(SHOWN)
         for _, header, _, _ in shown:
-            tab.add_column(header, justify="right", no_wrap=True)
+            tab.add_column(term(header), justify="right", no_wrap=True)
         for row in table.to_pylist():
             tab.add_row(*(_fmt(row[c], scale, fmt) for c, _, scale, fmt in shown))
         human.print(tab)
-        human.print(f"wrote {path} in {wall:.1f} s", markup=False)
+        human.print(f"wrote {term(path)} in {wall:.1f} s")
     if args.json:
         print_json(
             {
@@ -323,4 +324,5 @@ SHOWN = (
 def _fmt(v: object, scale: float = 1.0, fmt: str = "") -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and scale != 1.0:
         v = v * scale
-    return fmt_num(v, fmt or (",.4g" if isinstance(v, float) else ","))
+    s = fmt_num(v, fmt or (",.4g" if isinstance(v, float) else ","))
+    return s if isinstance(v, (int, float)) else term(s)  # a grid value is user text: escaped
