@@ -1,6 +1,7 @@
 """``fleetsim calibrate`` (also ``python -m calibrate``): the command line.
 
-torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is cheap and a
+torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is cheap
+and a
 machine without torch gets one line with the install command instead of a traceback.
 """
 

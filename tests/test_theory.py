@@ -1,6 +1,7 @@
 """The simulator against queueing theory: every case is a real scenario run through ``simulate()``.
 
-Service times come from a linear profile (:class:`fleetsim.device.latency.LinearProfile`) written to a
+Service times come from a linear profile (:class:`fleetsim.device.latency.LinearProfile`) written
+to a
 JSON file, so that they are known in closed form:
 
 * batch size 1: a request of prompt ``P`` and output ``o`` is one prefill iteration (it yields
@@ -103,6 +104,11 @@ def scenario(
             "router": router,
             "max_batch_size": batch,
             "max_batched_tokens": 1 << 20,
+            # the queueing models assume whole-prompt prefills and no preemption: the first
+            # engine (KV reserved at admission, no chunking, no prefix caching), and no
+            # activation reserve (a 1M-token budget would otherwise leave no KV at all)
+            "kv_allocation": "reserve",
+            "activation_reserve_bytes": 0,
         },
         "traffic": {
             "requests_per_day": rate_per_s * 86400.0,
@@ -275,7 +281,7 @@ def test_mg1_pollaczek_khinchine(tmp_path, case):
     assert sink.not_done < 50  # only the last moments' arrivals are still in flight
 
 
-# ---- M/M/c: central queue, c replicas at batch size 1 ------------------------------------------------
+# ---- M/M/c: central queue, c replicas at batch size 1 --------------------------------------------
 def test_mmc_erlang_c(tmp_path):
     c, m, t_tok = 4, 200.0, 5e-4
     # prefill costs the same as a decode step: S = t_tok * o, o ~ Geometric(mean m)
@@ -338,7 +344,7 @@ def bd_run(tmp_path_factory):
 
 def test_continuous_batching_birth_death(bd_run):
     a, c, m, B, lam = BD["a"], BD["c"], BD["m"], BD["B"], BD["lam"]
-    res, sink = bd_run
+    _res, sink = bd_run
     r = sink.arrays()
     pi, EN = birth_death(lam, m, a, c, B)
     ET_bd = EN / lam
@@ -363,7 +369,7 @@ def test_continuous_batching_birth_death(bd_run):
 # ---- Little's law --------------------------------------------------------------------------------
 def test_littles_law(bd_run):
     """Time-average number in system over a window = lambda x mean sojourn of its arrivals."""
-    res, sink = bd_run
+    _res, sink = bd_run
     r = sink.arrays()
     lam = BD["lam"]
     t0, t1 = 0.05 * HOUR_S, 0.95 * HOUR_S
@@ -382,7 +388,7 @@ def test_littles_law(bd_run):
     assert abs(diff.mean()) < Z * se
 
 
-# ---- utilisation over a realistic day ---------------------------------------------------------------
+# ---- utilisation over a realistic day ------------------------------------------------------------
 def test_day_utilisation_hourly(tmp_path):
     """Azure-conversation diurnal curve over 24 h, batch size 1: busy fraction of each hour and
     of the day against lambda_h E[S]."""

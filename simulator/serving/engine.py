@@ -43,7 +43,7 @@ from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.device.latency import LatencyModel, RunCoeffs, run_time, step_time, steps_to_reach
-from fleetsim.serving.admission import Limits
+from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class EnginePlan:
     e_active_w: float
     e_flop_j: float
     e_byte_j: float
+    paged: PagedLimits | None = None  # the paged engine's settings (serving/paged.py), or None
 
 
 class Replica:
@@ -468,6 +469,8 @@ class Replica:
             self.outstanding -= 1
             self.pod.rec.complete(r, end, self.index)
             self.pod.in_flight -= 1
+            if r.session is not None:
+                self.pod.turn_done(r, end)
         if self.n == 0:
             self.S = 0.0  # no drift from float sums over a long day
 
