@@ -145,11 +145,11 @@ def cmd_run(args) -> int:
         if sink is not None:
             sink.close(res.metadata(text))
             sink = None
-        write_outputs(res, outp.stage, text)
+        write_outputs(res, outp.staging(), text)
         if args.report:
             from fleetsim.apps.report import write_report
 
-            write_report(out, result=res, source=args.scenario, into=outp.stage)
+            write_report(out, result=res, source=args.scenario, into=outp.staging())
         written = outp.commit()
     except BaseException:
         if sink is not None:

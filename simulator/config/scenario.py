@@ -22,7 +22,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from fleetsim.base.errors import ScenarioError, UserError
 from fleetsim.base.names import closest
-from fleetsim.base.schema import Section, Tokens, bounded
+from fleetsim.base.schema import Section, Tokens, bound
 from fleetsim.base.units import DAY_S, HOUR_S, rotate_to_start
 from fleetsim.config.pools import POOLS, LinkSpec, Pools, PoolSpec
 from fleetsim.device import catalog
@@ -36,14 +36,11 @@ PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Hourly24 = Annotated[list[NonNegFloat], Field(min_length=24, max_length=24)]
 
 
-_bounded = bounded
-
-
-Watts = _bounded(0, 1e5)  # per GPU; a B200 is 1.2 kW
-Usd = _bounded(0, 1e9)  # capex of one GPU
-UsdPerHour = _bounded(0, 1e6)  # rent or maintenance per GPU-hour
-PricePerKwh = _bounded(0, 1e3)  # $/kWh; wholesale price caps are ~5-10 $/kWh
-CarbonPerKwh = _bounded(0, 1e2)  # kg/kWh; coal is ~1
+Watts = Annotated[float, bound(0, 1e5)]  # per GPU; a B200 is 1.2 kW
+Usd = Annotated[float, bound(0, 1e9)]  # capex of one GPU
+UsdPerHour = Annotated[float, bound(0, 1e6)]  # rent or maintenance per GPU-hour
+PricePerKwh = Annotated[float, bound(0, 1e3)]  # $/kWh; wholesale price caps are ~5-10 $/kWh
+CarbonPerKwh = Annotated[float, bound(0, 1e2)]  # kg/kWh; coal is ~1
 ArchInt = Annotated[int, Field(ge=1, le=10_000_000)]
 
 
@@ -91,15 +88,15 @@ class HardwareSection(_Section):
 
     gpu: str = "h100-sxm"
     profile: str | None = None
-    peak_flops: _bounded(1e6, 1e19) | None = None  # an H100 is ~1e15 (dense bf16)
-    mem_bw_bytes_per_s: _bounded(1e6, 1e16) | None = None  # an H200 is 4.8e12
-    mem_bytes: _bounded(1e6, 1e14) | None = None  # an H200 is 1.41e11
-    tdp_w: _bounded(0, 1e5, strict_lo=True) | None = None
+    peak_flops: Annotated[float, bound(1e6, 1e19)] | None = None  # an H100 is ~1e15 (dense bf16)
+    mem_bw_bytes_per_s: Annotated[float, bound(1e6, 1e16)] | None = None  # an H200 is 4.8e12
+    mem_bytes: Annotated[float, bound(1e6, 1e14)] | None = None  # an H200 is 1.41e11
+    tdp_w: Annotated[float, bound(0, 1e5, strict_lo=True)] | None = None
     idle_w: Watts | None = None
     active_w: Watts | None = None
     compute_w: Watts | None = None
     memory_w: Watts | None = None
-    node_overhead_w: _bounded(0, 1e6) | None = None
+    node_overhead_w: Annotated[float, bound(0, 1e6)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
     capex_usd: Usd | None = None
     rent_usd_per_gpu_hour: UsdPerHour | None = None
@@ -184,7 +181,7 @@ class CostSection(_Section):
         PricePerKwh | Annotated[list[PricePerKwh], Field(min_length=24, max_length=24)]
     ) = 0.0806
     hardware: Literal["owned", "rented"] = "owned"
-    amortization_years: _bounded(0.01, 30) = 5.0
+    amortization_years: Annotated[float, bound(0.01, 30)] = 5.0
     maintenance_usd_per_gpu_hour: UsdPerHour = 0.0
     carbon_kg_per_kwh: (
         CarbonPerKwh | Annotated[list[CarbonPerKwh], Field(min_length=24, max_length=24)] | None
@@ -192,8 +189,8 @@ class CostSection(_Section):
 
 
 class SloSection(_Section):
-    ttft_s: _bounded(0, 1e6, strict_lo=True) = 2.0
-    tpot_s: _bounded(0, 1e6, strict_lo=True) = 0.2
+    ttft_s: Annotated[float, bound(0, 1e6, strict_lo=True)] = 2.0
+    tpot_s: Annotated[float, bound(0, 1e6, strict_lo=True)] = 0.2
 
 
 Router = Literal["round_robin", "random", "least_loaded", "central_queue"]
@@ -223,8 +220,8 @@ class DisaggregationSection(_Section):
     ``[fleet]``."""
 
     link: str = "infiniband-ndr"
-    link_bandwidth_bytes_per_s: _bounded(1e3, 1e15, strict_lo=True) | None = None
-    link_latency_s: _bounded(0, 1e3) | None = None
+    link_bandwidth_bytes_per_s: Annotated[float, bound(1e3, 1e15, strict_lo=True)] | None = None
+    link_latency_s: Annotated[float, bound(0, 1e3)] | None = None
     prefill: PoolSection = PoolSection()
     decode: PoolSection = PoolSection()
 
@@ -970,6 +967,7 @@ def check_autoscaler(sc: Scenario, source: str = "") -> tuple[int, ...] | None:
                     )
             sched = tuple(int(x) for x in data["replicas_by_hour"])
         else:
+            assert a.replicas_by_hour is not None  # exactly one of the two (checked above)
             sched = tuple(a.replicas_by_hour)
         if max(sched) > n:
             raise ScenarioError(

@@ -239,6 +239,7 @@ class LatencyModel:
         self._w_dense = m.weight_bytes_read(1.0)
         if isinstance(profile, RooflineProfile):
             p = profile
+            self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
             self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
             self._rc_peak = tp * p.peak_flops
             self._rm = tp * p.mem_bw_bytes_per_s * p.memory_eff
@@ -256,7 +257,7 @@ class LatencyModel:
         return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
 
     def _eff_c(self, tokens: float) -> float:
-        p = self.profile
+        p = self._roof
         if p.compute_eff_table is not None:
             return eff_from_table(p.compute_eff_table, tokens)
         return p.compute_eff_max * tokens / (tokens + p.compute_eff_half_tokens)
