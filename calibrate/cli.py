@@ -10,6 +10,11 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleetsim.device.modelspec import ModelSpec
 
 INSTALL_HINT = (
     "fleetsim calibrate needs torch: pip install -e '.[calibrate]'  (or: pip install torch==2.13.0)"
@@ -73,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_model(arg: str, dtype: str) -> object:
+def resolve_model(arg: str, dtype: str) -> ModelSpec:
     """ModelSpec of a catalog name or a TOML file (``name`` defaults to the file's stem)."""
     from fleetsim.base.errors import UserError
     from fleetsim.device.modelspec import ModelSpec, model_from_catalog
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace, torch: object) -> int:
+def _run(args: argparse.Namespace, torch: ModuleType) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _Usage(
             "--device cuda: no CUDA device is available to torch "

@@ -191,6 +191,7 @@ class TorchTransformer:
         """Rotate ``x`` [B, h, L, hd] for positions start..start+L-1 (rotate-half convention)."""
         if not self.rope:
             return x
+        assert self._cos is not None and self._sin is not None  # made with rope
         n = x.shape[2]
         cos = self._cos[start : start + n]
         sin = self._sin[start : start + n]

@@ -27,6 +27,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -582,7 +583,8 @@ def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 6) -
     profile, _ = load_profile(profile_path)
     lat = LatencyModel(spec, profile, tp=1)
     burst = warmup_trace(trace, eng.max_batch, eng.max_tokens, eng.max_seq)
-    diffs, classes = [], {}
+    diffs: list[float] = []
+    classes: dict[str, list[float]] = {}
     for _ in range(rounds):
         res = eng.replay([TraceRequest(a, p, o) for a, p, o in burst])
         for x in res.iterations:
@@ -633,11 +635,12 @@ def write_engine_profile(
     from .run import device_mem_bytes, device_name
 
     coef, rows = fit_linear_profile(eng, max_prompt=max_prompt, max_context=max_context)
+    terms: dict[str, Any] = dict(coef)  # (Any: the fitted numbers, by name next to typed fields)
     errs = np.array([r["rel_err"] for r in rows])
     prof = LinearProfile(
         name=f"{device.type}-{spec.name}-l{spec.n_layers}-engine",
         mem_bytes=device_mem_bytes(device),
-        **coef,
+        **terms,
     )
     d = profile_to_dict(
         prof,

@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from fleetsim.device.profile import profile_to_dict
 from . import bench, fit
 from .model import TorchTransformer, flop_check
 from .power import open_meter
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def device_name(device: torch.device) -> str:
@@ -415,7 +419,7 @@ def calibrate(
     profile["power"] = None if power_d is None else power_d
     if power_d is None:
         profile["power_note"] = f"power was not measured ({power_method})"
-    profile = _clean(profile)
+    profile = cast(dict[str, Any], _clean(profile))  # (a dict stays a dict)
     write_outputs(profile, rows, out)
     profile["_path"] = str(out)
     profile["_rows"] = rows
@@ -426,7 +430,7 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def render(profile: dict, console: object) -> None:
+def render(profile: dict, console: Console) -> None:
     """Print the grid (measured vs predicted) and the fitted parameters as rich tables."""
     from rich.table import Table
 
