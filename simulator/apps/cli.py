@@ -247,6 +247,7 @@ DELEGATED = [
         "replay a trace on the real torch engine and the simulator",
     ),
     ("plan", "fleetsim.apps.plan", "find the cheapest fleet that meets the SLO"),
+    ("latency", "fleetsim.apps.latency", "predicted time of one iteration and its parts"),
     ("sweep", "fleetsim.apps.sweep", "simulate every point of a parameter grid"),
     ("report", "fleetsim.apps.report", "plots and a page for a finished run"),
 ]

@@ -26,7 +26,7 @@ from fleetsim.base.schema import Section, Tokens, bound
 from fleetsim.base.units import DAY_S, HOUR_S, rotate_to_start
 from fleetsim.config.pools import POOLS, LinkSpec, Pools, PoolSpec
 from fleetsim.device import catalog
-from fleetsim.device.latency import LatencyModel, PowerSpec, Profile, RooflineProfile
+from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec, model_from_catalog
 from fleetsim.workload.distributions import Dist, Empirical, Fixed, LogNormal
 
@@ -501,7 +501,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     """Join the scenario with the catalogs and profile, and run the cross-field checks."""
     if sc.disaggregation is not None:  # two pools, each resolved like a fleet (config/pools.py)
         return resolve_disaggregated(sc, source)
-    from fleetsim.device.profile import load_profile
+    from fleetsim.device.profile import catalog_profile, load_profile
     from fleetsim.workload.sampling import trace_columns_max
 
     src = source
@@ -543,20 +543,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             power = profile.power
         profile_id = f"{profile.name} ({ppath.name})"
     else:
-        profile = RooflineProfile(
-            name=f"{hw.gpu}-analytic",
-            peak_flops=entry["peak_flops"],
-            mem_bw_bytes_per_s=entry["mem_bw_bytes_per_s"],
-            mem_bytes=entry["mem_bytes"],
-            compute_eff_max=entry["compute_eff_max"],
-            compute_eff_half_tokens=entry["compute_eff_half_tokens"],
-            memory_eff=entry["memory_eff"],
-            overhead_s=entry["overhead_s"],
-            link_bw_bytes_per_s=entry["link_bw_bytes_per_s"],
-            link_latency_s=entry["link_latency_s"],
-            power=power,
-            source="analytic",
-        )
+        profile = catalog_profile(hw.gpu, entry, power)
         profile_id = profile.name
     gpu = GpuSpec(
         name=hw.gpu,
@@ -571,6 +558,9 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
 
     # memory: weights must fit, and the KV budget must hold a maximum-length request
     tp = sc.fleet.tensor_parallel
+    tp_problem = model.tp_problem(tp)
+    if tp_problem:
+        raise ScenarioError("fleet.tensor_parallel", tp, tp_problem, model.tp_fix(tp), src)
     usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
     if model.weight_bytes >= usable:
         per_gpu = profile.mem_bytes * sc.fleet.gpu_memory_utilization
@@ -598,7 +588,8 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             tp_fix,
             src,
         )
-    kv_tokens = int((usable - model.weight_bytes) // model.kv_bytes_per_token)
+    # KV heads replicated when tp exceeds them: every replica holds its copy (modelspec)
+    kv_tokens = int((usable - model.weight_bytes) // model.kv_bytes_per_token_tp(tp))
     tr = sc.traffic
     trace_max: dict[str, int] = {}
     for d in (tr.prompt, tr.output):

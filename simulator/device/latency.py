@@ -24,6 +24,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fleetsim.device.kernels import (
+    KernelFit,
+    allreduce_time_s,
+    elem_time_s,
+    gemm_time_s,
+    layer_parts_s,
+    layer_shapes,
+)
 from fleetsim.device.modelspec import ModelSpec
 
 
@@ -67,6 +75,29 @@ class RooflineProfile:
     #: increasing; when set it replaces the hyperbolic ``eff_c(T)``: piecewise linear in log(T)
     #: between points, flat beyond the ends (see :func:`eff_from_table`).
     compute_eff_table: tuple[tuple[float, float], ...] | None = None
+    #: dense tensor-core peaks in 8-bit precisions (None: the GPU has no such units)
+    peak_flops_fp8: float | None = None
+    peak_flops_int8: float | None = None
+    #: the kernel model of the linear layers and the all-reduce (fleetsim.device.kernels); when
+    #: set it replaces the roofline for everything but attention
+    kernels: KernelFit | None = None
+
+
+_GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
+
+
+def compute_peak(profile: Profile, dtype: str) -> tuple[float, bool]:
+    """(peak FLOP/s of the linear layers for weights in ``dtype``, weight_only): fp8 and int8
+    run at the GPU's peak in that precision; where it has none (fp8 on an A100, int4
+    anywhere) the weights still shrink but the GEMMs run at the 16-bit peak after
+    dequantization (weight-only quantization, as vLLM runs fp8 on Ampere)."""
+    base = profile.peak_flops
+    if dtype in ("fp8", "int8", "int4") and isinstance(profile, RooflineProfile):
+        p8 = {"fp8": profile.peak_flops_fp8, "int8": profile.peak_flops_int8}.get(dtype)
+        if p8:
+            return p8, False
+        return base, True
+    return base, dtype in ("fp8", "int8", "int4")
 
 
 def eff_from_table(table: tuple[tuple[float, float], ...], tokens: float) -> float:
@@ -251,6 +282,59 @@ class LatencyModel:
             else:
                 self._comm_a = self._comm_b = 0.0
         self._coeff_cache: dict[int, RunCoeffs] = {}
+        self._kern: KernelFit | None = None
+        if isinstance(profile, RooflineProfile) and profile.kernels is not None:
+            self._init_kernels(profile, profile.kernels)
+
+    # -- the kernel model ------------------------------------------------------------------
+    def _init_kernels(self, p: RooflineProfile, kf: KernelFit) -> None:
+        m, tp = self.model, self.tp
+        self._kern = kf
+        self._peak_lin, self.weight_only = compute_peak(p, m.dtype)
+        self._bw = p.mem_bw_bytes_per_s
+        self._shapes = layer_shapes(m, tp)
+        self._wb = m.bytes_per_param
+        # attention: FLOPs at the 16-bit peak x compute_eff_max, the KV cache (this GPU's
+        # share, replicas included) read at memory_eff of the bandwidth
+        kvb_gpu = m.kv_bytes_per_token_tp(tp) / tp
+        self._att_c = m.attn_flops_per_pair / (tp * p.peak_flops * p.compute_eff_max)
+        self._att_m = kvb_gpu / (p.mem_bw_bytes_per_s * p.memory_eff)
+        self.kvb = m.kv_bytes_per_token_tp(tp)
+        self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
+
+    def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
+        """(compute, memory-bound, communication) seconds of the kernel model's non-attention
+        work of an iteration over ``tokens`` tokens of ``seqs`` sequences: the layers' GEMMs and
+        elementwise ops, the embedding, the LM head over ``seqs`` rows, two all-reduces per
+        layer. A GEMM counts as compute when its compute bound exceeds its memory bound."""
+        key = (tokens, seqs)
+        v = self._lin_cache.get(key)
+        if v is not None:
+            return v
+        kf = self._kern
+        assert kf is not None
+        m, tp, bw, peak = self.model, self.tp, self._bw, self._peak_lin
+        touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
+        parts = layer_parts_s(kf, peak, bw, self._shapes, tokens, self._wb, experts_touched=touched)
+        gemm_ops = _GEMM_OPS
+        t_gemm = sum(parts[k] for k in gemm_ops)
+        t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
+        head = gemm_time_s(kf, peak, bw, seqs, m.vocab_size / tp, m.d_model, self._wb)
+        emb = elem_time_s(kf, bw, "emb", 4.0 * tokens * m.d_model)
+        # reported as compute when the tokens exceed the GEMMs' ridge point (peak x w / 2 bw)
+        ridge = peak * self._wb / (2.0 * bw)
+        lin = m.n_layers * t_gemm + head
+        comp = lin if tokens >= ridge else 0.0
+        mem = (lin - comp) + m.n_layers * t_elem + emb
+        comm = 0.0
+        if tp > 1:
+            ar = allreduce_time_s(kf, tp, tokens * m.d_model * 2.0)
+            if ar is None:  # no measured table for this GPU count: the ring model
+                ar = self._comm_a / (2.0 * m.n_layers) + self._comm_b * tokens / (2.0 * m.n_layers)
+            comm = 2.0 * m.n_layers * ar
+        v = (comp, mem, comm)
+        self._lin_cache[key] = v
+        return v
 
     # -- helpers ---------------------------------------------------------------------------
     def _weights(self, tokens: float) -> float:
@@ -279,7 +363,12 @@ class LatencyModel:
         if p_tokens == 0:  # a pure decode step: the run formula, so both modes agree exactly
             return step_time(self.run_coeffs(n), ctx), flops, nbytes
         prof = self.profile
-        if isinstance(prof, LinearProfile):
+        if self._kern is not None:
+            c, mm, cm = self.linear_parts(tokens, n_prefill + n)
+            att = (pairs + ctx) * self._att_c
+            kv = ctx * self._att_m
+            t = self._oh + c + mm + cm + (att if att > kv else kv) + tokens * self._att_m
+        elif isinstance(prof, LinearProfile):
             t = (
                 prof.base_s
                 + prof.prefill_base_s
@@ -304,7 +393,11 @@ class LatencyModel:
         ba = self._weights(n) + self.kvb * n
         bb = self.kvb
         prof = self.profile
-        if isinstance(prof, LinearProfile):
+        if self._kern is not None:
+            c_, m_, cm = self.linear_parts(n, n)
+            base = self._oh + c_ + m_ + cm + n * self._att_m
+            c = RunCoeffs(base, 0.0, self._att_c, 0.0, self._att_m, fa, fb, ba, bb)
+        elif isinstance(prof, LinearProfile):
             a = prof.per_seq_s * n
             c = RunCoeffs(
                 prof.base_s,

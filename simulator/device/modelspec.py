@@ -53,8 +53,17 @@ class ModelSpec:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def kv_dtype_resolved(self) -> str:
+        """The KV cache's dtype: ``kv_dtype``, or when unset the activation dtype (the weight
+        dtype if it is a 16/32-bit float, else bf16: quantized weights keep a 16-bit cache
+        unless told otherwise, like vLLM's kv_cache_dtype='auto')."""
+        if self.kv_dtype:
+            return self.kv_dtype
+        return self.dtype if self.dtype in ("fp32", "bf16", "fp16") else "bf16"
+
+    @property
     def kv_bytes_per_element(self) -> float:
-        return DTYPE_BYTES[self.kv_dtype or self.dtype]
+        return DTYPE_BYTES[self.kv_dtype_resolved]
 
     @property
     def attn_params_per_layer(self) -> int:
@@ -107,6 +116,26 @@ class ModelSpec:
     def kv_bytes_per_token(self) -> float:
         """K and V of one token in every layer."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.kv_bytes_per_element
+
+    def kv_bytes_per_token_tp(self, tp: int) -> float:
+        """K and V of one token summed over the ``tp`` GPUs of a replica: with more GPUs than
+        KV heads each GPU holds one head, so ``tp / n_kv_heads`` replicas of each (vLLM)."""
+        return self.kv_bytes_per_token * max(1.0, tp / self.n_kv_heads)
+
+    def tp_problem(self, tp: int) -> str | None:
+        """Why ``tp``-way tensor parallelism cannot shard this model (vLLM's rule: the query
+        heads divide by tp, and the KV heads either divide by tp or are a divisor of it, so
+        that they can be replicated), or None."""
+        if self.n_heads % tp:
+            return f"does not divide {self.name}'s {self.n_heads} attention heads"
+        kv = self.n_kv_heads
+        if kv % tp and tp % kv:
+            return f"neither divides nor is a multiple of {self.name}'s {kv} KV heads"
+        return None
+
+    def tp_fix(self, tp: int) -> str:
+        ok = [t for t in (1, 2, 4, 8, 16, 32, 64) if self.tp_problem(t) is None]
+        return f"use one of {', '.join(map(str, ok))}"
 
     # ---- FLOPs --------------------------------------------------------------------------
     @property

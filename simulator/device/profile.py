@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetsim.base.errors import UserError
+from fleetsim.device.kernels import kernel_fit_from_dict, kernel_fit_to_dict
 from fleetsim.device.latency import LinearProfile, PowerSpec, Profile, RooflineProfile
 
 FORMAT = "fleetsim-profile/1"
@@ -44,7 +45,13 @@ _ROOFLINE_REQUIRED = (
     "memory_eff",
     "overhead_s",
 )
-_ROOFLINE_OPTIONAL = ("overhead_per_layer_s", "link_bw_bytes_per_s", "link_latency_s")
+_ROOFLINE_OPTIONAL = (
+    "overhead_per_layer_s",
+    "link_bw_bytes_per_s",
+    "link_latency_s",
+    "peak_flops_fp8",
+    "peak_flops_int8",
+)
 _LINEAR_FIELDS = (
     "base_s",
     "prefill_base_s",
@@ -122,6 +129,12 @@ def eff_table_from_json(v: Any, where: str) -> tuple[tuple[float, float], ...] |
     return tuple(out)
 
 
+def _dict(v: Any, where: str) -> dict:
+    if not isinstance(v, dict):
+        raise UserError(f"{where}: 'kernels' must be an object (fix: regenerate the profile)")
+    return v
+
+
 def profile_from_dict(d: Any, where: str = "profile") -> Profile:
     """Build a profile from its JSON object; a UserError names the bad field."""
     if not isinstance(d, dict):
@@ -159,6 +172,11 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
             source=str(d.get("source", "measured")),
             meta=meta,
             compute_eff_table=table,
+            kernels=(
+                None
+                if d.get("kernels") is None
+                else kernel_fit_from_dict(_dict(d["kernels"], where), f"{where} kernels")
+            ),
             **vals,
         )
     if kind == "linear":
@@ -186,7 +204,9 @@ def profile_to_dict(p: Profile, **extra: Any) -> dict:
     d: dict[str, Any] = {"format": FORMAT, "kind": p.kind, "name": p.name}
     if isinstance(p, RooflineProfile):
         for k in _ROOFLINE_REQUIRED + _ROOFLINE_OPTIONAL:
-            d[k] = getattr(p, k)
+            if getattr(p, k) is not None:
+                d[k] = getattr(p, k)
+        d["kernels"] = None if p.kernels is None else kernel_fit_to_dict(p.kernels)
         d["compute_eff_table"] = (
             None if p.compute_eff_table is None else [[t, e] for t, e in p.compute_eff_table]
         )
@@ -198,3 +218,27 @@ def profile_to_dict(p: Profile, **extra: Any) -> dict:
     d.update(p.meta)
     d.update(extra)
     return d
+
+
+def catalog_profile(name: str, entry: dict, power: PowerSpec | None = None) -> RooflineProfile:
+    """The analytic profile of catalog GPU ``name`` from its (possibly overridden) catalog
+    ``entry``, with the committed kernel model (``catalog/kernels.toml``) where it has one."""
+    from fleetsim.device.kernels import catalog_kernel_fit
+
+    return RooflineProfile(
+        name=f"{name}-analytic",
+        peak_flops=entry["peak_flops"],
+        mem_bw_bytes_per_s=entry["mem_bw_bytes_per_s"],
+        mem_bytes=entry["mem_bytes"],
+        compute_eff_max=entry["compute_eff_max"],
+        compute_eff_half_tokens=entry["compute_eff_half_tokens"],
+        memory_eff=entry["memory_eff"],
+        overhead_s=entry["overhead_s"],
+        link_bw_bytes_per_s=entry["link_bw_bytes_per_s"],
+        link_latency_s=entry["link_latency_s"],
+        power=power,
+        source="analytic",
+        peak_flops_fp8=entry.get("peak_flops_fp8"),
+        peak_flops_int8=entry.get("peak_flops_int8"),
+        kernels=catalog_kernel_fit(name),
+    )

@@ -1,0 +1,105 @@
+"""``fleetsim latency``, tensor-parallel validation, KV replication, precision peaks and device
+memory of the catalog."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleetsim.apps.cli import main
+from fleetsim.device import catalog
+from fleetsim.device.latency import LatencyModel, compute_peak
+from fleetsim.device.modelspec import model_from_catalog
+from fleetsim.device.profile import catalog_profile
+
+
+def _json(capsys, *argv: str) -> list[dict]:
+    assert main(["latency", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_decode_rows_add_up_and_grow_with_batch(capsys):
+    rows = _json(
+        capsys, "--gpu", "h100-sxm", "--model", "llama-3.1-70b", "--tp", "4",
+        "--batch", "1,64,256", "--context", "1000",
+    )  # fmt: skip
+    assert [r["tokens"] for r in rows] == [1, 64, 256]
+    assert [r["context_tokens"] for r in rows] == [1000, 64000, 256000]
+    for r in rows:
+        parts = r["compute_s"] + r["memory_s"] + r["comm_s"] + r["overhead_s"]
+        assert parts == pytest.approx(r["total_s"], rel=1e-9)
+        assert r["overhead_s"] == catalog.gpu("h100-sxm")["overhead_s"]
+    assert rows[0]["total_s"] < rows[1]["total_s"] < rows[2]["total_s"]
+    # one sequence: the step streams 141 GB of weights over 4 GPUs at about 3.35 TB/s each
+    w = model_from_catalog("llama-3.1-70b").weight_bytes / (4 * 3.35e12)
+    assert w < rows[0]["memory_s"] < 1.4 * w  # + the floors of ~10 kernels x 80 layers
+
+
+def test_prefill_is_compute_bound_and_fp8_halves_it_on_h100_not_a100(capsys):
+    args = ["--model", "llama-3.1-8b", "--tp", "1", "--prefill-tokens", "8192"]
+    h_bf = _json(capsys, "--gpu", "h100-sxm", *args)[0]
+    h_f8 = _json(capsys, "--gpu", "h100-sxm", *args, "--dtype", "fp8")[0]
+    a_bf = _json(capsys, "--gpu", "a100-80gb", *args)[0]
+    a_f8 = _json(capsys, "--gpu", "a100-80gb", *args, "--dtype", "fp8")[0]
+    assert h_bf["compute_s"] > 5 * h_bf["memory_s"]
+    assert not h_f8["weight_only_quantization"] and a_f8["weight_only_quantization"]
+    assert h_f8["kv_dtype"] == "bf16"
+    # the linear layers run at twice the peak on H100 (attention stays 16-bit) ...
+    assert 0.5 < h_f8["compute_s"] / h_bf["compute_s"] < 0.75
+    # ... and at the same peak on A100 (weight-only)
+    assert a_f8["compute_s"] == pytest.approx(a_bf["compute_s"], rel=0.02)
+
+
+def test_bad_tp_and_unknown_model_are_one_line_errors(capsys):
+    base = ["latency", "--gpu", "h100-sxm", "--batch", "1", "--context", "8"]
+    assert main([*base, "--model", "llama-3.1-70b", "--tp", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "attention heads" in err
+    assert main([*base, "--model", "no-such-model", "--tp", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not in the catalog" in err
+
+
+def test_tp_rule_and_kv_replication():
+    m = model_from_catalog("llama-3.1-70b")  # 64 heads, 8 KV heads
+    assert m.tp_problem(8) is None and m.tp_problem(16) is None  # 16: KV heads replicated
+    assert "attention heads" in (m.tp_problem(3) or "")
+    g = model_from_catalog("gpt3-175b")  # 96 heads, 96 KV heads
+    assert g.tp_problem(12) is None
+    assert "attention heads" in (g.tp_problem(64) or "")
+    import dataclasses
+
+    odd = dataclasses.replace(m, n_heads=48, n_kv_heads=12, d_model=6144)
+    assert "KV heads" in (odd.tp_problem(8) or "")  # 12 % 8 and 8 % 12 are both non-zero
+    assert m.kv_bytes_per_token_tp(8) == m.kv_bytes_per_token
+    assert m.kv_bytes_per_token_tp(16) == 2 * m.kv_bytes_per_token
+
+
+def test_device_memory_is_what_nvidia_smi_reports():
+    mib = {"a100-80gb": 81920, "h100-sxm": 81559, "h200": 143771, "b200": 183359}
+    for gpu, v in mib.items():
+        assert catalog.gpu(gpu)["mem_bytes"] == v * 2**20
+
+
+def test_compute_peak_by_precision():
+    a = catalog_profile("a100-80gb", catalog.gpu("a100-80gb"))
+    h = catalog_profile("h100-sxm", catalog.gpu("h100-sxm"))
+    assert compute_peak(a, "bf16") == (312e12, False)
+    assert compute_peak(a, "int8") == (624e12, False)
+    assert compute_peak(a, "fp8") == (312e12, True)
+    assert compute_peak(h, "fp8") == (1979e12, False)
+    assert compute_peak(h, "int4") == (989e12, True)
+
+
+def test_decode_run_stays_closed_form():
+    """The kernel model keeps the step affine in context: run_sums equals summed steps."""
+    from fleetsim.device.latency import run_sums, step_time
+
+    m = model_from_catalog("llama-3.1-70b")
+    lat = LatencyModel(m, catalog_profile("h100-sxm", catalog.gpu("h100-sxm")), 4)
+    c = lat.run_coeffs(32)
+    t, _, _ = run_sums(c, 32 * 500.0, 32, 50)
+    assert t == pytest.approx(sum(step_time(c, 32 * 500.0 + 32 * i) for i in range(50)), rel=1e-12)
+    it = lat.iteration(0, 0.0, 0, 32, 32 * 500.0)[0]
+    assert it == step_time(c, 32 * 500.0)
