@@ -25,7 +25,7 @@ max_context_tokens = 2048
 """
 
 
-# ---- the simulator side: traffic.trace -------------------------------------------------------------
+# ---- the simulator side: traffic.trace -----------------------------------------------------------
 def test_trace_replay_in_simulator(tmp_path):
     """A timed trace drives simulate(): the same arrivals and sizes, and an isolated request's
     times are the linear profile's closed form."""
@@ -94,7 +94,7 @@ def test_poisson_trace_argument():
         parse_trace_arg("poisson:ten:1", seed=0)
 
 
-# ---- the real engine ---------------------------------------------------------------------------------
+# ---- the real engine -----------------------------------------------------------------------------
 torch = pytest.importorskip("torch")
 
 

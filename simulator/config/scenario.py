@@ -342,7 +342,7 @@ def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
             "(top level)",
             data,
             "a scenario is a table of sections",
-            "start from a scenario in examples/",
+            "start from a scenario in scenarios/ (e.g. scenarios/default.toml)",
             source,
         )
     check_scalar_types(data, Scenario, source)
