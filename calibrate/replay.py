@@ -121,6 +121,12 @@ def parse_trace_arg(arg: str, seed: int) -> list[tuple[float, int, int]]:
             ) from None
         if n < 1 or not (rate > 0 and math.isfinite(rate)) or pm < 1 or om < 1:
             raise UserError(f"--trace {arg!r}: N, RATE, PROMPT and OUTPUT must be positive")
+        if n > MAX_REPLAY_REQUESTS or max(pm, om) > MAX_REPLAY_TOKENS or rate > 1e6:
+            raise UserError(
+                f"--trace {arg!r}: at most {MAX_REPLAY_REQUESTS:,} requests of at most "
+                f"{MAX_REPLAY_TOKENS:,} tokens at <= 1e6 per second (a replay runs the real "
+                "engine on every request; fix: a smaller N)"
+            )
         return poisson_trace(n, rate, pm, om, seed)
     from fleetsim.workload.sampling import read_arrival_trace
 
@@ -252,8 +258,21 @@ def main(argv: list[str] | None = None) -> int:
             f"--profile {args.profile}: no such file (fix: run `fleetsim calibrate` "
             "or leave --profile out to calibrate now)"
         )
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out}: exists and is not a directory")
+    from fleetsim.results.output import RunOutput
+
+    # the folder is checked and locked first; a file there that fleetsim did not write (a
+    # user's own trace.csv) is never overwritten (results/output.py)
+    outp = RunOutput(args.out, mode="add", names=REPLAY_FILES).open()
+    try:
+        rc = _main(args)
+    except BaseException:
+        outp.abort()
+        raise
+    outp.adopt(REPLAY_FILES)
+    return rc
+
+
+def _main(args) -> int:
     trace = parse_trace_arg(args.trace, args.seed)
     try:
         import torch
@@ -287,6 +306,21 @@ def main(argv: list[str] | None = None) -> int:
             f"({spec.max_context_tokens})"
         )
     return run_replay(args, trace, spec, device, torch)
+
+
+REPLAY_FILES = (
+    "trace.csv",
+    "replay.csv",
+    "replay.json",
+    "requests.csv",
+    "iterations.csv",
+    "profile.json",
+    "profile-engine.json",
+    "profile-insample.json",
+)
+# a replay runs the real engine request by request: bounds of a generated trace
+MAX_REPLAY_REQUESTS = 100_000
+MAX_REPLAY_TOKENS = 1_000_000
 
 
 def run_replay(args, trace, spec, device, torch) -> int:

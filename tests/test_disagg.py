@@ -236,3 +236,43 @@ def test_bad_link_and_routers():
     assert e.field == "autoscaler.policy"
     e = _err(disagg(decode={"gpu": "h100-pcie-typo"}))
     assert e.field == "disaggregation.decode.gpu"
+
+
+def test_run_writes_pools_and_the_report_shows_them(tmp_path):
+    """`fleetsim run --report` on a disaggregated scenario: pools.parquet has one row per
+    (hour, pool) and the report lists both pools and the KV traffic."""
+    import pyarrow.parquet as pq
+    from test_plan_disagg import _toml
+
+    from fleetsim.apps.cli import main as cli_main
+
+    sc = tmp_path / "d.toml"
+    sc.write_text(_toml(merge(CASES["two_by_two"], simulation={"hours": 1})))
+    out = tmp_path / "out"
+    assert cli_main(["run", str(sc), "--out", str(out), "--report", "--quiet"]) == 0
+    pt = pq.read_table(out / "pools.parquet")
+    assert pt.num_rows == 2 and pt.column("pool").to_pylist() == ["prefill", "decode"]
+    md = (out / "report.md").read_text()
+    assert "| prefill pool | 2 x TP1 h100-sxm" in md and "| decode pool | 2 x TP1" in md
+    assert "| KV transfers |" in md
+
+
+def test_crossover_points_share_gpus_and_traffic():
+    """Every point of the crossover sweep has the same replicas, GPUs and arrival stream."""
+    from fleetsim.apps.crossover import point, workloads
+
+    data = resolved(CASES["two_by_two"]).scenario.model_dump(mode="json", exclude_none=True)
+    for wl in workloads(data).values():
+        pts = [point(data, wl, "aggregated", 4, 0, 3.0, 2)] + [
+            point(data, wl, "disaggregated", 4, P, 3.0, 2) for P in (1, 2, 3)
+        ]
+        rss = [resolved(p) for p in pts]
+        assert rss[0].pools is None and all(r.pools is not None for r in rss[1:])
+        gpus = [r.scenario.fleet.replicas * r.tp for r in rss[:1]] + [
+            r.pools.prefill.replicas * r.pools.prefill.tp
+            + r.pools.decode.replicas * r.pools.decode.tp
+            for r in rss[1:]
+        ]
+        assert gpus == [4, 4, 4, 4]
+        assert len({r.hourly_rate_per_s for r in rss}) == 1
+        assert len({(r.scenario.traffic.prompt, r.scenario.traffic.output) for r in rss}) == 1

@@ -92,6 +92,21 @@ KEYS = [
     "profile",
     "file",
     "medain",
+    # [autoscaler] and [power] (issue #16: the fuzzing covers the autoscaler sections)
+    "policy",
+    "interval_s",
+    "target_requests_per_replica",
+    "min_replicas",
+    "max_replicas",
+    "initial_replicas",
+    "idle_timeout_s",
+    "replicas_by_hour",
+    "schedule_file",
+    "prewarm",
+    "standby_w",
+    "wake_s",
+    "wake_w",
+    "trace",
 ]
 
 nasty_float = st.sampled_from(
@@ -176,9 +191,30 @@ def _get_parent(d: dict, path: tuple):
     return node
 
 
+# bases with each autoscaler policy: the mutations then reach every [autoscaler] field
+AUTOSCALERS = [
+    None,
+    {"policy": "reactive", "interval_s": 60.0, "target_requests_per_replica": 8.0},
+    {
+        "policy": "reactive",
+        "min_replicas": 0,
+        "max_replicas": 2,
+        "initial_replicas": 1,
+        "idle_timeout_s": 120.0,
+        "prewarm": False,
+    },
+    {"policy": "schedule", "replicas_by_hour": [1] * 12 + [2] * 12},
+]
+POWER = {"pue": 1.2, "standby_w": 10.0, "wake_s": 60.0, "wake_w": 300.0}
+
+
 @st.composite
 def mutant(draw) -> dict:
     d = copy.deepcopy(BASE)
+    auto = draw(st.sampled_from(AUTOSCALERS))
+    if auto is not None:
+        d["autoscaler"] = copy.deepcopy(auto)
+        d["power"] = dict(POWER)
     for _ in range(draw(st.integers(1, 3))):
         paths = _paths(d)
         kind = draw(st.sampled_from(["set", "set", "set", "delete", "extra", "nest", "unnest"]))
@@ -365,3 +401,167 @@ def test_cli_sample(tmp_path_factory):
 def test_cli_sample_long(tmp_path_factory):
     seen = _cli_property(40, tmp_path_factory)
     print(f"\nfuzz (CLI subprocess, long): {seen}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the files a scenario names (issue #16): timed traces, empirical size files, profiles and
+# schedule files, valid ones with random corruption (flipped, inserted and deleted bytes,
+# truncation, hostile tokens: Latin-1, a BOM, 31-digit and 64-bit numbers, deep nesting, NUL).
+# Each goes through scenario_from_dict -> resolve -> simulate: a valid run or one UserError line.
+def _trace_csv() -> bytes:
+    rows = [f"{i * 40.0 + 0.5},{50 + 37 * i % 400},{5 + 11 * i % 60}" for i in range(60)]
+    return ("arrival_s,prompt_tokens,output_tokens\n" + "\n".join(rows) + "\n").encode()
+
+
+def _sizes_csv() -> bytes:
+    rows = [
+        f"2024-05-10 0{i % 10}:00:00,{20 + 53 * i % 1500},{3 + 17 * i % 400}" for i in range(80)
+    ]
+    return ("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n").encode()
+
+
+def _profile_json() -> bytes:
+    return json.dumps(
+        {
+            "format": "fleetsim-profile/1",
+            "kind": "roofline",
+            "name": "fuzz-h100-like",
+            "peak_flops": 9.9e14,
+            "mem_bw_bytes_per_s": 3.35e12,
+            "mem_bytes": 8.0e10,
+            "compute_eff_max": 0.7,
+            "compute_eff_half_tokens": 64.0,
+            "memory_eff": 0.8,
+            "overhead_s": 0.004,
+            "compute_eff_table": [[1, 0.05], [64, 0.4], [4096, 0.7]],
+            "power": {
+                "idle_w": 113,
+                "max_w": 700,
+                "active_w": 67,
+                "compute_w": 600,
+                "memory_w": 200,
+            },
+            "catalog_gpu": "h100-sxm",
+        },
+        indent=1,
+    ).encode()
+
+
+def _schedule_json() -> bytes:
+    return json.dumps(
+        {"gpu": "h100-sxm", "tensor_parallel": 1, "replicas_by_hour": [1] * 8 + [2] * 16}
+    ).encode()
+
+
+FILES = {
+    # kind -> (valid bytes, how the scenario names the file)
+    "trace": (_trace_csv(), lambda d, p: d["traffic"].update(trace=p)),
+    "sizes": (
+        _sizes_csv(),
+        lambda d, p: d["traffic"].update(
+            prompt={"dist": "empirical", "file": p, "column": "ContextTokens"},
+            output={"dist": "empirical", "file": p, "column": "GeneratedTokens"},
+        ),
+    ),
+    "profile": (_profile_json(), lambda d, p: d["hardware"].update(profile=p)),
+    "schedule": (
+        _schedule_json(),
+        lambda d, p: d.update(autoscaler={"policy": "schedule", "schedule_file": p}),
+    ),
+}
+HOSTILE = [
+    b"\xe9",
+    b"\xef\xbb\xbf",
+    b"\x00",
+    b"9" * 31,
+    b"9223372036854775807",
+    b"-1",
+    b"0",
+    b"1e309",
+    b"nan",
+    b"1.5",
+    b"[" * 200,
+    b"{" * 70 + b"}" * 70,
+    b'"',
+    b",",
+    b"\n",
+    b"\r\n",
+    b"x" * 5000,
+]
+
+
+@st.composite
+def corrupted(draw, valid: bytes) -> bytes:
+    data = bytearray(valid)
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "dup-line"]))
+        i = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[i] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[i:i] = draw(st.sampled_from(HOSTILE))
+        elif op == "delete":
+            del data[i : i + draw(st.integers(1, 40))]
+        elif op == "truncate":
+            del data[i:]
+        else:
+            lines = bytes(data).split(b"\n")
+            j = draw(st.integers(0, len(lines) - 1))
+            lines.insert(j, lines[j])
+            data = bytearray(b"\n".join(lines))
+    return bytes(data)
+
+
+@st.composite
+def file_mutant(draw) -> tuple[dict, str, bytes]:
+    kind = draw(st.sampled_from(sorted(FILES)))
+    valid, _ = FILES[kind]
+    d = copy.deepcopy(BASE)
+    if draw(st.booleans()) and kind != "schedule":  # with an autoscaler section as well
+        d["autoscaler"] = copy.deepcopy(draw(st.sampled_from(AUTOSCALERS[1:])))
+        d["power"] = dict(POWER)
+    return d, kind, draw(corrupted(valid))
+
+
+FILE_COUNT = {"cases": 0, "errors": 0, "valid": 0, "simulated": 0}
+
+
+def _file_property(n: int, folder):
+    serial = iter(range(10**9))
+
+    @settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(file_mutant())
+    def check(case):
+        d, kind, data = case
+        path = folder / f"{kind}-{next(serial)}.{'csv' if kind in ('trace', 'sizes') else 'json'}"
+        path.write_bytes(data)  # a fresh name each time (the trace readers cache by path)
+        FILES[kind][1](d, str(path))
+        FILE_COUNT["cases"] += 1
+        out = _outcome(d)  # raises on anything but a run or one clean UserError line
+        FILE_COUNT["errors" if out == "error" else out] += 1
+
+    return check
+
+
+def test_file_mutants_run_or_fail_cleanly(tmp_path):
+    for k in FILE_COUNT:
+        FILE_COUNT[k] = 0
+    _file_property(200, tmp_path)()
+    print(f"\nfuzz (files): {FILE_COUNT}")
+    assert FILE_COUNT["cases"] >= 200
+    assert FILE_COUNT["errors"] > 20 and FILE_COUNT["simulated"] > 20
+
+
+@pytest.mark.slow
+def test_file_mutants_run_or_fail_cleanly_long(tmp_path):
+    for k in FILE_COUNT:
+        FILE_COUNT[k] = 0
+    _file_property(2000, tmp_path)()
+    print(f"\nfuzz (files, long): {FILE_COUNT}")
+    assert FILE_COUNT["cases"] >= 2000

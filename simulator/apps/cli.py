@@ -44,8 +44,8 @@ def _on_second(signum, _frame):
     kill_workers()
     os.write(
         2,
-        f"fleetsim: interrupted again by {signal.Signals(signum).name}; stopped at once "
-        "(any temporary files are removed by the next run into that folder)\n".encode(),
+        f"fleetsim: interrupted by {signal.Signals(signum).name} while stopping; exited at "
+        "once (temporary files, if any, are removed by the next run into that folder)\n".encode(),
     )
     os._exit(128 + signum)
 
@@ -249,6 +249,11 @@ DELEGATED = [
     ("plan", "fleetsim.apps.plan", "find the cheapest fleet that meets the SLO"),
     ("latency", "fleetsim.apps.latency", "predicted time of one iteration and its parts"),
     ("sweep", "fleetsim.apps.sweep", "simulate every point of a parameter grid"),
+    (
+        "crossover",
+        "fleetsim.apps.crossover",
+        "aggregated vs disaggregated cost per SLO-meeting request (one sweep, one figure)",
+    ),
     ("report", "fleetsim.apps.report", "plots and a page for a finished run"),
 ]
 
@@ -260,7 +265,11 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (the signal handlers are restored after)."""
+    """Run the command line; returns the exit code. Called with ``argv`` (in-process use) the
+    signal handlers are restored after; as the program itself (``argv`` None) a signal that
+    arrives after the command, while the interpreter shuts down, still exits at once with
+    128 + signum and one line (it cannot turn into a traceback or a hang)."""
+    top_level = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     delegated = {name: module for name, module, _ in DELEGATED}
     if argv and argv[0] in delegated:
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args)
     finally:
         for s, handler in saved.items():
-            signal.signal(s, handler)
+            signal.signal(s, _on_second if top_level else handler)
 
 
 def _main(args) -> int:

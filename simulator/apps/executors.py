@@ -125,6 +125,7 @@ class LocalExecutor(Executor):
         if self._pool is None:
             import multiprocessing as mp
 
+            _quiet_resource_tracker()
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
             )
@@ -156,6 +157,24 @@ class LocalExecutor(Executor):
             pool.shutdown(wait=True, cancel_futures=True)
             return
         _terminate(pool)
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker with its leak warning off: after a second
+    Ctrl-C the command exits at once (os._exit), and the tracker, which then unlinks the pool's
+    semaphores as it should, would otherwise print a multi-line warning under the one-line
+    message."""
+    from multiprocessing import resource_tracker
+
+    saved = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = "ignore::UserWarning:multiprocessing.resource_tracker"
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = saved
 
 
 def _worker_init() -> None:

@@ -48,6 +48,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.base.io import term
 from fleetsim.base.units import DAY_S, HOUR_S, fmt_num, rotate_to_utc, utc_hour
 from fleetsim.config.scenario import (
     Resolved,
@@ -484,6 +485,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="the SLO must hold in every hour (default) or in the peak-traffic hour",
     )
+    ap.add_argument(
+        "--designs",
+        choices=("aggregated", "disaggregated", "both"),
+        default=None,
+        help="which fleet designs to plan (default: both when the scenario has "
+        "[disaggregation], else aggregated); see apps/plan_disagg.py",
+    )
+    ap.add_argument(
+        "--prefill-gpus",
+        help="disaggregated: candidate GPUs of the prefill pool, comma-separated (default: the "
+        "scenario's)",
+    )
+    ap.add_argument(
+        "--decode-gpus",
+        help="disaggregated: candidate GPUs of the decode pool (default: the scenario's)",
+    )
     ap.add_argument("--out", help="output folder (default out/<scenario name>-plan)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--no-schedule", action="store_true", help="skip the per-hour schedule")
@@ -546,15 +563,19 @@ def plan_fleet(
             )
     pods = scenario_from_dict(data, source).fleet.pods
     table = plan_table(cands, pods)
-    best = next(
-        (
-            c
-            for c in cands
-            if c.replicas
-            and c.gpu == table["gpu"][0].as_py()
-            and c.tp == table["tensor_parallel"][0].as_py()
-        ),
-        None,
+    best = (
+        next(
+            (
+                c
+                for c in cands
+                if c.replicas
+                and c.gpu == table["gpu"][0].as_py()
+                and c.tp == table["tensor_parallel"][0].as_py()
+            ),
+            None,
+        )
+        if table.num_rows
+        else None
     )
     sched = None
     if best is not None and schedule:
@@ -597,8 +618,29 @@ def main(argv: list[str]) -> int:
         else list(dict.fromkeys([sc.hardware.gpu, "h200"]))
     )
     tps = parse_list("--tp", args.tp, int) if args.tp else list(DEFAULT_TPS)
-    cands = make_candidates(data, sc, gpus, tps, args.scenario)
-    outp = open_output(args, Path(args.scenario).stem + "-plan", ("plan.parquet", "schedule.json"))
+    dis_sec = sc.disaggregation
+    designs = args.designs or ("both" if dis_sec is not None else "aggregated")
+    agg_data = {k: v for k, v in data.items() if k != "disaggregation"}
+    cands = (
+        make_candidates(agg_data, sc, gpus, tps, args.scenario)
+        if designs != "disaggregated"
+        else []
+    )
+    dcands = []
+    if designs != "aggregated":
+        from fleetsim.apps.plan_disagg import make_disagg_candidates
+
+        def pool_gpu(pool: str) -> str:
+            sec = getattr(dis_sec, pool) if dis_sec is not None else None
+            return sec.gpu if sec is not None and sec.gpu else sc.hardware.gpu
+
+        pg = parse_list("--prefill-gpus", args.prefill_gpus) if args.prefill_gpus else None
+        dg = parse_list("--decode-gpus", args.decode_gpus) if args.decode_gpus else None
+        dcands = make_disagg_candidates(
+            data, pg or [pool_gpu("prefill")], dg or [pool_gpu("decode")], args.scenario
+        )
+    names = ("plan.parquet", "schedule.json") + (("plan_disaggregated.parquet",) if dcands else ())
+    outp = open_output(args, Path(args.scenario).stem + "-plan", names)
     console = Console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
     with (
@@ -606,15 +648,37 @@ def main(argv: list[str]) -> int:
         task_progress(f"plan ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
     ):
         table, sched = plan_fleet(
-            data,
+            agg_data,
             args.scenario,
             slo,
             cands,
             ex,
             hooks,
             schedule=not args.no_schedule,
-            log=console.print,
+            log=lambda text: console.print(term(text, 400)),  # (user text: escaped)
         )
+        dtable = None
+        if dcands:
+            from fleetsim.apps.plan_disagg import DisaggPlanner, disagg_table
+
+            dplanner = DisaggPlanner(
+                Planner(agg_data, args.scenario, slo, ex, hooks), search_min, backlog_ok
+            )
+            for dc in dcands:
+                if dc.rs is None:
+                    continue
+                hooks.describe(f"plan disaggregated {dc.label}")
+                dplanner.plan(dc)
+                console.print(
+                    f"disaggregated {dc.label}: "
+                    + (
+                        f"{dc.prefill} prefill + {dc.decode} decode replicas per pod "
+                        f"({dc.probes} probes)"
+                        if dc.day is not None
+                        else dc.problem
+                    )
+                )
+            dtable = disagg_table(dcands, sc.fleet.pods)
     wall = time.perf_counter() - t0
     meta = provenance(
         rs,
@@ -630,12 +694,19 @@ def main(argv: list[str]) -> int:
     write_table_atomic(table, outp.path("plan.parquet"), meta)
     if sched is not None:
         write_text_atomic(json.dumps(sched, indent=1) + "\n", outp.path("schedule.json"))
+    if dtable is not None:
+        write_table_atomic(dtable, outp.path("plan_disaggregated.parquet"), meta)
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     if not args.quiet:
         wide = Console() if Console().is_terminal else Console(width=160)
-        print_plan(table, slo, sched, wide)
+        if cands:
+            print_plan(table, slo, sched, wide)
+        if dtable is not None:
+            from fleetsim.apps.plan_disagg import print_designs
+
+            print_designs(table if cands else None, dtable, slo, wide)
         Console().print(
-            f"wrote {path}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
+            f"wrote {term(path)}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
         )
     return 0
 
@@ -671,7 +742,7 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
     for r in table.to_pylist():
         tab.add_row(
             f(r["rank"], "d"),
-            r["gpu"],
+            term(r["gpu"]),
             str(r["tensor_parallel"]),
             f(r["replicas"], "d"),
             f(r["gpus"], ",d"),
@@ -683,13 +754,13 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
             f(r["wh_per_request"], ".3f"),
             f(r["worst_hour_ttft_p99_s"], ".3f"),
             f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
-            r["status"],
+            term(r["status"]),
         )
     c.print(tab)
     c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
     for r in table.to_pylist():
         if r["problem"]:
-            c.print(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}")
+            c.print(term(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}", 400))
     if sched:
         c.print(
             f"schedule ({sched['gpu']} TP{sched['tensor_parallel']}), replicas per pod by "

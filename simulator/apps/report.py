@@ -49,13 +49,14 @@ class RunData:
     name: str = "run"
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    pools: Any = None  # pools.parquet of a disaggregated run (a pyarrow Table), or None
 
 
 def _from_result(res) -> RunData:
     t = res.hourly
     cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
     cfg = json.loads(res.scenario.model_dump_json())
-    return RunData(cols, res.totals, cfg, res.scenario.name)
+    return RunData(cols, res.totals, cfg, res.scenario.name, pools=res.pools)
 
 
 REQUIRED_COLUMNS = (
@@ -133,7 +134,55 @@ def _from_dir(out_dir: Path) -> RunData:
             cfg = json.loads(scenario_from_dict(cfg, where).model_dump_json())
         except UserError:
             cfg = None
-    return RunData(cols, totals, cfg, name)
+    pools = None
+    if (out_dir / "pools.parquet").is_file():  # a disaggregated run
+        try:
+            pools = pq.read_table(
+                pa.BufferReader(io.read_bytes(out_dir / "pools.parquet", "", io.MAX_TRACE_BYTES))
+            )
+        except Exception as exc:
+            raise UserError(
+                f"{io.clean(str(out_dir / 'pools.parquet'))}: cannot read it as Parquet "
+                f"({io.clean(str(exc), 120)})"
+            ) from None
+    return RunData(cols, totals, cfg, name, pools=pools)
+
+
+def pool_lines(d: RunData) -> list[tuple[str, str]]:
+    """The pools of a disaggregated run and the KV traffic between them, as (label, text)."""
+    if d.pools is None:
+        return []
+    from fleetsim.results.summary import pool_day_totals
+
+    try:
+        pt = pool_day_totals(d.pools)
+        df = d.pools.to_pandas()
+    except Exception as exc:  # a pools.parquet that is not fleetsim's
+        raise UserError(f"pools.parquet: not a fleetsim pools table ({exc})") from None
+    out = []
+    hours = max(1, int(df["hour"].max()) + 1)
+    for name, t in pt.items():
+        g = df[df.pool == name].iloc[0]
+        out.append(
+            (
+                f"{name} pool",
+                f"{int(g.replicas)} x TP{int(g.tensor_parallel)} {g.gpu}: "
+                f"{t['gpu_hours']:,.1f} GPU-h, busy {t['utilization']:.1%}, "
+                f"{t['energy_facility_kwh']:,.1f} kWh, $ {t['total_cost_usd']:,.2f} "
+                f"(energy $ {t['energy_cost_usd']:,.2f}, hardware $ {t['hardware_cost_usd']:,.2f})",
+            )
+        )
+    x = pt.get("prefill", {})
+    if x:
+        out.append(
+            (
+                "KV transfers",
+                f"{x['kv_transfers']:,.0f} requests, {x['kv_transfer_bytes'] / 1e9 / hours:,.1f} "
+                f"GB per hour; mean {x['kv_transfer_mean_s'] * 1e3:.2f} ms, worst hour's p99 "
+                f"{x['kv_transfer_worst_hour_p99_s'] * 1e3:.2f} ms",
+            )
+        )
+    return out
 
 
 def plain(text: str) -> str:
@@ -151,7 +200,7 @@ def for_plot(text: str) -> str:
 def for_markdown(text: str) -> str:
     """User text for Markdown: HTML escaped and Markdown punctuation backslash-escaped."""
     out = html.escape(plain(text), quote=False)
-    return "".join("\\" + ch if ch in "\\`*_{}[]()#+-.!|~<>" else ch for ch in out)
+    return "".join("\\" + ch if ch in "\\`*_{}[]()#+-.!|~<>$" else ch for ch in out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +464,7 @@ _EXPLAIN = (
 
 def render_markdown(d: RunData, a: dict[str, Any]) -> str:
     lines = [f"# fleetsim report: {for_markdown(d.name)}", "", "| figure | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in _rows(d, a)]
+    lines += [f"| {k} | {v} |" for k, v in _rows(d, a) + pool_lines(d)]
     lines += ["", _EXPLAIN, ""]
     for p in PLOTS:
         lines += [f"![{p}]({p}.png)", ""]
@@ -424,7 +473,8 @@ def render_markdown(d: RunData, a: dict[str, Any]) -> str:
 
 def render_html(d: RunData, a: dict[str, Any], pngs: dict[str, bytes]) -> str:
     rows = "\n".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _rows(d, a)
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+        for k, v in _rows(d, a) + pool_lines(d)
     )
     imgs = "\n".join(
         f'<p><img alt="{p}" src="data:image/png;base64,{base64.b64encode(pngs[p]).decode()}"></p>'

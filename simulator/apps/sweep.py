@@ -29,6 +29,7 @@ from fleetsim.apps.executors import (
     task_progress,
 )
 from fleetsim.base.errors import UserError
+from fleetsim.base.io import term
 from fleetsim.base.units import fmt_num
 from fleetsim.config.scenario import (
     apply_overrides,
@@ -249,7 +250,7 @@ def main(argv: list[str]) -> int:
     )
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     if not args.quiet:
-        tab = Table(title=f"sweep of {args.scenario}: {table.num_rows} points")
+        tab = Table(title=f"sweep of {term(args.scenario)}: {table.num_rows} points")
         shown = [k for k, _ in axes] + [
             "requests",
             "total_cost_usd",
@@ -260,13 +261,14 @@ def main(argv: list[str]) -> int:
             "slo_attainment",
         ]
         for c in shown:
-            tab.add_column(c, justify="right")
+            tab.add_column(term(c), justify="right")
         for row in table.select(shown).to_pylist():
             tab.add_row(*(_fmt(row[c]) for c in shown))
         Console().print(tab)
-        Console().print(f"wrote {path} in {wall:.1f} s")
+        Console().print(f"wrote {term(path)} in {wall:.1f} s")
     return 0
 
 
 def _fmt(v: object) -> str:
-    return fmt_num(v, ",.4g" if isinstance(v, float) else ",")
+    s = fmt_num(v, ",.4g" if isinstance(v, float) else ",")
+    return s if isinstance(v, (int, float)) else term(s)  # a grid value is user text: escaped

@@ -193,3 +193,11 @@ def parse_toml(text: str, where: str) -> dict:
         return tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError, ValueError) as exc:
         raise UserError(f"{where}: not valid TOML: {clean(str(exc), 160)}") from None
+
+
+def term(text: object, limit: int = 200) -> str:
+    """User text for a rich console: control characters escaped (:func:`clean`) and console
+    markup escaped, so that ``"[/]oops"`` or ``"[red]x[/red]"`` prints as written."""
+    from rich.markup import escape
+
+    return escape(clean(str(text), limit))

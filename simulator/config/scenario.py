@@ -153,9 +153,9 @@ class PowerSection(_Section):
     ``wake_w`` during a cold start: the GPU's loaded idle draw when unset."""
 
     pue: Annotated[float, Field(ge=1.0, le=5.0)] = 1.2
-    standby_w: NonNegFloat = 10.0
-    wake_s: NonNegFloat = 60.0
-    wake_w: NonNegFloat | None = None
+    standby_w: Watts = 10.0
+    wake_s: Annotated[float, bound(0, 86400.0)] = 60.0  # a cold start longer than a day is a typo
+    wake_w: Watts | None = None
 
 
 class AutoscalerSection(_Section):
@@ -168,12 +168,13 @@ class AutoscalerSection(_Section):
     ) = None
     schedule_file: str | None = None
     prewarm: bool = True
-    interval_s: PosFloat = 30.0
-    target_requests_per_replica: PosFloat = 32.0
-    min_replicas: Annotated[int, Field(ge=0)] = 1
-    max_replicas: Annotated[int, Field(ge=1)] | None = None
-    initial_replicas: Annotated[int, Field(ge=0)] | None = None
-    idle_timeout_s: NonNegFloat = 600.0
+    interval_s: Annotated[float, bound(0, 86400.0, strict_lo=True)] = 30.0
+    # (at least 1e-3 requests per replica: 5e-324 would overflow the replica count)
+    target_requests_per_replica: Annotated[float, bound(1e-3, 1e9)] = 32.0
+    min_replicas: Annotated[int, Field(ge=0, le=100_000)] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    initial_replicas: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    idle_timeout_s: Annotated[float, bound(0, 1e7)] = 600.0
 
 
 class CostSection(_Section):
@@ -420,9 +421,113 @@ class Resolved:
         return LatencyModel(self.model, self.profile, self.tp)
 
 
+# ---------------------------------------------------------------------------------------------
+# The work budget of one run (check_work). Memory: a request held by a pod costs ~150 bytes (its
+# Request object and its slots in the hour's arrival lists and the queue). Time: the engines
+# simulate ~2e4 requests per second on one core (bench/bench_speed.py, README).
+MAX_ARRIVALS_PER_POD_HOUR = 2_000_000  # one hour of a pod's arrivals is generated at once (~0.3 GB)
+MAX_ARRIVALS_PER_POD = 20_000_000  # an overloaded pod holds every arrival not yet served (~3 GB)
+MAX_SIMULATED_ARRIVALS = 100_000_000  # all simulated pods together: ~1.5 h of one core
+MAX_SIMULATED_POD_HOURS = 200_000  # per-pod-hour summaries (a few kB each) and set-up time
+MAX_AUTOSCALER_TICKS = 20_000_000  # reactive autoscaler ticks, all simulated pods together
+MAX_ITERATIONS = 2_000_000_000  # engine iterations (iteration engine), an upper estimate
+
+
+def check_work(
+    sc: Scenario,
+    rates: tuple[float, ...],
+    lat: LatencyModel,
+    src: str,
+    trace_rows: int | None = None,
+) -> None:
+    """Refuse a scenario whose work (arrivals per pod-hour and per pod, pods and pod-hours
+    simulated, autoscaler ticks, engine iterations) exceeds the budget above, before anything
+    is generated; the message says how to get the same answer within it."""
+    f, hours = sc.fleet, sc.simulation.hours
+    sim_pods = min(f.sample_pods or f.pods, f.pods)
+    hint_pods = (
+        "set fleet.sample_pods (e.g. 16: pods are exchangeable, the totals are scaled and get a "
+        "confidence interval)"
+    )
+    if sim_pods * hours > MAX_SIMULATED_POD_HOURS:
+        raise ScenarioError(
+            "fleet.sample_pods" if f.sample_pods else "fleet.pods",
+            f.sample_pods or f.pods,
+            f"{sim_pods:,} simulated pods x {hours:,} hours = {sim_pods * hours:,} pod-hours, "
+            f"above the budget of {MAX_SIMULATED_POD_HOURS:,}",
+            f"{hint_pods}, or simulate fewer hours",
+            src,
+        )
+    if trace_rows is not None:  # a timed trace: its rows, split over the pods
+        per_pod = trace_rows / f.pods
+        peak_pod_hour = 0.0
+    else:
+        per_pod = sum(rates[h % 24] for h in range(hours)) * HOUR_S / f.pods
+        peak_pod_hour = max(rates) * HOUR_S / f.pods
+    if peak_pod_hour > MAX_ARRIVALS_PER_POD_HOUR:
+        raise ScenarioError(
+            "traffic.requests_per_day",
+            sc.traffic.requests_per_day,
+            f"the busiest hour brings {peak_pod_hour:.3g} requests to each of the "
+            f"{f.pods} pod(s), above the budget of {MAX_ARRIVALS_PER_POD_HOUR:,} per pod-hour "
+            "(one hour of a pod's arrivals is held in memory)",
+            "split the fleet into more, smaller pods (fleet.pods, and fleet.sample_pods to "
+            "simulate a few of them) or lower the rate",
+            src,
+        )
+    if per_pod > MAX_ARRIVALS_PER_POD:
+        raise ScenarioError(
+            "simulation.hours",
+            hours,
+            f"each pod gets {per_pod:.3g} requests over the run, above the budget of "
+            f"{MAX_ARRIVALS_PER_POD:,} (an overloaded pod holds every request it has not served)",
+            f"simulate fewer hours (e.g. {max(1, int(hours * MAX_ARRIVALS_PER_POD / per_pod))}), "
+            "or "
+            "split the fleet into more, smaller pods with fleet.sample_pods",
+            src,
+        )
+    total = per_pod * sim_pods
+    if total > MAX_SIMULATED_ARRIVALS:
+        raise ScenarioError(
+            "fleet.sample_pods" if f.sample_pods else "simulation.hours",
+            f.sample_pods or hours,
+            f"{total:.3g} requests would be simulated, above the budget of "
+            f"{MAX_SIMULATED_ARRIVALS:,} (about 1.5 hours of one core)",
+            f"{hint_pods} with fewer pods, or simulate fewer hours",
+            src,
+        )
+    a = sc.autoscaler
+    if a.policy == "reactive":
+        ticks = hours * HOUR_S / a.interval_s * sim_pods
+        if ticks > MAX_AUTOSCALER_TICKS:
+            need = hours * HOUR_S * sim_pods / MAX_AUTOSCALER_TICKS
+            raise ScenarioError(
+                "autoscaler.interval_s",
+                a.interval_s,
+                f"{ticks:.3g} autoscaler ticks over the run, above the budget of "
+                f"{MAX_AUTOSCALER_TICKS:,}",
+                f"a coarser interval (>= {need:.3g} s; 30 s is typical), fewer hours or "
+                "fewer simulated pods",
+                src,
+            )
+    if sc.simulation.engine == "iteration":
+        t_min = lat.decode_time(1, 1)  # the shortest iteration the profile allows
+        by_time = f.replicas * sim_pods * hours * HOUR_S / max(t_min, 1e-12)
+        max_out = float(sc.traffic.output.max_tokens({})) if trace_rows is None else 1e9
+        by_tokens = total * (1.0 + max_out)
+        its = min(by_time, by_tokens)
+        if its > MAX_ITERATIONS:
+            raise ScenarioError(
+                "simulation.engine",
+                sc.simulation.engine,
+                f"up to {its:.3g} engine iterations (shortest iteration {t_min:.3g} s), above "
+                f"the budget of {MAX_ITERATIONS:,}",
+                'use engine = "macro", fewer hours or fewer simulated pods',
+                src,
+            )
+
+
 # shape of the diurnal curves (hourly weights, normalised to mean 1 when used)
-# Arrivals of one pod-hour are generated at once (~100 bytes each): 1e7 bounds that at ~1 GB.
-MAX_ARRIVALS_PER_POD_HOUR = 10_000_000
 
 
 def diurnal_weights(d: list[float] | str) -> list[float]:
@@ -522,6 +627,18 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         compute_w=entry["compute_w"],
         memory_w=entry["memory_w"],
     )
+    from fleetsim.device.profile import power_problem
+
+    bad = power_problem(power)  # idle <= busy <= 1.5 x TDP (device/profile.py)
+    if bad is not None:
+        fld = {"max_w": "tdp_w"}.get(bad[0], bad[0])
+        raise ScenarioError(
+            f"hardware.{fld}",
+            bad[1],
+            bad[2],
+            "check the hardware power fields (watts per GPU) against the GPU's TDP",
+            src,
+        )
     sha = ""
     if hw.profile:
         ppath = Path(hw.profile)
@@ -584,7 +701,8 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             tp,
             f"{model.name} weights need {model.weight_bytes / 1e9:.1f} GB but a replica has "
             f"{usable / 1e9:.1f} GB usable ({tp} x {profile.mem_bytes / 1e9:.0f} GB x "
-            f"{sc.fleet.gpu_memory_utilization}); {(model.weight_bytes - usable) / 1e9:.1f} GB missing",
+            f"{sc.fleet.gpu_memory_utilization}); "
+            f"{(model.weight_bytes - usable) / 1e9:.1f} GB missing",
             tp_fix,
             src,
         )
@@ -595,12 +713,18 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     for d in (tr.prompt, tr.output):
         if isinstance(d, Empirical):
             trace_max.update(trace_columns_max(d.file, src))
+            if d.column not in trace_max:  # (checked here, before anything is simulated)
+                from fleetsim.workload.sampling import _trace_column
+
+                _trace_column(d, src)
     max_req = tr.prompt.max_tokens(trace_max) + tr.output.max_tokens(trace_max)
     pmax = tr.prompt.max_tokens(trace_max)
+    trace_rows: int | None = None
     if tr.trace:  # a timed trace replaces the size distributions: check its own requests
         from fleetsim.workload.sampling import _resolve_path, read_arrival_trace
 
         _, tp_, to_ = read_arrival_trace(str(_resolve_path(tr.trace, src)))
+        trace_rows = len(tp_)
         max_req, pmax = int((tp_ + to_).max()), int(tp_.max())
     big_field, big_value = _longest_field(tr, trace_max)
     if max_req > kv_tokens:
@@ -644,18 +768,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             "use a finite rate",
             src,
         )
-    peak_pod_hour = max(rates) * HOUR_S / sc.fleet.pods
-    if peak_pod_hour > MAX_ARRIVALS_PER_POD_HOUR:
-        raise ScenarioError(
-            "traffic.requests_per_day",
-            tr.requests_per_day,
-            f"the busiest hour brings {peak_pod_hour:.3g} requests to each of the "
-            f"{sc.fleet.pods} pod(s), above the limit of {MAX_ARRIVALS_PER_POD_HOUR:,} per pod-hour "
-            "(one hour of a pod's arrivals is held in memory)",
-            "split the fleet into more, smaller pods (fleet.pods, and fleet.sample_pods to simulate "
-            "a few of them) or lower the rate",
-            src,
-        )
+    check_work(sc, rates, LatencyModel(model, profile, tp), src, trace_rows)
 
     # Every 24-value profile is given by UTC hour of day. The engine indexes by simulation hour
     # (h % 24), so rotate them to start at the scenario's starting hour.

@@ -65,13 +65,57 @@ _LINEAR_FIELDS = (
 _POWER_FIELDS = ("idle_w", "max_w", "active_w", "compute_w", "memory_w")
 
 
+# Upper bounds of profile fields: orders of magnitude above any device, so that every product
+# in the latency and energy model stays finite (times in seconds per iteration or per token).
+_MAX = {  # (rates up to 1e30: tests use "infinitely fast" profiles; work / 1e30 stays > 0)
+    "peak_flops": 1e30,
+    "mem_bw_bytes_per_s": 1e30,
+    "mem_bytes": 1e15,
+    "link_bw_bytes_per_s": 1e30,
+    "compute_eff_max": 1.5,
+    "memory_eff": 1.5,
+    "compute_eff_half_tokens": 1e9,
+}
+_MAX_TIME_S = 3600.0  # any *_s field: one iteration, or one token's share of it
+
+
 def _num(d: dict, key: str, where: str, *, positive: bool = False) -> float:
     v = d.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise UserError(f"{where}: field {key!r} = {v!r} must be a finite non-negative number")
+    hi = _MAX.get(key, _MAX_TIME_S if key.endswith("_s") else math.inf)
+    if v > hi:
+        raise UserError(f"{where}: field {key!r} = {v!r} is above the limit {hi:g}")
     if positive and v <= 0:
         raise UserError(f"{where}: field {key!r} = {v!r} must be positive")
     return float(v)
+
+
+# A GPU's board power limit is its TDP; its draw stays under it. The linear model's busy power
+# with every term at full use (idle + active + compute + memory, u_c = u_m = 1, which no real
+# iteration reaches together) is an upper envelope: the catalog entries (device/catalog) sit at
+# 1.82-1.88 x TDP. Twice TDP is the stated ceiling; anything above is a unit or typing mistake.
+MAX_BUSY_OVER_TDP = 2.0
+MAX_POWER_W = 1e5  # per GPU: a B200 is 1.2 kW
+
+
+def power_problem(p: PowerSpec) -> tuple[str, float, str] | None:
+    """The first physical impossibility of a power model: (field, value, problem), or None.
+    Checks idle <= TDP (``max_w``), idle <= busy, and busy (idle + active + compute + memory,
+    at full use) <= MAX_BUSY_OVER_TDP x TDP."""
+    busy = p.idle_w + p.active_w + p.compute_w + p.memory_w
+    if p.max_w <= 0:
+        return "max_w", p.max_w, "must be positive"
+    if p.idle_w > p.max_w:
+        return "idle_w", p.idle_w, f"idle power above the maximum (TDP {p.max_w:g} W)"
+    if busy > MAX_BUSY_OVER_TDP * p.max_w:
+        return (
+            "active_w",
+            p.active_w,
+            f"busy power at full use ({busy:g} W = idle + active + compute + memory) is above "
+            f"{MAX_BUSY_OVER_TDP:g} x TDP ({p.max_w:g} W)",
+        )
+    return None
 
 
 def power_from_dict(d: dict | None, where: str) -> PowerSpec | None:
@@ -83,7 +127,14 @@ def power_from_dict(d: dict | None, where: str) -> PowerSpec | None:
     for k in ("idle_w", "max_w"):
         if k not in vals:
             raise UserError(f"{where}: power.{k} is missing")
-    return PowerSpec(**vals)
+    for k, v in vals.items():
+        if v > MAX_POWER_W:
+            raise UserError(f"{where}: power.{k} = {v!r} W is above {MAX_POWER_W:g} W per GPU")
+    spec = PowerSpec(**vals)
+    bad = power_problem(spec)
+    if bad is not None:
+        raise UserError(f"{where}: power.{bad[0]} = {bad[1]!r}: {bad[2]}")
+    return spec
 
 
 def eff_table_from_json(v: Any, where: str) -> tuple[tuple[float, float], ...] | None:

@@ -192,6 +192,9 @@ OUTPUT_NAMES = frozenset(
         "requests.parquet",
         "sweep.parquet",
         "plan.parquet",
+        "plan_disaggregated.parquet",
+        "crossover.parquet",
+        "crossover.png",
         "schedule.json",
         "cost.png",
         "power.png",
@@ -519,6 +522,23 @@ class RunOutput:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return [out / n for n in names if n != MANIFEST_NAME]
+
+    def adopt(self, names: Iterable[str]) -> None:
+        """For a command that writes its files straight into the folder (``replay``: each file
+        atomic, the set not): list ``names`` in the manifest, so that they count as fleetsim's,
+        and release the folder."""
+        old = [n for n in _manifest(self.out) if (self.out / n).is_file()]
+        keep = sorted(set(old) | {n for n in names if (self.out / n).is_file()})
+        write_text_atomic(json.dumps({"files": keep}, indent=1) + "\n", self.out / MANIFEST_NAME)
+        if self.stage is not None:
+            _remove(self.stage)
+            self.stage = None
+        self._created = []
+        self.state = "committed"
+        LAST.update(out=str(self.out), state="committed")
+        self._unlock()
+        with contextlib.suppress(ValueError):
+            _OPEN.remove(self)
 
     def abort(self) -> None:
         """Drop the staged files and the lock; the folder is as it was before :meth:`open`."""

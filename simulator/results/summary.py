@@ -8,6 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from fleetsim.base.io import term
 from fleetsim.base.units import HOUR_S, fmt_num
 from fleetsim.results.result import Result
 
@@ -136,9 +137,9 @@ def print_summary(res: Result, console: Console | None = None) -> None:
             f"{p.name} {p.replicas} x TP{p.tp} {p.gpu_name}" for p in (ps.prefill, ps.decode)
         )
         fleet += f", KV over {ps.link.name}"
-    c.print(
-        f"[bold]{sc.name}[/bold]: {rs.model.name} ({rs.model.dtype}) on {fleet}; "
-        f"{hours} h, seed {sc.seed}, profile {rs.profile_id}"
+    c.print(  # user text is escaped for the console (names are data, not markup)
+        f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({rs.model.dtype}) on "
+        f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}"
     )
     if res.scale != 1:
         c.print(
@@ -232,7 +233,12 @@ def print_summary(res: Result, console: Console | None = None) -> None:
 def pool_totals(res: Result) -> dict[str, dict[str, float]]:
     """The day's figures of each pool of a disaggregated fleet, and of the KV link."""
     assert res.pools is not None
-    df = res.pools.to_pandas()
+    return pool_day_totals(res.pools)
+
+
+def pool_day_totals(pools) -> dict[str, dict[str, float]]:
+    """:func:`pool_totals` of a ``pools.parquet`` table."""
+    df = pools.to_pandas()
     out: dict[str, dict[str, float]] = {}
     for name, g in df.groupby("pool", sort=False):
         d = {

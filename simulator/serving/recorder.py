@@ -45,7 +45,7 @@ def _hist(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
 
 class SparseHist:
     """A log-histogram kept as its non-empty span (first bin + int32 counts; a pod-hour has at most
-    MAX_ARRIVALS_PER_POD_HOUR = 1e7 requests). A dense histogram is 3 x 48 kB per pod-hour, which
+    MAX_ARRIVALS_PER_POD_HOUR = 2e6 requests). A dense histogram is 3 x 48 kB per pod-hour, which
     made memory grow by ~3.5 MB per simulated day; the span of real latencies is a few hundred
     bins. It behaves as the dense array where one is needed: ``np.asarray(h)``, ``h + other``,
     ``sum(hists)``, ``np.sum(hists, axis=0)``."""

@@ -1,0 +1,376 @@
+"""``fleetsim crossover``: where does disaggregated serving beat aggregated serving?
+
+One sweep, on one GPU budget. The scenario's fleet of N replicas (N = prefill + decode replicas
+of its ``[disaggregation]`` section, or ``fleet.replicas``) serves two workloads:
+
+* **short**: the scenario's own request sizes (the default scenarios: the Azure 2023
+  conversation trace's lognormal fit, mean prompt ~1.7k tokens);
+* **long**: the Mooncake conversation trace (Qin et al., FAST'25; shared/data/mooncake-2025,
+  12,031 requests): a lognormal fitted to its input and output lengths (input median 6,909,
+  log-sigma 1.199, mean 12,035; output median 350, log-sigma 1.358), prompts capped at 32,768
+  tokens (6.9% of the trace's prompts are longer) with ``max_batched_tokens`` raised to match.
+  Its prefix reuse (~37% of prompt tokens) is **not** used: this engine has no prefix cache.
+
+Each workload arrives as a flat Poisson stream for ``--hours`` hours at ``--load`` times the
+aggregated fleet's measured capacity (its completions per second, after the warm-up, when
+offered 1.5 x the planner's optimistic throughput bound: a saturated run). The same stream (same
+seed) is served by the aggregated fleet of N replicas and by every disaggregated split
+P + D = N (P = 1 .. N - 1), each with the scenario's link. Requests arriving in the first half
+hour are not judged (warm-up).
+
+For a grid of latency targets (TTFT = f x the unloaded prefill time of the workload's mean
+prompt, TPOT = g x the unloaded decode step of one sequence at the mean context), the **cost per
+SLO-meeting request** of a design is the run's total cost divided by the number of judged
+requests that completed with both TTFT <= target and TPOT <= target (requests still in flight
+at the end do not meet it). For the disaggregated design the best split is taken in every cell.
+Both designs own the same GPUs, so the hardware cost is equal and the ratio is essentially the
+ratio of goodputs, DistServe's figure of merit.
+
+Outputs: ``crossover.parquet`` (one row per workload x design x split x target cell) and
+``crossover.png`` (per workload, the heat map of disaggregated / aggregated cost per
+SLO-meeting request over the two targets: below 1, disaggregation wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fleetsim.apps.executors import add_executor_args, make_executor, task_progress
+from fleetsim.base.errors import UserError
+from fleetsim.config.scenario import apply_overrides, read_toml, resolve, scenario_from_dict
+
+# Mooncake conversation trace (FAST'25), lognormal fit computed from its 12,031 requests:
+# log-mean/log-sigma of input_length and output_length (median = exp(log-mean)).
+MOONCAKE_PROMPT = {"dist": "lognormal", "median": 6909, "sigma": 1.199, "min": 891, "max": 32768}
+MOONCAKE_OUTPUT = {"dist": "lognormal", "median": 350, "sigma": 1.358, "min": 1, "max": 2000}
+FACTORS = (1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
+WARMUP_S = 1800.0
+
+
+def workloads(data: dict) -> dict[str, dict]:
+    """The two workloads as traffic sections (and the fleet's token budget)."""
+    tr = dict(data.get("traffic", {}))
+    short = {"prompt": tr.get("prompt"), "output": tr.get("output")}
+    short = {k: v for k, v in short.items() if v is not None}
+    return {
+        "short": {"traffic": short, "max_batched_tokens": None},
+        "long": {
+            "traffic": {"prompt": MOONCAKE_PROMPT, "output": MOONCAKE_OUTPUT},
+            "max_batched_tokens": 32768,
+        },
+    }
+
+
+def point(data: dict, wl: dict, design: str, n: int, P: int, rate: float, hours: int) -> dict:
+    """The scenario dict of one point."""
+    d = copy.deepcopy(data)
+    d.setdefault("simulation", {})["hours"] = hours
+    d["traffic"] = {**d.get("traffic", {}), **wl["traffic"]}
+    d["traffic"]["diurnal"] = "flat"
+    d["traffic"]["requests_per_day"] = rate * 86400.0
+    d["traffic"].pop("trace", None)
+    d.setdefault("fleet", {})
+    d["fleet"]["pods"] = 1
+    d["fleet"].pop("sample_pods", None)
+    if wl["max_batched_tokens"]:
+        d["fleet"]["max_batched_tokens"] = max(
+            wl["max_batched_tokens"], d["fleet"].get("max_batched_tokens") or 0
+        )
+    d.setdefault("autoscaler", {})["policy"] = "static"
+    dis = d.pop("disaggregation", None) or {}
+    if design == "aggregated":
+        d["fleet"]["replicas"] = n
+        return d
+    dis = {k: copy.deepcopy(v) for k, v in dis.items() if v is not None}
+    for pool, r in (("prefill", P), ("decode", n - P)):
+        sec = {k: v for k, v in (dis.get(pool) or {}).items() if v is not None}
+        sec["replicas"] = r
+        if wl["max_batched_tokens"] and pool == "prefill":
+            sec["max_batched_tokens"] = max(
+                wl["max_batched_tokens"], sec.get("max_batched_tokens") or 0
+            )
+        dis[pool] = sec
+    d["disaggregation"] = dis
+    return d
+
+
+def crossover_task(scenario: dict, source: str) -> dict:
+    """Simulate one point; its cost and the judged requests' TTFT and TPOT."""
+    from fleetsim.apps.simulate import simulate
+
+    class Sink:
+        def __init__(self) -> None:
+            self.ttft: list[float] = []
+            self.tpot: list[float] = []
+            self.unfinished = 0
+            self.finished_late = 0  # completions after the warm-up, whenever they arrived
+
+        def add(self, r, replica, finish_s, ttft_s, tpot_s, e2e_s, status) -> None:
+            if status == "completed" and finish_s >= WARMUP_S:
+                self.finished_late += 1
+            if r.arrival_s < WARMUP_S:
+                return
+            if status == "completed":
+                self.ttft.append(ttft_s)
+                self.tpot.append(0.0 if math.isnan(tpot_s) else tpot_s)
+            else:
+                self.unfinished += 1
+
+    rs = resolve(scenario_from_dict(scenario, source), source)
+    sink = Sink()
+    res = simulate(rs, source=source, request_sink=sink)
+    return {
+        "total_cost_usd": res.totals.total_cost_usd,
+        "energy_facility_kwh": res.totals.energy_facility_kwh,
+        "ttft": np.asarray(sink.ttft),
+        "tpot": np.asarray(sink.tpot),
+        "judged": len(sink.ttft) + sink.unfinished,
+        "completed_after_warmup": sink.finished_late,
+        "wall_s": res.wall_s,
+    }
+
+
+def base_latencies(rs, source: str) -> tuple[float, float]:
+    """Unloaded prefill time of the mean prompt and decode step of one sequence at the mean
+    context, on one replica of ``rs``."""
+    from fleetsim.workload.sampling import SizeSampler
+
+    sc = rs.scenario
+    p, o = SizeSampler(sc.traffic.prompt, sc.traffic.output, source).draw(
+        20_000, np.random.default_rng(np.random.SeedSequence(sc.seed, spawn_key=(2**31,)))
+    )
+    lat = rs.latency_model()
+    ep, eo = int(p.mean()), float(o.mean())
+    return lat.prefill_time(ep), lat.decode_time(1, int(ep + eo / 2))
+
+
+def run_crossover(data: dict, source: str, executor, hooks, load: float, hours: int) -> pa.Table:
+    """The sweep (see the module docstring) as one row per workload x design x split x cell."""
+    from fleetsim.apps.plan import replica_capacity_rps
+
+    dis = data.get("disaggregation") or {}
+    n = (
+        (dis.get("prefill") or {}).get("replicas", 1) + (dis.get("decode") or {}).get("replicas", 1)
+        if dis
+        else data.get("fleet", {}).get("replicas", 2)
+    )
+    if n < 2:
+        raise UserError(f"crossover: the fleet has {n} replica; it needs at least 2 to split")
+    specs = []
+    info = {}
+    wls = workloads(data)
+    sat = []
+    for name, wl in wls.items():
+        agg = point(data, wl, "aggregated", n, 0, 1.0, hours)
+        rs = resolve(scenario_from_dict(agg, source), source)
+        bound = n * replica_capacity_rps(rs, source)
+        sat.append(point(data, wl, "aggregated", n, 0, 1.5 * bound, hours))
+        info[name] = (0.0, *base_latencies(rs, source))
+    if hooks is not None:
+        hooks.add(len(sat))
+    done = executor.map(
+        crossover_task, [(d, source) for d in sat], hooks.done if hooks is not None else None
+    )
+    for name, o in zip(wls, done):
+        capacity = o["completed_after_warmup"] / (hours * 3600.0 - WARMUP_S)  # per second
+        rate = load * capacity
+        info[name] = (rate, *info[name][1:])
+    for name, wl in wls.items():
+        rate = info[name][0]
+        specs.append((name, "aggregated", 0, point(data, wl, "aggregated", n, 0, rate, hours)))
+        for P in range(1, n):
+            specs.append(
+                (name, "disaggregated", P, point(data, wl, "disaggregated", n, P, rate, hours))
+            )
+    if hooks is not None:
+        hooks.add(len(specs))
+    outs = executor.map(
+        crossover_task,
+        [(s[3], source) for s in specs],
+        hooks.done if hooks is not None else None,
+    )
+    rows: dict[str, list] = {
+        k: []
+        for k in (
+            "workload",
+            "design",
+            "prefill_replicas",
+            "decode_replicas",
+            "replicas",
+            "rate_per_s",
+            "ttft_factor",
+            "tpot_factor",
+            "ttft_target_s",
+            "tpot_target_s",
+            "judged_requests",
+            "good_requests",
+            "total_cost_usd",
+            "energy_facility_kwh",
+            "usd_per_good_request",
+            "ttft_p99_s",
+            "tpot_p99_s",
+        )
+    }
+    for (name, design, P, _), o in zip(specs, outs):
+        rate, t_pf, t_dec = info[name]
+        for f in FACTORS:
+            for g in FACTORS:
+                good = int(np.count_nonzero((o["ttft"] <= f * t_pf) & (o["tpot"] <= g * t_dec)))
+                rows["workload"].append(name)
+                rows["design"].append(design)
+                rows["prefill_replicas"].append(P if design != "aggregated" else None)
+                rows["decode_replicas"].append(n - P if design != "aggregated" else None)
+                rows["replicas"].append(n)
+                rows["rate_per_s"].append(rate)
+                rows["ttft_factor"].append(f)
+                rows["tpot_factor"].append(g)
+                rows["ttft_target_s"].append(f * t_pf)
+                rows["tpot_target_s"].append(g * t_dec)
+                rows["judged_requests"].append(o["judged"])
+                rows["good_requests"].append(good)
+                rows["total_cost_usd"].append(o["total_cost_usd"])
+                rows["energy_facility_kwh"].append(o["energy_facility_kwh"])
+                rows["usd_per_good_request"].append(
+                    o["total_cost_usd"] / good if good else math.inf
+                )
+                rows["ttft_p99_s"].append(
+                    float(np.percentile(o["ttft"], 99)) if len(o["ttft"]) else math.nan
+                )
+                rows["tpot_p99_s"].append(
+                    float(np.percentile(o["tpot"], 99)) if len(o["tpot"]) else math.nan
+                )
+    return pa.table(rows)
+
+
+def best_ratio(t: pa.Table, workload: str) -> np.ndarray:
+    """Per (TTFT factor, TPOT factor) cell: best disaggregated split's cost per good request
+    over the aggregated fleet's: 0 where only the disaggregated fleet meets the targets at all
+    ("D only"), inf where only the aggregated one does ("A only"), nan where neither does."""
+    df = t.to_pandas()
+    df = df[df.workload == workload]
+    agg = df[df.design == "aggregated"].set_index(["ttft_factor", "tpot_factor"])[
+        "usd_per_good_request"
+    ]
+    dis = (
+        df[df.design == "disaggregated"]
+        .groupby(["ttft_factor", "tpot_factor"])["usd_per_good_request"]
+        .min()
+    )
+    out = np.full((len(FACTORS), len(FACTORS)), np.nan)
+    for i, f in enumerate(FACTORS):
+        for j, g in enumerate(FACTORS):
+            a, d = agg.get((f, g), math.inf), dis.get((f, g), math.inf)
+            if math.isinf(a) and math.isinf(d):
+                continue
+            out[i, j] = d / a if not math.isinf(a) else 0.0
+    return out
+
+
+def draw(t: pa.Table) -> bytes:
+    """The heat maps of the best disaggregated / aggregated cost per SLO-meeting request."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    names = list(dict.fromkeys(t.column("workload").to_pylist()))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.6), squeeze=False)
+    im = None
+    for ax, name in zip(axes[0], names):
+        r = best_ratio(t, name)
+        shown = np.clip(np.where(np.isnan(r), np.nan, r), 0.25, 4.0)
+        im = ax.imshow(shown, origin="lower", cmap="RdBu_r", norm=LogNorm(0.25, 4.0))
+        for i in range(len(FACTORS)):
+            for j in range(len(FACTORS)):
+                v = r[i, j]
+                txt = (
+                    "-"
+                    if np.isnan(v)
+                    else "D only"
+                    if v == 0
+                    else "A only"
+                    if np.isinf(v)
+                    else f"{v:.2f}"
+                )
+                ax.text(j, i, txt, ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(FACTORS)), [f"{g:g}" for g in FACTORS])
+        ax.set_yticks(range(len(FACTORS)), [f"{f:g}" for f in FACTORS])
+        ax.set_xlabel("TPOT target / unloaded decode step")
+        ax.set_ylabel("TTFT target / unloaded prefill of the mean prompt")
+        df = t.to_pandas()
+        rate = float(df[df.workload == name].rate_per_s.iloc[0])
+        ax.set_title(f"{name} prompts ({rate:.2f} req/s)", fontsize=10)
+    fig.suptitle(
+        "disaggregated (best split) / aggregated cost per SLO-meeting request; < 1: split wins",
+        fontsize=10,
+    )
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fleetsim crossover", description=__doc__.splitlines()[0])
+    ap.add_argument("scenario", help="scenario TOML file (its [disaggregation] gives the link)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    ap.add_argument(
+        "--load", type=float, default=0.7, help="arrival rate / the aggregated fleet's capacity"
+    )
+    ap.add_argument("--hours", type=int, default=2, help="simulated hours per point (flat)")
+    ap.add_argument("--out", help="output folder (default out/<scenario name>-crossover)")
+    ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    ap.add_argument("--quiet", action="store_true")
+    add_executor_args(ap)
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    """``fleetsim crossover``: see the module docstring."""
+    from fleetsim.apps.common import open_output
+    from fleetsim.results.output import write_bytes_atomic, write_table_atomic
+
+    args = build_parser().parse_args(argv)
+    if not (0 < args.load < 10) or args.hours < 1:
+        raise UserError("--load must be in (0, 10) and --hours >= 1")
+    data, _text = read_toml(args.scenario)
+    data = apply_overrides(data, args.overrides)
+    sc = scenario_from_dict(data, args.scenario)
+    data = sc.model_dump(mode="json", exclude_none=True)
+    outp = open_output(
+        args, Path(args.scenario).stem + "-crossover", ("crossover.parquet", "crossover.png")
+    )
+    t0 = time.perf_counter()
+    with (
+        make_executor(args.executor, args.workers, args.address) as ex,
+        task_progress(f"crossover ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
+    ):
+        table = run_crossover(data, args.scenario, ex, hooks, args.load, args.hours)
+    write_table_atomic(table, outp.path("crossover.parquet"))
+    write_bytes_atomic(draw(table), outp.path("crossover.png"))
+    outp.commit()
+    if not args.quiet:
+        for name in dict.fromkeys(table.column("workload").to_pylist()):
+            r = best_ratio(table, name)
+            wins = int(np.nansum(r < 1.0))
+            print(
+                f"{name}: disaggregation cheaper per SLO-meeting request in {wins} of "
+                f"{int(np.sum(~np.isnan(r)))} target cells"
+            )
+        print(
+            f"wrote {outp.out}/crossover.parquet and crossover.png in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+    return 0
