@@ -1,7 +1,8 @@
 """``fleetsim calibrate`` (also ``python -m calibrate``): the command line.
 
-torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is cheap and a
-machine without torch gets one line with the install command instead of a traceback.
+torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is
+cheap and a machine without torch gets one line with the install command instead of a
+traceback.
 """
 
 from __future__ import annotations

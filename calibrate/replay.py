@@ -8,10 +8,11 @@ device. The simulated side is ``simulate()`` on a scenario built here with the s
 same layers), the same batching limits, the same KV budget and the same requests at the same
 times (``traffic.trace``), timed by ``--profile`` or, without it, by a quick calibration run on
 this device first (``--calibration engine``: :func:`write_engine_profile`; ``roofline``:
-``calibrate.run.calibrate(quick=True)`` on :func:`replay_grid` + :func:`add_engine_overhead`). Both sides' per-request TTFT, TPOT and
-end-to-end latency are summarised (mean, p50, p90) with the simulator's relative error, printed,
-and written atomically to ``--out``: ``replay.csv`` (the table), ``replay.json`` (the table and
-the run's facts), ``requests.csv`` (every request on both sides) and ``trace.csv`` (the trace).
+``calibrate.run.calibrate(quick=True)`` on :func:`replay_grid` + :func:`add_engine_overhead`).
+Both sides' per-request TTFT, TPOT and end-to-end latency are summarised (mean, p50, p90) with
+the simulator's relative error, printed, and written atomically to ``--out``: ``replay.csv``
+(the table), ``replay.json`` (the table and the run's facts), ``requests.csv`` (every request on
+both sides) and ``trace.csv`` (the trace).
 
 ``poisson:N:RATE[:PROMPT:OUTPUT]`` generates N Poisson arrivals at RATE per second with lognormal
 sizes (medians PROMPT and OUTPUT tokens, default 64 and 16, sigma 0.5, clipped to [4, 4 x median]),

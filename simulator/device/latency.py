@@ -7,10 +7,10 @@ in all. Its time is
     roofline:  t = overhead + max(F / (tp * peak * eff_c(T)), B / (tp * bw * eff_m)) + comm(T)
     linear:    t = base + [P > 0] * prefill_base + a_tok * P + a_seq * (n_prefill + n) + a_ctx * C
 
-with ``F`` and ``B`` the FLOPs and bytes of :class:`~fleetsim.device.modelspec.ModelSpec`, ``T = P + n``
-the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` (or a measured table of
-``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring
-all-reduces per layer under tensor parallelism.
+with ``F`` and ``B`` the FLOPs and bytes of :class:`~fleetsim.device.modelspec.ModelSpec`,
+``T = P + n`` the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` (or a
+measured table of ``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring all-reduces
+per layer under tensor parallelism.
 
 Between composition changes a replica runs identical decode iterations whose only change is that
 ``C`` grows by ``n`` per step. Each step time is then ``base + max(a1 + b1 C, a2 + b2 C)``: the
@@ -425,5 +425,6 @@ class LatencyModel:
         )[0]
 
     def decode_time(self, batch: int, context_tokens: int) -> float:
-        """Time of one decode step of ``batch`` sequences, each with ``context_tokens`` of context."""
+        """Time of one decode step of ``batch`` sequences, each with ``context_tokens`` of
+        context."""
         return step_time(self.run_coeffs(batch), float(batch * context_tokens))

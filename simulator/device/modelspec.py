@@ -160,7 +160,8 @@ class ModelSpec:
         )
 
     def decode_flops(self, n_seqs: int, context_tokens_total: float) -> float:
-        """FLOPs of one decode step of ``n_seqs`` sequences attending ``context_tokens_total`` keys."""
+        """FLOPs of one decode step of ``n_seqs`` sequences attending ``context_tokens_total``
+        keys."""
         return n_seqs * (self.flops_per_token_linear + self.flops_lm_head) + (
             context_tokens_total * self.attn_flops_per_pair
         )
