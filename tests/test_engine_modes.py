@@ -16,7 +16,7 @@ CASES = {
     "heavy": {"traffic": {"requests_per_day": 30_000}, "fleet": {"max_batch_size": 4}},
     "kv_pressure": {
         "traffic": {"requests_per_day": 30_000},
-        "fleet": {"gpu_memory_utilization": 0.22},
+        "fleet": {"gpu_memory_utilization": 0.25},
     },
     "random": {"traffic": {"requests_per_day": 40_000}, "fleet": {"router": "random"}},
     "least_loaded": {"traffic": {"requests_per_day": 40_000}, "fleet": {"router": "least_loaded"}},
@@ -83,6 +83,65 @@ CASES = {
         "autoscaler": {"policy": "schedule", "replicas_by_hour": [3, 1] * 12},
     },
 }
+# Every case above runs the default engine (paged KV, chunked prefill, prefix caching on but no
+# block ids). The first engine, and each mechanism alone and combined:
+RESERVE = {"kv_allocation": "reserve"}
+for _name in ("light", "heavy", "kv_pressure", "central_queue", "token_budget", "reactive"):
+    _c = CASES[_name]
+    CASES[f"{_name}_reserve"] = dict(_c, fleet={**_c.get("fleet", {}), **RESERVE})
+# llama-3.1-8b: 128 KiB of KV per token; 0.215 x 80 GB - weights - activations (2048-token
+# budget) leaves 411 blocks of 16 (6.6k tokens) for requests of up to 5k tokens: preemptions
+# (the device memory pinned at 80e9 bytes, so that the fractions below keep their meaning)
+HW_80GB = {"hardware": {"gpu": "h100-sxm", "mem_bytes": 80e9}}
+PREEMPT = {"gpu_memory_utilization": 0.215, "max_batch_size": 64, "max_batched_tokens": 2048}
+CASES.update(
+    {
+        "paged_no_chunk": {
+            **HW_80GB,
+            "traffic": {"requests_per_day": 200_000},
+            "fleet": {
+                **PREEMPT,
+                "gpu_memory_utilization": 0.216,
+                "max_batched_tokens": 4096,
+                "enable_chunked_prefill": False,
+            },
+        },
+        "paged_preempt": {**HW_80GB, "traffic": {"requests_per_day": 150_000}, "fleet": PREEMPT},
+        "paged_preempt_central": {
+            **HW_80GB,
+            "traffic": {"requests_per_day": 200_000},
+            "fleet": {**PREEMPT, "router": "central_queue", "replicas": 3},
+        },
+        "chunk_small_budget": {
+            **HW_80GB,
+            "traffic": {"requests_per_day": 40_000},
+            "fleet": {"max_batched_tokens": 300},
+        },
+        "chunk_budget_preempt": {
+            **HW_80GB,
+            "traffic": {"requests_per_day": 150_000},
+            "fleet": {
+                **PREEMPT,
+                "gpu_memory_utilization": 0.2115,
+                "max_batched_tokens": 700,
+                "block_size_tokens": 32,
+            },
+        },
+        "paged_watermark_block1": {
+            **HW_80GB,
+            "traffic": {"requests_per_day": 150_000},
+            "fleet": {**PREEMPT, "kv_watermark_fraction": 0.05, "block_size_tokens": 1},
+        },
+    }
+)
+# cases that must show the mechanism they test
+EXPECT_PREEMPTIONS = (
+    "paged_no_chunk",
+    "paged_preempt",
+    "paged_preempt_central",
+    "chunk_budget_preempt",
+    "paged_watermark_block1",
+)
 
 
 def _run(d: dict, engine: str):
@@ -91,12 +150,21 @@ def _run(d: dict, engine: str):
     return res, sink
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_macro_equals_per_iteration(small, case):
-    d = merge(small, **CASES[case])
+def assert_modes_equal(
+    d: dict, *, preemptions: bool = False, hits: float = 0.0, fewer_events: bool = True
+):
+    """Run ``d`` macro-stepped and per iteration; every request's replica, status, first-token
+    and finish time, and the hourly work, energy and counts must agree (rel. 1e-9). With
+    ``preemptions`` the run must preempt; with ``hits`` > 0 at least that fraction of its prompt
+    tokens must come from the prefix cache."""
     macro, ms = _run(d, "macro")
     ref, rs_ = _run(d, "iteration")
     assert macro.totals.requests_arrived > 200
+    if preemptions:
+        assert macro.totals.preemptions > 10, macro.totals.preemptions
+        assert macro.totals.recomputed_tokens > 0
+    if hits:
+        assert macro.totals.prefix_hit_tokens > hits * macro.totals.prompt_tokens
     assert ms.rows.keys() == rs_.rows.keys()
     worst = 0.0
     for rid, a in ms.rows.items():
@@ -113,10 +181,19 @@ def test_macro_equals_per_iteration(small, case):
         "output_tokens",
         "prompt_tokens",
         "requests_completed",
+        "prefix_hit_tokens",
+        "preemptions",
+        "recomputed_tokens",
     ):
         x = macro.hourly.column(col).to_numpy()
         y = ref.hourly.column(col).to_numpy()
         np.testing.assert_allclose(x, y, rtol=1e-9, atol=0)
-    # the point of macro-stepping: far fewer events than iterations
     assert macro.totals.iterations == ref.totals.iterations
-    assert macro.totals.events < ref.totals.events / 3
+    if fewer_events:  # the point of macro-stepping: far fewer events than iterations
+        assert macro.totals.events < ref.totals.events / 3
+    return macro
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_macro_equals_per_iteration(small, case):
+    assert_modes_equal(merge(small, **CASES[case]), preemptions=case in EXPECT_PREEMPTIONS)

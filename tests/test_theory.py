@@ -103,6 +103,11 @@ def scenario(
             "router": router,
             "max_batch_size": batch,
             "max_batched_tokens": 1 << 20,
+            # the queueing models assume whole-prompt prefills and no preemption: the first
+            # engine (KV reserved at admission, no chunking, no prefix caching), and no
+            # activation reserve (a 1M-token budget would otherwise leave no KV at all)
+            "kv_allocation": "reserve",
+            "activation_reserve_bytes": 0,
         },
         "traffic": {
             "requests_per_day": rate_per_s * 86400.0,

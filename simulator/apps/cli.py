@@ -74,7 +74,16 @@ def cmd_validate(args) -> int:
         print(
             f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters "
             f"({rs.model.total_params:,}), {rs.model.weight_bytes / 1e9:.1f} GB weights; "
-            f"KV budget {rs.kv_capacity_tokens:,} tokens per replica; profile {rs.profile_id}",
+            f"KV budget {rs.kv_capacity_tokens:,} tokens per replica"
+            + (
+                f" ({rs.kv.blocks:,} blocks of {rs.kv.block_size_tokens}; "
+                f"{rs.kv.kv_bytes / 1e9:,.1f} GB = {sc.fleet.gpu_memory_utilization:g} x "
+                f"{rs.kv.memory_bytes / 1e9:,.1f} GB - {rs.kv.weight_bytes / 1e9:,.1f} GB "
+                f"weights - {rs.kv.activation_bytes / 1e9:,.2f} GB activations)"
+                if rs.kv is not None
+                else ""
+            )
+            + f"; profile {rs.profile_id}",
             file=sys.stderr,
         )
     return 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -116,16 +116,70 @@ class FleetSection(_Section):
     pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sample_pods: Annotated[int, Field(ge=1)] | None = None
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
-    router: Literal["round_robin", "random", "least_loaded", "central_queue"] = "least_loaded"
+    router: Literal["round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"] = (
+        "least_loaded"
+    )
     max_batch_size: Annotated[int, Field(ge=1)] = 256
     max_batched_tokens: Annotated[int, Field(ge=1)] = 16384
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # ---- second-generation engine (serving/paged.py). Defaults follow vLLM's V1 engine as of
+    # v0.10 (vllm/config CacheConfig.block_size = 16; EngineArgs._set_default_args_v1: chunked
+    # prefill always on, prefix caching on by default; V1's KVCacheManager.allocate_slots admits
+    # while the free blocks cover the chunk, no watermark; preemption by recomputation).
+    kv_allocation: Literal["paged", "reserve"] = "paged"
+    block_size_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
+    enable_chunked_prefill: bool | None = None  # None: on with paged KV, off with reserve
+    enable_prefix_caching: bool | None = None  # None: on with paged KV, off with reserve
+    kv_watermark_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # peak activation memory per GPU reserved off the KV budget; None = estimated (see
+    # kv_budget()); 0 = none (the first engine's budget)
+    activation_reserve_bytes: Annotated[float, Field(ge=0, le=1e13)] | None = None
+    # prefix_affinity router: go to the replica with the longest cached prefix unless its
+    # outstanding requests exceed the least loaded replica's by more than this margin
+    prefix_affinity_margin: Annotated[int, Field(ge=0)] = 8
 
     @model_validator(mode="after")
     def _sample(self) -> FleetSection:
         if self.sample_pods is not None and self.sample_pods > self.pods:
             raise ValueError(f"sample_pods ({self.sample_pods}) must be <= pods ({self.pods})")
+        b = self.block_size_tokens
+        if b & (b - 1):
+            raise ValueError(
+                f"block_size_tokens = {b} is not a power of two (use 16, vLLM's default)"
+            )
+        if self.kv_allocation == "reserve" and (
+            self.enable_chunked_prefill or self.enable_prefix_caching
+        ):
+            raise ValueError(
+                'kv_allocation = "reserve" is the first-generation engine, without chunked '
+                "prefill or prefix caching: set enable_chunked_prefill = false and "
+                'enable_prefix_caching = false, or kv_allocation = "paged"'
+            )
         return self
+
+    @property
+    def chunked_prefill(self) -> bool:
+        c = self.enable_chunked_prefill
+        return self.kv_allocation == "paged" if c is None else c
+
+    @property
+    def prefix_caching(self) -> bool:
+        c = self.enable_prefix_caching
+        return self.kv_allocation == "paged" if c is None else c
+
+
+class SessionSection(_Section):
+    """Multi-turn sessions (workload/sessions.py): sessions start by the diurnal Poisson process
+    (``traffic.requests_per_day`` then counts sessions); each has ``turns`` turns separated by
+    ``think_s`` seconds after the previous answer; a turn's prompt is the session's previous
+    prompts and answers plus ``traffic.prompt`` new user tokens, after a system prompt of
+    ``system_prompt_tokens`` shared by every session. ``block_tokens``: granularity of the
+    prompt's block ids (a multiple of fleet.block_size_tokens)."""
+
+    turns: Dist = LogNormal(dist="lognormal", median=3, sigma=0.8, min=1, max=40)
+    think_s: Dist = LogNormal(dist="lognormal", median=30, sigma=1.0, min=1, max=3600)
+    system_prompt_tokens: Annotated[int, Field(ge=0, le=1_000_000_000)] = 0
+    block_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 512
 
 
 class TrafficSection(_Section):
@@ -134,6 +188,10 @@ class TrafficSection(_Section):
     prompt: Dist = LogNormal(dist="lognormal", median=1020, sigma=0.985, min=2, max=14050)
     output: Dist = LogNormal(dist="lognormal", median=129, sigma=0.859, min=1, max=2000)
     trace: str | None = None
+    # a Mooncake JSONL trace (traffic.trace = "....jsonl") names its prompt blocks by hash ids of
+    # this many tokens (512 in the FAST'25 release; scenarios/data/mooncake-2025/SOURCE.md)
+    trace_block_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 512
+    sessions: SessionSection | None = None
 
     @field_validator("diurnal")
     @classmethod
@@ -401,6 +459,69 @@ class GpuSpec:
 
 
 @dataclass(frozen=True)
+class KvBudget:
+    """One replica's KV cache (see :func:`kv_budget`)."""
+
+    memory_bytes: float  # tp x device memory
+    usable_bytes: float  # x gpu_memory_utilization
+    weight_bytes: float
+    activation_bytes: float  # the activation reserve, all GPUs of the replica
+    kv_bytes: float
+    bytes_per_token: float
+    block_size_tokens: int
+    blocks: int
+    tokens: int  # blocks x block size (paged) or whole tokens (reserve)
+
+
+def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seqs: int) -> float:
+    """Peak activation memory of one GPU of a ``tp``-way replica, estimated analytically.
+
+    vLLM sizes the KV cache as ``gpu_memory_utilization x total - (weights + peak activations +
+    non-torch memory)``, measuring the peak with a profiling forward pass of
+    ``max_num_batched_tokens`` tokens and a dummy sampler run of ``max_num_seqs`` sequences
+    (vllm/v1/worker/gpu_worker.py ``Worker.determine_available_memory``, ``profile_run``). We
+    estimate that peak instead of profiling: in 16-bit activations, the MLP's intermediate
+    (gate, up and their product: 3 x d_ff / tp per token) plus four d_model-wide buffers
+    (residual, normed input, attention output, MLP output) per token, and the fp32 logits of
+    the sampler pass, ``max_seqs x vocab x 4`` bytes:
+
+        reserve = 2 B x T x (3 d_ff / tp + 4 d_model) + 4 B x max_seqs x vocab
+
+    (for a mixture of experts, d_ff is an expert's width times the active experts). The
+    ``fleet.activation_reserve_bytes`` field replaces the estimate with a measured value."""
+    d_ff = model.d_ff * max(1, model.n_active_experts if model.n_experts > 1 else 1)
+    return 2.0 * max_tokens * (3.0 * d_ff / tp + 4.0 * model.d_model) + 4.0 * max_seqs * (
+        model.vocab_size
+    )
+
+
+def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
+    """KV budget of a replica = gpu_memory_utilization x memory - weights - activation reserve.
+
+    Paged: whole blocks of ``block_size_tokens``; reserve (the first engine): whole tokens."""
+    f = sc.fleet
+    tp = f.tensor_parallel
+    mem = tp * mem_bytes
+    usable = mem * f.gpu_memory_utilization
+    act_gpu = (
+        activation_reserve_bytes(model, tp, f.max_batched_tokens, f.max_batch_size)
+        if f.activation_reserve_bytes is None
+        else f.activation_reserve_bytes
+    )
+    act = tp * act_gpu
+    kv = usable - model.weight_bytes - act
+    bpt = model.kv_bytes_per_token_tp(tp)  # KV heads replicated when tp exceeds them
+    b = f.block_size_tokens
+    if f.kv_allocation == "paged":
+        blocks = max(0, int(kv // (bpt * b)))
+        tokens = blocks * b
+    else:
+        tokens = max(0, int(kv // bpt))
+        blocks = tokens // b
+    return KvBudget(mem, usable, model.weight_bytes, act, kv, bpt, b, blocks, tokens)
+
+
+@dataclass(frozen=True)
 class Resolved:
     """A scenario joined with its catalogs: what the engine and the accounting consume."""
 
@@ -415,6 +536,7 @@ class Resolved:
     max_request_tokens: int
     hourly_rate_per_s: tuple[float, ...]  # whole fleet, by simulation hour % 24 (see resolve)
     replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule, by simulation hour % 24
+    kv: KvBudget | None = None  # the KV budget, in bytes, blocks and tokens (see kv_budget)
     pools: Any = None  # disaggregated fleets: fleetsim.config.pools.Pools (None: aggregated)
 
     def latency_model(self) -> LatencyModel:
@@ -602,6 +724,38 @@ def _model_spec(sc: Scenario, src: str) -> ModelSpec:
     return spec
 
 
+def _check_prefix_blocks(sc: Scenario, model: ModelSpec, src: str) -> None:
+    """Sessions and Mooncake traces name prompt blocks that must be whole KV blocks."""
+    tr = sc.traffic
+    b = sc.fleet.block_size_tokens
+    ses = tr.sessions
+    if ses is not None:
+        if ses.system_prompt_tokens >= model.max_context_tokens:
+            raise ScenarioError(
+                "traffic.sessions.system_prompt_tokens",
+                ses.system_prompt_tokens,
+                f"not shorter than {model.name}'s context of {model.max_context_tokens} tokens",
+                "shorten the system prompt",
+                src,
+            )
+        if ses.block_tokens % b:
+            raise ScenarioError(
+                "traffic.sessions.block_tokens",
+                ses.block_tokens,
+                f"not a multiple of fleet.block_size_tokens ({b})",
+                f"use a multiple of {b}",
+                src,
+            )
+    if tr.trace and tr.trace.endswith(".jsonl") and tr.trace_block_tokens % b:
+        raise ScenarioError(
+            "traffic.trace_block_tokens",
+            tr.trace_block_tokens,
+            f"not a multiple of fleet.block_size_tokens ({b})",
+            f"use a multiple of {b}",
+            src,
+        )
+
+
 def resolve(sc: Scenario, source: str = "") -> Resolved:
     """Join the scenario with the catalogs and profile, and run the cross-field checks."""
     if sc.disaggregation is not None:  # two pools, each resolved like a fleet (config/pools.py)
@@ -706,8 +860,18 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             tp_fix,
             src,
         )
-    # KV heads replicated when tp exceeds them: every replica holds its copy (modelspec)
-    kv_tokens = int((usable - model.weight_bytes) // model.kv_bytes_per_token_tp(tp))
+    kvb = kv_budget(sc, model, profile.mem_bytes)
+    kv_tokens = kvb.tokens
+    if kv_tokens <= 0:
+        raise ScenarioError(
+            "fleet.gpu_memory_utilization",
+            sc.fleet.gpu_memory_utilization,
+            f"no memory left for the KV cache: {usable / 1e9:.1f} GB usable - "
+            f"{model.weight_bytes / 1e9:.1f} GB weights - {kvb.activation_bytes / 1e9:.2f} GB "
+            f"activation reserve (fleet.max_batched_tokens = {sc.fleet.max_batched_tokens})",
+            "raise it, raise fleet.tensor_parallel, or lower fleet.max_batched_tokens",
+            src,
+        )
     tr = sc.traffic
     trace_max: dict[str, int] = {}
     for d in (tr.prompt, tr.output):
@@ -746,15 +910,16 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             "lower the maxima",
             src,
         )
-    if pmax > sc.fleet.max_batched_tokens:
+    if pmax > sc.fleet.max_batched_tokens and not sc.fleet.chunked_prefill:
         raise ScenarioError(
             "fleet.max_batched_tokens",
             sc.fleet.max_batched_tokens,
             f"smaller than the longest prompt ({pmax} tokens); such prompts could "
             "never be scheduled",
-            f"set it >= {pmax}",
+            f"set it >= {pmax}, or fleet.enable_chunked_prefill = true",
             src,
         )
+    _check_prefix_blocks(sc, model, src)
     w = diurnal_weights(tr.diurnal)
     w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
     mean_w = sum(w) / 24.0
@@ -786,6 +951,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         max_request_tokens=max_req,
         hourly_rate_per_s=rotate_to_start(rates, hod0),
         replicas_by_hour=None if sched is None else rotate_to_start(sched, hod0),
+        kv=kvb,
     )
 
 
@@ -821,6 +987,7 @@ def resolved_dict(rs: Resolved) -> dict:
         "weight_bytes": m.weight_bytes,
         "kv_bytes_per_token": m.kv_bytes_per_token,
         "kv_capacity_tokens_per_replica": rs.kv_capacity_tokens,
+        "kv_budget": None if rs.kv is None else asdict(rs.kv),
         "max_request_tokens": rs.max_request_tokens,
         "gpus": rs.scenario.fleet.pods * rs.scenario.fleet.replicas * rs.tp,
         "profile": rs.profile_id,
@@ -874,6 +1041,15 @@ def _pool_scenario(sc: Scenario, name: str, *, bmt_override: int | None = None) 
             else f.gpu_memory_utilization
         ),
         "router": p.router if p.router is not None else f.router,
+        # the pools run the first engine (serving/disagg.py: KV reserved at admission, whole
+        # prefills) with its KV budget, without the activation reserve of kv_budget() unless
+        # one is given (the decode pool's token budget below is a placeholder, not a size)
+        "kv_allocation": "reserve",
+        "enable_chunked_prefill": False,
+        "enable_prefix_caching": False,
+        "activation_reserve_bytes": (
+            f.activation_reserve_bytes if f.activation_reserve_bytes is not None else 0.0
+        ),
     }
     if bmt_override is not None:
         upd["max_batched_tokens"] = bmt_override
@@ -1114,12 +1290,15 @@ def check_autoscaler(sc: Scenario, source: str = "") -> tuple[int, ...] | None:
 __all__ = [
     "DTYPE_BYTES",
     "GpuSpec",
+    "KvBudget",
     "Resolved",
     "Scenario",
+    "activation_reserve_bytes",
     "apply_overrides",
     "canonical_keys",
     "diurnal_weights",
     "hourly_values",
+    "kv_budget",
     "load_scenario",
     "parse_override",
     "resolve",

@@ -67,6 +67,11 @@ HOURLY_SCHEMA = pa.schema(
         ("wh_per_request", pa.float64()),
         ("usd_per_mtok", pa.float64()),
         ("carbon_kg", pa.float64()),
+        # second-generation engine (serving/paged.py)
+        ("prefix_hit_tokens", pa.int64()),
+        ("preemptions", pa.int64()),
+        ("recomputed_tokens", pa.int64()),
+        ("kv_utilization", pa.float64()),
     ]
 )
 HOURLY_COLUMNS = tuple(HOURLY_SCHEMA.names)
@@ -101,6 +106,11 @@ class PodSummary:
     iters_h: list[int] = field(default_factory=list)  # iterations ended in each hour
     waking_gpu_s: list[float] = field(default_factory=list)  # cold starts (part of powered)
     off_gpu_s: list[float] = field(default_factory=list)  # powered off, on standby draw
+    prefix_hit_tokens: list[int] = field(default_factory=list)
+    preemptions: list[int] = field(default_factory=list)
+    recomputed_tokens: list[int] = field(default_factory=list)
+    kv_block_s: list[float] = field(default_factory=list)  # KV blocks in use x seconds
+    kv_blocks: int = 0  # KV blocks per replica x replicas of the pod
     pools: dict | None = None  # disaggregated: per-pool work and the link (serving/disagg.py)
 
     @classmethod
@@ -140,6 +150,11 @@ class PodSummary:
                 for s in rec.stats
             ],
             hist=[s.hist for s in rec.stats],
+            prefix_hit_tokens=rec.prefix_hit_tokens[:H],
+            preemptions=rec.preemptions[:H],
+            recomputed_tokens=rec.recomputed_tokens[:H],
+            kv_block_s=rec.kv_block_s[:H],
+            kv_blocks=rec.kv_blocks,
             lat_n_itl=[s.n_itl for s in rec.stats],
             flops=rec.flops[:H],
             bytes_moved=rec.bytes_moved[:H],
@@ -375,7 +390,14 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         if carbon_day is not None
         else np.full(H, np.nan)
     )
+    # mean fraction of the KV blocks in use (paged engine; 0 with the first engine)
+    blocks_s = sum(p.kv_blocks for p in pods) * 3600.0
+    kv_util = tot0("kv_block_s") / scale / blocks_s if blocks_s else np.zeros(H)
     cols = {
+        "prefix_hit_tokens": np.rint(tot0("prefix_hit_tokens")).astype(np.int64),
+        "preemptions": np.rint(tot0("preemptions")).astype(np.int64),
+        "recomputed_tokens": np.rint(tot0("recomputed_tokens")).astype(np.int64),
+        "kv_utilization": kv_util,
         "hour": np.arange(H, dtype=np.int32),
         "hour_start": [start + timedelta(hours=h) for h in range(H)],
         "requests_arrived": arrived,

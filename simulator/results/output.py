@@ -44,6 +44,8 @@ REQUEST_SCHEMA = pa.schema(
         ("ttft_s", pa.float64()),
         ("tpot_s", pa.float64()),
         ("e2e_s", pa.float64()),
+        ("cached_prompt_tokens", pa.int32()),  # served from the prefix cache (paged engine)
+        ("preemptions", pa.int32()),
         ("status", pa.dictionary(pa.int8(), pa.string())),
     ]
 )
@@ -136,7 +138,9 @@ class RequestWriter:
         c[7].append(ttft_s)
         c[8].append(tpot_s)
         c[9].append(e2e_s)
-        c[10].append(status)
+        c[10].append(r.cached)
+        c[11].append(r.preemptions)
+        c[-1].append(status)
         if len(c[0]) >= self.rows_per_group:
             self._flush()
 

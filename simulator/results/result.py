@@ -57,6 +57,11 @@ class DayTotals:
     batch_occupancy: float = math.nan  # mean sequences per iteration / max_num_seqs
     flops_utilization: float = math.nan  # achieved FLOP/s / peak of the powered GPUs
     bandwidth_utilization: float = math.nan  # achieved bytes/s / peak of the powered GPUs
+    # second-generation engine (serving/paged.py)
+    prefix_hit_tokens: float = 0.0  # prompt tokens served from the prefix cache
+    preemptions: float = 0.0
+    recomputed_tokens: float = 0.0  # prefill tokens computed again after a preemption
+    prefix_hit_rate: float = 0.0  # prefix_hit_tokens / prompt_tokens
 
     def as_dict(self) -> dict[str, float]:
         """The totals as a plain dict, for JSON."""
@@ -138,8 +143,14 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
             "hardware_cost_usd",
             "total_cost_usd",
             "carbon_kg",
+            "prefix_hit_tokens",
+            "preemptions",
+            "recomputed_tokens",
         )
     }
+    s["prefix_hit_rate"] = (
+        s["prefix_hit_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
+    )
     if t.column("carbon_kg").null_count == t.num_rows:  # no grid intensity given: unknown
         s["carbon_kg"] = math.nan
     s["requests_in_flight"] = scale * sum(p.in_flight for p in pods)

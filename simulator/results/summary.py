@@ -167,6 +167,32 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         f"busy {t.utilization:.1%} of powered time; {_f(batch, '.1f')} output tokens "
         "per iteration on average",
     )
+    kv = rs.kv
+    if kv is not None and rs.pools is None:
+        f = sc.fleet
+        mech = (
+            f"paged, blocks of {kv.block_size_tokens}"
+            + (", chunked prefill" if f.chunked_prefill else "")
+            + (", prefix caching" if f.prefix_caching else "")
+            if f.kv_allocation == "paged"
+            else "reserved at admission (prompt + output)"
+        )
+        tab.add_row(
+            "KV cache",
+            f"{kv.tokens:,} tokens",
+            f"per replica = {kv.blocks:,} blocks; {mech}; "
+            f"{kv.kv_bytes / 1e9:,.1f} GB = {f.gpu_memory_utilization:g} x "
+            f"{kv.memory_bytes / 1e9:,.1f} GB - weights {kv.weight_bytes / 1e9:,.1f} GB - "
+            f"activations {kv.activation_bytes / 1e9:,.2f} GB",
+        )
+        if f.kv_allocation == "paged":
+            tab.add_row(
+                "prefix cache",
+                f"{t.prefix_hit_rate:.1%} hit",
+                f"{_f(t.prefix_hit_tokens, ',.0f')} prompt tokens served from cache; "
+                f"{_f(t.preemptions, ',.0f')} preemptions, "
+                f"{_f(t.recomputed_tokens, ',.0f')} tokens recomputed",
+            )
     if sc.autoscaler.policy != "static":  # power states: what the autoscaler kept powered
         gp = res.hourly.column("gpus_powered_mean").to_numpy()
         tab.add_row(

@@ -38,3 +38,16 @@ class Limits:
         return (
             need <= self.kv_cap and prompt_tokens <= self.max_tokens and need <= max_context_tokens
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PagedLimits:
+    """What the paged engine fixes for a simulation (``EnginePlan.paged``)."""
+
+    blocks: int  # KV blocks of a replica
+    block_tokens: int  # tokens per block (a power of two)
+    chunked: bool  # chunked prefill
+    prefix: bool  # prefix caching
+    watermark_blocks: int  # blocks kept free when admitting while others run
+    hash_tokens: int  # tokens per prompt block id (prefix caching granularity)
+    affinity_margin: int  # prefix_affinity router: the load margin

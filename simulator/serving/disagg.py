@@ -44,7 +44,7 @@ from simpy.events import Timeout
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.scenario import Resolved
-from fleetsim.serving.admission import Limits
+from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.engine import EnginePlan, Replica
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
@@ -100,6 +100,8 @@ class Pool:
         self.hours = owner.hours
         self.horizon_s = owner.horizon_s
         self.in_flight = 0
+        self.queue_floor = 0.0  # (the paged engine's central queue; pools run the first engine)
+        self.paged: PagedLimits | None = None
         self.tp = rs.tp
         p = rs.gpu.power
         prof = rs.profile
@@ -138,6 +140,9 @@ class Pool:
 
     def power_off(self, i: int) -> None:  # pragma: no cover - static pools
         raise AssertionError("static pool")
+
+    def turn_done(self, r: Request, end_s: float) -> None:  # pragma: no cover - no sessions
+        raise NotImplementedError("sessions are not simulated on disaggregated pools")
 
 
 class DisaggPod:

@@ -43,7 +43,7 @@ from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.device.latency import LatencyModel, RunCoeffs, run_time, step_time, steps_to_reach
-from fleetsim.serving.admission import Limits
+from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class EnginePlan:
     e_active_w: float
     e_flop_j: float
     e_byte_j: float
+    paged: PagedLimits | None = None  # the paged engine's settings (serving/paged.py), or None
 
 
 class Replica:
@@ -428,15 +429,18 @@ class Replica:
                 start = self._boundary(k - 1)
                 rec.add_tokens(start + t_l, 0, self.n1)
             e_l = cfg.e_active_w * t_l + cfg.e_flop_j * f_l + cfg.e_byte_j * b_l
-            frac = (H - start) / t_l if t_l > 0 else 1.0
-            rec.add_work(h, t_l * frac, e_l * frac, f_l * frac, b_l * frac)
-            rec.add_work(
-                h + 1,
-                t_l * (1.0 - frac),
-                e_l * (1.0 - frac),
-                f_l * (1.0 - frac),
-                b_l * (1.0 - frac),
-            )
+            # its work goes to every hour it overlaps, by the share of its time in each (an
+            # iteration of a slow device can span several hours: issue #16 item 14)
+            last = min(int((start + t_l) // HOUR_S), rec.hours) if t_l > 0 else h
+            done = 0.0
+            for g in range(h, max(h, last) + 1):
+                frac = (
+                    1.0 - done
+                    if g == max(h, last)
+                    else min(1.0 - done, ((g + 1) * HOUR_S - max(start, g * HOUR_S)) / t_l)
+                )
+                rec.add_work(g, t_l * frac, e_l * frac, f_l * frac, b_l * frac)
+                done += frac
             # counted in the hour its tokens are credited to (its end), like them
             rec.iters_h[min(int((start + t_l) // HOUR_S), rec.hours)] += 1
         rec.iterations += j
@@ -468,6 +472,8 @@ class Replica:
             self.outstanding -= 1
             self.pod.rec.complete(r, end, self.index)
             self.pod.in_flight -= 1
+            if r.session is not None:
+                self.pod.turn_done(r, end)
         if self.n == 0:
             self.S = 0.0  # no drift from float sums over a long day
 

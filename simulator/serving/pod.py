@@ -25,20 +25,39 @@ from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.scenario import Resolved
-from fleetsim.serving.admission import Limits
+from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica
+from fleetsim.serving.paged import PagedReplica
 from fleetsim.serving.ports import RequestSink
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.routers import make_router
 from fleetsim.workload.sampling import HourChunk, SizeSampler, hourly_arrivals, trace_arrivals
+from fleetsim.workload.sessions import Session, SessionSource
 
 
 def pod_seed(seed: int, pod: int) -> np.random.SeedSequence:
     """The seed of pod ``pod``: derived from the scenario seed and the pod's identity only, so
     results do not depend on the executor, the number of workers or the order of tasks."""
     return np.random.SeedSequence(seed, spawn_key=(pod,))
+
+
+def paged_limits(rs: Resolved) -> PagedLimits | None:
+    """The paged engine's settings of a scenario (None: the first engine, KV reserved)."""
+    f = rs.scenario.fleet
+    if f.kv_allocation != "paged" or rs.kv is None:
+        return None
+    ses = rs.scenario.traffic.sessions
+    return PagedLimits(
+        blocks=rs.kv.blocks,
+        block_tokens=f.block_size_tokens,
+        chunked=f.chunked_prefill,
+        prefix=f.prefix_caching,
+        watermark_blocks=int(f.kv_watermark_fraction * rs.kv.blocks),
+        hash_tokens=ses.block_tokens if ses is not None else rs.scenario.traffic.trace_block_tokens,
+        affinity_margin=f.prefix_affinity_margin,
+    )
 
 
 class Pod:
@@ -77,8 +96,16 @@ class Pod:
             e_active_w=rs.tp * p.active_w,
             e_flop_j=p.compute_w / prof.peak_flops,
             e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
+            paged=paged_limits(rs),
         )
         self.limits = self.plan.limits
+        self.paged = self.plan.paged
+        paged = self.paged is not None
+        ses = sc.traffic.sessions
+        # without chunked prefill a prompt longer than the token budget can never be scheduled
+        chunked = sc.fleet.chunked_prefill
+        self.max_prompt = sc.fleet.max_batched_tokens if not chunked else 1 << 62
+        self.queue_floor = 0.0  # central queue: the latest boundary at which a head left it
         self.max_context = rs.model.max_context_tokens
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.sink = request_sink
@@ -87,15 +114,20 @@ class Pod:
             deque() if sc.fleet.router == "central_queue" else None
         )
         base = pod_index * sc.fleet.replicas  # global replica index = pod * replicas + i
-        self.replicas = [Replica(base + i, self, self.plan) for i in range(sc.fleet.replicas)]
+        self.replicas: list[Replica | PagedReplica] = [
+            (PagedReplica if paged else Replica)(base + i, self, self.plan)
+            for i in range(sc.fleet.replicas)
+        ]
+        if paged and rs.kv is not None:
+            self.rec.kv_blocks = rs.kv.blocks * len(self.replicas)
         self.scaler = make_autoscaler(rs, self)  # None for a static fleet
         n_on = len(self.replicas) if self.scaler is None else self.scaler.n_initial
         # the routable replicas, in index order: one list for the pod's life, changed in place
         # by power_on and power_off only (routers may keep a reference to it)
-        self.active: list[Replica] = self.replicas[:n_on]
+        self.active: list[Replica | PagedReplica] = self.replicas[:n_on]
         for rep in self.replicas[n_on:]:
             rep.leave_queue()
-        seeds = pod_seed(sc.seed, pod_index).spawn(2)
+        seeds = pod_seed(sc.seed, pod_index).spawn(3)  # (the first two as spawn(2) gives)
         self.router = make_router(sc.fleet.router, self, np.random.default_rng(seeds[1]))
         # arrivals go to the router, or are held while no replica is up (see hold/release)
         self.held: deque[Request] = deque()
@@ -103,6 +135,17 @@ class Pod:
         self._route: Callable[[Request], None] = self.router.route
         rates = [rs.hourly_rate_per_s[h % 24] / n_pods for h in range(self.hours)]
         sampler = SizeSampler(sc.traffic.prompt, sc.traffic.output, source)
+        self.sessions: SessionSource | None = None
+        if ses is not None:  # multi-turn sessions: the Poisson process starts sessions
+            self.sessions = SessionSource(
+                ses,
+                sc.traffic.prompt,
+                sc.traffic.output,
+                sampler,
+                seeds[2],
+                ses.block_tokens,
+                pod_index,
+            )
         self._chunks: Iterator[HourChunk]
         if sc.traffic.trace:  # replay a timed trace instead of drawing arrivals
             self._chunks = trace_arrivals(sc.traffic.trace, source, self.hours, pod_index, n_pods)
@@ -114,6 +157,7 @@ class Pod:
         self._times: list[float] = []
         self._p: list[int] = []
         self._o: list[int] = []
+        self._ids: list[list[int]] | None = None
         self._i = 0
         self._hour = -1
 
@@ -171,10 +215,11 @@ class Pod:
         for chunk in self._chunks:
             self._hour = chunk.hour
             if chunk.arrival_s:
-                self._times, self._p, self._o = (
+                self._times, self._p, self._o, self._ids = (
                     chunk.arrival_s,
                     chunk.prompt_tokens,
                     chunk.output_tokens,
+                    chunk.ids,
                 )
                 self._i = 0
                 return True
@@ -195,16 +240,24 @@ class Pod:
         self._next += 1
         h = self._hour
         self.rec.arrived[h] += 1
-        # not Limits.servable, inlined: once per arrival (the gain: see Replica.plan)
-        lim = self.limits
-        if p + o > lim.kv_cap or p > lim.max_tokens or p + o > self.max_context:
+        ids = self._ids[i] if self._ids is not None else None
+        ses: Session | None = None
+        if self.sessions is not None:
+            ses = self.sessions.start(p, o)
+            p, o, ids = self.sessions.turn(ses)
+        # not Limits.servable, inlined: once per arrival (the gain: see Replica.plan); with
+        # chunked prefill a prompt longer than the token budget is served in chunks
+        if p + o > self.limits.kv_cap or p > self.max_prompt or p + o > self.max_context:
             self.rec.rejected[h] += 1
             if self.sink is not None:
                 r = Request(rid, t, p, o)
                 self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
         else:
             self.in_flight += 1
-            self._route(Request(rid, t, p, o))
+            r = Request(rid, t, p, o, ids)
+            if ses is not None:
+                r.session = ses
+            self._route(r)
         i += 1
         self._i = i
         if i < len(self._times):  # _schedule_arrival(), inlined
@@ -214,6 +267,41 @@ class Pod:
             self.rec.events += 1
         elif self._next_chunk():
             self._schedule_arrival()
+
+    # ---- sessions -----------------------------------------------------------------------------
+    def turn_done(self, r: Request, end_s: float) -> None:
+        """Turn ``r`` of a session finished at ``end_s``: its next turn comes after the think
+        time (one arrival event, like any other)."""
+        src = self.sessions
+        assert src is not None and r.session is not None
+        think = src.advance(r.session)
+        if think is None or end_s + think >= self.horizon_s:
+            return
+        ev = Timeout(self.env, end_s + think - self.env.now, r.session)
+        ev.callbacks.append(self._next_turn)
+        self.rec.events += 1
+
+    def _next_turn(self, ev: Timeout) -> None:
+        ses = ev.value
+        assert isinstance(ses, Session)
+        src = self.sessions
+        assert src is not None
+        t = self.env.now
+        p, o, ids = src.turn(ses)
+        rid = self._rid_base | self._next
+        self._next += 1
+        h = int(t // HOUR_S)
+        self.rec.arrived[h] += 1
+        if p + o > self.limits.kv_cap or p > self.max_prompt or p + o > self.max_context:
+            self.rec.rejected[h] += 1  # the session ends here
+            if self.sink is not None:
+                r = Request(rid, t, p, o)
+                self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
+            return
+        self.in_flight += 1
+        r = Request(rid, t, p, o, ids)
+        r.session = ses
+        self._route(r)
 
     # ---- hours --------------------------------------------------------------------------------
     def _tick(self, h: int, _ev: Timeout) -> None:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import simpy
 
     from fleetsim.device.latency import LatencyModel
+    from fleetsim.serving.admission import PagedLimits
     from fleetsim.serving.recorder import Recorder
     from fleetsim.serving.request import Request
 
@@ -109,6 +110,11 @@ class PodPort(Protocol):
     horizon_s: float
     in_flight: int  # requests admitted and not finished (queued or running)
     shared_queue: deque[Request] | None  # the central queue, or None
+    queue_floor: float  # central queue (paged engine): no admission from it before this time
+    paged: PagedLimits | None  # the paged engine's settings (None: the first engine)
+
+    def turn_done(self, r: Request, end_s: float) -> None:
+        """A session's turn finished at ``end_s``: schedule its next turn."""
 
     @property
     def replicas(self) -> Sequence[ReplicaPort]:

@@ -141,6 +141,12 @@ class Recorder:
         self.arrived = [0] * n
         self.rejected = [0] * n
         self.completed = [0] * n
+        # second-generation engine (serving/paged.py)
+        self.prefix_hit_tokens = [0] * n  # prompt tokens served from the prefix cache
+        self.preemptions = [0] * n
+        self.recomputed_tokens = [0] * n  # prefill tokens computed again after a preemption
+        self.kv_block_s = [0.0] * n  # KV blocks in use x seconds, summed over replicas
+        self.kv_blocks = 0  # KV blocks of all the pod's replicas (set by the pod)
         self.flops = [0.0] * n  # FLOPs of the iterations (whole replica, all its GPUs)
         self.bytes_moved = [0.0] * n  # bytes read and written by the iterations (all GPUs)
         self.iters_h = [0] * n  # iterations, by the hour in which each ended

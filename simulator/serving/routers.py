@@ -7,7 +7,7 @@ place, and announces with :meth:`Router.active_changed`) and hands each request 
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -124,11 +124,71 @@ class CentralQueue(Router):
             self._busy = False
 
 
+class PrefixAffinity(Router):
+    """SGLang's cache-aware routing: the replica that holds the longest prefix of the request's
+    prompt blocks, unless its load (requests routed and not finished) exceeds the least loaded
+    replica's by more than ``fleet.prefix_affinity_margin``; then, and when no replica holds
+    any of the prefix, the least loaded one (ties: the less loaded, then the lower index).
+
+    Like SGLang's router (sgl-router's cache-aware policy keeps an approximate radix tree per
+    worker of the prefixes it sent there, evicting the least recently used), the router does
+    not look into the replicas: it remembers, per replica, the block ids of the requests it
+    routed there, in LRU order, up to the blocks that replica's KV cache holds."""
+
+    def __init__(self, pod, rng) -> None:
+        super().__init__(pod, rng)
+        kv = pod.paged
+        if kv is None:  # the first engine keeps no prefix cache: remember a little anyway
+            self.margin, self.capacity = 8, 1 << 16
+        else:
+            self.margin = kv.affinity_margin
+            self.capacity = max(1, kv.blocks // max(1, kv.hash_tokens // kv.block_tokens))
+        self.trees: dict[int, OrderedDict[int, None]] = {}
+
+    def route(self, r) -> None:
+        reps = self.replicas
+        least = min(reps, key=_LOAD)
+        ids = r.ids
+        if ids is None:
+            least.on_arrival(r)
+            return
+        best = None
+        best_h = 0
+        trees = self.trees
+        for rep in reps:
+            tree = trees.get(rep.index)
+            if tree is None:
+                continue
+            h = 0
+            for x in ids:
+                if x not in tree:
+                    break
+                h += 1
+            if h > best_h or (
+                h == best_h and best is not None and rep.outstanding < best.outstanding
+            ):
+                best, best_h = rep, h
+        if best is None or best_h == 0 or best.outstanding - least.outstanding > self.margin:
+            best = least
+        tree = trees.get(best.index)
+        if tree is None:
+            tree = trees[best.index] = OrderedDict()
+        for x in ids:  # remember the prompt's blocks there, most recent last
+            if x in tree:
+                tree.move_to_end(x)
+            else:
+                tree[x] = None
+        while len(tree) > self.capacity:
+            tree.popitem(last=False)
+        best.on_arrival(r)
+
+
 ROUTERS: dict[str, type[Router]] = {
     "round_robin": RoundRobin,
     "random": RandomRouter,
     "least_loaded": LeastLoaded,
     "central_queue": CentralQueue,
+    "prefix_affinity": PrefixAffinity,
 }
 
 

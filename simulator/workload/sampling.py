@@ -22,6 +22,7 @@ import numpy as np
 from fleetsim.base.errors import UserError
 from fleetsim.base.units import HOUR_S
 from fleetsim.workload.distributions import Empirical
+from fleetsim.workload.mooncake import is_mooncake, read_mooncake
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class HourChunk:
     arrival_s: list[float]
     prompt_tokens: list[int]
     output_tokens: list[int]
+    ids: list[list[int]] | None = None  # prompt block ids (a Mooncake trace), else None
 
 
 def _resolve_path(file: str, source: str) -> Path:
@@ -187,8 +189,11 @@ TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 @lru_cache(maxsize=8)
 def read_arrival_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A timed trace for ``traffic.trace``: CSV with columns arrival_s (seconds from the start,
-    non-decreasing), prompt_tokens and output_tokens (integers in 1..MAX_TRACE_TOKENS). Returns
-    the three columns."""
+    non-decreasing), prompt_tokens and output_tokens (integers in 1..MAX_TRACE_TOKENS), or a
+    Mooncake JSONL trace (workload/mooncake.py). Returns the three columns."""
+    if is_mooncake(path):
+        tr = read_mooncake(path)
+        return tr.arrival_s, tr.prompt_tokens, tr.output_tokens
     from fleetsim.base.io import clean
 
     where = f"traffic.trace = {clean(path)!r}"
@@ -231,9 +236,17 @@ def trace_arrivals(
 ) -> Iterator[HourChunk]:
     """Replay a timed trace hour by hour (rows past the horizon are dropped). With several pods,
     row ``i`` goes to pod ``i % n_pods`` (a deterministic split of the same trace)."""
-    t, p, o = read_arrival_trace(str(_resolve_path(file, source)))
+    path = str(_resolve_path(file, source))
+    t, p, o = read_arrival_trace(path)
+    ids = read_mooncake(path).ids[pod::n_pods] if is_mooncake(path) else None
     t, p, o = t[pod::n_pods], p[pod::n_pods], o[pod::n_pods]
     hour_of = np.floor(t / HOUR_S).astype(np.int64)
     for h in range(hours):
-        lo, hi = np.searchsorted(hour_of, [h, h + 1])
-        yield HourChunk(h, t[lo:hi].tolist(), p[lo:hi].tolist(), o[lo:hi].tolist())
+        lo, hi = (int(x) for x in np.searchsorted(hour_of, [h, h + 1]))
+        yield HourChunk(
+            h,
+            t[lo:hi].tolist(),
+            p[lo:hi].tolist(),
+            o[lo:hi].tolist(),
+            None if ids is None else list(ids[lo:hi]),
+        )
