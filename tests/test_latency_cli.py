@@ -127,9 +127,12 @@ def test_scenario_tp_checks_and_kv_replicas():
     # 8 KV heads: TP8 holds one head per GPU, TP16 two replicas of each
     r8, r16 = rs(8), rs(16)
     m = r8.model
-    mem = catalog.gpu("h100-sxm")["mem_bytes"] * 0.9
-    assert r8.kv_capacity_tokens == int((8 * mem - m.weight_bytes) // m.kv_bytes_per_token)
-    assert r16.kv_capacity_tokens == int((16 * mem - m.weight_bytes) // (2 * m.kv_bytes_per_token))
+    mib = catalog.gpu("h100-sxm")["mem_bytes"]
+    assert r8.kv is not None and r16.kv is not None
+    assert r8.kv.memory_bytes == 8 * mib and r16.kv.memory_bytes == 16 * mib
+    assert r8.kv.bytes_per_token == m.kv_bytes_per_token
+    assert r16.kv.bytes_per_token == 2 * m.kv_bytes_per_token
+    assert r16.kv_capacity_tokens <= r16.kv.kv_bytes / (2 * m.kv_bytes_per_token)
     # kv_dtype is explicit: int8 weights keep a bf16 cache unless told otherwise
     assert rs(1, dtype="int8").model.kv_bytes_per_element == 2.0
     assert rs(1, dtype="int8", kv_dtype="fp8").model.kv_bytes_per_element == 1.0
