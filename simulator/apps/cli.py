@@ -155,7 +155,7 @@ def cmd_run(args) -> int:
         if sink is not None:
             sink.close(res.metadata(text))
             sink = None
-        write_outputs(res, outp.stage, text)
+        write_outputs(res, outp.staging(), text)
         if args.report:
             from fleetsim.apps.report import write_report
 
@@ -163,7 +163,7 @@ def cmd_run(args) -> int:
                 out,
                 result=res,
                 source=args.scenario,
-                into=outp.stage,
+                into=outp.staging(),
                 show_progress=not args.quiet,
             )
         written = outp.commit()
