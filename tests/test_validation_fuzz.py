@@ -7,7 +7,13 @@ than a UserError (and any warning: pytest turns them into errors) fails the test
 goes through the ``fleetsim run`` subprocess: exit 0, or exit 2 with exactly one stderr line and
 no traceback.
 
-Default run: 300 in-process cases + 6 subprocess cases (``-m slow``: 3,000 + 40).
+The mutants start from bases with each autoscaler policy (static, reactive, schedule), so the
+mutations reach every [autoscaler] and [power] field. A second property corrupts the files a
+scenario names (timed traces, empirical size files, profiles, schedule files: flipped, inserted
+and deleted bytes, truncation, Latin-1, a BOM, 31-digit numbers, deep nesting, NUL).
+
+Default run: 300 in-process scenario cases + 6 subprocess cases + 200 file cases (``-m slow``:
+3,000 + 40 + 2,000).
 """
 
 from __future__ import annotations
