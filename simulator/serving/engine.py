@@ -438,18 +438,8 @@ class Replica:
                 start = self._boundary(k - 1)
                 rec.add_tokens(start + t_l, 0, self.n1)
             e_l = cfg.e_active_w * t_l + cfg.e_flop_j * f_l + cfg.e_byte_j * b_l
-            # its work goes to every hour it overlaps, by the share of its time in each (an
-            # iteration of a slow device can span several hours: issue #16 item 14)
-            last = min(int((start + t_l) // HOUR_S), rec.hours) if t_l > 0 else h
-            done = 0.0
-            for g in range(h, max(h, last) + 1):
-                frac = (
-                    1.0 - done
-                    if g == max(h, last)
-                    else min(1.0 - done, ((g + 1) * HOUR_S - max(start, g * HOUR_S)) / t_l)
-                )
-                rec.add_work(g, t_l * frac, e_l * frac, f_l * frac, b_l * frac)
-                done += frac
+            # into every hour it overlaps, by time share (it may span several: issue #16)
+            rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
             # counted in the hour its tokens are credited to (its end), like them
             rec.iters_h[min(int((start + t_l) // HOUR_S), rec.hours)] += 1
         rec.iterations += j
