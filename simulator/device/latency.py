@@ -301,6 +301,8 @@ class LatencyModel:
         self._att_m = kvb_gpu / (p.mem_bw_bytes_per_s * p.memory_eff)
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
+        self._tok_cache: dict[int, float] = {}
+        self._head_cache: dict[int, float] = {}
 
     def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
         """(compute, memory-bound, communication) seconds of the kernel model's non-attention
@@ -336,6 +338,24 @@ class LatencyModel:
         self._lin_cache[key] = v
         return v
 
+    def linear_time(self, tokens: int, seqs: int) -> float:
+        """The sum of :meth:`linear_parts`, cached by tokens and by sequences separately (the
+        engine's hot path: an iteration's token and sequence counts vary independently)."""
+        t = self._tok_cache.get(tokens)
+        if t is None:
+            c, mm, cm = self.linear_parts(tokens, 0)
+            t = self._tok_cache[tokens] = c + mm + cm
+        h = self._head_cache.get(seqs)
+        if h is None:
+            kf = self._kern
+            assert kf is not None
+            m = self.model
+            h = gemm_time_s(
+                kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
+            )
+            self._head_cache[seqs] = h
+        return t + h
+
     # -- helpers ---------------------------------------------------------------------------
     def _weights(self, tokens: float) -> float:
         return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
@@ -364,10 +384,14 @@ class LatencyModel:
             return step_time(self.run_coeffs(n), ctx), flops, nbytes
         prof = self.profile
         if self._kern is not None:
-            c, mm, cm = self.linear_parts(tokens, n_prefill + n)
             att = (pairs + ctx) * self._att_c
             kv = ctx * self._att_m
-            t = self._oh + c + mm + cm + (att if att > kv else kv) + tokens * self._att_m
+            t = (
+                self._oh
+                + self.linear_time(tokens, n_prefill + n)
+                + (att if att > kv else kv)
+                + tokens * self._att_m
+            )
         elif isinstance(prof, LinearProfile):
             t = (
                 prof.base_s
@@ -394,8 +418,7 @@ class LatencyModel:
         bb = self.kvb
         prof = self.profile
         if self._kern is not None:
-            c_, m_, cm = self.linear_parts(n, n)
-            base = self._oh + c_ + m_ + cm + n * self._att_m
+            base = self._oh + self.linear_time(n, n) + n * self._att_m
             c = RunCoeffs(base, 0.0, self._att_c, 0.0, self._att_m, fa, fb, ba, bb)
         elif isinstance(prof, LinearProfile):
             a = prof.per_seq_s * n

@@ -137,8 +137,13 @@ def print_summary(res: Result, console: Console | None = None) -> None:
             f"{p.name} {p.replicas} x TP{p.tp} {p.gpu_name}" for p in (ps.prefill, ps.decode)
         )
         fleet += f", KV over {ps.link.name}"
+    from fleetsim.device.latency import compute_peak
+
+    dt = f"{rs.model.dtype} weights, KV cache {rs.model.kv_dtype_resolved}"
+    if compute_peak(rs.profile, rs.model.dtype)[1]:
+        dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
     c.print(  # user text is escaped for the console (names are data, not markup)
-        f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({rs.model.dtype}) on "
+        f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({dt}) on "
         f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}"
     )
     if res.scale != 1:
