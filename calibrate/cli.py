@@ -1,8 +1,8 @@
 """``fleetsim calibrate`` (also ``python -m calibrate``): the command line.
 
-torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is cheap
-and a
-machine without torch gets one line with the install command instead of a traceback.
+torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is
+cheap and a machine without torch gets one line with the install command instead of a
+traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleetsim.device.modelspec import ModelSpec
 
 INSTALL_HINT = (
     "fleetsim calibrate needs torch: pip install -e '.[calibrate]'  (or: pip install torch==2.13.0)"
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_model(arg: str, dtype: str) -> object:
+def resolve_model(arg: str, dtype: str) -> ModelSpec:
     """ModelSpec of a catalog name or a TOML file (``name`` defaults to the file's stem)."""
     from fleetsim.base.errors import UserError
     from fleetsim.device.modelspec import ModelSpec, model_from_catalog
@@ -226,7 +231,7 @@ def _from_vidur(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, torch: object) -> int:
+def _run(args: argparse.Namespace, torch: ModuleType) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _Usage(
             "--device cuda: no CUDA device is available to torch "

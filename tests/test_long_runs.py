@@ -29,8 +29,8 @@ rs = resolve(scenario_from_dict(d))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 res = simulate(rs)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"before_kb": before, "peak_kb": peak,
+print(json.dumps({{"before_kb": before,
+                  "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "wall_s": time.perf_counter() - t0,
                   "arrived": res.totals.requests_arrived}}))
 """

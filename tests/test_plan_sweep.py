@@ -220,7 +220,7 @@ def test_grid_parsing_and_validation(tmp_path):
                 str(tmp_path / "o"),
             ]
         )
-    with pytest.raises(UserError, match=r"fleet.replcas.*did you mean 'replicas'"):
+    with pytest.raises(UserError, match=r"fleet\.replcas.*did you mean 'replicas'"):
         main([str(scen), "--grid", "fleet.replcas=1", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 

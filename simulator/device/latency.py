@@ -7,11 +7,10 @@ in all. Its time is
     roofline:  t = overhead + max(F / (tp * peak * eff_c(T)), B / (tp * bw * eff_m)) + comm(T)
     linear:    t = base + [P > 0] * prefill_base + a_tok * P + a_seq * (n_prefill + n) + a_ctx * C
 
-with ``F`` and ``B`` the FLOPs and bytes of :class:`~fleetsim.device.modelspec.ModelSpec`, ``T = P
-+ n``
-the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` (or a measured table of
-``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring
-all-reduces per layer under tensor parallelism.
+with ``F`` and ``B`` the FLOPs and bytes of :class:`~fleetsim.device.modelspec.ModelSpec`,
+``T = P + n`` the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` (or a
+measured table of ``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring all-reduces
+per layer under tensor parallelism.
 
 Between composition changes a replica runs identical decode iterations whose only change is that
 ``C`` grows by ``n`` per step. Each step time is then ``base + max(a1 + b1 C, a2 + b2 C)``: the
@@ -271,6 +270,7 @@ class LatencyModel:
         self._w_dense = m.weight_bytes_read(1.0)
         if isinstance(profile, RooflineProfile):
             p = profile
+            self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
             self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
             self._rc_peak = tp * p.peak_flops
             self._rm = tp * p.mem_bw_bytes_per_s * p.memory_eff
@@ -361,7 +361,7 @@ class LatencyModel:
         return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
 
     def _eff_c(self, tokens: float) -> float:
-        p = self.profile
+        p = self._roof
         if p.compute_eff_table is not None:
             return eff_from_table(p.compute_eff_table, tokens)
         return p.compute_eff_max * tokens / (tokens + p.compute_eff_half_tokens)

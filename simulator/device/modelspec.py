@@ -176,7 +176,7 @@ class ModelSpec:
 
     def weight_bytes_read(self, tokens: float) -> float:
         """Weights read by one iteration over ``tokens`` tokens (embedding rows not counted)."""
-        per_layer = self.attn_params_per_layer + self.router_params_per_layer
+        per_layer: float = self.attn_params_per_layer + self.router_params_per_layer
         per_layer += self.expected_experts_touched(tokens) * self.expert_params
         return (self.n_layers * per_layer + self.lm_head_params) * self.bytes_per_param
 
