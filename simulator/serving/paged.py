@@ -447,7 +447,7 @@ class PagedReplica:
         chunked = self.chunked
         while w and nt < max_batch and budget > 0:
             r = w[0]
-            H, ev = self._lookup(r)
+            H, ev = self._lookup(r) if r.ids is not None else (0, 0)
             done = H * ht
             rem = r.eff - done
             if rem <= budget:
@@ -795,7 +795,7 @@ class PagedReplica:
         else:
             self.T0 = self.run_end
         # KV in use over the committed iterations (blocks after their allocations x time)
-        rec.kv_block_s[h] += self.used_blocks() * (self.T0 - T0)
+        rec.kv_block_s[h] += (self.NB - self.free - self.g * len(self.lru)) * (self.T0 - T0)
         if j >= k and finish:
             self._finish_due()
 
@@ -816,7 +816,10 @@ class PagedReplica:
                 # a session turn's ids cover its answer too: keep the answer's full blocks
                 full = tokens // self.ht
                 self._register(r, full if full < len(ids) else len(ids))
-            self._drop(r, tokens)
+            if r.held:
+                self._drop(r, tokens)
+            else:
+                self.free += -(-tokens // self.b)
             self.outstanding -= 1
             pod = self.pod
             pod.rec.complete(r, end, self.index)
