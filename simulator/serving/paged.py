@@ -722,8 +722,18 @@ class PagedReplica:
             rec.prefix_hit_tokens[hf] += self.hit_tok
         if self.re_tok:
             rec.recomputed_tokens[hf] += self.re_tok
-        if j > 1:  # the decode steps' new blocks
-            self._take(self._blocks(it0 + 1, j - 1, self.n))
+        if j > 1:  # the decode steps' new blocks (_blocks and _take's common case, inlined)
+            cum = self.cum
+            if cum is None:
+                cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
+            m = j - 1
+            mask = self.mask
+            s0 = (it0 + 1) & mask
+            x = (m >> self.lb) * self.n + cum[s0 + (m & mask)] - cum[s0]
+            if x <= self.free:
+                self.free -= x
+            else:
+                self._take(x)
         h = int(T0 // HOUR_S)
         if h > rec.hours:
             h = rec.hours
