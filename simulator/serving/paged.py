@@ -485,7 +485,7 @@ class PagedReplica:
         budget = self.budget
         if nt >= self.max_batch or budget <= 0:
             return False
-        H, ev = self._lookup(r)
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         done = H * self.ht
         rem = r.eff - done
         if rem <= budget:
@@ -507,7 +507,7 @@ class PagedReplica:
         budget = self.max_tokens - n
         if budget <= 0:
             return False
-        H, ev = self._lookup(r)
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         g = self.g
         over = x - self.free
         if over > 0 and ev:
@@ -540,7 +540,7 @@ class PagedReplica:
         """With prefix caching: the blocks a decode run may take before it would evict a cached
         block of the waiting head's prefix (``avail`` if it never would in ``m`` steps)."""
         r = self.waiting[0]
-        H, ev = self._lookup(r)
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         if not ev:
             return avail
         x = self._blocks(it, m, n) - self.free
@@ -884,7 +884,7 @@ class PagedReplica:
             return -1  # the free blocks only shrink: no later boundary of the run admits it
         # ... unless a decode step evicts part of its cached prefix: the boundaries where one
         # of its cached blocks goes are the only ones where it may come to fit
-        H, ev = self._lookup(r)
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         total = self._blocks(it1, k - 1, n1) - self.free
         if not ev or total <= 0:
             return -1
