@@ -36,7 +36,8 @@ def time_fn(
     min_time_s: float = 0.0,
 ) -> tuple[list[float], float, float]:
     """Run ``fn`` ``warmup`` times untimed, then at least ``repeats`` times (and for at least
-    ``min_time_s`` seconds); returns the per-call times (s) and the wall window of the timed runs."""
+    ``min_time_s`` seconds); returns the per-call times (s) and the wall window of the timed
+    runs."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
@@ -241,7 +242,14 @@ def run_grid(
             try:
                 model.allocate_cache(b, n)
                 toks = model.random_tokens(b, n)
-                record("prefill", layers, b, n, 0, lambda: model.prefill(toks, n_layers=layers))
+                record(
+                    "prefill",
+                    layers,
+                    b,
+                    n,
+                    0,
+                    lambda toks=toks, layers=layers: model.prefill(toks, n_layers=layers),
+                )
             except (RuntimeError, MemoryError) as exc:
                 if not _is_oom(exc) and not isinstance(exc, MemoryError):
                     raise
@@ -265,7 +273,7 @@ def run_grid(
                         notes.append(f"deadline: skipped decode B={b} ctx={c} layers={layers}")
                         continue
 
-                    def step(c: int = c) -> None:
+                    def step(c: int = c, tok=tok, layers: int = layers) -> None:
                         model.set_position(c - 1)
                         model.decode_step(tok, n_layers=layers)
 

@@ -1,7 +1,8 @@
 """``fleetsim calibrate`` (also ``python -m calibrate``): the command line.
 
-torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is cheap and a
-machine without torch gets one line with the install command instead of a traceback.
+torch is imported only after the argument check, so that ``import fleetsim.calibrate.cli`` is
+cheap and a machine without torch gets one line with the install command instead of a
+traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleetsim.device.modelspec import ModelSpec
 
 INSTALL_HINT = (
     "fleetsim calibrate needs torch: pip install -e '.[calibrate]'  (or: pip install torch==2.13.0)"
@@ -70,10 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 40 with --quick, none otherwise)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument(
+        "--from-vidur",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="no torch run: fit the kernel model to operator times in Vidur's profiling format "
+        "(DIR/compute/GPU/ORG/MODEL/mlp.csv, DIR/network/GPU_dgx/all_reduce.csv) and write one "
+        "profile per GPU folder",
+    )
+    p.add_argument(
+        "--gpu",
+        default=None,
+        help="with --from-vidur: the catalog GPU of DIR's one GPU folder (its data-sheet peaks, "
+        "memory and power); default: a100 -> a100-80gb, h100 -> h100-sxm",
+    )
     return p
 
 
-def resolve_model(arg: str, dtype: str) -> object:
+def resolve_model(arg: str, dtype: str) -> ModelSpec:
     """ModelSpec of a catalog name or a TOML file (``name`` defaults to the file's stem)."""
     from fleetsim.base.errors import UserError
     from fleetsim.device.modelspec import ModelSpec, model_from_catalog
@@ -133,6 +154,14 @@ def resolve_model(arg: str, dtype: str) -> object:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fleetsim calibrate``; returns the exit code (0 ok, 2 user error or missing torch)."""
     args = build_parser().parse_args(argv)
+    if args.from_vidur is not None:
+        from fleetsim.base.errors import UserError
+
+        try:
+            return _from_vidur(args)
+        except (_Usage, UserError) as exc:
+            print(f"fleetsim calibrate: {exc}", file=sys.stderr)
+            return 2
     try:
         import torch
     except ImportError:
@@ -148,7 +177,61 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args: argparse.Namespace, torch: object) -> int:
+def _from_vidur(args: argparse.Namespace) -> int:
+    """``--from-vidur DIR``: the kernel-model fit of calibrate/vidur.py on a user's folder."""
+    import dataclasses
+    import json
+
+    from fleetsim.device import catalog
+    from fleetsim.device.profile import catalog_profile, profile_to_dict
+
+    from . import vidur
+
+    root = args.from_vidur
+    gpus = sorted(p.name for p in (root / "compute").glob("*") if p.is_dir())
+    if not gpus or not any((root / "compute").glob("*/*/*/mlp.csv")):
+        raise _Usage(
+            f"--from-vidur {root}: no compute/GPU/ORG/MODEL/mlp.csv files (Vidur's profiling "
+            "layout; see data/vidur-profiling/SOURCE.md)"
+        )
+    names: dict[str, str] = {}
+    if args.gpu:
+        if len(gpus) != 1:
+            raise _Usage(f"--gpu {args.gpu}: {root} has {len(gpus)} GPU folders; --gpu needs one")
+        names[gpus[0]] = args.gpu
+    for g in gpus:
+        cat = names.get(g, vidur.VIDUR_GPUS.get(g, (g, ""))[0])
+        if cat not in catalog.gpus():
+            raise _Usage(
+                f"--from-vidur {root}: GPU folder {g!r} is not a catalog GPU "
+                f"(fix: --gpu one of {', '.join(catalog.gpus())})"
+            )
+        names[g] = cat
+    if args.out is not None and len(gpus) > 1:
+        raise _Usage(f"--out {args.out}: {root} has {len(gpus)} GPUs; omit --out")
+    for f in vidur.fit_folder(root, catalog_names=names):
+        prof = catalog_profile(f.catalog_gpu, catalog.gpu(f.catalog_gpu), None)
+        prof = dataclasses.replace(
+            prof, name=f"{f.catalog_gpu}-vidur", kernels=f.fit, source="fitted"
+        )
+        fit = {"n_rows": f.n_rows, "models": f.models}
+        if f.lomo is not None:
+            fit.update(lomo_median_err=f.lomo.median, lomo_worst_err=f.lomo.worst)
+        d = profile_to_dict(prof, catalog_gpu=f.catalog_gpu, fit=fit)
+        d["power"] = None  # the scenario's catalog GPU supplies power
+        out = args.out or Path("profiles") / f"{f.catalog_gpu}-vidur.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        tmp.replace(out)
+        msg = f"{f.catalog_gpu}: {f.n_rows} operator rows of {len(f.models)} model(s)"
+        if f.lomo is not None:
+            msg += f"; leave-one-model-out median {f.lomo.median:.1%}, worst {f.lomo.worst:.1%}"
+        print(f"{msg}; wrote {out}")
+    return 0
+
+
+def _run(args: argparse.Namespace, torch: ModuleType) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _Usage(
             "--device cuda: no CUDA device is available to torch "

@@ -138,7 +138,6 @@ class ServingEngine:
         self.max_batch = max_batch_size
         self.max_tokens = max_batched_tokens
         self.kv_cap = kv_budget_tokens
-        self.limits = Limits(max_batch_size, max_batched_tokens, kv_budget_tokens)
         self.max_seq = max_seq_tokens
         self.device = model.device
         m = model
@@ -269,7 +268,8 @@ class ServingEngine:
         ]
         order = sorted(range(len(recs)), key=lambda i: recs[i].arrival_s)
         max_ctx = max_context_tokens or self.max_seq
-        lim = self.limits
+        # the limits as they are now (a replay sets kv_cap to the simulator's budget first)
+        lim = Limits(self.max_batch, self.max_tokens, self.kv_cap)
         waiting: deque[RequestRecord] = deque()
         running: list[_Seq] = []
         free = list(range(self.max_batch))[::-1]

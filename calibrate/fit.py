@@ -24,10 +24,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares, lsq_linear
 
+from fleetsim.base.errors import UserError
 from fleetsim.device.latency import LatencyModel, PowerSpec, RooflineProfile
 from fleetsim.device.modelspec import ModelSpec
 
@@ -112,7 +114,8 @@ def fit_roofline(
     meas = np.array([float(r["time_s"]) for r in rows])
 
     def make(x: np.ndarray) -> RooflineProfile:
-        vals = dict(zip(names, (float(v) for v in x), strict=True))
+        # (Any: the fitted numbers, passed by name next to the typed fields)
+        vals: dict[str, Any] = dict(zip(names, (float(v) for v in x), strict=True))
         vals.setdefault("overhead_per_layer_s", 0.0)
         return RooflineProfile(
             name=name,
@@ -141,6 +144,7 @@ def fit_roofline(
         res = least_squares(resid, x0, bounds=(lo, hi), x_scale="jac", method="trf")
         if best is None or res.cost < best.cost:
             best = res
+    assert best is not None  # the loop ran
     profile = make(best.x)
     q = quality(meas, predict(spec, profile, rows))
     q["overhead_per_layer_fitted"] = bool(fit_per_layer)
@@ -201,6 +205,8 @@ def predicted_vs_measured(profile_path: str | Path) -> list[dict]:
 
     path = Path(profile_path)
     profile, _ = load_profile(path)
+    if not isinstance(profile, RooflineProfile):
+        raise UserError(f"{path}: a {profile.kind} profile has no roofline grid to compare with")
     raw = json.loads(path.read_text())
     spec = ModelSpec(**raw["model_config"])
     rows = pq.read_table(path.parent / raw["grid_file"]).to_pylist()
@@ -297,8 +303,10 @@ def fit_roofline_table(
         res = least_squares(resid, x0, bounds=(lo, hi), x_scale="jac", method="trf")
         if best is None or res.cost < best.cost:
             best = res
+    assert best is not None  # the loop ran
     prof = make(best.x)
     # which T values does a compute-bound point identify?
+    assert prof.compute_eff_table is not None  # make() fits a table
     effs = dict(prof.compute_eff_table)
     t_c = fl / (peak * np.array([effs[float(t)] for t in toks]))
     t_m = by / (bw * prof.memory_eff)

@@ -71,7 +71,8 @@ class TorchTransformer:
     """Decoder-only Transformer with a KV cache; weights random from ``seed``.
 
     ``spec.n_layers`` layers are built (pass a spec sliced with ``dataclasses.replace`` to build
-    fewer); ``embed_rows`` shrinks an untied input-embedding table (see ``__init__``). ``prefill`` and ``decode_step`` take ``n_layers`` to run only the first layers, which
+    fewer); ``embed_rows`` shrinks an untied input-embedding table (see ``__init__``).
+    ``prefill`` and ``decode_step`` take ``n_layers`` to run only the first layers, which
     the calibration uses to separate per-layer from per-iteration overhead.
     """
 
@@ -176,7 +177,8 @@ class TorchTransformer:
         self.cache_batch = self.cache_tokens = self.pos = 0
 
     def set_position(self, pos: int) -> None:
-        """Pretend the cache holds ``pos`` tokens per sequence (their values are whatever is there)."""
+        """Pretend the cache holds ``pos`` tokens per sequence (their values are whatever is
+        there)."""
         if not 0 <= pos < self.cache_tokens:
             raise ValueError(f"position {pos} outside the cache of {self.cache_tokens} tokens")
         self.pos = pos
@@ -191,6 +193,7 @@ class TorchTransformer:
         """Rotate ``x`` [B, h, L, hd] for positions start..start+L-1 (rotate-half convention)."""
         if not self.rope:
             return x
+        assert self._cos is not None and self._sin is not None  # made with rope
         n = x.shape[2]
         cos = self._cos[start : start + n]
         sin = self._sin[start : start + n]

@@ -8,6 +8,7 @@ reads the package energy counter, also in a background thread, and differentiate
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -75,7 +76,8 @@ class NvmlMeter(PowerMeter):
         self._instant = self._probe_instant()
 
     def _probe_instant(self) -> bool:
-        """Whether the instantaneous power field is available (Hopper: getPowerUsage is a 1 s mean)."""
+        """Whether the instantaneous power field is available (Hopper: getPowerUsage is a 1 s
+        mean)."""
         field = getattr(self._nvml, "NVML_FI_DEV_POWER_INSTANT", None)
         if field is None:
             return False
@@ -101,10 +103,8 @@ class NvmlMeter(PowerMeter):
     def stop(self) -> None:
         """Stop sampling and shut NVML down."""
         super().stop()
-        try:
+        with contextlib.suppress(self._nvml.NVMLError):
             self._nvml.nvmlShutdown()
-        except self._nvml.NVMLError:
-            pass
 
 
 class RaplMeter(PowerMeter):

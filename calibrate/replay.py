@@ -8,10 +8,11 @@ device. The simulated side is ``simulate()`` on a scenario built here with the s
 same layers), the same batching limits, the same KV budget and the same requests at the same
 times (``traffic.trace``), timed by ``--profile`` or, without it, by a quick calibration run on
 this device first (``--calibration engine``: :func:`write_engine_profile`; ``roofline``:
-``calibrate.run.calibrate(quick=True)`` on :func:`replay_grid` + :func:`add_engine_overhead`). Both sides' per-request TTFT, TPOT and
-end-to-end latency are summarised (mean, p50, p90) with the simulator's relative error, printed,
-and written atomically to ``--out``: ``replay.csv`` (the table), ``replay.json`` (the table and
-the run's facts), ``requests.csv`` (every request on both sides) and ``trace.csv`` (the trace).
+``calibrate.run.calibrate(quick=True)`` on :func:`replay_grid` + :func:`add_engine_overhead`).
+Both sides' per-request TTFT, TPOT and end-to-end latency are summarised (mean, p50, p90) with
+the simulator's relative error, printed, and written atomically to ``--out``: ``replay.csv``
+(the table), ``replay.json`` (the table and the run's facts), ``requests.csv`` (every request on
+both sides) and ``trace.csv`` (the trace).
 
 ``poisson:N:RATE[:PROMPT:OUTPUT]`` generates N Poisson arrivals at RATE per second with lognormal
 sizes (medians PROMPT and OUTPUT tokens, default 64 and 16, sigma 0.5, clipped to [4, 4 x median]),
@@ -27,6 +28,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -324,19 +326,137 @@ MAX_REPLAY_TOKENS = 1_000_000
 
 def run_replay(args, trace, spec, device, torch) -> int:
     """Calibrate if needed, replay on the engine, simulate, compare, write."""
-    from fleetsim.apps.simulate import simulate
     from fleetsim.config.scenario import resolve, scenario_from_dict
     from fleetsim.device.profile import load_profile
     from fleetsim.results.output import write_text_atomic
 
-    from .engine import ServingEngine, TraceRequest
-    from .model import TorchTransformer
+    from .engine import TraceRequest
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     trace_path = out / "trace.csv"
     write_text_atomic(trace_csv(trace), trace_path)
-    # the real engine (built first: an engine calibration times it)
+    eng = _build_engine(args, trace, spec, device)  # first: an engine calibration times it
+    profile_path = _profile_for_replay(args, eng, trace, spec, device, out)
+    profile, _ = load_profile(profile_path)
+    hours = max(1, math.ceil((trace[-1][0] + 600.0) / HOUR_S))
+    d = sim_scenario(
+        spec,
+        profile_path.resolve(),
+        trace_path.resolve(),
+        max_batch_size=args.max_batch_size,
+        max_batched_tokens=args.max_batched_tokens,
+        catalog_gpu=profile.meta.get("catalog_gpu"),
+        hours=hours,
+    )
+    rs = resolve(scenario_from_dict(d, "replay"), "")
+    eng.kv_cap = rs.kv_capacity_tokens  # the simulator's KV budget, the same on both sides
+    span = trace[-1][0] - trace[0][0]
+    print(f"replaying {len(trace)} requests over {span:.1f} s on the real engine ...")
+    real = eng.replay(
+        [TraceRequest(a, p, o) for a, p, o in trace], max_context_tokens=spec.max_context_tokens
+    )
+
+    # the simulator, same trace
+    t0 = time.perf_counter()
+    res, sim_first, sim_finish = _simulate_trace(rs, len(trace))
+    sim_wall = time.perf_counter() - t0
+    arrival = np.array([a for a, _, _ in trace])
+    outs = np.array([o for _, _, o in trace])
+    real_first = np.array([r.first_token_s for r in real.requests])
+    real_finish = np.array([r.finish_s for r in real.requests])
+    rows = error_table(
+        latency_arrays(arrival, real_first, real_finish, outs),
+        latency_arrays(arrival, sim_first, sim_finish, outs),
+    )
+    lat = rs.latency_model()
+    t_real = np.array([x.end_s - x.start_s for x in real.iterations])
+    t_pred = np.array(
+        [
+            lat.iteration(
+                x.prompt_tokens, x.pairs, x.n_prefill, x.n_decode, float(x.context_tokens)
+            )[0]
+            for x in real.iterations
+        ]
+    )
+    facts = _facts(args, spec, device, torch, profile, profile_path, trace, real, res)
+    facts["completed_sim"] = int(np.isfinite(sim_finish).sum())
+    facts["iteration_time_ratio_sim_over_real"] = float(t_pred.sum() / t_real.sum())
+    facts["iteration_median_rel_err"] = float(np.median(t_pred / t_real - 1.0))
+    facts["sim_wall_s"] = sim_wall
+    # diagnosis: the same simulation with the step-time model fitted to this replay's own
+    # iterations (in-sample). What is left is the simulator's scheduling, not its device model.
+    coef, s2_first, s2_finish = _insample_simulation(real, d, profile.mem_bytes, out, len(trace))
+    rows_in = error_table(
+        latency_arrays(arrival, real_first, real_finish, outs),
+        latency_arrays(arrival, s2_first, s2_finish, outs),
+    )
+    facts["insample_profile"] = coef
+    facts["table_insample"] = rows_in
+    _write_replay_files(
+        out, rows, facts, trace, real, (real_first, real_finish), (sim_first, sim_finish), t_pred
+    )
+    _print_tables(rows, rows_in, facts, len(trace), spec, device)
+    print(f"written: {out}/replay.csv, replay.json, requests.csv, iterations.csv, trace.csv")
+    return 0
+
+
+def _facts(args, spec, device, torch, profile, profile_path, trace, real, res) -> dict:
+    """What replay.json says besides the table (the simulated side's iteration figures are
+    added by the caller)."""
+    arrival0 = trace[0][0]
+    real_finish = np.array([r.finish_s for r in real.requests])
+    window = max(real_finish[np.isfinite(real_finish)].max() - arrival0, 1e-9)
+    return {
+        "command": "fleetsim replay " + " ".join(_argv_text(args)),
+        "device": str(device),
+        "model": spec.name,
+        "layers": spec.n_layers,
+        "dtype": spec.dtype,
+        "profile": str(profile_path),
+        "profile_kind": profile.kind,
+        "requests": len(trace),
+        "completed_real": int(np.isfinite(real_finish).sum()),
+        "completed_sim": None,
+        "busy_fraction_real": real.busy_s / window,
+        "busy_fraction_sim": float(res.totals.gpu_busy_s) / window,
+        "iteration_time_ratio_sim_over_real": None,
+        "iteration_median_rel_err": None,
+        "iterations_real": len(real.iterations),
+        "iterations_sim": int(res.totals.iterations),
+        "replay_wall_s": real.wall_s,
+        "sim_wall_s": None,
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "max_batch_size": args.max_batch_size,
+        "max_batched_tokens": args.max_batched_tokens,
+    }
+
+
+def _print_tables(rows, rows_in, facts: dict, n: int, spec, device) -> None:
+    """The two error tables and the iteration-time summary, on the terminal."""
+    render(
+        rows,
+        f"replay: {n} requests, {spec.name} ({spec.n_layers} layers) on "
+        f"{device}; busy {facts['busy_fraction_real']:.0%} real, "
+        f"{facts['busy_fraction_sim']:.0%} simulated",
+    )
+    render(
+        rows_in,
+        "diagnosis: the simulator with a step-time model fitted to this replay's "
+        "own iterations (in-sample)",
+    )
+    print(
+        f"iteration times, simulated / real: {facts['iteration_time_ratio_sim_over_real']:.3f} "
+        f"in sum, median relative error {facts['iteration_median_rel_err']:+.1%}"
+    )
+
+
+def _build_engine(args, trace, spec, device):
+    """The real engine over the torch model, warmed up (KV budget set later, from the
+    simulator's)."""
+    from .engine import ServingEngine
+    from .model import TorchTransformer
+
     model = TorchTransformer(
         spec,
         device=device,
@@ -344,17 +464,24 @@ def run_replay(args, trace, spec, device, torch) -> int:
         seed=args.seed,
         embed_rows=4096 if device.type == "cpu" else None,
     )
-    longest = max(p + o for _, p, o in trace)
     eng = ServingEngine(
         model,
         max_batch_size=args.max_batch_size,
         max_batched_tokens=args.max_batched_tokens,
         kv_budget_tokens=1 << 62,
-        max_seq_tokens=longest + 1,
+        max_seq_tokens=max(p + o for _, p, o in trace) + 1,
     )
     eng.warmup()
-    profile_path = args.profile
-    if profile_path is None and args.calibration == "roofline":
+    return eng
+
+
+def _profile_for_replay(args, eng, trace, spec, device, out: Path) -> Path:
+    """``--profile``, or one made here: a quick roofline on the trace's shapes plus the
+    engine's overhead (``--calibration roofline``), or a linear fit to the engine's own
+    iterations."""
+    if args.profile is not None:
+        return Path(args.profile)
+    if args.calibration == "roofline":
         from .run import calibrate
 
         profile_path = out / "profile.json"
@@ -379,87 +506,38 @@ def run_replay(args, trace, spec, device, torch) -> int:
             log=lambda s: None,
         )
         add_engine_overhead(eng, spec, profile_path, trace)
-    elif profile_path is None:
-        profile_path = out / "profile-engine.json"
-        print(f"fitting a linear profile to the engine's own iterations on {device} ...")
-        write_engine_profile(
-            eng,
-            spec,
-            device,
-            profile_path,
-            max_prompt=max(p for _, p, _ in trace),
-            max_context=longest,
-        )
-    profile, _ = load_profile(profile_path)
-    hours = max(1, math.ceil((trace[-1][0] + 600.0) / HOUR_S))
-    d = sim_scenario(
+        return profile_path
+    profile_path = out / "profile-engine.json"
+    print(f"fitting a linear profile to the engine's own iterations on {device} ...")
+    write_engine_profile(
+        eng,
         spec,
-        profile_path.resolve(),
-        trace_path.resolve(),
-        max_batch_size=args.max_batch_size,
-        max_batched_tokens=args.max_batched_tokens,
-        catalog_gpu=profile.meta.get("catalog_gpu"),
-        hours=hours,
+        device,
+        profile_path,
+        max_prompt=max(p for _, p, _ in trace),
+        max_context=max(p + o for _, p, o in trace),
     )
-    rs = resolve(scenario_from_dict(d, "replay"), "")
-    eng.kv_cap = rs.kv_capacity_tokens  # the simulator's KV budget, the same on both sides
-    span = trace[-1][0] - trace[0][0]
-    print(f"replaying {len(trace)} requests over {span:.1f} s on the real engine ...")
-    real = eng.replay(
-        [TraceRequest(a, p, o) for a, p, o in trace], max_context_tokens=spec.max_context_tokens
-    )
+    return profile_path
 
-    # the simulator, same trace
+
+def _simulate_trace(rs, n: int):
+    """Simulate ``rs`` (a replayed trace of ``n`` requests): the result, and each request's
+    first-token and finish times (NaN where it did not finish)."""
+    from fleetsim.apps.simulate import simulate
+
     sink = _Sink()
-    t0 = time.perf_counter()
     res = simulate(rs, request_sink=sink)
-    sim_wall = time.perf_counter() - t0
-    arrival = np.array([a for a, _, _ in trace])
-    outs = np.array([o for _, _, o in trace])
-    sim_first = np.array([sink.rows.get(i, (math.nan, math.nan, 0))[0] for i in range(len(trace))])
-    sim_finish = np.array([sink.rows.get(i, (math.nan, math.nan, 0))[1] for i in range(len(trace))])
-    real_first = np.array([r.first_token_s for r in real.requests])
-    real_finish = np.array([r.finish_s for r in real.requests])
-    rows = error_table(
-        latency_arrays(arrival, real_first, real_finish, outs),
-        latency_arrays(arrival, sim_first, sim_finish, outs),
-    )
-    lat = rs.latency_model()
-    t_real = np.array([x.end_s - x.start_s for x in real.iterations])
-    t_pred = np.array(
-        [
-            lat.iteration(
-                x.prompt_tokens, x.pairs, x.n_prefill, x.n_decode, float(x.context_tokens)
-            )[0]
-            for x in real.iterations
-        ]
-    )
-    window = max(real_finish[np.isfinite(real_finish)].max() - arrival[0], 1e-9)
-    facts = {
-        "command": "fleetsim replay " + " ".join(_argv_text(args)),
-        "device": str(device),
-        "model": spec.name,
-        "layers": spec.n_layers,
-        "dtype": spec.dtype,
-        "profile": str(profile_path),
-        "profile_kind": profile.kind,
-        "requests": len(trace),
-        "completed_real": int(np.isfinite(real_finish).sum()),
-        "completed_sim": int(np.isfinite(sim_finish).sum()),
-        "busy_fraction_real": real.busy_s / window,
-        "busy_fraction_sim": float(res.totals.gpu_busy_s) / window,
-        "iteration_time_ratio_sim_over_real": float(t_pred.sum() / t_real.sum()),
-        "iteration_median_rel_err": float(np.median(t_pred / t_real - 1.0)),
-        "iterations_real": len(real.iterations),
-        "iterations_sim": int(res.totals.iterations),
-        "replay_wall_s": real.wall_s,
-        "sim_wall_s": sim_wall,
-        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "max_batch_size": args.max_batch_size,
-        "max_batched_tokens": args.max_batched_tokens,
-    }
-    # diagnosis: the same simulation with the step-time model fitted to this replay's own
-    # iterations (in-sample). What is left is the simulator's scheduling, not its device model.
+    first = np.array([sink.rows.get(i, (math.nan, math.nan, 0))[0] for i in range(n)])
+    finish = np.array([sink.rows.get(i, (math.nan, math.nan, 0))[1] for i in range(n)])
+    return res, first, finish
+
+
+def _insample_simulation(real, d: dict, mem_bytes: float, out: Path, n: int):
+    """The simulation again with a linear step-time model fitted to ``real``'s own iterations
+    (written to ``profile-insample.json``): its coefficients, first-token and finish times."""
+    from fleetsim.config.scenario import resolve, scenario_from_dict
+    from fleetsim.results.output import write_text_atomic
+
     from .engine import fit_linear_rows
 
     it_rows = [
@@ -480,7 +558,7 @@ def run_replay(args, trace, spec, device, torch) -> int:
                 "format": "fleetsim-profile/1",
                 "kind": "linear",
                 "name": "replay-insample",
-                "mem_bytes": profile.mem_bytes,
+                "mem_bytes": mem_bytes,
                 **coef,
             }
         )
@@ -493,16 +571,15 @@ def run_replay(args, trace, spec, device, torch) -> int:
         ),
         "",
     )
-    sink2 = _Sink()
-    simulate(rs2, request_sink=sink2)
-    s2_first = np.array([sink2.rows.get(i, (math.nan, math.nan, 0))[0] for i in range(len(trace))])
-    s2_finish = np.array([sink2.rows.get(i, (math.nan, math.nan, 0))[1] for i in range(len(trace))])
-    rows_in = error_table(
-        latency_arrays(arrival, real_first, real_finish, outs),
-        latency_arrays(arrival, s2_first, s2_finish, outs),
-    )
-    facts["insample_profile"] = coef
-    facts["table_insample"] = rows_in
+    _, first, finish = _simulate_trace(rs2, n)
+    return coef, first, finish
+
+
+def _write_replay_files(out: Path, rows, facts: dict, trace, real, real_t, sim_t, t_pred) -> None:
+    """replay.csv, replay.json, requests.csv (both sides' times) and iterations.csv."""
+    from fleetsim.results.output import write_text_atomic
+
+    (real_first, real_finish), (sim_first, sim_finish) = real_t, sim_t
     write_text_atomic(table_csv(rows), out / "replay.csv")
     write_text_atomic(
         json.dumps({"table": rows, **facts}, indent=2, allow_nan=True) + "\n", out / "replay.json"
@@ -527,23 +604,6 @@ def run_replay(args, trace, spec, device, torch) -> int:
         "sim_time_s\n" + "\n".join(it) + "\n",
         out / "iterations.csv",
     )
-    render(
-        rows,
-        f"replay: {len(trace)} requests, {spec.name} ({spec.n_layers} layers) on "
-        f"{device}; busy {facts['busy_fraction_real']:.0%} real, "
-        f"{facts['busy_fraction_sim']:.0%} simulated",
-    )
-    render(
-        rows_in,
-        "diagnosis: the simulator with a step-time model fitted to this replay's "
-        "own iterations (in-sample)",
-    )
-    print(
-        f"iteration times, simulated / real: {facts['iteration_time_ratio_sim_over_real']:.3f} "
-        f"in sum, median relative error {facts['iteration_median_rel_err']:+.1%}"
-    )
-    print(f"written: {out}/replay.csv, replay.json, requests.csv, iterations.csv, trace.csv")
-    return 0
 
 
 def replay_grid(spec, trace, *, max_batch_size: int, max_batched_tokens: int):
@@ -616,7 +676,8 @@ def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 6) -
     profile, _ = load_profile(profile_path)
     lat = LatencyModel(spec, profile, tp=1)
     burst = warmup_trace(trace, eng.max_batch, eng.max_tokens, eng.max_seq)
-    diffs, classes = [], {}
+    diffs: list[float] = []
+    classes: dict[str, list[float]] = {}
     for _ in range(rounds):
         res = eng.replay([TraceRequest(a, p, o) for a, p, o in burst])
         for x in res.iterations:
@@ -667,11 +728,12 @@ def write_engine_profile(
     from .run import device_mem_bytes, device_name
 
     coef, rows = fit_linear_profile(eng, max_prompt=max_prompt, max_context=max_context)
+    terms: dict[str, Any] = dict(coef)  # (Any: the fitted numbers, by name next to typed fields)
     errs = np.array([r["rel_err"] for r in rows])
     prof = LinearProfile(
         name=f"{device.type}-{spec.name}-l{spec.n_layers}-engine",
         mem_bytes=device_mem_bytes(device),
-        **coef,
+        **terms,
     )
     d = profile_to_dict(
         prof,

@@ -19,16 +19,21 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
+from fleetsim.device.latency import RooflineProfile
 from fleetsim.device.modelspec import ModelSpec
 from fleetsim.device.profile import profile_to_dict
 
 from . import bench, fit
 from .model import TorchTransformer, flop_check
 from .power import open_meter
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def device_name(device: torch.device) -> str:
@@ -236,6 +241,8 @@ def calibrate(
     to its trace's shapes: every small decode batch, the trace's prompt lengths).
 
     Returns the profile dict (with ``"_path"`` and ``"_rows"`` for the caller) after writing it.
+    The steps: build the model, check its FLOPs, time the device's peaks, measure idle power,
+    time the grid, fit the roofline (and power), write the profile.
     """
     t_start = time.perf_counter()
     load_start = _loadavg()
@@ -252,8 +259,84 @@ def calibrate(
         model, batch=2, prompt_tokens=16 if quick else 64, context_tokens=64 if quick else 256
     )
     log(f"FLOP check: prefill {fc['prefill_rel_err']:+.3%}, decode {fc['decode_rel_err']:+.3%}")
+    micro = _micro_peaks(device, dtype, quick, log)  # 2. micro-benchmarks
+    meter, power_method = open_meter(device.type, device.index or 0)
+    idle_w = _idle_power(meter, power_method, device, log)  # 3. power meter and idle power
+    # 4. the timing grid
+    mem_bytes = device_mem_bytes(device)
+    if budget_s is None:
+        budget_s = 40.0 if quick else math.inf
+    grid, rows, notes = _time_grid(
+        spec, model, device, grid, quick, meter, micro, mem_bytes, t_start + budget_s, budget_s, log
+    )
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not rows:
+        raise RuntimeError("no grid point could be timed")
+    notes += _load_notes(device, load_start)
+    # 5. fits
+    prof, quality = _fit_roofline(
+        spec, rows, f"{dev_slug}-{spec.name}-l{spec.n_layers}", micro, mem_bytes, notes
+    )
+    power_d = power_fit = None
+    if meter is not None and math.isfinite(idle_w):
+        prof, power_d, power_fit = _fit_power(
+            spec, rows, prof, meter, idle_w, micro, power_method, notes
+        )
+    else:
+        log(f"power was not measured ({power_method})")
+    # 6. write
+    out = Path(out) if out is not None else Path("profiles") / f"{dev_slug}-{spec.name}.json"
+    profile = profile_to_dict(
+        prof,
+        device=_device_facts(device, dname, dtype, dtype_requested or dtype, load_start),
+        embed_rows=embed_rows,
+        catalog_gpu=catalog_gpu_for(dname) if device.type == "cuda" else None,
+        model=spec.name,
+        model_config=dataclasses.asdict(spec),
+        micro=micro,
+        flop_check=fc,
+        fit=quality,
+        power_fit=power_fit,
+        grid=dataclasses.asdict(grid),
+        quick=quick,
+        wall_s=time.perf_counter() - t_start,
+        notes=notes,
+        created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        grid_file=out.stem + ".grid.parquet",
+    )
+    profile["power"] = power_d
+    if power_d is None:
+        profile["power_note"] = f"power was not measured ({power_method})"
+    profile = cast(dict[str, Any], _clean(profile))  # (a dict stays a dict)
+    write_outputs(profile, rows, out)
+    profile["_path"] = str(out)
+    profile["_rows"] = rows
+    return profile
 
-    # 2. micro-benchmarks
+
+def _device_facts(
+    device: torch.device, dname: str, dtype: str, dtype_requested: str, load_start: float | None
+) -> dict[str, Any]:
+    """The profile's ``device`` section: what timed it, and how busy the machine was."""
+    return {
+        "type": device.type,
+        "name": dname,
+        "torch_version": torch.__version__,
+        "dtype": dtype,
+        "dtype_requested": dtype_requested,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "cpus": os.cpu_count(),
+        "loadavg_1min_start": load_start,
+        "loadavg_1min_end": _loadavg(),
+    }
+
+
+def _micro_peaks(
+    device: torch.device, dtype: str, quick: bool, log: Callable[[str], None]
+) -> dict[str, float]:
+    """The device's matmul and copy peaks (micro-benchmarks)."""
     if device.type == "cuda":
         micro = bench.matmul_peak(device, dtype, 8192, repeats=20)
         micro.update(bench.copy_bandwidth(device, 2 << 30, repeats=20))
@@ -264,20 +347,39 @@ def calibrate(
         f"peaks: matmul {micro['peak_flops'] / 1e12:.3f} TFLOP/s ({dtype}), "
         f"copy {micro['mem_bw_bytes_per_s'] / 1e9:.1f} GB/s"
     )
+    return micro
 
-    # 3. power meter and idle power
-    meter, power_method = open_meter(device.type, device.index or 0)
-    idle_w = math.nan
-    if meter is not None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        time.sleep(3.0 if device.type == "cuda" else 1.5)
-        idle_w = meter.mean_w(t0 + 1.0, time.perf_counter())
-        log(f"idle power ({power_method}): {idle_w:.1f} W")
 
-    # 4. the timing grid
-    mem_bytes = device_mem_bytes(device)
+def _idle_power(
+    meter: Any, power_method: str, device: torch.device, log: Callable[[str], None]
+) -> float:
+    """The idle draw (W) over a quiet second or two; NaN without a meter."""
+    if meter is None:
+        return math.nan
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    time.sleep(3.0 if device.type == "cuda" else 1.5)
+    idle_w = float(meter.mean_w(t0 + 1.0, time.perf_counter()))
+    log(f"idle power ({power_method}): {idle_w:.1f} W")
+    return idle_w
+
+
+def _time_grid(
+    spec: ModelSpec,
+    model: TorchTransformer,
+    device: torch.device,
+    grid: bench.GridSpec | None,
+    quick: bool,
+    meter: Any,
+    micro: dict[str, float],
+    mem_bytes: float,
+    deadline: float,
+    budget_s: float,
+    log: Callable[[str], None],
+) -> tuple[bench.GridSpec, list[dict], list[str]]:
+    """Time the grid (chosen for the free memory unless given) until ``deadline``, then re-time
+    its outliers; returns the grid, its rows and notes."""
     if device.type == "cuda":
         free = float(torch.cuda.mem_get_info(device)[0])
     else:
@@ -288,15 +390,12 @@ def calibrate(
         grid = choose_grid(device, spec, quick, free)
     if meter is not None:
         grid = dataclasses.replace(grid, min_time_s=1.0 if device.type == "cuda" else 0.5)
-    if budget_s is None:
-        budget_s = 40.0 if quick else math.inf
-    deadline = t_start + budget_s
     rows, notes = bench.run_grid(
         model, grid, meter=meter, deadline=deadline, progress=lambda s: log("  " + s)
     )
     if meter is not None:
         meter.stop()
-    # 4b. a CPU shared with anything else (the host's other guests included) slows a 2-thread
+    # a CPU shared with anything else (the host's other guests included) slows a 2-thread
     # GEMM ~2x for seconds at a time: re-time the points furthest from a first fit, once, and
     # keep the lower of the two medians (both are kept in the grid file and listed in the notes)
     if rows:
@@ -306,22 +405,32 @@ def calibrate(
         )
         if retimed:
             notes.append("re-timed (first -> second median, ms): " + "; ".join(retimed))
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if not rows:
-        raise RuntimeError("no grid point could be timed")
+    return grid, rows, notes
+
+
+def _load_notes(device: torch.device, load_start: float | None) -> list[str]:
+    """A note when the CPU was busy as the run started (its timings are noisy)."""
     load_end = _loadavg()
     # the load before the run (the run's own threads raise the load at its end by ~their count)
     if device.type == "cpu" and (load_start or 0.0) > 0.5 * (os.cpu_count() or 1):
-        notes.append(
+        return [
             f"the CPU was busy when the run started (1-min load {load_start}, "
             f"{load_end} at the end of the grid, on {os.cpu_count()} cores): timings are "
             "noisy; rerun on an idle machine"
-        )
+        ]
+    return []
 
-    # 5. fits
-    name = f"{dev_slug}-{spec.name}-l{spec.n_layers}"
+
+def _fit_roofline(
+    spec: ModelSpec,
+    rows: list[dict],
+    name: str,
+    micro: dict[str, float],
+    mem_bytes: float,
+    notes: list[str],
+) -> tuple[RooflineProfile, dict]:
+    """Fit the roofline with a hyperbolic and a tabulated compute efficiency, keep the better,
+    and add each row's work and predictions (in place)."""
     prof_h, q_h = fit.fit_roofline(
         spec,
         rows,
@@ -356,77 +465,43 @@ def calibrate(
             u_compute=f / (r["time_s"] * micro["peak_flops"]),
             u_memory=b / (r["time_s"] * micro["mem_bw_bytes_per_s"]),
         )
-    power_d = None
-    power_fit = None
-    if meter is not None and math.isfinite(idle_w):
-        try:
-            max_w = meter.max_w or max(
-                float(r["power_w"]) for r in rows if math.isfinite(r["power_w"])
-            )
-            pspec, power_fit = fit.fit_power(
-                spec,
-                rows,
-                idle_w=idle_w,
-                max_w=max_w,
-                peak_flops=micro["peak_flops"],
-                mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
-            )
-            prof = dataclasses.replace(prof, power=pspec)
-            power_d = {**dataclasses.asdict(pspec), "method": power_method}
-        except ValueError as exc:
-            notes.append(f"power fit skipped: {exc}")
-    else:
-        log(f"power was not measured ({power_method})")
+    return prof, quality
 
-    # 6. write
-    created = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    if out is None:
-        out = Path("profiles") / f"{dev_slug}-{spec.name}.json"
-    out = Path(out)
-    wall_s = time.perf_counter() - t_start
-    profile = profile_to_dict(
-        prof,
-        device={
-            "type": device.type,
-            "name": dname,
-            "torch_version": torch.__version__,
-            "dtype": dtype,
-            "dtype_requested": dtype_requested or dtype,
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "cpus": os.cpu_count(),
-            "loadavg_1min_start": load_start,
-            "loadavg_1min_end": _loadavg(),
-        },
-        embed_rows=embed_rows,
-        catalog_gpu=catalog_gpu_for(dname) if device.type == "cuda" else None,
-        model=spec.name,
-        model_config=dataclasses.asdict(spec),
-        micro=micro,
-        flop_check=fc,
-        fit=quality,
-        power_fit=power_fit,
-        grid=dataclasses.asdict(grid),
-        quick=quick,
-        wall_s=wall_s,
-        notes=notes,
-        created_utc=created,
-        grid_file=out.stem + ".grid.parquet",
-    )
-    profile["power"] = None if power_d is None else power_d
-    if power_d is None:
-        profile["power_note"] = f"power was not measured ({power_method})"
-    profile = _clean(profile)
-    write_outputs(profile, rows, out)
-    profile["_path"] = str(out)
-    profile["_rows"] = rows
-    return profile
+
+def _fit_power(
+    spec: ModelSpec,
+    rows: list[dict],
+    prof: RooflineProfile,
+    meter: Any,
+    idle_w: float,
+    micro: dict[str, float],
+    power_method: str,
+    notes: list[str],
+) -> tuple[RooflineProfile, dict | None, dict | None]:
+    """Fit the power model to the measured draw of the grid's points: the profile with its
+    power, the power section and the fit's quality (None, None and a note if it fails)."""
+    try:
+        max_w = meter.max_w or max(float(r["power_w"]) for r in rows if math.isfinite(r["power_w"]))
+        pspec, power_fit = fit.fit_power(
+            spec,
+            rows,
+            idle_w=idle_w,
+            max_w=max_w,
+            peak_flops=micro["peak_flops"],
+            mem_bw_bytes_per_s=micro["mem_bw_bytes_per_s"],
+        )
+    except ValueError as exc:
+        notes.append(f"power fit skipped: {exc}")
+        return prof, None, None
+    power_d = {**dataclasses.asdict(pspec), "method": power_method}
+    return dataclasses.replace(prof, power=pspec), power_d, power_fit
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def render(profile: dict, console: object) -> None:
+def render(profile: dict, console: Console) -> None:
     """Print the grid (measured vs predicted) and the fitted parameters as rich tables."""
     from rich.table import Table
 

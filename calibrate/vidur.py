@@ -389,7 +389,7 @@ def fit_folder(
     from fleetsim.device import catalog
 
     root = Path(root)
-    names = sorted(p.name for p in (root / "compute").iterdir() if p.is_dir())
+    names = sorted(p.name for p in (root / "compute").glob("*") if p.is_dir())
     out = []
     for g in names:
         if gpus is not None and g not in gpus:
@@ -412,7 +412,8 @@ def fit_folder(
             source=f"fitted to Vidur operator times ({g}); all-reduce measured ({topo})",
         )
         errs = {n: allreduce_errors(ar[n], t) for n, t in tables}
-        res = leave_one_model_out(rows, peak, bw) if lomo else None
+        several = len({r.model for r in rows}) > 1
+        res = leave_one_model_out(rows, peak, bw) if lomo and several else None
         out.append(GpuFit(cat_name, fit, res, errs, len(rows), sorted({r.model for r in rows})))
     return out
 

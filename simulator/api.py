@@ -33,6 +33,7 @@ from fleetsim.config.scenario import (
     resolve,
     resolved_dict,
     scenario_from_dict,
+    toml_value,
 )
 from fleetsim.results.result import Result
 
@@ -48,7 +49,7 @@ def _override_strings(overrides: Overrides) -> list[str]:
         out = []
         for key, value in overrides.items():
             try:
-                text = _toml_value(value)
+                text = toml_value(value)
             except TypeError:
                 raise UserError(
                     f"override {key!r}: {value!r} is not a TOML value "
@@ -59,22 +60,6 @@ def _override_strings(overrides: Overrides) -> list[str]:
     if isinstance(overrides, str):
         return [overrides]
     return [str(x) for x in overrides]
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else str(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    if hasattr(v, "isoformat"):
-        return v.isoformat()
-    raise TypeError(type(v).__name__)
 
 
 def _is_path(s: str) -> bool:
@@ -237,7 +222,7 @@ def sweep(
         vals = [values] if isinstance(values, (str, bytes)) else list(values)
         if not vals:
             raise UserError(f"sweep grid {key!r}: no values")
-        axes.append((key, [_toml_value(v) for v in vals]))
+        axes.append((key, [toml_value(v) for v in vals]))
     with make_executor(executor, workers) as ex:
         return run_sweep(sc.model_dump(mode="json"), axes, sc._source, ex)
 

@@ -99,7 +99,7 @@ def test_user_errors_are_one_line(argv, needle, capsys):
     pytest.importorskip("torch")
     from fleetsim.calibrate.cli import main
 
-    assert main(argv + ["--device", "cpu"]) == 2
+    assert main([*argv, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
 

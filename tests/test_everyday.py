@@ -370,3 +370,114 @@ def test_every_shipped_scenario_validates_and_runs_inside_the_repository(path, t
     )
     assert rc == 0
     assert pq.read_table(tmp_path / "o" / "hourly.parquet").num_rows == 1
+
+
+# ---- the JSON Schema ------------------------------------------------------------------------
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    return x.isoformat() if hasattr(x, "isoformat") else x
+
+
+def test_schema_accepts_every_shipped_scenario_and_rejects_a_typo(capsys):
+    import jsonschema
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    fleet = schema["$defs"]["FleetSection"]["properties"]
+    assert {"replicas", "max_batch_size", "max_num_seqs", "replicas_per_pod"} <= set(fleet)
+    assert "``" not in json.dumps(schema)
+    for path in SCENARIOS:
+        data, _ = read_toml(path)
+        errors = [e.message for e in v.iter_errors(_jsonable(data))]
+        assert errors == [], (path.name, errors)
+    assert not v.is_valid({"fleet": {"replicass": 2}})
+    assert not v.is_valid({"fleet": {"replicas": 0}})
+
+
+# ---- sweep and plan: TOML arrays, --json, help ----------------------------------------------
+def test_grid_values_are_toml_arrays_parsed_like_set():
+    from fleetsim.apps.sweep import parse_grid
+
+    assert parse_grid(["fleet.replicas=[4, 8]"]) == parse_grid(["fleet.replicas=4,8"])
+    axes = parse_grid(['cost.hardware=["owned", "rented"]', "traffic.diurnal=[[1.0, 2.0], [3]]"])
+    assert axes == [
+        ("cost.hardware", ['"owned"', '"rented"']),
+        ("traffic.diurnal", ["[1.0, 2.0]", "[3]"]),
+    ]
+
+
+def test_sweep_json_and_units(tmp_path, capsys):
+    from fleetsim.apps.sweep import main as sweep_main
+
+    f = _small_file(tmp_path)
+    argv = [str(f), "--grid", "fleet.replicas=[1, 2]", "--set", "simulation.hours=1"]
+    rc = sweep_main([*argv, "--out", str(tmp_path / "o"), "--workers", "1", "--json"])
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert rc == 0 and [p["fleet.replicas"] for p in doc["points"]] == [1, 2]
+    assert doc["paths"]["sweep"] == str((tmp_path / "o/sweep.parquet").resolve())
+    assert {"itl_p99_s", "ttft_mean_s", "request_throughput_per_s"} <= set(doc["points"][0])
+    # the table (stderr here) shows TPOT in ms as run and plan do, values never cut
+    assert "TPOT p99 ms" in cap.err and "…" not in cap.err
+    tpot_ms = f"{doc['points'][0]['tpot_p99_s'] * 1000:.1f}"
+    assert tpot_ms in cap.err
+
+
+@pytest.mark.parametrize("cmd", ["plan", "sweep", "report", "run", "validate"])
+def test_help_is_complete_and_has_no_rst(cmd):
+    p = subprocess.run(
+        [sys.executable, "-m", "fleetsim", cmd, "--help"], capture_output=True, text=True
+    )
+    assert p.returncode == 0
+    assert "``" not in p.stdout
+    if cmd == "plan":  # the description is the docstring's whole first sentence
+        assert "that meets the latency SLO, found by simulation." in " ".join(p.stdout.split())
+
+
+def test_version():
+    p = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "--version"], capture_output=True, text=True
+    )
+    import fleetsim
+
+    assert p.returncode == 0 and p.stdout.strip() == f"fleetsim {fleetsim.__version__}"
+
+
+# ---- the report ---------------------------------------------------------------------------------
+def test_report_has_latency_rows_from_memory_and_from_the_file(tmp_path, capsys):
+    from fleetsim.apps.report import main as report_main
+
+    f = _small_file(tmp_path)
+    out = tmp_path / "o"
+    assert main(["run", str(f), "--out", str(out), "--set", "simulation.hours=1", "--json"]) == 0
+    lat = json.loads(capsys.readouterr().out)["latency"]
+    itl = " / ".join(f"{lat[f'itl_p{q}_s'] * 1000:.1f}" for q in (50, 90, 99))
+    mean = f"{lat['itl_mean_s'] * 1000:.1f}"
+    expect = f"| ITL (token gaps): p50 / p90 / p99, mean | {itl} ms, mean {mean} ms |"
+    assert report_main([str(out), "--no-flat"]) == 0  # from hourly.parquet and its metadata
+    said = capsys.readouterr().out
+    assert f"wrote {(out / 'report.html').resolve()}" in said
+    md = (out / "report.md").read_text()
+    assert expect in md and "| TTFT: p50 / p90 / p99, mean |" in md
+    assert "| worst hour's p99 TPOT |" in md
+
+
+def test_plan_json(tmp_path, capsys):
+    from fleetsim.apps.plan import main as plan_main
+
+    f = _small_file(tmp_path)
+    argv = [str(f), "--gpus", "h100-sxm", "--tp", "1", "--no-schedule", "--workers", "1"]
+    assert (
+        plan_main([*argv, "--set", "simulation.hours=1", "--out", str(tmp_path / "p"), "--json"])
+        == 0
+    )
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert doc["candidates"][0]["status"] == "ok" and doc["candidates"][0]["rank"] == 1
+    assert doc["paths"]["plan"] == str((tmp_path / "p/plan.parquet").resolve())
+    assert "capacity plan" in cap.err  # the table went to stderr

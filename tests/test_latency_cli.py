@@ -103,3 +103,36 @@ def test_decode_run_stays_closed_form():
     assert t == pytest.approx(sum(step_time(c, 32 * 500.0 + 32 * i) for i in range(50)), rel=1e-12)
     it = lat.iteration(0, 0.0, 0, 32, 32 * 500.0)[0]
     assert it == step_time(c, 32 * 500.0)
+
+
+def test_scenario_tp_checks_and_kv_replicas():
+    from fleetsim.base.errors import ScenarioError
+    from fleetsim.config.scenario import resolve, scenario_from_dict
+
+    def rs(tp: int, model: str = "llama-3.1-8b", **extra):
+        return resolve(
+            scenario_from_dict(
+                {
+                    "model": {"name": model, **extra},
+                    "hardware": {"gpu": "h100-sxm"},
+                    "fleet": {"tensor_parallel": tp},
+                    "traffic": {"requests_per_day": 1000},
+                }
+            )
+        )
+
+    with pytest.raises(ScenarioError) as e:
+        rs(3)
+    assert e.value.field == "fleet.tensor_parallel" and "attention heads" in str(e.value)
+    # 8 KV heads: TP8 holds one head per GPU, TP16 two replicas of each
+    r8, r16 = rs(8), rs(16)
+    m = r8.model
+    mib = catalog.gpu("h100-sxm")["mem_bytes"]
+    assert r8.kv is not None and r16.kv is not None
+    assert r8.kv.memory_bytes == 8 * mib and r16.kv.memory_bytes == 16 * mib
+    assert r8.kv.bytes_per_token == m.kv_bytes_per_token
+    assert r16.kv.bytes_per_token == 2 * m.kv_bytes_per_token
+    assert r16.kv_capacity_tokens <= r16.kv.kv_bytes / (2 * m.kv_bytes_per_token)
+    # kv_dtype is explicit: int8 weights keep a bf16 cache unless told otherwise
+    assert rs(1, dtype="int8").model.kv_bytes_per_element == 2.0
+    assert rs(1, dtype="int8", kv_dtype="fp8").model.kv_bytes_per_element == 1.0

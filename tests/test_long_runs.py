@@ -29,7 +29,8 @@ rs = resolve(scenario_from_dict(d))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 res = simulate(rs)
-print(json.dumps({{"before_kb": before, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+print(json.dumps({{"before_kb": before,
+                  "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "wall_s": time.perf_counter() - t0,
                   "arrived": res.totals.requests_arrived}}))
 """
@@ -67,5 +68,5 @@ def test_three_days_need_no_more_memory_than_one():
 
 @pytest.mark.slow
 def test_a_week_needs_no_more_memory_than_a_day():
-    a, b = _compare(1, 7, 100_000, tol=0.05)
+    _a, b = _compare(1, 7, 100_000, tol=0.05)
     assert b["wall_s"] < 60

@@ -117,7 +117,7 @@ def test_search_min_finds_the_threshold_in_logarithmic_rounds():
             for workers in (1, 2, 4):
                 rounds = []
 
-                def test(ns, t=threshold):
+                def test(ns, t=threshold, rounds=rounds, workers=workers):
                     rounds.append(len(ns))
                     assert len(ns) <= workers
                     return [n >= t for n in ns]
@@ -220,7 +220,7 @@ def test_grid_parsing_and_validation(tmp_path):
                 str(tmp_path / "o"),
             ]
         )
-    with pytest.raises(UserError, match="fleet.replcas.*did you mean 'replicas'"):
+    with pytest.raises(UserError, match=r"fleet\.replcas.*did you mean 'replicas'"):
         main([str(scen), "--grid", "fleet.replcas=1", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 

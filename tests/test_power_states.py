@@ -70,10 +70,10 @@ def test_cold_start_costs_its_energy(small):
 
 def test_schedule_powers_exactly_replicas_by_hour(small):
     sched = [2, 0, 3, 1, 3, 3]
-    rs, res = _idle_fleet(small, sched, power={"wake_s": 0.0})
+    _rs, res = _idle_fleet(small, sched, power={"wake_s": 0.0})
     np.testing.assert_array_equal(_col(res, "gpus_powered_mean"), np.array(sched) * 2.0)
     # with a cold start, pre-warming adds wake_s of the replicas that come up to the hour before
-    rs, res = _idle_fleet(small, sched, power={"wake_s": 90.0})
+    _rs, res = _idle_fleet(small, sched, power={"wake_s": 90.0})
     up = [max(sched[h + 1] - sched[h], 0) if h + 1 < len(sched) else 0 for h in range(len(sched))]
     want = [(s * 3600 + u * 90.0) * 2 / 3600 for s, u in zip(sched, up)]
     np.testing.assert_allclose(_col(res, "gpus_powered_mean"), want, rtol=1e-12)
@@ -123,7 +123,7 @@ def test_cold_start_delays_service(small):
     t_up = rows[0][0] + wake  # the first arrival wakes one replica
     early = [r for r in rows if r[0] < t_up]
     assert len(early) >= 5  # about 0.46/s x 45 s = 21 expected
-    for arr, _rep, _p, _o, first, _fin, status in early:
+    for arr, _rep, _p, _o, first, _fin, _status in early:
         assert first >= t_up - 1e-9, (arr, first, t_up)
         assert first - arr >= t_up - arr
     # it powered exactly one replica from the first arrival on, the other stayed off

@@ -72,3 +72,18 @@ def test_bad_input_raises_user_errors():
         fleetsim.load("name = \n")
     with pytest.raises(fleetsim.UserError, match="not a TOML value"):
         fleetsim.load({}, {"fleet.replicas": object()})
+
+
+def test_import_fleetsim_is_light_and_names_load_on_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fleetsim; heavy = [m for m in ('pyarrow', 'pydantic', 'simpy') "
+        "if m in sys.modules]; print(heavy); print(fleetsim.simulate.__module__)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.split("\n")[:2] == ["[]", "fleetsim.api"]
+    assert set(fleetsim.__all__) <= set(dir(fleetsim))
+    with pytest.raises(AttributeError):
+        fleetsim.no_such_name  # noqa: B018

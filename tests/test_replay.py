@@ -25,7 +25,7 @@ max_context_tokens = 2048
 """
 
 
-# ---- the simulator side: traffic.trace -------------------------------------------------------------
+# ---- the simulator side: traffic.trace -----------------------------------------------------------
 def test_trace_replay_in_simulator(tmp_path):
     """A timed trace drives simulate(): the same arrivals and sizes, and an isolated request's
     times are the linear profile's closed form."""
@@ -94,7 +94,7 @@ def test_poisson_trace_argument():
         parse_trace_arg("poisson:ten:1", seed=0)
 
 
-# ---- the real engine ---------------------------------------------------------------------------------
+# ---- the real engine -----------------------------------------------------------------------------
 torch = pytest.importorskip("torch")
 
 
@@ -258,3 +258,27 @@ def test_replay_bad_input(tmp_path):
         main(["--trace", "poisson:3:1", "--profile", str(tmp_path / "nope.json")])
     with pytest.raises(UserError, match="--max-batch-size"):
         main(["--trace", "poisson:3:1", "--max-batch-size", "0"])
+
+
+@pytest.mark.torch
+def test_engine_admits_by_the_kv_budget_set_before_the_replay(tmp_path):
+    """``fleetsim replay`` sets the engine's KV budget to the simulator's after building it: the
+    admission rule (serving.admission.Limits, shared with the simulator) must use that budget.
+    Two requests of 10 + 6 tokens at once with a 20-token budget: the second waits for the first
+    to leave, so it is admitted only after the first's last token."""
+    from fleetsim.calibrate.engine import ServingEngine, TraceRequest
+
+    _, m = _tiny_model(tmp_path)
+    eng = ServingEngine(
+        m, max_batch_size=4, max_batched_tokens=256, kv_budget_tokens=1 << 62, max_seq_tokens=64
+    )
+    eng.kv_cap = 20
+    res = eng.replay([TraceRequest(0.0, 10, 6), TraceRequest(0.0, 10, 6)])
+    a, b = res.requests
+    assert a.status == b.status == "completed"
+    assert b.admit_s >= a.finish_s
+    assert all(it.n_prefill + it.n_decode == 1 for it in res.iterations)  # never two at once
+    # with the budget it was built with, both run together from the first iteration
+    eng.kv_cap = 1 << 62
+    res = eng.replay([TraceRequest(0.0, 10, 6), TraceRequest(0.0, 10, 6)])
+    assert res.iterations[0].n_prefill == 2

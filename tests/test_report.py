@@ -82,5 +82,5 @@ def test_report_without_scenario_says_so(run):
 
 
 def test_report_of_a_folder_without_a_run(tmp_path):
-    with pytest.raises(UserError, match="no hourly.parquet"):
+    with pytest.raises(UserError, match=r"no hourly\.parquet"):
         main([str(tmp_path)])

@@ -1,7 +1,7 @@
 """The simulator against queueing theory: every case is a real scenario run through ``simulate()``.
 
-Service times come from a linear profile (:class:`fleetsim.device.latency.LinearProfile`) written to a
-JSON file, so that they are known in closed form:
+Service times come from a linear profile (:class:`fleetsim.device.latency.LinearProfile`) written
+to a JSON file, so that they are known in closed form:
 
 * batch size 1: a request of prompt ``P`` and output ``o`` is one prefill iteration (it yields
   token 1) then ``o - 1`` decode steps, ``S(o) = t_prefill + sum_{i=1}^{o-1} t_decode(P + i)``
@@ -33,7 +33,7 @@ N_BATCHES = 25  # batch means
 HOUR_S = 3600.0
 
 
-# ---- helpers -----------------------------------------------------------------------------------
+# ---- helpers -------------------------------------------------------------------------------------
 class ArraySink:
     """Keeps arrival, first-token and finish times (s), prompt and output of completed requests."""
 
@@ -198,23 +198,28 @@ def birth_death(lam: float, m: float, a: float, c: float, B: int, n_max: int = 4
 # ---- M/D/1 and M/G/1 at batch size 1 -------------------------------------------------------------
 MG1_CASES = {
     # fixed output: M/D/1
-    "md1": dict(
-        coef=dict(base_s=4e-4, prefill_base_s=1e-3, per_prefill_token_s=2e-5, per_seq_s=2e-4),
-        output={"dist": "fixed", "value": 20},
-        rho=0.6,
-    ),
+    "md1": {
+        "coef": {
+            "base_s": 4e-4,
+            "prefill_base_s": 1e-3,
+            "per_prefill_token_s": 2e-5,
+            "per_seq_s": 2e-4,
+        },
+        "output": {"dist": "fixed", "value": 20},
+        "rho": 0.6,
+    },
     # lognormal output, and a context-length cost in decode: M/G/1 (Pollaczek-Khinchine)
-    "mg1_lognormal": dict(
-        coef=dict(
-            base_s=4e-4,
-            prefill_base_s=1e-3,
-            per_prefill_token_s=2e-5,
-            per_seq_s=2e-4,
-            per_context_token_s=4e-7,
-        ),
-        output={"dist": "lognormal", "median": 15, "sigma": 0.8, "min": 1, "max": 300},
-        rho=0.6,
-    ),
+    "mg1_lognormal": {
+        "coef": {
+            "base_s": 4e-4,
+            "prefill_base_s": 1e-3,
+            "per_prefill_token_s": 2e-5,
+            "per_seq_s": 2e-4,
+            "per_context_token_s": 4e-7,
+        },
+        "output": {"dist": "lognormal", "median": 15, "sigma": 0.8, "min": 1, "max": 300},
+        "rho": 0.6,
+    },
 }
 PROMPT = 100
 
@@ -280,11 +285,11 @@ def test_mg1_pollaczek_khinchine(tmp_path, case):
     assert sink.not_done < 50  # only the last moments' arrivals are still in flight
 
 
-# ---- M/M/c: central queue, c replicas at batch size 1 ------------------------------------------------
+# ---- M/M/c: central queue, c replicas at batch size 1 --------------------------------------------
 def test_mmc_erlang_c(tmp_path):
     c, m, t_tok = 4, 200.0, 5e-4
     # prefill costs the same as a decode step: S = t_tok * o, o ~ Geometric(mean m)
-    coef = dict(base_s=t_tok)
+    coef = {"base_s": t_tok}
     prof = write_profile(tmp_path / "p.json", **coef)
     out = {"dist": "geometric", "mean": m, "max": 20000}
     o, pmf = geometric_pmf(m, out["max"])
@@ -323,7 +328,7 @@ def test_mmc_erlang_c(tmp_path):
 
 
 # ---- continuous batching against the birth-death chain -------------------------------------------
-BD = dict(a=0.01, c=0.001, m=5.0, B=8, lam=30.0)
+BD = {"a": 0.01, "c": 0.001, "m": 5.0, "B": 8, "lam": 30.0}
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +348,7 @@ def bd_run(tmp_path_factory):
 
 def test_continuous_batching_birth_death(bd_run):
     a, c, m, B, lam = BD["a"], BD["c"], BD["m"], BD["B"], BD["lam"]
-    res, sink = bd_run
+    _res, sink = bd_run
     r = sink.arrays()
     pi, EN = birth_death(lam, m, a, c, B)
     ET_bd = EN / lam
@@ -368,7 +373,7 @@ def test_continuous_batching_birth_death(bd_run):
 # ---- Little's law --------------------------------------------------------------------------------
 def test_littles_law(bd_run):
     """Time-average number in system over a window = lambda x mean sojourn of its arrivals."""
-    res, sink = bd_run
+    _res, sink = bd_run
     r = sink.arrays()
     lam = BD["lam"]
     t0, t1 = 0.05 * HOUR_S, 0.95 * HOUR_S
@@ -387,11 +392,11 @@ def test_littles_law(bd_run):
     assert abs(diff.mean()) < Z * se
 
 
-# ---- utilisation over a realistic day ---------------------------------------------------------------
+# ---- utilisation over a realistic day ------------------------------------------------------------
 def test_day_utilisation_hourly(tmp_path):
     """Azure-conversation diurnal curve over 24 h, batch size 1: busy fraction of each hour and
     of the day against lambda_h E[S]."""
-    coef = dict(base_s=0.02, prefill_base_s=0.05, per_prefill_token_s=1e-4, per_seq_s=0.01)
+    coef = {"base_s": 0.02, "prefill_base_s": 0.05, "per_prefill_token_s": 1e-4, "per_seq_s": 0.01}
     prof = write_profile(tmp_path / "p.json", **coef)
     out = {"dist": "lognormal", "median": 20, "sigma": 0.6, "min": 1, "max": 200}
     o, pmf = _output_pmf(out)

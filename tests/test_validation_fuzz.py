@@ -178,9 +178,9 @@ value = st.recursive(
 def _paths(d: dict, prefix: tuple = ()) -> list[tuple]:
     out = []
     for k, v in d.items():
-        out.append(prefix + (k,))
+        out.append((*prefix, k))
         if isinstance(v, dict):
-            out.extend(_paths(v, prefix + (k,)))
+            out.extend(_paths(v, (*prefix, k)))
     return out
 
 
@@ -229,7 +229,7 @@ def mutant(draw) -> dict:
             parent.pop(key, None)
         elif kind == "extra":
             target = parent[key] if isinstance(parent.get(key), dict) else parent
-            target[draw(st.sampled_from(KEYS + ["x", "replicass", "Seed"]))] = draw(value)
+            target[draw(st.sampled_from([*KEYS, "x", "replicass", "Seed"]))] = draw(value)
         elif kind == "nest":  # a value wrapped into a table or a list
             parent[key] = draw(st.sampled_from([{"value": parent[key]}, [parent[key]]]))
         else:  # a table's keys hoisted one level up

@@ -148,3 +148,58 @@ def test_kernel_fit_roundtrip_and_bad_field():
     with pytest.raises(UserError, match="elem_norm"):
         kernel_fit_from_dict(d)
     assert math.isfinite(f.gemm_launch_s)
+
+
+def _vidur_copy(tmp_path: Path, gpu_dir: str = "h100") -> Path:
+    import shutil
+
+    root = tmp_path / "vidur"
+    for org_model in ("meta-llama/Llama-2-7b-hf", "internlm/internlm-20b"):
+        dst = root / "compute" / gpu_dir / org_model
+        dst.mkdir(parents=True)
+        shutil.copy(DATA / "compute" / "h100" / org_model / "mlp.csv", dst / "mlp.csv")
+    (root / "network" / f"{gpu_dir}_dgx").mkdir(parents=True)
+    shutil.copy(
+        DATA / "network" / "h100_dgx" / "all_reduce.csv",
+        root / "network" / f"{gpu_dir}_dgx" / "all_reduce.csv",
+    )
+    return root
+
+
+def test_calibrate_from_vidur_writes_a_usable_profile(tmp_path, capsys):
+    from fleetsim.apps.cli import main
+    from fleetsim.config.scenario import resolve, scenario_from_dict
+    from fleetsim.device.profile import load_profile
+
+    root = _vidur_copy(tmp_path)
+    out = tmp_path / "h100.json"
+    assert main(["calibrate", "--from-vidur", str(root), "--out", str(out)]) == 0
+    assert "leave-one-model-out" in capsys.readouterr().out
+    prof, _ = load_profile(out)
+    assert prof.kernels is not None and prof.meta["catalog_gpu"] == "h100-sxm"
+    assert prof.kernels.allreduce_table(4) is not None
+    sc = {
+        "model": {"name": "llama-3.1-8b"},
+        "hardware": {"gpu": "h100-sxm", "profile": str(out)},
+        "traffic": {"requests_per_day": 1000},
+    }
+    rs = resolve(scenario_from_dict(sc))
+    base = resolve(scenario_from_dict({**sc, "hardware": {"gpu": "h100-sxm"}}))
+    t_user = rs.latency_model().decode_time(32, 1000)
+    t_cat = base.latency_model().decode_time(32, 1000)
+    # fitted on two of the five shapes: the same GPU within a few percent
+    assert t_user == pytest.approx(t_cat, rel=0.05)
+
+
+def test_calibrate_from_vidur_unknown_gpu_folder(tmp_path, capsys):
+    from fleetsim.apps.cli import main
+
+    root = _vidur_copy(tmp_path, "mygpu")
+    assert main(["calibrate", "--from-vidur", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--gpu" in err
+    out = tmp_path / "p.json"
+    assert (
+        main(["calibrate", "--from-vidur", str(root), "--gpu", "h100-sxm", "--out", str(out)]) == 0
+    )
+    assert out.exists()

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fleetsim.apps.common import description
 from fleetsim.base.errors import InvariantError, UserError
 
 
@@ -154,11 +155,17 @@ def cmd_run(args) -> int:
         if sink is not None:
             sink.close(res.metadata(text))
             sink = None
-        write_outputs(res, outp.stage, text)
+        write_outputs(res, outp.staging(), text)
         if args.report:
             from fleetsim.apps.report import write_report
 
-            write_report(out, result=res, source=args.scenario, into=outp.stage)
+            write_report(
+                out,
+                result=res,
+                source=args.scenario,
+                into=outp.staging(),
+                show_progress=not args.quiet,
+            )
         written = outp.commit()
     except BaseException:
         if sink is not None:
@@ -191,7 +198,7 @@ def _shown(p) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from fleetsim.base.version import __version__
 
-    ap = argparse.ArgumentParser(prog="fleetsim", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fleetsim", description=description(__doc__))
     ap.add_argument("--version", action="version", version=f"fleetsim {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser(

@@ -58,3 +58,13 @@ def open_output(
         mode=mode,
         names=names,
     ).open()
+
+
+def description(doc: str | None) -> str:
+    """A command's help description from its module docstring: the whole first paragraph (not
+    its first line, which may stop mid-sentence), with RST literals (````x````) as plain text."""
+    import re
+
+    para = (doc or "").strip().split("\n\n")[0]
+    text = " ".join(line.strip() for line in para.splitlines())
+    return re.sub(r"``(.+?)``", r"\1", text)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fleetsim.apps.common import description
 from fleetsim.apps.executors import (
     Executor,
     RunSummary,
@@ -453,7 +454,7 @@ def parse_list(flag: str, raw: str, kind=str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fleetsim plan", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file")
     ap.add_argument(
         "--set",
@@ -505,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--no-schedule", action="store_true", help="skip the per-hour schedule")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    ap.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (the ranked candidates, the schedule, the paths "
+        "written); the table goes to stderr",
+    )
     add_executor_args(ap)
     return ap
 
@@ -591,9 +598,7 @@ def plan_fleet(
 
 def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
-    from rich.console import Console
-
-    from fleetsim.apps.common import open_output
+    from fleetsim.apps.common import console, open_output, print_json
     from fleetsim.results.output import write_table_atomic, write_text_atomic
     from fleetsim.results.provenance import provenance
 
@@ -641,7 +646,7 @@ def main(argv: list[str]) -> int:
         )
     names = ("plan.parquet", "schedule.json") + (("plan_disaggregated.parquet",) if dcands else ())
     outp = open_output(args, Path(args.scenario).stem + "-plan", names)
-    console = Console(stderr=True, quiet=args.quiet)
+    log = console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -655,7 +660,7 @@ def main(argv: list[str]) -> int:
             ex,
             hooks,
             schedule=not args.no_schedule,
-            log=lambda text: console.print(term(text, 400)),  # (user text: escaped)
+            log=lambda text: log.print(term(text, 400)),  # (user text: escaped)
         )
         dtable = None
         if dcands:
@@ -669,7 +674,7 @@ def main(argv: list[str]) -> int:
                     continue
                 hooks.describe(f"plan disaggregated {dc.label}")
                 dplanner.plan(dc)
-                console.print(
+                log.print(
                     f"disaggregated {dc.label}: "
                     + (
                         f"{dc.prefill} prefill + {dc.decode} decode replicas per pod "
@@ -697,16 +702,32 @@ def main(argv: list[str]) -> int:
     if dtable is not None:
         write_table_atomic(dtable, outp.path("plan_disaggregated.parquet"), meta)
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
+    wide = console(stderr=args.json)  # stderr when stdout carries the JSON document
     if not args.quiet:
-        wide = Console() if Console().is_terminal else Console(width=160)
         if cands:
             print_plan(table, slo, sched, wide)
         if dtable is not None:
             from fleetsim.apps.plan_disagg import print_designs
 
             print_designs(table if cands else None, dtable, slo, wide)
-        Console().print(
+        wide.print(
             f"wrote {term(path)}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
+        )
+    if args.json:
+        paths = {"plan": str(path.resolve())}
+        if sched is not None:
+            paths["schedule"] = str(outp.final("schedule.json").resolve())
+        if dtable is not None:
+            paths["plan_disaggregated"] = str(outp.final("plan_disaggregated.parquet").resolve())
+        print_json(
+            {
+                "slo": {"ttft_p99_s": slo.ttft_p99_s, "tpot_p99_s": slo.tpot_p99_s},
+                "candidates": table.to_pylist() if cands else [],
+                "disaggregated": dtable.to_pylist() if dtable is not None else None,
+                "schedule": sched,
+                "paths": paths,
+                "wall_s": wall,
+            }
         )
     return 0
 

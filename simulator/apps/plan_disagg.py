@@ -196,7 +196,7 @@ class DisaggPlanner:
             cand.screened_prefill, cand.screened_decode = P, D = Ps, Ds
         # the coupled system, on whole days
         for _ in range(4 * CAP):
-            specs = [(P, D, None)]
+            specs: list[tuple[int, int, float | None]] = [(P, D, None)]
             if P > 1:
                 specs.append((P - 1, D, None))
             if D > 1:

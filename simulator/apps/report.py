@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import io
 import json
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fleetsim.apps.common import description
 from fleetsim.base.errors import UserError
 from fleetsim.base.units import fmt_num, per_sim_hour
 from fleetsim.results.output import write_bytes_atomic, write_text_atomic
@@ -50,13 +52,16 @@ class RunData:
     source: str = ""
     notes: list[str] = field(default_factory=list)
     pools: Any = None  # pools.parquet of a disaggregated run (a pyarrow Table), or None
+    latency: dict[str, float] = field(default_factory=dict)  # day-wide (empty if unknown)
 
 
 def _from_result(res) -> RunData:
     t = res.hourly
     cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
     cfg = json.loads(res.scenario.model_dump_json())
-    return RunData(cols, res.totals, cfg, res.scenario.name, pools=res.pools)
+    return RunData(
+        cols, res.totals, cfg, res.scenario.name, pools=res.pools, latency=dict(res.day_latency)
+    )
 
 
 REQUIRED_COLUMNS = (
@@ -134,6 +139,8 @@ def _from_dir(out_dir: Path) -> RunData:
             cfg = json.loads(scenario_from_dict(cfg, where).model_dump_json())
         except UserError:
             cfg = None
+    lat = obj("fleetsim.latency") or {}
+    latency = {k: float(v) for k, v in lat.items() if isinstance(v, (int, float))}
     pools = None
     if (out_dir / "pools.parquet").is_file():  # a disaggregated run
         try:
@@ -145,7 +152,7 @@ def _from_dir(out_dir: Path) -> RunData:
                 f"{io.clean(str(out_dir / 'pools.parquet'))}: cannot read it as Parquet "
                 f"({io.clean(str(exc), 120)})"
             ) from None
-    return RunData(cols, totals, cfg, name, pools=pools)
+    return RunData(cols, totals, cfg, name, pools=pools, latency=latency)
 
 
 def pool_lines(d: RunData) -> list[tuple[str, str]]:
@@ -281,9 +288,19 @@ def make_plots(d: RunData, slo: dict[str, float] | None) -> dict[str, bytes]:
 
         fig, ax = plt.subplots()
         h = _hours_axis(ax, c)
-        ax.plot(h, c["utilization"], "o-", color="#2ca02c", label="utilisation (busy / powered)")
+        ax.plot(h, c["utilization"], "o-", color="#2ca02c", label="busy fraction (busy / powered)")
+        # headroom: under continuous batching "busy" means "any request in flight", so the busy
+        # fraction sits near 1; how full the batches are and how much of the GPUs' peak compute
+        # and memory bandwidth the work uses show what is left (older files lack the columns)
+        for col, style, color, label in (
+            ("batch_occupancy", "s-", "#ff7f0e", "batch occupancy (sequences / max_num_seqs)"),
+            ("flops_utilization", "^-", "#1f77b4", "FLOP/s / peak"),
+            ("bandwidth_utilization", "v-", "#8c564b", "memory bandwidth / peak"),
+        ):
+            if col in c:
+                ax.plot(h, c[col], style, color=color, ms=3, label=label)
         ax.set_ylim(0, 1.05)
-        ax.set_ylabel("utilisation")
+        ax.set_ylabel("fraction")
         ax2 = ax.twinx()
         ax2.step(
             h,
@@ -295,10 +312,17 @@ def make_plots(d: RunData, slo: dict[str, float] | None) -> dict[str, bytes]:
         )
         ax2.set_ylim(0, max(float(np.nanmax(c["gpus_powered_mean"])) * 1.15, 1))
         ax2.set_ylabel("GPUs powered")
-        ax.set_title(f"{for_plot(d.name)}: utilisation and powered GPUs")
+        ax.set_title(f"{for_plot(d.name)}: busy fraction, headroom and powered GPUs")
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower left")
+        ax.legend(
+            lines[0] + lines2[0],
+            lines[1] + lines2[1],
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.15),
+            fontsize=8,
+            ncol=3,
+        )
         out["utilization"] = _png(fig)
         plt.close(fig)
 
@@ -330,7 +354,7 @@ def make_plots(d: RunData, slo: dict[str, float] | None) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------------------------------------
 # peak-hour analysis
-def flat_day_cost(cfg: dict[str, Any], source: str = "") -> tuple[float | None, str]:
+def flat_day_cost(cfg: dict[str, Any], source: str = "", progress=None) -> tuple[float | None, str]:
     """The day's cost with the same requests spread evenly (``diurnal = "flat"``), or None and
     why not."""
     from fleetsim.apps.simulate import simulate
@@ -355,15 +379,19 @@ def flat_day_cost(cfg: dict[str, Any], source: str = "") -> tuple[float | None, 
     tr["requests_per_day"] = float(tr.get("requests_per_day", 1_000_000.0)) * share
     tr["diurnal"] = "flat"
     try:
-        res = simulate(
-            scenario_from_dict(flat, source or "scenario (from metadata)"), source=source
-        )
+        sc = scenario_from_dict(flat, source or "scenario (from metadata)")
+        step = None
+        if progress is not None:  # (pod-hours: the simulated pods x the hours)
+            from fleetsim.apps.simulate import pods_to_simulate
+
+            step = progress(len(pods_to_simulate(sc)) * sc.simulation.hours)
+        res = simulate(sc, source=source, progress=step)
     except (UserError, ScenarioError) as exc:
         return None, f"the scenario could not be re-simulated here ({exc})"
     return float(res.totals.total_cost_usd), ""
 
 
-def peak_analysis(d: RunData, flatten: bool = True) -> dict[str, Any]:
+def peak_analysis(d: RunData, flatten: bool = True, progress=None) -> dict[str, Any]:
     """Peak and trough hours, the peak's share of the cost, and its marginal cost."""
     c = d.cols
     arrived = c["requests_arrived"].astype(float)
@@ -394,7 +422,7 @@ def peak_analysis(d: RunData, flatten: bool = True) -> dict[str, Any]:
     elif d.config is None:
         a["flat_note"] = "not computed: the run's scenario is not in the file's metadata"
     else:
-        flat, why = flat_day_cost(d.config, d.source)
+        flat, why = flat_day_cost(d.config, d.source, progress)
         if flat is None:
             a["flat_note"] = f"not computed: {why}"
         else:
@@ -425,6 +453,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         ("Wh per request", _fmt(t.wh_per_request, ",.3f")),
         ("$ per M output tokens", _fmt(t.usd_per_mtok, ",.3f")),
         ("SLO attainment", _fmt(t.slo_attainment, ".2%")),
+        *_latency_rows(d),
         (
             "busiest hour",
             f"{hod(a['peak_hour'])}: {a['peak_requests']:,} requests "
@@ -451,6 +480,33 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         )
     else:
         rows.append(("marginal cost of the peak", a["flat_note"]))
+    return rows
+
+
+def _latency_rows(d: RunData) -> list[tuple[str, str]]:
+    """TTFT, TPOT, ITL and e2e over the day (p50 / p90 / p99 and mean; TPOT and ITL in ms, as
+    in the terminal) and the worst hour's p99 TTFT and TPOT."""
+    lat, rows = d.latency, []
+    for m, label, scale, unit, fmt in (
+        ("ttft", "TTFT", 1.0, "s", ".3f"),
+        ("tpot", "TPOT", 1000.0, "ms", ".1f"),
+        ("itl", "ITL (token gaps)", 1000.0, "ms", ".1f"),
+        ("e2e", "end-to-end latency", 1.0, "s", ".2f"),
+    ):
+        if f"{m}_p99_s" not in lat:
+            continue
+        p = " / ".join(_fmt(lat.get(f"{m}_p{q}_s", math.nan) * scale, fmt) for q in (50, 90, 99))
+        mean = _fmt(lat.get(f"{m}_mean_s", math.nan) * scale, fmt)
+        rows.append((f"{label}: p50 / p90 / p99, mean", f"{p} {unit}, mean {mean} {unit}"))
+    c = d.cols
+    for col, label, scale, unit, fmt in (
+        ("ttft_p99_s", "worst hour's p99 TTFT", 1.0, "s", ".3f"),
+        ("tpot_p99_s", "worst hour's p99 TPOT", 1000.0, "ms", ".1f"),
+    ):
+        v = np.asarray(c[col], dtype=float)
+        if np.isfinite(v).any():
+            i = int(np.nanargmax(v))
+            rows.append((label, f"{_fmt(float(v[i]) * scale, fmt)} {unit} (hour {i})"))
     return rows
 
 
@@ -492,7 +548,13 @@ th{{text-align:left;padding-right:2em}} td{{text-align:right}} img{{max-width:10
 
 
 def write_report(
-    out_dir: Path, result=None, *, flatten: bool = True, source: str = "", into: Path | None = None
+    out_dir: Path,
+    result=None,
+    *,
+    flatten: bool = True,
+    source: str = "",
+    into: Path | None = None,
+    show_progress: bool = False,
 ) -> Path:
     """Write the four PNGs, ``report.html``, ``report.md`` and ``peak.json``; returns the HTML
     page's path. ``result`` is a finished :class:`~fleetsim.apps.simulate.Result`; without it
@@ -510,8 +572,10 @@ def write_report(
         outp = RunOutput(out_dir, mode="add", names=REPORT_FILES).open()
         into = outp.path("")
     try:
-        pngs = make_plots(d, slo)
-        a = peak_analysis(d, flatten)
+        with _progress(show_progress) as progress:
+            pngs = make_plots(d, slo)
+            # the flat-day re-simulation takes as long as the run itself: the bar shows it
+            a = peak_analysis(d, flatten, progress)
         for name, data in pngs.items():
             write_bytes_atomic(data, into / f"{name}.png")
         write_text_atomic(render_markdown(d, a), into / "report.md")
@@ -525,12 +589,32 @@ def write_report(
     return out_dir / "report.html"
 
 
+@contextlib.contextmanager
+def _progress(show: bool):
+    """A factory of progress callbacks on stderr (None when not shown): ``progress(total)``
+    adds a task and returns its ``advance(k)``."""
+    if not show:
+        yield None
+        return
+    from rich.progress import Progress
+
+    from fleetsim.apps.common import console
+
+    with Progress(console=console(stderr=True), transient=True) as bar:
+
+        def progress(total: int):
+            task = bar.add_task("report: re-simulating the flat day", total=total)
+            return lambda k: bar.advance(task, k)
+
+        yield progress
+
+
 REPORT_FILES = (*tuple(f"{p}.png" for p in PLOTS), "report.md", "report.html", "peak.json")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``fleetsim report DIR [--no-flat]``."""
-    ap = argparse.ArgumentParser(prog="fleetsim report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fleetsim report", description=description(__doc__))
     ap.add_argument("dir", help="the --out folder of a `fleetsim run` (holds hourly.parquet)")
     ap.add_argument(
         "--no-flat",
@@ -543,9 +627,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the scenario file the run came from, to resolve its relative paths",
     )
     args = ap.parse_args(argv)
-    page = write_report(Path(args.dir), flatten=not args.no_flat, source=args.scenario)
+    page = write_report(
+        Path(args.dir), flatten=not args.no_flat, source=args.scenario, show_progress=True
+    )
     a = json.loads((page.parent / "peak.json").read_text())
-    print(f"wrote {page}, report.md and {', '.join(p + '.png' for p in PLOTS)} in {page.parent}")
+    pngs = ", ".join(p + ".png" for p in PLOTS)
+    print(f"wrote {page.resolve()}, report.md and {pngs} in {page.parent}")
     m = a["marginal_cost_of_peak_usd"]
     print(
         f"busiest hour {a['peak_hour']}: {a['peak_cost_share']:.2%} of the day's cost; "

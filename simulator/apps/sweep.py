@@ -1,10 +1,12 @@
 """``fleetsim sweep``: simulate every point of a parameter grid and tabulate the day of each.
 
-    fleetsim sweep scenarios/default.toml --grid fleet.replicas=6,8,10 \\
-        --grid 'cost.hardware="owned","rented"' --workers 2
+    fleetsim sweep scenarios/default.toml --grid 'fleet.replicas=[6, 8, 10]' \\
+        --grid 'cost.hardware=["owned", "rented"]' --workers 2
 
 The grid is the cartesian product of the ``--grid`` axes; each point is the scenario with the
-point's values applied as ``--set`` overrides (the same parsing: values are TOML). All points are
+point's values applied as ``--set`` overrides (the same parsing: values are TOML). An axis's
+values are a TOML array (``key=[v1, v2]``; a list-valued field takes an array of arrays) or,
+as before, comma-separated TOML values (``key=v1,v2``). All points are
 validated before anything runs. Points share the scenario's seed on purpose (common random
 numbers: two points differ by their parameters, not by their random draws); sweep ``seed=1,2,3``
 for replications. ``sweep.parquet`` has one row per point, in grid order.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from fleetsim.apps.common import description
 from fleetsim.apps.executors import (
     RunSummary,
     add_executor_args,
@@ -37,6 +40,7 @@ from fleetsim.config.scenario import (
     read_toml,
     resolve,
     scenario_from_dict,
+    toml_value,
 )
 
 #: the day's figures of each point (in this order, after the grid columns)
@@ -56,6 +60,16 @@ RESULT_COLUMNS = (
     "peak_hour",
     "peak_hour_total_cost_usd",
     "peak_hour_ttft_p99_s",
+    # vLLM's names (day-wide; docs/model.md)
+    "ttft_mean_s",
+    "ttft_p90_s",
+    "tpot_mean_s",
+    "itl_mean_s",
+    "itl_p99_s",
+    "e2e_mean_s",
+    "e2e_p99_s",
+    "request_throughput_per_s",
+    "output_throughput_tokens_per_s",
 )
 
 
@@ -83,6 +97,18 @@ def split_values(raw: str) -> list[str]:
     return out
 
 
+def array_values(raw: str) -> list[str]:
+    """The items of a TOML array ``[v1, v2, ...]`` (parsed as ``--set`` parses a value), each as
+    TOML text for an override; a value that is itself a list is an item: ``[[1, 2], [3, 4]]``."""
+    import tomllib
+
+    try:
+        items = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--grid value {raw!r}: not a TOML array ({exc})") from None
+    return [toml_value(v) for v in items]
+
+
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
     """``section.key=v1,v2`` items -> [(key, [raw values])], keys unique, values non-empty."""
     axes: list[tuple[str, list[str]]] = []
@@ -97,7 +123,9 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
             raise UserError(f"--grid {item!r}: the key must be section.key (e.g. fleet.replicas)")
         if any(k == key for k, _ in axes):
             raise UserError(f"--grid {key}: given twice (fix: list all its values in one --grid)")
-        values = split_values(raw)
+        values = array_values(raw) if raw.strip().startswith("[") else split_values(raw)
+        if not values:
+            raise UserError(f"--grid {item!r}: an empty list (fix: e.g. {key}=[4, 8])")
         if any(v == "" for v in values):
             raise UserError(f"--grid {item!r}: an empty value (fix: remove the stray comma)")
         axes.append((key, values))
@@ -149,6 +177,9 @@ def point_row(res: RunSummary) -> dict[str, float]:
         "peak_hour": ph,
         "peak_hour_total_cost_usd": float(cost[ph]) if len(cost) else math.nan,
         "peak_hour_ttft_p99_s": float(ttft[ph]) if len(ttft) else math.nan,
+        **{k: lat[k] for k in RESULT_COLUMNS if k in lat and k not in ("ttft_p99_s", "tpot_p99_s")},
+        "request_throughput_per_s": t.request_throughput_per_s,
+        "output_throughput_tokens_per_s": t.output_throughput_tokens_per_s,
     }
 
 
@@ -183,14 +214,15 @@ def run_sweep(base: dict, axes, source: str, executor, hooks=None) -> pa.Table:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim sweep", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fleetsim sweep", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file")
     ap.add_argument(
         "--grid",
         action="append",
         default=[],
         metavar="SECTION.KEY=V1,V2,...",
-        help="an axis of the grid (repeatable); values are TOML",
+        help="an axis of the grid (repeatable): a TOML array, e.g. 'fleet.replicas=[4, 8]', or "
+        "comma-separated TOML values",
     )
     ap.add_argument(
         "--set",
@@ -203,16 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (default out/<scenario name>-sweep)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    ap.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (every point's row, the path written); the "
+        "table goes to stderr",
+    )
     add_executor_args(ap)
     return ap
 
 
 def main(argv: list[str]) -> int:
     """``fleetsim sweep``: see the module docstring."""
-    from rich.console import Console
     from rich.table import Table
 
-    from fleetsim.apps.common import open_output
+    from fleetsim.apps.common import console, open_output, print_json
     from fleetsim.results.output import write_table_atomic
     from fleetsim.results.provenance import provenance
 
@@ -249,26 +286,43 @@ def main(argv: list[str]) -> int:
         ),
     )
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
+    human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
         tab = Table(title=f"sweep of {term(args.scenario)}: {table.num_rows} points")
-        shown = [k for k, _ in axes] + [
-            "requests",
-            "total_cost_usd",
-            "usd_per_mtok",
-            "wh_per_request",
-            "ttft_p99_s",
-            "tpot_p99_s",
-            "slo_attainment",
-        ]
-        for c in shown:
-            tab.add_column(term(c), justify="right")
-        for row in table.select(shown).to_pylist():
-            tab.add_row(*(_fmt(row[c]) for c in shown))
-        Console().print(tab)
-        Console().print(f"wrote {term(path)} in {wall:.1f} s")
+        shown = [(k, k, 1.0, "") for k, _ in axes] + list(SHOWN)
+        for _, header, _, _ in shown:
+            tab.add_column(term(header), justify="right", no_wrap=True)
+        for row in table.to_pylist():
+            tab.add_row(*(_fmt(row[c], scale, fmt) for c, _, scale, fmt in shown))
+        human.print(tab)
+        human.print(f"wrote {term(path)} in {wall:.1f} s")
+    if args.json:
+        print_json(
+            {
+                "points": table.to_pylist(),
+                "paths": {"sweep": str(path.resolve())},
+                "wall_s": wall,
+            }
+        )
     return 0
 
 
-def _fmt(v: object) -> str:
-    s = fmt_num(v, ",.4g" if isinstance(v, float) else ",")
+#: the terminal table's columns: (column, header, scale, format); units as in ``fleetsim run``
+#: and ``fleetsim plan`` (TTFT in s, TPOT in ms, money in $)
+SHOWN = (
+    ("requests", "requests", 1.0, ",.0f"),
+    ("total_cost_usd", "total $", 1.0, ",.2f"),
+    ("usd_per_mtok", "$/Mtok", 1.0, ".3f"),
+    ("wh_per_request", "Wh/req", 1.0, ".3f"),
+    ("ttft_p99_s", "TTFT p99 s", 1.0, ".3f"),
+    ("tpot_p99_s", "TPOT p99 ms", 1000.0, ".1f"),
+    ("itl_p99_s", "ITL p99 ms", 1000.0, ".1f"),
+    ("slo_attainment", "SLO met %", 100.0, ".2f"),
+)
+
+
+def _fmt(v: object, scale: float = 1.0, fmt: str = "") -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and scale != 1.0:
+        v = v * scale
+    s = fmt_num(v, fmt or (",.4g" if isinstance(v, float) else ","))
     return s if isinstance(v, (int, float)) else term(s)  # a grid value is user text: escaped

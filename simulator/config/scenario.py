@@ -10,9 +10,11 @@ names the file, the field path, the value and the fix.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,8 +24,8 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from fleetsim.base.errors import ScenarioError, UserError
 from fleetsim.base.names import closest
-from fleetsim.base.schema import Section, Tokens, bounded
-from fleetsim.base.units import DAY_S, rotate_to_start
+from fleetsim.base.schema import Section, Tokens, bound
+from fleetsim.base.units import DAY_S, HOUR_S, rotate_to_start
 from fleetsim.config.pools import POOLS, LinkSpec, Pools, PoolSpec
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
@@ -36,14 +38,11 @@ PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Hourly24 = Annotated[list[NonNegFloat], Field(min_length=24, max_length=24)]
 
 
-_bounded = bounded
-
-
-Watts = _bounded(0, 1e5)  # per GPU; a B200 is 1.2 kW
-Usd = _bounded(0, 1e9)  # capex of one GPU
-UsdPerHour = _bounded(0, 1e6)  # rent or maintenance per GPU-hour
-PricePerKwh = _bounded(0, 1e3)  # $/kWh; wholesale price caps are ~5-10 $/kWh
-CarbonPerKwh = _bounded(0, 1e2)  # kg/kWh; coal is ~1
+Watts = Annotated[float, bound(0, 1e5)]  # per GPU; a B200 is 1.2 kW
+Usd = Annotated[float, bound(0, 1e9)]  # capex of one GPU
+UsdPerHour = Annotated[float, bound(0, 1e6)]  # rent or maintenance per GPU-hour
+PricePerKwh = Annotated[float, bound(0, 1e3)]  # $/kWh; wholesale price caps are ~5-10 $/kWh
+CarbonPerKwh = Annotated[float, bound(0, 1e2)]  # kg/kWh; coal is ~1
 ArchInt = Annotated[int, Field(ge=1, le=10_000_000)]
 
 
@@ -71,6 +70,9 @@ class ModelSection(_Section):
     """A catalog model by ``name``, or an inline architecture (all of n_layers..vocab_size)."""
 
     name: str = "llama-3.1-70b"
+    #: a local Hugging Face config.json (relative to the scenario file) for the architecture;
+    #: fields given here override it (config/hf.py)
+    config: str | None = None
     dtype: DType = "bf16"
     kv_dtype: DType | None = None
     n_layers: ArchInt | None = None
@@ -91,15 +93,15 @@ class HardwareSection(_Section):
 
     gpu: str = "h100-sxm"
     profile: str | None = None
-    peak_flops: _bounded(1e6, 1e19) | None = None  # an H100 is ~1e15 (dense bf16)
-    mem_bw_bytes_per_s: _bounded(1e6, 1e16) | None = None  # an H200 is 4.8e12
-    mem_bytes: _bounded(1e6, 1e14) | None = None  # an H200 is 1.41e11
-    tdp_w: _bounded(0, 1e5, strict_lo=True) | None = None
+    peak_flops: Annotated[float, bound(1e6, 1e19)] | None = None  # an H100 is ~1e15 (dense bf16)
+    mem_bw_bytes_per_s: Annotated[float, bound(1e6, 1e16)] | None = None  # an H200 is 4.8e12
+    mem_bytes: Annotated[float, bound(1e6, 1e14)] | None = None  # an H200 is 1.41e11
+    tdp_w: Annotated[float, bound(0, 1e5, strict_lo=True)] | None = None
     idle_w: Watts | None = None
     active_w: Watts | None = None
     compute_w: Watts | None = None
     memory_w: Watts | None = None
-    node_overhead_w: _bounded(0, 1e6) | None = None
+    node_overhead_w: Annotated[float, bound(0, 1e6)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
     capex_usd: Usd | None = None
     rent_usd_per_gpu_hour: UsdPerHour | None = None
@@ -217,7 +219,7 @@ class PowerSection(_Section):
 
     pue: Annotated[float, Field(ge=1.0, le=5.0)] = 1.2
     standby_w: Watts = 10.0
-    wake_s: _bounded(0, 86400.0) = 60.0  # a cold start longer than a day is a typo
+    wake_s: Annotated[float, bound(0, 86400.0)] = 60.0  # a cold start longer than a day is a typo
     wake_w: Watts | None = None
 
 
@@ -231,13 +233,13 @@ class AutoscalerSection(_Section):
     ) = None
     schedule_file: str | None = None
     prewarm: bool = True
-    interval_s: _bounded(0, 86400.0, strict_lo=True) = 30.0
+    interval_s: Annotated[float, bound(0, 86400.0, strict_lo=True)] = 30.0
     # (at least 1e-3 requests per replica: 5e-324 would overflow the replica count)
-    target_requests_per_replica: _bounded(1e-3, 1e9) = 32.0
+    target_requests_per_replica: Annotated[float, bound(1e-3, 1e9)] = 32.0
     min_replicas: Annotated[int, Field(ge=0, le=100_000)] = 1
     max_replicas: Annotated[int, Field(ge=1, le=100_000)] | None = None
     initial_replicas: Annotated[int, Field(ge=0, le=100_000)] | None = None
-    idle_timeout_s: _bounded(0, 1e7) = 600.0
+    idle_timeout_s: Annotated[float, bound(0, 1e7)] = 600.0
 
 
 class CostSection(_Section):
@@ -245,7 +247,7 @@ class CostSection(_Section):
         PricePerKwh | Annotated[list[PricePerKwh], Field(min_length=24, max_length=24)]
     ) = 0.0806
     hardware: Literal["owned", "rented"] = "owned"
-    amortization_years: _bounded(0.01, 30) = 5.0
+    amortization_years: Annotated[float, bound(0.01, 30)] = 5.0
     maintenance_usd_per_gpu_hour: UsdPerHour = 0.0
     carbon_kg_per_kwh: (
         CarbonPerKwh | Annotated[list[CarbonPerKwh], Field(min_length=24, max_length=24)] | None
@@ -253,8 +255,8 @@ class CostSection(_Section):
 
 
 class SloSection(_Section):
-    ttft_s: _bounded(0, 1e6, strict_lo=True) = 2.0
-    tpot_s: _bounded(0, 1e6, strict_lo=True) = 0.2
+    ttft_s: Annotated[float, bound(0, 1e6, strict_lo=True)] = 2.0
+    tpot_s: Annotated[float, bound(0, 1e6, strict_lo=True)] = 0.2
 
 
 Router = Literal["round_robin", "random", "least_loaded", "central_queue"]
@@ -284,8 +286,8 @@ class DisaggregationSection(_Section):
     ``[fleet]``."""
 
     link: str = "infiniband-ndr"
-    link_bandwidth_bytes_per_s: _bounded(1e3, 1e15, strict_lo=True) | None = None
-    link_latency_s: _bounded(0, 1e3) | None = None
+    link_bandwidth_bytes_per_s: Annotated[float, bound(1e3, 1e15, strict_lo=True)] | None = None
+    link_latency_s: Annotated[float, bound(0, 1e3)] | None = None
     prefill: PoolSection = PoolSection()
     decode: PoolSection = PoolSection()
 
@@ -376,6 +378,23 @@ def canonical_path(path: list[str]) -> list[str]:
     return path
 
 
+def toml_value(v: Any) -> str:
+    """``v`` as TOML value text (what ``--set section.key=<text>`` parses back to ``v``)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    raise TypeError(type(v).__name__)
+
+
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """A copy of ``data`` with each ``section.key=value`` applied. Keys are matched by the
     fields' own names, whichever alias the file or the override uses."""
@@ -406,7 +425,7 @@ def scenario_from_dict(data: dict, source: str = "scenario") -> Scenario:
             "(top level)",
             data,
             "a scenario is a table of sections",
-            "start from a scenario in examples/",
+            "start from a scenario in scenarios/ (e.g. scenarios/default.toml)",
             source,
         )
     check_scalar_types(data, Scenario, source)
@@ -589,8 +608,8 @@ def check_work(
         per_pod = trace_rows / f.pods
         peak_pod_hour = 0.0
     else:
-        per_pod = sum(rates[h % 24] for h in range(hours)) * 3600.0 / f.pods
-        peak_pod_hour = max(rates) * 3600.0 / f.pods
+        per_pod = sum(rates[h % 24] for h in range(hours)) * HOUR_S / f.pods
+        peak_pod_hour = max(rates) * HOUR_S / f.pods
     if peak_pod_hour > MAX_ARRIVALS_PER_POD_HOUR:
         raise ScenarioError(
             "traffic.requests_per_day",
@@ -625,9 +644,9 @@ def check_work(
         )
     a = sc.autoscaler
     if a.policy == "reactive":
-        ticks = hours * 3600.0 / a.interval_s * sim_pods
+        ticks = hours * HOUR_S / a.interval_s * sim_pods
         if ticks > MAX_AUTOSCALER_TICKS:
-            need = hours * 3600.0 * sim_pods / MAX_AUTOSCALER_TICKS
+            need = hours * HOUR_S * sim_pods / MAX_AUTOSCALER_TICKS
             raise ScenarioError(
                 "autoscaler.interval_s",
                 a.interval_s,
@@ -639,7 +658,7 @@ def check_work(
             )
     if sc.simulation.engine == "iteration":
         t_min = lat.decode_time(1, 1)  # the shortest iteration the profile allows
-        by_time = f.replicas * sim_pods * hours * 3600.0 / max(t_min, 1e-12)
+        by_time = f.replicas * sim_pods * hours * HOUR_S / max(t_min, 1e-12)
         max_out = float(sc.traffic.output.max_tokens({})) if trace_rows is None else 1e9
         by_tokens = total * (1.0 + max_out)
         its = min(by_time, by_tokens)
@@ -690,10 +709,20 @@ def _model_spec(sc: Scenario, src: str) -> ModelSpec:
     inline = {
         k: v
         for k, v in m.model_dump().items()
-        if k not in ("name", "dtype", "kv_dtype") and v is not None
+        if k not in ("name", "dtype", "kv_dtype", "config") and v is not None
     }
     required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
-    if m.name in catalog.models():
+    if m.config is not None:  # a Hugging Face config.json; inline fields override it
+        from fleetsim.config.hf import read_hf_config
+        from fleetsim.workload.sampling import _resolve_path
+
+        path = _resolve_path(m.config, src)
+        arch = read_hf_config(path, src, m.config)
+        file_dtype = arch.pop("dtype", None)
+        dtype = m.dtype if "dtype" in m.model_fields_set or file_dtype is None else file_dtype
+        name = m.name if "name" in m.model_fields_set else path.parent.name or path.stem
+        spec = ModelSpec(name=name, dtype=dtype, kv_dtype=m.kv_dtype, **{**arch, **inline})
+    elif m.name in catalog.models():
         spec = model_from_catalog(m.name, m.dtype)
         if inline or m.kv_dtype:
             spec = replace(spec, **inline, kv_dtype=m.kv_dtype)
@@ -1005,7 +1034,9 @@ def scenario_json_schema() -> dict:
     """The scenario file's JSON Schema (draft 2020-12), with the names the documentation uses.
     Aliases a section accepts (``fleet.max_num_seqs``...) are listed as properties too, each
     pointing at its field, so that editors complete and check them."""
-    schema = Scenario.model_json_schema(mode="validation")
+    schema = json.loads(
+        json.dumps(Scenario.model_json_schema(mode="validation")).replace("``", "`")
+    )  # (docstrings' RST literals as the single backticks editors show as code)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "fleetsim scenario"
     defs = schema.get("$defs", {})
@@ -1252,6 +1283,7 @@ def check_autoscaler(sc: Scenario, source: str = "") -> tuple[int, ...] | None:
                     )
             sched = tuple(int(x) for x in data["replicas_by_hour"])
         else:
+            assert a.replicas_by_hour is not None  # exactly one of the two (checked above)
             sched = tuple(a.replicas_by_hour)
         if max(sched) > n:
             raise ScenarioError(
@@ -1309,4 +1341,5 @@ __all__ = [
     "resolved_dict",
     "scenario_from_dict",
     "scenario_json_schema",
+    "toml_value",
 ]

@@ -11,6 +11,7 @@ pydantic's lax mode would silently convert (``replicas = "2"``, ``requests_per_d
 from __future__ import annotations
 
 import types
+from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -309,7 +310,7 @@ def _lookup(data: Any, loc: tuple, root: type[BaseModel]) -> Any:
     return node
 
 
-def _problem(err: dict) -> str:
+def _problem(err: Mapping[str, Any]) -> str:
     kind = err["type"]
     msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
     ctx = err.get("ctx") or {}

@@ -7,10 +7,10 @@ in all. Its time is
     roofline:  t = overhead + max(F / (tp * peak * eff_c(T)), B / (tp * bw * eff_m)) + comm(T)
     linear:    t = base + [P > 0] * prefill_base + a_tok * P + a_seq * (n_prefill + n) + a_ctx * C
 
-with ``F`` and ``B`` the FLOPs and bytes of :class:`~fleetsim.device.modelspec.ModelSpec`, ``T = P + n``
-the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` (or a measured table of
-``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring
-all-reduces per layer under tensor parallelism.
+with ``F`` and ``B`` the FLOPs and bytes of :class:`~fleetsim.device.modelspec.ModelSpec`,
+``T = P + n`` the tokens in the iteration, ``eff_c(T) = eff_max * T / (T + T_half)`` (or a
+measured table of ``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring all-reduces
+per layer under tensor parallelism.
 
 Between composition changes a replica runs identical decode iterations whose only change is that
 ``C`` grows by ``n`` per step. Each step time is then ``base + max(a1 + b1 C, a2 + b2 C)``: the
@@ -270,6 +270,7 @@ class LatencyModel:
         self._w_dense = m.weight_bytes_read(1.0)
         if isinstance(profile, RooflineProfile):
             p = profile
+            self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
             self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
             self._rc_peak = tp * p.peak_flops
             self._rm = tp * p.mem_bw_bytes_per_s * p.memory_eff
@@ -300,6 +301,8 @@ class LatencyModel:
         self._att_m = kvb_gpu / (p.mem_bw_bytes_per_s * p.memory_eff)
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
+        self._tok_cache: dict[int, float] = {}
+        self._head_cache: dict[int, float] = {}
 
     def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
         """(compute, memory-bound, communication) seconds of the kernel model's non-attention
@@ -335,12 +338,30 @@ class LatencyModel:
         self._lin_cache[key] = v
         return v
 
+    def linear_time(self, tokens: int, seqs: int) -> float:
+        """The sum of :meth:`linear_parts`, cached by tokens and by sequences separately (the
+        engine's hot path: an iteration's token and sequence counts vary independently)."""
+        t = self._tok_cache.get(tokens)
+        if t is None:
+            c, mm, cm = self.linear_parts(tokens, 0)
+            t = self._tok_cache[tokens] = c + mm + cm
+        h = self._head_cache.get(seqs)
+        if h is None:
+            kf = self._kern
+            assert kf is not None
+            m = self.model
+            h = gemm_time_s(
+                kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
+            )
+            self._head_cache[seqs] = h
+        return t + h
+
     # -- helpers ---------------------------------------------------------------------------
     def _weights(self, tokens: float) -> float:
         return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
 
     def _eff_c(self, tokens: float) -> float:
-        p = self.profile
+        p = self._roof
         if p.compute_eff_table is not None:
             return eff_from_table(p.compute_eff_table, tokens)
         return p.compute_eff_max * tokens / (tokens + p.compute_eff_half_tokens)
@@ -363,10 +384,14 @@ class LatencyModel:
             return step_time(self.run_coeffs(n), ctx), flops, nbytes
         prof = self.profile
         if self._kern is not None:
-            c, mm, cm = self.linear_parts(tokens, n_prefill + n)
             att = (pairs + ctx) * self._att_c
             kv = ctx * self._att_m
-            t = self._oh + c + mm + cm + (att if att > kv else kv) + tokens * self._att_m
+            t = (
+                self._oh
+                + self.linear_time(tokens, n_prefill + n)
+                + (att if att > kv else kv)
+                + tokens * self._att_m
+            )
         elif isinstance(prof, LinearProfile):
             t = (
                 prof.base_s
@@ -393,8 +418,7 @@ class LatencyModel:
         bb = self.kvb
         prof = self.profile
         if self._kern is not None:
-            c_, m_, cm = self.linear_parts(n, n)
-            base = self._oh + c_ + m_ + cm + n * self._att_m
+            base = self._oh + self.linear_time(n, n) + n * self._att_m
             c = RunCoeffs(base, 0.0, self._att_c, 0.0, self._att_m, fa, fb, ba, bb)
         elif isinstance(prof, LinearProfile):
             a = prof.per_seq_s * n
@@ -424,5 +448,6 @@ class LatencyModel:
         )[0]
 
     def decode_time(self, batch: int, context_tokens: int) -> float:
-        """Time of one decode step of ``batch`` sequences, each with ``context_tokens`` of context."""
+        """Time of one decode step of ``batch`` sequences, each with ``context_tokens`` of
+        context."""
         return step_time(self.run_coeffs(batch), float(batch * context_tokens))

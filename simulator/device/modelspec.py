@@ -160,7 +160,8 @@ class ModelSpec:
         )
 
     def decode_flops(self, n_seqs: int, context_tokens_total: float) -> float:
-        """FLOPs of one decode step of ``n_seqs`` sequences attending ``context_tokens_total`` keys."""
+        """FLOPs of one decode step of ``n_seqs`` sequences attending ``context_tokens_total``
+        keys."""
         return n_seqs * (self.flops_per_token_linear + self.flops_lm_head) + (
             context_tokens_total * self.attn_flops_per_pair
         )
@@ -175,7 +176,7 @@ class ModelSpec:
 
     def weight_bytes_read(self, tokens: float) -> float:
         """Weights read by one iteration over ``tokens`` tokens (embedding rows not counted)."""
-        per_layer = self.attn_params_per_layer + self.router_params_per_layer
+        per_layer: float = self.attn_params_per_layer + self.router_params_per_layer
         per_layer += self.expected_experts_touched(tokens) * self.expert_params
         return (self.n_layers * per_layer + self.lm_head_params) * self.bytes_per_param
 

@@ -210,7 +210,8 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
                 f"{where}: roofline profile lacks {', '.join(missing)} "
                 "(fix: regenerate it with `fleetsim calibrate`)"
             )
-        vals = {k: _num(d, k, where) for k in _ROOFLINE_REQUIRED}
+        # (Any: the numeric fields only, passed by name next to the typed ones)
+        vals: dict[str, Any] = {k: _num(d, k, where) for k in _ROOFLINE_REQUIRED}
         vals.update({k: _num(d, k, where) for k in _ROOFLINE_OPTIONAL if k in d})
         for k in ("peak_flops", "mem_bw_bytes_per_s", "mem_bytes", "compute_eff_max", "memory_eff"):
             if vals[k] <= 0:
@@ -230,7 +231,7 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
             **vals,
         )
     if kind == "linear":
-        vals = {k: _num(d, k, where) for k in _LINEAR_FIELDS if k in d}
+        vals = {k: _num(d, k, where) for k in _LINEAR_FIELDS if k in d}  # (numeric: see above)
         if "base_s" not in vals:
             raise UserError(
                 f"{where}: linear profile lacks base_s "

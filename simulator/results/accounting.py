@@ -22,9 +22,10 @@ from datetime import timedelta
 import numpy as np
 import pyarrow as pa
 
+from fleetsim.base.errors import InvariantError
 from fleetsim.base.units import HOUR_S, per_sim_hour, utc_hour
 from fleetsim.config.scenario import GpuSpec, Resolved, hourly_values
-from fleetsim.serving.recorder import LAT_METRICS, LAT_PCTS, Recorder, hist_percentile
+from fleetsim.serving.recorder import HIST_BINS, LAT_METRICS, LAT_PCTS, Recorder, hist_percentile
 
 J_PER_KWH = 3.6e6
 
@@ -182,16 +183,28 @@ def _latency_columns(pods: list[PodSummary], H: int) -> dict[str, list[float]]:
             n = sum(lat_count(p, h, m) for p in with_data)
             total = sum(p.lat_sum_s[h].get(m, 0.0) for p in with_data)
             cols[f"{m}_mean_s"].append(total / n if n else math.nan)
+            # several pods: merge their log-histograms (bin width 0.46%)
+            merged = _merged_hist(with_data, h, m) if len(with_data) > 1 and n else None
             for q in LAT_PCTS:
                 key = f"{m}_p{int(q)}_s"
                 if not with_data or not n:
                     cols[key].append(math.nan)
-                elif len(with_data) == 1:  # exact percentiles of the one pod
+                elif merged is None:  # exact percentiles of the one pod
                     cols[key].append(float(with_data[0].lat_pct[h][m].get(q, math.nan)))
-                else:  # several pods: merge their log-histograms (bin width 0.46%)
-                    hist = sum(p.hist[h][m] for p in with_data)
-                    cols[key].append(hist_percentile(hist, q))
+                else:
+                    cols[key].append(hist_percentile(merged, q))
     return cols
+
+
+def _merged_hist(pods: list[PodSummary], h: int, metric: str) -> np.ndarray:
+    """The sum of the pods' log-histograms of ``metric`` in hour ``h`` (dense bin counts)."""
+    total = np.zeros(HIST_BINS, dtype=np.int64)
+    for p in pods:
+        d = p.hist[h] if p.hist else None
+        if d is None:
+            raise InvariantError(f"pod {p.pod} kept no latency histogram for hour {h}")
+        total += np.asarray(d[metric])
+    return total
 
 
 def energy_cost(
@@ -294,6 +307,7 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
 
     hod = [utc_hour(h, hod0) for h in range(H)]
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
+    assert price_day is not None  # a price is always given
     price = np.array([price_day[x] for x in hod])
     if rs.pools is not None:  # disaggregated: each pool priced with its own GPU, then summed
         parts = [pool_energy_cost(rs, name, pods, scale, price) for name in ("prefill", "decode")]
@@ -345,7 +359,8 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
     # work done (FLOPs, bytes, iterations) and the peak of the powered GPUs that did it
     if rs.pools is not None:
         work = {k: np.zeros(H) for k in ("flops", "bytes_moved", "iters_h")}
-        peak_f, peak_b = np.zeros(H), np.zeros(H)
+        peak_f: np.ndarray = np.zeros(H)
+        peak_b: np.ndarray = np.zeros(H)
         for name, spec in rs.pools.by_name().items():
             for k in work:
                 work[k] += scale * np.sum(
@@ -359,8 +374,8 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         flops_done, bytes_done, iters = work["flops"], work["bytes_moved"], work["iters_h"]
     else:
         flops_done, bytes_done, iters = tot0("flops"), tot0("bytes_moved"), tot0("iters_h")
-        peak_f = rs.profile.peak_flops * powered
-        peak_b = rs.profile.mem_bw_bytes_per_s * powered
+        peak_f = np.asarray(rs.profile.peak_flops * powered)
+        peak_b = np.asarray(rs.profile.mem_bw_bytes_per_s * powered)
     with np.errstate(invalid="ignore", divide="ignore"):
         # mean sequences per iteration (each yields one token) against max_num_seqs
         occupancy = np.where(iters > 0, output / np.maximum(iters, 1), np.nan) / (

@@ -461,6 +461,12 @@ class RunOutput:
             raise RuntimeError("RunOutput.path() before open()")
         return self.stage / name
 
+    def staging(self) -> Path:
+        """The staging folder itself (what is written there moves into place at commit)."""
+        if self.stage is None:
+            raise RuntimeError("RunOutput.staging() before open()")
+        return self.stage
+
     def final(self, name: str) -> Path:
         """Where ``name`` will be after :meth:`commit`."""
         return self.out / name

@@ -118,6 +118,7 @@ class Result:
             ),
             wall_s=f"{self.wall_s:.3f}",
             totals=dumps(self.totals.as_dict()),
+            latency=dumps(self.day_latency),
         )
 
 
@@ -193,7 +194,7 @@ def day_latency(pods: list[PodSummary]) -> dict[str, float]:
         n = sum(lat_count(p, h, m) for p in pods for h in range(p.hours))
         total = sum(p.lat_sum_s[h].get(m, 0.0) for p in pods for h in range(p.hours))
         out[f"{m}_mean_s"] = total / n if n else math.nan
-        hists = [p.hist[h][m] for p in pods for h in range(p.hours) if p.hist and p.hist[h]]
+        hists = [d[m] for p in pods if p.hist for d in p.hist if d]
         hsum = sum(hists[1:], np.asarray(hists[0])) if hists else None  # O(bins) memory
         for q in LAT_PCTS:
             out[f"{m}_p{int(q)}_s"] = hist_percentile(hsum, q) if hsum is not None else math.nan

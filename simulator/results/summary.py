@@ -137,8 +137,13 @@ def print_summary(res: Result, console: Console | None = None) -> None:
             f"{p.name} {p.replicas} x TP{p.tp} {p.gpu_name}" for p in (ps.prefill, ps.decode)
         )
         fleet += f", KV over {ps.link.name}"
+    from fleetsim.device.latency import compute_peak
+
+    dt = f"{rs.model.dtype} weights, KV cache {rs.model.kv_dtype_resolved}"
+    if compute_peak(rs.profile, rs.model.dtype)[1]:
+        dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
     c.print(  # user text is escaped for the console (names are data, not markup)
-        f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({rs.model.dtype}) on "
+        f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({dt}) on "
         f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}"
     )
     if res.scale != 1:
@@ -225,13 +230,37 @@ def print_summary(res: Result, console: Console | None = None) -> None:
     tab.add_row(
         "TTFT",
         f"p99 {_f(lat['ttft_p99_s'], '.3f')} s",
-        f"p50 {_f(lat['ttft_p50_s'], '.3f')} s, mean {_f(lat['ttft_mean_s'], '.3f')} s "
-        f"(SLO {sc.slo.ttft_s} s)",
+        f"p50 {_f(lat['ttft_p50_s'], '.3f')} s, p90 {_f(lat['ttft_p90_s'], '.3f')} s, "
+        f"mean {_f(lat['ttft_mean_s'], '.3f')} s (SLO {sc.slo.ttft_s} s)",
     )
+
+    def ms(key: str) -> str:
+        return _f(lat[key] * 1000, ".1f")
+
     tab.add_row(
         "TPOT",
-        f"p99 {_f(lat['tpot_p99_s'] * 1000, '.1f')} ms",
-        f"p50 {_f(lat['tpot_p50_s'] * 1000, '.1f')} ms (SLO {sc.slo.tpot_s * 1000:g} ms)",
+        f"p99 {ms('tpot_p99_s')} ms",
+        f"p50 {ms('tpot_p50_s')} ms, p90 {ms('tpot_p90_s')} ms, mean {ms('tpot_mean_s')} ms "
+        f"(SLO {sc.slo.tpot_s * 1000:g} ms)",
+    )
+    tab.add_row(
+        "ITL",
+        f"p99 {ms('itl_p99_s')} ms",
+        f"p50 {ms('itl_p50_s')} ms, p90 {ms('itl_p90_s')} ms, mean {ms('itl_mean_s')} ms "
+        "(all token gaps; docs/model.md)",
+    )
+    tab.add_row(
+        "e2e",
+        f"p99 {_f(lat['e2e_p99_s'], '.3f')} s",
+        f"p50 {_f(lat['e2e_p50_s'], '.3f')} s, mean {_f(lat['e2e_mean_s'], '.3f')} s",
+    )
+    tab.add_row(
+        "throughput",
+        f"{_f(t.request_throughput_per_s, ',.2f')} req/s",
+        f"{_f(t.output_throughput_tokens_per_s, ',.1f')} output tokens/s; batch occupancy "
+        f"{_f(t.batch_occupancy * 100, '.1f')}% of max_num_seqs "
+        f"({sc.fleet.max_batch_size}); FLOP/s {_f(t.flops_utilization * 100, '.1f')}% and "
+        f"memory bandwidth {_f(t.bandwidth_utilization * 100, '.1f')}% of peak",
     )
     tab.add_row(
         "SLO attainment",

@@ -429,15 +429,8 @@ class Replica:
                 start = self._boundary(k - 1)
                 rec.add_tokens(start + t_l, 0, self.n1)
             e_l = cfg.e_active_w * t_l + cfg.e_flop_j * f_l + cfg.e_byte_j * b_l
-            frac = (H - start) / t_l if t_l > 0 else 1.0
-            rec.add_work(h, t_l * frac, e_l * frac, f_l * frac, b_l * frac)
-            rec.add_work(
-                h + 1,
-                t_l * (1.0 - frac),
-                e_l * (1.0 - frac),
-                f_l * (1.0 - frac),
-                b_l * (1.0 - frac),
-            )
+            # into every hour it overlaps, by time share (it may span several: issue #16)
+            rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
             # counted in the hour its tokens are credited to (its end), like them
             rec.iters_h[min(int((start + t_l) // HOUR_S), rec.hours)] += 1
         rec.iterations += j

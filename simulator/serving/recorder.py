@@ -239,6 +239,25 @@ class Recorder:
         self.flops[h] += flops
         self.bytes_moved[h] += bytes_moved
 
+    def add_work_spread(
+        self, h: int, start_s: float, busy_s: float, dyn_j: float, flops: float, bytes_moved: float
+    ) -> None:
+        """The work of one iteration that starts at ``start_s`` in hour ``h`` and lasts
+        ``busy_s``, put into every hour it overlaps by the share of its time in each (an
+        iteration of a slow device can span several hours: issue #16 item 14). A two-hour
+        straddle is split exactly as ``frac, 1 - frac``."""
+        last = min(int((start_s + busy_s) // HOUR_S), self.hours) if busy_s > 0 else h
+        last = max(h, last)
+        done = 0.0
+        for g in range(h, last + 1):
+            frac = (
+                1.0 - done
+                if g == last
+                else min(1.0 - done, ((g + 1) * HOUR_S - max(start_s, g * HOUR_S)) / busy_s)
+            )
+            self.add_work(g, busy_s * frac, dyn_j * frac, flops * frac, bytes_moved * frac)
+            done += frac
+
     def add_tokens(self, t_end: float, prompt: int, output: int) -> None:
         h = int(t_end // HOUR_S)
         if h > self.hours:

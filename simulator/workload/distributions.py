@@ -13,7 +13,7 @@ from typing import Annotated, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from fleetsim.base.schema import Section, Tokens, bounded
+from fleetsim.base.schema import Section, Tokens, bound
 
 
 class Fixed(Section):
@@ -57,8 +57,8 @@ class LogNormal(Section):
     """Lognormal with the given median and log-space sigma, rounded and clipped to [min, max]."""
 
     dist: Literal["lognormal"]
-    median: bounded(0, 1e9, strict_lo=True)  # type: ignore[valid-type]
-    sigma: bounded(0, 10)  # type: ignore[valid-type]
+    median: Annotated[float, bound(0, 1e9, strict_lo=True)]
+    sigma: Annotated[float, bound(0, 10)]
     min: Tokens = 1
     max: Tokens = 32768
 
@@ -82,7 +82,7 @@ class Geometric(Section):
     """Geometric on {1, 2, ...} with the given mean (memoryless: one token ends with p = 1/mean)."""
 
     dist: Literal["geometric"]
-    mean: bounded(1, 1e9)  # type: ignore[valid-type]
+    mean: Annotated[float, bound(1, 1e9)]
     max: Tokens = 1_000_000
 
     max_field: ClassVar[str] = "max"

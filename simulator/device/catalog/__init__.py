@@ -1,7 +1,8 @@
 """Catalogs of GPUs and models, as data files with a source for every number.
 
-``gpus.toml``, ``models.toml`` and ``links.toml`` sit beside this module. :func:`gpu` and :func:`model` return
-plain dicts of the entry's fields; the scenario layer turns them into typed objects.
+``gpus.toml``, ``models.toml`` and ``links.toml`` sit beside this module. :func:`gpu` and
+:func:`model` return plain dicts of the entry's fields; the scenario layer turns them into
+typed objects.
 """
 
 from __future__ import annotations
