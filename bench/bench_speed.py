@@ -90,7 +90,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help='scenario overrides, e.g. --set fleet.kv_allocation=\'"reserve"\'',
+        help="scenario overrides, e.g. --set fleet.kv_allocation='\"reserve\"'",
     )
     args = ap.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
