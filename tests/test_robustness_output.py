@@ -340,3 +340,34 @@ def test_sigkill_leaves_a_temporary_that_the_next_run_cleans(tmp_path):
     )
     assert b.returncode == 0, b.stderr
     assert sorted(p.name for p in out.iterdir()) == [output.MANIFEST_NAME, "hourly.parquet"]
+
+
+def test_replay_never_overwrites_a_users_trace(tmp_path, capsys):
+    """Item 13: ``replay --out DIR`` into a folder with the user's own trace.csv is refused
+    before anything runs; a trace.csv that a previous replay wrote (in the manifest) is not
+    foreign."""
+    out = tmp_path / "R"
+    out.mkdir()
+    mine = "arrival_s,prompt_tokens,output_tokens\n0.0,5,5\n"
+    (out / "trace.csv").write_text(mine)
+    rc, err = _cli(
+        capsys, "replay", "--trace", "poisson:5:1", "--model", "llama-3.1-8b", "--out", out
+    )
+    assert rc == 2 and len(err) == 1 and "trace.csv there was not written by fleetsim" in err[0]
+    assert (out / "trace.csv").read_text() == mine
+    assert sorted(p.name for p in out.iterdir()) == ["trace.csv"]
+    (out / output.MANIFEST_NAME).write_text('{"files": ["trace.csv"]}')
+    assert "trace.csv" in output.previous_outputs(out)
+
+
+def test_temporary_names_carry_the_pid(tmp_path):
+    """Item 5: single-file temporaries (profiles, reports) name their process, so a killed
+    writer's leftovers are recognised as stale."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    p = output.temp_path(tmp_path / "profile.json")
+    assert p.name.startswith(f".fleetsim-tmp-{os.getpid()}-profile.json.")
+    left = tmp_path / f".fleetsim-tmp-{dead.pid}-peak.json.abc123"
+    left.write_text("{}")
+    assert output.clean_stale(tmp_path) == [left.name]
+    assert p.exists()  # ours (a live pid) is kept

@@ -147,11 +147,6 @@ class FleetSection(_Section):
     def _sample(self) -> FleetSection:
         if self.sample_pods is not None and self.sample_pods > self.pods:
             raise ValueError(f"sample_pods ({self.sample_pods}) must be <= pods ({self.pods})")
-        b = self.block_size_tokens
-        if b & (b - 1):
-            raise ValueError(
-                f"block_size_tokens = {b} is not a power of two (use 16, vLLM's default)"
-            )
         if self.kv_allocation == "reserve" and (
             self.enable_chunked_prefill or self.enable_prefix_caching
         ):
@@ -161,6 +156,13 @@ class FleetSection(_Section):
                 'enable_prefix_caching = false, or kv_allocation = "paged"'
             )
         return self
+
+    @field_validator("block_size_tokens")
+    @classmethod
+    def _pow2(cls, b: int) -> int:
+        if b & (b - 1):
+            raise ValueError("not a power of two (use 16, vLLM's default)")
+        return b
 
     @property
     def chunked_prefill(self) -> bool:

@@ -58,7 +58,10 @@ os.umask(_UMASK)
 def temp_path(final: Path) -> Path:
     """A fresh temporary path beside ``final`` (same filesystem, so rename is atomic)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX + final.name + ".", dir=final.parent)
+    # the pid in the name lets a later run recognise it as stale once this process is gone
+    fd, name = tempfile.mkstemp(
+        prefix=f"{_TMP_PREFIX}{os.getpid()}-{final.name}.", dir=final.parent
+    )
     os.close(fd)
     os.chmod(name, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     return Path(name)
@@ -75,23 +78,27 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | N
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
-    tmp = temp_path(path)
-    try:
+    tmp: Path | None = None
+    try:  # (the temporary is made inside the try: an interrupt cannot leave it behind)
+        tmp = temp_path(path)
         pq.write_table(table, tmp)
         commit(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:
     """Write ``data`` to ``path`` atomically (a temporary file renamed when complete)."""
-    tmp = temp_path(path)
-    try:
+    tmp: Path | None = None
+    try:  # (the temporary is made inside the try: an interrupt cannot leave it behind)
+        tmp = temp_path(path)
         tmp.write_bytes(data)
         commit(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
