@@ -38,7 +38,7 @@ print(json.dumps({"rc": rc, "wall_s": wall, "totals": tot,
 """
 
 
-def run_one(n: int, engine: str, scenario: str) -> dict:
+def run_one(n: int, engine: str, scenario: str, sets: tuple[str, ...] = ()) -> dict:
     replicas = max(1, round(8 * n / 1e6))
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
@@ -55,6 +55,8 @@ def run_one(n: int, engine: str, scenario: str) -> dict:
             "--set",
             f'simulation.engine="{engine}"',
         ]
+        for kv in sets:
+            argv += ["--set", kv]
         p = subprocess.run(
             [sys.executable, "-c", CHILD, json.dumps({"argv": argv, "out": tmp})],
             cwd=ROOT,
@@ -83,6 +85,13 @@ def main() -> None:
     ap.add_argument("--scenario", default="scenarios/default.toml")
     ap.add_argument("--no-reference", action="store_true", help="skip the per-iteration run")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="scenario overrides, e.g. --set fleet.kv_allocation='\"reserve\"'",
+    )
     args = ap.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     print(
@@ -95,7 +104,7 @@ def main() -> None:
     )
     rows = []
     for n in sizes:
-        rows.append(run_one(n, "macro", args.scenario))
+        rows.append(run_one(n, "macro", args.scenario, tuple(args.set)))
         r = rows[-1]
         print(
             f"{r['requests']:>10,} {r['replicas']:>8} {r['engine']:>9} {r['wall_s']:>8.2f} "
@@ -104,12 +113,12 @@ def main() -> None:
             flush=True,
         )
     if not args.no_reference:
-        ref = run_one(100_000, "iteration", args.scenario)
+        ref = run_one(100_000, "iteration", args.scenario, tuple(args.set))
         rows.append(ref)
         mac = next(
             (r for r in rows if r["engine"] == "macro" and abs(r["requests"] - 1e5) < 2e4), None
         )
-        mac = mac or run_one(100_000, "macro", args.scenario)
+        mac = mac or run_one(100_000, "macro", args.scenario, tuple(args.set))
         print(
             f"{ref['requests']:>10,} {ref['replicas']:>8} {'iteration':>9} {ref['wall_s']:>8.2f} "
             f"{ref['req_per_s']:>9,.0f} {ref['events_per_req']:>10.2f} "

@@ -276,3 +276,32 @@ def test_crossover_points_share_gpus_and_traffic():
         assert gpus == [4, 4, 4, 4]
         assert len({r.hourly_rate_per_s for r in rss}) == 1
         assert len({(r.scenario.traffic.prompt, r.scenario.traffic.output) for r in rss}) == 1
+
+
+def test_pool_schedules_power_each_pool_on_its_own():
+    """Each pool's own `schedule` autoscaler: hour 0 powers replicas_by_hour[0] of it, a smaller
+    count later drains the others (powered until empty), and pools.parquet prices each pool's
+    power states; conservation still holds."""
+    d = disagg(
+        prefill={
+            "replicas": 3,
+            "autoscaler": "schedule",
+            "replicas_by_hour": [3, 1] * 12,
+        },
+        decode={"replicas": 2, "autoscaler": "schedule", "replicas_by_hour": [1, 2] * 12},
+    )
+    d = merge(d, power={"wake_s": 0.0}, simulation={"hours": 2})
+    res = simulate(resolved(d))
+    df = pools_table(res.resolved, res.pods, res.scale).to_pandas().set_index(["hour", "pool"])
+    assert df.loc[(0, "prefill"), "gpus_powered_mean"] == 3.0
+    assert df.loc[(0, "decode"), "gpus_powered_mean"] == 1.0
+    assert 1.0 <= df.loc[(1, "prefill"), "gpus_powered_mean"] < 1.1  # two drain, then off
+    assert df.loc[(1, "decode"), "gpus_powered_mean"] == 2.0  # woken at once (wake_s = 0)
+    # owned GPUs: hardware cost every hour for all of the pool's GPUs, on or off
+    assert df.loc[(1, "prefill"), "hardware_cost_usd"] == pytest.approx(3 * 39000 / (5 * 8760))
+    t = res.totals
+    assert t.requests_completed + t.requests_rejected + t.requests_in_flight == (t.requests_arrived)
+    e = _err(disagg(decode={"autoscaler": "schedule"}))
+    assert e.field == "disaggregation.decode.replicas_by_hour"
+    e = _err(disagg(decode={"replicas": 2, "autoscaler": "schedule", "replicas_by_hour": [3] * 24}))
+    assert e.field == "disaggregation.decode.replicas_by_hour"

@@ -76,6 +76,24 @@ CASES = {
             "decode": {"replicas": 1, "gpu": "h200", "tensor_parallel": 1},
         },
     },
+    "disagg_pool_schedules": {  # each pool's own schedule: drains and wakes during the run
+        "traffic": {"requests_per_day": 80_000},
+        "power": {"wake_s": 20.0},
+        "disaggregation": {
+            "prefill": {
+                "replicas": 2,
+                "router": "central_queue",
+                "autoscaler": "schedule",
+                "replicas_by_hour": [2, 1] * 12,
+            },
+            "decode": {
+                "replicas": 3,
+                "router": "random",
+                "autoscaler": "schedule",
+                "replicas_by_hour": [1, 3] * 12,
+            },
+        },
+    },
     "schedule_central": {
         "traffic": {"requests_per_day": 40_000},
         "fleet": {"replicas": 3, "router": "central_queue"},

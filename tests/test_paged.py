@@ -269,6 +269,11 @@ SESSIONS = {
 }
 
 
+def test_sessions_central_queue_macro_equals_per_iteration():
+    d = merge(SESSIONS, fleet={**SESSIONS["fleet"], "router": "central_queue"})
+    assert_modes_equal(d, hits=0.5)
+
+
 def test_sessions_macro_equals_per_iteration():
     macro = assert_modes_equal(dict(SESSIONS), hits=0.5)
     T = macro.totals

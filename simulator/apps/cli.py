@@ -87,6 +87,20 @@ def cmd_validate(args) -> int:
             + f"; profile {rs.profile_id}",
             file=sys.stderr,
         )
+        if rs.pools is not None:  # a disaggregated fleet: each pool's own figures
+            for p in (rs.pools.prefill, rs.pools.decode):
+                print(
+                    f"# {p.name} pool: {p.replicas} x TP{p.tp} {p.gpu_name} per pod, KV budget "
+                    f"{p.kv_capacity_tokens:,} tokens per replica, router {p.router}",
+                    file=sys.stderr,
+                )
+            link = rs.pools.link
+            print(
+                f"# KV link {link.name}: {link.bandwidth_bytes_per_s / 1e9:g} GB/s per GPU x "
+                f"TP{rs.pools.prefill.tp} per prefill replica, {link.latency_s * 1e6:g} us per "
+                f"transfer; {rs.pools.kv_bytes_per_token / 1024:g} KiB of KV per prompt token",
+                file=sys.stderr,
+            )
     return 0
 
 

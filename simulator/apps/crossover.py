@@ -26,6 +26,11 @@ at the end do not meet it). For the disaggregated design the best split is taken
 Both designs own the same GPUs, so the hardware cost is equal and the ratio is essentially the
 ratio of goodputs, DistServe's figure of merit.
 
+Engines: the disaggregated pools run the first-generation engine (KV reserved at admission,
+whole prefills; serving/disagg.py), so by default the aggregated fleet does too (like for like);
+``--aggregated-paged`` runs it on the scenario's own engine instead (paged KV, chunked prefill
+and prefix caching by default since the serving-fidelity issue).
+
 Outputs: ``crossover.parquet`` (one row per workload x design x split x target cell) and
 ``crossover.png`` (per workload, the heat map of disaggregated / aggregated cost per
 SLO-meeting request over the two targets: below 1, disaggregation wins).
@@ -68,7 +73,16 @@ def workloads(data: dict) -> dict[str, dict]:
     }
 
 
-def point(data: dict, wl: dict, design: str, n: int, P: int, rate: float, hours: int) -> dict:
+def point(
+    data: dict,
+    wl: dict,
+    design: str,
+    n: int,
+    P: int,
+    rate: float,
+    hours: int,
+    paged: bool = False,
+) -> dict:
     """The scenario dict of one point."""
     d = copy.deepcopy(data)
     d.setdefault("simulation", {})["hours"] = hours
@@ -87,6 +101,10 @@ def point(data: dict, wl: dict, design: str, n: int, P: int, rate: float, hours:
     dis = d.pop("disaggregation", None) or {}
     if design == "aggregated":
         d["fleet"]["replicas"] = n
+        if not paged:  # like for like: the pools run the first engine (KV reserved, whole prefills)
+            d["fleet"].update(
+                kv_allocation="reserve", enable_chunked_prefill=False, enable_prefix_caching=False
+            )
         return d
     dis = {k: copy.deepcopy(v) for k, v in dis.items() if v is not None}
     for pool, r in (("prefill", P), ("decode", n - P)):
@@ -151,7 +169,9 @@ def base_latencies(rs, source: str) -> tuple[float, float]:
     return lat.prefill_time(ep), lat.decode_time(1, int(ep + eo / 2))
 
 
-def run_crossover(data: dict, source: str, executor, hooks, load: float, hours: int) -> pa.Table:
+def run_crossover(
+    data: dict, source: str, executor, hooks, load: float, hours: int, paged: bool = False
+) -> pa.Table:
     """The sweep (see the module docstring) as one row per workload x design x split x cell."""
     from fleetsim.apps.plan import replica_capacity_rps
 
@@ -168,10 +188,10 @@ def run_crossover(data: dict, source: str, executor, hooks, load: float, hours: 
     wls = workloads(data)
     sat = []
     for name, wl in wls.items():
-        agg = point(data, wl, "aggregated", n, 0, 1.0, hours)
+        agg = point(data, wl, "aggregated", n, 0, 1.0, hours, paged)
         rs = resolve(scenario_from_dict(agg, source), source)
         bound = n * replica_capacity_rps(rs, source)
-        sat.append(point(data, wl, "aggregated", n, 0, 1.5 * bound, hours))
+        sat.append(point(data, wl, "aggregated", n, 0, 1.5 * bound, hours, paged))
         info[name] = (0.0, *base_latencies(rs, source))
     if hooks is not None:
         hooks.add(len(sat))
@@ -184,7 +204,9 @@ def run_crossover(data: dict, source: str, executor, hooks, load: float, hours: 
         info[name] = (rate, *info[name][1:])
     for name, wl in wls.items():
         rate = info[name][0]
-        specs.append((name, "aggregated", 0, point(data, wl, "aggregated", n, 0, rate, hours)))
+        specs.append(
+            (name, "aggregated", 0, point(data, wl, "aggregated", n, 0, rate, hours, paged))
+        )
         for P in range(1, n):
             specs.append(
                 (name, "disaggregated", P, point(data, wl, "disaggregated", n, P, rate, hours))
@@ -330,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--load", type=float, default=0.7, help="arrival rate / the aggregated fleet's capacity"
     )
     ap.add_argument("--hours", type=int, default=2, help="simulated hours per point (flat)")
+    ap.add_argument(
+        "--aggregated-paged",
+        action="store_true",
+        help="run the aggregated fleet on the scenario's engine (default: the first engine, KV "
+        "reserved and whole prefills, as the disaggregated pools run)",
+    )
     ap.add_argument("--out", help="output folder (default out/<scenario name>-crossover)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--quiet", action="store_true")
@@ -357,7 +385,9 @@ def main(argv: list[str]) -> int:
         make_executor(args.executor, args.workers, args.address) as ex,
         task_progress(f"crossover ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
     ):
-        table = run_crossover(data, args.scenario, ex, hooks, args.load, args.hours)
+        table = run_crossover(
+            data, args.scenario, ex, hooks, args.load, args.hours, args.aggregated_paged
+        )
     write_table_atomic(table, outp.path("crossover.parquet"))
     write_bytes_atomic(draw(table), outp.path("crossover.png"))
     outp.commit()

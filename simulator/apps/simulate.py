@@ -73,7 +73,8 @@ def _simulate_disagg_pod(rs: Resolved, pod_index: int, **kw) -> PodSummary:
     H = sc.simulation.hours
     pp, dp = state["prefill"], state["decode"]
     powered = [a + b for a, b in zip(pp["powered_gpu_s"], dp["powered_gpu_s"])]
-    s = PodSummary.from_recorder(pod_index, rec, powered)
+    states = {k: [a + b for a, b in zip(pp[k], dp[k])] for k in ("waking_gpu_s", "off_gpu_s")}
+    s = PodSummary.from_recorder(pod_index, rec, powered, **states)
     tp_p, tp_d = pod.prefill.tp, pod.decode.tp
     # the pod's busy time in units of rs.tp (the decode pool's) replica-seconds, so that
     # busy_s x rs.tp is the GPU-seconds of both pools

@@ -147,11 +147,6 @@ class FleetSection(_Section):
     def _sample(self) -> FleetSection:
         if self.sample_pods is not None and self.sample_pods > self.pods:
             raise ValueError(f"sample_pods ({self.sample_pods}) must be <= pods ({self.pods})")
-        b = self.block_size_tokens
-        if b & (b - 1):
-            raise ValueError(
-                f"block_size_tokens = {b} is not a power of two (use 16, vLLM's default)"
-            )
         if self.kv_allocation == "reserve" and (
             self.enable_chunked_prefill or self.enable_prefix_caching
         ):
@@ -161,6 +156,13 @@ class FleetSection(_Section):
                 'enable_prefix_caching = false, or kv_allocation = "paged"'
             )
         return self
+
+    @field_validator("block_size_tokens")
+    @classmethod
+    def _pow2(cls, b: int) -> int:
+        if b & (b - 1):
+            raise ValueError("not a power of two (use 16, vLLM's default)")
+        return b
 
     @property
     def chunked_prefill(self) -> bool:
@@ -273,7 +275,12 @@ class PoolSection(_Section):
     max_batched_tokens: Annotated[int, Field(ge=1)] | None = None
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
     router: Router | None = None
-    autoscaler: Literal["static"] = "static"
+    # "schedule": replicas_by_hour[h % 24] replicas of this pool powered in hour h (by UTC hour of
+    # day, as every 24-value profile), with [power] wake_s cold starts and [autoscaler] prewarm
+    autoscaler: Literal["static", "schedule"] = "static"
+    replicas_by_hour: (
+        Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=24, max_length=24)] | None
+    ) = None
 
 
 class DisaggregationSection(_Section):
@@ -1089,6 +1096,20 @@ def _pool_scenario(sc: Scenario, name: str, *, bmt_override: int | None = None) 
         upd["max_batched_tokens"] = bmt_override
     gpu = p.gpu if p.gpu is not None else sc.hardware.gpu
     hw = sc.hardware if gpu == sc.hardware.gpu else HardwareSection(gpu=gpu)
+    if p.autoscaler == "schedule":
+        if p.replicas_by_hour is None:
+            raise ScenarioError(
+                f"disaggregation.{name}.replicas_by_hour",
+                None,
+                "the schedule autoscaler of a pool needs 24 replica counts (each >= 1: a pool "
+                "always keeps one replica up)",
+                f"give disaggregation.{name}.replicas_by_hour = [24 integers >= 1]",
+            )
+        scaler = sc.autoscaler.model_copy(
+            update={"policy": "schedule", "replicas_by_hour": p.replicas_by_hour}
+        )
+    else:
+        scaler = sc.autoscaler.model_copy(update={"policy": "static"})
     traffic = sc.traffic
     if name == "prefill" and traffic.trace is None:
         # the prefill pool holds a prompt and its first token (out = 1), never the output
@@ -1098,6 +1119,7 @@ def _pool_scenario(sc: Scenario, name: str, *, bmt_override: int | None = None) 
             "fleet": f.model_copy(update=upd),
             "hardware": hw,
             "traffic": traffic,
+            "autoscaler": scaler,
             "disaggregation": None,
         }
     )
@@ -1122,6 +1144,8 @@ def _renamed(exc: ScenarioError, name: str, src: str) -> ScenarioError:
             field = pre + k
     if field == "hardware.gpu":
         field = pre + "gpu"
+    if field == "autoscaler.replicas_by_hour":
+        field = pre + "replicas_by_hour"
     fix = exc.fix
     for k in _FLEET_FIELDS:
         fix = fix.replace(f"fleet.{k}", pre + k)
@@ -1130,7 +1154,10 @@ def _renamed(exc: ScenarioError, name: str, src: str) -> ScenarioError:
 
 
 def _resolve_pool(sc: Scenario, name: str, src: str) -> tuple[Resolved, Scenario]:
-    psc = _pool_scenario(sc, name)
+    try:
+        psc = _pool_scenario(sc, name)
+    except ScenarioError as exc:
+        raise ScenarioError(exc.field, exc.value, exc.problem, exc.fix, src) from None
     try:
         return resolve(psc, src), psc
     except ScenarioError as exc:
@@ -1155,8 +1182,10 @@ def resolve_disaggregated(sc: Scenario, source: str = "") -> Resolved:
         raise ScenarioError(
             "autoscaler.policy",
             sc.autoscaler.policy,
-            "a disaggregated fleet is static in this version (each pool's autoscaler is 'static')",
-            "set autoscaler.policy = 'static' or remove [disaggregation]",
+            "with [disaggregation] each pool has its own autoscaler; the fleet-wide one must be "
+            "static",
+            "set autoscaler.policy = 'static' and e.g. disaggregation.decode.autoscaler = "
+            "'schedule' with disaggregation.decode.replicas_by_hour",
             source,
         )
     if d.decode.router == "central_queue" or (

@@ -262,26 +262,24 @@ def _pools(p: PodSummary) -> dict:
 def pool_energy_cost(
     rs: Resolved, name: str, pods: list[PodSummary], scale: float, price: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """:func:`energy_cost` of one pool of a disaggregated fleet (static pools: no waking or
-    off time), from the pods' ``pools`` records."""
+    """:func:`energy_cost` of one pool of a disaggregated fleet (its power states from its own
+    autoscaler, if any), from the pods' ``pools`` records."""
     assert rs.pools is not None
     spec = rs.pools.by_name()[name]
     prs = spec.rs
-    H = len(price)
 
     def tot(key: str) -> np.ndarray:
         return scale * np.sum(
             [np.asarray(_pools(p)[name][key], dtype=np.float64) for p in pods], axis=0
         )
 
-    zeros = np.zeros(H)
     return energy_cost(
         rs,
         prs.gpu,
         rs.scenario.fleet.pods * spec.replicas * prs.tp,
         tot("powered_gpu_s"),
-        zeros,
-        zeros,
+        tot("waking_gpu_s"),
+        tot("off_gpu_s"),
         tot("busy_s") * prs.tp,
         tot("dyn_j"),
         price,

@@ -327,8 +327,8 @@ def print_pools(res: Result, c: Console) -> None:
     """Both pools of a disaggregated fleet side by side, and the KV traffic between them."""
     rs = res.resolved
     tab = Table(title="pools (pools.parquet)")
-    for h in ("pool", "GPU", "GPU-h", "busy", "kWh", "energy $", "hardware $", "total $"):
-        tab.add_column(h, justify="left" if h in ("pool", "GPU") else "right")
+    for h in ("pool", "per pod", "GPU-h", "busy", "kWh", "energy $", "hardware $", "total $"):
+        tab.add_column(h, justify="left" if h in ("pool", "per pod") else "right")
     pt = pool_totals(res)
     specs = rs.pools.by_name()
     for name, d in pt.items():

@@ -31,6 +31,7 @@ Work, energy and tokens of each pool go to that pool's recorder (``rec_prefill``
 
 from __future__ import annotations
 
+import bisect
 import math
 from array import array
 from collections import deque
@@ -45,6 +46,7 @@ from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
+from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
@@ -122,24 +124,52 @@ class Pool:
         shared = role == "prefill" and spec.router == "central_queue"
         self.shared_queue: deque[Request] | None = deque() if shared else None
         self.replicas = [Replica(base + i, self, self.plan) for i in range(spec.replicas)]
-        self.active = self.replicas
+        self.owner = owner
+        self.scaler = make_autoscaler(rs, self)  # None for a static pool
+        n_on = len(self.replicas) if self.scaler is None else self.scaler.n_initial
+        # the routable replicas, in index order: one list, changed in place by power_on/off
+        self.active: list[Replica] = self.replicas[:n_on]
+        for rep in self.replicas[n_on:]:
+            rep.leave_queue()
         self.router: RouterPort = _NoRouter()
 
-    # the rest of the PodPort: a static pool never holds arrivals or powers replicas
+    # the rest of the PodPort. A pool keeps at least one replica up in every hour (its schedule
+    # is >= 1), so arrivals and KV always find one: nothing is ever held.
     def admit(self, r: Request) -> None:
         self.router.route(r)
 
-    def hold(self) -> None:  # pragma: no cover - static pools
-        raise AssertionError("static pool")
+    def hold(self) -> None:  # pragma: no cover - a pool's schedule is >= 1
+        raise AssertionError("a pool always has a replica up")
 
-    def release(self) -> None:  # pragma: no cover - static pools
-        raise AssertionError("static pool")
+    def release(self) -> None:
+        """Nothing is held (see hold)."""
 
-    def power_on(self, i: int) -> None:  # pragma: no cover - static pools
-        raise AssertionError("static pool")
+    def power_on(self, i: int) -> None:
+        """Make replica ``i`` routable (its pool's autoscaler woke or undrained it)."""
+        rep = self.replicas[i]
+        if self.shared_queue is not None:
+            rep.join_queue(self.shared_queue)
+        act = self.active
+        act.insert(bisect.bisect([r.index for r in act], rep.index), rep)
+        self._changed()
+        if self.shared_queue is not None:
+            self.router.dispatch()
 
-    def power_off(self, i: int) -> None:  # pragma: no cover - static pools
-        raise AssertionError("static pool")
+    def power_off(self, i: int) -> None:
+        """Route nothing more to replica ``i``; it finishes its work (and, in the prefill pool,
+        keeps the KV it holds until the decode pool has admitted it)."""
+        rep = self.replicas[i]
+        self.active.remove(rep)
+        if self.shared_queue is not None:
+            rep.leave_queue()
+        self._changed()
+        if not self.active:  # pragma: no cover - a pool's schedule is >= 1
+            self.hold()
+
+    def _changed(self) -> None:
+        self.router.active_changed()
+        if self.role == "decode":
+            self.owner._dbuf = []  # buffered random draws were for the old number of replicas
 
     def turn_done(self, r: Request, end_s: float) -> None:  # pragma: no cover - no sessions
         raise NotImplementedError("sessions are not simulated on disaggregated pools")
@@ -268,7 +298,7 @@ class DisaggPod:
 
     # ---- the hand-off from prefill to decode -------------------------------------------------
     def _pick_decode(self) -> Replica:
-        reps = self.decode.replicas
+        reps = self.decode.active
         rule = self._droute
         if rule == "least_loaded":
             return min(reps, key=_load)
@@ -361,9 +391,15 @@ class DisaggPod:
             env.timeout(h * HOUR_S, h).callbacks.append(self._tick)
         if self._next_chunk():
             self._schedule()
+        for pool in (self.prefill, self.decode):
+            if pool.scaler is not None:
+                pool.scaler.start()
         env.run(until=self.horizon_s)
         for rep in self.replicas:  # work still running at the horizon: account it
             rep.stop()
+        for pool in (self.prefill, self.decode):
+            if pool.scaler is not None:  # close the power-state intervals
+                pool.scaler.finish()
         self.rec.flush_until(self.hours)
         if self._progress is not None:
             self._progress(1)
@@ -387,6 +423,18 @@ class DisaggPod:
                 r, idx, math.nan, r.first_token_s - r.arrival_s, math.nan, math.nan, "in_flight"
             )
 
+    def _power(self, pool: Pool) -> dict[str, list[float]]:
+        """A pool's powered (on + waking), waking and off GPU-seconds per hour."""
+        H = self.hours
+        if pool.scaler is None:
+            return {
+                "powered_gpu_s": [pool.spec.replicas * pool.tp * HOUR_S] * H,
+                "waking_gpu_s": [0.0] * H,
+                "off_gpu_s": [0.0] * H,
+            }
+        powered, states = pool.scaler.gpu_seconds()
+        return {"powered_gpu_s": powered[:H], **{k: v[:H] for k, v in states.items()}}
+
     def pool_state(self) -> dict:
         """Per-pool hourly work and the link's traffic, for the accounting (plain lists)."""
         H = self.hours
@@ -406,7 +454,7 @@ class DisaggPod:
                 "dyn_j": rec.dyn_j[:H],
                 "prompt_tokens": rec.prompt_tokens[:H],
                 "output_tokens": rec.output_tokens[:H],
-                "powered_gpu_s": [pool.spec.replicas * pool.tp * HOUR_S] * H,
+                **self._power(pool),
                 "flops": rec.flops[:H],
                 "bytes_moved": rec.bytes_moved[:H],
                 "iters_h": rec.iters_h[:H],

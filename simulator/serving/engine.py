@@ -169,7 +169,16 @@ class Replica:
 
     def is_empty(self) -> bool:
         """Nothing running, nothing admitted, nothing queued: it can be powered off."""
-        return not self.busy and self.n == 0 and not self.pf and not self.waiting
+        # (outstanding and kv_used are 0 then in an aggregated fleet; in a disaggregated one
+        # they also count KV held for, or in transfer to, this replica)
+        return (
+            not self.busy
+            and self.n == 0
+            and not self.pf
+            and not self.waiting
+            and self.outstanding == 0
+            and self.kv_used == 0
+        )
 
     def stop(self) -> None:
         """The horizon: account the work of the run in progress, and finish nothing."""

@@ -447,7 +447,7 @@ class PagedReplica:
         chunked = self.chunked
         while w and nt < max_batch and budget > 0:
             r = w[0]
-            H, ev = self._lookup(r)
+            H, ev = self._lookup(r) if r.ids is not None else (0, 0)
             done = H * ht
             rem = r.eff - done
             if rem <= budget:
@@ -485,7 +485,7 @@ class PagedReplica:
         budget = self.budget
         if nt >= self.max_batch or budget <= 0:
             return False
-        H, ev = self._lookup(r)
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         done = H * self.ht
         rem = r.eff - done
         if rem <= budget:
@@ -507,7 +507,7 @@ class PagedReplica:
         budget = self.max_tokens - n
         if budget <= 0:
             return False
-        H, ev = self._lookup(r)
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         g = self.g
         over = x - self.free
         if over > 0 and ev:
@@ -540,7 +540,7 @@ class PagedReplica:
         """With prefix caching: the blocks a decode run may take before it would evict a cached
         block of the waiting head's prefix (``avail`` if it never would in ``m`` steps)."""
         r = self.waiting[0]
-        H, ev = self._lookup(r)
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         if not ev:
             return avail
         x = self._blocks(it, m, n) - self.free
@@ -722,8 +722,18 @@ class PagedReplica:
             rec.prefix_hit_tokens[hf] += self.hit_tok
         if self.re_tok:
             rec.recomputed_tokens[hf] += self.re_tok
-        if j > 1:  # the decode steps' new blocks
-            self._take(self._blocks(it0 + 1, j - 1, self.n))
+        if j > 1:  # the decode steps' new blocks (_blocks and _take's common case, inlined)
+            cum = self.cum
+            if cum is None:
+                cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
+            m = j - 1
+            mask = self.mask
+            s0 = (it0 + 1) & mask
+            x = (m >> self.lb) * self.n + cum[s0 + (m & mask)] - cum[s0]
+            if x <= self.free:
+                self.free -= x
+            else:
+                self._take(x)
         h = int(T0 // HOUR_S)
         if h > rec.hours:
             h = rec.hours
@@ -788,7 +798,7 @@ class PagedReplica:
         else:
             self.T0 = self.run_end
         # KV in use over the committed iterations (blocks after their allocations x time)
-        rec.kv_block_s[h] += self.used_blocks() * (self.T0 - T0)
+        rec.kv_block_s[h] += (self.NB - self.free - self.g * len(self.lru)) * (self.T0 - T0)
         if j >= k and finish:
             self._finish_due()
 
@@ -809,7 +819,10 @@ class PagedReplica:
                 # a session turn's ids cover its answer too: keep the answer's full blocks
                 full = tokens // self.ht
                 self._register(r, full if full < len(ids) else len(ids))
-            self._drop(r, tokens)
+            if r.held:
+                self._drop(r, tokens)
+            else:
+                self.free += -(-tokens // self.b)
             self.outstanding -= 1
             pod = self.pod
             pod.rec.complete(r, end, self.index)
@@ -864,7 +877,7 @@ class PagedReplica:
             return -1  # the free blocks only shrink: no later boundary of the run admits it
         # ... unless a decode step evicts part of its cached prefix: the boundaries where one
         # of its cached blocks goes are the only ones where it may come to fit
-        H, ev = self._lookup(r)
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         total = self._blocks(it1, k - 1, n1) - self.free
         if not ev or total <= 0:
             return -1
