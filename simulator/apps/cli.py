@@ -312,10 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     saved = {s: signal.signal(s, _on_signal) for s in SIGNALS}
     try:
-        return _main(args)
+        rc = _main(args)
     finally:
         for s, handler in saved.items():
             signal.signal(s, _on_second if top_level else handler)
+    if top_level and rc > 128:
+        # interrupted: the outputs are aborted and the workers terminated, so nothing is left
+        # for the interpreter's shutdown, during which Python restores the default handlers
+        # (a second Ctrl-C there would kill the process by the signal): exit now
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def _main(args) -> int:
