@@ -514,8 +514,8 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def render(profile: dict, console: Console) -> None:
-    """Print the grid (measured vs predicted) and the fitted parameters as rich tables."""
+def _grid_table(profile: dict):
+    """The timed grid, measured against predicted, as a rich table."""
     from rich.table import Table
 
     rows = profile["_rows"]
@@ -549,8 +549,11 @@ def render(profile: dict, console: Console) -> None:
             f"{r['u_memory']:.3f}",
             "-" if p is None or not math.isfinite(p) else f"{p:.0f}",
         )
-    console.print(t)
-    s = Table(title="fitted roofline profile", show_header=False)
+    return t
+
+
+def _fit_items(profile: dict) -> list[tuple[str, str]]:
+    """The fitted parameters and the fit's quality, as (name, value) rows."""
     q = profile["fit"]
     fc = profile["flop_check"]
     items = [
@@ -611,6 +614,16 @@ def render(profile: dict, console: Console) -> None:
         ("wall time", f"{profile['wall_s']:.1f} s"),
         ("written", f"{profile['_path']} (+ {profile['grid_file']})"),
     ]
+    return items
+
+
+def render(profile: dict, console: Console) -> None:
+    """Print the grid (measured vs predicted) and the fitted parameters as rich tables."""
+    from rich.table import Table
+
+    console.print(_grid_table(profile))
+    s = Table(title="fitted roofline profile", show_header=False)
+    items = _fit_items(profile)
     for k, v in items:
         s.add_row(k, v)
     console.print(s)
