@@ -445,9 +445,56 @@ class PagedReplica:
         ht = self.ht
         max_batch = self.max_batch
         chunked = self.chunked
+        prefix = self.prefix
         while w and nt < max_batch and budget > 0:
             r = w[0]
-            H, ev = self._lookup(r) if r.ids is not None else (0, 0)
+            if r.ids is None or not prefix:
+                # no prefix-cache path: _lookup, _take and _chunk hand-inlined (the default
+                # scenario's requests carry no block ids); the same operations in the same order
+                eff = r.eff
+                c = eff
+                if eff > budget:
+                    if not chunked:
+                        break
+                    c = budget
+                need = -(-c // b)
+                free = self.free
+                if need > free + g * len(self.lru) - (self.wm if nt else 0):
+                    break
+                w.popleft()
+                if shared:
+                    self.outstanding += 1
+                r.held = 0
+                r.done = 0
+                pre_n = r.preemptions
+                if r.gen == 0 and pre_n == 0:
+                    r.cached = 0
+                self.adm_seq += 1
+                r.adm = self.adm_seq
+                self.pre.append(r)
+                if need <= free:
+                    self.free = free - need
+                else:
+                    self._take(need)
+                self.P += c
+                self.pairs += c * (2.0 * 0 + c)
+                self.nchunks += 1
+                if pre_n:
+                    self.re_tok += c
+                r.done = c
+                if c == eff:  # the last chunk: it decodes from the next iteration on
+                    self.pf.append(r)
+                    rho = (it + 1 - c) & self.mask
+                    r.rho = rho
+                    self.cnt[rho] += 1
+                    self.cum = None
+                    if r.gen == 0:
+                        self.P_first += r.prompt
+                        self.hit_tok += r.cached
+                budget -= c
+                nt += 1
+                continue
+            H, ev = self._lookup(r)
             done = H * ht
             rem = r.eff - done
             if rem <= budget:
@@ -904,9 +951,32 @@ class PagedReplica:
             return -1
         n1 = self.n + len(self.pf)
         it1 = self.it + 1
+        prefix = self.prefix
+        if r.ids is None or not prefix:
+            # no prefix-cache path: _blocks and _fit_at hand-inlined (once per arrival that
+            # finds the replica busy); the same integer tests as theirs
+            if n1 >= self.max_batch:
+                return -1
+            budget = self.max_tokens - n1
+            if budget <= 0:
+                return -1
+            cum = self.cum
+            if cum is None:
+                cnt = self.cnt
+                cum = self.cum = list(accumulate(cnt + cnt, initial=0))
+            mask = self.mask
+            s = it1 & mask
+            x = (j >> self.lb) * n1 + cum[s + (j & mask)] - cum[s]
+            eff = r.eff
+            if eff > budget:
+                if not self.chunked:
+                    return -1
+                eff = budget
+            avail = self.free + self.g * len(self.lru) - x
+            return j if -(-eff // self.b) <= avail - (self.wm if n1 else 0) else -1
         if self._fit_at(r, n1, self._blocks(it1, j, n1)):
             return j
-        if not (self.prefix and r.ids is not None and self.lru):
+        if not (self.lru):
             return -1  # the free blocks only shrink: no later boundary of the run admits it
         # ... unless a decode step evicts part of its cached prefix: the boundaries where one
         # of its cached blocks goes are the only ones where it may come to fit
