@@ -784,13 +784,16 @@ class PagedReplica:
             rec.recomputed_tokens[hf] += self.re_tok
         mask = self.mask
         if j > 1:  # the decode steps' new blocks (_blocks and _take's common case, inlined)
-            cum = self.cum
-            if cum is None:
-                cnt = self.cnt
-                cum = self.cum = list(accumulate(cnt + cnt, initial=0))
             m = j - 1
-            s0 = (it0 + 1) & mask
-            x = (m >> self.lb) * n_first + cum[s0 + (m & mask)] - cum[s0]
+            x = (m >> self.lb) * n_first
+            rem = m & mask
+            if rem:
+                # blocks_in's partial sum as slices of cnt, not prefix sums: cnt changes about
+                # twice per request and rebuilding ``cum`` (2 b + 1 ints) each time cost more
+                cnt = self.cnt
+                s0 = (it0 + 1) & mask
+                e = s0 + rem
+                x += sum(cnt[s0:e]) if e <= mask + 1 else sum(cnt[s0:]) + sum(cnt[: e - mask - 1])
             free = self.free
             if x <= free:
                 self.free = free - x
@@ -960,13 +963,14 @@ class PagedReplica:
             budget = self.max_tokens - n1
             if budget <= 0:
                 return -1
-            cum = self.cum
-            if cum is None:
-                cnt = self.cnt
-                cum = self.cum = list(accumulate(cnt + cnt, initial=0))
             mask = self.mask
-            s = it1 & mask
-            x = (j >> self.lb) * n1 + cum[s + (j & mask)] - cum[s]
+            x = (j >> self.lb) * n1
+            rem = j & mask
+            if rem:  # blocks_in's partial sum as slices of cnt (see _commit)
+                cnt = self.cnt
+                s = it1 & mask
+                e = s + rem
+                x += sum(cnt[s:e]) if e <= mask + 1 else sum(cnt[s:]) + sum(cnt[: e - mask - 1])
             eff = r.eff
             if eff > budget:
                 if not self.chunked:
