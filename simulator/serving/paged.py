@@ -459,7 +459,8 @@ class PagedReplica:
                     c = budget
                 need = -(-c // b)
                 free = self.free
-                if need > free + g * len(self.lru) - (self.wm if nt else 0):
+                lru = self.lru
+                if need > free + (g * len(lru) if lru else 0) - (self.wm if nt else 0):
                     break
                 w.popleft()
                 if shared:
@@ -758,8 +759,9 @@ class PagedReplica:
         pf = self.pf
         t_first = self.t_first
         ft = T0 + t_first
-        n_first = self.n + len(pf)
-        if pf:
+        npf = len(pf)
+        n_first = self.n + npf
+        if npf:
             heap = self.heap
             S = self.S
             for r in pf:
@@ -770,7 +772,7 @@ class PagedReplica:
                 heapq.heappush(heap, (it0 + r.out - r.gen - 1, r.rid, r))
             self.S = S
             self.n = n_first
-            del self.pre[: len(pf)]
+            del self.pre[:npf]
             self.pf = []
         hours = rec.hours
         hf = int(ft // HOUR_S)
@@ -864,7 +866,9 @@ class PagedReplica:
             T1 = run_end
         self.T0 = T1
         # KV in use over the committed iterations (blocks after their allocations x time)
-        rec.kv_block_s[h] += (self.NB - self.free - self.g * len(self.lru)) * (T1 - T0)
+        lru = self.lru  # (empty without prefix caching: no len() call then)
+        used = self.NB - self.free - (self.g * len(lru) if lru else 0)
+        rec.kv_block_s[h] += used * (T1 - T0)
         if j >= k and finish:
             # _finish_due, inlined (it runs once per run)
             heap = self.heap
@@ -976,7 +980,8 @@ class PagedReplica:
                 if not self.chunked:
                     return -1
                 eff = budget
-            avail = self.free + self.g * len(self.lru) - x
+            lru = self.lru
+            avail = self.free + (self.g * len(lru) if lru else 0) - x
             return j if -(-eff // self.b) <= avail - (self.wm if n1 else 0) else -1
         if self._fit_at(r, n1, self._blocks(it1, j, n1)):
             return j
