@@ -796,14 +796,49 @@ def _check_prefix_blocks(sc: Scenario, model: ModelSpec, src: str) -> None:
 
 
 def resolve(sc: Scenario, source: str = "") -> Resolved:
-    """Join the scenario with the catalogs and profile, and run the cross-field checks."""
+    """Join the scenario with the catalogs and profile, and run the cross-field checks, in the
+    order a reader would: the GPU and its profile, the weights, the KV budget, the requests'
+    sizes, the prefix blocks, the hourly rates, the work budget and the autoscaler."""
     if sc.disaggregation is not None:  # two pools, each resolved like a fleet (config/pools.py)
         return resolve_disaggregated(sc, source)
-    from fleetsim.device.profile import catalog_profile, load_profile
-    from fleetsim.workload.sampling import trace_columns_max
-
     src = source
     model = _model_spec(sc, src)
+    gpu, profile, profile_id, sha = _resolve_gpu(sc, src)
+    tp = sc.fleet.tensor_parallel
+    _check_weights_fit(sc, model, profile, src)
+    kvb = _checked_kv_budget(sc, model, profile, src)
+    kv_tokens = kvb.tokens
+    tr = sc.traffic
+    max_req, trace_rows = _check_request_sizes(sc, model, kv_tokens, src)
+    _check_prefix_blocks(sc, model, src)
+    rates = _hourly_rates(tr, src)
+    check_work(sc, rates, LatencyModel(model, profile, tp), src, trace_rows)
+
+    # Every 24-value profile is given by UTC hour of day. The engine indexes by simulation hour
+    # (h % 24), so rotate them to start at the scenario's starting hour.
+    hod0 = sc.simulation.start_utc.hour
+    sched = check_autoscaler(sc, src)
+    return Resolved(
+        scenario=sc,
+        model=model,
+        gpu=gpu,
+        profile=profile,
+        profile_id=profile_id,
+        profile_sha256=sha,
+        tp=tp,
+        kv_capacity_tokens=kv_tokens,
+        max_request_tokens=max_req,
+        hourly_rate_per_s=rotate_to_start(rates, hod0),
+        replicas_by_hour=None if sched is None else rotate_to_start(sched, hod0),
+        kv=kvb,
+    )
+
+
+def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
+    """The GPU (catalog entry plus overrides, power checked) and its step-time profile: the
+    scenario's measured profile file or the catalog's analytic one; (gpu, profile, id, sha256)."""
+    from fleetsim.device.profile import catalog_profile, load_profile
+
     hw = sc.hardware
     try:
         entry = catalog.gpu(hw.gpu)
@@ -822,7 +857,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     )
     from fleetsim.device.profile import power_problem
 
-    bad = power_problem(power)  # idle <= busy <= 1.5 x TDP (device/profile.py)
+    bad = power_problem(power)  # idle <= TDP, busy <= MAX_BUSY_OVER_TDP x TDP (device/profile.py)
     if bad is not None:
         fld = {"max_w": "tdp_w"}.get(bad[0], bad[0])
         raise ScenarioError(
@@ -866,7 +901,11 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
         power=power,
     )
 
-    # memory: weights must fit, and the KV budget must hold a maximum-length request
+    return gpu, profile, profile_id, sha
+
+
+def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: str) -> None:
+    """vLLM's tensor-parallel rule, and the weights fit in a replica's usable memory."""
     tp = sc.fleet.tensor_parallel
     tp_problem = model.tp_problem(tp)
     if tp_problem:
@@ -899,6 +938,11 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             tp_fix,
             src,
         )
+
+
+def _checked_kv_budget(sc: Scenario, model: ModelSpec, profile: Profile, src: str) -> KvBudget:
+    """The replica's KV budget; an error when nothing is left for it."""
+    usable = sc.fleet.tensor_parallel * profile.mem_bytes * sc.fleet.gpu_memory_utilization
     kvb = kv_budget(sc, model, profile.mem_bytes)
     kv_tokens = kvb.tokens
     if kv_tokens <= 0:
@@ -911,6 +955,16 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             "raise it, raise fleet.tensor_parallel, or lower fleet.max_batched_tokens",
             src,
         )
+    return kvb
+
+
+def _check_request_sizes(
+    sc: Scenario, model: ModelSpec, kv_tokens: int, src: str
+) -> tuple[int, int | None]:
+    """The longest request fits the KV budget and the context, and the longest prompt can be
+    scheduled; (the longest request in tokens, the trace's row count or None)."""
+    from fleetsim.workload.sampling import trace_columns_max
+
     tr = sc.traffic
     trace_max: dict[str, int] = {}
     for d in (tr.prompt, tr.output):
@@ -958,7 +1012,12 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             f"set it >= {pmax}, or fleet.enable_chunked_prefill = true",
             src,
         )
-    _check_prefix_blocks(sc, model, src)
+    return max_req, trace_rows
+
+
+def _hourly_rates(tr: TrafficSection, src: str) -> tuple[float, ...]:
+    """The fleet's arrival rate (1/s) by UTC hour of day, from requests_per_day and the diurnal
+    curve."""
     w = diurnal_weights(tr.diurnal)
     w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
     mean_w = sum(w) / 24.0
@@ -972,26 +1031,7 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
             "use a finite rate",
             src,
         )
-    check_work(sc, rates, LatencyModel(model, profile, tp), src, trace_rows)
-
-    # Every 24-value profile is given by UTC hour of day. The engine indexes by simulation hour
-    # (h % 24), so rotate them to start at the scenario's starting hour.
-    hod0 = sc.simulation.start_utc.hour
-    sched = check_autoscaler(sc, src)
-    return Resolved(
-        scenario=sc,
-        model=model,
-        gpu=gpu,
-        profile=profile,
-        profile_id=profile_id,
-        profile_sha256=sha,
-        tp=tp,
-        kv_capacity_tokens=kv_tokens,
-        max_request_tokens=max_req,
-        hourly_rate_per_s=rotate_to_start(rates, hod0),
-        replicas_by_hour=None if sched is None else rotate_to_start(sched, hod0),
-        kv=kvb,
-    )
+    return rates
 
 
 def resolved_dict(rs: Resolved) -> dict:

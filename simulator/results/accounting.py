@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -307,40 +308,9 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
     price_day = hourly_values(sc.cost.electricity_usd_per_kwh, 24)
     assert price_day is not None  # a price is always given
     price = np.array([price_day[x] for x in hod])
-    if rs.pools is not None:  # disaggregated: each pool priced with its own GPU, then summed
-        parts = [pool_energy_cost(rs, name, pods, scale, price) for name in ("prefill", "decode")]
-        powered = sum(p["powered_gpu_s"] for p in parts)
-        busy_gpu_s = sum(p["gpu_busy_s"] for p in parts)
-        e_gpu = sum(p["energy_gpu_kwh"] for p in parts)
-        e_gpu_idle = sum(p["energy_gpu_idle_kwh"] for p in parts)
-        e_gpu_dyn = sum(p["energy_gpu_dynamic_kwh"] for p in parts)
-        e_over = sum(p["energy_overhead_kwh"] for p in parts)
-        e_cost = sum(p["energy_cost_usd"] for p in parts)
-        hw_cost = sum(p["hardware_cost_usd"] for p in parts)
-        e_it = e_gpu + e_over
-        e_fac = e_it * sc.power.pue
-    else:
-        powered = tot("powered_gpu_s")  # on + waking GPU-seconds
-        ec = energy_cost(
-            rs,
-            rs.gpu,
-            sc.fleet.pods * sc.fleet.replicas * rs.tp,
-            powered,
-            tot0("waking_gpu_s"),
-            tot0("off_gpu_s"),
-            tot("busy_s") * rs.tp,
-            tot("dyn_j"),
-            price,
-        )
-        busy_gpu_s = ec["gpu_busy_s"]
-        e_gpu, e_over, e_it, e_fac = (
-            ec["energy_gpu_kwh"],
-            ec["energy_overhead_kwh"],
-            ec["energy_it_kwh"],
-            ec["energy_facility_kwh"],
-        )
-        e_cost, hw_cost = ec["energy_cost_usd"], ec["hardware_cost_usd"]
-        e_gpu_idle, e_gpu_dyn = ec["energy_gpu_idle_kwh"], ec["energy_gpu_dynamic_kwh"]
+    powered, busy_gpu_s, e = _energy_columns(rs, pods, scale, price)
+    e_gpu, e_over, e_it, e_fac = e["gpu"], e["overhead"], e["it"], e["facility"]
+    e_cost, hw_cost, e_gpu_idle, e_gpu_dyn = e["cost"], e["hardware"], e["idle"], e["dynamic"]
     total = e_cost + hw_cost
     arrived = np.rint(tot("arrived")).astype(np.int64)
     completed = np.rint(tot("completed")).astype(np.int64)
@@ -354,34 +324,7 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         slo = np.where(n_lat > 0, ok / np.maximum(n_lat, 1), np.nan)
         whpr = np.where(completed > 0, e_fac * 1000.0 / np.maximum(completed, 1), np.nan)
         usd_mtok = np.where(output > 0, total / np.maximum(output, 1) * 1e6, np.nan)
-    # work done (FLOPs, bytes, iterations) and the peak of the powered GPUs that did it
-    if rs.pools is not None:
-        work = {k: np.zeros(H) for k in ("flops", "bytes_moved", "iters_h")}
-        peak_f: np.ndarray = np.zeros(H)
-        peak_b: np.ndarray = np.zeros(H)
-        for name, spec in rs.pools.by_name().items():
-            for k in work:
-                work[k] += scale * np.sum(
-                    [np.asarray(_pools(p)[name].get(k) or [0.0] * H, float) for p in pods], axis=0
-                )
-            pw_s = scale * np.sum(
-                [np.asarray(_pools(p)[name]["powered_gpu_s"], float) for p in pods], axis=0
-            )
-            peak_f += spec.rs.profile.peak_flops * pw_s
-            peak_b += spec.rs.profile.mem_bw_bytes_per_s * pw_s
-        flops_done, bytes_done, iters = work["flops"], work["bytes_moved"], work["iters_h"]
-    else:
-        flops_done, bytes_done, iters = tot0("flops"), tot0("bytes_moved"), tot0("iters_h")
-        peak_f = np.asarray(rs.profile.peak_flops * powered)
-        peak_b = np.asarray(rs.profile.mem_bw_bytes_per_s * powered)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # mean sequences per iteration (each yields one token) against max_num_seqs
-        occupancy = np.where(iters > 0, output / np.maximum(iters, 1), np.nan) / (
-            sc.fleet.max_batch_size
-        )
-        # achieved FLOP/s and bytes/s of the powered GPUs against their peak
-        flops_util = np.where(peak_f > 0, flops_done / np.where(peak_f > 0, peak_f, 1), np.nan)
-        bw_util = np.where(peak_b > 0, bytes_done / np.where(peak_b > 0, peak_b, 1), np.nan)
+    occupancy, flops_util, bw_util, iters = _headroom_columns(rs, pods, scale, powered, output)
     carbon_day = hourly_values(sc.cost.carbon_kg_per_kwh, 24)
     carbon = (
         e_fac * np.array([carbon_day[x] for x in hod])
@@ -431,6 +374,115 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
     # no grid intensity: carbon is unknown, null (not NaN, which SQL engines would sum to NaN)
     cols["carbon_kg"] = pa.array(carbon, type=pa.float64(), from_pandas=True)
     return pa.table({k: cols[k] for k in HOURLY_COLUMNS}, schema=HOURLY_SCHEMA)
+
+
+def _energy_columns(
+    rs: Resolved, pods: list[PodSummary], scale: float, price: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Powered GPU-seconds, busy GPU-seconds and the energy and cost columns of each hour
+    (a disaggregated fleet: each pool priced with its own GPU, then summed)."""
+    sc = rs.scenario
+    H = sc.simulation.hours
+
+    def tot(name: str) -> np.ndarray:
+        return scale * np.sum(
+            [np.asarray(getattr(p, name), dtype=np.float64) for p in pods], axis=0
+        )
+
+    def tot0(name: str) -> np.ndarray:  # optional per-hour fields: empty means zeros
+        return scale * np.sum(
+            [np.asarray(getattr(p, name) or [0.0] * H, dtype=np.float64) for p in pods], axis=0
+        )
+
+    if rs.pools is not None:  # disaggregated: each pool priced with its own GPU, then summed
+        parts = [pool_energy_cost(rs, name, pods, scale, price) for name in ("prefill", "decode")]
+        powered = sum(p["powered_gpu_s"] for p in parts)
+        busy_gpu_s = sum(p["gpu_busy_s"] for p in parts)
+        e_gpu = sum(p["energy_gpu_kwh"] for p in parts)
+        e_gpu_idle = sum(p["energy_gpu_idle_kwh"] for p in parts)
+        e_gpu_dyn = sum(p["energy_gpu_dynamic_kwh"] for p in parts)
+        e_over = sum(p["energy_overhead_kwh"] for p in parts)
+        e_cost = sum(p["energy_cost_usd"] for p in parts)
+        hw_cost = sum(p["hardware_cost_usd"] for p in parts)
+        e_it = e_gpu + e_over
+        e_fac = e_it * sc.power.pue
+    else:
+        powered = tot("powered_gpu_s")  # on + waking GPU-seconds
+        ec = energy_cost(
+            rs,
+            rs.gpu,
+            sc.fleet.pods * sc.fleet.replicas * rs.tp,
+            powered,
+            tot0("waking_gpu_s"),
+            tot0("off_gpu_s"),
+            tot("busy_s") * rs.tp,
+            tot("dyn_j"),
+            price,
+        )
+        busy_gpu_s = ec["gpu_busy_s"]
+        e_gpu, e_over, e_it, e_fac = (
+            ec["energy_gpu_kwh"],
+            ec["energy_overhead_kwh"],
+            ec["energy_it_kwh"],
+            ec["energy_facility_kwh"],
+        )
+        e_cost, hw_cost = ec["energy_cost_usd"], ec["hardware_cost_usd"]
+        e_gpu_idle, e_gpu_dyn = ec["energy_gpu_idle_kwh"], ec["energy_gpu_dynamic_kwh"]
+    e = {
+        "gpu": e_gpu,
+        "overhead": e_over,
+        "it": e_it,
+        "facility": e_fac,
+        "cost": e_cost,
+        "hardware": hw_cost,
+        "idle": e_gpu_idle,
+        "dynamic": e_gpu_dyn,
+    }
+    return np.asarray(powered), np.asarray(busy_gpu_s), e
+
+
+def _headroom_columns(
+    rs: Resolved, pods: list[PodSummary], scale: float, powered: np.ndarray, output: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Batch occupancy, FLOP/s and bandwidth utilisation against the powered GPUs' peak, and
+    the iterations of each hour."""
+    sc = rs.scenario
+    H = sc.simulation.hours
+
+    def tot0(name: str) -> np.ndarray:  # optional per-hour fields: empty means zeros
+        return scale * np.sum(
+            [np.asarray(getattr(p, name) or [0.0] * H, dtype=np.float64) for p in pods], axis=0
+        )
+
+    # work done (FLOPs, bytes, iterations) and the peak of the powered GPUs that did it
+    if rs.pools is not None:
+        work = {k: np.zeros(H) for k in ("flops", "bytes_moved", "iters_h")}
+        peak_f: np.ndarray = np.zeros(H)
+        peak_b: np.ndarray = np.zeros(H)
+        for name, spec in rs.pools.by_name().items():
+            for k in work:
+                work[k] += scale * np.sum(
+                    [np.asarray(_pools(p)[name].get(k) or [0.0] * H, float) for p in pods], axis=0
+                )
+            pw_s = scale * np.sum(
+                [np.asarray(_pools(p)[name]["powered_gpu_s"], float) for p in pods], axis=0
+            )
+            peak_f += spec.rs.profile.peak_flops * pw_s
+            peak_b += spec.rs.profile.mem_bw_bytes_per_s * pw_s
+        flops_done, bytes_done, iters = work["flops"], work["bytes_moved"], work["iters_h"]
+    else:
+        flops_done, bytes_done, iters = tot0("flops"), tot0("bytes_moved"), tot0("iters_h")
+        peak_f = np.asarray(rs.profile.peak_flops * powered)
+        peak_b = np.asarray(rs.profile.mem_bw_bytes_per_s * powered)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # mean sequences per iteration (each yields one token) against max_num_seqs
+        occupancy = np.where(iters > 0, output / np.maximum(iters, 1), np.nan) / (
+            sc.fleet.max_batch_size
+        )
+        # achieved FLOP/s and bytes/s of the powered GPUs against their peak
+        flops_util = np.where(peak_f > 0, flops_done / np.where(peak_f > 0, peak_f, 1), np.nan)
+        bw_util = np.where(peak_b > 0, bytes_done / np.where(peak_b > 0, peak_b, 1), np.nan)
+    return occupancy, flops_util, bw_util, iters
 
 
 POOLS_SCHEMA = pa.schema(

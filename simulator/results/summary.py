@@ -122,9 +122,26 @@ def print_warnings(res: Result, console: Console) -> None:
 def print_summary(res: Result, console: Console | None = None) -> None:
     """Print the day's figures with the energy -> cost breakdown."""
     c = console or Console()
+    _print_headline(res, c)
+    tab = Table(show_header=False, box=None, pad_edge=False)
+    tab.add_column(style="bold")
+    tab.add_column(justify="right")
+    tab.add_column()
+    _volume_rows(res, tab)
+    _kv_rows(res, tab)
+    _cost_rows(res, tab)
+    _latency_rows(res, tab)
+    _peak_row(res, tab)
+    c.print(tab)
+    if res.pools is not None:
+        print_pools(res, c)
+    for name, (lo, hi) in res.pod_ci.items():
+        c.print(f"95% CI over pods, {name}: [{lo:,.2f}, {hi:,.2f}]")
+
+
+def _print_headline(res: Result, c: Console) -> None:
+    """The scenario, model, precision and fleet in one line (and the pod sampling)."""
     sc = res.scenario
-    t = res.totals
-    lat = res.day_latency
     rs = res.resolved
     hours = sc.simulation.hours
     fleet = (
@@ -150,10 +167,11 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         c.print(
             f"simulated {len(res.pods)} of {sc.fleet.pods} pods; extensive figures x {res.scale:g}"
         )
-    tab = Table(show_header=False, box=None, pad_edge=False)
-    tab.add_column(style="bold")
-    tab.add_column(justify="right")
-    tab.add_column()
+
+
+def _volume_rows(res: Result, tab: Table) -> None:
+    """Requests, tokens and GPU-hours."""
+    t = res.totals
     tab.add_row(
         "requests",
         _f(t.requests_arrived, ",.0f"),
@@ -172,6 +190,13 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         f"busy {t.utilization:.1%} of powered time; {_f(batch, '.1f')} output tokens "
         "per iteration on average",
     )
+
+
+def _kv_rows(res: Result, tab: Table) -> None:
+    """The KV budget and the prefix cache (an aggregated fleet); the autoscaler's range."""
+    sc = res.scenario
+    t = res.totals
+    rs = res.resolved
     kv = rs.kv
     if kv is not None and rs.pools is None:
         f = sc.fleet
@@ -207,6 +232,12 @@ def print_summary(res: Result, console: Console | None = None) -> None:
             f"{sc.fleet.pods * sc.fleet.replicas * rs.tp}; cold start "
             f"{sc.power.wake_s:g} s",
         )
+
+
+def _cost_rows(res: Result, tab: Table) -> None:
+    """Energy, its cost, hardware, the total and the derived per-request figures."""
+    sc = res.scenario
+    t = res.totals
     tab.add_row(
         "energy",
         f"{_f(t.energy_facility_kwh)} kWh",
@@ -227,6 +258,13 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         _f(t.usd_per_mtok, ",.3f"),
         f"$ per 1k requests {_f(t.usd_per_1k_requests, ',.4f')}",
     )
+
+
+def _latency_rows(res: Result, tab: Table) -> None:
+    """TTFT, TPOT, ITL, e2e, throughput and SLO attainment."""
+    sc = res.scenario
+    t = res.totals
+    lat = res.day_latency
     tab.add_row(
         "TTFT",
         f"p99 {_f(lat['ttft_p99_s'], '.3f')} s",
@@ -267,6 +305,11 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         _f(t.slo_attainment, ".2%"),
         "requests meeting both TTFT and TPOT targets",
     )
+
+
+def _peak_row(res: Result, tab: Table) -> None:
+    """The most expensive hour."""
+    t = res.totals
     ph = t.peak_hour
     row = res.hourly.slice(ph, 1).to_pylist()[0]
     tab.add_row(
@@ -278,11 +321,6 @@ def print_summary(res: Result, console: Console | None = None) -> None:
         if t.total_cost_usd
         else "",
     )
-    c.print(tab)
-    if res.pools is not None:
-        print_pools(res, c)
-    for name, (lo, hi) in res.pod_ci.items():
-        c.print(f"95% CI over pods, {name}: [{lo:,.2f}, {hi:,.2f}]")
 
 
 def pool_totals(res: Result) -> dict[str, dict[str, float]]:
