@@ -288,25 +288,14 @@ def calibrate(
         log(f"power was not measured ({power_method})")
     # 6. write
     out = Path(out) if out is not None else Path("profiles") / f"{dev_slug}-{spec.name}.json"
-    profile = profile_to_dict(
-        prof,
-        device=_device_facts(device, dname, dtype, dtype_requested or dtype, load_start),
-        embed_rows=embed_rows,
-        catalog_gpu=catalog_gpu_for(dname) if device.type == "cuda" else None,
-        model=spec.name,
-        model_config=dataclasses.asdict(spec),
-        micro=micro,
-        flop_check=fc,
-        fit=quality,
-        power_fit=power_fit,
-        grid=dataclasses.asdict(grid),
-        quick=quick,
-        wall_s=time.perf_counter() - t_start,
-        notes=notes,
-        created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        grid_file=out.stem + ".grid.parquet",
+    facts = _device_facts(device, dname, dtype, dtype_requested or dtype, load_start)
+    profile = _profile_dict(
+        prof, spec, facts, embed_rows, device, dname, micro, fc, quality, grid, quick, notes, out
     )
+    profile["wall_s"] = time.perf_counter() - t_start
     profile["power"] = power_d
+    if power_fit is not None:
+        profile["power_fit"] = power_fit
     if power_d is None:
         profile["power_note"] = f"power was not measured ({power_method})"
     profile = cast(dict[str, Any], _clean(profile))  # (a dict stays a dict)
@@ -314,6 +303,30 @@ def calibrate(
     profile["_path"] = str(out)
     profile["_rows"] = rows
     return profile
+
+
+def _profile_dict(
+    prof, spec, facts, embed_rows, device, dname, micro, fc, quality, grid, quick, notes, out
+) -> dict:
+    """The profile's JSON dict with its provenance (device, model, grid, fit quality, notes)."""
+    return profile_to_dict(
+        prof,
+        device=facts,
+        embed_rows=embed_rows,
+        catalog_gpu=catalog_gpu_for(dname) if device.type == "cuda" else None,
+        model=spec.name,
+        model_config=dataclasses.asdict(spec),
+        micro=micro,
+        flop_check=fc,
+        fit=quality,
+        power_fit=None,
+        grid=dataclasses.asdict(grid),
+        quick=quick,
+        wall_s=0.0,
+        notes=notes,
+        created_utc=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        grid_file=out.stem + ".grid.parquet",
+    )
 
 
 def _device_facts(

@@ -218,6 +218,12 @@ def run_crossover(
         [(s[3], source) for s in specs],
         hooks.done if hooks is not None else None,
     )
+    return _crossover_rows(specs, outs, info, n)
+
+
+def _crossover_rows(specs: list, outs: list, info: dict, n: int) -> pa.Table:
+    """One row per workload x design x split x (TTFT, TPOT) target cell, from the runs'
+    per-request latencies."""
     rows: dict[str, list] = {
         k: []
         for k in (

@@ -598,7 +598,7 @@ def plan_fleet(
 
 def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
-    from fleetsim.apps.common import console, open_output, print_json
+    from fleetsim.apps.common import console, open_output
     from fleetsim.results.output import write_table_atomic, write_text_atomic
     from fleetsim.results.provenance import provenance
 
@@ -617,6 +617,50 @@ def main(argv: list[str]) -> int:
     ):
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise UserError(f"{flag} {v}: must be a positive number of seconds")
+    agg_data, cands, dcands = _candidates(args, sc, data)
+    names = ("plan.parquet", "schedule.json") + (("plan_disaggregated.parquet",) if dcands else ())
+    outp = open_output(args, Path(args.scenario).stem + "-plan", names)
+    log = console(stderr=True, quiet=args.quiet)
+    t0 = time.perf_counter()
+    with (
+        make_executor(args.executor, args.workers, args.address) as ex,
+        task_progress(f"plan ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
+    ):
+        table, sched = plan_fleet(
+            agg_data,
+            args.scenario,
+            slo,
+            cands,
+            ex,
+            hooks,
+            schedule=not args.no_schedule,
+            log=lambda text: log.print(term(text, 400)),  # (user text: escaped)
+        )
+        dtable = _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks, log)
+    wall = time.perf_counter() - t0
+    meta = provenance(
+        rs,
+        text,
+        overrides=json.dumps(args.overrides),
+        slo=json.dumps(
+            {"ttft_p99_s": slo.ttft_p99_s, "tpot_p99_s": slo.tpot_p99_s, "hours": slo.hours}
+        ),
+        wall_s=f"{wall:.3f}",
+        schedule=json.dumps(sched),
+    )
+    path = outp.final("plan.parquet")
+    write_table_atomic(table, outp.path("plan.parquet"), meta)
+    if sched is not None:
+        write_text_atomic(json.dumps(sched, indent=1) + "\n", outp.path("schedule.json"))
+    if dtable is not None:
+        write_table_atomic(dtable, outp.path("plan_disaggregated.parquet"), meta)
+    outp.commit()  # (an error or interrupt before this leaves the folder as it was)
+    _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall)
+    return 0
+
+
+def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
+    """The aggregated scenario's data and the candidates of each design to plan."""
     gpus = (
         parse_list("--gpus", args.gpus)
         if args.gpus
@@ -644,64 +688,39 @@ def main(argv: list[str]) -> int:
         dcands = make_disagg_candidates(
             data, pg or [pool_gpu("prefill")], dg or [pool_gpu("decode")], args.scenario
         )
-    names = ("plan.parquet", "schedule.json") + (("plan_disaggregated.parquet",) if dcands else ())
-    outp = open_output(args, Path(args.scenario).stem + "-plan", names)
-    log = console(stderr=True, quiet=args.quiet)
-    t0 = time.perf_counter()
-    with (
-        make_executor(args.executor, args.workers, args.address) as ex,
-        task_progress(f"plan ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
-    ):
-        table, sched = plan_fleet(
-            agg_data,
-            args.scenario,
-            slo,
-            cands,
-            ex,
-            hooks,
-            schedule=not args.no_schedule,
-            log=lambda text: log.print(term(text, 400)),  # (user text: escaped)
-        )
-        dtable = None
-        if dcands:
-            from fleetsim.apps.plan_disagg import DisaggPlanner, disagg_table
+    return agg_data, cands, dcands
 
-            dplanner = DisaggPlanner(
-                Planner(agg_data, args.scenario, slo, ex, hooks), search_min, backlog_ok
-            )
-            for dc in dcands:
-                if dc.rs is None:
-                    continue
-                hooks.describe(f"plan disaggregated {dc.label}")
-                dplanner.plan(dc)
-                log.print(
-                    f"disaggregated {dc.label}: "
-                    + (
-                        f"{dc.prefill} prefill + {dc.decode} decode replicas per pod "
-                        f"({dc.probes} probes)"
-                        if dc.day is not None
-                        else dc.problem
-                    )
-                )
-            dtable = disagg_table(dcands, sc.fleet.pods)
-    wall = time.perf_counter() - t0
-    meta = provenance(
-        rs,
-        text,
-        overrides=json.dumps(args.overrides),
-        slo=json.dumps(
-            {"ttft_p99_s": slo.ttft_p99_s, "tpot_p99_s": slo.tpot_p99_s, "hours": slo.hours}
-        ),
-        wall_s=f"{wall:.3f}",
-        schedule=json.dumps(sched),
+
+def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks, log) -> pa.Table | None:
+    """Size the pools of every disaggregated candidate; their table (None without any)."""
+    if not dcands:
+        return None
+    from fleetsim.apps.plan_disagg import DisaggPlanner, disagg_table
+
+    dplanner = DisaggPlanner(
+        Planner(agg_data, args.scenario, slo, ex, hooks), search_min, backlog_ok
     )
-    path = outp.final("plan.parquet")
-    write_table_atomic(table, outp.path("plan.parquet"), meta)
-    if sched is not None:
-        write_text_atomic(json.dumps(sched, indent=1) + "\n", outp.path("schedule.json"))
-    if dtable is not None:
-        write_table_atomic(dtable, outp.path("plan_disaggregated.parquet"), meta)
-    outp.commit()  # (an error or interrupt before this leaves the folder as it was)
+    for dc in dcands:
+        if dc.rs is None:
+            continue
+        hooks.describe(f"plan disaggregated {dc.label}")
+        dplanner.plan(dc)
+        log.print(
+            f"disaggregated {dc.label}: "
+            + (
+                f"{dc.prefill} prefill + {dc.decode} decode replicas per pod ({dc.probes} probes)"
+                if dc.day is not None
+                else dc.problem
+            )
+        )
+    dtable = disagg_table(dcands, sc.fleet.pods)
+    return dtable
+
+
+def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> None:
+    """The ranked tables and the paths written, for a person (and as JSON with --json)."""
+    from fleetsim.apps.common import console, print_json
+
     wide = console(stderr=args.json)  # stderr when stdout carries the JSON document
     if not args.quiet:
         if cands:
@@ -729,7 +748,6 @@ def main(argv: list[str]) -> int:
                 "wall_s": wall,
             }
         )
-    return 0
 
 
 def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:

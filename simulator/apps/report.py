@@ -241,115 +241,135 @@ def make_plots(d: RunData, slo: dict[str, float] | None) -> dict[str, bytes]:
     import matplotlib.pyplot as plt
 
     c = d.cols
-    out: dict[str, bytes] = {}
     with plt.rc_context({"figure.figsize": (9, 4), "font.size": 9}):
-        fig, ax = plt.subplots()
-        h = _hours_axis(ax, c)
-        e, hw = c["energy_cost_usd"], c["hardware_cost_usd"]
-        ax.bar(h, hw, color="#7f7f7f", label="hardware (amortised or rented)")
-        ax.bar(h, e, bottom=hw, color="#1f77b4", label="energy (facility kWh x price)")
-        ax.set_ylabel("cost per hour ($)")
-        ax.set_title(f"{for_plot(d.name)}: hourly cost by part")
-        ax.set_ylim(0, float(np.nanmax(e + hw)) * 1.3 or 1.0)
-        ax.legend(loc="upper left", ncol=2)
-        out["cost"] = _png(fig)
-        plt.close(fig)
+        return {
+            "cost": _plot_cost(plt, d, c),
+            "power": _plot_power(plt, d, c),
+            "utilization": _plot_utilization(plt, d, c),
+            "latency": _plot_latency(plt, d, c, slo),
+        }
 
-        fig, ax = plt.subplots()
-        h = _hours_axis(ax, c)
-        fac = c["energy_facility_kwh"]
-        it = np.maximum(c["energy_it_kwh"], 1e-300)
-        gpu_share = c["energy_gpu_kwh"] / it
-        ax.bar(h, fac * gpu_share, color="#d62728", label="GPUs (x PUE)")
-        ax.bar(
-            h,
-            fac * (1 - gpu_share),
-            bottom=fac * gpu_share,
-            color="#ff9896",
-            label="node overhead (x PUE)",
-        )
-        ax.set_ylabel("facility power, mean kW (= kWh in the hour)")
-        ax.set_ylim(0, float(np.nanmax(fac)) * 1.35 or 1.0)
-        ax.set_title(
-            f"{for_plot(d.name)}: facility power and energy per hour "
-            f"(day: {np.nansum(fac):,.1f} kWh)"
-        )
-        ax2 = ax.twinx()
-        ax2.step(
-            h, c["price_usd_per_kwh"], where="mid", color="black", lw=1.2, label="electricity price"
-        )
-        ax2.set_ylabel("$ per kWh")
-        ax2.set_ylim(0, max(float(np.nanmax(c["price_usd_per_kwh"])) * 1.3, 1e-9))
-        lines = ax.get_legend_handles_labels()
-        lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", ncol=3)
-        out["power"] = _png(fig)
-        plt.close(fig)
 
-        fig, ax = plt.subplots()
-        h = _hours_axis(ax, c)
-        ax.plot(h, c["utilization"], "o-", color="#2ca02c", label="busy fraction (busy / powered)")
-        # headroom: under continuous batching "busy" means "any request in flight", so the busy
-        # fraction sits near 1; how full the batches are and how much of the GPUs' peak compute
-        # and memory bandwidth the work uses show what is left (older files lack the columns)
-        for col, style, color, label in (
-            ("batch_occupancy", "s-", "#ff7f0e", "batch occupancy (sequences / max_num_seqs)"),
-            ("flops_utilization", "^-", "#1f77b4", "FLOP/s / peak"),
-            ("bandwidth_utilization", "v-", "#8c564b", "memory bandwidth / peak"),
-        ):
-            if col in c:
-                ax.plot(h, c[col], style, color=color, ms=3, label=label)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("fraction")
-        ax2 = ax.twinx()
-        ax2.step(
-            h,
-            c["gpus_powered_mean"],
-            where="mid",
-            color="#9467bd",
-            lw=1.5,
-            label="GPUs powered (mean)",
-        )
-        ax2.set_ylim(0, max(float(np.nanmax(c["gpus_powered_mean"])) * 1.15, 1))
-        ax2.set_ylabel("GPUs powered")
-        ax.set_title(f"{for_plot(d.name)}: busy fraction, headroom and powered GPUs")
-        lines = ax.get_legend_handles_labels()
-        lines2 = ax2.get_legend_handles_labels()
-        ax.legend(
-            lines[0] + lines2[0],
-            lines[1] + lines2[1],
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.15),
-            fontsize=8,
-            ncol=3,
-        )
-        out["utilization"] = _png(fig)
-        plt.close(fig)
+def _plot_cost(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
+    """Hourly cost, hardware and energy stacked."""
+    fig, ax = plt.subplots()
+    h = _hours_axis(ax, c)
+    e, hw = c["energy_cost_usd"], c["hardware_cost_usd"]
+    ax.bar(h, hw, color="#7f7f7f", label="hardware (amortised or rented)")
+    ax.bar(h, e, bottom=hw, color="#1f77b4", label="energy (facility kWh x price)")
+    ax.set_ylabel("cost per hour ($)")
+    ax.set_title(f"{for_plot(d.name)}: hourly cost by part")
+    ax.set_ylim(0, float(np.nanmax(e + hw)) * 1.3 or 1.0)
+    ax.legend(loc="upper left", ncol=2)
+    png = _png(fig)
+    plt.close(fig)
+    return png
 
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, col, key, label, unit in (
-            (a1, "ttft_p99_s", "ttft_s", "p99 TTFT", 1.0),
-            (a2, "tpot_p99_s", "tpot_s", "p99 TPOT", 1000.0),
-        ):
-            h = _hours_axis(ax, c)
-            ax.plot(h, c[col] * unit, "o-", label=label)
-            if col.replace("99", "50") in c:
-                ax.plot(
-                    h,
-                    c[col.replace("99", "50")] * unit,
-                    ".--",
-                    alpha=0.6,
-                    label=label.replace("p99", "p50"),
-                )
-            if slo and key in slo:
-                ax.axhline(slo[key] * unit, color="red", ls=":", label=f"SLO {slo[key] * unit:g}")
-            ax.set_ylabel("seconds" if unit == 1.0 else "milliseconds")
-            ax.set_ylim(bottom=0)
-            ax.legend(loc="best")
-            ax.set_title(f"{label} per hour")
-        out["latency"] = _png(fig)
-        plt.close(fig)
-    return out
+
+def _plot_power(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
+    """Facility power and energy per hour, GPUs vs node overhead, with the price."""
+    fig, ax = plt.subplots()
+    h = _hours_axis(ax, c)
+    fac = c["energy_facility_kwh"]
+    it = np.maximum(c["energy_it_kwh"], 1e-300)
+    gpu_share = c["energy_gpu_kwh"] / it
+    ax.bar(h, fac * gpu_share, color="#d62728", label="GPUs (x PUE)")
+    ax.bar(
+        h,
+        fac * (1 - gpu_share),
+        bottom=fac * gpu_share,
+        color="#ff9896",
+        label="node overhead (x PUE)",
+    )
+    ax.set_ylabel("facility power, mean kW (= kWh in the hour)")
+    ax.set_ylim(0, float(np.nanmax(fac)) * 1.35 or 1.0)
+    ax.set_title(
+        f"{for_plot(d.name)}: facility power and energy per hour (day: {np.nansum(fac):,.1f} kWh)"
+    )
+    ax2 = ax.twinx()
+    ax2.step(
+        h, c["price_usd_per_kwh"], where="mid", color="black", lw=1.2, label="electricity price"
+    )
+    ax2.set_ylabel("$ per kWh")
+    ax2.set_ylim(0, max(float(np.nanmax(c["price_usd_per_kwh"])) * 1.3, 1e-9))
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", ncol=3)
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _plot_utilization(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
+    """Busy fraction, headroom (batch occupancy, FLOP/s and bandwidth vs peak) and powered GPUs."""
+    fig, ax = plt.subplots()
+    h = _hours_axis(ax, c)
+    ax.plot(h, c["utilization"], "o-", color="#2ca02c", label="busy fraction (busy / powered)")
+    # headroom: under continuous batching "busy" means "any request in flight", so the busy
+    # fraction sits near 1; how full the batches are and how much of the GPUs' peak compute
+    # and memory bandwidth the work uses show what is left (older files lack the columns)
+    for col, style, color, label in (
+        ("batch_occupancy", "s-", "#ff7f0e", "batch occupancy (sequences / max_num_seqs)"),
+        ("flops_utilization", "^-", "#1f77b4", "FLOP/s / peak"),
+        ("bandwidth_utilization", "v-", "#8c564b", "memory bandwidth / peak"),
+    ):
+        if col in c:
+            ax.plot(h, c[col], style, color=color, ms=3, label=label)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    ax2 = ax.twinx()
+    ax2.step(
+        h,
+        c["gpus_powered_mean"],
+        where="mid",
+        color="#9467bd",
+        lw=1.5,
+        label="GPUs powered (mean)",
+    )
+    ax2.set_ylim(0, max(float(np.nanmax(c["gpus_powered_mean"])) * 1.15, 1))
+    ax2.set_ylabel("GPUs powered")
+    ax.set_title(f"{for_plot(d.name)}: busy fraction, headroom and powered GPUs")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(
+        lines[0] + lines2[0],
+        lines[1] + lines2[1],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.15),
+        fontsize=8,
+        ncol=3,
+    )
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _plot_latency(plt: Any, d: RunData, c: dict[str, Any], slo: dict[str, float] | None) -> bytes:
+    """p99 (and p50) TTFT and TPOT per hour against the SLO."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, col, key, label, unit in (
+        (a1, "ttft_p99_s", "ttft_s", "p99 TTFT", 1.0),
+        (a2, "tpot_p99_s", "tpot_s", "p99 TPOT", 1000.0),
+    ):
+        h = _hours_axis(ax, c)
+        ax.plot(h, c[col] * unit, "o-", label=label)
+        if col.replace("99", "50") in c:
+            ax.plot(
+                h,
+                c[col.replace("99", "50")] * unit,
+                ".--",
+                alpha=0.6,
+                label=label.replace("p99", "p50"),
+            )
+        if slo and key in slo:
+            ax.axhline(slo[key] * unit, color="red", ls=":", label=f"SLO {slo[key] * unit:g}")
+        ax.set_ylabel("seconds" if unit == 1.0 else "milliseconds")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="best")
+        ax.set_title(f"{label} per hour")
+    png = _png(fig)
+    plt.close(fig)
+    return png
 
 
 # ---------------------------------------------------------------------------------------------

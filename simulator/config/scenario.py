@@ -647,6 +647,19 @@ def check_work(
             f"{hint_pods} with fewer pods, or simulate fewer hours",
             src,
         )
+    _check_ticks_and_iterations(sc, lat, src, sim_pods, total, trace_rows)
+
+
+def _check_ticks_and_iterations(
+    sc: Scenario,
+    lat: LatencyModel,
+    src: str,
+    sim_pods: int,
+    total: float,
+    trace_rows: int | None,
+) -> None:
+    """The work budget's reactive-autoscaler ticks and per-iteration engine iterations."""
+    f, hours = sc.fleet, sc.simulation.hours
     a = sc.autoscaler
     if a.policy == "reactive":
         ticks = hours * HOUR_S / a.interval_s * sim_pods

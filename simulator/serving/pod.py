@@ -60,6 +60,28 @@ def paged_limits(rs: Resolved) -> PagedLimits | None:
     )
 
 
+def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
+    """What every replica of the pod shares for the whole simulation: admission limits, the
+    horizon, the mode and the dynamic-energy coefficients of one replica."""
+    sc = rs.scenario
+    p = rs.gpu.power
+    prof = rs.profile
+    return EnginePlan(
+        limits=Limits(
+            max_batch=sc.fleet.max_batch_size,
+            max_tokens=sc.fleet.max_batched_tokens,
+            kv_cap=rs.kv_capacity_tokens,
+        ),
+        horizon_s=horizon_s,
+        per_iteration=sc.simulation.engine == "iteration",
+        # dynamic energy coefficients of a whole replica (see latency.PowerSpec)
+        e_active_w=rs.tp * p.active_w,
+        e_flop_j=p.compute_w / prof.peak_flops,
+        e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
+        paged=paged_limits(rs),
+    )
+
+
 class Pod:
     """Simulates one pod for the scenario's horizon."""
 
@@ -82,26 +104,10 @@ class Pod:
         self.env = simpy.Environment()
         self.lat = rs.latency_model()
         self.tp = rs.tp
-        p = rs.gpu.power
-        prof = rs.profile
-        self.plan = EnginePlan(
-            limits=Limits(
-                max_batch=sc.fleet.max_batch_size,
-                max_tokens=sc.fleet.max_batched_tokens,
-                kv_cap=rs.kv_capacity_tokens,
-            ),
-            horizon_s=self.horizon_s,
-            per_iteration=sc.simulation.engine == "iteration",
-            # dynamic energy coefficients of a whole replica (see latency.PowerSpec)
-            e_active_w=rs.tp * p.active_w,
-            e_flop_j=p.compute_w / prof.peak_flops,
-            e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
-            paged=paged_limits(rs),
-        )
+        self.plan = engine_plan(rs, self.horizon_s)
         self.limits = self.plan.limits
         self.paged = self.plan.paged
         paged = self.paged is not None
-        ses = sc.traffic.sessions
         # without chunked prefill a prompt longer than the token budget can never be scheduled
         chunked = sc.fleet.chunked_prefill
         self.max_prompt = sc.fleet.max_batched_tokens if not chunked else 1 << 62
@@ -133,9 +139,29 @@ class Pod:
         self.held: deque[Request] = deque()
         self.holding = False
         self._route: Callable[[Request], None] = self.router.route
+        self._chunks: Iterator[HourChunk]
+        self.sessions: SessionSource | None = None
+        self._open_arrivals(rs, n_pods, source, seeds)
+        self._progress = progress
+        self._rid_base = pod_index << 40
+        self._next = 0
+        self._times: list[float] = []
+        self._p: list[int] = []
+        self._o: list[int] = []
+        self._ids: list[list[int]] | None = None
+        self._i = 0
+        self._hour = -1
+
+    def _open_arrivals(
+        self, rs: Resolved, n_pods: int, source: str, seeds: list[np.random.SeedSequence]
+    ) -> None:
+        """The pod's arrival stream: a timed trace, or the diurnal Poisson process (of
+        requests, or of sessions whose later turns the pod schedules itself)."""
+        sc = rs.scenario
+        ses = sc.traffic.sessions
+        pod_index = self.index
         rates = [rs.hourly_rate_per_s[h % 24] / n_pods for h in range(self.hours)]
         sampler = SizeSampler(sc.traffic.prompt, sc.traffic.output, source)
-        self.sessions: SessionSource | None = None
         if ses is not None:  # multi-turn sessions: the Poisson process starts sessions
             self.sessions = SessionSource(
                 ses,
@@ -146,20 +172,10 @@ class Pod:
                 ses.block_tokens,
                 pod_index,
             )
-        self._chunks: Iterator[HourChunk]
         if sc.traffic.trace:  # replay a timed trace instead of drawing arrivals
             self._chunks = trace_arrivals(sc.traffic.trace, source, self.hours, pod_index, n_pods)
         else:
             self._chunks = hourly_arrivals(rates, sampler, seeds[0])
-        self._progress = progress
-        self._rid_base = pod_index << 40
-        self._next = 0
-        self._times: list[float] = []
-        self._p: list[int] = []
-        self._o: list[int] = []
-        self._ids: list[list[int]] | None = None
-        self._i = 0
-        self._hour = -1
 
     # ---- the port (fleetsim.serving.ports.PodPort) --------------------------------------------
     def admit(self, r: Request) -> None:
