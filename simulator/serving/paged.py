@@ -445,9 +445,57 @@ class PagedReplica:
         ht = self.ht
         max_batch = self.max_batch
         chunked = self.chunked
+        prefix = self.prefix
         while w and nt < max_batch and budget > 0:
             r = w[0]
-            H, ev = self._lookup(r) if r.ids is not None else (0, 0)
+            if r.ids is None or not prefix:
+                # no prefix-cache path: _lookup, _take and _chunk hand-inlined (the default
+                # scenario's requests carry no block ids); the same operations in the same order
+                eff = r.eff
+                c = eff
+                if eff > budget:
+                    if not chunked:
+                        break
+                    c = budget
+                need = -(-c // b)
+                free = self.free
+                lru = self.lru
+                if need > free + (g * len(lru) if lru else 0) - (self.wm if nt else 0):
+                    break
+                w.popleft()
+                if shared:
+                    self.outstanding += 1
+                r.held = 0
+                r.done = 0
+                pre_n = r.preemptions
+                if r.gen == 0 and pre_n == 0:
+                    r.cached = 0
+                self.adm_seq += 1
+                r.adm = self.adm_seq
+                self.pre.append(r)
+                if need <= free:
+                    self.free = free - need
+                else:
+                    self._take(need)
+                self.P += c
+                self.pairs += c * (2.0 * 0 + c)
+                self.nchunks += 1
+                if pre_n:
+                    self.re_tok += c
+                r.done = c
+                if c == eff:  # the last chunk: it decodes from the next iteration on
+                    self.pf.append(r)
+                    rho = (it + 1 - c) & self.mask
+                    r.rho = rho
+                    self.cnt[rho] += 1
+                    self.cum = None
+                    if r.gen == 0:
+                        self.P_first += r.prompt
+                        self.hit_tok += r.cached
+                budget -= c
+                nt += 1
+                continue
+            H, ev = self._lookup(r)
             done = H * ht
             rem = r.eff - done
             if rem <= budget:
@@ -558,14 +606,18 @@ class PagedReplica:
     # ---- planning -----------------------------------------------------------------------------
     def plan(self, T: float) -> None:
         """Plan the run that starts at boundary time ``T`` and arm its end event."""
+        # hot path (once per run): attributes read once into locals; bit-identical arithmetic
+        # (same operations in the same order). Gain: see bench/RESULTS.md "paged hot path".
         pod = self.pod
-        if self.cfg.horizon_s <= T:
+        cfg = self.cfg
+        if cfg.horizon_s <= T:
             self.busy = False
             return
         it = self.it
+        mask = self.mask
         if not self.planned:
             self.planned = True
-            if self.pre or (self.n and self.cnt[it & self.mask]):
+            if self.pre or (self.n and self.cnt[it & mask]):
                 self._schedule_running(it)
             else:  # the common case: no block to allocate, no chunk to continue
                 self.budget = self.max_tokens - self.n
@@ -582,7 +634,8 @@ class PagedReplica:
                     pod.queue_floor = T
         pf = self.pf
         n = self.n
-        if not self.nchunks and n == 0:
+        nchunks = self.nchunks
+        if not nchunks and n == 0:
             self.planned = False
             self.busy = False
             if w and pod.shared_queue is not None and pod.queue_floor > T:
@@ -593,13 +646,14 @@ class PagedReplica:
         self.busy = True
         self.T0 = T
         lat = self.lat
-        t1, F1, B1 = lat.iteration(self.P, self.pairs, self.nchunks, n, self.S + n * it)
+        S = self.S
+        t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, S + n * it)
         self.t_first = t1
         self.F_first = F1
         self.B_first = B1
         heap = self.heap
         nxt = heap[0][0] if heap else 1 << 62
-        S1 = self.S
+        S1 = S
         for r in pf:
             f = it + r.out - r.gen - 1
             if f < nxt:
@@ -608,18 +662,20 @@ class PagedReplica:
         n1 = n + len(pf)
         k = 1
         if (
-            not self.cfg.per_iteration
+            not cfg.per_iteration
             and nxt > it
             and len(self.pre) == len(pf)
-            and not (w and self._fit_at(w[0], n1, self.cnt[(it + 1) & self.mask]))
+            and not (w and self._fit_at(w[0], n1, self.cnt[(it + 1) & mask]))
         ):
             k = nxt - it + 1
             # the first decode step that finds no block ends the run (it preempts)
-            avail = self.free + self.g * len(self.lru)
+            free = self.free
+            lru = self.lru
+            avail = free + self.g * len(lru)
             # no sequence needs more than ((k - 1) >> lb) + 1 new blocks in k - 1 steps
             worst = n1 * (((k - 1) >> self.lb) + 1)
-            if avail < worst or (w and self.lru and self.free < worst):
-                if w and self.lru:
+            if avail < worst or (w and lru and free < worst):
+                if w and lru:
                     avail = self._head_cap(avail, it + 1, n1, k - 1)
                 m = self._short(it + 1, n1, avail)
                 if m < k:
@@ -647,11 +703,12 @@ class PagedReplica:
         self.run_end = end
         armed = self.armed_t
         if armed is None or end < armed:
-            self.token += 1
+            token = self.token + 1
+            self.token = token
             self.armed_t = end
-            now = self.env.now
-            ev = Timeout(self.env, end - now if end > now else 0.0, self.token)
-            ev.callbacks.append(self._on_wake)
+            env = self.env
+            now = env.now
+            Timeout(env, end - now if end > now else 0.0, token).callbacks.append(self._on_wake)
             self.rec.events += 1
         if pod.shared_queue:
             pod.router.dispatch()
@@ -692,15 +749,19 @@ class PagedReplica:
     # ---- committing iterations ----------------------------------------------------------------
     def _commit(self, j: int, finish: bool = True) -> None:
         """Account iterations [0, j) of the current run and advance the state past them."""
+        # hot path (once per run): attributes read once into locals, _finish_due inlined into
+        # locals too; the same float operations in the same order (bit-identical results)
         rec = self.rec
         pod = self.cfg  # (the energy coefficients)
         T0 = self.T0
         it0 = self.it
         k = self.k
         pf = self.pf
-        ft = T0 + self.t_first
-        n_first = self.n + len(pf)
-        if pf:
+        t_first = self.t_first
+        ft = T0 + t_first
+        npf = len(pf)
+        n_first = self.n + npf
+        if npf:
             heap = self.heap
             S = self.S
             for r in pf:
@@ -711,42 +772,48 @@ class PagedReplica:
                 heapq.heappush(heap, (it0 + r.out - r.gen - 1, r.rid, r))
             self.S = S
             self.n = n_first
-            del self.pre[: len(pf)]
+            del self.pre[:npf]
             self.pf = []
+        hours = rec.hours
         hf = int(ft // HOUR_S)
-        if hf > rec.hours:
-            hf = rec.hours
+        if hf > hours:
+            hf = hours
         rec.prompt_tokens[hf] += self.P_first
         rec.output_tokens[hf] += n_first
         if self.hit_tok:
             rec.prefix_hit_tokens[hf] += self.hit_tok
         if self.re_tok:
             rec.recomputed_tokens[hf] += self.re_tok
+        mask = self.mask
         if j > 1:  # the decode steps' new blocks (_blocks and _take's common case, inlined)
-            cum = self.cum
-            if cum is None:
-                cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
             m = j - 1
-            mask = self.mask
-            s0 = (it0 + 1) & mask
-            x = (m >> self.lb) * self.n + cum[s0 + (m & mask)] - cum[s0]
-            if x <= self.free:
-                self.free -= x
+            x = (m >> self.lb) * n_first
+            rem = m & mask
+            if rem:
+                # blocks_in's partial sum as slices of cnt, not prefix sums: cnt changes about
+                # twice per request and rebuilding ``cum`` (2 b + 1 ints) each time cost more
+                cnt = self.cnt
+                s0 = (it0 + 1) & mask
+                e = s0 + rem
+                x += sum(cnt[s0:e]) if e <= mask + 1 else sum(cnt[s0:]) + sum(cnt[: e - mask - 1])
+            free = self.free
+            if x <= free:
+                self.free = free - x
             else:
                 self._take(x)
         h = int(T0 // HOUR_S)
-        if h > rec.hours:
-            h = rec.hours
+        if h > hours:
+            h = hours
         H = (h + 1) * HOUR_S
-        last_straddles = j == k and self.run_end > H
+        run_end = self.run_end
+        last_straddles = j == k and run_end > H
         m_full = j - 1 if last_straddles else j
         rt = 0.0
         if m_full >= 1:
-            t_sum, f_sum, b_sum = self.t_first, self.F_first, self.B_first
+            t_sum, f_sum, b_sum = t_first, self.F_first, self.B_first
             if m_full > 1:
                 xs = m_full - 1
                 c = self.coef
-                assert c is not None
                 c1 = self.c1
                 n1 = self.n1
                 if xs == k - 1:
@@ -759,7 +826,7 @@ class PagedReplica:
                 sc = c1 * xs + n1 * (xs * (xs - 1) / 2.0)
                 f_sum += xs * c.fa + c.fb * sc
                 b_sum += xs * c.ba + c.bb * sc
-                rec.output_tokens[h] += self.n1 * xs
+                rec.output_tokens[h] += n1 * xs
             rec.busy_s[h] += t_sum
             rec.dyn_j[h] += pod.e_active_w * t_sum + pod.e_flop_j * f_sum + pod.e_byte_j * b_sum
             rec.flops[h] += f_sum
@@ -767,12 +834,11 @@ class PagedReplica:
             rec.iters_h[h] += m_full
         if last_straddles:
             if k == 1:
-                t_l, f_l, b_l = self.t_first, self.F_first, self.B_first
+                t_l, f_l, b_l = t_first, self.F_first, self.B_first
                 start = T0
             else:
                 ctx = self.c1 + self.n1 * (k - 2)
                 c = self.coef
-                assert c is not None
                 t_l = step_time(c, ctx)
                 f_l = c.fa + c.fb * ctx
                 b_l = c.ba + c.bb * ctx
@@ -782,9 +848,10 @@ class PagedReplica:
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
             # counted in the hour its tokens are credited to (its end), like them
-            rec.iters_h[min(int((start + t_l) // HOUR_S), rec.hours)] += 1
+            rec.iters_h[min(int((start + t_l) // HOUR_S), hours)] += 1
         rec.iterations += j
-        self.it = it0 + j
+        it = it0 + j
+        self.it = it
         self.P = 0
         self.pairs = 0.0
         self.nchunks = 0
@@ -794,43 +861,63 @@ class PagedReplica:
         self.planned = False
         if j < k:
             # boundary j: (T0 + t_first) + rt, with rt = run_time(j - 1) from above (j >= 2)
-            self.T0 = self._boundary(j) if j < 2 else (T0 + self.t_first) + rt
+            T1 = self._boundary(j) if j < 2 else (T0 + t_first) + rt
         else:
-            self.T0 = self.run_end
+            T1 = run_end
+        self.T0 = T1
         # KV in use over the committed iterations (blocks after their allocations x time)
-        rec.kv_block_s[h] += (self.NB - self.free - self.g * len(self.lru)) * (self.T0 - T0)
+        lru = self.lru  # (empty without prefix caching: no len() call then)
+        used = self.NB - self.free - (self.g * len(lru) if lru else 0)
+        rec.kv_block_s[h] += used * (T1 - T0)
         if j >= k and finish:
-            self._finish_due()
+            # _finish_due, inlined (it runs once per run)
+            heap = self.heap
+            if heap and heap[0][0] < it:
+                self._finish_due()
 
     def _finish_due(self) -> None:
         heap = self.heap
         it = self.it
         end = self.run_end
         cnt = self.cnt
+        pod = self.pod
+        complete = pod.rec.complete
+        index = self.index
+        prefix = self.prefix
+        n = self.n
+        S = self.S
+        free = self.free
         while heap and heap[0][0] < it:
             f, _, r = heapq.heappop(heap)
-            self.n -= 1
-            self.S -= r.eff - r.join_it
+            n -= 1
+            eff = r.eff
+            join_it = r.join_it
+            S -= eff - join_it
             cnt[r.rho] -= 1
-            self.cum = None
-            tokens = r.eff + f - r.join_it  # the last token's KV is never written
+            tokens = eff + f - join_it  # the last token's KV is never written
             ids = r.ids
-            if r.session is not None and ids is not None and self.prefix:
+            session = r.session
+            if session is not None and ids is not None and prefix:
                 # a session turn's ids cover its answer too: keep the answer's full blocks
                 full = tokens // self.ht
+                self.free = free
                 self._register(r, full if full < len(ids) else len(ids))
+                free = self.free
             if r.held:
+                self.free = free
                 self._drop(r, tokens)
+                free = self.free
             else:
-                self.free += -(-tokens // self.b)
+                free += -(-tokens // self.b)
             self.outstanding -= 1
-            pod = self.pod
-            pod.rec.complete(r, end, self.index)
+            complete(r, end, index)
             pod.in_flight -= 1
-            if r.session is not None:
+            if session is not None:
                 pod.turn_done(r, end)
-        if self.n == 0:
-            self.S = 0.0
+        self.cum = None
+        self.free = free
+        self.n = n
+        self.S = 0.0 if n == 0 else S
 
     # ---- arrivals -----------------------------------------------------------------------------
     def on_arrival(self, r: Request) -> None:
@@ -871,9 +958,34 @@ class PagedReplica:
             return -1
         n1 = self.n + len(self.pf)
         it1 = self.it + 1
+        prefix = self.prefix
+        if r.ids is None or not prefix:
+            # no prefix-cache path: _blocks and _fit_at hand-inlined (once per arrival that
+            # finds the replica busy); the same integer tests as theirs
+            if n1 >= self.max_batch:
+                return -1
+            budget = self.max_tokens - n1
+            if budget <= 0:
+                return -1
+            mask = self.mask
+            x = (j >> self.lb) * n1
+            rem = j & mask
+            if rem:  # blocks_in's partial sum as slices of cnt (see _commit)
+                cnt = self.cnt
+                s = it1 & mask
+                e = s + rem
+                x += sum(cnt[s:e]) if e <= mask + 1 else sum(cnt[s:]) + sum(cnt[: e - mask - 1])
+            eff = r.eff
+            if eff > budget:
+                if not self.chunked:
+                    return -1
+                eff = budget
+            lru = self.lru
+            avail = self.free + (self.g * len(lru) if lru else 0) - x
+            return j if -(-eff // self.b) <= avail - (self.wm if n1 else 0) else -1
         if self._fit_at(r, n1, self._blocks(it1, j, n1)):
             return j
-        if not (self.prefix and r.ids is not None and self.lru):
+        if not (self.lru):
             return -1  # the free blocks only shrink: no later boundary of the run admits it
         # ... unless a decode step evicts part of its cached prefix: the boundaries where one
         # of its cached blocks goes are the only ones where it may come to fit
