@@ -66,7 +66,8 @@ SMALL = ModelSpec(
 
 def test_import_does_not_import_torch():
     code = (
-        "import sys, calibrate, calibrate.cli; raise SystemExit(1 if 'torch' in sys.modules else 0)"
+        "import sys, fleetsim, fleetsim.calibrate.cli; "
+        "raise SystemExit(1 if 'torch' in sys.modules else 0)"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
