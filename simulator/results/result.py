@@ -19,6 +19,29 @@ from fleetsim.results.output import dumps
 from fleetsim.results.provenance import provenance
 from fleetsim.serving.recorder import LAT_METRICS, LAT_PCTS, hist_percentile
 
+# the hourly columns whose day total is their sum (day_totals; _check_sums holds them to it)
+SUMMED_COLUMNS = (
+    "requests_arrived",
+    "requests_completed",
+    "requests_rejected",
+    "prompt_tokens",
+    "output_tokens",
+    "gpu_busy_s",
+    "energy_gpu_kwh",
+    "energy_gpu_idle_kwh",
+    "energy_gpu_dynamic_kwh",
+    "energy_overhead_kwh",
+    "energy_it_kwh",
+    "energy_facility_kwh",
+    "energy_cost_usd",
+    "hardware_cost_usd",
+    "total_cost_usd",
+    "carbon_kg",
+    "prefix_hit_tokens",
+    "preemptions",
+    "recomputed_tokens",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class DayTotals:
@@ -125,30 +148,7 @@ class Result:
 def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: float) -> DayTotals:
     """Sums over the day of the hourly table, and the derived per-request figures."""
     t = hourly
-    s: dict[str, float] = {
-        c: float(np.nansum(t.column(c).to_numpy()))
-        for c in (
-            "requests_arrived",
-            "requests_completed",
-            "requests_rejected",
-            "prompt_tokens",
-            "output_tokens",
-            "gpu_busy_s",
-            "energy_gpu_kwh",
-            "energy_gpu_idle_kwh",
-            "energy_gpu_dynamic_kwh",
-            "energy_overhead_kwh",
-            "energy_it_kwh",
-            "energy_facility_kwh",
-            "energy_cost_usd",
-            "hardware_cost_usd",
-            "total_cost_usd",
-            "carbon_kg",
-            "prefix_hit_tokens",
-            "preemptions",
-            "recomputed_tokens",
-        )
-    }
+    s: dict[str, float] = {c: float(np.nansum(t.column(c).to_numpy())) for c in SUMMED_COLUMNS}
     s["prefix_hit_rate"] = (
         s["prefix_hit_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
     )
@@ -283,23 +283,7 @@ def _check_sums(res: Result) -> None:
     def close(a: float, b: float) -> bool:
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
-    extensive = (
-        "requests_arrived",
-        "requests_completed",
-        "requests_rejected",
-        "prompt_tokens",
-        "output_tokens",
-        "gpu_busy_s",
-        "energy_gpu_kwh",
-        "energy_overhead_kwh",
-        "energy_it_kwh",
-        "energy_facility_kwh",
-        "energy_cost_usd",
-        "hardware_cost_usd",
-        "total_cost_usd",
-        "carbon_kg",
-    )
-    for name in extensive:
+    for name in SUMMED_COLUMNS:
         total = getattr(res.totals, name)
         if math.isnan(total) and t.column(name).null_count == t.num_rows:
             continue  # unknown all day (carbon without a grid intensity)
