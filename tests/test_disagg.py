@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, merge, resolved
+from conftest import SMALL, ListSink, merge, resolved
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.base.errors import ScenarioError
@@ -66,6 +66,16 @@ CASES = {
     "slow_link": disagg(link_bandwidth_bytes_per_s=2e9, link_latency_s=1e-3),
     # a decode pool with little KV room: KV waits in the prefill replicas (backpressure)
     "decode_full": disagg(decode={"gpu_memory_utilization": 0.22}),
+    # paged: the prefill pool chunks (512-token budget), the decode pool preempts and recomputes
+    "chunk_and_decode_preempt": disagg(
+        prefill={"max_batched_tokens": 512},
+        decode={
+            "replicas": 2,
+            "gpu_memory_utilization": 0.2,
+            "max_batched_tokens": 2048,
+            "max_batch_size": 64,
+        },
+    ),
     "central_prefill": disagg(
         prefill={"replicas": 2, "router": "central_queue", "max_batch_size": 2},
         decode={"replicas": 2, "router": "round_robin"},
@@ -380,3 +390,40 @@ def test_prefill_pool_prefix_cache_macro_equals_per_iteration(tmp_path, router):
     pt = pools_table(macro.resolved, macro.pods, macro.scale).to_pandas()
     dec = pt[pt.pool == "decode"]
     assert dec.prompt_tokens.sum() == 0  # prompts (and their cache hits) are prefill's only
+
+
+def test_decode_replica_joins_with_no_prefill_at_context_prompt_plus_one():
+    """One request at a time (fixed 1,000-token prompt, 5 output tokens): TTFT is one prefill
+    iteration of the prompt in the prefill pool; the decode replica admits the KV when it
+    arrives and makes tokens 2..5 in four decode steps at contexts 1,001..1,004 (no prefill
+    compute there), so finish = KV arrival + those four step times."""
+    p, o = 1000, 5
+    d = merge(
+        disagg(),
+        simulation={"hours": 1},
+        traffic={
+            **SMALL["traffic"],
+            "requests_per_day": 500,
+            "prompt": {"dist": "fixed", "value": p},
+            "output": {"dist": "fixed", "value": o},
+        },
+    )
+    sink = ListSink()
+    pod = Tap(resolved(d), 0, 1, request_sink=sink)
+    pod.run()
+    lat_p = pod.prefill.lat
+    lat_d = pod.decode.lat
+    d_pre = lat_p.iteration(p, float(p) ** 2, 1, 0, 0.0)[0]
+    n = 0
+    for r in pod.arrived_kv:
+        row = sink.rows[r.rid]
+        assert row[4] - r.arrival_s == pytest.approx(d_pre, rel=1e-12)
+        t = r.first_token_s + r.xfer_s
+        for i in range(1, o):
+            t += lat_d.iteration(0, 0.0, 0, 1, float(p + i))[0]
+        assert row[5] == pytest.approx(t, rel=1e-12)
+        n += 1
+    assert n > 15
+    dec = pod.decode.replicas[0]
+    # each request held prompt // b + 1 blocks at its first decode step; all freed at the end
+    assert dec.free == dec.NB and pod.prefill.replicas[0].free == pod.prefill.replicas[0].NB
