@@ -302,16 +302,23 @@ def test_run_writes_pools_and_the_report_shows_them(tmp_path):
     assert "| KV transfers |" in md
 
 
-def test_crossover_points_share_gpus_and_traffic():
-    """Every point of the crossover sweep has the same replicas, GPUs and arrival stream."""
+@pytest.mark.parametrize("engine", ["scenario", "reserve"])
+def test_crossover_points_share_gpus_and_traffic(engine):
+    """Every point of the crossover sweep has the same replicas, GPUs, arrival stream and
+    engine (paged with chunked prefill, or the first engine, in both designs)."""
     from fleetsim.apps.crossover import point, workloads
+    from fleetsim.serving.pod import paged_limits
 
     data = resolved(CASES["two_by_two"]).scenario.model_dump(mode="json", exclude_none=True)
     for wl in workloads(data).values():
-        pts = [point(data, wl, "aggregated", 4, 0, 3.0, 2)] + [
-            point(data, wl, "disaggregated", 4, P, 3.0, 2) for P in (1, 2, 3)
+        pts = [point(data, wl, "aggregated", 4, 0, 3.0, 2, engine)] + [
+            point(data, wl, "disaggregated", 4, P, 3.0, 2, engine) for P in (1, 2, 3)
         ]
         rss = [resolved(p) for p in pts]
+        for rs in rss[:1] + [r.pools.prefill.rs for r in rss[1:]]:
+            kv = paged_limits(rs)
+            assert (kv is None) == (engine == "reserve")
+            assert kv is None or (kv.chunked and kv.prefix)
         assert rss[0].pools is None and all(r.pools is not None for r in rss[1:])
         gpus = [r.scenario.fleet.replicas * r.tp for r in rss[:1]] + [
             r.pools.prefill.replicas * r.pools.prefill.tp

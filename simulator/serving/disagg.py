@@ -3,9 +3,11 @@
 The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
 
 1. A request arrives and the prefill pool's router sends it to a prefill replica. That replica
-   runs the same engine as an aggregated one (:class:`fleetsim.serving.engine.Replica`) with the
-   request's output set to one token: the iteration that computes the prompt's (last) chunk
-   yields the first token, which ends the TTFT.
+   runs the engine of an aggregated fleet with the request's output set to one token: the
+   paged engine (:class:`fleetsim.serving.paged.PrefillReplica`: chunked prefill, prefix
+   caching) or, with ``kv_allocation = "reserve"``, the first engine
+   (:class:`fleetsim.serving.engine.Replica`). The iteration that computes the prompt's last
+   chunk yields the first token, which ends the TTFT.
 2. The replica then hands the request to the pod (``handoff``) instead of completing it. Its
    KV (prompt tokens x KV bytes per token) stays in the prefill replica's memory. The decode
    router chooses a decode replica now (least loaded counts requests in transfer), and the KV
@@ -15,7 +17,8 @@ The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
    composition change: the current decode run is cut at the first iteration boundary where it
    fits, so macro-stepping stays exact). The decode replica admits it when its batch, token
    budget and KV blocks allow, straight into the decode set (no prefill compute); the next
-   iteration makes its second token.
+   iteration makes its second token (:class:`fleetsim.serving.paged.DecodeReplica`: a
+   preempted request is recomputed there).
 4. Only at that admission does the prefill replica free the request's KV (``release``). A slow
    link or a full decode pool therefore holds KV in the prefill pool and backs up into it.
 
