@@ -232,7 +232,9 @@ def open_meter(
     if device_type == "cuda":
         try:
             if nvml is None:
-                import pynvml as nvml
+                import pynvml
+
+                nvml = pynvml
             m = nvml_meter(nvml, index)
         except ImportError:
             return None, "no NVML: pip install nvidia-ml-py"
