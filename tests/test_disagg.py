@@ -396,7 +396,15 @@ def test_prefill_pool_prefix_cache_macro_equals_per_iteration(tmp_path, router):
     assert T.requests_completed > 300
     pt = pools_table(macro.resolved, macro.pods, macro.scale).to_pandas()
     dec = pt[pt.pool == "decode"]
+    pre = pt[pt.pool == "prefill"]
     assert dec.prompt_tokens.sum() == 0  # prompts (and their cache hits) are prefill's only
+    assert dec.prefix_hit_tokens.sum() == 0 and pre.prefix_hit_tokens.sum() > 0
+    hr = macro.hourly.to_pandas()
+    for col in ("prefix_hit_tokens", "preemptions"):
+        assert (pt.groupby("hour")[col].sum().to_numpy() == hr[col].to_numpy()).all(), col
+    assert dec.preemptions.sum() > 0
+    assert ((pt.kv_utilization >= 0) & (pt.kv_utilization <= 1)).all()
+    assert (pt[pt.hour == 0].kv_utilization > 0).all()
 
 
 def test_decode_replica_joins_with_no_prefill_at_context_prompt_plus_one():

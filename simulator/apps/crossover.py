@@ -8,8 +8,9 @@ of its ``[disaggregation]`` section, or ``fleet.replicas``) serves two workloads
 * **long**: the Mooncake conversation trace (Qin et al., FAST'25; shared/data/mooncake-2025,
   12,031 requests): a lognormal fitted to its input and output lengths (input median 6,909,
   log-sigma 1.199, mean 12,035; output median 350, log-sigma 1.358), prompts capped at 32,768
-  tokens (6.9% of the trace's prompts are longer) with ``max_batched_tokens`` raised to match.
-  Its prefix reuse (~37% of prompt tokens) is **not** used: this engine has no prefix cache.
+  tokens (6.9% of the trace's prompts are longer); without chunked prefill ``max_batched_tokens``
+  is raised to match. Its prefix reuse (~37% of prompt tokens) is **not** used: the sizes are
+  drawn, so requests carry no block ids.
 
 Each workload arrives as a flat Poisson stream for ``--hours`` hours at ``--load`` times the
 aggregated fleet's measured capacity (its completions per second, after the warm-up, when
@@ -94,15 +95,18 @@ def point(
     d.setdefault("fleet", {})
     d["fleet"]["pods"] = 1
     d["fleet"].pop("sample_pods", None)
-    if wl["max_batched_tokens"]:
-        d["fleet"]["max_batched_tokens"] = max(
-            wl["max_batched_tokens"], d["fleet"].get("max_batched_tokens") or 0
-        )
     d.setdefault("autoscaler", {})["policy"] = "static"
     if engine == "reserve":  # both designs on the first engine (the pools inherit [fleet]'s)
         d["fleet"].update(
             kv_allocation="reserve", enable_chunked_prefill=False, enable_prefix_caching=False
         )
+    f = d["fleet"]
+    chunked = f.get("kv_allocation", "paged") == "paged" and f.get("enable_chunked_prefill", True)
+    # whole prefills need a token budget that holds the longest prompt; chunked ones do not
+    # (the scenario's budget is then the chunk size, in both designs)
+    bmt = None if chunked else wl["max_batched_tokens"]
+    if bmt:
+        f["max_batched_tokens"] = max(bmt, f.get("max_batched_tokens") or 0)
     dis = d.pop("disaggregation", None) or {}
     if design == "aggregated":
         d["fleet"]["replicas"] = n
@@ -111,10 +115,8 @@ def point(
     for pool, r in (("prefill", P), ("decode", n - P)):
         sec = {k: v for k, v in (dis.get(pool) or {}).items() if v is not None}
         sec["replicas"] = r
-        if wl["max_batched_tokens"] and pool == "prefill":
-            sec["max_batched_tokens"] = max(
-                wl["max_batched_tokens"], sec.get("max_batched_tokens") or 0
-            )
+        if bmt and pool == "prefill":
+            sec["max_batched_tokens"] = max(bmt, sec.get("max_batched_tokens") or 0)
         dis[pool] = sec
     d["disaggregation"] = dis
     return d

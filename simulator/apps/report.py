@@ -176,7 +176,9 @@ def pool_lines(d: RunData) -> list[tuple[str, str]]:
                 f"{int(g.replicas)} x TP{int(g.tensor_parallel)} {g.gpu}: "
                 f"{t['gpu_hours']:,.1f} GPU-h, busy {t['utilization']:.1%}, "
                 f"{t['energy_facility_kwh']:,.1f} kWh, $ {t['total_cost_usd']:,.2f} "
-                f"(energy $ {t['energy_cost_usd']:,.2f}, hardware $ {t['hardware_cost_usd']:,.2f})",
+                f"(energy $ {t['energy_cost_usd']:,.2f}, hardware $ {t['hardware_cost_usd']:,.2f})"
+                f"; prefix-cache hits {t['prefix_hit_tokens']:,.0f} tokens, "
+                f"{t['preemptions']:,.0f} preemptions",
             )
         )
     x = pt.get("prefill", {})
