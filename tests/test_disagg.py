@@ -442,3 +442,50 @@ def test_decode_replica_joins_with_no_prefill_at_context_prompt_plus_one():
     dec = pod.decode.replicas[0]
     # each request held prompt // b + 1 blocks at its first decode step; all freed at the end
     assert dec.free == dec.NB and pod.prefill.replicas[0].free == pod.prefill.replicas[0].NB
+
+
+def test_report_draws_the_crossover(tmp_path):
+    """`fleetsim report` on a `fleetsim crossover` folder: the heat map drawn from
+    crossover.parquet and one line per workload with the cells the split wins."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fleetsim.apps.crossover import FACTORS
+    from fleetsim.apps.report import main as report_main
+
+    rows: dict[str, list] = {}
+
+    def add(**kw) -> None:
+        for k, v in kw.items():
+            rows.setdefault(k, []).append(v)
+
+    for f in FACTORS:
+        for g in FACTORS:
+            # the split costs 0.5 x per good request where TPOT is tight (g <= 2), 1.25 x else
+            for design, P, usd in (("aggregated", None, 1.0), ("disaggregated", 1, 0.5)):
+                if design == "disaggregated" and g > 2:
+                    usd = 1.25
+                add(
+                    workload="short",
+                    design=design,
+                    prefill_replicas=P,
+                    decode_replicas=None if P is None else 1,
+                    replicas=2,
+                    rate_per_s=3.0,
+                    ttft_factor=f,
+                    tpot_factor=g,
+                    usd_per_good_request=usd,
+                    ttft_p99_s=0.5,
+                    tpot_p99_s=0.03,
+                    total_cost_usd=10.0,
+                    energy_facility_kwh=5.0,
+                )
+    out = tmp_path / "xo"
+    out.mkdir()
+    pq.write_table(pa.table(rows), out / "crossover.parquet")
+    assert report_main([str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "in 14 of 49 target cells (ratio 0.50-1.25)" in md
+    assert "| short: split 1 + 1 | p99 TTFT 0.50 s, p99 TPOT 30.0 ms" in md
+    assert (out / "crossover.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in (out / "report.html").read_text()

@@ -8,8 +8,8 @@ of its ``[disaggregation]`` section, or ``fleet.replicas``) serves two workloads
 * **long**: the Mooncake conversation trace (Qin et al., FAST'25; shared/data/mooncake-2025,
   12,031 requests): a lognormal fitted to its input and output lengths (input median 6,909,
   log-sigma 1.199, mean 12,035; output median 350, log-sigma 1.358), prompts capped at 32,768
-  tokens (6.9% of the trace's prompts are longer); without chunked prefill ``max_batched_tokens``
-  is raised to match. Its prefix reuse (~37% of prompt tokens) is **not** used: the sizes are
+  tokens (6.9% of the trace's prompts are longer), with ``max_batched_tokens`` raised to match
+  (see :func:`point`). Its prefix reuse (~37% of prompt tokens) is **not** used: the sizes are
   drawn, so requests carry no block ids.
 
 Each workload arrives as a flat Poisson stream for ``--hours`` hours at ``--load`` times the
@@ -101,10 +101,11 @@ def point(
             kv_allocation="reserve", enable_chunked_prefill=False, enable_prefix_caching=False
         )
     f = d["fleet"]
-    chunked = f.get("kv_allocation", "paged") == "paged" and f.get("enable_chunked_prefill", True)
-    # whole prefills need a token budget that holds the longest prompt; chunked ones do not
-    # (the scenario's budget is then the chunk size, in both designs)
-    bmt = None if chunked else wl["max_batched_tokens"]
+    # the longest prompt fits one iteration in both designs and engines: whole prefills need
+    # it, and with chunks of the scenario's 16,384 tokens the aggregated paged fleet thrashes
+    # when saturated (preempting half-prefilled long prompts: 3.6 x fewer completions), which
+    # would make the capacity that sets the load meaningless (docs/disaggregation.md)
+    bmt = wl["max_batched_tokens"]
     if bmt:
         f["max_batched_tokens"] = max(bmt, f.get("max_batched_tokens") or 0)
     dis = d.pop("disaggregation", None) or {}

@@ -632,12 +632,108 @@ def _progress(show: bool):
 
 
 REPORT_FILES = (*tuple(f"{p}.png" for p in PLOTS), "report.md", "report.html", "peak.json")
+CROSSOVER_FILES = ("crossover.png", "report.md", "report.html")
+
+
+def crossover_lines(table) -> list[tuple[str, str]]:
+    """Per workload of a ``fleetsim crossover`` table: the rate, where the best split wins and
+    by how much, and each design's p99 TTFT and TPOT (as (label, text))."""
+    from fleetsim.apps.crossover import best_ratio
+
+    df = table.to_pandas()
+    out = []
+    for wl in dict.fromkeys(df.workload):
+        g = df[df.workload == wl]
+        r = best_ratio(table, wl)
+        ok = r[np.isfinite(r)]
+        wins = int(np.sum(ok < 1.0))
+        rng = f"{ok.min():.2f}-{ok.max():.2f}" if len(ok) else "n/a"
+        out.append(
+            (
+                f"{wl} prompts",
+                f"{g.rate_per_s.iloc[0]:,.2f} requests/s; the best split is cheaper per "
+                f"SLO-meeting request in {wins} of {len(ok)} target cells (ratio {rng})",
+            )
+        )
+        first = g.groupby(["design", "prefill_replicas"], dropna=False).first().reset_index()
+        for _, row in first.iterrows():
+            name = (
+                f"aggregated {int(row.replicas)}"
+                if row.design == "aggregated"
+                else f"split {int(row.prefill_replicas)} + {int(row.decode_replicas)}"
+            )
+            out.append(
+                (
+                    f"{wl}: {name}",
+                    f"p99 TTFT {row.ttft_p99_s:,.2f} s, p99 TPOT {row.tpot_p99_s * 1e3:,.1f} ms, "
+                    f"$ {row.total_cost_usd:,.2f}, {row.energy_facility_kwh:,.1f} kWh",
+                )
+            )
+    return out
+
+
+def write_crossover_report(out_dir: Path) -> Path:
+    """The report of a ``fleetsim crossover`` folder: its heat map, drawn again from
+    ``crossover.parquet``, and the per-design figures behind it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fleetsim.apps.crossover import draw
+    from fleetsim.base import io
+    from fleetsim.results.output import RunOutput
+
+    path = out_dir / "crossover.parquet"
+    try:
+        table = pq.read_table(pa.BufferReader(io.read_bytes(path, "", io.MAX_TRACE_BYTES)))
+        rows = crossover_lines(table)
+        png = draw(table)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{io.clean(str(path))}: not a fleetsim crossover table ({exc})") from None
+    title = f"fleetsim crossover report: {for_markdown(out_dir.name)}"
+    md = [f"# {title}", "", "| figure | value |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in rows]
+    md += ["", _CROSSOVER_EXPLAIN, "", "![crossover](crossover.png)", ""]
+    trs = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    img = base64.b64encode(png).decode()
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(plain(title))}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+th{{text-align:left;padding-right:2em}} img{{max-width:100%}}</style>
+</head><body><h1>{html.escape(plain(title))}</h1>
+<table>{trs}</table><p>{html.escape(_CROSSOVER_EXPLAIN)}</p>
+<p><img alt="crossover" src="data:image/png;base64,{img}"></p>
+</body></html>
+"""
+    outp = RunOutput(out_dir, mode="add", names=CROSSOVER_FILES).open()
+    try:
+        into = outp.path("")
+        write_bytes_atomic(png, into / "crossover.png")
+        write_text_atomic("\n".join(md), into / "report.md")
+        write_text_atomic(page, into / "report.html")
+        outp.commit()
+    finally:
+        outp.abort()
+    return out_dir / "report.html"
+
+
+_CROSSOVER_EXPLAIN = (
+    "Each cell: the best disaggregated split's cost per SLO-meeting request over the "
+    "aggregated fleet's, for a TTFT target (rows, x the unloaded prefill of the mean prompt) "
+    "and a TPOT target (columns, x the unloaded decode step); below 1 the split wins. Both "
+    "designs own the same GPUs and serve the same arrivals (docs/disaggregation.md)."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``fleetsim report DIR [--no-flat]``."""
     ap = argparse.ArgumentParser(prog="fleetsim report", description=description(__doc__))
-    ap.add_argument("dir", help="the --out folder of a `fleetsim run` (holds hourly.parquet)")
+    ap.add_argument(
+        "dir",
+        help="the --out folder of a `fleetsim run` (holds hourly.parquet) or of a `fleetsim "
+        "crossover` (holds crossover.parquet: its heat map and per-design figures)",
+    )
     ap.add_argument(
         "--no-flat",
         action="store_true",
@@ -649,6 +745,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the scenario file the run came from, to resolve its relative paths",
     )
     args = ap.parse_args(argv)
+    d = Path(args.dir)
+    if not (d / "hourly.parquet").is_file() and (d / "crossover.parquet").is_file():
+        page = write_crossover_report(d)
+        print(f"wrote {page.resolve()}, report.md and crossover.png in {page.parent}")
+        return 0
     page = write_report(
         Path(args.dir), flatten=not args.no_flat, source=args.scenario, show_progress=True
     )
