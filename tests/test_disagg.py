@@ -489,3 +489,28 @@ def test_report_draws_the_crossover(tmp_path):
     assert "| short: split 1 + 1 | p99 TTFT 0.50 s, p99 TPOT 30.0 ms" in md
     assert (out / "crossover.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_crossover_long_trace_is_the_mooncake_trace_at_the_measured_rate(tmp_path):
+    """`--long-trace`: the Mooncake trace replayed at a given mean rate, its prompts over the
+    cap dropped, its block ids kept, so that the prefill pool's prefix cache hits."""
+    from fleetsim.apps.crossover import point, scaled_trace, workloads
+    from fleetsim.workload.mooncake import read_mooncake
+
+    head = _mooncake_head(tmp_path, 400)
+    src = read_mooncake(head)
+    path, n = scaled_trace(head, 2.0, 8000, tmp_path / "scaled.jsonl")
+    tr = read_mooncake(path)
+    keep = src.prompt_tokens <= 8000
+    assert n == len(tr.arrival_s) == int(keep.sum()) < 400
+    assert tr.arrival_s[0] == 0.0
+    assert (n - 1) / tr.arrival_s[-1] == pytest.approx(2.0, rel=1e-4)  # ms rounding
+    assert list(tr.prompt_tokens) == list(src.prompt_tokens[keep])
+    assert list(tr.ids) == [src.ids[i] for i in np.nonzero(keep)[0]]
+    data = resolved(CASES["two_by_two"]).scenario.model_dump(mode="json", exclude_none=True)
+    wl = {**workloads(data)["long"], "trace": path}
+    d = point(data, wl, "disaggregated", 4, 2, 2.0, 1)
+    assert d["traffic"]["trace"] == path
+    res = simulate(resolved(d))
+    assert res.totals.requests_arrived == n
+    assert res.totals.prefix_hit_tokens > 0

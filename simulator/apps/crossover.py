@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def point(
     d["traffic"]["diurnal"] = "flat"
     d["traffic"]["requests_per_day"] = rate * 86400.0
     d["traffic"].pop("trace", None)
+    if wl.get("trace"):  # a timed trace (its own arrivals and sizes; see scaled_trace)
+        d["traffic"]["trace"] = wl["trace"]
     d.setdefault("fleet", {})
     d["fleet"]["pods"] = 1
     d["fleet"].pop("sample_pods", None)
@@ -121,6 +124,34 @@ def point(
         dis[pool] = sec
     d["disaggregation"] = dis
     return d
+
+
+def scaled_trace(path: str, rate: float, max_prompt: int, dest: Path) -> tuple[str, int]:
+    """A copy of the Mooncake trace ``path`` at ``dest``, its timestamps stretched so that its
+    mean arrival rate is ``rate`` per second (the order, sizes and block ids kept), without the
+    requests whose prompt exceeds ``max_prompt`` (the lognormal workload's cap). Returns the
+    copy's path and its number of requests."""
+    import json
+
+    from fleetsim.workload.mooncake import read_mooncake
+
+    tr = read_mooncake(path)
+    keep = np.nonzero(tr.prompt_tokens <= max_prompt)[0]
+    t = tr.arrival_s[keep]
+    span = float(t[-1] - t[0]) if len(t) > 1 else 0.0
+    if span <= 0.0:
+        raise UserError(f"--long-trace {path}: needs requests at two or more distinct times")
+    stretch = (len(t) - 1) / span / rate  # new time per old time
+    with dest.open("w") as f:
+        for i, ts in zip(keep, t, strict=True):
+            row = {
+                "timestamp": round((ts - t[0]) * stretch * 1000.0),
+                "input_length": int(tr.prompt_tokens[i]),
+                "output_length": int(tr.output_tokens[i]),
+                "hash_ids": tr.ids[i],
+            }
+            f.write(json.dumps(row) + "\n")
+    return str(dest), len(keep)
 
 
 def crossover_task(scenario: dict, source: str) -> dict:
@@ -181,6 +212,8 @@ def run_crossover(
     load: float,
     hours: int,
     engine: str = "scenario",
+    long_trace: str | None = None,
+    tmp: Path | None = None,
 ) -> pa.Table:
     """The sweep (see the module docstring) as one row per workload x design x split x cell."""
     from fleetsim.apps.plan import replica_capacity_rps
@@ -212,6 +245,11 @@ def run_crossover(
         capacity = o["completed_after_warmup"] / (hours * 3600.0 - WARMUP_S)  # per second
         rate = load * capacity
         info[name] = (rate, *info[name][1:])
+    if long_trace is not None:  # the long workload replays the trace at the measured rate
+        assert tmp is not None
+        cap = int(MOONCAKE_PROMPT["max"])
+        path, _ = scaled_trace(long_trace, info["long"][0], cap, tmp / "long-trace.jsonl")
+        wls["long"] = {**wls["long"], "trace": path}
     for name, wl in wls.items():
         rate = info[name][0]
         specs.append(
@@ -380,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the engine of both designs: the scenario's (default: paged KV, chunked prefill, "
         "prefix caching) or 'reserve' (the first engine: KV reserved, whole prefills)",
     )
+    ap.add_argument(
+        "--long-trace",
+        metavar="JSONL",
+        help="replay this Mooncake trace (e.g. scenarios/data/mooncake-2025/"
+        "conversation_trace.jsonl) as the long workload: its sizes and prompt block ids (prefix "
+        "caching hits), its arrivals stretched to the measured rate, prompts over 32,768 tokens "
+        "dropped (default: the lognormal fitted to that trace, no block ids)",
+    )
     ap.add_argument("--out", help="output folder (default out/<scenario name>-crossover)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--quiet", action="store_true")
@@ -403,11 +449,30 @@ def main(argv: list[str]) -> int:
         args, Path(args.scenario).stem + "-crossover", ("crossover.parquet", "crossover.png")
     )
     t0 = time.perf_counter()
+    if args.long_trace is not None:
+        from fleetsim.workload.mooncake import is_mooncake
+
+        if not (Path(args.long_trace).is_file() and is_mooncake(args.long_trace)):
+            raise UserError(
+                f"--long-trace {args.long_trace}: not a Mooncake .jsonl trace file "
+                "(fix: give e.g. scenarios/data/mooncake-2025/conversation_trace.jsonl)"
+            )
     with (
+        tempfile.TemporaryDirectory(prefix="fleetsim-crossover-") as tmp,
         make_executor(args.executor, args.workers, args.address) as ex,
         task_progress(f"crossover ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
     ):
-        table = run_crossover(data, args.scenario, ex, hooks, args.load, args.hours, args.engine)
+        table = run_crossover(
+            data,
+            args.scenario,
+            ex,
+            hooks,
+            args.load,
+            args.hours,
+            args.engine,
+            str(Path(args.long_trace).resolve()) if args.long_trace else None,
+            Path(tmp),
+        )
     write_table_atomic(table, outp.path("crossover.parquet"))
     write_bytes_atomic(draw(table), outp.path("crossover.png"))
     outp.commit()
