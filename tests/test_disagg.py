@@ -277,6 +277,14 @@ def test_bad_link_and_routers():
     assert e.field == "disaggregation.link" and "infiniband-ndr" in e.fix
     e = _err(disagg(decode={"router": "central_queue"}))
     assert e.field == "disaggregation.decode.router"
+    e = _err(disagg(decode={"router": "prefix_affinity"}))
+    assert e.field == "disaggregation.decode.router" and "prefix cache" in e.problem
+    assert resolved(disagg(prefill={"router": "prefix_affinity"})).pools.prefill.router == (
+        "prefix_affinity"
+    )
+    ses = merge(disagg(), traffic={**SMALL["traffic"], "sessions": {}})
+    e = _err(ses)
+    assert e.field == "traffic.sessions" and "disaggregated" in e.problem
     e = _err(merge(disagg(), autoscaler={"policy": "reactive"}))
     assert e.field == "autoscaler.policy"
     e = _err(disagg(decode={"gpu": "h100-pcie-typo"}))
