@@ -54,7 +54,6 @@ from itertools import accumulate, islice
 from typing import TYPE_CHECKING
 
 import simpy
-from simpy.events import Timeout
 
 from fleetsim.device.latency import (
     LatencyModel,
@@ -63,6 +62,7 @@ from fleetsim.device.latency import (
     step_time,
     steps_to_reach,
 )
+from fleetsim.serving.events import NORMAL, Wake
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -119,6 +119,9 @@ class PagedReplica:
         "S",
         "T0",
         "__weakref__",
+        "_eid",
+        "_queue",
+        "_wake_cbs",
         "adm_seq",
         "armed_t",
         "b",
@@ -224,6 +227,10 @@ class PagedReplica:
         self.cut_rt = 0.0
         self.armed_t: float | None = None
         self.token = 0
+        # run-end events go straight onto the environment's queue (serving/events.py)
+        self._queue = self.env._queue
+        self._eid = self.env._eid
+        self._wake_cbs = [self._on_wake]
 
     # ---- blocks -------------------------------------------------------------------------------
     def used_blocks(self) -> int:
@@ -706,9 +713,16 @@ class PagedReplica:
             token = self.token + 1
             self.token = token
             self.armed_t = end
-            env = self.env
-            now = env.now
-            Timeout(env, end - now if end > now else 0.0, token).callbacks.append(self._on_wake)
+            now = self.env._now
+            heapq.heappush(
+                self._queue,
+                (
+                    now + (end - now if end > now else 0.0),
+                    NORMAL,
+                    next(self._eid),
+                    Wake(self._wake_cbs, token),
+                ),
+            )
             self.rec.events += 1
         if pod.shared_queue:
             pod.router.dispatch()
@@ -725,12 +739,19 @@ class PagedReplica:
             return
         self.token += 1
         self.armed_t = t
-        now = self.env.now
-        ev = Timeout(self.env, t - now if t > now else 0.0, self.token)
-        ev.callbacks.append(self._on_wake)
+        now = self.env._now
+        heapq.heappush(
+            self._queue,
+            (
+                now + (t - now if t > now else 0.0),
+                NORMAL,
+                next(self._eid),
+                Wake(self._wake_cbs, self.token),
+            ),
+        )
         self.rec.events += 1
 
-    def _on_wake(self, ev) -> None:
+    def _on_wake(self, ev: Wake) -> None:
         if ev.value != self.token:
             return
         fired = self.armed_t

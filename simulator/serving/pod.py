@@ -18,6 +18,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
+from heapq import heappush
 
 import numpy as np
 import simpy
@@ -28,6 +29,7 @@ from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica
+from fleetsim.serving.events import NORMAL, Wake, run_until
 from fleetsim.serving.paged import PagedReplica
 from fleetsim.serving.ports import RequestSink
 from fleetsim.serving.recorder import Recorder
@@ -151,6 +153,9 @@ class Pod:
         self._ids: list[list[int]] | None = None
         self._i = 0
         self._hour = -1
+        # the one pending arrival event, reused (see serving/events.py)
+        self._arr_cbs = [self._arrive]
+        self._arr_ev = Wake(None)
 
     def _open_arrivals(
         self, rs: Resolved, n_pods: int, source: str, seeds: list[np.random.SeedSequence]
@@ -242,12 +247,15 @@ class Pod:
         return False
 
     def _schedule_arrival(self) -> None:
-        now = self.env.now
+        env = self.env
+        now = env._now
         t = self._times[self._i]
-        Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
+        ev = self._arr_ev
+        ev.callbacks = self._arr_cbs
+        heappush(env._queue, (now + (t - now if t > now else 0.0), NORMAL, next(env._eid), ev))
         self.rec.events += 1
 
-    def _arrive(self, _ev: Timeout) -> None:
+    def _arrive(self, _ev: Wake) -> None:
         i = self._i
         t = self._times[i]
         p = self._p[i]
@@ -278,8 +286,11 @@ class Pod:
         self._i = i
         if i < len(self._times):  # _schedule_arrival(), inlined
             t = self._times[i]
-            now = self.env.now
-            Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
+            env = self.env
+            now = env._now
+            ev = self._arr_ev
+            ev.callbacks = self._arr_cbs
+            heappush(env._queue, (now + (t - now if t > now else 0.0), NORMAL, next(env._eid), ev))
             self.rec.events += 1
         elif self._next_chunk():
             self._schedule_arrival()
@@ -336,7 +347,7 @@ class Pod:
             self.hold()
         if self.scaler is not None:
             self.scaler.start()
-        env.run(until=self.horizon_s)
+        run_until(env, self.horizon_s)
         for rep in self.replicas:  # work still running at the horizon: account it, finish nothing
             rep.stop()
         if self.scaler is not None:  # close the power-state intervals

@@ -1,0 +1,67 @@
+"""Cheap scheduled callbacks for the engine's hot path, and the pod's run loop.
+
+A :class:`Wake` is what ``simpy.Environment.step`` needs of an event and no more: a list of
+callbacks, ``_ok`` (always true) and a ``value``. Scheduling one is a single ``heappush`` onto
+the environment's queue with the key a ``Timeout`` would get (``now + delay``, normal priority,
+the environment's next event id), so events are processed in exactly the order, and at exactly
+the times, that SimPy's own ``Timeout`` gives: results are bit-for-bit those of the plain SimPy
+code, without ``Timeout.__init__`` and ``Environment.schedule`` on every arrival and run end
+(about 2.7 events per request). :func:`run_until` is ``Environment.run(until=t)`` with the step
+loop inlined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from heapq import heappop, heappush
+from typing import Any
+
+import simpy
+from simpy.events import URGENT, Event
+
+#: SimPy's priority of a Timeout (simpy.events.NORMAL)
+NORMAL = 1
+
+
+class Wake:
+    """A scheduled call of ``callbacks`` with ``value`` (see the module docstring)."""
+
+    __slots__ = ("callbacks", "value")
+    _ok = True
+
+    def __init__(self, callbacks: list[Callable[[Any], None]] | None, value: Any = None) -> None:
+        self.callbacks = callbacks
+        self.value = value
+
+
+def schedule(env: simpy.Environment, t: float, ev: Wake) -> None:
+    """Schedule ``ev`` at ``t`` (now if ``t`` is past), as ``Timeout(env, t - now)`` would be."""
+    now = env._now
+    heappush(env._queue, (now + (t - now if t > now else 0.0), NORMAL, next(env._eid), ev))
+
+
+def run_until(env: simpy.Environment, at: float) -> None:
+    """``env.run(until=at)``: process events until simulated time ``at`` (the events at ``at``
+    scheduled before this call with normal priority are not processed, as in SimPy)."""
+    if at <= env._now:
+        raise ValueError(f"until ({at}) must be greater than the current simulation time")
+    until = Event(env)
+    until._ok = True
+    until._value = None
+    env.schedule(until, URGENT, at - env._now)
+    q = env._queue
+    pop = heappop
+    while q:
+        now, _, _, ev = pop(q)
+        env._now = now
+        if ev is until:
+            return
+        callbacks = ev.callbacks
+        ev.callbacks = None
+        for cb in callbacks:
+            cb(ev)
+        if not ev._ok and not hasattr(ev, "_defused"):
+            exc = type(ev._value)(*ev._value.args)
+            exc.__cause__ = ev._value
+            raise exc
+    raise RuntimeError(f'No scheduled events left but "until" event was not triggered: {until}')
