@@ -119,6 +119,7 @@ class PagedReplica:
         "S",
         "T0",
         "__weakref__",
+        "_coeffs",
         "_eid",
         "_queue",
         "_wake_cbs",
@@ -131,7 +132,7 @@ class PagedReplica:
         "cache",
         "cfg",
         "chunked",
-        "cnt",
+        "cnt2",
         "coef",
         "cum",
         "cut_m",
@@ -194,7 +195,9 @@ class PagedReplica:
         self.g = max(1, kv.hash_tokens // b)
         self.cache: dict[int, int] = {}  # resident block id -> references
         self.lru: OrderedDict[int, None] = OrderedDict()  # unreferenced resident ids, LRU first
-        self.cnt = [0] * b  # decoding sequences by block residue
+        # decoding sequences by block residue, written twice (cnt2[i] == cnt2[i + b]) so that a
+        # run's partial sum is one slice: sum(cnt2[s : s + rem]) for any s < b, rem <= b
+        self.cnt2 = [0] * (2 * b)
         self.cum: list[int] | None = None  # cumulative(cnt), None when cnt changed
         self.lb = b.bit_length() - 1  # log2(b)
         self.waiting: deque[Request] = pod.shared_queue if pod.shared_queue is not None else deque()
@@ -231,6 +234,7 @@ class PagedReplica:
         self._queue = self.env._queue
         self._eid = self.env._eid
         self._wake_cbs = [self._on_wake]
+        self._coeffs = self.lat.coeff_cache  # run coefficients by batch size (filled by lat)
 
     # ---- blocks -------------------------------------------------------------------------------
     def used_blocks(self) -> int:
@@ -257,7 +261,7 @@ class PagedReplica:
         """:func:`blocks_in` of the replica's decoding sequences (``n`` of them)."""
         cum = self.cum
         if cum is None:
-            cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
+            cum = self.cum = list(accumulate(self.cnt2, initial=0))
         s = it & self.mask
         return (m >> self.lb) * n + cum[s + (m & self.mask)] - cum[s]
 
@@ -267,7 +271,7 @@ class PagedReplica:
             return 0
         cum = self.cum
         if cum is None:
-            cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
+            cum = self.cum = list(accumulate(self.cnt2, initial=0))
         q, R = divmod(avail, n)
         s = it & self.mask
         return (q << self.lb) + bisect_right(cum, cum[s] + R, s) - s
@@ -351,7 +355,8 @@ class PagedReplica:
             self._drop(r, r.eff + (it - r.join_it if after_alloc else it - 1 - r.join_it))
             self.n -= 1
             self.S -= r.eff - r.join_it
-            self.cnt[r.rho] -= 1
+            self.cnt2[r.rho] -= 1
+            self.cnt2[r.rho + self.b] -= 1
             self.cum = None
             self.heap = [e for e in self.heap if e[2] is not r]
             heapq.heapify(self.heap)
@@ -400,7 +405,8 @@ class PagedReplica:
             self.pf.append(r)
             rho = (it + 1 - nd) & self.mask
             r.rho = rho
-            self.cnt[rho] += 1
+            self.cnt2[rho] += 1
+            self.cnt2[rho + self.b] += 1
             self.cum = None
             if r.gen == 0:
                 self.P_first += r.prompt
@@ -412,11 +418,11 @@ class PagedReplica:
         mask = self.mask
         g = self.g
         if self.n:
-            d = self.cnt[it & mask]
+            d = self.cnt2[it & mask]
             if d:
                 while d > self.free + g * len(self.lru):
                     self._preempt_last(it, False)
-                    d = self.cnt[it & mask]
+                    d = self.cnt2[it & mask]
                 self._take(d)
         self.budget = self.max_tokens - self.n
         b = self.b
@@ -494,7 +500,9 @@ class PagedReplica:
                     self.pf.append(r)
                     rho = (it + 1 - c) & self.mask
                     r.rho = rho
-                    self.cnt[rho] += 1
+                    cnt2 = self.cnt2
+                    cnt2[rho] += 1
+                    cnt2[rho + b] += 1
                     self.cum = None
                     if r.gen == 0:
                         self.P_first += r.prompt
@@ -622,15 +630,22 @@ class PagedReplica:
             return
         it = self.it
         mask = self.mask
+        sq = pod.shared_queue
         if not self.planned:
             self.planned = True
-            if self.pre or (self.n and self.cnt[it & mask]):
+            n = self.n
+            d = self.cnt2[it & mask] if n else 0
+            if self.pre or d > self.free:
                 self._schedule_running(it)
-            else:  # the common case: no block to allocate, no chunk to continue
-                self.budget = self.max_tokens - self.n
+            else:
+                # no chunk to continue and the decodes' new blocks (if any) are free ones:
+                # _schedule_running and _take inlined for this common case
+                if d:
+                    self.free -= d
+                self.budget = self.max_tokens - n
         w = self.waiting
         if w and self.budget > 0:
-            if pod.shared_queue is None:
+            if sq is None:
                 self._admit(it)
             elif pod.queue_floor <= T:
                 # a central queue is first come first served in time too: no admission before
@@ -645,9 +660,9 @@ class PagedReplica:
         if not nchunks and n == 0:
             self.planned = False
             self.busy = False
-            if w and pod.shared_queue is not None and pod.queue_floor > T:
+            if w and sq is not None and pod.queue_floor > T:
                 self._arm(pod.queue_floor)  # idle until the queue may move (see _on_wake)
-            if pod.shared_queue:
+            if sq:
                 pod.router.dispatch()
             return
         self.busy = True
@@ -672,13 +687,13 @@ class PagedReplica:
             not cfg.per_iteration
             and nxt > it
             and len(self.pre) == len(pf)
-            and not (w and self._fit_at(w[0], n1, self.cnt[(it + 1) & mask]))
+            and not (w and self._fit_at(w[0], n1, self.cnt2[(it + 1) & mask]))
         ):
             k = nxt - it + 1
             # the first decode step that finds no block ends the run (it preempts)
             free = self.free
             lru = self.lru
-            avail = free + self.g * len(lru)
+            avail = free + self.g * len(lru) if lru else free
             # no sequence needs more than ((k - 1) >> lb) + 1 new blocks in k - 1 steps
             worst = n1 * (((k - 1) >> self.lb) + 1)
             if avail < worst or (w and lru and free < worst):
@@ -691,7 +706,9 @@ class PagedReplica:
         dec = 0.0
         if k > 1:
             c1 = S1 + n1 * (it + 1)
-            coef = lat.run_coeffs(n1)
+            coef = self._coeffs.get(n1)
+            if coef is None:
+                coef = lat.run_coeffs(n1)
             self.n1 = n1
             self.c1 = c1
             self.coef = coef
@@ -724,7 +741,7 @@ class PagedReplica:
                 ),
             )
             self.rec.events += 1
-        if pod.shared_queue:
+        if sq:
             pod.router.dispatch()
 
     def _boundary(self, j: int) -> float:
@@ -811,12 +828,10 @@ class PagedReplica:
             x = (m >> self.lb) * n_first
             rem = m & mask
             if rem:
-                # blocks_in's partial sum as slices of cnt, not prefix sums: cnt changes about
-                # twice per request and rebuilding ``cum`` (2 b + 1 ints) each time cost more
-                cnt = self.cnt
+                # blocks_in's partial sum as a slice of cnt2, not prefix sums: cnt2 changes
+                # about twice per request and rebuilding ``cum`` (2 b + 1 ints) cost more
                 s0 = (it0 + 1) & mask
-                e = s0 + rem
-                x += sum(cnt[s0:e]) if e <= mask + 1 else sum(cnt[s0:]) + sum(cnt[: e - mask - 1])
+                x += sum(self.cnt2[s0 : s0 + rem])
             free = self.free
             if x <= free:
                 self.free = free - x
@@ -900,7 +915,8 @@ class PagedReplica:
         heap = self.heap
         it = self.it
         end = self.run_end
-        cnt = self.cnt
+        cnt2 = self.cnt2
+        b = self.b
         pod = self.pod
         complete = pod.rec.complete
         index = self.index
@@ -914,7 +930,9 @@ class PagedReplica:
             eff = r.eff
             join_it = r.join_it
             S -= eff - join_it
-            cnt[r.rho] -= 1
+            rho = r.rho
+            cnt2[rho] -= 1
+            cnt2[rho + b] -= 1
             tokens = eff + f - join_it  # the last token's KV is never written
             ids = r.ids
             session = r.session
@@ -929,7 +947,7 @@ class PagedReplica:
                 self._drop(r, tokens)
                 free = self.free
             else:
-                free += -(-tokens // self.b)
+                free += -(-tokens // b)
             self.outstanding -= 1
             complete(r, end, index)
             pod.in_flight -= 1
@@ -991,11 +1009,9 @@ class PagedReplica:
             mask = self.mask
             x = (j >> self.lb) * n1
             rem = j & mask
-            if rem:  # blocks_in's partial sum as slices of cnt (see _commit)
-                cnt = self.cnt
+            if rem:  # blocks_in's partial sum as a slice of cnt2 (see _commit)
                 s = it1 & mask
-                e = s + rem
-                x += sum(cnt[s:e]) if e <= mask + 1 else sum(cnt[s:]) + sum(cnt[: e - mask - 1])
+                x += sum(self.cnt2[s : s + rem])
             eff = r.eff
             if eff > budget:
                 if not self.chunked:
