@@ -137,6 +137,7 @@ class PagedReplica:
         "cum",
         "cut_m",
         "cut_rt",
+        "cut_x",
         "dec_s",
         "env",
         "free",
@@ -228,6 +229,7 @@ class PagedReplica:
         self.dec_s = 0.0
         self.cut_m = -1
         self.cut_rt = 0.0
+        self.cut_x = -1  # _cut_point's block count for _commit(j) (-1: none)
         self.armed_t: float | None = None
         self.token = 0
         # run-end events go straight onto the environment's queue (serving/events.py)
@@ -478,11 +480,8 @@ class PagedReplica:
                 w.popleft()
                 if shared:
                     self.outstanding += 1
-                r.held = 0
-                r.done = 0
+                # (r.held is 0 and r.cached stays 0: it holds no cached blocks on this path)
                 pre_n = r.preemptions
-                if r.gen == 0 and pre_n == 0:
-                    r.cached = 0
                 self.adm_seq += 1
                 r.adm = self.adm_seq
                 self.pre.append(r)
@@ -785,8 +784,9 @@ class PagedReplica:
         self.plan(end)
 
     # ---- committing iterations ----------------------------------------------------------------
-    def _commit(self, j: int, finish: bool = True) -> None:
-        """Account iterations [0, j) of the current run and advance the state past them."""
+    def _commit(self, j: int, finish: bool = True, x: int = -1) -> None:
+        """Account iterations [0, j) of the current run and advance the state past them;
+        ``x``: the new blocks of its decode steps if known (>= 0), else computed here."""
         # hot path (once per run): attributes read once into locals, _finish_due inlined into
         # locals too; the same float operations in the same order (bit-identical results)
         rec = self.rec
@@ -824,9 +824,12 @@ class PagedReplica:
             rec.recomputed_tokens[hf] += self.re_tok
         mask = self.mask
         if j > 1:  # the decode steps' new blocks (_blocks and _take's common case, inlined)
-            m = j - 1
-            x = (m >> self.lb) * n_first
-            rem = m & mask
+            if x < 0:
+                m = j - 1
+                x = (m >> self.lb) * n_first
+                rem = m & mask
+            else:
+                rem = 0
             if rem:
                 # blocks_in's partial sum as a slice of cnt2, not prefix sums: cnt2 changes
                 # about twice per request and rebuilding ``cum`` (2 b + 1 ints) cost more
@@ -969,7 +972,7 @@ class PagedReplica:
             j = self._cut_point(r)
             if j >= 0:
                 if j > 0:
-                    self._commit(j)
+                    self._commit(j, True, self.cut_x)
                 self.plan(self.T0)
 
     def _cut_point(self, r: Request) -> int:
@@ -1019,7 +1022,13 @@ class PagedReplica:
                 eff = budget
             lru = self.lru
             avail = self.free + (self.g * len(lru) if lru else 0) - x
-            return j if -(-eff // self.b) <= avail - (self.wm if n1 else 0) else -1
+            if -(-eff // self.b) > avail - (self.wm if n1 else 0):
+                return -1
+            # the blocks of the cut's j - 1 decode steps, for _commit (the last one's are taken
+            # when the run from boundary j is planned)
+            self.cut_x = x - self.cnt2[(it1 + j - 1) & mask]
+            return j
+        self.cut_x = -1
         if self._fit_at(r, n1, self._blocks(it1, j, n1)):
             return j
         if not (self.lru):
@@ -1057,7 +1066,7 @@ class PagedReplica:
         if j < 0:
             return
         if j > 0:
-            self._commit(j)
+            self._commit(j, True, self.cut_x)
         self.plan(self.T0)
 
     # ---- the port (fleetsim.serving.ports.ReplicaPort) ----------------------------------------
