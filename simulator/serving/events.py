@@ -13,8 +13,7 @@ pod's arrivals: one per request).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from heapq import heappop, heappush
+from heapq import heappop
 from typing import Any, Protocol
 
 import simpy
@@ -30,15 +29,16 @@ class Wake:
     __slots__ = ("callbacks", "value")
     _ok = True
 
-    def __init__(self, callbacks: list[Callable[[Any], None]] | None, value: Any = None) -> None:
+    def __init__(self, callbacks: list[Any] | None, value: Any = None) -> None:
         self.callbacks = callbacks
         self.value = value
 
 
-def schedule(env: simpy.Environment, t: float, ev: Wake) -> None:
-    """Schedule ``ev`` at ``t`` (now if ``t`` is past), as ``Timeout(env, t - now)`` would be."""
-    now = env._now
-    heappush(env._queue, (now + (t - now if t > now else 0.0), NORMAL, next(env._eid), ev))
+def queue_of(env: simpy.Environment) -> list[Any]:
+    """The environment's event queue, a heap of ``(time, priority, event id, event)``: push a
+    :class:`Wake` onto it with the key ``Timeout(env, t - now)`` would get, i.e.
+    ``(now + (t - now if t > now else 0.0), NORMAL, next(env._eid), wake)``."""
+    return env._queue
 
 
 class Stream(Protocol):
@@ -65,7 +65,7 @@ def run_until(env: simpy.Environment, at: float, stream: Stream | None = None) -
     until._ok = True
     until._value = None
     env.schedule(until, URGENT, at - env._now)
-    q = env._queue
+    q = queue_of(env)
     pop = heappop
     fire = stream.fire if stream is not None else None
     while q:

@@ -62,7 +62,7 @@ from fleetsim.device.latency import (
     step_time,
     steps_to_reach,
 )
-from fleetsim.serving.events import NORMAL, Wake
+from fleetsim.serving.events import NORMAL, Wake, queue_of
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ class PagedReplica:
         self.armed_t: float | None = None
         self.token = 0
         # run-end events go straight onto the environment's queue (serving/events.py)
-        self._queue = self.env._queue
+        self._queue = queue_of(self.env)
         self._eid = self.env._eid
         self._wake_cbs = [self._on_wake]
         self._coeffs = self.lat.coeff_cache  # run coefficients by batch size (filled by lat)

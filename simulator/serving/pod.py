@@ -29,7 +29,7 @@ from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica
-from fleetsim.serving.events import NORMAL, Wake, run_until
+from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
 from fleetsim.serving.paged import PagedReplica
 from fleetsim.serving.ports import RequestSink
 from fleetsim.serving.recorder import Recorder
@@ -342,7 +342,7 @@ class Pod:
         if self._progress is not None:
             self._progress(1)
         if h + 1 < self.hours:  # the next hour's tick, with the key reserved for it in run()
-            heappush(self.env._queue, self._ticks[h])
+            heappush(queue_of(self.env), self._ticks[h])
 
     # ---- run ----------------------------------------------------------------------------------
     def run(self) -> Recorder:
@@ -355,7 +355,7 @@ class Pod:
             for h in range(1, self.hours)
         ]
         if self._ticks:
-            heappush(env._queue, self._ticks[0])
+            heappush(queue_of(env), self._ticks[0])
         if self._next_chunk():
             self._schedule_arrival()
         if not self.active:
