@@ -1,9 +1,11 @@
 """Micro-benchmarks (matmul FLOP/s, copy bandwidth) and the prefill / decode timing grid.
 
-Every timed call runs under ``torch.inference_mode``; on CUDA the device is synchronised before
-the clock starts and before it stops (``torch.cuda.synchronize``), so a time covers the host
-launch overhead and the kernels, as an engine iteration does. Each point is warmed up, repeated,
-and summarised by its median.
+Every timed call runs under ``torch.inference_mode`` and is timed by a :class:`Timer`
+(:func:`make_timer`): on CUDA by CUDA events (``torch.cuda.Event(enable_timing=True)``) recorded
+on the stream around the call, after a synchronise that empties the queue, so a time runs from
+the first launch to the end of the last kernel (the host's launch gaps included, as in an engine
+iteration) and is read from the GPU's own clock; on the CPU by ``time.perf_counter``. Each point
+is warmed up, repeated, and summarised by its median.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,39 +23,81 @@ from .model import TORCH_DTYPES, TorchTransformer
 from .power import PowerMeter
 
 
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """A function that waits for the device's queued work (a no-op on CPU)."""
+class Timer:
+    """Times one call: ``time(fn)`` returns its seconds. ``sync`` waits for the device's queued
+    work; ``clock`` is the wall clock of the power meter's windows."""
+
+    method = "perf_counter"
+
+    def __init__(
+        self, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.sync = sync
+        self.clock = clock
+
+    def time(self, fn: Callable[[], object]) -> float:
+        self.sync()
+        t0 = self.clock()
+        fn()
+        self.sync()
+        return self.clock() - t0
+
+
+class CudaEventTimer(Timer):
+    """Times a call with a pair of CUDA events (``event_cls(enable_timing=True)``) on the
+    current stream: ``elapsed_time`` is the GPU's clock, in milliseconds."""
+
+    method = "cuda-events"
+
+    def __init__(
+        self,
+        sync: Callable[[], None],
+        event_cls: Callable[..., Any],
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        super().__init__(sync, clock)
+        self.start = event_cls(enable_timing=True)
+        self.end = event_cls(enable_timing=True)
+
+    def time(self, fn: Callable[[], object]) -> float:
+        self.sync()  # an empty queue: the start event fires when it is recorded
+        self.start.record()
+        fn()
+        self.end.record()
+        self.end.synchronize()
+        return float(self.start.elapsed_time(self.end)) / 1e3
+
+
+def make_timer(device: torch.device, torch_mod: Any = torch) -> Timer:
+    """CUDA events on a CUDA device, ``time.perf_counter`` elsewhere. ``torch_mod`` is the torch
+    module (a fake in the tests)."""
     if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+        return CudaEventTimer(lambda: torch_mod.cuda.synchronize(device), torch_mod.cuda.Event)
+    return Timer(lambda: None)
 
 
 def time_fn(
     fn: Callable[[], object],
-    sync: Callable[[], None],
+    timer: Timer,
     *,
     warmup: int,
     repeats: int,
     min_time_s: float = 0.0,
 ) -> tuple[list[float], float, float]:
     """Run ``fn`` ``warmup`` times untimed, then at least ``repeats`` times (and for at least
-    ``min_time_s`` seconds); returns the per-call times (s) and the wall window of the timed
-    runs."""
+    ``min_time_s`` seconds of wall time); returns the per-call times (s, by ``timer``) and the
+    wall window (``timer.clock``) of the timed runs."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
-        sync()
+        timer.sync()
         times: list[float] = []
-        t_begin = time.perf_counter()
-        while len(times) < repeats or time.perf_counter() - t_begin < min_time_s:
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
+        t_begin = timer.clock()
+        while len(times) < repeats or timer.clock() - t_begin < min_time_s:
+            times.append(timer.time(fn))
             if len(times) >= 10_000:
                 break
-        return times, t_begin, time.perf_counter()
+        return times, t_begin, timer.clock()
 
 
 def matmul_peak(device: torch.device, dtype: str, n: int, repeats: int) -> dict:
@@ -61,7 +106,7 @@ def matmul_peak(device: torch.device, dtype: str, n: int, repeats: int) -> dict:
     dt = TORCH_DTYPES[dtype]
     a = torch.empty(n, n, device=device, dtype=dt).uniform_(-1, 1, generator=gen)
     b = torch.empty(n, n, device=device, dtype=dt).uniform_(-1, 1, generator=gen)
-    times, _, _ = time_fn(lambda: a @ b, synchronizer(device), warmup=2, repeats=repeats)
+    times, _, _ = time_fn(lambda: a @ b, make_timer(device), warmup=2, repeats=repeats)
     t = statistics.median(times)
     return {"peak_flops": 2.0 * n**3 / t, "matmul_n": n, "matmul_dtype": dtype, "matmul_time_s": t}
 
@@ -70,7 +115,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> dict:
     """Achievable memory bandwidth: a copy of ``nbytes`` (bytes read + written per second)."""
     src = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    times, _, _ = time_fn(lambda: dst.copy_(src), synchronizer(device), warmup=2, repeats=repeats)
+    times, _, _ = time_fn(lambda: dst.copy_(src), make_timer(device), warmup=2, repeats=repeats)
     t = statistics.median(times)
     moved = 2.0 * src.numel() * 4
     return {"mem_bw_bytes_per_s": moved / t, "copy_bytes": int(moved), "copy_time_s": t}
@@ -148,7 +193,7 @@ def spread(items: list) -> list:
 def time_point(model: TorchTransformer, grid: GridSpec, row: dict) -> list[float]:
     """Time one grid point again (same shapes, warm-up and repeats as :func:`run_grid`);
     returns the per-call seconds."""
-    sync = synchronizer(model.device)
+    timer = make_timer(model.device)
     layers, b = int(row["n_layers"]), int(row["batch"])
     try:
         if row["phase"] == "prefill":
@@ -166,7 +211,7 @@ def time_point(model: TorchTransformer, grid: GridSpec, row: dict) -> list[float
                 model.decode_step(tok, n_layers=layers)
 
         times, _, _ = time_fn(
-            fn, sync, warmup=grid.warmup, repeats=grid.repeats, min_time_s=grid.min_time_s
+            fn, timer, warmup=grid.warmup, repeats=grid.repeats, min_time_s=grid.min_time_s
         )
         return times
     finally:
@@ -196,17 +241,17 @@ def run_grid(
     the time left, and prefill half of that share; a phase stops starting new points when its
     share is spent, but always times its first ``min_points`` points so the fit has both phases.
     """
-    sync = synchronizer(model.device)
+    timer = make_timer(model.device)
     rows: list[dict] = []
     notes: list[str] = []
 
     def record(phase: str, layers: int, b: int, prompt: int, ctx: int, fn: Callable) -> None:
         times, t0, t1 = time_fn(
-            fn, sync, warmup=grid.warmup, repeats=grid.repeats, min_time_s=grid.min_time_s
+            fn, timer, warmup=grid.warmup, repeats=grid.repeats, min_time_s=grid.min_time_s
         )
         power = math.nan
-        if meter is not None:  # skip the first 30% of the window: the meter's averaging lag
-            power = meter.mean_w(t0 + 0.3 * (t1 - t0), t1)
+        if meter is not None:  # (a sampled meter lags: the start of its window is left out)
+            power = meter.mean_w(t0 + meter.lag_fraction * (t1 - t0), t1)
         rows.append(
             {
                 "phase": phase,

@@ -340,6 +340,7 @@ def _device_facts(
         "dtype": dtype,
         "dtype_requested": dtype_requested,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "timer": bench.make_timer(device).method,  # cuda-events or perf_counter
         "cpus": os.cpu_count(),
         "loadavg_1min_start": load_start,
         "loadavg_1min_end": _loadavg(),

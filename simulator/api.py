@@ -259,8 +259,13 @@ def plan(
         return plan_fleet(data, src, slo, cands, ex, schedule=schedule)
 
 
-def schema() -> dict:
-    """The scenario's JSON Schema (what ``fleetsim schema`` prints)."""
+def schema(profile: bool = False) -> dict:
+    """The scenario's JSON Schema (what ``fleetsim schema`` prints); with ``profile=True`` the
+    profile file's (``fleetsim schema --profile``)."""
+    if profile:
+        from fleetsim.device.profile import profile_json_schema
+
+        return profile_json_schema()
     from fleetsim.config.scenario import scenario_json_schema
 
     return scenario_json_schema()

@@ -297,8 +297,19 @@ def test_session_turns_extend_the_previous_turn():
     [
         ({"fleet": {"block_size_tokens": 24}}, "fleet"),
         ({"fleet": {"kv_allocation": "reserve", "enable_chunked_prefill": True}}, "fleet"),
-        ({"traffic": {"sessions": {"turns": {"dist": "fixed", "value": -2}}}}, "turns"),
-        ({"traffic": {"sessions": {"think_s": {"dist": "fixed", "value": -1}}}}, "think_s"),
+        # the error names the field as written (was "traffic.sessions.fixed.value")
+        (
+            {"traffic": {"sessions": {"turns": {"dist": "fixed", "value": -2}}}},
+            "traffic.sessions.turns.value = -2: should be >= 1",
+        ),
+        (
+            {"traffic": {"sessions": {"think_s": {"dist": "fixed", "value": -1}}}},
+            "traffic.sessions.think_s.value = -1: should be >= 1",
+        ),
+        (
+            {"traffic": {"sessions": {"turns": {"dist": "lognormal", "median": -3, "sigma": 1}}}},
+            "traffic.sessions.turns.median = -3: should be > 0",
+        ),
     ],
 )
 def test_bad_engine_options(patch, field):

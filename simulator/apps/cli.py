@@ -106,6 +106,12 @@ def cmd_validate(args) -> int:
 
 def cmd_schema(args) -> int:
     from fleetsim.apps.common import print_json
+
+    if args.profile:
+        from fleetsim.device.profile import profile_json_schema
+
+        print_json(profile_json_schema())
+        return 0
     from fleetsim.config.scenario import scenario_json_schema
 
     print_json(scenario_json_schema())
@@ -226,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("schema", help="print the scenario file's JSON Schema")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the profile file's JSON Schema instead (hardware.profile, calibrate's output)",
+    )
     p.set_defaults(func=cmd_schema)
     p = sub.add_parser("run", help="simulate a scenario and write hourly.parquet")
     _add_run_args(p)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,109 @@ def term(text: object, limit: int = 200) -> str:
     from rich.markup import escape
 
     return escape(clean(str(text), limit))
+
+
+def read_csv(path: str | Path, what: str, limit: int = MAX_TRACE_BYTES) -> CsvText:
+    """A CSV file read with ``pyarrow.csv``, every column as strings (the caller converts and
+    checks the values, vectorised, and names the line of a bad one).
+
+    The bytes come through :func:`read_bytes` (regular file, size limit) and are checked as
+    UTF-8 by :func:`decode` (a bad byte names its line; a byte-order mark is dropped). Blank
+    lines are kept as rows and a quoted value may not span lines, so data row ``i`` is always on
+    line ``i + 2`` of the file (the header is line 1). A row with more or fewer fields than the
+    header, or a field longer than :data:`CSV_FIELD_LIMIT` characters, is one line naming its
+    line."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    raw = read_bytes(path, what, limit)
+    where = f"{what} = {_name(path)!r}" if what else _name(path)
+    decode(raw, where)  # UTF-8 or one line naming the bad byte's line
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if not raw.strip():
+        raise UserError(f"{where}: the file is empty (fix: a header line, then data rows)")
+    first_line = raw.split(b"\n", 1)[0]
+    n_max = first_line.count(b",") + 1  # an upper bound of the number of columns
+    bad_rows: list[Any] = []
+
+    def on_bad_row(row: Any) -> str:
+        bad_rows.append(row)
+        return "error"
+
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(raw),
+            read_options=pacsv.ReadOptions(
+                autogenerate_column_names=True,  # the header is row 0: we read it ourselves
+                use_threads=False,
+                block_size=max(1 << 20, len(raw) + 1),  # one block: no row straddles two
+            ),
+            parse_options=pacsv.ParseOptions(
+                ignore_empty_lines=False,  # a blank line is a row, so row i is line i + 1
+                newlines_in_values=True,
+                invalid_row_handler=on_bad_row,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={f"f{i}": pa.string() for i in range(n_max)},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowException) as exc:
+        if bad_rows:
+            r = bad_rows[0]
+            raise UserError(
+                f"{where}: line {r.number}: {r.actual_columns} field(s) where the header has "
+                f"{r.expected_columns} ({clean(r.text, 60)!r}; fix that line)"
+            ) from None
+        raise UserError(f"{where}: not a readable CSV file ({clean(str(exc), 120)})") from None
+    cols = [table.column(i).combine_chunks() for i in range(table.num_columns)]
+    first = -1
+    why = ""
+    for col in cols:
+        too_long = pc.greater(pc.utf8_length(col), CSV_FIELD_LIMIT)
+        spans = pc.match_substring_regex(col, "[\r\n]")
+        for mask, text in (
+            (too_long, f"a field longer than {CSV_FIELD_LIMIT} characters"),
+            (spans, "a quoted value spans lines"),
+        ):
+            i = first_true(mask)
+            if i >= 0 and (first < 0 or i < first):
+                first, why = i, text
+    if first >= 0:
+        raise UserError(
+            f"{where}: line {first + 1}: {why} (fields are at most {CSV_FIELD_LIMIT} characters "
+            "on one line; fix that line)"
+        )
+    header = [str(c[0].as_py()).strip() for c in cols]
+    return CsvText(header, [c.slice(1) for c in cols], where)
+
+
+def first_true(mask: Any) -> int:
+    """The index of the first true value of a pyarrow or numpy boolean array, else -1."""
+    import numpy as np
+
+    a = mask if isinstance(mask, np.ndarray) else mask.to_numpy(zero_copy_only=False)
+    nz = np.flatnonzero(a)
+    return int(nz[0]) if nz.size else -1
+
+
+@dataclass(frozen=True)
+class CsvText:
+    """A CSV file as :func:`read_csv` returns it: the header's names (stripped), each column's
+    data rows as a pyarrow string array (data row ``i`` is on line ``i + 2``), and ``where``,
+    the file as errors name it."""
+
+    header: list[str]
+    columns: list[Any]
+    where: str
+
+    @property
+    def rows(self) -> int:
+        return len(self.columns[0]) if self.columns else 0
+
+    def row(self, i: int) -> list[str]:
+        """Data row ``i``'s fields (for an error message)."""
+        return [str(c[i].as_py()) for c in self.columns]

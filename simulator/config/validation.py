@@ -242,6 +242,9 @@ def _walk(loc: tuple, root: type[BaseModel]) -> dict:
     for part in loc:
         base, meta = _split(*ann)
         br = _branches(base)
+        if br is not None and len(br) == 1:  # ``Model | None``: pydantic adds no tag, descend
+            base, meta = _split(br[0], meta)
+            br = _branches(base)
         if isinstance(part, int):
             path += f"[{part}]"
             args = get_args(base) if get_origin(base) is list else ()

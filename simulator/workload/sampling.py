@@ -9,8 +9,6 @@ Poisson process is again Poisson, so each pod draws its own process at ``rate / 
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,8 +16,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from fleetsim.base.errors import UserError
+from fleetsim.base.io import first_true
 from fleetsim.base.units import HOUR_S
 from fleetsim.workload.distributions import Empirical
 from fleetsim.workload.mooncake import is_mooncake, read_mooncake
@@ -51,35 +52,31 @@ def _resolve_path(file: str, source: str) -> Path:
 MAX_TRACE_TOKENS = 1_000_000_000  # a token count above this is a broken file, not a request
 
 
-def _csv_rows(path: str, what: str) -> list[list[str]]:
-    """The rows of a CSV file read through :mod:`fleetsim.base.io` (regular file, size limit,
-    UTF-8 with or without a BOM, bounded field length); a UserError names the line."""
-    from fleetsim.base import io
-
-    text = io.read_text(path, what, io.MAX_TRACE_BYTES)
-    where = f"{what} = {io.clean(path)!r}"
-    old = csv.field_size_limit(io.CSV_FIELD_LIMIT)
-    reader = csv.reader(_io.StringIO(text, newline=""))
-    try:
-        return list(reader)
-    except csv.Error as exc:
-        raise UserError(
-            f"{where}: line {reader.line_num}: {io.clean(str(exc), 100)} "
-            f"(fields are at most {io.CSV_FIELD_LIMIT} characters; fix that line)"
-        ) from None
-    finally:
-        csv.field_size_limit(old)
+_INT = r"^\+?[0-9]+$"  # a plain decimal integer (no sign but +, no "_", no "0x")
+_FLOAT = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"  # a decimal number
+_NONFINITE = r"^[+-]?(nan|inf|infinity)$"  # parsed (as Python does), then refused as out of range
 
 
-def _token_count(cell: str) -> int:
-    """A token count: a plain integer in 1..MAX_TRACE_TOKENS (ValueError otherwise)."""
-    c = cell.strip()
-    if not c.isascii() or len(c) > 12:
-        raise ValueError(c)
-    v = int(c)
-    if not 1 <= v <= MAX_TRACE_TOKENS:
-        raise ValueError(c)
-    return v
+def token_counts(col: pa.Array) -> tuple[np.ndarray, int]:
+    """A string column as token counts: plain integers in 1..MAX_TRACE_TOKENS (surrounding
+    whitespace allowed). Returns the values and the index of the first bad one (-1 if none)."""
+    c = pc.utf8_trim_whitespace(col)
+    ok = pc.and_(pc.match_substring_regex(c, _INT), pc.less_equal(pc.utf8_length(c), 12))
+    v = pc.cast(pc.if_else(ok, c, "0"), pa.int64()).to_numpy(zero_copy_only=False)
+    okn = ok.to_numpy(zero_copy_only=False) & (v >= 1) & (v <= MAX_TRACE_TOKENS)
+    return v, first_true(~okn)
+
+
+def numbers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string column as floats (Python's ``float`` for decimal numbers, nan and inf); returns
+    the values (0 where not a number) and the mask of values that are not numbers."""
+    c = pc.utf8_trim_whitespace(col)
+    ok = pc.or_(
+        pc.match_substring_regex(c, _FLOAT),
+        pc.match_substring_regex(c, _NONFINITE, ignore_case=True),
+    )
+    v = pc.cast(pc.if_else(ok, c, "0"), pa.float64()).to_numpy(zero_copy_only=False)
+    return v, ~ok.to_numpy(zero_copy_only=False)
 
 
 def _is_number(cell: str) -> bool:
@@ -92,34 +89,28 @@ def _is_number(cell: str) -> bool:
 
 @lru_cache(maxsize=8)
 def read_trace(path: str) -> dict[str, np.ndarray]:
-    """Integer columns of a CSV trace (e.g. Azure's TIMESTAMP,ContextTokens,GeneratedTokens).
+    """Integer columns of a CSV trace (e.g. Azure's TIMESTAMP,ContextTokens,GeneratedTokens),
+    read with ``pyarrow.csv`` (:func:`fleetsim.base.io.read_csv`).
 
     Columns whose first value is not a number are skipped (timestamps); in the others every
-    value must be an integer in 1..MAX_TRACE_TOKENS, and a bad value names its row."""
-    from fleetsim.base.io import clean
+    value must be an integer in 1..MAX_TRACE_TOKENS, and a bad value names its row (the line
+    of the file: the header is row 1)."""
+    from fleetsim.base.io import clean, read_csv
 
-    rows = _csv_rows(path, "trace")
-    if not rows:
-        raise UserError(f"trace {clean(path)!r}: the file is empty")
-    header, rows = [h.strip() for h in rows[0]], rows[1:]
-    if not rows:
+    csv = read_csv(path, "trace")
+    if not csv.rows:
         raise UserError(f"trace {clean(path)!r}: no data rows")
     out: dict[str, np.ndarray] = {}
-    for j, name in enumerate(header):
-        first = rows[0][j] if j < len(rows[0]) else ""
-        if not _is_number(first):
+    for name, col in zip(csv.header, csv.columns, strict=True):
+        if not _is_number(col[0].as_py()):
             continue  # a non-numeric column (timestamps)
-        vals = np.empty(len(rows), dtype=np.int64)
-        for i, row in enumerate(rows):
-            cell = row[j] if j < len(row) else "<missing>"
-            try:
-                vals[i] = _token_count(cell)
-            except ValueError:
-                raise UserError(
-                    f"trace {clean(path)!r}: row {i + 2}, column {clean(name, 40)!r} = "
-                    f"{clean(cell, 40)!r} is not an integer token count in "
-                    f"1..{MAX_TRACE_TOKENS:,} (fix or remove that row)"
-                ) from None
+        vals, bad = token_counts(col)
+        if bad >= 0:
+            raise UserError(
+                f"trace {clean(path)!r}: row {bad + 2}, column {clean(name, 40)!r} = "
+                f"{clean(col[bad].as_py(), 40)!r} is not an integer token count in "
+                f"1..{MAX_TRACE_TOKENS:,} (fix or remove that row)"
+            )
         out[name] = vals
     return out
 
@@ -194,41 +185,43 @@ def read_arrival_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if is_mooncake(path):
         tr = read_mooncake(path)
         return tr.arrival_s, tr.prompt_tokens, tr.output_tokens
-    from fleetsim.base.io import clean
+    from fleetsim.base.io import clean, read_csv
 
-    where = f"traffic.trace = {clean(path)!r}"
-    rows = _csv_rows(path, "traffic.trace")
-    header = [h.strip() for h in rows[0]] if rows else []
+    csv = read_csv(path, "traffic.trace")
+    where, header = csv.where, csv.header
     missing = [c for c in TRACE_COLUMNS if c not in header]
     if missing:
         raise UserError(
             f"{where}: missing column(s) {', '.join(missing)} in the header "
             f"{clean(','.join(header), 60)!r} (fix: a header line {','.join(TRACE_COLUMNS)})"
         )
-    j = [header.index(c) for c in TRACE_COLUMNS]
-    n = len(rows) - 1
-    t = np.empty(n)
-    pr = np.empty(n, dtype=np.int64)
-    out = np.empty(n, dtype=np.int64)
-    last = 0.0
-    for i, row in enumerate(rows[1:]):
-        try:
-            a = float(row[j[0]])
-            b, c = _token_count(row[j[1]]), _token_count(row[j[2]])
-        except (ValueError, IndexError):
-            raise UserError(
-                f"{where}: row {i + 2} = {clean(repr(row), 80)} is not arrival_s (number), "
-                f"prompt_tokens, output_tokens (integers in 1..{MAX_TRACE_TOKENS:,})"
-            ) from None
-        if not (np.isfinite(a) and 0 <= a <= 1e9) or (i and a < last):
-            raise UserError(
-                f"{where}: row {i + 2} = {clean(repr(row), 80)}: need arrival_s in "
-                "[0, 1e9] s and non-decreasing (fix: sort the file)"
-            )
-        t[i], pr[i], out[i], last = a, b, c, a
-    if not n:
+    if not csv.rows:
         raise UserError(f"{where}: no data rows")
-    return t, pr, out
+    ta, pr, out = (csv.columns[header.index(c)] for c in TRACE_COLUMNS)
+    t, not_number = numbers(ta)
+    p, bad_p = token_counts(pr)
+    o, bad_o = token_counts(out)
+    bad_parse = not_number.copy()
+    for b in (bad_p, bad_o):
+        if b >= 0:
+            bad_parse[b] = True  # only the first bad count matters: nothing after it is read
+    with np.errstate(invalid="ignore"):
+        bad_range = ~(np.isfinite(t) & (t >= 0) & (t <= 1e9))
+    bad_order = np.zeros(len(t), dtype=bool)
+    bad_order[1:] = t[1:] < t[:-1]
+    first = first_true(bad_parse | bad_range | bad_order)
+    if first >= 0:
+        row = clean(repr(csv.row(first)), 80)
+        if bad_parse[first]:
+            raise UserError(
+                f"{where}: row {first + 2} = {row} is not arrival_s (number), "
+                f"prompt_tokens, output_tokens (integers in 1..{MAX_TRACE_TOKENS:,})"
+            )
+        raise UserError(
+            f"{where}: row {first + 2} = {row}: need arrival_s in "
+            "[0, 1e9] s and non-decreasing (fix: sort the file)"
+        )
+    return t, p, o
 
 
 def trace_arrivals(
