@@ -1116,13 +1116,15 @@ class PrefillReplica(PagedReplica):
         heap = self.heap
         it = self.it
         end = self.run_end
-        cnt = self.cnt
+        cnt2 = self.cnt2
+        b = self.b
         hand = self.pod.handoff  # type: ignore[attr-defined]
         while heap and heap[0][0] < it:
             f, _, r = heapq.heappop(heap)
             self.n -= 1
             self.S -= r.eff - r.join_it
-            cnt[r.rho] -= 1
+            cnt2[r.rho] -= 1
+            cnt2[r.rho + b] -= 1
             r.kv_tokens = r.eff + f - r.join_it  # the prompt (the first token's KV is not written)
             r.kv_held = r.held  # its cached prefix blocks stay referenced until release()
             r.held = 0
@@ -1229,7 +1231,8 @@ class DecodeReplica(PagedReplica):
             r.join_it = it - 1
             rho = (it - p) & self.mask
             r.rho = rho
-            self.cnt[rho] += 1
+            self.cnt2[rho] += 1
+            self.cnt2[rho + b] += 1
             self.cum = None
             self.S += p - (it - 1)
             heapq.heappush(self.heap, (it + r.out - 2, r.rid, r))
@@ -1278,6 +1281,7 @@ class DecodeReplica(PagedReplica):
         if j >= k:
             return -1
         n1 = self.n + len(self.pf)
+        self.cut_x = -1  # (on_arrival passes it to _commit: none computed here)
         return j if self._fit_at(r, n1, self._blocks(self.it + 1, j, n1)) else -1
 
     def is_empty(self) -> bool:
