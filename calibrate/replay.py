@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="build only N of the model's layers (default: all on CUDA, 1 on CPU)",
     )
+    p.add_argument(
+        "--full-vocab",
+        action="store_true",
+        help="on a CPU: build the whole vocabulary (default: cut to 8,192 rows, which the "
+        "simulator's side uses too; see fleetsim calibrate --help)",
+    )
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
     p.add_argument(
@@ -279,7 +285,7 @@ def _main(args) -> int:
         import torch
     except ImportError:
         raise UserError("fleetsim replay needs torch: pip install -e '.[calibrate]'") from None
-    from fleetsim.calibrate.cli import _Usage, resolve_model
+    from fleetsim.calibrate.cli import _Usage, cpu_sized, resolve_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (fix: --device cpu)")
@@ -300,6 +306,8 @@ def _main(args) -> int:
     if not 1 <= layers <= spec.n_layers:
         raise UserError(f"--layers {args.layers}: must be between 1 and {spec.n_layers}")
     spec = dataclasses.replace(spec, n_layers=layers, dtype=dtype)
+    if dev_type == "cpu" and not args.full_vocab:
+        spec = cpu_sized(spec)  # the output projection of a 128k vocabulary is 2.1 GB in fp32
     longest = max(p + o for _, p, o in trace)
     if longest > spec.max_context_tokens:
         raise UserError(
