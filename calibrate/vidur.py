@@ -6,7 +6,8 @@ Input: a folder laid out as Vidur's ``data/profiling`` (``compute/GPU/ORG/MODEL/
 * the elementwise operators' fixed time and bandwidth efficiency (non-negative least squares on
   relative errors, one pair per operator);
 * the GEMM parameters (launch time, peak efficiency and its shape terms, memory efficiency, the
-  blend exponent), fitted by least squares on the log of each measured GEMM time;
+  blend exponent, the cost and gain of half- and double-height row tiles), fitted by least
+  squares on the log of each measured GEMM time;
 * the all-reduce table: the median measured time in bins of a quarter octave of message size,
   for each GPU count inside one node;
 * the leave-one-model-out error: fit on all shapes but one, predict every TP and token count of
@@ -65,7 +66,11 @@ _GEMM_PARAMS = (
     ("gemm_m_half", 10.0, 0.0, 1e5),
     ("gemm_bw_eff", 0.85, 0.1, 1.0),
     ("gemm_pnorm", 2.0, 1.0, 20.0),
+    ("gemm_half_tile_cost", 0.2, 0.0, 2.0),
+    ("gemm_double_tile_gain", 0.05, 0.0, 0.5),
+    ("gemm_tile_half", 10.0, 0.0, 1e4),
 )
+_GEMM_SCALE = (1e-6, 1, 100, 100, 100, 1, 1, 1, 1, 100)  # launch in microseconds internally
 ALLREDUCE_BINS_PER_OCTAVE = 4
 ALLREDUCE_MIN_POINTS = 8  # single measurements below ~1 MiB scatter by 2-5x
 #: message sizes TP uses: a decode of 1 sequence of d_model 2,048 (4 KiB) up to the largest
@@ -221,10 +226,18 @@ def gemm_time_vec(
 ) -> np.ndarray:
     """:func:`fleetsim.device.kernels.gemm_time_s` over arrays (16-bit weights), parameters in
     the order of ``_GEMM_PARAMS``."""
-    launch, eff, k_half, n_half, m_half, bw_eff, p = x
+    launch, eff, k_half, n_half, m_half, bw_eff, p, half_cost, double_gain, tile_half = x
+    tile = float(GEMM_M_TILE)
     small = np.exp2(np.ceil(np.log2(np.maximum(m, GEMM_MIN_TILE))))
-    m_eff = np.where(m < GEMM_M_TILE, small, np.ceil(m / GEMM_M_TILE) * GEMM_M_TILE)
-    t_c = 2.0 * m_eff * n * k / (peak * eff) * (1.0 + k_half / k + n_half / n + m_half / m)
+    m_eff = np.minimum.reduce(
+        [
+            np.where(m < tile, small, np.ceil(m / tile) * tile),
+            np.ceil(m / (tile / 2)) * (tile / 2) * (1.0 + half_cost),
+            np.ceil(m / (2 * tile)) * (2 * tile) * (1.0 - double_gain),
+        ]
+    )
+    shape = 1.0 + k_half / k + n_half / n + m_half / m + tile_half / m_eff
+    t_c = 2.0 * m_eff * n * k / (peak * eff) * shape
     t_m = (n * k * 2.0 + (m * k + m * n) * 2.0) / (bw * bw_eff)
     hi = np.maximum(t_c, t_m)
     lo = np.minimum(t_c, t_m)
@@ -239,7 +252,7 @@ def fit_gemm(rows: Sequence[OpRow], peak: float, bw: float) -> dict[str, float]:
     x0 = [p[1] for p in _GEMM_PARAMS]
     lo = [p[2] for p in _GEMM_PARAMS]
     hi = [p[3] for p in _GEMM_PARAMS]
-    scale = np.array([1e-6, 1, 100, 100, 100, 1, 1])  # launch in microseconds internally
+    scale = np.asarray(_GEMM_SCALE)
 
     def res(z: np.ndarray) -> np.ndarray:
         return np.log(gemm_time_vec(z * scale, peak, bw, m, n, k) / t)
@@ -272,6 +285,9 @@ def fit_kernels(
         gemm_m_tile=GEMM_M_TILE,
         gemm_bw_eff=g["gemm_bw_eff"],
         gemm_pnorm=g["gemm_pnorm"],
+        gemm_half_tile_cost=g["gemm_half_tile_cost"],
+        gemm_double_tile_gain=g["gemm_double_tile_gain"],
+        gemm_tile_half=g["gemm_tile_half"],
         elem=fit_elementwise(rows, bw),
         allreduce=allreduce,
         source=source,
@@ -432,6 +448,9 @@ def derive(fit: KernelFit, link_ratio: float, name: str, basis: str) -> KernelFi
         gemm_m_tile=fit.gemm_m_tile,
         gemm_bw_eff=fit.gemm_bw_eff,
         gemm_pnorm=fit.gemm_pnorm,
+        gemm_half_tile_cost=fit.gemm_half_tile_cost,
+        gemm_double_tile_gain=fit.gemm_double_tile_gain,
+        gemm_tile_half=fit.gemm_tile_half,
         elem=fit.elem,
         allreduce=tables,
         source=f"derived from the {basis} fit by data-sheet peak FLOP/s, memory and NVLink "
@@ -484,6 +503,9 @@ def kernels_toml(fits: Sequence[GpuFit]) -> str:
             "gemm_m_tile",
             "gemm_bw_eff",
             "gemm_pnorm",
+            "gemm_half_tile_cost",
+            "gemm_double_tile_gain",
+            "gemm_tile_half",
         ):
             v = getattr(fit, k)
             lines.append(f"{k} = {_fmt(round(v, 9) if isinstance(v, float) else v)}")

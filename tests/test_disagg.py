@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, merge, resolved
+from conftest import SMALL, ListSink, merge, resolved
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.base.errors import ScenarioError
@@ -65,6 +66,16 @@ CASES = {
     "slow_link": disagg(link_bandwidth_bytes_per_s=2e9, link_latency_s=1e-3),
     # a decode pool with little KV room: KV waits in the prefill replicas (backpressure)
     "decode_full": disagg(decode={"gpu_memory_utilization": 0.22}),
+    # paged: the prefill pool chunks (512-token budget), the decode pool preempts and recomputes
+    "chunk_and_decode_preempt": disagg(
+        prefill={"max_batched_tokens": 512},
+        decode={
+            "replicas": 2,
+            "gpu_memory_utilization": 0.2,
+            "max_batched_tokens": 2048,
+            "max_batch_size": 64,
+        },
+    ),
     "central_prefill": disagg(
         prefill={"replicas": 2, "router": "central_queue", "max_batch_size": 2},
         decode={"replicas": 2, "router": "round_robin"},
@@ -109,24 +120,47 @@ def test_transfer_time_on_idle_link_is_latency_plus_bytes_over_bandwidth():
     assert all(b >= a for a, b in itertools.pairwise(ends))
 
 
-def test_backpressure_holds_kv_in_the_prefill_pool():
+@pytest.mark.parametrize("engine", ["paged", "reserve"])
+def test_backpressure_holds_kv_in_the_prefill_pool(engine):
     """With a decode pool that cannot keep up, requests wait for decode blocks, their KV stays
     in the prefill replica, and the prefill replica stops admitting: prompts queue there."""
-    heavy = merge(SMALL, traffic={**SMALL["traffic"], "requests_per_day": 600_000})
-    d = disagg(heavy, decode={"gpu_memory_utilization": 0.215, "max_batch_size": 8})
+    heavy = merge(
+        SMALL,
+        traffic={**SMALL["traffic"], "requests_per_day": 600_000},
+        fleet={**SMALL["fleet"], "kv_allocation": engine},
+    )
+    # paged: the decode pool's KV budget after the activation reserve is ~8k tokens
+    util = 0.24 if engine == "paged" else 0.215
+    d = disagg(heavy, decode={"gpu_memory_utilization": util, "max_batch_size": 8})
     pod = run_pod(d)
     pre = pod.prefill.replicas[0]
     dec = pod.decode.replicas[0]
-    assert pre.kv_used <= pre.limits.kv_cap and dec.kv_used <= dec.limits.kv_cap
-    # the prefill replica's KV is mostly held for requests the decode pool has not admitted
-    assert pre.kv_used > 0.5 * pre.limits.kv_cap
     assert len(dec.waiting) > 0  # KV arrived, waiting for decode room
     assert pod.in_prefill > 100  # prompts backed up in the prefill pool
-    held = sum(r.pf_need for r in dec.waiting) + sum(r.pf_need for r in pod._moving.values())
-    assert held == pre.kv_used  # exactly the KV of requests not yet admitted by decode
+    waiting_kv = list(dec.waiting) + list(pod._moving.values())
+    if engine == "reserve":
+        assert pre.kv_used <= pre.limits.kv_cap and dec.kv_used <= dec.limits.kv_cap
+        # the prefill replica's KV is mostly held for requests the decode pool has not admitted
+        assert pre.kv_used > 0.5 * pre.limits.kv_cap
+        held = sum(r.pf_need for r in waiting_kv)
+        assert held == pre.kv_used  # exactly the KV of requests not yet admitted by decode
+    else:
+        b = pre.b
+        assert pre.free >= 0 and dec.free >= 0
+        # the blocks in use are those of handed-off requests not yet admitted by decode, plus
+        # the chunks of the prompts being prefilled; the handed-off ones hold most of them
+        held = sum(-(-r.kv_tokens // b) for r in waiting_kv)
+        own = sum(-(-r.done // b) for r in pre.pre)
+        assert held + own == pre.NB - pre.free
+        assert held > 0.5 * pre.NB
     # the same load with a decode pool that keeps up leaves nothing behind
     free = run_pod(disagg(heavy, decode={"replicas": 2}))
-    assert free.in_prefill < 20 and free.prefill.replicas[0].kv_used < 0.1 * pre.limits.kv_cap
+    assert free.in_prefill < 20
+    p0 = free.prefill.replicas[0]
+    if engine == "reserve":
+        assert p0.kv_used < 0.1 * pre.limits.kv_cap
+    else:
+        assert p0.NB - p0.free < 0.1 * p0.NB
 
 
 def test_pools_add_up_to_the_fleet_and_are_priced_per_gpu():
@@ -182,7 +216,11 @@ def test_single_token_requests_complete_in_the_prefill_pool():
     pod = run_pod(d)
     assert not pod.arrived_kv and sum(pod.xfer_count) == 0
     assert sum(pod.rec.completed) > 5000
-    assert pod.prefill.replicas[0].kv_used <= pod.prefill.replicas[0].limits.kv_cap
+    rep = pod.prefill.replicas[0]
+    # completed in the prefill pool: their blocks were freed at once (only the prompts still
+    # being prefilled hold any)
+    assert rep.NB - rep.free == sum(-(-r.done // rep.b) for r in rep.pre)
+    assert rep.outstanding == len(rep.pre) + len(rep.waiting)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,25 +240,32 @@ def test_weights_checked_per_pool():
     assert e.field == "disaggregation.prefill.tensor_parallel"
 
 
+def _util_for(rs, tokens: float) -> float:
+    """The gpu_memory_utilization that leaves ``tokens`` of KV after the weights and the
+    activation reserve (both pools of these scenarios have the same limits, so the same
+    reserve) on one GPU."""
+    return (
+        rs.model.weight_bytes + rs.kv.activation_bytes + tokens * rs.model.kv_bytes_per_token
+    ) / rs.profile.mem_bytes
+
+
 def test_kv_budget_checked_per_pool():
     """A KV budget of 3,000 tokens cannot hold a 4,000-token prompt, in either pool; the error
     names the traffic field that sets the size and the pool."""
     base = merge(SMALL, traffic={**SMALL["traffic"], "prompt": {"dist": "fixed", "value": 4000}})
     rs = resolved(disagg(base))
-    u = (rs.model.weight_bytes + 3000.5 * rs.model.kv_bytes_per_token) / rs.profile.mem_bytes
+    u = _util_for(rs, 3008.5)  # 188 blocks of 16
     for pool in ("prefill", "decode"):
         e = _err(disagg(base, **{pool: {"gpu_memory_utilization": u}}))
         assert e.field.startswith("traffic.") and e.problem.endswith(f"in the {pool} pool")
-        assert "3000 tokens" in e.problem
+        assert "3008 tokens" in e.problem
         assert f"disaggregation.{pool}.gpu_memory_utilization" in e.fix
 
 
 def test_prefill_pool_needs_room_for_the_prompt_only():
     """Prompts up to 4,000 tokens and outputs up to 1,000: a KV budget of 4,500 tokens is
     enough for the prefill pool (prompt + first token), not for the decode pool."""
-    rs = resolved(disagg())
-    m, mem = rs.model, rs.profile.mem_bytes
-    u = (m.weight_bytes + 4500.5 * m.kv_bytes_per_token) / mem
+    u = _util_for(resolved(disagg()), 4500.5)
     ok = resolved(disagg(prefill={"gpu_memory_utilization": u}))
     assert 4001 <= ok.pools.prefill.kv_capacity_tokens < 5000
     e = _err(disagg(decode={"gpu_memory_utilization": u}))
@@ -257,16 +302,23 @@ def test_run_writes_pools_and_the_report_shows_them(tmp_path):
     assert "| KV transfers |" in md
 
 
-def test_crossover_points_share_gpus_and_traffic():
-    """Every point of the crossover sweep has the same replicas, GPUs and arrival stream."""
+@pytest.mark.parametrize("engine", ["scenario", "reserve"])
+def test_crossover_points_share_gpus_and_traffic(engine):
+    """Every point of the crossover sweep has the same replicas, GPUs, arrival stream and
+    engine (paged with chunked prefill, or the first engine, in both designs)."""
     from fleetsim.apps.crossover import point, workloads
+    from fleetsim.serving.pod import paged_limits
 
     data = resolved(CASES["two_by_two"]).scenario.model_dump(mode="json", exclude_none=True)
     for wl in workloads(data).values():
-        pts = [point(data, wl, "aggregated", 4, 0, 3.0, 2)] + [
-            point(data, wl, "disaggregated", 4, P, 3.0, 2) for P in (1, 2, 3)
+        pts = [point(data, wl, "aggregated", 4, 0, 3.0, 2, engine)] + [
+            point(data, wl, "disaggregated", 4, P, 3.0, 2, engine) for P in (1, 2, 3)
         ]
         rss = [resolved(p) for p in pts]
+        for rs in rss[:1] + [r.pools.prefill.rs for r in rss[1:]]:
+            kv = paged_limits(rs)
+            assert (kv is None) == (engine == "reserve")
+            assert kv is None or (kv.chunked and kv.prefix)
         assert rss[0].pools is None and all(r.pools is not None for r in rss[1:])
         gpus = [r.scenario.fleet.replicas * r.tp for r in rss[:1]] + [
             r.pools.prefill.replicas * r.pools.prefill.tp
@@ -305,3 +357,80 @@ def test_pool_schedules_power_each_pool_on_its_own():
     assert e.field == "disaggregation.decode.replicas_by_hour"
     e = _err(disagg(decode={"replicas": 2, "autoscaler": "schedule", "replicas_by_hour": [3] * 24}))
     assert e.field == "disaggregation.decode.replicas_by_hour"
+
+
+# ---------------------------------------------------------------------------------------------
+# the paged engine in both pools (serving/paged.py PrefillReplica, DecodeReplica)
+MOONCAKE = Path(__file__).resolve().parent.parent / "scenarios/data/mooncake-2025"
+
+
+def _mooncake_head(tmp_path: Path, n: int) -> str:
+    f = tmp_path / "head.jsonl"
+    with (MOONCAKE / "conversation_trace.jsonl").open() as src:
+        f.write_text("".join(next(src) for _ in range(n)))
+    return str(f)
+
+
+@pytest.mark.parametrize("router", ["least_loaded", "prefix_affinity"])
+def test_prefill_pool_prefix_cache_macro_equals_per_iteration(tmp_path, router):
+    """Mooncake requests (block hash ids): the prefill pool chunks and serves prefixes from its
+    cache (a small one: hits and evictions), the decode pool is short of blocks and preempts;
+    macro-stepped and per iteration agree, and every prompt token is either computed or a hit
+    in the prefill pool."""
+    from test_engine_modes import assert_modes_equal
+
+    d = {
+        "seed": 5,
+        "model": {"name": "llama-3.1-8b"},
+        "hardware": {"gpu": "h100-sxm", "peak_flops": 4e15, "mem_bw_bytes_per_s": 1.2e13},
+        "fleet": {"max_batch_size": 64, "max_batched_tokens": 4096},
+        "traffic": {"trace": _mooncake_head(tmp_path, 1000)},
+        "disaggregation": {
+            "link": "nvlink-4",
+            "prefill": {"replicas": 2, "router": router, "gpu_memory_utilization": 0.45},
+            "decode": {"replicas": 2, "gpu_memory_utilization": 0.4},
+        },
+    }
+    macro = assert_modes_equal(d, hits=0.02, preemptions=True, fewer_events=False)
+    T = macro.totals
+    assert T.requests_completed > 300
+    pt = pools_table(macro.resolved, macro.pods, macro.scale).to_pandas()
+    dec = pt[pt.pool == "decode"]
+    assert dec.prompt_tokens.sum() == 0  # prompts (and their cache hits) are prefill's only
+
+
+def test_decode_replica_joins_with_no_prefill_at_context_prompt_plus_one():
+    """One request at a time (fixed 1,000-token prompt, 5 output tokens): TTFT is one prefill
+    iteration of the prompt in the prefill pool; the decode replica admits the KV when it
+    arrives and makes tokens 2..5 in four decode steps at contexts 1,001..1,004 (no prefill
+    compute there), so finish = KV arrival + those four step times."""
+    p, o = 1000, 5
+    d = merge(
+        disagg(),
+        simulation={"hours": 1},
+        traffic={
+            **SMALL["traffic"],
+            "requests_per_day": 500,
+            "prompt": {"dist": "fixed", "value": p},
+            "output": {"dist": "fixed", "value": o},
+        },
+    )
+    sink = ListSink()
+    pod = Tap(resolved(d), 0, 1, request_sink=sink)
+    pod.run()
+    lat_p = pod.prefill.lat
+    lat_d = pod.decode.lat
+    d_pre = lat_p.iteration(p, float(p) ** 2, 1, 0, 0.0)[0]
+    n = 0
+    for r in pod.arrived_kv:
+        row = sink.rows[r.rid]
+        assert row[4] - r.arrival_s == pytest.approx(d_pre, rel=1e-12)
+        t = r.first_token_s + r.xfer_s
+        for i in range(1, o):
+            t += lat_d.iteration(0, 0.0, 0, 1, float(p + i))[0]
+        assert row[5] == pytest.approx(t, rel=1e-12)
+        n += 1
+    assert n > 15
+    dec = pod.decode.replicas[0]
+    # each request held prompt // b + 1 blocks at its first decode step; all freed at the end
+    assert dec.free == dec.NB and pod.prefill.replicas[0].free == pod.prefill.replicas[0].NB

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -152,8 +153,32 @@ CASES.update(
         },
     }
 )
+# disaggregated pools on the paged engine (serving/paged.py PrefillReplica, DecodeReplica):
+# the prefill pool prefills in chunks of a small budget; the decode pool is short of blocks, so
+# it preempts and recomputes there. And the earlier disaggregated cases on the first engine.
+CASES["disagg_paged_chunk_preempt"] = {
+    **HW_80GB,
+    "traffic": {"requests_per_day": 200_000},
+    "disaggregation": {
+        "prefill": {"replicas": 1, "max_batched_tokens": 512},
+        "decode": {
+            "replicas": 2,
+            "gpu_memory_utilization": 0.215,
+            "max_batched_tokens": 2048,
+            "max_batch_size": 64,
+        },
+    },
+}
+for _name in ("disagg", "disagg_backpressure", "disagg_pool_schedules"):
+    _c = CASES[_name]
+    CASES[f"{_name}_reserve"] = copy.deepcopy(dict(_c, fleet={**_c.get("fleet", {}), **RESERVE}))
+# paged: the decode pool's budget after its activation reserve (2048-token budget): ~6.7k tokens
+CASES["disagg_backpressure"]["disaggregation"]["decode"].update(
+    gpu_memory_utilization=0.2, max_batched_tokens=2048
+)
 # cases that must show the mechanism they test
 EXPECT_PREEMPTIONS = (
+    "disagg_paged_chunk_preempt",
     "paged_no_chunk",
     "paged_preempt",
     "paged_preempt_central",

@@ -61,9 +61,10 @@ def test_leave_one_model_out_error(fits, gpu):
     lomo = fits[gpu].lomo
     assert lomo is not None
     assert lomo.median <= FLOOR_MEDIAN
-    # worst case: A100 24.2% (floor met), H100 26.7% (floor of 25% not met: kernel-selection
-    # jumps at 520-640 tokens for the 72B shape; see the issue report). Held at what it is.
-    assert lomo.worst <= (FLOOR_WORST if gpu == "a100-80gb" else 0.27)
+    # worst case: A100 21.7%, H100 22.6% (the floor is met, the goal of 15% is not: the worst
+    # points are cuBLAS kernel-selection jumps, e.g. Qwen-72B's down projection at TP2 takes
+    # 123 us at 512 tokens and 295-355 us at 520-592; see the issue report)
+    assert lomo.worst <= FLOOR_WORST
     # every held-out model on its own stays within the floor's median
     for mdl, errs in lomo.errors.items():
         assert float(np.median(np.abs(errs))) <= FLOOR_MEDIAN, mdl
@@ -80,12 +81,34 @@ def test_vectorised_gemm_matches_the_simulator():
     fit = catalog_kernel_fit("h100-sxm")
     assert fit is not None
     x = [getattr(fit, p[0]) for p in vidur._GEMM_PARAMS]
-    m = np.array([1.0, 7.0, 128.0, 129.0, 4096.0])
-    n = np.array([1536.0, 8192.0, 3072.0, 28672.0, 512.0])
-    k = np.array([4096.0, 1024.0, 8192.0, 8192.0, 4096.0])
+    m = np.array([1.0, 7.0, 100.0, 128.0, 129.0, 200.0, 300.0, 520.0, 4096.0])
+    n = np.array([1536.0, 8192.0, 2560.0, 3072.0, 28672.0, 5120.0, 10240.0, 8192.0, 512.0])
+    k = np.array([4096.0, 1024.0, 2560.0, 8192.0, 8192.0, 3456.0, 5120.0, 12288.0, 4096.0])
     v = vidur.gemm_time_vec(x, 989e12, 3.35e12, m, n, k)
-    for i in range(5):
+    for i in range(len(m)):
         assert v[i] == pytest.approx(gemm_time_s(fit, 989e12, 3.35e12, m[i], n[i], k[i]))
+
+
+def test_tile_choice():
+    """Rows are padded to the cheapest tile: 128-row tiles (powers of two >= 16 below one
+    tile), 64-row tiles at their fitted extra cost, 256-row tiles at their fitted gain."""
+    from fleetsim.device.kernels import gemm_rows
+
+    fit = catalog_kernel_fit("h100-sxm")
+    assert fit is not None and fit.gemm_m_tile == 128
+    c, g = fit.gemm_half_tile_cost, fit.gemm_double_tile_gain
+    assert 0 < c < 1 and 0 < g < 0.5
+    assert gemm_rows(fit, 1) == 16 and gemm_rows(fit, 17) == 32 and gemm_rows(fit, 100) == 128
+    assert gemm_rows(fit, 128) == 128
+    assert gemm_rows(fit, 129) == pytest.approx(min(192 * (1 + c), 256 * (1 - g)))
+    assert gemm_rows(fit, 384) == pytest.approx(min(384.0, 512 * (1 - g)))
+    assert gemm_rows(fit, 512) == pytest.approx(512 * (1 - g))
+    # a profile without the tile fields keeps the single 128-row tile
+    d = kernel_fit_to_dict(fit)
+    for key in ("gemm_half_tile_cost", "gemm_double_tile_gain", "gemm_tile_half"):
+        del d[key]
+    old = kernel_fit_from_dict(d)
+    assert [gemm_rows(old, m) for m in (1, 100, 129, 384, 512)] == [16, 128, 256, 384, 512]
 
 
 def test_gemm_limits():
@@ -101,10 +124,9 @@ def test_gemm_limits():
     assert n * k * 2 / bw < t1 < 1.15 * n * k * 2 / bw
     big = gemm_time_s(fit, peak, bw, 8192, n, k)
     flops = 2 * 8192 * n * k
-    assert big == pytest.approx(
-        flops / (peak * fit.gemm_eff_max) * (1 + fit.gemm_n_half / n + fit.gemm_k_half / k),
-        rel=0.05,
-    )
+    rows = 8192 * (1 - fit.gemm_double_tile_gain)  # 256-row tiles
+    shape = 1 + fit.gemm_n_half / n + fit.gemm_k_half / k + fit.gemm_tile_half / rows
+    assert big == pytest.approx(flops * rows / 8192 / (peak * fit.gemm_eff_max) * shape, rel=0.05)
     assert gemm_time_s(fit, peak, bw, 129, n, k) > gemm_time_s(fit, peak, bw, 128, n, k)
     # int8/fp8 weights halve the memory-bound time
     t1q = gemm_time_s(fit, peak, bw, 1, n, k, weight_bytes_per_param=1.0)

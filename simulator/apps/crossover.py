@@ -26,10 +26,11 @@ at the end do not meet it). For the disaggregated design the best split is taken
 Both designs own the same GPUs, so the hardware cost is equal and the ratio is essentially the
 ratio of goodputs, DistServe's figure of merit.
 
-Engines: the disaggregated pools run the first-generation engine (KV reserved at admission,
-whole prefills; serving/disagg.py), so by default the aggregated fleet does too (like for like);
-``--aggregated-paged`` runs it on the scenario's own engine instead (paged KV, chunked prefill
-and prefix caching by default since the serving-fidelity issue).
+Engines: both designs run the same engine, like for like. By default it is the scenario's
+(paged KV, chunked prefill and prefix caching unless the scenario turns them off): the
+aggregated replicas and the prefill pool chunk their prompts, the decode pool admits arrived KV
+by blocks (serving/paged.py). ``--engine reserve`` runs both on the first engine instead (KV
+reserved at admission, whole prefills), the comparison of the previous releases.
 
 Outputs: ``crossover.parquet`` (one row per workload x design x split x target cell) and
 ``crossover.png`` (per workload, the heat map of disaggregated / aggregated cost per
@@ -81,7 +82,7 @@ def point(
     P: int,
     rate: float,
     hours: int,
-    paged: bool = False,
+    engine: str = "scenario",
 ) -> dict:
     """The scenario dict of one point."""
     d = copy.deepcopy(data)
@@ -98,13 +99,13 @@ def point(
             wl["max_batched_tokens"], d["fleet"].get("max_batched_tokens") or 0
         )
     d.setdefault("autoscaler", {})["policy"] = "static"
+    if engine == "reserve":  # both designs on the first engine (the pools inherit [fleet]'s)
+        d["fleet"].update(
+            kv_allocation="reserve", enable_chunked_prefill=False, enable_prefix_caching=False
+        )
     dis = d.pop("disaggregation", None) or {}
     if design == "aggregated":
         d["fleet"]["replicas"] = n
-        if not paged:  # like for like: the pools run the first engine (KV reserved, whole prefills)
-            d["fleet"].update(
-                kv_allocation="reserve", enable_chunked_prefill=False, enable_prefix_caching=False
-            )
         return d
     dis = {k: copy.deepcopy(v) for k, v in dis.items() if v is not None}
     for pool, r in (("prefill", P), ("decode", n - P)):
@@ -170,7 +171,13 @@ def base_latencies(rs, source: str) -> tuple[float, float]:
 
 
 def run_crossover(
-    data: dict, source: str, executor, hooks, load: float, hours: int, paged: bool = False
+    data: dict,
+    source: str,
+    executor,
+    hooks,
+    load: float,
+    hours: int,
+    engine: str = "scenario",
 ) -> pa.Table:
     """The sweep (see the module docstring) as one row per workload x design x split x cell."""
     from fleetsim.apps.plan import replica_capacity_rps
@@ -188,10 +195,10 @@ def run_crossover(
     wls = workloads(data)
     sat = []
     for name, wl in wls.items():
-        agg = point(data, wl, "aggregated", n, 0, 1.0, hours, paged)
+        agg = point(data, wl, "aggregated", n, 0, 1.0, hours, engine)
         rs = resolve(scenario_from_dict(agg, source), source)
         bound = n * replica_capacity_rps(rs, source)
-        sat.append(point(data, wl, "aggregated", n, 0, 1.5 * bound, hours, paged))
+        sat.append(point(data, wl, "aggregated", n, 0, 1.5 * bound, hours, engine))
         info[name] = (0.0, *base_latencies(rs, source))
     if hooks is not None:
         hooks.add(len(sat))
@@ -205,11 +212,16 @@ def run_crossover(
     for name, wl in wls.items():
         rate = info[name][0]
         specs.append(
-            (name, "aggregated", 0, point(data, wl, "aggregated", n, 0, rate, hours, paged))
+            (name, "aggregated", 0, point(data, wl, "aggregated", n, 0, rate, hours, engine))
         )
         for P in range(1, n):
             specs.append(
-                (name, "disaggregated", P, point(data, wl, "disaggregated", n, P, rate, hours))
+                (
+                    name,
+                    "disaggregated",
+                    P,
+                    point(data, wl, "disaggregated", n, P, rate, hours, engine),
+                )
             )
     if hooks is not None:
         hooks.add(len(specs))
@@ -359,10 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--hours", type=int, default=2, help="simulated hours per point (flat)")
     ap.add_argument(
-        "--aggregated-paged",
-        action="store_true",
-        help="run the aggregated fleet on the scenario's engine (default: the first engine, KV "
-        "reserved and whole prefills, as the disaggregated pools run)",
+        "--engine",
+        choices=("scenario", "reserve"),
+        default="scenario",
+        help="the engine of both designs: the scenario's (default: paged KV, chunked prefill, "
+        "prefix caching) or 'reserve' (the first engine: KV reserved, whole prefills)",
     )
     ap.add_argument("--out", help="output folder (default out/<scenario name>-crossover)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
@@ -391,9 +404,7 @@ def main(argv: list[str]) -> int:
         make_executor(args.executor, args.workers, args.address) as ex,
         task_progress(f"crossover ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
     ):
-        table = run_crossover(
-            data, args.scenario, ex, hooks, args.load, args.hours, args.aggregated_paged
-        )
+        table = run_crossover(data, args.scenario, ex, hooks, args.load, args.hours, args.engine)
     write_table_atomic(table, outp.path("crossover.parquet"))
     write_bytes_atomic(draw(table), outp.path("crossover.png"))
     outp.commit()

@@ -82,6 +82,13 @@ def _simulate_disagg_pod(rs: Resolved, pod_index: int, **kw) -> PodSummary:
     s.dyn_j = [dp["dyn_j"][h] + pp["dyn_j"][h] for h in range(H)]
     s.prompt_tokens = [dp["prompt_tokens"][h] + pp["prompt_tokens"][h] for h in range(H)]
     s.output_tokens = [dp["output_tokens"][h] + pp["output_tokens"][h] for h in range(H)]
+    # the paged engine's counts of both pools (prefix hits are the prefill pool's, decode-pool
+    # preemptions recompute there); KV use over both pools' blocks
+    rp = pod.rec_prefill
+    for k in ("prefix_hit_tokens", "preemptions", "recomputed_tokens", "kv_block_s"):
+        mine = getattr(s, k)
+        setattr(s, k, [mine[h] + getattr(rp, k)[h] for h in range(H)])
+    s.kv_blocks += rp.kv_blocks
     s.pools = state
     return s
 

@@ -259,7 +259,7 @@ class SloSection(_Section):
     tpot_s: Annotated[float, bound(0, 1e6, strict_lo=True)] = 0.2
 
 
-Router = Literal["round_robin", "random", "least_loaded", "central_queue"]
+Router = Literal["round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"]
 
 
 class PoolSection(_Section):
@@ -1135,16 +1135,24 @@ def _pool_scenario(sc: Scenario, name: str, *, bmt_override: int | None = None) 
             else f.gpu_memory_utilization
         ),
         "router": p.router if p.router is not None else f.router,
-        # the pools run the first engine (serving/disagg.py: KV reserved at admission, whole
-        # prefills) with its KV budget, without the activation reserve of kv_budget() unless
-        # one is given (the decode pool's token budget below is a placeholder, not a size)
-        "kv_allocation": "reserve",
-        "enable_chunked_prefill": False,
-        "enable_prefix_caching": False,
-        "activation_reserve_bytes": (
-            f.activation_reserve_bytes if f.activation_reserve_bytes is not None else 0.0
-        ),
     }
+    if f.kv_allocation == "paged":
+        # the paged engine (serving/paged.py PrefillReplica, DecodeReplica): the prefill pool
+        # prefills with [fleet]'s chunking and prefix caching; the decode pool recomputes a
+        # preempted request by chunks and keeps no prefix cache (decode-side prefix reuse is
+        # not modelled: docs/model.md)
+        if name == "decode":
+            upd["enable_chunked_prefill"] = True
+            upd["enable_prefix_caching"] = False
+    else:
+        # the first engine (KV reserved at admission, whole prefills) with its KV budget,
+        # without the activation reserve of kv_budget() unless one is given (the decode pool's
+        # token budget below is a placeholder, not a size)
+        upd["enable_chunked_prefill"] = False
+        upd["enable_prefix_caching"] = False
+        upd["activation_reserve_bytes"] = (
+            f.activation_reserve_bytes if f.activation_reserve_bytes is not None else 0.0
+        )
     if bmt_override is not None:
         upd["max_batched_tokens"] = bmt_override
     gpu = p.gpu if p.gpu is not None else sc.hardware.gpu
@@ -1241,15 +1249,27 @@ def resolve_disaggregated(sc: Scenario, source: str = "") -> Resolved:
             "'schedule' with disaggregation.decode.replicas_by_hour",
             source,
         )
-    if d.decode.router == "central_queue" or (
-        d.decode.router is None and sc.fleet.router == "central_queue"
-    ):
+    dr = d.decode.router if d.decode.router is not None else sc.fleet.router
+    if dr in ("central_queue", "prefix_affinity"):
+        why = (
+            "a central queue: a request's KV is sent to one decode replica, chosen when its "
+            "prefill ends"
+            if dr == "central_queue"
+            else "prefix_affinity: decode replicas keep no prefix cache (not modelled)"
+        )
         raise ScenarioError(
             "disaggregation.decode.router",
-            "central_queue",
-            "the decode pool cannot use a central queue: a request's KV is sent to one decode "
-            "replica, chosen when its prefill ends",
+            dr,
+            f"the decode pool cannot use {why}",
             "use least_loaded, round_robin or random for the decode pool",
+            source,
+        )
+    if sc.traffic.sessions is not None:
+        raise ScenarioError(
+            "traffic.sessions",
+            "(a table)",
+            "multi-turn sessions are not simulated on a disaggregated fleet",
+            "remove [traffic.sessions] or [disaggregation]",
             source,
         )
     try:

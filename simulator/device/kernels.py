@@ -9,12 +9,19 @@ times each operator of one layer instead:
 * a GEMM of ``M`` tokens by an ``N x K`` weight shard::
 
       t = launch + (t_c^p + t_m^p)^(1/p)
-      t_c = 2 * M' * N * K / (peak * eff_max) * (1 + k_half/K + n_half/N + m_half/M)
+      t_c = 2 M' N K / (peak eff_max) * (1 + k_half/K + n_half/N + m_half/M + tile_half/M')
       t_m = (N*K*w + (M*K + M*N) * 2) / (bw * bw_eff)
 
-  (``M'`` = M padded to a multiple of ``m_tile`` rows, or below it to a power of two >= 16:
-  tensor-core tiles; ``w`` bytes per weight, 16-bit activations; ``p`` blends the compute and
-  memory bounds, a large ``p`` being the plain maximum);
+  ``M'`` is M padded to whole tensor-core tiles, the cheapest of three tile heights as cuBLAS
+  picks among them: ``m_tile`` rows (below it: a power of two >= 16), ``m_tile/2`` rows at a
+  cost of ``(1 + half_tile_cost)`` per row, and ``2 m_tile`` rows at ``(1 - double_tile_gain)``
+  per row (larger tiles run closer to peak)::
+
+      M' = min(pad(M, m_tile), pad(M, m_tile/2) * (1 + half_tile_cost),
+               pad(M, 2 m_tile) * (1 - double_tile_gain))
+
+  ``w`` is bytes per weight, activations are 16-bit; ``p`` blends the compute and memory
+  bounds, a large ``p`` being the plain maximum;
 * an elementwise operator (RMSNorm, rotary embedding, activation, residual add, embedding
   lookup): ``fixed + bytes / (bw * eff_op)``, bandwidth-bound;
 * the tensor-parallel all-reduce: interpolated in a measured table of time by message size for
@@ -55,6 +62,10 @@ class KernelFit:
     elem: tuple[tuple[str, float, float], ...]
     #: measured all-reduce time by GPU count: ((gpus, ((bytes, seconds), ...)), ...)
     allreduce: tuple[tuple[int, tuple[tuple[float, float], ...]], ...] = ()
+    #: tile choice (see the module docstring); the defaults are the single ``m_tile`` tile
+    gemm_half_tile_cost: float = math.inf
+    gemm_double_tile_gain: float = 0.0
+    gemm_tile_half: float = 0.0
     source: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -71,6 +82,27 @@ class KernelFit:
         return None
 
 
+def padded_rows(m: float, tile: float) -> float:
+    """``m`` rows padded to whole tiles of ``tile`` rows."""
+    return float(math.ceil(m / tile) * tile)
+
+
+def gemm_rows(fit: KernelFit, m: float) -> float:
+    """``M'``: the rows a GEMM of ``m`` tokens computes, padded to its cheapest tile (see the
+    module docstring). Below one ``m_tile``, small-M kernels use tiles of 16 rows and up,
+    padded to a power of two."""
+    tile = fit.gemm_m_tile
+    if m < tile:
+        base = 2.0 ** math.ceil(math.log2(max(m, GEMM_MIN_TILE)))
+    else:
+        base = padded_rows(m, tile)
+    return min(
+        base,
+        padded_rows(m, tile / 2.0) * (1.0 + fit.gemm_half_tile_cost),
+        padded_rows(m, 2.0 * tile) * (1.0 - fit.gemm_double_tile_gain),
+    )
+
+
 def gemm_time_s(
     fit: KernelFit,
     peak_flops: float,
@@ -83,12 +115,14 @@ def gemm_time_s(
     """Time of one GEMM of ``m`` tokens through an ``n x k`` weight shard."""
     if m <= 0 or n <= 0 or k <= 0:
         return 0.0
-    tile = fit.gemm_m_tile
-    if m >= tile:
-        m_eff = float(math.ceil(m / tile) * tile)
-    else:  # small-M kernels: tiles of 16..64 rows, padded to a power of two
-        m_eff = 2.0 ** math.ceil(math.log2(max(m, GEMM_MIN_TILE)))
-    shape = 1.0 + fit.gemm_k_half / k + fit.gemm_n_half / n + fit.gemm_m_half / m
+    m_eff = gemm_rows(fit, m)
+    shape = (
+        1.0
+        + fit.gemm_k_half / k
+        + fit.gemm_n_half / n
+        + fit.gemm_m_half / m
+        + fit.gemm_tile_half / m_eff
+    )
     t_c = 2.0 * m_eff * n * k / (peak_flops * fit.gemm_eff_max) * shape
     t_m = (n * k * weight_bytes_per_param + (m * k + m * n) * 2.0) / (
         bw_bytes_per_s * fit.gemm_bw_eff
@@ -242,6 +276,11 @@ def kernel_fit_from_dict(d: dict, where: str = "kernels") -> KernelFit:
     for k in ("gemm_eff_max", "gemm_bw_eff", "gemm_pnorm"):
         if num(k) <= 0:
             raise UserError(f"{where}: field {k!r} must be positive")
+    # tile choice: optional (absent = the single m_tile tile of earlier profiles)
+    half_cost = num("gemm_half_tile_cost") if "gemm_half_tile_cost" in d else math.inf
+    double_gain = num("gemm_double_tile_gain") if "gemm_double_tile_gain" in d else 0.0
+    if double_gain >= 1.0:
+        raise UserError(f"{where}: field 'gemm_double_tile_gain' = {double_gain!r} must be below 1")
     return KernelFit(
         gemm_launch_s=num("gemm_launch_s"),
         gemm_eff_max=num("gemm_eff_max"),
@@ -253,6 +292,9 @@ def kernel_fit_from_dict(d: dict, where: str = "kernels") -> KernelFit:
         gemm_pnorm=num("gemm_pnorm"),
         elem=tuple(elem),
         allreduce=tuple(sorted(tables)),
+        gemm_half_tile_cost=half_cost,
+        gemm_double_tile_gain=double_gain,
+        gemm_tile_half=num("gemm_tile_half") if "gemm_tile_half" in d else 0.0,
         source=str(d.get("source", "")),
         meta={k: d[k] for k in ("provenance",) if k in d},
     )
@@ -270,7 +312,11 @@ def kernel_fit_to_dict(f: KernelFit) -> dict:
         "gemm_m_tile": f.gemm_m_tile,
         "gemm_bw_eff": f.gemm_bw_eff,
         "gemm_pnorm": f.gemm_pnorm,
+        "gemm_tile_half": f.gemm_tile_half,
+        "gemm_double_tile_gain": f.gemm_double_tile_gain,
     }
+    if math.isfinite(f.gemm_half_tile_cost):
+        d["gemm_half_tile_cost"] = f.gemm_half_tile_cost
     for op, fixed, eff in f.elem:
         d[f"elem_{op}"] = [fixed, eff]
     for gpus, table in f.allreduce:

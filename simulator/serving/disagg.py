@@ -3,9 +3,11 @@
 The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
 
 1. A request arrives and the prefill pool's router sends it to a prefill replica. That replica
-   runs the same engine as an aggregated one (:class:`fleetsim.serving.engine.Replica`) with the
-   request's output set to one token: the iteration that computes the prompt's (last) chunk
-   yields the first token, which ends the TTFT.
+   runs the engine of an aggregated fleet with the request's output set to one token: the
+   paged engine (:class:`fleetsim.serving.paged.PrefillReplica`: chunked prefill, prefix
+   caching) or, with ``kv_allocation = "reserve"``, the first engine
+   (:class:`fleetsim.serving.engine.Replica`). The iteration that computes the prompt's last
+   chunk yields the first token, which ends the TTFT.
 2. The replica then hands the request to the pod (``handoff``) instead of completing it. Its
    KV (prompt tokens x KV bytes per token) stays in the prefill replica's memory. The decode
    router chooses a decode replica now (least loaded counts requests in transfer), and the KV
@@ -15,7 +17,8 @@ The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
    composition change: the current decode run is cut at the first iteration boundary where it
    fits, so macro-stepping stays exact). The decode replica admits it when its batch, token
    budget and KV blocks allow, straight into the decode set (no prefill compute); the next
-   iteration makes its second token.
+   iteration makes its second token (:class:`fleetsim.serving.paged.DecodeReplica`: a
+   preempted request is recomputed there).
 4. Only at that admission does the prefill replica free the request's KV (``release``). A slow
    link or a full decode pool therefore holds KV in the prefill pool and backs up into it.
 
@@ -36,7 +39,7 @@ import math
 from array import array
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import simpy
@@ -48,6 +51,8 @@ from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica
+from fleetsim.serving.paged import DecodeReplica, PagedReplica, PrefillReplica
+from fleetsim.serving.pod import paged_limits
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.routers import make_router
@@ -61,14 +66,27 @@ class DisaggRequest(Request):
     """A request of a disaggregated pod: its true output length while the prefill replica
     sees one token, the prefill replica that holds its KV, and its transfer."""
 
-    __slots__ = ("dst", "link_wait_s", "out_total", "pf_need", "src", "xfer_s")
+    __slots__ = (
+        "dst",
+        "kv_held",
+        "kv_tokens",
+        "link_wait_s",
+        "out_total",
+        "pf_need",
+        "src",
+        "xfer_s",
+    )
 
-    def __init__(self, rid: int, arrival_s: float, prompt: int, out: int) -> None:
-        super().__init__(rid, arrival_s, prompt, 1)  # the prefill pool makes the first token
+    def __init__(
+        self, rid: int, arrival_s: float, prompt: int, out: int, ids: list[int] | None = None
+    ) -> None:
+        super().__init__(rid, arrival_s, prompt, 1, ids)  # the prefill pool makes the first token
         self.out_total = out
-        self.pf_need = self.need  # prompt + 1 tokens of KV held in the prefill replica
-        self.src: Replica | None = None
-        self.dst: Replica | None = None
+        self.pf_need = self.need  # first engine: prompt + 1 tokens of KV held in prefill
+        self.kv_tokens = 0  # paged engine: KV tokens held in the prefill replica after hand-off
+        self.kv_held = 0  # paged engine: cached prefix blocks it references there
+        self.src: Replica | PrefillReplica | None = None
+        self.dst: Replica | DecodeReplica | None = None
         self.xfer_s = math.nan  # hand-off to KV arrival: link wait + latency + bytes / bw
         self.link_wait_s = math.nan  # time spent queued behind earlier transfers
 
@@ -102,8 +120,9 @@ class Pool:
         self.hours = owner.hours
         self.horizon_s = owner.horizon_s
         self.in_flight = 0
-        self.queue_floor = 0.0  # (the paged engine's central queue; pools run the first engine)
-        self.paged: PagedLimits | None = None
+        self.queue_floor = 0.0  # the paged engine's central queue (serving/pod.py)
+        paged = paged_limits(rs)  # None: kv_allocation = "reserve", the first engine
+        self.paged: PagedLimits | None = paged
         self.tp = rs.tp
         p = rs.gpu.power
         prof = rs.profile
@@ -118,17 +137,22 @@ class Pool:
             e_active_w=rs.tp * p.active_w,
             e_flop_j=p.compute_w / prof.peak_flops,
             e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
+            paged=paged,
         )
         self.handoff = owner.handoff
         self.on_admitted = owner.on_admitted
         shared = role == "prefill" and spec.router == "central_queue"
         self.shared_queue: deque[Request] | None = deque() if shared else None
-        self.replicas = [Replica(base + i, self, self.plan) for i in range(spec.replicas)]
+        cls: type[Replica] | type[PagedReplica] = Replica
+        if paged is not None:
+            cls = PrefillReplica if role == "prefill" else DecodeReplica
+            rec.kv_blocks += rs.kv.blocks * spec.replicas
+        self.replicas: list[Any] = [cls(base + i, self, self.plan) for i in range(spec.replicas)]
         self.owner = owner
         self.scaler = make_autoscaler(rs, self)  # None for a static pool
         n_on = len(self.replicas) if self.scaler is None else self.scaler.n_initial
         # the routable replicas, in index order: one list, changed in place by power_on/off
-        self.active: list[Replica] = self.replicas[:n_on]
+        self.active: list[Any] = self.replicas[:n_on]
         for rep in self.replicas[n_on:]:
             rep.leave_queue()
         self.router: RouterPort = _NoRouter()
@@ -247,17 +271,22 @@ class DisaggPod:
         self._hour = -1
         self.kv_cap_p = pools.prefill.kv_capacity_tokens
         self.kv_cap_d = pools.decode.kv_capacity_tokens
-        self.max_tokens_p = pools.prefill.max_tokens
+        # without chunked prefill a prompt longer than the prefill pool's token budget can never
+        # be scheduled (with it, it is prefilled in chunks)
+        pf_sc = pools.prefill.rs.scenario.fleet
+        self.max_tokens_p = pools.prefill.max_tokens if not pf_sc.chunked_prefill else 1 << 62
+        self._ids: list[list[int]] | None = None
 
     # ---- arrivals -----------------------------------------------------------------------------
     def _next_chunk(self) -> bool:
         for chunk in self._chunks:
             self._hour = chunk.hour
             if chunk.arrival_s:
-                self._times, self._p, self._o = (
+                self._times, self._p, self._o, self._ids = (
                     chunk.arrival_s,
                     chunk.prompt_tokens,
                     chunk.output_tokens,
+                    chunk.ids,
                 )
                 self._i = 0
                 return True
@@ -290,7 +319,8 @@ class DisaggPod:
                 self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
         else:
             self.in_prefill += 1
-            self.prefill.router.route(DisaggRequest(rid, t, p, o))
+            ids = self._ids[i] if self._ids is not None else None
+            self.prefill.router.route(DisaggRequest(rid, t, p, o, ids))
         i += 1
         self._i = i
         if i < len(self._times) or self._next_chunk():
@@ -316,7 +346,7 @@ class DisaggPod:
         r.src = rep
         if r.out_total == 1:
             self.rec.complete(r, t, rep.index)
-            rep.release(r.pf_need)
+            rep.release(r)
             return
         r.out = r.out_total
         r.need = r.prompt + r.out_total
@@ -360,7 +390,7 @@ class DisaggPod:
         now = self.env.now
         if now >= T:
             for r in joined:
-                r.src.release(r.pf_need)
+                r.src.release(r)
         else:
             ev = Timeout(self.env, T - now, joined)
             ev.callbacks.append(self._release)
@@ -369,7 +399,7 @@ class DisaggPod:
     @staticmethod
     def _release(ev) -> None:
         for r in ev.value:
-            r.src.release(r.pf_need)
+            r.src.release(r)
 
     # ---- hours and the run --------------------------------------------------------------------
     def _tick(self, ev) -> None:
@@ -414,8 +444,7 @@ class DisaggPod:
         sink = self.sink
         rows: list[tuple[Request, int]] = []
         for rep in self.replicas:
-            pending = list(rep.pf) + [e[2] for e in rep.heap] + list(rep.waiting)
-            rows += [(r, rep.index) for r in pending]
+            rows += [(r, rep.index) for r in rep.pending()]
         rows += [(r, -1) for r in self.prefill.shared_queue or ()]
         rows += [(r, r.dst.index if r.dst else -1) for r in self._moving.values()]
         for r, idx in rows:

@@ -223,10 +223,10 @@ class Replica:
             self.kv_used = kv
             self.on_admitted(joined, T, self)  # type: ignore[misc]
 
-    def release(self, tokens: int) -> None:
-        """Prefill-only replica: the KV of a handed-off request (``tokens``) has left; start
-        the next run if the replica was waiting for the space."""
-        self.kv_used -= tokens
+    def release(self, r: Request) -> None:
+        """Prefill-only replica: the KV of handed-off request ``r`` (``r.pf_need`` tokens) has
+        left; start the next run if the replica was waiting for the space."""
+        self.kv_used -= r.pf_need  # type: ignore[attr-defined]
         self.outstanding -= 1
         if not self.busy:
             if self.pod.shared_queue is not None:

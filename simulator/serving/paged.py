@@ -1047,3 +1047,193 @@ class PagedReplica:
         if self.pod.shared_queue is None:
             out += list(self.waiting)
         return out
+
+
+# ---- disaggregated pools (serving/disagg.py) --------------------------------------------
+# Both subclasses override methods of PagedReplica that its hot paths call by name: plan calls
+# _admit and _fit_at, _commit calls _finish_due, on_arrival and cut_for call _cut_point, which
+# calls _fits_now. An aggregated fleet runs PagedReplica itself and never pays for them.
+class PrefillReplica(PagedReplica):
+    """A replica of a disaggregated fleet's prefill pool (``kv_allocation = "paged"``).
+
+    Its requests carry ``out = 1``: the iteration of a prompt's last chunk (chunked prefill,
+    prefix caching as in an aggregated fleet) yields the first token. Instead of completing, the
+    request is then handed to the pool (``pod.handoff``) and its KV stays: its own blocks and its
+    references to cached prefix blocks, until the pool calls :meth:`release` (the decode replica
+    admitted it). Until then those blocks are not free, so a slow link or a full decode pool
+    backs up into prefill. Handed-off requests are neither running nor waiting: never preempted.
+    """
+
+    __slots__ = ()
+
+    def _finish_due(self) -> None:
+        heap = self.heap
+        it = self.it
+        end = self.run_end
+        cnt = self.cnt
+        hand = self.pod.handoff  # type: ignore[attr-defined]
+        while heap and heap[0][0] < it:
+            f, _, r = heapq.heappop(heap)
+            self.n -= 1
+            self.S -= r.eff - r.join_it
+            cnt[r.rho] -= 1
+            r.kv_tokens = r.eff + f - r.join_it  # the prompt (the first token's KV is not written)
+            r.kv_held = r.held  # its cached prefix blocks stay referenced until release()
+            r.held = 0
+            hand(r, end, self)
+        self.cum = None
+        if self.n == 0:
+            self.S = 0.0
+
+    def release(self, r: Request) -> None:
+        """The KV of handed-off request ``r`` has left (the decode replica admitted it): free its
+        blocks and drop its references to cached ones (those stay cached, in LRU order); start
+        the next run if the replica was waiting for the space."""
+        r.held = r.kv_held  # type: ignore[attr-defined]
+        self._drop(r, r.kv_tokens)  # type: ignore[attr-defined]
+        r.kv_held = 0  # type: ignore[attr-defined]
+        self.outstanding -= 1
+        if not self.busy:
+            if self.pod.shared_queue is not None:
+                self.pod.router.dispatch()
+            elif self.waiting:
+                self.plan(self.env.now)
+
+    def is_empty(self) -> bool:
+        """Also holds no KV of handed-off requests (``outstanding`` counts them)."""
+        return PagedReplica.is_empty(self) and self.outstanding == 0
+
+
+class DecodeReplica(PagedReplica):
+    """A replica of a disaggregated fleet's decode pool (``kv_allocation = "paged"``).
+
+    A request whose prompt KV has arrived (``gen == 0``) is admitted, first come first served,
+    while the batch has room, the iteration's token budget has one token for it and the free
+    blocks hold its prompt's KV plus the token it writes in its first iteration,
+    ``prompt // b + 1`` blocks (above the watermark when others run). It joins the decode set
+    with no prefill compute: its first token came from the prefill pool, so the iteration it
+    joins makes its second token at context prompt + 1 (``join_it = it - 1``). The pod is told
+    which requests joined at which boundary (``pod.on_admitted``) and frees their KV in the
+    prefill pool then.
+
+    **Preemption.** Decode growth that finds no free block preempts as in an aggregated fleet
+    (the most recently admitted request, vLLM V1's policy). The victim is recomputed on this
+    replica: it goes back to the front of the queue and is prefilled again (chunked) over its
+    prompt plus the tokens it has generated (``gen > 0``), as vLLM's decode instance of a
+    disaggregated deployment recomputes locally; its KV is not fetched again from the prefill
+    pool. Decode-side prefix caching is not modelled (the pool runs with it off).
+    """
+
+    __slots__ = ("joined",)
+
+    def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:
+        super().__init__(index, pod, cfg)
+        self.joined: list[Request] = []  # admitted while planning the current boundary
+
+    def plan(self, T: float) -> None:
+        PagedReplica.plan(self, T)
+        joined = self.joined
+        if joined:
+            self.joined = []
+            self.pod.on_admitted(joined, T, self)  # type: ignore[attr-defined]
+
+    def _admit(self, it: int) -> None:
+        """Admit waiting requests into iteration ``it``: arrived KV joins the decode set,
+        a preempted request (at the front) is recomputed by chunks; first come first served."""
+        w = self.waiting
+        nt = self.n + len(self.pre)
+        budget = self.budget
+        b = self.b
+        lb = self.lb
+        g = self.g
+        max_batch = self.max_batch
+        while w and nt < max_batch and budget > 0:
+            r = w[0]
+            wm = self.wm if nt else 0
+            if r.gen:  # preempted here: recompute prompt + generated tokens
+                eff = r.eff
+                c = eff
+                if eff > budget:
+                    if not self.chunked:
+                        break
+                    c = budget
+                need = -(-c // b)
+                if need > self.free + g * len(self.lru) - wm:
+                    break
+                w.popleft()
+                r.held = 0
+                r.done = 0
+                self.adm_seq += 1
+                r.adm = self.adm_seq
+                self.pre.append(r)
+                self._take(need)
+                self._chunk(r, c, it)
+                budget -= c
+                nt += 1
+                continue
+            p = r.eff  # the prompt, whose KV arrived
+            need = (p >> lb) + 1  # its blocks and the one its first decode step may open
+            if need > self.free + g * len(self.lru) - wm:
+                break
+            w.popleft()
+            self._take(need)
+            self.adm_seq += 1
+            r.adm = self.adm_seq
+            r.done = p
+            r.join_it = it - 1
+            rho = (it - p) & self.mask
+            r.rho = rho
+            self.cnt[rho] += 1
+            self.cum = None
+            self.S += p - (it - 1)
+            heapq.heappush(self.heap, (it + r.out - 2, r.rid, r))
+            self.n += 1
+            budget -= 1
+            nt += 1
+            self.joined.append(r)
+        self.budget = budget
+
+    def _join_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
+        """Whether arrived request ``r`` joins a boundary with ``n`` sequences, ``budget``
+        tokens left and ``x`` blocks taken by the decodes since now."""
+        if n >= self.max_batch or budget <= 0:
+            return False
+        avail = self.free + self.g * len(self.lru) - x
+        return (r.eff >> self.lb) + 1 <= avail - (self.wm if n else 0)
+
+    def _fits_now(self, r: Request) -> bool:
+        if r.gen:
+            return PagedReplica._fits_now(self, r)
+        return self._join_fits(r, self.n + len(self.pre), self.budget, 0)
+
+    def _fit_at(self, r: Request, n: int, x: int) -> bool:
+        if r.gen:
+            return PagedReplica._fit_at(self, r, n, x)
+        return self._join_fits(r, n, self.max_tokens - n, x)
+
+    def _cut_point(self, r: Request) -> int:
+        """As :meth:`PagedReplica._cut_point` (no central queue, no prefix cache here): the free
+        blocks only shrink during a run, so the first boundary after the arrival is the only
+        one to test."""
+        ta = self.env.now
+        T0 = self.T0
+        k = self.k
+        if ta <= T0:
+            if self._fits_now(r):
+                return 0
+            j = 1
+        elif ta <= T0 + self.t_first:
+            j = 1
+        else:
+            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
+            self.cut_m = m
+            self.cut_rt = rt
+            j = 1 + m
+        if j >= k:
+            return -1
+        n1 = self.n + len(self.pf)
+        return j if self._fit_at(r, n1, self._blocks(self.it + 1, j, n1)) else -1
+
+    def is_empty(self) -> bool:
+        """Also expects no KV in transfer to it (``outstanding`` counts those)."""
+        return PagedReplica.is_empty(self) and self.outstanding == 0
