@@ -72,9 +72,37 @@ def test_leave_one_model_out_error(fits, gpu):
 
 @pytest.mark.parametrize("gpu", ["h100-sxm", "a100-80gb"])
 def test_allreduce_table(fits, gpu):
-    for n, (med, frac) in fits[gpu].allreduce_err.items():
-        assert med <= 0.03, n
-        assert frac >= 0.85, n
+    """Over the message sizes TP uses (vidur.ALLREDUCE_BANDS): prefill sizes 12-64 MiB within
+    10% at nearly every measured size, also leaving each measurement out; decode sizes
+    8 KiB-12 MiB at a median error of a few percent, the fraction within 10% being held down by
+    the measurements' own scatter (see vidur.AllreduceCheck); the extrapolation beyond the
+    largest measured size tested on the top octave."""
+    assert set(fits[gpu].allreduce_checks) == {2, 4, 8}
+    for n, checks in fits[gpu].allreduce_checks.items():
+        by = {c.band: c for c in checks}
+        assert by["prefill"].n > 500 and by["decode"].n > 400
+        assert by["prefill"].within10 >= 0.98 and by["prefill"].loo_within10 >= 0.98, n
+        assert by["decode"].median_err <= 0.03 and by["decode"].loo_median_err <= 0.04, n
+        assert by["decode"].within10 >= 0.75 and by["decode"].loo_within10 >= 0.70, n
+        lo, hi = fits[gpu].allreduce_extrapolation[n]
+        assert -0.15 <= lo <= hi <= 0.10, n
+
+
+def test_allreduce_running_median_and_leave_one_out():
+    # time linear in size (a latency plus a bandwidth term): the table and its leave-one-out
+    # predictions follow it to within the asymmetry of a window of linearly spaced sizes
+    # (1-2%, largest at the top end, where the window is cut off)
+    pts = [(float(s), 20e-6 + s / 200e9) for s in range(8192, 8 * 2**20, 65536)]
+    table = vidur.allreduce_table(pts)
+    assert all(abs(t / (20e-6 + s / 200e9) - 1) < 0.02 for s, t in table)
+    loo = vidur.allreduce_leave_one_out(pts)
+    assert np.allclose(loo, [t for _, t in pts], rtol=0.03)
+    # one outlier: the running median ignores it, leaving it out predicts its neighbours
+    noisy = [(s, 3 * t if i == 40 else t) for i, (s, t) in enumerate(pts)]
+    checks = vidur.allreduce_checks(noisy, vidur.allreduce_table(noisy), {"all": (0, 1e12)})
+    (c,) = checks
+    assert c.n == len(pts) and c.loo_within10 == pytest.approx(1 - 1 / len(pts))
+    assert c.loo_worst == pytest.approx(2 / 3, rel=0.05)
 
 
 def test_vectorised_gemm_matches_the_simulator():

@@ -34,6 +34,8 @@ from fleetsim.device.kernels import (
 )
 from fleetsim.device.modelspec import ModelSpec
 
+_ceil = math.ceil
+
 
 @dataclass(frozen=True, slots=True)
 class PowerSpec:
@@ -149,7 +151,8 @@ Profile = RooflineProfile | LinearProfile
 class RunCoeffs:
     """A decode run with ``n`` sequences: step ``i`` at context ``C_i`` takes
     ``base + max(a1 + b1*C_i, a2 + b2*C_i)`` seconds and moves ``fa + fb*C_i`` FLOPs and
-    ``ba + bb*C_i`` bytes."""
+    ``ba + bb*C_i`` bytes. ``da`` and ``db`` (``a1 - a2``, ``b1 - b2``) are derived, for
+    :func:`run_time`."""
 
     base: float
     a1: float
@@ -160,6 +163,12 @@ class RunCoeffs:
     fb: float
     ba: float
     bb: float
+    da: float = field(init=False, repr=False, compare=False)
+    db: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "da", self.a1 - self.a2)
+        object.__setattr__(self, "db", self.b1 - self.b2)
 
 
 def run_sums(c: RunCoeffs, c0: float, n: int, m: int) -> tuple[float, float, float]:
@@ -175,29 +184,35 @@ def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
     :func:`run_sums`, inlined: it is on the engine's hot path)."""
     if m <= 0:
         return 0.0
-    da = c.a1 - c.a2
-    db = c.b1 - c.b2
+    # the steps before the lines cross (s of them) are on one line, the rest on the other
+    db = c.db
     slope = db * n
-    g0 = da + db * c0
+    g0 = c.da + db * c0
     if slope == 0.0:
         s, first_is_1 = m, g0 >= 0.0
     else:
-        s = math.ceil(-g0 / slope)
+        s = _ceil(-g0 / slope)
         if s < 0:
             s = 0
         elif s > m:
             s = m
         first_is_1 = slope < 0.0
-    if first_is_1:
-        a_, b_, a2, b2 = c.a1, c.b1, c.a2, c.b2
-    else:
-        a_, b_, a2, b2 = c.a2, c.b2, c.a1, c.b1
     t = m * c.base
-    if s > 0:
-        t += s * (a_ + b_ * c0) + b_ * n * (s * (s - 1) / 2.0)
     r = m - s
-    if r > 0:
-        t += r * (a2 + b2 * c0) + b2 * n * (r * (s + m - 1) / 2.0)
+    if first_is_1:
+        if s > 0:
+            b_ = c.b1
+            t += s * (c.a1 + b_ * c0) + b_ * n * (s * (s - 1) / 2.0)
+        if r > 0:
+            b_ = c.b2
+            t += r * (c.a2 + b_ * c0) + b_ * n * (r * (s + m - 1) / 2.0)
+    else:
+        if s > 0:
+            b_ = c.b2
+            t += s * (c.a2 + b_ * c0) + b_ * n * (s * (s - 1) / 2.0)
+        if r > 0:
+            b_ = c.b1
+            t += r * (c.a1 + b_ * c0) + b_ * n * (r * (s + m - 1) / 2.0)
     return t
 
 
@@ -281,7 +296,8 @@ class LatencyModel:
                 self._comm_b = 2.0 * m.n_layers * ring * act_bytes / p.link_bw_bytes_per_s
             else:
                 self._comm_a = self._comm_b = 0.0
-        self._coeff_cache: dict[int, RunCoeffs] = {}
+        #: :meth:`run_coeffs` by batch size (read directly by the engines' hot paths)
+        self.coeff_cache: dict[int, RunCoeffs] = {}
         self._kern: KernelFit | None = None
         if isinstance(profile, RooflineProfile) and profile.kernels is not None:
             self._init_kernels(profile, profile.kernels)
@@ -371,28 +387,44 @@ class LatencyModel:
         self, p_tokens: int, pairs: float, n_prefill: int, n: int, ctx: float
     ) -> tuple[float, float, float]:
         """Time (s), FLOPs and bytes of one iteration (see the module docstring)."""
+        # the engine's hot path (once per run): attributes and caches read directly, the
+        # helpers (_weights, step_time, run_coeffs, linear_time) inlined where their values are
+        # cached; the same float operations in the same order as theirs (bit-identical)
+        f_lin = self.f_lin
+        f_head = self.f_head
+        f_pair = self.f_pair
         flops = (
-            p_tokens * self.f_lin
-            + pairs * self.f_pair
-            + n_prefill * self.f_head
-            + n * (self.f_lin + self.f_head)
-            + ctx * self.f_pair
+            p_tokens * f_lin
+            + pairs * f_pair
+            + n_prefill * f_head
+            + n * (f_lin + f_head)
+            + ctx * f_pair
         )
         tokens = p_tokens + n
-        nbytes = self._weights(tokens) + self.kvb * (ctx + tokens)
+        nbytes = (
+            self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
+        ) + self.kvb * (ctx + tokens)
         if p_tokens == 0:  # a pure decode step: the run formula, so both modes agree exactly
-            return step_time(self.run_coeffs(n), ctx), flops, nbytes
-        prof = self.profile
+            c = self.coeff_cache.get(n)
+            if c is None:
+                c = self.run_coeffs(n)
+            x1 = c.a1 + c.b1 * ctx
+            x2 = c.a2 + c.b2 * ctx
+            return c.base + (x1 if x1 > x2 else x2), flops, nbytes
         if self._kern is not None:
             att = (pairs + ctx) * self._att_c
-            kv = ctx * self._att_m
-            t = (
-                self._oh
-                + self.linear_time(tokens, n_prefill + n)
-                + (att if att > kv else kv)
-                + tokens * self._att_m
+            att_m = self._att_m
+            kv = ctx * att_m
+            lt = self._tok_cache.get(tokens)
+            hd = self._head_cache.get(n_prefill + n)
+            lt = (
+                lt + hd
+                if lt is not None and hd is not None
+                else self.linear_time(tokens, n_prefill + n)
             )
-        elif isinstance(prof, LinearProfile):
+            return self._oh + lt + (att if att > kv else kv) + tokens * att_m, flops, nbytes
+        prof = self.profile
+        if isinstance(prof, LinearProfile):
             t = (
                 prof.base_s
                 + prof.prefill_base_s
@@ -409,7 +441,7 @@ class LatencyModel:
     # -- decode runs -----------------------------------------------------------------------
     def run_coeffs(self, n: int) -> RunCoeffs:
         """Coefficients of a decode step of ``n`` sequences (cached per ``n``)."""
-        c = self._coeff_cache.get(n)
+        c = self.coeff_cache.get(n)
         if c is not None:
             return c
         fa = n * (self.f_lin + self.f_head)
@@ -437,7 +469,7 @@ class LatencyModel:
             rc = self._rc_peak * self._eff_c(n)
             base = self._oh + self._comm_a + self._comm_b * n
             c = RunCoeffs(base, fa / rc, fb / rc, ba / self._rm, bb / self._rm, fa, fb, ba, bb)
-        self._coeff_cache[n] = c
+        self.coeff_cache[n] = c
         return c
 
     # -- convenience for reports and tests --------------------------------------------------

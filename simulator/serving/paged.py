@@ -54,7 +54,6 @@ from itertools import accumulate, islice
 from typing import TYPE_CHECKING
 
 import simpy
-from simpy.events import Timeout
 
 from fleetsim.device.latency import (
     LatencyModel,
@@ -63,6 +62,7 @@ from fleetsim.device.latency import (
     step_time,
     steps_to_reach,
 )
+from fleetsim.serving.events import NORMAL, Wake, queue_of
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -119,6 +119,10 @@ class PagedReplica:
         "S",
         "T0",
         "__weakref__",
+        "_coeffs",
+        "_eid",
+        "_queue",
+        "_wake_cbs",
         "adm_seq",
         "armed_t",
         "b",
@@ -128,11 +132,12 @@ class PagedReplica:
         "cache",
         "cfg",
         "chunked",
-        "cnt",
+        "cnt2",
         "coef",
         "cum",
         "cut_m",
         "cut_rt",
+        "cut_x",
         "dec_s",
         "env",
         "free",
@@ -191,7 +196,9 @@ class PagedReplica:
         self.g = max(1, kv.hash_tokens // b)
         self.cache: dict[int, int] = {}  # resident block id -> references
         self.lru: OrderedDict[int, None] = OrderedDict()  # unreferenced resident ids, LRU first
-        self.cnt = [0] * b  # decoding sequences by block residue
+        # decoding sequences by block residue, written twice (cnt2[i] == cnt2[i + b]) so that a
+        # run's partial sum is one slice: sum(cnt2[s : s + rem]) for any s < b, rem <= b
+        self.cnt2 = [0] * (2 * b)
         self.cum: list[int] | None = None  # cumulative(cnt), None when cnt changed
         self.lb = b.bit_length() - 1  # log2(b)
         self.waiting: deque[Request] = pod.shared_queue if pod.shared_queue is not None else deque()
@@ -222,8 +229,14 @@ class PagedReplica:
         self.dec_s = 0.0
         self.cut_m = -1
         self.cut_rt = 0.0
+        self.cut_x = -1  # _cut_point's block count for _commit(j) (-1: none)
         self.armed_t: float | None = None
         self.token = 0
+        # run-end events go straight onto the environment's queue (serving/events.py)
+        self._queue = queue_of(self.env)
+        self._eid = self.env._eid
+        self._wake_cbs = [self._on_wake]
+        self._coeffs = self.lat.coeff_cache  # run coefficients by batch size (filled by lat)
 
     # ---- blocks -------------------------------------------------------------------------------
     def used_blocks(self) -> int:
@@ -250,7 +263,7 @@ class PagedReplica:
         """:func:`blocks_in` of the replica's decoding sequences (``n`` of them)."""
         cum = self.cum
         if cum is None:
-            cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
+            cum = self.cum = list(accumulate(self.cnt2, initial=0))
         s = it & self.mask
         return (m >> self.lb) * n + cum[s + (m & self.mask)] - cum[s]
 
@@ -260,7 +273,7 @@ class PagedReplica:
             return 0
         cum = self.cum
         if cum is None:
-            cum = self.cum = list(accumulate(self.cnt + self.cnt, initial=0))
+            cum = self.cum = list(accumulate(self.cnt2, initial=0))
         q, R = divmod(avail, n)
         s = it & self.mask
         return (q << self.lb) + bisect_right(cum, cum[s] + R, s) - s
@@ -344,7 +357,8 @@ class PagedReplica:
             self._drop(r, r.eff + (it - r.join_it if after_alloc else it - 1 - r.join_it))
             self.n -= 1
             self.S -= r.eff - r.join_it
-            self.cnt[r.rho] -= 1
+            self.cnt2[r.rho] -= 1
+            self.cnt2[r.rho + self.b] -= 1
             self.cum = None
             self.heap = [e for e in self.heap if e[2] is not r]
             heapq.heapify(self.heap)
@@ -393,7 +407,8 @@ class PagedReplica:
             self.pf.append(r)
             rho = (it + 1 - nd) & self.mask
             r.rho = rho
-            self.cnt[rho] += 1
+            self.cnt2[rho] += 1
+            self.cnt2[rho + self.b] += 1
             self.cum = None
             if r.gen == 0:
                 self.P_first += r.prompt
@@ -405,11 +420,11 @@ class PagedReplica:
         mask = self.mask
         g = self.g
         if self.n:
-            d = self.cnt[it & mask]
+            d = self.cnt2[it & mask]
             if d:
                 while d > self.free + g * len(self.lru):
                     self._preempt_last(it, False)
-                    d = self.cnt[it & mask]
+                    d = self.cnt2[it & mask]
                 self._take(d)
         self.budget = self.max_tokens - self.n
         b = self.b
@@ -465,11 +480,8 @@ class PagedReplica:
                 w.popleft()
                 if shared:
                     self.outstanding += 1
-                r.held = 0
-                r.done = 0
+                # (r.held is 0 and r.cached stays 0: it holds no cached blocks on this path)
                 pre_n = r.preemptions
-                if r.gen == 0 and pre_n == 0:
-                    r.cached = 0
                 self.adm_seq += 1
                 r.adm = self.adm_seq
                 self.pre.append(r)
@@ -487,7 +499,9 @@ class PagedReplica:
                     self.pf.append(r)
                     rho = (it + 1 - c) & self.mask
                     r.rho = rho
-                    self.cnt[rho] += 1
+                    cnt2 = self.cnt2
+                    cnt2[rho] += 1
+                    cnt2[rho + b] += 1
                     self.cum = None
                     if r.gen == 0:
                         self.P_first += r.prompt
@@ -615,15 +629,22 @@ class PagedReplica:
             return
         it = self.it
         mask = self.mask
+        sq = pod.shared_queue
         if not self.planned:
             self.planned = True
-            if self.pre or (self.n and self.cnt[it & mask]):
+            n = self.n
+            d = self.cnt2[it & mask] if n else 0
+            if self.pre or d > self.free:
                 self._schedule_running(it)
-            else:  # the common case: no block to allocate, no chunk to continue
-                self.budget = self.max_tokens - self.n
+            else:
+                # no chunk to continue and the decodes' new blocks (if any) are free ones:
+                # _schedule_running and _take inlined for this common case
+                if d:
+                    self.free -= d
+                self.budget = self.max_tokens - n
         w = self.waiting
         if w and self.budget > 0:
-            if pod.shared_queue is None:
+            if sq is None:
                 self._admit(it)
             elif pod.queue_floor <= T:
                 # a central queue is first come first served in time too: no admission before
@@ -638,9 +659,9 @@ class PagedReplica:
         if not nchunks and n == 0:
             self.planned = False
             self.busy = False
-            if w and pod.shared_queue is not None and pod.queue_floor > T:
+            if w and sq is not None and pod.queue_floor > T:
                 self._arm(pod.queue_floor)  # idle until the queue may move (see _on_wake)
-            if pod.shared_queue:
+            if sq:
                 pod.router.dispatch()
             return
         self.busy = True
@@ -665,13 +686,13 @@ class PagedReplica:
             not cfg.per_iteration
             and nxt > it
             and len(self.pre) == len(pf)
-            and not (w and self._fit_at(w[0], n1, self.cnt[(it + 1) & mask]))
+            and not (w and self._fit_at(w[0], n1, self.cnt2[(it + 1) & mask]))
         ):
             k = nxt - it + 1
             # the first decode step that finds no block ends the run (it preempts)
             free = self.free
             lru = self.lru
-            avail = free + self.g * len(lru)
+            avail = free + self.g * len(lru) if lru else free
             # no sequence needs more than ((k - 1) >> lb) + 1 new blocks in k - 1 steps
             worst = n1 * (((k - 1) >> self.lb) + 1)
             if avail < worst or (w and lru and free < worst):
@@ -684,7 +705,9 @@ class PagedReplica:
         dec = 0.0
         if k > 1:
             c1 = S1 + n1 * (it + 1)
-            coef = lat.run_coeffs(n1)
+            coef = self._coeffs.get(n1)
+            if coef is None:
+                coef = lat.run_coeffs(n1)
             self.n1 = n1
             self.c1 = c1
             self.coef = coef
@@ -706,11 +729,18 @@ class PagedReplica:
             token = self.token + 1
             self.token = token
             self.armed_t = end
-            env = self.env
-            now = env.now
-            Timeout(env, end - now if end > now else 0.0, token).callbacks.append(self._on_wake)
+            now = self.env._now
+            heapq.heappush(
+                self._queue,
+                (
+                    now + (end - now if end > now else 0.0),
+                    NORMAL,
+                    next(self._eid),
+                    Wake(self._wake_cbs, token),
+                ),
+            )
             self.rec.events += 1
-        if pod.shared_queue:
+        if sq:
             pod.router.dispatch()
 
     def _boundary(self, j: int) -> float:
@@ -725,12 +755,19 @@ class PagedReplica:
             return
         self.token += 1
         self.armed_t = t
-        now = self.env.now
-        ev = Timeout(self.env, t - now if t > now else 0.0, self.token)
-        ev.callbacks.append(self._on_wake)
+        now = self.env._now
+        heapq.heappush(
+            self._queue,
+            (
+                now + (t - now if t > now else 0.0),
+                NORMAL,
+                next(self._eid),
+                Wake(self._wake_cbs, self.token),
+            ),
+        )
         self.rec.events += 1
 
-    def _on_wake(self, ev) -> None:
+    def _on_wake(self, ev: Wake) -> None:
         if ev.value != self.token:
             return
         fired = self.armed_t
@@ -747,8 +784,9 @@ class PagedReplica:
         self.plan(end)
 
     # ---- committing iterations ----------------------------------------------------------------
-    def _commit(self, j: int, finish: bool = True) -> None:
-        """Account iterations [0, j) of the current run and advance the state past them."""
+    def _commit(self, j: int, finish: bool = True, x: int = -1) -> None:
+        """Account iterations [0, j) of the current run and advance the state past them;
+        ``x``: the new blocks of its decode steps if known (>= 0), else computed here."""
         # hot path (once per run): attributes read once into locals, _finish_due inlined into
         # locals too; the same float operations in the same order (bit-identical results)
         rec = self.rec
@@ -786,16 +824,17 @@ class PagedReplica:
             rec.recomputed_tokens[hf] += self.re_tok
         mask = self.mask
         if j > 1:  # the decode steps' new blocks (_blocks and _take's common case, inlined)
-            m = j - 1
-            x = (m >> self.lb) * n_first
-            rem = m & mask
+            if x < 0:
+                m = j - 1
+                x = (m >> self.lb) * n_first
+                rem = m & mask
+            else:
+                rem = 0
             if rem:
-                # blocks_in's partial sum as slices of cnt, not prefix sums: cnt changes about
-                # twice per request and rebuilding ``cum`` (2 b + 1 ints) each time cost more
-                cnt = self.cnt
+                # blocks_in's partial sum as a slice of cnt2, not prefix sums: cnt2 changes
+                # about twice per request and rebuilding ``cum`` (2 b + 1 ints) cost more
                 s0 = (it0 + 1) & mask
-                e = s0 + rem
-                x += sum(cnt[s0:e]) if e <= mask + 1 else sum(cnt[s0:]) + sum(cnt[: e - mask - 1])
+                x += sum(self.cnt2[s0 : s0 + rem])
             free = self.free
             if x <= free:
                 self.free = free - x
@@ -879,7 +918,8 @@ class PagedReplica:
         heap = self.heap
         it = self.it
         end = self.run_end
-        cnt = self.cnt
+        cnt2 = self.cnt2
+        b = self.b
         pod = self.pod
         complete = pod.rec.complete
         index = self.index
@@ -893,7 +933,9 @@ class PagedReplica:
             eff = r.eff
             join_it = r.join_it
             S -= eff - join_it
-            cnt[r.rho] -= 1
+            rho = r.rho
+            cnt2[rho] -= 1
+            cnt2[rho + b] -= 1
             tokens = eff + f - join_it  # the last token's KV is never written
             ids = r.ids
             session = r.session
@@ -908,7 +950,7 @@ class PagedReplica:
                 self._drop(r, tokens)
                 free = self.free
             else:
-                free += -(-tokens // self.b)
+                free += -(-tokens // b)
             self.outstanding -= 1
             complete(r, end, index)
             pod.in_flight -= 1
@@ -930,7 +972,7 @@ class PagedReplica:
             j = self._cut_point(r)
             if j >= 0:
                 if j > 0:
-                    self._commit(j)
+                    self._commit(j, True, self.cut_x)
                 self.plan(self.T0)
 
     def _cut_point(self, r: Request) -> int:
@@ -970,11 +1012,9 @@ class PagedReplica:
             mask = self.mask
             x = (j >> self.lb) * n1
             rem = j & mask
-            if rem:  # blocks_in's partial sum as slices of cnt (see _commit)
-                cnt = self.cnt
+            if rem:  # blocks_in's partial sum as a slice of cnt2 (see _commit)
                 s = it1 & mask
-                e = s + rem
-                x += sum(cnt[s:e]) if e <= mask + 1 else sum(cnt[s:]) + sum(cnt[: e - mask - 1])
+                x += sum(self.cnt2[s : s + rem])
             eff = r.eff
             if eff > budget:
                 if not self.chunked:
@@ -982,7 +1022,13 @@ class PagedReplica:
                 eff = budget
             lru = self.lru
             avail = self.free + (self.g * len(lru) if lru else 0) - x
-            return j if -(-eff // self.b) <= avail - (self.wm if n1 else 0) else -1
+            if -(-eff // self.b) > avail - (self.wm if n1 else 0):
+                return -1
+            # the blocks of the cut's j - 1 decode steps, for _commit (the last one's are taken
+            # when the run from boundary j is planned)
+            self.cut_x = x - self.cnt2[(it1 + j - 1) & mask]
+            return j
+        self.cut_x = -1
         if self._fit_at(r, n1, self._blocks(it1, j, n1)):
             return j
         if not (self.lru):
@@ -1020,7 +1066,7 @@ class PagedReplica:
         if j < 0:
             return
         if j > 0:
-            self._commit(j)
+            self._commit(j, True, self.cut_x)
         self.plan(self.T0)
 
     # ---- the port (fleetsim.serving.ports.ReplicaPort) ----------------------------------------
@@ -1070,13 +1116,15 @@ class PrefillReplica(PagedReplica):
         heap = self.heap
         it = self.it
         end = self.run_end
-        cnt = self.cnt
+        cnt2 = self.cnt2
+        b = self.b
         hand = self.pod.handoff  # type: ignore[attr-defined]
         while heap and heap[0][0] < it:
             f, _, r = heapq.heappop(heap)
             self.n -= 1
             self.S -= r.eff - r.join_it
-            cnt[r.rho] -= 1
+            cnt2[r.rho] -= 1
+            cnt2[r.rho + b] -= 1
             r.kv_tokens = r.eff + f - r.join_it  # the prompt (the first token's KV is not written)
             r.kv_held = r.held  # its cached prefix blocks stay referenced until release()
             r.held = 0
@@ -1183,7 +1231,8 @@ class DecodeReplica(PagedReplica):
             r.join_it = it - 1
             rho = (it - p) & self.mask
             r.rho = rho
-            self.cnt[rho] += 1
+            self.cnt2[rho] += 1
+            self.cnt2[rho + b] += 1
             self.cum = None
             self.S += p - (it - 1)
             heapq.heappush(self.heap, (it + r.out - 2, r.rid, r))
@@ -1232,6 +1281,7 @@ class DecodeReplica(PagedReplica):
         if j >= k:
             return -1
         n1 = self.n + len(self.pf)
+        self.cut_x = -1  # (on_arrival passes it to _commit: none computed here)
         return j if self._fit_at(r, n1, self._blocks(self.it + 1, j, n1)) else -1
 
     def is_empty(self) -> bool:

@@ -18,6 +18,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
+from heapq import heappush
 
 import numpy as np
 import simpy
@@ -28,6 +29,7 @@ from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica
+from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
 from fleetsim.serving.paged import PagedReplica
 from fleetsim.serving.ports import RequestSink
 from fleetsim.serving.recorder import Recorder
@@ -151,6 +153,11 @@ class Pod:
         self._ids: list[list[int]] | None = None
         self._i = 0
         self._hour = -1
+        # the next arrival, as a serving.events.Stream: processed by run_until in its turn
+        # as if it were an event in the queue with key (next_t, NORMAL, next_eid)
+        self.next_t = math.inf
+        self.next_eid = 0
+        self._ticks: list[tuple[float, int, int, Wake]] = []
 
     def _open_arrivals(
         self, rs: Resolved, n_pods: int, source: str, seeds: list[np.random.SeedSequence]
@@ -242,12 +249,16 @@ class Pod:
         return False
 
     def _schedule_arrival(self) -> None:
-        now = self.env.now
+        """Set the next arrival (the key a Timeout(t - now) would get; counted as an event)."""
+        env = self.env
+        now = env._now
         t = self._times[self._i]
-        Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
+        self.next_t = now + (t - now if t > now else 0.0)
+        self.next_eid = next(env._eid)
         self.rec.events += 1
 
-    def _arrive(self, _ev: Timeout) -> None:
+    def _arrive(self) -> None:
+        """The next arrival is due (``fire``: called by run_until, the pod is its Stream)."""
         i = self._i
         t = self._times[i]
         p = self._p[i]
@@ -278,11 +289,17 @@ class Pod:
         self._i = i
         if i < len(self._times):  # _schedule_arrival(), inlined
             t = self._times[i]
-            now = self.env.now
-            Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
+            env = self.env
+            now = env._now
+            self.next_t = now + (t - now if t > now else 0.0)
+            self.next_eid = next(env._eid)
             self.rec.events += 1
         elif self._next_chunk():
             self._schedule_arrival()
+        else:
+            self.next_t = math.inf
+
+    fire = _arrive
 
     # ---- sessions -----------------------------------------------------------------------------
     def turn_done(self, r: Request, end_s: float) -> None:
@@ -320,23 +337,32 @@ class Pod:
         self._route(r)
 
     # ---- hours --------------------------------------------------------------------------------
-    def _tick(self, h: int, _ev: Timeout) -> None:
+    def _tick(self, h: int, _ev: Wake) -> None:
         self.rec.flush_until(h)
         if self._progress is not None:
             self._progress(1)
+        if h + 1 < self.hours:  # the next hour's tick, with the key reserved for it in run()
+            heappush(queue_of(self.env), self._ticks[h])
 
     # ---- run ----------------------------------------------------------------------------------
     def run(self) -> Recorder:
         env = self.env
-        for h in range(1, self.hours):
-            env.timeout(h * HOUR_S).callbacks.append(partial(self._tick, h))
+        # the hour ticks: keys (time, priority, event id) drawn now, as env.timeout(h * HOUR_S)
+        # would, but each pushed onto the queue only when the one before has fired: the same
+        # order of events, with a queue 23 entries shorter (each push and pop is cheaper)
+        self._ticks = [
+            (env._now + h * HOUR_S, NORMAL, next(env._eid), Wake([partial(self._tick, h)]))
+            for h in range(1, self.hours)
+        ]
+        if self._ticks:
+            heappush(queue_of(env), self._ticks[0])
         if self._next_chunk():
             self._schedule_arrival()
         if not self.active:
             self.hold()
         if self.scaler is not None:
             self.scaler.start()
-        env.run(until=self.horizon_s)
+        run_until(env, self.horizon_s, self)
         for rep in self.replicas:  # work still running at the horizon: account it, finish nothing
             rep.stop()
         if self.scaler is not None:  # close the power-state intervals
