@@ -84,3 +84,44 @@ def test_report_without_scenario_says_so(run):
 def test_report_of_a_folder_without_a_run(tmp_path):
     with pytest.raises(UserError, match=r"no hourly\.parquet"):
         main([str(tmp_path)])
+
+
+def test_flat_day_is_simulated_once_per_run(run, tmp_path, monkeypatch):
+    """The flat day is kept in flat-day.json: a second report of the same run reads it (no
+    simulation at all); another seed, or a damaged file, simulates again."""
+    import shutil
+
+    from fleetsim.apps import simulate as sim_mod
+    from fleetsim.apps.report import FLAT_FILE
+
+    res, src = run
+    out = tmp_path / "o"
+    shutil.copytree(src, out)
+    (out / FLAT_FILE).unlink(missing_ok=True)
+    calls = []
+    real = sim_mod.simulate
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sim_mod, "simulate", counting)
+    assert main([str(out)]) == 0
+    first = json.loads((out / "peak.json").read_text())
+    cached = json.loads((out / FLAT_FILE).read_text())
+    assert len(calls) == 1 and cached["flat_day_cost_usd"] == first["flat_day_cost_usd"]
+    assert main([str(out)]) == 0  # again: read from flat-day.json
+    assert len(calls) == 1
+    assert json.loads((out / "peak.json").read_text()) == first
+    # a file made for another scenario (here: another key) or unreadable is not trusted
+    for bad in ({**cached, "key": "0" * 64, "flat_day_cost_usd": 1.0}, "{not json"):
+        (out / FLAT_FILE).write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        assert main([str(out)]) == 0
+        assert json.loads((out / "peak.json").read_text()) == first
+    assert len(calls) == 3
+    # `run --report` keeps it too: write_report with a result saves flat-day.json
+    out2 = tmp_path / "o2"
+    out2.mkdir()
+    write_report(out2, result=res)
+    assert json.loads((out2 / FLAT_FILE).read_text())["key"] == cached["key"]
+    assert len(calls) == 4

@@ -56,7 +56,14 @@ from fleetsim.config.scenario import apply_overrides, read_toml, resolve, scenar
 
 # Mooncake conversation trace (FAST'25), lognormal fit computed from its 12,031 requests:
 # log-mean/log-sigma of input_length and output_length (median = exp(log-mean)).
-MOONCAKE_PROMPT = {"dist": "lognormal", "median": 6909, "sigma": 1.199, "min": 891, "max": 32768}
+MOONCAKE_MAX_PROMPT = 32768  # the long workload's cap (6.9% of the trace's prompts are longer)
+MOONCAKE_PROMPT = {
+    "dist": "lognormal",
+    "median": 6909,
+    "sigma": 1.199,
+    "min": 891,
+    "max": MOONCAKE_MAX_PROMPT,
+}
 MOONCAKE_OUTPUT = {"dist": "lognormal", "median": 350, "sigma": 1.358, "min": 1, "max": 2000}
 FACTORS = (1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 WARMUP_S = 1800.0
@@ -247,8 +254,8 @@ def run_crossover(
         info[name] = (rate, *info[name][1:])
     if long_trace is not None:  # the long workload replays the trace at the measured rate
         assert tmp is not None
-        cap = int(MOONCAKE_PROMPT["max"])
-        path, _ = scaled_trace(long_trace, info["long"][0], cap, tmp / "long-trace.jsonl")
+        dest = tmp / "long-trace.jsonl"
+        path, _ = scaled_trace(long_trace, info["long"][0], MOONCAKE_MAX_PROMPT, dest)
         wls["long"] = {**wls["long"], "trace": path}
     for name, wl in wls.items():
         rate = info[name][0]

@@ -13,7 +13,11 @@ memory (``fleetsim run --report``), this writes into ``DIR``:
 The peak-hour analysis gives the busiest hour's share of the day's cost, the cost per request
 at the busiest and the quietest hour, and the *marginal cost of the peak*: the day's cost minus
 the cost of the same day with the same requests spread evenly over it (``traffic.diurnal =
-"flat"``), re-simulated from the scenario when it is available. Every file is written atomically.
+"flat"``), re-simulated from the scenario when it is available. The re-simulation takes as long
+as the run itself, so its result is kept in ``DIR/flat-day.json``, keyed by the flat scenario
+(its canonical JSON, the seed included) and the fleetsim version: a later report of the same run
+reads it instead of simulating again (``fleetsim run --report`` writes it too). Every file is
+written atomically.
 """
 
 from __future__ import annotations
@@ -376,9 +380,46 @@ def _plot_latency(plt: Any, d: RunData, c: dict[str, Any], slo: dict[str, float]
 
 # ---------------------------------------------------------------------------------------------
 # peak-hour analysis
-def flat_day_cost(cfg: dict[str, Any], source: str = "", progress=None) -> tuple[float | None, str]:
+FLAT_FILE = "flat-day.json"
+
+
+def flat_day_key(flat: dict[str, Any]) -> str:
+    """The cache key of a flat-day scenario: SHA-256 of its canonical JSON and the version."""
+    import hashlib
+
+    from fleetsim.base.version import __version__
+
+    text = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{__version__}\n{text}".encode()).hexdigest()
+
+
+def _cached_flat(path: Path | None, key: str) -> float | None:
+    """The cost in ``path`` (a flat-day.json) if its key is ``key``; None otherwise (absent,
+    unreadable, another scenario or version: then the day is simulated again)."""
+    if path is None or not path.is_file():
+        return None
+    from fleetsim.base import io
+
+    try:
+        d, _ = io.load_json(path, "", io.MAX_CONFIG_BYTES)
+    except UserError:
+        return None
+    v = d.get("flat_day_cost_usd") if isinstance(d, dict) else None
+    if d.get("key") != key or isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def flat_day_cost(
+    cfg: dict[str, Any],
+    source: str = "",
+    progress=None,
+    cache: Path | None = None,
+    save: Path | None = None,
+) -> tuple[float | None, str]:
     """The day's cost with the same requests spread evenly (``diurnal = "flat"``), or None and
-    why not."""
+    why not. ``cache``: a flat-day.json to reuse if it was made for the same flat scenario;
+    ``save``: where to write the one computed (or reused)."""
     from fleetsim.apps.simulate import simulate
     from fleetsim.base.errors import ScenarioError
     from fleetsim.config.scenario import scenario_from_dict
@@ -400,21 +441,35 @@ def flat_day_cost(cfg: dict[str, Any], source: str = "", progress=None) -> tuple
     share = (sum(per_sim_hour(w, hod0, hours)) / hours) / (sum(w) / 24.0)
     tr["requests_per_day"] = float(tr.get("requests_per_day", 1_000_000.0)) * share
     tr["diurnal"] = "flat"
-    try:
-        sc = scenario_from_dict(flat, source or "scenario (from metadata)")
-        step = None
-        if progress is not None:  # (pod-hours: the simulated pods x the hours)
-            from fleetsim.apps.simulate import pods_to_simulate
+    key = flat_day_key(flat)
+    cost = _cached_flat(cache, key)
+    if cost is None:
+        try:
+            sc = scenario_from_dict(flat, source or "scenario (from metadata)")
+            step = None
+            if progress is not None:  # (pod-hours: the simulated pods x the hours)
+                from fleetsim.apps.simulate import pods_to_simulate
 
-            step = progress(len(pods_to_simulate(sc)) * sc.simulation.hours)
-        res = simulate(sc, source=source, progress=step)
-    except (UserError, ScenarioError) as exc:
-        return None, f"the scenario could not be re-simulated here ({exc})"
-    return float(res.totals.total_cost_usd), ""
+                step = progress(len(pods_to_simulate(sc)) * sc.simulation.hours)
+            res = simulate(sc, source=source, progress=step)
+        except (UserError, ScenarioError) as exc:
+            return None, f"the scenario could not be re-simulated here ({exc})"
+        cost = float(res.totals.total_cost_usd)
+    if save is not None:
+        doc = {"key": key, "flat_day_cost_usd": cost, "requests_per_day": tr["requests_per_day"]}
+        write_text_atomic(json.dumps(doc, indent=1) + "\n", save)
+    return cost, ""
 
 
-def peak_analysis(d: RunData, flatten: bool = True, progress=None) -> dict[str, Any]:
-    """Peak and trough hours, the peak's share of the cost, and its marginal cost."""
+def peak_analysis(
+    d: RunData,
+    flatten: bool = True,
+    progress=None,
+    cache: Path | None = None,
+    save: Path | None = None,
+) -> dict[str, Any]:
+    """Peak and trough hours, the peak's share of the cost, and its marginal cost (the flat day
+    read from ``cache`` or simulated, and written to ``save``: see :func:`flat_day_cost`)."""
     c = d.cols
     arrived = c["requests_arrived"].astype(float)
     done = c["requests_completed"].astype(float)
@@ -444,7 +499,7 @@ def peak_analysis(d: RunData, flatten: bool = True, progress=None) -> dict[str, 
     elif d.config is None:
         a["flat_note"] = "not computed: the run's scenario is not in the file's metadata"
     else:
-        flat, why = flat_day_cost(d.config, d.source, progress)
+        flat, why = flat_day_cost(d.config, d.source, progress, cache, save)
         if flat is None:
             a["flat_note"] = f"not computed: {why}"
         else:
@@ -596,8 +651,9 @@ def write_report(
     try:
         with _progress(show_progress) as progress:
             pngs = make_plots(d, slo)
-            # the flat-day re-simulation takes as long as the run itself: the bar shows it
-            a = peak_analysis(d, flatten, progress)
+            # the flat-day re-simulation takes as long as the run itself: the bar shows it, and
+            # its result is kept in flat-day.json for the next report of this run
+            a = peak_analysis(d, flatten, progress, out_dir / FLAT_FILE, into / FLAT_FILE)
         for name, data in pngs.items():
             write_bytes_atomic(data, into / f"{name}.png")
         write_text_atomic(render_markdown(d, a), into / "report.md")
@@ -631,7 +687,13 @@ def _progress(show: bool):
         yield progress
 
 
-REPORT_FILES = (*tuple(f"{p}.png" for p in PLOTS), "report.md", "report.html", "peak.json")
+REPORT_FILES = (
+    *tuple(f"{p}.png" for p in PLOTS),
+    "report.md",
+    "report.html",
+    "peak.json",
+    FLAT_FILE,
+)
 CROSSOVER_FILES = ("crossover.png", "report.md", "report.html")
 
 
