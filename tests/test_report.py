@@ -119,9 +119,21 @@ def test_flat_day_is_simulated_once_per_run(run, tmp_path, monkeypatch):
         assert main([str(out)]) == 0
         assert json.loads((out / "peak.json").read_text()) == first
     assert len(calls) == 3
+    # the same scenario text but another day cost (its data files changed): simulated again
+    from fleetsim.apps.report import flat_day_cost
+
+    cfg = json.loads(res.scenario.model_dump_json())
+    day = float(res.hourly.column("total_cost_usd").to_numpy().sum())
+    assert (
+        flat_day_cost(cfg, cache=out / FLAT_FILE, run_cost_usd=day)[0]
+        == cached["flat_day_cost_usd"]
+    )
+    assert len(calls) == 3  # (the file main() rewrote last is this run's: reused)
+    flat_day_cost(cfg, cache=out / FLAT_FILE, run_cost_usd=day * 1.01)
+    assert len(calls) == 4
     # `run --report` keeps it too: write_report with a result saves flat-day.json
     out2 = tmp_path / "o2"
     out2.mkdir()
     write_report(out2, result=res)
     assert json.loads((out2 / FLAT_FILE).read_text())["key"] == cached["key"]
-    assert len(calls) == 4
+    assert len(calls) == 5
