@@ -418,10 +418,11 @@ def flat_day_cost(
     save: Path | None = None,
     run_cost_usd: float | None = None,
 ) -> tuple[float | None, str]:
-    """The day's cost with the same requests spread evenly (``diurnal = "flat"``), or None and
-    why not. ``cache``: a flat-day.json to reuse if it was made for the same flat scenario;
-    ``save``: where to write the one computed (or reused); ``run_cost_usd``: the run's own day
-    cost, part of the key."""
+    """The day's cost with the same requests spread evenly (``diurnal = "flat"``) and how it was
+    had ("re-simulated", "read from flat-day.json"), or None and why not. ``cache``: a
+    flat-day.json to reuse if it was made for the same flat scenario and run; ``save``: where to
+    write the one computed (or reused); ``run_cost_usd``: the run's own day cost, part of the
+    key."""
     from fleetsim.apps.simulate import simulate
     from fleetsim.base.errors import ScenarioError
     from fleetsim.config.scenario import scenario_from_dict
@@ -445,6 +446,7 @@ def flat_day_cost(
     tr["diurnal"] = "flat"
     key = flat_day_key(flat, run_cost_usd)
     cost = _cached_flat(cache, key)
+    how = f"read from {FLAT_FILE}" if cost is not None else "re-simulated"
     if cost is None:
         try:
             sc = scenario_from_dict(flat, source or "scenario (from metadata)")
@@ -460,7 +462,7 @@ def flat_day_cost(
     if save is not None:
         doc = {"key": key, "flat_day_cost_usd": cost, "requests_per_day": tr["requests_per_day"]}
         write_text_atomic(json.dumps(doc, indent=1) + "\n", save)
-    return cost, ""
+    return cost, how
 
 
 def peak_analysis(
@@ -506,6 +508,7 @@ def peak_analysis(
             a["flat_note"] = f"not computed: {why}"
         else:
             a["flat_day_cost_usd"] = flat
+            a["flat_source"] = why  # re-simulated, or read from flat-day.json
             a["marginal_cost_of_peak_usd"] = day - flat
     return a
 
@@ -723,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"busiest hour {a['peak_hour']}: {a['peak_cost_share']:.2%} of the day's cost; "
         + (
-            f"marginal cost of the peak $ {m:,.2f}"
+            f"marginal cost of the peak $ {m:,.2f} (flat day {a.get('flat_source', '')})"
             if m is not None
             else f"marginal cost of the peak {a['flat_note']}"
         )
