@@ -383,14 +383,16 @@ def _plot_latency(plt: Any, d: RunData, c: dict[str, Any], slo: dict[str, float]
 FLAT_FILE = "flat-day.json"
 
 
-def flat_day_key(flat: dict[str, Any]) -> str:
-    """The cache key of a flat-day scenario: SHA-256 of its canonical JSON and the version."""
+def flat_day_key(flat: dict[str, Any], run_cost_usd: float | None = None) -> str:
+    """The cache key of a flat-day scenario: SHA-256 of its canonical JSON, the version and the
+    run's own day cost (a run whose data files changed under the same scenario text has another
+    cost, so it does not reuse the flat day of the old data)."""
     import hashlib
 
     from fleetsim.base.version import __version__
 
     text = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(f"{__version__}\n{text}".encode()).hexdigest()
+    return hashlib.sha256(f"{__version__}\n{run_cost_usd!r}\n{text}".encode()).hexdigest()
 
 
 def _cached_flat(path: Path | None, key: str) -> float | None:
@@ -416,10 +418,13 @@ def flat_day_cost(
     progress=None,
     cache: Path | None = None,
     save: Path | None = None,
+    run_cost_usd: float | None = None,
 ) -> tuple[float | None, str]:
-    """The day's cost with the same requests spread evenly (``diurnal = "flat"``), or None and
-    why not. ``cache``: a flat-day.json to reuse if it was made for the same flat scenario;
-    ``save``: where to write the one computed (or reused)."""
+    """The day's cost with the same requests spread evenly (``diurnal = "flat"``) and how it was
+    had ("re-simulated", "read from flat-day.json"), or None and why not. ``cache``: a
+    flat-day.json to reuse if it was made for the same flat scenario and run; ``save``: where to
+    write the one computed (or reused); ``run_cost_usd``: the run's own day cost, part of the
+    key."""
     from fleetsim.apps.simulate import simulate
     from fleetsim.base.errors import ScenarioError
     from fleetsim.config.scenario import scenario_from_dict
@@ -441,8 +446,9 @@ def flat_day_cost(
     share = (sum(per_sim_hour(w, hod0, hours)) / hours) / (sum(w) / 24.0)
     tr["requests_per_day"] = float(tr.get("requests_per_day", 1_000_000.0)) * share
     tr["diurnal"] = "flat"
-    key = flat_day_key(flat)
+    key = flat_day_key(flat, run_cost_usd)
     cost = _cached_flat(cache, key)
+    how = f"read from {FLAT_FILE}" if cost is not None else "re-simulated"
     if cost is None:
         try:
             sc = scenario_from_dict(flat, source or "scenario (from metadata)")
@@ -458,7 +464,7 @@ def flat_day_cost(
     if save is not None:
         doc = {"key": key, "flat_day_cost_usd": cost, "requests_per_day": tr["requests_per_day"]}
         write_text_atomic(json.dumps(doc, indent=1) + "\n", save)
-    return cost, ""
+    return cost, how
 
 
 def peak_analysis(
@@ -499,11 +505,12 @@ def peak_analysis(
     elif d.config is None:
         a["flat_note"] = "not computed: the run's scenario is not in the file's metadata"
     else:
-        flat, why = flat_day_cost(d.config, d.source, progress, cache, save)
+        flat, why = flat_day_cost(d.config, d.source, progress, cache, save, day)
         if flat is None:
             a["flat_note"] = f"not computed: {why}"
         else:
             a["flat_day_cost_usd"] = flat
+            a["flat_source"] = why  # re-simulated, or read from flat-day.json
             a["marginal_cost_of_peak_usd"] = day - flat
     return a
 
@@ -822,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"busiest hour {a['peak_hour']}: {a['peak_cost_share']:.2%} of the day's cost; "
         + (
-            f"marginal cost of the peak $ {m:,.2f}"
+            f"marginal cost of the peak $ {m:,.2f} (flat day {a.get('flat_source', '')})"
             if m is not None
             else f"marginal cost of the peak {a['flat_note']}"
         )
