@@ -329,6 +329,7 @@ class DisaggPod:
                 self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
         else:
             self.in_prefill += 1
+            self.prefill.in_flight += 1  # (what a reactive prefill pool scales on)
             ids = self._ids[i] if self._ids is not None else None
             self.prefill.router.route(DisaggRequest(rid, t, p, o, ids))
         i += 1
@@ -357,6 +358,7 @@ class DisaggPod:
         """A prefill replica produced ``r``'s first token at ``t`` (now). Complete it if that was
         its only token, else start its KV transfer to the decode replica chosen now."""
         self.in_prefill -= 1
+        self.prefill.in_flight -= 1
         r.src = rep
         if r.out_total == 1:
             self.rec.complete(r, t, rep.index)
