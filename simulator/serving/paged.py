@@ -142,6 +142,8 @@ class PagedReplica:
         "env",
         "free",
         "g",
+        "h_cur",
+        "h_end",
         "heap",
         "hit_tok",
         "ht",
@@ -232,6 +234,8 @@ class PagedReplica:
         self.cut_x = -1  # _cut_point's block count for _commit(j) (-1: none)
         self.armed_t: float | None = None
         self.token = 0
+        self.h_cur = 0  # _commit's cache: the hour h_cur = [h_end - HOUR_S, h_end) of its T0
+        self.h_end = HOUR_S
         # run-end events go straight onto the environment's queue (serving/events.py)
         self._queue = queue_of(self.env)
         self._eid = self.env._eid
@@ -379,7 +383,7 @@ class PagedReplica:
         pod = self.pod
         if pod.shared_queue is not None:
             self.outstanding -= 1
-        h = int(self.env.now // HOUR_S)
+        h = int(self.env._now // HOUR_S)
         rec = self.rec
         rec.preemptions[h if h < rec.hours else rec.hours] += 1
         return r
@@ -711,7 +715,9 @@ class PagedReplica:
             self.n1 = n1
             self.c1 = c1
             self.coef = coef
-            H = (T // HOUR_S + 1.0) * HOUR_S
+            H = self.h_end  # the end of T's hour (cached by _commit), else computed
+            if T >= H:
+                H = (T // HOUR_S + 1.0) * HOUR_S
             if end >= H:
                 k = 1
             else:
@@ -813,15 +819,34 @@ class PagedReplica:
             del self.pre[:npf]
             self.pf = []
         hours = rec.hours
-        hf = int(ft // HOUR_S)
-        if hf > hours:
-            hf = hours
+        # the hours of T0 and ft: int(t // HOUR_S), from the cached bounds of T0's hour when
+        # t lies in it (times only grow; the clamp to ``hours`` is never cached)
+        h_end = self.h_end
+        if h_end > T0:
+            h = self.h_cur
+        else:
+            h = int(T0 // HOUR_S)
+            if h > hours:
+                h = hours
+            else:
+                self.h_cur = h
+                self.h_end = h_end = (h + 1) * HOUR_S
+        if ft < h_end:
+            hf = h
+        else:
+            hf = int(ft // HOUR_S)
+            if hf > hours:
+                hf = hours
         rec.prompt_tokens[hf] += self.P_first
         rec.output_tokens[hf] += n_first
-        if self.hit_tok:
-            rec.prefix_hit_tokens[hf] += self.hit_tok
-        if self.re_tok:
-            rec.recomputed_tokens[hf] += self.re_tok
+        hit = self.hit_tok
+        if hit:
+            rec.prefix_hit_tokens[hf] += hit
+            self.hit_tok = 0
+        re_tok = self.re_tok
+        if re_tok:
+            rec.recomputed_tokens[hf] += re_tok
+            self.re_tok = 0
         mask = self.mask
         if j > 1:  # the decode steps' new blocks (_blocks and _take's common case, inlined)
             if x < 0:
@@ -840,9 +865,6 @@ class PagedReplica:
                 self.free = free - x
             else:
                 self._take(x)
-        h = int(T0 // HOUR_S)
-        if h > hours:
-            h = hours
         H = (h + 1) * HOUR_S
         run_end = self.run_end
         last_straddles = j == k and run_end > H
@@ -895,8 +917,6 @@ class PagedReplica:
         self.pairs = 0.0
         self.nchunks = 0
         self.P_first = 0
-        self.hit_tok = 0
-        self.re_tok = 0
         self.planned = False
         if j < k:
             # boundary j: (T0 + t_first) + rt, with rt = run_time(j - 1) from above (j >= 2)
@@ -967,7 +987,7 @@ class PagedReplica:
         w = self.waiting
         w.append(r)
         if not self.busy:
-            self.plan(self.env.now)
+            self.plan(self.env._now)
         elif len(w) == 1:
             j = self._cut_point(r)
             if j >= 0:
@@ -979,7 +999,7 @@ class PagedReplica:
         """The boundary j of the current run at which ``r`` (the queue's head, arriving now)
         could be admitted: 0 = into the first iteration (replan it), 1..k-1 = a cut, -1 = not
         before the run's end."""
-        ta = self.env.now
+        ta = self.env._now
         pod = self.pod
         if pod.shared_queue is not None and pod.queue_floor > ta:
             ta = pod.queue_floor
