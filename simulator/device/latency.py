@@ -438,6 +438,20 @@ class LatencyModel:
             t = self._oh + (t_c if t_c > t_m else t_m) + self._comm_a + self._comm_b * tokens
         return t, flops, nbytes
 
+    def decode_step(self, n: int, ctx: float) -> tuple[float, float, float]:
+        """:meth:`iteration` of a pure decode step of ``n`` sequences at context ``ctx`` (no
+        prefill): the same three numbers from the same operations, for the engine's hot path."""
+        c = self.coeff_cache.get(n)
+        if c is None:
+            c = self.run_coeffs(n)
+        x1 = c.a1 + c.b1 * ctx
+        x2 = c.a2 + c.b2 * ctx
+        # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped
+        nbytes = (self._w_dense if self._dense else self.model.weight_bytes_read(n)) + self.kvb * (
+            ctx + n
+        )
+        return c.base + (x1 if x1 > x2 else x2), c.fa + ctx * self.f_pair, nbytes
+
     # -- decode runs -----------------------------------------------------------------------
     def run_coeffs(self, n: int) -> RunCoeffs:
         """Coefficients of a decode step of ``n`` sequences (cached per ``n``)."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_right
 from collections import OrderedDict, deque
+from heapq import heappop, heappush
 from itertools import accumulate, islice
 from typing import TYPE_CHECKING
 
@@ -672,7 +673,10 @@ class PagedReplica:
         self.T0 = T
         lat = self.lat
         S = self.S
-        t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, S + n * it)
+        if nchunks:
+            t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, S + n * it)
+        else:  # no prefill token (P == 0): the same numbers, cheaper
+            t1, F1, B1 = lat.decode_step(n, S + n * it)
         self.t_first = t1
         self.F_first = F1
         self.B_first = B1
@@ -736,7 +740,7 @@ class PagedReplica:
             self.token = token
             self.armed_t = end
             now = self.env._now
-            heapq.heappush(
+            heappush(
                 self._queue,
                 (
                     now + (end - now if end > now else 0.0),
@@ -762,7 +766,7 @@ class PagedReplica:
         self.token += 1
         self.armed_t = t
         now = self.env._now
-        heapq.heappush(
+        heappush(
             self._queue,
             (
                 now + (t - now if t > now else 0.0),
@@ -782,10 +786,23 @@ class PagedReplica:
             if self.waiting and self.pod.shared_queue is not None:
                 self.plan(self.env.now)  # an idle replica waiting for the central queue's floor
             return
-        if self.run_end != fired:
-            self._arm(self.run_end)
-            return
         end = self.run_end
+        if end != fired:  # the run end moved later (a cut): _arm(end), inlined
+            token = self.token + 1
+            self.token = token
+            self.armed_t = end
+            now = self.env._now
+            heappush(
+                self._queue,
+                (
+                    now + (end - now if end > now else 0.0),
+                    NORMAL,
+                    next(self._eid),
+                    Wake(self._wake_cbs, token),
+                ),
+            )
+            self.rec.events += 1
+            return
         self._commit(self.k)
         self.plan(end)
 
@@ -813,7 +830,7 @@ class PagedReplica:
                     r.first_token_s = ft
                 r.join_it = it0
                 S += r.eff - it0
-                heapq.heappush(heap, (it0 + r.out - r.gen - 1, r.rid, r))
+                heappush(heap, (it0 + r.out - r.gen - 1, r.rid, r))
             self.S = S
             self.n = n_first
             del self.pre[:npf]
@@ -948,7 +965,7 @@ class PagedReplica:
         S = self.S
         free = self.free
         while heap and heap[0][0] < it:
-            f, _, r = heapq.heappop(heap)
+            f, _, r = heappop(heap)
             n -= 1
             eff = r.eff
             join_it = r.join_it
@@ -1140,7 +1157,7 @@ class PrefillReplica(PagedReplica):
         b = self.b
         hand = self.pod.handoff  # type: ignore[attr-defined]
         while heap and heap[0][0] < it:
-            f, _, r = heapq.heappop(heap)
+            f, _, r = heappop(heap)
             self.n -= 1
             self.S -= r.eff - r.join_it
             cnt2[r.rho] -= 1
@@ -1255,7 +1272,7 @@ class DecodeReplica(PagedReplica):
             self.cnt2[rho + b] += 1
             self.cum = None
             self.S += p - (it - 1)
-            heapq.heappush(self.heap, (it + r.out - 2, r.rid, r))
+            heappush(self.heap, (it + r.out - 2, r.rid, r))
             self.n += 1
             budget -= 1
             nt += 1
