@@ -187,6 +187,16 @@ def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
     # the steps before the lines cross (s of them) are on one line, the rest on the other
     db = c.db
     slope = db * n
+    if slope != 0.0 and c.da == 0.0 and c0 >= 0.0:
+        # both lines through the origin (the kernel model's attention): g0 = db * c0 has the
+        # sign of slope, so the crossing s = ceil(-g0 / slope) <= 0 is clamped to 0: every step
+        # is on the second line (the same sums as below with s = 0)
+        t = m * c.base
+        if slope < 0.0:
+            b_ = c.b2
+            return t + (m * (c.a2 + b_ * c0) + b_ * n * (m * (m - 1) / 2.0))
+        b_ = c.b1
+        return t + (m * (c.a1 + b_ * c0) + b_ * n * (m * (m - 1) / 2.0))
     g0 = c.da + db * c0
     if slope == 0.0:
         s, first_is_1 = m, g0 >= 0.0
