@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV with arrival_s,prompt_tokens,output_tokens, or poisson:N:RATE[:P:O]",
     )
     p.add_argument(
-        "--model", default="llama-3.1-8b", help="catalog model or a TOML of ModelSpec fields"
+        "--model",
+        default=None,
+        help="catalog model, built-in config (small-lm) or a TOML of ModelSpec fields "
+        "(default: llama-3.1-8b on CUDA; on a CPU small-lm, 4 layers of d_model 512, which "
+        "replays 30 requests in under a minute on 2 cores; a one-layer slice of llama-3.1-8b "
+        "streams 0.9 GB per iteration and took 95 s)",
     )
     p.add_argument(
         "--profile",
@@ -68,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers",
         type=int,
         default=None,
-        help="build only N of the model's layers (default: all on CUDA, 1 on CPU)",
+        help="build only N of the model's layers (default: all on CUDA; on a CPU all of a "
+        "model of at most 256 MB of weights, else 1)",
+    )
+    p.add_argument(
+        "--full-vocab",
+        action="store_true",
+        help="on a CPU: build the whole vocabulary (default: cut to 2,048 rows, which the "
+        "simulator's side uses too; see fleetsim calibrate --help)",
     )
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-batched-tokens", type=int, default=2048)
@@ -82,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
         "engine loop's per-iteration overhead, measured on a synthetic "
         "warm-up burst (about 20 s)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default on a CPU: 1. A replay times every iteration: with "
+        "two threads on a 2-core machine that other processes share, each op waits at its "
+        "barrier for a descheduled thread: small-lm's mean time per output token was 388 ms "
+        "with two threads and 12 ms with one, in two runs on this project's shared machine)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of a generated trace and the weights")
     p.add_argument("--out", type=Path, default=Path("replay-out"), help="output directory")
     return p
@@ -279,7 +299,7 @@ def _main(args) -> int:
         import torch
     except ImportError:
         raise UserError("fleetsim replay needs torch: pip install -e '.[calibrate]'") from None
-    from fleetsim.calibrate.cli import _Usage, resolve_model
+    from fleetsim.calibrate.cli import _Usage, cpu_sized, resolve_model, return_freed_memory
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (fix: --device cpu)")
@@ -288,6 +308,14 @@ def _main(args) -> int:
     )
     device = torch.device(dev_type, 0) if dev_type == "cuda" else torch.device("cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if dev_type == "cuda" else "fp32")
+    if args.model is None:
+        args.model = "llama-3.1-8b" if dev_type == "cuda" else "small-lm"
+        if dev_type == "cpu":
+            print("model: small-lm on a CPU (default; --model llama-3.1-8b for the 8B's layers)")
+    if dev_type == "cpu":
+        return_freed_memory()
+    if args.threads is None and dev_type == "cpu":
+        args.threads = 1
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads {args.threads}: must be >= 1")
@@ -296,10 +324,14 @@ def _main(args) -> int:
         spec = resolve_model(args.model, dtype)
     except _Usage as exc:
         raise UserError(str(exc)) from None
-    layers = args.layers or (spec.n_layers if dev_type == "cuda" else 1)
+    # on a CPU: every layer of a small model, one layer of a large one (efficiencies transfer)
+    small = spec.weight_bytes <= CPU_ALL_LAYERS_BYTES
+    layers = args.layers or (spec.n_layers if dev_type == "cuda" or small else 1)
     if not 1 <= layers <= spec.n_layers:
         raise UserError(f"--layers {args.layers}: must be between 1 and {spec.n_layers}")
     spec = dataclasses.replace(spec, n_layers=layers, dtype=dtype)
+    if dev_type == "cpu" and not args.full_vocab:
+        spec = cpu_sized(spec)  # the output projection of a 128k vocabulary is 2.1 GB in fp32
     longest = max(p + o for _, p, o in trace)
     if longest > spec.max_context_tokens:
         raise UserError(
@@ -319,6 +351,7 @@ REPLAY_FILES = (
     "profile-engine.json",
     "profile-insample.json",
 )
+CPU_ALL_LAYERS_BYTES = 256e6  # on a CPU, a model this small is built whole (small-lm: 179 MB)
 # a replay runs the real engine request by request: bounds of a generated trace
 MAX_REPLAY_REQUESTS = 100_000
 MAX_REPLAY_TOKENS = 1_000_000

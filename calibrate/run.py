@@ -241,7 +241,7 @@ def calibrate(
     to its trace's shapes: every small decode batch, the trace's prompt lengths).
 
     Returns the profile dict (with ``"_path"`` and ``"_rows"`` for the caller) after writing it.
-    The steps: build the model, check its FLOPs, time the device's peaks, measure idle power,
+    The steps: time the device's peaks, build the model, check its FLOPs, measure idle power,
     time the grid, fit the roofline (and power), write the profile.
     """
     t_start = time.perf_counter()
@@ -249,17 +249,20 @@ def calibrate(
     dtype = spec.dtype
     dname = device_name(device)
     dev_slug = "cpu" if device.type == "cpu" else slug(dname)
+    # the micro-benchmarks first: their buffers (512 MB on a CPU) are freed before the weights
+    # exist, so the two never add up in the peak memory
+    micro = _micro_peaks(device, dtype, quick, log)
     log(f"building {spec.name} ({spec.n_layers} layers, {dtype}) on {dname}")
-    embed_rows = 32768 if device.type == "cpu" else None
+    embed_rows = 4096 if device.type == "cpu" else None
+    t_build = time.perf_counter()
     model = TorchTransformer(spec, device=device, dtype=dtype, seed=seed, embed_rows=embed_rows)
-    log(f"  built in {time.perf_counter() - t_start:.1f} s")
+    log(f"  built in {time.perf_counter() - t_build:.1f} s")
 
     # 1. FLOPs: counted vs analytic, on a small prefill and decode step
     fc = flop_check(
         model, batch=2, prompt_tokens=16 if quick else 64, context_tokens=64 if quick else 256
     )
     log(f"FLOP check: prefill {fc['prefill_rel_err']:+.3%}, decode {fc['decode_rel_err']:+.3%}")
-    micro = _micro_peaks(device, dtype, quick, log)  # 2. micro-benchmarks
     meter, power_method = open_meter(device.type, device.index or 0)
     idle_w = _idle_power(meter, power_method, device, log)  # 3. power meter and idle power
     # 4. the timing grid

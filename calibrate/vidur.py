@@ -8,8 +8,10 @@ Input: a folder laid out as Vidur's ``data/profiling`` (``compute/GPU/ORG/MODEL/
 * the GEMM parameters (launch time, peak efficiency and its shape terms, memory efficiency, the
   blend exponent, the cost and gain of half- and double-height row tiles), fitted by least
   squares on the log of each measured GEMM time;
-* the all-reduce table: the median measured time in bins of a quarter octave of message size,
-  for each GPU count inside one node;
+* the all-reduce table, for each GPU count inside one node: a running median of the measured
+  times (sizes every 1/16 octave, each the median over +-1/8 octave), checked against every
+  measurement over the message sizes TP uses, in sample and leaving each measurement out
+  (:func:`allreduce_checks`), and beyond the largest size (:func:`allreduce_extrapolation_errors`);
 * the leave-one-model-out error: fit on all shapes but one, predict every TP and token count of
   the one left out, with the simulator's own code (:func:`fleetsim.device.kernels.layer_parts_s`).
 

@@ -277,6 +277,14 @@ def test_bad_link_and_routers():
     assert e.field == "disaggregation.link" and "infiniband-ndr" in e.fix
     e = _err(disagg(decode={"router": "central_queue"}))
     assert e.field == "disaggregation.decode.router"
+    e = _err(disagg(decode={"router": "prefix_affinity"}))
+    assert e.field == "disaggregation.decode.router" and "prefix cache" in e.problem
+    assert resolved(disagg(prefill={"router": "prefix_affinity"})).pools.prefill.router == (
+        "prefix_affinity"
+    )
+    ses = merge(disagg(), traffic={**SMALL["traffic"], "sessions": {}})
+    e = _err(ses)
+    assert e.field == "traffic.sessions" and "disaggregated" in e.problem
     e = _err(merge(disagg(), autoscaler={"policy": "reactive"}))
     assert e.field == "autoscaler.policy"
     e = _err(disagg(decode={"gpu": "h100-pcie-typo"}))
@@ -396,7 +404,15 @@ def test_prefill_pool_prefix_cache_macro_equals_per_iteration(tmp_path, router):
     assert T.requests_completed > 300
     pt = pools_table(macro.resolved, macro.pods, macro.scale).to_pandas()
     dec = pt[pt.pool == "decode"]
+    pre = pt[pt.pool == "prefill"]
     assert dec.prompt_tokens.sum() == 0  # prompts (and their cache hits) are prefill's only
+    assert dec.prefix_hit_tokens.sum() == 0 and pre.prefix_hit_tokens.sum() > 0
+    hr = macro.hourly.to_pandas()
+    for col in ("prefix_hit_tokens", "preemptions"):
+        assert (pt.groupby("hour")[col].sum().to_numpy() == hr[col].to_numpy()).all(), col
+    assert dec.preemptions.sum() > 0
+    assert ((pt.kv_utilization >= 0) & (pt.kv_utilization <= 1)).all()
+    assert (pt[pt.hour == 0].kv_utilization > 0).all()
 
 
 def test_decode_replica_joins_with_no_prefill_at_context_prompt_plus_one():
@@ -434,3 +450,75 @@ def test_decode_replica_joins_with_no_prefill_at_context_prompt_plus_one():
     dec = pod.decode.replicas[0]
     # each request held prompt // b + 1 blocks at its first decode step; all freed at the end
     assert dec.free == dec.NB and pod.prefill.replicas[0].free == pod.prefill.replicas[0].NB
+
+
+def test_report_draws_the_crossover(tmp_path):
+    """`fleetsim report` on a `fleetsim crossover` folder: the heat map drawn from
+    crossover.parquet and one line per workload with the cells the split wins."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fleetsim.apps.crossover import FACTORS
+    from fleetsim.apps.report import main as report_main
+
+    rows: dict[str, list] = {}
+
+    def add(**kw) -> None:
+        for k, v in kw.items():
+            rows.setdefault(k, []).append(v)
+
+    for f in FACTORS:
+        for g in FACTORS:
+            # the split costs 0.5 x per good request where TPOT is tight (g <= 2), 1.25 x else
+            for design, P, usd in (("aggregated", None, 1.0), ("disaggregated", 1, 0.5)):
+                if design == "disaggregated" and g > 2:
+                    usd = 1.25
+                add(
+                    workload="short",
+                    design=design,
+                    prefill_replicas=P,
+                    decode_replicas=None if P is None else 1,
+                    replicas=2,
+                    rate_per_s=3.0,
+                    ttft_factor=f,
+                    tpot_factor=g,
+                    usd_per_good_request=usd,
+                    ttft_p99_s=0.5,
+                    tpot_p99_s=0.03,
+                    total_cost_usd=10.0,
+                    energy_facility_kwh=5.0,
+                )
+    out = tmp_path / "xo"
+    out.mkdir()
+    pq.write_table(pa.table(rows), out / "crossover.parquet")
+    assert report_main([str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "in 14 of 49 target cells (ratio 0.50-1.25)" in md
+    assert "| short: split 1 + 1 | p99 TTFT 0.50 s, p99 TPOT 30.0 ms" in md
+    assert (out / "crossover.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_crossover_long_trace_is_the_mooncake_trace_at_the_measured_rate(tmp_path):
+    """`--long-trace`: the Mooncake trace replayed at a given mean rate, its prompts over the
+    cap dropped, its block ids kept, so that the prefill pool's prefix cache hits."""
+    from fleetsim.apps.crossover import point, scaled_trace, workloads
+    from fleetsim.workload.mooncake import read_mooncake
+
+    head = _mooncake_head(tmp_path, 400)
+    src = read_mooncake(head)
+    path, n = scaled_trace(head, 2.0, 8000, tmp_path / "scaled.jsonl")
+    tr = read_mooncake(path)
+    keep = src.prompt_tokens <= 8000
+    assert n == len(tr.arrival_s) == int(keep.sum()) < 400
+    assert tr.arrival_s[0] == 0.0
+    assert (n - 1) / tr.arrival_s[-1] == pytest.approx(2.0, rel=1e-4)  # ms rounding
+    assert list(tr.prompt_tokens) == list(src.prompt_tokens[keep])
+    assert list(tr.ids) == [src.ids[i] for i in np.nonzero(keep)[0]]
+    data = resolved(CASES["two_by_two"]).scenario.model_dump(mode="json", exclude_none=True)
+    wl = {**workloads(data)["long"], "trace": path}
+    d = point(data, wl, "disaggregated", 4, 2, 2.0, 1)
+    assert d["traffic"]["trace"] == path
+    res = simulate(resolved(d))
+    assert res.totals.requests_arrived == n
+    assert res.totals.prefix_hit_tokens > 0

@@ -8,8 +8,9 @@ of its ``[disaggregation]`` section, or ``fleet.replicas``) serves two workloads
 * **long**: the Mooncake conversation trace (Qin et al., FAST'25; shared/data/mooncake-2025,
   12,031 requests): a lognormal fitted to its input and output lengths (input median 6,909,
   log-sigma 1.199, mean 12,035; output median 350, log-sigma 1.358), prompts capped at 32,768
-  tokens (6.9% of the trace's prompts are longer) with ``max_batched_tokens`` raised to match.
-  Its prefix reuse (~37% of prompt tokens) is **not** used: this engine has no prefix cache.
+  tokens (6.9% of the trace's prompts are longer), with ``max_batched_tokens`` raised to match
+  (see :func:`point`). Its prefix reuse (~37% of prompt tokens) is **not** used: the sizes are
+  drawn, so requests carry no block ids.
 
 Each workload arrives as a flat Poisson stream for ``--hours`` hours at ``--load`` times the
 aggregated fleet's measured capacity (its completions per second, after the warm-up, when
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +56,14 @@ from fleetsim.config.scenario import apply_overrides, read_toml, resolve, scenar
 
 # Mooncake conversation trace (FAST'25), lognormal fit computed from its 12,031 requests:
 # log-mean/log-sigma of input_length and output_length (median = exp(log-mean)).
-MOONCAKE_PROMPT = {"dist": "lognormal", "median": 6909, "sigma": 1.199, "min": 891, "max": 32768}
+MOONCAKE_MAX_PROMPT = 32768  # the long workload's cap (6.9% of the trace's prompts are longer)
+MOONCAKE_PROMPT = {
+    "dist": "lognormal",
+    "median": 6909,
+    "sigma": 1.199,
+    "min": 891,
+    "max": MOONCAKE_MAX_PROMPT,
+}
 MOONCAKE_OUTPUT = {"dist": "lognormal", "median": 350, "sigma": 1.358, "min": 1, "max": 2000}
 FACTORS = (1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 WARMUP_S = 1800.0
@@ -91,18 +100,24 @@ def point(
     d["traffic"]["diurnal"] = "flat"
     d["traffic"]["requests_per_day"] = rate * 86400.0
     d["traffic"].pop("trace", None)
+    if wl.get("trace"):  # a timed trace (its own arrivals and sizes; see scaled_trace)
+        d["traffic"]["trace"] = wl["trace"]
     d.setdefault("fleet", {})
     d["fleet"]["pods"] = 1
     d["fleet"].pop("sample_pods", None)
-    if wl["max_batched_tokens"]:
-        d["fleet"]["max_batched_tokens"] = max(
-            wl["max_batched_tokens"], d["fleet"].get("max_batched_tokens") or 0
-        )
     d.setdefault("autoscaler", {})["policy"] = "static"
     if engine == "reserve":  # both designs on the first engine (the pools inherit [fleet]'s)
         d["fleet"].update(
             kv_allocation="reserve", enable_chunked_prefill=False, enable_prefix_caching=False
         )
+    f = d["fleet"]
+    # the longest prompt fits one iteration in both designs and engines: whole prefills need
+    # it, and with chunks of the scenario's 16,384 tokens the aggregated paged fleet thrashes
+    # when saturated (preempting half-prefilled long prompts: 3.6 x fewer completions), which
+    # would make the capacity that sets the load meaningless (docs/disaggregation.md)
+    bmt = wl["max_batched_tokens"]
+    if bmt:
+        f["max_batched_tokens"] = max(bmt, f.get("max_batched_tokens") or 0)
     dis = d.pop("disaggregation", None) or {}
     if design == "aggregated":
         d["fleet"]["replicas"] = n
@@ -111,13 +126,39 @@ def point(
     for pool, r in (("prefill", P), ("decode", n - P)):
         sec = {k: v for k, v in (dis.get(pool) or {}).items() if v is not None}
         sec["replicas"] = r
-        if wl["max_batched_tokens"] and pool == "prefill":
-            sec["max_batched_tokens"] = max(
-                wl["max_batched_tokens"], sec.get("max_batched_tokens") or 0
-            )
+        if bmt and pool == "prefill":
+            sec["max_batched_tokens"] = max(bmt, sec.get("max_batched_tokens") or 0)
         dis[pool] = sec
     d["disaggregation"] = dis
     return d
+
+
+def scaled_trace(path: str, rate: float, max_prompt: int, dest: Path) -> tuple[str, int]:
+    """A copy of the Mooncake trace ``path`` at ``dest``, its timestamps stretched so that its
+    mean arrival rate is ``rate`` per second (the order, sizes and block ids kept), without the
+    requests whose prompt exceeds ``max_prompt`` (the lognormal workload's cap). Returns the
+    copy's path and its number of requests."""
+    import json
+
+    from fleetsim.workload.mooncake import read_mooncake
+
+    tr = read_mooncake(path)
+    keep = np.nonzero(tr.prompt_tokens <= max_prompt)[0]
+    t = tr.arrival_s[keep]
+    span = float(t[-1] - t[0]) if len(t) > 1 else 0.0
+    if span <= 0.0:
+        raise UserError(f"--long-trace {path}: needs requests at two or more distinct times")
+    stretch = (len(t) - 1) / span / rate  # new time per old time
+    with dest.open("w") as f:
+        for i, ts in zip(keep, t, strict=True):
+            row = {
+                "timestamp": round((ts - t[0]) * stretch * 1000.0),
+                "input_length": int(tr.prompt_tokens[i]),
+                "output_length": int(tr.output_tokens[i]),
+                "hash_ids": tr.ids[i],
+            }
+            f.write(json.dumps(row) + "\n")
+    return str(dest), len(keep)
 
 
 def crossover_task(scenario: dict, source: str) -> dict:
@@ -178,6 +219,8 @@ def run_crossover(
     load: float,
     hours: int,
     engine: str = "scenario",
+    long_trace: str | None = None,
+    tmp: Path | None = None,
 ) -> pa.Table:
     """The sweep (see the module docstring) as one row per workload x design x split x cell."""
     from fleetsim.apps.plan import replica_capacity_rps
@@ -209,6 +252,11 @@ def run_crossover(
         capacity = o["completed_after_warmup"] / (hours * 3600.0 - WARMUP_S)  # per second
         rate = load * capacity
         info[name] = (rate, *info[name][1:])
+    if long_trace is not None:  # the long workload replays the trace at the measured rate
+        assert tmp is not None
+        dest = tmp / "long-trace.jsonl"
+        path, _ = scaled_trace(long_trace, info["long"][0], MOONCAKE_MAX_PROMPT, dest)
+        wls["long"] = {**wls["long"], "trace": path}
     for name, wl in wls.items():
         rate = info[name][0]
         specs.append(
@@ -377,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the engine of both designs: the scenario's (default: paged KV, chunked prefill, "
         "prefix caching) or 'reserve' (the first engine: KV reserved, whole prefills)",
     )
+    ap.add_argument(
+        "--long-trace",
+        metavar="JSONL",
+        help="replay this Mooncake trace (e.g. scenarios/data/mooncake-2025/"
+        "conversation_trace.jsonl) as the long workload: its sizes and prompt block ids (prefix "
+        "caching hits), its arrivals stretched to the measured rate, prompts over 32,768 tokens "
+        "dropped (default: the lognormal fitted to that trace, no block ids)",
+    )
     ap.add_argument("--out", help="output folder (default out/<scenario name>-crossover)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--quiet", action="store_true")
@@ -400,11 +456,30 @@ def main(argv: list[str]) -> int:
         args, Path(args.scenario).stem + "-crossover", ("crossover.parquet", "crossover.png")
     )
     t0 = time.perf_counter()
+    if args.long_trace is not None:
+        from fleetsim.workload.mooncake import is_mooncake
+
+        if not (Path(args.long_trace).is_file() and is_mooncake(args.long_trace)):
+            raise UserError(
+                f"--long-trace {args.long_trace}: not a Mooncake .jsonl trace file "
+                "(fix: give e.g. scenarios/data/mooncake-2025/conversation_trace.jsonl)"
+            )
     with (
+        tempfile.TemporaryDirectory(prefix="fleetsim-crossover-") as tmp,
         make_executor(args.executor, args.workers, args.address) as ex,
         task_progress(f"crossover ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
     ):
-        table = run_crossover(data, args.scenario, ex, hooks, args.load, args.hours, args.engine)
+        table = run_crossover(
+            data,
+            args.scenario,
+            ex,
+            hooks,
+            args.load,
+            args.hours,
+            args.engine,
+            str(Path(args.long_trace).resolve()) if args.long_trace else None,
+            Path(tmp),
+        )
     write_table_atomic(table, outp.path("crossover.parquet"))
     write_bytes_atomic(draw(table), outp.path("crossover.png"))
     outp.commit()

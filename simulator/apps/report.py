@@ -13,7 +13,11 @@ memory (``fleetsim run --report``), this writes into ``DIR``:
 The peak-hour analysis gives the busiest hour's share of the day's cost, the cost per request
 at the busiest and the quietest hour, and the *marginal cost of the peak*: the day's cost minus
 the cost of the same day with the same requests spread evenly over it (``traffic.diurnal =
-"flat"``), re-simulated from the scenario when it is available. Every file is written atomically.
+"flat"``), re-simulated from the scenario when it is available. The re-simulation takes as long
+as the run itself, so its result is kept in ``DIR/flat-day.json``, keyed by the flat scenario
+(its canonical JSON, the seed included) and the fleetsim version: a later report of the same run
+reads it instead of simulating again (``fleetsim run --report`` writes it too). Every file is
+written atomically.
 """
 
 from __future__ import annotations
@@ -176,7 +180,9 @@ def pool_lines(d: RunData) -> list[tuple[str, str]]:
                 f"{int(g.replicas)} x TP{int(g.tensor_parallel)} {g.gpu}: "
                 f"{t['gpu_hours']:,.1f} GPU-h, busy {t['utilization']:.1%}, "
                 f"{t['energy_facility_kwh']:,.1f} kWh, $ {t['total_cost_usd']:,.2f} "
-                f"(energy $ {t['energy_cost_usd']:,.2f}, hardware $ {t['hardware_cost_usd']:,.2f})",
+                f"(energy $ {t['energy_cost_usd']:,.2f}, hardware $ {t['hardware_cost_usd']:,.2f})"
+                f"; prefix-cache hits {t['prefix_hit_tokens']:,.0f} tokens, "
+                f"{t['preemptions']:,.0f} preemptions",
             )
         )
     x = pt.get("prefill", {})
@@ -374,9 +380,51 @@ def _plot_latency(plt: Any, d: RunData, c: dict[str, Any], slo: dict[str, float]
 
 # ---------------------------------------------------------------------------------------------
 # peak-hour analysis
-def flat_day_cost(cfg: dict[str, Any], source: str = "", progress=None) -> tuple[float | None, str]:
-    """The day's cost with the same requests spread evenly (``diurnal = "flat"``), or None and
-    why not."""
+FLAT_FILE = "flat-day.json"
+
+
+def flat_day_key(flat: dict[str, Any], run_cost_usd: float | None = None) -> str:
+    """The cache key of a flat-day scenario: SHA-256 of its canonical JSON, the version and the
+    run's own day cost (a run whose data files changed under the same scenario text has another
+    cost, so it does not reuse the flat day of the old data)."""
+    import hashlib
+
+    from fleetsim.base.version import __version__
+
+    text = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(f"{__version__}\n{run_cost_usd!r}\n{text}".encode()).hexdigest()
+
+
+def _cached_flat(path: Path | None, key: str) -> float | None:
+    """The cost in ``path`` (a flat-day.json) if its key is ``key``; None otherwise (absent,
+    unreadable, another scenario or version: then the day is simulated again)."""
+    if path is None or not path.is_file():
+        return None
+    from fleetsim.base import io
+
+    try:
+        d, _ = io.load_json(path, "", io.MAX_CONFIG_BYTES)
+    except UserError:
+        return None
+    v = d.get("flat_day_cost_usd") if isinstance(d, dict) else None
+    if d.get("key") != key or isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def flat_day_cost(
+    cfg: dict[str, Any],
+    source: str = "",
+    progress=None,
+    cache: Path | None = None,
+    save: Path | None = None,
+    run_cost_usd: float | None = None,
+) -> tuple[float | None, str]:
+    """The day's cost with the same requests spread evenly (``diurnal = "flat"``) and how it was
+    had ("re-simulated", "read from flat-day.json"), or None and why not. ``cache``: a
+    flat-day.json to reuse if it was made for the same flat scenario and run; ``save``: where to
+    write the one computed (or reused); ``run_cost_usd``: the run's own day cost, part of the
+    key."""
     from fleetsim.apps.simulate import simulate
     from fleetsim.base.errors import ScenarioError
     from fleetsim.config.scenario import scenario_from_dict
@@ -398,21 +446,36 @@ def flat_day_cost(cfg: dict[str, Any], source: str = "", progress=None) -> tuple
     share = (sum(per_sim_hour(w, hod0, hours)) / hours) / (sum(w) / 24.0)
     tr["requests_per_day"] = float(tr.get("requests_per_day", 1_000_000.0)) * share
     tr["diurnal"] = "flat"
-    try:
-        sc = scenario_from_dict(flat, source or "scenario (from metadata)")
-        step = None
-        if progress is not None:  # (pod-hours: the simulated pods x the hours)
-            from fleetsim.apps.simulate import pods_to_simulate
+    key = flat_day_key(flat, run_cost_usd)
+    cost = _cached_flat(cache, key)
+    how = f"read from {FLAT_FILE}" if cost is not None else "re-simulated"
+    if cost is None:
+        try:
+            sc = scenario_from_dict(flat, source or "scenario (from metadata)")
+            step = None
+            if progress is not None:  # (pod-hours: the simulated pods x the hours)
+                from fleetsim.apps.simulate import pods_to_simulate
 
-            step = progress(len(pods_to_simulate(sc)) * sc.simulation.hours)
-        res = simulate(sc, source=source, progress=step)
-    except (UserError, ScenarioError) as exc:
-        return None, f"the scenario could not be re-simulated here ({exc})"
-    return float(res.totals.total_cost_usd), ""
+                step = progress(len(pods_to_simulate(sc)) * sc.simulation.hours)
+            res = simulate(sc, source=source, progress=step)
+        except (UserError, ScenarioError) as exc:
+            return None, f"the scenario could not be re-simulated here ({exc})"
+        cost = float(res.totals.total_cost_usd)
+    if save is not None:
+        doc = {"key": key, "flat_day_cost_usd": cost, "requests_per_day": tr["requests_per_day"]}
+        write_text_atomic(json.dumps(doc, indent=1) + "\n", save)
+    return cost, how
 
 
-def peak_analysis(d: RunData, flatten: bool = True, progress=None) -> dict[str, Any]:
-    """Peak and trough hours, the peak's share of the cost, and its marginal cost."""
+def peak_analysis(
+    d: RunData,
+    flatten: bool = True,
+    progress=None,
+    cache: Path | None = None,
+    save: Path | None = None,
+) -> dict[str, Any]:
+    """Peak and trough hours, the peak's share of the cost, and its marginal cost (the flat day
+    read from ``cache`` or simulated, and written to ``save``: see :func:`flat_day_cost`)."""
     c = d.cols
     arrived = c["requests_arrived"].astype(float)
     done = c["requests_completed"].astype(float)
@@ -442,11 +505,12 @@ def peak_analysis(d: RunData, flatten: bool = True, progress=None) -> dict[str, 
     elif d.config is None:
         a["flat_note"] = "not computed: the run's scenario is not in the file's metadata"
     else:
-        flat, why = flat_day_cost(d.config, d.source, progress)
+        flat, why = flat_day_cost(d.config, d.source, progress, cache, save, day)
         if flat is None:
             a["flat_note"] = f"not computed: {why}"
         else:
             a["flat_day_cost_usd"] = flat
+            a["flat_source"] = why  # re-simulated, or read from flat-day.json
             a["marginal_cost_of_peak_usd"] = day - flat
     return a
 
@@ -594,8 +658,9 @@ def write_report(
     try:
         with _progress(show_progress) as progress:
             pngs = make_plots(d, slo)
-            # the flat-day re-simulation takes as long as the run itself: the bar shows it
-            a = peak_analysis(d, flatten, progress)
+            # the flat-day re-simulation takes as long as the run itself: the bar shows it, and
+            # its result is kept in flat-day.json for the next report of this run
+            a = peak_analysis(d, flatten, progress, out_dir / FLAT_FILE, into / FLAT_FILE)
         for name, data in pngs.items():
             write_bytes_atomic(data, into / f"{name}.png")
         write_text_atomic(render_markdown(d, a), into / "report.md")
@@ -629,13 +694,115 @@ def _progress(show: bool):
         yield progress
 
 
-REPORT_FILES = (*tuple(f"{p}.png" for p in PLOTS), "report.md", "report.html", "peak.json")
+REPORT_FILES = (
+    *tuple(f"{p}.png" for p in PLOTS),
+    "report.md",
+    "report.html",
+    "peak.json",
+    FLAT_FILE,
+)
+CROSSOVER_FILES = ("crossover.png", "report.md", "report.html")
+
+
+def crossover_lines(table) -> list[tuple[str, str]]:
+    """Per workload of a ``fleetsim crossover`` table: the rate, where the best split wins and
+    by how much, and each design's p99 TTFT and TPOT (as (label, text))."""
+    from fleetsim.apps.crossover import best_ratio
+
+    df = table.to_pandas()
+    out = []
+    for wl in dict.fromkeys(df.workload):
+        g = df[df.workload == wl]
+        r = best_ratio(table, wl)
+        ok = r[np.isfinite(r)]
+        wins = int(np.sum(ok < 1.0))
+        rng = f"{ok.min():.2f}-{ok.max():.2f}" if len(ok) else "n/a"
+        out.append(
+            (
+                f"{wl} prompts",
+                f"{g.rate_per_s.iloc[0]:,.2f} requests/s; the best split is cheaper per "
+                f"SLO-meeting request in {wins} of {len(ok)} target cells (ratio {rng})",
+            )
+        )
+        first = g.groupby(["design", "prefill_replicas"], dropna=False).first().reset_index()
+        for _, row in first.iterrows():
+            name = (
+                f"aggregated {int(row.replicas)}"
+                if row.design == "aggregated"
+                else f"split {int(row.prefill_replicas)} + {int(row.decode_replicas)}"
+            )
+            out.append(
+                (
+                    f"{wl}: {name}",
+                    f"p99 TTFT {row.ttft_p99_s:,.2f} s, p99 TPOT {row.tpot_p99_s * 1e3:,.1f} ms, "
+                    f"$ {row.total_cost_usd:,.2f}, {row.energy_facility_kwh:,.1f} kWh",
+                )
+            )
+    return out
+
+
+def write_crossover_report(out_dir: Path) -> Path:
+    """The report of a ``fleetsim crossover`` folder: its heat map, drawn again from
+    ``crossover.parquet``, and the per-design figures behind it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fleetsim.apps.crossover import draw
+    from fleetsim.base import io
+    from fleetsim.results.output import RunOutput
+
+    path = out_dir / "crossover.parquet"
+    try:
+        table = pq.read_table(pa.BufferReader(io.read_bytes(path, "", io.MAX_TRACE_BYTES)))
+        rows = crossover_lines(table)
+        png = draw(table)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{io.clean(str(path))}: not a fleetsim crossover table ({exc})") from None
+    title = f"fleetsim crossover report: {for_markdown(out_dir.name)}"
+    md = [f"# {title}", "", "| figure | value |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in rows]
+    md += ["", _CROSSOVER_EXPLAIN, "", "![crossover](crossover.png)", ""]
+    trs = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    img = base64.b64encode(png).decode()
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(plain(title))}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+th{{text-align:left;padding-right:2em}} img{{max-width:100%}}</style>
+</head><body><h1>{html.escape(plain(title))}</h1>
+<table>{trs}</table><p>{html.escape(_CROSSOVER_EXPLAIN)}</p>
+<p><img alt="crossover" src="data:image/png;base64,{img}"></p>
+</body></html>
+"""
+    outp = RunOutput(out_dir, mode="add", names=CROSSOVER_FILES).open()
+    try:
+        into = outp.path("")
+        write_bytes_atomic(png, into / "crossover.png")
+        write_text_atomic("\n".join(md), into / "report.md")
+        write_text_atomic(page, into / "report.html")
+        outp.commit()
+    finally:
+        outp.abort()
+    return out_dir / "report.html"
+
+
+_CROSSOVER_EXPLAIN = (
+    "Each cell: the best disaggregated split's cost per SLO-meeting request over the "
+    "aggregated fleet's, for a TTFT target (rows, x the unloaded prefill of the mean prompt) "
+    "and a TPOT target (columns, x the unloaded decode step); below 1 the split wins. Both "
+    "designs own the same GPUs and serve the same arrivals (docs/disaggregation.md)."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``fleetsim report DIR [--no-flat]``."""
     ap = argparse.ArgumentParser(prog="fleetsim report", description=description(__doc__))
-    ap.add_argument("dir", help="the --out folder of a `fleetsim run` (holds hourly.parquet)")
+    ap.add_argument(
+        "dir",
+        help="the --out folder of a `fleetsim run` (holds hourly.parquet) or of a `fleetsim "
+        "crossover` (holds crossover.parquet: its heat map and per-design figures)",
+    )
     ap.add_argument(
         "--no-flat",
         action="store_true",
@@ -647,6 +814,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the scenario file the run came from, to resolve its relative paths",
     )
     args = ap.parse_args(argv)
+    d = Path(args.dir)
+    if not (d / "hourly.parquet").is_file() and (d / "crossover.parquet").is_file():
+        page = write_crossover_report(d)
+        print(f"wrote {page.resolve()}, report.md and crossover.png in {page.parent}")
+        return 0
     page = write_report(
         Path(args.dir), flatten=not args.no_flat, source=args.scenario, show_progress=True
     )
@@ -657,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"busiest hour {a['peak_hour']}: {a['peak_cost_share']:.2%} of the day's cost; "
         + (
-            f"marginal cost of the peak $ {m:,.2f}"
+            f"marginal cost of the peak $ {m:,.2f} (flat day {a.get('flat_source', '')})"
             if m is not None
             else f"marginal cost of the peak {a['flat_note']}"
         )

@@ -509,6 +509,13 @@ POOLS_SCHEMA = pa.schema(
         ("kv_transfer_bytes", pa.float64()),
         ("kv_transfer_mean_s", pa.float64()),
         ("kv_transfer_p99_s", pa.float64()),
+        # the paged engine's KV figures of the pool (0 under kv_allocation = "reserve"): prompt
+        # tokens served from the prefix cache (prefill pool only: decode keeps no prefix cache),
+        # preemptions (a decode-pool victim is recomputed there), and the share of the pool's
+        # KV blocks in use, time-averaged over the hour
+        ("prefix_hit_tokens", pa.int64()),
+        ("preemptions", pa.int64()),
+        ("kv_utilization", pa.float64()),
     ]
 )
 
@@ -555,6 +562,10 @@ def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.
         ec = pool_energy_cost(rs, name, pods, scale, price)
         ec["prompt_tokens"] = tot(name, "prompt_tokens")
         ec["output_tokens"] = tot(name, "output_tokens")
+        for k in ("prefix_hit_tokens", "preemptions", "kv_block_s"):
+            ec[k] = tot(name, k) if k in _pools(pods[0])[name] else np.zeros(H)
+        blocks_s = scale * sum(_pools(p)[name].get("kv_blocks", 0) for p in pods) * HOUR_S
+        ec["kv_utilization"] = ec["kv_block_s"] / blocks_s if blocks_s else np.zeros(H)
         cols_by_pool[name] = (spec, ec)
     for h in range(H):
         for name, (spec, ec) in cols_by_pool.items():
@@ -591,4 +602,7 @@ def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.
             rows["kv_transfer_p99_s"].append(
                 float(p99[h]) if pre and count[h] > 0 and math.isfinite(p99[h]) else None
             )
+            rows["prefix_hit_tokens"].append(round(ec["prefix_hit_tokens"][h]))
+            rows["preemptions"].append(round(ec["preemptions"][h]))
+            rows["kv_utilization"].append(float(ec["kv_utilization"][h]))
     return pa.table(rows, schema=POOLS_SCHEMA)

@@ -214,6 +214,7 @@ OUTPUT_NAMES = frozenset(
         "report.html",
         "report.md",
         "peak.json",
+        "flat-day.json",
         "replay.csv",
         "replay.json",
         "requests.csv",

@@ -346,6 +346,8 @@ def pool_day_totals(pools) -> dict[str, dict[str, float]]:
                 "kv_transfer_bytes",
             )
         }
+        for c in ("prefix_hit_tokens", "preemptions"):  # (absent from older pools.parquet files)
+            d[c] = float(g[c].sum()) if c in g else 0.0
         d["gpu_hours"] = float(g["gpus_powered_mean"].sum())
         d["utilization"] = d["gpu_busy_s"] / (d["gpu_hours"] * HOUR_S) if d["gpu_hours"] else 0.0
         n = g["kv_transfers"].to_numpy()
@@ -365,7 +367,18 @@ def print_pools(res: Result, c: Console) -> None:
     """Both pools of a disaggregated fleet side by side, and the KV traffic between them."""
     rs = res.resolved
     tab = Table(title="pools (pools.parquet)")
-    for h in ("pool", "per pod", "GPU-h", "busy", "kWh", "energy $", "hardware $", "total $"):
+    for h in (
+        "pool",
+        "per pod",
+        "GPU-h",
+        "busy",
+        "kWh",
+        "energy $",
+        "hardware $",
+        "total $",
+        "prefix-hit tokens",
+        "preemptions",
+    ):
         tab.add_column(h, justify="left" if h in ("pool", "per pod") else "right")
     pt = pool_totals(res)
     specs = rs.pools.by_name()
@@ -380,6 +393,8 @@ def print_pools(res: Result, c: Console) -> None:
             _f(d["energy_cost_usd"]),
             _f(d["hardware_cost_usd"]),
             _f(d["total_cost_usd"]),
+            _f(d["prefix_hit_tokens"], ",.0f"),
+            _f(d["preemptions"], ",.0f"),
         )
     c.print(tab)
     x = pt["prefill"]

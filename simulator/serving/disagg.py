@@ -144,9 +144,11 @@ class Pool:
         shared = role == "prefill" and spec.router == "central_queue"
         self.shared_queue: deque[Request] | None = deque() if shared else None
         cls: type[Replica] | type[PagedReplica] = Replica
+        self.kv_blocks = 0  # KV blocks of the pool's replicas (paged engine)
         if paged is not None:
             cls = PrefillReplica if role == "prefill" else DecodeReplica
-            rec.kv_blocks += rs.kv.blocks * spec.replicas
+            self.kv_blocks = rs.kv.blocks * spec.replicas
+            rec.kv_blocks += self.kv_blocks
         self.replicas: list[Any] = [cls(base + i, self, self.plan) for i in range(spec.replicas)]
         self.owner = owner
         self.scaler = make_autoscaler(rs, self)  # None for a static pool
@@ -487,6 +489,10 @@ class DisaggPod:
                 "flops": rec.flops[:H],
                 "bytes_moved": rec.bytes_moved[:H],
                 "iters_h": rec.iters_h[:H],
+                "prefix_hit_tokens": rec.prefix_hit_tokens[:H],
+                "preemptions": rec.preemptions[:H],
+                "kv_block_s": rec.kv_block_s[:H],
+                "kv_blocks": pool.kv_blocks,
             }
         out["transfer"] = {
             "count": self.xfer_count[:H],

@@ -1209,11 +1209,16 @@ class DecodeReplica(PagedReplica):
     pool. Decode-side prefix caching is not modelled (the pool runs with it off).
     """
 
-    __slots__ = ("joined",)
+    __slots__ = ("joined", "preempt_it")
 
     def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:
         super().__init__(index, pod, cfg)
         self.joined: list[Request] = []  # admitted while planning the current boundary
+        self.preempt_it = -1  # the last iteration whose scheduling preempted
+
+    def _preempt_last(self, it: int, after_alloc: bool) -> Request:
+        self.preempt_it = it
+        return PagedReplica._preempt_last(self, it, after_alloc)
 
     def plan(self, T: float) -> None:
         PagedReplica.plan(self, T)
@@ -1224,7 +1229,12 @@ class DecodeReplica(PagedReplica):
 
     def _admit(self, it: int) -> None:
         """Admit waiting requests into iteration ``it``: arrived KV joins the decode set,
-        a preempted request (at the front) is recomputed by chunks; first come first served."""
+        a preempted request (at the front) is recomputed by chunks; first come first served.
+        Nothing is admitted into an iteration whose scheduling preempted (vLLM V1's scheduler:
+        ``if not preempted_reqs`` before it takes waiting requests), so the victim is not
+        taken back at once only to be preempted again."""
+        if self.preempt_it == it:
+            return
         w = self.waiting
         nt = self.n + len(self.pre)
         budget = self.budget
@@ -1288,6 +1298,8 @@ class DecodeReplica(PagedReplica):
         return (r.eff >> self.lb) + 1 <= avail - (self.wm if n else 0)
 
     def _fits_now(self, r: Request) -> bool:
+        if self.preempt_it == self.it:
+            return False
         if r.gen:
             return PagedReplica._fits_now(self, r)
         return self._join_fits(r, self.n + len(self.pre), self.budget, 0)
