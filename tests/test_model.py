@@ -117,3 +117,26 @@ def test_linear_profile_iteration():
     t, _, _ = lat.iteration(100, 100.0**2, 1, 3, 3000.0)
     assert t == pytest.approx(0.01 + 0.002 + 1e-3 + 4e-4 + 3e-4, rel=1e-12)
     assert lat.decode_time(4, 500) == pytest.approx(0.01 + 4e-4 + 2000 * 1e-7, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "model,gpu,tp",
+    [
+        ("llama-3.1-70b", "h100-sxm", 4),  # the fitted kernel model
+        ("mixtral-8x7b", "h200", 2),  # weights read depend on the tokens (MoE)
+    ],
+)
+def test_decode_step_is_iteration_without_prefill(model, gpu, tp):
+    """The engines' shortcut for a pure decode step gives iteration()'s numbers bit for bit,
+    on the kernel model, the plain roofline and a linear profile."""
+    import dataclasses
+
+    lat = _lat(model, gpu, tp)
+    lats = [lat, LatencyModel(lat.model, dataclasses.replace(lat.profile, kernels=None), tp)]
+    lats.append(LatencyModel(lat.model, LinearProfile("lin", 0.01, 0.002, 1e-5, 1e-4, 1e-7), tp))
+    rng = np.random.default_rng(1)
+    for lm in lats:
+        for _ in range(300):
+            n = int(rng.integers(1, 512))
+            ctx = float(rng.integers(0, n * 20000)) + float(rng.integers(0, 2)) * 0.5
+            assert lm.decode_step(n, ctx) == lm.iteration(0, 0.0, 0, n, ctx)

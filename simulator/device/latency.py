@@ -187,6 +187,16 @@ def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
     # the steps before the lines cross (s of them) are on one line, the rest on the other
     db = c.db
     slope = db * n
+    if slope != 0.0 and c.da == 0.0 and c0 >= 0.0:
+        # both lines through the origin (the kernel model's attention): g0 = db * c0 has the
+        # sign of slope, so the crossing s = ceil(-g0 / slope) <= 0 is clamped to 0: every step
+        # is on the second line (the same sums as below with s = 0)
+        t = m * c.base
+        if slope < 0.0:
+            b_ = c.b2
+            return t + (m * (c.a2 + b_ * c0) + b_ * n * (m * (m - 1) / 2.0))
+        b_ = c.b1
+        return t + (m * (c.a1 + b_ * c0) + b_ * n * (m * (m - 1) / 2.0))
     g0 = c.da + db * c0
     if slope == 0.0:
         s, first_is_1 = m, g0 >= 0.0
@@ -437,6 +447,20 @@ class LatencyModel:
             t_m = nbytes / self._rm
             t = self._oh + (t_c if t_c > t_m else t_m) + self._comm_a + self._comm_b * tokens
         return t, flops, nbytes
+
+    def decode_step(self, n: int, ctx: float) -> tuple[float, float, float]:
+        """:meth:`iteration` of a pure decode step of ``n`` sequences at context ``ctx`` (no
+        prefill): the same three numbers from the same operations, for the engine's hot path."""
+        c = self.coeff_cache.get(n)
+        if c is None:
+            c = self.run_coeffs(n)
+        x1 = c.a1 + c.b1 * ctx
+        x2 = c.a2 + c.b2 * ctx
+        # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped
+        nbytes = (self._w_dense if self._dense else self.model.weight_bytes_read(n)) + self.kvb * (
+            ctx + n
+        )
+        return c.base + (x1 if x1 > x2 else x2), c.fa + ctx * self.f_pair, nbytes
 
     # -- decode runs -----------------------------------------------------------------------
     def run_coeffs(self, n: int) -> RunCoeffs:

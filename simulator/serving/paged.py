@@ -50,6 +50,7 @@ from __future__ import annotations
 import heapq
 from bisect import bisect_right
 from collections import OrderedDict, deque
+from heapq import heappop, heappush
 from itertools import accumulate, islice
 from typing import TYPE_CHECKING
 
@@ -142,6 +143,8 @@ class PagedReplica:
         "env",
         "free",
         "g",
+        "h_cur",
+        "h_end",
         "heap",
         "hit_tok",
         "ht",
@@ -232,6 +235,8 @@ class PagedReplica:
         self.cut_x = -1  # _cut_point's block count for _commit(j) (-1: none)
         self.armed_t: float | None = None
         self.token = 0
+        self.h_cur = 0  # _commit's cache: the hour h_cur = [h_end - HOUR_S, h_end) of its T0
+        self.h_end = HOUR_S
         # run-end events go straight onto the environment's queue (serving/events.py)
         self._queue = queue_of(self.env)
         self._eid = self.env._eid
@@ -379,7 +384,7 @@ class PagedReplica:
         pod = self.pod
         if pod.shared_queue is not None:
             self.outstanding -= 1
-        h = int(self.env.now // HOUR_S)
+        h = int(self.env._now // HOUR_S)
         rec = self.rec
         rec.preemptions[h if h < rec.hours else rec.hours] += 1
         return r
@@ -668,7 +673,10 @@ class PagedReplica:
         self.T0 = T
         lat = self.lat
         S = self.S
-        t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, S + n * it)
+        if nchunks:
+            t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, S + n * it)
+        else:  # no prefill token (P == 0): the same numbers, cheaper
+            t1, F1, B1 = lat.decode_step(n, S + n * it)
         self.t_first = t1
         self.F_first = F1
         self.B_first = B1
@@ -711,7 +719,9 @@ class PagedReplica:
             self.n1 = n1
             self.c1 = c1
             self.coef = coef
-            H = (T // HOUR_S + 1.0) * HOUR_S
+            H = self.h_end  # the end of T's hour (cached by _commit), else computed
+            if T >= H:
+                H = (T // HOUR_S + 1.0) * HOUR_S
             if end >= H:
                 k = 1
             else:
@@ -730,7 +740,7 @@ class PagedReplica:
             self.token = token
             self.armed_t = end
             now = self.env._now
-            heapq.heappush(
+            heappush(
                 self._queue,
                 (
                     now + (end - now if end > now else 0.0),
@@ -756,7 +766,7 @@ class PagedReplica:
         self.token += 1
         self.armed_t = t
         now = self.env._now
-        heapq.heappush(
+        heappush(
             self._queue,
             (
                 now + (t - now if t > now else 0.0),
@@ -776,10 +786,23 @@ class PagedReplica:
             if self.waiting and self.pod.shared_queue is not None:
                 self.plan(self.env.now)  # an idle replica waiting for the central queue's floor
             return
-        if self.run_end != fired:
-            self._arm(self.run_end)
-            return
         end = self.run_end
+        if end != fired:  # the run end moved later (a cut): _arm(end), inlined
+            token = self.token + 1
+            self.token = token
+            self.armed_t = end
+            now = self.env._now
+            heappush(
+                self._queue,
+                (
+                    now + (end - now if end > now else 0.0),
+                    NORMAL,
+                    next(self._eid),
+                    Wake(self._wake_cbs, token),
+                ),
+            )
+            self.rec.events += 1
+            return
         self._commit(self.k)
         self.plan(end)
 
@@ -807,21 +830,40 @@ class PagedReplica:
                     r.first_token_s = ft
                 r.join_it = it0
                 S += r.eff - it0
-                heapq.heappush(heap, (it0 + r.out - r.gen - 1, r.rid, r))
+                heappush(heap, (it0 + r.out - r.gen - 1, r.rid, r))
             self.S = S
             self.n = n_first
             del self.pre[:npf]
             self.pf = []
         hours = rec.hours
-        hf = int(ft // HOUR_S)
-        if hf > hours:
-            hf = hours
+        # the hours of T0 and ft: int(t // HOUR_S), from the cached bounds of T0's hour when
+        # t lies in it (times only grow; the clamp to ``hours`` is never cached)
+        h_end = self.h_end
+        if h_end > T0:
+            h = self.h_cur
+        else:
+            h = int(T0 // HOUR_S)
+            if h > hours:
+                h = hours
+            else:
+                self.h_cur = h
+                self.h_end = h_end = (h + 1) * HOUR_S
+        if ft < h_end:
+            hf = h
+        else:
+            hf = int(ft // HOUR_S)
+            if hf > hours:
+                hf = hours
         rec.prompt_tokens[hf] += self.P_first
         rec.output_tokens[hf] += n_first
-        if self.hit_tok:
-            rec.prefix_hit_tokens[hf] += self.hit_tok
-        if self.re_tok:
-            rec.recomputed_tokens[hf] += self.re_tok
+        hit = self.hit_tok
+        if hit:
+            rec.prefix_hit_tokens[hf] += hit
+            self.hit_tok = 0
+        re_tok = self.re_tok
+        if re_tok:
+            rec.recomputed_tokens[hf] += re_tok
+            self.re_tok = 0
         mask = self.mask
         if j > 1:  # the decode steps' new blocks (_blocks and _take's common case, inlined)
             if x < 0:
@@ -840,9 +882,6 @@ class PagedReplica:
                 self.free = free - x
             else:
                 self._take(x)
-        h = int(T0 // HOUR_S)
-        if h > hours:
-            h = hours
         H = (h + 1) * HOUR_S
         run_end = self.run_end
         last_straddles = j == k and run_end > H
@@ -895,8 +934,6 @@ class PagedReplica:
         self.pairs = 0.0
         self.nchunks = 0
         self.P_first = 0
-        self.hit_tok = 0
-        self.re_tok = 0
         self.planned = False
         if j < k:
             # boundary j: (T0 + t_first) + rt, with rt = run_time(j - 1) from above (j >= 2)
@@ -928,7 +965,7 @@ class PagedReplica:
         S = self.S
         free = self.free
         while heap and heap[0][0] < it:
-            f, _, r = heapq.heappop(heap)
+            f, _, r = heappop(heap)
             n -= 1
             eff = r.eff
             join_it = r.join_it
@@ -967,7 +1004,7 @@ class PagedReplica:
         w = self.waiting
         w.append(r)
         if not self.busy:
-            self.plan(self.env.now)
+            self.plan(self.env._now)
         elif len(w) == 1:
             j = self._cut_point(r)
             if j >= 0:
@@ -979,7 +1016,7 @@ class PagedReplica:
         """The boundary j of the current run at which ``r`` (the queue's head, arriving now)
         could be admitted: 0 = into the first iteration (replan it), 1..k-1 = a cut, -1 = not
         before the run's end."""
-        ta = self.env.now
+        ta = self.env._now
         pod = self.pod
         if pod.shared_queue is not None and pod.queue_floor > ta:
             ta = pod.queue_floor
@@ -1120,7 +1157,7 @@ class PrefillReplica(PagedReplica):
         b = self.b
         hand = self.pod.handoff  # type: ignore[attr-defined]
         while heap and heap[0][0] < it:
-            f, _, r = heapq.heappop(heap)
+            f, _, r = heappop(heap)
             self.n -= 1
             self.S -= r.eff - r.join_it
             cnt2[r.rho] -= 1
@@ -1245,7 +1282,7 @@ class DecodeReplica(PagedReplica):
             self.cnt2[rho + b] += 1
             self.cum = None
             self.S += p - (it - 1)
-            heapq.heappush(self.heap, (it + r.out - 2, r.rid, r))
+            heappush(self.heap, (it + r.out - 2, r.rid, r))
             self.n += 1
             budget -= 1
             nt += 1

@@ -115,6 +115,8 @@ class Pod:
         self.max_prompt = sc.fleet.max_batched_tokens if not chunked else 1 << 62
         self.queue_floor = 0.0  # central queue: the latest boundary at which a head left it
         self.max_context = rs.model.max_context_tokens
+        # prompt + output above this is refused: the KV capacity or the context window
+        self._max_tokens = min(self.limits.kv_cap, self.max_context)
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.sink = request_sink
         self.in_flight = 0
@@ -260,13 +262,15 @@ class Pod:
     def _arrive(self) -> None:
         """The next arrival is due (``fire``: called by run_until, the pod is its Stream)."""
         i = self._i
-        t = self._times[i]
+        times = self._times
+        t = times[i]
         p = self._p[i]
         o = self._o[i]
         rid = self._rid_base | self._next
         self._next += 1
         h = self._hour
-        self.rec.arrived[h] += 1
+        rec = self.rec
+        rec.arrived[h] += 1
         ids = self._ids[i] if self._ids is not None else None
         ses: Session | None = None
         if self.sessions is not None:
@@ -274,8 +278,8 @@ class Pod:
             p, o, ids = self.sessions.turn(ses)
         # not Limits.servable, inlined: once per arrival (the gain: see Replica.plan); with
         # chunked prefill a prompt longer than the token budget is served in chunks
-        if p + o > self.limits.kv_cap or p > self.max_prompt or p + o > self.max_context:
-            self.rec.rejected[h] += 1
+        if p + o > self._max_tokens or p > self.max_prompt:
+            rec.rejected[h] += 1
             if self.sink is not None:
                 r = Request(rid, t, p, o)
                 self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
@@ -287,13 +291,13 @@ class Pod:
             self._route(r)
         i += 1
         self._i = i
-        if i < len(self._times):  # _schedule_arrival(), inlined
-            t = self._times[i]
+        if i < len(times):  # _schedule_arrival(), inlined
+            t = times[i]
             env = self.env
             now = env._now
             self.next_t = now + (t - now if t > now else 0.0)
             self.next_eid = next(env._eid)
-            self.rec.events += 1
+            rec.events += 1
         elif self._next_chunk():
             self._schedule_arrival()
         else:

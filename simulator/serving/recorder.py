@@ -158,38 +158,52 @@ class Recorder:
         self.keep_hist = keep_hist
         self.sink = request_sink
         self._cur_hour = 0
-        self._ttft = array("d")
-        self._tpot = array("d")
-        self._e2e = array("d")
-        self._gaps = array("q")  # token gaps of each request: output tokens - 1
+        self._h_lo, self._h_hi = 0.0, HOUR_S  # the current hour's span (empty past the horizon)
+        # the current hour's completions; their latencies are taken at the flush (numpy, the
+        # same float operations element by element as in Python)
+        self._arr = array("d")  # arrival
+        self._first = array("d")  # first token
+        self._fin = array("d")  # finish
+        self._out = array("q")  # output tokens
         self.stats: list[HourStats] = [HourStats() for _ in range(hours)]
 
     # -- per request --------------------------------------------------------------------------
     def complete(self, r, finish_s: float, replica: int) -> None:
-        h = int(finish_s // HOUR_S)
-        if h >= self.hours:
-            return
-        if h != self._cur_hour:
-            self.flush_until(h)
+        if self._h_lo <= finish_s < self._h_hi:  # (the engine's hot path: no division)
+            h = self._cur_hour
+        else:
+            h = int(finish_s // HOUR_S)
+            if h >= self.hours:
+                return
+            if h != self._cur_hour:
+                self.flush_until(h)
         self.completed[h] += 1
-        ttft = r.first_token_s - r.arrival_s
-        e2e = finish_s - r.arrival_s
-        tpot = (finish_s - r.first_token_s) / (r.out - 1) if r.out > 1 else math.nan
-        self._ttft.append(ttft)
-        self._tpot.append(tpot)
-        self._e2e.append(e2e)
-        self._gaps.append(r.out - 1)
+        self._arr.append(r.arrival_s)
+        self._first.append(r.first_token_s)
+        self._fin.append(finish_s)
+        self._out.append(r.out)
         if self.sink is not None:
+            ttft = r.first_token_s - r.arrival_s
+            e2e = finish_s - r.arrival_s
+            tpot = (finish_s - r.first_token_s) / (r.out - 1) if r.out > 1 else math.nan
             self.sink.add(r, replica, finish_s, ttft, tpot, e2e, "completed")
 
     def flush_until(self, hour: int) -> None:
         """Summarise the current hour's latency samples and move on to ``hour``."""
         h = self._cur_hour
-        if h < self.hours and len(self._ttft):
+        if h < self.hours and len(self._arr):
             st = self.stats[h]
-            ttft = np.frombuffer(self._ttft, dtype=np.float64)
-            tpot = np.frombuffer(self._tpot, dtype=np.float64)
-            e2e = np.frombuffer(self._e2e, dtype=np.float64)
+            arr = np.frombuffer(self._arr, dtype=np.float64)
+            first = np.frombuffer(self._first, dtype=np.float64)
+            fin = np.frombuffer(self._fin, dtype=np.float64)
+            out = np.frombuffer(self._out, dtype=np.int64)
+            # as complete() would take them one by one: first - arrival, finish - arrival,
+            # (finish - first) / (out - 1) for out > 1 (else NaN)
+            ttft = first - arr
+            e2e = fin - arr
+            gaps = out - 1
+            with np.errstate(divide="ignore", invalid="ignore"):
+                tpot = np.where(out > 1, (fin - first) / gaps, math.nan)
             finite = tpot[~np.isnan(tpot)]
             st.n = len(ttft)
             st.n_tpot = len(finite)
@@ -206,7 +220,6 @@ class Recorder:
             # pooled over requests. The engine advances in runs of decode steps, so each
             # request's gaps are taken at their mean (its TPOT), weighted by its gap count:
             # the mean is exact, the percentiles lose the spread within a request.
-            gaps = np.frombuffer(self._gaps, dtype=np.int64)
             has = gaps > 0
             tp, gp = tpot[has], gaps[has]
             st.n_itl = int(gp.sum())
@@ -222,11 +235,15 @@ class Recorder:
                     "itl": SparseHist(_hist(tp, gp)),
                     "e2e": SparseHist(_hist(e2e)),
                 }
-        self._ttft = array("d")
-        self._tpot = array("d")
-        self._e2e = array("d")
-        self._gaps = array("q")
+        self._arr = array("d")
+        self._first = array("d")
+        self._fin = array("d")
+        self._out = array("q")
         self._cur_hour = hour
+        if hour < self.hours:
+            self._h_lo, self._h_hi = hour * HOUR_S, (hour + 1) * HOUR_S
+        else:
+            self._h_lo, self._h_hi = math.inf, -math.inf
 
     # -- per run (called by the engine) ----------------------------------------------------------
     def add_work(

@@ -71,7 +71,17 @@ class LeastLoaded(Router):
     """The replica with the fewest requests routed and not yet finished (lowest index on ties)."""
 
     def route(self, r: Request) -> None:
-        min(self.replicas, key=_LOAD).on_arrival(r)  # min() keeps the first of equals
+        # min(self.replicas, key=_LOAD) as a loop (twice as fast for a few replicas): the first
+        # of the least loaded, as min() keeps the first of equals
+        reps = self.replicas
+        best = reps[0]
+        least = best.outstanding
+        for rep in reps:
+            o = rep.outstanding
+            if o < least:
+                best = rep
+                least = o
+        best.on_arrival(r)
 
 
 class CentralQueue(Router):
