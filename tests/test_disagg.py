@@ -522,3 +522,43 @@ def test_crossover_long_trace_is_the_mooncake_trace_at_the_measured_rate(tmp_pat
     res = simulate(resolved(d))
     assert res.totals.requests_arrived == n
     assert res.totals.prefix_hit_tokens > 0
+
+
+def test_pool_reactive_autoscalers_follow_each_pools_load():
+    """Each pool's own `reactive` autoscaler: it powers between min_replicas and the pool's
+    replicas, on the pool's own requests in flight (prefill: not yet at the first token;
+    decode: KV arrived, not finished); conservation holds and pools.parquet prices the GPUs
+    actually powered."""
+    d = disagg(
+        prefill={"replicas": 3, "autoscaler": "reactive", "target_requests_per_replica": 1},
+        decode={
+            "replicas": 4,
+            "autoscaler": "reactive",
+            "target_requests_per_replica": 8,
+            "initial_replicas": 1,
+        },
+    )
+    d = merge(
+        d,
+        power={"wake_s": 10.0},
+        autoscaler={"interval_s": 15, "idle_timeout_s": 120},
+        simulation={"hours": 2},
+        traffic={**SMALL["traffic"], "requests_per_day": 120_000},
+    )
+    pod = run_pod(d, hours=2)
+    pod._balance()
+    for pool in (pod.prefill, pod.decode):
+        sc = pool.scaler
+        assert sc is not None and sc.lo == 1 and sc.hi == pool.spec.replicas
+    res = simulate(resolved(d))
+    df = pools_table(res.resolved, res.pods, res.scale).to_pandas()
+    for name, n in (("prefill", 3), ("decode", 4)):
+        g = df[df.pool == name].gpus_powered_mean
+        assert ((g >= 1.0) & (g <= n)).all(), (name, g.tolist())
+        assert (g < n).any(), name  # it scaled below the pool's size
+    t = res.totals
+    assert t.requests_completed + t.requests_rejected + t.requests_in_flight == t.requests_arrived
+    e = _err(disagg(decode={"autoscaler": "reactive", "min_replicas": 0}))
+    assert e.field == "disaggregation.decode.min_replicas"
+    e = _err(disagg(decode={"replicas": 2, "autoscaler": "reactive", "initial_replicas": 3}))
+    assert e.field == "disaggregation.decode.initial_replicas"

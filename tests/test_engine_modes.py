@@ -169,6 +169,22 @@ CASES["disagg_paged_chunk_preempt"] = {
         },
     },
 }
+# each pool's own reactive autoscaler: wakes (cold starts) and drains while KV flows
+CASES["disagg_pool_reactive"] = {
+    "traffic": {"requests_per_day": 60_000, "diurnal": "azure-code"},
+    "power": {"wake_s": 20.0},
+    "autoscaler": {"interval_s": 15, "idle_timeout_s": 120},
+    "disaggregation": {
+        "prefill": {"replicas": 3, "autoscaler": "reactive", "target_requests_per_replica": 1},
+        "decode": {
+            "replicas": 3,
+            "router": "random",
+            "autoscaler": "reactive",
+            "target_requests_per_replica": 6,
+            "initial_replicas": 1,
+        },
+    },
+}
 for _name in ("disagg", "disagg_backpressure", "disagg_pool_schedules"):
     _c = CASES[_name]
     CASES[f"{_name}_reserve"] = copy.deepcopy(dict(_c, fleet={**_c.get("fleet", {}), **RESERVE}))

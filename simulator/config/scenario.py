@@ -277,10 +277,17 @@ class PoolSection(_Section):
     router: Router | None = None
     # "schedule": replicas_by_hour[h % 24] replicas of this pool powered in hour h (by UTC hour of
     # day, as every 24-value profile), with [power] wake_s cold starts and [autoscaler] prewarm
-    autoscaler: Literal["static", "schedule"] = "static"
+    # "reactive": the pool's requests in flight per powered replica against
+    # target_requests_per_replica (prefill pool: routed, first token not out; decode pool: KV
+    # arrived, not finished), between min_replicas (>= 1) and ``replicas``; [autoscaler]'s
+    # interval_s and idle_timeout_s, [power] wake_s
+    autoscaler: Literal["static", "schedule", "reactive"] = "static"
     replicas_by_hour: (
         Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=24, max_length=24)] | None
     ) = None
+    target_requests_per_replica: Annotated[float, bound(1e-3, 1e9)] | None = None
+    min_replicas: Annotated[int, Field(ge=1, le=100_000)] = 1
+    initial_replicas: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
 
 class DisaggregationSection(_Section):
@@ -1169,6 +1176,21 @@ def _pool_scenario(sc: Scenario, name: str, *, bmt_override: int | None = None) 
         scaler = sc.autoscaler.model_copy(
             update={"policy": "schedule", "replicas_by_hour": p.replicas_by_hour}
         )
+    elif p.autoscaler == "reactive":
+        a = sc.autoscaler
+        scaler = a.model_copy(
+            update={
+                "policy": "reactive",
+                "min_replicas": p.min_replicas,
+                "max_replicas": p.replicas,
+                "initial_replicas": p.initial_replicas,
+                "target_requests_per_replica": (
+                    p.target_requests_per_replica
+                    if p.target_requests_per_replica is not None
+                    else a.target_requests_per_replica
+                ),
+            }
+        )
     else:
         scaler = sc.autoscaler.model_copy(update={"policy": "static"})
     traffic = sc.traffic
@@ -1207,6 +1229,9 @@ def _renamed(exc: ScenarioError, name: str, src: str) -> ScenarioError:
         field = pre + "gpu"
     if field == "autoscaler.replicas_by_hour":
         field = pre + "replicas_by_hour"
+    for k in ("min_replicas", "initial_replicas", "max_replicas"):
+        if field == f"autoscaler.{k}":
+            field = pre + (k if k != "max_replicas" else "replicas")
     fix = exc.fix
     for k in _FLEET_FIELDS:
         fix = fix.replace(f"fleet.{k}", pre + k)

@@ -39,11 +39,11 @@ import math
 from array import array
 from collections import deque
 from collections.abc import Callable
+from heapq import heappush
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import simpy
-from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
@@ -51,6 +51,7 @@ from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica
+from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
 from fleetsim.serving.paged import DecodeReplica, PagedReplica, PrefillReplica
 from fleetsim.serving.pod import paged_limits
 from fleetsim.serving.recorder import Recorder
@@ -271,6 +272,9 @@ class DisaggPod:
         self._o: list[int] = []
         self._i = 0
         self._hour = -1
+        # the next arrival, as a serving.events.Stream (see _schedule)
+        self.next_t = math.inf
+        self.next_eid = 0
         self.kv_cap_p = pools.prefill.kv_capacity_tokens
         self.kv_cap_d = pools.decode.kv_capacity_tokens
         # without chunked prefill a prompt longer than the prefill pool's token budget can never
@@ -295,12 +299,16 @@ class DisaggPod:
         return False
 
     def _schedule(self) -> None:
+        """Set the next arrival: the pod is a serving.events.Stream that run_until processes in
+        its turn, as if it were a Timeout(t - now) in the queue (counted as an event)."""
+        env = self.env
+        now = env._now
         t = self._times[self._i]
-        now = self.env.now
-        Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._arrive)
+        self.next_t = now + (t - now if t > now else 0.0)
+        self.next_eid = next(env._eid)
         self.rec.events += 1
 
-    def _arrive(self, _ev) -> None:
+    def _arrive(self) -> None:
         i = self._i
         t = self._times[i]
         p = self._p[i]
@@ -321,12 +329,17 @@ class DisaggPod:
                 self.sink.add(r, -1, math.nan, math.nan, math.nan, math.nan, "rejected")
         else:
             self.in_prefill += 1
+            self.prefill.in_flight += 1  # (what a reactive prefill pool scales on)
             ids = self._ids[i] if self._ids is not None else None
             self.prefill.router.route(DisaggRequest(rid, t, p, o, ids))
         i += 1
         self._i = i
         if i < len(self._times) or self._next_chunk():
             self._schedule()
+        else:
+            self.next_t = math.inf
+
+    fire = _arrive
 
     # ---- the hand-off from prefill to decode -------------------------------------------------
     def _pick_decode(self) -> Replica:
@@ -345,6 +358,7 @@ class DisaggPod:
         """A prefill replica produced ``r``'s first token at ``t`` (now). Complete it if that was
         its only token, else start its KV transfer to the decode replica chosen now."""
         self.in_prefill -= 1
+        self.prefill.in_flight -= 1
         r.src = rep
         if r.out_total == 1:
             self.rec.complete(r, t, rep.index)
@@ -365,8 +379,17 @@ class DisaggPod:
         r.xfer_s = r.link_wait_s + dur  # (not end - t: that would round in the clock's digits)
         self.in_transfer += 1
         self._moving[r.rid] = r
-        now = self.env.now
-        Timeout(self.env, end - now if end > now else 0.0, r).callbacks.append(self._kv_arrived)
+        env = self.env
+        now = env._now  # the key a Timeout(end - now) would get (serving/events.py)
+        heappush(
+            queue_of(env),
+            (
+                now + (end - now if end > now else 0.0),
+                NORMAL,
+                next(env._eid),
+                Wake([self._kv_arrived], r),
+            ),
+        )
         self.rec.events += 1
 
     def _kv_arrived(self, ev) -> None:
@@ -394,8 +417,11 @@ class DisaggPod:
             for r in joined:
                 r.src.release(r)
         else:
-            ev = Timeout(self.env, T - now, joined)
-            ev.callbacks.append(self._release)
+            env = self.env
+            heappush(
+                queue_of(env),
+                (now + (T - now), NORMAL, next(env._eid), Wake([self._release], joined)),
+            )
             self.rec.events += 1
 
     @staticmethod
@@ -426,7 +452,7 @@ class DisaggPod:
         for pool in (self.prefill, self.decode):
             if pool.scaler is not None:
                 pool.scaler.start()
-        env.run(until=self.horizon_s)
+        run_until(env, self.horizon_s, self)
         for rep in self.replicas:  # work still running at the horizon: account it
             rep.stop()
         for pool in (self.prefill, self.decode):
