@@ -128,7 +128,7 @@ CASES.update(
         "paged_preempt": {**HW_80GB, "traffic": {"requests_per_day": 150_000}, "fleet": PREEMPT},
         "paged_preempt_central": {
             **HW_80GB,
-            "traffic": {"requests_per_day": 200_000},
+            "traffic": {"requests_per_day": 260_000},
             "fleet": {**PREEMPT, "router": "central_queue", "replicas": 3},
         },
         "chunk_small_budget": {

@@ -166,6 +166,7 @@ class PagedReplica:
         "planned",
         "pod",
         "pre",
+        "preempt_it",
         "prefix",
         "re_tok",
         "rec",
@@ -222,6 +223,10 @@ class PagedReplica:
         self.P_first = 0  # prompt tokens of first-pass prefills completing in iteration 0
         self.hit_tok = 0  # their cached tokens
         self.re_tok = 0  # tokens recomputed (after a preemption) in iteration 0
+        # the last iteration whose scheduling preempted: nothing is admitted into it (vLLM V1's
+        # scheduler takes waiting requests only ``if not preempted_reqs``), so a victim is not
+        # taken back at once only to be preempted again (thrashing under KV pressure)
+        self.preempt_it = -1
         self.T0 = 0.0
         self.k = 0
         self.t_first = self.F_first = self.B_first = 0.0
@@ -351,6 +356,7 @@ class PagedReplica:
     def _preempt_last(self, it: int, after_alloc: bool) -> Request:
         """Preempt the most recently admitted running request (vLLM V1's policy); ``after_alloc``:
         the decodes' blocks of iteration ``it`` are already allocated."""
+        self.preempt_it = it
         victim = self.pre[-1] if self.pre else None
         dec = None
         for e in self.heap:
@@ -550,7 +556,7 @@ class PagedReplica:
         (the test of :meth:`_admit`)."""
         nt = self.n + len(self.pre)
         budget = self.budget
-        if nt >= self.max_batch or budget <= 0:
+        if nt >= self.max_batch or budget <= 0 or self.preempt_it == self.it:
             return False
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         done = H * self.ht
@@ -648,7 +654,7 @@ class PagedReplica:
                     self.free -= d
                 self.budget = self.max_tokens - n
         w = self.waiting
-        if w and self.budget > 0:
+        if w and self.budget > 0 and self.preempt_it != it:
             if sq is None:
                 self._admit(it)
             elif pod.queue_floor <= T:
@@ -1209,16 +1215,11 @@ class DecodeReplica(PagedReplica):
     pool. Decode-side prefix caching is not modelled (the pool runs with it off).
     """
 
-    __slots__ = ("joined", "preempt_it")
+    __slots__ = ("joined",)
 
     def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:
         super().__init__(index, pod, cfg)
         self.joined: list[Request] = []  # admitted while planning the current boundary
-        self.preempt_it = -1  # the last iteration whose scheduling preempted
-
-    def _preempt_last(self, it: int, after_alloc: bool) -> Request:
-        self.preempt_it = it
-        return PagedReplica._preempt_last(self, it, after_alloc)
 
     def plan(self, T: float) -> None:
         PagedReplica.plan(self, T)
