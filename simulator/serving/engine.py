@@ -36,14 +36,15 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass
+from heapq import heappush
 from typing import TYPE_CHECKING
 
 import simpy
-from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.device.latency import LatencyModel, RunCoeffs, run_time, step_time, steps_to_reach
 from fleetsim.serving.admission import Limits, PagedLimits
+from fleetsim.serving.events import NORMAL, Wake, queue_of
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ class Replica:
     __slots__ = (  # noqa: RUF023 (grouped by what they hold, not sorted)
         # fixed for the simulation
         "__weakref__",
+        "_eid",
+        "_queue",
+        "_wake_cbs",
         "cfg",
         "env",
         "index",
@@ -149,6 +153,10 @@ class Replica:
         # the pending SimPy event
         self.armed_t: float | None = None
         self.token = 0
+        # run-end events go straight onto the environment's queue (serving/events.py)
+        self._queue = queue_of(self.env)
+        self._eid = self.env._eid
+        self._wake_cbs = [self._on_wake]
         # disaggregated pools (serving/disagg.py): a prefill-only replica hands each request to
         # its pool after the first token, keeping its KV until the pool calls release(); a
         # decode-only replica admits requests whose prompt KV has arrived straight into the
@@ -320,9 +328,16 @@ class Replica:
         if armed is None or end < armed:  # _arm(end), inlined
             self.token += 1
             self.armed_t = end
-            now = self.env.now
-            ev = Timeout(self.env, end - now if end > now else 0.0, self.token)
-            ev.callbacks.append(self._on_wake)
+            now = self.env._now
+            heappush(
+                self._queue,
+                (
+                    now + (end - now if end > now else 0.0),
+                    NORMAL,
+                    next(self._eid),
+                    Wake(self._wake_cbs, self.token),
+                ),
+            )
             self.rec.events += 1
         if pod.shared_queue:
             pod.router.dispatch()  # the new head of a central queue may fit elsewhere
@@ -343,12 +358,19 @@ class Replica:
             return
         self.token += 1
         self.armed_t = t
-        now = self.env.now
-        ev = Timeout(self.env, t - now if t > now else 0.0, self.token)
-        ev.callbacks.append(self._on_wake)
+        now = self.env._now
+        heappush(
+            self._queue,
+            (
+                now + (t - now if t > now else 0.0),
+                NORMAL,
+                next(self._eid),
+                Wake(self._wake_cbs, self.token),
+            ),
+        )
         self.rec.events += 1
 
-    def _on_wake(self, ev: Timeout) -> None:
+    def _on_wake(self, ev: Wake) -> None:
         if ev.value != self.token:
             return  # superseded by an earlier event
         fired = self.armed_t
