@@ -556,8 +556,10 @@ class PagedReplica:
         (the test of :meth:`_admit`)."""
         nt = self.n + len(self.pre)
         budget = self.budget
-        if nt >= self.max_batch or budget <= 0 or self.preempt_it == self.it:
+        if nt >= self.max_batch or budget <= 0:
             return False
+        if self.preempt_it == self.it and (self.n or self.nchunks):
+            return False  # the rule of plan(): nothing joins a step that preempted
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         done = H * self.ht
         rem = r.eff - done
@@ -654,7 +656,9 @@ class PagedReplica:
                     self.free -= d
                 self.budget = self.max_tokens - n
         w = self.waiting
-        if w and self.budget > 0 and self.preempt_it != it:
+        # vLLM V1 admits no waiting request into a step that preempted; a step that preempted
+        # every running request is empty, and the next one (at the same time) admits
+        if w and self.budget > 0 and (self.preempt_it != it or not (self.n or self.nchunks)):
             if sq is None:
                 self._admit(it)
             elif pod.queue_floor <= T:
@@ -1233,9 +1237,7 @@ class DecodeReplica(PagedReplica):
         a preempted request (at the front) is recomputed by chunks; first come first served.
         Nothing is admitted into an iteration whose scheduling preempted (vLLM V1's scheduler:
         ``if not preempted_reqs`` before it takes waiting requests), so the victim is not
-        taken back at once only to be preempted again."""
-        if self.preempt_it == it:
-            return
+        taken back at once only to be preempted again (plan() applies the rule)."""
         w = self.waiting
         nt = self.n + len(self.pre)
         budget = self.budget
@@ -1299,7 +1301,7 @@ class DecodeReplica(PagedReplica):
         return (r.eff >> self.lb) + 1 <= avail - (self.wm if n else 0)
 
     def _fits_now(self, r: Request) -> bool:
-        if self.preempt_it == self.it:
+        if self.preempt_it == self.it and (self.n or self.nchunks):
             return False
         if r.gen:
             return PagedReplica._fits_now(self, r)
