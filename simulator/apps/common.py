@@ -11,7 +11,9 @@ committed (an error, an interrupt) is aborted by the CLI, leaving the folder as 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import IO, cast
 
 from fleetsim.results.output import RunOutput, check_out_path, remove_previous_outputs
 
@@ -33,8 +35,37 @@ def console(*, stderr: bool = False, quiet: bool = False):
 
     c = Console(stderr=stderr, quiet=quiet)
     if not c.is_terminal:
-        c = Console(stderr=stderr, quiet=quiet, width=100_000, soft_wrap=True)
+        import sys
+
+        out = _RStripLines(sys.stderr if stderr else sys.stdout)
+        c = Console(
+            file=cast(IO[str], out), quiet=quiet, width=100_000, soft_wrap=True, color_system=None
+        )
     return c
+
+
+class _RStripLines(io.TextIOBase):
+    """A text stream that drops the spaces rich pads each table row with up to the widest row
+    (piped output: 100,000 columns), so piped lines end at their last character."""
+
+    def __init__(self, f: IO[str]) -> None:
+        super().__init__()
+        self._f = f
+
+    def write(self, s: str) -> int:
+        import re
+
+        self._f.write(re.sub(r"[ \t]+\n", "\n", s))
+        return len(s)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
 
 def print_json(doc) -> None:

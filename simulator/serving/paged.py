@@ -1022,6 +1022,25 @@ class PagedReplica:
                     self._commit(j, True, self.cut_x)
                 self.plan(self.T0)
 
+    def _first_boundary(self, r: Request, ta: float) -> int:
+        """The first boundary of the current run at or after time ``ta``: 0 if ``r`` is
+        admitted into the run's first iteration (replan it), -1 if none is left before the
+        run's end (a cut point's first step, shared by the subclasses)."""
+        T0 = self.T0
+        if ta <= T0:
+            if self._fits_now(r):
+                return 0
+            j = 1
+        elif ta <= T0 + self.t_first:
+            j = 1
+        else:
+            k = self.k
+            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
+            self.cut_m = m
+            self.cut_rt = rt
+            j = 1 + m
+        return -1 if j >= self.k else j
+
     def _cut_point(self, r: Request) -> int:
         """The boundary j of the current run at which ``r`` (the queue's head, arriving now)
         could be admitted: 0 = into the first iteration (replan it), 1..k-1 = a cut, -1 = not
@@ -1030,21 +1049,10 @@ class PagedReplica:
         pod = self.pod
         if pod.shared_queue is not None and pod.queue_floor > ta:
             ta = pod.queue_floor
-        T0 = self.T0
+        j = self._first_boundary(r, ta)
+        if j <= 0:
+            return j
         k = self.k
-        if ta <= T0:
-            if self._fits_now(r):
-                return 0
-            j = 1
-        elif ta <= T0 + self.t_first:
-            j = 1
-        else:
-            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
-            self.cut_m = m
-            self.cut_rt = rt
-            j = 1 + m
-        if j >= k:
-            return -1
         n1 = self.n + len(self.pf)
         it1 = self.it + 1
         prefix = self.prefix
@@ -1316,22 +1324,9 @@ class DecodeReplica(PagedReplica):
         """As :meth:`PagedReplica._cut_point` (no central queue, no prefix cache here): the free
         blocks only shrink during a run, so the first boundary after the arrival is the only
         one to test."""
-        ta = self.env.now
-        T0 = self.T0
-        k = self.k
-        if ta <= T0:
-            if self._fits_now(r):
-                return 0
-            j = 1
-        elif ta <= T0 + self.t_first:
-            j = 1
-        else:
-            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
-            self.cut_m = m
-            self.cut_rt = rt
-            j = 1 + m
-        if j >= k:
-            return -1
+        j = self._first_boundary(r, self.env._now)
+        if j <= 0:
+            return j
         n1 = self.n + len(self.pf)
         self.cut_x = -1  # (on_arrival passes it to _commit: none computed here)
         return j if self._fit_at(r, n1, self._blocks(self.it + 1, j, n1)) else -1
