@@ -112,9 +112,10 @@ def point(
         )
     f = d["fleet"]
     # the longest prompt fits one iteration in both designs and engines: whole prefills need
-    # it, and with chunks of the scenario's 16,384 tokens the aggregated paged fleet thrashes
-    # when saturated (preempting half-prefilled long prompts: 3.6 x fewer completions), which
-    # would make the capacity that sets the load meaningless (docs/disaggregation.md)
+    # it, and with chunks of the scenario's 16,384 tokens a saturated aggregated paged fleet
+    # preempts half-prefilled long prompts (3.6 x fewer completions before the engine took
+    # vLLM V1's no-admission-after-preemption rule, still many after), which would make the
+    # capacity that sets the load meaningless (docs/disaggregation.md)
     bmt = wl["max_batched_tokens"]
     if bmt:
         f["max_batched_tokens"] = max(bmt, f.get("max_batched_tokens") or 0)
