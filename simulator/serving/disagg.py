@@ -39,7 +39,6 @@ import math
 from array import array
 from collections import deque
 from collections.abc import Callable
-from heapq import heappush
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,7 +50,7 @@ from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica
-from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
+from fleetsim.serving.events import run_until, wake_at
 from fleetsim.serving.paged import DecodeReplica, PagedReplica, PrefillReplica
 from fleetsim.serving.pod import paged_limits
 from fleetsim.serving.recorder import Recorder
@@ -379,17 +378,7 @@ class DisaggPod:
         r.xfer_s = r.link_wait_s + dur  # (not end - t: that would round in the clock's digits)
         self.in_transfer += 1
         self._moving[r.rid] = r
-        env = self.env
-        now = env._now  # the key a Timeout(end - now) would get (serving/events.py)
-        heappush(
-            queue_of(env),
-            (
-                now + (end - now if end > now else 0.0),
-                NORMAL,
-                next(env._eid),
-                Wake([self._kv_arrived], r),
-            ),
-        )
+        wake_at(self.env, end, [self._kv_arrived], r)
         self.rec.events += 1
 
     def _kv_arrived(self, ev) -> None:
@@ -417,11 +406,7 @@ class DisaggPod:
             for r in joined:
                 r.src.release(r)
         else:
-            env = self.env
-            heappush(
-                queue_of(env),
-                (now + (T - now), NORMAL, next(env._eid), Wake([self._release], joined)),
-            )
+            wake_at(self.env, T, [self._release], joined)
             self.rec.events += 1
 
     @staticmethod

@@ -44,7 +44,7 @@ import simpy
 from fleetsim.base.units import HOUR_S
 from fleetsim.device.latency import LatencyModel, RunCoeffs, run_time, step_time, steps_to_reach
 from fleetsim.serving.admission import Limits, PagedLimits
-from fleetsim.serving.events import NORMAL, Wake, queue_of
+from fleetsim.serving.events import NORMAL, Wake, queue_of, wake_at
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -358,16 +358,7 @@ class Replica:
             return
         self.token += 1
         self.armed_t = t
-        now = self.env._now
-        heappush(
-            self._queue,
-            (
-                now + (t - now if t > now else 0.0),
-                NORMAL,
-                next(self._eid),
-                Wake(self._wake_cbs, self.token),
-            ),
-        )
+        wake_at(self.env, t, self._wake_cbs, self.token)
         self.rec.events += 1
 
     def _on_wake(self, ev: Wake) -> None:

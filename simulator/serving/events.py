@@ -13,7 +13,7 @@ pod's arrivals: one per request).
 
 from __future__ import annotations
 
-from heapq import heappop
+from heapq import heappop, heappush
 from typing import Any, Protocol
 
 import simpy
@@ -39,6 +39,17 @@ def queue_of(env: simpy.Environment) -> list[Any]:
     :class:`Wake` onto it with the key ``Timeout(env, t - now)`` would get, i.e.
     ``(now + (t - now if t > now else 0.0), NORMAL, next(env._eid), wake)``."""
     return env._queue
+
+
+def wake_at(env: simpy.Environment, t: float, callbacks: list[Any] | None, value: Any) -> None:
+    """Schedule ``Wake(callbacks, value)`` at ``t`` (``now`` if ``t`` is past), with the key
+    ``Timeout(env, t - now)`` would get. The engines' once-per-run paths (``plan``, the run
+    end's re-arm) push the same tuple inline, to save the call."""
+    now = env._now
+    heappush(
+        queue_of(env),
+        (now + (t - now if t > now else 0.0), NORMAL, next(env._eid), Wake(callbacks, value)),
+    )
 
 
 class Stream(Protocol):

@@ -63,7 +63,7 @@ from fleetsim.device.latency import (
     step_time,
     steps_to_reach,
 )
-from fleetsim.serving.events import NORMAL, Wake, queue_of
+from fleetsim.serving.events import NORMAL, Wake, queue_of, wake_at
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -775,16 +775,7 @@ class PagedReplica:
             return
         self.token += 1
         self.armed_t = t
-        now = self.env._now
-        heappush(
-            self._queue,
-            (
-                now + (t - now if t > now else 0.0),
-                NORMAL,
-                next(self._eid),
-                Wake(self._wake_cbs, self.token),
-            ),
-        )
+        wake_at(self.env, t, self._wake_cbs, self.token)
         self.rec.events += 1
 
     def _on_wake(self, ev: Wake) -> None:
