@@ -621,6 +621,6 @@ def model_from_catalog(name: str, dtype: str = "bf16", field: str = "model.name"
     from fleetsim.device import catalog
 
     entry = catalog.model(name, field)
-    entry.pop("published_params", None)
-    entry.pop("published_active_params", None)
+    for key in ("published_params", "published_active_params", "hf_id"):
+        entry.pop(key, None)
     return ModelSpec(name=name, dtype=dtype, **entry)
