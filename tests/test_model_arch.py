@@ -167,3 +167,16 @@ def test_todays_catalog_entries_are_their_config_files(name):
     assert spec == dataclasses.replace(from_file, name=name, dtype="bf16")
     if "published_active_params" in entry:
         assert spec.active_params == pytest.approx(entry["published_active_params"], rel=0.02)
+
+
+def test_kv_bytes_per_token_of_a_mix_of_sequences():
+    g = _repo("google/gemma-3-27b-it")
+    per = 2 * 16 * 128 * 2
+    mixed = g.kv_bytes_per_token_mean_tp(1, [1000, 32768])
+    assert mixed == per * (62 * 1000 + 10 * 32768 + 52 * 1024) / 33768
+    # tp 32 exceeds the 16 KV heads: each is held twice
+    assert g.kv_bytes_per_token_mean_tp(32, [1000, 32768]) == 2 * mixed
+    llama = model_from_catalog("llama-3.1-70b")
+    assert llama.kv_bytes_per_token_mean_tp(4, [5, 70_000]) == llama.kv_bytes_per_token_tp(4)
+    nem = _repo("nvidia/NVIDIA-Nemotron-Nano-9B-v2")  # the state is split over GPUs, not held twice
+    assert nem.kv_bytes_tp(100, 2) == nem.kv_bytes(100)
