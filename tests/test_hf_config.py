@@ -245,7 +245,7 @@ def test_inline_fields_describe_todays_architectures():
     # a catalog model with an inline change: derived widths follow it
     spec = model_spec(scenario_from_dict({"model": {"name": "llama-3.1-8b", "d_model": 2048}}), "")
     assert spec.head_dim == 64
-    with pytest.raises(ScenarioError, match="model.hybrid_pattern = 'M\\*': has 2 layers"):
+    with pytest.raises(ScenarioError, match=r"model\.hybrid_pattern = 'M\*': has 2 layers"):
         model_spec(scenario_from_dict({"model": {**inline, "hybrid_pattern": "M*"}}), "")
 
 
