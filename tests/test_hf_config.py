@@ -261,3 +261,15 @@ def test_the_kv_budget_of_a_windowed_model_counts_what_its_sequences_hold():
     assert rs.kv.blocks == int(rs.kv.kv_bytes // (rs.kv.bytes_per_token * 16))
     # 3.7 times the tokens that counting every layer at every token would give
     assert rs.kv.bytes_per_token / rs.model.kv_bytes_per_token == pytest.approx(0.2686, abs=1e-4)
+
+
+def test_sizes_from_a_file_charge_every_layer_for_every_token(tmp_path):
+    """Without analytic sizes there is no typical context: the budget charges a token in every
+    layer (the most a token can cost), as it does for a full-attention model."""
+    trace = tmp_path / "sizes.csv"
+    trace.write_text("p,o\n3000,200\n9000,10\n")
+    d = merge(SMALL, model={"name": "gemma-3-27b"}, fleet={"tensor_parallel": 2})
+    d["traffic"] = {**d["traffic"], "prompt": {"dist": "empirical", "file": str(trace),
+                    "column": "p"}}  # fmt: skip
+    rs = resolve(scenario_from_dict(d))
+    assert rs.kv.bytes_per_token == rs.model.kv_bytes_per_token_tp(2)
