@@ -63,6 +63,10 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
         "default",
         (*_H1, 'fleet.kv_allocation="reserve"', 'simulation.engine="iteration"'),
     ),
+    "v-reserve-central-queue": (
+        "default",
+        (*_H2, 'fleet.kv_allocation="reserve"', 'fleet.router="central_queue"'),
+    ),
     "v-autoscaled": ("llama70b-conv-reactive", ("simulation.hours=4",)),
     "v-autoscaled-schedule": ("llama70b-conv-schedule", ("simulation.hours=3",)),
     "v-disagg": ("disaggregated", _H2),
@@ -76,6 +80,20 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
             "disaggregation.prefill.replicas=1",
             "disaggregation.decode.gpu_memory_utilization=0.5",
         ),
+    ),
+    "v-disagg-reserve-tight": (
+        "disaggregated",
+        (
+            *_H2,
+            'fleet.kv_allocation="reserve"',
+            "disaggregation.decode.replicas=1",
+            "disaggregation.prefill.replicas=1",
+            "disaggregation.decode.gpu_memory_utilization=0.5",
+        ),
+    ),
+    "v-disagg-central-queue": (
+        "disaggregated",
+        (*_H2, 'disaggregation.prefill.router="central_queue"'),
     ),
     "v-disagg-reactive": (
         "disaggregated",

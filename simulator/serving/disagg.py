@@ -49,12 +49,12 @@ from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.scenario import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.engine import EnginePlan, Replica
+from fleetsim.serving.core import EnginePlan
 from fleetsim.serving.events import run_until, wake_at
-from fleetsim.serving.paged import DecodeReplica, PagedReplica, PrefillReplica
 from fleetsim.serving.pod import paged_limits
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
+from fleetsim.serving.roles import Replica, replica_class
 from fleetsim.serving.routers import make_router
 from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
 
@@ -85,8 +85,8 @@ class DisaggRequest(Request):
         self.pf_need = self.need  # first engine: prompt + 1 tokens of KV held in prefill
         self.kv_tokens = 0  # paged engine: KV tokens held in the prefill replica after hand-off
         self.kv_held = 0  # paged engine: cached prefix blocks it references there
-        self.src: Replica | PrefillReplica | None = None
-        self.dst: Replica | DecodeReplica | None = None
+        self.src: Replica | None = None
+        self.dst: Replica | None = None
         self.xfer_s = math.nan  # hand-off to KV arrival: link wait + latency + bytes / bw
         self.link_wait_s = math.nan  # time spent queued behind earlier transfers
 
@@ -143,10 +143,9 @@ class Pool:
         self.on_admitted = owner.on_admitted
         shared = role == "prefill" and spec.router == "central_queue"
         self.shared_queue: deque[Request] | None = deque() if shared else None
-        cls: type[Replica] | type[PagedReplica] = Replica
+        cls = replica_class(paged is not None, role)
         self.kv_blocks = 0  # KV blocks of the pool's replicas (paged engine)
         if paged is not None:
-            cls = PrefillReplica if role == "prefill" else DecodeReplica
             self.kv_blocks = rs.kv.blocks * spec.replicas
             rec.kv_blocks += self.kv_blocks
         self.replicas: list[Any] = [cls(base + i, self, self.plan) for i in range(spec.replicas)]
