@@ -368,7 +368,7 @@ def test_pool_schedules_power_each_pool_on_its_own():
 
 
 # ---------------------------------------------------------------------------------------------
-# the paged engine in both pools (serving/paged.py PrefillReplica, DecodeReplica)
+# the paged engine in both pools (serving/roles.py PagedPrefillReplica, PagedDecodeReplica)
 MOONCAKE = Path(__file__).resolve().parent.parent / "scenarios/data/mooncake-2025"
 
 

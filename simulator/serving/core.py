@@ -159,6 +159,26 @@ class ReplicaCore:
         # the pending SimPy event
         "armed_t",
         "token",
+        # the KV policy's state (serving/kv_reserve.py, serving/kv_paged.py) and the decode
+        # role's (serving/roles.py): declared here, as slots live in one class of the bases
+        "NB",
+        "adm_seq",
+        "b",
+        "cache",
+        "chunked",
+        "cnt2",
+        "cum",
+        "free",
+        "g",
+        "ht",
+        "joined",
+        "kv_cap",
+        "kv_used",
+        "lb",
+        "lru",
+        "mask",
+        "prefix",
+        "wm",
     )
 
     def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:
@@ -420,21 +440,8 @@ class ReplicaCore:
                 self.plan(self.env.now)  # an idle replica waiting for the central queue's floor
             return
         end = self.run_end
-        if end != fired:  # the run end moved later (a cut): _arm(end), inlined
-            token = self.token + 1
-            self.token = token
-            self.armed_t = end
-            now = self.env._now
-            heappush(
-                self._queue,
-                (
-                    now + (end - now if end > now else 0.0),
-                    NORMAL,
-                    next(self._eid),
-                    Wake(self._wake_cbs, token),
-                ),
-            )
-            self.rec.events += 1
+        if end != fired:  # the run end moved later (a cut)
+            self._arm(end)
             return
         self._commit(self.k)
         self.plan(end)

@@ -100,24 +100,6 @@ class PagedKV(ReplicaCore):
     """Paged KV with preemption by recomputation, chunked prefill and prefix caching."""
 
     __slots__ = ()
-    # the slots a replica class adds for this policy
-    _STATE = (
-        "NB",
-        "adm_seq",
-        "b",
-        "cache",
-        "chunked",
-        "cnt2",
-        "cum",
-        "free",
-        "g",
-        "ht",
-        "lb",
-        "lru",
-        "mask",
-        "prefix",
-        "wm",
-    )
 
     NB: int
     adm_seq: int
@@ -457,18 +439,10 @@ class PagedKV(ReplicaCore):
         ``budget`` tokens left) with its cached prefix, and schedule its first chunk: the
         chunk's tokens, or 0 if it does not fit (it stays at the head)."""
         H, ev = self._lookup(r)
+        c, need = self._head_chunk(r, H, budget)
+        if not c or need > self.free + self.g * (len(self.lru) - ev) - (self.wm if nt else 0):
+            return 0
         done = H * self.ht
-        rem = r.eff - done
-        if rem <= budget:
-            c = rem
-        elif self.chunked:
-            c = budget
-        else:
-            return 0
-        g = self.g
-        need = -(-(done + c) // self.b) - H * g  # kv_blocks_for(done + c), less the cached
-        if need > self.free + g * (len(self.lru) - ev) - (self.wm if nt else 0):
-            return 0
         self.waiting.popleft()
         if H:
             assert r.ids is not None
@@ -487,13 +461,18 @@ class PagedKV(ReplicaCore):
     def _fits_now(self, r: Request) -> bool:
         """Whether ``r`` (the queue's head) would be admitted into the iteration being planned
         (the test of :meth:`_admit`)."""
-        nt = self.n + len(self.pre)
-        budget = self.budget
-        if nt >= self.max_batch or budget <= 0:
-            return False
         if self.preempt_it == self.it and (self.n or self.nchunks):
             return False  # the rule of plan(): nothing joins a step that preempted
-        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
+        return self._head_fits(r, self.n + len(self.pre), self.budget, 0)
+
+    def _fit_at(self, r: Request, n: int, x: int) -> bool:
+        """Whether ``r``, the queue's head, would be admitted at a boundary of the current pure
+        decode run of ``n`` sequences by which the decodes have taken ``x`` more blocks."""
+        return self._head_fits(r, n, self.max_tokens - n, x)
+
+    def _head_chunk(self, r: Request, H: int, budget: int) -> tuple[int, int]:
+        """``r``'s next chunk when ``H`` of its leading blocks are cached and ``budget`` tokens
+        are left: (its tokens, the blocks it needs beyond the cached ones), (0, 0) if none."""
         done = H * self.ht
         rem = r.eff - done
         if rem <= budget:
@@ -501,19 +480,15 @@ class PagedKV(ReplicaCore):
         elif self.chunked:
             c = budget
         else:
-            return False
-        need = -(-(done + c) // self.b) - H * self.g
-        return need <= self.free + self.g * (len(self.lru) - ev) - (self.wm if nt else 0)
+            return 0, 0
+        return c, -(-(done + c) // self.b) - H * self.g  # kv_blocks_for(done + c) - cached
 
-    def _fit_at(self, r: Request, n: int, x: int) -> bool:
-        """Whether ``r``, the queue's head, would be admitted at a boundary of the current pure
-        decode run of ``n`` sequences by which the decodes have taken ``x`` more blocks (taking
-        free blocks first, then evicting the least recently used cached ones, perhaps some of
-        ``r``'s cached prefix)."""
-        if n >= self.max_batch:
-            return False
-        budget = self.max_tokens - n
-        if budget <= 0:
+    def _head_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
+        """Whether ``r``, the queue's head, joins an iteration with ``n`` sequences and
+        ``budget`` tokens left, once the decodes have taken ``x`` more blocks than now (free
+        blocks first, then the least recently used cached ones, perhaps some of ``r``'s cached
+        prefix)."""
+        if n >= self.max_batch or budget <= 0:
             return False
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         g = self.g
@@ -532,15 +507,9 @@ class PagedKV(ReplicaCore):
                     e += 1
                 h += 1
             H, ev = h, e
-        done = H * self.ht
-        rem = r.eff - done
-        if rem <= budget:
-            c = rem
-        elif self.chunked:
-            c = budget
-        else:
+        c, need = self._head_chunk(r, H, budget)
+        if not c:
             return False
-        need = -(-(done + c) // self.b) - H * g
         avail = self.free + g * (len(self.lru) - ev) - x
         return need <= avail - (self.wm if n else 0)
 

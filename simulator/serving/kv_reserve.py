@@ -27,7 +27,6 @@ class ReserveKV(ReplicaCore):
     """KV reserved at admission. State: ``kv_used`` (tokens reserved), ``kv_cap``."""
 
     __slots__ = ()
-    _STATE = ("kv_cap", "kv_used")  # the slots a replica class adds for this policy
 
     kv_cap: int
     kv_used: int

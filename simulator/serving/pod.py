@@ -46,7 +46,7 @@ def pod_seed(seed: int, pod: int) -> np.random.SeedSequence:
 
 
 def paged_limits(rs: Resolved) -> PagedLimits | None:
-    """The paged engine's settings of a scenario (None: the first engine, KV reserved)."""
+    """The paged KV policy's settings of a scenario (None: the reserve policy)."""
     f = rs.scenario.fleet
     if f.kv_allocation != "paged" or rs.kv is None:
         return None
@@ -275,7 +275,7 @@ class Pod:
         if self.sessions is not None:
             ses = self.sessions.start(p, o)
             p, o, ids = self.sessions.turn(ses)
-        # not Limits.servable, inlined: once per arrival (the gain: see Replica.plan); with
+        # not Limits.servable, inlined: once per arrival (the gain: see ReserveKV._admit); with
         # chunked prefill a prompt longer than the token budget is served in chunks
         if p + o > self._max_tokens or p > self.max_prompt:
             rec.rejected[h] += 1

@@ -70,7 +70,6 @@ class DecodeRole(ReplicaCore):
     """A decode-only replica: admits requests whose prompt KV arrived into the decode set."""
 
     __slots__ = ()
-    _STATE = ("joined",)
 
     joined: list[Request]  # admitted while planning the current boundary
 
@@ -146,29 +145,29 @@ class DecodeRole(ReplicaCore):
 class ReserveReplica(ReserveKV):
     """Aggregated, KV reserved at admission."""
 
-    __slots__ = ReserveKV._STATE
+    __slots__ = ()
 
 
 class PagedReplica(PagedKV):
     """Aggregated, paged KV (the default)."""
 
-    __slots__ = PagedKV._STATE
+    __slots__ = ()
 
 
 class ReservePrefillReplica(PrefillRole, ReserveKV):
-    __slots__ = ReserveKV._STATE
+    __slots__ = ()
 
 
 class PagedPrefillReplica(PrefillRole, PagedKV):
-    __slots__ = PagedKV._STATE
+    __slots__ = ()
 
 
 class ReserveDecodeReplica(DecodeRole, ReserveKV):
-    __slots__ = ReserveKV._STATE + DecodeRole._STATE
+    __slots__ = ()
 
 
 class PagedDecodeReplica(DecodeRole, PagedKV):
-    __slots__ = PagedKV._STATE + DecodeRole._STATE
+    __slots__ = ()
 
 
 #: any replica (what pods, pools, routers and autoscalers hold)
