@@ -28,30 +28,11 @@ Bookkeeping is O(1) per iteration: the decoding sequences sit in a heap keyed by
 iteration index at which they finish, and their total context is ``S + n * it`` with ``S`` the
 sum of ``eff - join_it`` over the decode set.
 
-**The KV policy** (a mixin before the core in the replica's bases) decides what KV a request
+**The KV policy** (a class before the core in the replica's bases) decides what KV a request
 holds and when: :class:`fleetsim.serving.kv_reserve.ReserveKV` (prompt + output reserved at
 admission, ``kv_allocation = "reserve"``) or :class:`fleetsim.serving.kv_paged.PagedKV` (blocks
 as written, preemption by recomputation, chunked prefill, prefix caching; the default). The core
-calls these methods of it, and nothing else of it:
-
-* ``_init_kv(cfg)``: its state (once);
-* ``_schedule_running(it)``: at a fresh boundary, the running requests' KV for iteration
-  ``it`` and the chunks that continue partial prefills; sets ``budget`` (tokens left);
-* ``_admit(it)``: waiting requests into iteration ``it`` (into ``pre``, ``pf``, ``P``,
-  ``pairs``, ``nchunks``, ``P_first``);
-* ``_run_length(it, n1, k)``: the ``k`` of a pure decode run of ``n1`` sequences, shortened
-  where the policy must look again (``k`` unchanged: nothing to add);
-* ``_commit_kv(j, it0, n, x, h, dt)``: the KV the run's decode steps ``1 .. j - 1`` took, and
-  the KV occupancy over ``dt`` seconds of hour ``h``;
-* ``_free_kv(r, f)`` / ``_keep_kv(r, f)``: a finished request's KV is freed, or kept for a
-  hand-off (``f``: the index of its last iteration);
-* ``_fits_now(r)``, ``_fit_cut(r, j)``: whether ``r`` joins the iteration being planned, and
-  the boundary ``>= j`` of the current run where it joins (-1: none before the run's end);
-* for the pool roles: ``_join_fits(r, n, budget, x)``, ``_join_kv(r, it)`` (a decode replica
-  takes arrived KV), ``_release_kv(r)`` (a prefill replica lets handed-off KV go).
-
-A future policy (sliding-window or Mamba layers hold less than their context) changes only how
-many blocks a context needs: see ``PagedKV.kv_blocks_for``.
+calls only the methods of :class:`fleetsim.serving.kv_policy.KVPolicy`, which documents each.
 
 **The pool role** (:mod:`fleetsim.serving.roles`) decides what a finished request does: an
 aggregated replica completes it (:meth:`ReplicaCore._retire`, here); a prefill-only replica
@@ -76,6 +57,7 @@ from fleetsim.base.units import HOUR_S
 from fleetsim.device.latency import LatencyModel, RunCoeffs, run_time, step_time, steps_to_reach
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.events import NORMAL, Wake, queue_of, wake_at
+from fleetsim.serving.kv_policy import KVPolicy
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -99,7 +81,7 @@ class EnginePlan:
     paged: PagedLimits | None = None  # the paged policy's settings (serving/kv_paged.py), or None
 
 
-class ReplicaCore:
+class ReplicaCore(KVPolicy):
     """One model replica (``tp`` GPUs): the iteration loop its KV policy and role plug into
     (see the module's docstring for the methods they provide). Not used alone: the replica
     classes of :mod:`fleetsim.serving.roles` put a policy and a role before it."""
@@ -232,53 +214,6 @@ class ReplicaCore:
         self._wake_cbs = [self._on_wake]
         self._coeffs = self.lat.coeff_cache  # run coefficients by batch size (filled by lat)
         self._init_kv(cfg)
-
-    # hooks of the KV policy (serving/kv_reserve.py, serving/kv_paged.py) -----------------------
-    def _init_kv(self, cfg: EnginePlan) -> None:
-        raise NotImplementedError  # pragma: no cover
-
-    def _schedule_running(self, it: int) -> None:
-        raise NotImplementedError  # pragma: no cover
-
-    def _admit(self, it: int) -> None:
-        raise NotImplementedError  # pragma: no cover
-
-    def _run_length(self, it: int, n1: int, k: int) -> int:
-        raise NotImplementedError  # pragma: no cover
-
-    def _commit_kv(self, j: int, it0: int, n: int, x: int, h: int, dt: float) -> None:
-        raise NotImplementedError  # pragma: no cover
-
-    def _free_kv(self, r: Request, f: int) -> None:
-        raise NotImplementedError  # pragma: no cover
-
-    def _fits_now(self, r: Request) -> bool:
-        raise NotImplementedError  # pragma: no cover
-
-    def _fit_cut(self, r: Request, j: int) -> int:
-        raise NotImplementedError  # pragma: no cover
-
-    def _fit_at(self, r: Request, n: int, x: int) -> bool:
-        raise NotImplementedError  # pragma: no cover
-
-    def _taken(self, j: int, n1: int) -> int:
-        raise NotImplementedError  # pragma: no cover
-
-    # (the roles' part of the policy: serving/roles.py)
-    def _keep_kv(self, r: Request, f: int) -> None:
-        raise NotImplementedError  # pragma: no cover
-
-    def _release_kv(self, r: Request) -> None:
-        raise NotImplementedError  # pragma: no cover
-
-    def _join_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
-        raise NotImplementedError  # pragma: no cover
-
-    def _join_kv(self, r: Request, it: int) -> None:
-        raise NotImplementedError  # pragma: no cover
-
-    def _admit_head(self, r: Request, it: int, nt: int, budget: int) -> int:
-        raise NotImplementedError  # pragma: no cover
 
     # ---- the port (fleetsim.serving.ports.ReplicaPort) ----------------------------------------
     def join_queue(self, q: deque[Request]) -> None:
