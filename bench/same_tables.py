@@ -51,9 +51,15 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "v-random": ("default", (*_H2, 'fleet.router="random"')),
     "v-tight-kv": ("default", _TIGHT),
     "v-tight-kv-watermark": ("default", (*_TIGHT, "fleet.kv_watermark_fraction=0.05")),
-    "v-tight-kv-nochunk": ("default", (*_TIGHT, "fleet.enable_chunked_prefill=false")),
+    "v-tight-kv-nochunk": (
+        "default",
+        (*_TIGHT, "fleet.enable_chunked_prefill=false", "fleet.max_batched_tokens=32768"),
+    ),
     "v-tight-kv-iteration": ("default", (*_TIGHT, 'simulation.engine="iteration"')),
-    "v-tight-kv-reserve": ("default", (*_TIGHT, 'fleet.kv_allocation="reserve"')),
+    "v-tight-kv-reserve": (
+        "default",
+        (*_TIGHT, 'fleet.kv_allocation="reserve"', "fleet.max_batched_tokens=32768"),
+    ),
     "v-block-1": ("default", (*_H1, "fleet.block_size_tokens=1")),
     "v-block-32": ("default", (*_H2, "fleet.block_size_tokens=32")),
     "v-nochunk": ("default", (*_H2, "fleet.enable_chunked_prefill=false")),
