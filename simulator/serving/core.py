@@ -35,7 +35,7 @@ as written, preemption by recomputation, chunked prefill, prefix caching; the de
 calls only the methods of :class:`fleetsim.serving.kv_policy.KVPolicy`, which documents each.
 
 **The pool role** (:mod:`fleetsim.serving.roles`) decides what a finished request does: an
-aggregated replica completes it (:meth:`ReplicaCore._retire`, here); a prefill-only replica
+aggregated replica completes it (:meth:`ReplicaCore._finish_due`, here); a prefill-only replica
 hands it to its pool and keeps its KV until the pool calls ``release``; a decode-only replica
 admits requests whose prompt KV has arrived straight into the decode set.
 
@@ -47,6 +47,7 @@ shares with its replicas; and the replica's own mutable state.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
@@ -141,6 +142,8 @@ class ReplicaCore(KVPolicy):
         # the pending SimPy event
         "armed_t",
         "token",
+        # the pool role: a prefill-only replica's hand-off (serving/roles.py), else None
+        "hand",
         # the KV policy's state (serving/kv_reserve.py, serving/kv_paged.py) and the decode
         # role's (serving/roles.py): declared here, as slots live in one class of the bases
         "NB",
@@ -213,6 +216,7 @@ class ReplicaCore(KVPolicy):
         self._eid = self.env._eid
         self._wake_cbs = [self._on_wake]
         self._coeffs = self.lat.coeff_cache  # run coefficients by batch size (filled by lat)
+        self.hand: Callable[[Request, float, ReplicaCore], None] | None = None
         self._init_kv(cfg)
 
     # ---- the port (fleetsim.serving.ports.ReplicaPort) ----------------------------------------
@@ -512,32 +516,38 @@ class ReplicaCore(KVPolicy):
                 self._finish_due()
 
     def _finish_due(self) -> None:
-        """Retire every sequence whose last token came out in the iteration just committed."""
+        """Retire every sequence whose last token came out in the iteration just committed: an
+        aggregated replica frees its KV (the policy's ``_free_kv``) and completes it; a
+        prefill-only replica (``hand``: its pool's hand-off, serving/roles.py) keeps its KV
+        (``_keep_kv``) and hands it over."""
+        # hot path (once per run that finishes requests): locals, and the role's choice as data
+        # (``hand``), not a method call per request
         heap = self.heap
         it = self.it
         end = self.run_end
         n = self.n
         S = self.S
-        retire = self._retire
+        hand = self.hand
+        free_kv = self._free_kv
+        pod = self.pod
+        complete = pod.rec.complete
+        index = self.index
         while heap and heap[0][0] < it:
             f, _, r = heappop(heap)
             n -= 1
             S -= r.eff - r.join_it
-            retire(r, f, end)
+            if hand is not None:
+                self._keep_kv(r, f)
+                hand(r, end, self)
+                continue
+            free_kv(r, f)
+            self.outstanding -= 1
+            complete(r, end, index)
+            pod.in_flight -= 1
+            if r.session is not None:
+                pod.turn_done(r, end)
         self.n = n
         self.S = 0.0 if n == 0 else S  # no drift from float sums over a long day
-
-    def _retire(self, r: Request, f: int, end: float) -> None:
-        """Finished request ``r`` (its last iteration ``f``) leaves at ``end``: an aggregated
-        replica frees its KV and completes it (a prefill-only replica hands it off instead:
-        :class:`fleetsim.serving.roles.PrefillRole`)."""
-        self._free_kv(r, f)
-        self.outstanding -= 1
-        pod = self.pod
-        pod.rec.complete(r, end, self.index)
-        pod.in_flight -= 1
-        if r.session is not None:
-            pod.turn_done(r, end)
 
     # ---- arrivals and cut points ----------------------------------------------------------------
     def on_arrival(self, r: Request) -> None:

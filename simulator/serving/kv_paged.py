@@ -66,20 +66,9 @@ class PagedKV(BlockPool):
 
     __slots__ = ()
 
-    NB: int
+    # (the block pool's state is declared in kv_blocks.BlockPool)
     adm_seq: int
-    b: int
-    cache: dict[int, int]
     chunked: bool
-    cnt2: list[int]
-    cum: list[int] | None
-    free: int
-    g: int
-    ht: int
-    lb: int
-    lru: OrderedDict[int, None]
-    mask: int
-    prefix: bool
     wm: int
 
     def _init_kv(self, cfg: EnginePlan) -> None:
@@ -425,7 +414,13 @@ class PagedKV(BlockPool):
         return r.eff + f - r.join_it  # the last token's KV is never written
 
     def _free_kv(self, r: Request, f: int) -> None:
-        tokens = self._leave_decode(r, f)
+        tokens = r.eff + f - r.join_it  # the last token's KV is never written
+        # _leave_decode, inlined: once per request (see core._finish_due)
+        rho = r.rho
+        cnt2 = self.cnt2
+        cnt2[rho] -= 1
+        cnt2[rho + self.b] -= 1
+        self.cum = None
         ids = r.ids
         if r.session is not None and ids is not None and self.prefix:
             # a session turn's ids cover its answer too: keep the answer's full blocks

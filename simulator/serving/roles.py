@@ -46,9 +46,9 @@ class PrefillRole(ReplicaCore):
 
     __slots__ = ()
 
-    def _retire(self, r: Request, f: int, end: float) -> None:
-        self._keep_kv(r, f)
-        self.pod.handoff(r, end, self)  # type: ignore[attr-defined]
+    def _init_kv(self, cfg: EnginePlan) -> None:
+        super()._init_kv(cfg)
+        self.hand = self.pod.handoff  # type: ignore[attr-defined]  # (core._finish_due)
 
     def release(self, r: Request) -> None:
         """The KV of handed-off request ``r`` has left (the decode replica admitted it): free
