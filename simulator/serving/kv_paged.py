@@ -214,11 +214,9 @@ class PagedKV(BlockPool):
         shared = self.pod.shared_queue is not None
         nt = self.n + len(self.pre)
         budget = self.budget
-        b = self.b
-        g = self.g
+        b, g = self.b, self.g
         max_batch = self.max_batch
-        chunked = self.chunked
-        prefix = self.prefix
+        chunked, prefix = self.chunked, self.prefix
         while w and nt < max_batch and budget > 0:
             r = w[0]
             if r.ids is not None and prefix:

@@ -52,11 +52,10 @@ class ReserveKV(ReplicaCore):
         w = self.waiting
         pre = self.pre
         pf = self.pf
-        P = self.P
-        pairs = self.pairs
+        nt = self.n + len(pf)
+        P, pairs = self.P, self.pairs
         budget = self.budget
         kv = self.kv_used
-        nt = self.n + len(pf)
         max_batch, kv_cap = self.max_batch, self.kv_cap
         shared = self.pod.shared_queue is not None
         while w:
