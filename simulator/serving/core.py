@@ -565,25 +565,6 @@ class ReplicaCore(KVPolicy):
                     self._commit(j, True, self.cut_x)
                 self.plan(self.T0)
 
-    def _first_boundary(self, r: Request, ta: float) -> int:
-        """The first boundary of the current run at or after time ``ta``: 0 if ``r`` is
-        admitted into the run's first iteration (replan it), -1 if none is left before the
-        run's end."""
-        T0 = self.T0
-        if ta <= T0:
-            if self._fits_now(r):
-                return 0
-            j = 1
-        elif ta <= T0 + self.t_first:
-            j = 1
-        else:  # smallest j in [2, k] with boundary(j) >= ta
-            k = self.k
-            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
-            self.cut_m = m  # remembered for _commit(j = m + 1): its decode time is rt
-            self.cut_rt = rt
-            j = 1 + m
-        return -1 if j >= self.k else j
-
     def _cut_point(self, r: Request) -> int:
         """The boundary j of the current run at which ``r`` (the queue's head, arriving now)
         could be admitted: 0 = into the first iteration (replan it), 1..k-1 = a cut, -1 = not
@@ -592,9 +573,22 @@ class ReplicaCore(KVPolicy):
         pod = self.pod
         if pod.shared_queue is not None and pod.queue_floor > ta:
             ta = pod.queue_floor
-        j = self._first_boundary(r, ta)
-        if j <= 0:
-            return j
+        # the first boundary at or after ta (0: r joins the run's first iteration: replan it)
+        T0 = self.T0
+        k = self.k
+        if ta <= T0:
+            if self._fits_now(r):
+                return 0
+            j = 1
+        elif ta <= T0 + self.t_first:
+            j = 1
+        else:  # smallest j in [2, k] with boundary(j) >= ta
+            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
+            self.cut_m = m  # remembered for _commit(j = m + 1): its decode time is rt
+            self.cut_rt = rt
+            j = 1 + m
+        if j >= k:
+            return -1  # the run ends first; its end admits the request
         return self._fit_cut(r, j)
 
     def admission_time(self, r: Request) -> tuple[float, bool]:
