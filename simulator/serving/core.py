@@ -364,8 +364,15 @@ class ReplicaCore(KVPolicy):
                 self.plan(self.env.now)  # an idle replica waiting for the central queue's floor
             return
         end = self.run_end
-        if end != fired:  # the run end moved later (a cut)
-            self._arm(end)
+        if end != fired:  # the run end moved later (a cut): _arm(end) and wake_at, inlined
+            # (0.6 per request in the default day: 1.8 calls per request less, bench/RESULTS.md)
+            token = self.token + 1
+            self.token = token
+            self.armed_t = end
+            now = self.env._now
+            key = now + (end - now if end > now else 0.0)
+            heappush(self._queue, (key, NORMAL, next(self._eid), Wake(self._wake_cbs, token)))
+            self.rec.events += 1
             return
         self._commit(self.k)
         self.plan(end)
