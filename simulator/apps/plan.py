@@ -598,7 +598,7 @@ def plan_fleet(
 
 def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
-    from fleetsim.apps.common import console, open_output
+    from fleetsim.apps.common import open_output
     from fleetsim.results.output import write_table_atomic, write_text_atomic
     from fleetsim.results.provenance import provenance
 
@@ -620,7 +620,6 @@ def main(argv: list[str]) -> int:
     agg_data, cands, dcands = _candidates(args, sc, data)
     names = ("plan.parquet", "schedule.json") + (("plan_disaggregated.parquet",) if dcands else ())
     outp = open_output(args, Path(args.scenario).stem + "-plan", names)
-    log = console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -634,9 +633,9 @@ def main(argv: list[str]) -> int:
             ex,
             hooks,
             schedule=not args.no_schedule,
-            log=lambda text: log.print(term(text, 400)),  # (user text: escaped)
+            log=lambda text: hooks.log(term(text, 400)),  # (user text: escaped)
         )
-        dtable = _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks, log)
+        dtable = _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks)
     wall = time.perf_counter() - t0
     meta = provenance(
         rs,
@@ -691,7 +690,7 @@ def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
     return agg_data, cands, dcands
 
 
-def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks, log) -> pa.Table | None:
+def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks) -> pa.Table | None:
     """Size the pools of every disaggregated candidate; their table (None without any)."""
     if not dcands:
         return None
@@ -705,7 +704,7 @@ def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks, log) -> pa.T
             continue
         hooks.describe(f"plan disaggregated {dc.label}")
         dplanner.plan(dc)
-        log.print(
+        hooks.log(
             f"disaggregated {dc.label}: "
             + (
                 f"{dc.prefill} prefill + {dc.decode} decode replicas per pod ({dc.probes} probes)"
@@ -751,17 +750,13 @@ def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> 
 
 
 def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
-    """The ranked candidates as a rich table."""
-    from rich.table import Table
+    """The ranked candidates as a table (never cut: :mod:`fleetsim.apps.tables`)."""
+    from fleetsim.apps.tables import print_table
 
     def f(v: object, fmt: str) -> str:
         return fmt_num(v, fmt, missing="")
 
-    tab = Table(
-        title=f"capacity plan: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
-        f"{slo.tpot_p99_s * 1000:g} ms in {'every hour' if slo.hours == 'all' else 'the peak hour'}"
-    )
-    for h in (
+    headers = (
         "#",
         "GPU",
         "TP",
@@ -776,10 +771,9 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
         "TTFT s",
         "TPOT ms",
         "status",
-    ):
-        tab.add_column(h, justify="right" if h not in ("GPU", "status") else "left")
-    for r in table.to_pylist():
-        tab.add_row(
+    )
+    rows = [
+        (
             f(r["rank"], "d"),
             term(r["gpu"]),
             str(r["tensor_parallel"]),
@@ -795,13 +789,20 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
             f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
             term(r["status"]),
         )
-    c.print(tab)
+        for r in table.to_pylist()
+    ]
+    title = (
+        f"capacity plan: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
+        f"{slo.tpot_p99_s * 1000:g} ms in {'every hour' if slo.hours == 'all' else 'the peak hour'}"
+    )
+    print_table(c, title, headers, rows, left=("GPU", "status"))
     c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
     for r in table.to_pylist():
         if r["problem"]:
             c.print(term(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}", 400))
     if sched:
         c.print(
-            f"schedule ({sched['gpu']} TP{sched['tensor_parallel']}), replicas per pod by "
-            f"hour: {sched['replicas_by_hour']}"
+            f"schedule ({term(sched['gpu'])} TP{sched['tensor_parallel']}), replicas per pod by "
+            f"hour: {sched['replicas_by_hour']}",
+            highlight=False,
         )

@@ -247,9 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """``fleetsim sweep``: see the module docstring."""
-    from rich.table import Table
-
     from fleetsim.apps.common import console, open_output, print_json
+    from fleetsim.apps.tables import print_table
     from fleetsim.results.output import write_table_atomic
     from fleetsim.results.provenance import provenance
 
@@ -288,13 +287,13 @@ def main(argv: list[str]) -> int:
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
-        tab = Table(title=f"sweep of {term(args.scenario)}: {table.num_rows} points")
         shown = [(k, k, 1.0, "") for k, _ in axes] + list(SHOWN)
-        for _, header, _, _ in shown:
-            tab.add_column(term(header), justify="right", no_wrap=True)
-        for row in table.to_pylist():
-            tab.add_row(*(_fmt(row[c], scale, fmt) for c, _, scale, fmt in shown))
-        human.print(tab)
+        print_table(
+            human,
+            f"sweep of {term(args.scenario)}: {table.num_rows} points",
+            [term(header) for _, header, _, _ in shown],
+            [[_fmt(row[c], scale, fmt) for c, _, scale, fmt in shown] for row in table.to_pylist()],
+        )
         human.print(f"wrote {term(path)} in {wall:.1f} s")
     if args.json:
         print_json(

@@ -121,22 +121,28 @@ def print_warnings(res: Result, console: Console) -> None:
 
 def print_summary(res: Result, console: Console | None = None) -> None:
     """Print the day's figures with the energy -> cost breakdown."""
+    from fleetsim.apps.tables import print_rows
+
     c = console or Console()
     _print_headline(res, c)
-    tab = Table(show_header=False, box=None, pad_edge=False)
-    tab.add_column(style="bold")
-    tab.add_column(justify="right")
-    tab.add_column()
+    tab = _Rows()
     _volume_rows(res, tab)
     _kv_rows(res, tab)
     _cost_rows(res, tab)
     _latency_rows(res, tab)
     _peak_row(res, tab)
-    c.print(tab)
+    print_rows(c, tab)
     if res.pools is not None:
         print_pools(res, c)
     for name, (lo, hi) in res.pod_ci.items():
         c.print(f"95% CI over pods, {name}: [{lo:,.2f}, {hi:,.2f}]")
+
+
+class _Rows(list):
+    """The summary's ``(label, value, detail)`` rows (``add_row`` as a rich table's)."""
+
+    def add_row(self, label: str, value: str, detail: str) -> None:
+        self.append((label, value, detail))
 
 
 def _print_headline(res: Result, c: Console) -> None:
@@ -169,7 +175,7 @@ def _print_headline(res: Result, c: Console) -> None:
         )
 
 
-def _volume_rows(res: Result, tab: Table) -> None:
+def _volume_rows(res: Result, tab: _Rows) -> None:
     """Requests, tokens and GPU-hours."""
     t = res.totals
     tab.add_row(
@@ -192,7 +198,7 @@ def _volume_rows(res: Result, tab: Table) -> None:
     )
 
 
-def _kv_rows(res: Result, tab: Table) -> None:
+def _kv_rows(res: Result, tab: _Rows) -> None:
     """The KV budget and the prefix cache (an aggregated fleet); the autoscaler's range."""
     sc = res.scenario
     t = res.totals
@@ -234,7 +240,7 @@ def _kv_rows(res: Result, tab: Table) -> None:
         )
 
 
-def _cost_rows(res: Result, tab: Table) -> None:
+def _cost_rows(res: Result, tab: _Rows) -> None:
     """Energy, its cost, hardware, the total and the derived per-request figures."""
     sc = res.scenario
     t = res.totals
@@ -260,7 +266,7 @@ def _cost_rows(res: Result, tab: Table) -> None:
     )
 
 
-def _latency_rows(res: Result, tab: Table) -> None:
+def _latency_rows(res: Result, tab: _Rows) -> None:
     """TTFT, TPOT, ITL, e2e, throughput and SLO attainment."""
     sc = res.scenario
     t = res.totals
@@ -307,7 +313,7 @@ def _latency_rows(res: Result, tab: Table) -> None:
     )
 
 
-def _peak_row(res: Result, tab: Table) -> None:
+def _peak_row(res: Result, tab: _Rows) -> None:
     """The most expensive hour."""
     t = res.totals
     ph = t.peak_hour
