@@ -248,7 +248,8 @@ def _headroom_rows(res: Result, tab: _Rows) -> None:
             "peak-hour load",
             _pct(h["peak_hour_load"], ".0f"),
             f"the busiest hour ({row['hour_start']:%H:00} UTC) used "
-            f"{_pct(h['peak_hour_load'], '.0f')} of the SLO-bound capacity: {_f(h['peak_hour_rate_per_s'], ',.2f')} req/s of an "
+            f"{_pct(h['peak_hour_load'], '.0f')} of the SLO-bound capacity: "
+            f"{_f(h['peak_hour_rate_per_s'], ',.2f')} req/s of an "
             f"estimated {_f(h['slo_capacity_per_s'], ',.2f')} req/s within the TPOT target "
             "(no queueing); `fleetsim plan` sizes it",
         )
