@@ -138,6 +138,10 @@ def cmd_run(args) -> int:
     from fleetsim.results.output import RequestWriter
     from fleetsim.results.summary import health, print_summary, print_warnings, summary_dict
 
+    if args.format != "fleetsim" and not args.json:
+        raise UserError(
+            f"--format {args.format}: it is the format of the --json document (fix: add --json)"
+        )
     sc, text = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
     names = ("hourly.parquet",) + (("requests.parquet",) if args.requests else ())
@@ -203,7 +207,12 @@ def cmd_run(args) -> int:
     # an overloaded run says so, even with --quiet (one prominent line on stderr)
     print_warnings(res, make_console(stderr=True))
     if args.json:
-        print_json(summary_dict(res, paths))
+        if args.format == "vllm":
+            from fleetsim.results.vllm import vllm_result
+
+            print_json(vllm_result(res) | {"fleetsim": summary_dict(res, paths)})
+        else:
+            print_json(summary_dict(res, paths))
     if args.strict and health(res)["overloaded"]:
         return 4
     return 0
@@ -245,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON document on stdout (the day's figures, health flags, the paths "
         "written); the human summary goes to stderr",
+    )
+    p.add_argument(
+        "--format",
+        choices=("fleetsim", "vllm"),
+        default="fleetsim",
+        help="the --json document: fleetsim's summary (default), or 'vllm': the keys and units "
+        "of vLLM's benchmark_serving result file (mean/median/std/p50..p99 of ttft, tpot, itl, "
+        "e2el in ms; request_throughput, output_throughput, total_token_throughput; completed, "
+        "duration), with fleetsim's summary under the key 'fleetsim'",
     )
     p.add_argument(
         "--strict",
@@ -296,6 +314,11 @@ DELEGATED = [
         "aggregated vs disaggregated cost per SLO-meeting request (one sweep, one figure)",
     ),
     ("report", "fleetsim.apps.report", "plots and a page for a finished run"),
+    (
+        "compare",
+        "fleetsim.apps.compare",
+        "a finished run beside a vLLM benchmark_serving result, with relative errors",
+    ),
 ]
 
 
