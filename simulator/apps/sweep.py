@@ -248,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """``fleetsim sweep``: see the module docstring."""
     from fleetsim.apps.common import console, open_output, print_json
-    from fleetsim.apps.tables import print_table
     from fleetsim.results.output import write_table_atomic
     from fleetsim.results.provenance import provenance
 
@@ -287,13 +286,7 @@ def main(argv: list[str]) -> int:
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
-        shown = [(k, k, 1.0, "") for k, _ in axes] + list(SHOWN)
-        print_table(
-            human,
-            f"sweep of {term(args.scenario)}: {table.num_rows} points",
-            [term(header) for _, header, _, _ in shown],
-            [[_fmt(row[c], scale, fmt) for c, _, scale, fmt in shown] for row in table.to_pylist()],
-        )
+        print_sweep(table, [k for k, _ in axes], f"sweep of {term(args.scenario)}", human)
         human.print(f"wrote {term(path)} in {wall:.1f} s")
     if args.json:
         print_json(
@@ -304,6 +297,20 @@ def main(argv: list[str]) -> int:
             }
         )
     return 0
+
+
+def print_sweep(table: pa.Table, axes: list[str], title: str, c) -> None:
+    """One row per point: the grid's values, then :data:`SHOWN` (never cut:
+    :mod:`fleetsim.apps.tables`)."""
+    from fleetsim.apps.tables import print_table
+
+    shown = [(k, k, 1.0, "") for k in axes] + list(SHOWN)
+    print_table(
+        c,
+        f"{title}: {table.num_rows} points",
+        [term(header) for _, header, _, _ in shown],
+        [[_fmt(row[col], scale, fmt) for col, _, scale, fmt in shown] for row in table.to_pylist()],
+    )
 
 
 #: the terminal table's columns: (column, header, scale, format); units as in ``fleetsim run``
