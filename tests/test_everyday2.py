@@ -151,3 +151,55 @@ def _toml(d: dict) -> str:
     import tomli_w
 
     return tomli_w.dumps(d)
+
+
+# -- docs stand alone ---------------------------------------------------------------------------
+_LINK = r"\]\(([^)\s]+)\)"
+_PATH = (
+    r"(?<![\w/.$-])((?:\.ci|bench|calibrate|data|docs|profiles|scenarios|simulator|tests|shared)"
+    r"/[\w./-]*[\w/])(?![\w*<{])"
+)
+
+
+def doc_references(root: Path) -> list[tuple[str, int, str, bool]]:
+    """Every Markdown link target and repository path named in README.md, docs/*.md,
+    scenarios/README.md and scenarios/*.toml: (file, line, target, whether it exists in the
+    repository, relative to the file's folder or to the root). ``shared/...`` never counts
+    (a clone has no shared/); ``FILE``-style placeholders and URLs are skipped."""
+    import re
+
+    files = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    files += [root / "scenarios/README.md", *sorted((root / "scenarios").glob("*.toml"))]
+    out = []
+    for f in files:
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            targets = [m.group(1).split("#")[0] for m in re.finditer(_LINK, line)]
+            targets = [t for t in targets if t and not re.match(r"[a-z]+:", t)]
+            targets += [m.group(1) for m in re.finditer(_PATH, line)]
+            for t in targets:
+                if Path(t).stem in ("FILE", "NAME", "DIR"):  # a placeholder: scenarios/FILE.toml
+                    continue
+                ok = not t.startswith("shared/") and (
+                    (f.parent / t).exists() or (root / t).exists()
+                )
+                out.append((str(f.relative_to(root)), i, t, ok))
+    return out
+
+
+def test_every_reference_in_the_docs_resolves_inside_the_repository():
+    refs = doc_references(ROOT)
+    assert len(refs) > 50  # (the scan finds the docs' many paths)
+    missing = [f"{f}:{i}: {t}" for f, i, t, ok in refs if not ok]
+    assert not missing, "references that a clone does not have:\n" + "\n".join(missing)
+
+
+def test_the_reference_check_fails_on_a_missing_path(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "scenarios").mkdir()
+    (tmp_path / "scenarios/README.md").write_text("see `scenarios/FILE.toml`\n")
+    (tmp_path / "docs/a.md").write_text("[b](b.md) and `docs/a.md`\n")
+    (tmp_path / "README.md").write_text(
+        "see shared/REFERENCES.md, [a](docs/a.md), [web](https://x.org)\n"
+    )
+    bad = [(f, t) for f, _, t, ok in doc_references(tmp_path) if not ok]
+    assert bad == [("README.md", "shared/REFERENCES.md"), ("docs/a.md", "b.md")]
