@@ -33,8 +33,7 @@ def test_decode_rows_add_up_and_grow_with_batch(capsys):
     prof = catalog_profile("h100-sxm", catalog.gpu("h100-sxm"))
     lin = 4 * prof.peak_flops * prof.compute_eff_max
     assert rows[0]["compute_s"] == pytest.approx(
-        (m.flops_per_token_linear + m.flops_lm_head) / lin
-        + 1000 * m.attn_flops_per_pair / lin,
+        (m.flops_per_token_linear + m.flops_lm_head) / lin + 1000 * m.attn_flops_per_pair / lin,
         rel=1e-6,
     )
     assert rows[0]["bound"] == "memory" and 0 < rows[0]["compute_s"] < rows[0]["memory_s"]

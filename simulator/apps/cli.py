@@ -106,15 +106,9 @@ def cmd_validate(args) -> int:
 
 def cmd_schema(args) -> int:
     from fleetsim.apps.common import print_json
+    from fleetsim.config.fields import profile_schema, scenario_schema
 
-    if args.profile:
-        from fleetsim.device.profile import profile_json_schema
-
-        print_json(profile_json_schema())
-        return 0
-    from fleetsim.config.scenario import scenario_json_schema
-
-    print_json(scenario_json_schema())
+    print_json(profile_schema() if args.profile else scenario_schema())
     return 0
 
 

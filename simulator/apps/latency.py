@@ -115,9 +115,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
         else:
             comm = lat._comm_a + lat._comm_b * tokens
         # compute: the iteration's FLOPs at the achievable peak (compute_eff_max x the peak of
-        # the weights' precision for the linear layers, of 16-bit for attention), shown whether or not it is the bound; memory: the
-        # rest of the kernel time (HBM traffic beyond the compute, kernel floors). They add up
-        # with the all-reduces and the overhead to the model's total.
+        # the weights' precision for the linear layers, of 16-bit for attention), shown whether
+        # or not it is the bound; memory: the rest of the kernel time (HBM traffic beyond the
+        # compute, kernel floors). They add up with the all-reduces and the overhead to the
+        # model's total.
         eff = profile.compute_eff_max
         att_flops = (pairs + ctx) * model.attn_flops_per_pair
         t_c = (flops - att_flops) / (p_lin * eff) + att_flops / (p16 * eff)
