@@ -281,3 +281,180 @@ def test_an_undescribed_property_is_named():
 
     s = {"properties": {"a": {"description": "x"}}, "$defs": {"S": {"properties": {"b": {}}}}}
     assert undescribed(s) == ["S.b"]
+
+
+# -- terminal tables never cut a value -----------------------------------------------------------
+WIDTHS = (60, 80, 200)
+
+
+def _terminal(width: int):
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), force_terminal=True, width=width, color_system=None)
+
+
+def _check(c, width: int, values: list[str]) -> str:
+    out = c.file.getvalue()
+    assert "…" not in out
+    too_long = [line for line in out.splitlines() if len(line) > width]
+    assert not too_long, too_long
+    tokens = set(out.split())
+    for v in values:
+        assert v in tokens, (v, out)
+    return out
+
+
+def _plan_table():
+    import pyarrow as pa
+
+    from fleetsim.apps.plan import PLAN_COLUMNS
+
+    rows = []
+    for i, (gpu, tp, n) in enumerate((("h100-sxm", 4, 3), ("h200", 2, 5), ("a100-80gb", 8, 12))):
+        r = {k: None for k, _ in PLAN_COLUMNS}
+        r.update(
+            rank=i + 1, gpu=gpu, tensor_parallel=tp, status="ok", problem="", replicas=n,
+            pods=1, gpus=n * tp, energy_facility_kwh=653.6 * (i + 1),
+            energy_cost_usd=52.68 * (i + 1), hardware_cost_usd=683.84 * (i + 1),
+            total_cost_usd=736.52 * (i + 1), usd_per_mtok=4.011, wh_per_request=0.653,
+            worst_hour_ttft_p99_s=0.916, worst_hour_tpot_p99_s=0.042,
+        )  # fmt: skip
+        rows.append(r)
+    return pa.table({k: pa.array([r[k] for r in rows], type=t) for k, t in PLAN_COLUMNS})
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_plan_table_is_never_cut(width):
+    from fleetsim.apps.plan import Slo, print_plan
+
+    c = _terminal(width)
+    print_plan(_plan_table(), Slo(2.0, 0.2), None, c)
+    out = _check(c, width, ["h100-sxm", "a100-80gb", "736.52", "2,209.56", "1,960.8", "42.0"])
+    if width == 200:  # wide enough: one boxed table, a row per candidate
+        assert "┃ #" in out and len([ln for ln in out.splitlines() if "h200" in ln]) == 1
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_sweep_table_is_never_cut(width):
+    import pyarrow as pa
+
+    from fleetsim.apps.sweep import print_sweep
+
+    table = pa.table(
+        {
+            "fleet.replicas": [8, 12],
+            "traffic.requests_per_day": [1e6, 2.5e6],
+            "requests": [1001035.0, 2502588.0],
+            "total_cost_usd": [736.52, 1104.78],
+            "usd_per_mtok": [4.011, 2.407],
+            "wh_per_request": [0.653, 0.4],
+            "ttft_p99_s": [0.885, 1.2345],
+            "tpot_p99_s": [0.042, 0.0551],
+            "itl_p99_s": [0.0374, 0.0501],
+            "slo_attainment": [1.0, 0.9987],
+        }
+    )
+    c = _terminal(width)
+    print_sweep(table, ["fleet.replicas", "traffic.requests_per_day"], "sweep of x.toml", c)
+    _check(c, width, ["1,001,035", "2,502,588", "1,104.78", "1.234", "55.1", "99.87"])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_crossover_outcome_is_never_cut(width):
+    import pyarrow as pa
+
+    from fleetsim.apps.crossover import FACTORS, print_outcome
+
+    rows = []
+    for w, ratio in (("short", 1.25), ("long", 0.8)):
+        for f in FACTORS:
+            for g in FACTORS:
+                rows.append((w, "aggregated", f, g, 1.0))
+                rows.append((w, "disaggregated", f, g, ratio))
+    cols = ("workload", "design", "ttft_factor", "tpot_factor", "usd_per_good_request")
+    table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(cols)})
+    c = _terminal(width)
+    print_outcome(table, c)
+    n = len(FACTORS) ** 2
+    _check(c, width, ["short", "long", "1.250", "0.800", str(n)])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_latency_table_is_never_cut(width, monkeypatch, capsys):
+    from fleetsim.apps import common
+
+    c = _terminal(width)
+    monkeypatch.setattr(common, "console", lambda **_: c)
+    argv = ["latency", "--gpu", "h100-sxm", "--model", "llama-3.1-70b", "--tp", "4"]
+    assert cli_main([*argv, "--batch", "1,256", "--context", "1000", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert cli_main([*argv, "--batch", "1,256", "--context", "1000"]) == 0
+    vals = [f"{r[k] * 1e3:.3f}" for r in rows for k in ("total_s", "compute_s", "memory_s")]
+    out = _check(c, width, [*vals, "1,000", "256", "memory"])
+    assert "256,000" not in out  # the context column is per sequence
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_run_summary_is_never_cut_and_leads_with_headroom(width, small_run):
+    from fleetsim.results.summary import headroom, print_summary
+
+    res, _ = small_run
+    c = _terminal(width)
+    print_summary(res, c)
+    t = res.totals
+    h = headroom(res)
+    out = _check(
+        c,
+        width,
+        [
+            f"{t.energy_facility_kwh:,.2f}",
+            f"{t.total_cost_usd:,.2f}",
+            f"{res.day_latency['ttft_p99_s']:.3f}",
+            f"{h['batch_occupancy'] * 100:.1f}%",
+        ],
+    )
+    lines = out.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("peak-hour load"))
+    assert first < next(i for i, ln in enumerate(lines) if ln.startswith("requests"))
+    assert "busy fraction" in out and "not" in out  # the busy fraction, labelled
+
+
+def test_piped_tables_stay_as_before(capsys):
+    """Piped (not a terminal): the one rich table, never wrapped, whatever the width."""
+    from fleetsim.apps.common import console
+    from fleetsim.apps.plan import Slo, print_plan
+
+    print_plan(_plan_table(), Slo(2.0, 0.2), None, console())
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if "a100-80gb" in ln)
+    assert row.startswith("│ 3 │ a100-80gb │  8 │") and "2,209.56" in row
+
+
+# -- headroom -------------------------------------------------------------------------------------
+def test_headroom_figures_are_the_hourly_columns_and_the_capacity_bound(small_run):
+    """Batch occupancy and KV use are the hourly columns' day figures; the peak hour's load is
+    its arrival rate over powered replicas x the TPOT-bound capacity of one replica, which is
+    never above the plain throughput bound and shrinks with a tighter TPOT target."""
+    from fleetsim.apps.plan import replica_capacity_rps
+    from fleetsim.results.summary import headroom
+
+    res, _ = small_run
+    h = headroom(res)
+    hr = res.hourly.to_pydict()
+    assert h["kv_use_peak_hour"] == pytest.approx(max(hr["kv_utilization"]))
+    assert h["batch_occupancy"] == pytest.approx(res.totals.batch_occupancy)
+    rs = res.resolved
+    one = replica_capacity_rps(rs, "", tpot_s=rs.scenario.slo.tpot_s)
+    assert one <= replica_capacity_rps(rs, "") * (1 + 1e-12)
+    replicas = hr["gpus_powered_mean"][h["peak_hour"]] / rs.tp
+    rate = max(hr["requests_arrived"]) / 3600.0
+    assert h["peak_hour_load"] == pytest.approx(rate / (one * replicas), rel=1e-12)
+    # a TPOT target below any step's time leaves batches of one: max_num_seqs = 1's capacity
+    one_seq = resolve(
+        scenario_from_dict(
+            merge(SMALL, simulation={"hours": 1}, fleet=dict(SMALL["fleet"], max_batch_size=1))
+        )
+    )
+    assert replica_capacity_rps(rs, "", tpot_s=1e-9) == replica_capacity_rps(one_seq, "")

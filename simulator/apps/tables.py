@@ -109,7 +109,7 @@ def print_records(
     line folds at its spaces (a word longer than the line is printed whole)."""
     width = max(console.width, 20)
     if title:
-        console.print(title, soft_wrap=True, highlight=False)
+        console.print(title, highlight=False)
     key_w = max((_len(h) for h in headers), default=0)
     for r in rows:
         console.print(f"-- {headers[0]} {r[0]} --", soft_wrap=True, highlight=False)
