@@ -218,10 +218,18 @@ def _shown(p) -> str:
     return clean(str(p))
 
 
+#: ``fleetsim --help``'s description (for a user; the module docstring is for developers)
+USAGE_DESCRIPTION = (
+    "Simulate the GPU fleets that serve large language models: energy, cost and latency, "
+    "hour by hour. Start with: fleetsim run scenarios/default.toml. Each command has its own "
+    "--help; scenarios/README.md lists the scenario library and docs/ the model."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fleetsim.base.version import __version__
 
-    ap = argparse.ArgumentParser(prog="fleetsim", description=description(__doc__))
+    ap = argparse.ArgumentParser(prog="fleetsim", description=USAGE_DESCRIPTION)
     ap.add_argument("--version", action="version", version=f"fleetsim {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser(
@@ -264,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit with code 4 when the run is overloaded (the queue grows without bound or "
         "under 90%% of requests meet the SLO)",
     )
-    p.add_argument("--out", help="output folder (default out/<scenario name>)")
+    p.add_argument(
+        "--out", help="output folder (default out/<the scenario file's stem>, e.g. out/default)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     p.add_argument("--requests", action="store_true", help="also write requests.parquet")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -435,9 +435,19 @@ def print_outcome(table: pa.Table, c) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim crossover", description=__doc__.splitlines()[0])
+    from fleetsim.apps.common import description
+
+    ap = argparse.ArgumentParser(prog="fleetsim crossover", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file (its [disaggregation] gives the link)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="override a scenario field, e.g. --set fleet.replicas=6 (value read as TOML; "
+        "repeatable)",
+    )
     ap.add_argument(
         "--load", type=float, default=0.7, help="arrival rate / the aggregated fleet's capacity"
     )
@@ -457,9 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         "caching hits), its arrivals stretched to the measured rate, prompts over 32,768 tokens "
         "dropped (default: the lognormal fitted to that trace, no block ids)",
     )
-    ap.add_argument("--out", help="output folder (default out/<scenario name>-crossover)")
+    ap.add_argument("--out", help="output folder (default out/<the scenario file's stem>-crossover, e.g. out/default-crossover)")
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or outcome table")
     add_executor_args(ap)
     return ap
 
