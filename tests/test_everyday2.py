@@ -458,3 +458,86 @@ def test_headroom_figures_are_the_hourly_columns_and_the_capacity_bound(small_ru
         )
     )
     assert replica_capacity_rps(rs, "", tpot_s=1e-9) == replica_capacity_rps(one_seq, "")
+
+
+# -- the report: headings as written, headroom first, KV use in the utilisation chart -----------
+def test_report_heading_is_not_escaped_and_headroom_leads(tmp_path, small_run):
+    import dataclasses
+
+    from fleetsim.apps.report import _from_result, render_markdown, write_report
+
+    res, _ = small_run
+    named = dataclasses.replace(
+        res,
+        resolved=dataclasses.replace(
+            res.resolved, scenario=res.scenario.model_copy(update={"name": "llama70b-h100-conv"})
+        ),
+    )
+    write_report(tmp_path, result=named, flatten=False)
+    md = (tmp_path / "report.md").read_text()
+    assert md.splitlines()[0] == "# fleetsim report: llama70b-h100-conv"  # was llama70b\-h100\-...
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "figure" not in ln]
+    assert rows[0].startswith("| peak hour's load (of the SLO-bound capacity) |")
+    assert rows[1].startswith("| batch occupancy (of max_num_seqs) |")
+    assert any(r.startswith("| busy fraction of powered time |") for r in rows)
+    # markup in a name is still escaped
+    d = _from_result(named)
+    d.name = "a*b_[c]"
+    page = render_markdown(d, {"peak_hour": 0, "peak_requests": 1, "peak_to_mean_traffic": 1.0,
+                               "peak_cost_share": 1.0, "peak_usd_per_request": 0.1,
+                               "trough_usd_per_request": 0.1, "trough_hour": 0,
+                               "trough_requests": 1, "marginal_cost_of_peak_usd": None,
+                               "flat_note": "skipped"})  # fmt: skip
+    assert page.splitlines()[0] == "# fleetsim report: a\\*b\\_\\[c\\]"
+
+
+def test_utilisation_chart_draws_kv_use_and_batch_occupancy(small_run, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fleetsim.apps.report import _from_result, _plot_utilization
+
+    res, _ = small_run
+    d = _from_result(res)
+    labels = []
+    orig = plt.Axes.plot
+
+    def spy(self, *a, **k):
+        labels.append(k.get("label", ""))
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(plt.Axes, "plot", spy)
+    _plot_utilization(plt, d, d.cols)
+    assert any(lbl.startswith("KV use") for lbl in labels)
+    assert any(lbl.startswith("batch occupancy") for lbl in labels)
+    assert any("busy fraction" in lbl and "not headroom" in lbl for lbl in labels)
+
+
+# -- plan's progress lines ------------------------------------------------------------------------
+def test_plan_log_lines_go_through_the_progress_bar(tmp_path, monkeypatch):
+    """Each candidate's line is printed by the progress bar's own console (above the bar), not
+    by a second console that the bar's redraw runs into."""
+    from fleetsim.apps import executors
+
+    seen = []
+    real = executors.task_progress
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def spy(label, quiet=False):
+        with real(label, quiet) as hooks:
+            orig = hooks.log
+            hooks.log = lambda text: (seen.append(text), orig(text))
+            yield hooks
+
+    import fleetsim.apps.plan as plan
+
+    monkeypatch.setattr(plan, "task_progress", spy)
+    scen = tmp_path / "s.toml"
+    scen.write_text(_toml(merge(SMALL, simulation={"hours": 1})))
+    argv = [str(scen), "--gpus", "h100-sxm", "--tp", "1", "--workers", "1"]
+    assert plan.main([*argv, "--out", str(tmp_path / "p"), "--no-schedule"]) == 0
+    assert seen and seen[0].startswith("h100-sxm TP1: ")
