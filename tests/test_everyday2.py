@@ -541,3 +541,11 @@ def test_plan_log_lines_go_through_the_progress_bar(tmp_path, monkeypatch):
     argv = [str(scen), "--gpus", "h100-sxm", "--tp", "1", "--workers", "1"]
     assert plan.main([*argv, "--out", str(tmp_path / "p"), "--no-schedule"]) == 0
     assert seen and seen[0].startswith("h100-sxm TP1: ")
+
+
+def test_field_reference_is_generated_from_the_schema():
+    page = (ROOT / "docs/scenario-fields.md").read_text()
+    assert page == _refresh_module().fields_page(), (
+        "docs/scenario-fields.md is stale: run python bench/refresh_docs.py --render"
+    )
+    assert "| `FleetSection.max_batch_size` |" in page

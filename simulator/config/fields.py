@@ -259,8 +259,8 @@ def _range(prop: dict) -> str:
         if lo is not None or hi is not None:
             left = "(" if "exclusiveMinimum" in b else "["
             right = ")" if "exclusiveMaximum" in b else "]"
-            lo_t = "-inf" if lo is None else f"{lo:g}"
-            hi_t = "inf" if hi is None else f"{hi:g}"
+            lo_t = "-inf" if lo is None else (str(lo) if isinstance(lo, int) else f"{lo:g}")
+            hi_t = "inf" if hi is None else (str(hi) if isinstance(hi, int) else f"{hi:g}")
             parts.append(f"{left}{lo_t}, {hi_t}{right}")
     return "; ".join(parts)
 
