@@ -549,3 +549,61 @@ def test_field_reference_is_generated_from_the_schema():
         "docs/scenario-fields.md is stale: run python bench/refresh_docs.py --render"
     )
     assert "| `FleetSection.max_batch_size` |" in page
+
+
+# -- validate: kv_dtype as the budget uses it, integer byte counts --------------------------------
+def test_validate_prints_the_kv_dtype_the_budget_uses_and_integer_bytes(tmp_path, capsys):
+    scen = tmp_path / "s.toml"
+    scen.write_text(_toml(merge(SMALL, model={"name": "llama-3.1-70b", "dtype": "int8"},
+                                fleet=dict(SMALL["fleet"], tensor_parallel=4))))  # fmt: skip
+    assert cli_main(["validate", str(scen), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    # int8 weights keep a 16-bit KV cache (vLLM's kv_cache_dtype="auto"): 2 bytes per element
+    assert doc["model"]["kv_dtype"] == "bf16" and doc["derived"]["kv_dtype"] == "bf16"
+    from fleetsim.device.modelspec import model_from_catalog
+
+    m = model_from_catalog("llama-3.1-70b")
+    assert doc["derived"]["kv_bytes_per_token"] == 2 * m.n_layers * 2 * m.n_kv_heads * m.head_dim
+    kv = doc["derived"]["kv_budget"]
+    for k in ("memory_bytes", "usable_bytes", "weight_bytes", "activation_bytes", "kv_bytes"):
+        assert isinstance(kv[k], int), (k, kv[k])
+    assert isinstance(doc["derived"]["weight_bytes"], int)
+
+
+# -- TOML values: any string round-trips ------------------------------------------------------
+@pytest.mark.parametrize(
+    "name", ["two\nlines", 'a "quoted" name', "back\\slash", "tab\there", "bell\x07", "ünï"]
+)
+def test_overrides_round_trip_any_string(name):
+    import tomllib
+
+    import fleetsim
+    from fleetsim.config.scenario import toml_value
+
+    assert tomllib.loads(f"x = {toml_value(name)}")["x"] == name
+    sc = fleetsim.load(merge(SMALL, simulation={"hours": 1}), {"name": name})
+    assert sc.name == name  # (a newline used to leave the quotes in the name)
+    nested = {"k y": [name, 1.5, True], "z": {"w": name}}
+    assert tomllib.loads(f"x = {toml_value(nested)}")["x"] == nested
+
+
+# -- help texts -----------------------------------------------------------------------------------
+def test_help_texts_are_for_users(capsys):
+    from fleetsim.apps import crossover, plan, sweep
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())
+    assert "fleetsim run scenarios/default.toml" in top
+    assert "subcommands of the other modules" not in top  # (the developer docstring)
+    for mod, suffix in ((crossover, "-crossover"), (plan, "-plan"), (sweep, "-sweep")):
+        ap = mod.build_parser()
+        text = " ".join(ap.format_help().split())
+        assert "``" not in text
+        assert f"out/<the scenario file's stem>{suffix}" in text
+        for flag in ("--set", "--quiet"):
+            opt = next(a for a in ap._actions if flag in a.option_strings)
+            assert opt.help, (mod.__name__, flag)
+    with pytest.raises(SystemExit):
+        cli_main(["run", "--help"])
+    assert "out/<the scenario file's stem>" in " ".join(capsys.readouterr().out.split())

@@ -12,7 +12,6 @@ import signal
 import sys
 from pathlib import Path
 
-from fleetsim.apps.common import description
 from fleetsim.base.errors import InvariantError, UserError
 
 
@@ -75,7 +74,9 @@ def cmd_validate(args) -> int:
         print(
             f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters "
             f"({rs.model.total_params:,}), {rs.model.weight_bytes / 1e9:.1f} GB weights; "
-            f"KV budget {rs.kv_capacity_tokens:,} tokens per replica"
+            f"KV budget {rs.kv_capacity_tokens:,} tokens per replica (KV cache "
+            f"{rs.model.kv_dtype_resolved}, {round(rs.model.kv_bytes_per_token):,} bytes per "
+            "token; GB = 10^9 bytes)"
             + (
                 f" ({rs.kv.blocks:,} blocks of {rs.kv.block_size_tokens}; "
                 f"{rs.kv.kv_bytes / 1e9:,.1f} GB = {sc.fleet.gpu_memory_utilization:g} x "

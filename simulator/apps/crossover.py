@@ -467,7 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         "caching hits), its arrivals stretched to the measured rate, prompts over 32,768 tokens "
         "dropped (default: the lognormal fitted to that trace, no block ids)",
     )
-    ap.add_argument("--out", help="output folder (default out/<the scenario file's stem>-crossover, e.g. out/default-crossover)")
+    ap.add_argument(
+        "--out",
+        help="output folder (default out/<the scenario file's stem>-crossover, "
+        "e.g. out/default-crossover)",
+    )
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or outcome table")
     add_executor_args(ap)

@@ -513,7 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-gpus",
         help="disaggregated: candidate GPUs of the decode pool (default: the scenario's)",
     )
-    ap.add_argument("--out", help="output folder (default out/<the scenario file's stem>-plan, e.g. out/default-plan)")
+    ap.add_argument(
+        "--out",
+        help="output folder (default out/<the scenario file's stem>-plan, e.g. out/default-plan)",
+    )
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--no-schedule", action="store_true", help="skip the per-hour schedule")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or table")

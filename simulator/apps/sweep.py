@@ -232,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a field for every point",
     )
-    ap.add_argument("--out", help="output folder (default out/<the scenario file's stem>-sweep, e.g. out/default-sweep)")
+    ap.add_argument(
+        "--out",
+        help="output folder (default out/<the scenario file's stem>-sweep, e.g. out/default-sweep)",
+    )
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
     ap.add_argument(

@@ -391,20 +391,29 @@ def canonical_path(path: list[str]) -> list[str]:
 
 
 def toml_value(v: Any) -> str:
-    """``v`` as TOML value text (what ``--set section.key=<text>`` parses back to ``v``)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else str(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """``v`` as TOML value text (what ``--set section.key=<text>`` parses back to ``v``), on
+    one line: scalars and arrays written by ``tomli_w`` (any string round-trips: newlines,
+    quotes, backslashes, control characters), tables as inline tables with quoted keys where a
+    key is not bare."""
+    import re
+
+    import tomli_w
+
+    if isinstance(v, Mapping):
+        items = (
+            f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', str(k)) else toml_value(str(k))} = "
+            f"{toml_value(x)}"
+            for k, x in v.items()
+        )
+        return "{" + ", ".join(items) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    if hasattr(v, "isoformat"):
-        return v.isoformat()
-    raise TypeError(type(v).__name__)
+    if isinstance(v, float) and v != v:
+        return "nan"
+    try:
+        return tomli_w.dumps({"v": v}).strip()[len("v = ") :]
+    except TypeError:
+        raise TypeError(type(v).__name__) from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
@@ -1063,7 +1072,7 @@ def resolved_dict(rs: Resolved) -> dict:
     for k in d["model"]:
         if k != "config" and hasattr(m, k):
             d["model"][k] = getattr(m, k)
-    d["model"]["kv_dtype"] = m.kv_dtype or m.dtype
+    d["model"]["kv_dtype"] = m.kv_dtype_resolved  # what the KV budget uses (not the weights')
     g, pw, prof = rs.gpu, rs.gpu.power, rs.profile
     hw = d["hardware"]
     hw.update(
@@ -1080,13 +1089,22 @@ def resolved_dict(rs: Resolved) -> dict:
         mem_bw_bytes_per_s=getattr(prof, "mem_bw_bytes_per_s", None),
         mem_bytes=getattr(prof, "mem_bytes", None),
     )
+
+    def whole(v: float) -> int:  # byte counts are printed as integers (not 159131264614.40002)
+        return round(v)
+
+    kv = None
+    if rs.kv is not None:
+        kv = {k: whole(v) if k.endswith("_bytes") else v for k, v in asdict(rs.kv).items()}
+        kv["bytes_per_token"] = whole(rs.kv.bytes_per_token)
     d["derived"] = {
         "total_params": m.total_params,
         "active_params_per_token": m.active_params_per_token,
-        "weight_bytes": m.weight_bytes,
-        "kv_bytes_per_token": m.kv_bytes_per_token,
+        "weight_bytes": whole(m.weight_bytes),
+        "kv_dtype": m.kv_dtype_resolved,
+        "kv_bytes_per_token": whole(m.kv_bytes_per_token),
         "kv_capacity_tokens_per_replica": rs.kv_capacity_tokens,
-        "kv_budget": None if rs.kv is None else asdict(rs.kv),
+        "kv_budget": kv,
         "max_request_tokens": rs.max_request_tokens,
         "gpus": rs.scenario.fleet.pods * rs.scenario.fleet.replicas * rs.tp,
         "profile": rs.profile_id,
