@@ -446,8 +446,10 @@ def test_headroom_figures_are_the_hourly_columns_and_the_capacity_bound(small_ru
     assert h["kv_use_peak_hour"] == pytest.approx(max(hr["kv_utilization"]))
     assert h["batch_occupancy"] == pytest.approx(res.totals.batch_occupancy)
     rs = res.resolved
-    one = replica_capacity_rps(rs, "", tpot_s=rs.scenario.slo.tpot_s)
-    assert one <= replica_capacity_rps(rs, "") * (1 + 1e-12)
+    t = res.totals
+    sizes = (t.prompt_tokens / t.requests_completed, t.output_tokens / t.requests_completed)
+    one = replica_capacity_rps(rs, "", tpot_s=rs.scenario.slo.tpot_s, sizes=sizes)
+    assert one <= replica_capacity_rps(rs, "", sizes=sizes) * (1 + 1e-12)
     replicas = hr["gpus_powered_mean"][h["peak_hour"]] / rs.tp
     rate = max(hr["requests_arrived"]) / 3600.0
     assert h["peak_hour_load"] == pytest.approx(rate / (one * replicas), rel=1e-12)
@@ -457,7 +459,9 @@ def test_headroom_figures_are_the_hourly_columns_and_the_capacity_bound(small_ru
             merge(SMALL, simulation={"hours": 1}, fleet=dict(SMALL["fleet"], max_batch_size=1))
         )
     )
-    assert replica_capacity_rps(rs, "", tpot_s=1e-9) == replica_capacity_rps(one_seq, "")
+    assert replica_capacity_rps(rs, "", 1e-9, sizes) == replica_capacity_rps(
+        one_seq, "", None, sizes
+    )
 
 
 # -- the report: headings as written, headroom first, KV use in the utilisation chart -----------

@@ -137,19 +137,29 @@ def candidate_base(data: dict, gpu: str, tp: int, own_gpu: str) -> dict:
     return d
 
 
-def replica_capacity_rps(rs: Resolved, source: str, tpot_s: float | None = None) -> float:
+def replica_capacity_rps(
+    rs: Resolved,
+    source: str,
+    tpot_s: float | None = None,
+    sizes: tuple[float, float] | None = None,
+) -> float:
     """Best-case requests/s of one replica: prefill in full ``max_batched_tokens`` chunks and
     decode at the largest batch the KV budget (and ``max_batch_size``) allows. An optimistic
     bound: real batches are smaller and mixed, so it is only where the search starts.
     ``tpot_s``: also no larger a batch than one whose decode step stays within this time per
-    output token (the SLO-bound capacity the run summary compares the peak hour with)."""
+    output token (the SLO-bound capacity the run summary compares the peak hour with).
+    ``sizes``: the mean prompt and output tokens per request (default: drawn from the
+    scenario's size distributions)."""
     from fleetsim.workload.sampling import SizeSampler
 
     sc = rs.scenario
-    p, o = SizeSampler(sc.traffic.prompt, sc.traffic.output, source).draw(
-        20_000, np.random.default_rng(np.random.SeedSequence(sc.seed, spawn_key=(2**31,)))
-    )
-    ep, eo = float(p.mean()), float(o.mean())
+    if sizes is None:
+        p, o = SizeSampler(sc.traffic.prompt, sc.traffic.output, source).draw(
+            20_000, np.random.default_rng(np.random.SeedSequence(sc.seed, spawn_key=(2**31,)))
+        )
+        ep, eo = float(p.mean()), float(o.mean())
+    else:
+        ep, eo = sizes
     lat = rs.latency_model()
     per_seq = ep + eo / 2.0
     batch = int(max(1, min(sc.fleet.max_batch_size, rs.kv_capacity_tokens // max(per_seq, 1.0))))

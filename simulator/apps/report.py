@@ -637,7 +637,14 @@ def _peak_load(d: RunData) -> tuple[float, float, float] | None:
         rs = resolve(scenario_from_dict(d.config))
         arrived = np.asarray(d.cols["requests_arrived"], dtype=float)
         h = int(np.argmax(arrived))
-        cap = replica_capacity_rps(rs, "", tpot_s=rs.scenario.slo.tpot_s)
+        t = d.totals
+        done = max(t.requests_completed, 1.0)
+        cap = replica_capacity_rps(
+            rs,
+            "",
+            tpot_s=rs.scenario.slo.tpot_s,
+            sizes=(t.prompt_tokens / done, t.output_tokens / done),
+        )
         cap *= float(d.cols["gpus_powered_mean"][h]) / rs.tp
         rate = float(arrived[h]) / 3600.0
     except Exception:  # (a scenario this version cannot resolve: no estimate)

@@ -72,8 +72,9 @@ def headroom(res: Result) -> dict:
     * ``kv_use``: KV blocks in use / the KV budget (day mean, and the highest hourly mean);
     * ``flops_utilization`` / ``bandwidth_utilization``: achieved / peak of the powered GPUs;
     * ``peak_hour_load``: the busiest hour's arrival rate / the rate the powered fleet can carry
-      within the TPOT target (an estimate: steady batches at the largest size whose decode step
-      meets the target, and whole ``max_num_batched_tokens`` prefills; no queueing, so a fleet
+      within the TPOT target (an estimate at the run's mean prompt and output tokens per
+      request: steady batches at the largest size whose decode step meets the target, and whole
+      ``max_num_batched_tokens`` prefills; no queueing, so a fleet
       near 100% may still miss the TTFT target; ``fleetsim plan`` sizes it by simulation).
       None for a disaggregated fleet."""
     t = res.totals
@@ -105,10 +106,13 @@ def headroom(res: Result) -> dict:
         from fleetsim.apps.plan import replica_capacity_rps
 
         h = int(np.argmax(arrived))
-        try:
-            per_replica = replica_capacity_rps(rs, "", tpot_s=res.scenario.slo.tpot_s)
-        except Exception:  # (sizes the sampler cannot draw here, e.g. a trace: no estimate)
-            return out
+        done = max(t.requests_completed, 1.0)  # the run's own mean sizes (traces included)
+        per_replica = replica_capacity_rps(
+            rs,
+            "",
+            tpot_s=res.scenario.slo.tpot_s,
+            sizes=(t.prompt_tokens / done, t.output_tokens / done),
+        )
         replicas = powered[h] / rs.tp if math.isfinite(powered[h]) else 0.0
         cap = per_replica * replicas
         rate = float(arrived[h]) / HOUR_S
