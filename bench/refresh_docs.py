@@ -88,6 +88,9 @@ def derived(runs: dict[str, dict]) -> dict[str, float]:
     r = runs["rented"]
     out["rent_usd_per_gpu_hour"] = r["hardware_cost_usd"] / r["gpu_hours"]
     out["static_rent_usd"] = s["gpu_hours"] * out["rent_usd_per_gpu_hour"]
+    out["disaggregated_worst_hour_tpot_p99_ms"] = (
+        1000.0 * runs["disaggregated"]["worst_hour_tpot_p99_s"]
+    )
     return out
 
 
@@ -131,6 +134,13 @@ def render(template: str, doc: dict) -> str:
     return _FIELD.sub(value, template)
 
 
+def load_figures() -> dict:
+    """docs/figures.json, with :func:`derived`'s comparisons recomputed from its runs."""
+    doc = json.loads(FIGURES.read_text(encoding="utf-8"))
+    doc["derived"] = derived(doc["runs"])
+    return doc
+
+
 def fields_page() -> str:
     """docs/scenario-fields.md: every scenario field with its description, from the schema."""
     from fleetsim.config.fields import field_reference, scenario_schema
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = simulate_all(list(RUNS))
         FIGURES.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote {FIGURES.relative_to(ROOT)}", file=sys.stderr)
-    doc = json.loads(FIGURES.read_text(encoding="utf-8"))
+    doc = load_figures()
     PAGE.write_text(render(TEMPLATE.read_text(encoding="utf-8"), doc), encoding="utf-8")
     print(f"wrote {PAGE.relative_to(ROOT)} (fleetsim {doc['fleetsim_version']})", file=sys.stderr)
     FIELDS.write_text(fields_page(), encoding="utf-8")

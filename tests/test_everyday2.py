@@ -219,7 +219,7 @@ def test_quoted_figures_are_the_scripts_output():
     from fleetsim.base.version import __version__
 
     mod = _refresh_module()
-    doc = json.loads((ROOT / "docs/figures.json").read_text())
+    doc = mod.load_figures()
     assert doc["fleetsim_version"] == __version__, "rerun python bench/refresh_docs.py"
     assert set(doc["runs"]) == set(mod.RUNS)
     page = (ROOT / "scenarios/README.md").read_text()
