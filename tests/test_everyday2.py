@@ -437,7 +437,7 @@ def test_headroom_figures_are_the_hourly_columns_and_the_capacity_bound(small_ru
     """Batch occupancy and KV use are the hourly columns' day figures; the peak hour's load is
     its arrival rate over powered replicas x the TPOT-bound capacity of one replica, which is
     never above the plain throughput bound and shrinks with a tighter TPOT target."""
-    from fleetsim.apps.plan import replica_capacity_rps
+    from fleetsim.results.capacity import replica_capacity_rps
     from fleetsim.results.summary import headroom
 
     res, _ = small_run

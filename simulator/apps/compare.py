@@ -115,8 +115,8 @@ def _num(v) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fleetsim.apps.common import console, print_json
-    from fleetsim.apps.tables import print_table
     from fleetsim.base.io import term
+    from fleetsim.base.tables import print_table
 
     args = build_parser().parse_args(argv)
     rows = compare(run_block(args.run_dir), read_vllm(args.vllm_result))

@@ -415,8 +415,8 @@ def draw(t: pa.Table) -> bytes:
 
 def print_outcome(table: pa.Table, c) -> None:
     """For each workload, the target cells where the best split is cheaper per SLO-meeting
-    request, as a table (never cut: :mod:`fleetsim.apps.tables`)."""
-    from fleetsim.apps.tables import print_table
+    request, as a table (never cut: :mod:`fleetsim.base.tables`)."""
+    from fleetsim.base.tables import print_table
 
     rows = []
     for name in dict.fromkeys(table.column("workload").to_pylist()):

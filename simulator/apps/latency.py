@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(res, indent=1))
         return 0
     from fleetsim.apps.common import console
-    from fleetsim.apps.tables import print_table
+    from fleetsim.base.tables import print_table
 
     r0 = res[0]
     wq = (

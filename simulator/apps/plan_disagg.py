@@ -313,7 +313,7 @@ def disagg_table(cands: list[DisaggCandidate], pods: int) -> pa.Table:
 
 def print_designs(agg: pa.Table | None, dis: pa.Table, slo, c) -> None:
     """The best aggregated and the best disaggregated fleet side by side."""
-    from fleetsim.apps.tables import print_table
+    from fleetsim.base.tables import print_table
 
     def f(v, fmt):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)

@@ -631,8 +631,8 @@ def _peak_load(d: RunData) -> tuple[float, float, float] | None:
     if d.config is None or d.pools is not None:
         return None
     try:
-        from fleetsim.apps.plan import replica_capacity_rps
         from fleetsim.config.scenario import resolve, scenario_from_dict
+        from fleetsim.results.capacity import replica_capacity_rps
 
         rs = resolve(scenario_from_dict(d.config))
         arrived = np.asarray(d.cols["requests_arrived"], dtype=float)

@@ -304,8 +304,8 @@ def main(argv: list[str]) -> int:
 
 def print_sweep(table: pa.Table, axes: list[str], title: str, c) -> None:
     """One row per point: the grid's values, then :data:`SHOWN` (never cut:
-    :mod:`fleetsim.apps.tables`)."""
-    from fleetsim.apps.tables import print_table
+    :mod:`fleetsim.base.tables`)."""
+    from fleetsim.base.tables import print_table
 
     shown = [(k, k, 1.0, "") for k in axes] + list(SHOWN)
     print_table(

@@ -103,7 +103,7 @@ def headroom(res: Result) -> dict:
     }
     rs = res.resolved
     if rs.pools is None and len(arrived) and arrived.max() > 0:
-        from fleetsim.apps.plan import replica_capacity_rps
+        from fleetsim.results.capacity import replica_capacity_rps
 
         h = int(np.argmax(arrived))
         done = max(t.requests_completed, 1.0)  # the run's own mean sizes (traces included)
@@ -183,7 +183,7 @@ def print_warnings(res: Result, console: Console) -> None:
 
 def print_summary(res: Result, console: Console | None = None) -> None:
     """Print the day's figures with the energy -> cost breakdown."""
-    from fleetsim.apps.tables import print_rows
+    from fleetsim.base.tables import print_rows
 
     c = console or Console()
     _print_headline(res, c)
