@@ -143,7 +143,8 @@ def load_figures() -> dict:
 
 def fields_page() -> str:
     """docs/scenario-fields.md: every scenario field with its description, from the schema."""
-    from fleetsim.config.fields import field_reference, scenario_schema
+    from fleetsim.config.fields import field_reference
+    from fleetsim.config.jsonschema import scenario_json_schema as scenario_schema
 
     return (
         "# Scenario fields\n\n"

@@ -13,7 +13,8 @@ from conftest import SMALL, merge
 
 from fleetsim.apps.cli import main as cli_main
 from fleetsim.apps.simulate import simulate
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,7 +264,8 @@ def test_every_schema_property_has_a_description(which, capsys):
 
 
 def test_descriptions_carry_default_range_and_vllm_name(capsys):
-    from fleetsim.config.fields import field_reference, scenario_schema
+    from fleetsim.config.fields import field_reference
+    from fleetsim.config.jsonschema import scenario_json_schema as scenario_schema
 
     s = scenario_schema()
     fleet = s["$defs"]["FleetSection"]["properties"]
@@ -582,7 +584,7 @@ def test_overrides_round_trip_any_string(name):
     import tomllib
 
     import fleetsim
-    from fleetsim.config.scenario import toml_value
+    from fleetsim.config.loading import toml_value
 
     assert tomllib.loads(f"x = {toml_value(name)}")["x"] == name
     sc = fleetsim.load(merge(SMALL, simulation={"hours": 1}), {"name": name})

@@ -65,7 +65,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_validate(args) -> int:
     from fleetsim.apps.common import print_json
-    from fleetsim.config.scenario import load_scenario, resolve, resolved_dict
+    from fleetsim.config.loading import load_scenario
+    from fleetsim.config.resolve import resolve
+    from fleetsim.config.resolved import resolved_dict
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
@@ -107,9 +109,10 @@ def cmd_validate(args) -> int:
 
 def cmd_schema(args) -> int:
     from fleetsim.apps.common import print_json
-    from fleetsim.config.fields import profile_schema, scenario_schema
+    from fleetsim.config.fields import profile_schema
+    from fleetsim.config.jsonschema import scenario_json_schema
 
-    print_json(profile_schema() if args.profile else scenario_schema())
+    print_json(profile_schema() if args.profile else scenario_json_schema())
     return 0
 
 
@@ -129,7 +132,8 @@ def cmd_run(args) -> int:
     from fleetsim.apps.common import open_output, print_json
     from fleetsim.apps.executors import pod_runner
     from fleetsim.apps.simulate import simulate, write_outputs
-    from fleetsim.config.scenario import load_scenario, resolve
+    from fleetsim.config.loading import load_scenario
+    from fleetsim.config.resolve import resolve
     from fleetsim.results.output import RequestWriter
     from fleetsim.results.summary import health, print_summary, print_warnings, summary_dict
 

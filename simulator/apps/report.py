@@ -137,7 +137,7 @@ def _from_dir(out_dir: Path) -> RunData:
     totals = DayTotals.from_dict(obj("fleetsim.totals") or {})
     name = str((cfg or {}).get("name", out_dir.name))
     if cfg is not None:
-        from fleetsim.config.scenario import scenario_from_dict
+        from fleetsim.config.loading import scenario_from_dict
 
         try:  # only a valid scenario is re-simulated or read for its SLO
             cfg = json.loads(scenario_from_dict(cfg, where).model_dump_json())
@@ -443,11 +443,11 @@ def flat_day_cost(
     key."""
     from fleetsim.apps.simulate import simulate
     from fleetsim.base.errors import ScenarioError
-    from fleetsim.config.scenario import scenario_from_dict
+    from fleetsim.config.loading import scenario_from_dict
 
     if (cfg.get("traffic") or {}).get("trace"):
         return None, "the run replays a timed trace, which cannot be flattened"
-    from fleetsim.config.scenario import diurnal_weights
+    from fleetsim.config.schedules import diurnal_weights
 
     flat = json.loads(json.dumps(cfg))
     tr = flat.setdefault("traffic", {})
@@ -631,7 +631,8 @@ def _peak_load(d: RunData) -> tuple[float, float, float] | None:
     if d.config is None or d.pools is not None:
         return None
     try:
-        from fleetsim.config.scenario import resolve, scenario_from_dict
+        from fleetsim.config.loading import scenario_from_dict
+        from fleetsim.config.resolve import resolve
         from fleetsim.results.capacity import replica_capacity_rps
 
         rs = resolve(scenario_from_dict(d.config))

@@ -308,15 +308,6 @@ def field_reference(schema: dict) -> str:
     return "\n".join(lines)
 
 
-def scenario_schema() -> dict:
-    """The scenario file's JSON Schema with every property described (``fleetsim schema``)."""
-    from fleetsim.config.scenario import scenario_json_schema
-
-    schema = scenario_json_schema()
-    describe(schema, SCENARIO)
-    return schema
-
-
 def profile_schema() -> dict:
     """The profile file's JSON Schema with every property described (``fleetsim schema
     --profile``)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleetsim.config.scenario import Resolved
+from fleetsim.config.resolved import Resolved
 
 
 def replica_capacity_rps(
