@@ -105,15 +105,19 @@ def print_table(
 def print_records(
     console: Console, title: str | None, headers: Sequence[str], rows: Sequence[Sequence[str]]
 ) -> None:
-    """The record layout: one block per row, ``header  value`` per line; a value longer than a
-    line folds at its spaces (a word longer than the line is printed whole)."""
+    """The record layout: one block per row, ``header  value`` per line (fields without a value
+    left out); a value longer than a line folds at its spaces (a word longer than the line is
+    printed whole)."""
     width = max(console.width, 20)
     if title:
         console.print(title, highlight=False)
     key_w = max((_len(h) for h in headers), default=0)
     for r in rows:
-        console.print(f"-- {headers[0]} {r[0]} --", soft_wrap=True, highlight=False)
+        head = f"-- {headers[0]} {r[0]} --" if r[0] else "--"
+        console.print(head, soft_wrap=True, highlight=False)
         for h, v in zip(headers[1:], r[1:]):
+            if not v:  # (a field without a value, e.g. a candidate that does not fit)
+                continue
             room = width - key_w - 4
             lines = _fold(v, room) if room >= 10 else [v]
             pad = " " * (key_w - _len(h))
