@@ -7,9 +7,9 @@ through :func:`print_table` or :func:`print_rows`:
   (one rich table, lines never wrapped);
 * on a terminal, the columns get the width of their longest value; a header wider than its
   values folds onto several lines at its spaces. A table too wide for the terminal with its
-  borders drops them (two spaces between columns); when even that does not fit, it switches to
-  a record layout: one block per row, one ``header  value`` line per column. A value is never
-  shortened to ``…``.
+  borders drops them (two spaces between columns, then one); when even that does not fit, it
+  switches to a record layout: one block per row, one ``header  value`` line per column. A
+  value is never shortened to ``…``.
 """
 
 from __future__ import annotations
@@ -36,16 +36,20 @@ def _words(text: str) -> list[str]:
 
 
 def column_widths(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], width: int, boxed: bool = True
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    width: int,
+    boxed: bool = True,
+    gap: int = 2,
 ):
     """The width of each column of a table that fits ``width`` with no value cut (headers may
     fold at spaces), or None when no such widths exist. ``boxed``: rich's default box (borders
-    and a space each side of a value); else two spaces between columns."""
+    and a space each side of a value); else ``gap`` spaces between columns."""
     n = len(headers)
     cells = [max((_len(r[i]) for r in rows), default=0) for i in range(n)]
     natural = [max(_len(headers[i]), cells[i]) for i in range(n)]
     least = [max(max(_len(w) for w in _words(headers[i])), cells[i], 1) for i in range(n)]
-    frame = n * (_PAD + _BORDER) + _BORDER if boxed else 2 * n
+    frame = n * (_PAD + _BORDER) + _BORDER if boxed is True else (gap or 2) * n
     if sum(natural) + frame <= width:
         return natural
     if sum(least) + frame > width:
@@ -83,9 +87,11 @@ def print_table(
 
     widths = column_widths(headers, rows, console.width)
     style: dict = {}
-    if widths is None:  # the compact layout: no borders, two spaces between columns
-        widths = column_widths(headers, rows, console.width, boxed=False)
-        style = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for gap in (2, 1):  # the compact layouts: no borders, two spaces between columns, or one
+        if widths is None:
+            widths = column_widths(headers, rows, console.width, boxed=False, gap=gap)
+            pad = (0, gap - 1, 0, 0)
+            style = dict(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=pad)
     if widths is None:
         print_records(console, title, headers, rows)
         return
