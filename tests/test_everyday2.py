@@ -174,6 +174,7 @@ def doc_references(root: Path) -> list[tuple[str, int, str, bool]]:
             targets = [m.group(1).split("#")[0] for m in re.finditer(_LINK, line)]
             targets = [t for t in targets if t and not re.match(r"[a-z]+:", t)]
             targets += [m.group(1) for m in re.finditer(_PATH, line)]
+            targets += re.findall(r"(?<![\w.])((?:\.\./)+[\w.-][\w./-]*)", line)  # ../x
             for t in targets:
                 if Path(t).stem in ("FILE", "NAME", "DIR"):  # a placeholder: scenarios/FILE.toml
                     continue
@@ -195,12 +196,16 @@ def test_the_reference_check_fails_on_a_missing_path(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "scenarios").mkdir()
     (tmp_path / "scenarios/README.md").write_text("see `scenarios/FILE.toml`\n")
-    (tmp_path / "docs/a.md").write_text("[b](b.md) and `docs/a.md`\n")
+    (tmp_path / "docs/a.md").write_text("[b](b.md) and `docs/a.md`, ../shared/data/x/\n")
     (tmp_path / "README.md").write_text(
         "see shared/REFERENCES.md, [a](docs/a.md), [web](https://x.org)\n"
     )
     bad = [(f, t) for f, _, t, ok in doc_references(tmp_path) if not ok]
-    assert bad == [("README.md", "shared/REFERENCES.md"), ("docs/a.md", "b.md")]
+    assert bad == [
+        ("README.md", "shared/REFERENCES.md"),
+        ("docs/a.md", "b.md"),
+        ("docs/a.md", "../shared/data/x/"),
+    ]
 
 
 # -- quoted figures are generated --------------------------------------------------------------
