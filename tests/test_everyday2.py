@@ -111,7 +111,7 @@ def test_compare_reads_a_vllm_result_file_and_prints_relative_errors(tmp_path, c
     assert cli_main(["run", str(scen), "--out", str(tmp_path / "o"), "--quiet"]) == 0
     ours = json.loads(pq.read_schema(tmp_path / "o" / "hourly.parquet").metadata[b"fleetsim.vllm"])
     # the documented file, its values replaced by ours x known factors
-    sample = json.loads((ROOT / "tests/data/vllm-serving-result.json").read_text())
+    sample = json.loads((ROOT / "tests/data/vllm/serving-result.json").read_text())
     from fleetsim.results.vllm import COUNTS, latency_keys
 
     shared = set(COUNTS) | set(latency_keys())
@@ -134,7 +134,7 @@ def test_compare_reads_a_vllm_result_file_and_prints_relative_errors(tmp_path, c
     # the file exactly as written by vLLM (made-up values): read as is
     assert (
         cli_main(
-            ["compare", str(tmp_path / "o"), str(ROOT / "tests/data/vllm-serving-result.json")]
+            ["compare", str(tmp_path / "o"), str(ROOT / "tests/data/vllm/serving-result.json")]
         )
         == 0
     )
