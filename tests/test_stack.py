@@ -141,3 +141,31 @@ def test_vllm_v1_is_faster_than_eager_at_small_batch_and_matches_a_row():
     t = v1.decode_time(8, 860)
     assert eager == pytest.approx(9.37e-3, abs=0.01e-3)
     assert t == pytest.approx(8.20e-3, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def stack_fit() -> dict:
+    from fleetsim.calibrate import stack
+
+    return stack.fit(stack.load_rows(stack.default_data_dir()))
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm", "b200"])
+def test_committed_stack_constants_do_not_drift(stack_fit, gpu):
+    """Refit from data/mlenergy-v3: the catalog's vllm-v1 constants are that fit."""
+    committed = catalog.stacks()["vllm-v1"][gpu]
+    new = stack_fit[gpu]
+    for k in ("overhead_s", "per_seq_s", "graph_floor_frac", "kv_memory_eff"):
+        assert new[k] == pytest.approx(committed[k], rel=1e-3), k
+    assert new["lomo"]["median_abs"] == pytest.approx(committed["lomo_median_err"], abs=1e-3)
+
+
+def test_h100_step_times_meet_the_issue_goal(stack_fit):
+    """Issue 21's goal for median ITL, leave-one-model-out: median <= 10%, worst <= 30%,
+    signed median within 5% (H100, decode-dominated rows); eager misses the worst-case goal's
+    spirit at +22% and its median sits at +6% (too slow)."""
+    h = stack_fit["h100-sxm"]
+    assert h["rows"] >= 15
+    assert h["lomo"]["median_abs"] <= 0.10 and h["lomo"]["worst_abs"] <= 0.30
+    assert abs(h["lomo"]["signed_median"]) <= 0.05
+    assert h["eager"]["signed_median"] > 0.05  # eager is slower than vLLM 0.11 (issue 21)
