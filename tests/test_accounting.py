@@ -38,7 +38,9 @@ def test_zero_traffic_energy_and_cost_are_exact(small, gpu, tp, replicas):
     gpus = replicas * tp
     g = rs.gpu
     idle_kwh = gpus * g.idle_w * 24 * 3600 / 3.6e6
-    over_kwh = gpus * g.node_overhead_w / g.gpus_per_node * 24 * 3600 / 3.6e6
+    # no request ever in flight: the host draws its idle level (host power by state)
+    assert 0 < g.node_idle_w < g.node_overhead_w
+    over_kwh = gpus * g.node_idle_w / g.gpus_per_node * 24 * 3600 / 3.6e6
     t = res.totals
     assert t.energy_gpu_kwh == pytest.approx(idle_kwh, rel=1e-12)
     assert t.energy_overhead_kwh == pytest.approx(over_kwh, rel=1e-12)
@@ -52,6 +54,24 @@ def test_zero_traffic_energy_and_cost_are_exact(small, gpu, tp, replicas):
     assert t.total_cost_usd == pytest.approx(energy_cost + hw, rel=1e-12)
     assert np.all(_col(res, "gpu_busy_s") == 0)
     assert t.requests_arrived == 0
+
+
+def test_host_power_by_state(small):
+    """The host draws node_idle_w per node while powered and node_overhead_w while its GPUs
+    serve: hour by hour, host energy = (idle x powered + (serving - idle) x busy GPU-seconds)
+    / gpus_per_node, and it lies strictly between an always-idle and an always-serving host."""
+    res = simulate(resolved(merge(small, simulation={"hours": 3})))
+    g = res.resolved.gpu
+    powered = _col(res, "gpus_powered_mean") * 3600.0
+    busy = _col(res, "gpu_busy_s")
+    assert np.all(busy > 0) and np.all(busy <= powered)
+    expect = (g.node_idle_w * powered + (g.node_overhead_w - g.node_idle_w) * busy) / (
+        g.gpus_per_node * 3.6e6
+    )
+    np.testing.assert_allclose(_col(res, "energy_overhead_kwh"), expect, rtol=1e-12)
+    lo = g.node_idle_w * powered / (g.gpus_per_node * 3.6e6)
+    hi = g.node_overhead_w * powered / (g.gpus_per_node * 3.6e6)
+    assert np.all(lo <= expect) and np.all(expect <= hi)
 
 
 def test_rented_hardware_costs_powered_gpu_hours(small):

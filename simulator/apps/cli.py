@@ -67,6 +67,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def cmd_validate(args) -> int:
     from fleetsim.apps.common import print_json
     from fleetsim.config.scenario import load_scenario, resolve, resolved_dict
+    from fleetsim.results.summary import serving_stack
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
@@ -84,7 +85,7 @@ def cmd_validate(args) -> int:
                 if rs.kv is not None
                 else ""
             )
-            + f"; profile {rs.profile_id}",
+            + f"; profile {rs.profile_id}; serving stack {serving_stack(rs)}",
             file=sys.stderr,
         )
         if rs.pools is not None:  # a disaggregated fleet: each pool's own figures
