@@ -10,7 +10,7 @@ from rich.table import Table
 
 from fleetsim.base.io import term
 from fleetsim.base.units import HOUR_S, fmt_num
-from fleetsim.config.scenario import Resolved
+from fleetsim.config.resolved import Resolved
 from fleetsim.results.result import Result
 
 _f = fmt_num  # (short: used in every row below)
