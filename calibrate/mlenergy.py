@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fleetsim.device.latency import PowerSpec
+
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO / "data" / "mlenergy-v3"
 MODELS_DIR = REPO / "data" / "models"
@@ -212,12 +214,12 @@ def _histograms(data_dir: Path) -> dict[tuple[str, int], tuple[float, float, tup
         d = json.loads(p.read_text())
         for i, c in enumerate(d.get("configurations", [])):
             h = c.get("output_length_distribution") or {}
-            bins, counts = h.get("bins") or [], h.get("counts") or []
-            if len(bins) == len(counts) + 1 and counts:
+            bins, cnt = h.get("bins") or [], h.get("counts") or []
+            if len(bins) == len(cnt) + 1 and cnt:
                 hist[(f"models/{p.name}", i)] = (
                     float(bins[0]),
                     float(bins[-1]),
-                    tuple(int(x) for x in counts),
+                    tuple(int(x) for x in cnt),
                 )
     return hist
 
@@ -326,7 +328,7 @@ class _Log(list):
         super().__init__(base)
         self._on_add = on_add
 
-    def __setitem__(self, i, v) -> None:  # type: ignore[override]
+    def __setitem__(self, i, v) -> None:
         old = list.__getitem__(self, i)
         list.__setitem__(self, i, v)
         self._on_add(v - old)
@@ -554,10 +556,9 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
 # -- the power model ---------------------------------------------------------------------------
 #: loaded idle and power limit per benchmark GPU (the catalog's; the fit does not move them:
 #: a serving GPU is never idle inside the window, so the rows cannot separate idle from active)
-def catalog_power(gpu_model: str):
+def catalog_power(gpu_model: str) -> PowerSpec:
     """The catalog's :class:`PowerSpec` of a benchmark GPU."""
     from fleetsim.device import catalog
-    from fleetsim.device.latency import PowerSpec
 
     e = catalog.gpu(GPUS[gpu_model])
     return PowerSpec(
@@ -585,7 +586,7 @@ def speed_of(c: Config, run: SimRun) -> float:
     return c.tokens_per_s / (run.tokens / run.window_s)
 
 
-def predict_w(run: SimRun, p, speed: float = 1.0) -> float:
+def predict_w(run: SimRun, p: PowerSpec, speed: float = 1.0) -> float:
     """Mean power per GPU over the window: every commit at
     ``min(max_w, idle + active + compute_w u_c + memory_w u_m)`` (the replica is busy
     throughout the window), time-weighted."""
@@ -619,8 +620,12 @@ PREFILL_ANCHOR_ROWS = 3.0
 
 
 def fit_power(
-    runs: Sequence[SimRun], measured_w: Sequence[float], base, speeds=None, anchor: bool = True
-):
+    runs: Sequence[SimRun],
+    measured_w: Sequence[float],
+    base: PowerSpec,
+    speeds: Sequence[float] | None = None,
+    anchor: bool = True,
+) -> PowerSpec:
     """``active_w``, ``compute_w`` and ``memory_w`` (all >= 0) fitted to measured mean power per
     GPU, by relative least squares on the window means, then refined for the cap at
     ``base.max_w`` (commits predicted above the limit are clipped; two refits on the gap keep
@@ -648,9 +653,9 @@ def fit_power(
         seen: dict[tuple[float, float], None] = {}
         for r in runs:
             seen.setdefault(r.prefill_u, None)
-        for uc, um in seen:
-            if uc > 0:
-                rows.append((1.0, uc, um))
+        for uc0, um0 in seen:
+            if uc0 > 0:
+                rows.append((1.0, uc0, um0))
                 meas.append(base.max_w)
                 wts.append(PREFILL_ANCHOR_ROWS)
     a = np.asarray(rows)
@@ -694,7 +699,7 @@ class Row:
         return {k: self.sim[k] / m[k] - 1.0 for k in METRICS + EXTRA if k in self.sim}
 
 
-def sim_figures(run: SimRun, p) -> dict[str, float]:
+def sim_figures(run: SimRun, p: PowerSpec) -> dict[str, float]:
     w = predict_w(run, p)
     tps = run.tokens / run.window_s
     return {
@@ -838,7 +843,7 @@ def report(rows: Sequence[Row], skipped: Sequence[tuple[Config, str]], fitted: b
 
 def fit_all(
     pairs: Sequence[tuple[Config, SimRun]],
-) -> dict[str, tuple[object, int, list[str]]]:
+) -> dict[str, tuple[PowerSpec, int, list[str]]]:
     """The power model of each GPU fitted to all its non-suspect dense rows:
     ``{gpu_model: (PowerSpec, rows, models)}``."""
     out = {}
@@ -959,12 +964,12 @@ def main(argv: list[str] | None = None) -> int:
             pairs.append((c, r))
     rows = evaluate(pairs, fit=not a.catalog)
     if a.rows:
-        for r in rows:
-            e = r.err()
+        for row in rows:
+            e = row.err()
             print(
-                f"{r.config.key:70} "
+                f"{row.config.key:70} "
                 + " ".join(f"{k}={100 * e[k]:+6.1f}%" for k in METRICS)
-                + (" suspect" if r.config.suspect else "")
+                + (" suspect" if row.config.suspect else "")
             )
     print("\n".join(report(rows, skipped, not a.catalog)))
     print(f"({len(pairs)} configurations simulated in {time.perf_counter() - t0:.1f} s)")
