@@ -68,6 +68,7 @@ def cmd_validate(args) -> int:
     from fleetsim.config.loading import load_scenario
     from fleetsim.config.resolve import resolve
     from fleetsim.config.resolved import resolved_dict
+    from fleetsim.results.summary import serving_stack
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
@@ -87,7 +88,7 @@ def cmd_validate(args) -> int:
                 if rs.kv is not None
                 else ""
             )
-            + f"; profile {rs.profile_id}",
+            + f"; profile {rs.profile_id}; serving stack {serving_stack(rs)}",
             file=sys.stderr,
         )
         if rs.pools is not None:  # a disaggregated fleet: each pool's own figures
@@ -104,6 +105,14 @@ def cmd_validate(args) -> int:
                 f"transfer; {rs.pools.kv_bytes_per_token / 1024:g} KiB of KV per prompt token",
                 file=sys.stderr,
             )
+        pw = rs.gpu.power
+        print(
+            f"# power model ({rs.gpu.name}, per GPU): idle {pw.idle_w:g} W, busy "
+            f"{pw.idle_w + pw.active_w:g} W + {pw.compute_w:g} W x compute use + "
+            f"{pw.memory_w:g} W x bandwidth use, capped at {pw.max_w:g} W; "
+            f"{pw.confidence or 'no provenance'}",
+            file=sys.stderr,
+        )
     return 0
 
 

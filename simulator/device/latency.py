@@ -26,9 +26,11 @@ from typing import Literal
 
 from fleetsim.device.kernels import (
     KernelFit,
+    allreduce_floor_s,
     allreduce_time_s,
     elem_time_s,
     gemm_time_s,
+    graphed_fit,
     layer_parts_s,
     layer_shapes,
 )
@@ -41,10 +43,17 @@ _ceil = math.ceil
 class PowerSpec:
     """Per-GPU power model.
 
-    ``P = idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m)`` with ``u_c`` the
-    fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the iteration.
-    The dynamic energy is then linear in FLOPs and bytes (J per FLOP, J per byte), which is
-    both the textbook energy model of a processor and exact to integrate over a run.
+    ``P = min(max_w, idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m))`` with
+    ``u_c`` the fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the
+    iteration: idle with a model loaded, a level while kernels run (clocks and HBM active), terms
+    in achieved FLOP/s and bytes/s, capped at the power limit (``max_w``, the TDP). Below the cap
+    the dynamic energy is linear in FLOPs and bytes (J per FLOP, J per byte), which is both the
+    textbook energy model of a processor and exact to integrate over a run; the cap is applied
+    to a run's (and an hour's) mean power, :meth:`dynamic_j`.
+
+    The catalog's constants are fitted to ML.ENERGY v3 measurements for the H100 and B200 and
+    derived for the others (``simulator/device/catalog/gpus.toml``, ``fleetsim calibrate
+    --from-mlenergy``); ``confidence`` says which.
     """
 
     idle_w: float
@@ -52,6 +61,36 @@ class PowerSpec:
     active_w: float = 0.0
     compute_w: float = 0.0
     memory_w: float = 0.0
+    confidence: str = ""
+
+    def power_w(self, u_c: float, u_m: float, busy: bool = True) -> float:
+        """Power per GPU at compute utilisation ``u_c`` and bandwidth utilisation ``u_m``
+        (fractions of the peaks, >= 0): never below ``idle_w`` (all terms are >= 0), never
+        above ``max_w`` once busy."""
+        if not busy:
+            return self.idle_w
+        p = self.idle_w + self.active_w + self.compute_w * u_c + self.memory_w * u_m
+        return p if p < self.max_w else max(self.max_w, self.idle_w)
+
+    def dynamic_j(
+        self,
+        busy_s: float,
+        flops: float,
+        bytes_moved: float,
+        peak_flops: float,
+        peak_bw: float,
+        gpus: int = 1,
+    ) -> float:
+        """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds doing ``flops`` and
+        ``bytes_moved`` (summed over the GPUs): linear in the work, capped so that the mean
+        power stays at or below ``max_w``."""
+        e = (
+            self.active_w * gpus * busy_s
+            + self.compute_w / peak_flops * flops
+            + self.memory_w / peak_bw * bytes_moved
+        )
+        cap = max(self.max_w - self.idle_w, 0.0) * gpus * busy_s
+        return e if e < cap else cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +122,17 @@ class RooflineProfile:
     #: the kernel model of the linear layers and the all-reduce (fleetsim.device.kernels); when
     #: set it replaces the roofline for everything but attention
     kernels: KernelFit | None = None
+    #: the serving stack these step times represent (:mod:`fleetsim.device.stack`): "eager"
+    #: (every kernel launched one by one, as Vidur profiled them) or "vllm-v1"
+    serving_stack: str = "eager"
+    #: iterations of at most this many tokens replay a captured CUDA graph (0: none)
+    graph_max_tokens: int = 0
+    #: the fraction of each kernel's fixed time (the kernel model's GEMM launch, elementwise
+    #: floors and the all-reduce's latency floor) left in an iteration replayed from a CUDA graph
+    graph_floor_frac: float = 1.0
+    #: time per sequence in an iteration beyond its kernels (the serving stack's sampling and
+    #: per-request host work that asynchronous scheduling does not hide; 0 for eager)
+    per_seq_s: float = 0.0
 
 
 _GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
@@ -329,6 +379,19 @@ class LatencyModel:
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
         self._head_cache: dict[int, float] = {}
+        # CUDA graphs (serving stack vllm-v1): iterations of up to _gmax tokens run a kernel fit
+        # whose fixed per-kernel times are scaled by graph_floor_frac; -1 = no graphs, and the
+        # graphed head cache is then the eager one
+        self._kern_g: KernelFit | None = None
+        self._gmax = -1
+        self._head_cache_g = self._head_cache
+        self._per_seq = p.per_seq_s
+        self._ar_floor_g = 0.0
+        if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
+            self._kern_g = graphed_fit(kf, p.graph_floor_frac)
+            self._gmax = p.graph_max_tokens
+            self._head_cache_g = {}
+            self._ar_floor_g = 1.0 - p.graph_floor_frac
 
     def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
         """(compute, memory-bound, communication) seconds of the kernel model's non-attention
@@ -339,7 +402,8 @@ class LatencyModel:
         v = self._lin_cache.get(key)
         if v is not None:
             return v
-        kf = self._kern
+        graphed = tokens <= self._gmax
+        kf = self._kern_g if graphed else self._kern
         assert kf is not None
         m, tp, bw, peak = self.model, self.tp, self._bw, self._peak_lin
         touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
@@ -348,6 +412,8 @@ class LatencyModel:
         t_gemm = sum(parts[k] for k in gemm_ops)
         t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
         head = gemm_time_s(kf, peak, bw, seqs, m.vocab_size / tp, m.d_model, self._wb)
+        if self._per_seq:
+            head += seqs * self._per_seq
         emb = elem_time_s(kf, bw, "emb", 4.0 * tokens * m.d_model)
         # reported as compute when the tokens exceed the GEMMs' ridge point (peak x w / 2 bw)
         ridge = peak * self._wb / (2.0 * bw)
@@ -359,6 +425,11 @@ class LatencyModel:
             ar = allreduce_time_s(kf, tp, tokens * m.d_model * 2.0)
             if ar is None:  # no measured table for this GPU count: the ring model
                 ar = self._comm_a / (2.0 * m.n_layers) + self._comm_b * tokens / (2.0 * m.n_layers)
+                floor = self._roof.link_latency_s
+            else:
+                floor = allreduce_floor_s(kf, tp)
+            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
+                ar -= self._ar_floor_g * floor
             comm = 2.0 * m.n_layers * ar
         v = (comp, mem, comm)
         self._lin_cache[key] = v
@@ -371,15 +442,19 @@ class LatencyModel:
         if t is None:
             c, mm, cm = self.linear_parts(tokens, 0)
             t = self._tok_cache[tokens] = c + mm + cm
-        h = self._head_cache.get(seqs)
+        graphed = tokens <= self._gmax
+        hc = self._head_cache_g if graphed else self._head_cache
+        h = hc.get(seqs)
         if h is None:
-            kf = self._kern
+            kf = self._kern_g if graphed else self._kern
             assert kf is not None
             m = self.model
             h = gemm_time_s(
                 kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
             )
-            self._head_cache[seqs] = h
+            if self._per_seq:
+                h += seqs * self._per_seq
+            hc[seqs] = h
         return t + h
 
     # -- helpers ---------------------------------------------------------------------------
@@ -426,7 +501,9 @@ class LatencyModel:
             att_m = self._att_m
             kv = ctx * att_m
             lt = self._tok_cache.get(tokens)
-            hd = self._head_cache.get(n_prefill + n)
+            hd = (self._head_cache_g if tokens <= self._gmax else self._head_cache).get(
+                n_prefill + n
+            )
             lt = (
                 lt + hd
                 if lt is not None and hd is not None
