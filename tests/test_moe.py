@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -16,6 +15,7 @@ from fleetsim.device.moe import (
     MoeLayout,
     expected_distinct_experts,
     grouped_gemm_time_s,
+    mlp_parts_s,
     moe_layer_parts_s,
 )
 from fleetsim.device.profile import catalog_profile
@@ -199,16 +199,21 @@ def test_dense_models_keep_their_times():
 
 def test_shared_experts_and_dense_layers_follow_the_model():
     """Shared experts add a dense MLP of n_shared x d_ff_shared columns on every token; the
-    first-k dense layers run the dense MLP instead of the MoE (when ModelSpec has the fields)."""
-    fields = {f.name for f in dataclasses.fields(ModelSpec)}
-    if not {"n_shared_experts", "d_ff_shared", "first_k_dense", "d_ff_expert"} <= fields:
-        pytest.fail("ModelSpec lacks the MoE fields of issue 22 (engineer E's i22model)")
+    first-k dense layers run the dense MLP of d_ff instead of the MoE."""
     base = _sixteen_expert_model(8)
-    m = dataclasses.replace(
-        base, d_ff_expert=1024, n_shared_experts=1, d_ff_shared=2048, first_k_dense=2
-    )
+    m = base.evolve(d_ff_expert=1024, n_shared_experts=2, d_ff_shared=2048, first_k_dense=2)
+    assert m.n_moe_layers == 6 and m.n_dense_layers == 2
     p = _profile()
+    kf = p.kernels
+    assert kf is not None
     lat = LatencyModel(m, p, 1)
     br = lat.breakdown(0, 0.0, 0, 16, 16 * 100.0)
-    assert br["shared_mlp"] > 0 and br["dense_mlp"] > 0
-    assert m.n_moe_layers == 6 and m.n_dense_layers == 2
+    bw = p.mem_bw_bytes_per_s
+    shared = sum(mlp_parts_s(kf, p.peak_flops, bw, 16.0, 4096, 2 * 2048, True, 2.0))
+    dense = sum(mlp_parts_s(kf, p.peak_flops, bw, 16.0, 4096, 4096, True, 2.0))
+    assert br["shared_mlp"] == pytest.approx(6 * shared, rel=1e-12)
+    assert br["dense_mlp"] == pytest.approx(2 * dense, rel=1e-12)
+    up = grouped_gemm_time_s(
+        kf, p.peak_flops, bw, 16 * 2, expected_distinct_experts(16, 2, 16), 2 * 1024, 4096, 2.0
+    )
+    assert br["moe_grouped_gemm"] > 6 * up

@@ -32,13 +32,13 @@ from fleetsim.device.kernels import (
     layer_parts_s,
     layer_shapes,
 )
-from fleetsim.device.modelspec import ModelSpec
+from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec
 from fleetsim.device.moe import (
     MoeLayout,
     attention_block_s,
+    linear_state_block_s,
     mlp_parts_s,
     moe_layer_parts_s,
-    moe_widths,
 )
 
 _ceil = math.ceil
@@ -306,9 +306,10 @@ class LatencyModel:
         self.dp = dp
         self.expert_parallel = expert_parallel
         self.layout = MoeLayout(tp, dp, expert_parallel)
-        #: the MoE / data-parallel kernel path (fleetsim.device.moe); dense tp-only models keep
-        #: the per-layer operator sum of fleetsim.device.kernels
-        self._moe_path = model.n_experts > 1 or dp > 1
+        #: the layer-stack kernel path (fleetsim.device.moe: MoE, data parallelism, latent
+        #: attention, linear-state layers); plain dense tp-only models keep the per-layer
+        #: operator sum of fleetsim.device.kernels
+        self._moe_path = model.n_experts > 1 or dp > 1 or model.is_mla or bool(model.hybrid_pattern)
         self.kind = profile.kind
         m = model
         self.f_lin = m.flops_per_token_linear
@@ -353,6 +354,12 @@ class LatencyModel:
         self._att_c = m.attn_flops_per_pair / (tp * dp * p.peak_flops * p.compute_eff_max)
         self._att_m = kvb_gpu / (dp * p.mem_bw_bytes_per_s * p.memory_eff)
         self._link = (p.link_bw_bytes_per_s, p.link_latency_s)
+        # the experts' and the LM head's own precisions (expert_dtype, embed_dtype)
+        e_dt, h_dt = m.expert_dtype or m.dtype, m.embed_dtype or m.dtype
+        self._epeak = compute_peak(p, e_dt)[0]
+        self._ewb = DTYPE_BYTES[e_dt]
+        self._hpeak = compute_peak(p, h_dt)[0]
+        self._hwb = DTYPE_BYTES[h_dt]
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
@@ -398,28 +405,37 @@ class LatencyModel:
         return v
 
     def _moe_linear(self, tokens: int, seqs: int) -> tuple[float, float, float, dict[str, float]]:
-        """:meth:`linear_parts` of a mixture-of-experts model or a data-parallel replica, with
-        the named parts (seconds per iteration on one GPU) that they sum."""
+        """:meth:`linear_parts` on the layer-stack path (a mixture of experts, a data-parallel
+        replica, latent attention, linear-state layers), with the named parts (seconds per
+        iteration on one GPU) that they sum: each layer kind counted by the model's layers."""
         kf = self._kern
         assert kf is not None
         m, tp, bw, peak, wb = self.model, self.tp, self._bw, self._peak_lin, self._wb
         lay = self.layout
         t_eng = float(_ceil(tokens / lay.dp)) if tokens > 0 else 0.0
-        _, _, n_moe, n_dense = moe_widths(m)
-        a_gemm, a_elem = attention_block_s(kf, peak, bw, self._shapes, t_eng, wb)
+        n_moe, n_dense = m.n_moe_layers, m.n_dense_layers
+        n_attn, n_lin = m.n_attn_layers, m.n_linear_layers
+        a_gemm, a_elem = attention_block_s(kf, peak, bw, m, self._shapes, tp, t_eng, wb)
         up, act, down = mlp_parts_s(
             kf, peak, bw, t_eng, m.d_model, m.d_ff / tp, m.mlp == "swiglu", wb
         )
         parts = {
-            "attention_linear": m.n_layers * (a_gemm + a_elem),
+            "attention_linear": n_attn * (a_gemm + a_elem),
             "dense_mlp": n_dense * (up + act + down),
         }
-        gemm = m.n_layers * a_gemm + n_dense * (up + down)
-        elem = m.n_layers * a_elem + n_dense * act
+        gemm = n_attn * a_gemm + n_dense * (up + down)
+        elem = n_attn * a_elem + n_dense * act
+        if n_lin:
+            l_gemm, l_elem = linear_state_block_s(kf, peak, bw, m, tp, t_eng, wb)
+            parts["linear_state"] = n_lin * (l_gemm + l_elem)
+            gemm += n_lin * l_gemm
+            elem += n_lin * l_elem
         comm = 0.0
         if n_moe and tokens > 0:
             link_bw, link_lat = self._link
-            mo = moe_layer_parts_s(kf, peak, bw, m, lay, tokens, wb, link_bw, link_lat)
+            mo = moe_layer_parts_s(
+                kf, peak, bw, m, lay, tokens, wb, link_bw, link_lat, self._ewb, self._epeak
+            )
             parts["shared_mlp"] = n_moe * mo["shared_mlp"]
             parts["moe_router"] = n_moe * (mo["moe_router"] + mo["moe_route"])
             parts["moe_dispatch"] = n_moe * mo["moe_dispatch"]
@@ -437,7 +453,7 @@ class LatencyModel:
             one = allreduce_time_s(kf, tp, t_eng * m.d_model * 2.0)
             if one is None:  # no measured table for this GPU count: the ring model
                 one = self._comm_a / (2.0 * m.n_layers) + self._comm_b * t_eng / (2.0 * m.n_layers)
-            ar = 2.0 * m.n_layers * one
+            ar = 2.0 * m.n_layers * one  # after each mixer and each feed-forward block
         parts["allreduce"] = ar
         comm += ar
         head = self._head_time(seqs)
@@ -459,7 +475,7 @@ class LatencyModel:
         m = self.model
         rows = _ceil(seqs / self.dp) if self.dp > 1 else seqs
         return gemm_time_s(
-            kf, self._peak_lin, self._bw, rows, m.vocab_size / self.tp, m.d_model, self._wb
+            kf, self._hpeak, self._bw, rows, m.vocab_size / self.tp, m.d_model, self._hwb
         )
 
     def linear_time(self, tokens: int, seqs: int) -> float:

@@ -83,20 +83,6 @@ class MoeLayout:
         return self.tp * self.dp
 
 
-def moe_widths(model: ModelSpec) -> tuple[int, int, int, int]:
-    """(expert intermediate size, shared-expert columns in all, MoE layers, dense layers) of
-    ``model`` (ModelSpec's fields; an older spec without them: experts of ``d_ff``, no shared
-    expert, every layer MoE)."""
-    d_ff_expert = getattr(model, "d_ff_expert", None) or model.d_ff
-    shared = (getattr(model, "n_shared_experts", 0) or 0) * (
-        getattr(model, "d_ff_shared", None) or d_ff_expert
-    )
-    n_moe = getattr(model, "n_moe_layers", None)
-    if n_moe is None:
-        n_moe = model.n_layers if model.n_experts > 1 else 0
-    return d_ff_expert, shared, int(n_moe), model.n_layers - int(n_moe)
-
-
 def grouped_gemm_time_s(
     fit: KernelFit,
     peak_flops: float,
@@ -164,15 +150,21 @@ def moe_layer_parts_s(
     weight_bytes: float,
     link_bw_bytes_per_s: float,
     link_latency_s: float,
+    expert_weight_bytes: float | None = None,
+    expert_peak_flops: float | None = None,
 ) -> dict[str, float]:
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
     whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
     ``moe_dispatch``, ``moe_gemm_up``, ``moe_act``, ``moe_gemm_down``, ``moe_combine`` and the
-    shared experts' ``shared_mlp`` (see the module docstring)."""
+    shared experts' ``shared_mlp`` (see the module docstring). ``expert_weight_bytes`` and
+    ``expert_peak_flops`` are those of the experts' precision (default: the layer's)."""
+    ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
+    epk = peak_flops if expert_peak_flops is None else expert_peak_flops
     d = model.d_model
     n, k = model.n_experts, model.n_active_experts
     gated = model.mlp == "swiglu"
-    d_ff_e, shared_cols, _, _ = moe_widths(model)
+    d_ff_e = model.d_ff_expert
+    shared_cols = model.n_shared_experts * model.d_ff_shared
     ep = layout.ep
     t_eng = float(math.ceil(tokens / layout.dp))  # tokens of the fullest attention engine
     m = float(tokens)  # the MoE kernel sees every token of the replica
@@ -195,16 +187,12 @@ def moe_layer_parts_s(
         comm = link_latency_s + nbytes / link_bw_bytes_per_s
     out["moe_dispatch"] = comm
     out["moe_gemm_up"] = grouped_gemm_time_s(
-        fit, peak_flops, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, weight_bytes
+        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb
     )
     out["moe_act"] = elem_time_s(fit, bw, "act", (3.0 if gated else 2.0) * 2.0 * rows * cols)
-    out["moe_gemm_down"] = grouped_gemm_time_s(
-        fit, peak_flops, bw, rows, touched, d, cols, weight_bytes
-    )
+    out["moe_gemm_down"] = grouped_gemm_time_s(fit, epk, bw, rows, touched, d, cols, ewb)
     out["moe_combine"] = comm
-    up, act, down = mlp_parts_s(
-        fit, peak_flops, bw, t_eng, d, shared_cols / layout.tp, gated, weight_bytes
-    )
+    up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down
     return out
 
@@ -213,21 +201,60 @@ def attention_block_s(
     fit: KernelFit,
     peak_flops: float,
     bw: float,
+    model: ModelSpec,
     s: LayerShapes,
+    tp: int,
     tokens: float,
     weight_bytes: float,
 ) -> tuple[float, float]:
     """(GEMM seconds, elementwise seconds) of one layer's attention block outside the attention
-    core (norms, QKV and output projections, rotary embedding, residual adds) over ``tokens``
-    tokens: the operators of :func:`fleetsim.device.kernels.layer_parts_s` before the MLP."""
+    core (norms, the input and output projections, rotary embedding, residual adds) over
+    ``tokens`` tokens: the operators of :func:`fleetsim.device.kernels.layer_parts_s` before the
+    MLP. Multi-head latent attention's projections (query and KV down/up) are one input GEMM of
+    their parameters' width, its output projection ``n_heads x v_head_dim`` wide."""
     m = float(tokens)
     d = s.d_model
-    gemms = gemm_time_s(fit, peak_flops, bw, m, s.qkv_out, d, weight_bytes) + gemm_time_s(
-        fit, peak_flops, bw, m, d, s.attn_in, weight_bytes
+    if model.is_mla:
+        o_in = model.n_heads * model.v_head_dim / tp
+        pre_out = (model.attn_params_per_layer - model.n_heads * model.v_head_dim * d) / d / tp
+        rope = 2.0 * model.n_heads * model.qk_rope_head_dim / tp
+    else:
+        o_in, pre_out, rope = s.attn_in, s.qkv_out, s.rope_heads
+    gemms = gemm_time_s(fit, peak_flops, bw, m, pre_out, d, weight_bytes) + gemm_time_s(
+        fit, peak_flops, bw, m, d, o_in, weight_bytes
     )
     elems = (
         2.0 * elem_time_s(fit, bw, "norm", 4.0 * m * d)
-        + elem_time_s(fit, bw, "rope", 4.0 * m * s.rope_heads)
+        + elem_time_s(fit, bw, "rope", 4.0 * m * rope)
+        + elem_time_s(fit, bw, "add", 6.0 * m * d)
+    )
+    return gemms, elems
+
+
+def linear_state_block_s(
+    fit: KernelFit,
+    peak_flops: float,
+    bw: float,
+    model: ModelSpec,
+    tp: int,
+    tokens: float,
+    weight_bytes: float,
+) -> tuple[float, float]:
+    """(GEMM seconds, elementwise seconds) of one linear-state (Mamba-2) mixer over ``tokens``
+    tokens: its input and output projections as GEMMs (their parameters split ``tp`` ways), the
+    norm, the convolution and the scan as bandwidth-bound operators over their state."""
+    m = float(tokens)
+    d = model.d_model
+    inner = model.ssm_d_inner
+    in_cols = (model.linear_state_params_per_layer - inner * d) / d / tp
+    gemms = gemm_time_s(fit, peak_flops, bw, m, in_cols, d, weight_bytes) + gemm_time_s(
+        fit, peak_flops, bw, m, d, inner / tp, weight_bytes
+    )
+    state = model.ssm_n_heads * model.ssm_head_dim * model.ssm_state_size / tp
+    elems = (
+        elem_time_s(fit, bw, "norm", 4.0 * m * d)
+        + elem_time_s(fit, bw, "act", 4.0 * m * in_cols)  # the convolution over x, B, C
+        + elem_time_s(fit, bw, "act", 2.0 * 2.0 * m * state)  # the scan: state read and write
         + elem_time_s(fit, bw, "add", 6.0 * m * d)
     )
     return gemms, elems
