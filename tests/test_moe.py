@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from fleetsim.device.moe import (
     MoeLayout,
     expected_distinct_experts,
     grouped_gemm_time_s,
+    layout_problem,
     mlp_parts_s,
     moe_layer_parts_s,
 )
@@ -217,3 +219,52 @@ def test_shared_experts_and_dense_layers_follow_the_model():
         kf, p.peak_flops, bw, 16 * 2, expected_distinct_experts(16, 2, 16), 2 * 1024, 4096, 2.0
     )
     assert br["moe_grouped_gemm"] > 6 * up
+
+
+def test_latency_cli_shows_the_moe_parts(capsys):
+    """``fleetsim latency`` for Mixtral-8x7B at batch 1 to 512: each row's named parts add up to
+    its total, the fused MoE is one of them, and it grows with the batch as experts are touched
+    (2 of 8 at batch 1, nearly all 8 from batch 8 on)."""
+    from fleetsim.apps.cli import main
+
+    argv = ["latency", "--gpu", "h100-sxm", "--model", "mixtral-8x7b", "--tp", "2"]
+    assert main([*argv, "--batch", "1,8,64,512", "--context", "1024", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    moe = []
+    for r in rows:
+        assert sum(r["parts_s"].values()) == pytest.approx(r["total_s"], rel=1e-12)
+        assert r["parts_s"]["moe_dispatch"] == 0.0  # dp = 1
+        moe.append(r["parts_s"]["moe_grouped_gemm"])
+    assert moe == sorted(moe)
+    # memory-bound at batch 1 and 8: the weights read follow the experts touched (2 -> 7.3)
+    assert moe[1] / moe[0] == pytest.approx(expected_distinct_experts(8, 2, 8) / 2, rel=0.15)
+    assert main([*argv, "--batch", "1,512", "--context", "1024"]) == 0
+    text = capsys.readouterr().out
+    assert "moe_grouped_gemm" in text and "attention_core" in text
+
+
+@pytest.mark.parametrize(
+    ("tp", "dp", "ep", "flag", "words"),
+    [
+        (2, 3, True, "--expert-parallel", "8 experts do not divide over EP"),
+        (3, 1, False, "--tp", "does not divide"),
+        (1, 0, False, "--dp", "must be a positive integer"),
+    ],
+)
+def test_split_that_does_not_divide_is_one_clear_line(capsys, tp, dp, ep, flag, words):
+    from fleetsim.apps.cli import main
+
+    argv = ["latency", "--gpu", "h100-sxm", "--model", "mixtral-8x7b", "--tp", str(tp)]
+    argv += ["--dp", str(dp), "--batch", "1", "--context", "8"]
+    rc = main([*argv, "--expert-parallel"] if ep else argv)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.count(flag) >= 1 and words in err and "fix:" in err
+
+
+def test_expert_parallel_needs_a_moe_model():
+    m = model_from_catalog("llama-3.1-8b")
+    got = layout_problem(m, 2, 1, True)
+    assert got is not None and got[0] == "expert_parallel" and "not a mixture" in got[2]
+    assert layout_problem(model_from_catalog("mixtral-8x7b"), 2, 4, True) is None

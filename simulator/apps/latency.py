@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="catalog model name, or a TOML file of [model] fields"
     )
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism (default 1)")
+    p.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data-parallel attention engines of --tp GPUs each (vLLM --data-parallel-size)",
+    )
+    p.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="experts whole on the tp x dp GPUs (vLLM --enable-expert-parallel)",
+    )
     p.add_argument("--dtype", default=None, help="weight dtype (default: the model's, or bf16)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--batch", help="decode: sequences per step, comma-separated list")
@@ -74,6 +85,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
     from fleetsim.device.latency import LatencyModel, compute_peak
+    from fleetsim.device.moe import layout_problem
     from fleetsim.device.profile import catalog_profile
 
     model = _model(args.model, args.dtype)
@@ -82,13 +94,19 @@ def rows(args: argparse.Namespace) -> list[dict]:
     problem = model.tp_problem(args.tp)
     if problem:
         raise ScenarioError("--tp", args.tp, problem, model.tp_fix(args.tp))
+    split = layout_problem(model, args.tp, args.dp, args.expert_parallel)
+    if split:
+        flag = {"tensor_parallel": "--tp", "data_parallel": "--dp"}.get(
+            split[0], "--expert-parallel"
+        )
+        raise ScenarioError(flag, split[1], split[2], split[3])
     profile = catalog_profile(args.gpu, catalog.gpu(args.gpu, "--gpu"))
-    if model.weight_bytes >= args.tp * profile.mem_bytes:
+    if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
-            f"fit in {args.tp} x {profile.mem_bytes / 2**30:.1f} GiB; raise --tp"
+            f"fit in {args.tp * max(args.dp, 1)} x {profile.mem_bytes / 2**30:.1f} GiB; raise --tp"
         )
-    lat = LatencyModel(model, profile, args.tp)
+    lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
     out = []
     if args.batch is not None:
@@ -138,6 +156,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "overhead_s": overhead,
                 "flops": flops,
                 "bytes": nbytes,
+                "dp": args.dp,
+                "expert_parallel": args.expert_parallel,
+                # the named parts of total_s (LatencyModel.breakdown), seconds
+                "parts_s": lat.breakdown(p, float(pairs), seqs if not b else 0, b, float(ctx)),
             }
         )
     return out
@@ -168,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['phase']:8} {r['tokens']:7d} {r['context_tokens']:9d} {r['total_s'] * 1e3:9.3f} "
             f"{r['compute_s'] * 1e3:8.3f} {r['memory_s'] * 1e3:8.3f} {r['comm_s'] * 1e3:8.3f} "
             f"{r['overhead_s'] * 1e3:8.3f}"
+        )
+    names = [k for k in res[0]["parts_s"] if any(r["parts_s"].get(k, 0.0) > 0.0 for r in res)]
+    print("parts (ms): " + ", ".join(names))
+    print(f"{'tokens':>7} " + " ".join(f"{k[:12]:>12}" for k in names))
+    for r in res:
+        print(
+            f"{r['tokens']:7d} "
+            + " ".join(f"{r['parts_s'].get(k, 0.0) * 1e3:12.3f}" for k in names)
         )
     return 0
 

@@ -258,3 +258,46 @@ def linear_state_block_s(
         + elem_time_s(fit, bw, "add", 6.0 * m * d)
     )
     return gemms, elems
+
+
+def layout_problem(
+    model: ModelSpec, tp: int, dp: int, expert_parallel: bool
+) -> tuple[str, object, str, str] | None:
+    """``(field, value, what is wrong, the fix)`` when ``model`` cannot be split as ``tp``-way
+    tensor parallelism x ``dp`` data-parallel engines with or without expert parallelism (vLLM's
+    rules: the heads as for tensor parallelism; under expert parallelism the experts divide
+    evenly over the ``tp x dp`` ranks), else None. Field names are the scenario's."""
+    if tp < 1:
+        return ("tensor_parallel", tp, "must be a positive integer", "use 1 or more")
+    if dp < 1:
+        return ("data_parallel", dp, "must be a positive integer", "use 1 or more")
+    why = model.tp_problem(tp)
+    if why:
+        return ("tensor_parallel", tp, why, model.tp_fix(tp))
+    ep = tp * dp
+    if expert_parallel:
+        if model.n_experts <= 1:
+            return (
+                "expert_parallel",
+                True,
+                f"{model.name} is not a mixture of experts",
+                "drop expert_parallel",
+            )
+        if model.n_experts % ep:
+            ok = [e for e in range(1, model.n_experts + 1) if model.n_experts % e == 0]
+            return (
+                "expert_parallel",
+                True,
+                f"{model.name}'s {model.n_experts} experts do not divide over EP = "
+                f"tensor_parallel x data_parallel = {tp} x {dp} = {ep} GPUs",
+                f"make tensor_parallel x data_parallel one of {', '.join(map(str, ok))}",
+            )
+    elif model.n_moe_layers and ep > 1 and model.d_ff_expert % ep:
+        return (
+            "data_parallel" if dp > 1 else "tensor_parallel",
+            dp if dp > 1 else tp,
+            f"{model.name}'s expert width {model.d_ff_expert} does not divide over the "
+            f"{ep} GPUs that split each expert without expert parallelism",
+            "set expert_parallel = true, or a GPU count that divides it",
+        )
+    return None
