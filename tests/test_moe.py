@@ -268,3 +268,93 @@ def test_expert_parallel_needs_a_moe_model():
     got = layout_problem(m, 2, 1, True)
     assert got is not None and got[0] == "expert_parallel" and "not a mixture" in got[2]
     assert layout_problem(model_from_catalog("mixtral-8x7b"), 2, 4, True) is None
+
+
+def _mixtral_scenario(**fleet) -> dict:
+    return {
+        "model": {"name": "mixtral-8x7b"},
+        "hardware": {"gpu": "h100-sxm"},
+        "fleet": {"replicas": 1, **fleet},
+        "traffic": {"requests_per_day": 20_000},
+        "simulation": {"hours": 1},
+    }
+
+
+def test_scenario_fields_with_vllms_names():
+    """``data_parallel_size`` and ``enable_expert_parallel`` (vLLM's flags) set the replica's
+    layout: tp x dp GPUs per replica, the KV budget holds the non-expert weights once per engine,
+    and the latency model is the data-parallel one."""
+    from fleetsim.config.loading import scenario_from_dict
+    from fleetsim.config.resolve import resolve
+
+    base = resolve(scenario_from_dict(_mixtral_scenario(tensor_parallel=2)))
+    rs = resolve(
+        scenario_from_dict(
+            _mixtral_scenario(
+                tensor_parallel_size=2, data_parallel_size=2, enable_expert_parallel=True
+            )
+        )
+    )
+    assert rs.scenario.fleet.data_parallel == 2 and rs.scenario.fleet.expert_parallel
+    assert rs.tp == 4 and rs.dp == 2 and base.tp == 2 and base.dp == 1
+    m = rs.model
+    experts_b = m.expert_params_total * 2.0
+    assert rs.kv is not None and base.kv is not None
+    assert rs.kv.weight_bytes == pytest.approx(2 * m.weight_bytes - experts_b, rel=1e-12)
+    assert rs.kv.memory_bytes == pytest.approx(2 * base.kv.memory_bytes, rel=1e-12)
+    assert rs.kv.bytes_per_token == base.kv.bytes_per_token  # a token lives in one engine
+    lat = rs.latency_model()
+    assert (lat.tp, lat.dp, lat.expert_parallel) == (2, 2, True)
+    b_dp = lat.breakdown(0, 0.0, 0, 64, 64 * 500.0)
+    b_tp = base.latency_model().breakdown(0, 0.0, 0, 32, 32 * 500.0)
+    assert b_dp["attention_linear"] == pytest.approx(b_tp["attention_linear"], rel=1e-12)
+    assert b_dp["moe_dispatch"] > 0
+
+
+@pytest.mark.parametrize(
+    ("fleet", "words"),
+    [
+        (
+            {"tensor_parallel": 2, "data_parallel": 3, "expert_parallel": True},
+            "fleet.expert_parallel",
+        ),
+        ({"tensor_parallel": 3, "data_parallel": 2}, "fleet.tensor_parallel = 3"),
+        ({"tensor_parallel": 1, "expert_parallel": True}, "weights need"),
+    ],
+)
+def test_scenario_split_errors_are_one_line(tmp_path, capsys, fleet, words):
+    from fleetsim.apps import cli
+
+    lines = ['[model]\nname = "mixtral-8x7b"\n[hardware]\ngpu = "h100-sxm"\n[fleet]\n']
+    lines += [f"{k} = {str(v).lower()}\n" for k, v in fleet.items()]
+    f = tmp_path / "s.toml"
+    f.write_text("".join(lines))
+    rc = cli.main(["validate", str(f)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert words in err and "fix:" in err
+
+
+def test_data_parallel_is_refused_with_disaggregation():
+    from fleetsim.base.errors import ScenarioError
+    from fleetsim.config.loading import scenario_from_dict
+    from fleetsim.config.resolve import resolve
+
+    d = _mixtral_scenario(tensor_parallel=2, data_parallel=2)
+    d["disaggregation"] = {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}
+    with pytest.raises(ScenarioError, match=r"fleet\.data_parallel = 2: data and expert"):
+        resolve(scenario_from_dict(d))
+
+
+def test_a_data_parallel_day_runs_and_counts_its_gpus():
+    """An hour of Mixtral on 2 engines x TP2 with expert parallelism: the run completes, its
+    powered GPUs are replicas x tp x dp, and the tokens come out."""
+    import fleetsim
+
+    run = fleetsim.simulate(
+        _mixtral_scenario(tensor_parallel=2, data_parallel=2, expert_parallel=True)
+    )
+    totals = run.totals
+    gp = run.hourly.column("gpus_powered_mean").to_numpy()
+    assert gp.tolist() == [4.0]
+    assert totals["requests_completed"] > 0 and totals["gpu_hours"] == 4.0

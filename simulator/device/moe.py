@@ -260,6 +260,18 @@ def linear_state_block_s(
     return gemms, elems
 
 
+def replica_weight_bytes(model: ModelSpec, dp: int) -> float:
+    """Weights held by a replica of ``dp`` data-parallel engines: the experts once (spread over
+    the GPUs, with or without expert parallelism), everything else (attention, dense layers,
+    embeddings, LM head) once per engine."""
+    if dp <= 1:
+        return model.weight_bytes
+    from fleetsim.device.modelspec import DTYPE_BYTES
+
+    experts = model.expert_params_total * DTYPE_BYTES[model.expert_dtype or model.dtype]
+    return model.weight_bytes + (dp - 1) * (model.weight_bytes - experts)
+
+
 def layout_problem(
     model: ModelSpec, tp: int, dp: int, expert_parallel: bool
 ) -> tuple[str, object, str, str] | None:
