@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -11,13 +12,14 @@ from conftest import SMALL, merge
 
 from fleetsim.apps.cli import main
 from fleetsim.base.errors import ScenarioError
-from fleetsim.config.hf import architecture_from_hf
+from fleetsim.config.hf import architecture_from_hf, hf_model_name
 from fleetsim.config.loading import scenario_from_dict
 from fleetsim.config.resolve import resolve
 from fleetsim.device import catalog
 from fleetsim.device.modelspec import model_from_catalog
 
 DATA = Path(__file__).resolve().parent / "data"
+MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
 def _spec(config: Path | str, **model):
@@ -94,10 +96,14 @@ LLAMA = json.loads((DATA / "llama-3.1-70b/config.json").read_text())
     ("change", "words"),
     [
         ({"num_hidden_layers": None}, "has no n_layers"),
-        ({"head_dim": 256}, "head_dim = 256"),
-        ({"num_local_experts": 8, "shared_expert_intermediate_size": 5632}, "shared experts"),
-        ({"num_experts": 8, "first_k_dense_replace": 1}, "mixes dense and MoE"),
-        ({"hidden_size": -4}, "d_model would be -4"),
+        ({"num_local_experts": 8, "mlp_only_layers": [3]}, "not a leading run of layers"),
+        ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window = true"),
+        (
+            {"sliding_window": 128, "layer_types": ["full_attention", "sliding_attention"] * 40},
+            "not periodic",
+        ),
+        ({"hybrid_override_pattern": "M*"}, "is not 80 characters"),
+        ({"quantization_config": {"quant_method": "bitsandbytes"}}, "'bitsandbytes' is not one"),
     ],
 )
 def test_what_the_model_cannot_express_is_refused(change, words):
@@ -105,6 +111,88 @@ def test_what_the_model_cannot_express_is_refused(change, words):
     with pytest.raises(ScenarioError) as e:
         architecture_from_hf(cfg, "config.json")
     assert e.value.field == "model.config" and words in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        # issue 22: zero KV heads was read as "no GQA" (4x the KV per token)
+        ({"num_key_value_heads": 0}, "num_key_value_heads = 0: a model has at least one KV head"),
+        # issue 23: the comparison ran before the type check (TypeError at hf.py:84)
+        ({"num_local_experts": "8"}, "num_local_experts = '8' is a string"),
+        ({"num_local_experts": [8]}, "num_local_experts = a list of 1 is a list"),
+        ({"num_experts_per_tok": {"k": 2}, "num_local_experts": 8}, "is an object"),
+        # the message names the real value: a string, not the number it looks like
+        ({"head_dim": "128"}, "head_dim = '128' is a string"),
+        ({"hidden_size": -4}, "hidden_size = -4 is outside 1..10000000"),
+        ({"hidden_size": 8192.5}, "hidden_size = 8192.5 is a float"),
+        ({"num_hidden_layers": True}, "num_hidden_layers = True is a boolean"),
+        # the inline [model] bounds apply to the file's values
+        ({"max_position_embeddings": 10**19}, "max_position_embeddings = about 10^19 is outside"),
+        ({"vocab_size": 10**400}, "vocab_size = about 10^400 is outside"),
+        ({"num_attention_heads": 64, "num_key_value_heads": 6}, "does not divide"),
+        ({"num_local_experts": 8, "num_experts_per_tok": 9}, "more than the 8 experts"),
+        ({"text_config": "x"}, "text_config = 'x' is a string"),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings = 'no' is a string"),
+        ({"sliding_window": 128, "layer_types": ["full_attention", 3]}, "layer_types has 3"),
+    ],
+)
+def test_a_wrong_type_or_value_is_one_clear_line(change, words):
+    cfg = {**LLAMA, **change}
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf(cfg, "config.json")
+    msg = str(e.value)
+    assert e.value.field == "model.config" and words in msg, msg
+    assert "\n" not in msg and len(msg) < 400
+
+
+def test_a_string_head_dim_with_a_billion_heads_builds_no_huge_string():
+    cfg = {**LLAMA, "head_dim": "x" * 10_000, "num_attention_heads": 10**9}
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf(cfg, "config.json")
+    assert "num_attention_heads = 1000000000 is outside 1..10000000" in str(e.value)
+    cfg["num_attention_heads"] = 64
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf(cfg, "config.json")
+    assert "head_dim = 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx...' is a string" in str(e.value)
+
+
+CARDS = list(csv.DictReader((MODELS / "cards.csv").read_text().splitlines()))
+
+
+def test_the_card_table_covers_every_model_folder():
+    folders = {str(p.parent.relative_to(MODELS)) for p in MODELS.glob("*/*/config.json")}
+    assert folders == {row["hf_id"] for row in CARDS}
+    # the 25 models of the ML.ENERGY v3 files (shared/data/mlenergy-v3/models/), all present
+    measured = [r["hf_id"] for r in CARDS if r["mlenergy_v3"] == "1"]
+    assert len(measured) == 25
+
+
+@pytest.mark.parametrize("row", CARDS, ids=[r["hf_id"] for r in CARDS])
+def test_every_repo_model_validates_and_matches_its_card(row):
+    """Derived total and active parameters within 2% of the published model card."""
+    spec = _spec(MODELS / row["hf_id"] / "config.json")
+    assert spec.name == row["hf_id"]  # named from _name_or_path
+    assert not spec.problems()
+    total = float(row["total_params_b"]) * 1e9
+    active = spec.active_params if row["active_counts_embedding"] == "1" else (
+        spec.active_params_per_token + spec.lm_head_params
+    )  # fmt: skip
+    assert spec.total_params == pytest.approx(total, rel=0.02)
+    assert active == pytest.approx(float(row["active_params_b"]) * 1e9, rel=0.02)
+
+
+def test_models_are_named_from_name_or_path_or_the_hf_cache_folder(tmp_path):
+    cfg = {k: v for k, v in LLAMA.items() if k != "_name_or_path"}
+    snap = tmp_path / "hub/models--meta-llama--Llama-3.1-70B/snapshots/0123abcd"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(cfg))
+    assert hf_model_name(cfg, snap / "config.json") == "meta-llama/Llama-3.1-70B"
+    assert hf_model_name({**cfg, "_name_or_path": "Org/Model-1.5"}, snap / "config.json") == (
+        "Org/Model-1.5"
+    )
+    # a local path in _name_or_path is not a name: the folder is
+    assert hf_model_name({**cfg, "_name_or_path": "/data/ckpt"}, tmp_path / "m/config.json") == "m"
 
 
 def test_a_missing_file_names_its_absolute_path(tmp_path, monkeypatch):
