@@ -114,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --from-vidur: the catalog GPU of DIR's one GPU folder (its data-sheet peaks, "
         "memory and power); default: a100 -> a100-80gb, h100 -> h100-sxm",
     )
+    p.add_argument(
+        "--from-mlenergy",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="no torch run: fit the GPU power model to measured configurations in the ML.ENERGY "
+        "Benchmark v3 format (DIR/configurations.csv and DIR/output_lengths.csv or "
+        "DIR/models/*.json; see data/mlenergy-v3/SOURCE.md) and write one profile per GPU "
+        "into --out (a folder; required)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="with --from-mlenergy: processes simulating the configurations (default 2)",
+    )
     return p
 
 
@@ -217,6 +233,14 @@ def resolve_model(arg: str, dtype: str) -> ModelSpec:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fleetsim calibrate``; returns the exit code (0 ok, 2 user error or missing torch)."""
     args = build_parser().parse_args(argv)
+    if args.from_mlenergy is not None:
+        from fleetsim.base.errors import UserError
+
+        try:
+            return _from_mlenergy(args)
+        except (_Usage, UserError) as exc:
+            print(f"fleetsim calibrate: {exc}", file=sys.stderr)
+            return 2
     if args.from_vidur is not None:
         from fleetsim.base.errors import UserError
 
@@ -238,6 +262,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fleetsim calibrate: interrupted; nothing written", file=sys.stderr)
         return 130
+
+
+def _from_mlenergy(args: argparse.Namespace) -> int:
+    """``--from-mlenergy DIR --out OUT``: the power fit of calibrate/mlenergy.py on a folder of
+    measured configurations; writes into OUT only (never into the checkout by default)."""
+    from . import mlenergy
+
+    root = args.from_mlenergy
+    if args.out is None:
+        raise _Usage(
+            f"--from-mlenergy {root}: --out is required (fix: --out FOLDER for the profiles)"
+        )
+    if not root.is_dir():
+        raise _Usage(f"--from-mlenergy {root}: not a folder (fix: a folder as data/mlenergy-v3)")
+    if args.out.exists() and not args.out.is_dir():
+        raise _Usage(f"--out {args.out}: exists and is not a folder (fix: a folder name)")
+    if args.workers < 1:
+        raise _Usage(f"--workers {args.workers}: must be at least 1")
+    for line in mlenergy.write_profiles(root, args.out, workers=args.workers):
+        print(line)
+    return 0
 
 
 def _from_vidur(args: argparse.Namespace) -> int:

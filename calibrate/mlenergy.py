@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import sys
@@ -43,6 +44,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from fleetsim.device.latency import PowerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO / "data" / "mlenergy-v3"
@@ -108,11 +111,15 @@ BUILTIN_ARCH: dict[str, dict] = {
 }
 
 METRICS = ("w_per_gpu", "j_per_token", "tokens_per_s", "itl_median")
+#: the power model alone: its mean power per GPU with the simulated work done at the measured
+#: pace (:func:`speed_of`), i.e. without the step-time model's errors
+EXTRA = ("w_at_pace",)
 METRIC_NAMES = {
     "w_per_gpu": "W per GPU",
     "j_per_token": "J per output token",
     "tokens_per_s": "output tokens/s",
     "itl_median": "median ITL",
+    "w_at_pace": "(W/GPU, meas. pace)",
 }
 
 
@@ -163,52 +170,107 @@ class Config:
 
 def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
     """Every row of ``configurations.csv`` joined with ``output_lengths.csv``."""
-    hist: dict[tuple[str, int], tuple[float, float, tuple[int, ...]]] = {}
-    with open(data_dir / "output_lengths.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            counts = tuple(int(x) for x in r["counts"].split())
-            hist[(r["source_file"], int(r["config_index"]))] = (
-                float(r["min_tokens"]),
-                float(r["max_tokens"]),
-                counts,
-            )
+    from fleetsim.base.errors import UserError
+
+    data_dir = Path(data_dir)
+    table = data_dir / "configurations.csv"
+    if not table.is_file():
+        raise UserError(
+            f"{data_dir}: no configurations.csv (fix: a folder laid out as data/mlenergy-v3, "
+            "see its SOURCE.md)"
+        )
+    hist = _histograms(data_dir)
     out = []
-    with open(data_dir / "configurations.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            key = (r["source_file"], int(r["config_index"]))
-            lo, hi, counts = hist.get(key, (0.0, 0.0, ()))
-            out.append(
-                Config(
-                    model_id=r["model_id"],
-                    task=r["task"],
-                    architecture=r["architecture"],
-                    weight_precision=r["weight_precision"],
-                    gpu_model=r["gpu_model"],
-                    num_gpus=int(r["num_gpus"]),
-                    tp=int(r["tensor_parallel"]),
-                    ep=int(r["expert_parallel"]),
-                    dp=int(r["data_parallel"]),
-                    max_num_seqs=int(r["max_num_seqs"]),
-                    avg_batch_size=float(r["avg_batch_size"]),
-                    power_per_gpu_w=float(r["power_per_gpu_w"]),
-                    energy_per_token_j=float(r["energy_per_token_j"]),
-                    tokens_per_s=float(r["output_tokens_per_s"]),
-                    itl_median_ms=float(r["itl_median_ms"]),
-                    avg_output_len=float(r["avg_output_len"]),
-                    suspect=r["suspect"].strip().lower() == "true",
-                    suspect_reason=r["suspect_reason"],
-                    source_file=r["source_file"],
-                    config_index=int(r["config_index"]),
-                    hist_lo=lo,
-                    hist_hi=hi,
-                    hist_counts=counts,
-                )
-            )
+    with open(table, newline="") as f:
+        for i, r in enumerate(csv.DictReader(f)):
+            try:
+                out.append(_config(r, hist))
+            except (KeyError, ValueError, TypeError) as exc:
+                raise UserError(
+                    f"{table}: row {i + 2}: {type(exc).__name__} {exc} (fix: the columns of "
+                    "data/mlenergy-v3/SOURCE.md)"
+                ) from None
     return out
 
 
-def model_section(model_id: str, precision: str) -> tuple[dict | None, str]:
-    """The scenario's ``[model]`` table for ``model_id``, or (None, why it is skipped)."""
+def _histograms(data_dir: Path) -> dict[tuple[str, int], tuple[float, float, tuple[int, ...]]]:
+    """Output-length histograms by (source_file, config_index): from output_lengths.csv, or
+    from the leaderboard's per-model JSON files under ``models/`` (equal-width bins)."""
+    hist: dict[tuple[str, int], tuple[float, float, tuple[int, ...]]] = {}
+    lengths = data_dir / "output_lengths.csv"
+    if lengths.is_file():
+        with open(lengths, newline="") as f:
+            for r in csv.DictReader(f):
+                counts = tuple(int(x) for x in r["counts"].split())
+                hist[(r["source_file"], int(r["config_index"]))] = (
+                    float(r["min_tokens"]),
+                    float(r["max_tokens"]),
+                    counts,
+                )
+        return hist
+    import json
+
+    for p in sorted((data_dir / "models").glob("*.json")):
+        d = json.loads(p.read_text())
+        for i, c in enumerate(d.get("configurations", [])):
+            h = c.get("output_length_distribution") or {}
+            bins, cnt = h.get("bins") or [], h.get("counts") or []
+            if len(bins) == len(cnt) + 1 and cnt:
+                hist[(f"models/{p.name}", i)] = (
+                    float(bins[0]),
+                    float(bins[-1]),
+                    tuple(int(x) for x in cnt),
+                )
+    return hist
+
+
+def _config(r: dict, hist: dict) -> Config:
+    key = (r["source_file"], int(r["config_index"]))
+    lo, hi, counts = hist.get(key, (0.0, 0.0, ()))
+    n_gpus = int(r["num_gpus"])
+    per_gpu = r.get("power_per_gpu_w") or ""
+    return Config(
+        model_id=r["model_id"],
+        task=r["task"],
+        architecture=r["architecture"],
+        weight_precision=r["weight_precision"],
+        gpu_model=r["gpu_model"],
+        num_gpus=n_gpus,
+        tp=int(r["tensor_parallel"]),
+        ep=int(r["expert_parallel"]),
+        dp=int(r["data_parallel"]),
+        max_num_seqs=int(r["max_num_seqs"]),
+        avg_batch_size=float(r["avg_batch_size"]),
+        power_per_gpu_w=float(per_gpu) if per_gpu else float(r["avg_power_w"]) / n_gpus,
+        energy_per_token_j=float(r["energy_per_token_j"]),
+        tokens_per_s=float(r["output_tokens_per_s"]),
+        itl_median_ms=float(r["itl_median_ms"]),
+        avg_output_len=float(r["avg_output_len"]),
+        suspect=(r.get("suspect") or "").strip().lower() == "true",
+        suspect_reason=r.get("suspect_reason") or "",
+        source_file=r["source_file"],
+        config_index=int(r["config_index"]),
+        hist_lo=lo,
+        hist_hi=hi,
+        hist_counts=counts,
+    )
+
+
+def model_section(
+    model_id: str, precision: str, architecture: str = "Dense Transformer"
+) -> tuple[dict | None, str]:
+    """The scenario's ``[model]`` table for ``model_id``, or (None, why it is skipped) (see
+    :func:`_model_section`)."""
+    model, why = _model_section(model_id, precision, architecture)
+    return (None if model is None else dict(model)), why
+
+
+@functools.lru_cache(maxsize=256)
+def _model_section(
+    model_id: str, precision: str, architecture: str = "Dense Transformer"
+) -> tuple[dict | None, str]:
+    """The scenario's ``[model]`` table for ``model_id``, or (None, why it is skipped). A
+    hybrid (Mamba-Transformer) model counts only when the reader gives its layer pattern."""
     from fleetsim.base.errors import UserError
     from fleetsim.config.hf import architecture_from_hf
 
@@ -221,13 +283,17 @@ def model_section(model_id: str, precision: str) -> tuple[dict | None, str]:
 
         try:
             cfg = json.loads(path.read_text())
-            architecture_from_hf(cfg, str(path))
+            fields = architecture_from_hf(cfg, str(path))
         except (UserError, ValueError, KeyError, TypeError) as exc:
-            return None, f"config not expressible: {str(exc).splitlines()[0][:160]}"
+            why = str(exc).splitlines()[0]
+            why = why.split("': ", 1)[-1]  # drop "model.config = '<path>'"
+            return None, f"{model_id}: config not expressible ({why[:120]})"
+        if "Hybrid" in architecture and "hybrid_pattern" not in fields:
+            return None, f"{model_id}: the config reader does not give its Mamba layers"
         return {"config": str(path), "dtype": dtype}, ""
     if model_id in BUILTIN_ARCH:
         return {"name": "custom", **BUILTIN_ARCH[model_id], "dtype": dtype}, ""
-    return None, f"no data/models/{model_id}/config.json"
+    return None, f"{model_id}: no data/models/{model_id}/config.json"
 
 
 def skip_reason(c: Config) -> str:
@@ -240,7 +306,7 @@ def skip_reason(c: Config) -> str:
         return f"GPU {c.gpu_model} not in the catalog"
     if not c.hist_counts or sum(c.hist_counts) == 0:
         return "no output-length histogram"
-    _, why = model_section(c.model_id, c.weight_precision)
+    _, why = model_section(c.model_id, c.weight_precision, c.architecture)
     return why
 
 
@@ -262,7 +328,7 @@ class _Log(list):
         super().__init__(base)
         self._on_add = on_add
 
-    def __setitem__(self, i, v) -> None:  # type: ignore[override]
+    def __setitem__(self, i, v) -> None:
         old = list.__getitem__(self, i)
         list.__setitem__(self, i, v)
         self._on_add(v - old)
@@ -339,12 +405,15 @@ class SimRun:
     seg_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     peak_flops: float = 0.0  # per GPU, as the simulator's power model uses them
     peak_bw: float = 0.0
+    #: (u_c, u_m) per GPU of one full prefill iteration (max_num_batched_tokens of prompts of
+    #: the task's length), the anchor of the fit's prefill row (see fit_power)
+    prefill_u: tuple[float, float] = (0.0, 0.0)
     error: str = ""
     sim_wall_s: float = 0.0
 
 
 def scenario_dict(c: Config, trace: str, hours: int, engine: str = "macro") -> dict:
-    model, why = model_section(c.model_id, c.weight_precision)
+    model, why = model_section(c.model_id, c.weight_precision, c.architecture)
     if model is None:
         raise ValueError(why)
     return {
@@ -412,6 +481,14 @@ def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
     prof = rs.profile
     out.peak_flops = float(prof.peak_flops)
     out.peak_bw = float(prof.mem_bw_bytes_per_s)
+    k = max(1, MAX_BATCHED_TOKENS // prompt)
+    t_pf, f_pf, b_pf = rs.latency_model().iteration(
+        k * prompt, float(k * prompt * prompt), k, 0, 0.0
+    )
+    out.prefill_u = (
+        f_pf / (t_pf * c.tp * out.peak_flops),
+        b_pf / (t_pf * c.tp * out.peak_bw),
+    )
     m = c.max_num_seqs
     first = np.sort(np.asarray(sink.first))
     fin = np.sort(np.asarray(sink.finish))
@@ -479,10 +556,9 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
 # -- the power model ---------------------------------------------------------------------------
 #: loaded idle and power limit per benchmark GPU (the catalog's; the fit does not move them:
 #: a serving GPU is never idle inside the window, so the rows cannot separate idle from active)
-def catalog_power(gpu_model: str):
+def catalog_power(gpu_model: str) -> PowerSpec:
     """The catalog's :class:`PowerSpec` of a benchmark GPU."""
     from fleetsim.device import catalog
-    from fleetsim.device.latency import PowerSpec
 
     e = catalog.gpu(GPUS[gpu_model])
     return PowerSpec(
@@ -494,20 +570,27 @@ def catalog_power(gpu_model: str):
     )
 
 
-def utilisation(run: SimRun) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segment durations, u_c, u_m) per GPU of the window's commits."""
+def utilisation(run: SimRun, speed: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(segment durations, u_c, u_m) per GPU of the window's commits; ``speed`` scales the
+    achieved rates (the measured over the simulated throughput: the same work done at the
+    measured pace)."""
     dt = np.maximum(run.seg_s, 1e-12)
     g = max(run.tp, 1)
-    uc = run.seg_flops / (dt * g * run.peak_flops)
-    um = run.seg_bytes / (dt * g * run.peak_bw)
+    uc = speed * run.seg_flops / (dt * g * run.peak_flops)
+    um = speed * run.seg_bytes / (dt * g * run.peak_bw)
     return run.seg_s, uc, um
 
 
-def predict_w(run: SimRun, p) -> float:
+def speed_of(c: Config, run: SimRun) -> float:
+    """Measured over simulated output tokens/s of a configuration."""
+    return c.tokens_per_s / (run.tokens / run.window_s)
+
+
+def predict_w(run: SimRun, p: PowerSpec, speed: float = 1.0) -> float:
     """Mean power per GPU over the window: every commit at
     ``min(max_w, idle + active + compute_w u_c + memory_w u_m)`` (the replica is busy
     throughout the window), time-weighted."""
-    dt, uc, um = utilisation(run)
+    dt, uc, um = utilisation(run, speed)
     if dt.sum() <= 0:
         return math.nan
     w = np.minimum(p.max_w, p.idle_w + p.active_w + p.compute_w * uc + p.memory_w * um)
@@ -532,25 +615,61 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
-def fit_power(runs: Sequence[SimRun], measured_w: Sequence[float], base):
+#: weight of the prefill anchor of each model in the fit, in measured rows
+PREFILL_ANCHOR_ROWS = 3.0
+
+
+def fit_power(
+    runs: Sequence[SimRun],
+    measured_w: Sequence[float],
+    base: PowerSpec,
+    speeds: Sequence[float] | None = None,
+    anchor: bool = True,
+) -> PowerSpec:
     """``active_w``, ``compute_w`` and ``memory_w`` (all >= 0) fitted to measured mean power per
     GPU, by relative least squares on the window means, then refined for the cap at
-    ``base.max_w`` (commits predicted above the limit are clipped; two refits on the uncapped
-    rows' residual keep the fit consistent with it). ``idle_w`` and ``max_w`` stay ``base``'s."""
+    ``base.max_w`` (commits predicted above the limit are clipped; two refits on the gap keep
+    the fit consistent with it). ``idle_w`` and ``max_w`` stay ``base``'s.
+
+    The utilisations are the simulated work (FLOPs, bytes) at the *measured* pace (``speeds``,
+    measured over simulated tokens/s, :func:`speed_of`): the fit describes the GPU, not the
+    step-time model's errors, which the evaluation then adds back.
+
+    The benchmark's windows are decode-dominated (u_c <= 0.3), which leaves the compute term
+    to extrapolation. With ``anchor``, each model adds one row (weight
+    :data:`PREFILL_ANCHOR_ROWS`): its full prefill iteration draws the power limit, as measured
+    on H100s (Splitwise, Patel et al., ISCA'24: the prompt phase runs at about the 700 W TDP,
+    token generation well below; the catalog's earlier constants used the same figure). For
+    other GPUs the same is assumed (confidence L)."""
+    sp = [1.0] * len(runs) if speeds is None else list(speeds)
     rows = []
-    for r in runs:
-        dt, uc, um = utilisation(r)
+    for r, v in zip(runs, sp, strict=True):
+        dt, uc, um = utilisation(r, v)
         T = dt.sum()
         rows.append((1.0, float((uc * dt).sum() / T), float((um * dt).sum() / T)))
+    meas = list(np.asarray(measured_w, dtype=float))
+    wts = [1.0] * len(rows)
+    if anchor:
+        seen: dict[tuple[float, float], None] = {}
+        for r in runs:
+            seen.setdefault(r.prefill_u, None)
+        for uc0, um0 in seen:
+            if uc0 > 0:
+                rows.append((1.0, uc0, um0))
+                meas.append(base.max_w)
+                wts.append(PREFILL_ANCHOR_ROWS)
     a = np.asarray(rows)
-    y = np.asarray(measured_w, dtype=float) - base.idle_w
-    wgt = 1.0 / np.asarray(measured_w, dtype=float)
+    m = np.asarray(meas)
+    y = m - base.idle_w
+    wgt = np.asarray(wts) / m
     x = _nnls(a * wgt[:, None], y * wgt)
     p = replace(base, active_w=float(x[0]), compute_w=float(x[1]), memory_w=float(x[2]))
+    n = len(runs)
     for _ in range(2):  # the cap lowers the prediction of the hottest rows: refit on the gap
-        pred = np.array([predict_w(r, p) for r in runs])
-        lin = base.idle_w + a @ x
-        y2 = y + (lin - pred)  # what the linear part must add to reach the measurement
+        pred = np.array([predict_w(r, p, v) for r, v in zip(runs, sp, strict=True)])
+        lin = base.idle_w + a[:n] @ x
+        y2 = y.copy()
+        y2[:n] += lin - pred  # what the linear part must add to reach the measurement
         x = _nnls(a * wgt[:, None], y2 * wgt)
         p = replace(base, active_w=float(x[0]), compute_w=float(x[1]), memory_w=float(x[2]))
     return p
@@ -568,6 +687,7 @@ class Row:
     def meas(self) -> dict[str, float]:
         c = self.config
         return {
+            "w_at_pace": c.power_per_gpu_w,
             "w_per_gpu": c.power_per_gpu_w,
             "j_per_token": c.energy_per_token_j,
             "tokens_per_s": c.tokens_per_s,
@@ -576,10 +696,10 @@ class Row:
 
     def err(self) -> dict[str, float]:
         m = self.meas()
-        return {k: self.sim[k] / m[k] - 1.0 for k in METRICS}
+        return {k: self.sim[k] / m[k] - 1.0 for k in METRICS + EXTRA if k in self.sim}
 
 
-def sim_figures(run: SimRun, p) -> dict[str, float]:
+def sim_figures(run: SimRun, p: PowerSpec) -> dict[str, float]:
     w = predict_w(run, p)
     tps = run.tokens / run.window_s
     return {
@@ -605,16 +725,25 @@ def evaluate(pairs: Sequence[tuple[Config, SimRun]], fit: bool = True) -> list[R
             ]
             if train:
                 p = _cached_fit(tuple(id(rr) for _, rr in train), train, base)
-        out.append(Row(c, r, sim_figures(r, p)))
+        row = Row(c, r, sim_figures(r, p))
+        row.sim["w_at_pace"] = predict_w(r, p, speed_of(c, r))
+        out.append(row)
     return out
 
 
 _FITS: dict = {}
+#: fit the power model at the measured pace (see fit_power)
+FIT_AT_MEASURED_PACE = True
 
 
 def _cached_fit(key, train, base):
     if key not in _FITS:
-        _FITS[key] = fit_power([r for _, r in train], [c.power_per_gpu_w for c, _ in train], base)
+        _FITS[key] = fit_power(
+            [r for _, r in train],
+            [c.power_per_gpu_w for c, _ in train],
+            base,
+            [speed_of(c, r) for c, r in train] if FIT_AT_MEASURED_PACE else None,
+        )
     return _FITS[key]
 
 
@@ -641,8 +770,8 @@ def table(rows: Sequence[Row], title: str) -> list[str]:
     ]
     for g in sorted({r.config.gpu_model for r in rows}):
         sub = [r for r in rows if r.config.gpu_model == g]
-        for k in METRICS:
-            s = stats(r.err()[k] for r in sub)
+        for k in METRICS + EXTRA:
+            s = stats(r.err().get(k, math.nan) for r in sub)
             lines.append(
                 f"  {g:5} {METRIC_NAMES[k]:20} {s['n']:>4} {100 * s['median']:>6.1f}% "
                 f"{100 * s['p90']:>6.1f}% {100 * s['worst']:>6.1f}% {100 * s['signed']:>+6.1f}%"
@@ -712,6 +841,101 @@ def report(rows: Sequence[Row], skipped: Sequence[tuple[Config, str]], fitted: b
     return lines
 
 
+def fit_all(
+    pairs: Sequence[tuple[Config, SimRun]],
+) -> dict[str, tuple[PowerSpec, int, list[str]]]:
+    """The power model of each GPU fitted to all its non-suspect dense rows:
+    ``{gpu_model: (PowerSpec, rows, models)}``."""
+    out = {}
+    for g in sorted({c.gpu_model for c, _ in pairs}):
+        train = [(c, r) for c, r in pairs if c.gpu_model == g and not c.suspect]
+        if not train:
+            continue
+        base = catalog_power(g)
+        p = fit_power(
+            [r for _, r in train],
+            [c.power_per_gpu_w for c, _ in train],
+            base,
+            [speed_of(c, r) for c, r in train] if FIT_AT_MEASURED_PACE else None,
+        )
+        models = sorted({c.model_id for c, _ in train})
+        out[g] = (
+            replace(p, confidence=f"fitted: ML.ENERGY v3, {len(train)} rows"),
+            len(train),
+            models,
+        )
+    return out
+
+
+def write_profiles(
+    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "iteration"
+) -> list[str]:
+    """``fleetsim calibrate --from-mlenergy DIR --out OUT``: simulate DIR's expressible
+    configurations, fit each GPU's power model to its non-suspect rows and write
+    ``OUT/<catalog gpu>-mlenergy.json`` (the catalog profile with the fitted power, usable as
+    ``hardware.profile``) and ``OUT/mlenergy-fit.json`` (constants, the rows used, the
+    leave-one-model-out errors). Returns the lines to print."""
+    import json
+
+    from fleetsim.base.errors import UserError
+    from fleetsim.device import catalog
+    from fleetsim.device.profile import catalog_profile, profile_to_dict
+
+    configs, skipped = select(read_configs(data_dir))
+    if not configs:
+        raise UserError(
+            f"{data_dir}: no configuration the simulator can express "
+            f"({len(skipped)} skipped; fix: H100/B200 rows of text models with a config in "
+            "data/models)"
+        )
+    runs = simulate_all(configs, workers, engine=engine)
+    pairs = [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
+    fits = fit_all(pairs)
+    if not fits:
+        raise UserError(f"{data_dir}: no non-suspect row simulated; nothing to fit")
+    rows = evaluate(pairs, fit=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"source": str(data_dir), "engine": engine, "gpus": {}}
+    lines = []
+    for g, (p, n, models) in fits.items():
+        name = GPUS[g]
+        lomo = [r for r in rows if r.config.gpu_model == g and not r.config.suspect]
+        st = {k: stats(r.err()[k] for r in lomo) for k in ("w_per_gpu", "j_per_token")}
+        power = {
+            "idle_w": p.idle_w,
+            "max_w": p.max_w,
+            "active_w": round(p.active_w, 1),
+            "compute_w": round(p.compute_w, 1),
+            "memory_w": round(p.memory_w, 1),
+            "method": "mlenergy-fit",
+        }
+        prof = replace(
+            catalog_profile(name, catalog.gpu(name), None),
+            name=f"{name}-mlenergy",
+            source="fitted",
+        )
+        d = profile_to_dict(prof, catalog_gpu=name)
+        d["power"] = power
+        d["fit"] = {"rows": n, "models": models, "lomo": st}
+        path = out_dir / f"{name}-mlenergy.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        tmp.replace(path)
+        summary["gpus"][name] = {"power": power, "rows": n, "models": models, "lomo": st}
+        lines.append(
+            f"{name}: {n} rows of {len(models)} model(s): idle {p.idle_w:g} W (kept), active "
+            f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, cap "
+            f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
+            f"J/token median {st['j_per_token']['median']:.1%}; wrote {path}"
+        )
+    fit_path = out_dir / "mlenergy-fit.json"
+    fit_path.write_text(json.dumps(summary, indent=1))
+    lines.append(
+        f"wrote {fit_path} ({len(pairs)} configurations simulated, {len(skipped)} skipped)"
+    )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m fleetsim.calibrate.mlenergy",
@@ -740,12 +964,12 @@ def main(argv: list[str] | None = None) -> int:
             pairs.append((c, r))
     rows = evaluate(pairs, fit=not a.catalog)
     if a.rows:
-        for r in rows:
-            e = r.err()
+        for row in rows:
+            e = row.err()
             print(
-                f"{r.config.key:70} "
+                f"{row.config.key:70} "
                 + " ".join(f"{k}={100 * e[k]:+6.1f}%" for k in METRICS)
-                + (" suspect" if r.config.suspect else "")
+                + (" suspect" if row.config.suspect else "")
             )
     print("\n".join(report(rows, skipped, not a.catalog)))
     print(f"({len(pairs)} configurations simulated in {time.perf_counter() - t0:.1f} s)")

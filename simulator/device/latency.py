@@ -48,10 +48,17 @@ _ceil = math.ceil
 class PowerSpec:
     """Per-GPU power model.
 
-    ``P = idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m)`` with ``u_c`` the
-    fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the iteration.
-    The dynamic energy is then linear in FLOPs and bytes (J per FLOP, J per byte), which is
-    both the textbook energy model of a processor and exact to integrate over a run.
+    ``P = min(max_w, idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m))`` with
+    ``u_c`` the fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the
+    iteration: idle with a model loaded, a level while kernels run (clocks and HBM active), terms
+    in achieved FLOP/s and bytes/s, capped at the power limit (``max_w``, the TDP). Below the cap
+    the dynamic energy is linear in FLOPs and bytes (J per FLOP, J per byte), which is both the
+    textbook energy model of a processor and exact to integrate over a run; the cap is applied
+    to a run's (and an hour's) mean power, :meth:`dynamic_j`.
+
+    The catalog's constants are fitted to ML.ENERGY v3 measurements for the H100 and B200 and
+    derived for the others (``simulator/device/catalog/gpus.toml``, ``fleetsim calibrate
+    --from-mlenergy``); ``confidence`` says which.
     """
 
     idle_w: float
@@ -59,6 +66,36 @@ class PowerSpec:
     active_w: float = 0.0
     compute_w: float = 0.0
     memory_w: float = 0.0
+    confidence: str = ""
+
+    def power_w(self, u_c: float, u_m: float, busy: bool = True) -> float:
+        """Power per GPU at compute utilisation ``u_c`` and bandwidth utilisation ``u_m``
+        (fractions of the peaks, >= 0): never below ``idle_w`` (all terms are >= 0), never
+        above ``max_w`` once busy."""
+        if not busy:
+            return self.idle_w
+        p = self.idle_w + self.active_w + self.compute_w * u_c + self.memory_w * u_m
+        return p if p < self.max_w else max(self.max_w, self.idle_w)
+
+    def dynamic_j(
+        self,
+        busy_s: float,
+        flops: float,
+        bytes_moved: float,
+        peak_flops: float,
+        peak_bw: float,
+        gpus: int = 1,
+    ) -> float:
+        """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds doing ``flops`` and
+        ``bytes_moved`` (summed over the GPUs): linear in the work, capped so that the mean
+        power stays at or below ``max_w``."""
+        e = (
+            self.active_w * gpus * busy_s
+            + self.compute_w / peak_flops * flops
+            + self.memory_w / peak_bw * bytes_moved
+        )
+        cap = max(self.max_w - self.idle_w, 0.0) * gpus * busy_s
+        return e if e < cap else cap
 
 
 @dataclass(frozen=True, slots=True)

@@ -228,7 +228,10 @@ def energy_cost(
     wake_w = g.idle_w if pw.wake_w is None else pw.wake_w
     # static draw (idle while on, wake, standby while off) and the iterations' dynamic energy
     e_gpu_idle = (g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off) / J_PER_KWH
-    e_gpu_dyn = dyn_j / J_PER_KWH
+    # the power limit: no hour's busy GPU-seconds draw more than max_w on average (the engine
+    # integrates each run's dynamic energy linearly in its FLOPs and bytes; PowerSpec.dynamic_j)
+    cap_j = max(g.power.max_w - g.idle_w, 0.0) * np.asarray(busy_gpu_s, dtype=np.float64)
+    e_gpu_dyn = np.minimum(np.asarray(dyn_j, dtype=np.float64), cap_j) / J_PER_KWH
     e_gpu = e_gpu_idle + e_gpu_dyn
     e_over = g.overhead_w_per_gpu * powered / J_PER_KWH
     e_it = e_gpu + e_over
