@@ -83,7 +83,10 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     mem = gpus * mem_bytes
     usable = mem * f.gpu_memory_utilization
     act_gpu = (
-        activation_reserve_bytes(model, tp, f.max_batched_tokens, f.max_batch_size)
+        # each data-parallel engine runs its share of the replica's batch
+        activation_reserve_bytes(
+            model, tp, -(-f.max_batched_tokens // dp), -(-f.max_batch_size // dp)
+        )
         if f.activation_reserve_bytes is None
         else f.activation_reserve_bytes
     )
