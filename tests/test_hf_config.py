@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from conftest import SMALL, merge
 
 from fleetsim.apps.cli import main
 from fleetsim.base.errors import ScenarioError
+from fleetsim.config.aggregated import model_spec
 from fleetsim.config.hf import architecture_from_hf, hf_model_name
 from fleetsim.config.loading import scenario_from_dict
 from fleetsim.config.resolve import resolve
@@ -171,7 +172,8 @@ def test_the_card_table_covers_every_model_folder():
 @pytest.mark.parametrize("row", CARDS, ids=[r["hf_id"] for r in CARDS])
 def test_every_repo_model_validates_and_matches_its_card(row):
     """Derived total and active parameters within 2% of the published model card."""
-    spec = _spec(MODELS / row["hf_id"] / "config.json")
+    sc = scenario_from_dict({"model": {"config": str(MODELS / row["hf_id"] / "config.json")}})
+    spec = model_spec(sc, "")  # (the largest do not fit the small scenario's GPUs)
     assert spec.name == row["hf_id"]  # named from _name_or_path
     assert not spec.problems()
     total = float(row["total_params_b"]) * 1e9
@@ -200,3 +202,84 @@ def test_a_missing_file_names_its_absolute_path(tmp_path, monkeypatch):
     with pytest.raises(ScenarioError) as e:
         _spec("nope/config.json")
     assert str(tmp_path / "nope/config.json") in str(e.value)
+
+
+def test_a_hugging_face_id_is_told_how_to_point_at_a_local_file(capsys):
+    with pytest.raises(ScenarioError) as e:
+        model_spec(scenario_from_dict({"model": {"name": "Qwen/Qwen3-8B"}}), "")
+    msg = str(e.value)
+    assert "model.name = 'Qwen/Qwen3-8B': a Hugging Face id" in msg and "never downloads" in msg
+    assert "[model] config" in msg and "data/models/Qwen/Qwen3-8B/config.json" in msg
+    # a name that is no id keeps the catalog's suggestion
+    with pytest.raises(ScenarioError, match="did you mean 'qwen3-8b'"):
+        model_spec(scenario_from_dict({"model": {"name": "qwen3-8"}}), "")
+    assert (
+        main(["latency", "--gpu", "h100-sxm", "--model", "openai/gpt-oss-999b", "--batch", "1"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        "--model = 'openai/gpt-oss-999b': a Hugging Face id" in err and len(err.splitlines()) == 1
+    )
+
+
+def test_latency_reads_a_config_json_or_its_folder(capsys):
+    cfg = MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507"
+    for arg in (str(cfg / "config.json"), str(cfg)):
+        assert main(["latency", "--gpu", "h100-sxm", "--model", arg, "--tp", "2", "--batch", "1",
+                     "--context", "1024", "--json"]) == 0  # fmt: skip
+        rows = json.loads(capsys.readouterr().out)
+        assert rows[0]["model"] == "Qwen/Qwen3-30B-A3B-Instruct-2507"
+        assert rows[0]["total_s"] > 0 and rows[0]["context_tokens"] == 1024
+
+
+def test_inline_fields_describe_todays_architectures():
+    inline = {"name": "mine", "n_layers": 12, "d_model": 2048, "n_heads": 32, "n_kv_heads": 4,
+              "d_ff": 6144, "vocab_size": 1000, "head_dim": 128, "sliding_window_tokens": 512,
+              "sliding_global_every": 4, "n_experts": 16, "n_active_experts": 2,
+              "d_ff_expert": 768, "n_shared_experts": 1, "first_k_dense": 2,
+              "expert_dtype": "mxfp4"}  # fmt: skip
+    spec = model_spec(scenario_from_dict({"model": inline}), "")
+    assert (spec.head_dim, spec.n_global_attn_layers, spec.n_moe_layers) == (128, 3, 10)
+    assert spec.expert_dtype == "mxfp4" and spec.d_ff_shared == 768
+    # a catalog model with an inline change: derived widths follow it
+    spec = model_spec(scenario_from_dict({"model": {"name": "llama-3.1-8b", "d_model": 2048}}), "")
+    assert spec.head_dim == 64
+    with pytest.raises(ScenarioError, match=r"model\.hybrid_pattern = 'M\*': has 2 layers"):
+        model_spec(scenario_from_dict({"model": {**inline, "hybrid_pattern": "M*"}}), "")
+
+
+def test_the_kv_budget_of_a_windowed_model_counts_what_its_sequences_hold():
+    d = merge(SMALL, model={"name": "gemma-3-27b"}, fleet={"tensor_parallel": 2})
+    d["traffic"] = {**d["traffic"], "prompt": {"dist": "fixed", "value": 8000},
+                    "output": {"dist": "fixed", "value": 2}}  # fmt: skip
+    rs = resolve(scenario_from_dict(d))
+    per = 2 * 16 * 128 * 2  # K and V of 16 heads of 128 in bf16, one layer
+    ctx = 8001  # a prompt and half its output
+    bpt = per * (10 * ctx + 52 * 1024) / ctx  # 10 global layers, 52 windows of 1,024
+    assert rs.kv.bytes_per_token == pytest.approx(bpt, rel=1e-12)
+    assert rs.kv.blocks == int(rs.kv.kv_bytes // (rs.kv.bytes_per_token * 16))
+    # 3.7 times the tokens that counting every layer at every token would give
+    assert rs.kv.bytes_per_token / rs.model.kv_bytes_per_token == pytest.approx(0.2686, abs=1e-4)
+
+
+def test_sizes_from_a_file_charge_every_layer_for_every_token(tmp_path):
+    """Without analytic sizes there is no typical context: the budget charges a token in every
+    layer (the most a token can cost), as it does for a full-attention model."""
+    trace = tmp_path / "sizes.csv"
+    trace.write_text("p,o\n3000,200\n9000,10\n")
+    d = merge(SMALL, model={"name": "gemma-3-27b"}, fleet={"tensor_parallel": 2})
+    d["traffic"] = {**d["traffic"], "prompt": {"dist": "empirical", "file": str(trace),
+                    "column": "p"}}  # fmt: skip
+    rs = resolve(scenario_from_dict(d))
+    assert rs.kv.bytes_per_token == rs.model.kv_bytes_per_token_tp(2)
+
+
+@pytest.mark.parametrize("name", ["gemma-3-27b", "deepseek-v3", "nemotron-nano-9b-v2"])
+def test_a_spec_written_inline_reads_back_the_same(name):
+    spec = model_from_catalog(name)
+    fields = {
+        k: v for k, v in asdict(spec).items() if k not in ("name", "derived") and v is not None
+    }
+    back = model_spec(scenario_from_dict({"model": {"name": "mine", **fields}}), "")
+    assert back == replace(spec, name="mine")
