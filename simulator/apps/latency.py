@@ -1,6 +1,6 @@
 """``fleetsim latency``: the predicted time of one iteration and its parts.
 
-    fleetsim latency --gpu G --model NAME|FILE.toml --tp N
+    fleetsim latency --gpu G --model NAME|FILE.toml|config.json --tp N
                      (--batch B[,B...] --context C | --prefill-tokens P[,P...]) [--json]
 
 ``--batch B --context C`` is a decode step of B sequences each attending C tokens;
@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpu", required=True, help="catalog GPU, e.g. h100-sxm")
     p.add_argument(
-        "--model", required=True, help="catalog model name, or a TOML file of [model] fields"
+        "--model",
+        required=True,
+        help="catalog model name, a TOML file of [model] fields, or a Hugging Face config.json "
+        "(or its folder)",
     )
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism (default 1)")
     p.add_argument("--dtype", default=None, help="weight dtype (default: the model's, or bf16)")
@@ -51,11 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model(arg: str, dtype: str | None):
     from fleetsim.config.aggregated import model_spec
+    from fleetsim.config.hf import hf_id_error
     from fleetsim.config.loading import read_toml, scenario_from_dict
     from fleetsim.device import catalog
 
     path = Path(arg)
-    if arg.endswith(".toml") or path.exists():
+    if path.is_dir() and (path / "config.json").exists():
+        path = path / "config.json"  # a model folder (a Hugging Face snapshot)
+    if path.suffix == ".json":  # a Hugging Face config.json
+        section: dict = {"config": str(path.absolute())}
+    elif arg.endswith(".toml") or path.exists():
         if not path.exists():
             raise UserError(f"--model = {arg!r}: no such file")
         data, _ = read_toml(path)
@@ -64,6 +72,9 @@ def _model(arg: str, dtype: str | None):
     elif arg in catalog.models():
         section = {"name": arg}
     else:
+        err = hf_id_error(arg, "--model")
+        if err is not None:
+            raise err
         section = {"name": arg}  # model_spec names the catalog and suggests a close name
     if dtype:
         section["dtype"] = dtype

@@ -50,22 +50,27 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
     }
     required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
     if m.config is not None:  # a Hugging Face config.json; inline fields override it
-        from fleetsim.config.hf import read_hf_config
+        from fleetsim.config.hf import read_hf_config_named
         from fleetsim.workload.sampling import _resolve_path
 
         path = _resolve_path(m.config, src)
-        arch = read_hf_config(path, src, m.config)
+        arch, file_name = read_hf_config_named(path, src, m.config)
         file_dtype = arch.pop("dtype", None)
         dtype = m.dtype if "dtype" in m.model_fields_set or file_dtype is None else file_dtype
-        name = m.name if "name" in m.model_fields_set else path.parent.name or path.stem
+        name = m.name if "name" in m.model_fields_set else file_name
         spec = ModelSpec(name=name, dtype=dtype, kv_dtype=m.kv_dtype, **{**arch, **inline})
     elif m.name in catalog.models():
         spec = model_from_catalog(m.name, m.dtype)
         if inline or m.kv_dtype:
-            spec = replace(spec, **inline, kv_dtype=m.kv_dtype)
+            spec = spec.evolve(**inline, kv_dtype=m.kv_dtype)
     else:
         missing = [k for k in required if k not in inline]
         if missing:
+            from fleetsim.config.hf import hf_id_error
+
+            err = hf_id_error(m.name, "model.name", src)
+            if err is not None:
+                raise err
             close = closest(m.name, catalog.models())
             hint = f"did you mean {close!r}? " if close else ""
             raise ScenarioError(
@@ -76,11 +81,14 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
                 src,
             )
         spec = ModelSpec(name=m.name, dtype=m.dtype, kv_dtype=m.kv_dtype, **inline)
-    if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+    # d_model must divide by n_heads only where head_dim is derived from it (Qwen3, Gemma 3
+    # and gpt-oss give their own); latent attention has no KV-head groups
+    uneven = "head_dim" in spec.derived and not spec.is_mla and spec.d_model % spec.n_heads
+    if uneven or (not spec.is_mla and spec.n_heads % spec.n_kv_heads):
         raise ScenarioError(
             "model.n_heads",
             spec.n_heads,
-            "d_model must divide by n_heads and n_heads by n_kv_heads",
+            "d_model must divide by n_heads (or give head_dim) and n_heads by n_kv_heads",
             "check the architecture",
             src,
         )
@@ -92,6 +100,8 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
             "lower it",
             src,
         )
+    for field, value, problem in spec.problems():
+        raise ScenarioError(f"model.{field}", value, problem, "check the architecture", src)
     return spec
 
 

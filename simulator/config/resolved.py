@@ -65,10 +65,33 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seq
 
     (for a mixture of experts, d_ff is an expert's width times the active experts). The
     ``fleet.activation_reserve_bytes`` field replaces the estimate with a measured value."""
-    d_ff = model.d_ff * max(1, model.n_active_experts if model.n_experts > 1 else 1)
+    d_ff = max(
+        model.d_ff if model.n_dense_layers else 0,  # a dense layer's MLP
+        model.n_active_experts * model.d_ff_expert + model.n_shared_experts * model.d_ff_shared
+        if model.n_moe_layers
+        else 0,  # an MoE layer's routed and shared experts
+    )
     return 2.0 * max_tokens * (3.0 * d_ff / tp + 4.0 * model.d_model) + 4.0 * max_seqs * (
         model.vocab_size
     )
+
+
+def typical_contexts(sc: Scenario, n: int = 4096) -> list[float]:
+    """Contexts of ``n`` sequences as a replica holds them: a prompt and half its output, drawn
+    from the traffic's size distributions (a fixed SeedSequence stream, so that the budget does
+    not depend on the run's seed); empty when a size comes from a file (trace or empirical
+    column): the budget then charges every token in every layer (the most a token can cost)."""
+    import numpy as np
+
+    from fleetsim.workload.distributions import Empirical
+
+    tr = sc.traffic
+    if tr.trace or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical):
+        return []
+    rng = np.random.default_rng(np.random.SeedSequence(0x4B56))  # "KV"
+    p = tr.prompt.draw(rng, n)
+    o = tr.output.draw(rng, n)
+    return (p + 0.5 * o).tolist()
 
 
 def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
@@ -86,7 +109,10 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     )
     act = tp * act_gpu
     kv = usable - model.weight_bytes - act
-    bpt = model.kv_bytes_per_token_tp(tp)  # KV heads replicated when tp exceeds them
+    # KV heads replicated when tp exceeds them; a model with sliding-window or linear-state
+    # layers holds less than its context: its bytes per token are those of the traffic's
+    # typical sequences (typical_contexts)
+    bpt = model.kv_bytes_per_token_mean_tp(tp, () if model.kv_uniform else typical_contexts(sc))
     b = f.block_size_tokens
     if f.kv_allocation == "paged":
         blocks = max(0, int(kv // (bpt * b)))

@@ -30,6 +30,9 @@ UsdPerHour = Annotated[float, bound(0, 1e6)]  # rent or maintenance per GPU-hour
 PricePerKwh = Annotated[float, bound(0, 1e3)]  # $/kWh; wholesale price caps are ~5-10 $/kWh
 CarbonPerKwh = Annotated[float, bound(0, 1e2)]  # kg/kWh; coal is ~1
 ArchInt = Annotated[int, Field(ge=1, le=10_000_000)]
+ArchCount = Annotated[int, Field(ge=0, le=10_000_000)]  # may be 0
+#: weight precisions (mxfp4 and nvfp4: 4-bit block formats, for the experts of e.g. gpt-oss)
+WeightDType = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "mxfp4", "nvfp4"]
 
 
 _Section = Section
@@ -72,6 +75,31 @@ class ModelSection(_Section):
     mlp: Literal["swiglu", "gelu"] | None = None
     tied_embeddings: bool | None = None
     max_context_tokens: Tokens | None = None
+    # today's architectures (device/modelspec.py says what each means; config/hf.py reads them
+    # from a config.json)
+    head_dim: ArchInt | None = None
+    sliding_window_tokens: Tokens | None = None
+    sliding_global_every: ArchCount | None = None
+    attention_sinks: bool | None = None
+    kv_lora_rank: ArchCount | None = None
+    q_lora_rank: ArchCount | None = None
+    qk_nope_head_dim: ArchCount | None = None
+    qk_rope_head_dim: ArchCount | None = None
+    v_head_dim: ArchCount | None = None
+    d_ff_expert: ArchInt | None = None
+    n_shared_experts: ArchCount | None = None
+    d_ff_shared: ArchInt | None = None
+    first_k_dense: ArchCount | None = None
+    moe_layer_step: ArchInt | None = None
+    hybrid_pattern: Annotated[str, Field(pattern=r"^[-M*E]+$", max_length=100_000)] | None = None
+    ssm_state_size: ArchInt | None = None
+    ssm_n_heads: ArchInt | None = None
+    ssm_head_dim: ArchInt | None = None
+    ssm_n_groups: ArchInt | None = None
+    ssm_conv_kernel: ArchInt | None = None
+    expert_dtype: WeightDType | None = None
+    embed_dtype: DType | None = None
+    state_dtype: DType | None = None
 
 
 class HardwareSection(_Section):
