@@ -721,7 +721,10 @@ def evaluate(pairs: Sequence[tuple[Config, SimRun]], fit: bool = True) -> list[R
             train = [
                 (cc, rr)
                 for cc, rr in pairs
-                if cc.gpu_model == c.gpu_model and cc.model_id != c.model_id and not cc.suspect
+                if cc.gpu_model == c.gpu_model
+                and cc.model_id != c.model_id
+                and not cc.suspect
+                and not cc.moe_or_ep
             ]
             if train:
                 p = _cached_fit(tuple(id(rr) for _, rr in train), train, base)
@@ -877,11 +880,12 @@ def implied_prompts(
 def fit_all(
     pairs: Sequence[tuple[Config, SimRun]],
 ) -> dict[str, tuple[PowerSpec, int, list[str]]]:
-    """The power model of each GPU fitted to all its non-suspect dense rows:
+    """The power model of each GPU fitted to all its non-suspect dense rows (MoE and
+    expert-parallel rows are reported, not fitted: their step times are not yet validated):
     ``{gpu_model: (PowerSpec, rows, models)}``."""
     out = {}
     for g in sorted({c.gpu_model for c, _ in pairs}):
-        train = [(c, r) for c, r in pairs if c.gpu_model == g and not c.suspect]
+        train = [(c, r) for c, r in pairs if c.gpu_model == g and not c.suspect and not c.moe_or_ep]
         if not train:
             continue
         base = catalog_power(g)
@@ -901,7 +905,7 @@ def fit_all(
 
 
 def write_profiles(
-    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "iteration"
+    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro"
 ) -> list[str]:
     """``fleetsim calibrate --from-mlenergy DIR --out OUT``: simulate DIR's expressible
     configurations, fit each GPU's power model to its non-suspect rows and write
@@ -932,7 +936,11 @@ def write_profiles(
     lines = []
     for g, (p, n, models) in fits.items():
         name = GPUS[g]
-        lomo = [r for r in rows if r.config.gpu_model == g and not r.config.suspect]
+        lomo = [
+            r
+            for r in rows
+            if r.config.gpu_model == g and not r.config.suspect and not r.config.moe_or_ep
+        ]
         st = {k: stats(r.err()[k] for r in lomo) for k in ("w_per_gpu", "j_per_token")}
         power = {
             "idle_w": p.idle_w,
