@@ -726,7 +726,10 @@ def evaluate(pairs: Sequence[tuple[Config, SimRun]], fit: bool = True) -> list[R
             train = [
                 (cc, rr)
                 for cc, rr in pairs
-                if cc.gpu_model == c.gpu_model and cc.model_id != c.model_id and not cc.suspect
+                if cc.gpu_model == c.gpu_model
+                and cc.model_id != c.model_id
+                and not cc.suspect
+                and not cc.moe_or_ep
             ]
             if train:
                 p = _cached_fit(tuple(id(rr) for _, rr in train), train, base)
@@ -846,14 +849,48 @@ def report(rows: Sequence[Row], skipped: Sequence[tuple[Config, str]], fitted: b
     return lines
 
 
+def length_biased_half(c: Config) -> float:
+    """``E[L^2] / (2 E[L])`` of the configuration's output histogram (bin centres): the mean
+    generated length of a running sequence, sampled over time, in steady state."""
+    counts = np.asarray(c.hist_counts, dtype=float)
+    edges = np.linspace(c.hist_lo, c.hist_hi, len(counts) + 1)
+    mid = (edges[:-1] + edges[1:]) / 2
+    w = counts / counts.sum()
+    return float((w * mid**2).sum() / (2 * (w * mid).sum()))
+
+
+def implied_prompts(
+    configs: Sequence[Config], fill_below: float = 0.95
+) -> list[tuple[Config, float]]:
+    """Prompt lengths the KV-limited rows imply: where the batch stayed below
+    ``fill_below x max_num_seqs`` the KV cache was full, so it held
+    ``avg_batch x (prompt + E[L^2] / (2 E[L]))`` tokens; with the simulator's KV budget for
+    that configuration (``kv_capacity_tokens``) this gives the prompt. Only as right as the
+    KV budget (vLLM's profiling run, see the serving stack) and the steady-state assumption."""
+    from fleetsim.api import load
+    from fleetsim.config.resolve import resolve
+
+    out = []
+    for c in configs:
+        if c.suspect or c.avg_batch_size >= fill_below * c.max_num_seqs or skip_reason(c):
+            continue
+        with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
+            trace = Path(tmp) / "trace.csv"
+            trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+            rs = resolve(load(scenario_dict(c, str(trace), 1)), "")
+        out.append((c, rs.kv_capacity_tokens / c.avg_batch_size - length_biased_half(c)))
+    return out
+
+
 def fit_all(
     pairs: Sequence[tuple[Config, SimRun]],
 ) -> dict[str, tuple[PowerSpec, int, list[str]]]:
-    """The power model of each GPU fitted to all its non-suspect dense rows:
+    """The power model of each GPU fitted to all its non-suspect dense rows (MoE and
+    expert-parallel rows are reported, not fitted: their step times are not yet validated):
     ``{gpu_model: (PowerSpec, rows, models)}``."""
     out = {}
     for g in sorted({c.gpu_model for c, _ in pairs}):
-        train = [(c, r) for c, r in pairs if c.gpu_model == g and not c.suspect]
+        train = [(c, r) for c, r in pairs if c.gpu_model == g and not c.suspect and not c.moe_or_ep]
         if not train:
             continue
         base = catalog_power(g)
@@ -873,7 +910,7 @@ def fit_all(
 
 
 def write_profiles(
-    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "iteration"
+    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro"
 ) -> list[str]:
     """``fleetsim calibrate --from-mlenergy DIR --out OUT``: simulate DIR's expressible
     configurations, fit each GPU's power model to its non-suspect rows and write
@@ -904,7 +941,11 @@ def write_profiles(
     lines = []
     for g, (p, n, models) in fits.items():
         name = GPUS[g]
-        lomo = [r for r in rows if r.config.gpu_model == g and not r.config.suspect]
+        lomo = [
+            r
+            for r in rows
+            if r.config.gpu_model == g and not r.config.suspect and not r.config.moe_or_ep
+        ]
         st = {k: stats(r.err()[k] for r in lomo) for k in ("w_per_gpu", "j_per_token")}
         power = {
             "idle_w": p.idle_w,
@@ -977,6 +1018,15 @@ def main(argv: list[str] | None = None) -> int:
                 + (" suspect" if row.config.suspect else "")
             )
     print("\n".join(report(rows, skipped, not a.catalog)))
+    imp = implied_prompts(configs)
+    if imp:
+        print(
+            "Prompt tokens implied by the KV-limited rows (simulator's KV budget; assumed "
+            + ", ".join(f"{t} {n}" for t, n in PROMPT_TOKENS.items())
+            + "):"
+        )
+        for c, p in imp:
+            print(f"  {c.key:70} {p:8.0f}")
     print(f"({len(pairs)} configurations simulated in {time.perf_counter() - t0:.1f} s)")
     return 0
 

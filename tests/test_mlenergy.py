@@ -340,3 +340,31 @@ def test_quick_report_prints_every_metric():
                 name,
             )
     assert "Skipped" in text
+
+
+def test_validate_names_the_power_models_provenance():
+    import fleetsim
+
+    def conf(**hw):
+        d = fleetsim.resolved({"hardware": hw, "model": {"name": "llama-3.1-8b"}})
+        return d["hardware"]["power_confidence"]
+
+    assert conf(gpu="h100-sxm").startswith("fitted to ML.ENERGY v3")
+    assert conf(gpu="b200").startswith("fitted to ML.ENERGY v3")
+    assert conf(gpu="h200").startswith("derived")
+    assert conf(gpu="a100-80gb").startswith("derived")
+    assert conf(gpu="h100-sxm", active_w=300.0) == "set by the scenario (hardware.active_w)"
+    r = _cli_validate("scenarios/default.toml")
+    assert r.returncode == 0
+    assert "# power model (h100-sxm, per GPU): idle 113 W" in r.stderr
+    assert "fitted to ML.ENERGY v3 H100 rows" in r.stderr
+
+
+def _cli_validate(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetsim", "validate", path],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )

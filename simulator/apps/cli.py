@@ -103,6 +103,14 @@ def cmd_validate(args) -> int:
                 f"transfer; {rs.pools.kv_bytes_per_token / 1024:g} KiB of KV per prompt token",
                 file=sys.stderr,
             )
+        pw = rs.gpu.power
+        print(
+            f"# power model ({rs.gpu.name}, per GPU): idle {pw.idle_w:g} W, busy "
+            f"{pw.idle_w + pw.active_w:g} W + {pw.compute_w:g} W x compute use + "
+            f"{pw.memory_w:g} W x bandwidth use, capped at {pw.max_w:g} W; "
+            f"{pw.confidence or 'no provenance'}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +197,19 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         k: v for k, v in hw.model_dump().items() if k not in ("gpu", "profile") and v is not None
     }
     entry.update(over)
+    set_here = [k for k in ("tdp_w", "idle_w", "active_w", "compute_w", "memory_w") if k in over]
     power = PowerSpec(
         idle_w=entry["idle_w"],
         max_w=entry["tdp_w"],
         active_w=entry["active_w"],
         compute_w=entry["compute_w"],
         memory_w=entry["memory_w"],
+        # the catalog's tag (fitted / derived, gpus.toml), or what the scenario changed
+        confidence=(
+            f"set by the scenario (hardware.{', hardware.'.join(set_here)})"
+            if set_here
+            else entry.get("power_confidence", "")
+        ),
     )
     from fleetsim.device.profile import power_problem
 
@@ -234,6 +242,8 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
             )
         if profile.power is not None:
             power = profile.power
+            if not power.confidence:
+                power = replace(power, confidence=f"from {ppath.name}")
         profile_id = f"{profile.name} ({ppath.name})"
     else:
         profile = catalog_profile(hw.gpu, entry, power)

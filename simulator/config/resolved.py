@@ -177,6 +177,7 @@ def resolved_dict(rs: Resolved) -> dict:
         active_w=pw.active_w,
         compute_w=pw.compute_w,
         memory_w=pw.memory_w,
+        power_confidence=pw.confidence,
         node_overhead_w=g.node_overhead_w,
         gpus_per_node=g.gpus_per_node,
         capex_usd=g.capex_usd,

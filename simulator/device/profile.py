@@ -166,6 +166,7 @@ class PowerFile(BaseModel):
             active_w=self.active_w,
             compute_w=self.compute_w,
             memory_w=self.memory_w,
+            confidence=f"from the profile (method {self.method})" if self.method else "",
         )
 
 
