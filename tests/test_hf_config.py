@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -273,3 +273,13 @@ def test_sizes_from_a_file_charge_every_layer_for_every_token(tmp_path):
                     "column": "p"}}  # fmt: skip
     rs = resolve(scenario_from_dict(d))
     assert rs.kv.bytes_per_token == rs.model.kv_bytes_per_token_tp(2)
+
+
+@pytest.mark.parametrize("name", ["gemma-3-27b", "deepseek-v3", "nemotron-nano-9b-v2"])
+def test_a_spec_written_inline_reads_back_the_same(name):
+    spec = model_from_catalog(name)
+    fields = {
+        k: v for k, v in asdict(spec).items() if k not in ("name", "derived") and v is not None
+    }
+    back = model_spec(scenario_from_dict({"model": {"name": "mine", **fields}}), "")
+    assert back == replace(spec, name="mine")

@@ -75,10 +75,10 @@ class ModelSection(_Section):
     mlp: Literal["swiglu", "gelu"] | None = None
     tied_embeddings: bool | None = None
     max_context_tokens: Tokens | None = None
-    # today's architectures (device/modelspec.py says what each means; config/hf.py reads them
-    # from a config.json)
-    head_dim: ArchInt | None = None
-    sliding_window_tokens: Tokens | None = None
+    # today's architectures (device/modelspec.py says what each means, 0 or "" as there: none
+    # or derived; config/hf.py reads them from a config.json)
+    head_dim: ArchCount | None = None
+    sliding_window_tokens: Annotated[int, Field(ge=0, le=1_000_000_000)] | None = None
     sliding_global_every: ArchCount | None = None
     attention_sinks: bool | None = None
     kv_lora_rank: ArchCount | None = None
@@ -86,15 +86,15 @@ class ModelSection(_Section):
     qk_nope_head_dim: ArchCount | None = None
     qk_rope_head_dim: ArchCount | None = None
     v_head_dim: ArchCount | None = None
-    d_ff_expert: ArchInt | None = None
+    d_ff_expert: ArchCount | None = None
     n_shared_experts: ArchCount | None = None
-    d_ff_shared: ArchInt | None = None
+    d_ff_shared: ArchCount | None = None
     first_k_dense: ArchCount | None = None
     moe_layer_step: ArchInt | None = None
-    hybrid_pattern: Annotated[str, Field(pattern=r"^[-M*E]+$", max_length=100_000)] | None = None
-    ssm_state_size: ArchInt | None = None
-    ssm_n_heads: ArchInt | None = None
-    ssm_head_dim: ArchInt | None = None
+    hybrid_pattern: Annotated[str, Field(pattern=r"^[-M*E]*$", max_length=100_000)] | None = None
+    ssm_state_size: ArchCount | None = None
+    ssm_n_heads: ArchCount | None = None
+    ssm_head_dim: ArchCount | None = None
     ssm_n_groups: ArchInt | None = None
     ssm_conv_kernel: ArchInt | None = None
     expert_dtype: WeightDType | None = None
