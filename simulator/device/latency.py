@@ -26,9 +26,11 @@ from typing import Literal
 
 from fleetsim.device.kernels import (
     KernelFit,
+    allreduce_floor_s,
     allreduce_time_s,
     elem_time_s,
     gemm_time_s,
+    graphed_fit,
     layer_parts_s,
     layer_shapes,
 )
@@ -120,6 +122,17 @@ class RooflineProfile:
     #: the kernel model of the linear layers and the all-reduce (fleetsim.device.kernels); when
     #: set it replaces the roofline for everything but attention
     kernels: KernelFit | None = None
+    #: the serving stack these step times represent (:mod:`fleetsim.device.stack`): "eager"
+    #: (every kernel launched one by one, as Vidur profiled them) or "vllm-v1"
+    serving_stack: str = "eager"
+    #: iterations of at most this many tokens replay a captured CUDA graph (0: none)
+    graph_max_tokens: int = 0
+    #: the fraction of each kernel's fixed time (the kernel model's GEMM launch, elementwise
+    #: floors and the all-reduce's latency floor) left in an iteration replayed from a CUDA graph
+    graph_floor_frac: float = 1.0
+    #: time per sequence in an iteration beyond its kernels (the serving stack's sampling and
+    #: per-request host work that asynchronous scheduling does not hide; 0 for eager)
+    per_seq_s: float = 0.0
 
 
 _GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
@@ -366,6 +379,19 @@ class LatencyModel:
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
         self._head_cache: dict[int, float] = {}
+        # CUDA graphs (serving stack vllm-v1): iterations of up to _gmax tokens run a kernel fit
+        # whose fixed per-kernel times are scaled by graph_floor_frac; -1 = no graphs, and the
+        # graphed head cache is then the eager one
+        self._kern_g: KernelFit | None = None
+        self._gmax = -1
+        self._head_cache_g = self._head_cache
+        self._per_seq = p.per_seq_s
+        self._ar_floor_g = 0.0
+        if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
+            self._kern_g = graphed_fit(kf, p.graph_floor_frac)
+            self._gmax = p.graph_max_tokens
+            self._head_cache_g = {}
+            self._ar_floor_g = 1.0 - p.graph_floor_frac
 
     def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
         """(compute, memory-bound, communication) seconds of the kernel model's non-attention
@@ -376,7 +402,8 @@ class LatencyModel:
         v = self._lin_cache.get(key)
         if v is not None:
             return v
-        kf = self._kern
+        graphed = tokens <= self._gmax
+        kf = self._kern_g if graphed else self._kern
         assert kf is not None
         m, tp, bw, peak = self.model, self.tp, self._bw, self._peak_lin
         touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
@@ -385,6 +412,8 @@ class LatencyModel:
         t_gemm = sum(parts[k] for k in gemm_ops)
         t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
         head = gemm_time_s(kf, peak, bw, seqs, m.vocab_size / tp, m.d_model, self._wb)
+        if self._per_seq:
+            head += seqs * self._per_seq
         emb = elem_time_s(kf, bw, "emb", 4.0 * tokens * m.d_model)
         # reported as compute when the tokens exceed the GEMMs' ridge point (peak x w / 2 bw)
         ridge = peak * self._wb / (2.0 * bw)
@@ -396,6 +425,11 @@ class LatencyModel:
             ar = allreduce_time_s(kf, tp, tokens * m.d_model * 2.0)
             if ar is None:  # no measured table for this GPU count: the ring model
                 ar = self._comm_a / (2.0 * m.n_layers) + self._comm_b * tokens / (2.0 * m.n_layers)
+                floor = self._roof.link_latency_s
+            else:
+                floor = allreduce_floor_s(kf, tp)
+            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
+                ar -= self._ar_floor_g * floor
             comm = 2.0 * m.n_layers * ar
         v = (comp, mem, comm)
         self._lin_cache[key] = v
@@ -408,15 +442,19 @@ class LatencyModel:
         if t is None:
             c, mm, cm = self.linear_parts(tokens, 0)
             t = self._tok_cache[tokens] = c + mm + cm
-        h = self._head_cache.get(seqs)
+        graphed = tokens <= self._gmax
+        hc = self._head_cache_g if graphed else self._head_cache
+        h = hc.get(seqs)
         if h is None:
-            kf = self._kern
+            kf = self._kern_g if graphed else self._kern
             assert kf is not None
             m = self.model
             h = gemm_time_s(
                 kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
             )
-            self._head_cache[seqs] = h
+            if self._per_seq:
+                h += seqs * self._per_seq
+            hc[seqs] = h
         return t + h
 
     # -- helpers ---------------------------------------------------------------------------
@@ -463,7 +501,9 @@ class LatencyModel:
             att_m = self._att_m
             kv = ctx * att_m
             lt = self._tok_cache.get(tokens)
-            hd = self._head_cache.get(n_prefill + n)
+            hd = (self._head_cache_g if tokens <= self._gmax else self._head_cache).get(
+                n_prefill + n
+            )
             lt = (
                 lt + hd
                 if lt is not None and hd is not None
