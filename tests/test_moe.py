@@ -372,8 +372,12 @@ def test_latency_cli_qwen3_30b_a3b_parts(capsys):
     for r in rows:
         assert sum(r["parts_s"].values()) == pytest.approx(r["total_s"], rel=1e-12)
     g = [r["parts_s"]["moe_grouped_gemm"] for r in rows]
-    kf = _profile().kernels
-    assert kf is not None
+    from fleetsim.device.kernels import graphed_fit
+    from fleetsim.device.stack import apply_stack
+
+    prof = apply_stack(_profile(), "vllm-v1", "h100-sxm", 256)  # what the command uses
+    assert prof.kernels is not None and prof.graph_max_tokens >= 8
+    kf = graphed_fit(prof.kernels, prof.graph_floor_frac)  # batches 1 and 8 replay a graph
     # two launch floors and the activation's fixed cost per layer, 48 MoE layers
     floor = 48 * (2 * kf.gemm_launch_s + kf.elem_params("act")[0])
     ratio = expected_distinct_experts(128, 8, 8) / 8.0

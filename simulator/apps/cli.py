@@ -69,6 +69,7 @@ def cmd_validate(args) -> int:
     from fleetsim.config.loading import load_scenario
     from fleetsim.config.resolve import resolve
     from fleetsim.config.resolved import resolved_dict
+    from fleetsim.results.summary import serving_stack
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
@@ -86,7 +87,7 @@ def cmd_validate(args) -> int:
                 if rs.kv is not None
                 else ""
             )
-            + f"; profile {rs.profile_id}",
+            + f"; profile {rs.profile_id}; serving stack {serving_stack(rs)}",
             file=sys.stderr,
         )
         if rs.pools is not None:  # a disaggregated fleet: each pool's own figures

@@ -5,8 +5,9 @@
 
 ``--batch B --context C`` is a decode step of B sequences each attending C tokens;
 ``--prefill-tokens P`` one prompt of P tokens. The device is the catalog GPU's analytic profile
-(the kernel model fitted to measured operator times where the GPU has one). ``overhead_s`` is the
-fixed CPU-side time per iteration that kernel profiles do not see.
+(the kernel model fitted to measured operator times where the GPU has one) as
+``--serving-stack`` runs it (:mod:`fleetsim.device.stack`). ``overhead_s`` is the fixed CPU-side
+time per iteration that kernel profiles do not see.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", help="decode: sequences per step, comma-separated list")
     g.add_argument("--prefill-tokens", help="prefill: prompt tokens, comma-separated list")
     p.add_argument("--context", type=int, default=None, help="decode: context per sequence")
+    p.add_argument(
+        "--serving-stack",
+        choices=("vllm-v1", "eager"),
+        default="vllm-v1",
+        help="the serving stack the step times represent (default vllm-v1, as fleet.serving_stack;"
+        " its CUDA graphs are sized for the default max_num_seqs, 256)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return p
 
@@ -112,7 +120,15 @@ def rows(args: argparse.Namespace) -> list[dict]:
             split[0], "--expert-parallel"
         )
         raise ScenarioError(flag, split[1], split[2], split[3])
-    profile = catalog_profile(args.gpu, catalog.gpu(args.gpu, "--gpu"))
+    from fleetsim.config.schema import FleetSection
+    from fleetsim.device.stack import apply_stack
+
+    profile = apply_stack(
+        catalog_profile(args.gpu, catalog.gpu(args.gpu, "--gpu")),
+        getattr(args, "serving_stack", "vllm-v1"),
+        args.gpu,
+        FleetSection().max_batch_size,
+    )
     if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "

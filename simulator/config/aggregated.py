@@ -223,6 +223,14 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
             "check the hardware power fields (watts per GPU) against the GPU's TDP",
             src,
         )
+    if hw.node_idle_w is not None and hw.node_idle_w > entry["node_overhead_w"]:
+        raise ScenarioError(
+            "hardware.node_idle_w",
+            hw.node_idle_w,
+            f"is above the host's serving draw node_overhead_w = {entry['node_overhead_w']:g} W",
+            "set node_idle_w <= node_overhead_w (watts per node: idle host <= serving host)",
+            src,
+        )
     sha = ""
     if hw.profile:
         ppath = Path(hw.profile)
@@ -246,13 +254,23 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
                 power = replace(power, confidence=f"from {ppath.name}")
         profile_id = f"{profile.name} ({ppath.name})"
     else:
-        profile = catalog_profile(hw.gpu, entry, power)
+        from fleetsim.device.stack import apply_stack
+
+        # the catalog's step times as the scenario's serving stack runs them (device/stack.py)
+        profile = apply_stack(
+            catalog_profile(hw.gpu, entry, power),
+            sc.fleet.serving_stack,
+            hw.gpu,
+            sc.fleet.max_batch_size,
+        )
         profile_id = profile.name
     gpu = GpuSpec(
         name=hw.gpu,
         tdp_w=entry["tdp_w"],
         idle_w=power.idle_w,
         node_overhead_w=entry["node_overhead_w"],
+        # a node_overhead_w override below the catalog's idle level lowers that too
+        node_idle_w=min(entry["node_idle_w"], entry["node_overhead_w"]),
         gpus_per_node=entry["gpus_per_node"],
         capex_usd=entry["capex_usd"],
         rent_usd_per_gpu_hour=entry["rent_usd_per_gpu_hour"],

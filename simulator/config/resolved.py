@@ -24,15 +24,22 @@ class GpuSpec:
     name: str
     tdp_w: float
     idle_w: float
-    node_overhead_w: float
+    node_overhead_w: float  # the node's host while its GPUs serve
     gpus_per_node: int
     capex_usd: float
     rent_usd_per_gpu_hour: float
     power: PowerSpec
+    node_idle_w: float = 0.0  # the node's host while powered with no request in flight
 
     @property
     def overhead_w_per_gpu(self) -> float:
+        """Host power per GPU while serving."""
         return self.node_overhead_w / self.gpus_per_node
+
+    @property
+    def host_idle_w_per_gpu(self) -> float:
+        """Host power per GPU while powered and idle."""
+        return self.node_idle_w / self.gpus_per_node
 
 
 @dataclass(frozen=True)
@@ -55,26 +62,33 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seq
 
     vLLM sizes the KV cache as ``gpu_memory_utilization x total - (weights + peak activations +
     non-torch memory)``, measuring the peak with a profiling forward pass of
-    ``max_num_batched_tokens`` tokens and a dummy sampler run of ``max_num_seqs`` sequences
-    (vllm/v1/worker/gpu_worker.py ``Worker.determine_available_memory``, ``profile_run``). We
-    estimate that peak instead of profiling: in 16-bit activations, the MLP's intermediate
+    ``max_num_batched_tokens`` tokens and then a dummy sampler run of ``max_num_seqs`` sequences
+    (vllm/v1/worker/gpu_worker.py ``Worker.determine_available_memory``, ``profile_run``). The
+    peak is PyTorch's peak of live tensors, so it is the larger of the two passes, not their
+    sum: the forward pass's intermediates are freed before the sampler runs. We estimate it
+    instead of profiling: the forward pass in 16-bit activations holds the MLP's intermediate
     (gate, up and their product: 3 x d_ff / tp per token) plus four d_model-wide buffers
-    (residual, normed input, attention output, MLP output) per token, and the fp32 logits of
-    the sampler pass, ``max_seqs x vocab x 4`` bytes:
+    (residual, normed input, attention output, MLP output) per token; the sampler pass holds the
+    fp32 logits, ``max_seqs x vocab x 4`` bytes, beside the forward pass's output (one d_model-wide
+    16-bit buffer per token):
 
-        reserve = 2 B x T x (3 d_ff / tp + 4 d_model) + 4 B x max_seqs x vocab
+        reserve = max(2 B x T x (3 d_ff / tp + 4 d_model),
+                      2 B x T x d_model + 4 B x max_seqs x vocab)
 
-    (for a mixture of experts, d_ff is an expert's width times the active experts). The
-    ``fleet.activation_reserve_bytes`` field replaces the estimate with a measured value."""
+    (for a mixture of experts, d_ff is an expert's width times the active experts). vLLM 0.11
+    captures its CUDA graphs after sizing the KV cache, out of the ``1 - gpu_memory_utilization``
+    headroom, so graph memory is not subtracted (later versions subtract an estimate when
+    ``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` is set). The ``fleet.activation_reserve_bytes``
+    field replaces the estimate with a measured value."""
     d_ff = max(
         model.d_ff if model.n_dense_layers else 0,  # a dense layer's MLP
         model.n_active_experts * model.d_ff_expert + model.n_shared_experts * model.d_ff_shared
         if model.n_moe_layers
         else 0,  # an MoE layer's routed and shared experts
     )
-    return 2.0 * max_tokens * (3.0 * d_ff / tp + 4.0 * model.d_model) + 4.0 * max_seqs * (
-        model.vocab_size
-    )
+    forward = 2.0 * max_tokens * (3.0 * d_ff / tp + 4.0 * model.d_model)
+    sampler = 2.0 * max_tokens * model.d_model + 4.0 * max_seqs * model.vocab_size
+    return max(forward, sampler)
 
 
 def typical_contexts(sc: Scenario, n: int = 4096) -> list[float]:
@@ -179,6 +193,7 @@ def resolved_dict(rs: Resolved) -> dict:
         memory_w=pw.memory_w,
         power_confidence=pw.confidence,
         node_overhead_w=g.node_overhead_w,
+        node_idle_w=g.node_idle_w,
         gpus_per_node=g.gpus_per_node,
         capex_usd=g.capex_usd,
         rent_usd_per_gpu_hour=g.rent_usd_per_gpu_hour,
@@ -197,6 +212,7 @@ def resolved_dict(rs: Resolved) -> dict:
         "gpus": rs.scenario.fleet.pods * rs.scenario.fleet.replicas * rs.tp,
         "profile": rs.profile_id,
         "profile_sha256": rs.profile_sha256 or None,
+        "serving_stack": getattr(rs.profile, "serving_stack", "eager"),
     }
     return d
 

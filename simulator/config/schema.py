@@ -116,6 +116,7 @@ class HardwareSection(_Section):
     compute_w: Watts | None = None
     memory_w: Watts | None = None
     node_overhead_w: Annotated[float, bound(0, 1e6)] | None = None
+    node_idle_w: Annotated[float, bound(0, 1e6)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
     capex_usd: Usd | None = None
     rent_usd_per_gpu_hour: UsdPerHour | None = None
@@ -149,6 +150,9 @@ class FleetSection(_Section):
     max_batch_size: Annotated[int, Field(ge=1)] = 256
     max_batched_tokens: Annotated[int, Field(ge=1)] = 16384
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # the serving stack the step times represent (device/stack.py): "vllm-v1" (vLLM 0.11: CUDA
+    # graphs, asynchronous scheduling; fitted to ML.ENERGY v3) or "eager" (Vidur's operator times)
+    serving_stack: Literal["vllm-v1", "eager"] = "vllm-v1"
     # ---- the paged KV policy (serving/kv_paged.py). Defaults follow vLLM's V1 engine as of
     # v0.10 (vllm/config CacheConfig.block_size = 16; EngineArgs._set_default_args_v1: chunked
     # prefill always on, prefix caching on by default; V1's KVCacheManager.allocate_slots admits

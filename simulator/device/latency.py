@@ -26,9 +26,11 @@ from typing import Literal
 
 from fleetsim.device.kernels import (
     KernelFit,
+    allreduce_floor_s,
     allreduce_time_s,
     elem_time_s,
     gemm_time_s,
+    graphed_fit,
     layer_parts_s,
     layer_shapes,
 )
@@ -127,6 +129,17 @@ class RooflineProfile:
     #: the kernel model of the linear layers and the all-reduce (fleetsim.device.kernels); when
     #: set it replaces the roofline for everything but attention
     kernels: KernelFit | None = None
+    #: the serving stack these step times represent (:mod:`fleetsim.device.stack`): "eager"
+    #: (every kernel launched one by one, as Vidur profiled them) or "vllm-v1"
+    serving_stack: str = "eager"
+    #: iterations of at most this many tokens replay a captured CUDA graph (0: none)
+    graph_max_tokens: int = 0
+    #: the fraction of each kernel's fixed time (the kernel model's GEMM launch, elementwise
+    #: floors and the all-reduce's latency floor) left in an iteration replayed from a CUDA graph
+    graph_floor_frac: float = 1.0
+    #: time per sequence in an iteration beyond its kernels (the serving stack's sampling and
+    #: per-request host work that asynchronous scheduling does not hide; 0 for eager)
+    per_seq_s: float = 0.0
 
 
 _GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
@@ -401,6 +414,19 @@ class LatencyModel:
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
         self._head_cache: dict[int, float] = {}
+        # CUDA graphs (serving stack vllm-v1): iterations of up to _gmax tokens run a kernel fit
+        # whose fixed per-kernel times are scaled by graph_floor_frac; -1 = no graphs, and the
+        # graphed head cache is then the eager one
+        self._kern_g: KernelFit | None = None
+        self._gmax = -1
+        self._head_cache_g = self._head_cache
+        self._per_seq = p.per_seq_s
+        self._ar_floor_g = 0.0
+        if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
+            self._kern_g = graphed_fit(kf, p.graph_floor_frac)
+            self._gmax = p.graph_max_tokens
+            self._head_cache_g = {}
+            self._ar_floor_g = 1.0 - p.graph_floor_frac
 
     def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
         """(compute, memory-bound, communication) seconds of the kernel model's non-attention
@@ -416,7 +442,8 @@ class LatencyModel:
             v = (comp, mem, comm)
             self._lin_cache[key] = v
             return v
-        kf = self._kern
+        graphed = tokens <= self._gmax
+        kf = self._kern_g if graphed else self._kern
         assert kf is not None
         m, tp, bw, peak = self.model, self.tp, self._bw, self._peak_lin
         touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
@@ -425,6 +452,8 @@ class LatencyModel:
         t_gemm = sum(parts[k] for k in gemm_ops)
         t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
         head = gemm_time_s(kf, peak, bw, seqs, m.vocab_size / tp, m.d_model, self._wb)
+        if self._per_seq:
+            head += seqs * self._per_seq
         emb = elem_time_s(kf, bw, "emb", 4.0 * tokens * m.d_model)
         # reported as compute when the tokens exceed the GEMMs' ridge point (peak x w / 2 bw)
         ridge = peak * self._wb / (2.0 * bw)
@@ -436,6 +465,11 @@ class LatencyModel:
             ar = allreduce_time_s(kf, tp, tokens * m.d_model * 2.0)
             if ar is None:  # no measured table for this GPU count: the ring model
                 ar = self._comm_a / (2.0 * m.n_layers) + self._comm_b * tokens / (2.0 * m.n_layers)
+                floor = self._roof.link_latency_s
+            else:
+                floor = allreduce_floor_s(kf, tp)
+            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
+                ar -= self._ar_floor_g * floor
             comm = 2.0 * m.n_layers * ar
         v = (comp, mem, comm)
         self._lin_cache[key] = v
@@ -445,7 +479,8 @@ class LatencyModel:
         """:meth:`linear_parts` on the layer-stack path (a mixture of experts, a data-parallel
         replica, latent attention, linear-state layers), with the named parts (seconds per
         iteration on one GPU) that they sum: each layer kind counted by the model's layers."""
-        kf = self._kern
+        graphed = tokens <= self._gmax  # a CUDA-graph replay (serving stack vllm-v1)
+        kf = self._kern_g if graphed else self._kern
         assert kf is not None
         m, tp, bw, peak, wb = self.model, self.tp, self._bw, self._peak_lin, self._wb
         lay = self.layout
@@ -490,10 +525,15 @@ class LatencyModel:
             one = allreduce_time_s(kf, tp, t_eng * m.d_model * 2.0)
             if one is None:  # no measured table for this GPU count: the ring model
                 one = self._comm_a / (2.0 * m.n_layers) + self._comm_b * t_eng / (2.0 * m.n_layers)
+                floor = self._roof.link_latency_s
+            else:
+                floor = allreduce_floor_s(kf, tp)
+            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
+                one -= self._ar_floor_g * floor
             ar = 2.0 * m.n_layers * one  # after each mixer and each feed-forward block
         parts["allreduce"] = ar
         comm += ar
-        head = self._head_time(seqs)
+        head = self._head_time(seqs, graphed)
         emb = elem_time_s(kf, bw, "emb", 4.0 * t_eng * m.d_model) if tokens > 0 else 0.0
         parts["lm_head"] = head
         parts["embedding"] = emb
@@ -503,17 +543,19 @@ class LatencyModel:
         mem = (lin - comp) + elem + emb
         return comp, mem, comm, parts
 
-    def _head_time(self, seqs: int) -> float:
-        """The LM head over ``seqs`` sequences (each engine's share under data parallelism)."""
+    def _head_time(self, seqs: int, graphed: bool = False) -> float:
+        """The LM head over ``seqs`` sequences (each engine's share under data parallelism),
+        with the serving stack's per-sequence time."""
         if seqs <= 0:
             return 0.0
-        kf = self._kern
+        kf = self._kern_g if graphed else self._kern
         assert kf is not None
         m = self.model
         rows = _ceil(seqs / self.dp) if self.dp > 1 else seqs
-        return gemm_time_s(
+        h = gemm_time_s(
             kf, self._hpeak, self._bw, rows, m.vocab_size / self.tp, m.d_model, self._hwb
         )
+        return h + seqs * self._per_seq if self._per_seq else h
 
     def linear_time(self, tokens: int, seqs: int) -> float:
         """The sum of :meth:`linear_parts`, cached by tokens and by sequences separately (the
@@ -522,18 +564,22 @@ class LatencyModel:
         if t is None:
             c, mm, cm = self.linear_parts(tokens, 0)
             t = self._tok_cache[tokens] = c + mm + cm
-        h = self._head_cache.get(seqs)
+        graphed = tokens <= self._gmax
+        hc = self._head_cache_g if graphed else self._head_cache
+        h = hc.get(seqs)
         if h is None:
             if self._moe_path:
-                h = self._head_time(seqs)
+                h = self._head_time(seqs, graphed)
             else:
-                kf = self._kern
+                kf = self._kern_g if graphed else self._kern
                 assert kf is not None
                 m = self.model
                 h = gemm_time_s(
                     kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
                 )
-            self._head_cache[seqs] = h
+                if self._per_seq:
+                    h += seqs * self._per_seq
+            hc[seqs] = h
         return t + h
 
     # -- helpers ---------------------------------------------------------------------------
@@ -580,7 +626,9 @@ class LatencyModel:
             att_m = self._att_m
             kv = ctx * att_m
             lt = self._tok_cache.get(tokens)
-            hd = self._head_cache.get(n_prefill + n)
+            hd = (self._head_cache_g if tokens <= self._gmax else self._head_cache).get(
+                n_prefill + n
+            )
             lt = (
                 lt + hd
                 if lt is not None and hd is not None
@@ -675,21 +723,20 @@ class LatencyModel:
         if self._moe_path:
             lin = dict(self._moe_linear(tokens, seqs)[3])
         else:
-            kf = self._kern
+            kf = self._kern_g if tokens <= self._gmax else self._kern
+            assert kf is not None
             m = self.model
             lp = layer_parts_s(
                 kf, self._peak_lin, self._bw, self._shapes, tokens, self._wb, experts_touched=1.0
             )
             mlp = ("mlp_up_proj", "mlp_act", "mlp_down_proj", "mlp_router")
             comm = self.linear_parts(tokens, 0)[2]
+            head = self.linear_time(tokens, seqs) - self._tok_cache[tokens]
             lin = {
                 "attention_linear": m.n_layers * sum(v for k, v in lp.items() if k not in mlp),
                 "dense_mlp": m.n_layers * sum(lp[k] for k in mlp),
                 "allreduce": comm,
-                "lm_head": self._head_cache.get(seqs)
-                or gemm_time_s(
-                    kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
-                ),
+                "lm_head": head,
                 "embedding": elem_time_s(kf, self._bw, "emb", 4.0 * tokens * m.d_model),
             }
         att = (pairs + ctx) * self._att_c

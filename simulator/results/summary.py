@@ -10,6 +10,7 @@ from rich.table import Table
 
 from fleetsim.base.io import term
 from fleetsim.base.units import HOUR_S, fmt_num
+from fleetsim.config.resolved import Resolved
 from fleetsim.results.result import Result
 
 _f = fmt_num  # (short: used in every row below)
@@ -18,6 +19,19 @@ _f = fmt_num  # (short: used in every row below)
 #: below this share of requests meeting the SLO, a run is flagged (summary line, ``--json``,
 #: ``--strict``)
 SLO_ATTAINMENT_WARN_BELOW = 0.9
+
+
+def serving_stack(rs: Resolved) -> str:
+    """The serving stack the run's step times represent (``fleet.serving_stack`` as applied to
+    the catalog profile; a measured profile file is the stack it was measured on)."""
+    from fleetsim.device.latency import RooflineProfile
+
+    p = rs.profile
+    if isinstance(p, RooflineProfile) and p.serving_stack != "eager":
+        return p.serving_stack
+    if rs.scenario.hardware.profile:
+        return "as measured (profile file)"
+    return "eager"
 
 
 def backlog_limit(res: Result) -> float:
@@ -96,6 +110,7 @@ def summary_dict(res: Result, paths: dict[str, str] | None = None) -> dict:
             "model": rs.model.name,
             "gpu": rs.gpu.name,
             "profile": rs.profile_id,
+            "serving_stack": serving_stack(rs),
             "fleet": {
                 "pods": sc.fleet.pods,
                 "pods_simulated": len(res.pods),
@@ -161,7 +176,8 @@ def _print_headline(res: Result, c: Console) -> None:
         dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
     c.print(  # user text is escaped for the console (names are data, not markup)
         f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({dt}) on "
-        f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}"
+        f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}, "
+        f"serving stack {serving_stack(rs)}"
     )
     if res.scale != 1:
         c.print(
