@@ -116,6 +116,7 @@ class HardwareSection(_Section):
     compute_w: Watts | None = None
     memory_w: Watts | None = None
     node_overhead_w: Annotated[float, bound(0, 1e6)] | None = None
+    node_idle_w: Annotated[float, bound(0, 1e6)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None
     capex_usd: Usd | None = None
     rent_usd_per_gpu_hour: UsdPerHour | None = None
@@ -129,18 +130,29 @@ class FleetSection(_Section):
         "max_num_seqs": "max_batch_size",
         "max_num_batched_tokens": "max_batched_tokens",
         "tensor_parallel_size": "tensor_parallel",
+        "data_parallel_size": "data_parallel",
+        "enable_expert_parallel": "expert_parallel",
     }
 
     replicas: Annotated[int, Field(ge=1, le=100_000)] = 1
     pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sample_pods: Annotated[int, Field(ge=1)] | None = None
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    #: data-parallel attention engines of ``tensor_parallel`` GPUs each in one replica (vLLM
+    #: --data-parallel-size): a replica has tensor_parallel x data_parallel GPUs, and
+    #: max_batch_size / max_batched_tokens are the whole replica's (see fleetsim.device.moe)
+    data_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    #: experts whole on the replica's GPUs instead of split (vLLM --enable-expert-parallel)
+    expert_parallel: bool = False
     router: Literal["round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"] = (
         "least_loaded"
     )
     max_batch_size: Annotated[int, Field(ge=1)] = 256
     max_batched_tokens: Annotated[int, Field(ge=1)] = 16384
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # the serving stack the step times represent (device/stack.py): "vllm-v1" (vLLM 0.11: CUDA
+    # graphs, asynchronous scheduling; fitted to ML.ENERGY v3) or "eager" (Vidur's operator times)
+    serving_stack: Literal["vllm-v1", "eager"] = "vllm-v1"
     # ---- the paged KV policy (serving/kv_paged.py). Defaults follow vLLM's V1 engine as of
     # v0.10 (vllm/config CacheConfig.block_size = 16; EngineArgs._set_default_args_v1: chunked
     # prefill always on, prefix caching on by default; V1's KVCacheManager.allocate_slots admits
