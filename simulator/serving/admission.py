@@ -52,6 +52,14 @@ class PagedLimits:
     watermark_blocks: int  # blocks kept free when admitting while others run
     hash_tokens: int  # tokens per prompt block id (prefix caching granularity)
     affinity_margin: int  # prefix_affinity router: the load margin
+    # sliding-window models (kv_paged.py, "Sliding windows"): the pool in layer-blocks (b
+    # tokens of one attention layer), its watermark, the global and window layers per
+    # sequence and the window's cap in blocks; 0 layers: every layer holds the whole context
+    win_blocks: int = 0
+    win_watermark_blocks: int = 0
+    win_global_layers: int = 0
+    win_sliding_layers: int = 0
+    win_cap_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,6 +149,10 @@ class ReplicaCore(KVPolicy):
         "mask",
         "prefix",
         "wm",
+        "win",
+        "wsat",
+        "wcur",
+        "wscale",
     )
 
     def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:

@@ -81,6 +81,7 @@ class BlockPool(ReplicaCore):
     lru: OrderedDict[int, None]
     mask: int
     prefix: bool
+    win: tuple[int, int, int] | None
 
     def kv_blocks_for(self, tokens: int) -> int:
         """KV blocks that a sequence holding ``tokens`` tokens of context occupies: the one
@@ -88,7 +89,12 @@ class BlockPool(ReplicaCore):
         (marked ``kv_blocks_for``), and the decodes' growth (one block every ``b`` tokens,
         ``cnt2``) follows from it; a model whose layers hold less (sliding-window layers at
         most W tokens, Mamba layers a constant state) changes this and those places."""
-        return -(-tokens // self.b)
+        q = -(-tokens // self.b)
+        win = self.win
+        if win is None:
+            return q
+        G, S, cap = win
+        return G * q + S * (q if q < cap else cap)
 
     def used_blocks(self) -> int:
         """Blocks referenced by running requests (not counting unreferenced cached blocks)."""

@@ -70,6 +70,9 @@ class PagedKV(BlockPool):
     adm_seq: int
     chunked: bool
     wm: int
+    wsat: list[tuple[int, int, Request]]  # (last opening with window blocks, rid, request)
+    wcur: dict[Request, tuple[int, int]]
+    wscale: float
 
     def _init_kv(self, cfg: EnginePlan) -> None:
         kv = cfg.paged
@@ -92,6 +95,19 @@ class PagedKV(BlockPool):
         self.cum = None  # cumulative(cnt), None when cnt changed
         self.lb = b.bit_length() - 1  # log2(b)
         self.adm_seq = 0
+        self.win = None
+        self.wsat = []
+        self.wcur = {}
+        self.wscale = 1.0
+        if kv.win_global_layers + kv.win_sliding_layers:
+            # sliding windows: the pool in layer-blocks, no prefix caching, one iteration a run
+            self.win = (kv.win_global_layers, kv.win_sliding_layers, kv.win_cap_blocks)
+            self.NB = self.free = kv.win_blocks
+            self.wm = kv.win_watermark_blocks
+            self.prefix = False
+            self.g = 1
+            # kv_block_s in the configured blocks, so that the KV utilisation keeps its meaning
+            self.wscale = kv.blocks / kv.win_blocks if kv.win_blocks else 0.0
 
     # ---- preemption ---------------------------------------------------------------------------
     def _preempt_last(self, it: int, after_alloc: bool) -> Request:
@@ -109,8 +125,9 @@ class PagedKV(BlockPool):
             self._drop(r, r.eff + (it - r.join_it if after_alloc else it - 1 - r.join_it))
             self.n -= 1
             self.S -= r.eff - r.join_it
-            self.cnt2[r.rho] -= 1
-            self.cnt2[r.rho + self.b] -= 1
+            wt = self._w_leave(r) if self.win is not None else 1
+            self.cnt2[r.rho] -= wt
+            self.cnt2[r.rho + self.b] -= wt
             self.cum = None
             self.heap = [e for e in self.heap if e[2] is not r]
             heapq.heapify(self.heap)
@@ -159,18 +176,62 @@ class PagedKV(BlockPool):
             self.pf.append(r)
             rho = (it + 1 - nd) & self.mask
             r.rho = rho
-            self.cnt2[rho] += 1
-            self.cnt2[rho + self.b] += 1
+            wt = self._w_enter(r, it, nd) if self.win is not None else 1
+            self.cnt2[rho] += wt
+            self.cnt2[rho + self.b] += wt
             self.cum = None
             if r.gen == 0:
                 self.P_first += r.prompt
                 self.hit_tok += r.cached
+
+    # ---- sliding windows ----------------------------------------------------------------------
+    def _w_enter(self, r: Request, it: int, eff: int) -> int:
+        """``r`` decodes from iteration ``it + 1`` on holding ``eff`` tokens: the layer-blocks
+        each of its block openings takes (``G + S`` until its window layers hold ``cap``
+        blocks, then ``G``), and the iteration of its last opening that takes ``G + S``."""
+        win = self.win
+        assert win is not None
+        G, S, cap = win
+        i_sat = it + (cap - 1) * self.b + 1 - eff
+        if i_sat <= it:
+            self.wcur[r] = (G, -1)
+            return G
+        # (the entry is stale once r leaves; a re-entry with the same i_sat is the same event)
+        self.wcur[r] = (G + S, i_sat)
+        heapq.heappush(self.wsat, (i_sat, r.rid, r))
+        return G + S
+
+    def _w_leave(self, r: Request) -> int:
+        """``r`` leaves the decode set: its weight in ``cnt2``."""
+        return self.wcur.pop(r)[0]
+
+    def _w_saturate(self, it: int) -> None:
+        """Sequences whose window layers filled before iteration ``it``: their later block
+        openings take the global layers' blocks only (a window layer opens one block as it
+        releases the oldest, vLLM's ``remove_skipped_blocks``)."""
+        heap = self.wsat
+        win = self.win
+        assert win is not None
+        S = win[1]
+        cur = self.wcur
+        b = self.b
+        while heap and heap[0][0] < it:
+            i_sat, _rid, r = heapq.heappop(heap)
+            c = cur.get(r)
+            if c is None or c[1] != i_sat:
+                continue  # it left the decode set (or re-entered) since
+            cur[r] = (c[0] - S, -1)
+            self.cnt2[r.rho] -= S
+            self.cnt2[r.rho + b] -= S
+            self.cum = None
 
     def _schedule_running(self, it: int) -> None:
         """Decodes' blocks, then chunks of the partially prefilled requests (preempting the most
         recent running requests while blocks are short)."""
         mask = self.mask
         n = self.n
+        if self.win is not None and self.wsat:
+            self._w_saturate(it)
         d = self.cnt2[it & mask] if n else 0
         if not self.pre and d <= self.free:
             # the common case: no chunk to continue and the decodes' new blocks (if any) are
@@ -195,7 +256,10 @@ class PagedKV(BlockPool):
             rem = r.eff - done
             budget = self.budget
             c = rem if rem < budget else budget
-            need = -(-(done + c) // b) - -(-done // b)
+            if self.win is None:
+                need = -(-(done + c) // b) - -(-done // b)
+            else:
+                need = self.kv_blocks_for(done + c) - self.kv_blocks_for(done)
             preempted = False
             while need > self.free + g * len(self.lru):
                 if self._preempt_last(it, True) is r:
@@ -219,7 +283,7 @@ class PagedKV(BlockPool):
         chunked, prefix = self.chunked, self.prefix
         while w and nt < max_batch and budget > 0:
             r = w[0]
-            if r.ids is not None and prefix:
+            if (r.ids is not None and prefix) or self.win is not None:
                 c = self._admit_head(r, it, nt, budget)
                 if not c:
                     break
@@ -321,6 +385,8 @@ class PagedKV(BlockPool):
             c = budget
         else:
             return 0, 0
+        if self.win is not None:
+            return c, self.kv_blocks_for(done + c)  # (no cached prefix: H == 0)
         return c, -(-(done + c) // self.b) - H * self.g  # kv_blocks_for(done + c) - cached
 
     def _head_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
@@ -361,6 +427,8 @@ class PagedKV(BlockPool):
         only shrink), or with prefix caching at the step that would evict a block of the
         head's cached prefix."""
         w = self.waiting
+        if self.win is not None:
+            return 1  # the block openings' weights change as windows fill: one iteration a run
         if w and self._fit_at(w[0], n1, self.cnt2[(it + 1) & self.mask]):
             return 1
         free = self.free
@@ -400,14 +468,15 @@ class PagedKV(BlockPool):
         # KV in use over the committed iterations (blocks after their allocations x time)
         lru = self.lru  # (empty without prefix caching: no len() call then)
         used = self.NB - self.free - (self.g * len(lru) if lru else 0)
-        self.rec.kv_block_s[h] += used * dt
+        self.rec.kv_block_s[h] += (used * self.wscale if self.win is not None else used) * dt
 
     def _leave_decode(self, r: Request, f: int) -> int:
         """``r`` (its last iteration ``f``) leaves the decode set: the KV tokens it holds."""
         rho = r.rho
         cnt2 = self.cnt2
-        cnt2[rho] -= 1
-        cnt2[rho + self.b] -= 1
+        wt = self._w_leave(r) if self.win is not None else 1
+        cnt2[rho] -= wt
+        cnt2[rho + self.b] -= wt
         self.cum = None
         return r.eff + f - r.join_it  # the last token's KV is never written
 
@@ -416,6 +485,13 @@ class PagedKV(BlockPool):
         # _leave_decode, inlined: once per request (see core._finish_due)
         rho = r.rho
         cnt2 = self.cnt2
+        if self.win is not None:
+            wt = self._w_leave(r)
+            cnt2[rho] -= wt
+            cnt2[rho + self.b] -= wt
+            self.cum = None
+            self.free += self.kv_blocks_for(tokens)
+            return
         cnt2[rho] -= 1
         cnt2[rho + self.b] -= 1
         self.cum = None
@@ -492,17 +568,20 @@ class PagedKV(BlockPool):
         if n >= self.max_batch or budget <= 0:
             return False
         avail = self.free + self.g * len(self.lru) - x
+        if self.win is not None:
+            return self.kv_blocks_for(r.eff + 1) <= avail - (self.wm if n else 0)
         return (r.eff >> self.lb) + 1 <= avail - (self.wm if n else 0)
 
     def _join_kv(self, r: Request, it: int) -> None:
         """Take the blocks of ``r``'s arrived KV; it decodes from iteration ``it`` on."""
         p = r.eff
-        self._take((p >> self.lb) + 1)
+        self._take((p >> self.lb) + 1 if self.win is None else self.kv_blocks_for(p + 1))
         self.adm_seq += 1
         r.adm = self.adm_seq
         r.done = p
         rho = (it - p) & self.mask
         r.rho = rho
-        self.cnt2[rho] += 1
-        self.cnt2[rho + self.b] += 1
+        wt = 1 if self.win is None else self._w_enter(r, it - 1, p)
+        self.cnt2[rho] += wt
+        self.cnt2[rho + self.b] += wt
         self.cum = None

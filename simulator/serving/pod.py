@@ -50,6 +50,20 @@ def paged_limits(rs: Resolved) -> PagedLimits | None:
     if f.kv_allocation != "paged" or rs.kv is None:
         return None
     ses = rs.scenario.traffic.sessions
+    m = rs.model
+    b = f.block_size_tokens
+    win: dict[str, int] = {}
+    if m.n_sliding_layers and not m.n_linear_layers:
+        # the pool in layer-blocks: the KV bytes over one layer's block (tp replication included)
+        layer_block_bytes = b * m.kv_bytes_per_token_tp(f.tensor_parallel) / m.n_attn_layers
+        nb = max(0, int(rs.kv.kv_bytes // layer_block_bytes))
+        win = {
+            "win_blocks": nb,
+            "win_watermark_blocks": int(f.kv_watermark_fraction * nb),
+            "win_global_layers": m.n_global_attn_layers,
+            "win_sliding_layers": m.n_sliding_layers,
+            "win_cap_blocks": -(-m.sliding_window_tokens // b) + 1,
+        }
     return PagedLimits(
         blocks=rs.kv.blocks,
         block_tokens=f.block_size_tokens,
@@ -58,6 +72,7 @@ def paged_limits(rs: Resolved) -> PagedLimits | None:
         watermark_blocks=int(f.kv_watermark_fraction * rs.kv.blocks),
         hash_tokens=ses.block_tokens if ses is not None else rs.scenario.traffic.trace_block_tokens,
         affinity_margin=f.prefix_affinity_margin,
+        **win,
     )
 
 
