@@ -114,7 +114,8 @@ def rows(args: argparse.Namespace) -> list[dict]:
     if model.weight_bytes >= args.tp * profile.mem_bytes:
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
-            f"fit in {args.tp} x {profile.mem_bytes / 2**30:.1f} GiB; raise --tp"
+            f"fit in {args.tp} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 bytes, as validate); "
+            "raise --tp"
         )
     lat = LatencyModel(model, profile, args.tp)
     _, weight_only = compute_peak(profile, model.dtype)
@@ -127,6 +128,8 @@ def rows(args: argparse.Namespace) -> list[dict]:
         if args.context is not None:
             raise UserError("--context goes with --batch, not --prefill-tokens")
         cases = [(0, p, 0) for p in _ints(args.prefill_tokens, "--prefill-tokens")]
+    p16 = args.tp * profile.peak_flops  # attention runs at the 16-bit peak
+    p_lin = args.tp * compute_peak(profile, model.dtype)[0]
     for b, p, ctx in cases:
         if b:
             total, flops, nbytes = lat.iteration(0, 0.0, 0, b, float(ctx))
@@ -136,18 +139,21 @@ def rows(args: argparse.Namespace) -> list[dict]:
             tokens, seqs, pairs = p, 1, float(p * p)
         overhead = lat._oh
         if lat._kern is not None:
-            comp, mem, comm = lat.linear_parts(tokens, seqs)
-            att = (pairs + ctx) * lat._att_c
-            kv = ctx * lat._att_m + tokens * lat._att_m
-            if att > ctx * lat._att_m:
-                comp += att
-                mem += tokens * lat._att_m
-            else:
-                mem += kv
-        else:  # a roofline without a kernel model: the bound that wins, and the ring
+            comm = lat.linear_parts(tokens, seqs)[2]
+        else:
             comm = lat._comm_a + lat._comm_b * tokens
-            rest = total - overhead - comm
-            comp, mem = (rest, 0.0) if flops / lat._rc_peak > nbytes / lat._rm else (0.0, rest)
+        # compute: the iteration's FLOPs at the achievable peak (compute_eff_max x the peak of
+        # the weights' precision for the linear layers, of 16-bit for attention), shown whether
+        # or not it is the bound; memory: the rest of the kernel time (HBM traffic beyond the
+        # compute, kernel floors). They add up with the all-reduces and the overhead to the
+        # model's total.
+        eff = profile.compute_eff_max
+        att_flops = (pairs + ctx) * model.attn_flops_per_pair
+        t_c = (flops - att_flops) / (p_lin * eff) + att_flops / (p16 * eff)
+        busy = max(total - overhead - comm, 0.0)
+        comp = min(t_c, busy)
+        mem = busy - comp
+        bound = "compute" if t_c >= nbytes / lat._rm else "memory"
         out.append(
             {
                 "gpu": args.gpu,
@@ -158,7 +164,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "tp": args.tp,
                 "phase": "decode" if b else "prefill",
                 "tokens": tokens,
-                "context_tokens": ctx,
+                "context_tokens": args.context if b else 0,  # per sequence
+                "kv_tokens_read": ctx,  # all sequences: batch x context
+                "bound": bound,
                 "total_s": total,
                 "compute_s": comp,
                 "memory_s": mem,
@@ -177,26 +185,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
+    from fleetsim.apps.common import console
+    from fleetsim.base.tables import print_table
+
     r0 = res[0]
     wq = (
         " (weight-only: no native compute in that precision)"
         if r0["weight_only_quantization"]
         else ""
     )
-    print(
+    c = console()
+    c.print(
         f"{r0['model']} ({r0['dtype']} weights{wq}, kv {r0['kv_dtype']}) on {r0['tp']} x "
-        f"{r0['gpu']}"
+        f"{r0['gpu']}",
+        highlight=False,
+        markup=False,
     )
-    print(
-        f"{'phase':8} {'tokens':>7} {'context':>9} {'total ms':>9} {'compute':>8} "
-        f"{'memory':>8} {'comm':>8} {'overhead':>8}"
+    # the parts: every *_s field the model returns besides the total, in its order (parts that
+    # a model adds appear without an edit here)
+    parts = [k for k in r0 if k.endswith("_s") and k != "total_s"]
+    headers = ["phase", "tokens", "context", "total ms"]
+    headers += [k[:-2].replace("_", " ") + " ms" for k in parts] + ["bound"]
+    cells = [
+        [r["phase"], f"{r['tokens']:,}", f"{r['context_tokens']:,}", f"{r['total_s'] * 1e3:.3f}"]
+        + [f"{r[k] * 1e3:.3f}" for k in parts]
+        + [r["bound"]]
+        for r in res
+    ]
+    print_table(c, None, headers, cells, left=("phase", "bound"))
+    c.print(
+        "context: tokens each sequence attends; compute: the FLOPs at the achievable peak (shown "
+        "even when memory bounds the step); memory: the rest of the kernel time; bound: the "
+        "larger of the FLOP and byte times",
+        highlight=False,
     )
-    for r in res:
-        print(
-            f"{r['phase']:8} {r['tokens']:7d} {r['context_tokens']:9d} {r['total_s'] * 1e3:9.3f} "
-            f"{r['compute_s'] * 1e3:8.3f} {r['memory_s'] * 1e3:8.3f} {r['comm_s'] * 1e3:8.3f} "
-            f"{r['overhead_s'] * 1e3:8.3f}"
-        )
     return 0
 
 

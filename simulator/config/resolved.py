@@ -168,7 +168,7 @@ def resolved_dict(rs: Resolved) -> dict:
     for k in d["model"]:
         if k != "config" and hasattr(m, k):
             d["model"][k] = getattr(m, k)
-    d["model"]["kv_dtype"] = m.kv_dtype or m.dtype
+    d["model"]["kv_dtype"] = m.kv_dtype_resolved  # what the KV budget uses (not the weights')
     g, pw, prof = rs.gpu, rs.gpu.power, rs.profile
     hw = d["hardware"]
     hw.update(
@@ -187,13 +187,22 @@ def resolved_dict(rs: Resolved) -> dict:
         mem_bw_bytes_per_s=getattr(prof, "mem_bw_bytes_per_s", None),
         mem_bytes=getattr(prof, "mem_bytes", None),
     )
+
+    def whole(v: float) -> int:  # byte counts are printed as integers (not 159131264614.40002)
+        return round(v)
+
+    kv = None
+    if rs.kv is not None:
+        kv = {k: whole(v) if k.endswith("_bytes") else v for k, v in asdict(rs.kv).items()}
+        kv["bytes_per_token"] = whole(rs.kv.bytes_per_token)
     d["derived"] = {
         "total_params": m.total_params,
         "active_params_per_token": m.active_params_per_token,
-        "weight_bytes": m.weight_bytes,
-        "kv_bytes_per_token": m.kv_bytes_per_token,
+        "weight_bytes": whole(m.weight_bytes),
+        "kv_dtype": m.kv_dtype_resolved,
+        "kv_bytes_per_token": whole(m.kv_bytes_per_token),
         "kv_capacity_tokens_per_replica": rs.kv_capacity_tokens,
-        "kv_budget": None if rs.kv is None else asdict(rs.kv),
+        "kv_budget": kv,
         "max_request_tokens": rs.max_request_tokens,
         "gpus": rs.scenario.fleet.pods * rs.scenario.fleet.replicas * rs.tp,
         "profile": rs.profile_id,
