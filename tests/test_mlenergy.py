@@ -137,6 +137,8 @@ def test_skip_reasons_name_what_is_missing():
     assert M.model_section("acme/none", "bfloat16")[1] == (
         "acme/none: no data/models/acme/none/config.json"
     )
+    # expert- and data-parallel servers are simulated (tp x dp GPUs, issue 22)
+    assert any(c.ep > 1 and c.dp == 1 for c in run) and any(c.dp > 1 for c in run)
 
 
 # -- one simulated run -------------------------------------------------------------------------

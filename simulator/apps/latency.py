@@ -44,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(or its folder)",
     )
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism (default 1)")
+    p.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data-parallel attention engines of --tp GPUs each (vLLM --data-parallel-size)",
+    )
+    p.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="experts whole on the tp x dp GPUs (vLLM --enable-expert-parallel)",
+    )
     p.add_argument("--dtype", default=None, help="weight dtype (default: the model's, or bf16)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--batch", help="decode: sequences per step, comma-separated list")
@@ -94,6 +105,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
     from fleetsim.device.latency import LatencyModel, compute_peak
+    from fleetsim.device.moe import layout_problem
     from fleetsim.device.profile import catalog_profile
 
     model = _model(args.model, args.dtype)
@@ -102,6 +114,12 @@ def rows(args: argparse.Namespace) -> list[dict]:
     problem = model.tp_problem(args.tp)
     if problem:
         raise ScenarioError("--tp", args.tp, problem, model.tp_fix(args.tp))
+    split = layout_problem(model, args.tp, args.dp, args.expert_parallel)
+    if split:
+        flag = {"tensor_parallel": "--tp", "data_parallel": "--dp"}.get(
+            split[0], "--expert-parallel"
+        )
+        raise ScenarioError(flag, split[1], split[2], split[3])
     from fleetsim.config.schema import FleetSection
     from fleetsim.device.stack import apply_stack
 
@@ -111,13 +129,13 @@ def rows(args: argparse.Namespace) -> list[dict]:
         args.gpu,
         FleetSection().max_batch_size,
     )
-    if model.weight_bytes >= args.tp * profile.mem_bytes:
+    if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
-            f"fit in {args.tp} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 bytes, as validate); "
-            "raise --tp"
+            f"fit in {args.tp * max(args.dp, 1)} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 "
+            "bytes, as validate); raise --tp"
         )
-    lat = LatencyModel(model, profile, args.tp)
+    lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
     out = []
     if args.batch is not None:
@@ -174,6 +192,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "overhead_s": overhead,
                 "flops": flops,
                 "bytes": nbytes,
+                "dp": args.dp,
+                "expert_parallel": args.expert_parallel,
+                # the named parts of total_s (LatencyModel.breakdown), seconds
+                "parts_s": lat.breakdown(p, float(pairs), seqs if not b else 0, b, float(ctx)),
             }
         )
     return out
@@ -203,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # the parts: every *_s field the model returns besides the total, in its order (parts that
     # a model adds appear without an edit here)
-    parts = [k for k in r0 if k.endswith("_s") and k != "total_s"]
+    parts = [k for k in r0 if k.endswith("_s") and k not in ("total_s", "parts_s")]
     headers = ["phase", "tokens", "context", "total ms"]
     headers += [k[:-2].replace("_", " ") + " ms" for k in parts] + ["bound"]
     cells = [
@@ -218,6 +240,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "even when memory bounds the step); memory: the rest of the kernel time; bound: the "
         "larger of the FLOP and byte times",
         highlight=False,
+    )
+    # the named parts of the layer stack (attention, dense MLP, MoE dispatch / grouped GEMM /
+    # combine, all-reduce, overhead: LatencyModel.breakdown), those that any row uses
+    names = [k for k in res[0]["parts_s"] if any(r["parts_s"].get(k, 0.0) > 0.0 for r in res)]
+    print_table(
+        c,
+        "parts (ms)",
+        ["tokens", *names],
+        [
+            [f"{r['tokens']:,}"] + [f"{r['parts_s'].get(k, 0.0) * 1e3:.3f}" for k in names]
+            for r in res
+        ],
     )
     return 0
 

@@ -14,6 +14,7 @@ from typing import Any
 from fleetsim.config.schema import Scenario
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import ModelSpec
+from fleetsim.device.moe import replica_weight_bytes
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,21 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     Paged: whole blocks of ``block_size_tokens``; reserve (the first engine): whole tokens."""
     f = sc.fleet
     tp = f.tensor_parallel
-    mem = tp * mem_bytes
+    dp = f.data_parallel
+    gpus = tp * dp  # a data-parallel replica: dp engines of tp GPUs
+    mem = gpus * mem_bytes
     usable = mem * f.gpu_memory_utilization
     act_gpu = (
-        activation_reserve_bytes(model, tp, f.max_batched_tokens, f.max_batch_size)
+        # each data-parallel engine runs its share of the replica's batch
+        activation_reserve_bytes(
+            model, tp, -(-f.max_batched_tokens // dp), -(-f.max_batch_size // dp)
+        )
         if f.activation_reserve_bytes is None
         else f.activation_reserve_bytes
     )
-    act = tp * act_gpu
-    kv = usable - model.weight_bytes - act
+    act = gpus * act_gpu
+    weights = model.weight_bytes if dp == 1 else replica_weight_bytes(model, dp)
+    kv = usable - weights - act
     # KV heads replicated when tp exceeds them; a model with sliding-window or linear-state
     # layers holds less than its context: its bytes per token are those of the traffic's
     # typical sequences (typical_contexts)
@@ -134,7 +141,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     else:
         tokens = max(0, int(kv // bpt))
         blocks = tokens // b
-    return KvBudget(mem, usable, model.weight_bytes, act, kv, bpt, b, blocks, tokens)
+    return KvBudget(mem, usable, weights, act, kv, bpt, b, blocks, tokens)
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,7 @@ class Resolved:
     profile: Profile
     profile_id: str
     profile_sha256: str
+    #: GPUs per replica: fleet.tensor_parallel x fleet.data_parallel
     tp: int
     kv_capacity_tokens: int
     max_request_tokens: int
@@ -154,9 +162,15 @@ class Resolved:
     replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule, by simulation hour % 24
     kv: KvBudget | None = None  # the KV budget, in bytes, blocks and tokens (see kv_budget)
     pools: Any = None  # disaggregated fleets: fleetsim.config.pools.Pools (None: aggregated)
+    dp: int = 1  # data-parallel attention engines per replica (fleet.data_parallel)
+    expert_parallel: bool = False  # fleet.expert_parallel
 
     def latency_model(self) -> LatencyModel:
-        return LatencyModel(self.model, self.profile, self.tp)
+        if self.dp == 1 and not self.expert_parallel:
+            return LatencyModel(self.model, self.profile, self.tp)
+        return LatencyModel(
+            self.model, self.profile, self.tp // self.dp, self.dp, self.expert_parallel
+        )
 
 
 def resolved_dict(rs: Resolved) -> dict:

@@ -130,12 +130,20 @@ class FleetSection(_Section):
         "max_num_seqs": "max_batch_size",
         "max_num_batched_tokens": "max_batched_tokens",
         "tensor_parallel_size": "tensor_parallel",
+        "data_parallel_size": "data_parallel",
+        "enable_expert_parallel": "expert_parallel",
     }
 
     replicas: Annotated[int, Field(ge=1, le=100_000)] = 1
     pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sample_pods: Annotated[int, Field(ge=1)] | None = None
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    #: data-parallel attention engines of ``tensor_parallel`` GPUs each in one replica (vLLM
+    #: --data-parallel-size): a replica has tensor_parallel x data_parallel GPUs, and
+    #: max_batch_size / max_batched_tokens are the whole replica's (see fleetsim.device.moe)
+    data_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    #: experts whole on the replica's GPUs instead of split (vLLM --enable-expert-parallel)
+    expert_parallel: bool = False
     router: Literal["round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"] = (
         "least_loaded"
     )
