@@ -104,7 +104,7 @@ def _model(arg: str, dtype: str | None):
 def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
-    from fleetsim.device.latency import LatencyModel, compute_peak
+    from fleetsim.device.latency import LatencyModel, RooflineProfile, compute_peak
     from fleetsim.device.moe import layout_problem
     from fleetsim.device.profile import catalog_profile
 
@@ -165,7 +165,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
         # or not it is the bound; memory: the rest of the kernel time (HBM traffic beyond the
         # compute, kernel floors). They add up with the all-reduces and the overhead to the
         # model's total.
-        eff = profile.compute_eff_max
+        eff = profile.compute_eff_max if isinstance(profile, RooflineProfile) else 1.0
         att_flops = (pairs + ctx) * model.attn_flops_per_pair
         t_c = (flops - att_flops) / (p_lin * eff) + att_flops / (p16 * eff)
         busy = max(total - overhead - comm, 0.0)
