@@ -44,6 +44,18 @@ could let the head in mid-run). A waiting head that does not fit at a boundary c
 later boundary of the same run: batch, budget and hits are constant and the free blocks only
 shrink. ``engine = "iteration"`` runs every iteration as its own run with the same code, and
 tests/test_engine_modes.py holds the two together.
+
+**Sliding windows** (a model with window layers and no linear-state layers:
+``PagedLimits.win_*``, set by serving/pod.py). The pool is counted in layer-blocks (``b``
+tokens of one attention layer; ``NB`` = the KV bytes over one layer's block). A sequence of
+``L`` tokens holds ``G ceil(L / b) + S min(ceil(L / b), cap)`` of them (``G`` global and ``S``
+window layers, ``cap = ceil(W / b) + 1``): the window layers release the blocks that fall out of
+the window as they open new ones (vLLM's ``SlidingWindowManager.remove_skipped_blocks``).
+``cnt2`` then counts weights, not sequences: ``G + S`` for a decoding sequence until its last
+opening that reaches ``cap`` (``wsat``, a heap by that iteration; ``wcur`` its current weight),
+``G`` after. Such a replica runs one iteration per run (:meth:`_run_length`), has no prefix
+caching, and records ``kv_block_s`` in the configured blocks (``wscale``). Without windows
+``win`` is None and none of this runs. docs/serving-engine.md gives the measured hand counts.
 """
 
 from __future__ import annotations
