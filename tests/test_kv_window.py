@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from conftest import ListSink, merge, resolved
 from test_theory import write_profile
 
@@ -51,17 +52,19 @@ def _scenario(tmp_path: Path, trace_rows: list[tuple[float, int, int]], kv_gb: f
 def _spy(monkeypatch) -> dict:
     """Record the layer-blocks in use and the decoding sequences after every commit, and the
     blocks in use when each request finishes."""
-    seen: dict = {"used": [], "n": 0, "at_free": []}
+    seen: dict = {"used": [], "n": 0, "at_free": [], "after_free": [], "min_free": 1 << 62}
     commit, free_kv = _COMMIT, _FREE
 
     def spy_commit(self, *a):
         commit(self, *a)
         seen["used"].append(self.NB - self.free)
+        seen["min_free"] = min(seen["min_free"], self.free)
         seen["n"] = max(seen["n"], self.n)
 
     def spy_free(self, r, f):
         seen["at_free"].append((r.eff + f - r.join_it, self.NB - self.free))
         free_kv(self, r, f)
+        seen["after_free"].append(self.NB - self.free)
 
     monkeypatch.setattr(PagedKV, "_commit_kv", spy_commit)
     monkeypatch.setattr(PagedKV, "_free_kv", spy_free)
@@ -115,3 +118,24 @@ def test_windows_admit_more_sequences_by_the_bytes_ratio(tmp_path, monkeypatch):
     assert abs(ratio / bytes_ratio - 1.0) < 0.05, (win["n"], full["n"], ratio, bytes_ratio)
     # the windowed run finishes the burst sooner: more sequences per decode step
     assert res_w.totals.iterations < res_f.totals.iterations
+
+
+def test_windowed_preemption_conserves_blocks(tmp_path, monkeypatch):
+    """Mixed lengths on a cache too small for them: sequences are preempted and recomputed,
+    yet the free layer-blocks never go negative and the pool is whole again at the end (every
+    weight a sequence added to the residue counts, G + S then G once its windows fill, is taken
+    back when it leaves)."""
+    rng = np.random.default_rng(np.random.SeedSequence(22))
+    rows = [
+        (1.0 + 0.05 * i, int(p), int(o))
+        for i, (p, o) in enumerate(
+            zip(rng.integers(200, 6000, 300), rng.integers(50, 1500, 300), strict=True)
+        )
+    ]
+    d = _scenario(tmp_path, rows, kv_gb=6.0)
+    seen = _spy(monkeypatch)
+    res = simulate(resolved(d))
+    assert res.totals.preemptions > 10
+    assert res.totals.requests_completed == 300
+    assert seen["min_free"] >= 0
+    assert seen["after_free"][-1] == 0
