@@ -18,6 +18,7 @@ standard parsers recurse, so 100,000 nested arrays would be a ``RecursionError``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -48,21 +49,46 @@ def _name(path: str | Path) -> str:
     return clean(str(path), 160)
 
 
-def read_bytes(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
+def read_bytes(
+    path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES, *, nofollow: bool = False
+) -> bytes:
     """The bytes of the regular file ``path`` (at most ``limit``); ``what`` names it in errors
-    (e.g. ``"hardware.profile"``)."""
+    (e.g. ``"hardware.profile"``). ``nofollow``: refuse a symbolic link or a file with more than
+    one hard link (for the files fleetsim itself keeps in an output folder: its manifest and
+    caches)."""
     p = str(path)
     where = f"{what} = {_name(p)!r}" if what else repr(_name(p))
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(p, flags | (os.O_NOFOLLOW if nofollow else 0))
     except FileNotFoundError:
+        if os.path.islink(p):
+            raise UserError(
+                f"{where}: is a symbolic link to {_name(os.readlink(p))!r}, which does not "
+                "exist (fix: name the file itself)"
+            ) from None
         raise UserError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{where}: is a directory, not a file (fix: name the file)") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            if nofollow and os.path.islink(p):
+                raise UserError(
+                    f"{where}: is a symbolic link, which fleetsim does not follow here "
+                    "(fix: remove it)"
+                ) from None
+            raise UserError(
+                f"{where}: is a symbolic link loop (a link that leads back to itself; fix: "
+                "name the file itself)"
+            ) from None
         raise UserError(f"{where}: cannot read it ({exc.strerror})") from None
     try:
         st = os.fstat(fd)
+        if nofollow and stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+            raise UserError(
+                f"{where}: has {st.st_nlink} hard links, which fleetsim does not read here "
+                "(fix: remove it)"
+            )
         if not stat.S_ISREG(st.st_mode):
             kind = (
                 "a directory"
@@ -177,10 +203,15 @@ def parse_json(text: str, where: str, fix: str = "") -> Any:
 
 
 def load_json(
-    path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES, fix: str = ""
+    path: str | Path,
+    what: str,
+    limit: int = MAX_CONFIG_BYTES,
+    fix: str = "",
+    *,
+    nofollow: bool = False,
 ) -> tuple[Any, bytes]:
-    """The parsed JSON file and its bytes."""
-    raw = read_bytes(path, what, limit)
+    """The parsed JSON file and its bytes (``nofollow``: see :func:`read_bytes`)."""
+    raw = read_bytes(path, what, limit, nofollow=nofollow)
     where = f"{what} = {_name(path)!r}" if what else _name(path)
     return parse_json(decode(raw, where), where, fix), raw
 
