@@ -36,6 +36,7 @@ MAX_TRACE_BYTES = 256 * MiB  # CSV traces (timed arrivals, empirical sizes)
 MAX_DEPTH = 64  # nesting of arrays/tables in JSON and TOML (a scenario needs 3)
 MAX_INT_DIGITS = 20  # an integer in a JSON file: 2**64 has 20 digits
 CSV_FIELD_LIMIT = 4096  # characters of one CSV field (a number needs < 30)
+MAX_TRACE_TOKENS = 1_000_000_000  # a token count above this is a broken file, not a request
 
 
 def clean(text: str, limit: int = 200) -> str:
@@ -176,9 +177,10 @@ def check_depth(text: str, where: str, limit: int = MAX_DEPTH, toml: bool = Fals
                 deepest = depth
                 if deepest > limit:
                     line = text.count("\n", 0, i) + 1
+                    at = f"{where}: line {line}:" if "\n" in text else f"{where}:"
                     raise UserError(
-                        f"{where}: line {line}: arrays or tables nested deeper than {limit} "
-                        "levels (fix: flatten the file)"
+                        f"{at} arrays or tables nested deeper than {limit} levels "
+                        "(fix: flatten the file)"
                     )
         elif ch in "]}":
             depth = max(0, depth - 1)
@@ -192,11 +194,13 @@ def _bounded_int(s: str) -> int:
     return int(s)
 
 
-def parse_json(text: str, where: str, fix: str = "") -> Any:
-    """``json.loads`` with a depth limit and bounded integers; a UserError names the problem."""
+def parse_json(text: str, where: str, fix: str = "", bounded_ints: bool = True) -> Any:
+    """``json.loads`` with a depth limit and bounded integers (``bounded_ints=False``: Python's
+    own limit of 4,300 digits, for a caller that range-checks every integer it uses and bounds
+    the text's length); a UserError names the problem."""
     check_depth(text, where)
     try:
-        return json.loads(text, parse_int=_bounded_int)
+        return json.loads(text, parse_int=_bounded_int if bounded_ints else None)
     except (ValueError, RecursionError) as exc:
         tail = f" (fix: {fix})" if fix else ""
         raise UserError(f"{where}: not valid JSON ({clean(str(exc), 120)}){tail}") from None

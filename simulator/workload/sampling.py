@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fleetsim.base.errors import UserError
-from fleetsim.base.io import first_true
+from fleetsim.base.io import MAX_TRACE_TOKENS, first_true
 from fleetsim.base.units import HOUR_S
 from fleetsim.workload.distributions import Empirical
 from fleetsim.workload.mooncake import is_mooncake, read_mooncake
@@ -47,9 +47,6 @@ def _resolve_path(file: str, source: str) -> Path:
         if cand.exists() or not p.exists():
             p = cand
     return Path(os.path.abspath(p))
-
-
-MAX_TRACE_TOKENS = 1_000_000_000  # a token count above this is a broken file, not a request
 
 
 _INT = r"^\+?[0-9]+$"  # a plain decimal integer (no sign but +, no "_", no "0x")
