@@ -831,7 +831,9 @@ def main(argv: list[str] | None = None) -> int:
     page = write_report(
         Path(args.dir), flatten=not args.no_flat, source=args.scenario, show_progress=True
     )
-    a = json.loads((page.parent / "peak.json").read_text())
+    from fleetsim.base import io as fio
+
+    a, _ = fio.load_json(page.parent / "peak.json", "", nofollow=True)
     pngs = ", ".join(p + ".png" for p in PLOTS)
     print(f"wrote {page.resolve()}, report.md and {pngs} in {page.parent}")
     m = a["marginal_cost_of_peak_usd"]

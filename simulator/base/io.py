@@ -24,7 +24,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fleetsim.base.errors import UserError
 
@@ -50,13 +50,11 @@ def _name(path: str | Path) -> str:
     return clean(str(path), 160)
 
 
-def read_bytes(
-    path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES, *, nofollow: bool = False
-) -> bytes:
-    """The bytes of the regular file ``path`` (at most ``limit``); ``what`` names it in errors
-    (e.g. ``"hardware.profile"``). ``nofollow``: refuse a symbolic link or a file with more than
-    one hard link (for the files fleetsim itself keeps in an output folder: its manifest and
-    caches)."""
+def _open_checked(
+    path: str | Path, what: str, limit: int | None, nofollow: bool
+) -> tuple[int, str]:
+    """An open descriptor of the regular file ``path`` (without blocking; under ``limit`` bytes
+    unless None) and the file as errors name it."""
     p = str(path)
     where = f"{what} = {_name(p)!r}" if what else repr(_name(p))
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
@@ -103,11 +101,26 @@ def read_bytes(
                 else "not a regular file"
             )
             raise UserError(f"{where}: is {kind}, not a regular file (fix: name a file)")
-        if st.st_size > limit:
+        if limit is not None and st.st_size > limit:
             raise UserError(
                 f"{where}: is {st.st_size / MiB:,.1f} MiB, above the limit of "
                 f"{limit / MiB:,.0f} MiB for this kind of file (fix: name the right file)"
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, where
+
+
+def read_bytes(
+    path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES, *, nofollow: bool = False
+) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit``); ``what`` names it in errors
+    (e.g. ``"hardware.profile"``). ``nofollow``: refuse a symbolic link or a file with more than
+    one hard link (for the files fleetsim itself keeps in an output folder: its manifest and
+    caches)."""
+    fd, where = _open_checked(path, what, limit, nofollow)
+    try:
         chunks: list[bytes] = []
         got = 0
         while True:
@@ -123,6 +136,14 @@ def read_bytes(
         raise UserError(f"{where}: cannot read it ({exc.strerror})") from None
     finally:
         os.close(fd)
+
+
+def open_binary(path: str | Path, what: str, *, nofollow: bool = False) -> BinaryIO:
+    """The regular file ``path`` open for reading in binary (checked as :func:`read_bytes`
+    checks, without a size limit): for a reader that takes only a part of a large file, such as
+    a Parquet file's footer. The caller closes it."""
+    fd, _ = _open_checked(path, what, None, nofollow)
+    return os.fdopen(fd, "rb")
 
 
 def decode(raw: bytes, where: str) -> str:

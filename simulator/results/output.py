@@ -123,7 +123,10 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The fleetsim key-value metadata of a Parquet file we wrote."""
-    md = pq.read_schema(path).metadata or {}
+    from fleetsim.base.io import open_binary
+
+    with open_binary(path, "") as fh:
+        md = pq.read_schema(fh).metadata or {}
     return {k.decode(): v.decode() for k, v in md.items() if not k.startswith(b"ARROW")}
 
 
