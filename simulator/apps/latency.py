@@ -13,20 +13,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fleetsim.base.errors import UserError
 
+MAX_BATCH = 1_000_000  # sequences in one decode step (vLLM's max_num_seqs is 256-1024)
 
-def _ints(text: str, flag: str) -> list[int]:
+
+def _ints(text: str, flag: str, hi: int, why: str) -> list[int]:
+    """Comma-separated whole numbers in 1..``hi`` (``why`` says what bounds them)."""
+    from fleetsim.base.io import clean
+
     try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
+        vals = [int(x) for x in text.split(",") if x.strip()] if len(text) < 10_000 else []
     except ValueError:
         vals = []
     if not vals or any(v < 1 for v in vals):
-        raise UserError(f"{flag} = {text!r}: expected positive integers separated by commas")
+        raise UserError(
+            f"{flag} = {clean(text, 60)!r}: expected positive integers separated by commas"
+        )
+    big = max(vals)
+    if big > hi:
+        raise UserError(f"{flag} = {big:,}: above {hi:,} ({why}; fix: a smaller value)")
     return vals
 
 
@@ -50,15 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model(arg: str, dtype: str | None):
-    from fleetsim.config.scenario import _model_spec, read_toml, scenario_from_dict
+    from fleetsim.base import io
+    from fleetsim.config.scenario import _model_spec, scenario_from_dict
     from fleetsim.device import catalog
 
     path = Path(arg)
-    if arg.endswith(".toml") or path.exists():
-        if not path.exists():
-            raise UserError(f"--model = {arg!r}: no such file")
-        data, _ = read_toml(path)
-        section = dict(data.get("model", data))
+    is_file = os.path.lexists(path)  # (a link, a broken one or a loop included)
+    if arg.endswith(".toml") or is_file:
+        where = f"--model {io.clean(arg)!r}"
+        data = io.parse_toml(io.read_text(path, "--model"), where)
+        model = data.get("model", data)
+        if not isinstance(model, dict):
+            raise UserError(f"{where}: [model] must be a table of model fields")
+        section = dict(model)
         section.setdefault("name", path.stem)
     elif arg in catalog.models():
         section = {"name": arg}
@@ -91,14 +106,23 @@ def rows(args: argparse.Namespace) -> list[dict]:
     lat = LatencyModel(model, profile, args.tp)
     _, weight_only = compute_peak(profile, model.dtype)
     out = []
+    ctx_max = model.max_context_tokens
+    why = f"{model.name}'s context is {ctx_max:,} tokens"
     if args.batch is not None:
-        if args.context is None or args.context < 1:
+        if args.context is None:
             raise UserError("--batch needs --context C (tokens each sequence attends, >= 1)")
-        cases = [(b, 0, b * args.context) for b in _ints(args.batch, "--batch")]
+        if not 1 <= args.context <= ctx_max:
+            raise UserError(
+                f"--context = {args.context:,}: tokens each sequence attends must be in "
+                f"1..{ctx_max:,} ({why}; fix: a value in that range)"
+            )
+        batches = _ints(args.batch, "--batch", MAX_BATCH, "sequences in one decode step")
+        cases = [(b, 0, b * args.context) for b in batches]
     else:
         if args.context is not None:
             raise UserError("--context goes with --batch, not --prefill-tokens")
-        cases = [(0, p, 0) for p in _ints(args.prefill_tokens, "--prefill-tokens")]
+        prompts = _ints(args.prefill_tokens, "--prefill-tokens", ctx_max, why)
+        cases = [(0, p, 0) for p in prompts]
     for b, p, ctx in cases:
         if b:
             total, flops, nbytes = lat.iteration(0, 0.0, 0, b, float(ctx))

@@ -137,7 +137,7 @@ def read_hf_config(path: str | Path, source: str = "", written: str = "") -> dic
     from fleetsim.base import io
 
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise ScenarioError(
             "model.config",
             written or str(p),

@@ -66,10 +66,6 @@ class MooncakeTrace:
     ids: BlockIds
 
 
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _lines(text: str) -> Iterator[tuple[int, str]]:
     """(line number, line) of ``text`` split at ``\n`` only (as :func:`io.decode` counts)."""
     i, n, k = 0, len(text), 1
@@ -143,7 +139,7 @@ def read_mooncake(path: str, what: str = "traffic.trace") -> MooncakeTrace:
                 f"{where}: 'timestamp' = {io.clean(repr(ts), 40)} must be milliseconds in "
                 f"[0, {MAX_TIMESTAMP_MS:.0e}] (fix that line)"
             )
-        if not (_int(a) and _int(b) and 1 <= a <= hi and 1 <= b <= hi):
+        if not (type(a) is int and type(b) is int and 1 <= a <= hi and 1 <= b <= hi):
             raise UserError(
                 f"{where}: 'input_length' = {io.clean(repr(a), 40)}, 'output_length' = "
                 f"{io.clean(repr(b), 40)} must be integers in 1..{hi:,}"
