@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 
 from fleetsim.apps.simulate import simulate
-from fleetsim.config.scenario import load_scenario, resolve
+from fleetsim.config.loading import load_scenario
+from fleetsim.config.resolve import resolve
 
 SCENARIO = "scenarios/default.toml"
 CONFIGS = {

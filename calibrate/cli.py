@@ -187,10 +187,10 @@ def resolve_model(arg: str, dtype: str) -> ModelSpec:
         missing = [k for k in required if k not in data]
         if missing:
             raise _Usage(f"--model {io.clean(arg)}: missing field(s) {', '.join(missing)}")
-        # the same bounds as an inline [model] of a scenario (config/scenario.py ModelSection)
+        # the same bounds as an inline [model] of a scenario (config/schema.py ModelSection)
         from pydantic import ValidationError
 
-        from fleetsim.config.scenario import ModelSection
+        from fleetsim.config.schema import ModelSection
 
         try:
             ModelSection.model_validate(dict(data.items()))

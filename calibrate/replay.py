@@ -359,7 +359,8 @@ MAX_REPLAY_TOKENS = 1_000_000
 
 def run_replay(args, trace, spec, device, torch) -> int:
     """Calibrate if needed, replay on the engine, simulate, compare, write."""
-    from fleetsim.config.scenario import resolve, scenario_from_dict
+    from fleetsim.config.loading import scenario_from_dict
+    from fleetsim.config.resolve import resolve
     from fleetsim.device.profile import load_profile
     from fleetsim.results.output import write_text_atomic
 
@@ -568,7 +569,8 @@ def _simulate_trace(rs, n: int):
 def _insample_simulation(real, d: dict, mem_bytes: float, out: Path, n: int):
     """The simulation again with a linear step-time model fitted to ``real``'s own iterations
     (written to ``profile-insample.json``): its coefficients, first-token and finish times."""
-    from fleetsim.config.scenario import resolve, scenario_from_dict
+    from fleetsim.config.loading import scenario_from_dict
+    from fleetsim.config.resolve import resolve
     from fleetsim.results.output import write_text_atomic
 
     from .engine import fit_linear_rows

@@ -25,7 +25,7 @@ from fleetsim.base.version import __version__
 if TYPE_CHECKING:  # pragma: no cover
     from fleetsim.api import Run, load, plan, resolved, schema, simulate, sweep
     from fleetsim.base.errors import ScenarioError, UserError
-    from fleetsim.config.scenario import Scenario
+    from fleetsim.config.schema import Scenario
 
 _WHERE = {
     "Run": "fleetsim.api",
@@ -37,7 +37,7 @@ _WHERE = {
     "sweep": "fleetsim.api",
     "ScenarioError": "fleetsim.base.errors",
     "UserError": "fleetsim.base.errors",
-    "Scenario": "fleetsim.config.scenario",
+    "Scenario": "fleetsim.config.schema",
 }
 
 __all__ = [

@@ -26,15 +26,10 @@ from typing import Any
 import pyarrow as pa
 
 from fleetsim.base.errors import ScenarioError, UserError
-from fleetsim.config.scenario import (
-    Scenario,
-    apply_overrides,
-    read_toml,
-    resolve,
-    resolved_dict,
-    scenario_from_dict,
-    toml_value,
-)
+from fleetsim.config.loading import apply_overrides, read_toml, scenario_from_dict, toml_value
+from fleetsim.config.resolve import resolve
+from fleetsim.config.resolved import resolved_dict
+from fleetsim.config.schema import Scenario
 from fleetsim.results.result import Result
 
 ScenarioLike = Scenario | str | Path | Mapping[str, Any]
@@ -309,6 +304,6 @@ def schema(profile: bool = False) -> dict:
         from fleetsim.device.profile import profile_json_schema
 
         return profile_json_schema()
-    from fleetsim.config.scenario import scenario_json_schema
+    from fleetsim.config.jsonschema import scenario_json_schema
 
     return scenario_json_schema()

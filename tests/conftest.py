@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 SMALL = {
     "name": "small",

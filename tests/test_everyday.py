@@ -19,13 +19,9 @@ from fleetsim.apps.simulate import simulate, write_outputs
 from fleetsim.apps.sweep import grid_points, parse_grid, point_scenarios
 from fleetsim.base.errors import ScenarioError
 from fleetsim.base.names import closest
-from fleetsim.config.scenario import (
-    load_scenario,
-    read_toml,
-    resolve,
-    resolved_dict,
-    scenario_from_dict,
-)
+from fleetsim.config.loading import load_scenario, read_toml, scenario_from_dict
+from fleetsim.config.resolve import resolve
+from fleetsim.config.resolved import resolved_dict
 from fleetsim.device import catalog
 from fleetsim.serving.recorder import weighted_percentile
 

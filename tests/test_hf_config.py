@@ -12,7 +12,8 @@ from conftest import SMALL, merge
 from fleetsim.apps.cli import main
 from fleetsim.base.errors import ScenarioError
 from fleetsim.config.hf import architecture_from_hf
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 from fleetsim.device import catalog
 from fleetsim.device.modelspec import model_from_catalog
 

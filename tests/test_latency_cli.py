@@ -107,7 +107,8 @@ def test_decode_run_stays_closed_form():
 
 def test_scenario_tp_checks_and_kv_replicas():
     from fleetsim.base.errors import ScenarioError
-    from fleetsim.config.scenario import resolve, scenario_from_dict
+    from fleetsim.config.loading import scenario_from_dict
+    from fleetsim.config.resolve import resolve
 
     def rs(tp: int, model: str = "llama-3.1-8b", **extra):
         return resolve(

@@ -21,7 +21,8 @@ SCRIPT = """
 import json, resource, sys, time
 sys.path.insert(0, {tests!r})
 from conftest import SMALL, merge
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 from fleetsim.apps.simulate import simulate
 d = merge(SMALL, simulation={{"hours": 24 * {days}}},
           traffic={{"requests_per_day": {rpd}, "diurnal": "azure-conv"}})

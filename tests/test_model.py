@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 from fleetsim.device import catalog
 from fleetsim.device.latency import (
     LatencyModel,

@@ -18,7 +18,8 @@ from test_theory import write_profile
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.base.errors import ScenarioError, UserError
-from fleetsim.config.scenario import activation_reserve_bytes, kv_budget, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolved import activation_reserve_bytes, kv_budget
 from fleetsim.device.modelspec import model_from_catalog
 from fleetsim.serving.paged import blocks_in, cumulative, first_short
 from fleetsim.workload.mooncake import prefix_hit_oracle, read_mooncake

@@ -18,7 +18,8 @@ from fleetsim.apps.simulate import simulate
 from fleetsim.apps.sweep import grid_points, parse_grid, run_sweep, split_values
 from fleetsim.base.errors import UserError
 from fleetsim.base.version import __version__
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 from fleetsim.results.output import read_metadata
 
 # Llama-3.1-70B on TP4 H100s, one flat hour at 4.6 requests/s: 3 replicas meet p99 TTFT <= 1 s

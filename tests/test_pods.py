@@ -12,7 +12,8 @@ from conftest import SMALL, merge, tables_equal
 
 from fleetsim.apps.cli import main as cli_main
 from fleetsim.apps.simulate import simulate
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 from fleetsim.results.accounting import hourly_table
 from fleetsim.results.result import pod_confidence
 

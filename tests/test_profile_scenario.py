@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fleetsim.apps.simulate import simulate
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "cpu-llama-3.1-8b.json"

@@ -12,7 +12,8 @@ from conftest import ListSink
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.base.errors import UserError
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 TINY = """name = "tiny"
 n_layers = 2

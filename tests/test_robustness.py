@@ -20,7 +20,8 @@ from fleetsim.apps import cli
 from fleetsim.apps import simulate as simulate_mod
 from fleetsim.apps.simulate import simulate
 from fleetsim.base.errors import InvariantError, ScenarioError, UserError
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 TINY = merge(SMALL, simulation={"hours": 1}, traffic={"requests_per_day": 5000})
 

@@ -14,7 +14,8 @@ import pytest
 
 from fleetsim.apps import cli
 from fleetsim.apps.simulate import simulate
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 DATA = Path(__file__).resolve().parent / "data"
 PROFILE = DATA / "cpu-quick-llama-3.1-8b.json"

@@ -343,7 +343,7 @@ def test_set_of_an_alias_replaces_the_files_name(tmp_path, capsys):
     rc = cli.main(["validate", str(f), "--set", "fleet.replicas_per_pod=3"])
     assert rc == 0
     assert '"replicas": 3' in capsys.readouterr().out
-    from fleetsim.config.scenario import load_scenario
+    from fleetsim.config.loading import load_scenario
 
     sc, _ = load_scenario(f, ["fleet.replicas_per_pod=3"])
     assert sc.fleet.replicas == 3

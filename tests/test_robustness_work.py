@@ -1,6 +1,6 @@
 """Bounded work, physics checks and user text as data (issue #16 items 3, 6, 9, 12, 16, 17).
 
-* Validation estimates the work a scenario implies (config/scenario.py ``check_work``) and
+* Validation estimates the work a scenario implies (config/budget.py ``check_work``) and
   refuses what exceeds the stated budget, saying how to get the answer within it. The memory
   bombs of item 3 run in a child under ``RLIMIT_AS`` = 2 GiB that the test asserts is never hit:
   each is refused before anything is generated, within seconds.
@@ -24,13 +24,13 @@ from test_robustness_input import LIMIT_AS, run_limited
 
 from fleetsim.apps import cli
 from fleetsim.base.errors import ScenarioError, UserError
-from fleetsim.config.scenario import (
+from fleetsim.config.budget import (
     MAX_ARRIVALS_PER_POD_HOUR,
     MAX_AUTOSCALER_TICKS,
     MAX_SIMULATED_POD_HOURS,
-    resolve,
-    scenario_from_dict,
 )
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 S = """
 name = "work"

@@ -26,7 +26,9 @@ import pytest
 from scipy import stats
 
 from fleetsim.apps.simulate import simulate
-from fleetsim.config.scenario import diurnal_weights, resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
+from fleetsim.config.schedules import diurnal_weights
 
 Z = 4.0  # standard errors allowed
 N_BATCHES = 25  # batch means

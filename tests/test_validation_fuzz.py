@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 
 from fleetsim.apps.simulate import pods_to_simulate, simulate
 from fleetsim.base.errors import UserError
-from fleetsim.config.scenario import resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 BASE = {
     "name": "fuzz",

@@ -218,7 +218,8 @@ def _vidur_copy(tmp_path: Path, gpu_dir: str = "h100") -> Path:
 
 def test_calibrate_from_vidur_writes_a_usable_profile(tmp_path, capsys):
     from fleetsim.apps.cli import main
-    from fleetsim.config.scenario import resolve, scenario_from_dict
+    from fleetsim.config.loading import scenario_from_dict
+    from fleetsim.config.resolve import resolve
     from fleetsim.device.profile import load_profile
 
     root = _vidur_copy(tmp_path)

@@ -66,7 +66,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_validate(args) -> int:
     from fleetsim.apps.common import print_json
-    from fleetsim.config.scenario import load_scenario, resolve, resolved_dict
+    from fleetsim.config.loading import load_scenario
+    from fleetsim.config.resolve import resolve
+    from fleetsim.config.resolved import resolved_dict
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
@@ -112,7 +114,7 @@ def cmd_schema(args) -> int:
 
         print_json(profile_json_schema())
         return 0
-    from fleetsim.config.scenario import scenario_json_schema
+    from fleetsim.config.jsonschema import scenario_json_schema
 
     print_json(scenario_json_schema())
     return 0
@@ -134,7 +136,8 @@ def cmd_run(args) -> int:
     from fleetsim.apps.common import open_output, print_json
     from fleetsim.apps.executors import pod_runner
     from fleetsim.apps.simulate import simulate, write_outputs
-    from fleetsim.config.scenario import load_scenario, resolve
+    from fleetsim.config.loading import load_scenario
+    from fleetsim.config.resolve import resolve
     from fleetsim.results.output import RequestWriter
     from fleetsim.results.summary import health, print_summary, print_warnings, summary_dict
 

@@ -54,7 +54,8 @@ import pyarrow as pa
 from fleetsim.apps.executors import add_executor_args, make_executor, task_progress
 from fleetsim.base import io
 from fleetsim.base.errors import UserError
-from fleetsim.config.scenario import apply_overrides, read_toml, resolve, scenario_from_dict
+from fleetsim.config.loading import apply_overrides, read_toml, scenario_from_dict
+from fleetsim.config.resolve import resolve
 
 # Mooncake conversation trace (FAST'25), lognormal fit computed from its 12,031 requests:
 # log-mean/log-sigma of input_length and output_length (median = exp(log-mean)).

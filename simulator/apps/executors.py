@@ -51,7 +51,8 @@ class RunSummary:
 
 @functools.lru_cache(maxsize=8)
 def _resolved(scenario_json: str, source: str):
-    from fleetsim.config.scenario import resolve, scenario_from_dict
+    from fleetsim.config.loading import scenario_from_dict
+    from fleetsim.config.resolve import resolve
 
     return resolve(scenario_from_dict(json.loads(scenario_json), source), source)
 

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model(arg: str, dtype: str | None):
     from fleetsim.base import io
-    from fleetsim.config.scenario import _model_spec, scenario_from_dict
+    from fleetsim.config.aggregated import model_spec
+    from fleetsim.config.loading import scenario_from_dict
     from fleetsim.device import catalog
 
     path = Path(arg)
@@ -78,11 +79,11 @@ def _model(arg: str, dtype: str | None):
     elif arg in catalog.models():
         section = {"name": arg}
     else:
-        section = {"name": arg}  # _model_spec names the catalog and suggests a close name
+        section = {"name": arg}  # model_spec names the catalog and suggests a close name
     if dtype:
         section["dtype"] = dtype
     sc = scenario_from_dict({"model": section}, str(path) if path.exists() else "--model")
-    return _model_spec(sc, str(path) if path.exists() else "")
+    return model_spec(sc, str(path) if path.exists() else "")
 
 
 def rows(args: argparse.Namespace) -> list[dict]:

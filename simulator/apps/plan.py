@@ -51,13 +51,9 @@ from fleetsim.apps.executors import (
 from fleetsim.base.errors import ScenarioError, UserError
 from fleetsim.base.io import term
 from fleetsim.base.units import DAY_S, HOUR_S, fmt_num, rotate_to_utc, utc_hour
-from fleetsim.config.scenario import (
-    Resolved,
-    apply_overrides,
-    read_toml,
-    resolve,
-    scenario_from_dict,
-)
+from fleetsim.config.loading import apply_overrides, read_toml, scenario_from_dict
+from fleetsim.config.resolve import resolve
+from fleetsim.config.resolved import Resolved
 
 DEFAULT_TPS = (1, 2, 4, 8)
 CAP_FACTOR = 16  # give up on a candidate above CAP_FACTOR x its throughput bound (+ 16)

@@ -32,7 +32,9 @@ import pyarrow as pa
 
 from fleetsim.apps.executors import RunSummary, run_task
 from fleetsim.base.errors import ScenarioError, UserError
-from fleetsim.config.scenario import Resolved, resolve, scenario_from_dict
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
+from fleetsim.config.resolved import Resolved
 
 CAP = 400  # give up on a pool above this many replicas per pod
 

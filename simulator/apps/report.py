@@ -138,7 +138,7 @@ def _from_dir(out_dir: Path) -> RunData:
     totals = DayTotals.from_dict(obj("fleetsim.totals") or {})
     name = str((cfg or {}).get("name", out_dir.name))
     if cfg is not None:
-        from fleetsim.config.scenario import scenario_from_dict
+        from fleetsim.config.loading import scenario_from_dict
 
         try:  # only a valid scenario is re-simulated or read for its SLO
             cfg = json.loads(scenario_from_dict(cfg, where).model_dump_json())
@@ -436,11 +436,11 @@ def flat_day_cost(
     key."""
     from fleetsim.apps.simulate import simulate
     from fleetsim.base.errors import ScenarioError
-    from fleetsim.config.scenario import scenario_from_dict
+    from fleetsim.config.loading import scenario_from_dict
 
     if (cfg.get("traffic") or {}).get("trace"):
         return None, "the run replays a timed trace, which cannot be flattened"
-    from fleetsim.config.scenario import diurnal_weights
+    from fleetsim.config.schedules import diurnal_weights
 
     flat = json.loads(json.dumps(cfg))
     tr = flat.setdefault("traffic", {})

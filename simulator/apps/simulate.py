@@ -11,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fleetsim.base.units import HOUR_S
-from fleetsim.config.scenario import Resolved, Scenario, resolve
+from fleetsim.config.resolve import resolve
+from fleetsim.config.resolved import Resolved
+from fleetsim.config.schema import Scenario
 from fleetsim.results.accounting import PodSummary, hourly_table, pools_table
 from fleetsim.results.result import (
     Result,

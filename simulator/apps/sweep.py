@@ -34,14 +34,14 @@ from fleetsim.apps.executors import (
 from fleetsim.base.errors import UserError
 from fleetsim.base.io import term
 from fleetsim.base.units import fmt_num
-from fleetsim.config.scenario import (
+from fleetsim.config.loading import (
     apply_overrides,
     parse_override,
     read_toml,
-    resolve,
     scenario_from_dict,
     toml_value,
 )
+from fleetsim.config.resolve import resolve
 
 #: the day's figures of each point (in this order, after the grid columns)
 RESULT_COLUMNS = (

@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from fleetsim.base.errors import InvariantError
 from fleetsim.base.units import HOUR_S, per_sim_hour, utc_hour
-from fleetsim.config.scenario import GpuSpec, Resolved, hourly_values
+from fleetsim.config.resolved import GpuSpec, Resolved
+from fleetsim.config.schedules import hourly_values
 from fleetsim.serving.recorder import HIST_BINS, LAT_METRICS, LAT_PCTS, Recorder, hist_percentile
 
 J_PER_KWH = 3.6e6

@@ -6,7 +6,7 @@ an output file. One builder for every Parquet file fleetsim writes (``hourly.par
 from __future__ import annotations
 
 from fleetsim.base.version import __version__
-from fleetsim.config.scenario import Resolved
+from fleetsim.config.resolved import Resolved
 
 
 def provenance(rs: Resolved, scenario_text: str = "", **extra: str) -> dict[str, str]:

@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from fleetsim.base.errors import InvariantError
 from fleetsim.base.units import HOUR_S
-from fleetsim.config.scenario import Resolved, Scenario
+from fleetsim.config.resolved import Resolved
+from fleetsim.config.schema import Scenario
 from fleetsim.results.accounting import PodSummary, hourly_table
 from fleetsim.results.output import dumps
 from fleetsim.results.provenance import provenance

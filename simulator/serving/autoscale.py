@@ -44,7 +44,7 @@ from fleetsim.base.units import HOUR_S
 if TYPE_CHECKING:
     from simpy.events import Event
 
-    from fleetsim.config.scenario import Resolved
+    from fleetsim.config.resolved import Resolved
     from fleetsim.serving.ports import PodPort
 OFF, WAKING, ON, DRAINING = "off", "waking", "on", "draining"
 _BUCKET = {OFF: 0, WAKING: 1, ON: 2, DRAINING: 2}

@@ -46,7 +46,7 @@ import simpy
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
-from fleetsim.config.scenario import Resolved
+from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica

@@ -25,7 +25,7 @@ import simpy
 from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
-from fleetsim.config.scenario import Resolved
+from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.engine import EnginePlan, Replica

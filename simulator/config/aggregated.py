@@ -1,0 +1,367 @@
+"""Resolving an aggregated fleet (one pool of identical replicas, ``[fleet]`` on
+``[hardware]``): the model's architecture (catalog, inline fields or a Hugging Face
+config.json), the GPU and its step-time profile, and the cross-field checks, in the order a
+reader would follow them: the weights fit, the KV budget holds a maximum-length request, the
+longest prompt can be scheduled, the prefix blocks are whole KV blocks, the hourly rates are
+finite, the work budget (config/budget.py) and the autoscaler (config/schedules.py).
+
+:func:`fleetsim.config.resolve.resolve` calls it for an aggregated scenario, and
+:mod:`fleetsim.config.pools` once per pool of a disaggregated one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fleetsim.base.errors import ScenarioError
+from fleetsim.base.names import closest
+from fleetsim.base.units import DAY_S, rotate_to_start
+from fleetsim.config.budget import check_work
+from fleetsim.config.resolved import GpuSpec, KvBudget, Resolved, kv_budget
+from fleetsim.config.schedules import check_autoscaler, diurnal_weights
+from fleetsim.config.schema import Scenario, TrafficSection
+from fleetsim.device import catalog
+from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
+from fleetsim.device.modelspec import ModelSpec, model_from_catalog
+from fleetsim.workload.distributions import Empirical
+
+
+def _longest_field(tr: TrafficSection, trace_max: dict[str, int]) -> tuple[str, Any]:
+    """The field that sets the longest requests (the larger of the prompt and output maxima),
+    for error messages: (path, value)."""
+    if tr.trace:
+        return "traffic.trace", tr.trace
+    longer_output = tr.output.max_tokens(trace_max) > tr.prompt.max_tokens(trace_max)
+    which = "output" if longer_output else "prompt"
+    d = getattr(tr, which)
+    return f"traffic.{which}.{d.max_field}", getattr(d, d.max_field)
+
+
+def model_spec(sc: Scenario, src: str) -> ModelSpec:
+    m = sc.model
+    inline = {
+        k: v
+        for k, v in m.model_dump().items()
+        if k not in ("name", "dtype", "kv_dtype", "config") and v is not None
+    }
+    required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
+    if m.config is not None:  # a Hugging Face config.json; inline fields override it
+        from fleetsim.config.hf import read_hf_config
+        from fleetsim.workload.sampling import _resolve_path
+
+        path = _resolve_path(m.config, src)
+        arch = read_hf_config(path, src, m.config)
+        file_dtype = arch.pop("dtype", None)
+        dtype = m.dtype if "dtype" in m.model_fields_set or file_dtype is None else file_dtype
+        name = m.name if "name" in m.model_fields_set else path.parent.name or path.stem
+        spec = ModelSpec(name=name, dtype=dtype, kv_dtype=m.kv_dtype, **{**arch, **inline})
+    elif m.name in catalog.models():
+        spec = model_from_catalog(m.name, m.dtype)
+        if inline or m.kv_dtype:
+            spec = replace(spec, **inline, kv_dtype=m.kv_dtype)
+    else:
+        missing = [k for k in required if k not in inline]
+        if missing:
+            close = closest(m.name, catalog.models())
+            hint = f"did you mean {close!r}? " if close else ""
+            raise ScenarioError(
+                "model.name",
+                m.name,
+                "not in the catalog and no inline architecture",
+                f"{hint}catalog: {', '.join(catalog.models())}; or give {', '.join(missing)}",
+                src,
+            )
+        spec = ModelSpec(name=m.name, dtype=m.dtype, kv_dtype=m.kv_dtype, **inline)
+    if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+        raise ScenarioError(
+            "model.n_heads",
+            spec.n_heads,
+            "d_model must divide by n_heads and n_heads by n_kv_heads",
+            "check the architecture",
+            src,
+        )
+    if spec.n_active_experts > spec.n_experts:
+        raise ScenarioError(
+            "model.n_active_experts",
+            spec.n_active_experts,
+            f"more than n_experts ({spec.n_experts})",
+            "lower it",
+            src,
+        )
+    return spec
+
+
+def _check_prefix_blocks(sc: Scenario, model: ModelSpec, src: str) -> None:
+    """Sessions and Mooncake traces name prompt blocks that must be whole KV blocks."""
+    tr = sc.traffic
+    b = sc.fleet.block_size_tokens
+    ses = tr.sessions
+    if ses is not None:
+        if ses.system_prompt_tokens >= model.max_context_tokens:
+            raise ScenarioError(
+                "traffic.sessions.system_prompt_tokens",
+                ses.system_prompt_tokens,
+                f"not shorter than {model.name}'s context of {model.max_context_tokens} tokens",
+                "shorten the system prompt",
+                src,
+            )
+        if ses.block_tokens % b:
+            raise ScenarioError(
+                "traffic.sessions.block_tokens",
+                ses.block_tokens,
+                f"not a multiple of fleet.block_size_tokens ({b})",
+                f"use a multiple of {b}",
+                src,
+            )
+    if tr.trace and tr.trace.endswith(".jsonl") and tr.trace_block_tokens % b:
+        raise ScenarioError(
+            "traffic.trace_block_tokens",
+            tr.trace_block_tokens,
+            f"not a multiple of fleet.block_size_tokens ({b})",
+            f"use a multiple of {b}",
+            src,
+        )
+
+
+def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
+    """Join the scenario with the catalogs and profile, and run the cross-field checks, in the
+    order a reader would: the GPU and its profile, the weights, the KV budget, the requests'
+    sizes, the prefix blocks, the hourly rates, the work budget and the autoscaler."""
+    src = source
+    model = model_spec(sc, src)
+    gpu, profile, profile_id, sha = _resolve_gpu(sc, src)
+    tp = sc.fleet.tensor_parallel
+    _check_weights_fit(sc, model, profile, src)
+    kvb = _checked_kv_budget(sc, model, profile, src)
+    kv_tokens = kvb.tokens
+    tr = sc.traffic
+    max_req, trace_rows = _check_request_sizes(sc, model, kv_tokens, src)
+    _check_prefix_blocks(sc, model, src)
+    rates = _hourly_rates(tr, src)
+    check_work(sc, rates, LatencyModel(model, profile, tp), src, trace_rows)
+
+    # Every 24-value profile is given by UTC hour of day. The engine indexes by simulation hour
+    # (h % 24), so rotate them to start at the scenario's starting hour.
+    hod0 = sc.simulation.start_utc.hour
+    sched = check_autoscaler(sc, src)
+    return Resolved(
+        scenario=sc,
+        model=model,
+        gpu=gpu,
+        profile=profile,
+        profile_id=profile_id,
+        profile_sha256=sha,
+        tp=tp,
+        kv_capacity_tokens=kv_tokens,
+        max_request_tokens=max_req,
+        hourly_rate_per_s=rotate_to_start(rates, hod0),
+        replicas_by_hour=None if sched is None else rotate_to_start(sched, hod0),
+        kv=kvb,
+    )
+
+
+def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
+    """The GPU (catalog entry plus overrides, power checked) and its step-time profile: the
+    scenario's measured profile file or the catalog's analytic one; (gpu, profile, id, sha256)."""
+    from fleetsim.device.profile import catalog_profile, load_profile
+
+    hw = sc.hardware
+    try:
+        entry = catalog.gpu(hw.gpu)
+    except ScenarioError as exc:
+        raise ScenarioError(exc.field, exc.value, exc.problem, exc.fix, src) from None
+    over = {
+        k: v for k, v in hw.model_dump().items() if k not in ("gpu", "profile") and v is not None
+    }
+    entry.update(over)
+    power = PowerSpec(
+        idle_w=entry["idle_w"],
+        max_w=entry["tdp_w"],
+        active_w=entry["active_w"],
+        compute_w=entry["compute_w"],
+        memory_w=entry["memory_w"],
+    )
+    from fleetsim.device.profile import power_problem
+
+    bad = power_problem(power)  # idle <= TDP, busy <= MAX_BUSY_OVER_TDP x TDP (device/profile.py)
+    if bad is not None:
+        fld = {"max_w": "tdp_w"}.get(bad[0], bad[0])
+        raise ScenarioError(
+            f"hardware.{fld}",
+            bad[1],
+            bad[2],
+            "check the hardware power fields (watts per GPU) against the GPU's TDP",
+            src,
+        )
+    sha = ""
+    if hw.profile:
+        ppath = Path(hw.profile)
+        if not ppath.is_absolute() and src:
+            cand = Path(src).parent / ppath
+            ppath = cand if cand.exists() or not ppath.exists() else ppath
+        ppath = Path(os.path.abspath(ppath))  # errors show where the file was looked for
+        profile, sha = load_profile(ppath)
+        cat_gpu = profile.meta.get("catalog_gpu")
+        if cat_gpu and cat_gpu != hw.gpu:
+            raise ScenarioError(
+                "hardware.profile",
+                hw.profile,
+                f"was measured on {cat_gpu!r} but hardware.gpu is {hw.gpu!r}",
+                f"set hardware.gpu = {cat_gpu!r} or use a profile of {hw.gpu}",
+                src,
+            )
+        if profile.power is not None:
+            power = profile.power
+        profile_id = f"{profile.name} ({ppath.name})"
+    else:
+        profile = catalog_profile(hw.gpu, entry, power)
+        profile_id = profile.name
+    gpu = GpuSpec(
+        name=hw.gpu,
+        tdp_w=entry["tdp_w"],
+        idle_w=power.idle_w,
+        node_overhead_w=entry["node_overhead_w"],
+        gpus_per_node=entry["gpus_per_node"],
+        capex_usd=entry["capex_usd"],
+        rent_usd_per_gpu_hour=entry["rent_usd_per_gpu_hour"],
+        power=power,
+    )
+
+    return gpu, profile, profile_id, sha
+
+
+def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: str) -> None:
+    """vLLM's tensor-parallel rule, and the weights fit in a replica's usable memory."""
+    tp = sc.fleet.tensor_parallel
+    tp_problem = model.tp_problem(tp)
+    if tp_problem:
+        raise ScenarioError("fleet.tensor_parallel", tp, tp_problem, model.tp_fix(tp), src)
+    usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
+    if model.weight_bytes >= usable:
+        per_gpu = profile.mem_bytes * sc.fleet.gpu_memory_utilization
+        # the smallest degree that holds the weights and that vLLM accepts (it divides the
+        # attention heads)
+        fits = [
+            k
+            for k in range(tp + 1, 65)
+            if model.n_heads % k == 0 and model.weight_bytes < k * per_gpu
+        ]
+        tp_fix = (
+            f"set fleet.tensor_parallel = {fits[0]} (the smallest degree that holds the weights "
+            f"and divides the {model.n_heads} attention heads), a larger GPU, or a smaller dtype"
+            if fits
+            else "no tensor-parallel degree up to 64 that divides the attention heads holds "
+            "the weights: use a larger GPU, a smaller dtype or a higher "
+            "fleet.gpu_memory_utilization"
+        )
+        raise ScenarioError(
+            "fleet.tensor_parallel",
+            tp,
+            f"{model.name} weights need {model.weight_bytes / 1e9:.1f} GB but a replica has "
+            f"{usable / 1e9:.1f} GB usable ({tp} x {profile.mem_bytes / 1e9:.0f} GB x "
+            f"{sc.fleet.gpu_memory_utilization}); "
+            f"{(model.weight_bytes - usable) / 1e9:.1f} GB missing",
+            tp_fix,
+            src,
+        )
+
+
+def _checked_kv_budget(sc: Scenario, model: ModelSpec, profile: Profile, src: str) -> KvBudget:
+    """The replica's KV budget; an error when nothing is left for it."""
+    usable = sc.fleet.tensor_parallel * profile.mem_bytes * sc.fleet.gpu_memory_utilization
+    kvb = kv_budget(sc, model, profile.mem_bytes)
+    kv_tokens = kvb.tokens
+    if kv_tokens <= 0:
+        raise ScenarioError(
+            "fleet.gpu_memory_utilization",
+            sc.fleet.gpu_memory_utilization,
+            f"no memory left for the KV cache: {usable / 1e9:.1f} GB usable - "
+            f"{model.weight_bytes / 1e9:.1f} GB weights - {kvb.activation_bytes / 1e9:.2f} GB "
+            f"activation reserve (fleet.max_batched_tokens = {sc.fleet.max_batched_tokens})",
+            "raise it, raise fleet.tensor_parallel, or lower fleet.max_batched_tokens",
+            src,
+        )
+    return kvb
+
+
+def _check_request_sizes(
+    sc: Scenario, model: ModelSpec, kv_tokens: int, src: str
+) -> tuple[int, int | None]:
+    """The longest request fits the KV budget and the context, and the longest prompt can be
+    scheduled; (the longest request in tokens, the trace's row count or None)."""
+    from fleetsim.workload.sampling import trace_columns_max
+
+    tr = sc.traffic
+    trace_max: dict[str, int] = {}
+    for d in (tr.prompt, tr.output):
+        if isinstance(d, Empirical):
+            trace_max.update(trace_columns_max(d.file, src))
+            if d.column not in trace_max:  # (checked here, before anything is simulated)
+                from fleetsim.workload.sampling import _trace_column
+
+                _trace_column(d, src)
+    max_req = tr.prompt.max_tokens(trace_max) + tr.output.max_tokens(trace_max)
+    pmax = tr.prompt.max_tokens(trace_max)
+    trace_rows: int | None = None
+    if tr.trace:  # a timed trace replaces the size distributions: check its own requests
+        from fleetsim.workload.sampling import _resolve_path, read_arrival_trace
+
+        _, tp_, to_ = read_arrival_trace(str(_resolve_path(tr.trace, src)))
+        trace_rows = len(tp_)
+        max_req, pmax = int((tp_ + to_).max()), int(tp_.max())
+    big_field, big_value = _longest_field(tr, trace_max)
+    if max_req > kv_tokens:
+        raise ScenarioError(
+            big_field,
+            big_value,
+            f"a maximum-length request ({max_req} tokens) exceeds the KV budget of a replica "
+            f"({kv_tokens} tokens)",
+            "lower the prompt/output maximum, raise fleet.tensor_parallel or "
+            "fleet.gpu_memory_utilization",
+            src,
+        )
+    if max_req > model.max_context_tokens:
+        raise ScenarioError(
+            big_field,
+            big_value,
+            f"prompt + output ({max_req} tokens) exceeds {model.name}'s context of "
+            f"{model.max_context_tokens} tokens",
+            "lower the maxima",
+            src,
+        )
+    if pmax > sc.fleet.max_batched_tokens and not sc.fleet.chunked_prefill:
+        raise ScenarioError(
+            "fleet.max_batched_tokens",
+            sc.fleet.max_batched_tokens,
+            f"smaller than the longest prompt ({pmax} tokens); such prompts could "
+            "never be scheduled",
+            f"set it >= {pmax}, or fleet.enable_chunked_prefill = true",
+            src,
+        )
+    return max_req, trace_rows
+
+
+def _hourly_rates(tr: TrafficSection, src: str) -> tuple[float, ...]:
+    """The fleet's arrival rate (1/s) by UTC hour of day, from requests_per_day and the diurnal
+    curve."""
+    w = diurnal_weights(tr.diurnal)
+    w = [x / max(w) for x in w]  # (scaled to a peak of 1 first: 24 huge weights must not overflow)
+    mean_w = sum(w) / 24.0
+    base = tr.requests_per_day / DAY_S
+    rates = tuple(base * x / mean_w for x in w)
+    if not all(math.isfinite(r) for r in rates):
+        raise ScenarioError(
+            "traffic.requests_per_day",
+            tr.requests_per_day,
+            "rate is not finite",
+            "use a finite rate",
+            src,
+        )
+    return rates
+
+
+__all__ = ["model_spec", "resolve_aggregated"]
