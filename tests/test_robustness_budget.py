@@ -7,16 +7,22 @@ and sessions x turns before anything is generated.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from test_robustness_input import LIMIT_AS, run_limited
 
+from fleetsim.apps import cli
+from fleetsim.config import budget
 from fleetsim.workload import distributions as dist
+from fleetsim.workload.mooncake import read_mooncake
 
 
 @pytest.mark.parametrize(
@@ -93,3 +99,128 @@ def test_a_long_draw_honours_signals_within_a_second(sig):
     assert "finished" not in out, "the draw ended before the signal: make it longer"
     assert out.split()[-2:] == ["interrupted", str(int(sig))] and p.returncode == 128 + sig
     assert waited < 1.0, f"the signal took {waited:.2f} s to act"
+
+
+# ---------------------------------------------------------------------------------------------
+# check_work: sessions x turns, timed traces per pod-hour
+SCEN = """
+name = "budget"
+seed = 1
+[simulation]
+hours = {hours}
+[model]
+name = "llama-3.1-8b"
+[hardware]
+gpu = "h100-sxm"
+[fleet]
+replicas = 2
+pods = {pods}
+[traffic]
+requests_per_day = {rate}
+diurnal = "flat"
+prompt = {{ dist = "fixed", value = 50 }}
+output = {{ dist = "fixed", value = 20 }}
+{extra}
+"""
+
+
+def _scenario(d: Path, extra: str = "", rate: float = 2400, hours: int = 1, pods: int = 1):
+    f = d / "s.toml"
+    f.write_text(SCEN.format(extra=extra, rate=rate, hours=hours, pods=pods))
+    return f
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+    rc = cli.main([str(a) for a in args])
+    return rc, [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+
+
+def test_a_billion_turns_is_refused_before_drawing(tmp_path):
+    """`traffic.sessions = {turns = {dist = "fixed", value = 1e9}}` is one line before anything
+    is drawn (before: 7.45 GiB of think times were allocated, deaf to SIGTERM): in a child under
+    a 2 GiB address-space limit, exit 2, a small peak resident set, no output folder."""
+    f = _scenario(tmp_path, '[traffic.sessions]\nturns = { dist = "fixed", value = 1000000000 }')
+    out = tmp_path / "o"
+    got, peak = run_limited({"turns": ["run", str(f), "--out", str(out)]}, tmp_path)
+    rc, lines = got["turns"]
+    assert rc == 2 and len(lines) == 1, (rc, lines)
+    assert "traffic.sessions.turns.value" in lines[0] and "per session" in lines[0]
+    assert peak < LIMIT_AS / 4 and not out.exists()
+
+
+def test_sessions_count_their_turns(tmp_path, capsys):
+    """Sessions x mean turns count as arrivals: 1,000 sessions/hour within the per-pod-hour
+    budget alone, but x 10,000 turns each above it (before: only the sessions were counted)."""
+    ses = '[traffic.sessions]\nturns = { dist = "fixed", value = 10000 }'
+    f = _scenario(tmp_path, ses, rate=24_000)
+    rc, err = _cli(capsys, "validate", f)
+    assert rc == 2 and len(err) == 1, err
+    assert "1e+07 requests (sessions x their mean turns)" in err[0], err
+    assert f"{budget.MAX_ARRIVALS_PER_POD_HOUR:,} per pod-hour" in err[0]
+    f = _scenario(tmp_path, ses.replace("10000", "4"), rate=24_000)
+    rc, err = _cli(capsys, "validate", f)
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("name", ["turns", "think_s"])
+def test_sessions_from_a_trace_column_are_one_line(tmp_path, capsys, name):
+    """An empirical distribution for turns or think times (before: AttributeError traceback
+    once the run started)."""
+    (tmp_path / "x.csv").write_text("c\n3\n")
+    f = _scenario(
+        tmp_path,
+        f'[traffic.sessions]\n{name} = {{ dist = "empirical", file = "x.csv", column = "c" }}',
+    )
+    rc, err = _cli(capsys, "run", f, "--out", tmp_path / "o")
+    assert rc == 2 and len(err) == 1 and f"traffic.sessions.{name}.dist" in err[0], err
+
+
+def _trace(d: Path, kind: str, times_s: list[float]) -> str:
+    if kind == "csv":
+        rows = "".join(f"{t},50,20\n" for t in times_s)
+        (d / "t.csv").write_text("arrival_s,prompt_tokens,output_tokens\n" + rows)
+        return 'trace = "t.csv"'
+    lines = "".join(
+        json.dumps(
+            {"timestamp": t * 1000, "input_length": 600, "output_length": 5, "hash_ids": [1, 2]}
+        )
+        + "\n"
+        for t in times_s
+    )
+    (d / "t.jsonl").write_text(lines)
+    return 'trace = "t.jsonl"\ntrace_block_tokens = 512'
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_timed_traces_count_arrivals_per_pod_hour(tmp_path, capsys, monkeypatch, kind):
+    """A timed trace counts its rows by the hour they arrive in, per pod (row i -> pod i %
+    pods), against the per-pod-hour budget (before: timed traces were exempt: 3M requests in one
+    hour took 1.4 GB). The budget is set to 100 here: 150 rows in one hour on one pod are
+    refused, on two pods (75 each) accepted; rows past the horizon do not count."""
+    monkeypatch.setattr(budget, "MAX_ARRIVALS_PER_POD_HOUR", 100)
+    from fleetsim.workload import sampling
+
+    sampling.read_arrival_trace.cache_clear()
+    read_mooncake.cache_clear()
+    burst = [1800.0 + i * 0.01 for i in range(150)]
+    t = _trace(tmp_path, kind, burst)
+    rc, err = _cli(capsys, "validate", _scenario(tmp_path, t))
+    assert rc == 2 and len(err) == 1, err
+    assert "traffic.trace" in err[0] and "brings 150 requests" in err[0], err
+    rc, err = _cli(capsys, "validate", _scenario(tmp_path, t, pods=2))
+    assert rc == 0, err
+    sampling.read_arrival_trace.cache_clear()
+    read_mooncake.cache_clear()
+    t = _trace(tmp_path, kind, [10.0, *(7200.0 + i * 0.01 for i in range(150))])
+    rc, err = _cli(capsys, "validate", _scenario(tmp_path, t, hours=2))
+    assert rc == 0, err  # 150 in hour 2, past a 2-hour horizon
+    rc, err = _cli(capsys, "validate", _scenario(tmp_path, t, hours=3))
+    assert rc == 2 and "brings 150 requests" in err[0], err
+
+
+def test_trace_counts_by_hour_and_pod():
+    """check_work's trace counts: per pod over the horizon and the busiest pod-hour."""
+    t = np.array([0.0, 1.0, 2.0, 3700.0, 3701.0, 9000.0])
+    assert budget._trace_counts(t, 2, 1) == (5.0, 3.0)
+    assert budget._trace_counts(t, 2, 2) == (2.5, 2.0)
+    assert budget._trace_counts(t, 3, 4) == (1.5, 1.0)

@@ -8,6 +8,7 @@ that the caller loads once and passes in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated, ClassVar, Literal
 
@@ -59,6 +60,9 @@ class Fixed(_Draws, Section):
     def max_tokens(self, trace_max: dict[str, int]) -> int:
         return self.value
 
+    def mean_value(self) -> float:
+        return float(self.value)
+
 
 class Uniform(_Draws, Section):
     """Integers uniform on [low, high]."""
@@ -80,6 +84,9 @@ class Uniform(_Draws, Section):
 
     def max_tokens(self, trace_max: dict[str, int]) -> int:
         return self.high
+
+    def mean_value(self) -> float:
+        return (self.low + self.high) / 2.0
 
 
 class LogNormal(_Draws, Section):
@@ -106,6 +113,12 @@ class LogNormal(_Draws, Section):
     def max_tokens(self, trace_max: dict[str, int]) -> int:
         return self.max
 
+    def mean_value(self) -> float:
+        """The unclipped mean ``median x exp(sigma^2 / 2)`` put into [min, max] (clipping can
+        only move the mean towards that range, so this bounds it for budgets)."""
+        m = self.median * math.exp(min(self.sigma * self.sigma / 2.0, 700.0))
+        return float(min(max(m, self.min), self.max))
+
 
 class Geometric(_Draws, Section):
     """Geometric on {1, 2, ...} with the given mean (memoryless: one token ends with p = 1/mean)."""
@@ -121,6 +134,9 @@ class Geometric(_Draws, Section):
 
     def max_tokens(self, trace_max: dict[str, int]) -> int:
         return self.max
+
+    def mean_value(self) -> float:
+        return float(min(self.mean, self.max))
 
 
 class Empirical(Section):
