@@ -122,6 +122,7 @@ BAD_CALLS = {
     "load-bytes": lambda: fleetsim.load(b"s.toml"),
     "override-object": lambda: fleetsim.load(BASE, {"fleet.replicas": object()}),
     "override-not-key-value": lambda: fleetsim.load(BASE, [1, 2]),
+    "override-deep": lambda: fleetsim.load(BASE, ["fleet.replicas=" + "[" * 100_000]),
     "seed-text": lambda: fleetsim.load(BASE, seed="x"),
     "replicas-nan": lambda: fleetsim.load({**BASE, "fleet": {"replicas": float("nan")}}),
     "replicas-10^400": lambda: fleetsim.load({**BASE, "fleet": {"replicas": 10**400}}),
@@ -140,7 +141,8 @@ BAD_CALLS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CALLS))
 def test_bad_arguments_raise_user_error(case):
-    """Bad arguments: UserError. (Before: toml-text-deep RecursionError, sweep-grid-list
+    """Bad arguments: UserError. (Before: toml-text-deep and override-deep RecursionError,
+    sweep-grid-list
     AttributeError, sweep-grid-object TypeError, plan-tp-text ArrowInvalid; plan-tp-zero and
     plan-slo-negative ran.)"""
     with pytest.raises(fleetsim.UserError) as ei:

@@ -109,3 +109,15 @@ def test_model_file_that_is_not_a_table(tmp_path, capsys):
     rc, err = _cli(capsys, *LAT, "--model", f, "--batch", "1", "--context", "5")
     _one_line(rc, err, "--model")
     assert Path(f).exists()
+
+
+@pytest.mark.parametrize("cmd", ["validate", "sweep"])
+def test_deeply_nested_flag_values_are_one_line(tmp_path, capsys, cmd):
+    """`--set key=[[[[...` and `--grid key=[[[[...` 100,000 deep (before: RecursionError
+    traceback from the TOML parser)."""
+    scen = Path(__file__).parents[1] / "scenarios/default.toml"
+    deep = "fleet.replicas=" + "[" * 100_000
+    flag = "--set" if cmd == "validate" else "--grid"
+    extra = ["--out", tmp_path / "o"] if cmd == "sweep" else []
+    rc, err = _cli(capsys, cmd, scen, flag, deep, *extra)
+    _one_line(rc, err, "nested deeper than 64")

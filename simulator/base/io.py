@@ -165,7 +165,9 @@ def read_text(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str
     )
 
 
-def check_depth(text: str, where: str, limit: int = MAX_DEPTH, toml: bool = False) -> None:
+def check_depth(
+    text: str, where: str, limit: int = MAX_DEPTH, toml: bool = False, fix: str = "flatten the file"
+) -> None:
     """Refuse ``text`` (JSON, or TOML with ``toml=True``) whose arrays/tables nest deeper than
     ``limit``. Brackets inside strings (and TOML comments) do not count."""
     if text.count("[") + text.count("{") <= limit:
@@ -200,8 +202,7 @@ def check_depth(text: str, where: str, limit: int = MAX_DEPTH, toml: bool = Fals
                     line = text.count("\n", 0, i) + 1
                     at = f"{where}: line {line}:" if "\n" in text else f"{where}:"
                     raise UserError(
-                        f"{at} arrays or tables nested deeper than {limit} levels "
-                        "(fix: flatten the file)"
+                        f"{at} arrays or tables nested deeper than {limit} levels (fix: {fix})"
                     )
         elif ch in "]}":
             depth = max(0, depth - 1)
