@@ -456,6 +456,18 @@ MODELS += ["/tmp", "MODELFILE", "HFCONFIG"]
 @st.composite
 def latency_argv(draw) -> list[str]:
     argv = ["latency"]
+    if draw(st.integers(0, 2)) == 0:  # a well-formed question (some do not fit: --tp)
+        argv += ["--gpu", draw(st.sampled_from(["h100-sxm", "a100-80gb", "h200", "b200"]))]
+        argv += ["--model", draw(st.sampled_from([*MODELS[:3], "MODELFILE"]))]
+        argv += ["--tp", str(draw(st.sampled_from([1, 2, 4, 8])))]
+        if draw(st.booleans()):
+            sizes = draw(st.lists(st.integers(1, 1024), min_size=1, max_size=4))
+            argv += ["--batch", ",".join(map(str, sizes))]
+            argv += ["--context", str(draw(st.integers(1, 131_072)))]
+        else:
+            sizes = draw(st.lists(st.integers(1, 131_072), min_size=1, max_size=4))
+            argv += ["--prefill-tokens", ",".join(map(str, sizes))]
+        return argv + (["--json"] if draw(st.booleans()) else [])
     if draw(st.integers(0, 9)):
         argv += ["--gpu", draw(st.sampled_from(["h100-sxm", "a100-80gb", "h200", "b200", "h1"]))]
     if draw(st.integers(0, 9)):
