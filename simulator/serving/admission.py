@@ -1,5 +1,6 @@
-"""The admission rule of a continuous-batching replica, shared by the simulated engine
-(:mod:`fleetsim.serving.engine`) and the real torch engine (``fleetsim.calibrate.engine``).
+"""The admission rule of a continuous-batching replica, shared by the simulated engine's reserve
+policy (:mod:`fleetsim.serving.kv_reserve`) and the real torch engine
+(``fleetsim.calibrate.engine``).
 
 At every iteration boundary the waiting requests are taken first-come-first-served while
 :meth:`Limits.admits` holds for the head of the queue; the first that does not fit blocks the
@@ -42,7 +43,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class PagedLimits:
-    """What the paged engine fixes for a simulation (``EnginePlan.paged``)."""
+    """What the paged KV policy fixes for a simulation (``EnginePlan.paged``)."""
 
     blocks: int  # KV blocks of a replica
     block_tokens: int  # tokens per block (a power of two)
