@@ -113,7 +113,12 @@ def check_work(
             f"{f.pods} pod(s), above the budget of {MAX_ARRIVALS_PER_POD_HOUR:,} per pod-hour "
             "(one hour of a pod's arrivals is held in memory)",
             "split the fleet into more, smaller pods (fleet.pods, and fleet.sample_pods to "
-            "simulate a few of them) or lower the rate",
+            "simulate a few of them) or "
+            + (
+                "replay a thinner trace (its rows go to the pods in turn)"
+                if trace_arrivals_s is not None
+                else "lower the rate"
+            ),
             src,
         )
     if per_pod > MAX_ARRIVALS_PER_POD:
