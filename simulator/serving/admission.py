@@ -52,3 +52,18 @@ class PagedLimits:
     watermark_blocks: int  # blocks kept free when admitting while others run
     hash_tokens: int  # tokens per prompt block id (prefix caching granularity)
     affinity_margin: int  # prefix_affinity router: the load margin
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePlan:
+    """What the simulation fixes for every replica of a pod: read, never changed."""
+
+    limits: Limits  # the admission rule
+    horizon_s: float  # no run starts at or after it
+    per_iteration: bool  # the per-iteration reference mode (every run is one iteration)
+    # dynamic energy of a whole replica (see latency.PowerSpec): J = e_active_w * busy seconds
+    # + e_flop_j * FLOPs + e_byte_j * bytes moved
+    e_active_w: float
+    e_flop_j: float
+    e_byte_j: float
+    paged: PagedLimits | None = None  # the paged policy's settings (kv_paged.py), or None

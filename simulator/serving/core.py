@@ -39,16 +39,16 @@ aggregated replica completes it (:meth:`ReplicaCore._finish_due`, here); a prefi
 hands it to its pool and keeps its KV until the pool calls ``release``; a decode-only replica
 admits requests whose prompt KV has arrived straight into the decode set.
 
-What a replica knows is in two parts: the :class:`EnginePlan`, fixed for the simulation
-(admission limits, horizon, engine mode, energy coefficients), which the pod makes once and
-shares with its replicas; and the replica's own mutable state.
+What a replica knows is in two parts: the
+:class:`~fleetsim.serving.admission.EnginePlan`, fixed for the simulation (admission limits,
+horizon, engine mode, energy coefficients), which the pod makes once and shares with its
+replicas; and the replica's own mutable state.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
@@ -56,7 +56,7 @@ import simpy
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.device.latency import LatencyModel, RunCoeffs, run_time, step_time, steps_to_reach
-from fleetsim.serving.admission import Limits, PagedLimits
+from fleetsim.serving.admission import EnginePlan
 from fleetsim.serving.events import NORMAL, Wake, queue_of, wake_at
 from fleetsim.serving.kv_policy import KVPolicy
 from fleetsim.serving.request import Request
@@ -65,21 +65,6 @@ if TYPE_CHECKING:
     from fleetsim.serving.ports import PodPort
 
 _NO_COEFFS = RunCoeffs(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a run with no decode steps
-
-
-@dataclass(frozen=True, slots=True)
-class EnginePlan:
-    """What the simulation fixes for every replica of a pod: read, never changed."""
-
-    limits: Limits  # the admission rule
-    horizon_s: float  # no run starts at or after it
-    per_iteration: bool  # the per-iteration reference mode (every run is one iteration)
-    # dynamic energy of a whole replica (see latency.PowerSpec): J = e_active_w * busy seconds
-    # + e_flop_j * FLOPs + e_byte_j * bytes moved
-    e_active_w: float
-    e_flop_j: float
-    e_byte_j: float
-    paged: PagedLimits | None = None  # the paged policy's settings (serving/kv_paged.py), or None
 
 
 class ReplicaCore(KVPolicy):
@@ -379,8 +364,15 @@ class ReplicaCore(KVPolicy):
                 self.plan(self.env.now)  # an idle replica waiting for the central queue's floor
             return
         end = self.run_end
-        if end != fired:  # the run end moved later (a cut)
-            self._arm(end)
+        if end != fired:  # the run end moved later (a cut): _arm(end) and wake_at, inlined
+            # (0.6 per request in the default day: 1.8 calls per request less, bench/RESULTS.md)
+            token = self.token + 1
+            self.token = token
+            self.armed_t = end
+            now = self.env._now
+            key = now + (end - now if end > now else 0.0)
+            heappush(self._queue, (key, NORMAL, next(self._eid), Wake(self._wake_cbs, token)))
+            self.rec.events += 1
             return
         self._commit(self.k)
         self.plan(end)

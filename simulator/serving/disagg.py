@@ -46,9 +46,8 @@ import simpy
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.resolved import Resolved
-from fleetsim.serving.admission import Limits, PagedLimits
+from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.core import EnginePlan
 from fleetsim.serving.events import run_until, wake_at
 from fleetsim.serving.pod import paged_limits
 from fleetsim.serving.recorder import Recorder

@@ -58,7 +58,7 @@ from fleetsim.serving.kv_blocks import BlockPool
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
-    from fleetsim.serving.core import EnginePlan
+    from fleetsim.serving.admission import EnginePlan
 
 
 class PagedKV(BlockPool):

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fleetsim.serving.core import EnginePlan
+    from fleetsim.serving.admission import EnginePlan
     from fleetsim.serving.request import Request
 
 

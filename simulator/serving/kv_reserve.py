@@ -20,7 +20,7 @@ from fleetsim.serving.core import ReplicaCore
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
-    from fleetsim.serving.core import EnginePlan
+    from fleetsim.serving.admission import EnginePlan
 
 
 class ReserveKV(ReplicaCore):

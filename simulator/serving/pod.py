@@ -26,9 +26,8 @@ from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.resolved import Resolved
-from fleetsim.serving.admission import Limits, PagedLimits
+from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.core import EnginePlan
 from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
 from fleetsim.serving.ports import RequestSink
 from fleetsim.serving.recorder import Recorder

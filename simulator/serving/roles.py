@@ -37,7 +37,7 @@ from fleetsim.serving.kv_reserve import ReserveKV
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
-    from fleetsim.serving.core import EnginePlan
+    from fleetsim.serving.admission import EnginePlan
     from fleetsim.serving.ports import PodPort
 
 
