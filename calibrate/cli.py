@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="profile JSON to write (default profiles/<device>-<model>.json); the "
-        "grid Parquet goes beside it",
+        "grid Parquet goes beside it. With --from-vidur: the profile file (NAME.json, one GPU) "
+        "or a folder for <gpu>-vidur.json (default out/calibrate-vidur/)",
     )
     p.add_argument(
         "--quick",
@@ -111,8 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpu",
         default=None,
-        help="with --from-vidur: the catalog GPU of DIR's one GPU folder (its data-sheet peaks, "
-        "memory and power); default: a100 -> a100-80gb, h100 -> h100-sxm",
+        help="with --from-vidur: fit only this GPU: one of DIR's GPU folders (h100, a100) or "
+        "its catalog name (h100-sxm); with one folder, any catalog GPU names it (its data-sheet "
+        "peaks, memory and power). Default: every folder (a100 -> a100-80gb, h100 -> h100-sxm)",
+    )
+    p.add_argument(
+        "--from-mlenergy",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="no torch run: fit the GPU power model to measured configurations in the ML.ENERGY "
+        "Benchmark v3 format (DIR/configurations.csv and DIR/output_lengths.csv or "
+        "DIR/models/*.json; see data/mlenergy-v3/SOURCE.md) and write one profile per GPU "
+        "into --out (a folder; required)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="with --from-mlenergy: processes simulating the configurations (default 2)",
     )
     return p
 
@@ -217,6 +235,14 @@ def resolve_model(arg: str, dtype: str) -> ModelSpec:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fleetsim calibrate``; returns the exit code (0 ok, 2 user error or missing torch)."""
     args = build_parser().parse_args(argv)
+    if args.from_mlenergy is not None:
+        from fleetsim.base.errors import UserError
+
+        try:
+            return _from_mlenergy(args)
+        except (_Usage, UserError) as exc:
+            print(f"fleetsim calibrate: {exc}", file=sys.stderr)
+            return 2
     if args.from_vidur is not None:
         from fleetsim.base.errors import UserError
 
@@ -240,6 +266,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _from_mlenergy(args: argparse.Namespace) -> int:
+    """``--from-mlenergy DIR --out OUT``: the power fit of calibrate/mlenergy.py on a folder of
+    measured configurations; writes into OUT only (never into the checkout by default)."""
+    from . import mlenergy
+
+    root = args.from_mlenergy
+    if args.out is None:
+        raise _Usage(
+            f"--from-mlenergy {root}: --out is required (fix: --out FOLDER for the profiles)"
+        )
+    if not root.is_dir():
+        raise _Usage(f"--from-mlenergy {root}: not a folder (fix: a folder as data/mlenergy-v3)")
+    if args.out.exists() and not args.out.is_dir():
+        raise _Usage(f"--out {args.out}: exists and is not a folder (fix: a folder name)")
+    if args.workers < 1:
+        raise _Usage(f"--workers {args.workers}: must be at least 1")
+    for line in mlenergy.write_profiles(root, args.out, workers=args.workers):
+        print(line)
+    return 0
+
+
 def _from_vidur(args: argparse.Namespace) -> int:
     """``--from-vidur DIR``: the kernel-model fit of calibrate/vidur.py on a user's folder."""
     import dataclasses
@@ -259,9 +306,25 @@ def _from_vidur(args: argparse.Namespace) -> int:
         )
     names: dict[str, str] = {}
     if args.gpu:
-        if len(gpus) != 1:
-            raise _Usage(f"--gpu {args.gpu}: {root} has {len(gpus)} GPU folders; --gpu needs one")
-        names[gpus[0]] = args.gpu
+        # --gpu names one of DIR's GPU folders (Vidur's own layout: "h100", "a100"), or the
+        # catalog GPU of a folder: that of the one folder, or the folder Vidur names for it
+        by_catalog = {v[0]: k for k, v in vidur.VIDUR_GPUS.items()}
+        if args.gpu in gpus:
+            gpus = [args.gpu]
+        elif by_catalog.get(args.gpu) in gpus:
+            gpus = [by_catalog[args.gpu]]
+            names[gpus[0]] = args.gpu
+        elif len(gpus) == 1 and args.gpu in catalog.gpus():
+            names[gpus[0]] = args.gpu
+        else:
+            raise _Usage(
+                f"--gpu {args.gpu}: not one of {root}'s GPU folders ({', '.join(gpus)})"
+                + (
+                    ""
+                    if len(gpus) > 1
+                    else f" nor a catalog GPU (fix: one of {', '.join(catalog.gpus())})"
+                )
+            )
     for g in gpus:
         cat = names.get(g, vidur.VIDUR_GPUS.get(g, (g, ""))[0])
         if cat not in catalog.gpus():
@@ -270,9 +333,17 @@ def _from_vidur(args: argparse.Namespace) -> int:
                 f"(fix: --gpu one of {', '.join(catalog.gpus())})"
             )
         names[g] = cat
-    if args.out is not None and len(gpus) > 1:
-        raise _Usage(f"--out {args.out}: {root} has {len(gpus)} GPUs; omit --out")
-    for f in vidur.fit_folder(root, catalog_names=names):
+    # --out: the profile file when one GPU is fitted (a name ending in .json), else a folder
+    # for <gpu>-vidur.json; by default out/calibrate-vidur/ (never into the checkout's
+    # profiles/: out/ is where every command writes)
+    out_arg = args.out if args.out is not None else Path("out") / "calibrate-vidur"
+    as_file = args.out is not None and args.out.suffix == ".json" and not args.out.is_dir()
+    if as_file and len(gpus) > 1:
+        raise _Usage(
+            f"--out {args.out}: {root} has {len(gpus)} GPU folders ({', '.join(gpus)}); give "
+            "--out a folder for one profile each, or --gpu one of them"
+        )
+    for f in vidur.fit_folder(root, gpus, catalog_names=names):
         prof = catalog_profile(f.catalog_gpu, catalog.gpu(f.catalog_gpu), None)
         prof = dataclasses.replace(
             prof, name=f"{f.catalog_gpu}-vidur", kernels=f.fit, source="fitted"
@@ -282,7 +353,7 @@ def _from_vidur(args: argparse.Namespace) -> int:
             fit.update(lomo_median_err=f.lomo.median, lomo_worst_err=f.lomo.worst)
         d = profile_to_dict(prof, catalog_gpu=f.catalog_gpu, fit=fit)
         d["power"] = None  # the scenario's catalog GPU supplies power
-        out = args.out or Path("profiles") / f"{f.catalog_gpu}-vidur.json"
+        out = out_arg if as_file else out_arg / f"{f.catalog_gpu}-vidur.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(d, indent=1))

@@ -132,11 +132,24 @@ class Run:
         """Day-wide latency: ``ttft_mean_s``, ``ttft_p99_s``, ``tpot_p50_s``, ``itl_p90_s``..."""
         return self.result.day_latency
 
-    def summary(self, paths: dict[str, str] | None = None) -> dict:
-        """The JSON document of ``fleetsim run --json`` (NaN as None)."""
-        from fleetsim.results.summary import summary_dict
+    def summary(self, paths: dict[str, str] | None = None, format: str = "fleetsim") -> dict:
+        """The JSON document of ``fleetsim run --json`` (NaN as None); ``format="vllm"``: that
+        of ``fleetsim run --json --format vllm`` (vLLM benchmark_serving's keys, in ms)."""
+        from fleetsim.results.summary import json_safe, summary_dict
 
-        return summary_dict(self.result, paths or {})
+        if format not in ("fleetsim", "vllm"):
+            raise UserError(f"summary(format={format!r}): expected 'fleetsim' or 'vllm'")
+        doc = summary_dict(self.result, paths or {})
+        if format == "vllm":
+            return json_safe(self.vllm() | {"fleetsim": doc})
+        return doc
+
+    def vllm(self) -> dict:
+        """The latency and throughput block with vLLM benchmark_serving's keys and units
+        (``mean_ttft_ms``, ``p99_itl_ms``, ``request_throughput``...; NaN as None)."""
+        from fleetsim.results.summary import json_safe
+
+        return json_safe(self.result.vllm())
 
     def to_pandas(self, table: str = "hourly"):
         """``hourly`` (default) or ``requests`` as a pandas DataFrame (needs pandas)."""

@@ -69,7 +69,8 @@ def test_run_writes_24_contract_rows_and_requests(tmp_path):
     assert md["fleetsim.seed"] == "3"
     cfg = json.loads(md["fleetsim.config"])
     assert cfg["fleet"]["replicas"] == 3 and cfg["traffic"]["requests_per_day"] == 24000
-    assert md["fleetsim.profile_id"] == "h100-sxm-analytic"
+    # the catalog profile as the default serving stack runs it
+    assert md["fleetsim.profile_id"] == "h100-sxm-analytic+vllm-v1"
     r = pq.read_table(out / "requests.parquet")
     assert r.schema.names == REQUEST_SCHEMA.names
     assert r.num_rows == sum(t.column("requests_arrived").to_pylist())

@@ -127,7 +127,8 @@ def test_backpressure_holds_kv_in_the_prefill_pool(engine):
     heavy = merge(
         SMALL,
         traffic={**SMALL["traffic"], "requests_per_day": 600_000},
-        fleet={**SMALL["fleet"], "kv_allocation": engine},
+        # eager step times: the load below is sized so that this decode pool cannot keep up
+        fleet={**SMALL["fleet"], "kv_allocation": engine, "serving_stack": "eager"},
     )
     # paged: the decode pool's KV budget after the activation reserve is ~8k tokens
     util = 0.24 if engine == "paged" else 0.215

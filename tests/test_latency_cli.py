@@ -25,12 +25,31 @@ def test_decode_rows_add_up_and_grow_with_batch(capsys):
         "--batch", "1,64,256", "--context", "1000",
     )  # fmt: skip
     assert [r["tokens"] for r in rows] == [1, 64, 256]
-    assert [r["context_tokens"] for r in rows] == [1000, 64000, 256000]
+    # context: per sequence (it printed batch x context before issue 24); the KV read is that
+    assert [r["context_tokens"] for r in rows] == [1000, 1000, 1000]
+    assert [r["kv_tokens_read"] for r in rows] == [1000, 64000, 256000]
+    # compute is the FLOPs' time even where memory bounds the step (it was 0.000 for decode)
+    m = model_from_catalog("llama-3.1-70b")
+    prof = catalog_profile("h100-sxm", catalog.gpu("h100-sxm"))
+    lin = 4 * prof.peak_flops * prof.compute_eff_max
+    assert rows[0]["compute_s"] == pytest.approx(
+        (m.flops_per_token_linear + m.flops_lm_head) / lin + 1000 * m.attn_flops_per_pair / lin,
+        rel=1e-6,
+    )
+    assert rows[0]["bound"] == "memory" and 0 < rows[0]["compute_s"] < rows[0]["memory_s"]
     for r in rows:
         parts = r["compute_s"] + r["memory_s"] + r["comm_s"] + r["overhead_s"]
         assert parts == pytest.approx(r["total_s"], rel=1e-9)
-        assert r["overhead_s"] == catalog.gpu("h100-sxm")["overhead_s"]
+        # the default serving stack's exposed CPU time per iteration (vllm-v1, stacks.toml)
+        assert r["overhead_s"] == catalog.stacks()["vllm-v1"]["h100-sxm"]["overhead_s"]
     assert rows[0]["total_s"] < rows[1]["total_s"] < rows[2]["total_s"]
+    eager = _json(
+        capsys, "--gpu", "h100-sxm", "--model", "llama-3.1-70b", "--tp", "4",
+        "--batch", "1", "--context", "1000", "--serving-stack", "eager",
+    )[0]  # fmt: skip
+    assert eager["overhead_s"] == catalog.gpu("h100-sxm")["overhead_s"]
+    # CUDA graphs and the exposed overhead: a one-sequence step is faster under vllm-v1
+    assert rows[0]["total_s"] < eager["total_s"]
     # one sequence: the step streams 141 GB of weights over 4 GPUs at about 3.35 TB/s each
     w = model_from_catalog("llama-3.1-70b").weight_bytes / (4 * 3.35e12)
     assert w < rows[0]["memory_s"] < 1.4 * w  # + the floors of ~10 kernels x 80 layers

@@ -137,7 +137,7 @@ def test_budget_edges_are_exact():
     "sections,field",
     [
         ({"hardware": {"gpu": "h100-sxm", "idle_w": 5000}}, "hardware.idle_w"),
-        ({"hardware": {"gpu": "h100-sxm", "active_w": 1500}}, "hardware.active_w"),
+        ({"hardware": {"gpu": "h100-sxm", "active_w": 2500}}, "hardware.active_w"),
         ({"hardware": {"gpu": "h100-sxm", "tdp_w": 50}}, "hardware.idle_w"),
         ({"power": {"standby_w": 1.7e308}}, "power.standby_w"),
         ({"power": {"wake_w": 1e308}}, "power.wake_w"),
@@ -145,7 +145,7 @@ def test_budget_edges_are_exact():
         ({"autoscaler": {"policy": "reactive", "target_requests_per_replica": 5e-324}}, None),
         ({"autoscaler": {"policy": "reactive", "idle_timeout_s": 1e308}}, None),
     ],
-    ids=["idle>tdp", "busy>2tdp", "tdp<idle", "standby", "wake_w", "wake_s", "target", "timeout"],
+    ids=["idle>tdp", "busy>3tdp", "tdp<idle", "standby", "wake_w", "wake_s", "target", "timeout"],
 )
 def test_impossible_power_and_time_are_user_errors(sections, field):
     e = _err(merge(SMALL, **sections))

@@ -4,7 +4,9 @@ leave-one-model-out errors are recomputed and held to the issue's bounds."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +256,27 @@ def test_calibrate_from_vidur_unknown_gpu_folder(tmp_path, capsys):
         main(["calibrate", "--from-vidur", str(root), "--gpu", "h100-sxm", "--out", str(out)]) == 0
     )
     assert out.exists()
+
+
+def test_calibrate_from_vidur_on_vidurs_two_gpu_layout(tmp_path, capsys, monkeypatch):
+    """Vidur's own layout (compute/a100 and compute/h100): --gpu picks one folder by its name
+    or its catalog name, --out is that file or a folder, and nothing is written into the
+    working directory's profiles/ (the default is out/calibrate-vidur/)."""
+    from fleetsim.apps.cli import main
+
+    root = _vidur_copy(tmp_path, "h100")
+    _vidur_copy(tmp_path, "a100")  # (the h100 operator times under Vidur's a100 folder name)
+    monkeypatch.chdir(tmp_path)
+    one = tmp_path / "h100.json"
+    assert main(["calibrate", "--from-vidur", str(root), "--gpu", "h100", "--out", str(one)]) == 0
+    assert json.loads(one.read_text())["catalog_gpu"] == "h100-sxm"
+    capsys.readouterr()
+    assert main(["calibrate", "--from-vidur", str(root), "--out", "x.json"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--gpu" in err
+    assert main(["calibrate", "--from-vidur", str(root), "--gpu", "b300"]) == 2
+    assert "not one of" in capsys.readouterr().err
+    # by its catalog name, to the default folder: out/calibrate-vidur/, never profiles/
+    assert main(["calibrate", "--from-vidur", str(root), "--gpu", "a100-80gb"]) == 0
+    assert os.listdir(tmp_path / "out/calibrate-vidur") == ["a100-80gb-vidur.json"]
+    assert not (tmp_path / "profiles").exists()

@@ -12,7 +12,6 @@ import signal
 import sys
 from pathlib import Path
 
-from fleetsim.apps.common import description
 from fleetsim.base.errors import InvariantError, UserError
 
 
@@ -69,6 +68,7 @@ def cmd_validate(args) -> int:
     from fleetsim.config.loading import load_scenario
     from fleetsim.config.resolve import resolve
     from fleetsim.config.resolved import resolved_dict
+    from fleetsim.results.summary import serving_stack
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
@@ -77,7 +77,9 @@ def cmd_validate(args) -> int:
         print(
             f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters "
             f"({rs.model.total_params:,}), {rs.model.weight_bytes / 1e9:.1f} GB weights; "
-            f"KV budget {rs.kv_capacity_tokens:,} tokens per replica"
+            f"KV budget {rs.kv_capacity_tokens:,} tokens per replica (KV cache "
+            f"{rs.model.kv_dtype_resolved}, {round(rs.model.kv_bytes_per_token):,} bytes per "
+            "token; GB = 10^9 bytes)"
             + (
                 f" ({rs.kv.blocks:,} blocks of {rs.kv.block_size_tokens}; "
                 f"{rs.kv.kv_bytes / 1e9:,.1f} GB = {sc.fleet.gpu_memory_utilization:g} x "
@@ -86,7 +88,7 @@ def cmd_validate(args) -> int:
                 if rs.kv is not None
                 else ""
             )
-            + f"; profile {rs.profile_id}",
+            + f"; profile {rs.profile_id}; serving stack {serving_stack(rs)}",
             file=sys.stderr,
         )
         if rs.pools is not None:  # a disaggregated fleet: each pool's own figures
@@ -103,20 +105,23 @@ def cmd_validate(args) -> int:
                 f"transfer; {rs.pools.kv_bytes_per_token / 1024:g} KiB of KV per prompt token",
                 file=sys.stderr,
             )
+        pw = rs.gpu.power
+        print(
+            f"# power model ({rs.gpu.name}, per GPU): idle {pw.idle_w:g} W, busy "
+            f"{pw.idle_w + pw.active_w:g} W + {pw.compute_w:g} W x compute use + "
+            f"{pw.memory_w:g} W x bandwidth use, capped at {pw.max_w:g} W; "
+            f"{pw.confidence or 'no provenance'}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_schema(args) -> int:
     from fleetsim.apps.common import print_json
-
-    if args.profile:
-        from fleetsim.device.profile import profile_json_schema
-
-        print_json(profile_json_schema())
-        return 0
+    from fleetsim.config.fields import profile_schema
     from fleetsim.config.jsonschema import scenario_json_schema
 
-    print_json(scenario_json_schema())
+    print_json(profile_schema() if args.profile else scenario_json_schema())
     return 0
 
 
@@ -141,6 +146,10 @@ def cmd_run(args) -> int:
     from fleetsim.results.output import RequestWriter
     from fleetsim.results.summary import health, print_summary, print_warnings, summary_dict
 
+    if args.format != "fleetsim" and not args.json:
+        raise UserError(
+            f"--format {args.format}: it is the format of the --json document (fix: add --json)"
+        )
     sc, text = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
     names = ("hourly.parquet",) + (("requests.parquet",) if args.requests else ())
@@ -206,7 +215,12 @@ def cmd_run(args) -> int:
     # an overloaded run says so, even with --quiet (one prominent line on stderr)
     print_warnings(res, make_console(stderr=True))
     if args.json:
-        print_json(summary_dict(res, paths))
+        if args.format == "vllm":
+            from fleetsim.results.vllm import vllm_result
+
+            print_json(vllm_result(res) | {"fleetsim": summary_dict(res, paths)})
+        else:
+            print_json(summary_dict(res, paths))
     if args.strict and health(res)["overloaded"]:
         return 4
     return 0
@@ -218,10 +232,18 @@ def _shown(p) -> str:
     return clean(str(p))
 
 
+#: ``fleetsim --help``'s description (for a user; the module docstring is for developers)
+USAGE_DESCRIPTION = (
+    "Simulate the GPU fleets that serve large language models: energy, cost and latency, "
+    "hour by hour. Start with: fleetsim run scenarios/default.toml. Each command has its own "
+    "--help; scenarios/README.md lists the scenario library and docs/ the model."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fleetsim.base.version import __version__
 
-    ap = argparse.ArgumentParser(prog="fleetsim", description=description(__doc__))
+    ap = argparse.ArgumentParser(prog="fleetsim", description=USAGE_DESCRIPTION)
     ap.add_argument("--version", action="version", version=f"fleetsim {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser(
@@ -250,12 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
         "written); the human summary goes to stderr",
     )
     p.add_argument(
+        "--format",
+        choices=("fleetsim", "vllm"),
+        default="fleetsim",
+        help="the --json document: fleetsim's summary (default), or 'vllm': the keys and units "
+        "of vLLM's benchmark_serving result file (mean/median/std/p50..p99 of ttft, tpot, itl, "
+        "e2el in ms; request_throughput, output_throughput, total_token_throughput; completed, "
+        "duration), with fleetsim's summary under the key 'fleetsim'",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="exit with code 4 when the run is overloaded (the queue grows without bound or "
         "under 90%% of requests meet the SLO)",
     )
-    p.add_argument("--out", help="output folder (default out/<scenario name>)")
+    p.add_argument(
+        "--out", help="output folder (default out/<the scenario file's stem>, e.g. out/default)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     p.add_argument("--requests", action="store_true", help="also write requests.parquet")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -299,6 +332,11 @@ DELEGATED = [
         "aggregated vs disaggregated cost per SLO-meeting request (one sweep, one figure)",
     ),
     ("report", "fleetsim.apps.report", "plots and a page for a finished run"),
+    (
+        "compare",
+        "fleetsim.apps.compare",
+        "a finished run beside a vLLM benchmark_serving result, with relative errors",
+    ),
 ]
 
 

@@ -54,6 +54,8 @@ import pyarrow as pa
 from fleetsim.apps.executors import add_executor_args, make_executor, task_progress
 from fleetsim.base import io
 from fleetsim.base.errors import UserError
+from fleetsim.base.io import term
+from fleetsim.base.units import fmt_num
 from fleetsim.config.loading import apply_overrides, read_toml, scenario_from_dict
 from fleetsim.config.resolve import resolve
 
@@ -429,10 +431,41 @@ def draw(t: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def print_outcome(table: pa.Table, c) -> None:
+    """For each workload, the target cells where the best split is cheaper per SLO-meeting
+    request, as a table (never cut: :mod:`fleetsim.base.tables`)."""
+    from fleetsim.base.tables import print_table
+
+    rows = []
+    for name in dict.fromkeys(table.column("workload").to_pylist()):
+        r = best_ratio(table, name)
+        wins = int(np.nansum(r < 1.0))
+        cells = int(np.sum(~np.isnan(r)))
+        best = float(np.nanmin(r)) if cells else math.nan
+        rows.append((term(name), f"{wins} of {cells}", fmt_num(best, ".3f", missing="n/a")))
+    print_table(
+        c,
+        "disaggregated (best split) vs aggregated, cost per SLO-meeting request",
+        ("workload", "target cells where disaggregation is cheaper", "lowest ratio"),
+        rows,
+        left=("workload",),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim crossover", description=__doc__.splitlines()[0])
+    from fleetsim.apps.common import description
+
+    ap = argparse.ArgumentParser(prog="fleetsim crossover", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file (its [disaggregation] gives the link)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="override a scenario field, e.g. --set fleet.replicas=6 (value read as TOML; "
+        "repeatable)",
+    )
     ap.add_argument(
         "--load", type=float, default=0.7, help="arrival rate / the aggregated fleet's capacity"
     )
@@ -452,9 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "caching hits), its arrivals stretched to the measured rate, prompts over 32,768 tokens "
         "dropped (default: the lognormal fitted to that trace, no block ids)",
     )
-    ap.add_argument("--out", help="output folder (default out/<scenario name>-crossover)")
+    ap.add_argument(
+        "--out",
+        help="output folder (default out/<the scenario file's stem>-crossover, "
+        "e.g. out/default-crossover)",
+    )
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar or outcome table")
     add_executor_args(ap)
     return ap
 
@@ -504,15 +541,13 @@ def main(argv: list[str]) -> int:
     write_bytes_atomic(draw(table), outp.path("crossover.png"))
     outp.commit()
     if not args.quiet:
-        for name in dict.fromkeys(table.column("workload").to_pylist()):
-            r = best_ratio(table, name)
-            wins = int(np.nansum(r < 1.0))
-            print(
-                f"{name}: disaggregation cheaper per SLO-meeting request in {wins} of "
-                f"{int(np.sum(~np.isnan(r)))} target cells"
-            )
-        print(
-            f"wrote {outp.out}/crossover.parquet and crossover.png in "
-            f"{time.perf_counter() - t0:.1f} s"
+        from fleetsim.apps.common import console
+
+        c = console()
+        print_outcome(table, c)
+        c.print(
+            f"wrote {term(outp.out)}/crossover.parquet and crossover.png in "
+            f"{time.perf_counter() - t0:.1f} s",
+            highlight=False,
         )
     return 0

@@ -316,11 +316,14 @@ def pod_runner(executor: Executor, on_done: Callable[[], None] | None = None) ->
 
 @contextmanager
 def task_progress(label: str, quiet: bool = False):
-    """A rich progress bar over tasks on stderr; yields ``add(n)`` and ``done()`` callbacks."""
-    from rich.console import Console
+    """A rich progress bar over tasks on stderr; yields ``add(n)``, ``done()``, ``describe(text)``
+    and ``log(text)`` callbacks. ``log`` prints a line above the bar (through the bar's own
+    console, so the line never runs into the bar's)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True, quiet=quiet)
+    from fleetsim.apps.common import console as make_console
+
+    console = make_console(stderr=True, quiet=quiet)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -340,5 +343,8 @@ def task_progress(label: str, quiet: bool = False):
 
             def describe(self, text: str) -> None:
                 bar.update(task, description=text)
+
+            def log(self, text: str) -> None:
+                bar.console.print(text, soft_wrap=True)
 
         yield _Hooks()

@@ -1,12 +1,13 @@
 """``fleetsim latency``: the predicted time of one iteration and its parts.
 
-    fleetsim latency --gpu G --model NAME|FILE.toml --tp N
+    fleetsim latency --gpu G --model NAME|FILE.toml|config.json --tp N
                      (--batch B[,B...] --context C | --prefill-tokens P[,P...]) [--json]
 
 ``--batch B --context C`` is a decode step of B sequences each attending C tokens;
 ``--prefill-tokens P`` one prompt of P tokens. The device is the catalog GPU's analytic profile
-(the kernel model fitted to measured operator times where the GPU has one). ``overhead_s`` is the
-fixed CPU-side time per iteration that kernel profiles do not see.
+(the kernel model fitted to measured operator times where the GPU has one) as
+``--serving-stack`` runs it (:mod:`fleetsim.device.stack`). ``overhead_s`` is the fixed CPU-side
+time per iteration that kernel profiles do not see.
 """
 
 from __future__ import annotations
@@ -58,14 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpu", required=True, help="catalog GPU, e.g. h100-sxm")
     p.add_argument(
-        "--model", required=True, help="catalog model name, or a TOML file of [model] fields"
+        "--model",
+        required=True,
+        help="catalog model name, a TOML file of [model] fields, or a Hugging Face config.json "
+        "(or its folder)",
     )
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism (default 1)")
+    p.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data-parallel attention engines of --tp GPUs each (vLLM --data-parallel-size)",
+    )
+    p.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="experts whole on the tp x dp GPUs (vLLM --enable-expert-parallel)",
+    )
     p.add_argument("--dtype", default=None, help="weight dtype (default: the model's, or bf16)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--batch", help="decode: sequences per step, comma-separated list")
     g.add_argument("--prefill-tokens", help="prefill: prompt tokens, comma-separated list")
     p.add_argument("--context", type=int, default=None, help="decode: context per sequence")
+    p.add_argument(
+        "--serving-stack",
+        choices=("vllm-v1", "eager"),
+        default="vllm-v1",
+        help="the serving stack the step times represent (default vllm-v1, as fleet.serving_stack;"
+        " its CUDA graphs are sized for the default max_num_seqs, 256)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return p
 
@@ -73,12 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _model(arg: str, dtype: str | None):
     from fleetsim.base import io
     from fleetsim.config.aggregated import model_spec
+    from fleetsim.config.hf import hf_id_error
     from fleetsim.config.loading import scenario_from_dict
     from fleetsim.device import catalog
 
     path = Path(arg)
+    if path.is_dir() and (path / "config.json").exists():
+        path = path / "config.json"  # a model folder (a Hugging Face snapshot)
     is_file = os.path.lexists(path)  # (a link, a broken one or a loop included)
-    if arg.endswith(".toml") or is_file:
+    if path.suffix == ".json":  # a Hugging Face config.json
+        section: dict = {"config": str(path.absolute())}
+    elif arg.endswith(".toml") or is_file:
         where = f"--model {io.clean(arg)!r}"
         data = io.parse_toml(io.read_text(path, "--model"), where)
         model = data.get("model", data)
@@ -89,6 +116,9 @@ def _model(arg: str, dtype: str | None):
     elif arg in catalog.models():
         section = {"name": arg}
     else:
+        err = hf_id_error(arg, "--model")
+        if err is not None:
+            raise err
         section = {"name": arg}  # model_spec names the catalog and suggests a close name
     if dtype:
         section["dtype"] = dtype
@@ -99,7 +129,8 @@ def _model(arg: str, dtype: str | None):
 def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
-    from fleetsim.device.latency import LatencyModel, compute_peak
+    from fleetsim.device.latency import LatencyModel, RooflineProfile, compute_peak
+    from fleetsim.device.moe import layout_problem
     from fleetsim.device.profile import catalog_profile
 
     model = _model(args.model, args.dtype)
@@ -108,13 +139,28 @@ def rows(args: argparse.Namespace) -> list[dict]:
     problem = model.tp_problem(args.tp)
     if problem:
         raise ScenarioError("--tp", args.tp, problem, model.tp_fix(args.tp))
-    profile = catalog_profile(args.gpu, catalog.gpu(args.gpu, "--gpu"))
-    if model.weight_bytes >= args.tp * profile.mem_bytes:
+    split = layout_problem(model, args.tp, args.dp, args.expert_parallel)
+    if split:
+        flag = {"tensor_parallel": "--tp", "data_parallel": "--dp"}.get(
+            split[0], "--expert-parallel"
+        )
+        raise ScenarioError(flag, split[1], split[2], split[3])
+    from fleetsim.config.schema import FleetSection
+    from fleetsim.device.stack import apply_stack
+
+    profile = apply_stack(
+        catalog_profile(args.gpu, catalog.gpu(args.gpu, "--gpu")),
+        getattr(args, "serving_stack", "vllm-v1"),
+        args.gpu,
+        FleetSection().max_batch_size,
+    )
+    if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
-            f"fit in {args.tp} x {profile.mem_bytes / 2**30:.1f} GiB; raise --tp"
+            f"fit in {args.tp * max(args.dp, 1)} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 "
+            "bytes, as validate); raise --tp"
         )
-    lat = LatencyModel(model, profile, args.tp)
+    lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
     out = []
     ctx_max = model.max_context_tokens
@@ -134,6 +180,8 @@ def rows(args: argparse.Namespace) -> list[dict]:
             raise UserError("--context goes with --batch, not --prefill-tokens")
         prompts = _ints(args.prefill_tokens, "--prefill-tokens", ctx_max, why)
         cases = [(0, p, 0) for p in prompts]
+    p16 = args.tp * profile.peak_flops  # attention runs at the 16-bit peak
+    p_lin = args.tp * compute_peak(profile, model.dtype)[0]
     for b, p, ctx in cases:
         if b:
             total, flops, nbytes = lat.iteration(0, 0.0, 0, b, float(ctx))
@@ -143,18 +191,21 @@ def rows(args: argparse.Namespace) -> list[dict]:
             tokens, seqs, pairs = p, 1, float(p * p)
         overhead = lat._oh
         if lat._kern is not None:
-            comp, mem, comm = lat.linear_parts(tokens, seqs)
-            att = (pairs + ctx) * lat._att_c
-            kv = ctx * lat._att_m + tokens * lat._att_m
-            if att > ctx * lat._att_m:
-                comp += att
-                mem += tokens * lat._att_m
-            else:
-                mem += kv
-        else:  # a roofline without a kernel model: the bound that wins, and the ring
+            comm = lat.linear_parts(tokens, seqs)[2]
+        else:
             comm = lat._comm_a + lat._comm_b * tokens
-            rest = total - overhead - comm
-            comp, mem = (rest, 0.0) if flops / lat._rc_peak > nbytes / lat._rm else (0.0, rest)
+        # compute: the iteration's FLOPs at the achievable peak (compute_eff_max x the peak of
+        # the weights' precision for the linear layers, of 16-bit for attention), shown whether
+        # or not it is the bound; memory: the rest of the kernel time (HBM traffic beyond the
+        # compute, kernel floors). They add up with the all-reduces and the overhead to the
+        # model's total.
+        eff = profile.compute_eff_max if isinstance(profile, RooflineProfile) else 1.0
+        att_flops = (pairs + ctx) * model.attn_flops_per_pair
+        t_c = (flops - att_flops) / (p_lin * eff) + att_flops / (p16 * eff)
+        busy = max(total - overhead - comm, 0.0)
+        comp = min(t_c, busy)
+        mem = busy - comp
+        bound = "compute" if t_c >= nbytes / lat._rm else "memory"
         out.append(
             {
                 "gpu": args.gpu,
@@ -165,7 +216,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "tp": args.tp,
                 "phase": "decode" if b else "prefill",
                 "tokens": tokens,
-                "context_tokens": ctx,
+                "context_tokens": args.context if b else 0,  # per sequence
+                "kv_tokens_read": ctx,  # all sequences: batch x context
+                "bound": bound,
                 "total_s": total,
                 "compute_s": comp,
                 "memory_s": mem,
@@ -173,6 +226,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "overhead_s": overhead,
                 "flops": flops,
                 "bytes": nbytes,
+                "dp": args.dp,
+                "expert_parallel": args.expert_parallel,
+                # the named parts of total_s (LatencyModel.breakdown), seconds
+                "parts_s": lat.breakdown(p, float(pairs), seqs if not b else 0, b, float(ctx)),
             }
         )
     return out
@@ -184,26 +241,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
+    from fleetsim.apps.common import console
+    from fleetsim.base.tables import print_table
+
     r0 = res[0]
     wq = (
         " (weight-only: no native compute in that precision)"
         if r0["weight_only_quantization"]
         else ""
     )
-    print(
+    c = console()
+    c.print(
         f"{r0['model']} ({r0['dtype']} weights{wq}, kv {r0['kv_dtype']}) on {r0['tp']} x "
-        f"{r0['gpu']}"
+        f"{r0['gpu']}",
+        highlight=False,
+        markup=False,
     )
-    print(
-        f"{'phase':8} {'tokens':>7} {'context':>9} {'total ms':>9} {'compute':>8} "
-        f"{'memory':>8} {'comm':>8} {'overhead':>8}"
+    # the parts: every *_s field the model returns besides the total, in its order (parts that
+    # a model adds appear without an edit here)
+    parts = [k for k in r0 if k.endswith("_s") and k not in ("total_s", "parts_s")]
+    headers = ["phase", "tokens", "context", "total ms"]
+    headers += [k[:-2].replace("_", " ") + " ms" for k in parts] + ["bound"]
+    cells = [
+        [r["phase"], f"{r['tokens']:,}", f"{r['context_tokens']:,}", f"{r['total_s'] * 1e3:.3f}"]
+        + [f"{r[k] * 1e3:.3f}" for k in parts]
+        + [r["bound"]]
+        for r in res
+    ]
+    print_table(c, None, headers, cells, left=("phase", "bound"))
+    c.print(
+        "context: tokens each sequence attends; compute: the FLOPs at the achievable peak (shown "
+        "even when memory bounds the step); memory: the rest of the kernel time; bound: the "
+        "larger of the FLOP and byte times",
+        highlight=False,
     )
-    for r in res:
-        print(
-            f"{r['phase']:8} {r['tokens']:7d} {r['context_tokens']:9d} {r['total_s'] * 1e3:9.3f} "
-            f"{r['compute_s'] * 1e3:8.3f} {r['memory_s'] * 1e3:8.3f} {r['comm_s'] * 1e3:8.3f} "
-            f"{r['overhead_s'] * 1e3:8.3f}"
-        )
+    # the named parts of the layer stack (attention, dense MLP, MoE dispatch / grouped GEMM /
+    # combine, all-reduce, overhead: LatencyModel.breakdown), those that any row uses
+    names = [k for k in res[0]["parts_s"] if any(r["parts_s"].get(k, 0.0) > 0.0 for r in res)]
+    print_table(
+        c,
+        "parts (ms)",
+        ["tokens", *names],
+        [
+            [f"{r['tokens']:,}"] + [f"{r['parts_s'].get(k, 0.0) * 1e3:.3f}" for k in names]
+            for r in res
+        ],
+    )
     return 0
 
 

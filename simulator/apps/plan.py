@@ -54,6 +54,7 @@ from fleetsim.base.units import DAY_S, HOUR_S, fmt_num, rotate_to_utc, utc_hour
 from fleetsim.config.loading import apply_overrides, read_toml, scenario_from_dict
 from fleetsim.config.resolve import resolve
 from fleetsim.config.resolved import Resolved
+from fleetsim.results.capacity import replica_capacity_rps
 
 DEFAULT_TPS = (1, 2, 4, 8)
 CAP_FACTOR = 16  # give up on a candidate above CAP_FACTOR x its throughput bound (+ 16)
@@ -131,26 +132,6 @@ def candidate_base(data: dict, gpu: str, tp: int, own_gpu: str) -> dict:
     d.setdefault("fleet", {})["tensor_parallel"] = tp
     d["fleet"].pop("replicas_per_pod", None)
     return d
-
-
-def replica_capacity_rps(rs: Resolved, source: str) -> float:
-    """Best-case requests/s of one replica: prefill in full ``max_batched_tokens`` chunks and
-    decode at the largest batch the KV budget (and ``max_batch_size``) allows. An optimistic
-    bound: real batches are smaller and mixed, so it is only where the search starts."""
-    from fleetsim.workload.sampling import SizeSampler
-
-    sc = rs.scenario
-    p, o = SizeSampler(sc.traffic.prompt, sc.traffic.output, source).draw(
-        20_000, np.random.default_rng(np.random.SeedSequence(sc.seed, spawn_key=(2**31,)))
-    )
-    ep, eo = float(p.mean()), float(o.mean())
-    lat = rs.latency_model()
-    per_seq = ep + eo / 2.0
-    batch = int(max(1, min(sc.fleet.max_batch_size, rs.kv_capacity_tokens // max(per_seq, 1.0))))
-    t_dec = lat.decode_time(batch, int(per_seq)) / batch
-    chunk = max(1, sc.fleet.max_batched_tokens // max(int(ep), 1))
-    t_pf = lat.prefill_time(max(int(ep), 1), chunk) / (chunk * max(ep, 1.0))
-    return 1.0 / (ep * t_pf + eo * t_dec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-gpus",
         help="disaggregated: candidate GPUs of the decode pool (default: the scenario's)",
     )
-    ap.add_argument("--out", help="output folder (default out/<scenario name>-plan)")
+    ap.add_argument(
+        "--out",
+        help="output folder (default out/<the scenario file's stem>-plan, e.g. out/default-plan)",
+    )
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--no-schedule", action="store_true", help="skip the per-hour schedule")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
@@ -594,7 +578,7 @@ def plan_fleet(
 
 def main(argv: list[str]) -> int:
     """``fleetsim plan``: see the module docstring."""
-    from fleetsim.apps.common import console, open_output
+    from fleetsim.apps.common import open_output
     from fleetsim.results.output import write_table_atomic, write_text_atomic
     from fleetsim.results.provenance import provenance
 
@@ -616,7 +600,6 @@ def main(argv: list[str]) -> int:
     agg_data, cands, dcands = _candidates(args, sc, data)
     names = ("plan.parquet", "schedule.json") + (("plan_disaggregated.parquet",) if dcands else ())
     outp = open_output(args, Path(args.scenario).stem + "-plan", names)
-    log = console(stderr=True, quiet=args.quiet)
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -630,9 +613,9 @@ def main(argv: list[str]) -> int:
             ex,
             hooks,
             schedule=not args.no_schedule,
-            log=lambda text: log.print(term(text, 400)),  # (user text: escaped)
+            log=lambda text: hooks.log(term(text, 400)),  # (user text: escaped)
         )
-        dtable = _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks, log)
+        dtable = _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks)
     wall = time.perf_counter() - t0
     meta = provenance(
         rs,
@@ -687,7 +670,7 @@ def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
     return agg_data, cands, dcands
 
 
-def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks, log) -> pa.Table | None:
+def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks) -> pa.Table | None:
     """Size the pools of every disaggregated candidate; their table (None without any)."""
     if not dcands:
         return None
@@ -701,7 +684,7 @@ def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks, log) -> pa.T
             continue
         hooks.describe(f"plan disaggregated {dc.label}")
         dplanner.plan(dc)
-        log.print(
+        hooks.log(
             f"disaggregated {dc.label}: "
             + (
                 f"{dc.prefill} prefill + {dc.decode} decode replicas per pod ({dc.probes} probes)"
@@ -747,17 +730,13 @@ def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> 
 
 
 def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
-    """The ranked candidates as a rich table."""
-    from rich.table import Table
+    """The ranked candidates as a table (never cut: :mod:`fleetsim.base.tables`)."""
+    from fleetsim.base.tables import print_table
 
     def f(v: object, fmt: str) -> str:
         return fmt_num(v, fmt, missing="")
 
-    tab = Table(
-        title=f"capacity plan: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
-        f"{slo.tpot_p99_s * 1000:g} ms in {'every hour' if slo.hours == 'all' else 'the peak hour'}"
-    )
-    for h in (
+    headers = (
         "#",
         "GPU",
         "TP",
@@ -772,10 +751,9 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
         "TTFT s",
         "TPOT ms",
         "status",
-    ):
-        tab.add_column(h, justify="right" if h not in ("GPU", "status") else "left")
-    for r in table.to_pylist():
-        tab.add_row(
+    )
+    rows = [
+        (
             f(r["rank"], "d"),
             term(r["gpu"]),
             str(r["tensor_parallel"]),
@@ -791,13 +769,20 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
             f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
             term(r["status"]),
         )
-    c.print(tab)
+        for r in table.to_pylist()
+    ]
+    title = (
+        f"capacity plan: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
+        f"{slo.tpot_p99_s * 1000:g} ms in {'every hour' if slo.hours == 'all' else 'the peak hour'}"
+    )
+    print_table(c, title, headers, rows, left=("GPU", "status"))
     c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
     for r in table.to_pylist():
         if r["problem"]:
             c.print(term(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}", 400))
     if sched:
         c.print(
-            f"schedule ({sched['gpu']} TP{sched['tensor_parallel']}), replicas per pod by "
-            f"hour: {sched['replicas_by_hour']}"
+            f"schedule ({term(sched['gpu'])} TP{sched['tensor_parallel']}), replicas per pod by "
+            f"hour: {sched['replicas_by_hour']}",
+            highlight=False,
         )

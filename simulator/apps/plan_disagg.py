@@ -315,17 +315,16 @@ def disagg_table(cands: list[DisaggCandidate], pods: int) -> pa.Table:
 
 def print_designs(agg: pa.Table | None, dis: pa.Table, slo, c) -> None:
     """The best aggregated and the best disaggregated fleet side by side."""
-    from rich.table import Table
+    from fleetsim.base.tables import print_table
 
     def f(v, fmt):
         return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
-    tab = Table(
-        title=f"best fleet of each design: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
+    title = (
+        f"best fleet of each design: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
         f"{slo.tpot_p99_s * 1000:g} ms in {'every hour' if slo.hours == 'all' else 'the peak hour'}"
     )
-    for h in ("design", "fleet (per pod)", "GPUs", "$/day", "kWh/day", "TTFT s", "TPOT ms"):
-        tab.add_column(h, justify="left" if h in ("design", "fleet (per pod)") else "right")
+    headers = ("design", "fleet (per pod)", "GPUs", "$/day", "kWh/day", "TTFT s", "TPOT ms")
     rows = []
     if agg is not None and agg.num_rows and agg["rank"][0].as_py() is not None:
         a = agg.slice(0, 1).to_pylist()[0]
@@ -347,17 +346,20 @@ def print_designs(agg: pa.Table | None, dis: pa.Table, slo, c) -> None:
                 d,
             )
         )
+    cells = []
     for name, fleet, r in rows:
-        tab.add_row(
-            name,
-            fleet,
-            f(r["gpus"], ",d"),
-            f(r["total_cost_usd"], ",.2f"),
-            f(r["energy_facility_kwh"], ",.1f"),
-            f(r["worst_hour_ttft_p99_s"], ".3f"),
-            f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
+        cells.append(
+            (
+                name,
+                fleet,
+                f(r["gpus"], ",d"),
+                f(r["total_cost_usd"], ",.2f"),
+                f(r["energy_facility_kwh"], ",.1f"),
+                f(r["worst_hour_ttft_p99_s"], ".3f"),
+                f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
+            )
         )
-    c.print(tab)
+    print_table(c, title, headers, cells, left=("design", "fleet (per pod)"))
     c.print("TTFT/TPOT = the worst hour's p99 of the day at that fleet")
     for r in dis.to_pylist():
         if r["problem"]:

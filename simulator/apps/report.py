@@ -217,6 +217,14 @@ def for_markdown(text: str) -> str:
     return "".join("\\" + ch if ch in "\\`*_{}[]()#+-.!|~<>$" else ch for ch in out)
 
 
+def for_heading(text: str) -> str:
+    """User text for a Markdown heading or table cell: HTML escaped and only the characters
+    that start inline markup escaped (``-``, ``.`` and ``(`` stay as written, so a scenario
+    named ``llama70b-h100-conversation`` reads as such in the raw file)."""
+    out = html.escape(plain(text), quote=False)
+    return "".join("\\" + ch if ch in "\\`*_[]<>|#$~!" else ch for ch in out)
+
+
 # ---------------------------------------------------------------------------------------------
 # plots
 def _hours_axis(ax, cols) -> np.ndarray:
@@ -308,20 +316,28 @@ def _plot_power(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
 
 
 def _plot_utilization(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
-    """Busy fraction, headroom (batch occupancy, FLOP/s and bandwidth vs peak) and powered GPUs."""
+    """Headroom (KV use, batch occupancy, FLOP/s and bandwidth vs peak), the busy fraction
+    and the powered GPUs."""
     fig, ax = plt.subplots()
     h = _hours_axis(ax, c)
-    ax.plot(h, c["utilization"], "o-", color="#2ca02c", label="busy fraction (busy / powered)")
     # headroom: under continuous batching "busy" means "any request in flight", so the busy
     # fraction sits near 1; how full the batches are and how much of the GPUs' peak compute
     # and memory bandwidth the work uses show what is left (older files lack the columns)
     for col, style, color, label in (
+        ("kv_utilization", "D-", "#d62728", "KV use (blocks in use / KV budget)"),
         ("batch_occupancy", "s-", "#ff7f0e", "batch occupancy (sequences / max_num_seqs)"),
         ("flops_utilization", "^-", "#1f77b4", "FLOP/s / peak"),
         ("bandwidth_utilization", "v-", "#8c564b", "memory bandwidth / peak"),
     ):
         if col in c:
             ax.plot(h, c[col], style, color=color, ms=3, label=label)
+    ax.plot(
+        h,
+        c["utilization"],
+        ":",
+        color="#2ca02c",
+        label="busy fraction (an iteration in flight; not headroom)",
+    )
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction")
     ax2 = ax.twinx()
@@ -335,7 +351,7 @@ def _plot_utilization(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
     )
     ax2.set_ylim(0, max(float(np.nanmax(c["gpus_powered_mean"])) * 1.15, 1))
     ax2.set_ylabel("GPUs powered")
-    ax.set_title(f"{for_plot(d.name)}: busy fraction, headroom and powered GPUs")
+    ax.set_title(f"{for_plot(d.name)}: headroom (KV, batch, FLOP/s, bandwidth) and GPUs")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(
@@ -537,12 +553,18 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         return f"{np.datetime64(hs[i], 'h').astype(object).hour:02d}:00 UTC (hour {i})"
 
     rows = [
+        *_headroom_rows(d),
         ("requests completed", _fmt(t.requests_completed, ",.0f")),
         ("facility energy", f"{_fmt(t.energy_facility_kwh)} kWh"),
         ("energy cost", f"$ {_fmt(t.energy_cost_usd)}"),
         ("hardware cost", f"$ {_fmt(t.hardware_cost_usd)}"),
         ("total cost", f"$ {_fmt(t.total_cost_usd)}"),
         ("GPU-hours powered", _fmt(t.gpu_hours, ",.1f")),
+        (
+            "busy fraction of powered time",
+            f"{_fmt(t.utilization, '.1%')} (an iteration in flight: not headroom under "
+            "continuous batching)",
+        ),
         ("Wh per request", _fmt(t.wh_per_request, ",.3f")),
         ("$ per M output tokens", _fmt(t.usd_per_mtok, ",.3f")),
         ("SLO attainment", _fmt(t.slo_attainment, ".2%")),
@@ -574,6 +596,70 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
     else:
         rows.append(("marginal cost of the peak", a["flat_note"]))
     return rows
+
+
+def _headroom_rows(d: RunData) -> list[tuple[str, str]]:
+    """Capacity headroom first: the peak hour's load against the SLO-bound capacity (when the
+    scenario is known), batch occupancy, peak KV use, FLOP/s and bandwidth against peak."""
+    c, t, rows = d.cols, d.totals, []
+
+    def top(col: str) -> float:
+        v = np.asarray(c.get(col, []), dtype=float)
+        return float(np.nanmax(v)) if np.isfinite(v).any() else math.nan
+
+    load = _peak_load(d)
+    if load is not None:
+        rows.append(
+            (
+                "peak hour's load (of the SLO-bound capacity)",
+                f"{_fmt(load[0], '.0%')}: {_fmt(load[1], ',.2f')} req/s of an estimated "
+                f"{_fmt(load[2], ',.2f')} req/s within the TPOT target (no queueing; "
+                "fleetsim plan sizes it)",
+            )
+        )
+    rows.append(
+        (
+            "batch occupancy (of max_num_seqs)",
+            f"{_fmt(t.batch_occupancy, '.1%')}; busiest hour {_fmt(top('batch_occupancy'), '.1%')}",
+        )
+    )
+    if "kv_utilization" in c and top("kv_utilization") > 0:
+        rows.append(("peak KV use (highest hourly mean)", _fmt(top("kv_utilization"), ".1%")))
+    rows.append(
+        (
+            "FLOP/s and memory bandwidth (of peak)",
+            f"{_fmt(t.flops_utilization, '.1%')} and {_fmt(t.bandwidth_utilization, '.1%')}",
+        )
+    )
+    return rows
+
+
+def _peak_load(d: RunData) -> tuple[float, float, float] | None:
+    """(load, the peak hour's rate, the estimated SLO-bound capacity) of an aggregated run
+    whose scenario is known (:func:`fleetsim.results.summary.headroom`), else None."""
+    if d.config is None or d.pools is not None:
+        return None
+    try:
+        from fleetsim.config.loading import scenario_from_dict
+        from fleetsim.config.resolve import resolve
+        from fleetsim.results.capacity import replica_capacity_rps
+
+        rs = resolve(scenario_from_dict(d.config))
+        arrived = np.asarray(d.cols["requests_arrived"], dtype=float)
+        h = int(np.argmax(arrived))
+        t = d.totals
+        done = max(t.requests_completed, 1.0)
+        cap = replica_capacity_rps(
+            rs,
+            "",
+            tpot_s=rs.scenario.slo.tpot_s,
+            sizes=(t.prompt_tokens / done, t.output_tokens / done),
+        )
+        cap *= float(d.cols["gpus_powered_mean"][h]) / rs.tp
+        rate = float(arrived[h]) / 3600.0
+    except Exception:  # (a scenario this version cannot resolve: no estimate)
+        return None
+    return (rate / cap, rate, cap) if cap > 0 else None
 
 
 def _latency_rows(d: RunData) -> list[tuple[str, str]]:
@@ -612,7 +698,7 @@ _EXPLAIN = (
 
 
 def render_markdown(d: RunData, a: dict[str, Any]) -> str:
-    lines = [f"# fleetsim report: {for_markdown(d.name)}", "", "| figure | value |", "|---|---|"]
+    lines = [f"# fleetsim report: {for_heading(d.name)}", "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _rows(d, a) + pool_lines(d)]
     lines += ["", _EXPLAIN, ""]
     for p in PLOTS:
@@ -769,8 +855,9 @@ def write_crossover_report(out_dir: Path) -> Path:
         raise
     except Exception as exc:
         raise UserError(f"{io.clean(str(path))}: not a fleetsim crossover table ({exc})") from None
-    title = f"fleetsim crossover report: {for_markdown(out_dir.name)}"
-    md = [f"# {title}", "", "| figure | value |", "|---|---|"]
+    title = f"fleetsim crossover report: {out_dir.name}"
+    md = [f"# fleetsim crossover report: {for_heading(out_dir.name)}", ""]
+    md += ["| figure | value |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in rows]
     md += ["", _CROSSOVER_EXPLAIN, "", "![crossover](crossover.png)", ""]
     trs = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)

@@ -231,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a field for every point",
     )
-    ap.add_argument("--out", help="output folder (default out/<scenario name>-sweep)")
+    ap.add_argument(
+        "--out",
+        help="output folder (default out/<the scenario file's stem>-sweep, e.g. out/default-sweep)",
+    )
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
     ap.add_argument(
@@ -246,8 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """``fleetsim sweep``: see the module docstring."""
-    from rich.table import Table
-
     from fleetsim.apps.common import console, open_output, print_json
     from fleetsim.results.output import write_table_atomic
     from fleetsim.results.provenance import provenance
@@ -287,13 +288,7 @@ def main(argv: list[str]) -> int:
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
-        tab = Table(title=f"sweep of {term(args.scenario)}: {table.num_rows} points")
-        shown = [(k, k, 1.0, "") for k, _ in axes] + list(SHOWN)
-        for _, header, _, _ in shown:
-            tab.add_column(term(header), justify="right", no_wrap=True)
-        for row in table.to_pylist():
-            tab.add_row(*(_fmt(row[c], scale, fmt) for c, _, scale, fmt in shown))
-        human.print(tab)
+        print_sweep(table, [k for k, _ in axes], f"sweep of {term(args.scenario)}", human)
         human.print(f"wrote {term(path)} in {wall:.1f} s")
     if args.json:
         print_json(
@@ -304,6 +299,20 @@ def main(argv: list[str]) -> int:
             }
         )
     return 0
+
+
+def print_sweep(table: pa.Table, axes: list[str], title: str, c) -> None:
+    """One row per point: the grid's values, then :data:`SHOWN` (never cut:
+    :mod:`fleetsim.base.tables`)."""
+    from fleetsim.base.tables import print_table
+
+    shown = [(k, k, 1.0, "") for k in axes] + list(SHOWN)
+    print_table(
+        c,
+        f"{title}: {table.num_rows} points",
+        [term(header) for _, header, _, _ in shown],
+        [[_fmt(row[col], scale, fmt) for col, _, scale, fmt in shown] for row in table.to_pylist()],
+    )
 
 
 #: the terminal table's columns: (column, header, scale, format); units as in ``fleetsim run``

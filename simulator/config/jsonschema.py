@@ -11,7 +11,11 @@ from fleetsim.config.schema import Scenario
 def scenario_json_schema() -> dict:
     """The scenario file's JSON Schema (draft 2020-12), with the names the documentation uses.
     Aliases a section accepts (``fleet.max_num_seqs``...) are listed as properties too, each
-    pointing at its field, so that editors complete and check them."""
+    pointing at its field, so that editors complete and check them. Every property carries a
+    description (:mod:`fleetsim.config.fields`: meaning, unit, vLLM's name; default and range
+    from the schema)."""
+    from fleetsim.config.fields import SCENARIO, describe
+
     schema = json.loads(
         json.dumps(Scenario.model_json_schema(mode="validation")).replace("``", "`")
     )  # (docstrings' RST literals as the single backticks editors show as code)
@@ -28,6 +32,7 @@ def scenario_json_schema() -> dict:
                     **props[field],
                     "description": f"another name of {name}.{field} (give one of them)",
                 }
+    describe(schema, SCENARIO)
     return schema
 
 

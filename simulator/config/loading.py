@@ -87,20 +87,29 @@ def canonical_path(path: list[str]) -> list[str]:
 
 
 def toml_value(v: Any) -> str:
-    """``v`` as TOML value text (what ``--set section.key=<text>`` parses back to ``v``)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else str(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """``v`` as TOML value text (what ``--set section.key=<text>`` parses back to ``v``), on
+    one line: scalars written by ``tomli_w`` (any string round-trips: newlines, quotes,
+    backslashes, control characters), arrays and tables inline, a key quoted where it is not
+    bare."""
+    import re
+
+    import tomli_w
+
+    if isinstance(v, Mapping):
+        items = (
+            f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', str(k)) else toml_value(str(k))} = "
+            f"{toml_value(x)}"
+            for k, x in v.items()
+        )
+        return "{" + ", ".join(items) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    if hasattr(v, "isoformat"):
-        return v.isoformat()
-    raise TypeError(type(v).__name__)
+    if isinstance(v, float) and v != v:
+        return "nan"
+    try:
+        return tomli_w.dumps({"v": v}).strip()[len("v = ") :]
+    except TypeError:
+        raise TypeError(type(v).__name__) from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:

@@ -14,6 +14,7 @@ from typing import Any
 from fleetsim.config.schema import Scenario
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import ModelSpec
+from fleetsim.device.moe import replica_weight_bytes
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,22 @@ class GpuSpec:
     name: str
     tdp_w: float
     idle_w: float
-    node_overhead_w: float
+    node_overhead_w: float  # the node's host while its GPUs serve
     gpus_per_node: int
     capex_usd: float
     rent_usd_per_gpu_hour: float
     power: PowerSpec
+    node_idle_w: float = 0.0  # the node's host while powered with no request in flight
 
     @property
     def overhead_w_per_gpu(self) -> float:
+        """Host power per GPU while serving."""
         return self.node_overhead_w / self.gpus_per_node
+
+    @property
+    def host_idle_w_per_gpu(self) -> float:
+        """Host power per GPU while powered and idle."""
+        return self.node_idle_w / self.gpus_per_node
 
 
 @dataclass(frozen=True)
@@ -54,21 +62,51 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seq
 
     vLLM sizes the KV cache as ``gpu_memory_utilization x total - (weights + peak activations +
     non-torch memory)``, measuring the peak with a profiling forward pass of
-    ``max_num_batched_tokens`` tokens and a dummy sampler run of ``max_num_seqs`` sequences
-    (vllm/v1/worker/gpu_worker.py ``Worker.determine_available_memory``, ``profile_run``). We
-    estimate that peak instead of profiling: in 16-bit activations, the MLP's intermediate
+    ``max_num_batched_tokens`` tokens and then a dummy sampler run of ``max_num_seqs`` sequences
+    (vllm/v1/worker/gpu_worker.py ``Worker.determine_available_memory``, ``profile_run``). The
+    peak is PyTorch's peak of live tensors, so it is the larger of the two passes, not their
+    sum: the forward pass's intermediates are freed before the sampler runs. We estimate it
+    instead of profiling: the forward pass in 16-bit activations holds the MLP's intermediate
     (gate, up and their product: 3 x d_ff / tp per token) plus four d_model-wide buffers
-    (residual, normed input, attention output, MLP output) per token, and the fp32 logits of
-    the sampler pass, ``max_seqs x vocab x 4`` bytes:
+    (residual, normed input, attention output, MLP output) per token; the sampler pass holds the
+    fp32 logits, ``max_seqs x vocab x 4`` bytes, beside the forward pass's output (one d_model-wide
+    16-bit buffer per token):
 
-        reserve = 2 B x T x (3 d_ff / tp + 4 d_model) + 4 B x max_seqs x vocab
+        reserve = max(2 B x T x (3 d_ff / tp + 4 d_model),
+                      2 B x T x d_model + 4 B x max_seqs x vocab)
 
-    (for a mixture of experts, d_ff is an expert's width times the active experts). The
-    ``fleet.activation_reserve_bytes`` field replaces the estimate with a measured value."""
-    d_ff = model.d_ff * max(1, model.n_active_experts if model.n_experts > 1 else 1)
-    return 2.0 * max_tokens * (3.0 * d_ff / tp + 4.0 * model.d_model) + 4.0 * max_seqs * (
-        model.vocab_size
+    (for a mixture of experts, d_ff is an expert's width times the active experts). vLLM 0.11
+    captures its CUDA graphs after sizing the KV cache, out of the ``1 - gpu_memory_utilization``
+    headroom, so graph memory is not subtracted (later versions subtract an estimate when
+    ``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` is set). The ``fleet.activation_reserve_bytes``
+    field replaces the estimate with a measured value."""
+    d_ff = max(
+        model.d_ff if model.n_dense_layers else 0,  # a dense layer's MLP
+        model.n_active_experts * model.d_ff_expert + model.n_shared_experts * model.d_ff_shared
+        if model.n_moe_layers
+        else 0,  # an MoE layer's routed and shared experts
     )
+    forward = 2.0 * max_tokens * (3.0 * d_ff / tp + 4.0 * model.d_model)
+    sampler = 2.0 * max_tokens * model.d_model + 4.0 * max_seqs * model.vocab_size
+    return max(forward, sampler)
+
+
+def typical_contexts(sc: Scenario, n: int = 4096) -> list[float]:
+    """Contexts of ``n`` sequences as a replica holds them: a prompt and half its output, drawn
+    from the traffic's size distributions (a fixed SeedSequence stream, so that the budget does
+    not depend on the run's seed); empty when a size comes from a file (trace or empirical
+    column): the budget then charges every token in every layer (the most a token can cost)."""
+    import numpy as np
+
+    from fleetsim.workload.distributions import Empirical
+
+    tr = sc.traffic
+    if tr.trace or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical):
+        return []
+    rng = np.random.default_rng(np.random.SeedSequence(0x4B56))  # "KV"
+    p = tr.prompt.draw(rng, n)
+    o = tr.output.draw(rng, n)
+    return (p + 0.5 * o).tolist()
 
 
 def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
@@ -77,16 +115,25 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     Paged: whole blocks of ``block_size_tokens``; reserve (the first engine): whole tokens."""
     f = sc.fleet
     tp = f.tensor_parallel
-    mem = tp * mem_bytes
+    dp = f.data_parallel
+    gpus = tp * dp  # a data-parallel replica: dp engines of tp GPUs
+    mem = gpus * mem_bytes
     usable = mem * f.gpu_memory_utilization
     act_gpu = (
-        activation_reserve_bytes(model, tp, f.max_batched_tokens, f.max_batch_size)
+        # each data-parallel engine runs its share of the replica's batch
+        activation_reserve_bytes(
+            model, tp, -(-f.max_batched_tokens // dp), -(-f.max_batch_size // dp)
+        )
         if f.activation_reserve_bytes is None
         else f.activation_reserve_bytes
     )
-    act = tp * act_gpu
-    kv = usable - model.weight_bytes - act
-    bpt = model.kv_bytes_per_token_tp(tp)  # KV heads replicated when tp exceeds them
+    act = gpus * act_gpu
+    weights = model.weight_bytes if dp == 1 else replica_weight_bytes(model, dp)
+    kv = usable - weights - act
+    # KV heads replicated when tp exceeds them; a model with sliding-window or linear-state
+    # layers holds less than its context: its bytes per token are those of the traffic's
+    # typical sequences (typical_contexts)
+    bpt = model.kv_bytes_per_token_mean_tp(tp, () if model.kv_uniform else typical_contexts(sc))
     b = f.block_size_tokens
     if f.kv_allocation == "paged":
         blocks = max(0, int(kv // (bpt * b)))
@@ -94,7 +141,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     else:
         tokens = max(0, int(kv // bpt))
         blocks = tokens // b
-    return KvBudget(mem, usable, model.weight_bytes, act, kv, bpt, b, blocks, tokens)
+    return KvBudget(mem, usable, weights, act, kv, bpt, b, blocks, tokens)
 
 
 @dataclass(frozen=True)
@@ -107,6 +154,7 @@ class Resolved:
     profile: Profile
     profile_id: str
     profile_sha256: str
+    #: GPUs per replica: fleet.tensor_parallel x fleet.data_parallel
     tp: int
     kv_capacity_tokens: int
     max_request_tokens: int
@@ -114,9 +162,15 @@ class Resolved:
     replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule, by simulation hour % 24
     kv: KvBudget | None = None  # the KV budget, in bytes, blocks and tokens (see kv_budget)
     pools: Any = None  # disaggregated fleets: fleetsim.config.pools.Pools (None: aggregated)
+    dp: int = 1  # data-parallel attention engines per replica (fleet.data_parallel)
+    expert_parallel: bool = False  # fleet.expert_parallel
 
     def latency_model(self) -> LatencyModel:
-        return LatencyModel(self.model, self.profile, self.tp)
+        if self.dp == 1 and not self.expert_parallel:
+            return LatencyModel(self.model, self.profile, self.tp)
+        return LatencyModel(
+            self.model, self.profile, self.tp // self.dp, self.dp, self.expert_parallel
+        )
 
 
 def resolved_dict(rs: Resolved) -> dict:
@@ -128,7 +182,7 @@ def resolved_dict(rs: Resolved) -> dict:
     for k in d["model"]:
         if k != "config" and hasattr(m, k):
             d["model"][k] = getattr(m, k)
-    d["model"]["kv_dtype"] = m.kv_dtype or m.dtype
+    d["model"]["kv_dtype"] = m.kv_dtype_resolved  # what the KV budget uses (not the weights')
     g, pw, prof = rs.gpu, rs.gpu.power, rs.profile
     hw = d["hardware"]
     hw.update(
@@ -137,7 +191,9 @@ def resolved_dict(rs: Resolved) -> dict:
         active_w=pw.active_w,
         compute_w=pw.compute_w,
         memory_w=pw.memory_w,
+        power_confidence=pw.confidence,
         node_overhead_w=g.node_overhead_w,
+        node_idle_w=g.node_idle_w,
         gpus_per_node=g.gpus_per_node,
         capex_usd=g.capex_usd,
         rent_usd_per_gpu_hour=g.rent_usd_per_gpu_hour,
@@ -145,17 +201,27 @@ def resolved_dict(rs: Resolved) -> dict:
         mem_bw_bytes_per_s=getattr(prof, "mem_bw_bytes_per_s", None),
         mem_bytes=getattr(prof, "mem_bytes", None),
     )
+
+    def whole(v: float) -> int:  # byte counts are printed as integers (not 159131264614.40002)
+        return round(v)
+
+    kv = None
+    if rs.kv is not None:
+        kv = {k: whole(v) if k.endswith("_bytes") else v for k, v in asdict(rs.kv).items()}
+        kv["bytes_per_token"] = whole(rs.kv.bytes_per_token)
     d["derived"] = {
         "total_params": m.total_params,
         "active_params_per_token": m.active_params_per_token,
-        "weight_bytes": m.weight_bytes,
-        "kv_bytes_per_token": m.kv_bytes_per_token,
+        "weight_bytes": whole(m.weight_bytes),
+        "kv_dtype": m.kv_dtype_resolved,
+        "kv_bytes_per_token": whole(m.kv_bytes_per_token),
         "kv_capacity_tokens_per_replica": rs.kv_capacity_tokens,
-        "kv_budget": None if rs.kv is None else asdict(rs.kv),
+        "kv_budget": kv,
         "max_request_tokens": rs.max_request_tokens,
         "gpus": rs.scenario.fleet.pods * rs.scenario.fleet.replicas * rs.tp,
         "profile": rs.profile_id,
         "profile_sha256": rs.profile_sha256 or None,
+        "serving_stack": getattr(rs.profile, "serving_stack", "eager"),
     }
     return d
 

@@ -34,6 +34,7 @@ context (see :class:`fleetsim.device.latency.RunCoeffs`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from bisect import bisect_left, bisect_right
@@ -240,6 +241,25 @@ def allreduce_time_s(fit: KernelFit, gpus: int, nbytes: float) -> float | None:
     if table is None:
         return None
     return interp_table(table, nbytes)
+
+
+def allreduce_floor_s(fit: KernelFit, gpus: int) -> float:
+    """The latency floor of the measured all-reduce across ``gpus`` GPUs: its smallest time
+    (0 without a table)."""
+    table = fit.allreduce_table(gpus)
+    return 0.0 if table is None else min(t for _, t in table)
+
+
+def graphed_fit(fit: KernelFit, floor_frac: float) -> KernelFit:
+    """``fit`` as a captured CUDA graph replays it: the fixed time of every kernel (the GEMM
+    launch, the elementwise floors) scaled by ``floor_frac``. Vidur timed each operator
+    launched eagerly, so its fixed times are mostly the launch path, which a graph replay
+    removes; what stays is the kernel's own minimum running time."""
+    return dataclasses.replace(
+        fit,
+        gemm_launch_s=fit.gemm_launch_s * floor_frac,
+        elem=tuple((op, fixed * floor_frac, eff) for op, fixed, eff in fit.elem),
+    )
 
 
 def kernel_fit_from_dict(d: dict, where: str = "kernels") -> KernelFit:

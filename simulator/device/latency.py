@@ -26,13 +26,22 @@ from typing import Literal
 
 from fleetsim.device.kernels import (
     KernelFit,
+    allreduce_floor_s,
     allreduce_time_s,
     elem_time_s,
     gemm_time_s,
+    graphed_fit,
     layer_parts_s,
     layer_shapes,
 )
-from fleetsim.device.modelspec import ModelSpec
+from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec
+from fleetsim.device.moe import (
+    MoeLayout,
+    attention_block_s,
+    linear_state_block_s,
+    mlp_parts_s,
+    moe_layer_parts_s,
+)
 
 _ceil = math.ceil
 
@@ -41,10 +50,17 @@ _ceil = math.ceil
 class PowerSpec:
     """Per-GPU power model.
 
-    ``P = idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m)`` with ``u_c`` the
-    fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the iteration.
-    The dynamic energy is then linear in FLOPs and bytes (J per FLOP, J per byte), which is
-    both the textbook energy model of a processor and exact to integrate over a run.
+    ``P = min(max_w, idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m))`` with
+    ``u_c`` the fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the
+    iteration: idle with a model loaded, a level while kernels run (clocks and HBM active), terms
+    in achieved FLOP/s and bytes/s, capped at the power limit (``max_w``, the TDP). Below the cap
+    the dynamic energy is linear in FLOPs and bytes (J per FLOP, J per byte), which is both the
+    textbook energy model of a processor and exact to integrate over a run; the cap is applied
+    to a run's (and an hour's) mean power, :meth:`dynamic_j`.
+
+    The catalog's constants are fitted to ML.ENERGY v3 measurements for the H100 and B200 and
+    derived for the others (``simulator/device/catalog/gpus.toml``, ``fleetsim calibrate
+    --from-mlenergy``); ``confidence`` says which.
     """
 
     idle_w: float
@@ -52,6 +68,36 @@ class PowerSpec:
     active_w: float = 0.0
     compute_w: float = 0.0
     memory_w: float = 0.0
+    confidence: str = ""
+
+    def power_w(self, u_c: float, u_m: float, busy: bool = True) -> float:
+        """Power per GPU at compute utilisation ``u_c`` and bandwidth utilisation ``u_m``
+        (fractions of the peaks, >= 0): never below ``idle_w`` (all terms are >= 0), never
+        above ``max_w`` once busy."""
+        if not busy:
+            return self.idle_w
+        p = self.idle_w + self.active_w + self.compute_w * u_c + self.memory_w * u_m
+        return p if p < self.max_w else max(self.max_w, self.idle_w)
+
+    def dynamic_j(
+        self,
+        busy_s: float,
+        flops: float,
+        bytes_moved: float,
+        peak_flops: float,
+        peak_bw: float,
+        gpus: int = 1,
+    ) -> float:
+        """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds doing ``flops`` and
+        ``bytes_moved`` (summed over the GPUs): linear in the work, capped so that the mean
+        power stays at or below ``max_w``."""
+        e = (
+            self.active_w * gpus * busy_s
+            + self.compute_w / peak_flops * flops
+            + self.memory_w / peak_bw * bytes_moved
+        )
+        cap = max(self.max_w - self.idle_w, 0.0) * gpus * busy_s
+        return e if e < cap else cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +129,17 @@ class RooflineProfile:
     #: the kernel model of the linear layers and the all-reduce (fleetsim.device.kernels); when
     #: set it replaces the roofline for everything but attention
     kernels: KernelFit | None = None
+    #: the serving stack these step times represent (:mod:`fleetsim.device.stack`): "eager"
+    #: (every kernel launched one by one, as Vidur profiled them) or "vllm-v1"
+    serving_stack: str = "eager"
+    #: iterations of at most this many tokens replay a captured CUDA graph (0: none)
+    graph_max_tokens: int = 0
+    #: the fraction of each kernel's fixed time (the kernel model's GEMM launch, elementwise
+    #: floors and the all-reduce's latency floor) left in an iteration replayed from a CUDA graph
+    graph_floor_frac: float = 1.0
+    #: time per sequence in an iteration beyond its kernels (the serving stack's sampling and
+    #: per-request host work that asynchronous scheduling does not hide; 0 for eager)
+    per_seq_s: float = 0.0
 
 
 _GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
@@ -279,12 +336,30 @@ def step_time(c: RunCoeffs, ctx: float) -> float:
 
 
 class LatencyModel:
-    """Iteration times of one replica (``tp`` GPUs) serving ``model`` under ``profile``."""
+    """Iteration times of one replica serving ``model`` under ``profile``: ``tp`` GPUs, or for a
+    data-parallel server ``dp`` attention engines of ``tp`` GPUs each whose mixture-of-experts
+    layers span all ``tp x dp`` GPUs, experts whole on each (``expert_parallel``) or split (see
+    :mod:`fleetsim.device.moe`). The replica's batch is the engines' batches summed: an
+    iteration of ``T`` tokens gives each engine ``ceil(T / dp)``."""
 
-    def __init__(self, model: ModelSpec, profile: Profile, tp: int = 1) -> None:
+    def __init__(
+        self,
+        model: ModelSpec,
+        profile: Profile,
+        tp: int = 1,
+        dp: int = 1,
+        expert_parallel: bool = False,
+    ) -> None:
         self.model = model
         self.profile = profile
         self.tp = tp
+        self.dp = dp
+        self.expert_parallel = expert_parallel
+        self.layout = MoeLayout(tp, dp, expert_parallel)
+        #: the layer-stack kernel path (fleetsim.device.moe: MoE, data parallelism, latent
+        #: attention, linear-state layers); plain dense tp-only models keep the per-layer
+        #: operator sum of fleetsim.device.kernels
+        self._moe_path = model.n_experts > 1 or dp > 1 or model.is_mla or bool(model.hybrid_pattern)
         self.kind = profile.kind
         m = model
         self.f_lin = m.flops_per_token_linear
@@ -297,8 +372,8 @@ class LatencyModel:
             p = profile
             self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
             self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
-            self._rc_peak = tp * p.peak_flops
-            self._rm = tp * p.mem_bw_bytes_per_s * p.memory_eff
+            self._rc_peak = tp * dp * p.peak_flops
+            self._rm = tp * dp * p.mem_bw_bytes_per_s * p.memory_eff
             if tp > 1:
                 ring = 2.0 * (tp - 1) / tp
                 act_bytes = m.d_model * 2.0  # activations travel in 16-bit
@@ -322,13 +397,36 @@ class LatencyModel:
         self._wb = m.bytes_per_param
         # attention: FLOPs at the 16-bit peak x compute_eff_max, the KV cache (this GPU's
         # share, replicas included) read at memory_eff of the bandwidth
+        # under data parallelism each engine attends its own sequences: a GPU does 1/(tp dp)
+        # of the scores and holds 1/dp of the sequences' KV (balanced engines)
+        dp = self.dp
         kvb_gpu = m.kv_bytes_per_token_tp(tp) / tp
-        self._att_c = m.attn_flops_per_pair / (tp * p.peak_flops * p.compute_eff_max)
-        self._att_m = kvb_gpu / (p.mem_bw_bytes_per_s * p.memory_eff)
+        self._att_c = m.attn_flops_per_pair / (tp * dp * p.peak_flops * p.compute_eff_max)
+        self._att_m = kvb_gpu / (dp * p.mem_bw_bytes_per_s * p.memory_eff)
+        self._link = (p.link_bw_bytes_per_s, p.link_latency_s)
+        # the experts' and the LM head's own precisions (expert_dtype, embed_dtype)
+        e_dt, h_dt = m.expert_dtype or m.dtype, m.embed_dtype or m.dtype
+        self._epeak = compute_peak(p, e_dt)[0]
+        self._ewb = DTYPE_BYTES[e_dt]
+        self._hpeak = compute_peak(p, h_dt)[0]
+        self._hwb = DTYPE_BYTES[h_dt]
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
         self._head_cache: dict[int, float] = {}
+        # CUDA graphs (serving stack vllm-v1): iterations of up to _gmax tokens run a kernel fit
+        # whose fixed per-kernel times are scaled by graph_floor_frac; -1 = no graphs, and the
+        # graphed head cache is then the eager one
+        self._kern_g: KernelFit | None = None
+        self._gmax = -1
+        self._head_cache_g = self._head_cache
+        self._per_seq = p.per_seq_s
+        self._ar_floor_g = 0.0
+        if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
+            self._kern_g = graphed_fit(kf, p.graph_floor_frac)
+            self._gmax = p.graph_max_tokens
+            self._head_cache_g = {}
+            self._ar_floor_g = 1.0 - p.graph_floor_frac
 
     def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
         """(compute, memory-bound, communication) seconds of the kernel model's non-attention
@@ -339,7 +437,13 @@ class LatencyModel:
         v = self._lin_cache.get(key)
         if v is not None:
             return v
-        kf = self._kern
+        if self._moe_path:
+            comp, mem, comm, _ = self._moe_linear(tokens, seqs)
+            v = (comp, mem, comm)
+            self._lin_cache[key] = v
+            return v
+        graphed = tokens <= self._gmax
+        kf = self._kern_g if graphed else self._kern
         assert kf is not None
         m, tp, bw, peak = self.model, self.tp, self._bw, self._peak_lin
         touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
@@ -348,6 +452,8 @@ class LatencyModel:
         t_gemm = sum(parts[k] for k in gemm_ops)
         t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
         head = gemm_time_s(kf, peak, bw, seqs, m.vocab_size / tp, m.d_model, self._wb)
+        if self._per_seq:
+            head += seqs * self._per_seq
         emb = elem_time_s(kf, bw, "emb", 4.0 * tokens * m.d_model)
         # reported as compute when the tokens exceed the GEMMs' ridge point (peak x w / 2 bw)
         ridge = peak * self._wb / (2.0 * bw)
@@ -359,10 +465,97 @@ class LatencyModel:
             ar = allreduce_time_s(kf, tp, tokens * m.d_model * 2.0)
             if ar is None:  # no measured table for this GPU count: the ring model
                 ar = self._comm_a / (2.0 * m.n_layers) + self._comm_b * tokens / (2.0 * m.n_layers)
+                floor = self._roof.link_latency_s
+            else:
+                floor = allreduce_floor_s(kf, tp)
+            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
+                ar -= self._ar_floor_g * floor
             comm = 2.0 * m.n_layers * ar
         v = (comp, mem, comm)
         self._lin_cache[key] = v
         return v
+
+    def _moe_linear(self, tokens: int, seqs: int) -> tuple[float, float, float, dict[str, float]]:
+        """:meth:`linear_parts` on the layer-stack path (a mixture of experts, a data-parallel
+        replica, latent attention, linear-state layers), with the named parts (seconds per
+        iteration on one GPU) that they sum: each layer kind counted by the model's layers."""
+        graphed = tokens <= self._gmax  # a CUDA-graph replay (serving stack vllm-v1)
+        kf = self._kern_g if graphed else self._kern
+        assert kf is not None
+        m, tp, bw, peak, wb = self.model, self.tp, self._bw, self._peak_lin, self._wb
+        lay = self.layout
+        t_eng = float(_ceil(tokens / lay.dp)) if tokens > 0 else 0.0
+        n_moe, n_dense = m.n_moe_layers, m.n_dense_layers
+        n_attn, n_lin = m.n_attn_layers, m.n_linear_layers
+        a_gemm, a_elem = attention_block_s(kf, peak, bw, m, self._shapes, tp, t_eng, wb)
+        up, act, down = mlp_parts_s(
+            kf, peak, bw, t_eng, m.d_model, m.d_ff / tp, m.mlp == "swiglu", wb
+        )
+        parts = {
+            "attention_linear": n_attn * (a_gemm + a_elem),
+            "dense_mlp": n_dense * (up + act + down),
+        }
+        gemm = n_attn * a_gemm + n_dense * (up + down)
+        elem = n_attn * a_elem + n_dense * act
+        if n_lin:
+            l_gemm, l_elem = linear_state_block_s(kf, peak, bw, m, tp, t_eng, wb)
+            parts["linear_state"] = n_lin * (l_gemm + l_elem)
+            gemm += n_lin * l_gemm
+            elem += n_lin * l_elem
+        comm = 0.0
+        if n_moe and tokens > 0:
+            link_bw, link_lat = self._link
+            mo = moe_layer_parts_s(
+                kf, peak, bw, m, lay, tokens, wb, link_bw, link_lat, self._ewb, self._epeak
+            )
+            parts["shared_mlp"] = n_moe * mo["shared_mlp"]
+            parts["moe_router"] = n_moe * (mo["moe_router"] + mo["moe_route"])
+            parts["moe_dispatch"] = n_moe * mo["moe_dispatch"]
+            parts["moe_grouped_gemm"] = n_moe * (
+                mo["moe_gemm_up"] + mo["moe_act"] + mo["moe_gemm_down"]
+            )
+            parts["moe_combine"] = n_moe * mo["moe_combine"]
+            gemm += n_moe * (
+                mo["shared_mlp"] + mo["moe_router"] + mo["moe_gemm_up"] + mo["moe_gemm_down"]
+            )
+            elem += n_moe * (mo["moe_route"] + mo["moe_act"])
+            comm += n_moe * (mo["moe_dispatch"] + mo["moe_combine"])
+        ar = 0.0
+        if tp > 1 and tokens > 0:
+            one = allreduce_time_s(kf, tp, t_eng * m.d_model * 2.0)
+            if one is None:  # no measured table for this GPU count: the ring model
+                one = self._comm_a / (2.0 * m.n_layers) + self._comm_b * t_eng / (2.0 * m.n_layers)
+                floor = self._roof.link_latency_s
+            else:
+                floor = allreduce_floor_s(kf, tp)
+            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
+                one -= self._ar_floor_g * floor
+            ar = 2.0 * m.n_layers * one  # after each mixer and each feed-forward block
+        parts["allreduce"] = ar
+        comm += ar
+        head = self._head_time(seqs, graphed)
+        emb = elem_time_s(kf, bw, "emb", 4.0 * t_eng * m.d_model) if tokens > 0 else 0.0
+        parts["lm_head"] = head
+        parts["embedding"] = emb
+        ridge = peak * wb / (2.0 * bw)
+        lin = gemm + head
+        comp = lin if t_eng >= ridge else 0.0
+        mem = (lin - comp) + elem + emb
+        return comp, mem, comm, parts
+
+    def _head_time(self, seqs: int, graphed: bool = False) -> float:
+        """The LM head over ``seqs`` sequences (each engine's share under data parallelism),
+        with the serving stack's per-sequence time."""
+        if seqs <= 0:
+            return 0.0
+        kf = self._kern_g if graphed else self._kern
+        assert kf is not None
+        m = self.model
+        rows = _ceil(seqs / self.dp) if self.dp > 1 else seqs
+        h = gemm_time_s(
+            kf, self._hpeak, self._bw, rows, m.vocab_size / self.tp, m.d_model, self._hwb
+        )
+        return h + seqs * self._per_seq if self._per_seq else h
 
     def linear_time(self, tokens: int, seqs: int) -> float:
         """The sum of :meth:`linear_parts`, cached by tokens and by sequences separately (the
@@ -371,15 +564,22 @@ class LatencyModel:
         if t is None:
             c, mm, cm = self.linear_parts(tokens, 0)
             t = self._tok_cache[tokens] = c + mm + cm
-        h = self._head_cache.get(seqs)
+        graphed = tokens <= self._gmax
+        hc = self._head_cache_g if graphed else self._head_cache
+        h = hc.get(seqs)
         if h is None:
-            kf = self._kern
-            assert kf is not None
-            m = self.model
-            h = gemm_time_s(
-                kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
-            )
-            self._head_cache[seqs] = h
+            if self._moe_path:
+                h = self._head_time(seqs, graphed)
+            else:
+                kf = self._kern_g if graphed else self._kern
+                assert kf is not None
+                m = self.model
+                h = gemm_time_s(
+                    kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
+                )
+                if self._per_seq:
+                    h += seqs * self._per_seq
+            hc[seqs] = h
         return t + h
 
     # -- helpers ---------------------------------------------------------------------------
@@ -426,7 +626,9 @@ class LatencyModel:
             att_m = self._att_m
             kv = ctx * att_m
             lt = self._tok_cache.get(tokens)
-            hd = self._head_cache.get(n_prefill + n)
+            hd = (self._head_cache_g if tokens <= self._gmax else self._head_cache).get(
+                n_prefill + n
+            )
             lt = (
                 lt + hd
                 if lt is not None and hd is not None
@@ -497,6 +699,54 @@ class LatencyModel:
         return c
 
     # -- convenience for reports and tests --------------------------------------------------
+    def breakdown(
+        self, p_tokens: int, pairs: float, n_prefill: int, n: int, ctx: float
+    ) -> dict[str, float]:
+        """The named parts (seconds) of :meth:`iteration`'s time, in the order a report shows
+        them; they sum to it (up to rounding). With the kernel model: ``attention_linear``
+        (norms, projections, rotary, adds), ``attention_core`` (scores and the KV read),
+        ``dense_mlp``, for a mixture of experts ``shared_mlp``, ``moe_router``,
+        ``moe_dispatch``, ``moe_grouped_gemm``, ``moe_combine``, then ``allreduce``,
+        ``lm_head``, ``embedding`` and ``overhead``. Without it: ``overhead``, ``comm`` and
+        the roofline's winning bound as ``compute`` or ``memory``."""
+        total, flops, nbytes = self.iteration(p_tokens, pairs, n_prefill, n, ctx)
+        tokens = p_tokens + n
+        seqs = n_prefill + n
+        if self._kern is None:
+            prof = self.profile
+            if isinstance(prof, LinearProfile):
+                return {"linear": total}
+            comm = self._comm_a + self._comm_b * tokens
+            rest = total - self._oh - comm
+            bound = "compute" if flops / self._rc_peak > nbytes / self._rm else "memory"
+            return {bound: rest, "comm": comm, "overhead": self._oh}
+        if self._moe_path:
+            lin = dict(self._moe_linear(tokens, seqs)[3])
+        else:
+            kf = self._kern_g if tokens <= self._gmax else self._kern
+            assert kf is not None
+            m = self.model
+            lp = layer_parts_s(
+                kf, self._peak_lin, self._bw, self._shapes, tokens, self._wb, experts_touched=1.0
+            )
+            mlp = ("mlp_up_proj", "mlp_act", "mlp_down_proj", "mlp_router")
+            comm = self.linear_parts(tokens, 0)[2]
+            head = self.linear_time(tokens, seqs) - self._tok_cache[tokens]
+            lin = {
+                "attention_linear": m.n_layers * sum(v for k, v in lp.items() if k not in mlp),
+                "dense_mlp": m.n_layers * sum(lp[k] for k in mlp),
+                "allreduce": comm,
+                "lm_head": head,
+                "embedding": elem_time_s(kf, self._bw, "emb", 4.0 * tokens * m.d_model),
+            }
+        att = (pairs + ctx) * self._att_c
+        kv = ctx * self._att_m
+        out = {"attention_linear": lin.pop("attention_linear")}
+        out["attention_core"] = (att if att > kv else kv) + tokens * self._att_m
+        out.update(lin)
+        out["overhead"] = self._oh
+        return out
+
     def prefill_time(self, prompt_tokens: int, batch: int = 1) -> float:
         """Time of one iteration prefilling ``batch`` prompts of ``prompt_tokens`` each."""
         return self.iteration(

@@ -14,42 +14,259 @@ definition. Conventions, chosen to match what ``torch.utils.flop_counter`` charg
 * a decode step of a sequence with context ``ctx`` attends ``ctx`` keys, the new token's own
   included (``decode_flops(B, B * ctx)``);
 * the LM head runs only on the last position of each sequence (what serving engines do);
-* norms, activations, softmax and rotary embeddings are not counted (under 0.5% of the work).
+* norms, activations, softmax, rotary embeddings and biases are not counted (under 0.5% of the
+  work and of the parameters).
+
+**The layer stack.** A model has ``n_layers`` layers. Without ``hybrid_pattern`` each layer is an
+attention block followed by a feed-forward block, dense or mixture-of-experts: with
+``n_experts > 1`` the first ``first_k_dense`` layers are dense and after them every
+``moe_layer_step``-th layer is MoE (layer ``i`` is MoE when ``i >= first_k_dense`` and
+``(i - first_k_dense + 1) % moe_layer_step == 0``: Qwen3-MoE's ``decoder_sparse_step``, Llama 4's
+``interleave_moe_layer_step``, DeepSeek-V3's ``first_k_dense_replace``). With
+``hybrid_pattern`` (Nemotron-H's ``hybrid_override_pattern``) each layer is one block, one
+character per layer: ``M`` a linear-state (Mamba-2) mixer, ``*`` attention, ``-`` a dense MLP,
+``E`` an MoE MLP.
+
+**Attention kinds.** Full attention; a sliding window of ``sliding_window_tokens`` tokens on
+every layer, or with ``sliding_global_every = n`` on all but every n-th attention layer
+(attention layer ``j`` is global when ``(j + 1) % n == 0``: Gemma 3's ``sliding_window_pattern
+= 6``, gpt-oss's alternating ``layer_types`` with ``n = 2``); learned attention sinks
+(gpt-oss: one logit per head, no KV); multi-head latent attention (``kv_lora_rank > 0``,
+DeepSeek-V2/V3): the cache holds the latent (``kv_lora_rank``) and the rotary key
+(``qk_rope_head_dim``) per token and layer, and attention is charged in its absorbed form (a
+query attends in the latent space: ``2 * n_heads * (2 * kv_lora_rank + qk_rope_head_dim)``
+FLOPs per pair, what vLLM's MLA decode kernels compute).
+
+**Linear-state layers** (Mamba-2, ``ssm_*``) hold a fixed state per sequence: the SSM state
+``ssm_n_heads * ssm_head_dim * ssm_state_size`` and the convolution window ``(ssm_conv_kernel
+- 1) * (d_inner + 2 * ssm_n_groups * ssm_state_size)`` elements; a step costs ``5 * d_inner *
+ssm_state_size`` FLOPs per token besides its projections (the state decay, the input outer
+product and the read-out).
+
+**Precision per part.** ``dtype`` is that of the linear layers; ``expert_dtype`` overrides it
+for the experts (gpt-oss: mxfp4 experts, bf16 attention); ``embed_dtype`` for the embedding and
+the LM head (left in bf16 by fp8 checkpoints). ``DTYPE_BYTES`` gives the bytes per parameter,
+block scales included (mxfp4: 4 bits + one 8-bit scale per 32, OCP MX v1.0; fp8 with 128 x 128
+blocks carries one fp32 scale per 16,384 weights, 0.02%, not counted).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
-DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+DTYPE_BYTES = {
+    "fp32": 4.0,
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp8": 1.0,
+    "int8": 1.0,
+    "int4": 0.5,
+    # OCP Microscaling Formats v1.0: E2M1 elements, one E8M0 scale per block of 32
+    "mxfp4": 4.25 / 8,
+    # NVIDIA NVFP4: E2M1 elements, one E4M3 scale per block of 16
+    "nvfp4": 4.5 / 8,
+}
+
+#: characters of ``hybrid_pattern`` (Nemotron-H's ``hybrid_override_pattern``)
+HYBRID_CHARS = {"M": "linear-state", "*": "attention", "-": "dense MLP", "E": "MoE MLP"}
+
+#: fields whose default is derived from others (``__post_init__``)
+_DERIVED = ("head_dim", "d_ff_expert", "d_ff_shared")
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """Architecture of a decoder-only Transformer (dense or mixture-of-experts)."""
+    """Architecture of a decoder-only Transformer: dense, mixture-of-experts, with sliding
+    windows, latent attention or linear-state layers (see the module docstring)."""
 
     name: str
     n_layers: int
     d_model: int
     n_heads: int
     n_kv_heads: int
-    d_ff: int
+    d_ff: int  # the dense layers' MLP width (and the experts' unless d_ff_expert is given)
     vocab_size: int
-    n_experts: int = 1
-    n_active_experts: int = 1
-    mlp: str = "swiglu"  # "swiglu" (3 matrices) or "gelu" (2 matrices)
+    n_experts: int = 1  # routed experts per MoE layer
+    n_active_experts: int = 1  # routed experts per token (top-k)
+    mlp: str = "swiglu"  # "swiglu" (gated: 3 matrices) or "gelu" (ungated: 2 matrices)
     tied_embeddings: bool = False
     max_context_tokens: int = 131072
     dtype: str = "bf16"
     kv_dtype: str | None = None
+    # ---- attention ----------------------------------------------------------------------
+    head_dim: int = 0  # 0: d_model // n_heads (MLA: qk_nope_head_dim + qk_rope_head_dim)
+    sliding_window_tokens: int = 0  # 0: no sliding window
+    sliding_global_every: int = 0  # every n-th attention layer is global; 0: none is
+    attention_sinks: bool = False  # learned per-head sink logits (gpt-oss)
+    kv_lora_rank: int = 0  # > 0: multi-head latent attention
+    q_lora_rank: int = 0  # 0: a full-rank query projection
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # ---- mixture of experts ---------------------------------------------------------------
+    d_ff_expert: int = 0  # 0: d_ff
+    n_shared_experts: int = 0
+    d_ff_shared: int = 0  # 0: d_ff_expert
+    first_k_dense: int = 0
+    moe_layer_step: int = 1
+    # ---- hybrid stacks (one block per layer) ----------------------------------------------
+    hybrid_pattern: str = ""
+    ssm_state_size: int = 0
+    ssm_n_heads: int = 0
+    ssm_head_dim: int = 0
+    ssm_n_groups: int = 1
+    ssm_conv_kernel: int = 4
+    # ---- precision per part -----------------------------------------------------------------
+    expert_dtype: str | None = None  # None: dtype
+    embed_dtype: str | None = None  # None: dtype
+    state_dtype: str | None = None  # linear-state cache; None: the KV dtype
+    #: which of head_dim, d_ff_expert, d_ff_shared were derived (not given): they follow
+    #: their sources through :meth:`evolve` and ``dataclasses.replace``
+    derived: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
-    # ---- shapes -------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        derived = set(self.derived)
+        for name in _DERIVED:
+            if getattr(self, name) == 0 or name in derived:
+                derived.add(name)
+                if name == "head_dim":
+                    value = (
+                        self.qk_nope_head_dim + self.qk_rope_head_dim
+                        if self.kv_lora_rank > 0
+                        else self.d_model // max(self.n_heads, 1)
+                    )
+                elif name == "d_ff_expert":
+                    value = self.d_ff
+                else:
+                    value = self.d_ff_expert
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "derived", tuple(n for n in _DERIVED if n in derived))
+
+    def evolve(self, **changes: object) -> ModelSpec:
+        """A copy with ``changes``; derived widths not given are derived again."""
+        kw: dict[str, object] = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "derived" and f.name not in self.derived
+        }
+        kw.update(changes)
+        return ModelSpec(**kw)  # type: ignore[arg-type]
+
+    def problems(self) -> list[tuple[str, object, str]]:
+        """``(field, value, what is wrong)`` for each inconsistency; empty when valid."""
+        out: list[tuple[str, object, str]] = []
+        for f in ("dtype", "kv_dtype", "expert_dtype", "embed_dtype", "state_dtype"):
+            v = getattr(self, f)
+            if v is not None and v not in DTYPE_BYTES:
+                out.append((f, v, f"is not one of {', '.join(DTYPE_BYTES)}"))
+        if self.n_active_experts > self.n_experts:
+            out.append(
+                (
+                    "n_active_experts",
+                    self.n_active_experts,
+                    f"more than n_experts ({self.n_experts})",
+                )
+            )
+        if self.moe_layer_step < 1:
+            out.append(("moe_layer_step", self.moe_layer_step, "must be at least 1"))
+        if not 0 <= self.first_k_dense <= self.n_layers:
+            out.append(("first_k_dense", self.first_k_dense, f"is not in 0..{self.n_layers}"))
+        if self.sliding_window_tokens < 0 or self.sliding_global_every < 0:
+            out.append(("sliding_window_tokens", self.sliding_window_tokens, "is negative"))
+        if self.kv_lora_rank > 0 and (self.qk_rope_head_dim < 1 or self.v_head_dim < 1):
+            out.append(("kv_lora_rank", self.kv_lora_rank, "needs qk_rope_head_dim and v_head_dim"))
+        p = self.hybrid_pattern
+        if p:
+            bad = sorted(set(p) - set(HYBRID_CHARS))
+            if bad:
+                out.append(("hybrid_pattern", p, f"has {bad[0]!r}: use M, *, - and E"))
+            elif len(p) != self.n_layers:
+                out.append(
+                    ("hybrid_pattern", p, f"has {len(p)} layers but n_layers is {self.n_layers}")
+                )
+            if "E" in p and self.n_experts < 2:
+                out.append(("hybrid_pattern", p, "has MoE layers (E) but n_experts < 2"))
+            if "M" in p and min(self.ssm_state_size, self.ssm_n_heads, self.ssm_head_dim) < 1:
+                out.append(("hybrid_pattern", p, "has linear-state layers (M) but no ssm_* sizes"))
+        return out
+
+    # ---- the layer stack ----------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
+    @property
+    def n_attn_layers(self) -> int:
+        """Layers with an attention block."""
+        return self.hybrid_pattern.count("*") if self.hybrid_pattern else self.n_layers
+
+    @property
+    def n_linear_layers(self) -> int:
+        """Linear-state (Mamba-2) layers."""
+        return self.hybrid_pattern.count("M")
+
+    @property
+    def n_moe_layers(self) -> int:
+        """Layers whose feed-forward block is a mixture of experts."""
+        if self.n_experts <= 1:
+            return 0
+        if self.hybrid_pattern:
+            return self.hybrid_pattern.count("E")
+        return max(0, self.n_layers - self.first_k_dense) // max(self.moe_layer_step, 1)
+
+    @property
+    def n_dense_layers(self) -> int:
+        """Layers whose feed-forward block is a dense MLP of width ``d_ff``."""
+        if self.hybrid_pattern:
+            return self.hybrid_pattern.count("-")
+        return self.n_layers - self.n_moe_layers
+
+    @property
+    def n_global_attn_layers(self) -> int:
+        """Attention layers that attend the whole context."""
+        n = self.n_attn_layers
+        if self.sliding_window_tokens <= 0:
+            return n
+        g = self.sliding_global_every
+        return n // g if g > 0 else 0
+
+    @property
+    def n_sliding_layers(self) -> int:
+        """Attention layers that attend the last ``sliding_window_tokens`` tokens."""
+        return self.n_attn_layers - self.n_global_attn_layers
+
+    def layer_kinds(self) -> tuple[tuple[str, str], ...]:
+        """``(mixer, ffn)`` of each layer: mixer ``full``, ``sliding``, ``linear`` or ``none``;
+        ffn ``dense``, ``moe`` or ``none``."""
+        out: list[tuple[str, str]] = []
+        j = 0  # attention layers so far
+        w, g = self.sliding_window_tokens, self.sliding_global_every
+
+        def attn() -> str:
+            nonlocal j
+            j += 1
+            return "full" if w <= 0 or (g > 0 and j % g == 0) else "sliding"
+
+        for i in range(self.n_layers):
+            if self.hybrid_pattern:
+                c = self.hybrid_pattern[i] if i < len(self.hybrid_pattern) else "-"
+                mixer = {"M": "linear", "*": attn() if c == "*" else "", "-": "none", "E": "none"}
+                ffn = {"M": "none", "*": "none", "-": "dense", "E": "moe"}
+                out.append((mixer[c], ffn[c]))
+                continue
+            moe = (
+                self.n_experts > 1
+                and i >= self.first_k_dense
+                and (i - self.first_k_dense + 1) % max(self.moe_layer_step, 1) == 0
+            )
+            out.append((attn(), "moe" if moe else "dense"))
+        return tuple(out)
+
+    # ---- parameters ---------------------------------------------------------------------
     @property
     def bytes_per_param(self) -> float:
+        """Bytes per parameter of the linear layers (``dtype``)."""
         return DTYPE_BYTES[self.dtype]
 
     @property
@@ -67,18 +284,72 @@ class ModelSpec:
 
     @property
     def attn_params_per_layer(self) -> int:
+        """Projections of one attention layer (MLA: the query down/up, the joint KV down
+        projection with the rotary key, the KV up projection, the output)."""
+        h, d = self.n_heads, self.d_model
+        if self.is_mla:
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            r = self.q_lora_rank
+            q = d * r + r * h * qk if r else d * h * qk
+            kv = d * (self.kv_lora_rank + self.qk_rope_head_dim)
+            kv += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
+            return q + kv + h * self.v_head_dim * d
         kv_dim = self.n_kv_heads * self.head_dim
         q_dim = self.n_heads * self.head_dim
-        return self.d_model * q_dim + 2 * self.d_model * kv_dim + q_dim * self.d_model
+        out = self.d_model * q_dim + 2 * self.d_model * kv_dim + q_dim * self.d_model
+        return out + self.n_heads if self.attention_sinks else out
+
+    @property
+    def _mlp_matrices(self) -> int:
+        return 3 if self.mlp == "swiglu" else 2
+
+    @property
+    def dense_mlp_params(self) -> int:
+        """Parameters of a dense layer's MLP (width ``d_ff``)."""
+        return self._mlp_matrices * self.d_model * self.d_ff
 
     @property
     def expert_params(self) -> int:
-        """Parameters of one expert's MLP (the whole MLP for a dense model)."""
-        return (3 if self.mlp == "swiglu" else 2) * self.d_model * self.d_ff
+        """Parameters of one routed expert's MLP (width ``d_ff_expert``; the whole MLP of a
+        dense model)."""
+        return self._mlp_matrices * self.d_model * self.d_ff_expert
+
+    @property
+    def shared_expert_params(self) -> int:
+        """Parameters of a MoE layer's shared experts together."""
+        return self.n_shared_experts * self._mlp_matrices * self.d_model * self.d_ff_shared
 
     @property
     def router_params_per_layer(self) -> int:
+        """The router of one MoE layer."""
         return self.d_model * self.n_experts if self.n_experts > 1 else 0
+
+    @property
+    def ssm_d_inner(self) -> int:
+        return self.ssm_n_heads * self.ssm_head_dim
+
+    @property
+    def _ssm_conv_dim(self) -> int:
+        return self.ssm_d_inner + 2 * self.ssm_n_groups * self.ssm_state_size
+
+    @property
+    def linear_state_params_per_layer(self) -> int:
+        """A Mamba-2 mixer: the input projection (z, x, B, C, dt), the depthwise convolution,
+        the output projection."""
+        if not self.n_linear_layers:
+            return 0
+        in_proj = self.d_model * (self.ssm_d_inner + self._ssm_conv_dim + self.ssm_n_heads)
+        conv = self._ssm_conv_dim * self.ssm_conv_kernel
+        return in_proj + conv + self.ssm_d_inner * self.d_model
+
+    @property
+    def moe_layer_params(self) -> int:
+        """One MoE layer's feed-forward block: routed and shared experts, router."""
+        return (
+            self.n_experts * self.expert_params
+            + self.router_params_per_layer
+            + self.shared_expert_params
+        )
 
     @property
     def embedding_params(self) -> int:
@@ -89,48 +360,162 @@ class ModelSpec:
         return self.vocab_size * self.d_model
 
     @property
+    def expert_params_total(self) -> int:
+        """All experts' parameters (routed and shared; the part ``expert_dtype`` applies to)."""
+        return self.n_moe_layers * (self.n_experts * self.expert_params + self.shared_expert_params)
+
+    @property
     def total_params(self) -> int:
-        per_layer = (
-            self.attn_params_per_layer
-            + self.n_experts * self.expert_params
-            + self.router_params_per_layer
-        )
         head = 0 if self.tied_embeddings else self.lm_head_params
-        return self.n_layers * per_layer + self.embedding_params + head
+        return (
+            self.n_attn_layers * self.attn_params_per_layer
+            + self.n_linear_layers * self.linear_state_params_per_layer
+            + self.n_dense_layers * self.dense_mlp_params
+            + self.n_moe_layers * self.moe_layer_params
+            + self.embedding_params
+            + head
+        )
 
     @property
     def active_params_per_token(self) -> int:
         """Matmul parameters one token passes through, LM head excluded."""
-        per_layer = (
-            self.attn_params_per_layer
-            + self.n_active_experts * self.expert_params
+        moe = (
+            self.n_active_experts * self.expert_params
             + self.router_params_per_layer
+            + self.shared_expert_params
         )
-        return self.n_layers * per_layer
+        return (
+            self.n_attn_layers * self.attn_params_per_layer
+            + self.n_linear_layers * self.linear_state_params_per_layer
+            + self.n_dense_layers * self.dense_mlp_params
+            + self.n_moe_layers * moe
+        )
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses, embedding row and LM head included (how the Qwen3,
+        DeepSeek-V3 and Llama 4 cards count "activated" parameters)."""
+        head = 0 if self.tied_embeddings else self.lm_head_params
+        return self.active_params_per_token + self.embedding_params + head
+
+    @property
+    def _uniform_dtype(self) -> bool:
+        return self.expert_dtype in (None, self.dtype) and self.embed_dtype in (None, self.dtype)
 
     @property
     def weight_bytes(self) -> float:
-        return self.total_params * self.bytes_per_param
+        if self._uniform_dtype:
+            return self.total_params * self.bytes_per_param
+        emb = self.embedding_params + (0 if self.tied_embeddings else self.lm_head_params)
+        experts = self.expert_params_total
+        rest = self.total_params - emb - experts
+        return (
+            rest * self.bytes_per_param
+            + experts * DTYPE_BYTES[self.expert_dtype or self.dtype]
+            + emb * DTYPE_BYTES[self.embed_dtype or self.dtype]
+        )
+
+    # ---- KV cache and state -------------------------------------------------------------
+    @property
+    def kv_elements_per_token_layer(self) -> int:
+        """Cache elements of one token in one attention layer (MLA: the latent and the rotary
+        key; else K and V of every KV head)."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.n_kv_heads * self.head_dim
 
     @property
     def kv_bytes_per_token(self) -> float:
-        """K and V of one token in every layer."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.kv_bytes_per_element
+        """KV of one token in every attention layer: what a token costs while it is inside
+        every sliding window (beyond it only the global layers keep it,
+        :attr:`kv_bytes_per_token_global`)."""
+        if self.is_mla:
+            return self.n_attn_layers * self.kv_elements_per_token_layer * self.kv_bytes_per_element
+        return 2 * self.n_attn_layers * self.n_kv_heads * self.head_dim * self.kv_bytes_per_element
+
+    @property
+    def kv_bytes_per_token_global(self) -> float:
+        """KV of one token in the global (full-attention) layers."""
+        return (
+            self.n_global_attn_layers * self.kv_elements_per_token_layer * self.kv_bytes_per_element
+        )
+
+    @property
+    def state_bytes_per_seq(self) -> float:
+        """The fixed state of one sequence in the linear-state layers (SSM and conv states)."""
+        if not self.n_linear_layers:
+            return 0.0
+        elems = self.ssm_d_inner * self.ssm_state_size
+        elems += (self.ssm_conv_kernel - 1) * self._ssm_conv_dim
+        dt = self.state_dtype or self.kv_dtype_resolved
+        return self.n_linear_layers * elems * DTYPE_BYTES[dt]
+
+    def kv_tokens_by_layer(self, context_tokens: int) -> tuple[int, ...]:
+        """Tokens of a sequence of ``context_tokens`` that each layer caches (0 for layers
+        without attention)."""
+        c, w = max(int(context_tokens), 0), self.sliding_window_tokens
+        held = {"full": c, "sliding": min(c, w)}
+        return tuple(held.get(mixer, 0) for mixer, _ in self.layer_kinds())
+
+    def kv_bytes(self, context_tokens: float) -> float:
+        """Bytes one sequence of ``context_tokens`` holds: its KV in the global layers, at most
+        the window in the sliding ones, and the constant linear-state state."""
+        c = max(float(context_tokens), 0.0)
+        per = self.kv_elements_per_token_layer * self.kv_bytes_per_element
+        w = min(c, float(self.sliding_window_tokens))
+        return per * (self.n_global_attn_layers * c + self.n_sliding_layers * w) + (
+            self.state_bytes_per_seq
+        )
+
+    def kv_bytes_per_token_at(self, context_tokens: float) -> float:
+        """The mean KV bytes per token of a sequence of ``context_tokens`` (state included):
+        :attr:`kv_bytes_per_token` for a full-attention model at any context."""
+        if not self.n_sliding_layers and not self.n_linear_layers:
+            return self.kv_bytes_per_token
+        return self.kv_bytes(context_tokens) / max(float(context_tokens), 1.0)
+
+    def _tp_replication(self, tp: int) -> float:
+        if self.is_mla:
+            return float(tp)  # every rank caches the whole latent (vLLM's MLA)
+        return max(1.0, tp / self.n_kv_heads)
 
     def kv_bytes_per_token_tp(self, tp: int) -> float:
         """K and V of one token summed over the ``tp`` GPUs of a replica: with more GPUs than
-        KV heads each GPU holds one head, so ``tp / n_kv_heads`` replicas of each (vLLM)."""
-        return self.kv_bytes_per_token * max(1.0, tp / self.n_kv_heads)
+        KV heads each GPU holds one head, so ``tp / n_kv_heads`` replicas of each (vLLM); MLA's
+        latent is held whole by every GPU."""
+        return self.kv_bytes_per_token * self._tp_replication(tp)
+
+    def kv_bytes_tp(self, context_tokens: float, tp: int) -> float:
+        """:meth:`kv_bytes` summed over the ``tp`` GPUs of a replica (the linear-state state is
+        split by heads, not replicated)."""
+        state = self.state_bytes_per_seq
+        return (self.kv_bytes(context_tokens) - state) * self._tp_replication(tp) + state
+
+    @property
+    def kv_uniform(self) -> bool:
+        """Whether a sequence's KV is proportional to its context (no window, no state)."""
+        return not self.n_sliding_layers and not self.n_linear_layers
+
+    def kv_bytes_per_token_mean_tp(self, tp: int, contexts: Sequence[float]) -> float:
+        """KV bytes per token of a replica holding sequences of ``contexts`` tokens: their
+        bytes (:meth:`kv_bytes_tp`) over their tokens. :meth:`kv_bytes_per_token_tp` exactly
+        when the KV is proportional to the context."""
+        if self.kv_uniform or not contexts:
+            return self.kv_bytes_per_token_tp(tp)
+        total = sum(max(float(c), 1.0) for c in contexts)
+        return sum(self.kv_bytes_tp(max(float(c), 1.0), tp) for c in contexts) / total
 
     def tp_problem(self, tp: int) -> str | None:
         """Why ``tp``-way tensor parallelism cannot shard this model (vLLM's rule: the query
         heads divide by tp, and the KV heads either divide by tp or are a divisor of it, so
-        that they can be replicated), or None."""
+        that they can be replicated; the linear-state heads divide by tp), or None."""
         if self.n_heads % tp:
             return f"does not divide {self.name}'s {self.n_heads} attention heads"
         kv = self.n_kv_heads
-        if kv % tp and tp % kv:
+        if not self.is_mla and kv % tp and tp % kv:
             return f"neither divides nor is a multiple of {self.name}'s {kv} KV heads"
+        if self.n_linear_layers and self.ssm_n_heads % tp:
+            return f"does not divide {self.name}'s {self.ssm_n_heads} linear-state heads"
         return None
 
     def tp_fix(self, tp: int) -> str:
@@ -139,31 +524,76 @@ class ModelSpec:
 
     # ---- FLOPs --------------------------------------------------------------------------
     @property
+    def linear_state_flops_per_token(self) -> float:
+        """The scan of the linear-state layers per token (state decay, input outer product,
+        read-out: 5 FLOPs per state element), besides their projections."""
+        return 5.0 * self.n_linear_layers * self.ssm_d_inner * self.ssm_state_size
+
+    @property
     def flops_per_token_linear(self) -> float:
-        """Matmul FLOPs of one token through the layers (no attention scores, no LM head)."""
-        return 2.0 * self.active_params_per_token
+        """Matmul FLOPs of one token through the layers (no attention scores, no LM head;
+        the linear-state scan included)."""
+        f = 2.0 * self.active_params_per_token
+        return f + self.linear_state_flops_per_token if self.n_linear_layers else f
 
     @property
     def flops_lm_head(self) -> float:
         return 2.0 * self.lm_head_params
 
     @property
+    def attn_flops_per_pair_layer(self) -> float:
+        """FLOPs per (query, key) pair in one attention layer: QK^T and AV (MLA absorbed:
+        the scores over the latent and the rotary key, the sum over the latent)."""
+        if self.is_mla:
+            return 2.0 * self.n_heads * (2 * self.kv_lora_rank + self.qk_rope_head_dim)
+        return 4.0 * self.n_heads * self.head_dim
+
+    @property
     def attn_flops_per_pair(self) -> float:
-        """FLOPs per (query, key) pair summed over layers: QK^T and AV."""
-        return 4.0 * self.n_heads * self.head_dim * self.n_layers
+        """FLOPs per (query, key) pair summed over the attention layers, for a key inside every
+        sliding window."""
+        if self.is_mla:
+            return self.attn_flops_per_pair_layer * self.n_attn_layers
+        return 4.0 * self.n_heads * self.head_dim * self.n_attn_layers
+
+    @property
+    def attn_flops_per_pair_global(self) -> float:
+        """FLOPs per (query, key) pair in the global layers only."""
+        return self.attn_flops_per_pair_layer * self.n_global_attn_layers
 
     def prefill_flops(self, prompt_tokens: int) -> float:
-        """FLOPs of one sequence's prefill of ``prompt_tokens`` (full-square attention)."""
+        """FLOPs of one sequence's prefill of ``prompt_tokens`` (full-square attention; a
+        sliding layer ``L x min(L, W)``)."""
         p = float(prompt_tokens)
+        if not self.n_sliding_layers:
+            return (
+                p * self.flops_per_token_linear
+                + p * p * self.attn_flops_per_pair
+                + self.flops_lm_head
+            )
+        w = min(p, float(self.sliding_window_tokens))
+        sliding = self.attn_flops_per_pair_layer * self.n_sliding_layers
         return (
-            p * self.flops_per_token_linear + p * p * self.attn_flops_per_pair + self.flops_lm_head
+            p * self.flops_per_token_linear
+            + p * p * self.attn_flops_per_pair_global
+            + p * w * sliding
+            + self.flops_lm_head
         )
 
     def decode_flops(self, n_seqs: int, context_tokens_total: float) -> float:
         """FLOPs of one decode step of ``n_seqs`` sequences attending ``context_tokens_total``
-        keys."""
-        return n_seqs * (self.flops_per_token_linear + self.flops_lm_head) + (
-            context_tokens_total * self.attn_flops_per_pair
+        keys (a sliding layer attends at most the window of each, taken at the mean context)."""
+        if not self.n_sliding_layers:
+            return n_seqs * (self.flops_per_token_linear + self.flops_lm_head) + (
+                context_tokens_total * self.attn_flops_per_pair
+            )
+        mean = context_tokens_total / max(n_seqs, 1)
+        w = n_seqs * min(mean, float(self.sliding_window_tokens))
+        sliding = self.attn_flops_per_pair_layer * self.n_sliding_layers
+        return (
+            n_seqs * (self.flops_per_token_linear + self.flops_lm_head)
+            + context_tokens_total * self.attn_flops_per_pair_global
+            + w * sliding
         )
 
     # ---- bytes moved --------------------------------------------------------------------
@@ -176,9 +606,29 @@ class ModelSpec:
 
     def weight_bytes_read(self, tokens: float) -> float:
         """Weights read by one iteration over ``tokens`` tokens (embedding rows not counted)."""
-        per_layer: float = self.attn_params_per_layer + self.router_params_per_layer
-        per_layer += self.expected_experts_touched(tokens) * self.expert_params
-        return (self.n_layers * per_layer + self.lm_head_params) * self.bytes_per_param
+        simple = (
+            not self.hybrid_pattern
+            and self._uniform_dtype
+            and not self.n_shared_experts
+            and self.n_moe_layers in (0, self.n_layers)
+        )
+        if simple:
+            per_layer: float = self.attn_params_per_layer + self.router_params_per_layer
+            per_layer += self.expected_experts_touched(tokens) * self.expert_params
+            return (self.n_layers * per_layer + self.lm_head_params) * self.bytes_per_param
+        b = self.bytes_per_param
+        fixed = (
+            self.n_attn_layers * self.attn_params_per_layer
+            + self.n_linear_layers * self.linear_state_params_per_layer
+            + self.n_dense_layers * self.dense_mlp_params
+            + self.n_moe_layers * self.router_params_per_layer
+        )
+        experts = self.n_moe_layers * (
+            self.expected_experts_touched(tokens) * self.expert_params + self.shared_expert_params
+        )
+        eb = DTYPE_BYTES[self.expert_dtype or self.dtype]
+        hb = DTYPE_BYTES[self.embed_dtype or self.dtype]
+        return fixed * b + experts * eb + self.lm_head_params * hb
 
 
 def model_from_catalog(name: str, dtype: str = "bf16", field: str = "model.name") -> ModelSpec:
@@ -186,5 +636,6 @@ def model_from_catalog(name: str, dtype: str = "bf16", field: str = "model.name"
     from fleetsim.device import catalog
 
     entry = catalog.model(name, field)
-    entry.pop("published_params", None)
+    for key in ("published_params", "published_active_params", "hf_id"):
+        entry.pop(key, None)
     return ModelSpec(name=name, dtype=dtype, **entry)

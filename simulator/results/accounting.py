@@ -5,8 +5,11 @@ Energy is the integral of power over time, never "FLOPs x power x time":
     GPU energy      = idle_w x on GPU-seconds + wake_w x waking GPU-seconds
                       + standby_w x off GPU-seconds + the iterations' dynamic energy
                       (active_w x busy time + J/FLOP x FLOPs + J/byte x bytes)
-    overhead energy = node_overhead_w / gpus_per_node x powered (on + waking) GPU-seconds
-    facility energy = (GPU + overhead energy) x PUE
+    host energy     = (node_idle_w x powered (on + waking) GPU-seconds
+                       + (node_overhead_w - node_idle_w) x busy GPU-seconds) / gpus_per_node
+                      (the node's host by state: idle while powered, its serving draw while
+                      a request is in flight; reported as ``energy_overhead_kwh``)
+    facility energy = (GPU + host energy) x PUE
     cost            = facility kWh x the price in that hour + GPU-hours x the hourly hardware price
 
 where the hardware price is the amortised capex (owned: every hour, on or off) or the rent
@@ -228,9 +231,14 @@ def energy_cost(
     wake_w = g.idle_w if pw.wake_w is None else pw.wake_w
     # static draw (idle while on, wake, standby while off) and the iterations' dynamic energy
     e_gpu_idle = (g.idle_w * (powered - waking) + wake_w * waking + pw.standby_w * off) / J_PER_KWH
-    e_gpu_dyn = dyn_j / J_PER_KWH
+    # the power limit: no hour's busy GPU-seconds draw more than max_w on average (the engine
+    # integrates each run's dynamic energy linearly in its FLOPs and bytes; PowerSpec.dynamic_j)
+    cap_j = max(g.power.max_w - g.idle_w, 0.0) * np.asarray(busy_gpu_s, dtype=np.float64)
+    e_gpu_dyn = np.minimum(np.asarray(dyn_j, dtype=np.float64), cap_j) / J_PER_KWH
     e_gpu = e_gpu_idle + e_gpu_dyn
-    e_over = g.overhead_w_per_gpu * powered / J_PER_KWH
+    # host power by state: the idle host while powered, up to its serving draw while busy
+    idle_h = g.host_idle_w_per_gpu
+    e_over = (idle_h * powered + (g.overhead_w_per_gpu - idle_h) * busy_gpu_s) / J_PER_KWH
     e_it = e_gpu + e_over
     e_fac = e_it * pw.pue
     if sc.cost.hardware == "owned":

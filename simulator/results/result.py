@@ -143,7 +143,15 @@ class Result:
             wall_s=f"{self.wall_s:.3f}",
             totals=dumps(self.totals.as_dict()),
             latency=dumps(self.day_latency),
+            vllm=dumps(self.vllm()),
         )
+
+    def vllm(self) -> dict:
+        """The run in the keys and units of vLLM's benchmark_serving result
+        (:mod:`fleetsim.results.vllm`)."""
+        from fleetsim.results.vllm import vllm_result
+
+        return vllm_result(self)
 
 
 def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: float) -> DayTotals:

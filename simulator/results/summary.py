@@ -10,6 +10,7 @@ from rich.table import Table
 
 from fleetsim.base.io import term
 from fleetsim.base.units import HOUR_S, fmt_num
+from fleetsim.config.resolved import Resolved
 from fleetsim.results.result import Result
 
 _f = fmt_num  # (short: used in every row below)
@@ -18,6 +19,19 @@ _f = fmt_num  # (short: used in every row below)
 #: below this share of requests meeting the SLO, a run is flagged (summary line, ``--json``,
 #: ``--strict``)
 SLO_ATTAINMENT_WARN_BELOW = 0.9
+
+
+def serving_stack(rs: Resolved) -> str:
+    """The serving stack the run's step times represent (``fleet.serving_stack`` as applied to
+    the catalog profile; a measured profile file is the stack it was measured on)."""
+    from fleetsim.device.latency import RooflineProfile
+
+    p = rs.profile
+    if isinstance(p, RooflineProfile) and p.serving_stack != "eager":
+        return p.serving_stack
+    if rs.scenario.hardware.profile:
+        return "as measured (profile file)"
+    return "eager"
 
 
 def backlog_limit(res: Result) -> float:
@@ -64,6 +78,67 @@ def health(res: Result) -> dict:
     }
 
 
+def headroom(res: Result) -> dict:
+    """How much of the fleet the day used, by the measures that matter under continuous
+    batching (``busy`` is near 100% at modest load: a replica with anything in flight is busy):
+
+    * ``batch_occupancy``: mean sequences per iteration / ``max_num_seqs`` (day and busiest hour);
+    * ``kv_use``: KV blocks in use / the KV budget (day mean, and the highest hourly mean);
+    * ``flops_utilization`` / ``bandwidth_utilization``: achieved / peak of the powered GPUs;
+    * ``peak_hour_load``: the busiest hour's arrival rate / the rate the powered fleet can carry
+      within the TPOT target (an estimate at the run's mean prompt and output tokens per
+      request: steady batches at the largest size whose decode step meets the target, and whole
+      ``max_num_batched_tokens`` prefills; no queueing, so a fleet
+      near 100% may still miss the TTFT target; ``fleetsim plan`` sizes it by simulation).
+      None for a disaggregated fleet."""
+    t = res.totals
+    hr = res.hourly
+    occ = hr.column("batch_occupancy").to_numpy(zero_copy_only=False).astype(float)
+    kv = hr.column("kv_utilization").to_numpy(zero_copy_only=False).astype(float)
+    arrived = hr.column("requests_arrived").to_numpy().astype(float)
+    powered = hr.column("gpus_powered_mean").to_numpy(zero_copy_only=False).astype(float)
+
+    def top(a: np.ndarray) -> float:
+        return float(np.nanmax(a)) if np.isfinite(a).any() else math.nan
+
+    out: dict = {
+        "batch_occupancy": t.batch_occupancy,
+        "batch_occupancy_peak_hour": top(occ),
+        "max_num_seqs": res.scenario.fleet.max_batch_size,
+        "kv_use_mean": float(np.nanmean(kv)) if np.isfinite(kv).any() else math.nan,
+        "kv_use_peak_hour": top(kv),
+        "flops_utilization": t.flops_utilization,
+        "bandwidth_utilization": t.bandwidth_utilization,
+        "busy_fraction": t.utilization,
+        "peak_hour": None,
+        "peak_hour_rate_per_s": None,
+        "slo_capacity_per_s": None,
+        "peak_hour_load": None,
+    }
+    rs = res.resolved
+    if rs.pools is None and len(arrived) and arrived.max() > 0:
+        from fleetsim.results.capacity import replica_capacity_rps
+
+        h = int(np.argmax(arrived))
+        done = max(t.requests_completed, 1.0)  # the run's own mean sizes (traces included)
+        per_replica = replica_capacity_rps(
+            rs,
+            "",
+            tpot_s=res.scenario.slo.tpot_s,
+            sizes=(t.prompt_tokens / done, t.output_tokens / done),
+        )
+        replicas = powered[h] / rs.tp if math.isfinite(powered[h]) else 0.0
+        cap = per_replica * replicas
+        rate = float(arrived[h]) / HOUR_S
+        out.update(
+            peak_hour=h,
+            peak_hour_rate_per_s=rate,
+            slo_capacity_per_s=cap,
+            peak_hour_load=rate / cap if cap > 0 else math.nan,
+        )
+    return out
+
+
 def json_safe(obj):
     """``obj`` with NaN and infinities as None, numpy scalars as Python numbers (strict JSON)."""
     if isinstance(obj, dict):
@@ -96,6 +171,7 @@ def summary_dict(res: Result, paths: dict[str, str] | None = None) -> dict:
             "model": rs.model.name,
             "gpu": rs.gpu.name,
             "profile": rs.profile_id,
+            "serving_stack": serving_stack(rs),
             "fleet": {
                 "pods": sc.fleet.pods,
                 "pods_simulated": len(res.pods),
@@ -106,6 +182,7 @@ def summary_dict(res: Result, paths: dict[str, str] | None = None) -> dict:
             "totals": res.totals.as_dict(),
             "latency": res.day_latency,
             "pod_ci95": {k: list(v) for k, v in res.pod_ci.items()},
+            "headroom": headroom(res),
             "health": health(res),
             "wall_s": res.wall_s,
             "paths": paths or {},
@@ -121,22 +198,29 @@ def print_warnings(res: Result, console: Console) -> None:
 
 def print_summary(res: Result, console: Console | None = None) -> None:
     """Print the day's figures with the energy -> cost breakdown."""
+    from fleetsim.base.tables import print_rows
+
     c = console or Console()
     _print_headline(res, c)
-    tab = Table(show_header=False, box=None, pad_edge=False)
-    tab.add_column(style="bold")
-    tab.add_column(justify="right")
-    tab.add_column()
+    tab = _Rows()
+    _headroom_rows(res, tab)
     _volume_rows(res, tab)
     _kv_rows(res, tab)
     _cost_rows(res, tab)
     _latency_rows(res, tab)
     _peak_row(res, tab)
-    c.print(tab)
+    print_rows(c, tab)
     if res.pools is not None:
         print_pools(res, c)
     for name, (lo, hi) in res.pod_ci.items():
         c.print(f"95% CI over pods, {name}: [{lo:,.2f}, {hi:,.2f}]")
+
+
+class _Rows(list):
+    """The summary's ``(label, value, detail)`` rows (``add_row`` as a rich table's)."""
+
+    def add_row(self, label: str, value: str, detail: str) -> None:
+        self.append((label, value, detail))
 
 
 def _print_headline(res: Result, c: Console) -> None:
@@ -161,7 +245,8 @@ def _print_headline(res: Result, c: Console) -> None:
         dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
     c.print(  # user text is escaped for the console (names are data, not markup)
         f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({dt}) on "
-        f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}"
+        f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}, "
+        f"serving stack {serving_stack(rs)}"
     )
     if res.scale != 1:
         c.print(
@@ -169,7 +254,45 @@ def _print_headline(res: Result, c: Console) -> None:
         )
 
 
-def _volume_rows(res: Result, tab: Table) -> None:
+def _pct(v: float | None, fmt: str = ".1f") -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{_f(v * 100, fmt)}%"
+
+
+def _headroom_rows(res: Result, tab: _Rows) -> None:
+    """Capacity headroom first (:func:`headroom`): the peak hour's load against the SLO-bound
+    capacity, batch occupancy, KV use, FLOP/s and bandwidth against peak."""
+    h = headroom(res)
+    if h["peak_hour_load"] is not None:
+        row = res.hourly.slice(h["peak_hour"], 1).to_pylist()[0]
+        tab.add_row(
+            "peak-hour load",
+            _pct(h["peak_hour_load"], ".0f"),
+            f"the busiest hour ({row['hour_start']:%H:00} UTC) used "
+            f"{_pct(h['peak_hour_load'], '.0f')} of the SLO-bound capacity: "
+            f"{_f(h['peak_hour_rate_per_s'], ',.2f')} req/s of an "
+            f"estimated {_f(h['slo_capacity_per_s'], ',.2f')} req/s within the TPOT target "
+            "(no queueing); `fleetsim plan` sizes it",
+        )
+    tab.add_row(
+        "batch occupancy",
+        _pct(h["batch_occupancy"]),
+        f"mean sequences per iteration of max_num_seqs ({h['max_num_seqs']}); busiest hour "
+        f"{_pct(h['batch_occupancy_peak_hour'])}",
+    )
+    if res.resolved.kv is not None and res.scenario.fleet.kv_allocation == "paged":
+        tab.add_row(
+            "KV use",
+            f"peak {_pct(h['kv_use_peak_hour'])}",
+            f"highest hourly mean of the KV blocks in use; day mean {_pct(h['kv_use_mean'])}",
+        )
+    tab.add_row(
+        "FLOP/s",
+        _pct(h["flops_utilization"]),
+        f"of peak; memory bandwidth {_pct(h['bandwidth_utilization'])} of peak (powered GPUs)",
+    )
+
+
+def _volume_rows(res: Result, tab: _Rows) -> None:
     """Requests, tokens and GPU-hours."""
     t = res.totals
     tab.add_row(
@@ -187,12 +310,13 @@ def _volume_rows(res: Result, tab: Table) -> None:
     tab.add_row(
         "GPU-hours",
         _f(t.gpu_hours, ",.1f"),
-        f"busy {t.utilization:.1%} of powered time; {_f(batch, '.1f')} output tokens "
-        "per iteration on average",
+        f"busy fraction {t.utilization:.1%} of powered time (an iteration in flight: not "
+        f"headroom under continuous batching); {_f(batch, '.1f')} output tokens per iteration "
+        "on average",
     )
 
 
-def _kv_rows(res: Result, tab: Table) -> None:
+def _kv_rows(res: Result, tab: _Rows) -> None:
     """The KV budget and the prefix cache (an aggregated fleet); the autoscaler's range."""
     sc = res.scenario
     t = res.totals
@@ -234,7 +358,7 @@ def _kv_rows(res: Result, tab: Table) -> None:
         )
 
 
-def _cost_rows(res: Result, tab: Table) -> None:
+def _cost_rows(res: Result, tab: _Rows) -> None:
     """Energy, its cost, hardware, the total and the derived per-request figures."""
     sc = res.scenario
     t = res.totals
@@ -260,7 +384,7 @@ def _cost_rows(res: Result, tab: Table) -> None:
     )
 
 
-def _latency_rows(res: Result, tab: Table) -> None:
+def _latency_rows(res: Result, tab: _Rows) -> None:
     """TTFT, TPOT, ITL, e2e, throughput and SLO attainment."""
     sc = res.scenario
     t = res.totals
@@ -295,10 +419,7 @@ def _latency_rows(res: Result, tab: Table) -> None:
     tab.add_row(
         "throughput",
         f"{_f(t.request_throughput_per_s, ',.2f')} req/s",
-        f"{_f(t.output_throughput_tokens_per_s, ',.1f')} output tokens/s; batch occupancy "
-        f"{_f(t.batch_occupancy * 100, '.1f')}% of max_num_seqs "
-        f"({sc.fleet.max_batch_size}); FLOP/s {_f(t.flops_utilization * 100, '.1f')}% and "
-        f"memory bandwidth {_f(t.bandwidth_utilization * 100, '.1f')}% of peak",
+        f"{_f(t.output_throughput_tokens_per_s, ',.1f')} output tokens/s",
     )
     tab.add_row(
         "SLO attainment",
@@ -307,7 +428,7 @@ def _latency_rows(res: Result, tab: Table) -> None:
     )
 
 
-def _peak_row(res: Result, tab: Table) -> None:
+def _peak_row(res: Result, tab: _Rows) -> None:
     """The most expensive hour."""
     t = res.totals
     ph = t.peak_hour

@@ -1,0 +1,176 @@
+"""Regenerate every day figure quoted in the scenario library's README.
+
+    python bench/refresh_docs.py            # simulate, write docs/figures.json, render the page
+    python bench/refresh_docs.py --render   # only render scenarios/README.md from the JSON
+
+Each run below is a shipped scenario (with a few ``--set`` variants the page compares), run
+through fleetsim's Python API with the file's own seed. Their figures are stored in
+``docs/figures.json`` with the fleetsim version that produced them, and
+``scenarios/README.md`` is rendered from its template ``bench/templates/scenarios-README.md``,
+where ``[[run.field|format]]`` stands for a figure (``[[version]]``: the version). The test
+``tests/test_everyday2.py::test_quoted_figures_are_the_scripts_output`` checks that the page is
+this rendering of the stored JSON and that the JSON's version is the installed one; rerun this
+script whenever a change moves the figures (about 25 minutes on a loaded 2-core machine).
+``--render`` also writes ``docs/scenario-fields.md``, the field reference generated from the
+scenario's JSON Schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "docs" / "figures.json"
+TEMPLATE = ROOT / "bench" / "templates" / "scenarios-README.md"
+PAGE = ROOT / "scenarios" / "README.md"
+FIELDS = ROOT / "docs" / "scenario-fields.md"
+
+#: run name -> (scenario file in scenarios/, --set overrides)
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "default": ("default.toml", []),
+    "static": ("llama70b-conv-static.toml", []),
+    "static_3": ("llama70b-conv-static.toml", ["fleet.replicas=3"]),
+    "schedule": ("llama70b-conv-schedule.toml", []),
+    "reactive": ("llama70b-conv-reactive.toml", []),
+    "rented": ("llama70b-conv-rented.toml", []),
+    "coding": ("coding-assistant.toml", []),
+    "coding_static": ("coding-assistant.toml", ['autoscaler.policy="static"']),
+    "tou": ("tou-peak-price.toml", []),
+    "disaggregated": ("disaggregated.toml", []),
+    "mooncake": ("mooncake-conversation.toml", []),
+    "mooncake_least_loaded": ("mooncake-conversation.toml", ['fleet.router="least_loaded"']),
+    "chatgpt2023": ("chatgpt-2023.toml", []),
+    "chatgpt2023_2500": ("chatgpt-2023.toml", ["fleet.pods=2500"]),
+}
+
+
+def figures(run) -> dict:
+    """The figures of one :class:`fleetsim.Run` that the page may quote."""
+    import numpy as np
+
+    from fleetsim.results.summary import health, json_safe
+
+    t = run.result.totals
+    hr = run.result.hourly
+    lat = run.result.day_latency
+    worst = {
+        c: float(np.nanmax(hr.column(c).to_numpy(zero_copy_only=False).astype(float)))
+        for c in ("ttft_p99_s", "tpot_p99_s")
+    }
+    prompt_mean = t.prompt_tokens / t.requests_completed if t.requests_completed else math.nan
+    out = t.as_dict() | {
+        "day_ttft_p99_s": lat.get("ttft_p99_s"),
+        "day_tpot_p99_s": lat.get("tpot_p99_s"),
+        "worst_hour_ttft_p99_s": worst["ttft_p99_s"],
+        "worst_hour_tpot_p99_s": worst["tpot_p99_s"],
+        "hardware_share": t.hardware_cost_usd / t.total_cost_usd if t.total_cost_usd else None,
+        "mean_prompt_tokens": prompt_mean,
+        "warnings": health(run.result)["warnings"],
+        "wall_s": run.result.wall_s,
+    }
+    return json_safe(out)
+
+
+def derived(runs: dict[str, dict]) -> dict[str, float]:
+    """Comparisons the page quotes (relative changes against the static day)."""
+    out = {}
+    s = runs["static"]
+    for name in ("schedule", "reactive"):
+        for k in ("gpu_hours", "energy_facility_kwh"):
+            out[f"{name}_{k}_change"] = runs[name][k] / s[k] - 1.0
+    # the rent a static rented fleet would pay: its GPU-hours at the rented scenario's price
+    r = runs["rented"]
+    out["rent_usd_per_gpu_hour"] = r["hardware_cost_usd"] / r["gpu_hours"]
+    out["static_rent_usd"] = s["gpu_hours"] * out["rent_usd_per_gpu_hour"]
+    out["disaggregated_worst_hour_tpot_p99_ms"] = (
+        1000.0 * runs["disaggregated"]["worst_hour_tpot_p99_s"]
+    )
+    return out
+
+
+def simulate_all(names: list[str]) -> dict:
+    import fleetsim
+    from fleetsim.base.version import __version__
+
+    runs = {}
+    for name in names:
+        path, sets = RUNS[name]
+        t0 = time.perf_counter()
+        runs[name] = figures(fleetsim.simulate(ROOT / "scenarios" / path, sets))
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return {
+        "fleetsim_version": __version__,
+        "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "runs": runs,
+        "derived": derived(runs),
+    }
+
+
+_FIELD = re.compile(r"\[\[([\w.]+)(?:\|([^\]]*))?\]\]")
+
+
+def render(template: str, doc: dict) -> str:
+    """``template`` with every ``[[run.field|format]]`` replaced by the stored figure
+    (``[[derived.name|format]]`` for :func:`derived`'s, ``[[version]]`` for the version); a
+    figure that is missing is an error, never an empty cell."""
+
+    def value(m: re.Match) -> str:
+        key, fmt = m.group(1), m.group(2) or ""
+        if key == "version":
+            return str(doc["fleetsim_version"])
+        head, _, field = key.partition(".")
+        src = doc["derived"] if head == "derived" else doc["runs"].get(head)
+        if src is None or field not in src or src[field] is None:
+            raise KeyError(f"{key}: not in {FIGURES.name} (fix: rerun bench/refresh_docs.py)")
+        v = src[field]
+        return format(v, fmt) if fmt else str(v)
+
+    return _FIELD.sub(value, template)
+
+
+def load_figures() -> dict:
+    """docs/figures.json, with :func:`derived`'s comparisons recomputed from its runs."""
+    doc = json.loads(FIGURES.read_text(encoding="utf-8"))
+    doc["derived"] = derived(doc["runs"])
+    return doc
+
+
+def fields_page() -> str:
+    """docs/scenario-fields.md: every scenario field with its description, from the schema."""
+    from fleetsim.config.fields import field_reference
+    from fleetsim.config.jsonschema import scenario_json_schema as scenario_schema
+
+    return (
+        "# Scenario fields\n\n"
+        "<!-- Generated by `python bench/refresh_docs.py --render` from the scenario's JSON "
+        "Schema (`fleetsim schema`; descriptions in simulator/config/fields.py). -->\n\n"
+        "Every field of a scenario file, by section (`FleetSection` is `[fleet]`, `top` the "
+        "file's top level; `LogNormal`, `Uniform`, ... are the size distributions' inline "
+        "tables).\n\n" + field_reference(scenario_schema()) + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--render", action="store_true", help="only render the page from the JSON")
+    args = ap.parse_args(argv)
+    if not args.render:
+        doc = simulate_all(list(RUNS))
+        FIGURES.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {FIGURES.relative_to(ROOT)}", file=sys.stderr)
+    doc = load_figures()
+    PAGE.write_text(render(TEMPLATE.read_text(encoding="utf-8"), doc), encoding="utf-8")
+    print(f"wrote {PAGE.relative_to(ROOT)} (fleetsim {doc['fleetsim_version']})", file=sys.stderr)
+    FIELDS.write_text(fields_page(), encoding="utf-8")
+    print(f"wrote {FIELDS.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1035 @@
+"""End-to-end accuracy against the ML.ENERGY Benchmark v3 (``data/mlenergy-v3``).
+
+    python -m fleetsim.calibrate.mlenergy              # every expressible configuration
+    python -m fleetsim.calibrate.mlenergy --quick      # a reduced subset (what the test runs)
+
+Every configuration whose model the simulator can express is simulated as the benchmark ran it
+(``data/mlenergy-v3/SOURCE.md``): one vLLM server (one replica of ``tensor_parallel`` GPUs), all
+of the run's requests sent at time 0, ``max_num_seqs`` the batch limit, ``max_num_batched_tokens``
+8,192, output lengths drawn from the configuration's own histogram (uniform inside a bin) and
+prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated). The figures are taken
+over the benchmark's steady-state window: it starts when ``max_num_seqs`` requests have their
+first token and ends when ``num_requests - max_num_seqs - 1`` requests have finished. Over it:
+W per GPU, J per output token and output tokens/s; the median inter-token latency is taken over
+the whole run (as the benchmark's), token-weighted over engine steps.
+
+The simulation runs the real engine (:class:`fleetsim.serving.pod.Pod`, the paged engine with
+chunked prefill, as vLLM V1). Its recorder's per-hour lists are swapped for lists that also log
+every addition (:class:`_Tracker`), which gives the work, energy and tokens of each engine commit
+in order; the replica is busy without a gap from the first request to the window's end, so its
+cumulative busy time is the wall-clock time there and the window's work is read off by
+interpolation. Step times do not depend on the power model, so one simulation per configuration
+serves every power fit (:func:`fit_power`, leave-one-model-out in :func:`evaluate`).
+
+Models are found as ``data/models/ORG/NAME/config.json`` (read by :mod:`fleetsim.config.hf`);
+where that folder has none, :data:`BUILTIN_ARCH` holds the two Qwen3 models the reader already
+expresses. A configuration is skipped, with its reason, when the model's config is missing or not
+expressible, or when the task needs a vision encoder (image-chat, video-chat). Expert- and
+data-parallel servers are one replica of ``num_gpus`` GPUs (``fleet.data_parallel``,
+``fleet.expert_parallel``; see :mod:`fleetsim.device.moe`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from fleetsim.device.latency import PowerSpec
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO / "data" / "mlenergy-v3"
+MODELS_DIR = REPO / "data" / "models"
+
+#: requests per run by task (ml-energy/benchmark ``configs/vllm/<task>/benchmark.yaml``, see
+#: SOURCE.md); runs that repeat the list are recognised by their histogram's count (the
+#: histogram holds every completed request of the run), which is used when it is larger
+REQUESTS_PER_TASK = {
+    "lm-arena-chat": 1024,
+    "gpqa": 198,
+    "sourcegraph-fim": 1024,
+    "image-chat": 1024,
+    "video-chat": 512,
+}
+
+#: prompt tokens per request by task (not published; SOURCE.md, "Input (prompt) lengths").
+#: * lm-arena-chat 250: what the KV-limited rows imply. With a full KV cache vLLM holds
+#:   ``avg_batch x (prompt + E[L^2] / (2 E[L]))`` tokens; e.g. Qwen3-8B on one H100 at
+#:   max_num_seqs 512 holds 474 sequences, i.e. prompts of about 240 tokens (issue 21), and the
+#:   chat template adds a few dozen. The benchmark replays multi-turn histories, so this is a mean
+#:   over turns. Confidence L.
+#: * gpqa 250: a GPQA-diamond question with four choices in the benchmark's template (a question
+#:   of ~100-200 words, choices of a few words to a sentence each) plus the chat template;
+#:   outputs are ~7,000 tokens, so the prefill share is under 1% and the figure barely matters.
+#:   Confidence L.
+#: * sourcegraph-fim 1,500: "inputs are long (the surrounding code context)" (leaderboard
+#:   tasks.ts); a guess of a few hundred lines of code. Confidence L (only MoE models run it).
+PROMPT_TOKENS = {"lm-arena-chat": 250, "gpqa": 250, "sourcegraph-fim": 1500}
+
+#: the benchmark's GPUs as catalog names
+GPUS = {"H100": "h100-sxm", "B200": "b200"}
+TEXT_TASKS = ("lm-arena-chat", "gpqa", "sourcegraph-fim")
+MAX_BATCHED_TOKENS = 8192  # the benchmark's --max-num-batched-tokens (SOURCE.md)
+
+#: architectures of models whose config.json is not in data/models yet, as the reader of
+#: config/hf.py would give them (Hugging Face Qwen/Qwen3-8B and Qwen/Qwen3-14B config.json:
+#: hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
+#: vocab_size, tie_word_embeddings false; head_dim 128 = hidden / heads for both)
+BUILTIN_ARCH: dict[str, dict] = {
+    "Qwen/Qwen3-8B": {
+        "n_layers": 36,
+        "d_model": 4096,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "d_ff": 12288,
+        "vocab_size": 151936,
+        "mlp": "swiglu",
+        "tied_embeddings": False,
+        "max_context_tokens": 40960,
+    },
+    "Qwen/Qwen3-14B": {
+        "n_layers": 40,
+        "d_model": 5120,
+        "n_heads": 40,
+        "n_kv_heads": 8,
+        "d_ff": 17408,
+        "vocab_size": 151936,
+        "mlp": "swiglu",
+        "tied_embeddings": False,
+        "max_context_tokens": 40960,
+    },
+}
+
+METRICS = ("w_per_gpu", "j_per_token", "tokens_per_s", "itl_median")
+#: the power model alone: its mean power per GPU with the simulated work done at the measured
+#: pace (:func:`speed_of`), i.e. without the step-time model's errors
+EXTRA = ("w_at_pace",)
+METRIC_NAMES = {
+    "w_per_gpu": "W per GPU",
+    "j_per_token": "J per output token",
+    "tokens_per_s": "output tokens/s",
+    "itl_median": "median ITL",
+    "w_at_pace": "(W/GPU, meas. pace)",
+}
+
+
+# -- the data ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration (a row of configurations.csv) with its output histogram."""
+
+    model_id: str
+    task: str
+    architecture: str
+    weight_precision: str
+    gpu_model: str
+    num_gpus: int
+    tp: int
+    ep: int
+    dp: int
+    max_num_seqs: int
+    avg_batch_size: float
+    power_per_gpu_w: float
+    energy_per_token_j: float
+    tokens_per_s: float
+    itl_median_ms: float
+    avg_output_len: float
+    suspect: bool
+    suspect_reason: str
+    source_file: str
+    config_index: int
+    hist_lo: float = 0.0
+    hist_hi: float = 0.0
+    hist_counts: tuple[int, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return (
+            f"{self.model_id} {self.task} {self.gpu_model} x{self.num_gpus} "
+            f"TP{self.tp}/EP{self.ep}/DP{self.dp} b{self.max_num_seqs}"
+        )
+
+    @property
+    def moe_or_ep(self) -> bool:
+        return self.architecture == "MoE" or self.ep > 1
+
+    @property
+    def num_requests(self) -> int:
+        return max(REQUESTS_PER_TASK.get(self.task, 0), sum(self.hist_counts))
+
+
+def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
+    """Every row of ``configurations.csv`` joined with ``output_lengths.csv``."""
+    from fleetsim.base.errors import UserError
+
+    data_dir = Path(data_dir)
+    table = data_dir / "configurations.csv"
+    if not table.is_file():
+        raise UserError(
+            f"{data_dir}: no configurations.csv (fix: a folder laid out as data/mlenergy-v3, "
+            "see its SOURCE.md)"
+        )
+    hist = _histograms(data_dir)
+    out = []
+    with open(table, newline="") as f:
+        for i, r in enumerate(csv.DictReader(f)):
+            try:
+                out.append(_config(r, hist))
+            except (KeyError, ValueError, TypeError) as exc:
+                raise UserError(
+                    f"{table}: row {i + 2}: {type(exc).__name__} {exc} (fix: the columns of "
+                    "data/mlenergy-v3/SOURCE.md)"
+                ) from None
+    return out
+
+
+def _histograms(data_dir: Path) -> dict[tuple[str, int], tuple[float, float, tuple[int, ...]]]:
+    """Output-length histograms by (source_file, config_index): from output_lengths.csv, or
+    from the leaderboard's per-model JSON files under ``models/`` (equal-width bins)."""
+    hist: dict[tuple[str, int], tuple[float, float, tuple[int, ...]]] = {}
+    lengths = data_dir / "output_lengths.csv"
+    if lengths.is_file():
+        with open(lengths, newline="") as f:
+            for r in csv.DictReader(f):
+                counts = tuple(int(x) for x in r["counts"].split())
+                hist[(r["source_file"], int(r["config_index"]))] = (
+                    float(r["min_tokens"]),
+                    float(r["max_tokens"]),
+                    counts,
+                )
+        return hist
+    import json
+
+    for p in sorted((data_dir / "models").glob("*.json")):
+        d = json.loads(p.read_text())
+        for i, c in enumerate(d.get("configurations", [])):
+            h = c.get("output_length_distribution") or {}
+            bins, cnt = h.get("bins") or [], h.get("counts") or []
+            if len(bins) == len(cnt) + 1 and cnt:
+                hist[(f"models/{p.name}", i)] = (
+                    float(bins[0]),
+                    float(bins[-1]),
+                    tuple(int(x) for x in cnt),
+                )
+    return hist
+
+
+def _config(r: dict, hist: dict) -> Config:
+    key = (r["source_file"], int(r["config_index"]))
+    lo, hi, counts = hist.get(key, (0.0, 0.0, ()))
+    n_gpus = int(r["num_gpus"])
+    per_gpu = r.get("power_per_gpu_w") or ""
+    return Config(
+        model_id=r["model_id"],
+        task=r["task"],
+        architecture=r["architecture"],
+        weight_precision=r["weight_precision"],
+        gpu_model=r["gpu_model"],
+        num_gpus=n_gpus,
+        tp=int(r["tensor_parallel"]),
+        ep=int(r["expert_parallel"]),
+        dp=int(r["data_parallel"]),
+        max_num_seqs=int(r["max_num_seqs"]),
+        avg_batch_size=float(r["avg_batch_size"]),
+        power_per_gpu_w=float(per_gpu) if per_gpu else float(r["avg_power_w"]) / n_gpus,
+        energy_per_token_j=float(r["energy_per_token_j"]),
+        tokens_per_s=float(r["output_tokens_per_s"]),
+        itl_median_ms=float(r["itl_median_ms"]),
+        avg_output_len=float(r["avg_output_len"]),
+        suspect=(r.get("suspect") or "").strip().lower() == "true",
+        suspect_reason=r.get("suspect_reason") or "",
+        source_file=r["source_file"],
+        config_index=int(r["config_index"]),
+        hist_lo=lo,
+        hist_hi=hi,
+        hist_counts=counts,
+    )
+
+
+def model_section(
+    model_id: str, precision: str, architecture: str = "Dense Transformer"
+) -> tuple[dict | None, str]:
+    """The scenario's ``[model]`` table for ``model_id``, or (None, why it is skipped) (see
+    :func:`_model_section`)."""
+    model, why = _model_section(model_id, precision, architecture)
+    return (None if model is None else dict(model)), why
+
+
+@functools.lru_cache(maxsize=256)
+def _model_section(
+    model_id: str, precision: str, architecture: str = "Dense Transformer"
+) -> tuple[dict | None, str]:
+    """The scenario's ``[model]`` table for ``model_id``, or (None, why it is skipped). A
+    hybrid (Mamba-Transformer) model counts only when the reader gives its layer pattern."""
+    from fleetsim.base.errors import UserError
+    from fleetsim.config.hf import architecture_from_hf
+
+    dtype = {"bfloat16": "bf16", "fp8": "fp8"}.get(precision)
+    if dtype is None:
+        return None, f"weight precision {precision!r} not simulated"
+    path = MODELS_DIR / model_id / "config.json"
+    if path.is_file():
+        import json
+
+        try:
+            cfg = json.loads(path.read_text())
+            fields = architecture_from_hf(cfg, str(path))
+        except (UserError, ValueError, KeyError, TypeError) as exc:
+            why = str(exc).splitlines()[0]
+            why = why.split("': ", 1)[-1]  # drop "model.config = '<path>'"
+            return None, f"{model_id}: config not expressible ({why[:120]})"
+        if "Hybrid" in architecture and "hybrid_pattern" not in fields:
+            return None, f"{model_id}: the config reader does not give its Mamba layers"
+        return {"config": str(path), "dtype": dtype}, ""
+    if model_id in BUILTIN_ARCH:
+        return {"name": "custom", **BUILTIN_ARCH[model_id], "dtype": dtype}, ""
+    return None, f"{model_id}: no data/models/{model_id}/config.json"
+
+
+def skip_reason(c: Config) -> str:
+    """Why ``c`` is not simulated ('' when it is)."""
+    if c.task not in TEXT_TASKS:
+        return f"task {c.task} needs a vision encoder"
+    if c.gpu_model not in GPUS:
+        return f"GPU {c.gpu_model} not in the catalog"
+    if not c.hist_counts or sum(c.hist_counts) == 0:
+        return "no output-length histogram"
+    _, why = model_section(c.model_id, c.weight_precision, c.architecture)
+    return why
+
+
+def draw_outputs(c: Config, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` output lengths from the configuration's histogram: a bin by its count, then
+    uniform inside the bin (50 equal bins from ``hist_lo`` to ``hist_hi``)."""
+    counts = np.asarray(c.hist_counts, dtype=float)
+    edges = np.linspace(c.hist_lo, c.hist_hi, len(counts) + 1)
+    b = rng.choice(len(counts), size=n, p=counts / counts.sum())
+    x = edges[b] + rng.random(n) * (edges[b + 1] - edges[b])
+    return np.maximum(1, np.rint(x)).astype(np.int64)
+
+
+# -- one simulation ----------------------------------------------------------------------------
+class _Log(list):
+    """A recorder list that also reports every addition to a callback."""
+
+    def __init__(self, base: list, on_add: Callable[[float], None]) -> None:
+        super().__init__(base)
+        self._on_add = on_add
+
+    def __setitem__(self, i, v) -> None:
+        old = list.__getitem__(self, i)
+        list.__setitem__(self, i, v)
+        self._on_add(v - old)
+
+
+class _Tracker:
+    """Cumulative work of one replica, snapshot at every energy addition (one per commit)."""
+
+    def __init__(self, rec) -> None:
+        self.rec = rec
+        self.busy = 0.0
+        self.flops = 0.0
+        self.bytes = 0.0
+        self.tokens = 0.0
+        self.dyn = 0.0
+        self.snaps: list[tuple[float, float, float, float, float, int]] = []
+        rec.busy_s = _Log(rec.busy_s, self._busy)
+        rec.flops = _Log(rec.flops, self._flops)
+        rec.bytes_moved = _Log(rec.bytes_moved, self._bytes)
+        rec.output_tokens = _Log(rec.output_tokens, self._tokens)
+        rec.dyn_j = _Log(rec.dyn_j, self._dyn)
+
+    def _busy(self, d: float) -> None:
+        self.busy += d
+
+    def _flops(self, d: float) -> None:
+        self.flops += d
+
+    def _bytes(self, d: float) -> None:
+        self.bytes += d
+
+    def _tokens(self, d: float) -> None:
+        self.tokens += d
+
+    def _dyn(self, d: float) -> None:
+        self.dyn += d
+        # a commit adds its tokens, busy time, energy, FLOPs and bytes in that order, and its
+        # iteration count last: the FLOPs, bytes and iterations seen here are the earlier
+        # commits' (see cumulative())
+        self.snaps.append(
+            (self.busy, self.dyn, self.tokens, self.flops, self.bytes, self.rec.iterations)
+        )
+
+    def cumulative(self) -> dict[str, np.ndarray]:
+        """Cumulative busy time, tokens, FLOPs, bytes and iterations after each commit."""
+        s = np.array(self.snaps, dtype=float).reshape(-1, 6)
+        final = np.array([[self.flops, self.bytes, float(self.rec.iterations)]])
+        after = np.concatenate((s[1:, 3:6], final))
+        return {
+            "busy": s[:, 0],
+            "tokens": s[:, 2],
+            "flops": after[:, 0],
+            "bytes": after[:, 1],
+            "iters": after[:, 2],
+        }
+
+
+@dataclass
+class SimRun:
+    """What one simulated benchmark run gives: window figures and per-commit work."""
+
+    key: str
+    window_s: float = math.nan
+    tokens: float = math.nan  # output tokens in the window
+    flops: float = math.nan  # FLOPs of the replica in the window (all its GPUs)
+    bytes: float = math.nan  # bytes moved by the replica in the window
+    busy_s: float = math.nan  # replica busy time in the window
+    itl_median_s: float = math.nan
+    avg_batch: float = math.nan  # mean running sequences over the window (time-weighted)
+    tp: int = 1
+    # per commit inside the window: duration, FLOPs, bytes (for the power cap)
+    seg_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    seg_flops: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    seg_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    peak_flops: float = 0.0  # per GPU, as the simulator's power model uses them
+    peak_bw: float = 0.0
+    #: (u_c, u_m) per GPU of one full prefill iteration (max_num_batched_tokens of prompts of
+    #: the task's length), the anchor of the fit's prefill row (see fit_power)
+    prefill_u: tuple[float, float] = (0.0, 0.0)
+    error: str = ""
+    sim_wall_s: float = 0.0
+
+
+def scenario_dict(c: Config, trace: str, hours: int, engine: str = "macro") -> dict:
+    model, why = model_section(c.model_id, c.weight_precision, c.architecture)
+    if model is None:
+        raise ValueError(why)
+    return {
+        "seed": 1,
+        "simulation": {"hours": hours, "engine": engine},
+        "model": model,
+        "hardware": {"gpu": GPUS[c.gpu_model]},
+        "fleet": {
+            "replicas": 1,
+            "pods": 1,
+            # the benchmark launches vLLM with --tensor-parallel-size num_gpus, or with
+            # --data-parallel-size num_gpus when its config sets data-parallel-size (ml-energy/
+            # benchmark spawn_vllm); the CSV's tensor_parallel = 1 under expert parallelism is
+            # the toolkit's default, not the launch. max_num_seqs is the server's total.
+            "tensor_parallel": c.num_gpus // c.dp,
+            "data_parallel": c.dp,
+            "expert_parallel": c.ep > 1,
+            "max_batch_size": c.max_num_seqs,
+            "max_batched_tokens": MAX_BATCHED_TOKENS,
+            "kv_allocation": "paged",
+        },
+        "traffic": {"trace": trace, "diurnal": "flat"},
+        "slo": {"ttft_s": 1e5, "tpot_s": 1e5},
+    }
+
+
+class _Sink:
+    """Request sink: first-token and finish times of the completed requests."""
+
+    def __init__(self) -> None:
+        self.first: list[float] = []
+        self.finish: list[float] = []
+
+    def add(self, r, replica, finish_s, ttft, tpot, e2e, status) -> None:
+        if status == "completed":
+            self.first.append(r.first_token_s)
+            self.finish.append(finish_s)
+
+
+def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
+    """Simulate one benchmark run of ``c`` and measure it over the steady-state window."""
+    from fleetsim.api import load
+    from fleetsim.base.errors import UserError
+    from fleetsim.config.scenario import resolve
+    from fleetsim.serving.pod import Pod
+
+    t0 = time.perf_counter()
+    out = SimRun(c.key, tp=c.num_gpus)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, c.config_index, len(c.source_file)]))
+    n = c.num_requests
+    outs = draw_outputs(c, n, rng)
+    prompt = PROMPT_TOKENS[c.task]
+    with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
+        trace = Path(tmp) / "trace.csv"
+        with open(trace, "w") as f:
+            f.write("arrival_s,prompt_tokens,output_tokens\n")
+            f.writelines(f"0,{prompt},{int(o)}\n" for o in outs)
+        try:
+            # hours: enough for the run at a pessimistic 5 ms per output token per sequence slot
+            est_s = float(outs.sum()) / c.max_num_seqs * 0.2 + 60.0
+            hours = max(1, min(48, math.ceil(est_s / 3600.0) + 1))
+            sc = load(scenario_dict(c, str(trace), hours, engine))
+            rs = resolve(sc, "")
+            sink = _Sink()
+            pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
+            tr = _Tracker(pod.rec)
+            pod.run()
+        except (UserError, ValueError) as exc:
+            out.error = str(exc).splitlines()[0][:200]
+            return out
+    prof = rs.profile
+    out.peak_flops = float(prof.peak_flops)
+    out.peak_bw = float(prof.mem_bw_bytes_per_s)
+    k = max(1, MAX_BATCHED_TOKENS // prompt)
+    t_pf, f_pf, b_pf = rs.latency_model().iteration(
+        k * prompt, float(k * prompt * prompt), k, 0, 0.0
+    )
+    out.prefill_u = (
+        f_pf / (t_pf * c.num_gpus * out.peak_flops),
+        b_pf / (t_pf * c.num_gpus * out.peak_bw),
+    )
+    m = c.max_num_seqs
+    first = np.sort(np.asarray(sink.first))
+    fin = np.sort(np.asarray(sink.finish))
+    if len(fin) < n:
+        out.error = f"{n - len(fin)} of {n} requests unfinished at the horizon"
+        return out
+    n_end = n - m - 1
+    if n_end < 1 or m > len(first):
+        out.error = f"no steady-state window ({n} requests, max_num_seqs {m})"
+        return out
+    ts, te = float(first[m - 1]), float(fin[n_end - 1])
+    if te <= ts:
+        out.error = f"empty steady-state window ({ts:.1f} s .. {te:.1f} s)"
+        return out
+    cum = tr.cumulative()
+    busy, tok, fl_cum, by_cum, iters = (
+        cum[k] for k in ("busy", "tokens", "flops", "bytes", "iters")
+    )
+    # the replica works without a gap from t = 0 until the queue empties, so the cumulative
+    # busy time is the clock there; the commits' FLOPs and bytes come from the per-commit log
+    if busy[-1] + 1e-6 < te - 1e-6 * te:
+        out.error = "replica idle inside the window"
+        return out
+    seg_t = np.diff(np.concatenate(([0.0], busy)))
+    seg_it = np.diff(np.concatenate(([0.0], iters)))
+    seg_tok = np.diff(np.concatenate(([0.0], tok)))
+    seg_f = np.diff(np.concatenate(([0.0], fl_cum)))
+    seg_b = np.diff(np.concatenate(([0.0], by_cum)))
+
+    def at(cum: np.ndarray, t: float) -> float:
+        return float(np.interp(t, np.concatenate(([0.0], busy)), np.concatenate(([0.0], cum))))
+
+    out.window_s = te - ts
+    out.tokens = at(tok, te) - at(tok, ts)
+    out.flops = at(fl_cum, te) - at(fl_cum, ts)
+    out.bytes = at(by_cum, te) - at(by_cum, ts)
+    out.busy_s = out.window_s
+    # tokens per step = sequences in the step; time-weighted mean over the window
+    ok = seg_it > 0
+    step_s = np.where(ok, seg_t / np.maximum(seg_it, 1), 0.0)
+    tok_per_step = np.where(ok, seg_tok / np.maximum(seg_it, 1), 0.0)
+    ends = busy
+    starts = ends - seg_t
+    inw = (ends > ts) & (starts < te) & ok
+    ov = np.minimum(ends, te) - np.maximum(starts, ts)
+    out.avg_batch = float((tok_per_step[inw] * ov[inw]).sum() / out.window_s)
+    # median inter-token gap: every step's duration, weighted by the tokens it produced (one
+    # per running sequence), over the whole run
+    out.itl_median_s = _weighted_median(step_s[ok], seg_tok[ok])
+    out.seg_s = seg_t[inw]
+    out.seg_flops = seg_f[inw]
+    out.seg_bytes = seg_b[inw]
+    out.sim_wall_s = time.perf_counter() - t0
+    return out
+
+
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+    if len(x) == 0 or w.sum() <= 0:
+        return math.nan
+    o = np.argsort(x)
+    cw = np.cumsum(w[o])
+    return float(x[o][np.searchsorted(cw, 0.5 * cw[-1])])
+
+
+# -- the power model ---------------------------------------------------------------------------
+#: loaded idle and power limit per benchmark GPU (the catalog's; the fit does not move them:
+#: a serving GPU is never idle inside the window, so the rows cannot separate idle from active)
+def catalog_power(gpu_model: str) -> PowerSpec:
+    """The catalog's :class:`PowerSpec` of a benchmark GPU."""
+    from fleetsim.device import catalog
+
+    e = catalog.gpu(GPUS[gpu_model])
+    return PowerSpec(
+        idle_w=e["idle_w"],
+        max_w=e["tdp_w"],
+        active_w=e["active_w"],
+        compute_w=e["compute_w"],
+        memory_w=e["memory_w"],
+    )
+
+
+def utilisation(run: SimRun, speed: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(segment durations, u_c, u_m) per GPU of the window's commits; ``speed`` scales the
+    achieved rates (the measured over the simulated throughput: the same work done at the
+    measured pace)."""
+    dt = np.maximum(run.seg_s, 1e-12)
+    g = max(run.tp, 1)
+    uc = speed * run.seg_flops / (dt * g * run.peak_flops)
+    um = speed * run.seg_bytes / (dt * g * run.peak_bw)
+    return run.seg_s, uc, um
+
+
+def speed_of(c: Config, run: SimRun) -> float:
+    """Measured over simulated output tokens/s of a configuration."""
+    return c.tokens_per_s / (run.tokens / run.window_s)
+
+
+def predict_w(run: SimRun, p: PowerSpec, speed: float = 1.0) -> float:
+    """Mean power per GPU over the window: every commit at
+    ``min(max_w, idle + active + compute_w u_c + memory_w u_m)`` (the replica is busy
+    throughout the window), time-weighted."""
+    dt, uc, um = utilisation(run, speed)
+    if dt.sum() <= 0:
+        return math.nan
+    w = np.minimum(p.max_w, p.idle_w + p.active_w + p.compute_w * uc + p.memory_w * um)
+    return float((w * dt).sum() / dt.sum())
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Non-negative least squares for a handful of columns: the best of the unconstrained
+    solutions over every subset of free columns (2^k solves) that has no negative entry."""
+    k = a.shape[1]
+    best, best_r = np.zeros(k), float(np.sum(b**2))
+    for mask in range(1, 1 << k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+        if np.any(x < 0):
+            continue
+        r = float(np.sum((a[:, cols] @ x - b) ** 2))
+        if r < best_r:
+            best_r = r
+            best = np.zeros(k)
+            best[cols] = x
+    return best
+
+
+#: weight of the prefill anchor of each model in the fit, in measured rows
+PREFILL_ANCHOR_ROWS = 3.0
+
+
+def fit_power(
+    runs: Sequence[SimRun],
+    measured_w: Sequence[float],
+    base: PowerSpec,
+    speeds: Sequence[float] | None = None,
+    anchor: bool = True,
+) -> PowerSpec:
+    """``active_w``, ``compute_w`` and ``memory_w`` (all >= 0) fitted to measured mean power per
+    GPU, by relative least squares on the window means, then refined for the cap at
+    ``base.max_w`` (commits predicted above the limit are clipped; two refits on the gap keep
+    the fit consistent with it). ``idle_w`` and ``max_w`` stay ``base``'s.
+
+    The utilisations are the simulated work (FLOPs, bytes) at the *measured* pace (``speeds``,
+    measured over simulated tokens/s, :func:`speed_of`): the fit describes the GPU, not the
+    step-time model's errors, which the evaluation then adds back.
+
+    The benchmark's windows are decode-dominated (u_c <= 0.3), which leaves the compute term
+    to extrapolation. With ``anchor``, each model adds one row (weight
+    :data:`PREFILL_ANCHOR_ROWS`): its full prefill iteration draws the power limit, as measured
+    on H100s (Splitwise, Patel et al., ISCA'24: the prompt phase runs at about the 700 W TDP,
+    token generation well below; the catalog's earlier constants used the same figure). For
+    other GPUs the same is assumed (confidence L)."""
+    sp = [1.0] * len(runs) if speeds is None else list(speeds)
+    rows = []
+    for r, v in zip(runs, sp, strict=True):
+        dt, uc, um = utilisation(r, v)
+        T = dt.sum()
+        rows.append((1.0, float((uc * dt).sum() / T), float((um * dt).sum() / T)))
+    meas = list(np.asarray(measured_w, dtype=float))
+    wts = [1.0] * len(rows)
+    if anchor:
+        seen: dict[tuple[float, float], None] = {}
+        for r in runs:
+            seen.setdefault(r.prefill_u, None)
+        for uc0, um0 in seen:
+            if uc0 > 0:
+                rows.append((1.0, uc0, um0))
+                meas.append(base.max_w)
+                wts.append(PREFILL_ANCHOR_ROWS)
+    a = np.asarray(rows)
+    m = np.asarray(meas)
+    y = m - base.idle_w
+    wgt = np.asarray(wts) / m
+    x = _nnls(a * wgt[:, None], y * wgt)
+    p = replace(base, active_w=float(x[0]), compute_w=float(x[1]), memory_w=float(x[2]))
+    n = len(runs)
+    for _ in range(2):  # the cap lowers the prediction of the hottest rows: refit on the gap
+        pred = np.array([predict_w(r, p, v) for r, v in zip(runs, sp, strict=True)])
+        lin = base.idle_w + a[:n] @ x
+        y2 = y.copy()
+        y2[:n] += lin - pred  # what the linear part must add to reach the measurement
+        x = _nnls(a * wgt[:, None], y2 * wgt)
+        p = replace(base, active_w=float(x[0]), compute_w=float(x[1]), memory_w=float(x[2]))
+    return p
+
+
+# -- evaluation --------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One compared configuration: measured and simulated figures."""
+
+    config: Config
+    run: SimRun
+    sim: dict[str, float] = field(default_factory=dict)
+
+    def meas(self) -> dict[str, float]:
+        c = self.config
+        return {
+            "w_at_pace": c.power_per_gpu_w,
+            "w_per_gpu": c.power_per_gpu_w,
+            "j_per_token": c.energy_per_token_j,
+            "tokens_per_s": c.tokens_per_s,
+            "itl_median": c.itl_median_ms / 1e3,
+        }
+
+    def err(self) -> dict[str, float]:
+        m = self.meas()
+        return {k: self.sim[k] / m[k] - 1.0 for k in METRICS + EXTRA if k in self.sim}
+
+
+def sim_figures(run: SimRun, p: PowerSpec) -> dict[str, float]:
+    w = predict_w(run, p)
+    tps = run.tokens / run.window_s
+    return {
+        "w_per_gpu": w,
+        "j_per_token": w * run.tp / tps,
+        "tokens_per_s": tps,
+        "itl_median": run.itl_median_s,
+    }
+
+
+def evaluate(pairs: Sequence[tuple[Config, SimRun]], fit: bool = True) -> list[Row]:
+    """Simulated figures of every pair; with ``fit``, each model's power comes from a fit to the
+    other models' non-suspect rows of the same GPU (leave-one-model-out), else the catalog's."""
+    out = []
+    for c, r in pairs:
+        base = catalog_power(c.gpu_model)
+        p = base
+        if fit:
+            train = [
+                (cc, rr)
+                for cc, rr in pairs
+                if cc.gpu_model == c.gpu_model
+                and cc.model_id != c.model_id
+                and not cc.suspect
+                and not cc.moe_or_ep
+            ]
+            if train:
+                p = _cached_fit(tuple(id(rr) for _, rr in train), train, base)
+        row = Row(c, r, sim_figures(r, p))
+        row.sim["w_at_pace"] = predict_w(r, p, speed_of(c, r))
+        out.append(row)
+    return out
+
+
+_FITS: dict = {}
+#: fit the power model at the measured pace (see fit_power)
+FIT_AT_MEASURED_PACE = True
+
+
+def _cached_fit(key, train, base):
+    if key not in _FITS:
+        _FITS[key] = fit_power(
+            [r for _, r in train],
+            [c.power_per_gpu_w for c, _ in train],
+            base,
+            [speed_of(c, r) for c, r in train] if FIT_AT_MEASURED_PACE else None,
+        )
+    return _FITS[key]
+
+
+def stats(errs: Iterable[float]) -> dict[str, float]:
+    e = np.asarray(list(errs), dtype=float)
+    e = e[np.isfinite(e)]
+    if len(e) == 0:
+        return {"n": 0, "median": math.nan, "p90": math.nan, "worst": math.nan, "signed": math.nan}
+    a = np.abs(e)
+    return {
+        "n": len(e),
+        "median": float(np.median(a)),
+        "p90": float(np.percentile(a, 90)),
+        "worst": float(a.max()),
+        "signed": float(np.median(e)),
+    }
+
+
+def table(rows: Sequence[Row], title: str) -> list[str]:
+    """Per GPU and metric: median, p90, worst |error| and the signed median, in percent."""
+    lines = [
+        title,
+        f"  {'GPU':5} {'metric':20} {'n':>4} {'median':>7} {'p90':>7} {'worst':>7} {'signed':>7}",
+    ]
+    for g in sorted({r.config.gpu_model for r in rows}):
+        sub = [r for r in rows if r.config.gpu_model == g]
+        for k in METRICS + EXTRA:
+            s = stats(r.err().get(k, math.nan) for r in sub)
+            lines.append(
+                f"  {g:5} {METRIC_NAMES[k]:20} {s['n']:>4} {100 * s['median']:>6.1f}% "
+                f"{100 * s['p90']:>6.1f}% {100 * s['worst']:>6.1f}% {100 * s['signed']:>+6.1f}%"
+            )
+    return lines
+
+
+def _sim_one(args: tuple[Config, int, str]) -> SimRun:
+    c, seed, engine = args
+    return simulate_config(c, seed, engine)
+
+
+def simulate_all(
+    configs: Sequence[Config], workers: int = 2, seed: int = 0, engine: str = "iteration"
+) -> list[SimRun]:
+    """:func:`simulate_config` of every configuration, in a process pool."""
+    jobs = [(c, seed, engine) for c in configs]
+    if workers <= 1 or len(jobs) <= 1:
+        return [_sim_one(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        return list(ex.map(_sim_one, jobs, chunksize=1))
+
+
+QUICK = (  # the reduced subset: both models, both GPUs, small to large batches
+    ("Qwen/Qwen3-8B", "lm-arena-chat", "H100", (8, 64, 256)),
+    ("Qwen/Qwen3-14B", "lm-arena-chat", "H100", (8, 64, 256)),
+    ("Qwen/Qwen3-8B", "lm-arena-chat", "B200", (8, 64, 256)),
+    ("Qwen/Qwen3-14B", "lm-arena-chat", "B200", (8, 64, 256)),
+)
+
+
+def select(
+    configs: Sequence[Config], quick: bool = False
+) -> tuple[list[Config], list[tuple[Config, str]]]:
+    """(the configurations simulated, the skipped ones with their reason)."""
+    run, skipped = [], []
+    for c in configs:
+        why = skip_reason(c)
+        if why:
+            skipped.append((c, why))
+        elif quick and not any(
+            c.model_id == m and c.task == t and c.gpu_model == g and c.max_num_seqs in b
+            for m, t, g, b in QUICK
+        ):
+            continue
+        else:
+            run.append(c)
+    return run, skipped
+
+
+def report(rows: Sequence[Row], skipped: Sequence[tuple[Config, str]], fitted: bool) -> list[str]:
+    how = "leave-one-model-out power fit" if fitted else "catalog power model"
+    dense = [r for r in rows if not r.config.moe_or_ep]
+    lines = []
+    lines += table([r for r in dense if not r.config.suspect], f"Dense, non-suspect rows ({how}):")
+    sus = [r for r in dense if r.config.suspect]
+    if sus:
+        lines += table(sus, "Dense, suspect rows (not fitted, not in the goal table):")
+    moe = [r for r in rows if r.config.moe_or_ep]
+    if moe:
+        lines += table(moe, "MoE / expert-parallel rows (reported separately):")
+    reasons: dict[str, int] = {}
+    for _, why in skipped:
+        reasons[why] = reasons.get(why, 0) + 1
+    lines.append(f"Skipped {len(skipped)} configurations:")
+    lines += [f"  {n:4}  {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1])]
+    return lines
+
+
+def length_biased_half(c: Config) -> float:
+    """``E[L^2] / (2 E[L])`` of the configuration's output histogram (bin centres): the mean
+    generated length of a running sequence, sampled over time, in steady state."""
+    counts = np.asarray(c.hist_counts, dtype=float)
+    edges = np.linspace(c.hist_lo, c.hist_hi, len(counts) + 1)
+    mid = (edges[:-1] + edges[1:]) / 2
+    w = counts / counts.sum()
+    return float((w * mid**2).sum() / (2 * (w * mid).sum()))
+
+
+def implied_prompts(
+    configs: Sequence[Config], fill_below: float = 0.95
+) -> list[tuple[Config, float]]:
+    """Prompt lengths the KV-limited rows imply: where the batch stayed below
+    ``fill_below x max_num_seqs`` the KV cache was full, so it held
+    ``avg_batch x (prompt + E[L^2] / (2 E[L]))`` tokens; with the simulator's KV budget for
+    that configuration (``kv_capacity_tokens``) this gives the prompt. Only as right as the
+    KV budget (vLLM's profiling run, see the serving stack) and the steady-state assumption."""
+    from fleetsim.api import load
+    from fleetsim.config.resolve import resolve
+
+    out = []
+    for c in configs:
+        if c.suspect or c.avg_batch_size >= fill_below * c.max_num_seqs or skip_reason(c):
+            continue
+        with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
+            trace = Path(tmp) / "trace.csv"
+            trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+            rs = resolve(load(scenario_dict(c, str(trace), 1)), "")
+        out.append((c, rs.kv_capacity_tokens / c.avg_batch_size - length_biased_half(c)))
+    return out
+
+
+def fit_all(
+    pairs: Sequence[tuple[Config, SimRun]],
+) -> dict[str, tuple[PowerSpec, int, list[str]]]:
+    """The power model of each GPU fitted to all its non-suspect dense rows (MoE and
+    expert-parallel rows are reported, not fitted: their step times are not yet validated):
+    ``{gpu_model: (PowerSpec, rows, models)}``."""
+    out = {}
+    for g in sorted({c.gpu_model for c, _ in pairs}):
+        train = [(c, r) for c, r in pairs if c.gpu_model == g and not c.suspect and not c.moe_or_ep]
+        if not train:
+            continue
+        base = catalog_power(g)
+        p = fit_power(
+            [r for _, r in train],
+            [c.power_per_gpu_w for c, _ in train],
+            base,
+            [speed_of(c, r) for c, r in train] if FIT_AT_MEASURED_PACE else None,
+        )
+        models = sorted({c.model_id for c, _ in train})
+        out[g] = (
+            replace(p, confidence=f"fitted: ML.ENERGY v3, {len(train)} rows"),
+            len(train),
+            models,
+        )
+    return out
+
+
+def write_profiles(
+    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro"
+) -> list[str]:
+    """``fleetsim calibrate --from-mlenergy DIR --out OUT``: simulate DIR's expressible
+    configurations, fit each GPU's power model to its non-suspect rows and write
+    ``OUT/<catalog gpu>-mlenergy.json`` (the catalog profile with the fitted power, usable as
+    ``hardware.profile``) and ``OUT/mlenergy-fit.json`` (constants, the rows used, the
+    leave-one-model-out errors). Returns the lines to print."""
+    import json
+
+    from fleetsim.base.errors import UserError
+    from fleetsim.device import catalog
+    from fleetsim.device.profile import catalog_profile, profile_to_dict
+
+    configs, skipped = select(read_configs(data_dir))
+    if not configs:
+        raise UserError(
+            f"{data_dir}: no configuration the simulator can express "
+            f"({len(skipped)} skipped; fix: H100/B200 rows of text models with a config in "
+            "data/models)"
+        )
+    runs = simulate_all(configs, workers, engine=engine)
+    pairs = [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
+    fits = fit_all(pairs)
+    if not fits:
+        raise UserError(f"{data_dir}: no non-suspect row simulated; nothing to fit")
+    rows = evaluate(pairs, fit=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"source": str(data_dir), "engine": engine, "gpus": {}}
+    lines = []
+    for g, (p, n, models) in fits.items():
+        name = GPUS[g]
+        lomo = [
+            r
+            for r in rows
+            if r.config.gpu_model == g and not r.config.suspect and not r.config.moe_or_ep
+        ]
+        st = {k: stats(r.err()[k] for r in lomo) for k in ("w_per_gpu", "j_per_token")}
+        power = {
+            "idle_w": p.idle_w,
+            "max_w": p.max_w,
+            "active_w": round(p.active_w, 1),
+            "compute_w": round(p.compute_w, 1),
+            "memory_w": round(p.memory_w, 1),
+            "method": "mlenergy-fit",
+        }
+        prof = replace(
+            catalog_profile(name, catalog.gpu(name), None),
+            name=f"{name}-mlenergy",
+            source="fitted",
+        )
+        d = profile_to_dict(prof, catalog_gpu=name)
+        d["power"] = power
+        d["fit"] = {"rows": n, "models": models, "lomo": st}
+        path = out_dir / f"{name}-mlenergy.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        tmp.replace(path)
+        summary["gpus"][name] = {"power": power, "rows": n, "models": models, "lomo": st}
+        lines.append(
+            f"{name}: {n} rows of {len(models)} model(s): idle {p.idle_w:g} W (kept), active "
+            f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, cap "
+            f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
+            f"J/token median {st['j_per_token']['median']:.1%}; wrote {path}"
+        )
+    fit_path = out_dir / "mlenergy-fit.json"
+    fit_path.write_text(json.dumps(summary, indent=1))
+    lines.append(
+        f"wrote {fit_path} ({len(pairs)} configurations simulated, {len(skipped)} skipped)"
+    )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m fleetsim.calibrate.mlenergy",
+        description="fleetsim against the ML.ENERGY Benchmark v3 (data/mlenergy-v3)",
+    )
+    ap.add_argument("--data", type=Path, default=DATA_DIR, help="a folder in that format")
+    ap.add_argument("--quick", action="store_true", help="a reduced subset (12 configurations)")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--catalog", action="store_true", help="the catalog's power model, no fit")
+    ap.add_argument(
+        "--engine",
+        choices=("iteration", "macro"),
+        default="iteration",
+        help="iteration: every engine step simulated (exact ITL); macro: faster",
+    )
+    ap.add_argument("--rows", action="store_true", help="print every configuration's errors")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    configs, skipped = select(read_configs(a.data), a.quick)
+    runs = simulate_all(configs, a.workers, engine=a.engine)
+    pairs = []
+    for c, r in zip(configs, runs, strict=True):
+        if r.error:
+            skipped.append((c, f"simulation: {r.error}"))
+        else:
+            pairs.append((c, r))
+    rows = evaluate(pairs, fit=not a.catalog)
+    if a.rows:
+        for row in rows:
+            e = row.err()
+            print(
+                f"{row.config.key:70} "
+                + " ".join(f"{k}={100 * e[k]:+6.1f}%" for k in METRICS)
+                + (" suspect" if row.config.suspect else "")
+            )
+    print("\n".join(report(rows, skipped, not a.catalog)))
+    imp = implied_prompts(configs)
+    if imp:
+        print(
+            "Prompt tokens implied by the KV-limited rows (simulator's KV budget; assumed "
+            + ", ".join(f"{t} {n}" for t, n in PROMPT_TOKENS.items())
+            + "):"
+        )
+        for c, p in imp:
+            print(f"  {c.key:70} {p:8.0f}")
+    print(f"({len(pairs)} configurations simulated in {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The ML.ENERGY v3 accuracy harness (calibrate/mlenergy.py) and the GPU power model.
+
+* the power model against physics: idle floor, cap at the TDP, monotone in the work;
+* the committed data: row count, histograms, the output-length draw;
+* one simulated benchmark run: the window's bookkeeping is conserved and self-consistent;
+* the refit from the committed data matches the catalog (fails on drift);
+* ``fleetsim calibrate --from-mlenergy``: one-line errors, a profile the simulator loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleetsim.calibrate import mlenergy as M
+from fleetsim.device import catalog
+from fleetsim.device.latency import PowerSpec
+
+REPO = Path(__file__).resolve().parent.parent
+GPUS = ("a100-80gb", "h100-sxm", "h200", "b200")
+
+
+def _spec(name: str) -> PowerSpec:
+    e = catalog.gpu(name)
+    return PowerSpec(e["idle_w"], e["tdp_w"], e["active_w"], e["compute_w"], e["memory_w"])
+
+
+# -- the power model against physics -----------------------------------------------------------
+@pytest.mark.parametrize("name", GPUS)
+def test_power_idle_floor_cap_and_monotone(name):
+    p = _spec(name)
+    u = np.linspace(0.0, 1.0, 21)
+    grid = np.array([[p.power_w(a, b) for b in u] for a in u])
+    assert p.power_w(0.9, 0.9, busy=False) == p.idle_w  # not busy: idle, whatever the work
+    assert grid.min() >= p.idle_w  # never below idle with a model loaded
+    assert grid.max() <= p.max_w  # never above the power limit
+    assert np.all(np.diff(grid, axis=0) >= 0) and np.all(np.diff(grid, axis=1) >= 0)
+    # busy draws more than idle, and decoding (u_c ~ 0.05, u_m ~ 0.5) at least half the TDP:
+    # the lowest non-suspect measured decode power is 61% of the TDP on an H100 (427 W, Qwen3-8B,
+    # batch 8) and 49% on a B200
+    assert p.power_w(0.0, 0.0) > p.idle_w
+    assert p.power_w(0.05, 0.5) >= 0.5 * p.max_w
+    # and a full prefill (u_c ~ 0.65 in the kernel model) reaches the TDP within 10%
+    assert p.power_w(0.65, 0.03) >= 0.9 * p.max_w
+
+
+def test_dynamic_energy_is_linear_below_the_cap_and_capped_above():
+    p = PowerSpec(idle_w=100.0, max_w=700.0, active_w=200.0, compute_w=800.0, memory_w=300.0)
+    peak_f, peak_b = 1e15, 3e12
+    # 2 GPUs, 1 s at u_c = 0.1, u_m = 0.5: 2 x (200 + 80 + 150) = 860 J
+    e = p.dynamic_j(1.0, 0.1 * peak_f * 2, 0.5 * peak_b * 2, peak_f, peak_b, gpus=2)
+    assert e == pytest.approx(860.0)
+    # the same at u_c = 0.9: linear 2 x (200 + 720 + 150) = 2140 J > cap 2 x 600 = 1200 J
+    e = p.dynamic_j(1.0, 0.9 * peak_f * 2, 0.5 * peak_b * 2, peak_f, peak_b, gpus=2)
+    assert e == pytest.approx(1200.0)
+    # energy above idle is then exactly what power_w gives over the same second
+    assert e / 2 + p.idle_w == pytest.approx(p.power_w(0.9, 0.5))
+
+
+def test_hourly_dynamic_energy_never_exceeds_the_power_limit():
+    """A GPU whose linear terms would draw 3x its TDP: every hour's mean power per busy GPU
+    stays at or below the TDP (the accounting's cap); with the catalog's terms the cap does not
+    bind and the energy equals the engine's linear integral."""
+    import fleetsim
+
+    base = {
+        "seed": 3,
+        "simulation": {"hours": 1},
+        "model": {"name": "llama-3.1-8b"},
+        "fleet": {"replicas": 1, "max_batch_size": 64},
+        "traffic": {"requests_per_day": 200_000, "diurnal": "flat"},
+    }
+    hot = {**base, "hardware": {"gpu": "h100-sxm", "active_w": 1500.0}}
+    for sc, capped in ((hot, True), (base, False)):
+        run = fleetsim.simulate(sc)
+        h = run.hourly.to_pylist()[0]
+        busy_gpu_s = h["gpu_busy_s"]
+        assert busy_gpu_s > 1000.0  # the replica did work
+        dyn_j = h["energy_gpu_dynamic_kwh"] * 3.6e6
+        cap_j = (700.0 - 113.0) * busy_gpu_s
+        if capped:
+            assert dyn_j == pytest.approx(cap_j, rel=1e-9)
+        else:
+            assert dyn_j < cap_j
+
+
+# -- the committed data ------------------------------------------------------------------------
+def test_committed_data_rows_and_histograms():
+    configs = M.read_configs()
+    assert len(configs) == 638  # SOURCE.md: 638 configurations
+    assert sum(c.gpu_model == "H100" for c in configs) == 283
+    assert all(len(c.hist_counts) == 50 for c in configs)
+    # the histogram holds every completed request: at least the task's request count
+    for c in configs:
+        assert sum(c.hist_counts) >= M.REQUESTS_PER_TASK[c.task] * 0.95, c.key
+    # per-GPU power below the TDP in every row (SOURCE.md)
+    tdp = {"H100": 700.0, "B200": 1000.0}
+    assert all(c.power_per_gpu_w <= tdp[c.gpu_model] for c in configs)
+
+
+def test_output_draw_reproduces_the_histogram_mean():
+    """The drawn lengths' mean equals the histogram's (bin midpoints) and the row's measured
+    avg_output_len to within half a bin."""
+    c = next(
+        c
+        for c in M.read_configs()
+        if c.model_id == "Qwen/Qwen3-8B" and c.task == "lm-arena-chat" and c.gpu_model == "H100"
+    )
+    x = M.draw_outputs(c, 200_000, np.random.default_rng(np.random.SeedSequence(5)))
+    counts = np.asarray(c.hist_counts, float)
+    edges = np.linspace(c.hist_lo, c.hist_hi, 51)
+    mid_mean = float((counts * (edges[:-1] + edges[1:]) / 2).sum() / counts.sum())
+    assert x.mean() == pytest.approx(mid_mean, rel=0.01)
+    half_bin = (c.hist_hi - c.hist_lo) / 100
+    assert abs(x.mean() - c.avg_output_len) < half_bin
+    assert x.min() >= max(1, int(c.hist_lo)) and x.max() <= round(c.hist_hi)
+
+
+def test_skip_reasons_name_what_is_missing():
+    configs = M.read_configs()
+    _, skipped = M.select(configs)
+    reasons = {why for _, why in skipped}
+    assert "task image-chat needs a vision encoder" in reasons
+    assert "task video-chat needs a vision encoder" in reasons
+    run, _ = M.select(configs)
+    assert {c.model_id for c in run} >= {"Qwen/Qwen3-8B", "Qwen/Qwen3-14B"}
+    assert all(c.task in M.TEXT_TASKS for c in run)
+    assert len(run) + len(skipped) == len(configs)
+    # a model without a config.json is skipped with that reason
+    assert M.model_section("acme/none", "bfloat16")[1] == (
+        "acme/none: no data/models/acme/none/config.json"
+    )
+    # expert- and data-parallel servers are simulated (tp x dp GPUs, issue 22)
+    assert any(c.ep > 1 and c.dp == 1 for c in run) and any(c.dp > 1 for c in run)
+
+
+# -- one simulated run -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_run():
+    c = next(
+        c
+        for c in M.read_configs()
+        if c.model_id == "Qwen/Qwen3-8B"
+        and c.task == "lm-arena-chat"
+        and c.gpu_model == "H100"
+        and c.max_num_seqs == 64
+    )
+    return c, M.simulate_config(c, engine="iteration")
+
+
+def test_simulated_window_is_consistent(one_run):
+    c, r = one_run
+    assert not r.error
+    # the window's tokens / s x the median step / the batch is ~1 (every running sequence
+    # gets one token per step: Little's law on the batch)
+    tps = r.tokens / r.window_s
+    assert tps * r.itl_median_s / r.avg_batch == pytest.approx(1.0, abs=0.1)
+    # all requests at once and 1,024 of them: the batch is full inside the window
+    assert r.avg_batch == pytest.approx(c.max_num_seqs, rel=0.02)
+    # the window's commits tile it: their durations sum to at least the window
+    assert r.seg_s.sum() >= r.window_s * 0.999
+    assert 0.0 < r.prefill_u[0] < 1.0 and 0.0 < r.prefill_u[1] < 1.0
+
+
+def test_tracker_conserves_the_recorder_totals(tmp_path):
+    """Every token and joule the recorder sums is seen by the harness's log (nothing lost in
+    the swapped lists): the cumulative log ends at the recorder's totals."""
+    from fleetsim.api import load
+    from fleetsim.config.scenario import resolve
+    from fleetsim.serving.pod import Pod
+
+    c = next(c for c in M.read_configs() if c.model_id == "Qwen/Qwen3-14B" and c.task == "gpqa")
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "0,250,300\n" * 40)
+    sc = load(M.scenario_dict(c, str(trace), 1, "macro"))
+    pod = Pod(resolve(sc, ""), 0, 1)
+    tr = M._Tracker(pod.rec)
+    rec = pod.run()
+    cum = tr.cumulative()
+    assert sum(rec.output_tokens) == 40 * 300 == cum["tokens"][-1]
+    assert sum(rec.dyn_j) == pytest.approx(tr.dyn, rel=1e-12)
+    assert sum(rec.flops) == pytest.approx(cum["flops"][-1], rel=1e-12)
+    assert sum(rec.busy_s) == pytest.approx(cum["busy"][-1], rel=1e-12)
+    assert rec.iterations == cum["iters"][-1]
+
+
+# -- the refit ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def refit():
+    configs, _ = M.select(M.read_configs())
+    runs = M.simulate_all(configs, workers=1, engine="macro")
+    pairs = [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
+    return pairs, M.fit_all(pairs)
+
+
+@pytest.mark.parametrize("gpu", ["H100", "B200"])
+def test_refit_from_committed_data_matches_the_catalog(refit, gpu):
+    """The catalog's fitted lines are what the committed data gives today (drift: the data,
+    the models' FLOPs/bytes, the prefill kernels or the fit changed; refit with `fleetsim
+    calibrate --from-mlenergy data/mlenergy-v3 --out DIR` and update gpus.toml)."""
+    _, fits = refit
+    p, n, models = fits[gpu]
+    cat = _spec(M.GPUS[gpu])
+    assert n >= 20 and "Qwen/Qwen3-8B" in models
+    for k in ("active_w", "compute_w", "memory_w"):
+        assert getattr(p, k) == pytest.approx(getattr(cat, k), abs=max(6.0, 0.02 * cat.max_w)), k
+    # the derived entries follow the H100 fit as documented
+    if gpu == "H100":
+        h200, a100 = _spec("h200"), _spec("a100-80gb")
+        assert (h200.active_w, h200.compute_w, h200.memory_w) == (
+            cat.active_w,
+            cat.compute_w,
+            cat.memory_w,
+        )
+        assert a100.active_w == pytest.approx(cat.active_w * 400 / 700, abs=1.0)
+        assert a100.compute_w == pytest.approx(cat.compute_w * 400 / 700, abs=1.0)
+
+
+def test_fitted_power_model_explains_measured_power_in_sample(refit):
+    """In sample, at the measured pace, the H100 fit reproduces measured W per GPU with a
+    median error under 10% and no signed bias beyond 5%."""
+    pairs, fits = refit
+    p = fits["H100"][0]
+    errs = [
+        M.predict_w(r, p, M.speed_of(c, r)) / c.power_per_gpu_w - 1.0
+        for c, r in pairs
+        if c.gpu_model == "H100" and not c.suspect
+    ]
+    s = M.stats(errs)
+    assert s["median"] < 0.10 and abs(s["signed"]) < 0.05
+
+
+def test_fit_recovers_known_constants():
+    """Synthetic rows drawn from a known power model are fitted back exactly (with the
+    prefill anchor consistent with the same model)."""
+    rng = np.random.default_rng(np.random.SeedSequence(11))
+    truth = PowerSpec(idle_w=100.0, max_w=700.0, active_w=250.0, compute_w=500.0, memory_w=120.0)
+    runs, meas = [], []
+    for _ in range(12):
+        n = 50
+        r = M.SimRun("x", tp=1, peak_flops=1e15, peak_bw=3e12)
+        r.seg_s = rng.uniform(0.01, 0.05, n)
+        r.seg_flops = rng.uniform(0.0, 0.4, n) * r.seg_s * 1e15
+        r.seg_bytes = rng.uniform(0.2, 0.8, n) * r.seg_s * 3e12
+        pf = (truth.max_w - truth.idle_w - truth.active_w - 0.02 * truth.memory_w) / truth.compute_w
+        r.prefill_u = (pf, 0.02)
+        runs.append(r)
+        meas.append(M.predict_w(r, truth))
+    p = M.fit_power(runs, meas, PowerSpec(idle_w=100.0, max_w=700.0))
+    assert p.active_w == pytest.approx(250.0, abs=1e-6)
+    assert p.compute_w == pytest.approx(500.0, abs=1e-6)
+    assert p.memory_w == pytest.approx(120.0, abs=1e-6)
+
+
+# -- the command line --------------------------------------------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetsim", "calibrate", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+
+
+def test_from_mlenergy_needs_out_and_a_folder(tmp_path):
+    r = _cli("--from-mlenergy", "data/mlenergy-v3")
+    assert r.returncode == 2 and "--out is required" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = _cli("--from-mlenergy", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "not a folder" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = _cli("--from-mlenergy", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "configurations.csv" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
+    """A small folder in the format (H100 Qwen3 lm-arena rows, the histograms as the
+    leaderboard's JSON files) gives a profile that a scenario loads with the fitted power."""
+    src = REPO / "data" / "mlenergy-v3"
+    d = tmp_path / "mine"
+    (d / "models").mkdir(parents=True)
+    with open(src / "configurations.csv", newline="") as f:
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if r["gpu_model"] == "H100"
+            and r["model_id"] in ("Qwen/Qwen3-8B", "Qwen/Qwen3-14B")
+            and r["task"] == "lm-arena-chat"
+        ]
+    with open(d / "configurations.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    # histograms as JSON (the leaderboard's layout), rebuilt from output_lengths.csv
+    by_file: dict[str, list] = {}
+    with open(src / "output_lengths.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            lo, hi = float(r["min_tokens"]), float(r["max_tokens"])
+            cfg = {
+                "output_length_distribution": {
+                    "bins": list(np.linspace(lo, hi, 51)),
+                    "counts": [int(x) for x in r["counts"].split()],
+                }
+            }
+            by_file.setdefault(r["source_file"], []).append(cfg)
+    for name in {r["source_file"] for r in rows}:
+        (d / name).write_text(json.dumps({"configurations": by_file[name]}))
+    out = tmp_path / "out"
+    r = _cli("--from-mlenergy", str(d), "--out", str(out), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    prof = out / "h100-sxm-mlenergy.json"
+    assert prof.is_file() and (out / "mlenergy-fit.json").is_file()
+    d_prof = json.loads(prof.read_text())
+    assert d_prof["fit"]["rows"] == len(rows)
+    import fleetsim
+
+    res = fleetsim.resolved(
+        {"hardware": {"gpu": "h100-sxm", "profile": str(prof)}, "model": {"name": "llama-3.1-8b"}}
+    )
+    assert res["hardware"]["active_w"] == pytest.approx(d_prof["power"]["active_w"])
+    assert not (REPO / "profiles" / "h100-sxm-mlenergy.json").exists()  # nothing in the checkout
+    shutil.rmtree(tmp_path)
+
+
+def test_quick_report_prints_every_metric():
+    configs, skipped = M.select(M.read_configs(), quick=True)
+    assert len(configs) == 12
+    runs = M.simulate_all(configs, workers=1, engine="macro")
+    pairs = [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
+    assert len(pairs) == 12
+    lines = M.report(M.evaluate(pairs), skipped, True)
+    text = "\n".join(lines)
+    for g in ("H100", "B200"):
+        for name in M.METRIC_NAMES.values():
+            assert any(line.strip().startswith(f"{g}") and name in line for line in lines), (
+                g,
+                name,
+            )
+    assert "Skipped" in text
+
+
+def test_validate_names_the_power_models_provenance():
+    import fleetsim
+
+    def conf(**hw):
+        d = fleetsim.resolved({"hardware": hw, "model": {"name": "llama-3.1-8b"}})
+        return d["hardware"]["power_confidence"]
+
+    assert conf(gpu="h100-sxm").startswith("fitted to ML.ENERGY v3")
+    assert conf(gpu="b200").startswith("fitted to ML.ENERGY v3")
+    assert conf(gpu="h200").startswith("derived")
+    assert conf(gpu="a100-80gb").startswith("derived")
+    assert conf(gpu="h100-sxm", active_w=300.0) == "set by the scenario (hardware.active_w)"
+    r = _cli_validate("scenarios/default.toml")
+    assert r.returncode == 0
+    assert "# power model (h100-sxm, per GPU): idle 113 W" in r.stderr
+    assert "fitted to ML.ENERGY v3 H100 rows" in r.stderr
+
+
+def _cli_validate(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetsim", "validate", path],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
