@@ -63,6 +63,9 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ),
     ("calibrate/power.py", "RaplMeter.read", ".read_text"): "reads the RAPL energy counter",
     ("calibrate/run.py", "device_name", ".read_text"): "reads /proc/cpuinfo, no user path",
+    ("calibrate/mlenergy.py", "simulate_config", "open"): (
+        "writes fleetsim's own trace into its own TemporaryDirectory"
+    ),
     ("simulator/results/output.py", "RunOutput.__enter__", ".open"): (
         "RunOutput.open(): opens an output folder (lock, checks), not a file"
     ),
