@@ -183,6 +183,9 @@ def resolved_dict(rs: Resolved) -> dict:
         if k != "config" and hasattr(m, k):
             d["model"][k] = getattr(m, k)
     d["model"]["kv_dtype"] = m.kv_dtype_resolved  # what the KV budget uses (not the weights')
+    d["model"]["expert_dtype"] = m.expert_dtype or m.dtype
+    d["model"]["embed_dtype"] = m.embed_dtype or m.dtype
+    d["model"]["state_dtype"] = m.state_dtype or m.kv_dtype_resolved
     g, pw, prof = rs.gpu, rs.gpu.power, rs.profile
     hw = d["hardware"]
     hw.update(
