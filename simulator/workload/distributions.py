@@ -8,12 +8,14 @@ that the caller loads once and passes in.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
 from fleetsim.base.schema import Section, Tokens, bound
+
+if TYPE_CHECKING:  # (numpy is imported by the draws: validating a scenario needs none)
+    import numpy as np
 
 
 class Fixed(Section):
@@ -25,6 +27,8 @@ class Fixed(Section):
     max_field: ClassVar[str] = "value"
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        import numpy as np
+
         return np.full(n, self.value, dtype=np.int64)
 
     def max_tokens(self, trace_max: dict[str, int]) -> int:
@@ -71,6 +75,8 @@ class LogNormal(Section):
         return self
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        import numpy as np
+
         x = np.rint(self.median * np.exp(self.sigma * rng.standard_normal(n)))
         return np.clip(x, self.min, self.max).astype(np.int64)
 
@@ -88,6 +94,8 @@ class Geometric(Section):
     max_field: ClassVar[str] = "max"
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        import numpy as np
+
         return np.minimum(rng.geometric(1.0 / self.mean, size=n), self.max).astype(np.int64)
 
     def max_tokens(self, trace_max: dict[str, int]) -> int:
