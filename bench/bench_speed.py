@@ -3,7 +3,8 @@
 Each size runs as its own process, timed from process start to the written hourly.parquet
 (the whole `fleetsim run` command), on the default scenario's model and traffic shape with the
 fleet scaled to the load (8 replicas per million requests a day, 1 at least). It prints wall
-seconds, simulated requests per wall-second, SimPy events and engine iterations per request and
+seconds, simulated requests per wall-second (and per CPU-second of the process: the figure to
+compare on a loaded machine), SimPy events and engine iterations per request and
 peak RSS; it also times the per-iteration reference mode at 100k and prints the ratio.
 
     python bench/bench_speed.py                 # 10k, 100k, 1M, 10M  (about 6 minutes here)
@@ -33,8 +34,9 @@ rc = main(args["argv"])
 wall = time.perf_counter() - t0
 md = read_metadata(args["out"] + "/hourly.parquet")
 tot = json.loads(md["fleetsim.totals"])
-print(json.dumps({"rc": rc, "wall_s": wall, "totals": tot,
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"rc": rc, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "totals": tot,
+                  "rss_mib": ru.ru_maxrss / 1024}))
 """
 
 
@@ -73,6 +75,8 @@ def run_one(n: int, engine: str, scenario: str, sets: tuple[str, ...] = ()) -> d
         "engine": engine,
         "wall_s": out["wall_s"],
         "req_per_s": req / out["wall_s"],
+        "cpu_s": out["cpu_s"],  # user + system CPU of the process (what a loaded machine spares)
+        "req_per_cpu_s": req / out["cpu_s"],
         "events_per_req": t["events"] / req,
         "iterations_per_req": t["iterations"] / req,
         "rss_mib": out["rss_mib"],
@@ -100,7 +104,7 @@ def main() -> None:
     )
     print(
         f"{'requests':>10} {'replicas':>8} {'engine':>9} {'wall s':>8} {'req/s':>9} "
-        f"{'events/req':>10} {'iter/req':>8} {'RSS MiB':>8}"
+        f"{'events/req':>10} {'iter/req':>8} {'RSS MiB':>8} {'CPU s':>7} {'req/CPU s':>9}"
     )
     rows = []
     for n in sizes:
@@ -109,7 +113,7 @@ def main() -> None:
         print(
             f"{r['requests']:>10,} {r['replicas']:>8} {r['engine']:>9} {r['wall_s']:>8.2f} "
             f"{r['req_per_s']:>9,.0f} {r['events_per_req']:>10.2f} {r['iterations_per_req']:>8.1f} "
-            f"{r['rss_mib']:>8.0f}",
+            f"{r['rss_mib']:>8.0f} {r['cpu_s']:>7.2f} {r['req_per_cpu_s']:>9,.0f}",
             flush=True,
         )
     if not args.no_reference:

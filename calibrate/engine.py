@@ -1,6 +1,7 @@
 """A minimal real serving engine: continuous batching over the torch Transformer, in wall time.
 
-It mirrors :mod:`fleetsim.serving.engine` rule for rule, so that a trace replayed here and through
+It mirrors the replica core with the reserve KV policy (:mod:`fleetsim.serving.core`,
+:mod:`fleetsim.serving.kv_reserve`) rule for rule, so that a trace replayed here and through
 ``simulate()`` differ only by the latency model:
 
 * at every iteration boundary, waiting requests are admitted first-come-first-served while the

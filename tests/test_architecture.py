@@ -121,7 +121,7 @@ def test_import_graph_is_layered_and_acyclic():
 @pytest.mark.parametrize(
     "extra,expected",
     [
-        ({"fleetsim.device.latency": {"fleetsim.serving.engine"}}, "a later stage"),
+        ({"fleetsim.device.latency": {"fleetsim.serving.core"}}, "a later stage"),
         ({"fleetsim.serving.routers": {"fleetsim.serving.pod"}}, "import cycle"),
     ],
 )

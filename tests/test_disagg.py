@@ -139,9 +139,9 @@ def test_backpressure_holds_kv_in_the_prefill_pool(engine):
     assert pod.in_prefill > 100  # prompts backed up in the prefill pool
     waiting_kv = list(dec.waiting) + list(pod._moving.values())
     if engine == "reserve":
-        assert pre.kv_used <= pre.limits.kv_cap and dec.kv_used <= dec.limits.kv_cap
+        assert pre.kv_used <= pre.kv_cap and dec.kv_used <= dec.kv_cap
         # the prefill replica's KV is mostly held for requests the decode pool has not admitted
-        assert pre.kv_used > 0.5 * pre.limits.kv_cap
+        assert pre.kv_used > 0.5 * pre.kv_cap
         held = sum(r.pf_need for r in waiting_kv)
         assert held == pre.kv_used  # exactly the KV of requests not yet admitted by decode
     else:
@@ -158,7 +158,7 @@ def test_backpressure_holds_kv_in_the_prefill_pool(engine):
     assert free.in_prefill < 20
     p0 = free.prefill.replicas[0]
     if engine == "reserve":
-        assert p0.kv_used < 0.1 * pre.limits.kv_cap
+        assert p0.kv_used < 0.1 * pre.kv_cap
     else:
         assert p0.NB - p0.free < 0.1 * p0.NB
 
@@ -368,7 +368,7 @@ def test_pool_schedules_power_each_pool_on_its_own():
 
 
 # ---------------------------------------------------------------------------------------------
-# the paged engine in both pools (serving/paged.py PrefillReplica, DecodeReplica)
+# the paged engine in both pools (serving/roles.py PagedPrefillReplica, PagedDecodeReplica)
 MOONCAKE = Path(__file__).resolve().parent.parent / "scenarios/data/mooncake-2025"
 
 

@@ -153,7 +153,8 @@ CASES.update(
         },
     }
 )
-# disaggregated pools on the paged engine (serving/paged.py PrefillReplica, DecodeReplica):
+# disaggregated pools on the paged KV policy (serving/roles.py PagedPrefillReplica and
+# PagedDecodeReplica):
 # the prefill pool prefills in chunks of a small budget; the decode pool is short of blocks, so
 # it preempts and recomputes there. And the earlier disaggregated cases on the first engine.
 CASES["disagg_paged_chunk_preempt"] = {

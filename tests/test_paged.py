@@ -21,7 +21,7 @@ from fleetsim.base.errors import ScenarioError, UserError
 from fleetsim.config.loading import scenario_from_dict
 from fleetsim.config.resolved import activation_reserve_bytes, kv_budget
 from fleetsim.device.modelspec import model_from_catalog
-from fleetsim.serving.paged import blocks_in, cumulative, first_short
+from fleetsim.serving.kv_blocks import blocks_in, cumulative, first_short
 from fleetsim.workload.mooncake import prefix_hit_oracle, read_mooncake
 
 ROOT = Path(__file__).resolve().parents[1]

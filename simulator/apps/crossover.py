@@ -30,7 +30,7 @@ ratio of goodputs, DistServe's figure of merit.
 Engines: both designs run the same engine, like for like. By default it is the scenario's
 (paged KV, chunked prefill and prefix caching unless the scenario turns them off): the
 aggregated replicas and the prefill pool chunk their prompts, the decode pool admits arrived KV
-by blocks (serving/paged.py). ``--engine reserve`` runs both on the first engine instead (KV
+by blocks (serving/kv_paged.py). ``--engine reserve`` runs both on the reserve policy instead (KV
 reserved at admission, whole prefills), the comparison of the previous releases.
 
 Outputs: ``crossover.parquet`` (one row per workload x design x split x target cell) and

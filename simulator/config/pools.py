@@ -118,10 +118,10 @@ def _pool_scenario(sc: Scenario, name: str, *, bmt_override: int | None = None) 
         "router": p.router if p.router is not None else f.router,
     }
     if f.kv_allocation == "paged":
-        # the paged engine (serving/paged.py PrefillReplica, DecodeReplica): the prefill pool
-        # prefills with [fleet]'s chunking and prefix caching; the decode pool recomputes a
-        # preempted request by chunks and keeps no prefix cache (decode-side prefix reuse is
-        # not modelled: docs/model.md)
+        # the paged KV policy (serving/roles.py PagedPrefillReplica, PagedDecodeReplica): the
+        # prefill pool prefills with [fleet]'s chunking and prefix caching; the decode pool
+        # recomputes a preempted request by chunks and keeps no prefix cache (decode-side
+        # prefix reuse is not modelled: docs/model.md)
         if name == "decode":
             upd["enable_chunked_prefill"] = True
             upd["enable_prefix_caching"] = False

@@ -113,7 +113,7 @@ class FleetSection(_Section):
     max_batch_size: Annotated[int, Field(ge=1)] = 256
     max_batched_tokens: Annotated[int, Field(ge=1)] = 16384
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
-    # ---- second-generation engine (serving/paged.py). Defaults follow vLLM's V1 engine as of
+    # ---- the paged KV policy (serving/kv_paged.py). Defaults follow vLLM's V1 engine as of
     # v0.10 (vllm/config CacheConfig.block_size = 16; EngineArgs._set_default_args_v1: chunked
     # prefill always on, prefix caching on by default; V1's KVCacheManager.allocate_slots admits
     # while the free blocks cover the chunk, no watermark; preemption by recomputation).

@@ -69,7 +69,7 @@ HOURLY_SCHEMA = pa.schema(
         ("wh_per_request", pa.float64()),
         ("usd_per_mtok", pa.float64()),
         ("carbon_kg", pa.float64()),
-        # second-generation engine (serving/paged.py)
+        # the paged KV policy (serving/kv_paged.py)
         ("prefix_hit_tokens", pa.int64()),
         ("preemptions", pa.int64()),
         ("recomputed_tokens", pa.int64()),

@@ -81,7 +81,7 @@ class DayTotals:
     batch_occupancy: float = math.nan  # mean sequences per iteration / max_num_seqs
     flops_utilization: float = math.nan  # achieved FLOP/s / peak of the powered GPUs
     bandwidth_utilization: float = math.nan  # achieved bytes/s / peak of the powered GPUs
-    # second-generation engine (serving/paged.py)
+    # the paged KV policy (serving/kv_paged.py)
     prefix_hit_tokens: float = 0.0  # prompt tokens served from the prefix cache
     preemptions: float = 0.0
     recomputed_tokens: float = 0.0  # prefill tokens computed again after a preemption

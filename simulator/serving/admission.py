@@ -1,5 +1,6 @@
-"""The admission rule of a continuous-batching replica, shared by the simulated engine
-(:mod:`fleetsim.serving.engine`) and the real torch engine (``fleetsim.calibrate.engine``).
+"""The admission rule of a continuous-batching replica, shared by the simulated engine's reserve
+policy (:mod:`fleetsim.serving.kv_reserve`) and the real torch engine
+(``fleetsim.calibrate.engine``).
 
 At every iteration boundary the waiting requests are taken first-come-first-served while
 :meth:`Limits.admits` holds for the head of the queue; the first that does not fit blocks the
@@ -42,7 +43,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class PagedLimits:
-    """What the paged engine fixes for a simulation (``EnginePlan.paged``)."""
+    """What the paged KV policy fixes for a simulation (``EnginePlan.paged``)."""
 
     blocks: int  # KV blocks of a replica
     block_tokens: int  # tokens per block (a power of two)
@@ -51,3 +52,18 @@ class PagedLimits:
     watermark_blocks: int  # blocks kept free when admitting while others run
     hash_tokens: int  # tokens per prompt block id (prefix caching granularity)
     affinity_margin: int  # prefix_affinity router: the load margin
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePlan:
+    """What the simulation fixes for every replica of a pod: read, never changed."""
+
+    limits: Limits  # the admission rule
+    horizon_s: float  # no run starts at or after it
+    per_iteration: bool  # the per-iteration reference mode (every run is one iteration)
+    # dynamic energy of a whole replica (see latency.PowerSpec): J = e_active_w * busy seconds
+    # + e_flop_j * FLOPs + e_byte_j * bytes moved
+    e_active_w: float
+    e_flop_j: float
+    e_byte_j: float
+    paged: PagedLimits | None = None  # the paged policy's settings (kv_paged.py), or None

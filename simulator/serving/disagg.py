@@ -3,11 +3,10 @@
 The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
 
 1. A request arrives and the prefill pool's router sends it to a prefill replica. That replica
-   runs the engine of an aggregated fleet with the request's output set to one token: the
-   paged engine (:class:`fleetsim.serving.paged.PrefillReplica`: chunked prefill, prefix
-   caching) or, with ``kv_allocation = "reserve"``, the first engine
-   (:class:`fleetsim.serving.engine.Replica`). The iteration that computes the prompt's last
-   chunk yields the first token, which ends the TTFT.
+   runs the replica core with the prefill role (:class:`fleetsim.serving.roles.PrefillRole`)
+   and the request's output set to one token, under the paged KV policy (chunked prefill,
+   prefix caching) or, with ``kv_allocation = "reserve"``, the reserve policy. The iteration
+   that computes the prompt's last chunk yields the first token, which ends the TTFT.
 2. The replica then hands the request to the pod (``handoff``) instead of completing it. Its
    KV (prompt tokens x KV bytes per token) stays in the prefill replica's memory. The decode
    router chooses a decode replica now (least loaded counts requests in transfer), and the KV
@@ -17,7 +16,7 @@ The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
    composition change: the current decode run is cut at the first iteration boundary where it
    fits, so macro-stepping stays exact). The decode replica admits it when its batch, token
    budget and KV blocks allow, straight into the decode set (no prefill compute); the next
-   iteration makes its second token (:class:`fleetsim.serving.paged.DecodeReplica`: a
+   iteration makes its second token (:class:`fleetsim.serving.roles.DecodeRole`: a
    preempted request is recomputed there).
 4. Only at that admission does the prefill replica free the request's KV (``release``). A slow
    link or a full decode pool therefore holds KV in the prefill pool and backs up into it.
@@ -47,14 +46,13 @@ import simpy
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.resolved import Resolved
-from fleetsim.serving.admission import Limits, PagedLimits
+from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.engine import EnginePlan, Replica
 from fleetsim.serving.events import run_until, wake_at
-from fleetsim.serving.paged import DecodeReplica, PagedReplica, PrefillReplica
 from fleetsim.serving.pod import paged_limits
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
+from fleetsim.serving.roles import PrefillRole, Replica, replica_class
 from fleetsim.serving.routers import make_router
 from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
 
@@ -82,11 +80,11 @@ class DisaggRequest(Request):
     ) -> None:
         super().__init__(rid, arrival_s, prompt, 1, ids)  # the prefill pool makes the first token
         self.out_total = out
-        self.pf_need = self.need  # first engine: prompt + 1 tokens of KV held in prefill
-        self.kv_tokens = 0  # paged engine: KV tokens held in the prefill replica after hand-off
-        self.kv_held = 0  # paged engine: cached prefix blocks it references there
-        self.src: Replica | PrefillReplica | None = None
-        self.dst: Replica | DecodeReplica | None = None
+        self.pf_need = self.need  # reserve policy: prompt + 1 tokens of KV held in prefill
+        self.kv_tokens = 0  # paged policy: KV tokens held in the prefill replica after hand-off
+        self.kv_held = 0  # paged policy: cached prefix blocks it references there
+        self.src: PrefillRole | None = None
+        self.dst: Replica | None = None
         self.xfer_s = math.nan  # hand-off to KV arrival: link wait + latency + bytes / bw
         self.link_wait_s = math.nan  # time spent queued behind earlier transfers
 
@@ -120,8 +118,8 @@ class Pool:
         self.hours = owner.hours
         self.horizon_s = owner.horizon_s
         self.in_flight = 0
-        self.queue_floor = 0.0  # the paged engine's central queue (serving/pod.py)
-        paged = paged_limits(rs)  # None: kv_allocation = "reserve", the first engine
+        self.queue_floor = 0.0  # the central queue's floor (serving/core.py)
+        paged = paged_limits(rs)  # None: kv_allocation = "reserve"
         self.paged: PagedLimits | None = paged
         self.tp = rs.tp
         p = rs.gpu.power
@@ -143,10 +141,9 @@ class Pool:
         self.on_admitted = owner.on_admitted
         shared = role == "prefill" and spec.router == "central_queue"
         self.shared_queue: deque[Request] | None = deque() if shared else None
-        cls: type[Replica] | type[PagedReplica] = Replica
-        self.kv_blocks = 0  # KV blocks of the pool's replicas (paged engine)
+        cls = replica_class(paged is not None, role)
+        self.kv_blocks = 0  # KV blocks of the pool's replicas (paged policy)
         if paged is not None:
-            cls = PrefillReplica if role == "prefill" else DecodeReplica
             self.kv_blocks = rs.kv.blocks * spec.replicas
             rec.kv_blocks += self.kv_blocks
         self.replicas: list[Any] = [cls(base + i, self, self.plan) for i in range(spec.replicas)]
@@ -353,7 +350,7 @@ class DisaggPod:
             self._dbuf = self._drng.integers(0, len(reps), size=4096).tolist()[::-1]
         return reps[self._dbuf.pop()]
 
-    def handoff(self, r: DisaggRequest, t: float, rep: Replica) -> None:
+    def handoff(self, r: DisaggRequest, t: float, rep: PrefillRole) -> None:
         """A prefill replica produced ``r``'s first token at ``t`` (now). Complete it if that was
         its only token, else start its KV transfer to the decode replica chosen now."""
         self.in_prefill -= 1

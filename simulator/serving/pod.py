@@ -26,14 +26,13 @@ from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.resolved import Resolved
-from fleetsim.serving.admission import Limits, PagedLimits
+from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.engine import EnginePlan, Replica
 from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
-from fleetsim.serving.paged import PagedReplica
 from fleetsim.serving.ports import RequestSink
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
+from fleetsim.serving.roles import Replica, make_replica
 from fleetsim.serving.routers import make_router
 from fleetsim.workload.sampling import HourChunk, SizeSampler, hourly_arrivals, trace_arrivals
 from fleetsim.workload.sessions import Session, SessionSource
@@ -46,7 +45,7 @@ def pod_seed(seed: int, pod: int) -> np.random.SeedSequence:
 
 
 def paged_limits(rs: Resolved) -> PagedLimits | None:
-    """The paged engine's settings of a scenario (None: the first engine, KV reserved)."""
+    """The paged KV policy's settings of a scenario (None: the reserve policy)."""
     f = rs.scenario.fleet
     if f.kv_allocation != "paged" or rs.kv is None:
         return None
@@ -124,9 +123,8 @@ class Pod:
             deque() if sc.fleet.router == "central_queue" else None
         )
         base = pod_index * sc.fleet.replicas  # global replica index = pod * replicas + i
-        self.replicas: list[Replica | PagedReplica] = [
-            (PagedReplica if paged else Replica)(base + i, self, self.plan)
-            for i in range(sc.fleet.replicas)
+        self.replicas: list[Replica] = [
+            make_replica(base + i, self, self.plan) for i in range(sc.fleet.replicas)
         ]
         if paged and rs.kv is not None:
             self.rec.kv_blocks = rs.kv.blocks * len(self.replicas)
@@ -134,7 +132,7 @@ class Pod:
         n_on = len(self.replicas) if self.scaler is None else self.scaler.n_initial
         # the routable replicas, in index order: one list for the pod's life, changed in place
         # by power_on and power_off only (routers may keep a reference to it)
-        self.active: list[Replica | PagedReplica] = self.replicas[:n_on]
+        self.active: list[Replica] = self.replicas[:n_on]
         for rep in self.replicas[n_on:]:
             rep.leave_queue()
         seeds = pod_seed(sc.seed, pod_index).spawn(3)  # (the first two as spawn(2) gives)
@@ -276,7 +274,7 @@ class Pod:
         if self.sessions is not None:
             ses = self.sessions.start(p, o)
             p, o, ids = self.sessions.turn(ses)
-        # not Limits.servable, inlined: once per arrival (the gain: see Replica.plan); with
+        # not Limits.servable, inlined: once per arrival (the gain: see ReserveKV._admit); with
         # chunked prefill a prompt longer than the token budget is served in chunks
         if p + o > self._max_tokens or p > self.max_prompt:
             rec.rejected[h] += 1

@@ -3,7 +3,7 @@
 A :class:`PodPort` is what a replica, a router or an autoscaler sees of its pod; a
 :class:`ReplicaPort` is what a router or an autoscaler sees of a replica; a :class:`RouterPort`
 is what the pod and a replica see of the router. The concrete classes are
-``serving.pod.Pod``, ``serving.engine.Replica`` and the routers of ``serving.routers``; the
+``serving.pod.Pod``, ``serving.core.ReplicaCore`` and the routers of ``serving.routers``; the
 protocols keep the modules free of import cycles (routers and the autoscaler never import the
 pod) and document the contract in one place.
 
@@ -110,8 +110,8 @@ class PodPort(Protocol):
     horizon_s: float
     in_flight: int  # requests admitted and not finished (queued or running)
     shared_queue: deque[Request] | None  # the central queue, or None
-    queue_floor: float  # central queue (paged engine): no admission from it before this time
-    paged: PagedLimits | None  # the paged engine's settings (None: the first engine)
+    queue_floor: float  # central queue: no admission from it before this time
+    paged: PagedLimits | None  # the paged KV policy's settings (None: reserve)
 
     def turn_done(self, r: Request, end_s: float) -> None:
         """A session's turn finished at ``end_s``: schedule its next turn."""

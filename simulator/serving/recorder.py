@@ -141,7 +141,7 @@ class Recorder:
         self.arrived = [0] * n
         self.rejected = [0] * n
         self.completed = [0] * n
-        # second-generation engine (serving/paged.py)
+        # the paged KV policy (serving/kv_paged.py)
         self.prefix_hit_tokens = [0] * n  # prompt tokens served from the prefix cache
         self.preemptions = [0] * n
         self.recomputed_tokens = [0] * n  # prefill tokens computed again after a preemption

@@ -12,14 +12,16 @@ if TYPE_CHECKING:
 class Request:
     """One request's state inside the engine.
 
-    The first engine (``kv_allocation = "reserve"``) uses ``need``; the paged engine
-    (serving/paged.py) uses the rest: ``ids`` (block ids of the prompt for prefix caching, or
-    None), ``eff`` (tokens to prefill in the current pass: the prompt, plus the tokens already
-    generated after a preemption), ``done`` (of those, computed or served from cache so far),
-    ``held`` (leading ``ids`` this request references in the prefix cache), ``gen`` (tokens
-    generated before the current pass), ``adm`` (admission order), ``rho`` (residue mod the
-    block size of the iterations at which the decoding sequence needs a new KV block),
-    ``preemptions`` and ``cached`` (prompt tokens served from the prefix cache on first admission).
+    The reserve KV policy (``kv_allocation = "reserve"``, serving/kv_reserve.py) uses
+    ``need``; the paged policy (serving/kv_paged.py) uses the rest: ``ids`` (block ids of the
+    prompt for prefix caching, or None), ``eff`` (tokens to prefill in the current pass: the
+    prompt, plus the tokens already generated after a preemption), ``done`` (of those, computed
+    or served from cache so far), ``held`` (leading ``ids`` this request references in the
+    prefix cache), ``gen`` (tokens generated before the current pass), ``adm`` (admission
+    order), ``rho`` (residue mod the block size of the iterations at which the decoding
+    sequence needs a new KV block), ``preemptions`` and ``cached`` (prompt tokens served from
+    the prefix cache on first admission). The core uses ``eff``, ``gen``, ``out`` and
+    ``join_it`` under both policies.
     """
 
     __slots__ = (
@@ -49,7 +51,7 @@ class Request:
         self.arrival_s = arrival_s
         self.prompt = prompt
         self.out = out
-        self.need = prompt + out  # KV tokens reserved on admission (first engine)
+        self.need = prompt + out  # KV tokens reserved on admission (reserve policy)
         self.join_it = -1
         self.first_token_s = math.nan
         self.ids = ids

@@ -148,7 +148,7 @@ class PrefixAffinity(Router):
     def __init__(self, pod, rng) -> None:
         super().__init__(pod, rng)
         kv = pod.paged
-        if kv is None:  # the first engine keeps no prefix cache: remember a little anyway
+        if kv is None:  # the reserve policy keeps no prefix cache: remember a little anyway
             self.margin, self.capacity = 8, 1 << 16
         else:
             self.margin = kv.affinity_margin

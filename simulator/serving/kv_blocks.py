@@ -1,0 +1,241 @@
+"""The paged KV policy's block pool (:class:`fleetsim.serving.kv_paged.PagedKV` builds on it):
+free blocks, the prefix cache, and the decodes' growth counted by block residue.
+
+**Blocks.** A sequence holding ``L`` tokens of context holds ``kv_blocks_for(L)`` blocks
+(ceil(L / b) for full-attention layers). Decoding sequences open a new block every ``b``
+iterations, at iterations ``it = rho (mod b)``; ``cnt2`` counts them per residue (written
+twice, so a run's partial sum is one slice), so the blocks ``m`` decode steps open, and the
+first step at which they exceed the free blocks, are computed, not searched (:func:`blocks_in`,
+:func:`first_short`, and their O(1) / O(log b) forms :meth:`BlockPool._blocks`,
+:meth:`BlockPool._short`).
+
+**Prefix cache.** Resident prompt blocks are named by ids (of ``hash_tokens`` tokens, ``g``
+blocks each) and reference counted; a block no request references stays cached in LRU order
+(``lru``) until space is needed: new blocks come from the free ones first, then from evicting
+the least recently released cached block (:meth:`BlockPool._take`).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import OrderedDict
+from itertools import accumulate
+from typing import TYPE_CHECKING
+
+from fleetsim.serving.core import ReplicaCore
+
+if TYPE_CHECKING:
+    from fleetsim.serving.request import Request
+
+
+def blocks_in(cnt: list[int], it: int, m: int, n: int) -> int:
+    """New KV blocks that ``n`` decoding sequences with residue counts ``cnt`` need over the
+    ``m`` iterations ``it .. it + m - 1`` (``len(cnt)`` is the block size, a power of two)."""
+    b = len(cnt)
+    q, rem = divmod(m, b)
+    s = q * n
+    mask = b - 1
+    for i in range(rem):
+        s += cnt[(it + i) & mask]
+    return s
+
+
+def first_short(cnt: list[int], it: int, n: int, avail: int) -> int:
+    """The smallest ``m >= 1`` with ``blocks_in(cnt, it, m, n) > avail`` (0 if ``n == 0``): the
+    first iteration, counted from ``it``, whose new blocks would exceed ``avail``."""
+    if n == 0:
+        return 0
+    b = len(cnt)
+    q, R = divmod(avail, n)
+    acc = 0
+    mask = b - 1
+    for i in range(b):
+        acc += cnt[(it + i) & mask]
+        if acc > R:
+            return q * b + i + 1
+    raise AssertionError("cnt does not sum to n")  # pragma: no cover
+
+
+def cumulative(cnt: list[int]) -> list[int]:
+    """Prefix sums of ``cnt`` repeated twice: ``blocks_in`` and ``first_short`` in O(1) and
+    O(log b) with them (:meth:`PagedReplica._blocks`, :meth:`PagedReplica._short`)."""
+    return list(accumulate(cnt + cnt, initial=0))
+
+
+class BlockPool(ReplicaCore):
+    """Free blocks, the prefix cache and the decodes' residue counts (state: ``NB``, ``free``,
+    ``b``, ``mask``, ``lb``, ``g``, ``ht``, ``cache``, ``lru``, ``cnt2``, ``cum``, ``prefix``;
+    set by ``PagedKV._init_kv``)."""
+
+    __slots__ = ()
+
+    NB: int
+    b: int
+    cache: dict[int, int]
+    cnt2: list[int]
+    cum: list[int] | None
+    free: int
+    g: int
+    ht: int
+    lb: int
+    lru: OrderedDict[int, None]
+    mask: int
+    prefix: bool
+
+    def kv_blocks_for(self, tokens: int) -> int:
+        """KV blocks that a sequence holding ``tokens`` tokens of context occupies: the one
+        place that says so (full-attention layers: ceil(tokens / b)). The hot paths inline it
+        (marked ``kv_blocks_for``), and the decodes' growth (one block every ``b`` tokens,
+        ``cnt2``) follows from it; a model whose layers hold less (sliding-window layers at
+        most W tokens, Mamba layers a constant state) changes this and those places."""
+        return -(-tokens // self.b)
+
+    def used_blocks(self) -> int:
+        """Blocks referenced by running requests (not counting unreferenced cached blocks)."""
+        return self.NB - self.free - self.g * len(self.lru)
+
+    def _take(self, x: int) -> None:
+        """Allocate ``x`` blocks: free ones first, then evict least recently used cached ones."""
+        f = self.free
+        if x <= f:
+            self.free = f - x
+            return
+        x -= f
+        g = self.g
+        e = -(-x // g)
+        lru = self.lru
+        cache = self.cache
+        for _ in range(e):
+            h, _v = lru.popitem(last=False)
+            del cache[h]
+        self.free = e * g - x
+
+    def _blocks(self, it: int, m: int, n: int) -> int:
+        """:func:`blocks_in` of the replica's decoding sequences (``n`` of them)."""
+        cum = self.cum
+        if cum is None:
+            cum = self.cum = list(accumulate(self.cnt2, initial=0))
+        s = it & self.mask
+        return (m >> self.lb) * n + cum[s + (m & self.mask)] - cum[s]
+
+    def _short(self, it: int, n: int, avail: int) -> int:
+        """:func:`first_short` of the replica's decoding sequences (``n`` of them)."""
+        if n == 0:
+            return 0
+        cum = self.cum
+        if cum is None:
+            cum = self.cum = list(accumulate(self.cnt2, initial=0))
+        q, R = divmod(avail, n)
+        s = it & self.mask
+        return (q << self.lb) + bisect_right(cum, cum[s] + R, s) - s
+
+    def _lookup(self, r: Request) -> tuple[int, int]:
+        """(cached leading blocks of ``r``, how many of them are unreferenced)."""
+        ids = r.ids
+        if ids is None or not self.prefix:
+            return 0, 0
+        ht = self.ht
+        cap = min(len(ids), r.prompt // ht, (r.eff - 1) // ht)
+        cache = self.cache
+        H = ev = 0
+        while cap > H:
+            ref = cache.get(ids[H])
+            if ref is None:
+                break
+            if ref == 0:
+                ev += 1
+            H += 1
+        return H, ev
+
+    def _acquire(self, ids: list[int], H: int) -> None:
+        cache = self.cache
+        lru = self.lru
+        for j in range(H):
+            h = ids[j]
+            ref = cache[h]
+            if ref == 0:
+                del lru[h]
+            cache[h] = ref + 1
+
+    def _register(self, r: Request, f: int) -> None:
+        """Publish ``r``'s full blocks ``held .. f - 1``; one already resident (published by a
+        concurrent request) is shared and the copy just computed is released."""
+        ids = r.ids
+        assert ids is not None
+        cache = self.cache
+        for j in range(r.held, f):
+            h = ids[j]
+            ref = cache.get(h)
+            if ref is None:
+                cache[h] = 1
+            else:
+                if ref == 0:
+                    del self.lru[h]
+                cache[h] = ref + 1
+                self.free += self.g
+        r.held = f
+
+    def _drop(self, r: Request, tokens: int) -> None:
+        """Free the blocks of ``r``, which holds ``tokens`` tokens of KV: its own blocks become
+        free, its cached blocks lose a reference (the last block first, as vLLM frees them)."""
+        H = r.held
+        self.free += self.kv_blocks_for(tokens) - H * self.g
+        if H:
+            ids = r.ids
+            assert ids is not None
+            cache = self.cache
+            lru = self.lru
+            for j in range(H - 1, -1, -1):
+                h = ids[j]
+                ref = cache[h] - 1
+                cache[h] = ref
+                if ref == 0:
+                    lru[h] = None
+            r.held = 0
+
+    def _head_cap(self, avail: int, it: int, n: int, m: int) -> int:
+        """With prefix caching: the blocks a decode run may take before it would evict a cached
+        block of the waiting head's prefix (``avail`` if it never would in ``m`` steps)."""
+        r = self.waiting[0]
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
+        if not ev:
+            return avail
+        x = self._blocks(it, m, n) - self.free
+        if x <= 0:
+            return avail
+        chain = set(r.ids[:H]) if r.ids is not None else set()
+        limit = -(-x // self.g)
+        for p, h in enumerate(self.lru):
+            if p >= limit:
+                break
+            if h in chain:
+                return min(avail, self.free + self.g * p)
+        return avail
+
+    def _evicting_cut(self, r: Request, j: int, k: int, n1: int, it1: int) -> int:
+        """``r`` does not fit at boundary ``j`` of the run (``k`` iterations, ``n1`` decoding
+        sequences from iteration ``it1``): the first later boundary where it does because a
+        decode step evicted part of its cached prefix, or -1."""
+        if not (self.lru):
+            return -1  # the free blocks only shrink: no later boundary of the run admits it
+        # ... unless a decode step evicts part of its cached prefix: the boundaries where one
+        # of its cached blocks goes are the only ones where it may come to fit
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
+        total = self._blocks(it1, k - 1, n1) - self.free
+        if not ev or total <= 0:
+            return -1
+        g = self.g
+        limit = -(-total // g)
+        chain = set(r.ids[:H]) if r.ids is not None else set()
+        cands = []
+        for p, h in enumerate(self.lru):
+            if p >= limit:
+                break
+            if h in chain:
+                m = self._short(it1, n1, self.free + g * p)  # its eviction's iteration
+                if j < m < k:
+                    cands.append(m)
+        for m in sorted(cands):
+            if self._fit_at(r, n1, self._blocks(it1, m, n1)):
+                return m
+        return -1

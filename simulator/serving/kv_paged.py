@@ -1,0 +1,508 @@
+"""The ``paged`` KV policy of the replica core (:mod:`fleetsim.serving.core`): paged KV cache
+with preemption by recomputation, chunked prefill and prefix caching, as vLLM's V1 engine serves
+(``kv_allocation = "paged"``, the default).
+
+**Paged KV.** The cache is ``blocks`` of ``b = block_size_tokens``. A sequence holding ``L``
+tokens holds ``ceil(L / b)`` blocks, allocated as its tokens are written: a prefill chunk's
+blocks when the chunk is scheduled, and one more block when a decoding sequence writes the first
+token of a block. A decoding sequence that joined at iteration ``j`` with ``eff`` tokens writes
+position ``eff + (it - j) - 1`` at iteration ``it``, so it needs a new block exactly at the
+iterations ``it = rho (mod b)`` with ``rho = (j + 1 - eff) mod b``. The replica keeps the count
+of decoding sequences per residue (``cnt``), so the blocks a run of ``m`` decode steps needs are
+``(m // b) * n`` plus a partial sum of ``cnt``, and the first step at which they exceed the free
+blocks is computed, not searched (:func:`first_short`). That step ends the run, like an
+arrival's cut point; the next iteration preempts.
+
+**Preemption by recomputation** (vLLM V1). When the running requests need blocks and none are
+free (nor evictable), the most recently admitted running request loses its blocks and goes back
+to the front of the waiting queue; when prefilled again its prompt is the original prompt plus
+the tokens it had generated. Each is counted, and so are the recomputed tokens.
+
+**Chunked prefill.** Each iteration has ``max_batched_tokens``: the running decodes take one
+token each, then the partially prefilled requests and then the waiting ones take chunks, first
+come first served, until the budget, ``max_batch_size`` or the free blocks run out. A chunk of
+``c`` tokens after ``d`` tokens already in the cache is charged ``c x (2 d + c)`` attention
+pairs, which sums to ``L^2`` over a whole prompt of ``L``: the model's full-square convention
+(modelspec.py). TTFT ends with the iteration that processes the last chunk. Without chunking a
+prompt is prefilled whole, and admitted only if it fits the iteration's budget.
+
+**Prefix caching.** A request may carry ids of its prompt's blocks of ``hash_tokens`` tokens
+(``g = hash_tokens / b`` KV blocks each; the id of a block stands for its tokens and all tokens
+before it). Its cached prefix is its longest run of leading ids resident on the replica, capped
+so that at least one prompt token is computed; only full blocks are cached. The scheduled
+chunks' full blocks are published at once (as V1's ``allocate_slots`` caches blocks when it
+allocates them). Resident blocks are reference counted; when no request references one it stays
+cached, in LRU order, until space is needed: new blocks come from the free blocks first, then
+from evicting the least recently released cached block. A hit skips the prefill compute of its
+tokens, but the computed tokens still attend to them (the ``2 d`` in the pair count).
+
+**Macro-stepping stays exact.** An iteration with a chunk (or a preemption) is a general
+iteration and its own run; the pure decode iterations after it run as one macro-step until the
+next completion, the hour boundary, the first step short of a block, or (with prefix caching)
+the first step that would evict a block of the waiting head's cached prefix (the one event that
+could let the head in mid-run). A waiting head that does not fit at a boundary cannot fit at a
+later boundary of the same run: batch, budget and hits are constant and the free blocks only
+shrink. ``engine = "iteration"`` runs every iteration as its own run with the same code, and
+tests/test_engine_modes.py holds the two together.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from itertools import islice
+from typing import TYPE_CHECKING
+
+from fleetsim.base.units import HOUR_S
+from fleetsim.serving.kv_blocks import BlockPool
+from fleetsim.serving.request import Request
+
+if TYPE_CHECKING:
+    from fleetsim.serving.admission import EnginePlan
+
+
+class PagedKV(BlockPool):
+    """Paged KV with preemption by recomputation, chunked prefill and prefix caching."""
+
+    __slots__ = ()
+
+    # (the block pool's state is declared in kv_blocks.BlockPool)
+    adm_seq: int
+    chunked: bool
+    wm: int
+
+    def _init_kv(self, cfg: EnginePlan) -> None:
+        kv = cfg.paged
+        assert kv is not None
+        b = kv.block_tokens
+        self.b = b
+        self.mask = b - 1
+        self.NB = kv.blocks
+        self.free = kv.blocks  # blocks holding nothing
+        self.wm = kv.watermark_blocks
+        self.chunked = kv.chunked
+        self.prefix = kv.prefix
+        self.ht = kv.hash_tokens
+        self.g = max(1, kv.hash_tokens // b)
+        self.cache = {}  # resident block id -> references
+        self.lru = OrderedDict()  # unreferenced resident ids, LRU first
+        # decoding sequences by block residue, written twice (cnt2[i] == cnt2[i + b]) so that a
+        # run's partial sum is one slice: sum(cnt2[s : s + rem]) for any s < b, rem <= b
+        self.cnt2 = [0] * (2 * b)
+        self.cum = None  # cumulative(cnt), None when cnt changed
+        self.lb = b.bit_length() - 1  # log2(b)
+        self.adm_seq = 0
+
+    # ---- preemption ---------------------------------------------------------------------------
+    def _preempt_last(self, it: int, after_alloc: bool) -> Request:
+        """Preempt the most recently admitted running request (vLLM V1's policy); ``after_alloc``:
+        the decodes' blocks of iteration ``it`` are already allocated."""
+        self.preempt_it = it
+        victim = self.pre[-1] if self.pre else None
+        dec = None
+        for e in self.heap:
+            r = e[2]
+            if dec is None or r.adm > dec.adm:
+                dec = r
+        if dec is not None and (victim is None or dec.adm > victim.adm):
+            r = dec
+            self._drop(r, r.eff + (it - r.join_it if after_alloc else it - 1 - r.join_it))
+            self.n -= 1
+            self.S -= r.eff - r.join_it
+            self.cnt2[r.rho] -= 1
+            self.cnt2[r.rho + self.b] -= 1
+            self.cum = None
+            self.heap = [e for e in self.heap if e[2] is not r]
+            heapq.heapify(self.heap)
+            r.gen += it - r.join_it
+            r.eff = r.prompt + r.gen
+            if after_alloc:
+                self.budget += 1  # it no longer decodes in this iteration
+            if self.n == 0:
+                self.S = 0.0
+        else:
+            assert victim is not None
+            r = victim
+            self._drop(r, r.done)
+            self.pre.pop()
+        r.done = 0
+        r.preemptions += 1
+        self.waiting.appendleft(r)
+        pod = self.pod
+        if pod.shared_queue is not None:
+            self.outstanding -= 1
+        h = int(self.env._now // HOUR_S)
+        rec = self.rec
+        rec.preemptions[h if h < rec.hours else rec.hours] += 1
+        return r
+
+    # ---- scheduling one iteration -------------------------------------------------------------
+    def _chunk(self, r: Request, c: int, it: int) -> None:
+        """Schedule ``c`` prefill tokens of ``r`` (its blocks already allocated)."""
+        done = r.done
+        self.P += c
+        self.pairs += c * (2.0 * done + c)
+        self.nchunks += 1
+        if r.preemptions:
+            self.re_tok += c
+        nd = done + c
+        r.done = nd
+        ids = r.ids
+        if ids is not None and self.prefix:
+            f = nd // self.ht
+            fmax = min(len(ids), r.prompt // self.ht)
+            if f > fmax:
+                f = fmax
+            if f > r.held:
+                self._register(r, f)
+        if nd == r.eff:  # the last chunk: it decodes from the next iteration on
+            self.pf.append(r)
+            rho = (it + 1 - nd) & self.mask
+            r.rho = rho
+            self.cnt2[rho] += 1
+            self.cnt2[rho + self.b] += 1
+            self.cum = None
+            if r.gen == 0:
+                self.P_first += r.prompt
+                self.hit_tok += r.cached
+
+    def _schedule_running(self, it: int) -> None:
+        """Decodes' blocks, then chunks of the partially prefilled requests (preempting the most
+        recent running requests while blocks are short)."""
+        mask = self.mask
+        n = self.n
+        d = self.cnt2[it & mask] if n else 0
+        if not self.pre and d <= self.free:
+            # the common case: no chunk to continue and the decodes' new blocks (if any) are
+            # free ones (_take inlined)
+            if d:
+                self.free -= d
+            self.budget = self.max_tokens - n
+            return
+        g = self.g
+        if n and d:
+            while d > self.free + g * len(self.lru):
+                self._preempt_last(it, False)
+                d = self.cnt2[it & mask]
+            self._take(d)
+        self.budget = self.max_tokens - self.n
+        b = self.b
+        i = 0
+        pre = self.pre
+        while i < len(pre) and self.budget > 0:
+            r = pre[i]
+            done = r.done
+            rem = r.eff - done
+            budget = self.budget
+            c = rem if rem < budget else budget
+            need = -(-(done + c) // b) - -(-done // b)
+            preempted = False
+            while need > self.free + g * len(self.lru):
+                if self._preempt_last(it, True) is r:
+                    preempted = True
+                    break
+            if preempted:
+                break
+            self._take(need)
+            self.budget -= c
+            self._chunk(r, c, it)
+            i += 1
+
+    def _admit(self, it: int) -> None:
+        """Admit waiting requests, first come first served, into iteration ``it``."""
+        w = self.waiting
+        shared = self.pod.shared_queue is not None
+        nt = self.n + len(self.pre)
+        budget = self.budget
+        b, g = self.b, self.g
+        max_batch = self.max_batch
+        chunked, prefix = self.chunked, self.prefix
+        while w and nt < max_batch and budget > 0:
+            r = w[0]
+            if r.ids is not None and prefix:
+                c = self._admit_head(r, it, nt, budget)
+                if not c:
+                    break
+                if shared:
+                    self.outstanding += 1
+                budget -= c
+                nt += 1
+                continue
+            # no prefix-cache path: _admit_head, _take and _chunk hand-inlined (the default
+            # scenario's requests carry no block ids); the same operations in the same order
+            eff = r.eff
+            c = eff
+            if eff > budget:
+                if not chunked:
+                    break
+                c = budget
+            need = -(-c // b)  # kv_blocks_for(c)
+            free = self.free
+            lru = self.lru
+            if need > free + (g * len(lru) if lru else 0) - (self.wm if nt else 0):
+                break
+            w.popleft()
+            if shared:
+                self.outstanding += 1
+            # (r.held is 0 and r.cached stays 0: it holds no cached blocks on this path)
+            pre_n = r.preemptions
+            self.adm_seq += 1
+            r.adm = self.adm_seq
+            self.pre.append(r)
+            if need <= free:
+                self.free = free - need
+            else:
+                self._take(need)
+            self.P += c
+            self.pairs += c * (2.0 * 0 + c)
+            self.nchunks += 1
+            if pre_n:
+                self.re_tok += c
+            r.done = c
+            if c == eff:  # the last chunk: it decodes from the next iteration on
+                self.pf.append(r)
+                rho = (it + 1 - c) & self.mask
+                r.rho = rho
+                cnt2 = self.cnt2
+                cnt2[rho] += 1
+                cnt2[rho + b] += 1
+                self.cum = None
+                if r.gen == 0:
+                    self.P_first += r.prompt
+                    self.hit_tok += r.cached
+            budget -= c
+            nt += 1
+        self.budget = budget
+
+    def _admit_head(self, r: Request, it: int, nt: int, budget: int) -> int:
+        """Admit ``r``, the queue's head, into iteration ``it`` (``nt`` sequences and
+        ``budget`` tokens left) with its cached prefix, and schedule its first chunk: the
+        chunk's tokens, or 0 if it does not fit (it stays at the head)."""
+        H, ev = self._lookup(r)
+        c, need = self._head_chunk(r, H, budget)
+        if not c or need > self.free + self.g * (len(self.lru) - ev) - (self.wm if nt else 0):
+            return 0
+        done = H * self.ht
+        self.waiting.popleft()
+        if H:
+            assert r.ids is not None
+            self._acquire(r.ids, H)
+        r.held = H
+        r.done = done
+        if r.gen == 0 and r.preemptions == 0:
+            r.cached = done
+        self.adm_seq += 1
+        r.adm = self.adm_seq
+        self.pre.append(r)
+        self._take(need)
+        self._chunk(r, c, it)
+        return c
+
+    def _fits_now(self, r: Request) -> bool:
+        """Whether ``r`` (the queue's head) would be admitted into the iteration being planned
+        (the test of :meth:`_admit`)."""
+        if self.preempt_it == self.it and (self.n or self.nchunks):
+            return False  # the rule of plan(): nothing joins a step that preempted
+        return self._head_fits(r, self.n + len(self.pre), self.budget, 0)
+
+    def _fit_at(self, r: Request, n: int, x: int) -> bool:
+        """Whether ``r``, the queue's head, would be admitted at a boundary of the current pure
+        decode run of ``n`` sequences by which the decodes have taken ``x`` more blocks."""
+        return self._head_fits(r, n, self.max_tokens - n, x)
+
+    def _head_chunk(self, r: Request, H: int, budget: int) -> tuple[int, int]:
+        """``r``'s next chunk when ``H`` of its leading blocks are cached and ``budget`` tokens
+        are left: (its tokens, the blocks it needs beyond the cached ones), (0, 0) if none."""
+        done = H * self.ht
+        rem = r.eff - done
+        if rem <= budget:
+            c = rem
+        elif self.chunked:
+            c = budget
+        else:
+            return 0, 0
+        return c, -(-(done + c) // self.b) - H * self.g  # kv_blocks_for(done + c) - cached
+
+    def _head_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
+        """Whether ``r``, the queue's head, joins an iteration with ``n`` sequences and
+        ``budget`` tokens left, once the decodes have taken ``x`` more blocks than now (free
+        blocks first, then the least recently used cached ones, perhaps some of ``r``'s cached
+        prefix)."""
+        if n >= self.max_batch or budget <= 0:
+            return False
+        H, ev = self._lookup(r) if r.ids is not None else (0, 0)
+        g = self.g
+        over = x - self.free
+        if over > 0 and ev:
+            gone = set(islice(self.lru, -(-over // g)))
+            ids = r.ids
+            assert ids is not None
+            cache = self.cache
+            h = e = 0
+            while h < H:
+                key = ids[h]
+                if key in gone:
+                    break
+                if cache[key] == 0:
+                    e += 1
+                h += 1
+            H, ev = h, e
+        c, need = self._head_chunk(r, H, budget)
+        if not c:
+            return False
+        avail = self.free + g * (len(self.lru) - ev) - x
+        return need <= avail - (self.wm if n else 0)
+
+    # ---- the run and its commit ---------------------------------------------------------------
+    def _run_length(self, it: int, n1: int, k: int) -> int:
+        """A pure decode run of ``n1`` sequences from iteration ``it + 1`` ends at the first
+        step short of a free block (the next iteration preempts), or at once if the waiting
+        head would join at its first boundary (it cannot join at a later one: the free blocks
+        only shrink), or with prefix caching at the step that would evict a block of the
+        head's cached prefix."""
+        w = self.waiting
+        if w and self._fit_at(w[0], n1, self.cnt2[(it + 1) & self.mask]):
+            return 1
+        free = self.free
+        lru = self.lru
+        avail = free + self.g * len(lru) if lru else free
+        # no sequence needs more than ((k - 1) >> lb) + 1 new blocks in k - 1 steps
+        worst = n1 * (((k - 1) >> self.lb) + 1)
+        if avail < worst or (w and lru and free < worst):
+            if w and lru:
+                avail = self._head_cap(avail, it + 1, n1, k - 1)
+            m = self._short(it + 1, n1, avail)
+            if m < k:
+                k = m
+        return k
+
+    def _commit_kv(self, j: int, it0: int, n: int, x: int, h: int, dt: float) -> None:
+        """Take the blocks the ``n`` sequences' decode steps ``1 .. j - 1`` opened (``x`` if
+        known, >= 0), and add the blocks in use x ``dt`` to hour ``h``."""
+        mask = self.mask
+        if j > 1:  # _blocks and _take's common case, inlined
+            if x < 0:
+                m = j - 1
+                x = (m >> self.lb) * n
+                rem = m & mask
+            else:
+                rem = 0
+            if rem:
+                # blocks_in's partial sum as a slice of cnt2, not prefix sums: cnt2 changes
+                # about twice per request and rebuilding ``cum`` (2 b + 1 ints) cost more
+                s0 = (it0 + 1) & mask
+                x += sum(self.cnt2[s0 : s0 + rem])
+            free = self.free
+            if x <= free:
+                self.free = free - x
+            else:
+                self._take(x)
+        # KV in use over the committed iterations (blocks after their allocations x time)
+        lru = self.lru  # (empty without prefix caching: no len() call then)
+        used = self.NB - self.free - (self.g * len(lru) if lru else 0)
+        self.rec.kv_block_s[h] += used * dt
+
+    def _leave_decode(self, r: Request, f: int) -> int:
+        """``r`` (its last iteration ``f``) leaves the decode set: the KV tokens it holds."""
+        rho = r.rho
+        cnt2 = self.cnt2
+        cnt2[rho] -= 1
+        cnt2[rho + self.b] -= 1
+        self.cum = None
+        return r.eff + f - r.join_it  # the last token's KV is never written
+
+    def _free_kv(self, r: Request, f: int) -> None:
+        tokens = r.eff + f - r.join_it  # the last token's KV is never written
+        # _leave_decode, inlined: once per request (see core._finish_due)
+        rho = r.rho
+        cnt2 = self.cnt2
+        cnt2[rho] -= 1
+        cnt2[rho + self.b] -= 1
+        self.cum = None
+        ids = r.ids
+        if r.session is not None and ids is not None and self.prefix:
+            # a session turn's ids cover its answer too: keep the answer's full blocks
+            full = tokens // self.ht
+            self._register(r, full if full < len(ids) else len(ids))
+        if r.held:
+            self._drop(r, tokens)
+        else:
+            self.free += -(-tokens // self.b)  # kv_blocks_for(tokens)
+
+    def _keep_kv(self, r: Request, f: int) -> None:
+        """A prefill replica's hand-off: its blocks and its references to cached prefix blocks
+        stay until :meth:`_release_kv`."""
+        r.kv_tokens = self._leave_decode(r, f)  # type: ignore[attr-defined]
+        r.kv_held = r.held  # type: ignore[attr-defined]
+        r.held = 0
+
+    def _release_kv(self, r: Request) -> None:
+        r.held = r.kv_held  # type: ignore[attr-defined]
+        self._drop(r, r.kv_tokens)  # type: ignore[attr-defined]
+        r.kv_held = 0  # type: ignore[attr-defined]
+
+    def _fit_cut(self, r: Request, j: int) -> int:
+        """The first boundary ``>= j`` of the current run at which ``r`` joins (-1: none
+        before the run's end); sets ``cut_x``, the blocks of the cut's decode steps."""
+        k = self.k
+        n1 = self.n + len(self.pf)
+        it1 = self.it + 1
+        prefix = self.prefix
+        if r.ids is None or not prefix:
+            # no prefix-cache path: _blocks and _fit_at hand-inlined (once per arrival that
+            # finds the replica busy); the same integer tests as theirs
+            if n1 >= self.max_batch:
+                return -1
+            budget = self.max_tokens - n1
+            if budget <= 0:
+                return -1
+            mask = self.mask
+            x = (j >> self.lb) * n1
+            rem = j & mask
+            if rem:  # blocks_in's partial sum as a slice of cnt2 (see _commit)
+                s = it1 & mask
+                x += sum(self.cnt2[s : s + rem])
+            eff = r.eff
+            if eff > budget:
+                if not self.chunked:
+                    return -1
+                eff = budget
+            lru = self.lru
+            avail = self.free + (self.g * len(lru) if lru else 0) - x
+            if -(-eff // self.b) > avail - (self.wm if n1 else 0):
+                return -1
+            # the blocks of the cut's j - 1 decode steps, for _commit (the last one's are taken
+            # when the run from boundary j is planned)
+            self.cut_x = x - self.cnt2[(it1 + j - 1) & mask]
+            return j
+        self.cut_x = -1
+        if self._fit_at(r, n1, self._blocks(it1, j, n1)):
+            return j
+        return self._evicting_cut(r, j, k, n1, it1)
+
+    # ---- the decode role (serving/roles.py) ----------------------------------------------------
+    def _taken(self, j: int, n1: int) -> int:
+        return self._blocks(self.it + 1, j, n1)
+
+    def _join_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
+        """Whether ``r``, whose prompt KV arrived, joins a boundary with ``n`` sequences,
+        ``budget`` tokens left and ``x`` blocks taken by the decodes since now: its prompt's
+        blocks and the one its first decode step may open, ``prompt // b + 1`` (=
+        kv_blocks_for(prompt + 1)), above the watermark when others run."""
+        if n >= self.max_batch or budget <= 0:
+            return False
+        avail = self.free + self.g * len(self.lru) - x
+        return (r.eff >> self.lb) + 1 <= avail - (self.wm if n else 0)
+
+    def _join_kv(self, r: Request, it: int) -> None:
+        """Take the blocks of ``r``'s arrived KV; it decodes from iteration ``it`` on."""
+        p = r.eff
+        self._take((p >> self.lb) + 1)
+        self.adm_seq += 1
+        r.adm = self.adm_seq
+        r.done = p
+        rho = (it - p) & self.mask
+        r.rho = rho
+        self.cnt2[rho] += 1
+        self.cnt2[rho + self.b] += 1
+        self.cum = None
