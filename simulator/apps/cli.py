@@ -227,7 +227,8 @@ class _Version(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         from fleetsim.base.version import __version__
 
-        parser.exit(message=f"fleetsim {__version__}\n")
+        print(f"fleetsim {__version__}")  # (on stdout, as argparse's version action)
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
