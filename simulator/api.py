@@ -268,7 +268,8 @@ def plan(
     """The capacity plan of ``fleetsim plan``: ``plan.parquet``'s table (candidates ranked by
     the day's cost) and the best candidate's schedule (``schedule.json``'s content, or None)."""
     from fleetsim.apps.executors import make_executor
-    from fleetsim.apps.plan import Slo, make_candidates, plan_fleet
+    from fleetsim.apps.plan import make_candidates, plan_fleet
+    from fleetsim.apps.plan_search import Slo
 
     sc = load(scenario, overrides)
     src = sc._source

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass
@@ -365,3 +366,18 @@ class CsvText:
     def row(self, i: int) -> list[str]:
         """Data row ``i``'s fields (for an error message)."""
         return [str(c[i].as_py()) for c in self.columns]
+
+
+def json_safe(obj):
+    """``obj`` with NaN and infinities as None, numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return obj

@@ -379,7 +379,9 @@ def _check_request_sizes(
     tr = sc.traffic
     trace_max: dict[str, int] = {}
     for d in (tr.prompt, tr.output):
-        if isinstance(d, Empirical):
+        if isinstance(d, Empirical):  # (workload.sampling reads traces: imported for them only)
+            from fleetsim.workload.sampling import trace_columns_max
+
             trace_max.update(trace_columns_max(d.file, src))
             if d.column not in trace_max:  # (checked here, before anything is simulated)
                 from fleetsim.workload.sampling import _trace_column

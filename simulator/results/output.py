@@ -26,30 +26,48 @@ import signal
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from fleetsim.base.errors import UserError
 
-REQUEST_SCHEMA = pa.schema(
-    [
-        ("request_id", pa.int64()),
-        ("arrival_s", pa.float64()),
-        ("replica", pa.int32()),
-        ("prompt_tokens", pa.int32()),
-        ("output_tokens", pa.int32()),
-        ("first_token_s", pa.float64()),
-        ("finish_s", pa.float64()),
-        ("ttft_s", pa.float64()),
-        ("tpot_s", pa.float64()),
-        ("e2e_s", pa.float64()),
-        ("cached_prompt_tokens", pa.int32()),  # served from the prefix cache (paged engine)
-        ("preemptions", pa.int32()),
-        ("status", pa.dictionary(pa.int8(), pa.string())),
-    ]
-)
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow is imported where a table is written or read, not with this module: the output
+# folder rule serves every command, and `validate` writes no table (start-up time)
+
+
+@cache
+def request_schema() -> pa.Schema:
+    """The schema of requests.parquet."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("request_id", pa.int64()),
+            ("arrival_s", pa.float64()),
+            ("replica", pa.int32()),
+            ("prompt_tokens", pa.int32()),
+            ("output_tokens", pa.int32()),
+            ("first_token_s", pa.float64()),
+            ("finish_s", pa.float64()),
+            ("ttft_s", pa.float64()),
+            ("tpot_s", pa.float64()),
+            ("e2e_s", pa.float64()),
+            ("cached_prompt_tokens", pa.int32()),  # served from the prefix cache (paged engine)
+            ("preemptions", pa.int32()),
+            ("status", pa.dictionary(pa.int8(), pa.string())),
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REQUEST_SCHEMA":  # (the module's constant before pyarrow became lazy)
+        return request_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _TMP_PREFIX = ".fleetsim-tmp-"
 _UMASK = os.umask(0)
@@ -108,6 +126,8 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | N
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
+    import pyarrow.parquet as pq
+
     _write_atomic(path, lambda fh: pq.write_table(table, fh))
 
 
@@ -123,6 +143,8 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The fleetsim key-value metadata of a Parquet file we wrote."""
+    import pyarrow.parquet as pq
+
     from fleetsim.base.io import open_binary
 
     with open_binary(path, "") as fh:
@@ -138,13 +160,15 @@ class RequestWriter:
         fd, self.tmp = _temp_file(self.path)
         self._fh = os.fdopen(fd, "wb")
         self.rows_per_group = rows_per_group
+        import pyarrow.parquet as pq
+
         try:
-            self._writer = pq.ParquetWriter(self._fh, REQUEST_SCHEMA)
+            self._writer = pq.ParquetWriter(self._fh, request_schema())
         except BaseException:
             self._fh.close()
             self.tmp.unlink(missing_ok=True)
             raise
-        self._cols: list[list] = [[] for _ in REQUEST_SCHEMA.names]
+        self._cols: list[list] = [[] for _ in request_schema().names]
         self.rows = 0
 
     def add(
@@ -177,16 +201,19 @@ class RequestWriter:
     def _flush(self) -> None:
         if not self._cols[0]:
             return
+        import pyarrow as pa
+
+        schema = request_schema()
         arrays = [
             pa.array(col, type=f.type)
             if f.name != "status"
             else pa.array(col, type=pa.string()).dictionary_encode()
-            for col, f in zip(self._cols, REQUEST_SCHEMA)
+            for col, f in zip(self._cols, schema)
         ]
-        arrays[-1] = arrays[-1].cast(REQUEST_SCHEMA.field("status").type)
-        self._writer.write_table(pa.Table.from_arrays(arrays, schema=REQUEST_SCHEMA))
+        arrays[-1] = arrays[-1].cast(schema.field("status").type)
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
         self.rows += len(self._cols[0])
-        self._cols = [[] for _ in REQUEST_SCHEMA.names]
+        self._cols = [[] for _ in schema.names]
 
     def close(self, metadata: dict[str, str] | None = None) -> None:
         """Finish the file and move it into place (on any failure, drop the partial file)."""
