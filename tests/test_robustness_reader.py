@@ -58,6 +58,9 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("simulator/device/catalog/__init__.py", "_load", "tomllib.load"): (
         "parses that packaged catalog file"
     ),
+    ("simulator/device/catalog/__init__.py", "kernel", ".open"): (
+        "reads one GPU's table of the packaged kernels.toml (importlib.resources), no user path"
+    ),
     ("calibrate/power.py", "RaplMeter.__init__", ".read_text"): (
         "reads the kernel's RAPL counters under /sys/class/powercap, no user path"
     ),
