@@ -68,3 +68,46 @@ def test_reserve_never_preempts_and_conserves_requests():
     status, pre, _, _ = _cols(run)
     assert T["preemptions"] == T["recomputed_tokens"] == pre.sum() == 0
     assert (status == "completed").sum() + (status == "in_flight").sum() == T["requests_arrived"]
+
+
+def test_a_long_prompt_waits_until_its_whole_sequence_fits(tmp_path):
+    """vLLM's full-ISL admission gate (``scheduler_reserve_full_isl``): a 6,000-token prompt
+    under a 4,096-token budget arrives while a 3,000-token request decodes on a 500-block
+    replica. Its first chunk (4,095 tokens, 256 blocks) would fit the ~310 free blocks, its whole
+    prompt (375 blocks) not: it waits, unpreempted, until the first request has finished.
+    (Admitted on its first chunk, its second chunk found no blocks and it was preempted, and
+    re-admitted and preempted again, until the first request finished.)"""
+    from conftest import ListSink, resolved
+    from test_theory import write_profile
+
+    from fleetsim.apps.simulate import simulate as run_resolved
+    from fleetsim.device.modelspec import model_from_catalog
+
+    m = model_from_catalog("llama-3.1-8b")
+    prof = write_profile(
+        tmp_path / "lin.json",
+        base_s=0.01,
+        prefill_base_s=0.002,
+        per_prefill_token_s=1e-5,
+        per_seq_s=1e-4,
+        per_context_token_s=1e-7,
+        mem_bytes=(m.weight_bytes + 500 * 16 * m.kv_bytes_per_token + 1e6) / 0.9,
+    )
+    trace = tmp_path / "two.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n1.0,3000,1000\n1.5,6000,5\n")
+    d = {
+        "simulation": {"hours": 1},
+        "model": {"name": "llama-3.1-8b"},
+        "hardware": {"profile": prof},
+        "fleet": {"max_batched_tokens": 4096, "activation_reserve_bytes": 0},
+        "traffic": {"trace": str(trace)},
+    }
+    rs = resolved(d)
+    assert rs.kv.blocks == 500
+    sink = ListSink()
+    res = run_resolved(rs, request_sink=sink)
+    first, second = sorted(sink.rows.values(), key=lambda r: r[0])
+    assert first[6] == second[6] == "completed"
+    assert res.totals.preemptions == 0
+    assert res.totals.recomputed_tokens == 0
+    assert second[4] > first[5]  # its first token comes after the first request has finished
