@@ -45,7 +45,7 @@ def measure(kv: str, hours: int | None = None) -> dict[str, float]:
     horizon_s = sc.simulation.hours * 3600.0
     replica_h = sc.fleet.replicas * sc.fleet.pods * sc.simulation.hours
     recomputed = T["recomputed_tokens"]
-    kv_use = run.hourly.column("kv_utilization").to_numpy()
+    kv_use = run.hourly.column("kv_utilization").to_numpy()  # (paged only; 0 under reserve)
     return {
         "arrived": float(len(status)),
         "completed": float(done.sum()),
@@ -60,6 +60,10 @@ def measure(kv: str, hours: int | None = None) -> dict[str, float]:
         if recomputed
         else 0.0,
         "tokens_per_readmission": recomputed / max(1.0, float(pre.sum())),
+        # the victims' prompts (weighted by their preemptions): what a victim had generated
+        # when preempted is about tokens_per_readmission - this
+        "victim_prompt_mean": float((pre * prompt).sum()) / max(1.0, float(pre.sum())),
+        "mean_batch_seqs": T["batch_occupancy"] * sc.fleet.max_batch_size,
         "preempted_completed_share": float((pre[done] > 0).mean()) if done.any() else 0.0,
         "max_preemptions_one_request": float(pre.max()) if len(pre) else 0.0,
         "kv_use_mean": float(np.mean(kv_use)),
