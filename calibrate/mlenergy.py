@@ -24,8 +24,9 @@ serves every power fit (:func:`fit_power`, leave-one-model-out in :func:`evaluat
 Models are found as ``data/models/ORG/NAME/config.json`` (read by :mod:`fleetsim.config.hf`);
 where that folder has none, :data:`BUILTIN_ARCH` holds the two Qwen3 models the reader already
 expresses. A configuration is skipped, with its reason, when the model's config is missing or not
-expressible, when the task needs a vision encoder (image-chat, video-chat), or when it uses data
-or expert parallelism (one DP engine per rank; not simulated here).
+expressible, or when the task needs a vision encoder (image-chat, video-chat). Expert- and
+data-parallel servers are one replica of ``num_gpus`` GPUs (``fleet.data_parallel``,
+``fleet.expert_parallel``; see :mod:`fleetsim.device.moe`).
 """
 
 from __future__ import annotations
@@ -300,8 +301,6 @@ def skip_reason(c: Config) -> str:
     """Why ``c`` is not simulated ('' when it is)."""
     if c.task not in TEXT_TASKS:
         return f"task {c.task} needs a vision encoder"
-    if c.dp > 1 or c.ep > 1:
-        return "data/expert parallelism not simulated"
     if c.gpu_model not in GPUS:
         return f"GPU {c.gpu_model} not in the catalog"
     if not c.hist_counts or sum(c.hist_counts) == 0:
@@ -424,7 +423,13 @@ def scenario_dict(c: Config, trace: str, hours: int, engine: str = "macro") -> d
         "fleet": {
             "replicas": 1,
             "pods": 1,
-            "tensor_parallel": c.tp,
+            # the benchmark launches vLLM with --tensor-parallel-size num_gpus, or with
+            # --data-parallel-size num_gpus when its config sets data-parallel-size (ml-energy/
+            # benchmark spawn_vllm); the CSV's tensor_parallel = 1 under expert parallelism is
+            # the toolkit's default, not the launch. max_num_seqs is the server's total.
+            "tensor_parallel": c.num_gpus // c.dp,
+            "data_parallel": c.dp,
+            "expert_parallel": c.ep > 1,
             "max_batch_size": c.max_num_seqs,
             "max_batched_tokens": MAX_BATCHED_TOKENS,
             "kv_allocation": "paged",
@@ -455,7 +460,7 @@ def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
     from fleetsim.serving.pod import Pod
 
     t0 = time.perf_counter()
-    out = SimRun(c.key, tp=c.tp)
+    out = SimRun(c.key, tp=c.num_gpus)
     rng = np.random.default_rng(np.random.SeedSequence([seed, c.config_index, len(c.source_file)]))
     n = c.num_requests
     outs = draw_outputs(c, n, rng)
@@ -486,8 +491,8 @@ def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
         k * prompt, float(k * prompt * prompt), k, 0, 0.0
     )
     out.prefill_u = (
-        f_pf / (t_pf * c.tp * out.peak_flops),
-        b_pf / (t_pf * c.tp * out.peak_bw),
+        f_pf / (t_pf * c.num_gpus * out.peak_flops),
+        b_pf / (t_pf * c.num_gpus * out.peak_bw),
     )
     m = c.max_num_seqs
     first = np.sort(np.asarray(sink.first))
@@ -721,7 +726,10 @@ def evaluate(pairs: Sequence[tuple[Config, SimRun]], fit: bool = True) -> list[R
             train = [
                 (cc, rr)
                 for cc, rr in pairs
-                if cc.gpu_model == c.gpu_model and cc.model_id != c.model_id and not cc.suspect
+                if cc.gpu_model == c.gpu_model
+                and cc.model_id != c.model_id
+                and not cc.suspect
+                and not cc.moe_or_ep
             ]
             if train:
                 p = _cached_fit(tuple(id(rr) for _, rr in train), train, base)
@@ -877,11 +885,12 @@ def implied_prompts(
 def fit_all(
     pairs: Sequence[tuple[Config, SimRun]],
 ) -> dict[str, tuple[PowerSpec, int, list[str]]]:
-    """The power model of each GPU fitted to all its non-suspect dense rows:
+    """The power model of each GPU fitted to all its non-suspect dense rows (MoE and
+    expert-parallel rows are reported, not fitted: their step times are not yet validated):
     ``{gpu_model: (PowerSpec, rows, models)}``."""
     out = {}
     for g in sorted({c.gpu_model for c, _ in pairs}):
-        train = [(c, r) for c, r in pairs if c.gpu_model == g and not c.suspect]
+        train = [(c, r) for c, r in pairs if c.gpu_model == g and not c.suspect and not c.moe_or_ep]
         if not train:
             continue
         base = catalog_power(g)
@@ -901,7 +910,7 @@ def fit_all(
 
 
 def write_profiles(
-    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "iteration"
+    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro"
 ) -> list[str]:
     """``fleetsim calibrate --from-mlenergy DIR --out OUT``: simulate DIR's expressible
     configurations, fit each GPU's power model to its non-suspect rows and write
@@ -932,7 +941,11 @@ def write_profiles(
     lines = []
     for g, (p, n, models) in fits.items():
         name = GPUS[g]
-        lomo = [r for r in rows if r.config.gpu_model == g and not r.config.suspect]
+        lomo = [
+            r
+            for r in rows
+            if r.config.gpu_model == g and not r.config.suspect and not r.config.moe_or_ep
+        ]
         st = {k: stats(r.err()[k] for r in lomo) for k in ("w_per_gpu", "j_per_token")}
         power = {
             "idle_w": p.idle_w,

@@ -179,7 +179,7 @@ def sim_scenario(
     model = {
         f.name: getattr(spec, f.name)
         for f in dataclasses.fields(spec)
-        if f.name not in ("kv_dtype",)
+        if f.name not in ("kv_dtype", "derived") and getattr(spec, f.name) is not None
     }
     model["name"] = f"{spec.name}-replay"  # inline architecture (the layers actually built)
     return {

@@ -215,7 +215,9 @@ def test_cli_standalone_quick(tmp_path):
     pytest.importorskip("torch")
     spec_file = tmp_path / "small.toml"
     fields = {
-        k: v for k, v in dataclasses.asdict(SMALL).items() if k not in ("name", "dtype", "kv_dtype")
+        k: v
+        for k, v in dataclasses.asdict(SMALL).items()
+        if k not in ("name", "dtype", "kv_dtype", "derived") and v is not None
     }
     spec_file.write_text(
         "".join(

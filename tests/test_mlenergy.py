@@ -128,10 +128,17 @@ def test_skip_reasons_name_what_is_missing():
     _, skipped = M.select(configs)
     reasons = {why for _, why in skipped}
     assert "task image-chat needs a vision encoder" in reasons
-    assert "data/expert parallelism not simulated" in reasons
+    assert "task video-chat needs a vision encoder" in reasons
     run, _ = M.select(configs)
     assert {c.model_id for c in run} >= {"Qwen/Qwen3-8B", "Qwen/Qwen3-14B"}
-    assert all(c.task in M.TEXT_TASKS and c.dp == 1 and c.ep == 1 for c in run)
+    assert all(c.task in M.TEXT_TASKS for c in run)
+    assert len(run) + len(skipped) == len(configs)
+    # a model without a config.json is skipped with that reason
+    assert M.model_section("acme/none", "bfloat16")[1] == (
+        "acme/none: no data/models/acme/none/config.json"
+    )
+    # expert- and data-parallel servers are simulated (tp x dp GPUs, issue 22)
+    assert any(c.ep > 1 and c.dp == 1 for c in run) and any(c.dp > 1 for c in run)
 
 
 # -- one simulated run -------------------------------------------------------------------------

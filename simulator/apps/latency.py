@@ -1,6 +1,6 @@
 """``fleetsim latency``: the predicted time of one iteration and its parts.
 
-    fleetsim latency --gpu G --model NAME|FILE.toml --tp N
+    fleetsim latency --gpu G --model NAME|FILE.toml|config.json --tp N
                      (--batch B[,B...] --context C | --prefill-tokens P[,P...]) [--json]
 
 ``--batch B --context C`` is a decode step of B sequences each attending C tokens;
@@ -38,9 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpu", required=True, help="catalog GPU, e.g. h100-sxm")
     p.add_argument(
-        "--model", required=True, help="catalog model name, or a TOML file of [model] fields"
+        "--model",
+        required=True,
+        help="catalog model name, a TOML file of [model] fields, or a Hugging Face config.json "
+        "(or its folder)",
     )
     p.add_argument("--tp", type=int, default=1, help="tensor parallelism (default 1)")
+    p.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data-parallel attention engines of --tp GPUs each (vLLM --data-parallel-size)",
+    )
+    p.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="experts whole on the tp x dp GPUs (vLLM --enable-expert-parallel)",
+    )
     p.add_argument("--dtype", default=None, help="weight dtype (default: the model's, or bf16)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--batch", help="decode: sequences per step, comma-separated list")
@@ -59,11 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model(arg: str, dtype: str | None):
     from fleetsim.config.aggregated import model_spec
+    from fleetsim.config.hf import hf_id_error
     from fleetsim.config.loading import read_toml, scenario_from_dict
     from fleetsim.device import catalog
 
     path = Path(arg)
-    if arg.endswith(".toml") or path.exists():
+    if path.is_dir() and (path / "config.json").exists():
+        path = path / "config.json"  # a model folder (a Hugging Face snapshot)
+    if path.suffix == ".json":  # a Hugging Face config.json
+        section: dict = {"config": str(path.absolute())}
+    elif arg.endswith(".toml") or path.exists():
         if not path.exists():
             raise UserError(f"--model = {arg!r}: no such file")
         data, _ = read_toml(path)
@@ -72,6 +91,9 @@ def _model(arg: str, dtype: str | None):
     elif arg in catalog.models():
         section = {"name": arg}
     else:
+        err = hf_id_error(arg, "--model")
+        if err is not None:
+            raise err
         section = {"name": arg}  # model_spec names the catalog and suggests a close name
     if dtype:
         section["dtype"] = dtype
@@ -82,7 +104,8 @@ def _model(arg: str, dtype: str | None):
 def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
-    from fleetsim.device.latency import LatencyModel, compute_peak
+    from fleetsim.device.latency import LatencyModel, RooflineProfile, compute_peak
+    from fleetsim.device.moe import layout_problem
     from fleetsim.device.profile import catalog_profile
 
     model = _model(args.model, args.dtype)
@@ -91,6 +114,12 @@ def rows(args: argparse.Namespace) -> list[dict]:
     problem = model.tp_problem(args.tp)
     if problem:
         raise ScenarioError("--tp", args.tp, problem, model.tp_fix(args.tp))
+    split = layout_problem(model, args.tp, args.dp, args.expert_parallel)
+    if split:
+        flag = {"tensor_parallel": "--tp", "data_parallel": "--dp"}.get(
+            split[0], "--expert-parallel"
+        )
+        raise ScenarioError(flag, split[1], split[2], split[3])
     from fleetsim.config.schema import FleetSection
     from fleetsim.device.stack import apply_stack
 
@@ -100,13 +129,13 @@ def rows(args: argparse.Namespace) -> list[dict]:
         args.gpu,
         FleetSection().max_batch_size,
     )
-    if model.weight_bytes >= args.tp * profile.mem_bytes:
+    if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
-            f"fit in {args.tp} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 bytes, as validate); "
-            "raise --tp"
+            f"fit in {args.tp * max(args.dp, 1)} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 "
+            "bytes, as validate); raise --tp"
         )
-    lat = LatencyModel(model, profile, args.tp)
+    lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
     out = []
     if args.batch is not None:
@@ -136,7 +165,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
         # or not it is the bound; memory: the rest of the kernel time (HBM traffic beyond the
         # compute, kernel floors). They add up with the all-reduces and the overhead to the
         # model's total.
-        eff = profile.compute_eff_max
+        eff = profile.compute_eff_max if isinstance(profile, RooflineProfile) else 1.0
         att_flops = (pairs + ctx) * model.attn_flops_per_pair
         t_c = (flops - att_flops) / (p_lin * eff) + att_flops / (p16 * eff)
         busy = max(total - overhead - comm, 0.0)
@@ -163,6 +192,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "overhead_s": overhead,
                 "flops": flops,
                 "bytes": nbytes,
+                "dp": args.dp,
+                "expert_parallel": args.expert_parallel,
+                # the named parts of total_s (LatencyModel.breakdown), seconds
+                "parts_s": lat.breakdown(p, float(pairs), seqs if not b else 0, b, float(ctx)),
             }
         )
     return out
@@ -192,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # the parts: every *_s field the model returns besides the total, in its order (parts that
     # a model adds appear without an edit here)
-    parts = [k for k in r0 if k.endswith("_s") and k != "total_s"]
+    parts = [k for k in r0 if k.endswith("_s") and k not in ("total_s", "parts_s")]
     headers = ["phase", "tokens", "context", "total ms"]
     headers += [k[:-2].replace("_", " ") + " ms" for k in parts] + ["bound"]
     cells = [
@@ -207,6 +240,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "even when memory bounds the step); memory: the rest of the kernel time; bound: the "
         "larger of the FLOP and byte times",
         highlight=False,
+    )
+    # the named parts of the layer stack (attention, dense MLP, MoE dispatch / grouped GEMM /
+    # combine, all-reduce, overhead: LatencyModel.breakdown), those that any row uses
+    names = [k for k in res[0]["parts_s"] if any(r["parts_s"].get(k, 0.0) > 0.0 for r in res)]
+    print_table(
+        c,
+        "parts (ms)",
+        ["tokens", *names],
+        [
+            [f"{r['tokens']:,}"] + [f"{r['parts_s'].get(k, 0.0) * 1e3:.3f}" for k in names]
+            for r in res
+        ],
     )
     return 0
 

@@ -27,6 +27,7 @@ from fleetsim.config.schema import Scenario, TrafficSection
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import ModelSpec, model_from_catalog
+from fleetsim.device.moe import layout_problem, replica_weight_bytes
 from fleetsim.workload.distributions import Empirical
 
 
@@ -50,22 +51,27 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
     }
     required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
     if m.config is not None:  # a Hugging Face config.json; inline fields override it
-        from fleetsim.config.hf import read_hf_config
+        from fleetsim.config.hf import read_hf_config_named
         from fleetsim.workload.sampling import _resolve_path
 
         path = _resolve_path(m.config, src)
-        arch = read_hf_config(path, src, m.config)
+        arch, file_name = read_hf_config_named(path, src, m.config)
         file_dtype = arch.pop("dtype", None)
         dtype = m.dtype if "dtype" in m.model_fields_set or file_dtype is None else file_dtype
-        name = m.name if "name" in m.model_fields_set else path.parent.name or path.stem
+        name = m.name if "name" in m.model_fields_set else file_name
         spec = ModelSpec(name=name, dtype=dtype, kv_dtype=m.kv_dtype, **{**arch, **inline})
     elif m.name in catalog.models():
         spec = model_from_catalog(m.name, m.dtype)
         if inline or m.kv_dtype:
-            spec = replace(spec, **inline, kv_dtype=m.kv_dtype)
+            spec = spec.evolve(**inline, kv_dtype=m.kv_dtype)
     else:
         missing = [k for k in required if k not in inline]
         if missing:
+            from fleetsim.config.hf import hf_id_error
+
+            err = hf_id_error(m.name, "model.name", src)
+            if err is not None:
+                raise err
             close = closest(m.name, catalog.models())
             hint = f"did you mean {close!r}? " if close else ""
             raise ScenarioError(
@@ -76,11 +82,14 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
                 src,
             )
         spec = ModelSpec(name=m.name, dtype=m.dtype, kv_dtype=m.kv_dtype, **inline)
-    if spec.d_model % spec.n_heads or spec.n_heads % spec.n_kv_heads:
+    # d_model must divide by n_heads only where head_dim is derived from it (Qwen3, Gemma 3
+    # and gpt-oss give their own); latent attention has no KV-head groups
+    uneven = "head_dim" in spec.derived and not spec.is_mla and spec.d_model % spec.n_heads
+    if uneven or (not spec.is_mla and spec.n_heads % spec.n_kv_heads):
         raise ScenarioError(
             "model.n_heads",
             spec.n_heads,
-            "d_model must divide by n_heads and n_heads by n_kv_heads",
+            "d_model must divide by n_heads (or give head_dim) and n_heads by n_kv_heads",
             "check the architecture",
             src,
         )
@@ -92,6 +101,8 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
             "lower it",
             src,
         )
+    for field, value, problem in spec.problems():
+        raise ScenarioError(f"model.{field}", value, problem, "check the architecture", src)
     return spec
 
 
@@ -134,7 +145,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     src = source
     model = model_spec(sc, src)
     gpu, profile, profile_id, sha = _resolve_gpu(sc, src)
-    tp = sc.fleet.tensor_parallel
+    tp = sc.fleet.tensor_parallel * sc.fleet.data_parallel  # GPUs per replica
     _check_weights_fit(sc, model, profile, src)
     kvb = _checked_kv_budget(sc, model, profile, src)
     kv_tokens = kvb.tokens
@@ -142,7 +153,13 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     max_req, trace_rows = _check_request_sizes(sc, model, kv_tokens, src)
     _check_prefix_blocks(sc, model, src)
     rates = _hourly_rates(tr, src)
-    check_work(sc, rates, LatencyModel(model, profile, tp), src, trace_rows)
+    f = sc.fleet
+    lat = (
+        LatencyModel(model, profile, tp)
+        if f.data_parallel == 1 and not f.expert_parallel
+        else LatencyModel(model, profile, f.tensor_parallel, f.data_parallel, f.expert_parallel)
+    )
+    check_work(sc, rates, lat, src, trace_rows)
 
     # Every 24-value profile is given by UTC hour of day. The engine indexes by simulation hour
     # (h % 24), so rotate them to start at the scenario's starting hour.
@@ -161,6 +178,8 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
         hourly_rate_per_s=rotate_to_start(rates, hod0),
         replicas_by_hour=None if sched is None else rotate_to_start(sched, hod0),
         kv=kvb,
+        dp=f.data_parallel,
+        expert_parallel=f.expert_parallel,
     )
 
 
@@ -267,6 +286,13 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
     tp_problem = model.tp_problem(tp)
     if tp_problem:
         raise ScenarioError("fleet.tensor_parallel", tp, tp_problem, model.tp_fix(tp), src)
+    dp, ep = sc.fleet.data_parallel, sc.fleet.expert_parallel
+    if dp > 1 or ep:
+        split = layout_problem(model, tp, dp, ep)
+        if split:
+            raise ScenarioError(f"fleet.{split[0]}", split[1], split[2], split[3], src)
+        _check_dp_weights_fit(sc, model, profile, src)
+        return
     usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
     if model.weight_bytes >= usable:
         per_gpu = profile.mem_bytes * sc.fleet.gpu_memory_utilization
@@ -297,9 +323,34 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         )
 
 
+def _check_dp_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: str) -> None:
+    """The weights of a data-parallel / expert-parallel replica fit its GPUs' usable memory:
+    the experts once, the rest once per engine (``fleetsim.device.moe.replica_weight_bytes``)."""
+    f = sc.fleet
+    gpus = f.tensor_parallel * f.data_parallel
+    usable = gpus * profile.mem_bytes * f.gpu_memory_utilization
+    need = replica_weight_bytes(model, f.data_parallel)
+    if need >= usable:
+        raise ScenarioError(
+            "fleet.data_parallel" if f.data_parallel > 1 else "fleet.tensor_parallel",
+            f.data_parallel if f.data_parallel > 1 else f.tensor_parallel,
+            f"{model.name} weights need {need / 1e9:.1f} GB on a replica of {gpus} GPUs "
+            f"(non-expert weights once per data-parallel engine) but it has "
+            f"{usable / 1e9:.1f} GB usable",
+            "use more GPUs per replica (tensor_parallel x data_parallel), a larger GPU, or a "
+            "smaller dtype",
+            src,
+        )
+
+
 def _checked_kv_budget(sc: Scenario, model: ModelSpec, profile: Profile, src: str) -> KvBudget:
     """The replica's KV budget; an error when nothing is left for it."""
-    usable = sc.fleet.tensor_parallel * profile.mem_bytes * sc.fleet.gpu_memory_utilization
+    usable = (
+        sc.fleet.tensor_parallel
+        * sc.fleet.data_parallel
+        * profile.mem_bytes
+        * sc.fleet.gpu_memory_utilization
+    )
     kvb = kv_budget(sc, model, profile.mem_bytes)
     kv_tokens = kvb.tokens
     if kv_tokens <= 0:
@@ -307,7 +358,7 @@ def _checked_kv_budget(sc: Scenario, model: ModelSpec, profile: Profile, src: st
             "fleet.gpu_memory_utilization",
             sc.fleet.gpu_memory_utilization,
             f"no memory left for the KV cache: {usable / 1e9:.1f} GB usable - "
-            f"{model.weight_bytes / 1e9:.1f} GB weights - {kvb.activation_bytes / 1e9:.2f} GB "
+            f"{kvb.weight_bytes / 1e9:.1f} GB weights - {kvb.activation_bytes / 1e9:.2f} GB "
             f"activation reserve (fleet.max_batched_tokens = {sc.fleet.max_batched_tokens})",
             "raise it, raise fleet.tensor_parallel, or lower fleet.max_batched_tokens",
             src,

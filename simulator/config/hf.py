@@ -1,8 +1,11 @@
-"""A model's architecture from a local Hugging Face ``config.json`` (``[model] config = "..."``).
+"""A model's architecture from a local Hugging Face ``config.json`` (``[model] config = "..."``,
+``fleetsim latency --model config.json``).
 
-Nothing is downloaded: the file is read from disk. The keys read are those of the dense and
-mixture-of-experts decoder families in use today (Llama, Mistral, Mixtral, Qwen2/Qwen2-MoE,
-GPT-2/NeoX style):
+Nothing is downloaded: the file is read from disk (``base/io.py``, bounded). The families read
+are the decoders in use today: Llama, Mistral, Mixtral, Qwen2/Qwen3 (dense and MoE), Gemma 3,
+gpt-oss, DeepSeek-V2/V3 (and R1), Llama 4, Nemotron-H, and GPT-2/NeoX-style models. A
+multimodal file is read for its language model only (``text_config``, ``llm_config`` or
+``thinker_config.text_config``); vision, audio and speech towers are out of scope.
 
 ================================  ============================================================
 ModelSpec field                   config.json keys (first found)
@@ -10,134 +13,435 @@ ModelSpec field                   config.json keys (first found)
 n_layers                          num_hidden_layers, n_layer, num_layers
 d_model                           hidden_size, n_embd, d_model
 n_heads                           num_attention_heads, n_head
-n_kv_heads                        num_key_value_heads (default: n_heads, i.e. no GQA)
-d_ff                              moe_intermediate_size (MoE), intermediate_size, n_inner,
+n_kv_heads                        num_key_value_heads, num_kv_heads (default: n_heads; 0 is
+                                  refused)
+head_dim                          head_dim (default hidden_size / num_attention_heads; MLA:
+                                  qk_nope_head_dim + qk_rope_head_dim)
+d_ff                              intermediate_size_mlp (Llama 4), intermediate_size, n_inner,
                                   ffn_dim (default 4 x d_model for GPT-2 style models)
 vocab_size                        vocab_size
-n_experts                         num_local_experts, num_experts, n_routed_experts (default 1)
-n_active_experts                  num_experts_per_tok (default 1)
-tied_embeddings                   tie_word_embeddings (default: false for the Llama, Mistral,
-                                  Mixtral, Qwen2/3 families, else true as in transformers)
+n_experts, n_active_experts       num_local_experts, num_experts, n_routed_experts;
+                                  num_experts_per_tok, experts_per_token
+d_ff_expert                       moe_intermediate_size, else intermediate_size (Mixtral,
+                                  gpt-oss, Llama 4)
+n_shared_experts, d_ff_shared     n_shared_experts (DeepSeek), shared_expert_intermediate_size
+                                  (Qwen2-MoE: one shared expert), Llama 4's one shared expert
+first_k_dense, moe_layer_step     first_k_dense_replace, mlp_only_layers (a leading run);
+                                  decoder_sparse_step, moe_layer_freq, interleave_moe_layer_step
+sliding_window_tokens             sliding_window (Qwen: only with use_sliding_window), Llama 4's
+                                  attention_chunk_size (a chunk holds at most as many tokens)
+sliding_global_every              sliding_window_pattern (Gemma 3), a periodic layer_types list,
+                                  Llama 4's NoPE layers (every 4th)
+attention_sinks                   gpt-oss (learned sink logits)
+kv_lora_rank ... v_head_dim       the same keys (multi-head latent attention)
+hybrid_pattern, ssm_*             hybrid_override_pattern; mamba_num_heads, mamba_head_dim,
+                                  ssm_state_size, n_groups, conv_kernel (Nemotron-H)
+tied_embeddings                   tie_word_embeddings (default: the family's, as transformers)
 max_context_tokens                max_position_embeddings, n_positions, seq_length
-dtype                             torch_dtype or dtype (bfloat16, float16, float32)
+dtype, expert_dtype, embed_dtype  torch_dtype or dtype; quantization_config: fp8 (linear layers
+                                  fp8, embedding and LM head bf16), mxfp4 (experts),
+                                  compressed-tensors / gptq / awq (their bits)
 mlp                               "gelu" (2 matrices) for the ungated GPT-2/NeoX/OPT/Falcon
-                                  families, else "swiglu" (3 matrices: gate, up, down)
+                                  families and Nemotron-H's squared ReLU, else "swiglu"
 ================================  ============================================================
 
-What :class:`~fleetsim.device.modelspec.ModelSpec` cannot express is refused with a clear
-error rather than approximated: a ``head_dim`` that is not ``hidden_size / num_attention_heads``,
-shared experts beside the routed ones, and dense layers mixed into an MoE stack.
+Every value is type-checked before it is compared or used, and bounded as the inline
+``[model]`` fields are; a wrong one is refused in one line that names the key and its value.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from fleetsim.base.errors import ScenarioError
 
 #: model_type values whose MLP is two matrices with an ungated activation
-UNGATED = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "phi", "mpt"}
+UNGATED = {
+    "gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "bloom", "falcon", "phi", "mpt", "nemotron_h",
+}  # fmt: skip
 #: model_type values whose config class defaults to untied embeddings (transformers'
 #: PretrainedConfig defaults to tied: a config.json without the key is tied unless its family
 #: says otherwise)
-UNTIED = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3"}
+UNTIED = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+    "deepseek_v2", "deepseek_v3", "gpt_oss", "llama4_text", "nemotron_h", "qwen3_vl_text",
+    "qwen3_vl_moe_text", "qwen3_omni_moe_text",
+}  # fmt: skip
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+#: transformers' Gemma3TextConfig defaults, for the keys its published files leave out
+GEMMA3_DEFAULTS = {
+    "vocab_size": 262_208,
+    "head_dim": 256,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "max_position_embeddings": 131_072,
+}
+#: the inline [model] bounds (config/scenario.py ArchInt, base/schema.py Tokens)
+ARCH_MAX = 10_000_000
+TOKENS_MAX = 1_000_000_000
 
 
-def _first(cfg: dict, *keys: str) -> Any:
-    for k in keys:
-        if cfg.get(k) is not None:
-            return cfg[k]
-    return None
+def _show(v: object) -> str:
+    """A value for a message, short whatever its size (never builds a long string)."""
+    if isinstance(v, str):
+        return repr(v[:40] + "...") if len(v) > 40 else repr(v)
+    if isinstance(v, list | tuple):
+        return f"a list of {len(v)}"
+    if isinstance(v, dict):
+        return f"an object of {len(v)} keys"
+    if isinstance(v, float):
+        return repr(v) if abs(v) < 1e15 else f"{v:.3g}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**15:
+        return f"about 10^{len(str(abs(v))) - 1}" if abs(v) < 10**4000 else "a huge number"
+    return repr(v)
+
+
+def _kind(v: object) -> str:
+    return {
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        bool: "a boolean",
+        float: "a float",
+    }.get(type(v), type(v).__name__)
+
+
+class _Reader:
+    """Typed, bounded access to one config dict; errors name ``model.config``."""
+
+    def __init__(self, cfg: dict, where: str, source: str) -> None:
+        self.cfg, self.where, self.source = cfg, where, source
+
+    def fail(self, problem: str, fix: str) -> ScenarioError:
+        return ScenarioError("model.config", self.where, problem, fix, self.source)
+
+    def num(self, *keys: str, lo: int = 1, hi: int = ARCH_MAX) -> int | None:
+        """The first of ``keys`` present (not null) as an int in lo..hi, or None."""
+        for k in keys:
+            v = self.cfg.get(k)
+            if v is None:
+                continue
+            if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+                v = int(v)  # 128.0: JSON writers differ
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise self.fail(
+                    f"{k} = {_show(v)} is {_kind(v)}", f"give {k} as a whole number in {lo}..{hi}"
+                )
+            if not lo <= v <= hi:
+                raise self.fail(
+                    f"{k} = {_show(v)} is outside {lo}..{hi}", f"give {k} in {lo}..{hi}"
+                )
+            return v
+        return None
+
+    def text(self, key: str) -> str | None:
+        v = self.cfg.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise self.fail(f"{key} = {_show(v)} is {_kind(v)}", f"give {key} as a string")
+        return v
+
+    def flag(self, key: str) -> bool | None:
+        v = self.cfg.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, bool):
+            raise self.fail(f"{key} = {_show(v)} is {_kind(v)}", f"give {key} as true or false")
+        return v
+
+    def seq(self, key: str) -> list | None:
+        v = self.cfg.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, list):
+            raise self.fail(f"{key} = {_show(v)} is {_kind(v)}", f"give {key} as a list")
+        return v
+
+    def obj(self, key: str) -> dict | None:
+        v = self.cfg.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise self.fail(f"{key} = {_show(v)} is {_kind(v)}", f"give {key} as an object")
+        return v
+
+
+def language_model_config(cfg: dict, where: str, source: str = "") -> dict:
+    """The language model's part of a (possibly multimodal) config: ``text_config``,
+    ``llm_config`` or ``thinker_config.text_config``, with the outer file's dtype,
+    quantization and name where the inner one has none."""
+    r = _Reader(cfg, where, source)
+    inner = r.obj("text_config") or r.obj("llm_config")
+    thinker = r.obj("thinker_config")
+    if inner is None and thinker is not None:
+        inner = _Reader(thinker, where, source).obj("text_config")
+    if inner is None:
+        return cfg
+    outer = ("torch_dtype", "dtype", "quantization_config", "_name_or_path", "tie_word_embeddings")
+    return {**{k: cfg[k] for k in outer if k in cfg}, **inner}
+
+
+def _layer_types_every(types: list, r: _Reader) -> tuple[bool, int]:
+    """(any sliding, global every n) of a ``layer_types`` list, when it is periodic."""
+    names = {"full_attention": "F", "sliding_attention": "S"}
+    if not all(isinstance(t, str) and t in names for t in types):
+        bad = next(t for t in types if not (isinstance(t, str) and t in names))
+        raise r.fail(
+            f"layer_types has {_show(bad)}",
+            "use full_attention and sliding_attention (other layer kinds: describe the "
+            "model inline)",
+        )
+    s = "".join(names[t] for t in types)
+    if "S" not in s:
+        return False, 0
+    if "F" not in s:
+        return True, 0
+    g = s.index("F") + 1
+    if s != "".join("F" if (j + 1) % g == 0 else "S" for j in range(len(s))):
+        raise r.fail(
+            "layer_types is not periodic (every n-th layer global), which fleetsim's model "
+            "cannot express",
+            "describe the model inline in [model] (an approximation you choose)",
+        )
+    return True, g
+
+
+def _quantization(q: dict, r: _Reader, out: dict[str, Any]) -> None:
+    qr = _Reader(q, r.where, r.source)
+    method = qr.text("quant_method")
+    if method == "fp8":
+        out["dtype"] = "fp8"
+        out["embed_dtype"] = "bf16"  # embedding and LM head are not converted
+    elif method == "mxfp4":
+        out["expert_dtype"] = "mxfp4"  # gpt-oss: attention, router, embedding stay bf16
+    elif method in ("gptq", "awq", "compressed-tensors"):
+        bits = qr.num("bits", "num_bits", lo=1, hi=64)
+        if bits is None and method == "compressed-tensors":
+            groups = qr.obj("config_groups") or {}
+            for g in groups.values():
+                w = g.get("weights") if isinstance(g, dict) else None
+                if isinstance(w, dict):
+                    bits = _Reader(w, r.where, r.source).num("num_bits", lo=1, hi=64)
+                    break
+        if bits not in (4, 8):
+            raise r.fail(
+                f"quantization_config has {method} with bits = {_show(bits)}",
+                "give [model] dtype (int4, int8, fp8) for these weights",
+            )
+        out["dtype"] = "int4" if bits == 4 else "int8"
+        out["embed_dtype"] = "bf16"
+    else:
+        raise r.fail(
+            f"quantization_config.quant_method = {_show(method)} is not one fleetsim reads "
+            "(fp8, mxfp4, gptq, awq, compressed-tensors)",
+            "give [model] dtype, or remove quantization_config",
+        )
 
 
 def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, Any]:
     """The :class:`ModelSpec` fields (and ``dtype`` when the file gives one) of a parsed
-    ``config.json``; a ScenarioError naming ``model.config`` for what it lacks or cannot be
-    represented."""
-
-    def fail(problem: str, fix: str) -> ScenarioError:
-        return ScenarioError("model.config", where, problem, fix, source)
-
+    ``config.json``; a ScenarioError naming ``model.config`` for what it lacks, a value of the
+    wrong type or out of bounds, or what the model cannot represent."""
+    top = _Reader(cfg, where, source)
     if not isinstance(cfg, dict):
-        raise fail("is not a JSON object", "give the model's config.json")
-    if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers: the language model
-        cfg = {**cfg["text_config"], **{k: v for k, v in cfg.items() if k == "torch_dtype"}}
-    model_type = str(cfg.get("model_type", ""))
+        raise top.fail("is not a JSON object", "give the model's config.json")
+    cfg = language_model_config(cfg, where, source)
+    r = _Reader(cfg, where, source)
+    model_type = r.text("model_type") or ""
+    if model_type == "gemma3_text":
+        cfg = {**GEMMA3_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+        r = _Reader(cfg, where, source)
     out: dict[str, Any] = {
-        "n_layers": _first(cfg, "num_hidden_layers", "n_layer", "num_layers"),
-        "d_model": _first(cfg, "hidden_size", "n_embd", "d_model"),
-        "n_heads": _first(cfg, "num_attention_heads", "n_head"),
-        "vocab_size": _first(cfg, "vocab_size"),
+        "n_layers": r.num("num_hidden_layers", "n_layer", "num_layers"),
+        "d_model": r.num("hidden_size", "n_embd", "d_model"),
+        "n_heads": r.num("num_attention_heads", "n_head"),
+        "vocab_size": r.num("vocab_size"),
     }
     missing = [k for k, v in out.items() if v is None]
     if missing:
-        raise fail(
+        raise r.fail(
             f"has no {', '.join(missing)} (keys like num_hidden_layers, hidden_size, "
             "num_attention_heads, vocab_size)",
             "give a decoder-only model's config.json, or an inline [model] architecture",
         )
-    out["n_kv_heads"] = _first(cfg, "num_key_value_heads", "num_kv_heads") or out["n_heads"]
-    n_experts = _first(cfg, "num_local_experts", "num_experts", "n_routed_experts") or 1
+    n_layers, d_model, n_heads = out["n_layers"], out["d_model"], out["n_heads"]
+    mla = r.num("kv_lora_rank", lo=0) or 0
+    kv = r.num("num_key_value_heads", "num_kv_heads", lo=0)
+    if kv == 0:
+        raise r.fail(
+            "num_key_value_heads = 0: a model has at least one KV head",
+            "give num_key_value_heads (num_attention_heads when there is no GQA)",
+        )
+    kv = n_heads if kv is None or mla else kv
+    if n_heads % kv:
+        raise r.fail(
+            f"num_attention_heads = {n_heads} does not divide by num_key_value_heads = {kv}",
+            "check the file: query heads come in whole groups per KV head",
+        )
+    out["n_kv_heads"] = kv
+
+    # ---- mixture of experts -------------------------------------------------------------
+    n_experts = r.num("num_local_experts", "num_experts", "n_routed_experts", lo=0) or 1
     out["n_experts"] = n_experts
-    out["n_active_experts"] = (_first(cfg, "num_experts_per_tok") or 1) if n_experts > 1 else 1
+    active = r.num("num_experts_per_tok", "experts_per_token", lo=0) if n_experts > 1 else 1
+    out["n_active_experts"] = active or 1
+    if out["n_active_experts"] > n_experts:
+        raise r.fail(
+            f"num_experts_per_tok = {active} is more than the {n_experts} experts",
+            "check the file",
+        )
+    dense_ff = r.num("intermediate_size_mlp", "intermediate_size", "n_inner", "ffn_dim")
+    moe: dict[str, Any] = {}
     if n_experts > 1:
-        d_ff = _first(cfg, "moe_intermediate_size", "intermediate_size")
-        for key in ("shared_expert_intermediate_size", "n_shared_experts"):
-            if cfg.get(key):
-                raise fail(
-                    f"has shared experts ({key} = {cfg[key]}), which fleetsim's model cannot "
-                    "express",
+        expert_ff = r.num("moe_intermediate_size", "intermediate_size")
+        if model_type == "llama4_text":
+            expert_ff = r.num("intermediate_size")
+            moe["n_shared_experts"] = 1  # Llama 4's MoE layers add one shared expert
+        shared = r.num("n_shared_experts", lo=0)
+        shared_ff = r.num("shared_expert_intermediate_size", lo=0)
+        if shared:
+            moe["n_shared_experts"] = shared
+        elif shared_ff:  # Qwen2-MoE: one shared expert of this width
+            moe["n_shared_experts"] = 1
+            moe["d_ff_shared"] = shared_ff
+        k = r.num("first_k_dense_replace", lo=0, hi=n_layers) or 0
+        only = r.seq("mlp_only_layers") or []
+        if only:
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+                raise r.fail("mlp_only_layers holds a non-integer", "give layer indices")
+            if sorted(only) != list(range(len(only))):
+                raise r.fail(
+                    f"mlp_only_layers = {_show(only)} is not a leading run of layers, which "
+                    "fleetsim's model cannot express",
                     "describe the model inline in [model] (an approximation you choose)",
                 )
-        if (
-            cfg.get("first_k_dense_replace")
-            or cfg.get("decoder_sparse_step", 1) != 1
-            or cfg.get("mlp_only_layers")
-        ):
-            raise fail(
-                "mixes dense and MoE layers, which fleetsim's model cannot express",
-                "describe the model inline in [model] (an approximation you choose)",
-            )
+            k = max(k, len(only))
+        step = r.num("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step") or 1
+        if k:
+            moe["first_k_dense"] = k
+        if step != 1:
+            moe["moe_layer_step"] = step
+        all_moe = not k and step == 1
+        if expert_ff is None:
+            raise r.fail("has experts but no moe_intermediate_size", "give the model's config")
+        if all_moe or dense_ff is None:
+            dense_ff = expert_ff  # no dense layer: one width
+        elif expert_ff != dense_ff:
+            moe["d_ff_expert"] = expert_ff
+        if moe.get("n_shared_experts") and "d_ff_shared" not in moe and expert_ff != dense_ff:
+            moe["d_ff_shared"] = expert_ff
+    if dense_ff is None and model_type in UNGATED:
+        dense_ff = 4 * d_model
+    if dense_ff is None:
+        raise r.fail("has no intermediate_size", "give the model's config.json")
+    out["d_ff"] = dense_ff
+    out.update(moe)
+
+    # ---- attention ----------------------------------------------------------------------
+    if mla:
+        out["kv_lora_rank"] = mla
+        out["q_lora_rank"] = r.num("q_lora_rank", lo=0) or 0
+        for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            v = r.num(key, lo=0)
+            if v is None:
+                raise r.fail(f"has kv_lora_rank but no {key}", "give the model's config.json")
+            out[key] = v
     else:
-        d_ff = _first(cfg, "intermediate_size", "n_inner", "ffn_dim")
-        if d_ff is None and model_type in UNGATED:
-            d_ff = 4 * out["d_model"]
-    if d_ff is None:
-        raise fail("has no intermediate_size", "give the model's config.json")
-    out["d_ff"] = d_ff
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim * out["n_heads"] != out["d_model"]:
-        raise fail(
-            f"head_dim = {head_dim} is not hidden_size / num_attention_heads "
-            f"({out['d_model']} / {out['n_heads']}), which fleetsim's model cannot express",
+        head_dim = r.num("head_dim")
+        if head_dim is not None and head_dim * n_heads != d_model:
+            out["head_dim"] = head_dim
+    window = r.num("sliding_window", lo=0, hi=TOKENS_MAX) or 0
+    if r.flag("use_sliding_window") is False:
+        window = 0  # Qwen: the key is present, the window is off
+    elif r.flag("use_sliding_window"):
+        raise r.fail(
+            "use_sliding_window = true (windows above max_window_layers), which fleetsim's "
+            "model cannot express",
             "describe the model inline in [model] (an approximation you choose)",
         )
+    every = 0
+    types = r.seq("layer_types")
+    if model_type == "llama4_text":
+        window = r.num("attention_chunk_size", lo=0, hi=TOKENS_MAX) or 0
+        every = 4 if window else 0  # every 4th layer is a global NoPE layer
+    elif types is not None and window:
+        sliding, every = _layer_types_every(types, r)
+        window = window if sliding else 0
+    elif window:
+        every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or 0
+    if window:
+        out["sliding_window_tokens"] = window
+        if every:
+            out["sliding_global_every"] = every
+    if model_type == "gpt_oss":
+        out["attention_sinks"] = True
+
+    # ---- hybrid stacks ------------------------------------------------------------------
+    pattern = r.text("hybrid_override_pattern")
+    if pattern is not None:
+        if len(pattern) != n_layers or set(pattern) - {"M", "*", "-", "E"}:
+            raise r.fail(
+                f"hybrid_override_pattern = {_show(pattern)} is not {n_layers} characters of "
+                "M (Mamba), * (attention), - (MLP), E (MoE)",
+                "check the file",
+            )
+        out["hybrid_pattern"] = pattern
+        if "M" in pattern:
+            out["ssm_n_heads"] = r.num("mamba_num_heads")
+            out["ssm_head_dim"] = r.num("mamba_head_dim")
+            out["ssm_state_size"] = r.num("ssm_state_size", "mamba_d_state")
+            out["ssm_n_groups"] = r.num("n_groups", "mamba_n_groups") or 1
+            out["ssm_conv_kernel"] = r.num("conv_kernel", "mamba_d_conv") or 4
+            if None in (out["ssm_n_heads"], out["ssm_head_dim"], out["ssm_state_size"]):
+                raise r.fail(
+                    "has Mamba layers but no mamba_num_heads, mamba_head_dim or ssm_state_size",
+                    "give the model's config.json",
+                )
+
     out["mlp"] = "gelu" if model_type in UNGATED else "swiglu"
-    tied = cfg.get("tie_word_embeddings")
+    tied = r.flag("tie_word_embeddings")
     out["tied_embeddings"] = bool(model_type not in UNTIED if tied is None else tied)
-    ctx = _first(cfg, "max_position_embeddings", "n_positions", "seq_length")
+    ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if ctx is not None:
         out["max_context_tokens"] = ctx
-    for k, v in out.items():
-        if k in ("mlp", "tied_embeddings"):
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise fail(f"{k} would be {v!r}", "a config.json with positive integer sizes")
-    dt = _first(cfg, "torch_dtype", "dtype")
-    if isinstance(dt, str) and dt in DTYPES:
+    dt = r.text("torch_dtype") if "torch_dtype" in cfg else r.text("dtype")
+    if dt in DTYPES:
         out["dtype"] = DTYPES[dt]
+    q = r.obj("quantization_config")
+    if q:
+        _quantization(q, r, out)
     return out
 
 
-def read_hf_config(path: str | Path, source: str = "", written: str = "") -> dict[str, Any]:
-    """:func:`architecture_from_hf` of the file at ``path`` (already resolved; ``written`` is
-    the path as the scenario gives it; bounded reading, one clear line on a bad file)."""
+def hf_model_name(cfg: object, path: Path) -> str:
+    """A model's name: ``_name_or_path`` when it is a Hugging Face id, else ``Org/Name`` of a
+    Hugging Face cache folder (``models--Org--Name/snapshots/HASH/config.json``), else the
+    file's folder."""
+    if isinstance(cfg, dict):
+        inner = language_model_config(cfg, str(path))
+        n = inner.get("_name_or_path")
+        if isinstance(n, str) and re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", n):
+            return n
+    for part in reversed(path.parts):
+        m = re.fullmatch(r"models--([\w.-]+)--([\w.-]+)", part)
+        if m:
+            return f"{m.group(1)}/{m.group(2)}"
+    return path.parent.name or path.stem
+
+
+def read_hf_config_named(
+    path: str | Path, source: str = "", written: str = ""
+) -> tuple[dict[str, Any], str]:
+    """(:func:`architecture_from_hf`, :func:`hf_model_name`) of the file at ``path``."""
     from fleetsim.base import io
 
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         raise ScenarioError(
             "model.config",
             written or str(p),
@@ -146,4 +450,35 @@ def read_hf_config(path: str | Path, source: str = "", written: str = "") -> dic
             source,
         )
     cfg, _ = io.load_json(p, "model.config")
-    return architecture_from_hf(cfg, str(p), source)
+    return architecture_from_hf(cfg, str(p), source), hf_model_name(cfg, p)
+
+
+def read_hf_config(path: str | Path, source: str = "", written: str = "") -> dict[str, Any]:
+    """:func:`architecture_from_hf` of the file at ``path`` (already resolved; ``written`` is
+    the path as the scenario gives it; bounded reading, one clear line on a bad file)."""
+    return read_hf_config_named(path, source, written)[0]
+
+
+def repo_config_path(hf_id: str) -> Path | None:
+    """``data/models/ORG/NAME/config.json`` of a source checkout, when it holds ``hf_id``."""
+    if not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", hf_id):
+        return None
+    p = Path(__file__).resolve().parents[2] / "data" / "models" / hf_id / "config.json"
+    return p if p.is_file() else None
+
+
+def hf_id_error(hf_id: str, field: str, source: str = "") -> ScenarioError | None:
+    """The error for a Hugging Face id given where a catalog name belongs (fleetsim never
+    downloads), or None when ``hf_id`` does not look like one."""
+    if not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", hf_id):
+        return None
+    local = repo_config_path(hf_id)
+    where = f" (this checkout has {local})" if local else ""
+    return ScenarioError(
+        field,
+        hf_id,
+        "a Hugging Face id, not a catalog name; fleetsim never downloads",
+        f'point at a local config.json{where}: [model] config = "path/to/config.json" or '
+        "--model path/to/config.json (huggingface-cli download ID config.json fetches it)",
+        source,
+    )

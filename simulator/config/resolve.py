@@ -7,6 +7,7 @@ pool as an aggregated fleet of its own.
 
 from __future__ import annotations
 
+from fleetsim.base.errors import ScenarioError
 from fleetsim.config.aggregated import resolve_aggregated
 from fleetsim.config.pools import resolve_disaggregated
 from fleetsim.config.resolved import Resolved
@@ -18,6 +19,20 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
     first problem is a :class:`~fleetsim.base.errors.ScenarioError`); ``source`` is the file
     the scenario came from, for messages and relative paths."""
     if sc.disaggregation is not None:  # two pools, each resolved like a fleet (config/pools.py)
+        f = sc.fleet
+        if f.data_parallel > 1 or f.expert_parallel:
+            field, value = (
+                ("fleet.data_parallel", f.data_parallel)
+                if f.data_parallel > 1
+                else ("fleet.expert_parallel", f.expert_parallel)
+            )
+            raise ScenarioError(
+                field,
+                value,
+                "data and expert parallelism are simulated for aggregated fleets only",
+                "drop it, or drop [disaggregation]",
+                source,
+            )
         return resolve_disaggregated(sc, source)
     return resolve_aggregated(sc, source)
 

@@ -14,6 +14,7 @@ from typing import Any
 from fleetsim.config.schema import Scenario
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import ModelSpec
+from fleetsim.device.moe import replica_weight_bytes
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,33 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seq
     headroom, so graph memory is not subtracted (later versions subtract an estimate when
     ``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` is set). The ``fleet.activation_reserve_bytes``
     field replaces the estimate with a measured value."""
-    d_ff = model.d_ff * max(1, model.n_active_experts if model.n_experts > 1 else 1)
+    d_ff = max(
+        model.d_ff if model.n_dense_layers else 0,  # a dense layer's MLP
+        model.n_active_experts * model.d_ff_expert + model.n_shared_experts * model.d_ff_shared
+        if model.n_moe_layers
+        else 0,  # an MoE layer's routed and shared experts
+    )
     forward = 2.0 * max_tokens * (3.0 * d_ff / tp + 4.0 * model.d_model)
     sampler = 2.0 * max_tokens * model.d_model + 4.0 * max_seqs * model.vocab_size
     return max(forward, sampler)
+
+
+def typical_contexts(sc: Scenario, n: int = 4096) -> list[float]:
+    """Contexts of ``n`` sequences as a replica holds them: a prompt and half its output, drawn
+    from the traffic's size distributions (a fixed SeedSequence stream, so that the budget does
+    not depend on the run's seed); empty when a size comes from a file (trace or empirical
+    column): the budget then charges every token in every layer (the most a token can cost)."""
+    import numpy as np
+
+    from fleetsim.workload.distributions import Empirical
+
+    tr = sc.traffic
+    if tr.trace or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical):
+        return []
+    rng = np.random.default_rng(np.random.SeedSequence(0x4B56))  # "KV"
+    p = tr.prompt.draw(rng, n)
+    o = tr.output.draw(rng, n)
+    return (p + 0.5 * o).tolist()
 
 
 def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
@@ -91,16 +115,25 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     Paged: whole blocks of ``block_size_tokens``; reserve (the first engine): whole tokens."""
     f = sc.fleet
     tp = f.tensor_parallel
-    mem = tp * mem_bytes
+    dp = f.data_parallel
+    gpus = tp * dp  # a data-parallel replica: dp engines of tp GPUs
+    mem = gpus * mem_bytes
     usable = mem * f.gpu_memory_utilization
     act_gpu = (
-        activation_reserve_bytes(model, tp, f.max_batched_tokens, f.max_batch_size)
+        # each data-parallel engine runs its share of the replica's batch
+        activation_reserve_bytes(
+            model, tp, -(-f.max_batched_tokens // dp), -(-f.max_batch_size // dp)
+        )
         if f.activation_reserve_bytes is None
         else f.activation_reserve_bytes
     )
-    act = tp * act_gpu
-    kv = usable - model.weight_bytes - act
-    bpt = model.kv_bytes_per_token_tp(tp)  # KV heads replicated when tp exceeds them
+    act = gpus * act_gpu
+    weights = model.weight_bytes if dp == 1 else replica_weight_bytes(model, dp)
+    kv = usable - weights - act
+    # KV heads replicated when tp exceeds them; a model with sliding-window or linear-state
+    # layers holds less than its context: its bytes per token are those of the traffic's
+    # typical sequences (typical_contexts)
+    bpt = model.kv_bytes_per_token_mean_tp(tp, () if model.kv_uniform else typical_contexts(sc))
     b = f.block_size_tokens
     if f.kv_allocation == "paged":
         blocks = max(0, int(kv // (bpt * b)))
@@ -108,7 +141,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     else:
         tokens = max(0, int(kv // bpt))
         blocks = tokens // b
-    return KvBudget(mem, usable, model.weight_bytes, act, kv, bpt, b, blocks, tokens)
+    return KvBudget(mem, usable, weights, act, kv, bpt, b, blocks, tokens)
 
 
 @dataclass(frozen=True)
@@ -121,6 +154,7 @@ class Resolved:
     profile: Profile
     profile_id: str
     profile_sha256: str
+    #: GPUs per replica: fleet.tensor_parallel x fleet.data_parallel
     tp: int
     kv_capacity_tokens: int
     max_request_tokens: int
@@ -128,9 +162,15 @@ class Resolved:
     replicas_by_hour: tuple[int, ...] | None = None  # autoscaler schedule, by simulation hour % 24
     kv: KvBudget | None = None  # the KV budget, in bytes, blocks and tokens (see kv_budget)
     pools: Any = None  # disaggregated fleets: fleetsim.config.pools.Pools (None: aggregated)
+    dp: int = 1  # data-parallel attention engines per replica (fleet.data_parallel)
+    expert_parallel: bool = False  # fleet.expert_parallel
 
     def latency_model(self) -> LatencyModel:
-        return LatencyModel(self.model, self.profile, self.tp)
+        if self.dp == 1 and not self.expert_parallel:
+            return LatencyModel(self.model, self.profile, self.tp)
+        return LatencyModel(
+            self.model, self.profile, self.tp // self.dp, self.dp, self.expert_parallel
+        )
 
 
 def resolved_dict(rs: Resolved) -> dict:
@@ -143,6 +183,9 @@ def resolved_dict(rs: Resolved) -> dict:
         if k != "config" and hasattr(m, k):
             d["model"][k] = getattr(m, k)
     d["model"]["kv_dtype"] = m.kv_dtype_resolved  # what the KV budget uses (not the weights')
+    d["model"]["expert_dtype"] = m.expert_dtype or m.dtype
+    d["model"]["embed_dtype"] = m.embed_dtype or m.dtype
+    d["model"]["state_dtype"] = m.state_dtype or m.kv_dtype_resolved
     g, pw, prof = rs.gpu, rs.gpu.power, rs.profile
     hw = d["hardware"]
     hw.update(

@@ -30,6 +30,9 @@ UsdPerHour = Annotated[float, bound(0, 1e6)]  # rent or maintenance per GPU-hour
 PricePerKwh = Annotated[float, bound(0, 1e3)]  # $/kWh; wholesale price caps are ~5-10 $/kWh
 CarbonPerKwh = Annotated[float, bound(0, 1e2)]  # kg/kWh; coal is ~1
 ArchInt = Annotated[int, Field(ge=1, le=10_000_000)]
+ArchCount = Annotated[int, Field(ge=0, le=10_000_000)]  # may be 0
+#: weight precisions (mxfp4 and nvfp4: 4-bit block formats, for the experts of e.g. gpt-oss)
+WeightDType = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "mxfp4", "nvfp4"]
 
 
 _Section = Section
@@ -72,6 +75,31 @@ class ModelSection(_Section):
     mlp: Literal["swiglu", "gelu"] | None = None
     tied_embeddings: bool | None = None
     max_context_tokens: Tokens | None = None
+    # today's architectures (device/modelspec.py says what each means, 0 or "" as there: none
+    # or derived; config/hf.py reads them from a config.json)
+    head_dim: ArchCount | None = None
+    sliding_window_tokens: Annotated[int, Field(ge=0, le=1_000_000_000)] | None = None
+    sliding_global_every: ArchCount | None = None
+    attention_sinks: bool | None = None
+    kv_lora_rank: ArchCount | None = None
+    q_lora_rank: ArchCount | None = None
+    qk_nope_head_dim: ArchCount | None = None
+    qk_rope_head_dim: ArchCount | None = None
+    v_head_dim: ArchCount | None = None
+    d_ff_expert: ArchCount | None = None
+    n_shared_experts: ArchCount | None = None
+    d_ff_shared: ArchCount | None = None
+    first_k_dense: ArchCount | None = None
+    moe_layer_step: ArchInt | None = None
+    hybrid_pattern: Annotated[str, Field(pattern=r"^[-M*E]*$", max_length=100_000)] | None = None
+    ssm_state_size: ArchCount | None = None
+    ssm_n_heads: ArchCount | None = None
+    ssm_head_dim: ArchCount | None = None
+    ssm_n_groups: ArchInt | None = None
+    ssm_conv_kernel: ArchInt | None = None
+    expert_dtype: WeightDType | None = None
+    embed_dtype: DType | None = None
+    state_dtype: DType | None = None
 
 
 class HardwareSection(_Section):
@@ -102,12 +130,20 @@ class FleetSection(_Section):
         "max_num_seqs": "max_batch_size",
         "max_num_batched_tokens": "max_batched_tokens",
         "tensor_parallel_size": "tensor_parallel",
+        "data_parallel_size": "data_parallel",
+        "enable_expert_parallel": "expert_parallel",
     }
 
     replicas: Annotated[int, Field(ge=1, le=100_000)] = 1
     pods: Annotated[int, Field(ge=1, le=10_000_000)] = 1
     sample_pods: Annotated[int, Field(ge=1)] | None = None
     tensor_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    #: data-parallel attention engines of ``tensor_parallel`` GPUs each in one replica (vLLM
+    #: --data-parallel-size): a replica has tensor_parallel x data_parallel GPUs, and
+    #: max_batch_size / max_batched_tokens are the whole replica's (see fleetsim.device.moe)
+    data_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    #: experts whole on the replica's GPUs instead of split (vLLM --enable-expert-parallel)
+    expert_parallel: bool = False
     router: Literal["round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"] = (
         "least_loaded"
     )

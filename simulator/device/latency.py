@@ -34,7 +34,14 @@ from fleetsim.device.kernels import (
     layer_parts_s,
     layer_shapes,
 )
-from fleetsim.device.modelspec import ModelSpec
+from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec
+from fleetsim.device.moe import (
+    MoeLayout,
+    attention_block_s,
+    linear_state_block_s,
+    mlp_parts_s,
+    moe_layer_parts_s,
+)
 
 _ceil = math.ceil
 
@@ -329,12 +336,30 @@ def step_time(c: RunCoeffs, ctx: float) -> float:
 
 
 class LatencyModel:
-    """Iteration times of one replica (``tp`` GPUs) serving ``model`` under ``profile``."""
+    """Iteration times of one replica serving ``model`` under ``profile``: ``tp`` GPUs, or for a
+    data-parallel server ``dp`` attention engines of ``tp`` GPUs each whose mixture-of-experts
+    layers span all ``tp x dp`` GPUs, experts whole on each (``expert_parallel``) or split (see
+    :mod:`fleetsim.device.moe`). The replica's batch is the engines' batches summed: an
+    iteration of ``T`` tokens gives each engine ``ceil(T / dp)``."""
 
-    def __init__(self, model: ModelSpec, profile: Profile, tp: int = 1) -> None:
+    def __init__(
+        self,
+        model: ModelSpec,
+        profile: Profile,
+        tp: int = 1,
+        dp: int = 1,
+        expert_parallel: bool = False,
+    ) -> None:
         self.model = model
         self.profile = profile
         self.tp = tp
+        self.dp = dp
+        self.expert_parallel = expert_parallel
+        self.layout = MoeLayout(tp, dp, expert_parallel)
+        #: the layer-stack kernel path (fleetsim.device.moe: MoE, data parallelism, latent
+        #: attention, linear-state layers); plain dense tp-only models keep the per-layer
+        #: operator sum of fleetsim.device.kernels
+        self._moe_path = model.n_experts > 1 or dp > 1 or model.is_mla or bool(model.hybrid_pattern)
         self.kind = profile.kind
         m = model
         self.f_lin = m.flops_per_token_linear
@@ -347,8 +372,8 @@ class LatencyModel:
             p = profile
             self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
             self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
-            self._rc_peak = tp * p.peak_flops
-            self._rm = tp * p.mem_bw_bytes_per_s * p.memory_eff
+            self._rc_peak = tp * dp * p.peak_flops
+            self._rm = tp * dp * p.mem_bw_bytes_per_s * p.memory_eff
             if tp > 1:
                 ring = 2.0 * (tp - 1) / tp
                 act_bytes = m.d_model * 2.0  # activations travel in 16-bit
@@ -372,9 +397,19 @@ class LatencyModel:
         self._wb = m.bytes_per_param
         # attention: FLOPs at the 16-bit peak x compute_eff_max, the KV cache (this GPU's
         # share, replicas included) read at memory_eff of the bandwidth
+        # under data parallelism each engine attends its own sequences: a GPU does 1/(tp dp)
+        # of the scores and holds 1/dp of the sequences' KV (balanced engines)
+        dp = self.dp
         kvb_gpu = m.kv_bytes_per_token_tp(tp) / tp
-        self._att_c = m.attn_flops_per_pair / (tp * p.peak_flops * p.compute_eff_max)
-        self._att_m = kvb_gpu / (p.mem_bw_bytes_per_s * p.memory_eff)
+        self._att_c = m.attn_flops_per_pair / (tp * dp * p.peak_flops * p.compute_eff_max)
+        self._att_m = kvb_gpu / (dp * p.mem_bw_bytes_per_s * p.memory_eff)
+        self._link = (p.link_bw_bytes_per_s, p.link_latency_s)
+        # the experts' and the LM head's own precisions (expert_dtype, embed_dtype)
+        e_dt, h_dt = m.expert_dtype or m.dtype, m.embed_dtype or m.dtype
+        self._epeak = compute_peak(p, e_dt)[0]
+        self._ewb = DTYPE_BYTES[e_dt]
+        self._hpeak = compute_peak(p, h_dt)[0]
+        self._hwb = DTYPE_BYTES[h_dt]
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
@@ -401,6 +436,11 @@ class LatencyModel:
         key = (tokens, seqs)
         v = self._lin_cache.get(key)
         if v is not None:
+            return v
+        if self._moe_path:
+            comp, mem, comm, _ = self._moe_linear(tokens, seqs)
+            v = (comp, mem, comm)
+            self._lin_cache[key] = v
             return v
         graphed = tokens <= self._gmax
         kf = self._kern_g if graphed else self._kern
@@ -435,6 +475,88 @@ class LatencyModel:
         self._lin_cache[key] = v
         return v
 
+    def _moe_linear(self, tokens: int, seqs: int) -> tuple[float, float, float, dict[str, float]]:
+        """:meth:`linear_parts` on the layer-stack path (a mixture of experts, a data-parallel
+        replica, latent attention, linear-state layers), with the named parts (seconds per
+        iteration on one GPU) that they sum: each layer kind counted by the model's layers."""
+        graphed = tokens <= self._gmax  # a CUDA-graph replay (serving stack vllm-v1)
+        kf = self._kern_g if graphed else self._kern
+        assert kf is not None
+        m, tp, bw, peak, wb = self.model, self.tp, self._bw, self._peak_lin, self._wb
+        lay = self.layout
+        t_eng = float(_ceil(tokens / lay.dp)) if tokens > 0 else 0.0
+        n_moe, n_dense = m.n_moe_layers, m.n_dense_layers
+        n_attn, n_lin = m.n_attn_layers, m.n_linear_layers
+        a_gemm, a_elem = attention_block_s(kf, peak, bw, m, self._shapes, tp, t_eng, wb)
+        up, act, down = mlp_parts_s(
+            kf, peak, bw, t_eng, m.d_model, m.d_ff / tp, m.mlp == "swiglu", wb
+        )
+        parts = {
+            "attention_linear": n_attn * (a_gemm + a_elem),
+            "dense_mlp": n_dense * (up + act + down),
+        }
+        gemm = n_attn * a_gemm + n_dense * (up + down)
+        elem = n_attn * a_elem + n_dense * act
+        if n_lin:
+            l_gemm, l_elem = linear_state_block_s(kf, peak, bw, m, tp, t_eng, wb)
+            parts["linear_state"] = n_lin * (l_gemm + l_elem)
+            gemm += n_lin * l_gemm
+            elem += n_lin * l_elem
+        comm = 0.0
+        if n_moe and tokens > 0:
+            link_bw, link_lat = self._link
+            mo = moe_layer_parts_s(
+                kf, peak, bw, m, lay, tokens, wb, link_bw, link_lat, self._ewb, self._epeak
+            )
+            parts["shared_mlp"] = n_moe * mo["shared_mlp"]
+            parts["moe_router"] = n_moe * (mo["moe_router"] + mo["moe_route"])
+            parts["moe_dispatch"] = n_moe * mo["moe_dispatch"]
+            parts["moe_grouped_gemm"] = n_moe * (
+                mo["moe_gemm_up"] + mo["moe_act"] + mo["moe_gemm_down"]
+            )
+            parts["moe_combine"] = n_moe * mo["moe_combine"]
+            gemm += n_moe * (
+                mo["shared_mlp"] + mo["moe_router"] + mo["moe_gemm_up"] + mo["moe_gemm_down"]
+            )
+            elem += n_moe * (mo["moe_route"] + mo["moe_act"])
+            comm += n_moe * (mo["moe_dispatch"] + mo["moe_combine"])
+        ar = 0.0
+        if tp > 1 and tokens > 0:
+            one = allreduce_time_s(kf, tp, t_eng * m.d_model * 2.0)
+            if one is None:  # no measured table for this GPU count: the ring model
+                one = self._comm_a / (2.0 * m.n_layers) + self._comm_b * t_eng / (2.0 * m.n_layers)
+                floor = self._roof.link_latency_s
+            else:
+                floor = allreduce_floor_s(kf, tp)
+            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
+                one -= self._ar_floor_g * floor
+            ar = 2.0 * m.n_layers * one  # after each mixer and each feed-forward block
+        parts["allreduce"] = ar
+        comm += ar
+        head = self._head_time(seqs, graphed)
+        emb = elem_time_s(kf, bw, "emb", 4.0 * t_eng * m.d_model) if tokens > 0 else 0.0
+        parts["lm_head"] = head
+        parts["embedding"] = emb
+        ridge = peak * wb / (2.0 * bw)
+        lin = gemm + head
+        comp = lin if t_eng >= ridge else 0.0
+        mem = (lin - comp) + elem + emb
+        return comp, mem, comm, parts
+
+    def _head_time(self, seqs: int, graphed: bool = False) -> float:
+        """The LM head over ``seqs`` sequences (each engine's share under data parallelism),
+        with the serving stack's per-sequence time."""
+        if seqs <= 0:
+            return 0.0
+        kf = self._kern_g if graphed else self._kern
+        assert kf is not None
+        m = self.model
+        rows = _ceil(seqs / self.dp) if self.dp > 1 else seqs
+        h = gemm_time_s(
+            kf, self._hpeak, self._bw, rows, m.vocab_size / self.tp, m.d_model, self._hwb
+        )
+        return h + seqs * self._per_seq if self._per_seq else h
+
     def linear_time(self, tokens: int, seqs: int) -> float:
         """The sum of :meth:`linear_parts`, cached by tokens and by sequences separately (the
         engine's hot path: an iteration's token and sequence counts vary independently)."""
@@ -446,14 +568,17 @@ class LatencyModel:
         hc = self._head_cache_g if graphed else self._head_cache
         h = hc.get(seqs)
         if h is None:
-            kf = self._kern_g if graphed else self._kern
-            assert kf is not None
-            m = self.model
-            h = gemm_time_s(
-                kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
-            )
-            if self._per_seq:
-                h += seqs * self._per_seq
+            if self._moe_path:
+                h = self._head_time(seqs, graphed)
+            else:
+                kf = self._kern_g if graphed else self._kern
+                assert kf is not None
+                m = self.model
+                h = gemm_time_s(
+                    kf, self._peak_lin, self._bw, seqs, m.vocab_size / self.tp, m.d_model, self._wb
+                )
+                if self._per_seq:
+                    h += seqs * self._per_seq
             hc[seqs] = h
         return t + h
 
@@ -574,6 +699,54 @@ class LatencyModel:
         return c
 
     # -- convenience for reports and tests --------------------------------------------------
+    def breakdown(
+        self, p_tokens: int, pairs: float, n_prefill: int, n: int, ctx: float
+    ) -> dict[str, float]:
+        """The named parts (seconds) of :meth:`iteration`'s time, in the order a report shows
+        them; they sum to it (up to rounding). With the kernel model: ``attention_linear``
+        (norms, projections, rotary, adds), ``attention_core`` (scores and the KV read),
+        ``dense_mlp``, for a mixture of experts ``shared_mlp``, ``moe_router``,
+        ``moe_dispatch``, ``moe_grouped_gemm``, ``moe_combine``, then ``allreduce``,
+        ``lm_head``, ``embedding`` and ``overhead``. Without it: ``overhead``, ``comm`` and
+        the roofline's winning bound as ``compute`` or ``memory``."""
+        total, flops, nbytes = self.iteration(p_tokens, pairs, n_prefill, n, ctx)
+        tokens = p_tokens + n
+        seqs = n_prefill + n
+        if self._kern is None:
+            prof = self.profile
+            if isinstance(prof, LinearProfile):
+                return {"linear": total}
+            comm = self._comm_a + self._comm_b * tokens
+            rest = total - self._oh - comm
+            bound = "compute" if flops / self._rc_peak > nbytes / self._rm else "memory"
+            return {bound: rest, "comm": comm, "overhead": self._oh}
+        if self._moe_path:
+            lin = dict(self._moe_linear(tokens, seqs)[3])
+        else:
+            kf = self._kern_g if tokens <= self._gmax else self._kern
+            assert kf is not None
+            m = self.model
+            lp = layer_parts_s(
+                kf, self._peak_lin, self._bw, self._shapes, tokens, self._wb, experts_touched=1.0
+            )
+            mlp = ("mlp_up_proj", "mlp_act", "mlp_down_proj", "mlp_router")
+            comm = self.linear_parts(tokens, 0)[2]
+            head = self.linear_time(tokens, seqs) - self._tok_cache[tokens]
+            lin = {
+                "attention_linear": m.n_layers * sum(v for k, v in lp.items() if k not in mlp),
+                "dense_mlp": m.n_layers * sum(lp[k] for k in mlp),
+                "allreduce": comm,
+                "lm_head": head,
+                "embedding": elem_time_s(kf, self._bw, "emb", 4.0 * tokens * m.d_model),
+            }
+        att = (pairs + ctx) * self._att_c
+        kv = ctx * self._att_m
+        out = {"attention_linear": lin.pop("attention_linear")}
+        out["attention_core"] = (att if att > kv else kv) + tokens * self._att_m
+        out.update(lin)
+        out["overhead"] = self._oh
+        return out
+
     def prefill_time(self, prompt_tokens: int, batch: int = 1) -> float:
         """Time of one iteration prefilling ``batch`` prompts of ``prompt_tokens`` each."""
         return self.iteration(

@@ -52,6 +52,7 @@ blocks carries one fp32 scale per 16,384 weights, 0.02%, not counted).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 DTYPE_BYTES = {
@@ -490,6 +491,20 @@ class ModelSpec:
         state = self.state_bytes_per_seq
         return (self.kv_bytes(context_tokens) - state) * self._tp_replication(tp) + state
 
+    @property
+    def kv_uniform(self) -> bool:
+        """Whether a sequence's KV is proportional to its context (no window, no state)."""
+        return not self.n_sliding_layers and not self.n_linear_layers
+
+    def kv_bytes_per_token_mean_tp(self, tp: int, contexts: Sequence[float]) -> float:
+        """KV bytes per token of a replica holding sequences of ``contexts`` tokens: their
+        bytes (:meth:`kv_bytes_tp`) over their tokens. :meth:`kv_bytes_per_token_tp` exactly
+        when the KV is proportional to the context."""
+        if self.kv_uniform or not contexts:
+            return self.kv_bytes_per_token_tp(tp)
+        total = sum(max(float(c), 1.0) for c in contexts)
+        return sum(self.kv_bytes_tp(max(float(c), 1.0), tp) for c in contexts) / total
+
     def tp_problem(self, tp: int) -> str | None:
         """Why ``tp``-way tensor parallelism cannot shard this model (vLLM's rule: the query
         heads divide by tp, and the KV heads either divide by tp or are a divisor of it, so
@@ -621,6 +636,6 @@ def model_from_catalog(name: str, dtype: str = "bf16", field: str = "model.name"
     from fleetsim.device import catalog
 
     entry = catalog.model(name, field)
-    entry.pop("published_params", None)
-    entry.pop("published_active_params", None)
+    for key in ("published_params", "published_active_params", "hf_id"):
+        entry.pop(key, None)
     return ModelSpec(name=name, dtype=dtype, **entry)

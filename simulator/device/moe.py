@@ -1,0 +1,315 @@
+"""Mixture-of-experts layers as vLLM runs them: one fused MoE operator, expert parallelism.
+
+**Distinct experts.** A token routed top-``k`` picks a set of ``k`` distinct experts out of
+``n``. Under uniform routing every ``k``-subset is equally likely, so a given expert is *not*
+among a token's picks with probability::
+
+    C(n-1, k) / C(n, k) = (n - k) / n = 1 - k/n
+
+(the subsets of the other ``n - 1`` experts among all subsets; sampling without replacement
+changes nothing for one expert's marginal). Tokens route independently, so an expert is left
+untouched by ``T`` tokens with probability ``(1 - k/n)^T``, and by linearity of expectation the
+expected number of distinct experts the batch touches is exactly::
+
+    E[distinct] = n * (1 - (1 - k/n)^T)
+
+Of those, a rank holding ``n / ep`` experts (expert parallelism over ``ep`` ranks) touches
+``(n / ep) * (1 - (1 - k/n)^T)``. Each touched expert receives ``Binomial(T, k/n)`` tokens given
+it is touched, ``T k / E[distinct]`` on average. ``tests/test_moe.py`` checks the closed form
+against a seeded Monte Carlo count of top-``k`` draws without replacement.
+
+**The fused MoE operator** (vLLM ``fused_moe``: ``topk_softmax`` on the router logits,
+``moe_align_block_size`` sorting the routed rows by expert and padding each expert's rows to the
+kernel's block, then one grouped GEMM launch for the gate+up weights of all experts, the
+activation, and one grouped GEMM launch for the down weights, whose ``k`` outputs per token are
+summed). Its cost here:
+
+* the router: a GEMM of the tokens by the ``n x d`` gate (16-bit, replicated);
+* routing (top-k, align, sum): one elementwise operator reading the fp32 router logits;
+* each grouped GEMM: **one launch**; its weight bytes are the distinct experts it touches times
+  one expert's matrix; its rows are the ``T k`` routed rows, each expert's rows padded to the GEMM
+  tile as for a dense GEMM of ``T k / E[distinct]`` rows (``kernels.gemm_rows``); compute and
+  memory bounds blended as in :func:`fleetsim.device.kernels.gemm_time_s`;
+* shared experts (``n_shared_experts x d_ff_shared`` columns) run as a dense MLP on every token.
+
+This replaces the earlier per-expert timing (one GEMM launch per expert touched, each with its
+own launch floor), which made a many-expert decode step pay tens of launches per layer.
+
+**Expert and data parallelism** (vLLM ``--enable-expert-parallel`` with ``--data-parallel-size``):
+a server of ``tp x dp`` GPUs runs ``dp`` attention engines of ``tp`` GPUs each; the MoE layers
+span all ``ep = tp x dp`` GPUs. With expert parallelism each GPU holds ``n / ep`` whole experts;
+without it every expert's columns are split ``ep`` ways (vLLM's MoE tensor parallelism over the
+flattened DP x TP group). The attention, dense and shared-expert parts run on each engine's share
+of the tokens, ``ceil(T / dp)`` (the engines run in lockstep, so the fuller one sets the pace),
+sharded ``tp`` ways. When ``dp > 1`` the MoE layer's tokens are gathered from and returned to the
+engines: dispatch is an all-gather and combine a reduce-scatter of the hidden states across the
+``dp`` engines (vLLM 0.11's default all-to-all backend, ``allgather_reducescatter``), each priced
+on the node's link (the GPU's ``link_bw_bytes_per_s`` per direction, NVLink within one node, the
+same figure as ``catalog/links.toml``) as ``latency + (dp - 1) / dp * T * d * 2 bytes / bw``.
+With ``dp = 1`` the tokens are already on every GPU of the tensor-parallel group and the MoE output
+is summed by the layer's usual all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fleetsim.device.kernels import KernelFit, LayerShapes, elem_time_s, gemm_rows, gemm_time_s
+from fleetsim.device.modelspec import ModelSpec
+
+
+def expected_distinct_experts(n_experts: int, top_k: int, tokens: float) -> float:
+    """Expected distinct experts that ``tokens`` tokens touch, each routing to ``top_k`` distinct
+    experts of ``n_experts`` uniformly: ``n (1 - (1 - k/n)^T)`` (module docstring)."""
+    if n_experts <= 1:
+        return 1.0
+    if tokens <= 0:
+        return 0.0
+    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class MoeLayout:
+    """How one replica lays out a mixture-of-experts model over its GPUs."""
+
+    tp: int  # attention tensor parallelism (GPUs per data-parallel engine)
+    dp: int  # data-parallel attention engines
+    expert_parallel: bool  # experts whole on ep = tp x dp ranks, else split ep ways
+
+    @property
+    def ep(self) -> int:
+        """GPUs the MoE layers span (vLLM: EP size = TP x DP)."""
+        return self.tp * self.dp
+
+
+def grouped_gemm_time_s(
+    fit: KernelFit,
+    peak_flops: float,
+    bw_bytes_per_s: float,
+    rows: float,
+    experts: float,
+    n: float,
+    k: float,
+    weight_bytes_per_param: float = 2.0,
+) -> float:
+    """One grouped-GEMM launch of the fused MoE kernel: ``rows`` routed token rows spread over
+    ``experts`` distinct experts, each an ``n x k`` weight. Each expert's rows are padded to the
+    GEMM tile (:func:`fleetsim.device.kernels.gemm_rows` of the mean rows per expert); the
+    weights read are ``experts`` matrices; one launch floor."""
+    if rows <= 0 or experts <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    per = rows / experts
+    m_tile = gemm_rows(fit, per)
+    m_eff = experts * m_tile
+    shape = (
+        1.0
+        + fit.gemm_k_half / k
+        + fit.gemm_n_half / n
+        + fit.gemm_m_half / per
+        + fit.gemm_tile_half / m_tile
+    )
+    t_c = 2.0 * m_eff * n * k / (peak_flops * fit.gemm_eff_max) * shape
+    t_m = (experts * n * k * weight_bytes_per_param + (rows * k + rows * n) * 2.0) / (
+        bw_bytes_per_s * fit.gemm_bw_eff
+    )
+    p = fit.gemm_pnorm
+    hi, lo = (t_c, t_m) if t_c >= t_m else (t_m, t_c)
+    return fit.gemm_launch_s + hi * (1.0 + (lo / hi) ** p) ** (1.0 / p)
+
+
+def mlp_parts_s(
+    fit: KernelFit,
+    peak_flops: float,
+    bw: float,
+    tokens: float,
+    d_model: int,
+    cols: float,
+    gated: bool,
+    weight_bytes: float,
+) -> tuple[float, float, float]:
+    """(up GEMM, activation, down GEMM) seconds of a dense MLP of ``cols`` intermediate columns
+    on this GPU over ``tokens`` tokens."""
+    if cols <= 0 or tokens <= 0:
+        return 0.0, 0.0, 0.0
+    up = gemm_time_s(
+        fit, peak_flops, bw, tokens, (2.0 if gated else 1.0) * cols, d_model, weight_bytes
+    )
+    act = elem_time_s(fit, bw, "act", (3.0 if gated else 2.0) * 2.0 * tokens * cols)
+    down = gemm_time_s(fit, peak_flops, bw, tokens, d_model, cols, weight_bytes)
+    return up, act, down
+
+
+def moe_layer_parts_s(
+    fit: KernelFit,
+    peak_flops: float,
+    bw: float,
+    model: ModelSpec,
+    layout: MoeLayout,
+    tokens: float,
+    weight_bytes: float,
+    link_bw_bytes_per_s: float,
+    link_latency_s: float,
+    expert_weight_bytes: float | None = None,
+    expert_peak_flops: float | None = None,
+) -> dict[str, float]:
+    """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
+    whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
+    ``moe_dispatch``, ``moe_gemm_up``, ``moe_act``, ``moe_gemm_down``, ``moe_combine`` and the
+    shared experts' ``shared_mlp`` (see the module docstring). ``expert_weight_bytes`` and
+    ``expert_peak_flops`` are those of the experts' precision (default: the layer's)."""
+    ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
+    epk = peak_flops if expert_peak_flops is None else expert_peak_flops
+    d = model.d_model
+    n, k = model.n_experts, model.n_active_experts
+    gated = model.mlp == "swiglu"
+    d_ff_e = model.d_ff_expert
+    shared_cols = model.n_shared_experts * model.d_ff_shared
+    ep = layout.ep
+    t_eng = float(math.ceil(tokens / layout.dp))  # tokens of the fullest attention engine
+    m = float(tokens)  # the MoE kernel sees every token of the replica
+    if layout.expert_parallel:
+        local_experts = n / ep
+        cols = float(d_ff_e)
+        rows = m * k / ep
+    else:
+        local_experts = float(n)
+        cols = d_ff_e / ep
+        rows = m * k
+    touched = local_experts * (expected_distinct_experts(n, k, m) / n)
+    out = {
+        "moe_router": gemm_time_s(fit, peak_flops, bw, t_eng, n, d, 2.0),
+        "moe_route": elem_time_s(fit, bw, "act", 4.0 * t_eng * n),
+    }
+    comm = 0.0
+    if layout.dp > 1:
+        nbytes = (layout.dp - 1) / layout.dp * m * d * 2.0
+        comm = link_latency_s + nbytes / link_bw_bytes_per_s
+    out["moe_dispatch"] = comm
+    out["moe_gemm_up"] = grouped_gemm_time_s(
+        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb
+    )
+    out["moe_act"] = elem_time_s(fit, bw, "act", (3.0 if gated else 2.0) * 2.0 * rows * cols)
+    out["moe_gemm_down"] = grouped_gemm_time_s(fit, epk, bw, rows, touched, d, cols, ewb)
+    out["moe_combine"] = comm
+    up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
+    out["shared_mlp"] = up + act + down
+    return out
+
+
+def attention_block_s(
+    fit: KernelFit,
+    peak_flops: float,
+    bw: float,
+    model: ModelSpec,
+    s: LayerShapes,
+    tp: int,
+    tokens: float,
+    weight_bytes: float,
+) -> tuple[float, float]:
+    """(GEMM seconds, elementwise seconds) of one layer's attention block outside the attention
+    core (norms, the input and output projections, rotary embedding, residual adds) over
+    ``tokens`` tokens: the operators of :func:`fleetsim.device.kernels.layer_parts_s` before the
+    MLP. Multi-head latent attention's projections (query and KV down/up) are one input GEMM of
+    their parameters' width, its output projection ``n_heads x v_head_dim`` wide."""
+    m = float(tokens)
+    d = s.d_model
+    if model.is_mla:
+        o_in = model.n_heads * model.v_head_dim / tp
+        pre_out = (model.attn_params_per_layer - model.n_heads * model.v_head_dim * d) / d / tp
+        rope = 2.0 * model.n_heads * model.qk_rope_head_dim / tp
+    else:
+        o_in, pre_out, rope = s.attn_in, s.qkv_out, s.rope_heads
+    gemms = gemm_time_s(fit, peak_flops, bw, m, pre_out, d, weight_bytes) + gemm_time_s(
+        fit, peak_flops, bw, m, d, o_in, weight_bytes
+    )
+    elems = (
+        2.0 * elem_time_s(fit, bw, "norm", 4.0 * m * d)
+        + elem_time_s(fit, bw, "rope", 4.0 * m * rope)
+        + elem_time_s(fit, bw, "add", 6.0 * m * d)
+    )
+    return gemms, elems
+
+
+def linear_state_block_s(
+    fit: KernelFit,
+    peak_flops: float,
+    bw: float,
+    model: ModelSpec,
+    tp: int,
+    tokens: float,
+    weight_bytes: float,
+) -> tuple[float, float]:
+    """(GEMM seconds, elementwise seconds) of one linear-state (Mamba-2) mixer over ``tokens``
+    tokens: its input and output projections as GEMMs (their parameters split ``tp`` ways), the
+    norm, the convolution and the scan as bandwidth-bound operators over their state."""
+    m = float(tokens)
+    d = model.d_model
+    inner = model.ssm_d_inner
+    in_cols = (model.linear_state_params_per_layer - inner * d) / d / tp
+    gemms = gemm_time_s(fit, peak_flops, bw, m, in_cols, d, weight_bytes) + gemm_time_s(
+        fit, peak_flops, bw, m, d, inner / tp, weight_bytes
+    )
+    state = model.ssm_n_heads * model.ssm_head_dim * model.ssm_state_size / tp
+    elems = (
+        elem_time_s(fit, bw, "norm", 4.0 * m * d)
+        + elem_time_s(fit, bw, "act", 4.0 * m * in_cols)  # the convolution over x, B, C
+        + elem_time_s(fit, bw, "act", 2.0 * 2.0 * m * state)  # the scan: state read and write
+        + elem_time_s(fit, bw, "add", 6.0 * m * d)
+    )
+    return gemms, elems
+
+
+def replica_weight_bytes(model: ModelSpec, dp: int) -> float:
+    """Weights held by a replica of ``dp`` data-parallel engines: the experts once (spread over
+    the GPUs, with or without expert parallelism), everything else (attention, dense layers,
+    embeddings, LM head) once per engine."""
+    if dp <= 1:
+        return model.weight_bytes
+    from fleetsim.device.modelspec import DTYPE_BYTES
+
+    experts = model.expert_params_total * DTYPE_BYTES[model.expert_dtype or model.dtype]
+    return model.weight_bytes + (dp - 1) * (model.weight_bytes - experts)
+
+
+def layout_problem(
+    model: ModelSpec, tp: int, dp: int, expert_parallel: bool
+) -> tuple[str, object, str, str] | None:
+    """``(field, value, what is wrong, the fix)`` when ``model`` cannot be split as ``tp``-way
+    tensor parallelism x ``dp`` data-parallel engines with or without expert parallelism (vLLM's
+    rules: the heads as for tensor parallelism; under expert parallelism the experts divide
+    evenly over the ``tp x dp`` ranks), else None. Field names are the scenario's."""
+    if tp < 1:
+        return ("tensor_parallel", tp, "must be a positive integer", "use 1 or more")
+    if dp < 1:
+        return ("data_parallel", dp, "must be a positive integer", "use 1 or more")
+    why = model.tp_problem(tp)
+    if why:
+        return ("tensor_parallel", tp, why, model.tp_fix(tp))
+    ep = tp * dp
+    if expert_parallel:
+        if model.n_experts <= 1:
+            return (
+                "expert_parallel",
+                True,
+                f"{model.name} is not a mixture of experts",
+                "drop expert_parallel",
+            )
+        if model.n_experts % ep:
+            ok = [e for e in range(1, model.n_experts + 1) if model.n_experts % e == 0]
+            return (
+                "expert_parallel",
+                True,
+                f"{model.name}'s {model.n_experts} experts do not divide over EP = "
+                f"tensor_parallel x data_parallel = {tp} x {dp} = {ep} GPUs",
+                f"make tensor_parallel x data_parallel one of {', '.join(map(str, ok))}",
+            )
+    elif model.n_moe_layers and ep > 1 and model.d_ff_expert % ep:
+        return (
+            "data_parallel" if dp > 1 else "tensor_parallel",
+            dp if dp > 1 else tp,
+            f"{model.name}'s expert width {model.d_ff_expert} does not divide over the "
+            f"{ep} GPUs that split each expert without expert parallelism",
+            "set expert_parallel = true, or a GPU count that divides it",
+        )
+    return None
