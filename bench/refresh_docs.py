@@ -47,6 +47,8 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "mooncake_least_loaded": ("mooncake-conversation.toml", ['fleet.router="least_loaded"']),
     "chatgpt2023": ("chatgpt-2023.toml", []),
     "chatgpt2023_2500": ("chatgpt-2023.toml", ["fleet.pods=2500"]),
+    "kvp": ("kv-pressure-70b-a100.toml", []),
+    "kvp_reserve": ("kv-pressure-70b-a100.toml", ['fleet.kv_allocation="reserve"']),
 }
 
 
@@ -91,6 +93,10 @@ def derived(runs: dict[str, dict]) -> dict[str, float]:
     out["disaggregated_worst_hour_tpot_p99_ms"] = (
         1000.0 * runs["disaggregated"]["worst_hour_tpot_p99_s"]
     )
+    for name in ("kvp", "kvp_reserve"):  # the KV-pressure case: share of arrivals served
+        out[f"{name}_completed_share"] = (
+            runs[name]["requests_completed"] / runs[name]["requests_arrived"]
+        )
     return out
 
 

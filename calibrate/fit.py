@@ -20,7 +20,6 @@ and the floor that keeps its points' compute branch at or below their memory bra
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,17 +198,24 @@ def predicted_vs_measured(profile_path: str | Path) -> list[dict]:
     predicts with ``LatencyModel(spec, profile)``. Rows carry ``measured_s``, ``predicted_s`` and
     ``rel_err`` = predicted / measured - 1.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from fleetsim.base import io
     from fleetsim.device.profile import load_profile
 
     path = Path(profile_path)
     profile, _ = load_profile(path)
     if not isinstance(profile, RooflineProfile):
         raise UserError(f"{path}: a {profile.kind} profile has no roofline grid to compare with")
-    raw = json.loads(path.read_text())
+    raw, _ = io.load_json(path, "profile")
     spec = ModelSpec(**raw["model_config"])
-    rows = pq.read_table(path.parent / raw["grid_file"]).to_pylist()
+    grid = path.parent / str(raw["grid_file"])
+    try:
+        rows = pq.read_table(pa.BufferReader(io.read_bytes(grid, "grid_file", io.MAX_TRACE_BYTES)))
+    except pa.ArrowException as exc:
+        raise UserError(f"{path}: grid_file {grid}: not a Parquet table ({exc})") from None
+    rows = rows.to_pylist()
     pred = predict(spec, profile, rows)
     out = []
     for r, p in zip(rows, pred, strict=True):

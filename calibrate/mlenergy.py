@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import math
 import os
 import sys
@@ -46,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fleetsim.base import io as fio
 from fleetsim.device.latency import PowerSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +184,7 @@ def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
         )
     hist = _histograms(data_dir)
     out = []
-    with open(table, newline="") as f:
+    with _csv_text(table) as f:
         for i, r in enumerate(csv.DictReader(f)):
             try:
                 out.append(_config(r, hist))
@@ -194,13 +196,19 @@ def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
     return out
 
 
+def _csv_text(path: Path) -> io.StringIO:
+    """A CSV of the data folder read through the bounded reader (regular file, size limit,
+    UTF-8), as a text stream for ``csv``."""
+    return io.StringIO(fio.read_text(path, "", fio.MAX_TRACE_BYTES), newline="")
+
+
 def _histograms(data_dir: Path) -> dict[tuple[str, int], tuple[float, float, tuple[int, ...]]]:
     """Output-length histograms by (source_file, config_index): from output_lengths.csv, or
     from the leaderboard's per-model JSON files under ``models/`` (equal-width bins)."""
     hist: dict[tuple[str, int], tuple[float, float, tuple[int, ...]]] = {}
     lengths = data_dir / "output_lengths.csv"
     if lengths.is_file():
-        with open(lengths, newline="") as f:
+        with _csv_text(lengths) as f:
             for r in csv.DictReader(f):
                 counts = tuple(int(x) for x in r["counts"].split())
                 hist[(r["source_file"], int(r["config_index"]))] = (
@@ -212,7 +220,7 @@ def _histograms(data_dir: Path) -> dict[tuple[str, int], tuple[float, float, tup
     import json
 
     for p in sorted((data_dir / "models").glob("*.json")):
-        d = json.loads(p.read_text())
+        d = json.loads(fio.read_text(p, "", fio.MAX_TRACE_BYTES))
         for i, c in enumerate(d.get("configurations", [])):
             h = c.get("output_length_distribution") or {}
             bins, cnt = h.get("bins") or [], h.get("counts") or []
@@ -283,7 +291,7 @@ def _model_section(
         import json
 
         try:
-            cfg = json.loads(path.read_text())
+            cfg = json.loads(fio.read_text(path, "model.config"))
             fields = architecture_from_hf(cfg, str(path))
         except (UserError, ValueError, KeyError, TypeError) as exc:
             why = str(exc).splitlines()[0]

@@ -724,7 +724,9 @@ def add_engine_overhead(eng, spec, profile_path: Path, trace, rounds: int = 6) -
             key = f"decode n={x.n_decode}" if x.n_prefill == 0 else "with prefill"
             classes.setdefault(key, []).append(t - pred)
     delta = float(np.median(diffs))
-    raw = json.loads(profile_path.read_text())
+    from fleetsim.base import io as fio
+
+    raw, _ = fio.load_json(profile_path, "profile")
     old = float(raw["overhead_s"])
     raw["overhead_s"] = max(0.0, old + delta)
     by_class = {k: round(float(np.median(v)) * 1e3, 3) for k, v in sorted(classes.items())}

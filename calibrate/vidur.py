@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import statistics
 import sys
@@ -119,30 +120,37 @@ class OpRow:
         )
 
 
+def _lines(f: Path) -> io.StringIO:
+    """A profiling CSV of a user's folder, read through the bounded reader (regular file, size
+    limit, UTF-8), as a text stream for ``csv``."""
+    from fleetsim.base import io as fio
+
+    return io.StringIO(fio.read_text(f, "--from-vidur", fio.MAX_TRACE_BYTES), newline="")
+
+
 def load_compute(root: Path, gpu: str) -> list[OpRow]:
     """Every row of ``root/compute/gpu/*/*/mlp.csv`` (median times)."""
     files = sorted((Path(root) / "compute" / gpu).glob("*/*/mlp.csv"))
     rows: list[OpRow] = []
     for f in files:
-        with f.open(newline="") as fh:
-            for r in csv.DictReader(fh):
-                times = {}
-                for op in (*LAYER_OPS, "emb"):
-                    v = r.get(f"time_stats.{op}.median")
-                    times[op] = float(v) * 1e-3 if v not in (None, "") else 0.0
-                rows.append(
-                    OpRow(
-                        model=f.parent.name,
-                        n_heads=int(r["n_head"]),
-                        n_kv_heads=int(r["n_kv_head"]),
-                        d_model=int(r["n_embd"]),
-                        d_ff=int(r["n_expanded_embd"]),
-                        gated=r["use_gated_mlp"].strip().lower() == "true",
-                        tokens=int(r["num_tokens"]),
-                        tp=int(r["num_tensor_parallel_workers"]),
-                        times_s=times,
-                    )
+        for r in csv.DictReader(_lines(f)):
+            times = {}
+            for op in (*LAYER_OPS, "emb"):
+                v = r.get(f"time_stats.{op}.median")
+                times[op] = float(v) * 1e-3 if v not in (None, "") else 0.0
+            rows.append(
+                OpRow(
+                    model=f.parent.name,
+                    n_heads=int(r["n_head"]),
+                    n_kv_heads=int(r["n_kv_head"]),
+                    d_model=int(r["n_embd"]),
+                    d_ff=int(r["n_expanded_embd"]),
+                    gated=r["use_gated_mlp"].strip().lower() == "true",
+                    tokens=int(r["num_tokens"]),
+                    tp=int(r["num_tensor_parallel_workers"]),
+                    times_s=times,
                 )
+            )
     return rows
 
 
@@ -150,14 +158,13 @@ def load_allreduce(root: Path, topology: str) -> dict[int, list[tuple[float, flo
     """Measured all-reduce (bytes, seconds) by GPU count, inside one node only."""
     f = Path(root) / "network" / topology / "all_reduce.csv"
     out: dict[int, list[tuple[float, float]]] = {}
-    with f.open(newline="") as fh:
-        for r in csv.DictReader(fh):
-            g = int(r["num_workers"])
-            if int(r["devices_per_node"]) != g:
-                continue
-            out.setdefault(g, []).append(
-                (float(r["size"]), float(r["time_stats.all_reduce.median"]) * 1e-3)
-            )
+    for r in csv.DictReader(_lines(f)):
+        g = int(r["num_workers"])
+        if int(r["devices_per_node"]) != g:
+            continue
+        out.setdefault(g, []).append(
+            (float(r["size"]), float(r["time_stats.all_reduce.median"]) * 1e-3)
+        )
     for v in out.values():
         v.sort()
     return out

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fleetsim.base.version import __version__
-
 if TYPE_CHECKING:  # pragma: no cover
     from fleetsim.api import Run, load, plan, resolved, schema, simulate, sweep
     from fleetsim.base.errors import ScenarioError, UserError
+    from fleetsim.base.version import __version__
     from fleetsim.config.schema import Scenario
 
 _WHERE = {
@@ -38,6 +37,7 @@ _WHERE = {
     "ScenarioError": "fleetsim.base.errors",
     "UserError": "fleetsim.base.errors",
     "Scenario": "fleetsim.config.schema",
+    "__version__": "fleetsim.base.version",  # (reads the installed metadata: lazily)
 }
 
 __all__ = [

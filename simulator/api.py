@@ -16,8 +16,8 @@ their tables. Every mistake in the input raises :class:`fleetsim.UserError` (a
 
 from __future__ import annotations
 
+import math
 import tempfile
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +81,9 @@ def load(
         data, _ = read_toml(scenario)
         source = str(scenario)
     elif isinstance(scenario, str):
-        try:
-            data = tomllib.loads(scenario)
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"scenario text: not valid TOML: {exc}") from None
+        from fleetsim.base import io
+
+        data = io.parse_toml(scenario, "scenario text")  # (depth-limited, one-line errors)
     elif isinstance(scenario, Mapping):
         data = dict(scenario)
     else:
@@ -169,13 +168,16 @@ class Run:
     def write(self, out: str | Path, *, force: bool = False) -> Path:
         """Write ``hourly.parquet`` into ``out`` (as ``fleetsim run --out``); returns its path."""
         from fleetsim.apps.simulate import write_outputs
+        from fleetsim.results.output import RunOutput
 
-        out = Path(out)
-        if out.exists() and any(out.iterdir()) and not force:
-            raise UserError(
-                f"{out.resolve()}: the folder exists and is not empty (fix: force=True)"
-            )
-        return write_outputs(self.result, out, "")
+        names = ("hourly.parquet",) + (("pools.parquet",) if self.result.pools is not None else ())
+        o = RunOutput(Path(out), force=force, names=names).open()  # (locked, checked, probed)
+        try:
+            write_outputs(self.result, o.staging(), "")
+            o.commit()
+        finally:
+            o.abort()  # (nothing after a commit)
+        return Path(out) / "hourly.parquet"
 
 
 def simulate(
@@ -223,14 +225,29 @@ def sweep(
     from fleetsim.apps.sweep import run_sweep
 
     sc = load(scenario, overrides)
-    if not grid:
-        raise UserError("sweep: empty grid (fix: e.g. grid={'fleet.replicas': [4, 8]})")
+    if not isinstance(grid, Mapping) or not grid:
+        raise UserError(
+            f"sweep: grid = {type(grid).__name__}: expected a non-empty dict of field -> values "
+            "(fix: e.g. grid={'fleet.replicas': [4, 8]})"
+        )
     axes = []
     for key, values in grid.items():
-        vals = [values] if isinstance(values, (str, bytes)) else list(values)
+        if not isinstance(key, str):
+            raise UserError(
+                f"sweep grid key {key!r}: expected a field name such as 'fleet.replicas'"
+            )
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            values = [values]
+        vals = list(values)
         if not vals:
             raise UserError(f"sweep grid {key!r}: no values")
-        axes.append((key, [toml_value(v) for v in vals]))
+        try:
+            axes.append((key, [toml_value(v) for v in vals]))
+        except TypeError:
+            raise UserError(
+                f"sweep grid {key!r}: {vals!r:.80} holds a value that is not a TOML value "
+                "(fix: numbers, strings, booleans, lists or tables)"
+            ) from None
     with make_executor(executor, workers) as ex:
         return run_sweep(sc.model_dump(mode="json"), axes, sc._source, ex)
 
@@ -251,13 +268,40 @@ def plan(
     """The capacity plan of ``fleetsim plan``: ``plan.parquet``'s table (candidates ranked by
     the day's cost) and the best candidate's schedule (``schedule.json``'s content, or None)."""
     from fleetsim.apps.executors import make_executor
-    from fleetsim.apps.plan import Slo, make_candidates, plan_fleet
+    from fleetsim.apps.plan import make_candidates, plan_fleet
+    from fleetsim.apps.plan_search import Slo
 
     sc = load(scenario, overrides)
     src = sc._source
     resolve(sc, src)
     if hours not in ("all", "peak"):
         raise ScenarioError("hours", hours, "not accepted", "use 'all' or 'peak'")
+    if isinstance(gpus, str):
+        gpus = [gpus]
+    if gpus is not None and (
+        not isinstance(gpus, Sequence) or not gpus or not all(isinstance(g, str) for g in gpus)
+    ):
+        raise ScenarioError("gpus", gpus, "expected a list of catalog GPU names", "e.g. ['h200']")
+    if isinstance(tensor_parallel, int):
+        tensor_parallel = [tensor_parallel]
+    if (
+        not isinstance(tensor_parallel, Sequence)
+        or not tensor_parallel
+        or not all(type(t) is int and 1 <= t <= 64 for t in tensor_parallel)
+    ):
+        raise ScenarioError(
+            "tensor_parallel",
+            tensor_parallel,
+            "expected a list of whole numbers in 1..64",
+            "e.g. (1, 2, 4, 8)",
+        )
+    for name, v in (("slo_ttft_p99_s", slo_ttft_p99_s), ("slo_tpot_p99_s", slo_tpot_p99_s)):
+        if v is not None and (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not (math.isfinite(v) and v > 0)
+        ):
+            raise ScenarioError(name, v, "must be a positive number of seconds", "e.g. 0.2")
     slo = Slo(slo_ttft_p99_s or sc.slo.ttft_s, slo_tpot_p99_s or sc.slo.tpot_s, hours)
     data = sc.model_dump(mode="json")
     cands = make_candidates(

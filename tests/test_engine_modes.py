@@ -125,10 +125,13 @@ CASES.update(
                 "enable_chunked_prefill": False,
             },
         },
-        "paged_preempt": {**HW_80GB, "traffic": {"requests_per_day": 150_000}, "fleet": PREEMPT},
+        # (the loads below doubled when admission began to require the whole sequence's
+        # blocks, vLLM's full-ISL gate: at the old loads most preemptions had been long prompts
+        # admitted on their first chunk)
+        "paged_preempt": {**HW_80GB, "traffic": {"requests_per_day": 300_000}, "fleet": PREEMPT},
         "paged_preempt_central": {
             **HW_80GB,
-            "traffic": {"requests_per_day": 260_000},
+            "traffic": {"requests_per_day": 520_000},
             "fleet": {**PREEMPT, "router": "central_queue", "replicas": 3},
         },
         "chunk_small_budget": {
@@ -138,7 +141,7 @@ CASES.update(
         },
         "chunk_budget_preempt": {
             **HW_80GB,
-            "traffic": {"requests_per_day": 150_000},
+            "traffic": {"requests_per_day": 300_000},
             "fleet": {
                 **PREEMPT,
                 "gpu_memory_utilization": 0.2115,
@@ -148,8 +151,8 @@ CASES.update(
         },
         "paged_watermark_block1": {
             **HW_80GB,
-            "traffic": {"requests_per_day": 150_000},
-            "fleet": {**PREEMPT, "kv_watermark_fraction": 0.05, "block_size_tokens": 1},
+            "traffic": {"requests_per_day": 300_000},
+            "fleet": {**PREEMPT, "kv_watermark_fraction": 0.02, "block_size_tokens": 1},
         },
     }
 )
@@ -159,7 +162,7 @@ CASES.update(
 # it preempts and recomputes there. And the earlier disaggregated cases on the first engine.
 CASES["disagg_paged_chunk_preempt"] = {
     **HW_80GB,
-    "traffic": {"requests_per_day": 200_000},
+    "traffic": {"requests_per_day": 400_000},
     "disaggregation": {
         "prefill": {"replicas": 1, "max_batched_tokens": 512},
         "decode": {

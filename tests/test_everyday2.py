@@ -318,9 +318,10 @@ def _plan_table():
 
     from fleetsim.apps.plan import PLAN_COLUMNS
 
+    cols = [("rank", pa.int32()), *PLAN_COLUMNS]  # (ranked_table adds the rank column)
     rows = []
     for i, (gpu, tp, n) in enumerate((("h100-sxm", 4, 3), ("h200", 2, 5), ("a100-80gb", 8, 12))):
-        r = {k: None for k, _ in PLAN_COLUMNS}
+        r = {k: None for k, _ in cols}
         r.update(
             rank=i + 1, gpu=gpu, tensor_parallel=tp, status="ok", problem="", replicas=n,
             pods=1, gpus=n * tp, energy_facility_kwh=653.6 * (i + 1),
@@ -329,7 +330,7 @@ def _plan_table():
             worst_hour_ttft_p99_s=0.916, worst_hour_tpot_p99_s=0.042,
         )  # fmt: skip
         rows.append(r)
-    return pa.table({k: pa.array([r[k] for r in rows], type=t) for k, t in PLAN_COLUMNS})
+    return pa.table({k: pa.array([r[k] for r in rows], type=t) for k, t in cols})
 
 
 @pytest.mark.parametrize("width", WIDTHS)

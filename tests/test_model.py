@@ -91,7 +91,10 @@ def test_roofline_regimes_h100_70b_tp4():
     f = m.prefill_flops(4096)
     eff = 0.6 * 4096 / (4096 + 128)
     comm = 2 * m.n_layers * (6e-6 + 2 * 3 / 4 * 4096 * m.d_model * 2 / 450e9)  # ring all-reduces
-    assert lat.prefill_time(4096) == pytest.approx(f / (4 * 989e12 * eff) + 0.003 + comm, rel=1e-9)
+    # + the serving stack's exposed CPU time per iteration (vllm-v1 by default: 2.43 ms fitted)
+    oh = full.profile.overhead_s
+    assert 0.002 < oh < 0.003
+    assert lat.prefill_time(4096) == pytest.approx(f / (4 * 989e12 * eff) + oh + comm, rel=1e-9)
 
 
 def test_throughput_anchor_llama8b_h100():

@@ -11,8 +11,8 @@ from conftest import SMALL, merge
 
 from fleetsim.apps.cli import main as cli_main
 from fleetsim.apps.executors import LocalExecutor, RunSummary, run_task
-from fleetsim.apps.plan import Slo, backlog_ok
-from fleetsim.apps.plan_disagg import _hours_ok, disagg_base
+from fleetsim.apps.plan_disagg import disagg_base
+from fleetsim.apps.plan_search import Slo, passes
 
 
 def _toml(d: dict) -> str:
@@ -68,10 +68,10 @@ def test_plan_finds_minimal_pools(tmp_path):
         return LocalExecutor(1).map(run_task, [(x, str(sc))])[0]
 
     hours = list(range(2))
-    assert _hours_ok(day(P, D), slo, "both", hours, backlog_ok)
+    assert passes(day(P, D), slo, hours)
     assert best["worst_hour_ttft_p99_s"] <= 0.3 and best["worst_hour_tpot_p99_s"] <= 0.05
     if P > 1:
-        assert not _hours_ok(day(P - 1, D), slo, "both", hours, backlog_ok)
+        assert not passes(day(P - 1, D), slo, hours)
     if D > 1:
-        assert not _hours_ok(day(P, D - 1), slo, "both", hours, backlog_ok)
+        assert not passes(day(P, D - 1), slo, hours)
     assert P + D >= 3  # the load needs more than one replica in some pool (the test has teeth)

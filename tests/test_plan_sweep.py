@@ -13,7 +13,7 @@ from conftest import SMALL, merge, tables_equal
 
 from fleetsim.apps.cli import main as cli_main
 from fleetsim.apps.executors import make_executor
-from fleetsim.apps.plan import search_min
+from fleetsim.apps.plan_search import search_min
 from fleetsim.apps.simulate import simulate
 from fleetsim.apps.sweep import grid_points, parse_grid, run_sweep, split_values
 from fleetsim.base.errors import UserError

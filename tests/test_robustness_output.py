@@ -229,10 +229,10 @@ def test_unwritable_out_is_one_line_and_leaves_no_folder(
     f = _scenario(tmp_path)
     out = tmp_path / "new" / "X"
 
-    def failing_open(*_a, **_k):
+    def failing_probe(*_a, **_k):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(output, "open", failing_open, raising=False)
+    monkeypatch.setattr(output, "_write_probe", failing_probe)
     rc, err = _cli(capsys, "run", f, "--out", out, "--quiet")
     assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "new").exists()  # the folders this run created are gone again

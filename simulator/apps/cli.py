@@ -240,11 +240,22 @@ USAGE_DESCRIPTION = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fleetsim.base.version import __version__
+class _Version(argparse.Action):
+    """``--version``, reading the installed metadata only when asked (start-up time)."""
 
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kw) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from fleetsim.base.version import __version__
+
+        print(f"fleetsim {__version__}")  # (on stdout, as argparse's version action)
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fleetsim", description=USAGE_DESCRIPTION)
-    ap.add_argument("--version", action="version", version=f"fleetsim {__version__}")
+    ap.add_argument("--version", action=_Version, help="show the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser(
         "validate",

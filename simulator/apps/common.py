@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, TYPE_CHECKING, cast
 
-from fleetsim.results.output import RunOutput, check_out_path, remove_previous_outputs
+if TYPE_CHECKING:
+    from fleetsim.results.output import RunOutput
 
-__all__ = ["open_output", "out_dir", "remove_previous_outputs"]
+__all__ = ["open_output", "out_dir"]
 
 
 def out_dir(args, default_name: str) -> Path:
     """``--out`` or ``out/<default_name>``, after the checks that need no writing (a file, a
     path under a file, a dangling link). The not-empty rule is :func:`open_output`'s."""
+    from fleetsim.results.output import check_out_path  # (pyarrow: only where output is written)
+
     out = Path(args.out) if args.out else Path("out") / default_name
     check_out_path(out)
     return out
@@ -73,7 +76,7 @@ def print_json(doc) -> None:
     import json
     import sys
 
-    from fleetsim.results.summary import json_safe
+    from fleetsim.base.io import json_safe
 
     sys.stdout.write(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
@@ -83,6 +86,8 @@ def open_output(
     args, default_name: str, names: tuple[str, ...] = (), mode: str = "new"
 ) -> RunOutput:
     """The command's output folder, opened (locked, checked, probed); see the module doc."""
+    from fleetsim.results.output import RunOutput
+
     return RunOutput(
         out_dir(args, default_name),
         force=bool(getattr(args, "force", False)),

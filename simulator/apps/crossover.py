@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from fleetsim.apps.executors import add_executor_args, make_executor, task_progress
+from fleetsim.base import io
 from fleetsim.base.errors import UserError
 from fleetsim.base.io import term
 from fleetsim.base.units import fmt_num
@@ -137,6 +139,24 @@ def point(
     return d
 
 
+def long_trace_rows(path: str, max_prompt: int) -> tuple[np.ndarray, float]:
+    """The rows of the Mooncake trace ``path`` whose prompt is at most ``max_prompt`` and the
+    time they span (s); the whole file is read and checked (one line naming a bad line), so
+    ``crossover`` calls this before it simulates anything."""
+    from fleetsim.workload.mooncake import read_mooncake
+
+    tr = read_mooncake(path, "--long-trace")
+    keep = np.nonzero(tr.prompt_tokens <= max_prompt)[0]
+    t = tr.arrival_s[keep]
+    span = float(t[-1] - t[0]) if len(t) > 1 else 0.0
+    if span <= 0.0:
+        raise UserError(
+            f"--long-trace {io.clean(path)!r}: needs requests with prompts of at most "
+            f"{max_prompt:,} tokens at two or more distinct times"
+        )
+    return keep, span
+
+
 def scaled_trace(path: str, rate: float, max_prompt: int, dest: Path) -> tuple[str, int]:
     """A copy of the Mooncake trace ``path`` at ``dest``, its timestamps stretched so that its
     mean arrival rate is ``rate`` per second (the order, sizes and block ids kept), without the
@@ -146,12 +166,9 @@ def scaled_trace(path: str, rate: float, max_prompt: int, dest: Path) -> tuple[s
 
     from fleetsim.workload.mooncake import read_mooncake
 
-    tr = read_mooncake(path)
-    keep = np.nonzero(tr.prompt_tokens <= max_prompt)[0]
+    tr = read_mooncake(path, "--long-trace")
+    keep, span = long_trace_rows(path, max_prompt)
     t = tr.arrival_s[keep]
-    span = float(t[-1] - t[0]) if len(t) > 1 else 0.0
-    if span <= 0.0:
-        raise UserError(f"--long-trace {path}: needs requests at two or more distinct times")
     stretch = (len(t) - 1) / span / rate  # new time per old time
     with dest.open("w") as f:
         for i, ts in zip(keep, t, strict=True):
@@ -491,18 +508,19 @@ def main(argv: list[str]) -> int:
     data = apply_overrides(data, args.overrides)
     sc = scenario_from_dict(data, args.scenario)
     data = sc.model_dump(mode="json", exclude_none=True)
+    if args.long_trace is not None:  # read and checked whole before anything is simulated
+        from fleetsim.workload.mooncake import is_mooncake
+
+        if not is_mooncake(args.long_trace):
+            raise UserError(
+                f"--long-trace {io.clean(args.long_trace)!r}: not a Mooncake .jsonl trace file "
+                "(fix: give e.g. scenarios/data/mooncake-2025/conversation_trace.jsonl)"
+            )
+        long_trace_rows(os.path.abspath(args.long_trace), MOONCAKE_MAX_PROMPT)
     outp = open_output(
         args, Path(args.scenario).stem + "-crossover", ("crossover.parquet", "crossover.png")
     )
     t0 = time.perf_counter()
-    if args.long_trace is not None:
-        from fleetsim.workload.mooncake import is_mooncake
-
-        if not (Path(args.long_trace).is_file() and is_mooncake(args.long_trace)):
-            raise UserError(
-                f"--long-trace {args.long_trace}: not a Mooncake .jsonl trace file "
-                "(fix: give e.g. scenarios/data/mooncake-2025/conversation_trace.jsonl)"
-            )
     with (
         tempfile.TemporaryDirectory(prefix="fleetsim-crossover-") as tmp,
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -516,7 +534,7 @@ def main(argv: list[str]) -> int:
             args.load,
             args.hours,
             args.engine,
-            str(Path(args.long_trace).resolve()) if args.long_trace else None,
+            os.path.abspath(args.long_trace) if args.long_trace else None,
             Path(tmp),
         )
     write_table_atomic(table, outp.path("crossover.parquet"))

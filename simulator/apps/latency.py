@@ -14,25 +14,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from fleetsim.base.errors import UserError
 
+MAX_BATCH = 1_000_000  # sequences in one decode step (vLLM's max_num_seqs is 256-1024)
 
-def _ints(text: str, flag: str) -> list[int]:
+
+def _ints(text: str, flag: str, hi: int, why: str) -> list[int]:
+    """Comma-separated whole numbers in 1..``hi`` (``why`` says what bounds them)."""
+    from fleetsim.base.io import clean
+
     try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
+        vals = [int(x) for x in text.split(",") if x.strip()] if len(text) < 10_000 else []
     except ValueError:
         vals = []
     if not vals or any(v < 1 for v in vals):
-        raise UserError(f"{flag} = {text!r}: expected positive integers separated by commas")
+        raise UserError(
+            f"{flag} = {clean(text, 60)!r}: expected positive integers separated by commas"
+        )
+    big = max(vals)
+    if big > hi:
+        raise UserError(f"{flag} = {big:,}: above {hi:,} ({why}; fix: a smaller value)")
     return vals
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line (the flag and the problem), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        from fleetsim.base.io import clean
+
+        self.exit(2, f"{self.prog}: error: {clean(message, 300)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="fleetsim latency",
         description="Predicted time of one engine iteration on a catalog GPU, and its parts.",
     )
@@ -72,21 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model(arg: str, dtype: str | None):
+    from fleetsim.base import io
     from fleetsim.config.aggregated import model_spec
     from fleetsim.config.hf import hf_id_error
-    from fleetsim.config.loading import read_toml, scenario_from_dict
+    from fleetsim.config.loading import scenario_from_dict
     from fleetsim.device import catalog
 
     path = Path(arg)
     if path.is_dir() and (path / "config.json").exists():
         path = path / "config.json"  # a model folder (a Hugging Face snapshot)
+    is_file = os.path.lexists(path)  # (a link, a broken one or a loop included)
     if path.suffix == ".json":  # a Hugging Face config.json
         section: dict = {"config": str(path.absolute())}
-    elif arg.endswith(".toml") or path.exists():
-        if not path.exists():
-            raise UserError(f"--model = {arg!r}: no such file")
-        data, _ = read_toml(path)
-        section = dict(data.get("model", data))
+    elif arg.endswith(".toml") or is_file:
+        where = f"--model {io.clean(arg)!r}"
+        data = io.parse_toml(io.read_text(path, "--model"), where)
+        model = data.get("model", data)
+        if not isinstance(model, dict):
+            raise UserError(f"{where}: [model] must be a table of model fields")
+        section = dict(model)
         section.setdefault("name", path.stem)
     elif arg in catalog.models():
         section = {"name": arg}
@@ -138,14 +163,23 @@ def rows(args: argparse.Namespace) -> list[dict]:
     lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
     out = []
+    ctx_max = model.max_context_tokens
+    why = f"{model.name}'s context is {ctx_max:,} tokens"
     if args.batch is not None:
-        if args.context is None or args.context < 1:
+        if args.context is None:
             raise UserError("--batch needs --context C (tokens each sequence attends, >= 1)")
-        cases = [(b, 0, b * args.context) for b in _ints(args.batch, "--batch")]
+        if not 1 <= args.context <= ctx_max:
+            raise UserError(
+                f"--context = {args.context:,}: tokens each sequence attends must be in "
+                f"1..{ctx_max:,} ({why}; fix: a value in that range)"
+            )
+        batches = _ints(args.batch, "--batch", MAX_BATCH, "sequences in one decode step")
+        cases = [(b, 0, b * args.context) for b in batches]
     else:
         if args.context is not None:
             raise UserError("--context goes with --batch, not --prefill-tokens")
-        cases = [(0, p, 0) for p in _ints(args.prefill_tokens, "--prefill-tokens")]
+        prompts = _ints(args.prefill_tokens, "--prefill-tokens", ctx_max, why)
+        cases = [(0, p, 0) for p in prompts]
     p16 = args.tp * profile.peak_flops  # attention runs at the 16-bit peak
     p_lin = args.tp * compute_peak(profile, model.dtype)[0]
     for b, p, ctx in cases:

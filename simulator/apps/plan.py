@@ -8,7 +8,9 @@ candidates by the day's total cost. A fleet that falls behind fails even if the 
 completes look fast: the requests still in flight at the end must not exceed what Little's law
 allows a compliant fleet, and no request may be rejected.
 
-The search reuses what it learns (every probe is a task for the executor, cached by scenario):
+The search reuses what it learns (every probe is a task for the executor, cached by scenario;
+the screening and verification machinery is apps/plan_search.py, shared with the
+disaggregated design of apps/plan_disagg.py):
 
 1. **Throughput bound.** A replica's best-case request rate (prefill at full chunks, decode at
    the largest batch the KV budget holds, from the latency model) gives ``lb`` replicas.
@@ -36,7 +38,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from fleetsim.apps.common import description
@@ -45,80 +46,50 @@ from fleetsim.apps.executors import (
     RunSummary,
     add_executor_args,
     make_executor,
-    run_task,
     task_progress,
 )
-from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.apps.plan_search import (
+    COST_COLUMNS,
+    SLO_COLUMNS,
+    PlanCandidate,
+    ScreenStep,
+    Search,
+    Size,
+    Slo,
+    columns,
+    day_figures,
+    hours_passing,
+    passes,
+    ranked_table,
+    resolve_candidate,
+    search_min,
+    worst_hour,
+)
+from fleetsim.base.errors import UserError
 from fleetsim.base.io import term
-from fleetsim.base.units import DAY_S, HOUR_S, fmt_num, rotate_to_utc, utc_hour
+from fleetsim.base.units import fmt_num, rotate_to_utc, utc_hour
 from fleetsim.config.loading import apply_overrides, read_toml, scenario_from_dict
 from fleetsim.config.resolve import resolve
-from fleetsim.config.resolved import Resolved
 from fleetsim.results.capacity import replica_capacity_rps
 
 DEFAULT_TPS = (1, 2, 4, 8)
 CAP_FACTOR = 16  # give up on a candidate above CAP_FACTOR x its throughput bound (+ 16)
 
 
-@dataclass(frozen=True)
-class Slo:
-    """The planner's target: p99 TTFT and p99 TPOT per hour, in every hour or the peak one."""
-
-    ttft_p99_s: float
-    tpot_p99_s: float
-    hours: str = "all"  # "all" | "peak"
-
-
 @dataclass
-class Candidate:
-    """One GPU type x TP degree, with what the planner learns about it."""
+class Candidate(PlanCandidate):
+    """One GPU type x TP degree, with what the planner learns about it; its size is
+    (replicas per pod,)."""
 
+    POOLS = (("fleet", "replicas"),)
     gpu: str
     tp: int
-    base: dict
-    rs: Resolved | None = None
-    problem: str = ""
     capacity_rps: float = math.nan  # best-case requests/s of one replica
     lower_bound: int = 0
     screened: int | None = None
     replicas: int | None = None
-    day: RunSummary | None = None
     day_below: RunSummary | None = None
     below_passes: bool | None = None  # the day at N - 1 meets the SLO (False by construction)
-    probes: int = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# judging a probe
-def hours_passing(res: RunSummary, slo: Slo) -> np.ndarray:
-    """Per hour: p99 TTFT and p99 TPOT (of the requests completed in it) within the SLO and no
-    rejection. An hour with nothing completed has no latency to judge and passes here; a
-    stalled fleet is caught by :func:`backlog_ok`."""
-    t = res.hourly
-    ttft = t.column("ttft_p99_s").to_numpy()
-    tpot = t.column("tpot_p99_s").to_numpy()
-    rej = t.column("requests_rejected").to_numpy()
-    ok_ttft = np.where(np.isnan(ttft), True, ttft <= slo.ttft_p99_s)
-    ok_tpot = np.where(np.isnan(tpot), True, tpot <= slo.tpot_p99_s)
-    return ok_ttft & ok_tpot & (rej == 0)
-
-
-def backlog_ok(res: RunSummary, slo: Slo) -> bool:
-    """The requests in flight at the end fit a fleet that keeps up: by Little's law a compliant
-    fleet holds on average ``m = rate x (TTFT target + mean output x TPOT target)`` requests;
-    allow ``m + 4 sqrt(m) + 10`` (Poisson spread). A growing queue exceeds it by far."""
-    t = res.hourly
-    last_rate = float(t.column("requests_arrived").to_numpy()[-1]) / HOUR_S
-    tot = res.totals
-    mean_out = tot.output_tokens / max(tot.requests_completed, 1.0)
-    m = last_rate * (slo.ttft_p99_s + mean_out * slo.tpot_p99_s)
-    return tot.requests_in_flight <= m + 4.0 * math.sqrt(m) + 10.0
-
-
-def passes(res: RunSummary, slo: Slo, judged: list[int]) -> bool:
-    """Whether the probe meets the SLO in the ``judged`` hours and keeps up at the end."""
-    ok = hours_passing(res, slo)
-    return bool(all(ok[h] for h in judged)) and backlog_ok(res, slo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,164 +106,40 @@ def candidate_base(data: dict, gpu: str, tp: int, own_gpu: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-def search_min(
-    test,
-    start: int,
-    workers: int = 1,
-    *,
-    first: list[int] | None = None,
-    hi: int | None = None,
-    cap: int = 100_000,
-) -> int | None:
-    """The smallest n >= 1 with ``test(n)`` true, for a monotone predicate, by rounds of up to
-    ``workers`` probes (``test`` takes a list of n and returns a list of bools): gallop up from
-    ``start`` until a pass (steps growing from 5% of ``start``), gallop down from a pass until a
-    fail, then k-section of the bracket. ``first``: the points of the first round; ``hi``: a
-    count known to pass. None when nothing up to ``cap`` passes."""
-    lo = 0
-    up = max(1, round(0.05 * start))  # galloping steps, doubled after every probe
-    down = 1
-    pending = list(first or [])
-    w = max(1, workers)
-    while hi is None or hi - lo > 1:
-        if pending:
-            pts, pending = pending, []
-        elif hi is None:
-            base = start if lo < start else lo + up
-            pts = [min(cap, base + up * (2**i - 1)) for i in range(w)]
-            up *= 2**w
-        elif lo == 0:
-            pts = [max(1, hi - down * 2**i) for i in range(w)]
-            down *= 2**w
-        else:
-            pts = [lo + round((hi - lo) * (i + 1) / (w + 1)) for i in range(w)]
-        pts = sorted({p for p in pts if lo < p <= cap and (hi is None or p < hi)})
-        if not pts:
-            return hi
-        results = test(pts)
-        for n, ok in zip(pts, results):
-            if ok and (hi is None or n < hi):
-                hi = n
-        lo = max([lo] + [n for n, ok in zip(pts, results) if not ok and (hi is None or n < hi)])
-    return hi
-
-
-# ---------------------------------------------------------------------------------------------
-class Planner:
-    """Runs the searches of one plan with an executor, caching every probe."""
-
-    def __init__(self, data: dict, source: str, slo: Slo, executor: Executor, hooks=None) -> None:
-        self.data = data
-        self.source = source
-        self.slo = slo
-        self.ex = executor
-        self.hooks = hooks
-        self.cache: dict[str, RunSummary] = {}
-        sc = scenario_from_dict(data, source)
-        self.sc = sc
-        H = sc.simulation.hours
-        self.rates = [0.0] * H  # filled per candidate (fleet rate per hour, requests/s)
-        self.steady_ok = sc.traffic.trace is None
-
-    # -- probes ---------------------------------------------------------------------------------
-    def _scenario(self, cand: Candidate, n: int, rate: float | None) -> dict:
-        """A probe: the whole horizon (``rate`` None), or two flat hours at ``rate`` (fleet
-        requests/s) judged on the second, one pod of the fleet."""
-        d = copy.deepcopy(cand.base)
-        d["fleet"]["replicas"] = n
-        if rate is not None:
-            d.setdefault("simulation", {})["hours"] = 2
-            d["traffic"]["diurnal"] = "flat"
-            d["traffic"]["requests_per_day"] = rate * DAY_S
-            if d["fleet"].get("pods", 1) > 1:
-                d["fleet"]["sample_pods"] = 1
-        return d
-
-    def run_probes(
-        self, cand: Candidate, specs: list[tuple[int, float | None]]
-    ) -> list[RunSummary]:
-        """Simulate (or fetch from the cache) the probes ``(replicas, rate or None)``."""
-        scen = [self._scenario(cand, n, r) for n, r in specs]
-        keys = [json.dumps(d, sort_keys=True) for d in scen]
-        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        if todo:
-            if self.hooks is not None:
-                self.hooks.add(len(todo))
-            done = self.ex.map(
-                run_task,
-                [(json.loads(k), self.source) for k in todo],
-                self.hooks.done if self.hooks is not None else None,
-            )
-            self.cache.update(zip(todo, done))
-            cand.probes += len(todo)
-        return [self.cache[k] for k in keys]
-
-    def judged_hours(self) -> list[int]:
-        H = self.sc.simulation.hours
-        if self.slo.hours == "peak":
-            return [int(np.argmax(self.rates))]
-        return list(range(H))
-
-    # -- search ---------------------------------------------------------------------------------
-    def min_passing(
-        self,
-        cand: Candidate,
-        test,
-        start: int,
-        first: list[int] | None = None,
-        hi: int | None = None,
-        cap: int = 100_000,
-    ) -> int | None:
-        """:func:`search_min` with one probe per worker per round."""
-        return search_min(test, start, max(1, self.ex.workers), first=first, hi=hi, cap=cap)
-
-    def steady_test(self, cand: Candidate, rate: float):
-        def test(ns: list[int]) -> list[bool]:
-            return [
-                passes(r, self.slo, [1]) for r in self.run_probes(cand, [(n, rate) for n in ns])
-            ]
-
-        return test
-
-    def day_test(self, cand: Candidate):
-        def test(ns: list[int]) -> list[bool]:
-            return [
-                passes(r, self.slo, self.judged_hours())
-                for r in self.run_probes(cand, [(n, None) for n in ns])
-            ]
-
-        return test
+class Planner(Search):
+    """The aggregated design's search: one pool, sized by the shared screening and
+    verification (apps/plan_search.py), then the day below and the schedule."""
 
     def plan_candidate(self, cand: Candidate, ratio: float | None) -> None:
         """Find the candidate's replica count (screen, then verify on whole days)."""
         rs = cand.rs
         assert rs is not None
-        self.rates = [rs.hourly_rate_per_s[h % 24] for h in range(self.sc.simulation.hours)]
-        peak = max(self.judged_rates())
+        peak = self.set_rates(rs)
         pods = self.sc.fleet.pods
         cand.capacity_rps = replica_capacity_rps(rs, self.source)
         cand.lower_bound = max(1, math.ceil(peak / pods / cand.capacity_rps))
         start = max(1, math.ceil(cand.lower_bound * (ratio or 1.0)))
         cap = CAP_FACTOR * cand.lower_bound + 16
+        size: Size | None = (start,)
         if self.steady_ok:
-            cand.screened = self.min_passing(cand, self.steady_test(cand, peak), start, cap=cap)
-            if cand.screened is None:
-                cand.problem = f"no replica count up to {cap} per pod meets the SLO at peak"
+            step = ScreenStep(
+                0, "both", start, cap, f"no replica count up to {cap} per pod meets the SLO at peak"
+            )
+            size = self.screen(cand, (start,), [step], peak)
+            if size is None:
                 return
-            start = cand.screened
-        first = [start, start - 1] if start > 1 else [start]
-        n = self.min_passing(cand, self.day_test(cand), start, first=first, cap=cap)
-        if n is None:
-            cand.problem = f"no replica count up to {cap} per pod meets the SLO"
+            cand.screened = size[0]
+        assert size is not None
+        problem = f"no replica count up to {cap} per pod meets the SLO"
+        size = self.verify(cand, size, ["both"], cap, problem)
+        if size is None:
             return
+        n = size[0]
         cand.replicas = n
-        cand.day = self.run_probes(cand, [(n, None)])[0]
+        cand.day = self.run(cand, [((n,), None)])[0]
         if n > 1:
-            cand.day_below = self.run_probes(cand, [(n - 1, None)])[0]
+            cand.day_below = self.run(cand, [((n - 1,), None)])[0]
             cand.below_passes = passes(cand.day_below, self.slo, self.judged_hours())
-
-    def judged_rates(self) -> list[float]:
-        return [self.rates[h] for h in self.judged_hours()]
 
     def schedule(self, cand: Candidate) -> list[int]:
         """The smallest replica count per UTC hour of day (24 ints, the convention of every
@@ -309,7 +156,8 @@ class Planner:
             for r in sorted(set(rates), reverse=True):
                 n = 1
                 if r > 0:
-                    n = self.min_passing(cand, self.steady_test(cand, r), prev, hi=prev) or prev
+                    test = self.steady_test(cand, r, (prev,))
+                    n = search_min(test, prev, self.workers, hi=prev) or prev
                     prev = n
                 for h in range(24):
                     if rates[h] == r:
@@ -324,32 +172,17 @@ class Planner:
 
 # ---------------------------------------------------------------------------------------------
 # results
-PLAN_COLUMNS = (
-    ("rank", pa.int32()),
-    ("gpu", pa.string()),
-    ("tensor_parallel", pa.int32()),
-    ("status", pa.string()),
-    ("problem", pa.string()),
-    ("replicas", pa.int32()),
-    ("pods", pa.int32()),
-    ("gpus", pa.int32()),
-    ("lower_bound_replicas", pa.int32()),
-    ("probes", pa.int32()),
-    ("requests", pa.float64()),
-    ("energy_facility_kwh", pa.float64()),
-    ("energy_cost_usd", pa.float64()),
-    ("hardware_cost_usd", pa.float64()),
-    ("total_cost_usd", pa.float64()),
-    ("usd_per_mtok", pa.float64()),
-    ("wh_per_request", pa.float64()),
-    ("ttft_p99_s", pa.float64()),
-    ("tpot_p99_s", pa.float64()),
-    ("worst_hour_ttft_p99_s", pa.float64()),
-    ("worst_hour_tpot_p99_s", pa.float64()),
-    ("slo_attainment", pa.float64()),
-    ("below_worst_hour_ttft_p99_s", pa.float64()),
-    ("below_worst_hour_tpot_p99_s", pa.float64()),
-    ("below_passes", pa.bool_()),
+PLAN_COLUMNS = (  # after the rank (ranked_table)
+    *columns(
+        "gpu:str tensor_parallel:int status:str problem:str replicas:int pods:int gpus:int "
+        "lower_bound_replicas:int probes:int requests:float"
+    ),
+    *COST_COLUMNS,
+    *columns("usd_per_mtok:float wh_per_request:float ttft_p99_s:float tpot_p99_s:float"),
+    *SLO_COLUMNS,
+    *columns(
+        "below_worst_hour_ttft_p99_s:float below_worst_hour_tpot_p99_s:float below_passes:bool"
+    ),
 )
 
 
@@ -377,42 +210,27 @@ def candidate_row(c: Candidate, pods: int) -> dict:
         problem=c.problem or None,
     )
     if c.day is not None and c.replicas:
-        t, lat, hr = c.day.totals, c.day.day_latency, c.day.hourly
+        t, lat = c.day.totals, c.day.day_latency
+        row.update(day_figures(c.day))
         row.update(
             replicas=c.replicas,
             gpus=pods * c.replicas * c.tp,
             requests=t.requests_arrived,
-            energy_facility_kwh=t.energy_facility_kwh,
-            energy_cost_usd=t.energy_cost_usd,
-            hardware_cost_usd=t.hardware_cost_usd,
-            total_cost_usd=t.total_cost_usd,
             usd_per_mtok=t.usd_per_mtok,
             wh_per_request=t.wh_per_request,
             ttft_p99_s=lat["ttft_p99_s"],
             tpot_p99_s=lat["tpot_p99_s"],
-            worst_hour_ttft_p99_s=float(np.nanmax(hr.column("ttft_p99_s").to_numpy())),
-            worst_hour_tpot_p99_s=float(np.nanmax(hr.column("tpot_p99_s").to_numpy())),
-            slo_attainment=t.slo_attainment,
         )
         if c.day_below is not None:  # the day at N - 1: why it fails
-            hb = c.day_below.hourly
-            row["below_worst_hour_ttft_p99_s"] = float(
-                np.nanmax(hb.column("ttft_p99_s").to_numpy())
-            )
-            row["below_worst_hour_tpot_p99_s"] = float(
-                np.nanmax(hb.column("tpot_p99_s").to_numpy())
-            )
+            row["below_worst_hour_ttft_p99_s"] = worst_hour(c.day_below, "ttft")
+            row["below_worst_hour_tpot_p99_s"] = worst_hour(c.day_below, "tpot")
             row["below_passes"] = c.below_passes
     return row
 
 
 def plan_table(cands: list[Candidate], pods: int) -> pa.Table:
     """Candidates ranked by the day's total cost (those without an answer last)."""
-    rows = [candidate_row(c, pods) for c in cands]
-    rows.sort(key=lambda r: (r["total_cost_usd"] is None, r["total_cost_usd"] or 0.0))
-    for i, r in enumerate(rows):
-        r["rank"] = i + 1 if r["total_cost_usd"] is not None else None
-    return pa.table({k: pa.array([r[k] for r in rows], type=t) for k, t in PLAN_COLUMNS})
+    return ranked_table([candidate_row(c, pods) for c in cands], PLAN_COLUMNS)
 
 
 def parse_list(flag: str, raw: str, kind=str) -> list:
@@ -505,12 +323,9 @@ def make_candidates(
     for g in gpus:
         for tp in tps:
             c = Candidate(gpu=g, tp=tp, base=candidate_base(data, g, tp, sc.hardware.gpu))
-            try:
-                c.rs = resolve(scenario_from_dict(c.base, source), source)
-            except ScenarioError as exc:
-                if exc.field.startswith("hardware"):
-                    raise UserError(f"--gpus {g!r}: {exc}") from None
-                c.problem = f"does not fit: {exc.problem}"
+            resolve_candidate(
+                c, source, lambda f: f.startswith("hardware"), f"--gpus {g!r}", lambda e: e.problem
+            )
             cands.append(c)
     return cands
 
@@ -676,9 +491,7 @@ def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks) -> pa.Table 
         return None
     from fleetsim.apps.plan_disagg import DisaggPlanner, disagg_table
 
-    dplanner = DisaggPlanner(
-        Planner(agg_data, args.scenario, slo, ex, hooks), search_min, backlog_ok
-    )
+    dplanner = DisaggPlanner(agg_data, args.scenario, slo, ex, hooks)
     for dc in dcands:
         if dc.rs is None:
             continue

@@ -29,6 +29,7 @@ import html
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -411,21 +412,29 @@ def flat_day_key(flat: dict[str, Any], run_cost_usd: float | None = None) -> str
     return hashlib.sha256(f"{__version__}\n{run_cost_usd!r}\n{text}".encode()).hexdigest()
 
 
+MAX_FLAT_DAY_COST_USD = 1e15  # a day's cost above this (world GDP is ~3e14 $/day) is no cache
+
+
 def _cached_flat(path: Path | None, key: str) -> float | None:
-    """The cost in ``path`` (a flat-day.json) if its key is ``key``; None otherwise (absent,
-    unreadable, another scenario or version: then the day is simulated again)."""
-    if path is None or not path.is_file():
+    """The cost in ``path`` (a flat-day.json) if its key is ``key`` and the cost a finite
+    number in [0, MAX_FLAT_DAY_COST_USD]; None otherwise (absent, a link, unreadable, not an
+    object, another scenario or version, an impossible cost: then the day is simulated
+    again)."""
+    if path is None or not os.path.lexists(path):
         return None
     from fleetsim.base import io
 
-    try:
-        d, _ = io.load_json(path, "", io.MAX_CONFIG_BYTES)
+    try:  # (fleetsim's own file in the output folder: a link or a second hard link is refused)
+        d, _ = io.load_json(path, "", io.MAX_CONFIG_BYTES, nofollow=True)
     except UserError:
         return None
-    v = d.get("flat_day_cost_usd") if isinstance(d, dict) else None
-    if d.get("key") != key or isinstance(v, bool) or not isinstance(v, (int, float)):
+    if not isinstance(d, dict) or d.get("key") != key:
         return None
-    return float(v) if math.isfinite(v) else None
+    v = d.get("flat_day_cost_usd")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) and 0.0 <= v <= MAX_FLAT_DAY_COST_USD else None
 
 
 def flat_day_cost(
@@ -909,7 +918,9 @@ def main(argv: list[str] | None = None) -> int:
     page = write_report(
         Path(args.dir), flatten=not args.no_flat, source=args.scenario, show_progress=True
     )
-    a = json.loads((page.parent / "peak.json").read_text())
+    from fleetsim.base import io as fio
+
+    a, _ = fio.load_json(page.parent / "peak.json", "", nofollow=True)
     pngs = ", ".join(p + ".png" for p in PLOTS)
     print(f"wrote {page.resolve()}, report.md and {pngs} in {page.parent}")
     m = a["marginal_cost_of_peak_usd"]

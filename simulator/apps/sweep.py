@@ -100,12 +100,11 @@ def split_values(raw: str) -> list[str]:
 def array_values(raw: str) -> list[str]:
     """The items of a TOML array ``[v1, v2, ...]`` (parsed as ``--set`` parses a value), each as
     TOML text for an override; a value that is itself a list is an item: ``[[1, 2], [3, 4]]``."""
-    import tomllib
+    from fleetsim.base import io
 
-    try:
-        items = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"--grid value {raw!r}: not a TOML array ({exc})") from None
+    items = io.parse_toml(f"v = {raw.strip()}", f"--grid value {io.clean(raw, 80)!r}")["v"]
+    if not isinstance(items, list):
+        raise UserError(f"--grid value {io.clean(raw, 80)!r}: not a TOML array")
     return [toml_value(v) for v in items]
 
 

@@ -18,12 +18,14 @@ standard parsers recurse, so 100,000 nested arrays would be a ``RecursionError``
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fleetsim.base.errors import UserError
 
@@ -35,6 +37,7 @@ MAX_TRACE_BYTES = 256 * MiB  # CSV traces (timed arrivals, empirical sizes)
 MAX_DEPTH = 64  # nesting of arrays/tables in JSON and TOML (a scenario needs 3)
 MAX_INT_DIGITS = 20  # an integer in a JSON file: 2**64 has 20 digits
 CSV_FIELD_LIMIT = 4096  # characters of one CSV field (a number needs < 30)
+MAX_TRACE_TOKENS = 1_000_000_000  # a token count above this is a broken file, not a request
 
 
 def clean(text: str, limit: int = 200) -> str:
@@ -48,21 +51,44 @@ def _name(path: str | Path) -> str:
     return clean(str(path), 160)
 
 
-def read_bytes(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> bytes:
-    """The bytes of the regular file ``path`` (at most ``limit``); ``what`` names it in errors
-    (e.g. ``"hardware.profile"``)."""
+def _open_checked(
+    path: str | Path, what: str, limit: int | None, nofollow: bool
+) -> tuple[int, str]:
+    """An open descriptor of the regular file ``path`` (without blocking; under ``limit`` bytes
+    unless None) and the file as errors name it."""
     p = str(path)
     where = f"{what} = {_name(p)!r}" if what else repr(_name(p))
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(p, flags | (os.O_NOFOLLOW if nofollow else 0))
     except FileNotFoundError:
+        if os.path.islink(p):
+            raise UserError(
+                f"{where}: is a symbolic link to {_name(os.readlink(p))!r}, which does not "
+                "exist (fix: name the file itself)"
+            ) from None
         raise UserError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{where}: is a directory, not a file (fix: name the file)") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            if nofollow and os.path.islink(p):
+                raise UserError(
+                    f"{where}: is a symbolic link, which fleetsim does not follow here "
+                    "(fix: remove it)"
+                ) from None
+            raise UserError(
+                f"{where}: is a symbolic link loop (a link that leads back to itself; fix: "
+                "name the file itself)"
+            ) from None
         raise UserError(f"{where}: cannot read it ({exc.strerror})") from None
     try:
         st = os.fstat(fd)
+        if nofollow and stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+            raise UserError(
+                f"{where}: has {st.st_nlink} hard links, which fleetsim does not read here "
+                "(fix: remove it)"
+            )
         if not stat.S_ISREG(st.st_mode):
             kind = (
                 "a directory"
@@ -76,11 +102,26 @@ def read_bytes(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> by
                 else "not a regular file"
             )
             raise UserError(f"{where}: is {kind}, not a regular file (fix: name a file)")
-        if st.st_size > limit:
+        if limit is not None and st.st_size > limit:
             raise UserError(
                 f"{where}: is {st.st_size / MiB:,.1f} MiB, above the limit of "
                 f"{limit / MiB:,.0f} MiB for this kind of file (fix: name the right file)"
             )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, where
+
+
+def read_bytes(
+    path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES, *, nofollow: bool = False
+) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit``); ``what`` names it in errors
+    (e.g. ``"hardware.profile"``). ``nofollow``: refuse a symbolic link or a file with more than
+    one hard link (for the files fleetsim itself keeps in an output folder: its manifest and
+    caches)."""
+    fd, where = _open_checked(path, what, limit, nofollow)
+    try:
         chunks: list[bytes] = []
         got = 0
         while True:
@@ -96,6 +137,14 @@ def read_bytes(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> by
         raise UserError(f"{where}: cannot read it ({exc.strerror})") from None
     finally:
         os.close(fd)
+
+
+def open_binary(path: str | Path, what: str, *, nofollow: bool = False) -> BinaryIO:
+    """The regular file ``path`` open for reading in binary (checked as :func:`read_bytes`
+    checks, without a size limit): for a reader that takes only a part of a large file, such as
+    a Parquet file's footer. The caller closes it."""
+    fd, _ = _open_checked(path, what, None, nofollow)
+    return os.fdopen(fd, "rb")
 
 
 def decode(raw: bytes, where: str) -> str:
@@ -117,7 +166,9 @@ def read_text(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str
     )
 
 
-def check_depth(text: str, where: str, limit: int = MAX_DEPTH, toml: bool = False) -> None:
+def check_depth(
+    text: str, where: str, limit: int = MAX_DEPTH, toml: bool = False, fix: str = "flatten the file"
+) -> None:
     """Refuse ``text`` (JSON, or TOML with ``toml=True``) whose arrays/tables nest deeper than
     ``limit``. Brackets inside strings (and TOML comments) do not count."""
     if text.count("[") + text.count("{") <= limit:
@@ -150,9 +201,9 @@ def check_depth(text: str, where: str, limit: int = MAX_DEPTH, toml: bool = Fals
                 deepest = depth
                 if deepest > limit:
                     line = text.count("\n", 0, i) + 1
+                    at = f"{where}: line {line}:" if "\n" in text else f"{where}:"
                     raise UserError(
-                        f"{where}: line {line}: arrays or tables nested deeper than {limit} "
-                        "levels (fix: flatten the file)"
+                        f"{at} arrays or tables nested deeper than {limit} levels (fix: {fix})"
                     )
         elif ch in "]}":
             depth = max(0, depth - 1)
@@ -166,21 +217,28 @@ def _bounded_int(s: str) -> int:
     return int(s)
 
 
-def parse_json(text: str, where: str, fix: str = "") -> Any:
-    """``json.loads`` with a depth limit and bounded integers; a UserError names the problem."""
+def parse_json(text: str, where: str, fix: str = "", bounded_ints: bool = True) -> Any:
+    """``json.loads`` with a depth limit and bounded integers (``bounded_ints=False``: Python's
+    own limit of 4,300 digits, for a caller that range-checks every integer it uses and bounds
+    the text's length); a UserError names the problem."""
     check_depth(text, where)
     try:
-        return json.loads(text, parse_int=_bounded_int)
+        return json.loads(text, parse_int=_bounded_int if bounded_ints else None)
     except (ValueError, RecursionError) as exc:
         tail = f" (fix: {fix})" if fix else ""
         raise UserError(f"{where}: not valid JSON ({clean(str(exc), 120)}){tail}") from None
 
 
 def load_json(
-    path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES, fix: str = ""
+    path: str | Path,
+    what: str,
+    limit: int = MAX_CONFIG_BYTES,
+    fix: str = "",
+    *,
+    nofollow: bool = False,
 ) -> tuple[Any, bytes]:
-    """The parsed JSON file and its bytes."""
-    raw = read_bytes(path, what, limit)
+    """The parsed JSON file and its bytes (``nofollow``: see :func:`read_bytes`)."""
+    raw = read_bytes(path, what, limit, nofollow=nofollow)
     where = f"{what} = {_name(path)!r}" if what else _name(path)
     return parse_json(decode(raw, where), where, fix), raw
 
@@ -308,3 +366,18 @@ class CsvText:
     def row(self, i: int) -> list[str]:
         """Data row ``i``'s fields (for an error message)."""
         return [str(c[i].as_py()) for c in self.columns]
+
+
+def json_safe(obj):
+    """``obj`` with NaN and infinities as None, numpy scalars as Python numbers (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    return obj

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetsim.base.errors import ScenarioError
 from fleetsim.base.names import closest
@@ -29,6 +29,9 @@ from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import ModelSpec, model_from_catalog
 from fleetsim.device.moe import layout_problem, replica_weight_bytes
 from fleetsim.workload.distributions import Empirical
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _longest_field(tr: TrafficSection, trace_max: dict[str, int]) -> tuple[str, Any]:
@@ -150,7 +153,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     kvb = _checked_kv_budget(sc, model, profile, src)
     kv_tokens = kvb.tokens
     tr = sc.traffic
-    max_req, trace_rows = _check_request_sizes(sc, model, kv_tokens, src)
+    max_req, trace_t = _check_request_sizes(sc, model, kv_tokens, src)
     _check_prefix_blocks(sc, model, src)
     rates = _hourly_rates(tr, src)
     f = sc.fleet
@@ -159,7 +162,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
         if f.data_parallel == 1 and not f.expert_parallel
         else LatencyModel(model, profile, f.tensor_parallel, f.data_parallel, f.expert_parallel)
     )
-    check_work(sc, rates, lat, src, trace_rows)
+    check_work(sc, rates, lat, src, trace_t)
 
     # Every 24-value profile is given by UTC hour of day. The engine indexes by simulation hour
     # (h % 24), so rotate them to start at the scenario's starting hour.
@@ -368,15 +371,17 @@ def _checked_kv_budget(sc: Scenario, model: ModelSpec, profile: Profile, src: st
 
 def _check_request_sizes(
     sc: Scenario, model: ModelSpec, kv_tokens: int, src: str
-) -> tuple[int, int | None]:
+) -> tuple[int, np.ndarray | None]:
     """The longest request fits the KV budget and the context, and the longest prompt can be
-    scheduled; (the longest request in tokens, the trace's row count or None)."""
+    scheduled; (the longest request in tokens, a timed trace's arrival times or None)."""
     from fleetsim.workload.sampling import trace_columns_max
 
     tr = sc.traffic
     trace_max: dict[str, int] = {}
     for d in (tr.prompt, tr.output):
-        if isinstance(d, Empirical):
+        if isinstance(d, Empirical):  # (workload.sampling reads traces: imported for them only)
+            from fleetsim.workload.sampling import trace_columns_max
+
             trace_max.update(trace_columns_max(d.file, src))
             if d.column not in trace_max:  # (checked here, before anything is simulated)
                 from fleetsim.workload.sampling import _trace_column
@@ -384,12 +389,12 @@ def _check_request_sizes(
                 _trace_column(d, src)
     max_req = tr.prompt.max_tokens(trace_max) + tr.output.max_tokens(trace_max)
     pmax = tr.prompt.max_tokens(trace_max)
-    trace_rows: int | None = None
+    trace_t: np.ndarray | None = None
     if tr.trace:  # a timed trace replaces the size distributions: check its own requests
         from fleetsim.workload.sampling import _resolve_path, read_arrival_trace
 
-        _, tp_, to_ = read_arrival_trace(str(_resolve_path(tr.trace, src)))
-        trace_rows = len(tp_)
+        # (read whole, bounded by the trace file size limit and stored as flat arrays)
+        trace_t, tp_, to_ = read_arrival_trace(str(_resolve_path(tr.trace, src)))
         max_req, pmax = int((tp_ + to_).max()), int(tp_.max())
     big_field, big_value = _longest_field(tr, trace_max)
     if max_req > kv_tokens:
@@ -420,7 +425,7 @@ def _check_request_sizes(
             f"set it >= {pmax}, or fleet.enable_chunked_prefill = true",
             src,
         )
-    return max_req, trace_rows
+    return max_req, trace_t
 
 
 def _hourly_rates(tr: TrafficSection, src: str) -> tuple[float, ...]:

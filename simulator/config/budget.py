@@ -5,10 +5,15 @@ bounds below, with a message saying how to get the same answer within them.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from fleetsim.base.errors import ScenarioError
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.schema import Scenario
 from fleetsim.device.latency import LatencyModel
+from fleetsim.workload.distributions import Empirical
 
 # The work budget of one run (check_work). Memory: a request held by a pod costs ~150 bytes (its
 # Request object and its slots in the hour's arrival lists and the queue). Time: the engines
@@ -19,6 +24,48 @@ MAX_SIMULATED_ARRIVALS = 100_000_000  # all simulated pods together: ~1.5 h of o
 MAX_SIMULATED_POD_HOURS = 200_000  # per-pod-hour summaries (a few kB each) and set-up time
 MAX_AUTOSCALER_TICKS = 20_000_000  # reactive autoscaler ticks, all simulated pods together
 MAX_ITERATIONS = 2_000_000_000  # engine iterations (iteration engine), an upper estimate
+# A session's turns, user tokens, answers and think times are drawn when it starts and held
+# until it ends (workload/sessions.py): ~100 B a turn, so at most ~0.1 GB for one session.
+MAX_TURNS_PER_SESSION = 1_000_000
+
+
+def _session_turns(sc: Scenario, src: str) -> float:
+    """The mean number of requests a session makes (1 without sessions); refuses turns that no
+    budget could hold and session distributions that cannot be drawn."""
+    ses = sc.traffic.sessions
+    if ses is None:
+        return 1.0
+    for name, d in (("turns", ses.turns), ("think_s", ses.think_s)):
+        if isinstance(d, Empirical):
+            raise ScenarioError(
+                f"traffic.sessions.{name}.dist",
+                "empirical",
+                "a session's turns and think times are drawn from a distribution, not a trace",
+                'use dist = "fixed", "uniform", "lognormal" or "geometric"',
+                src,
+            )
+    d = ses.turns
+    assert not isinstance(d, Empirical)  # (refused above)
+    t_max = d.max_tokens({})
+    if t_max > MAX_TURNS_PER_SESSION:
+        raise ScenarioError(
+            f"traffic.sessions.turns.{d.max_field}",
+            getattr(d, d.max_field),
+            f"a session of up to {t_max:,} turns, above the budget of "
+            f"{MAX_TURNS_PER_SESSION:,} turns per session (a session's turns are drawn, and held, "
+            "when it starts)",
+            f"at most {MAX_TURNS_PER_SESSION:,}",
+            src,
+        )
+    return d.mean_value()
+
+
+def _trace_counts(t: np.ndarray, hours: int, pods: int) -> tuple[float, float]:
+    """(requests per pod over the run, requests in a pod's busiest hour) of a timed trace whose
+    arrival times are ``t`` (s): rows past the horizon are never generated; row i goes to pod
+    i % pods."""
+    per_hour = np.bincount(np.floor(t[t < hours * HOUR_S] / HOUR_S).astype(np.int64), minlength=1)
+    return float(per_hour.sum()) / pods, float(math.ceil(int(per_hour.max()) / pods))
 
 
 def check_work(
@@ -26,11 +73,13 @@ def check_work(
     rates: tuple[float, ...],
     lat: LatencyModel,
     src: str,
-    trace_rows: int | None = None,
+    trace_arrivals_s: np.ndarray | None = None,
 ) -> None:
     """Refuse a scenario whose work (arrivals per pod-hour and per pod, pods and pod-hours
     simulated, autoscaler ticks, engine iterations) exceeds the budget above, before anything
-    is generated; the message says how to get the same answer within it."""
+    is generated; the message says how to get the same answer within it. Arrivals count a
+    timed trace's rows by the hour they arrive in (``trace_arrivals_s``, CSV or JSONL), and a
+    session's turns (sessions x mean turns)."""
     f, hours = sc.fleet, sc.simulation.hours
     sim_pods = min(f.sample_pods or f.pods, f.pods)
     hint_pods = (
@@ -46,28 +95,37 @@ def check_work(
             f"{hint_pods}, or simulate fewer hours",
             src,
         )
-    if trace_rows is not None:  # a timed trace: its rows, split over the pods
-        per_pod = trace_rows / f.pods
-        peak_pod_hour = 0.0
+    turns = _session_turns(sc, src)
+    value: object
+    if trace_arrivals_s is not None:  # a timed trace: its rows by hour, split over the pods
+        per_pod, peak_pod_hour = _trace_counts(trace_arrivals_s, hours, f.pods)
+        field, value = "traffic.trace", sc.traffic.trace
     else:
-        per_pod = sum(rates[h % 24] for h in range(hours)) * HOUR_S / f.pods
-        peak_pod_hour = max(rates) * HOUR_S / f.pods
+        per_pod = sum(rates[h % 24] for h in range(hours)) * HOUR_S / f.pods * turns
+        peak_pod_hour = max(rates) * HOUR_S / f.pods * turns
+        field, value = "traffic.requests_per_day", sc.traffic.requests_per_day
+    what = " (sessions x their mean turns)" if turns != 1.0 and trace_arrivals_s is None else ""
     if peak_pod_hour > MAX_ARRIVALS_PER_POD_HOUR:
         raise ScenarioError(
-            "traffic.requests_per_day",
-            sc.traffic.requests_per_day,
-            f"the busiest hour brings {peak_pod_hour:.3g} requests to each of the "
+            field,
+            value,
+            f"the busiest hour brings {peak_pod_hour:.3g} requests{what} to each of the "
             f"{f.pods} pod(s), above the budget of {MAX_ARRIVALS_PER_POD_HOUR:,} per pod-hour "
             "(one hour of a pod's arrivals is held in memory)",
             "split the fleet into more, smaller pods (fleet.pods, and fleet.sample_pods to "
-            "simulate a few of them) or lower the rate",
+            "simulate a few of them) or "
+            + (
+                "replay a thinner trace (its rows go to the pods in turn)"
+                if trace_arrivals_s is not None
+                else "lower the rate"
+            ),
             src,
         )
     if per_pod > MAX_ARRIVALS_PER_POD:
         raise ScenarioError(
             "simulation.hours",
             hours,
-            f"each pod gets {per_pod:.3g} requests over the run, above the budget of "
+            f"each pod gets {per_pod:.3g} requests{what} over the run, above the budget of "
             f"{MAX_ARRIVALS_PER_POD:,} (an overloaded pod holds every request it has not served)",
             f"simulate fewer hours (e.g. {max(1, int(hours * MAX_ARRIVALS_PER_POD / per_pod))}), "
             "or "
@@ -84,7 +142,7 @@ def check_work(
             f"{hint_pods} with fewer pods, or simulate fewer hours",
             src,
         )
-    _check_ticks_and_iterations(sc, lat, src, sim_pods, total, trace_rows)
+    _check_ticks_and_iterations(sc, lat, src, sim_pods, total, trace_arrivals_s is not None)
 
 
 def _check_ticks_and_iterations(
@@ -93,7 +151,7 @@ def _check_ticks_and_iterations(
     src: str,
     sim_pods: int,
     total: float,
-    trace_rows: int | None,
+    timed_trace: bool,
 ) -> None:
     """The work budget's reactive-autoscaler ticks and per-iteration engine iterations."""
     f, hours = sc.fleet, sc.simulation.hours
@@ -114,7 +172,7 @@ def _check_ticks_and_iterations(
     if sc.simulation.engine == "iteration":
         t_min = lat.decode_time(1, 1)  # the shortest iteration the profile allows
         by_time = f.replicas * sim_pods * hours * HOUR_S / max(t_min, 1e-12)
-        max_out = float(sc.traffic.output.max_tokens({})) if trace_rows is None else 1e9
+        max_out = float(sc.traffic.output.max_tokens({})) if not timed_trace else 1e9
         by_tokens = total * (1.0 + max_out)
         its = min(by_time, by_tokens)
         if its > MAX_ITERATIONS:
@@ -135,5 +193,6 @@ __all__ = [
     "MAX_ITERATIONS",
     "MAX_SIMULATED_ARRIVALS",
     "MAX_SIMULATED_POD_HOURS",
+    "MAX_TURNS_PER_SESSION",
     "check_work",
 ]

@@ -64,6 +64,49 @@ SCENARIO: dict[str, str] = {
     "ModelSection.vocab_size": "Vocabulary size (HF vocab_size): the embedding and LM head.",
     "ModelSection.n_experts": "Experts per MoE layer (1: dense; HF num_local_experts).",
     "ModelSection.n_active_experts": "Experts each token is routed to (HF num_experts_per_tok).",
+    "ModelSection.head_dim": "Width of one attention head, in elements (HF head_dim); unset: "
+    "d_model / n_heads. Qwen3, Gemma 3 and gpt-oss set it explicitly.",
+    "ModelSection.sliding_window_tokens": "Sliding-window attention: tokens a window layer attends "
+    "and keeps in its KV cache (HF sliding_window); unset or 0: every layer is global.",
+    "ModelSection.sliding_global_every": "With a sliding window: every n-th attention layer is "
+    "global and the others windowed (Gemma 3: 6; gpt-oss alternating: 2); unset: all windowed.",
+    "ModelSection.attention_sinks": "Whether attention has learned sink logits per head (gpt-oss); "
+    "costs no KV.",
+    "ModelSection.kv_lora_rank": "Multi-head latent attention: width of the cached latent per "
+    "token and layer, in elements (DeepSeek-V3: 512; HF kv_lora_rank).",
+    "ModelSection.q_lora_rank": "Multi-head latent attention: rank of the query's low-rank "
+    "projection (DeepSeek-V3: 1536; HF q_lora_rank); unset: a full query projection.",
+    "ModelSection.qk_nope_head_dim": "Multi-head latent attention: per-head query/key width "
+    "without rotary embedding (DeepSeek-V3: 128; HF qk_nope_head_dim).",
+    "ModelSection.qk_rope_head_dim": "Multi-head latent attention: rotary key width cached per "
+    "token and layer beside the latent (DeepSeek-V3: 64; HF qk_rope_head_dim).",
+    "ModelSection.v_head_dim": "Multi-head latent attention: per-head value width (DeepSeek-V3: "
+    "128; HF v_head_dim).",
+    "ModelSection.d_ff_expert": "Intermediate size of one routed expert (HF "
+    "moe_intermediate_size); unset: d_ff.",
+    "ModelSection.n_shared_experts": "Shared experts that every token runs besides its routed "
+    "ones (HF n_shared_experts; Llama 4 and DeepSeek-V3: 1).",
+    "ModelSection.d_ff_shared": "Intermediate size of one shared expert (HF "
+    "shared_expert_intermediate_size); unset: d_ff_expert.",
+    "ModelSection.first_k_dense": "MoE models: the first k layers have a dense MLP (HF "
+    "first_k_dense_replace; DeepSeek-V3: 3).",
+    "ModelSection.moe_layer_step": "MoE models: after first_k_dense, every n-th layer is MoE "
+    "(1: all; Llama 4 Maverick: 2; HF decoder_sparse_step / interleave_moe_layer_step).",
+    "ModelSection.hybrid_pattern": "Hybrid stacks (Nemotron-H's hybrid_override_pattern): one "
+    "character per layer, M a Mamba-2 mixer, * attention, - a dense MLP, E an MoE MLP.",
+    "ModelSection.ssm_state_size": "Mamba-2 layers: state size per head channel (HF "
+    "ssm_state_size / mamba_d_state).",
+    "ModelSection.ssm_n_heads": "Mamba-2 layers: heads (HF mamba_num_heads).",
+    "ModelSection.ssm_head_dim": "Mamba-2 layers: width of one head (HF mamba_head_dim).",
+    "ModelSection.ssm_n_groups": "Mamba-2 layers: groups of B and C projections (HF n_groups).",
+    "ModelSection.ssm_conv_kernel": "Mamba-2 layers: width of the causal convolution, in tokens "
+    "(HF conv_kernel); its last tokens are part of the state.",
+    "ModelSection.expert_dtype": "Precision of the routed experts' weights when it differs from "
+    "dtype (gpt-oss: mxfp4); unset: dtype.",
+    "ModelSection.embed_dtype": "Precision of the embedding and LM head when it differs from "
+    "dtype; unset: dtype (16-bit for quantized weights).",
+    "ModelSection.state_dtype": "Precision of the Mamba-2 state per sequence; unset: the KV "
+    "cache's.",
     "ModelSection.mlp": "MLP kind: 'swiglu' (three matrices) or 'gelu' (two).",
     "ModelSection.tied_embeddings": "Whether the LM head shares the embedding's weights (HF "
     "tie_word_embeddings).",
@@ -87,6 +130,8 @@ SCENARIO: dict[str, str] = {
     "per FLOP = compute_w / peak_flops).",
     "HardwareSection.memory_w": "Dynamic power of one GPU at its full memory bandwidth, in W "
     "(energy per byte = memory_w / bandwidth).",
+    "HardwareSection.node_idle_w": "Host power (CPUs, DRAM, NICs, fans) of a powered node whose "
+    "GPUs are idle, in W per node; unset: the catalog's. The serving level is node_overhead_w.",
     "HardwareSection.node_overhead_w": "Power of the rest of the node (CPUs, NICs, fans) per "
     "GPU, in W, while the GPU is powered.",
     "HardwareSection.gpus_per_node": "GPUs per node (8 for HGX/DGX).",
@@ -130,6 +175,14 @@ SCENARIO: dict[str, str] = {
     "FleetSection.max_num_seqs": "vLLM's name of max_batch_size.",
     "FleetSection.max_num_batched_tokens": "vLLM's name of max_batched_tokens.",
     "FleetSection.tensor_parallel_size": "vLLM's name of tensor_parallel.",
+    "FleetSection.data_parallel": "Data-parallel attention engines per replica (vLLM "
+    "--data-parallel-size): a replica has tensor_parallel x data_parallel GPUs, and "
+    "max_batch_size / max_batched_tokens are the whole replica's.",
+    "FleetSection.expert_parallel": "Spread the experts over the replica's GPUs instead of "
+    "splitting each one (vLLM --enable-expert-parallel; EP = tensor_parallel x data_parallel).",
+    "FleetSection.serving_stack": "The serving stack the step times represent: 'vllm-v1' (vLLM "
+    "0.11: decode under CUDA graphs, asynchronous scheduling; fitted to ML.ENERGY v3) or "
+    "'eager' (operator times as Vidur measured them, no graphs).",
     # [traffic]
     "TrafficSection.requests_per_day": "Mean requests per day for the whole fleet; the hourly "
     "rate follows `diurnal`.",

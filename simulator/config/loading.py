@@ -33,9 +33,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise UserError(f"--set {item!r}: empty key")
+    from fleetsim.base import io
+
+    text = f"v = {raw.strip()}"
+    where = f"--set {io.clean(key.strip(), 80)}"
+    io.check_depth(text, where, toml=True, fix="a value nested at most 64 deep")
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = tomllib.loads(text)["v"]
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw.strip()
     return path, value
 

@@ -39,6 +39,7 @@ import itertools
 import math
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from functools import cache
 
 from fleetsim.device.modelspec import ModelSpec
 
@@ -345,9 +346,11 @@ def kernel_fit_to_dict(f: KernelFit) -> dict:
     return d
 
 
+@cache
 def catalog_kernel_fit(gpu: str) -> KernelFit | None:
-    """The committed kernel model of catalog GPU ``gpu``, or None if it has none."""
+    """The committed kernel model of catalog GPU ``gpu``, or None if it has none (cached: a
+    plan or a sweep resolves many scenarios on the same GPUs)."""
     from fleetsim.device import catalog
 
-    d = catalog.kernels().get(gpu)
+    d = catalog.kernel(gpu)
     return None if d is None else kernel_fit_from_dict(d, f"catalog kernels.toml [{gpu}]")

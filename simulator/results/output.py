@@ -23,53 +23,101 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from fleetsim.base.errors import UserError
 
-REQUEST_SCHEMA = pa.schema(
-    [
-        ("request_id", pa.int64()),
-        ("arrival_s", pa.float64()),
-        ("replica", pa.int32()),
-        ("prompt_tokens", pa.int32()),
-        ("output_tokens", pa.int32()),
-        ("first_token_s", pa.float64()),
-        ("finish_s", pa.float64()),
-        ("ttft_s", pa.float64()),
-        ("tpot_s", pa.float64()),
-        ("e2e_s", pa.float64()),
-        ("cached_prompt_tokens", pa.int32()),  # served from the prefix cache (paged engine)
-        ("preemptions", pa.int32()),
-        ("status", pa.dictionary(pa.int8(), pa.string())),
-    ]
-)
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow is imported where a table is written or read, not with this module: the output
+# folder rule serves every command, and `validate` writes no table (start-up time)
+
+
+@cache
+def request_schema() -> pa.Schema:
+    """The schema of requests.parquet."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("request_id", pa.int64()),
+            ("arrival_s", pa.float64()),
+            ("replica", pa.int32()),
+            ("prompt_tokens", pa.int32()),
+            ("output_tokens", pa.int32()),
+            ("first_token_s", pa.float64()),
+            ("finish_s", pa.float64()),
+            ("ttft_s", pa.float64()),
+            ("tpot_s", pa.float64()),
+            ("e2e_s", pa.float64()),
+            ("cached_prompt_tokens", pa.int32()),  # served from the prefix cache (paged engine)
+            ("preemptions", pa.int32()),
+            ("status", pa.dictionary(pa.int8(), pa.string())),
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REQUEST_SCHEMA":  # (the module's constant before pyarrow became lazy)
+        return request_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _TMP_PREFIX = ".fleetsim-tmp-"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def temp_path(final: Path) -> Path:
-    """A fresh temporary path beside ``final`` (same filesystem, so rename is atomic)."""
+def _temp_file(final: Path) -> tuple[int, Path]:
+    """A fresh temporary file beside ``final`` (same filesystem, so rename is atomic), created
+    with ``O_EXCL`` (never a link or someone else's file): its open descriptor and path."""
     final.parent.mkdir(parents=True, exist_ok=True)
     # the pid in the name lets a later run recognise it as stale once this process is gone
     fd, name = tempfile.mkstemp(
         prefix=f"{_TMP_PREFIX}{os.getpid()}-{final.name}.", dir=final.parent
     )
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise
+    return fd, Path(name)
+
+
+def temp_path(final: Path) -> Path:
+    """A fresh temporary path beside ``final`` (see :func:`_temp_file`)."""
+    fd, p = _temp_file(final)
     os.close(fd)
-    os.chmod(name, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-    return Path(name)
+    return p
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """Make a finished temporary file visible under its final name (atomic)."""
+    """Make a finished temporary file visible under its final name (atomic; a link at
+    ``final`` is replaced, never followed)."""
     os.replace(tmp, final)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(fh)`` into a fresh temporary file (through the descriptor that created it, so
+    nothing can redirect the write), then rename it to ``path``."""
+    tmp: Path | None = None
+    try:  # (the temporary is made inside the try: an interrupt cannot leave it behind)
+        fd, tmp = _temp_file(path)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        commit(tmp, path)
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_table_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -78,28 +126,14 @@ def write_table_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | N
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
-    tmp: Path | None = None
-    try:  # (the temporary is made inside the try: an interrupt cannot leave it behind)
-        tmp = temp_path(path)
-        pq.write_table(table, tmp)
-        commit(tmp, path)
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
+    import pyarrow.parquet as pq
+
+    _write_atomic(path, lambda fh: pq.write_table(table, fh))
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:
     """Write ``data`` to ``path`` atomically (a temporary file renamed when complete)."""
-    tmp: Path | None = None
-    try:  # (the temporary is made inside the try: an interrupt cannot leave it behind)
-        tmp = temp_path(path)
-        tmp.write_bytes(data)
-        commit(tmp, path)
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda fh: fh.write(data))
 
 
 def write_text_atomic(text: str, path: Path) -> None:
@@ -109,7 +143,12 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The fleetsim key-value metadata of a Parquet file we wrote."""
-    md = pq.read_schema(path).metadata or {}
+    import pyarrow.parquet as pq
+
+    from fleetsim.base.io import open_binary
+
+    with open_binary(path, "") as fh:
+        md = pq.read_schema(fh).metadata or {}
     return {k.decode(): v.decode() for k, v in md.items() if not k.startswith(b"ARROW")}
 
 
@@ -118,10 +157,18 @@ class RequestWriter:
 
     def __init__(self, path: Path, rows_per_group: int = 65536) -> None:
         self.path = Path(path)
-        self.tmp = temp_path(self.path)
+        fd, self.tmp = _temp_file(self.path)
+        self._fh = os.fdopen(fd, "wb")
         self.rows_per_group = rows_per_group
-        self._writer = pq.ParquetWriter(self.tmp, REQUEST_SCHEMA)
-        self._cols: list[list] = [[] for _ in REQUEST_SCHEMA.names]
+        import pyarrow.parquet as pq
+
+        try:
+            self._writer = pq.ParquetWriter(self._fh, request_schema())
+        except BaseException:
+            self._fh.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
+        self._cols: list[list] = [[] for _ in request_schema().names]
         self.rows = 0
 
     def add(
@@ -154,16 +201,19 @@ class RequestWriter:
     def _flush(self) -> None:
         if not self._cols[0]:
             return
+        import pyarrow as pa
+
+        schema = request_schema()
         arrays = [
             pa.array(col, type=f.type)
             if f.name != "status"
             else pa.array(col, type=pa.string()).dictionary_encode()
-            for col, f in zip(self._cols, REQUEST_SCHEMA)
+            for col, f in zip(self._cols, schema)
         ]
-        arrays[-1] = arrays[-1].cast(REQUEST_SCHEMA.field("status").type)
-        self._writer.write_table(pa.Table.from_arrays(arrays, schema=REQUEST_SCHEMA))
+        arrays[-1] = arrays[-1].cast(schema.field("status").type)
+        self._writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
         self.rows += len(self._cols[0])
-        self._cols = [[] for _ in REQUEST_SCHEMA.names]
+        self._cols = [[] for _ in schema.names]
 
     def close(self, metadata: dict[str, str] | None = None) -> None:
         """Finish the file and move it into place (on any failure, drop the partial file)."""
@@ -173,6 +223,7 @@ class RequestWriter:
                 for k, v in metadata.items():
                     self._writer.add_key_value_metadata({k: v})
             self._writer.close()
+            self._fh.close()
             commit(self.tmp, self.path)
         except BaseException:
             self.abort()
@@ -181,7 +232,10 @@ class RequestWriter:
     def abort(self) -> None:
         """Drop the partial file."""
         try:
-            self._writer.close()
+            try:
+                self._writer.close()
+            finally:
+                self._fh.close()
         finally:
             self.tmp.unlink(missing_ok=True)
 
@@ -194,8 +248,7 @@ def dumps(obj) -> str:
 # a run's output folder, all or nothing
 LOCK_NAME = ".fleetsim-lock"
 MANIFEST_NAME = ".fleetsim-manifest.json"
-# The files fleetsim's commands write into an --out folder. replay's trace.csv is not here: a
-# user's own trace is often called that, so it counts as fleetsim's only when a manifest lists it.
+# The files fleetsim's commands write into an --out folder: ``--force`` may replace these.
 OUTPUT_NAMES = frozenset(
     {
         "hourly.parquet",
@@ -225,6 +278,23 @@ OUTPUT_NAMES = frozenset(
         MANIFEST_NAME,
     }
 )
+# Names fleetsim writes that a user's own file often has too (replay's trace.csv): fleetsim's
+# only when its manifest lists them.
+LISTED_NAMES = frozenset({"trace.csv"})
+# Patterns of names fleetsim makes up per pool or per figure (none today besides the fixed
+# names above; a command that adds some adds its pattern here).
+OUTPUT_PATTERNS: tuple[re.Pattern[str], ...] = ()
+
+
+def could_write(name: str, listed: bool = False) -> bool:
+    """Whether fleetsim itself could have written a file called ``name`` into an output folder
+    (``listed``: its manifest lists it). Whatever a manifest says, no other name is ever
+    replaced or deleted by ``--force``."""
+    if name in OUTPUT_NAMES or any(p.fullmatch(name) for p in OUTPUT_PATTERNS):
+        return True
+    return listed and name in LISTED_NAMES
+
+
 PROBE_BYTES = 1 << 20  # written and removed before simulating: a full disk or ulimit -f shows
 _STAGE_RE = re.compile(r"^\.fleetsim-tmp-(\d+)-")
 _OPEN: list[RunOutput] = []  # RunOutputs of this process not yet committed or aborted
@@ -274,6 +344,28 @@ def check_out_path(out: Path) -> None:
             break
 
 
+def _write_probe(probe: Path) -> None:
+    """Write and remove :data:`PROBE_BYTES` at ``probe`` (a new file: ``O_EXCL``, no link
+    followed), so that a full disk, a read-only file system or ``ulimit -f`` shows before the
+    simulation rather than after it."""
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, b"\0" * PROBE_BYTES)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    probe.unlink()
+
+
+def _dir_id(p: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder ``p`` itself (not a link's target), or None."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -311,28 +403,36 @@ def clean_stale(out: Path) -> list[str]:
 
 
 def _manifest(out: Path) -> list[str]:
+    """The names the folder's manifest lists that fleetsim could have written (a manifest that
+    is a link, has a second hard link or is not fleetsim's JSON counts as empty)."""
     from fleetsim.base.io import MiB, load_json
 
     p = out / MANIFEST_NAME
     if not p.is_file():
         return []
     try:
-        d, _ = load_json(p, "manifest", MiB)
+        d, _ = load_json(p, "manifest", MiB, nofollow=True)
     except UserError:
         return []
     files = d.get("files") if isinstance(d, dict) else None
-    return (
-        [f for f in files if isinstance(f, str) and "/" not in f] if isinstance(files, list) else []
-    )
+    if not isinstance(files, list):
+        return []
+    return [f for f in files if isinstance(f, str) and could_write(f, listed=True)]
 
 
 def previous_outputs(out: Path) -> list[str]:
-    """The names in ``out`` that a previous fleetsim run wrote: those its manifest lists and
-    fleetsim's fixed output names. Nothing else in the folder is ever fleetsim's."""
+    """The names in ``out`` that a previous fleetsim run wrote: fleetsim's fixed output names,
+    and those its manifest lists among the names fleetsim writes (:func:`could_write`). Nothing
+    else in the folder is ever fleetsim's, whatever the manifest says."""
     if not out.is_dir():
         return []
     owned = set(_manifest(out)) | OUTPUT_NAMES
-    return sorted(p.name for p in out.iterdir() if p.name in owned and not p.is_dir())
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if (p.name in owned or any(r.fullmatch(p.name) for r in OUTPUT_PATTERNS))
+        and (p.is_symlink() or not p.is_dir())
+    )
 
 
 def remove_previous_outputs(out: Path) -> list[str]:
@@ -344,6 +444,52 @@ def remove_previous_outputs(out: Path) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             (out / n).unlink()
     return names
+
+
+def clean_pid(text: str) -> str:
+    """A lock file's pid as shown in a message (digits only; anything else as '?')."""
+    return text if text.isdigit() else "?"
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _lock_problem(out: Path, lock: Path, what: str) -> UserError:
+    return out_error(
+        out,
+        f"{LOCK_NAME} there is {what}, not fleetsim's lock file; nothing was written through it",
+        f"remove {_shown(lock)} if it is not needed, or choose another --out",
+    )
+
+
+def _lock_refused(out: Path, lock: Path, exc: OSError) -> UserError:
+    """The one-line refusal of a lock path that cannot be opened without following a link."""
+    try:
+        st = os.lstat(lock)
+    except OSError:
+        return out_error(out, f"cannot open its {LOCK_NAME}: {os_problem(exc)}")
+    return _lock_problem(out, lock, _kind(st.st_mode))
+
+
+def _check_lock_file(out: Path, lock: Path, st: os.stat_result) -> None:
+    """A lock file is a regular file with one link (else someone placed it there)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise _lock_problem(out, lock, _kind(st.st_mode))
+    if st.st_nlink != 1:
+        raise _lock_problem(
+            out, lock, f"a file with {st.st_nlink} hard links (another name shares its contents)"
+        )
 
 
 class RunOutput:
@@ -367,6 +513,7 @@ class RunOutput:
         self.stage: Path | None = None
         self._fd: int | None = None
         self._created: list[Path] = []
+        self._stage_id: tuple[int, int] | None = None
         self.state = "new"
 
     # -- opening ------------------------------------------------------------------------------
@@ -407,13 +554,9 @@ class RunOutput:
                         "move it away or choose another --out",
                     )
             self.stage = out / f"{_TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-            self.stage.mkdir()
-            probe = self.stage / ".probe"
-            with open(probe, "wb") as fh:
-                fh.write(b"\0" * PROBE_BYTES)
-                fh.flush()
-                os.fsync(fh.fileno())
-            probe.unlink()
+            self.stage.mkdir(mode=0o700)  # (fails if anything, a link included, is there)
+            self._stage_id = _dir_id(self.stage)
+            _write_probe(self.stage / ".probe")
         except OSError as exc:
             self.abort()
             raise out_error(out, f"cannot write there: {os_problem(exc)}") from None
@@ -426,11 +569,29 @@ class RunOutput:
         return self
 
     def _lock(self) -> None:
-        lock = self.out / LOCK_NAME
+        """Take ``<out>/.fleetsim-lock``: created with ``O_EXCL``, or an existing one opened
+        without following a link and accepted only as a regular file with one link (a symbolic
+        link, a hard link to another file, a FIFO, a device or a folder placed there is refused
+        in one line, and nothing is written through it)."""
         import fcntl
 
+        lock = self.out / LOCK_NAME
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         for _ in range(10):
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fd = os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    fd = os.open(lock, flags)
+                except FileNotFoundError:
+                    continue  # removed since: create it again
+                except OSError as exc:
+                    raise _lock_refused(self.out, lock, exc) from None
+            try:
+                _check_lock_file(self.out, lock, os.fstat(fd))
+            except BaseException:
+                os.close(fd)
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -438,11 +599,13 @@ class RunOutput:
                 os.close(fd)
                 raise out_error(
                     self.out,
-                    f"another fleetsim run (pid {holder}) is writing into this folder",
+                    f"another fleetsim run (pid {clean_pid(holder)}) is writing into this folder",
                     "wait for it to finish or choose another --out",
                 ) from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+                now = os.lstat(lock)
+                st = os.fstat(fd)
+                same = (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev) and st.st_nlink == 1
             except FileNotFoundError:
                 same = False
             if same:
@@ -457,7 +620,8 @@ class RunOutput:
         if self._fd is None:
             return
         with contextlib.suppress(OSError):
-            if os.fstat(self._fd).st_ino == os.stat(self.out / LOCK_NAME).st_ino:
+            st, now = os.fstat(self._fd), os.lstat(self.out / LOCK_NAME)
+            if (st.st_ino, st.st_dev) == (now.st_ino, now.st_dev):
                 os.unlink(self.out / LOCK_NAME)
         os.close(self._fd)
         self._fd = None
@@ -484,6 +648,9 @@ class RunOutput:
         if self.stage is None:
             raise RuntimeError("RunOutput.commit() before open()")
         out, stage = self.out, self.stage
+        if _dir_id(stage) != self._stage_id:  # replaced (by a link, say) since open()
+            self.abort()
+            raise out_error(out, f"the staging folder {_shown(stage)} was replaced meanwhile")
         names = sorted(
             p.name for p in stage.iterdir() if not p.name.startswith((_TMP_PREFIX, ".probe"))
         )

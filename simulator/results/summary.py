@@ -8,7 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fleetsim.base.io import term
+from fleetsim.base.io import json_safe, term
 from fleetsim.base.units import HOUR_S, fmt_num
 from fleetsim.config.resolved import Resolved
 from fleetsim.results.result import Result
@@ -137,21 +137,6 @@ def headroom(res: Result) -> dict:
             peak_hour_load=rate / cap if cap > 0 else math.nan,
         )
     return out
-
-
-def json_safe(obj):
-    """``obj`` with NaN and infinities as None, numpy scalars as Python numbers (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    return obj
 
 
 def summary_dict(res: Result, paths: dict[str, str] | None = None) -> dict:

@@ -20,7 +20,11 @@ the tokens it had generated. Each is counted, and so are the recomputed tokens.
 
 **Chunked prefill.** Each iteration has ``max_batched_tokens``: the running decodes take one
 token each, then the partially prefilled requests and then the waiting ones take chunks, first
-come first served, until the budget, ``max_batch_size`` or the free blocks run out. A chunk of
+come first served, until the budget, ``max_batch_size`` or the free blocks run out. A waiting
+request is admitted only if the blocks of its whole sequence (its prompt, plus what it had
+generated if it was preempted; less its cached prefix) are available above the watermark, though
+only its first chunk's are taken then (vLLM's ``scheduler_reserve_full_isl``, on by default:
+without it a long prompt's later chunks find no blocks and preempt). A chunk of
 ``c`` tokens after ``d`` tokens already in the cache is charged ``c x (2 d + c)`` attention
 pairs, which sums to ``L^2`` over a whole prompt of ``L``: the model's full-square convention
 (modelspec.py). TTFT ends with the iteration that processes the last chunk. Without chunking a
@@ -315,7 +319,8 @@ class PagedKV(BlockPool):
             need = -(-c // b)  # kv_blocks_for(c)
             free = self.free
             lru = self.lru
-            if need > free + (g * len(lru) if lru else 0) - (self.wm if nt else 0):
+            # the whole sequence must fit, not only its first chunk (vLLM's full-ISL gate)
+            if -(-eff // b) > free + (g * len(lru) if lru else 0) - (self.wm if nt else 0):
                 break
             w.popleft()
             if shared:
@@ -356,7 +361,9 @@ class PagedKV(BlockPool):
         chunk's tokens, or 0 if it does not fit (it stays at the head)."""
         H, ev = self._lookup(r)
         c, need = self._head_chunk(r, H, budget)
-        if not c or need > self.free + self.g * (len(self.lru) - ev) - (self.wm if nt else 0):
+        if not c or self._full_need(r, H) > self.free + self.g * (len(self.lru) - ev) - (
+            self.wm if nt else 0
+        ):
             return 0
         done = H * self.ht
         self.waiting.popleft()
@@ -401,6 +408,14 @@ class PagedKV(BlockPool):
             return c, self.kv_blocks_for(done + c)  # (no cached prefix: H == 0)
         return c, -(-(done + c) // self.b) - H * self.g  # kv_blocks_for(done + c) - cached
 
+    def _full_need(self, r: Request, H: int) -> int:
+        """The blocks that admitting ``r`` with ``H`` cached leading blocks requires to be
+        available: its whole sequence's (prompt, plus the tokens it had generated if it was
+        preempted), not only its first chunk's, less the cached ones (vLLM's
+        ``allocate_slots(full_sequence_must_fit=True)``, ``scheduler_reserve_full_isl``, on by
+        default). Only the first chunk's blocks are taken at admission."""
+        return -(-r.eff // self.b) - H * self.g  # kv_blocks_for(eff) - cached
+
     def _head_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
         """Whether ``r``, the queue's head, joins an iteration with ``n`` sequences and
         ``budget`` tokens left, once the decodes have taken ``x`` more blocks than now (free
@@ -425,11 +440,11 @@ class PagedKV(BlockPool):
                     e += 1
                 h += 1
             H, ev = h, e
-        c, need = self._head_chunk(r, H, budget)
+        c, _need = self._head_chunk(r, H, budget)
         if not c:
             return False
         avail = self.free + g * (len(self.lru) - ev) - x
-        return need <= avail - (self.wm if n else 0)
+        return self._full_need(r, H) <= avail - (self.wm if n else 0)
 
     # ---- the run and its commit ---------------------------------------------------------------
     def _run_length(self, it: int, n1: int, k: int) -> int:
@@ -551,12 +566,11 @@ class PagedKV(BlockPool):
                 s = it1 & mask
                 x += sum(self.cnt2[s : s + rem])
             eff = r.eff
-            if eff > budget:
-                if not self.chunked:
-                    return -1
-                eff = budget
+            if eff > budget and not self.chunked:
+                return -1
             lru = self.lru
             avail = self.free + (self.g * len(lru) if lru else 0) - x
+            # the whole sequence must fit (_full_need with nothing cached)
             if -(-eff // self.b) > avail - (self.wm if n1 else 0):
                 return -1
             # the blocks of the cut's j - 1 decode steps, for _commit (the last one's are taken

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fleetsim.base.errors import UserError
-from fleetsim.base.io import first_true
+from fleetsim.base.io import MAX_TRACE_TOKENS, first_true
 from fleetsim.base.units import HOUR_S
-from fleetsim.workload.distributions import Empirical
+from fleetsim.workload.distributions import Empirical, chunked
 from fleetsim.workload.mooncake import is_mooncake, read_mooncake
 
 
@@ -47,9 +47,6 @@ def _resolve_path(file: str, source: str) -> Path:
         if cand.exists() or not p.exists():
             p = cand
     return Path(os.path.abspath(p))
-
-
-MAX_TRACE_TOKENS = 1_000_000_000  # a token count above this is a broken file, not a request
 
 
 _INT = r"^\+?[0-9]+$"  # a plain decimal integer (no sign but +, no "_", no "0x")
@@ -156,7 +153,8 @@ class SizeSampler:
     def draw(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         rows = None
         if self._joint:
-            rows = rng.integers(0, len(self._cols[id(self.prompt)]), size=n)
+            m = len(self._cols[id(self.prompt)])
+            rows = chunked(lambda k: rng.integers(0, m, size=k), n)
         return self._draw(self.prompt, n, rng, rows), self._draw(self.output, n, rng, rows)
 
 
@@ -169,7 +167,7 @@ def hourly_arrivals(
     rng_s = np.random.default_rng(s_seq)
     for h, rate in enumerate(rates_per_s):
         n = int(rng_t.poisson(rate * HOUR_S)) if rate > 0 else 0
-        times = np.sort(rng_t.uniform(0.0, HOUR_S, size=n)) + h * HOUR_S
+        times = np.sort(chunked(lambda k: rng_t.uniform(0.0, HOUR_S, size=k), n)) + h * HOUR_S
         p, o = sampler.draw(n, rng_s)
         yield HourChunk(h, times.tolist(), p.tolist(), o.tolist())
 

@@ -7,6 +7,7 @@ typed objects.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from functools import cache
 from importlib import resources
@@ -70,3 +71,24 @@ def stacks() -> dict[str, dict]:
     """Serving-stack constants by stack and GPU (``stacks.toml``, fitted by
     ``calibrate/stack.py``)."""
     return _load("stacks.toml")
+
+
+_TABLE = re.compile(r'^\["?([^"\[\].]+)"?\][ \t]*$', re.M)
+
+
+@cache
+def kernel(gpu: str) -> dict | None:
+    """The kernel-model entry of ``gpu`` (None if it has none), parsing only its table of
+    ``kernels.toml``: the file is mostly all-reduce tables of every GPU, and a scenario needs
+    one GPU's (a third of ``validate``'s resolve time went to parsing the others). The whole
+    file is parsed instead if it has a table this split does not understand."""
+    with resources.files(__package__).joinpath("kernels.toml").open("rb") as fh:
+        text = fh.read().decode()
+    heads = list(_TABLE.finditer(text))
+    if sum(line.startswith("[") for line in text.splitlines()) != len(heads):
+        return kernels().get(gpu)  # (sub-tables or arrays of tables: no split)
+    for i, m in enumerate(heads):
+        if m.group(1) == gpu:
+            end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+            return tomllib.loads(text[m.start() : end])[gpu]
+    return None
