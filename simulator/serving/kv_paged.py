@@ -414,6 +414,8 @@ class PagedKV(BlockPool):
         preempted), not only its first chunk's, less the cached ones (vLLM's
         ``allocate_slots(full_sequence_must_fit=True)``, ``scheduler_reserve_full_isl``, on by
         default). Only the first chunk's blocks are taken at admission."""
+        if self.win is not None:
+            return self.kv_blocks_for(r.eff)  # (no prefix caching with windows: H == 0)
         return -(-r.eff // self.b) - H * self.g  # kv_blocks_for(eff) - cached
 
     def _head_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
