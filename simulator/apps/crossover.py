@@ -5,7 +5,7 @@ of its ``[disaggregation]`` section, or ``fleet.replicas``) serves two workloads
 
 * **short**: the scenario's own request sizes (the default scenarios: the Azure 2023
   conversation trace's lognormal fit, mean prompt ~1.7k tokens);
-* **long**: the Mooncake conversation trace (Qin et al., FAST'25; shared/data/mooncake-2025,
+* **long**: the Mooncake conversation trace (Qin et al., FAST'25; scenarios/data/mooncake-2025,
   12,031 requests): a lognormal fitted to its input and output lengths (input median 6,909,
   log-sigma 1.199, mean 12,035; output median 350, log-sigma 1.358), prompts capped at 32,768
   tokens (6.9% of the trace's prompts are longer), with ``max_batched_tokens`` raised to match

@@ -21,7 +21,7 @@ def diurnal_weights(d: list[float] | str) -> list[float]:
     if d == "flat":
         return [1.0] * 24
     if d == "azure-conv":
-        # Azure 2024 conversation week (shared/REFERENCES.md): peak/mean ~1.35, peak/trough ~2,
+        # Azure 2024 conversation week (docs/references.md): peak/mean ~1.35, peak/trough ~2,
         # peak ~14:00 UTC -> 1 + 0.35 cos(2 pi (h + 0.5 - 14.5)/24), peak/trough = 1.35/0.65.
         return [1.0 + 0.35 * math.cos(2 * math.pi * (h - 14) / 24) for h in range(24)]
     if d == "azure-code":
