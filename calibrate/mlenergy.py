@@ -1006,9 +1006,23 @@ def main(argv: list[str] | None = None) -> int:
         help="iteration: every engine step simulated (exact ITL); macro: faster",
     )
     ap.add_argument("--rows", action="store_true", help="print every configuration's errors")
+    ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")
+    ap.add_argument(
+        "--kind",
+        choices=("all", "dense", "moe"),
+        default="all",
+        help="dense or MoE/expert-parallel rows only; moe uses the catalog's power model "
+        "(the power fit is made on dense rows)",
+    )
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     configs, skipped = select(read_configs(a.data), a.quick)
+    if a.gpu:
+        configs = [c for c in configs if c.gpu_model.upper() == a.gpu.upper()]
+    if a.kind != "all":
+        configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
+    if a.kind == "moe":
+        a.catalog = True
     runs = simulate_all(configs, a.workers, engine=a.engine)
     pairs = []
     for c, r in zip(configs, runs, strict=True):
