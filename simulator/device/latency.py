@@ -37,6 +37,7 @@ from fleetsim.device.kernels import (
 from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec
 from fleetsim.device.moe import (
     MoeLayout,
+    catalog_moe_fit,
     attention_block_s,
     linear_state_block_s,
     mlp_parts_s,
@@ -410,6 +411,10 @@ class LatencyModel:
         self._ewb = DTYPE_BYTES[e_dt]
         self._hpeak = compute_peak(p, h_dt)[0]
         self._hwb = DTYPE_BYTES[h_dt]
+        #: the fused MoE kernel's latency floor on this GPU (catalog moe.toml); fp8 experts are
+        #: block-quantised (128 x 128 scales, as every fp8 MoE checkpoint the catalog reads)
+        self._moe_fit = catalog_moe_fit(p.name, p.meta.get("catalog_gpu"))
+        self._fp8_block = e_dt == "fp8"
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
@@ -506,7 +511,19 @@ class LatencyModel:
         if n_moe and tokens > 0:
             link_bw, link_lat = self._link
             mo = moe_layer_parts_s(
-                kf, peak, bw, m, lay, tokens, wb, link_bw, link_lat, self._ewb, self._epeak
+                kf,
+                peak,
+                bw,
+                m,
+                lay,
+                tokens,
+                wb,
+                link_bw,
+                link_lat,
+                self._ewb,
+                self._epeak,
+                self._moe_fit,
+                self._fp8_block,
             )
             parts["shared_mlp"] = n_moe * mo["shared_mlp"]
             parts["moe_router"] = n_moe * (mo["moe_router"] + mo["moe_route"])

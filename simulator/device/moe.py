@@ -59,6 +59,106 @@ from fleetsim.device.kernels import KernelFit, LayerShapes, elem_time_s, gemm_ro
 from fleetsim.device.modelspec import ModelSpec
 
 
+@dataclass(frozen=True, slots=True)
+class FusedMoeFit:
+    """Per-GPU constants of the fused MoE kernel's latency floor (``catalog/moe.toml``; the
+    step times are fitted by ``python -m fleetsim.calibrate.moe_fit``; zeros: no floor).
+
+    vLLM 0.11's Triton ``fused_moe_kernel`` gives each program one ``BLOCK_SIZE_M x
+    BLOCK_SIZE_N`` output tile of one expert and loops over the reduction dimension ``K`` in
+    ``BLOCK_SIZE_K`` steps, one after the other. A launch therefore lasts at least
+    ``ceil(K / BLOCK_SIZE_K)`` loop steps of one program, and one such span per wave of programs
+    when the grid exceeds what the GPU holds at once, however few bytes it reads (see
+    :func:`kernel_floor_s`). ``k_step_s`` (16-bit weights) and ``k_step_fp8_s`` (fp8 weights with
+    128 x 128 block scales, whose step also loads and applies the scales) are one step's time,
+    fitted; ``layer_s`` is a fixed time per MoE layer (the launch-bound routing kernels
+    ``topk_softmax``, ``moe_align_block_size`` and ``moe_sum``), fitted; ``sms`` and
+    ``smem_per_sm_bytes`` are the GPU's streaming multiprocessors and shared memory per SM (data
+    sheets, in the catalog file), which bound the programs resident at once."""
+
+    k_step_s: float = 0.0
+    k_step_fp8_s: float = 0.0
+    layer_s: float = 0.0
+    sms: int = 132
+    smem_per_sm_bytes: float = 228 * 1024
+
+
+NO_FLOOR = FusedMoeFit()
+
+#: most programs of 4 warps (Triton's default) one SM holds: 2,048 threads / 128 (CUDA C++
+#: Programming Guide, "Compute Capabilities": 2,048 resident threads per SM for 8.0-10.0)
+MAX_PROGRAMS_PER_SM = 16
+
+
+def default_block_config(
+    tokens: float, local_experts: float, fp8_block: bool
+) -> tuple[int, int, int, int]:
+    """``(BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages)`` of vLLM's fused MoE kernel
+    where no tuned configuration file matches the layer (``vllm/model_executor/layers/
+    fused_moe/fused_moe.py``, ``get_default_config``): fp8 with block scales ``[128, 128]``:
+    M 64, N 128, K 128, 3 stages; 16-bit weights: M 16, N 32, K 64 while the tokens ``M`` are
+    at most the local experts ``E`` (``w1.shape[0]``), else M 64, N 64, K 32 (Triton's default
+    of 2 stages)."""
+    if fp8_block:
+        return 64, 128, 128, 3
+    if tokens <= local_experts:
+        return 16, 32, 64, 2
+    return 64, 64, 32, 2
+
+
+def kernel_floor_s(
+    mf: FusedMoeFit,
+    tokens: float,
+    local_experts: float,
+    touched: float,
+    rows: float,
+    n: float,
+    k: float,
+    fp8_block: bool,
+) -> float:
+    """The latency floor of one fused-MoE grouped-GEMM launch of ``rows`` routed rows over
+    ``touched`` experts (``local_experts`` held here, ``tokens`` in the kernel), each an
+    ``n x k`` weight: ``ceil(k / BLOCK_SIZE_K)`` steps x the step time x the waves, where the
+    grid is ``touched x ceil(rows per expert / BLOCK_SIZE_M) x ceil(n / BLOCK_SIZE_N)`` programs
+    and a wave is ``sms x`` the programs one SM holds (its shared memory over a program's staged
+    tiles, ``(BM x BK + BK x BN) x bytes x stages``, at most :data:`MAX_PROGRAMS_PER_SM`), at
+    least one."""
+    step = mf.k_step_fp8_s if fp8_block else mf.k_step_s
+    if step <= 0.0 or touched <= 0.0 or rows <= 0.0:
+        return 0.0
+    bm, bn, bk, stages = default_block_config(tokens, local_experts, fp8_block)
+    programs = touched * math.ceil(rows / touched / bm) * math.ceil(n / bn)
+    smem = (bm * bk + bk * bn) * (1.0 if fp8_block else 2.0) * stages
+    per_sm = min(MAX_PROGRAMS_PER_SM, max(1, int(mf.smem_per_sm_bytes // smem)))
+    waves = programs / (mf.sms * per_sm)
+    return math.ceil(k / bk) * step * (waves if waves > 1.0 else 1.0)
+
+
+def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedMoeFit:
+    """The catalog's :class:`FusedMoeFit` of a profile: its ``catalog_gpu``, else the catalog GPU
+    whose name the profile's name is or starts with (``"b200-analytic"``: ``b200``); no floor
+    for a device the catalog does not know."""
+    from fleetsim.device import catalog
+
+    table = catalog.moe()
+    key = catalog_gpu if catalog_gpu in table else None
+    if key is None:
+        for name in sorted(table, key=len, reverse=True):
+            if profile_name == name or profile_name.startswith(name + "-"):
+                key = name
+                break
+    if key is None:
+        return NO_FLOOR
+    e = table[key]
+    return FusedMoeFit(
+        k_step_s=float(e["k_step_s"]),
+        k_step_fp8_s=float(e["k_step_fp8_s"]),
+        layer_s=float(e["layer_s"]),
+        sms=int(e["sms"]),
+        smem_per_sm_bytes=float(e["smem_per_sm_bytes"]),
+    )
+
+
 def expected_distinct_experts(n_experts: int, top_k: int, tokens: float) -> float:
     """Expected distinct experts that ``tokens`` tokens touch, each routing to ``top_k`` distinct
     experts of ``n_experts`` uniformly: ``n (1 - (1 - k/n)^T)`` (module docstring)."""
@@ -92,11 +192,14 @@ def grouped_gemm_time_s(
     n: float,
     k: float,
     weight_bytes_per_param: float = 2.0,
+    floor_s: float = 0.0,
 ) -> float:
     """One grouped-GEMM launch of the fused MoE kernel: ``rows`` routed token rows spread over
     ``experts`` distinct experts, each an ``n x k`` weight. Each expert's rows are padded to the
     GEMM tile (:func:`fleetsim.device.kernels.gemm_rows` of the mean rows per expert); the
-    weights read are ``experts`` matrices; one launch floor."""
+    weights read are ``experts`` matrices; one launch floor. ``floor_s`` is the kernel's
+    latency floor (its programs' serial K loop, :class:`FusedMoeFit`): the launch lasts at
+    least that long."""
     if rows <= 0 or experts <= 0 or n <= 0 or k <= 0:
         return 0.0
     per = rows / experts
@@ -115,7 +218,8 @@ def grouped_gemm_time_s(
     )
     p = fit.gemm_pnorm
     hi, lo = (t_c, t_m) if t_c >= t_m else (t_m, t_c)
-    return fit.gemm_launch_s + hi * (1.0 + (lo / hi) ** p) ** (1.0 / p)
+    t = hi * (1.0 + (lo / hi) ** p) ** (1.0 / p)
+    return fit.gemm_launch_s + (t if t >= floor_s else floor_s)
 
 
 def mlp_parts_s(
@@ -152,12 +256,16 @@ def moe_layer_parts_s(
     link_latency_s: float,
     expert_weight_bytes: float | None = None,
     expert_peak_flops: float | None = None,
+    moe_fit: FusedMoeFit = NO_FLOOR,
+    fp8_block: bool = False,
 ) -> dict[str, float]:
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
     whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
     ``moe_dispatch``, ``moe_gemm_up``, ``moe_act``, ``moe_gemm_down``, ``moe_combine`` and the
     shared experts' ``shared_mlp`` (see the module docstring). ``expert_weight_bytes`` and
-    ``expert_peak_flops`` are those of the experts' precision (default: the layer's)."""
+    ``expert_peak_flops`` are those of the experts' precision (default: the layer's);
+    ``moe_fit`` the GPU's fused-MoE latency floor, ``fp8_block`` whether the experts are fp8
+    with block scales (vLLM's w8a8 block kernel configuration)."""
     ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
     epk = peak_flops if expert_peak_flops is None else expert_peak_flops
     d = model.d_model
@@ -179,18 +287,25 @@ def moe_layer_parts_s(
     touched = local_experts * (expected_distinct_experts(n, k, m) / n)
     out = {
         "moe_router": gemm_time_s(fit, peak_flops, bw, t_eng, n, d, 2.0),
-        "moe_route": elem_time_s(fit, bw, "act", 4.0 * t_eng * n),
+        "moe_route": elem_time_s(fit, bw, "act", 4.0 * t_eng * n) + moe_fit.layer_s,
     }
+    # the kernel's latency floor: ceil(K / BLOCK_SIZE_K) serial steps of one program, for the
+    # tokens the kernel sees (m) and the experts held here (vLLM's w1.shape[0])
+    n_up = (2.0 if gated else 1.0) * cols
+    floor_up = kernel_floor_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
+    floor_down = kernel_floor_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
     if layout.dp > 1:
         nbytes = (layout.dp - 1) / layout.dp * m * d * 2.0
         comm = link_latency_s + nbytes / link_bw_bytes_per_s
     out["moe_dispatch"] = comm
     out["moe_gemm_up"] = grouped_gemm_time_s(
-        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb
+        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, floor_up
     )
     out["moe_act"] = elem_time_s(fit, bw, "act", (3.0 if gated else 2.0) * 2.0 * rows * cols)
-    out["moe_gemm_down"] = grouped_gemm_time_s(fit, epk, bw, rows, touched, d, cols, ewb)
+    out["moe_gemm_down"] = grouped_gemm_time_s(
+        fit, epk, bw, rows, touched, d, cols, ewb, floor_down
+    )
     out["moe_combine"] = comm
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down

@@ -67,6 +67,12 @@ def kernels() -> dict[str, dict]:
     return _load("kernels.toml")
 
 
+def moe() -> dict[str, dict]:
+    """Fused mixture-of-experts kernel constants by GPU (``moe.toml``, fitted by
+    ``calibrate/moe_fit.py``)."""
+    return _load("moe.toml")
+
+
 def stacks() -> dict[str, dict]:
     """Serving-stack constants by stack and GPU (``stacks.toml``, fitted by
     ``calibrate/stack.py``)."""

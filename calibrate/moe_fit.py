@@ -1,0 +1,257 @@
+"""Fit the fused MoE kernel's latency floor to ML.ENERGY's MoE / expert-parallel rows.
+
+    python -m fleetsim.calibrate.moe_fit [--workers 1] [--write]
+
+What the rows show (``data/mlenergy-v3``, vLLM 0.11.1): without a floor the simulated MoE
+servers are too fast at small and mid batch wherever the layer has no tuned kernel
+configuration (Qwen3-235B-A22B under EP4/EP8, Qwen3-Coder-480B, the fp8 checkpoints), by a
+nearly constant time per step (e.g. Qwen3-235B-A22B-FP8 on 4 H100s: 18-22 ms at every batch
+from 8 to 192), while the single-GPU Qwen3-30B-A3B rows, whose layer shape vLLM ships tuned
+configurations for (``fused_moe/configs/E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json``
+and ``..._B200.json``), are within a few per cent. The model for it
+(:class:`fleetsim.device.moe.FusedMoeFit`): each grouped-GEMM launch of the fused MoE kernel
+lasts at least ``ceil(K / BLOCK_SIZE_K)`` serial loop steps of one program, with vLLM's default
+block configuration (``get_default_config``: 16-bit K 64 while the tokens are at most the local
+experts, else K 32; fp8 block-quantised K 128), and each MoE layer pays a fixed routing time.
+
+Per GPU (H100, B200) three constants are fitted by coordinate search, minimising the mean
+absolute log error of the median ITL over the non-suspect MoE rows: ``k_step_s`` (16-bit
+experts), ``k_step_fp8_s`` (fp8 experts) and ``layer_s``. The simulated ITL of each row comes
+from one end-to-end simulation (:func:`fleetsim.calibrate.mlenergy.simulate_config`) with the
+catalog's constants; a candidate's ITL is that plus the change of the decode step at the row's
+mean batch and context (``P + E[L^2] / (2 E[L])``), which is what the median inter-token gap
+is made of. Leave-one-model-out: each model is predicted with the constants fitted to the
+others. ``--write`` stores the all-model fit in ``simulator/device/catalog/moe.toml``; the
+other catalog GPUs (A100, H200) get the H100's constants, tagged derived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from statistics import median
+
+from fleetsim.calibrate import mlenergy as ml
+from fleetsim.device.moe import NO_FLOOR, FusedMoeFit
+
+CATALOG = Path(__file__).resolve().parent.parent / "simulator" / "device" / "catalog" / "moe.toml"
+PARAMS = ("k_step_s", "k_step_fp8_s", "layer_s")
+#: coordinate-search grid of each constant (seconds)
+GRID = {
+    "k_step_s": [i * 0.05e-6 for i in range(0, 61)],
+    "k_step_fp8_s": [i * 0.1e-6 for i in range(0, 81)],
+    "layer_s": [i * 2e-6 for i in range(0, 51)],
+}
+DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
+#: streaming multiprocessors and shared memory per SM of each catalog GPU (not fitted)
+HARDWARE = {
+    "a100-80gb": (
+        108,
+        164 * 1024,
+        "NVIDIA A100 Tensor Core GPU Architecture whitepaper (2020): 108 SMs; CUDA C++ "
+        "Programming Guide, compute capability 8.0: 164 KB shared memory per SM",
+    ),
+    "h100-sxm": (
+        132,
+        228 * 1024,
+        "NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022): 132 SMs (SXM5); CUDA C++ "
+        "Programming Guide, compute capability 9.0: 228 KB shared memory per SM",
+    ),
+    "h200": (
+        132,
+        228 * 1024,
+        "the H100 SXM's GH100 configuration (NVIDIA H200 product brief: same Hopper GPU, more "
+        "and faster memory)",
+    ),
+    "b200": (
+        148,
+        228 * 1024,
+        "148 SMs (TechPowerUp GPU database, b200-sxm-192-gb; confidence M); NVIDIA Blackwell "
+        "Tuning Guide: 228 KB shared memory per SM, as the H100",
+    ),
+}
+
+
+@dataclass
+class FitRow:
+    """One non-suspect MoE row: measured and simulated median ITL, and its surrogate."""
+
+    config: ml.Config
+    sim_itl_s: float
+    lm: object  # the row's LatencyModel
+    batch: int
+    ctx: int
+    base_fit: FusedMoeFit
+    base_step_s: float = 0.0
+
+    def step_s(self, fit: FusedMoeFit) -> float:
+        lm = self.lm
+        lm._moe_fit = fit  # type: ignore[attr-defined]
+        for c in ("_lin_cache", "_tok_cache", "_head_cache", "_head_cache_g", "coeff_cache"):
+            getattr(lm, c).clear()
+        return lm.decode_time(self.batch, self.ctx)  # type: ignore[attr-defined]
+
+    def itl_s(self, fit: FusedMoeFit) -> float:
+        return self.sim_itl_s + self.step_s(fit) - self.base_step_s
+
+    @property
+    def meas_s(self) -> float:
+        return self.config.itl_median_ms / 1e3
+
+
+def latency_model(c: ml.Config):
+    from fleetsim.api import load
+    from fleetsim.config.scenario import resolve
+
+    with tempfile.TemporaryDirectory(prefix="fleetsim-moefit-") as tmp:
+        tr = Path(tmp) / "t.csv"
+        tr.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+        rs = resolve(load(ml.scenario_dict(c, str(tr), 1)), "")
+    return rs.latency_model()
+
+
+def build_rows(workers: int = 1) -> list[FitRow]:
+    """Simulate every non-suspect MoE / expert-parallel row once (catalog constants)."""
+    configs, _ = ml.select(ml.read_configs())
+    configs = [c for c in configs if c.moe_or_ep and not c.suspect]
+    runs = ml.simulate_all(configs, workers)
+    rows = []
+    for c, r in zip(configs, runs, strict=True):
+        if r.error:
+            continue
+        lm = latency_model(c)
+        ctx = int(ml.PROMPT_TOKENS[c.task] + ml.length_biased_half(c))
+        row = FitRow(c, r.itl_median_s, lm, max(1, round(c.avg_batch_size)), ctx, lm._moe_fit)
+        row.base_step_s = row.step_s(row.base_fit)
+        rows.append(row)
+    return rows
+
+
+def hardware_fit(gpu: str) -> FusedMoeFit:
+    """No floor, with the GPU's SM count and shared memory (:data:`HARDWARE`)."""
+    sms, smem, _ = HARDWARE[gpu]
+    return replace(NO_FLOOR, sms=sms, smem_per_sm_bytes=float(smem))
+
+
+def loss(rows: list[FitRow], fit: FusedMoeFit) -> float:
+    return sum(abs(math.log(r.itl_s(fit) / r.meas_s)) for r in rows) / max(len(rows), 1)
+
+
+def fit_rows(rows: list[FitRow], base: FusedMoeFit, sweeps: int = 3) -> FusedMoeFit:
+    """Coordinate search over :data:`GRID` of the fitted constants, from ``base`` with them at
+    0 (``base`` gives the GPU's SM count and shared memory). A constant no row depends on (no
+    fp8 row, say) stays 0."""
+    fit = base
+    has_fp8 = any(r.lm._fp8_block for r in rows)  # type: ignore[attr-defined]
+    has_16 = any(not r.lm._fp8_block for r in rows)  # type: ignore[attr-defined]
+    for _ in range(sweeps):
+        for p in PARAMS:
+            if (p == "k_step_fp8_s" and not has_fp8) or (p == "k_step_s" and not has_16):
+                continue
+            best = min(GRID[p], key=lambda v, p=p: loss(rows, replace(fit, **{p: v})))
+            fit = replace(fit, **{p: best})
+    return fit
+
+
+def stats(errs: list[float]) -> tuple[float, float, float]:
+    a = sorted(abs(e) for e in errs)
+    return median(a), a[-1], median(errs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fleetsim.calibrate.moe_fit", description=__doc__)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--write", action="store_true", help=f"write {CATALOG.name}")
+    ap.add_argument("--rows", action="store_true", help="print every row's LOMO error")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = build_rows(a.workers)
+    out: dict[str, tuple[FusedMoeFit, int, list[str], tuple, tuple]] = {}
+    for g in sorted({r.config.gpu_model for r in rows}):
+        gr = [r for r in rows if r.config.gpu_model == g]
+        base = hardware_fit(ml.GPUS[g])
+        full = fit_rows(gr, base)
+        models = sorted({r.config.model_id for r in gr})
+        lomo = []
+        for m in models:
+            f = fit_rows([r for r in gr if r.config.model_id != m], base)
+            lomo += [(r, r.itl_s(f) / r.meas_s - 1.0) for r in gr if r.config.model_id == m]
+        before = [r.itl_s(r.base_fit) / r.meas_s - 1.0 for r in gr]
+        insample = [r.itl_s(full) / r.meas_s - 1.0 for r in gr]
+        out[g] = (full, len(gr), models, stats([e for _, e in lomo]), stats(insample))
+        print(
+            f"{g}: {len(gr)} rows, {len(models)} models; k_step {full.k_step_s * 1e6:.2f} us, "
+            f"k_step_fp8 {full.k_step_fp8_s * 1e6:.2f} us, layer {full.layer_s * 1e6:.1f} us"
+        )
+        print("  median ITL |error| median / worst / signed median:")
+        for name, e in (("catalog", before), ("in sample", insample)):
+            s = stats(e)
+            print(f"    {name:10} {s[0]:6.1%} {s[1]:7.1%} {s[2]:+6.1%}")
+        s = out[g][3]
+        print(f"    {'LOMO':10} {s[0]:6.1%} {s[1]:7.1%} {s[2]:+6.1%}")
+        if a.rows:
+            for r, e in lomo:
+                b = r.itl_s(r.base_fit) / r.meas_s - 1.0
+                print(f"      {r.config.key:72} catalog {b:+6.1%}  LOMO {e:+6.1%}")
+        for m in models:
+            e = [x for r, x in lomo if r.config.model_id == m]
+            s2 = stats(e)
+            print(f"      {m:42} n={len(e):3} LOMO median {s2[0]:6.1%} worst {s2[1]:6.1%}")
+    if a.write:
+        write(out)
+        print(f"wrote {CATALOG}")
+    print(f"({len(rows)} rows in {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def write(out: dict) -> None:
+    lines = [
+        "# Fused mixture-of-experts kernel constants by GPU (fleetsim.device.moe.FusedMoeFit).",
+        "# GENERATED by `python -m fleetsim.calibrate.moe_fit --write` from the non-suspect",
+        "# MoE / expert-parallel rows of data/mlenergy-v3 (vLLM 0.11.1; see its SOURCE.md).",
+        "# k_step_s / k_step_fp8_s: one serial K-loop step of a fused-MoE program (16-bit / fp8",
+        "# block-quantised experts); layer_s: fixed time per MoE layer (routing kernels).",
+        "# provenance 'fitted': coordinate search on the mean |log error| of the median ITL;",
+        "# 'derived': another GPU's fit (confidence L).",
+    ]
+    fits = {ml.GPUS[g]: v for g, v in out.items()}
+    for name in sorted(set(fits) | set(DERIVED)):
+        if name in fits:
+            f, n, models, lomo, ins = fits[name]
+            lines += [
+                "",
+                f'["{name}"]',
+                'provenance = "fitted"',
+                f'source = "fitted to {n} ML.ENERGY v3 MoE rows ({", ".join(models)})"',
+                f"lomo_median_err = {lomo[0]:.4f}  # leave-one-model-out |error| of the median"
+                f" ITL, worst {lomo[1]:.4f}, signed median {lomo[2]:+.4f}",
+                f"fit_median_err = {ins[0]:.4f}  # in sample, worst {ins[1]:.4f}",
+            ]
+        else:
+            src = DERIVED[name]
+            if src not in fits:
+                continue
+            f = fits[src][0]
+            lines += ["", f'["{name}"]', 'provenance = "derived"']
+            lines.append(f'source = "the {src} fit (no ML.ENERGY MoE rows for {name})"')
+        sms, smem, src = HARDWARE[name]
+        lines += [
+            f"k_step_s = {f.k_step_s:.4e}",
+            f"k_step_fp8_s = {f.k_step_fp8_s:.4e}",
+            f"layer_s = {f.layer_s:.4e}",
+            f"sms = {sms}",
+            f"smem_per_sm_bytes = {smem}",
+            f'hardware_source = "{src}"',
+        ]
+    tmp = CATALOG.with_name(CATALOG.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(CATALOG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
