@@ -132,6 +132,14 @@ def build_rows(workers: int = 1) -> list[FitRow]:
     return rows
 
 
+def _with(fit: FusedMoeFit, name: str, value: float) -> FusedMoeFit:
+    if name == "k_step_s":
+        return replace(fit, k_step_s=value)
+    if name == "k_step_fp8_s":
+        return replace(fit, k_step_fp8_s=value)
+    return replace(fit, layer_s=value)
+
+
 def hardware_fit(gpu: str) -> FusedMoeFit:
     """No floor, with the GPU's SM count and shared memory (:data:`HARDWARE`)."""
     sms, smem, _ = HARDWARE[gpu]
@@ -153,8 +161,8 @@ def fit_rows(rows: list[FitRow], base: FusedMoeFit, sweeps: int = 3) -> FusedMoe
         for p in PARAMS:
             if (p == "k_step_fp8_s" and not has_fp8) or (p == "k_step_s" and not has_16):
                 continue
-            best = min(GRID[p], key=lambda v, p=p: loss(rows, replace(fit, **{p: v})))
-            fit = replace(fit, **{p: best})
+            scored = [(loss(rows, _with(fit, p, v)), v) for v in GRID[p]]
+            fit = _with(fit, p, min(scored)[1])
     return fit
 
 
@@ -195,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         s = out[g][3]
         print(f"    {'LOMO':10} {s[0]:6.1%} {s[1]:7.1%} {s[2]:+6.1%}")
         if a.rows:
-            for r, e in lomo:
+            for r, x in lomo:
                 b = r.itl_s(r.base_fit) / r.meas_s - 1.0
-                print(f"      {r.config.key:72} catalog {b:+6.1%}  LOMO {e:+6.1%}")
+                print(f"      {r.config.key:72} catalog {b:+6.1%}  LOMO {x:+6.1%}")
         for m in models:
             e = [x for r, x in lomo if r.config.model_id == m]
             s2 = stats(e)

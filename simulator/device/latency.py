@@ -37,8 +37,8 @@ from fleetsim.device.kernels import (
 from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec
 from fleetsim.device.moe import (
     MoeLayout,
-    catalog_moe_fit,
     attention_block_s,
+    catalog_moe_fit,
     linear_state_block_s,
     mlp_parts_s,
     moe_layer_parts_s,
