@@ -48,6 +48,20 @@ GRID = {
     "layer_s": [i * 2e-6 for i in range(0, 51)],
 }
 DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
+#: 16-bit (E, N) layer shapes that vLLM ships a tuned fused_moe configuration for, per catalog
+#: GPU: files ``vllm/model_executor/layers/fused_moe/configs/E={E},N={N},device_name={dev}.json``
+#: of vllm-project/vllm, each seen at the commit named (the v0.11.1 tag itself not checked):
+#: H100 (NVIDIA_H100_80GB_HBM3) E=128,N=768 (4466f1b5), E=64,N=768 (47c44391), E=8,N=7168
+#: (4652ef5d); B200 (NVIDIA_B200) E=128,N=768 (bd66a975); H200 (NVIDIA_H200) E=128,N=768
+#: (4652ef5d), E=8,N=7168 (c6991a3b); A100 (NVIDIA_A100-SXM4-80GB) E=8,N=7168 (10efe946). Not
+#: found: E=16 or 32,N=1536 (Qwen3-235B-A22B under EP8/EP4) and E=20,N=2560 (Qwen3-Coder-480B
+#: under EP8) on H100 or B200.
+TUNED = {
+    "h100-sxm": [(128, 768), (64, 768), (8, 7168)],
+    "b200": [(128, 768)],
+    "h200": [(128, 768), (8, 7168)],
+    "a100-80gb": [(8, 7168)],
+}
 #: streaming multiprocessors and shared memory per SM of each catalog GPU (not fitted)
 HARDWARE = {
     "a100-80gb": (
@@ -141,9 +155,12 @@ def _with(fit: FusedMoeFit, name: str, value: float) -> FusedMoeFit:
 
 
 def hardware_fit(gpu: str) -> FusedMoeFit:
-    """No floor, with the GPU's SM count and shared memory (:data:`HARDWARE`)."""
+    """No floor, with the GPU's SM count, shared memory and tuned shapes (:data:`HARDWARE`,
+    :data:`TUNED`)."""
     sms, smem, _ = HARDWARE[gpu]
-    return replace(NO_FLOOR, sms=sms, smem_per_sm_bytes=float(smem))
+    return replace(
+        NO_FLOOR, sms=sms, smem_per_sm_bytes=float(smem), tuned=tuple(TUNED.get(gpu, ()))
+    )
 
 
 def loss(rows: list[FitRow], fit: FusedMoeFit) -> float:
@@ -254,6 +271,7 @@ def write(out: dict) -> None:
             f"layer_s = {f.layer_s:.4e}",
             f"sms = {sms}",
             f"smem_per_sm_bytes = {smem}",
+            "tuned = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED.get(name, ())) + "]",
             f'hardware_source = "{src}"',
         ]
     tmp = CATALOG.with_name(CATALOG.name + ".tmp")

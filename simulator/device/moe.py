@@ -81,6 +81,12 @@ class FusedMoeFit:
     layer_s: float = 0.0
     sms: int = 132
     smem_per_sm_bytes: float = 228 * 1024
+    #: 16-bit layer shapes ``(local experts E, intermediate columns N per GPU)`` that vLLM ships a
+    #: tuned kernel configuration for on this GPU (``fused_moe/configs/E=..,N=..,device_name=
+    #: ...json``): their tiles were chosen by benchmarking, so the roofline kernel model stands
+    #: and :func:`kernel_floor_s` is not added (fp8 block-quantised layers always get it: their
+    #: rows are slow with or without a tuned file)
+    tuned: tuple[tuple[int, int], ...] = ()
 
 
 NO_FLOOR = FusedMoeFit()
@@ -156,6 +162,7 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
         layer_s=float(e["layer_s"]),
         sms=int(e["sms"]),
         smem_per_sm_bytes=float(e["smem_per_sm_bytes"]),
+        tuned=tuple((int(a), int(b)) for a, b in e.get("tuned", ())),
     )
 
 
@@ -292,8 +299,10 @@ def moe_layer_parts_s(
     # the kernel's latency floor: ceil(K / BLOCK_SIZE_K) serial steps of one program, for the
     # tokens the kernel sees (m) and the experts held here (vLLM's w1.shape[0])
     n_up = (2.0 if gated else 1.0) * cols
-    floor_up = kernel_floor_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
-    floor_down = kernel_floor_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
+    floor_up = floor_down = 0.0
+    if fp8_block or (round(local_experts), round(cols)) not in moe_fit.tuned:
+        floor_up = kernel_floor_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
+        floor_down = kernel_floor_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
     if layout.dp > 1:
         nbytes = (layout.dp - 1) / layout.dp * m * d * 2.0
