@@ -724,7 +724,8 @@ class LatencyModel:
         (norms, projections, rotary, adds), ``attention_core`` (scores and the KV read),
         ``dense_mlp``, for a mixture of experts ``shared_mlp``, ``moe_router``,
         ``moe_dispatch``, ``moe_grouped_gemm``, ``moe_combine``, then ``allreduce``,
-        ``lm_head``, ``embedding`` and ``overhead``. Without it: ``overhead``, ``comm`` and
+        ``lm_head``, ``embedding``, ``per_sequence`` (the serving stack's time per sequence:
+        sampling and host work, when the stack has one) and ``overhead``. Without it: ``overhead``, ``comm`` and
         the roofline's winning bound as ``compute`` or ``memory``."""
         total, flops, nbytes = self.iteration(p_tokens, pairs, n_prefill, n, ctx)
         tokens = p_tokens + n
@@ -756,6 +757,10 @@ class LatencyModel:
                 "lm_head": head,
                 "embedding": elem_time_s(kf, self._bw, "emb", 4.0 * tokens * m.d_model),
             }
+        if self._per_seq and seqs > 0:  # the serving stack's per-sequence time, on its own
+            per_seq = seqs * self._per_seq
+            lin["lm_head"] -= per_seq
+            lin["per_sequence"] = per_seq
         att = (pairs + ctx) * self._att_c
         kv = ctx * self._att_m
         out = {"attention_linear": lin.pop("attention_linear")}
