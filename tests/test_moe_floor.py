@@ -1,0 +1,173 @@
+"""The fused MoE kernel's latency floor (fleetsim.device.moe.FusedMoeFit, catalog/moe.toml):
+vLLM's default block configuration, hand-counted floors, the catalog lookup, the tuned shapes,
+and the step time against measured ML.ENERGY MoE rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from fleetsim.device.kernels import catalog_kernel_fit
+from fleetsim.device.moe import (
+    NO_FLOOR,
+    FusedMoeFit,
+    MoeLayout,
+    catalog_moe_fit,
+    default_block_config,
+    grouped_gemm_time_s,
+    kernel_floor_s,
+    moe_layer_parts_s,
+)
+
+
+def test_default_block_config_is_vllms():
+    """vLLM ``get_default_config``: 16-bit M 16 / N 32 / K 64 while the tokens are at most the
+    local experts (M <= E), else M 64 / N 64 / K 32; fp8 with [128, 128] block scales M 64 /
+    N 128 / K 128 whatever the tokens."""
+    assert default_block_config(8, 16, False) == (16, 32, 64, 2)
+    assert default_block_config(16, 16, False) == (16, 32, 64, 2)  # M == E: still the small one
+    assert default_block_config(17, 16, False) == (64, 64, 32, 2)
+    assert default_block_config(8, 16, True) == (64, 128, 128, 3)
+    assert default_block_config(4096, 16, True) == (64, 128, 128, 3)
+
+
+def test_floor_is_the_k_loop_of_one_wave():
+    """4 touched experts, 8 rows each, a 3,072 x 4,096 weight, 8 tokens on 16 local experts:
+    tiles 16 x 32 x 64, so 4 x 1 x 96 = 384 programs; a program stages (16x64 + 64x32) x 2 bytes
+    x 2 stages = 12,288 bytes, 18 fit in 228 KiB, capped at 16 per SM: 2,112 at once on 132 SMs,
+    one wave. The floor is the 4,096 / 64 = 64 K steps: 64 us at 1 us a step."""
+    mf = FusedMoeFit(k_step_s=1e-6, sms=132, smem_per_sm_bytes=228 * 1024)
+    assert kernel_floor_s(mf, 8, 16, 4, 32, 3072, 4096, False) == pytest.approx(64e-6, rel=1e-12)
+    # fp8 on the same shape: K 128, so 32 steps of its own step time
+    mf8 = FusedMoeFit(k_step_fp8_s=3e-6, sms=132, smem_per_sm_bytes=228 * 1024)
+    assert kernel_floor_s(mf8, 8, 16, 4, 32, 3072, 4096, True) == pytest.approx(96e-6, rel=1e-12)
+    assert kernel_floor_s(NO_FLOOR, 8, 16, 4, 32, 3072, 4096, False) == 0.0
+
+
+def test_floor_grows_with_the_waves():
+    """16 experts with 200 rows each (tiles 64 x 64 x 32: 4 row blocks), n = 3,072 (48 column
+    blocks): 16 x 4 x 48 = 3,072 programs; a program stages (64x32 + 32x64) x 2 x 2 = 16,384
+    bytes, 14 per SM, 1,848 at once on 132 SMs: 3,072 / 1,848 waves of 4,096 / 32 = 128 steps."""
+    mf = FusedMoeFit(k_step_s=1e-6, sms=132, smem_per_sm_bytes=228 * 1024)
+    want = 128 * 1e-6 * 3072 / (132 * 14)
+    got = kernel_floor_s(mf, 3200, 16, 16, 16 * 200, 3072, 4096, False)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_grouped_gemm_takes_the_floor_where_it_binds():
+    kf = catalog_kernel_fit("h100-sxm")
+    assert kf is not None
+    args = (kf, 989e12, 3.35e12, 32.0, 4.0, 3072.0, 4096.0, 2.0)
+    free = grouped_gemm_time_s(*args)
+    assert grouped_gemm_time_s(*args, 0.0) == free
+    assert grouped_gemm_time_s(*args, 1e-3) == pytest.approx(kf.gemm_launch_s + 1e-3, rel=1e-12)
+    assert grouped_gemm_time_s(*args, 1e-9) == free  # below the roofline time: no change
+
+
+def test_catalog_lookup():
+    b200 = catalog_moe_fit("b200-analytic")
+    assert b200.sms == 148 and b200.k_step_s > 0.0 and b200.k_step_fp8_s > 0.0
+    assert catalog_moe_fit("b200") == b200
+    assert catalog_moe_fit("my-device", catalog_gpu="b200") == b200
+    h100 = catalog_moe_fit("h100-sxm-mlenergy")
+    assert h100.sms == 132 and (8, 7168) in h100.tuned
+    assert catalog_moe_fit("tpu-v5e") == NO_FLOOR
+
+
+def test_tuned_shapes_keep_the_roofline():
+    """Mixtral-8x7B under TP2 on an H100 is an (E 8, N 7,168) layer, one vLLM ships a tuned
+    configuration for: its grouped GEMMs are those without a floor, bit for bit; with the
+    shape taken off the tuned list they get the floor."""
+    from fleetsim.device.modelspec import model_from_catalog
+
+    m = model_from_catalog("mixtral-8x7b")
+    kf = catalog_kernel_fit("h100-sxm")
+    assert kf is not None
+    lay = MoeLayout(2, 1, False)
+    mf = catalog_moe_fit("h100-sxm")
+    for t in (1, 8, 64):
+        base = moe_layer_parts_s(kf, 989e12, 3.35e12, m, lay, t, 2.0, 450e9, 5e-6)
+        tuned = moe_layer_parts_s(kf, 989e12, 3.35e12, m, lay, t, 2.0, 450e9, 5e-6, None, None, mf)
+        assert tuned["moe_gemm_up"] == base["moe_gemm_up"]
+        assert tuned["moe_gemm_down"] == base["moe_gemm_down"]
+        untuned = FusedMoeFit(k_step_s=mf.k_step_s, sms=mf.sms, smem_per_sm_bytes=2e5)
+        slow = moe_layer_parts_s(
+            kf, 989e12, 3.35e12, m, lay, t, 2.0, 450e9, 5e-6, None, None, untuned
+        )
+        assert slow["moe_gemm_down"] > base["moe_gemm_down"]
+
+
+def _row(model: str, gpu: str, gpus: int, batch: int):
+    from fleetsim.calibrate import mlenergy as ml
+
+    for c in ml.read_configs():
+        if (
+            c.model_id == model
+            and c.gpu_model == gpu
+            and c.num_gpus == gpus
+            and c.max_num_seqs == batch
+            and c.task == "lm-arena-chat"
+        ):
+            return c
+    raise AssertionError(f"no row {model} {gpu} x{gpus} b{batch}")
+
+
+@pytest.mark.parametrize(
+    ("model", "gpu", "gpus", "batch"),
+    [
+        ("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "H100", 8, 64),  # fp8, EP8: was -42%
+        ("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "B200", 2, 16),  # fp8, EP2: was -47%
+        ("Qwen/Qwen3-235B-A22B-Instruct-2507", "B200", 4, 128),  # bf16 EP4, M > E: was -33%
+        ("deepseek-ai/DeepSeek-V3.1", "B200", 8, 128),  # fp8 MLA, EP8: was -34%
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", "H100", 1, 32),  # tuned shape: unchanged, +0%
+    ],
+)
+def test_moe_decode_step_matches_the_measured_itl(model, gpu, gpus, batch):
+    """The catalog's step time of a decode step at the row's mean batch and mean context
+    (prompt + the output's length-biased half) against the measured median inter-token
+    latency of ML.ENERGY v3 (vLLM 0.11.1), within the issue's 15% floor plus a margin for
+    the engine's mixed prefill steps (20%). Without the fused-MoE floor (the catalog before)
+    the first four were 33-47% too fast."""
+    from fleetsim.api import load
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.config.scenario import resolve
+
+    c = _row(model, gpu, gpus, batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Path(tmp) / "t.csv"
+        tr.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+        lm = resolve(load(ml.scenario_dict(c, str(tr), 1)), "").latency_model()
+    ctx = int(ml.PROMPT_TOKENS[c.task] + ml.length_biased_half(c))
+    b = max(1, round(c.avg_batch_size))
+    step = lm.decode_time(b, ctx)
+    assert step / (c.itl_median_ms / 1e3) - 1.0 == pytest.approx(0.0, abs=0.20)
+    lm._moe_fit = NO_FLOOR  # the model without the floor: too fast on the untuned rows
+    for cache in (lm._lin_cache, lm._tok_cache, lm._head_cache, lm._head_cache_g):
+        cache.clear()
+    lm.coeff_cache.clear()
+    bare = lm.decode_time(b, ctx)
+    if "30B" in model:
+        assert bare == pytest.approx(step, rel=1e-12)
+    else:
+        assert bare / (c.itl_median_ms / 1e3) - 1.0 < -0.25
+
+
+def test_latency_cli_names_the_per_sequence_part(capsys):
+    """The serving stack's per-sequence time is its own part, not inside the LM head: at batch
+    256 it is 256 x per_seq_s, and the parts still add up to the total."""
+    from fleetsim.apps.cli import main
+    from fleetsim.device import catalog
+
+    per_seq = catalog.stacks()["vllm-v1"]["h100-sxm"]["per_seq_s"]
+    argv = ["latency", "--gpu", "h100-sxm", "--model", "mixtral-8x7b", "--tp", "2"]
+    assert main([*argv, "--batch", "1,256", "--context", "1024", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for r, n in zip(rows, (1, 256), strict=True):
+        assert r["parts_s"]["per_sequence"] == pytest.approx(n * per_seq, rel=1e-12)
+        assert sum(r["parts_s"].values()) == pytest.approx(r["total_s"], rel=1e-12)
+        assert r["parts_s"]["lm_head"] < r["parts_s"]["per_sequence"] or n == 1
+    assert math.isfinite(rows[1]["total_s"])
