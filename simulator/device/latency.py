@@ -725,8 +725,9 @@ class LatencyModel:
         ``dense_mlp``, for a mixture of experts ``shared_mlp``, ``moe_router``,
         ``moe_dispatch``, ``moe_grouped_gemm``, ``moe_combine``, then ``allreduce``,
         ``lm_head``, ``embedding``, ``per_sequence`` (the serving stack's time per sequence:
-        sampling and host work, when the stack has one) and ``overhead``. Without it: ``overhead``, ``comm`` and
-        the roofline's winning bound as ``compute`` or ``memory``."""
+        sampling and host work, when the stack has one) and ``overhead``. Without it:
+        ``overhead``, ``comm`` and the roofline's winning bound as ``compute`` or
+        ``memory``."""
         total, flops, nbytes = self.iteration(p_tokens, pairs, n_prefill, n, ctx)
         tokens = p_tokens + n
         seqs = n_prefill + n
