@@ -32,6 +32,13 @@ summed). Its cost here:
   memory bounds blended as in :func:`fleetsim.device.kernels.gemm_time_s`;
 * shared experts (``n_shared_experts x d_ff_shared`` columns) run as a dense MLP on every token.
 
+* **the kernel's latency floor** (:class:`FusedMoeFit`, fitted per GPU to the ML.ENERGY v3 MoE
+  rows by ``calibrate/moe_fit.py``): where vLLM ships no tuned configuration for the layer's
+  shape it runs ``get_default_config``'s small tiles, and each grouped GEMM lasts at least its
+  programs' serial K loop (``ceil(K / BLOCK_SIZE_K)`` steps) times its waves; plus a fixed
+  routing time per MoE layer. Without it the simulated Qwen3-235B-A22B, Qwen3-Coder-480B,
+  DeepSeek-V3.1 and every fp8 server were 25-60% too fast at small and mid batch.
+
 This replaces the earlier per-expert timing (one GEMM launch per expert touched, each with its
 own launch floor), which made a many-expert decode step pay tens of launches per layer.
 
