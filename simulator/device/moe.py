@@ -32,12 +32,13 @@ summed). Its cost here:
   memory bounds blended as in :func:`fleetsim.device.kernels.gemm_time_s`;
 * shared experts (``n_shared_experts x d_ff_shared`` columns) run as a dense MLP on every token.
 
-* **the kernel's latency floor** (:class:`FusedMoeFit`, fitted per GPU to the ML.ENERGY v3 MoE
+* **the kernel's loop latency** (:class:`FusedMoeFit`, fitted per GPU to the ML.ENERGY v3 MoE
   rows by ``calibrate/moe_fit.py``): where vLLM ships no tuned configuration for the layer's
-  shape it runs ``get_default_config``'s small tiles, and each grouped GEMM lasts at least its
-  programs' serial K loop (``ceil(K / BLOCK_SIZE_K)`` steps) times its waves; plus a fixed
-  routing time per MoE layer. Without it the simulated Qwen3-235B-A22B, Qwen3-Coder-480B,
-  DeepSeek-V3.1 and every fp8 server were 25-60% too fast at small and mid batch.
+  shape it runs ``get_default_config``'s small tiles, and each grouped GEMM adds its programs'
+  serial K loop (``ceil(K / BLOCK_SIZE_K)`` steps of a fitted step time) per wave of programs
+  to its throughput-bound time; plus a fixed routing time per MoE layer. Without it the
+  simulated Qwen3-235B-A22B, Qwen3-Coder-480B, DeepSeek-V3.1 and every fp8 server were 25-60%
+  too fast at small and mid batch.
 
 This replaces the earlier per-expert timing (one GEMM launch per expert touched, each with its
 own launch floor), which made a many-expert decode step pay tens of launches per layer.
@@ -68,17 +69,19 @@ from fleetsim.device.modelspec import ModelSpec
 
 @dataclass(frozen=True, slots=True)
 class FusedMoeFit:
-    """Per-GPU constants of the fused MoE kernel's latency floor (``catalog/moe.toml``; the
-    step times are fitted by ``python -m fleetsim.calibrate.moe_fit``; zeros: no floor).
+    """Per-GPU constants of the fused MoE kernel's loop latency (``catalog/moe.toml``; the
+    step times are fitted by ``python -m fleetsim.calibrate.moe_fit``; zeros: none).
 
     vLLM 0.11's Triton ``fused_moe_kernel`` gives each program one ``BLOCK_SIZE_M x
     BLOCK_SIZE_N`` output tile of one expert and loops over the reduction dimension ``K`` in
-    ``BLOCK_SIZE_K`` steps, one after the other. A launch therefore lasts at least
-    ``ceil(K / BLOCK_SIZE_K)`` loop steps of one program, and one such span per wave of programs
-    when the grid exceeds what the GPU holds at once, however few bytes it reads (see
-    :func:`kernel_floor_s`). ``k_step_s`` (16-bit weights) and ``k_step_fp8_s`` (fp8 weights with
-    128 x 128 block scales, whose step also loads and applies the scales) are one step's time,
-    fitted; ``layer_s`` is a fixed time per MoE layer (the launch-bound routing kernels
+    ``BLOCK_SIZE_K`` steps, one after the other, each waiting on its tiles' loads. A launch
+    therefore takes ``ceil(K / BLOCK_SIZE_K)`` step latencies of one program, one such span per
+    wave of programs when the grid exceeds what the GPU holds at once, on top of its
+    throughput-bound time (see :func:`k_loop_latency_s`; adding them fitted the rows better than
+    the larger of the two: a loop step's latency is not hidden behind other programs' streaming
+    when the small decode grid is about one wave). ``k_step_s`` (16-bit weights) and
+    ``k_step_fp8_s`` (fp8 weights with 128 x 128 block scales, whose step also loads and
+    applies the scales) are one step's time, fitted (about one DRAM round trip for 16-bit); ``layer_s`` is a fixed time per MoE layer (the launch-bound routing kernels
     ``topk_softmax``, ``moe_align_block_size`` and ``moe_sum``), fitted; ``sms`` and
     ``smem_per_sm_bytes`` are the GPU's streaming multiprocessors and shared memory per SM (data
     sheets, in the catalog file), which bound the programs resident at once."""
@@ -91,12 +94,12 @@ class FusedMoeFit:
     #: 16-bit layer shapes ``(local experts E, intermediate columns N per GPU)`` that vLLM ships a
     #: tuned kernel configuration for on this GPU (``fused_moe/configs/E=..,N=..,device_name=
     #: ...json``): their tiles were chosen by benchmarking, so the roofline kernel model stands
-    #: and :func:`kernel_floor_s` is not added (fp8 block-quantised layers always get it: their
+    #: and :func:`k_loop_latency_s` is not added (fp8 block-quantised layers always get it: their
     #: rows are slow with or without a tuned file)
     tuned: tuple[tuple[int, int], ...] = ()
 
 
-NO_FLOOR = FusedMoeFit()
+NO_MOE_FIT = FusedMoeFit()
 
 #: most programs of 4 warps (Triton's default) one SM holds: 2,048 threads / 128 (CUDA C++
 #: Programming Guide, "Compute Capabilities": 2,048 resident threads per SM for 8.0-10.0)
@@ -119,7 +122,7 @@ def default_block_config(
     return 64, 64, 32, 2
 
 
-def kernel_floor_s(
+def k_loop_latency_s(
     mf: FusedMoeFit,
     tokens: float,
     local_experts: float,
@@ -129,7 +132,7 @@ def kernel_floor_s(
     k: float,
     fp8_block: bool,
 ) -> float:
-    """The latency floor of one fused-MoE grouped-GEMM launch of ``rows`` routed rows over
+    """The serial K-loop latency of one fused-MoE grouped-GEMM launch of ``rows`` routed rows over
     ``touched`` experts (``local_experts`` held here, ``tokens`` in the kernel), each an
     ``n x k`` weight: ``ceil(k / BLOCK_SIZE_K)`` steps x the step time x the waves, where the
     grid is ``touched x ceil(rows per expert / BLOCK_SIZE_M) x ceil(n / BLOCK_SIZE_N)`` programs
@@ -149,7 +152,7 @@ def kernel_floor_s(
 
 def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedMoeFit:
     """The catalog's :class:`FusedMoeFit` of a profile: its ``catalog_gpu``, else the catalog GPU
-    whose name the profile's name is or starts with (``"b200-analytic"``: ``b200``); no floor
+    whose name the profile's name is or starts with (``"b200-analytic"``: ``b200``); none
     for a device the catalog does not know."""
     from fleetsim.device import catalog
 
@@ -161,7 +164,7 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
                 key = name
                 break
     if key is None:
-        return NO_FLOOR
+        return NO_MOE_FIT
     e = table[key]
     return FusedMoeFit(
         k_step_s=float(e["k_step_s"]),
@@ -206,14 +209,14 @@ def grouped_gemm_time_s(
     n: float,
     k: float,
     weight_bytes_per_param: float = 2.0,
-    floor_s: float = 0.0,
+    loop_s: float = 0.0,
 ) -> float:
     """One grouped-GEMM launch of the fused MoE kernel: ``rows`` routed token rows spread over
     ``experts`` distinct experts, each an ``n x k`` weight. Each expert's rows are padded to the
     GEMM tile (:func:`fleetsim.device.kernels.gemm_rows` of the mean rows per expert); the
-    weights read are ``experts`` matrices; one launch floor. ``floor_s`` is the kernel's
-    latency floor (its programs' serial K loop, :class:`FusedMoeFit`): the launch lasts at
-    least that long."""
+    weights read are ``experts`` matrices; one launch floor. ``loop_s`` is the latency of the
+    kernel's serial K loop (:func:`k_loop_latency_s`), added: a program's loop steps wait on
+    their loads one after the other, which the throughput bounds do not see."""
     if rows <= 0 or experts <= 0 or n <= 0 or k <= 0:
         return 0.0
     per = rows / experts
@@ -233,7 +236,7 @@ def grouped_gemm_time_s(
     p = fit.gemm_pnorm
     hi, lo = (t_c, t_m) if t_c >= t_m else (t_m, t_c)
     t = hi * (1.0 + (lo / hi) ** p) ** (1.0 / p)
-    return fit.gemm_launch_s + (t if t >= floor_s else floor_s)
+    return fit.gemm_launch_s + t + loop_s
 
 
 def mlp_parts_s(
@@ -270,7 +273,7 @@ def moe_layer_parts_s(
     link_latency_s: float,
     expert_weight_bytes: float | None = None,
     expert_peak_flops: float | None = None,
-    moe_fit: FusedMoeFit = NO_FLOOR,
+    moe_fit: FusedMoeFit = NO_MOE_FIT,
     fp8_block: bool = False,
 ) -> dict[str, float]:
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
@@ -278,7 +281,7 @@ def moe_layer_parts_s(
     ``moe_dispatch``, ``moe_gemm_up``, ``moe_act``, ``moe_gemm_down``, ``moe_combine`` and the
     shared experts' ``shared_mlp`` (see the module docstring). ``expert_weight_bytes`` and
     ``expert_peak_flops`` are those of the experts' precision (default: the layer's);
-    ``moe_fit`` the GPU's fused-MoE latency floor, ``fp8_block`` whether the experts are fp8
+    ``moe_fit`` the GPU's fused-MoE loop latency, ``fp8_block`` whether the experts are fp8
     with block scales (vLLM's w8a8 block kernel configuration)."""
     ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
     epk = peak_flops if expert_peak_flops is None else expert_peak_flops
@@ -303,25 +306,23 @@ def moe_layer_parts_s(
         "moe_router": gemm_time_s(fit, peak_flops, bw, t_eng, n, d, 2.0),
         "moe_route": elem_time_s(fit, bw, "act", 4.0 * t_eng * n) + moe_fit.layer_s,
     }
-    # the kernel's latency floor: ceil(K / BLOCK_SIZE_K) serial steps of one program, for the
+    # the kernel's loop latency: ceil(K / BLOCK_SIZE_K) serial steps of one program, for the
     # tokens the kernel sees (m) and the experts held here (vLLM's w1.shape[0])
     n_up = (2.0 if gated else 1.0) * cols
-    floor_up = floor_down = 0.0
+    loop_up = loop_down = 0.0
     if fp8_block or (round(local_experts), round(cols)) not in moe_fit.tuned:
-        floor_up = kernel_floor_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
-        floor_down = kernel_floor_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
+        loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
+        loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
     if layout.dp > 1:
         nbytes = (layout.dp - 1) / layout.dp * m * d * 2.0
         comm = link_latency_s + nbytes / link_bw_bytes_per_s
     out["moe_dispatch"] = comm
     out["moe_gemm_up"] = grouped_gemm_time_s(
-        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, floor_up
+        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, loop_up
     )
     out["moe_act"] = elem_time_s(fit, bw, "act", (3.0 if gated else 2.0) * 2.0 * rows * cols)
-    out["moe_gemm_down"] = grouped_gemm_time_s(
-        fit, epk, bw, rows, touched, d, cols, ewb, floor_down
-    )
+    out["moe_gemm_down"] = grouped_gemm_time_s(fit, epk, bw, rows, touched, d, cols, ewb, loop_down)
     out["moe_combine"] = comm
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down
