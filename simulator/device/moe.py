@@ -81,7 +81,8 @@ class FusedMoeFit:
     the larger of the two: a loop step's latency is not hidden behind other programs' streaming
     when the small decode grid is about one wave). ``k_step_s`` (16-bit weights) and
     ``k_step_fp8_s`` (fp8 weights with 128 x 128 block scales, whose step also loads and
-    applies the scales) are one step's time, fitted (about one DRAM round trip for 16-bit); ``layer_s`` is a fixed time per MoE layer (the launch-bound routing kernels
+    applies the scales) are one step's time, fitted (about one DRAM round trip for 16-bit);
+    ``layer_s`` is a fixed time per MoE layer (the launch-bound routing kernels
     ``topk_softmax``, ``moe_align_block_size`` and ``moe_sum``), fitted; ``sms`` and
     ``smem_per_sm_bytes`` are the GPU's streaming multiprocessors and shared memory per SM (data
     sheets, in the catalog file), which bound the programs resident at once."""
