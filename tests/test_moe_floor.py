@@ -173,3 +173,25 @@ def test_latency_cli_names_the_per_sequence_part(capsys):
         assert sum(r["parts_s"].values()) == pytest.approx(r["total_s"], rel=1e-12)
         assert r["parts_s"]["lm_head"] < r["parts_s"]["per_sequence"] or n == 1
     assert math.isfinite(rows[1]["total_s"])
+
+
+def test_catalog_file_is_the_generators():
+    """``catalog/moe.toml`` is what ``calibrate/moe_fit.py --write`` writes: every catalog GPU has
+    an entry, with a provenance and a source; its hardware figures and tuned shapes are the
+    generator's tables (the fitted step times need the 4-minute simulation to check: run
+    ``python -m fleetsim.calibrate.moe_fit``)."""
+    from fleetsim.calibrate import moe_fit
+    from fleetsim.device import catalog
+
+    table = catalog.moe()
+    assert set(table) == set(catalog.gpus())
+    for name, e in table.items():
+        assert e["provenance"] in ("fitted", "derived") and e["source"]
+        sms, smem, src = moe_fit.HARDWARE[name]
+        assert (e["sms"], e["smem_per_sm_bytes"], e["hardware_source"]) == (sms, smem, src)
+        assert [tuple(x) for x in e["tuned"]] == list(moe_fit.TUNED.get(name, ()))
+        if e["provenance"] == "derived":
+            src_gpu = moe_fit.DERIVED[name]
+            for k in ("k_step_s", "k_step_fp8_s", "layer_s"):
+                assert e[k] == table[src_gpu][k]
+    assert table["b200"]["provenance"] == table["h100-sxm"]["provenance"] == "fitted"
