@@ -55,8 +55,9 @@ DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
 #: H100 (NVIDIA_H100_80GB_HBM3) E=128,N=768 (4466f1b5), E=64,N=768 (47c44391), E=8,N=7168
 #: (4652ef5d); B200 (NVIDIA_B200) E=128,N=768 (bd66a975); H200 (NVIDIA_H200) E=128,N=768
 #: (4652ef5d), E=8,N=7168 (c6991a3b), E=8,N=14336 (432a38c4); A100 (NVIDIA_A100-SXM4-80GB)
-#: E=8,N=7168 (10efe946). Not found: E=16 or 32,N=1536 (Qwen3-235B-A22B under EP8/EP4) and E=20,N=2560 (Qwen3-Coder-480B
-#: under EP8) on H100 or B200, E=8,N=7168 (Mixtral-8x7B under TP2) on B200.
+#: E=8,N=7168 (10efe946). Not found: E=16 or 32,N=1536 (Qwen3-235B-A22B under EP8/EP4) and
+#: E=20,N=2560 (Qwen3-Coder-480B under EP8) on H100 or B200, E=8,N=7168 (Mixtral-8x7B under TP2)
+#: on B200.
 TUNED = {
     "h100-sxm": [(128, 768), (64, 768), (8, 7168)],
     "b200": [(128, 768)],
