@@ -165,6 +165,12 @@ def hardware_fit(gpu: str) -> FusedMoeFit:
     )
 
 
+def family(r: FitRow) -> tuple:
+    """A row's architecture and expert precision (models that differ only in their weights)."""
+    m = r.lm.model  # type: ignore[attr-defined]
+    return (m.n_layers, m.d_model, m.n_experts, m.d_ff_expert, r.lm._fp8_block)  # type: ignore[attr-defined]
+
+
 def loss(rows: list[FitRow], fit: FusedMoeFit) -> float:
     return sum(abs(math.log(r.itl_s(fit) / r.meas_s)) for r in rows) / max(len(rows), 1)
 
@@ -208,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         for m in models:
             f = fit_rows([r for r in gr if r.config.model_id != m], base)
             lomo += [(r, r.itl_s(f) / r.meas_s - 1.0) for r in gr if r.config.model_id == m]
+        # stricter: leave out every model of the same architecture and precision (the
+        # Instruct / Thinking twins, the 30B-A3B family, R1 and V3.1)
+        arch = {r.config.model_id: family(r) for r in gr}
+        loao = []
+        for fam in sorted(set(arch.values())):
+            f = fit_rows([r for r in gr if arch[r.config.model_id] != fam], base)
+            loao += [r.itl_s(f) / r.meas_s - 1.0 for r in gr if arch[r.config.model_id] == fam]
         before = [r.itl_s(r.base_fit) / r.meas_s - 1.0 for r in gr]
         insample = [r.itl_s(full) / r.meas_s - 1.0 for r in gr]
         out[g] = (full, len(gr), models, stats([e for _, e in lomo]), stats(insample))
@@ -221,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {name:10} {s[0]:6.1%} {s[1]:7.1%} {s[2]:+6.1%}")
         s = out[g][3]
         print(f"    {'LOMO':10} {s[0]:6.1%} {s[1]:7.1%} {s[2]:+6.1%}")
+        s = stats(loao)
+        print(f"    {'LOAO':10} {s[0]:6.1%} {s[1]:7.1%} {s[2]:+6.1%}  (leave one architecture out)")
         if a.rows:
             for r, x in lomo:
                 b = r.itl_s(r.base_fit) / r.meas_s - 1.0
