@@ -417,25 +417,35 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def _outputs():
+    """:mod:`fleetsim.results.output` if a command has imported it, else None: a command that
+    writes nothing (``validate``) never imports it, so it has no output to abort."""
+    return sys.modules.get("fleetsim.results.output")
+
+
 def _main(args) -> int:
     from fleetsim.base.io import clean
-    from fleetsim.results import output
 
-    output.LAST.clear()
+    if (out := _outputs()) is not None:
+        out.LAST.clear()
     try:
         try:
             return int(args.func(args) or 0)
         except OSError as exc:  # writing a staged output failed (full disk, ulimit -f, ...)
-            if not output.open_outputs():
+            out = _outputs()
+            if out is None or not out.open_outputs():
                 raise
-            where = output.open_outputs()[-1].out
-            raise output.out_error(where, f"cannot write there: {output.os_problem(exc)}") from None
+            where = out.open_outputs()[-1].out
+            raise out.out_error(where, f"cannot write there: {out.os_problem(exc)}") from None
         finally:
-            output.abort_open_outputs()  # an output not committed leaves the folder as it was
+            if (out := _outputs()) is not None:
+                out.abort_open_outputs()  # an output not committed leaves the folder as it was
     except UserError as exc:
         print(f"fleetsim: error: {clean(str(exc), 4000)}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
+        from fleetsim.results import output
+
         print(f"fleetsim: interrupted by {exc}; {output.interrupted_note()}", file=sys.stderr)
         return 128 + exc.signum
     except InvariantError as exc:
