@@ -39,9 +39,9 @@ def _on_second(signum, _frame):
     processes are killed; a staging folder left behind is removed by the next run into it."""
     import os
 
-    from fleetsim.apps.executors import kill_workers
-
-    kill_workers()
+    ex = sys.modules.get("fleetsim.apps.executors")  # (not imported: no workers to kill)
+    if ex is not None:
+        ex.kill_workers()
     os.write(
         2,
         f"fleetsim: interrupted by {signal.Signals(signum).name} while stopping; exited at "
@@ -165,7 +165,6 @@ def _progress_bar(quiet: bool):
 def cmd_run(args) -> int:
     from fleetsim.apps.common import console as make_console
     from fleetsim.apps.common import open_output, print_json
-    from fleetsim.apps.executors import pod_runner
     from fleetsim.apps.simulate import simulate, write_outputs
     from fleetsim.config.loading import load_scenario
     from fleetsim.config.resolve import resolve
@@ -193,11 +192,11 @@ def cmd_run(args) -> int:
             ex = _run_executor(args)  # pods as tasks of a process pool or Ray (executors.py)
             failed = True
             try:
-                runner = (
-                    None
-                    if ex is None
-                    else pod_runner(ex, lambda: bar.advance(task, sc.simulation.hours))
-                )
+                runner = None
+                if ex is not None:  # (executors.py, and concurrent.futures, only then)
+                    from fleetsim.apps.executors import pod_runner
+
+                    runner = pod_runner(ex, lambda: bar.advance(task, sc.simulation.hours))
                 res = simulate(
                     rs,
                     source=args.scenario,
