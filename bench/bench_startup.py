@@ -84,6 +84,104 @@ def import_profile(argv: list[str], env: dict[str, str], n: int) -> tuple[list, 
     return sorted(rows, reverse=True)[:n], [m for m in HEAVY if m in names]
 
 
+#: import groups, in a run's order: (label, modules imported together)
+GROUPS = (
+    ("numpy", "numpy"),
+    ("pyarrow", "pyarrow"),
+    ("pyarrow.parquet", "pyarrow.parquet"),
+    ("pydantic (pydantic.main)", "pydantic.main"),
+    ("the scenario schema (pydantic's first model incl.)", "fleetsim.config.schema"),
+    ("config loading and resolve, device model", "fleetsim.config.loading+fleetsim.config.resolve"),
+    ("simpy", "simpy"),
+    (
+        "serving, simulate, results modules",
+        "fleetsim.serving.pod+fleetsim.apps.simulate+fleetsim.results.result"
+        "+fleetsim.results.summary",
+    ),
+)
+_GROUP_CODE = """
+import importlib, resource, sys
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime
+out = []
+for g in sys.argv[1:]:
+    c = cpu()
+    for m in g.split("+"):
+        importlib.import_module(m)
+    out.append(cpu() - c)
+print(" ".join(repr(x) for x in out))
+"""
+#: a run timed by phase inside one process: the CLI's own functions wrapped
+_PHASE_CODE = """
+import importlib, resource, sys
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime
+marks = [("start", cpu())]
+import fleetsim.apps.cli as cli
+for mod, fn in (("fleetsim.config.loading", "load_scenario"), ("fleetsim.config.resolve",
+        "resolve"), ("fleetsim.apps.simulate", "simulate"), ("fleetsim.apps.simulate",
+        "write_outputs")):
+    m = importlib.import_module(mod)
+    f = getattr(m, fn)
+    def w(*a, _f=f, _n=fn, **k):
+        marks.append(("before " + _n, cpu()))
+        try:
+            return _f(*a, **k)
+        finally:
+            marks.append((_n, cpu()))
+    setattr(m, fn, w)
+marks.append(("imports", cpu()))
+rc = cli.main(sys.argv[1:])
+marks.append(("end", cpu()))
+print(repr(marks))
+"""
+PHASES = ("imports", "load_scenario", "resolve", "simulate", "write_outputs", "rest")
+
+
+def import_groups(env: dict[str, str], n: int) -> list[float]:
+    """CPU seconds of each of :data:`GROUPS`, imported in order in a fresh process (min of n)."""
+    best: list[float] = []
+    for _ in range(n):
+        p = subprocess.run(
+            [sys.executable, "-c", _GROUP_CODE, *(m for _, m in GROUPS)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        v = [float(x) for x in p.stdout.split()]
+        best = v if not best else [min(a, b) for a, b in zip(best, v)]
+    return best
+
+
+def run_phases(argv: list[str], env: dict[str, str], n: int) -> dict[str, float]:
+    """CPU seconds of a run by phase: imports (the interpreter's own start excluded), loading,
+    resolving, simulating, writing, the rest (summary, exit); min of n per phase."""
+    import ast
+
+    best: dict[str, float] = {}
+    for _ in range(n):
+        p = subprocess.run(
+            [sys.executable, "-c", _PHASE_CODE, *argv],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        marks = dict(ast.literal_eval(p.stdout.strip().splitlines()[-1]))
+        d = {"imports": marks["imports"] - marks["start"]}
+        prev = marks["imports"]
+        for ph in PHASES[1:-1]:
+            d["imports"] += marks[f"before {ph}"] - prev  # (the CLI's lazy imports between)
+            d[ph] = marks[ph] - marks[f"before {ph}"]
+            prev = marks[ph]
+        d["rest"] = marks["end"] - prev
+        best = d if not best else {k: min(best[k], d[k]) for k in d}
+    return best
+
+
 def _env(base: dict[str, str], pythonpath: str | None, pycache: str) -> dict[str, str]:
     env = dict(base)
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # (cached bytecode, in the private prefix)
@@ -140,6 +238,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{'  (median)':54}{med}")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
+        n = min(args.repeat, 5)
+        run_argv = cases[-1][1][3:]  # (the run's arguments after `python -m fleetsim`)
+        print(f"\nthe run by phase, CPU s, min of {n} (in one process; the CLI's functions timed)")
+        phases = {t: run_phases(run_argv, env, n) for t, env in trees.items()}
+        print(f"  {'':50}" + "".join(f"{t:>9}" for t in trees))
+        for ph in PHASES:
+            print(f"  {ph:50}" + "".join(f"{phases[t][ph]:9.3f}" for t in trees))
+        print(f"\nimport groups, CPU s, min of {n} (each imported in this order, fresh process)")
+        groups = {t: import_groups(env, n) for t, env in trees.items()}
+        print(f"  {'':50}" + "".join(f"{t:>9}" for t in trees))
+        for i, (label, _) in enumerate(GROUPS):
+            print(f"  {label:50}" + "".join(f"{groups[t][i]:9.3f}" for t in trees))
         for t, env in trees.items():
             for name, cmd in cases[2:]:
                 top, heavy = import_profile(cmd, env, args.imports)
