@@ -12,8 +12,10 @@ load than the wall seconds do.
 * ``fleetsim run`` of a small day: the default scenario at 21,556 requests a day on one
   replica (goal < 0.6 s), ``--quiet``, output to a temporary folder;
 
-then the slowest imports of ``validate`` and of that run (``python -X importtime``,
-cumulative, one run each; wall time, so noisy on a loaded machine) and the heavy modules each
+then that run by phase (CPU seconds inside one process: imports, loading, resolving,
+simulating, writing), the CPU seconds of the import groups (numpy, pyarrow, pydantic, the
+schema...), and the slowest imports of ``validate`` and of the run (``python -X importtime``,
+cumulative, one run each; wall time, so noisy on a loaded machine) with the heavy modules each
 one imports.
 
     python bench/bench_startup.py
@@ -28,7 +30,7 @@ Bytecode: the children run with their own ``PYTHONPYCACHEPREFIX`` (a temporary f
 ``--pycache DIR``) after one untimed warm-up run of each case, so both trees run from cached
 bytecode, as an installed package does, and neither tree is written to.
 ``PYTHONDONTWRITEBYTECODE=1`` without a ``__pycache__`` in the tree instead compiles
-fleetsim's ~60 modules on every start (about 0.1 s more; bench/RESULTS.md).
+fleetsim's modules on every start (validate: ~0.03 CPU s more; bench/RESULTS.md).
 """
 
 from __future__ import annotations
