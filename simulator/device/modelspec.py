@@ -236,6 +236,27 @@ class ModelSpec:
         """Attention layers that attend the last ``sliding_window_tokens`` tokens."""
         return self.n_attn_layers - self.n_global_attn_layers
 
+    @property
+    def sliding_share(self) -> float:
+        """The fraction of the attention layers that attend a sliding window (0.0 without
+        windows): what a key beyond the window saves of a full-attention key's decode cost."""
+        n = self.n_attn_layers
+        if self.sliding_window_tokens <= 0 or n <= 0:
+            return 0.0
+        return self.n_sliding_layers / n
+
+    def attended_keys(self, context_tokens: float) -> float:
+        """Keys one decoding sequence at ``context_tokens`` reads in a step, in units of a key
+        read by every attention layer (the unit of the latency model's ``ctx``): ``c`` on the
+        global layers, ``min(c, W)`` on the window layers, so ``c - share x max(c - W, 0)``.
+        Linear-state layers read a constant state (in the step's fixed part), MLA its latent
+        (in :attr:`kv_bytes_per_token`)."""
+        c = max(float(context_tokens), 0.0)
+        w = self.sliding_window_tokens
+        if w <= 0 or c <= w:
+            return c
+        return c - self.sliding_share * (c - w)
+
     def layer_kinds(self) -> tuple[tuple[str, str], ...]:
         """``(mixer, ffn)`` of each layer: mixer ``full``, ``sliding``, ``linear`` or ``none``;
         ffn ``dense``, ``moe`` or ``none``."""

@@ -141,6 +141,8 @@ class PagedKV(BlockPool):
             self._drop(r, r.eff + (it - r.join_it if after_alloc else it - 1 - r.join_it))
             self.n -= 1
             self.S -= r.eff - r.join_it
+            if self.xw is not None:
+                self._x_leave(r)
             wt = self._w_leave(r) if self.win is not None else 1
             self.cnt2[r.rho] -= wt
             self.cnt2[r.rho + self.b] -= wt
