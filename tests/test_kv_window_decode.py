@@ -1,0 +1,213 @@
+"""The decode step's KV read per layer kind (device/latency.py, serving/core.py "Sliding
+windows"): a window layer reads min(c, W) keys of a sequence at context c, a global layer c, a
+linear-state layer its constant state; checked against hand counts, and through the engine,
+whose runs stay exact (macro-stepped = per iteration) while sequences pass their windows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from conftest import ListSink, merge, rel, resolved
+
+from fleetsim.apps.simulate import simulate
+from fleetsim.device.latency import LatencyModel, step_time
+
+
+def _lat(model: str, gpu: str = "h100-sxm", tp: int = 1) -> LatencyModel:
+    d = {
+        "simulation": {"hours": 1},
+        "model": {"name": model},
+        "hardware": {"gpu": gpu},
+        "fleet": {"tensor_parallel": tp},
+        "traffic": {"requests_per_day": 1000},
+    }
+    return resolved(d).latency_model()
+
+
+def _attention_hand(lat: LatencyModel, keys_by_layer: float, b: int) -> tuple[float, float, float]:
+    """(seconds, FLOPs, KV bytes) of a decode step's attention over ``keys_by_layer`` keys
+    summed over the attention layers (one GPU's share), from the model's head counts and the
+    profile's constants: scores and sum 4 x heads x head_dim FLOPs per key, K and V of the KV
+    heads per key; plus the new tokens' KV written to every attention layer."""
+    m, p = lat.model, lat.profile
+    flops = keys_by_layer * 4.0 * m.n_heads * m.head_dim
+    kv_key_layer = 2.0 * m.n_kv_heads * m.head_dim * m.kv_bytes_per_element
+    nbytes = keys_by_layer * kv_key_layer
+    t_c = flops / (p.peak_flops * p.compute_eff_max)
+    t_m = nbytes / (p.mem_bw_bytes_per_s * p.memory_eff)
+    t_new = b * m.n_attn_layers * kv_key_layer / (p.mem_bw_bytes_per_s * p.memory_eff)
+    return max(t_c, t_m) + t_new, flops, nbytes
+
+
+@pytest.mark.parametrize("b,c", [(1, 500), (8, 1024), (8, 1025), (32, 4096), (64, 32_000)])
+def test_gemma3_decode_step_reads_the_window_on_window_layers(b, c):
+    """Gemma 3 27B (62 layers: 10 global, 52 with a 1,024-token window) at batch b and
+    context c: the attention part of the step is the hand count over 10 x c + 52 x min(c, 1024)
+    keys per sequence; the rest of the step does not depend on c."""
+    lat = _lat("gemma-3-27b")
+    m = lat.model
+    assert (m.n_global_attn_layers, m.n_sliding_layers, m.sliding_window_tokens) == (10, 52, 1024)
+    keys = b * (10 * c + 52 * min(c, 1024))
+    t_att, f_att, b_att = _attention_hand(lat, keys, b)
+    t0 = step_time(lat.run_coeffs(b), 0.0) - b * lat._att_m  # the step without attention
+    assert lat.decode_time(b, c) == pytest.approx(t0 + t_att, rel=1e-12)
+    # the engine's own call: decode_step at the ctx the core passes (decode_ctx)
+    ctx = lat.decode_ctx(b, c)
+    assert ctx == pytest.approx(keys / 62, rel=1e-14)
+    t, flops, nbytes = lat.decode_step(b, ctx)
+    assert t == pytest.approx(t0 + t_att, rel=1e-12)
+    assert flops == pytest.approx(b * (m.flops_per_token_linear + m.flops_lm_head) + f_att)
+    assert nbytes == pytest.approx(m.weight_bytes_read(b) + b_att + b * m.kv_bytes_per_token)
+    # decode_flops (the model's own count, taken at the mean context) agrees
+    assert flops == pytest.approx(m.decode_flops(b, b * c), rel=1e-12)
+    if c > 1024:  # the old charge (every layer the whole context) is larger
+        assert lat.decode_time(b, c) < step_time(lat.run_coeffs(b), float(b * c))
+
+
+def test_gpt_oss_alternate_layers_read_full_and_window():
+    """gpt-oss-20b: 24 layers alternating full attention and a 128-token window: a sequence at
+    context c reads 12 x c + 12 x min(c, 128) keys, half the old charge's excess beyond 128."""
+    lat = _lat("gpt-oss-20b")
+    m = lat.model
+    assert (m.n_global_attn_layers, m.n_sliding_layers, m.sliding_window_tokens) == (12, 12, 128)
+    for b, c in ((1, 100), (16, 2000), (128, 8000)):
+        keys = b * (12 * c + 12 * min(c, 128))
+        assert lat.decode_ctx(b, c) == pytest.approx(keys / 24, rel=1e-14)
+        t_att = _attention_hand(lat, keys, b)[0]
+        t0 = step_time(lat.run_coeffs(b), 0.0) - b * lat._att_m
+        assert lat.decode_time(b, c) == pytest.approx(t0 + t_att, rel=1e-12)
+
+
+def test_nemotron_state_layers_are_constant_in_the_context():
+    """Nemotron Nano 9B v2: 4 attention layers among 56; the step grows with the context by the
+    4 attention layers' KV only (the Mamba-2 layers read a constant state per sequence)."""
+    lat = _lat("nemotron-nano-9b-v2")
+    m = lat.model
+    assert (m.n_attn_layers, m.n_linear_layers) == (4, 27)
+    b = 16
+    for c1, c2 in ((1000, 9000), (100, 30_000)):
+        dt = lat.decode_time(b, c2) - lat.decode_time(b, c1)
+        t2 = _attention_hand(lat, b * 4 * c2, b)[0]
+        t1 = _attention_hand(lat, b * 4 * c1, b)[0]
+        assert dt == pytest.approx(t2 - t1, rel=1e-12)
+    assert lat.decode_ctx(b, 5000) == b * 5000  # no windows: every attention layer reads c
+
+
+# ---- through the engine -------------------------------------------------------------------
+def _burst(tmp_path: Path, model: str, rows: list[tuple[float, int, int]], **fleet) -> dict:
+    f = tmp_path / "trace.csv"
+    f.write_text(
+        "arrival_s,prompt_tokens,output_tokens\n" + "".join(f"{a},{p},{o}\n" for a, p, o in rows)
+    )
+    return {
+        "simulation": {"hours": 1},
+        "model": {"name": model},
+        "hardware": {"gpu": "h100-sxm"},
+        "fleet": {"max_batch_size": 256, "max_batched_tokens": 65536, **fleet},
+        "traffic": {"trace": str(f)},
+        "slo": {"ttft_s": 1e5, "tpot_s": 1e5},
+    }
+
+
+@pytest.mark.parametrize("kv", ["paged", "reserve"])
+@pytest.mark.parametrize("engine", ["macro", "iteration"])
+def test_engine_burst_matches_the_hand_sum(tmp_path, kv, engine):
+    """Eight Gemma 3 27B requests of 1,000 prompt tokens and 100 output tokens arrive together:
+    one prefill iteration, then 99 decode steps whose contexts 1,001 .. 1,099 cross the
+    1,024-token window at step 24. They finish at the prefill plus the sum of the hand-counted
+    steps (window layers reading min(c, 1024)), under both KV policies and both engines."""
+    b, P, O = 8, 1000, 100
+    d = _burst(tmp_path, "gemma-3-27b", [(1.0, P, O)] * b, kv_allocation=kv)
+    d["simulation"]["engine"] = engine
+    rs = resolved(d)
+    lat = rs.latency_model()
+    sink = ListSink()
+    simulate(rs, request_sink=sink)
+    t_pf = lat.iteration(b * P, float(b * P * P), b, 0, 0.0)[0]
+    m = lat.model
+    steps = [lat.decode_time(b, P + i) for i in range(1, O)]
+    # hand count of the same steps: global layers read c, window layers min(c, 1024)
+    t0 = step_time(lat.run_coeffs(b), 0.0) - b * lat._att_m
+    for i, t in enumerate(steps, start=1):
+        c = P + i
+        hand = t0 + _attention_hand(lat, b * (10 * c + 52 * min(c, 1024)), b)[0]
+        assert t == pytest.approx(hand, rel=1e-12)
+    assert m.sliding_window_tokens - P < O  # the window is crossed inside the run
+    want = 1.0 + t_pf + math.fsum(steps)
+    for row in sink.rows.values():
+        assert row[6] == "completed"
+        assert row[4] == pytest.approx(1.0 + t_pf, rel=1e-12)
+        assert rel(row[5], want) < 1e-9, (row[5], want)
+    # the old charge (every layer the whole context) would have finished later
+    old = (
+        1.0
+        + t_pf
+        + math.fsum(step_time(lat.run_coeffs(b), float(b * (P + i))) for i in range(1, O))
+    )
+    assert want < old
+
+
+def _mixed(tmp_path: Path, model: str, n: int, seed: int, **fleet) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    t = np.cumsum(rng.exponential(0.05, n))
+    p = rng.integers(50, 3000, n)
+    o = rng.integers(10, 1500, n)
+    rows = [(1.0 + float(a), int(x), int(y)) for a, x, y in zip(t, p, o, strict=True)]
+    dis = fleet.pop("disaggregation", None)
+    d = _burst(tmp_path, model, rows, **fleet)
+    if dis is not None:
+        d["disaggregation"] = dis
+    return d
+
+
+@pytest.mark.parametrize(
+    "model,fleet",
+    [
+        ("gemma-3-27b", {}),
+        ("gemma-3-27b", {"kv_allocation": "reserve"}),
+        ("gemma-3-12b", {"max_batch_size": 16, "max_batched_tokens": 2048}),
+        ("gpt-oss-20b", {}),
+        (
+            "gemma-3-12b",
+            {"disaggregation": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
+        ),
+        ("gemma-3-27b", {"gpu_memory_utilization": 0.66, "activation_reserve_bytes": 0}),
+    ],
+)
+def test_windowed_macro_equals_per_iteration(tmp_path, model, fleet):
+    """Arrivals joining and leaving while sequences pass their windows at different steps:
+    macro-stepped and per-iteration runs give the same first-token and finish times (rel.
+    1e-9), the same busy time and energy, and macro-stepping takes fewer events."""
+    d = _mixed(tmp_path, model, 400, 22, **fleet)
+    out = {}
+    for engine in ("macro", "iteration"):
+        sink = ListSink()
+        res = simulate(
+            resolved(merge(d, simulation={"hours": 1, "engine": engine})), request_sink=sink
+        )
+        out[engine] = (res, sink)
+    (a, sa), (b, sb) = out["macro"], out["iteration"]
+    assert sa.rows.keys() == sb.rows.keys()
+    assert len(sa.rows) == 400
+    worst = 0.0
+    for rid, x in sa.rows.items():
+        y = sb.rows[rid]
+        assert x[6] == y[6] == "completed"
+        worst = max(worst, rel(x[4], y[4]), rel(x[5], y[5]))
+    assert worst < 1e-9, worst
+    for col in ("gpu_busy_s", "energy_gpu_kwh", "output_tokens"):
+        assert (
+            rel(
+                float(a.hourly.column(col).to_numpy().sum()),
+                float(b.hourly.column(col).to_numpy().sum()),
+            )
+            < 1e-9
+        )
+    assert a.totals.iterations == b.totals.iterations
+    assert a.totals.events < b.totals.events / 3  # macro-stepping is on
+    if fleet.get("gpu_memory_utilization"):
+        assert a.totals.preemptions > 0
