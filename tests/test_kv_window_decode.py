@@ -211,3 +211,51 @@ def test_windowed_macro_equals_per_iteration(tmp_path, model, fleet):
     assert a.totals.events < b.totals.events / 3  # macro-stepping is on
     if fleet.get("gpu_memory_utilization"):
         assert a.totals.preemptions > 0
+
+
+@pytest.mark.parametrize("model", ["gemma-3-12b", "nemotron-nano-9b-v2"])
+def test_disaggregated_transfer_sends_the_kv_by_layer_kind(tmp_path, model):
+    """A disaggregated pod sends each prompt's KV as its layers hold it: Gemma 3 12B's 8
+    global layers the whole prompt and its 40 window layers at most 1,024 tokens; Nemotron Nano
+    9B v2's 4 attention layers the prompt and its 27 Mamba-2 layers their constant state. On an
+    idle link a transfer takes latency + those bytes / bandwidth; the hourly table sums them."""
+    from test_disagg import Tap
+
+    rows = [(1.0 + 2.0 * i, p, 20) for i, p in enumerate((300, 1024, 1500, 4000, 9000))]
+    d = _mixed(
+        tmp_path,
+        model,
+        1,
+        1,
+        disaggregation={
+            "prefill": {"replicas": 1},
+            "decode": {"replicas": 1},
+            "link_bandwidth_bytes_per_s": 1e9,
+            "link_latency_s": 1e-3,
+        },
+    )
+    f = tmp_path / "trace.csv"
+    f.write_text(
+        "arrival_s,prompt_tokens,output_tokens\n" + "".join(f"{a},{p},{o}\n" for a, p, o in rows)
+    )
+    rs = resolved(d)
+    pod = Tap(rs, 0, 1)
+    pod.run()
+    m = rs.model
+    per_layer = 2 * m.n_kv_heads * m.head_dim * m.kv_bytes_per_element
+    assert len(pod.arrived_kv) == 5
+    total = 0.0
+    for r in pod.arrived_kv:
+        p = r.prompt
+        if model.startswith("gemma"):
+            hand = per_layer * (8 * p + 40 * min(p, 1024))
+        else:
+            hand = per_layer * 4 * p + m.state_bytes_per_seq
+            assert m.state_bytes_per_seq > 0
+        assert r.xfer_bytes == pytest.approx(hand, rel=1e-12)
+        assert r.link_wait_s == 0.0
+        assert r.xfer_s == pytest.approx(1e-3 + hand / pod.pools.egress_bytes_per_s, rel=1e-12)
+        total += hand
+    res = simulate(rs)
+    got = sum(float(x) for x in res.pools.column("kv_transfer_bytes").to_numpy())
+    assert got == pytest.approx(total, rel=1e-12)
