@@ -259,3 +259,29 @@ def test_disaggregated_transfer_sends_the_kv_by_layer_kind(tmp_path, model):
     res = simulate(rs)
     got = sum(float(x) for x in res.pools.column("kv_transfer_bytes").to_numpy())
     assert got == pytest.approx(total, rel=1e-12)
+
+
+def test_prefix_caching_of_a_windowed_model_is_refused_in_one_line():
+    """Traffic that names prompt blocks (Mooncake's trace) with a sliding-window model and
+    prefix caching on (the paged default): one line naming fleet.enable_prefix_caching and the
+    fix, exit 2, no traceback; with it off the scenario validates."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    base = [sys.executable, "-m", "fleetsim", "validate", "scenarios/mooncake-conversation.toml"]
+    sets = ["--set", 'model.name="gemma-3-27b"', "--set", "fleet.tensor_parallel=2"]
+    r = subprocess.run(base + sets, cwd=root, capture_output=True, text=True)
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "fleet.enable_prefix_caching = True" in err
+    assert "sliding-window model (gemma-3-27b)" in err
+    assert "fix: set fleet.enable_prefix_caching = false" in err
+    ok = subprocess.run(
+        [*base, *sets, "--set", "fleet.enable_prefix_caching=false"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
