@@ -285,3 +285,32 @@ def test_prefix_caching_of_a_windowed_model_is_refused_in_one_line():
         text=True,
     )
     assert ok.returncode == 0, ok.stderr
+
+
+def test_longest_request_is_counted_per_layer_kind(tmp_path, monkeypatch):
+    """With 6 GB of KV, Gemma 3 27B holds 45,776 layer-blocks of 16 tokens (131,072 bytes
+    each): a sequence of L tokens takes 10 ceil(L / 16) + 52 x 65 of them past its window, so
+    the longest request is (45,776 - 3,380) // 10 x 16 = 67,824 tokens, not the 11,808 that
+    the bytes of a full-attention token would allow. A 60,000-token request is admitted and
+    completes holding the hand count; 70,000 tokens are refused at validation."""
+    from test_kv_window import _scenario, _spy
+
+    from fleetsim.base.errors import ScenarioError
+
+    d = _scenario(tmp_path, [(1.0, 59_990, 10)], kv_gb=6.0)
+    rs = resolved(d)
+    kv = rs.kv
+    assert kv is not None
+    nb = int(kv.kv_bytes // (16 * 507_904 / 62))
+    assert kv.request_tokens == (nb - 52 * 65) // 10 * 16
+    assert kv.tokens < 12_000 < 60_000 < kv.request_tokens < 70_000
+    seen = _spy(monkeypatch)
+    sink = ListSink()
+    simulate(rs, request_sink=sink)
+    (row,) = sink.rows.values()
+    assert row[6] == "completed"
+    ((tokens, used),) = seen["at_free"]
+    assert used == 10 * math.ceil(tokens / 16) + 52 * 65 <= nb
+    with pytest.raises(ScenarioError, match="exceeds the KV budget"):
+        (tmp_path / "long").mkdir()
+        resolved(_scenario(tmp_path / "long", [(1.0, 69_990, 10)], kv_gb=6.0))

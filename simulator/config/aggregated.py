@@ -169,7 +169,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     kvb = _checked_kv_budget(sc, model, profile, src)
     kv_tokens = kvb.tokens
     tr = sc.traffic
-    max_req, trace_t = _check_request_sizes(sc, model, kv_tokens, src)
+    max_req, trace_t = _check_request_sizes(sc, model, kvb.request_tokens, src)
     _check_prefix_blocks(sc, model, src)
     rates = _hourly_rates(tr, src)
     f = sc.fleet

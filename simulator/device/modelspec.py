@@ -517,6 +517,25 @@ class ModelSpec:
         """Whether a sequence's KV is proportional to its context (no window, no state)."""
         return not self.n_sliding_layers and not self.n_linear_layers
 
+    def max_tokens_in_layer_blocks(self, layer_blocks: int, block_tokens: int) -> int:
+        """The longest sequence whose KV fits ``layer_blocks`` blocks of ``block_tokens`` tokens
+        of one attention layer, counted as the paged policy holds it (serving/kv_blocks.py
+        ``kv_blocks_for``): ``G ceil(L / b)`` on the global layers and ``S min(ceil(L / b),
+        ceil(W / b) + 1)`` on the window layers; a multiple of ``b`` (``1 << 62`` when no layer
+        is global: the window layers alone never outgrow their cap)."""
+        G, S, b = self.n_global_attn_layers, self.n_sliding_layers, block_tokens
+        if G + S <= 0:
+            return 1 << 62
+        q = layer_blocks // (G + S)
+        if not S or self.sliding_window_tokens <= 0:
+            return q * b
+        cap = -(-self.sliding_window_tokens // b) + 1
+        if q < cap:  # (G + S) cap > layer_blocks: it cannot reach the cap
+            return q * b
+        if G == 0:
+            return 1 << 62
+        return ((layer_blocks - S * cap) // G) * b
+
     def kv_bytes_per_token_mean_tp(self, tp: int, contexts: Sequence[float]) -> float:
         """KV bytes per token of a replica holding sequences of ``contexts`` tokens: their
         bytes (:meth:`kv_bytes_tp`) over their tokens. :meth:`kv_bytes_per_token_tp` exactly

@@ -94,6 +94,14 @@ class DisaggRequest(Request):
         self.link_wait_s = math.nan  # time spent queued behind earlier transfers
 
 
+def _request_cap(spec: PoolSpec) -> int:
+    """The longest request (prompt + output tokens) a replica of pool ``spec`` holds."""
+    kv = spec.rs.kv
+    if kv is not None and spec.rs.scenario.fleet.kv_allocation == "paged":
+        return kv.request_tokens
+    return spec.kv_capacity_tokens
+
+
 class _NoRouter:
     """The decode pool's replicas never see a shared queue (the KV travels to one replica)."""
 
@@ -279,8 +287,9 @@ class DisaggPod:
         # the next arrival, as a serving.events.Stream (see _schedule)
         self.next_t = math.inf
         self.next_eid = 0
-        self.kv_cap_p = pools.prefill.kv_capacity_tokens
-        self.kv_cap_d = pools.decode.kv_capacity_tokens
+        # the longest request each pool holds (per layer kind for a windowed model, paged)
+        self.kv_cap_p = _request_cap(pools.prefill)
+        self.kv_cap_d = _request_cap(pools.decode)
         # without chunked prefill a prompt longer than the prefill pool's token budget can never
         # be scheduled (with it, it is prefilled in chunks)
         pf_sc = pools.prefill.rs.scenario.fleet
