@@ -314,3 +314,32 @@ def test_longest_request_is_counted_per_layer_kind(tmp_path, monkeypatch):
     with pytest.raises(ScenarioError, match="exceeds the KV budget"):
         (tmp_path / "long").mkdir()
         resolved(_scenario(tmp_path / "long", [(1.0, 69_990, 10)], kv_gb=6.0))
+
+
+@pytest.mark.parametrize("kv", ["paged", "reserve"])
+def test_prefill_pairs_of_window_layers(tmp_path, monkeypatch, kv):
+    """A 5,000-token Gemma 3 27B prompt, in chunks of 2,048 (paged) or whole (reserve): its
+    prefill's attention pairs sum to the model's convention, 5,000^2 on the 10 global layers
+    and 5,000 x 1,024 on the 52 window layers (in units of a pair in all 62 layers), so the
+    prefill's FLOPs are ModelSpec.prefill_flops."""
+    seen: list[tuple[int, float, int]] = []
+    orig = LatencyModel.iteration
+
+    def spy(self, p_tokens, pairs, n_prefill, n, ctx):
+        if p_tokens:
+            seen.append((p_tokens, pairs, n_prefill))
+        return orig(self, p_tokens, pairs, n_prefill, n, ctx)
+
+    monkeypatch.setattr(LatencyModel, "iteration", spy)
+    budget = 2048 if kv == "paged" else 8192
+    d = _burst(tmp_path, "gemma-3-27b", [(1.0, 5000, 2)], kv_allocation=kv)
+    d["fleet"]["max_batched_tokens"] = budget
+    rs = resolved(d)
+    simulate(rs)
+    P = 5000
+    assert [s[0] for s in seen] == ([2048, 2048, 904] if kv == "paged" else [P])
+    pairs = math.fsum(s[1] for s in seen)
+    assert pairs == pytest.approx((10 * P * P + 52 * P * 1024) / 62, rel=1e-12)
+    m = rs.model
+    flops = P * m.flops_per_token_linear + pairs * m.attn_flops_per_pair + m.flops_lm_head
+    assert flops == pytest.approx(m.prefill_flops(P), rel=1e-12)

@@ -406,6 +406,18 @@ class ReplicaCore(KVPolicy):
             self.xD -= r.eff - r.join_it - self.xw[0]
             self.xn -= 1
 
+    def _x_pairs(self, done: int, c: int) -> float:
+        """The attention pairs of a prefill chunk of ``c`` tokens after ``done`` (in units of a
+        pair in every attention layer): ``c (2 done + c)`` on the global layers (the model's
+        full-square convention, ``L^2`` over a whole prompt), and on the window layers the
+        growth of ``L min(L, W)`` (:meth:`ModelSpec.prefill_flops`'s window term)."""
+        assert self.xw is not None
+        W, share = self.xw
+        full = c * (2.0 * done + c)
+        e = done + c
+        win = e * float(e if e < W else W) - done * float(done if done < W else W)
+        return full - share * (full - win)
+
     def _x_ctx(self, it: int) -> float:
         """The decode set's attended keys at iteration ``it`` (the sequences whose context
         reached the window by ``it`` counted past it from now on)."""

@@ -179,7 +179,7 @@ class PagedKV(BlockPool):
         """Schedule ``c`` prefill tokens of ``r`` (its blocks already allocated)."""
         done = r.done
         self.P += c
-        self.pairs += c * (2.0 * done + c)
+        self.pairs += c * (2.0 * done + c) if self.xw is None else self._x_pairs(done, c)
         self.nchunks += 1
         if r.preemptions:
             self.re_tok += c
