@@ -343,3 +343,28 @@ def test_prefill_pairs_of_window_layers(tmp_path, monkeypatch, kv):
     m = rs.model
     flops = P * m.flops_per_token_linear + pairs * m.attn_flops_per_pair + m.flops_lm_head
     assert flops == pytest.approx(m.prefill_flops(P), rel=1e-12)
+
+
+def test_latency_command_reads_per_layer_kind():
+    """`fleetsim latency` for Gemma 3 27B at 32,000 tokens of context: the decode rows read
+    10 x c + 52 x 1,024 keys per sequence (in units of a key in all 62 layers) and take the
+    engine's step time; a 5,000-token prefill charges the window layers 5,000 x 1,024 pairs."""
+    from fleetsim.apps.latency import build_parser, rows
+
+    c = 32_000
+    out = rows(
+        build_parser().parse_args(
+            ["--gpu", "h100-sxm", "--model", "gemma-3-27b", "--batch", "1,64", "--context", str(c)]
+        )
+    )
+    lat = _lat("gemma-3-27b")
+    for row, b in zip(out, (1, 64), strict=True):
+        assert row["kv_tokens_read"] == pytest.approx(b * (10 * c + 52 * 1024) / 62, rel=1e-14)
+        assert row["total_s"] == pytest.approx(lat.decode_time(b, c), rel=1e-12)
+    (pf,) = rows(
+        build_parser().parse_args(
+            ["--gpu", "h100-sxm", "--model", "gemma-3-27b", "--prefill-tokens", "5000"]
+        )
+    )
+    m = lat.model
+    assert pf["flops"] == pytest.approx(m.prefill_flops(5000), rel=1e-12)

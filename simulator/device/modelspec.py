@@ -257,6 +257,16 @@ class ModelSpec:
             return c
         return c - self.sliding_share * (c - w)
 
+    def attended_pairs(self, prompt_tokens: int) -> float:
+        """Attention pairs of a whole prompt's prefill, in units of a pair in every attention
+        layer: ``L^2`` (the full-square convention), less the window layers' share of
+        ``L^2 - L min(L, W)`` (:meth:`prefill_flops`)."""
+        p = float(prompt_tokens)
+        w = self.sliding_window_tokens
+        if w <= 0 or p <= w:
+            return p * p
+        return p * p - self.sliding_share * (p * p - p * w)
+
     def layer_kinds(self) -> tuple[tuple[str, str], ...]:
         """``(mixer, ffn)`` of each layer: mixer ``full``, ``sliding``, ``linear`` or ``none``;
         ffn ``dense``, ``moe`` or ``none``."""
