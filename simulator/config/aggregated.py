@@ -390,8 +390,6 @@ def _check_request_sizes(
 ) -> tuple[int, np.ndarray | None]:
     """The longest request fits the KV budget and the context, and the longest prompt can be
     scheduled; (the longest request in tokens, a timed trace's arrival times or None)."""
-    from fleetsim.workload.sampling import trace_columns_max
-
     tr = sc.traffic
     trace_max: dict[str, int] = {}
     for d in (tr.prompt, tr.output):
