@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
+import numpy as np
+
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, RooflineProfile
 from fleetsim.device.modelspec import ModelSpec
@@ -219,7 +221,7 @@ def fit(rows: list[Row], data: Path | None = None) -> dict:
     data = default_data_dir() if data is None else data
     for gpu in sorted({r.gpu for r in rows}):
         if gpu == "b200":
-            out[gpu] = fit_b200(load_parts(data, "B200"))
+            out[gpu] = fit_b200(load_runs(data, "B200"))
             continue
         rs = [r for r in rows if r.gpu == gpu]
         grid = {
@@ -256,7 +258,9 @@ def fit(rows: list[Row], data: Path | None = None) -> dict:
             "eager": _summary([predict_eager(r) / r.itl_s - 1.0 for r in rs]),
         }
     if "h100-sxm" in out:
-        ar = fit_allreduce(load_parts(data, "H100", tp=2), out["h100-sxm"])
+        ar = fit_allreduce(
+            parts_at(load_runs(data, "H100", tp=2), out["h100-sxm"]), out["h100-sxm"]
+        )
         out["h100-sxm"].update(ar)
         if "b200" in out:
             scale = _link_bw("b200") / _link_bw("h100-sxm")
@@ -271,20 +275,18 @@ def fit(rows: list[Row], data: Path | None = None) -> dict:
 UNIT_BW_GRID = (0.0, *(i * 0.25e9 for i in range(8, 81)))
 #: the B200's KV-read efficiency grid: 0.30 to 0.95 by 0.025
 KV_EFF_GRID_B200 = tuple(0.3 + i * 0.025 for i in range(27))
-#: most steps carry a prefill chunk when at least this many requests enter per step
-MIXED_STEP_RATE = 0.5
 
 
 @dataclass(frozen=True)
 class Part:
-    """One ML.ENERGY row as the fit sees it: the median step's time split into the parts the
+    """One ML.ENERGY row as the fit sees it: its median step's time split into the parts the
     constants scale."""
 
     model_id: str
     key: str
     gpu: str
     itl_s: float
-    fixed_s: float  # kernels (GEMMs, elementwise, all-reduce, LM head) and the new tokens' KV
+    fixed_s: float  # kernels (GEMMs, elementwise, LM head, prefill chunk) and new tokens' KV
     kv_s: float  # the step's KV read at the full bandwidth (bytes / bw)
     full_bw: float  # bytes/s of the GPU
     units: int  # decoding sequences x KV heads per GPU
@@ -294,15 +296,69 @@ class Part:
     tp: int
 
 
-def load_parts(data: Path, gpu_model: str, tp: int = 1) -> list[Part]:
+@dataclass
+class _Run:
+    """A row's run in steps (:func:`run_steps`) and the bare step-time parts of each."""
+
+    config: object
+    lm: LatencyModel
+    n: np.ndarray  # decoding sequences per step
+    ctx: np.ndarray  # their total context per step
+    adm: np.ndarray  # prompts admitted (prefilled) per step
+    fixed: np.ndarray  # seconds per step the constants do not touch
+    kv: np.ndarray  # seconds per step of the KV read at the full bandwidth
+    units_per_seq: int
+    ar_calls: int
+    d_model: int
+
+
+def run_steps(outputs: np.ndarray, slots: int, prompt: int) -> tuple[np.ndarray, ...]:
+    """(decoding sequences, their total context, prompts admitted) per step of a run where
+    every request arrives at once, ``slots`` run at a time in arrival order and each running
+    request gains one token per step: the benchmark's load (all requests at t = 0,
+    max_num_seqs). Request k holds its slot for its output length; its context at its j-th
+    token is ``prompt + j``."""
+    import heapq
+
+    n_req = len(outputs)
+    start = np.zeros(n_req, dtype=np.int64)
+    free = [0] * min(slots, n_req)  # the step at which each slot frees
+    heapq.heapify(free)
+    for k in range(n_req):
+        s0 = heapq.heappop(free)
+        start[k] = s0
+        heapq.heappush(free, s0 + int(outputs[k]))
+    end = start + outputs  # exclusive
+    steps = int(end.max())
+    cnt = np.zeros(steps + 1)
+    ssum = np.zeros(steps + 1)
+    np.add.at(cnt, start, 1.0)
+    np.add.at(cnt, end, -1.0)
+    np.add.at(ssum, start, start.astype(float))
+    np.add.at(ssum, end, -start.astype(float))
+    n = np.cumsum(cnt)[:steps]
+    ctx = n * (prompt + np.arange(steps, dtype=float)) - np.cumsum(ssum)[:steps]
+    adm = np.bincount(start, minlength=steps)[:steps].astype(float)
+    adm[0] = 0.0  # the first wave's prompts run before the steady steps
+    return n, ctx, adm
+
+
+def _weighted_median_index(t: np.ndarray, w: np.ndarray) -> int:
+    order = np.argsort(t, kind="stable")
+    cw = np.cumsum(w[order])
+    return int(order[int(np.searchsorted(cw, 0.5 * cw[-1]))])
+
+
+def load_runs(data: Path, gpu_model: str, tp: int = 1) -> list[_Run]:
     """The non-suspect dense rows of ``gpu_model`` on ``tp`` GPUs whose models the simulator
-    expresses (hybrids left out), each split into :class:`Part`'s terms at the row's batch,
-    mean context and (where most steps carry one) prefill chunk."""
+    expresses (hybrids left out), each run in steps as the benchmark ran it: all requests at
+    once, ``max_num_seqs`` (or the measured batch where the KV cache held fewer) slots, the
+    outputs drawn from the row's histogram as ``fleetsim.calibrate.mlenergy`` draws them."""
     from fleetsim.api import load
     from fleetsim.calibrate import mlenergy as ml
     from fleetsim.config.scenario import resolve
 
-    out: list[Part] = []
+    out: list[_Run] = []
     with tempfile.TemporaryDirectory(prefix="fleetsim-stack-") as tmp:
         trace = Path(tmp) / "trace.csv"
         trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
@@ -325,36 +381,86 @@ def load_parts(data: Path, gpu_model: str, tp: int = 1) -> list[Part]:
                 memory_eff=1.0,
                 attn_unit_bw_bytes_per_s=0.0,
                 ar_floor_s=0.0,
-                ar_bw_bytes_per_s=1e30,  # the all-reduce counted apart (ar_calls, ar_bytes)
+                ar_bw_bytes_per_s=1e30,  # the all-reduce counted apart (Part.ar_calls)
             )
             m = rs.model
             lm = LatencyModel(m, prof, rs.tp)
             prompt = ml.PROMPT_TOKENS[c.task]
-            ctx = prompt + length_biased_half(c.hist_lo, c.hist_hi, c.hist_counts)
-            n = round(c.avg_batch_size)
-            k = n / c.avg_output_len
-            n_pf = max(1, round(k)) if k >= MIXED_STEP_RATE else 0
-            p_tok = round(k * prompt) if n_pf else 0
-            pairs = float(n_pf * prompt * prompt) if n_pf else 0.0
-            total = lm.iteration(p_tok, pairs, n_pf, n, n * ctx)[0]
-            kv = n * ctx * lm.att_m_for(n)
+            rng = np.random.default_rng(
+                np.random.SeedSequence([0, c.config_index, len(c.source_file)])
+            )
+            outs = ml.draw_outputs(c, c.num_requests, rng)
+            slots = min(c.max_num_seqs, max(1, round(c.avg_batch_size / 0.98)))
+            n, ctx, adm = run_steps(outs, slots, prompt)
+            keep = n > 0
+            n, ctx, adm = n[keep], ctx[keep], adm[keep]
+            att_m = lm.att_m_for(1)
+            fixed = np.empty(len(n))
+            cache: dict[tuple[int, int], float] = {}
+            for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
+                v = cache.get((ni, ai))
+                if v is None:
+                    v = cache[(ni, ai)] = lm.iteration(
+                        ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
+                    )[0]
+                fixed[i] = v
             out.append(
-                Part(
-                    c.model_id,
-                    c.key,
-                    GPUS[c.gpu_model],
-                    c.itl_median_ms / 1e3,
-                    total - kv,
-                    kv,
-                    prof.mem_bw_bytes_per_s,
-                    n * max(1, m.n_kv_heads // rs.tp),
-                    n + n_pf,
+                _Run(
+                    c,
+                    lm,
+                    n,
+                    ctx,
+                    adm,
+                    fixed,
+                    ctx * att_m,
+                    max(1, m.n_kv_heads // rs.tp),
                     2 * m.n_layers if rs.tp > 1 else 0,
-                    (p_tok + n) * m.d_model * 2.0,
-                    rs.tp,
+                    m.d_model,
                 )
             )
     return out
+
+
+def step_times(r: _Run, c: dict) -> np.ndarray:
+    """Every step of run ``r`` under constants ``c`` (the all-reduce apart)."""
+    e = c["kv_memory_eff"]
+    u = c.get("attn_unit_bw_bytes_per_s", 0.0)
+    frac = np.full(len(r.n), e)
+    if u > 0.0:
+        frac = np.minimum(frac, r.n * r.units_per_seq * u / r.lm.profile.mem_bw_bytes_per_s)
+    return r.fixed + c["overhead_s"] + c["per_seq_s"] * (r.n + r.adm) + r.kv / frac
+
+
+def parts_at(runs: list[_Run], c: dict) -> list[Part]:
+    """Each run's median step (steps weighted by the tokens they emit, one per decoding
+    sequence: the benchmark's median ITL) under constants ``c``, as a :class:`Part`."""
+    out = []
+    for r in runs:
+        j = _weighted_median_index(step_times(r, c), r.n)
+        cfg = r.config
+        out.append(
+            Part(
+                cfg.model_id,
+                cfg.key,
+                GPUS[cfg.gpu_model],
+                cfg.itl_median_ms / 1e3,
+                float(r.fixed[j]),
+                float(r.kv[j]),
+                float(r.lm.profile.mem_bw_bytes_per_s),
+                int(r.n[j]) * r.units_per_seq,
+                int(r.n[j] + r.adm[j]),
+                r.ar_calls,
+                float((r.n[j] + r.adm[j] * 250) * r.d_model * 2.0),
+                r.lm.tp,
+            )
+        )
+    return out
+
+
+#: fit, re-place each row's median step under the fitted constants, refit: this many rounds
+MEDIAN_ROUNDS = 3
+#: the constants the first round's median steps are placed under (the H100's form)
+START = {"overhead_s": 2.5e-3, "per_seq_s": 5e-5, "kv_memory_eff": 0.95}
 
 
 def predict_part(p: Part, c: dict) -> float:
@@ -416,20 +522,36 @@ def fit_parts(parts: list[Part]) -> dict:
     return best
 
 
-def fit_b200(parts: list[Part]) -> dict:
-    """The B200's constants fitted to all ``parts`` and their leave-one-model-out errors."""
-    c_all = fit_parts(parts)
-    models = sorted({p.model_id for p in parts})
+def fit_runs(runs: list[_Run]) -> dict:
+    """:func:`fit_parts` with each run's median step placed under the constants being fitted
+    (``MEDIAN_ROUNDS`` rounds from ``START``)."""
+    c: dict = dict(START)
+    for _ in range(MEDIAN_ROUNDS):
+        c = fit_parts(parts_at(runs, c))
+    return c
+
+
+def run_err(r: _Run, c: dict) -> float:
+    """Run ``r``'s median step under ``c`` against its measured median ITL."""
+    t = step_times(r, c)
+    j = _weighted_median_index(t, r.n)
+    return float(t[j]) / (r.config.itl_median_ms / 1e3) - 1.0
+
+
+def fit_b200(runs: list[_Run]) -> dict:
+    """The B200's constants fitted to all ``runs`` and their leave-one-model-out errors."""
+    c_all = fit_runs(runs)
+    models = sorted({r.config.model_id for r in runs})
     errs: list[float] = []
     for m in models:
-        c = fit_parts([p for p in parts if p.model_id != m])
-        errs += [predict_part(p, c) / p.itl_s - 1.0 for p in parts if p.model_id == m]
+        c = fit_runs([r for r in runs if r.config.model_id != m])
+        errs += [run_err(r, c) for r in runs if r.config.model_id == m]
     return {
         **{k: v for k, v in c_all.items() if k != "loss"},
-        "rows": len(parts),
+        "rows": len(runs),
         "models": models,
         "lomo": _summary(errs),
-        "in_sample": _summary([predict_part(p, c_all) / p.itl_s - 1.0 for p in parts]),
+        "in_sample": _summary([run_err(r, c_all) for r in runs]),
     }
 
 
