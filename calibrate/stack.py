@@ -57,6 +57,7 @@ from statistics import median
 
 import numpy as np
 
+from fleetsim.calibrate.mlenergy import Config
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, RooflineProfile
 from fleetsim.device.modelspec import ModelSpec
@@ -300,7 +301,7 @@ class Part:
 class _Run:
     """A row's run in steps (:func:`run_steps`) and the bare step-time parts of each."""
 
-    config: object
+    config: Config
     lm: LatencyModel
     n: np.ndarray  # decoding sequences per step
     ctx: np.ndarray  # their total context per step
@@ -374,6 +375,7 @@ def load_runs(data: Path, gpu_model: str, tp: int = 1) -> list[_Run]:
             ):
                 continue
             rs = resolve(load(ml.scenario_dict(c, str(trace), 1)), "")
+            assert isinstance(rs.profile, RooflineProfile)
             prof = dataclasses.replace(
                 rs.profile,
                 overhead_s=0.0,
