@@ -243,6 +243,17 @@ def test_the_cap_holds_in_mixed_steps_and_runs():
     assert (hi - lo) / (1000.0 * n) == pytest.approx(lm.att_m_for(n), rel=1e-9)
 
 
+def test_the_cap_is_for_one_gpu_engines():
+    """Multi-GPU engines keep the plain read (the multi-GPU B200 rows decode long contexts
+    at small batch fast: Qwen3-235B-A22B-Thinking GPQA, 8 sequences, 16.5 ms on 8 GPUs)."""
+    p = dataclasses.replace(_profile("b200"), attn_unit_bw_bytes_per_s=1e9)
+    one = LatencyModel(QWEN3_32B, p, 1)
+    assert one.att_m_for(4) > one.att_m_for(1000)
+    for tp in (2, 4, 8):
+        lm = LatencyModel(QWEN3_32B, p, tp)
+        assert lm.att_m_for(1) == lm.att_m_for(1000)
+
+
 def test_latent_attention_keeps_the_plain_read():
     """Latent attention (MLA) runs other decode kernels on Blackwell: no per-unit cap."""
     p = dataclasses.replace(_profile("b200"), attn_unit_bw_bytes_per_s=1e9)

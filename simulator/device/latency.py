@@ -141,9 +141,8 @@ class RooflineProfile:
     #: per-request host work that asynchronous scheduling does not hide; 0 for eager)
     per_seq_s: float = 0.0
     #: decode attention's achieved KV bandwidth per work unit (one decoding sequence x one KV
-    #: head on a GPU), bytes/s: a decode kernel that gives each unit one thread block and does
-    #: not split the context across blocks reads at most ``units x attn_unit_bw`` in all, so a
-    #: step reads its KV at ``min(bw x memory_eff, units x attn_unit_bw)`` (0: no such cap)
+    #: head on a GPU), bytes/s, on one-GPU engines: a step reads its KV at ``min(bw x
+    #: memory_eff, units x attn_unit_bw)`` (0: no such cap; see fleetsim.device.stack)
     attn_unit_bw_bytes_per_s: float = 0.0
     #: the serving stack's own small-message all-reduce (vLLM's custom all-reduce, used for
     #: messages up to ``CUSTOM_AR_MAX_BYTES``): ``ar_floor_s + 2 (tp - 1) / tp x bytes /
@@ -417,9 +416,11 @@ class LatencyModel:
         kvb_gpu = m.kv_bytes_per_token_tp(tp) / tp
         self._att_c = m.attn_flops_per_pair / (tp * dp * p.peak_flops * p.compute_eff_max)
         self._att_m = kvb_gpu / (dp * p.mem_bw_bytes_per_s * p.memory_eff)
-        # the decode kernel's per-unit bandwidth cap (attn_unit_bw_bytes_per_s); latent
-        # attention (MLA) runs other kernels and keeps the plain read
-        self._unit_bw = 0.0 if m.is_mla else p.attn_unit_bw_bytes_per_s
+        # the per-unit KV-read cap (attn_unit_bw_bytes_per_s) holds on one-GPU engines, where
+        # it was fitted; multi-GPU B200 servers decode long contexts at small batch without it
+        # (device/stack.py); latent attention (MLA) runs other kernels and keeps the plain read
+        one_gpu = tp * dp == 1
+        self._unit_bw = p.attn_unit_bw_bytes_per_s if one_gpu and not m.is_mla else 0.0
         self._kvh_gpu = max(1, m.n_kv_heads // tp)
         self._full_bw = p.mem_bw_bytes_per_s * p.memory_eff
         self._att_m_n: dict[int, float] = {}

@@ -24,11 +24,17 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   HND KV layout by default (vllm/platforms/cuda.py, ``get_attn_backend_cls``: "Prefer FlashInfer
   for Blackwell GPUs if installed") and runs decode batches of up to 256 tokens on FlashInfer's
   TRTLLM-gen kernels (vllm/utils/flashinfer.py, ``use_trtllm_attention``); on Hopper it keeps
-  FlashAttention, whose decode splits long contexts across thread blocks. The B200 rows show
-  a decode whose KV read grows with the number of (sequence, KV head) work units until the
-  bandwidth saturates (Qwen3-32B GPQA at ~5,500 tokens of context: 44 ms at 8 sequences, 36 to
-  41 ms from 16 to 64): ``attn_unit_bw_bytes_per_s`` caps a step's KV read at units x that
-  bandwidth (:class:`~fleetsim.device.latency.RooflineProfile`).
+  FlashAttention, whose decode splits long contexts across thread blocks. The single-GPU B200
+  rows show a decode whose KV read grows with the number of (sequence, KV head) work units
+  until the bandwidth saturates (Qwen3-32B GPQA at ~5,500 tokens of context: 44 ms at 8
+  sequences, 36 to 41 ms from 16 to 64; ~30 ms per step more than its chat rows at 8 to 32
+  sequences): ``attn_unit_bw_bytes_per_s`` caps a step's KV read at units x that bandwidth
+  (:class:`~fleetsim.device.latency.RooflineProfile`). **Scope (confidence L):** the cap is
+  applied to one-GPU engines only, where it was fitted. The multi-GPU B200 servers decode long
+  contexts at small batch fast (Qwen3-235B-A22B-Thinking GPQA, 8 sequences: 16.5 ms on 8 GPUs,
+  19.0 ms on 4, with one KV head per GPU), which a kernel-only cause would not allow; the
+  benchmark flags the single-GPU GPQA rows of five models "B200 slower than H100" and names
+  host-side limits as one candidate. Which of the two it is stays open.
 * **Custom all-reduce.** Under tensor parallelism vLLM all-reduces messages of up to 8 MiB with
   its own one-/two-shot kernel over NVLink, captured in the graph, not NCCL:
   ``ar_floor_s + 2 (tp - 1) / tp x bytes / ar_bw_bytes_per_s`` per call.
