@@ -26,17 +26,21 @@ constants fitted to the others; the catalog's constants are the fit to all of th
 Suspect rows (SOURCE.md's rules) are left out.
 
 **B200** (``fit_b200``): vLLM 0.11 decodes on Blackwell with FlashInfer/TRTLLM-gen kernels
-(:mod:`fleetsim.device.stack`), and its rows are fitted with a fourth constant, the decode
-attention's bandwidth per (sequence, KV head) work unit, ``attn_unit_bw_bytes_per_s``. The
-fitting set is every non-suspect single-GPU dense row of every expressible model (Qwen3-8B,
--14B, -32B, gemma-3-12b, -27b), large batches included: where new requests enter at
-``k = avg_batch / avg_output_len >= 0.5`` per step, most steps carry ``k`` prompts of chunked
-prefill, and the median step is modelled as that mixed step. Each row's step is split into the
-parts that the constants do not touch (the kernels' GEMMs and elementwise work under the
-graph), the KV read (bytes), and ``overhead + per_seq x sequences``; ``kv_memory_eff`` and
-``attn_unit_bw_bytes_per_s`` are searched on a grid and the other two solved by least squares
-of the relative error. Hybrid (Mamba-Transformer) rows are reported, not fitted: their
-state-update kernels are not what these terms describe.
+(:mod:`fleetsim.device.stack`), and its rows are fitted with a fourth constant, the decode's KV
+bandwidth per (sequence, KV head) work unit on a one-GPU engine, ``attn_unit_bw_bytes_per_s``.
+The fitting set is every non-suspect single-GPU dense row of every expressible model
+(Qwen3-8B, -14B, -32B, gemma-3-12b, -27b), large batches included. Each row is run in steps as
+the benchmark ran it (:func:`run_steps`: all requests at once, ``max_num_seqs`` slots, outputs
+drawn from the row's histogram as the accuracy harness draws them, the admitted prompts'
+prefill in the step that admits them); its median ITL is the token-weighted median step. Each
+step is split into the parts the constants do not touch (the kernels under the graph), the KV
+read (bytes) and ``overhead + per_seq x sequences``; ``kv_memory_eff`` and
+``attn_unit_bw_bytes_per_s`` are searched on a grid, the other two solved by least squares of
+the relative error, and the median step is re-placed under the fitted constants
+(``MEDIAN_ROUNDS``). This reproduces the harness's simulated median ITL to within a few
+percent on all but the largest batch (Qwen3-14B b2048, whose KV cache holds fewer).
+Hybrid (Mamba-Transformer) rows are reported, not fitted: their state-update kernels are not
+what these terms describe.
 
 **Tensor parallelism** (``fit_allreduce``): vLLM's custom all-reduce (``ar_floor_s``,
 ``ar_bw_bytes_per_s``) is fitted to the H100's non-suspect dense TP2 rows (Qwen3-32B,
@@ -627,8 +631,8 @@ def stacks_toml(res: dict) -> str:
         "# from data/mlenergy-v3 (ML.ENERGY Benchmark v3, vLLM 0.11.1, Apache-2.0; its SOURCE.md),",
         "# median ITL of non-suspect rows against the step at the row's batch and mean context.",
         "# H100: decode-dominated single-GPU rows of Qwen3-8B and Qwen3-14B (lm-arena-chat, gpqa).",
-        "# B200: every non-suspect single-GPU dense row (Qwen3-8B/14B/32B, gemma-3-12b/27b), the",
-        "# median step mixed with prefill where most steps carry one (calibrate/stack.py).",
+        "# B200: every non-suspect single-GPU dense row (Qwen3-8B/14B/32B, gemma-3-12b/27b), each",
+        "# run in steps as the benchmark ran it, its token-weighted median step (calibrate/stack).",
         "# overhead_s, per_seq_s: fitted (least squares, relative error); kv_memory_eff and",
         "# attn_unit_bw_bytes_per_s: fitted on grids (kv_memory_eff capped at 0.95; the unit cap",
         "# applies to one-GPU engines only, device/stack.py says why, confidence L);",
@@ -683,8 +687,8 @@ def stacks_toml(res: dict) -> str:
         u = v.get("attn_unit_bw_bytes_per_s", 0.0)
         if u > 0:
             lines.append(
-                f"attn_unit_bw_bytes_per_s = {u:.4e}  # fitted: decode KV read per (sequence,"
-                " KV head); FlashInfer/TRTLLM-gen decode on Blackwell"
+                f"attn_unit_bw_bytes_per_s = {u:.4e}  # fitted (L): KV read per (sequence, KV"
+                " head), one-GPU engines; kernel or host cause open (device/stack.py)"
             )
         else:
             lines.append(
