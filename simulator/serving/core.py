@@ -470,7 +470,13 @@ class ReplicaCore(KVPolicy):
                 # decode tokens of iterations [1, m_full): all end inside hour h
                 rec.output_tokens[h] += n1 * xs
             rec.busy_s[h] += t_sum
-            rec.dyn_j[h] += cfg.e_active_w * t_sum + cfg.e_flop_j * f_sum + cfg.e_byte_j * b_sum
+            kv = b_sum - m_full * cfg.w_iter_bytes  # KV and state bytes (PowerSpec.kv_w)
+            rec.dyn_j[h] += (
+                cfg.e_active_w * t_sum
+                + cfg.e_flop_j * f_sum
+                + cfg.e_byte_j * b_sum
+                + (cfg.e_kv_j * kv if kv > 0.0 else 0.0)
+            )
             rec.flops[h] += f_sum
             rec.bytes_moved[h] += b_sum
             rec.iters_h[h] += m_full
@@ -486,7 +492,13 @@ class ReplicaCore(KVPolicy):
                 b_l = c.ba + c.bb * ctx
                 start = self._boundary(k - 1)
                 rec.add_tokens(start + t_l, 0, self.n1)
-            e_l = cfg.e_active_w * t_l + cfg.e_flop_j * f_l + cfg.e_byte_j * b_l
+            kv = b_l - cfg.w_iter_bytes
+            e_l = (
+                cfg.e_active_w * t_l
+                + cfg.e_flop_j * f_l
+                + cfg.e_byte_j * b_l
+                + (cfg.e_kv_j * kv if kv > 0.0 else 0.0)
+            )
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
             # counted in the hour its tokens are credited to (its end), like them

@@ -80,8 +80,6 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
     """What every replica of the pod shares for the whole simulation: admission limits, the
     horizon, the mode and the dynamic-energy coefficients of one replica."""
     sc = rs.scenario
-    p = rs.gpu.power
-    prof = rs.profile
     return EnginePlan(
         limits=Limits(
             max_batch=sc.fleet.max_batch_size,
@@ -90,12 +88,26 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
         ),
         horizon_s=horizon_s,
         per_iteration=sc.simulation.engine == "iteration",
-        # dynamic energy coefficients of a whole replica (see latency.PowerSpec)
-        e_active_w=rs.tp * p.active_w,
-        e_flop_j=p.compute_w / prof.peak_flops,
-        e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
         paged=paged_limits(rs),
+        **energy_coeffs(rs, sc.fleet.max_batch_size),
     )
+
+
+def energy_coeffs(rs: Resolved, max_batch: int) -> dict[str, float]:
+    """The dynamic-energy coefficients of one replica (see latency.PowerSpec): per busy second,
+    per FLOP, per byte, per KV/state byte, and the weight bytes one iteration reads (the rest of
+    an iteration's bytes are KV and state; a mixture of experts counts the weights a full batch
+    of ``max_batch`` touches, so its KV bytes are never overstated)."""
+    p = rs.gpu.power
+    prof = rs.profile
+    bw = prof.mem_bw_bytes_per_s
+    return {
+        "e_active_w": rs.tp * p.active_w,
+        "e_flop_j": p.compute_w / prof.peak_flops,
+        "e_byte_j": p.memory_w / bw,
+        "e_kv_j": p.kv_w / bw,
+        "w_iter_bytes": rs.latency_model().weight_bytes_per_iteration(max(1, max_batch)),
+    }
 
 
 class Pod:
