@@ -458,3 +458,35 @@ def test_engine_energy_counts_kv_bytes_at_kv_w(tmp_path):
         out[kv_w] = (sum(rec.dyn_j), kv / prof.mem_bw_bytes_per_s)
     # the difference is exactly kv_w x the KV bytes' seconds at full bandwidth
     assert out[250.0][0] - out[0.0][0] == pytest.approx(250.0 * out[0.0][1], rel=1e-9)
+
+
+def test_engine_energy_puts_communication_at_comm_w(tmp_path):
+    """On a two-GPU replica the engine records the seconds its iterations spend in the
+    all-reduces (part of the busy time; none on one GPU), and charges them at comm_w in place
+    of active_w: the energy moves by exactly tp x (comm_w - active_w) x those seconds."""
+    import fleetsim.serving.pod as pod_mod
+
+    c = next(
+        c
+        for c in M.read_configs()
+        if c.model_id == "Qwen/Qwen3-32B" and c.task == "lm-arena-chat" and c.num_gpus == 2
+    )
+    runs = []
+    active = catalog.gpu("h100-sxm")["active_w"]
+    for comm_w in (active, 90.0):  # the first: communication at the busy level
+        rs = _rs(c, tmp_path, comm_w=comm_w)
+        assert rs.tp == 2
+        rec = pod_mod.Pod(rs, 0, 1).run()
+        runs.append((sum(rec.dyn_j), sum(rec.comm_s), sum(rec.busy_s), rs.gpu.power))
+    (e0, c0, b0, _), (e1, c1, b1, p1) = runs
+    assert c0 == c1 and b0 == b1  # the timing does not depend on the power model
+    assert 0.0 < c0 < 0.5 * b0  # the all-reduces are a part of the busy time
+    assert e1 - e0 == pytest.approx(2 * (90.0 - p1.active_w) * c0, rel=1e-9)
+    # the mean power over a second with a share f in communication, as power_w gives it
+    f = 0.25
+    assert p1.power_w(0.1, 0.4, f_comm=f) - p1.power_w(0.1, 0.4) == pytest.approx(
+        f * (90.0 - p1.active_w)
+    )
+    # one GPU: no communication recorded
+    c1g = next(c for c in M.read_configs() if c.model_id == "Qwen/Qwen3-8B" and c.num_gpus == 1)
+    assert sum(pod_mod.Pod(_rs(c1g, tmp_path), 0, 1).run().comm_s) == 0.0

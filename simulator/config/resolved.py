@@ -195,6 +195,7 @@ def resolved_dict(rs: Resolved) -> dict:
         compute_w=pw.compute_w,
         memory_w=pw.memory_w,
         kv_w=pw.kv_w,
+        comm_w=pw.comm_w,
         power_confidence=pw.confidence,
         node_overhead_w=g.node_overhead_w,
         node_idle_w=g.node_idle_w,

@@ -79,20 +79,29 @@ class PowerSpec:
     #: power at full bandwidth of KV-cache and linear-state traffic (the bytes that are not the
     #: weight stream), on top of ``memory_w``; 0 keeps the older model
     kv_w: float = 0.0
+    #: the level above idle, in place of ``active_w``, while a replica's GPUs wait on their
+    #: tensor- or expert-parallel communication (the all-reduce's share of an iteration); None
+    #: keeps ``active_w`` there (no separate level)
+    comm_w: float | None = None
 
-    def power_w(self, u_c: float, u_m: float, busy: bool = True, u_kv: float = 0.0) -> float:
-        """Power per GPU at compute utilisation ``u_c``, bandwidth utilisation ``u_m`` and its
-        KV/state part ``u_kv`` (<= ``u_m``; fractions of the peaks, >= 0): never below
-        ``idle_w`` (all terms are >= 0), never above ``max_w`` once busy."""
+    def power_w(
+        self,
+        u_c: float,
+        u_m: float,
+        busy: bool = True,
+        u_kv: float = 0.0,
+        f_comm: float = 0.0,
+    ) -> float:
+        """Power per GPU at compute utilisation ``u_c``, bandwidth utilisation ``u_m``, its
+        KV/state part ``u_kv`` (<= ``u_m``; fractions of the peaks, >= 0) and a share
+        ``f_comm`` (0..1) of the time in communication: never below ``idle_w`` (all terms are
+        >= 0), never above ``max_w`` once busy."""
         if not busy:
             return self.idle_w
-        p = (
-            self.idle_w
-            + self.active_w
-            + self.compute_w * u_c
-            + self.memory_w * u_m
-            + self.kv_w * u_kv
-        )
+        level = self.active_w
+        if f_comm and self.comm_w is not None:
+            level = self.active_w * (1.0 - f_comm) + self.comm_w * f_comm
+        p = self.idle_w + level + self.compute_w * u_c + self.memory_w * u_m + self.kv_w * u_kv
         return p if p < self.max_w else max(self.max_w, self.idle_w)
 
     def dynamic_j(
@@ -104,13 +113,16 @@ class PowerSpec:
         peak_bw: float,
         gpus: int = 1,
         kv_bytes: float = 0.0,
+        comm_s: float = 0.0,
     ) -> float:
-        """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds doing ``flops`` and
-        ``bytes_moved``, of which ``kv_bytes`` KV-cache and linear-state traffic (summed over
-        the GPUs): linear in the work, capped so that the mean power stays at or below
-        ``max_w``."""
+        """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds, ``comm_s`` of them
+        waiting on communication, doing ``flops`` and ``bytes_moved``, of which ``kv_bytes``
+        KV-cache and linear-state traffic (summed over the GPUs): linear in the work, capped so
+        that the mean power stays at or below ``max_w``."""
+        comm = self.comm_w - self.active_w if self.comm_w is not None else 0.0
         e = (
             self.active_w * gpus * busy_s
+            + comm * gpus * comm_s
             + self.compute_w / peak_flops * flops
             + self.memory_w / peak_bw * bytes_moved
             + self.kv_w / peak_bw * kv_bytes
@@ -607,6 +619,14 @@ class LatencyModel:
     # -- helpers ---------------------------------------------------------------------------
     def _weights(self, tokens: float) -> float:
         return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
+
+    def comm_s(self, tokens: int, seqs: int) -> float:
+        """Seconds of an iteration over ``tokens`` tokens of ``seqs`` sequences spent in the
+        replica's communication (the kernel model's all-reduces, MoE dispatch and combine; 0
+        on one GPU or without a kernel fit): the share PowerSpec.comm_w applies to."""
+        if self._kern is None or (self.tp <= 1 and self.dp <= 1):
+            return 0.0
+        return self.linear_parts(tokens, seqs)[2]
 
     def weight_bytes_per_iteration(self, tokens: float) -> float:
         """Weight bytes the replica reads in an iteration of ``tokens`` tokens (all of them for

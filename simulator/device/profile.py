@@ -75,7 +75,7 @@ _LINEAR_FIELDS = (
     "peak_flops",
     "mem_bw_bytes_per_s",
 )
-_POWER_FIELDS = ("idle_w", "max_w", "active_w", "compute_w", "memory_w", "kv_w")
+_POWER_FIELDS = ("idle_w", "max_w", "active_w", "compute_w", "memory_w", "kv_w", "comm_w")
 
 
 # Upper bounds of profile fields: orders of magnitude above any device, so that every product
@@ -149,6 +149,9 @@ class PowerFile(BaseModel):
     kv_w: float = _nonneg(
         MAX_POWER_W, "added at full bandwidth of KV-cache and linear-state traffic (W)", 0.0
     )
+    comm_w: float | None = _nonneg(
+        MAX_POWER_W, "above idle while waiting on multi-GPU communication (W)", None
+    )
     method: str | None = Field(
         None,
         description='"nvml-energy" (NVML\'s energy counter), "nvml" (sampled power), "rapl" or '
@@ -170,6 +173,7 @@ class PowerFile(BaseModel):
             compute_w=self.compute_w,
             memory_w=self.memory_w,
             kv_w=self.kv_w,
+            comm_w=self.comm_w,
             confidence=f"from the profile (method {self.method})" if self.method else "",
         )
 

@@ -78,3 +78,7 @@ class EnginePlan:
     paged: PagedLimits | None = None  # the paged policy's settings (kv_paged.py), or None
     e_kv_j: float = 0.0
     w_iter_bytes: float = 0.0
+    # per replica-second of communication, in place of e_active_w (comm_w - active_w, x tp),
+    # and whether the engine tracks communication seconds at all (a multi-GPU replica)
+    e_comm_w: float = 0.0
+    track_comm: bool = False

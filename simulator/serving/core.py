@@ -108,6 +108,7 @@ class ReplicaCore(KVPolicy):
         "re_tok",
         # the run in progress: its first iteration and its k - 1 decode steps
         "B_first",
+        "C_first",
         "F_first",
         "T0",
         "busy",
@@ -187,7 +188,7 @@ class ReplicaCore(KVPolicy):
         self.re_tok = 0  # tokens recomputed (after a preemption) in iteration 0
         self.T0 = 0.0
         self.k = 0
-        self.t_first = self.F_first = self.B_first = 0.0
+        self.t_first = self.F_first = self.B_first = self.C_first = 0.0
         self.n1 = 0
         self.c1 = 0.0
         self.coef: RunCoeffs = _NO_COEFFS  # set with n1 and c1 when a run has decode steps
@@ -283,6 +284,8 @@ class ReplicaCore(KVPolicy):
         self.t_first = t1
         self.F_first = F1
         self.B_first = B1
+        if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
+            self.C_first = lat.comm_s(self.P + n, nchunks + n)
         heap = self.heap
         nxt = heap[0][0] if heap else 1 << 62
         S1 = S
@@ -471,14 +474,23 @@ class ReplicaCore(KVPolicy):
                 rec.output_tokens[h] += n1 * xs
             rec.busy_s[h] += t_sum
             kv = b_sum - m_full * cfg.w_iter_bytes  # KV and state bytes (PowerSpec.kv_w)
+            if cfg.track_comm:  # the communication seconds (PowerSpec.comm_w)
+                cm = self.C_first
+                if m_full > 1:
+                    cm += (m_full - 1) * self.lat.comm_s(self.n1, self.n1)
+            else:
+                cm = 0.0
             rec.dyn_j[h] += (
                 cfg.e_active_w * t_sum
                 + cfg.e_flop_j * f_sum
                 + cfg.e_byte_j * b_sum
                 + (cfg.e_kv_j * kv if kv > 0.0 else 0.0)
+                + cfg.e_comm_w * cm
             )
             rec.flops[h] += f_sum
             rec.bytes_moved[h] += b_sum
+            if cm:
+                rec.comm_s[h] += cm
             rec.iters_h[h] += m_full
         if last_straddles:
             if k == 1:
@@ -493,14 +505,20 @@ class ReplicaCore(KVPolicy):
                 start = self._boundary(k - 1)
                 rec.add_tokens(start + t_l, 0, self.n1)
             kv = b_l - cfg.w_iter_bytes
+            cm = 0.0
+            if cfg.track_comm:
+                cm = self.C_first if k == 1 else self.lat.comm_s(self.n1, self.n1)
             e_l = (
                 cfg.e_active_w * t_l
                 + cfg.e_flop_j * f_l
                 + cfg.e_byte_j * b_l
                 + (cfg.e_kv_j * kv if kv > 0.0 else 0.0)
+                + cfg.e_comm_w * cm
             )
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
+            if cm:
+                rec.comm_s[h] += cm  # (a diagnostic: into the run's first hour)
             # counted in the hour its tokens are credited to (its end), like them
             rec.iters_h[min(int((start + t_l) // HOUR_S), hours)] += 1
         rec.iterations += j

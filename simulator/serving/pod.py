@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 from heapq import heappush
+from typing import Any
 
 import numpy as np
 import simpy
@@ -93,7 +94,7 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
     )
 
 
-def energy_coeffs(rs: Resolved, max_batch: int) -> dict[str, float]:
+def energy_coeffs(rs: Resolved, max_batch: int) -> dict[str, Any]:
     """The dynamic-energy coefficients of one replica (see latency.PowerSpec): per busy second,
     per FLOP, per byte, per KV/state byte, and the weight bytes one iteration reads (the rest of
     an iteration's bytes are KV and state; a mixture of experts counts the weights a full batch
@@ -101,12 +102,15 @@ def energy_coeffs(rs: Resolved, max_batch: int) -> dict[str, float]:
     p = rs.gpu.power
     prof = rs.profile
     bw = prof.mem_bw_bytes_per_s
+    lat = rs.latency_model()
     return {
         "e_active_w": rs.tp * p.active_w,
         "e_flop_j": p.compute_w / prof.peak_flops,
         "e_byte_j": p.memory_w / bw,
         "e_kv_j": p.kv_w / bw,
-        "w_iter_bytes": rs.latency_model().weight_bytes_per_iteration(max(1, max_batch)),
+        "w_iter_bytes": lat.weight_bytes_per_iteration(max(1, max_batch)),
+        "e_comm_w": rs.tp * (p.comm_w - p.active_w) if p.comm_w is not None else 0.0,
+        "track_comm": lat.comm_s(1, 1) > 0.0,
     }
 
 
