@@ -679,6 +679,7 @@ def fit_power(
     speeds: Sequence[float] | None = None,
     anchor: bool = True,
     kv: bool = True,
+    exact: bool = True,
 ) -> PowerSpec:
     """``active_w``, ``compute_w``, ``memory_w`` and ``kv_w`` (all >= 0) fitted to measured
     mean power per GPU, by relative least squares on the window means, then refined for the cap at
@@ -737,7 +738,8 @@ def fit_power(
         a = a[:, :3]
     m = np.asarray(meas)
     y = m - base.idle_w
-    wgt = np.asarray(wts) / m
+    # a row of weight w counts as w rows in the sum of squares: its residual is scaled by sqrt(w)
+    wgt = np.sqrt(np.asarray(wts)) / m
 
     def spec(x: np.ndarray) -> PowerSpec:
         return replace(
@@ -759,7 +761,34 @@ def fit_power(
         y2[:n] += lin - pred  # what the linear part must add to reach the measurement
         x = _nnls(a * wgt[:, None], y2 * wgt)
         p = spec(x)
-    return p
+    if not exact:
+        return p
+    # then the exact problem: the capped window means (every commit clipped at the limit)
+    # against the measurements, relative, from the linear solution, all terms >= 0
+    from scipy.optimize import least_squares
+
+    us = [utilisation(r, v) for r, v in zip(runs, sp, strict=True)]
+    meas_runs = m[:n]
+    anchors = a[n:]
+    anchor_w = wgt[n:] * m[n:]  # the anchors' weight (PREFILL_ANCHOR_ROWS)
+    ncol = a.shape[1]
+
+    def residuals(xx: np.ndarray) -> np.ndarray:
+        q = spec(np.concatenate((xx, np.zeros(5 - ncol))))
+        pred = np.array([_mean_w(u, q) for u in us])
+        lin = base.idle_w + anchors @ xx
+        return np.concatenate((pred / meas_runs - 1.0, anchor_w * (lin / base.max_w - 1.0)))
+
+    sol = least_squares(residuals, np.maximum(x[:ncol], 1e-3), bounds=(0.0, np.inf))
+    return spec(np.concatenate((sol.x, np.zeros(5 - ncol))))
+
+
+def _mean_w(u: tuple[np.ndarray, ...], p: PowerSpec) -> float:
+    """:func:`predict_w` from precomputed :func:`utilisation` arrays."""
+    dt, uc, um, ukv, fc = u
+    level = p.active_w if p.comm_w is None else p.active_w * (1.0 - fc) + p.comm_w * fc
+    w = np.minimum(p.max_w, p.idle_w + level + p.compute_w * uc + p.memory_w * um + p.kv_w * ukv)
+    return float((w * dt).sum() / dt.sum())
 
 
 # -- evaluation --------------------------------------------------------------------------------
