@@ -78,9 +78,10 @@ def test_dynamic_energy_is_linear_below_the_cap_and_capped_above():
 
 
 def test_hourly_dynamic_energy_never_exceeds_the_power_limit():
-    """A GPU whose linear terms would draw twice its TDP (the most the profile check allows): every hour's mean power per busy GPU
-    stays at or below the TDP (the accounting's cap); with the catalog's terms the cap does not
-    bind and the energy equals the engine's linear integral."""
+    """A GPU whose busy level alone is twice its TDP (its terms at full use just under the
+    profile check's 3x): every hour's mean power per busy GPU stays at or below the TDP (the
+    accounting's cap); with the catalog's terms the cap does not bind and the energy equals
+    the engine's linear integral."""
     import fleetsim
 
     base = {
