@@ -164,6 +164,9 @@ def run_all(
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("save", "compare"):
+        print(__doc__ or "usage: same_tables.py save|compare DIR [NAMES] [--requests] [--variants]")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     mode, dest = argv[0], Path(argv[1])
     only = argv[2:]
     requests = "--requests" in only

@@ -39,9 +39,9 @@ def _on_second(signum, _frame):
     processes are killed; a staging folder left behind is removed by the next run into it."""
     import os
 
-    from fleetsim.apps.executors import kill_workers
-
-    kill_workers()
+    ex = sys.modules.get("fleetsim.apps.executors")  # (not imported: no workers to kill)
+    if ex is not None:
+        ex.kill_workers()
     os.write(
         2,
         f"fleetsim: interrupted by {signal.Signals(signum).name} while stopping; exited at "
@@ -136,12 +136,37 @@ def _run_executor(args):
     return make_executor(args.executor or "local", args.workers, args.address)
 
 
-def cmd_run(args) -> int:
+class _NoBar:
+    """The progress bar of a ``--quiet`` run, which shows none: rich is not imported for it
+    (rich.console and rich.progress: ~30 ms of a small run's start-up)."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, *args, **kw) -> int:
+        return 0
+
+    def advance(self, *args, **kw) -> None:
+        return None
+
+
+def _progress_bar(quiet: bool):
+    """rich's transient progress bar on stderr, or :class:`_NoBar` with ``--quiet``."""
+    if quiet:
+        return _NoBar()
     from rich.progress import Progress
 
     from fleetsim.apps.common import console as make_console
+
+    return Progress(console=make_console(stderr=True), transient=True)
+
+
+def cmd_run(args) -> int:
+    from fleetsim.apps.common import console as make_console
     from fleetsim.apps.common import open_output, print_json
-    from fleetsim.apps.executors import pod_runner
     from fleetsim.apps.simulate import simulate, write_outputs
     from fleetsim.config.loading import load_scenario
     from fleetsim.config.resolve import resolve
@@ -161,20 +186,19 @@ def cmd_run(args) -> int:
     # included) are staged and moved into place together at the end (results/output.py)
     outp = open_output(args, Path(args.scenario).stem, names)
     out = outp.out
-    console = make_console(stderr=True, quiet=args.quiet)
     sink = RequestWriter(outp.path("requests.parquet")) if args.requests else None
     n_pods = len(range(min(sc.fleet.sample_pods or sc.fleet.pods, sc.fleet.pods)))
     try:
-        with Progress(console=console, transient=True) as bar:
+        with _progress_bar(args.quiet) as bar:
             task = bar.add_task("simulating", total=n_pods * sc.simulation.hours)
             ex = _run_executor(args)  # pods as tasks of a process pool or Ray (executors.py)
             failed = True
             try:
-                runner = (
-                    None
-                    if ex is None
-                    else pod_runner(ex, lambda: bar.advance(task, sc.simulation.hours))
-                )
+                runner = None
+                if ex is not None:  # (executors.py, and concurrent.futures, only then)
+                    from fleetsim.apps.executors import pod_runner
+
+                    runner = pod_runner(ex, lambda: bar.advance(task, sc.simulation.hours))
                 res = simulate(
                     rs,
                     source=args.scenario,
@@ -207,15 +231,16 @@ def cmd_run(args) -> int:
         raise  # (main() aborts the uncommitted output: the folder is left as it was)
     paths = {p.stem if p.suffix == ".parquet" else p.name: str(p.resolve()) for p in written}
     # the human summary: stdout, or stderr when stdout carries the JSON document
-    human = make_console(stderr=args.json, quiet=args.quiet)
     if not args.quiet:
+        human = make_console(stderr=args.json)
         print_summary(res, human)
         human.print(
             f"wrote {', '.join(p.name for p in written)} in {_shown(out)} in {res.wall_s:.1f} s",
             markup=False,
         )
     # an overloaded run says so, even with --quiet (one prominent line on stderr)
-    print_warnings(res, make_console(stderr=True))
+    if health(res)["warnings"]:
+        print_warnings(res, make_console(stderr=True))
     if args.json:
         if args.format == "vllm":
             from fleetsim.results.vllm import vllm_result
@@ -393,25 +418,35 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+def _outputs():
+    """:mod:`fleetsim.results.output` if a command has imported it, else None: a command that
+    writes nothing (``validate``) never imports it, so it has no output to abort."""
+    return sys.modules.get("fleetsim.results.output")
+
+
 def _main(args) -> int:
     from fleetsim.base.io import clean
-    from fleetsim.results import output
 
-    output.LAST.clear()
+    if (out := _outputs()) is not None:
+        out.LAST.clear()
     try:
         try:
             return int(args.func(args) or 0)
         except OSError as exc:  # writing a staged output failed (full disk, ulimit -f, ...)
-            if not output.open_outputs():
+            out = _outputs()
+            if out is None or not out.open_outputs():
                 raise
-            where = output.open_outputs()[-1].out
-            raise output.out_error(where, f"cannot write there: {output.os_problem(exc)}") from None
+            where = out.open_outputs()[-1].out
+            raise out.out_error(where, f"cannot write there: {out.os_problem(exc)}") from None
         finally:
-            output.abort_open_outputs()  # an output not committed leaves the folder as it was
+            if (out := _outputs()) is not None:
+                out.abort_open_outputs()  # an output not committed leaves the folder as it was
     except UserError as exc:
         print(f"fleetsim: error: {clean(str(exc), 4000)}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
+        from fleetsim.results import output
+
         print(f"fleetsim: interrupted by {exc}; {output.interrupted_note()}", file=sys.stderr)
         return 128 + exc.signum
     except InvariantError as exc:

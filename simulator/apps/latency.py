@@ -174,7 +174,12 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 f"1..{ctx_max:,} ({why}; fix: a value in that range)"
             )
         batches = _ints(args.batch, "--batch", MAX_BATCH, "sequences in one decode step")
-        cases = [(b, 0, b * args.context) for b in batches]
+        # (the keys the step reads, per layer kind: LatencyModel.decode_ctx)
+        windows = model.sliding_window_tokens > 0
+        cases = [
+            (b, 0, lat.decode_ctx(b, args.context) if windows else b * args.context)
+            for b in batches
+        ]
     else:
         if args.context is not None:
             raise UserError("--context goes with --batch, not --prefill-tokens")
@@ -187,8 +192,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
             total, flops, nbytes = lat.iteration(0, 0.0, 0, b, float(ctx))
             tokens, seqs, pairs = b, b, 0.0
         else:
-            total, flops, nbytes = lat.iteration(p, float(p * p), 1, 0, 0.0)
-            tokens, seqs, pairs = p, 1, float(p * p)
+            pairs = model.attended_pairs(p)  # (p^2 without sliding windows)
+            total, flops, nbytes = lat.iteration(p, pairs, 1, 0, 0.0)
+            tokens, seqs = p, 1
         overhead = lat._oh
         if lat._kern is not None:
             comm = lat.linear_parts(tokens, seqs)[2]
@@ -217,7 +223,8 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "phase": "decode" if b else "prefill",
                 "tokens": tokens,
                 "context_tokens": args.context if b else 0,  # per sequence
-                "kv_tokens_read": ctx,  # all sequences: batch x context
+                # all sequences: batch x context (a window layer's keys count min(c, W) / c)
+                "kv_tokens_read": ctx,
                 "bound": bound,
                 "total_s": total,
                 "compute_s": comp,

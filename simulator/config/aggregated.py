@@ -139,6 +139,22 @@ def _check_prefix_blocks(sc: Scenario, model: ModelSpec, src: str) -> None:
             f"use a multiple of {b}",
             src,
         )
+    f = sc.fleet
+    ids = ses is not None or bool(tr.trace and tr.trace.endswith(".jsonl"))
+    if ids and f.kv_allocation == "paged" and f.prefix_caching and model.n_sliding_layers:
+        # the paged policy counts a windowed model's pool in layer-blocks (serving/kv_paged.py)
+        # and caches no prefix there: vLLM's hybrid manager caches the full-attention blocks of
+        # a prefix and takes a hit only where the window layers' last blocks are still cached
+        # (vllm/v1/core/kv_cache_coordinator.py, single_type_kv_cache_manager.py), not modelled
+        raise ScenarioError(
+            "fleet.enable_prefix_caching",
+            True,
+            f"prefix caching of a sliding-window model ({model.name}) is not modelled, and this "
+            "traffic names prompt blocks to cache"
+            + (" (it is on by default with paged KV)" if f.enable_prefix_caching is None else ""),
+            "set fleet.enable_prefix_caching = false (every prompt is then computed)",
+            src,
+        )
 
 
 def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
@@ -153,7 +169,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     kvb = _checked_kv_budget(sc, model, profile, src)
     kv_tokens = kvb.tokens
     tr = sc.traffic
-    max_req, trace_t = _check_request_sizes(sc, model, kv_tokens, src)
+    max_req, trace_t = _check_request_sizes(sc, model, kvb.request_tokens, src)
     _check_prefix_blocks(sc, model, src)
     rates = _hourly_rates(tr, src)
     f = sc.fleet
@@ -380,8 +396,6 @@ def _check_request_sizes(
 ) -> tuple[int, np.ndarray | None]:
     """The longest request fits the KV budget and the context, and the longest prompt can be
     scheduled; (the longest request in tokens, a timed trace's arrival times or None)."""
-    from fleetsim.workload.sampling import trace_columns_max
-
     tr = sc.traffic
     trace_max: dict[str, int] = {}
     for d in (tr.prompt, tr.output):

@@ -6,14 +6,16 @@ bounds below, with a message saying how to get the same answer within them.
 from __future__ import annotations
 
 import math
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from fleetsim.base.errors import ScenarioError
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.schema import Scenario
 from fleetsim.device.latency import LatencyModel
 from fleetsim.workload.distributions import Empirical
+
+if TYPE_CHECKING:  # (numpy only for a timed trace's counts: imported there)
+    import numpy as np
 
 # The work budget of one run (check_work). Memory: a request held by a pod costs ~150 bytes (its
 # Request object and its slots in the hour's arrival lists and the queue). Time: the engines
@@ -64,6 +66,8 @@ def _trace_counts(t: np.ndarray, hours: int, pods: int) -> tuple[float, float]:
     """(requests per pod over the run, requests in a pod's busiest hour) of a timed trace whose
     arrival times are ``t`` (s): rows past the horizon are never generated; row i goes to pod
     i % pods."""
+    import numpy as np
+
     per_hour = np.bincount(np.floor(t[t < hours * HOUR_S] / HOUR_S).astype(np.int64), minlength=1)
     return float(per_hour.sum()) / pods, float(math.ceil(int(per_hour.max()) / pods))
 

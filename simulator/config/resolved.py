@@ -54,7 +54,15 @@ class KvBudget:
     bytes_per_token: float
     block_size_tokens: int
     blocks: int
-    tokens: int  # blocks x block size (paged) or whole tokens (reserve)
+    #: blocks x block size (paged) or whole tokens (reserve): for a model with sliding-window or
+    #: linear-state layers these are tokens at ``bytes_per_token``, the mean of the traffic's
+    #: typical sequences (:func:`typical_contexts`), an estimate of how many tokens of such
+    #: sequences the cache holds; the paged engine counts a windowed model's layer-blocks exactly
+    tokens: int
+    #: the longest single request (prompt + output) the cache holds: ``tokens``, or for a
+    #: windowed model under paged KV its layer-blocks counted per layer kind
+    #: (:meth:`ModelSpec.max_tokens_in_layer_blocks`), what the engine itself admits
+    request_tokens: int
 
 
 def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seqs: int) -> float:
@@ -141,7 +149,12 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     else:
         tokens = max(0, int(kv // bpt))
         blocks = tokens // b
-    return KvBudget(mem, usable, weights, act, kv, bpt, b, blocks, tokens)
+    longest = tokens
+    if f.kv_allocation == "paged" and model.n_sliding_layers and not model.n_linear_layers:
+        # the paged policy's pool in layer-blocks (serving/pod.py paged_limits)
+        layer_block_bytes = b * model.kv_bytes_per_token_tp(tp) / model.n_attn_layers
+        longest = model.max_tokens_in_layer_blocks(max(0, int(kv // layer_block_bytes)), b)
+    return KvBudget(mem, usable, weights, act, kv, bpt, b, blocks, tokens, longest)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,18 @@ with ``F`` and ``B`` the FLOPs and bytes of :class:`~fleetsim.device.modelspec.M
 measured table of ``eff_c`` by ``T``, interpolated in log T) and ``comm`` two ring all-reduces
 per layer under tensor parallelism.
 
+``C`` is counted in keys read by every attention layer: a sequence at context ``c`` adds ``c``
+on a full-attention model, and ``c - share x max(c - W, 0)`` on one with sliding windows of ``W``
+tokens on ``share`` of its attention layers (:meth:`ModelSpec.attended_keys`: the global layers
+read ``c``, the window layers ``min(c, W)``; every attention layer costs the same per key, so
+the step's KV read and attention FLOPs are linear in this one sum). Linear-state layers read a
+constant state per sequence (in the step's fixed part), latent attention its latent per key.
+
 Between composition changes a replica runs identical decode iterations whose only change is that
-``C`` grows by ``n`` per step. Each step time is then ``base + max(a1 + b1 C, a2 + b2 C)``: the
-max of two lines, so ``k`` steps sum in closed form (:func:`run_sums`). That is what lets the
-engine advance ``k`` iterations with one event.
+``C`` grows by ``n`` per step (with windows: by ``n - share x s``, ``s`` the sequences past their
+window, as long as none crosses it: the core cuts a run where one does). Each step time is
+then ``base + max(a1 + b1 C, a2 + b2 C)``: the max of two lines, so ``k`` steps sum in closed
+form (:func:`run_sums`). That is what lets the engine advance ``k`` iterations with one event.
 """
 
 from __future__ import annotations
@@ -259,15 +267,17 @@ class RunCoeffs:
         object.__setattr__(self, "db", self.b1 - self.b2)
 
 
-def run_sums(c: RunCoeffs, c0: float, n: int, m: int) -> tuple[float, float, float]:
-    """Total time, FLOPs and bytes of ``m`` decode steps starting at context ``c0``."""
+def run_sums(c: RunCoeffs, c0: float, n: float, m: int) -> tuple[float, float, float]:
+    """Total time, FLOPs and bytes of ``m`` decode steps starting at context ``c0`` that grows
+    by ``n`` per step (the batch; less the share of window layers times the sequences past
+    their window, with sliding windows)."""
     if m <= 0:
         return 0.0, 0.0, 0.0
     xs = c0 * m + n * (m * (m - 1) / 2.0)  # sum of the contexts
     return run_time(c, c0, n, m), m * c.fa + c.fb * xs, m * c.ba + c.bb * xs
 
 
-def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
+def run_time(c: RunCoeffs, c0: float, n: float, m: int) -> float:
     """Total time of ``m`` decode steps starting at context ``c0`` (the time part of
     :func:`run_sums`, inlined: it is on the engine's hot path)."""
     if m <= 0:
@@ -315,7 +325,7 @@ def run_time(c: RunCoeffs, c0: float, n: int, m: int) -> float:
 
 
 def steps_to_reach(
-    c: RunCoeffs, c0: float, n: int, m_max: int, base: float, target: float
+    c: RunCoeffs, c0: float, n: float, m_max: int, base: float, target: float
 ) -> tuple[int, float]:
     """The smallest m in [0, m_max] with ``base + run_time(c, c0, n, m) >= target`` (m_max if
     none), and ``run_time(c, c0, n, m)``: the first decode step of a run started at ``base``
@@ -805,7 +815,16 @@ class LatencyModel:
             prompt_tokens * batch, float(batch * prompt_tokens**2), batch, 0, 0.0
         )[0]
 
+    def decode_ctx(self, batch: int, context_tokens: float) -> float:
+        """The ``ctx`` of a decode step of ``batch`` sequences at ``context_tokens`` each: their
+        attended keys (:meth:`ModelSpec.attended_keys`; ``batch x context_tokens`` without
+        sliding windows)."""
+        m = self.model
+        if m.sliding_window_tokens <= 0:
+            return float(batch * context_tokens)
+        return batch * m.attended_keys(context_tokens)
+
     def decode_time(self, batch: int, context_tokens: int) -> float:
         """Time of one decode step of ``batch`` sequences, each with ``context_tokens`` of
-        context."""
-        return step_time(self.run_coeffs(batch), float(batch * context_tokens))
+        context (a window layer reads at most its window of each)."""
+        return step_time(self.run_coeffs(batch), self.decode_ctx(batch, context_tokens))

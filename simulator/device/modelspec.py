@@ -236,6 +236,37 @@ class ModelSpec:
         """Attention layers that attend the last ``sliding_window_tokens`` tokens."""
         return self.n_attn_layers - self.n_global_attn_layers
 
+    @property
+    def sliding_share(self) -> float:
+        """The fraction of the attention layers that attend a sliding window (0.0 without
+        windows): what a key beyond the window saves of a full-attention key's decode cost."""
+        n = self.n_attn_layers
+        if self.sliding_window_tokens <= 0 or n <= 0:
+            return 0.0
+        return self.n_sliding_layers / n
+
+    def attended_keys(self, context_tokens: float) -> float:
+        """Keys one decoding sequence at ``context_tokens`` reads in a step, in units of a key
+        read by every attention layer (the unit of the latency model's ``ctx``): ``c`` on the
+        global layers, ``min(c, W)`` on the window layers, so ``c - share x max(c - W, 0)``.
+        Linear-state layers read a constant state (in the step's fixed part), MLA its latent
+        (in :attr:`kv_bytes_per_token`)."""
+        c = max(float(context_tokens), 0.0)
+        w = self.sliding_window_tokens
+        if w <= 0 or c <= w:
+            return c
+        return c - self.sliding_share * (c - w)
+
+    def attended_pairs(self, prompt_tokens: int) -> float:
+        """Attention pairs of a whole prompt's prefill, in units of a pair in every attention
+        layer: ``L^2`` (the full-square convention), less the window layers' share of
+        ``L^2 - L min(L, W)`` (:meth:`prefill_flops`)."""
+        p = float(prompt_tokens)
+        w = self.sliding_window_tokens
+        if w <= 0 or p <= w:
+            return p * p
+        return p * p - self.sliding_share * (p * p - p * w)
+
     def layer_kinds(self) -> tuple[tuple[str, str], ...]:
         """``(mixer, ffn)`` of each layer: mixer ``full``, ``sliding``, ``linear`` or ``none``;
         ffn ``dense``, ``moe`` or ``none``."""
@@ -495,6 +526,25 @@ class ModelSpec:
     def kv_uniform(self) -> bool:
         """Whether a sequence's KV is proportional to its context (no window, no state)."""
         return not self.n_sliding_layers and not self.n_linear_layers
+
+    def max_tokens_in_layer_blocks(self, layer_blocks: int, block_tokens: int) -> int:
+        """The longest sequence whose KV fits ``layer_blocks`` blocks of ``block_tokens`` tokens
+        of one attention layer, counted as the paged policy holds it (serving/kv_blocks.py
+        ``kv_blocks_for``): ``G ceil(L / b)`` on the global layers and ``S min(ceil(L / b),
+        ceil(W / b) + 1)`` on the window layers; a multiple of ``b`` (``1 << 62`` when no layer
+        is global: the window layers alone never outgrow their cap)."""
+        G, S, b = self.n_global_attn_layers, self.n_sliding_layers, block_tokens
+        if G + S <= 0:
+            return 1 << 62
+        q = layer_blocks // (G + S)
+        if not S or self.sliding_window_tokens <= 0:
+            return q * b
+        cap = -(-self.sliding_window_tokens // b) + 1
+        if q < cap:  # (G + S) cap > layer_blocks: it cannot reach the cap
+            return q * b
+        if G == 0:
+            return 1 << 62
+        return ((layer_blocks - S * cap) // G) * b
 
     def kv_bytes_per_token_mean_tp(self, tp: int, contexts: Sequence[float]) -> float:
         """KV bytes per token of a replica holding sequences of ``contexts`` tokens: their

@@ -30,6 +30,7 @@ from fleetsim.base.errors import InvariantError
 from fleetsim.base.units import HOUR_S, per_sim_hour, utc_hour
 from fleetsim.config.resolved import GpuSpec, Resolved
 from fleetsim.config.schedules import hourly_values
+from fleetsim.results import arrow
 from fleetsim.serving.recorder import HIST_BINS, LAT_METRICS, LAT_PCTS, Recorder, hist_percentile
 
 J_PER_KWH = 3.6e6
@@ -381,8 +382,8 @@ def hourly_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa
         "carbon_kg": carbon,
     }
     # no grid intensity: carbon is unknown, null (not NaN, which SQL engines would sum to NaN)
-    cols["carbon_kg"] = pa.array(carbon, type=pa.float64(), from_pandas=True)
-    return pa.table({k: cols[k] for k in HOURLY_COLUMNS}, schema=HOURLY_SCHEMA)
+    cols["carbon_kg"] = arrow.array(carbon, pa.float64(), nan_is_null=True)
+    return arrow.table(cols, HOURLY_SCHEMA)  # (not pa.table: it would import pandas)
 
 
 def _energy_columns(
@@ -614,4 +615,4 @@ def pools_table(rs: Resolved, pods: list[PodSummary], scale: float = 1.0) -> pa.
             rows["prefix_hit_tokens"].append(round(ec["prefix_hit_tokens"][h]))
             rows["preemptions"].append(round(ec["preemptions"][h]))
             rows["kv_utilization"].append(float(ec["kv_utilization"][h]))
-    return pa.table(rows, schema=POOLS_SCHEMA)
+    return arrow.table(rows, POOLS_SCHEMA)

@@ -203,14 +203,15 @@ class RequestWriter:
             return
         import pyarrow as pa
 
+        from fleetsim.results.arrow import array, dictionary
+
         schema = request_schema()
+        # (built from numpy buffers: pa.array and dictionary_encode would import pandas and
+        # pyarrow.compute, results/arrow.py)
         arrays = [
-            pa.array(col, type=f.type)
-            if f.name != "status"
-            else pa.array(col, type=pa.string()).dictionary_encode()
+            array(col, f.type) if f.name != "status" else dictionary(col, f.type)
             for col, f in zip(self._cols, schema)
         ]
-        arrays[-1] = arrays[-1].cast(schema.field("status").type)
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
         self.rows += len(self._cols[0])
         self._cols = [[] for _ in schema.names]

@@ -16,6 +16,7 @@ from fleetsim.base.units import HOUR_S
 from fleetsim.config.resolved import Resolved
 from fleetsim.config.schema import Scenario
 from fleetsim.results.accounting import PodSummary, hourly_table
+from fleetsim.results.arrow import to_numpy
 from fleetsim.results.output import dumps
 from fleetsim.results.provenance import provenance
 from fleetsim.serving.recorder import LAT_METRICS, LAT_PCTS, hist_percentile
@@ -157,7 +158,7 @@ class Result:
 def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: float) -> DayTotals:
     """Sums over the day of the hourly table, and the derived per-request figures."""
     t = hourly
-    s: dict[str, float] = {c: float(np.nansum(t.column(c).to_numpy())) for c in SUMMED_COLUMNS}
+    s: dict[str, float] = {c: float(np.nansum(to_numpy(t.column(c)))) for c in SUMMED_COLUMNS}
     s["prefix_hit_rate"] = (
         s["prefix_hit_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
     )
@@ -170,10 +171,10 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
         s["total_cost_usd"] / s["output_tokens"] * 1e6 if s["output_tokens"] else math.nan
     )
     s["usd_per_1k_requests"] = s["total_cost_usd"] / done * 1000 if done else math.nan
-    gpu_s = float(np.sum(t.column("gpus_powered_mean").to_numpy())) * HOUR_S
+    gpu_s = float(np.sum(to_numpy(t.column("gpus_powered_mean")))) * HOUR_S
     s["gpu_hours"] = gpu_s / HOUR_S
     s["utilization"] = s["gpu_busy_s"] / gpu_s if gpu_s else 0.0
-    cost = t.column("total_cost_usd").to_numpy()
+    cost = to_numpy(t.column("total_cost_usd"))
     peak_hour = int(np.argmax(cost)) if len(cost) else 0
     s["iterations"] = float(sum(p.iterations for p in pods))
     s["events"] = float(sum(p.events for p in pods))
@@ -182,12 +183,12 @@ def day_totals(rs: Resolved, hourly: pa.Table, pods: list[PodSummary], scale: fl
     secs = HOUR_S * t.num_rows
     s["request_throughput_per_s"] = done / secs if secs else math.nan
     s["output_throughput_tokens_per_s"] = s["output_tokens"] / secs if secs else math.nan
-    it = float(np.sum(t.column("iterations").to_numpy()))
+    it = float(np.sum(to_numpy(t.column("iterations"))))
     mb = rs.scenario.fleet.max_batch_size
     s["batch_occupancy"] = s["output_tokens"] / it / mb if it else math.nan
-    g = t.column("gpus_powered_mean").to_numpy()
+    g = to_numpy(t.column("gpus_powered_mean"))
     for name in ("flops_utilization", "bandwidth_utilization"):  # weighted by powered GPUs
-        u = np.nan_to_num(t.column(name).to_numpy(zero_copy_only=False))
+        u = np.nan_to_num(to_numpy(t.column(name)))
         s[name] = float(np.sum(u * g) / np.sum(g)) if np.sum(g) else math.nan
     s["slo_attainment"] = ok / n if n else math.nan
     return DayTotals(peak_hour=peak_hour, **s)
@@ -230,7 +231,7 @@ def pod_confidence(rs: Resolved, pods: list[PodSummary]) -> dict[str, tuple[floa
     out = {}
     for name in ("energy_facility_kwh", "total_cost_usd"):
         vals = np.array(
-            [float(np.nansum(hourly_table(rs, [p], P).column(name).to_numpy())) for p in pods]
+            [float(np.nansum(to_numpy(hourly_table(rs, [p], P).column(name)))) for p in pods]
         )
         mean = float(vals.mean())
         se = float(vals.std(ddof=1)) / math.sqrt(k) * math.sqrt(max(0.0, 1 - k / P))
@@ -260,16 +261,16 @@ def check_invariants(res: Result) -> None:
         "total_cost_usd",
         "gpu_busy_s",
     ):
-        v = t.column(col).to_numpy()
+        v = to_numpy(t.column(col))
         if not np.all(np.isfinite(v)) or np.any(v < 0):
             raise InvariantError(f"{col} is negative or not finite: {v.tolist()}")
-    util = t.column("utilization").to_numpy()
+    util = to_numpy(t.column("utilization"))
     if np.any(util > 1 + 1e-9):
         raise InvariantError(f"utilization above 1: {util.max()}")
     for m in LAT_METRICS:
         for lo_q, hi_q in itertools.pairwise(LAT_PCTS):
-            lo = t.column(f"{m}_p{int(lo_q)}_s").to_numpy()
-            hi = t.column(f"{m}_p{int(hi_q)}_s").to_numpy()
+            lo = to_numpy(t.column(f"{m}_p{int(lo_q)}_s"))
+            hi = to_numpy(t.column(f"{m}_p{int(hi_q)}_s"))
             bad = np.isfinite(lo) & np.isfinite(hi) & (lo > hi * (1 + 1e-12))
             if np.any(bad):
                 raise InvariantError(
@@ -287,7 +288,7 @@ def _check_sums(res: Result) -> None:
         raise InvariantError(f"hourly table has {t.num_rows} rows, expected {H} (one per hour)")
 
     def col(name: str) -> np.ndarray:
-        return t.column(name).to_numpy().astype(np.float64)
+        return to_numpy(t.column(name)).astype(np.float64)
 
     def close(a: float, b: float) -> bool:
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-
-import numpy as np
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from fleetsim.base.io import json_safe, term
 from fleetsim.base.units import HOUR_S, fmt_num
-from fleetsim.config.resolved import Resolved
-from fleetsim.results.result import Result
+
+if TYPE_CHECKING:  # (imported where used: ``fleetsim validate`` needs serving_stack only)
+    import numpy as np
+    from rich.console import Console
+
+    from fleetsim.config.resolved import Resolved
+    from fleetsim.results.result import Result
 
 _f = fmt_num  # (short: used in every row below)
 
@@ -39,9 +41,11 @@ def backlog_limit(res: Result) -> float:
     fleet meeting the SLO holds on average ``m = rate x (TTFT target + mean output tokens x TPOT
     target)`` requests at the last hour's arrival rate; allow ``m + 4 sqrt(m) + 10`` (Poisson
     spread). A queue that grows without bound exceeds it by far (the rule of ``fleetsim plan``)."""
+    from fleetsim.results.arrow import to_numpy
+
     sc = res.scenario
     t = res.totals
-    arrived = res.hourly.column("requests_arrived").to_numpy()
+    arrived = to_numpy(res.hourly.column("requests_arrived"))
     last_rate = float(arrived[-1]) / HOUR_S if len(arrived) else 0.0
     mean_out = t.output_tokens / max(t.requests_completed, 1.0)
     m = last_rate * (sc.slo.ttft_s + mean_out * sc.slo.tpot_s)
@@ -91,12 +95,16 @@ def headroom(res: Result) -> dict:
       ``max_num_batched_tokens`` prefills; no queueing, so a fleet
       near 100% may still miss the TTFT target; ``fleetsim plan`` sizes it by simulation).
       None for a disaggregated fleet."""
+    import numpy as np
+
+    from fleetsim.results.arrow import to_numpy
+
     t = res.totals
     hr = res.hourly
-    occ = hr.column("batch_occupancy").to_numpy(zero_copy_only=False).astype(float)
-    kv = hr.column("kv_utilization").to_numpy(zero_copy_only=False).astype(float)
-    arrived = hr.column("requests_arrived").to_numpy().astype(float)
-    powered = hr.column("gpus_powered_mean").to_numpy(zero_copy_only=False).astype(float)
+    occ = to_numpy(hr.column("batch_occupancy")).astype(float)
+    kv = to_numpy(hr.column("kv_utilization")).astype(float)
+    arrived = to_numpy(hr.column("requests_arrived")).astype(float)
+    powered = to_numpy(hr.column("gpus_powered_mean")).astype(float)
 
     def top(a: np.ndarray) -> float:
         return float(np.nanmax(a)) if np.isfinite(a).any() else math.nan
@@ -183,6 +191,8 @@ def print_warnings(res: Result, console: Console) -> None:
 
 def print_summary(res: Result, console: Console | None = None) -> None:
     """Print the day's figures with the energy -> cost breakdown."""
+    from rich.console import Console
+
     from fleetsim.base.tables import print_rows
 
     c = console or Console()
@@ -248,7 +258,9 @@ def _headroom_rows(res: Result, tab: _Rows) -> None:
     capacity, batch occupancy, KV use, FLOP/s and bandwidth against peak."""
     h = headroom(res)
     if h["peak_hour_load"] is not None:
-        row = res.hourly.slice(h["peak_hour"], 1).to_pylist()[0]
+        from fleetsim.results.arrow import row as table_row
+
+        row = table_row(res.hourly, h["peak_hour"])
         tab.add_row(
             "peak-hour load",
             _pct(h["peak_hour_load"], ".0f"),
@@ -333,7 +345,9 @@ def _kv_rows(res: Result, tab: _Rows) -> None:
                 f"{_f(t.recomputed_tokens, ',.0f')} tokens recomputed",
             )
     if sc.autoscaler.policy != "static":  # power states: what the autoscaler kept powered
-        gp = res.hourly.column("gpus_powered_mean").to_numpy()
+        from fleetsim.results.arrow import to_numpy
+
+        gp = to_numpy(res.hourly.column("gpus_powered_mean"))
         tab.add_row(
             "autoscaler",
             sc.autoscaler.policy,
@@ -417,7 +431,9 @@ def _peak_row(res: Result, tab: _Rows) -> None:
     """The most expensive hour."""
     t = res.totals
     ph = t.peak_hour
-    row = res.hourly.slice(ph, 1).to_pylist()[0]
+    from fleetsim.results.arrow import row as table_row
+
+    row = table_row(res.hourly, ph)
     tab.add_row(
         "peak hour",
         f"{row['hour_start']:%H:00} UTC (hour {ph})",
@@ -436,12 +452,38 @@ def pool_totals(res: Result) -> dict[str, dict[str, float]]:
 
 
 def pool_day_totals(pools) -> dict[str, dict[str, float]]:
-    """:func:`pool_totals` of a ``pools.parquet`` table."""
-    df = pools.to_pandas()
+    """:func:`pool_totals` of a ``pools.parquet`` table (each pool's rows in table order; the
+    sums as pandas' ``groupby(...).sum()`` made them, NaN skipped, without importing pandas)."""
+    import numpy as np
+
+    from fleetsim.results.arrow import to_numpy
+
+    names = [str(x) for x in pools.column("pool").to_pylist()]
+    have = set(pools.column_names)
+    cols = {
+        c: to_numpy(pools.column(c))
+        for c in (
+            "gpu_busy_s",
+            "energy_facility_kwh",
+            "energy_cost_usd",
+            "hardware_cost_usd",
+            "total_cost_usd",
+            "kv_transfers",
+            "kv_transfer_bytes",
+            "gpus_powered_mean",
+            "kv_transfer_mean_s",
+            "kv_transfer_p99_s",
+            "prefix_hit_tokens",
+            "preemptions",
+        )
+        if c in have
+    }
     out: dict[str, dict[str, float]] = {}
-    for name, g in df.groupby("pool", sort=False):
+    for name in dict.fromkeys(names):  # (the pools in order of first appearance)
+        rows = np.array([x == name for x in names])
+        g = {c: v[rows] for c, v in cols.items()}
         d = {
-            c: float(g[c].sum())
+            c: float(np.nansum(g[c]))
             for c in (
                 "gpu_busy_s",
                 "energy_facility_kwh",
@@ -453,24 +495,26 @@ def pool_day_totals(pools) -> dict[str, dict[str, float]]:
             )
         }
         for c in ("prefix_hit_tokens", "preemptions"):  # (absent from older pools.parquet files)
-            d[c] = float(g[c].sum()) if c in g else 0.0
-        d["gpu_hours"] = float(g["gpus_powered_mean"].sum())
+            d[c] = float(np.nansum(g[c])) if c in g else 0.0
+        d["gpu_hours"] = float(np.nansum(g["gpus_powered_mean"]))
         d["utilization"] = d["gpu_busy_s"] / (d["gpu_hours"] * HOUR_S) if d["gpu_hours"] else 0.0
-        n = g["kv_transfers"].to_numpy()
-        mean = g["kv_transfer_mean_s"].to_numpy(dtype=float, na_value=math.nan)
-        p99 = g["kv_transfer_p99_s"].to_numpy(dtype=float, na_value=math.nan)
+        n = g["kv_transfers"]
+        mean = g["kv_transfer_mean_s"].astype(float)
+        p99 = g["kv_transfer_p99_s"].astype(float)
         d["kv_transfer_mean_s"] = (
             float((n * np.nan_to_num(mean)).sum() / n.sum()) if n.sum() else math.nan
         )
         d["kv_transfer_worst_hour_p99_s"] = (
             float(np.nanmax(p99)) if np.isfinite(p99).any() else math.nan
         )
-        out[str(name)] = d
+        out[name] = d
     return out
 
 
 def print_pools(res: Result, c: Console) -> None:
     """Both pools of a disaggregated fleet side by side, and the KV traffic between them."""
+    from rich.table import Table
+
     rs = res.resolved
     tab = Table(title="pools (pools.parquet)")
     for h in (

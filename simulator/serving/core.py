@@ -28,6 +28,16 @@ Bookkeeping is O(1) per iteration: the decoding sequences sit in a heap keyed by
 iteration index at which they finish, and their total context is ``S + n * it`` with ``S`` the
 sum of ``eff - join_it`` over the decode set.
 
+**Sliding windows** (a model with window layers of ``W`` tokens on a share ``s`` of its
+attention layers; ``xw`` is None without): a step reads ``min(c, W)`` keys of a sequence at
+context ``c`` on the window layers, so the step's ``ctx`` (the latency model's attended keys,
+:meth:`fleetsim.device.modelspec.ModelSpec.attended_keys`) is ``S + n * it - s * E`` with
+``E = xD + xn * it`` the context beyond the window of the ``xn`` sequences past it (``xD``: the
+sum of their ``eff - join_it - W``). A sequence passes its window at a known iteration (a heap,
+``xheap``); a run ends before the first decode step at which one does, so within a run ``ctx``
+still grows by a constant, ``g1 = n1 - s * xn`` (``n1`` without windows), and the closed forms
+stay exact.
+
 **The KV policy** (a class before the core in the replica's bases) decides what KV a request
 holds and when: :class:`fleetsim.serving.kv_reserve.ReserveKV` (prompt + output reserved at
 admission, ``kv_allocation = "reserve"``) or :class:`fleetsim.serving.kv_paged.PagedKV` (blocks
@@ -122,6 +132,13 @@ class ReplicaCore(KVPolicy):
         "n1",
         "run_end",
         "t_first",
+        "g1",
+        # sliding windows: (W, share) or None, and the sequences past their window
+        "xw",
+        "xD",
+        "xn",
+        "xheap",
+        "xin",
         # _commit's cache: the hour h_cur = [h_end - HOUR_S, h_end) of its T0
         "h_cur",
         "h_end",
@@ -191,6 +208,7 @@ class ReplicaCore(KVPolicy):
         self.t_first = self.F_first = self.B_first = self.C_first = 0.0
         self.n1 = 0
         self.c1 = 0.0
+        self.g1: float = 0  # the decode steps' ctx growth per step (n1 without windows)
         self.coef: RunCoeffs = _NO_COEFFS  # set with n1 and c1 when a run has decode steps
         self.run_end = 0.0
         self.dec_s = 0.0  # time of the run's decode steps 1..k-1
@@ -207,6 +225,14 @@ class ReplicaCore(KVPolicy):
         self._wake_cbs = [self._on_wake]
         self._coeffs = self.lat.coeff_cache  # run coefficients by batch size (filled by lat)
         self.hand: Callable[[Request, float, ReplicaCore], None] | None = None
+        m = self.lat.model
+        self.xw: tuple[int, float] | None = (
+            (m.sliding_window_tokens, m.sliding_share) if m.sliding_share > 0.0 else None
+        )
+        self.xD = 0  # sum of eff - join_it - W over the sequences past their window
+        self.xn = 0  # how many
+        self.xheap: list[tuple[int, int, Request]] = []  # (iteration it passes W, rid, r)
+        self.xin: dict[Request, int] = {}  # decode set -> that iteration (-1: past it)
         self._init_kv(cfg)
 
     # ---- the port (fleetsim.serving.ports.ReplicaPort) ----------------------------------------
@@ -277,10 +303,12 @@ class ReplicaCore(KVPolicy):
         self.T0 = T
         lat = self.lat
         S = self.S
+        xw = self.xw
+        ctx = S + n * it if xw is None else self._x_ctx(it)
         if nchunks:
-            t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, S + n * it)
+            t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, ctx)
         else:  # no prefill token (P == 0): the same numbers, cheaper
-            t1, F1, B1 = lat.decode_step(n, S + n * it)
+            t1, F1, B1 = lat.decode_step(n, ctx)
         self.t_first = t1
         self.F_first = F1
         self.B_first = B1
@@ -295,6 +323,10 @@ class ReplicaCore(KVPolicy):
                 nxt = f
             S1 += r.eff - it
         n1 = n + len(pf)
+        g1: float = n1
+        e1 = 0
+        if xw is not None:  # the decode steps end before the next sequence passes its window
+            g1, e1, nxt = self._x_run(it, pf, n1, nxt)
         k = 1
         if not cfg.per_iteration and nxt > it and len(self.pre) == len(pf):
             k = self._run_length(it, n1, nxt - it + 1)
@@ -302,10 +334,13 @@ class ReplicaCore(KVPolicy):
         dec = 0.0
         if k > 1:
             c1 = S1 + n1 * (it + 1)
+            if xw is not None:  # less the share of the context beyond the window
+                c1 -= xw[1] * e1
             coef = self._coeffs.get(n1)
             if coef is None:
                 coef = lat.run_coeffs(n1)
             self.n1 = n1
+            self.g1 = g1
             self.c1 = c1
             self.coef = coef
             H = self.h_end  # the end of T's hour (cached by _commit), else computed
@@ -314,9 +349,9 @@ class ReplicaCore(KVPolicy):
             if end >= H:
                 k = 1
             else:
-                dec = run_time(coef, c1, n1, k - 1)
+                dec = run_time(coef, c1, g1, k - 1)
                 if end + dec > H:  # the first decode step that reaches H ends the run
-                    m, dec = steps_to_reach(coef, c1, n1, k - 1, end, H)
+                    m, dec = steps_to_reach(coef, c1, g1, k - 1, end, H)
                     k = 1 + m
                 end += dec
         self.dec_s = dec
@@ -348,7 +383,86 @@ class ReplicaCore(KVPolicy):
         if j == 0:
             return self.T0
         t = self.T0 + self.t_first
-        return t + run_time(self.coef, self.c1, self.n1, j - 1) if j > 1 else t
+        return t + run_time(self.coef, self.c1, self.g1, j - 1) if j > 1 else t
+
+    # ---- sliding windows (xw; see the module's docstring) -------------------------------------
+    def _x_join(self, r: Request) -> None:
+        """``r`` joined the decode set (``join_it`` set): its context ``eff + it - join_it``
+        reaches the window ``W`` at iteration ``join_it + W - eff``; past it already if that is
+        at or before its first decode step (``join_it + 1``)."""
+        assert self.xw is not None
+        W = self.xw[0]
+        j = r.join_it
+        st = j + W - r.eff
+        if st <= j + 1:
+            self.xin[r] = -1
+            self.xD += r.eff - j - W
+            self.xn += 1
+        else:
+            self.xin[r] = st
+            heappush(self.xheap, (st, r.rid, r))
+
+    def _x_leave(self, r: Request) -> None:
+        """``r`` leaves the decode set (before its ``eff`` or ``join_it`` change)."""
+        assert self.xw is not None
+        if self.xin.pop(r) < 0:
+            self.xD -= r.eff - r.join_it - self.xw[0]
+            self.xn -= 1
+
+    def _x_pairs(self, done: int, c: int) -> float:
+        """The attention pairs of a prefill chunk of ``c`` tokens after ``done`` (in units of a
+        pair in every attention layer): ``c (2 done + c)`` on the global layers (the model's
+        full-square convention, ``L^2`` over a whole prompt), and on the window layers the
+        growth of ``L min(L, W)`` (:meth:`ModelSpec.prefill_flops`'s window term)."""
+        assert self.xw is not None
+        W, share = self.xw
+        full = c * (2.0 * done + c)
+        e = done + c
+        win = e * float(e if e < W else W) - done * float(done if done < W else W)
+        return full - share * (full - win)
+
+    def _x_ctx(self, it: int) -> float:
+        """The decode set's attended keys at iteration ``it`` (the sequences whose context
+        reached the window by ``it`` counted past it from now on)."""
+        assert self.xw is not None
+        W, share = self.xw
+        heap = self.xheap
+        xin = self.xin
+        while heap:
+            st, _rid, r = heap[0]
+            cur = xin.get(r)
+            if st > it and cur == st:
+                break  # (the top is a live entry still inside its window)
+            heappop(heap)
+            if cur == st:  # it reaches its window: stale entries (left, re-joined) skipped
+                xin[r] = -1
+                self.xD += r.eff - r.join_it - W
+                self.xn += 1
+        return (self.S + self.n * it) - share * (self.xD + self.xn * it)
+
+    def _x_run(self, it: int, pf: list[Request], n1: int, nxt: int) -> tuple[float, int, int]:
+        """For the run planned at ``it`` (after :meth:`_x_ctx`), whose first iteration's last
+        chunks ``pf`` join ``n1 - len(pf)`` decoding sequences: the decode steps' ctx growth per
+        step, the context beyond the window at the first decode step (``it + 1``), and
+        ``nxt`` lowered so that the decode steps end before the first iteration ``q > it + 1``
+        at which a sequence reaches its window (``nxt = it`` when one reaches it at
+        ``it + 1``: a run of one iteration)."""
+        assert self.xw is not None
+        W, share = self.xw
+        D = self.xD
+        ns = self.xn
+        heap = self.xheap
+        q = heap[0][0] if heap else 1 << 62  # (a live entry, > it: _x_ctx cleaned the top)
+        for r in pf:
+            st = it + W - r.eff  # _x_join's test with join_it = it
+            if st <= it + 1:
+                D += r.eff - it - W
+                ns += 1
+            elif st < q:
+                q = st
+        if q - 1 < nxt:
+            nxt = q - 1
+        return n1 - share * ns, D + ns * (it + 1), nxt
 
     # ---- events -------------------------------------------------------------------------------
     def _arm(self, t: float) -> None:
@@ -414,6 +528,9 @@ class ReplicaCore(KVPolicy):
                 S += r.eff - it0
                 heappush(heap, (it0 + r.out - r.gen - 1, r.rid, r))
             self.S = S
+            if self.xw is not None:
+                for r in pf:
+                    self._x_join(r)
             self.n = n_first
             del self.pre[:npf]
             self.pf = []
@@ -459,15 +576,16 @@ class ReplicaCore(KVPolicy):
                 c = self.coef
                 c1 = self.c1
                 n1 = self.n1
+                g1 = self.g1
                 # the decode steps' time was summed when the run was planned or cut: reuse it
                 if xs == k - 1:
                     rt = self.dec_s
                 elif xs == self.cut_m:
                     rt = self.cut_rt
                 else:
-                    rt = run_time(c, c1, n1, xs)
+                    rt = run_time(c, c1, g1, xs)
                 t_sum += rt
-                sc = c1 * xs + n1 * (xs * (xs - 1) / 2.0)  # sum of their contexts
+                sc = c1 * xs + g1 * (xs * (xs - 1) / 2.0)  # sum of their contexts
                 f_sum += xs * c.fa + c.fb * sc
                 b_sum += xs * c.ba + c.bb * sc
                 # decode tokens of iterations [1, m_full): all end inside hour h
@@ -497,7 +615,7 @@ class ReplicaCore(KVPolicy):
                 t_l, f_l, b_l = t_first, self.F_first, self.B_first
                 start = T0
             else:
-                ctx = self.c1 + self.n1 * (k - 2)
+                ctx = self.c1 + self.g1 * (k - 2)
                 c = self.coef
                 t_l = step_time(c, ctx)
                 f_l = c.fa + c.fb * ctx
@@ -558,10 +676,13 @@ class ReplicaCore(KVPolicy):
         pod = self.pod
         complete = pod.rec.complete
         index = self.index
+        xw = self.xw
         while heap and heap[0][0] < it:
             f, _, r = heappop(heap)
             n -= 1
             S -= r.eff - r.join_it
+            if xw is not None:
+                self._x_leave(r)
             if hand is not None:
                 self._keep_kv(r, f)
                 hand(r, end, self)
@@ -609,7 +730,7 @@ class ReplicaCore(KVPolicy):
         elif ta <= T0 + self.t_first:
             j = 1
         else:  # smallest j in [2, k] with boundary(j) >= ta
-            m, rt = steps_to_reach(self.coef, self.c1, self.n1, k - 1, T0 + self.t_first, ta)
+            m, rt = steps_to_reach(self.coef, self.c1, self.g1, k - 1, T0 + self.t_first, ta)
             self.cut_m = m  # remembered for _commit(j = m + 1): its decode time is rt
             self.cut_rt = rt
             j = 1 + m

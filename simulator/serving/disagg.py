@@ -8,7 +8,10 @@ The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
    prefix caching) or, with ``kv_allocation = "reserve"``, the reserve policy. The iteration
    that computes the prompt's last chunk yields the first token, which ends the TTFT.
 2. The replica then hands the request to the pod (``handoff``) instead of completing it. Its
-   KV (prompt tokens x KV bytes per token) stays in the prefill replica's memory. The decode
+   KV (prompt tokens x KV bytes per token; per layer kind for a model with sliding windows or
+   linear-state layers: the prompt in the global layers, at most the window in the window
+   layers, the constant state, :meth:`fleetsim.device.modelspec.ModelSpec.kv_bytes`) stays in
+   the prefill replica's memory. The decode
    router chooses a decode replica now (least loaded counts requests in transfer), and the KV
    goes over the prefill replica's link: a FIFO server, so a transfer that finds the link busy
    waits for the ones before it. Its time on an idle link is ``latency + bytes / bandwidth``.
@@ -72,6 +75,7 @@ class DisaggRequest(Request):
         "out_total",
         "pf_need",
         "src",
+        "xfer_bytes",
         "xfer_s",
     )
 
@@ -86,7 +90,16 @@ class DisaggRequest(Request):
         self.src: PrefillRole | None = None
         self.dst: Replica | None = None
         self.xfer_s = math.nan  # hand-off to KV arrival: link wait + latency + bytes / bw
+        self.xfer_bytes = 0.0  # the KV it sends over the link
         self.link_wait_s = math.nan  # time spent queued behind earlier transfers
+
+
+def _request_cap(spec: PoolSpec) -> int:
+    """The longest request (prompt + output tokens) a replica of pool ``spec`` holds."""
+    kv = spec.rs.kv
+    if kv is not None and spec.rs.scenario.fleet.kv_allocation == "paged":
+        return kv.request_tokens
+    return spec.kv_capacity_tokens
 
 
 class _NoRouter:
@@ -239,6 +252,9 @@ class DisaggPod:
         self._link_free = [0.0] * P
         self._lat_s = pools.link.latency_s
         self._kvb = pools.kv_bytes_per_token
+        m = rs.model
+        #: a prompt's KV bytes by layer kind (None: prompt x _kvb, every layer holds it all)
+        self._kv_of: Callable[[float], float] | None = None if m.kv_uniform else m.kv_bytes
         self._bw = pools.egress_bytes_per_s
         # transfer statistics by the hour in which the KV arrives
         n = self.hours + 1
@@ -267,8 +283,9 @@ class DisaggPod:
         # the next arrival, as a serving.events.Stream (see _schedule)
         self.next_t = math.inf
         self.next_eid = 0
-        self.kv_cap_p = pools.prefill.kv_capacity_tokens
-        self.kv_cap_d = pools.decode.kv_capacity_tokens
+        # the longest request each pool holds (per layer kind for a windowed model, paged)
+        self.kv_cap_p = _request_cap(pools.prefill)
+        self.kv_cap_d = _request_cap(pools.decode)
         # without chunked prefill a prompt longer than the prefill pool's token budget can never
         # be scheduled (with it, it is prefilled in chunks)
         pf_sc = pools.prefill.rs.scenario.fleet
@@ -364,7 +381,10 @@ class DisaggPod:
         k = rep.index - self.prefill.replicas[0].index
         free = self._link_free[k]
         start = free if free > t else t
-        dur = self._lat_s + r.prompt * self._kvb / self._bw  # on the link, FIFO
+        kv_of = self._kv_of
+        nbytes = r.prompt * self._kvb if kv_of is None else kv_of(r.prompt)
+        r.xfer_bytes = nbytes
+        dur = self._lat_s + nbytes / self._bw  # on the link, FIFO
         end = start + dur
         self._link_free[k] = end
         r.link_wait_s = start - t
@@ -383,7 +403,7 @@ class DisaggPod:
         if h > self.hours:
             h = self.hours
         self.xfer_count[h] += 1
-        self.xfer_bytes[h] += r.prompt * self._kvb
+        self.xfer_bytes[h] += r.xfer_bytes
         self.xfer_sum_s[h] += r.xfer_s
         self.xfer_times[h].append(r.xfer_s)
         dst = r.dst

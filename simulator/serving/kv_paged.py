@@ -57,8 +57,11 @@ window layers, ``cap = ceil(W / b) + 1``): the window layers release the blocks 
 the window as they open new ones (vLLM's ``SlidingWindowManager.remove_skipped_blocks``).
 ``cnt2`` then counts weights, not sequences: ``G + S`` for a decoding sequence until its last
 opening that reaches ``cap`` (``wsat``, a heap by that iteration; ``wcur`` its current weight),
-``G`` after. Such a replica runs one iteration per run (:meth:`_run_length`), has no prefix
-caching, and records ``kv_block_s`` in the configured blocks (``wscale``). Without windows
+``G`` after. A run's decode steps end by the first such last opening (the top of ``wsat``,
+:meth:`_run_length`), so the weights in ``cnt2`` hold over the run and its blocks keep their
+closed forms, with the weights' sum (:meth:`_wsum`) in place of the sequence count. Such a
+replica has no prefix caching, and records ``kv_block_s`` in the configured blocks
+(``wscale``). Without windows
 ``win`` is None and none of this runs. docs/serving-engine.md gives the measured hand counts.
 """
 
@@ -141,6 +144,8 @@ class PagedKV(BlockPool):
             self._drop(r, r.eff + (it - r.join_it if after_alloc else it - 1 - r.join_it))
             self.n -= 1
             self.S -= r.eff - r.join_it
+            if self.xw is not None:
+                self._x_leave(r)
             wt = self._w_leave(r) if self.win is not None else 1
             self.cnt2[r.rho] -= wt
             self.cnt2[r.rho + self.b] -= wt
@@ -174,7 +179,7 @@ class PagedKV(BlockPool):
         """Schedule ``c`` prefill tokens of ``r`` (its blocks already allocated)."""
         done = r.done
         self.P += c
-        self.pairs += c * (2.0 * done + c)
+        self.pairs += c * (2.0 * done + c) if self.xw is None else self._x_pairs(done, c)
         self.nchunks += 1
         if r.preemptions:
             self.re_tok += c
@@ -240,6 +245,26 @@ class PagedKV(BlockPool):
             self.cnt2[r.rho] -= S
             self.cnt2[r.rho + b] -= S
             self.cum = None
+
+    def _wsum(self) -> int:
+        """The decoding sequences' block openings per ``b`` steps: their weights' sum."""
+        return sum(self.cnt2[: self.b])
+
+    def _w_run(self, it: int, k: int) -> int:
+        """``k`` capped so that the decode steps of the run from ``it`` (iterations ``it + 1 ..
+        it + k - 1``) end by the first live last opening with window blocks (``wsat``'s top;
+        :meth:`_w_saturate` dropped those before ``it``): the weights of ``cnt2`` hold up to
+        it, and only the global layers' after."""
+        heap = self.wsat
+        cur = self.wcur
+        while heap:
+            i_sat, _rid, r = heap[0]
+            c = cur.get(r)
+            if c is not None and c[1] == i_sat:
+                lim = i_sat - it + 1
+                return lim if lim < k else k
+            heapq.heappop(heap)  # stale: it left the decode set or re-entered
+        return k
 
     def _schedule_running(self, it: int) -> None:
         """Decodes' blocks, then chunks of the partially prefilled requests (preempting the most
@@ -456,19 +481,23 @@ class PagedKV(BlockPool):
         only shrink), or with prefix caching at the step that would evict a block of the
         head's cached prefix."""
         w = self.waiting
+        nw = n1  # the block openings per b steps
         if self.win is not None:
-            return 1  # the block openings' weights change as windows fill: one iteration a run
+            k = self._w_run(it, k)
+            if k <= 1:
+                return 1
+            nw = self._wsum()
         if w and self._fit_at(w[0], n1, self.cnt2[(it + 1) & self.mask]):
             return 1
         free = self.free
         lru = self.lru
         avail = free + self.g * len(lru) if lru else free
         # no sequence needs more than ((k - 1) >> lb) + 1 new blocks in k - 1 steps
-        worst = n1 * (((k - 1) >> self.lb) + 1)
+        worst = nw * (((k - 1) >> self.lb) + 1)
         if avail < worst or (w and lru and free < worst):
             if w and lru:
                 avail = self._head_cap(avail, it + 1, n1, k - 1)
-            m = self._short(it + 1, n1, avail)
+            m = self._short(it + 1, nw, avail)
             if m < k:
                 k = m
         return k
@@ -480,7 +509,7 @@ class PagedKV(BlockPool):
         if j > 1:  # _blocks and _take's common case, inlined
             if x < 0:
                 m = j - 1
-                x = (m >> self.lb) * n
+                x = (m >> self.lb) * (n if self.win is None else self._wsum())
                 rem = m & mask
             else:
                 rem = 0
@@ -562,7 +591,7 @@ class PagedKV(BlockPool):
             if budget <= 0:
                 return -1
             mask = self.mask
-            x = (j >> self.lb) * n1
+            x = (j >> self.lb) * (n1 if self.win is None else self._wsum())
             rem = j & mask
             if rem:  # blocks_in's partial sum as a slice of cnt2 (see _commit)
                 s = it1 & mask
@@ -573,7 +602,8 @@ class PagedKV(BlockPool):
             lru = self.lru
             avail = self.free + (self.g * len(lru) if lru else 0) - x
             # the whole sequence must fit (_full_need with nothing cached)
-            if -(-eff // self.b) > avail - (self.wm if n1 else 0):
+            full = -(-eff // self.b) if self.win is None else self.kv_blocks_for(eff)
+            if full > avail - (self.wm if n1 else 0):
                 return -1
             # the blocks of the cut's j - 1 decode steps, for _commit (the last one's are taken
             # when the run from boundary j is planned)
@@ -586,7 +616,7 @@ class PagedKV(BlockPool):
 
     # ---- the decode role (serving/roles.py) ----------------------------------------------------
     def _taken(self, j: int, n1: int) -> int:
-        return self._blocks(self.it + 1, j, n1)
+        return self._blocks(self.it + 1, j, n1 if self.win is None else self._wsum())
 
     def _join_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
         """Whether ``r``, whose prompt KV arrived, joins a boundary with ``n`` sequences,

@@ -67,7 +67,7 @@ class ReserveKV(ReplicaCore):
             pre.append(r)
             pf.append(r)
             P += prompt
-            pairs += float(prompt) * prompt
+            pairs += float(prompt) * prompt if self.xw is None else self._x_pairs(0, prompt)
             budget -= prompt
             kv += r.need
             nt += 1

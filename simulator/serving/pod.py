@@ -146,7 +146,9 @@ class Pod:
         self.queue_floor = 0.0  # central queue: the latest boundary at which a head left it
         self.max_context = rs.model.max_context_tokens
         # prompt + output above this is refused: the KV capacity or the context window
-        self._max_tokens = min(self.limits.kv_cap, self.max_context)
+        # (a windowed model's longest request is counted per layer kind: KvBudget.request_tokens)
+        cap = rs.kv.request_tokens if paged and rs.kv is not None else self.limits.kv_cap
+        self._max_tokens = min(cap, self.max_context)
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.sink = request_sink
         self.in_flight = 0

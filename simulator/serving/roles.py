@@ -108,6 +108,8 @@ class DecodeRole(ReplicaCore):
             self._join_kv(r, it)
             r.join_it = it - 1
             self.S += r.eff - (it - 1)
+            if self.xw is not None:
+                self._x_join(r)
             heappush(heap, (it + r.out - 2, r.rid, r))
             self.n += 1
             budget -= 1

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
-import numpy as np
 from pydantic import Field, model_validator
 
 from fleetsim.base.schema import Section, Tokens, bound
+
+if TYPE_CHECKING:  # numpy is imported where values are drawn: validating needs none (~40 ms)
+    import numpy as np
 
 # Values drawn per numpy call: a few to tens of ms, so that a signal handler (SIGINT, SIGTERM),
 # which Python runs only between calls, is never held up for long by one huge draw.
@@ -27,6 +29,8 @@ def chunked(draw: Callable[[int], np.ndarray], n: int) -> np.ndarray:
     value from its bit stream, so the result equals one ``draw(n)`` bit for bit."""
     if n <= DRAW_CHUNK:
         return draw(n)
+    import numpy as np
+
     first = draw(DRAW_CHUNK)
     out = np.empty(n, dtype=first.dtype)
     out[:DRAW_CHUNK] = first
@@ -55,6 +59,8 @@ class Fixed(_Draws, Section):
     max_field: ClassVar[str] = "value"
 
     def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        import numpy as np
+
         return np.full(n, self.value, dtype=np.int64)
 
     def max_tokens(self, trace_max: dict[str, int]) -> int:
@@ -107,6 +113,8 @@ class LogNormal(_Draws, Section):
         return self
 
     def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        import numpy as np
+
         x = np.rint(self.median * np.exp(self.sigma * rng.standard_normal(n)))
         return np.clip(x, self.min, self.max).astype(np.int64)
 
@@ -130,6 +138,8 @@ class Geometric(_Draws, Section):
     max_field: ClassVar[str] = "max"
 
     def _draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        import numpy as np
+
         return np.minimum(rng.geometric(1.0 / self.mean, size=n), self.max).astype(np.int64)
 
     def max_tokens(self, trace_max: dict[str, int]) -> int:

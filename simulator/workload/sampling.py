@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from fleetsim.base.errors import UserError
 from fleetsim.base.io import MAX_TRACE_TOKENS, first_true
@@ -57,6 +56,8 @@ _NONFINITE = r"^[+-]?(nan|inf|infinity)$"  # parsed (as Python does), then refus
 def token_counts(col: pa.Array) -> tuple[np.ndarray, int]:
     """A string column as token counts: plain integers in 1..MAX_TRACE_TOKENS (surrounding
     whitespace allowed). Returns the values and the index of the first bad one (-1 if none)."""
+    import pyarrow.compute as pc  # (~40-90 ms to import: only a CSV trace needs it)
+
     c = pc.utf8_trim_whitespace(col)
     ok = pc.and_(pc.match_substring_regex(c, _INT), pc.less_equal(pc.utf8_length(c), 12))
     v = pc.cast(pc.if_else(ok, c, "0"), pa.int64()).to_numpy(zero_copy_only=False)
@@ -67,6 +68,8 @@ def token_counts(col: pa.Array) -> tuple[np.ndarray, int]:
 def numbers(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """A string column as floats (Python's ``float`` for decimal numbers, nan and inf); returns
     the values (0 where not a number) and the mask of values that are not numbers."""
+    import pyarrow.compute as pc
+
     c = pc.utf8_trim_whitespace(col)
     ok = pc.or_(
         pc.match_substring_regex(c, _FLOAT),
