@@ -30,7 +30,13 @@ GPUS = ("a100-80gb", "h100-sxm", "h200", "b200")
 def _spec(name: str) -> PowerSpec:
     e = catalog.gpu(name)
     return PowerSpec(
-        e["idle_w"], e["tdp_w"], e["active_w"], e["compute_w"], e["memory_w"], kv_w=e["kv_w"]
+        e["idle_w"],
+        e["tdp_w"],
+        e["active_w"],
+        e["compute_w"],
+        e["memory_w"],
+        kv_w=e["kv_w"],
+        comm_w=e["comm_w"],
     )
 
 
@@ -225,6 +231,8 @@ def test_refit_from_committed_data_matches_the_catalog(refit, gpu):
     assert n >= 20 and "Qwen/Qwen3-8B" in models
     for k in ("active_w", "compute_w", "memory_w", "kv_w"):
         assert getattr(p, k) == pytest.approx(getattr(cat, k), abs=max(6.0, 0.02 * cat.max_w)), k
+    if p.comm_w is not None:  # fitted where the GPU has multi-GPU rows (the H100's TP2)
+        assert p.comm_w == pytest.approx(cat.comm_w, abs=max(6.0, 0.02 * cat.max_w))
     # the derived entries follow the H100 fit as documented
     if gpu == "H100":
         h200, a100 = _spec("h200"), _spec("a100-80gb")
@@ -234,7 +242,8 @@ def test_refit_from_committed_data_matches_the_catalog(refit, gpu):
             cat.memory_w,
             cat.kv_w,
         )
-        for k in ("active_w", "compute_w", "memory_w", "kv_w"):
+        assert h200.comm_w == cat.comm_w
+        for k in ("active_w", "compute_w", "memory_w", "kv_w", "comm_w"):
             assert getattr(a100, k) == pytest.approx(getattr(cat, k) * 400 / 700, abs=1.0), k
 
 
