@@ -427,8 +427,9 @@ class SimRun:
     seg_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     seg_iters: np.ndarray = field(default_factory=lambda: np.zeros(0))  # iterations per commit
     seg_comm_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # in communication
-    #: weight bytes the replica reads per iteration, as the engine counts them (the rest of a
-    #: commit's bytes are KV cache and linear state: PowerSpec.kv_w)
+    #: weight bytes the replica reads per iteration (the rest of a commit's bytes are KV cache
+    #: and linear state: PowerSpec.kv_w); exact for a dense model, whose every iteration reads
+    #: them all; a mixture of experts: those a full batch of max_num_seqs touches
     weight_bytes: float = 0.0
     peak_flops: float = 0.0  # per GPU, as the simulator's power model uses them
     peak_bw: float = 0.0

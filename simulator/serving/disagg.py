@@ -144,7 +144,7 @@ class Pool:
             horizon_s=owner.horizon_s,
             per_iteration=owner.per_iteration,
             paged=paged,
-            **energy_coeffs(rs, spec.max_batch),
+            **energy_coeffs(rs),
         )
         self.handoff = owner.handoff
         self.on_admitted = owner.on_admitted

@@ -90,15 +90,15 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
         horizon_s=horizon_s,
         per_iteration=sc.simulation.engine == "iteration",
         paged=paged_limits(rs),
-        **energy_coeffs(rs, sc.fleet.max_batch_size),
+        **energy_coeffs(rs),
     )
 
 
-def energy_coeffs(rs: Resolved, max_batch: int) -> dict[str, Any]:
+def energy_coeffs(rs: Resolved) -> dict[str, Any]:
     """The dynamic-energy coefficients of one replica (see latency.PowerSpec): per busy second,
-    per FLOP, per byte, per KV/state byte, and the weight bytes one iteration reads (the rest of
-    an iteration's bytes are KV and state; a mixture of experts counts the weights a full batch
-    of ``max_batch`` touches, so its KV bytes are never overstated)."""
+    per FLOP, per byte, per KV/state byte (an iteration's bytes beyond the weights it reads),
+    per second of communication in place of the busy level, and whether the replica
+    communicates at all."""
     p = rs.gpu.power
     prof = rs.profile
     bw = prof.mem_bw_bytes_per_s
@@ -108,7 +108,6 @@ def energy_coeffs(rs: Resolved, max_batch: int) -> dict[str, Any]:
         "e_flop_j": p.compute_w / prof.peak_flops,
         "e_byte_j": p.memory_w / bw,
         "e_kv_j": p.kv_w / bw,
-        "w_iter_bytes": lat.weight_bytes_per_iteration(max(1, max_batch)),
         "e_comm_w": rs.tp * (p.comm_w - p.active_w) if p.comm_w is not None else 0.0,
         "track_comm": lat.comm_s(1, 1) > 0.0,
     }
