@@ -24,6 +24,29 @@ and ``graph_floor_frac``, the fraction of the kernel model's per-kernel floors l
 graphs (:mod:`fleetsim.device.stack`). Leave-one-model-out: each model is predicted with the
 constants fitted to the others; the catalog's constants are the fit to all of them.
 Suspect rows (SOURCE.md's rules) are left out.
+
+**B200** (``fit_b200``): vLLM 0.11 decodes on Blackwell with FlashInfer/TRTLLM-gen kernels
+(:mod:`fleetsim.device.stack`), and its rows are fitted with a fourth constant, the decode's KV
+bandwidth per (sequence, KV head) work unit on a one-GPU engine, ``attn_unit_bw_bytes_per_s``.
+The fitting set is every non-suspect single-GPU dense row of every expressible model
+(Qwen3-8B, -14B, -32B, gemma-3-12b, -27b), large batches included. Each row is run in steps as
+the benchmark ran it (:func:`run_steps`: all requests at once, ``max_num_seqs`` slots, outputs
+drawn from the row's histogram as the accuracy harness draws them, the admitted prompts'
+prefill in the step that admits them); its median ITL is the token-weighted median step. Each
+step is split into the parts the constants do not touch (the kernels under the graph), the KV
+read (bytes) and ``overhead + per_seq x sequences``; ``kv_memory_eff`` and
+``attn_unit_bw_bytes_per_s`` are searched on a grid, the other two solved by least squares of
+the relative error, and the median step is re-placed under the fitted constants
+(``MEDIAN_ROUNDS``). This reproduces the harness's simulated median ITL to within a few
+percent on all but the largest batch (Qwen3-14B b2048, whose KV cache holds fewer).
+Hybrid (Mamba-Transformer) rows are reported, not fitted: their state-update kernels are not
+what these terms describe.
+
+**Tensor parallelism** (``fit_allreduce``): vLLM's custom all-reduce (``ar_floor_s``,
+``ar_bw_bytes_per_s``) is fitted to the H100's non-suspect dense TP2 rows (Qwen3-32B,
+gemma-3-27b) with the single-GPU constants held, leave-one-model-out. No dense B200 row runs
+under tensor parallelism: the B200 takes the H100's floor and the bandwidth scaled by its
+NVLink (derived, confidence L).
 """
 
 from __future__ import annotations
@@ -31,10 +54,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
+import numpy as np
+
+from fleetsim.calibrate.mlenergy import Config
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, RooflineProfile
 from fleetsim.device.modelspec import ModelSpec
@@ -191,10 +218,16 @@ def fit_constants(rows: list[Row], grid: dict) -> dict:
     return best
 
 
-def fit(rows: list[Row]) -> dict:
-    """Per GPU: the constants fitted to all rows, and the leave-one-model-out errors."""
+def fit(rows: list[Row], data: Path | None = None) -> dict:
+    """Per GPU: the constants fitted to all rows, and the leave-one-model-out errors; the
+    B200 by :func:`fit_b200` and the all-reduce by :func:`fit_allreduce` from ``data`` (the
+    default folder when None)."""
     out: dict = {}
+    data = default_data_dir() if data is None else data
     for gpu in sorted({r.gpu for r in rows}):
+        if gpu == "b200":
+            out[gpu] = fit_b200(load_runs(data, "B200"))
+            continue
         rs = [r for r in rows if r.gpu == gpu]
         grid = {
             (f, e): {
@@ -229,7 +262,346 @@ def fit(rows: list[Row]) -> dict:
             "in_sample": _summary([predict_s(r, c_all) / r.itl_s - 1.0 for r in rs]),
             "eager": _summary([predict_eager(r) / r.itl_s - 1.0 for r in rs]),
         }
+    if "h100-sxm" in out:
+        ar = fit_allreduce(
+            parts_at(load_runs(data, "H100", tp=2), out["h100-sxm"]), out["h100-sxm"]
+        )
+        out["h100-sxm"].update(ar)
+        if "b200" in out:
+            scale = _link_bw("b200") / _link_bw("h100-sxm")
+            out["b200"]["ar_floor_s"] = ar["ar_floor_s"]
+            out["b200"]["ar_bw_bytes_per_s"] = ar["ar_bw_bytes_per_s"] * scale
     return out
+
+
+# -- the B200: every dense model, a per-unit attention bandwidth ---------------------------
+
+#: the per-unit bandwidth grid (bytes/s): 0 (no cap) and 2 to 20 GB/s by 0.25
+UNIT_BW_GRID = (0.0, *(i * 0.25e9 for i in range(8, 81)))
+#: the B200's KV-read efficiency grid: 0.30 to 0.95 by 0.025
+KV_EFF_GRID_B200 = tuple(0.3 + i * 0.025 for i in range(27))
+
+
+@dataclass(frozen=True)
+class Part:
+    """One ML.ENERGY row as the fit sees it: its median step's time split into the parts the
+    constants scale."""
+
+    model_id: str
+    key: str
+    gpu: str
+    itl_s: float
+    fixed_s: float  # kernels (GEMMs, elementwise, LM head, prefill chunk) and new tokens' KV
+    kv_s: float  # the step's KV read at the full bandwidth (bytes / bw)
+    full_bw: float  # bytes/s of the GPU
+    units: int  # decoding sequences x KV heads per GPU
+    seqs: int  # sequences in the step (decoding + prefilling)
+    ar_calls: int  # all-reduces in the step (2 per layer under tensor parallelism)
+    ar_bytes: float  # bytes of one all-reduce
+    tp: int
+
+
+@dataclass
+class _Run:
+    """A row's run in steps (:func:`run_steps`) and the bare step-time parts of each."""
+
+    config: Config
+    lm: LatencyModel
+    n: np.ndarray  # decoding sequences per step
+    ctx: np.ndarray  # their total context per step
+    adm: np.ndarray  # prompts admitted (prefilled) per step
+    fixed: np.ndarray  # seconds per step the constants do not touch
+    kv: np.ndarray  # seconds per step of the KV read at the full bandwidth
+    units_per_seq: int
+    ar_calls: int
+    d_model: int
+
+
+def run_steps(outputs: np.ndarray, slots: int, prompt: int) -> tuple[np.ndarray, ...]:
+    """(decoding sequences, their total context, prompts admitted) per step of a run where
+    every request arrives at once, ``slots`` run at a time in arrival order and each running
+    request gains one token per step: the benchmark's load (all requests at t = 0,
+    max_num_seqs). Request k holds its slot for its output length; its context at its j-th
+    token is ``prompt + j``."""
+    import heapq
+
+    n_req = len(outputs)
+    start = np.zeros(n_req, dtype=np.int64)
+    free = [0] * min(slots, n_req)  # the step at which each slot frees
+    heapq.heapify(free)
+    for k in range(n_req):
+        s0 = heapq.heappop(free)
+        start[k] = s0
+        heapq.heappush(free, s0 + int(outputs[k]))
+    end = start + outputs  # exclusive
+    steps = int(end.max())
+    cnt = np.zeros(steps + 1)
+    ssum = np.zeros(steps + 1)
+    np.add.at(cnt, start, 1.0)
+    np.add.at(cnt, end, -1.0)
+    np.add.at(ssum, start, start.astype(float))
+    np.add.at(ssum, end, -start.astype(float))
+    n = np.cumsum(cnt)[:steps]
+    ctx = n * (prompt + np.arange(steps, dtype=float)) - np.cumsum(ssum)[:steps]
+    adm = np.bincount(start, minlength=steps)[:steps].astype(float)
+    adm[0] = 0.0  # the first wave's prompts run before the steady steps
+    return n, ctx, adm
+
+
+def _weighted_median_index(t: np.ndarray, w: np.ndarray) -> int:
+    order = np.argsort(t, kind="stable")
+    cw = np.cumsum(w[order])
+    return int(order[int(np.searchsorted(cw, 0.5 * cw[-1]))])
+
+
+def load_runs(data: Path, gpu_model: str, tp: int = 1) -> list[_Run]:
+    """The non-suspect dense rows of ``gpu_model`` on ``tp`` GPUs whose models the simulator
+    expresses (hybrids left out), each run in steps as the benchmark ran it: all requests at
+    once, ``max_num_seqs`` (or the measured batch where the KV cache held fewer) slots, the
+    outputs drawn from the row's histogram as ``fleetsim.calibrate.mlenergy`` draws them."""
+    from fleetsim.api import load
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.config.scenario import resolve
+
+    out: list[_Run] = []
+    with tempfile.TemporaryDirectory(prefix="fleetsim-stack-") as tmp:
+        trace = Path(tmp) / "trace.csv"
+        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
+        for c in ml.read_configs(data):
+            if (
+                c.gpu_model != gpu_model
+                or c.num_gpus != tp
+                or c.moe_or_ep
+                or c.suspect
+                or "Hybrid" in c.architecture
+                or c.task not in ml.PROMPT_TOKENS
+                or ml.skip_reason(c)
+            ):
+                continue
+            rs = resolve(load(ml.scenario_dict(c, str(trace), 1)), "")
+            assert isinstance(rs.profile, RooflineProfile)
+            prof = dataclasses.replace(
+                rs.profile,
+                overhead_s=0.0,
+                per_seq_s=0.0,
+                memory_eff=1.0,
+                attn_unit_bw_bytes_per_s=0.0,
+                ar_floor_s=0.0,
+                ar_bw_bytes_per_s=1e30,  # the all-reduce counted apart (Part.ar_calls)
+            )
+            m = rs.model
+            lm = LatencyModel(m, prof, rs.tp)
+            prompt = ml.PROMPT_TOKENS[c.task]
+            rng = np.random.default_rng(
+                np.random.SeedSequence([0, c.config_index, len(c.source_file)])
+            )
+            outs = ml.draw_outputs(c, c.num_requests, rng)
+            slots = min(c.max_num_seqs, max(1, round(c.avg_batch_size / 0.98)))
+            n, ctx, adm = run_steps(outs, slots, prompt)
+            keep = n > 0
+            n, ctx, adm = n[keep], ctx[keep], adm[keep]
+            att_m = lm.att_m_for(1)
+            fixed = np.empty(len(n))
+            cache: dict[tuple[int, int], float] = {}
+            for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
+                v = cache.get((ni, ai))
+                if v is None:
+                    v = cache[(ni, ai)] = lm.iteration(
+                        ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
+                    )[0]
+                fixed[i] = v
+            out.append(
+                _Run(
+                    c,
+                    lm,
+                    n,
+                    ctx,
+                    adm,
+                    fixed,
+                    ctx * att_m,
+                    max(1, m.n_kv_heads // rs.tp),
+                    2 * m.n_layers if rs.tp > 1 else 0,
+                    m.d_model,
+                )
+            )
+    return out
+
+
+def step_times(r: _Run, c: dict) -> np.ndarray:
+    """Every step of run ``r`` under constants ``c`` (the all-reduce apart)."""
+    e = c["kv_memory_eff"]
+    u = c.get("attn_unit_bw_bytes_per_s", 0.0)
+    frac = np.full(len(r.n), e)
+    if u > 0.0:
+        frac = np.minimum(frac, r.n * r.units_per_seq * u / r.lm.profile.mem_bw_bytes_per_s)
+    return r.fixed + c["overhead_s"] + c["per_seq_s"] * (r.n + r.adm) + r.kv / frac
+
+
+def parts_at(runs: list[_Run], c: dict) -> list[Part]:
+    """Each run's median step (steps weighted by the tokens they emit, one per decoding
+    sequence: the benchmark's median ITL) under constants ``c``, as a :class:`Part`."""
+    out = []
+    for r in runs:
+        j = _weighted_median_index(step_times(r, c), r.n)
+        cfg = r.config
+        out.append(
+            Part(
+                cfg.model_id,
+                cfg.key,
+                GPUS[cfg.gpu_model],
+                cfg.itl_median_ms / 1e3,
+                float(r.fixed[j]),
+                float(r.kv[j]),
+                float(r.lm.profile.mem_bw_bytes_per_s),
+                int(r.n[j]) * r.units_per_seq,
+                int(r.n[j] + r.adm[j]),
+                r.ar_calls,
+                float((r.n[j] + r.adm[j] * 250) * r.d_model * 2.0),
+                r.lm.tp,
+            )
+        )
+    return out
+
+
+#: fit, re-place each row's median step under the fitted constants, refit: this many rounds
+MEDIAN_ROUNDS = 3
+#: the constants the first round's median steps are placed under (the H100's form)
+START = {"overhead_s": 2.5e-3, "per_seq_s": 5e-5, "kv_memory_eff": 0.95}
+
+
+def predict_part(p: Part, c: dict) -> float:
+    """The median step of ``p`` under constants ``c``."""
+    e = c["kv_memory_eff"]
+    u = c.get("attn_unit_bw_bytes_per_s", 0.0)
+    frac = e if u <= 0.0 else min(e, p.units * u / p.full_bw)
+    t = p.fixed_s + c["overhead_s"] + c["per_seq_s"] * p.seqs + p.kv_s / frac
+    if p.ar_calls:
+        t += p.ar_calls * (
+            c.get("ar_floor_s", 0.0)
+            + 2.0 * (p.tp - 1) / p.tp * p.ar_bytes / c.get("ar_bw_bytes_per_s", math.inf)
+        )
+    return t
+
+
+def _solve_parts(parts: list[Part], e: float, u: float) -> tuple[float, float, float]:
+    """(overhead_s, per_seq_s, loss) at KV efficiency ``e`` and unit bandwidth ``u``: least
+    squares of the relative error, both terms >= 0 (as :func:`_solve`)."""
+    c0 = {"kv_memory_eff": e, "attn_unit_bw_bytes_per_s": u, "overhead_s": 0.0, "per_seq_s": 0.0}
+    w = [1.0 / p.itl_s for p in parts]
+    y = [(p.itl_s - predict_part(p, c0)) * wi for p, wi in zip(parts, w, strict=True)]
+    x2 = [p.seqs * wi for p, wi in zip(parts, w, strict=True)]
+    s11 = sum(a * a for a in w)
+    s12 = sum(a * b for a, b in zip(w, x2, strict=True))
+    s22 = sum(b * b for b in x2)
+    t1 = sum(a * b for a, b in zip(w, y, strict=True))
+    t2 = sum(a * b for a, b in zip(x2, y, strict=True))
+    cands = [(max(0.0, t1 / s11), 0.0), (0.0, max(0.0, t2 / s22))]
+    det = s11 * s22 - s12 * s12
+    if det > 0:
+        cands.insert(0, ((t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det))
+    best = (0.0, 0.0, math.inf)
+    for o, sq in cands:
+        if o < 0 or sq < 0:
+            continue
+        c = {**c0, "overhead_s": o, "per_seq_s": sq}
+        loss = sum((predict_part(p, c) / p.itl_s - 1.0) ** 2 for p in parts)
+        if loss < best[2]:
+            best = (o, sq, loss)
+    return best
+
+
+def fit_parts(parts: list[Part]) -> dict:
+    """The B200's four constants minimising the squared relative error over ``parts``."""
+    best: dict = {"loss": math.inf}
+    for e in KV_EFF_GRID_B200:
+        for u in UNIT_BW_GRID:
+            o, sq, loss = _solve_parts(parts, e, u)
+            if loss < best["loss"] - 1e-15:
+                best = {
+                    "overhead_s": o,
+                    "per_seq_s": sq,
+                    "graph_floor_frac": FLOOR_GRID[0],
+                    "kv_memory_eff": e,
+                    "attn_unit_bw_bytes_per_s": u,
+                    "loss": loss,
+                }
+    return best
+
+
+def fit_runs(runs: list[_Run]) -> dict:
+    """:func:`fit_parts` with each run's median step placed under the constants being fitted
+    (``MEDIAN_ROUNDS`` rounds from ``START``)."""
+    c: dict = dict(START)
+    for _ in range(MEDIAN_ROUNDS):
+        c = fit_parts(parts_at(runs, c))
+    return c
+
+
+def run_err(r: _Run, c: dict) -> float:
+    """Run ``r``'s median step under ``c`` against its measured median ITL."""
+    t = step_times(r, c)
+    j = _weighted_median_index(t, r.n)
+    return float(t[j]) / (r.config.itl_median_ms / 1e3) - 1.0
+
+
+def fit_b200(runs: list[_Run]) -> dict:
+    """The B200's constants fitted to all ``runs`` and their leave-one-model-out errors."""
+    c_all = fit_runs(runs)
+    models = sorted({r.config.model_id for r in runs})
+    errs: list[float] = []
+    for m in models:
+        c = fit_runs([r for r in runs if r.config.model_id != m])
+        errs += [run_err(r, c) for r in runs if r.config.model_id == m]
+    return {
+        **{k: v for k, v in c_all.items() if k != "loss"},
+        "rows": len(runs),
+        "models": models,
+        "lomo": _summary(errs),
+        "in_sample": _summary([run_err(r, c_all) for r in runs]),
+    }
+
+
+# -- tensor parallelism: vLLM's custom all-reduce ------------------------------------------
+
+
+def fit_allreduce(parts: list[Part], c1: dict, gpu: str = "h100-sxm") -> dict:
+    """``ar_floor_s`` fitted to the TP ``parts`` with the single-GPU constants ``c1`` held and
+    the bus bandwidth at the GPU's NVLink data-sheet rate (assumed: the rows' messages, at most
+    a few MB, are too small to fit it), least squares of the relative error, and the
+    leave-one-model-out errors."""
+    bw = _link_bw(gpu)
+
+    def free(p: Part) -> float:
+        return predict_part(p, {**c1, "ar_floor_s": 0.0, "ar_bw_bytes_per_s": bw})
+
+    def solve(ps: list[Part]) -> float:
+        # t = free + calls x floor: linear in floor
+        x = [p.ar_calls / p.itl_s for p in ps]
+        y = [(p.itl_s - free(p)) / p.itl_s for p in ps]
+        f = sum(a * b for a, b in zip(x, y, strict=True)) / sum(a * a for a in x)
+        return max(0.0, f)
+
+    c_all = {"ar_floor_s": solve(parts), "ar_bw_bytes_per_s": bw}
+    errs: list[float] = []
+    models = sorted({p.model_id for p in parts})
+    for m in models:
+        train = [p for p in parts if p.model_id != m]
+        if not train:
+            continue
+        cm = {**c1, "ar_floor_s": solve(train), "ar_bw_bytes_per_s": bw}
+        errs += [predict_part(p, cm) / p.itl_s - 1.0 for p in parts if p.model_id == m]
+    return {
+        **c_all,
+        "ar_rows": len(parts),
+        "ar_models": models,
+        "ar_lomo": _summary(errs),
+        "ar_in_sample": _summary([predict_part(p, {**c1, **c_all}) / p.itl_s - 1.0 for p in parts]),
+        "ar_free": _summary([free(p) / p.itl_s - 1.0 for p in parts]),
+    }
+
+
+def _link_bw(gpu: str) -> float:
+    return float(catalog_profile(gpu, catalog.gpu(gpu)).link_bw_bytes_per_s)
 
 
 def predict_eager(row: Row) -> float:
@@ -251,24 +623,39 @@ def _summary(errs: list[float]) -> dict:
 
 
 def stacks_toml(res: dict) -> str:
-    """The catalog file of the fitted constants (``catalog/stacks.toml``)."""
+    """The catalog file of the fitted constants (``catalog/stacks.toml``); every constant
+    tagged fitted, derived or assumed with its source."""
     lines = [
         "# Serving-stack constants by stack and catalog GPU (fleetsim.device.stack). GENERATED by",
         "#   python -m fleetsim.calibrate.stack --write",
-        "# from data/mlenergy-v3 (ML.ENERGY Benchmark v3, vLLM 0.11.1, Apache-2.0; its SOURCE.md):",
-        "# decode-dominated, non-suspect single-GPU rows of Qwen3-8B and Qwen3-14B (lm-arena-chat,",
-        "# gpqa), their median ITL against a decode step at the row's batch and mean context.",
-        "# overhead_s, per_seq_s: fitted (least squares, relative error); kv_memory_eff:",
-        "# fitted on a grid capped at 0.95; graph_floor_frac: assumed (calibrate/stack.py says",
-        "# why), confidence L. GPUs without ML.ENERGY rows (A100, H200): derived = the H100's",
-        "# constants (same host-side stack; H200 is an H100 with more HBM), confidence L.",
+        "# from data/mlenergy-v3 (ML.ENERGY Benchmark v3, vLLM 0.11.1, Apache-2.0; its SOURCE.md),",
+        "# median ITL of non-suspect rows against the step at the row's batch and mean context.",
+        "# H100: decode-dominated single-GPU rows of Qwen3-8B and Qwen3-14B (lm-arena-chat, gpqa).",
+        "# B200: every non-suspect single-GPU dense row (Qwen3-8B/14B/32B, gemma-3-12b/27b), each",
+        "# run in steps as the benchmark ran it, its token-weighted median step (calibrate/stack).",
+        "# overhead_s, per_seq_s: fitted (least squares, relative error); kv_memory_eff and",
+        "# attn_unit_bw_bytes_per_s: fitted on grids (kv_memory_eff capped at 0.95; the unit cap",
+        "# applies to one-GPU engines only, device/stack.py says why, confidence L);",
+        "# graph_floor_frac: assumed (calibrate/stack.py says why), confidence L. ar_*: vLLM's",
+        "# custom all-reduce, fitted to the H100's dense TP2 rows (Qwen3-32B, gemma-3-27b).",
+        "# GPUs without ML.ENERGY rows (A100, H200): derived = the H100's constants (same",
+        "# host-side stack, FlashAttention decode; H200 is an H100 with more HBM), the all-reduce",
+        "# bandwidth scaled by the GPU's NVLink bandwidth, confidence L.",
         "",
     ]
     h100 = res.get("h100-sxm")
     entries = dict(res)
     if h100 is not None:
         for g in ("a100-80gb", "h200"):
-            entries.setdefault(g, {**h100, "derived_from": "h100-sxm"})
+            scale = _link_bw(g) / _link_bw("h100-sxm")
+            entries.setdefault(
+                g,
+                {
+                    **h100,
+                    "derived_from": "h100-sxm",
+                    "ar_bw_bytes_per_s": h100["ar_bw_bytes_per_s"] * scale,
+                },
+            )
     for gpu in sorted(entries):
         v = entries[gpu]
         lines.append(f'["vllm-v1"."{gpu}"]')
@@ -289,10 +676,42 @@ def stacks_toml(res: dict) -> str:
                 f"fit_median_err = {ins['median_abs']:.4f}  # in sample, worst"
                 f" {ins['worst_abs']:.4f}"
             )
-        lines.append(f"overhead_s = {v['overhead_s']:.4e}  # exposed CPU time per iteration")
-        lines.append(f"per_seq_s = {v['per_seq_s']:.4e}  # per sequence in the iteration")
+        lines.append(
+            f"overhead_s = {v['overhead_s']:.4e}  # fitted: exposed CPU time per iteration"
+        )
+        lines.append(f"per_seq_s = {v['per_seq_s']:.4e}  # fitted: per sequence in the iteration")
         lines.append(f"graph_floor_frac = {v['graph_floor_frac']:g}  # assumed (L)")
-        lines.append(f"kv_memory_eff = {v['kv_memory_eff']:.3f}  # KV read, fraction of peak")
+        lines.append(
+            f"kv_memory_eff = {v['kv_memory_eff']:.3f}  # fitted: KV read, fraction of peak"
+        )
+        u = v.get("attn_unit_bw_bytes_per_s", 0.0)
+        if u > 0:
+            lines.append(
+                f"attn_unit_bw_bytes_per_s = {u:.4e}  # fitted (L): KV read per (sequence, KV"
+                " head), one-GPU engines; kernel or host cause open (device/stack.py)"
+            )
+        else:
+            lines.append(
+                "attn_unit_bw_bytes_per_s = 0.0  # none: FlashAttention's decode splits long"
+                " contexts across blocks"
+            )
+        if "ar_floor_s" in v:
+            tag = "derived" if gpu != "h100-sxm" else "fitted"
+            why = "" if gpu == "h100-sxm" else " (the H100's; NVLink-scaled bandwidth)"
+            lines.append(
+                f"ar_floor_s = {v['ar_floor_s']:.4e}  # {tag}: custom all-reduce, per call{why}"
+            )
+            lines.append(
+                f"ar_bw_bytes_per_s = {v['ar_bw_bytes_per_s']:.4e}  # assumed: the GPU's NVLink"
+                " bandwidth (catalog link_bw)"
+            )
+            if gpu == "h100-sxm" and v.get("ar_lomo"):
+                lo = v["ar_lomo"]
+                lines.append(
+                    f"ar_lomo_median_err = {lo['median_abs']:.4f}  # {v['ar_rows']} TP2 rows"
+                    f" ({', '.join(v['ar_models'])}), worst {lo['worst_abs']:.4f}, signed"
+                    f" median {lo['signed_median']:+.4f}"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -302,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=default_data_dir())
     ap.add_argument("--write", action="store_true", help="rewrite catalog/stacks.toml")
     a = ap.parse_args(argv)
-    res = fit(load_rows(a.data))
+    res = fit(load_rows(a.data), a.data)
     if a.write:
         path = Path(catalog.__file__).parent / "stacks.toml"
         path.write_text(stacks_toml(res))
@@ -313,8 +732,14 @@ def main(argv: list[str] | None = None) -> int:
             f" graph_floor_frac={v['graph_floor_frac']:.3g} kv_memory_eff={v['kv_memory_eff']:.3g}"
             f" ({v['rows']} rows, {', '.join(v['models'])})"
         )
-        for k in ("eager", "in_sample", "lomo"):
-            s = v[k]
+        if "attn_unit_bw_bytes_per_s" in v:
+            print(f"  attn_unit_bw_bytes_per_s={v['attn_unit_bw_bytes_per_s']:.4g}")
+        if "ar_floor_s" in v:
+            print(
+                f"  ar_floor_s={v['ar_floor_s']:.4g} ar_bw_bytes_per_s={v['ar_bw_bytes_per_s']:.4g}"
+            )
+        for k in ("eager", "in_sample", "lomo", "ar_free", "ar_in_sample", "ar_lomo"):
+            s = v.get(k)
             if s:
                 print(
                     f"  {k:9s} median |err| {s['median_abs']:.1%}  worst {s['worst_abs']:.1%}"

@@ -19,19 +19,23 @@ standard parsers recurse, so 100,000 nested arrays would be a ``RecursionError``
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from fleetsim.base.errors import UserError
 
 MiB = 1 << 20
 # Stated limits (bytes). A scenario, a model file, a schedule or a profile is a few KB; the
 # largest real trace we ship (Azure 2024 conversation, one week) is ~30 MB of CSV.
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 MAX_CONFIG_BYTES = 4 * MiB  # scenario TOML, model TOML, schedule JSON, profile JSON
 MAX_TRACE_BYTES = 256 * MiB  # CSV traces (timed arrivals, empirical sizes)
 MAX_DEPTH = 64  # nesting of arrays/tables in JSON and TOML (a scenario needs 3)
@@ -381,3 +385,28 @@ def json_safe(obj):
     if hasattr(obj, "isoformat"):
         return obj.isoformat()
     return obj
+
+
+def cached_by_content_stamp(maxsize: int) -> Callable[[_F], _F]:
+    """Cache a reader ``f(path, *args)`` per (path, *args) AND the file's size and modification
+    time: a file rewritten at the same path (a user regenerating a trace between two runs of one
+    Python session) is read again instead of answered from the cache. A path that cannot be
+    stat'ed goes to the reader uncached, which reports it in its own words."""
+
+    def wrap(f: _F) -> _F:
+        @functools.lru_cache(maxsize=maxsize)
+        def cached(stamp: tuple[int, int, int], path: str, *args: Any) -> Any:
+            return f(path, *args)
+
+        @functools.wraps(f)
+        def reader(path: str, *args: Any) -> Any:
+            try:
+                st = os.stat(path)
+            except (OSError, ValueError, TypeError):
+                return f(path, *args)
+            return cached((st.st_ino, st.st_size, st.st_mtime_ns), path, *args)
+
+        reader.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+        return reader  # type: ignore[return-value]
+
+    return wrap

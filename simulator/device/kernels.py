@@ -143,11 +143,28 @@ def elem_time_s(fit: KernelFit, bw_bytes_per_s: float, op: str, nbytes: float) -
     return fixed + nbytes / (bw_bytes_per_s * eff)
 
 
+#: id(table) -> (table, its x values, its smallest y): the all-reduce tables have ~200 points
+#: and are read once per new iteration size; building the x list and the floor each time was
+#: ~0.05 CPU s of a 21,556-request day (bench/bench_startup.py). The table is kept in the value
+#: so that its id cannot be reused while cached.
+_TABLE_CACHE: dict[int, tuple[tuple[tuple[float, float], ...], list[float], float]] = {}
+
+
+def _table_info(
+    table: tuple[tuple[float, float], ...],
+) -> tuple[tuple[tuple[float, float], ...], list[float], float]:
+    hit = _TABLE_CACHE.get(id(table))
+    if hit is None or hit[0] is not table:
+        hit = (table, [p[0] for p in table], min(p[1] for p in table))
+        _TABLE_CACHE[id(table)] = hit
+    return hit
+
+
 def interp_table(table: tuple[tuple[float, float], ...], x: float) -> float:
     """Piecewise-linear interpolation of ``((x, y), ...)`` (x increasing): flat below the first
     point, extended beyond the last with the slope of the last half of the table's range (the
     bandwidth of large messages)."""
-    xs = [p[0] for p in table]
+    xs = _table_info(table)[1]
     if x <= xs[0]:
         return table[0][1]
     if x >= xs[-1]:
@@ -248,7 +265,7 @@ def allreduce_floor_s(fit: KernelFit, gpus: int) -> float:
     """The latency floor of the measured all-reduce across ``gpus`` GPUs: its smallest time
     (0 without a table)."""
     table = fit.allreduce_table(gpus)
-    return 0.0 if table is None else min(t for _, t in table)
+    return 0.0 if table is None else _table_info(table)[2]
 
 
 def graphed_fit(fit: KernelFit, floor_frac: float) -> KernelFit:

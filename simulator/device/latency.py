@@ -179,7 +179,20 @@ class RooflineProfile:
     #: time per sequence in an iteration beyond its kernels (the serving stack's sampling and
     #: per-request host work that asynchronous scheduling does not hide; 0 for eager)
     per_seq_s: float = 0.0
+    #: decode attention's achieved KV bandwidth per work unit (one decoding sequence x one KV
+    #: head on a GPU), bytes/s, on one-GPU engines: a step reads its KV at ``min(bw x
+    #: memory_eff, units x attn_unit_bw)`` (0: no such cap; see fleetsim.device.stack)
+    attn_unit_bw_bytes_per_s: float = 0.0
+    #: the serving stack's own small-message all-reduce (vLLM's custom all-reduce, used for
+    #: messages up to ``CUSTOM_AR_MAX_BYTES``): ``ar_floor_s + 2 (tp - 1) / tp x bytes /
+    #: ar_bw_bytes_per_s`` per call; 0: the kernel fit's measured table (NCCL)
+    ar_floor_s: float = 0.0
+    ar_bw_bytes_per_s: float = 0.0
 
+
+#: vLLM's custom all-reduce handles messages up to 8 MiB (CustomAllreduce max_size, vllm/
+#: distributed/device_communicators/custom_all_reduce.py); larger ones go to NCCL
+CUSTOM_AR_MAX_BYTES = 8 * 1024 * 1024
 
 _GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
 
@@ -447,6 +460,16 @@ class LatencyModel:
         kvb_gpu = m.kv_bytes_per_token_tp(tp) / tp
         self._att_c = m.attn_flops_per_pair / (tp * dp * p.peak_flops * p.compute_eff_max)
         self._att_m = kvb_gpu / (dp * p.mem_bw_bytes_per_s * p.memory_eff)
+        # the per-unit KV-read cap (attn_unit_bw_bytes_per_s) holds on one-GPU engines, where
+        # it was fitted; multi-GPU B200 servers decode long contexts at small batch without it
+        # (device/stack.py); latent attention (MLA) runs other kernels and keeps the plain read
+        one_gpu = tp * dp == 1
+        self._unit_bw = p.attn_unit_bw_bytes_per_s if one_gpu and not m.is_mla else 0.0
+        self._kvh_gpu = max(1, m.n_kv_heads // tp)
+        self._full_bw = p.mem_bw_bytes_per_s * p.memory_eff
+        self._att_m_n: dict[int, float] = {}
+        self._ar_floor = p.ar_floor_s
+        self._ar_bw = p.ar_bw_bytes_per_s
         self._link = (p.link_bw_bytes_per_s, p.link_latency_s)
         # the experts' and the LM head's own precisions (expert_dtype, embed_dtype)
         e_dt, h_dt = m.expert_dtype or m.dtype, m.embed_dtype or m.dtype
@@ -471,6 +494,40 @@ class LatencyModel:
             self._gmax = p.graph_max_tokens
             self._head_cache_g = {}
             self._ar_floor_g = 1.0 - p.graph_floor_frac
+
+    def att_m_for(self, n: int) -> float:
+        """Seconds per context token of the KV read in a step with ``n`` decoding sequences:
+        the bandwidth ``bw x memory_eff``, or ``units x attn_unit_bw`` when that is lower
+        (units = sequences per engine x KV heads per GPU)."""
+        if self._unit_bw <= 0.0 or n <= 0:
+            return self._att_m
+        v = self._att_m_n.get(n)
+        if v is None:
+            units = _ceil(n / self.dp) * self._kvh_gpu
+            cap = units * self._unit_bw
+            v = self._att_m if cap >= self._full_bw else self._att_m * (self._full_bw / cap)
+            self._att_m_n[n] = v
+        return v
+
+    def _allreduce_s(self, kf: KernelFit, nbytes: float, graphed: bool) -> float:
+        """One all-reduce of ``nbytes`` across the ``tp`` GPUs: the serving stack's own
+        (``ar_floor_s``, ``ar_bw_bytes_per_s``) for messages up to ``CUSTOM_AR_MAX_BYTES``,
+        else the kernel fit's measured table (or the ring model without one), whose latency
+        floor shrinks under a CUDA graph like the kernels' floors."""
+        tp = self.tp
+        if self._ar_bw > 0.0 and nbytes <= CUSTOM_AR_MAX_BYTES:
+            return self._ar_floor + 2.0 * (tp - 1) / tp * nbytes / self._ar_bw
+        one = allreduce_time_s(kf, tp, nbytes)
+        if one is None:  # no measured table for this GPU count: the ring model
+            m = self.model
+            d = nbytes / (m.d_model * 2.0)
+            one = self._comm_a / (2.0 * m.n_layers) + self._comm_b * d / (2.0 * m.n_layers)
+            floor = self._roof.link_latency_s
+        else:
+            floor = allreduce_floor_s(kf, tp)
+        if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
+            one -= self._ar_floor_g * floor
+        return one
 
     def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
         """(compute, memory-bound, communication) seconds of the kernel model's non-attention
@@ -506,15 +563,7 @@ class LatencyModel:
         mem = (lin - comp) + m.n_layers * t_elem + emb
         comm = 0.0
         if tp > 1:
-            ar = allreduce_time_s(kf, tp, tokens * m.d_model * 2.0)
-            if ar is None:  # no measured table for this GPU count: the ring model
-                ar = self._comm_a / (2.0 * m.n_layers) + self._comm_b * tokens / (2.0 * m.n_layers)
-                floor = self._roof.link_latency_s
-            else:
-                floor = allreduce_floor_s(kf, tp)
-            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
-                ar -= self._ar_floor_g * floor
-            comm = 2.0 * m.n_layers * ar
+            comm = 2.0 * m.n_layers * self._allreduce_s(kf, tokens * m.d_model * 2.0, graphed)
         v = (comp, mem, comm)
         self._lin_cache[key] = v
         return v
@@ -566,15 +615,8 @@ class LatencyModel:
             comm += n_moe * (mo["moe_dispatch"] + mo["moe_combine"])
         ar = 0.0
         if tp > 1 and tokens > 0:
-            one = allreduce_time_s(kf, tp, t_eng * m.d_model * 2.0)
-            if one is None:  # no measured table for this GPU count: the ring model
-                one = self._comm_a / (2.0 * m.n_layers) + self._comm_b * t_eng / (2.0 * m.n_layers)
-                floor = self._roof.link_latency_s
-            else:
-                floor = allreduce_floor_s(kf, tp)
-            if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
-                one -= self._ar_floor_g * floor
-            ar = 2.0 * m.n_layers * one  # after each mixer and each feed-forward block
+            # after each mixer and each feed-forward block
+            ar = 2.0 * m.n_layers * self._allreduce_s(kf, t_eng * m.d_model * 2.0, graphed)
         parts["allreduce"] = ar
         comm += ar
         head = self._head_time(seqs, graphed)
@@ -684,7 +726,7 @@ class LatencyModel:
         if self._kern is not None:
             att = (pairs + ctx) * self._att_c
             att_m = self._att_m
-            kv = ctx * att_m
+            kv = ctx * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
             lt = self._tok_cache.get(tokens)
             hd = (self._head_cache_g if tokens <= self._gmax else self._head_cache).get(
                 n_prefill + n
@@ -739,7 +781,7 @@ class LatencyModel:
         prof = self.profile
         if self._kern is not None:
             base = self._oh + self.linear_time(n, n) + n * self._att_m
-            c = RunCoeffs(base, 0.0, self._att_c, 0.0, self._att_m, fa, fb, ba, bb)
+            c = RunCoeffs(base, 0.0, self._att_c, 0.0, self.att_m_for(n), fa, fb, ba, bb)
         elif isinstance(prof, LinearProfile):
             a = prof.per_seq_s * n
             c = RunCoeffs(
@@ -802,7 +844,7 @@ class LatencyModel:
                 "embedding": elem_time_s(kf, self._bw, "emb", 4.0 * tokens * m.d_model),
             }
         att = (pairs + ctx) * self._att_c
-        kv = ctx * self._att_m
+        kv = ctx * self.att_m_for(n)
         out = {"attention_linear": lin.pop("attention_linear")}
         out["attention_core"] = (att if att > kv else kv) + tokens * self._att_m
         out.update(lin)

@@ -20,7 +20,26 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   step i, so the CPU time per iteration is hidden except for a residual ``overhead_s`` (the
   sampler's synchronisation and the input copy).
 
-Both constants are fitted per GPU to the ML.ENERGY rows' median inter-token latency
+* **Decode attention by backend.** On Blackwell (SM 10.0) vLLM 0.11 selects FlashInfer with the
+  HND KV layout by default (vllm/platforms/cuda.py, ``get_attn_backend_cls``: "Prefer FlashInfer
+  for Blackwell GPUs if installed") and runs decode batches of up to 256 tokens on FlashInfer's
+  TRTLLM-gen kernels (vllm/utils/flashinfer.py, ``use_trtllm_attention``); on Hopper it keeps
+  FlashAttention, whose decode splits long contexts across thread blocks. The single-GPU B200
+  rows show a decode whose KV read grows with the number of (sequence, KV head) work units
+  until the bandwidth saturates (Qwen3-32B GPQA at ~5,500 tokens of context: 44 ms at 8
+  sequences, 36 to 41 ms from 16 to 64; ~30 ms per step more than its chat rows at 8 to 32
+  sequences): ``attn_unit_bw_bytes_per_s`` caps a step's KV read at units x that bandwidth
+  (:class:`~fleetsim.device.latency.RooflineProfile`). **Scope (confidence L):** the cap is
+  applied to one-GPU engines only, where it was fitted. The multi-GPU B200 servers decode long
+  contexts at small batch fast (Qwen3-235B-A22B-Thinking GPQA, 8 sequences: 16.5 ms on 8 GPUs,
+  19.0 ms on 4, with one KV head per GPU), which a kernel-only cause would not allow; the
+  benchmark flags the single-GPU GPQA rows of five models "B200 slower than H100" and names
+  host-side limits as one candidate. Which of the two it is stays open.
+* **Custom all-reduce.** Under tensor parallelism vLLM all-reduces messages of up to 8 MiB with
+  its own one-/two-shot kernel over NVLink, captured in the graph, not NCCL:
+  ``ar_floor_s + 2 (tp - 1) / tp x bytes / ar_bw_bytes_per_s`` per call.
+
+The constants are fitted per GPU to the ML.ENERGY rows' median inter-token latency
 (``python -m fleetsim.calibrate.stack``; the values, their provenance and their errors are in
 ``catalog/stacks.toml``). Iterations of more tokens than the capture size run as in ``eager``
 apart from the overhead (their kernels are long enough for the CPU to launch ahead of them).
@@ -89,4 +108,7 @@ def apply_stack(profile: Profile, stack: str, gpu: str, max_num_seqs: int) -> Pr
         graph_floor_frac=float(c["graph_floor_frac"]),
         per_seq_s=float(c["per_seq_s"]),
         memory_eff=float(c["kv_memory_eff"]),
+        attn_unit_bw_bytes_per_s=float(c.get("attn_unit_bw_bytes_per_s", 0.0)),
+        ar_floor_s=float(c.get("ar_floor_s", 0.0)),
+        ar_bw_bytes_per_s=float(c.get("ar_bw_bytes_per_s", 0.0)),
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import overload
 
 import numpy as np
@@ -77,7 +76,7 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
         i, k = j + 1, k + 1
 
 
-@lru_cache(maxsize=4)
+@io.cached_by_content_stamp(maxsize=4)
 def read_mooncake(path: str, what: str = "traffic.trace") -> MooncakeTrace:
     """Read and check a Mooncake JSONL trace through the bounded reader (a regular file, opened
     without blocking, at most :data:`io.MAX_TRACE_BYTES`; UTF-8 with an optional byte-order mark,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from fleetsim.base.errors import UserError
-from fleetsim.base.io import MAX_TRACE_TOKENS, first_true
+from fleetsim.base.io import MAX_TRACE_TOKENS, cached_by_content_stamp, first_true
 from fleetsim.base.units import HOUR_S
 from fleetsim.workload.distributions import Empirical, chunked
 from fleetsim.workload.mooncake import is_mooncake, read_mooncake
@@ -87,7 +86,7 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-@lru_cache(maxsize=8)
+@cached_by_content_stamp(maxsize=8)
 def read_trace(path: str) -> dict[str, np.ndarray]:
     """Integer columns of a CSV trace (e.g. Azure's TIMESTAMP,ContextTokens,GeneratedTokens),
     read with ``pyarrow.csv`` (:func:`fleetsim.base.io.read_csv`).
@@ -178,7 +177,7 @@ def hourly_arrivals(
 TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 
 
-@lru_cache(maxsize=8)
+@cached_by_content_stamp(maxsize=8)
 def read_arrival_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A timed trace for ``traffic.trace``: CSV with columns arrival_s (seconds from the start,
     non-decreasing), prompt_tokens and output_tokens (integers in 1..MAX_TRACE_TOKENS), or a
