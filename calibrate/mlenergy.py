@@ -351,12 +351,14 @@ class _Tracker:
         self.bytes = 0.0
         self.tokens = 0.0
         self.dyn = 0.0
-        self.snaps: list[tuple[float, float, float, float, float, int]] = []
+        self.comm = 0.0
+        self.snaps: list[tuple[float, float, float, float, float, int, float]] = []
         rec.busy_s = _Log(rec.busy_s, self._busy)
         rec.flops = _Log(rec.flops, self._flops)
         rec.bytes_moved = _Log(rec.bytes_moved, self._bytes)
         rec.output_tokens = _Log(rec.output_tokens, self._tokens)
         rec.dyn_j = _Log(rec.dyn_j, self._dyn)
+        rec.comm_s = _Log(rec.comm_s, self._comm)
 
     def _busy(self, d: float) -> None:
         self.busy += d
@@ -367,29 +369,42 @@ class _Tracker:
     def _bytes(self, d: float) -> None:
         self.bytes += d
 
+    def _comm(self, d: float) -> None:
+        self.comm += d
+
     def _tokens(self, d: float) -> None:
         self.tokens += d
 
     def _dyn(self, d: float) -> None:
         self.dyn += d
-        # a commit adds its tokens, busy time, energy, FLOPs and bytes in that order, and its
-        # iteration count last: the FLOPs, bytes and iterations seen here are the earlier
-        # commits' (see cumulative())
+        # a commit adds its tokens, busy time, energy, FLOPs, bytes and communication seconds
+        # in that order, and its iteration count last: the FLOPs, bytes, communication and
+        # iterations seen here are the earlier commits' (see cumulative())
         self.snaps.append(
-            (self.busy, self.dyn, self.tokens, self.flops, self.bytes, self.rec.iterations)
+            (
+                self.busy,
+                self.dyn,
+                self.tokens,
+                self.flops,
+                self.bytes,
+                self.rec.iterations,
+                self.comm,
+            )
         )
 
     def cumulative(self) -> dict[str, np.ndarray]:
-        """Cumulative busy time, tokens, FLOPs, bytes and iterations after each commit."""
-        s = np.array(self.snaps, dtype=float).reshape(-1, 6)
-        final = np.array([[self.flops, self.bytes, float(self.rec.iterations)]])
-        after = np.concatenate((s[1:, 3:6], final))
+        """Cumulative busy time, tokens, FLOPs, bytes, iterations and communication seconds
+        after each commit."""
+        s = np.array(self.snaps, dtype=float).reshape(-1, 7)
+        final = np.array([[self.flops, self.bytes, float(self.rec.iterations), self.comm]])
+        after = np.concatenate((s[1:, [3, 4, 5, 6]], final))
         return {
             "busy": s[:, 0],
             "tokens": s[:, 2],
             "flops": after[:, 0],
             "bytes": after[:, 1],
             "iters": after[:, 2],
+            "comm": after[:, 3],
         }
 
 
@@ -410,11 +425,17 @@ class SimRun:
     seg_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     seg_flops: np.ndarray = field(default_factory=lambda: np.zeros(0))
     seg_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    seg_iters: np.ndarray = field(default_factory=lambda: np.zeros(0))  # iterations per commit
+    seg_comm_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # in communication
+    #: weight bytes the replica reads per iteration (the rest of a commit's bytes are KV cache
+    #: and linear state: PowerSpec.kv_w); exact for a dense model, whose every iteration reads
+    #: them all; a mixture of experts: those a full batch of max_num_seqs touches
+    weight_bytes: float = 0.0
     peak_flops: float = 0.0  # per GPU, as the simulator's power model uses them
     peak_bw: float = 0.0
-    #: (u_c, u_m) per GPU of one full prefill iteration (max_num_batched_tokens of prompts of
-    #: the task's length), the anchor of the fit's prefill row (see fit_power)
-    prefill_u: tuple[float, float] = (0.0, 0.0)
+    #: (u_c, u_m, u_kv) per GPU of one full prefill iteration (max_num_batched_tokens of
+    #: prompts of the task's length), the anchor of the fit's prefill row (see fit_power)
+    prefill_u: tuple[float, float, float] = (0.0, 0.0, 0.0)
     error: str = ""
     sim_wall_s: float = 0.0
 
@@ -498,9 +519,13 @@ def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
     t_pf, f_pf, b_pf = rs.latency_model().iteration(
         k * prompt, float(k * prompt * prompt), k, 0, 0.0
     )
+    lm = rs.latency_model()
+    out.weight_bytes = float(lm.weight_bytes_per_iteration(max(1, c.max_num_seqs)))
     out.prefill_u = (
         f_pf / (t_pf * c.num_gpus * out.peak_flops),
         b_pf / (t_pf * c.num_gpus * out.peak_bw),
+        max(b_pf - lm.weight_bytes_per_iteration(k * prompt), 0.0)
+        / (t_pf * c.num_gpus * out.peak_bw),
     )
     m = c.max_num_seqs
     first = np.sort(np.asarray(sink.first))
@@ -530,6 +555,7 @@ def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
     seg_tok = np.diff(np.concatenate(([0.0], tok)))
     seg_f = np.diff(np.concatenate(([0.0], fl_cum)))
     seg_b = np.diff(np.concatenate(([0.0], by_cum)))
+    seg_c = np.diff(np.concatenate(([0.0], cum["comm"])))
 
     def at(cum: np.ndarray, t: float) -> float:
         return float(np.interp(t, np.concatenate(([0.0], busy)), np.concatenate(([0.0], cum))))
@@ -554,6 +580,8 @@ def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
     out.seg_s = seg_t[inw]
     out.seg_flops = seg_f[inw]
     out.seg_bytes = seg_b[inw]
+    out.seg_iters = seg_it[inw]
+    out.seg_comm_s = seg_c[inw]
     out.sim_wall_s = time.perf_counter() - t0
     return out
 
@@ -580,18 +608,29 @@ def catalog_power(gpu_model: str) -> PowerSpec:
         active_w=e["active_w"],
         compute_w=e["compute_w"],
         memory_w=e["memory_w"],
+        kv_w=e.get("kv_w", 0.0),
+        comm_w=e.get("comm_w"),
     )
 
 
-def utilisation(run: SimRun, speed: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segment durations, u_c, u_m) per GPU of the window's commits; ``speed`` scales the
-    achieved rates (the measured over the simulated throughput: the same work done at the
-    measured pace)."""
+def utilisation(
+    run: SimRun, speed: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(segment durations, u_c, u_m, u_kv, f_comm) per GPU of the window's commits, u_kv
+    being the KV cache and linear-state part of u_m (the bytes beyond the weights of each
+    iteration, as the engine counts them) and f_comm the share of the time in communication;
+    ``speed`` scales the achieved rates (the measured over the simulated throughput: the same
+    work done at the measured pace; the shares of time stay)."""
     dt = np.maximum(run.seg_s, 1e-12)
     g = max(run.tp, 1)
     uc = speed * run.seg_flops / (dt * g * run.peak_flops)
     um = speed * run.seg_bytes / (dt * g * run.peak_bw)
-    return run.seg_s, uc, um
+    iters = run.seg_iters if len(run.seg_iters) == len(run.seg_s) else np.zeros(len(dt))
+    kv = np.maximum(run.seg_bytes - iters * run.weight_bytes, 0.0)
+    ukv = speed * kv / (dt * g * run.peak_bw)
+    cm = run.seg_comm_s if len(run.seg_comm_s) == len(run.seg_s) else np.zeros(len(dt))
+    fc = np.minimum(cm / dt, 1.0)
+    return run.seg_s, uc, um, ukv, fc
 
 
 def speed_of(c: Config, run: SimRun) -> float:
@@ -601,12 +640,14 @@ def speed_of(c: Config, run: SimRun) -> float:
 
 def predict_w(run: SimRun, p: PowerSpec, speed: float = 1.0) -> float:
     """Mean power per GPU over the window: every commit at
-    ``min(max_w, idle + active + compute_w u_c + memory_w u_m)`` (the replica is busy
-    throughout the window), time-weighted."""
-    dt, uc, um = utilisation(run, speed)
+    ``min(max_w, idle + level + compute_w u_c + memory_w u_m + kv_w u_kv)``, the level being
+    ``active_w`` and, for the share ``f_comm`` of the time in communication, ``comm_w`` (the
+    replica is busy throughout the window), time-weighted."""
+    dt, uc, um, ukv, fc = utilisation(run, speed)
     if dt.sum() <= 0:
         return math.nan
-    w = np.minimum(p.max_w, p.idle_w + p.active_w + p.compute_w * uc + p.memory_w * um)
+    level = p.active_w if p.comm_w is None else p.active_w * (1.0 - fc) + p.comm_w * fc
+    w = np.minimum(p.max_w, p.idle_w + level + p.compute_w * uc + p.memory_w * um + p.kv_w * ukv)
     return float((w * dt).sum() / dt.sum())
 
 
@@ -638,9 +679,11 @@ def fit_power(
     base: PowerSpec,
     speeds: Sequence[float] | None = None,
     anchor: bool = True,
+    kv: bool = True,
+    exact: bool = True,
 ) -> PowerSpec:
-    """``active_w``, ``compute_w`` and ``memory_w`` (all >= 0) fitted to measured mean power per
-    GPU, by relative least squares on the window means, then refined for the cap at
+    """``active_w``, ``compute_w``, ``memory_w`` and ``kv_w`` (all >= 0) fitted to measured
+    mean power per GPU, by relative least squares on the window means, then refined for the cap at
     ``base.max_w`` (commits predicted above the limit are clipped; two refits on the gap keep
     the fit consistent with it). ``idle_w`` and ``max_w`` stay ``base``'s.
 
@@ -653,30 +696,64 @@ def fit_power(
     :data:`PREFILL_ANCHOR_ROWS`): its full prefill iteration draws the power limit, as measured
     on H100s (Splitwise, Patel et al., ISCA'24: the prompt phase runs at about the 700 W TDP,
     token generation well below; the catalog's earlier constants used the same figure). For
-    other GPUs the same is assumed (confidence L)."""
+    other GPUs the same is assumed (confidence L).
+
+    ``kv_w`` (:class:`PowerSpec`) is fitted with the others from the runs' KV/state bytes
+    (``seg_iters``, ``weight_bytes``), and ``comm_w``, the level in place of ``active_w`` while
+    the GPUs communicate, where some runs are multi-GPU (``seg_comm_s``; else it stays None);
+    with ``kv=False`` both stay off (the older three-term model)."""
     sp = [1.0] * len(runs) if speeds is None else list(speeds)
     rows = []
     for r, v in zip(runs, sp, strict=True):
-        dt, uc, um = utilisation(r, v)
+        dt, uc, um, ukv, fc = utilisation(r, v)
         T = dt.sum()
-        rows.append((1.0, float((uc * dt).sum() / T), float((um * dt).sum() / T)))
+        f = float((fc * dt).sum() / T)
+        rows.append(
+            (
+                1.0 - f,
+                float((uc * dt).sum() / T),
+                float((um * dt).sum() / T),
+                float((ukv * dt).sum() / T) if kv else 0.0,
+                f,
+            )
+        )
+    # the communication level is fitted only where some rows communicate (multi-GPU runs)
+    comm = kv and any(row[4] > 0.0 for row in rows)
     meas = list(np.asarray(measured_w, dtype=float))
     wts = [1.0] * len(rows)
     if anchor:
-        seen: dict[tuple[float, float], None] = {}
+        seen: dict[tuple[float, ...], None] = {}
         for r in runs:
-            seen.setdefault(r.prefill_u, None)
-        for uc0, um0 in seen:
-            if uc0 > 0:
-                rows.append((1.0, uc0, um0))
+            seen.setdefault(tuple(r.prefill_u), None)
+        for u0 in seen:
+            if u0[0] > 0:
+                ukv0 = u0[2] if kv and len(u0) > 2 else 0.0
+                rows.append((1.0, u0[0], u0[1], ukv0, 0.0))
                 meas.append(base.max_w)
                 wts.append(PREFILL_ANCHOR_ROWS)
     a = np.asarray(rows)
+    if not comm:  # the level is active_w throughout
+        a[:, 0] += a[:, 4]
+        a = a[:, :4]
+    if not kv:
+        a = a[:, :3]
     m = np.asarray(meas)
     y = m - base.idle_w
-    wgt = np.asarray(wts) / m
+    # a row of weight w counts as w rows in the sum of squares: its residual is scaled by sqrt(w)
+    wgt = np.sqrt(np.asarray(wts)) / m
+
+    def spec(x: np.ndarray) -> PowerSpec:
+        return replace(
+            base,
+            active_w=float(x[0]),
+            compute_w=float(x[1]),
+            memory_w=float(x[2]),
+            kv_w=float(x[3]) if kv else 0.0,
+            comm_w=float(x[4]) if comm else None,
+        )
+
     x = _nnls(a * wgt[:, None], y * wgt)
-    p = replace(base, active_w=float(x[0]), compute_w=float(x[1]), memory_w=float(x[2]))
+    p = spec(x)
     n = len(runs)
     for _ in range(2):  # the cap lowers the prediction of the hottest rows: refit on the gap
         pred = np.array([predict_w(r, p, v) for r, v in zip(runs, sp, strict=True)])
@@ -684,8 +761,35 @@ def fit_power(
         y2 = y.copy()
         y2[:n] += lin - pred  # what the linear part must add to reach the measurement
         x = _nnls(a * wgt[:, None], y2 * wgt)
-        p = replace(base, active_w=float(x[0]), compute_w=float(x[1]), memory_w=float(x[2]))
-    return p
+        p = spec(x)
+    if not exact:
+        return p
+    # then the exact problem: the capped window means (every commit clipped at the limit)
+    # against the measurements, relative, from the linear solution, all terms >= 0
+    from scipy.optimize import least_squares
+
+    us = [utilisation(r, v) for r, v in zip(runs, sp, strict=True)]
+    meas_runs = m[:n]
+    anchors = a[n:]
+    anchor_w = wgt[n:] * m[n:]  # the anchors' weight (PREFILL_ANCHOR_ROWS)
+    ncol = a.shape[1]
+
+    def residuals(xx: np.ndarray) -> np.ndarray:
+        q = spec(np.concatenate((xx, np.zeros(5 - ncol))))
+        pred = np.array([_mean_w(u, q) for u in us])
+        lin = base.idle_w + anchors @ xx
+        return np.concatenate((pred / meas_runs - 1.0, anchor_w * (lin / base.max_w - 1.0)))
+
+    sol = least_squares(residuals, np.maximum(x[:ncol], 1e-3), bounds=(0.0, np.inf))
+    return spec(np.concatenate((sol.x, np.zeros(5 - ncol))))
+
+
+def _mean_w(u: tuple[np.ndarray, ...], p: PowerSpec) -> float:
+    """:func:`predict_w` from precomputed :func:`utilisation` arrays."""
+    dt, uc, um, ukv, fc = u
+    level = p.active_w if p.comm_w is None else p.active_w * (1.0 - fc) + p.comm_w * fc
+    w = np.minimum(p.max_w, p.idle_w + level + p.compute_w * uc + p.memory_w * um + p.kv_w * ukv)
+    return float((w * dt).sum() / dt.sum())
 
 
 # -- evaluation --------------------------------------------------------------------------------
@@ -961,6 +1065,8 @@ def write_profiles(
             "active_w": round(p.active_w, 1),
             "compute_w": round(p.compute_w, 1),
             "memory_w": round(p.memory_w, 1),
+            "kv_w": round(p.kv_w, 1),
+            "comm_w": None if p.comm_w is None else round(p.comm_w, 1),
             "method": "mlenergy-fit",
         }
         prof = replace(
@@ -978,7 +1084,8 @@ def write_profiles(
         summary["gpus"][name] = {"power": power, "rows": n, "models": models, "lomo": st}
         lines.append(
             f"{name}: {n} rows of {len(models)} model(s): idle {p.idle_w:g} W (kept), active "
-            f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, cap "
+            f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, KV/state "
+            f"{p.kv_w:.0f} W, cap "
             f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
             f"J/token median {st['j_per_token']['median']:.1%}; wrote {path}"
         )

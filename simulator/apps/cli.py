@@ -109,7 +109,9 @@ def cmd_validate(args) -> int:
         print(
             f"# power model ({rs.gpu.name}, per GPU): idle {pw.idle_w:g} W, busy "
             f"{pw.idle_w + pw.active_w:g} W + {pw.compute_w:g} W x compute use + "
-            f"{pw.memory_w:g} W x bandwidth use, capped at {pw.max_w:g} W; "
+            f"{pw.memory_w:g} W x bandwidth use + {pw.kv_w:g} W x its KV/state part"
+            + ("" if pw.comm_w is None else f"; {pw.idle_w + pw.comm_w:g} W while communicating")
+            + f", capped at {pw.max_w:g} W; "
             f"{pw.confidence or 'no provenance'}",
             file=sys.stderr,
         )

@@ -216,13 +216,19 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         k: v for k, v in hw.model_dump().items() if k not in ("gpu", "profile") and v is not None
     }
     entry.update(over)
-    set_here = [k for k in ("tdp_w", "idle_w", "active_w", "compute_w", "memory_w") if k in over]
+    set_here = [
+        k
+        for k in ("tdp_w", "idle_w", "active_w", "compute_w", "memory_w", "kv_w", "comm_w")
+        if k in over
+    ]
     power = PowerSpec(
         idle_w=entry["idle_w"],
         max_w=entry["tdp_w"],
         active_w=entry["active_w"],
         compute_w=entry["compute_w"],
         memory_w=entry["memory_w"],
+        kv_w=entry.get("kv_w", 0.0),
+        comm_w=entry.get("comm_w"),
         # the catalog's tag (fitted / derived, gpus.toml), or what the scenario changed
         confidence=(
             f"set by the scenario (hardware.{', hardware.'.join(set_here)})"

@@ -130,6 +130,12 @@ SCENARIO: dict[str, str] = {
     "per FLOP = compute_w / peak_flops).",
     "HardwareSection.memory_w": "Dynamic power of one GPU at its full memory bandwidth, in W "
     "(energy per byte = memory_w / bandwidth).",
+    "HardwareSection.kv_w": "Dynamic power of one GPU at its full memory bandwidth of KV-cache "
+    "and linear-state traffic, on top of memory_w, in W (the bytes that are not the weight "
+    "stream; fitted to ML.ENERGY v3 for the H100 and B200).",
+    "HardwareSection.comm_w": "Power of one GPU above idle while its replica waits on "
+    "tensor- or expert-parallel communication, in W, in place of active_w for that share of "
+    "the iteration (fitted to the H100's two-GPU ML.ENERGY v3 rows).",
     "HardwareSection.node_idle_w": "Host power (CPUs, DRAM, NICs, fans) of a powered node whose "
     "GPUs are idle, in W per node; unset: the catalog's. The serving level is node_overhead_w.",
     "HardwareSection.node_overhead_w": "Power of the rest of the node (CPUs, NICs, fans) per "

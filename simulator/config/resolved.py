@@ -207,6 +207,8 @@ def resolved_dict(rs: Resolved) -> dict:
         active_w=pw.active_w,
         compute_w=pw.compute_w,
         memory_w=pw.memory_w,
+        kv_w=pw.kv_w,
+        comm_w=pw.comm_w,
         power_confidence=pw.confidence,
         node_overhead_w=g.node_overhead_w,
         node_idle_w=g.node_idle_w,

@@ -59,13 +59,20 @@ _ceil = math.ceil
 class PowerSpec:
     """Per-GPU power model.
 
-    ``P = min(max_w, idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m))`` with
-    ``u_c`` the fraction of peak FLOP/s and ``u_m`` the fraction of peak bandwidth used in the
-    iteration: idle with a model loaded, a level while kernels run (clocks and HBM active), terms
-    in achieved FLOP/s and bytes/s, capped at the power limit (``max_w``, the TDP). Below the cap
-    the dynamic energy is linear in FLOPs and bytes (J per FLOP, J per byte), which is both the
-    textbook energy model of a processor and exact to integrate over a run; the cap is applied
-    to a run's (and an hour's) mean power, :meth:`dynamic_j`.
+    ``P = min(max_w, idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m
+    + kv_w * u_kv))`` with ``u_c`` the fraction of peak FLOP/s and ``u_m`` the fraction of peak
+    bandwidth used in the iteration, and ``u_kv`` the part of ``u_m`` that is per-sequence
+    traffic: the KV cache read by attention and the linear-state (Mamba) state read and written
+    by the scan, i.e. every byte but the weight stream. Idle with a model loaded, a level while
+    kernels run (clocks and HBM active), terms in achieved FLOP/s and bytes/s, capped at the
+    power limit (``max_w``, the TDP). The KV term is there because measured power follows it:
+    at the same total bandwidth, a decode step that reads a long context draws far more than
+    one that streams weights (ML.ENERGY v3 H100: Qwen3-8B at 64 sequences draws 670 W on GPQA,
+    ~3,500-token contexts, and 514 W on chat); attention streams paged, scattered KV blocks and
+    works on every byte it reads (scores, softmax), a weight GEMV streams contiguous rows. Below
+    the cap the dynamic energy is linear in FLOPs and bytes (J per FLOP, J per byte), which is
+    both the textbook energy model of a processor and exact to integrate over a run; the cap is
+    applied to a run's (and an hour's) mean power, :meth:`dynamic_j`.
 
     The catalog's constants are fitted to ML.ENERGY v3 measurements for the H100 and B200 and
     derived for the others (``simulator/device/catalog/gpus.toml``, ``fleetsim calibrate
@@ -78,14 +85,32 @@ class PowerSpec:
     compute_w: float = 0.0
     memory_w: float = 0.0
     confidence: str = ""
+    #: power at full bandwidth of KV-cache and linear-state traffic (the bytes that are not the
+    #: weight stream), on top of ``memory_w``; 0 keeps the older model
+    kv_w: float = 0.0
+    #: the level above idle, in place of ``active_w``, while a replica's GPUs wait on their
+    #: tensor- or expert-parallel communication (the all-reduce's share of an iteration); None
+    #: keeps ``active_w`` there (no separate level)
+    comm_w: float | None = None
 
-    def power_w(self, u_c: float, u_m: float, busy: bool = True) -> float:
-        """Power per GPU at compute utilisation ``u_c`` and bandwidth utilisation ``u_m``
-        (fractions of the peaks, >= 0): never below ``idle_w`` (all terms are >= 0), never
-        above ``max_w`` once busy."""
+    def power_w(
+        self,
+        u_c: float,
+        u_m: float,
+        busy: bool = True,
+        u_kv: float = 0.0,
+        f_comm: float = 0.0,
+    ) -> float:
+        """Power per GPU at compute utilisation ``u_c``, bandwidth utilisation ``u_m``, its
+        KV/state part ``u_kv`` (<= ``u_m``; fractions of the peaks, >= 0) and a share
+        ``f_comm`` (0..1) of the time in communication: never below ``idle_w`` (all terms are
+        >= 0), never above ``max_w`` once busy."""
         if not busy:
             return self.idle_w
-        p = self.idle_w + self.active_w + self.compute_w * u_c + self.memory_w * u_m
+        level = self.active_w
+        if f_comm and self.comm_w is not None:
+            level = self.active_w * (1.0 - f_comm) + self.comm_w * f_comm
+        p = self.idle_w + level + self.compute_w * u_c + self.memory_w * u_m + self.kv_w * u_kv
         return p if p < self.max_w else max(self.max_w, self.idle_w)
 
     def dynamic_j(
@@ -96,14 +121,20 @@ class PowerSpec:
         peak_flops: float,
         peak_bw: float,
         gpus: int = 1,
+        kv_bytes: float = 0.0,
+        comm_s: float = 0.0,
     ) -> float:
-        """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds doing ``flops`` and
-        ``bytes_moved`` (summed over the GPUs): linear in the work, capped so that the mean
-        power stays at or below ``max_w``."""
+        """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds, ``comm_s`` of them
+        waiting on communication, doing ``flops`` and ``bytes_moved``, of which ``kv_bytes``
+        KV-cache and linear-state traffic (summed over the GPUs): linear in the work, capped so
+        that the mean power stays at or below ``max_w``."""
+        comm = self.comm_w - self.active_w if self.comm_w is not None else 0.0
         e = (
             self.active_w * gpus * busy_s
+            + comm * gpus * comm_s
             + self.compute_w / peak_flops * flops
             + self.memory_w / peak_bw * bytes_moved
+            + self.kv_w / peak_bw * kv_bytes
         )
         cap = max(self.max_w - self.idle_w, 0.0) * gpus * busy_s
         return e if e < cap else cap
@@ -392,6 +423,9 @@ class LatencyModel:
         self.kvb = m.kv_bytes_per_token
         self._dense = m.n_experts <= 1
         self._w_dense = m.weight_bytes_read(1.0)
+        #: bytes of linear-state (Mamba) state read and written per sequence per iteration (the
+        #: scan reads and writes each sequence's state once: 0 for attention-only models)
+        self._sb = 2.0 * m.state_bytes_per_seq
         if isinstance(profile, RooflineProfile):
             p = profile
             self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
@@ -655,6 +689,20 @@ class LatencyModel:
     def _weights(self, tokens: float) -> float:
         return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
 
+    def comm_s(self, tokens: int, seqs: int) -> float:
+        """Seconds of an iteration over ``tokens`` tokens of ``seqs`` sequences spent in the
+        replica's communication (the kernel model's all-reduces, MoE dispatch and combine; 0
+        on one GPU or without a kernel fit): the share PowerSpec.comm_w applies to."""
+        if self._kern is None or (self.tp <= 1 and self.dp <= 1):
+            return 0.0
+        return self.linear_parts(tokens, seqs)[2]
+
+    def weight_bytes_per_iteration(self, tokens: float) -> float:
+        """Weight bytes the replica reads in an iteration of ``tokens`` tokens (all of them for
+        a dense model; a mixture of experts reads the experts those tokens touch): an
+        iteration's bytes beyond these are KV cache and linear state (PowerSpec.kv_w)."""
+        return self._weights(tokens)
+
     def _eff_c(self, tokens: float) -> float:
         p = self._roof
         if p.compute_eff_table is not None:
@@ -681,8 +729,10 @@ class LatencyModel:
         )
         tokens = p_tokens + n
         nbytes = (
-            self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
-        ) + self.kvb * (ctx + tokens)
+            (self._w_dense if self._dense else self.model.weight_bytes_read(tokens))
+            + self.kvb * (ctx + tokens)
+            + self._sb * (n_prefill + n)
+        )
         if p_tokens == 0:  # a pure decode step: the run formula, so both modes agree exactly
             c = self.coeff_cache.get(n)
             if c is None:
@@ -728,8 +778,10 @@ class LatencyModel:
         x1 = c.a1 + c.b1 * ctx
         x2 = c.a2 + c.b2 * ctx
         # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped
-        nbytes = (self._w_dense if self._dense else self.model.weight_bytes_read(n)) + self.kvb * (
-            ctx + n
+        nbytes = (
+            (self._w_dense if self._dense else self.model.weight_bytes_read(n))
+            + self.kvb * (ctx + n)
+            + self._sb * n
         )
         return c.base + (x1 if x1 > x2 else x2), c.fa + ctx * self.f_pair, nbytes
 
@@ -741,7 +793,7 @@ class LatencyModel:
             return c
         fa = n * (self.f_lin + self.f_head)
         fb = self.f_pair
-        ba = self._weights(n) + self.kvb * n
+        ba = self._weights(n) + self.kvb * n + self._sb * n
         bb = self.kvb
         prof = self.profile
         if self._kern is not None:

@@ -75,7 +75,7 @@ _LINEAR_FIELDS = (
     "peak_flops",
     "mem_bw_bytes_per_s",
 )
-_POWER_FIELDS = ("idle_w", "max_w", "active_w", "compute_w", "memory_w")
+_POWER_FIELDS = ("idle_w", "max_w", "active_w", "compute_w", "memory_w", "kv_w", "comm_w")
 
 
 # Upper bounds of profile fields: orders of magnitude above any device, so that every product
@@ -104,9 +104,9 @@ MAX_POWER_W = 1e5  # per GPU: a B200 is 1.2 kW
 
 def power_problem(p: PowerSpec) -> tuple[str, float, str] | None:
     """The first physical impossibility of a power model: (field, value, problem), or None.
-    Checks idle <= TDP (``max_w``), idle <= busy, and busy (idle + active + compute + memory,
+    Checks idle <= TDP (``max_w``), idle <= busy, and busy (idle + active + compute + memory + kv,
     at full use) <= MAX_BUSY_OVER_TDP x TDP."""
-    busy = p.idle_w + p.active_w + p.compute_w + p.memory_w
+    busy = p.idle_w + p.active_w + p.compute_w + p.memory_w + p.kv_w
     if p.max_w <= 0:
         return "max_w", p.max_w, "must be positive"
     if p.idle_w > p.max_w:
@@ -115,7 +115,7 @@ def power_problem(p: PowerSpec) -> tuple[str, float, str] | None:
         return (
             "active_w",
             p.active_w,
-            f"busy power at full use ({busy:g} W = idle + active + compute + memory) is above "
+            f"busy power at full use ({busy:g} W = idle + active + compute + memory + kv) is above "
             f"{MAX_BUSY_OVER_TDP:g} x TDP ({p.max_w:g} W)",
         )
     return None
@@ -146,6 +146,12 @@ class PowerFile(BaseModel):
     active_w: float = _nonneg(MAX_POWER_W, "added while any request is in flight (W)", 0.0)
     compute_w: float = _nonneg(MAX_POWER_W, "added at full compute utilisation (W)", 0.0)
     memory_w: float = _nonneg(MAX_POWER_W, "added at full memory-bandwidth utilisation (W)", 0.0)
+    kv_w: float = _nonneg(
+        MAX_POWER_W, "added at full bandwidth of KV-cache and linear-state traffic (W)", 0.0
+    )
+    comm_w: float | None = _nonneg(
+        MAX_POWER_W, "above idle while waiting on multi-GPU communication (W)", None
+    )
     method: str | None = Field(
         None,
         description='"nvml-energy" (NVML\'s energy counter), "nvml" (sampled power), "rapl" or '
@@ -166,6 +172,8 @@ class PowerFile(BaseModel):
             active_w=self.active_w,
             compute_w=self.compute_w,
             memory_w=self.memory_w,
+            kv_w=self.kv_w,
+            comm_w=self.comm_w,
             confidence=f"from the profile (method {self.method})" if self.method else "",
         )
 

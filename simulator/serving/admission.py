@@ -70,8 +70,14 @@ class EnginePlan:
     horizon_s: float  # no run starts at or after it
     per_iteration: bool  # the per-iteration reference mode (every run is one iteration)
     # dynamic energy of a whole replica (see latency.PowerSpec): J = e_active_w * busy seconds
-    # + e_flop_j * FLOPs + e_byte_j * bytes moved
+    # + e_flop_j * FLOPs + e_byte_j * bytes moved + e_kv_j * KV/state bytes, the last being the
+    # bytes beyond the weights each iteration reads (LatencyModel.weight_bytes_per_iteration)
     e_active_w: float
     e_flop_j: float
     e_byte_j: float
     paged: PagedLimits | None = None  # the paged policy's settings (kv_paged.py), or None
+    e_kv_j: float = 0.0
+    # per replica-second of communication, in place of e_active_w (comm_w - active_w, x tp),
+    # and whether the engine tracks communication seconds at all (a multi-GPU replica)
+    e_comm_w: float = 0.0
+    track_comm: bool = False

@@ -118,6 +118,8 @@ class ReplicaCore(KVPolicy):
         "re_tok",
         # the run in progress: its first iteration and its k - 1 decode steps
         "B_first",
+        "C_first",
+        "W_first",
         "F_first",
         "T0",
         "busy",
@@ -204,7 +206,7 @@ class ReplicaCore(KVPolicy):
         self.re_tok = 0  # tokens recomputed (after a preemption) in iteration 0
         self.T0 = 0.0
         self.k = 0
-        self.t_first = self.F_first = self.B_first = 0.0
+        self.t_first = self.F_first = self.B_first = self.C_first = self.W_first = 0.0
         self.n1 = 0
         self.c1 = 0.0
         self.g1: float = 0  # the decode steps' ctx growth per step (n1 without windows)
@@ -311,6 +313,10 @@ class ReplicaCore(KVPolicy):
         self.t_first = t1
         self.F_first = F1
         self.B_first = B1
+        if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
+            self.C_first = lat.comm_s(self.P + n, nchunks + n)
+        if cfg.e_kv_j:  # its weight bytes: the rest of B1 is KV and state (PowerSpec.kv_w)
+            self.W_first = lat.weight_bytes_per_iteration(self.P + n)
         heap = self.heap
         nxt = heap[0][0] if heap else 1 << 62
         S1 = S
@@ -588,9 +594,29 @@ class ReplicaCore(KVPolicy):
                 # decode tokens of iterations [1, m_full): all end inside hour h
                 rec.output_tokens[h] += n1 * xs
             rec.busy_s[h] += t_sum
-            rec.dyn_j[h] += cfg.e_active_w * t_sum + cfg.e_flop_j * f_sum + cfg.e_byte_j * b_sum
+            # KV and state bytes (PowerSpec.kv_w): the bytes beyond each iteration's weights
+            kv = 0.0
+            if cfg.e_kv_j:
+                kv = b_sum - self.W_first
+                if m_full > 1:
+                    kv -= (m_full - 1) * self.lat.weight_bytes_per_iteration(self.n1)
+            if cfg.track_comm:  # the communication seconds (PowerSpec.comm_w)
+                cm = self.C_first
+                if m_full > 1:
+                    cm += (m_full - 1) * self.lat.comm_s(self.n1, self.n1)
+            else:
+                cm = 0.0
+            rec.dyn_j[h] += (
+                cfg.e_active_w * t_sum
+                + cfg.e_flop_j * f_sum
+                + cfg.e_byte_j * b_sum
+                + cfg.e_kv_j * kv
+                + cfg.e_comm_w * cm
+            )
             rec.flops[h] += f_sum
             rec.bytes_moved[h] += b_sum
+            if cm:
+                rec.comm_s[h] += cm
             rec.iters_h[h] += m_full
         if last_straddles:
             if k == 1:
@@ -604,9 +630,25 @@ class ReplicaCore(KVPolicy):
                 b_l = c.ba + c.bb * ctx
                 start = self._boundary(k - 1)
                 rec.add_tokens(start + t_l, 0, self.n1)
-            e_l = cfg.e_active_w * t_l + cfg.e_flop_j * f_l + cfg.e_byte_j * b_l
+            kv = 0.0
+            if cfg.e_kv_j:
+                kv = b_l - (
+                    self.W_first if k == 1 else self.lat.weight_bytes_per_iteration(self.n1)
+                )
+            cm = 0.0
+            if cfg.track_comm:
+                cm = self.C_first if k == 1 else self.lat.comm_s(self.n1, self.n1)
+            e_l = (
+                cfg.e_active_w * t_l
+                + cfg.e_flop_j * f_l
+                + cfg.e_byte_j * b_l
+                + cfg.e_kv_j * kv
+                + cfg.e_comm_w * cm
+            )
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
+            if cm:
+                rec.comm_s[h] += cm  # (a diagnostic: into the run's first hour)
             # counted in the hour its tokens are credited to (its end), like them
             rec.iters_h[min(int((start + t_l) // HOUR_S), hours)] += 1
         rec.iterations += j

@@ -52,7 +52,7 @@ from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.events import run_until, wake_at
-from fleetsim.serving.pod import paged_limits
+from fleetsim.serving.pod import energy_coeffs, paged_limits
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
@@ -135,8 +135,6 @@ class Pool:
         paged = paged_limits(rs)  # None: kv_allocation = "reserve"
         self.paged: PagedLimits | None = paged
         self.tp = rs.tp
-        p = rs.gpu.power
-        prof = rs.profile
         self.plan = EnginePlan(
             limits=Limits(
                 max_batch=spec.max_batch,
@@ -145,10 +143,8 @@ class Pool:
             ),
             horizon_s=owner.horizon_s,
             per_iteration=owner.per_iteration,
-            e_active_w=rs.tp * p.active_w,
-            e_flop_j=p.compute_w / prof.peak_flops,
-            e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
             paged=paged,
+            **energy_coeffs(rs),
         )
         self.handoff = owner.handoff
         self.on_admitted = owner.on_admitted

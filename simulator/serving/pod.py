@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 from heapq import heappush
+from typing import Any
 
 import numpy as np
 import simpy
@@ -80,8 +81,6 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
     """What every replica of the pod shares for the whole simulation: admission limits, the
     horizon, the mode and the dynamic-energy coefficients of one replica."""
     sc = rs.scenario
-    p = rs.gpu.power
-    prof = rs.profile
     return EnginePlan(
         limits=Limits(
             max_batch=sc.fleet.max_batch_size,
@@ -90,12 +89,28 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
         ),
         horizon_s=horizon_s,
         per_iteration=sc.simulation.engine == "iteration",
-        # dynamic energy coefficients of a whole replica (see latency.PowerSpec)
-        e_active_w=rs.tp * p.active_w,
-        e_flop_j=p.compute_w / prof.peak_flops,
-        e_byte_j=p.memory_w / prof.mem_bw_bytes_per_s,
         paged=paged_limits(rs),
+        **energy_coeffs(rs),
     )
+
+
+def energy_coeffs(rs: Resolved) -> dict[str, Any]:
+    """The dynamic-energy coefficients of one replica (see latency.PowerSpec): per busy second,
+    per FLOP, per byte, per KV/state byte (an iteration's bytes beyond the weights it reads),
+    per second of communication in place of the busy level, and whether the replica
+    communicates at all."""
+    p = rs.gpu.power
+    prof = rs.profile
+    bw = prof.mem_bw_bytes_per_s
+    lat = rs.latency_model()
+    return {
+        "e_active_w": rs.tp * p.active_w,
+        "e_flop_j": p.compute_w / prof.peak_flops,
+        "e_byte_j": p.memory_w / bw,
+        "e_kv_j": p.kv_w / bw,
+        "e_comm_w": rs.tp * (p.comm_w - p.active_w) if p.comm_w is not None else 0.0,
+        "track_comm": lat.comm_s(1, 1) > 0.0,
+    }
 
 
 class Pod:

@@ -136,6 +136,9 @@ class Recorder:
         n = hours + 1  # one spill-over bucket past the horizon, dropped at the end
         self.busy_s = [0.0] * n  # replica-seconds busy (x tp gives GPU-seconds)
         self.dyn_j = [0.0] * n  # dynamic GPU energy (active + compute + memory), J
+        # replica-seconds of busy time spent in tensor/expert-parallel communication (part of
+        # busy_s; PowerSpec.comm_w); 0 on one GPU
+        self.comm_s = [0.0] * n
         self.prompt_tokens = [0] * n
         self.output_tokens = [0] * n
         self.arrived = [0] * n
