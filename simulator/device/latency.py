@@ -275,6 +275,11 @@ class RunCoeffs:
     bb: float
     da: float = field(init=False, repr=False, compare=False)
     db: float = field(init=False, repr=False, compare=False)
+    #: per step, for the energy terms (set by LatencyModel.run_coeffs): seconds in
+    #: communication (PowerSpec.comm_w) and weight bytes read (the rest of a step's bytes is KV
+    #: and state, PowerSpec.kv_w). Kept here so the core's commit reads them once per run.
+    comm_s: float = field(default=0.0, compare=False)
+    weight_bytes: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "da", self.a1 - self.a2)
@@ -423,6 +428,9 @@ class LatencyModel:
         self.kvb = m.kv_bytes_per_token
         self._dense = m.n_experts <= 1
         self._w_dense = m.weight_bytes_read(1.0)
+        #: the weight bytes of every iteration of a dense model (None for a mixture of experts,
+        #: whose iterations read the experts their tokens touch: weight_bytes_per_iteration)
+        self.dense_weight_bytes: float | None = self._w_dense if self._dense else None
         #: bytes of linear-state (Mamba) state read and written per sequence per iteration (the
         #: scan reads and writes each sequence's state once: 0 for attention-only models)
         self._sb = 2.0 * m.state_bytes_per_seq
@@ -485,6 +493,7 @@ class LatencyModel:
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
+        self._comm_cache: dict[int, float] = {}
         self._head_cache: dict[int, float] = {}
         # CUDA graphs (serving stack vllm-v1): iterations of up to _gmax tokens run a kernel fit
         # whose fixed per-kernel times are scaled by graph_floor_frac; -1 = no graphs, and the
@@ -693,13 +702,17 @@ class LatencyModel:
         """Seconds of an iteration over ``tokens`` tokens of ``seqs`` sequences spent in the
         replica's communication (the kernel model's all-reduces, MoE dispatch and combine; 0
         on one GPU or without a kernel fit): the share PowerSpec.comm_w applies to."""
-        if self._kern is None or (self.tp <= 1 and self.dp <= 1):
-            return 0.0
-        # The communication does not depend on the sequences (the LM head is not in it): read
-        # the (tokens, 0) entry that linear_time already cached, instead of computing the layer
-        # parts again for every new (tokens, seqs) pair (that made a 21,556-request day's
-        # simulation 60 % slower: bench/bench_startup.py).
-        return self.linear_parts(tokens, 0)[2]
+        v = self._comm_cache.get(tokens)
+        if v is None:
+            # It does not depend on the sequences (the LM head is not in it): the (tokens, 0)
+            # entry that linear_time caches, not the layer parts again for every new (tokens,
+            # seqs) pair (that made a 21,556-request day's simulation 60 % slower).
+            if self._kern is None or (self.tp <= 1 and self.dp <= 1):
+                v = 0.0
+            else:
+                v = self.linear_parts(tokens, 0)[2]
+            self._comm_cache[tokens] = v
+        return v
 
     def weight_bytes_per_iteration(self, tokens: float) -> float:
         """Weight bytes the replica reads in an iteration of ``tokens`` tokens (all of them for
@@ -820,6 +833,8 @@ class LatencyModel:
             rc = self._rc_peak * self._eff_c(n)
             base = self._oh + self._comm_a + self._comm_b * n
             c = RunCoeffs(base, fa / rc, fb / rc, ba / self._rm, bb / self._rm, fa, fb, ba, bb)
+        object.__setattr__(c, "comm_s", self.comm_s(n, n))
+        object.__setattr__(c, "weight_bytes", self.weight_bytes_per_iteration(n))
         self.coeff_cache[n] = c
         return c
 

@@ -314,9 +314,12 @@ class ReplicaCore(KVPolicy):
         self.F_first = F1
         self.B_first = B1
         if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
-            self.C_first = lat.comm_s(self.P + n, nchunks + n)
+            cm = lat._comm_cache.get(self.P + n)  # (lat.comm_s, its cache read inline)
+            self.C_first = cm if cm is not None else lat.comm_s(self.P + n, nchunks + n)
         if cfg.e_kv_j:  # its weight bytes: the rest of B1 is KV and state (PowerSpec.kv_w)
-            self.W_first = lat.weight_bytes_per_iteration(self.P + n)
+            # a dense model reads all its weights in every iteration (no call on the hot path)
+            wd = lat.dense_weight_bytes
+            self.W_first = wd if wd is not None else lat.weight_bytes_per_iteration(self.P + n)
         heap = self.heap
         nxt = heap[0][0] if heap else 1 << 62
         S1 = S
@@ -599,11 +602,11 @@ class ReplicaCore(KVPolicy):
             if cfg.e_kv_j:
                 kv = b_sum - self.W_first
                 if m_full > 1:
-                    kv -= (m_full - 1) * self.lat.weight_bytes_per_iteration(self.n1)
+                    kv -= (m_full - 1) * self.coef.weight_bytes
             if cfg.track_comm:  # the communication seconds (PowerSpec.comm_w)
                 cm = self.C_first
                 if m_full > 1:
-                    cm += (m_full - 1) * self.lat.comm_s(self.n1, self.n1)
+                    cm += (m_full - 1) * self.coef.comm_s
             else:
                 cm = 0.0
             rec.dyn_j[h] += (
@@ -632,12 +635,10 @@ class ReplicaCore(KVPolicy):
                 rec.add_tokens(start + t_l, 0, self.n1)
             kv = 0.0
             if cfg.e_kv_j:
-                kv = b_l - (
-                    self.W_first if k == 1 else self.lat.weight_bytes_per_iteration(self.n1)
-                )
+                kv = b_l - (self.W_first if k == 1 else self.coef.weight_bytes)
             cm = 0.0
             if cfg.track_comm:
-                cm = self.C_first if k == 1 else self.lat.comm_s(self.n1, self.n1)
+                cm = self.C_first if k == 1 else self.coef.comm_s
             e_l = (
                 cfg.e_active_w * t_l
                 + cfg.e_flop_j * f_l
