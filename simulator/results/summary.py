@@ -451,6 +451,18 @@ def pool_totals(res: Result) -> dict[str, dict[str, float]]:
     return pool_day_totals(res.pools)
 
 
+#: the per-pool columns summed over the day (every pools.parquet has them)
+_POOL_SUMMED = (
+    "gpu_busy_s",
+    "energy_facility_kwh",
+    "energy_cost_usd",
+    "hardware_cost_usd",
+    "total_cost_usd",
+    "kv_transfers",
+    "kv_transfer_bytes",
+)
+
+
 def pool_day_totals(pools) -> dict[str, dict[str, float]]:
     """:func:`pool_totals` of a ``pools.parquet`` table (each pool's rows in table order; the
     sums as pandas' ``groupby(...).sum()`` made them, NaN skipped, without importing pandas)."""
@@ -460,40 +472,20 @@ def pool_day_totals(pools) -> dict[str, dict[str, float]]:
 
     names = [str(x) for x in pools.column("pool").to_pylist()]
     have = set(pools.column_names)
-    cols = {
-        c: to_numpy(pools.column(c))
-        for c in (
-            "gpu_busy_s",
-            "energy_facility_kwh",
-            "energy_cost_usd",
-            "hardware_cost_usd",
-            "total_cost_usd",
-            "kv_transfers",
-            "kv_transfer_bytes",
-            "gpus_powered_mean",
-            "kv_transfer_mean_s",
-            "kv_transfer_p99_s",
-            "prefix_hit_tokens",
-            "preemptions",
-        )
-        if c in have
-    }
+    read = (
+        *_POOL_SUMMED,
+        "gpus_powered_mean",
+        "kv_transfer_mean_s",
+        "kv_transfer_p99_s",
+        "prefix_hit_tokens",
+        "preemptions",
+    )
+    cols = {c: to_numpy(pools.column(c)) for c in read if c in have}
     out: dict[str, dict[str, float]] = {}
     for name in dict.fromkeys(names):  # (the pools in order of first appearance)
         rows = np.array([x == name for x in names])
         g = {c: v[rows] for c, v in cols.items()}
-        d = {
-            c: float(np.nansum(g[c]))
-            for c in (
-                "gpu_busy_s",
-                "energy_facility_kwh",
-                "energy_cost_usd",
-                "hardware_cost_usd",
-                "total_cost_usd",
-                "kv_transfers",
-                "kv_transfer_bytes",
-            )
-        }
+        d = {c: float(np.nansum(g[c])) for c in _POOL_SUMMED}
         for c in ("prefix_hit_tokens", "preemptions"):  # (absent from older pools.parquet files)
             d[c] = float(np.nansum(g[c])) if c in g else 0.0
         d["gpu_hours"] = float(np.nansum(g["gpus_powered_mean"]))
