@@ -449,6 +449,8 @@ class LatencyModel:
                 self._comm_a = self._comm_b = 0.0
         #: :meth:`run_coeffs` by batch size (read directly by the engines' hot paths)
         self.coeff_cache: dict[int, RunCoeffs] = {}
+        #: :meth:`comm_s` by token count (every profile kind: 0 without a kernel fit)
+        self._comm_cache: dict[int, float] = {}
         self._kern: KernelFit | None = None
         if isinstance(profile, RooflineProfile) and profile.kernels is not None:
             self._init_kernels(profile, profile.kernels)
@@ -493,7 +495,6 @@ class LatencyModel:
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
-        self._comm_cache: dict[int, float] = {}
         self._head_cache: dict[int, float] = {}
         # CUDA graphs (serving stack vllm-v1): iterations of up to _gmax tokens run a kernel fit
         # whose fixed per-kernel times are scaled by graph_floor_frac; -1 = no graphs, and the
