@@ -28,15 +28,9 @@ Bookkeeping is O(1) per iteration: the decoding sequences sit in a heap keyed by
 iteration index at which they finish, and their total context is ``S + n * it`` with ``S`` the
 sum of ``eff - join_it`` over the decode set.
 
-**Sliding windows** (a model with window layers of ``W`` tokens on a share ``s`` of its
-attention layers; ``xw`` is None without): a step reads ``min(c, W)`` keys of a sequence at
-context ``c`` on the window layers, so the step's ``ctx`` (the latency model's attended keys,
-:meth:`fleetsim.device.modelspec.ModelSpec.attended_keys`) is ``S + n * it - s * E`` with
-``E = xD + xn * it`` the context beyond the window of the ``xn`` sequences past it (``xD``: the
-sum of their ``eff - join_it - W``). A sequence passes its window at a known iteration (a heap,
-``xheap``); a run ends before the first decode step at which one does, so within a run ``ctx``
-still grows by a constant, ``g1 = n1 - s * xn`` (``n1`` without windows), and the closed forms
-stay exact.
+**Sliding windows**: the decode set's attended keys of a model with window layers are kept by
+the :class:`fleetsim.serving.windows.WindowedDecode` methods the core inherits (``xw`` is None
+without windows, and none of them is called).
 
 **The KV policy** (a class before the core in the replica's bases) decides what KV a request
 holds and when: :class:`fleetsim.serving.kv_reserve.ReserveKV` (prompt + output reserved at
@@ -48,6 +42,11 @@ calls only the methods of :class:`fleetsim.serving.kv_policy.KVPolicy`, which do
 aggregated replica completes it (:meth:`ReplicaCore._finish_due`, here); a prefill-only replica
 hands it to its pool and keeps its KV until the pool calls ``release``; a decode-only replica
 admits requests whose prompt KV has arrived straight into the decode set.
+
+Size: about 690 lines, over the project's ~600, because :meth:`ReplicaCore.plan` and
+:meth:`ReplicaCore._commit` (about 300 lines together) are the engine's hand-inlined hot path,
+one pass each with attributes read into locals (bench/RESULTS.md: the inlining pays); splitting
+them would add calls per run. The window bookkeeping lives in :mod:`fleetsim.serving.windows`.
 
 What a replica knows is in two parts: the
 :class:`~fleetsim.serving.admission.EnginePlan`, fixed for the simulation (admission limits,
@@ -70,6 +69,7 @@ from fleetsim.serving.admission import EnginePlan
 from fleetsim.serving.events import NORMAL, Wake, queue_of, wake_at
 from fleetsim.serving.kv_policy import KVPolicy
 from fleetsim.serving.request import Request
+from fleetsim.serving.windows import WindowedDecode
 
 if TYPE_CHECKING:
     from fleetsim.serving.ports import PodPort
@@ -77,7 +77,7 @@ if TYPE_CHECKING:
 _NO_COEFFS = RunCoeffs(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a run with no decode steps
 
 
-class ReplicaCore(KVPolicy):
+class ReplicaCore(KVPolicy, WindowedDecode):
     """One model replica (``tp`` GPUs): the iteration loop its KV policy and role plug into
     (see the module's docstring for the methods they provide). Not used alone: the replica
     classes of :mod:`fleetsim.serving.roles` put a policy and a role before it."""
@@ -134,12 +134,7 @@ class ReplicaCore(KVPolicy):
         "run_end",
         "t_first",
         "g1",
-        # sliding windows: (W, share) or None, and the sequences past their window
-        "xw",
-        "xD",
-        "xn",
-        "xheap",
-        "xin",
+        # (sliding windows: their five slots are WindowedDecode's, serving/windows.py)
         # _commit's cache: the hour h_cur = [h_end - HOUR_S, h_end) of its T0
         "h_cur",
         "h_end",
@@ -390,85 +385,6 @@ class ReplicaCore(KVPolicy):
             return self.T0
         t = self.T0 + self.t_first
         return t + run_time(self.coef, self.c1, self.g1, j - 1) if j > 1 else t
-
-    # ---- sliding windows (xw; see the module's docstring) -------------------------------------
-    def _x_join(self, r: Request) -> None:
-        """``r`` joined the decode set (``join_it`` set): its context ``eff + it - join_it``
-        reaches the window ``W`` at iteration ``join_it + W - eff``; past it already if that is
-        at or before its first decode step (``join_it + 1``)."""
-        assert self.xw is not None
-        W = self.xw[0]
-        j = r.join_it
-        st = j + W - r.eff
-        if st <= j + 1:
-            self.xin[r] = -1
-            self.xD += r.eff - j - W
-            self.xn += 1
-        else:
-            self.xin[r] = st
-            heappush(self.xheap, (st, r.rid, r))
-
-    def _x_leave(self, r: Request) -> None:
-        """``r`` leaves the decode set (before its ``eff`` or ``join_it`` change)."""
-        assert self.xw is not None
-        if self.xin.pop(r) < 0:
-            self.xD -= r.eff - r.join_it - self.xw[0]
-            self.xn -= 1
-
-    def _x_pairs(self, done: int, c: int) -> float:
-        """The attention pairs of a prefill chunk of ``c`` tokens after ``done`` (in units of a
-        pair in every attention layer): ``c (2 done + c)`` on the global layers (the model's
-        full-square convention, ``L^2`` over a whole prompt), and on the window layers the
-        growth of ``L min(L, W)`` (:meth:`ModelSpec.prefill_flops`'s window term)."""
-        assert self.xw is not None
-        W, share = self.xw
-        full = c * (2.0 * done + c)
-        e = done + c
-        win = e * float(e if e < W else W) - done * float(done if done < W else W)
-        return full - share * (full - win)
-
-    def _x_ctx(self, it: int) -> float:
-        """The decode set's attended keys at iteration ``it`` (the sequences whose context
-        reached the window by ``it`` counted past it from now on)."""
-        assert self.xw is not None
-        W, share = self.xw
-        heap = self.xheap
-        xin = self.xin
-        while heap:
-            st, _rid, r = heap[0]
-            cur = xin.get(r)
-            if st > it and cur == st:
-                break  # (the top is a live entry still inside its window)
-            heappop(heap)
-            if cur == st:  # it reaches its window: stale entries (left, re-joined) skipped
-                xin[r] = -1
-                self.xD += r.eff - r.join_it - W
-                self.xn += 1
-        return (self.S + self.n * it) - share * (self.xD + self.xn * it)
-
-    def _x_run(self, it: int, pf: list[Request], n1: int, nxt: int) -> tuple[float, int, int]:
-        """For the run planned at ``it`` (after :meth:`_x_ctx`), whose first iteration's last
-        chunks ``pf`` join ``n1 - len(pf)`` decoding sequences: the decode steps' ctx growth per
-        step, the context beyond the window at the first decode step (``it + 1``), and
-        ``nxt`` lowered so that the decode steps end before the first iteration ``q > it + 1``
-        at which a sequence reaches its window (``nxt = it`` when one reaches it at
-        ``it + 1``: a run of one iteration)."""
-        assert self.xw is not None
-        W, share = self.xw
-        D = self.xD
-        ns = self.xn
-        heap = self.xheap
-        q = heap[0][0] if heap else 1 << 62  # (a live entry, > it: _x_ctx cleaned the top)
-        for r in pf:
-            st = it + W - r.eff  # _x_join's test with join_it = it
-            if st <= it + 1:
-                D += r.eff - it - W
-                ns += 1
-            elif st < q:
-                q = st
-        if q - 1 < nxt:
-            nxt = q - 1
-        return n1 - share * ns, D + ns * (it + 1), nxt
 
     # ---- events -------------------------------------------------------------------------------
     def _arm(self, t: float) -> None:
