@@ -395,16 +395,16 @@ def cached_by_content_stamp(maxsize: int) -> Callable[[_F], _F]:
 
     def wrap(f: _F) -> _F:
         @functools.lru_cache(maxsize=maxsize)
-        def cached(stamp: tuple[int, int, int], path: str, *args: Any) -> Any:
-            return f(path, *args)
+        def cached(stamp: tuple[int, int, int], path: str, *args: Any, **kwargs: Any) -> Any:
+            return f(path, *args, **kwargs)
 
         @functools.wraps(f)
-        def reader(path: str, *args: Any) -> Any:
+        def reader(path: str, *args: Any, **kwargs: Any) -> Any:
             try:
                 st = os.stat(path)
             except (OSError, ValueError, TypeError):
-                return f(path, *args)
-            return cached((st.st_ino, st.st_size, st.st_mtime_ns), path, *args)
+                return f(path, *args, **kwargs)
+            return cached((st.st_ino, st.st_size, st.st_mtime_ns), path, *args, **kwargs)
 
         reader.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
         return reader  # type: ignore[return-value]
