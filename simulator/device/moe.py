@@ -375,7 +375,8 @@ def linear_state_block_s(
 ) -> tuple[float, float]:
     """(GEMM seconds, elementwise seconds) of one linear-state (Mamba-2) mixer over ``tokens``
     tokens: its input and output projections as GEMMs (their parameters split ``tp`` ways), the
-    norm, the convolution and the scan as bandwidth-bound operators over their state."""
+    norm and the convolution as bandwidth-bound operators. The scan's state traffic depends on
+    the sequences, not the tokens: :func:`linear_state_scan_s`."""
     m = float(tokens)
     d = model.d_model
     inner = model.ssm_d_inner
@@ -383,14 +384,38 @@ def linear_state_block_s(
     gemms = gemm_time_s(fit, peak_flops, bw, m, in_cols, d, weight_bytes) + gemm_time_s(
         fit, peak_flops, bw, m, d, inner / tp, weight_bytes
     )
-    state = model.ssm_n_heads * model.ssm_head_dim * model.ssm_state_size / tp
     elems = (
         elem_time_s(fit, bw, "norm", 4.0 * m * d)
         + elem_time_s(fit, bw, "act", 4.0 * m * in_cols)  # the convolution over x, B, C
-        + elem_time_s(fit, bw, "act", 2.0 * 2.0 * m * state)  # the scan: state read and write
         + elem_time_s(fit, bw, "add", 6.0 * m * d)
     )
     return gemms, elems
+
+
+def linear_state_scan_bytes(model: ModelSpec, tp: int) -> float:
+    """Bytes one sequence's scan moves in one linear-state layer per iteration on one GPU: its
+    SSM state (heads x head dim x state size, split ``tp`` ways) read and written once, in 16
+    bits. A decode step updates the state once per sequence (vLLM's ``selective_state_update``);
+    a prefill chunk's chunked scan also reads and writes it once per sequence (its work inside
+    the chunk is the projections and the convolution, counted per token)."""
+    state = model.ssm_n_heads * model.ssm_head_dim * model.ssm_state_size / tp
+    return 2.0 * 2.0 * state
+
+
+def linear_state_scan_s(
+    fit: KernelFit, bw: float, model: ModelSpec, tp: int, seqs: float, state_eff: float = 0.0
+) -> float:
+    """Seconds of one linear-state layer's scan over ``seqs`` sequences: the elementwise
+    kernel's fixed time and every sequence's state read and written
+    (:func:`linear_state_scan_bytes`) at ``state_eff`` of the bandwidth, or at the kernel fit's
+    elementwise ("act") efficiency when ``state_eff`` is 0 (the serving stack's fitted
+    ``linear_state_eff``, :mod:`fleetsim.device.stack`)."""
+    if seqs <= 0:
+        return 0.0
+    nbytes = seqs * linear_state_scan_bytes(model, tp)
+    if state_eff <= 0.0:
+        return elem_time_s(fit, bw, "act", nbytes)
+    return fit.elem_params("act")[0] + nbytes / (bw * state_eff)
 
 
 def replica_weight_bytes(model: ModelSpec, dp: int) -> float:

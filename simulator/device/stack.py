@@ -111,4 +111,5 @@ def apply_stack(profile: Profile, stack: str, gpu: str, max_num_seqs: int) -> Pr
         attn_unit_bw_bytes_per_s=float(c.get("attn_unit_bw_bytes_per_s", 0.0)),
         ar_floor_s=float(c.get("ar_floor_s", 0.0)),
         ar_bw_bytes_per_s=float(c.get("ar_bw_bytes_per_s", 0.0)),
+        linear_state_eff=float(c.get("linear_state_eff", 0.0)),
     )
