@@ -578,12 +578,13 @@ LINEAR_STATE_MIN_GAIN = 0.02
 @dataclass
 class _HybridRun:
     """A hybrid (Mamba-Transformer) row's run in steps under a GPU's fitted constants: each
-    step's time without the scans' state traffic, and that traffic at the full bandwidth."""
+    step's time with the state update at the kernel fit's elementwise efficiency, and the
+    state update's bytes at the full bandwidth."""
 
     config: Config
     n: np.ndarray  # decoding sequences per step
-    rest: np.ndarray  # seconds per step, the scans' state traffic excluded
-    state: np.ndarray  # seconds per step of the scans' state read/write at the full bandwidth
+    rest: np.ndarray  # seconds per step, the state update at the elementwise efficiency
+    state: np.ndarray  # seconds per step of the state update's bytes at the full bandwidth
     default_eff: float  # the kernel fit's elementwise ("act") efficiency
 
 
@@ -617,7 +618,7 @@ def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
                 per_seq_s=c["per_seq_s"],
                 memory_eff=c["kv_memory_eff"],
                 attn_unit_bw_bytes_per_s=c.get("attn_unit_bw_bytes_per_s", 0.0),
-                linear_state_eff=1e12,  # the state traffic apart (below)
+                linear_state_eff=0.0,  # the elementwise efficiency (hybrid_err swaps it)
             )
             m = rs.model
             lm = LatencyModel(m, prof, 1)
@@ -652,7 +653,7 @@ def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
 def hybrid_err(r: _HybridRun, eff: float) -> float:
     """Run ``r``'s median step (token-weighted) with the scans' state at ``eff`` of the
     bandwidth (0: the kernel fit's elementwise efficiency) against its measured median ITL."""
-    t = r.rest + r.state / (eff if eff > 0.0 else r.default_eff)
+    t = r.rest + r.state * (1.0 / eff - 1.0 / r.default_eff) if eff > 0.0 else r.rest
     j = _weighted_median_index(t, r.n)
     return float(t[j]) / (r.config.itl_median_ms / 1e3) - 1.0
 

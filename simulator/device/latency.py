@@ -48,7 +48,7 @@ from fleetsim.device.moe import (
     attention_block_s,
     catalog_moe_fit,
     linear_state_block_s,
-    linear_state_scan_s,
+    linear_state_update_extra_s,
     mlp_parts_s,
     moe_layer_parts_s,
 )
@@ -653,8 +653,9 @@ class LatencyModel:
         comm += ar
         head = self._head_time(seqs, graphed)
         emb = elem_time_s(kf, bw, "emb", 4.0 * t_eng * m.d_model) if tokens > 0 else 0.0
-        # the scans' state traffic goes with the sequences (in _head_time's per-sequence part)
-        scan = self._scan_s(seqs, graphed)
+        # the decoding sequences' state update at the fitted efficiency (in _head_time's
+        # per-sequence part)
+        scan = self._state_update_s(seqs)
         if n_lin:
             parts["linear_state"] += scan
         parts["lm_head"] = head - scan
@@ -665,22 +666,24 @@ class LatencyModel:
         mem = (lin - comp) + elem + emb + scan
         return comp, mem, comm, parts
 
-    def _scan_s(self, seqs: int, graphed: bool = False) -> float:
-        """The linear-state layers' scans over ``seqs`` sequences (each engine's share under
-        data parallelism): every sequence's state read and written once per layer
-        (:func:`~fleetsim.device.moe.linear_state_scan_s`); 0 without linear-state layers."""
+    def _state_update_s(self, seqs: int) -> float:
+        """What the linear-state layers' state update of ``seqs`` sequences (each engine's
+        share under data parallelism) adds at the serving stack's ``linear_state_eff``
+        (:func:`~fleetsim.device.moe.linear_state_update_extra_s`); 0 without linear-state
+        layers or without that constant."""
         m = self.model
-        if seqs <= 0 or not m.n_linear_layers:
+        if seqs <= 0 or not m.n_linear_layers or self._ls_eff <= 0.0:
             return 0.0
-        kf = self._kern_g if graphed else self._kern
-        assert kf is not None
+        assert self._kern is not None
         rows = _ceil(seqs / self.dp) if self.dp > 1 else seqs
-        return m.n_linear_layers * linear_state_scan_s(kf, self._bw, m, self.tp, rows, self._ls_eff)
+        return m.n_linear_layers * linear_state_update_extra_s(
+            self._kern, self._bw, m, self.tp, rows, self._ls_eff
+        )
 
     def _head_time(self, seqs: int, graphed: bool = False) -> float:
         """The LM head over ``seqs`` sequences (each engine's share under data parallelism),
-        with the linear-state scans' per-sequence state traffic and the serving stack's
-        per-sequence time."""
+        with the linear-state layers' state update at the serving stack's efficiency and the
+        serving stack's per-sequence time."""
         if seqs <= 0:
             return 0.0
         kf = self._kern_g if graphed else self._kern
@@ -690,8 +693,8 @@ class LatencyModel:
         h = gemm_time_s(
             kf, self._hpeak, self._bw, rows, m.vocab_size / self.tp, m.d_model, self._hwb
         )
-        if m.n_linear_layers:
-            h += self._scan_s(seqs, graphed)
+        if self._ls_eff > 0.0:
+            h += self._state_update_s(seqs)
         return h + seqs * self._per_seq if self._per_seq else h
 
     def linear_time(self, tokens: int, seqs: int) -> float:
