@@ -966,9 +966,14 @@ def report(rows: Sequence[Row], skipped: Sequence[tuple[Config, str]], fitted: b
     lines = []
     lines += table([r for r in dense if not r.config.suspect], f"Dense, non-suspect rows ({how}):")
     apart = flagged_series(dense)
-    if any(not r.config.suspect and r.config.key in apart for r in dense):
+    gpus = {r.config.gpu_model for r in dense if not r.config.suspect and r.config.key in apart}
+    if gpus:
         lines += table(
-            [r for r in dense if not r.config.suspect and r.config.key not in apart],
+            [
+                r
+                for r in dense
+                if not r.config.suspect and r.config.key not in apart and r.config.gpu_model in gpus
+            ],
             "Dense, non-suspect rows without the series flagged host-limited (NOT the goal "
             "table; docs/accuracy.md, B200 data):",
         )
