@@ -440,3 +440,55 @@ def test_b200_nemotron_rows_need_the_slower_state_update(stack_fit):
     assert 0.05 < b["linear_state_eff"] < 0.3
     assert b["ls_lomo"]["median_abs"] <= 0.15
     assert abs(b["ls_lomo"]["signed_median"]) <= 0.06
+
+
+# -- the B200's long-context GPQA rows: host-limited, no step model fits them -----------------
+
+
+def test_host_limited_series_are_the_flagged_b200_gpqa_series():
+    """The harness's second table sets apart the non-suspect rows of every series flagged
+    "B200 slower than H100" at other batch sizes: Qwen3-8B and -14B GPQA on one B200 at 128
+    sequences (and the Nemotron GPQA rows of flagged series); no H100 row, no chat row."""
+    from fleetsim.calibrate import mlenergy as ml
+
+    rows = [ml.Row(c, ml.SimRun(c.key)) for c in ml.read_configs() if not ml.skip_reason(c)]
+    apart = ml.flagged_series(rows)
+    clean = {r.config.key for r in rows if not r.config.suspect} & apart
+    assert "Qwen/Qwen3-8B gpqa B200 x1 TP1/EP1/DP1 b128" in clean
+    assert "Qwen/Qwen3-14B gpqa B200 x1 TP1/EP1/DP1 b128" in clean
+    assert all(" gpqa B200 " in k for k in clean)
+    assert not any(" H100 " in k or "lm-arena" in k for k in apart)
+
+
+def test_no_kv_read_model_fits_the_gpqa_b128_rows_and_the_chat_rows():
+    """Qwen3-8B/14B GPQA on one B200 at 128 sequences (~5,400 tokens of context, ~100 GB of KV
+    per step): 47.6 / 48.8 ms measured, the fitted step 50 % faster. Either KV-read term that
+    could slow them breaks other rows of the same GPU: a flat KV efficiency fitted to them
+    (about 0.22) makes the large-batch chat rows (b256-b2048, which read as much KV per step
+    or more) 45-130 % too slow; a per-unit cap fitted to them (about 2.3 GB/s per sequence and
+    KV head) makes Qwen3-32B's GPQA rows at 8-64 sequences, with the same attention geometry
+    (8 KV heads of 128), ~100 % too slow. docs/accuracy.md, "B200 data"."""
+    from fleetsim.calibrate import stack
+
+    runs = stack.load_runs(stack.default_data_dir(), "B200")
+    c = dict(catalog.stacks()["vllm-v1"]["b200"])
+    g = [r for r in runs if r.config.task == "gpqa" and r.config.max_num_seqs == 128]
+    assert len(g) == 2 and all(stack.run_err(r, c) < -0.45 for r in g)
+
+    def loss(cc: dict) -> float:
+        return sum(stack.run_err(r, cc) ** 2 for r in g)
+
+    flat = min(
+        (
+            {**c, "kv_memory_eff": 0.05 + 0.025 * i, "attn_unit_bw_bytes_per_s": 0.0}
+            for i in range(37)
+        ),
+        key=loss,
+    )
+    unit = min(({**c, "attn_unit_bw_bytes_per_s": i * 0.1e9} for i in range(10, 80)), key=loss)
+    for cc in (flat, unit):
+        assert all(abs(stack.run_err(r, cc)) < 0.05 for r in g)  # each fits the two rows
+    big_chat = [r for r in runs if r.config.task != "gpqa" and r.config.max_num_seqs >= 256]
+    assert min(stack.run_err(r, flat) for r in big_chat) > 0.40
+    q32 = [r for r in runs if r.config.model_id == "Qwen/Qwen3-32B" and r.config.task == "gpqa"]
+    assert len(q32) == 4 and min(stack.run_err(r, unit) for r in q32) > 0.9
