@@ -39,8 +39,17 @@ read (bytes) and ``overhead + per_seq x sequences``; ``kv_memory_eff`` and
 the relative error, and the median step is re-placed under the fitted constants
 (``MEDIAN_ROUNDS``). This reproduces the harness's simulated median ITL to within a few
 percent on all but the largest batch (Qwen3-14B b2048, whose KV cache holds fewer).
-Hybrid (Mamba-Transformer) rows are reported, not fitted: their state-update kernels are not
+Hybrid (Mamba-Transformer) rows are left out of that fit: their state-update kernels are not
 what these terms describe.
+
+**Hybrids** (``fit_linear_state``): with the GPU's other constants held, the non-suspect
+single-GPU rows of the hybrid models (Nemotron Nano 9B/12B v2), run in steps the same way, fit
+``linear_state_eff``: the bandwidth fraction at which a decoding sequence's Mamba-2 state update
+(vLLM's ``selective_state_update``) reads and writes its state (``device/moe.py``; prefill
+tokens keep the kernel fit's elementwise scan). Least squares of the log error on a grid;
+leave-one-model-out with two models is each model predicted from the other alone. A GPU keeps
+the elementwise efficiency (0) unless the fit's LOMO median error is ``LINEAR_STATE_MIN_GAIN``
+below it: the H100 keeps it (2.8 % median), the B200 takes 0.15 (43 % -> 10 %).
 
 **Tensor parallelism** (``fit_allreduce``): vLLM's custom all-reduce (``ar_floor_s``,
 ``ar_bw_bytes_per_s``) is fitted to the H100's non-suspect dense TP2 rows (Qwen3-32B,
@@ -777,6 +786,8 @@ def stacks_toml(res: dict) -> str:
         "# applies to one-GPU engines only, device/stack.py says why, confidence L);",
         "# graph_floor_frac: assumed (calibrate/stack.py says why), confidence L. ar_*: vLLM's",
         "# custom all-reduce, fitted to the H100's dense TP2 rows (Qwen3-32B, gemma-3-27b).",
+        "# linear_state_eff: the Mamba-2 state update's bandwidth fraction, fitted to the hybrid",
+        "# rows (Nemotron Nano 9B/12B v2) where it beats the kernel fit's elementwise one (0).",
         "# GPUs without ML.ENERGY rows (A100, H200): derived = the H100's constants (same",
         "# host-side stack, FlashAttention decode; H200 is an H100 with more HBM), the all-reduce",
         "# bandwidth scaled by the GPU's NVLink bandwidth, confidence L.",
