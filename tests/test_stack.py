@@ -395,6 +395,11 @@ def test_state_update_at_the_fitted_efficiency_adds_its_bytes_exactly(n):
         assert t - t0 == pytest.approx(extra, rel=1e-9)
         assert (f, b) == (f0, b0)
     assert lm.decode_time(n, 500) - base.decode_time(n, 500) == pytest.approx(extra, rel=1e-9)
+    # the report's parts still sum to the step, the extra time in the linear-state part
+    parts, parts0 = lm.breakdown(0, 0.0, 0, n, 500.0 * n), base.breakdown(0, 0.0, 0, n, 500.0 * n)
+    assert sum(parts.values()) == pytest.approx(lm.iteration(0, 0.0, 0, n, 500.0 * n)[0])
+    assert parts["linear_state"] - parts0["linear_state"] == pytest.approx(extra, rel=1e-9)
+    assert parts["lm_head"] == pytest.approx(parts0["lm_head"], rel=1e-12)
 
 
 def test_prefill_tokens_keep_the_elementwise_scan():
