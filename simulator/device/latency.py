@@ -190,8 +190,9 @@ class RooflineProfile:
     #: ar_bw_bytes_per_s`` per call; 0: the kernel fit's measured table (NCCL)
     ar_floor_s: float = 0.0
     ar_bw_bytes_per_s: float = 0.0
-    #: the linear-state (Mamba-2) scan's state read and write per sequence, as a fraction of
-    #: the bandwidth (0: the kernel fit's elementwise efficiency; see fleetsim.device.stack)
+    #: a decoding sequence's state update in the linear-state (Mamba-2) layers (its state read
+    #: and written once per step), as a fraction of the bandwidth (0: the kernel fit's
+    #: elementwise efficiency, as the prefill's scan; see fleetsim.device.stack)
     linear_state_eff: float = 0.0
 
 

@@ -386,10 +386,11 @@ def linear_state_block_s(
     gemms = gemm_time_s(fit, peak_flops, bw, m, in_cols, d, weight_bytes) + gemm_time_s(
         fit, peak_flops, bw, m, d, inner / tp, weight_bytes
     )
+    state = model.ssm_n_heads * model.ssm_head_dim * model.ssm_state_size / tp
     elems = (
         elem_time_s(fit, bw, "norm", 4.0 * m * d)
         + elem_time_s(fit, bw, "act", 4.0 * m * in_cols)  # the convolution over x, B, C
-        + elem_time_s(fit, bw, "act", m * linear_state_scan_bytes(model, tp))  # the scan
+        + elem_time_s(fit, bw, "act", 2.0 * 2.0 * m * state)  # the scan: state read and write
         + elem_time_s(fit, bw, "add", 6.0 * m * d)
     )
     return gemms, elems
