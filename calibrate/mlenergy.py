@@ -481,8 +481,12 @@ class _Sink:
             self.finish.append(finish_s)
 
 
-def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
-    """Simulate one benchmark run of ``c`` and measure it over the steady-state window."""
+def simulate_config(
+    c: Config, seed: int = 0, engine: str = "macro", host_stall_s: float | None = None
+) -> SimRun:
+    """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
+    ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
+    harness passes the one fitted without the row's model: :func:`lomo_host_stalls`)."""
     from fleetsim.api import load
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
@@ -505,6 +509,13 @@ def simulate_config(c: Config, seed: int = 0, engine: str = "macro") -> SimRun:
             hours = max(1, min(48, math.ceil(est_s / 3600.0) + 1))
             sc = load(scenario_dict(c, str(trace), hours, engine))
             rs = resolve(sc, "")
+            if host_stall_s is not None and getattr(rs.profile, "serving_stack", "") == "vllm-v1":
+                from fleetsim.device.stack import stack_constants
+
+                base = stack_constants("vllm-v1", GPUS[c.gpu_model])
+                assert base is not None
+                oh = float(base["overhead_s"]) + host_stall_s
+                rs = replace(rs, profile=replace(rs.profile, overhead_s=oh))
             sink = _Sink()
             pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
             tr = _Tracker(pod.rec)
@@ -899,16 +910,41 @@ def table(rows: Sequence[Row], title: str) -> list[str]:
     return lines
 
 
-def _sim_one(args: tuple[Config, int, str]) -> SimRun:
-    c, seed, engine = args
-    return simulate_config(c, seed, engine)
+def _sim_one(args: tuple[Config, int, str, float | None]) -> SimRun:
+    c, seed, engine, stall = args
+    return simulate_config(c, seed, engine, stall)
+
+
+def lomo_host_stalls(data: Path, configs: Sequence[Config]) -> dict[tuple[str, str], float]:
+    """The vllm-v1 host stall per step (``fleetsim.calibrate.stack.fit_host_stall``) of each
+    (GPU, model) of ``configs`` fitted without that model's rows: leave-one-model-out, as the
+    power. A model outside the fitting set (hybrids, MoE, multi-GPU-only) takes the fit to
+    every row, which is the catalog's."""
+    from fleetsim.calibrate import stack
+    from fleetsim.device.stack import stack_constants
+
+    out: dict[tuple[str, str], float] = {}
+    for g in sorted({c.gpu_model for c in configs if c.gpu_model in stack.GPUS}):
+        cst = stack_constants("vllm-v1", GPUS[g])
+        if cst is None or not cst.get("host_stall_s"):
+            continue  # not charged on this GPU (calibrate/stack.py, HOST_STALL_ADOPTED)
+        fit = stack.fit_host_stall(stack.load_runs(data, g), cst)
+        for m in {c.model_id for c in configs if c.gpu_model == g}:
+            out[(g, m)] = fit["hs_by_model"].get(m, fit["host_stall_s"]) if fit else 0.0
+    return out
 
 
 def simulate_all(
-    configs: Sequence[Config], workers: int = 2, seed: int = 0, engine: str = "iteration"
+    configs: Sequence[Config],
+    workers: int = 2,
+    seed: int = 0,
+    engine: str = "iteration",
+    stalls: dict[tuple[str, str], float] | None = None,
 ) -> list[SimRun]:
-    """:func:`simulate_config` of every configuration, in a process pool."""
-    jobs = [(c, seed, engine) for c in configs]
+    """:func:`simulate_config` of every configuration, in a process pool; ``stalls`` (by GPU
+    and model, :func:`lomo_host_stalls`) replaces the catalog's host stall per step."""
+    st = stalls or {}
+    jobs = [(c, seed, engine, st.get((c.gpu_model, c.model_id))) for c in configs]
     if workers <= 1 or len(jobs) <= 1:
         return [_sim_one(j) for j in jobs]
     with ProcessPoolExecutor(max_workers=workers) as ex:
@@ -1160,7 +1196,9 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
     if a.kind == "moe":
         a.catalog = True
-    runs = simulate_all(configs, a.workers, engine=a.engine)
+    # the host stall per step, fitted without each row's model (the catalog's is the fit to all)
+    stalls = lomo_host_stalls(a.data, configs)
+    runs = simulate_all(configs, a.workers, engine=a.engine, stalls=stalls)
     pairs = []
     for c, r in zip(configs, runs, strict=True):
         if r.error:

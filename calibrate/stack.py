@@ -233,9 +233,16 @@ def fit(rows: list[Row], data: Path | None = None) -> dict:
     default folder when None)."""
     out: dict = {}
     data = default_data_dir() if data is None else data
+    runs1: dict[str, list[_Run]] = {}  # single-GPU dense runs by GPU model, loaded once
+
+    def single(gpu_model: str) -> list[_Run]:
+        if gpu_model not in runs1:
+            runs1[gpu_model] = load_runs(data, gpu_model)
+        return runs1[gpu_model]
+
     for gpu in sorted({r.gpu for r in rows}):
         if gpu == "b200":
-            out[gpu] = fit_b200(load_runs(data, "B200"))
+            out[gpu] = fit_b200(single("B200"))
             continue
         rs = [r for r in rows if r.gpu == gpu]
         grid = {
@@ -274,6 +281,7 @@ def fit(rows: list[Row], data: Path | None = None) -> dict:
     for gpu_model, gpu in GPUS.items():
         if gpu in out:
             out[gpu].update(fit_linear_state(load_hybrid_runs(data, gpu_model, out[gpu])))
+            out[gpu].update(fit_host_stall(single(gpu_model), out[gpu], gpu))
     if "h100-sxm" in out:
         ar = fit_allreduce(
             parts_at(load_runs(data, "H100", tp=2), out["h100-sxm"]), out["h100-sxm"]
@@ -709,6 +717,91 @@ def fit_linear_state(runs: list[_HybridRun]) -> dict:
     }
 
 
+# -- the host stall: the measured mean step beyond the median ------------------------------
+
+
+def sim_ratio(r: _Run, c: dict, stall_s: float = 0.0) -> float:
+    """The simulated ``tokens/s x median ITL / batch`` of run ``r`` under constants ``c`` with
+    ``stall_s`` added to every step: the token-weighted median step (the benchmark's median
+    ITL, every step's tokens) over the token-weighted mean step of the steady window (steps
+    with every slot busy; ``batch / tokens/s`` is that mean)."""
+    t = step_times(r, c) + stall_s
+    med = float(t[_weighted_median_index(t, r.n)])
+    full = np.nonzero(r.n >= r.n.max())[0]
+    w = slice(0, int(full[-1]) + 1)
+    mean = float((r.n[w] * t[w]).sum() / r.n[w].sum())
+    return med / mean
+
+
+def meas_ratio(cfg: Config) -> float:
+    """The measured ``tokens/s x median ITL / batch``: the median gap between tokens over the
+    mean (``batch / tokens/s``)."""
+    return cfg.tokens_per_s * (cfg.itl_median_ms / 1e3) / cfg.avg_batch_size
+
+
+def stall_target_s(r: _Run, c: dict) -> float:
+    """The row's mean host stall per step that the simulated steps lack: the measured median
+    ITL times ``1 / ratio_measured - 1 / ratio_simulated`` (the measured mean step minus the
+    mean step the simulated step distribution would have at the measured median)."""
+    med = r.config.itl_median_ms / 1e3
+    return med * (1.0 / meas_ratio(r.config) - 1.0 / sim_ratio(r, c))
+
+
+def stall_err(r: _Run, c: dict, stall_s: float) -> float:
+    """The row's mean step (``batch / tokens/s``) with ``stall_s`` per step against the
+    measured, the median step at the measured one: ``(med / ratio_sim + stall) / (med /
+    ratio_meas) - 1``."""
+    med = r.config.itl_median_ms / 1e3
+    return (med / sim_ratio(r, c) + stall_s) / (med / meas_ratio(r.config)) - 1.0
+
+
+#: the GPUs whose fitted host stall the catalog charges. The rule (issue 21): adopted only
+#: where the accuracy harness's leave-one-model-out tables improve overall, signed medians
+#: toward 0 and no floor that was met broken. H100: every metric's median and signed median
+#: improve or hold. B200 (1.13 ms): tokens/s 15.3 -> 10.0 % median (+12.4 -> +4.8 % signed),
+#: median ITL 9.9 -> 8.6 % (-6.1 -> +3.0 %), J/token 14.2 -> 11.4 % (-12.2 -> -9.5 %), but
+#: W per GPU 9.1 -> 10.2 % (-2.5 -> -4.7 %): its 10 % floor broken (the slower, right pace
+#: exposes the power fit's own low bias at the measured pace, -4.2 %), so NOT charged yet;
+#: docs/accuracy.md, "Mean vs median step". Add "b200" here and rerun --write to charge it.
+HOST_STALL_ADOPTED = frozenset({"h100-sxm"})
+
+
+def fit_host_stall(runs: list[_Run], c: dict, gpu: str = "") -> dict:
+    """``host_stall_s``: the median over ``runs`` of :func:`stall_target_s` under the GPU's
+    fitted constants ``c`` (robust to the few rows the step model misses: Qwen3-14B b2048, the
+    GPQA series flagged host-limited), at least 0, and its leave-one-model-out errors on the
+    mean step (each model's rows with the stall fitted to the others), against none.
+    ``host_stall_s`` is the fit where ``gpu`` is in :data:`HOST_STALL_ADOPTED`, else 0
+    (``host_stall_fitted_s`` keeps the fit)."""
+    if not runs:
+        return {}
+    tgt = {id(r): stall_target_s(r, c) for r in runs}
+
+    def solve(rs: list[_Run]) -> float:
+        return max(0.0, float(median(tgt[id(r)] for r in rs)))
+
+    s_all = solve(runs)
+    models = sorted({r.config.model_id for r in runs})
+    errs: list[float] = []
+    by_model: dict[str, float] = {}
+    for m in models:
+        train = [r for r in runs if r.config.model_id != m]
+        if not train:
+            continue
+        by_model[m] = s = solve(train)
+        errs += [stall_err(r, c, s) for r in runs if r.config.model_id == m]
+    return {
+        "host_stall_s": s_all if gpu in HOST_STALL_ADOPTED else 0.0,
+        "host_stall_fitted_s": s_all,
+        "hs_rows": len(runs),
+        "hs_models": models,
+        "hs_by_model": by_model,
+        "hs_lomo": _summary(errs),
+        "hs_in_sample": _summary([stall_err(r, c, s_all) for r in runs]),
+        "hs_none": _summary([stall_err(r, c, 0.0) for r in runs]),
+    }
+
+
 # -- tensor parallelism: vLLM's custom all-reduce ------------------------------------------
 
 
@@ -788,6 +881,11 @@ def stacks_toml(res: dict) -> str:
         "# custom all-reduce, fitted to the H100's dense TP2 rows (Qwen3-32B, gemma-3-27b).",
         "# linear_state_eff: the Mamba-2 state update's bandwidth fraction, fitted to the hybrid",
         "# rows (Nemotron Nano 9B/12B v2) where it beats the kernel fit's elementwise one (0).",
+        "# host_stall_s: the mean host-side stall per step (engine-core/API-server output",
+        "# processing, GC, ...) that the measured mean step (batch / tokens/s) carries beyond the",
+        "# median ITL and the simulated steps do not: per row, median ITL x (1 / r_meas -",
+        "# 1 / r_sim), r = tokens/s x median ITL / batch (the measured-ratio method), the median",
+        "# over the GPU's single-GPU dense rows; charged in every step (added to overhead_s).",
         "# GPUs without ML.ENERGY rows (A100, H200): derived = the H100's constants (same",
         "# host-side stack, FlashAttention decode; H200 is an H100 with more HBM), the all-reduce",
         "# bandwidth scaled by the GPU's NVLink bandwidth, confidence L.",
@@ -830,6 +928,7 @@ def stacks_toml(res: dict) -> str:
             f"overhead_s = {v['overhead_s']:.4e}  # fitted: exposed CPU time per iteration"
         )
         lines.append(f"per_seq_s = {v['per_seq_s']:.4e}  # fitted: per sequence in the iteration")
+        lines += _host_stall_lines(v)
         lines.append(f"graph_floor_frac = {v['graph_floor_frac']:g}  # assumed (L)")
         lines.append(
             f"kv_memory_eff = {v['kv_memory_eff']:.3f}  # fitted: KV read, fraction of peak"
@@ -865,6 +964,39 @@ def stacks_toml(res: dict) -> str:
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+def _host_stall_lines(v: dict) -> list[str]:
+    """The catalog lines of a GPU's host stall per step (:func:`fit_host_stall`)."""
+    if "host_stall_s" not in v:
+        return []
+    s = v["host_stall_s"]
+    if "derived_from" in v:
+        return [
+            f"host_stall_s = {s:.4e}  # derived: the {v['derived_from']}'s mean host stall per"
+            " step (same host-side stack)"
+        ]
+    lo, no = v["hs_lomo"], v["hs_none"]
+    fs = v["host_stall_fitted_s"]
+    if s > 0.0:
+        head = (
+            f"host_stall_s = {s:.4e}  # fitted: mean host stall per step (measured mean step -"
+            f" median beyond the simulated, median of {v['hs_rows']} single-GPU dense rows)"
+        )
+    else:
+        head = (
+            "host_stall_s = 0.0  # NOT charged: the harness's W per GPU floor (calibrate/stack.py"
+            " HOST_STALL_ADOPTED)"
+        )
+    return [
+        head,
+        f"host_stall_fitted_s = {fs:.4e}  # fitted: median of {v['hs_rows']} single-GPU dense"
+        " rows (measured-ratio method)",
+        f"host_stall_lomo_median_err = {lo['median_abs']:.4f}  # mean step (batch / tokens/s),"
+        f" each model from the others, worst {lo['worst_abs']:.4f}, signed median"
+        f" {lo['signed_median']:+.4f}; without it {no['median_abs']:.4f}, signed"
+        f" {no['signed_median']:+.4f}",
+    ]
 
 
 def _linear_state_lines(v: dict) -> list[str]:
@@ -918,6 +1050,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  ar_floor_s={v['ar_floor_s']:.4g} ar_bw_bytes_per_s={v['ar_bw_bytes_per_s']:.4g}"
             )
+        if "host_stall_s" in v:
+            print(
+                f"  host_stall_s={v['host_stall_s']:.4g}"
+                f" (fitted {v['host_stall_fitted_s']:.4g}, {v['hs_rows']} rows)"
+            )
         if "ls_fitted_eff" in v:
             print(
                 f"  linear_state_eff={v['linear_state_eff']:.4g}"
@@ -927,6 +1064,9 @@ def main(argv: list[str] | None = None) -> int:
             "eager",
             "in_sample",
             "lomo",
+            "hs_none",
+            "hs_in_sample",
+            "hs_lomo",
             "ls_default",
             "ls_in_sample",
             "ls_lomo",

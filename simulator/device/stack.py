@@ -44,6 +44,14 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   bandwidth where the catalog fits one (the B200: its Nemotron Nano rows are 19-53 % slower than
   the elementwise scan explains; 0 elsewhere: the kernel fit's elementwise efficiency).
 
+* **Host stalls.** The measured mean gap between tokens (``batch / tokens/s``) is longer than
+  the median one by more than the step-time model's own mix of steps explains: 1.1 ms per step
+  on the B200, 0.08 ms on the H100 (``host_stall_s``; the engine core's and API server's output
+  processing, garbage collection and other host-side stalls, which a median ignores but
+  throughput and energy per token do not). It is charged in every step, on top of
+  ``overhead_s``, so throughput, energy and latency all see it; the price is a median step
+  longer by the same amount (docs/accuracy.md, "Mean vs median step").
+
 The constants are fitted per GPU to the ML.ENERGY rows' median inter-token latency
 (``python -m fleetsim.calibrate.stack``; the values, their provenance and their errors are in
 ``catalog/stacks.toml``). Iterations of more tokens than the capture size run as in ``eager``
@@ -107,7 +115,8 @@ def apply_stack(profile: Profile, stack: str, gpu: str, max_num_seqs: int) -> Pr
         profile,
         name=f"{profile.name}+{stack}",
         serving_stack=stack,
-        overhead_s=float(c["overhead_s"]),
+        # the exposed CPU time of a median step plus the mean host stall per step
+        overhead_s=float(c["overhead_s"]) + float(c.get("host_stall_s", 0.0)),
         overhead_per_layer_s=0.0,
         graph_max_tokens=capture_max_tokens(max_num_seqs),
         graph_floor_frac=float(c["graph_floor_frac"]),
