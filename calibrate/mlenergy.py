@@ -930,7 +930,7 @@ def lomo_host_stalls(data: Path, configs: Sequence[Config]) -> dict[tuple[str, s
             continue  # not charged on this GPU (calibrate/stack.py, HOST_STALL_ADOPTED)
         fit = stack.fit_host_stall(stack.load_runs(data, g), cst)
         for m in {c.model_id for c in configs if c.gpu_model == g}:
-            out[(g, m)] = fit["hs_by_model"].get(m, fit["host_stall_s"]) if fit else 0.0
+            out[(g, m)] = fit["hs_by_model"].get(m, fit["host_stall_fitted_s"]) if fit else 0.0
     return out
 
 

@@ -600,3 +600,20 @@ def test_host_stall_moves_a_simulated_row_toward_its_measured_throughput():
     assert 1 / tps_b - 1 / tps_a == pytest.approx(s / b.avg_batch, rel=0.05)
     assert b.itl_median_s - a.itl_median_s == pytest.approx(s, rel=0.05)
     assert abs(tps_b / cfg.tokens_per_s - 1) < abs(tps_a / cfg.tokens_per_s - 1)
+
+
+def test_harness_takes_the_host_stall_leave_one_model_out():
+    """The accuracy harness simulates each row with the stall fitted without its model; a model
+    outside the fitting set (a hybrid) takes the fit to every row (the catalog's); a GPU whose
+    stall is not charged (the B200) gets none."""
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.calibrate import stack
+
+    models = ("Qwen/Qwen3-8B", "nvidia/NVIDIA-Nemotron-Nano-9B-v2")
+    cfgs = [c for c in ml.read_configs() if c.model_id in models and c.num_gpus == 1]
+    st = ml.lomo_host_stalls(stack.default_data_dir(), cfgs)
+    h = catalog.stacks()["vllm-v1"]["h100-sxm"]
+    assert set(st) == {("H100", m) for m in models}
+    assert st[("H100", models[1])] == pytest.approx(h["host_stall_fitted_s"], rel=1e-3)
+    assert 0.0 <= st[("H100", models[0])] < 0.2e-3
+    assert st[("H100", models[0])] != pytest.approx(h["host_stall_fitted_s"], rel=1e-3)
