@@ -87,7 +87,7 @@ def _current(rows: list[moe_fit.FitRow], keys) -> None:
     by_key = {r.config.key: r for r in rows}
     for key in keys:
         r = by_key[key]
-        now = ml.simulate_config(r.config)
+        now = ml.simulate_config(r.config, engine="iteration")  # as moe_fit simulates
         assert not now.error, (key, now.error)
         cat = r.lm._moe_fit  # type: ignore[attr-defined]
         same = all(getattr(cat, k) == getattr(r.base_fit, k) for k in moe_fit.PARAMS)
