@@ -111,3 +111,32 @@ def test_dp8_row_throughput_with_and_without_padding(monkeypatch):
     monkeypatch.setattr(LatencyModel, "dp_padded_tokens", lambda self, p, k, n: p + n)
     r0 = ml.simulate_config(c)
     assert r0.tokens / r0.window_s / c.tokens_per_s - 1.0 > 2.0
+
+
+def test_cuda_graphs_are_per_engine():
+    """vLLM captures and replays CUDA graphs per data-parallel engine, for its padded share: the
+    DP8 server at max_num_seqs 1,024 captures up to 2 x 128 tokens per engine (an engine's
+    share), so its 1,024-sequence decode step (128 per engine) is a graph replay, which the
+    replica-wide threshold (1,024 > 256) had run eager."""
+    import tempfile
+    from pathlib import Path
+
+    from fleetsim.api import load
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.config.scenario import resolve
+    from fleetsim.device.stack import capture_max_tokens
+
+    c = _row("Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8 sourcegraph-fim B200 x8 TP1/EP8/DP8 b1024")
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Path(tmp) / "t.csv"
+        tr.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+        rs = resolve(load(ml.scenario_dict(c, str(tr), 1)), "")
+    assert rs.profile.graph_max_tokens == capture_max_tokens(128) == 256
+    lat = rs.latency_model()
+    assert lat._gmax == 8 * 256  # type: ignore[attr-defined]
+    graphed = lat.decode_time(1024, 1700)
+    lat._gmax = 256  # type: ignore[attr-defined]  # the replica-wide threshold: eager
+    for cache in (lat._lin_cache, lat._tok_cache, lat._head_cache, lat._head_cache_g):  # type: ignore[attr-defined]
+        cache.clear()
+    lat.coeff_cache.clear()
+    assert graphed < lat.decode_time(1024, 1700)

@@ -506,7 +506,10 @@ class LatencyModel:
         self._ar_floor_g = 0.0
         if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
             self._kern_g = graphed_fit(kf, p.graph_floor_frac)
-            self._gmax = p.graph_max_tokens
+            # each data-parallel engine replays its own graph for its (padded) share: the
+            # replica's padded dp x share tokens are graphed when the share is, i.e. up to
+            # dp x the engine's largest capture (graph_max_tokens is an engine's)
+            self._gmax = p.graph_max_tokens * self.dp
             self._head_cache_g = {}
             self._ar_floor_g = 1.0 - p.graph_floor_frac
 
