@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
 
+from fleetsim.base import io as fio
 from fleetsim.calibrate import mlenergy as ml
 from fleetsim.device.moe import NO_MOE_FIT, FusedMoeFit
 
@@ -197,7 +198,7 @@ def read_targets(path: Path = TARGETS) -> tuple[dict[tuple[str, int], float], di
     with})``."""
     consts: dict[str, dict] = {}
     out = {}
-    for line in path.read_text().splitlines():
+    for line in fio.read_text(path, "", fio.MAX_TRACE_BYTES).splitlines():
         if line.startswith("# ") and " k_step_s=" in line:
             gpu, *kv = line[2:].split()
             consts[gpu] = {k: float(v) for k, v in (x.split("=") for x in kv)}
