@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from fleetsim.base import io as fio
-from fleetsim.device.latency import PowerSpec
+from fleetsim.device.latency import PowerSpec, RooflineProfile
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO / "data" / "mlenergy-v3"
@@ -509,13 +509,18 @@ def simulate_config(
             hours = max(1, min(48, math.ceil(est_s / 3600.0) + 1))
             sc = load(scenario_dict(c, str(trace), hours, engine))
             rs = resolve(sc, "")
-            if host_stall_s is not None and getattr(rs.profile, "serving_stack", "") == "vllm-v1":
+            prof0 = rs.profile
+            if (
+                host_stall_s is not None
+                and isinstance(prof0, RooflineProfile)
+                and prof0.serving_stack == "vllm-v1"
+            ):
                 from fleetsim.device.stack import stack_constants
 
                 base = stack_constants("vllm-v1", GPUS[c.gpu_model])
                 assert base is not None
                 oh = float(base["overhead_s"]) + host_stall_s
-                rs = replace(rs, profile=replace(rs.profile, overhead_s=oh))
+                rs = replace(rs, profile=replace(prof0, overhead_s=oh))
             sink = _Sink()
             pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
             tr = _Tracker(pod.rec)
