@@ -20,7 +20,7 @@ from fleetsim.results import arrow
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("numpy", "pyarrow", "pyarrow.compute", "pandas", "rich", "simpy", "scipy", "torch")
-HEAVY += ("concurrent.futures", "fleetsim.results.output")
+HEAVY += ("concurrent.futures", "fleetsim.results.output", "numpy.ma")
 
 
 def _imported_by(args: list[str]) -> tuple[set[str], str]:
@@ -53,6 +53,7 @@ def test_a_quiet_run_imports_neither_pandas_nor_pyarrow_compute_nor_rich(tmp_pat
     mods, _ = _imported_by(args)
     assert {"numpy", "pyarrow", "simpy"} <= mods  # (a run does need these)
     assert not mods & {"pandas", "pyarrow.compute", "rich", "scipy", "torch"}, mods
+    assert "numpy.ma" not in mods  # (np.percentile's np.unique imports it: recorder.percentiles)
     assert "concurrent.futures" not in mods  # (the process pool's module: --workers only)
     assert (tmp_path / "hourly.parquet").exists() and (tmp_path / "requests.parquet").exists()
 

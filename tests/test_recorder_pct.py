@@ -1,0 +1,53 @@
+"""The recorder's latency percentiles (serving.recorder.percentiles) are numpy's, value for value."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fleetsim.serving.recorder import LAT_PCTS, percentiles
+
+QS = (*LAT_PCTS, 0.0, 1.0, 12.5, 33.3, 49.999, 50.001, 66.7, 99.9, 100.0)
+
+
+def _same(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(
+        (math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b)
+    )
+
+
+def test_equal_to_numpy_on_latency_like_samples():
+    rng = np.random.default_rng(np.random.SeedSequence(20))
+    for n in (*range(1, 40), 99, 100, 101, 997, 1000, 4096):
+        for x in (
+            rng.lognormal(-1.0, 1.2, n),  # TTFT-like
+            rng.exponential(0.05, n),  # TPOT-like
+            np.round(rng.uniform(0.0, 3.0, n), 2),  # many ties
+            np.full(n, 0.125),
+        ):
+            want = np.percentile(x, QS).tolist()
+            assert _same(percentiles(x, QS), want), n
+            assert percentiles(x) == np.percentile(x, LAT_PCTS).tolist()
+
+
+def test_nan_anywhere_gives_nan_as_numpy_does():
+    x = np.array([0.3, math.nan, 0.1, 0.2])
+    assert _same(percentiles(x), np.percentile(x, LAT_PCTS).tolist())
+    assert all(math.isnan(v) for v in percentiles(x))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    arrays(
+        np.float64,
+        st.integers(1, 64),
+        elements=st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
+    ),
+    st.lists(st.floats(0.0, 100.0), min_size=1, max_size=6),
+)
+def test_equal_to_numpy_on_any_finite_sample(x, qs):
+    assert _same(percentiles(x, tuple(qs)), np.percentile(x, qs).tolist())
