@@ -234,3 +234,53 @@ def test_pool_day_totals_equal_the_pandas_groupby_it_replaces():
     assert list(got) == list(want) == ["prefill", "decode"]
     for name in want:
         assert got[name] == want[name]  # bit for bit (the same sums in the same order)
+
+
+# ---- the program's exit (apps/cli.py _exit_now) -----------------------------------------------
+_PROGRAM = """
+import atexit, os, sys
+real = os._exit
+def traced(rc):
+    print("os._exit", rc, flush=True)
+    real(rc)
+os._exit = traced
+atexit.register(lambda: print("atexit handler ran", flush=True))
+sys.argv = ["fleetsim", *sys.argv[1:]]
+from fleetsim.apps.cli import main
+sys.exit(main())
+"""
+
+
+def _program(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _PROGRAM, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_program_exits_at_once_with_its_output_flushed_and_atexit_run(tmp_path):
+    import json
+
+    args = ["run", "scenarios/default.toml", "--set", "simulation.hours=1", "--set"]
+    args += ["traffic.requests_per_day=2000", "--json", "--out", str(tmp_path)]
+    p = _program(args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    # the JSON document whole, then the atexit handler, then the exit without teardown
+    assert lines[-2:] == ["atexit handler ran", "os._exit 0"]
+    doc = json.loads("\n".join(lines[:-2]))
+    assert doc["hours"] == 1 and doc["totals"]["requests_completed"] > 0
+    assert (tmp_path / "hourly.parquet").exists()
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "hourly.parquet").num_rows == 1
+
+
+def test_a_refused_input_exits_with_its_code_the_same_way():
+    p = _program(["validate", "scenarios/default.toml", "--set", "fleet.replicas=0"])
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stdout.splitlines()[-2:] == ["atexit handler ran", "os._exit 2"]
+    assert p.stderr.count("\n") == 1 and "replicas" in p.stderr  # one line naming the field

@@ -390,6 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     arrives after the command, while the interpreter shuts down, still exits at once with
     128 + signum and one line (it cannot turn into a traceback or a hang)."""
     top_level = argv is None
+    if top_level:
+        # pydantic looks for plugins among every installed distribution's entry points when
+        # it builds the scenario's first model (~0.01 CPU s of each start, bench/RESULTS.md);
+        # the program has none. PYDANTIC_DISABLE_PLUGINS= (empty) in the environment keeps them.
+        import os
+
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     argv = list(sys.argv[1:] if argv is None else argv)
     delegated = {name: module for name, module, _ in DELEGATED}
     if argv and argv[0] in delegated:
@@ -415,7 +422,38 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
+    if top_level:
+        _exit_now(rc)
     return rc
+
+
+def _exit_now(rc: int) -> None:
+    """End the program with ``rc`` without the interpreter's teardown, when nothing needs it.
+
+    The command has finished: its outputs are committed (or aborted) and closed, and what is
+    left is freeing every module and object one by one (numpy, pyarrow, pydantic's models, a
+    run's requests), ~0.04 CPU s of a small run (bench/RESULTS.md, start-up). Standard output
+    and error are flushed and the ``atexit`` handlers run, as at a normal exit; a command that
+    started threads or worker processes (``--workers``, Ray) exits normally, so that the
+    interpreter joins them. Returns (and the caller exits normally) if any of that is not so."""
+    import atexit
+    import os
+    import threading
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if (
+        run_exit_handlers is None
+        or threading.active_count() > 1
+        or "multiprocessing" in sys.modules
+    ):
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # (a closed pipe or stream: the normal exit reports it)
+        return
+    run_exit_handlers()
+    os._exit(rc)
 
 
 def _outputs():
