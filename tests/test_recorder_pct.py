@@ -1,4 +1,4 @@
-"""The recorder's latency percentiles (serving.recorder.percentiles) are numpy's, value for value."""
+"""The recorder's latency percentiles (recorder.percentiles) equal numpy's, value by value."""
 
 from __future__ import annotations
 
