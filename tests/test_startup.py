@@ -20,7 +20,7 @@ from fleetsim.results import arrow
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("numpy", "pyarrow", "pyarrow.compute", "pandas", "rich", "simpy", "scipy", "torch")
-HEAVY += ("concurrent.futures", "fleetsim.results.output", "numpy.ma")
+HEAVY += ("concurrent.futures", "fleetsim.results.output", "numpy.ma", "fleetsim.device.profile")
 
 
 def _imported_by(args: list[str]) -> tuple[set[str], str]:
@@ -54,6 +54,7 @@ def test_a_quiet_run_imports_neither_pandas_nor_pyarrow_compute_nor_rich(tmp_pat
     assert {"numpy", "pyarrow", "simpy"} <= mods  # (a run does need these)
     assert not mods & {"pandas", "pyarrow.compute", "rich", "scipy", "torch"}, mods
     assert "numpy.ma" not in mods  # (np.percentile's np.unique imports it: recorder.percentiles)
+    assert "fleetsim.device.profile" not in mods  # (profile files' pydantic models: not needed)
     assert "concurrent.futures" not in mods  # (the process pool's module: --workers only)
     assert (tmp_path / "hourly.parquet").exists() and (tmp_path / "requests.parquet").exists()
 
