@@ -51,3 +51,29 @@ def test_nan_anywhere_gives_nan_as_numpy_does():
 )
 def test_equal_to_numpy_on_any_finite_sample(x, qs):
     assert _same(percentiles(x, tuple(qs)), np.percentile(x, qs).tolist())
+
+
+def test_hist_std_is_the_dense_sums_value():
+    """results.vllm.hist_std_s adds the sparse histograms over their spans: the same value as
+    the sum of the dense arrays it replaced, bit for bit (whole counts add exactly)."""
+    from types import SimpleNamespace
+
+    from fleetsim.results.vllm import hist_std_s
+    from fleetsim.serving.recorder import HIST_LO_S, HIST_PER_DECADE, SparseHist, _hist
+
+    rng = np.random.default_rng(np.random.SeedSequence(23))
+    pods = []
+    for _ in range(3):
+        hours = []
+        for h in range(24):
+            x = rng.lognormal(-2.0 + 0.1 * h, 1.0, int(rng.integers(0, 500)))
+            hours.append({"ttft": SparseHist(_hist(x))} if h % 7 else {})
+        pods.append(SimpleNamespace(hist=hours))
+    dense = [np.asarray(d["ttft"], dtype=np.float64) for p in pods for d in p.hist if d]
+    h = np.sum(dense, axis=0)
+    n = h.sum()
+    x = HIST_LO_S * 10 ** ((np.arange(len(h)) + 0.5) / HIST_PER_DECADE)
+    mean = float((h * x).sum() / n)
+    want = math.sqrt(max(float((h * x * x).sum() / n) - mean * mean, 0.0))
+    assert hist_std_s(pods, "ttft") == want
+    assert math.isnan(hist_std_s([SimpleNamespace(hist=[{}])], "ttft"))
