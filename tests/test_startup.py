@@ -239,10 +239,11 @@ def test_pool_day_totals_equal_the_pandas_groupby_it_replaces():
 
 # ---- the program's exit (apps/cli.py _exit_now) -----------------------------------------------
 _PROGRAM = """
-import atexit, os, sys
+import atexit, gc, os, sys
 real = os._exit
 def traced(rc):
     print("os._exit", rc, flush=True)
+    print("gc", gc.isenabled(), gc.get_freeze_count() > 0, flush=True)
     real(rc)
 os._exit = traced
 atexit.register(lambda: print("atexit handler ran", flush=True))
@@ -270,9 +271,10 @@ def test_the_program_exits_at_once_with_its_output_flushed_and_atexit_run(tmp_pa
     p = _program(args)
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.splitlines()
-    # the JSON document whole, then the atexit handler, then the exit without teardown
-    assert lines[-2:] == ["atexit handler ran", "os._exit 0"]
-    doc = json.loads("\n".join(lines[:-2]))
+    # the JSON document whole, then the atexit handler, then the exit without teardown; the
+    # garbage collector, paused for the start, ran for the simulation with the start frozen
+    assert lines[-3:] == ["atexit handler ran", "os._exit 0", "gc True True"]
+    doc = json.loads("\n".join(lines[:-3]))
     assert doc["hours"] == 1 and doc["totals"]["requests_completed"] > 0
     assert (tmp_path / "hourly.parquet").exists()
     import pyarrow.parquet as pq
@@ -283,5 +285,17 @@ def test_the_program_exits_at_once_with_its_output_flushed_and_atexit_run(tmp_pa
 def test_a_refused_input_exits_with_its_code_the_same_way():
     p = _program(["validate", "scenarios/default.toml", "--set", "fleet.replicas=0"])
     assert p.returncode == 2, (p.returncode, p.stderr)
-    assert p.stdout.splitlines()[-2:] == ["atexit handler ran", "os._exit 2"]
+    assert p.stdout.splitlines()[-3:] == ["atexit handler ran", "os._exit 2", "gc False False"]
     assert p.stderr.count("\n") == 1 and "replicas" in p.stderr  # one line naming the field
+
+
+def test_in_process_callers_keep_their_garbage_collector():
+    """Only the program pauses the collector for its start (cli._pause_gc): main(argv) from
+    Python leaves it as it was, enabled and with nothing frozen."""
+    import gc
+
+    from fleetsim.apps.cli import main
+
+    frozen = gc.get_freeze_count()
+    assert main(["validate", "scenarios/default.toml", "--json"]) == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen

@@ -64,7 +64,7 @@ def hist_std_s(pods, metric: str) -> float:
     h = np.zeros(HIST_BINS, dtype=np.float64)
     for x in hists:
         if isinstance(x, SparseHist):
-            h[x.lo : x.lo + len(x.counts)] += x.counts
+            h[x.lo : x.lo + len(x.counts)] += np.asarray(x.counts, dtype=np.float64)
         else:
             h += np.asarray(x, dtype=np.float64)
     n = h.sum()
