@@ -283,12 +283,13 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
     else:
         from fleetsim.device.stack import apply_stack
 
-        # the catalog's step times as the scenario's serving stack runs them (device/stack.py)
+        # the catalog's step times as the scenario's serving stack runs them (device/stack.py);
+        # its CUDA graphs are captured per engine, for an engine's share of the batch
         profile = apply_stack(
             catalog_profile(hw.gpu, entry, power),
             sc.fleet.serving_stack,
             hw.gpu,
-            sc.fleet.max_batch_size,
+            -(-sc.fleet.max_batch_size // sc.fleet.data_parallel),
         )
         profile_id = profile.name
     gpu = GpuSpec(
