@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fleetsim.device.kernels import (
+    DenseLayer,
     KernelFit,
     allreduce_floor_s,
     allreduce_time_s,
@@ -518,6 +519,13 @@ class LatencyModel:
             self._gmax = p.graph_max_tokens * self.dp
             self._head_cache_g = {}
             self._ar_floor_g = 1.0 - p.graph_floor_frac
+        #: linear_parts' layer sums of a plain dense model, by ``graphed`` (kernels.DenseLayer)
+        self._dense_layers: dict[bool, DenseLayer] = {}
+        if not self._moe_path:
+            for g, f in ((False, kf), (True, self._kern_g or kf)):
+                self._dense_layers[g] = DenseLayer(
+                    f, self._peak_lin, self._bw, self._shapes, self._wb
+                )
 
     def att_m_for(self, n: int) -> float:
         """Seconds per context token of the KV read in a step with ``n`` decoding sequences:
@@ -571,11 +579,17 @@ class LatencyModel:
         kf = self._kern_g if graphed else self._kern
         assert kf is not None
         m, tp, bw, peak = self.model, self.tp, self._bw, self._peak_lin
-        touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
-        parts = layer_parts_s(kf, peak, bw, self._shapes, tokens, self._wb, experts_touched=touched)
-        gemm_ops = _GEMM_OPS
-        t_gemm = sum(parts[k] for k in gemm_ops)
-        t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
+        dl = self._dense_layers.get(graphed)
+        if dl is not None and tokens > 0:  # the same sums, cheaper (kernels.DenseLayer)
+            t_gemm, t_elem = dl.seconds(tokens)
+        else:
+            touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
+            parts = layer_parts_s(
+                kf, peak, bw, self._shapes, tokens, self._wb, experts_touched=touched
+            )
+            gemm_ops = _GEMM_OPS
+            t_gemm = sum(parts[k] for k in gemm_ops)
+            t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
         head = gemm_time_s(kf, peak, bw, seqs, m.vocab_size / tp, m.d_model, self._wb)
         if self._per_seq:
             head += seqs * self._per_seq
