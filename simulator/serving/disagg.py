@@ -10,8 +10,9 @@ The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
 2. The replica then hands the request to the pod (``handoff``) instead of completing it. Its
    KV (prompt tokens x KV bytes per token; per layer kind for a model with sliding windows or
    linear-state layers: the prompt in the global layers, at most the window in the window
-   layers, the constant state, :meth:`fleetsim.device.modelspec.ModelSpec.kv_bytes`) stays in
-   the prefill replica's memory. The decode
+   layers, the constant state once per request, :meth:`fleetsim.config.pools.Pools.
+   transfer_bytes`) stays in the prefill replica's memory (paged: its layer-blocks, the state's
+   included, until ``release``; reserve: prompt + 1 tokens and the state). The decode
    router chooses a decode replica now (least loaded counts requests in transfer), and the KV
    goes over the prefill replica's link: a FIFO server, so a transfer that finds the link busy
    waits for the ones before it. Its time on an idle link is ``latency + bytes / bandwidth``.
@@ -251,10 +252,8 @@ class DisaggPod:
         # the KV link of each prefill replica: when it is next free (FIFO)
         self._link_free = [0.0] * P
         self._lat_s = pools.link.latency_s
-        self._kvb = pools.kv_bytes_per_token
-        m = rs.model
-        #: a prompt's KV bytes by layer kind (None: prompt x _kvb, every layer holds it all)
-        self._kv_of: Callable[[float], float] | None = None if m.kv_uniform else m.kv_bytes
+        #: a prompt's KV bytes by layer kind (Pools.transfer_bytes)
+        self._kv_of: Callable[[int], float] = pools.transfer_bytes
         self._bw = pools.egress_bytes_per_s
         # transfer statistics by the hour in which the KV arrives
         n = self.hours + 1
@@ -381,8 +380,7 @@ class DisaggPod:
         k = rep.index - self.prefill.replicas[0].index
         free = self._link_free[k]
         start = free if free > t else t
-        kv_of = self._kv_of
-        nbytes = r.prompt * self._kvb if kv_of is None else kv_of(r.prompt)
+        nbytes = self._kv_of(r.prompt)
         r.xfer_bytes = nbytes
         dur = self._lat_s + nbytes / self._bw  # on the link, FIFO
         end = start + dur
