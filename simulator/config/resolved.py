@@ -57,7 +57,9 @@ class KvBudget:
     #: blocks x block size (paged) or whole tokens (reserve): for a model with sliding-window or
     #: linear-state layers these are tokens at ``bytes_per_token``, the mean of the traffic's
     #: typical sequences (:func:`typical_contexts`), an estimate of how many tokens of such
-    #: sequences the cache holds; the paged engine counts a windowed model's layer-blocks exactly
+    #: sequences the cache holds (what the capacity estimates divide); the engine counts such a
+    #: model exactly: paged in layer-blocks (``layer_blocks``, ``state_blocks``), a hybrid under
+    #: reserve in ``attn_tokens`` and ``state_tokens``
     tokens: int
     #: the longest single request (prompt + output) the cache holds, what the engine itself
     #: admits: ``tokens``; for a windowed or hybrid model under paged KV its layer-blocks

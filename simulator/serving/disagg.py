@@ -53,7 +53,7 @@ from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.events import run_until, wake_at
-from fleetsim.serving.pod import energy_coeffs, paged_limits
+from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
@@ -98,8 +98,8 @@ class DisaggRequest(Request):
 def _request_cap(spec: PoolSpec) -> int:
     """The longest request (prompt + output tokens) a replica of pool ``spec`` holds."""
     kv = spec.rs.kv
-    if kv is not None and spec.rs.scenario.fleet.kv_allocation == "paged":
-        return kv.request_tokens
+    if kv is not None and (spec.rs.scenario.fleet.kv_allocation == "paged" or kv.state_tokens):
+        return kv.request_tokens  # (per layer kind; a hybrid's with its state)
     return spec.kv_capacity_tokens
 
 
@@ -140,7 +140,7 @@ class Pool:
             limits=Limits(
                 max_batch=spec.max_batch,
                 max_tokens=spec.max_tokens,
-                kv_cap=spec.kv_capacity_tokens,
+                **reserve_kv(rs, spec.kv_capacity_tokens),
             ),
             horizon_s=owner.horizon_s,
             per_iteration=owner.per_iteration,
