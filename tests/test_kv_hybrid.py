@@ -117,17 +117,18 @@ def test_a_batch_is_bound_by_the_constant_state(tmp_path, monkeypatch):
     assert seen["n"] == n_max
     assert max(seen["used"]) == n_max * per_seq
     assert all(u % per_seq == 0 for u in seen["used"])  # whole sequences, nothing else held
-    for _tokens, used in seen["at_free"]:
+    for (tokens, used), after in zip(seen["at_free"], seen["after_free"], strict=True):
         assert used % per_seq == 0 and used <= n_max * per_seq
+        assert tokens == 14 and used - after == per_seq
     assert seen["after_free"][-1] == 0
     assert res.totals.requests_completed == 300
     assert res.totals.preemptions == 0
 
 
 def test_preemption_frees_the_state(tmp_path, monkeypatch):
-    """Sequences that outgrow the pool preempt: blocks in use are always whole sequences'
-    hand counts (each 4 ceil(L / 16) + 1,176), never above the pool, and every request
-    completes with the pool empty at the end."""
+    """24 requests of 2,000 + 3,000 tokens on 2 GB (30,517 layer-blocks): sequences that
+    outgrow the pool preempt; the blocks in use never exceed the pool, each finish gives back
+    exactly 4 ceil(L / 16) + 1,176, and every request completes with the pool empty."""
     rows = [(1.0 + 0.001 * i, 2000, 3000) for i in range(24)]
     rs = resolved(_scenario(tmp_path, rows, kv_gb=2.0))
     nb = rs.kv.layer_blocks
@@ -137,6 +138,9 @@ def test_preemption_frees_the_state(tmp_path, monkeypatch):
     assert res.totals.requests_completed == 24
     assert max(seen["used"]) <= nb
     assert seen["after_free"][-1] == 0
+    # each finish gives back exactly its hand count, the state included
+    for (tokens, before), after in zip(seen["at_free"], seen["after_free"], strict=True):
+        assert before - after == 4 * math.ceil(tokens / B) + STATE_BLOCKS
 
 
 def test_reserve_policy_reserves_the_state(tmp_path, monkeypatch):
