@@ -184,3 +184,25 @@ def test_longer_than_the_state_leaves_is_refused(tmp_path, kv):
     (tmp_path / "long").mkdir()
     with pytest.raises(ScenarioError, match="exceeds the KV budget"):
         resolved(_scenario(tmp_path / "long", [(1.0, longest, 1)], kv_gb=0.1, kv_allocation=kv))
+
+
+def test_sessions_on_a_hybrid_run_without_prefix_caching():
+    """Session traffic names prompt blocks, and prefix caching is on by default; vLLM 0.11
+    disables it for hybrid models ("Hybrid or mamba-based model detected: disabling prefix
+    caching"), and so does the engine: the scenario validates, nothing is taken from a cache,
+    every prompt token is computed, and macro-stepping equals the per-iteration run (the
+    sessions' shared system prompt would give Llama-3.1-8B over half its tokens from the
+    cache: tests/test_paged.py)."""
+    from conftest import merge
+    from test_engine_modes import assert_modes_equal
+    from test_paged import SESSIONS
+
+    d = merge(
+        SESSIONS,
+        model={"name": MODEL},
+        simulation={"hours": 1},
+        traffic={**SESSIONS["traffic"], "requests_per_day": 8_000},
+    )
+    macro = assert_modes_equal(d)
+    assert macro.totals.prefix_hit_tokens == 0
+    assert macro.totals.requests_completed > 200
