@@ -206,3 +206,41 @@ def test_sessions_on_a_hybrid_run_without_prefix_caching():
     macro = assert_modes_equal(d)
     assert macro.totals.prefix_hit_tokens == 0
     assert macro.totals.requests_completed > 200
+
+
+def test_disaggregated_pools_hold_the_state_once_each(tmp_path, monkeypatch):
+    """A disaggregated pair: the prefill replica holds a prompt's attention blocks and the
+    state until the KV has left (4 ceil(p / 16) + 1,176 given back at release), the decode
+    replica takes 4 (p // 16 + 1) + 1,176 when the KV joins (its first decode step's block
+    included), and the link carries the state once: the attention layers' p x 16,384 bytes +
+    72,769,536."""
+    from fleetsim.serving.kv_paged import PagedKV
+
+    rows = [(1.0 + 0.5 * i, p, 30) for i, p in enumerate((17, 300, 1024, 4000, 9001))]
+    d = _scenario(tmp_path, rows, kv_gb=3.0)
+    d["disaggregation"] = {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}
+    seen: dict[str, list] = {"join": [], "release": []}
+    join, release = PagedKV._join_kv, PagedKV._release_kv
+
+    def spy_join(self, r, it):
+        before = self.NB - self.free
+        join(self, r, it)
+        seen["join"].append((r.eff, self.NB - self.free - before))
+
+    def spy_release(self, r):
+        before, tokens = self.NB - self.free, r.kv_tokens
+        release(self, r)
+        seen["release"].append((tokens, before - (self.NB - self.free)))
+
+    monkeypatch.setattr(PagedKV, "_join_kv", spy_join)
+    monkeypatch.setattr(PagedKV, "_release_kv", spy_release)
+    res = simulate(resolved(d))
+    assert res.totals.requests_completed == 5
+    assert sorted(p for p, _ in seen["join"]) == [17, 300, 1024, 4000, 9001]
+    for p, taken in seen["join"]:
+        assert taken == 4 * (p // B + 1) + STATE_BLOCKS
+    assert len(seen["release"]) == 5
+    for tokens, given in seen["release"]:
+        assert given == 4 * math.ceil(tokens / B) + STATE_BLOCKS
+    sent = float(res.pools.column("kv_transfer_bytes").to_numpy().sum())
+    assert sent == pytest.approx(16_384 * sum(p for _, p, _ in rows) + 5 * 72_769_536, rel=1e-12)

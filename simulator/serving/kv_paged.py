@@ -76,7 +76,7 @@ replica has no prefix caching, and records ``kv_block_s`` in the configured bloc
 (``wscale``). Without windows
 ``win`` is None and none of this runs. docs/serving-engine.md gives the measured hand counts.
 
-Size: about 650 lines, a little over the project's ~600: the block arithmetic above (residues,
+Size: about 665 lines, a little over the project's ~600: the block arithmetic above (residues,
 prefix blocks, window weights) is one invariant over one pool, kept in one module.
 """
 
