@@ -189,6 +189,10 @@ class ModelSpec:
                 out.append(("hybrid_pattern", p, "has MoE layers (E) but n_experts < 2"))
             if "M" in p and min(self.ssm_state_size, self.ssm_n_heads, self.ssm_head_dim) < 1:
                 out.append(("hybrid_pattern", p, "has linear-state layers (M) but no ssm_* sizes"))
+            if not bad and "*" not in p:
+                # the KV pool is counted in pages of an attention layer (vLLM's page size
+                # unification: serving/kv_paged.py); a stack with none is not modelled
+                out.append(("hybrid_pattern", p, "has no attention layer (*): not modelled"))
         return out
 
     # ---- the layer stack ----------------------------------------------------------------
