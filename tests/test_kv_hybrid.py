@@ -244,3 +244,19 @@ def test_disaggregated_pools_hold_the_state_once_each(tmp_path, monkeypatch):
         assert given == 4 * math.ceil(tokens / B) + STATE_BLOCKS
     sent = float(res.pools.column("kv_transfer_bytes").to_numpy().sum())
     assert sent == pytest.approx(16_384 * sum(p for _, p, _ in rows) + 5 * 72_769_536, rel=1e-12)
+
+
+def test_validate_says_what_the_state_holds():
+    """`fleetsim validate` on a hybrid names the state per sequence (72.8 MB, 1,176
+    layer-blocks) and the longest request beside the KV budget."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "fleetsim", "validate", "scenarios/default.toml", "--set"]
+    r = subprocess.run(
+        [*cmd, f'model.name="{MODEL}"'], cwd=root, capture_output=True, text=True, check=True
+    )
+    line = next(x for x in r.stderr.splitlines() if x.startswith("# model"))
+    assert "linear-state state, 72.8 MB (1,176 layer-blocks of 16 tokens" in line
+    assert "longest request" in line
