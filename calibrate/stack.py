@@ -39,8 +39,17 @@ read (bytes) and ``overhead + per_seq x sequences``; ``kv_memory_eff`` and
 the relative error, and the median step is re-placed under the fitted constants
 (``MEDIAN_ROUNDS``). This reproduces the harness's simulated median ITL to within a few
 percent on all but the largest batch (Qwen3-14B b2048, whose KV cache holds fewer).
-Hybrid (Mamba-Transformer) rows are reported, not fitted: their state-update kernels are not
+Hybrid (Mamba-Transformer) rows are left out of that fit: their state-update kernels are not
 what these terms describe.
+
+**Hybrids** (``fit_linear_state``): with the GPU's other constants held, the non-suspect
+single-GPU rows of the hybrid models (Nemotron Nano 9B/12B v2), run in steps the same way, fit
+``linear_state_eff``: the bandwidth fraction at which a decoding sequence's Mamba-2 state update
+(vLLM's ``selective_state_update``) reads and writes its state (``device/moe.py``; prefill
+tokens keep the kernel fit's elementwise scan). Least squares of the log error on a grid;
+leave-one-model-out with two models is each model predicted from the other alone. A GPU keeps
+the elementwise efficiency (0) unless the fit's LOMO median error is ``LINEAR_STATE_MIN_GAIN``
+below it: the H100 keeps it (2.8 % median), the B200 takes 0.15 (43 % -> 10 %).
 
 **Tensor parallelism** (``fit_allreduce``): vLLM's custom all-reduce (``ar_floor_s``,
 ``ar_bw_bytes_per_s``) is fitted to the H100's non-suspect dense TP2 rows (Qwen3-32B,
@@ -262,6 +271,9 @@ def fit(rows: list[Row], data: Path | None = None) -> dict:
             "in_sample": _summary([predict_s(r, c_all) / r.itl_s - 1.0 for r in rs]),
             "eager": _summary([predict_eager(r) / r.itl_s - 1.0 for r in rs]),
         }
+    for gpu_model, gpu in GPUS.items():
+        if gpu in out:
+            out[gpu].update(fit_linear_state(load_hybrid_runs(data, gpu_model, out[gpu])))
     if "h100-sxm" in out:
         ar = fit_allreduce(
             parts_at(load_runs(data, "H100", tp=2), out["h100-sxm"]), out["h100-sxm"]
@@ -561,6 +573,142 @@ def fit_b200(runs: list[_Run]) -> dict:
     }
 
 
+# -- hybrids: the linear-state (Mamba-2) scan's state bandwidth ------------------------------
+
+#: the scan's state read/write efficiency grid (fraction of the data-sheet bandwidth): 0.02 to
+#: 0.60 by 0.005 (0.6 is about the kernel fit's elementwise efficiency on both GPUs)
+LINEAR_STATE_EFF_GRID = tuple(round(0.02 + i * 0.005, 3) for i in range(117))
+#: what the fit wants to see before a GPU's linear-state efficiency replaces the kernel fit's
+#: elementwise efficiency: a leave-one-model-out median |error| this much below the default's
+#: (a GPU whose rows the default already fits keeps it)
+LINEAR_STATE_MIN_GAIN = 0.02
+
+
+@dataclass
+class _HybridRun:
+    """A hybrid (Mamba-Transformer) row's run in steps under a GPU's fitted constants: each
+    step's time with the state update at the kernel fit's elementwise efficiency, and the
+    state update's bytes at the full bandwidth."""
+
+    config: Config
+    n: np.ndarray  # decoding sequences per step
+    rest: np.ndarray  # seconds per step, the state update at the elementwise efficiency
+    state: np.ndarray  # seconds per step of the state update's bytes at the full bandwidth
+    default_eff: float  # the kernel fit's elementwise ("act") efficiency
+
+
+def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
+    """The non-suspect single-GPU hybrid rows of ``gpu_model``, each run in steps as
+    :func:`load_runs` runs a dense row, under the GPU's fitted constants ``c``."""
+    from fleetsim.api import load
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.config.scenario import resolve
+    from fleetsim.device.moe import linear_state_scan_bytes
+
+    out: list[_HybridRun] = []
+    with tempfile.TemporaryDirectory(prefix="fleetsim-stack-") as tmp:
+        trace = Path(tmp) / "trace.csv"
+        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
+        for cfg in ml.read_configs(data):
+            if (
+                cfg.gpu_model != gpu_model
+                or cfg.num_gpus != 1
+                or cfg.suspect
+                or "Hybrid" not in cfg.architecture
+                or cfg.task not in ml.PROMPT_TOKENS
+                or ml.skip_reason(cfg)
+            ):
+                continue
+            rs = resolve(load(ml.scenario_dict(cfg, str(trace), 1)), "")
+            assert isinstance(rs.profile, RooflineProfile)
+            prof = dataclasses.replace(
+                rs.profile,
+                overhead_s=c["overhead_s"],
+                per_seq_s=c["per_seq_s"],
+                memory_eff=c["kv_memory_eff"],
+                attn_unit_bw_bytes_per_s=c.get("attn_unit_bw_bytes_per_s", 0.0),
+                linear_state_eff=0.0,  # the elementwise efficiency (hybrid_err swaps it)
+            )
+            m = rs.model
+            lm = LatencyModel(m, prof, 1)
+            kf = prof.kernels
+            assert kf is not None
+            prompt = ml.PROMPT_TOKENS[cfg.task]
+            rng = np.random.default_rng(
+                np.random.SeedSequence([0, cfg.config_index, len(cfg.source_file)])
+            )
+            outs = ml.draw_outputs(cfg, cfg.num_requests, rng)
+            slots = min(cfg.max_num_seqs, max(1, round(cfg.avg_batch_size / 0.98)))
+            n, ctx, adm = run_steps(outs, slots, prompt)
+            keep = n > 0
+            n, ctx, adm = n[keep], ctx[keep], adm[keep]
+            rest = np.empty(len(n))
+            cache: dict[tuple[int, int], float] = {}
+            for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
+                v = cache.get((ni, ai))
+                if v is None:
+                    v = cache[(ni, ai)] = lm.iteration(
+                        ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
+                    )[0]
+                rest[i] = v + ctx[i] * lm.att_m_for(ni)
+            bw = prof.mem_bw_bytes_per_s
+            per_seq = m.n_linear_layers * linear_state_scan_bytes(m, 1) / bw
+            out.append(
+                _HybridRun(cfg, n, rest, (n + adm) * per_seq, float(kf.elem_params("act")[1]))
+            )
+    return out
+
+
+def hybrid_err(r: _HybridRun, eff: float) -> float:
+    """Run ``r``'s median step (token-weighted) with the scans' state at ``eff`` of the
+    bandwidth (0: the kernel fit's elementwise efficiency) against its measured median ITL."""
+    t = r.rest + r.state * (1.0 / eff - 1.0 / r.default_eff) if eff > 0.0 else r.rest
+    j = _weighted_median_index(t, r.n)
+    return float(t[j]) / (r.config.itl_median_ms / 1e3) - 1.0
+
+
+def _fit_eff(runs: list[_HybridRun]) -> float:
+    best, best_loss = LINEAR_STATE_EFF_GRID[0], math.inf
+    for e in LINEAR_STATE_EFF_GRID:
+        loss = sum(math.log1p(hybrid_err(r, e)) ** 2 for r in runs)
+        if loss < best_loss - 1e-15:
+            best, best_loss = e, loss
+    return best
+
+
+def fit_linear_state(runs: list[_HybridRun]) -> dict:
+    """The state update's efficiency fitted to ``runs`` (least squares of the log of the
+    median step over the measured median ITL, on a grid: symmetric in too fast and too slow,
+    so the one row the model cannot follow, Nemotron-Nano-12B-v2 chat at 256 sequences, 33.9 ms
+    measured against 40.7 ms for the smaller 9B, pulls less), its leave-one-model-out errors
+    (with two models: each predicted from the other alone) and the default's (the kernel fit's
+    elementwise efficiency). ``linear_state_eff`` is 0 (the default kept) unless the fit's
+    LOMO median |error| is at least ``LINEAR_STATE_MIN_GAIN`` below the default's."""
+    if not runs:
+        return {}
+    models = sorted({r.config.model_id for r in runs})
+    e_all = _fit_eff(runs)
+    errs: list[float] = []
+    for m in models:
+        train = [r for r in runs if r.config.model_id != m]
+        if not train:
+            continue
+        e = _fit_eff(train)
+        errs += [hybrid_err(r, e) for r in runs if r.config.model_id == m]
+    lomo = _summary(errs)
+    default = _summary([hybrid_err(r, 0.0) for r in runs])
+    keep = bool(lomo) and lomo["median_abs"] <= default["median_abs"] - LINEAR_STATE_MIN_GAIN
+    return {
+        "linear_state_eff": e_all if keep else 0.0,
+        "ls_fitted_eff": e_all,
+        "ls_rows": len(runs),
+        "ls_models": models,
+        "ls_lomo": lomo,
+        "ls_in_sample": _summary([hybrid_err(r, e_all) for r in runs]),
+        "ls_default": default,
+    }
+
+
 # -- tensor parallelism: vLLM's custom all-reduce ------------------------------------------
 
 
@@ -638,6 +786,8 @@ def stacks_toml(res: dict) -> str:
         "# applies to one-GPU engines only, device/stack.py says why, confidence L);",
         "# graph_floor_frac: assumed (calibrate/stack.py says why), confidence L. ar_*: vLLM's",
         "# custom all-reduce, fitted to the H100's dense TP2 rows (Qwen3-32B, gemma-3-27b).",
+        "# linear_state_eff: the Mamba-2 state update's bandwidth fraction, fitted to the hybrid",
+        "# rows (Nemotron Nano 9B/12B v2) where it beats the kernel fit's elementwise one (0).",
         "# GPUs without ML.ENERGY rows (A100, H200): derived = the H100's constants (same",
         "# host-side stack, FlashAttention decode; H200 is an H100 with more HBM), the all-reduce",
         "# bandwidth scaled by the GPU's NVLink bandwidth, confidence L.",
@@ -695,6 +845,7 @@ def stacks_toml(res: dict) -> str:
                 "attn_unit_bw_bytes_per_s = 0.0  # none: FlashAttention's decode splits long"
                 " contexts across blocks"
             )
+        lines += _linear_state_lines(v)
         if "ar_floor_s" in v:
             tag = "derived" if gpu != "h100-sxm" else "fitted"
             why = "" if gpu == "h100-sxm" else " (the H100's; NVLink-scaled bandwidth)"
@@ -714,6 +865,35 @@ def stacks_toml(res: dict) -> str:
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+def _linear_state_lines(v: dict) -> list[str]:
+    """The catalog lines of a GPU's linear-state efficiency (:func:`fit_linear_state`)."""
+    e = v.get("linear_state_eff", 0.0)
+    if "derived_from" in v or not v.get("ls_lomo"):
+        return [
+            "linear_state_eff = 0.0  # none: the kernel fit's elementwise efficiency (no hybrid"
+            " rows fitted here)"
+        ]
+    lo, de = v["ls_lomo"], v["ls_default"]
+    models = ", ".join(v["ls_models"])
+    if e > 0:
+        head = (
+            f"linear_state_eff = {e:.3f}  # fitted (L): Mamba-2 scan's state read/write,"
+            f" fraction of peak; {v['ls_rows']} hybrid rows ({models})"
+        )
+    else:
+        head = (
+            "linear_state_eff = 0.0  # the kernel fit's elementwise efficiency kept (fit"
+            f" {v['ls_fitted_eff']:.3f} gains < {LINEAR_STATE_MIN_GAIN:.0%}); {v['ls_rows']}"
+            f" hybrid rows ({models})"
+        )
+    return [
+        head,
+        f"linear_state_lomo_median_err = {lo['median_abs']:.4f}  # each model from the other,"
+        f" worst {lo['worst_abs']:.4f}, signed median {lo['signed_median']:+.4f}; with the"
+        f" elementwise efficiency {de['median_abs']:.4f}, worst {de['worst_abs']:.4f}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -738,7 +918,22 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  ar_floor_s={v['ar_floor_s']:.4g} ar_bw_bytes_per_s={v['ar_bw_bytes_per_s']:.4g}"
             )
-        for k in ("eager", "in_sample", "lomo", "ar_free", "ar_in_sample", "ar_lomo"):
+        if "ls_fitted_eff" in v:
+            print(
+                f"  linear_state_eff={v['linear_state_eff']:.4g}"
+                f" (fitted {v['ls_fitted_eff']:.4g}, {v['ls_rows']} hybrid rows)"
+            )
+        for k in (
+            "eager",
+            "in_sample",
+            "lomo",
+            "ls_default",
+            "ls_in_sample",
+            "ls_lomo",
+            "ar_free",
+            "ar_in_sample",
+            "ar_lomo",
+        ):
             s = v.get(k)
             if s:
                 print(

@@ -48,6 +48,7 @@ from fleetsim.device.moe import (
     attention_block_s,
     catalog_moe_fit,
     linear_state_block_s,
+    linear_state_update_extra_s,
     mlp_parts_s,
     moe_layer_parts_s,
 )
@@ -189,6 +190,10 @@ class RooflineProfile:
     #: ar_bw_bytes_per_s`` per call; 0: the kernel fit's measured table (NCCL)
     ar_floor_s: float = 0.0
     ar_bw_bytes_per_s: float = 0.0
+    #: a decoding sequence's state update in the linear-state (Mamba-2) layers (its state read
+    #: and written once per step), as a fraction of the bandwidth (0: the kernel fit's
+    #: elementwise efficiency, as the prefill's scan; see fleetsim.device.stack)
+    linear_state_eff: float = 0.0
 
 
 #: vLLM's custom all-reduce handles messages up to 8 MiB (CustomAllreduce max_size, vllm/
@@ -503,6 +508,7 @@ class LatencyModel:
         self._gmax = -1
         self._head_cache_g = self._head_cache
         self._per_seq = p.per_seq_s
+        self._ls_eff = p.linear_state_eff
         self._ar_floor_g = 0.0
         if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
             self._kern_g = graphed_fit(kf, p.graph_floor_frac)
@@ -648,17 +654,37 @@ class LatencyModel:
         comm += ar
         head = self._head_time(seqs, graphed)
         emb = elem_time_s(kf, bw, "emb", 4.0 * t_eng * m.d_model) if tokens > 0 else 0.0
-        parts["lm_head"] = head
+        # the decoding sequences' state update at the fitted efficiency (in _head_time's
+        # per-sequence part)
+        scan = self._state_update_s(seqs)
+        if n_lin:
+            parts["linear_state"] += scan
+        parts["lm_head"] = head - scan
         parts["embedding"] = emb
         ridge = peak * wb / (2.0 * bw)
-        lin = gemm + head
+        lin = gemm + head - scan
         comp = lin if t_eng >= ridge else 0.0
-        mem = (lin - comp) + elem + emb
+        mem = (lin - comp) + elem + emb + scan
         return comp, mem, comm, parts
+
+    def _state_update_s(self, seqs: int) -> float:
+        """What the linear-state layers' state update of ``seqs`` sequences (each engine's
+        share under data parallelism) adds at the serving stack's ``linear_state_eff``
+        (:func:`~fleetsim.device.moe.linear_state_update_extra_s`); 0 without linear-state
+        layers or without that constant."""
+        m = self.model
+        if seqs <= 0 or not m.n_linear_layers or self._ls_eff <= 0.0:
+            return 0.0
+        assert self._kern is not None
+        rows = _ceil(seqs / self.dp) if self.dp > 1 else seqs
+        return m.n_linear_layers * linear_state_update_extra_s(
+            self._kern, self._bw, m, self.tp, rows, self._ls_eff
+        )
 
     def _head_time(self, seqs: int, graphed: bool = False) -> float:
         """The LM head over ``seqs`` sequences (each engine's share under data parallelism),
-        with the serving stack's per-sequence time."""
+        with the linear-state layers' state update at the serving stack's efficiency and the
+        serving stack's per-sequence time."""
         if seqs <= 0:
             return 0.0
         kf = self._kern_g if graphed else self._kern
@@ -668,6 +694,8 @@ class LatencyModel:
         h = gemm_time_s(
             kf, self._hpeak, self._bw, rows, m.vocab_size / self.tp, m.d_model, self._hwb
         )
+        if self._ls_eff > 0.0:
+            h += self._state_update_s(seqs)
         return h + seqs * self._per_seq if self._per_seq else h
 
     def linear_time(self, tokens: int, seqs: int) -> float:

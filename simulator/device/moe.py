@@ -375,7 +375,10 @@ def linear_state_block_s(
 ) -> tuple[float, float]:
     """(GEMM seconds, elementwise seconds) of one linear-state (Mamba-2) mixer over ``tokens``
     tokens: its input and output projections as GEMMs (their parameters split ``tp`` ways), the
-    norm, the convolution and the scan as bandwidth-bound operators over their state."""
+    norm, the convolution and the scan as bandwidth-bound operators over their state (the scan
+    charged :func:`linear_state_scan_bytes` per token at the kernel fit's elementwise
+    efficiency; a decoding sequence's state update can run at another, fitted efficiency:
+    :func:`linear_state_update_extra_s`)."""
     m = float(tokens)
     d = model.d_model
     inner = model.ssm_d_inner
@@ -391,6 +394,29 @@ def linear_state_block_s(
         + elem_time_s(fit, bw, "add", 6.0 * m * d)
     )
     return gemms, elems
+
+
+def linear_state_scan_bytes(model: ModelSpec, tp: int) -> float:
+    """Bytes of SSM state (heads x head dim x state size, split ``tp`` ways) one linear-state
+    layer's scan reads and writes per token on one GPU, in 16 bits."""
+    state = model.ssm_n_heads * model.ssm_head_dim * model.ssm_state_size / tp
+    return 2.0 * 2.0 * state
+
+
+def linear_state_update_extra_s(
+    fit: KernelFit, bw: float, model: ModelSpec, tp: int, seqs: float, state_eff: float
+) -> float:
+    """Seconds one linear-state layer adds to :func:`linear_state_block_s` when its decoding
+    sequences' state update (vLLM's ``selective_state_update``: each sequence's state read and
+    written once per step) runs at ``state_eff`` of the bandwidth instead of the kernel fit's
+    elementwise efficiency; 0 when ``state_eff`` is 0 (the serving stack's fitted
+    ``linear_state_eff``, :mod:`fleetsim.device.stack`). Prefill tokens keep the elementwise
+    efficiency (the chunked scan, another kernel), so a step of ``seqs`` sequences is charged
+    the difference for ``seqs`` of its tokens."""
+    if state_eff <= 0.0 or seqs <= 0:
+        return 0.0
+    act_eff = fit.elem_params("act")[1]
+    return seqs * linear_state_scan_bytes(model, tp) * (1.0 / state_eff - 1.0 / act_eff) / bw
 
 
 def replica_weight_bytes(model: ModelSpec, dp: int) -> float:

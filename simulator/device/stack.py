@@ -39,6 +39,11 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   its own one-/two-shot kernel over NVLink, captured in the graph, not NCCL:
   ``ar_floor_s + 2 (tp - 1) / tp x bytes / ar_bw_bytes_per_s`` per call.
 
+* **Mamba-2 state update.** A decoding sequence's state update in a hybrid model's
+  linear-state layers (vLLM's ``selective_state_update``) runs at ``linear_state_eff`` of the
+  bandwidth where the catalog fits one (the B200: its Nemotron Nano rows are 19-53 % slower than
+  the elementwise scan explains; 0 elsewhere: the kernel fit's elementwise efficiency).
+
 The constants are fitted per GPU to the ML.ENERGY rows' median inter-token latency
 (``python -m fleetsim.calibrate.stack``; the values, their provenance and their errors are in
 ``catalog/stacks.toml``). Iterations of more tokens than the capture size run as in ``eager``
@@ -111,4 +116,5 @@ def apply_stack(profile: Profile, stack: str, gpu: str, max_num_seqs: int) -> Pr
         attn_unit_bw_bytes_per_s=float(c.get("attn_unit_bw_bytes_per_s", 0.0)),
         ar_floor_s=float(c.get("ar_floor_s", 0.0)),
         ar_bw_bytes_per_s=float(c.get("ar_bw_bytes_per_s", 0.0)),
+        linear_state_eff=float(c.get("linear_state_eff", 0.0)),
     )
