@@ -115,11 +115,13 @@ print(" ".join(repr(x) for x in out))
 """
 #: a run timed by phase inside one process: the CLI's own functions wrapped
 _PHASE_CODE = """
-import importlib, resource, sys
+import atexit, importlib, resource, sys
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime
 marks = [("start", cpu())]
 import fleetsim.apps.cli as cli
+if hasattr(cli, "_pause_gc"):  # the program pauses the collector before its imports (main())
+    cli._pause_gc()
 for mod, fn in (("fleetsim.config.loading", "load_scenario"), ("fleetsim.config.resolve",
         "resolve"), ("fleetsim.apps.simulate", "simulate"), ("fleetsim.apps.simulate",
         "write_outputs")):
@@ -133,9 +135,11 @@ for mod, fn in (("fleetsim.config.loading", "load_scenario"), ("fleetsim.config.
             marks.append((_n, cpu()))
     setattr(m, fn, w)
 marks.append(("imports", cpu()))
-rc = cli.main(sys.argv[1:])
-marks.append(("end", cpu()))
-print(repr(marks))
+# as the program runs (main() without argv: its start-up and exit as `fleetsim` has them); the
+# marks are printed at the exit, which may skip the interpreter's teardown (atexit still runs)
+atexit.register(lambda: print(repr(marks + [("end", cpu())]), flush=True))
+sys.argv = ["fleetsim", *sys.argv[1:]]
+sys.exit(cli.main())
 """
 PHASES = ("imports", "load_scenario", "resolve", "simulate", "write_outputs", "rest")
 

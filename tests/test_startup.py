@@ -20,7 +20,7 @@ from fleetsim.results import arrow
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("numpy", "pyarrow", "pyarrow.compute", "pandas", "rich", "simpy", "scipy", "torch")
-HEAVY += ("concurrent.futures", "fleetsim.results.output")
+HEAVY += ("concurrent.futures", "fleetsim.results.output", "numpy.ma", "fleetsim.device.profile")
 
 
 def _imported_by(args: list[str]) -> tuple[set[str], str]:
@@ -53,6 +53,8 @@ def test_a_quiet_run_imports_neither_pandas_nor_pyarrow_compute_nor_rich(tmp_pat
     mods, _ = _imported_by(args)
     assert {"numpy", "pyarrow", "simpy"} <= mods  # (a run does need these)
     assert not mods & {"pandas", "pyarrow.compute", "rich", "scipy", "torch"}, mods
+    assert "numpy.ma" not in mods  # (np.percentile's np.unique imports it: recorder.percentiles)
+    assert "fleetsim.device.profile" not in mods  # (profile files' pydantic models: not needed)
     assert "concurrent.futures" not in mods  # (the process pool's module: --workers only)
     assert (tmp_path / "hourly.parquet").exists() and (tmp_path / "requests.parquet").exists()
 
@@ -233,3 +235,67 @@ def test_pool_day_totals_equal_the_pandas_groupby_it_replaces():
     assert list(got) == list(want) == ["prefill", "decode"]
     for name in want:
         assert got[name] == want[name]  # bit for bit (the same sums in the same order)
+
+
+# ---- the program's exit (apps/cli.py _exit_now) -----------------------------------------------
+_PROGRAM = """
+import atexit, gc, os, sys
+real = os._exit
+def traced(rc):
+    print("os._exit", rc, flush=True)
+    print("gc", gc.isenabled(), gc.get_freeze_count() > 0, flush=True)
+    real(rc)
+os._exit = traced
+atexit.register(lambda: print("atexit handler ran", flush=True))
+sys.argv = ["fleetsim", *sys.argv[1:]]
+from fleetsim.apps.cli import main
+sys.exit(main())
+"""
+
+
+def _program(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _PROGRAM, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_program_exits_at_once_with_its_output_flushed_and_atexit_run(tmp_path):
+    import json
+
+    args = ["run", "scenarios/default.toml", "--set", "simulation.hours=1", "--set"]
+    args += ["traffic.requests_per_day=2000", "--json", "--out", str(tmp_path)]
+    p = _program(args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    # the JSON document whole, then the atexit handler, then the exit without teardown; the
+    # garbage collector, paused for the start, ran for the simulation with the start frozen
+    assert lines[-3:] == ["atexit handler ran", "os._exit 0", "gc True True"]
+    doc = json.loads("\n".join(lines[:-3]))
+    assert doc["hours"] == 1 and doc["totals"]["requests_completed"] > 0
+    assert (tmp_path / "hourly.parquet").exists()
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "hourly.parquet").num_rows == 1
+
+
+def test_a_refused_input_exits_with_its_code_the_same_way():
+    p = _program(["validate", "scenarios/default.toml", "--set", "fleet.replicas=0"])
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stdout.splitlines()[-3:] == ["atexit handler ran", "os._exit 2", "gc False False"]
+    assert p.stderr.count("\n") == 1 and "replicas" in p.stderr  # one line naming the field
+
+
+def test_in_process_callers_keep_their_garbage_collector():
+    """Only the program pauses the collector for its start (cli._pause_gc): main(argv) from
+    Python leaves it as it was, enabled and with nothing frozen."""
+    import gc
+
+    from fleetsim.apps.cli import main
+
+    frozen = gc.get_freeze_count()
+    assert main(["validate", "scenarios/default.toml", "--json"]) == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen

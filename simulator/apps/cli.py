@@ -200,6 +200,7 @@ def cmd_run(args) -> int:
     outp = open_output(args, Path(args.scenario).stem, names)
     out = outp.out
     sink = RequestWriter(outp.path("requests.parquet")) if args.requests else None
+    end_of_startup()  # (the collector runs again for the simulation)
     n_pods = len(range(min(sc.fleet.sample_pods or sc.fleet.pods, sc.fleet.pods)))
     try:
         with _progress_bar(args.quiet) as bar:
@@ -404,6 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     128 + signum and one line (it cannot turn into a traceback or a hang)."""
     top_level = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if top_level:
+        # pydantic looks for plugins among every installed distribution's entry points when
+        # it builds the scenario's first model (~0.01 CPU s of each start, bench/RESULTS.md);
+        # the program has none. PYDANTIC_DISABLE_PLUGINS= (empty) in the environment keeps them.
+        import os
+
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+        if argv and argv[0] in _GC_PAUSED_COMMANDS:
+            _pause_gc()
     delegated = {name: module for name, module, _ in DELEGATED}
     if argv and argv[0] in delegated:
         # argparse.REMAINDER does not keep options that come first ("replay --trace F"),
@@ -428,7 +438,72 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
+    if top_level:
+        _exit_now(rc)
     return rc
+
+
+#: commands whose start (imports, loading, resolving) runs with the cyclic garbage collector
+#: paused, when fleetsim is the program (see :func:`end_of_startup`)
+_GC_PAUSED_COMMANDS = ("run", "validate")
+_gc_paused = False
+
+
+def _pause_gc() -> None:
+    global _gc_paused
+    import gc
+
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def end_of_startup() -> None:
+    """The command's start is over (modules imported, scenario loaded and resolved): what it
+    allocated lives until the exit, so it is frozen out of the cyclic garbage collector's
+    passes, which start again now for the work (``gc.freeze``, CPython's tool for this).
+
+    A start with the collector running made ~100 young and ~10 middle collections that walked
+    the ~45,000 objects of numpy, pyarrow, pydantic and the schema again and again (~0.03 CPU s
+    of a small run and of ``validate``, bench/RESULTS.md). Only the program itself pauses it
+    (:func:`main` without ``argv``; in-process callers keep their collector as it is); a
+    ``validate`` keeps it paused to its exit."""
+    global _gc_paused
+    if _gc_paused:
+        import gc
+
+        _gc_paused = False
+        gc.freeze()
+        gc.enable()
+
+
+def _exit_now(rc: int) -> None:
+    """End the program with ``rc`` without the interpreter's teardown, when nothing needs it.
+
+    The command has finished: its outputs are committed (or aborted) and closed, and what is
+    left is freeing every module and object one by one (numpy, pyarrow, pydantic's models, a
+    run's requests), ~0.04 CPU s of a small run (bench/RESULTS.md, start-up). Standard output
+    and error are flushed and the ``atexit`` handlers run, as at a normal exit; a command that
+    started threads or worker processes (``--workers``, Ray) exits normally, so that the
+    interpreter joins them. Returns (and the caller exits normally) if any of that is not so."""
+    import atexit
+    import os
+    import threading
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if (
+        run_exit_handlers is None
+        or threading.active_count() > 1
+        or "multiprocessing" in sys.modules
+    ):
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # (a closed pipe or stream: the normal exit reports it)
+        return
+    run_exit_handlers()
+    os._exit(rc)
 
 
 def _outputs():

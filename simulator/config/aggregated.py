@@ -205,7 +205,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
 def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
     """The GPU (catalog entry plus overrides, power checked) and its step-time profile: the
     scenario's measured profile file or the catalog's analytic one; (gpu, profile, id, sha256)."""
-    from fleetsim.device.profile import catalog_profile, load_profile
+    from fleetsim.device.analytic import catalog_profile
 
     hw = sc.hardware
     try:
@@ -236,9 +236,9 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
             else entry.get("power_confidence", "")
         ),
     )
-    from fleetsim.device.profile import power_problem
+    from fleetsim.device.analytic import power_problem
 
-    bad = power_problem(power)  # idle <= TDP, busy <= MAX_BUSY_OVER_TDP x TDP (device/profile.py)
+    bad = power_problem(power)  # idle <= TDP, busy <= MAX_BUSY_OVER_TDP x TDP (device/analytic.py)
     if bad is not None:
         fld = {"max_w": "tdp_w"}.get(bad[0], bad[0])
         raise ScenarioError(
@@ -263,6 +263,8 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
             cand = Path(src).parent / ppath
             ppath = cand if cand.exists() or not ppath.exists() else ppath
         ppath = Path(os.path.abspath(ppath))  # errors show where the file was looked for
+        from fleetsim.device.profile import load_profile  # (pydantic's profile-file models)
+
         profile, sha = load_profile(ppath)
         cat_gpu = profile.meta.get("catalog_gpu")
         if cat_gpu and cat_gpu != hw.gpu:
@@ -281,12 +283,13 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
     else:
         from fleetsim.device.stack import apply_stack
 
-        # the catalog's step times as the scenario's serving stack runs them (device/stack.py)
+        # the catalog's step times as the scenario's serving stack runs them (device/stack.py);
+        # its CUDA graphs are captured per engine, for an engine's share of the batch
         profile = apply_stack(
             catalog_profile(hw.gpu, entry, power),
             sc.fleet.serving_stack,
             hw.gpu,
-            sc.fleet.max_batch_size,
+            -(-sc.fleet.max_batch_size // sc.fleet.data_parallel),
         )
         profile_id = profile.name
     gpu = GpuSpec(

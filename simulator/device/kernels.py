@@ -252,6 +252,80 @@ def layer_parts_s(
     return out
 
 
+class DenseLayer:
+    """:func:`layer_parts_s` of a dense layer (one expert, both norms), summed into its GEMM and
+    its elementwise seconds, with what does not depend on the tokens computed once: the
+    shapes' terms, the elementwise ops' parameters, the tile padding shared by the four GEMMs.
+
+    The same float operations in the same order as :func:`gemm_time_s` and
+    :func:`elem_time_s` (a left-to-right sum's leading terms are its prefix; ``0 + x`` and
+    ``x + 0.0`` are ``x``), so the results are bit-identical (tests/test_kernels.py checks it
+    token by token). Why: an iteration of a token count not seen before computes the layer
+    again; a 21,556-request day meets ~4,900 of them, and the per-operator calls (dicts, ten
+    function calls, the tile padding four times) were ~0.07 of its ~0.43 CPU s of simulation
+    (bench/RESULTS.md, start-up)."""
+
+    __slots__ = ("_c_act", "_d", "_elem", "_ffn", "_fit", "_gemms", "_rope", "_scal")
+
+    def __init__(
+        self, fit: KernelFit, peak_flops: float, bw: float, s: LayerShapes, weight_bytes: float
+    ) -> None:
+        if s.n_experts > 1:
+            raise ValueError("DenseLayer: a mixture of experts takes layer_parts_s")
+        self._fit = fit
+        self._d = d = s.d_model
+        self._rope = s.rope_heads
+        self._c_act = (3.0 if s.gated else 2.0) * 2.0
+        self._ffn = s.ffn_in
+        # per op: (fixed s, bw x eff), as elem_time_s divides by them
+        self._elem = {op: (fixed, bw * eff) for op, fixed, eff in fit.elem}
+        # per GEMM (n, k): (1 + k_half/k + n_half/n, n, k, n k w); a non-positive n or k is 0 s
+        self._gemms = tuple(
+            (1.0 + fit.gemm_k_half / k + fit.gemm_n_half / n, n, k, n * k * weight_bytes)
+            for n, k in ((s.qkv_out, d), (d, s.attn_in), (s.up_out, d), (d, s.ffn_in))
+        )
+        if any(n <= 0 or k <= 0 for _, n, k, _ in self._gemms):
+            raise ValueError("DenseLayer: a GEMM with no weights takes layer_parts_s")
+        self._scal = (
+            fit.gemm_m_half,
+            fit.gemm_tile_half,
+            peak_flops * fit.gemm_eff_max,
+            bw * fit.gemm_bw_eff,
+            fit.gemm_pnorm,
+            1.0 / fit.gemm_pnorm,
+            fit.gemm_launch_s,
+        )
+
+    def seconds(self, tokens: float) -> tuple[float, float]:
+        """(GEMM seconds, elementwise seconds) of one layer over ``tokens`` > 0 tokens: the
+        sums that ``layer_parts_s`` (with ``two_norms``) gives, in its operators' order."""
+        m = float(tokens)
+        m_half, tile_half, den_c, den_m, p, inv_p, launch = self._scal
+        m_eff = gemm_rows(self._fit, m)
+        mh = m_half / m
+        th = tile_half / m_eff
+        two_m = 2.0 * m_eff
+        t_gemm = 0.0
+        for base, n, k, nkw in self._gemms:
+            shape = base + mh + th
+            t_c = two_m * n * k / den_c * shape
+            t_m = (nkw + (m * k + m * n) * 2.0) / den_m
+            hi, lo = (t_c, t_m) if t_c >= t_m else (t_m, t_c)
+            t_gemm += launch + hi * (1.0 + (lo / hi) ** p) ** inv_p
+        el = self._elem
+        d = self._d
+        f, b = el["norm"]
+        norm = f + 4.0 * m * d / b
+        f, b = el["rope"]
+        t_elem = norm + (f + 4.0 * m * self._rope / b)
+        t_elem += norm
+        f, b = el["add"]
+        t_elem += f + 6.0 * m * d / b
+        f, b = el["act"]
+        t_elem += f + self._c_act * (m * self._ffn) / b
+        return t_gemm, t_elem
+
+
 def allreduce_time_s(fit: KernelFit, gpus: int, nbytes: float) -> float | None:
     """Measured all-reduce time of ``nbytes`` across ``gpus`` GPUs of one node, or None when
     the fit has no table for that GPU count."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fleetsim.device.kernels import (
+    DenseLayer,
     KernelFit,
     allreduce_floor_s,
     allreduce_time_s,
@@ -512,9 +513,19 @@ class LatencyModel:
         self._ar_floor_g = 0.0
         if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
             self._kern_g = graphed_fit(kf, p.graph_floor_frac)
-            self._gmax = p.graph_max_tokens
+            # each data-parallel engine replays its own graph for its (padded) share: the
+            # replica's padded dp x share tokens are graphed when the share is, i.e. up to
+            # dp x the engine's largest capture (graph_max_tokens is an engine's)
+            self._gmax = p.graph_max_tokens * self.dp
             self._head_cache_g = {}
             self._ar_floor_g = 1.0 - p.graph_floor_frac
+        #: linear_parts' layer sums of a plain dense model, by ``graphed`` (kernels.DenseLayer)
+        self._dense_layers: dict[bool, DenseLayer] = {}
+        if not self._moe_path:
+            for g, f in ((False, kf), (True, self._kern_g or kf)):
+                self._dense_layers[g] = DenseLayer(
+                    f, self._peak_lin, self._bw, self._shapes, self._wb
+                )
 
     def att_m_for(self, n: int) -> float:
         """Seconds per context token of the KV read in a step with ``n`` decoding sequences:
@@ -568,11 +579,17 @@ class LatencyModel:
         kf = self._kern_g if graphed else self._kern
         assert kf is not None
         m, tp, bw, peak = self.model, self.tp, self._bw, self._peak_lin
-        touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
-        parts = layer_parts_s(kf, peak, bw, self._shapes, tokens, self._wb, experts_touched=touched)
-        gemm_ops = _GEMM_OPS
-        t_gemm = sum(parts[k] for k in gemm_ops)
-        t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
+        dl = self._dense_layers.get(graphed)
+        if dl is not None and tokens > 0:  # the same sums, cheaper (kernels.DenseLayer)
+            t_gemm, t_elem = dl.seconds(tokens)
+        else:
+            touched = m.expected_experts_touched(tokens) if not self._dense else 1.0
+            parts = layer_parts_s(
+                kf, peak, bw, self._shapes, tokens, self._wb, experts_touched=touched
+            )
+            gemm_ops = _GEMM_OPS
+            t_gemm = sum(parts[k] for k in gemm_ops)
+            t_elem = sum(v for k, v in parts.items() if k not in gemm_ops)
         head = gemm_time_s(kf, peak, bw, seqs, m.vocab_size / tp, m.d_model, self._wb)
         if self._per_seq:
             head += seqs * self._per_seq
@@ -698,6 +715,25 @@ class LatencyModel:
             h += self._state_update_s(seqs)
         return h + seqs * self._per_seq if self._per_seq else h
 
+    def dp_padded_tokens(self, p_tokens: int, n_prefill: int, n: int) -> int:
+        """The tokens a data-parallel replica's layers run in an iteration of ``p_tokens`` prompt
+        tokens over ``n_prefill`` prompts and ``n`` decoding sequences: ``dp`` times those of the
+        fullest engine. vLLM pads every DP rank's batch to the largest one before the forward
+        pass (``get_dp_padding`` in ``vllm/v1/worker/gpu_model_runner.py``: "pad ... to the max
+        across DP ranks", with the maintainers' note that prefills cause "excessive padding of
+        activations"; ``coordinate_batch_across_dp`` in ``vllm/v1/worker/dp_utils.py`` later), and
+        the MoE layers then gather every rank's padded tokens. The decodes spread evenly
+        (``ceil(n / dp)`` each, as the DP load balancer keeps the engines' running counts level);
+        the prompts go one to an engine, so the fullest takes ``ceil(n_prefill / dp)`` of them, of
+        the mean chunk. ``p_tokens + n`` on one engine (``dp = 1``)."""
+        dp = self.dp
+        if dp <= 1:
+            return p_tokens + n
+        eng = _ceil(n / dp)
+        if p_tokens > 0 and n_prefill > 0:
+            eng += _ceil(_ceil(n_prefill / dp) * p_tokens / n_prefill)
+        return dp * eng
+
     def linear_time(self, tokens: int, seqs: int) -> float:
         """The sum of :meth:`linear_parts`, cached by tokens and by sequences separately (the
         engine's hot path: an iteration's token and sequence counts vary independently)."""
@@ -790,14 +826,16 @@ class LatencyModel:
             att = (pairs + ctx) * self._att_c
             att_m = self._att_m
             kv = ctx * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
-            lt = self._tok_cache.get(tokens)
-            hd = (self._head_cache_g if tokens <= self._gmax else self._head_cache).get(
+            # a data-parallel replica's layers run every engine padded to the fullest one
+            t_lin = tokens if self.dp <= 1 else self.dp_padded_tokens(p_tokens, n_prefill, n)
+            lt = self._tok_cache.get(t_lin)
+            hd = (self._head_cache_g if t_lin <= self._gmax else self._head_cache).get(
                 n_prefill + n
             )
             lt = (
                 lt + hd
                 if lt is not None and hd is not None
-                else self.linear_time(tokens, n_prefill + n)
+                else self.linear_time(t_lin, n_prefill + n)
             )
             return self._oh + lt + (att if att > kv else kv) + tokens * att_m, flops, nbytes
         prof = self.profile
@@ -843,7 +881,8 @@ class LatencyModel:
         bb = self.kvb
         prof = self.profile
         if self._kern is not None:
-            base = self._oh + self.linear_time(n, n) + n * self._att_m
+            t_lin = n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n)
+            base = self._oh + self.linear_time(t_lin, n) + n * self._att_m
             c = RunCoeffs(base, 0.0, self._att_c, 0.0, self.att_m_for(n), fa, fb, ba, bb)
         elif isinstance(prof, LinearProfile):
             a = prof.per_seq_s * n
@@ -862,7 +901,9 @@ class LatencyModel:
             rc = self._rc_peak * self._eff_c(n)
             base = self._oh + self._comm_a + self._comm_b * n
             c = RunCoeffs(base, fa / rc, fb / rc, ba / self._rm, bb / self._rm, fa, fb, ba, bb)
-        object.__setattr__(c, "comm_s", self.comm_s(n, n))
+        object.__setattr__(
+            c, "comm_s", self.comm_s(n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n), n)
+        )
         object.__setattr__(c, "weight_bytes", self.weight_bytes_per_iteration(n))
         self.coeff_cache[n] = c
         return c
@@ -892,7 +933,8 @@ class LatencyModel:
             bound = "compute" if flops / self._rc_peak > nbytes / self._rm else "memory"
             return {bound: rest, "comm": comm, "overhead": self._oh}
         if self._moe_path:
-            lin = dict(self._moe_linear(tokens, seqs)[3])
+            t_lin = tokens if self.dp <= 1 else self.dp_padded_tokens(p_tokens, n_prefill, n)
+            lin = dict(self._moe_linear(t_lin, seqs)[3])
         else:
             kf = self._kern_g if tokens <= self._gmax else self._kern
             assert kf is not None

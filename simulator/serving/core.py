@@ -419,7 +419,10 @@ class ReplicaCore(KVPolicy, WindowedDecode):
             self.rec.events += 1
             return
         self._commit(self.k)
-        self.plan(end)
+        if self.n or self.pre or self.waiting or self.pod.shared_queue is not None:
+            self.plan(end)
+        else:  # nothing left to plan: what plan(end) would conclude, without the call (9,290
+            self.busy = False  # of the 42,716 plans of the 21,556-request day end so)
 
     # ---- committing iterations ----------------------------------------------------------------
     def _commit(self, j: int, finish: bool = True, x: int = -1) -> None:

@@ -97,6 +97,35 @@ def weighted_percentile(x: np.ndarray, w: np.ndarray, q: float) -> float:
     return xl + (xh - xl) * (rank - lo)
 
 
+def percentiles(x: np.ndarray, qs: tuple[float, ...] = LAT_PCTS) -> list[float]:
+    """``np.percentile(x, qs).tolist()`` for a non-empty 1-D float array, from one sort and the
+    same float operations (numpy's default "linear" method: the virtual index ``(n - 1) q``,
+    its floor and the next, and numpy's ``_lerp``, which takes ``b - (b - a)(1 - t)`` from
+    ``t >= 0.5``; a NaN anywhere gives NaN). Why not numpy's own: ``np.percentile`` calls
+    ``np.unique``, which imports ``numpy.ma`` (and ``inspect``'s tokenizer through it), ~0.02
+    CPU s of every run's start (bench/RESULTS.md, start-up). tests/test_recorder_pct.py checks
+    it against ``np.percentile`` value for value."""
+    s = np.sort(x)
+    n = len(s)
+    last = float(s[-1])
+    if math.isnan(last):
+        return [math.nan] * len(qs)
+    out = []
+    top = n - 1
+    for q in qs:
+        v = top * (q / 100.0)
+        if v >= top:
+            out.append(last)
+            continue
+        i = math.floor(v)
+        a = float(s[i])
+        b = float(s[i + 1])
+        t = v - i
+        d = b - a
+        out.append(b - d * (1 - t) if t >= 0.5 else a + d * t)
+    return out
+
+
 def hist_percentile(h: np.ndarray, q: float) -> float:
     """The q-th percentile of a log-histogram (geometric mid-point of the bin)."""
     total = int(h.sum())
@@ -212,10 +241,10 @@ class Recorder:
             st.n_tpot = len(finite)
             ok_tpot = np.where(np.isnan(tpot), True, tpot <= self.slo_tpot_s)
             st.slo_ok = int(np.count_nonzero((ttft <= self.slo_ttft_s) & ok_tpot))
-            st.ttft = dict(zip(LAT_PCTS, np.percentile(ttft, LAT_PCTS).tolist()))
-            st.e2e = dict(zip(LAT_PCTS, np.percentile(e2e, LAT_PCTS).tolist()))
+            st.ttft = dict(zip(LAT_PCTS, percentiles(ttft)))
+            st.e2e = dict(zip(LAT_PCTS, percentiles(e2e)))
             st.tpot = (
-                dict(zip(LAT_PCTS, np.percentile(finite, LAT_PCTS).tolist()))
+                dict(zip(LAT_PCTS, percentiles(finite)))
                 if len(finite)
                 else dict.fromkeys(LAT_PCTS, math.nan)
             )

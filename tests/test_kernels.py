@@ -1,0 +1,91 @@
+"""The kernel model's dense-layer shortcut (fleetsim.device.kernels.DenseLayer) gives exactly the
+sums of the per-operator functions it replaces on the engine's hot path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fleetsim.device import catalog
+from fleetsim.device.kernels import (
+    DenseLayer,
+    KernelFit,
+    elem_time_s,
+    gemm_time_s,
+    graphed_fit,
+    layer_parts_s,
+    layer_shapes,
+)
+from fleetsim.device.latency import _GEMM_OPS, LatencyModel
+from fleetsim.device.modelspec import model_from_catalog
+from fleetsim.device.profile import catalog_profile
+
+#: token counts across the tile boundaries (16-row small tiles, 64/128/256-row tiles) and beyond
+TOKENS = [*range(1, 600), *range(600, 20000, 37), 8191, 8192, 8193, 16384, 131072]
+
+
+def _reference(fit: KernelFit, peak: float, bw: float, shapes, tokens: int, wb: float):
+    """The sums ``LatencyModel.linear_parts`` took from ``layer_parts_s`` before DenseLayer."""
+    parts = layer_parts_s(fit, peak, bw, shapes, tokens, wb)
+    return (
+        sum(parts[k] for k in _GEMM_OPS),
+        sum(v for k, v in parts.items() if k not in _GEMM_OPS),
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "gpu", "tp", "dtype"),
+    [
+        ("llama-3.1-70b", "h100-sxm", 4, "bf16"),
+        ("llama-3.1-8b", "a100-80gb", 1, "bf16"),
+        ("llama-3.1-8b", "b200", 2, "fp8"),
+        ("llama-3.1-70b", "h200", 8, "bf16"),
+    ],
+)
+def test_dense_layer_is_bit_identical_to_the_operator_sum(model, gpu, tp, dtype):
+    m = model_from_catalog(model, dtype)
+    p = catalog_profile(gpu, catalog.gpu(gpu))
+    assert p.kernels is not None
+    lat = LatencyModel(m, p, tp)
+    shapes = layer_shapes(m, tp)
+    for fit in (p.kernels, graphed_fit(p.kernels, 0.37)):
+        dl = DenseLayer(fit, lat._peak_lin, p.mem_bw_bytes_per_s, shapes, m.bytes_per_param)
+        for t in TOKENS:
+            ref = _reference(fit, lat._peak_lin, p.mem_bw_bytes_per_s, shapes, t, m.bytes_per_param)
+            assert dl.seconds(t) == ref, (model, gpu, tp, t)  # exactly, not approximately
+
+
+def test_linear_parts_use_it_and_keep_every_value():
+    """The latency model's linear parts of a dense model (its embedding, LM head and all-reduce
+    around the layer sums) are those of the operator functions, value for value."""
+    m = model_from_catalog("llama-3.1-70b")
+    p = catalog_profile("h100-sxm", catalog.gpu("h100-sxm"))
+    lat = LatencyModel(m, p, 4)
+    assert set(lat._dense_layers) == {False, True}
+    kf = p.kernels
+    assert kf is not None
+    bw, peak = p.mem_bw_bytes_per_s, lat._peak_lin
+    for t in (1, 7, 64, 255, 256, 1000, 4097, 16384):
+        fit = lat._kern_g if t <= lat._gmax else kf
+        assert fit is not None
+        t_gemm, t_elem = _reference(fit, peak, bw, layer_shapes(m, 4), t, m.bytes_per_param)
+        head = gemm_time_s(fit, peak, bw, 3, m.vocab_size / 4, m.d_model, m.bytes_per_param)
+        head += 3 * p.per_seq_s if p.per_seq_s else 0.0
+        emb = elem_time_s(fit, bw, "emb", 4.0 * t * m.d_model)
+        lin = m.n_layers * t_gemm + head
+        ridge = peak * m.bytes_per_param / (2.0 * bw)
+        comp = lin if t >= ridge else 0.0
+        mem = (lin - comp) + m.n_layers * t_elem + emb
+        got = lat.linear_parts(t, 3)
+        assert got[:2] == (comp, mem)
+        assert got[2] > 0.0 and math.isfinite(got[2])  # (4 GPUs: two all-reduces per layer)
+
+
+def test_a_mixture_of_experts_is_refused():
+    m = model_from_catalog("mixtral-8x7b")
+    p = catalog_profile("h100-sxm", catalog.gpu("h100-sxm"))
+    assert p.kernels is not None
+    with pytest.raises(ValueError, match="mixture of experts"):
+        DenseLayer(p.kernels, p.peak_flops, p.mem_bw_bytes_per_s, layer_shapes(m, 2), 2.0)
+    assert LatencyModel(m, p, 2)._dense_layers == {}
