@@ -112,7 +112,7 @@ def test_transfer_time_on_idle_link_is_latency_plus_bytes_over_bandwidth():
     assert len(idle) > 500 and len(queued) > 500  # both kinds occur at this load
     for r in idle:
         assert r.xfer_s == lat + r.prompt * kvb / bw
-        assert r.xfer_s == pools.transfer_s(r.prompt)
+        assert r.xfer_s == lat + pools.transfer_bytes(r.prompt) / bw
     for r in queued:
         assert math.isclose(r.xfer_s, r.link_wait_s + lat + r.prompt * kvb / bw, rel_tol=1e-12)
     # FIFO: a later hand-off never arrives before an earlier one on the same link

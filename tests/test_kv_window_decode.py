@@ -176,6 +176,18 @@ def _mixed(tmp_path: Path, model: str, n: int, seed: int, **fleet) -> dict:
             {"disaggregation": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
         ),
         ("gemma-3-27b", {"gpu_memory_utilization": 0.66, "activation_reserve_bytes": 0}),
+        # a hybrid: the constant state taken at admission, given back at finish / preemption
+        ("nemotron-nano-9b-v2", {}),
+        ("nemotron-nano-9b-v2", {"kv_allocation": "reserve"}),
+        ("nemotron-nano-9b-v2", {"max_batch_size": 16, "max_batched_tokens": 2048}),
+        (
+            "nemotron-nano-9b-v2",
+            {"disaggregation": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}},
+        ),
+        (
+            "nemotron-nano-9b-v2",
+            {"gpu_memory_utilization": 0.222, "activation_reserve_bytes": 0},
+        ),
     ],
 )
 def test_windowed_macro_equals_per_iteration(tmp_path, model, fleet):

@@ -133,6 +133,11 @@ def test_derived_widths_follow_their_sources():
         ({"hybrid_pattern": "M*"}, "hybrid_pattern"),  # 2 characters for 3 layers
         ({"hybrid_pattern": "M*x"}, "hybrid_pattern"),
         ({"hybrid_pattern": "M*-"}, "hybrid_pattern"),  # Mamba without ssm sizes
+        # linear-state layers only (the KV pool is counted in attention pages)
+        (
+            {"hybrid_pattern": "M-M", "ssm_state_size": 8, "ssm_n_heads": 4, "ssm_head_dim": 16},
+            "hybrid_pattern",
+        ),
         ({"n_active_experts": 9, "n_experts": 8}, "n_active_experts"),
         ({"first_k_dense": 4}, "first_k_dense"),
         ({"expert_dtype": "fp6"}, "expert_dtype"),

@@ -88,6 +88,19 @@ def cmd_validate(args) -> int:
                 if rs.kv is not None
                 else ""
             )
+            + (
+                # a hybrid's constant state per sequence, as the engine holds it
+                f"; each sequence also holds its linear-state state, "
+                f"{rs.model.state_bytes_per_seq / 1e6:,.1f} MB"
+                + (
+                    f" ({rs.kv.state_blocks:,} layer-blocks of {rs.kv.block_size_tokens} tokens, "
+                    f"padded as vLLM pages it); longest request {rs.kv.request_tokens:,} tokens"
+                    if rs.kv.state_blocks
+                    else f"; longest request {rs.kv.request_tokens:,} tokens"
+                )
+                if rs.kv is not None and rs.model.n_linear_layers
+                else ""
+            )
             + f"; profile {rs.profile_id}; serving stack {serving_stack(rs)}",
             file=sys.stderr,
         )

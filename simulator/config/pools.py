@@ -86,12 +86,15 @@ class Pools:
         return self.link.bandwidth_bytes_per_s * self.prefill.tp
 
     def transfer_bytes(self, prompt_tokens: int) -> float:
-        """Bytes of a request's KV: prompt tokens x KV bytes per token (all layers)."""
-        return prompt_tokens * self.kv_bytes_per_token
-
-    def transfer_s(self, prompt_tokens: int) -> float:
-        """Time of one transfer on an idle link: latency + bytes / bandwidth."""
-        return self.link.latency_s + self.transfer_bytes(prompt_tokens) / self.egress_bytes_per_s
+        """Bytes of a request's KV as its layers hold it (what the engine sends,
+        serving/disagg.py): prompt tokens x KV bytes per token when every layer holds the whole
+        prompt, else :meth:`ModelSpec.kv_bytes` (the window layers at most the window, a
+        hybrid's linear-state state once per request). On an idle link a transfer takes the
+        link's latency + these bytes / :attr:`egress_bytes_per_s`."""
+        m = self.decode.rs.model
+        if m.kv_uniform:
+            return prompt_tokens * self.kv_bytes_per_token
+        return m.kv_bytes(prompt_tokens)
 
 
 def _pool_scenario(sc: Scenario, name: str, *, bmt_override: int | None = None) -> Scenario:

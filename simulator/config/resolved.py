@@ -57,12 +57,27 @@ class KvBudget:
     #: blocks x block size (paged) or whole tokens (reserve): for a model with sliding-window or
     #: linear-state layers these are tokens at ``bytes_per_token``, the mean of the traffic's
     #: typical sequences (:func:`typical_contexts`), an estimate of how many tokens of such
-    #: sequences the cache holds; the paged engine counts a windowed model's layer-blocks exactly
+    #: sequences the cache holds (what the capacity estimates divide); the engine counts such a
+    #: model exactly: paged in layer-blocks (``layer_blocks``, ``state_blocks``), a hybrid under
+    #: reserve in ``attn_tokens`` and ``state_tokens``
     tokens: int
-    #: the longest single request (prompt + output) the cache holds: ``tokens``, or for a
-    #: windowed model under paged KV its layer-blocks counted per layer kind
-    #: (:meth:`ModelSpec.max_tokens_in_layer_blocks`), what the engine itself admits
+    #: the longest single request (prompt + output) the cache holds, what the engine itself
+    #: admits: ``tokens``; for a windowed or hybrid model under paged KV its layer-blocks
+    #: counted per layer kind (:meth:`ModelSpec.max_tokens_in_layer_blocks`), less a hybrid's
+    #: constant state (``state_blocks``); for a hybrid under reserve ``attn_tokens`` less
+    #: ``state_tokens``
     request_tokens: int
+    #: paged KV of a windowed or hybrid model: the pool in layer-blocks (``block_size_tokens``
+    #: tokens of one attention layer, summed over the GPUs; serving/kv_paged.py), else 0
+    layer_blocks: int = 0
+    #: a hybrid's linear-state state per sequence, in those layer-blocks
+    #: (:meth:`ModelSpec.state_layer_blocks`), else 0
+    state_blocks: int = 0
+    #: reserve KV of a hybrid: the cache in tokens of its attention layers (the bytes of one
+    #: token in every attention layer), and a sequence's constant state in those tokens
+    #: (rounded up), what a request reserves beside its prompt + output; else 0
+    attn_tokens: int = 0
+    state_tokens: int = 0
 
 
 def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seqs: int) -> float:
@@ -150,11 +165,38 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
         tokens = max(0, int(kv // bpt))
         blocks = tokens // b
     longest = tokens
-    if f.kv_allocation == "paged" and model.n_sliding_layers and not model.n_linear_layers:
-        # the paged policy's pool in layer-blocks (serving/pod.py paged_limits)
+    layer_blocks = state_blocks = attn_tokens = state_tokens = 0
+    hybrid = model.n_linear_layers > 0
+    if f.kv_allocation == "paged" and (model.n_sliding_layers or hybrid):
+        # the paged policy's pool in layer-blocks (serving/pod.py paged_limits): a sequence
+        # holds its attention layers' blocks per layer kind plus its constant state
         layer_block_bytes = b * model.kv_bytes_per_token_tp(tp) / model.n_attn_layers
-        longest = model.max_tokens_in_layer_blocks(max(0, int(kv // layer_block_bytes)), b)
-    return KvBudget(mem, usable, weights, act, kv, bpt, b, blocks, tokens, longest)
+        layer_blocks = max(0, int(kv // layer_block_bytes))
+        state_blocks = model.state_layer_blocks(b, tp)
+        longest = model.max_tokens_in_layer_blocks(max(0, layer_blocks - state_blocks), b)
+    elif hybrid:
+        # reserve: a request reserves its whole prompt + output in every attention layer and
+        # its constant state, counted in tokens of the attention layers
+        attn_bpt = model.kv_bytes_per_token_tp(tp)
+        attn_tokens = max(0, int(kv // attn_bpt))
+        state_tokens = int(-(-model.state_bytes_per_seq // attn_bpt))
+        longest = max(0, attn_tokens - state_tokens)
+    return KvBudget(
+        mem,
+        usable,
+        weights,
+        act,
+        kv,
+        bpt,
+        b,
+        blocks,
+        tokens,
+        longest,
+        layer_blocks,
+        state_blocks,
+        attn_tokens,
+        state_tokens,
+    )
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,10 @@ class ModelSpec:
                 out.append(("hybrid_pattern", p, "has MoE layers (E) but n_experts < 2"))
             if "M" in p and min(self.ssm_state_size, self.ssm_n_heads, self.ssm_head_dim) < 1:
                 out.append(("hybrid_pattern", p, "has linear-state layers (M) but no ssm_* sizes"))
+            if not bad and "*" not in p:
+                # the KV pool is counted in pages of an attention layer (vLLM's page size
+                # unification: serving/kv_paged.py); a stack with none is not modelled
+                out.append(("hybrid_pattern", p, "has no attention layer (*): not modelled"))
         return out
 
     # ---- the layer stack ----------------------------------------------------------------
@@ -545,6 +549,31 @@ class ModelSpec:
         if G == 0:
             return 1 << 62
         return ((layer_blocks - S * cap) // G) * b
+
+    def state_layer_blocks(self, block_tokens: int, tp: int) -> int:
+        """The layer-blocks (``block_tokens`` tokens of one attention layer, summed over the
+        ``tp`` GPUs) that one sequence's linear-state state holds, as vLLM 0.11's hybrid KV
+        cache manager allocates it: every layer's state is padded to whole pages of an attention
+        layer (vLLM raises the attention block size until its page holds a Mamba state, then pads
+        the state to that page: ``HybridAttentionMambaModelConfig`` in
+        vllm/model_executor/models/config.py, ``unify_kv_cache_spec_page_size`` in
+        vllm/v1/core/kv_cache_utils.py), the layers of each kind are split into groups of the
+        smallest kind's count (the largest's when within 1.25 x), the last group padded
+        (``_get_kv_cache_groups_uniform_page_size``), and a linear-state group holds one block
+        per request whatever its length (vllm/v1/core/single_type_kv_cache_manager.py
+        ``MambaManager.allocate_new_blocks``). With ``block_tokens`` a multiple of vLLM's
+        16-token kernel alignment the padded state is exactly vLLM's page. 0 without such
+        layers."""
+        M = self.n_linear_layers
+        if not M:
+            return 0
+        layer_block = block_tokens * self.kv_bytes_per_token_tp(tp) / max(self.n_attn_layers, 1)
+        per_layer = -(-self.state_bytes_per_seq / M // layer_block)  # ceil, whole layer-blocks
+        kinds = [n for n in (self.n_global_attn_layers, self.n_sliding_layers, M) if n]
+        group = min(kinds)
+        if max(kinds) < 1.25 * group:
+            group = max(kinds)
+        return int(-(-M // group) * group * per_layer)
 
     def kv_bytes_per_token_mean_tp(self, tp: int, contexts: Sequence[float]) -> float:
         """KV bytes per token of a replica holding sequences of ``contexts`` tokens: their

@@ -20,6 +20,9 @@ class Limits:
     max_batch: int  # sequences in one iteration (prefilling + decoding)
     max_tokens: int  # tokens in one iteration: prompts being prefilled + one per decoding sequence
     kv_cap: int  # KV-cache tokens a replica can reserve (prompt + output of every sequence)
+    #: tokens each sequence reserves beside its prompt + output: a hybrid model's constant
+    #: linear-state state (config/resolved.py ``KvBudget.state_tokens``), else 0
+    kv_state: int = 0
 
     def admits(
         self, n_seqs: int, batch_tokens: int, kv_used: int, prompt_tokens: int, need_tokens: int
@@ -30,14 +33,16 @@ class Limits:
         return (
             n_seqs < self.max_batch
             and batch_tokens + prompt_tokens <= self.max_tokens
-            and kv_used + need_tokens <= self.kv_cap
+            and kv_used + need_tokens + self.kv_state <= self.kv_cap
         )
 
     def servable(self, prompt_tokens: int, output_tokens: int, max_context_tokens: int) -> bool:
         """Whether the request fits an empty replica at all (else it is rejected on arrival)."""
         need = prompt_tokens + output_tokens
         return (
-            need <= self.kv_cap and prompt_tokens <= self.max_tokens and need <= max_context_tokens
+            need + self.kv_state <= self.kv_cap
+            and prompt_tokens <= self.max_tokens
+            and need <= max_context_tokens
         )
 
 
@@ -52,14 +57,18 @@ class PagedLimits:
     watermark_blocks: int  # blocks kept free when admitting while others run
     hash_tokens: int  # tokens per prompt block id (prefix caching granularity)
     affinity_margin: int  # prefix_affinity router: the load margin
-    # sliding-window models (kv_paged.py, "Sliding windows"): the pool in layer-blocks (b
-    # tokens of one attention layer), its watermark, the global and window layers per
-    # sequence and the window's cap in blocks; 0 layers: every layer holds the whole context
+    # sliding-window and hybrid models (kv_paged.py, "Sliding windows"): the pool in
+    # layer-blocks (b tokens of one attention layer), its watermark, the global and window
+    # layers per sequence and the window's cap in blocks; 0 layers: every layer holds the
+    # whole context
     win_blocks: int = 0
     win_watermark_blocks: int = 0
     win_global_layers: int = 0
     win_sliding_layers: int = 0
     win_cap_blocks: int = 0
+    # a hybrid model's linear-state state per sequence, in layer-blocks (held from admission
+    # to finish or preemption, whatever the sequence's length)
+    win_state_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

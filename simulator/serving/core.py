@@ -157,6 +157,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "ht",
         "joined",
         "kv_cap",
+        "kv_state",
         "kv_used",
         "lb",
         "lru",

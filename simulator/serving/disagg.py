@@ -10,8 +10,9 @@ The request path (DistServe, Splitwise, vLLM's disaggregated prefill):
 2. The replica then hands the request to the pod (``handoff``) instead of completing it. Its
    KV (prompt tokens x KV bytes per token; per layer kind for a model with sliding windows or
    linear-state layers: the prompt in the global layers, at most the window in the window
-   layers, the constant state, :meth:`fleetsim.device.modelspec.ModelSpec.kv_bytes`) stays in
-   the prefill replica's memory. The decode
+   layers, the constant state once per request, :meth:`fleetsim.config.pools.Pools.
+   transfer_bytes`) stays in the prefill replica's memory (paged: its layer-blocks, the state's
+   included, until ``release``; reserve: prompt + 1 tokens and the state). The decode
    router chooses a decode replica now (least loaded counts requests in transfer), and the KV
    goes over the prefill replica's link: a FIFO server, so a transfer that finds the link busy
    waits for the ones before it. Its time on an idle link is ``latency + bytes / bandwidth``.
@@ -52,7 +53,7 @@ from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.events import run_until, wake_at
-from fleetsim.serving.pod import energy_coeffs, paged_limits
+from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
@@ -97,8 +98,8 @@ class DisaggRequest(Request):
 def _request_cap(spec: PoolSpec) -> int:
     """The longest request (prompt + output tokens) a replica of pool ``spec`` holds."""
     kv = spec.rs.kv
-    if kv is not None and spec.rs.scenario.fleet.kv_allocation == "paged":
-        return kv.request_tokens
+    if kv is not None and (spec.rs.scenario.fleet.kv_allocation == "paged" or kv.state_tokens):
+        return kv.request_tokens  # (per layer kind; a hybrid's with its state)
     return spec.kv_capacity_tokens
 
 
@@ -139,7 +140,7 @@ class Pool:
             limits=Limits(
                 max_batch=spec.max_batch,
                 max_tokens=spec.max_tokens,
-                kv_cap=spec.kv_capacity_tokens,
+                **reserve_kv(rs, spec.kv_capacity_tokens),
             ),
             horizon_s=owner.horizon_s,
             per_iteration=owner.per_iteration,
@@ -251,10 +252,8 @@ class DisaggPod:
         # the KV link of each prefill replica: when it is next free (FIFO)
         self._link_free = [0.0] * P
         self._lat_s = pools.link.latency_s
-        self._kvb = pools.kv_bytes_per_token
-        m = rs.model
-        #: a prompt's KV bytes by layer kind (None: prompt x _kvb, every layer holds it all)
-        self._kv_of: Callable[[float], float] | None = None if m.kv_uniform else m.kv_bytes
+        #: a prompt's KV bytes by layer kind (Pools.transfer_bytes)
+        self._kv_of: Callable[[int], float] = pools.transfer_bytes
         self._bw = pools.egress_bytes_per_s
         # transfer statistics by the hour in which the KV arrives
         n = self.hours + 1
@@ -381,8 +380,7 @@ class DisaggPod:
         k = rep.index - self.prefill.replicas[0].index
         free = self._link_free[k]
         start = free if free > t else t
-        kv_of = self._kv_of
-        nbytes = r.prompt * self._kvb if kv_of is None else kv_of(r.prompt)
+        nbytes = self._kv_of(r.prompt)
         r.xfer_bytes = nbytes
         dur = self._lat_s + nbytes / self._bw  # on the link, FIFO
         end = start + dur

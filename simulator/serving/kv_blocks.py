@@ -81,20 +81,22 @@ class BlockPool(ReplicaCore):
     lru: OrderedDict[int, None]
     mask: int
     prefix: bool
-    win: tuple[int, int, int] | None
+    win: tuple[int, int, int, int] | None
 
     def kv_blocks_for(self, tokens: int) -> int:
         """KV blocks that a sequence holding ``tokens`` tokens of context occupies: the one
         place that says so (full-attention layers: ceil(tokens / b)). The hot paths inline it
         (marked ``kv_blocks_for``), and the decodes' growth (one block every ``b`` tokens,
         ``cnt2``) follows from it; a model whose layers hold less (sliding-window layers at
-        most W tokens, Mamba layers a constant state) changes this and those places."""
+        most W tokens, Mamba layers a constant state) changes this and those places: with
+        ``win = (G, S, cap, C)`` the layer-blocks ``G ceil(L / b) + S min(ceil(L / b), cap) +
+        C`` (``C`` a hybrid's state, held from admission: ``kv_blocks_for(0) = C``)."""
         q = -(-tokens // self.b)
         win = self.win
         if win is None:
             return q
-        G, S, cap = win
-        return G * q + S * (q if q < cap else cap)
+        G, S, cap, C = win
+        return G * q + S * (q if q < cap else cap) + C
 
     def used_blocks(self) -> int:
         """Blocks referenced by running requests (not counting unreferenced cached blocks)."""

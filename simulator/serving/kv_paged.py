@@ -49,12 +49,24 @@ later boundary of the same run: batch, budget and hits are constant and the free
 shrink. ``engine = "iteration"`` runs every iteration as its own run with the same code, and
 tests/test_engine_modes.py holds the two together.
 
-**Sliding windows** (a model with window layers and no linear-state layers:
+**Sliding windows and linear-state layers** (a model with window layers or Mamba-2 layers:
 ``PagedLimits.win_*``, set by serving/pod.py). The pool is counted in layer-blocks (``b``
 tokens of one attention layer; ``NB`` = the KV bytes over one layer's block). A sequence of
-``L`` tokens holds ``G ceil(L / b) + S min(ceil(L / b), cap)`` of them (``G`` global and ``S``
-window layers, ``cap = ceil(W / b) + 1``): the window layers release the blocks that fall out of
-the window as they open new ones (vLLM's ``SlidingWindowManager.remove_skipped_blocks``).
+``L`` tokens holds ``G ceil(L / b) + S min(ceil(L / b), cap) + C`` of them (``G`` global and
+``S`` window layers, ``cap = ceil(W / b) + 1``): the window layers release the blocks that fall
+out of the window as they open new ones (vLLM's ``SlidingWindowManager.remove_skipped_blocks``);
+``C`` is a hybrid's linear-state state, constant in ``L``
+(:meth:`fleetsim.device.modelspec.ModelSpec.state_layer_blocks`: each Mamba layer's state
+padded to whole pages of an attention layer, the layers to whole groups, one block per request
+per group, as vLLM 0.11's ``MambaManager`` and ``_get_kv_cache_groups_uniform_page_size``
+allocate it). ``C`` is taken with the first chunk's blocks at admission (``kv_blocks_for(0) =
+C``; the full-sequence gate counts it) and given back at finish or preemption with the rest;
+a decoding sequence's growth does not involve it, so the runs' closed forms hold unchanged.
+vLLM raises a hybrid's attention block size until one page holds a Mamba state (e.g. 672
+tokens for Nemotron-Nano-9B-v2) and disables prefix caching for hybrids ("Hybrid or
+mamba-based model detected: disabling prefix caching"); here the attention layers keep
+``b``-token blocks (``b`` must be a power of two: a sequence's last, partial attention block is
+smaller than vLLM's), and a hybrid's replica caches no prefix either.
 ``cnt2`` then counts weights, not sequences: ``G + S`` for a decoding sequence until its last
 opening that reaches ``cap`` (``wsat``, a heap by that iteration; ``wcur`` its current weight),
 ``G`` after. A run's decode steps end by the first such last opening (the top of ``wsat``,
@@ -64,7 +76,7 @@ replica has no prefix caching, and records ``kv_block_s`` in the configured bloc
 (``wscale``). Without windows
 ``win`` is None and none of this runs. docs/serving-engine.md gives the measured hand counts.
 
-Size: about 650 lines, a little over the project's ~600: the block arithmetic above (residues,
+Size: about 665 lines, a little over the project's ~600: the block arithmetic above (residues,
 prefix blocks, window weights) is one invariant over one pool, kept in one module.
 """
 
@@ -122,8 +134,13 @@ class PagedKV(BlockPool):
         self.wcur = {}
         self.wscale = 1.0
         if kv.win_global_layers + kv.win_sliding_layers:
-            # sliding windows: the pool in layer-blocks, no prefix caching, one iteration a run
-            self.win = (kv.win_global_layers, kv.win_sliding_layers, kv.win_cap_blocks)
+            # sliding windows or linear-state layers: the pool in layer-blocks, no prefix caching
+            self.win = (
+                kv.win_global_layers,
+                kv.win_sliding_layers,
+                kv.win_cap_blocks,
+                kv.win_state_blocks,
+            )
             self.NB = self.free = kv.win_blocks
             self.wm = kv.win_watermark_blocks
             self.prefix = False
@@ -215,9 +232,9 @@ class PagedKV(BlockPool):
         blocks, then ``G``), and the iteration of its last opening that takes ``G + S``."""
         win = self.win
         assert win is not None
-        G, S, cap = win
+        G, S, cap, _C = win
         i_sat = it + (cap - 1) * self.b + 1 - eff
-        if i_sat <= it:
+        if i_sat <= it or not S:  # (no window layers: G for good, nothing to cut a run)
             self.wcur[r] = (G, -1)
             return G
         # (the entry is stale once r leaves; a re-entry with the same i_sat is the same event)

@@ -17,9 +17,10 @@ whose last chunk is in the iteration being planned), ``n``/``heap``/``S`` (the d
 of it) and ``preempt_it`` (the last iteration whose scheduling preempted: nothing is admitted
 into it).
 
-How much KV a context holds is one function of the policy (``PagedKV.kv_blocks_for``): a later
-policy for models whose layers hold less than their context (sliding-window layers at most W
-tokens, Mamba layers a constant state) changes it, and the decodes' growth that follows from it.
+How much KV a context holds is one function of the policy (``PagedKV.kv_blocks_for``): for
+models whose layers hold less than their context (sliding-window layers at most W tokens, Mamba
+layers a constant state) it counts layer-blocks per layer kind, and the decodes' growth follows
+from it (kv_paged.py, "Sliding windows and linear-state layers").
 """
 
 from __future__ import annotations

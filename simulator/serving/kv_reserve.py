@@ -1,5 +1,8 @@
 """The ``reserve`` KV policy (``kv_allocation = "reserve"``): a request reserves its whole KV,
-prompt + output tokens, when it is admitted, and frees it when it finishes.
+prompt + output tokens, when it is admitted, and frees it when it finishes. A hybrid model's
+sequence also reserves its constant linear-state state (``kv_state`` tokens of the attention
+layers' KV, ``Limits.kv_state``; config/resolved.py ``KvBudget.state_tokens``), in its prefill
+replica too when disaggregated; 0 for every other model.
 
 Admission (:class:`fleetsim.serving.admission.Limits`, the rule the real engine of
 ``fleetsim.calibrate.engine`` shares): waiting requests are taken first come first served while
@@ -24,15 +27,18 @@ if TYPE_CHECKING:
 
 
 class ReserveKV(ReplicaCore):
-    """KV reserved at admission. State: ``kv_used`` (tokens reserved), ``kv_cap``."""
+    """KV reserved at admission. State: ``kv_used`` (tokens reserved), ``kv_cap``,
+    ``kv_state`` (the tokens a sequence reserves beside its prompt + output)."""
 
     __slots__ = ()
 
     kv_cap: int
     kv_used: int
+    kv_state: int
 
     def _init_kv(self, cfg: EnginePlan) -> None:
         self.kv_cap = cfg.limits.kv_cap
+        self.kv_state = cfg.limits.kv_state
         self.kv_used = 0
 
     def is_empty(self) -> bool:
@@ -56,12 +62,12 @@ class ReserveKV(ReplicaCore):
         P, pairs = self.P, self.pairs
         budget = self.budget
         kv = self.kv_used
-        max_batch, kv_cap = self.max_batch, self.kv_cap
+        max_batch, kv_cap, st = self.max_batch, self.kv_cap, self.kv_state
         shared = self.pod.shared_queue is not None
         while w:
             r = w[0]
             prompt = r.prompt
-            if nt >= max_batch or prompt > budget or kv + r.need > kv_cap:
+            if nt >= max_batch or prompt > budget or kv + r.need + st > kv_cap:
                 break
             w.popleft()
             pre.append(r)
@@ -69,7 +75,7 @@ class ReserveKV(ReplicaCore):
             P += prompt
             pairs += float(prompt) * prompt if self.xw is None else self._x_pairs(0, prompt)
             budget -= prompt
-            kv += r.need
+            kv += r.need + st
             nt += 1
             if shared:
                 self.outstanding += 1
@@ -87,20 +93,20 @@ class ReserveKV(ReplicaCore):
         """Nothing to take: the KV of every step was reserved at admission."""
 
     def _free_kv(self, r: Request, f: int) -> None:
-        self.kv_used -= r.need
+        self.kv_used -= r.need + self.kv_state
 
     def _keep_kv(self, r: Request, f: int) -> None:
         """A prefill replica keeps the reservation (``r.pf_need``) until :meth:`_release_kv`."""
 
     def _release_kv(self, r: Request) -> None:
-        self.kv_used -= r.pf_need  # type: ignore[attr-defined]
+        self.kv_used -= r.pf_need + self.kv_state  # type: ignore[attr-defined]
 
     def _fits_now(self, r: Request) -> bool:
         n = self.n
         return (
             n + len(self.pf) < self.max_batch
             and self.P + n + r.prompt <= self.max_tokens
-            and self.kv_used + r.need <= self.kv_cap
+            and self.kv_used + r.need + self.kv_state <= self.kv_cap
         )
 
     def _fit_cut(self, r: Request, j: int) -> int:
@@ -110,16 +116,20 @@ class ReserveKV(ReplicaCore):
         ok = (
             n_all < self.max_batch
             and n_all + r.prompt <= self.max_tokens
-            and self.kv_used + r.need <= self.kv_cap
+            and self.kv_used + r.need + self.kv_state <= self.kv_cap
         )
         return j if ok else -1
 
     # ---- the decode role (serving/roles.py) ----------------------------------------------------
     def _join_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
-        return n < self.max_batch and budget > 0 and self.kv_used + r.need <= self.kv_cap
+        return (
+            n < self.max_batch
+            and budget > 0
+            and self.kv_used + r.need + self.kv_state <= self.kv_cap
+        )
 
     def _join_kv(self, r: Request, it: int) -> None:
-        self.kv_used += r.need
+        self.kv_used += r.need + self.kv_state
 
     def _taken(self, j: int, n1: int) -> int:
         return 0  # a run's decode steps take no KV

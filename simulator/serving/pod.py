@@ -54,16 +54,18 @@ def paged_limits(rs: Resolved) -> PagedLimits | None:
     m = rs.model
     b = f.block_size_tokens
     win: dict[str, int] = {}
-    if m.n_sliding_layers and not m.n_linear_layers:
-        # the pool in layer-blocks: the KV bytes over one layer's block (tp replication included)
-        layer_block_bytes = b * m.kv_bytes_per_token_tp(f.tensor_parallel) / m.n_attn_layers
-        nb = max(0, int(rs.kv.kv_bytes // layer_block_bytes))
+    kv = rs.kv
+    if m.n_sliding_layers or m.n_linear_layers:
+        # a windowed or hybrid model: the pool in layer-blocks (config/resolved.py kv_budget),
+        # a sequence holding its attention layers' blocks per kind plus its constant state
+        nb = kv.layer_blocks
         win = {
             "win_blocks": nb,
             "win_watermark_blocks": int(f.kv_watermark_fraction * nb),
             "win_global_layers": m.n_global_attn_layers,
             "win_sliding_layers": m.n_sliding_layers,
-            "win_cap_blocks": -(-m.sliding_window_tokens // b) + 1,
+            "win_cap_blocks": -(-m.sliding_window_tokens // b) + 1 if m.n_sliding_layers else 0,
+            "win_state_blocks": kv.state_blocks,
         }
     return PagedLimits(
         blocks=rs.kv.blocks,
@@ -77,6 +79,17 @@ def paged_limits(rs: Resolved) -> PagedLimits | None:
     )
 
 
+def reserve_kv(rs: Resolved, kv_cap: int) -> dict[str, int]:
+    """The reserve policy's ``Limits.kv_cap`` and ``kv_state``: ``kv_cap`` tokens (the
+    replica's KV budget) and none per sequence, or for a hybrid model the cache in tokens of
+    its attention layers and its constant state in those tokens (``KvBudget.attn_tokens``,
+    ``state_tokens``)."""
+    kv = rs.kv
+    if kv is not None and kv.state_tokens:
+        return {"kv_cap": kv.attn_tokens, "kv_state": kv.state_tokens}
+    return {"kv_cap": kv_cap, "kv_state": 0}
+
+
 def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
     """What every replica of the pod shares for the whole simulation: admission limits, the
     horizon, the mode and the dynamic-energy coefficients of one replica."""
@@ -85,7 +98,7 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
         limits=Limits(
             max_batch=sc.fleet.max_batch_size,
             max_tokens=sc.fleet.max_batched_tokens,
-            kv_cap=rs.kv_capacity_tokens,
+            **reserve_kv(rs, rs.kv_capacity_tokens),
         ),
         horizon_s=horizon_s,
         per_iteration=sc.simulation.engine == "iteration",
@@ -145,8 +158,9 @@ class Pod:
         self.queue_floor = 0.0  # central queue: the latest boundary at which a head left it
         self.max_context = rs.model.max_context_tokens
         # prompt + output above this is refused: the KV capacity or the context window
-        # (a windowed model's longest request is counted per layer kind: KvBudget.request_tokens)
-        cap = rs.kv.request_tokens if paged and rs.kv is not None else self.limits.kv_cap
+        # (a windowed or hybrid model's longest request is counted per layer kind, a hybrid's
+        # with its state: KvBudget.request_tokens; == kv_cap for every other reserve replica)
+        cap = rs.kv.request_tokens if rs.kv is not None else self.limits.kv_cap
         self._max_tokens = min(cap, self.max_context)
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.sink = request_sink
@@ -359,7 +373,7 @@ class Pod:
         self._next += 1
         h = int(t // HOUR_S)
         self.rec.arrived[h] += 1
-        if p + o > self.limits.kv_cap or p > self.max_prompt or p + o > self.max_context:
+        if p + o > self._max_tokens or p > self.max_prompt:
             self.rec.rejected[h] += 1  # the session ends here
             if self.sink is not None:
                 r = Request(rid, t, p, o)
