@@ -518,7 +518,7 @@ def test_host_stall_closes_the_mean_step_gap(stack_fit):
     assert abs(b["hs_lomo"]["signed_median"]) < 0.01
     assert b["hs_lomo"]["median_abs"] < b["hs_none"]["median_abs"] - 0.005
     assert 0.8e-3 < b["host_stall_fitted_s"] < 1.5e-3  # the rows' 0.9-1.9 ms at 16-256 seqs
-    assert b["host_stall_s"] == 0.0  # not charged: the harness's W floor (HOST_STALL_ADOPTED)
+    assert b["host_stall_s"] == b["host_stall_fitted_s"]  # charged (HOST_STALL_ADOPTED)
     assert abs(h["hs_none"]["signed_median"]) < 0.01
     assert 0.0 < h["host_stall_s"] == h["host_stall_fitted_s"] < 0.2e-3
     assert abs(h["hs_lomo"]["signed_median"]) < 0.01
@@ -592,7 +592,7 @@ def test_host_stall_moves_a_simulated_row_toward_its_measured_throughput():
     ]
     c = stack_constants("vllm-v1", "b200")
     assert c is not None
-    s = c["host_stall_fitted_s"]  # (not charged in the catalog yet: HOST_STALL_ADOPTED)
+    s = c["host_stall_fitted_s"]  # (charged in the catalog: host_stall_s)
     a = ml.simulate_config(cfg, engine="iteration", host_stall_s=0.0)
     b = ml.simulate_config(cfg, engine="iteration", host_stall_s=s)
     assert not a.error and not b.error
@@ -604,8 +604,7 @@ def test_host_stall_moves_a_simulated_row_toward_its_measured_throughput():
 
 def test_harness_takes_the_host_stall_leave_one_model_out():
     """The accuracy harness simulates each row with the stall fitted without its model; a model
-    outside the fitting set (a hybrid) takes the fit to every row (the catalog's); a GPU whose
-    stall is not charged (the B200) gets none."""
+    outside the fitting set (a hybrid) takes the fit to every row (the catalog's), on both GPUs."""
     from fleetsim.calibrate import mlenergy as ml
     from fleetsim.calibrate import stack
 
@@ -613,7 +612,11 @@ def test_harness_takes_the_host_stall_leave_one_model_out():
     cfgs = [c for c in ml.read_configs() if c.model_id in models and c.num_gpus == 1]
     st = ml.lomo_host_stalls(stack.default_data_dir(), cfgs)
     h = catalog.stacks()["vllm-v1"]["h100-sxm"]
-    assert set(st) == {("H100", m) for m in models}
+    b = catalog.stacks()["vllm-v1"]["b200"]
+    assert set(st) == {(g, m) for g in ("H100", "B200") for m in models}
     assert st[("H100", models[1])] == pytest.approx(h["host_stall_fitted_s"], rel=1e-3)
     assert 0.0 <= st[("H100", models[0])] < 0.2e-3
     assert st[("H100", models[0])] != pytest.approx(h["host_stall_fitted_s"], rel=1e-3)
+    assert st[("B200", models[1])] == pytest.approx(b["host_stall_fitted_s"], rel=1e-3)
+    assert 0.6e-3 < st[("B200", models[0])] < 1.5e-3  # the other models' median row (0.76 ms)
+    assert st[("B200", models[0])] != pytest.approx(b["host_stall_fitted_s"], rel=1e-3)
