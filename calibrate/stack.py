@@ -368,6 +368,20 @@ def run_steps(outputs: np.ndarray, slots: int, prompt: int) -> tuple[np.ndarray,
     return n, ctx, adm
 
 
+def row_steps(cfg: Config) -> tuple[np.ndarray, ...]:
+    """:func:`run_steps` for a measured row as the benchmark ran it (outputs drawn from the row's
+    histogram with its own seed, the task's assumed prompt, the slots its average batch
+    implies), without the steps where nothing decodes."""
+    from fleetsim.calibrate import mlenergy as ml
+
+    rng = np.random.default_rng(np.random.SeedSequence([0, cfg.config_index, len(cfg.source_file)]))
+    outs = ml.draw_outputs(cfg, cfg.num_requests, rng)
+    slots = min(cfg.max_num_seqs, max(1, round(cfg.avg_batch_size / 0.98)))
+    n, ctx, adm = run_steps(outs, slots, ml.PROMPT_TOKENS[cfg.task])
+    keep = n > 0
+    return n[keep], ctx[keep], adm[keep]
+
+
 def _weighted_median_index(t: np.ndarray, w: np.ndarray) -> int:
     order = np.argsort(t, kind="stable")
     cw = np.cumsum(w[order])
@@ -411,15 +425,7 @@ def load_runs(data: Path, gpu_model: str, tp: int = 1) -> list[_Run]:
             )
             m = rs.model
             lm = LatencyModel(m, prof, rs.tp)
-            prompt = ml.PROMPT_TOKENS[c.task]
-            rng = np.random.default_rng(
-                np.random.SeedSequence([0, c.config_index, len(c.source_file)])
-            )
-            outs = ml.draw_outputs(c, c.num_requests, rng)
-            slots = min(c.max_num_seqs, max(1, round(c.avg_batch_size / 0.98)))
-            n, ctx, adm = run_steps(outs, slots, prompt)
-            keep = n > 0
-            n, ctx, adm = n[keep], ctx[keep], adm[keep]
+            prompt, (n, ctx, adm) = ml.PROMPT_TOKENS[c.task], row_steps(c)
             att_m = lm.att_m_for(1)
             fixed = np.empty(len(n))
             cache: dict[tuple[int, int], float] = {}
@@ -641,15 +647,7 @@ def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
             lm = LatencyModel(m, prof, 1)
             kf = prof.kernels
             assert kf is not None
-            prompt = ml.PROMPT_TOKENS[cfg.task]
-            rng = np.random.default_rng(
-                np.random.SeedSequence([0, cfg.config_index, len(cfg.source_file)])
-            )
-            outs = ml.draw_outputs(cfg, cfg.num_requests, rng)
-            slots = min(cfg.max_num_seqs, max(1, round(cfg.avg_batch_size / 0.98)))
-            n, ctx, adm = run_steps(outs, slots, prompt)
-            keep = n > 0
-            n, ctx, adm = n[keep], ctx[keep], adm[keep]
+            prompt, (n, ctx, adm) = ml.PROMPT_TOKENS[cfg.task], row_steps(cfg)
             rest = np.empty(len(n))
             cache: dict[tuple[int, int], float] = {}
             for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
