@@ -242,7 +242,8 @@ def fit(rows: list[Row], data: Path | None = None) -> dict:
 
     for gpu in sorted({r.gpu for r in rows}):
         if gpu == "b200":
-            out[gpu] = fit_b200(single("B200"))
+            if single("B200"):  # (no single-GPU dense B200 run: nothing to fit)
+                out[gpu] = fit_b200(single("B200"))
             continue
         rs = [r for r in rows if r.gpu == gpu]
         grid = {
@@ -282,10 +283,9 @@ def fit(rows: list[Row], data: Path | None = None) -> dict:
         if gpu in out:
             out[gpu].update(fit_linear_state(load_hybrid_runs(data, gpu_model, out[gpu])))
             out[gpu].update(fit_host_stall(single(gpu_model), out[gpu], gpu))
-    if "h100-sxm" in out:
-        ar = fit_allreduce(
-            parts_at(load_runs(data, "H100", tp=2), out["h100-sxm"]), out["h100-sxm"]
-        )
+    tp_parts = parts_at(load_runs(data, "H100", tp=2), out["h100-sxm"]) if "h100-sxm" in out else []
+    if tp_parts:  # a folder without H100 TP2 rows fits no all-reduce (the catalog's stays)
+        ar = fit_allreduce(tp_parts, out["h100-sxm"])
         out["h100-sxm"].update(ar)
         if "b200" in out:
             scale = _link_bw("b200") / _link_bw("h100-sxm")
@@ -897,14 +897,10 @@ def stacks_toml(res: dict) -> str:
     if h100 is not None:
         for g in ("a100-80gb", "h200"):
             scale = _link_bw(g) / _link_bw("h100-sxm")
-            entries.setdefault(
-                g,
-                {
-                    **h100,
-                    "derived_from": "h100-sxm",
-                    "ar_bw_bytes_per_s": h100["ar_bw_bytes_per_s"] * scale,
-                },
-            )
+            d = {**h100, "derived_from": "h100-sxm"}
+            if "ar_bw_bytes_per_s" in h100:  # (a folder without TP2 rows fits no all-reduce)
+                d["ar_bw_bytes_per_s"] = h100["ar_bw_bytes_per_s"] * scale
+            entries.setdefault(g, d)
     for gpu in sorted(entries):
         v = entries[gpu]
         lines.append(f'["vllm-v1"."{gpu}"]')

@@ -389,6 +389,15 @@ def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
     )
     assert res["hardware"]["active_w"] == pytest.approx(d_prof["power"]["active_w"])
     assert not (REPO / "profiles" / "h100-sxm-mlenergy.json").exists()  # nothing in the checkout
+    # the serving-stack fit runs on such a folder too (no TP2, B200 or hybrid rows: those parts
+    # are not fitted, the rest is): python -m fleetsim.calibrate.stack --data DIR
+    from fleetsim.calibrate import stack
+
+    st = stack.fit(stack.load_rows(d), d)
+    assert set(st) == {"h100-sxm"} and st["h100-sxm"]["rows"] == 11
+    assert "ar_floor_s" not in st["h100-sxm"] and st["h100-sxm"]["hs_rows"] == len(rows)
+    assert st["h100-sxm"]["lomo"]["median_abs"] < 0.05
+    assert '["vllm-v1"."h200"]' in stack.stacks_toml(st)  # derived from the H100's
     shutil.rmtree(tmp_path)
 
 
