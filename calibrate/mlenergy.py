@@ -1092,6 +1092,20 @@ def fit_all(
     return out
 
 
+#: the serving-stack constants a --from-mlenergy profile carries (device/stack.py apply_stack)
+STACK_KEYS = (
+    "overhead_s",
+    "per_seq_s",
+    "graph_floor_frac",
+    "kv_memory_eff",
+    "attn_unit_bw_bytes_per_s",
+    "ar_floor_s",
+    "ar_bw_bytes_per_s",
+    "linear_state_eff",
+    "host_stall_s",
+)
+
+
 def write_profiles(
     data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro"
 ) -> list[str]:
@@ -1119,6 +1133,11 @@ def write_profiles(
     if not fits:
         raise UserError(f"{data_dir}: no non-suspect row simulated; nothing to fit")
     rows = evaluate(pairs, fit=True)
+    # the vllm-v1 stack's constants fitted to the same folder (calibrate/stack.py; the parts a
+    # folder has no rows for, e.g. TP2 all-reduces or hybrids, keep the catalog's)
+    from fleetsim.calibrate import stack as stack_fit
+
+    stacks = stack_fit.fit(stack_fit.load_rows(data_dir), data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"source": str(data_dir), "engine": engine, "gpus": {}}
     lines = []
@@ -1148,6 +1167,23 @@ def write_profiles(
         d = profile_to_dict(prof, catalog_gpu=name)
         d["power"] = power
         d["fit"] = {"rows": n, "models": models, "lomo": st}
+        sf = stacks.get(name)
+        stack_line = "serving stack: the catalog's constants (no rows to fit them)"
+        if sf:
+            consts = {k: float(sf[k]) for k in STACK_KEYS if k in sf}
+            d["stack_constants"] = {"vllm-v1": consts}
+            d["fit"]["stack"] = {"rows": sf["rows"], "models": sf["models"], "lomo": sf["lomo"]}
+            stack_line = (
+                f"serving stack vllm-v1 fitted to {sf['rows']} rows: overhead "
+                f"{consts['overhead_s'] * 1e3:.2f} ms, per sequence "
+                f"{consts['per_seq_s'] * 1e6:.1f} us"
+                + (
+                    f", host stall {consts['host_stall_s'] * 1e3:.2f} ms"
+                    if "host_stall_s" in consts
+                    else ""
+                )
+                + f" (leave-one-model-out ITL median {sf['lomo']['median_abs']:.1%})"
+            )
         path = out_dir / f"{name}-mlenergy.json"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(d, indent=1))
@@ -1158,7 +1194,7 @@ def write_profiles(
             f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, KV/state "
             f"{p.kv_w:.0f} W, cap "
             f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
-            f"J/token median {st['j_per_token']['median']:.1%}; wrote {path}"
+            f"J/token median {st['j_per_token']['median']:.1%}; {stack_line}; wrote {path}"
         )
     fit_path = out_dir / "mlenergy-fit.json"
     fit_path.write_text(json.dumps(summary, indent=1))

@@ -388,6 +388,22 @@ def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
         {"hardware": {"gpu": "h100-sxm", "profile": str(prof)}, "model": {"name": "llama-3.1-8b"}}
     )
     assert res["hardware"]["active_w"] == pytest.approx(d_prof["power"]["active_w"])
+    # the serving stack's constants fitted to the same folder travel in the profile and are
+    # applied as the scenario's stack runs it (the catalog's where the folder has no rows)
+    from fleetsim.api import load
+    from fleetsim.config.scenario import resolve
+    from fleetsim.device.stack import stack_constants
+
+    c = d_prof["stack_constants"]["vllm-v1"]
+    cat = stack_constants("vllm-v1", "h100-sxm")
+    assert cat is not None and d_prof["fit"]["stack"]["rows"] == 11
+    assert c["overhead_s"] != cat["overhead_s"] and "ar_floor_s" not in c  # no TP2 rows
+    sc = {"hardware": {"gpu": "h100-sxm", "profile": str(prof)}, "model": {"name": "llama-3.1-8b"}}
+    p = resolve(load(sc), "").profile
+    assert p.overhead_s == pytest.approx(c["overhead_s"] + c["host_stall_s"], rel=1e-12)
+    assert p.per_seq_s == c["per_seq_s"] and p.ar_floor_s == cat["ar_floor_s"]
+    p_eager = resolve(load({**sc, "fleet": {"serving_stack": "eager"}}), "").profile
+    assert p_eager.overhead_s == d_prof["overhead_s"]  # eager: the profile as written
     assert not (REPO / "profiles" / "h100-sxm-mlenergy.json").exists()  # nothing in the checkout
     # the serving-stack fit runs on such a folder too (no TP2, B200 or hybrid rows: those parts
     # are not fitted, the rest is): python -m fleetsim.calibrate.stack --data DIR

@@ -266,6 +266,17 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         from fleetsim.device.profile import load_profile  # (pydantic's profile-file models)
 
         profile, sha = load_profile(ppath)
+        consts = (profile.meta.get("stack_constants") or {}).get(sc.fleet.serving_stack)
+        if consts:  # (calibrate --from-mlenergy): the profile as the scenario's stack runs it
+            from fleetsim.device.stack import apply_stack
+
+            profile = apply_stack(
+                profile,
+                sc.fleet.serving_stack,
+                hw.gpu,
+                -(-sc.fleet.max_batch_size // sc.fleet.data_parallel),
+                constants=consts,
+            )
         cat_gpu = profile.meta.get("catalog_gpu")
         if cat_gpu and cat_gpu != hw.gpu:
             raise ScenarioError(

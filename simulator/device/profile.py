@@ -198,6 +198,12 @@ class RooflineFile(_ProfileBase):
     )
     kernels: dict[str, Any] | None = Field(None, description="the kernel model (calibrate)")
     source: str = Field("measured", description="measured, analytic, vidur...")
+    stack_constants: dict[str, dict[str, float]] | None = Field(
+        None,
+        description="serving-stack constants by stack, e.g. {'vllm-v1': {'overhead_s': ...}} "
+        "(`fleetsim calibrate --from-mlenergy`): applied as fleet.serving_stack runs them, in "
+        "place of the catalog's (device/stack.py apply_stack)",
+    )
 
     @field_validator("compute_eff_table", mode="before")
     @classmethod
@@ -356,7 +362,15 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
     power = None if f.power is None else f.power.spec()
     meta = {
         k: getattr(f, k)
-        for k in ("device", "catalog_gpu", "model", "created_utc", "fit", "grid_file")
+        for k in (
+            "device",
+            "catalog_gpu",
+            "model",
+            "created_utc",
+            "fit",
+            "grid_file",
+            "stack_constants",
+        )
         if k in f.model_fields_set
     }
     if isinstance(f, RooflineFile):

@@ -105,12 +105,19 @@ def _fix() -> str:
     return "use one of: " + ", ".join(repr(s) for s in STACKS)
 
 
-def apply_stack(profile: Profile, stack: str, gpu: str, max_num_seqs: int) -> Profile:
+def apply_stack(
+    profile: Profile, stack: str, gpu: str, max_num_seqs: int, constants: dict | None = None
+) -> Profile:
     """``profile`` (a catalog GPU's analytic profile) as ``stack`` runs it on ``gpu`` with a
-    batch limit of ``max_num_seqs``. ``eager`` and linear profiles come back unchanged."""
+    batch limit of ``max_num_seqs``. ``eager`` and linear profiles come back unchanged.
+    ``constants``: the stack's constants fitted elsewhere (a profile file's
+    ``stack_constants``, from ``fleetsim calibrate --from-mlenergy``) in place of the
+    catalog's; a key they lack keeps the catalog's value."""
     if stack not in STACKS:
         raise ScenarioError("fleet.serving_stack", stack, "unknown serving stack", _fix())
     c = stack_constants(stack, gpu)
+    if c is not None and constants:
+        c = {**c, **constants}
     if c is None or not isinstance(profile, RooflineProfile):
         return profile
     return dataclasses.replace(
