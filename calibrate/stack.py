@@ -64,9 +64,11 @@ import argparse
 import dataclasses
 import math
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import numpy as np
 
@@ -388,68 +390,79 @@ def _weighted_median_index(t: np.ndarray, w: np.ndarray) -> int:
     return int(order[int(np.searchsorted(cw, 0.5 * cw[-1]))])
 
 
+def _resolved_rows(data: Path, keep: Callable[[Config], bool]) -> Iterator[tuple[Config, Any]]:
+    """Each measured row of ``data`` that ``keep`` accepts, the task's prompt known and the
+    simulator able to express it, with its scenario resolved as the accuracy harness runs it
+    (the catalog's constants; the callers swap in their own)."""
+    from fleetsim.api import load
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.config.scenario import resolve
+
+    with tempfile.TemporaryDirectory(prefix="fleetsim-stack-") as tmp:
+        trace = Path(tmp) / "trace.csv"
+        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
+        for c in ml.read_configs(data):
+            if not keep(c) or c.task not in ml.PROMPT_TOKENS or ml.skip_reason(c):
+                continue
+            rs = resolve(load(ml.scenario_dict(c, str(trace), 1)), "")
+            assert isinstance(rs.profile, RooflineProfile)
+            yield c, rs
+
+
 def load_runs(data: Path, gpu_model: str, tp: int = 1) -> list[_Run]:
     """The non-suspect dense rows of ``gpu_model`` on ``tp`` GPUs whose models the simulator
     expresses (hybrids left out), each run in steps as the benchmark ran it: all requests at
     once, ``max_num_seqs`` (or the measured batch where the KV cache held fewer) slots, the
     outputs drawn from the row's histogram as ``fleetsim.calibrate.mlenergy`` draws them."""
-    from fleetsim.api import load
     from fleetsim.calibrate import mlenergy as ml
-    from fleetsim.config.scenario import resolve
+
+    def keep(c: Config) -> bool:
+        return (
+            c.gpu_model == gpu_model
+            and c.num_gpus == tp
+            and not c.moe_or_ep
+            and not c.suspect
+            and "Hybrid" not in c.architecture
+        )
 
     out: list[_Run] = []
-    with tempfile.TemporaryDirectory(prefix="fleetsim-stack-") as tmp:
-        trace = Path(tmp) / "trace.csv"
-        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
-        for c in ml.read_configs(data):
-            if (
-                c.gpu_model != gpu_model
-                or c.num_gpus != tp
-                or c.moe_or_ep
-                or c.suspect
-                or "Hybrid" in c.architecture
-                or c.task not in ml.PROMPT_TOKENS
-                or ml.skip_reason(c)
-            ):
-                continue
-            rs = resolve(load(ml.scenario_dict(c, str(trace), 1)), "")
-            assert isinstance(rs.profile, RooflineProfile)
-            prof = dataclasses.replace(
-                rs.profile,
-                overhead_s=0.0,
-                per_seq_s=0.0,
-                memory_eff=1.0,
-                attn_unit_bw_bytes_per_s=0.0,
-                ar_floor_s=0.0,
-                ar_bw_bytes_per_s=1e30,  # the all-reduce counted apart (Part.ar_calls)
+    for c, rs in _resolved_rows(data, keep):
+        prof = dataclasses.replace(
+            rs.profile,
+            overhead_s=0.0,
+            per_seq_s=0.0,
+            memory_eff=1.0,
+            attn_unit_bw_bytes_per_s=0.0,
+            ar_floor_s=0.0,
+            ar_bw_bytes_per_s=1e30,  # the all-reduce counted apart (Part.ar_calls)
+        )
+        m = rs.model
+        lm = LatencyModel(m, prof, rs.tp)
+        prompt, (n, ctx, adm) = ml.PROMPT_TOKENS[c.task], row_steps(c)
+        att_m = lm.att_m_for(1)
+        fixed = np.empty(len(n))
+        cache: dict[tuple[int, int], float] = {}
+        for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
+            v = cache.get((ni, ai))
+            if v is None:
+                v = cache[(ni, ai)] = lm.iteration(
+                    ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
+                )[0]
+            fixed[i] = v
+        out.append(
+            _Run(
+                c,
+                lm,
+                n,
+                ctx,
+                adm,
+                fixed,
+                ctx * att_m,
+                max(1, m.n_kv_heads // rs.tp),
+                2 * m.n_layers if rs.tp > 1 else 0,
+                m.d_model,
             )
-            m = rs.model
-            lm = LatencyModel(m, prof, rs.tp)
-            prompt, (n, ctx, adm) = ml.PROMPT_TOKENS[c.task], row_steps(c)
-            att_m = lm.att_m_for(1)
-            fixed = np.empty(len(n))
-            cache: dict[tuple[int, int], float] = {}
-            for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
-                v = cache.get((ni, ai))
-                if v is None:
-                    v = cache[(ni, ai)] = lm.iteration(
-                        ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
-                    )[0]
-                fixed[i] = v
-            out.append(
-                _Run(
-                    c,
-                    lm,
-                    n,
-                    ctx,
-                    adm,
-                    fixed,
-                    ctx * att_m,
-                    max(1, m.n_kv_heads // rs.tp),
-                    2 * m.n_layers if rs.tp > 1 else 0,
-                    m.d_model,
-                )
-            )
+        )
     return out
 
 
@@ -614,54 +627,44 @@ class _HybridRun:
 def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
     """The non-suspect single-GPU hybrid rows of ``gpu_model``, each run in steps as
     :func:`load_runs` runs a dense row, under the GPU's fitted constants ``c``."""
-    from fleetsim.api import load
     from fleetsim.calibrate import mlenergy as ml
-    from fleetsim.config.scenario import resolve
     from fleetsim.device.moe import linear_state_scan_bytes
 
+    def keep(c: Config) -> bool:
+        return (
+            c.gpu_model == gpu_model
+            and c.num_gpus == 1
+            and not c.suspect
+            and "Hybrid" in c.architecture
+        )
+
     out: list[_HybridRun] = []
-    with tempfile.TemporaryDirectory(prefix="fleetsim-stack-") as tmp:
-        trace = Path(tmp) / "trace.csv"
-        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
-        for cfg in ml.read_configs(data):
-            if (
-                cfg.gpu_model != gpu_model
-                or cfg.num_gpus != 1
-                or cfg.suspect
-                or "Hybrid" not in cfg.architecture
-                or cfg.task not in ml.PROMPT_TOKENS
-                or ml.skip_reason(cfg)
-            ):
-                continue
-            rs = resolve(load(ml.scenario_dict(cfg, str(trace), 1)), "")
-            assert isinstance(rs.profile, RooflineProfile)
-            prof = dataclasses.replace(
-                rs.profile,
-                overhead_s=c["overhead_s"],
-                per_seq_s=c["per_seq_s"],
-                memory_eff=c["kv_memory_eff"],
-                attn_unit_bw_bytes_per_s=c.get("attn_unit_bw_bytes_per_s", 0.0),
-                linear_state_eff=0.0,  # the elementwise efficiency (hybrid_err swaps it)
-            )
-            m = rs.model
-            lm = LatencyModel(m, prof, 1)
-            kf = prof.kernels
-            assert kf is not None
-            prompt, (n, ctx, adm) = ml.PROMPT_TOKENS[cfg.task], row_steps(cfg)
-            rest = np.empty(len(n))
-            cache: dict[tuple[int, int], float] = {}
-            for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
-                v = cache.get((ni, ai))
-                if v is None:
-                    v = cache[(ni, ai)] = lm.iteration(
-                        ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
-                    )[0]
-                rest[i] = v + ctx[i] * lm.att_m_for(ni)
-            bw = prof.mem_bw_bytes_per_s
-            per_seq = m.n_linear_layers * linear_state_scan_bytes(m, 1) / bw
-            out.append(
-                _HybridRun(cfg, n, rest, (n + adm) * per_seq, float(kf.elem_params("act")[1]))
-            )
+    for cfg, rs in _resolved_rows(data, keep):
+        prof = dataclasses.replace(
+            rs.profile,
+            overhead_s=c["overhead_s"],
+            per_seq_s=c["per_seq_s"],
+            memory_eff=c["kv_memory_eff"],
+            attn_unit_bw_bytes_per_s=c.get("attn_unit_bw_bytes_per_s", 0.0),
+            linear_state_eff=0.0,  # the elementwise efficiency (hybrid_err swaps it)
+        )
+        m = rs.model
+        lm = LatencyModel(m, prof, 1)
+        kf = prof.kernels
+        assert kf is not None
+        prompt, (n, ctx, adm) = ml.PROMPT_TOKENS[cfg.task], row_steps(cfg)
+        rest = np.empty(len(n))
+        cache: dict[tuple[int, int], float] = {}
+        for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
+            v = cache.get((ni, ai))
+            if v is None:
+                v = cache[(ni, ai)] = lm.iteration(
+                    ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
+                )[0]
+            rest[i] = v + ctx[i] * lm.att_m_for(ni)
+        bw = prof.mem_bw_bytes_per_s
+        per_seq = m.n_linear_layers * linear_state_scan_bytes(m, 1) / bw
+        out.append(_HybridRun(cfg, n, rest, (n + adm) * per_seq, float(kf.elem_params("act")[1])))
     return out
 
 
