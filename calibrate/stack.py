@@ -384,6 +384,22 @@ def row_steps(cfg: Config) -> tuple[np.ndarray, ...]:
     return n[keep], ctx[keep], adm[keep]
 
 
+def _steps_without_kv(lm: LatencyModel, n: np.ndarray, adm: np.ndarray, prompt: int) -> np.ndarray:
+    """Seconds of each step of a run (:func:`row_steps`) without its KV read: ``n`` decoding
+    sequences at no context beside ``adm`` admitted prompts of ``prompt`` tokens (each distinct
+    step timed once)."""
+    out = np.empty(len(n))
+    cache: dict[tuple[int, int], float] = {}
+    for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
+        v = cache.get((ni, ai))
+        if v is None:
+            v = cache[(ni, ai)] = lm.iteration(
+                ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
+            )[0]
+        out[i] = v
+    return out
+
+
 def _weighted_median_index(t: np.ndarray, w: np.ndarray) -> int:
     order = np.argsort(t, kind="stable")
     cw = np.cumsum(w[order])
@@ -438,17 +454,9 @@ def load_runs(data: Path, gpu_model: str, tp: int = 1) -> list[_Run]:
         )
         m = rs.model
         lm = LatencyModel(m, prof, rs.tp)
-        prompt, (n, ctx, adm) = ml.PROMPT_TOKENS[c.task], row_steps(c)
+        n, ctx, adm = row_steps(c)
         att_m = lm.att_m_for(1)
-        fixed = np.empty(len(n))
-        cache: dict[tuple[int, int], float] = {}
-        for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
-            v = cache.get((ni, ai))
-            if v is None:
-                v = cache[(ni, ai)] = lm.iteration(
-                    ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
-                )[0]
-            fixed[i] = v
+        fixed = _steps_without_kv(lm, n, adm, ml.PROMPT_TOKENS[c.task])
         out.append(
             _Run(
                 c,
@@ -652,16 +660,9 @@ def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
         lm = LatencyModel(m, prof, 1)
         kf = prof.kernels
         assert kf is not None
-        prompt, (n, ctx, adm) = ml.PROMPT_TOKENS[cfg.task], row_steps(cfg)
-        rest = np.empty(len(n))
-        cache: dict[tuple[int, int], float] = {}
-        for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
-            v = cache.get((ni, ai))
-            if v is None:
-                v = cache[(ni, ai)] = lm.iteration(
-                    ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
-                )[0]
-            rest[i] = v + ctx[i] * lm.att_m_for(ni)
+        n, ctx, adm = row_steps(cfg)
+        rest = _steps_without_kv(lm, n, adm, ml.PROMPT_TOKENS[cfg.task])
+        rest += ctx * np.array([lm.att_m_for(int(ni)) for ni in n])
         bw = prof.mem_bw_bytes_per_s
         per_seq = m.n_linear_layers * linear_state_scan_bytes(m, 1) / bw
         out.append(_HybridRun(cfg, n, rest, (n + adm) * per_seq, float(kf.elem_params("act")[1])))
