@@ -969,7 +969,7 @@ def power_variants(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
         f"{'J/token':>13}",
     ]
     for name, dense_only, a, loss in POWER_VARIANTS:
-        errs: list[tuple[Config, float, float, float]] = []
+        errs: list[tuple[Config, tuple[float, float, float]]] = []
         fits: dict[tuple[str, str], PowerSpec] = {}
         for c, r in pairs:
             if c.suspect:
@@ -998,7 +998,14 @@ def power_variants(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
             wp = predict_w(r, fits[key], speed_of(c, r))
             m = c.power_per_gpu_w
             errs.append(
-                (c, wp / m - 1, f["w_per_gpu"] / m - 1, f["j_per_token"] / c.energy_per_token_j - 1)
+                (
+                    c,
+                    (
+                        wp / m - 1,
+                        f["w_per_gpu"] / m - 1,
+                        f["j_per_token"] / c.energy_per_token_j - 1,
+                    ),
+                )
             )
         for g in sorted({e[0].gpu_model for e in errs}):
             for kind in ("dense", "moe"):
@@ -1006,8 +1013,8 @@ def power_variants(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
                 if not sub:
                     continue
                 cells = []
-                for i in (1, 2, 3):
-                    s = stats(e[i] for e in sub)
+                for i in (0, 1, 2):
+                    s = stats(e[1][i] for e in sub)
                     cells.append(f"{100 * s['median']:5.1f} /{100 * s['signed']:+5.1f}")
                 lines.append(
                     f"  {name:26} {g:5} {kind:5} {len(sub):>4} "

@@ -320,6 +320,69 @@ def test_fit_recovers_known_constants():
     assert p.kv_w == pytest.approx(180.0, abs=1e-6)
 
 
+def _kind(c: M.Config) -> str:
+    if not c.moe_or_ep:
+        return "dense"
+    return "moe-fp8" if c.weight_precision == "fp8" else "moe-bf16"
+
+
+def test_power_fit_is_unbiased_leave_one_model_out(refit):
+    """Leave-one-model-out on the committed data (the fit's rows: dense and MoE, non-suspect),
+    the power model alone (the simulated work at the measured pace) has no signed bias beyond
+    4 % on the dense rows and 5 % on the MoE rows with bf16 experts and on all rows together,
+    per GPU, and the dense W and J/token medians meet the 10 % floor of issue 21. The fit
+    before (dense rows only, anchors as 3 rows, least squares) read B200 dense -4.2 % signed
+    at the pace, J/token median 11.9 %, MoE bf16 -9.8 %, all rows -10.3 % (macro engine). The
+    MoE rows with fp8 block-quantised experts are not held: they stay 9-18 % low
+    (docs/accuracy.md, "The power fit")."""
+    pairs, _ = refit
+    M._FITS.clear()
+    rows = [r for r in M.evaluate(pairs, fit=True) if not r.config.suspect]
+    for gpu in ("H100", "B200"):
+        sub = [r for r in rows if r.config.gpu_model == gpu]
+        for kind, bound in (("dense", 0.04), ("moe-bf16", 0.05), (None, 0.05)):
+            part = [r for r in sub if kind is None or _kind(r.config) == kind]
+            assert len(part) >= 40, (gpu, kind)
+            s = M.stats(r.err()["w_at_pace"] for r in part)
+            assert abs(s["signed"]) < bound, (gpu, kind, s)
+        dense = [r for r in sub if _kind(r.config) == "dense"]
+        for k in ("w_per_gpu", "j_per_token"):
+            assert M.stats(r.err()[k] for r in dense)["median"] < 0.10, (gpu, k)
+
+
+def test_robust_loss_keeps_the_other_rows_unbiased():
+    """A few rows measured far below what their work implies (as the B200's host-limited GPQA
+    series: 423-511 W where the model says 600-700 W) pull a least-squares fit of relative
+    residuals down for every row (its residuals have a zero mean, so the others' median turns
+    negative); the soft-L1 loss of the catalog's fit caps their pull: the other rows stay
+    within a few percent."""
+    rng = np.random.default_rng(np.random.SeedSequence(23))
+    truth = PowerSpec(100.0, 700.0, active_w=250.0, compute_w=500.0, memory_w=120.0, kv_w=180.0)
+    runs, meas = [], []
+    for i in range(24):
+        n = 50
+        r = M.SimRun("x", tp=1, peak_flops=1e15, peak_bw=3e12)
+        r.seg_s = rng.uniform(0.01, 0.05, n)
+        r.seg_flops = rng.uniform(0.0, 0.3, n) * r.seg_s * 1e15
+        r.seg_iters = np.ones(n)
+        r.weight_bytes = 10e9
+        r.seg_bytes = 10e9 + rng.uniform(0.0, 0.5, n) * r.seg_s * 3e12
+        pf = (truth.max_w - truth.idle_w - truth.active_w - 0.02 * truth.memory_w) / truth.compute_w
+        r.prefill_u = (pf, 0.02, 0.0)
+        runs.append(r)
+        # within 2 % of the truth; every sixth row measured at 0.65 of it
+        meas.append(M.predict_w(r, truth) * (0.65 if i % 6 == 0 else rng.uniform(0.98, 1.02)))
+    inl = [i for i in range(24) if i % 6]
+
+    def signed(p: PowerSpec) -> float:
+        return float(np.median([M.predict_w(runs[i], p) / meas[i] - 1.0 for i in inl]))
+
+    base = PowerSpec(idle_w=100.0, max_w=700.0)
+    # least squares: -11.4 %; soft-L1 (the default): -1.9 %, the outliers' pull capped
+    assert signed(M.fit_power(runs, meas, base, loss="linear")) < -0.08
+    assert abs(signed(M.fit_power(runs, meas, base))) < 0.025
+
+
 # -- the command line --------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
