@@ -1320,7 +1320,9 @@ def write_profiles(
         lines.append(
             f"{name}: {n} rows of {len(models)} model(s): idle {p.idle_w:g} W (kept), active "
             f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, KV/state "
-            f"{p.kv_w:.0f} W, cap "
+            f"{p.kv_w:.0f} W, "
+            + ("" if p.comm_w is None else f"communication level {p.comm_w:.0f} W, ")
+            + "cap "
             f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
             f"J/token median {st['j_per_token']['median']:.1%}; {stack_line}; wrote {path}"
         )
