@@ -7,7 +7,9 @@ Every configuration whose model the simulator can express is simulated as the be
 (``data/mlenergy-v3/SOURCE.md``): one vLLM server (one replica of ``tensor_parallel`` GPUs), all
 of the run's requests sent at time 0, ``max_num_seqs`` the batch limit, ``max_num_batched_tokens``
 8,192, output lengths drawn from the configuration's own histogram (uniform inside a bin) and
-prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated). The figures are taken
+prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated); a run that sends its
+task's list of prompts more than once shares the repeats' prompt blocks through the prefix cache
+(:func:`repeated_prompts`, :func:`repeat_trace_jsonl`). The figures are taken
 over the benchmark's steady-state window: it starts when ``max_num_seqs`` requests have their
 first token and ends when ``num_requests - max_num_seqs - 1`` requests have finished. Over it:
 W per GPU, J per output token and output tokens/s; the median inter-token latency is taken over

@@ -77,3 +77,21 @@ def test_shared_prompts_let_the_kv_cache_hold_the_measured_batch(monkeypatch, sh
     else:
         assert run.avg_batch < 0.9 * c.avg_batch_size
         assert run.itl_median_s * 1e3 > 2.0 * c.itl_median_ms
+
+
+def test_sliding_window_models_keep_unique_prompts(tmp_path):
+    """The engine does not model a sliding-window model's prefix caching (config/aggregated.py),
+    so a repeating gemma-3 run (a chat row with its histogram doubled: 2,048 requests; no gemma-3
+    row of the data repeats) replays unique prompts (CSV); a plain model's repeating run gets the
+    JSONL trace of 16-token block ids."""
+    configs, _ = ml.select(ml.read_configs())
+    g = next(c for c in configs if c.model_id.startswith("google/gemma-3") and c.dp == 1)
+    gemma = replace(g, hist_counts=tuple(2 * n for n in g.hist_counts))
+    assert gemma.num_requests == 2 * g.num_requests and ml.repeated_prompts(gemma)
+    qwen = next(c for c in configs if ml.repeated_prompts(c) and c.model_id == "Qwen/Qwen3-8B")
+    outs = np.full(max(gemma.num_requests, qwen.num_requests), 100)
+    sc = ml._run_scenario(gemma, 250, outs[: gemma.num_requests], tmp_path, 1, "iteration")
+    assert sc.traffic.trace.endswith(".csv")
+    sc = ml._run_scenario(qwen, 250, outs[: qwen.num_requests], tmp_path, 1, "iteration")
+    assert sc.traffic.trace.endswith(".jsonl")
+    assert sc.traffic.trace_block_tokens == ml.PROMPT_BLOCK_TOKENS == 16
