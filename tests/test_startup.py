@@ -21,6 +21,9 @@ from fleetsim.results import arrow
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("numpy", "pyarrow", "pyarrow.compute", "pandas", "rich", "simpy", "scipy", "torch")
 HEAVY += ("concurrent.futures", "fleetsim.results.output", "numpy.ma", "fleetsim.device.profile")
+# (disaggregated pools and Mooncake traces only: an aggregated run without a trace builds neither
+# module's dataclasses)
+HEAVY += ("fleetsim.config.pools", "fleetsim.workload.mooncake")
 
 
 def _imported_by(args: list[str]) -> tuple[set[str], str]:
@@ -56,6 +59,7 @@ def test_a_quiet_run_imports_neither_pandas_nor_pyarrow_compute_nor_rich(tmp_pat
     assert "numpy.ma" not in mods  # (np.percentile's np.unique imports it: recorder.percentiles)
     assert "fleetsim.device.profile" not in mods  # (profile files' pydantic models: not needed)
     assert "concurrent.futures" not in mods  # (the process pool's module: --workers only)
+    assert not mods & {"fleetsim.config.pools", "fleetsim.workload.mooncake"}, mods
     assert (tmp_path / "hourly.parquet").exists() and (tmp_path / "requests.parquet").exists()
 
 
