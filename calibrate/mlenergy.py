@@ -7,7 +7,9 @@ Every configuration whose model the simulator can express is simulated as the be
 (``data/mlenergy-v3/SOURCE.md``): one vLLM server (one replica of ``tensor_parallel`` GPUs), all
 of the run's requests sent at time 0, ``max_num_seqs`` the batch limit, ``max_num_batched_tokens``
 8,192, output lengths drawn from the configuration's own histogram (uniform inside a bin) and
-prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated). The figures are taken
+prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated); a run that sends its
+task's list of prompts more than once shares the repeats' prompt blocks through the prefix cache
+(:func:`repeated_prompts`, :func:`repeat_trace_jsonl`). The figures are taken
 over the benchmark's steady-state window: it starts when ``max_num_seqs`` requests have their
 first token and ends when ``num_requests - max_num_seqs - 1`` requests have finished. Over it:
 W per GPU, J per output token and output tokens/s; the median inter-token latency is taken over
@@ -481,13 +483,70 @@ class _Sink:
             self.finish.append(finish_s)
 
 
+#: vLLM's KV block (``--block-size``, 16 on CUDA): the granularity of its prefix cache
+PROMPT_BLOCK_TOKENS = 16
+
+
+def repeated_prompts(c: Config) -> bool:
+    """Whether the run sends its task's list of prompts more than once (``num_requests`` above
+    :data:`REQUESTS_PER_TASK`: the benchmark's ``num_request_repeats``, SOURCE.md) on one
+    engine (``dp = 1``). Under data parallelism each engine has its own KV and prefix cache and
+    vLLM's DP load balancer routes by queue length, not by prefix, so a repeat lands on its
+    first copy's engine only 1/dp of the time: those runs keep unique prompts."""
+    return c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
+
+
+def repeat_trace_jsonl(c: Config, prompt: int, outs: np.ndarray) -> str:
+    """The run as a Mooncake-format JSONL trace (``traffic.trace`` ``.jsonl``) whose prompt
+    block ids make the benchmark's repeated prompts identical: the list of
+    ``REQUESTS_PER_TASK`` prompts is sent ``num_requests / list`` times one after the other (all
+    at time 0), so request ``i`` carries prompt ``i mod list``, named by one id per
+    :data:`PROMPT_BLOCK_TOKENS` tokens. vLLM V1's prefix cache (on by default; SOURCE.md: not
+    set by the benchmark) then shares a running copy's full blocks, or reuses a finished one's
+    while they are still cached, instead of computing and holding them again."""
+    uniq = max(1, REQUESTS_PER_TASK.get(c.task, len(outs)))
+    nb = -(-prompt // PROMPT_BLOCK_TOKENS)
+    lines = []
+    for i, o in enumerate(outs):
+        base = (i % uniq) * nb
+        ids = ",".join(str(base + j) for j in range(nb))
+        lines.append(
+            f'{{"timestamp":0,"input_length":{prompt},"output_length":{int(o)},'
+            f'"hash_ids":[{ids}]}}\n'
+        )
+    return "".join(lines)
+
+
+def _run_scenario(c: Config, prompt: int, outs: np.ndarray, tmp: Path, hours: int, engine: str):
+    """The loaded scenario of one run: a CSV trace of unique prompts, or, where the prompts
+    repeat (:func:`repeated_prompts`) and the engine models prefix caching for the model (not
+    for sliding-window models: ``config/aggregated.py``; hybrids cache none), the JSONL trace of
+    :func:`repeat_trace_jsonl`."""
+    from fleetsim.api import load
+    from fleetsim.config.aggregated import model_spec
+
+    sd = None
+    if repeated_prompts(c):
+        trace = tmp / "trace.jsonl"
+        trace.write_text(repeat_trace_jsonl(c, prompt, outs))
+        sd = scenario_dict(c, str(trace), hours, engine)
+        sd["traffic"]["trace_block_tokens"] = PROMPT_BLOCK_TOKENS
+        sc = load(sd)
+        if not model_spec(sc, "").n_sliding_layers:
+            return sc
+    trace = tmp / "trace.csv"
+    with open(trace, "w") as f:
+        f.write("arrival_s,prompt_tokens,output_tokens\n")
+        f.writelines(f"0,{prompt},{int(o)}\n" for o in outs)
+    return load(scenario_dict(c, str(trace), hours, engine))
+
+
 def simulate_config(
     c: Config, seed: int = 0, engine: str = "macro", host_stall_s: float | None = None
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
     ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
     harness passes the one fitted without the row's model: :func:`lomo_host_stalls`)."""
-    from fleetsim.api import load
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
     from fleetsim.serving.pod import Pod
@@ -499,15 +558,11 @@ def simulate_config(
     outs = draw_outputs(c, n, rng)
     prompt = PROMPT_TOKENS[c.task]
     with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
-        trace = Path(tmp) / "trace.csv"
-        with open(trace, "w") as f:
-            f.write("arrival_s,prompt_tokens,output_tokens\n")
-            f.writelines(f"0,{prompt},{int(o)}\n" for o in outs)
         try:
             # hours: enough for the run at a pessimistic 5 ms per output token per sequence slot
             est_s = float(outs.sum()) / c.max_num_seqs * 0.2 + 60.0
             hours = max(1, min(48, math.ceil(est_s / 3600.0) + 1))
-            sc = load(scenario_dict(c, str(trace), hours, engine))
+            sc = _run_scenario(c, prompt, outs, Path(tmp), hours, engine)
             rs = resolve(sc, "")
             prof0 = rs.profile
             if (
