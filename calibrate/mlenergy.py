@@ -488,12 +488,18 @@ PROMPT_BLOCK_TOKENS = 16
 
 
 def repeated_prompts(c: Config) -> bool:
-    """Whether the run sends its task's list of prompts more than once (``num_requests`` above
-    :data:`REQUESTS_PER_TASK`: the benchmark's ``num_request_repeats``, SOURCE.md) on one
-    engine (``dp = 1``). Under data parallelism each engine has its own KV and prefix cache and
-    vLLM's DP load balancer routes by queue length, not by prefix, so a repeat lands on its
-    first copy's engine only 1/dp of the time: those runs keep unique prompts."""
-    return c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
+    """Whether the run is simulated with its repeated prompts shared: it sends its task's list
+    of prompts more than once (``num_requests`` above :data:`REQUESTS_PER_TASK`: the
+    benchmark's ``num_request_repeats``, SOURCE.md) on one engine (``dp = 1``; under data
+    parallelism each engine has its own KV and prefix cache and vLLM's DP load balancer routes by
+    queue length, not by prefix, so a repeat lands on its first copy's engine only 1/dp of the
+    time), and it is a MoE / expert-parallel row. Dense rows keep unique prompts for now: the
+    catalog's power constants (``gpus.toml``) are fitted to the dense rows' simulated work, and
+    sharing their repeats moves that fit (B200 ``kv_w`` 496 -> 543 W, past the drift test's
+    tolerance; docs/accuracy.md, MoE section), a refit that belongs with the power model."""
+    return (
+        c.moe_or_ep and c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
+    )
 
 
 def repeat_trace_jsonl(c: Config, prompt: int, outs: np.ndarray) -> str:
