@@ -95,8 +95,10 @@ def test_sliding_window_models_keep_unique_prompts(tmp_path, monkeypatch):
     gemma = next(c for c in configs if c.model_id.startswith("google/gemma-3") and c.dp == 1)
     monkeypatch.setattr(ml, "repeated_prompts", lambda _c: True)
     outs = np.full(qwen.num_requests, 100)
-    sc = ml._run_scenario(gemma, 250, outs[: gemma.num_requests], tmp_path, 1, "iteration")
+    csv = tmp_path / "trace.csv"
+    csv.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
+    sc = ml._run_scenario(gemma, csv, 250, outs[: gemma.num_requests], 1, "iteration")
     assert sc.traffic.trace.endswith(".csv")
-    sc = ml._run_scenario(qwen, 250, outs, tmp_path, 1, "iteration")
+    sc = ml._run_scenario(qwen, csv, 250, outs, 1, "iteration")
     assert sc.traffic.trace.endswith(".jsonl")
     assert sc.traffic.trace_block_tokens == ml.PROMPT_BLOCK_TOKENS == 16
