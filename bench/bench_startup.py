@@ -21,6 +21,10 @@ one imports.
     python bench/bench_startup.py
     python bench/bench_startup.py --repeat 20 --pythonpath /tmp/old   # another tree beside
 
+``--instructions``: each case's instruction count as well (``valgrind --tool=callgrind``, one
+run per tree, ~50x slower than the run itself): unlike the seconds it does not move with the
+machine's load (within ~0.3 % run to run), so a change of a few ms shows on a shared machine.
+
 ``--pythonpath OLD``: a folder holding another ``fleetsim`` package (e.g. ``git archive`` of an
 older commit with ``simulator/`` renamed ``fleetsim/`` and ``calibrate/`` moved into it as
 ``fleetsim/calibrate``); every case then runs for both trees, alternating old and new run by
@@ -144,6 +148,29 @@ sys.exit(cli.main())
 PHASES = ("imports", "load_scenario", "resolve", "simulate", "write_outputs", "rest")
 
 
+def instructions(argv: list[str], env: dict[str, str]) -> float | None:
+    """Instructions (millions) that ``argv`` executes, counted by callgrind; None without
+    valgrind."""
+    import shutil
+
+    vg = shutil.which("valgrind")
+    if vg is None:
+        return None
+    p = subprocess.run(
+        [vg, "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 0:
+        raise SystemExit(f"callgrind {' '.join(argv)}: exit {p.returncode}\n{p.stderr[-2000:]}")
+    for line in p.stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.split(":")[-1]) / 1e6
+    return None
+
+
 def import_groups(env: dict[str, str], n: int) -> list[float]:
     """CPU seconds of each of :data:`GROUPS`, imported in order in a fresh process (min of n)."""
     best: list[float] = []
@@ -203,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pythonpath", help="a folder with another fleetsim package to time beside")
     ap.add_argument("--imports", type=int, default=12, help="slowest imports listed")
     ap.add_argument("--pycache", help="the children's bytecode folder (default: a temporary one)")
+    ap.add_argument(
+        "--instructions", action="store_true", help="instruction counts too (valgrind callgrind)"
+    )
     args = ap.parse_args(argv)
     py = [sys.executable]
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,6 +274,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{'  (median)':54}{med}")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
+        if args.instructions:
+            print("\ninstructions, millions (callgrind, one run each: independent of the load)")
+            print(
+                f"  {'':52}"
+                + "".join(f"{t:>9}" for t in trees)
+                + ("   new/old" if "old" in trees else "")
+            )
+            for name, cmd in cases:
+                ins = {t: instructions(cmd, env) for t, env in trees.items()}
+                if any(v is None for v in ins.values()):
+                    print("  (valgrind not found)")
+                    break
+                row = "".join(f"{ins[t]:9.1f}" for t in trees)
+                if "old" in trees:
+                    row += f"{ins['new'] / ins['old']:10.3f}"  # type: ignore[operator]
+                print(f"  {name:52}{row}")
         n = min(args.repeat, 5)
         run_argv = cases[-1][1][3:]  # (the run's arguments after `python -m fleetsim`)
         print(f"\nthe run by phase, CPU s, min of {n} (in one process; the CLI's functions timed)")

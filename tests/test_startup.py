@@ -21,6 +21,9 @@ from fleetsim.results import arrow
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("numpy", "pyarrow", "pyarrow.compute", "pandas", "rich", "simpy", "scipy", "torch")
 HEAVY += ("concurrent.futures", "fleetsim.results.output", "numpy.ma", "fleetsim.device.profile")
+# (disaggregated pools and Mooncake traces only: an aggregated run without a trace builds neither
+# module's dataclasses)
+HEAVY += ("fleetsim.config.pools", "fleetsim.workload.mooncake")
 
 
 def _imported_by(args: list[str]) -> tuple[set[str], str]:
@@ -56,6 +59,7 @@ def test_a_quiet_run_imports_neither_pandas_nor_pyarrow_compute_nor_rich(tmp_pat
     assert "numpy.ma" not in mods  # (np.percentile's np.unique imports it: recorder.percentiles)
     assert "fleetsim.device.profile" not in mods  # (profile files' pydantic models: not needed)
     assert "concurrent.futures" not in mods  # (the process pool's module: --workers only)
+    assert not mods & {"fleetsim.config.pools", "fleetsim.workload.mooncake"}, mods
     assert (tmp_path / "hourly.parquet").exists() and (tmp_path / "requests.parquet").exists()
 
 
@@ -299,3 +303,98 @@ def test_in_process_callers_keep_their_garbage_collector():
     frozen = gc.get_freeze_count()
     assert main(["validate", "scenarios/default.toml", "--json"]) == 0
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+# ---- the version without importlib.metadata; pydantic's plugin loader stood in for ----------
+def test_the_version_constant_is_the_installed_distributions_and_pyprojects():
+    """base/version.py is the one source: pyproject.toml reads it (dynamic version), so the
+    installed metadata (what pip shows) says the same."""
+    import importlib.metadata
+    import tomllib
+
+    from fleetsim.base.version import __version__
+
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in py["project"] and "version" in py["project"]["dynamic"]
+    attr = py["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    assert attr == "fleetsim.base.version.__version__"
+    assert importlib.metadata.version("fleetsim") == __version__
+    assert __version__.count(".") == 2 and all(p.isdigit() for p in __version__.split("."))
+
+
+def _plugins_child(code: str, env_value: str | None) -> list[str]:
+    """The last stdout line of ``code`` run after ``pydantic_plugins.install()`` in a fresh
+    interpreter with PYDANTIC_DISABLE_PLUGINS = ``env_value`` (None: unset), split."""
+    import os
+
+    env = dict(os.environ)
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)
+    if env_value is not None:
+        env["PYDANTIC_DISABLE_PLUGINS"] = env_value
+    head = "import sys\nfrom fleetsim.apps import pydantic_plugins as pp\nok = pp.install()\n"
+    p = subprocess.run(
+        [sys.executable, "-c", head + code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.strip().splitlines()[-1].split()
+
+
+_BUILD = (
+    "from pydantic import BaseModel\n"
+    "class M(BaseModel):\n    x: int = 1\n"
+    "assert M(x=2).x == 2\n"
+    "from pydantic.plugin import _schema_validator as sv\n"
+)
+
+
+def test_with_plugins_off_models_build_without_importlib_metadata():
+    out = _plugins_child(
+        _BUILD + "print(ok, 'importlib.metadata' in sys.modules, "
+        "sys.modules['pydantic.plugin._loader'] is pp, type(M.__pydantic_validator__).__name__)",
+        "__all__",
+    )
+    # installed, used by pydantic (the module it imports get_plugins from), no metadata import,
+    # and the plain validator that pydantic builds when no plugin is installed
+    assert out == ["True", "False", "True", "SchemaValidator"]
+
+
+def test_with_plugins_on_pydantics_own_loader_is_kept_or_taken_back():
+    """Not installed unless every plugin is off; turned back on later, pydantic's own loader
+    takes over (and looks for plugins, i.e. reads the installed distributions' metadata)."""
+    code = _BUILD + "print(ok, 'importlib.metadata' in sys.modules)"
+    assert _plugins_child(code, None) == ["False", "True"]
+    assert _plugins_child(code, "") == ["False", "True"]
+    assert _plugins_child(code, "some_plugin") == ["False", "True"]
+    later = (
+        "import os\nos.environ['PYDANTIC_DISABLE_PLUGINS'] = ''\n" + _BUILD + "print(ok, "
+        "'importlib.metadata' in sys.modules, sys.modules['pydantic.plugin._loader'] is pp, "
+        "sys.modules['pydantic.plugin._loader']._plugins == {})"
+    )
+    assert _plugins_child(later, "1") == ["True", "True", "False", "True"]
+
+
+def test_the_program_stands_in_for_the_loader_and_main_argv_does_not():
+    """``fleetsim validate`` (the program) skips importlib.metadata; a caller of ``main(argv)``
+    keeps pydantic's own loader (and whatever plugins its environment enables)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    code = (
+        "import sys, atexit\n"
+        "atexit.register(lambda: print('META', 'importlib.metadata' in sys.modules, "
+        "type(sys.modules.get('pydantic.plugin._loader')).__name__, flush=True))\n"
+        "from fleetsim.apps.cli import main\n"
+        "sys.argv = ['fleetsim', 'validate', 'scenarios/default.toml']\n"
+        "sys.exit(main())\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.decode().strip().splitlines()[-1] == "META False module"
+    code2 = (
+        "import sys\nfrom fleetsim.apps.cli import main\n"
+        "rc = main(['validate', 'scenarios/default.toml'])\n"
+        "print(rc, sys.modules['pydantic.plugin._loader'].__name__)\n"
+    )
+    p2 = subprocess.run([sys.executable, "-c", code2], cwd=ROOT, env=env, capture_output=True)
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert p2.stdout.decode().strip().splitlines()[-1].split() == ["0", "pydantic.plugin._loader"]

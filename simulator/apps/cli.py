@@ -412,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+        # and with them off, its loader's import of importlib.metadata is skipped too
+        from fleetsim.apps import pydantic_plugins
+
+        pydantic_plugins.install()
         if argv and argv[0] in _GC_PAUSED_COMMANDS:
             _pause_gc()
     delegated = {name: module for name, module, _ in DELEGATED}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from fleetsim.base.errors import ScenarioError
 from fleetsim.config.aggregated import resolve_aggregated
-from fleetsim.config.pools import resolve_disaggregated
 from fleetsim.config.resolved import Resolved
 from fleetsim.config.schema import Scenario
 
@@ -33,6 +32,9 @@ def resolve(sc: Scenario, source: str = "") -> Resolved:
                 "drop it, or drop [disaggregation]",
                 source,
             )
+        # imported here: an aggregated run needs neither the module nor its dataclasses
+        from fleetsim.config.pools import resolve_disaggregated
+
         return resolve_disaggregated(sc, source)
     return resolve_aggregated(sc, source)
 

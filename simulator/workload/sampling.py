@@ -21,7 +21,6 @@ from fleetsim.base.errors import UserError
 from fleetsim.base.io import MAX_TRACE_TOKENS, cached_by_content_stamp, first_true
 from fleetsim.base.units import HOUR_S
 from fleetsim.workload.distributions import Empirical, chunked
-from fleetsim.workload.mooncake import is_mooncake, read_mooncake
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +181,9 @@ def read_arrival_trace(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A timed trace for ``traffic.trace``: CSV with columns arrival_s (seconds from the start,
     non-decreasing), prompt_tokens and output_tokens (integers in 1..MAX_TRACE_TOKENS), or a
     Mooncake JSONL trace (workload/mooncake.py). Returns the three columns."""
+    # (imported here: a run without a trace needs neither the module nor its dataclass)
+    from fleetsim.workload.mooncake import is_mooncake, read_mooncake
+
     if is_mooncake(path):
         tr = read_mooncake(path)
         return tr.arrival_s, tr.prompt_tokens, tr.output_tokens
@@ -229,6 +231,8 @@ def trace_arrivals(
 ) -> Iterator[HourChunk]:
     """Replay a timed trace hour by hour (rows past the horizon are dropped). With several pods,
     row ``i`` goes to pod ``i % n_pods`` (a deterministic split of the same trace)."""
+    from fleetsim.workload.mooncake import is_mooncake, read_mooncake
+
     path = str(_resolve_path(file, source))
     t, p, o = read_arrival_trace(path)
     ids = read_mooncake(path).ids[pod::n_pods] if is_mooncake(path) else None
