@@ -767,7 +767,7 @@ class LatencyModel:
         graphed = tokens <= self._gmax
         if t is None:
             dt = self._dense_tok.get(graphed)
-            if dt is not None and tokens > 0 and (tokens, 0) not in self._lin_cache:
+            if dt is not None and tokens > 0:
                 t = self._dense_tok_s(dt, tokens, graphed)
             else:
                 c, mm, cm = self.linear_parts(tokens, 0)
@@ -791,11 +791,11 @@ class LatencyModel:
         return t + h
 
     def _dense_tok_s(self, dt: _DenseTok, tokens: int, graphed: bool) -> float:
-        """``sum(linear_parts(tokens, 0))`` of a plain dense model (``tokens`` > 0), which it
-        also caches: the same float operations in the same order (bit-identical), with the
-        embedding's and the all-reduce's constants read once (``_dense_tok``) and no LM head
-        (0 rows: 0 s). Why: the first timing of each of the ~4,900 token counts of a
-        21,556-request day (bench/RESULTS.md, start-up, fourth pass)."""
+        """``sum(linear_parts(tokens, 0))`` of a plain dense model (``tokens`` > 0), its
+        communication part cached as :meth:`comm_s`'s: the same float operations in the same
+        order (bit-identical), with the embedding's and the all-reduce's constants read once
+        (``_dense_tok``) and no LM head (0 rows: 0 s). Why: the first timing of each of the
+        ~4,900 token counts of a 21,556-request day (bench/RESULTS.md, start-up, fourth pass)."""
         dl, emb_fixed, emb_den, table, ar_floor, kf = dt
         m = self.model
         nl = m.n_layers
@@ -818,7 +818,8 @@ class LatencyModel:
             else:
                 one = self._allreduce_s(kf, nbytes, graphed)
             comm = 2.0 * nl * one
-        self._lin_cache[(tokens, 0)] = (comp, mem, comm)
+        # what comm_s(tokens) gives (linear_parts(tokens, 0)[2]; 0 on one GPU), for plan's read
+        self._comm_cache[tokens] = comm
         return comp + mem + comm
 
     # -- helpers ---------------------------------------------------------------------------
