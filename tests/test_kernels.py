@@ -20,6 +20,7 @@ from fleetsim.device.kernels import (
 from fleetsim.device.latency import _GEMM_OPS, LatencyModel
 from fleetsim.device.modelspec import model_from_catalog
 from fleetsim.device.profile import catalog_profile
+from fleetsim.device.stack import apply_stack
 
 #: token counts across the tile boundaries (16-row small tiles, 64/128/256-row tiles) and beyond
 TOKENS = [*range(1, 600), *range(600, 20000, 37), 8191, 8192, 8193, 16384, 131072]
@@ -89,3 +90,36 @@ def test_a_mixture_of_experts_is_refused():
     with pytest.raises(ValueError, match="mixture of experts"):
         DenseLayer(p.kernels, p.peak_flops, p.mem_bw_bytes_per_s, layer_shapes(m, 2), 2.0)
     assert LatencyModel(m, p, 2)._dense_layers == {}
+
+
+@pytest.mark.parametrize(
+    ("model", "gpu", "tp", "stack"),
+    [
+        ("llama-3.1-70b", "h100-sxm", 4, "vllm-v1"),  # the default scenario's
+        ("llama-3.1-8b", "a100-80gb", 1, "vllm-v1"),
+        ("llama-3.1-70b", "h200", 8, "eager"),
+    ],
+)
+def test_linear_time_first_timing_is_the_sum_of_linear_parts(model, gpu, tp, stack):
+    """``linear_time``'s fused first timing of a token count (``_dense_tok_s``) is, bit for
+    bit, the sum of ``linear_parts(tokens, 0)`` plus the LM head, across the CUDA-graph
+    boundary, the stack's custom all-reduce (<= 8 MiB) and the measured table beyond it; and
+    it caches ``comm_s``'s value (0 on one GPU, the all-reduces otherwise)."""
+    m = model_from_catalog(model)
+    p = apply_stack(catalog_profile(gpu, catalog.gpu(gpu)), stack, gpu, 256)
+    fast, ref = LatencyModel(m, p, tp), LatencyModel(m, p, tp)
+    assert set(fast._dense_tok) == {False, True}
+    ref._dense_tok = {}  # the reference: linear_time through linear_parts, as before
+    big = 0
+    for t in (*range(1, 1100), 2047, 8192, 8193, 16384, 65536, 131072):
+        seqs = 1 + t % 5
+        got = fast.linear_time(t, seqs)
+        assert got == ref.linear_time(t, seqs), (model, t)  # exactly
+        c, mm, cm = ref.linear_parts(t, 0)
+        assert fast._tok_cache[t] == c + mm + cm, (model, t)
+        assert fast._comm_cache[t] == ref.comm_s(t, seqs) == (cm if tp > 1 else 0.0)
+        big += t * m.d_model * 2.0 > 8 * 1024 * 1024
+    assert big > 0 and (tp == 1 or fast._comm_cache[1] > 0.0)
+    if stack == "vllm-v1":  # both sides of the graph boundary, the custom all-reduce on
+        assert 1 < fast._gmax < 1100 and fast._ar_bw > 0.0
+    assert (1, 0) not in fast._lin_cache  # (the fused path keeps no linear_parts entry)

@@ -40,6 +40,8 @@ import math
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from functools import cache
+from math import ceil as _ceil
+from math import log2 as _log2
 
 from fleetsim.device.modelspec import ModelSpec
 
@@ -265,7 +267,18 @@ class DenseLayer:
     function calls, the tile padding four times) were ~0.07 of its ~0.43 CPU s of simulation
     (bench/RESULTS.md, start-up)."""
 
-    __slots__ = ("_c_act", "_d", "_elem", "_ffn", "_fit", "_gemms", "_rope", "_scal")
+    __slots__ = (
+        "_c_act",
+        "_d",
+        "_el",
+        "_elem",
+        "_ffn",
+        "_fit",
+        "_gemms",
+        "_rope",
+        "_rows",
+        "_scal",
+    )
 
     def __init__(
         self, fit: KernelFit, peak_flops: float, bw: float, s: LayerShapes, weight_bytes: float
@@ -286,6 +299,18 @@ class DenseLayer:
         )
         if any(n <= 0 or k <= 0 for _, n, k, _ in self._gemms):
             raise ValueError("DenseLayer: a GEMM with no weights takes layer_parts_s")
+        # elementwise (fixed s, bw x eff) of norm, rope, add, act, in seconds()'s order
+        el = self._elem
+        self._el = (*el["norm"], *el["rope"], *el["add"], *el["act"])
+        # gemm_rows' constants: the tile, half and double tiles and their cost factors
+        tile = fit.gemm_m_tile
+        self._rows = (
+            tile,
+            tile / 2.0,
+            1.0 + fit.gemm_half_tile_cost,
+            2.0 * tile,
+            1.0 - fit.gemm_double_tile_gain,
+        )
         self._scal = (
             fit.gemm_m_half,
             fit.gemm_tile_half,
@@ -301,7 +326,17 @@ class DenseLayer:
         sums that ``layer_parts_s`` (with ``two_norms``) gives, in its operators' order."""
         m = float(tokens)
         m_half, tile_half, den_c, den_m, p, inv_p, launch = self._scal
-        m_eff = gemm_rows(self._fit, m)
+        # gemm_rows(fit, m), inlined: the same operations on the same values
+        tile, half, c_half, dbl, c_dbl = self._rows
+        if m < tile:
+            base = 2.0 ** _ceil(_log2(m if m > GEMM_MIN_TILE else GEMM_MIN_TILE))
+        else:
+            base = float(_ceil(m / tile) * tile)
+        m_eff = min(
+            base,
+            float(_ceil(m / half) * half) * c_half,
+            float(_ceil(m / dbl) * dbl) * c_dbl,
+        )
         mh = m_half / m
         th = tile_half / m_eff
         two_m = 2.0 * m_eff
@@ -310,19 +345,17 @@ class DenseLayer:
             shape = base + mh + th
             t_c = two_m * n * k / den_c * shape
             t_m = (nkw + (m * k + m * n) * 2.0) / den_m
-            hi, lo = (t_c, t_m) if t_c >= t_m else (t_m, t_c)
-            t_gemm += launch + hi * (1.0 + (lo / hi) ** p) ** inv_p
-        el = self._elem
+            if t_c >= t_m:  # hi * (1 + (lo / hi) ** p) ** (1 / p), no (hi, lo) tuple
+                t_gemm += launch + t_c * (1.0 + (t_m / t_c) ** p) ** inv_p
+            else:
+                t_gemm += launch + t_m * (1.0 + (t_c / t_m) ** p) ** inv_p
+        f_n, b_n, f_r, b_r, f_a, b_a, f_x, b_x = self._el
         d = self._d
-        f, b = el["norm"]
-        norm = f + 4.0 * m * d / b
-        f, b = el["rope"]
-        t_elem = norm + (f + 4.0 * m * self._rope / b)
+        norm = f_n + 4.0 * m * d / b_n
+        t_elem = norm + (f_r + 4.0 * m * self._rope / b_r)
         t_elem += norm
-        f, b = el["add"]
-        t_elem += f + 6.0 * m * d / b
-        f, b = el["act"]
-        t_elem += f + self._c_act * (m * self._ffn) / b
+        t_elem += f_a + 6.0 * m * d / b_a
+        t_elem += f_x + self._c_act * (m * self._ffn) / b_x
         return t_gemm, t_elem
 
 

@@ -40,6 +40,7 @@ from fleetsim.device.kernels import (
     elem_time_s,
     gemm_time_s,
     graphed_fit,
+    interp_table,
     layer_parts_s,
     layer_shapes,
 )
@@ -200,6 +201,12 @@ class RooflineProfile:
 #: vLLM's custom all-reduce handles messages up to 8 MiB (CustomAllreduce max_size, vllm/
 #: distributed/device_communicators/custom_all_reduce.py); larger ones go to NCCL
 CUSTOM_AR_MAX_BYTES = 8 * 1024 * 1024
+
+#: LatencyModel._dense_tok's entries: (the layer sums, the embedding's fixed s and its bw x
+#: eff, the all-reduce table across tp GPUs or None, that table's floor, the kernel fit)
+_DenseTok = tuple[
+    DenseLayer, float, float, "tuple[tuple[float, float], ...] | None", float, KernelFit
+]
 
 _GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
 
@@ -526,6 +533,25 @@ class LatencyModel:
                 self._dense_layers[g] = DenseLayer(
                     f, self._peak_lin, self._bw, self._shapes, self._wb
                 )
+        # the GEMMs' ridge point in tokens (linear_parts: peak x w / 2 bw)
+        self._ridge = self._peak_lin * self._wb / (2.0 * self._bw)
+        #: linear_time's first timing of a token count on that path, by ``graphed``: the
+        #: layer sums and the constants of the embedding and the all-reduce (see _dense_tok_s)
+        self._dense_tok: dict[bool, _DenseTok] = {}
+        if self._dense_layers:
+            for g, dl in self._dense_layers.items():
+                f = (self._kern_g or kf) if g else kf
+                if not any(op == "emb" for op, _, _ in f.elem):
+                    continue  # (linear_parts says so)
+                table = f.allreduce_table(tp) if tp > 1 else None
+                self._dense_tok[g] = (
+                    dl,
+                    f.elem_params("emb")[0],
+                    self._bw * f.elem_params("emb")[1],  # as elem_time_s divides by it
+                    table,
+                    0.0 if table is None else allreduce_floor_s(f, tp),
+                    f,
+                )
 
     def att_m_for(self, n: int) -> float:
         """Seconds per context token of the KV read in a step with ``n`` decoding sequences:
@@ -738,10 +764,15 @@ class LatencyModel:
         """The sum of :meth:`linear_parts`, cached by tokens and by sequences separately (the
         engine's hot path: an iteration's token and sequence counts vary independently)."""
         t = self._tok_cache.get(tokens)
-        if t is None:
-            c, mm, cm = self.linear_parts(tokens, 0)
-            t = self._tok_cache[tokens] = c + mm + cm
         graphed = tokens <= self._gmax
+        if t is None:
+            dt = self._dense_tok.get(graphed)
+            if dt is not None and tokens > 0:
+                t = self._dense_tok_s(dt, tokens, graphed)
+            else:
+                c, mm, cm = self.linear_parts(tokens, 0)
+                t = c + mm + cm
+            self._tok_cache[tokens] = t
         hc = self._head_cache_g if graphed else self._head_cache
         h = hc.get(seqs)
         if h is None:
@@ -758,6 +789,38 @@ class LatencyModel:
                     h += seqs * self._per_seq
             hc[seqs] = h
         return t + h
+
+    def _dense_tok_s(self, dt: _DenseTok, tokens: int, graphed: bool) -> float:
+        """``sum(linear_parts(tokens, 0))`` of a plain dense model (``tokens`` > 0), its
+        communication part cached as :meth:`comm_s`'s: the same float operations in the same
+        order (bit-identical), with the embedding's and the all-reduce's constants read once
+        (``_dense_tok``) and no LM head (0 rows: 0 s). Why: the first timing of each of the
+        ~4,900 token counts of a 21,556-request day (bench/RESULTS.md, start-up, fourth pass)."""
+        dl, emb_fixed, emb_den, table, ar_floor, kf = dt
+        m = self.model
+        nl = m.n_layers
+        t_gemm, t_elem = dl.seconds(tokens)
+        d = m.d_model
+        emb = emb_fixed + 4.0 * tokens * d / emb_den
+        lin = nl * t_gemm  # + the head's 0.0
+        comp = lin if tokens >= self._ridge else 0.0
+        mem = (lin - comp) + nl * t_elem + emb
+        comm = 0.0
+        tp = self.tp
+        if tp > 1:
+            nbytes = tokens * d * 2.0
+            if self._ar_bw > 0.0 and nbytes <= CUSTOM_AR_MAX_BYTES:
+                one = self._ar_floor + 2.0 * (tp - 1) / tp * nbytes / self._ar_bw
+            elif table is not None:
+                one = interp_table(table, nbytes)
+                if graphed:
+                    one -= self._ar_floor_g * ar_floor
+            else:
+                one = self._allreduce_s(kf, nbytes, graphed)
+            comm = 2.0 * nl * one
+        # what comm_s(tokens) gives (linear_parts(tokens, 0)[2]; 0 on one GPU), for plan's read
+        self._comm_cache[tokens] = comm
+        return comp + mem + comm
 
     # -- helpers ---------------------------------------------------------------------------
     def _weights(self, tokens: float) -> float:
