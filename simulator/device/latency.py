@@ -36,7 +36,6 @@ from fleetsim.device.kernels import (
     DenseLayer,
     KernelFit,
     allreduce_floor_s,
-    allreduce_time_s,
     elem_time_s,
     gemm_time_s,
     graphed_fit,
@@ -203,10 +202,8 @@ class RooflineProfile:
 CUSTOM_AR_MAX_BYTES = 8 * 1024 * 1024
 
 #: LatencyModel._dense_tok's entries: (the layer sums, the embedding's fixed s and its bw x
-#: eff, the all-reduce table across tp GPUs or None, that table's floor, the kernel fit)
-_DenseTok = tuple[
-    DenseLayer, float, float, "tuple[tuple[float, float], ...] | None", float, KernelFit
-]
+#: eff, the kernel fit)
+_DenseTok = tuple[DenseLayer, float, float, KernelFit]
 
 _GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
 
@@ -464,6 +461,11 @@ class LatencyModel:
         self.coeff_cache: dict[int, RunCoeffs] = {}
         #: :meth:`comm_s` by token count (every profile kind: 0 without a kernel fit)
         self._comm_cache: dict[int, float] = {}
+        #: id(kernel fit) -> (the fit, its all-reduce table across tp GPUs or None, that
+        #: table's floor): read once per fit, not per message size (_allreduce_s)
+        self._ar_tables: dict[
+            int, tuple[KernelFit, tuple[tuple[float, float], ...] | None, float]
+        ] = {}
         self._kern: KernelFit | None = None
         if isinstance(profile, RooflineProfile) and profile.kernels is not None:
             self._init_kernels(profile, profile.kernels)
@@ -536,22 +538,16 @@ class LatencyModel:
         # the GEMMs' ridge point in tokens (linear_parts: peak x w / 2 bw)
         self._ridge = self._peak_lin * self._wb / (2.0 * self._bw)
         #: linear_time's first timing of a token count on that path, by ``graphed``: the
-        #: layer sums and the constants of the embedding and the all-reduce (see _dense_tok_s)
+        #: layer sums and the constants of the embedding (see _dense_tok_s)
         self._dense_tok: dict[bool, _DenseTok] = {}
         if self._dense_layers:
             for g, dl in self._dense_layers.items():
                 f = (self._kern_g or kf) if g else kf
                 if not any(op == "emb" for op, _, _ in f.elem):
                     continue  # (linear_parts says so)
-                table = f.allreduce_table(tp) if tp > 1 else None
-                self._dense_tok[g] = (
-                    dl,
-                    f.elem_params("emb")[0],
-                    self._bw * f.elem_params("emb")[1],  # as elem_time_s divides by it
-                    table,
-                    0.0 if table is None else allreduce_floor_s(f, tp),
-                    f,
-                )
+                emb_fixed, emb_eff = f.elem_params("emb")
+                # bw x eff: as elem_time_s divides by it
+                self._dense_tok[g] = (dl, emb_fixed, self._bw * emb_eff, f)
 
     def att_m_for(self, n: int) -> float:
         """Seconds per context token of the KV read in a step with ``n`` decoding sequences:
@@ -575,14 +571,19 @@ class LatencyModel:
         tp = self.tp
         if self._ar_bw > 0.0 and nbytes <= CUSTOM_AR_MAX_BYTES:
             return self._ar_floor + 2.0 * (tp - 1) / tp * nbytes / self._ar_bw
-        one = allreduce_time_s(kf, tp, nbytes)
-        if one is None:  # no measured table for this GPU count: the ring model
+        ar = self._ar_tables.get(id(kf))
+        if ar is None or ar[0] is not kf:
+            table = kf.allreduce_table(tp)
+            ar = (kf, table, 0.0 if table is None else allreduce_floor_s(kf, tp))
+            self._ar_tables[id(kf)] = ar
+        _, table, floor = ar
+        if table is None:  # no measured table for this GPU count: the ring model
             m = self.model
             d = nbytes / (m.d_model * 2.0)
             one = self._comm_a / (2.0 * m.n_layers) + self._comm_b * d / (2.0 * m.n_layers)
             floor = self._roof.link_latency_s
         else:
-            floor = allreduce_floor_s(kf, tp)
+            one = interp_table(table, nbytes)  # (kernels.allreduce_time_s)
         if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
             one -= self._ar_floor_g * floor
         return one
@@ -793,10 +794,10 @@ class LatencyModel:
     def _dense_tok_s(self, dt: _DenseTok, tokens: int, graphed: bool) -> float:
         """``sum(linear_parts(tokens, 0))`` of a plain dense model (``tokens`` > 0), its
         communication part cached as :meth:`comm_s`'s: the same float operations in the same
-        order (bit-identical), with the embedding's and the all-reduce's constants read once
-        (``_dense_tok``) and no LM head (0 rows: 0 s). Why: the first timing of each of the
+        order (bit-identical), with the embedding's constants read once (``_dense_tok``) and
+        no LM head (0 rows: 0 s). Why: the first timing of each of the
         ~4,900 token counts of a 21,556-request day (bench/RESULTS.md, start-up, fourth pass)."""
-        dl, emb_fixed, emb_den, table, ar_floor, kf = dt
+        dl, emb_fixed, emb_den, kf = dt
         m = self.model
         nl = m.n_layers
         t_gemm, t_elem = dl.seconds(tokens)
@@ -806,18 +807,8 @@ class LatencyModel:
         comp = lin if tokens >= self._ridge else 0.0
         mem = (lin - comp) + nl * t_elem + emb
         comm = 0.0
-        tp = self.tp
-        if tp > 1:
-            nbytes = tokens * d * 2.0
-            if self._ar_bw > 0.0 and nbytes <= CUSTOM_AR_MAX_BYTES:
-                one = self._ar_floor + 2.0 * (tp - 1) / tp * nbytes / self._ar_bw
-            elif table is not None:
-                one = interp_table(table, nbytes)
-                if graphed:
-                    one -= self._ar_floor_g * ar_floor
-            else:
-                one = self._allreduce_s(kf, nbytes, graphed)
-            comm = 2.0 * nl * one
+        if self.tp > 1:
+            comm = 2.0 * nl * self._allreduce_s(kf, tokens * d * 2.0, graphed)
         # what comm_s(tokens) gives (linear_parts(tokens, 0)[2]; 0 on one GPU), for plan's read
         self._comm_cache[tokens] = comm
         return comp + mem + comm
