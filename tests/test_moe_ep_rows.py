@@ -122,9 +122,10 @@ def test_a_prompt_on_one_engine_costs_every_gpu_its_rows():
 
 
 def test_one_engine_past_the_capture_size_runs_every_engine_eager():
-    """vLLM 0.11 (vllm/v1/worker/dp_utils.py, coordinate_batch_across_dp): the DP ranks agree on
-    the padded token count and on the CUDA-graph mode, the minimum across ranks, so one rank's
-    prompt past the capture size runs every rank eager at the fullest rank's tokens. Under the
+    """vLLM (vllm/v1/worker/dp_utils.py, coordinate_batch_across_dp; get_dp_padding in
+    gpu_model_runner.py before it) pads every DP rank to the largest rank's token count, so one
+    rank's prompt past the CUDA-graph capture size puts every rank past it: all run eager at the
+    fullest rank's tokens (later versions also take the minimum graph mode across ranks). Under the
     vllm-v1 stack (graphs up to min(2 x max_num_seqs, 512) tokens per engine): a decode-only
     DP-8 step of 128 sequences (16 per engine) is graphed; one engine's 1,500-token prompt makes
     the step the eager layer time of 8 x 1,516 tokens, the same whichever engine holds it and
