@@ -345,9 +345,10 @@ def test_power_fit_is_unbiased_leave_one_model_out(refit):
 
     The MoE rows with fp8 block-quantised experts (Qwen3-235B-A22B-FP8, Qwen3-Coder-480B-FP8,
     DeepSeek-V3.1/R1) within 5 % too, with the loop level ``moe_loop_w``: without it they read
-    -9.3 % (H100) and -11.6 % (B200). The B200's bf16 MoE rows within 8 %: -7.3 % since the
-    loop level (-0.8 % before, when the fp8 rows pulled ``active_w`` up to 410 W for every row;
-    docs/accuracy.md, "The power fit"); the H100's within 5 %."""
+    -9.3 % (H100, 26 rows) and -17.1 % (B200, 51 rows; the loop seconds zeroed, macro engine).
+    The B200's bf16 MoE rows within 8 %: -7.3 % since the loop level (-0.8 % before, when the
+    fp8 rows pulled ``active_w`` up to 410 W for every row; docs/accuracy.md, "The power
+    fit"); the H100's within 5 %."""
     pairs, _ = refit
     M._FITS.clear()
     rows = [r for r in M.evaluate(pairs, fit=True) if not r.config.suspect]
