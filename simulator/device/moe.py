@@ -300,10 +300,13 @@ def moe_layer_parts_s(
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
     whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
     ``moe_dispatch``, ``moe_gemm_up``, ``moe_act``, ``moe_gemm_down``, ``moe_combine`` and the
-    shared experts' ``shared_mlp`` (see the module docstring). ``expert_weight_bytes`` and
-    ``expert_peak_flops`` are those of the experts' precision (default: the layer's);
-    ``moe_fit`` the GPU's fused-MoE loop latency, ``fp8_block`` whether the experts are fp8
-    with block scales (vLLM's w8a8 block kernel configuration)."""
+    shared experts' ``shared_mlp`` (see the module docstring); and ``moe_fp8_loop``, not a part
+    of its own but the share of ``moe_gemm_up + moe_gemm_down`` that is the block-scaled K loop
+    of fp8 block-quantised experts (:func:`k_loop_latency_s` with ``fp8_block``; 0 for other
+    experts), the time the power model draws ``PowerSpec.moe_loop_w`` in.
+    ``expert_weight_bytes`` and ``expert_peak_flops`` are those of the experts' precision
+    (default: the layer's); ``moe_fit`` the GPU's fused-MoE loop latency, ``fp8_block``
+    whether the experts are fp8 with block scales (vLLM's w8a8 block kernel configuration)."""
     ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
     epk = peak_flops if expert_peak_flops is None else expert_peak_flops
     d = model.d_model
@@ -356,6 +359,7 @@ def moe_layer_parts_s(
         fit, epk, bw, rows, touched, d, cols, ewb, loop_down, foreign
     )
     out["moe_combine"] = comm
+    out["moe_fp8_loop"] = loop_up + loop_down if fp8_block else 0.0
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down
     return out
