@@ -42,9 +42,8 @@ from typing import TYPE_CHECKING
 from fleetsim.base.units import HOUR_S
 
 if TYPE_CHECKING:
-    from simpy.events import Event
-
     from fleetsim.config.resolved import Resolved
+    from fleetsim.serving.events import Wake
     from fleetsim.serving.ports import PodPort
 OFF, WAKING, ON, DRAINING = "off", "waking", "on", "draining"
 _BUCKET = {OFF: 0, WAKING: 1, ON: 2, DRAINING: 2}
@@ -127,7 +126,7 @@ class Autoscaler:
         else:
             self.env.timeout(self.wake_s).callbacks.append(partial(self._on_up, i))
 
-    def _on_up(self, i: int, _ev: Event) -> None:
+    def _on_up(self, i: int, _ev: Wake) -> None:
         self._up(i)
 
     def _up(self, i: int) -> None:
@@ -170,7 +169,7 @@ class Autoscaler:
                     self.drain(i)
 
     # ---- the clock ---------------------------------------------------------------------------
-    def _tick(self, _ev: Event) -> None:
+    def _tick(self, _ev: Wake) -> None:
         for i, s in enumerate(self.st):
             if s == DRAINING:
                 self._try_off(i)
@@ -213,7 +212,7 @@ class ScheduleScaler(Autoscaler):
                 t = max(t - self.wake_s, 0.0)
             self.env.timeout(t).callbacks.append(partial(self._on_step, n))
 
-    def _on_step(self, n: int, _ev: Event) -> None:
+    def _on_step(self, n: int, _ev: Wake) -> None:
         self.scale_to(n)
 
 
