@@ -7,19 +7,33 @@ typed objects.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from functools import cache
-from importlib import resources
 
 from fleetsim.base.errors import ScenarioError
 from fleetsim.base.names import closest
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _text(name: str) -> str:
+    """The data file ``name`` beside this module, read as a file; through importlib.resources
+    only where the package is not a folder (a zip): its readers import zipfile and more, ~1 ms
+    of every ``validate`` and run (bench/RESULTS.md, start-up, fifth pass)."""
+    try:
+        with open(os.path.join(_HERE, name), "rb") as fh:
+            return fh.read().decode()
+    except FileNotFoundError:
+        from importlib import resources
+
+        return resources.files(__package__).joinpath(name).read_bytes().decode()
+
 
 @cache
 def _load(name: str) -> dict[str, dict]:
-    with resources.files(__package__).joinpath(name).open("rb") as fh:
-        return tomllib.load(fh)
+    return tomllib.loads(_text(name))
 
 
 def gpus() -> dict[str, dict]:
@@ -88,8 +102,7 @@ def kernel(gpu: str) -> dict | None:
     ``kernels.toml``: the file is mostly all-reduce tables of every GPU, and a scenario needs
     one GPU's (a third of ``validate``'s resolve time went to parsing the others). The whole
     file is parsed instead if it has a table this split does not understand."""
-    with resources.files(__package__).joinpath("kernels.toml").open("rb") as fh:
-        text = fh.read().decode()
+    text = _text("kernels.toml")
     heads = list(_TABLE.finditer(text))
     if sum(line.startswith("[") for line in text.splitlines()) != len(heads):
         return kernels().get(gpu)  # (sub-tables or arrays of tables: no split)
