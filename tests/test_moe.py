@@ -138,7 +138,9 @@ def test_fused_kernel_drops_the_per_expert_floors():
 
 def test_expert_parallel_weights_per_gpu():
     """EP over tp GPUs (dp = 1): each GPU reads its n/ep experts' touched share, whole experts,
-    and routes T k / ep rows; without EP every GPU reads every touched expert's 1/tp columns."""
+    and routes T k / ep rows (storing zero tiles for the other (ep-1)/ep of the T k rows: see
+    tests/test_moe_ep_rows.py); without EP every GPU reads every touched expert's 1/tp
+    columns."""
     m = _sixteen_expert_model(4)
     p = _profile()
     kf = p.kernels
@@ -149,7 +151,15 @@ def test_expert_parallel_weights_per_gpu():
         kf, p.peak_flops, p.mem_bw_bytes_per_s, m, MoeLayout(4, 1, True), T, 2.0, 450e9, 6e-6
     )
     want = grouped_gemm_time_s(
-        kf, p.peak_flops, p.mem_bw_bytes_per_s, T * 2 / 4, touched / 4, 2 * 4096, 4096, 2.0
+        kf,
+        p.peak_flops,
+        p.mem_bw_bytes_per_s,
+        T * 2 / 4,
+        touched / 4,
+        2 * 4096,
+        4096,
+        2.0,
+        zero_rows=T * 2 * 3 / 4,
     )
     assert ep["moe_gemm_up"] == pytest.approx(want, rel=1e-12)
     assert ep["moe_dispatch"] == 0.0 and ep["moe_combine"] == 0.0  # dp = 1: the TP all-reduce

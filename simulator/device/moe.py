@@ -201,6 +201,22 @@ class MoeLayout:
         return self.tp * self.dp
 
 
+def ep_foreign_rows(tokens: float, top_k: int, layout: MoeLayout) -> float:
+    """Rows the fused MoE kernel of one GPU handles for experts held by other GPUs, for
+    ``tokens`` tokens in the kernel: ``tokens x top_k x (1 - 1/ep)`` under expert parallelism, 0
+    otherwise. vLLM's Triton path (``vllm/model_executor/layers/fused_moe/fused_moe.py``) sorts
+    and block-pads every token's ``top_k`` picks (``moe_align_block_size`` over the global
+    experts, the ``expert_map`` marking another rank's expert -1); ``fused_moe_kernel``'s
+    programs for such a block call ``write_zeros_to_output`` and return, and
+    ``fused_experts_impl`` sizes its intermediate caches for ``M x top_k`` rows and runs the
+    activation (``silu_and_mul``) and ``moe_sum`` over all of them. Under data parallelism the
+    kernel sees every engine's (padded) tokens, so a prompt on one engine costs every GPU
+    ``prompt x top_k`` rows of these stores."""
+    if not layout.expert_parallel or layout.ep <= 1 or tokens <= 0:
+        return 0.0
+    return tokens * top_k * (1.0 - 1.0 / layout.ep)
+
+
 def grouped_gemm_time_s(
     fit: KernelFit,
     peak_flops: float,
@@ -211,13 +227,17 @@ def grouped_gemm_time_s(
     k: float,
     weight_bytes_per_param: float = 2.0,
     loop_s: float = 0.0,
+    zero_rows: float = 0.0,
 ) -> float:
     """One grouped-GEMM launch of the fused MoE kernel: ``rows`` routed token rows spread over
     ``experts`` distinct experts, each an ``n x k`` weight. Each expert's rows are padded to the
     GEMM tile (:func:`fleetsim.device.kernels.gemm_rows` of the mean rows per expert); the
     weights read are ``experts`` matrices; one launch floor. ``loop_s`` is the latency of the
     kernel's serial K loop (:func:`k_loop_latency_s`), added: a program's loop steps wait on
-    their loads one after the other, which the throughput bounds do not see."""
+    their loads one after the other, which the throughput bounds do not see. ``zero_rows`` are
+    rows routed to experts of other ranks (expert parallelism): the launch's programs for them
+    store a zero tile of the output's ``n`` 16-bit columns and return (:func:`ep_foreign_rows`),
+    bytes added to the memory bound."""
     if rows <= 0 or experts <= 0 or n <= 0 or k <= 0:
         return 0.0
     per = rows / experts
@@ -231,9 +251,9 @@ def grouped_gemm_time_s(
         + fit.gemm_tile_half / m_tile
     )
     t_c = 2.0 * m_eff * n * k / (peak_flops * fit.gemm_eff_max) * shape
-    t_m = (experts * n * k * weight_bytes_per_param + (rows * k + rows * n) * 2.0) / (
-        bw_bytes_per_s * fit.gemm_bw_eff
-    )
+    t_m = (
+        experts * n * k * weight_bytes_per_param + (rows * k + rows * n + zero_rows * n) * 2.0
+    ) / (bw_bytes_per_s * fit.gemm_bw_eff)
     p = fit.gemm_pnorm
     hi, lo = (t_c, t_m) if t_c >= t_m else (t_m, t_c)
     t = hi * (1.0 + (lo / hi) ** p) ** (1.0 / p)
@@ -303,9 +323,15 @@ def moe_layer_parts_s(
         cols = d_ff_e / ep
         rows = m * k
     touched = local_experts * (expected_distinct_experts(n, k, m) / n)
+    # the kernel's sorted rows are every token's k picks, this rank's experts' or not
+    # (ep_foreign_rows): the activation, the fp8 re-quantisation and the weighted sum run
+    # over all of them
+    rows_all = m * k
+    foreign = ep_foreign_rows(m, k, layout)
+    moe_sum = elem_time_s(fit, bw, "add", (rows_all + m) * d * 2.0)
     out = {
         "moe_router": gemm_time_s(fit, peak_flops, bw, t_eng, n, d, 2.0),
-        "moe_route": elem_time_s(fit, bw, "act", 4.0 * t_eng * n) + moe_fit.layer_s,
+        "moe_route": elem_time_s(fit, bw, "act", 4.0 * t_eng * n) + moe_fit.layer_s + moe_sum,
     }
     # the kernel's loop latency: ceil(K / BLOCK_SIZE_K) serial steps of one program, for the
     # tokens the kernel sees (m) and the experts held here (vLLM's w1.shape[0])
@@ -320,10 +346,15 @@ def moe_layer_parts_s(
         comm = link_latency_s + nbytes / link_bw_bytes_per_s
     out["moe_dispatch"] = comm
     out["moe_gemm_up"] = grouped_gemm_time_s(
-        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, loop_up
+        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, loop_up, foreign
     )
-    out["moe_act"] = elem_time_s(fit, bw, "act", (3.0 if gated else 2.0) * 2.0 * rows * cols)
-    out["moe_gemm_down"] = grouped_gemm_time_s(fit, epk, bw, rows, touched, d, cols, ewb, loop_down)
+    act_bytes = (3.0 if gated else 2.0) * 2.0 * rows_all * cols
+    if fp8_block:  # the activation re-quantised for the fp8 down GEMM: 16-bit in, 8-bit out
+        act_bytes += 3.0 * rows_all * cols
+    out["moe_act"] = elem_time_s(fit, bw, "act", act_bytes)
+    out["moe_gemm_down"] = grouped_gemm_time_s(
+        fit, epk, bw, rows, touched, d, cols, ewb, loop_down, foreign
+    )
     out["moe_combine"] = comm
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down
