@@ -123,3 +123,38 @@ def test_linear_time_first_timing_is_the_sum_of_linear_parts(model, gpu, tp, sta
     if stack == "vllm-v1":  # both sides of the graph boundary, the custom all-reduce on
         assert 1 < fast._gmax < 1100 and fast._ar_bw > 0.0
     assert (1, 0) not in fast._lin_cache  # (the fused path keeps no linear_parts entry)
+
+
+def _same_values(a, b) -> None:
+    """Equal, with the same types all the way down (an int stays an int, a float a float)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)  # (the same keys in the same order)
+        for k in a:
+            _same_values(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_values(x, y)
+    else:
+        assert a == b, (a, b)
+
+
+def test_the_kernel_catalog_reads_as_tomllib_reads_it():
+    """catalog.kernel(gpu) reads its all-reduce tables with json (catalog._loads_numeric): the
+    same values, types and key order as tomllib's parse of the whole file, for every GPU; and
+    lines that only TOML reads (a + sign, an underscore, a trailing comma) go to tomllib."""
+    import tomllib
+
+    whole = tomllib.loads(catalog._text("kernels.toml"))
+    assert len(whole) >= 4
+    n_arrays = 0
+    for gpu, table in whole.items():
+        _same_values(catalog.kernel(gpu), table)
+        n_arrays += sum(k.startswith("allreduce_tp") and not k.endswith("_err") for k in table)
+    assert n_arrays >= 6  # (the json path did read the long tables)
+    text = '["g"]\na = [[1, 2.5e-06], [3, 4.0]]\nb = [+1, 2]\nc = [1_000, 2]  # x\nd = [1, 2,]\n'
+    text += "e = [-0, 1E5, 0.1]\nf = 7\n"
+    _same_values(catalog._loads_numeric(text), tomllib.loads(text))
+    two = '["g"]\na = [1]\n["h"]\na = [2]\n'  # (not one table: tomllib's parse)
+    _same_values(catalog._loads_numeric(two), tomllib.loads(two))

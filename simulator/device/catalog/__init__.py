@@ -7,6 +7,7 @@ typed objects.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -94,6 +95,43 @@ def stacks() -> dict[str, dict]:
 
 
 _TABLE = re.compile(r'^\["?([^"\[\].]+)"?\][ \t]*$', re.M)
+#: a line ``key = [...]`` of plain decimal numbers (an all-reduce table, ``[[bytes, s], ...]``),
+#: perhaps with a comment: such an array is JSON too, with the same values and types (ints
+#: stay ints; a float is read by ``float()`` of its text, as tomllib reads it)
+_NUM_ARRAY = re.compile(r"^([A-Za-z0-9_]+) = (\[[-+0-9eE., \[\]]*\])[ \t]*(?:#[^\n]*)?$", re.M)
+
+
+def _loads_numeric(text: str) -> dict:
+    """``tomllib.loads(text)`` of one table (``[name]`` and its keys), its long arrays of
+    numbers read by ``json.loads`` (C, not tomllib's Python): the kernel table of one GPU is
+    ~42 M instructions with tomllib, ~1 % of a 21,556-request run (bench/RESULTS.md, start-up,
+    fifth pass). Each such line is parsed apart and its value put back under its key, in place
+    (the keys keep their order); a line JSON does not read (e.g. ``+1``, ``1_000``: TOML only)
+    is left to tomllib. tests/test_kernels.py compares the result with tomllib's, table by
+    table."""
+    arrays: dict[str, list] = {}
+
+    def cut(m: re.Match) -> str:
+        key = m.group(1)
+        try:
+            value = json.loads(m.group(2))
+        except ValueError:
+            return m.group(0)
+        if key in arrays:  # (twice: not one table; tomllib says what is wrong)
+            raise ValueError(key)
+        arrays[key] = value
+        return f"{key} = 0"
+
+    try:
+        cut_text = _NUM_ARRAY.sub(cut, text)
+    except ValueError:
+        return tomllib.loads(text)
+    data = tomllib.loads(cut_text)
+    for tab in data.values():  # (the arrays' keys are in the tables, one level down)
+        if isinstance(tab, dict):
+            for k in tab.keys() & arrays.keys():
+                tab[k] = arrays[k]
+    return data
 
 
 @cache
@@ -109,5 +147,5 @@ def kernel(gpu: str) -> dict | None:
     for i, m in enumerate(heads):
         if m.group(1) == gpu:
             end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-            return tomllib.loads(text[m.start() : end])[gpu]
+            return _loads_numeric(text[m.start() : end])[gpu]
     return None
