@@ -158,3 +158,29 @@ def test_the_kernel_catalog_reads_as_tomllib_reads_it():
     _same_values(catalog._loads_numeric(text), tomllib.loads(text))
     two = '["g"]\na = [1]\n["h"]\na = [2]\n'  # (not one table: tomllib's parse)
     _same_values(catalog._loads_numeric(two), tomllib.loads(two))
+
+
+def test_catalog_entries_parsed_alone_are_the_whole_files():
+    """catalog.gpu / model read only the entry's table (catalog._entry): for every entry of
+    every file that splits, the same dict as the whole file's; names with dots ("llama-3.1-8b")
+    split too; unknown names still get the whole file's "did you mean"."""
+    import tomllib
+
+    from fleetsim.base.errors import ScenarioError
+
+    split = 0
+    for f in ("gpus.toml", "models.toml", "kernels.toml", "moe.toml", "links.toml"):
+        whole = tomllib.loads(catalog._text(f))
+        spans = catalog._spans(f)
+        assert spans is not None and list(spans) == list(whole), f
+        for key, table in whole.items():
+            _same_values(catalog._entry(f, key), table)
+            split += 1
+    assert split >= 30 and any("." in k for k in catalog._spans("models.toml") or {})
+    for name in tomllib.loads(catalog._text("models.toml")):
+        assert catalog.has_model(name) and catalog.model(name) == catalog.models()[name]
+    assert catalog.gpu("h100-sxm") == catalog.gpus()["h100-sxm"]
+    assert not catalog.has_model("llama-3.1-7b") and catalog._entry("gpus.toml", "h100") is None
+    with pytest.raises(ScenarioError, match="did you mean 'h100-sxm'"):
+        catalog.gpu("h100")
+    assert catalog._spans("stacks.toml") is None  # (dotted headers: the whole file, as before)
