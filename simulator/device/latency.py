@@ -45,7 +45,6 @@ from fleetsim.device.kernels import (
 )
 from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec
 from fleetsim.device.moe import (
-    FusedMoeFit,
     MoeLayout,
     attention_block_s,
     catalog_moe_fit,
@@ -506,8 +505,7 @@ class LatencyModel:
         self._hwb = DTYPE_BYTES[h_dt]
         #: the fused MoE kernel's latency floor on this GPU (catalog moe.toml); fp8 experts are
         #: block-quantised (128 x 128 scales, as every fp8 MoE checkpoint the catalog reads)
-        # (read at the first MoE layer's timing: a dense model's start parses no moe.toml)
-        self._moe_fit: FusedMoeFit | None = None
+        self._moe_fit = catalog_moe_fit(p.name, p.meta.get("catalog_gpu"))
         self._fp8_block = e_dt == "fp8"
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
@@ -589,12 +587,6 @@ class LatencyModel:
         if graphed:  # the latency floor shrinks with the kernels' (launch-bound) floors
             one -= self._ar_floor_g * floor
         return one
-
-    def _catalog_moe_fit(self) -> FusedMoeFit:
-        """The fused MoE kernel's constants of this GPU (catalog moe.toml), read once."""
-        p = self._roof
-        self._moe_fit = fit = catalog_moe_fit(p.name, p.meta.get("catalog_gpu"))
-        return fit
 
     def linear_parts(self, tokens: int, seqs: int) -> tuple[float, float, float]:
         """(compute, memory-bound, communication) seconds of the kernel model's non-attention
@@ -683,7 +675,7 @@ class LatencyModel:
                 link_lat,
                 self._ewb,
                 self._epeak,
-                self._moe_fit or self._catalog_moe_fit(),
+                self._moe_fit,
                 self._fp8_block,
             )
             parts["shared_mlp"] = n_moe * mo["shared_mlp"]
