@@ -354,13 +354,15 @@ class _Tracker:
         self.tokens = 0.0
         self.dyn = 0.0
         self.comm = 0.0
-        self.snaps: list[tuple[float, float, float, float, float, int, float]] = []
+        self.loop = 0.0
+        self.snaps: list[tuple[float, float, float, float, float, int, float, float]] = []
         rec.busy_s = _Log(rec.busy_s, self._busy)
         rec.flops = _Log(rec.flops, self._flops)
         rec.bytes_moved = _Log(rec.bytes_moved, self._bytes)
         rec.output_tokens = _Log(rec.output_tokens, self._tokens)
         rec.dyn_j = _Log(rec.dyn_j, self._dyn)
         rec.comm_s = _Log(rec.comm_s, self._comm)
+        rec.moe_loop_s = _Log(rec.moe_loop_s, self._loop)
 
     def _busy(self, d: float) -> None:
         self.busy += d
@@ -374,14 +376,17 @@ class _Tracker:
     def _comm(self, d: float) -> None:
         self.comm += d
 
+    def _loop(self, d: float) -> None:
+        self.loop += d
+
     def _tokens(self, d: float) -> None:
         self.tokens += d
 
     def _dyn(self, d: float) -> None:
         self.dyn += d
-        # a commit adds its tokens, busy time, energy, FLOPs, bytes and communication seconds
-        # in that order, and its iteration count last: the FLOPs, bytes, communication and
-        # iterations seen here are the earlier commits' (see cumulative())
+        # a commit adds its tokens, busy time, energy, FLOPs, bytes, communication and fp8
+        # MoE-loop seconds in that order, and its iteration count last: the FLOPs, bytes,
+        # communication, loop and iterations seen here are the earlier commits' (cumulative())
         self.snaps.append(
             (
                 self.busy,
@@ -391,15 +396,18 @@ class _Tracker:
                 self.bytes,
                 self.rec.iterations,
                 self.comm,
+                self.loop,
             )
         )
 
     def cumulative(self) -> dict[str, np.ndarray]:
-        """Cumulative busy time, tokens, FLOPs, bytes, iterations and communication seconds
-        after each commit."""
-        s = np.array(self.snaps, dtype=float).reshape(-1, 7)
-        final = np.array([[self.flops, self.bytes, float(self.rec.iterations), self.comm]])
-        after = np.concatenate((s[1:, [3, 4, 5, 6]], final))
+        """Cumulative busy time, tokens, FLOPs, bytes, iterations, communication and fp8
+        MoE-loop seconds after each commit."""
+        s = np.array(self.snaps, dtype=float).reshape(-1, 8)
+        final = np.array(
+            [[self.flops, self.bytes, float(self.rec.iterations), self.comm, self.loop]]
+        )
+        after = np.concatenate((s[1:, [3, 4, 5, 6, 7]], final))
         return {
             "busy": s[:, 0],
             "tokens": s[:, 2],
@@ -407,6 +415,7 @@ class _Tracker:
             "bytes": after[:, 1],
             "iters": after[:, 2],
             "comm": after[:, 3],
+            "loop": after[:, 4],
         }
 
 
@@ -429,6 +438,8 @@ class SimRun:
     seg_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
     seg_iters: np.ndarray = field(default_factory=lambda: np.zeros(0))  # iterations per commit
     seg_comm_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # in communication
+    #: in the block-scaled K loop of fp8 fused-MoE kernels (PowerSpec.moe_loop_w)
+    seg_loop_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     #: weight bytes the replica reads per iteration (the rest of a commit's bytes are KV cache
     #: and linear state: PowerSpec.kv_w); exact for a dense model, whose every iteration reads
     #: them all; a mixture of experts: those a full batch of max_num_seqs touches
@@ -634,6 +645,7 @@ def simulate_config(
     seg_f = np.diff(np.concatenate(([0.0], fl_cum)))
     seg_b = np.diff(np.concatenate(([0.0], by_cum)))
     seg_c = np.diff(np.concatenate(([0.0], cum["comm"])))
+    seg_l = np.diff(np.concatenate(([0.0], cum["loop"])))
 
     def at(cum: np.ndarray, t: float) -> float:
         return float(np.interp(t, np.concatenate(([0.0], busy)), np.concatenate(([0.0], cum))))
@@ -660,6 +672,7 @@ def simulate_config(
     out.seg_bytes = seg_b[inw]
     out.seg_iters = seg_it[inw]
     out.seg_comm_s = seg_c[inw]
+    out.seg_loop_s = seg_l[inw]
     out.sim_wall_s = time.perf_counter() - t0
     return out
 
@@ -688,17 +701,19 @@ def catalog_power(gpu_model: str) -> PowerSpec:
         memory_w=e["memory_w"],
         kv_w=e.get("kv_w", 0.0),
         comm_w=e.get("comm_w"),
+        moe_loop_w=e.get("moe_loop_w"),
     )
 
 
 def utilisation(
     run: SimRun, speed: float = 1.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(segment durations, u_c, u_m, u_kv, f_comm) per GPU of the window's commits, u_kv
-    being the KV cache and linear-state part of u_m (the bytes beyond the weights of each
-    iteration, as the engine counts them) and f_comm the share of the time in communication;
-    ``speed`` scales the achieved rates (the measured over the simulated throughput: the same
-    work done at the measured pace; the shares of time stay)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(segment durations, u_c, u_m, u_kv, f_comm, f_loop) per GPU of the window's commits,
+    u_kv being the KV cache and linear-state part of u_m (the bytes beyond the weights of each
+    iteration, as the engine counts them), f_comm the share of the time in communication and
+    f_loop in the block-scaled K loop of fp8 fused-MoE kernels; ``speed`` scales the achieved
+    rates (the measured over the simulated throughput: the same work done at the measured
+    pace; the shares of time stay)."""
     dt = np.maximum(run.seg_s, 1e-12)
     g = max(run.tp, 1)
     uc = speed * run.seg_flops / (dt * g * run.peak_flops)
@@ -708,7 +723,9 @@ def utilisation(
     ukv = speed * kv / (dt * g * run.peak_bw)
     cm = run.seg_comm_s if len(run.seg_comm_s) == len(run.seg_s) else np.zeros(len(dt))
     fc = np.minimum(cm / dt, 1.0)
-    return run.seg_s, uc, um, ukv, fc
+    lp = run.seg_loop_s if len(run.seg_loop_s) == len(run.seg_s) else np.zeros(len(dt))
+    fl = np.minimum(lp / dt, 1.0 - fc)
+    return run.seg_s, uc, um, ukv, fc, fl
 
 
 def speed_of(c: Config, run: SimRun) -> float:
@@ -719,14 +736,23 @@ def speed_of(c: Config, run: SimRun) -> float:
 def predict_w(run: SimRun, p: PowerSpec, speed: float = 1.0) -> float:
     """Mean power per GPU over the window: every commit at
     ``min(max_w, idle + level + compute_w u_c + memory_w u_m + kv_w u_kv)``, the level being
-    ``active_w`` and, for the share ``f_comm`` of the time in communication, ``comm_w`` (the
-    replica is busy throughout the window), time-weighted."""
-    dt, uc, um, ukv, fc = utilisation(run, speed)
-    if dt.sum() <= 0:
+    ``active_w`` and, for the share ``f_comm`` of the time in communication, ``comm_w``, for
+    the share ``f_loop`` in the fp8 fused-MoE K loop, ``moe_loop_w`` (the replica is busy
+    throughout the window), time-weighted."""
+    u = utilisation(run, speed)
+    if u[0].sum() <= 0:
         return math.nan
+    return _mean_w(u, p)
+
+
+def _level(p: PowerSpec, fc: np.ndarray, fl: np.ndarray) -> np.ndarray | float:
+    """The busy level per commit: ``active_w``, ``comm_w`` for the share ``fc`` of the time in
+    communication and ``moe_loop_w`` for the share ``fl`` in the fp8 fused-MoE K loop (the
+    engine's energy: active x busy + (comm - active) x comm s + (loop - active) x loop s)."""
     level = p.active_w if p.comm_w is None else p.active_w * (1.0 - fc) + p.comm_w * fc
-    w = np.minimum(p.max_w, p.idle_w + level + p.compute_w * uc + p.memory_w * um + p.kv_w * ukv)
-    return float((w * dt).sum() / dt.sum())
+    if p.moe_loop_w is not None:
+        level = level + (p.moe_loop_w - p.active_w) * fl
+    return level
 
 
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -803,24 +829,31 @@ def fit_power(
     (``seg_iters``, ``weight_bytes``), and ``comm_w``, the level in place of ``active_w`` while
     the GPUs communicate, where some runs are multi-GPU (``seg_comm_s``; else it stays None);
     with ``comm_cap`` it is at most ``active_w`` (GPUs waiting on their links do not draw more
-    than computing ones); with ``kv=False`` both stay off (the older three-term model)."""
+    than computing ones); and ``moe_loop_w``, the level in place of ``active_w`` while fused-MoE
+    kernels of fp8 block-quantised experts run their block-scaled K loop, where some runs have
+    that time (``seg_loop_s``; else it stays None), at most ``max_w - idle_w`` (a GPU draws at
+    most its limit); with ``kv=False`` all three stay off (the older three-term model)."""
     sp = [1.0] * len(runs) if speeds is None else list(speeds)
     rows = []
     for r, v in zip(runs, sp, strict=True):
-        dt, uc, um, ukv, fc = utilisation(r, v)
+        dt, uc, um, ukv, fc, fl = utilisation(r, v)
         T = dt.sum()
         f = float((fc * dt).sum() / T)
+        g = float((fl * dt).sum() / T)
         rows.append(
             (
-                1.0 - f,
+                1.0 - f - g,
                 float((uc * dt).sum() / T),
                 float((um * dt).sum() / T),
                 float((ukv * dt).sum() / T) if kv else 0.0,
                 f,
+                g,
             )
         )
-    # the communication level is fitted only where some rows communicate (multi-GPU runs)
+    # the communication level is fitted only where some rows communicate (multi-GPU runs), the
+    # loop level only where some rows run fp8 block-quantised experts
     comm = kv and any(row[4] > 0.0 for row in rows)
+    loop = kv and any(row[5] > 0.0 for row in rows)
     meas = list(np.asarray(measured_w, dtype=float))
     wts = [1.0] * len(rows)
     if anchor:
@@ -830,28 +863,32 @@ def fit_power(
         for u0 in seen:
             if u0[0] > 0:
                 ukv0 = u0[2] if kv and len(u0) > 2 else 0.0
-                rows.append((1.0, u0[0], u0[1], ukv0, 0.0))
+                rows.append((1.0, u0[0], u0[1], ukv0, 0.0, 0.0))
                 meas.append(base.max_w)
                 wts.append(anchor_rows)
     a = np.asarray(rows)
     if not comm:  # the level is active_w throughout
         a[:, 0] += a[:, 4]
-        a = a[:, :4]
-    if not kv:
-        a = a[:, :3]
+    if not loop:
+        a[:, 0] += a[:, 5]
+    # the fitted columns: active, compute, memory, [kv], [comm], [loop]
+    cols = [0, 1, 2] + [3] * kv + [4] * comm + [5] * loop
+    a = a[:, cols]
     m = np.asarray(meas)
     y = m - base.idle_w
     # a row of weight w counts as w rows in the sum of squares: its residual is scaled by sqrt(w)
     wgt = np.sqrt(np.asarray(wts)) / m
 
     def spec(x: np.ndarray) -> PowerSpec:
+        v = dict(zip(cols, (float(e) for e in x), strict=True))
         return replace(
             base,
-            active_w=float(x[0]),
-            compute_w=float(x[1]),
-            memory_w=float(x[2]),
-            kv_w=float(x[3]) if kv else 0.0,
-            comm_w=float(x[4]) if comm else None,
+            active_w=v[0],
+            compute_w=v[1],
+            memory_w=v[2],
+            kv_w=v.get(3, 0.0),
+            comm_w=v.get(4),
+            moe_loop_w=v.get(5),
         )
 
     x = _nnls(a * wgt[:, None], y * wgt)
@@ -878,16 +915,19 @@ def fit_power(
 
     # with comm_cap, the communication level is at most the active level: optimised as the
     # ratio comm_w / active_w in [0, 1]
-    cap = comm_cap and ncol == 5
+    cap = comm_cap and comm
+    ic = cols.index(4) if comm else -1
 
     def full(z: np.ndarray) -> np.ndarray:
         if not cap:
             return z
-        return np.concatenate((z[:4], [z[4] * z[0]]))
+        zz = z.copy()
+        zz[ic] = z[ic] * z[0]
+        return zz
 
     def residuals(zz: np.ndarray) -> np.ndarray:
         xx = full(zz)
-        q = spec(np.concatenate((xx, np.zeros(5 - ncol))))
+        q = spec(xx)
         pred = np.array([_mean_w(u, q) for u in us])
         lin = base.idle_w + anchors @ xx
         if loss == "log":
@@ -899,8 +939,12 @@ def fit_power(
     z0 = np.maximum(x[:ncol], 1e-3)
     hi = np.full(ncol, np.inf)
     if cap:
-        z0[4] = min(0.999, x[4] / max(x[0], 1e-3)) if x[4] > 0 else 1e-3
-        hi[4] = 1.0
+        z0[ic] = min(0.999, x[ic] / max(x[0], 1e-3)) if x[ic] > 0 else 1e-3
+        hi[ic] = 1.0
+    if loop:  # the loop level: at most the power limit above idle
+        il = cols.index(5)
+        hi[il] = max(base.max_w - base.idle_w, 1e-3)
+        z0[il] = min(z0[il], 0.999 * hi[il])
     sol = least_squares(
         residuals,
         z0,
@@ -908,13 +952,13 @@ def fit_power(
         loss="linear" if loss == "log" else loss,
         f_scale=f_scale,
     )
-    return spec(np.concatenate((full(sol.x), np.zeros(5 - ncol))))
+    return spec(full(sol.x))
 
 
 def _mean_w(u: tuple[np.ndarray, ...], p: PowerSpec) -> float:
     """:func:`predict_w` from precomputed :func:`utilisation` arrays."""
-    dt, uc, um, ukv, fc = u
-    level = p.active_w if p.comm_w is None else p.active_w * (1.0 - fc) + p.comm_w * fc
+    dt, uc, um, ukv, fc, fl = u
+    level = _level(p, fc, fl)
     w = np.minimum(p.max_w, p.idle_w + level + p.compute_w * uc + p.memory_w * um + p.kv_w * ukv)
     return float((w * dt).sum() / dt.sum())
 
@@ -1347,6 +1391,7 @@ def write_profiles(
             "memory_w": round(p.memory_w, 1),
             "kv_w": round(p.kv_w, 1),
             "comm_w": None if p.comm_w is None else round(p.comm_w, 1),
+            "moe_loop_w": None if p.moe_loop_w is None else round(p.moe_loop_w, 1),
             "method": "mlenergy-fit",
         }
         prof = replace(
@@ -1384,6 +1429,7 @@ def write_profiles(
             f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, KV/state "
             f"{p.kv_w:.0f} W, "
             + ("" if p.comm_w is None else f"communication level {p.comm_w:.0f} W, ")
+            + ("" if p.moe_loop_w is None else f"fp8 MoE-loop level {p.moe_loop_w:.0f} W, ")
             + "cap "
             f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
             f"J/token median {st['j_per_token']['median']:.1%}; {stack_line}; wrote {path}"

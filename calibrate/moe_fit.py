@@ -46,11 +46,12 @@ CATALOG = Path(__file__).resolve().parent.parent / "simulator" / "device" / "cat
 #: catalog's constants, so that ``--targets`` (and tests/test_moe_drift.py) refit in seconds
 #: without the simulations
 TARGETS = Path(__file__).resolve().parent.parent / "tests" / "data" / "moe_fit_targets.csv"
-PARAMS = ("k_step_s", "k_step_fp8_s", "layer_s")
+PARAMS = ("k_step_s", "k_step_fp8_s", "k_step_fp8_default_s", "layer_s")
 #: coordinate-search grid of each constant (seconds)
 GRID = {
     "k_step_s": [i * 0.05e-6 for i in range(0, 61)],
     "k_step_fp8_s": [i * 0.1e-6 for i in range(0, 81)],
+    "k_step_fp8_default_s": [i * 0.1e-6 for i in range(0, 101)],
     "layer_s": [i * 2e-6 for i in range(0, 51)],
 }
 DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
@@ -68,6 +69,19 @@ TUNED = {
     "b200": [(128, 768)],
     "h200": [(128, 768), (8, 7168), (8, 14336)],
     "a100-80gb": [(8, 7168)],
+}
+#: fp8 [128, 128] block-quantised (E, N) shapes vLLM ships a tuned configuration for, per catalog
+#: GPU: files ``vllm/model_executor/layers/fused_moe/configs/E={E},N={N},device_name={dev},
+#: dtype=fp8_w8a8,block_shape=[128,128].json`` of vllm-project/vllm, each seen at the commit named
+#: (the v0.11.1 tag itself not checked): H100 E=16,N=1536 (a5766486: Qwen3-235B-A22B under EP8),
+#: E=32,N=2048 (fa42f12b: DeepSeek-V3 under EP8); B200 E=32,N=2048 (432a38c4), E=20,N=2560
+#: (93e5a576), E=40,N=2560 (0f17ee06: Qwen3-Coder-480B under EP8 / EP4); H200 E=32,N=2048
+#: (dd30740a). Not found: E=32 or 64,N=1536 (Qwen3-235B-A22B under EP4 / EP2) on H100 or B200,
+#: E=16,N=1536 on B200 or H200.
+TUNED_FP8 = {
+    "h100-sxm": [(16, 1536), (32, 2048)],
+    "b200": [(32, 2048), (20, 2560), (40, 2560)],
+    "h200": [(32, 2048)],
 }
 #: streaming multiprocessors and shared memory per SM of each catalog GPU (not fitted)
 HARDWARE = {
@@ -113,7 +127,14 @@ class FitRow:
     def step_s(self, fit: FusedMoeFit) -> float:
         lm = self.lm
         lm._moe_fit = fit  # type: ignore[attr-defined]
-        for c in ("_lin_cache", "_tok_cache", "_head_cache", "_head_cache_g", "coeff_cache"):
+        for c in (
+            "_lin_cache",
+            "_tok_cache",
+            "_head_cache",
+            "_head_cache_g",
+            "coeff_cache",
+            "_loop_cache",  # (the fp8 loop seconds follow the fit too: PowerSpec.moe_loop_w)
+        ):
             getattr(lm, c).clear()
         return lm.decode_time(self.batch, self.ctx)  # type: ignore[attr-defined]
 
@@ -166,7 +187,7 @@ def constants_line(gpu: str, fit: FusedMoeFit) -> str:
     """How the targets file records the constants one GPU's rows were simulated with."""
     return (
         f"# {gpu} k_step_s={fit.k_step_s!r} k_step_fp8_s={fit.k_step_fp8_s!r} "
-        f"layer_s={fit.layer_s!r}"
+        f"k_step_fp8_default_s={fit.k_step_fp8_default_s!r} layer_s={fit.layer_s!r}"
     )
 
 
@@ -227,6 +248,8 @@ def _with(fit: FusedMoeFit, name: str, value: float) -> FusedMoeFit:
         return replace(fit, k_step_s=value)
     if name == "k_step_fp8_s":
         return replace(fit, k_step_fp8_s=value)
+    if name == "k_step_fp8_default_s":
+        return replace(fit, k_step_fp8_default_s=value)
     return replace(fit, layer_s=value)
 
 
@@ -235,7 +258,11 @@ def hardware_fit(gpu: str) -> FusedMoeFit:
     :data:`TUNED`)."""
     sms, smem, _ = HARDWARE[gpu]
     return replace(
-        NO_MOE_FIT, sms=sms, smem_per_sm_bytes=float(smem), tuned=tuple(TUNED.get(gpu, ()))
+        NO_MOE_FIT,
+        sms=sms,
+        smem_per_sm_bytes=float(smem),
+        tuned=tuple(TUNED.get(gpu, ())),
+        tuned_fp8=tuple(TUNED_FP8.get(gpu, ())),
     )
 
 
@@ -258,7 +285,7 @@ def fit_rows(rows: list[FitRow], base: FusedMoeFit, sweeps: int = 3) -> FusedMoe
     has_16 = any(not r.lm._fp8_block for r in rows)  # type: ignore[attr-defined]
     for _ in range(sweeps):
         for p in PARAMS:
-            if (p == "k_step_fp8_s" and not has_fp8) or (p == "k_step_s" and not has_16):
+            if (p.startswith("k_step_fp8") and not has_fp8) or (p == "k_step_s" and not has_16):
                 continue
             scored = [(loss(rows, _with(fit, p, v)), v) for v in GRID[p]]
             fit = _with(fit, p, min(scored)[1])
@@ -305,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         out[g] = (full, len(gr), models, stats([e for _, e in lomo]), stats(insample))
         print(
             f"{g}: {len(gr)} rows, {len(models)} models; k_step {full.k_step_s * 1e6:.2f} us, "
-            f"k_step_fp8 {full.k_step_fp8_s * 1e6:.2f} us, layer {full.layer_s * 1e6:.1f} us"
+            f"k_step_fp8 {full.k_step_fp8_s * 1e6:.2f} us (tuned) / "
+            f"{full.k_step_fp8_default_s * 1e6:.2f} us (default tiles), "
+            f"layer {full.layer_s * 1e6:.1f} us"
         )
         print("  median ITL |error| median / worst / signed median:")
         for name, e in (("catalog", before), ("in sample", insample)):
@@ -339,7 +368,9 @@ def write(out: dict) -> None:
         "# GENERATED by `python -m fleetsim.calibrate.moe_fit --write` from the non-suspect",
         "# MoE / expert-parallel rows of data/mlenergy-v3 (vLLM 0.11.1; see its SOURCE.md).",
         "# k_step_s / k_step_fp8_s: one serial K-loop step of a fused-MoE program (16-bit / fp8",
-        "# block-quantised experts); layer_s: fixed time per MoE layer (routing kernels).",
+        "# block-quantised experts); layer_s: fixed time per MoE layer (routing kernels);",
+        "# k_step_fp8_default_s: one K step of an fp8 block-quantised layer without a tuned",
+        "# configuration (tuned_fp8), charged once per launch (moe.fp8_default_loop_latency_s).",
         "# provenance 'fitted': coordinate search on the mean |log error| of the median ITL;",
         "# 'derived': another GPU's fit (confidence L).",
     ]
@@ -367,10 +398,12 @@ def write(out: dict) -> None:
         lines += [
             f"k_step_s = {f.k_step_s:.4e}",
             f"k_step_fp8_s = {f.k_step_fp8_s:.4e}",
+            f"k_step_fp8_default_s = {f.k_step_fp8_default_s:.4e}",
             f"layer_s = {f.layer_s:.4e}",
             f"sms = {sms}",
             f"smem_per_sm_bytes = {smem}",
             "tuned = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED.get(name, ())) + "]",
+            "tuned_fp8 = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED_FP8.get(name, ())) + "]",
             f'hardware_source = "{src}"',
         ]
     tmp = CATALOG.with_name(CATALOG.name + ".tmp")

@@ -1,9 +1,10 @@
 """Drift of the fused-MoE constants (``catalog/moe.toml``): refit from the committed data.
 
-``python -m fleetsim.calibrate.moe_fit --write`` fits ``k_step_s``, ``k_step_fp8_s`` and
-``layer_s`` per GPU to the non-suspect MoE rows of ``data/mlenergy-v3``. Its slow part is one
-end-to-end simulation per row; it stores their median ITLs, with the constants they were
-simulated under, in ``tests/data/moe_fit_targets.csv``. From those targets the fit itself (the
+``python -m fleetsim.calibrate.moe_fit --write`` fits ``k_step_s``, ``k_step_fp8_s``,
+``k_step_fp8_default_s`` and ``layer_s`` per GPU to the non-suspect MoE rows of
+``data/mlenergy-v3``. Its slow part is one end-to-end simulation per row; it stores their
+median ITLs, with the constants they were simulated under, in
+``tests/data/moe_fit_targets.csv``. From those targets the fit itself (the
 coordinate search on the decode-step surrogate) reruns in seconds: the catalog must be its
 result. A change of the step-time model moves the fitted constants (this test fails: refit with
 ``--write``); a change of the engine makes the stored targets stale (the re-simulated rows below
@@ -62,12 +63,15 @@ def test_targets_cover_every_fit_row(targets_rows):
 
 
 def test_a_moved_constant_is_caught(refit):
-    """The check can fail: the B200's fp8 step moved by one grid step is no longer the fit (it
-    scores a worse loss on the stored targets than the committed value)."""
+    """The check can fail: the B200's fp8 steps (tuned and default tiles) moved by one grid step
+    are no longer the fit (each scores a worse loss on the stored targets than the committed
+    value)."""
     from dataclasses import replace
 
     fit, rows = refit["b200"]
     moved = replace(fit, k_step_fp8_s=fit.k_step_fp8_s + 0.1e-6)
+    assert moe_fit.loss(rows, moved) > moe_fit.loss(rows, fit)
+    moved = replace(fit, k_step_fp8_default_s=fit.k_step_fp8_default_s + 0.1e-6)
     assert moe_fit.loss(rows, moved) > moe_fit.loss(rows, fit)
 
 

@@ -18,6 +18,7 @@ from fleetsim.device.moe import (
     MoeLayout,
     catalog_moe_fit,
     default_block_config,
+    fp8_default_loop_latency_s,
     grouped_gemm_time_s,
     k_loop_latency_s,
     moe_layer_parts_s,
@@ -103,6 +104,52 @@ def test_tuned_shapes_keep_the_roofline():
         assert slow["moe_gemm_down"] > base["moe_gemm_down"]
 
 
+def test_fp8_default_loop_is_the_k_steps_of_one_launch():
+    """Without a tuned fp8 file the launch pays ceil(K / 128) steps of ``k_step_fp8_default_s``
+    once: K 4,096 is 32 steps (128 us at 4 us), K 1,536 is 12 (48 us), K 1,537 is 13; no step
+    time, no latency."""
+    mf = FusedMoeFit(k_step_fp8_default_s=4e-6)
+    assert fp8_default_loop_latency_s(mf, 4096) == pytest.approx(128e-6, rel=1e-12)
+    assert fp8_default_loop_latency_s(mf, 1536) == pytest.approx(48e-6, rel=1e-12)
+    assert fp8_default_loop_latency_s(mf, 1537) == pytest.approx(52e-6, rel=1e-12)
+    assert fp8_default_loop_latency_s(NO_MOE_FIT, 4096) == 0.0
+
+
+def _qwen3_235b():
+    from fleetsim.config.hf import read_hf_config_named
+    from fleetsim.device.modelspec import ModelSpec
+
+    cfg = Path(__file__).resolve().parent.parent / "data" / "models" / "Qwen"
+    arch, name = read_hf_config_named(cfg / "Qwen3-235B-A22B-Instruct-2507-FP8" / "config.json")
+    return ModelSpec(name=name, **arch)
+
+
+def test_untuned_fp8_layer_pays_one_launch_loop_at_every_batch():
+    """Qwen3-235B-A22B-FP8 under EP4 is an fp8 (E 32, N 1,536) layer, which vLLM ships no tuned
+    file for: each grouped GEMM adds exactly the default tiles' K loop, 4,096 / 128 = 32 steps
+    (gate+up) and 1,536 / 128 = 12 (down), at 8 and at 256 tokens alike. Listed as tuned, the
+    same layer gets the per-wave latency of ``k_loop_latency_s`` instead, which grows with the
+    experts the batch touches (more programs than one wave holds at 256 tokens)."""
+    m = _qwen3_235b()
+    kf = catalog_kernel_fit("h100-sxm")
+    assert kf is not None
+    lay = MoeLayout(4, 1, True)
+    step = 4e-6
+    untuned = FusedMoeFit(k_step_fp8_s=3e-6, k_step_fp8_default_s=step)
+    tuned = FusedMoeFit(k_step_fp8_s=3e-6, k_step_fp8_default_s=step, tuned_fp8=((32, 1536),))
+    args = (kf, 989e12, 3.35e12, m, lay)
+    waves = []
+    for t in (8, 256):
+        bare = moe_layer_parts_s(*args, t, 1.0, 450e9, 5e-6, 1.0, 1979e12, NO_MOE_FIT, True)
+        slow = moe_layer_parts_s(*args, t, 1.0, 450e9, 5e-6, 1.0, 1979e12, untuned, True)
+        assert slow["moe_gemm_up"] - bare["moe_gemm_up"] == pytest.approx(32 * step, rel=1e-9)
+        assert slow["moe_gemm_down"] - bare["moe_gemm_down"] == pytest.approx(12 * step, rel=1e-9)
+        fast = moe_layer_parts_s(*args, t, 1.0, 450e9, 5e-6, 1.0, 1979e12, tuned, True)
+        waves.append(fast["moe_gemm_up"] - bare["moe_gemm_up"])
+    assert waves[0] == pytest.approx(32 * 3e-6, rel=1e-9)  # one wave at 8 tokens
+    assert waves[1] > 1.5 * waves[0]  # 32 experts x 24 column blocks: about two waves
+
+
 def _row(model: str, gpu: str, gpus: int, batch: int):
     from fleetsim.calibrate import mlenergy as ml
 
@@ -158,6 +205,38 @@ def test_moe_decode_step_matches_the_measured_itl(model, gpu, gpus, batch):
         assert bare / (c.itl_median_ms / 1e3) - 1.0 < -0.25
 
 
+@pytest.mark.parametrize("batch", [8, 32, 128])
+def test_untuned_fp8_step_is_flat_in_batch_as_measured(batch):
+    """Qwen3-235B-A22B-FP8 on 4 H100s (EP4: 32 local experts, no tuned fp8 file) measures 35.2 /
+    42.8 / 53.1 ms at 8 / 32 / 128 sequences. The catalog's decode step at the row's mean batch
+    and context is within 10 % at each; with the per-wave loop for this layer too (the shape
+    listed as tuned, as every fp8 layer was before) it was -21 % at 8 and +15 / +20 % at 32 /
+    128."""
+    from dataclasses import replace
+
+    from fleetsim.api import load
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.config.scenario import resolve
+
+    c = _row("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "H100", 4, batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Path(tmp) / "t.csv"
+        tr.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+        lm = resolve(load(ml.scenario_dict(c, str(tr), 1)), "").latency_model()
+    ctx = int(ml.PROMPT_TOKENS[c.task] + ml.length_biased_half(c))
+    b = max(1, round(c.avg_batch_size))
+    meas = c.itl_median_ms / 1e3
+    assert lm.decode_time(b, ctx) / meas - 1.0 == pytest.approx(0.0, abs=0.10)
+    mf = lm._moe_fit
+    assert (32, 1536) not in mf.tuned_fp8 and mf.k_step_fp8_default_s > 0.0
+    lm._moe_fit = replace(mf, tuned_fp8=((32, 1536),))  # the per-wave loop instead
+    for cache in (lm._lin_cache, lm._tok_cache, lm._head_cache, lm._head_cache_g):
+        cache.clear()
+    lm.coeff_cache.clear()
+    err = lm.decode_time(b, ctx) / meas - 1.0
+    assert err < -0.10 if batch == 8 else err > 0.10
+
+
 def test_latency_cli_names_the_per_sequence_part(capsys):
     """The serving stack's per-sequence time is its own part, not inside the LM head: at batch
     256 it is 256 x per_seq_s, and the parts still add up to the total."""
@@ -190,8 +269,9 @@ def test_catalog_file_is_the_generators():
         sms, smem, src = moe_fit.HARDWARE[name]
         assert (e["sms"], e["smem_per_sm_bytes"], e["hardware_source"]) == (sms, smem, src)
         assert [tuple(x) for x in e["tuned"]] == list(moe_fit.TUNED.get(name, ()))
+        assert [tuple(x) for x in e["tuned_fp8"]] == list(moe_fit.TUNED_FP8.get(name, ()))
         if e["provenance"] == "derived":
             src_gpu = moe_fit.DERIVED[name]
-            for k in ("k_step_s", "k_step_fp8_s", "layer_s"):
+            for k in ("k_step_s", "k_step_fp8_s", "k_step_fp8_default_s", "layer_s"):
                 assert e[k] == table[src_gpu][k]
     assert table["b200"]["provenance"] == table["h100-sxm"]["provenance"] == "fitted"

@@ -124,6 +124,11 @@ def cmd_validate(args) -> int:
             f"{pw.idle_w + pw.active_w:g} W + {pw.compute_w:g} W x compute use + "
             f"{pw.memory_w:g} W x bandwidth use + {pw.kv_w:g} W x its KV/state part"
             + ("" if pw.comm_w is None else f"; {pw.idle_w + pw.comm_w:g} W while communicating")
+            + (
+                ""
+                if pw.moe_loop_w is None
+                else f"; {pw.idle_w + pw.moe_loop_w:g} W in the fp8 fused-MoE K loop"
+            )
             + f", capped at {pw.max_w:g} W; "
             f"{pw.confidence or 'no provenance'}",
             file=sys.stderr,

@@ -218,7 +218,16 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
     entry.update(over)
     set_here = [
         k
-        for k in ("tdp_w", "idle_w", "active_w", "compute_w", "memory_w", "kv_w", "comm_w")
+        for k in (
+            "tdp_w",
+            "idle_w",
+            "active_w",
+            "compute_w",
+            "memory_w",
+            "kv_w",
+            "comm_w",
+            "moe_loop_w",
+        )
         if k in over
     ]
     power = PowerSpec(
@@ -229,6 +238,7 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         memory_w=entry["memory_w"],
         kv_w=entry.get("kv_w", 0.0),
         comm_w=entry.get("comm_w"),
+        moe_loop_w=entry.get("moe_loop_w"),
         # the catalog's tag (fitted / derived, gpus.toml), or what the scenario changed
         confidence=(
             f"set by the scenario (hardware.{', hardware.'.join(set_here)})"

@@ -136,6 +136,10 @@ SCENARIO: dict[str, str] = {
     "HardwareSection.comm_w": "Power of one GPU above idle while its replica waits on "
     "tensor- or expert-parallel communication, in W, in place of active_w for that share of "
     "the iteration (fitted to the H100's two-GPU ML.ENERGY v3 rows).",
+    "HardwareSection.moe_loop_w": "Power of one GPU above idle while the fused mixture-of-experts "
+    "kernel of fp8 block-quantised experts runs its block-scaled K loop, in W, in place of "
+    "active_w for that share of the iteration (the loop latency of catalog/moe.toml's "
+    "k_step_fp8_s; fitted to the fp8 MoE rows of ML.ENERGY v3 for the H100 and B200).",
     "HardwareSection.node_idle_w": "Host power (CPUs, DRAM, NICs, fans) of a powered node whose "
     "GPUs are idle, in W per node; unset: the catalog's. The serving level is node_overhead_w.",
     "HardwareSection.node_overhead_w": "Power of the rest of the node (CPUs, NICs, fans) per "

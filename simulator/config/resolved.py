@@ -251,6 +251,7 @@ def resolved_dict(rs: Resolved) -> dict:
         memory_w=pw.memory_w,
         kv_w=pw.kv_w,
         comm_w=pw.comm_w,
+        moe_loop_w=pw.moe_loop_w,
         power_confidence=pw.confidence,
         node_overhead_w=g.node_overhead_w,
         node_idle_w=g.node_idle_w,

@@ -94,6 +94,12 @@ class PowerSpec:
     #: tensor- or expert-parallel communication (the all-reduce's share of an iteration); None
     #: keeps ``active_w`` there (no separate level)
     comm_w: float | None = None
+    #: the level above idle, in place of ``active_w``, while fused-MoE kernels with fp8
+    #: block-quantised experts run their block-scaled K loop (the serial loop latency of vLLM's
+    #: w8a8 block kernel, :func:`fleetsim.device.moe.k_loop_latency_s`: each K step loads the
+    #: tiles and their fp32 block scales and rescales the accumulator, work that no FLOP or byte
+    #: term counts); None keeps ``active_w`` there (no separate level)
+    moe_loop_w: float | None = None
 
     def power_w(
         self,
@@ -102,16 +108,20 @@ class PowerSpec:
         busy: bool = True,
         u_kv: float = 0.0,
         f_comm: float = 0.0,
+        f_loop: float = 0.0,
     ) -> float:
         """Power per GPU at compute utilisation ``u_c``, bandwidth utilisation ``u_m``, its
-        KV/state part ``u_kv`` (<= ``u_m``; fractions of the peaks, >= 0) and a share
-        ``f_comm`` (0..1) of the time in communication: never below ``idle_w`` (all terms are
-        >= 0), never above ``max_w`` once busy."""
+        KV/state part ``u_kv`` (<= ``u_m``; fractions of the peaks, >= 0), a share ``f_comm``
+        (0..1) of the time in communication and a share ``f_loop`` (0..1, ``f_comm + f_loop
+        <= 1``) in the fp8 fused-MoE K loop: never below ``idle_w`` (all terms are >= 0), never
+        above ``max_w`` once busy."""
         if not busy:
             return self.idle_w
         level = self.active_w
         if f_comm and self.comm_w is not None:
             level = self.active_w * (1.0 - f_comm) + self.comm_w * f_comm
+        if f_loop and self.moe_loop_w is not None:
+            level += (self.moe_loop_w - self.active_w) * f_loop
         p = self.idle_w + level + self.compute_w * u_c + self.memory_w * u_m + self.kv_w * u_kv
         return p if p < self.max_w else max(self.max_w, self.idle_w)
 
@@ -125,15 +135,19 @@ class PowerSpec:
         gpus: int = 1,
         kv_bytes: float = 0.0,
         comm_s: float = 0.0,
+        loop_s: float = 0.0,
     ) -> float:
         """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds, ``comm_s`` of them
-        waiting on communication, doing ``flops`` and ``bytes_moved``, of which ``kv_bytes``
-        KV-cache and linear-state traffic (summed over the GPUs): linear in the work, capped so
-        that the mean power stays at or below ``max_w``."""
+        waiting on communication and ``loop_s`` in the fp8 fused-MoE K loop, doing ``flops``
+        and ``bytes_moved``, of which ``kv_bytes`` KV-cache and linear-state traffic (summed
+        over the GPUs): linear in the work, capped so that the mean power stays at or below
+        ``max_w``."""
         comm = self.comm_w - self.active_w if self.comm_w is not None else 0.0
+        loop = self.moe_loop_w - self.active_w if self.moe_loop_w is not None else 0.0
         e = (
             self.active_w * gpus * busy_s
             + comm * gpus * comm_s
+            + loop * gpus * loop_s
             + self.compute_w / peak_flops * flops
             + self.memory_w / peak_bw * bytes_moved
             + self.kv_w / peak_bw * kv_bytes
@@ -286,10 +300,12 @@ class RunCoeffs:
     da: float = field(init=False, repr=False, compare=False)
     db: float = field(init=False, repr=False, compare=False)
     #: per step, for the energy terms (set by LatencyModel.run_coeffs): seconds in
-    #: communication (PowerSpec.comm_w) and weight bytes read (the rest of a step's bytes is KV
-    #: and state, PowerSpec.kv_w). Kept here so the core's commit reads them once per run.
+    #: communication (PowerSpec.comm_w), weight bytes read (the rest of a step's bytes is KV
+    #: and state, PowerSpec.kv_w) and seconds in the fp8 fused-MoE K loop
+    #: (PowerSpec.moe_loop_w). Kept here so the core's commit reads them once per run.
     comm_s: float = field(default=0.0, compare=False)
     weight_bytes: float = field(default=0.0, compare=False)
+    loop_s: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "da", self.a1 - self.a2)
@@ -461,6 +477,8 @@ class LatencyModel:
         self.coeff_cache: dict[int, RunCoeffs] = {}
         #: :meth:`comm_s` by token count (every profile kind: 0 without a kernel fit)
         self._comm_cache: dict[int, float] = {}
+        #: :meth:`moe_loop_s` by token count (filled by _moe_linear)
+        self._loop_cache: dict[int, float] = {}
         #: id(kernel fit) -> (the fit, its all-reduce table across tp GPUs or None, that
         #: table's floor): read once per fit, not per message size (_allreduce_s)
         self._ar_tables: dict[
@@ -690,6 +708,7 @@ class LatencyModel:
             )
             elem += n_moe * (mo["moe_route"] + mo["moe_act"])
             comm += n_moe * (mo["moe_dispatch"] + mo["moe_combine"])
+            self._loop_cache[tokens] = n_moe * mo["moe_fp8_loop"]
         ar = 0.0
         if tp > 1 and tokens > 0:
             # after each mixer and each feed-forward block
@@ -833,6 +852,29 @@ class LatencyModel:
             self._comm_cache[tokens] = v
         return v
 
+    def moe_loop_s(self, tokens: int) -> float:
+        """Seconds of an iteration whose layers run ``tokens`` tokens (a data-parallel
+        replica's padded count, :meth:`dp_padded_tokens`) spent in the block-scaled K loop of
+        the fused MoE kernels of fp8 block-quantised experts (``moe_fp8_loop`` of
+        :func:`~fleetsim.device.moe.moe_layer_parts_s`, summed over the MoE layers; part of the
+        iteration's time): the share PowerSpec.moe_loop_w applies to. 0 for any other model,
+        and without a kernel fit or the GPU's fused-MoE loop constants."""
+        v = self._loop_cache.get(tokens)
+        if v is None:
+            v = 0.0
+            if self._kern is not None and self._moe_path and self._fp8_block and tokens > 0:
+                self.linear_parts(tokens, 0)  # (its _moe_linear fills the cache)
+                v = self._loop_cache.get(tokens, 0.0)
+            self._loop_cache[tokens] = v
+        return v
+
+    def moe_loop_iter_s(self, p_tokens: int, n_prefill: int, n: int) -> float:
+        """:meth:`moe_loop_s` of an iteration of ``p_tokens`` prompt tokens over ``n_prefill``
+        prompts and ``n`` decoding sequences (its layers' tokens: padded under data
+        parallelism, as :meth:`iteration` times them)."""
+        t = p_tokens + n if self.dp <= 1 else self.dp_padded_tokens(p_tokens, n_prefill, n)
+        return self.moe_loop_s(t)
+
     def weight_bytes_per_iteration(self, tokens: float) -> float:
         """Weight bytes the replica reads in an iteration of ``tokens`` tokens (all of them for
         a dense model; a mixture of experts reads the experts those tokens touch): an
@@ -959,6 +1001,9 @@ class LatencyModel:
             c, "comm_s", self.comm_s(n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n), n)
         )
         object.__setattr__(c, "weight_bytes", self.weight_bytes_per_iteration(n))
+        object.__setattr__(
+            c, "loop_s", self.moe_loop_s(n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n))
+        )
         self.coeff_cache[n] = c
         return c
 

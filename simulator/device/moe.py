@@ -81,7 +81,8 @@ class FusedMoeFit:
     the larger of the two: a loop step's latency is not hidden behind other programs' streaming
     when the small decode grid is about one wave). ``k_step_s`` (16-bit weights) and
     ``k_step_fp8_s`` (fp8 weights with 128 x 128 block scales, whose step also loads and
-    applies the scales) are one step's time, fitted (about one DRAM round trip for 16-bit);
+    applies the scales, in a layer with a tuned fp8 configuration; without one see
+    ``k_step_fp8_default_s``) are one step's time, fitted (about one DRAM round trip for 16-bit);
     ``layer_s`` is a fixed time per MoE layer (the launch-bound routing kernels
     ``topk_softmax``, ``moe_align_block_size`` and ``moe_sum``), fitted; ``sms`` and
     ``smem_per_sm_bytes`` are the GPU's streaming multiprocessors and shared memory per SM (data
@@ -95,9 +96,19 @@ class FusedMoeFit:
     #: 16-bit layer shapes ``(local experts E, intermediate columns N per GPU)`` that vLLM ships a
     #: tuned kernel configuration for on this GPU (``fused_moe/configs/E=..,N=..,device_name=
     #: ...json``): their tiles were chosen by benchmarking, so the roofline kernel model stands
-    #: and :func:`k_loop_latency_s` is not added (fp8 block-quantised layers always get it: their
-    #: rows are slow with or without a tuned file)
+    #: and :func:`k_loop_latency_s` is not added (fp8 block-quantised layers always get a loop
+    #: latency, their rows are slow with or without a tuned file: ``tuned_fp8`` says which)
     tuned: tuple[tuple[int, int], ...] = ()
+    #: one K-loop step (seconds) of the fp8 block-quantised kernel where vLLM ships no tuned
+    #: configuration for the layer's shape (``tuned_fp8``) and runs ``get_default_config``'s
+    #: 64 x 128 x 128 tiles: charged once per launch, not per wave
+    #: (:func:`fp8_default_loop_latency_s`); fitted
+    k_step_fp8_default_s: float = 0.0
+    #: fp8 ``[128, 128]`` block-quantised layer shapes ``(local experts E, intermediate columns N
+    #: per GPU)`` that vLLM ships a tuned configuration for on this GPU (``fused_moe/configs/
+    #: E=..,N=..,device_name=...,dtype=fp8_w8a8,block_shape=[128,128].json``): they keep the
+    #: per-wave loop latency of :func:`k_loop_latency_s` with ``k_step_fp8_s``
+    tuned_fp8: tuple[tuple[int, int], ...] = ()
 
 
 NO_MOE_FIT = FusedMoeFit()
@@ -151,6 +162,29 @@ def k_loop_latency_s(
     return math.ceil(k / bk) * step * (waves if waves > 1.0 else 1.0)
 
 
+def fp8_default_loop_latency_s(mf: FusedMoeFit, k: float) -> float:
+    """The loop latency of one fp8 block-quantised fused-MoE launch over a reduction of ``k``
+    where vLLM has no tuned configuration for the layer: ``ceil(k / 128)`` K steps of
+    ``k_step_fp8_default_s``, once per launch whatever the grid.
+
+    With ``get_default_config``'s fp8 tiles (M 64, N 128, K 128; ``vllm/model_executor/layers/
+    fused_moe/fused_moe.py``) a decode step fills a 64-row tile with one to a few routed rows
+    per expert, and ``fused_moe_kernel``'s block-scaled loop (``accumulator += tl.dot(a, b) *
+    a_scale[:, None] * b_scale[None, :]``, the scales of A gathered per row and of B loaded per
+    step) waits for each step's dot and rescales the whole 64 x 128 fp32 accumulator before the
+    next. The measured ML.ENERGY rows (vLLM 0.11.1) price that as a time per launch that does
+    not grow with the batch: Qwen3-235B-A22B-FP8 on 4 H100s (32 local experts, no tuned file)
+    minus the same model on 8 H100s (16 local experts, ``E=16,N=1536,...,dtype=fp8_w8a8,
+    block_shape=[128,128].json`` tuned) is 10.5 / 10.5 / 12.6 / 14.3 / 14.0 / 11.0 / 10.7 ms at
+    8 / 16 / 32 / 64 / 96 / 128 / 192 sequences, while the per-wave form
+    (:func:`k_loop_latency_s`) made the 4-GPU step grow twice as fast as measured (ITL -21 %
+    at 8 sequences, +15 to +20 % from 32 to 192)."""
+    if mf.k_step_fp8_default_s <= 0.0 or k <= 0:
+        return 0.0
+    _, _, bk, _ = default_block_config(1.0, 1.0, True)
+    return math.ceil(k / bk) * mf.k_step_fp8_default_s
+
+
 def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedMoeFit:
     """The catalog's :class:`FusedMoeFit` of a profile: its ``catalog_gpu``, else the catalog GPU
     whose name the profile's name is or starts with (``"b200-analytic"``: ``b200``); none
@@ -174,6 +208,8 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
         sms=int(e["sms"]),
         smem_per_sm_bytes=float(e["smem_per_sm_bytes"]),
         tuned=tuple((int(a), int(b)) for a, b in e.get("tuned", ())),
+        k_step_fp8_default_s=float(e.get("k_step_fp8_default_s", 0.0)),
+        tuned_fp8=tuple((int(a), int(b)) for a, b in e.get("tuned_fp8", ())),
     )
 
 
@@ -300,10 +336,13 @@ def moe_layer_parts_s(
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
     whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
     ``moe_dispatch``, ``moe_gemm_up``, ``moe_act``, ``moe_gemm_down``, ``moe_combine`` and the
-    shared experts' ``shared_mlp`` (see the module docstring). ``expert_weight_bytes`` and
-    ``expert_peak_flops`` are those of the experts' precision (default: the layer's);
-    ``moe_fit`` the GPU's fused-MoE loop latency, ``fp8_block`` whether the experts are fp8
-    with block scales (vLLM's w8a8 block kernel configuration)."""
+    shared experts' ``shared_mlp`` (see the module docstring); and ``moe_fp8_loop``, not a part
+    of its own but the share of ``moe_gemm_up + moe_gemm_down`` that is the block-scaled K loop
+    of fp8 block-quantised experts (:func:`k_loop_latency_s` with ``fp8_block``; 0 for other
+    experts), the time the power model draws ``PowerSpec.moe_loop_w`` in.
+    ``expert_weight_bytes`` and ``expert_peak_flops`` are those of the experts' precision
+    (default: the layer's); ``moe_fit`` the GPU's fused-MoE loop latency, ``fp8_block``
+    whether the experts are fp8 with block scales (vLLM's w8a8 block kernel configuration)."""
     ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
     epk = peak_flops if expert_peak_flops is None else expert_peak_flops
     d = model.d_model
@@ -337,7 +376,12 @@ def moe_layer_parts_s(
     # tokens the kernel sees (m) and the experts held here (vLLM's w1.shape[0])
     n_up = (2.0 if gated else 1.0) * cols
     loop_up = loop_down = 0.0
-    if fp8_block or (round(local_experts), round(cols)) not in moe_fit.tuned:
+    shape = (round(local_experts), round(cols))
+    if fp8_block and shape not in moe_fit.tuned_fp8:
+        # no tuned fp8 file: the default tiles' loop, once per launch
+        loop_up = fp8_default_loop_latency_s(moe_fit, d)
+        loop_down = fp8_default_loop_latency_s(moe_fit, cols)
+    elif fp8_block or shape not in moe_fit.tuned:
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
@@ -356,6 +400,7 @@ def moe_layer_parts_s(
         fit, epk, bw, rows, touched, d, cols, ewb, loop_down, foreign
     )
     out["moe_combine"] = comm
+    out["moe_fp8_loop"] = loop_up + loop_down if fp8_block else 0.0
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down
     return out

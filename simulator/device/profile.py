@@ -81,7 +81,16 @@ _LINEAR_FIELDS = (
     "peak_flops",
     "mem_bw_bytes_per_s",
 )
-_POWER_FIELDS = ("idle_w", "max_w", "active_w", "compute_w", "memory_w", "kv_w", "comm_w")
+_POWER_FIELDS = (
+    "idle_w",
+    "max_w",
+    "active_w",
+    "compute_w",
+    "memory_w",
+    "kv_w",
+    "comm_w",
+    "moe_loop_w",
+)
 
 
 # Upper bounds of profile fields: orders of magnitude above any device, so that every product
@@ -129,6 +138,9 @@ class PowerFile(BaseModel):
     comm_w: float | None = _nonneg(
         MAX_POWER_W, "above idle while waiting on multi-GPU communication (W)", None
     )
+    moe_loop_w: float | None = _nonneg(
+        MAX_POWER_W, "above idle during the fp8 block-scaled fused-MoE K loop (W)", None
+    )
     method: str | None = Field(
         None,
         description='"nvml-energy" (NVML\'s energy counter), "nvml" (sampled power), "rapl" or '
@@ -151,6 +163,7 @@ class PowerFile(BaseModel):
             memory_w=self.memory_w,
             kv_w=self.kv_w,
             comm_w=self.comm_w,
+            moe_loop_w=self.moe_loop_w,
             confidence=f"from the profile (method {self.method})" if self.method else "",
         )
 

@@ -90,3 +90,8 @@ class EnginePlan:
     # and whether the engine tracks communication seconds at all (a multi-GPU replica)
     e_comm_w: float = 0.0
     track_comm: bool = False
+    # per replica-second in the fp8 fused-MoE K loop, in place of e_active_w (moe_loop_w -
+    # active_w, x the replica's GPUs), and whether the engine tracks those seconds at all (a
+    # model with fp8 block-quantised experts on a GPU with the loop constants)
+    e_loop_w: float = 0.0
+    track_loop: bool = False

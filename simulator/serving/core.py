@@ -117,6 +117,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         # the run in progress: its first iteration and its k - 1 decode steps
         "B_first",
         "C_first",
+        "L_first",
         "W_first",
         "F_first",
         "T0",
@@ -201,6 +202,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         self.T0 = 0.0
         self.k = 0
         self.t_first = self.F_first = self.B_first = self.C_first = self.W_first = 0.0
+        self.L_first = 0.0
         self.n1 = 0
         self.c1 = 0.0
         self.g1: float = 0  # the decode steps' ctx growth per step (n1 without windows)
@@ -310,6 +312,8 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
             cm = lat._comm_cache.get(self.P + n)  # (lat.comm_s, its cache read inline)
             self.C_first = cm if cm is not None else lat.comm_s(self.P + n, nchunks + n)
+        if cfg.track_loop:  # seconds of it in the fp8 fused-MoE K loop (PowerSpec.moe_loop_w)
+            self.L_first = lat.moe_loop_iter_s(self.P, nchunks, n)
         if cfg.e_kv_j:  # its weight bytes: the rest of B1 is KV and state (PowerSpec.kv_w)
             # a dense model reads all its weights in every iteration (no call on the hot path)
             wd = lat.dense_weight_bytes
@@ -527,17 +531,25 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                     cm += (m_full - 1) * self.coef.comm_s
             else:
                 cm = 0.0
+            lp = 0.0
+            if cfg.track_loop:  # the fp8 fused-MoE K-loop seconds (PowerSpec.moe_loop_w)
+                lp = self.L_first
+                if m_full > 1:
+                    lp += (m_full - 1) * self.coef.loop_s
             rec.dyn_j[h] += (
                 cfg.e_active_w * t_sum
                 + cfg.e_flop_j * f_sum
                 + cfg.e_byte_j * b_sum
                 + cfg.e_kv_j * kv
                 + cfg.e_comm_w * cm
+                + cfg.e_loop_w * lp
             )
             rec.flops[h] += f_sum
             rec.bytes_moved[h] += b_sum
             if cm:
                 rec.comm_s[h] += cm
+            if lp:
+                rec.moe_loop_s[h] += lp
             rec.iters_h[h] += m_full
         if last_straddles:
             if k == 1:
@@ -557,17 +569,23 @@ class ReplicaCore(KVPolicy, WindowedDecode):
             cm = 0.0
             if cfg.track_comm:
                 cm = self.C_first if k == 1 else self.coef.comm_s
+            lp = 0.0
+            if cfg.track_loop:
+                lp = self.L_first if k == 1 else self.coef.loop_s
             e_l = (
                 cfg.e_active_w * t_l
                 + cfg.e_flop_j * f_l
                 + cfg.e_byte_j * b_l
                 + cfg.e_kv_j * kv
                 + cfg.e_comm_w * cm
+                + cfg.e_loop_w * lp
             )
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
             if cm:
                 rec.comm_s[h] += cm  # (a diagnostic: into the run's first hour)
+            if lp:
+                rec.moe_loop_s[h] += lp  # (likewise)
             # counted in the hour its tokens are credited to (its end), like them
             rec.iters_h[min(int((start + t_l) // HOUR_S), hours)] += 1
         rec.iterations += j

@@ -109,7 +109,7 @@ def energy_coeffs(rs: Resolved) -> dict[str, Any]:
     """The dynamic-energy coefficients of one replica (see latency.PowerSpec): per busy second,
     per FLOP, per byte, per KV/state byte (an iteration's bytes beyond the weights it reads),
     per second of communication in place of the busy level, and whether the replica
-    communicates at all."""
+    communicates at all; likewise per second in the fp8 fused-MoE K loop."""
     p = rs.gpu.power
     prof = rs.profile
     bw = prof.mem_bw_bytes_per_s
@@ -121,6 +121,8 @@ def energy_coeffs(rs: Resolved) -> dict[str, Any]:
         "e_kv_j": p.kv_w / bw,
         "e_comm_w": rs.tp * (p.comm_w - p.active_w) if p.comm_w is not None else 0.0,
         "track_comm": lat.comm_s(1, 1) > 0.0,
+        "e_loop_w": rs.tp * (p.moe_loop_w - p.active_w) if p.moe_loop_w is not None else 0.0,
+        "track_loop": lat.moe_loop_s(lat.dp) > 0.0,
     }
 
 

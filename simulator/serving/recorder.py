@@ -168,6 +168,9 @@ class Recorder:
         # replica-seconds of busy time spent in tensor/expert-parallel communication (part of
         # busy_s; PowerSpec.comm_w); 0 on one GPU
         self.comm_s = [0.0] * n
+        # replica-seconds of busy time spent in the block-scaled K loop of fp8 fused-MoE
+        # kernels (part of busy_s; PowerSpec.moe_loop_w); 0 for other models
+        self.moe_loop_s = [0.0] * n
         self.prompt_tokens = [0] * n
         self.output_tokens = [0] * n
         self.arrived = [0] * n
