@@ -98,6 +98,7 @@ GROUPS = (
     ("pydantic (pydantic.main)", "pydantic.main"),
     ("the scenario schema (pydantic's first model incl.)", "fleetsim.config.schema"),
     ("config loading and resolve, device model", "fleetsim.config.loading+fleetsim.config.resolve"),
+    ("simpy", "simpy"),
     (
         "serving, simulate, results modules",
         "fleetsim.serving.pod+fleetsim.apps.simulate+fleetsim.results.result"

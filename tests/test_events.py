@@ -1,5 +1,4 @@
-"""serving/events.py: its environment, cheap events and the merged arrival stream keep SimPy's
-order exactly (SimPy is the reference here; the simulator no longer imports it)."""
+"""serving/events.py: cheap events and the merged arrival stream keep SimPy's order exactly."""
 
 from __future__ import annotations
 
@@ -7,10 +6,9 @@ import heapq
 import math
 
 import numpy as np
-import pytest
 import simpy
 
-from fleetsim.serving.events import NORMAL, Environment, Wake, queue_of, run_until
+from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
 
 
 class _Arrivals:
@@ -53,10 +51,8 @@ class _Arrivals:
             self.next_t = math.inf
 
 
-def _run(cheap: bool, times: list[float], horizon: float, ours: bool = True) -> list:
-    """The events' log: ``cheap`` the simulator's way (``ours``: on its own Environment, else on
-    SimPy's), else plain SimPy."""
-    env = Environment() if cheap and ours else simpy.Environment()
+def _run(cheap: bool, times: list[float], horizon: float) -> list:
+    env = simpy.Environment()
     log: list = []
     for h in (1.0, 2.0, 3.0):  # plain SimPy timeouts among them
         env.timeout(h, f"tick{h}").callbacks.append(lambda ev: log.append((ev.value, env.now)))
@@ -78,29 +74,3 @@ def test_cheap_events_and_stream_keep_simpy_order_and_times():
         a, b = _run(True, times, horizon), _run(False, times, horizon)
         assert a == b
         assert len(a) > 20
-        assert _run(True, times, horizon, ours=False) == b  # (run_until on SimPy's kernel too)
-
-
-def test_environment_schedules_as_simpy():
-    """Environment.timeout / schedule give SimPy's keys: the same (time, priority, id) entries
-    in the same order, and the same error for a negative delay."""
-    ours, ref = Environment(), simpy.Environment()
-    for env in (ours, ref):
-        env._now = 2.5
-        env.timeout(1.0, "a")
-        env.timeout(0.0)
-        env.schedule(Wake(None), 0, 3.0)  # (URGENT)
-        env.timeout(0.5, "b")
-    assert [e[:3] for e in ours._queue] == [e[:3] for e in ref._queue]
-    assert [e[:3] for e in sorted(ours._queue, key=lambda e: e[:3])] == [
-        (2.5, 1, 1),
-        (3.0, 1, 3),
-        (3.5, 1, 0),
-        (5.5, 0, 2),
-    ]
-    assert ours.now == ref.now == 2.5
-    assert ours._queue[0][3].value is None and ours._queue[0][3].callbacks == []
-    with pytest.raises(ValueError, match="Negative delay"):
-        ref.timeout(-1.0)
-    with pytest.raises(ValueError, match="Negative delay"):
-        ours.timeout(-1.0)

@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING
 from fleetsim.base.units import HOUR_S
 
 if TYPE_CHECKING:
+    from simpy.events import Event
+
     from fleetsim.config.resolved import Resolved
-    from fleetsim.serving.events import Wake
     from fleetsim.serving.ports import PodPort
 OFF, WAKING, ON, DRAINING = "off", "waking", "on", "draining"
 _BUCKET = {OFF: 0, WAKING: 1, ON: 2, DRAINING: 2}
@@ -126,7 +127,7 @@ class Autoscaler:
         else:
             self.env.timeout(self.wake_s).callbacks.append(partial(self._on_up, i))
 
-    def _on_up(self, i: int, _ev: Wake) -> None:
+    def _on_up(self, i: int, _ev: Event) -> None:
         self._up(i)
 
     def _up(self, i: int) -> None:
@@ -169,7 +170,7 @@ class Autoscaler:
                     self.drain(i)
 
     # ---- the clock ---------------------------------------------------------------------------
-    def _tick(self, _ev: Wake) -> None:
+    def _tick(self, _ev: Event) -> None:
         for i, s in enumerate(self.st):
             if s == DRAINING:
                 self._try_off(i)
@@ -212,7 +213,7 @@ class ScheduleScaler(Autoscaler):
                 t = max(t - self.wake_s, 0.0)
             self.env.timeout(t).callbacks.append(partial(self._on_step, n))
 
-    def _on_step(self, n: int, _ev: Wake) -> None:
+    def _on_step(self, n: int, _ev: Event) -> None:
         self.scale_to(n)
 
 

@@ -1,4 +1,4 @@
-"""The replica core: one replica's continuous-batching iteration loop on a discrete-event kernel.
+"""The replica core: one replica's continuous-batching iteration loop on SimPy's event kernel.
 
 A replica runs iteration-level continuous batching (Orca/vLLM style). At every iteration
 boundary its KV policy schedules the running requests (the decodes' KV, the next chunks of
@@ -61,10 +61,12 @@ from collections.abc import Callable
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
+import simpy
+
 from fleetsim.base.units import HOUR_S
 from fleetsim.device.latency import LatencyModel, RunCoeffs, run_time, step_time, steps_to_reach
 from fleetsim.serving.admission import EnginePlan
-from fleetsim.serving.events import NORMAL, Environment, Wake, queue_of, wake_at
+from fleetsim.serving.events import NORMAL, Wake, queue_of, wake_at
 from fleetsim.serving.kv_policy import KVPolicy
 from fleetsim.serving.request import Request
 from fleetsim.serving.windows import WindowedDecode
@@ -174,7 +176,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         self.pod = pod
         self.cfg = cfg
         self.lat: LatencyModel = pod.lat
-        self.env: Environment = pod.env
+        self.env: simpy.Environment = pod.env
         self.rec = pod.rec
         self.max_batch = cfg.limits.max_batch
         self.max_tokens = cfg.limits.max_tokens

@@ -45,13 +45,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import simpy
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.events import Environment, run_until, wake_at
+from fleetsim.serving.events import run_until, wake_at
 from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
@@ -230,7 +231,7 @@ class DisaggPod:
         self.index = pod_index
         self.hours = sc.simulation.hours
         self.horizon_s = self.hours * HOUR_S
-        self.env = Environment()
+        self.env = simpy.Environment()
         self.per_iteration = sc.simulation.engine == "iteration"
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.rec_prefill = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, False, None)

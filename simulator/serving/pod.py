@@ -22,12 +22,14 @@ from heapq import heappush
 from typing import Any
 
 import numpy as np
+import simpy
+from simpy.events import Timeout
 
 from fleetsim.base.units import HOUR_S
 from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.events import NORMAL, Environment, Wake, queue_of, run_until
+from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
 from fleetsim.serving.ports import RequestSink
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
@@ -145,7 +147,7 @@ class Pod:
         self.index = pod_index
         self.hours = sc.simulation.hours
         self.horizon_s = self.hours * HOUR_S
-        self.env = Environment()
+        self.env = simpy.Environment()
         self.lat = rs.latency_model()
         self.tp = rs.tp
         self.plan = engine_plan(rs, self.horizon_s)
@@ -360,11 +362,11 @@ class Pod:
         think = src.advance(r.session)
         if think is None or end_s + think >= self.horizon_s:
             return
-        ev = self.env.timeout(end_s + think - self.env.now, r.session)
+        ev = Timeout(self.env, end_s + think - self.env.now, r.session)
         ev.callbacks.append(self._next_turn)
         self.rec.events += 1
 
-    def _next_turn(self, ev: Wake) -> None:
+    def _next_turn(self, ev: Timeout) -> None:
         ses = ev.value
         assert isinstance(ses, Session)
         src = self.sessions

@@ -27,9 +27,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import simpy
+
     from fleetsim.device.latency import LatencyModel
     from fleetsim.serving.admission import PagedLimits
-    from fleetsim.serving.events import Environment
     from fleetsim.serving.recorder import Recorder
     from fleetsim.serving.request import Request
 
@@ -102,7 +103,7 @@ class RouterPort(Protocol):
 class PodPort(Protocol):
     """A pod as its replicas, router and autoscaler see it."""
 
-    env: Environment
+    env: simpy.Environment
     rec: Recorder
     lat: LatencyModel
     hours: int
