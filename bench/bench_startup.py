@@ -94,7 +94,7 @@ def import_profile(argv: list[str], env: dict[str, str], n: int) -> tuple[list, 
 GROUPS = (
     ("numpy", "numpy"),
     ("pyarrow", "pyarrow"),
-    ("pyarrow.parquet", "pyarrow.parquet"),
+    ("pyarrow._parquet (the writer; not pyarrow.parquet)", "pyarrow._parquet"),
     ("pydantic (pydantic.main)", "pydantic.main"),
     ("the scenario schema (pydantic's first model incl.)", "fleetsim.config.schema"),
     ("config loading and resolve, device model", "fleetsim.config.loading+fleetsim.config.resolve"),

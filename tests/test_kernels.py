@@ -123,3 +123,64 @@ def test_linear_time_first_timing_is_the_sum_of_linear_parts(model, gpu, tp, sta
     if stack == "vllm-v1":  # both sides of the graph boundary, the custom all-reduce on
         assert 1 < fast._gmax < 1100 and fast._ar_bw > 0.0
     assert (1, 0) not in fast._lin_cache  # (the fused path keeps no linear_parts entry)
+
+
+def _same_values(a, b) -> None:
+    """Equal, with the same types all the way down (an int stays an int, a float a float)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, dict):
+        assert list(a) == list(b)  # (the same keys in the same order)
+        for k in a:
+            _same_values(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_values(x, y)
+    else:
+        assert a == b, (a, b)
+
+
+def test_the_kernel_catalog_reads_as_tomllib_reads_it():
+    """catalog.kernel(gpu) reads its all-reduce tables with json (catalog._loads_numeric): the
+    same values, types and key order as tomllib's parse of the whole file, for every GPU; and
+    lines that only TOML reads (a + sign, an underscore, a trailing comma) go to tomllib."""
+    import tomllib
+
+    whole = tomllib.loads(catalog._text("kernels.toml"))
+    assert len(whole) >= 4
+    n_arrays = 0
+    for gpu, table in whole.items():
+        _same_values(catalog.kernel(gpu), table)
+        n_arrays += sum(k.startswith("allreduce_tp") and not k.endswith("_err") for k in table)
+    assert n_arrays >= 6  # (the json path did read the long tables)
+    text = '["g"]\na = [[1, 2.5e-06], [3, 4.0]]\nb = [+1, 2]\nc = [1_000, 2]  # x\nd = [1, 2,]\n'
+    text += "e = [-0, 1E5, 0.1]\nf = 7\n"
+    _same_values(catalog._loads_numeric(text), tomllib.loads(text))
+    two = '["g"]\na = [1]\n["h"]\na = [2]\n'  # (not one table: tomllib's parse)
+    _same_values(catalog._loads_numeric(two), tomllib.loads(two))
+
+
+def test_catalog_entries_parsed_alone_are_the_whole_files():
+    """catalog.gpu / model read only the entry's table (catalog._entry): for every entry of
+    every file that splits, the same dict as the whole file's; names with dots ("llama-3.1-8b")
+    split too; unknown names still get the whole file's "did you mean"."""
+    import tomllib
+
+    from fleetsim.base.errors import ScenarioError
+
+    split = 0
+    for f in ("gpus.toml", "models.toml", "kernels.toml", "moe.toml", "links.toml"):
+        whole = tomllib.loads(catalog._text(f))
+        spans = catalog._spans(f)
+        assert spans is not None and list(spans) == list(whole), f
+        for key, table in whole.items():
+            _same_values(catalog._entry(f, key), table)
+            split += 1
+    assert split >= 30 and any("." in k for k in catalog._spans("models.toml") or {})
+    for name in tomllib.loads(catalog._text("models.toml")):
+        assert catalog.has_model(name) and catalog.model(name) == catalog.models()[name]
+    assert catalog.gpu("h100-sxm") == catalog.gpus()["h100-sxm"]
+    assert not catalog.has_model("llama-3.1-7b") and catalog._entry("gpus.toml", "h100") is None
+    with pytest.raises(ScenarioError, match="did you mean 'h100-sxm'"):
+        catalog.gpu("h100")
+    assert catalog._spans("stacks.toml") is None  # (dotted headers: the whole file, as before)

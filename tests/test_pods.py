@@ -137,3 +137,42 @@ def test_interval_narrows_with_more_sampled_pods():
     }
     assert widths[40] == pytest.approx(0.0, abs=1e-9)
     assert widths[16] < widths[4]
+
+
+def test_one_replica_least_loaded_is_routed_directly_and_identically(monkeypatch):
+    """A static pod of one replica under least_loaded hands arrivals to the replica itself
+    (router.direct()): the same tables, request for request, as through the router."""
+    from types import SimpleNamespace
+
+    from fleetsim.serving import routers
+    from fleetsim.serving.pod import Pod
+
+    one = SimpleNamespace(on_arrival=lambda r: None, outstanding=0)
+    two = [SimpleNamespace(outstanding=0), SimpleNamespace(outstanding=0)]
+    rng = np.random.default_rng(0)
+    assert routers.LeastLoaded(SimpleNamespace(active=[one]), rng).direct() == one.on_arrival
+    assert routers.LeastLoaded(SimpleNamespace(active=two), rng).direct() is None
+    assert routers.RoundRobin(SimpleNamespace(active=[one]), rng).direct() is None
+    sc = scenario_from_dict(
+        merge(
+            SMALL,
+            simulation={"hours": 2},
+            fleet={"replicas": 1, "router": "least_loaded"},
+            traffic=dict(SMALL["traffic"], requests_per_day=24 * 2000),
+        )
+    )
+    routed = []
+    real_init = Pod.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        routed.append(self._route == self.replicas[0].on_arrival)
+
+    monkeypatch.setattr(Pod, "__init__", spy)
+    fast = simulate(sc)
+    monkeypatch.setattr(routers.LeastLoaded, "direct", lambda self: None)
+    slow = simulate(sc)
+    assert routed == [True, False]
+    assert fast.totals.requests_completed > 2000
+    assert tables_equal(fast.hourly, slow.hourly)
+    assert fast.totals == slow.totals

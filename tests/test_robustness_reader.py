@@ -52,14 +52,11 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("simulator/apps/crossover.py", "scaled_trace", ".open"): (
         "writes fleetsim's own copy of the trace into its own TemporaryDirectory"
     ),
-    ("simulator/device/catalog/__init__.py", "_load", ".open"): (
-        "reads the catalog TOML shipped inside the package (importlib.resources), no user path"
+    ("simulator/device/catalog/__init__.py", "_text", "open"): (
+        "reads a catalog TOML shipped inside the package, beside the module: no user path"
     ),
-    ("simulator/device/catalog/__init__.py", "_load", "tomllib.load"): (
-        "parses that packaged catalog file"
-    ),
-    ("simulator/device/catalog/__init__.py", "kernel", ".open"): (
-        "reads one GPU's table of the packaged kernels.toml (importlib.resources), no user path"
+    ("simulator/device/catalog/__init__.py", "_text", ".read_bytes"): (
+        "the same packaged file through importlib.resources where the package is not a folder"
     ),
     ("calibrate/power.py", "RaplMeter.__init__", ".read_text"): (
         "reads the kernel's RAPL counters under /sys/class/powercap, no user path"

@@ -4,6 +4,7 @@ pandas out of a run (simulator/results/arrow.py) against pyarrow's own conversio
 from __future__ import annotations
 
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -24,6 +25,7 @@ HEAVY += ("concurrent.futures", "fleetsim.results.output", "numpy.ma", "fleetsim
 # (disaggregated pools and Mooncake traces only: an aggregated run without a trace builds neither
 # module's dataclasses)
 HEAVY += ("fleetsim.config.pools", "fleetsim.workload.mooncake")
+HEAVY += ("pyarrow.parquet", "pyarrow.fs", "ssl")
 
 
 def _imported_by(args: list[str]) -> tuple[set[str], str]:
@@ -56,6 +58,8 @@ def test_a_quiet_run_imports_neither_pandas_nor_pyarrow_compute_nor_rich(tmp_pat
     mods, _ = _imported_by(args)
     assert {"numpy", "pyarrow", "simpy"} <= mods  # (a run does need these)
     assert not mods & {"pandas", "pyarrow.compute", "rich", "scipy", "torch"}, mods
+    # it writes Parquet without pyarrow.parquet's pyarrow.fs (ssl, socket)
+    assert not mods & {"pyarrow.parquet", "pyarrow.fs", "ssl"}, mods
     assert "numpy.ma" not in mods  # (np.percentile's np.unique imports it: recorder.percentiles)
     assert "fleetsim.device.profile" not in mods  # (profile files' pydantic models: not needed)
     assert "concurrent.futures" not in mods  # (the process pool's module: --workers only)
@@ -182,6 +186,86 @@ def test_a_runs_tables_equal_the_ones_pa_table_builds(monkeypatch):
     )
     assert run.hourly.num_rows == 2 and run.result.pools is not None
     assert len(built) >= 2  # the hourly table and the pools table
+
+
+def test_parquet_files_are_the_bytes_pyarrow_parquet_writes(tmp_path):
+    """results/output.py writes through pyarrow's file writer without pyarrow.parquet: the
+    files are byte for byte pyarrow.parquet's (write_table, and ParquetWriter in row groups with
+    key-value metadata as RequestWriter uses it)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from fleetsim.results.output import parquet_writer, request_schema, write_parquet
+
+    ts = pa.array([datetime(2026, 1, 1, h, tzinfo=UTC) for h in range(4)], pa.timestamp("s", "UTC"))
+    tab = pa.table(
+        {
+            "t": ts,
+            "x": pa.array([1.5, math.nan, None, -0.0]),
+            "n": pa.array([1, None, 3, 2**40], pa.int64()),
+            "i": pa.array([1, 2, 3, 4], pa.int32()),
+            "s": pa.array(["a", "b", None, "a"]),
+            "d": pa.array(["on", "off", "on", "on"]).dictionary_encode(),
+        }
+    ).replace_schema_metadata({b"fleetsim.scenario": b"x = 1", b"k": b"v"})
+    want, got = io.BytesIO(), io.BytesIO()
+    pq.write_table(tab, want)
+    write_parquet(tab, got)
+    assert got.getvalue() == want.getvalue() and len(want.getvalue()) > 1000
+    # the request stream's way: row groups, then key-value metadata, then close
+    schema = request_schema()
+    rows = pa.table(
+        {f.name: pa.array([None, None], f.type) for f in schema if f.name != "status"}
+        | {"status": pa.array(["completed", "rejected"]).dictionary_encode().cast(schema[-1].type)},
+        schema=schema,
+    )
+    files = []
+    for make in (lambda fh: pq.ParquetWriter(fh, schema), lambda fh: parquet_writer(fh, schema)):
+        fh = io.BytesIO()
+        w = make(fh)
+        w.write_table(rows)
+        w.write_table(rows)
+        w.add_key_value_metadata({"fleetsim.version": "1"})
+        w.close()
+        files.append(fh.getvalue())
+    assert files[0] == files[1]
+    assert pq.read_table(io.BytesIO(files[1])).num_rows == 4
+
+
+def test_the_program_runs_openblas_on_one_thread_unless_told():
+    """numpy's OpenBLAS pool (threads spinning beside a run that does no linear algebra) is
+    one thread when fleetsim is the program; a value in the environment is kept, and in-process
+    callers' environment is left alone."""
+    code = (
+        "import os, sys\n"
+        "sys.argv = ['fleetsim', 'validate', 'scenarios/default.toml']\n"
+        "import atexit\n"
+        "blas = lambda: print('blas', os.environ.get('OPENBLAS_NUM_THREADS'), flush=True)\n"
+        "atexit.register(blas)\n"
+        "from fleetsim.apps.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    for env_value, want in ((None, "1"), ("3", "3")):
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        if env_value is not None:
+            env["OPENBLAS_NUM_THREADS"] = env_value
+        p = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.splitlines()[-1] == f"blas {want}"
+    code = (
+        "import os\n"
+        "from fleetsim.apps.cli import main\n"
+        "rc = main(['validate', 'scenarios/default.toml'])\n"
+        "print(rc, os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert p.stdout.splitlines()[-1] == "0 None", p.stderr[-2000:]
 
 
 def test_pool_day_totals_equal_the_pandas_groupby_it_replaces():

@@ -417,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+        # numpy's OpenBLAS starts a pool of threads when it loads, which spin before they
+        # sleep: ~44 M instructions (~1 %) of a 21,556-request run, on the cores the run needs
+        # (bench/RESULTS.md, start-up, fifth pass). The program does no linear algebra (nothing
+        # in fleetsim calls BLAS); a value already in the environment is kept.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         # and with them off, its loader's import of importlib.metadata is skipped too
         from fleetsim.apps import pydantic_plugins
 

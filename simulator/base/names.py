@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
 
@@ -19,5 +18,7 @@ def closest(name: str, known: Iterable[str]) -> str | None:
     inside = sorted((k for k in names if low.startswith(k.lower())), key=len, reverse=True)
     if inside:
         return inside[0]
+    import difflib  # (only for a misspelt name: not on every start, bench/RESULTS.md)
+
     close = difflib.get_close_matches(name, names, n=1)
     return close[0] if close else None

@@ -63,7 +63,7 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
         dtype = m.dtype if "dtype" in m.model_fields_set or file_dtype is None else file_dtype
         name = m.name if "name" in m.model_fields_set else file_name
         spec = ModelSpec(name=name, dtype=dtype, kv_dtype=m.kv_dtype, **{**arch, **inline})
-    elif m.name in catalog.models():
+    elif catalog.has_model(m.name):
         spec = model_from_catalog(m.name, m.dtype)
         if inline or m.kv_dtype:
             spec = spec.evolve(**inline, kv_dtype=m.kv_dtype)

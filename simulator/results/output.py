@@ -120,15 +120,52 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+#: the options ``pyarrow.parquet.write_table`` and ``ParquetWriter`` give the file writer by
+#: default (pyarrow 15 to 26; the others it passes are the writer's own defaults)
+_PARQUET_DEFAULTS = {
+    "version": "2.6",
+    "compression": "snappy",
+    "use_dictionary": True,
+    "write_statistics": True,
+    "writer_engine_version": "V2",
+    "data_page_version": "1.0",
+}
+
+
+def parquet_writer(fh, schema: pa.Schema):
+    """The writer that ``pyarrow.parquet.ParquetWriter(fh, schema)`` holds (``write_table``,
+    ``add_key_value_metadata``, ``close``), made directly: the same bytes, without importing
+    ``pyarrow.parquet``, whose ``pyarrow.fs`` brings ``ssl`` and ``socket`` (~50 M
+    instructions, ~1 % of a 21,556-request run; bench/RESULTS.md, start-up, fifth pass) to
+    write to a file that is already open. tests/test_startup.py compares the bytes with
+    ``pyarrow.parquet.write_table``'s; a pyarrow without the class gets pyarrow.parquet's."""
+    try:
+        from pyarrow._parquet import ParquetWriter
+
+        return ParquetWriter(fh, schema, **_PARQUET_DEFAULTS)
+    except (ImportError, TypeError):  # (a pyarrow whose private writer differs)
+        import pyarrow.parquet as pq
+
+        return pq.ParquetWriter(fh, schema)
+
+
+def write_parquet(table: pa.Table, fh) -> None:
+    """``pyarrow.parquet.write_table(table, fh)`` for an open binary file ``fh`` (one row
+    group up to 1024 x 1024 rows, as its default): see :func:`parquet_writer`."""
+    w = parquet_writer(fh, table.schema)
+    try:
+        w.write_table(table)
+    finally:
+        w.close()
+
+
 def write_table_atomic(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``table`` to ``path`` as Parquet, atomically, with key-value ``metadata``."""
     if metadata:
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
-    import pyarrow.parquet as pq
-
-    _write_atomic(path, lambda fh: pq.write_table(table, fh))
+    _write_atomic(path, lambda fh: write_parquet(table, fh))
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> None:
@@ -160,10 +197,8 @@ class RequestWriter:
         fd, self.tmp = _temp_file(self.path)
         self._fh = os.fdopen(fd, "wb")
         self.rows_per_group = rows_per_group
-        import pyarrow.parquet as pq
-
         try:
-            self._writer = pq.ParquetWriter(self._fh, request_schema())
+            self._writer = parquet_writer(self._fh, request_schema())
         except BaseException:
             self._fh.close()
             self.tmp.unlink(missing_ok=True)

@@ -189,6 +189,8 @@ class Pod:
         self.held: deque[Request] = deque()
         self.holding = False
         self._route: Callable[[Request], None] = self.router.route
+        if self.scaler is None:  # (a static fleet: the routable replicas never change)
+            self._route = self.router.direct() or self._route
         self._chunks: Iterator[HourChunk]
         self.sessions: SessionSource | None = None
         self._open_arrivals(rs, n_pods, source, seeds)

@@ -7,19 +7,35 @@ typed objects.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import tomllib
 from functools import cache
-from importlib import resources
 
 from fleetsim.base.errors import ScenarioError
 from fleetsim.base.names import closest
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@cache
+def _text(name: str) -> str:
+    """The data file ``name`` beside this module, read as a file; through importlib.resources
+    only where the package is not a folder (a zip): its readers import zipfile and more, ~1 ms
+    of every ``validate`` and run (bench/RESULTS.md, start-up, fifth pass)."""
+    try:
+        with open(os.path.join(_HERE, name), "rb") as fh:
+            return fh.read().decode()
+    except FileNotFoundError:
+        from importlib import resources
+
+        return resources.files(__package__).joinpath(name).read_bytes().decode()
+
 
 @cache
 def _load(name: str) -> dict[str, dict]:
-    with resources.files(__package__).joinpath(name).open("rb") as fh:
-        return tomllib.load(fh)
+    return tomllib.loads(_text(name))
 
 
 def gpus() -> dict[str, dict]:
@@ -49,7 +65,8 @@ def _lookup(table: dict[str, dict], name: str, field: str) -> dict:
 
 def gpu(name: str, field: str = "hardware.gpu") -> dict:
     """The catalog entry of GPU ``name``; a ScenarioError naming ``field`` if unknown."""
-    return _lookup(gpus(), name, field)
+    entry = _entry("gpus.toml", name)
+    return dict(entry) if entry is not None else _lookup(gpus(), name, field)
 
 
 def link(name: str, field: str = "disaggregation.link") -> dict:
@@ -59,7 +76,14 @@ def link(name: str, field: str = "disaggregation.link") -> dict:
 
 def model(name: str, field: str = "model.name") -> dict:
     """The catalog entry of model ``name``; a ScenarioError naming ``field`` if unknown."""
-    return _lookup(models(), name, field)
+    entry = _entry("models.toml", name)
+    return dict(entry) if entry is not None else _lookup(models(), name, field)
+
+
+def has_model(name: str) -> bool:
+    """Whether the catalog has model ``name`` (without parsing the others' entries)."""
+    spans = _spans("models.toml")
+    return name in (spans if spans is not None else models())
 
 
 def kernels() -> dict[str, dict]:
@@ -79,7 +103,79 @@ def stacks() -> dict[str, dict]:
     return _load("stacks.toml")
 
 
-_TABLE = re.compile(r'^\["?([^"\[\].]+)"?\][ \t]*$', re.M)
+#: a table header ``[name]`` or ``["name"]`` (a quoted name may hold dots: "llama-3.1-8b")
+_TABLE = re.compile(r'^\[(?:"([^"\[\]]+)"|([^"\[\].]+))\][ \t]*$', re.M)
+#: a line ``key = [...]`` of plain decimal numbers (an all-reduce table, ``[[bytes, s], ...]``),
+#: perhaps with a comment: such an array is JSON too, with the same values and types (ints
+#: stay ints; a float is read by ``float()`` of its text, as tomllib reads it)
+_NUM_ARRAY = re.compile(r"^([A-Za-z0-9_]+) = (\[[-+0-9eE., \[\]]*\])[ \t]*(?:#[^\n]*)?$", re.M)
+
+
+def _loads_numeric(text: str) -> dict:
+    """``tomllib.loads(text)`` of one table (``[name]`` and its keys), its long arrays of
+    numbers read by ``json.loads`` (C, not tomllib's Python): the kernel table of one GPU is
+    ~42 M instructions with tomllib, ~1 % of a 21,556-request run (bench/RESULTS.md, start-up,
+    fifth pass). Each such line is parsed apart and its value put back under its key, in place
+    (the keys keep their order); a line JSON does not read (e.g. ``+1``, ``1_000``: TOML only)
+    is left to tomllib. tests/test_kernels.py compares the result with tomllib's, table by
+    table."""
+    arrays: dict[str, list] = {}
+
+    def cut(m: re.Match) -> str:
+        key = m.group(1)
+        try:
+            value = json.loads(m.group(2))
+        except ValueError:
+            return m.group(0)
+        if key in arrays:  # (twice: not one table; tomllib says what is wrong)
+            raise ValueError(key)
+        arrays[key] = value
+        return f"{key} = 0"
+
+    try:
+        cut_text = _NUM_ARRAY.sub(cut, text)
+    except ValueError:
+        return tomllib.loads(text)
+    data = tomllib.loads(cut_text)
+    for tab in data.values():  # (the arrays' keys are in the tables, one level down)
+        if isinstance(tab, dict):
+            for k in tab.keys() & arrays.keys():
+                tab[k] = arrays[k]
+    return data
+
+
+@cache
+def _spans(name: str) -> dict[str, tuple[int, int]] | None:
+    """Where each table of data file ``name`` lies in its text, by table name; None unless
+    every line that starts with ``[`` is a plain table header, each name once (then a table
+    parsed alone is the table that the whole file gives: tests/test_kernels.py checks every
+    entry)."""
+    text = _text(name)
+    heads = list(_TABLE.finditer(text))
+    if sum(line.startswith("[") for line in text.splitlines()) != len(heads):
+        return None
+    spans = {
+        m.group(1) or m.group(2): (
+            m.start(),
+            heads[i + 1].start() if i + 1 < len(heads) else len(text),
+        )
+        for i, m in enumerate(heads)
+    }
+    return spans if len(spans) == len(heads) else None
+
+
+@cache
+def _entry(name: str, key: str) -> dict | None:
+    """Table ``key`` of data file ``name`` (None if it has none), parsing only that table: a
+    scenario needs one GPU's and one model's entry, and tomllib (Python) parsing the others
+    cost ~15 M instructions of every start (bench/RESULTS.md, start-up, fifth pass)."""
+    spans = _spans(name)
+    if spans is None:
+        return _load(name).get(key)
+    span = spans.get(key)
+    if span is None:
+        return None
+    return tomllib.loads(_text(name)[span[0] : span[1]])[key]
 
 
 @cache
@@ -88,13 +184,12 @@ def kernel(gpu: str) -> dict | None:
     ``kernels.toml``: the file is mostly all-reduce tables of every GPU, and a scenario needs
     one GPU's (a third of ``validate``'s resolve time went to parsing the others). The whole
     file is parsed instead if it has a table this split does not understand."""
-    with resources.files(__package__).joinpath("kernels.toml").open("rb") as fh:
-        text = fh.read().decode()
+    text = _text("kernels.toml")
     heads = list(_TABLE.finditer(text))
     if sum(line.startswith("[") for line in text.splitlines()) != len(heads):
         return kernels().get(gpu)  # (sub-tables or arrays of tables: no split)
     for i, m in enumerate(heads):
-        if m.group(1) == gpu:
+        if (m.group(1) or m.group(2)) == gpu:
             end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-            return tomllib.loads(text[m.start() : end])[gpu]
+            return _loads_numeric(text[m.start() : end])[gpu]
     return None
