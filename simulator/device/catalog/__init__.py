@@ -183,13 +183,11 @@ def kernel(gpu: str) -> dict | None:
     """The kernel-model entry of ``gpu`` (None if it has none), parsing only its table of
     ``kernels.toml``: the file is mostly all-reduce tables of every GPU, and a scenario needs
     one GPU's (a third of ``validate``'s resolve time went to parsing the others). The whole
-    file is parsed instead if it has a table this split does not understand."""
-    text = _text("kernels.toml")
-    heads = list(_TABLE.finditer(text))
-    if sum(line.startswith("[") for line in text.splitlines()) != len(heads):
+    file is parsed instead if it has a table this split does not understand (:func:`_spans`)."""
+    spans = _spans("kernels.toml")
+    if spans is None:
         return kernels().get(gpu)  # (sub-tables or arrays of tables: no split)
-    for i, m in enumerate(heads):
-        if (m.group(1) or m.group(2)) == gpu:
-            end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
-            return _loads_numeric(text[m.start() : end])[gpu]
-    return None
+    span = spans.get(gpu)
+    if span is None:
+        return None
+    return _loads_numeric(_text("kernels.toml")[span[0] : span[1]])[gpu]
