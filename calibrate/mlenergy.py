@@ -198,6 +198,30 @@ def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
     return out
 
 
+def find_config(
+    model: str,
+    gpu: str,
+    gpus: int,
+    batch: int,
+    task: str = "lm-arena-chat",
+    dp: int | None = None,
+    configs: Sequence[Config] | None = None,
+) -> Config:
+    """The row of ``model`` on ``gpus`` x ``gpu`` at ``max_num_seqs`` = ``batch`` for ``task``
+    (and ``dp`` data-parallel engines, if given), from ``configs`` or every row; an
+    AssertionError naming it if there is none (the tests' lookup)."""
+    for c in read_configs() if configs is None else configs:
+        if (c.model_id, c.gpu_model, c.num_gpus, c.max_num_seqs, c.task) == (
+            model,
+            gpu,
+            gpus,
+            batch,
+            task,
+        ) and (dp is None or c.dp == dp):
+            return c
+    raise AssertionError(f"no row {model} {task} {gpu} x{gpus} b{batch} DP{dp}")
+
+
 def _csv_text(path: Path) -> io.StringIO:
     """A CSV of the data folder read through the bounded reader (regular file, size limit,
     UTF-8), as a text stream for ``csv``."""

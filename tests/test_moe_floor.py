@@ -153,16 +153,7 @@ def test_untuned_fp8_layer_pays_one_launch_loop_at_every_batch():
 def _row(model: str, gpu: str, gpus: int, batch: int):
     from fleetsim.calibrate import mlenergy as ml
 
-    for c in ml.read_configs():
-        if (
-            c.model_id == model
-            and c.gpu_model == gpu
-            and c.num_gpus == gpus
-            and c.max_num_seqs == batch
-            and c.task == "lm-arena-chat"
-        ):
-            return c
-    raise AssertionError(f"no row {model} {gpu} x{gpus} b{batch}")
+    return ml.find_config(model, gpu, gpus, batch)
 
 
 @pytest.mark.parametrize(

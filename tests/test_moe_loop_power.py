@@ -27,16 +27,7 @@ from fleetsim.device.latency import PowerSpec
 
 
 def _config(model: str, gpu: str = "H100", gpus: int = 4, batch: int = 8) -> M.Config:
-    for c in M.read_configs():
-        if (
-            c.model_id == model
-            and c.gpu_model == gpu
-            and c.num_gpus == gpus
-            and c.max_num_seqs == batch
-            and c.task == "lm-arena-chat"
-        ):
-            return c
-    raise AssertionError(f"no row {model} {gpu} x{gpus} b{batch}")
+    return M.find_config(model, gpu, gpus, batch)
 
 
 FP8 = "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8"

@@ -17,17 +17,7 @@ from fleetsim.calibrate import mlenergy as ml
 
 def _row(model: str, gpu: str, n_gpus: int, batch: int, dp: int = 1) -> ml.Config:
     configs, _ = ml.select(ml.read_configs())
-    for c in configs:
-        if (
-            c.model_id == model
-            and c.task == "sourcegraph-fim"
-            and c.gpu_model == gpu
-            and c.num_gpus == n_gpus
-            and c.max_num_seqs == batch
-            and c.dp == dp
-        ):
-            return c
-    raise AssertionError(f"no row {model} {gpu} x{n_gpus} b{batch} DP{dp}")
+    return ml.find_config(model, gpu, n_gpus, batch, "sourcegraph-fim", dp, configs)
 
 
 def test_which_runs_repeat_their_prompts():
