@@ -96,7 +96,8 @@ class PowerSpec:
     comm_w: float | None = None
     #: the level above idle, in place of ``active_w``, while fused-MoE kernels with fp8
     #: block-quantised experts run their block-scaled K loop (the serial loop latency of vLLM's
-    #: w8a8 block kernel, :func:`fleetsim.device.moe.k_loop_latency_s`: each K step loads the
+    #: w8a8 block kernel, :func:`fleetsim.device.moe.k_loop_latency_s` for a tuned tile shape,
+    #: :func:`fleetsim.device.moe.fp8_default_loop_latency_s` otherwise: each K step loads the
     #: tiles and their fp32 block scales and rescales the accumulator, work that no FLOP or byte
     #: term counts); None keeps ``active_w`` there (no separate level)
     moe_loop_w: float | None = None
