@@ -126,16 +126,7 @@ class FitRow:
 
     def step_s(self, fit: FusedMoeFit) -> float:
         lm = self.lm
-        lm._moe_fit = fit  # type: ignore[attr-defined]
-        for c in (
-            "_lin_cache",
-            "_tok_cache",
-            "_head_cache",
-            "_head_cache_g",
-            "coeff_cache",
-            "_loop_cache",  # (the fp8 loop seconds follow the fit too: PowerSpec.moe_loop_w)
-        ):
-            getattr(lm, c).clear()
+        lm.use_moe_fit(fit)  # type: ignore[attr-defined]
         return lm.decode_time(self.batch, self.ctx)  # type: ignore[attr-defined]
 
     def itl_s(self, fit: FusedMoeFit) -> float:

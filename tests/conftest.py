@@ -88,3 +88,26 @@ def tables_equal(a, b) -> bool:
         elif not np.array_equal(x, y):
             return False
     return True
+
+
+def synthetic_power_run(rng, truth, n: int = 50, loop: bool = False):
+    """A synthetic power-fit run (calibrate.mlenergy.SimRun) of ``n`` commits under the cap:
+    0-0.3 of the peak FLOP/s, one iteration per commit reading 10 GB of weights plus 0 to 0.5 of
+    the bandwidth of KV (the weight share of the bandwidth varies with the commit's length), a
+    prefill anchor consistent with the PowerSpec ``truth``, and with ``loop`` 0.1-0.5 of each
+    commit in the fp8 fused-MoE K loop (drawn last)."""
+    import numpy as np
+
+    from fleetsim.calibrate.mlenergy import SimRun
+
+    r = SimRun("x", tp=1, peak_flops=1e15, peak_bw=3e12)
+    r.seg_s = rng.uniform(0.01, 0.05, n)
+    r.seg_flops = rng.uniform(0.0, 0.3, n) * r.seg_s * 1e15
+    r.seg_iters = np.ones(n)
+    r.weight_bytes = 10e9
+    r.seg_bytes = 10e9 + rng.uniform(0.0, 0.5, n) * r.seg_s * 3e12
+    if loop:
+        r.seg_loop_s = rng.uniform(0.1, 0.5, n) * r.seg_s
+    pf = (truth.max_w - truth.idle_w - truth.active_w - 0.02 * truth.memory_w) / truth.compute_w
+    r.prefill_u = (pf, 0.02, 0.0)
+    return r

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_power_run
 
 from fleetsim.calibrate import mlenergy as M
 from fleetsim.device import catalog
@@ -297,21 +298,6 @@ def test_kv_and_communication_terms_fix_the_long_context_and_tp_rows(refit):
     assert seen == 3
 
 
-def _synthetic_run(rng: np.random.Generator, truth: PowerSpec, n: int = 50) -> M.SimRun:
-    """A run of ``n`` commits under the cap: 0-0.3 of the peak FLOP/s, one iteration per commit
-    reading 10 GB of weights plus 0 to 0.5 of the bandwidth of KV (the weight share of the
-    bandwidth varies with the commit's length), and a prefill anchor consistent with ``truth``."""
-    r = M.SimRun("x", tp=1, peak_flops=1e15, peak_bw=3e12)
-    r.seg_s = rng.uniform(0.01, 0.05, n)
-    r.seg_flops = rng.uniform(0.0, 0.3, n) * r.seg_s * 1e15
-    r.seg_iters = np.ones(n)
-    r.weight_bytes = 10e9
-    r.seg_bytes = 10e9 + rng.uniform(0.0, 0.5, n) * r.seg_s * 3e12
-    pf = (truth.max_w - truth.idle_w - truth.active_w - 0.02 * truth.memory_w) / truth.compute_w
-    r.prefill_u = (pf, 0.02, 0.0)
-    return r
-
-
 def test_fit_recovers_known_constants():
     """Synthetic rows drawn from a known power model are fitted back exactly (with the
     prefill anchor consistent with the same model)."""
@@ -319,7 +305,7 @@ def test_fit_recovers_known_constants():
     truth = PowerSpec(100.0, 700.0, active_w=250.0, compute_w=500.0, memory_w=120.0, kv_w=180.0)
     runs, meas = [], []
     for _ in range(12):
-        r = _synthetic_run(rng, truth)
+        r = synthetic_power_run(rng, truth)
         runs.append(r)
         meas.append(M.predict_w(r, truth))
     p = M.fit_power(runs, meas, PowerSpec(idle_w=100.0, max_w=700.0))
@@ -380,7 +366,7 @@ def test_robust_loss_keeps_the_other_rows_unbiased():
     truth = PowerSpec(100.0, 700.0, active_w=250.0, compute_w=500.0, memory_w=120.0, kv_w=180.0)
     runs, meas = [], []
     for i in range(24):
-        r = _synthetic_run(rng, truth)
+        r = synthetic_power_run(rng, truth)
         runs.append(r)
         # within 2 % of the truth; every sixth row measured at 0.65 of it
         meas.append(M.predict_w(r, truth) * (0.65 if i % 6 == 0 else rng.uniform(0.98, 1.02)))

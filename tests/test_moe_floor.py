@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -156,6 +155,16 @@ def _row(model: str, gpu: str, gpus: int, batch: int):
     return ml.find_config(model, gpu, gpus, batch)
 
 
+def _decode_at_the_rows_mean(c):
+    """The row's latency model (as calibrate/moe_fit.py builds it), its mean batch and its mean
+    context (prompt + the output's length-biased half)."""
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.calibrate.moe_fit import latency_model
+
+    ctx = int(ml.PROMPT_TOKENS[c.task] + ml.length_biased_half(c))
+    return latency_model(c), max(1, round(c.avg_batch_size)), ctx
+
+
 @pytest.mark.parametrize(
     ("model", "gpu", "gpus", "batch"),
     [
@@ -172,23 +181,11 @@ def test_moe_decode_step_matches_the_measured_itl(model, gpu, gpus, batch):
     latency of ML.ENERGY v3 (vLLM 0.11.1), within 25% (the issue's floor allows 40% on the
     worst row; the DeepSeek row is +20%). Without the fused-MoE loop latency (the catalog
     before) the first four were 33-47% too fast."""
-    from fleetsim.api import load
-    from fleetsim.calibrate import mlenergy as ml
-    from fleetsim.config.scenario import resolve
-
     c = _row(model, gpu, gpus, batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = Path(tmp) / "t.csv"
-        tr.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
-        lm = resolve(load(ml.scenario_dict(c, str(tr), 1)), "").latency_model()
-    ctx = int(ml.PROMPT_TOKENS[c.task] + ml.length_biased_half(c))
-    b = max(1, round(c.avg_batch_size))
+    lm, b, ctx = _decode_at_the_rows_mean(c)
     step = lm.decode_time(b, ctx)
     assert step / (c.itl_median_ms / 1e3) - 1.0 == pytest.approx(0.0, abs=0.25)
-    lm._moe_fit = NO_MOE_FIT  # without the loop latency: too fast on the untuned rows
-    for cache in (lm._lin_cache, lm._tok_cache, lm._head_cache, lm._head_cache_g):
-        cache.clear()
-    lm.coeff_cache.clear()
+    lm.use_moe_fit(NO_MOE_FIT)  # without the loop latency: too fast on the untuned rows
     bare = lm.decode_time(b, ctx)
     if "30B" in model:
         assert bare == pytest.approx(step, rel=1e-12)
@@ -205,25 +202,13 @@ def test_untuned_fp8_step_is_flat_in_batch_as_measured(batch):
     128."""
     from dataclasses import replace
 
-    from fleetsim.api import load
-    from fleetsim.calibrate import mlenergy as ml
-    from fleetsim.config.scenario import resolve
-
     c = _row("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "H100", 4, batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = Path(tmp) / "t.csv"
-        tr.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
-        lm = resolve(load(ml.scenario_dict(c, str(tr), 1)), "").latency_model()
-    ctx = int(ml.PROMPT_TOKENS[c.task] + ml.length_biased_half(c))
-    b = max(1, round(c.avg_batch_size))
+    lm, b, ctx = _decode_at_the_rows_mean(c)
     meas = c.itl_median_ms / 1e3
     assert lm.decode_time(b, ctx) / meas - 1.0 == pytest.approx(0.0, abs=0.10)
     mf = lm._moe_fit
     assert (32, 1536) not in mf.tuned_fp8 and mf.k_step_fp8_default_s > 0.0
-    lm._moe_fit = replace(mf, tuned_fp8=((32, 1536),))  # the per-wave loop instead
-    for cache in (lm._lin_cache, lm._tok_cache, lm._head_cache, lm._head_cache_g):
-        cache.clear()
-    lm.coeff_cache.clear()
+    lm.use_moe_fit(replace(mf, tuned_fp8=((32, 1536),)))  # the per-wave loop instead
     err = lm.decode_time(b, ctx) / meas - 1.0
     assert err < -0.10 if batch == 8 else err > 0.10
 

@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import synthetic_power_run
 
 from fleetsim.calibrate import mlenergy as M
 from fleetsim.device import catalog
@@ -134,19 +135,6 @@ def test_power_w_and_dynamic_j_agree_with_a_loop_share():
     assert hot.power_w(0.5, 0.2, f_loop=1.0) == 700.0
 
 
-def _synthetic(rng: np.random.Generator, truth: PowerSpec, loop: bool, n: int = 50) -> M.SimRun:
-    r = M.SimRun("x", tp=1, peak_flops=1e15, peak_bw=3e12)
-    r.seg_s = rng.uniform(0.01, 0.05, n)
-    r.seg_flops = rng.uniform(0.0, 0.3, n) * r.seg_s * 1e15
-    r.seg_iters = np.ones(n)
-    r.weight_bytes = 10e9
-    r.seg_bytes = 10e9 + rng.uniform(0.0, 0.5, n) * r.seg_s * 3e12
-    r.seg_loop_s = (rng.uniform(0.1, 0.5, n) if loop else np.zeros(n)) * r.seg_s
-    pf = (truth.max_w - truth.idle_w - truth.active_w - 0.02 * truth.memory_w) / truth.compute_w
-    r.prefill_u = (pf, 0.02, 0.0)
-    return r
-
-
 def test_fit_recovers_a_synthetic_loop_level():
     """Rows drawn from a power model with a loop level (a third of the runs with fp8 experts,
     10-50 % of their time in the loop) are fitted back exactly, the level included; without
@@ -157,7 +145,7 @@ def test_fit_recovers_a_synthetic_loop_level():
     )
     runs, meas = [], []
     for i in range(18):
-        r = _synthetic(rng, truth, loop=i % 3 == 0)
+        r = synthetic_power_run(rng, truth, loop=i % 3 == 0)
         runs.append(r)
         meas.append(M.predict_w(r, truth))
     base = PowerSpec(idle_w=100.0, max_w=700.0)
@@ -183,7 +171,7 @@ def test_fit_bounds_the_loop_level_at_the_power_limit():
     truth = PowerSpec(100.0, 700.0, active_w=250.0, compute_w=500.0, memory_w=120.0, kv_w=180.0)
     runs, meas = [], []
     for i in range(12):
-        r = _synthetic(rng, truth, loop=i % 2 == 0)
+        r = synthetic_power_run(rng, truth, loop=i % 2 == 0)
         runs.append(r)
         w = M.predict_w(r, truth)
         meas.append(min(700.0, w * 2.0) if i % 2 == 0 else w)

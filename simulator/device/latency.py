@@ -45,6 +45,7 @@ from fleetsim.device.kernels import (
 )
 from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec
 from fleetsim.device.moe import (
+    FusedMoeFit,
     MoeLayout,
     attention_block_s,
     catalog_moe_fit,
@@ -852,6 +853,21 @@ class LatencyModel:
                 v = self.linear_parts(tokens, 0)[2]
             self._comm_cache[tokens] = v
         return v
+
+    def use_moe_fit(self, fit: FusedMoeFit) -> None:
+        """Time the fused MoE kernels with ``fit`` from now on (calibrate/moe_fit.py's search,
+        tests): the caches of everything it enters are emptied (the layer sums, the token and
+        head times, the run coefficients and the fp8 loop seconds)."""
+        self._moe_fit = fit
+        for cache in (
+            self._lin_cache,
+            self._tok_cache,
+            self._head_cache,
+            self._head_cache_g,
+            self.coeff_cache,
+            self._loop_cache,
+        ):
+            cache.clear()
 
     def moe_loop_s(self, tokens: int) -> float:
         """Seconds of an iteration whose layers run ``tokens`` tokens (a data-parallel
