@@ -109,6 +109,11 @@ class FusedMoeFit:
     #: E=..,N=..,device_name=...,dtype=fp8_w8a8,block_shape=[128,128].json``): they keep the
     #: per-wave loop latency of :func:`k_loop_latency_s` with ``k_step_fp8_s``
     tuned_fp8: tuple[tuple[int, int], ...] = ()
+    #: the fraction of the experts' dense tensor-core peak (as the kernel fit's GEMMs reach it)
+    #: that the fused-MoE grouped GEMMs' compute bound runs at (:func:`grouped_gemm_time_s`):
+    #: 1 where vLLM's Triton ``fused_moe_kernel`` issues the GPU's native MMA as cuBLAS does;
+    #: fitted below 1 where it does not (see :func:`moe_mma_peak`)
+    mma_frac: float = 1.0
 
 
 NO_MOE_FIT = FusedMoeFit()
@@ -210,6 +215,7 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
         tuned=tuple((int(a), int(b)) for a, b in e.get("tuned", ())),
         k_step_fp8_default_s=float(e.get("k_step_fp8_default_s", 0.0)),
         tuned_fp8=tuple((int(a), int(b)) for a, b in e.get("tuned_fp8", ())),
+        mma_frac=float(e.get("mma_frac", 1.0)),
     )
 
 
@@ -264,6 +270,7 @@ def grouped_gemm_time_s(
     weight_bytes_per_param: float = 2.0,
     loop_s: float = 0.0,
     zero_rows: float = 0.0,
+    mma_flops: float = 0.0,
 ) -> float:
     """One grouped-GEMM launch of the fused MoE kernel: ``rows`` routed token rows spread over
     ``experts`` distinct experts, each an ``n x k`` weight. Each expert's rows are padded to the
@@ -287,6 +294,9 @@ def grouped_gemm_time_s(
         + fit.gemm_tile_half / m_tile
     )
     t_c = 2.0 * m_eff * n * k / (peak_flops * fit.gemm_eff_max) * shape
+    if mma_flops > 0.0:  # the kernel's own MMA rate bounds its routed rows' FLOPs
+        t_mma = 2.0 * rows * n * k / mma_flops
+        t_c = t_mma if t_mma > t_c else t_c
     t_m = (
         experts * n * k * weight_bytes_per_param + (rows * k + rows * n + zero_rows * n) * 2.0
     ) / (bw_bytes_per_s * fit.gemm_bw_eff)
@@ -389,15 +399,17 @@ def moe_layer_parts_s(
         nbytes = (layout.dp - 1) / layout.dp * m * d * 2.0
         comm = link_latency_s + nbytes / link_bw_bytes_per_s
     out["moe_dispatch"] = comm
+    # the fused kernel's sustained MMA rate (FusedMoeFit.mma_frac; 0: no such bound)
+    mma = epk * moe_fit.mma_frac if moe_fit.mma_frac < 1.0 else 0.0
     out["moe_gemm_up"] = grouped_gemm_time_s(
-        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, loop_up, foreign
+        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, loop_up, foreign, mma
     )
     act_bytes = (3.0 if gated else 2.0) * 2.0 * rows_all * cols
     if fp8_block:  # the activation re-quantised for the fp8 down GEMM: 16-bit in, 8-bit out
         act_bytes += 3.0 * rows_all * cols
     out["moe_act"] = elem_time_s(fit, bw, "act", act_bytes)
     out["moe_gemm_down"] = grouped_gemm_time_s(
-        fit, epk, bw, rows, touched, d, cols, ewb, loop_down, foreign
+        fit, epk, bw, rows, touched, d, cols, ewb, loop_down, foreign, mma
     )
     out["moe_combine"] = comm
     out["moe_fp8_loop"] = loop_up + loop_down if fp8_block else 0.0
