@@ -33,6 +33,8 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
@@ -55,6 +57,20 @@ GRID = {
     "layer_s": [i * 2e-6 for i in range(0, 51)],
 }
 DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
+#: FusedMoeFit.mma_frac by catalog GPU: the fraction of the experts' dense tensor-core peak at
+#: which vLLM 0.11.1's Triton ``fused_moe_kernel`` computes its routed rows, fitted by
+#: ``--mma`` (:func:`fit_mma`: end-to-end simulations on a grid, the mean |log error| of the
+#: output tokens/s of the non-suspect single-engine MoE rows). Both fits land on about the
+#: same rate, ~0.34 PFLOP/s (H100 0.34 x 989 TFLOP/s, B200 0.15 x 2,250): the kernel does not
+#: gain the B200's faster tensor cores, as the measured rows say (the mean-minus-median step
+#: of the same model and batch is the same on both GPUs, docs/accuracy.md). H200: the H100's
+#: (same GH100 chip, derived); A100: 1, no bound (its 312 TFLOP/s peak is below that rate).
+MMA_FRAC = {"h100-sxm": 0.34, "b200": 0.15, "h200": 0.34, "a100-80gb": 1.0}
+#: the --mma search grid per GPU (fractions of the experts' dense peak)
+MMA_GRID = {
+    "h100-sxm": (1.0, 0.5, 0.4, 0.34, 0.28, 0.22),
+    "b200": (1.0, 0.3, 0.2, 0.15, 0.12, 0.1),
+}
 #: 16-bit (E, N) layer shapes that vLLM ships a tuned fused_moe configuration for, per catalog
 #: GPU: files ``vllm/model_executor/layers/fused_moe/configs/E={E},N={N},device_name={dev}.json``
 #: of vllm-project/vllm, each seen at the commit named (the v0.11.1 tag itself not checked):
@@ -254,7 +270,77 @@ def hardware_fit(gpu: str) -> FusedMoeFit:
         smem_per_sm_bytes=float(smem),
         tuned=tuple(TUNED.get(gpu, ())),
         tuned_fp8=tuple(TUNED_FP8.get(gpu, ())),
+        mma_frac=MMA_FRAC.get(gpu, 1.0),
     )
+
+
+def mma_configs(gpu_model: str) -> list[ml.Config]:
+    """The rows the MMA-rate fit uses: :func:`fit_configs` of one GPU (``"B200"``), single
+    engine (``dp = 1``: the data-parallel rows' slow padded steps are not explained yet,
+    docs/accuracy.md)."""
+    return [c for c in fit_configs() if c.gpu_model == gpu_model and c.dp == 1]
+
+
+@contextmanager
+def mma_override(gpu: str, frac: float) -> Iterator[None]:
+    """Simulate with ``FusedMoeFit.mma_frac = frac`` on catalog GPU ``gpu`` (the latency
+    model reads the catalog's fit when it is built, inside the engine)."""
+    from fleetsim.device import latency
+
+    orig = latency.catalog_moe_fit
+
+    def patched(name: str, cg: str | None = None) -> FusedMoeFit:
+        f = orig(name, cg)
+        return replace(f, mma_frac=frac) if (cg or name).startswith(gpu) else f
+
+    latency.catalog_moe_fit = patched
+    try:
+        yield
+    finally:
+        latency.catalog_moe_fit = orig
+
+
+def tokens_s_errors(configs: list[ml.Config], gpu: str, frac: float) -> list[float]:
+    """Log error of each row's simulated output tokens/s (its steady-state window, as the
+    accuracy harness measures it) with ``mma_frac = frac``; NaN for a failed run."""
+    with mma_override(gpu, frac):
+        runs = ml.simulate_all(configs, 1)
+    return [
+        math.nan if r.error else math.log(r.tokens / r.window_s / c.tokens_per_s)
+        for c, r in zip(configs, runs, strict=True)
+    ]
+
+
+def fit_mma(gpu_model: str, grid: tuple[float, ...] | None = None) -> dict:
+    """Grid search of ``mma_frac`` for one GPU (``"B200"``) on the mean |log error| of the
+    output tokens/s of :func:`mma_configs`, in sample and leave-one-model-out (each model's
+    rows scored at the value fitted to the others)."""
+    gpu = ml.GPUS[gpu_model]
+    configs = mma_configs(gpu_model)
+    grid = grid or MMA_GRID[gpu]
+    errs = {v: tokens_s_errors(configs, gpu, v) for v in grid}
+
+    def loss_at(v: float, left_out: str = "") -> float:
+        e = [
+            abs(x)
+            for c, x in zip(configs, errs[v], strict=True)
+            if c.model_id != left_out and x == x
+        ]
+        return sum(e) / max(len(e), 1)
+
+    best = min(grid, key=loss_at)
+    lomo: list[float] = []
+    for m in sorted({c.model_id for c in configs}):
+        v = min(grid, key=lambda v, m=m: loss_at(v, m))
+        lomo += [x for c, x in zip(configs, errs[v], strict=True) if c.model_id == m and x == x]
+    return {
+        "gpu": gpu,
+        "rows": len(configs),
+        "best": best,
+        "loss": {v: loss_at(v) for v in grid},
+        "lomo": [math.expm1(x) for x in lomo],
+        "by_value": {v: [math.expm1(x) for x in errs[v] if x == x] for v in grid},
+    }
 
 
 def family(r: FitRow) -> tuple:
@@ -298,8 +384,27 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"refit from the stored simulated ITLs ({TARGETS.name}) instead of simulating",
     )
+    ap.add_argument(
+        "--mma",
+        metavar="GPU",
+        help="fit FusedMoeFit.mma_frac of GPU (H100 or B200) on the MoE rows' tokens/s "
+        "(end-to-end simulations on MMA_GRID; prints the grid, keeps the catalog as it is)",
+    )
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
+    if a.mma:
+        r = fit_mma(a.mma)
+        print(f"{r['gpu']}: mma_frac fit on {r['rows']} rows' output tokens/s: best {r['best']}")
+        for v, lo in r["loss"].items():
+            s = stats(r["by_value"][v])
+            print(
+                f"  mma_frac {v:5.2f}: mean |log error| {lo:.4f}; |error| median {s[0]:6.1%}"
+                f" worst {s[1]:6.1%} signed {s[2]:+6.1%}"
+            )
+        s = stats(r["lomo"])
+        print(f"  LOMO: |error| median {s[0]:6.1%} worst {s[1]:6.1%} signed {s[2]:+6.1%}")
+        print(f"({time.perf_counter() - t0:.0f} s)")
+        return 0
     rows = rows_from_targets() if a.targets else build_rows(a.workers)
     out: dict[str, tuple[FusedMoeFit, int, list[str], tuple, tuple]] = {}
     for g in sorted({r.config.gpu_model for r in rows}):
@@ -353,6 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def mma_note(name: str) -> str:
+    """The provenance comment of a GPU's ``mma_frac`` in the catalog."""
+    if name in MMA_GRID:
+        return "fitted (L): moe_fit --mma, the MoE rows' output tokens/s (MMA_FRAC)"
+    if name == "h200":
+        return "derived (L): the h100-sxm's (same GH100 chip)"
+    return "none: the fitted ~0.34 PFLOP/s exceeds this GPU's peak"
+
+
 def write(out: dict) -> None:
     lines = [
         "# Fused mixture-of-experts kernel constants by GPU (fleetsim.device.moe.FusedMoeFit).",
@@ -363,7 +477,9 @@ def write(out: dict) -> None:
         "# k_step_fp8_default_s: one K step of an fp8 block-quantised layer without a tuned",
         "# configuration (tuned_fp8), charged once per launch (moe.fp8_default_loop_latency_s).",
         "# provenance 'fitted': coordinate search on the mean |log error| of the median ITL;",
-        "# 'derived': another GPU's fit (confidence L).",
+        "# 'derived': another GPU's fit (confidence L). mma_frac: the fused-MoE kernel's own",
+        "# MMA rate, a fraction of the experts' dense peak (moe.grouped_gemm_time_s), fitted",
+        "# by `moe_fit --mma GPU` to the MoE rows' output tokens/s (moe_fit.MMA_FRAC).",
     ]
     fits = {ml.GPUS[g]: v for g, v in out.items()}
     for name in sorted(set(fits) | set(DERIVED)):
@@ -391,6 +507,7 @@ def write(out: dict) -> None:
             f"k_step_fp8_s = {f.k_step_fp8_s:.4e}",
             f"k_step_fp8_default_s = {f.k_step_fp8_default_s:.4e}",
             f"layer_s = {f.layer_s:.4e}",
+            f"mma_frac = {MMA_FRAC.get(name, 1.0)}  # {mma_note(name)}",
             f"sms = {sms}",
             f"smem_per_sm_bytes = {smem}",
             "tuned = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED.get(name, ())) + "]",

@@ -109,10 +109,14 @@ class FusedMoeFit:
     #: E=..,N=..,device_name=...,dtype=fp8_w8a8,block_shape=[128,128].json``): they keep the
     #: per-wave loop latency of :func:`k_loop_latency_s` with ``k_step_fp8_s``
     tuned_fp8: tuple[tuple[int, int], ...] = ()
-    #: the fraction of the experts' dense tensor-core peak (as the kernel fit's GEMMs reach it)
-    #: that the fused-MoE grouped GEMMs' compute bound runs at (:func:`grouped_gemm_time_s`):
-    #: 1 where vLLM's Triton ``fused_moe_kernel`` issues the GPU's native MMA as cuBLAS does;
-    #: fitted below 1 where it does not (see :func:`moe_mma_peak`)
+    #: the Triton ``fused_moe_kernel``'s own sustained MMA rate as a fraction of the experts'
+    #: dense tensor-core peak (the data sheet's): the grouped GEMMs' routed rows take at least
+    #: ``2 x rows x n x k / (mma_frac x peak)`` (:func:`grouped_gemm_time_s`, ``mma_flops``), on
+    #: top of the kernel fit's bounds; 1: no such bound. It binds on prefill-sized launches
+    #: (thousands of routed rows), not on decode. Fitted to the MoE rows' output tokens/s
+    #: (``calibrate/moe_fit.py``, ``--mma``): H100 0.34, B200 0.15, the same ~0.34 PFLOP/s on
+    #: both, i.e. the kernel does not gain the B200's faster tensor cores (the measured
+    #: prefill-carrying time per step of a model at a batch is the same on both GPUs)
     mma_frac: float = 1.0
 
 
