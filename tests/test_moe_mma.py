@@ -5,7 +5,7 @@ step beyond its median step (``batch / tokens/s - median ITL``: the prefill-carr
 the same on a B200 as on an H100 for the same MoE model and batch (Qwen3-Coder-30B-A3B,
 sourcegraph-fim, one GPU: 4.41 vs 4.09 ms at 32 sequences, 5.52 vs 7.13 ms at 64), while the
 step model, which gave the fused MoE the B200's 2.3x tensor-core peak, made it half the H100's.
-The fitted bound (the routed rows' FLOPs at ``mma_frac`` of the experts' peak, about 0.22
+The fitted bound (the routed rows' FLOPs at ``mma_frac`` of the experts' peak, about 0.34
 PFLOP/s on both GPUs) restores that; decode launches, far below the bound, do not change."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_bound_is_the_routed_rows_flops_at_the_rate():
     rows, experts, n, k = 8192 * 8.0, 128.0, 1536.0, 2048.0
     free = grouped_gemm_time_s(f, B200_PEAK, B200_BW, rows, experts, n, k)
     assert grouped_gemm_time_s(f, B200_PEAK, B200_BW, rows, experts, n, k, mma_flops=0.0) == free
-    rate = 0.10 * B200_PEAK
+    rate = 0.15 * B200_PEAK
     got = grouped_gemm_time_s(f, B200_PEAK, B200_BW, rows, experts, n, k, mma_flops=rate)
     t_c = 2.0 * rows * n * k / rate
     t_m = (experts * n * k * 2.0 + (rows * k + rows * n) * 2.0) / (B200_BW * f.gemm_bw_eff)
@@ -53,7 +53,7 @@ def test_bound_leaves_a_decode_launch_unchanged():
     """A decode launch (64 tokens x 8 picks) is far below the rate: bit for bit the same."""
     f = _fit()
     args = (f, B200_PEAK, B200_BW, 64 * 8.0, 120.0, 1536.0, 2048.0)
-    assert grouped_gemm_time_s(*args, mma_flops=0.10 * B200_PEAK) == grouped_gemm_time_s(*args)
+    assert grouped_gemm_time_s(*args, mma_flops=0.15 * B200_PEAK) == grouped_gemm_time_s(*args)
 
 
 def test_fitted_rates_agree_across_gpus():

@@ -114,7 +114,7 @@ class FusedMoeFit:
     #: ``2 x rows x n x k / (mma_frac x peak)`` (:func:`grouped_gemm_time_s`, ``mma_flops``), on
     #: top of the kernel fit's bounds; 1: no such bound. It binds on prefill-sized launches
     #: (thousands of routed rows), not on decode. Fitted to the MoE rows' output tokens/s
-    #: (``calibrate/moe_fit.py``, ``--mma``): H100 0.22, B200 0.10, the same ~0.22 PFLOP/s on
+    #: (``calibrate/moe_fit.py``, ``--mma``): H100 0.34, B200 0.15, the same ~0.34 PFLOP/s on
     #: both, i.e. the kernel does not gain the B200's faster tensor cores (the measured
     #: prefill-carrying time per step of a model at a batch is the same on both GPUs)
     mma_frac: float = 1.0
