@@ -39,9 +39,10 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -299,9 +300,9 @@ def mma_override(gpu: str, frac: float) -> Iterator[None]:
 
     orig = latency.catalog_moe_fit
 
-    def patched(name: str, cg: str | None = None) -> FusedMoeFit:
-        f = orig(name, cg)
-        return replace(f, mma_frac=frac) if (cg or name).startswith(gpu) else f
+    def patched(profile_name: str, catalog_gpu: str | None = None) -> FusedMoeFit:
+        f = orig(profile_name, catalog_gpu)
+        return replace(f, mma_frac=frac) if (catalog_gpu or profile_name).startswith(gpu) else f
 
     latency.catalog_moe_fit = patched
     try:
@@ -319,6 +320,10 @@ def tokens_s_errors(configs: list[ml.Config], gpu: str, frac: float) -> list[flo
         math.nan if r.error else math.log(r.tokens / r.window_s / c.tokens_per_s)
         for c, r in zip(configs, runs, strict=True)
     ]
+
+
+def _loss_without(loss_at: Callable[[float, str], float], model: str, v: float) -> float:
+    return loss_at(v, model)
 
 
 def fit_mma(gpu_model: str, grid: tuple[float, ...] | None = None) -> dict:
@@ -341,7 +346,7 @@ def fit_mma(gpu_model: str, grid: tuple[float, ...] | None = None) -> dict:
     best = min(grid, key=loss_at)
     lomo: list[float] = []
     for m in sorted({c.model_id for c in configs}):
-        v = min(grid, key=lambda v, m=m: loss_at(v, m))
+        v = min(grid, key=partial(_loss_without, loss_at, m))
         lomo += [x for c, x in zip(configs, errs[v], strict=True) if c.model_id == m and x == x]
     return {
         "gpu": gpu,
@@ -403,15 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     if a.mma:
-        r = fit_mma(a.mma)
-        print(f"{r['gpu']}: mma_frac fit on {r['rows']} rows' output tokens/s: best {r['best']}")
-        for v, lo in r["loss"].items():
-            s = stats(r["by_value"][v])
+        res = fit_mma(a.mma)
+        print(
+            f"{res['gpu']}: mma_frac fit on {res['rows']} rows' output tokens/s: best {res['best']}"
+        )
+        for v, lo in res["loss"].items():
+            s = stats(res["by_value"][v])
             print(
                 f"  mma_frac {v:5.2f}: mean |log error| {lo:.4f}; |error| median {s[0]:6.1%}"
                 f" worst {s[1]:6.1%} signed {s[2]:+6.1%}"
             )
-        s = stats(r["lomo"])
+        s = stats(res["lomo"])
         print(f"  LOMO: |error| median {s[0]:6.1%} worst {s[1]:6.1%} signed {s[2]:+6.1%}")
         print(f"({time.perf_counter() - t0:.0f} s)")
         return 0

@@ -98,3 +98,18 @@ def test_coder_480b_tokens_per_s_at_256():
     r = ml.simulate_config(c, 0, "iteration")
     assert not r.error, r.error
     assert r.tokens / r.window_s / c.tokens_per_s - 1.0 == pytest.approx(0.0, abs=0.15)
+
+
+def test_fit_scores_a_row_at_each_grid_value():
+    """``moe_fit --mma``'s scoring: the override reaches the engine's latency model (the row
+    at the B200's full peak is the old +31 %, at the catalog's 0.15 within 15 %), and it is
+    undone afterwards (the catalog's value is back)."""
+    import math
+
+    c = ml.find_config("Qwen/Qwen3-Coder-480B-A35B-Instruct", "B200", 8, 256, "sourcegraph-fim")
+    full, fitted = (moe_fit.tokens_s_errors([c], "b200", v)[0] for v in (1.0, 0.15))
+    assert math.expm1(full) == pytest.approx(0.31, abs=0.03)
+    assert abs(math.expm1(fitted)) < 0.15
+    from fleetsim.device import latency
+
+    assert latency.catalog_moe_fit("b200").mma_frac == catalog.moe()["b200"]["mma_frac"]
