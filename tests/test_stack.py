@@ -617,7 +617,9 @@ def test_host_stall_closes_the_mean_step_gap(stack_fit):
     b, h = stack_fit["b200"], stack_fit["h100-sxm"]
     assert b["hs_none"]["signed_median"] < -0.04
     assert abs(b["hs_lomo"]["signed_median"]) < 0.01
-    assert b["hs_lomo"]["median_abs"] < b["hs_none"]["median_abs"] - 0.005
+    # the median |error| does not grow (main 5456c44: 5.7 -> 4.9 %; with the one-GPU step
+    # floor of branch k29 the rows are closer without it, 4.4 -> 4.3 %)
+    assert b["hs_lomo"]["median_abs"] <= b["hs_none"]["median_abs"]
     assert 0.8e-3 < b["host_stall_fitted_s"] < 1.5e-3  # the rows' 0.9-1.9 ms at 16-256 seqs
     assert b["host_stall_s"] == b["host_stall_fitted_s"]  # charged (HOST_STALL_ADOPTED)
     assert abs(h["hs_none"]["signed_median"]) < 0.01
@@ -719,5 +721,6 @@ def test_harness_takes_the_host_stall_leave_one_model_out():
     assert 0.0 <= st[("H100", models[0])] < 0.2e-3
     assert st[("H100", models[0])] != pytest.approx(h["host_stall_fitted_s"], rel=1e-3)
     assert st[("B200", models[1])] == pytest.approx(b["host_stall_fitted_s"], rel=1e-3)
-    assert 0.6e-3 < st[("B200", models[0])] < 1.5e-3  # the other models' median row (0.76 ms)
+    # the other models' median row: 0.57 ms (0.76 ms before branch k29's one-GPU step floor)
+    assert 0.5e-3 < st[("B200", models[0])] < 1.5e-3
     assert st[("B200", models[0])] != pytest.approx(b["host_stall_fitted_s"], rel=1e-3)
