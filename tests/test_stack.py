@@ -158,14 +158,17 @@ def test_committed_stack_constants_do_not_drift(stack_fit, gpu):
     new = stack_fit[gpu]
     keys = ("overhead_s", "per_seq_s", "graph_floor_frac", "kv_memory_eff")
     keys += ("attn_unit_bw_bytes_per_s", "ar_floor_s", "ar_bw_bytes_per_s", "linear_state_eff")
-    keys += ("host_stall_s",)
+    keys += ("host_stall_s", "one_gpu_overhead_s")
     for k in keys:
-        assert new.get(k, 0.0) == pytest.approx(committed[k], rel=1e-3), k
+        assert new.get(k, 0.0) == pytest.approx(committed.get(k, 0.0), rel=1e-3), k
     assert new["lomo"]["median_abs"] == pytest.approx(committed["lomo_median_err"], abs=1e-3)
     lo = new["hs_lomo"]["median_abs"]
     assert lo == pytest.approx(committed["host_stall_lomo_median_err"], abs=1e-3)
     lo = new["ls_lomo"]["median_abs"]
     assert lo == pytest.approx(committed["linear_state_lomo_median_err"], abs=1e-3)
+    if gpu == "b200":
+        lo = new["og_lomo"]["median_abs"]
+        assert lo == pytest.approx(committed["one_gpu_lomo_median_err"], abs=1e-3)
     if gpu == "h100-sxm":
         lo = new["ar_lomo"]["median_abs"]
         assert lo == pytest.approx(committed["ar_lomo_median_err"], abs=1e-3)
@@ -183,7 +186,12 @@ def test_derived_gpus_take_the_h100_constants_and_their_own_nvlink():
             assert d[k] == h[k], k
         assert d["ar_bw_bytes_per_s"] == pytest.approx(_profile(gpu).link_bw_bytes_per_s)
     assert h["attn_unit_bw_bytes_per_s"] == 0.0  # FlashAttention's split-KV decode: no cap
-    assert st["b200"]["attn_unit_bw_bytes_per_s"] > 0.0
+    # TRTLLM-gen's split-KV decode on the B200: no cap either; its one-GPU step floor instead
+    assert st["b200"]["attn_unit_bw_bytes_per_s"] == 0.0
+    assert 1.5e-3 < st["b200"]["one_gpu_overhead_s"] < 2.5e-3
+    assert all(
+        st[g].get("one_gpu_overhead_s", 0.0) == 0.0 for g in ("h100-sxm", "a100-80gb", "h200")
+    )
 
 
 def test_h100_step_times_meet_the_issue_goal(stack_fit):
@@ -328,11 +336,13 @@ def test_b200_fit_over_all_dense_models(stack_fit):
     assert abs(b["lomo"]["signed_median"]) <= 0.05
     runs = stack.load_runs(stack.default_data_dir(), "B200")
     c = {k: b[k] for k in ("overhead_s", "per_seq_s", "kv_memory_eff")}
+    all_rows = stack.fit_runs(runs)  # (the catalog replaces its cap: fit_one_gpu_floor)
+    assert all_rows["attn_unit_bw_bytes_per_s"] == pytest.approx(7.5e9)
     with_cap = [
-        stack.run_err(r, {**c, "attn_unit_bw_bytes_per_s": b["attn_unit_bw_bytes_per_s"]})
+        stack.run_err(r, {**c, "attn_unit_bw_bytes_per_s": all_rows["attn_unit_bw_bytes_per_s"]})
         for r in runs
     ]
-    no_cap = stack.fit_runs(runs)
+    no_cap = all_rows
     no_cap_errs = [stack.run_err(r, {**no_cap, "attn_unit_bw_bytes_per_s": 0.0}) for r in runs]
     assert sum(e * e for e in with_cap) < sum(e * e for e in no_cap_errs)
 
@@ -469,6 +479,97 @@ def test_host_limited_series_are_the_flagged_b200_gpqa_series():
     assert not any(" H100 " in k or "lm-arena" in k for k in apart)
 
 
+def test_the_b200_step_fit_leaves_out_the_series_slower_than_weaker_h100_servers():
+    """calibrate/stack.host_limited_series: a one-GPU B200 series that measures, at some batch,
+    a longer median ITL than the same model and task on an H100 server with no more HBM
+    bandwidth and FLOP/s in total (two H100s: 6.7 TB/s and 1,978 TFLOP/s against the B200's
+    8.0 TB/s and 2,250) is bound by neither, i.e. host-limited. Among the dense rows that is
+    exactly the GPQA series of Qwen3-8B, -14B (flagged by the benchmark at one H100) and -32B
+    (44.1 ms at 8 sequences against 16.7 ms on two H100s); no chat series; the B200 fit keeps
+    the other 40 rows of the 46."""
+    from fleetsim.calibrate import mlenergy as ml
+    from fleetsim.calibrate import stack
+
+    assert stack._weaker_h100_gpus() == 2
+    configs = ml.read_configs()
+    bad = stack.host_limited_series(configs)
+    dense = {
+        (c.model_id, c.task)
+        for c in configs
+        if c.gpu_model == "B200"
+        and c.num_gpus == 1
+        and not c.moe_or_ep
+        and "Hybrid" not in c.architecture  # (the hybrids have their own fit)
+        and not ml.skip_reason(c)
+    }
+    assert bad & dense == {
+        ("Qwen/Qwen3-8B", "gpqa"),
+        ("Qwen/Qwen3-14B", "gpqa"),
+        ("Qwen/Qwen3-32B", "gpqa"),
+    }
+    q32 = {
+        c.max_num_seqs: c.itl_median_ms
+        for c in configs
+        if c.model_id == "Qwen/Qwen3-32B" and c.task == "gpqa" and c.gpu_model == "H100"
+    }
+    assert q32[8] == pytest.approx(16.72, abs=0.01)  # two H100s (TP2), vs 44.1 ms on one B200
+    data = stack.default_data_dir()
+    kept = stack.load_runs(data, "B200", drop_host_limited=True)
+    assert len(kept) == 40 and len(stack.load_runs(data, "B200")) == 46
+    assert not any(r.config.task == "gpqa" for r in kept)
+
+
+def test_without_the_host_limited_series_the_unit_cap_gives_way_to_a_step_floor():
+    """Fitted without the host-limited series (docs/accuracy.md, "B200 data": small-batch
+    one-GPU rows), the B200's per-unit KV cap goes to 0 (none: TRTLLM-gen decode splits a
+    sequence's KV across CTAs until the SMs are filled) and the per-step overhead rises from
+    1.2 to 3.6 ms: the cap had stood in for a one-GPU small-batch floor. gemma-3-12b chat at 8
+    sequences (7.73 ms measured) goes from +41 % to within 5 %. Not the catalog's fit: the
+    larger overhead slows the multi-GPU B200 rows, whose fused-MoE fit was made with 1.2 ms."""
+    from fleetsim.calibrate import stack
+
+    data = stack.default_data_dir()
+    c_old = stack.fit_runs(stack.load_runs(data, "B200"))  # every row: main 5456c44's catalog
+    assert c_old["attn_unit_bw_bytes_per_s"] == pytest.approx(7.5e9)
+    c = stack.fit_runs(stack.load_runs(data, "B200", drop_host_limited=True))
+    assert c["attn_unit_bw_bytes_per_s"] == 0.0
+    assert c["kv_memory_eff"] == pytest.approx(0.80)
+    assert 3.3e-3 < c["overhead_s"] < 3.9e-3 and c_old["overhead_s"] < 1.3e-3
+    runs = stack.load_runs(data, "B200")
+    g8 = next(
+        r
+        for r in runs
+        if r.config.model_id == "google/gemma-3-12b-it" and r.config.max_num_seqs == 8
+    )
+    assert stack.run_err(g8, c_old) > 0.35
+    assert abs(stack.run_err(g8, c)) < 0.05
+
+
+def test_b200_small_batch_one_gpu_rows_with_the_one_gpu_floor():
+    """The catalog's B200 (per-unit cap 0, one-GPU step floor ~2 ms) against the measured
+    median ITL of small-batch chat rows that the cap (7.5 GB/s per sequence and KV head, main
+    5456c44) made too slow in the step fit: gemma-3-12b at 8 and 16 sequences (7.73 / 8.32 ms:
+    +41 / +35 %), Qwen3-14B at 8 (7.16 ms: +10 %); each now within 10 %. (Qwen3-8B at 8 stays
+    too slow: +17 % -> +20 %, docs/accuracy.md "B200 data".)"""
+    from fleetsim.calibrate import stack
+
+    c = dict(catalog.stacks()["vllm-v1"]["b200"])
+    old = {**c, "attn_unit_bw_bytes_per_s": 7.5e9, "one_gpu_overhead_s": 0.0}
+    runs = stack.load_runs(stack.default_data_dir(), "B200")
+    small = {
+        (r.config.model_id, r.config.max_num_seqs): r
+        for r in runs
+        if r.config.task == "lm-arena-chat" and r.config.max_num_seqs <= 16
+    }
+    for key, before in (
+        (("google/gemma-3-12b-it", 8), 0.35),
+        (("google/gemma-3-12b-it", 16), 0.30),
+        (("Qwen/Qwen3-14B", 8), 0.08),
+    ):
+        assert stack.run_err(small[key], old) > before, key
+        assert abs(stack.run_err(small[key], c)) < 0.10, key
+
+
 def test_no_kv_read_model_fits_the_gpqa_b128_rows_and_the_chat_rows():
     """Qwen3-8B/14B GPQA on one B200 at 128 sequences (~5,400 tokens of context, ~100 GB of KV
     per step): 47.6 / 48.8 ms measured, the fitted step 50 % faster. Either KV-read term that
@@ -516,7 +617,9 @@ def test_host_stall_closes_the_mean_step_gap(stack_fit):
     b, h = stack_fit["b200"], stack_fit["h100-sxm"]
     assert b["hs_none"]["signed_median"] < -0.04
     assert abs(b["hs_lomo"]["signed_median"]) < 0.01
-    assert b["hs_lomo"]["median_abs"] < b["hs_none"]["median_abs"] - 0.005
+    # the median |error| does not grow (main 5456c44: 5.7 -> 4.9 %; with the one-GPU step
+    # floor of branch k29 the rows are closer without it, 4.4 -> 4.3 %)
+    assert b["hs_lomo"]["median_abs"] <= b["hs_none"]["median_abs"]
     assert 0.8e-3 < b["host_stall_fitted_s"] < 1.5e-3  # the rows' 0.9-1.9 ms at 16-256 seqs
     assert b["host_stall_s"] == b["host_stall_fitted_s"]  # charged (HOST_STALL_ADOPTED)
     assert abs(h["hs_none"]["signed_median"]) < 0.01
@@ -618,5 +721,6 @@ def test_harness_takes_the_host_stall_leave_one_model_out():
     assert 0.0 <= st[("H100", models[0])] < 0.2e-3
     assert st[("H100", models[0])] != pytest.approx(h["host_stall_fitted_s"], rel=1e-3)
     assert st[("B200", models[1])] == pytest.approx(b["host_stall_fitted_s"], rel=1e-3)
-    assert 0.6e-3 < st[("B200", models[0])] < 1.5e-3  # the other models' median row (0.76 ms)
+    # the other models' median row: 0.57 ms (0.76 ms before branch k29's one-GPU step floor)
+    assert 0.5e-3 < st[("B200", models[0])] < 1.5e-3
     assert st[("B200", models[0])] != pytest.approx(b["host_stall_fitted_s"], rel=1e-3)

@@ -211,6 +211,9 @@ class RooflineProfile:
     #: and written once per step), as a fraction of the bandwidth (0: the kernel fit's
     #: elementwise efficiency, as the prefill's scan; see fleetsim.device.stack)
     linear_state_eff: float = 0.0
+    #: exposed host time per iteration on top of ``overhead_s`` on one-GPU engines only (the
+    #: B200's small-batch step floor; see fleetsim.device.stack)
+    one_gpu_overhead_s: float = 0.0
 
 
 #: vLLM's custom all-reduce handles messages up to 8 MiB (CustomAllreduce max_size, vllm/
@@ -466,6 +469,8 @@ class LatencyModel:
             p = profile
             self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
             self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
+            if tp * dp == 1:
+                self._oh += p.one_gpu_overhead_s
             self._rc_peak = tp * dp * p.peak_flops
             self._rm = tp * dp * p.mem_bw_bytes_per_s * p.memory_eff
             if tp > 1:

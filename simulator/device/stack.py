@@ -24,17 +24,21 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   HND KV layout by default (vllm/platforms/cuda.py, ``get_attn_backend_cls``: "Prefer FlashInfer
   for Blackwell GPUs if installed") and runs decode batches of up to 256 tokens on FlashInfer's
   TRTLLM-gen kernels (vllm/utils/flashinfer.py, ``use_trtllm_attention``); on Hopper it keeps
-  FlashAttention, whose decode splits long contexts across thread blocks. The single-GPU B200
-  rows show a decode whose KV read grows with the number of (sequence, KV head) work units
-  until the bandwidth saturates (Qwen3-32B GPQA at ~5,500 tokens of context: 44 ms at 8
-  sequences, 36 to 41 ms from 16 to 64; ~30 ms per step more than its chat rows at 8 to 32
-  sequences): ``attn_unit_bw_bytes_per_s`` caps a step's KV read at units x that bandwidth
-  (:class:`~fleetsim.device.latency.RooflineProfile`). **Scope (confidence L):** the cap is
-  applied to one-GPU engines only, where it was fitted. The multi-GPU B200 servers decode long
-  contexts at small batch fast (Qwen3-235B-A22B-Thinking GPQA, 8 sequences: 16.5 ms on 8 GPUs,
-  19.0 ms on 4, with one KV head per GPU), which a kernel-only cause would not allow; the
-  benchmark flags the single-GPU GPQA rows of five models "B200 slower than H100" and names
-  host-side limits as one candidate. Which of the two it is stays open.
+  FlashAttention, whose decode splits long contexts across thread blocks. TRTLLM-gen splits
+  each (sequence, KV head)'s KV across CTAs until the SMs are filled (flashinfer
+  include/flashinfer/trtllm/fmha/fmhaKernels.cuh, ``computeCtaAndClusterConfig``), so the KV
+  read runs at ``kv_memory_eff`` of the bandwidth at every batch. ``attn_unit_bw_bytes_per_s``
+  (a step's KV read capped at (sequence, KV head) units x that bandwidth, one-GPU engines
+  only) is kept as a form but is 0 in the catalog: fitted to every B200 row it came from the
+  long-context GPQA series that measure slower than two H100s (host-limited,
+  calibrate/stack.py ``host_limited_series``) and made long prompts slow at every small batch.
+* **One-GPU step floor** (``one_gpu_overhead_s``, B200, confidence L): what the cap supplied,
+  the one-GPU rows still ask for, dense and MoE alike: about 2 ms per step beyond the kernels
+  that the multi-GPU B200 rows (fitted with ``overhead_s`` alone) do not. vLLM runs a one-GPU
+  engine's worker inside the engine-core process (UniProcExecutor; two or more GPUs run
+  worker processes, MultiprocExecutor: vllm/config/parallel.py); that it is this host path is
+  a candidate, not shown. Fitted to the non-host-limited one-GPU dense rows with the other
+  constants held (calibrate/stack.py ``fit_one_gpu_floor``); 0 on the other GPUs.
 * **Custom all-reduce.** Under tensor parallelism vLLM all-reduces messages of up to 8 MiB with
   its own one-/two-shot kernel over NVLink, captured in the graph, not NCCL:
   ``ar_floor_s + 2 (tp - 1) / tp x bytes / ar_bw_bytes_per_s`` per call.
@@ -135,4 +139,5 @@ def apply_stack(
         ar_floor_s=float(c.get("ar_floor_s", 0.0)),
         ar_bw_bytes_per_s=float(c.get("ar_bw_bytes_per_s", 0.0)),
         linear_state_eff=float(c.get("linear_state_eff", 0.0)),
+        one_gpu_overhead_s=float(c.get("one_gpu_overhead_s", 0.0)),
     )
