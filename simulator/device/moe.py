@@ -162,33 +162,6 @@ def k_loop_latency_s(
     return math.ceil(k / bk) * step * (waves if waves > 1.0 else 1.0)
 
 
-def loop_occupancy(
-    mf: FusedMoeFit,
-    tokens: float,
-    local_experts: float,
-    touched: float,
-    rows: float,
-    n: float,
-    fp8_block: bool,
-) -> float:
-    """The share of the GPU that one fused-MoE grouped-GEMM launch keeps busy while its K loop
-    runs: its grid, ``touched x ceil(rows per expert / BLOCK_SIZE_M) x ceil(n / BLOCK_SIZE_N)``
-    programs of :func:`default_block_config`'s tiles (as :func:`k_loop_latency_s` counts them),
-    over the four-warp programs the GPU's SMs hold by their threads (``sms x``
-    :data:`MAX_PROGRAMS_PER_SM`: 2,048 resident threads per SM / 128), at most 1; 0 without
-    rows. A decode launch over a few local experts leaves most warp slots empty (and the SMs
-    without programs idle), a launch over every expert or a prefill's rows fills them: the fp8
-    K loop draws ``PowerSpec.moe_loop_w`` in proportion (:func:`moe_layer_parts_s`'s
-    ``moe_fp8_loop``), since a loop step's work (tile loads, the block-scaled dot, the rescale of
-    the accumulator) is done by each resident program."""
-    if touched <= 0.0 or rows <= 0.0 or n <= 0.0:
-        return 0.0
-    bm, bn, _, _ = default_block_config(tokens, local_experts, fp8_block)
-    programs = touched * math.ceil(rows / touched / bm) * math.ceil(n / bn)
-    occ = programs / (mf.sms * MAX_PROGRAMS_PER_SM)
-    return occ if occ < 1.0 else 1.0
-
-
 def fp8_default_loop_latency_s(mf: FusedMoeFit, k: float) -> float:
     """The loop latency of one fp8 block-quantised fused-MoE launch over a reduction of ``k``
     where vLLM has no tuned configuration for the layer: ``ceil(k / 128)`` K steps of
@@ -366,8 +339,7 @@ def moe_layer_parts_s(
     shared experts' ``shared_mlp`` (see the module docstring); and ``moe_fp8_loop``, not a part
     of its own but the share of ``moe_gemm_up + moe_gemm_down`` that is the block-scaled K loop
     of fp8 block-quantised experts (:func:`k_loop_latency_s` with ``fp8_block``; 0 for other
-    experts), each launch's weighted by the share of the GPU it keeps busy
-    (:func:`loop_occupancy`): the time the power model draws ``PowerSpec.moe_loop_w`` in.
+    experts), the time the power model draws ``PowerSpec.moe_loop_w`` in.
     ``expert_weight_bytes`` and ``expert_peak_flops`` are those of the experts' precision
     (default: the layer's); ``moe_fit`` the GPU's fused-MoE loop latency, ``fp8_block``
     whether the experts are fp8 with block scales (vLLM's w8a8 block kernel configuration)."""
@@ -428,14 +400,7 @@ def moe_layer_parts_s(
         fit, epk, bw, rows, touched, d, cols, ewb, loop_down, foreign
     )
     out["moe_combine"] = comm
-    # the loop's seconds weighted by the share of the GPU each launch keeps busy
-    # (loop_occupancy): the seconds PowerSpec.moe_loop_w is drawn in, in full
-    out["moe_fp8_loop"] = (
-        loop_up * loop_occupancy(moe_fit, m, local_experts, touched, rows, n_up, fp8_block)
-        + loop_down * loop_occupancy(moe_fit, m, local_experts, touched, rows, d, fp8_block)
-        if fp8_block
-        else 0.0
-    )
+    out["moe_fp8_loop"] = loop_up + loop_down if fp8_block else 0.0
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down
     return out
