@@ -159,3 +159,34 @@ def test_cuda_graphs_are_per_engine():
         cache.clear()
     lat.coeff_cache.clear()
     assert graphed < lat.decode_time(1024, 1700)
+
+
+def test_engine_records_the_first_iterations_comm_seconds_at_the_padded_count(tmp_path):
+    """The engine records the communication seconds of an iteration (PowerSpec.comm_w) at the
+    tokens its layers run, as :meth:`LatencyModel.iteration` times them: under data
+    parallelism every engine is padded to the fullest one, so one engine's 1,500-token prompt
+    makes all 8 engines dispatch 1,500 tokens (hand count: comm_s(8 x 1,500) for the prompt's
+    iteration, then comm_s(8 x 1) for each of its 4 decode steps). Both engines (one iteration
+    per step and macro-steps) record the same seconds. (Before, the prompt's iteration was
+    recorded at the unpadded 1,500 tokens while its time was the padded one's.)"""
+    import fleetsim.serving.pod as pod_mod
+    from fleetsim.api import load
+    from fleetsim.calibrate import mlenergy as M
+    from fleetsim.config.scenario import resolve
+
+    c = M.find_config(
+        "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "B200", 8, 8, task="sourcegraph-fim"
+    )
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,1500,5\n")
+    got = {}
+    for engine in ("iteration", "macro"):
+        rs = resolve(load(M.scenario_dict(c, str(trace), 1, engine)), "")
+        lat = rs.latency_model()
+        assert lat.dp == 8 and lat.dp_padded_tokens(1500, 1, 0) == 8 * 1500
+        want = lat.comm_s(8 * 1500, 1) + 4 * lat.comm_s(8, 1)
+        assert lat.comm_s(8 * 1500, 1) > 2.0 * lat.comm_s(1500, 1) > 0.0  # the padding matters
+        rec = pod_mod.Pod(rs, 0, 1).run()
+        got[engine] = sum(rec.comm_s)
+        assert got[engine] == pytest.approx(want, rel=1e-9)
+    assert got["macro"] == pytest.approx(got["iteration"], rel=1e-9)

@@ -312,8 +312,10 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         self.F_first = F1
         self.B_first = B1
         if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
-            cm = lat._comm_cache.get(self.P + n)  # (lat.comm_s, its cache read inline)
-            self.C_first = cm if cm is not None else lat.comm_s(self.P + n, nchunks + n)
+            # at the tokens its layers run: padded under data parallelism, as iteration() times
+            tc = self.P + n if lat.dp <= 1 else lat.dp_padded_tokens(self.P, nchunks, n)
+            cm = lat._comm_cache.get(tc)  # (lat.comm_s, its cache read inline)
+            self.C_first = cm if cm is not None else lat.comm_s(tc, nchunks + n)
         if cfg.track_loop:  # seconds of it in the fp8 fused-MoE K loop (PowerSpec.moe_loop_w)
             self.L_first = lat.moe_loop_iter_s(self.P, nchunks, n)
         if cfg.e_kv_j:  # its weight bytes: the rest of B1 is KV and state (PowerSpec.kv_w)
