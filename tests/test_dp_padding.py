@@ -88,6 +88,25 @@ def test_decode_run_formula_agrees_with_the_padded_step():
     )
 
 
+def test_padding_tokens_are_counted_in_the_flops():
+    """The FLOPs of a DP-8 iteration (the power model's compute term) are those its engines
+    run: the real tokens' plus ``f_lin`` for every padding token (hand count: a 1,500-token
+    prompt and 128 decodes run 8 x (16 + 1,500) tokens, 12,128 - 1,628 = 10,500 of them
+    padding); a decode batch of 130 pads to 136 (6 padding tokens), in the general iteration
+    and in the engine's decode fast path alike; dp 1 counts the tokens themselves."""
+    lat, one = _lat(8), _lat(1)
+    f_lin, f_head, f_pair = lat.f_lin, lat.f_head, lat.f_pair
+    real = 1500 * f_lin + 1.0e6 * f_pair + f_head + 128 * (f_lin + f_head) + 5.0e4 * f_pair
+    fl = lat.iteration(1500, 1.0e6, 1, 128, 5.0e4)[1]
+    assert fl == pytest.approx(real + 10_500 * f_lin, rel=1e-12)
+    assert one.iteration(1500, 1.0e6, 1, 128, 5.0e4)[1] == pytest.approx(real, rel=1e-12)
+    dec = 130 * (f_lin + f_head) + 9.0e4 * f_pair + 6 * f_lin
+    assert lat.iteration(0, 0.0, 0, 130, 9.0e4)[1] == pytest.approx(dec, rel=1e-12)
+    assert lat.decode_step(130, 9.0e4)[1] == pytest.approx(dec, rel=1e-12)
+    assert lat.run_coeffs(130).fa == pytest.approx(130 * (f_lin + f_head) + 6 * f_lin)
+    assert lat.run_coeffs(128).fa == pytest.approx(128 * (f_lin + f_head))  # no padding
+
+
 def _row(key: str):
     from fleetsim.calibrate import mlenergy as ml
 

@@ -928,6 +928,8 @@ class LatencyModel:
             + ctx * f_pair
         )
         tokens = p_tokens + n
+        if self.dp > 1:  # the padding tokens every engine runs (dp_padded_flops)
+            flops += (self.dp_padded_tokens(p_tokens, n_prefill, n) - tokens) * f_lin
         nbytes = (
             (self._w_dense if self._dense else self.model.weight_bytes_read(tokens))
             + self.kvb * (ctx + tokens)
@@ -994,6 +996,8 @@ class LatencyModel:
         if c is not None:
             return c
         fa = n * (self.f_lin + self.f_head)
+        if self.dp > 1:  # the padding tokens every engine runs (dp_padded_flops)
+            fa += (self.dp_padded_tokens(0, 0, n) - n) * self.f_lin
         fb = self.f_pair
         ba = self._weights(n) + self.kvb * n + self._sb * n
         bb = self.kvb
