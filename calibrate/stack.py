@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -652,14 +652,25 @@ def run_err(r: _Run, c: dict) -> float:
     return float(t[j]) / (r.config.itl_median_ms / 1e3) - 1.0
 
 
+_F = TypeVar("_F")
+
+
+def _lomo_errors(
+    runs: list[_Run], fit: Callable[[list[_Run]], _F], err: Callable[[_Run, _F], float]
+) -> list[float]:
+    """Leave-one-model-out: each model's runs' errors under ``fit`` of the other models' runs."""
+    errs: list[float] = []
+    for m in sorted({r.config.model_id for r in runs}):
+        f = fit([r for r in runs if r.config.model_id != m])
+        errs += [err(r, f) for r in runs if r.config.model_id == m]
+    return errs
+
+
 def fit_b200(runs: list[_Run]) -> dict:
     """The B200's constants fitted to all ``runs`` and their leave-one-model-out errors."""
     c_all = fit_runs(runs)
     models = sorted({r.config.model_id for r in runs})
-    errs: list[float] = []
-    for m in models:
-        c = fit_runs([r for r in runs if r.config.model_id != m])
-        errs += [run_err(r, c) for r in runs if r.config.model_id == m]
+    errs = _lomo_errors(runs, fit_runs, run_err)
     return {
         **{k: v for k, v in c_all.items() if k != "loss"},
         "rows": len(runs),
@@ -705,10 +716,7 @@ def fit_one_gpu_floor(runs: list[_Run], c: dict) -> dict:
 
     d_all = solve(runs)
     models = sorted({r.config.model_id for r in runs})
-    errs: list[float] = []
-    for m in models:
-        d = solve([r for r in runs if r.config.model_id != m])
-        errs += [err(r, d) for r in runs if r.config.model_id == m]
+    errs = _lomo_errors(runs, solve, err)
     return {
         "attn_unit_bw_bytes_per_s": 0.0,
         "one_gpu_overhead_s": d_all,
