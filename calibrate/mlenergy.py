@@ -1365,6 +1365,7 @@ STACK_KEYS = (
     "ar_bw_bytes_per_s",
     "linear_state_eff",
     "host_stall_s",
+    "one_gpu_overhead_s",
 )
 
 

@@ -620,3 +620,31 @@ def test_engine_energy_puts_communication_at_comm_w(tmp_path):
     # one GPU: no communication recorded
     c1g = next(c for c in M.read_configs() if c.model_id == "Qwen/Qwen3-8B" and c.num_gpus == 1)
     assert sum(pod_mod.Pod(_rs(c1g, tmp_path), 0, 1).run().comm_s) == 0.0
+
+
+def test_a_from_mlenergy_profile_carries_every_stack_constant_the_stack_reads(monkeypatch):
+    """``fleetsim calibrate --from-mlenergy`` writes the serving stack's constants fitted to the
+    user's folder into the profile (``STACK_KEYS``); a key it leaves out silently keeps the
+    catalog's value. Every constant ``apply_stack`` reads for a catalog GPU is among them, the
+    B200's one-GPU step floor (``one_gpu_overhead_s``, which calibrate/stack.py fits) included
+    (it was missing: a user's B200 profile took the catalog's floor)."""
+    from fleetsim.device import stack
+    from fleetsim.device.profile import catalog_profile
+
+    seen: set[str] = set()
+
+    class Reads(dict):
+        def __getitem__(self, k):
+            seen.add(k)
+            return dict.__getitem__(self, k)
+
+        def get(self, k, default=None):
+            seen.add(k)
+            return dict.get(self, k, default)
+
+    orig = stack.stack_constants
+    monkeypatch.setattr(stack, "stack_constants", lambda s, g: Reads(orig(s, g) or {}))
+    for gpu in ("h100-sxm", "b200"):
+        stack.apply_stack(catalog_profile(gpu, catalog.gpu(gpu)), "vllm-v1", gpu, 256)
+    assert {"overhead_s", "host_stall_s", "one_gpu_overhead_s"} <= seen
+    assert seen <= set(M.STACK_KEYS), seen - set(M.STACK_KEYS)
