@@ -25,7 +25,7 @@ from fleetsim.config.resolved import GpuSpec, KvBudget, Resolved, kv_budget
 from fleetsim.config.schedules import check_autoscaler, diurnal_weights
 from fleetsim.config.schema import Scenario, TrafficSection
 from fleetsim.device import catalog
-from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
+from fleetsim.device.latency import POWER_TERMS_W, LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import ModelSpec, model_from_catalog
 from fleetsim.device.moe import layout_problem, replica_weight_bytes
 from fleetsim.workload.distributions import Empirical
@@ -216,20 +216,7 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         k: v for k, v in hw.model_dump().items() if k not in ("gpu", "profile") and v is not None
     }
     entry.update(over)
-    set_here = [
-        k
-        for k in (
-            "tdp_w",
-            "idle_w",
-            "active_w",
-            "compute_w",
-            "memory_w",
-            "kv_w",
-            "comm_w",
-            "moe_loop_w",
-        )
-        if k in over
-    ]
+    set_here = [k for k in ("tdp_w", "idle_w", *POWER_TERMS_W) if k in over]
     power = PowerSpec(
         idle_w=entry["idle_w"],
         max_w=entry["tdp_w"],

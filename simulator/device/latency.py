@@ -58,6 +58,11 @@ from fleetsim.device.moe import (
 _ceil = math.ceil
 
 
+#: PowerSpec's busy-time terms (W), after ``idle_w`` and the cap: the fields a profile file and a
+#: scenario's ``[hardware]`` carry beside them (device/profile.py, config/aggregated.py)
+POWER_TERMS_W = ("active_w", "compute_w", "memory_w", "kv_w", "comm_w", "moe_loop_w")
+
+
 @dataclass(frozen=True, slots=True)
 class PowerSpec:
     """Per-GPU power model.

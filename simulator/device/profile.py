@@ -51,7 +51,13 @@ from fleetsim.device.analytic import MAX_BUSY_OVER_TDP as MAX_BUSY_OVER_TDP
 from fleetsim.device.analytic import MAX_POWER_W, power_problem
 from fleetsim.device.analytic import catalog_profile as catalog_profile
 from fleetsim.device.kernels import kernel_fit_from_dict, kernel_fit_to_dict
-from fleetsim.device.latency import LinearProfile, PowerSpec, Profile, RooflineProfile
+from fleetsim.device.latency import (
+    POWER_TERMS_W,
+    LinearProfile,
+    PowerSpec,
+    Profile,
+    RooflineProfile,
+)
 
 FORMAT = "fleetsim-profile/1"
 
@@ -81,16 +87,7 @@ _LINEAR_FIELDS = (
     "peak_flops",
     "mem_bw_bytes_per_s",
 )
-_POWER_FIELDS = (
-    "idle_w",
-    "max_w",
-    "active_w",
-    "compute_w",
-    "memory_w",
-    "kv_w",
-    "comm_w",
-    "moe_loop_w",
-)
+_POWER_FIELDS = ("idle_w", "max_w", *POWER_TERMS_W)
 
 
 # Upper bounds of profile fields: orders of magnitude above any device, so that every product
