@@ -379,7 +379,9 @@ class _Tracker:
         self.dyn = 0.0
         self.comm = 0.0
         self.loop = 0.0
-        self.snaps: list[tuple[float, float, float, float, float, int, float, float]] = []
+        self.prompt = 0.0
+        self.hit = 0.0
+        self.snaps: list[tuple[float, ...]] = []
         rec.busy_s = _Log(rec.busy_s, self._busy)
         rec.flops = _Log(rec.flops, self._flops)
         rec.bytes_moved = _Log(rec.bytes_moved, self._bytes)
@@ -387,6 +389,8 @@ class _Tracker:
         rec.dyn_j = _Log(rec.dyn_j, self._dyn)
         rec.comm_s = _Log(rec.comm_s, self._comm)
         rec.moe_loop_s = _Log(rec.moe_loop_s, self._loop)
+        rec.prompt_tokens = _Log(rec.prompt_tokens, self._prompt)
+        rec.prefix_hit_tokens = _Log(rec.prefix_hit_tokens, self._hit)
 
     def _busy(self, d: float) -> None:
         self.busy += d
@@ -406,11 +410,19 @@ class _Tracker:
     def _tokens(self, d: float) -> None:
         self.tokens += d
 
+    def _prompt(self, d: float) -> None:
+        self.prompt += d
+
+    def _hit(self, d: float) -> None:
+        self.hit += d
+
     def _dyn(self, d: float) -> None:
         self.dyn += d
-        # a commit adds its tokens, busy time, energy, FLOPs, bytes, communication and fp8
-        # MoE-loop seconds in that order, and its iteration count last: the FLOPs, bytes,
-        # communication, loop and iterations seen here are the earlier commits' (cumulative())
+        # a commit adds its prompt and output tokens, busy time, energy, FLOPs, bytes,
+        # communication and fp8 MoE-loop seconds in that order, and its iteration count last:
+        # the FLOPs, bytes, communication, loop and iterations seen here are the earlier
+        # commits' (cumulative()); its prompt tokens and prefix-cache hits (serving/core.py,
+        # P_first and hit_tok, added before its energy) are its own
         self.snaps.append(
             (
                 self.busy,
@@ -421,13 +433,16 @@ class _Tracker:
                 self.rec.iterations,
                 self.comm,
                 self.loop,
+                self.prompt,
+                self.hit,
             )
         )
 
     def cumulative(self) -> dict[str, np.ndarray]:
-        """Cumulative busy time, tokens, FLOPs, bytes, iterations, communication and fp8
-        MoE-loop seconds after each commit."""
-        s = np.array(self.snaps, dtype=float).reshape(-1, 8)
+        """Cumulative busy time, output tokens, prompt tokens (``prompt``: all of the admitted
+        prompts, ``hit``: those served from the prefix cache), FLOPs, bytes, iterations,
+        communication and fp8 MoE-loop seconds after each commit."""
+        s = np.array(self.snaps, dtype=float).reshape(-1, 10)
         final = np.array(
             [[self.flops, self.bytes, float(self.rec.iterations), self.comm, self.loop]]
         )
@@ -440,6 +455,8 @@ class _Tracker:
             "iters": after[:, 2],
             "comm": after[:, 3],
             "loop": after[:, 4],
+            "prompt": s[:, 8],
+            "hit": s[:, 9],
         }
 
 
@@ -464,6 +481,11 @@ class SimRun:
     seg_comm_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # in communication
     #: in the block-scaled K loop of fp8 fused-MoE kernels (PowerSpec.moe_loop_w)
     seg_loop_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: prompt tokens per commit, all of the prompts it admits (``seg_hit`` of them served from
+    #: the prefix cache, the rest computed); a commit's prompts are in its first iteration
+    #: (serving/core.py), so a commit with any carries one prompt-carrying step
+    seg_prompt: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    seg_hit: np.ndarray = field(default_factory=lambda: np.zeros(0))
     #: weight bytes the replica reads per iteration (the rest of a commit's bytes are KV cache
     #: and linear state: PowerSpec.kv_w); exact for a dense model, whose every iteration reads
     #: them all; a mixture of experts: those a full batch of max_num_seqs touches
@@ -670,6 +692,8 @@ def simulate_config(
     seg_b = np.diff(np.concatenate(([0.0], by_cum)))
     seg_c = np.diff(np.concatenate(([0.0], cum["comm"])))
     seg_l = np.diff(np.concatenate(([0.0], cum["loop"])))
+    seg_p = np.diff(np.concatenate(([0.0], cum["prompt"])))
+    seg_h = np.diff(np.concatenate(([0.0], cum["hit"])))
 
     def at(cum: np.ndarray, t: float) -> float:
         return float(np.interp(t, np.concatenate(([0.0], busy)), np.concatenate(([0.0], cum))))
@@ -697,6 +721,8 @@ def simulate_config(
     out.seg_iters = seg_it[inw]
     out.seg_comm_s = seg_c[inw]
     out.seg_loop_s = seg_l[inw]
+    out.seg_prompt = seg_p[inw]
+    out.seg_hit = seg_h[inw]
     out.sim_wall_s = time.perf_counter() - t0
     return out
 
@@ -707,6 +733,100 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
     o = np.argsort(x)
     cw = np.cumsum(w[o])
     return float(x[o][np.searchsorted(cw, 0.5 * cw[-1])])
+
+
+@dataclass(frozen=True)
+class StepSplit:
+    """A run's mean gap between tokens split into its median step and the time beyond it,
+    measured and simulated, with the simulated steady window's prompt-carrying steps.
+
+    The mean gap is ``batch / tokens/s`` (every running sequence gets one token per step, so it
+    is the mean step); what lies beyond the median ITL is carried by the steps longer than the
+    median: in the simulation those that carry prompt tokens (prefill chunks mixed into the
+    decode batch), in vLLM those and whatever else stalls a step (docs/accuracy.md, "Time beyond
+    the median step")."""
+
+    meas_mean_s: float  # measured avg_batch_size / output tokens/s
+    meas_median_s: float  # measured median ITL
+    sim_mean_s: float  # simulated window batch / window tokens/s
+    sim_median_s: float  # simulated token-weighted median step (whole run, as the benchmark)
+    steps: float  # iterations of the simulated window
+    prompt_steps: float  # of them, those computing prompt tokens
+    prompt_tokens: float  # prompt tokens computed in the window (prefix-cache hits excluded)
+    decode_step_s: float  # mean iteration of the window's commits without prompt tokens
+    prompt_step_s: float  # mean prompt-carrying iteration
+
+    @property
+    def meas_beyond_s(self) -> float:
+        return self.meas_mean_s - self.meas_median_s
+
+    @property
+    def sim_beyond_s(self) -> float:
+        return self.sim_mean_s - self.sim_median_s
+
+    @property
+    def prompt_share(self) -> float:
+        """Fraction of the window's steps that carry prompt tokens."""
+        return self.prompt_steps / self.steps if self.steps else math.nan
+
+    @property
+    def tokens_per_prompt_step(self) -> float:
+        return self.prompt_tokens / self.prompt_steps if self.prompt_steps else 0.0
+
+    @property
+    def missing_per_prompt_step_s(self) -> float:
+        """The time each prompt-carrying step would have to gain for the simulated time beyond
+        the median to reach the measured one (the prompt-carrying steps are fewer than half, so
+        the median does not move): (measured - simulated beyond) / prompt share."""
+        share = self.prompt_share
+        if not share or math.isnan(share):
+            return math.nan
+        return (self.meas_beyond_s - self.sim_beyond_s) / share
+
+
+def step_split(c: Config, run: SimRun) -> StepSplit:
+    """:class:`StepSplit` of configuration ``c`` and its simulated ``run``."""
+    tps = run.tokens / run.window_s
+    it = run.seg_iters
+    has_p = run.seg_prompt > 0
+    dec = ~has_p & (it > 0)
+    d = float(run.seg_s[dec].sum() / it[dec].sum()) if dec.any() else math.nan
+    # a commit's prompt tokens are in its first iteration; the rest of it decodes at ~d
+    pf = float((run.seg_s[has_p] - (it[has_p] - 1.0) * d).mean()) if has_p.any() else math.nan
+    return StepSplit(
+        meas_mean_s=c.avg_batch_size / c.tokens_per_s,
+        meas_median_s=c.itl_median_ms * 1e-3,
+        sim_mean_s=run.avg_batch / tps,
+        sim_median_s=run.itl_median_s,
+        steps=float(it.sum()),
+        prompt_steps=float(has_p.sum()),
+        prompt_tokens=float((run.seg_prompt - run.seg_hit).sum()),
+        decode_step_s=d,
+        prompt_step_s=pf,
+    )
+
+
+def split_lines(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
+    """One line per run: mean step, median and the time beyond it, measured / simulated (ms),
+    the simulated window's prompt-carrying share of steps, prompts per such step (computed
+    tokens over the task's prompt length), its extra time over a decode step, and the time each
+    would have to gain to match the measured time beyond the median."""
+    out = [
+        "time beyond the median step, measured / simulated (ms); simulated window: share of "
+        "steps carrying prompts, computed prompt tokens per such step, its extra over a decode "
+        "step (ms), the extra it would need (ms)"
+    ]
+    for c, r in pairs:
+        s = step_split(c, r)
+        out.append(
+            f"  {c.key:70} mean {1e3 * s.meas_mean_s:6.1f} / {1e3 * s.sim_mean_s:6.1f}"
+            f" median {1e3 * s.meas_median_s:6.1f} / {1e3 * s.sim_median_s:6.1f}"
+            f" beyond {1e3 * s.meas_beyond_s:5.1f} / {1e3 * s.sim_beyond_s:5.1f}"
+            f" | prompt steps {s.prompt_share:4.2f} x {s.tokens_per_prompt_step:5.0f} tok"
+            f" +{1e3 * (s.prompt_step_s - s.decode_step_s):5.1f} need"
+            f" +{1e3 * (s.prompt_step_s - s.decode_step_s + s.missing_per_prompt_step_s):6.1f}"
+        )
+    return out
 
 
 # -- the power model ---------------------------------------------------------------------------
@@ -1484,6 +1604,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--rows", action="store_true", help="print every configuration's errors")
     ap.add_argument(
+        "--beyond",
+        action="store_true",
+        help="print every configuration's time beyond the median step, measured and simulated, "
+        "and the simulated prompt-carrying steps (docs/accuracy.md)",
+    )
+    ap.add_argument(
         "--power-variants",
         action="store_true",
         help="also compare the power-fit variants (anchor weight, loss, dense or all rows; "
@@ -1522,6 +1648,8 @@ def main(argv: list[str] | None = None) -> int:
                 + " ".join(f"{k}={100 * e[k]:+6.1f}%" for k in METRICS)
                 + (" suspect" if row.config.suspect else "")
             )
+    if a.beyond:
+        print("\n".join(split_lines(pairs)))
     print("\n".join(report(rows, skipped, not a.catalog)))
     if a.power_variants:
         print("\n".join(power_variants(pairs)))

@@ -213,6 +213,97 @@ def test_tracker_conserves_the_recorder_totals(tmp_path):
     assert rec.iterations == cum["iters"][-1]
 
 
+def test_tracker_counts_each_commits_prompts_and_prefix_hits(tmp_path):
+    """The harness's per-commit prompt log (the time-beyond-the-median split reads it) ends at
+    the recorder's totals, and with forty copies of one prompt admitted eight at a time (the
+    batch limit) each commit carries its eight prompts: prompts = hits + computed tokens."""
+    from fleetsim.api import load
+    from fleetsim.config.scenario import resolve
+    from fleetsim.serving.pod import Pod
+
+    c = next(
+        c
+        for c in M.read_configs()
+        if c.model_id == "Qwen/Qwen3-30B-A3B-Instruct-2507"
+        and c.task == "lm-arena-chat"
+        and c.gpu_model == "H100"
+        and c.num_gpus == 1
+        and c.max_num_seqs == 8
+    )
+    ids = ",".join(str(j) for j in range(16))  # 250 tokens: 15 full blocks of 16 and a partial
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        f'{{"timestamp":0,"input_length":250,"output_length":300,"hash_ids":[{ids}]}}\n' * 40
+    )
+    sd = M.scenario_dict(c, str(trace), 1, "macro")
+    sd["traffic"]["trace_block_tokens"] = M.PROMPT_BLOCK_TOKENS
+    pod = Pod(resolve(load(sd), ""), 0, 1)
+    tr = M._Tracker(pod.rec)
+    rec = pod.run()
+    cum = tr.cumulative()
+    assert cum["prompt"][-1] == sum(rec.prompt_tokens) == 40 * 250
+    assert cum["hit"][-1] == sum(rec.prefix_hit_tokens)
+    per_commit = np.diff(np.concatenate(([0.0], cum["prompt"])))
+    # all 40 arrive at once, 8 run at a time, each 300 tokens long: five admitting commits
+    assert sorted(per_commit[per_commit > 0]) == [8 * 250.0] * 5
+    # the first eight share the chain only once it is computed; every later copy hits its 15
+    # full blocks (vLLM keeps the last token to compute: (250 - 1) // 16 = 15 blocks)
+    assert cum["hit"][-1] >= 32 * 15 * 16
+
+
+def _split_run(seg_s, seg_iters, seg_prompt, seg_hit, batch, tokens, window_s, itl_s):
+    r = M.SimRun("synthetic", window_s=window_s, tokens=tokens, itl_median_s=itl_s)
+    r.avg_batch = batch
+    r.seg_s = np.asarray(seg_s, float)
+    r.seg_iters = np.asarray(seg_iters, float)
+    r.seg_prompt = np.asarray(seg_prompt, float)
+    r.seg_hit = np.asarray(seg_hit, float)
+    return r
+
+
+def test_step_split_hand_count():
+    """Eight 20 ms decode steps, one 50 ms step admitting a 300-token prompt, one commit of
+    three iterations whose first admits two prompts of 300 (100 of them cached), 64 sequences:
+    the split by hand."""
+    from dataclasses import replace
+
+    c0 = next(c for c in M.read_configs() if c.task == "lm-arena-chat")
+    c = replace(c0, avg_batch_size=64.0, tokens_per_s=64.0 / 0.030, itl_median_ms=20.0)
+    seg_s = [0.020] * 8 + [0.050, 0.050 + 2 * 0.020]
+    r = _split_run(
+        seg_s, [1] * 9 + [3], [0] * 8 + [300, 600], [0] * 9 + [100], 64.0, 64.0 * 12, 0.27, 0.020
+    )
+    s = M.step_split(c, r)
+    assert s.steps == 12 and s.prompt_steps == 2
+    assert s.prompt_share == pytest.approx(2 / 12)
+    assert s.prompt_tokens == 800 and s.tokens_per_prompt_step == 400
+    assert s.decode_step_s == pytest.approx(0.020)
+    assert s.prompt_step_s == pytest.approx(0.050)  # the 3-iteration commit's first step
+    # mean step: batch / tokens/s = 0.27 / 12 s; measured 30 ms, both medians 20 ms
+    assert s.sim_mean_s == pytest.approx(0.27 / 12)
+    assert s.sim_beyond_s == pytest.approx(0.0225 - 0.020)
+    assert s.meas_beyond_s == pytest.approx(0.010)
+    assert s.missing_per_prompt_step_s == pytest.approx((0.010 - 0.0025) * 6)
+
+
+def test_prompt_steps_follow_littles_law(one_run):
+    """In the steady window every finished request is replaced by one admitted prompt: the
+    prompts admitted per step are the window's tokens per step over the mean output length
+    (Little's law, the outputs as the run drew them), and with admissions nearly independent
+    from step to step the share of steps carrying one is 1 - exp(-rate) (Poisson)."""
+    c, r = one_run
+    s = M.step_split(c, r)
+    rng = np.random.default_rng(np.random.SeedSequence([0, c.config_index, len(c.source_file)]))
+    mean_out = M.draw_outputs(c, c.num_requests, rng).mean()
+    prompts = s.prompt_tokens / M.PROMPT_TOKENS[c.task]  # unique prompts: no hits
+    assert prompts == pytest.approx(r.tokens / mean_out, rel=0.03)
+    rate = prompts / s.steps
+    assert s.prompt_share == pytest.approx(1.0 - np.exp(-rate), rel=0.05)
+    # its prompt steps cost more than its decode steps, and the split's mean is the window's
+    assert s.prompt_step_s > s.decode_step_s > 0.0
+    assert s.sim_mean_s == pytest.approx(r.avg_batch * r.window_s / r.tokens)
+
+
 # -- the refit ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def refit():
