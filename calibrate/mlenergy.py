@@ -542,6 +542,9 @@ class _Sink:
 
 #: vLLM's KV block (``--block-size``, 16 on CUDA): the granularity of its prefix cache
 PROMPT_BLOCK_TOKENS = 16
+#: the prefix cache's eviction order of the repeated-prompt runs (FleetSection.
+#: prefix_cache_eviction): vLLM's
+EVICTION = "vllm"
 
 
 def repeated_prompts(c: Config) -> bool:
@@ -595,6 +598,9 @@ def _run_scenario(
         trace.write_text(repeat_trace_jsonl(c, prompt, outs))
         sd = scenario_dict(c, str(trace), hours, engine)
         sd["traffic"]["trace_block_tokens"] = PROMPT_BLOCK_TOKENS
+        # vLLM V1's one free-block queue: a copy's cached blocks last until the blocks freed
+        # before them are reused (kv_blocks.py, "vLLM's eviction order")
+        sd["fleet"]["prefix_cache_eviction"] = EVICTION
         sc = load(sd)
         if not model_spec(sc, "").n_sliding_layers:
             return sc

@@ -181,6 +181,10 @@ SCENARIO: dict[str, str] = {
     "FleetSection.prefix_affinity_margin": "prefix_affinity router: a replica with the longest "
     "cached prefix is chosen unless it has this many more requests in flight than the least "
     "loaded.",
+    "FleetSection.prefix_cache_eviction": "Paged KV with prefix caching: 'pool-first' takes "
+    "never-cached free blocks before evicting a cached prompt block; 'vllm' keeps vLLM V1's "
+    "one free-block queue, a released block (cached or not) joining its tail and new blocks "
+    "coming from its head.",
     "FleetSection.replicas_per_pod": "Alias of replicas.",
     "FleetSection.max_num_seqs": "vLLM's name of max_batch_size.",
     "FleetSection.max_num_batched_tokens": "vLLM's name of max_batched_tokens.",

@@ -57,6 +57,8 @@ class PagedLimits:
     watermark_blocks: int  # blocks kept free when admitting while others run
     hash_tokens: int  # tokens per prompt block id (prefix caching granularity)
     affinity_margin: int  # prefix_affinity router: the load margin
+    #: vLLM V1's single free-block queue for eviction (FleetSection.prefix_cache_eviction)
+    fifo_eviction: bool = False
     # sliding-window and hybrid models (kv_paged.py, "Sliding windows"): the pool in
     # layer-blocks (b tokens of one attention layer), its watermark, the global and window
     # layers per sequence and the window's cap in blocks; 0 layers: every layer holds the

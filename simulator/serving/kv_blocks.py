@@ -13,12 +13,23 @@ first step at which they exceed the free blocks, are computed, not searched (:fu
 blocks each) and reference counted; a block no request references stays cached in LRU order
 (``lru``) until space is needed: new blocks come from the free ones first, then from evicting
 the least recently released cached block (:meth:`BlockPool._take`).
+
+**vLLM's eviction order** (``uq``, ``FleetSection.prefix_cache_eviction = "vllm"``). vLLM V1
+keeps every free block, cached or not, in one queue (vllm/v1/core/kv_cache_utils.py,
+``FreeKVCacheBlockQueue``): a finished request's blocks join its tail, its last block first
+(``BlockPool.free_blocks``), a new block comes from its head and drops the cached hash that
+block held (``get_new_blocks``, ``_maybe_evict_cached_block``), and a cache hit takes its block
+out of the queue (``touch``). A released prompt block therefore survives only until the free
+blocks ahead of it have been allocated, however many never-cached blocks are released after it.
+``q`` is that queue in entries ``[key, blocks, version]``: ``key < 0`` a run of uncached blocks,
+else a cached id (``g`` blocks), stale when its id left ``lru`` or re-entered it since
+(``qv``: the id's current version); ``free`` stays the count of the uncached free blocks.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -82,6 +93,9 @@ class BlockPool(ReplicaCore):
     mask: int
     prefix: bool
     win: tuple[int, int, int, int] | None
+    q: deque[list[int]] | None
+    qv: dict[int, int]
+    uq: bool
 
     def kv_blocks_for(self, tokens: int) -> int:
         """KV blocks that a sequence holding ``tokens`` tokens of context occupies: the one
@@ -102,8 +116,75 @@ class BlockPool(ReplicaCore):
         """Blocks referenced by running requests (not counting unreferenced cached blocks)."""
         return self.NB - self.free - self.g * len(self.lru)
 
+    # -- vLLM's single free-block queue (uq) -------------------------------------------------------
+    def _q_free(self, n: int) -> None:
+        """``n`` uncached blocks released: ``free`` grows, and with ``uq`` they join the queue."""
+        self.free += n
+        if self.uq and n > 0:
+            q = self.q
+            assert q is not None
+            q.append([-1, n, 0])
+
+    def _q_cached(self, h: int) -> None:
+        """Cached id ``h`` lost its last reference: into ``lru`` and, with ``uq``, the queue."""
+        self.lru[h] = None
+        if self.uq:
+            v = self.qv.get(h, 0) + 1
+            self.qv[h] = v
+            q = self.q
+            assert q is not None
+            q.append([h, self.g, v])
+
+    def _q_live(self, e: list[int]) -> bool:
+        h = e[0]
+        return h < 0 or (h in self.lru and self.qv.get(h) == e[2])
+
+    def _q_entries(self):
+        """The queue's live entries from its head, each with the free blocks ahead of it."""
+        off = 0
+        q = self.q
+        assert q is not None
+        for e in q:
+            if self._q_live(e):
+                yield e, off
+                off += e[1]
+
+    def _q_take(self, x: int) -> None:
+        """Allocate ``x`` blocks from the queue's head, evicting the cached ids met."""
+        q = self.q
+        assert q is not None
+        cache = self.cache
+        lru = self.lru
+        while x > 0:
+            e = q[0]
+            h = e[0]
+            if h < 0:
+                use = e[1] if e[1] < x else x
+                e[1] -= use
+                self.free -= use
+                x -= use
+                if e[1] == 0:
+                    q.popleft()
+                continue
+            q.popleft()
+            if not (h in lru and self.qv.get(h) == e[2]):
+                continue  # stale: hit again since, or released again later in the queue
+            del lru[h]
+            del cache[h]
+            g = self.g
+            if g <= x:
+                x -= g
+            else:  # the rest of its blocks are the next free ones
+                self.free += g - x
+                q.appendleft([-1, g - x, 0])
+                x = 0
+
     def _take(self, x: int) -> None:
-        """Allocate ``x`` blocks: free ones first, then evict least recently used cached ones."""
+        """Allocate ``x`` blocks: free ones first, then evict least recently used cached ones
+        (with ``uq``: from the head of vLLM's one free queue)."""
+        if self.uq:
+            self._q_take(x)
+            return
         f = self.free
         if x <= f:
             self.free = f - x
@@ -180,25 +261,29 @@ class BlockPool(ReplicaCore):
                 if ref == 0:
                     del self.lru[h]
                 cache[h] = ref + 1
-                self.free += self.g
+                self._q_free(self.g)
         r.held = f
 
     def _drop(self, r: Request, tokens: int) -> None:
         """Free the blocks of ``r``, which holds ``tokens`` tokens of KV: its own blocks become
         free, its cached blocks lose a reference (the last block first, as vLLM frees them)."""
         H = r.held
-        self.free += self.kv_blocks_for(tokens) - H * self.g
+        self._q_free(self.kv_blocks_for(tokens) - H * self.g)
         if H:
             ids = r.ids
             assert ids is not None
             cache = self.cache
             lru = self.lru
+            uq = self.uq
             for j in range(H - 1, -1, -1):
                 h = ids[j]
                 ref = cache[h] - 1
                 cache[h] = ref
                 if ref == 0:
-                    lru[h] = None
+                    if uq:
+                        self._q_cached(h)
+                    else:
+                        lru[h] = None
             r.held = 0
 
     def _head_cap(self, avail: int, it: int, n: int, m: int) -> int:
@@ -207,6 +292,15 @@ class BlockPool(ReplicaCore):
         r = self.waiting[0]
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         if not ev:
+            return avail
+        if self.uq:
+            chain = set(r.ids[:H]) if r.ids is not None else set()
+            total = self._blocks(it, m, n)
+            for e, off in self._q_entries():
+                if off >= total:
+                    break
+                if e[0] in chain:
+                    return min(avail, off)
             return avail
         x = self._blocks(it, m, n) - self.free
         if x <= 0:
@@ -229,6 +323,23 @@ class BlockPool(ReplicaCore):
         # ... unless a decode step evicts part of its cached prefix: the boundaries where one
         # of its cached blocks goes are the only ones where it may come to fit
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
+        if self.uq:
+            total = self._blocks(it1, k - 1, n1)
+            if not ev or total <= 0:
+                return -1
+            chain = set(r.ids[:H]) if r.ids is not None else set()
+            cands = []
+            for e, off in self._q_entries():
+                if off >= total:
+                    break
+                if e[0] in chain:
+                    m = self._short(it1, n1, off)  # its eviction's iteration
+                    if j < m < k:
+                        cands.append(m)
+            for m in sorted(cands):
+                if self._fit_at(r, n1, self._blocks(it1, m, n1)):
+                    return m
+            return -1
         total = self._blocks(it1, k - 1, n1) - self.free
         if not ev or total <= 0:
             return -1

@@ -83,7 +83,7 @@ prefix blocks, window weights) is one invariant over one pool, kept in one modul
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -123,6 +123,10 @@ class PagedKV(BlockPool):
         self.g = max(1, kv.hash_tokens // b)
         self.cache = {}  # resident block id -> references
         self.lru = OrderedDict()  # unreferenced resident ids, LRU first
+        # vLLM's one free-block queue (kv_blocks.py, "vLLM's eviction order"); prefix caching only
+        self.uq = kv.fifo_eviction and kv.prefix
+        self.q = deque([[-1, kv.blocks, 0]]) if self.uq else None
+        self.qv = {}
         # decoding sequences by block residue, written twice (cnt2[i] == cnt2[i + b]) so that a
         # run's partial sum is one slice: sum(cnt2[s : s + rem]) for any s < b, rem <= b
         self.cnt2 = [0] * (2 * b)
@@ -144,6 +148,8 @@ class PagedKV(BlockPool):
             self.NB = self.free = kv.win_blocks
             self.wm = kv.win_watermark_blocks
             self.prefix = False
+            self.uq = False
+            self.q = None
             self.g = 1
             # kv_block_s in the configured blocks, so that the KV utilisation keeps its meaning
             self.wscale = kv.blocks / kv.win_blocks if kv.win_blocks else 0.0
@@ -294,7 +300,7 @@ class PagedKV(BlockPool):
         if self.win is not None and self.wsat:
             self._w_saturate(it)
         d = self.cnt2[it & mask] if n else 0
-        if not self.pre and d <= self.free:
+        if not self.pre and d <= self.free and not self.uq:
             # the common case: no chunk to continue and the decodes' new blocks (if any) are
             # free ones (_take inlined)
             if d:
@@ -375,7 +381,7 @@ class PagedKV(BlockPool):
             self.adm_seq += 1
             r.adm = self.adm_seq
             self.pre.append(r)
-            if need <= free:
+            if need <= free and not self.uq:
                 self.free = free - need
             else:
                 self._take(need)
@@ -473,8 +479,17 @@ class PagedKV(BlockPool):
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         g = self.g
         over = x - self.free
+        if self.uq and ev:  # the cached ids the decodes' x blocks evict from the queue's head
+            gone = set()
+            for e, off in self._q_entries():
+                if off >= x:
+                    break
+                if e[0] >= 0:
+                    gone.add(e[0])
+            over = 1 if gone else 0
         if over > 0 and ev:
-            gone = set(islice(self.lru, -(-over // g)))
+            if not self.uq:
+                gone = set(islice(self.lru, -(-over // g)))
             ids = r.ids
             assert ids is not None
             cache = self.cache
@@ -539,7 +554,7 @@ class PagedKV(BlockPool):
                 s0 = (it0 + 1) & mask
                 x += sum(self.cnt2[s0 : s0 + rem])
             free = self.free
-            if x <= free:
+            if x <= free and not self.uq:
                 self.free = free - x
             else:
                 self._take(x)
@@ -580,6 +595,8 @@ class PagedKV(BlockPool):
             self._register(r, full if full < len(ids) else len(ids))
         if r.held:
             self._drop(r, tokens)
+        elif self.uq:
+            self._q_free(-(-tokens // self.b))  # kv_blocks_for(tokens)
         else:
             self.free += -(-tokens // self.b)  # kv_blocks_for(tokens)
 

@@ -75,6 +75,7 @@ def paged_limits(rs: Resolved) -> PagedLimits | None:
         watermark_blocks=int(f.kv_watermark_fraction * rs.kv.blocks),
         hash_tokens=ses.block_tokens if ses is not None else rs.scenario.traffic.trace_block_tokens,
         affinity_margin=f.prefix_affinity_margin,
+        fifo_eviction=f.prefix_cache_eviction == "vllm",
         **win,
     )
 
