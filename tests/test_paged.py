@@ -364,3 +364,54 @@ def test_bad_mooncake_line_names_it(tmp_path, line, message):
     read_mooncake.cache_clear()
     with pytest.raises(UserError, match=f"line 2.*{message}|line 2: .*{message}"):
         read_mooncake(str(f))
+
+
+@pytest.mark.parametrize("off,pool_first,vllm", [(31, 144, 144), (22, 144, 16), (15, 144, 0)])
+def test_vllm_eviction_order_by_hand(tmp_path, off, pool_first, vllm):
+    """vLLM V1 keeps one free-block queue (FleetSection.prefix_cache_eviction = "vllm"). One
+    sequence at a time on a pool of NB = 114 blocks of 16 tokens: R1 (10 full prompt blocks, ids
+    A, and one block of answer) leaves [NB - 11 free, its answer's block, A10 .. A1] (a request's
+    blocks are freed last first); R2 (a 1-block prompt and 20 answer blocks) takes 21 from the
+    head and appends its 20 uncached blocks and its one cached id; R3 takes y = NB - off blocks:
+    the NB - 31 free and uncached ahead of A, then A10 .. A1. R4 repeats R1's prompt and hits
+    its leading blocks still cached, at most 9 (the last prompt token is always computed):
+    vLLM's order 9 blocks (y = NB - 31), 1 (NB - 22: A1 left), 0 (NB - 15); the pool-first
+    order keeps A while never-cached blocks remain (free NB - 11 >= y): 9 blocks each time."""
+    trace = tmp_path / "t.jsonl"
+
+    def line(n: int, ids: list[int], out: int) -> str:
+        return json.dumps(
+            {"timestamp": 0, "input_length": n, "output_length": out, "hash_ids": ids}
+        )
+
+    def scenario(ev: str) -> dict:
+        return {
+            "simulation": {"hours": 1},
+            "model": {"name": "llama-3.1-8b"},
+            # 16 GB of weights and 114 blocks of 2 MiB of KV
+            "hardware": {"mem_bytes": 16.3e9, "peak_flops": 1e15, "mem_bw_bytes_per_s": 3e12},
+            "fleet": {
+                "replicas": 1,
+                "max_batch_size": 1,
+                "gpu_memory_utilization": 1.0,
+                "activation_reserve_bytes": 0,
+                "max_batched_tokens": 65536,
+                "prefix_cache_eviction": ev,
+            },
+            "traffic": {"trace": str(trace), "trace_block_tokens": 16},
+        }
+
+    trace.write_text(line(160, list(range(10)), 16) + "\n")
+    assert resolved(scenario("vllm")).kv.blocks == 114
+    y = 114 - off
+    rows = [
+        line(160, list(range(10)), 16),
+        line(16, [100], 320),
+        line(16, [200], 16 * (y - 1) + 1),  # 16 y tokens of KV: y blocks
+        line(160, list(range(10)), 16),
+    ]
+    trace.write_text("\n".join(rows) + "\n")
+    for ev, hit in (("pool-first", pool_first), ("vllm", vllm)):
+        T = simulate(resolved(scenario(ev))).totals
+        assert T.requests_completed == 4 and T.preemptions == 0
+        assert T.prefix_hit_tokens == hit
