@@ -219,6 +219,10 @@ class RooflineProfile:
     #: exposed host time per iteration on top of ``overhead_s`` on one-GPU engines only (the
     #: B200's small-batch step floor; see fleetsim.device.stack)
     one_gpu_overhead_s: float = 0.0
+    #: the fused-MoE kernel fp8 block-quantised experts run (``fleet.fp8_moe_kernel``,
+    #: fleetsim.device.moe.FP8_MOE_KERNELS): vLLM's Triton kernel, or FlashInfer's TensorRT-LLM
+    #: block-scale kernel (Blackwell, ``VLLM_USE_FLASHINFER_MOE_FP8=1``)
+    fp8_moe_kernel: str = "triton"
 
 
 #: vLLM's custom all-reduce handles messages up to 8 MiB (CustomAllreduce max_size, vllm/
@@ -537,6 +541,7 @@ class LatencyModel:
         #: block-quantised (128 x 128 scales, as every fp8 MoE checkpoint the catalog reads)
         self._moe_fit = catalog_moe_fit(p.name, p.meta.get("catalog_gpu"))
         self._fp8_block = e_dt == "fp8"
+        self._fp8_kernel = p.fp8_moe_kernel
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
@@ -707,6 +712,7 @@ class LatencyModel:
                 self._epeak,
                 self._moe_fit,
                 self._fp8_block,
+                self._fp8_kernel,
             )
             parts["shared_mlp"] = n_moe * mo["shared_mlp"]
             parts["moe_router"] = n_moe * (mo["moe_router"] + mo["moe_route"])
