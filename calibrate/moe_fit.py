@@ -15,6 +15,12 @@ throughput-bound time, with vLLM's default block configuration (``get_default_co
 K 64 while the tokens are at most the local experts, else K 32; fp8 block-quantised K 128), and
 each MoE layer pays a fixed routing time.
 
+Where the benchmark's server ran FlashInfer's TensorRT-LLM fp8 MoE kernel instead of Triton's
+(``fleet.fp8_moe_kernel``, set by the harness from ``data/mlenergy-v3/server_env.csv``: DeepSeek
+on the B200), that kernel's two constants are fitted with the rest, to those rows only:
+``fi_layer_s`` (its fixed time per MoE layer) and ``fi_bw_frac`` (the bandwidth fraction at
+which it streams the experts; :func:`fleetsim.device.moe.flashinfer_moe_gemm_s`).
+
 Per GPU (H100, B200) three constants are fitted by coordinate search, minimising the mean
 absolute log error of the median ITL over the non-suspect MoE rows: ``k_step_s`` (16-bit
 experts), ``k_step_fp8_s`` (fp8 experts) and ``layer_s``. The simulated ITL of each row comes
