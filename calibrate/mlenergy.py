@@ -156,6 +156,9 @@ class Config:
     hist_lo: float = 0.0
     hist_hi: float = 0.0
     hist_counts: tuple[int, ...] = ()
+    #: the fused-MoE kernel of the server's fp8 block-quantised experts, from the benchmark's
+    #: server environment (:func:`server_env`, ``fleet.fp8_moe_kernel``)
+    fp8_moe_kernel: str = "triton"
 
     @property
     def key(self) -> str:
@@ -185,17 +188,63 @@ def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
             "see its SOURCE.md)"
         )
     hist = _histograms(data_dir)
+    env = server_env(data_dir)
     out = []
     with _csv_text(table) as f:
         for i, r in enumerate(csv.DictReader(f)):
             try:
-                out.append(_config(r, hist))
+                c = _config(r, hist)
+                kernel = fp8_moe_kernel(env.get((c.model_id, c.task, c.gpu_model), {}), c)
+                out.append(c if kernel == "triton" else replace(c, fp8_moe_kernel=kernel))
             except (KeyError, ValueError, TypeError) as exc:
                 raise UserError(
                     f"{table}: row {i + 2}: {type(exc).__name__} {exc} (fix: the columns of "
                     "data/mlenergy-v3/SOURCE.md)"
                 ) from None
     return out
+
+
+#: the benchmark's server environment variables that select kernels (``server_env.csv``)
+SERVER_ENV_FILE = "server_env.csv"
+#: GPUs of compute capability 10.0 (SM100), where vLLM 0.11 runs FlashInfer's TensorRT-LLM MoE
+#: kernels (``get_flashinfer_moe_backend``: "latency" falls back to CUTLASS below SM100)
+SM100_GPUS = ("B200",)
+
+
+def server_env(data_dir: Path = DATA_DIR) -> dict[tuple[str, str, str], dict[str, str]]:
+    """The kernel environment variables the benchmark started each server with, by (model,
+    task, GPU): ``server_env.csv`` of the data folder (SOURCE.md; copied from ml-energy/benchmark
+    ``configs/vllm/<task>/<org>/<model>/<GPU>/monolithic.env.yaml``); empty when the folder has
+    none (a user's own runs: vLLM's defaults)."""
+    from fleetsim.base.errors import UserError
+
+    path = Path(data_dir) / SERVER_ENV_FILE
+    out: dict[tuple[str, str, str], dict[str, str]] = {}
+    if not path.is_file():
+        return out
+    with _csv_text(path) as f:
+        for i, r in enumerate(csv.DictReader(f)):
+            try:
+                key = (r["model_id"], r["task"], r["gpu_model"])
+                out.setdefault(key, {})[r["variable"]] = r["value"]
+            except (KeyError, TypeError):
+                raise UserError(
+                    f"{path}: row {i + 2}: needs the columns model_id, task, gpu_model, variable,"
+                    " value (fix: the layout of data/mlenergy-v3/server_env.csv, SOURCE.md)"
+                ) from None
+    return out
+
+
+def fp8_moe_kernel(env: dict[str, str], c: Config) -> str:
+    """``fleet.fp8_moe_kernel`` of a server started with ``env``: ``"flashinfer-trtllm"`` where
+    ``VLLM_USE_FLASHINFER_MOE_FP8`` is set true on an SM100 GPU (vLLM 0.11
+    ``vllm/model_executor/layers/quantization/fp8.py``, ``get_fp8_moe_backend``: FlashInfer's
+    TensorRT-LLM backend for block-quantised fp8 experts, the CUTLASS one refusing block
+    quantisation there; SOURCE.md, server_env.csv), else ``"triton"``."""
+    flag = env.get("VLLM_USE_FLASHINFER_MOE_FP8", "").strip().lower()
+    if flag in ("1", "true") and c.gpu_model in SM100_GPUS:
+        return "flashinfer-trtllm"
+    return "triton"
 
 
 def find_config(
@@ -521,6 +570,9 @@ def scenario_dict(c: Config, trace: str, hours: int, engine: str = "macro") -> d
             "max_batch_size": c.max_num_seqs,
             "max_batched_tokens": MAX_BATCHED_TOKENS,
             "kv_allocation": "paged",
+            # the fp8 experts' kernel as the benchmark's server environment selects it
+            # (server_env.csv; only where it is not vLLM's default Triton kernel)
+            **({"fp8_moe_kernel": c.fp8_moe_kernel} if c.fp8_moe_kernel != "triton" else {}),
         },
         "traffic": {"trace": trace, "diurnal": "flat"},
         "slo": {"ttft_s": 1e5, "tpot_s": 1e5},

@@ -15,6 +15,12 @@ throughput-bound time, with vLLM's default block configuration (``get_default_co
 K 64 while the tokens are at most the local experts, else K 32; fp8 block-quantised K 128), and
 each MoE layer pays a fixed routing time.
 
+Where the benchmark's server ran FlashInfer's TensorRT-LLM fp8 MoE kernel instead of Triton's
+(``fleet.fp8_moe_kernel``, set by the harness from ``data/mlenergy-v3/server_env.csv``: DeepSeek
+on the B200), that kernel's two constants are fitted with the rest, to those rows only:
+``fi_layer_s`` (its fixed time per MoE layer) and ``fi_bw_frac`` (the bandwidth fraction at
+which it streams the experts; :func:`fleetsim.device.moe.flashinfer_moe_gemm_s`).
+
 Per GPU (H100, B200) three constants are fitted by coordinate search, minimising the mean
 absolute log error of the median ITL over the non-suspect MoE rows: ``k_step_s`` (16-bit
 experts), ``k_step_fp8_s`` (fp8 experts) and ``layer_s``. The simulated ITL of each row comes
@@ -56,12 +62,20 @@ CATALOG = Path(__file__).resolve().parent.parent / "simulator" / "device" / "cat
 #: without the simulations
 TARGETS = Path(__file__).resolve().parent.parent / "tests" / "data" / "moe_fit_targets.csv"
 PARAMS = ("k_step_s", "k_step_fp8_s", "k_step_fp8_default_s", "layer_s")
+#: the constants of FlashInfer's TensorRT-LLM fp8 block-scale MoE kernel (FusedMoeFit
+#: fi_layer_s, fi_bw_frac), fitted with the rest to the rows whose servers ran it
+#: (``fleet.fp8_moe_kernel = "flashinfer-trtllm"``: DeepSeek-V3.1 and R1 on the B200, from the
+#: benchmark's server environment, data/mlenergy-v3/server_env.csv); 0 on a GPU without such rows
+FI_PARAMS = ("fi_layer_s", "fi_bw_frac")
+ALL_PARAMS = PARAMS + FI_PARAMS
 #: coordinate-search grid of each constant (seconds)
 GRID = {
     "k_step_s": [i * 0.05e-6 for i in range(0, 61)],
     "k_step_fp8_s": [i * 0.1e-6 for i in range(0, 81)],
     "k_step_fp8_default_s": [i * 0.1e-6 for i in range(0, 101)],
     "layer_s": [i * 2e-6 for i in range(0, 51)],
+    "fi_layer_s": [i * 2e-6 for i in range(0, 151)],
+    "fi_bw_frac": [round(0.2 + i * 0.025, 3) for i in range(0, 33)],
 }
 DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
 #: FusedMoeFit.mma_frac by catalog GPU: the fraction of the experts' dense tensor-core peak at
@@ -205,7 +219,8 @@ def constants_line(gpu: str, fit: FusedMoeFit) -> str:
     """How the targets file records the constants one GPU's rows were simulated with."""
     return (
         f"# {gpu} k_step_s={fit.k_step_s!r} k_step_fp8_s={fit.k_step_fp8_s!r} "
-        f"k_step_fp8_default_s={fit.k_step_fp8_default_s!r} layer_s={fit.layer_s!r}"
+        f"k_step_fp8_default_s={fit.k_step_fp8_default_s!r} layer_s={fit.layer_s!r} "
+        f"fi_layer_s={fit.fi_layer_s!r} fi_bw_frac={fit.fi_bw_frac!r}"
     )
 
 
@@ -262,13 +277,14 @@ def rows_from_targets(path: Path = TARGETS) -> list[FitRow]:
 
 
 def _with(fit: FusedMoeFit, name: str, value: float) -> FusedMoeFit:
-    if name == "k_step_s":
-        return replace(fit, k_step_s=value)
-    if name == "k_step_fp8_s":
-        return replace(fit, k_step_fp8_s=value)
-    if name == "k_step_fp8_default_s":
-        return replace(fit, k_step_fp8_default_s=value)
-    return replace(fit, layer_s=value)
+    if name not in ALL_PARAMS:
+        raise KeyError(name)
+    return replace(fit, **{name: value})  # type: ignore[arg-type]
+
+
+def _fi(r: FitRow) -> bool:
+    """Whether the row's server runs FlashInfer's TensorRT-LLM fp8 MoE kernel."""
+    return bool(r.lm._fp8_block) and r.lm._fp8_kernel == "flashinfer-trtllm"  # type: ignore[attr-defined]
 
 
 def hardware_fit(gpu: str) -> FusedMoeFit:
@@ -373,11 +389,16 @@ def fit_rows(rows: list[FitRow], base: FusedMoeFit, sweeps: int = 3) -> FusedMoe
     0 (``base`` gives the GPU's SM count and shared memory). A constant no row depends on (no
     fp8 row, say) stays 0."""
     fit = base
-    has_fp8 = any(r.lm._fp8_block for r in rows)  # type: ignore[attr-defined]
+    # the Triton kernel's fp8 steps are fitted to fp8 rows that run it; FlashInfer's constants
+    # to those that run that (a constant no row depends on stays at base's value)
+    has_fp8 = any(r.lm._fp8_block and not _fi(r) for r in rows)  # type: ignore[attr-defined]
     has_16 = any(not r.lm._fp8_block for r in rows)  # type: ignore[attr-defined]
+    has_fi = any(_fi(r) for r in rows)
     for _ in range(sweeps):
-        for p in PARAMS:
+        for p in ALL_PARAMS:
             if (p.startswith("k_step_fp8") and not has_fp8) or (p == "k_step_s" and not has_16):
+                continue
+            if p in FI_PARAMS and not has_fi:
                 continue
             scored = [(loss(rows, _with(fit, p, v)), v) for v in GRID[p]]
             fit = _with(fit, p, min(scored)[1])
@@ -447,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{g}: {len(gr)} rows, {len(models)} models; k_step {full.k_step_s * 1e6:.2f} us, "
             f"k_step_fp8 {full.k_step_fp8_s * 1e6:.2f} us (tuned) / "
             f"{full.k_step_fp8_default_s * 1e6:.2f} us (default tiles), "
-            f"layer {full.layer_s * 1e6:.1f} us"
+            f"layer {full.layer_s * 1e6:.1f} us; FlashInfer TRTLLM fp8: layer "
+            f"{full.fi_layer_s * 1e6:.1f} us, bandwidth x {full.fi_bw_frac:.3f}"
         )
         print("  median ITL |error| median / worst / signed median:")
         for name, e in (("catalog", before), ("in sample", insample)):
@@ -497,6 +519,10 @@ def write(out: dict) -> None:
         "# 'derived': another GPU's fit (confidence L). mma_frac: the fused-MoE kernel's own",
         "# MMA rate, a fraction of the experts' dense peak (moe.grouped_gemm_time_s), fitted",
         "# by `moe_fit --mma GPU` to the MoE rows' output tokens/s (moe_fit.MMA_FRAC).",
+        "# fi_layer_s / fi_bw_frac: FlashInfer's TensorRT-LLM fp8 block-scale MoE kernel",
+        "# (fleet.fp8_moe_kernel = 'flashinfer-trtllm', moe.flashinfer_moe_gemm_s): its fixed",
+        "# time per MoE layer and the fraction of the bandwidth it streams the experts at,",
+        "# fitted with the rest to the rows whose servers ran it (server_env.csv); 0: none.",
     ]
     fits = {ml.GPUS[g]: v for g, v in out.items()}
     for name in sorted(set(fits) | set(DERIVED)):
@@ -525,6 +551,8 @@ def write(out: dict) -> None:
             f"k_step_fp8_default_s = {f.k_step_fp8_default_s:.4e}",
             f"layer_s = {f.layer_s:.4e}",
             f"mma_frac = {MMA_FRAC.get(name, 1.0)}  # {mma_note(name)}",
+            f"fi_layer_s = {f.fi_layer_s:.4e}",
+            f"fi_bw_frac = {f.fi_bw_frac:.4g}",
             f"sms = {sms}",
             f"smem_per_sm_bytes = {smem}",
             "tuned = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED.get(name, ())) + "]",

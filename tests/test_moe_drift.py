@@ -1,10 +1,10 @@
 """Drift of the fused-MoE constants (``catalog/moe.toml``): refit from the committed data.
 
 ``python -m fleetsim.calibrate.moe_fit --write`` fits ``k_step_s``, ``k_step_fp8_s``,
-``k_step_fp8_default_s`` and ``layer_s`` per GPU to the non-suspect MoE rows of
-``data/mlenergy-v3``. Its slow part is one end-to-end simulation per row; it stores their
-median ITLs, with the constants they were simulated under, in
-``tests/data/moe_fit_targets.csv``. From those targets the fit itself (the
+``k_step_fp8_default_s`` and ``layer_s`` (and FlashInfer's ``fi_layer_s``, ``fi_bw_frac``)
+per GPU to the non-suspect MoE rows of ``data/mlenergy-v3``. Its slow part is one
+end-to-end simulation per row; it stores their median ITLs, with the constants they were
+simulated under, in ``tests/data/moe_fit_targets.csv``. From those targets the fit itself (the
 coordinate search on the decode-step surrogate) reruns in seconds: the catalog must be its
 result. A change of the step-time model moves the fitted constants (this test fails: refit with
 ``--write``); a change of the engine makes the stored targets stale (the re-simulated rows below
@@ -43,7 +43,7 @@ def test_committed_moe_constants_are_the_refit(refit, gpu):
     fit, rows = refit[gpu]
     e = catalog.moe()[gpu]
     assert e["provenance"] == "fitted"
-    for k in moe_fit.PARAMS:
+    for k in moe_fit.ALL_PARAMS:
         assert getattr(fit, k) == pytest.approx(e[k], rel=1e-9, abs=1e-12), k
     errs = [r.itl_s(fit) / r.meas_s - 1.0 for r in rows]
     assert moe_fit.stats(errs)[0] == pytest.approx(e["fit_median_err"], abs=5e-4)
@@ -73,6 +73,14 @@ def test_a_moved_constant_is_caught(refit):
     assert moe_fit.loss(rows, moved) > moe_fit.loss(rows, fit)
     moved = replace(fit, k_step_fp8_default_s=fit.k_step_fp8_default_s + 0.1e-6)
     assert moe_fit.loss(rows, moved) > moe_fit.loss(rows, fit)
+    # FlashInfer's TensorRT-LLM kernel (the DeepSeek rows, server_env.csv): fitted on the B200,
+    # each constant a grid step up scores worse; the H100 has none
+    assert fit.fi_layer_s > 0.0 and fit.fi_bw_frac > 0.0
+    for name, step in (("fi_layer_s", 2e-6), ("fi_bw_frac", 0.025)):
+        moved = replace(fit, **{name: getattr(fit, name) + step})
+        assert moe_fit.loss(rows, moved) > moe_fit.loss(rows, fit), name
+    h100, _ = refit["h100-sxm"]
+    assert h100.fi_layer_s == 0.0 and h100.fi_bw_frac == 0.0
 
 
 #: cheap rows (small batch, a few seconds in all) of each family: one GPU, expert parallelism,

@@ -300,6 +300,8 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
             -(-sc.fleet.max_batch_size // sc.fleet.data_parallel),
         )
         profile_id = profile.name
+    if sc.fleet.fp8_moe_kernel != "triton":
+        profile = _with_fp8_moe_kernel(profile, sc.fleet.fp8_moe_kernel, hw.gpu, src)
     gpu = GpuSpec(
         name=hw.gpu,
         tdp_w=entry["tdp_w"],
@@ -314,6 +316,31 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
     )
 
     return gpu, profile, profile_id, sha
+
+
+def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> Profile:
+    """The profile with ``fleet.fp8_moe_kernel`` set (the fused-MoE kernel of fp8
+    block-quantised experts, fleetsim.device.moe.FP8_MOE_KERNELS). FlashInfer's TensorRT-LLM
+    kernel needs its constants in catalog/moe.toml for the profile's GPU (fitted on the B200:
+    vLLM runs it on Blackwell only, ``get_flashinfer_moe_backend`` in vllm/model_executor/
+    layers/quantization/utils/flashinfer_utils.py: "latency" is CUTLASS below SM100)."""
+    from fleetsim.device.latency import RooflineProfile
+    from fleetsim.device.moe import catalog_moe_fit
+
+    if not isinstance(profile, RooflineProfile):
+        return profile
+    fit = catalog_moe_fit(profile.name, profile.meta.get("catalog_gpu") or gpu)
+    if fit.fi_bw_frac <= 0.0 and fit.fi_layer_s <= 0.0:
+        have = sorted(k for k, e in catalog.moe().items() if float(e.get("fi_bw_frac", 0.0)) > 0)
+        raise ScenarioError(
+            "fleet.fp8_moe_kernel",
+            kernel,
+            f"has no fitted constants for hardware.gpu = {gpu!r} (vLLM runs FlashInfer's "
+            "TensorRT-LLM fp8 MoE kernel on Blackwell only)",
+            'set fp8_moe_kernel = "triton" or use a GPU with them: ' + ", ".join(have),
+            src,
+        )
+    return replace(profile, fp8_moe_kernel=kernel)
 
 
 def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: str) -> None:

@@ -197,6 +197,11 @@ SCENARIO: dict[str, str] = {
     "FleetSection.serving_stack": "The serving stack the step times represent: 'vllm-v1' (vLLM "
     "0.11: decode under CUDA graphs, asynchronous scheduling; fitted to ML.ENERGY v3) or "
     "'eager' (operator times as Vidur measured them, no graphs).",
+    "FleetSection.fp8_moe_kernel": "The fused mixture-of-experts kernel that fp8 "
+    "block-quantised experts run: 'triton' (vLLM's default fused_moe kernel, with its serial K "
+    "loop) or 'flashinfer-trtllm' (FlashInfer's TensorRT-LLM block-scale kernel, which vLLM "
+    "0.11 runs on a B200 with VLLM_USE_FLASHINFER_MOE_FP8=1; B200 only). Other experts ignore "
+    "it.",
     # [traffic]
     "TrafficSection.requests_per_day": "Mean requests per day for the whole fleet; the hourly "
     "rate follows `diurnal`.",

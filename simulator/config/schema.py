@@ -157,6 +157,9 @@ class FleetSection(_Section):
     # the serving stack the step times represent (device/stack.py): "vllm-v1" (vLLM 0.11: CUDA
     # graphs, asynchronous scheduling; fitted to ML.ENERGY v3) or "eager" (Vidur's operator times)
     serving_stack: Literal["vllm-v1", "eager"] = "vllm-v1"
+    # the fused-MoE kernel of fp8 block-quantised experts (device/moe.py FP8_MOE_KERNELS):
+    # vLLM's Triton kernel, or FlashInfer's TensorRT-LLM one (B200, VLLM_USE_FLASHINFER_MOE_FP8=1)
+    fp8_moe_kernel: Literal["triton", "flashinfer-trtllm"] = "triton"
     # ---- the paged KV policy (serving/kv_paged.py). Defaults follow vLLM's V1 engine as of
     # v0.10 (vllm/config CacheConfig.block_size = 16; EngineArgs._set_default_args_v1: chunked
     # prefill always on, prefix caching on by default; V1's KVCacheManager.allocate_slots admits

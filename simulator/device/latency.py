@@ -219,6 +219,10 @@ class RooflineProfile:
     #: exposed host time per iteration on top of ``overhead_s`` on one-GPU engines only (the
     #: B200's small-batch step floor; see fleetsim.device.stack)
     one_gpu_overhead_s: float = 0.0
+    #: the fused-MoE kernel fp8 block-quantised experts run (``fleet.fp8_moe_kernel``,
+    #: fleetsim.device.moe.FP8_MOE_KERNELS): vLLM's Triton kernel, or FlashInfer's TensorRT-LLM
+    #: block-scale kernel (Blackwell, ``VLLM_USE_FLASHINFER_MOE_FP8=1``)
+    fp8_moe_kernel: str = "triton"
 
 
 #: vLLM's custom all-reduce handles messages up to 8 MiB (CustomAllreduce max_size, vllm/
@@ -463,7 +467,14 @@ class LatencyModel:
         self.f_pair = m.attn_flops_per_pair
         self.kvb = m.kv_bytes_per_token
         self._dense = m.n_experts <= 1
-        self._w_dense = m.weight_bytes_read(1.0)
+        #: the weights each further data-parallel engine reads in its own copy every iteration:
+        #: attention, dense and shared-expert layers and the LM head (``weight_bytes_read(0)``,
+        #: no routed expert), ``dp - 1`` times. Every DP rank runs the whole model each step,
+        #: the ranks in lockstep and an idle one on a dummy batch (``DPEngineCoreProc.
+        #: run_busy_loop`` / ``execute_dummy_batch``, ``vllm/v1/engine/core.py``); the routed
+        #: experts are held once across the ranks and read once. 0 on one engine.
+        self._w_dp = (dp - 1) * m.weight_bytes_read(0.0) if dp > 1 else 0.0
+        self._w_dense = m.weight_bytes_read(1.0) + self._w_dp
         #: the weight bytes of every iteration of a dense model (None for a mixture of experts,
         #: whose iterations read the experts their tokens touch: weight_bytes_per_iteration)
         self.dense_weight_bytes: float | None = self._w_dense if self._dense else None
@@ -537,6 +548,7 @@ class LatencyModel:
         #: block-quantised (128 x 128 scales, as every fp8 MoE checkpoint the catalog reads)
         self._moe_fit = catalog_moe_fit(p.name, p.meta.get("catalog_gpu"))
         self._fp8_block = e_dt == "fp8"
+        self._fp8_kernel = p.fp8_moe_kernel
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._tok_cache: dict[int, float] = {}
@@ -707,6 +719,7 @@ class LatencyModel:
                 self._epeak,
                 self._moe_fit,
                 self._fp8_block,
+                self._fp8_kernel,
             )
             parts["shared_mlp"] = n_moe * mo["shared_mlp"]
             parts["moe_router"] = n_moe * (mo["moe_router"] + mo["moe_route"])
@@ -846,7 +859,7 @@ class LatencyModel:
 
     # -- helpers ---------------------------------------------------------------------------
     def _weights(self, tokens: float) -> float:
-        return self._w_dense if self._dense else self.model.weight_bytes_read(tokens)
+        return self._w_dense if self._dense else self.model.weight_bytes_read(tokens) + self._w_dp
 
     def comm_s(self, tokens: int, seqs: int) -> float:
         """Seconds of an iteration over ``tokens`` tokens of ``seqs`` sequences spent in the
@@ -936,7 +949,7 @@ class LatencyModel:
         if self.dp > 1:  # the padding tokens every engine runs (dp_padded_flops)
             flops += (self.dp_padded_tokens(p_tokens, n_prefill, n) - tokens) * f_lin
         nbytes = (
-            (self._w_dense if self._dense else self.model.weight_bytes_read(tokens))
+            (self._w_dense if self._dense else self.model.weight_bytes_read(tokens) + self._w_dp)
             + self.kvb * (ctx + tokens)
             + self._sb * (n_prefill + n)
         )
@@ -988,7 +1001,7 @@ class LatencyModel:
         x2 = c.a2 + c.b2 * ctx
         # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped
         nbytes = (
-            (self._w_dense if self._dense else self.model.weight_bytes_read(n))
+            (self._w_dense if self._dense else self.model.weight_bytes_read(n) + self._w_dp)
             + self.kvb * (ctx + n)
             + self._sb * n
         )

@@ -118,9 +118,25 @@ class FusedMoeFit:
     #: both, i.e. the kernel does not gain the B200's faster tensor cores (the measured
     #: prefill-carrying time per step of a model at a batch is the same on both GPUs)
     mma_frac: float = 1.0
+    #: FlashInfer's TensorRT-LLM fp8 block-scale MoE kernel (``fp8_moe_kernel =
+    #: "flashinfer-trtllm"``, :func:`flashinfer_moe_gemm_s`): the fixed time of one MoE layer's
+    #: call (the activations' per-token-group fp8 quantisation, the fused routing, the
+    #: permutation, the two grouped GEMMs' launches and the finalize), fitted (0 with
+    #: ``fi_bw_frac`` 0: not fitted for this GPU, and ``fleet.fp8_moe_kernel`` refuses it)
+    fi_layer_s: float = 0.0
+    #: the fraction of the memory bandwidth at which that kernel streams the touched experts'
+    #: fp8 weights (and its rows' activations), fitted; 0: the kernel fit's GEMM bandwidth
+    #: efficiency
+    fi_bw_frac: float = 0.0
 
 
 NO_MOE_FIT = FusedMoeFit()
+
+#: the fp8 fused-MoE kernels the simulator knows (``fleet.fp8_moe_kernel``): vLLM's Triton
+#: ``fused_moe_kernel`` (w8a8 block, :func:`k_loop_latency_s`), or FlashInfer's TensorRT-LLM
+#: block-scale kernel that vLLM 0.11 runs on Blackwell (SM100) with
+#: ``VLLM_USE_FLASHINFER_MOE_FP8=1`` (:func:`flashinfer_moe_gemm_s`)
+FP8_MOE_KERNELS = ("triton", "flashinfer-trtllm")
 
 #: most programs of 4 warps (Triton's default) one SM holds: 2,048 threads / 128 (CUDA C++
 #: Programming Guide, "Compute Capabilities": 2,048 resident threads per SM for 8.0-10.0)
@@ -194,6 +210,41 @@ def fp8_default_loop_latency_s(mf: FusedMoeFit, k: float) -> float:
     return math.ceil(k / bk) * mf.k_step_fp8_default_s
 
 
+def flashinfer_moe_gemm_s(
+    mf: FusedMoeFit,
+    fp8_peak_flops: float,
+    mma_eff: float,
+    bw_bytes_per_s: float,
+    rows: float,
+    touched: float,
+    n: float,
+    k: float,
+    bw_frac: float = 1.0,
+) -> float:
+    """One grouped GEMM of FlashInfer's TensorRT-LLM fp8 block-scale MoE kernel
+    (``trtllm_fp8_block_scale_moe``, which vLLM 0.11 calls through
+    ``flashinfer_fused_moe_blockscale_fp8`` on SM100 when ``VLLM_USE_FLASHINFER_MOE_FP8=1``):
+    ``rows`` routed rows of this GPU's experts over ``touched`` experts, each an ``n x k`` fp8
+    weight with ``[128, 128]`` fp32 block scales. A tcgen05 block-scaled grouped GEMM: no
+    serial K loop of one program in its time (unlike the Triton kernel,
+    :func:`k_loop_latency_s`), the larger of
+
+    * memory: the touched experts' weights (``touched x n x k`` bytes, plus ``4 / 128^2`` of
+      that in block scales), the rows' fp8 input (``rows x k``) and 16-bit output (``rows x
+      n x 2``) at ``fi_bw_frac`` of the bandwidth (``bw_frac`` where that is not fitted, 0:
+      the caller passes the kernel fit's GEMM bandwidth efficiency), and
+    * compute: ``2 x rows x n x k`` FLOPs at ``mma_eff`` of the fp8 dense peak (the kernel
+      fit's sustained GEMM efficiency: a tuned tensor-core GEMM, not Triton's MMA rate).
+
+    The layer's fixed time (``fi_layer_s``) is charged once per layer by the caller."""
+    if rows <= 0 or touched <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    w = touched * n * k * (1.0 + 4.0 / (128.0 * 128.0))
+    t_m = (w + rows * k + rows * n * 2.0) / (bw_bytes_per_s * (mf.fi_bw_frac or bw_frac))
+    t_c = 2.0 * rows * n * k / (fp8_peak_flops * mma_eff)
+    return t_m if t_m > t_c else t_c
+
+
 def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedMoeFit:
     """The catalog's :class:`FusedMoeFit` of a profile: its ``catalog_gpu``, else the catalog GPU
     whose name the profile's name is or starts with (``"b200-analytic"``: ``b200``); none
@@ -220,6 +271,8 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
         k_step_fp8_default_s=float(e.get("k_step_fp8_default_s", 0.0)),
         tuned_fp8=tuple((int(a), int(b)) for a, b in e.get("tuned_fp8", ())),
         mma_frac=float(e.get("mma_frac", 1.0)),
+        fi_layer_s=float(e.get("fi_layer_s", 0.0)),
+        fi_bw_frac=float(e.get("fi_bw_frac", 0.0)),
     )
 
 
@@ -346,6 +399,7 @@ def moe_layer_parts_s(
     expert_peak_flops: float | None = None,
     moe_fit: FusedMoeFit = NO_MOE_FIT,
     fp8_block: bool = False,
+    fp8_kernel: str = "triton",
 ) -> dict[str, float]:
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
     whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
@@ -356,7 +410,12 @@ def moe_layer_parts_s(
     experts), the time the power model draws ``PowerSpec.moe_loop_w`` in.
     ``expert_weight_bytes`` and ``expert_peak_flops`` are those of the experts' precision
     (default: the layer's); ``moe_fit`` the GPU's fused-MoE loop latency, ``fp8_block``
-    whether the experts are fp8 with block scales (vLLM's w8a8 block kernel configuration)."""
+    whether the experts are fp8 with block scales (vLLM's w8a8 block kernel configuration);
+    ``fp8_kernel`` the fused-MoE kernel such experts run (:data:`FP8_MOE_KERNELS`): with
+    ``"flashinfer-trtllm"`` the grouped GEMMs are :func:`flashinfer_moe_gemm_s` (no loop
+    latency, ``moe_fp8_loop`` 0), the routing, top-k and weighted sum are inside the kernel
+    (its ``fi_layer_s`` in ``moe_route``) and the kernel handles this GPU's experts' rows only
+    (no zero tiles for other ranks' rows)."""
     ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
     epk = peak_flops if expert_peak_flops is None else expert_peak_flops
     d = model.d_model
@@ -417,6 +476,21 @@ def moe_layer_parts_s(
     )
     out["moe_combine"] = comm
     out["moe_fp8_loop"] = loop_up + loop_down if fp8_block else 0.0
+    if fp8_block and fp8_kernel == "flashinfer-trtllm":
+        # FlashInfer's TensorRT-LLM block-scale kernel: routing, top-k and the weighted sum
+        # fused in one call of fixed time fi_layer_s, this GPU's experts' rows only, the
+        # activation between the two grouped GEMMs inside it, no K loop
+        eff = fit.gemm_eff_max
+        out["moe_route"] = moe_fit.fi_layer_s
+        bwf = fit.gemm_bw_eff
+        out["moe_gemm_up"] = flashinfer_moe_gemm_s(
+            moe_fit, epk, eff, bw, rows, touched, n_up, d, bwf
+        )
+        out["moe_act"] = 0.0
+        out["moe_gemm_down"] = flashinfer_moe_gemm_s(
+            moe_fit, epk, eff, bw, rows, touched, d, cols, bwf
+        )
+        out["moe_fp8_loop"] = 0.0
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down
     return out
