@@ -323,35 +323,25 @@ class BlockPool(ReplicaCore):
         # ... unless a decode step evicts part of its cached prefix: the boundaries where one
         # of its cached blocks goes are the only ones where it may come to fit
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
+        # the cached blocks in eviction order, each with the free blocks taken before it goes:
+        # vLLM's one queue (uq), or the never-cached pool first and then the LRU in g-block steps
         if self.uq:
             total = self._blocks(it1, k - 1, n1)
-            if not ev or total <= 0:
-                return -1
-            chain = set(r.ids[:H]) if r.ids is not None else set()
-            cands = []
-            for e, off in self._q_entries():
-                if off >= total:
-                    break
-                if e[0] in chain:
-                    m = self._short(it1, n1, off)  # its eviction's iteration
-                    if j < m < k:
-                        cands.append(m)
-            for m in sorted(cands):
-                if self._fit_at(r, n1, self._blocks(it1, m, n1)):
-                    return m
-            return -1
-        total = self._blocks(it1, k - 1, n1) - self.free
+            base = 0
+            order = ((e[0], off) for e, off in self._q_entries())
+        else:
+            total = self._blocks(it1, k - 1, n1) - self.free
+            base = self.free
+            order = ((h, self.free + self.g * p) for p, h in enumerate(self.lru))
         if not ev or total <= 0:
             return -1
-        g = self.g
-        limit = -(-total // g)
         chain = set(r.ids[:H]) if r.ids is not None else set()
         cands = []
-        for p, h in enumerate(self.lru):
-            if p >= limit:
+        for h, off in order:
+            if off - base >= total:
                 break
             if h in chain:
-                m = self._short(it1, n1, self.free + g * p)  # its eviction's iteration
+                m = self._short(it1, n1, off)  # its eviction's iteration
                 if j < m < k:
                     cands.append(m)
         for m in sorted(cands):
