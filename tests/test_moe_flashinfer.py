@@ -151,3 +151,14 @@ def test_flashinfer_kernel_needs_its_constants(tmp_path):
     msg = str(e.value)
     assert "fleet.fp8_moe_kernel" in msg and "flashinfer-trtllm" in msg and "b200" in msg
     assert "\n" not in msg
+
+
+def test_validate_and_the_summary_name_the_fp8_moe_kernel(tmp_path):
+    """``validate`` and the run summary print the serving stack (issue 21); with
+    ``fleet.fp8_moe_kernel`` set they name the kernel too, and the default says nothing more."""
+    from fleetsim.results.summary import serving_stack
+
+    c = M.find_config(DS, "B200", 8, 8)  # the harness sets the benchmark's kernel on this row
+    assert serving_stack(_rs(c, tmp_path, fp8_moe_kernel="triton")) == "vllm-v1"
+    rs = _rs(c, tmp_path)
+    assert serving_stack(rs) == "vllm-v1, fp8 MoE kernel flashinfer-trtllm"

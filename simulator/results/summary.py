@@ -25,11 +25,14 @@ SLO_ATTAINMENT_WARN_BELOW = 0.9
 
 def serving_stack(rs: Resolved) -> str:
     """The serving stack the run's step times represent (``fleet.serving_stack`` as applied to
-    the catalog profile; a measured profile file is the stack it was measured on)."""
+    the catalog profile; a measured profile file is the stack it was measured on), with the
+    fp8 fused-MoE kernel where ``fleet.fp8_moe_kernel`` is not the default Triton one."""
     from fleetsim.device.latency import RooflineProfile
 
     p = rs.profile
     if isinstance(p, RooflineProfile) and p.serving_stack != "eager":
+        if p.fp8_moe_kernel != "triton":  # fleet.fp8_moe_kernel: not the default kernel
+            return f"{p.serving_stack}, fp8 MoE kernel {p.fp8_moe_kernel}"
         return p.serving_stack
     if rs.scenario.hardware.profile:
         return "as measured (profile file)"
