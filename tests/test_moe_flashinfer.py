@@ -162,3 +162,5 @@ def test_validate_and_the_summary_name_the_fp8_moe_kernel(tmp_path):
     assert serving_stack(_rs(c, tmp_path, fp8_moe_kernel="triton")) == "vllm-v1"
     rs = _rs(c, tmp_path)
     assert serving_stack(rs) == "vllm-v1, fp8 MoE kernel flashinfer-trtllm"
+    eager = _rs(c, tmp_path, serving_stack="eager")
+    assert serving_stack(eager) == "eager, fp8 MoE kernel flashinfer-trtllm"

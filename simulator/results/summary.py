@@ -31,12 +31,14 @@ def serving_stack(rs: Resolved) -> str:
 
     p = rs.profile
     if isinstance(p, RooflineProfile) and p.serving_stack != "eager":
-        if p.fp8_moe_kernel != "triton":  # fleet.fp8_moe_kernel: not the default kernel
-            return f"{p.serving_stack}, fp8 MoE kernel {p.fp8_moe_kernel}"
-        return p.serving_stack
-    if rs.scenario.hardware.profile:
-        return "as measured (profile file)"
-    return "eager"
+        name = p.serving_stack
+    elif rs.scenario.hardware.profile:
+        name = "as measured (profile file)"
+    else:
+        name = "eager"
+    if isinstance(p, RooflineProfile) and p.fp8_moe_kernel != "triton":
+        return f"{name}, fp8 MoE kernel {p.fp8_moe_kernel}"  # fleet.fp8_moe_kernel
+    return name
 
 
 def backlog_limit(res: Result) -> float:
