@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the serving stack the step times represent (default vllm-v1, as fleet.serving_stack;"
         " its CUDA graphs are sized for the default max_num_seqs, 256)",
     )
+    p.add_argument(
+        "--fp8-moe-kernel",
+        choices=("triton", "flashinfer-trtllm"),
+        default="triton",
+        help="the fused-MoE kernel fp8 block-quantised experts run (default triton, as"
+        " fleet.fp8_moe_kernel; flashinfer-trtllm: B200 only)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return p
 
@@ -154,6 +161,11 @@ def rows(args: argparse.Namespace) -> list[dict]:
         args.gpu,
         FleetSection().max_batch_size,
     )
+    kernel = getattr(args, "fp8_moe_kernel", "triton")
+    if kernel != "triton":
+        from fleetsim.config.aggregated import _with_fp8_moe_kernel
+
+        profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "--fp8-moe-kernel")
     if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
