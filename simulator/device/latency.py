@@ -948,11 +948,7 @@ class LatencyModel:
         tokens = p_tokens + n
         if self.dp > 1:  # the padding tokens every engine runs (dp_padded_flops)
             flops += (self.dp_padded_tokens(p_tokens, n_prefill, n) - tokens) * f_lin
-        nbytes = (
-            (self._w_dense if self._dense else self.model.weight_bytes_read(tokens) + self._w_dp)
-            + self.kvb * (ctx + tokens)
-            + self._sb * (n_prefill + n)
-        )
+        nbytes = self._weights(tokens) + self.kvb * (ctx + tokens) + self._sb * (n_prefill + n)
         if p_tokens == 0:  # a pure decode step: the run formula, so both modes agree exactly
             c = self.coeff_cache.get(n)
             if c is None:
@@ -1000,11 +996,7 @@ class LatencyModel:
         x1 = c.a1 + c.b1 * ctx
         x2 = c.a2 + c.b2 * ctx
         # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped
-        nbytes = (
-            (self._w_dense if self._dense else self.model.weight_bytes_read(n) + self._w_dp)
-            + self.kvb * (ctx + n)
-            + self._sb * n
-        )
+        nbytes = self._weights(n) + self.kvb * (ctx + n) + self._sb * n
         return c.base + (x1 if x1 > x2 else x2), c.fa + ctx * self.f_pair, nbytes
 
     # -- decode runs -----------------------------------------------------------------------

@@ -478,18 +478,19 @@ class PagedKV(BlockPool):
             return False
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         g = self.g
-        over = x - self.free
-        if self.uq and ev:  # the cached ids the decodes' x blocks evict from the queue's head
-            gone = set()
-            for e, off in self._q_entries():
-                if off >= x:
-                    break
-                if e[0] >= 0:
-                    gone.add(e[0])
-            over = 1 if gone else 0
-        if over > 0 and ev:
-            if not self.uq:
-                gone = set(islice(self.lru, -(-over // g)))
+        # the cached ids that the decodes' x blocks evict: from the head of vLLM's one queue
+        # (uq), or, once the x blocks exceed the free ones, the least recently used
+        gone: set[int] = set()
+        if ev:
+            if self.uq:
+                for e, off in self._q_entries():
+                    if off >= x:
+                        break
+                    if e[0] >= 0:
+                        gone.add(e[0])
+            elif x > self.free:
+                gone = set(islice(self.lru, -(-(x - self.free) // g)))
+        if gone:
             ids = r.ids
             assert ids is not None
             cache = self.cache
