@@ -140,4 +140,6 @@ def apply_stack(
         ar_bw_bytes_per_s=float(c.get("ar_bw_bytes_per_s", 0.0)),
         linear_state_eff=float(c.get("linear_state_eff", 0.0)),
         one_gpu_overhead_s=float(c.get("one_gpu_overhead_s", 0.0)),
+        eager_moe_layer_host_s=float(c.get("eager_moe_layer_host_s", 0.0)),
+        eager_seq_host_s=float(c.get("eager_seq_host_s", 0.0)),
     )
