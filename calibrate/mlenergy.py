@@ -544,6 +544,8 @@ class SimRun:
     #: (u_c, u_m, u_kv) per GPU of one full prefill iteration (max_num_batched_tokens of
     #: prompts of the task's length), the anchor of the fit's prefill row (see fit_power)
     prefill_u: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: the model's mixture-of-experts layers (0 for a dense model)
+    moe_layers: int = 0
     error: str = ""
     sim_wall_s: float = 0.0
 
@@ -660,11 +662,17 @@ def _run_scenario(
 
 
 def simulate_config(
-    c: Config, seed: int = 0, engine: str = "macro", host_stall_s: float | None = None
+    c: Config,
+    seed: int = 0,
+    engine: str = "macro",
+    host_stall_s: float | None = None,
+    profile_fields: dict[str, float] | None = None,
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
     ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
-    harness passes the one fitted without the row's model: :func:`lomo_host_stalls`)."""
+    harness passes the one fitted without the row's model: :func:`lomo_host_stalls`);
+    ``profile_fields`` replaces fields of the resolved profile (a fit's trial constants, e.g.
+    ``calibrate/eager_host.py`` without the eager host floor)."""
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
     from fleetsim.serving.pod import Pod
@@ -698,6 +706,8 @@ def simulate_config(
                 assert base is not None
                 oh = float(base["overhead_s"]) + host_stall_s
                 rs = replace(rs, profile=replace(prof0, overhead_s=oh))
+            if profile_fields:
+                rs = replace(rs, profile=replace(rs.profile, **profile_fields))
             sink = _Sink()
             pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
             tr = _Tracker(pod.rec)
@@ -706,6 +716,7 @@ def simulate_config(
             out.error = str(exc).splitlines()[0][:200]
             return out
     prof = rs.profile
+    out.moe_layers = int(rs.model.n_moe_layers)
     out.peak_flops = float(prof.peak_flops)
     out.peak_bw = float(prof.mem_bw_bytes_per_s)
     k = max(1, MAX_BATCHED_TOKENS // prompt)
