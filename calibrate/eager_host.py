@@ -13,15 +13,21 @@ slower than the GPU work and draw less power (Qwen3-30B-A3B on one B200: 910 W a
 at b1024), i.e. the GPU waits for the host. The form fitted here: such an iteration takes at
 least ``eager_moe_layer_host_s`` per MoE layer plus ``eager_seq_host_s`` per sequence (each
 engine's), the host's launch path plus its per-request work, which the launch path no longer
-leaves time to hide (fleetsim.device.stack).
+leaves time to hide (fleetsim.device.stack). A model with latent attention (MLA: DeepSeek) takes
+``eager_mla_layer_host_s`` more per attention layer: its rows above the capture size ask for
+about twice the Qwen3 MoE models' host time per layer, fitted to its rows alone (the only MLA
+architecture in the data; its servers also run FlashInfer's fused MoE and CUTLASS MLA kernels,
+server_env.csv, which the rows cannot tell apart from the architecture: confidence L).
 
 The fit: every non-suspect row of one GPU is simulated once without the floor; the floor's
 effect on the median step (the decode step when the batch exceeds the capture size) and on
 the mean step (batch / tokens/s: the decode steps and the prompt-carrying steps, each at
 max(its time, the floor)) is computed from the simulated steps, and the two constants are
 the grid point that minimises the mean |relative error| of both over the rows (a grid, not a
-gradient: the floor's max() makes the error piecewise). Leave-one-model-out: each model's
-rows from the constants fitted to the others.
+gradient: the floor's max() makes the error piecewise), first the per-MoE-layer and
+per-sequence constants over the rows without latent attention, then the per-MLA-layer one over
+the rows with it. Leave-one-model-out: each model's rows from the constants fitted to the
+others.
 
     python -m fleetsim.calibrate.eager_host [--gpu B200]
 """
@@ -38,6 +44,8 @@ import numpy as np
 #: the grid (seconds): per MoE layer 0 .. 2 ms by 0.05 ms, per sequence 0 .. 0.12 ms by 5 us
 LAYER_GRID_S = tuple(i * 5e-5 for i in range(41))
 SEQ_GRID_S = tuple(i * 5e-6 for i in range(25))
+#: the profile's (and catalog/stacks.toml's) fields of the floor
+FLOOR_FIELDS = ("eager_moe_layer_host_s", "eager_seq_host_s", "eager_mla_layer_host_s")
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class FloorRow:
     key: str
     model: str
     moe_layers: int
+    mla_layers: int  # latent-attention layers (0 without MLA)
     capture_tokens: int  # the replica's largest graphed iteration (dp x the engine's)
     dp: int
     meas_median_s: float
@@ -60,18 +69,22 @@ class FloorRow:
     batch: float  # simulated mean running sequences
 
 
-def floor_s(r: FloorRow, h_layer_s: float, h_seq_s: float, seqs: float) -> float:
+def floor_s(
+    r: FloorRow, h_layer_s: float, h_seq_s: float, seqs: float, h_mla_s: float = 0.0
+) -> float:
     """The floor of an iteration of ``seqs`` sequences of row ``r``'s replica."""
     if r.moe_layers == 0:
         return 0.0
-    return r.moe_layers * h_layer_s + math.ceil(seqs / r.dp) * h_seq_s
+    return r.moe_layers * h_layer_s + r.mla_layers * h_mla_s + math.ceil(seqs / r.dp) * h_seq_s
 
 
-def predict(r: FloorRow, h_layer_s: float, h_seq_s: float) -> tuple[float, float]:
+def predict(
+    r: FloorRow, h_layer_s: float, h_seq_s: float, h_mla_s: float = 0.0
+) -> tuple[float, float]:
     """(median step, mean step) of row ``r`` with the floor: the decode steps of a batch above
     the capture size and the prompt-carrying steps above it at max(their time, the floor)."""
     eager_decode = r.batch > r.capture_tokens
-    f = floor_s(r, h_layer_s, h_seq_s, r.batch)
+    f = floor_s(r, h_layer_s, h_seq_s, r.batch, h_mla_s)
     dec = max(r.decode_step_s, f) if eager_decode else r.decode_step_s
     med = max(r.sim_median_s, f) if eager_decode else r.sim_median_s
     eager_prompt = r.batch + r.tokens_per_prompt_step > r.capture_tokens
@@ -82,24 +95,36 @@ def predict(r: FloorRow, h_layer_s: float, h_seq_s: float) -> tuple[float, float
     return med, mean
 
 
-def errors(rows: Sequence[FloorRow], h_layer_s: float, h_seq_s: float) -> np.ndarray:
+def errors(
+    rows: Sequence[FloorRow], h_layer_s: float, h_seq_s: float, h_mla_s: float = 0.0
+) -> np.ndarray:
     """Relative errors, (rows, 2): median step and mean step."""
     out = np.empty((len(rows), 2))
     for i, r in enumerate(rows):
-        med, mean = predict(r, h_layer_s, h_seq_s)
+        med, mean = predict(r, h_layer_s, h_seq_s, h_mla_s)
         out[i] = (med / r.meas_median_s - 1.0, mean / r.meas_mean_s - 1.0)
     return out
 
 
-def fit(rows: Sequence[FloorRow]) -> tuple[float, float]:
-    """The grid point (per MoE layer s, per sequence s) of least mean |relative error|."""
+def fit(rows: Sequence[FloorRow]) -> tuple[float, float, float]:
+    """(per MoE layer s, per sequence s, per MLA layer s): the first two the grid point of
+    least mean |relative error| over the rows without latent attention, the third then the
+    grid point over the rows with it (the others' constants held)."""
+    plain = [r for r in rows if not r.mla_layers]
+    mla = [r for r in rows if r.mla_layers]
     best = (math.inf, 0.0, 0.0)
     for hl in LAYER_GRID_S:
         for hs in SEQ_GRID_S:
-            e = float(np.abs(errors(rows, hl, hs)).mean())
+            e = float(np.abs(errors(plain, hl, hs)).mean()) if plain else 0.0
             if e < best[0] - 1e-12:
                 best = (e, hl, hs)
-    return best[1], best[2]
+    _, hl, hs = best
+    hm, e_m = 0.0, math.inf
+    for h in LAYER_GRID_S if mla else ():
+        e = float(np.abs(errors(mla, hl, hs, h)).mean())
+        if e < e_m - 1e-12:
+            hm, e_m = h, e
+    return hl, hs, hm
 
 
 def lomo(rows: Sequence[FloorRow]) -> np.ndarray:
@@ -107,9 +132,8 @@ def lomo(rows: Sequence[FloorRow]) -> np.ndarray:
     out = np.empty((len(rows), 2))
     for model in sorted({r.model for r in rows}):
         train = [r for r in rows if r.model != model]
-        hl, hs = fit(train)
         idx = [i for i, r in enumerate(rows) if r.model == model]
-        out[idx] = errors([rows[i] for i in idx], hl, hs)
+        out[idx] = errors([rows[i] for i in idx], *fit(train))
     return out
 
 
@@ -119,7 +143,7 @@ def simulate_rows(gpu: str) -> list[FloorRow]:
     from fleetsim.device.stack import capture_max_tokens
 
     rows = []
-    zero = {"eager_moe_layer_host_s": 0.0, "eager_seq_host_s": 0.0}
+    zero = dict.fromkeys(FLOOR_FIELDS, 0.0)
     for c in ml.read_configs():
         if c.gpu_model != gpu or c.suspect or ml.skip_reason(c):
             continue
@@ -132,6 +156,7 @@ def simulate_rows(gpu: str) -> list[FloorRow]:
                 key=c.key,
                 model=c.model_id,
                 moe_layers=run.moe_layers,
+                mla_layers=run.mla_layers,
                 capture_tokens=capture_max_tokens(c.max_num_seqs) * c.dp,
                 dp=c.dp,
                 meas_median_s=s.meas_median_s,
@@ -161,20 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", default="B200", help="the benchmark GPU whose rows to fit")
     args = ap.parse_args(argv)
     rows = simulate_rows(args.gpu)
-    hl, hs = fit(rows)
+    hl, hs, hm = fit(rows)
     moe = [r for r in rows if r.moe_layers]
-    print(f"{args.gpu}: {len(rows)} non-suspect rows ({len(moe)} of MoE models)")
-    print(f"eager_moe_layer_host_s = {hl:.4e}  eager_seq_host_s = {hs:.4e}")
+    mla = [r for r in rows if r.mla_layers]
+    print(
+        f"{args.gpu}: {len(rows)} non-suspect rows ({len(moe)} of MoE models, {len(mla)} of"
+        f" them with latent attention: {', '.join(sorted({r.model for r in mla}))})"
+    )
+    print(
+        f"eager_moe_layer_host_s = {hl:.4e}  eager_seq_host_s = {hs:.4e}"
+        f"  eager_mla_layer_host_s = {hm:.4e}"
+    )
     for name, e in (
         ("without the floor", errors(rows, 0.0, 0.0)),
-        ("fitted", errors(rows, hl, hs)),
+        ("fitted", errors(rows, hl, hs, hm)),
         ("leave-one-model-out", lomo(rows)),
+        ("MoE rows, without", errors(moe, 0.0, 0.0)),
+        ("MoE rows, fitted", errors(moe, hl, hs, hm)),
     ):
         print(f"  {name:20s} median step: {_stats(e[:, 0])}")
         print(f"  {'':20s} mean step:   {_stats(e[:, 1])}")
     print("rows the floor moves (median step, mean step: measured, without -> with, ms):")
     for r in rows:
-        med, mean = predict(r, hl, hs)
+        med, mean = predict(r, hl, hs, hm)
         if abs(med - r.sim_median_s) > 1e-4 or abs(mean - r.sim_mean_s) > 1e-4:
             print(
                 f"  {r.key:72s} {1e3 * r.meas_median_s:6.1f}: {1e3 * r.sim_median_s:6.1f} ->"

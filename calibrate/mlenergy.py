@@ -546,6 +546,8 @@ class SimRun:
     prefill_u: tuple[float, float, float] = (0.0, 0.0, 0.0)
     #: the model's mixture-of-experts layers (0 for a dense model)
     moe_layers: int = 0
+    #: its latent-attention (MLA) layers (0 without)
+    mla_layers: int = 0
     error: str = ""
     sim_wall_s: float = 0.0
 
@@ -717,6 +719,7 @@ def simulate_config(
             return out
     prof = rs.profile
     out.moe_layers = int(rs.model.n_moe_layers)
+    out.mla_layers = int(rs.model.n_attn_layers) if rs.model.is_mla else 0
     out.peak_flops = float(prof.peak_flops)
     out.peak_bw = float(prof.mem_bw_bytes_per_s)
     k = max(1, MAX_BATCHED_TOKENS // prompt)

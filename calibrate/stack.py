@@ -1109,7 +1109,7 @@ def stacks_toml(res: dict) -> str:
 
 
 #: the catalog keys of the eager MoE host floor, fitted by calibrate/eager_host.py (not here)
-EAGER_HOST_KEYS = ("eager_moe_layer_host_s", "eager_seq_host_s")
+EAGER_HOST_KEYS = ("eager_moe_layer_host_s", "eager_seq_host_s", "eager_mla_layer_host_s")
 
 
 def _eager_host_lines(gpu: str) -> list[str]:
@@ -1120,13 +1120,15 @@ def _eager_host_lines(gpu: str) -> list[str]:
     entry = catalog.stacks().get("vllm-v1", {}).get(gpu, {})
     if not any(k in entry for k in EAGER_HOST_KEYS):
         return []
-    hl, hs = (float(entry.get(k, 0.0)) for k in EAGER_HOST_KEYS)
+    hl, hs, hm = (float(entry.get(k, 0.0)) for k in EAGER_HOST_KEYS)
     return [
         f"eager_moe_layer_host_s = {hl:.4e}  # fitted (L): host time per MoE layer of an"
         " iteration run without a CUDA graph (more tokens than the capture size);"
         " calibrate/eager_host.py",
         f"eager_seq_host_s = {hs:.4e}  # fitted (L): host time per sequence (per engine) of"
         " such an iteration, with eager_moe_layer_host_s",
+        f"eager_mla_layer_host_s = {hm:.4e}  # fitted (L): further host time per latent-"
+        "attention layer of such an iteration (DeepSeek's rows alone)",
     ]
 
 

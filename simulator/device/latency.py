@@ -225,6 +225,8 @@ class RooflineProfile:
     #: the GPU idling for the rest (see fleetsim.device.stack; 0: no such floor)
     eager_moe_layer_host_s: float = 0.0
     eager_seq_host_s: float = 0.0
+    #: the floor's further host time per latent-attention (MLA) layer of such a model
+    eager_mla_layer_host_s: float = 0.0
     #: the fused-MoE kernel fp8 block-quantised experts run (``fleet.fp8_moe_kernel``,
     #: fleetsim.device.moe.FP8_MOE_KERNELS): vLLM's Triton kernel, or FlashInfer's TensorRT-LLM
     #: block-scale kernel (Blackwell, ``VLLM_USE_FLASHINFER_MOE_FP8=1``)
@@ -582,9 +584,10 @@ class LatencyModel:
             self._gmax = p.graph_max_tokens * self.dp
             self._head_cache_g = {}
             self._ar_floor_g = 1.0 - p.graph_floor_frac
-            if m.n_moe_layers and (p.eager_moe_layer_host_s or p.eager_seq_host_s):
+            h_mla = p.eager_mla_layer_host_s if m.is_mla else 0.0
+            if m.n_moe_layers and (p.eager_moe_layer_host_s or p.eager_seq_host_s or h_mla):
                 self._eh = True
-                self._eh_a = m.n_moe_layers * p.eager_moe_layer_host_s
+                self._eh_a = m.n_moe_layers * p.eager_moe_layer_host_s + m.n_attn_layers * h_mla
                 self._eh_s = p.eager_seq_host_s
         #: linear_parts' layer sums of a plain dense model, by ``graphed`` (kernels.DenseLayer)
         self._dense_layers: dict[bool, DenseLayer] = {}

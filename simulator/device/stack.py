@@ -142,4 +142,5 @@ def apply_stack(
         one_gpu_overhead_s=float(c.get("one_gpu_overhead_s", 0.0)),
         eager_moe_layer_host_s=float(c.get("eager_moe_layer_host_s", 0.0)),
         eager_seq_host_s=float(c.get("eager_seq_host_s", 0.0)),
+        eager_mla_layer_host_s=float(c.get("eager_mla_layer_host_s", 0.0)),
     )
