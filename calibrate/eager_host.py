@@ -66,7 +66,7 @@ class FloorRow:
     prompt_step_s: float  # mean prompt-carrying step
     prompt_share: float
     tokens_per_prompt_step: float
-    batch: float  # simulated mean running sequences
+    batch: float  # simulated mean running sequences (at most max_num_seqs)
 
 
 def floor_s(
@@ -167,7 +167,8 @@ def simulate_rows(gpu: str) -> list[FloorRow]:
                 prompt_step_s=s.prompt_step_s,
                 prompt_share=s.prompt_share,
                 tokens_per_prompt_step=s.tokens_per_prompt_step,
-                batch=run.avg_batch,
+                # (the window's mean tokens per step counts the prompt steps' first tokens)
+                batch=min(run.avg_batch, float(c.max_num_seqs)),
             )
         )
     return rows

@@ -19,8 +19,9 @@ from fleetsim.device.modelspec import model_from_catalog
 from fleetsim.device.profile import catalog_profile
 from fleetsim.device.stack import apply_stack
 
-H_LAYER_S = 6.5e-4  # the B200's committed constants (catalog/stacks.toml)
-H_SEQ_S = 5.5e-5
+H_LAYER_S = 7.0e-4  # the B200's committed constants (catalog/stacks.toml)
+H_SEQ_S = 5.0e-5
+H_MLA_S = 6.0e-4
 
 
 def _b200(max_num_seqs: int = 1024) -> RooflineProfile:
@@ -36,14 +37,15 @@ def _bare(p: RooflineProfile) -> RooflineProfile:
 def test_the_b200_carries_the_fitted_floor_and_the_h100_none():
     p = _b200()
     assert p.eager_moe_layer_host_s == H_LAYER_S and p.eager_seq_host_s == H_SEQ_S
+    assert p.eager_mla_layer_host_s == H_MLA_S
     h = apply_stack(catalog_profile("h100-sxm", catalog.gpu("h100-sxm")), "vllm-v1", "h100-sxm", 64)
     assert isinstance(h, RooflineProfile) and h.eager_moe_layer_host_s == 0.0
 
 
 def test_an_eager_moe_decode_step_takes_its_host_floor():
     """Qwen3-30B-A3B (48 MoE layers) on one B200, 1,024 sequences at 300 tokens each: above the
-    capture size (512), its GPU work is shorter than 48 x 0.65 ms + 1,024 x 0.055 ms =
-    87.52 ms, so the step takes exactly that; its FLOPs and bytes are the GPU's, unchanged."""
+    capture size (512), its GPU work is shorter than 48 x 0.70 ms + 1,024 x 0.05 ms =
+    84.8 ms, so the step takes exactly that; its FLOPs and bytes are the GPU's, unchanged."""
     m = model_from_catalog("qwen3-30b-a3b")
     assert m.n_moe_layers == 48
     p = _b200()
@@ -51,7 +53,7 @@ def test_an_eager_moe_decode_step_takes_its_host_floor():
     n, ctx = 1024, 1024 * 300.0
     t0, f0, b0 = bare.decode_step(n, ctx)
     floor = 48 * H_LAYER_S + 1024 * H_SEQ_S
-    assert floor == pytest.approx(87.52e-3, rel=1e-12)
+    assert floor == pytest.approx(84.8e-3, rel=1e-12)
     assert t0 < floor  # (the GPU would be faster: the floor binds)
     t, f, b = lm.decode_step(n, ctx)
     assert t == pytest.approx(floor, rel=1e-12)
@@ -59,6 +61,19 @@ def test_an_eager_moe_decode_step_takes_its_host_floor():
     # the general iteration (the engine's mixed path) gives the same step
     assert lm.iteration(0, 0.0, 0, n, ctx) == (t, f, b)
     assert lm.breakdown(0, 0.0, 0, n, ctx)["eager_host"] == pytest.approx(floor - t0, rel=1e-9)
+
+
+def test_latent_attention_adds_its_host_time_per_attention_layer():
+    """DeepSeek-V3 (61 layers, 58 of them MoE, latent attention) on 8 B200s with expert
+    parallelism, 1,024 sequences: 58 x 0.70 ms + 61 x 0.60 ms + 1,024 x 0.05 ms = 128.4 ms."""
+    m = model_from_catalog("deepseek-v3", "fp8")
+    assert m.is_mla and m.n_moe_layers == 58 and m.n_attn_layers == 61
+    p = _b200()
+    lm = LatencyModel(m, p, 8, 1, True)
+    assert lm.eager_host_s(1024) == pytest.approx(128.4e-3, rel=1e-12)
+    assert lm.eager_host_s(1024) == pytest.approx(
+        58 * H_LAYER_S + 61 * H_MLA_S + 1024 * H_SEQ_S, rel=1e-12
+    )
 
 
 def test_a_captured_step_and_a_dense_model_keep_their_gpu_time():
@@ -76,14 +91,14 @@ def test_a_captured_step_and_a_dense_model_keep_their_gpu_time():
 
 def test_a_small_batch_prompt_step_above_the_capture_size_pays_the_floor():
     """max_num_seqs 8 (capture size 16): a step of 7 decodes and a 250-token prompt chunk runs
-    eager; the floor counts its 8 sequences: 48 x 0.65 ms + 8 x 0.055 ms = 31.64 ms."""
+    eager; the floor counts its 8 sequences: 48 x 0.70 ms + 8 x 0.05 ms = 34.0 ms."""
     m = model_from_catalog("qwen3-30b-a3b")
     p = _b200(8)
     assert p.graph_max_tokens == 16
     lm, bare = LatencyModel(m, p, 1), LatencyModel(m, _bare(p), 1)
     args = (250, 250.0**2, 1, 7, 7 * 400.0)
     t0 = bare.iteration(*args)[0]
-    assert t0 < 31.64e-3
+    assert t0 < 34.0e-3
     assert lm.iteration(*args)[0] == pytest.approx(48 * H_LAYER_S + 8 * H_SEQ_S, rel=1e-12)
     # a pure decode step of the 8 sequences is captured: no floor
     assert lm.decode_step(8, 8 * 400.0) == bare.decode_step(8, 8 * 400.0)
@@ -155,7 +170,7 @@ def _row(**kw) -> eager_host.FloorRow:
 def test_the_fit_predicts_the_median_and_the_mean_step_by_hand():
     r = _row()
     med, mean = eager_host.predict(r, H_LAYER_S, H_SEQ_S)
-    f = 48 * H_LAYER_S + 1024 * H_SEQ_S  # 87.52 ms, above both simulated steps
+    f = 48 * H_LAYER_S + 1024 * H_SEQ_S  # 84.8 ms, above both simulated steps
     assert med == pytest.approx(f, rel=1e-12)
     # every step rises to the floor: 0.75 x (f - 60 ms) + 0.25 x (f - 80 ms) on the mean
     assert mean == pytest.approx(0.065 + 0.75 * (f - 0.06) + 0.25 * (f - 0.08), rel=1e-12)
@@ -168,7 +183,7 @@ def test_the_fit_predicts_the_median_and_the_mean_step_by_hand():
         prompt_step_s=0.045,
     )
     med, mean = eager_host.predict(small, H_LAYER_S, H_SEQ_S)
-    f = 48 * H_LAYER_S + 400 * H_SEQ_S  # 53.2 ms
+    f = 48 * H_LAYER_S + 400 * H_SEQ_S  # 53.6 ms
     assert med == 0.04 and mean == pytest.approx(0.065 + 0.25 * (f - 0.045), rel=1e-12)
     # a dense model never pays
     assert eager_host.predict(_row(moe_layers=0), 1e-3, 1e-4) == (0.06, 0.065)
