@@ -210,3 +210,18 @@ def test_the_fit_recovers_constants_on_its_grid():
         )
     assert eager_host.fit(rows) == pytest.approx((5e-4, 4e-5, 0.0), abs=1e-12)
     assert abs(eager_host.lomo(rows)).max() < 1e-9
+
+
+@pytest.mark.slow
+def test_committed_eager_host_constants_are_the_refit():
+    """Refit from data/mlenergy-v3 (every non-suspect B200 row simulated without the floor,
+    about 3 minutes): the catalog's constants are the fit's grid point, and its
+    leave-one-model-out mean-step error is the one committed."""
+    import numpy as np
+
+    rows = eager_host.simulate_rows("B200")
+    fit = eager_host.fit(rows)
+    c = catalog.stacks()["vllm-v1"]["b200"]
+    assert fit == pytest.approx(tuple(c[k] for k in eager_host.FLOOR_FIELDS), rel=1e-9)
+    lomo = float(np.median(np.abs(eager_host.lomo(rows)[:, 1])))
+    assert lomo == pytest.approx(c["eager_host_lomo_median_err"], abs=5e-4)
