@@ -708,8 +708,9 @@ def simulate_config(
                 assert base is not None
                 oh = float(base["overhead_s"]) + host_stall_s
                 rs = replace(rs, profile=replace(prof0, overhead_s=oh))
-            if profile_fields:
-                rs = replace(rs, profile=replace(rs.profile, **profile_fields))
+            prof1 = rs.profile
+            if profile_fields and isinstance(prof1, RooflineProfile):
+                rs = replace(rs, profile=replace(prof1, **profile_fields))  # type: ignore[arg-type]
             sink = _Sink()
             pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
             tr = _Tracker(pod.rec)
