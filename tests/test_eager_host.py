@@ -225,3 +225,21 @@ def test_committed_eager_host_constants_are_the_refit():
     assert fit == pytest.approx(tuple(c[k] for k in eager_host.FLOOR_FIELDS), rel=1e-9)
     lomo = float(np.median(np.abs(eager_host.lomo(rows)[:, 1])))
     assert lomo == pytest.approx(c["eager_host_lomo_median_err"], abs=5e-4)
+
+
+def test_the_latency_cli_shows_the_exposed_host_time():
+    """fleetsim latency: at 1,024 sequences the row's overhead column carries the floor's
+    exposed part (the parts still sum to the total), at 256 (captured) it has none."""
+    from fleetsim.apps import latency
+
+    args = latency.build_parser().parse_args(
+        ["--gpu", "b200", "--model", "qwen3-30b-a3b", "--batch", "256,1024", "--context", "300"]
+    )
+    small, big = latency.rows(args)
+    assert big["total_s"] == pytest.approx(48 * H_LAYER_S + 1024 * H_SEQ_S, rel=1e-12)
+    eh = big["parts_s"]["eager_host"]
+    assert eh > 0.0 and "eager_host" not in small["parts_s"]
+    assert big["overhead_s"] - small["overhead_s"] == pytest.approx(eh, rel=1e-12)
+    for r in (small, big):
+        total = r["compute_s"] + r["memory_s"] + r["comm_s"] + r["overhead_s"]
+        assert total == pytest.approx(r["total_s"], rel=1e-12)
