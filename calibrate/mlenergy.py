@@ -1559,6 +1559,11 @@ STACK_KEYS = (
     "linear_state_eff",
     "host_stall_s",
     "one_gpu_overhead_s",
+    # the eager MoE host floor (calibrate/eager_host.py): not fitted by calibrate/stack.py, so
+    # a profile carries it only where its fit gives it; otherwise the catalog's stays
+    "eager_moe_layer_host_s",
+    "eager_seq_host_s",
+    "eager_mla_layer_host_s",
 )
 
 
