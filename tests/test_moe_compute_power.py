@@ -46,11 +46,12 @@ def _rs(c: M.Config, tmp_path, engine: str = "iteration", n: int = 24, **hw):
 def test_routed_expert_flops_by_hand_count(tmp_path):
     """One token of Qwen3-235B-A22B passes 8 experts of 3 x 4,096 x 1,536 weights in each of 94
     layers: 2 x 94 x 8 x 3 x 4,096 x 1,536 = 28.4 GFLOPs, about two thirds of the 2 x 22 B
-    active parameters' (attention projections and router are the rest). An iteration of 250 prompt tokens
-    and 7 decoding sequences counts 257 tokens' worth; a decode run's step of 8 sequences
-    8 tokens'. Under data parallelism (Qwen3-Coder-480B-FP8, DP4 of one GPU each: 62 layers,
-    top-8 of width 2,560, d_model 6,144) every engine runs the fullest one's tokens: 7
-    decoding sequences and a prompt of 100 on one engine are 4 x (2 + 100) tokens' worth."""
+    active parameters' (attention projections and router are the rest). An iteration of 250
+    prompt tokens and 7 decoding sequences counts 257 tokens' worth; a decode run's step of 8
+    sequences 8 tokens'. Under data parallelism (Qwen3-Coder-480B-FP8, DP4 of one GPU each:
+    62 layers, top-8 of width 2,560, d_model 6,144) every engine runs the fullest one's
+    tokens: 7 decoding sequences and a prompt of 100 on one engine are 4 x (2 + 100) tokens'
+    worth."""
     c = M.find_config(BF16, "B200", 4, 8)
     lat = _rs(c, tmp_path).latency_model()
     assert lat.model.routed_expert_flops_per_token == QWEN235_EXPERT_FLOPS_PER_TOKEN
