@@ -76,8 +76,9 @@ class PowerSpec:
     """Per-GPU power model.
 
     ``P = min(max_w, idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m
-    + kv_w * u_kv))`` with ``u_c`` the fraction of peak FLOP/s and ``u_m`` the fraction of peak
-    bandwidth used in the iteration, and ``u_kv`` the part of ``u_m`` that is per-sequence
+    + kv_w * u_kv + moe_compute_w * u_moe))`` with ``u_c`` the fraction of peak FLOP/s (``u_moe``
+    its routed experts' grouped-GEMM part, a mixture of experts only) and ``u_m`` the fraction
+    of peak bandwidth used in the iteration, and ``u_kv`` the part of ``u_m`` that is per-sequence
     traffic: the KV cache read by attention and the linear-state (Mamba) state read and written
     by the scan, i.e. every byte but the weight stream. Idle with a model loaded, a level while
     kernels run (clocks and HBM active), terms in achieved FLOP/s and bytes/s, capped at the
