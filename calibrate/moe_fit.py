@@ -12,8 +12,10 @@ and ``..._B200.json``), are within a few per cent. The model for it
 (:class:`fleetsim.device.moe.FusedMoeFit`): each grouped-GEMM launch of the fused MoE kernel
 adds ``ceil(K / BLOCK_SIZE_K)`` serial loop steps of one program per wave of programs to its
 throughput-bound time, with vLLM's default block configuration (``get_default_config``: 16-bit
-K 64 while the tokens are at most the local experts, else K 32; fp8 block-quantised K 128), and
-each MoE layer pays a fixed routing time.
+K 64 while the tokens are at most the local experts, else K 32; fp8 block-quantised K 128, per
+whole wave of a grid over every local expert, touched or not:
+:func:`fleetsim.device.moe.fp8_default_grid_waves`), and each MoE layer pays a fixed routing
+time.
 
 Where the benchmark's server ran FlashInfer's TensorRT-LLM fp8 MoE kernel instead of Triton's
 (``fleet.fp8_moe_kernel``, set by the harness from ``data/mlenergy-v3/server_env.csv``: DeepSeek
@@ -374,6 +376,19 @@ def fit_mma(gpu_model: str, grid: tuple[float, ...] | None = None) -> dict:
     }
 
 
+def _fp8_tuned(r: FitRow, fit: FusedMoeFit) -> bool:
+    """Whether the row's MoE layer shape (local experts, columns per GPU) is one of the GPU's
+    tuned fp8 shapes (``FusedMoeFit.tuned_fp8``: it runs at ``k_step_fp8_s``, else at
+    ``k_step_fp8_default_s``)."""
+    m = r.lm.model  # type: ignore[attr-defined]
+    lay = r.lm.layout  # type: ignore[attr-defined]
+    if lay.expert_parallel:
+        shape = (round(m.n_experts / lay.ep), round(m.d_ff_expert))
+    else:
+        shape = (round(m.n_experts), round(m.d_ff_expert / lay.ep))
+    return shape in fit.tuned_fp8
+
+
 def family(r: FitRow) -> tuple:
     """A row's architecture and expert precision (models that differ only in their weights)."""
     m = r.lm.model  # type: ignore[attr-defined]
@@ -389,19 +404,31 @@ def fit_rows(rows: list[FitRow], base: FusedMoeFit, sweeps: int = 3) -> FusedMoe
     0 (``base`` gives the GPU's SM count and shared memory). A constant no row depends on (no
     fp8 row, say) stays 0."""
     fit = base
-    # the Triton kernel's fp8 steps are fitted to fp8 rows that run it; FlashInfer's constants
-    # to those that run that (a constant no row depends on stays at base's value)
-    has_fp8 = any(r.lm._fp8_block and not _fi(r) for r in rows)  # type: ignore[attr-defined]
+    # the Triton kernel's fp8 steps are fitted to fp8 rows that run it (the tuned step to the
+    # tuned shapes', the default tiles' to the others); FlashInfer's constants to those that run
+    # that (a constant no row depends on stays at base's value)
+    triton8 = [r for r in rows if r.lm._fp8_block and not _fi(r)]  # type: ignore[attr-defined]
+    has_tuned8 = any(_fp8_tuned(r, base) for r in triton8)
+    has_default8 = any(not _fp8_tuned(r, base) for r in triton8)
     has_16 = any(not r.lm._fp8_block for r in rows)  # type: ignore[attr-defined]
     has_fi = any(_fi(r) for r in rows)
+    skip = {
+        "k_step_s": not has_16,
+        "k_step_fp8_s": not has_tuned8,
+        "k_step_fp8_default_s": not has_default8,
+    }
     for _ in range(sweeps):
         for p in ALL_PARAMS:
-            if (p.startswith("k_step_fp8") and not has_fp8) or (p == "k_step_s" and not has_16):
-                continue
-            if p in FI_PARAMS and not has_fi:
+            if skip.get(p, False) or (p in FI_PARAMS and not has_fi):
                 continue
             scored = [(loss(rows, _with(fit, p, v)), v) for v in GRID[p]]
             fit = _with(fit, p, min(scored)[1])
+    # a layer with a tuned fp8 file runs at least as fast as the default tiles: without rows of
+    # one kind (a model left out), that step is the other's
+    if triton8 and not has_tuned8:
+        fit = _with(fit, "k_step_fp8_s", fit.k_step_fp8_default_s)
+    if triton8 and not has_default8:
+        fit = _with(fit, "k_step_fp8_default_s", fit.k_step_fp8_s)
     return fit
 
 

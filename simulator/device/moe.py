@@ -106,8 +106,8 @@ class FusedMoeFit:
     k_step_fp8_default_s: float = 0.0
     #: fp8 ``[128, 128]`` block-quantised layer shapes ``(local experts E, intermediate columns N
     #: per GPU)`` that vLLM ships a tuned configuration for on this GPU (``fused_moe/configs/
-    #: E=..,N=..,device_name=...,dtype=fp8_w8a8,block_shape=[128,128].json``): they keep the
-    #: per-wave loop latency of :func:`k_loop_latency_s` with ``k_step_fp8_s``
+    #: E=..,N=..,device_name=...,dtype=fp8_w8a8,block_shape=[128,128].json``): their loop
+    #: (:func:`fp8_default_loop_latency_s`, the same grid) runs at ``k_step_fp8_s``
     tuned_fp8: tuple[tuple[int, int], ...] = ()
     #: the Triton ``fused_moe_kernel``'s own sustained MMA rate as a fraction of the experts'
     #: dense tensor-core peak (the data sheet's): the grouped GEMMs' routed rows take at least
@@ -220,7 +220,12 @@ def fp8_default_grid_waves(
 
 
 def fp8_default_loop_latency_s(
-    mf: FusedMoeFit, k: float, local_experts: float = 1.0, rows: float = 0.0, n: float = 1.0
+    mf: FusedMoeFit,
+    k: float,
+    local_experts: float = 1.0,
+    rows: float = 0.0,
+    n: float = 1.0,
+    tuned: bool = False,
 ) -> float:
     """The loop latency of one fp8 block-quantised fused-MoE launch of ``n`` output columns over
     a reduction of ``k`` where vLLM has no tuned configuration for the layer: ``ceil(k / 128)``
@@ -239,12 +244,20 @@ def fp8_default_loop_latency_s(
     188 against 100 steps per layer at every decode batch (1.9x; measured ITL 36.9 vs 24.6 ms
     at 8 sequences). Before (main fe1c321) the loop was ``ceil(k / 128)`` steps once per launch
     whatever the grid, which priced EP2 and EP4 alike (B200 EP4 ITL +17 to +29 % at 8-128
-    sequences)."""
-    if mf.k_step_fp8_default_s <= 0.0 or k <= 0:
+    sequences).
+
+    ``tuned``: the layer's shape has a tuned fp8 file (``FusedMoeFit.tuned_fp8``); its launch is
+    counted on the same grid (the default tiles' count; the tuned tiles' effect is in the step)
+    at ``k_step_fp8_s``. Its measured rows are as flat in batch as the untuned ones
+    (Qwen3-Coder-480B-FP8 on 4 B200s under DP4, 40 local experts: 36.2 / 37.6 / 40.6 / 42.3 ms
+    at 8-64 sequences), where the grid over the touched experts (:func:`k_loop_latency_s`, the
+    form before) went from 37 % too fast to 37 % too slow."""
+    step = mf.k_step_fp8_s if tuned else mf.k_step_fp8_default_s
+    if step <= 0.0 or k <= 0:
         return 0.0
     _, _, bk, _ = default_block_config(1.0, 1.0, True)
     waves = fp8_default_grid_waves(mf, local_experts, rows, n)
-    return math.ceil(k / bk) * mf.k_step_fp8_default_s * waves
+    return math.ceil(k / bk) * step * waves
 
 
 def flashinfer_moe_gemm_s(
@@ -487,11 +500,13 @@ def moe_layer_parts_s(
     n_up = (2.0 if gated else 1.0) * cols
     loop_up = loop_down = 0.0
     shape = (round(local_experts), round(cols))
-    if fp8_block and shape not in moe_fit.tuned_fp8:
-        # no tuned fp8 file: the default tiles' loop, per whole wave of the local experts' grid
-        loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up)
-        loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d)
-    elif fp8_block or shape not in moe_fit.tuned:
+    if fp8_block:
+        # the block-scaled K loop, per whole wave of the grid over every local expert, at the
+        # tuned or the default tiles' step time
+        tuned = shape in moe_fit.tuned_fp8
+        loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned)
+        loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned)
+    elif shape not in moe_fit.tuned:
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
