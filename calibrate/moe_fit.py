@@ -93,6 +93,18 @@ DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
 #: docs/accuracy.md). H200: the H100's (same GH100 chip, derived); A100: 1, no bound (no MoE
 #: rows on it; its kernel fit's GEMMs stand).
 MMA_FRAC = {"h100-sxm": 0.34, "b200": 0.15, "h200": 0.34, "a100-80gb": 1.0}
+#: FusedMoeFit.fp8_wave_frac, every catalog GPU: the share of a program's K loop that each whole
+#: wave of an fp8 block-quantised fused-MoE launch adds after the first
+#: (moe.fp8_default_loop_latency_s). Fitted on this module's surrogate (the rows' ITL minus
+#: their simulated fp8 loop, each candidate's loop added back with the step times refitted),
+#: leaving out the data-parallel rows at 128+ sequences (their median ITL sits on
+#: prefill-carrying steps): the B200 is the one GPU whose rows hold one kernel class at two
+#: local-expert counts (default tiles: Qwen3-235B-A22B-FP8 EP2 / EP4; tuned: Coder-480B-FP8 DP4
+#: / DP8), |ITL error| median default / tuned rows 3.8 / 19.0 % at 1 (every wave the whole
+#: loop), 2.9 / 3.4 % at 0.4, 2.0 / 6.3 % at 0.5, 3.5 / 5.0 % at 0.3; the H100's rows (one
+#: local-expert count per class) cannot tell it from the step times and take the same (with
+#: one fp8 step for both classes they pick 0.25-0.4 too: 2.3-3.0 %)
+FP8_WAVE_FRAC = 0.4
 #: the --mma search grid per GPU (fractions of the experts' dense peak)
 MMA_GRID = {
     "h100-sxm": (1.0, 0.5, 0.4, 0.34, 0.28, 0.22, 0.17),
@@ -222,7 +234,8 @@ def constants_line(gpu: str, fit: FusedMoeFit) -> str:
     return (
         f"# {gpu} k_step_s={fit.k_step_s!r} k_step_fp8_s={fit.k_step_fp8_s!r} "
         f"k_step_fp8_default_s={fit.k_step_fp8_default_s!r} layer_s={fit.layer_s!r} "
-        f"fi_layer_s={fit.fi_layer_s!r} fi_bw_frac={fit.fi_bw_frac!r}"
+        f"fi_layer_s={fit.fi_layer_s!r} fi_bw_frac={fit.fi_bw_frac!r} "
+        f"fp8_wave_frac={fit.fp8_wave_frac!r}"
     )
 
 
@@ -300,6 +313,7 @@ def hardware_fit(gpu: str) -> FusedMoeFit:
         tuned=tuple(TUNED.get(gpu, ())),
         tuned_fp8=tuple(TUNED_FP8.get(gpu, ())),
         mma_frac=MMA_FRAC.get(gpu, 1.0),
+        fp8_wave_frac=FP8_WAVE_FRAC,
     )
 
 
@@ -551,6 +565,8 @@ def write(out: dict) -> None:
         "# (fleet.fp8_moe_kernel = 'flashinfer-trtllm', moe.flashinfer_moe_gemm_s): its fixed",
         "# time per MoE layer and the fraction of the bandwidth it streams the experts at,",
         "# fitted with the rest to the rows whose servers ran it (server_env.csv); 0: none.",
+        "# fp8_wave_frac: the share of the K loop each fp8 launch wave after the first adds",
+        "# (moe.fp8_default_loop_latency_s; moe_fit.FP8_WAVE_FRAC).",
     ]
     fits = {ml.GPUS[g]: v for g, v in out.items()}
     for name in sorted(set(fits) | set(DERIVED)):
@@ -581,6 +597,7 @@ def write(out: dict) -> None:
             f"mma_frac = {MMA_FRAC.get(name, 1.0)}  # {mma_note(name)}",
             f"fi_layer_s = {f.fi_layer_s:.4e}",
             f"fi_bw_frac = {f.fi_bw_frac:.4g}",
+            f"fp8_wave_frac = {FP8_WAVE_FRAC}  # fitted (M): moe_fit.FP8_WAVE_FRAC, the B200's rows",
             f"sms = {sms}",
             f"smem_per_sm_bytes = {smem}",
             "tuned = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED.get(name, ())) + "]",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,9 @@ def test_untuned_fp8_layer_pays_the_local_experts_waves_at_every_batch():
     """Qwen3-235B-A22B-FP8 under EP4 on the H100 is an fp8 (E 32, N 1,536) layer, which vLLM
     ships no tuned file for: the default tiles' grid over the 32 local experts is 32 x 24 = 768
     gate+up programs (132 SMs x 3 = 396 a wave: 2 waves) and 32 x 32 = 1,024 down programs (3
-    waves), so the grouped GEMMs add exactly 2 x 32 and 3 x 12 K steps, at 8 and at 256 tokens
-    alike (at most 64 rows per expert). Listed as tuned, the same layer pays the same waves at
+    waves), so the grouped GEMMs add exactly 2 x 32 and 3 x 12 K steps (with every wave the
+    whole loop; with ``fp8_wave_frac`` 0.25 a later wave adds a quarter of it: 32 x 1.25 + 12 x
+    1.5), at 8 and at 256 tokens alike (at most 64 rows per expert). Listed as tuned, the same layer pays the same waves at
     the tuned step ``k_step_fp8_s`` (before, the per-wave latency of ``k_loop_latency_s`` over
     the touched experts, which grew with them)."""
     m = _qwen3_235b()
@@ -149,6 +151,10 @@ def test_untuned_fp8_layer_pays_the_local_experts_waves_at_every_batch():
             3 * 12 * step, rel=1e-9
         )
         assert slow["moe_fp8_loop"] == pytest.approx((64 + 36) * step, rel=1e-9)
+        # each wave after the first at 0.25 of the loop: 32 x 1.25 + 12 x 1.5 K steps
+        part = replace(untuned, fp8_wave_frac=0.25)
+        fr = moe_layer_parts_s(*args, t, 1.0, 450e9, 5e-6, 1.0, 1979e12, part, True)
+        assert fr["moe_fp8_loop"] == pytest.approx((40 + 18) * step, rel=1e-9)
         fast = moe_layer_parts_s(*args, t, 1.0, 450e9, 5e-6, 1.0, 1979e12, tuned, True)
         assert fast["moe_gemm_up"] - bare["moe_gemm_up"] == pytest.approx(2 * 32 * 3e-6, rel=1e-9)
         assert fast["moe_fp8_loop"] == pytest.approx((64 + 36) * 3e-6, rel=1e-9)
@@ -180,11 +186,12 @@ def test_fp8_default_grid_waves_by_hand():
 def test_untuned_fp8_loop_follows_the_local_experts_on_the_b200():
     """The brief's gap (issues 21/22): Qwen3-235B-Thinking-FP8 on the B200 measures 36.9 ms on
     2 GPUs (64 local experts) and 24.6 ms on 4 (32) at 8 sequences, 50.6 and 32.7 ms at 64.
-    With the catalog's constants the untuned fp8 loop of one MoE layer is 4 x 32 + 5 x 12 = 188
-    K steps under EP2 and 2 x 32 + 3 x 12 = 100 under EP4, at 8 and at 64 tokens alike (before:
-    44 steps once per launch for both, so the simulated EP4 step was only 1.12x faster than
-    EP2's and 25-29 % too slow); and the catalog's decode steps at the rows' mean batch and
-    context are within 12 % of the measured ITL on both servers."""
+    With the catalog's constants the untuned fp8 loop of one MoE layer is 32 K steps x (1 + 3
+    a) + 12 x (1 + 4 a) under EP2 (4 and 5 waves) and 32 x (1 + a) + 12 x (1 + 2 a) under EP4 (2
+    and 3 waves), ``a`` the catalog's ``fp8_wave_frac`` (0.4: 101.6 and 66.4 step times), at 8
+    and at 64 tokens alike (before: 44 steps once per launch for both, so the simulated EP4 step
+    was only 1.12x faster than EP2's and 25-29 % too slow); and the catalog's decode steps at
+    the rows' mean batch and context are within 12 % of the measured ITL on both servers."""
     from fleetsim.calibrate import mlenergy as ml
 
     m = _qwen3_235b()
@@ -192,7 +199,12 @@ def test_untuned_fp8_loop_follows_the_local_experts_on_the_b200():
     mf = catalog_moe_fit("b200")
     assert kf is not None and mf.k_step_fp8_default_s > 0.0
     assert (64, 1536) not in mf.tuned_fp8 and (32, 1536) not in mf.tuned_fp8
-    for ep, steps in ((2, 188), (4, 100)):
+    a = mf.fp8_wave_frac
+    assert a == pytest.approx(0.4)
+    for ep, steps in (
+        (2, 32 * (1 + 3 * a) + 12 * (1 + 4 * a)),
+        (4, 32 * (1 + a) + 12 * (1 + 2 * a)),
+    ):
         for t in (8, 64):
             args = (kf, 2250e12, 8e12, m, MoeLayout(ep, 1, True), t, 1.0, 900e9, 5e-6, 1.0)
             loop = moe_layer_parts_s(*args, 4500e12, mf, True)["moe_fp8_loop"]
@@ -258,8 +270,9 @@ def test_untuned_fp8_step_is_flat_in_batch_as_measured(batch):
     """Qwen3-235B-A22B-FP8 on 4 H100s (EP4: 32 local experts, no tuned fp8 file) measures 35.2 /
     42.8 / 53.1 ms at 8 / 32 / 128 sequences. The catalog's decode step at the row's mean batch
     and context is within 10 % at each, and its fp8 loop is the same at every batch: 94 MoE
-    layers x (2 waves x 32 + 3 waves x 12) K steps of ``k_step_fp8_default_s``
-    (:func:`fp8_default_grid_waves` over the 32 local experts, 132 x 3 programs a wave). With
+    layers x (32 x (1 + a) + 12 x (1 + 2 a)) K steps of ``k_step_fp8_default_s`` (2 and 3 waves of
+    :func:`fp8_default_grid_waves` over the 32 local experts, 132 x 3 programs a wave; ``a`` the
+    catalog's ``fp8_wave_frac``, the share of the loop each wave after the first adds). With
     the per-wave loop over the touched experts (listed as tuned, as every fp8 layer was before
     main e88b8c5) it was -21 % at 8 and +15 / +20 % at 32 / 128."""
     c = _row("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "H100", 4, batch)
@@ -269,7 +282,9 @@ def test_untuned_fp8_step_is_flat_in_batch_as_measured(batch):
     mf = lm._moe_fit
     assert (32, 1536) not in mf.tuned_fp8 and mf.k_step_fp8_default_s > 0.0
     assert lm.model.n_moe_layers == 94
-    assert lm.moe_loop_s(b) == pytest.approx(94 * 100 * mf.k_step_fp8_default_s, rel=1e-9)
+    a = mf.fp8_wave_frac
+    steps = 32 * (1 + a) + 12 * (1 + 2 * a)
+    assert lm.moe_loop_s(b) == pytest.approx(94 * steps * mf.k_step_fp8_default_s, rel=1e-9)
 
 
 def test_latency_cli_names_the_per_sequence_part(capsys):

@@ -128,6 +128,13 @@ class FusedMoeFit:
     #: fp8 weights (and its rows' activations), fitted; 0: the kernel fit's GEMM bandwidth
     #: efficiency
     fi_bw_frac: float = 0.0
+    #: the fraction of a program's K loop that each whole wave of an fp8 block-quantised launch
+    #: adds after its first (:func:`fp8_default_loop_latency_s`): the first wave pays the whole
+    #: serial loop, a later one only this share of it (its programs start as the earlier
+    #: wave's finish one by one, their loads overlapping the earlier programs' dots and
+    #: rescales); 1: every wave the whole loop. Fitted on the surrogate of ``moe_fit``
+    #: (:data:`fleetsim.calibrate.moe_fit.FP8_WAVE_FRAC`), one value for both GPUs
+    fp8_wave_frac: float = 1.0
 
 
 NO_MOE_FIT = FusedMoeFit()
@@ -187,9 +194,7 @@ def k_loop_latency_s(
     return math.ceil(k / bk) * step * (waves if waves > 1.0 else 1.0)
 
 
-def fp8_default_grid_waves(
-    mf: FusedMoeFit, local_experts: float, rows: float, n: float
-) -> int:
+def fp8_default_grid_waves(mf: FusedMoeFit, local_experts: float, rows: float, n: float) -> int:
     """Whole waves of the program grid an fp8 block-quantised fused-MoE launch with
     ``get_default_config``'s tiles (M 64, N 128, K 128, 3 stages) runs on this GPU: one
     ``64 x 128`` output tile per program over **every expert this GPU holds**
@@ -229,9 +234,9 @@ def fp8_default_loop_latency_s(
 ) -> float:
     """The loop latency of one fp8 block-quantised fused-MoE launch of ``n`` output columns over
     a reduction of ``k`` where vLLM has no tuned configuration for the layer: ``ceil(k / 128)``
-    K steps of ``k_step_fp8_default_s`` per whole wave of the grid over the ``local_experts``
-    this GPU holds (:func:`fp8_default_grid_waves`; ``rows`` the routed rows of this GPU's
-    experts).
+    K steps of ``k_step_fp8_default_s`` for the first whole wave of the grid over the
+    ``local_experts`` this GPU holds (:func:`fp8_default_grid_waves`; ``rows`` the routed rows of
+    this GPU's experts) and ``fp8_wave_frac`` of that for each further wave.
 
     With ``get_default_config``'s fp8 tiles (M 64, N 128, K 128; ``vllm/model_executor/layers/
     fused_moe/fused_moe.py``) a decode step fills a 64-row tile with one to a few routed rows
@@ -241,8 +246,9 @@ def fp8_default_loop_latency_s(
     next. Hand count, Qwen3-235B-A22B-FP8 (d 4,096, expert width 1,536) on the B200 (148 SMs x
     3 programs = 444 a wave): EP2 (64 local experts) gate+up 64 x 24 = 1,536 programs, 4 waves,
     x 32 K steps; down 64 x 32 = 2,048, 5 waves, x 12; EP4 (32) 768 -> 2 waves and 1,024 -> 3:
-    188 against 100 steps per layer at every decode batch (1.9x; measured ITL 36.9 vs 24.6 ms
-    at 8 sequences). Before (main fe1c321) the loop was ``ceil(k / 128)`` steps once per launch
+    with the catalog's ``fp8_wave_frac`` 0.4, 32 x 2.2 + 12 x 2.6 = 101.6 against 32 x 1.4 + 12
+    x 1.8 = 66.4 step times per layer at every decode batch (1.53x; measured ITL 36.9 vs 24.6
+    ms at 8 sequences, the MoE loop about 23 vs 14 ms of it). Before (main fe1c321) the loop was ``ceil(k / 128)`` steps once per launch
     whatever the grid, which priced EP2 and EP4 alike (B200 EP4 ITL +17 to +29 % at 8-128
     sequences).
 
@@ -257,7 +263,9 @@ def fp8_default_loop_latency_s(
         return 0.0
     _, _, bk, _ = default_block_config(1.0, 1.0, True)
     waves = fp8_default_grid_waves(mf, local_experts, rows, n)
-    return math.ceil(k / bk) * step * waves
+    if waves <= 0:
+        return 0.0
+    return math.ceil(k / bk) * step * (1.0 + mf.fp8_wave_frac * (waves - 1))
 
 
 def flashinfer_moe_gemm_s(
@@ -323,6 +331,7 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
         mma_frac=float(e.get("mma_frac", 1.0)),
         fi_layer_s=float(e.get("fi_layer_s", 0.0)),
         fi_bw_frac=float(e.get("fi_bw_frac", 0.0)),
+        fp8_wave_frac=float(e.get("fp8_wave_frac", 1.0)),
     )
 
 
