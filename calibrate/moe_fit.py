@@ -597,7 +597,7 @@ def write(out: dict) -> None:
             f"mma_frac = {MMA_FRAC.get(name, 1.0)}  # {mma_note(name)}",
             f"fi_layer_s = {f.fi_layer_s:.4e}",
             f"fi_bw_frac = {f.fi_bw_frac:.4g}",
-            f"fp8_wave_frac = {FP8_WAVE_FRAC}  # fitted (M): moe_fit.FP8_WAVE_FRAC, the B200's rows",
+            f"fp8_wave_frac = {FP8_WAVE_FRAC}  # fitted (M): moe_fit.FP8_WAVE_FRAC, B200 rows",
             f"sms = {sms}",
             f"smem_per_sm_bytes = {smem}",
             "tuned = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED.get(name, ())) + "]",

@@ -126,13 +126,13 @@ def _qwen3_235b():
 
 
 def test_untuned_fp8_layer_pays_the_local_experts_waves_at_every_batch():
-    """Qwen3-235B-A22B-FP8 under EP4 on the H100 is an fp8 (E 32, N 1,536) layer, which vLLM
-    ships no tuned file for: the default tiles' grid over the 32 local experts is 32 x 24 = 768
-    gate+up programs (132 SMs x 3 = 396 a wave: 2 waves) and 32 x 32 = 1,024 down programs (3
-    waves), so the grouped GEMMs add exactly 2 x 32 and 3 x 12 K steps (with every wave the
-    whole loop; with ``fp8_wave_frac`` 0.25 a later wave adds a quarter of it: 32 x 1.25 + 12 x
-    1.5), at 8 and at 256 tokens alike (at most 64 rows per expert). Listed as tuned, the same layer pays the same waves at
-    the tuned step ``k_step_fp8_s`` (before, the per-wave latency of ``k_loop_latency_s`` over
+    """Qwen3-235B-A22B-FP8 under EP4 on the H100 is an fp8 (E 32, N 1,536) layer, which vLLM ships
+    no tuned file for: the default tiles' grid over the 32 local experts is 32 x 24 = 768 gate+up
+    programs (132 SMs x 3 = 396 a wave: 2 waves) and 32 x 32 = 1,024 down programs (3 waves), so the
+    grouped GEMMs add exactly 2 x 32 and 3 x 12 K steps (with every wave the whole loop; with
+    ``fp8_wave_frac`` 0.25 a later wave adds a quarter of it: 32 x 1.25 + 12 x 1.5), at 8 and at 256
+    tokens alike (at most 64 rows per expert). Listed as tuned, the same layer pays the same waves
+    at the tuned step ``k_step_fp8_s`` (before, the per-wave latency of ``k_loop_latency_s`` over
     the touched experts, which grew with them)."""
     m = _qwen3_235b()
     kf = catalog_kernel_fit("h100-sxm")
@@ -161,14 +161,14 @@ def test_untuned_fp8_layer_pays_the_local_experts_waves_at_every_batch():
 
 
 def test_fp8_default_grid_waves_by_hand():
-    """The default fp8 tiles' grid over every local expert, hand-counted. A program stages (64 x
-    128 + 128 x 128) x 3 = 73,728 bytes: 3 in 228 KB (233,472 bytes) on both GPUs. B200 (148 x
-    3 = 444 a wave), Qwen3-235B-A22B-FP8 (d 4,096, expert width 1,536): EP2, 64 local experts,
-    gate+up 64 x 24 = 1,536 programs = 3.46 -> 4 waves, down 64 x 32 = 2,048 = 4.61 -> 5; EP4,
-    32: 768 = 1.73 -> 2, 1,024 = 2.31 -> 3. H100 (132 x 3 = 396): EP4 768 = 1.94 -> 2, 1,024 =
-    2.59 -> 3. Past 64 rows per expert each expert takes a second row block. A prefill of 8,192 tokens under EP4 routes 8,192 x 8 / 4 = 16,384 rows, 512 per
-    local expert = 8 row blocks: 8 x 768 = 6,144 programs = 13.8 -> 14 waves on the B200. No
-    experts: no waves."""
+    """The default fp8 tiles' grid over every local expert, hand-counted. A program stages (64 x 128
+    + 128 x 128) x 3 = 73,728 bytes: 3 in 228 KB (233,472 bytes) on both GPUs. B200 (148 x 3 = 444 a
+    wave), Qwen3-235B-A22B-FP8 (d 4,096, expert width 1,536): EP2, 64 local experts, gate+up 64 x 24
+    = 1,536 programs = 3.46 -> 4 waves, down 64 x 32 = 2,048 = 4.61 -> 5; EP4, 32: 768 = 1.73 -> 2,
+    1,024 = 2.31 -> 3. H100 (132 x 3 = 396): EP4 768 = 1.94 -> 2, 1,024 = 2.59 -> 3. Past 64 rows
+    per expert each expert takes a second row block. A prefill of 8,192 tokens under EP4 routes
+    8,192 x 8 / 4 = 16,384 rows, 512 per local expert = 8 row blocks: 8 x 768 = 6,144 programs =
+    13.8 -> 14 waves on the B200. No experts: no waves."""
     b200 = FusedMoeFit(sms=148, smem_per_sm_bytes=233472)
     h100 = FusedMoeFit(sms=132, smem_per_sm_bytes=233472)
     assert fp8_default_grid_waves(b200, 64, 32, 3072) == 4

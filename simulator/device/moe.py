@@ -243,14 +243,14 @@ def fp8_default_loop_latency_s(
     per expert, and ``fused_moe_kernel``'s block-scaled loop (``accumulator += tl.dot(a, b) *
     a_scale[:, None] * b_scale[None, :]``, the scales of A gathered per row and of B loaded per
     step) waits for each step's dot and rescales the whole 64 x 128 fp32 accumulator before the
-    next. Hand count, Qwen3-235B-A22B-FP8 (d 4,096, expert width 1,536) on the B200 (148 SMs x
-    3 programs = 444 a wave): EP2 (64 local experts) gate+up 64 x 24 = 1,536 programs, 4 waves,
-    x 32 K steps; down 64 x 32 = 2,048, 5 waves, x 12; EP4 (32) 768 -> 2 waves and 1,024 -> 3:
-    with the catalog's ``fp8_wave_frac`` 0.4, 32 x 2.2 + 12 x 2.6 = 101.6 against 32 x 1.4 + 12
-    x 1.8 = 66.4 step times per layer at every decode batch (1.53x; measured ITL 36.9 vs 24.6
-    ms at 8 sequences, the MoE loop about 23 vs 14 ms of it). Before (main fe1c321) the loop was ``ceil(k / 128)`` steps once per launch
-    whatever the grid, which priced EP2 and EP4 alike (B200 EP4 ITL +17 to +29 % at 8-128
-    sequences).
+    next. Hand count, Qwen3-235B-A22B-FP8 (d 4,096, expert width 1,536) on the B200 (148 SMs x 3
+    programs = 444 a wave): EP2 (64 local experts) gate+up 64 x 24 = 1,536 programs, 4 waves, x 32 K
+    steps; down 64 x 32 = 2,048, 5 waves, x 12; EP4 (32) 768 -> 2 waves and 1,024 -> 3: with the
+    catalog's ``fp8_wave_frac`` 0.4, 32 x 2.2 + 12 x 2.6 = 101.6 against 32 x 1.4 + 12 x 1.8 = 66.4
+    step times per layer at every decode batch (1.53x; measured ITL 36.9 vs 24.6 ms at 8 sequences,
+    the MoE loop about 23 vs 14 ms of it). Before (main fe1c321) the loop was ``ceil(k / 128)``
+    steps once per launch whatever the grid, which priced EP2 and EP4 alike (B200 EP4 ITL +17 to +29
+    % at 8-128 sequences).
 
     ``tuned``: the layer's shape has a tuned fp8 file (``FusedMoeFit.tuned_fp8``); its launch is
     counted on the same grid (the default tiles' count; the tuned tiles' effect is in the step)
