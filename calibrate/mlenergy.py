@@ -428,6 +428,7 @@ class _Tracker:
         self.dyn = 0.0
         self.comm = 0.0
         self.loop = 0.0
+        self.xflops = 0.0
         self.prompt = 0.0
         self.hit = 0.0
         self.snaps: list[tuple[float, ...]] = []
@@ -438,6 +439,7 @@ class _Tracker:
         rec.dyn_j = _Log(rec.dyn_j, self._dyn)
         rec.comm_s = _Log(rec.comm_s, self._comm)
         rec.moe_loop_s = _Log(rec.moe_loop_s, self._loop)
+        rec.expert_flops = _Log(rec.expert_flops, self._xflops)
         rec.prompt_tokens = _Log(rec.prompt_tokens, self._prompt)
         rec.prefix_hit_tokens = _Log(rec.prefix_hit_tokens, self._hit)
 
@@ -456,6 +458,9 @@ class _Tracker:
     def _loop(self, d: float) -> None:
         self.loop += d
 
+    def _xflops(self, d: float) -> None:
+        self.xflops += d
+
     def _tokens(self, d: float) -> None:
         self.tokens += d
 
@@ -468,8 +473,9 @@ class _Tracker:
     def _dyn(self, d: float) -> None:
         self.dyn += d
         # a commit adds its prompt and output tokens, busy time, energy, FLOPs, bytes,
-        # communication and fp8 MoE-loop seconds in that order, and its iteration count last:
-        # the FLOPs, bytes, communication, loop and iterations seen here are the earlier
+        # communication and fp8 MoE-loop seconds and routed-expert FLOPs in that order, and its
+        # iteration count last: the FLOPs, bytes, communication, loop, expert FLOPs and
+        # iterations seen here are the earlier
         # commits' (cumulative()); its prompt tokens and prefix-cache hits (serving/core.py,
         # P_first and hit_tok, added before its energy) are its own
         self.snaps.append(
@@ -484,18 +490,28 @@ class _Tracker:
                 self.loop,
                 self.prompt,
                 self.hit,
+                self.xflops,
             )
         )
 
     def cumulative(self) -> dict[str, np.ndarray]:
         """Cumulative busy time, output tokens, prompt tokens (``prompt``: all of the admitted
         prompts, ``hit``: those served from the prefix cache), FLOPs, bytes, iterations,
-        communication and fp8 MoE-loop seconds after each commit."""
-        s = np.array(self.snaps, dtype=float).reshape(-1, 10)
+        communication and fp8 MoE-loop seconds and routed-expert FLOPs after each commit."""
+        s = np.array(self.snaps, dtype=float).reshape(-1, 11)
         final = np.array(
-            [[self.flops, self.bytes, float(self.rec.iterations), self.comm, self.loop]]
+            [
+                [
+                    self.flops,
+                    self.bytes,
+                    float(self.rec.iterations),
+                    self.comm,
+                    self.loop,
+                    self.xflops,
+                ]
+            ]
         )
-        after = np.concatenate((s[1:, [3, 4, 5, 6, 7]], final))
+        after = np.concatenate((s[1:, [3, 4, 5, 6, 7, 10]], final))
         return {
             "busy": s[:, 0],
             "tokens": s[:, 2],
@@ -504,6 +520,7 @@ class _Tracker:
             "iters": after[:, 2],
             "comm": after[:, 3],
             "loop": after[:, 4],
+            "xflops": after[:, 5],
             "prompt": s[:, 8],
             "hit": s[:, 9],
         }
@@ -530,6 +547,8 @@ class SimRun:
     seg_comm_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # in communication
     #: in the block-scaled K loop of fp8 fused-MoE kernels (PowerSpec.moe_loop_w)
     seg_loop_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: FLOPs of the routed experts' grouped GEMMs (part of seg_flops; PowerSpec.moe_compute_w)
+    seg_xflops: np.ndarray = field(default_factory=lambda: np.zeros(0))
     #: prompt tokens per commit, all of the prompts it admits (``seg_hit`` of them served from
     #: the prefix cache, the rest computed); a commit's prompts are in its first iteration
     #: (serving/core.py), so a commit with any carries one prompt-carrying step
@@ -541,9 +560,10 @@ class SimRun:
     weight_bytes: float = 0.0
     peak_flops: float = 0.0  # per GPU, as the simulator's power model uses them
     peak_bw: float = 0.0
-    #: (u_c, u_m, u_kv) per GPU of one full prefill iteration (max_num_batched_tokens of
-    #: prompts of the task's length), the anchor of the fit's prefill row (see fit_power)
-    prefill_u: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: (u_c, u_m, u_kv, u_moe) per GPU of one full prefill iteration (max_num_batched_tokens
+    #: of prompts of the task's length), the anchor of the fit's prefill row (see fit_power);
+    #: u_moe, the routed experts' part of u_c, may be absent (0)
+    prefill_u: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
     error: str = ""
     sim_wall_s: float = 0.0
 
@@ -719,6 +739,7 @@ def simulate_config(
         b_pf / (t_pf * c.num_gpus * out.peak_bw),
         max(b_pf - lm.weight_bytes_per_iteration(k * prompt), 0.0)
         / (t_pf * c.num_gpus * out.peak_bw),
+        lm.expert_flops_iter(k * prompt, k, 0) / (t_pf * c.num_gpus * out.peak_flops),
     )
     m = c.max_num_seqs
     first = np.sort(np.asarray(sink.first))
@@ -750,6 +771,7 @@ def simulate_config(
     seg_b = np.diff(np.concatenate(([0.0], by_cum)))
     seg_c = np.diff(np.concatenate(([0.0], cum["comm"])))
     seg_l = np.diff(np.concatenate(([0.0], cum["loop"])))
+    seg_x = np.diff(np.concatenate(([0.0], cum["xflops"])))
     seg_p = np.diff(np.concatenate(([0.0], cum["prompt"])))
     seg_h = np.diff(np.concatenate(([0.0], cum["hit"])))
 
@@ -779,6 +801,7 @@ def simulate_config(
     out.seg_iters = seg_it[inw]
     out.seg_comm_s = seg_c[inw]
     out.seg_loop_s = seg_l[inw]
+    out.seg_xflops = seg_x[inw]
     out.seg_prompt = seg_p[inw]
     out.seg_hit = seg_h[inw]
     out.sim_wall_s = time.perf_counter() - t0
@@ -904,18 +927,20 @@ def catalog_power(gpu_model: str) -> PowerSpec:
         kv_w=e.get("kv_w", 0.0),
         comm_w=e.get("comm_w"),
         moe_loop_w=e.get("moe_loop_w"),
+        moe_compute_w=e.get("moe_compute_w", 0.0),
     )
 
 
 def utilisation(
     run: SimRun, speed: float = 1.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(segment durations, u_c, u_m, u_kv, f_comm, f_loop) per GPU of the window's commits,
-    u_kv being the KV cache and linear-state part of u_m (the bytes beyond the weights of each
-    iteration, as the engine counts them), f_comm the share of the time in communication and
-    f_loop in the block-scaled K loop of fp8 fused-MoE kernels; ``speed`` scales the achieved
-    rates (the measured over the simulated throughput: the same work done at the measured
-    pace; the shares of time stay)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(segment durations, u_c, u_m, u_kv, f_comm, f_loop, u_moe) per GPU of the window's
+    commits, u_kv being the KV cache and linear-state part of u_m (the bytes beyond the weights
+    of each iteration, as the engine counts them), f_comm the share of the time in
+    communication, f_loop in the block-scaled K loop of fp8 fused-MoE kernels and u_moe the
+    routed experts' grouped-GEMM part of u_c; ``speed`` scales the achieved rates (the measured
+    over the simulated throughput: the same work done at the measured pace; the shares of time
+    stay)."""
     dt = np.maximum(run.seg_s, 1e-12)
     g = max(run.tp, 1)
     uc = speed * run.seg_flops / (dt * g * run.peak_flops)
@@ -927,7 +952,9 @@ def utilisation(
     fc = np.minimum(cm / dt, 1.0)
     lp = run.seg_loop_s if len(run.seg_loop_s) == len(run.seg_s) else np.zeros(len(dt))
     fl = np.minimum(lp / dt, 1.0 - fc)
-    return run.seg_s, uc, um, ukv, fc, fl
+    xf = run.seg_xflops if len(run.seg_xflops) == len(run.seg_s) else np.zeros(len(dt))
+    umoe = speed * xf / (dt * g * run.peak_flops)
+    return run.seg_s, uc, um, ukv, fc, fl, umoe
 
 
 def speed_of(c: Config, run: SimRun) -> float:
@@ -937,7 +964,8 @@ def speed_of(c: Config, run: SimRun) -> float:
 
 def predict_w(run: SimRun, p: PowerSpec, speed: float = 1.0) -> float:
     """Mean power per GPU over the window: every commit at
-    ``min(max_w, idle + level + compute_w u_c + memory_w u_m + kv_w u_kv)``, the level being
+    ``min(max_w, idle + level + compute_w u_c + memory_w u_m + kv_w u_kv + moe_compute_w
+    u_moe)``, the level being
     ``active_w`` and, for the share ``f_comm`` of the time in communication, ``comm_w``, for
     the share ``f_loop`` in the fp8 fused-MoE K loop, ``moe_loop_w`` (the replica is busy
     throughout the window), time-weighted."""
@@ -1006,6 +1034,7 @@ def fit_power(
     loss: str = FIT_LOSS,
     f_scale: float = FIT_F_SCALE,
     comm_cap: bool = True,
+    moe: bool = True,
 ) -> PowerSpec:
     """``active_w``, ``compute_w``, ``memory_w`` and ``kv_w`` (all >= 0) fitted to measured
     mean power per GPU on the relative residuals of the window means: first linear least squares
@@ -1034,11 +1063,15 @@ def fit_power(
     than computing ones); and ``moe_loop_w``, the level in place of ``active_w`` while fused-MoE
     kernels of fp8 block-quantised experts run their block-scaled K loop, where some runs have
     that time (``seg_loop_s``; else it stays None), at most ``max_w - idle_w`` (a GPU draws at
-    most its limit); with ``kv=False`` all three stay off (the older three-term model)."""
+    most its limit); and ``moe_compute_w``, the power per unit of the routed experts' FLOP
+    utilisation on top of ``compute_w`` (``seg_xflops``; fitted where some runs are mixtures of
+    experts and ``moe``, else 0: a fused-MoE kernel spends more energy per useful FLOP than a
+    dense GEMM, docs/model.md "Power"); with ``kv=False`` all four stay off (the older
+    three-term model)."""
     sp = [1.0] * len(runs) if speeds is None else list(speeds)
     rows = []
     for r, v in zip(runs, sp, strict=True):
-        dt, uc, um, ukv, fc, fl = utilisation(r, v)
+        dt, uc, um, ukv, fc, fl, umoe = utilisation(r, v)
         T = dt.sum()
         f = float((fc * dt).sum() / T)
         g = float((fl * dt).sum() / T)
@@ -1050,12 +1083,15 @@ def fit_power(
                 float((ukv * dt).sum() / T) if kv else 0.0,
                 f,
                 g,
+                float((umoe * dt).sum() / T) if kv and moe else 0.0,
             )
         )
     # the communication level is fitted only where some rows communicate (multi-GPU runs), the
-    # loop level only where some rows run fp8 block-quantised experts
+    # loop level only where some rows run fp8 block-quantised experts, the routed experts'
+    # FLOP term only where some rows are mixtures of experts
     comm = kv and any(row[4] > 0.0 for row in rows)
     loop = kv and any(row[5] > 0.0 for row in rows)
+    xmoe = kv and moe and any(row[6] > 0.0 for row in rows)
     meas = list(np.asarray(measured_w, dtype=float))
     wts = [1.0] * len(rows)
     if anchor:
@@ -1065,7 +1101,8 @@ def fit_power(
         for u0 in seen:
             if u0[0] > 0:
                 ukv0 = u0[2] if kv and len(u0) > 2 else 0.0
-                rows.append((1.0, u0[0], u0[1], ukv0, 0.0, 0.0))
+                umoe0 = u0[3] if xmoe and len(u0) > 3 else 0.0
+                rows.append((1.0, u0[0], u0[1], ukv0, 0.0, 0.0, umoe0))
                 meas.append(base.max_w)
                 wts.append(anchor_rows)
     a = np.asarray(rows)
@@ -1073,8 +1110,8 @@ def fit_power(
         a[:, 0] += a[:, 4]
     if not loop:
         a[:, 0] += a[:, 5]
-    # the fitted columns: active, compute, memory, [kv], [comm], [loop]
-    cols = [0, 1, 2] + [3] * kv + [4] * comm + [5] * loop
+    # the fitted columns: active, compute, memory, [kv], [comm], [loop], [routed-expert FLOPs]
+    cols = [0, 1, 2] + [3] * kv + [4] * comm + [5] * loop + [6] * xmoe
     a = a[:, cols]
     m = np.asarray(meas)
     y = m - base.idle_w
@@ -1091,6 +1128,7 @@ def fit_power(
             kv_w=v.get(3, 0.0),
             comm_w=v.get(4),
             moe_loop_w=v.get(5),
+            moe_compute_w=v.get(6, 0.0),
         )
 
     x = _nnls(a * wgt[:, None], y * wgt)
@@ -1159,9 +1197,17 @@ def fit_power(
 
 def _mean_w(u: tuple[np.ndarray, ...], p: PowerSpec) -> float:
     """:func:`predict_w` from precomputed :func:`utilisation` arrays."""
-    dt, uc, um, ukv, fc, fl = u
+    dt, uc, um, ukv, fc, fl, umoe = u
     level = _level(p, fc, fl)
-    w = np.minimum(p.max_w, p.idle_w + level + p.compute_w * uc + p.memory_w * um + p.kv_w * ukv)
+    w = np.minimum(
+        p.max_w,
+        p.idle_w
+        + level
+        + p.compute_w * uc
+        + p.memory_w * um
+        + p.kv_w * ukv
+        + p.moe_compute_w * umoe,
+    )
     return float((w * dt).sum() / dt.sum())
 
 
@@ -1595,6 +1641,7 @@ def write_profiles(
             "kv_w": round(p.kv_w, 1),
             "comm_w": None if p.comm_w is None else round(p.comm_w, 1),
             "moe_loop_w": None if p.moe_loop_w is None else round(p.moe_loop_w, 1),
+            "moe_compute_w": round(p.moe_compute_w, 1),
             "method": "mlenergy-fit",
         }
         prof = replace(
@@ -1633,6 +1680,7 @@ def write_profiles(
             f"{p.kv_w:.0f} W, "
             + ("" if p.comm_w is None else f"communication level {p.comm_w:.0f} W, ")
             + ("" if p.moe_loop_w is None else f"fp8 MoE-loop level {p.moe_loop_w:.0f} W, ")
+            + (f"routed-expert compute {p.moe_compute_w:.0f} W, " if p.moe_compute_w else "")
             + "cap "
             f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
             f"J/token median {st['j_per_token']['median']:.1%}; {stack_line}; wrote {path}"

@@ -39,6 +39,7 @@ def _spec(name: str) -> PowerSpec:
         kv_w=e["kv_w"],
         comm_w=e["comm_w"],
         moe_loop_w=e["moe_loop_w"],
+        moe_compute_w=e["moe_compute_w"],
     )
 
 
@@ -329,6 +330,9 @@ def test_refit_from_committed_data_matches_the_catalog(refit, gpu):
     # fitted on both GPUs' fp8 block-quantised MoE rows
     assert p.moe_loop_w is not None and cat.moe_loop_w is not None
     assert p.moe_loop_w == pytest.approx(cat.moe_loop_w, abs=max(6.0, 0.02 * cat.max_w))
+    # fitted on both GPUs' MoE rows (the routed experts' FLOPs; slopes in the thousands of W)
+    assert p.moe_compute_w > 0.0 and cat.moe_compute_w > 0.0
+    assert p.moe_compute_w == pytest.approx(cat.moe_compute_w, rel=0.03)
     # the derived entries follow the H100 fit as documented
     if gpu == "H100":
         h200, a100 = _spec("h200"), _spec("a100-80gb")
@@ -339,7 +343,16 @@ def test_refit_from_committed_data_matches_the_catalog(refit, gpu):
             cat.kv_w,
         )
         assert h200.comm_w == cat.comm_w and h200.moe_loop_w == cat.moe_loop_w
-        for k in ("active_w", "compute_w", "memory_w", "kv_w", "comm_w", "moe_loop_w"):
+        assert h200.moe_compute_w == cat.moe_compute_w
+        for k in (
+            "active_w",
+            "compute_w",
+            "memory_w",
+            "kv_w",
+            "comm_w",
+            "moe_loop_w",
+            "moe_compute_w",
+        ):
             assert getattr(a100, k) == pytest.approx(getattr(cat, k) * 400 / 700, abs=1.0), k
 
 

@@ -129,6 +129,11 @@ def cmd_validate(args) -> int:
                 if pw.moe_loop_w is None
                 else f"; {pw.idle_w + pw.moe_loop_w:g} W in the fp8 fused-MoE K loop"
             )
+            + (
+                f"; + {pw.moe_compute_w:g} W x the routed experts' compute use"
+                if pw.moe_compute_w
+                else ""
+            )
             + f", capped at {pw.max_w:g} W; "
             f"{pw.confidence or 'no provenance'}",
             file=sys.stderr,

@@ -226,6 +226,7 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         kv_w=entry.get("kv_w", 0.0),
         comm_w=entry.get("comm_w"),
         moe_loop_w=entry.get("moe_loop_w"),
+        moe_compute_w=entry.get("moe_compute_w", 0.0),
         # the catalog's tag (fitted / derived, gpus.toml), or what the scenario changed
         confidence=(
             f"set by the scenario (hardware.{', hardware.'.join(set_here)})"

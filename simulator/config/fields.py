@@ -140,6 +140,9 @@ SCENARIO: dict[str, str] = {
     "kernel of fp8 block-quantised experts runs its block-scaled K loop, in W, in place of "
     "active_w for that share of the iteration (the loop latency of catalog/moe.toml's "
     "k_step_fp8_s; fitted to the fp8 MoE rows of ML.ENERGY v3 for the H100 and B200).",
+    "HardwareSection.moe_compute_w": "Dynamic power of one GPU at its full peak FLOP/s of "
+    "routed-expert FLOPs (the grouped GEMMs of a mixture of experts), on top of compute_w, in W "
+    "(fitted to the MoE rows of ML.ENERGY v3 for the H100 and B200; 0 for dense models).",
     "HardwareSection.node_idle_w": "Host power (CPUs, DRAM, NICs, fans) of a powered node whose "
     "GPUs are idle, in W per node; unset: the catalog's. The serving level is node_overhead_w.",
     "HardwareSection.node_overhead_w": "Power of the rest of the node (CPUs, NICs, fans) per "

@@ -119,6 +119,7 @@ class HardwareSection(_Section):
     kv_w: Watts | None = None
     comm_w: Watts | None = None
     moe_loop_w: Watts | None = None
+    moe_compute_w: Watts | None = None
     node_overhead_w: Annotated[float, bound(0, 1e6)] | None = None
     node_idle_w: Annotated[float, bound(0, 1e6)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None

@@ -60,7 +60,15 @@ _ceil = math.ceil
 
 #: PowerSpec's busy-time terms (W), after ``idle_w`` and the cap: the fields a profile file and a
 #: scenario's ``[hardware]`` carry beside them (device/profile.py, config/aggregated.py)
-POWER_TERMS_W = ("active_w", "compute_w", "memory_w", "kv_w", "comm_w", "moe_loop_w")
+POWER_TERMS_W = (
+    "active_w",
+    "compute_w",
+    "memory_w",
+    "kv_w",
+    "comm_w",
+    "moe_loop_w",
+    "moe_compute_w",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +76,9 @@ class PowerSpec:
     """Per-GPU power model.
 
     ``P = min(max_w, idle_w + [busy] * (active_w + compute_w * u_c + memory_w * u_m
-    + kv_w * u_kv))`` with ``u_c`` the fraction of peak FLOP/s and ``u_m`` the fraction of peak
-    bandwidth used in the iteration, and ``u_kv`` the part of ``u_m`` that is per-sequence
+    + kv_w * u_kv + moe_compute_w * u_moe))`` with ``u_c`` the fraction of peak FLOP/s (``u_moe``
+    its routed experts' grouped-GEMM part, a mixture of experts only) and ``u_m`` the fraction
+    of peak bandwidth used in the iteration, and ``u_kv`` the part of ``u_m`` that is per-sequence
     traffic: the KV cache read by attention and the linear-state (Mamba) state read and written
     by the scan, i.e. every byte but the weight stream. Idle with a model loaded, a level while
     kernels run (clocks and HBM active), terms in achieved FLOP/s and bytes/s, capped at the
@@ -107,6 +116,14 @@ class PowerSpec:
     #: tiles and their fp32 block scales and rescales the accumulator, work that no FLOP or byte
     #: term counts); None keeps ``active_w`` there (no separate level)
     moe_loop_w: float | None = None
+    #: power at full peak FLOP/s of the routed experts' grouped-GEMM FLOPs, on top of
+    #: ``compute_w`` (the ``u_moe`` part of ``u_c``: FLOPs of
+    #: :attr:`~fleetsim.device.modelspec.ModelSpec.routed_expert_flops_per_token`): a fused-MoE
+    #: kernel spends more energy per useful FLOP than a dense GEMM (each expert's rows gathered
+    #: by token index and padded to the tile, partial results scattered back, the MMA fed at a
+    #: fraction of the tensor-core rate, ``FusedMoeFit.mma_frac``); fitted to the ML.ENERGY v3
+    #: MoE rows (docs/model.md, "Power"); 0 keeps the older model
+    moe_compute_w: float = 0.0
 
     def power_w(
         self,
@@ -116,12 +133,14 @@ class PowerSpec:
         u_kv: float = 0.0,
         f_comm: float = 0.0,
         f_loop: float = 0.0,
+        u_moe: float = 0.0,
     ) -> float:
         """Power per GPU at compute utilisation ``u_c``, bandwidth utilisation ``u_m``, its
         KV/state part ``u_kv`` (<= ``u_m``; fractions of the peaks, >= 0), a share ``f_comm``
         (0..1) of the time in communication and a share ``f_loop`` (0..1, ``f_comm + f_loop
-        <= 1``) in the fp8 fused-MoE K loop: never below ``idle_w`` (all terms are >= 0), never
-        above ``max_w`` once busy."""
+        <= 1``) in the fp8 fused-MoE K loop, and the routed experts' part ``u_moe`` (<= ``u_c``)
+        of the compute utilisation: never below ``idle_w`` (all terms are >= 0), never above
+        ``max_w`` once busy."""
         if not busy:
             return self.idle_w
         level = self.active_w
@@ -130,6 +149,8 @@ class PowerSpec:
         if f_loop and self.moe_loop_w is not None:
             level += (self.moe_loop_w - self.active_w) * f_loop
         p = self.idle_w + level + self.compute_w * u_c + self.memory_w * u_m + self.kv_w * u_kv
+        if u_moe:
+            p += self.moe_compute_w * u_moe
         return p if p < self.max_w else max(self.max_w, self.idle_w)
 
     def dynamic_j(
@@ -143,12 +164,13 @@ class PowerSpec:
         kv_bytes: float = 0.0,
         comm_s: float = 0.0,
         loop_s: float = 0.0,
+        expert_flops: float = 0.0,
     ) -> float:
         """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds, ``comm_s`` of them
         waiting on communication and ``loop_s`` in the fp8 fused-MoE K loop, doing ``flops``
-        and ``bytes_moved``, of which ``kv_bytes`` KV-cache and linear-state traffic (summed
-        over the GPUs): linear in the work, capped so that the mean power stays at or below
-        ``max_w``."""
+        (``expert_flops`` of them in the routed experts' grouped GEMMs) and ``bytes_moved``, of
+        which ``kv_bytes`` KV-cache and linear-state traffic (summed over the GPUs): linear in
+        the work, capped so that the mean power stays at or below ``max_w``."""
         comm = self.comm_w - self.active_w if self.comm_w is not None else 0.0
         loop = self.moe_loop_w - self.active_w if self.moe_loop_w is not None else 0.0
         e = (
@@ -158,6 +180,7 @@ class PowerSpec:
             + self.compute_w / peak_flops * flops
             + self.memory_w / peak_bw * bytes_moved
             + self.kv_w / peak_bw * kv_bytes
+            + self.moe_compute_w / peak_flops * expert_flops
         )
         cap = max(self.max_w - self.idle_w, 0.0) * gpus * busy_s
         return e if e < cap else cap
@@ -320,6 +343,8 @@ class RunCoeffs:
     comm_s: float = field(default=0.0, compare=False)
     weight_bytes: float = field(default=0.0, compare=False)
     loop_s: float = field(default=0.0, compare=False)
+    #: per step: FLOPs of the routed experts' grouped GEMMs (PowerSpec.moe_compute_w)
+    expert_flops: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "da", self.a1 - self.a2)
@@ -463,6 +488,8 @@ class LatencyModel:
         self.kind = profile.kind
         m = model
         self.f_lin = m.flops_per_token_linear
+        #: the routed experts' part of f_lin (PowerSpec.moe_compute_w; 0 for a dense model)
+        self.f_exp = m.routed_expert_flops_per_token
         self.f_head = m.flops_lm_head
         self.f_pair = m.attn_flops_per_pair
         self.kvb = m.kv_bytes_per_token
@@ -915,6 +942,17 @@ class LatencyModel:
         t = p_tokens + n if self.dp <= 1 else self.dp_padded_tokens(p_tokens, n_prefill, n)
         return self.moe_loop_s(t)
 
+    def expert_flops_iter(self, p_tokens: int, n_prefill: int, n: int) -> float:
+        """FLOPs of the routed experts' grouped GEMMs in an iteration of ``p_tokens`` prompt
+        tokens over ``n_prefill`` prompts and ``n`` decoding sequences (part of
+        :meth:`iteration`'s FLOPs; its layers' tokens, padded under data parallelism as
+        :meth:`iteration` counts them): what ``PowerSpec.moe_compute_w`` prices. 0 for a dense
+        model."""
+        if not self.f_exp:
+            return 0.0
+        t = p_tokens + n if self.dp <= 1 else self.dp_padded_tokens(p_tokens, n_prefill, n)
+        return self.f_exp * t
+
     def weight_bytes_per_iteration(self, tokens: float) -> float:
         """Weight bytes the replica reads in an iteration of ``tokens`` tokens (all of them for
         a dense model; a mixture of experts reads the experts those tokens touch): an
@@ -1039,6 +1077,11 @@ class LatencyModel:
         object.__setattr__(c, "weight_bytes", self.weight_bytes_per_iteration(n))
         object.__setattr__(
             c, "loop_s", self.moe_loop_s(n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n))
+        )
+        object.__setattr__(
+            c,
+            "expert_flops",
+            self.f_exp * (n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n)),
         )
         self.coeff_cache[n] = c
         return c

@@ -616,6 +616,16 @@ class ModelSpec:
         return f + self.linear_state_flops_per_token if self.n_linear_layers else f
 
     @property
+    def routed_expert_flops_per_token(self) -> float:
+        """Matmul FLOPs of one token in its routed experts' grouped GEMMs, over the MoE layers
+        (``top_k`` experts each; shared experts, router and attention excluded): the part of
+        :attr:`flops_per_token_linear` that ``PowerSpec.moe_compute_w`` prices. 0 for a dense
+        model."""
+        if self.n_experts <= 1:
+            return 0.0
+        return 2.0 * self.n_moe_layers * self.n_active_experts * self.expert_params
+
+    @property
     def flops_lm_head(self) -> float:
         return 2.0 * self.lm_head_params
 

@@ -138,6 +138,11 @@ class PowerFile(BaseModel):
     moe_loop_w: float | None = _nonneg(
         MAX_POWER_W, "above idle during the fp8 block-scaled fused-MoE K loop (W)", None
     )
+    moe_compute_w: float = _nonneg(
+        MAX_POWER_W,
+        "added at full peak FLOP/s of routed-expert FLOPs, on top of compute_w (W)",
+        0.0,
+    )
     method: str | None = Field(
         None,
         description='"nvml-energy" (NVML\'s energy counter), "nvml" (sampled power), "rapl" or '
@@ -161,6 +166,7 @@ class PowerFile(BaseModel):
             kv_w=self.kv_w,
             comm_w=self.comm_w,
             moe_loop_w=self.moe_loop_w,
+            moe_compute_w=self.moe_compute_w,
             confidence=f"from the profile (method {self.method})" if self.method else "",
         )
 

@@ -97,3 +97,7 @@ class EnginePlan:
     # model with fp8 block-quantised experts on a GPU with the loop constants)
     e_loop_w: float = 0.0
     track_loop: bool = False
+    # per FLOP of the routed experts' grouped GEMMs, on top of e_flop_j (moe_compute_w /
+    # peak_flops), and whether the engine counts those FLOPs at all (a mixture of experts)
+    e_xf_j: float = 0.0
+    track_xf: bool = False

@@ -120,6 +120,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "B_first",
         "C_first",
         "L_first",
+        "X_first",
         "W_first",
         "F_first",
         "T0",
@@ -208,6 +209,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         self.k = 0
         self.t_first = self.F_first = self.B_first = self.C_first = self.W_first = 0.0
         self.L_first = 0.0
+        self.X_first = 0.0
         self.n1 = 0
         self.c1 = 0.0
         self.g1: float = 0  # the decode steps' ctx growth per step (n1 without windows)
@@ -321,6 +323,8 @@ class ReplicaCore(KVPolicy, WindowedDecode):
             self.C_first = cm if cm is not None else lat.comm_s(tc, nchunks + n)
         if cfg.track_loop:  # seconds of it in the fp8 fused-MoE K loop (PowerSpec.moe_loop_w)
             self.L_first = lat.moe_loop_iter_s(self.P, nchunks, n)
+        if cfg.track_xf:  # its routed experts' FLOPs (PowerSpec.moe_compute_w)
+            self.X_first = lat.expert_flops_iter(self.P, nchunks, n)
         if cfg.e_kv_j:  # its weight bytes: the rest of B1 is KV and state (PowerSpec.kv_w)
             # a dense model reads all its weights in every iteration (no call on the hot path)
             wd = lat.dense_weight_bytes
@@ -543,6 +547,11 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 lp = self.L_first
                 if m_full > 1:
                     lp += (m_full - 1) * self.coef.loop_s
+            xf = 0.0
+            if cfg.track_xf:  # the routed experts' FLOPs (PowerSpec.moe_compute_w)
+                xf = self.X_first
+                if m_full > 1:
+                    xf += (m_full - 1) * self.coef.expert_flops
             rec.dyn_j[h] += (
                 cfg.e_active_w * t_sum
                 + cfg.e_flop_j * f_sum
@@ -550,6 +559,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 + cfg.e_kv_j * kv
                 + cfg.e_comm_w * cm
                 + cfg.e_loop_w * lp
+                + cfg.e_xf_j * xf
             )
             rec.flops[h] += f_sum
             rec.bytes_moved[h] += b_sum
@@ -557,6 +567,8 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 rec.comm_s[h] += cm
             if lp:
                 rec.moe_loop_s[h] += lp
+            if xf:
+                rec.expert_flops[h] += xf
             rec.iters_h[h] += m_full
         if last_straddles:
             if k == 1:
@@ -579,6 +591,9 @@ class ReplicaCore(KVPolicy, WindowedDecode):
             lp = 0.0
             if cfg.track_loop:
                 lp = self.L_first if k == 1 else self.coef.loop_s
+            xf = 0.0
+            if cfg.track_xf:
+                xf = self.X_first if k == 1 else self.coef.expert_flops
             e_l = (
                 cfg.e_active_w * t_l
                 + cfg.e_flop_j * f_l
@@ -586,6 +601,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 + cfg.e_kv_j * kv
                 + cfg.e_comm_w * cm
                 + cfg.e_loop_w * lp
+                + cfg.e_xf_j * xf
             )
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
@@ -593,6 +609,8 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 rec.comm_s[h] += cm  # (a diagnostic: into the run's first hour)
             if lp:
                 rec.moe_loop_s[h] += lp  # (likewise)
+            if xf:
+                rec.expert_flops[h] += xf  # (likewise)
             # counted in the hour its tokens are credited to (its end), like them
             rec.iters_h[min(int((start + t_l) // HOUR_S), hours)] += 1
         rec.iterations += j

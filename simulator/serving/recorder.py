@@ -171,6 +171,8 @@ class Recorder:
         # replica-seconds of busy time spent in the block-scaled K loop of fp8 fused-MoE
         # kernels (part of busy_s; PowerSpec.moe_loop_w); 0 for other models
         self.moe_loop_s = [0.0] * n
+        # FLOPs of the routed experts' grouped GEMMs (part of the FLOPs; PowerSpec.moe_compute_w)
+        self.expert_flops = [0.0] * n
         self.prompt_tokens = [0] * n
         self.output_tokens = [0] * n
         self.arrived = [0] * n
