@@ -12,8 +12,10 @@ and ``..._B200.json``), are within a few per cent. The model for it
 (:class:`fleetsim.device.moe.FusedMoeFit`): each grouped-GEMM launch of the fused MoE kernel
 adds ``ceil(K / BLOCK_SIZE_K)`` serial loop steps of one program per wave of programs to its
 throughput-bound time, with vLLM's default block configuration (``get_default_config``: 16-bit
-K 64 while the tokens are at most the local experts, else K 32; fp8 block-quantised K 128), and
-each MoE layer pays a fixed routing time.
+K 64 while the tokens are at most the local experts, else K 32; fp8 block-quantised K 128, per
+whole wave of a grid over every local expert, touched or not:
+:func:`fleetsim.device.moe.fp8_default_grid_waves`), and each MoE layer pays a fixed routing
+time.
 
 Where the benchmark's server ran FlashInfer's TensorRT-LLM fp8 MoE kernel instead of Triton's
 (``fleet.fp8_moe_kernel``, set by the harness from ``data/mlenergy-v3/server_env.csv``: DeepSeek
@@ -91,6 +93,18 @@ DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
 #: docs/accuracy.md). H200: the H100's (same GH100 chip, derived); A100: 1, no bound (no MoE
 #: rows on it; its kernel fit's GEMMs stand).
 MMA_FRAC = {"h100-sxm": 0.34, "b200": 0.15, "h200": 0.34, "a100-80gb": 1.0}
+#: FusedMoeFit.fp8_wave_frac, every catalog GPU: the share of a program's K loop that each whole
+#: wave of an fp8 block-quantised fused-MoE launch adds after the first
+#: (moe.fp8_default_loop_latency_s). Fitted on this module's surrogate (the rows' ITL minus
+#: their simulated fp8 loop, each candidate's loop added back with the step times refitted),
+#: leaving out the data-parallel rows at 128+ sequences (their median ITL sits on
+#: prefill-carrying steps): the B200 is the one GPU whose rows hold one kernel class at two
+#: local-expert counts (default tiles: Qwen3-235B-A22B-FP8 EP2 / EP4; tuned: Coder-480B-FP8 DP4
+#: / DP8), |ITL error| median default / tuned rows 3.8 / 19.0 % at 1 (every wave the whole
+#: loop), 2.9 / 3.4 % at 0.4, 2.0 / 6.3 % at 0.5, 3.5 / 5.0 % at 0.3; the H100's rows (one
+#: local-expert count per class) cannot tell it from the step times and take the same (with
+#: one fp8 step for both classes they pick 0.25-0.4 too: 2.3-3.0 %)
+FP8_WAVE_FRAC = 0.4
 #: the --mma search grid per GPU (fractions of the experts' dense peak)
 MMA_GRID = {
     "h100-sxm": (1.0, 0.5, 0.4, 0.34, 0.28, 0.22, 0.17),
@@ -220,7 +234,8 @@ def constants_line(gpu: str, fit: FusedMoeFit) -> str:
     return (
         f"# {gpu} k_step_s={fit.k_step_s!r} k_step_fp8_s={fit.k_step_fp8_s!r} "
         f"k_step_fp8_default_s={fit.k_step_fp8_default_s!r} layer_s={fit.layer_s!r} "
-        f"fi_layer_s={fit.fi_layer_s!r} fi_bw_frac={fit.fi_bw_frac!r}"
+        f"fi_layer_s={fit.fi_layer_s!r} fi_bw_frac={fit.fi_bw_frac!r} "
+        f"fp8_wave_frac={fit.fp8_wave_frac!r}"
     )
 
 
@@ -298,6 +313,7 @@ def hardware_fit(gpu: str) -> FusedMoeFit:
         tuned=tuple(TUNED.get(gpu, ())),
         tuned_fp8=tuple(TUNED_FP8.get(gpu, ())),
         mma_frac=MMA_FRAC.get(gpu, 1.0),
+        fp8_wave_frac=FP8_WAVE_FRAC,
     )
 
 
@@ -374,6 +390,19 @@ def fit_mma(gpu_model: str, grid: tuple[float, ...] | None = None) -> dict:
     }
 
 
+def _fp8_tuned(r: FitRow, fit: FusedMoeFit) -> bool:
+    """Whether the row's MoE layer shape (local experts, columns per GPU) is one of the GPU's
+    tuned fp8 shapes (``FusedMoeFit.tuned_fp8``: it runs at ``k_step_fp8_s``, else at
+    ``k_step_fp8_default_s``)."""
+    m = r.lm.model  # type: ignore[attr-defined]
+    lay = r.lm.layout  # type: ignore[attr-defined]
+    if lay.expert_parallel:
+        shape = (round(m.n_experts / lay.ep), round(m.d_ff_expert))
+    else:
+        shape = (round(m.n_experts), round(m.d_ff_expert / lay.ep))
+    return shape in fit.tuned_fp8
+
+
 def family(r: FitRow) -> tuple:
     """A row's architecture and expert precision (models that differ only in their weights)."""
     m = r.lm.model  # type: ignore[attr-defined]
@@ -389,19 +418,31 @@ def fit_rows(rows: list[FitRow], base: FusedMoeFit, sweeps: int = 3) -> FusedMoe
     0 (``base`` gives the GPU's SM count and shared memory). A constant no row depends on (no
     fp8 row, say) stays 0."""
     fit = base
-    # the Triton kernel's fp8 steps are fitted to fp8 rows that run it; FlashInfer's constants
-    # to those that run that (a constant no row depends on stays at base's value)
-    has_fp8 = any(r.lm._fp8_block and not _fi(r) for r in rows)  # type: ignore[attr-defined]
+    # the Triton kernel's fp8 steps are fitted to fp8 rows that run it (the tuned step to the
+    # tuned shapes', the default tiles' to the others); FlashInfer's constants to those that run
+    # that (a constant no row depends on stays at base's value)
+    triton8 = [r for r in rows if r.lm._fp8_block and not _fi(r)]  # type: ignore[attr-defined]
+    has_tuned8 = any(_fp8_tuned(r, base) for r in triton8)
+    has_default8 = any(not _fp8_tuned(r, base) for r in triton8)
     has_16 = any(not r.lm._fp8_block for r in rows)  # type: ignore[attr-defined]
     has_fi = any(_fi(r) for r in rows)
+    skip = {
+        "k_step_s": not has_16,
+        "k_step_fp8_s": not has_tuned8,
+        "k_step_fp8_default_s": not has_default8,
+    }
     for _ in range(sweeps):
         for p in ALL_PARAMS:
-            if (p.startswith("k_step_fp8") and not has_fp8) or (p == "k_step_s" and not has_16):
-                continue
-            if p in FI_PARAMS and not has_fi:
+            if skip.get(p, False) or (p in FI_PARAMS and not has_fi):
                 continue
             scored = [(loss(rows, _with(fit, p, v)), v) for v in GRID[p]]
             fit = _with(fit, p, min(scored)[1])
+    # a layer with a tuned fp8 file runs at least as fast as the default tiles: without rows of
+    # one kind (a model left out), that step is the other's
+    if triton8 and not has_tuned8:
+        fit = _with(fit, "k_step_fp8_s", fit.k_step_fp8_default_s)
+    if triton8 and not has_default8:
+        fit = _with(fit, "k_step_fp8_default_s", fit.k_step_fp8_s)
     return fit
 
 
@@ -514,7 +555,8 @@ def write(out: dict) -> None:
         "# k_step_s / k_step_fp8_s: one serial K-loop step of a fused-MoE program (16-bit / fp8",
         "# block-quantised experts); layer_s: fixed time per MoE layer (routing kernels);",
         "# k_step_fp8_default_s: one K step of an fp8 block-quantised layer without a tuned",
-        "# configuration (tuned_fp8), charged once per launch (moe.fp8_default_loop_latency_s).",
+        "# configuration (tuned_fp8), per whole wave of the grid over the local experts",
+        "# (moe.fp8_default_loop_latency_s).",
         "# provenance 'fitted': coordinate search on the mean |log error| of the median ITL;",
         "# 'derived': another GPU's fit (confidence L). mma_frac: the fused-MoE kernel's own",
         "# MMA rate, a fraction of the experts' dense peak (moe.grouped_gemm_time_s), fitted",
@@ -523,6 +565,8 @@ def write(out: dict) -> None:
         "# (fleet.fp8_moe_kernel = 'flashinfer-trtllm', moe.flashinfer_moe_gemm_s): its fixed",
         "# time per MoE layer and the fraction of the bandwidth it streams the experts at,",
         "# fitted with the rest to the rows whose servers ran it (server_env.csv); 0: none.",
+        "# fp8_wave_frac: the share of the K loop each fp8 launch wave after the first adds",
+        "# (moe.fp8_default_loop_latency_s; moe_fit.FP8_WAVE_FRAC).",
     ]
     fits = {ml.GPUS[g]: v for g, v in out.items()}
     for name in sorted(set(fits) | set(DERIVED)):
@@ -553,6 +597,7 @@ def write(out: dict) -> None:
             f"mma_frac = {MMA_FRAC.get(name, 1.0)}  # {mma_note(name)}",
             f"fi_layer_s = {f.fi_layer_s:.4e}",
             f"fi_bw_frac = {f.fi_bw_frac:.4g}",
+            f"fp8_wave_frac = {FP8_WAVE_FRAC}  # fitted (M): moe_fit.FP8_WAVE_FRAC, B200 rows",
             f"sms = {sms}",
             f"smem_per_sm_bytes = {smem}",
             "tuned = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED.get(name, ())) + "]",

@@ -101,13 +101,13 @@ class FusedMoeFit:
     tuned: tuple[tuple[int, int], ...] = ()
     #: one K-loop step (seconds) of the fp8 block-quantised kernel where vLLM ships no tuned
     #: configuration for the layer's shape (``tuned_fp8``) and runs ``get_default_config``'s
-    #: 64 x 128 x 128 tiles: charged once per launch, not per wave
-    #: (:func:`fp8_default_loop_latency_s`); fitted
+    #: 64 x 128 x 128 tiles: charged per whole wave of the grid over every expert this GPU
+    #: holds, not the touched ones (:func:`fp8_default_loop_latency_s`); fitted
     k_step_fp8_default_s: float = 0.0
     #: fp8 ``[128, 128]`` block-quantised layer shapes ``(local experts E, intermediate columns N
     #: per GPU)`` that vLLM ships a tuned configuration for on this GPU (``fused_moe/configs/
-    #: E=..,N=..,device_name=...,dtype=fp8_w8a8,block_shape=[128,128].json``): they keep the
-    #: per-wave loop latency of :func:`k_loop_latency_s` with ``k_step_fp8_s``
+    #: E=..,N=..,device_name=...,dtype=fp8_w8a8,block_shape=[128,128].json``): their loop
+    #: (:func:`fp8_default_loop_latency_s`, the same grid) runs at ``k_step_fp8_s``
     tuned_fp8: tuple[tuple[int, int], ...] = ()
     #: the Triton ``fused_moe_kernel``'s own sustained MMA rate as a fraction of the experts'
     #: dense tensor-core peak (the data sheet's): the grouped GEMMs' routed rows take at least
@@ -128,6 +128,13 @@ class FusedMoeFit:
     #: fp8 weights (and its rows' activations), fitted; 0: the kernel fit's GEMM bandwidth
     #: efficiency
     fi_bw_frac: float = 0.0
+    #: the fraction of a program's K loop that each whole wave of an fp8 block-quantised launch
+    #: adds after its first (:func:`fp8_default_loop_latency_s`): the first wave pays the whole
+    #: serial loop, a later one only this share of it (its programs start as the earlier
+    #: wave's finish one by one, their loads overlapping the earlier programs' dots and
+    #: rescales); 1: every wave the whole loop. Fitted on the surrogate of ``moe_fit``
+    #: (:data:`fleetsim.calibrate.moe_fit.FP8_WAVE_FRAC`), one value for both GPUs
+    fp8_wave_frac: float = 1.0
 
 
 NO_MOE_FIT = FusedMoeFit()
@@ -187,27 +194,78 @@ def k_loop_latency_s(
     return math.ceil(k / bk) * step * (waves if waves > 1.0 else 1.0)
 
 
-def fp8_default_loop_latency_s(mf: FusedMoeFit, k: float) -> float:
-    """The loop latency of one fp8 block-quantised fused-MoE launch over a reduction of ``k``
-    where vLLM has no tuned configuration for the layer: ``ceil(k / 128)`` K steps of
-    ``k_step_fp8_default_s``, once per launch whatever the grid.
+def fp8_default_grid_waves(mf: FusedMoeFit, local_experts: float, rows: float, n: float) -> int:
+    """Whole waves of the program grid an fp8 block-quantised fused-MoE launch with
+    ``get_default_config``'s tiles (M 64, N 128, K 128, 3 stages) runs on this GPU: one
+    ``64 x 128`` output tile per program over **every expert this GPU holds**
+    (``local_experts x ceil(rows per local expert / 64) x ceil(n / 128)`` programs, at least one
+    row block per expert, whether the batch touched it or not), ``sms x`` the programs one SM
+    holds (its shared memory over a program's staged tiles, ``(64 x 128 + 128 x 128) x 3``
+    bytes: 3 on the H100 and the B200) to a wave, rounded up: every program runs the same
+    ``ceil(K / 128)`` serial steps, so a partly filled last wave takes a whole program's time.
+
+    Why every local expert: the measured ML.ENERGY rows (vLLM 0.11.1) of Qwen3-235B-A22B-FP8,
+    whose layers have no tuned fp8 file on either GPU, take a K-loop time that does not grow
+    with the batch but with the experts per GPU: on the B200 the 2-GPU server (64 local
+    experts) decodes 8 sequences in 36.9 ms and the 4-GPU one (32) in 24.6 ms, and both grow by
+    only 8-14 ms to 64 sequences, while the experts the batch touches grow 2.4x (12.9 -> 31.5
+    per GPU under EP4). A grid over the touched experts (:func:`k_loop_latency_s`) makes EP4 at
+    64 sequences slower than EP2 at 8 (more programs), against the data; a grid over the local
+    experts fits both GPUs with one step time each (docs/accuracy.md). Which part of vLLM's
+    launch sizes the grid so is not established here (``moe_align_block_size``'s padded bound
+    ``numel + E x (BLOCK_SIZE_M - 1)`` rows sizes the launch by experts, not by the batch)."""
+    if local_experts <= 0 or n <= 0:
+        return 0
+    bm, bn, bk, stages = default_block_config(1.0, 1.0, True)
+    per_expert = max(1, math.ceil(rows / local_experts / bm)) if rows > 0 else 1
+    programs = math.ceil(local_experts) * per_expert * math.ceil(n / bn)
+    smem = (bm * bk + bk * bn) * 1.0 * stages
+    per_sm = min(MAX_PROGRAMS_PER_SM, max(1, int(mf.smem_per_sm_bytes // smem)))
+    return max(1, math.ceil(programs / (mf.sms * per_sm)))
+
+
+def fp8_default_loop_latency_s(
+    mf: FusedMoeFit,
+    k: float,
+    local_experts: float = 1.0,
+    rows: float = 0.0,
+    n: float = 1.0,
+    tuned: bool = False,
+) -> float:
+    """The loop latency of one fp8 block-quantised fused-MoE launch of ``n`` output columns over
+    a reduction of ``k`` where vLLM has no tuned configuration for the layer: ``ceil(k / 128)``
+    K steps of ``k_step_fp8_default_s`` for the first whole wave of the grid over the
+    ``local_experts`` this GPU holds (:func:`fp8_default_grid_waves`; ``rows`` the routed rows of
+    this GPU's experts) and ``fp8_wave_frac`` of that for each further wave.
 
     With ``get_default_config``'s fp8 tiles (M 64, N 128, K 128; ``vllm/model_executor/layers/
     fused_moe/fused_moe.py``) a decode step fills a 64-row tile with one to a few routed rows
     per expert, and ``fused_moe_kernel``'s block-scaled loop (``accumulator += tl.dot(a, b) *
     a_scale[:, None] * b_scale[None, :]``, the scales of A gathered per row and of B loaded per
     step) waits for each step's dot and rescales the whole 64 x 128 fp32 accumulator before the
-    next. The measured ML.ENERGY rows (vLLM 0.11.1) price that as a time per launch that does
-    not grow with the batch: Qwen3-235B-A22B-FP8 on 4 H100s (32 local experts, no tuned file)
-    minus the same model on 8 H100s (16 local experts, ``E=16,N=1536,...,dtype=fp8_w8a8,
-    block_shape=[128,128].json`` tuned) is 10.5 / 10.5 / 12.6 / 14.3 / 14.0 / 11.0 / 10.7 ms at
-    8 / 16 / 32 / 64 / 96 / 128 / 192 sequences, while the per-wave form
-    (:func:`k_loop_latency_s`) made the 4-GPU step grow twice as fast as measured (ITL -21 %
-    at 8 sequences, +15 to +20 % from 32 to 192)."""
-    if mf.k_step_fp8_default_s <= 0.0 or k <= 0:
+    next. Hand count, Qwen3-235B-A22B-FP8 (d 4,096, expert width 1,536) on the B200 (148 SMs x 3
+    programs = 444 a wave): EP2 (64 local experts) gate+up 64 x 24 = 1,536 programs, 4 waves, x 32 K
+    steps; down 64 x 32 = 2,048, 5 waves, x 12; EP4 (32) 768 -> 2 waves and 1,024 -> 3: with the
+    catalog's ``fp8_wave_frac`` 0.4, 32 x 2.2 + 12 x 2.6 = 101.6 against 32 x 1.4 + 12 x 1.8 = 66.4
+    step times per layer at every decode batch (1.53x; measured ITL 36.9 vs 24.6 ms at 8 sequences,
+    the MoE loop about 23 vs 14 ms of it). Before (main fe1c321) the loop was ``ceil(k / 128)``
+    steps once per launch whatever the grid, which priced EP2 and EP4 alike (B200 EP4 ITL +17 to +29
+    % at 8-128 sequences).
+
+    ``tuned``: the layer's shape has a tuned fp8 file (``FusedMoeFit.tuned_fp8``); its launch is
+    counted on the same grid (the default tiles' count; the tuned tiles' effect is in the step)
+    at ``k_step_fp8_s``. Its measured rows are as flat in batch as the untuned ones
+    (Qwen3-Coder-480B-FP8 on 4 B200s under DP4, 40 local experts: 36.2 / 37.6 / 40.6 / 42.3 ms
+    at 8-64 sequences), where the grid over the touched experts (:func:`k_loop_latency_s`, the
+    form before) went from 37 % too fast to 37 % too slow."""
+    step = mf.k_step_fp8_s if tuned else mf.k_step_fp8_default_s
+    if step <= 0.0 or k <= 0:
         return 0.0
     _, _, bk, _ = default_block_config(1.0, 1.0, True)
-    return math.ceil(k / bk) * mf.k_step_fp8_default_s
+    waves = fp8_default_grid_waves(mf, local_experts, rows, n)
+    if waves <= 0:
+        return 0.0
+    return math.ceil(k / bk) * step * (1.0 + mf.fp8_wave_frac * (waves - 1))
 
 
 def flashinfer_moe_gemm_s(
@@ -273,6 +331,7 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
         mma_frac=float(e.get("mma_frac", 1.0)),
         fi_layer_s=float(e.get("fi_layer_s", 0.0)),
         fi_bw_frac=float(e.get("fi_bw_frac", 0.0)),
+        fp8_wave_frac=float(e.get("fp8_wave_frac", 1.0)),
     )
 
 
@@ -450,11 +509,13 @@ def moe_layer_parts_s(
     n_up = (2.0 if gated else 1.0) * cols
     loop_up = loop_down = 0.0
     shape = (round(local_experts), round(cols))
-    if fp8_block and shape not in moe_fit.tuned_fp8:
-        # no tuned fp8 file: the default tiles' loop, once per launch
-        loop_up = fp8_default_loop_latency_s(moe_fit, d)
-        loop_down = fp8_default_loop_latency_s(moe_fit, cols)
-    elif fp8_block or shape not in moe_fit.tuned:
+    if fp8_block:
+        # the block-scaled K loop, per whole wave of the grid over every local expert, at the
+        # tuned or the default tiles' step time
+        tuned = shape in moe_fit.tuned_fp8
+        loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned)
+        loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned)
+    elif shape not in moe_fit.tuned:
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
