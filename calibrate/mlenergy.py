@@ -564,6 +564,10 @@ class SimRun:
     #: of prompts of the task's length), the anchor of the fit's prefill row (see fit_power);
     #: u_moe, the routed experts' part of u_c, may be absent (0)
     prefill_u: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    #: the model's mixture-of-experts layers (0 for a dense model)
+    moe_layers: int = 0
+    #: its latent-attention (MLA) layers (0 without)
+    mla_layers: int = 0
     error: str = ""
     sim_wall_s: float = 0.0
 
@@ -680,11 +684,17 @@ def _run_scenario(
 
 
 def simulate_config(
-    c: Config, seed: int = 0, engine: str = "macro", host_stall_s: float | None = None
+    c: Config,
+    seed: int = 0,
+    engine: str = "macro",
+    host_stall_s: float | None = None,
+    profile_fields: dict[str, float] | None = None,
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
     ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
-    harness passes the one fitted without the row's model: :func:`lomo_host_stalls`)."""
+    harness passes the one fitted without the row's model: :func:`lomo_host_stalls`);
+    ``profile_fields`` replaces fields of the resolved profile (a fit's trial constants, e.g.
+    ``calibrate/eager_host.py`` without the eager host floor)."""
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
     from fleetsim.serving.pod import Pod
@@ -718,6 +728,9 @@ def simulate_config(
                 assert base is not None
                 oh = float(base["overhead_s"]) + host_stall_s
                 rs = replace(rs, profile=replace(prof0, overhead_s=oh))
+            prof1 = rs.profile
+            if profile_fields and isinstance(prof1, RooflineProfile):
+                rs = replace(rs, profile=replace(prof1, **profile_fields))  # type: ignore[arg-type]
             sink = _Sink()
             pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
             tr = _Tracker(pod.rec)
@@ -726,6 +739,8 @@ def simulate_config(
             out.error = str(exc).splitlines()[0][:200]
             return out
     prof = rs.profile
+    out.moe_layers = int(rs.model.n_moe_layers)
+    out.mla_layers = int(rs.model.n_attn_layers) if rs.model.is_mla else 0
     out.peak_flops = float(prof.peak_flops)
     out.peak_bw = float(prof.mem_bw_bytes_per_s)
     k = max(1, MAX_BATCHED_TOKENS // prompt)
@@ -1590,6 +1605,11 @@ STACK_KEYS = (
     "linear_state_eff",
     "host_stall_s",
     "one_gpu_overhead_s",
+    # the eager MoE host floor (calibrate/eager_host.py): not fitted by calibrate/stack.py, so
+    # a profile carries it only where its fit gives it; otherwise the catalog's stays
+    "eager_moe_layer_host_s",
+    "eager_seq_host_s",
+    "eager_mla_layer_host_s",
 )
 
 

@@ -1012,6 +1012,8 @@ def stacks_toml(res: dict) -> str:
         "# median ITL and the simulated steps do not: per row, median ITL x (1 / r_meas -",
         "# 1 / r_sim), r = tokens/s x median ITL / batch (the measured-ratio method), the median",
         "# over the GPU's single-GPU dense rows; charged in every step (added to overhead_s).",
+        "# eager_moe_layer_host_s, eager_seq_host_s: the host floor of a mixture of experts'",
+        "# iteration above the CUDA-graph capture size (B200 MoE rows; calibrate/eager_host.py).",
         "# GPUs without ML.ENERGY rows (A100, H200): derived = the H100's constants (same",
         "# host-side stack, FlashAttention decode; H200 is an H100 with more HBM), the all-reduce",
         "# bandwidth scaled by the GPU's NVLink bandwidth, confidence L.",
@@ -1063,6 +1065,7 @@ def stacks_toml(res: dict) -> str:
                 f" others, worst {lo['worst_abs']:.4f}, signed median {lo['signed_median']:+.4f};"
                 f" with the cap {cap['median_abs']:.4f}, worst {cap['worst_abs']:.4f}"
             )
+        lines += _eager_host_lines(gpu)
         lines.append(f"graph_floor_frac = {v['graph_floor_frac']:g}  # assumed (L)")
         lines.append(
             f"kv_memory_eff = {v['kv_memory_eff']:.3f}  # fitted: KV read, fraction of peak"
@@ -1103,6 +1106,34 @@ def stacks_toml(res: dict) -> str:
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+#: the catalog keys of the eager MoE host floor, fitted by calibrate/eager_host.py (not here)
+EAGER_HOST_KEYS = ("eager_moe_layer_host_s", "eager_seq_host_s", "eager_mla_layer_host_s")
+
+
+def _eager_host_lines(gpu: str) -> list[str]:
+    """The catalog lines of a GPU's eager MoE host floor, kept as committed: this fit (dense
+    rows) does not see it; ``python -m fleetsim.calibrate.eager_host`` fits it."""
+    from fleetsim.device import catalog
+
+    entry = catalog.stacks().get("vllm-v1", {}).get(gpu, {})
+    if not any(k in entry for k in EAGER_HOST_KEYS):
+        return []
+    hl, hs, hm = (float(entry.get(k, 0.0)) for k in EAGER_HOST_KEYS)
+    return [
+        f"eager_moe_layer_host_s = {hl:.4e}  # fitted (L): host time per MoE layer of an"
+        " iteration run without a CUDA graph (more tokens than the capture size);"
+        " calibrate/eager_host.py",
+        f"eager_seq_host_s = {hs:.4e}  # fitted (L): host time per sequence (per engine) of"
+        " such an iteration, with eager_moe_layer_host_s",
+        f"eager_mla_layer_host_s = {hm:.4e}  # fitted (L): further host time per latent-"
+        "attention layer of such an iteration (DeepSeek's rows alone)",
+    ] + [
+        f"eager_host_lomo_median_err = {entry['eager_host_lomo_median_err']:.4f}  # mean step"
+        " (batch / tokens/s) of the non-suspect rows, each model from the others"
+        " (calibrate/eager_host.py prints it with and without the floor)"
+    ] * ("eager_host_lomo_median_err" in entry)
 
 
 def _host_stall_lines(v: dict) -> list[str]:

@@ -69,9 +69,9 @@ def test_fitted_rates_agree_across_gpus():
     assert moe["b200"]["mma_frac"] < 1.0
 
 
-def _excess_s(c: ml.Config) -> tuple[float, float]:
+def _excess_s(c: ml.Config, profile_fields: dict | None = None) -> tuple[float, float]:
     """(simulated, measured) mean step beyond the median step: batch / tokens/s - median ITL."""
-    r = ml.simulate_config(c, 0, "iteration")
+    r = ml.simulate_config(c, 0, "iteration", profile_fields=profile_fields)
     assert not r.error, r.error
     sim = r.avg_batch / (r.tokens / r.window_s) - r.itl_median_s
     return sim, c.avg_batch_size / c.tokens_per_s - c.itl_median_ms / 1e3
@@ -82,12 +82,19 @@ def test_prefill_carrying_time_is_the_h100s_on_a_b200(batch):
     """Qwen3-Coder-30B-A3B (sourcegraph-fim, 1,500-token prompts, one GPU): the simulated
     excess of the mean step over the median on the B200 is 0.7-1.3x the H100's, as measured
     (1.08x at 32 sequences, 0.77x at 64); with the fused MoE at the B200's full peak it was
-    0.43x / 0.49x."""
+    0.43x / 0.49x. The kernels' share: the B200 without its eager MoE host floor (the H100 has
+    none; the floor lengthens the B200's prompt-carrying steps, above the capture size, toward
+    the B200's measured excess: 4.2 -> 5.4 ms against 5.5 at 64 sequences)."""
+    from fleetsim.calibrate.eager_host import FLOOR_FIELDS
+
     model = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
-    sb, mb = _excess_s(ml.find_config(model, "B200", 1, batch, "sourcegraph-fim"))
+    cb = ml.find_config(model, "B200", 1, batch, "sourcegraph-fim")
+    sb, mb = _excess_s(cb, dict.fromkeys(FLOOR_FIELDS, 0.0))
     sh, mh = _excess_s(ml.find_config(model, "H100", 1, batch, "sourcegraph-fim"))
     assert 0.7 <= mb / mh <= 1.3
     assert 0.7 <= sb / sh <= 1.3, (sb, sh)
+    sb_floor, _ = _excess_s(cb)
+    assert sb < sb_floor <= mb * 1.05  # toward the measured excess, not past it
 
 
 def test_coder_480b_tokens_per_s_at_256():

@@ -207,7 +207,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
             pairs = model.attended_pairs(p)  # (p^2 without sliding windows)
             total, flops, nbytes = lat.iteration(p, pairs, 1, 0, 0.0)
             tokens, seqs = p, 1
-        overhead = lat._oh
+        parts = lat.breakdown(p, float(pairs), seqs if not b else 0, b, float(ctx))
+        # the exposed CPU time: the per-iteration overhead and, for an eager MoE iteration
+        # below its host floor (device/stack.py), the time the GPU waits for the host
+        overhead = lat._oh + parts.get("eager_host", 0.0)
         if lat._kern is not None:
             comm = lat.linear_parts(tokens, seqs)[2]
         else:
@@ -248,7 +251,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "dp": args.dp,
                 "expert_parallel": args.expert_parallel,
                 # the named parts of total_s (LatencyModel.breakdown), seconds
-                "parts_s": lat.breakdown(p, float(pairs), seqs if not b else 0, b, float(ctx)),
+                "parts_s": parts,
             }
         )
     return out
@@ -296,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # the named parts of the layer stack (attention, dense MLP, MoE dispatch / grouped GEMM /
     # combine, all-reduce, overhead: LatencyModel.breakdown), those that any row uses
-    names = [k for k in res[0]["parts_s"] if any(r["parts_s"].get(k, 0.0) > 0.0 for r in res)]
+    # (in order of first appearance: the eager host floor's part only in the rows it binds)
+    order = list(dict.fromkeys(k for r in res for k in r["parts_s"]))
+    names = [k for k in order if any(r["parts_s"].get(k, 0.0) > 0.0 for r in res)]
     print_table(
         c,
         "parts (ms)",

@@ -242,6 +242,14 @@ class RooflineProfile:
     #: exposed host time per iteration on top of ``overhead_s`` on one-GPU engines only (the
     #: B200's small-batch step floor; see fleetsim.device.stack)
     one_gpu_overhead_s: float = 0.0
+    #: host time of an iteration of a mixture of experts that runs without a CUDA graph (more
+    #: tokens than ``graph_max_tokens``): ``eager_moe_layer_host_s`` per MoE layer plus
+    #: ``eager_seq_host_s`` per sequence (per engine); the iteration takes at least that long,
+    #: the GPU idling for the rest (see fleetsim.device.stack; 0: no such floor)
+    eager_moe_layer_host_s: float = 0.0
+    eager_seq_host_s: float = 0.0
+    #: the floor's further host time per latent-attention (MLA) layer of such a model
+    eager_mla_layer_host_s: float = 0.0
     #: the fused-MoE kernel fp8 block-quantised experts run (``fleet.fp8_moe_kernel``,
     #: fleetsim.device.moe.FP8_MOE_KERNELS): vLLM's Triton kernel, or FlashInfer's TensorRT-LLM
     #: block-scale kernel (Blackwell, ``VLLM_USE_FLASHINFER_MOE_FP8=1``)
@@ -535,6 +543,7 @@ class LatencyModel:
             int, tuple[KernelFit, tuple[tuple[float, float], ...] | None, float]
         ] = {}
         self._kern: KernelFit | None = None
+        self._eh = False  # the eager MoE host floor (set by _init_kernels)
         if isinstance(profile, RooflineProfile) and profile.kernels is not None:
             self._init_kernels(profile, profile.kernels)
 
@@ -589,6 +598,11 @@ class LatencyModel:
         self._per_seq = p.per_seq_s
         self._ls_eff = p.linear_state_eff
         self._ar_floor_g = 0.0
+        #: the eager MoE host floor (see RooflineProfile.eager_moe_layer_host_s): its per-layer
+        #: part and per-sequence rate; 0: none
+        self._eh = False
+        self._eh_a = 0.0
+        self._eh_s = 0.0
         if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
             self._kern_g = graphed_fit(kf, p.graph_floor_frac)
             # each data-parallel engine replays its own graph for its (padded) share: the
@@ -597,6 +611,11 @@ class LatencyModel:
             self._gmax = p.graph_max_tokens * self.dp
             self._head_cache_g = {}
             self._ar_floor_g = 1.0 - p.graph_floor_frac
+            h_mla = p.eager_mla_layer_host_s if m.is_mla else 0.0
+            if m.n_moe_layers and (p.eager_moe_layer_host_s or p.eager_seq_host_s or h_mla):
+                self._eh = True
+                self._eh_a = m.n_moe_layers * p.eager_moe_layer_host_s + m.n_attn_layers * h_mla
+                self._eh_s = p.eager_seq_host_s
         #: linear_parts' layer sums of a plain dense model, by ``graphed`` (kernels.DenseLayer)
         self._dense_layers: dict[bool, DenseLayer] = {}
         if not self._moe_path:
@@ -1009,7 +1028,12 @@ class LatencyModel:
                 if lt is not None and hd is not None
                 else self.linear_time(t_lin, n_prefill + n)
             )
-            return self._oh + lt + (att if att > kv else kv) + tokens * att_m, flops, nbytes
+            t = self._oh + lt + (att if att > kv else kv) + tokens * att_m
+            if self._eh and t_lin > self._gmax:  # an eager MoE iteration's host floor
+                f = self.eager_host_s(n_prefill + n)
+                if f > t:
+                    t = f
+            return t, flops, nbytes
         prof = self.profile
         if isinstance(prof, LinearProfile):
             t = (
@@ -1024,6 +1048,15 @@ class LatencyModel:
             t_m = nbytes / self._rm
             t = self._oh + (t_c if t_c > t_m else t_m) + self._comm_a + self._comm_b * tokens
         return t, flops, nbytes
+
+    def eager_host_s(self, seqs: int) -> float:
+        """The host time of an iteration of ``seqs`` sequences that runs without a CUDA graph:
+        the MoE layers' part plus the per-sequence part, each engine's share of the sequences
+        (0 where the serving stack has no such floor)."""
+        if not self._eh:
+            return 0.0
+        per_engine = seqs if self.dp <= 1 else _ceil(seqs / self.dp)
+        return self._eh_a + per_engine * self._eh_s
 
     def decode_step(self, n: int, ctx: float) -> tuple[float, float, float]:
         """:meth:`iteration` of a pure decode step of ``n`` sequences at context ``ctx`` (no
@@ -1053,7 +1086,15 @@ class LatencyModel:
         if self._kern is not None:
             t_lin = n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n)
             base = self._oh + self.linear_time(t_lin, n) + n * self._att_m
-            c = RunCoeffs(base, 0.0, self._att_c, 0.0, self.att_m_for(n), fa, fb, ba, bb)
+            f = self.eager_host_s(n) if self._eh and t_lin > self._gmax else 0.0
+            if f > base:
+                # the eager host floor: max(f, base + slope x C) as the run's two lines, the
+                # floor (f - base, flat in the context) and the attention's steeper slope
+                b2 = self._att_c
+                b_kv = self.att_m_for(n)
+                c = RunCoeffs(base, f - base, 0.0, 0.0, b2 if b2 > b_kv else b_kv, fa, fb, ba, bb)
+            else:
+                c = RunCoeffs(base, 0.0, self._att_c, 0.0, self.att_m_for(n), fa, fb, ba, bb)
         elif isinstance(prof, LinearProfile):
             a = prof.per_seq_s * n
             c = RunCoeffs(
@@ -1140,6 +1181,9 @@ class LatencyModel:
         out["attention_core"] = (att if att > kv else kv) + tokens * self._att_m
         out.update(lin)
         out["overhead"] = self._oh
+        gap = total - sum(out.values())
+        if self._eh and gap > 1e-12:  # the eager host floor's exposed part
+            out["eager_host"] = gap
         return out
 
     def prefill_time(self, prompt_tokens: int, batch: int = 1) -> float:

@@ -39,6 +39,29 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   worker processes, MultiprocExecutor: vllm/config/parallel.py); that it is this host path is
   a candidate, not shown. Fitted to the non-host-limited one-GPU dense rows with the other
   constants held (calibrate/stack.py ``fit_one_gpu_floor``); 0 on the other GPUs.
+* **Eager MoE host floor** (``eager_moe_layer_host_s``, ``eager_seq_host_s``,
+  ``eager_mla_layer_host_s``; B200, fitted, confidence L). An iteration of more tokens than the
+  capture size has no captured graph (vllm/v1/cudagraph_dispatcher.py ``dispatch`` returns
+  ``CUDAGraphMode.NONE``): the compiled model runs with every kernel launched from the host, and
+  a mixture of experts' fused-MoE layer is an opaque custom op (``torch.ops.vllm.moe_forward``,
+  vllm/model_executor/layers/fused_moe/layer.py) whose Python body (routing,
+  ``moe_align_block_size``, the expert kernels, the expert-parallel dispatch and combine) runs
+  once per layer per step. The same host thread then also does the per-request work (the
+  model runner's input preparation and ``_bookkeeping_sync``, vllm/v1/worker/
+  gpu_model_runner.py) that a graph replay leaves it time to hide. Such an iteration of a MoE
+  model takes ``max(its GPU time, n_moe_layers x eager_moe_layer_host_s + sequences per engine
+  x eager_seq_host_s [+ attention layers x eager_mla_layer_host_s with latent attention])``;
+  the GPU idles for the rest at the active-idle level (the FLOPs and bytes are the GPU's, so
+  the power model's utilisations and the mean power fall). Evidence, B200 measured rows:
+  Qwen3-30B-A3B on one GPU 26.3 ms / 910 W at 256 sequences, 88.7 ms / 601 W at 1,024;
+  Qwen3-235B EP8 takes longer at 1,024 sequences than EP4 (112.5 vs 103.9 ms: not GPU-bound);
+  the prompt-carrying steps of DeepSeek-V3.1 at 512 sequences (above the capture size) cost
+  about as much as its eager decode steps at 768. Dense models are left out (their rows above
+  the capture size are not slower than the simulation); fitted by
+  ``python -m fleetsim.calibrate.eager_host``. 0 on the other GPUs: the H100's rows fit the
+  same form with nearly the same constants (0.75 ms per MoE layer, 45 us per sequence: the
+  host's, not the GPU's), but there they move only the mean step, by less (MoE rows 4.0 ->
+  3.3 % in sample) and not leave-one-model-out (mean |error| 4.5 -> 4.6 %, worst 19 -> 47 %).
 * **Custom all-reduce.** Under tensor parallelism vLLM all-reduces messages of up to 8 MiB with
   its own one-/two-shot kernel over NVLink, captured in the graph, not NCCL:
   ``ar_floor_s + 2 (tp - 1) / tp x bytes / ar_bw_bytes_per_s`` per call.
@@ -61,7 +84,7 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
 The constants are fitted per GPU to the ML.ENERGY rows' median inter-token latency
 (``python -m fleetsim.calibrate.stack``; the values, their provenance and their errors are in
 ``catalog/stacks.toml``). Iterations of more tokens than the capture size run as in ``eager``
-apart from the overhead (their kernels are long enough for the CPU to launch ahead of them).
+apart from the overhead and, for a mixture of experts, the eager host floor above.
 """
 
 from __future__ import annotations
@@ -140,4 +163,7 @@ def apply_stack(
         ar_bw_bytes_per_s=float(c.get("ar_bw_bytes_per_s", 0.0)),
         linear_state_eff=float(c.get("linear_state_eff", 0.0)),
         one_gpu_overhead_s=float(c.get("one_gpu_overhead_s", 0.0)),
+        eager_moe_layer_host_s=float(c.get("eager_moe_layer_host_s", 0.0)),
+        eager_seq_host_s=float(c.get("eager_seq_host_s", 0.0)),
+        eager_mla_layer_host_s=float(c.get("eager_mla_layer_host_s", 0.0)),
     )
