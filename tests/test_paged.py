@@ -376,7 +376,8 @@ def test_vllm_eviction_order_by_hand(tmp_path, off, pool_first, vllm):
     the NB - 31 free and uncached ahead of A, then A10 .. A1. R4 repeats R1's prompt and hits
     its leading blocks still cached, at most 9 (the last prompt token is always computed):
     vLLM's order 9 blocks (y = NB - 31), 1 (NB - 22: A1 left), 0 (NB - 15); the pool-first
-    order keeps A while never-cached blocks remain (free NB - 11 >= y): 9 blocks each time."""
+    order keeps A while never-cached blocks remain (free NB - 11 >= y): 9 blocks each time.
+    A scenario that does not set the field runs vLLM's order."""
     trace = tmp_path / "t.jsonl"
 
     def line(n: int, ids: list[int], out: int) -> str:
@@ -384,20 +385,22 @@ def test_vllm_eviction_order_by_hand(tmp_path, off, pool_first, vllm):
             {"timestamp": 0, "input_length": n, "output_length": out, "hash_ids": ids}
         )
 
-    def scenario(ev: str) -> dict:
+    def scenario(ev: str | None) -> dict:
+        fleet = {
+            "replicas": 1,
+            "max_batch_size": 1,
+            "gpu_memory_utilization": 1.0,
+            "activation_reserve_bytes": 0,
+            "max_batched_tokens": 65536,
+        }
+        if ev is not None:
+            fleet["prefix_cache_eviction"] = ev
         return {
             "simulation": {"hours": 1},
             "model": {"name": "llama-3.1-8b"},
             # 16 GB of weights and 114 blocks of 2 MiB of KV
             "hardware": {"mem_bytes": 16.3e9, "peak_flops": 1e15, "mem_bw_bytes_per_s": 3e12},
-            "fleet": {
-                "replicas": 1,
-                "max_batch_size": 1,
-                "gpu_memory_utilization": 1.0,
-                "activation_reserve_bytes": 0,
-                "max_batched_tokens": 65536,
-                "prefix_cache_eviction": ev,
-            },
+            "fleet": fleet,
             "traffic": {"trace": str(trace), "trace_block_tokens": 16},
         }
 
@@ -411,7 +414,8 @@ def test_vllm_eviction_order_by_hand(tmp_path, off, pool_first, vllm):
         line(160, list(range(10)), 16),
     ]
     trace.write_text("\n".join(rows) + "\n")
-    for ev, hit in (("pool-first", pool_first), ("vllm", vllm)):
+    # unset: the default is vLLM's order
+    for ev, hit in (("pool-first", pool_first), ("vllm", vllm), (None, vllm)):
         T = simulate(resolved(scenario(ev))).totals
         assert T.requests_completed == 4 and T.preemptions == 0
         assert T.prefix_hit_tokens == hit

@@ -176,11 +176,12 @@ class FleetSection(_Section):
     # prefix_affinity router: go to the replica with the longest cached prefix unless its
     # outstanding requests exceed the least loaded replica's by more than this margin
     prefix_affinity_margin: Annotated[int, Field(ge=0)] = 8
-    # which free KV block a new one comes from (paged, prefix caching): "pool-first" takes
-    # never-cached free blocks before evicting a cached prompt block; "vllm" keeps vLLM V1's
-    # single free-block queue (a released block, cached or not, joins its tail; a new block
-    # comes from its head and evicts the cached prefix it held: serving/kv_blocks.py)
-    prefix_cache_eviction: Literal["pool-first", "vllm"] = "pool-first"
+    # which free KV block a new one comes from (paged, prefix caching): "vllm" (the default)
+    # keeps vLLM V1's single free-block queue (a released block, cached or not, joins its tail;
+    # a new block comes from its head and evicts the cached prefix it held:
+    # serving/kv_blocks.py); "pool-first" takes never-cached free blocks before evicting a
+    # cached prompt block (the default before the eighth session: cached prompts live longer)
+    prefix_cache_eviction: Literal["pool-first", "vllm"] = "vllm"
 
     @model_validator(mode="after")
     def _sample(self) -> "FleetSection":
