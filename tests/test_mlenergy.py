@@ -22,7 +22,7 @@ from conftest import synthetic_power_run
 
 from fleetsim.calibrate import mlenergy as M
 from fleetsim.device import catalog
-from fleetsim.device.latency import PowerSpec
+from fleetsim.device.latency import POWER_TERMS_W, PowerSpec
 
 REPO = Path(__file__).resolve().parent.parent
 GPUS = ("a100-80gb", "h100-sxm", "h200", "b200")
@@ -344,15 +344,7 @@ def test_refit_from_committed_data_matches_the_catalog(refit, gpu):
         )
         assert h200.comm_w == cat.comm_w and h200.moe_loop_w == cat.moe_loop_w
         assert h200.moe_compute_w == cat.moe_compute_w
-        for k in (
-            "active_w",
-            "compute_w",
-            "memory_w",
-            "kv_w",
-            "comm_w",
-            "moe_loop_w",
-            "moe_compute_w",
-        ):
+        for k in POWER_TERMS_W:
             assert getattr(a100, k) == pytest.approx(getattr(cat, k) * 400 / 700, abs=1.0), k
 
 
