@@ -90,6 +90,21 @@ def tables_equal(a, b) -> bool:
     return True
 
 
+def mlenergy_resolved(c, tmp_path, engine: str = "iteration", n: int = 24, **hw):
+    """The resolved scenario of ML.ENERGY configuration ``c`` (calibrate.mlenergy.Config) as the
+    harness runs it, on a trace of ``n`` requests of 250 prompt and 120 output tokens all at
+    t = 0, with ``hw`` overriding its ``[hardware]`` fields."""
+    from fleetsim.api import load
+    from fleetsim.calibrate import mlenergy as M
+    from fleetsim.config.scenario import resolve as resolve_scenario
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "0,250,120\n" * n)
+    d = M.scenario_dict(c, str(trace), 1, engine)
+    d["hardware"].update(hw)
+    return resolve_scenario(load(d), "")
+
+
 def synthetic_power_run(rng, truth, n: int = 50, loop: bool = False):
     """A synthetic power-fit run (calibrate.mlenergy.SimRun) of ``n`` commits under the cap:
     0-0.3 of the peak FLOP/s, one iteration per commit reading 10 GB of weights plus 0 to 0.5 of

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import mlenergy_resolved as _rs
 from conftest import synthetic_power_run
 
 from fleetsim.calibrate import mlenergy as M
@@ -30,17 +31,6 @@ BF16 = "Qwen/Qwen3-235B-A22B-Instruct-2507"
 #: Qwen3-235B-A22B's config.json: 94 layers (all MoE), hidden 4,096, moe_intermediate 1,536,
 #: 8 experts per token, a gated (SwiGLU) expert of 3 matrices
 QWEN235_EXPERT_FLOPS_PER_TOKEN = 2.0 * 94 * 8 * 3 * 4096 * 1536
-
-
-def _rs(c: M.Config, tmp_path, engine: str = "iteration", n: int = 24, **hw):
-    from fleetsim.api import load
-    from fleetsim.config.scenario import resolve
-
-    trace = tmp_path / "t.csv"
-    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "0,250,120\n" * n)
-    d = M.scenario_dict(c, str(trace), 1, engine)
-    d["hardware"].update(hw)
-    return resolve(load(d), "")
 
 
 def test_routed_expert_flops_by_hand_count(tmp_path):

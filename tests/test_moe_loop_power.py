@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import mlenergy_resolved as _rs
 from conftest import synthetic_power_run
 
 from fleetsim.calibrate import mlenergy as M
@@ -33,17 +34,6 @@ def _config(model: str, gpu: str = "H100", gpus: int = 4, batch: int = 8) -> M.C
 
 FP8 = "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8"
 BF16 = "Qwen/Qwen3-235B-A22B-Instruct-2507"
-
-
-def _rs(c: M.Config, tmp_path, engine: str = "iteration", n: int = 24, **hw):
-    from fleetsim.api import load
-    from fleetsim.config.scenario import resolve
-
-    trace = tmp_path / "t.csv"
-    trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "0,250,120\n" * n)
-    d = M.scenario_dict(c, str(trace), 1, engine)
-    d["hardware"].update(hw)
-    return resolve(load(d), "")
 
 
 def test_loop_seconds_by_hand_count(tmp_path):
