@@ -90,6 +90,24 @@ def tables_equal(a, b) -> bool:
     return True
 
 
+def moe16(n_layers: int = 8):
+    """A 16-expert top-2 mixture of experts (issue 22's example; d_model 4,096, 32 heads, 8 KV
+    heads, expert width 4,096) of ``n_layers`` layers."""
+    from fleetsim.device.modelspec import ModelSpec
+
+    return ModelSpec(
+        name="moe16",
+        n_layers=n_layers,
+        d_model=4096,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=4096,
+        vocab_size=32000,
+        n_experts=16,
+        n_active_experts=2,
+    )
+
+
 def mlenergy_resolved(c, tmp_path, engine: str = "iteration", n: int = 24, **hw):
     """The resolved scenario of ML.ENERGY configuration ``c`` (calibrate.mlenergy.Config) as the
     harness runs it, on a trace of ``n`` requests of 250 prompt and 120 output tokens all at

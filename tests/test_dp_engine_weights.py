@@ -11,6 +11,7 @@ bytes the power model's ``memory_w`` term prices."""
 from __future__ import annotations
 
 import pytest
+from conftest import moe16
 
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel
@@ -19,17 +20,7 @@ from fleetsim.device.profile import catalog_profile
 
 
 def _moe() -> ModelSpec:
-    return ModelSpec(
-        name="moe16",
-        n_layers=8,
-        d_model=4096,
-        n_heads=32,
-        n_kv_heads=8,
-        d_ff=4096,
-        vocab_size=32000,
-        n_experts=16,
-        n_active_experts=2,
-    )
+    return moe16()
 
 
 def _dense() -> ModelSpec:

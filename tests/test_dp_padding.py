@@ -5,6 +5,7 @@ one engine's prompt makes every engine run a prompt-sized step."""
 from __future__ import annotations
 
 import pytest
+from conftest import moe16
 
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel
@@ -13,17 +14,7 @@ from fleetsim.device.profile import catalog_profile
 
 
 def _model(n_layers: int = 8) -> ModelSpec:
-    return ModelSpec(
-        name="moe16",
-        n_layers=n_layers,
-        d_model=4096,
-        n_heads=32,
-        n_kv_heads=8,
-        d_ff=4096,
-        vocab_size=32000,
-        n_experts=16,
-        n_active_experts=2,
-    )
+    return moe16(n_layers)
 
 
 def _lat(dp: int) -> LatencyModel:

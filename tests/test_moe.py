@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import moe16
 
 from fleetsim.device import catalog
 from fleetsim.device.kernels import elem_time_s, gemm_time_s, layer_parts_s, layer_shapes
@@ -97,17 +98,7 @@ def test_grouped_gemm_is_one_launch():
 
 def _sixteen_expert_model(n_layers: int = 96) -> ModelSpec:
     # a 16-expert top-2 model (the example), 96 layers
-    return ModelSpec(
-        name="moe16",
-        n_layers=n_layers,
-        d_model=4096,
-        n_heads=32,
-        n_kv_heads=8,
-        d_ff=4096,
-        vocab_size=32000,
-        n_experts=16,
-        n_active_experts=2,
-    )
+    return moe16(n_layers)
 
 
 def test_fused_kernel_drops_the_per_expert_floors():
