@@ -1066,6 +1066,7 @@ def stacks_toml(res: dict) -> str:
                 f" with the cap {cap['median_abs']:.4f}, worst {cap['worst_abs']:.4f}"
             )
         lines += _eager_host_lines(gpu)
+        lines += _mla_prefill_lines(gpu)
         lines.append(f"graph_floor_frac = {v['graph_floor_frac']:g}  # assumed (L)")
         lines.append(
             f"kv_memory_eff = {v['kv_memory_eff']:.3f}  # fitted: KV read, fraction of peak"
@@ -1134,6 +1135,22 @@ def _eager_host_lines(gpu: str) -> list[str]:
         " (batch / tokens/s) of the non-suspect rows, each model from the others"
         " (calibrate/eager_host.py prints it with and without the floor)"
     ] * ("eager_host_lomo_median_err" in entry)
+
+
+def _mla_prefill_lines(gpu: str) -> list[str]:
+    """The catalog line of a GPU's latent-attention prefill path in eager prompt-carrying
+    steps, kept as committed: ``python -m fleetsim.calibrate.mla_prefill`` fits it."""
+    from fleetsim.device import catalog
+
+    entry = catalog.stacks().get("vllm-v1", {}).get(gpu, {})
+    if "eager_mla_prefill_layer_host_s" not in entry:
+        return []
+    h = float(entry["eager_mla_prefill_layer_host_s"])
+    return [
+        f"eager_mla_prefill_layer_host_s = {h:.4e}  # fitted (L): further host time per"
+        " latent-attention layer of such an iteration that carries prompt tokens (the MLA"
+        " prefill path; DeepSeek-V3.1's rows alone); calibrate/mla_prefill.py"
+    ]
 
 
 def _host_stall_lines(v: dict) -> list[str]:

@@ -250,6 +250,11 @@ class RooflineProfile:
     eager_seq_host_s: float = 0.0
     #: the floor's further host time per latent-attention (MLA) layer of such a model
     eager_mla_layer_host_s: float = 0.0
+    #: and per latent-attention layer of such an iteration that carries prompt tokens: the
+    #: prefill path each MLA layer runs beside the decode path (vLLM's
+    #: ``MLACommonImpl._forward_prefill``: the latent up-projection, the prefill attention, the
+    #: cached context's chunks and their merge; see fleetsim.device.stack)
+    eager_mla_prefill_layer_host_s: float = 0.0
     #: the fused-MoE kernel fp8 block-quantised experts run (``fleet.fp8_moe_kernel``,
     #: fleetsim.device.moe.FP8_MOE_KERNELS): vLLM's Triton kernel, or FlashInfer's TensorRT-LLM
     #: block-scale kernel (Blackwell, ``VLLM_USE_FLASHINFER_MOE_FP8=1``)
@@ -603,6 +608,8 @@ class LatencyModel:
         self._eh = False
         self._eh_a = 0.0
         self._eh_s = 0.0
+        #: its further part in an iteration that carries prompt tokens (latent attention)
+        self._eh_p = 0.0
         if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
             self._kern_g = graphed_fit(kf, p.graph_floor_frac)
             # each data-parallel engine replays its own graph for its (padded) share: the
@@ -612,10 +619,14 @@ class LatencyModel:
             self._head_cache_g = {}
             self._ar_floor_g = 1.0 - p.graph_floor_frac
             h_mla = p.eager_mla_layer_host_s if m.is_mla else 0.0
-            if m.n_moe_layers and (p.eager_moe_layer_host_s or p.eager_seq_host_s or h_mla):
+            h_mla_p = p.eager_mla_prefill_layer_host_s if m.is_mla else 0.0
+            if m.n_moe_layers and (
+                p.eager_moe_layer_host_s or p.eager_seq_host_s or h_mla or h_mla_p
+            ):
                 self._eh = True
                 self._eh_a = m.n_moe_layers * p.eager_moe_layer_host_s + m.n_attn_layers * h_mla
                 self._eh_s = p.eager_seq_host_s
+                self._eh_p = m.n_attn_layers * h_mla_p
         #: linear_parts' layer sums of a plain dense model, by ``graphed`` (kernels.DenseLayer)
         self._dense_layers: dict[bool, DenseLayer] = {}
         if not self._moe_path:
@@ -1030,7 +1041,7 @@ class LatencyModel:
             )
             t = self._oh + lt + (att if att > kv else kv) + tokens * att_m
             if self._eh and t_lin > self._gmax:  # an eager MoE iteration's host floor
-                f = self.eager_host_s(n_prefill + n)
+                f = self.eager_host_s(n_prefill + n, n_prefill)
                 if f > t:
                     t = f
             return t, flops, nbytes
@@ -1049,14 +1060,16 @@ class LatencyModel:
             t = self._oh + (t_c if t_c > t_m else t_m) + self._comm_a + self._comm_b * tokens
         return t, flops, nbytes
 
-    def eager_host_s(self, seqs: int) -> float:
+    def eager_host_s(self, seqs: int, n_prefill: int = 0) -> float:
         """The host time of an iteration of ``seqs`` sequences that runs without a CUDA graph:
-        the MoE layers' part plus the per-sequence part, each engine's share of the sequences
-        (0 where the serving stack has no such floor)."""
+        the MoE layers' part plus the per-sequence part, each engine's share of the sequences,
+        plus, when ``n_prefill`` of them carry prompt tokens, the latent-attention layers'
+        prefill path (0 where the serving stack has no such floor)."""
         if not self._eh:
             return 0.0
         per_engine = seqs if self.dp <= 1 else _ceil(seqs / self.dp)
-        return self._eh_a + per_engine * self._eh_s
+        t = self._eh_a + per_engine * self._eh_s
+        return t + self._eh_p if n_prefill > 0 else t
 
     def decode_step(self, n: int, ctx: float) -> tuple[float, float, float]:
         """:meth:`iteration` of a pure decode step of ``n`` sequences at context ``ctx`` (no

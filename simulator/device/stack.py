@@ -166,4 +166,5 @@ def apply_stack(
         eager_moe_layer_host_s=float(c.get("eager_moe_layer_host_s", 0.0)),
         eager_seq_host_s=float(c.get("eager_seq_host_s", 0.0)),
         eager_mla_layer_host_s=float(c.get("eager_mla_layer_host_s", 0.0)),
+        eager_mla_prefill_layer_host_s=float(c.get("eager_mla_prefill_layer_host_s", 0.0)),
     )
