@@ -19,10 +19,11 @@ ITL, every step eager): the floor (58 x 0.70 + 61 x 0.60 ms + 0.05 ms per sequen
 and 128.4 ms. The prompt-carrying steps are the rows' slow tail: at 16-128 sequences, where
 1.9-15 % of the steps carry a prompt, the 99th percentile ITL is 110-130 ms against a floor of
 78-84 ms (+32 to +47 ms, 0.5-0.8 ms per attention layer); at 768 sequences the mean step is 18.8
-ms above the median (the simulation without this term: 0.0). The Qwen3 MoE models (grouped-
-query attention, one FlashInfer call per layer for the whole mixed batch) show no such excess
-at small batches (Qwen3-235B on 8 B200s, 16-64 sequences: 99th percentile 57-62 ms against its
-floor of 66 ms), so the term is latent attention's.
+ms above the median (the simulation without this term: 0.0). With grouped-query attention a
+mixed step adds one prefill kernel call per layer (vllm/v1/attention/backends/flashinfer.py,
+``FlashInferImpl.forward``: the prefill call, then the decode call), not a path of several ops,
+and Qwen3-235B on 8 B200s shows no excess at small batches (16-64 sequences: 99th percentile
+57-62 ms against its floor of 66-69 ms): the term is latent attention's.
 
 The fit: every non-suspect chat or code row (:data:`PROMPT_TASKS`) of a latent-attention model
 on the GPU is simulated (the

@@ -62,6 +62,23 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   same form with nearly the same constants (0.75 ms per MoE layer, 45 us per sequence: the
   host's, not the GPU's), but there they move only the mean step, by less (MoE rows 4.0 ->
   3.3 % in sample) and not leave-one-model-out (mean |error| 4.5 -> 4.6 %, worst 19 -> 47 %).
+* **Latent attention's prefill path in an eager step** (``eager_mla_prefill_layer_host_s``;
+  B200, fitted, confidence L). A step of a latent-attention model (DeepSeek-V3/R1) that carries
+  prompt tokens runs, in every attention layer, the prefill path beside the decode path
+  (vllm/v1/attention/backends/mla/common.py, ``MLACommonImpl.forward``: ``_forward_prefill``,
+  i.e. the latent up-projection ``kv_b_proj`` of the new tokens, the prefill attention and,
+  with cached context, the context chunks and ``merge_attn_states``; then ``_forward_decode``).
+  Above the capture size the host launches all of it, so such an iteration's floor takes that
+  much more per attention layer (once per step, whatever its prompts). Evidence: DeepSeek-V3.1
+  chat on 8 B200s, whose eager decode steps match the floor (113 / 127.6 ms measured at 768 /
+  1,024 sequences, 115.6 / 128.4 ms simulated) while its prompt-carrying steps do not (the 99th
+  percentile ITL at 16-128 sequences 110-130 ms, the floor 78-84 ms; the mean step at 768
+  sequences 18.8 ms above the median, 0.0 simulated without the term). Fitted to DeepSeek-
+  V3.1's chat rows (``python -m fleetsim.calibrate.mla_prefill``): the only latent-attention
+  model whose rows carry prompts, so no leave-one-model-out figure. 0 on the other GPUs and
+  for grouped-query attention, whose mixed step adds one prefill kernel call per layer
+  (vllm/v1/attention/backends/flashinfer.py, ``FlashInferImpl.forward``), not a path of
+  several ops: Qwen3-235B on 8 B200s shows no excess over its floor at 16-64 sequences.
 * **Custom all-reduce.** Under tensor parallelism vLLM all-reduces messages of up to 8 MiB with
   its own one-/two-shot kernel over NVLink, captured in the graph, not NCCL:
   ``ar_floor_s + 2 (tp - 1) / tp x bytes / ar_bw_bytes_per_s`` per call.
