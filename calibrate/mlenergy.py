@@ -1610,6 +1610,8 @@ STACK_KEYS = (
     "eager_moe_layer_host_s",
     "eager_seq_host_s",
     "eager_mla_layer_host_s",
+    # latent attention's prefill path in an eager prompt-carrying step (calibrate/mla_prefill.py)
+    "eager_mla_prefill_layer_host_s",
 )
 
 
