@@ -1131,7 +1131,7 @@ def _eager_host_lines(gpu: str) -> list[str]:
         "attention layer of such an iteration (DeepSeek's rows alone)",
     ] + [
         f"eager_host_lomo_median_err = {entry['eager_host_lomo_median_err']:.4f}  # mean step"
-        " (batch / tokens/s) of the non-suspect rows, each model from the others"
+        " (batch / tokens/s) of the non-suspect MoE rows, each model from the others"
         " (calibrate/eager_host.py prints it with and without the floor)"
     ] * ("eager_host_lomo_median_err" in entry)
 
