@@ -1717,9 +1717,10 @@ def write_profiles(
     data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro"
 ) -> list[str]:
     """``fleetsim calibrate --from-mlenergy DIR --out OUT``: simulate DIR's expressible
-    configurations, fit each GPU's power model to its non-suspect rows and write
-    ``OUT/<catalog gpu>-mlenergy.json`` (the catalog profile with the fitted power, usable as
-    ``hardware.profile``) and ``OUT/mlenergy-fit.json`` (constants, the rows used, the
+    configurations, fit each GPU's power model to its non-suspect rows, the serving stack's
+    constants (calibrate/stack.py) and the eager MoE host floor (:func:`fit_eager_floor`) and
+    write ``OUT/<catalog gpu>-mlenergy.json`` (the catalog profile with the fitted power and
+    ``stack_constants``, usable as ``hardware.profile``) and ``OUT/mlenergy-fit.json`` (constants, the rows used, the
     leave-one-model-out errors). Returns the lines to print."""
     import json
 

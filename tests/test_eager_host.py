@@ -300,3 +300,28 @@ def test_the_latency_cli_shows_the_exposed_host_time():
     for r in (small, big):
         total = r["compute_s"] + r["memory_s"] + r["comm_s"] + r["overhead_s"]
         assert total == pytest.approx(r["total_s"], rel=1e-12)
+
+
+def test_the_fit_says_so_in_one_line_where_a_folder_has_no_moe_rows(tmp_path, capsys):
+    """``python -m fleetsim.calibrate.eager_host --data DIR``: a folder without a non-suspect
+    row of a mixture of experts on the GPU exits 2 with one line naming the fix."""
+    import csv
+    import shutil
+
+    from fleetsim.calibrate.mlenergy import DATA_DIR
+
+    with open(DATA_DIR / "configurations.csv", newline="") as f:
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if r["model_id"] == "Qwen/Qwen3-8B" and r["gpu_model"] == "H100"
+        ]
+    with open(tmp_path / "configurations.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    shutil.copy(DATA_DIR / "output_lengths.csv", tmp_path / "output_lengths.csv")
+    assert eager_host.main(["--data", str(tmp_path), "--gpu", "B200", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no non-suspect B200 row of a mixture of experts" in err[0]
+    assert "fix: --gpu with such rows" in err[0]
