@@ -660,7 +660,7 @@ DAY_TPOT_REL = 0.005
 
 @pytest.mark.slow
 def test_a_from_mlenergy_profile_reproduces_the_catalogs_day(tmp_path):
-    """The user-facing check (about 6 minutes on 2 workers): the profile ``fleetsim calibrate
+    """The user-facing check (about 4 minutes on 2 workers): the profile ``fleetsim calibrate
     --from-mlenergy`` writes from the committed data's H100 rows (the H100's fit sees only
     them: the same profile as from the whole folder), used as ``hardware.profile`` of the
     default scenario (Llama-3.1-70B, 32 H100s; 2 hours), gives the catalog's day: GPU energy
