@@ -39,7 +39,7 @@ step; the median ITL counts the whole run, whose last steps run fewer sequences 
 floor: Qwen3-30B-A3B b1536 predicted 110.4 ms (-10.5 %) where the harness simulates 100.5 ms
 (-18.5 %).)
 
-    python -m fleetsim.calibrate.eager_host [--gpu B200]
+    python -m fleetsim.calibrate.eager_host [--gpu B200] [--workers 2] [--data DIR] [--write]
 """
 
 from __future__ import annotations
@@ -431,6 +431,49 @@ def report(f: FloorFit) -> list[str]:
     return lines
 
 
+#: the catalog file the fit's ``--write`` updates (its GPU's eager host lines only)
+STACKS_TOML = (
+    Path(__file__).resolve().parent.parent / "simulator" / "device" / "catalog" / "stacks.toml"
+)
+
+
+def write_catalog(f: FloorFit, gpu: str, path: Path = STACKS_TOML) -> str:
+    """Replace the eager host lines of ``["vllm-v1"."<gpu>"]`` in ``path`` (catalog/stacks.toml)
+    with fit ``f``'s constants and leave-one-model-out mean-step median (calibrate/stack.py
+    writes the rest of the file and keeps these lines). A fit that is not adopted removes
+    them (the GPU then has no floor). Returns the line to print."""
+    from fleetsim.calibrate.stack import EAGER_HOST_KEYS, eager_host_lines
+
+    keys = (*EAGER_HOST_KEYS, "eager_host_lomo_median_err")
+    text = path.read_text().split("\n")
+    head = f'["vllm-v1"."{gpu}"]'
+    if head not in text:
+        raise ValueError(f"{path}: no section {head}")
+    start = text.index(head) + 1
+    end = next((i for i in range(start, len(text)) if text[i].startswith("[")), len(text))
+    section = [ln for ln in text[start:end] if ln.split(" =")[0] not in keys]
+    new: list[str] = []
+    if f.adopted:
+        lomo = float(np.median(np.abs(f.err_lomo[:, 1])))
+        entry = {**dict(zip(EAGER_HOST_KEYS, f.constants, strict=True))}
+        entry["eager_host_lomo_median_err"] = lomo
+        new = eager_host_lines(entry)
+    # the floor's lines where they were (after the one-GPU floor's), else before the section's
+    # trailing blank lines
+    at = next(
+        (i + 1 for i, ln in enumerate(section) if ln.startswith("one_gpu_lomo_median_err")),
+        None,
+    )
+    if at is None:
+        at = len(section)
+        while at and not section[at - 1].strip():
+            at -= 1
+    section[at:at] = new
+    text[start:end] = section
+    path.write_text("\n".join(text))
+    return f"wrote {path} ({head}: " + ("the fit" if f.adopted else "no floor: not adopted") + ")"
+
+
 def main(argv: list[str] | None = None) -> int:
     from fleetsim.base.errors import UserError
     from fleetsim.calibrate import mlenergy as ml
@@ -439,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", default="B200", help="the benchmark GPU whose rows to fit")
     ap.add_argument("--data", type=Path, default=ml.DATA_DIR, help="a folder in that format")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="store the fit in simulator/device/catalog/stacks.toml (the GPU's eager host lines)",
+    )
     args = ap.parse_args(argv)
     # the host stall per step as the harness charges it (each model's fitted without it)
     configs = [c for c in ml.read_configs(args.data) if c.gpu_model == args.gpu]
@@ -453,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    print("\n".join(report(fit_gpu(rows, args.gpu))))
+    f = fit_gpu(rows, args.gpu)
+    print("\n".join(report(f)))
+    if args.write:
+        print(write_catalog(f, ml.GPUS[args.gpu]))
     return 0
 
 

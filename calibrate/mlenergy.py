@@ -1720,8 +1720,8 @@ def write_profiles(
     configurations, fit each GPU's power model to its non-suspect rows, the serving stack's
     constants (calibrate/stack.py) and the eager MoE host floor (:func:`fit_eager_floor`) and
     write ``OUT/<catalog gpu>-mlenergy.json`` (the catalog profile with the fitted power and
-    ``stack_constants``, usable as ``hardware.profile``) and ``OUT/mlenergy-fit.json`` (constants, the rows used, the
-    leave-one-model-out errors). Returns the lines to print."""
+    ``stack_constants``, usable as ``hardware.profile``) and ``OUT/mlenergy-fit.json``
+    (constants, the rows used, the leave-one-model-out errors). Returns the lines to print."""
     import json
 
     from fleetsim.base.errors import UserError

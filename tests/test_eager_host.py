@@ -325,3 +325,31 @@ def test_the_fit_says_so_in_one_line_where_a_folder_has_no_moe_rows(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no non-suspect B200 row of a mixture of experts" in err[0]
     assert "fix: --gpu with such rows" in err[0]
+
+
+def test_write_replaces_only_the_gpus_eager_host_lines(tmp_path):
+    """``--write``: the B200 section's four eager host lines take the fit's constants and its
+    leave-one-model-out mean-step median, in place; every other line of stacks.toml stays; a
+    fit not adopted removes them (no floor)."""
+    import tomllib
+
+    import numpy as np
+
+    path = tmp_path / "stacks.toml"
+    before = eager_host.STACKS_TOML.read_text()
+    path.write_text(before)
+    rows = [_row([], [(0.01, 1000, 10.0, True)], key=str(i), model=str(i)) for i in range(2)]
+    lomo = np.array([[0.0, 0.01], [0.0, 0.03]])
+    f = eager_host.FloorFit("B200", rows, (8e-4, 3e-5, 5e-4), lomo + 0.5, lomo, lomo)
+    assert f.adopted
+    eager_host.write_catalog(f, "b200", path)
+    after = path.read_text()
+    b200 = tomllib.loads(after)["vllm-v1"]["b200"]
+    assert (b200["eager_moe_layer_host_s"], b200["eager_seq_host_s"]) == (8e-4, 3e-5)
+    assert b200["eager_mla_layer_host_s"] == 5e-4 and b200["eager_host_lomo_median_err"] == 0.02
+    changed = [(a, b) for a, b in zip(before.split("\n"), after.split("\n"), strict=True) if a != b]
+    assert len(changed) == 4 and all(a.startswith("eager_") for a, _ in changed)
+    eager_host.write_catalog(dataclasses.replace(f, err_lomo=lomo + 1.0), "b200", path)
+    b200 = tomllib.loads(path.read_text())["vllm-v1"]["b200"]
+    assert not any(k.startswith("eager_") for k in b200)
+    assert len(path.read_text().split("\n")) == len(before.split("\n")) - 4
