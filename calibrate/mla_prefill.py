@@ -2,8 +2,8 @@
 
 A step of a model with latent attention (MLA: DeepSeek-V3/R1) that carries prompt tokens runs,
 in every attention layer, the prefill path beside the decode path (vLLM 0.11
-``vllm/v1/attention/backends/mla/common.py``, ``MLACommonImpl.forward``: ``if has_prefill:
-... self._forward_prefill(...)`` then ``if has_decode: ... self._forward_decode(...)``). The
+``vllm/v1/attention/backends/mla/common.py``, ``MLACommonImpl.forward``: ``if has_prefill: ...
+self._forward_prefill(...)`` then ``if has_decode: ... self._forward_decode(...)``). The
 prefill path is the compute-friendly form: the latent up-projection ``kv_b_proj`` of the new
 tokens, the split and concatenation of K, the prefill attention (``_run_prefill_new_tokens``)
 and, for a prompt with cached context (prefix-cache hits, earlier chunks), the context loop
@@ -15,23 +15,27 @@ iteration with prompt tokens.
 
 Evidence (measured B200 rows, DeepSeek-V3.1 lm-arena-chat on 8 GPUs, data/mlenergy-v3): the
 eager steps without prompts take 113 ms at 768 sequences and 127.6 ms at 1,024 (their median
-ITL, every step eager): the floor (58 x 0.70 + 61 x 0.60 ms + 0.05 ms per sequence) gives 115.6
-and 128.4 ms. The prompt-carrying steps are the rows' slow tail: at 16-128 sequences, where
-1.9-15 % of the steps carry a prompt, the 99th percentile ITL is 110-130 ms against a floor of
-78-84 ms (+32 to +47 ms, 0.5-0.8 ms per attention layer); at 768 sequences the mean step is 18.8
-ms above the median (the simulation without this term: 0.0). With grouped-query attention a
-mixed step adds one prefill kernel call per layer (vllm/v1/attention/backends/flashinfer.py,
-``FlashInferImpl.forward``: the prefill call, then the decode call), not a path of several ops,
-and Qwen3-235B on 8 B200s shows no excess at small batches (16-64 sequences: 99th percentile
-57-62 ms against its floor of 66-69 ms): the term is latent attention's.
+ITL, every step eager): the floor as first fitted (58 x 0.70 + 61 x 0.60 ms + 0.05 ms per
+sequence) gives 115.6 and 128.4 ms. The prompt-carrying steps are the rows' slow tail: at
+16-128 sequences, where 1.9-15 % of the steps carry a prompt, the 99th percentile ITL is
+110-130 ms against a floor of 78-84 ms (+32 to +47 ms, 0.5-0.8 ms per attention layer); at 768
+sequences the mean step is 18.8 ms above the median (the simulation without this term: 0.0).
+With grouped-query attention a mixed step adds one prefill kernel call per layer
+(vllm/v1/attention/backends/flashinfer.py, ``FlashInferImpl.forward``: the prefill call, then
+the decode call), not a path of several ops, and Qwen3-235B on 8 B200s shows no excess at small
+batches (16-64 sequences: 99th percentile 57-62 ms against its floor of 66-69 ms): the term is
+latent attention's.
 
 The fit: every non-suspect chat or code row (:data:`PROMPT_TASKS`) of a latent-attention model
-on the GPU is simulated (the
-accuracy harness's run, :func:`fleetsim.calibrate.mlenergy.simulate_config`, with each model's
-leave-one-model-out host stall) at every grid value; the constant is the value of least mean
-|relative error| of the mean step (``batch / tokens/s``) and the median step (median ITL) over
-those rows. DeepSeek-V3.1 is the only latent-attention model whose rows carry prompts (R1 runs
-gpqa only, under 3 % of its steps), so there is no leave-one-model-out figure: confidence L.
+on the GPU is simulated (the accuracy harness's run,
+:func:`fleetsim.calibrate.mlenergy.simulate_config`, with each model's leave-one-model-out host
+stall) at every grid value; the constant is the value of least mean |relative error| of the
+mean step (``batch / tokens/s``) and the median step (median ITL) over those rows.
+DeepSeek-V3.1 is the only latent-attention model whose rows carry prompts (R1 runs gpqa only,
+under 3 % of its steps), so there is no leave-one-model-out figure: confidence L. The fit holds
+the eager floor's constants as committed; :mod:`fleetsim.calibrate.eager_host` fits those
+without this term (its prediction of a prompt-carrying eager iteration does not add it), so the
+two are fitted in turn, not jointly.
 
     python -m fleetsim.calibrate.mla_prefill [--gpu B200] [--workers 2]
 """

@@ -17,10 +17,10 @@ from fleetsim.device.modelspec import model_from_catalog
 from fleetsim.device.profile import catalog_profile
 from fleetsim.device.stack import apply_stack
 
-H_LAYER_S = 7.0e-4  # the B200's committed constants (catalog/stacks.toml)
-H_SEQ_S = 5.0e-5
-H_MLA_S = 6.0e-4
-H_MLA_PREFILL_S = 5.0e-4
+H_LAYER_S = 6.0e-4  # the B200's committed constants (catalog/stacks.toml)
+H_SEQ_S = 6.0e-5
+H_MLA_S = 7.5e-4
+H_MLA_PREFILL_S = 2.0e-4
 
 
 def _b200(max_num_seqs: int = 1024) -> RooflineProfile:
@@ -47,29 +47,29 @@ def test_the_b200_carries_the_constant_and_the_h100_none():
 
 def test_an_eager_prompt_step_of_latent_attention_pays_the_prefill_path():
     """DeepSeek-V3 on 8 B200s (expert parallel), max_num_seqs 1,024 (capture size 512): 1,023
-    decodes and one 250-token prompt chunk, 1,273 tokens, run eager. Floor: 58 x 0.70 + 61 x
-    0.60 + 1,024 x 0.05 = 128.4 ms; the prompt adds 61 x 0.50 = 30.5 ms: 158.9 ms. The decode
-    step of the same 1,024 sequences keeps 128.4 ms; FLOPs and bytes do not move."""
+    decodes and one 250-token prompt chunk, 1,273 tokens, run eager. Floor: 58 x 0.60 + 61 x
+    0.75 + 1,024 x 0.06 = 141.99 ms; the prompt adds 61 x 0.20 = 12.2 ms: 154.19 ms. The decode
+    step of the same 1,024 sequences keeps 141.99 ms; FLOPs and bytes do not move."""
     p = _b200()
     lm, bare = _deepseek(p), _deepseek(_without(p))
-    assert lm.eager_host_s(1024) == pytest.approx(128.4e-3, rel=1e-12)
-    assert lm.eager_host_s(1024, 1) == pytest.approx(158.9e-3, rel=1e-12)
+    assert lm.eager_host_s(1024) == pytest.approx(141.99e-3, rel=1e-12)
+    assert lm.eager_host_s(1024, 1) == pytest.approx(154.19e-3, rel=1e-12)
     assert lm.eager_host_s(1024, 3) == lm.eager_host_s(1024, 1)  # per step, not per prompt
     args = (250, 250.0**2 / 2, 1, 1023, 1023 * 900.0)
     t, f, b = lm.iteration(*args)
     t0, f0, b0 = bare.iteration(*args)
-    assert t0 == pytest.approx(128.4e-3, rel=1e-12)  # (the floor binds without the term)
+    assert t0 == pytest.approx(141.99e-3, rel=1e-12)  # (the floor binds without the term)
     assert t == pytest.approx(58 * H_LAYER_S + 61 * (H_MLA_S + H_MLA_PREFILL_S) + 1024 * H_SEQ_S)
-    assert t == pytest.approx(158.9e-3, rel=1e-12)
+    assert t == pytest.approx(154.19e-3, rel=1e-12)
     assert (f, b) == (f0, b0)
     d = (0, 0.0, 0, 1024, 1024 * 900.0)
-    assert lm.iteration(*d)[0] == bare.iteration(*d)[0] == pytest.approx(128.4e-3, rel=1e-12)
+    assert lm.iteration(*d)[0] == bare.iteration(*d)[0] == pytest.approx(141.99e-3, rel=1e-12)
 
 
 def test_a_captured_prompt_step_and_grouped_query_attention_do_not_pay():
     """max_num_seqs 256 (capture 512): 255 decodes + a 250-token chunk = 505 tokens replay a
     graph, no floor and no prefill path; Qwen3-30B-A3B (grouped-query attention) above the
-    capture size pays the floor alone: 48 x 0.70 + 8 x 0.05 = 34.0 ms at max_num_seqs 8."""
+    capture size pays the floor alone: 48 x 0.60 + 8 x 0.06 = 29.28 ms at max_num_seqs 8."""
     p = _b200(256)
     args = (250, 250.0**2 / 2, 1, 255, 255 * 900.0)
     assert _deepseek(p).iteration(*args) == _deepseek(_without(p)).iteration(*args)

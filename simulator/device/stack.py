@@ -70,12 +70,15 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   with cached context, the context chunks and ``merge_attn_states``; then ``_forward_decode``).
   Above the capture size the host launches all of it, so such an iteration's floor takes that
   much more per attention layer (once per step, whatever its prompts). Evidence: DeepSeek-V3.1
-  chat on 8 B200s, whose eager decode steps match the floor (113 / 127.6 ms measured at 768 /
-  1,024 sequences, 115.6 / 128.4 ms simulated) while its prompt-carrying steps do not (the 99th
-  percentile ITL at 16-128 sequences 110-130 ms, the floor 78-84 ms; the mean step at 768
-  sequences 18.8 ms above the median, 0.0 simulated without the term). Fitted to DeepSeek-
-  V3.1's chat rows (``python -m fleetsim.calibrate.mla_prefill``): the only latent-attention
-  model whose rows carry prompts, so no leave-one-model-out figure. 0 on the other GPUs and
+  chat on 8 B200s, whose eager decode steps matched the floor of 0.70 / 0.05 / 0.60 ms (113 /
+  127.6 ms measured at 768 / 1,024 sequences, 115.6 / 128.4 ms simulated) while its
+  prompt-carrying steps did not (the 99th percentile ITL at 16-128 sequences 110-130 ms, that
+  floor 78-84 ms; the mean step at 768 sequences 18.8 ms above the median, 0.0 simulated).
+  Fitted to DeepSeek-V3.1's chat rows on top of the eager floor as committed
+  (``python -m fleetsim.calibrate.mla_prefill``): 0.5 ms on that floor, 0.2 ms on the refitted
+  one (0.60 / 0.060 / 0.75 ms, whose per-MLA-layer constant took up part of it for every eager
+  step); the only latent-attention model whose rows carry prompts, so no leave-one-model-out
+  figure. 0 on the other GPUs and
   for grouped-query attention, whose mixed step adds one prefill kernel call per layer
   (vllm/v1/attention/backends/flashinfer.py, ``FlashInferImpl.forward``), not a path of
   several ops: Qwen3-235B on 8 B200s shows no excess over its floor at 16-64 sequences.
