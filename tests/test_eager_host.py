@@ -351,5 +351,6 @@ def test_write_replaces_only_the_gpus_eager_host_lines(tmp_path):
     assert len(changed) == 4 and all(a.startswith("eager_") for a, _ in changed)
     eager_host.write_catalog(dataclasses.replace(f, err_lomo=lomo + 1.0), "b200", path)
     b200 = tomllib.loads(path.read_text())["vllm-v1"]["b200"]
-    assert not any(k.startswith("eager_") for k in b200)
+    # (the MLA prefill path's line, calibrate/mla_prefill.py, is not the floor's: it stays)
+    assert not any(k.startswith("eager_") and "prefill" not in k for k in b200)
     assert len(path.read_text().split("\n")) == len(before.split("\n")) - 4

@@ -109,3 +109,18 @@ def test_latent_attention_is_read_from_the_models_config():
     assert mla_prefill.has_latent_attention("deepseek-ai/DeepSeek-R1-0528")
     assert not mla_prefill.has_latent_attention("Qwen/Qwen3-235B-A22B-Instruct-2507")
     assert not mla_prefill.has_latent_attention("no/such-model")
+
+
+def test_without_the_eager_floor_the_prefill_path_adds_nothing():
+    """The term is part of the floor: a profile without one (the floor's constants at 0, as
+    calibrate/eager_host.py simulates its rows) runs the prompt step at its GPU time."""
+    p = dataclasses.replace(
+        _b200(), eager_moe_layer_host_s=0.0, eager_seq_host_s=0.0, eager_mla_layer_host_s=0.0
+    )
+    assert p.eager_mla_prefill_layer_host_s == H_MLA_PREFILL_S
+    lm = _deepseek(p)
+    assert lm.eager_host_s(1024, 1) == 0.0
+    args = (250, 250.0**2 / 2, 1, 1023, 1023 * 900.0)
+    assert lm.iteration(*args) == _deepseek(_without(p)).iteration(*args)
+    # (its GPU time, under the 141.99 ms floor and the 154.19 ms the full profile charges)
+    assert lm.iteration(*args)[0] < 141.99e-3 < _deepseek(_b200()).iteration(*args)[0]

@@ -620,9 +620,8 @@ class LatencyModel:
             self._ar_floor_g = 1.0 - p.graph_floor_frac
             h_mla = p.eager_mla_layer_host_s if m.is_mla else 0.0
             h_mla_p = p.eager_mla_prefill_layer_host_s if m.is_mla else 0.0
-            if m.n_moe_layers and (
-                p.eager_moe_layer_host_s or p.eager_seq_host_s or h_mla or h_mla_p
-            ):
+            # (the prefill path's time is part of the floor: none without one)
+            if m.n_moe_layers and (p.eager_moe_layer_host_s or p.eager_seq_host_s or h_mla):
                 self._eh = True
                 self._eh_a = m.n_moe_layers * p.eager_moe_layer_host_s + m.n_attn_layers * h_mla
                 self._eh_s = p.eager_seq_host_s
