@@ -100,3 +100,21 @@ def test_per_rank_queues_give_the_measured_batch_fill():
     merged = D.simulate_row(c, per_rank=False)
     assert ranks.avg_batch == pytest.approx(c.avg_batch_size, rel=0.03)
     assert merged.avg_batch > 7.9
+
+
+def test_data_parallel_rows_imply_no_prompt():
+    """The harness's KV-limited list (implied_prompts) leaves the data-parallel rows out: their
+    batch below max_num_seqs is the ranks' uneven drain (test above), not a full KV cache, and
+    read as KV-limited they implied prompts of 43,000-106,000 tokens (main's rows)."""
+    from fleetsim.calibrate import mlenergy as M
+
+    rows = [
+        c
+        for c in M.read_configs()
+        if c.model_id == "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8" and c.task == "sourcegraph-fim"
+    ]
+    low = [
+        c for c in rows if c.dp > 1 and not c.suspect and c.avg_batch_size < 0.95 * c.max_num_seqs
+    ]
+    assert len(low) == 4  # DP4 b8, b16; DP8 b32, b64
+    assert M.implied_prompts(rows) == []
