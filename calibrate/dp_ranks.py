@@ -30,9 +30,9 @@ launches them so (``data/mlenergy-v3/SOURCE.md``):
 What it changes, shown on the rows (:func:`compare`): the per-rank queues drain unevenly (a rank
 whose requests were short runs out first), which gives the measured ``avg_batch_size`` below
 ``max_num_seqs`` of the small-batch data-parallel rows (Coder-480B-FP8: DP4 b8 7.45 measured,
-7.5 here, 8.0 in the merged scheduler); and at large batches each rank admits up to its own
-budget, so the fullest rank of a step carries several prompts (DP8 b1024: merged 2,796 tokens/s,
-per rank 1,731, measured 1,136). What it does not change: how many steps carry a prompt at 8 to
+7.6 here, 8.0 in the merged scheduler); and at large batches each rank admits up to its own
+budget, so the fullest rank of a step carries several prompts (DP8 b1024: merged 2,813 tokens/s,
+per rank 1,741, measured 1,136). What it does not change: how many steps carry a prompt at 8 to
 256 sequences (a rank's prompts come as its own requests finish, one at a time, as in the merged
 scheduler), so the DP8 rows' time beyond the median step stays short by ~1.4x (the prompt
 steps' cost), and their measured medians at 128 and 256 sequences (108, 157 ms) stay between
