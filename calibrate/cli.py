@@ -121,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DIR",
-        help="no torch run: fit the GPU power model to measured configurations in the ML.ENERGY "
+        help="no torch run: fit the GPU power model, the vllm-v1 serving stack's step-time "
+        "constants and the eager MoE host floor to measured configurations in the ML.ENERGY "
         "Benchmark v3 format (DIR/configurations.csv and DIR/output_lengths.csv or "
         "DIR/models/*.json; see data/mlenergy-v3/SOURCE.md) and write one profile per GPU "
-        "into --out (a folder; required)",
+        "into --out (a folder; required); parts without rows keep the catalog's",
     )
     p.add_argument(
         "--workers",

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from fleetsim.base import io as fio
+from fleetsim.calibrate import eager_host
 from fleetsim.device.latency import PowerSpec, RooflineProfile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -432,6 +433,10 @@ class _Tracker:
         self.prompt = 0.0
         self.hit = 0.0
         self.snaps: list[tuple[float, ...]] = []
+        #: with a step record (:func:`_record_iterations`): the last iteration the engine timed
+        #: and, per commit, the one it committed
+        self.last_step: tuple[int, int] = (0, 0)
+        self.steps: list[tuple[int, int]] | None = None
         rec.busy_s = _Log(rec.busy_s, self._busy)
         rec.flops = _Log(rec.flops, self._flops)
         rec.bytes_moved = _Log(rec.bytes_moved, self._bytes)
@@ -472,6 +477,8 @@ class _Tracker:
 
     def _dyn(self, d: float) -> None:
         self.dyn += d
+        if self.steps is not None:
+            self.steps.append(self.last_step)
         # a commit adds its prompt and output tokens, busy time, energy, FLOPs, bytes,
         # communication and fp8 MoE-loop seconds and routed-expert FLOPs in that order, and its
         # iteration count last: the FLOPs, bytes, communication, loop, expert FLOPs and
@@ -568,6 +575,18 @@ class SimRun:
     moe_layers: int = 0
     #: its latent-attention (MLA) layers (0 without)
     mla_layers: int = 0
+    #: every iteration of the whole run, in order (``simulate_config(record_steps=True)``, the
+    #: iteration engine: one iteration per commit): its duration (s), the output tokens it gave
+    #: (the weights of the median ITL), the sequences it ran (prompts and decodes, the eager
+    #: host floor's count), the tokens its layers ran (padded under data parallelism, compared
+    #: with ``graph_tokens``) and whether it lies in the steady-state window (the mean step's)
+    step_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step_seqs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step_lin_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step_in_window: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: the replica's largest CUDA-graphed iteration (tokens; -1: no graphs)
+    graph_tokens: int = -1
     error: str = ""
     sim_wall_s: float = 0.0
 
@@ -689,12 +708,14 @@ def simulate_config(
     engine: str = "macro",
     host_stall_s: float | None = None,
     profile_fields: dict[str, float] | None = None,
+    record_steps: bool = False,
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
     ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
     harness passes the one fitted without the row's model: :func:`lomo_host_stalls`);
     ``profile_fields`` replaces fields of the resolved profile (a fit's trial constants, e.g.
-    ``calibrate/eager_host.py`` without the eager host floor)."""
+    ``calibrate/eager_host.py`` without the eager host floor); ``record_steps`` (iteration
+    engine only) keeps every iteration of the run (``SimRun.step_s`` ...)."""
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
     from fleetsim.serving.pod import Pod
@@ -734,6 +755,7 @@ def simulate_config(
             sink = _Sink()
             pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
             tr = _Tracker(pod.rec)
+            log = _record_iterations(pod.lat, tr) if record_steps else None
             pod.run()
         except (UserError, ValueError) as exc:
             out.error = str(exc).splitlines()[0][:200]
@@ -819,8 +841,49 @@ def simulate_config(
     out.seg_xflops = seg_x[inw]
     out.seg_prompt = seg_p[inw]
     out.seg_hit = seg_h[inw]
+    if log is not None:
+        if engine != "iteration" or len(log) != len(seg_t) or not np.all(seg_it == 1):
+            out.error = (
+                f"step record: {len(log)} iterations timed for {len(seg_t)} commits of"
+                f" {int(seg_it.sum())} iterations (needs engine 'iteration')"
+            )
+            return out
+        lg = np.asarray(log, dtype=float).reshape(-1, 2)
+        out.step_s = seg_t
+        out.step_tokens = seg_tok
+        out.step_seqs = lg[:, 0]
+        out.step_lin_tokens = lg[:, 1]
+        out.step_in_window = inw
+        out.graph_tokens = int(pod.lat._gmax)
     out.sim_wall_s = time.perf_counter() - t0
     return out
+
+
+def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
+    """Record the iteration of every commit of the pod (``engine = "iteration"``: one each):
+    (sequences, tokens its layers run) as ``LatencyModel.iteration`` counts them for the eager
+    host floor (its ``n_prefill + n`` and ``t_lin``). The engine times a step on the pod's
+    latency model ``lat`` when it plans it (``iteration`` with prompt tokens, ``decode_step``
+    without: serving/core.py ``plan``) and may replan it before committing it (an arrival that
+    joins it, at t = 0 here), so the tracker keeps the last one timed and logs it at the
+    commit."""
+    iteration, decode_step = lat.iteration, lat.decode_step
+
+    def lin(p_tokens: int, n_prefill: int, n: int) -> int:
+        return p_tokens + n if lat.dp <= 1 else lat.dp_padded_tokens(p_tokens, n_prefill, n)
+
+    def timed_iteration(p_tokens, pairs, n_prefill, n, ctx):
+        tr.last_step = (n_prefill + n, lin(p_tokens, n_prefill, n))
+        return iteration(p_tokens, pairs, n_prefill, n, ctx)
+
+    def timed_decode_step(n, ctx):
+        tr.last_step = (n, lin(0, 0, n))
+        return decode_step(n, ctx)
+
+    lat.iteration = timed_iteration
+    lat.decode_step = timed_decode_step
+    tr.steps = []
+    return tr.steps
 
 
 def _weighted_median(x: np.ndarray, w: np.ndarray) -> float:
@@ -1614,22 +1677,60 @@ STACK_KEYS = (
     "linear_state_eff",
     "host_stall_s",
     "one_gpu_overhead_s",
-    # the eager MoE host floor (calibrate/eager_host.py): not fitted by calibrate/stack.py, so
-    # a profile carries it only where its fit gives it; otherwise the catalog's stays
+    # the eager MoE host floor, fitted by calibrate/eager_host.py to the folder's MoE rows
+    # (write_profiles); a GPU without such rows keeps the catalog's
     "eager_moe_layer_host_s",
     "eager_seq_host_s",
     "eager_mla_layer_host_s",
 )
 
 
+def fit_eager_floor(
+    data_dir: Path, gpu_model: str, stack: dict[str, float], workers: int = 2
+) -> tuple[eager_host.FloorFit | None, str]:
+    """The eager MoE host floor (calibrate/eager_host.py) fitted to ``data_dir``'s non-suspect
+    rows of mixtures of experts on ``gpu_model``, simulated with the serving stack's constants
+    ``stack`` fitted to the same folder (the catalog's where empty), and the line to print:
+    (``eager_host.FloorFit``, the line). The constants the profile carries
+    (``FloorFit.profile_constants``) are 0 where the fit does not predict the models left out
+    better than no floor (``FloorFit.adopted``); (None, line) where the folder has no such
+    rows (the catalog's floor stays)."""
+    name = GPUS[gpu_model]
+    fields = eager_host.stack_profile_fields(name, stack) if stack else None
+    rows = eager_host.simulate_rows(gpu_model, data_dir, workers, profile_fields=fields)
+    if not rows:
+        return None, (
+            "eager MoE host floor: the catalog's (no non-suspect row of a mixture of experts "
+            "to fit it to)"
+        )
+    f = eager_host.fit_gpu(rows, gpu_model)
+    lomo = float(np.median(np.abs(f.err_lomo[:, 1])))
+    without = float(np.median(np.abs(f.err_without[:, 1])))
+    hl, hs, hm = f.constants
+    if not f.adopted:
+        return f, (
+            f"eager MoE host floor: none ({len(rows)} MoE rows fit {hl * 1e3:.2f} ms per MoE "
+            f"layer, {hs * 1e6:.0f} us per sequence, but leave-one-model-out no better than "
+            f"none: mean |error| {np.abs(f.err_lomo).mean():.1%} vs "
+            f"{np.abs(f.err_without).mean():.1%})"
+        )
+    return f, (
+        f"eager MoE host floor fitted to {len(rows)} MoE rows: {hl * 1e3:.2f} ms per MoE layer, "
+        f"{hs * 1e6:.0f} us per sequence"
+        + (f", {hm * 1e3:.2f} ms per latent-attention layer" if hm else "")
+        + f" (leave-one-model-out mean step median {lomo:.1%}, without the floor {without:.1%})"
+    )
+
+
 def write_profiles(
     data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro"
 ) -> list[str]:
     """``fleetsim calibrate --from-mlenergy DIR --out OUT``: simulate DIR's expressible
-    configurations, fit each GPU's power model to its non-suspect rows and write
-    ``OUT/<catalog gpu>-mlenergy.json`` (the catalog profile with the fitted power, usable as
-    ``hardware.profile``) and ``OUT/mlenergy-fit.json`` (constants, the rows used, the
-    leave-one-model-out errors). Returns the lines to print."""
+    configurations, fit each GPU's power model to its non-suspect rows, the serving stack's
+    constants (calibrate/stack.py) and the eager MoE host floor (:func:`fit_eager_floor`) and
+    write ``OUT/<catalog gpu>-mlenergy.json`` (the catalog profile with the fitted power and
+    ``stack_constants``, usable as ``hardware.profile``) and ``OUT/mlenergy-fit.json``
+    (constants, the rows used, the leave-one-model-out errors). Returns the lines to print."""
     import json
 
     from fleetsim.base.errors import UserError
@@ -1683,9 +1784,9 @@ def write_profiles(
         d["fit"] = {"rows": n, "models": models, "lomo": st}
         sf = stacks.get(name)
         stack_line = "serving stack: the catalog's constants (no rows to fit them)"
+        consts: dict[str, float] = {}
         if sf:
             consts = {k: float(sf[k]) for k in STACK_KEYS if k in sf}
-            d["stack_constants"] = {"vllm-v1": consts}
             d["fit"]["stack"] = {"rows": sf["rows"], "models": sf["models"], "lomo": sf["lomo"]}
             stack_line = (
                 f"serving stack vllm-v1 fitted to {sf['rows']} rows: overhead "
@@ -1698,11 +1799,23 @@ def write_profiles(
                 )
                 + f" (leave-one-model-out ITL median {sf['lomo']['median_abs']:.1%})"
             )
+        floor, floor_line = fit_eager_floor(data_dir, g, consts, workers)
+        if floor is not None:
+            fitted = dict(zip(eager_host.FLOOR_FIELDS, floor.profile_constants, strict=True))
+            if floor.adopted and not any(r.mla_layers for r in floor.rows):
+                del fitted["eager_mla_layer_host_s"]  # no latent-attention row: the catalog's
+            consts.update(fitted)
+            d["fit"]["eager_host"] = floor.summary()
+        if consts:
+            d["stack_constants"] = {"vllm-v1": consts}
+        stack_line += "; " + floor_line
         path = out_dir / f"{name}-mlenergy.json"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(d, indent=1))
         tmp.replace(path)
         summary["gpus"][name] = {"power": power, "rows": n, "models": models, "lomo": st}
+        if floor is not None:
+            summary["gpus"][name]["eager_host"] = d["fit"]["eager_host"]
         lines.append(
             f"{name}: {n} rows of {len(models)} model(s): idle {p.idle_w:g} W (kept), active "
             f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, KV/state "

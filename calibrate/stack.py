@@ -1114,12 +1114,18 @@ EAGER_HOST_KEYS = ("eager_moe_layer_host_s", "eager_seq_host_s", "eager_mla_laye
 
 def _eager_host_lines(gpu: str) -> list[str]:
     """The catalog lines of a GPU's eager MoE host floor, kept as committed: this fit (dense
-    rows) does not see it; ``python -m fleetsim.calibrate.eager_host`` fits it."""
+    rows) does not see it; ``python -m fleetsim.calibrate.eager_host --write`` fits it."""
     from fleetsim.device import catalog
 
     entry = catalog.stacks().get("vllm-v1", {}).get(gpu, {})
     if not any(k in entry for k in EAGER_HOST_KEYS):
         return []
+    return eager_host_lines(entry)
+
+
+def eager_host_lines(entry: dict) -> list[str]:
+    """The catalog lines of an eager MoE host floor (``EAGER_HOST_KEYS``, and its
+    leave-one-model-out error where ``entry`` has it)."""
     hl, hs, hm = (float(entry.get(k, 0.0)) for k in EAGER_HOST_KEYS)
     return [
         f"eager_moe_layer_host_s = {hl:.4e}  # fitted (L): host time per MoE layer of an"
@@ -1131,7 +1137,7 @@ def _eager_host_lines(gpu: str) -> list[str]:
         "attention layer of such an iteration (DeepSeek's rows alone)",
     ] + [
         f"eager_host_lomo_median_err = {entry['eager_host_lomo_median_err']:.4f}  # mean step"
-        " (batch / tokens/s) of the non-suspect rows, each model from the others"
+        " (batch / tokens/s) of the non-suspect MoE rows, each model from the others"
         " (calibrate/eager_host.py prints it with and without the floor)"
     ] * ("eager_host_lomo_median_err" in entry)
 

@@ -502,25 +502,16 @@ def test_from_mlenergy_needs_out_and_a_folder(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
-    """A small folder in the format (H100 Qwen3 lm-arena rows, the histograms as the
-    leaderboard's JSON files) gives a profile that a scenario loads with the fitted power."""
+def _folder(d: Path, rows: list[dict]) -> Path:
+    """A folder in the ML.ENERGY v3 format holding ``rows`` of data/mlenergy-v3's
+    configurations.csv, the histograms as the leaderboard's JSON files (rebuilt from
+    output_lengths.csv)."""
     src = REPO / "data" / "mlenergy-v3"
-    d = tmp_path / "mine"
     (d / "models").mkdir(parents=True)
-    with open(src / "configurations.csv", newline="") as f:
-        rows = [
-            r
-            for r in csv.DictReader(f)
-            if r["gpu_model"] == "H100"
-            and r["model_id"] in ("Qwen/Qwen3-8B", "Qwen/Qwen3-14B")
-            and r["task"] == "lm-arena-chat"
-        ]
     with open(d / "configurations.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    # histograms as JSON (the leaderboard's layout), rebuilt from output_lengths.csv
     by_file: dict[str, list] = {}
     with open(src / "output_lengths.csv", newline="") as f:
         for r in csv.DictReader(f):
@@ -534,9 +525,26 @@ def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
             by_file.setdefault(r["source_file"], []).append(cfg)
     for name in {r["source_file"] for r in rows}:
         (d / name).write_text(json.dumps({"configurations": by_file[name]}))
+    return d
+
+
+def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
+    """A small folder in the format (H100 Qwen3 lm-arena rows, the histograms as the
+    leaderboard's JSON files) gives a profile that a scenario loads with the fitted power."""
+    with open(REPO / "data" / "mlenergy-v3" / "configurations.csv", newline="") as f:
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if r["gpu_model"] == "H100"
+            and r["model_id"] in ("Qwen/Qwen3-8B", "Qwen/Qwen3-14B")
+            and r["task"] == "lm-arena-chat"
+        ]
+    d = _folder(tmp_path / "mine", rows)
     out = tmp_path / "out"
     r = _cli("--from-mlenergy", str(d), "--out", str(out), "--workers", "1")
     assert r.returncode == 0, r.stderr
+    # no row of a mixture of experts: the catalog's eager host floor stays, and it says so
+    assert "eager MoE host floor: the catalog's (no non-suspect row of a mixture of" in r.stdout
     prof = out / "h100-sxm-mlenergy.json"
     assert prof.is_file() and (out / "mlenergy-fit.json").is_file()
     d_prof = json.loads(prof.read_text())
@@ -556,6 +564,8 @@ def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
     c = d_prof["stack_constants"]["vllm-v1"]
     cat = stack_constants("vllm-v1", "h100-sxm")
     assert cat is not None and d_prof["fit"]["stack"]["rows"] == 11
+    assert not set(c) & {"eager_moe_layer_host_s", "eager_seq_host_s", "eager_mla_layer_host_s"}
+    assert "eager_host" not in d_prof["fit"]
     assert c["overhead_s"] != cat["overhead_s"] and "ar_floor_s" not in c  # no TP2 rows
     sc = {"hardware": {"gpu": "h100-sxm", "profile": str(prof)}, "model": {"name": "llama-3.1-8b"}}
     p = resolve(load(sc), "").profile
@@ -574,6 +584,105 @@ def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
     assert st["h100-sxm"]["lomo"]["median_abs"] < 0.05
     assert '["vllm-v1"."h200"]' in stack.stacks_toml(st)  # derived from the H100's
     shutil.rmtree(tmp_path)
+
+
+#: the eager host floor the round trip's rows are made with (on the fit's grid, not the catalog's)
+TRUE_FLOOR = {"eager_moe_layer_host_s": 8.0e-4, "eager_seq_host_s": 3.0e-5}
+ROUND_TRIP_ROWS = (  # two MoE models on B200s, 1,024 sequences: every decode step eager
+    "Qwen/Qwen3-30B-A3B-Instruct-2507 lm-arena-chat B200 x1 TP1/EP1/DP1 b1024",
+    "Qwen/Qwen3-235B-A22B-Instruct-2507 lm-arena-chat B200 x4 TP1/EP4/DP1 b1024",
+)
+
+
+@pytest.mark.slow
+def test_from_mlenergy_fits_the_eager_host_floor_back(tmp_path):
+    """A round trip (about 25 s): B200 MoE rows whose median ITL and mean step (batch /
+    tokens/s) are the simulator's own with a known floor (0.80 ms per MoE layer, 30 us per
+    sequence; the catalog has 0.60 and 60) are fitted back to exactly it by ``fleetsim
+    calibrate --from-mlenergy``, each model's from the other's too (so it is adopted); the
+    profile carries it (the catalog's per-MLA-layer constant stays: no latent-attention row),
+    and a scenario with the profile runs with it."""
+    by_key = {c.key: c for c in M.read_configs()}
+    with open(REPO / "data" / "mlenergy-v3" / "configurations.csv", newline="") as f:
+        all_rows = list(csv.DictReader(f))
+    rows = []
+    for key in ROUND_TRIP_ROWS:
+        c = by_key[key]
+        run = M.simulate_config(c, engine="iteration", profile_fields=TRUE_FLOOR)
+        assert not run.error
+        s = M.step_split(c, run)
+        (r,) = (
+            dict(x)
+            for x in all_rows
+            if (x["source_file"], int(x["config_index"])) == (c.source_file, c.config_index)
+        )
+        assert r["model_id"] == c.model_id and int(r["max_num_seqs"]) == c.max_num_seqs
+        r["itl_median_ms"] = repr(1e3 * s.sim_median_s)
+        r["output_tokens_per_s"] = repr(c.avg_batch_size / s.sim_mean_s)
+        rows.append(r)
+    d = _folder(tmp_path / "synthetic", rows)
+    out = tmp_path / "out"
+    r = _cli("--from-mlenergy", str(d), "--out", str(out), "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "eager MoE host floor fitted to 2 MoE rows: 0.80 ms per MoE layer, 30 us" in r.stdout
+    prof = json.loads((out / "b200-mlenergy.json").read_text())
+    assert "stack" not in prof["fit"]  # no dense row: the catalog's other stack constants
+    c = prof["stack_constants"]["vllm-v1"]
+    assert c == pytest.approx(TRUE_FLOOR, abs=1e-15)  # (no eager_mla_layer_host_s)
+    fit = prof["fit"]["eager_host"]
+    assert fit["adopted"] and fit["fitted_itl_median"]["worst"] < 1e-9
+    assert fit["lomo_mean_step"]["worst"] < 1e-9
+    assert fit["fitted_mean_step"]["worst"] < 1e-9 and fit["without_mean_step"]["worst"] > 0.02
+    from fleetsim.api import load
+    from fleetsim.config.scenario import resolve
+    from fleetsim.device.stack import stack_constants
+
+    cat = stack_constants("vllm-v1", "b200")
+    assert cat is not None
+    sc = {
+        "hardware": {"gpu": "b200", "profile": str(out / "b200-mlenergy.json")},
+        "model": {"name": "qwen3-30b-a3b"},
+        "fleet": {"max_batch_size": 1024},
+    }
+    p = resolve(load(sc), "").profile
+    assert (p.eager_moe_layer_host_s, p.eager_seq_host_s) == (8.0e-4, 3.0e-5)  # as written
+    assert p.eager_mla_layer_host_s == cat["eager_mla_layer_host_s"]
+    assert p.overhead_s == pytest.approx(cat["overhead_s"] + cat["host_stall_s"], rel=1e-12)
+
+
+#: how far the default day (2 hours) run with the H100 profile ``fleetsim calibrate
+#: --from-mlenergy`` writes from data/mlenergy-v3's H100 rows may lie from the catalog's (the
+#: catalog is that fit, its constants rounded: the whole day (c32, main ae69c21) GPU energy
+#: 336.357 -> 336.123 kWh (-0.07 %), median TPOT -0.0 %, p99 TTFT +0.46 %)
+DAY_GPU_ENERGY_REL = 0.005
+DAY_TPOT_REL = 0.005
+
+
+@pytest.mark.slow
+def test_a_from_mlenergy_profile_reproduces_the_catalogs_day(tmp_path):
+    """The user-facing check (about 4 minutes on 2 workers): the profile ``fleetsim calibrate
+    --from-mlenergy`` writes from the committed data's H100 rows (the H100's fit sees only
+    them: the same profile as from the whole folder), used as ``hardware.profile`` of the
+    default scenario (Llama-3.1-70B, 32 H100s; 2 hours), gives the catalog's day: GPU energy
+    and median TPOT within 0.5 %."""
+    import fleetsim
+
+    with open(REPO / "data" / "mlenergy-v3" / "configurations.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["gpu_model"] == "H100"]
+    d = _folder(tmp_path / "h100", rows)
+    shutil.copy(REPO / "data" / "mlenergy-v3" / "server_env.csv", d / "server_env.csv")
+    lines = M.write_profiles(d, tmp_path / "out", workers=2)
+    assert any("eager MoE host floor: none" in line for line in lines), lines
+    prof = tmp_path / "out" / "h100-sxm-mlenergy.json"
+    over = {"simulation.hours": 2}
+    cat = fleetsim.simulate(REPO / "scenarios" / "default.toml", overrides=over)
+    mine = fleetsim.simulate(
+        REPO / "scenarios" / "default.toml", overrides={**over, "hardware.profile": str(prof)}
+    )
+    e0, e1 = cat.totals["energy_gpu_kwh"], mine.totals["energy_gpu_kwh"]
+    assert e1 == pytest.approx(e0, rel=DAY_GPU_ENERGY_REL)
+    t0, t1 = cat.latency["tpot_p50_s"], mine.latency["tpot_p50_s"]
+    assert t1 == pytest.approx(t0, rel=DAY_TPOT_REL)
 
 
 def test_quick_report_prints_every_metric():
