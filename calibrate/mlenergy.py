@@ -1614,13 +1614,22 @@ def implied_prompts(
     ``fill_below x max_num_seqs`` the KV cache was full, so it held
     ``avg_batch x (prompt + E[L^2] / (2 E[L]))`` tokens; with the simulator's KV budget for
     that configuration (``kv_capacity_tokens``) this gives the prompt. Only as right as the
-    KV budget (vLLM's profiling run, see the serving stack) and the steady-state assumption."""
+    KV budget (vLLM's profiling run, see the serving stack) and the steady-state assumption.
+    Data-parallel rows are left out: their batch stays below ``max_num_seqs`` because every
+    rank serves its own queue, bound on arrival, and the queues drain unevenly (the per-rank
+    model of ``calibrate/dp_ranks.py`` gives their measured batch, e.g. 7.5 of 8 for
+    Coder-480B-FP8 DP4 b8), not because their KV cache is full."""
     from fleetsim.api import load
     from fleetsim.config.resolve import resolve
 
     out = []
     for c in configs:
-        if c.suspect or c.avg_batch_size >= fill_below * c.max_num_seqs or skip_reason(c):
+        if (
+            c.suspect
+            or c.dp > 1
+            or c.avg_batch_size >= fill_below * c.max_num_seqs
+            or skip_reason(c)
+        ):
             continue
         with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
             trace = Path(tmp) / "trace.csv"

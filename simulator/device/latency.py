@@ -996,9 +996,12 @@ class LatencyModel:
 
     # -- one general iteration -------------------------------------------------------------
     def iteration(
-        self, p_tokens: int, pairs: float, n_prefill: int, n: int, ctx: float
+        self, p_tokens: int, pairs: float, n_prefill: int, n: int, ctx: float, t_pad: int = -1
     ) -> tuple[float, float, float]:
-        """Time (s), FLOPs and bytes of one iteration (see the module docstring)."""
+        """Time (s), FLOPs and bytes of one iteration (see the module docstring). ``t_pad``
+        (data parallelism only) replaces :meth:`dp_padded_tokens` as the tokens its layers run:
+        ``dp`` times those of the fullest rank when the ranks' batches are known
+        (``calibrate/dp_ranks.py``, every rank its own scheduler)."""
         # the engine's hot path (once per run): attributes and caches read directly, the
         # helpers (_weights, step_time, run_coeffs, linear_time) inlined where their values are
         # cached; the same float operations in the same order as theirs (bit-identical)
@@ -1014,7 +1017,9 @@ class LatencyModel:
         )
         tokens = p_tokens + n
         if self.dp > 1:  # the padding tokens every engine runs (dp_padded_flops)
-            flops += (self.dp_padded_tokens(p_tokens, n_prefill, n) - tokens) * f_lin
+            if t_pad < 0:
+                t_pad = self.dp_padded_tokens(p_tokens, n_prefill, n)
+            flops += (t_pad - tokens) * f_lin
         nbytes = self._weights(tokens) + self.kvb * (ctx + tokens) + self._sb * (n_prefill + n)
         if p_tokens == 0:  # a pure decode step: the run formula, so both modes agree exactly
             c = self.coeff_cache.get(n)
@@ -1028,7 +1033,7 @@ class LatencyModel:
             att_m = self._att_m
             kv = ctx * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
             # a data-parallel replica's layers run every engine padded to the fullest one
-            t_lin = tokens if self.dp <= 1 else self.dp_padded_tokens(p_tokens, n_prefill, n)
+            t_lin = tokens if self.dp <= 1 else t_pad
             lt = self._tok_cache.get(t_lin)
             hd = (self._head_cache_g if t_lin <= self._gmax else self._head_cache).get(
                 n_prefill + n
