@@ -442,10 +442,11 @@ def write_catalog(f: FloorFit, gpu: str, path: Path = STACKS_TOML) -> str:
     with fit ``f``'s constants and leave-one-model-out mean-step median (calibrate/stack.py
     writes the rest of the file and keeps these lines). A fit that is not adopted removes
     them (the GPU then has no floor). Returns the line to print."""
+    from fleetsim.base import io
     from fleetsim.calibrate.stack import EAGER_HOST_KEYS, eager_host_lines
 
     keys = (*EAGER_HOST_KEYS, "eager_host_lomo_median_err")
-    text = path.read_text().split("\n")
+    text = io.read_text(path, "the serving-stack catalog").split("\n")
     head = f'["vllm-v1"."{gpu}"]'
     if head not in text:
         raise ValueError(f"{path}: no section {head}")

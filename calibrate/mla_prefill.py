@@ -43,7 +43,6 @@ two are fitted in turn, not jointly.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -59,12 +58,13 @@ FIELD = "eager_mla_prefill_layer_host_s"
 def has_latent_attention(model_id: str) -> bool:
     """Whether the model's config.json (data/models) describes latent attention
     (``kv_lora_rank``, as fleetsim.config.hf reads DeepSeek-V3/R1)."""
+    from fleetsim.base import io
     from fleetsim.calibrate import mlenergy as ml
 
     path = ml.MODELS_DIR / model_id / "config.json"
     if not path.is_file():
         return False
-    return bool(json.loads(path.read_text()).get("kv_lora_rank"))
+    return bool(io.load_json(path, "the model's config.json")[0].get("kv_lora_rank"))
 
 
 #: the tasks whose runs carry prompts in a measurable share of their steps (gpqa's ~9,000-token

@@ -108,6 +108,26 @@ def moe16(n_layers: int = 8):
     )
 
 
+#: the B200's committed eager host floor (catalog/stacks.toml ["vllm-v1"."b200"]): per MoE layer,
+#: per sequence, per latent-attention layer, and the latent-attention prefill path per layer
+B200_EAGER_LAYER_S = 6.0e-4
+B200_EAGER_SEQ_S = 6.0e-5
+B200_EAGER_MLA_S = 7.5e-4
+B200_EAGER_MLA_PREFILL_S = 2.0e-4
+
+
+def b200_vllm_profile(max_num_seqs: int = 1024):
+    """The catalog B200's roofline profile as the ``vllm-v1`` stack runs it at ``max_num_seqs``."""
+    from fleetsim.device import catalog
+    from fleetsim.device.latency import RooflineProfile
+    from fleetsim.device.profile import catalog_profile
+    from fleetsim.device.stack import apply_stack
+
+    p = apply_stack(catalog_profile("b200", catalog.gpu("b200")), "vllm-v1", "b200", max_num_seqs)
+    assert isinstance(p, RooflineProfile)
+    return p
+
+
 def mlenergy_resolved(c, tmp_path, engine: str = "iteration", n: int = 24, **hw):
     """The resolved scenario of ML.ENERGY configuration ``c`` (calibrate.mlenergy.Config) as the
     harness runs it, on a trace of ``n`` requests of 250 prompt and 120 output tokens all at

@@ -9,6 +9,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import B200_EAGER_LAYER_S as H_LAYER_S
+from conftest import B200_EAGER_MLA_PREFILL_S as H_MLA_PREFILL_S
+from conftest import B200_EAGER_MLA_S as H_MLA_S
+from conftest import B200_EAGER_SEQ_S as H_SEQ_S
+from conftest import b200_vllm_profile as _b200
 
 from fleetsim.calibrate import mla_prefill
 from fleetsim.device import catalog
@@ -16,17 +21,6 @@ from fleetsim.device.latency import LatencyModel, RooflineProfile
 from fleetsim.device.modelspec import model_from_catalog
 from fleetsim.device.profile import catalog_profile
 from fleetsim.device.stack import apply_stack
-
-H_LAYER_S = 6.0e-4  # the B200's committed constants (catalog/stacks.toml)
-H_SEQ_S = 6.0e-5
-H_MLA_S = 7.5e-4
-H_MLA_PREFILL_S = 2.0e-4
-
-
-def _b200(max_num_seqs: int = 1024) -> RooflineProfile:
-    p = apply_stack(catalog_profile("b200", catalog.gpu("b200")), "vllm-v1", "b200", max_num_seqs)
-    assert isinstance(p, RooflineProfile)
-    return p
 
 
 def _without(p: RooflineProfile) -> RooflineProfile:
