@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
     configs = mla_configs(a.gpu)
-    meas = np.array([[c.avg_batch_size / c.tokens_per_s, c.itl_median_ms * 1e-3] for c in configs])
+    from fleetsim.calibrate.mlenergy import measured_steps_s
+
+    meas = np.array([measured_steps_s(c) for c in configs])
     sim = simulate_grid(configs, GRID_S, a.workers)
     err = errors(sim, meas)
     h, score = best(err, GRID_S)

@@ -943,8 +943,15 @@ class StepSplit:
         return (self.meas_beyond_s - self.sim_beyond_s) / share
 
 
+def measured_steps_s(c: Config) -> tuple[float, float]:
+    """Configuration ``c``'s measured (mean step, median step) in seconds: the batch over the
+    output tokens/s, and the median ITL."""
+    return c.avg_batch_size / c.tokens_per_s, c.itl_median_ms * 1e-3
+
+
 def step_split(c: Config, run: SimRun) -> StepSplit:
     """:class:`StepSplit` of configuration ``c`` and its simulated ``run``."""
+    meas_mean_s, meas_median_s = measured_steps_s(c)
     tps = run.tokens / run.window_s
     it = run.seg_iters
     has_p = run.seg_prompt > 0
@@ -953,8 +960,8 @@ def step_split(c: Config, run: SimRun) -> StepSplit:
     # a commit's prompt tokens are in its first iteration; the rest of it decodes at ~d
     pf = float((run.seg_s[has_p] - (it[has_p] - 1.0) * d).mean()) if has_p.any() else math.nan
     return StepSplit(
-        meas_mean_s=c.avg_batch_size / c.tokens_per_s,
-        meas_median_s=c.itl_median_ms * 1e-3,
+        meas_mean_s=meas_mean_s,
+        meas_median_s=meas_median_s,
         sim_mean_s=run.avg_batch / tps,
         sim_median_s=run.itl_median_s,
         steps=float(it.sum()),
