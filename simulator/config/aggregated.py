@@ -330,7 +330,9 @@ def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> P
 
     if not isinstance(profile, RooflineProfile):
         return profile
-    fit = catalog_moe_fit(profile.name, profile.meta.get("catalog_gpu") or gpu)
+    fit = profile.moe_fit
+    if fit is None:  # (a profile file's moe_constants, else the catalog's)
+        fit = catalog_moe_fit(profile.name, profile.meta.get("catalog_gpu") or gpu)
     if fit.fi_bw_frac <= 0.0 and fit.fi_layer_s <= 0.0:
         have = sorted(k for k, e in catalog.moe().items() if float(e.get("fi_bw_frac", 0.0)) > 0)
         raise ScenarioError(

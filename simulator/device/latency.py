@@ -259,6 +259,10 @@ class RooflineProfile:
     #: fleetsim.device.moe.FP8_MOE_KERNELS): vLLM's Triton kernel, or FlashInfer's TensorRT-LLM
     #: block-scale kernel (Blackwell, ``VLLM_USE_FLASHINFER_MOE_FP8=1``)
     fp8_moe_kernel: str = "triton"
+    #: the fused-MoE kernel constants of this device (:class:`fleetsim.device.moe.FusedMoeFit`)
+    #: where they were fitted elsewhere (a profile file's ``moe_constants``, ``fleetsim
+    #: calibrate --from-mlenergy --fit-moe``): None, the catalog's (``catalog/moe.toml``) by GPU
+    moe_fit: FusedMoeFit | None = None
 
 
 #: vLLM's custom all-reduce handles messages up to 8 MiB (CustomAllreduce max_size, vllm/
@@ -587,7 +591,11 @@ class LatencyModel:
         self._hwb = DTYPE_BYTES[h_dt]
         #: the fused MoE kernel's latency floor on this GPU (catalog moe.toml); fp8 experts are
         #: block-quantised (128 x 128 scales, as every fp8 MoE checkpoint the catalog reads)
-        self._moe_fit = catalog_moe_fit(p.name, p.meta.get("catalog_gpu"))
+        self._moe_fit = (
+            p.moe_fit
+            if p.moe_fit is not None
+            else catalog_moe_fit(p.name, p.meta.get("catalog_gpu"))
+        )
         self._fp8_block = e_dt == "fp8"
         self._fp8_kernel = p.fp8_moe_kernel
         self.kvb = m.kv_bytes_per_token_tp(tp)

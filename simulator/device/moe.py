@@ -61,7 +61,7 @@ is summed by the layer's usual all-reduce.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fleetsim.device.kernels import KernelFit, LayerShapes, elem_time_s, gemm_rows, gemm_time_s
 from fleetsim.device.modelspec import ModelSpec
@@ -333,6 +333,46 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
         fi_bw_frac=float(e.get("fi_bw_frac", 0.0)),
         fp8_wave_frac=float(e.get("fp8_wave_frac", 1.0)),
     )
+
+
+#: the :class:`FusedMoeFit` constants a profile file may carry (``moe_constants``: fitted to a
+#: folder of ML.ENERGY-format rows by ``fleetsim calibrate --from-mlenergy --fit-moe``); the
+#: GPU's SM count, shared memory and tuned shapes are the catalog's (data sheets, vLLM's files)
+MOE_CONSTANT_KEYS = (
+    "k_step_s",
+    "k_step_fp8_s",
+    "k_step_fp8_default_s",
+    "layer_s",
+    "mma_frac",
+    "fi_layer_s",
+    "fi_bw_frac",
+    "fp8_wave_frac",
+)
+
+
+def moe_constants_problem(constants: dict) -> str | None:
+    """What is wrong with a profile's ``moe_constants`` (an unknown key, a value that is not a
+    finite non-negative number, ``mma_frac`` outside (0, 1]), or None."""
+    for k, v in constants.items():
+        if k not in MOE_CONSTANT_KEYS:
+            return f"moe_constants has unknown key {k!r} (known: {', '.join(MOE_CONSTANT_KEYS)})"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            return f"moe_constants[{k!r}] = {v!r} must be a finite non-negative number"
+        if k == "mma_frac" and not 0.0 < v <= 1.0:
+            return f"moe_constants['mma_frac'] = {v!r} must be in (0, 1]"
+    return None
+
+
+def profile_moe_fit(
+    profile_name: str, catalog_gpu: str | None, constants: dict | None
+) -> FusedMoeFit | None:
+    """The :class:`FusedMoeFit` of a profile that carries ``constants`` (its ``moe_constants``):
+    the catalog's fit of its GPU (:func:`catalog_moe_fit`) with those constants in place; None
+    when it carries none (the latency model then reads the catalog's)."""
+    if not constants:
+        return None
+    base = catalog_moe_fit(profile_name, catalog_gpu)
+    return replace(base, **{k: float(v) for k, v in constants.items()})  # type: ignore[arg-type]
 
 
 def expected_distinct_experts(n_experts: int, top_k: int, tokens: float) -> float:

@@ -58,6 +58,7 @@ from fleetsim.device.latency import (
     Profile,
     RooflineProfile,
 )
+from fleetsim.device.moe import moe_constants_problem, profile_moe_fit
 
 FORMAT = "fleetsim-profile/1"
 
@@ -220,6 +221,22 @@ class RooflineFile(_ProfileBase):
         "(`fleetsim calibrate --from-mlenergy`): applied as fleet.serving_stack runs them, in "
         "place of the catalog's (device/stack.py apply_stack)",
     )
+    moe_constants: dict[str, float] | None = Field(
+        None,
+        description="fused-MoE kernel constants (device/moe.py FusedMoeFit: k_step_s, "
+        "k_step_fp8_s, k_step_fp8_default_s, layer_s, mma_frac, fi_layer_s, fi_bw_frac, "
+        "fp8_wave_frac; `fleetsim calibrate --from-mlenergy --fit-moe`): in place of the "
+        "catalog's (catalog/moe.toml) for this device; a key it lacks keeps the catalog's",
+    )
+
+    @field_validator("moe_constants", mode="after")
+    @classmethod
+    def _moe_constants(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            why = moe_constants_problem(v)
+            if why:
+                raise ValueError(f"{why} (fix: regenerate it with `fleetsim calibrate`)")
+        return v
 
     @field_validator("compute_eff_table", mode="before")
     @classmethod
@@ -386,6 +403,7 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
             "fit",
             "grid_file",
             "stack_constants",
+            "moe_constants",
         )
         if k in f.model_fields_set
     }
@@ -405,6 +423,7 @@ def profile_from_dict(d: Any, where: str = "profile") -> Profile:
             kernels=(
                 None if f.kernels is None else kernel_fit_from_dict(f.kernels, f"{where} kernels")
             ),
+            moe_fit=profile_moe_fit(name, f.catalog_gpu, f.moe_constants),
             **vals,
         )
     vals = {k: getattr(f, k) for k in _LINEAR_FIELDS if k in f.model_fields_set}

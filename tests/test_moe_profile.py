@@ -1,0 +1,92 @@
+"""A profile file's fused-MoE kernel constants (``moe_constants``, written by ``fleetsim calibrate
+--from-mlenergy --fit-moe``) replace the catalog's (catalog/moe.toml) for that device; a profile
+without them times every MoE step exactly as the catalog does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleetsim.api import load
+from fleetsim.base.errors import UserError
+from fleetsim.config.scenario import resolve
+from fleetsim.device import catalog
+from fleetsim.device.moe import catalog_moe_fit
+from fleetsim.device.profile import catalog_profile, load_profile, profile_to_dict
+from fleetsim.device.stack import stack_constants
+
+#: (batch, context) of the decode steps compared: graph-captured at a max_num_seqs of 256
+STEPS = ((8, 1000), (200, 1000))
+
+
+def _profile(tmp_path, name: str, **extra) -> str:
+    """The catalog B200 as a profile file with the catalog's vllm-v1 constants (as
+    ``--from-mlenergy`` writes it), plus ``extra`` keys."""
+    d = profile_to_dict(catalog_profile("b200", catalog.gpu("b200")), catalog_gpu="b200")
+    cst = stack_constants("vllm-v1", "b200") or {}
+    d["stack_constants"] = {
+        "vllm-v1": {k: v for k, v in cst.items() if isinstance(v, (int, float))}
+    }
+    d.update(extra)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def _lm(profile: str | None, model: str = "qwen3-30b-a3b"):
+    hw = {"gpu": "b200"} | ({"profile": profile} if profile else {})
+    sc = {"hardware": hw, "model": {"name": model}, "fleet": {"max_batch_size": 256}}
+    return resolve(load(sc), "").latency_model()
+
+
+def test_a_profile_without_moe_constants_times_moe_steps_as_the_catalog(tmp_path):
+    cat = _lm(None)
+    mine = _lm(_profile(tmp_path, "plain"))
+    assert mine._moe_fit == catalog_moe_fit("b200") and mine._moe_fit.k_step_s > 0
+    for b, ctx in STEPS:
+        assert mine.decode_time(b, ctx) == cat.decode_time(b, ctx)  # bit-identical
+    # the catalog's own constants written out: the same fit, the same step times
+    same = {k: getattr(catalog_moe_fit("b200"), k) for k in ("k_step_s", "layer_s", "mma_frac")}
+    again = _lm(_profile(tmp_path, "same", moe_constants=same))
+    assert again._moe_fit == catalog_moe_fit("b200")
+    for b, ctx in STEPS:
+        assert again.decode_time(b, ctx) == cat.decode_time(b, ctx)
+
+
+def test_a_profiles_moe_constants_change_a_moe_step_by_the_hand_computed_amount(tmp_path):
+    """Qwen3-30B-A3B on one B200: ``layer_s`` is charged once per MoE layer of a step (its 48
+    layers: 50 us more each is 2.4 ms more per decode step, at every graph-captured batch),
+    while ``k_step_s`` does not enter: vLLM ships a tuned configuration for its layer shape
+    (E=128, N=768) on the B200, so no loop latency is added."""
+    path = _profile(tmp_path, "mine", moe_constants={"layer_s": 5.0e-5, "k_step_s": 2.0e-6})
+    p, _ = load_profile(path)
+    assert p.moe_fit is not None and p.moe_fit.layer_s == 5.0e-5
+    assert p.moe_fit.sms == catalog_moe_fit("b200").sms  # the catalog's hardware facts
+    assert p.meta["moe_constants"] == {"layer_s": 5.0e-5, "k_step_s": 2.0e-6}
+    cat, mine = _lm(None), _lm(path)
+    assert catalog_moe_fit("b200").layer_s == 0.0 and cat.model.n_moe_layers == 48
+    for b, ctx in STEPS:
+        assert mine.decode_time(b, ctx) - cat.decode_time(b, ctx) == pytest.approx(
+            48 * 5.0e-5, rel=1e-9
+        )
+    # the file round-trips: the profile written back carries the same constants
+    d = profile_to_dict(p)
+    assert d["moe_constants"] == {"layer_s": 5.0e-5, "k_step_s": 2.0e-6}
+
+
+@pytest.mark.parametrize(
+    ("consts", "why"),
+    [
+        ({"k_stp_s": 1e-6}, "unknown key 'k_stp_s'"),
+        ({"layer_s": -1.0}, "must be a finite non-negative number"),
+        ({"mma_frac": 0.0}, "must be in (0, 1]"),
+        ({"sms": 100}, "unknown key 'sms'"),
+    ],
+)
+def test_bad_moe_constants_are_one_line_errors(tmp_path, consts, why):
+    path = _profile(tmp_path, "bad", moe_constants=consts)
+    with pytest.raises(UserError) as e:
+        load_profile(path)
+    assert why in str(e.value) and "(fix:" in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
