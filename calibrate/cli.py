@@ -122,16 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="no torch run: fit the GPU power model, the vllm-v1 serving stack's step-time "
-        "constants and the eager MoE host floor to measured configurations in the ML.ENERGY "
-        "Benchmark v3 format (DIR/configurations.csv and DIR/output_lengths.csv or "
-        "DIR/models/*.json; see data/mlenergy-v3/SOURCE.md) and write one profile per GPU "
-        "into --out (a folder; required); parts without rows keep the catalog's",
+        "constants, the eager MoE host floor (with --fit-moe the fused-MoE kernel's too) to "
+        "measured configurations in the ML.ENERGY Benchmark v3 format (DIR/configurations.csv "
+        "and DIR/output_lengths.csv or DIR/models/*.json; see data/mlenergy-v3/SOURCE.md) and "
+        "write one profile per GPU into --out (a folder; required); parts without rows keep "
+        "the catalog's",
     )
     p.add_argument(
         "--workers",
         type=int,
         default=2,
         help="with --from-mlenergy: processes simulating the configurations (default 2)",
+    )
+    p.add_argument(
+        "--fit-moe",
+        action="store_true",
+        help="with --from-mlenergy: also fit the fused-MoE kernel constants (calibrate/"
+        "moe_fit.py) to DIR's MoE rows and write them into the profiles (moe_constants); the "
+        "power fit then simulates with them. One more simulation of every MoE row: about 6 "
+        "minutes more on data/mlenergy-v3 with 2 workers. Default: the catalog's",
     )
     return p
 
@@ -236,6 +245,9 @@ def resolve_model(arg: str, dtype: str) -> ModelSpec:
 def main(argv: list[str] | None = None) -> int:
     """Run ``fleetsim calibrate``; returns the exit code (0 ok, 2 user error or missing torch)."""
     args = build_parser().parse_args(argv)
+    if args.fit_moe and args.from_mlenergy is None:
+        print("fleetsim calibrate: --fit-moe: only with --from-mlenergy DIR", file=sys.stderr)
+        return 2
     if args.from_mlenergy is not None:
         from fleetsim.base.errors import UserError
 
@@ -283,7 +295,7 @@ def _from_mlenergy(args: argparse.Namespace) -> int:
         raise _Usage(f"--out {args.out}: exists and is not a folder (fix: a folder name)")
     if args.workers < 1:
         raise _Usage(f"--workers {args.workers}: must be at least 1")
-    for line in mlenergy.write_profiles(root, args.out, workers=args.workers):
+    for line in mlenergy.write_profiles(root, args.out, workers=args.workers, fit_moe=args.fit_moe):
         print(line)
     return 0
 

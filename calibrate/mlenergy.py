@@ -707,7 +707,7 @@ def simulate_config(
     seed: int = 0,
     engine: str = "macro",
     host_stall_s: float | None = None,
-    profile_fields: dict[str, float] | None = None,
+    profile_fields: dict | None = None,
     record_steps: bool = False,
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
@@ -751,7 +751,7 @@ def simulate_config(
                 rs = replace(rs, profile=replace(prof0, overhead_s=oh))
             prof1 = rs.profile
             if profile_fields and isinstance(prof1, RooflineProfile):
-                rs = replace(rs, profile=replace(prof1, **profile_fields))  # type: ignore[arg-type]
+                rs = replace(rs, profile=replace(prof1, **profile_fields))
             sink = _Sink()
             pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
             tr = _Tracker(pod.rec)
@@ -1479,9 +1479,9 @@ def table(rows: Sequence[Row], title: str) -> list[str]:
     return lines
 
 
-def _sim_one(args: tuple[Config, int, str, float | None]) -> SimRun:
-    c, seed, engine, stall = args
-    return simulate_config(c, seed, engine, stall)
+def _sim_one(args: tuple[Config, int, str, float | None, dict | None]) -> SimRun:
+    c, seed, engine, stall, fields = args
+    return simulate_config(c, seed, engine, stall, profile_fields=fields)
 
 
 def lomo_host_stalls(data: Path, configs: Sequence[Config]) -> dict[tuple[str, str], float]:
@@ -1509,11 +1509,18 @@ def simulate_all(
     seed: int = 0,
     engine: str = "iteration",
     stalls: dict[tuple[str, str], float] | None = None,
+    fields: dict[str, dict] | None = None,
 ) -> list[SimRun]:
     """:func:`simulate_config` of every configuration, in a process pool; ``stalls`` (by GPU
-    and model, :func:`lomo_host_stalls`) replaces the catalog's host stall per step."""
+    and model, :func:`lomo_host_stalls`) replaces the catalog's host stall per step;
+    ``fields`` (by GPU, ``"B200"``) the resolved profile's fields (``profile_fields``: a
+    folder's fitted constants, :func:`folder_profile_fields`)."""
     st = stalls or {}
-    jobs = [(c, seed, engine, st.get((c.gpu_model, c.model_id))) for c in configs]
+    fs = fields or {}
+    jobs = [
+        (c, seed, engine, st.get((c.gpu_model, c.model_id)), fs.get(c.gpu_model) or None)
+        for c in configs
+    ]
     if workers <= 1 or len(jobs) <= 1:
         return [_sim_one(j) for j in jobs]
     with ProcessPoolExecutor(max_workers=workers) as ex:
@@ -1695,17 +1702,22 @@ STACK_KEYS = (
 
 
 def fit_eager_floor(
-    data_dir: Path, gpu_model: str, stack: dict[str, float], workers: int = 2
+    data_dir: Path,
+    gpu_model: str,
+    stack: dict[str, float],
+    workers: int = 2,
+    moe: dict[str, float] | None = None,
 ) -> tuple[eager_host.FloorFit | None, str]:
     """The eager MoE host floor (calibrate/eager_host.py) fitted to ``data_dir``'s non-suspect
     rows of mixtures of experts on ``gpu_model``, simulated with the serving stack's constants
-    ``stack`` fitted to the same folder (the catalog's where empty), and the line to print:
+    ``stack`` fitted to the same folder (the catalog's where empty) and the fused-MoE constants
+    ``moe`` (a profile's ``moe_constants``; None: the catalog's), and the line to print:
     (``eager_host.FloorFit``, the line). The constants the profile carries
     (``FloorFit.profile_constants``) are 0 where the fit does not predict the models left out
     better than no floor (``FloorFit.adopted``); (None, line) where the folder has no such
     rows (the catalog's floor stays)."""
     name = GPUS[gpu_model]
-    fields = eager_host.stack_profile_fields(name, stack) if stack else None
+    fields = folder_profile_fields(name, stack, moe) or None
     rows = eager_host.simulate_rows(gpu_model, data_dir, workers, profile_fields=fields)
     if not rows:
         return None, (
@@ -1731,15 +1743,78 @@ def fit_eager_floor(
     )
 
 
+def folder_profile_fields(gpu: str, constants: dict[str, float], moe: dict | None) -> dict:
+    """The resolved-profile fields (:func:`simulate_config` ``profile_fields``) of catalog GPU
+    ``gpu`` run with a folder's serving-stack ``constants`` (calibrate/stack.py and the eager
+    floor; empty: the catalog's) and MoE constants ``moe`` (a profile's ``moe_constants``;
+    None: the catalog's), as a scenario with the profile :func:`write_profiles` writes runs."""
+    from fleetsim.device.moe import profile_moe_fit
+
+    fields: dict = eager_host.stack_profile_fields(gpu, constants) if constants else {}
+    if moe:
+        fields["moe_fit"] = profile_moe_fit(gpu, gpu, moe)
+    return fields
+
+
+def fit_moe_constants(
+    data_dir: Path, gpus: Sequence[str], fields: dict[str, dict], workers: int = 2
+) -> tuple[dict, list[str]]:
+    """The fused-MoE kernel constants (calibrate/moe_fit.py) of each GPU of ``gpus``
+    (``"B200"``) fitted to ``data_dir``'s non-suspect MoE rows, simulated once with the
+    profile fields ``fields`` (by GPU: the folder's serving-stack constants): ``({gpu:
+    moe_fit.GpuFit}, the lines to print)``; a GPU without such rows is left out (the catalog's
+    stay) and says so."""
+    from fleetsim.calibrate import moe_fit
+
+    t0 = time.perf_counter()
+    rows = moe_fit.build_rows(workers, data_dir, fields)
+    out, lines = {}, []
+    for g in gpus:
+        if not any(r.config.gpu_model == g for r in rows):
+            lines.append(
+                f"{GPUS[g]}: fused-MoE kernel constants: the catalog's (no non-suspect row of a "
+                "mixture of experts to fit them to)"
+            )
+            continue
+        gf = moe_fit.fit_gpu(rows, g)
+        out[g] = gf
+        f = gf.fit
+        shown = {
+            "k_step_s": f"K step {f.k_step_s * 1e6:.2f} us",
+            "k_step_fp8_s": f"fp8 K step {f.k_step_fp8_s * 1e6:.2f} us (tuned)",
+            "k_step_fp8_default_s": f"{f.k_step_fp8_default_s * 1e6:.2f} us (default tiles)",
+            "layer_s": f"layer {f.layer_s * 1e6:.1f} us",
+            "fi_layer_s": f"FlashInfer TRTLLM fp8 layer {f.fi_layer_s * 1e6:.1f} us",
+            "fi_bw_frac": f"bandwidth x {f.fi_bw_frac:.3f}",
+        }
+        lo = (
+            "no leave-one-model-out (one model)"
+            if gf.lomo is None
+            else f"leave-one-model-out {gf.lomo[0]:.1%} / {gf.lomo[1]:.1%}"
+        )
+        lines.append(
+            f"{GPUS[g]}: fused-MoE kernel constants fitted to {gf.rows} MoE rows of "
+            f"{len(gf.models)} model(s): "
+            + ", ".join(shown[k] for k in gf.keys)
+            + f"; median ITL |error| median / worst: as simulated {gf.before[0]:.1%} / "
+            f"{gf.before[1]:.1%}, in sample {gf.insample[0]:.1%} / {gf.insample[1]:.1%}, {lo}"
+            " (the rest: the catalog's)"
+        )
+    lines.append(f"(fused-MoE fit: {len(rows)} rows in {time.perf_counter() - t0:.0f} s)")
+    return out, lines
+
+
 def write_profiles(
-    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro"
+    data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro", fit_moe: bool = False
 ) -> list[str]:
-    """``fleetsim calibrate --from-mlenergy DIR --out OUT``: simulate DIR's expressible
-    configurations, fit each GPU's power model to its non-suspect rows, the serving stack's
-    constants (calibrate/stack.py) and the eager MoE host floor (:func:`fit_eager_floor`) and
-    write ``OUT/<catalog gpu>-mlenergy.json`` (the catalog profile with the fitted power and
-    ``stack_constants``, usable as ``hardware.profile``) and ``OUT/mlenergy-fit.json``
-    (constants, the rows used, the leave-one-model-out errors). Returns the lines to print."""
+    """``fleetsim calibrate --from-mlenergy DIR --out OUT``: fit, to DIR's expressible
+    configurations, the serving stack's constants (calibrate/stack.py), with ``fit_moe`` the
+    fused-MoE kernel constants on them (:func:`fit_moe_constants`), the eager MoE host floor on
+    both (:func:`fit_eager_floor`), then simulate every configuration with them and fit each
+    GPU's power model to its non-suspect rows; write ``OUT/<catalog gpu>-mlenergy.json`` (the
+    catalog profile with the fitted power, ``stack_constants`` and ``moe_constants``, usable as
+    ``hardware.profile``) and ``OUT/mlenergy-fit.json`` (constants, the rows used, the
+    leave-one-model-out errors). Returns the lines to print."""
     import json
 
     from fleetsim.base.errors import UserError
@@ -1753,20 +1828,65 @@ def write_profiles(
             f"({len(skipped)} skipped; fix: H100/B200 rows of text models with a config in "
             "data/models)"
         )
-    runs = simulate_all(configs, workers, engine=engine)
+    gpus = sorted({c.gpu_model for c in configs})
+    # the vllm-v1 stack's constants fitted to the folder (calibrate/stack.py; the parts a
+    # folder has no rows for, e.g. TP2 all-reduces or hybrids, keep the catalog's)
+    from fleetsim.calibrate import stack as stack_fit
+
+    stacks = stack_fit.fit(stack_fit.load_rows(data_dir), data_dir)
+    per_gpu: dict[str, dict] = {}
+    for g in gpus:
+        sf = stacks.get(GPUS[g])
+        consts: dict[str, float] = {}
+        stack_line = "serving stack: the catalog's constants (no rows to fit them)"
+        if sf:
+            consts = {k: float(sf[k]) for k in STACK_KEYS if k in sf}
+            stack_line = (
+                f"serving stack vllm-v1 fitted to {sf['rows']} rows: overhead "
+                f"{consts['overhead_s'] * 1e3:.2f} ms, per sequence "
+                f"{consts['per_seq_s'] * 1e6:.1f} us"
+                + (
+                    f", host stall {consts['host_stall_s'] * 1e3:.2f} ms"
+                    if "host_stall_s" in consts
+                    else ""
+                )
+                + f" (leave-one-model-out ITL median {sf['lomo']['median_abs']:.1%})"
+            )
+        per_gpu[g] = {"sf": sf, "consts": consts, "line": stack_line}
+    # the fused-MoE constants on the folder's stack (and the catalog's eager floor: the small
+    # batches' graph-captured decode steps that set most MoE rows' median ITL do not reach
+    # it), then the eager floor on both (a floor fitted first would take up the kernel's
+    # error in the eager steps: a round trip with another K step gave 2 ms per MoE layer)
+    moe_fits: dict = {}
+    moe_lines = [
+        "fused-MoE kernel constants: the catalog's (--fit-moe fits them to the folder's MoE rows)"
+    ]
+    if fit_moe:
+        fields0 = {g: folder_profile_fields(GPUS[g], v["consts"], None) for g, v in per_gpu.items()}
+        moe_fits, moe_lines = fit_moe_constants(data_dir, gpus, fields0, workers)
+    fields: dict[str, dict] = {}
+    for g, pg in per_gpu.items():
+        moe = moe_fits[g].constants() if g in moe_fits else None
+        consts = pg["consts"]
+        floor, floor_line = fit_eager_floor(data_dir, g, dict(consts), workers, moe)
+        if floor is not None:
+            fitted = dict(zip(eager_host.FLOOR_FIELDS, floor.profile_constants, strict=True))
+            if floor.adopted and not any(r.mla_layers for r in floor.rows):
+                del fitted["eager_mla_layer_host_s"]  # no latent-attention row: the catalog's
+            consts.update(fitted)
+        pg["floor"] = floor
+        pg["line"] += "; " + floor_line
+        fields[g] = folder_profile_fields(GPUS[g], consts, moe)
+    # the power model fitted to every configuration simulated with the folder's constants
+    runs = simulate_all(configs, workers, engine=engine, fields=fields)
     pairs = [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
     fits = fit_all(pairs)
     if not fits:
         raise UserError(f"{data_dir}: no non-suspect row simulated; nothing to fit")
     rows = evaluate(pairs, fit=True)
-    # the vllm-v1 stack's constants fitted to the same folder (calibrate/stack.py; the parts a
-    # folder has no rows for, e.g. TP2 all-reduces or hybrids, keep the catalog's)
-    from fleetsim.calibrate import stack as stack_fit
-
-    stacks = stack_fit.fit(stack_fit.load_rows(data_dir), data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"source": str(data_dir), "engine": engine, "gpus": {}}
-    lines = []
+    lines = list(moe_lines)
     for g, (p, n, models) in fits.items():
         name = GPUS[g]
         lomo = [r for r in rows if r.config.gpu_model == g and fit_rows(r.config)]
@@ -1791,33 +1911,18 @@ def write_profiles(
         d = profile_to_dict(prof, catalog_gpu=name)
         d["power"] = power
         d["fit"] = {"rows": n, "models": models, "lomo": st}
-        sf = stacks.get(name)
-        stack_line = "serving stack: the catalog's constants (no rows to fit them)"
-        consts: dict[str, float] = {}
+        pg = per_gpu[g]
+        sf, consts, floor = pg["sf"], pg["consts"], pg["floor"]
         if sf:
-            consts = {k: float(sf[k]) for k in STACK_KEYS if k in sf}
             d["fit"]["stack"] = {"rows": sf["rows"], "models": sf["models"], "lomo": sf["lomo"]}
-            stack_line = (
-                f"serving stack vllm-v1 fitted to {sf['rows']} rows: overhead "
-                f"{consts['overhead_s'] * 1e3:.2f} ms, per sequence "
-                f"{consts['per_seq_s'] * 1e6:.1f} us"
-                + (
-                    f", host stall {consts['host_stall_s'] * 1e3:.2f} ms"
-                    if "host_stall_s" in consts
-                    else ""
-                )
-                + f" (leave-one-model-out ITL median {sf['lomo']['median_abs']:.1%})"
-            )
-        floor, floor_line = fit_eager_floor(data_dir, g, consts, workers)
         if floor is not None:
-            fitted = dict(zip(eager_host.FLOOR_FIELDS, floor.profile_constants, strict=True))
-            if floor.adopted and not any(r.mla_layers for r in floor.rows):
-                del fitted["eager_mla_layer_host_s"]  # no latent-attention row: the catalog's
-            consts.update(fitted)
             d["fit"]["eager_host"] = floor.summary()
         if consts:
             d["stack_constants"] = {"vllm-v1": consts}
-        stack_line += "; " + floor_line
+        gf = moe_fits.get(g)
+        if gf is not None:
+            d["moe_constants"] = gf.constants()
+            d["fit"]["moe"] = {**gf.summary(), "source": str(data_dir)}
         path = out_dir / f"{name}-mlenergy.json"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(d, indent=1))
@@ -1825,6 +1930,8 @@ def write_profiles(
         summary["gpus"][name] = {"power": power, "rows": n, "models": models, "lomo": st}
         if floor is not None:
             summary["gpus"][name]["eager_host"] = d["fit"]["eager_host"]
+        if gf is not None:
+            summary["gpus"][name]["moe"] = d["fit"]["moe"]
         lines.append(
             f"{name}: {n} rows of {len(models)} model(s): idle {p.idle_w:g} W (kept), active "
             f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, KV/state "
@@ -1834,7 +1941,7 @@ def write_profiles(
             + (f"routed-expert compute {p.moe_compute_w:.0f} W, " if p.moe_compute_w else "")
             + "cap "
             f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
-            f"J/token median {st['j_per_token']['median']:.1%}; {stack_line}; wrote {path}"
+            f"J/token median {st['j_per_token']['median']:.1%}; {pg['line']}; wrote {path}"
         )
     fit_path = out_dir / "mlenergy-fit.json"
     fit_path.write_text(json.dumps(summary, indent=1))

@@ -49,7 +49,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from statistics import median
@@ -179,10 +179,18 @@ class FitRow:
     base_fit: FusedMoeFit
     base_step_s: float = 0.0
 
+    #: the decode step by the constants it depends on (:meth:`step_s`): the coordinate search
+    #: and its leave-one-model-out refits visit the same candidates many times
+    memo: dict = field(default_factory=dict, repr=False)
+
     def step_s(self, fit: FusedMoeFit) -> float:
-        lm = self.lm
-        lm.use_moe_fit(fit)  # type: ignore[attr-defined]
-        return lm.decode_time(self.batch, self.ctx)  # type: ignore[attr-defined]
+        key = _relevant(fit, self.lm)
+        v = self.memo.get(key)
+        if v is None:
+            lm = self.lm
+            lm.use_moe_fit(fit)  # type: ignore[attr-defined]
+            v = self.memo[key] = lm.decode_time(self.batch, self.ctx)  # type: ignore[attr-defined]
+        return v
 
     def itl_s(self, fit: FusedMoeFit) -> float:
         return self.sim_itl_s + self.step_s(fit) - self.base_step_s
@@ -192,7 +200,23 @@ class FitRow:
         return self.config.itl_median_ms / 1e3
 
 
-def latency_model(c: ml.Config):
+def _relevant(fit: FusedMoeFit, lm) -> FusedMoeFit:
+    """``fit`` with the constants a row's MoE layers never read zeroed (the key of
+    :attr:`FitRow.memo`): a 16-bit layer reads no fp8 or FlashInfer constant
+    (``moe.k_loop_latency_s`` takes ``k_step_s`` unless the experts are fp8), an fp8 one not
+    ``k_step_s``, and only a FlashInfer row reads ``fi_layer_s`` / ``fi_bw_frac``."""
+    if not lm._fp8_block:
+        return replace(
+            fit, k_step_fp8_s=0.0, k_step_fp8_default_s=0.0, fi_layer_s=0.0, fi_bw_frac=0.0
+        )
+    if lm._fp8_kernel != "flashinfer-trtllm":
+        return replace(fit, k_step_s=0.0, fi_layer_s=0.0, fi_bw_frac=0.0)
+    return replace(fit, k_step_s=0.0)
+
+
+def latency_model(c: ml.Config, profile_fields: dict | None = None):
+    """The latency model of row ``c`` as the harness resolves it; ``profile_fields`` replaces
+    fields of its profile (a folder's fitted constants, :func:`mlenergy.simulate_config`)."""
     from fleetsim.api import load
     from fleetsim.config.scenario import resolve
 
@@ -200,20 +224,37 @@ def latency_model(c: ml.Config):
         tr = Path(tmp) / "t.csv"
         tr.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
         rs = resolve(load(ml.scenario_dict(c, str(tr), 1)), "")
+    if profile_fields:
+        rs = replace(rs, profile=replace(rs.profile, **profile_fields))
     return rs.latency_model()
 
 
-def build_rows(workers: int = 1) -> list[FitRow]:
-    """Simulate every non-suspect MoE / expert-parallel row once (catalog constants)."""
-    configs = fit_configs()
-    runs = ml.simulate_all(configs, workers)
-    return [_row(c, r.itl_median_s) for c, r in zip(configs, runs, strict=True) if not r.error]
+def build_rows(
+    workers: int = 1, data_dir: Path | None = None, fields: dict[str, dict] | None = None
+) -> list[FitRow]:
+    """Simulate every non-suspect MoE / expert-parallel row of ``data_dir`` (default
+    data/mlenergy-v3) once, with the catalog's constants or, by GPU (``"B200"``), the profile
+    fields ``fields`` (a folder's fitted serving-stack constants, and its MoE constants as
+    ``moe_fit``: the surrogate then starts from those)."""
+    configs = fit_configs(data_dir)
+    fs = fields or {}
+    runs = ml.simulate_all(configs, workers, fields=fs)
+    return [
+        _row(c, r.itl_median_s, profile_fields=fs.get(c.gpu_model))
+        for c, r in zip(configs, runs, strict=True)
+        if not r.error
+    ]
 
 
-def _row(c: ml.Config, sim_itl_s: float, simulated_with: dict | None = None) -> FitRow:
+def _row(
+    c: ml.Config,
+    sim_itl_s: float,
+    simulated_with: dict | None = None,
+    profile_fields: dict | None = None,
+) -> FitRow:
     """A fit row; ``simulated_with`` the constants its ``sim_itl_s`` was simulated with (default:
-    the catalog's, which the latency model carries)."""
-    lm = latency_model(c)
+    the catalog's, which the latency model carries, or ``profile_fields``' ``moe_fit``)."""
+    lm = latency_model(c, profile_fields)
     ctx = int(ml.PROMPT_TOKENS[c.task] + ml.length_biased_half(c))
     base = lm._moe_fit
     if simulated_with is not None:
@@ -223,9 +264,10 @@ def _row(c: ml.Config, sim_itl_s: float, simulated_with: dict | None = None) -> 
     return row
 
 
-def fit_configs() -> list[ml.Config]:
-    """The rows the fit uses: every simulated, non-suspect MoE / expert-parallel row."""
-    configs, _ = ml.select(ml.read_configs())
+def fit_configs(data_dir: Path | None = None) -> list[ml.Config]:
+    """The rows the fit uses: every simulated, non-suspect MoE / expert-parallel row of
+    ``data_dir`` (default data/mlenergy-v3)."""
+    configs, _ = ml.select(ml.read_configs(data_dir or ml.DATA_DIR))
     return [c for c in configs if c.moe_or_ep and not c.suspect]
 
 
@@ -451,6 +493,87 @@ def stats(errs: list[float]) -> tuple[float, float, float]:
     return median(a), a[-1], median(errs)
 
 
+def fitted_keys(rows: list[FitRow]) -> tuple[str, ...]:
+    """The constants of :data:`ALL_PARAMS` that ``rows`` (one GPU's) determine in
+    :func:`fit_rows`: ``layer_s`` with any Triton-kernel row, ``k_step_s`` with a 16-bit one,
+    both fp8 steps with an fp8 one (a kind without rows takes the other's step), FlashInfer's
+    two with a row that runs it. The rest would stay at the search's start (0), not a fit: a
+    profile leaves them to the catalog."""
+    triton8 = [r for r in rows if r.lm._fp8_block and not _fi(r)]  # type: ignore[attr-defined]
+    has_16 = any(not r.lm._fp8_block for r in rows)  # type: ignore[attr-defined]
+    keys: list[str] = []
+    if has_16:
+        keys.append("k_step_s")
+    if triton8:
+        keys += ["k_step_fp8_s", "k_step_fp8_default_s"]
+    if has_16 or triton8:
+        keys.append("layer_s")
+    if any(_fi(r) for r in rows):
+        keys += list(FI_PARAMS)
+    return tuple(k for k in ALL_PARAMS if k in keys)
+
+
+@dataclass
+class GpuFit:
+    """One GPU's constants fitted to its rows (:func:`fit_gpu`): the median ITL's |error|
+    median / worst / signed median (:func:`stats`) with the constants the rows were simulated
+    with (``before``), in sample and leave-one-model-out (None with one model)."""
+
+    gpu_model: str
+    fit: FusedMoeFit
+    keys: tuple[str, ...]
+    rows: int
+    models: list[str]
+    before: tuple[float, float, float]
+    insample: tuple[float, float, float]
+    lomo: tuple[float, float, float] | None
+    lomo_rows: list[tuple[FitRow, float]]
+
+    def constants(self) -> dict[str, float]:
+        """The fitted constants (:attr:`keys`) as a profile's ``moe_constants``."""
+        return {k: float(getattr(self.fit, k)) for k in self.keys}
+
+    def summary(self) -> dict:
+        def d(s: tuple[float, float, float] | None) -> dict | None:
+            return None if s is None else {"median": s[0], "worst": s[1], "signed_median": s[2]}
+
+        return {
+            "provenance": "fitted",
+            "method": "calibrate/moe_fit.py: coordinate search, mean |log error| of the median ITL",
+            "rows": self.rows,
+            "models": self.models,
+            "constants": self.constants(),
+            "simulated_with_itl": d(self.before),
+            "fitted_itl": d(self.insample),
+            "lomo_itl": d(self.lomo),
+        }
+
+
+def fit_gpu(rows: list[FitRow], gpu_model: str) -> GpuFit:
+    """The constants of GPU ``gpu_model`` (``"B200"``) fitted to its ``rows``, in sample and
+    each model predicted with the constants fitted to the others."""
+    gr = [r for r in rows if r.config.gpu_model == gpu_model]
+    base = hardware_fit(ml.GPUS[gpu_model])
+    full = fit_rows(gr, base)
+    models = sorted({r.config.model_id for r in gr})
+    lomo: list[tuple[FitRow, float]] = []
+    if len(models) > 1:
+        for m in models:
+            f = fit_rows([r for r in gr if r.config.model_id != m], base)
+            lomo += [(r, r.itl_s(f) / r.meas_s - 1.0) for r in gr if r.config.model_id == m]
+    return GpuFit(
+        gpu_model,
+        full,
+        fitted_keys(gr),
+        len(gr),
+        models,
+        stats([r.itl_s(r.base_fit) / r.meas_s - 1.0 for r in gr]),
+        stats([r.itl_s(full) / r.meas_s - 1.0 for r in gr]),
+        stats([e for _, e in lomo]) if lomo else None,
+        lomo,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fleetsim.calibrate.moe_fit", description=__doc__)
     ap.add_argument("--workers", type=int, default=1)
@@ -489,12 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     for g in sorted({r.config.gpu_model for r in rows}):
         gr = [r for r in rows if r.config.gpu_model == g]
         base = hardware_fit(ml.GPUS[g])
-        full = fit_rows(gr, base)
-        models = sorted({r.config.model_id for r in gr})
-        lomo = []
-        for m in models:
-            f = fit_rows([r for r in gr if r.config.model_id != m], base)
-            lomo += [(r, r.itl_s(f) / r.meas_s - 1.0) for r in gr if r.config.model_id == m]
+        gf = fit_gpu(gr, g)
+        full, models, lomo = gf.fit, gf.models, gf.lomo_rows
         # stricter: leave out every model of the same architecture and precision (the
         # Instruct / Thinking twins, the 30B-A3B family, R1 and V3.1)
         arch = {r.config.model_id: family(r) for r in gr}

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fleetsim.config.loading import scenario_from_dict
@@ -164,3 +168,29 @@ def synthetic_power_run(rng, truth, n: int = 50, loop: bool = False):
     pf = (truth.max_w - truth.idle_w - truth.active_w - 0.02 * truth.memory_w) / truth.compute_w
     r.prefill_u = (pf, 0.02, 0.0)
     return r
+
+
+def mlenergy_folder(d: Path, rows: list[dict]) -> Path:
+    """A folder in the ML.ENERGY v3 format holding ``rows`` of data/mlenergy-v3's
+    configurations.csv, the histograms as the leaderboard's JSON files (rebuilt from
+    output_lengths.csv)."""
+    src = Path(__file__).resolve().parent.parent / "data" / "mlenergy-v3"
+    (d / "models").mkdir(parents=True)
+    with open(d / "configurations.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    by_file: dict[str, list] = {}
+    with open(src / "output_lengths.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            lo, hi = float(r["min_tokens"]), float(r["max_tokens"])
+            cfg = {
+                "output_length_distribution": {
+                    "bins": list(np.linspace(lo, hi, 51)),
+                    "counts": [int(x) for x in r["counts"].split()],
+                }
+            }
+            by_file.setdefault(r["source_file"], []).append(cfg)
+    for name in {r["source_file"] for r in rows}:
+        (d / name).write_text(json.dumps({"configurations": by_file[name]}))
+    return d

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import mlenergy_folder as _folder
 from conftest import synthetic_power_run
 
 from fleetsim.calibrate import mlenergy as M
@@ -500,32 +501,6 @@ def test_from_mlenergy_needs_out_and_a_folder(tmp_path):
     r = _cli("--from-mlenergy", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "configurations.csv" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-def _folder(d: Path, rows: list[dict]) -> Path:
-    """A folder in the ML.ENERGY v3 format holding ``rows`` of data/mlenergy-v3's
-    configurations.csv, the histograms as the leaderboard's JSON files (rebuilt from
-    output_lengths.csv)."""
-    src = REPO / "data" / "mlenergy-v3"
-    (d / "models").mkdir(parents=True)
-    with open(d / "configurations.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    by_file: dict[str, list] = {}
-    with open(src / "output_lengths.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            lo, hi = float(r["min_tokens"]), float(r["max_tokens"])
-            cfg = {
-                "output_length_distribution": {
-                    "bins": list(np.linspace(lo, hi, 51)),
-                    "counts": [int(x) for x in r["counts"].split()],
-                }
-            }
-            by_file.setdefault(r["source_file"], []).append(cfg)
-    for name in {r["source_file"] for r in rows}:
-        (d / name).write_text(json.dumps({"configurations": by_file[name]}))
-    return d
 
 
 def test_from_mlenergy_writes_a_loadable_profile(tmp_path):
