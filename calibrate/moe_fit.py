@@ -188,8 +188,10 @@ class FitRow:
         v = self.memo.get(key)
         if v is None:
             lm = self.lm
+            was = lm._moe_fit  # type: ignore[attr-defined]
             lm.use_moe_fit(fit)  # type: ignore[attr-defined]
             v = self.memo[key] = lm.decode_time(self.batch, self.ctx)  # type: ignore[attr-defined]
+            lm.use_moe_fit(was)  # type: ignore[attr-defined]  # (the row's model as it was)
         return v
 
     def itl_s(self, fit: FusedMoeFit) -> float:
