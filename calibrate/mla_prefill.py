@@ -72,14 +72,14 @@ def has_latent_attention(model_id: str) -> bool:
 PROMPT_TASKS = ("lm-arena-chat", "sourcegraph-fim")
 
 
-def mla_configs(gpu: str) -> list:
-    """The non-suspect, expressible rows of ``gpu`` whose model has latent attention, of the
-    :data:`PROMPT_TASKS`."""
+def mla_configs(gpu: str, data_dir=None) -> list:
+    """The non-suspect, expressible rows of ``gpu`` in ``data_dir`` (default
+    data/mlenergy-v3) whose model has latent attention, of the :data:`PROMPT_TASKS`."""
     from fleetsim.calibrate import mlenergy as ml
 
     return [
         c
-        for c in ml.read_configs()
+        for c in ml.read_configs(data_dir or ml.DATA_DIR)
         if c.gpu_model == gpu
         and c.task in PROMPT_TASKS
         and not c.suspect
@@ -92,20 +92,27 @@ def _one(args: tuple) -> tuple[float, float]:
     """(simulated mean step, simulated median step) of one row at one grid value."""
     from fleetsim.calibrate import mlenergy as ml
 
-    c, h, stall = args
-    run = ml.simulate_config(c, engine="iteration", host_stall_s=stall, profile_fields={FIELD: h})
+    c, h, stall, fields = args
+    run = ml.simulate_config(
+        c, engine="iteration", host_stall_s=stall, profile_fields={**(fields or {}), FIELD: h}
+    )
     if run.error:
         return math.nan, math.nan
     s = ml.step_split(c, run)
     return s.sim_mean_s, s.sim_median_s
 
 
-def simulate_grid(configs: Sequence, grid: Sequence[float], workers: int = 2) -> np.ndarray:
-    """(rows, grid, 2): each row's simulated mean and median step at each grid value."""
+def simulate_grid(
+    configs: Sequence, grid: Sequence[float], workers: int = 2, fields: dict | None = None
+) -> np.ndarray:
+    """(rows, grid, 2): each row's simulated mean and median step at each grid value: with
+    each model's leave-one-model-out host stall (the harness's), or with ``fields`` (a
+    folder's fitted constants as profile fields, ``mlenergy.folder_profile_fields``) as
+    ``fleetsim calibrate --from-mlenergy`` runs it."""
     from fleetsim.calibrate import mlenergy as ml
 
-    stalls = ml.lomo_host_stalls(ml.DATA_DIR, configs)
-    jobs = [(c, h, stalls.get((c.gpu_model, c.model_id))) for c in configs for h in grid]
+    stalls = {} if fields is not None else ml.lomo_host_stalls(ml.DATA_DIR, configs)
+    jobs = [(c, h, stalls.get((c.gpu_model, c.model_id)), fields) for c in configs for h in grid]
     if workers <= 1:
         out = [_one(j) for j in jobs]
     else:

@@ -1804,6 +1804,72 @@ def fit_moe_constants(
     return out, lines
 
 
+def fit_mla_prefill(
+    data_dir: Path, gpu_model: str, fields: dict, workers: int = 2
+) -> tuple[float | None, dict | None, str]:
+    """Latent attention's prefill path in an eager prompt-carrying step
+    (``eager_mla_prefill_layer_host_s``, calibrate/mla_prefill.py) fitted to ``data_dir``'s
+    non-suspect chat and code rows of latent-attention models on ``gpu_model``, simulated with
+    the profile fields ``fields`` (the folder's stack, eager floor and MoE constants) at every
+    grid value: ``(value, summary, line)``; ``(None, None, line)`` without such rows (the
+    catalog's stays). With one such model there is no leave-one-model-out figure (the
+    committed data: DeepSeek-V3.1 only); with more, each model is scored at the value fitted
+    to the others."""
+    from fleetsim.calibrate import mla_prefill as mp
+
+    configs = mp.mla_configs(gpu_model, data_dir)
+    if not configs:
+        return (
+            None,
+            None,
+            (
+                "latent attention's eager prefill path: the catalog's (no non-suspect chat or code "
+                "row of a latent-attention model)"
+            ),
+        )
+    meas = np.array([measured_steps_s(c) for c in configs])
+    err = mp.errors(mp.simulate_grid(configs, mp.GRID_S, workers, fields), meas)
+    h, _ = mp.best(err, mp.GRID_S)
+    models = sorted({c.model_id for c in configs})
+    ib = mp.GRID_S.index(h)
+
+    def med(i: int | None, e: np.ndarray = err) -> float:
+        x = e[:, 0, :] if i is None else e[:, i, :]
+        return float(np.nanmedian(np.abs(x)))
+
+    lomo = None
+    if len(models) > 1:
+        parts = []
+        for m in models:
+            keep = np.array([c.model_id != m for c in configs])
+            hm, _ = mp.best(err[keep], mp.GRID_S)
+            parts.append(err[~keep, mp.GRID_S.index(hm), :])
+        lomo = float(np.nanmedian(np.abs(np.concatenate(parts))))
+    summary = {
+        "provenance": "fitted",
+        "rows": len(configs),
+        "models": models,
+        "value_s": h,
+        "without_median": med(None),
+        "fitted_median": med(ib),
+        "lomo_median": lomo,
+    }
+    return (
+        h,
+        summary,
+        (
+            f"latent attention's eager prefill path fitted to {len(configs)} rows: "
+            f"{h * 1e3:.1f} ms per attention layer (mean and median step |error| median "
+            f"{med(None):.1%} without, {med(ib):.1%} fitted, "
+            + (
+                f"{lomo:.1%} leave-one-model-out)"
+                if lomo is not None
+                else "no leave-one-model-out: one model)"
+            )
+        ),
+    )
+
+
 def write_profiles(
     data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro", fit_moe: bool = False
 ) -> list[str]:
@@ -1876,6 +1942,20 @@ def write_profiles(
             consts.update(fitted)
         pg["floor"] = floor
         pg["line"] += "; " + floor_line
+        pg["mla"] = None
+        if (
+            fit_moe
+            and floor is not None
+            and floor.adopted
+            and any(r.mla_layers for r in floor.rows)
+        ):
+            # the prefill path of latent attention's eager prompt steps, on that floor
+            h, pg["mla"], mla_line = fit_mla_prefill(
+                data_dir, g, folder_profile_fields(GPUS[g], consts, moe), workers
+            )
+            if h is not None:
+                consts["eager_mla_prefill_layer_host_s"] = h
+            pg["line"] += "; " + mla_line
         fields[g] = folder_profile_fields(GPUS[g], consts, moe)
     # the power model fitted to every configuration simulated with the folder's constants
     runs = simulate_all(configs, workers, engine=engine, fields=fields)
@@ -1917,6 +1997,8 @@ def write_profiles(
             d["fit"]["stack"] = {"rows": sf["rows"], "models": sf["models"], "lomo": sf["lomo"]}
         if floor is not None:
             d["fit"]["eager_host"] = floor.summary()
+        if pg["mla"] is not None:
+            d["fit"]["mla_prefill"] = pg["mla"]
         if consts:
             d["stack_constants"] = {"vllm-v1": consts}
         gf = moe_fits.get(g)

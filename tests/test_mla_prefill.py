@@ -118,3 +118,68 @@ def test_without_the_eager_floor_the_prefill_path_adds_nothing():
     assert lm.iteration(*args) == _deepseek(_without(p)).iteration(*args)
     # (its GPU time, under the 141.99 ms floor and the 154.19 ms the full profile charges)
     assert lm.iteration(*args)[0] < 141.99e-3 < _deepseek(_b200()).iteration(*args)[0]
+
+
+MLA_ROWS = (
+    "deepseek-ai/DeepSeek-V3.1 lm-arena-chat B200 x8 TP1/EP8/DP1 b16",
+    "deepseek-ai/DeepSeek-V3.1 lm-arena-chat B200 x8 TP1/EP8/DP1 b32",
+)
+
+
+def test_from_mlenergy_keeps_the_catalogs_prefill_path_without_latent_attention_rows(tmp_path):
+    """A folder without a chat or code row of a latent-attention model: no fit, one line."""
+    import csv
+    from pathlib import Path
+
+    from conftest import mlenergy_folder
+
+    from fleetsim.calibrate import mlenergy as M
+
+    src = Path(__file__).resolve().parent.parent / "data" / "mlenergy-v3" / "configurations.csv"
+    with open(src, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["model_id"] == "Qwen/Qwen3-8B"][:2]
+    d = mlenergy_folder(tmp_path / "dense", rows)
+    h, summary, line = M.fit_mla_prefill(d, "B200", {}, workers=1)
+    assert (h, summary) == (None, None)
+    assert line.startswith("latent attention's eager prefill path: the catalog's (no")
+
+
+@pytest.mark.slow
+def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
+    """A round trip (about a minute): two DeepSeek-V3.1 chat rows on 8 B200s whose mean and
+    median steps are the simulator's own with 0.5 ms per attention layer (the catalog has 0.2)
+    are fitted back to exactly it by ``mlenergy.fit_mla_prefill`` (the step ``fleetsim
+    calibrate --from-mlenergy --fit-moe`` runs on the folder's eager floor); one model, so no
+    leave-one-model-out figure."""
+    import csv
+    from pathlib import Path
+
+    from conftest import mlenergy_folder
+
+    from fleetsim.calibrate import mlenergy as M
+
+    by_key = {c.key: c for c in M.read_configs()}
+    src = Path(__file__).resolve().parent.parent / "data" / "mlenergy-v3" / "configurations.csv"
+    with open(src, newline="") as f:
+        all_rows = list(csv.DictReader(f))
+    rows = []
+    for key in MLA_ROWS:
+        c = by_key[key]
+        run = M.simulate_config(c, engine="iteration", profile_fields={mla_prefill.FIELD: 5e-4})
+        s = M.step_split(c, run)
+        (r,) = (
+            dict(x)
+            for x in all_rows
+            if (x["source_file"], int(x["config_index"])) == (c.source_file, c.config_index)
+        )
+        r["itl_median_ms"] = repr(1e3 * s.sim_median_s)
+        r["output_tokens_per_s"] = repr(c.avg_batch_size / s.sim_mean_s)
+        rows.append(r)
+    d = mlenergy_folder(tmp_path / "deepseek", rows)
+    # the servers' environment: DeepSeek on the B200 ran FlashInfer's fp8 MoE kernel
+    (d / "server_env.csv").write_bytes((src.parent / "server_env.csv").read_bytes())
+    h, summary, line = M.fit_mla_prefill(d, "B200", {}, workers=2)
+    assert h == 5e-4 and summary is not None
+    assert summary["fitted_median"] < 1e-9 < 0.01 < summary["without_median"]
+    assert summary["lomo_median"] is None and "no leave-one-model-out: one model" in line
+    assert "0.5 ms per attention layer" in line
