@@ -532,8 +532,10 @@ class GpuFit:
     lomo_rows: list[tuple[FitRow, float]]
 
     def constants(self) -> dict[str, float]:
-        """The fitted constants (:attr:`keys`) as a profile's ``moe_constants``."""
-        return {k: float(getattr(self.fit, k)) for k in self.keys}
+        """The fitted constants (:attr:`keys`) as a profile's ``moe_constants`` (to 6
+        significant digits: the grid's values without their float noise, 8.5e-07 not
+        8.499999999999999e-07)."""
+        return {k: float(f"{getattr(self.fit, k):.6g}") for k in self.keys}
 
     def summary(self) -> dict:
         def d(s: tuple[float, float, float] | None) -> dict | None:
