@@ -635,29 +635,42 @@ DAY_TPOT_REL = 0.005
 
 @pytest.mark.slow
 def test_a_from_mlenergy_profile_reproduces_the_catalogs_day(tmp_path):
-    """The user-facing check (about 4 minutes on 2 workers): the profile ``fleetsim calibrate
-    --from-mlenergy`` writes from the committed data's H100 rows (the H100's fit sees only
-    them: the same profile as from the whole folder), used as ``hardware.profile`` of the
-    default scenario (Llama-3.1-70B, 32 H100s; 2 hours), gives the catalog's day: GPU energy
-    and median TPOT within 0.5 %."""
+    """The user-facing check (about 7 minutes on 2 workers): the profile ``fleetsim calibrate
+    --from-mlenergy --fit-moe`` writes from the committed data's H100 rows (the H100's fit sees
+    only them: the same profile as from the whole folder), used as ``hardware.profile`` of the
+    default scenario (Llama-3.1-70B, 32 H100s; 2 hours) and of a Qwen3-235B-A22B one (EP8,
+    4 replicas), gives the catalog's days: GPU energy and median TPOT within 0.5 % (f33: 336.357
+    -> 336.123 kWh and 26.586 -> 26.565 kWh, -0.07 / -0.08 %; TPOT identical)."""
     import fleetsim
 
     with open(REPO / "data" / "mlenergy-v3" / "configurations.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["gpu_model"] == "H100"]
     d = _folder(tmp_path / "h100", rows)
     shutil.copy(REPO / "data" / "mlenergy-v3" / "server_env.csv", d / "server_env.csv")
-    lines = M.write_profiles(d, tmp_path / "out", workers=2)
+    lines = M.write_profiles(d, tmp_path / "out", workers=2, fit_moe=True)
     assert any("eager MoE host floor: none" in line for line in lines), lines
     prof = tmp_path / "out" / "h100-sxm-mlenergy.json"
-    over = {"simulation.hours": 2}
-    cat = fleetsim.simulate(REPO / "scenarios" / "default.toml", overrides=over)
-    mine = fleetsim.simulate(
-        REPO / "scenarios" / "default.toml", overrides={**over, "hardware.profile": str(prof)}
-    )
-    e0, e1 = cat.totals["energy_gpu_kwh"], mine.totals["energy_gpu_kwh"]
-    assert e1 == pytest.approx(e0, rel=DAY_GPU_ENERGY_REL)
-    t0, t1 = cat.latency["tpot_p50_s"], mine.latency["tpot_p50_s"]
-    assert t1 == pytest.approx(t0, rel=DAY_TPOT_REL)
+    # the fused-MoE constants (--fit-moe) come out the catalog's (moe_fit --write fitted those
+    # to the same rows, per GPU)
+    from fleetsim.device.moe import catalog_moe_fit
+
+    mc = json.loads(prof.read_text())["moe_constants"]
+    assert set(mc) == {"k_step_s", "k_step_fp8_s", "k_step_fp8_default_s", "layer_s"}
+    assert mc == pytest.approx({k: getattr(catalog_moe_fit("h100-sxm"), k) for k in mc}, 1e-12)
+    # the default day, and a day of a mixture of experts whose layer shape has no tuned
+    # kernel configuration (Qwen3-235B-A22B under EP8 on the H100: 16 experts x 1,536 per GPU,
+    # the K loop's constants set its decode steps)
+    moe = {"model.name": "qwen3-235b-a22b", "fleet.tensor_parallel": 8}
+    for extra in ({}, {**moe, "fleet.expert_parallel": True, "fleet.replicas": 4}):
+        over = {"simulation.hours": 2, **extra}
+        cat = fleetsim.simulate(REPO / "scenarios" / "default.toml", overrides=over)
+        mine = fleetsim.simulate(
+            REPO / "scenarios" / "default.toml", overrides={**over, "hardware.profile": str(prof)}
+        )
+        e0, e1 = cat.totals["energy_gpu_kwh"], mine.totals["energy_gpu_kwh"]
+        assert e1 == pytest.approx(e0, rel=DAY_GPU_ENERGY_REL), extra
+        t0, t1 = cat.latency["tpot_p50_s"], mine.latency["tpot_p50_s"]
+        assert t1 == pytest.approx(t0, rel=DAY_TPOT_REL), extra
 
 
 def test_quick_report_prints_every_metric():
