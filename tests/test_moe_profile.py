@@ -161,3 +161,36 @@ def test_from_mlenergy_fit_moe_fits_the_moe_constants_back(tmp_path):
     assert fit["simulated_with_itl"]["median"] > 0.05  # the catalog's 0.85 us: too fast
     p, _ = load_profile(out / "b200-mlenergy.json")
     assert p.moe_fit == replace(catalog_moe_fit("b200"), **prof["moe_constants"])
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "Qwen/Qwen3-235B-A22B-Instruct-2507 lm-arena-chat B200 x4 TP1/EP4/DP1 b16",  # 16-bit
+        "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8 lm-arena-chat B200 x2 TP1/EP2/DP1 b8",  # fp8
+    ],
+)
+def test_the_fits_memo_drops_only_constants_the_row_does_not_read(key):
+    """moe_fit memoises each row's decode step by its constants less those its layers never
+    read (``moe_fit._relevant``): changing those moves the step by exactly nothing, and a
+    constant it keeps does move it."""
+    from dataclasses import fields, replace
+
+    from fleetsim.calibrate import mlenergy as M
+    from fleetsim.calibrate import moe_fit
+
+    (c,) = [c for c in M.read_configs() if c.key == key]
+    row = moe_fit._row(c, 0.0)
+    base = row.base_fit
+    lm = row.lm
+    kept = moe_fit._relevant(base, lm)
+    for f in fields(base):
+        if getattr(kept, f.name) == getattr(base, f.name) or f.name not in moe_fit.ALL_PARAMS:
+            continue
+        lm.use_moe_fit(replace(base, **{f.name: getattr(base, f.name) + 1e-5}))
+        assert lm.decode_time(row.batch, row.ctx) == row.base_step_s, f.name
+    step = "k_step_fp8_default_s" if lm._fp8_block else "k_step_s"
+    moved = replace(base, **{step: getattr(base, step) + 1e-6})
+    lm.use_moe_fit(moved)
+    assert lm.decode_time(row.batch, row.ctx) > row.base_step_s
+    assert row.step_s(moved) > row.base_step_s
