@@ -611,7 +611,9 @@ def scenario_dict(c: Config, trace: str, hours: int, engine: str = "macro") -> d
             "data_parallel": c.dp,
             "expert_parallel": c.ep > 1,
             "max_batch_size": c.max_num_seqs,
-            "max_batched_tokens": MAX_BATCHED_TOKENS,
+            # vLLM's default per engine: every data-parallel rank its own budget (the field is the
+            # replica's, split over its ranks: serving/ranks.py)
+            "max_batched_tokens": MAX_BATCHED_TOKENS * c.dp,
             "kv_allocation": "paged",
             # the fp8 experts' kernel as the benchmark's server environment selects it
             # (server_env.csv; only where it is not vLLM's default Triton kernel)
