@@ -175,6 +175,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "wcur",
         "wscale",
         # one scheduler per data-parallel rank (serving/ranks.py; unused on other replicas)
+        "radm",
         "ranks",
         "rb",
         "rcap",

@@ -96,7 +96,8 @@ class RankedPagedKV(PagedKV):
     """The paged KV policy with one scheduler per data-parallel rank (module docstring). The
     core's state: ``ranks`` (dp), ``rcap`` (a rank's slots), ``rtok`` (a rank's token budget),
     ``rrun`` (each rank's running requests: admitted, not finished), ``rb`` (each rank's tokens
-    left in the iteration being planned) and ``tpad`` (its padded tokens)."""
+    left in the iteration being planned), ``radm`` (each rank's requests admitted into it) and
+    ``tpad`` (its padded tokens)."""
 
     __slots__ = ()
 
@@ -108,6 +109,7 @@ class RankedPagedKV(PagedKV):
         self.rtok = -(-self.max_tokens // dp)
         self.rrun = [0] * dp
         self.rb = [self.rtok] * dp
+        self.radm = [0] * dp
         self.waiting = RankedWaiting(dp)  # type: ignore[assignment]
 
     def leave_queue(self) -> None:
@@ -119,11 +121,16 @@ class RankedPagedKV(PagedKV):
         the lowest index on a tie (vLLM's ``get_core_engine_for_request``)."""
         qs = self.waiting.qs  # type: ignore[attr-defined]
         rrun = self.rrun
+        # requests admitted into an iteration that starts later (a macro run cut ahead of now)
+        # are still waiting to vLLM's balancer: 3 more each
+        ahead = self.radm if self.busy and self.env._now < self.T0 else None
         best = 0
-        score = 4 * len(qs[0]) + rrun[0]
-        for k in range(1, self.ranks):
+        score = -1
+        for k in range(self.ranks):
             s = 4 * len(qs[k]) + rrun[k]
-            if s < score:
+            if ahead is not None:
+                s += 3 * ahead[k]
+            if score < 0 or s < score:
                 best, score = k, s
         return best
 
@@ -159,6 +166,7 @@ class RankedPagedKV(PagedKV):
                 d = self.cnt2[it & mask]
             self._take(d)
         rt = self.rtok
+        self.radm = [0] * self.ranks
         rb = [rt - c for c in self.rrun]  # less the decodes: running less prefilling
         pre = self.pre
         for r in pre:
@@ -213,6 +221,7 @@ class RankedPagedKV(PagedKV):
                 budget -= c
                 nt += 1
                 rrun[k] += 1
+                self.radm[k] += 1
             rb[k] = budget
         self._planned()
 
