@@ -179,3 +179,16 @@ def test_the_engine_reproduces_the_reference_model_on_a_dp_row():
     assert run.avg_batch == pytest.approx(ref.avg_batch, rel=5e-3)
     assert run.itl_median_s == pytest.approx(ref.itl_median_s, rel=5e-3)
     assert run.avg_batch < 7.7
+
+
+def test_the_ranked_replica_keeps_the_core_slot_layout():
+    """The per-rank replica is the paged policy with the rank methods before it, and adds no
+    instance dictionary (its state lives in the core's slots: a misspelt attribute fails)."""
+    from fleetsim.serving.core import ReplicaCore
+    from fleetsim.serving.kv_paged import PagedKV
+    from fleetsim.serving.ranks import RankedPagedKV
+    from fleetsim.serving.roles import RankedPagedReplica
+
+    mro = RankedPagedReplica.__mro__
+    assert mro.index(RankedPagedKV) < mro.index(PagedKV) < mro.index(ReplicaCore)
+    assert "__dict__" not in dir(RankedPagedReplica)
