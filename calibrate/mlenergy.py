@@ -864,19 +864,22 @@ def simulate_config(
 def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
     """Record the iteration of every commit of the pod (``engine = "iteration"``: one each):
     (sequences, tokens its layers run) as ``LatencyModel.iteration`` counts them for the eager
-    host floor (its ``n_prefill + n`` and ``t_lin``). The engine times a step on the pod's
-    latency model ``lat`` when it plans it (``iteration`` with prompt tokens, ``decode_step``
-    without: serving/core.py ``plan``) and may replan it before committing it (an arrival that
+    host floor (its ``n_prefill + n`` and ``t_lin``: a data-parallel step's ``t_pad``). The
+    engine times a step on the pod's latency model ``lat`` when it plans it (``iteration`` with
+    prompt tokens, ``decode_step`` without: serving/core.py ``plan``) and may replan it before
+    committing it (an arrival that
     joins it, at t = 0 here), so the tracker keeps the last one timed and logs it at the
     commit."""
     iteration, decode_step = lat.iteration, lat.decode_step
 
-    def lin(p_tokens: int, n_prefill: int, n: int) -> int:
-        return p_tokens + n if lat.dp <= 1 else lat.dp_padded_tokens(p_tokens, n_prefill, n)
+    def lin(p_tokens: int, n_prefill: int, n: int, t_pad: int = -1) -> int:
+        if lat.dp <= 1:
+            return p_tokens + n
+        return t_pad if t_pad >= 0 else lat.dp_padded_tokens(p_tokens, n_prefill, n)
 
-    def timed_iteration(p_tokens, pairs, n_prefill, n, ctx):
-        tr.last_step = (n_prefill + n, lin(p_tokens, n_prefill, n))
-        return iteration(p_tokens, pairs, n_prefill, n, ctx)
+    def timed_iteration(p_tokens, pairs, n_prefill, n, ctx, t_pad=-1):
+        tr.last_step = (n_prefill + n, lin(p_tokens, n_prefill, n, t_pad))
+        return iteration(p_tokens, pairs, n_prefill, n, ctx, t_pad)
 
     def timed_decode_step(n, ctx):
         tr.last_step = (n, lin(0, 0, n))
