@@ -867,9 +867,8 @@ def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
     host floor (its ``n_prefill + n`` and ``t_lin``: a data-parallel step's ``t_pad``). The
     engine times a step on the pod's latency model ``lat`` when it plans it (``iteration`` with
     prompt tokens, ``decode_step`` without: serving/core.py ``plan``) and may replan it before
-    committing it (an arrival that
-    joins it, at t = 0 here), so the tracker keeps the last one timed and logs it at the
-    commit."""
+    committing it (an arrival that joins it, at t = 0 here), so the tracker keeps the last one
+    timed and logs it at the commit."""
     iteration, decode_step = lat.iteration, lat.decode_step
 
     def lin(p_tokens: int, n_prefill: int, n: int, t_pad: int = -1) -> int:
