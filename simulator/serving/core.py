@@ -36,7 +36,10 @@ without windows, and none of them is called).
 holds and when: :class:`fleetsim.serving.kv_reserve.ReserveKV` (prompt + output reserved at
 admission, ``kv_allocation = "reserve"``) or :class:`fleetsim.serving.kv_paged.PagedKV` (blocks
 as written, preemption by recomputation, chunked prefill, prefix caching; the default). The core
-calls only the methods of :class:`fleetsim.serving.kv_policy.KVPolicy`, which documents each.
+calls only the methods of :class:`fleetsim.serving.kv_policy.KVPolicy`, which documents each. A
+data-parallel replica with one scheduler per rank (the default) runs
+:class:`fleetsim.serving.ranks.RankedPagedKV`, the paged policy per rank; it sets ``tpad``, the
+tokens every rank runs in an iteration with prompt tokens (-1 elsewhere: ``LatencyModel``'s own).
 
 **The pool role** (:mod:`fleetsim.serving.roles`) decides what a finished request does: an
 aggregated replica completes it (:meth:`ReplicaCore._finish_due`, here); a prefill-only replica

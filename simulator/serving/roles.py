@@ -23,7 +23,9 @@ and a role:
   decode instance of a disaggregated deployment recomputes locally; its KV is not fetched
   again from the prefill pool. Decode-side prefix caching is not modelled.
 
-:func:`replica_class` picks the class for a KV allocation and a role.
+:func:`replica_class` picks the class for a KV allocation and a role; :func:`make_replica` a
+data-parallel replica with a scheduler per rank (:class:`RankedPagedReplica`, aggregated and
+paged only: serving/ranks.py).
 """
 
 from __future__ import annotations
