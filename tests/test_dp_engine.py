@@ -116,11 +116,23 @@ def test_the_rank_rule_weighs_waiting_four_times(tmp_path):
     assert rep.rank_for() == 0
 
 
-def test_tokens_are_conserved_and_the_modes_agree(tmp_path):
+def test_tokens_are_conserved_and_the_modes_agree(tmp_path, monkeypatch):
     """4 ranks of 4 slots with 1,024-token budgets (prompts of up to 3,000 tokens are chunked),
-    300 requests over a minute: every request finishes with the tokens it asked for, every
-    rank ends empty, and the macro engine (runs cut where a rank's head could join) gives the
-    per-iteration engine's first-token and finish times."""
+    300 requests over a minute: no iteration puts more than 4 requests or 1,024 tokens on a
+    rank, and some iteration fills a rank's budget (t_pad 4 x 1,024); every request finishes with
+    the tokens it asked for, every rank ends empty, and the macro engine (runs cut where a
+    rank's head could join) gives the per-iteration engine's first-token and finish times."""
+    from fleetsim.serving.ranks import RankedPagedKV
+
+    seen = []
+    planned = RankedPagedKV._planned
+
+    def checked(self):
+        planned(self)
+        assert max(self.rrun) <= self.rcap and min(self.rb) >= 0
+        seen.append(self.tpad)
+
+    monkeypatch.setattr(RankedPagedKV, "_planned", checked)
     rng = np.random.default_rng(5)
     reqs = [
         (round(float(a), 4), int(p), int(o))
@@ -140,6 +152,7 @@ def test_tokens_are_conserved_and_the_modes_agree(tmp_path):
     assert sorted({v[0] for v in rows.values()}) == [0, 1, 2, 3]
     rep = pod.replicas[0]
     assert rep.rrun == [0, 0, 0, 0] and not rep.waiting and rep.n == 0
+    assert max(seen) == 4 * 1024
     it_d = {**d, "simulation": {**d["simulation"], "engine": "iteration"}}
     _, it_sink = _run(it_d)
     for rid, v in rows.items():
