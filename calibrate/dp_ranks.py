@@ -1,14 +1,20 @@
 """Data-parallel engines as vLLM 0.11 runs them: every rank its own scheduler (a reference model
-of the ML.ENERGY runs, not the engine).
+of the ML.ENERGY runs, which the engine now follows: ``serving/ranks.py``).
 
-    python -m fleetsim.calibrate.dp_ranks      # every data-parallel row: measured, merged, ranks
+    python -m fleetsim.calibrate.dp_ranks      # every data-parallel row: measured, merged,
+                                               # ranks (this model) and the engine (the harness)
 
-The simulator's engine serves a data-parallel replica (``fleet.data_parallel`` = ``dp``) with ONE
-scheduler: one waiting queue, one ``max_batch_size`` and one ``max_batched_tokens`` budget for
-the replica, its iterations timed at ``dp`` times the tokens of the fullest rank as if the
-prompts of a step went one to a rank (:meth:`fleetsim.device.latency.LatencyModel.
-dp_padded_tokens`). vLLM 0.11 runs ``dp`` engine cores instead, and the ML.ENERGY Benchmark
-launches them so (``data/mlenergy-v3/SOURCE.md``):
+The simulator's engine serves a data-parallel replica (``fleet.data_parallel`` = ``dp``) with one
+scheduler per rank by default (``fleet.dp_scheduler = "per-rank"``, :mod:`fleetsim.serving.
+ranks`), as below; ``"merged"`` is ONE scheduler: one waiting queue, one ``max_batch_size`` and
+one ``max_batched_tokens`` budget for the replica, its iterations timed at ``dp`` times the
+tokens of the fullest rank as if the prompts of a step went one to a rank
+(:meth:`fleetsim.device.latency.LatencyModel.dp_padded_tokens`). This module is the engine-free
+reference the engine is tested against (``tests/test_dp_engine.py``): it gives the harness's
+tokens/s and window batch of every non-KV-limited DP row as the engine does (the engine counts
+one more context token per decoding sequence, and has a KV pool: DP8 b2048 is KV-limited there).
+vLLM 0.11 runs ``dp`` engine cores, and the ML.ENERGY Benchmark launches them so
+(``data/mlenergy-v3/SOURCE.md``):
 
 * **each rank has its own scheduler**: its own waiting queue, its own ``max_num_seqs`` and its
   own ``max_num_batched_tokens`` (8,192) budget: every ``DPEngineCoreProc`` builds its
@@ -46,8 +52,10 @@ tokens is timed by ``LatencyModel.iteration`` at ``t_pad = dp x`` the fullest ra
 pure decode step by ``decode_step`` (the ranks' decodes balanced, as the engine). The figures
 are the harness's (``calibrate/mlenergy.py``): the window from ``max_num_seqs`` first tokens to
 ``num_requests - max_num_seqs - 1`` finishes, the median inter-token gap token-weighted over
-the whole run. With one rank (``per_rank=False``) it is the merged scheduler, which reproduces
-the engine's figures of these rows within 1 %.
+the whole run. With one rank (``per_rank=False``) it is the merged scheduler with the
+replica's one 8,192-token budget, which reproduced the engine's figures of these rows within 1 %
+before the engine ran per rank (``dp_scheduler = "merged"`` with ``max_batched_tokens`` 8,192
+still does).
 """
 
 from __future__ import annotations
@@ -269,13 +277,23 @@ def simulate_row(c, per_rank: bool = True, seed: int = 0) -> RankRun:
     )
 
 
-def compare(configs) -> list[str]:
-    """One line per data-parallel row: measured, merged scheduler and per-rank figures."""
-    out = ["data-parallel rows: tokens/s, median ITL (ms), avg batch; measured / merged / per rank"]
+def compare(configs, engine: bool = True) -> list[str]:
+    """One line per data-parallel row: measured, merged scheduler and per-rank figures, and
+    (``engine``) the harness's run of the engine (per-rank, iteration engine)."""
+    from fleetsim.calibrate import mlenergy as M
+
+    out = [
+        "data-parallel rows: tokens/s, median ITL (ms), avg batch; measured / merged / per rank"
+        + (" / engine" if engine else "")
+    ]
     for c in configs:
         if c.dp <= 1:
             continue
         a, b = simulate_row(c, False), simulate_row(c, True)
+        e = None
+        if engine:
+            run = M.simulate_config(c, engine="iteration")
+            e = (run.tokens / run.window_s, run.itl_median_s, run.avg_batch)
 
         def err(x: float, m: float) -> str:
             return f"{100.0 * (x / m - 1.0):+6.1f}%" if m and not math.isnan(m) else "   n/a"
@@ -283,9 +301,13 @@ def compare(configs) -> list[str]:
         out.append(
             f"  {c.key:70} tok/s {c.tokens_per_s:6.0f} / {a.tokens_per_s:6.0f} "
             f"{err(a.tokens_per_s, c.tokens_per_s)} / {b.tokens_per_s:6.0f} "
-            f"{err(b.tokens_per_s, c.tokens_per_s)} | ITL {c.itl_median_ms:6.1f} / "
-            f"{1e3 * a.itl_median_s:6.1f} / {1e3 * b.itl_median_s:6.1f} | batch "
-            f"{c.avg_batch_size:6.1f} / {a.avg_batch:6.1f} / {b.avg_batch:6.1f}"
+            f"{err(b.tokens_per_s, c.tokens_per_s)}"
+            + (f" / {e[0]:6.0f} {err(e[0], c.tokens_per_s)}" if e else "")
+            + f" | ITL {c.itl_median_ms:6.1f} / {1e3 * a.itl_median_s:6.1f} / "
+            f"{1e3 * b.itl_median_s:6.1f}"
+            + (f" / {1e3 * e[1]:6.1f}" if e else "")
+            + f" | batch {c.avg_batch_size:6.1f} / {a.avg_batch:6.1f} / {b.avg_batch:6.1f}"
+            + (f" / {e[2]:6.1f}" if e else "")
             + (" suspect" if c.suspect else "")
         )
     return out
@@ -299,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         description="data-parallel ML.ENERGY rows: merged scheduler vs one scheduler per rank",
     )
     ap.add_argument("--data", type=Path, default=M.DATA_DIR, help="a folder in that format")
+    ap.add_argument("--no-engine", action="store_true", help="leave out the engine's runs")
     a = ap.parse_args(argv)
     configs, _ = M.select(M.read_configs(a.data))
-    print("\n".join(compare(configs)))
+    print("\n".join(compare(configs, not a.no_engine)))
     return 0
 
 

@@ -611,7 +611,9 @@ def scenario_dict(c: Config, trace: str, hours: int, engine: str = "macro") -> d
             "data_parallel": c.dp,
             "expert_parallel": c.ep > 1,
             "max_batch_size": c.max_num_seqs,
-            "max_batched_tokens": MAX_BATCHED_TOKENS,
+            # vLLM's default per engine: every data-parallel rank its own budget (the field is the
+            # replica's, split over its ranks: serving/ranks.py)
+            "max_batched_tokens": MAX_BATCHED_TOKENS * c.dp,
             "kv_allocation": "paged",
             # the fp8 experts' kernel as the benchmark's server environment selects it
             # (server_env.csv; only where it is not vLLM's default Triton kernel)
@@ -862,19 +864,21 @@ def simulate_config(
 def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
     """Record the iteration of every commit of the pod (``engine = "iteration"``: one each):
     (sequences, tokens its layers run) as ``LatencyModel.iteration`` counts them for the eager
-    host floor (its ``n_prefill + n`` and ``t_lin``). The engine times a step on the pod's
-    latency model ``lat`` when it plans it (``iteration`` with prompt tokens, ``decode_step``
-    without: serving/core.py ``plan``) and may replan it before committing it (an arrival that
-    joins it, at t = 0 here), so the tracker keeps the last one timed and logs it at the
-    commit."""
+    host floor (its ``n_prefill + n`` and ``t_lin``: a data-parallel step's ``t_pad``). The
+    engine times a step on the pod's latency model ``lat`` when it plans it (``iteration`` with
+    prompt tokens, ``decode_step`` without: serving/core.py ``plan``) and may replan it before
+    committing it (an arrival that joins it, at t = 0 here), so the tracker keeps the last one
+    timed and logs it at the commit."""
     iteration, decode_step = lat.iteration, lat.decode_step
 
-    def lin(p_tokens: int, n_prefill: int, n: int) -> int:
-        return p_tokens + n if lat.dp <= 1 else lat.dp_padded_tokens(p_tokens, n_prefill, n)
+    def lin(p_tokens: int, n_prefill: int, n: int, t_pad: int = -1) -> int:
+        if lat.dp <= 1:
+            return p_tokens + n
+        return t_pad if t_pad >= 0 else lat.dp_padded_tokens(p_tokens, n_prefill, n)
 
-    def timed_iteration(p_tokens, pairs, n_prefill, n, ctx):
-        tr.last_step = (n_prefill + n, lin(p_tokens, n_prefill, n))
-        return iteration(p_tokens, pairs, n_prefill, n, ctx)
+    def timed_iteration(p_tokens, pairs, n_prefill, n, ctx, t_pad=-1):
+        tr.last_step = (n_prefill + n, lin(p_tokens, n_prefill, n, t_pad))
+        return iteration(p_tokens, pairs, n_prefill, n, ctx, t_pad)
 
     def timed_decode_step(n, ctx):
         tr.last_step = (n, lin(0, 0, n))

@@ -166,6 +166,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     gpu, profile, profile_id, sha = _resolve_gpu(sc, src)
     tp = sc.fleet.tensor_parallel * sc.fleet.data_parallel  # GPUs per replica
     _check_weights_fit(sc, model, profile, src)
+    _check_dp_scheduler(sc, src)
     kvb = _checked_kv_budget(sc, model, profile, src)
     kv_tokens = kvb.tokens
     tr = sc.traffic
@@ -385,6 +386,44 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
             f"{sc.fleet.gpu_memory_utilization}); "
             f"{(model.weight_bytes - usable) / 1e9:.1f} GB missing",
             tp_fix,
+            src,
+        )
+
+
+def _check_dp_scheduler(sc: Scenario, src: str) -> None:
+    """A data-parallel replica with a scheduler per rank (serving/ranks.py): its ranks split
+    ``max_batch_size`` evenly, and it runs paged KV behind a router that binds requests to it
+    (a central queue hands requests to replicas, not to ranks)."""
+    f = sc.fleet
+    dp = f.data_parallel
+    if dp <= 1 or f.dp_scheduler != "per-rank":
+        return
+    merged = 'or set fleet.dp_scheduler = "merged" (one scheduler for the replica)'
+    if f.max_batch_size % dp:
+        raise ScenarioError(
+            "fleet.max_batch_size",
+            f.max_batch_size,
+            f"is split over the {dp} data-parallel ranks (max_batch_size / data_parallel "
+            "sequences each, as vLLM's ranks each run --max-num-seqs), but "
+            f"fleet.data_parallel = {dp} does not divide it",
+            f"use a multiple of {dp} (e.g. {dp * max(1, round(f.max_batch_size / dp))}), {merged}",
+            src,
+        )
+    if f.kv_allocation != "paged":
+        raise ScenarioError(
+            "fleet.kv_allocation",
+            f.kv_allocation,
+            "a scheduler per data-parallel rank is simulated with paged KV only",
+            f'use kv_allocation = "paged", {merged}',
+            src,
+        )
+    if f.router == "central_queue":
+        raise ScenarioError(
+            "fleet.router",
+            f.router,
+            "a central queue hands requests to replicas, but a data-parallel replica with a "
+            "scheduler per rank binds them to its ranks on arrival",
+            f"use another router, {merged}",
             src,
         )
 

@@ -195,6 +195,12 @@ SCENARIO: dict[str, str] = {
     "FleetSection.data_parallel": "Data-parallel attention engines per replica (vLLM "
     "--data-parallel-size): a replica has tensor_parallel x data_parallel GPUs, and "
     "max_batch_size / max_batched_tokens are the whole replica's.",
+    "FleetSection.dp_scheduler": "How a data-parallel replica schedules: 'per-rank' (vLLM: "
+    "every rank its own waiting queue, max_batch_size / data_parallel slots and "
+    "max_batched_tokens / data_parallel token budget, a request bound on arrival to the rank "
+    "with the lowest 4 x waiting + running, the ranks stepping together padded to the fullest) "
+    "or 'merged' (one scheduler for the replica). per-rank needs paged KV, a router other than "
+    "central_queue and a max_batch_size that data_parallel divides.",
     "FleetSection.expert_parallel": "Spread the experts over the replica's GPUs instead of "
     "splitting each one (vLLM --enable-expert-parallel; EP = tensor_parallel x data_parallel).",
     "FleetSection.serving_stack": "The serving stack the step times represent: 'vllm-v1' (vLLM "

@@ -149,6 +149,11 @@ class FleetSection(_Section):
     data_parallel: Annotated[int, Field(ge=1, le=64)] = 1
     #: experts whole on the replica's GPUs instead of split (vLLM --enable-expert-parallel)
     expert_parallel: bool = False
+    #: how a data-parallel replica schedules (serving/ranks.py): "per-rank" (vLLM: every rank
+    #: its own queue, max_batch_size / data_parallel slots and max_batched_tokens /
+    #: data_parallel budget, a request bound to a rank on arrival) or "merged" (one scheduler
+    #: for the replica, its prompt steps padded as if their prompts went one to a rank)
+    dp_scheduler: Literal["per-rank", "merged"] = "per-rank"
     router: Literal["round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"] = (
         "least_loaded"
     )

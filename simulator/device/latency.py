@@ -972,14 +972,22 @@ class LatencyModel:
             self._loop_cache[tokens] = v
         return v
 
-    def moe_loop_iter_s(self, p_tokens: int, n_prefill: int, n: int) -> float:
+    def moe_loop_iter_s(self, p_tokens: int, n_prefill: int, n: int, t_pad: int = -1) -> float:
         """:meth:`moe_loop_s` of an iteration of ``p_tokens`` prompt tokens over ``n_prefill``
         prompts and ``n`` decoding sequences (its layers' tokens: padded under data
-        parallelism, as :meth:`iteration` times them)."""
-        t = p_tokens + n if self.dp <= 1 else self.dp_padded_tokens(p_tokens, n_prefill, n)
+        parallelism, as :meth:`iteration` times them, ``t_pad`` the same)."""
+        t = p_tokens + n if self.dp <= 1 else self._padded(p_tokens, n_prefill, n, t_pad)
         return self.moe_loop_s(t)
 
-    def expert_flops_iter(self, p_tokens: int, n_prefill: int, n: int) -> float:
+    def _padded(self, p_tokens: int, n_prefill: int, n: int, t_pad: int) -> int:
+        """The tokens of a data-parallel iteration: ``t_pad`` where given (an iteration with
+        prompt tokens, one scheduler per rank: serving/ranks.py), else
+        :meth:`dp_padded_tokens`."""
+        if t_pad >= 0 and p_tokens > 0:
+            return t_pad
+        return self.dp_padded_tokens(p_tokens, n_prefill, n)
+
+    def expert_flops_iter(self, p_tokens: int, n_prefill: int, n: int, t_pad: int = -1) -> float:
         """FLOPs of the routed experts' grouped GEMMs in an iteration of ``p_tokens`` prompt
         tokens over ``n_prefill`` prompts and ``n`` decoding sequences (part of
         :meth:`iteration`'s FLOPs; its layers' tokens, padded under data parallelism as
@@ -987,7 +995,7 @@ class LatencyModel:
         model."""
         if not self.f_exp:
             return 0.0
-        t = p_tokens + n if self.dp <= 1 else self.dp_padded_tokens(p_tokens, n_prefill, n)
+        t = p_tokens + n if self.dp <= 1 else self._padded(p_tokens, n_prefill, n, t_pad)
         return self.f_exp * t
 
     def weight_bytes_per_iteration(self, tokens: float) -> float:

@@ -101,3 +101,6 @@ class EnginePlan:
     # peak_flops), and whether the engine counts those FLOPs at all (a mixture of experts)
     e_xf_j: float = 0.0
     track_xf: bool = False
+    # data-parallel ranks with a scheduler each (serving/ranks.py: fleet.dp_scheduler
+    # "per-rank"), or 1: one scheduler for the replica (dp = 1, or "merged")
+    dp_ranks: int = 1

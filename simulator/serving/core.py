@@ -36,7 +36,10 @@ without windows, and none of them is called).
 holds and when: :class:`fleetsim.serving.kv_reserve.ReserveKV` (prompt + output reserved at
 admission, ``kv_allocation = "reserve"``) or :class:`fleetsim.serving.kv_paged.PagedKV` (blocks
 as written, preemption by recomputation, chunked prefill, prefix caching; the default). The core
-calls only the methods of :class:`fleetsim.serving.kv_policy.KVPolicy`, which documents each.
+calls only the methods of :class:`fleetsim.serving.kv_policy.KVPolicy`, which documents each. A
+data-parallel replica with one scheduler per rank (the default) runs
+:class:`fleetsim.serving.ranks.RankedPagedKV`, the paged policy per rank; it sets ``tpad``, the
+tokens every rank runs in an iteration with prompt tokens (-1 elsewhere: ``LatencyModel``'s own).
 
 **The pool role** (:mod:`fleetsim.serving.roles`) decides what a finished request does: an
 aggregated replica completes it (:meth:`ReplicaCore._finish_due`, here); a prefill-only replica
@@ -116,6 +119,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "pf",
         "planned",
         "re_tok",
+        "tpad",
         # the run in progress: its first iteration and its k - 1 decode steps
         "B_first",
         "C_first",
@@ -173,6 +177,13 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "wsat",
         "wcur",
         "wscale",
+        # one scheduler per data-parallel rank (serving/ranks.py; unused on other replicas)
+        "radm",
+        "ranks",
+        "rb",
+        "rcap",
+        "rrun",
+        "rtok",
     )
 
     def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:
@@ -205,6 +216,9 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         self.P_first = 0  # prompt tokens of first-pass prefills completing in iteration 0
         self.hit_tok = 0  # their cached tokens
         self.re_tok = 0  # tokens recomputed (after a preemption) in iteration 0
+        # the tokens every data-parallel rank runs in iteration 0 (LatencyModel.iteration's
+        # t_pad); -1: the latency model's own padding (one rank, or the merged scheduler)
+        self.tpad = -1
         self.T0 = 0.0
         self.k = 0
         self.t_first = self.F_first = self.B_first = self.C_first = self.W_first = 0.0
@@ -310,7 +324,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         xw = self.xw
         ctx = S + n * it if xw is None else self._x_ctx(it)
         if nchunks:
-            t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, ctx)
+            t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, ctx, self.tpad)
         else:  # no prefill token (P == 0): the same numbers, cheaper
             t1, F1, B1 = lat.decode_step(n, ctx)
         self.t_first = t1
@@ -318,13 +332,19 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         self.B_first = B1
         if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
             # at the tokens its layers run: padded under data parallelism, as iteration() times
-            tc = self.P + n if lat.dp <= 1 else lat.dp_padded_tokens(self.P, nchunks, n)
+            tc = self.P + n
+            if lat.dp > 1:
+                tc = (
+                    self.tpad
+                    if nchunks and self.tpad >= 0
+                    else lat.dp_padded_tokens(self.P, nchunks, n)
+                )
             cm = lat._comm_cache.get(tc)  # (lat.comm_s, its cache read inline)
             self.C_first = cm if cm is not None else lat.comm_s(tc, nchunks + n)
         if cfg.track_loop:  # seconds of it in the fp8 fused-MoE K loop (PowerSpec.moe_loop_w)
-            self.L_first = lat.moe_loop_iter_s(self.P, nchunks, n)
+            self.L_first = lat.moe_loop_iter_s(self.P, nchunks, n, self.tpad)
         if cfg.track_xf:  # its routed experts' FLOPs (PowerSpec.moe_compute_w)
-            self.X_first = lat.expert_flops_iter(self.P, nchunks, n)
+            self.X_first = lat.expert_flops_iter(self.P, nchunks, n, self.tpad)
         if cfg.e_kv_j:  # its weight bytes: the rest of B1 is KV and state (PowerSpec.kv_w)
             # a dense model reads all its weights in every iteration (no call on the hot path)
             wd = lat.dense_weight_bytes

@@ -104,6 +104,7 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
         horizon_s=horizon_s,
         per_iteration=sc.simulation.engine == "iteration",
         paged=paged_limits(rs),
+        dp_ranks=rs.dp if sc.fleet.dp_scheduler == "per-rank" else 1,
         **energy_coeffs(rs),
     )
 

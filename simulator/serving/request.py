@@ -20,7 +20,8 @@ class Request:
     prefix cache), ``gen`` (tokens generated before the current pass), ``adm`` (admission
     order), ``rho`` (residue mod the block size of the iterations at which the decoding
     sequence needs a new KV block), ``preemptions`` and ``cached`` (prompt tokens served from
-    the prefix cache on first admission). The core uses ``eff``, ``gen``, ``out`` and
+    the prefix cache on first admission). A data-parallel replica with one scheduler per rank
+    (serving/ranks.py) binds it to ``rank`` on arrival. The core uses ``eff``, ``gen``, ``out`` and
     ``join_it`` under both policies.
     """
 
@@ -39,6 +40,7 @@ class Request:
         "out",
         "preemptions",
         "prompt",
+        "rank",
         "rho",
         "rid",
         "session",
@@ -63,6 +65,7 @@ class Request:
         self.rho = 0
         self.preemptions = 0
         self.cached = 0
+        self.rank = 0  # the data-parallel rank it is bound to (serving/ranks.py), else 0
         self.session: Session | None = (
             None  # the session this turn belongs to (workload/sessions.py)
         )

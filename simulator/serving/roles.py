@@ -23,7 +23,9 @@ and a role:
   decode instance of a disaggregated deployment recomputes locally; its KV is not fetched
   again from the prefill pool. Decode-side prefix caching is not modelled.
 
-:func:`replica_class` picks the class for a KV allocation and a role.
+:func:`replica_class` picks the class for a KV allocation and a role; :func:`make_replica` a
+data-parallel replica with a scheduler per rank (:class:`RankedPagedReplica`, aggregated and
+paged only: serving/ranks.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING
 from fleetsim.serving.core import ReplicaCore
 from fleetsim.serving.kv_paged import PagedKV
 from fleetsim.serving.kv_reserve import ReserveKV
+from fleetsim.serving.ranks import RankedPagedKV
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -172,6 +175,12 @@ class PagedDecodeReplica(DecodeRole, PagedKV):
     __slots__ = ()
 
 
+class RankedPagedReplica(RankedPagedKV):
+    """Aggregated, paged KV, one scheduler per data-parallel rank (serving/ranks.py)."""
+
+    __slots__ = ()
+
+
 #: any replica (what pods, pools, routers and autoscalers hold)
 Replica = ReplicaCore
 
@@ -192,5 +201,10 @@ def replica_class(paged: bool, role: str = "both") -> type[ReplicaCore]:
 
 
 def make_replica(index: int, pod: PodPort, cfg: EnginePlan, role: str = "both") -> ReplicaCore:
-    """A replica of ``pod`` with the KV policy ``cfg`` names (``cfg.paged``) and ``role``."""
+    """A replica of ``pod`` with the KV policy ``cfg`` names (``cfg.paged``) and ``role``; a
+    data-parallel one with a scheduler per rank (``cfg.dp_ranks`` > 1: paged, aggregated, the
+    checks of config/aggregated.py) is a :class:`RankedPagedReplica`."""
+    if cfg.dp_ranks > 1:
+        assert cfg.paged is not None and role == "both"
+        return RankedPagedReplica(index, pod, cfg)
     return replica_class(cfg.paged is not None, role)(index, pod, cfg)

@@ -1,0 +1,293 @@
+"""One scheduler per data-parallel rank: a data-parallel replica as vLLM 0.11 runs it
+(``fleet.data_parallel`` = ``dp`` > 1, ``fleet.dp_scheduler = "per-rank"``, the default).
+
+vLLM runs ``dp`` engine cores, each with its own scheduler, and the API server binds every
+request to one of them; the ML.ENERGY Benchmark launches its data-parallel servers so
+(``data/mlenergy-v3/SOURCE.md``). What this replica does, and where vLLM does it:
+
+* **a request is bound to a rank on arrival**: to the rank with the lowest ``4 x waiting +
+  running``, the lowest index on a tie, counted at once; it stays there (no migration), and a
+  preempted request goes back to the front of its own rank's queue
+  (``DPLBAsyncMPClient.get_core_engine_for_request``, ``vllm/v1/engine/core_client.py``);
+* **each rank has its own slots and token budget**: ``max_batch_size / dp`` sequences (the
+  replica's ``max_batch_size`` is the server's total, as the benchmark passes ``--max-num-seqs
+  max_num_seqs / num_gpus`` per engine: ml-energy/benchmark ``spawn_vllm``; a ``max_batch_size``
+  that ``dp`` does not divide is refused) and ``ceil(max_batched_tokens / dp)`` tokens, the
+  engine's share that ``config/resolved.py`` ``kv_budget`` already sizes each engine's
+  activation reserve by (every ``DPEngineCoreProc`` builds its ``Scheduler`` from one
+  ``SchedulerConfig``, ``vllm/v1/engine/core.py``). Per rank, in every iteration: its decodes
+  take one token each, its partly prefilled prompts their next chunk, then its waiting
+  requests are admitted first come first served while it has a slot and budget; a rank whose
+  head does not fit blocks only itself;
+* **the ranks step in lockstep**, every rank's batch padded to the fullest one's tokens (the
+  MoE layers' all-to-all needs every rank; ``DPEngineCoreProc.run_busy_loop`` runs a dummy
+  batch on an idle rank; ``coordinate_batch_across_dp``, ``vllm/v1/worker/dp_utils.py``): an
+  iteration with prompt tokens is timed at ``t_pad = dp x`` the fullest rank's tokens (its
+  decodes and chunks; :meth:`fleetsim.device.latency.LatencyModel.iteration`), and so are its
+  communication, fp8 K-loop and expert FLOPs (``ReplicaCore.tpad``).
+
+What stays merged: the KV pool (one pool of the replica's blocks, ``dp`` ranks' worth; vLLM
+gives each engine its own, so a rank could run out while another has room: the ML.ENERGY
+data-parallel rows are not KV-limited, docs/accuracy.md), the pure decode steps (timed as the
+merged scheduler times them, the decodes spread ``ceil(n / dp)`` to a rank: a decode step's
+time barely depends on the split), the watermark (tested on the replica's sequences), and the
+preemption victim (the replica's most recently admitted running request, not the short rank's).
+A rank with room and a waiting request ends a macro run at its first boundary, as the merged
+scheduler's waiting head does; with prefix caching the run is not cut where the decodes would
+evict a waiting request's cached prefix (the harness's data-parallel rows carry no prefix ids).
+``pf`` is kept at the front of ``pre`` (the core retires ``pre[:len(pf)]``): with one budget per
+rank, a later rank's prompt can complete while an earlier rank's is still partial.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from itertools import chain
+from typing import TYPE_CHECKING
+
+from fleetsim.serving.kv_paged import PagedKV
+from fleetsim.serving.request import Request
+
+if TYPE_CHECKING:
+    from fleetsim.serving.admission import EnginePlan
+    from fleetsim.serving.ports import PodPort
+
+
+class RankedWaiting:
+    """The waiting requests of a data-parallel replica: one first-come-first-served queue per
+    rank (``qs``), ``n`` in all. What the core asks of its waiting deque: length, truth,
+    iteration, ``append`` and ``appendleft`` (to the request's rank), and ``popleft`` from the
+    rank being admitted (``cur``)."""
+
+    __slots__ = ("cur", "n", "qs")
+
+    def __init__(self, dp: int) -> None:
+        self.qs: list[deque[Request]] = [deque() for _ in range(dp)]
+        self.n = 0
+        self.cur = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+    def __iter__(self) -> Iterator[Request]:
+        return chain.from_iterable(self.qs)
+
+    def append(self, r: Request) -> None:
+        self.qs[r.rank].append(r)
+        self.n += 1
+
+    def appendleft(self, r: Request) -> None:
+        self.qs[r.rank].appendleft(r)
+        self.n += 1
+
+    def popleft(self) -> Request:
+        self.n -= 1
+        return self.qs[self.cur].popleft()
+
+
+_NOBODY: deque[Request] = deque()  # a waiting queue to hide the ranks' from the merged checks
+
+
+class RankedPagedKV(PagedKV):
+    """The paged KV policy with one scheduler per data-parallel rank (module docstring). The
+    core's state: ``ranks`` (dp), ``rcap`` (a rank's slots), ``rtok`` (a rank's token budget),
+    ``rrun`` (each rank's running requests: admitted, not finished), ``rb`` (each rank's tokens
+    left in the iteration being planned), ``radm`` (each rank's requests admitted into it) and
+    ``tpad`` (its padded tokens)."""
+
+    __slots__ = ()
+
+    def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:
+        super().__init__(index, pod, cfg)
+        dp = cfg.dp_ranks
+        self.ranks = dp
+        self.rcap = self.max_batch // dp
+        self.rtok = -(-self.max_tokens // dp)
+        self.rrun = [0] * dp
+        self.rb = [self.rtok] * dp
+        self.radm = [0] * dp
+        self.waiting = RankedWaiting(dp)  # type: ignore[assignment]
+
+    def leave_queue(self) -> None:
+        self.waiting = RankedWaiting(self.ranks)  # type: ignore[assignment]
+
+    # ---- binding on arrival ---------------------------------------------------------------------
+    def rank_for(self) -> int:
+        """The rank a request arriving now is bound to: the lowest ``4 x waiting + running``,
+        the lowest index on a tie (vLLM's ``get_core_engine_for_request``)."""
+        qs = self.waiting.qs  # type: ignore[attr-defined]
+        rrun = self.rrun
+        # requests admitted into an iteration that starts later (a macro run cut ahead of now)
+        # are still waiting to vLLM's balancer: 3 more each
+        ahead = self.radm if self.busy and self.env._now < self.T0 else None
+        best = 0
+        score = -1
+        for k in range(self.ranks):
+            s = 4 * len(qs[k]) + rrun[k]
+            if ahead is not None:
+                s += 3 * ahead[k]
+            if score < 0 or s < score:
+                best, score = k, s
+        return best
+
+    def on_arrival(self, r: Request) -> None:
+        """Bind ``r`` to its rank and queue it there; if it is its rank's head, cut the current
+        run where it can join (the core's rule, per rank)."""
+        self.outstanding += 1
+        k = self.rank_for()
+        r.rank = k
+        w = self.waiting
+        w.append(r)
+        if not self.busy:
+            self.plan(self.env._now)
+        elif len(w.qs[k]) == 1:  # type: ignore[attr-defined]
+            j = self._cut_point(r)
+            if j >= 0:
+                if j > 0:
+                    self._commit(j, True, self.cut_x)
+                self.plan(self.T0)
+
+    # ---- scheduling one iteration -------------------------------------------------------------
+    def _schedule_running(self, it: int) -> None:
+        """The decodes' blocks (preempting while short, as the merged policy), then each rank's
+        partly prefilled prompts their next chunk within that rank's budget."""
+        mask = self.mask
+        if self.win is not None and self.wsat:
+            self._w_saturate(it)
+        g = self.g
+        d = self.cnt2[it & mask] if self.n else 0
+        if d:
+            while d > self.free + g * len(self.lru):
+                self._preempt_last(it, False)
+                d = self.cnt2[it & mask]
+            self._take(d)
+        rt = self.rtok
+        self.radm = [0] * self.ranks
+        rb = [rt - c for c in self.rrun]  # less the decodes: running less prefilling
+        pre = self.pre
+        for r in pre:
+            rb[r.rank] += 1
+        self.rb = rb
+        b = self.b
+        i = 0
+        while i < len(pre):
+            r = pre[i]
+            k = r.rank
+            budget = rb[k]
+            if budget <= 0:
+                i += 1
+                continue
+            done = r.done
+            rem = r.eff - done
+            c = rem if rem < budget else budget
+            if self.win is None:
+                need = -(-(done + c) // b) - -(-done // b)
+            else:
+                need = self.kv_blocks_for(done + c) - self.kv_blocks_for(done)
+            preempted = False
+            while need > self.free + g * len(self.lru):
+                if self._preempt_last(it, True) is r:
+                    preempted = True
+                    break
+            if preempted:
+                break
+            self._take(need)
+            rb[k] -= c
+            self._chunk(r, c, it)
+            i += 1
+        self._planned()
+
+    def _admit(self, it: int) -> None:
+        """Admit each rank's waiting requests, first come first served, while the rank has a
+        slot and budget and the pool the blocks (a rank whose head does not fit stops alone)."""
+        w: RankedWaiting = self.waiting  # type: ignore[assignment]
+        rb = self.rb
+        rrun = self.rrun
+        cap = self.rcap
+        nt = self.n + len(self.pre)
+        for k, q in enumerate(w.qs):
+            budget = rb[k]
+            if not q or budget <= 0 or rrun[k] >= cap:
+                continue
+            w.cur = k
+            while q and rrun[k] < cap and budget > 0:
+                c = self._admit_head(q[0], it, nt, budget)
+                if not c:
+                    break
+                budget -= c
+                nt += 1
+                rrun[k] += 1
+                self.radm[k] += 1
+            rb[k] = budget
+        self._planned()
+
+    def _planned(self) -> None:
+        """After scheduling: the budget the core tests (a rank's largest), the padded tokens of
+        the iteration (``dp x`` the fullest rank's, if it computes prompt tokens), and the
+        prompts completing in it at the front of ``pre``."""
+        rb = self.rb
+        self.budget = max(rb)
+        self.tpad = self.ranks * (self.rtok - min(rb)) if self.nchunks else -1
+        pf = self.pf
+        pre = self.pre
+        if pf and len(pf) < len(pre):
+            ids = set(pf)
+            if any(r not in ids for r in pre[: len(pf)]):
+                self.pre = [r for r in pre if r in ids] + [r for r in pre if r not in ids]
+
+    def _preempt_last(self, it: int, after_alloc: bool) -> Request:
+        npre = len(self.pre)
+        r = super()._preempt_last(it, after_alloc)
+        self.rrun[r.rank] -= 1
+        if after_alloc and len(self.pre) == npre:  # a decode: it no longer takes its token
+            self.rb[r.rank] += 1
+        return r
+
+    def _free_kv(self, r: Request, f: int) -> None:
+        self.rrun[r.rank] -= 1
+        super()._free_kv(r, f)
+
+    # ---- cut points and run lengths -----------------------------------------------------------
+    def _fits_now(self, r: Request) -> bool:
+        """Whether ``r`` (its rank's head) joins the iteration being planned."""
+        if self.preempt_it == self.it and (self.n or self.nchunks):
+            return False
+        k = r.rank
+        if self.rrun[k] >= self.rcap:
+            return False
+        return self._head_fits(r, self.n + len(self.pre), self.rb[k], 0)
+
+    def _fit_cut(self, r: Request, j: int) -> int:
+        """Whether ``r`` (its rank's head) joins boundary ``j`` of the current pure decode run
+        (its rank's slots and budget; the pool after the run's decodes' blocks): ``j`` or -1.
+        A later boundary only has fewer free blocks."""
+        self.cut_x = -1
+        k = r.rank
+        m = self.rrun[k]
+        if m >= self.rcap:
+            return -1
+        n1 = self.n + len(self.pf)
+        return j if self._head_fits(r, n1, self.rtok - m, self._taken(j, n1)) else -1
+
+    def _run_length(self, it: int, n1: int, k: int) -> int:
+        """A rank with room whose head fits ends the run at its first boundary; else the
+        merged policy's ends (the first step short of a block), no waiting head considered."""
+        w = self.waiting
+        if not w:
+            return super()._run_length(it, n1, k)
+        x = self.cnt2[(it + 1) & self.mask]
+        rrun = self.rrun
+        cap = self.rcap
+        rt = self.rtok
+        for kk, q in enumerate(w.qs):  # type: ignore[attr-defined]
+            if q and rrun[kk] < cap and self._head_fits(q[0], n1, rt - rrun[kk], x):
+                return 1
+        self.waiting = _NOBODY
+        try:
+            return super()._run_length(it, n1, k)
+        finally:
+            self.waiting = w
