@@ -337,10 +337,10 @@ def test_prefill_pairs_of_window_layers(tmp_path, monkeypatch, kv):
     seen: list[tuple[int, float, int]] = []
     orig = LatencyModel.iteration
 
-    def spy(self, p_tokens, pairs, n_prefill, n, ctx):
+    def spy(self, p_tokens, pairs, n_prefill, n, ctx, t_pad=-1):
         if p_tokens:
             seen.append((p_tokens, pairs, n_prefill))
-        return orig(self, p_tokens, pairs, n_prefill, n, ctx)
+        return orig(self, p_tokens, pairs, n_prefill, n, ctx, t_pad)
 
     monkeypatch.setattr(LatencyModel, "iteration", spy)
     budget = 2048 if kv == "paged" else 8192
