@@ -194,3 +194,31 @@ def mlenergy_folder(d: Path, rows: list[dict]) -> Path:
     for name in {r["source_file"] for r in rows}:
         (d / name).write_text(json.dumps({"configurations": by_file[name]}))
     return d
+
+
+def simulated_rows(keys: list, profile_fields: dict) -> list[dict]:
+    """The rows ``keys`` of data/mlenergy-v3's configurations.csv with their median ITL and
+    output tokens/s replaced by the simulator's own (iteration engine) under
+    ``profile_fields``: the measured side of a round-trip fit whose answer is known."""
+    from fleetsim.calibrate import mlenergy as M
+
+    by_key = {c.key: c for c in M.read_configs()}
+    src = Path(__file__).resolve().parent.parent / "data" / "mlenergy-v3"
+    with open(src / "configurations.csv", newline="") as f:
+        all_rows = list(csv.DictReader(f))
+    rows = []
+    for key in keys:
+        c = by_key[key]
+        run = M.simulate_config(c, engine="iteration", profile_fields=profile_fields)
+        assert not run.error, run.error
+        s = M.step_split(c, run)
+        (r,) = (
+            dict(x)
+            for x in all_rows
+            if (x["source_file"], int(x["config_index"])) == (c.source_file, c.config_index)
+        )
+        assert r["model_id"] == c.model_id and int(r["max_num_seqs"]) == c.max_num_seqs
+        r["itl_median_ms"] = repr(1e3 * s.sim_median_s)
+        r["output_tokens_per_s"] = repr(c.avg_batch_size / s.sim_mean_s)
+        rows.append(r)
+    return rows

@@ -151,33 +151,17 @@ def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
     are fitted back to exactly it by ``mlenergy.fit_mla_prefill`` (the step ``fleetsim
     calibrate --from-mlenergy --fit-moe`` runs on the folder's eager floor); one model, so no
     leave-one-model-out figure."""
-    import csv
     from pathlib import Path
 
-    from conftest import mlenergy_folder
+    from conftest import mlenergy_folder, simulated_rows
 
     from fleetsim.calibrate import mlenergy as M
 
-    by_key = {c.key: c for c in M.read_configs()}
-    src = Path(__file__).resolve().parent.parent / "data" / "mlenergy-v3" / "configurations.csv"
-    with open(src, newline="") as f:
-        all_rows = list(csv.DictReader(f))
-    rows = []
-    for key in MLA_ROWS:
-        c = by_key[key]
-        run = M.simulate_config(c, engine="iteration", profile_fields={mla_prefill.FIELD: 5e-4})
-        s = M.step_split(c, run)
-        (r,) = (
-            dict(x)
-            for x in all_rows
-            if (x["source_file"], int(x["config_index"])) == (c.source_file, c.config_index)
-        )
-        r["itl_median_ms"] = repr(1e3 * s.sim_median_s)
-        r["output_tokens_per_s"] = repr(c.avg_batch_size / s.sim_mean_s)
-        rows.append(r)
+    src = Path(__file__).resolve().parent.parent / "data" / "mlenergy-v3"
+    rows = simulated_rows(MLA_ROWS, {mla_prefill.FIELD: 5e-4})
     d = mlenergy_folder(tmp_path / "deepseek", rows)
     # the servers' environment: DeepSeek on the B200 ran FlashInfer's fp8 MoE kernel
-    (d / "server_env.csv").write_bytes((src.parent / "server_env.csv").read_bytes())
+    (d / "server_env.csv").write_bytes((src / "server_env.csv").read_bytes())
     h, summary, line = M.fit_mla_prefill(d, "B200", {}, workers=2)
     assert h == 5e-4 and summary is not None
     assert summary["fitted_median"] < 1e-9 < 0.01 < summary["without_median"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import mlenergy_folder as _folder
-from conftest import synthetic_power_run
+from conftest import simulated_rows, synthetic_power_run
 
 from fleetsim.calibrate import mlenergy as M
 from fleetsim.device import catalog
@@ -577,24 +577,7 @@ def test_from_mlenergy_fits_the_eager_host_floor_back(tmp_path):
     calibrate --from-mlenergy``, each model's from the other's too (so it is adopted); the
     profile carries it (the catalog's per-MLA-layer constant stays: no latent-attention row),
     and a scenario with the profile runs with it."""
-    by_key = {c.key: c for c in M.read_configs()}
-    with open(REPO / "data" / "mlenergy-v3" / "configurations.csv", newline="") as f:
-        all_rows = list(csv.DictReader(f))
-    rows = []
-    for key in ROUND_TRIP_ROWS:
-        c = by_key[key]
-        run = M.simulate_config(c, engine="iteration", profile_fields=TRUE_FLOOR)
-        assert not run.error
-        s = M.step_split(c, run)
-        (r,) = (
-            dict(x)
-            for x in all_rows
-            if (x["source_file"], int(x["config_index"])) == (c.source_file, c.config_index)
-        )
-        assert r["model_id"] == c.model_id and int(r["max_num_seqs"]) == c.max_num_seqs
-        r["itl_median_ms"] = repr(1e3 * s.sim_median_s)
-        r["output_tokens_per_s"] = repr(c.avg_batch_size / s.sim_mean_s)
-        rows.append(r)
+    rows = simulated_rows(ROUND_TRIP_ROWS, TRUE_FLOOR)
     d = _folder(tmp_path / "synthetic", rows)
     out = tmp_path / "out"
     r = _cli("--from-mlenergy", str(d), "--out", str(out), "--workers", "2")

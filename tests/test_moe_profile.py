@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import mlenergy_folder
+from conftest import mlenergy_folder, simulated_rows
 
 from fleetsim.api import load
 from fleetsim.base.errors import UserError
@@ -115,31 +115,12 @@ def test_from_mlenergy_fit_moe_fits_the_moe_constants_back(tmp_path):
     each model from the other two: the profile carries the two
     constants the rows determine (16-bit rows: no fp8 or FlashInfer constant, those stay the
     catalog's), and a scenario with the profile runs with them."""
-    import csv
     import subprocess
     import sys
     from dataclasses import replace
 
-    from fleetsim.calibrate import mlenergy as M
-
-    by_key = {c.key: c for c in M.read_configs()}
-    with open(REPO / "data" / "mlenergy-v3" / "configurations.csv", newline="") as f:
-        all_rows = list(csv.DictReader(f))
     true_fit = replace(catalog_moe_fit("b200"), **TRUE_MOE)
-    rows = []
-    for key in MOE_ROWS:
-        c = by_key[key]
-        run = M.simulate_config(c, engine="iteration", profile_fields={"moe_fit": true_fit})
-        assert not run.error
-        s = M.step_split(c, run)
-        (r,) = (
-            dict(x)
-            for x in all_rows
-            if (x["source_file"], int(x["config_index"])) == (c.source_file, c.config_index)
-        )
-        r["itl_median_ms"] = repr(1e3 * s.sim_median_s)
-        r["output_tokens_per_s"] = repr(c.avg_batch_size / s.sim_mean_s)
-        rows.append(r)
+    rows = simulated_rows(MOE_ROWS, {"moe_fit": true_fit})
     d = mlenergy_folder(tmp_path / "synthetic", rows)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fleetsim", "calibrate", "--from-mlenergy", str(d)]

@@ -314,30 +314,35 @@ class PagedKV(BlockPool):
                 d = self.cnt2[it & mask]
             self._take(d)
         self.budget = self.max_tokens - self.n
-        b = self.b
         i = 0
         pre = self.pre
         while i < len(pre) and self.budget > 0:
-            r = pre[i]
-            done = r.done
-            rem = r.eff - done
-            budget = self.budget
-            c = rem if rem < budget else budget
-            if self.win is None:
-                need = -(-(done + c) // b) - -(-done // b)
-            else:
-                need = self.kv_blocks_for(done + c) - self.kv_blocks_for(done)
-            preempted = False
-            while need > self.free + g * len(self.lru):
-                if self._preempt_last(it, True) is r:
-                    preempted = True
-                    break
-            if preempted:
+            c = self._next_chunk(pre[i], self.budget, it)
+            if not c:
                 break
-            self._take(need)
             self.budget -= c
-            self._chunk(r, c, it)
             i += 1
+
+    def _next_chunk(self, r: Request, budget: int, it: int) -> int:
+        """Schedule the next prefill chunk of ``r`` (at most ``budget`` > 0 tokens) into
+        iteration ``it``: its new blocks taken, preempting from the back of the running set
+        while the pool is short. The chunk's tokens, or 0 when ``r`` itself was preempted (the
+        caller stops there)."""
+        done = r.done
+        rem = r.eff - done
+        c = rem if rem < budget else budget
+        if self.win is None:
+            b = self.b
+            need = -(-(done + c) // b) - -(-done // b)
+        else:
+            need = self.kv_blocks_for(done + c) - self.kv_blocks_for(done)
+        g = self.g
+        while need > self.free + g * len(self.lru):
+            if self._preempt_last(it, True) is r:
+                return 0
+        self._take(need)
+        self._chunk(r, c, it)
+        return c
 
     def _admit(self, it: int) -> None:
         """Admit waiting requests, first come first served, into iteration ``it``."""

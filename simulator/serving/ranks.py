@@ -172,32 +172,15 @@ class RankedPagedKV(PagedKV):
         for r in pre:
             rb[r.rank] += 1
         self.rb = rb
-        b = self.b
         i = 0
         while i < len(pre):
             r = pre[i]
             k = r.rank
-            budget = rb[k]
-            if budget <= 0:
-                i += 1
-                continue
-            done = r.done
-            rem = r.eff - done
-            c = rem if rem < budget else budget
-            if self.win is None:
-                need = -(-(done + c) // b) - -(-done // b)
-            else:
-                need = self.kv_blocks_for(done + c) - self.kv_blocks_for(done)
-            preempted = False
-            while need > self.free + g * len(self.lru):
-                if self._preempt_last(it, True) is r:
-                    preempted = True
+            if rb[k] > 0:
+                c = self._next_chunk(r, rb[k], it)
+                if not c:
                     break
-            if preempted:
-                break
-            self._take(need)
-            rb[k] -= c
-            self._chunk(r, c, it)
+                rb[k] -= c
             i += 1
         self._planned()
 
