@@ -205,3 +205,29 @@ def test_the_ranked_replica_keeps_the_core_slot_layout():
     mro = RankedPagedReplica.__mro__
     assert mro.index(RankedPagedKV) < mro.index(PagedKV) < mro.index(ReplicaCore)
     assert "__dict__" not in dir(RankedPagedReplica)
+
+
+@pytest.mark.parametrize(
+    ("tp", "dp", "ep", "shape"),
+    [
+        (1, 2, True, "1 replica(s) x (TP1 x DP2) EP2 = 2 x"),
+        (2, 1, False, "1 replica(s) x TP2 = 2 x"),
+    ],
+)
+def test_the_summary_names_the_replicas_tensor_and_data_parallel_split(tmp_path, tp, dp, ep, shape):
+    """The run's headline gives a data-parallel replica's shape (tensor x data parallel, and
+    expert parallelism), not its GPU count as a tensor-parallel degree."""
+    import io
+
+    from rich.console import Console
+
+    from fleetsim.apps.simulate import simulate
+    from fleetsim.results.summary import print_summary
+
+    reqs = [(0.0, 100, 4), (0.0, 100, 4)]
+    d = _scenario(tmp_path, reqs, dp=dp, tensor_parallel=tp, expert_parallel=ep)
+    res = simulate(resolved(d))
+    c = Console(file=io.StringIO(), width=240, color_system=None)
+    print_summary(res, c)
+    out = c.file.getvalue()  # type: ignore[attr-defined]
+    assert shape in out and "h100-sxm" in out

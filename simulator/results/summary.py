@@ -228,8 +228,12 @@ def _print_headline(res: Result, c: Console) -> None:
     sc = res.scenario
     rs = res.resolved
     hours = sc.simulation.hours
+    # rs.tp is the replica's GPUs: tensor_parallel x data_parallel
+    shape = f"TP{rs.tp}" if rs.dp == 1 else f"(TP{rs.tp // rs.dp} x DP{rs.dp})"
+    if rs.expert_parallel:
+        shape += f" EP{rs.tp}"
     fleet = (
-        f"{sc.fleet.pods} pod(s) x {sc.fleet.replicas} replica(s) x TP{rs.tp} = "
+        f"{sc.fleet.pods} pod(s) x {sc.fleet.replicas} replica(s) x {shape} = "
         f"{sc.fleet.pods * sc.fleet.replicas * rs.tp} x {rs.gpu.name}"
     )
     if rs.pools is not None:
