@@ -327,13 +327,10 @@ def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> P
     vLLM runs it on Blackwell only, ``get_flashinfer_moe_backend`` in vllm/model_executor/
     layers/quantization/utils/flashinfer_utils.py: "latency" is CUTLASS below SM100)."""
     from fleetsim.device.latency import RooflineProfile
-    from fleetsim.device.moe import catalog_moe_fit
 
     if not isinstance(profile, RooflineProfile):
         return profile
-    fit = profile.moe_fit
-    if fit is None:  # (a profile file's moe_constants, else the catalog's)
-        fit = catalog_moe_fit(profile.name, profile.meta.get("catalog_gpu") or gpu)
+    fit = profile.fused_moe_fit(gpu)  # a profile file's moe_constants, else the catalog's
     if fit.fi_bw_frac <= 0.0 and fit.fi_layer_s <= 0.0:
         have = sorted(k for k, e in catalog.moe().items() if float(e.get("fi_bw_frac", 0.0)) > 0)
         raise ScenarioError(

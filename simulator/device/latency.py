@@ -264,6 +264,13 @@ class RooflineProfile:
     #: calibrate --from-mlenergy --fit-moe``): None, the catalog's (``catalog/moe.toml``) by GPU
     moe_fit: FusedMoeFit | None = None
 
+    def fused_moe_fit(self, gpu: str | None = None) -> FusedMoeFit:
+        """The fused-MoE kernel constants this device runs: :attr:`moe_fit` where the profile
+        carries them, else the catalog's for its GPU (``meta["catalog_gpu"]``, else ``gpu``)."""
+        if self.moe_fit is not None:
+            return self.moe_fit
+        return catalog_moe_fit(self.name, self.meta.get("catalog_gpu") or gpu)
+
 
 #: vLLM's custom all-reduce handles messages up to 8 MiB (CustomAllreduce max_size, vllm/
 #: distributed/device_communicators/custom_all_reduce.py); larger ones go to NCCL
@@ -591,11 +598,7 @@ class LatencyModel:
         self._hwb = DTYPE_BYTES[h_dt]
         #: the fused MoE kernel's latency floor on this GPU (catalog moe.toml); fp8 experts are
         #: block-quantised (128 x 128 scales, as every fp8 MoE checkpoint the catalog reads)
-        self._moe_fit = (
-            p.moe_fit
-            if p.moe_fit is not None
-            else catalog_moe_fit(p.name, p.meta.get("catalog_gpu"))
-        )
+        self._moe_fit = p.fused_moe_fit()
         self._fp8_block = e_dt == "fp8"
         self._fp8_kernel = p.fp8_moe_kernel
         self.kvb = m.kv_bytes_per_token_tp(tp)
@@ -976,10 +979,10 @@ class LatencyModel:
         """:meth:`moe_loop_s` of an iteration of ``p_tokens`` prompt tokens over ``n_prefill``
         prompts and ``n`` decoding sequences (its layers' tokens: padded under data
         parallelism, as :meth:`iteration` times them, ``t_pad`` the same)."""
-        t = p_tokens + n if self.dp <= 1 else self._padded(p_tokens, n_prefill, n, t_pad)
+        t = p_tokens + n if self.dp <= 1 else self.padded_tokens(p_tokens, n_prefill, n, t_pad)
         return self.moe_loop_s(t)
 
-    def _padded(self, p_tokens: int, n_prefill: int, n: int, t_pad: int) -> int:
+    def padded_tokens(self, p_tokens: int, n_prefill: int, n: int, t_pad: int) -> int:
         """The tokens of a data-parallel iteration: ``t_pad`` where given (an iteration with
         prompt tokens, one scheduler per rank: serving/ranks.py), else
         :meth:`dp_padded_tokens`."""
@@ -995,7 +998,7 @@ class LatencyModel:
         model."""
         if not self.f_exp:
             return 0.0
-        t = p_tokens + n if self.dp <= 1 else self._padded(p_tokens, n_prefill, n, t_pad)
+        t = p_tokens + n if self.dp <= 1 else self.padded_tokens(p_tokens, n_prefill, n, t_pad)
         return self.f_exp * t
 
     def weight_bytes_per_iteration(self, tokens: float) -> float:

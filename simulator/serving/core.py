@@ -332,13 +332,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         self.B_first = B1
         if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
             # at the tokens its layers run: padded under data parallelism, as iteration() times
-            tc = self.P + n
-            if lat.dp > 1:
-                tc = (
-                    self.tpad
-                    if nchunks and self.tpad >= 0
-                    else lat.dp_padded_tokens(self.P, nchunks, n)
-                )
+            tc = self.P + n if lat.dp <= 1 else lat.padded_tokens(self.P, nchunks, n, self.tpad)
             cm = lat._comm_cache.get(tc)  # (lat.comm_s, its cache read inline)
             self.C_first = cm if cm is not None else lat.comm_s(tc, nchunks + n)
         if cfg.track_loop:  # seconds of it in the fp8 fused-MoE K loop (PowerSpec.moe_loop_w)
