@@ -604,6 +604,74 @@ def test_no_kv_read_model_fits_the_gpqa_b128_rows_and_the_chat_rows():
     assert len(q32) == 4 and min(stack.run_err(r, unit) for r in q32) > 0.9
 
 
+def test_one_b200_gpqa_excess_does_not_follow_the_kv_and_its_steps_spread():
+    """docs/accuracy.md "B200 data", long-context GPQA on one B200 (branch g34), measured rows
+    only. (1) At 8 sequences the GPQA median ITL beyond the same model's chat row on the same
+    B200 is ~26-28 ms for Qwen3-8B (36 attention layers of 8 KV heads: 147 kB of KV per token)
+    and for Nemotron-Nano-12B (6 attention layers: 25 kB): the excess does not follow the KV
+    read. (2) Every one-GPU B200 task has a wide ITL spread (p90 / median ~1.5 at up to 64
+    sequences) that multi-GPU B200 and one-GPU H100 servers do not have (~1.05), and on the
+    one-B200 GPQA rows the mean gap equals the median (tokens/s x ITL / batch ~0.99): uniformly
+    slow, widely spread steps, not a fast mode with stalls."""
+    import csv
+    import json
+    import statistics
+    from pathlib import Path
+
+    from fleetsim.calibrate import stack
+
+    with open(stack.default_data_dir() / "configurations.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    models = Path(__file__).resolve().parents[1] / "data" / "models"
+
+    def kv_bytes_per_token(model_id: str) -> int:
+        c = json.loads((models / model_id / "config.json").read_text())
+        layers = c.get("hybrid_override_pattern", "").count("*") or c["num_hidden_layers"]
+        return layers * c["num_key_value_heads"] * c["head_dim"] * 2 * 2  # K and V, bf16
+
+    def itl(model_id: str, task: str, seqs: int) -> float:
+        (r,) = [
+            r
+            for r in rows
+            if r["model_id"] == model_id
+            and r["task"] == task
+            and r["gpu_model"] == "B200"
+            and r["num_gpus"] == "1"
+            and int(r["max_num_seqs"]) == seqs
+        ]
+        return float(r["itl_median_ms"])
+
+    q8, n12 = "Qwen/Qwen3-8B", "nvidia/NVIDIA-Nemotron-Nano-12B-v2"
+    assert kv_bytes_per_token(q8) == 147_456 and kv_bytes_per_token(n12) == 24_576
+    ex_q8 = itl(q8, "gpqa", 8) - itl(q8, "lm-arena-chat", 8)
+    ex_n12 = itl(n12, "gpqa", 8) - itl(n12, "lm-arena-chat", 8)
+    assert ex_q8 == pytest.approx(27.5, abs=0.1) and ex_n12 == pytest.approx(26.1, abs=0.1)
+
+    def spread(gpu: str, one_gpu: bool, task: str) -> float:
+        return statistics.median(
+            float(r["itl_p90_ms"]) / float(r["itl_median_ms"])
+            for r in rows
+            if r["gpu_model"] == gpu
+            and (r["num_gpus"] == "1") == one_gpu
+            and r["task"] == task
+            and int(r["max_num_seqs"]) <= 64
+        )
+
+    assert spread("B200", True, "gpqa") == pytest.approx(1.46, abs=0.01)
+    assert spread("B200", True, "lm-arena-chat") == pytest.approx(1.57, abs=0.01)
+    assert spread("B200", False, "gpqa") < 1.05 and spread("B200", False, "lm-arena-chat") < 1.05
+    assert spread("H100", True, "gpqa") < 1.07 and spread("H100", True, "lm-arena-chat") < 1.07
+    mean_over_median = statistics.median(
+        float(r["output_tokens_per_s"])
+        * float(r["itl_median_ms"])
+        / 1e3
+        / float(r["avg_batch_size"])
+        for r in rows
+        if r["gpu_model"] == "B200" and r["num_gpus"] == "1" and r["task"] == "gpqa"
+    )
+    assert mean_over_median == pytest.approx(0.99, abs=0.02)
+
+
 # -- the host stall: the measured mean step beyond the median ----------------------------------
 
 
