@@ -166,6 +166,12 @@ class Config:
     #: the fused-MoE kernel of the server's fp8 block-quantised experts, from the benchmark's
     #: server environment (:func:`server_env`, ``fleet.fp8_moe_kernel``)
     fp8_moe_kernel: str = "triton"
+    #: a one-GPU B200 row of a series that ``calibrate/stack.py`` ``host_limited_series`` finds
+    #: host-limited (measured slower, at some batch limit, than an H100 server with no more
+    #: bandwidth or FLOP/s): set by :func:`read_configs` from the measured rows alone; left out
+    #: of the step fit's one-GPU floor and of the power fit (:func:`fit_rows`), kept in every
+    #: accuracy table
+    host_limited: bool = False
     #: the measured tail of the whole run's inter-token gaps, as the median (SOURCE.md)
     itl_p90_ms: float = math.nan
     itl_p95_ms: float = math.nan
@@ -212,7 +218,15 @@ def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
                     f"{table}: row {i + 2}: {type(exc).__name__} {exc} (fix: the columns of "
                     "data/mlenergy-v3/SOURCE.md)"
                 ) from None
-    return out
+    from fleetsim.calibrate.stack import host_limited_series
+
+    bad = host_limited_series(out)
+    return [
+        replace(c, host_limited=True)
+        if c.gpu_model == "B200" and c.num_gpus == 1 and (c.model_id, c.task) in bad
+        else c
+        for c in out
+    ]
 
 
 #: the benchmark's server environment variables that select kernels (``server_env.csv``)
@@ -1164,8 +1178,12 @@ FIT_F_SCALE = 0.05
 
 def fit_rows(c: Config) -> bool:
     """Whether a configuration's row is in the power fit: every non-suspect row, dense and
-    mixture-of-experts / expert-parallel alike (issue 21: MoE and EP rows count)."""
-    return not c.suspect
+    mixture-of-experts / expert-parallel alike (issue 21: MoE and EP rows count), except the
+    host-limited one-GPU B200 series (:attr:`Config.host_limited`), which the step fit leaves out
+    too: the fit maps the simulated work at the measured pace to power, and on those rows the
+    measured pace is set by the host, not by the work (GPU idle within each step, 294-540 W;
+    docs/accuracy.md "B200 data" and "The power fit"). The accuracy tables keep them."""
+    return not c.suspect and not c.host_limited
 
 
 def fit_power(
