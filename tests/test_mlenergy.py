@@ -288,6 +288,135 @@ def test_step_split_hand_count():
     assert s.missing_per_prompt_step_s == pytest.approx((0.010 - 0.0025) * 6)
 
 
+def _old_weighted_median(x: np.ndarray, w: np.ndarray) -> float:
+    """calibrate/mlenergy.py's ``_weighted_median`` before the weighted quantile (main
+    a62bc80), kept here to hold the median bit for bit."""
+    o = np.argsort(x)
+    cw = np.cumsum(w[o])
+    return float(x[o][np.searchsorted(cw, 0.5 * cw[-1])])
+
+
+def test_weighted_quantile_hand_count():
+    """Gaps 3, 1, 2, 2, 5 ms weighted 1, 2, 3, 1, 3 tokens: the repeated sample is 1 1 2 2 2 2
+    3 5 5 5 (ten gaps, the two 2 ms steps tied); the q-quantile is its ceil(10 q)-th gap."""
+    x = np.array([3.0, 1.0, 2.0, 2.0, 5.0])
+    w = np.array([1.0, 2.0, 3.0, 1.0, 3.0])
+    hand = {0.1: 1.0, 0.2: 1.0, 0.21: 2.0, 0.5: 2.0, 0.6: 2.0, 0.61: 3.0, 0.7: 3.0, 0.71: 5.0}
+    hand |= {0.9: 5.0, 0.95: 5.0, 0.99: 5.0, 1.0: 5.0}
+    for q, v in hand.items():
+        assert M._weighted_quantile(x, w, q) == v, q
+    assert M._weighted_quantiles(x, w, (0.5, 0.9, 0.99)) == (2.0, 5.0, 5.0)
+    # a heavy tail the median does not see: one 40 ms step of 64 tokens among 99 of 20 ms
+    x = np.array([0.020] * 99 + [0.040])
+    w = np.full(100, 64.0)
+    assert M._weighted_quantiles(x, w, (0.5, 0.9, 0.99, 0.995)) == (0.020, 0.020, 0.020, 0.040)
+    w[-1] = 64.0 * 12  # now 12 of the 111 steps' worth of tokens: 10.8 % of the gaps
+    assert M._weighted_quantiles(x, w, (0.5, 0.89, 0.9)) == (0.020, 0.020, 0.040)
+    assert np.isnan(M._weighted_quantile(np.zeros(0), np.zeros(0), 0.9))
+
+
+def test_weighted_quantile_is_the_repeated_samples_and_keeps_the_median():
+    """On random steps with integer token weights and many ties: every q is the ceil(W q)-th
+    of the sorted repeated sample, and q = 0.5 is the old median, bit for bit."""
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        n = int(rng.integers(1, 200))
+        x = rng.integers(5, 40, n) * 1e-3  # ms steps: ties
+        w = rng.integers(1, 64, n).astype(float)
+        rep = np.sort(np.repeat(x, w.astype(int)))
+        for q in (0.5, 0.9, 0.95, 0.99):
+            assert M._weighted_quantile(x, w, q) == rep[int(np.ceil(q * w.sum())) - 1]
+        assert M._weighted_median(x, w) == _old_weighted_median(x, w)
+        assert M._weighted_quantiles(x, w, M.ITL_QUANTILES) == tuple(
+            M._weighted_quantile(x, w, q) for q in M.ITL_QUANTILES
+        )
+
+
+def test_measured_itl_tail_is_read():
+    """Qwen3-Coder-30B fim at 256 sequences on one B200 (configurations.csv): median 29 ms, p90
+    69 ms; every row's p90 / p95 / p99 are read in that order (none below the one before)."""
+    rows = M.read_configs()
+    c = next(
+        c
+        for c in rows
+        if c.model_id == "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+        and c.task == "sourcegraph-fim"
+        and c.gpu_model == "B200"
+        and c.num_gpus == 1
+        and c.max_num_seqs == 256
+    )
+    with (M.DATA_DIR / "configurations.csv").open() as f:
+        r = next(
+            r
+            for r in csv.DictReader(f)
+            if r["source_file"] == c.source_file and int(r["config_index"]) == c.config_index
+        )
+    assert (c.itl_p90_ms, c.itl_p95_ms, c.itl_p99_ms) == tuple(
+        float(r[k]) for k in ("itl_p90_ms", "itl_p95_ms", "itl_p99_ms")
+    )
+    assert round(c.itl_median_ms) == 29 and round(c.itl_p90_ms) == 69
+    assert all(
+        c.itl_median_ms <= c.itl_p90_ms <= c.itl_p95_ms <= c.itl_p99_ms
+        for c in rows
+        if not np.isnan(c.itl_p99_ms)
+    )
+
+
+def test_simulated_itl_tail_is_the_runs_token_weighted_steps():
+    """Qwen3-8B chat at 16 sequences on one H100, every step recorded: the median ITL is the
+    old token-weighted median of the run's steps (bit for bit), the p90 / p95 / p99 the same
+    steps' repeated-sample quantiles, ordered; the tail lies on the prompt-carrying steps
+    (longer than the median decode step)."""
+    c = next(
+        c
+        for c in M.read_configs()
+        if c.model_id == "Qwen/Qwen3-8B"
+        and c.task == "lm-arena-chat"
+        and c.gpu_model == "H100"
+        and c.max_num_seqs == 16
+    )
+    r = M.simulate_config(c, engine="iteration", record_steps=True)
+    assert not r.error
+    t, w = r.step_s, r.step_tokens
+    assert np.all(w == np.round(w)) and w.sum() > 0
+    assert r.itl_median_s == _old_weighted_median(t, w)
+    rep = np.sort(np.repeat(t, w.astype(int)))
+    got = (r.itl_p90_s, r.itl_p95_s, r.itl_p99_s)
+    assert got == tuple(rep[int(np.ceil(q * w.sum())) - 1] for q in M.ITL_QUANTILES)
+    assert r.itl_median_s <= r.itl_p90_s <= r.itl_p95_s <= r.itl_p99_s
+    assert r.itl_p99_s > r.itl_median_s
+    # the share of the gaps beyond the measured p90 / p99, by hand from the same steps
+    for ms, got in ((c.itl_p90_ms, r.itl_beyond_meas_p90), (c.itl_p99_ms, r.itl_beyond_meas_p99)):
+        assert got == pytest.approx(w[t > ms * 1e-3].sum() / w.sum(), rel=1e-12)
+    assert 0.0 <= r.itl_beyond_meas_p99 <= r.itl_beyond_meas_p90 <= 1.0
+
+
+def test_tail_table_splits_gpu_and_kind_and_leaves_the_goal_table():
+    """Three rows by hand: two dense H100 rows (p90 +10 % and -20 %, p99 +50 % and +30 %), one
+    suspect (left out); the tail table's signed median of p90 is -5 %, of p99 +40 %, the share
+    beyond the measured p99 the median of 2 and 3 %; the goal-table metrics carry no tail."""
+    from dataclasses import replace
+
+    c0 = next(c for c in M.read_configs() if c.gpu_model == "H100" and not c.moe_or_ep)
+    c = replace(c0, itl_median_ms=10.0, itl_p90_ms=20.0, itl_p95_ms=25.0, itl_p99_ms=40.0)
+
+    def row(p90, p99, beyond99, suspect=False):
+        sim = {"itl_median": 0.010, "itl_p90": p90, "itl_p95": 0.025, "itl_p99": p99}
+        run = M.SimRun("x", itl_beyond_meas_p90=0.1, itl_beyond_meas_p99=beyond99)
+        return M.Row(replace(c, suspect=suspect), run, sim)
+
+    rows = [row(0.022, 0.060, 0.02), row(0.016, 0.052, 0.03), row(0.1, 0.1, 0.5, suspect=True)]
+    lines = M.tail_table(rows, "t")
+    p90 = next(line for line in lines if "p90 ITL" in line).split()
+    p99 = next(line for line in lines if "p99 ITL" in line).split()
+    assert p90[:5] == ["H100", "dense", "p90", "ITL", "2"] and p90[8] == "-5.0%"
+    assert p90[5] == "15.0%" and p90[7] == "20.0%"  # median and worst |error|
+    assert p99[8] == "+40.0%" and p99[7] == "50.0%"
+    # x median: measured 4.0, simulated 5.6; 2.5 % of the simulated gaps beyond the measured p99
+    assert p99[-4:] == ["4.00", "/", "5.60", "2.5%"]
+    assert not set(M.TAILS) & set(rows[0].err())
+
+
 def test_prompt_steps_follow_littles_law(one_run):
     """In the steady window every finished request is replaced by one admitted prompt: the
     prompts admitted per step are the window's tokens per step over the mean output length
