@@ -82,6 +82,21 @@ REQUESTS_PER_TASK = {
 #:   tasks.ts); a guess of a few hundred lines of code. Confidence L (only MoE models run it).
 PROMPT_TOKENS = {"lm-arena-chat": 250, "gpqa": 250, "sourcegraph-fim": 1500}
 
+#: the prompts' shapes the harness can draw (``--prompts``): ``constant`` gives every request of
+#: a task :data:`PROMPT_TOKENS`; ``azure`` draws each chat prompt from a production chat
+#: service's prompt lengths, rescaled to that mean (:func:`draw_prompts`)
+PROMPT_SHAPES = ("constant", "azure")
+#: the prompt lengths ``azure`` draws from, by task: the Azure LLM inference trace 2023
+#: (Patel et al., "Splitwise", ISCA 2024; ``data/azure-llm-2023``, CC-BY 4.0), column
+#: ContextTokens of its conversation service (19,366 requests: mean 1,155, median 1,020, p99
+#: 4,142 tokens, coefficient of variation 0.96). Why this shape: the benchmark's LMArena
+#: prompts are not published (SOURCE.md), and this is a published production chat service's
+#: prompt lengths; only its shape is used (its mean is a service with longer histories than
+#: the benchmark's, whose mean the KV-limited rows imply: :data:`PROMPT_TOKENS`). Confidence L:
+#: another service's chat, multi-turn histories in both. GPQA and fim keep the constant (no
+#: published source for their prompts' spread).
+AZURE_PROMPT_TRACES = {"lm-arena-chat": REPO / "data" / "azure-llm-2023" / "conv.csv"}
+
 #: the benchmark's GPUs as catalog names
 GPUS = {"H100": "h100-sxm", "B200": "b200"}
 TEXT_TASKS = ("lm-arena-chat", "gpqa", "sourcegraph-fim")
@@ -434,6 +449,47 @@ def draw_outputs(c: Config, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(1, np.rint(x)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=4)
+def trace_context_tokens(path: Path) -> np.ndarray:
+    """The ContextTokens column of an Azure LLM inference trace CSV (prompt tokens per request,
+    in the file's order)."""
+    with open(path, newline="") as f:
+        return np.array([int(r["ContextTokens"]) for r in csv.DictReader(f)], dtype=np.int64)
+
+
+def draw_prompts(
+    c: Config,
+    n: int,
+    rng: np.random.Generator,
+    shape: str = "constant",
+    max_context_tokens: int | None = None,
+    outs: np.ndarray | None = None,
+) -> np.ndarray:
+    """``n`` prompt lengths of the run's requests. ``constant``: :data:`PROMPT_TOKENS` each.
+    ``azure`` (tasks of :data:`AZURE_PROMPT_TRACES`; the others stay constant): the benchmark's
+    list of ``REQUESTS_PER_TASK`` prompts drawn with replacement from the trace's prompt lengths,
+    each scaled by ``PROMPT_TOKENS / trace mean`` (the same shape at the task's mean; rounded, at
+    least one token), then sent in order as the benchmark repeats its list: request ``i``
+    carries prompt ``i mod list`` (as :func:`repeat_trace_jsonl` names its blocks), clipped so
+    that prompt + output (``outs``) fits ``max_context_tokens``. ``rng`` is the row's seeded
+    stream (drawn after the outputs, so they are the same in both shapes)."""
+    mean = PROMPT_TOKENS[c.task]
+    if shape not in PROMPT_SHAPES:
+        raise ValueError(f"prompt shape {shape!r}: one of {', '.join(PROMPT_SHAPES)}")
+    if shape == "constant" or c.task not in AZURE_PROMPT_TRACES:
+        p = np.full(n, mean, dtype=np.int64)
+    else:
+        tr = trace_context_tokens(AZURE_PROMPT_TRACES[c.task])
+        uniq = max(1, min(n, REQUESTS_PER_TASK.get(c.task, n)))
+        scaled = tr[rng.integers(len(tr), size=uniq)] * (mean / float(tr.mean()))
+        listed = np.maximum(1, np.rint(scaled)).astype(np.int64)
+        p = listed[np.arange(n) % uniq]
+    if max_context_tokens is not None:
+        room = max_context_tokens - (np.zeros(n, np.int64) if outs is None else outs)
+        p = np.maximum(1, np.minimum(p, room))
+    return p
+
+
 # -- one simulation ----------------------------------------------------------------------------
 class _Log(list):
     """A recorder list that also reports every addition to a callback."""
@@ -699,29 +755,34 @@ def repeated_prompts(c: Config) -> bool:
     )
 
 
-def repeat_trace_jsonl(c: Config, prompt: int, outs: np.ndarray) -> str:
+def repeat_trace_jsonl(c: Config, prompt: int | np.ndarray, outs: np.ndarray) -> str:
     """The run as a Mooncake-format JSONL trace (``traffic.trace`` ``.jsonl``) whose prompt
     block ids make the benchmark's repeated prompts identical: the list of
     ``REQUESTS_PER_TASK`` prompts is sent ``num_requests / list`` times one after the other (all
     at time 0), so request ``i`` carries prompt ``i mod list``, named by one id per
     :data:`PROMPT_BLOCK_TOKENS` tokens. vLLM V1's prefix cache (on by default; SOURCE.md: not
     set by the benchmark) then shares a running copy's full blocks, or reuses a finished one's
-    while they are still cached, instead of computing and holding them again."""
+    while they are still cached, instead of computing and holding them again. ``prompt``: one
+    length for every request, or each request's (:func:`draw_prompts`; a repeat carries its
+    first copy's length, and its ids are its first copy's)."""
     uniq = max(1, REQUESTS_PER_TASK.get(c.task, len(outs)))
-    nb = -(-prompt // PROMPT_BLOCK_TOKENS)
+    lens = np.broadcast_to(np.asarray(prompt, dtype=np.int64), (len(outs),))
+    nb = -(-lens // PROMPT_BLOCK_TOKENS)
+    # the first block id of each listed prompt: ids never shared between two listed prompts
+    span = int(nb.max()) if len(nb) else 0
     lines = []
     for i, o in enumerate(outs):
-        base = (i % uniq) * nb
-        ids = ",".join(str(base + j) for j in range(nb))
+        base = (i % uniq) * span
+        ids = ",".join(str(base + j) for j in range(int(nb[i])))
         lines.append(
-            f'{{"timestamp":0,"input_length":{prompt},"output_length":{int(o)},'
+            f'{{"timestamp":0,"input_length":{int(lens[i])},"output_length":{int(o)},'
             f'"hash_ids":[{ids}]}}\n'
         )
     return "".join(lines)
 
 
 def _run_scenario(
-    c: Config, csv_trace: Path, prompt: int, outs: np.ndarray, hours: int, engine: str
+    c: Config, csv_trace: Path, prompt: int | np.ndarray, outs: np.ndarray, hours: int, engine: str
 ):
     """The loaded scenario of one run: ``csv_trace`` (the run's unique prompts) or, where the
     prompts repeat (:func:`repeated_prompts`) and the engine models prefix caching for the model
@@ -751,13 +812,15 @@ def simulate_config(
     host_stall_s: float | None = None,
     profile_fields: dict | None = None,
     record_steps: bool = False,
+    prompts: str = "constant",
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
     ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
     harness passes the one fitted without the row's model: :func:`lomo_host_stalls`);
     ``profile_fields`` replaces fields of the resolved profile (a fit's trial constants, e.g.
     ``calibrate/eager_host.py`` without the eager host floor); ``record_steps`` (iteration
-    engine only) keeps every iteration of the run (``SimRun.step_s`` ...)."""
+    engine only) keeps every iteration of the run (``SimRun.step_s`` ...); ``prompts`` the
+    prompt lengths' shape (:data:`PROMPT_SHAPES`, :func:`draw_prompts`)."""
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
     from fleetsim.serving.pod import Pod
@@ -767,17 +830,23 @@ def simulate_config(
     rng = np.random.default_rng(np.random.SeedSequence([seed, c.config_index, len(c.source_file)]))
     n = c.num_requests
     outs = draw_outputs(c, n, rng)
+    ctx = None
+    if prompts != "constant":
+        model, _ = model_section(c.model_id, c.weight_precision, c.architecture)
+        ctx = None if model is None else model.get("max_context_tokens")
+    plens = draw_prompts(c, n, rng, prompts, ctx, outs)
+    # the task's mean prompt: the prefill anchor below (a full batch of prompts of that length)
     prompt = PROMPT_TOKENS[c.task]
     with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
         trace = Path(tmp) / "trace.csv"
         with open(trace, "w") as f:
             f.write("arrival_s,prompt_tokens,output_tokens\n")
-            f.writelines(f"0,{prompt},{int(o)}\n" for o in outs)
+            f.writelines(f"0,{int(p)},{int(o)}\n" for p, o in zip(plens, outs, strict=True))
         try:
             # hours: enough for the run at a pessimistic 5 ms per output token per sequence slot
             est_s = float(outs.sum()) / c.max_num_seqs * 0.2 + 60.0
             hours = max(1, min(48, math.ceil(est_s / 3600.0) + 1))
-            sc = _run_scenario(c, trace, prompt, outs, hours, engine)
+            sc = _run_scenario(c, trace, plens, outs, hours, engine)
             rs = resolve(sc, "")
             prof0 = rs.profile
             if (
@@ -1628,9 +1697,9 @@ def tail_lines(rows: Sequence[Row]) -> list[str]:
     return out
 
 
-def _sim_one(args: tuple[Config, int, str, float | None, dict | None]) -> SimRun:
-    c, seed, engine, stall, fields = args
-    return simulate_config(c, seed, engine, stall, profile_fields=fields)
+def _sim_one(args: tuple[Config, int, str, float | None, dict | None, str]) -> SimRun:
+    c, seed, engine, stall, fields, prompts = args
+    return simulate_config(c, seed, engine, stall, profile_fields=fields, prompts=prompts)
 
 
 def lomo_host_stalls(data: Path, configs: Sequence[Config]) -> dict[tuple[str, str], float]:
@@ -1659,15 +1728,17 @@ def simulate_all(
     engine: str = "iteration",
     stalls: dict[tuple[str, str], float] | None = None,
     fields: dict[str, dict] | None = None,
+    prompts: str = "constant",
 ) -> list[SimRun]:
     """:func:`simulate_config` of every configuration, in a process pool; ``stalls`` (by GPU
     and model, :func:`lomo_host_stalls`) replaces the catalog's host stall per step;
     ``fields`` (by GPU, ``"B200"``) the resolved profile's fields (``profile_fields``: a
-    folder's fitted constants, :func:`folder_profile_fields`)."""
+    folder's fitted constants, :func:`folder_profile_fields`); ``prompts`` the prompt lengths'
+    shape (:func:`draw_prompts`)."""
     st = stalls or {}
     fs = fields or {}
     jobs = [
-        (c, seed, engine, st.get((c.gpu_model, c.model_id)), fs.get(c.gpu_model) or None)
+        (c, seed, engine, st.get((c.gpu_model, c.model_id)), fs.get(c.gpu_model) or None, prompts)
         for c in configs
     ]
     if workers <= 1 or len(jobs) <= 1:
@@ -2220,6 +2291,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also compare the power-fit variants (anchor weight, loss, dense or all rows; "
         "several minutes)",
     )
+    ap.add_argument(
+        "--prompts",
+        choices=PROMPT_SHAPES,
+        default="constant",
+        help="prompt lengths: constant (the task's mean, every request) or azure (chat prompts "
+        "drawn from the Azure LLM inference trace 2023's conversation service, rescaled to "
+        "that mean; docs/accuracy.md, 'ITL tails')",
+    )
     ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")
     ap.add_argument(
         "--kind",
@@ -2237,7 +2316,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
     # the host stall per step, fitted without each row's model (the catalog's is the fit to all)
     stalls = lomo_host_stalls(a.data, configs)
-    runs = simulate_all(configs, a.workers, engine=a.engine, stalls=stalls)
+    runs = simulate_all(configs, a.workers, engine=a.engine, stalls=stalls, prompts=a.prompts)
     pairs = []
     for c, r in zip(configs, runs, strict=True):
         if r.error:
