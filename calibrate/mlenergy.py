@@ -84,8 +84,9 @@ PROMPT_TOKENS = {"lm-arena-chat": 250, "gpqa": 250, "sourcegraph-fim": 1500}
 
 #: the prompts' shapes the harness can draw (``--prompts``): ``constant`` gives every request of
 #: a task :data:`PROMPT_TOKENS`; ``azure`` draws each chat prompt from a production chat
-#: service's prompt lengths, rescaled to that mean (:func:`draw_prompts`)
-PROMPT_SHAPES = ("constant", "azure")
+#: service's prompt lengths, rescaled to that mean (:func:`draw_prompts`); ``azure-code`` also
+#: draws the fim prompts from the same trace's code service (:data:`AZURE_CODE_PROMPT_TRACES`)
+PROMPT_SHAPES = ("constant", "azure", "azure-code")
 #: the prompt lengths ``azure`` draws from, by task: the Azure LLM inference trace 2023
 #: (Patel et al., "Splitwise", ISCA 2024; ``data/azure-llm-2023``, CC-BY 4.0), column
 #: ContextTokens of its conversation service (19,366 requests: mean 1,155, median 1,020, p99
@@ -96,6 +97,11 @@ PROMPT_SHAPES = ("constant", "azure")
 #: another service's chat, multi-turn histories in both. GPQA and fim keep the constant (no
 #: published source for their prompts' spread).
 AZURE_PROMPT_TRACES = {"lm-arena-chat": REPO / "data" / "azure-llm-2023" / "conv.csv"}
+#: the fim prompts ``azure-code`` draws from: the same trace's code service (8,819 requests:
+#: mean 2,048, median 1,469, p99 7,436 tokens, coefficient of variation 0.96), a production
+#: code-completion service's prompts (the surrounding code, as fim's). A trial, not the
+#: default's: the benchmark's sourcegraph-fim prompts are not published either. Confidence L.
+AZURE_CODE_PROMPT_TRACES = {"sourcegraph-fim": REPO / "data" / "azure-llm-2023" / "code.csv"}
 
 #: the benchmark's GPUs as catalog names
 GPUS = {"H100": "h100-sxm", "B200": "b200"}
@@ -466,7 +472,8 @@ def draw_prompts(
     outs: np.ndarray | None = None,
 ) -> np.ndarray:
     """``n`` prompt lengths of the run's requests. ``constant``: :data:`PROMPT_TOKENS` each.
-    ``azure`` (tasks of :data:`AZURE_PROMPT_TRACES`; the others stay constant): the benchmark's
+    ``azure`` (tasks of :data:`AZURE_PROMPT_TRACES`, ``azure-code`` those and
+    :data:`AZURE_CODE_PROMPT_TRACES`; the others stay constant): the benchmark's
     list of ``REQUESTS_PER_TASK`` prompts drawn with replacement from the trace's prompt lengths,
     each scaled by ``PROMPT_TOKENS / trace mean`` (the same shape at the task's mean; rounded, at
     least one token), then sent in order as the benchmark repeats its list: request ``i``
@@ -476,10 +483,13 @@ def draw_prompts(
     mean = PROMPT_TOKENS[c.task]
     if shape not in PROMPT_SHAPES:
         raise ValueError(f"prompt shape {shape!r}: one of {', '.join(PROMPT_SHAPES)}")
-    if shape == "constant" or c.task not in AZURE_PROMPT_TRACES:
+    traces = {"constant": {}, "azure": AZURE_PROMPT_TRACES}.get(
+        shape, {**AZURE_PROMPT_TRACES, **AZURE_CODE_PROMPT_TRACES}
+    )
+    if c.task not in traces:
         p = np.full(n, mean, dtype=np.int64)
     else:
-        tr = trace_context_tokens(AZURE_PROMPT_TRACES[c.task])
+        tr = trace_context_tokens(traces[c.task])
         uniq = max(1, min(n, REQUESTS_PER_TASK.get(c.task, n)))
         scaled = tr[rng.integers(len(tr), size=uniq)] * (mean / float(tr.mean()))
         listed = np.maximum(1, np.rint(scaled)).astype(np.int64)
@@ -2295,9 +2305,10 @@ def main(argv: list[str] | None = None) -> int:
         "--prompts",
         choices=PROMPT_SHAPES,
         default="constant",
-        help="prompt lengths: constant (the task's mean, every request) or azure (chat prompts "
+        help="prompt lengths: constant (the task's mean, every request), azure (chat prompts "
         "drawn from the Azure LLM inference trace 2023's conversation service, rescaled to "
-        "that mean; docs/accuracy.md, 'ITL tails')",
+        "that mean; docs/accuracy.md, 'ITL tails') or azure-code (also fim's, from its code "
+        "service)",
     )
     ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")
     ap.add_argument(

@@ -80,6 +80,25 @@ def test_only_chat_draws_from_the_trace(chat):
         ml.draw_prompts(chat, 10, _rng(), "lognormal")
 
 
+def test_azure_code_draws_fim_from_the_code_service(chat):
+    """``azure-code`` draws fim's prompts from the code service (8,819 requests, mean 2,047.8,
+    median 1,469) rescaled to fim's 1,500: its list's median near 1,469 x 1,500 / 2,047.8 =
+    1,076 (within 10 %), its mean 1,500 within 10 %; the chat prompts as ``azure`` draws them;
+    GPQA constant."""
+    from dataclasses import replace
+
+    x = ml.trace_context_tokens(ml.AZURE_CODE_PROMPT_TRACES["sourcegraph-fim"])
+    assert len(x) == 8819
+    assert x.mean() == pytest.approx(2047.85, abs=0.01)
+    fim = ml.draw_prompts(replace(chat, task="sourcegraph-fim"), 1024, _rng(), "azure-code")
+    assert np.median(fim) == pytest.approx(1469 * 1500 / x.mean(), rel=0.10)
+    assert fim.mean() == pytest.approx(1500.0, rel=0.10)
+    a = ml.draw_prompts(chat, 1024, _rng(), "azure-code")
+    assert np.array_equal(a, ml.draw_prompts(chat, 1024, _rng(), "azure"))
+    g = ml.draw_prompts(replace(chat, task="gpqa"), 100, _rng(), "azure-code")
+    assert set(g.tolist()) == {250}
+
+
 def test_prompts_are_clipped_to_the_context(chat):
     """Prompt + output never passes the model's context: with a 1,000-token context and 800-token
     outputs every prompt is at most 200 (the draw's longer ones cut there), never below 1."""
