@@ -7,7 +7,9 @@ Every configuration whose model the simulator can express is simulated as the be
 (``data/mlenergy-v3/SOURCE.md``): one vLLM server (one replica of ``tensor_parallel`` GPUs), all
 of the run's requests sent at time 0, ``max_num_seqs`` the batch limit, ``max_num_batched_tokens``
 8,192, output lengths drawn from the configuration's own histogram (uniform inside a bin) and
-prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated); a run that sends its
+prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated: each request that
+mean, or, the harness's default, the chat prompts drawn from a production chat service's prompt
+lengths rescaled to it, :func:`draw_prompts`); a run that sends its
 task's list of prompts more than once shares the repeats' prompt blocks through the prefix cache
 (:func:`repeated_prompts`, :func:`repeat_trace_jsonl`). The figures are taken
 over the benchmark's steady-state window: it starts when ``max_num_seqs`` requests have their
@@ -97,6 +99,12 @@ PROMPT_SHAPES = ("constant", "azure", "azure-code")
 #: another service's chat, multi-turn histories in both. GPQA and fim keep the constant (no
 #: published source for their prompts' spread).
 AZURE_PROMPT_TRACES = {"lm-arena-chat": REPO / "data" / "azure-llm-2023" / "conv.csv"}
+#: the harness's (``python -m fleetsim.calibrate.mlenergy``) default shape: ``azure`` keeps every
+#: goal-table floor and signed median of ``constant`` and lowers the p99 ITL error
+#: (docs/accuracy.md, "ITL tails"). The library's functions (:func:`simulate_config`,
+#: :func:`simulate_all`) keep ``constant``: the catalog's fits (``fleetsim calibrate``,
+#: ``calibrate/moe_fit.py``) and the tests that pin their values simulate with it.
+HARNESS_PROMPTS = "azure"
 #: the fim prompts ``azure-code`` draws from: the same trace's code service (8,819 requests:
 #: mean 2,048, median 1,469, p99 7,436 tokens, coefficient of variation 0.96), a production
 #: code-completion service's prompts (the surrounding code, as fim's). A trial, not the
@@ -2304,11 +2312,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--prompts",
         choices=PROMPT_SHAPES,
-        default="constant",
-        help="prompt lengths: constant (the task's mean, every request), azure (chat prompts "
-        "drawn from the Azure LLM inference trace 2023's conversation service, rescaled to "
-        "that mean; docs/accuracy.md, 'ITL tails') or azure-code (also fim's, from its code "
-        "service)",
+        default=HARNESS_PROMPTS,
+        help="prompt lengths: constant (the task's mean, every request), azure (the default: "
+        "chat prompts drawn from the Azure LLM inference trace 2023's conversation service, "
+        "rescaled to that mean; docs/accuracy.md, 'ITL tails') or azure-code (also fim's, "
+        "from its code service)",
     )
     ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")
     ap.add_argument(
@@ -2359,7 +2367,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for c, p in imp:
             print(f"  {c.key:70} {p:8.0f}")
-    print(f"({len(pairs)} configurations simulated in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"({len(pairs)} configurations simulated in {time.perf_counter() - t0:.1f} s;"
+        f" prompts {a.prompts})"
+    )
     return 0
 
 
