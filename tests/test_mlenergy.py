@@ -166,16 +166,21 @@ def test_skip_reasons_name_what_is_missing():
 
 
 # -- one simulated run -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def one_run():
-    c = next(
+def _qwen3_8b_chat_h100(max_num_seqs: int) -> M.Config:
+    """The committed row of Qwen3-8B lm-arena-chat on one H100 at ``max_num_seqs``."""
+    return next(
         c
         for c in M.read_configs()
         if c.model_id == "Qwen/Qwen3-8B"
         and c.task == "lm-arena-chat"
         and c.gpu_model == "H100"
-        and c.max_num_seqs == 64
+        and c.max_num_seqs == max_num_seqs
     )
+
+
+@pytest.fixture(scope="module")
+def one_run():
+    c = _qwen3_8b_chat_h100(64)
     return c, M.simulate_config(c, engine="iteration")
 
 
@@ -367,14 +372,7 @@ def test_simulated_itl_tail_is_the_runs_token_weighted_steps():
     old token-weighted median of the run's steps (bit for bit), the p90 / p95 / p99 the same
     steps' repeated-sample quantiles, ordered; the tail lies on the prompt-carrying steps
     (longer than the median decode step)."""
-    c = next(
-        c
-        for c in M.read_configs()
-        if c.model_id == "Qwen/Qwen3-8B"
-        and c.task == "lm-arena-chat"
-        and c.gpu_model == "H100"
-        and c.max_num_seqs == 16
-    )
+    c = _qwen3_8b_chat_h100(16)
     r = M.simulate_config(c, engine="iteration", record_steps=True)
     assert not r.error
     t, w = r.step_s, r.step_tokens
