@@ -7,7 +7,9 @@ Every configuration whose model the simulator can express is simulated as the be
 (``data/mlenergy-v3/SOURCE.md``): one vLLM server (one replica of ``tensor_parallel`` GPUs), all
 of the run's requests sent at time 0, ``max_num_seqs`` the batch limit, ``max_num_batched_tokens``
 8,192, output lengths drawn from the configuration's own histogram (uniform inside a bin) and
-prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated); a run that sends its
+prompt lengths by task (:data:`PROMPT_TOKENS`, with how each was estimated: each request that
+mean, or, the harness's default, the chat prompts drawn from a production chat service's prompt
+lengths rescaled to it, :func:`draw_prompts`); a run that sends its
 task's list of prompts more than once shares the repeats' prompt blocks through the prefix cache
 (:func:`repeated_prompts`, :func:`repeat_trace_jsonl`). The figures are taken
 over the benchmark's steady-state window: it starts when ``max_num_seqs`` requests have their
@@ -81,6 +83,33 @@ REQUESTS_PER_TASK = {
 #: * sourcegraph-fim 1,500: "inputs are long (the surrounding code context)" (leaderboard
 #:   tasks.ts); a guess of a few hundred lines of code. Confidence L (only MoE models run it).
 PROMPT_TOKENS = {"lm-arena-chat": 250, "gpqa": 250, "sourcegraph-fim": 1500}
+
+#: the prompts' shapes the harness can draw (``--prompts``): ``constant`` gives every request of
+#: a task :data:`PROMPT_TOKENS`; ``azure`` draws each chat prompt from a production chat
+#: service's prompt lengths, rescaled to that mean (:func:`draw_prompts`); ``azure-code`` also
+#: draws the fim prompts from the same trace's code service (:data:`AZURE_CODE_PROMPT_TRACES`)
+PROMPT_SHAPES = ("constant", "azure", "azure-code")
+#: the prompt lengths ``azure`` draws from, by task: the Azure LLM inference trace 2023
+#: (Patel et al., "Splitwise", ISCA 2024; ``data/azure-llm-2023``, CC-BY 4.0), column
+#: ContextTokens of its conversation service (19,366 requests: mean 1,155, median 1,020, p99
+#: 4,142 tokens, coefficient of variation 0.96). Why this shape: the benchmark's LMArena
+#: prompts are not published (SOURCE.md), and this is a published production chat service's
+#: prompt lengths; only its shape is used (its mean is a service with longer histories than
+#: the benchmark's, whose mean the KV-limited rows imply: :data:`PROMPT_TOKENS`). Confidence L:
+#: another service's chat, multi-turn histories in both. GPQA and fim keep the constant (no
+#: published source for their prompts' spread).
+AZURE_PROMPT_TRACES = {"lm-arena-chat": REPO / "data" / "azure-llm-2023" / "conv.csv"}
+#: the harness's (``python -m fleetsim.calibrate.mlenergy``) default shape: ``azure`` keeps every
+#: goal-table floor and signed median of ``constant`` and lowers the p99 ITL error
+#: (docs/accuracy.md, "ITL tails"). The library's functions (:func:`simulate_config`,
+#: :func:`simulate_all`) keep ``constant``: the catalog's fits (``fleetsim calibrate``,
+#: ``calibrate/moe_fit.py``) and the tests that pin their values simulate with it.
+HARNESS_PROMPTS = "azure"
+#: the fim prompts ``azure-code`` draws from: the same trace's code service (8,819 requests:
+#: mean 2,048, median 1,469, p99 7,436 tokens, coefficient of variation 0.96), a production
+#: code-completion service's prompts (the surrounding code, as fim's). A trial, not the
+#: default's: the benchmark's sourcegraph-fim prompts are not published either. Confidence L.
+AZURE_CODE_PROMPT_TRACES = {"sourcegraph-fim": REPO / "data" / "azure-llm-2023" / "code.csv"}
 
 #: the benchmark's GPUs as catalog names
 GPUS = {"H100": "h100-sxm", "B200": "b200"}
@@ -434,6 +463,51 @@ def draw_outputs(c: Config, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(1, np.rint(x)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=4)
+def trace_context_tokens(path: Path) -> np.ndarray:
+    """The ContextTokens column of an Azure LLM inference trace CSV (prompt tokens per request,
+    in the file's order)."""
+    with open(path, newline="") as f:
+        return np.array([int(r["ContextTokens"]) for r in csv.DictReader(f)], dtype=np.int64)
+
+
+def draw_prompts(
+    c: Config,
+    n: int,
+    rng: np.random.Generator,
+    shape: str = "constant",
+    max_context_tokens: int | None = None,
+    outs: np.ndarray | None = None,
+) -> np.ndarray:
+    """``n`` prompt lengths of the run's requests. ``constant``: :data:`PROMPT_TOKENS` each.
+    ``azure`` (tasks of :data:`AZURE_PROMPT_TRACES`, ``azure-code`` those and
+    :data:`AZURE_CODE_PROMPT_TRACES`; the others stay constant): the benchmark's
+    list of ``REQUESTS_PER_TASK`` prompts drawn with replacement from the trace's prompt lengths,
+    each scaled by ``PROMPT_TOKENS / trace mean`` (the same shape at the task's mean; rounded, at
+    least one token), then sent in order as the benchmark repeats its list: request ``i``
+    carries prompt ``i mod list`` (as :func:`repeat_trace_jsonl` names its blocks), clipped so
+    that prompt + output (``outs``) fits ``max_context_tokens``. ``rng`` is the row's seeded
+    stream (drawn after the outputs, so they are the same in both shapes)."""
+    mean = PROMPT_TOKENS[c.task]
+    if shape not in PROMPT_SHAPES:
+        raise ValueError(f"prompt shape {shape!r}: one of {', '.join(PROMPT_SHAPES)}")
+    traces = {"constant": {}, "azure": AZURE_PROMPT_TRACES}.get(
+        shape, {**AZURE_PROMPT_TRACES, **AZURE_CODE_PROMPT_TRACES}
+    )
+    if c.task not in traces:
+        p = np.full(n, mean, dtype=np.int64)
+    else:
+        tr = trace_context_tokens(traces[c.task])
+        uniq = max(1, min(n, REQUESTS_PER_TASK.get(c.task, n)))
+        scaled = tr[rng.integers(len(tr), size=uniq)] * (mean / float(tr.mean()))
+        listed = np.maximum(1, np.rint(scaled)).astype(np.int64)
+        p = listed[np.arange(n) % uniq]
+    if max_context_tokens is not None:
+        room = max_context_tokens - (np.zeros(n, np.int64) if outs is None else outs)
+        p = np.maximum(1, np.minimum(p, room))
+    return p
+
+
 # -- one simulation ----------------------------------------------------------------------------
 class _Log(list):
     """A recorder list that also reports every addition to a callback."""
@@ -699,29 +773,34 @@ def repeated_prompts(c: Config) -> bool:
     )
 
 
-def repeat_trace_jsonl(c: Config, prompt: int, outs: np.ndarray) -> str:
+def repeat_trace_jsonl(c: Config, prompt: int | np.ndarray, outs: np.ndarray) -> str:
     """The run as a Mooncake-format JSONL trace (``traffic.trace`` ``.jsonl``) whose prompt
     block ids make the benchmark's repeated prompts identical: the list of
     ``REQUESTS_PER_TASK`` prompts is sent ``num_requests / list`` times one after the other (all
     at time 0), so request ``i`` carries prompt ``i mod list``, named by one id per
     :data:`PROMPT_BLOCK_TOKENS` tokens. vLLM V1's prefix cache (on by default; SOURCE.md: not
     set by the benchmark) then shares a running copy's full blocks, or reuses a finished one's
-    while they are still cached, instead of computing and holding them again."""
+    while they are still cached, instead of computing and holding them again. ``prompt``: one
+    length for every request, or each request's (:func:`draw_prompts`; a repeat carries its
+    first copy's length, and its ids are its first copy's)."""
     uniq = max(1, REQUESTS_PER_TASK.get(c.task, len(outs)))
-    nb = -(-prompt // PROMPT_BLOCK_TOKENS)
+    lens = np.broadcast_to(np.asarray(prompt, dtype=np.int64), (len(outs),))
+    nb = -(-lens // PROMPT_BLOCK_TOKENS)
+    # the first block id of each listed prompt: ids never shared between two listed prompts
+    span = int(nb.max()) if len(nb) else 0
     lines = []
     for i, o in enumerate(outs):
-        base = (i % uniq) * nb
-        ids = ",".join(str(base + j) for j in range(nb))
+        base = (i % uniq) * span
+        ids = ",".join(str(base + j) for j in range(int(nb[i])))
         lines.append(
-            f'{{"timestamp":0,"input_length":{prompt},"output_length":{int(o)},'
+            f'{{"timestamp":0,"input_length":{int(lens[i])},"output_length":{int(o)},'
             f'"hash_ids":[{ids}]}}\n'
         )
     return "".join(lines)
 
 
 def _run_scenario(
-    c: Config, csv_trace: Path, prompt: int, outs: np.ndarray, hours: int, engine: str
+    c: Config, csv_trace: Path, prompt: int | np.ndarray, outs: np.ndarray, hours: int, engine: str
 ):
     """The loaded scenario of one run: ``csv_trace`` (the run's unique prompts) or, where the
     prompts repeat (:func:`repeated_prompts`) and the engine models prefix caching for the model
@@ -751,13 +830,15 @@ def simulate_config(
     host_stall_s: float | None = None,
     profile_fields: dict | None = None,
     record_steps: bool = False,
+    prompts: str = "constant",
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
     ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
     harness passes the one fitted without the row's model: :func:`lomo_host_stalls`);
     ``profile_fields`` replaces fields of the resolved profile (a fit's trial constants, e.g.
     ``calibrate/eager_host.py`` without the eager host floor); ``record_steps`` (iteration
-    engine only) keeps every iteration of the run (``SimRun.step_s`` ...)."""
+    engine only) keeps every iteration of the run (``SimRun.step_s`` ...); ``prompts`` the
+    prompt lengths' shape (:data:`PROMPT_SHAPES`, :func:`draw_prompts`)."""
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
     from fleetsim.serving.pod import Pod
@@ -767,17 +848,23 @@ def simulate_config(
     rng = np.random.default_rng(np.random.SeedSequence([seed, c.config_index, len(c.source_file)]))
     n = c.num_requests
     outs = draw_outputs(c, n, rng)
+    ctx = None
+    if prompts != "constant":
+        model, _ = model_section(c.model_id, c.weight_precision, c.architecture)
+        ctx = None if model is None else model.get("max_context_tokens")
+    plens = draw_prompts(c, n, rng, prompts, ctx, outs)
+    # the task's mean prompt: the prefill anchor below (a full batch of prompts of that length)
     prompt = PROMPT_TOKENS[c.task]
     with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
         trace = Path(tmp) / "trace.csv"
         with open(trace, "w") as f:
             f.write("arrival_s,prompt_tokens,output_tokens\n")
-            f.writelines(f"0,{prompt},{int(o)}\n" for o in outs)
+            f.writelines(f"0,{int(p)},{int(o)}\n" for p, o in zip(plens, outs, strict=True))
         try:
             # hours: enough for the run at a pessimistic 5 ms per output token per sequence slot
             est_s = float(outs.sum()) / c.max_num_seqs * 0.2 + 60.0
             hours = max(1, min(48, math.ceil(est_s / 3600.0) + 1))
-            sc = _run_scenario(c, trace, prompt, outs, hours, engine)
+            sc = _run_scenario(c, trace, plens, outs, hours, engine)
             rs = resolve(sc, "")
             prof0 = rs.profile
             if (
@@ -1628,9 +1715,9 @@ def tail_lines(rows: Sequence[Row]) -> list[str]:
     return out
 
 
-def _sim_one(args: tuple[Config, int, str, float | None, dict | None]) -> SimRun:
-    c, seed, engine, stall, fields = args
-    return simulate_config(c, seed, engine, stall, profile_fields=fields)
+def _sim_one(args: tuple[Config, int, str, float | None, dict | None, str]) -> SimRun:
+    c, seed, engine, stall, fields, prompts = args
+    return simulate_config(c, seed, engine, stall, profile_fields=fields, prompts=prompts)
 
 
 def lomo_host_stalls(data: Path, configs: Sequence[Config]) -> dict[tuple[str, str], float]:
@@ -1659,15 +1746,17 @@ def simulate_all(
     engine: str = "iteration",
     stalls: dict[tuple[str, str], float] | None = None,
     fields: dict[str, dict] | None = None,
+    prompts: str = "constant",
 ) -> list[SimRun]:
     """:func:`simulate_config` of every configuration, in a process pool; ``stalls`` (by GPU
     and model, :func:`lomo_host_stalls`) replaces the catalog's host stall per step;
     ``fields`` (by GPU, ``"B200"``) the resolved profile's fields (``profile_fields``: a
-    folder's fitted constants, :func:`folder_profile_fields`)."""
+    folder's fitted constants, :func:`folder_profile_fields`); ``prompts`` the prompt lengths'
+    shape (:func:`draw_prompts`)."""
     st = stalls or {}
     fs = fields or {}
     jobs = [
-        (c, seed, engine, st.get((c.gpu_model, c.model_id)), fs.get(c.gpu_model) or None)
+        (c, seed, engine, st.get((c.gpu_model, c.model_id)), fs.get(c.gpu_model) or None, prompts)
         for c in configs
     ]
     if workers <= 1 or len(jobs) <= 1:
@@ -2220,6 +2309,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also compare the power-fit variants (anchor weight, loss, dense or all rows; "
         "several minutes)",
     )
+    ap.add_argument(
+        "--prompts",
+        choices=PROMPT_SHAPES,
+        default=HARNESS_PROMPTS,
+        help="prompt lengths: constant (the task's mean, every request), azure (the default: "
+        "chat prompts drawn from the Azure LLM inference trace 2023's conversation service, "
+        "rescaled to that mean; docs/accuracy.md, 'ITL tails') or azure-code (also fim's, "
+        "from its code service)",
+    )
     ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")
     ap.add_argument(
         "--kind",
@@ -2237,7 +2335,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
     # the host stall per step, fitted without each row's model (the catalog's is the fit to all)
     stalls = lomo_host_stalls(a.data, configs)
-    runs = simulate_all(configs, a.workers, engine=a.engine, stalls=stalls)
+    runs = simulate_all(configs, a.workers, engine=a.engine, stalls=stalls, prompts=a.prompts)
     pairs = []
     for c, r in zip(configs, runs, strict=True):
         if r.error:
@@ -2269,7 +2367,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for c, p in imp:
             print(f"  {c.key:70} {p:8.0f}")
-    print(f"({len(pairs)} configurations simulated in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"({len(pairs)} configurations simulated in {time.perf_counter() - t0:.1f} s;"
+        f" prompts {a.prompts})"
+    )
     return 0
 
 
