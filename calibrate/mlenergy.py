@@ -466,8 +466,8 @@ def draw_outputs(c: Config, n: int, rng: np.random.Generator) -> np.ndarray:
 @functools.lru_cache(maxsize=4)
 def trace_context_tokens(path: Path) -> np.ndarray:
     """The ContextTokens column of an Azure LLM inference trace CSV (prompt tokens per request,
-    in the file's order)."""
-    with open(path, newline="") as f:
+    in the file's order), read through the bounded reader as the data folder's CSVs are."""
+    with _csv_text(path) as f:
         return np.array([int(r["ContextTokens"]) for r in csv.DictReader(f)], dtype=np.int64)
 
 
