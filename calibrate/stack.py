@@ -1067,6 +1067,7 @@ def stacks_toml(res: dict) -> str:
             )
         lines += _eager_host_lines(gpu)
         lines += _mla_prefill_lines(gpu)
+        lines += _mamba_prefill_lines(gpu, v.get("derived_from"))
         lines.append(f"graph_floor_frac = {v['graph_floor_frac']:g}  # assumed (L)")
         lines.append(
             f"kv_memory_eff = {v['kv_memory_eff']:.3f}  # fitted: KV read, fraction of peak"
@@ -1156,6 +1157,29 @@ def _mla_prefill_lines(gpu: str) -> list[str]:
         f"eager_mla_prefill_layer_host_s = {h:.4e}  # fitted (L): further host time per"
         " latent-attention layer of such an iteration that carries prompt tokens (the MLA"
         " prefill path; DeepSeek-V3.1's rows alone); calibrate/mla_prefill.py"
+    ]
+
+
+def _mamba_prefill_lines(gpu: str, derived_from: str | None = None) -> list[str]:
+    """The catalog line of a GPU's Mamba-2 prefill path in prompt-carrying steps, kept as
+    committed (``python -m fleetsim.calibrate.mamba_prefill`` fits it); a derived GPU's is
+    the one it derives from."""
+    from fleetsim.device import catalog
+
+    stacks = catalog.stacks().get("vllm-v1", {})
+    entry = stacks.get(derived_from or gpu, {})
+    if "linear_state_prefill_layer_s" not in entry:
+        return []
+    h = float(entry["linear_state_prefill_layer_s"])
+    if derived_from:
+        return [
+            f"linear_state_prefill_layer_s = {h:.4e}  # derived: the {derived_from}'s (same"
+            " host-side stack)"
+        ]
+    return [
+        f"linear_state_prefill_layer_s = {h:.4e}  # fitted (L): time per Mamba-2 layer of an"
+        " iteration that carries prompt tokens, beyond its chunked scan (the mixer's prefill"
+        " path); calibrate/mamba_prefill.py"
     ]
 
 

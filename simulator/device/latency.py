@@ -51,6 +51,9 @@ from fleetsim.device.moe import (
     catalog_moe_fit,
     linear_state_block_s,
     linear_state_update_extra_s,
+    ssd_prefill_delta_s,
+    ssd_scan_bytes_per_token,
+    ssd_scan_flops_per_token,
     mlp_parts_s,
     moe_layer_parts_s,
 )
@@ -255,6 +258,12 @@ class RooflineProfile:
     #: ``MLACommonImpl._forward_prefill``: the latent up-projection, the prefill attention, the
     #: cached context's chunks and their merge; see fleetsim.device.stack)
     eager_mla_prefill_layer_host_s: float = 0.0
+    #: time per linear-state (Mamba-2) layer of an iteration that carries prompt tokens, on top
+    #: of its chunked scan's FLOPs and bytes (fleetsim.device.moe.ssd_prefill_delta_s): the
+    #: prefill path each Mamba-2 mixer runs beside the decode path (vLLM's
+    #: ``MambaMixer2.forward_cuda``: ``causal_conv1d_fn``, the five SSD kernels and the final
+    #: states, outside the CUDA graph; see fleetsim.device.stack); 0: none
+    linear_state_prefill_layer_s: float = 0.0
     #: the fused-MoE kernel fp8 block-quantised experts run (``fleet.fp8_moe_kernel``,
     #: fleetsim.device.moe.FP8_MOE_KERNELS): vLLM's Triton kernel, or FlashInfer's TensorRT-LLM
     #: block-scale kernel (Blackwell, ``VLLM_USE_FLASHINFER_MOE_FP8=1``)
@@ -532,6 +541,15 @@ class LatencyModel:
         #: bytes of linear-state (Mamba) state read and written per sequence per iteration (the
         #: scan reads and writes each sequence's state once: 0 for attention-only models)
         self._sb = 2.0 * m.state_bytes_per_seq
+        #: a prompt token's FLOPs and bytes in the linear-state layers' chunked scan (the SSD
+        #: algorithm, fleetsim.device.moe.ssd_scan_flops_per_token), the FLOPs beyond the
+        #: recurrent scan's that f_lin counts (linear_state_flops_per_token); 0: no such layers
+        self._pf_flops = 0.0
+        self._pf_bytes = 0.0
+        if m.n_linear_layers:
+            per_layer_rec = m.linear_state_flops_per_token / m.n_linear_layers
+            self._pf_flops = m.n_linear_layers * (ssd_scan_flops_per_token(m, 1) - per_layer_rec)
+            self._pf_bytes = m.n_linear_layers * ssd_scan_bytes_per_token(m, 1)
         if isinstance(profile, RooflineProfile):
             p = profile
             self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
@@ -560,6 +578,8 @@ class LatencyModel:
         ] = {}
         self._kern: KernelFit | None = None
         self._eh = False  # the eager MoE host floor (set by _init_kernels)
+        self._pf_tok_s = 0.0  # the linear-state layers' prefill path (set by _init_kernels)
+        self._pf_iter_s = 0.0
         if isinstance(profile, RooflineProfile) and profile.kernels is not None:
             self._init_kernels(profile, profile.kernels)
 
@@ -613,6 +633,16 @@ class LatencyModel:
         self._head_cache_g = self._head_cache
         self._per_seq = p.per_seq_s
         self._ls_eff = p.linear_state_eff
+        #: a prompt token's chunked scan over the linear-state layers beyond the per-token state
+        #: charge of linear_state_block_s (s, <= 0), and the prompt-carrying iteration's fixed
+        #: prefill-path time (s)
+        self._pf_tok_s = 0.0
+        self._pf_iter_s = 0.0
+        if m.n_linear_layers:
+            self._pf_tok_s = m.n_linear_layers * ssd_prefill_delta_s(
+                kf, self._peak_lin, self._bw, m, tp
+            )
+            self._pf_iter_s = m.n_linear_layers * p.linear_state_prefill_layer_s
         self._ar_floor_g = 0.0
         #: the eager MoE host floor (see RooflineProfile.eager_moe_layer_host_s): its per-layer
         #: part and per-sequence rate; 0: none
@@ -1040,6 +1070,9 @@ class LatencyModel:
                 t_pad = self.dp_padded_tokens(p_tokens, n_prefill, n)
             flops += (t_pad - tokens) * f_lin
         nbytes = self._weights(tokens) + self.kvb * (ctx + tokens) + self._sb * (n_prefill + n)
+        if p_tokens and self._pf_bytes:  # the prompt tokens' chunked scan (SSD)
+            flops += p_tokens * self._pf_flops
+            nbytes += p_tokens * self._pf_bytes
         if p_tokens == 0:  # a pure decode step: the run formula, so both modes agree exactly
             c = self.coeff_cache.get(n)
             if c is None:
@@ -1063,6 +1096,8 @@ class LatencyModel:
                 else self.linear_time(t_lin, n_prefill + n)
             )
             t = self._oh + lt + (att if att > kv else kv) + tokens * att_m
+            if self._pf_iter_s or self._pf_tok_s:  # the linear-state layers' prefill path
+                t += self._pf_iter_s + p_tokens * self._pf_tok_s
             if self._eh and t_lin > self._gmax:  # an eager MoE iteration's host floor
                 f = self.eager_host_s(n_prefill + n, n_prefill)
                 if f > t:
@@ -1207,6 +1242,8 @@ class LatencyModel:
                 "lm_head": head,
                 "embedding": elem_time_s(kf, self._bw, "emb", 4.0 * tokens * m.d_model),
             }
+        if "linear_state" in lin and p_tokens > 0:  # the prefill path (iteration)
+            lin["linear_state"] += self._pf_iter_s + p_tokens * self._pf_tok_s
         if self._per_seq and seqs > 0:  # the serving stack's per-sequence time, on its own
             per_seq = seqs * self._per_seq
             lin["lm_head"] -= per_seq

@@ -670,6 +670,65 @@ def linear_state_scan_bytes(model: ModelSpec, tp: int) -> float:
     return 2.0 * 2.0 * state
 
 
+#: Tokens per chunk of the Mamba-2 SSD chunked scan that vLLM runs a prefill through
+#: (``mamba_chunk_scan_combined_varlen``, ``vllm/model_executor/layers/mamba/ops/ssd_combined.py``;
+#: the chunk size is the checkpoint's ``chunk_size``, which the Nemotron-H configuration
+#: defaults to 128: transformers ``NemotronHConfig``; the Nemotron Nano v2 checkpoints keep it)
+SSD_CHUNK_TOKENS = 128
+
+
+def ssd_scan_flops_per_token(model: ModelSpec, tp: int, chunk: int = SSD_CHUNK_TOKENS) -> float:
+    """FLOPs per prompt token of one linear-state (Mamba-2) layer's chunked scan on one GPU of
+    ``tp`` (heads and groups split ``tp`` ways), the SSD algorithm of Dao & Gu 2024 ("Transformers
+    are SSMs", §6) as vLLM 0.11 runs it (``_mamba_chunk_scan_combined_fwd``): per chunk of
+    ``chunk`` = Q tokens, ``_bmm_chunk_fwd`` forms C B^T (Q x Q per group over the state size N:
+    2 Q N per token and group), ``_chunk_scan_fwd`` multiplies the masked Q x Q matrix with x
+    (2 Q P per token and head, P the head width; the full block counted) and adds C times the
+    state entering the chunk (2 N P per token and head), ``_chunk_state_fwd`` forms each chunk's
+    state B^T x (2 N P per token and head) and ``_state_passing_fwd`` carries the states across
+    chunks (a multiply-add per state element per chunk: 2 N P / Q per token and head)."""
+    if not model.n_linear_layers:
+        return 0.0
+    q, n, p = float(chunk), float(model.ssm_state_size), float(model.ssm_head_dim)
+    heads = model.ssm_n_heads / tp
+    groups = max(model.ssm_n_groups / tp, 1.0)
+    return 2.0 * q * n * groups + 2.0 * heads * p * (q + 2.0 * n + n / q)
+
+
+def ssd_scan_bytes_per_token(model: ModelSpec, tp: int, chunk: int = SSD_CHUNK_TOKENS) -> float:
+    """Bytes per prompt token of one linear-state layer's chunked scan on one GPU of ``tp``
+    (the kernels of :func:`ssd_scan_flops_per_token`): x, B and C read twice each, z read and
+    y written once, in 16 bits (2 (4 H P + 4 G N)); each chunk's state (H x P x N) written in
+    fp32 by ``_chunk_state_fwd`` (``states_in_fp32=True``), read in fp32 and written in 16 bits
+    by ``_state_passing_fwd``, read by ``_chunk_scan_fwd`` (12 H P N per chunk); C B^T in fp32,
+    written and read (8 Q G per token). Not the per-token state round trip of a recurrent
+    scan: the SSD touches the state once per chunk."""
+    if not model.n_linear_layers:
+        return 0.0
+    q, n, p = float(chunk), float(model.ssm_state_size), float(model.ssm_head_dim)
+    heads = model.ssm_n_heads / tp
+    groups = max(model.ssm_n_groups / tp, 1.0)
+    acts = 2.0 * (4.0 * heads * p + 4.0 * groups * n)
+    return acts + 12.0 * heads * p * n / q + 8.0 * q * groups
+
+
+def ssd_prefill_delta_s(
+    fit: KernelFit, peak_flops: float, bw: float, model: ModelSpec, tp: int
+) -> float:
+    """Seconds per prompt token that one linear-state layer's chunked scan (the roofline of
+    :func:`ssd_scan_flops_per_token` at the kernel fit's GEMM efficiency and
+    :func:`ssd_scan_bytes_per_token` at its elementwise one) takes beyond the per-token state
+    read and write that :func:`linear_state_block_s` charges every token (negative: the SSD
+    touches the state once per chunk). The decoding tokens keep that charge (vLLM's
+    ``selective_state_update``)."""
+    if not model.n_linear_layers:
+        return 0.0
+    act_eff = fit.elem_params("act")[1]
+    t_c = ssd_scan_flops_per_token(model, tp) / (peak_flops * fit.gemm_eff_max)
+    t_m = ssd_scan_bytes_per_token(model, tp) / (bw * act_eff)
+    return max(t_c, t_m) - linear_state_scan_bytes(model, tp) / (bw * act_eff)
+
+
 def linear_state_update_extra_s(
     fit: KernelFit, bw: float, model: ModelSpec, tp: int, seqs: float, state_eff: float
 ) -> float:

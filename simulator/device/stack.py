@@ -187,4 +187,5 @@ def apply_stack(
         eager_seq_host_s=float(c.get("eager_seq_host_s", 0.0)),
         eager_mla_layer_host_s=float(c.get("eager_mla_layer_host_s", 0.0)),
         eager_mla_prefill_layer_host_s=float(c.get("eager_mla_prefill_layer_host_s", 0.0)),
+        linear_state_prefill_layer_s=float(c.get("linear_state_prefill_layer_s", 0.0)),
     )

@@ -1,0 +1,144 @@
+"""The Mamba-2 prefill path of a prompt-carrying step (``vllm-v1``; Nemotron Nano v2 hybrids).
+
+A step of a Mamba-2 hybrid that carries prompt tokens runs, in every linear-state layer, the
+prefill path beside the decode path (vLLM 0.11 ``vllm/model_executor/layers/mamba/
+mamba_mixer2.py``, ``MambaMixer2.forward_cuda``: the prompt tokens through
+``causal_conv1d_fn`` and ``mamba_chunk_scan_combined_varlen``, i.e. the five SSD kernels of
+``ops/ssd_combined.py`` (``_chunk_cumsum_fwd``, ``_chunk_state_fwd``, ``_state_passing_fwd``,
+``_bmm_chunk_fwd``, ``_chunk_scan_fwd``) and ``chunk_state_varlen``; the decoding tokens
+through ``causal_conv1d_update`` and ``selective_state_update``). The simulator charges the
+prompt tokens the chunked scan's FLOPs and bytes (:func:`fleetsim.device.moe.
+ssd_prefill_delta_s`: ~8 MFLOP and ~0.22 MB per token and layer for the 9B, under a
+millisecond for a 300-token prompt over its 27 layers) and, per linear-state layer of such a
+step, the fixed time ``linear_state_prefill_layer_s`` fitted here.
+
+Evidence (data/mlenergy-v3, one-GPU Nemotron Nano 9B/12B v2 lm-arena-chat): the measured mean
+step (batch / tokens/s) exceeds the median ITL by 0.8-16.7 ms, the p90 / p99 ITL of the rows
+whose prompt steps pass 10 % / 1 % of the steps sit 31-50 ms above the median (9B H100 b64:
+16.8 / 50.7 ms), and the time each prompt-carrying step must add (``python -m
+fleetsim.calibrate.mlenergy --beyond``) is about the same on the H100 and on the 2.4x faster
+B200: a fixed time per prompt step, not a per-token one (a per-token state round trip would
+halve on the B200). Candidate mechanism, not shown: the mixer's prefill path runs outside the
+CUDA graph (a mixed batch replays piecewise graphs, the Mamba mixer being a splitting op), so
+its ~10 kernel launches and their metadata per layer are host-bound.
+
+The fit, in closed form: each non-suspect chat row of a hybrid on the GPU is simulated once
+without the term; the term adds ``n_linear_layers x h`` to each prompt-carrying step, so the
+row's value is its missing time per prompt step (``StepSplit.missing_per_prompt_step_s``) over
+its linear-state layers; the constant is the median over the rows whose prompt-carrying share
+of steps is at least :data:`MIN_PROMPT_SHARE` (where the time beyond the median is carried by
+the prompt steps), and each model is predicted from the other's rows (two models: 9B from 12B
+and back).
+
+    python -m fleetsim.calibrate.mamba_prefill [--gpu H100] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+#: the profile's (and catalog/stacks.toml's) field
+FIELD = "linear_state_prefill_layer_s"
+#: the rows the fit reads: prompt-carrying steps at least this share of the simulated steps
+MIN_PROMPT_SHARE = 0.05
+
+
+def linear_layers(model_id: str) -> int:
+    """The linear-state (Mamba-2) layers of ``model_id`` by its config.json (data/models):
+    the ``M`` of its ``hybrid_override_pattern``; 0 for any other model."""
+    from fleetsim.base import io
+    from fleetsim.calibrate import mlenergy as ml
+
+    path = ml.MODELS_DIR / model_id / "config.json"
+    if not path.is_file():
+        return 0
+    cfg = io.load_json(path, "the model's config.json")[0]
+    return str(cfg.get("hybrid_override_pattern", "")).count("M")
+
+
+def hybrid_configs(gpu: str, data_dir=None) -> list:
+    """The non-suspect, expressible lm-arena-chat rows of ``gpu`` whose model has
+    linear-state (Mamba-2) layers."""
+    from fleetsim.calibrate import mlenergy as ml
+
+    return [
+        c
+        for c in ml.read_configs(data_dir or ml.DATA_DIR)
+        if c.gpu_model == gpu
+        and c.task == "lm-arena-chat"
+        and not c.suspect
+        and not ml.skip_reason(c)
+        and linear_layers(c.model_id)
+    ]
+
+
+def row_values(pairs: Sequence) -> list[tuple[str, str, float, float]]:
+    """(row key, model, prompt-step share, seconds per linear-state layer the row asks for) of
+    each simulated row ``(config, run)`` (simulated without the term)."""
+    from fleetsim.calibrate import mlenergy as ml
+
+    out = []
+    for c, r in pairs:
+        n_lin = linear_layers(c.model_id)
+        s = ml.step_split(c, r)
+        if not n_lin or math.isnan(s.prompt_share):
+            continue
+        out.append((c.key, c.model_id, s.prompt_share, s.missing_per_prompt_step_s / n_lin))
+    return out
+
+
+def fit(values: Sequence[tuple[str, str, float, float]]) -> dict:
+    """The constant (median over every row of share >= :data:`MIN_PROMPT_SHARE`, floored at
+    0) and, by model, the value fitted without it."""
+    use = [v for v in values if v[2] >= MIN_PROMPT_SHARE]
+    if not use:
+        return {"value_s": 0.0, "rows": 0, "models": [], "lomo": {}}
+    models = sorted({v[1] for v in use})
+    lomo = {}
+    for m in models:
+        rest = [v[3] for v in use if v[1] != m]
+        lomo[m] = max(float(np.median(rest)), 0.0) if rest else math.nan
+    return {
+        "value_s": max(float(np.median([v[3] for v in use])), 0.0),
+        "rows": len(use),
+        "models": models,
+        "lomo": lomo,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fleetsim.calibrate import mlenergy as ml
+
+    ap = argparse.ArgumentParser(prog="python -m fleetsim.calibrate.mamba_prefill")
+    ap.add_argument("--gpu", default="H100")
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args(argv)
+    configs = hybrid_configs(a.gpu)
+    stalls = ml.lomo_host_stalls(ml.DATA_DIR, configs)
+    runs = ml.simulate_all(
+        configs,
+        a.workers,
+        engine="iteration",
+        stalls=stalls,
+        fields={a.gpu: {FIELD: 0.0}},
+        prompts=ml.HARNESS_PROMPTS,
+    )
+    pairs = [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
+    vals = row_values(pairs)
+    for key, _, share, h in vals:
+        print(f"  {key:70} share {share:4.2f} asks {1e3 * h:6.3f} ms per layer")
+    f = fit(vals)
+    print(
+        f"{a.gpu}: {FIELD} = {f['value_s']:.4e} s ({f['rows']} rows of share >= "
+        f"{MIN_PROMPT_SHARE}); leave-one-model-out: "
+        + ", ".join(f"{m} {1e3 * h:.3f} ms" for m, h in f["lomo"].items())
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""The Mamba-2 prefill path: the SSD chunked scan's FLOPs and bytes (fleetsim.device.moe) and the
+fitted time per linear-state layer of a prompt-carrying step (calibrate/mamba_prefill.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fleetsim.calibrate import mamba_prefill as mp
+from fleetsim.device import catalog
+from fleetsim.device.latency import LatencyModel, RooflineProfile
+from fleetsim.device.moe import (
+    SSD_CHUNK_TOKENS,
+    linear_state_scan_bytes,
+    ssd_scan_bytes_per_token,
+    ssd_scan_flops_per_token,
+)
+
+#: Nemotron Nano 9B v2 (data/models/.../config.json): 27 Mamba-2 layers ('M' in
+#: hybrid_override_pattern) of H = 128 heads x P = 80, state N = 128, G = 8 groups; chunk Q = 128
+LAYERS, H, P, N, G, Q = 27, 128, 80, 128, 8, 128
+
+
+def _nemotron(gpu: str = "h100-sxm", prefill_layer_s: float | None = None) -> LatencyModel:
+    from conftest import resolved
+
+    d = {
+        "simulation": {"hours": 1},
+        "model": {"name": "nemotron-nano-9b-v2"},
+        "hardware": {"gpu": gpu},
+        "traffic": {"requests_per_day": 1000},
+    }
+    lm = resolved(d).latency_model()
+    if prefill_layer_s is None:
+        return lm
+    p = lm.profile
+    assert isinstance(p, RooflineProfile)
+    return LatencyModel(
+        lm.model, dataclasses.replace(p, linear_state_prefill_layer_s=prefill_layer_s), 1
+    )
+
+
+def test_ssd_flops_of_one_layer_and_chunk_by_hand():
+    """One chunk of Q = 128 prompt tokens through one layer, the SSD algorithm's matmuls (Dao &
+    Gu 2024, §6) counted by hand: C B^T per group, Q x N by N x Q: 2 x 128 x 128 x 128 =
+    4,194,304, x 8 groups = 33,554,432; the masked Q x Q matrix times x per head, Q x Q by
+    Q x P: 2 x 128 x 128 x 80 = 2,621,440, x 128 heads = 335,544,320; the chunk's state B^T x
+    per head, N x Q by Q x P: 2,621,440 x 128 = 335,544,320; C times the entering state per
+    head, Q x N by N x P: the same 335,544,320; the state passing, a multiply-add per state
+    element: 2 x 80 x 128 x 128 heads = 2,621,440. Sum 1,042,808,832 per chunk: 8,146,944 per
+    token (vs the 5 x 10,240 x 128 = 6,553,600 of a recurrent scan's elementwise count)."""
+    m = _nemotron().model
+    assert SSD_CHUNK_TOKENS == Q
+    assert (m.ssm_n_heads, m.ssm_head_dim, m.ssm_state_size, m.ssm_n_groups) == (H, P, N, G)
+    chunk = 33_554_432 + 335_544_320 + 335_544_320 + 335_544_320 + 2_621_440
+    assert chunk == 1_042_808_832
+    assert Q * ssd_scan_flops_per_token(m, 1) == pytest.approx(chunk, rel=1e-12)
+    assert ssd_scan_flops_per_token(m, 1) == pytest.approx(8_146_944, rel=1e-12)
+    # tensor parallelism splits heads and groups: each GPU does half of it on two
+    assert ssd_scan_flops_per_token(m, 2) == pytest.approx(8_146_944 / 2, rel=1e-12)
+
+
+def test_ssd_bytes_touch_the_state_once_per_chunk():
+    """Per prompt token of one layer: x, B, C twice and z, y once in bf16, 2 x (4 x 10,240 + 4 x
+    1,024) = 90,112; the chunk's state (1,310,720 elements) written fp32, read fp32, written
+    bf16, read bf16 (12 bytes) per chunk of 128 tokens: 122,880; C B^T in fp32 written and read,
+    8 x 128 x 8 = 8,192: 221,184 bytes, against 4 x 1,310,720 = 5,242,880 for a per-token state
+    read and write (24x less)."""
+    m = _nemotron().model
+    assert ssd_scan_bytes_per_token(m, 1) == pytest.approx(90_112 + 122_880 + 8_192, rel=1e-12)
+    assert linear_state_scan_bytes(m, 1) == 5_242_880
+    assert ssd_scan_bytes_per_token(m, 1) * 23 < linear_state_scan_bytes(m, 1)
+
+
+def test_a_prompt_token_costs_the_chunked_scan_not_a_state_round_trip():
+    """With the prefill path's fixed time left out, 256 more prompt tokens in a step of 64
+    decoding sequences add their chunked scan's FLOPs (8,146,944 per token and layer, beyond
+    the recurrent count f_lin carries) and bytes (221,184), and take less time than 27 layers'
+    per-token state read and write alone would (256 x 141.6 MB at the full bandwidth: 10.8 ms
+    on an H100); the old charge (the state round trip per prompt token at the elementwise
+    efficiency) took longer than that."""
+    lm = _nemotron(prefill_layer_s=0.0)
+    n, ctx = 64, 64 * 500.0
+    t1, f1, b1 = lm.iteration(256, 256 * 256 / 2, 1, n, ctx)
+    t2, f2, b2 = lm.iteration(512, 512 * 512 / 2, 1, n, ctx)
+    m = lm.model
+    rec = 5.0 * H * P * N  # the recurrent scan's per-layer FLOPs in f_lin
+    per_tok_f = m.flops_per_token_linear + LAYERS * (8_146_944 - rec)
+    pairs_f = (512 * 512 / 2 - 256 * 256 / 2) * m.attn_flops_per_pair
+    assert f2 - f1 == pytest.approx(256 * per_tok_f + pairs_f, rel=1e-9)
+    assert b2 - b1 == pytest.approx(256 * (lm.kvb + LAYERS * 221_184), rel=1e-9)
+    round_trip_s = 256 * LAYERS * 5_242_880 / lm.profile.mem_bw_bytes_per_s
+    assert round_trip_s == pytest.approx(10.8e-3, rel=0.01)
+    assert t2 - t1 < round_trip_s
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm", "b200"])
+def test_a_prompt_carrying_step_adds_the_fitted_time_per_mamba_layer(gpu):
+    """A step with prompt tokens takes 27 x linear_state_prefill_layer_s (the catalog's,
+    fitted) more than without the term; a decode step takes the same."""
+    h = catalog.stacks()["vllm-v1"][gpu]["linear_state_prefill_layer_s"]
+    assert 5e-4 < h < 3e-3
+    lm, lm0 = _nemotron(gpu), _nemotron(gpu, 0.0)
+    n, ctx = 64, 64 * 500.0
+    a = lm.iteration(270, 270 * 135.0, 1, n, ctx)
+    b = lm0.iteration(270, 270 * 135.0, 1, n, ctx)
+    assert a[0] - b[0] == pytest.approx(LAYERS * h, rel=1e-9)
+    assert a[1:] == b[1:]  # at the active level: no FLOPs, no bytes
+    assert lm.iteration(0, 0.0, 0, n, ctx) == lm0.iteration(0, 0.0, 0, n, ctx)
+    # the breakdown's linear_state part carries it, and the parts still sum to the step
+    parts = lm.breakdown(270, 270 * 135.0, 1, n, ctx)
+    parts0 = lm0.breakdown(270, 270 * 135.0, 1, n, ctx)
+    assert parts["linear_state"] - parts0["linear_state"] == pytest.approx(LAYERS * h, rel=1e-9)
+    assert sum(parts.values()) == pytest.approx(a[0], rel=1e-9)
+
+
+def test_the_fit_is_the_median_and_each_model_from_the_other():
+    """Rows below the prompt-share threshold are left out; the constant is the median of the
+    rest, floored at 0, and each model's value is the other's median."""
+    vals = [
+        ("a1", "A", 0.10, 1.0e-3),
+        ("a2", "A", 0.20, 1.2e-3),
+        ("a3", "A", 0.01, 9.0e-3),  # share under MIN_PROMPT_SHARE: left out
+        ("b1", "B", 0.30, 0.8e-3),
+    ]
+    f = mp.fit(vals)
+    assert f["rows"] == 3
+    assert f["value_s"] == pytest.approx(1.0e-3)
+    assert f["lomo"]["A"] == pytest.approx(0.8e-3)
+    assert f["lomo"]["B"] == pytest.approx(1.1e-3)
+    assert mp.fit([("x", "A", 0.5, -1e-3)])["value_s"] == 0.0
+    assert mp.linear_layers("nvidia/NVIDIA-Nemotron-Nano-9B-v2") == LAYERS
+    assert mp.linear_layers("Qwen/Qwen3-8B") == 0
