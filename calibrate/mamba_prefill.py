@@ -110,24 +110,46 @@ def fit(values: Sequence[tuple[str, str, float, float]]) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def simulate(configs: Sequence, workers: int = 2, fields: dict | None = None) -> list:
+    """``(config, run)`` of each row simulated without the term: with each model's
+    leave-one-model-out host stall (the harness's), or with ``fields`` (a folder's fitted
+    constants as profile fields) as ``fleetsim calibrate --from-mlenergy`` runs it."""
     from fleetsim.calibrate import mlenergy as ml
 
+    by_gpu = {c.gpu_model for c in configs}
+    stalls = {} if fields is not None else ml.lomo_host_stalls(ml.DATA_DIR, configs)
+    runs = ml.simulate_all(
+        configs,
+        workers,
+        engine="iteration",
+        stalls=stalls,
+        fields={g: {**(fields or {}), FIELD: 0.0} for g in by_gpu},
+        prompts=ml.HARNESS_PROMPTS,
+    )
+    return [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
+
+
+def fit_folder(data_dir, gpu: str, fields: dict, workers: int = 2) -> tuple[float | None, str]:
+    """The constant fitted to ``data_dir``'s hybrid chat rows on ``gpu``, simulated with the
+    profile fields ``fields`` (the folder's stack): ``(value, line)``; ``(None, line)`` without
+    such rows (the catalog's stays)."""
+    configs = hybrid_configs(gpu, data_dir)
+    f = fit(row_values(simulate(configs, workers, fields))) if configs else {"rows": 0}
+    if not f["rows"]:
+        return None, "Mamba-2 prefill path: the catalog's (no hybrid chat row to fit it)"
+    lomo = ", ".join(f"{m.split('/')[-1]} {1e3 * h:.2f}" for m, h in f["lomo"].items())
+    return f["value_s"], (
+        f"Mamba-2 prefill path {1e3 * f['value_s']:.2f} ms per layer ({f['rows']} rows; "
+        f"each model from the others: {lomo} ms)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fleetsim.calibrate.mamba_prefill")
     ap.add_argument("--gpu", default="H100")
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
-    configs = hybrid_configs(a.gpu)
-    stalls = ml.lomo_host_stalls(ml.DATA_DIR, configs)
-    runs = ml.simulate_all(
-        configs,
-        a.workers,
-        engine="iteration",
-        stalls=stalls,
-        fields={a.gpu: {FIELD: 0.0}},
-        prompts=ml.HARNESS_PROMPTS,
-    )
-    pairs = [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
+    pairs = simulate(hybrid_configs(a.gpu), a.workers)
     vals = row_values(pairs)
     for key, _, share, h in vals:
         print(f"  {key:70} share {share:4.2f} asks {1e3 * h:6.3f} ms per layer")

@@ -1941,6 +1941,8 @@ STACK_KEYS = (
     "eager_mla_layer_host_s",
     # latent attention's prefill path in an eager prompt-carrying step (calibrate/mla_prefill.py)
     "eager_mla_prefill_layer_host_s",
+    # the Mamba-2 prefill path of a prompt-carrying step (calibrate/mamba_prefill.py)
+    "linear_state_prefill_layer_s",
 )
 
 
@@ -2199,6 +2201,15 @@ def write_profiles(
             if h is not None:
                 consts["eager_mla_prefill_layer_host_s"] = h
             pg["line"] += "; " + mla_line
+        # the Mamba-2 hybrids' prefill path (calibrate/mamba_prefill.py), on the folder's stack
+        from fleetsim.calibrate import mamba_prefill
+
+        hm, mamba_line = mamba_prefill.fit_folder(
+            data_dir, g, folder_profile_fields(GPUS[g], consts, moe), workers
+        )
+        if hm is not None:
+            consts[mamba_prefill.FIELD] = hm
+        pg["line"] += "; " + mamba_line
         fields[g] = folder_profile_fields(GPUS[g], consts, moe)
     # the power model fitted to every configuration simulated with the folder's constants
     runs = simulate_all(configs, workers, engine=engine, fields=fields)

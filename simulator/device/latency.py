@@ -51,11 +51,11 @@ from fleetsim.device.moe import (
     catalog_moe_fit,
     linear_state_block_s,
     linear_state_update_extra_s,
+    mlp_parts_s,
+    moe_layer_parts_s,
     ssd_prefill_delta_s,
     ssd_scan_bytes_per_token,
     ssd_scan_flops_per_token,
-    mlp_parts_s,
-    moe_layer_parts_s,
 )
 
 _ceil = math.ceil
