@@ -25,10 +25,12 @@ its ~10 kernel launches and their metadata per layer are host-bound.
 The fit, in closed form: each non-suspect chat row of a hybrid on the GPU is simulated once
 without the term; the term adds ``n_linear_layers x h`` to each prompt-carrying step, so the
 row's value is its missing time per prompt step (``StepSplit.missing_per_prompt_step_s``) over
-its linear-state layers; the constant is the median over the rows whose prompt-carrying share
-of steps is at least :data:`MIN_PROMPT_SHARE` (where the time beyond the median is carried by
-the prompt steps), and each model is predicted from the other's rows (two models: 9B from 12B
-and back).
+its linear-state layers; the constant is the value of least summed |relative error| of the
+rows' mean steps (a weighted median of those values, :func:`row_values`) over the rows whose
+prompt-carrying share of steps is at least :data:`MIN_PROMPT_SHARE` (where the time beyond the
+median is carried by the prompt steps), and each model is predicted from the other's rows (two
+models: 9B from 12B and back). Committed: H100 1.05 ms (12 rows; 9B from the 12B's rows 1.10
+ms, 12B from the 9B's 0.98 ms), B200 1.79 ms (5 rows; 1.35 and 2.06 ms).
 
     python -m fleetsim.calibrate.mamba_prefill [--gpu H100] [--workers 2]
 """
@@ -76,9 +78,12 @@ def hybrid_configs(gpu: str, data_dir=None) -> list:
     ]
 
 
-def row_values(pairs: Sequence) -> list[tuple[str, str, float, float]]:
-    """(row key, model, prompt-step share, seconds per linear-state layer the row asks for) of
-    each simulated row ``(config, run)`` (simulated without the term)."""
+def row_values(pairs: Sequence) -> list[tuple[str, str, float, float, float]]:
+    """(row key, model, prompt-step share, seconds per linear-state layer the row asks for, its
+    weight) of each simulated row ``(config, run)`` (simulated without the term). The term
+    moves the row's mean step by ``share x layers x (h - asked)``, so the weight ``share x
+    layers / measured mean step`` makes the weighted median of the asked values the value of
+    least summed |relative error| of the rows' mean steps."""
     from fleetsim.calibrate import mlenergy as ml
 
     out = []
@@ -87,23 +92,36 @@ def row_values(pairs: Sequence) -> list[tuple[str, str, float, float]]:
         s = ml.step_split(c, r)
         if not n_lin or math.isnan(s.prompt_share):
             continue
-        out.append((c.key, c.model_id, s.prompt_share, s.missing_per_prompt_step_s / n_lin))
+        h = s.missing_per_prompt_step_s / n_lin
+        out.append((c.key, c.model_id, s.prompt_share, h, s.prompt_share * n_lin / s.meas_mean_s))
     return out
 
 
-def fit(values: Sequence[tuple[str, str, float, float]]) -> dict:
-    """The constant (median over every row of share >= :data:`MIN_PROMPT_SHARE`, floored at
-    0) and, by model, the value fitted without it."""
+def weighted_median(x: Sequence[float], w: Sequence[float]) -> float:
+    """The smallest ``x`` at which the cumulative weight reaches half the total (the minimiser
+    of ``sum w |h - x|``)."""
+    o = np.argsort(np.asarray(x, dtype=float))
+    xs, cw = np.asarray(x, dtype=float)[o], np.cumsum(np.asarray(w, dtype=float)[o])
+    return float(xs[np.searchsorted(cw, 0.5 * cw[-1])])
+
+
+def fit(values: Sequence[tuple[str, str, float, float, float]]) -> dict:
+    """The constant (the weighted median over every row of share >= :data:`MIN_PROMPT_SHARE`,
+    floored at 0) and, by model, the value fitted without it."""
     use = [v for v in values if v[2] >= MIN_PROMPT_SHARE]
     if not use:
         return {"value_s": 0.0, "rows": 0, "models": [], "lomo": {}}
     models = sorted({v[1] for v in use})
     lomo = {}
     for m in models:
-        rest = [v[3] for v in use if v[1] != m]
-        lomo[m] = max(float(np.median(rest)), 0.0) if rest else math.nan
+        rest = [v for v in use if v[1] != m]
+        lomo[m] = (
+            max(weighted_median([v[3] for v in rest], [v[4] for v in rest]), 0.0)
+            if rest
+            else math.nan
+        )
     return {
-        "value_s": max(float(np.median([v[3] for v in use])), 0.0),
+        "value_s": max(weighted_median([v[3] for v in use], [v[4] for v in use]), 0.0),
         "rows": len(use),
         "models": models,
         "lomo": lomo,
@@ -151,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     pairs = simulate(hybrid_configs(a.gpu), a.workers)
     vals = row_values(pairs)
-    for key, _, share, h in vals:
+    for key, _, share, h, _w in vals:
         print(f"  {key:70} share {share:4.2f} asks {1e3 * h:6.3f} ms per layer")
     f = fit(vals)
     print(

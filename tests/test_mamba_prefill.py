@@ -116,19 +116,22 @@ def test_a_prompt_carrying_step_adds_the_fitted_time_per_mamba_layer(gpu):
 
 
 def test_the_fit_is_the_median_and_each_model_from_the_other():
-    """Rows below the prompt-share threshold are left out; the constant is the median of the
-    rest, floored at 0, and each model's value is the other's median."""
+    """Rows below the prompt-share threshold are left out; the constant is the weighted median
+    of the rest (weights 1, 1, 3 of 5: the third row's 1.2 ms), floored at 0, and each model's
+    value is the others' weighted median (A from B's one row; B from A's: weights 1, 1 of 2, the
+    lower). The weighted median minimises sum w |h - x|: at 1.2 ms 1 x 0.2 + 1 x 0.4 = 0.6,
+    at 1.0 ms 0.2 + 0.6 = 0.8 (x 1e-3)."""
     vals = [
-        ("a1", "A", 0.10, 1.0e-3),
-        ("a2", "A", 0.20, 1.2e-3),
-        ("a3", "A", 0.01, 9.0e-3),  # share under MIN_PROMPT_SHARE: left out
-        ("b1", "B", 0.30, 0.8e-3),
+        ("a1", "A", 0.10, 1.0e-3, 1.0),
+        ("a2", "A", 0.20, 0.8e-3, 1.0),
+        ("a3", "A", 0.01, 9.0e-3, 9.0),  # share under MIN_PROMPT_SHARE: left out
+        ("b1", "B", 0.30, 1.2e-3, 3.0),
     ]
     f = mp.fit(vals)
     assert f["rows"] == 3
-    assert f["value_s"] == pytest.approx(1.0e-3)
-    assert f["lomo"]["A"] == pytest.approx(0.8e-3)
-    assert f["lomo"]["B"] == pytest.approx(1.1e-3)
-    assert mp.fit([("x", "A", 0.5, -1e-3)])["value_s"] == 0.0
+    assert f["value_s"] == pytest.approx(1.2e-3)
+    assert f["lomo"]["A"] == pytest.approx(1.2e-3)
+    assert f["lomo"]["B"] == pytest.approx(0.8e-3)
+    assert mp.fit([("x", "A", 0.5, -1e-3, 1.0)])["value_s"] == 0.0
     assert mp.linear_layers("nvidia/NVIDIA-Nemotron-Nano-9B-v2") == LAYERS
     assert mp.linear_layers("Qwen/Qwen3-8B") == 0
