@@ -644,8 +644,9 @@ def linear_state_block_s(
     tokens: its input and output projections as GEMMs (their parameters split ``tp`` ways), the
     norm, the convolution and the scan as bandwidth-bound operators over their state (the scan
     charged :func:`linear_state_scan_bytes` per token at the kernel fit's elementwise
-    efficiency; a decoding sequence's state update can run at another, fitted efficiency:
-    :func:`linear_state_update_extra_s`)."""
+    efficiency: a decoding sequence's state update, which can run at another, fitted efficiency:
+    :func:`linear_state_update_extra_s`; a prompt token's scan is the SSD chunked scan, which
+    the latency model charges in place of it: :func:`ssd_prefill_delta_s`)."""
     m = float(tokens)
     d = model.d_model
     inner = model.ssm_d_inner
@@ -736,8 +737,8 @@ def linear_state_update_extra_s(
     sequences' state update (vLLM's ``selective_state_update``: each sequence's state read and
     written once per step) runs at ``state_eff`` of the bandwidth instead of the kernel fit's
     elementwise efficiency; 0 when ``state_eff`` is 0 (the serving stack's fitted
-    ``linear_state_eff``, :mod:`fleetsim.device.stack`). Prefill tokens keep the elementwise
-    efficiency (the chunked scan, another kernel), so a step of ``seqs`` sequences is charged
+    ``linear_state_eff``, :mod:`fleetsim.device.stack`). Prefill tokens run the chunked scan,
+    another kernel (:func:`ssd_prefill_delta_s`), so a step of ``seqs`` sequences is charged
     the difference for ``seqs`` of its tokens."""
     if state_eff <= 0.0 or seqs <= 0:
         return 0.0
