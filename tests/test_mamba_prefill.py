@@ -135,3 +135,48 @@ def test_the_fit_is_the_median_and_each_model_from_the_other():
     assert mp.fit([("x", "A", 0.5, -1e-3, 1.0)])["value_s"] == 0.0
     assert mp.linear_layers("nvidia/NVIDIA-Nemotron-Nano-9B-v2") == LAYERS
     assert mp.linear_layers("Qwen/Qwen3-8B") == 0
+
+
+@pytest.mark.slow
+def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
+    """A round trip (about 30 s): two Nemotron chat rows on one H100 whose mean and median steps
+    are the simulator's own with 2 ms per Mamba-2 layer (the catalog has ~1) are fitted back to
+    it by ``mamba_prefill.fit_folder`` (the step ``fleetsim calibrate --from-mlenergy`` runs),
+    each model from the other's row too; a folder without hybrid rows keeps the catalog's."""
+    import csv
+    from pathlib import Path
+
+    from conftest import mlenergy_folder
+
+    from fleetsim.calibrate import mlenergy as M
+
+    keys = (
+        "nvidia/NVIDIA-Nemotron-Nano-9B-v2 lm-arena-chat H100 x1 TP1/EP1/DP1 b64",
+        "nvidia/NVIDIA-Nemotron-Nano-12B-v2 lm-arena-chat H100 x1 TP1/EP1/DP1 b128",
+    )
+    by_key = {c.key: c for c in M.read_configs()}
+    src = Path(__file__).resolve().parent.parent / "data" / "mlenergy-v3" / "configurations.csv"
+    with open(src, newline="") as f:
+        all_rows = list(csv.DictReader(f))
+    rows = []
+    for key in keys:
+        c = by_key[key]
+        run = M.simulate_config(
+            c, engine="iteration", profile_fields={mp.FIELD: 2e-3}, prompts=M.HARNESS_PROMPTS
+        )
+        s = M.step_split(c, run)
+        (r,) = (
+            dict(x)
+            for x in all_rows
+            if (x["source_file"], int(x["config_index"])) == (c.source_file, c.config_index)
+        )
+        r["itl_median_ms"] = repr(1e3 * s.sim_median_s)
+        r["output_tokens_per_s"] = repr(c.avg_batch_size / s.sim_mean_s)
+        rows.append(r)
+    d = mlenergy_folder(tmp_path / "hybrid", rows)
+    h, line = mp.fit_folder(d, "H100", {}, workers=2)
+    assert h == pytest.approx(2e-3, rel=1e-6)
+    assert "2.00 ms per layer (2 rows" in line
+    dense = [r for r in all_rows if r["model_id"] == "Qwen/Qwen3-8B"][:2]
+    h0, line0 = mp.fit_folder(mlenergy_folder(tmp_path / "dense", dense), "H100", {}, 1)
+    assert h0 is None and line0.startswith("Mamba-2 prefill path: the catalog's")
