@@ -152,10 +152,11 @@ def fit_folder(data_dir, gpu: str, fields: dict, workers: int = 2) -> tuple[floa
     profile fields ``fields`` (the folder's stack): ``(value, line)``; ``(None, line)`` without
     such rows (the catalog's stays)."""
     configs = hybrid_configs(gpu, data_dir)
-    f = fit(row_values(simulate(configs, workers, fields))) if configs else {"rows": 0}
-    if not f["rows"]:
+    f = fit(row_values(simulate(configs, workers, fields))) if configs else None
+    if f is None or not f["rows"]:
         return None, "Mamba-2 prefill path: the catalog's (no hybrid chat row to fit it)"
-    lomo = ", ".join(f"{m.split('/')[-1]} {1e3 * h:.2f}" for m, h in f["lomo"].items())
+    by_model: dict[str, float] = f["lomo"]
+    lomo = ", ".join(f"{m.split('/')[-1]} {1e3 * h:.2f}" for m, h in by_model.items())
     return f["value_s"], (
         f"Mamba-2 prefill path {1e3 * f['value_s']:.2f} ms per layer ({f['rows']} rows; "
         f"each model from the others: {lomo} ms)"
