@@ -1097,7 +1097,9 @@ class LatencyModel:
             )
             t = self._oh + lt + (att if att > kv else kv) + tokens * att_m
             if self._pf_iter_s or self._pf_tok_s:  # the linear-state layers' prefill path
-                t += self._pf_iter_s + p_tokens * self._pf_tok_s
+                t += self._pf_iter_s + self._engine_prompt_tokens(p_tokens, n_prefill) * (
+                    self._pf_tok_s
+                )
             if self._eh and t_lin > self._gmax:  # an eager MoE iteration's host floor
                 f = self.eager_host_s(n_prefill + n, n_prefill)
                 if f > t:
@@ -1117,6 +1119,14 @@ class LatencyModel:
             t_m = nbytes / self._rm
             t = self._oh + (t_c if t_c > t_m else t_m) + self._comm_a + self._comm_b * tokens
         return t, flops, nbytes
+
+    def _engine_prompt_tokens(self, p_tokens: int, n_prefill: int) -> int:
+        """The prompt tokens of the fullest engine of an iteration of ``p_tokens`` prompt tokens
+        over ``n_prefill`` prompts: all of them on one engine; under data parallelism the
+        prompts go one to an engine (:meth:`dp_padded_tokens`)."""
+        if self.dp <= 1 or n_prefill <= 0:
+            return p_tokens
+        return _ceil(_ceil(n_prefill / self.dp) * p_tokens / n_prefill)
 
     def eager_host_s(self, seqs: int, n_prefill: int = 0) -> float:
         """The host time of an iteration of ``seqs`` sequences that runs without a CUDA graph:
@@ -1243,7 +1253,8 @@ class LatencyModel:
                 "embedding": elem_time_s(kf, self._bw, "emb", 4.0 * tokens * m.d_model),
             }
         if "linear_state" in lin and p_tokens > 0:  # the prefill path (iteration)
-            lin["linear_state"] += self._pf_iter_s + p_tokens * self._pf_tok_s
+            p_eng = self._engine_prompt_tokens(p_tokens, n_prefill)
+            lin["linear_state"] += self._pf_iter_s + p_eng * self._pf_tok_s
         if self._per_seq and seqs > 0:  # the serving stack's per-sequence time, on its own
             per_seq = seqs * self._per_seq
             lin["lm_head"] -= per_seq
