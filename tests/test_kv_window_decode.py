@@ -220,7 +220,11 @@ def test_windowed_macro_equals_per_iteration(tmp_path, model, fleet):
             < 1e-9
         )
     assert a.totals.iterations == b.totals.iterations
-    assert a.totals.events < b.totals.events / 3  # macro-stepping is on
+    # macro-stepping is on; a disaggregated fleet's prefill pool takes one event per step in
+    # both engines (the hybrid's: 1,507 of 3,368 since its prompt steps run the SSD chunked
+    # scan, device/moe.py ssd_prefill_delta_s; 1,654 of 3,422 without the fitted prefill path)
+    hybrid_pd = "disaggregation" in fleet and model.startswith("nemotron")
+    assert a.totals.events < b.totals.events / (2 if hybrid_pd else 3)
     if fleet.get("gpu_memory_utilization"):
         assert a.totals.preemptions > 0
 
