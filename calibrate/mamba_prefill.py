@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -78,12 +79,47 @@ def hybrid_configs(gpu: str, data_dir=None) -> list:
     ]
 
 
-def row_values(pairs: Sequence) -> list[tuple[str, str, float, float, float]]:
-    """(row key, model, prompt-step share, seconds per linear-state layer the row asks for, its
-    weight) of each simulated row ``(config, run)`` (simulated without the term). The term
-    moves the row's mean step by ``share x layers x (h - asked)``, so the weight ``share x
-    layers / measured mean step`` makes the weighted median of the asked values the value of
-    least summed |relative error| of the rows' mean steps."""
+@dataclass(frozen=True)
+class RowNeed:
+    """What one simulated chat row (simulated without the floor) asks of the prefill floor."""
+
+    key: str
+    model: str
+    prompt_share: float  # prompt-carrying share of the simulated window's steps
+    layers: int  # linear-state (Mamba-2) layers
+    steps: float  # iterations of the simulated window
+    prompt_steps_s: np.ndarray  # the simulated time of each prompt-carrying step (no floor)
+    missing_per_step_s: float  # measured - simulated time beyond the median, per step
+    meas_mean_s: float  # measured mean step
+
+    def added_per_step_s(self, h: float) -> float:
+        """The mean step's gain under a floor of ``layers x h`` on every prompt step."""
+        return float(np.maximum(self.layers * h - self.prompt_steps_s, 0.0).sum() / self.steps)
+
+    @property
+    def asked_s(self) -> float:
+        """The floor per layer at which the row's mean step reaches the measured one (the
+        smallest; 0 where the row asks for nothing or is already too slow)."""
+        need = self.missing_per_step_s * self.steps
+        if not need > 0.0 or not len(self.prompt_steps_s):
+            return 0.0
+        # sum max(0, F - g_i) is piecewise linear in F: walk the sorted g_i
+        g = np.sort(self.prompt_steps_s)
+        k = np.arange(1, len(g) + 1)
+        # the total gained at F = g_k: sum over i < k of g_k - g_i
+        at = k * g - np.cumsum(g)
+        # the first breakpoint with at >= need (at[0] = 0 < need: idx >= 1); between
+        # breakpoints k - 1 and k the idx steps below F gain F - g_i each
+        idx = int(np.searchsorted(at, need))
+        f = g[idx - 1] + (need - at[idx - 1]) / idx
+        return float(f) / self.layers
+
+
+def row_values(pairs: Sequence) -> list[RowNeed]:
+    """:class:`RowNeed` of each simulated row ``(config, run)`` (simulated without the floor):
+    its prompt-carrying steps' times (a commit's prompt tokens are in its first iteration, the
+    rest of it decodes at the window's mean decode step, :func:`mlenergy.step_split`) and the
+    time per step its mean step misses."""
     from fleetsim.calibrate import mlenergy as ml
 
     out = []
@@ -92,40 +128,54 @@ def row_values(pairs: Sequence) -> list[tuple[str, str, float, float, float]]:
         s = ml.step_split(c, r)
         if not n_lin or math.isnan(s.prompt_share):
             continue
-        h = s.missing_per_prompt_step_s / n_lin
-        out.append((c.key, c.model_id, s.prompt_share, h, s.prompt_share * n_lin / s.meas_mean_s))
+        has_p = r.seg_prompt > 0
+        g = np.asarray(r.seg_s[has_p] - (r.seg_iters[has_p] - 1.0) * s.decode_step_s, float)
+        out.append(
+            RowNeed(
+                key=c.key,
+                model=c.model_id,
+                prompt_share=s.prompt_share,
+                layers=n_lin,
+                steps=s.steps,
+                prompt_steps_s=g,
+                missing_per_step_s=s.meas_beyond_s - s.sim_beyond_s,
+                meas_mean_s=s.meas_mean_s,
+            )
+        )
     return out
 
 
-def weighted_median(x: Sequence[float], w: Sequence[float]) -> float:
-    """The smallest ``x`` at which the cumulative weight reaches half the total (the minimiser
-    of ``sum w |h - x|``)."""
-    o = np.argsort(np.asarray(x, dtype=float))
-    xs, cw = np.asarray(x, dtype=float)[o], np.cumsum(np.asarray(w, dtype=float)[o])
-    return float(xs[np.searchsorted(cw, 0.5 * cw[-1])])
+def summed_error(rows: Sequence[RowNeed], h: float) -> float:
+    """The rows' summed |relative error| of the mean step under a floor of ``h`` per layer."""
+    return sum(abs(r.added_per_step_s(h) - r.missing_per_step_s) / r.meas_mean_s for r in rows)
 
 
-def fit(values: Sequence[tuple[str, str, float, float, float]]) -> dict:
-    """The constant (the weighted median over every row of share >= :data:`MIN_PROMPT_SHARE`,
-    floored at 0) and, by model, the value fitted without it."""
-    use = [v for v in values if v[2] >= MIN_PROMPT_SHARE]
+#: the fit's resolution (s per layer): the floor is the best of a grid of this step
+GRID_STEP_S = 1e-6
+
+
+def best_floor(rows: Sequence[RowNeed]) -> float:
+    """The floor per layer of least :func:`summed_error`, on a grid of :data:`GRID_STEP_S` from 0
+    to the largest value a row asks for (the error is convex in ``h``: past that every row's
+    mean step only grows)."""
+    top = max((r.asked_s for r in rows), default=0.0)
+    hs = np.arange(0.0, top + GRID_STEP_S, GRID_STEP_S)
+    errs = [summed_error(rows, float(h)) for h in hs]
+    return float(hs[int(np.argmin(errs))])
+
+
+def fit(values: Sequence[RowNeed]) -> dict:
+    """The floor per layer (of least summed |relative error| of the mean steps of the rows of
+    prompt share >= :data:`MIN_PROMPT_SHARE`) and, by model, the value fitted without it."""
+    use = [v for v in values if v.prompt_share >= MIN_PROMPT_SHARE]
     if not use:
         return {"value_s": 0.0, "rows": 0, "models": [], "lomo": {}}
-    models = sorted({v[1] for v in use})
+    models = sorted({v.model for v in use})
     lomo = {}
     for m in models:
-        rest = [v for v in use if v[1] != m]
-        lomo[m] = (
-            max(weighted_median([v[3] for v in rest], [v[4] for v in rest]), 0.0)
-            if rest
-            else math.nan
-        )
-    return {
-        "value_s": max(weighted_median([v[3] for v in use], [v[4] for v in use]), 0.0),
-        "rows": len(use),
-        "models": models,
-        "lomo": lomo,
-    }
+        rest = [v for v in use if v.model != m]
+        lomo[m] = best_floor(rest) if rest else math.nan
+    return {"value_s": best_floor(use), "rows": len(use), "models": models, "lomo": lomo}
 
 
 def simulate(configs: Sequence, workers: int = 2, fields: dict | None = None) -> list:
@@ -154,11 +204,11 @@ def fit_folder(data_dir, gpu: str, fields: dict, workers: int = 2) -> tuple[floa
     configs = hybrid_configs(gpu, data_dir)
     f = fit(row_values(simulate(configs, workers, fields))) if configs else None
     if f is None or not f["rows"]:
-        return None, "Mamba-2 prefill path: the catalog's (no hybrid chat row to fit it)"
+        return None, "Mamba-2 prefill floor: the catalog's (no hybrid chat row to fit it)"
     by_model: dict[str, float] = f["lomo"]
     lomo = ", ".join(f"{m.split('/')[-1]} {1e3 * h:.2f}" for m, h in by_model.items())
     return f["value_s"], (
-        f"Mamba-2 prefill path {1e3 * f['value_s']:.2f} ms per layer ({f['rows']} rows; "
+        f"Mamba-2 prefill floor {1e3 * f['value_s']:.2f} ms per layer ({f['rows']} rows; "
         f"each model from the others: {lomo} ms)"
     )
 
@@ -170,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     pairs = simulate(hybrid_configs(a.gpu), a.workers)
     vals = row_values(pairs)
-    for key, _, share, h, _w in vals:
-        print(f"  {key:70} share {share:4.2f} asks {1e3 * h:6.3f} ms per layer")
+    for v in vals:
+        print(f"  {v.key:70} share {v.prompt_share:4.2f} asks {1e3 * v.asked_s:6.3f} ms per layer")
     f = fit(vals)
     print(
         f"{a.gpu}: {FIELD} = {f['value_s']:.4e} s ({f['rows']} rows of share >= "

@@ -1177,9 +1177,9 @@ def _mamba_prefill_lines(gpu: str, derived_from: str | None = None) -> list[str]
             " host-side stack)"
         ]
     return [
-        f"linear_state_prefill_layer_s = {h:.4e}  # fitted (L): time per Mamba-2 layer of an"
-        " iteration that carries prompt tokens, beyond its chunked scan (the mixer's prefill"
-        " path); calibrate/mamba_prefill.py"
+        f"linear_state_prefill_layer_s = {h:.4e}  # fitted (L): host floor per Mamba-2 layer of"
+        " an iteration that carries prompt tokens (the mixers' eager prefill path; step ="
+        " max(GPU, floor)); calibrate/mamba_prefill.py"
     ]
 
 

@@ -96,43 +96,102 @@ def test_a_prompt_token_costs_the_chunked_scan_not_a_state_round_trip():
 
 
 @pytest.mark.parametrize("gpu", ["h100-sxm", "b200"])
-def test_a_prompt_carrying_step_adds_the_fitted_time_per_mamba_layer(gpu):
-    """A step with prompt tokens takes 27 x linear_state_prefill_layer_s (the catalog's,
-    fitted) more than without the term; a decode step takes the same."""
+def test_a_small_prompt_step_takes_the_host_floor_exactly(gpu):
+    """A prompt step of one 270-token prompt beside 8 decoding sequences, whose GPU time is
+    under the floor, takes 27 x linear_state_prefill_layer_s (the catalog's, fitted) exactly:
+    the host launching the Mamba-2 mixers' prefill path sets the step. A decode step takes the
+    same as without the floor, and the floor draws no FLOPs or bytes. The breakdown shows the
+    exposed host time as ``prefill_host`` and still sums to the step."""
     h = catalog.stacks()["vllm-v1"][gpu]["linear_state_prefill_layer_s"]
-    assert 5e-4 < h < 3e-3
+    assert 1e-3 < h < 5e-3
     lm, lm0 = _nemotron(gpu), _nemotron(gpu, 0.0)
-    n, ctx = 64, 64 * 500.0
+    n, ctx = 8, 8 * 500.0
     a = lm.iteration(270, 270 * 135.0, 1, n, ctx)
     b = lm0.iteration(270, 270 * 135.0, 1, n, ctx)
-    assert a[0] - b[0] == pytest.approx(LAYERS * h, rel=1e-9)
-    assert a[1:] == b[1:]  # at the active level: no FLOPs, no bytes
+    assert b[0] < 0.5 * LAYERS * h  # the GPU's own time is well under the floor
+    assert a[0] == pytest.approx(LAYERS * h, rel=1e-12)
+    assert a[1:] == b[1:]  # no FLOPs, no bytes
     assert lm.iteration(0, 0.0, 0, n, ctx) == lm0.iteration(0, 0.0, 0, n, ctx)
-    # the breakdown's linear_state part carries it, and the parts still sum to the step
     parts = lm.breakdown(270, 270 * 135.0, 1, n, ctx)
     parts0 = lm0.breakdown(270, 270 * 135.0, 1, n, ctx)
-    assert parts["linear_state"] - parts0["linear_state"] == pytest.approx(LAYERS * h, rel=1e-9)
+    assert "prefill_host" not in parts0
+    assert parts["prefill_host"] == pytest.approx(LAYERS * h - b[0], rel=1e-9)
     assert sum(parts.values()) == pytest.approx(a[0], rel=1e-9)
+    assert "prefill_host" not in lm.breakdown(0, 0.0, 0, n, ctx)  # a decode step: no floor
 
 
-def test_the_fit_is_the_median_and_each_model_from_the_other():
-    """Rows below the prompt-share threshold are left out; the constant is the weighted median
-    of the rest (weights 1, 1, 3 of 5: the third row's 1.2 ms), floored at 0, and each model's
-    value is the others' weighted median (A from B's one row; B from A's: weights 1, 1 of 2, the
-    lower). The weighted median minimises sum w |h - x|: at 1.2 ms 1 x 0.2 + 1 x 0.4 = 0.6,
-    at 1.0 ms 0.2 + 0.6 = 0.8 (x 1e-3)."""
+@pytest.mark.parametrize("gpu", ["h100-sxm", "b200"])
+def test_a_large_prompt_step_hides_the_floor(gpu):
+    """A prompt step whose GPU time passes the floor (a 16,384-token prompt beside 256 decoding
+    sequences) takes its GPU time, unchanged by the floor (the additive form of branch m35 at
+    7b395db added 27 x h to it)."""
+    h = catalog.stacks()["vllm-v1"][gpu]["linear_state_prefill_layer_s"]
+    lm, lm0 = _nemotron(gpu), _nemotron(gpu, 0.0)
+    p, n, ctx = 16_384, 256, 256 * 1_000.0
+    a = lm.iteration(p, p * p / 2.0, 1, n, ctx)
+    b = lm0.iteration(p, p * p / 2.0, 1, n, ctx)
+    assert b[0] > 1.5 * LAYERS * h
+    assert a == b
+    assert "prefill_host" not in lm.breakdown(p, p * p / 2.0, 1, n, ctx)
+
+
+def _row(model, share, layers, steps, prompt_steps_s, missing_per_step_s, meas_mean_s=1.0):
+    import numpy as np
+
+    return mp.RowNeed(
+        key=f"{model}{share}",
+        model=model,
+        prompt_share=share,
+        layers=layers,
+        steps=steps,
+        prompt_steps_s=np.asarray(prompt_steps_s, dtype=float),
+        missing_per_step_s=missing_per_step_s,
+        meas_mean_s=meas_mean_s,
+    )
+
+
+def test_a_row_asks_the_floor_that_adds_its_missing_time():
+    """A row of 10 steps and 2 layers whose two prompt steps take 2 and 6 ms on the GPU and
+    which misses 0.4 ms per step (4 ms in all) asks a 6 ms floor (3 ms per layer): the first step
+    gains 4 ms, the second none; missing 0.6 ms per step (6 ms) asks 7 ms (3.5 ms per layer): 5
+    + 1 ms. An additive term would ask 2 and 3 ms (1 and 1.5 per layer). A row that misses
+    nothing, or runs slow, asks 0."""
+    r = _row("A", 0.2, 2, 10.0, [6e-3, 2e-3], 0.4e-3)
+    assert r.asked_s == pytest.approx(3.0e-3, rel=1e-12)
+    assert r.added_per_step_s(3.0e-3) == pytest.approx(0.4e-3, rel=1e-12)
+    assert _row("A", 0.2, 2, 10.0, [6e-3, 2e-3], 0.6e-3).asked_s == pytest.approx(3.5e-3)
+    assert _row("A", 0.2, 2, 10.0, [6e-3, 2e-3], 0.05e-3).asked_s == pytest.approx(1.25e-3)
+    assert _row("A", 0.2, 2, 10.0, [6e-3, 2e-3], 0.0).asked_s == 0.0
+    assert _row("A", 0.2, 2, 10.0, [6e-3, 2e-3], -1e-3).asked_s == 0.0
+    # under its GPU steps the floor adds nothing
+    assert r.added_per_step_s(1e-3) == 0.0
+
+
+def test_the_fit_is_the_least_summed_error_and_each_model_from_the_other():
+    """Rows of one layer and one step whose prompt step takes no GPU time: the floor adds h to
+    the mean step, so the summed |relative error| is sum |h - asked| / measured mean step, and
+    the fit is the weighted median of the asked values (0.8, 1.0, 1.2 ms of weights 2, 1, 4:
+    1.2 ms; at 1.2 ms the error is 2 x 0.4 + 1 x 0.2 = 1.0, at 1.0 ms 2 x 0.2 + 4 x 0.2 = 1.2, in
+    1e-3); a row under the prompt-share threshold is left out; each model's value is the
+    others' best (A from B's one row: 1.2 ms; B from A's two of weights 1 and 2: 0.8 ms). A row
+    whose GPU prompt step is longer than every candidate floor asks nothing and moves
+    nothing."""
     vals = [
-        ("a1", "A", 0.10, 1.0e-3, 1.0),
-        ("a2", "A", 0.20, 0.8e-3, 1.0),
-        ("a3", "A", 0.01, 9.0e-3, 9.0),  # share under MIN_PROMPT_SHARE: left out
-        ("b1", "B", 0.30, 1.2e-3, 3.0),
+        _row("A", 0.10, 1, 1.0, [0.0], 1.0e-3),
+        _row("A", 0.20, 1, 1.0, [0.0], 0.8e-3, meas_mean_s=0.5),
+        _row("A", 0.01, 1, 1.0, [0.0], 9.0e-3),  # share under MIN_PROMPT_SHARE: left out
+        _row("B", 0.30, 1, 1.0, [0.0], 1.2e-3, meas_mean_s=0.25),
     ]
     f = mp.fit(vals)
     assert f["rows"] == 3
-    assert f["value_s"] == pytest.approx(1.2e-3)
-    assert f["lomo"]["A"] == pytest.approx(1.2e-3)
-    assert f["lomo"]["B"] == pytest.approx(0.8e-3)
-    assert mp.fit([("x", "A", 0.5, -1e-3, 1.0)])["value_s"] == 0.0
+    assert f["value_s"] == pytest.approx(1.2e-3, abs=mp.GRID_STEP_S / 2)
+    assert mp.summed_error(vals[:2] + vals[3:], 1.2e-3) == pytest.approx(1.0e-3, rel=1e-9)
+    assert mp.summed_error(vals[:2] + vals[3:], 1.0e-3) == pytest.approx(1.2e-3, rel=1e-9)
+    assert f["lomo"]["A"] == pytest.approx(1.2e-3, abs=mp.GRID_STEP_S / 2)
+    assert f["lomo"]["B"] == pytest.approx(0.8e-3, abs=mp.GRID_STEP_S / 2)
+    hidden = _row("B", 0.30, 1, 1.0, [5e-3], 0.0)
+    assert mp.fit([*vals, hidden])["value_s"] == pytest.approx(1.2e-3, abs=mp.GRID_STEP_S / 2)
+    assert mp.fit([_row("A", 0.5, 1, 1.0, [0.0], -1e-3)])["value_s"] == 0.0
     assert mp.linear_layers("nvidia/NVIDIA-Nemotron-Nano-9B-v2") == LAYERS
     assert mp.linear_layers("Qwen/Qwen3-8B") == 0
 
@@ -140,9 +199,10 @@ def test_the_fit_is_the_median_and_each_model_from_the_other():
 @pytest.mark.slow
 def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
     """A round trip (about 30 s): two Nemotron chat rows on one H100 whose mean and median steps
-    are the simulator's own with 2 ms per Mamba-2 layer (the catalog has ~1) are fitted back to
-    it by ``mamba_prefill.fit_folder`` (the step ``fleetsim calibrate --from-mlenergy`` runs),
-    each model from the other's row too; a folder without hybrid rows keeps the catalog's."""
+    are the simulator's own with a 1.5 ms floor per Mamba-2 layer (the catalog has ~2.4) are
+    fitted back to it by ``mamba_prefill.fit_folder`` (the step ``fleetsim calibrate
+    --from-mlenergy`` runs), each model from the other's row too; a folder without hybrid rows
+    keeps the catalog's."""
     import csv
     from pathlib import Path
 
@@ -162,7 +222,7 @@ def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
     for key in keys:
         c = by_key[key]
         run = M.simulate_config(
-            c, engine="iteration", profile_fields={mp.FIELD: 2e-3}, prompts=M.HARNESS_PROMPTS
+            c, engine="iteration", profile_fields={mp.FIELD: 1.5e-3}, prompts=M.HARNESS_PROMPTS
         )
         s = M.step_split(c, run)
         (r,) = (
@@ -175,8 +235,8 @@ def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
         rows.append(r)
     d = mlenergy_folder(tmp_path / "hybrid", rows)
     h, line = mp.fit_folder(d, "H100", {}, workers=2)
-    assert h == pytest.approx(2e-3, rel=1e-6)
-    assert "2.00 ms per layer (2 rows" in line
+    assert h == pytest.approx(1.5e-3, rel=1e-6)
+    assert "1.50 ms per layer (2 rows" in line
     dense = [r for r in all_rows if r["model_id"] == "Qwen/Qwen3-8B"][:2]
     h0, line0 = mp.fit_folder(mlenergy_folder(tmp_path / "dense", dense), "H100", {}, 1)
-    assert h0 is None and line0.startswith("Mamba-2 prefill path: the catalog's")
+    assert h0 is None and line0.startswith("Mamba-2 prefill floor: the catalog's")

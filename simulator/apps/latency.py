@@ -209,8 +209,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
             tokens, seqs = p, 1
         parts = lat.breakdown(p, float(pairs), seqs if not b else 0, b, float(ctx))
         # the exposed CPU time: the per-iteration overhead and, for an eager MoE iteration
-        # below its host floor (device/stack.py), the time the GPU waits for the host
-        overhead = lat._oh + parts.get("eager_host", 0.0)
+        # below its host floor (device/stack.py) or a hybrid's prompt step below its Mamba-2
+        # prefill floor, the time the GPU waits for the host
+        overhead = lat._oh + parts.get("eager_host", 0.0) + parts.get("prefill_host", 0.0)
         if lat._kern is not None:
             comm = lat.linear_parts(tokens, seqs)[2]
         else:

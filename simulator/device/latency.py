@@ -634,8 +634,9 @@ class LatencyModel:
         self._per_seq = p.per_seq_s
         self._ls_eff = p.linear_state_eff
         #: a prompt token's chunked scan over the linear-state layers beyond the per-token state
-        #: charge of linear_state_block_s (s, <= 0), and the prompt-carrying iteration's fixed
-        #: prefill-path time (s)
+        #: charge of linear_state_block_s (s, <= 0), and the prompt-carrying iteration's host
+        #: floor (s): the Mamba-2 mixers' prefill path, launched eagerly between the piecewise
+        #: CUDA graphs of a mixed step, which the GPU's own work hides (step = max(GPU, floor))
         self._pf_tok_s = 0.0
         self._pf_iter_s = 0.0
         if m.n_linear_layers:
@@ -1096,10 +1097,10 @@ class LatencyModel:
                 else self.linear_time(t_lin, n_prefill + n)
             )
             t = self._oh + lt + (att if att > kv else kv) + tokens * att_m
-            if self._pf_iter_s or self._pf_tok_s:  # the linear-state layers' prefill path
-                t += self._pf_iter_s + self._engine_prompt_tokens(p_tokens, n_prefill) * (
-                    self._pf_tok_s
-                )
+            if self._pf_tok_s:  # the prompt tokens' chunked scan over the linear-state layers
+                t += self._engine_prompt_tokens(p_tokens, n_prefill) * self._pf_tok_s
+            if self._pf_iter_s > t:  # the Mamba-2 mixers' eager prefill path: a host floor
+                t = self._pf_iter_s
             if self._eh and t_lin > self._gmax:  # an eager MoE iteration's host floor
                 f = self.eager_host_s(n_prefill + n, n_prefill)
                 if f > t:
@@ -1254,7 +1255,7 @@ class LatencyModel:
             }
         if "linear_state" in lin and p_tokens > 0:  # the prefill path (iteration)
             p_eng = self._engine_prompt_tokens(p_tokens, n_prefill)
-            lin["linear_state"] += self._pf_iter_s + p_eng * self._pf_tok_s
+            lin["linear_state"] += p_eng * self._pf_tok_s
         if self._per_seq and seqs > 0:  # the serving stack's per-sequence time, on its own
             per_seq = seqs * self._per_seq
             lin["lm_head"] -= per_seq
@@ -1268,6 +1269,8 @@ class LatencyModel:
         gap = total - sum(out.values())
         if self._eh and gap > 1e-12:  # the eager host floor's exposed part
             out["eager_host"] = gap
+        elif self._pf_iter_s and p_tokens > 0 and gap > 1e-12:  # the Mamba-2 prefill floor's
+            out["prefill_host"] = gap
         return out
 
     def prefill_time(self, prompt_tokens: int, batch: int = 1) -> float:
