@@ -46,6 +46,8 @@ import numpy as np
 
 #: the profile's (and catalog/stacks.toml's) field
 FIELD = "linear_state_prefill_layer_s"
+#: the serial time per prompt-carrying step (the profile's and the catalog's field)
+SERIAL_FIELD = "linear_state_prefill_step_s"
 #: the rows the fit reads: prompt-carrying steps at least this share of the simulated steps
 MIN_PROMPT_SHARE = 0.05
 
@@ -92,9 +94,18 @@ class RowNeed:
     missing_per_step_s: float  # measured - simulated time beyond the median, per step
     meas_mean_s: float  # measured mean step
 
-    def added_per_step_s(self, h: float) -> float:
-        """The mean step's gain under a floor of ``layers x h`` on every prompt step."""
-        return float(np.maximum(self.layers * h - self.prompt_steps_s, 0.0).sum() / self.steps)
+    def added_per_step_s(self, h: float, a: float = 0.0) -> float:
+        """The mean step's gain when every prompt step ``g`` takes ``max(g + a, layers x h)``
+        (a serial ``a``, then the floor)."""
+        g = self.prompt_steps_s
+        return float((np.maximum(g + a, self.layers * h) - g).sum() / self.steps)
+
+    @property
+    def asked_serial_s(self) -> float:
+        """The serial time per prompt step at which the row's mean step reaches the measured
+        one without a floor (0 where the row asks for nothing)."""
+        n = len(self.prompt_steps_s)
+        return max(self.missing_per_step_s * self.steps / n, 0.0) if n else 0.0
 
     @property
     def asked_s(self) -> float:
@@ -145,37 +156,82 @@ def row_values(pairs: Sequence) -> list[RowNeed]:
     return out
 
 
-def summed_error(rows: Sequence[RowNeed], h: float) -> float:
-    """The rows' summed |relative error| of the mean step under a floor of ``h`` per layer."""
-    return sum(abs(r.added_per_step_s(h) - r.missing_per_step_s) / r.meas_mean_s for r in rows)
+def summed_error(rows: Sequence[RowNeed], h: float, a: float = 0.0) -> float:
+    """The rows' summed |relative error| of the mean step under a floor of ``h`` per layer and a
+    serial ``a`` per prompt step."""
+    return sum(abs(r.added_per_step_s(h, a) - r.missing_per_step_s) / r.meas_mean_s for r in rows)
 
 
-#: the fit's resolution (s per layer): the floor is the best of a grid of this step
-GRID_STEP_S = 1e-6
+#: the fit's grids: the floor per layer and the serial time per step, coarse then fine (s)
+H_STEPS_S = (20e-6, 1e-6)
+A_STEPS_S = (0.5e-3, 0.02e-3)
+#: a serial time is kept only where it lowers the summed error of the floor alone by at least
+#: this share (where the GPU's own steps are under the floor it is not identified)
+SERIAL_MIN_GAIN = 0.05
 
 
-def best_floor(rows: Sequence[RowNeed]) -> float:
-    """The floor per layer of least :func:`summed_error`, on a grid of :data:`GRID_STEP_S` from 0
-    to the largest value a row asks for (the error is convex in ``h``: past that every row's
-    mean step only grows)."""
-    top = max((r.asked_s for r in rows), default=0.0)
-    hs = np.arange(0.0, top + GRID_STEP_S, GRID_STEP_S)
-    errs = [summed_error(rows, float(h)) for h in hs]
-    return float(hs[int(np.argmin(errs))])
+def _grid_errors(rows: Sequence[RowNeed], hs: np.ndarray, a: float) -> np.ndarray:
+    """:func:`summed_error` at each floor of ``hs`` (one serial time ``a``)."""
+    e = np.zeros(len(hs))
+    for r in rows:
+        g = r.prompt_steps_s
+        add = (np.maximum(g[None, :] + a, r.layers * hs[:, None]) - g[None, :]).sum(axis=1)
+        e += np.abs(add / r.steps - r.missing_per_step_s) / r.meas_mean_s
+    return e
 
 
-def fit(values: Sequence[RowNeed]) -> dict:
-    """The floor per layer (of least summed |relative error| of the mean steps of the rows of
-    prompt share >= :data:`MIN_PROMPT_SHARE`) and, by model, the value fitted without it."""
+def _best_pair(rows: Sequence[RowNeed], serial: bool) -> tuple[float, float, float]:
+    """``(floor per layer, serial per step)`` of least :func:`summed_error`: a grid of
+    :data:`H_STEPS_S` / :data:`A_STEPS_S` up to the largest a row asks for (the floor alone, or
+    the serial time alone), refined around its best point; ``serial=False``: the floor alone."""
+    if not rows:
+        return 0.0, 0.0, 0.0
+    top_h = max(r.asked_s for r in rows)
+    top_a = max(r.asked_serial_s for r in rows) if serial else 0.0
+    best = (math.inf, 0.0, 0.0)
+    hs = np.arange(0.0, top_h + H_STEPS_S[0], H_STEPS_S[0])
+    for a in np.arange(0.0, top_a + A_STEPS_S[0], A_STEPS_S[0]) if serial else [0.0]:
+        e = _grid_errors(rows, hs, float(a))
+        i = int(np.argmin(e))
+        if e[i] < best[0]:
+            best = (float(e[i]), float(hs[i]), float(a))
+    _, h0, a0 = best
+    hs = np.arange(max(h0 - H_STEPS_S[0], 0.0), h0 + H_STEPS_S[0], H_STEPS_S[1])
+    a_fine = (
+        np.arange(max(a0 - A_STEPS_S[0], 0.0), a0 + A_STEPS_S[0], A_STEPS_S[1]) if serial else [0.0]
+    )
+    for a in a_fine:
+        e = _grid_errors(rows, hs, float(a))
+        i = int(np.argmin(e))
+        if e[i] < best[0] - 1e-15:
+            best = (float(e[i]), float(hs[i]), float(a))
+    return best
+
+
+def best_pair(rows: Sequence[RowNeed], serial: bool = True) -> tuple[float, float]:
+    """``(floor per layer, serial per step)`` of least :func:`summed_error` (:func:`_best_pair`):
+    the floor alone unless the serial time lowers the error by :data:`SERIAL_MIN_GAIN`."""
+    e0, h0, _ = _best_pair(rows, False)
+    if not serial:
+        return h0, 0.0
+    e, h, a = _best_pair(rows, True)
+    return (h, a) if e0 - e > max(SERIAL_MIN_GAIN * e0, 1e-9) else (h0, 0.0)
+
+
+def fit(values: Sequence[RowNeed], serial: bool = True) -> dict:
+    """The floor per layer and the serial time per step (of least summed |relative error| of
+    the mean steps of the rows of prompt share >= :data:`MIN_PROMPT_SHARE`) and, by model, the
+    pair fitted without it."""
     use = [v for v in values if v.prompt_share >= MIN_PROMPT_SHARE]
     if not use:
-        return {"value_s": 0.0, "rows": 0, "models": [], "lomo": {}}
+        return {"value_s": 0.0, "serial_s": 0.0, "rows": 0, "models": [], "lomo": {}}
     models = sorted({v.model for v in use})
     lomo = {}
     for m in models:
         rest = [v for v in use if v.model != m]
-        lomo[m] = best_floor(rest) if rest else math.nan
-    return {"value_s": best_floor(use), "rows": len(use), "models": models, "lomo": lomo}
+        lomo[m] = best_pair(rest, serial) if rest else (math.nan, math.nan)
+    h, a = best_pair(use, serial)
+    return {"value_s": h, "serial_s": a, "rows": len(use), "models": models, "lomo": lomo}
 
 
 def simulate(configs: Sequence, workers: int = 2, fields: dict | None = None) -> list:
@@ -191,25 +247,30 @@ def simulate(configs: Sequence, workers: int = 2, fields: dict | None = None) ->
         workers,
         engine="iteration",
         stalls=stalls,
-        fields={g: {**(fields or {}), FIELD: 0.0} for g in by_gpu},
+        fields={g: {**(fields or {}), FIELD: 0.0, SERIAL_FIELD: 0.0} for g in by_gpu},
         prompts=ml.HARNESS_PROMPTS,
     )
     return [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
 
 
-def fit_folder(data_dir, gpu: str, fields: dict, workers: int = 2) -> tuple[float | None, str]:
-    """The constant fitted to ``data_dir``'s hybrid chat rows on ``gpu``, simulated with the
-    profile fields ``fields`` (the folder's stack): ``(value, line)``; ``(None, line)`` without
-    such rows (the catalog's stays)."""
+def fit_folder(
+    data_dir, gpu: str, fields: dict, workers: int = 2
+) -> tuple[dict[str, float] | None, str]:
+    """The floor and serial time fitted to ``data_dir``'s hybrid chat rows on ``gpu``, simulated
+    with the profile fields ``fields`` (the folder's stack): ``({field: value}, line)``;
+    ``(None, line)`` without such rows (the catalog's stay)."""
     configs = hybrid_configs(gpu, data_dir)
     f = fit(row_values(simulate(configs, workers, fields))) if configs else None
     if f is None or not f["rows"]:
         return None, "Mamba-2 prefill floor: the catalog's (no hybrid chat row to fit it)"
-    by_model: dict[str, float] = f["lomo"]
-    lomo = ", ".join(f"{m.split('/')[-1]} {1e3 * h:.2f}" for m, h in by_model.items())
-    return f["value_s"], (
-        f"Mamba-2 prefill floor {1e3 * f['value_s']:.2f} ms per layer ({f['rows']} rows; "
-        f"each model from the others: {lomo} ms)"
+    by_model: dict[str, tuple[float, float]] = f["lomo"]
+    lomo = ", ".join(
+        f"{m.split('/')[-1]} {1e3 * h:.2f} / {1e3 * a:.1f}" for m, (h, a) in by_model.items()
+    )
+    return {FIELD: f["value_s"], SERIAL_FIELD: f["serial_s"]}, (
+        f"Mamba-2 prefill floor {1e3 * f['value_s']:.2f} ms per layer, serial "
+        f"{1e3 * f['serial_s']:.1f} ms per step ({f['rows']} rows; each model from the "
+        f"others: {lomo} ms)"
     )
 
 
@@ -222,12 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     vals = row_values(pairs)
     for v in vals:
         print(f"  {v.key:70} share {v.prompt_share:4.2f} asks {1e3 * v.asked_s:6.3f} ms per layer")
-    f = fit(vals)
-    print(
-        f"{a.gpu}: {FIELD} = {f['value_s']:.4e} s ({f['rows']} rows of share >= "
-        f"{MIN_PROMPT_SHARE}); leave-one-model-out: "
-        + ", ".join(f"{m} {1e3 * h:.3f} ms" for m, h in f["lomo"].items())
-    )
+    use = [v for v in vals if v.prompt_share >= MIN_PROMPT_SHARE]
+    for serial in (False, True):
+        f = fit(vals, serial)
+        err = summed_error(use, f["value_s"], f["serial_s"])
+        print(
+            f"{a.gpu}: {FIELD} = {f['value_s']:.4e} s, {SERIAL_FIELD} = {f['serial_s']:.4e} s "
+            f"({f['rows']} rows of share >= {MIN_PROMPT_SHARE}; summed |error| "
+            f"{err:.3f}); "
+            "leave-one-model-out: "
+            + ", ".join(f"{m} {1e3 * h:.3f} / {1e3 * s:.2f} ms" for m, (h, s) in f["lomo"].items())
+        )
     return 0
 
 

@@ -1943,6 +1943,7 @@ STACK_KEYS = (
     "eager_mla_prefill_layer_host_s",
     # the Mamba-2 prefill path of a prompt-carrying step (calibrate/mamba_prefill.py)
     "linear_state_prefill_layer_s",
+    "linear_state_prefill_step_s",
 )
 
 
@@ -2208,7 +2209,7 @@ def write_profiles(
             data_dir, g, folder_profile_fields(GPUS[g], consts, moe), workers
         )
         if hm is not None:
-            consts[mamba_prefill.FIELD] = hm
+            consts.update(hm)
         pg["line"] += "; " + mamba_line
         fields[g] = folder_profile_fields(GPUS[g], consts, moe)
     # the power model fitted to every configuration simulated with the folder's constants

@@ -1171,15 +1171,21 @@ def _mamba_prefill_lines(gpu: str, derived_from: str | None = None) -> list[str]
     if "linear_state_prefill_layer_s" not in entry:
         return []
     h = float(entry["linear_state_prefill_layer_s"])
+    a = float(entry.get("linear_state_prefill_step_s", 0.0))
     if derived_from:
         return [
             f"linear_state_prefill_layer_s = {h:.4e}  # derived: the {derived_from}'s (same"
-            " host-side stack)"
+            " host-side stack)",
+            f"linear_state_prefill_step_s = {a:.4e}  # derived: the {derived_from}'s (same"
+            " host-side stack)",
         ]
     return [
         f"linear_state_prefill_layer_s = {h:.4e}  # fitted (L): host floor per Mamba-2 layer of"
         " an iteration that carries prompt tokens (the mixers' eager prefill path; step ="
-        " max(GPU, floor)); calibrate/mamba_prefill.py"
+        " max(GPU, floor)); calibrate/mamba_prefill.py",
+        f"linear_state_prefill_step_s = {a:.4e}  # fitted (L): serial time of an iteration that"
+        " carries prompt tokens, before the floor (the prefill metadata, or GPU time the kernel"
+        " model misses: not shown); calibrate/mamba_prefill.py",
     ]
 
 

@@ -22,7 +22,9 @@ from fleetsim.device.moe import (
 LAYERS, H, P, N, G, Q = 27, 128, 80, 128, 8, 128
 
 
-def _nemotron(gpu: str = "h100-sxm", prefill_layer_s: float | None = None) -> LatencyModel:
+def _nemotron(
+    gpu: str = "h100-sxm", prefill_layer_s: float | None = None, serial_s: float | None = None
+) -> LatencyModel:
     from conftest import resolved
 
     d = {
@@ -32,13 +34,14 @@ def _nemotron(gpu: str = "h100-sxm", prefill_layer_s: float | None = None) -> La
         "traffic": {"requests_per_day": 1000},
     }
     lm = resolved(d).latency_model()
-    if prefill_layer_s is None:
+    if prefill_layer_s is None and serial_s is None:
         return lm
     p = lm.profile
     assert isinstance(p, RooflineProfile)
-    return LatencyModel(
-        lm.model, dataclasses.replace(p, linear_state_prefill_layer_s=prefill_layer_s), 1
-    )
+    h = p.linear_state_prefill_layer_s if prefill_layer_s is None else prefill_layer_s
+    a = p.linear_state_prefill_step_s if serial_s is None else serial_s
+    p = dataclasses.replace(p, linear_state_prefill_layer_s=h, linear_state_prefill_step_s=a)
+    return LatencyModel(lm.model, p, 1)
 
 
 def test_ssd_flops_of_one_layer_and_chunk_by_hand():
@@ -97,42 +100,48 @@ def test_a_prompt_token_costs_the_chunked_scan_not_a_state_round_trip():
 
 @pytest.mark.parametrize("gpu", ["h100-sxm", "b200"])
 def test_a_small_prompt_step_takes_the_host_floor_exactly(gpu):
-    """A prompt step of one 270-token prompt beside 8 decoding sequences, whose GPU time is
-    under the floor, takes 27 x linear_state_prefill_layer_s (the catalog's, fitted) exactly:
-    the host launching the Mamba-2 mixers' prefill path sets the step. A decode step takes the
-    same as without the floor, and the floor draws no FLOPs or bytes. The breakdown shows the
-    exposed host time as ``prefill_host`` and still sums to the step."""
-    h = catalog.stacks()["vllm-v1"][gpu]["linear_state_prefill_layer_s"]
-    assert 1e-3 < h < 5e-3
-    lm, lm0 = _nemotron(gpu), _nemotron(gpu, 0.0)
+    """A prompt step of one 270-token prompt beside 8 decoding sequences, whose GPU time plus the
+    serial time (catalog: H100 26.4 ms, B200 0) is under the floor, takes 27 x
+    linear_state_prefill_layer_s (the catalog's, fitted) exactly: the host launching the
+    Mamba-2 mixers' prefill path sets the step. A decode step takes the same as without either
+    term, and neither draws FLOPs or bytes. The breakdown shows the serial time as
+    ``prefill_metadata`` and the rest of the floor as ``prefill_host``, and sums to the step."""
+    st = catalog.stacks()["vllm-v1"][gpu]
+    h, a = st["linear_state_prefill_layer_s"], st["linear_state_prefill_step_s"]
+    assert 1e-3 < h < 5e-3 and 0.0 <= a < LAYERS * h
+    lm, lm0 = _nemotron(gpu), _nemotron(gpu, 0.0, 0.0)
     n, ctx = 8, 8 * 500.0
-    a = lm.iteration(270, 270 * 135.0, 1, n, ctx)
-    b = lm0.iteration(270, 270 * 135.0, 1, n, ctx)
-    assert b[0] < 0.5 * LAYERS * h  # the GPU's own time is well under the floor
-    assert a[0] == pytest.approx(LAYERS * h, rel=1e-12)
-    assert a[1:] == b[1:]  # no FLOPs, no bytes
+    x = (270, 270 * 135.0, 1, n, ctx)
+    t, t0 = lm.iteration(*x), lm0.iteration(*x)
+    assert t0[0] + a < 0.8 * LAYERS * h  # the GPU's own time and the serial: under the floor
+    assert t[0] == pytest.approx(LAYERS * h, rel=1e-12)
+    assert t[1:] == t0[1:]  # no FLOPs, no bytes
     assert lm.iteration(0, 0.0, 0, n, ctx) == lm0.iteration(0, 0.0, 0, n, ctx)
-    parts = lm.breakdown(270, 270 * 135.0, 1, n, ctx)
-    parts0 = lm0.breakdown(270, 270 * 135.0, 1, n, ctx)
-    assert "prefill_host" not in parts0
-    assert parts["prefill_host"] == pytest.approx(LAYERS * h - b[0], rel=1e-9)
-    assert sum(parts.values()) == pytest.approx(a[0], rel=1e-9)
+    parts, parts0 = lm.breakdown(*x), lm0.breakdown(*x)
+    assert "prefill_host" not in parts0 and "prefill_metadata" not in parts0
+    assert parts.get("prefill_metadata", 0.0) == pytest.approx(a, rel=1e-12)
+    assert parts["prefill_host"] == pytest.approx(LAYERS * h - t0[0] - a, rel=1e-9)
+    assert sum(parts.values()) == pytest.approx(t[0], rel=1e-9)
     assert "prefill_host" not in lm.breakdown(0, 0.0, 0, n, ctx)  # a decode step: no floor
 
 
 @pytest.mark.parametrize("gpu", ["h100-sxm", "b200"])
 def test_a_large_prompt_step_hides_the_floor(gpu):
     """A prompt step whose GPU time passes the floor (a 16,384-token prompt beside 256 decoding
-    sequences) takes its GPU time, unchanged by the floor (the additive form of branch m35 at
-    7b395db added 27 x h to it)."""
-    h = catalog.stacks()["vllm-v1"][gpu]["linear_state_prefill_layer_s"]
-    lm, lm0 = _nemotron(gpu), _nemotron(gpu, 0.0)
+    sequences) takes its GPU time plus the serial time: the floor adds nothing (the additive
+    form of branch m35 at 7b395db added 27 x 1.05 ms on the H100, 27 x 1.79 on the B200)."""
+    st = catalog.stacks()["vllm-v1"][gpu]
+    h, a = st["linear_state_prefill_layer_s"], st["linear_state_prefill_step_s"]
+    lm, lm0 = _nemotron(gpu), _nemotron(gpu, 0.0, 0.0)
     p, n, ctx = 16_384, 256, 256 * 1_000.0
-    a = lm.iteration(p, p * p / 2.0, 1, n, ctx)
-    b = lm0.iteration(p, p * p / 2.0, 1, n, ctx)
-    assert b[0] > 1.5 * LAYERS * h
-    assert a == b
-    assert "prefill_host" not in lm.breakdown(p, p * p / 2.0, 1, n, ctx)
+    x = (p, p * p / 2.0, 1, n, ctx)
+    t, t0 = lm.iteration(*x), lm0.iteration(*x)
+    assert t0[0] > 1.5 * LAYERS * h
+    assert t[0] == pytest.approx(t0[0] + a, rel=1e-12)
+    assert t[1:] == t0[1:]
+    assert "prefill_host" not in lm.breakdown(*x)
+    # the floor alone: exactly the GPU time
+    assert _nemotron(gpu, serial_s=0.0).iteration(*x) == t0
 
 
 def _row(model, share, layers, steps, prompt_steps_s, missing_per_step_s, meas_mean_s=1.0):
@@ -184,22 +193,40 @@ def test_the_fit_is_the_least_summed_error_and_each_model_from_the_other():
     ]
     f = mp.fit(vals)
     assert f["rows"] == 3
-    assert f["value_s"] == pytest.approx(1.2e-3, abs=mp.GRID_STEP_S / 2)
+    assert f["value_s"] == pytest.approx(1.2e-3, abs=mp.H_STEPS_S[1] / 2)
     assert mp.summed_error(vals[:2] + vals[3:], 1.2e-3) == pytest.approx(1.0e-3, rel=1e-9)
     assert mp.summed_error(vals[:2] + vals[3:], 1.0e-3) == pytest.approx(1.2e-3, rel=1e-9)
-    assert f["lomo"]["A"] == pytest.approx(1.2e-3, abs=mp.GRID_STEP_S / 2)
-    assert f["lomo"]["B"] == pytest.approx(0.8e-3, abs=mp.GRID_STEP_S / 2)
+    assert f["serial_s"] == 0.0  # the floor alone fits as well: no serial time
+    assert f["lomo"]["A"][0] == pytest.approx(1.2e-3, abs=mp.H_STEPS_S[1] / 2)
+    assert f["lomo"]["B"][0] == pytest.approx(0.8e-3, abs=mp.H_STEPS_S[1] / 2)
     hidden = _row("B", 0.30, 1, 1.0, [5e-3], 0.0)
-    assert mp.fit([*vals, hidden])["value_s"] == pytest.approx(1.2e-3, abs=mp.GRID_STEP_S / 2)
+    assert mp.fit([*vals, hidden])["value_s"] == pytest.approx(1.2e-3, abs=mp.H_STEPS_S[1] / 2)
     assert mp.fit([_row("A", 0.5, 1, 1.0, [0.0], -1e-3)])["value_s"] == 0.0
     assert mp.linear_layers("nvidia/NVIDIA-Nemotron-Nano-9B-v2") == LAYERS
     assert mp.linear_layers("Qwen/Qwen3-8B") == 0
 
 
+def test_a_serial_time_where_the_gpu_hides_the_floor():
+    """Two rows of one layer and one step: the first's prompt step takes no GPU time and misses
+    2 ms, the second's takes 10 ms and misses 1 ms. A floor alone cannot add to the second
+    without 10 ms more on the first: its best, 2 ms, leaves the second 1 ms short (summed error
+    1e-3). A serial 1 ms under a 2 ms floor fits both (the first max(0 + 1, 2) = 2 ms, the second
+    max(10 + 1, 2) - 10 = 1 ms): error 0, kept."""
+    rows = [_row("A", 0.5, 1, 1.0, [0.0], 2e-3), _row("B", 0.5, 1, 1.0, [10e-3], 1e-3)]
+    h0, a0 = mp.best_pair(rows, serial=False)
+    assert (h0, a0) == (pytest.approx(2e-3), 0.0)
+    assert mp.summed_error(rows, h0) == pytest.approx(1e-3, rel=1e-9)
+    h, a = mp.best_pair(rows)
+    assert (h, a) == (pytest.approx(2e-3), pytest.approx(1e-3))
+    assert mp.summed_error(rows, h, a) == pytest.approx(0.0, abs=1e-12)
+    assert rows[1].added_per_step_s(h, a) == pytest.approx(1e-3, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
     """A round trip (about 30 s): two Nemotron chat rows on one H100 whose mean and median steps
-    are the simulator's own with a 1.5 ms floor per Mamba-2 layer (the catalog has ~2.4) are
+    are the simulator's own with a 1.5 ms floor per Mamba-2 layer and no serial time (the
+    catalog's H100: 2.0 ms and 26.4 ms) are
     fitted back to it by ``mamba_prefill.fit_folder`` (the step ``fleetsim calibrate
     --from-mlenergy`` runs), each model from the other's row too; a folder without hybrid rows
     keeps the catalog's."""
@@ -222,7 +249,10 @@ def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
     for key in keys:
         c = by_key[key]
         run = M.simulate_config(
-            c, engine="iteration", profile_fields={mp.FIELD: 1.5e-3}, prompts=M.HARNESS_PROMPTS
+            c,
+            engine="iteration",
+            profile_fields={mp.FIELD: 1.5e-3, mp.SERIAL_FIELD: 0.0},
+            prompts=M.HARNESS_PROMPTS,
         )
         s = M.step_split(c, run)
         (r,) = (
@@ -235,8 +265,10 @@ def test_from_mlenergy_fits_the_prefill_path_back(tmp_path):
         rows.append(r)
     d = mlenergy_folder(tmp_path / "hybrid", rows)
     h, line = mp.fit_folder(d, "H100", {}, workers=2)
-    assert h == pytest.approx(1.5e-3, rel=1e-6)
-    assert "1.50 ms per layer (2 rows" in line
+    assert h is not None
+    assert h[mp.FIELD] == pytest.approx(1.5e-3, rel=1e-6)
+    assert h[mp.SERIAL_FIELD] == 0.0
+    assert "1.50 ms per layer, serial 0.0 ms per step (2 rows" in line
     dense = [r for r in all_rows if r["model_id"] == "Qwen/Qwen3-8B"][:2]
     h0, line0 = mp.fit_folder(mlenergy_folder(tmp_path / "dense", dense), "H100", {}, 1)
     assert h0 is None and line0.startswith("Mamba-2 prefill floor: the catalog's")

@@ -258,12 +258,18 @@ class RooflineProfile:
     #: ``MLACommonImpl._forward_prefill``: the latent up-projection, the prefill attention, the
     #: cached context's chunks and their merge; see fleetsim.device.stack)
     eager_mla_prefill_layer_host_s: float = 0.0
-    #: time per linear-state (Mamba-2) layer of an iteration that carries prompt tokens, on top
-    #: of its chunked scan's FLOPs and bytes (fleetsim.device.moe.ssd_prefill_delta_s): the
-    #: prefill path each Mamba-2 mixer runs beside the decode path (vLLM's
-    #: ``MambaMixer2.forward_cuda``: ``causal_conv1d_fn``, the five SSD kernels and the final
-    #: states, outside the CUDA graph; see fleetsim.device.stack); 0: none
+    #: host floor per linear-state (Mamba-2) layer of an iteration that carries prompt tokens:
+    #: such a step takes max(its GPU time, layers x this). vLLM 0.11 runs a mixed step as
+    #: piecewise CUDA graphs split at ``vllm.mamba_mixer2`` (``CompilationConfig.splitting_ops``),
+    #: so each mixer's prefill path (``MambaMixer2.forward_cuda``: ``causal_conv1d_fn``, the
+    #: five SSD kernels, the final states) is launched from the host, which the GPU's own work
+    #: hides once it is longer; 0: none
     linear_state_prefill_layer_s: float = 0.0
+    #: the serial host time of an iteration of a hybrid (linear-state layers) that carries
+    #: prompt tokens, added to its GPU time before the floor above: the Mamba-2 prefill metadata
+    #: vLLM builds on the host once per step before the forward (``Mamba2AttentionMetadata
+    #: Builder.build``, ``compute_varlen_chunk_metadata``); 0: none
+    linear_state_prefill_step_s: float = 0.0
     #: the fused-MoE kernel fp8 block-quantised experts run (``fleet.fp8_moe_kernel``,
     #: fleetsim.device.moe.FP8_MOE_KERNELS): vLLM's Triton kernel, or FlashInfer's TensorRT-LLM
     #: block-scale kernel (Blackwell, ``VLLM_USE_FLASHINFER_MOE_FP8=1``)
@@ -580,6 +586,7 @@ class LatencyModel:
         self._eh = False  # the eager MoE host floor (set by _init_kernels)
         self._pf_tok_s = 0.0  # the linear-state layers' prefill path (set by _init_kernels)
         self._pf_iter_s = 0.0
+        self._pf_step_s = 0.0
         if isinstance(profile, RooflineProfile) and profile.kernels is not None:
             self._init_kernels(profile, profile.kernels)
 
@@ -644,6 +651,7 @@ class LatencyModel:
                 kf, self._peak_lin, self._bw, m, tp
             )
             self._pf_iter_s = m.n_linear_layers * p.linear_state_prefill_layer_s
+            self._pf_step_s = p.linear_state_prefill_step_s
         self._ar_floor_g = 0.0
         #: the eager MoE host floor (see RooflineProfile.eager_moe_layer_host_s): its per-layer
         #: part and per-sequence rate; 0: none
@@ -1099,6 +1107,8 @@ class LatencyModel:
             t = self._oh + lt + (att if att > kv else kv) + tokens * att_m
             if self._pf_tok_s:  # the prompt tokens' chunked scan over the linear-state layers
                 t += self._engine_prompt_tokens(p_tokens, n_prefill) * self._pf_tok_s
+            if self._pf_step_s:  # the serial prefill metadata (host, before the forward)
+                t += self._pf_step_s
             if self._pf_iter_s > t:  # the Mamba-2 mixers' eager prefill path: a host floor
                 t = self._pf_iter_s
             if self._eh and t_lin > self._gmax:  # an eager MoE iteration's host floor
@@ -1256,6 +1266,8 @@ class LatencyModel:
         if "linear_state" in lin and p_tokens > 0:  # the prefill path (iteration)
             p_eng = self._engine_prompt_tokens(p_tokens, n_prefill)
             lin["linear_state"] += p_eng * self._pf_tok_s
+            if self._pf_step_s:
+                lin["prefill_metadata"] = self._pf_step_s
         if self._per_seq and seqs > 0:  # the serving stack's per-sequence time, on its own
             per_seq = seqs * self._per_seq
             lin["lm_head"] -= per_seq

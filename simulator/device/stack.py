@@ -188,4 +188,5 @@ def apply_stack(
         eager_mla_layer_host_s=float(c.get("eager_mla_layer_host_s", 0.0)),
         eager_mla_prefill_layer_host_s=float(c.get("eager_mla_prefill_layer_host_s", 0.0)),
         linear_state_prefill_layer_s=float(c.get("linear_state_prefill_layer_s", 0.0)),
+        linear_state_prefill_step_s=float(c.get("linear_state_prefill_step_s", 0.0)),
     )
