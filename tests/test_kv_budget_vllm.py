@@ -122,3 +122,17 @@ def test_ssm_state_dtype_only_the_temporal_state():
     assert m.evolve(state_dtype="fp32", ssm_state_dtype=None).state_bytes_per_seq == (
         28 * (ssm + conv) * 4
     )
+
+
+def test_implied_prompt_of_a_hybrid_counts_its_state():
+    """The harness's implied prompt (``implied_prompts``) of the Nemotron-12B chat row: each of
+    the 241.2 held sequences holds its 2,460 state layer-blocks beside its tokens' blocks in the
+    6 attention layers; what is left, in tokens, less the length-biased half output. Counting the
+    attention layers' tokens alone (as before) gave 8,145 tokens."""
+    c, _, kb = _row("nvidia/NVIDIA-Nemotron-Nano-12B-v2", "lm-arena-chat", 256)
+    ((row, prompt),) = M.implied_prompts([c])
+    assert row is c
+    tokens_per_seq = (kb.layer_blocks / c.avg_batch_size - kb.state_blocks) / 6 * BLOCK
+    assert prompt == tokens_per_seq - M.length_biased_half(c)
+    assert 1_400 < prompt < 1_600  # 1,511 (the attention tokens alone: 8,000 and more)
+    assert kb.tokens / c.avg_batch_size - M.length_biased_half(c) > 8_000
