@@ -138,6 +138,26 @@ TUNED_FP8 = {
     "b200": [(32, 2048), (20, 2560), (40, 2560)],
     "h200": [(32, 2048)],
 }
+#: the tuned fp8 files' entry at their largest token key, per catalog GPU: ``(E, N, key_below,
+#: key_top, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages, num_warps)``, which
+#: ``try_get_optimal_moe_config`` (nearest key to the kernel's tokens) gives every launch of more
+#: than (3,072 + 4,096) / 2 = 3,584 tokens (``FusedMoeFit.tuned_fp8_large_m``,
+#: ``device.moe.tuned_fp8_tiles``). Read from the same files of vllm-project/vllm (key "4096";
+#: commits: B200 E=20,N=2560 93e5a576, E=40,N=2560 0f17ee06, E=32,N=2048 432a38c4; H100
+#: E=16,N=1536 a5766486, E=32,N=2048 fa42f12b; H200 E=32,N=2048 c6991a3b; the v0.11.1 tag itself
+#: not checked)
+TUNED_FP8_LARGE_M = {
+    "h100-sxm": [
+        (16, 1536, 3072, 4096, 128, 128, 64, 3, 8),
+        (32, 2048, 3072, 4096, 64, 128, 128, 3, 4),
+    ],
+    "b200": [
+        (32, 2048, 3072, 4096, 64, 256, 128, 4, 8),
+        (20, 2560, 3072, 4096, 64, 128, 128, 4, 4),
+        (40, 2560, 3072, 4096, 64, 128, 128, 3, 4),
+    ],
+    "h200": [(32, 2048, 3072, 4096, 64, 128, 128, 3, 4)],
+}
 #: streaming multiprocessors and shared memory per SM of each catalog GPU (not fitted)
 HARDWARE = {
     "a100-80gb": (
@@ -356,6 +376,7 @@ def hardware_fit(gpu: str) -> FusedMoeFit:
         smem_per_sm_bytes=float(smem),
         tuned=tuple(TUNED.get(gpu, ())),
         tuned_fp8=tuple(TUNED_FP8.get(gpu, ())),
+        tuned_fp8_large_m=tuple(TUNED_FP8_LARGE_M.get(gpu, ())),
         mma_frac=MMA_FRAC.get(gpu, 1.0),
         fp8_wave_frac=FP8_WAVE_FRAC,
     )
@@ -690,6 +711,10 @@ def write(out: dict) -> None:
         "# fitted with the rest to the rows whose servers ran it (server_env.csv); 0: none.",
         "# fp8_wave_frac: the share of the K loop each fp8 launch wave after the first adds",
         "# (moe.fp8_default_loop_latency_s; moe_fit.FP8_WAVE_FRAC).",
+        "# tuned_fp8_large_m: [E, N, key_below, key_top, BLOCK_SIZE_M, BLOCK_SIZE_N,",
+        "# BLOCK_SIZE_K, num_stages, num_warps] of vLLM's tuned fp8 file at its largest key,",
+        "# the tiles of every launch past (key_below + key_top) / 2 tokens (moe.tuned_fp8_tiles;",
+        "# moe_fit.TUNED_FP8_LARGE_M; not fitted).",
     ]
     fits = {ml.GPUS[g]: v for g, v in out.items()}
     for name in sorted(set(fits) | set(DERIVED)):
@@ -725,6 +750,11 @@ def write(out: dict) -> None:
             f"smem_per_sm_bytes = {smem}",
             "tuned = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED.get(name, ())) + "]",
             "tuned_fp8 = [" + ", ".join(f"[{e}, {n}]" for e, n in TUNED_FP8.get(name, ())) + "]",
+            "tuned_fp8_large_m = ["
+            + ", ".join(
+                "[" + ", ".join(str(v) for v in x) + "]" for x in TUNED_FP8_LARGE_M.get(name, ())
+            )
+            + "]",
             f'hardware_source = "{src}"',
         ]
     tmp = CATALOG.with_name(CATALOG.name + ".tmp")

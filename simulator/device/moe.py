@@ -135,9 +135,24 @@ class FusedMoeFit:
     #: rescales); 1: every wave the whole loop. Fitted on the surrogate of ``moe_fit``
     #: (:data:`fleetsim.calibrate.moe_fit.FP8_WAVE_FRAC`), one value for both GPUs
     fp8_wave_frac: float = 1.0
+    #: the tiles vLLM's tuned fp8 configuration gives a prefill-sized launch of a ``tuned_fp8``
+    #: shape: ``(E, N, key_below, key_top, BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K,
+    #: num_stages, num_warps)``, the file's entry at its largest token key ``key_top``, which
+    #: ``try_get_optimal_moe_config`` (nearest key to the kernel's tokens ``M``) picks for every
+    #: ``M`` above ``(key_below + key_top) / 2`` (:func:`tuned_fp8_tiles`); the files'
+    #: values, not fitted (``calibrate/moe_fit.py``, ``TUNED_FP8_LARGE_M``)
+    tuned_fp8_large_m: tuple[tuple[int, ...], ...] = ()
 
 
 NO_MOE_FIT = FusedMoeFit()
+
+#: the tiles of an fp8 block-quantised fused-MoE launch: ``(BLOCK_SIZE_M, BLOCK_SIZE_N,
+#: BLOCK_SIZE_K, num_stages, num_warps)``
+Fp8Tiles = tuple[int, int, int, int, int]
+
+#: warps one SM holds at once (2,048 resident threads / 32; CUDA C++ Programming Guide,
+#: "Compute Capabilities", 8.0-10.0): a program of ``num_warps`` warps, at most 64 / num_warps
+MAX_WARPS_PER_SM = 64
 
 #: the fp8 fused-MoE kernels the simulator knows (``fleet.fp8_moe_kernel``): vLLM's Triton
 #: ``fused_moe_kernel`` (w8a8 block, :func:`k_loop_latency_s`), or FlashInfer's TensorRT-LLM
@@ -164,6 +179,45 @@ def default_block_config(
     if tokens <= local_experts:
         return 16, 32, 64, 2
     return 64, 64, 32, 2
+
+
+def fp8_default_tiles() -> Fp8Tiles:
+    """The fp8 ``[128, 128]`` block-quantised launch's tiles without a tuned configuration
+    (:func:`default_block_config`: M 64, N 128, K 128, 3 stages; Triton's 4 warps)."""
+    bm, bn, bk, stages = default_block_config(1.0, 1.0, True)
+    return bm, bn, bk, stages, 4
+
+
+def fp8_programs_per_sm(mf: FusedMoeFit, tiles: Fp8Tiles) -> int:
+    """Programs of an fp8 block-quantised fused-MoE launch one SM holds at once: its shared
+    memory over a program's staged fp8 tiles, ``(BM x BK + BK x BN) x stages`` bytes, and at most
+    :data:`MAX_WARPS_PER_SM` / ``num_warps`` (16 for Triton's 4 warps, as
+    :data:`MAX_PROGRAMS_PER_SM`); at least one. The default tiles stage (64 x 128 + 128 x 128) x 3
+    = 73,728 bytes: 3 on the H100 and the B200 (228 KB)."""
+    bm, bn, bk, stages, warps = tiles
+    smem = (bm * bk + bk * bn) * stages
+    cap = max(1, MAX_WARPS_PER_SM // max(1, warps))
+    return min(cap, max(1, int(mf.smem_per_sm_bytes // smem)))
+
+
+def tuned_fp8_tiles(mf: FusedMoeFit, shape: tuple[int, int], tokens: float) -> Fp8Tiles | None:
+    """The tiles vLLM 0.11's tuned fp8 configuration gives a launch of ``tokens`` tokens (the
+    kernel's ``M``: every engine's padded tokens under data parallelism) of the layer ``shape``
+    ``(local experts, N)``, where ``M`` lies past the midpoint of the file's two largest keys
+    (``FusedMoeFit.tuned_fp8_large_m``); None below it (the fitted step stands for the smaller
+    keys' tiles) or for a shape without such an entry.
+
+    ``try_get_optimal_moe_config`` (``vllm/model_executor/layers/fused_moe/fused_moe.py``) reads
+    ``E={E},N={N},device_name=...,dtype=fp8_w8a8,block_shape=[128,128].json`` and takes the entry
+    whose key is nearest ``M`` (``min(configs, key=lambda x: abs(x - M))``; a tie goes to the
+    smaller key); the files end at 4,096, so a padded prompt step (thousands of tokens) runs the
+    4,096 entry. On the B200 that entry differs between the two Qwen3-Coder-480B-FP8 layouts:
+    ``E=40,N=2560`` (DP4) stages 3 (the default's 73,728 bytes, 3 programs per SM) and
+    ``E=20,N=2560`` (DP8) stages 4 (98,304 bytes, 2 per SM)."""
+    for e in mf.tuned_fp8_large_m:
+        if (e[0], e[1]) == shape and 2.0 * tokens > e[2] + e[3]:
+            return e[4], e[5], e[6], e[7], e[8]
+    return None
 
 
 def k_loop_latency_s(
@@ -194,7 +248,9 @@ def k_loop_latency_s(
     return math.ceil(k / bk) * step * (waves if waves > 1.0 else 1.0)
 
 
-def fp8_default_grid_waves(mf: FusedMoeFit, local_experts: float, rows: float, n: float) -> int:
+def fp8_default_grid_waves(
+    mf: FusedMoeFit, local_experts: float, rows: float, n: float, tiles: Fp8Tiles | None = None
+) -> int:
     """Whole waves of the program grid an fp8 block-quantised fused-MoE launch with
     ``get_default_config``'s tiles (M 64, N 128, K 128, 3 stages) runs on this GPU: one
     ``64 x 128`` output tile per program over **every expert this GPU holds**
@@ -213,14 +269,18 @@ def fp8_default_grid_waves(mf: FusedMoeFit, local_experts: float, rows: float, n
     64 sequences slower than EP2 at 8 (more programs), against the data; a grid over the local
     experts fits both GPUs with one step time each (docs/accuracy.md). Which part of vLLM's
     launch sizes the grid so is not established here (``moe_align_block_size``'s padded bound
-    ``numel + E x (BLOCK_SIZE_M - 1)`` rows sizes the launch by experts, not by the batch)."""
+    ``numel + E x (BLOCK_SIZE_M - 1)`` rows sizes the launch by experts, not by the batch).
+
+    ``tiles``: a tuned configuration's tiles (:func:`tuned_fp8_tiles`) instead of the default's,
+    their ``BLOCK_SIZE_M`` and ``BLOCK_SIZE_N`` in the grid and their programs per SM
+    (:func:`fp8_programs_per_sm`) in a wave."""
     if local_experts <= 0 or n <= 0:
         return 0
-    bm, bn, bk, stages = default_block_config(1.0, 1.0, True)
+    t = fp8_default_tiles() if tiles is None else tiles
+    bm, bn = t[0], t[1]
     per_expert = max(1, math.ceil(rows / local_experts / bm)) if rows > 0 else 1
     programs = math.ceil(local_experts) * per_expert * math.ceil(n / bn)
-    smem = (bm * bk + bk * bn) * 1.0 * stages
-    per_sm = min(MAX_PROGRAMS_PER_SM, max(1, int(mf.smem_per_sm_bytes // smem)))
+    per_sm = fp8_programs_per_sm(mf, t)
     return max(1, math.ceil(programs / (mf.sms * per_sm)))
 
 
@@ -231,6 +291,7 @@ def fp8_default_loop_latency_s(
     rows: float = 0.0,
     n: float = 1.0,
     tuned: bool = False,
+    tiles: Fp8Tiles | None = None,
 ) -> float:
     """The loop latency of one fp8 block-quantised fused-MoE launch of ``n`` output columns over
     a reduction of ``k`` where vLLM has no tuned configuration for the layer: ``ceil(k / 128)``
@@ -257,12 +318,16 @@ def fp8_default_loop_latency_s(
     at ``k_step_fp8_s``. Its measured rows are as flat in batch as the untuned ones
     (Qwen3-Coder-480B-FP8 on 4 B200s under DP4, 40 local experts: 36.2 / 37.6 / 40.6 / 42.3 ms
     at 8-64 sequences), where the grid over the touched experts (:func:`k_loop_latency_s`, the
-    form before) went from 37 % too fast to 37 % too slow."""
+    form before) went from 37 % too fast to 37 % too slow.
+
+    ``tiles``: the tuned configuration's tiles of a prefill-sized launch
+    (:func:`tuned_fp8_tiles`): its ``BLOCK_SIZE_K`` sets the K steps and its grid and programs
+    per SM the waves (:func:`fp8_default_grid_waves`)."""
     step = mf.k_step_fp8_s if tuned else mf.k_step_fp8_default_s
     if step <= 0.0 or k <= 0:
         return 0.0
-    _, _, bk, _ = default_block_config(1.0, 1.0, True)
-    waves = fp8_default_grid_waves(mf, local_experts, rows, n)
+    bk = (fp8_default_tiles() if tiles is None else tiles)[2]
+    waves = fp8_default_grid_waves(mf, local_experts, rows, n, tiles)
     if waves <= 0:
         return 0.0
     return math.ceil(k / bk) * step * (1.0 + mf.fp8_wave_frac * (waves - 1))
@@ -332,6 +397,7 @@ def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedM
         fi_layer_s=float(e.get("fi_layer_s", 0.0)),
         fi_bw_frac=float(e.get("fi_bw_frac", 0.0)),
         fp8_wave_frac=float(e.get("fp8_wave_frac", 1.0)),
+        tuned_fp8_large_m=tuple(tuple(int(v) for v in x) for x in e.get("tuned_fp8_large_m", ())),
     )
 
 
@@ -549,12 +615,23 @@ def moe_layer_parts_s(
     n_up = (2.0 if gated else 1.0) * cols
     loop_up = loop_down = 0.0
     shape = (round(local_experts), round(cols))
+    # a prefill-sized launch of a tuned fp8 shape runs the tuned file's largest entry's tiles
+    # (tuned_fp8_tiles): their grid, K steps and programs per SM; the kernel's MMA rate follows
+    # the programs an SM holds against the default tiles' (occupancy)
+    tiles = None
+    occupancy = 1.0
     if fp8_block:
         # the block-scaled K loop, per whole wave of the grid over every local expert, at the
         # tuned or the default tiles' step time
         tuned = shape in moe_fit.tuned_fp8
-        loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned)
-        loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned)
+        if tuned:
+            tiles = tuned_fp8_tiles(moe_fit, shape, m)
+        if tiles is not None:
+            occupancy = fp8_programs_per_sm(moe_fit, tiles) / fp8_programs_per_sm(
+                moe_fit, fp8_default_tiles()
+            )
+        loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned, tiles)
+        loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned, tiles)
     elif shape not in moe_fit.tuned:
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
@@ -564,7 +641,7 @@ def moe_layer_parts_s(
         comm = link_latency_s + nbytes / link_bw_bytes_per_s
     out["moe_dispatch"] = comm
     # the fused kernel's sustained MMA rate (FusedMoeFit.mma_frac; 0: no such bound)
-    mma = epk * moe_fit.mma_frac if moe_fit.mma_frac < 1.0 else 0.0
+    mma = epk * moe_fit.mma_frac * occupancy if moe_fit.mma_frac < 1.0 else 0.0
     out["moe_gemm_up"] = grouped_gemm_time_s(
         fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, loop_up, foreign, mma
     )
