@@ -435,6 +435,14 @@ def _model_section(
             return None, f"{model_id}: config not expressible ({why[:120]})"
         if "Hybrid" in architecture and "hybrid_pattern" not in fields:
             return None, f"{model_id}: the config reader does not give its Mamba layers"
+        if "Hybrid" in architecture:
+            # the benchmark starts every Mamba-Transformer hybrid's server with
+            # ``mamba-ssm-cache-dtype: float32`` (ml-energy/benchmark configs/vllm/<task>/nvidia/
+            # NVIDIA-Nemotron-Nano-{9B,12B}-v2/<GPU>/monolithic.config.yaml, lm-arena-chat and
+            # gpqa, H100 and B200): the SSM state in fp32, the convolution state in the model's
+            # bf16 (vLLM 0.11 MambaStateDtypeCalculator.mamba2_state_dtype), twice the state
+            # bytes per sequence that a bf16 cache holds
+            return {"config": str(path), "dtype": dtype, "ssm_state_dtype": "fp32"}, ""
         return {"config": str(path), "dtype": dtype}, ""
     if model_id in BUILTIN_ARCH:
         return {"name": "custom", **BUILTIN_ARCH[model_id], "dtype": dtype}, ""
@@ -1870,7 +1878,8 @@ def implied_prompts(
     """Prompt lengths the KV-limited rows imply: where the batch stayed below
     ``fill_below x max_num_seqs`` the KV cache was full, so it held
     ``avg_batch x (prompt + E[L^2] / (2 E[L]))`` tokens; with the simulator's KV budget for
-    that configuration (``kv_capacity_tokens``) this gives the prompt. Only as right as the
+    that configuration (``kv_capacity_tokens``; a hybrid's attention layer-blocks less each
+    sequence's Mamba state) this gives the prompt. Only as right as the
     KV budget (vLLM's profiling run, see the serving stack) and the steady-state assumption.
     Data-parallel rows are left out: their batch stays below ``max_num_seqs`` because every
     rank serves its own queue, bound on arrival, and the queues drain unevenly (the per-rank
@@ -1878,6 +1887,7 @@ def implied_prompts(
     Coder-480B-FP8 DP4 b8), not because their KV cache is full."""
     from fleetsim.api import load
     from fleetsim.config.resolve import resolve
+    from fleetsim.config.resolved import kv_budget
 
     out = []
     for c in configs:
@@ -1892,7 +1902,16 @@ def implied_prompts(
             trace = Path(tmp) / "trace.csv"
             trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
             rs = resolve(load(scenario_dict(c, str(trace), 1)), "")
-        out.append((c, rs.kv_capacity_tokens / c.avg_batch_size - length_biased_half(c)))
+        per_seq = rs.kv_capacity_tokens / c.avg_batch_size
+        md = rs.model
+        if md.n_linear_layers and not md.n_sliding_layers:
+            # a Mamba-Transformer hybrid: each sequence holds its constant state (state_blocks
+            # layer-blocks, vLLM's Mamba pages) beside its tokens' blocks in the attention
+            # layers, so only what is left of a sequence's share holds tokens
+            kb = kv_budget(rs.scenario, md, rs.profile.mem_bytes)
+            left = kb.layer_blocks / c.avg_batch_size - kb.state_blocks
+            per_seq = left / md.n_attn_layers * kb.block_size_tokens
+        out.append((c, per_seq - length_biased_half(c)))
     return out
 
 

@@ -887,8 +887,9 @@ def test_hybrid_state_traffic_is_counted_in_the_bytes(tmp_path):
     """A Mamba-2 layer reads and writes each sequence's state once per decode step, so the
     step's bytes carry 2 x the state per sequence. Nemotron Nano 9B v2 (its config.json): 27
     Mamba layers ('M' in hybrid_override_pattern), each holding 128 heads x 80 x 128 (SSM
-    state) + (4 - 1) x (128 x 80 + 2 x 8 x 128) (conv state) = 1,347,584 bf16 elements: 72.8 MB
-    per sequence. Before the state was counted, its step moved only weights and KV."""
+    state, fp32 as the benchmark runs it: ``mamba-ssm-cache-dtype float32``) + (4 - 1) x
+    (128 x 80 + 2 x 8 x 128) (conv state, bf16): 143.5 MB per sequence. Before the state was
+    counted, its step moved only weights and KV."""
     c = next(
         c
         for c in M.read_configs()
@@ -896,8 +897,8 @@ def test_hybrid_state_traffic_is_counted_in_the_bytes(tmp_path):
     )
     rs = _rs(c, tmp_path)
     lm = rs.latency_model()
-    state = 27 * (128 * 80 * 128 + 3 * (128 * 80 + 2 * 8 * 128)) * 2
-    assert rs.model.state_bytes_per_seq == state == 72_769_536
+    state = 27 * (128 * 80 * 128 * 4 + 3 * (128 * 80 + 2 * 8 * 128) * 2)
+    assert rs.model.state_bytes_per_seq == state == 143_548_416
     n, ctx = 64, 64 * 500.0
     b = lm.decode_step(n, ctx)[2]
     assert b - lm.weight_bytes_per_iteration(n) - lm.kvb * (ctx + n) == pytest.approx(2 * state * n)

@@ -107,6 +107,9 @@ SCENARIO: dict[str, str] = {
     "dtype; unset: dtype (16-bit for quantized weights).",
     "ModelSection.state_dtype": "Precision of the Mamba-2 state per sequence; unset: the KV "
     "cache's.",
+    "ModelSection.ssm_state_dtype": "Precision of the Mamba-2 SSM state alone (vLLM's "
+    "--mamba-ssm-cache-dtype, e.g. fp32); the convolution state keeps state_dtype; unset: "
+    "state_dtype.",
     "ModelSection.mlp": "MLP kind: 'swiglu' (three matrices) or 'gelu' (two).",
     "ModelSection.tied_embeddings": "Whether the LM head shares the embedding's weights (HF "
     "tie_word_embeddings).",

@@ -241,6 +241,7 @@ def resolved_dict(rs: Resolved) -> dict:
     d["model"]["expert_dtype"] = m.expert_dtype or m.dtype
     d["model"]["embed_dtype"] = m.embed_dtype or m.dtype
     d["model"]["state_dtype"] = m.state_dtype or m.kv_dtype_resolved
+    d["model"]["ssm_state_dtype"] = m.ssm_state_dtype or d["model"]["state_dtype"]
     g, pw, prof = rs.gpu, rs.gpu.power, rs.profile
     hw = d["hardware"]
     hw.update(

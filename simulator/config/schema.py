@@ -101,6 +101,7 @@ class ModelSection(_Section):
     expert_dtype: WeightDType | None = None
     embed_dtype: DType | None = None
     state_dtype: DType | None = None
+    ssm_state_dtype: DType | None = None
 
 
 class HardwareSection(_Section):

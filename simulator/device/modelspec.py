@@ -121,6 +121,11 @@ class ModelSpec:
     expert_dtype: str | None = None  # None: dtype
     embed_dtype: str | None = None  # None: dtype
     state_dtype: str | None = None  # linear-state cache; None: the KV dtype
+    #: the SSM (temporal) state's precision when it differs from the convolution state's
+    #: (vLLM's ``--mamba-ssm-cache-dtype``, over ``--mamba-cache-dtype`` = ``state_dtype``:
+    #: ``MambaStateDtypeCalculator.mamba2_state_dtype``, vllm/model_executor/layers/mamba/
+    #: mamba_utils.py); None: ``state_dtype``
+    ssm_state_dtype: str | None = None
     #: which of head_dim, d_ff_expert, d_ff_shared were derived (not given): they follow
     #: their sources through :meth:`evolve` and ``dataclasses.replace``
     derived: tuple[str, ...] = field(default=(), compare=False, repr=False)
@@ -156,7 +161,14 @@ class ModelSpec:
     def problems(self) -> list[tuple[str, object, str]]:
         """``(field, value, what is wrong)`` for each inconsistency; empty when valid."""
         out: list[tuple[str, object, str]] = []
-        for f in ("dtype", "kv_dtype", "expert_dtype", "embed_dtype", "state_dtype"):
+        for f in (
+            "dtype",
+            "kv_dtype",
+            "expert_dtype",
+            "embed_dtype",
+            "state_dtype",
+            "ssm_state_dtype",
+        ):
             v = getattr(self, f)
             if v is not None and v not in DTYPE_BYTES:
                 out.append((f, v, f"is not one of {', '.join(DTYPE_BYTES)}"))
@@ -477,13 +489,16 @@ class ModelSpec:
 
     @property
     def state_bytes_per_seq(self) -> float:
-        """The fixed state of one sequence in the linear-state layers (SSM and conv states)."""
+        """The fixed state of one sequence in the linear-state layers: the SSM state (heads x
+        head dim x state size, at ``ssm_state_dtype``) and the convolution's last
+        ``conv_kernel - 1`` inputs (at ``state_dtype``), vLLM's two Mamba-2 state tensors
+        (``MambaStateShapeCalculator.mamba2_state_shape``)."""
         if not self.n_linear_layers:
             return 0.0
-        elems = self.ssm_d_inner * self.ssm_state_size
-        elems += (self.ssm_conv_kernel - 1) * self._ssm_conv_dim
         dt = self.state_dtype or self.kv_dtype_resolved
-        return self.n_linear_layers * elems * DTYPE_BYTES[dt]
+        ssm = self.ssm_d_inner * self.ssm_state_size * DTYPE_BYTES[self.ssm_state_dtype or dt]
+        conv = (self.ssm_conv_kernel - 1) * self._ssm_conv_dim * DTYPE_BYTES[dt]
+        return self.n_linear_layers * (ssm + conv)
 
     def kv_tokens_by_layer(self, context_tokens: int) -> tuple[int, ...]:
         """Tokens of a sequence of ``context_tokens`` that each layer caches (0 for layers
