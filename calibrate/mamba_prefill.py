@@ -9,8 +9,13 @@ mamba_mixer2.py``, ``MambaMixer2.forward_cuda``: the prompt tokens through
 through ``causal_conv1d_update`` and ``selective_state_update``). The simulator charges the
 prompt tokens the chunked scan's FLOPs and bytes (:func:`fleetsim.device.moe.
 ssd_prefill_delta_s`: ~8 MFLOP and ~0.22 MB per token and layer for the 9B, under a
-millisecond for a 300-token prompt over its 27 layers) and, per linear-state layer of such a
-step, the fixed time ``linear_state_prefill_layer_s`` fitted here.
+millisecond for a 300-token prompt over its 27 layers); such a step then takes max(its GPU
+time + ``linear_state_prefill_step_s``, linear-state layers x ``linear_state_prefill_layer_s``),
+the two fitted here: the mixers' prefill path launched from the host between the piecewise CUDA
+graphs of a mixed step (vLLM 0.11 splits them at ``vllm.mamba_mixer2``,
+``CompilationConfig.splitting_ops``), a floor the GPU hides once its own work is longer, after
+a serial part per step (the Mamba-2 metadata, ``Mamba2AttentionMetadataBuilder.build``, built
+on the host before the forward; or GPU time the kernel model misses: not shown).
 
 Evidence (data/mlenergy-v3, one-GPU Nemotron Nano 9B/12B v2 lm-arena-chat): the measured mean
 step (batch / tokens/s) exceeds the median ITL by 0.8-16.7 ms, the p90 / p99 ITL of the rows
@@ -18,19 +23,20 @@ whose prompt steps pass 10 % / 1 % of the steps sit 31-50 ms above the median (9
 16.8 / 50.7 ms), and the time each prompt-carrying step must add (``python -m
 fleetsim.calibrate.mlenergy --beyond``) is about the same on the H100 and on the 2.4x faster
 B200: a fixed time per prompt step, not a per-token one (a per-token state round trip would
-halve on the B200). Candidate mechanism, not shown: the mixer's prefill path runs outside the
-CUDA graph (a mixed batch replays piecewise graphs, the Mamba mixer being a splitting op), so
-its ~10 kernel launches and their metadata per layer are host-bound.
+halve on the B200). The split at the mixer is in vLLM's code (a mixed batch replays piecewise
+graphs, ``vllm.mamba_mixer2`` being a splitting op), so its ~10 kernel launches per layer come
+from the host; that they carry the fitted times is a candidate, not shown.
 
-The fit, in closed form: each non-suspect chat row of a hybrid on the GPU is simulated once
-without the term; the term adds ``n_linear_layers x h`` to each prompt-carrying step, so the
-row's value is its missing time per prompt step (``StepSplit.missing_per_prompt_step_s``) over
-its linear-state layers; the constant is the value of least summed |relative error| of the
-rows' mean steps (a weighted median of those values, :func:`row_values`) over the rows whose
-prompt-carrying share of steps is at least :data:`MIN_PROMPT_SHARE` (where the time beyond the
-median is carried by the prompt steps), and each model is predicted from the other's rows (two
-models: 9B from 12B and back). Committed: H100 1.05 ms (12 rows; 9B from the 12B's rows 1.10
-ms, 12B from the 9B's 0.98 ms), B200 1.79 ms (5 rows; 1.35 and 2.06 ms).
+The fit: each non-suspect chat row of a hybrid on the GPU is simulated once without either
+term, giving its prompt-carrying steps' GPU times ``g_i`` and the time per step its mean step
+misses beyond the median (:class:`RowNeed`); the pair ``(h, a)`` minimises the rows' summed
+|relative error| of the mean step, the gain per step being ``sum_i max(g_i + a, L h) - g_i`` over
+the steps (:func:`best_pair`, on a grid), over the rows whose prompt-carrying share of steps is
+at least :data:`MIN_PROMPT_SHARE`; the serial ``a`` is kept only where it cuts the floor-alone
+error by :data:`SERIAL_MIN_GAIN`, and each model is predicted from the other's rows (two models:
+9B from 12B and back). Committed: H100 floor 2.01 ms per layer, serial 26.4 ms (12 rows; 12B
+from the 9B's rows 2.01 / 25.5 ms, 9B from the 12B's 2.21 / 28.2 ms); B200 floor 3.12 ms, no
+serial (5 rows; 3.12 / 0 and 2.93 / 37.8 ms). docs/accuracy.md, "Mamba-2 prefill".
 
     python -m fleetsim.calibrate.mamba_prefill [--gpu H100] [--workers 2]
 """
