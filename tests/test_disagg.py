@@ -152,7 +152,11 @@ def test_backpressure_holds_kv_in_the_prefill_pool(engine):
         # the chunks of the prompts being prefilled; the handed-off ones hold most of them
         held = sum(-(-r.kv_tokens // b) for r in waiting_kv)
         own = sum(-(-r.done // b) for r in pre.pre)
-        assert held + own == pre.NB - pre.free
+        # and the prompts whose last chunk ran in the iteration the day's end cut: finished, in
+        # the run's heap, not yet handed off (one such prompt of 936 tokens at the end of this
+        # day since the catalog's H100 holds CUDA's 79.19 GiB)
+        due = sum(-(-r.done // b) for _, _, r in pre.heap)
+        assert held + own + due == pre.NB - pre.free
         assert held > 0.5 * pre.NB
     # the same load with a decode pool that keeps up leaves nothing behind
     free = run_pod(disagg(heavy, decode={"replicas": 2}))
