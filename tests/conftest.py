@@ -45,6 +45,18 @@ def resolved(d: dict):
     return resolve(scenario_from_dict(d))
 
 
+def one_gpu_latency_model(model: str, gpu: str):
+    """The latency model of catalog ``model`` on one catalog ``gpu`` (the default serving
+    stack), as a one-hour scenario resolves it."""
+    d = {
+        "simulation": {"hours": 1},
+        "model": {"name": model},
+        "hardware": {"gpu": gpu},
+        "traffic": {"requests_per_day": 1000},
+    }
+    return resolved(d).latency_model()
+
+
 class ListSink:
     """Collects request records in memory (the RequestWriter interface)."""
 

@@ -25,15 +25,9 @@ LAYERS, H, P, N, G, Q = 27, 128, 80, 128, 8, 128
 def _nemotron(
     gpu: str = "h100-sxm", prefill_layer_s: float | None = None, serial_s: float | None = None
 ) -> LatencyModel:
-    from conftest import resolved
+    from conftest import one_gpu_latency_model
 
-    d = {
-        "simulation": {"hours": 1},
-        "model": {"name": "nemotron-nano-9b-v2"},
-        "hardware": {"gpu": gpu},
-        "traffic": {"requests_per_day": 1000},
-    }
-    lm = resolved(d).latency_model()
+    lm = one_gpu_latency_model("nemotron-nano-9b-v2", gpu)
     if prefill_layer_s is None and serial_s is None:
         return lm
     p = lm.profile

@@ -371,15 +371,9 @@ def _nemotron(gpu: str, eff: float | None = None, prefill_floor: bool = True) ->
     """Nemotron Nano 9B v2 (catalog model) on one ``gpu`` under vllm-v1, its state update at
     the catalog's efficiency or at ``eff``; ``prefill_floor=False``: without the Mamba-2 prefill
     floor and serial time of its prompt steps (tests/test_mamba_prefill.py)."""
-    from conftest import resolved
+    from conftest import one_gpu_latency_model
 
-    d = {
-        "simulation": {"hours": 1},
-        "model": {"name": "nemotron-nano-9b-v2"},
-        "hardware": {"gpu": gpu},
-        "traffic": {"requests_per_day": 1000},
-    }
-    lm = resolved(d).latency_model()
+    lm = one_gpu_latency_model("nemotron-nano-9b-v2", gpu)
     if eff is None and prefill_floor:
         return lm
     p = lm.profile
