@@ -196,6 +196,10 @@ def test_simulated_window_is_consistent(one_run):
     # the window's commits tile it: their durations sum to at least the window
     assert r.seg_s.sum() >= r.window_s * 0.999
     assert 0.0 < r.prefill_u[0] < 1.0 and 0.0 < r.prefill_u[1] < 1.0
+    # the exposed host time per iteration the power model's host level applies to: the H100's
+    # vllm-v1 overhead_s + host stall (catalog/stacks.toml), and its share of the full prefill
+    assert r.host_s_per_iter == pytest.approx(2.4306e-3 + 7.7416e-5, rel=1e-9)
+    assert 0.0 < r.prefill_u[4] < 0.05
 
 
 def test_tracker_conserves_the_recorder_totals(tmp_path):
