@@ -666,6 +666,9 @@ class SimRun:
     #: quantile's error can be large at a small share (a tail that falls steeply there)
     itl_beyond_meas_p90: float = math.nan
     itl_beyond_meas_p99: float = math.nan
+    #: the share of those gaps (token-weighted, whole run) that fall in a step computing prompt
+    #: tokens (:func:`prompt_gap_share`): above one half the median gap is a prompt-carrying step
+    itl_prompt_share: float = math.nan
     avg_batch: float = math.nan  # mean running sequences over the window (time-weighted)
     tp: int = 1
     # per commit inside the window: duration, FLOPs, bytes (for the power cap)
@@ -979,6 +982,7 @@ def simulate_config(
     out.itl_p90_s, out.itl_p95_s, out.itl_p99_s = _weighted_quantiles(
         step_s[ok], seg_tok[ok], ITL_QUANTILES
     )
+    out.itl_prompt_share = prompt_gap_share(seg_tok[ok], seg_it[ok], seg_p[ok], seg_h[ok])
     n_gaps = seg_tok[ok].sum()
     if n_gaps > 0:
         out.itl_beyond_meas_p90, out.itl_beyond_meas_p99 = (
@@ -1010,6 +1014,25 @@ def simulate_config(
         out.graph_tokens = int(pod.lat._gmax)
     out.sim_wall_s = time.perf_counter() - t0
     return out
+
+
+def prompt_gap_share(
+    tokens: np.ndarray, iters: np.ndarray, prompt: np.ndarray, hit: np.ndarray
+) -> float:
+    """The share of a run's inter-token gaps that fall in a step computing prompt tokens, from
+    its commits: ``tokens`` output tokens, ``iters`` iterations, ``prompt`` prompt tokens
+    admitted and ``hit`` of them served from the prefix cache, per commit. Every step gives one
+    gap per token it produces (the benchmark's ITL sample, :func:`_weighted_quantiles`); a
+    commit's prompt tokens are in its first iteration (serving/core.py), which produces about
+    ``tokens / iters`` of its tokens. The median ITL is a prompt-carrying step when this is
+    above one half (and every such step is longer than every decode step); ``nan`` without
+    tokens."""
+    total = float(np.sum(tokens))
+    if total <= 0.0:
+        return math.nan
+    computes = (np.asarray(prompt, float) - np.asarray(hit, float)) > 0.0
+    first = np.asarray(tokens, float) / np.maximum(np.asarray(iters, float), 1.0)
+    return float(first[computes].sum() / total)
 
 
 def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
@@ -1090,6 +1113,9 @@ class StepSplit:
     prompt_tokens: float  # prompt tokens computed in the window (prefix-cache hits excluded)
     decode_step_s: float  # mean iteration of the window's commits without prompt tokens
     prompt_step_s: float  # mean prompt-carrying iteration
+    #: the whole run's token-weighted share of prompt-carrying steps (SimRun.itl_prompt_share):
+    #: the median ITL is a decode step only while it is under one half
+    run_prompt_share: float = math.nan
 
     @property
     def meas_beyond_s(self) -> float:
@@ -1145,6 +1171,7 @@ def step_split(c: Config, run: SimRun) -> StepSplit:
         prompt_tokens=float((run.seg_prompt - run.seg_hit).sum()),
         decode_step_s=d,
         prompt_step_s=pf,
+        run_prompt_share=run.itl_prompt_share,
     )
 
 
@@ -1156,7 +1183,8 @@ def split_lines(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
     out = [
         "time beyond the median step, measured / simulated (ms); simulated window: share of "
         "steps carrying prompts, computed prompt tokens per such step, its extra over a decode "
-        "step (ms), the extra it would need (ms)"
+        "step (ms), the extra it would need (ms); whole run: the share of the gaps (token-"
+        "weighted steps) that carry prompts (over one half: the median is a prompt step)"
     ]
     for c, r in pairs:
         s = step_split(c, r)
@@ -1167,6 +1195,7 @@ def split_lines(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
             f" | prompt steps {s.prompt_share:4.2f} x {s.tokens_per_prompt_step:5.0f} tok"
             f" +{1e3 * (s.prompt_step_s - s.decode_step_s):5.1f} need"
             f" +{1e3 * (s.prompt_step_s - s.decode_step_s + s.missing_per_prompt_step_s):6.1f}"
+            f" | run {s.run_prompt_share:4.2f}"
         )
     return out
 
