@@ -41,6 +41,7 @@ def _spec(name: str) -> PowerSpec:
         comm_w=e["comm_w"],
         moe_loop_w=e["moe_loop_w"],
         moe_compute_w=e["moe_compute_w"],
+        host_w=e.get("host_w"),
     )
 
 
@@ -507,6 +508,9 @@ def test_refit_from_committed_data_matches_the_catalog(refit, gpu):
     # fitted on both GPUs' MoE rows (the routed experts' FLOPs; slopes in the thousands of W)
     assert p.moe_compute_w > 0.0 and cat.moe_compute_w > 0.0
     assert p.moe_compute_w == pytest.approx(cat.moe_compute_w, rel=0.03)
+    # fitted on both GPUs (every vllm-v1 step has exposed host time): the host-wait level
+    assert p.host_w is not None and cat.host_w is not None
+    assert p.host_w == pytest.approx(cat.host_w, abs=max(6.0, 0.02 * cat.max_w))
     # the derived entries follow the H100 fit as documented
     if gpu == "H100":
         h200, a100 = _spec("h200"), _spec("a100-80gb")
@@ -518,6 +522,7 @@ def test_refit_from_committed_data_matches_the_catalog(refit, gpu):
         )
         assert h200.comm_w == cat.comm_w and h200.moe_loop_w == cat.moe_loop_w
         assert h200.moe_compute_w == cat.moe_compute_w
+        assert h200.host_w == cat.host_w
         for k in POWER_TERMS_W:
             assert getattr(a100, k) == pytest.approx(getattr(cat, k) * 400 / 700, abs=1.0), k
 
