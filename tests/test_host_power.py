@@ -1,9 +1,10 @@
 """The power level while an iteration waits on the host (PowerSpec.host_w).
 
-vLLM 0.11's engine core schedules, runs the model and processes the outputs in series
-(``EngineCore.step``, ``vllm/v1/engine/core.py``), so each step's exposed host time (the serving
-stack's ``overhead_s``, host stall and one-GPU step floor, ``LatencyModel.host_s_per_iter``) is
-time in which no kernel runs. The engine charges it at ``host_w`` in place of ``active_w``:
+Each step's exposed host time (the serving stack's ``overhead_s``, host stall and one-GPU
+step floor, ``LatencyModel.host_s_per_iter``: the part of vLLM 0.11's host work per step that
+asynchronous scheduling, ``EngineCore.step_with_batch_queue`` in ``vllm/v1/engine/core.py``,
+does not hide) is time in which no kernel runs. The engine charges it at ``host_w`` in place
+of ``active_w``:
 
 * the host seconds per iteration by hand (the catalog's vllm-v1 constants), and they are a part
   of every step's time (a profile without them steps exactly that much faster);

@@ -131,10 +131,12 @@ class PowerSpec:
     #: the level above idle, in place of ``active_w``, for the exposed host time of every
     #: iteration (the serving stack's ``overhead_s``, host stall and one-GPU step floor:
     #: :attr:`LatencyModel.host_s_per_iter`), while the GPU waits for the host to schedule and
-    #: launch the next step: vLLM 0.11's ``EngineCore.step`` schedules, executes and processes
-    #: the outputs in series (``vllm/v1/engine/core.py``; the batch queue that overlaps them
-    #: only with pipeline parallelism), so no kernel runs in that time; None keeps ``active_w``
-    #: there (no separate level)
+    #: launch the next step: the part of the host's work per step that vLLM 0.11's
+    #: asynchronous scheduling does not hide (``--async-scheduling``, as the ML.ENERGY runs set
+    #: it: ``EngineCore.step_with_batch_queue`` with ``max_concurrent_batches`` 2,
+    #: ``vllm/v1/engine/core.py``, ``vllm/v1/executor/uniproc_executor.py``, prepares step N+1
+    #: while step N runs; what is left over is exposed), so no kernel runs in that time; None
+    #: keeps ``active_w`` there (no separate level)
     host_w: float | None = None
 
     def power_w(
