@@ -1953,6 +1953,7 @@ STACK_KEYS = (
     "linear_state_eff",
     "host_stall_s",
     "one_gpu_overhead_s",
+    "dense_gemm_bw_eff",
     # the eager MoE host floor, fitted by calibrate/eager_host.py to the folder's MoE rows
     # (write_profiles); a GPU without such rows keeps the catalog's
     "eager_moe_layer_host_s",

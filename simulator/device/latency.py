@@ -29,7 +29,7 @@ form (:func:`run_sums`). That is what lets the engine advance ``k`` iterations w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fleetsim.device.kernels import (
@@ -245,6 +245,12 @@ class RooflineProfile:
     #: exposed host time per iteration on top of ``overhead_s`` on one-GPU engines only (the
     #: B200's small-batch step floor; see fleetsim.device.stack)
     one_gpu_overhead_s: float = 0.0
+    #: the fraction of the bandwidth at which the serving stack's dense GEMMs (torch
+    #: ``F.linear`` on cuBLAS: attention projections, dense MLPs, Mamba projections, the LM
+    #: head) stream their weights, in place of the kernel fit's ``gemm_bw_eff``; the MoE layers
+    #: (fused-MoE experts, shared experts, router) keep the kernel fit's (their own constants,
+    #: catalog moe.toml, were fitted with it). 0: the kernel fit's (see fleetsim.device.stack)
+    dense_gemm_bw_eff: float = 0.0
     #: host time of an iteration of a mixture of experts that runs without a CUDA graph (more
     #: tokens than ``graph_max_tokens``): ``eager_moe_layer_host_s`` per MoE layer plus
     #: ``eager_seq_host_s`` per sequence (per engine); the iteration takes at least that long,
@@ -593,6 +599,11 @@ class LatencyModel:
     # -- the kernel model ------------------------------------------------------------------
     def _init_kernels(self, p: RooflineProfile, kf: KernelFit) -> None:
         m, tp = self.model, self.tp
+        #: the fused-MoE expert GEMMs' kernel fit (eager, graphed): the fit as it is
+        self._kern_moe = kf
+        if p.dense_gemm_bw_eff > 0.0:
+            # the dense GEMMs' weight stream at the serving stack's efficiency
+            kf = replace(kf, gemm_bw_eff=p.dense_gemm_bw_eff)
         self._kern = kf
         self._peak_lin, self.weight_only = compute_peak(p, m.dtype)
         self._bw = p.mem_bw_bytes_per_s
@@ -660,8 +671,10 @@ class LatencyModel:
         self._eh_s = 0.0
         #: its further part in an iteration that carries prompt tokens (latent attention)
         self._eh_p = 0.0
+        self._kern_moe_g: KernelFit | None = None
         if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
             self._kern_g = graphed_fit(kf, p.graph_floor_frac)
+            self._kern_moe_g = graphed_fit(self._kern_moe, p.graph_floor_frac)
             # each data-parallel engine replays its own graph for its (padded) share: the
             # replica's padded dp x share tokens are graphed when the share is, i.e. up to
             # dp x the engine's largest capture (graph_max_tokens is an engine's)
@@ -812,7 +825,7 @@ class LatencyModel:
         if n_moe and tokens > 0:
             link_bw, link_lat = self._link
             mo = moe_layer_parts_s(
-                kf,
+                (self._kern_moe_g or self._kern_moe) if graphed else self._kern_moe,
                 peak,
                 bw,
                 m,
