@@ -1154,6 +1154,15 @@ def stacks_toml(res: dict) -> str:
         )
         lines.append(f"per_seq_s = {v['per_seq_s']:.4e}  # fitted: per sequence in the iteration")
         lines += _host_stall_lines(v)
+        if v.get("dense_gemm_bw_eff", 0.0) > 0.0:
+            no = v["ds_none"]
+            lines.append(
+                f"dense_gemm_bw_eff = {v['dense_gemm_bw_eff']:.3f}  # fitted (L): the dense"
+                " GEMMs' weight stream, fraction of the bandwidth, jointly with the one-GPU"
+                " floor (calibrate/stack.py fit_dense_stream; the derived kernel fit's 0.958 is"
+                " the B200's whole 7.67 TB/s); the floor alone at the kernel fit's stream:"
+                f" {no['median_abs']:.4f}, worst {no['worst_abs']:.4f}"
+            )
         if "og_lomo" in v:
             lo, cap = v["og_lomo"], v["og_cap"]
             lines.append(
@@ -1166,15 +1175,6 @@ def stacks_toml(res: dict) -> str:
                 f"one_gpu_lomo_median_err = {lo['median_abs']:.4f}  # each model from the"
                 f" others, worst {lo['worst_abs']:.4f}, signed median {lo['signed_median']:+.4f};"
                 f" with the cap {cap['median_abs']:.4f}, worst {cap['worst_abs']:.4f}"
-            )
-        if v.get("dense_gemm_bw_eff", 0.0) > 0.0:
-            no = v["ds_none"]
-            lines.append(
-                f"dense_gemm_bw_eff = {v['dense_gemm_bw_eff']:.3f}  # fitted (L): the dense"
-                " GEMMs' weight stream, fraction of the bandwidth, jointly with the one-GPU"
-                " floor (calibrate/stack.py fit_dense_stream; the derived kernel fit's 0.958 is"
-                " the B200's whole 7.67 TB/s); the floor alone at the kernel fit's stream:"
-                f" {no['median_abs']:.4f}, worst {no['worst_abs']:.4f}"
             )
         lines += _eager_host_lines(gpu)
         lines += _mla_prefill_lines(gpu)
