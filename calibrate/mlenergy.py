@@ -666,6 +666,9 @@ class SimRun:
     #: quantile's error can be large at a small share (a tail that falls steeply there)
     itl_beyond_meas_p90: float = math.nan
     itl_beyond_meas_p99: float = math.nan
+    #: the share of those gaps (token-weighted, whole run) that fall in a step computing prompt
+    #: tokens (:func:`prompt_gap_share`): above one half the median gap is a prompt-carrying step
+    itl_prompt_share: float = math.nan
     avg_batch: float = math.nan  # mean running sequences over the window (time-weighted)
     tp: int = 1
     # per commit inside the window: duration, FLOPs, bytes (for the power cap)
@@ -687,11 +690,15 @@ class SimRun:
     #: and linear state: PowerSpec.kv_w); exact for a dense model, whose every iteration reads
     #: them all; a mixture of experts: those a full batch of max_num_seqs touches
     weight_bytes: float = 0.0
+    #: the exposed host time of every iteration (s; LatencyModel.host_s_per_iter): the share
+    #: of a commit's time PowerSpec.host_w applies to is iterations x this / its duration
+    host_s_per_iter: float = 0.0
     peak_flops: float = 0.0  # per GPU, as the simulator's power model uses them
     peak_bw: float = 0.0
-    #: (u_c, u_m, u_kv, u_moe) per GPU of one full prefill iteration (max_num_batched_tokens
-    #: of prompts of the task's length), the anchor of the fit's prefill row (see fit_power);
-    #: u_moe, the routed experts' part of u_c, may be absent (0)
+    #: (u_c, u_m, u_kv, u_moe, f_host) per GPU of one full prefill iteration
+    #: (max_num_batched_tokens of prompts of the task's length), the anchor of the fit's prefill
+    #: row (see fit_power); u_moe, the routed experts' part of u_c, and f_host, the share of the
+    #: iteration waiting on the host, may be absent (0)
     prefill_u: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
     #: the model's mixture-of-experts layers (0 for a dense model)
     moe_layers: int = 0
@@ -908,12 +915,14 @@ def simulate_config(
     )
     lm = rs.latency_model()
     out.weight_bytes = float(lm.weight_bytes_per_iteration(max(1, c.max_num_seqs)))
+    out.host_s_per_iter = float(lm.host_s_per_iter)
     out.prefill_u = (
         f_pf / (t_pf * c.num_gpus * out.peak_flops),
         b_pf / (t_pf * c.num_gpus * out.peak_bw),
         max(b_pf - lm.weight_bytes_per_iteration(k * prompt), 0.0)
         / (t_pf * c.num_gpus * out.peak_bw),
         lm.expert_flops_iter(k * prompt, k, 0) / (t_pf * c.num_gpus * out.peak_flops),
+        min(lm.host_s_per_iter / t_pf, 1.0),
     )
     m = c.max_num_seqs
     first = np.sort(np.asarray(sink.first))
@@ -973,6 +982,7 @@ def simulate_config(
     out.itl_p90_s, out.itl_p95_s, out.itl_p99_s = _weighted_quantiles(
         step_s[ok], seg_tok[ok], ITL_QUANTILES
     )
+    out.itl_prompt_share = prompt_gap_share(seg_tok[ok], seg_it[ok], seg_p[ok], seg_h[ok])
     n_gaps = seg_tok[ok].sum()
     if n_gaps > 0:
         out.itl_beyond_meas_p90, out.itl_beyond_meas_p99 = (
@@ -1004,6 +1014,25 @@ def simulate_config(
         out.graph_tokens = int(pod.lat._gmax)
     out.sim_wall_s = time.perf_counter() - t0
     return out
+
+
+def prompt_gap_share(
+    tokens: np.ndarray, iters: np.ndarray, prompt: np.ndarray, hit: np.ndarray
+) -> float:
+    """The share of a run's inter-token gaps that fall in a step computing prompt tokens, from
+    its commits: ``tokens`` output tokens, ``iters`` iterations, ``prompt`` prompt tokens
+    admitted and ``hit`` of them served from the prefix cache, per commit. Every step gives one
+    gap per token it produces (the benchmark's ITL sample, :func:`_weighted_quantiles`); a
+    commit's prompt tokens are in its first iteration (serving/core.py), which produces about
+    ``tokens / iters`` of its tokens. The median ITL is a prompt-carrying step when this is
+    above one half (and every such step is longer than every decode step); ``nan`` without
+    tokens."""
+    total = float(np.sum(tokens))
+    if total <= 0.0:
+        return math.nan
+    computes = (np.asarray(prompt, float) - np.asarray(hit, float)) > 0.0
+    first = np.asarray(tokens, float) / np.maximum(np.asarray(iters, float), 1.0)
+    return float(first[computes].sum() / total)
 
 
 def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
@@ -1084,6 +1113,9 @@ class StepSplit:
     prompt_tokens: float  # prompt tokens computed in the window (prefix-cache hits excluded)
     decode_step_s: float  # mean iteration of the window's commits without prompt tokens
     prompt_step_s: float  # mean prompt-carrying iteration
+    #: the whole run's token-weighted share of prompt-carrying steps (SimRun.itl_prompt_share):
+    #: the median ITL is a decode step only while it is under one half
+    run_prompt_share: float = math.nan
 
     @property
     def meas_beyond_s(self) -> float:
@@ -1139,6 +1171,7 @@ def step_split(c: Config, run: SimRun) -> StepSplit:
         prompt_tokens=float((run.seg_prompt - run.seg_hit).sum()),
         decode_step_s=d,
         prompt_step_s=pf,
+        run_prompt_share=run.itl_prompt_share,
     )
 
 
@@ -1150,7 +1183,8 @@ def split_lines(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
     out = [
         "time beyond the median step, measured / simulated (ms); simulated window: share of "
         "steps carrying prompts, computed prompt tokens per such step, its extra over a decode "
-        "step (ms), the extra it would need (ms)"
+        "step (ms), the extra it would need (ms); whole run: the share of the gaps (token-"
+        "weighted steps) that carry prompts (over one half: the median is a prompt step)"
     ]
     for c, r in pairs:
         s = step_split(c, r)
@@ -1161,6 +1195,7 @@ def split_lines(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
             f" | prompt steps {s.prompt_share:4.2f} x {s.tokens_per_prompt_step:5.0f} tok"
             f" +{1e3 * (s.prompt_step_s - s.decode_step_s):5.1f} need"
             f" +{1e3 * (s.prompt_step_s - s.decode_step_s + s.missing_per_prompt_step_s):6.1f}"
+            f" | run {s.run_prompt_share:4.2f}"
         )
     return out
 
@@ -1183,18 +1218,18 @@ def catalog_power(gpu_model: str) -> PowerSpec:
         comm_w=e.get("comm_w"),
         moe_loop_w=e.get("moe_loop_w"),
         moe_compute_w=e.get("moe_compute_w", 0.0),
+        host_w=e.get("host_w"),
     )
 
 
-def utilisation(
-    run: SimRun, speed: float = 1.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(segment durations, u_c, u_m, u_kv, f_comm, f_loop, u_moe) per GPU of the window's
-    commits, u_kv being the KV cache and linear-state part of u_m (the bytes beyond the weights
-    of each iteration, as the engine counts them), f_comm the share of the time in
-    communication, f_loop in the block-scaled K loop of fp8 fused-MoE kernels and u_moe the
-    routed experts' grouped-GEMM part of u_c; ``speed`` scales the achieved rates (the measured
-    over the simulated throughput: the same work done at the measured pace; the shares of time
+def utilisation(run: SimRun, speed: float = 1.0) -> tuple[np.ndarray, ...]:
+    """(segment durations, u_c, u_m, u_kv, f_comm, f_loop, u_moe, f_host) per GPU of the
+    window's commits, u_kv being the KV cache and linear-state part of u_m (the bytes beyond the
+    weights of each iteration, as the engine counts them), f_comm the share of the time in
+    communication, f_loop in the block-scaled K loop of fp8 fused-MoE kernels, u_moe the
+    routed experts' grouped-GEMM part of u_c and f_host the share waiting on the host (each
+    iteration's ``host_s_per_iter``); ``speed`` scales the achieved rates (the measured over
+    the simulated throughput: the same work done at the measured pace; the shares of time
     stay)."""
     dt = np.maximum(run.seg_s, 1e-12)
     g = max(run.tp, 1)
@@ -1209,7 +1244,8 @@ def utilisation(
     fl = np.minimum(lp / dt, 1.0 - fc)
     xf = run.seg_xflops if len(run.seg_xflops) == len(run.seg_s) else np.zeros(len(dt))
     umoe = speed * xf / (dt * g * run.peak_flops)
-    return run.seg_s, uc, um, ukv, fc, fl, umoe
+    fh = np.minimum(iters * run.host_s_per_iter / dt, np.maximum(1.0 - fc - fl, 0.0))
+    return run.seg_s, uc, um, ukv, fc, fl, umoe, fh
 
 
 def speed_of(c: Config, run: SimRun) -> float:
@@ -1222,21 +1258,27 @@ def predict_w(run: SimRun, p: PowerSpec, speed: float = 1.0) -> float:
     ``min(max_w, idle + level + compute_w u_c + memory_w u_m + kv_w u_kv + moe_compute_w
     u_moe)``, the level being
     ``active_w`` and, for the share ``f_comm`` of the time in communication, ``comm_w``, for
-    the share ``f_loop`` in the fp8 fused-MoE K loop, ``moe_loop_w`` (the replica is busy
-    throughout the window), time-weighted."""
+    the share ``f_loop`` in the fp8 fused-MoE K loop, ``moe_loop_w``, for the share
+    ``f_host`` waiting on the host, ``host_w`` (the replica is busy throughout the window),
+    time-weighted."""
     u = utilisation(run, speed)
     if u[0].sum() <= 0:
         return math.nan
     return _mean_w(u, p)
 
 
-def _level(p: PowerSpec, fc: np.ndarray, fl: np.ndarray) -> np.ndarray | float:
+def _level(
+    p: PowerSpec, fc: np.ndarray, fl: np.ndarray, fh: np.ndarray | float = 0.0
+) -> np.ndarray | float:
     """The busy level per commit: ``active_w``, ``comm_w`` for the share ``fc`` of the time in
-    communication and ``moe_loop_w`` for the share ``fl`` in the fp8 fused-MoE K loop (the
-    engine's energy: active x busy + (comm - active) x comm s + (loop - active) x loop s)."""
+    communication, ``moe_loop_w`` for the share ``fl`` in the fp8 fused-MoE K loop and
+    ``host_w`` for the share ``fh`` waiting on the host (the engine's energy: active x busy +
+    (comm - active) x comm s + (loop - active) x loop s + (host - active) x host s)."""
     level = p.active_w if p.comm_w is None else p.active_w * (1.0 - fc) + p.comm_w * fc
     if p.moe_loop_w is not None:
         level = level + (p.moe_loop_w - p.active_w) * fl
+    if p.host_w is not None:
+        level = level + (p.host_w - p.active_w) * fh
     return level
 
 
@@ -1294,6 +1336,7 @@ def fit_power(
     f_scale: float = FIT_F_SCALE,
     comm_cap: bool = True,
     moe: bool = True,
+    host: bool = True,
 ) -> PowerSpec:
     """``active_w``, ``compute_w``, ``memory_w`` and ``kv_w`` (all >= 0) fitted to measured
     mean power per GPU on the relative residuals of the window means: first linear least squares
@@ -1325,32 +1368,39 @@ def fit_power(
     most its limit); and ``moe_compute_w``, the power per unit of the routed experts' FLOP
     utilisation on top of ``compute_w`` (``seg_xflops``; fitted where some runs are mixtures of
     experts and ``moe``, else 0: a fused-MoE kernel spends more energy per useful FLOP than a
-    dense GEMM, docs/model.md "Power"); with ``kv=False`` all four stay off (the older
+    dense GEMM, docs/model.md "Power"); and ``host_w``, the level in place of ``active_w`` for
+    each iteration's exposed host time (``host_s_per_iter``; fitted where ``host`` and some
+    runs have that time, else None), at most ``active_w`` (a GPU waiting for its next launch
+    draws no more than a computing one); with ``kv=False`` all five stay off (the older
     three-term model)."""
     sp = [1.0] * len(runs) if speeds is None else list(speeds)
     rows = []
     for r, v in zip(runs, sp, strict=True):
-        dt, uc, um, ukv, fc, fl, umoe = utilisation(r, v)
+        dt, uc, um, ukv, fc, fl, umoe, fh = utilisation(r, v)
         T = dt.sum()
         f = float((fc * dt).sum() / T)
         g = float((fl * dt).sum() / T)
+        h = float((fh * dt).sum() / T) if kv and host else 0.0
         rows.append(
             (
-                1.0 - f - g,
+                1.0 - f - g - h,
                 float((uc * dt).sum() / T),
                 float((um * dt).sum() / T),
                 float((ukv * dt).sum() / T) if kv else 0.0,
                 f,
                 g,
                 float((umoe * dt).sum() / T) if kv and moe else 0.0,
+                h,
             )
         )
     # the communication level is fitted only where some rows communicate (multi-GPU runs), the
     # loop level only where some rows run fp8 block-quantised experts, the routed experts'
-    # FLOP term only where some rows are mixtures of experts
+    # FLOP term only where some rows are mixtures of experts, the host level only where some
+    # rows have host time
     comm = kv and any(row[4] > 0.0 for row in rows)
     loop = kv and any(row[5] > 0.0 for row in rows)
     xmoe = kv and moe and any(row[6] > 0.0 for row in rows)
+    hlev = kv and host and any(row[7] > 0.0 for row in rows)
     meas = list(np.asarray(measured_w, dtype=float))
     wts = [1.0] * len(rows)
     if anchor:
@@ -1361,7 +1411,8 @@ def fit_power(
             if u0[0] > 0:
                 ukv0 = u0[2] if kv and len(u0) > 2 else 0.0
                 umoe0 = u0[3] if xmoe and len(u0) > 3 else 0.0
-                rows.append((1.0, u0[0], u0[1], ukv0, 0.0, 0.0, umoe0))
+                fh0 = u0[4] if hlev and len(u0) > 4 else 0.0
+                rows.append((1.0 - fh0, u0[0], u0[1], ukv0, 0.0, 0.0, umoe0, fh0))
                 meas.append(base.max_w)
                 wts.append(anchor_rows)
     a = np.asarray(rows)
@@ -1369,8 +1420,11 @@ def fit_power(
         a[:, 0] += a[:, 4]
     if not loop:
         a[:, 0] += a[:, 5]
-    # the fitted columns: active, compute, memory, [kv], [comm], [loop], [routed-expert FLOPs]
-    cols = [0, 1, 2] + [3] * kv + [4] * comm + [5] * loop + [6] * xmoe
+    if not hlev:
+        a[:, 0] += a[:, 7]
+    # the fitted columns: active, compute, memory, [kv], [comm], [loop], [routed-expert FLOPs],
+    # [host]
+    cols = [0, 1, 2] + [3] * kv + [4] * comm + [5] * loop + [6] * xmoe + [7] * hlev
     a = a[:, cols]
     m = np.asarray(meas)
     y = m - base.idle_w
@@ -1388,6 +1442,7 @@ def fit_power(
             comm_w=v.get(4),
             moe_loop_w=v.get(5),
             moe_compute_w=v.get(6, 0.0),
+            host_w=v.get(7),
         )
 
     x = _nnls(a * wgt[:, None], y * wgt)
@@ -1413,15 +1468,19 @@ def fit_power(
     ncol = a.shape[1]
 
     # with comm_cap, the communication level is at most the active level: optimised as the
-    # ratio comm_w / active_w in [0, 1]
+    # ratio comm_w / active_w in [0, 1]; the host level always is
     cap = comm_cap and comm
     ic = cols.index(4) if comm else -1
+    ih = cols.index(7) if hlev else -1
 
     def full(z: np.ndarray) -> np.ndarray:
-        if not cap:
+        if not cap and not hlev:
             return z
         zz = z.copy()
-        zz[ic] = z[ic] * z[0]
+        if cap:
+            zz[ic] = z[ic] * z[0]
+        if hlev:
+            zz[ih] = z[ih] * z[0]
         return zz
 
     def residuals(zz: np.ndarray) -> np.ndarray:
@@ -1440,6 +1499,9 @@ def fit_power(
     if cap:
         z0[ic] = min(0.999, x[ic] / max(x[0], 1e-3)) if x[ic] > 0 else 1e-3
         hi[ic] = 1.0
+    if hlev:
+        z0[ih] = min(0.999, x[ih] / max(x[0], 1e-3)) if x[ih] > 0 else 1e-3
+        hi[ih] = 1.0
     if loop:  # the loop level: at most the power limit above idle
         il = cols.index(5)
         hi[il] = max(base.max_w - base.idle_w, 1e-3)
@@ -1456,8 +1518,8 @@ def fit_power(
 
 def _mean_w(u: tuple[np.ndarray, ...], p: PowerSpec) -> float:
     """:func:`predict_w` from precomputed :func:`utilisation` arrays."""
-    dt, uc, um, ukv, fc, fl, umoe = u
-    level = _level(p, fc, fl)
+    dt, uc, um, ukv, fc, fl, umoe, fh = u
+    level = _level(p, fc, fl, fh)
     w = np.minimum(
         p.max_w,
         p.idle_w
@@ -2258,6 +2320,7 @@ def write_profiles(
             "comm_w": None if p.comm_w is None else round(p.comm_w, 1),
             "moe_loop_w": None if p.moe_loop_w is None else round(p.moe_loop_w, 1),
             "moe_compute_w": round(p.moe_compute_w, 1),
+            "host_w": None if p.host_w is None else round(p.host_w, 1),
             "method": "mlenergy-fit",
         }
         prof = replace(
@@ -2298,6 +2361,7 @@ def write_profiles(
             + ("" if p.comm_w is None else f"communication level {p.comm_w:.0f} W, ")
             + ("" if p.moe_loop_w is None else f"fp8 MoE-loop level {p.moe_loop_w:.0f} W, ")
             + (f"routed-expert compute {p.moe_compute_w:.0f} W, " if p.moe_compute_w else "")
+            + ("" if p.host_w is None else f"host-wait level {p.host_w:.0f} W, ")
             + "cap "
             f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
             f"J/token median {st['j_per_token']['median']:.1%}; {pg['line']}; wrote {path}"

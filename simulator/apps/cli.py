@@ -134,6 +134,7 @@ def cmd_validate(args) -> int:
                 if pw.moe_compute_w
                 else ""
             )
+            + ("" if pw.host_w is None else f"; {pw.idle_w + pw.host_w:g} W waiting on the host")
             + f", capped at {pw.max_w:g} W; "
             f"{pw.confidence or 'no provenance'}",
             file=sys.stderr,

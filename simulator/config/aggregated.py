@@ -228,6 +228,7 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         comm_w=entry.get("comm_w"),
         moe_loop_w=entry.get("moe_loop_w"),
         moe_compute_w=entry.get("moe_compute_w", 0.0),
+        host_w=entry.get("host_w"),
         # the catalog's tag (fitted / derived, gpus.toml), or what the scenario changed
         confidence=(
             f"set by the scenario (hardware.{', hardware.'.join(set_here)})"

@@ -146,6 +146,10 @@ SCENARIO: dict[str, str] = {
     "HardwareSection.moe_compute_w": "Dynamic power of one GPU at its full peak FLOP/s of "
     "routed-expert FLOPs (the grouped GEMMs of a mixture of experts), on top of compute_w, in W "
     "(fitted to the MoE rows of ML.ENERGY v3 for the H100 and B200; 0 for dense models).",
+    "HardwareSection.host_w": "Power of one GPU above idle while an iteration waits on the "
+    "host (the serving stack's exposed host time per iteration: overhead_s, the host stall and "
+    "the one-GPU step floor), in W, in place of active_w for that share of the iteration; "
+    "unset: active_w (no separate level).",
     "HardwareSection.node_idle_w": "Host power (CPUs, DRAM, NICs, fans) of a powered node whose "
     "GPUs are idle, in W per node; unset: the catalog's. The serving level is node_overhead_w.",
     "HardwareSection.node_overhead_w": "Power of the rest of the node (CPUs, NICs, fans) per "

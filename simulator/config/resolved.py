@@ -254,6 +254,7 @@ def resolved_dict(rs: Resolved) -> dict:
         comm_w=pw.comm_w,
         moe_loop_w=pw.moe_loop_w,
         moe_compute_w=pw.moe_compute_w,
+        host_w=pw.host_w,
         power_confidence=pw.confidence,
         node_overhead_w=g.node_overhead_w,
         node_idle_w=g.node_idle_w,

@@ -121,6 +121,7 @@ class HardwareSection(_Section):
     comm_w: Watts | None = None
     moe_loop_w: Watts | None = None
     moe_compute_w: Watts | None = None
+    host_w: Watts | None = None
     node_overhead_w: Annotated[float, bound(0, 1e6)] | None = None
     node_idle_w: Annotated[float, bound(0, 1e6)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None

@@ -71,6 +71,7 @@ POWER_TERMS_W = (
     "comm_w",
     "moe_loop_w",
     "moe_compute_w",
+    "host_w",
 )
 
 
@@ -127,6 +128,16 @@ class PowerSpec:
     #: fraction of the tensor-core rate, ``FusedMoeFit.mma_frac``); fitted to the ML.ENERGY v3
     #: MoE rows (docs/model.md, "Power"); 0 keeps the older model
     moe_compute_w: float = 0.0
+    #: the level above idle, in place of ``active_w``, for the exposed host time of every
+    #: iteration (the serving stack's ``overhead_s``, host stall and one-GPU step floor:
+    #: :attr:`LatencyModel.host_s_per_iter`), while the GPU waits for the host to schedule and
+    #: launch the next step: the part of the host's work per step that vLLM 0.11's
+    #: asynchronous scheduling does not hide (``--async-scheduling``, as the ML.ENERGY runs set
+    #: it: ``EngineCore.step_with_batch_queue`` with ``max_concurrent_batches`` 2,
+    #: ``vllm/v1/engine/core.py``, ``vllm/v1/executor/uniproc_executor.py``, prepares step N+1
+    #: while step N runs; what is left over is exposed), so no kernel runs in that time; None
+    #: keeps ``active_w`` there (no separate level)
+    host_w: float | None = None
 
     def power_w(
         self,
@@ -137,13 +148,14 @@ class PowerSpec:
         f_comm: float = 0.0,
         f_loop: float = 0.0,
         u_moe: float = 0.0,
+        f_host: float = 0.0,
     ) -> float:
         """Power per GPU at compute utilisation ``u_c``, bandwidth utilisation ``u_m``, its
         KV/state part ``u_kv`` (<= ``u_m``; fractions of the peaks, >= 0), a share ``f_comm``
-        (0..1) of the time in communication and a share ``f_loop`` (0..1, ``f_comm + f_loop
-        <= 1``) in the fp8 fused-MoE K loop, and the routed experts' part ``u_moe`` (<= ``u_c``)
-        of the compute utilisation: never below ``idle_w`` (all terms are >= 0), never above
-        ``max_w`` once busy."""
+        (0..1) of the time in communication, a share ``f_loop`` in the fp8 fused-MoE K loop
+        and a share ``f_host`` waiting on the host (0..1 each, ``f_comm + f_loop + f_host <=
+        1``), and the routed experts' part ``u_moe`` (<= ``u_c``) of the compute utilisation:
+        never below ``idle_w`` (all terms are >= 0), never above ``max_w`` once busy."""
         if not busy:
             return self.idle_w
         level = self.active_w
@@ -151,6 +163,8 @@ class PowerSpec:
             level = self.active_w * (1.0 - f_comm) + self.comm_w * f_comm
         if f_loop and self.moe_loop_w is not None:
             level += (self.moe_loop_w - self.active_w) * f_loop
+        if f_host and self.host_w is not None:
+            level += (self.host_w - self.active_w) * f_host
         p = self.idle_w + level + self.compute_w * u_c + self.memory_w * u_m + self.kv_w * u_kv
         if u_moe:
             p += self.moe_compute_w * u_moe
@@ -168,18 +182,22 @@ class PowerSpec:
         comm_s: float = 0.0,
         loop_s: float = 0.0,
         expert_flops: float = 0.0,
+        host_s: float = 0.0,
     ) -> float:
         """Energy above idle of ``gpus`` GPUs busy for ``busy_s`` seconds, ``comm_s`` of them
-        waiting on communication and ``loop_s`` in the fp8 fused-MoE K loop, doing ``flops``
-        (``expert_flops`` of them in the routed experts' grouped GEMMs) and ``bytes_moved``, of
-        which ``kv_bytes`` KV-cache and linear-state traffic (summed over the GPUs): linear in
-        the work, capped so that the mean power stays at or below ``max_w``."""
+        waiting on communication, ``loop_s`` in the fp8 fused-MoE K loop and ``host_s`` waiting
+        on the host, doing ``flops`` (``expert_flops`` of them in the routed experts' grouped
+        GEMMs) and ``bytes_moved``, of which ``kv_bytes`` KV-cache and linear-state traffic
+        (summed over the GPUs): linear in the work, capped so that the mean power stays at or
+        below ``max_w``."""
         comm = self.comm_w - self.active_w if self.comm_w is not None else 0.0
         loop = self.moe_loop_w - self.active_w if self.moe_loop_w is not None else 0.0
+        host = self.host_w - self.active_w if self.host_w is not None else 0.0
         e = (
             self.active_w * gpus * busy_s
             + comm * gpus * comm_s
             + loop * gpus * loop_s
+            + host * gpus * host_s
             + self.compute_w / peak_flops * flops
             + self.memory_w / peak_bw * bytes_moved
             + self.kv_w / peak_bw * kv_bytes
@@ -562,12 +580,17 @@ class LatencyModel:
             per_layer_rec = m.linear_state_flops_per_token / m.n_linear_layers
             self._pf_flops = m.n_linear_layers * (ssd_scan_flops_per_token(m, 1) - per_layer_rec)
             self._pf_bytes = m.n_linear_layers * ssd_scan_bytes_per_token(m, 1)
+        #: the exposed host time of every iteration (s): the serving stack's overhead, host stall
+        #: and one-GPU step floor, in which no kernel runs (PowerSpec.host_w); 0 for a linear
+        #: profile, whose step has no such part
+        self.host_s_per_iter = 0.0
         if isinstance(profile, RooflineProfile):
             p = profile
             self._roof = p  # (the roofline's own fields, typed for the roofline-only helpers)
             self._oh = p.overhead_s + p.overhead_per_layer_s * m.n_layers
             if tp * dp == 1:
                 self._oh += p.one_gpu_overhead_s
+            self.host_s_per_iter = self._oh
             self._rc_peak = tp * dp * p.peak_flops
             self._rm = tp * dp * p.mem_bw_bytes_per_s * p.memory_eff
             if tp > 1:

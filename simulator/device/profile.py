@@ -144,6 +144,9 @@ class PowerFile(BaseModel):
         "added at full peak FLOP/s of routed-expert FLOPs, on top of compute_w (W)",
         0.0,
     )
+    host_w: float | None = _nonneg(
+        MAX_POWER_W, "above idle while an iteration waits on the host (its overhead) (W)", None
+    )
     method: str | None = Field(
         None,
         description='"nvml-energy" (NVML\'s energy counter), "nvml" (sampled power), "rapl" or '
@@ -168,6 +171,7 @@ class PowerFile(BaseModel):
             comm_w=self.comm_w,
             moe_loop_w=self.moe_loop_w,
             moe_compute_w=self.moe_compute_w,
+            host_w=self.host_w,
             confidence=f"from the profile (method {self.method})" if self.method else "",
         )
 

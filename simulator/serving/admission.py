@@ -97,6 +97,10 @@ class EnginePlan:
     # model with fp8 block-quantised experts on a GPU with the loop constants)
     e_loop_w: float = 0.0
     track_loop: bool = False
+    # per iteration, the exposed host time's energy in place of e_active_w ((host_w -
+    # active_w) x the replica's GPUs x LatencyModel.host_s_per_iter; <= 0 when the GPUs wait on
+    # the host at a lower level; 0: no separate level)
+    e_host_j: float = 0.0
     # per FLOP of the routed experts' grouped GEMMs, on top of e_flop_j (moe_compute_w /
     # peak_flops), and whether the engine counts those FLOPs at all (a mixture of experts)
     e_xf_j: float = 0.0

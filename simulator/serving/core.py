@@ -574,6 +574,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 + cfg.e_comm_w * cm
                 + cfg.e_loop_w * lp
                 + cfg.e_xf_j * xf
+                + cfg.e_host_j * m_full
             )
             rec.flops[h] += f_sum
             rec.bytes_moved[h] += b_sum
@@ -616,6 +617,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 + cfg.e_comm_w * cm
                 + cfg.e_loop_w * lp
                 + cfg.e_xf_j * xf
+                + cfg.e_host_j
             )
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)

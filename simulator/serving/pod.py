@@ -113,8 +113,9 @@ def energy_coeffs(rs: Resolved) -> dict[str, Any]:
     """The dynamic-energy coefficients of one replica (see latency.PowerSpec): per busy second,
     per FLOP, per byte, per KV/state byte (an iteration's bytes beyond the weights it reads),
     per second of communication in place of the busy level, and whether the replica
-    communicates at all; likewise per second in the fp8 fused-MoE K loop; and per FLOP of the
-    routed experts' grouped GEMMs on top of the FLOP term (0 for a dense model)."""
+    communicates at all; likewise per second in the fp8 fused-MoE K loop; per FLOP of the
+    routed experts' grouped GEMMs on top of the FLOP term (0 for a dense model); and per
+    iteration, its exposed host time at host_w in place of active_w."""
     p = rs.gpu.power
     prof = rs.profile
     bw = prof.mem_bw_bytes_per_s
@@ -130,6 +131,9 @@ def energy_coeffs(rs: Resolved) -> dict[str, Any]:
         "track_loop": lat.moe_loop_s(lat.dp) > 0.0,
         "e_xf_j": p.moe_compute_w / prof.peak_flops if lat.f_exp else 0.0,
         "track_xf": lat.f_exp > 0.0,
+        "e_host_j": (
+            rs.tp * (p.host_w - p.active_w) * lat.host_s_per_iter if p.host_w is not None else 0.0
+        ),
     }
 
 
