@@ -752,7 +752,9 @@ def runs_at_stream(runs: list[_Run], eff: float) -> list[_Run]:
 
     out = []
     for r in runs:
-        prof = dataclasses.replace(r.lm.profile, dense_gemm_bw_eff=eff)
+        p0 = r.lm.profile
+        assert isinstance(p0, RooflineProfile)
+        prof = dataclasses.replace(p0, dense_gemm_bw_eff=eff)
         lm = LatencyModel(r.lm.model, prof, r.lm.tp)
         fixed = _steps_without_kv(lm, r.n, r.adm, ml.PROMPT_TOKENS[r.config.task])
         out.append(dataclasses.replace(r, lm=lm, fixed=fixed))

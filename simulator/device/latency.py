@@ -697,7 +697,12 @@ class LatencyModel:
         self._kern_moe_g: KernelFit | None = None
         if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
             self._kern_g = graphed_fit(kf, p.graph_floor_frac)
-            self._kern_moe_g = graphed_fit(self._kern_moe, p.graph_floor_frac)
+            # (the same fit object where the dense GEMMs keep the kernel fit's stream)
+            self._kern_moe_g = (
+                self._kern_g
+                if self._kern_moe is kf
+                else graphed_fit(self._kern_moe, p.graph_floor_frac)
+            )
             # each data-parallel engine replays its own graph for its (padded) share: the
             # replica's padded dp x share tokens are graphed when the share is, i.e. up to
             # dp x the engine's largest capture (graph_max_tokens is an engine's)
