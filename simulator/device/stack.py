@@ -43,7 +43,8 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   (it was 2.0 ms fitted alone, without the stall); 0 on the other GPUs.
 * **Dense GEMMs' weight stream** (``dense_gemm_bw_eff``, B200, fitted, confidence L). vLLM
   0.11 runs an unquantised model's linear layers through torch ``F.linear`` (cuBLAS;
-  vllm/model_executor/layers/linear.py ``UnquantizedLinearMethod.apply``), replayed in the
+  vllm/model_executor/layers/linear.py ``UnquantizedLinearMethod.apply``, utils.py
+  ``default_unquantized_gemm``), replayed in the
   decode step's CUDA graph. The B200's kernel fit is the H100's, derived: its GEMMs stream
   weights at 0.958 of 8 TB/s, 7.66 TB/s, the B200's whole theoretical bandwidth (7,680-bit bus
   at 3,996 MHz: 7.67 TB/s, pytorch/ao PR #4002), more than a streaming kernel reaches there
