@@ -116,15 +116,21 @@ def test_traffic_conservation_and_hourly_sums(small):
 
 
 def test_energy_per_token_matches_the_power_model(small):
-    """Dynamic energy = sum over iterations of active_w*t*tp + J/FLOP*F + J/byte*B: check that
-    the day's dynamic energy lies between the bounds implied by the busy time."""
+    """Dynamic energy = sum over iterations of active_w*t*tp + J/FLOP*F + J/byte*B, with the
+    host-wait level in place of active_w for each iteration's exposed host time: check that the
+    day's dynamic energy lies between the bounds implied by the busy time."""
     rs = resolved(small)
     res = simulate(rs)
     p = rs.gpu.power
     busy = res.totals.gpu_busy_s
     dyn_kwh = res.totals.energy_gpu_kwh - 2 * 2 * 3600 * p.idle_w / 3.6e6
-    # while busy, a GPU draws at least active_w above idle and at most TDP
-    assert dyn_kwh >= busy * p.active_w / 3.6e6 * (1 - 1e-12)
+    # while busy, a GPU draws at least active_w above idle (host_w in each iteration's host
+    # time) and at most TDP
+    host_gpu_s = float(_col(res, "iterations").sum()) * rs.tp * rs.latency_model().host_s_per_iter
+    assert 0.0 < host_gpu_s < busy
+    host_w = p.active_w if p.host_w is None else p.host_w
+    floor_j = (busy - host_gpu_s) * p.active_w + host_gpu_s * host_w
+    assert dyn_kwh >= floor_j / 3.6e6 * (1 - 1e-12)
     assert dyn_kwh <= busy * (p.max_w - p.idle_w) / 3.6e6
 
 

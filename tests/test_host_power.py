@@ -62,10 +62,11 @@ def test_host_seconds_by_hand_and_inside_every_step(tmp_path):
 
 
 def test_engine_energy_moves_by_the_host_seconds(tmp_path):
-    """Qwen3-32B on two H100s: with host_w at active_w the energy is the old integral (host_w
-    unset); at 200 W below it the dynamic energy falls by exactly 2 GPUs x 200 W x the host
-    seconds per iteration x the iterations run, in both engines (one iteration per step and
-    macro-steps), and no time moves."""
+    """Qwen3-32B on two H100s: with host_w at active_w the energy is the old integral (the
+    level changes nothing); at 200 W below it the dynamic energy falls by exactly 2 GPUs x 200 W
+    x the host seconds per iteration x the iterations run, in both engines (one iteration per
+    step and macro-steps), and no time moves; the catalog's level (0 W above idle) lies below
+    both by exactly its own difference."""
     import fleetsim.serving.pod as pod_mod
 
     c = M.find_config("Qwen/Qwen3-32B", "H100", 2, 8)
@@ -73,21 +74,25 @@ def test_engine_energy_moves_by_the_host_seconds(tmp_path):
     host_s = _h100_host_s(False)
     for engine in ("iteration", "macro"):
         out = {}
-        for level in (None, active, active - 200.0):
+        for level in (active, active - 200.0, None):
             rs = (
                 _rs(c, tmp_path, engine)
                 if level is None
                 else _rs(c, tmp_path, engine, host_w=level)
             )
-            assert rs.tp == 2 and rs.gpu.power.host_w == level
+            want = catalog.gpu("h100-sxm")["host_w"] if level is None else level
+            assert rs.tp == 2 and rs.gpu.power.host_w == want
             rec = pod_mod.Pod(rs, 0, 1).run()
             out[level] = (sum(rec.dyn_j), sum(rec.busy_s), rec.iterations)
-        e_none, b0, it = out[None]
+        e_act, b0, it = out[active]
         assert it > 100 and b0 > 0.0
-        assert out[active][0] == pytest.approx(e_none, rel=1e-12)
         e_low, b1, it1 = out[active - 200.0]
         assert (b1, it1) == (b0, it)
-        assert e_none - e_low == pytest.approx(2 * 200.0 * host_s * it, rel=1e-9)
+        assert e_act - e_low == pytest.approx(2 * 200.0 * host_s * it, rel=1e-9)
+        e_cat, b2, it2 = out[None]
+        assert (b2, it2) == (b0, it)
+        cat_host_w = catalog.gpu("h100-sxm")["host_w"]
+        assert e_act - e_cat == pytest.approx(2 * (active - cat_host_w) * host_s * it, rel=1e-9)
         # a sizeable share of a small-batch step: 8 sequences of Qwen3-32B on TP2 take ~13 ms
         assert 0.05 < host_s * it / b0 < 0.4
 

@@ -961,8 +961,9 @@ def test_hybrid_state_traffic_is_counted_in_the_bytes(tmp_path):
 
 def test_engine_energy_counts_kv_bytes_at_kv_w(tmp_path):
     """The engine's dynamic energy is PowerSpec's over the work it recorded: per busy second,
-    FLOP and byte, plus kv_w per KV byte (every byte beyond an iteration's weights); with
-    kv_w = 0 the KV bytes add nothing."""
+    FLOP and byte, plus kv_w per KV byte (every byte beyond an iteration's weights), and the
+    host-wait level in place of active_w for each iteration's exposed host time; with kv_w = 0
+    the KV bytes add nothing."""
     import fleetsim.serving.pod as pod_mod
 
     c = next(c for c in M.read_configs() if c.model_id == "Qwen/Qwen3-8B" and c.task == "gpqa")
@@ -982,6 +983,9 @@ def test_engine_energy_counts_kv_bytes_at_kv_w(tmp_path):
             + p.memory_w / prof.mem_bw_bytes_per_s * by
             + kv_w / prof.mem_bw_bytes_per_s * kv
         )
+        if p.host_w is not None:  # the catalog's host-wait level (PowerSpec.host_w)
+            host_s = rs.latency_model().host_s_per_iter
+            want += rs.tp * (p.host_w - p.active_w) * host_s * rec.iterations
         assert sum(rec.dyn_j) == pytest.approx(want, rel=1e-9)
         out[kv_w] = (sum(rec.dyn_j), kv / prof.mem_bw_bytes_per_s)
     # the difference is exactly kv_w x the KV bytes' seconds at full bandwidth

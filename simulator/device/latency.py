@@ -677,9 +677,8 @@ class LatencyModel:
         #: a prompt token's chunked scan over the linear-state layers beyond the per-token state
         #: charge of linear_state_block_s (s, <= 0), and the prompt-carrying iteration's host
         #: floor (s): the Mamba-2 mixers' prefill path, launched eagerly between the piecewise
-        #: CUDA graphs of a mixed step, which the GPU's own work hides (step = max(GPU, floor))
-        self._pf_tok_s = 0.0
-        self._pf_iter_s = 0.0
+        #: CUDA graphs of a mixed step, which the GPU's own work hides (step = max(GPU, floor));
+        #: 0 (set in __init__) without linear-state layers
         if m.n_linear_layers:
             self._pf_tok_s = m.n_linear_layers * ssd_prefill_delta_s(
                 kf, self._peak_lin, self._bw, m, tp
