@@ -263,11 +263,13 @@ class RooflineProfile:
     #: exposed host time per iteration on top of ``overhead_s`` on one-GPU engines only (the
     #: B200's small-batch step floor; see fleetsim.device.stack)
     one_gpu_overhead_s: float = 0.0
-    #: the fraction of the bandwidth at which the serving stack's dense GEMMs (torch
-    #: ``F.linear`` on cuBLAS: attention projections, dense MLPs, Mamba projections, the LM
-    #: head) stream their weights, in place of the kernel fit's ``gemm_bw_eff``; the MoE layers
-    #: (fused-MoE experts, shared experts, router) keep the kernel fit's (their own constants,
-    #: catalog moe.toml, were fitted with it). 0: the kernel fit's (see fleetsim.device.stack)
+    #: the fraction of the bandwidth at which the serving stack's GEMMs stream their weights,
+    #: in place of the kernel fit's ``gemm_bw_eff``: the dense GEMMs (torch ``F.linear`` on
+    #: cuBLAS: attention projections, dense MLPs, Mamba projections, the LM head, a mixture of
+    #: experts' router and shared experts) and the fused-MoE experts (vLLM's Triton
+    #: ``fused_moe_kernel``) alike, one HBM; fitted to the dense rows, the fused-MoE constants
+    #: (catalog moe.toml) refitted on it. FlashInfer's fp8 MoE kernel keeps its own fitted
+    #: ``fi_bw_frac``. 0: the kernel fit's (see fleetsim.device.stack)
     dense_gemm_bw_eff: float = 0.0
     #: host time of an iteration of a mixture of experts that runs without a CUDA graph (more
     #: tokens than ``graph_max_tokens``): ``eager_moe_layer_host_s`` per MoE layer plus
@@ -622,10 +624,9 @@ class LatencyModel:
     # -- the kernel model ------------------------------------------------------------------
     def _init_kernels(self, p: RooflineProfile, kf: KernelFit) -> None:
         m, tp = self.model, self.tp
-        #: the fused-MoE expert GEMMs' kernel fit (eager, graphed): the fit as it is
-        self._kern_moe = kf
         if p.dense_gemm_bw_eff > 0.0:
-            # the dense GEMMs' weight stream at the serving stack's efficiency
+            # the GEMMs' weight stream at the serving stack's efficiency: the dense GEMMs and
+            # the MoE layers' (router, shared experts, the fused-MoE experts) alike, one HBM
             kf = replace(kf, gemm_bw_eff=p.dense_gemm_bw_eff)
         self._kern = kf
         self._peak_lin, self.weight_only = compute_peak(p, m.dtype)
@@ -693,15 +694,8 @@ class LatencyModel:
         self._eh_s = 0.0
         #: its further part in an iteration that carries prompt tokens (latent attention)
         self._eh_p = 0.0
-        self._kern_moe_g: KernelFit | None = None
         if p.graph_max_tokens > 0 and p.graph_floor_frac != 1.0:
             self._kern_g = graphed_fit(kf, p.graph_floor_frac)
-            # (the same fit object where the dense GEMMs keep the kernel fit's stream)
-            self._kern_moe_g = (
-                self._kern_g
-                if self._kern_moe is kf
-                else graphed_fit(self._kern_moe, p.graph_floor_frac)
-            )
             # each data-parallel engine replays its own graph for its (padded) share: the
             # replica's padded dp x share tokens are graphed when the share is, i.e. up to
             # dp x the engine's largest capture (graph_max_tokens is an engine's)
@@ -852,7 +846,7 @@ class LatencyModel:
         if n_moe and tokens > 0:
             link_bw, link_lat = self._link
             mo = moe_layer_parts_s(
-                (self._kern_moe_g or self._kern_moe) if graphed else self._kern_moe,
+                kf,
                 peak,
                 bw,
                 m,

@@ -41,7 +41,7 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   constants held, jointly with the dense GEMMs' weight stream below and with the host stall
   in every step as the simulator charges it (calibrate/stack.py ``fit_dense_stream``): 0.1 ms
   (it was 2.0 ms fitted alone, without the stall); 0 on the other GPUs.
-* **Dense GEMMs' weight stream** (``dense_gemm_bw_eff``, B200, fitted, confidence L). vLLM
+* **GEMMs' weight stream** (``dense_gemm_bw_eff``, B200, fitted, confidence L). vLLM
   0.11 runs an unquantised model's linear layers through torch ``F.linear`` (cuBLAS;
   vllm/model_executor/layers/linear.py ``UnquantizedLinearMethod.apply``, utils.py
   ``default_unquantized_gemm``), replayed in the
@@ -50,10 +50,15 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   at 3,996 MHz: 7.67 TB/s, pytorch/ao PR #4002), more than a streaming kernel reaches there
   (CUB's DeviceTransform 6.04 TB/s, NVIDIA/cccl PR #7391). The serving stack's dense GEMMs
   (attention projections, dense MLPs, Mamba projections, the LM head) stream at this
-  fraction instead (0.75: 6.0 TB/s); a mixture of experts' MoE layers (experts, shared
-  experts, router) keep the kernel fit's, with which their constants (catalog moe.toml) were
-  fitted. 0 on the other GPUs (the
-  kernel fit's: the H100's own, fitted to Vidur's operator times).
+  fraction instead (0.75: 6.0 TB/s), fitted to the dense rows. A mixture of experts' MoE
+  layers stream from the same HBM at the same fraction: the router (``ReplicatedLinear``
+  with no quantisation, vllm/model_executor/models/qwen3_moe.py ``Qwen3MoeSparseMoeBlock``)
+  and the shared experts are ``F.linear`` GEMMs too, and the Triton ``fused_moe_kernel``
+  (vllm/model_executor/layers/fused_moe/fused_moe.py) loads each expert's weight tiles from
+  the same memory, which no kernel streams faster than a plain copy; the fused-MoE
+  constants (catalog moe.toml: the K-loop steps, FlashInfer's fp8 kernel, which keeps its
+  own fitted ``fi_bw_frac``) are fitted on this stream (``moe_fit --write``, b38). 0 on the
+  other GPUs (the kernel fit's: the H100's own, fitted to Vidur's operator times).
 * **Eager MoE host floor** (``eager_moe_layer_host_s``, ``eager_seq_host_s``,
   ``eager_mla_layer_host_s``; B200, fitted, confidence L). An iteration of more tokens than the
   capture size has no captured graph (vllm/v1/cudagraph_dispatcher.py ``dispatch`` returns
