@@ -621,8 +621,8 @@ def test_b200_dense_stream_and_floor_fit_small_and_large_models_alike():
 def test_dense_stream_is_the_kernel_fits_gemm_bw_eff_for_every_gemm(eff):
     """``dense_gemm_bw_eff`` times a dense model's GEMMs exactly as a kernel fit with that
     ``gemm_bw_eff``, and a mixture of experts' GEMMs too: its attention projections, router,
-    and the fused-MoE experts' grouped GEMMs stream from the same HBM (b38; branch b37 had
-    left the experts at the kernel fit's 0.958, as fast as the B200's whole bandwidth)."""
+    and the fused-MoE experts' grouped GEMMs stream from the same HBM (branch b37 had left
+    the MoE layers at the kernel fit's 0.958, the B200's whole bandwidth: fails there)."""
     p = apply_stack(_profile("b200"), "vllm-v1", "b200", 64)
     p0 = dataclasses.replace(p, dense_gemm_bw_eff=0.0)
     assert p0.kernels is not None
