@@ -121,7 +121,12 @@ def test_flashinfer_grouped_gemm_by_hand_count(tmp_path):
     up = (2 * 2048 * 7168 * scale + 7168 + 4096 * 2) / bw
     down = (7168 * 2048 * scale + 2048 + 7168 * 2) / bw
     parts = lat.breakdown(0, 0.0, 0, 1, 300.0)
-    assert parts["moe_grouped_gemm"] == pytest.approx(58 * (up + down), rel=1e-9)
+    # (the mean rank's wait for the busiest at the layer's all-reduce, ep_barrier_wait_s, is
+    # that time reported apart: tests/test_moe_ep_barrier.py)
+    assert parts["moe_ep_wait"] > 0.0
+    assert parts["moe_grouped_gemm"] + parts["moe_ep_wait"] == pytest.approx(
+        58 * (up + down), rel=1e-9
+    )
     assert lat.moe_loop_s(1) == 0.0
     # the closed form itself, and its compute bound: 2 x rows x n x k FLOPs at the GEMM
     # efficiency of the fp8 peak once the rows are many

@@ -868,11 +868,18 @@ class LatencyModel:
                 mo["moe_gemm_up"] + mo["moe_act"] + mo["moe_gemm_down"]
             )
             parts["moe_combine"] = n_moe * mo["moe_combine"]
+            # the mean expert-parallel rank's wait for the busiest at each layer's all-reduce
+            # (device/moe.py ep_barrier_wait_s): moved from the grouped GEMMs' time to the
+            # communication's, the step's time unchanged (PowerSpec.comm_w draws it)
+            ep_wait = n_moe * mo["moe_ep_wait"]
+            parts["moe_grouped_gemm"] -= ep_wait
+            parts["moe_ep_wait"] = ep_wait
             gemm += n_moe * (
                 mo["shared_mlp"] + mo["moe_router"] + mo["moe_gemm_up"] + mo["moe_gemm_down"]
             )
+            gemm -= ep_wait
             elem += n_moe * (mo["moe_route"] + mo["moe_act"])
-            comm += n_moe * (mo["moe_dispatch"] + mo["moe_combine"])
+            comm += n_moe * (mo["moe_dispatch"] + mo["moe_combine"]) + ep_wait
             self._loop_cache[tokens] = n_moe * mo["moe_fp8_loop"]
         ar = 0.0
         if tp > 1 and tokens > 0:
@@ -1261,7 +1268,9 @@ class LatencyModel:
         them; they sum to it (up to rounding). With the kernel model: ``attention_linear``
         (norms, projections, rotary, adds), ``attention_core`` (scores and the KV read),
         ``dense_mlp``, for a mixture of experts ``shared_mlp``, ``moe_router``,
-        ``moe_dispatch``, ``moe_grouped_gemm``, ``moe_combine``, then ``allreduce``,
+        ``moe_dispatch``, ``moe_grouped_gemm``, ``moe_combine``, under expert parallelism
+        ``moe_ep_wait`` (the mean rank's wait for the busiest at the MoE all-reduce, part of the
+        communication time), then ``allreduce``,
         ``lm_head``, ``embedding``, ``per_sequence`` (the serving stack's time per sequence:
         sampling and host work, when the stack has one) and ``overhead``. Without it:
         ``overhead``, ``comm`` and the roofline's winning bound as ``compute`` or

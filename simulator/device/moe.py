@@ -60,6 +60,7 @@ is summed by the layer's usual all-reduce.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -481,6 +482,48 @@ def ep_foreign_rows(tokens: float, top_k: int, layout: MoeLayout) -> float:
     return tokens * top_k * (1.0 - 1.0 / layout.ep)
 
 
+@functools.lru_cache(maxsize=4096)
+def ep_touched_balance(n_experts: int, top_k: int, tokens: float, ep: int) -> float:
+    """Expected experts an expert-parallel rank's batch touches over the expected largest such
+    count among the ``ep`` ranks (at most 1): the share of the busiest rank's grouped-GEMM time
+    that the mean rank computes. Each rank holds ``L = n / ep`` experts, each touched with
+    probability ``q`` = :func:`expected_distinct_experts` ``/ n``; a rank's count taken as
+    ``Binomial(L, q)``, independent across ranks: ``E[max] = sum_{t < L} (1 - F(t)^ep)``
+    (within 0.005 of a Monte Carlo of top-k routing for Qwen3's 128 experts at 8-256 tokens
+    under EP2-EP8: EP8 0.697 / 0.797 / 0.896 / 0.984 at 8 / 16 / 32 / 64 tokens). 1 without
+    expert parallelism or once every rank touches all its experts."""
+    if ep <= 1 or n_experts <= 1 or tokens <= 0:
+        return 1.0
+    loc = n_experts // ep
+    if loc <= 0:
+        return 1.0
+    q = expected_distinct_experts(n_experts, top_k, tokens) / n_experts
+    if q >= 1.0:
+        return 1.0
+    pmf = [math.comb(loc, t) * q**t * (1.0 - q) ** (loc - t) for t in range(loc + 1)]
+    cdf, e_max = 0.0, 0.0
+    for t in range(loc):
+        cdf += pmf[t]
+        e_max += 1.0 - min(cdf, 1.0) ** ep
+    return loc * q / e_max if e_max > 0.0 else 1.0
+
+
+def ep_barrier_wait_s(gemm_s: float, n_experts: int, top_k: int, tokens: float, ep: int) -> float:
+    """Seconds of one MoE layer's grouped-GEMM time ``gemm_s`` (the part that scales with the
+    experts a rank touches: their weights read, their row tiles) that the mean expert-parallel
+    rank waits for the busiest one: ``(1 - ep_touched_balance) x gemm_s``. Under TP x EP
+    without an all-to-all (vLLM 0.11, ``FusedMoE``, ``vllm/model_executor/layers/fused_moe/
+    layer.py``: each rank's ``fused_experts`` runs its own experts' rows, the ``expert_map``
+    masking the others', and ``maybe_all_reduce_tensor_model_parallel`` sums the ranks'
+    partial outputs) every rank enters the layer's all-reduce when its own experts are done and
+    spins there until the slowest arrives. The step is the busiest rank's; the time the others
+    wait is communication time (``PowerSpec.comm_w``), not compute (docs/accuracy.md, "The EP
+    barrier")."""
+    if gemm_s <= 0.0:
+        return 0.0
+    return (1.0 - ep_touched_balance(n_experts, top_k, float(tokens), ep)) * gemm_s
+
+
 def grouped_gemm_time_s(
     fit: KernelFit,
     peak_flops: float,
@@ -669,6 +712,15 @@ def moe_layer_parts_s(
             moe_fit, epk, eff, bw, rows, touched, d, cols, bwf
         )
         out["moe_fp8_loop"] = 0.0
+    # the mean rank's wait at the layer's all-reduce for the busiest one (ep_barrier_wait_s):
+    # a share of the grouped GEMMs' touched-expert part (the Triton launches' floors and serial
+    # K loops run on every rank alike); a part of the GEMM time reported apart, not added to it
+    ep_gemm = 0.0
+    if layout.expert_parallel and ep > 1:
+        ep_gemm = out["moe_gemm_up"] + out["moe_gemm_down"]
+        if not (fp8_block and fp8_kernel == "flashinfer-trtllm"):
+            ep_gemm -= 2.0 * fit.gemm_launch_s + loop_up + loop_down
+    out["moe_ep_wait"] = ep_barrier_wait_s(ep_gemm, n, k, m, ep) if ep_gemm > 0.0 else 0.0
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)
     out["shared_mlp"] = up + act + down
     return out
