@@ -1803,7 +1803,9 @@ def lomo_host_stalls(data: Path, configs: Sequence[Config]) -> dict[tuple[str, s
         cst = stack_constants("vllm-v1", GPUS[g])
         if cst is None or not cst.get("host_stall_s"):
             continue  # not charged on this GPU (calibrate/stack.py, HOST_STALL_ADOPTED)
-        fit = stack.fit_host_stall(stack.load_runs(data, g), cst)
+        # (the steps at the dense GEMMs' weight stream the stall was fitted with)
+        runs = stack.load_runs(data, g, dense_gemm_bw_eff=cst.get("dense_gemm_bw_eff", 0.0))
+        fit = stack.fit_host_stall(runs, cst)
         for m in {c.model_id for c in configs if c.gpu_model == g}:
             out[(g, m)] = fit["hs_by_model"].get(m, fit["host_stall_fitted_s"]) if fit else 0.0
     return out
@@ -2015,6 +2017,7 @@ STACK_KEYS = (
     "linear_state_eff",
     "host_stall_s",
     "one_gpu_overhead_s",
+    "dense_gemm_bw_eff",
     # the eager MoE host floor, fitted by calibrate/eager_host.py to the folder's MoE rows
     # (write_profiles); a GPU without such rows keeps the catalog's
     "eager_moe_layer_host_s",

@@ -251,9 +251,17 @@ def fit(rows: list[Row], data: Path | None = None, drop_host_limited: bool = Fal
             b200 = load_runs(data, "B200", drop_host_limited=drop_host_limited)
             if b200:  # (no single-GPU dense B200 run: nothing to fit)
                 out[gpu] = fit_b200(b200)
-                # the per-unit cap replaced by a one-GPU step floor (fit_one_gpu_floor)
-                floor = fit_one_gpu_floor(load_runs(data, "B200", drop_host_limited=True), out[gpu])
-                out[gpu].update(floor)
+                # the per-unit cap replaced by a one-GPU step floor, fitted jointly with the
+                # dense GEMMs' weight stream (fit_dense_stream), each step with the host
+                # stall that the simulator charges in it (fitted on the steps of a first
+                # joint fit without it; the stall below is refitted on the final steps)
+                r40 = load_runs(data, "B200", drop_host_limited=True)
+                r46 = b200 if not drop_host_limited else single("B200")
+                first = {**out[gpu], **fit_dense_stream(r40, out[gpu])}
+                runs_first = runs_at_stream(r46, first["dense_gemm_bw_eff"])
+                stall = fit_host_stall(runs_first, first, gpu)["host_stall_s"]
+                out[gpu].update(fit_dense_stream(r40, out[gpu], stall))
+                runs1["B200"] = runs_at_stream(r46, out[gpu]["dense_gemm_bw_eff"])
             continue
         rs = [r for r in rows if r.gpu == gpu]
         grid = {
@@ -476,12 +484,15 @@ def load_runs(
     tp: int = 1,
     drop_host_limited: bool = False,
     graph_floor_frac: float | None = None,
+    dense_gemm_bw_eff: float = 0.0,
 ) -> list[_Run]:
     """The non-suspect dense rows of ``gpu_model`` on ``tp`` GPUs whose models the simulator
     expresses (hybrids left out), each run in steps as the benchmark ran it: all requests at
     once, ``max_num_seqs`` (or the measured batch where the KV cache held fewer) slots, the
     outputs drawn from the row's histogram as ``fleetsim.calibrate.mlenergy`` draws them.
-    ``drop_host_limited``: without the series of :func:`host_limited_series`."""
+    ``drop_host_limited``: without the series of :func:`host_limited_series`.
+    ``dense_gemm_bw_eff``: the dense GEMMs' weight-stream efficiency the steps are timed at
+    (0: the kernel fit's ``gemm_bw_eff``, whatever the catalog's stack says)."""
     from fleetsim.calibrate import mlenergy as ml
 
     bad = host_limited_series(ml.read_configs(data)) if drop_host_limited else set()
@@ -505,6 +516,7 @@ def load_runs(
             memory_eff=1.0,
             attn_unit_bw_bytes_per_s=0.0,
             one_gpu_overhead_s=0.0,
+            dense_gemm_bw_eff=dense_gemm_bw_eff,
             ar_floor_s=0.0,
             ar_bw_bytes_per_s=1e30,  # the all-reduce counted apart (Part.ar_calls)
         )
@@ -728,6 +740,92 @@ def fit_one_gpu_floor(runs: list[_Run], c: dict) -> dict:
     }
 
 
+#: the dense GEMMs' weight-stream efficiency grid of :func:`fit_dense_stream` (fraction of the
+#: data-sheet bandwidth): 0.50 to 0.95 by 0.05
+DENSE_STREAM_GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+
+
+def runs_at_stream(runs: list[_Run], eff: float) -> list[_Run]:
+    """``runs`` with each step's kernels timed with the dense GEMMs streaming their weights at
+    ``eff`` of the bandwidth (``RooflineProfile.dense_gemm_bw_eff``; 0: the kernel fit's)."""
+    from fleetsim.calibrate import mlenergy as ml
+
+    out = []
+    for r in runs:
+        p0 = r.lm.profile
+        assert isinstance(p0, RooflineProfile)
+        prof = dataclasses.replace(p0, dense_gemm_bw_eff=eff)
+        lm = LatencyModel(r.lm.model, prof, r.lm.tp)
+        fixed = _steps_without_kv(lm, r.n, r.adm, ml.PROMPT_TOKENS[r.config.task])
+        out.append(dataclasses.replace(r, lm=lm, fixed=fixed))
+    return out
+
+
+def fit_dense_stream(runs: list[_Run], c: dict, stall_s: float = 0.0) -> dict:
+    """The one-GPU step floor (:func:`fit_one_gpu_floor`) fitted jointly with the dense GEMMs'
+    weight-stream efficiency ``dense_gemm_bw_eff`` (B200), each step carrying the host stall
+    ``stall_s`` as the simulator charges it.
+
+    The kernel fit's B200 entry is the H100's, derived (catalog kernels.toml): its GEMMs
+    stream weights at ``gemm_bw_eff`` 0.958 of 8 TB/s, 7.66 TB/s, which is the B200's whole
+    theoretical bandwidth (7,680-bit bus at 3,996 MHz DDR: 7.67 TB/s, pytorch/ao PR #4002)
+    and more than a streaming kernel reaches on it (CUB's DeviceTransform 6.04 TB/s, 78.8 %
+    of 7.67 TB/s: NVIDIA/cccl PR #7391). With the stream that fast the one-GPU rows asked for
+    a 2.0 ms floor, fitted without the host stall that every simulated step then carries: it
+    fits the 32B and is 2 ms too much for the 8B. Fitted here, with the GPU's other constants
+    ``c`` held and the cap at 0: for the kernel fit's stream (0) and each efficiency of
+    :data:`DENSE_STREAM_GRID` the floor in closed form (least squares of the relative error
+    of the median step, at least 0), the pair of least loss kept; leave-one-model-out picks
+    both on the other models. ``ds_none``: the same with the kernel fit's stream alone."""
+    if not runs:
+        return {}
+    base = fit_one_gpu_floor(runs, c)  # (og_rows, og_models, og_cap)
+    c0 = {**c, "attn_unit_bw_bytes_per_s": 0.0, "one_gpu_overhead_s": 0.0}
+    ys = [r.config.itl_median_ms / 1e3 for r in runs]
+    models = [r.config.model_id for r in runs]
+    t0: dict[float, list[float]] = {}
+    for e in (0.0, *DENSE_STREAM_GRID):
+        rs = runs_at_stream(runs, e) if e > 0.0 else runs
+        t0[e] = [(1.0 + run_err(r, c0)) * y + stall_s for r, y in zip(rs, ys, strict=True)]
+
+    def solve(keep: list[bool], effs: tuple[float, ...]) -> tuple[float, float]:
+        """(eff, floor) of least loss over the rows ``keep`` marks."""
+        best = (math.inf, 0.0, 0.0)
+        for e in effs:
+            rows = [(y, t) for y, t, k in zip(ys, t0[e], keep, strict=True) if k]
+            num = sum((y - t) / (y * y) for y, t in rows)
+            d = max(0.0, num / sum(1.0 / (y * y) for y, _ in rows))
+            loss = sum(((t + d) / y - 1.0) ** 2 for y, t in rows)
+            if loss < best[0] - 1e-15:
+                best = (loss, e, d)
+        return best[1], best[2]
+
+    def lomo(effs: tuple[float, ...]) -> tuple[list[float], dict[str, float]]:
+        errs: list[float] = []
+        picks: dict[str, float] = {}
+        for m in sorted(set(models)):
+            e, d = solve([x != m for x in models], effs)
+            picks[m] = e
+            errs += [(t + d) / y - 1.0 for y, t, x in zip(ys, t0[e], models, strict=True) if x == m]
+        return errs, picks
+
+    effs = tuple(t0)
+    e_all, d_all = solve([True] * len(runs), effs)
+    errs, picks = lomo(effs)
+    return {
+        **base,
+        "one_gpu_overhead_s": d_all,
+        "dense_gemm_bw_eff": e_all,
+        "ds_stall_s": stall_s,
+        "og_lomo": _summary(errs),
+        "og_in_sample": _summary(
+            [(t + d_all) / y - 1.0 for y, t in zip(ys, t0[e_all], strict=True)]
+        ),
+        "ds_none": _summary(lomo((0.0,))[0]),
+        "ds_picks": picks,
+    }
+
+
 # -- hybrids: the linear-state (Mamba-2) scan's state bandwidth ------------------------------
 
 #: the scan's state read/write efficiency grid (fraction of the data-sheet bandwidth): 0.02 to
@@ -770,11 +868,13 @@ def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
     for cfg, rs in _resolved_rows(data, keep):
         prof = dataclasses.replace(
             rs.profile,
-            overhead_s=c["overhead_s"],
+            # (with the host stall where the one-GPU floor was fitted with it: fit_dense_stream)
+            overhead_s=c["overhead_s"] + c.get("ds_stall_s", 0.0),
             per_seq_s=c["per_seq_s"],
             memory_eff=c["kv_memory_eff"],
             attn_unit_bw_bytes_per_s=c.get("attn_unit_bw_bytes_per_s", 0.0),
             one_gpu_overhead_s=c.get("one_gpu_overhead_s", 0.0),
+            dense_gemm_bw_eff=c.get("dense_gemm_bw_eff", 0.0),
             linear_state_eff=0.0,  # the elementwise efficiency (hybrid_err swaps it)
         )
         m = rs.model
@@ -1012,6 +1112,11 @@ def stacks_toml(res: dict) -> str:
         "# median ITL and the simulated steps do not: per row, median ITL x (1 / r_meas -",
         "# 1 / r_sim), r = tokens/s x median ITL / batch (the measured-ratio method), the median",
         "# over the GPU's single-GPU dense rows; charged in every step (added to overhead_s).",
+        "# one_gpu_overhead_s, dense_gemm_bw_eff (B200): the one-GPU step floor and the dense",
+        "# GEMMs' weight-stream efficiency, fitted jointly to the non-host-limited one-GPU dense",
+        "# rows with the host stall in every step (calibrate/stack.py fit_dense_stream); the",
+        "# MoE layers' GEMMs (router, shared and fused-MoE experts) stream at it too, moe.toml",
+        "# refitted on it.",
         "# eager_moe_layer_host_s, eager_seq_host_s: the host floor of a mixture of experts'",
         "# iteration above the CUDA-graph capture size (B200 MoE rows; calibrate/eager_host.py).",
         "# GPUs without ML.ENERGY rows (A100, H200): derived = the H100's constants (same",
@@ -1053,12 +1158,22 @@ def stacks_toml(res: dict) -> str:
         )
         lines.append(f"per_seq_s = {v['per_seq_s']:.4e}  # fitted: per sequence in the iteration")
         lines += _host_stall_lines(v)
+        if v.get("dense_gemm_bw_eff", 0.0) > 0.0:
+            no = v["ds_none"]
+            lines.append(
+                f"dense_gemm_bw_eff = {v['dense_gemm_bw_eff']:.3f}  # fitted (L): the dense"
+                " GEMMs' weight stream, fraction of the bandwidth, jointly with the one-GPU"
+                " floor (calibrate/stack.py fit_dense_stream; the derived kernel fit's 0.958 is"
+                " the B200's whole 7.67 TB/s); the floor alone at the kernel fit's stream:"
+                f" {no['median_abs']:.4f}, worst {no['worst_abs']:.4f}"
+            )
         if "og_lomo" in v:
             lo, cap = v["og_lomo"], v["og_cap"]
             lines.append(
                 f"one_gpu_overhead_s = {v['one_gpu_overhead_s']:.4e}  # fitted (L): step floor"
                 f" of one-GPU engines, in place of the per-unit KV cap; {v['og_rows']} rows"
-                " (host-limited series left out, calibrate/stack.py fit_one_gpu_floor)"
+                " (host-limited series left out, calibrate/stack.py fit_one_gpu_floor),"
+                " jointly with dense_gemm_bw_eff"
             )
             lines.append(
                 f"one_gpu_lomo_median_err = {lo['median_abs']:.4f}  # each model from the"
@@ -1277,6 +1392,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  attn_unit_bw_bytes_per_s={v['attn_unit_bw_bytes_per_s']:.4g}")
         if "one_gpu_overhead_s" in v:
             print(f"  one_gpu_overhead_s={v['one_gpu_overhead_s']:.4g} ({v['og_rows']} rows)")
+        if "dense_gemm_bw_eff" in v:
+            print(
+                f"  dense_gemm_bw_eff={v['dense_gemm_bw_eff']:.3g} (leaving each model out: "
+                + ", ".join(f"{m.split('/')[-1]} {e:.3g}" for m, e in v["ds_picks"].items())
+                + ")"
+            )
         if "ar_floor_s" in v:
             print(
                 f"  ar_floor_s={v['ar_floor_s']:.4g} ar_bw_bytes_per_s={v['ar_bw_bytes_per_s']:.4g}"
@@ -1299,6 +1420,7 @@ def main(argv: list[str] | None = None) -> int:
             "hs_in_sample",
             "hs_lomo",
             "og_cap",
+            "ds_none",
             "og_in_sample",
             "og_lomo",
             "ls_default",

@@ -96,7 +96,7 @@ def test_bad_moe_constants_are_one_line_errors(tmp_path, consts, why):
 
 
 #: the fused-MoE constants the round trip's rows are made with (on moe_fit's grid; the catalog's
-#: B200 has 0.85 us and 0). A layer time too (20 us) is not found back: moe_fit's coordinate
+#: B200 has 0.70 us and 0). A layer time too (20 us) is not found back: moe_fit's coordinate
 #: search on the mean |log error| stops on a ridge of the two (1.4 us, 2 us: in-sample median
 #: 0.2 %, worst 5.1 %), a limit of the search, not of the surrogate (exact at the truth)
 TRUE_MOE = {"k_step_s": 1.2e-6, "layer_s": 0.0}
@@ -139,7 +139,7 @@ def test_from_mlenergy_fit_moe_fits_the_moe_constants_back(tmp_path):
     fit = prof["fit"]["moe"]
     assert fit["provenance"] == "fitted" and fit["source"] == str(d)
     assert fit["fitted_itl"]["worst"] < 1e-9 and fit["lomo_itl"]["worst"] < 1e-9
-    assert fit["simulated_with_itl"]["median"] > 0.05  # the catalog's 0.85 us: too fast
+    assert fit["simulated_with_itl"]["median"] > 0.05  # the catalog's 0.70 us: too fast
     p, _ = load_profile(out / "b200-mlenergy.json")
     assert p.moe_fit == replace(catalog_moe_fit("b200"), **prof["moe_constants"])
 

@@ -29,7 +29,7 @@ form (:func:`run_sums`). That is what lets the engine advance ``k`` iterations w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fleetsim.device.kernels import (
@@ -263,6 +263,14 @@ class RooflineProfile:
     #: exposed host time per iteration on top of ``overhead_s`` on one-GPU engines only (the
     #: B200's small-batch step floor; see fleetsim.device.stack)
     one_gpu_overhead_s: float = 0.0
+    #: the fraction of the bandwidth at which the serving stack's GEMMs stream their weights,
+    #: in place of the kernel fit's ``gemm_bw_eff``: the dense GEMMs (torch ``F.linear`` on
+    #: cuBLAS: attention projections, dense MLPs, Mamba projections, the LM head, a mixture of
+    #: experts' router and shared experts) and the fused-MoE experts (vLLM's Triton
+    #: ``fused_moe_kernel``) alike, one HBM; fitted to the dense rows, the fused-MoE constants
+    #: (catalog moe.toml) refitted on it. FlashInfer's fp8 MoE kernel keeps its own fitted
+    #: ``fi_bw_frac``. 0: the kernel fit's (see fleetsim.device.stack)
+    dense_gemm_bw_eff: float = 0.0
     #: host time of an iteration of a mixture of experts that runs without a CUDA graph (more
     #: tokens than ``graph_max_tokens``): ``eager_moe_layer_host_s`` per MoE layer plus
     #: ``eager_seq_host_s`` per sequence (per engine); the iteration takes at least that long,
@@ -616,6 +624,10 @@ class LatencyModel:
     # -- the kernel model ------------------------------------------------------------------
     def _init_kernels(self, p: RooflineProfile, kf: KernelFit) -> None:
         m, tp = self.model, self.tp
+        if p.dense_gemm_bw_eff > 0.0:
+            # the GEMMs' weight stream at the serving stack's efficiency: the dense GEMMs and
+            # the MoE layers' (router, shared experts, the fused-MoE experts) alike, one HBM
+            kf = replace(kf, gemm_bw_eff=p.dense_gemm_bw_eff)
         self._kern = kf
         self._peak_lin, self.weight_only = compute_peak(p, m.dtype)
         self._bw = p.mem_bw_bytes_per_s

@@ -33,12 +33,32 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   long-context GPQA series that measure slower than two H100s (host-limited,
   calibrate/stack.py ``host_limited_series``) and made long prompts slow at every small batch.
 * **One-GPU step floor** (``one_gpu_overhead_s``, B200, confidence L): what the cap supplied,
-  the one-GPU rows still ask for, dense and MoE alike: about 2 ms per step beyond the kernels
+  the one-GPU rows still ask for, dense and MoE alike: a time per step beyond the kernels
   that the multi-GPU B200 rows (fitted with ``overhead_s`` alone) do not. vLLM runs a one-GPU
   engine's worker inside the engine-core process (UniProcExecutor; two or more GPUs run
   worker processes, MultiprocExecutor: vllm/config/parallel.py); that it is this host path is
   a candidate, not shown. Fitted to the non-host-limited one-GPU dense rows with the other
-  constants held (calibrate/stack.py ``fit_one_gpu_floor``); 0 on the other GPUs.
+  constants held, jointly with the dense GEMMs' weight stream below and with the host stall
+  in every step as the simulator charges it (calibrate/stack.py ``fit_dense_stream``): 0.1 ms
+  (it was 2.0 ms fitted alone, without the stall); 0 on the other GPUs.
+* **GEMMs' weight stream** (``dense_gemm_bw_eff``, B200, fitted, confidence L). vLLM
+  0.11 runs an unquantised model's linear layers through torch ``F.linear`` (cuBLAS;
+  vllm/model_executor/layers/linear.py ``UnquantizedLinearMethod.apply``, utils.py
+  ``default_unquantized_gemm``), replayed in the
+  decode step's CUDA graph. The B200's kernel fit is the H100's, derived: its GEMMs stream
+  weights at 0.958 of 8 TB/s, 7.66 TB/s, the B200's whole theoretical bandwidth (7,680-bit bus
+  at 3,996 MHz: 7.67 TB/s, pytorch/ao PR #4002), more than a streaming kernel reaches there
+  (CUB's DeviceTransform 6.04 TB/s, NVIDIA/cccl PR #7391). The serving stack's dense GEMMs
+  (attention projections, dense MLPs, Mamba projections, the LM head) stream at this
+  fraction instead (0.75: 6.0 TB/s), fitted to the dense rows. A mixture of experts' MoE
+  layers stream from the same HBM at the same fraction: the router (``ReplicatedLinear``
+  with no quantisation, vllm/model_executor/models/qwen3_moe.py ``Qwen3MoeSparseMoeBlock``)
+  and the shared experts are ``F.linear`` GEMMs too, and the Triton ``fused_moe_kernel``
+  (vllm/model_executor/layers/fused_moe/fused_moe.py) loads each expert's weight tiles from
+  the same memory, which no kernel streams faster than a plain copy; the fused-MoE
+  constants (catalog moe.toml: the K-loop steps, FlashInfer's fp8 kernel, which keeps its
+  own fitted ``fi_bw_frac``) are fitted on this stream (``moe_fit --write``, b38). 0 on the
+  other GPUs (the kernel fit's: the H100's own, fitted to Vidur's operator times).
 * **Eager MoE host floor** (``eager_moe_layer_host_s``, ``eager_seq_host_s``,
   ``eager_mla_layer_host_s``; B200, fitted, confidence L). An iteration of more tokens than the
   capture size has no captured graph (vllm/v1/cudagraph_dispatcher.py ``dispatch`` returns
@@ -183,6 +203,7 @@ def apply_stack(
         ar_bw_bytes_per_s=float(c.get("ar_bw_bytes_per_s", 0.0)),
         linear_state_eff=float(c.get("linear_state_eff", 0.0)),
         one_gpu_overhead_s=float(c.get("one_gpu_overhead_s", 0.0)),
+        dense_gemm_bw_eff=float(c.get("dense_gemm_bw_eff", 0.0)),
         eager_moe_layer_host_s=float(c.get("eager_moe_layer_host_s", 0.0)),
         eager_seq_host_s=float(c.get("eager_seq_host_s", 0.0)),
         eager_mla_layer_host_s=float(c.get("eager_mla_layer_host_s", 0.0)),
