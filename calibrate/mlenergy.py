@@ -1267,21 +1267,6 @@ def predict_w(run: SimRun, p: PowerSpec, speed: float = 1.0) -> float:
     return _mean_w(u, p)
 
 
-def _level(
-    p: PowerSpec, fc: np.ndarray, fl: np.ndarray, fh: np.ndarray | float = 0.0
-) -> np.ndarray | float:
-    """The busy level per commit: ``active_w``, ``comm_w`` for the share ``fc`` of the time in
-    communication, ``moe_loop_w`` for the share ``fl`` in the fp8 fused-MoE K loop and
-    ``host_w`` for the share ``fh`` waiting on the host (the engine's energy: active x busy +
-    (comm - active) x comm s + (loop - active) x loop s + (host - active) x host s)."""
-    level = p.active_w if p.comm_w is None else p.active_w * (1.0 - fc) + p.comm_w * fc
-    if p.moe_loop_w is not None:
-        level = level + (p.moe_loop_w - p.active_w) * fl
-    if p.host_w is not None:
-        level = level + (p.host_w - p.active_w) * fh
-    return level
-
-
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Non-negative least squares for a handful of columns: the best of the unconstrained
     solutions over every subset of free columns (2^k solves) that has no negative entry."""
@@ -1519,7 +1504,7 @@ def fit_power(
 def _mean_w(u: tuple[np.ndarray, ...], p: PowerSpec) -> float:
     """:func:`predict_w` from precomputed :func:`utilisation` arrays."""
     dt, uc, um, ukv, fc, fl, umoe, fh = u
-    level = _level(p, fc, fl, fh)
+    level = p.level_w(fc, fl, fh)
     w = np.minimum(
         p.max_w,
         p.idle_w

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from fleetsim.device.kernels import (
     DenseLayer,
@@ -139,6 +139,21 @@ class PowerSpec:
     #: keeps ``active_w`` there (no separate level)
     host_w: float | None = None
 
+    def level_w(self, f_comm: Any, f_loop: Any, f_host: Any) -> Any:
+        """The busy level above idle: ``active_w``, with ``comm_w`` for the share ``f_comm`` of
+        the time in communication, ``moe_loop_w`` for the share ``f_loop`` in the fp8 fused-MoE
+        K loop and ``host_w`` for the share ``f_host`` waiting on the host (each level unset:
+        ``active_w``); floats or numpy arrays of shares alike (the ML.ENERGY fit's per-commit
+        shares, calibrate/mlenergy.py)."""
+        level = self.active_w
+        if self.comm_w is not None:
+            level = self.active_w * (1.0 - f_comm) + self.comm_w * f_comm
+        if self.moe_loop_w is not None:
+            level = level + (self.moe_loop_w - self.active_w) * f_loop
+        if self.host_w is not None:
+            level = level + (self.host_w - self.active_w) * f_host
+        return level
+
     def power_w(
         self,
         u_c: float,
@@ -158,13 +173,9 @@ class PowerSpec:
         never below ``idle_w`` (all terms are >= 0), never above ``max_w`` once busy."""
         if not busy:
             return self.idle_w
-        level = self.active_w
-        if f_comm and self.comm_w is not None:
-            level = self.active_w * (1.0 - f_comm) + self.comm_w * f_comm
-        if f_loop and self.moe_loop_w is not None:
-            level += (self.moe_loop_w - self.active_w) * f_loop
-        if f_host and self.host_w is not None:
-            level += (self.host_w - self.active_w) * f_host
+        level = (
+            self.level_w(f_comm, f_loop, f_host) if f_comm or f_loop or f_host else self.active_w
+        )
         p = self.idle_w + level + self.compute_w * u_c + self.memory_w * u_m + self.kv_w * u_kv
         if u_moe:
             p += self.moe_compute_w * u_moe
