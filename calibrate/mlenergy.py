@@ -669,6 +669,12 @@ class SimRun:
     #: the share of those gaps (token-weighted, whole run) that fall in a step computing prompt
     #: tokens (:func:`prompt_gap_share`): above one half the median gap is a prompt-carrying step
     itl_prompt_share: float = math.nan
+    #: the same gaps split by phase of the run: ramp-up (commits that end by the steady window's
+    #: start), the window, ramp-down (commits that start at its end or later, when the queue is
+    #: empty and no prompt is left): each phase's share of the run's gaps and the share of its
+    #: own gaps in prompt-computing steps; ``itl_prompt_share`` is their token-weighted sum
+    itl_phase_tokens: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    itl_phase_prompt_share: tuple[float, float, float] = (math.nan, math.nan, math.nan)
     avg_batch: float = math.nan  # mean running sequences over the window (time-weighted)
     tp: int = 1
     # per commit inside the window: duration, FLOPs, bytes (for the power cap)
@@ -983,6 +989,9 @@ def simulate_config(
         step_s[ok], seg_tok[ok], ITL_QUANTILES
     )
     out.itl_prompt_share = prompt_gap_share(seg_tok[ok], seg_it[ok], seg_p[ok], seg_h[ok])
+    out.itl_phase_tokens, out.itl_phase_prompt_share = phase_gap_shares(
+        seg_tok[ok], seg_it[ok], seg_p[ok], seg_h[ok], starts[ok], ends[ok], ts, te
+    )
     n_gaps = seg_tok[ok].sum()
     if n_gaps > 0:
         out.itl_beyond_meas_p90, out.itl_beyond_meas_p99 = (
@@ -1033,6 +1042,34 @@ def prompt_gap_share(
     computes = (np.asarray(prompt, float) - np.asarray(hit, float)) > 0.0
     first = np.asarray(tokens, float) / np.maximum(np.asarray(iters, float), 1.0)
     return float(first[computes].sum() / total)
+
+
+def phase_gap_shares(
+    tokens: np.ndarray,
+    iters: np.ndarray,
+    prompt: np.ndarray,
+    hit: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    ts: float,
+    te: float,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """A run's inter-token gaps by phase, from its commits (as :func:`prompt_gap_share`, with
+    each commit's ``starts`` / ``ends``) and the steady window [``ts``, ``te``]: the ramp-up
+    (commits ending by ``ts``), the window, the ramp-down (commits starting at ``te`` or later).
+    Returns each phase's share of all gaps and, per phase, the share of its gaps in prompt-
+    computing steps (``nan`` for a phase without gaps). The benchmark's median ITL is over the
+    whole run (SOURCE.md), so the ramp-down's gaps, which no prompt can be in once the last
+    request is admitted, dilute the window's prompt-carrying share: the run's share is
+    ``sum(tokens_i x share_i)``."""
+    tokens = np.asarray(tokens, float)
+    total = float(tokens.sum())
+    ramp = np.asarray(ends, float) <= ts
+    down = (np.asarray(starts, float) >= te) & ~ramp
+    masks = (ramp, ~ramp & ~down, down)
+    frac = tuple(float(tokens[m].sum() / total) if total > 0 else math.nan for m in masks)
+    share = tuple(prompt_gap_share(tokens[m], iters[m], prompt[m], hit[m]) for m in masks)
+    return (frac[0], frac[1], frac[2]), (share[0], share[1], share[2])
 
 
 def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
@@ -1116,6 +1153,40 @@ class StepSplit:
     #: the whole run's token-weighted share of prompt-carrying steps (SimRun.itl_prompt_share):
     #: the median ITL is a decode step only while it is under one half
     run_prompt_share: float = math.nan
+    #: SimRun.itl_phase_tokens / itl_phase_prompt_share: (ramp-up, window, ramp-down)
+    phase_tokens: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    phase_prompt_share: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+
+    @property
+    def meas_on_prompt_step(self) -> bool:
+        """Whether the measured median ITL is longer than a decode step: over 1.3 simulated
+        decode steps of the window (a prompt-carrying step costs 1.6-10 decode steps on the
+        fim rows; the simulated decode steps are within ~20 % of the measured medians where
+        those are decode steps, so a row within 1.1-1.5 of it is a guess)."""
+        return self.meas_median_s > 1.3 * self.decode_step_s
+
+    @property
+    def edge_window_share(self) -> float:
+        """The window's prompt-carrying share of gaps at which the whole run's is one half (the
+        ramp-up's and ramp-down's gaps as simulated): the measured median is a prompt-carrying
+        step only if vLLM's window share is above it, a decode step only if below."""
+        (rt, wt, dt), (rs, _, ds) = self.phase_tokens, self.phase_prompt_share
+        rest = (rt * rs if rt > 0 else 0.0) + (dt * ds if dt > 0 else 0.0)
+        return (0.5 - rest) / wt if wt > 0 else math.nan
+
+    @property
+    def prompt_steps_factor(self) -> float:
+        """How many prompt-carrying steps vLLM must run per simulated one for the run's share to
+        be one half, with the window's steps as Poisson admissions (share ``1 - exp(-lambda)``,
+        "The median ITL of Coder-30B fim"): ``ln(1 - edge) / ln(1 - window share)``. With the
+        measured median a prompt-carrying step (:attr:`meas_on_prompt_step`) vLLM runs more
+        than this many, with it a decode step fewer."""
+        w, e = self.phase_prompt_share[1], self.edge_window_share
+        if not 0.0 < w < 1.0 or math.isnan(e):
+            return math.nan
+        if e >= 1.0:
+            return math.inf
+        return math.log1p(-max(e, 0.0)) / math.log1p(-w)
 
     @property
     def meas_beyond_s(self) -> float:
@@ -1172,6 +1243,8 @@ def step_split(c: Config, run: SimRun) -> StepSplit:
         decode_step_s=d,
         prompt_step_s=pf,
         run_prompt_share=run.itl_prompt_share,
+        phase_tokens=run.itl_phase_tokens,
+        phase_prompt_share=run.itl_phase_prompt_share,
     )
 
 
@@ -1184,7 +1257,11 @@ def split_lines(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
         "time beyond the median step, measured / simulated (ms); simulated window: share of "
         "steps carrying prompts, computed prompt tokens per such step, its extra over a decode "
         "step (ms), the extra it would need (ms); whole run: the share of the gaps (token-"
-        "weighted steps) that carry prompts (over one half: the median is a prompt step)"
+        "weighted steps) that carry prompts (over one half: the median is a prompt step) = "
+        "the window's share of the gaps x its prompt-carrying share + the ramp-down's x its; "
+        "the measured median on a decode or a prompt-carrying step (over 1.3 simulated "
+        "decode steps), and the factor on the window's prompt-carrying steps that vLLM's "
+        "must be under or over for that (StepSplit.prompt_steps_factor)"
     ]
     for c, r in pairs:
         s = step_split(c, r)
@@ -1195,7 +1272,11 @@ def split_lines(pairs: Sequence[tuple[Config, SimRun]]) -> list[str]:
             f" | prompt steps {s.prompt_share:4.2f} x {s.tokens_per_prompt_step:5.0f} tok"
             f" +{1e3 * (s.prompt_step_s - s.decode_step_s):5.1f} need"
             f" +{1e3 * (s.prompt_step_s - s.decode_step_s + s.missing_per_prompt_step_s):6.1f}"
-            f" | run {s.run_prompt_share:4.2f}"
+            f" | run {s.run_prompt_share:4.2f} = {s.phase_tokens[1]:4.2f} x"
+            f" {s.phase_prompt_share[1]:4.2f} + down {s.phase_tokens[2]:4.2f} x"
+            f" {s.phase_prompt_share[2]:4.2f} | meas"
+            f" {'prompt k >' if s.meas_on_prompt_step else 'decode k <'}"
+            f" {s.prompt_steps_factor:4.2f}"
         )
     return out
 

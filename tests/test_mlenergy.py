@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -310,6 +311,84 @@ def test_prompt_gap_share_hand_count():
     assert M.prompt_gap_share(tokens, iters, prompt, hit) == pytest.approx((65 + 194 / 3) / 835)
     assert M.prompt_gap_share(tokens[:8], iters[:8], prompt[:8], hit[:8]) == 0.0
     assert np.isnan(M.prompt_gap_share(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0)))
+
+
+def test_phase_gap_shares_hand_count():
+    """Window [1.0, 3.0] s. Ramp-up: a 0.5 s commit (10 gaps, a prompt computed) and one ending
+    at 1.0 s (30 gaps, none); window: a commit from 0.9 s (straddling the start, 40 gaps, a
+    prompt) and one of two iterations (60 gaps, its 300 prompt tokens all cached: no prompt
+    computed); ramp-down: a commit starting at 3.0 s (20 gaps, none) and one after (40 gaps, a
+    prompt). 200 gaps: ramp-up 40 (10 in a prompt step), window 100 (40), ramp-down 60 (20)."""
+    tokens = np.array([10.0, 30.0, 40.0, 60.0, 20.0, 40.0])
+    iters = np.array([1.0, 1.0, 1.0, 2.0, 1.0, 1.0])
+    prompt = np.array([300.0, 0.0, 300.0, 300.0, 0.0, 300.0])
+    hit = np.array([0.0, 0.0, 0.0, 300.0, 0.0, 0.0])
+    starts = np.array([0.0, 0.5, 0.9, 2.0, 3.0, 3.5])
+    ends = np.array([0.5, 1.0, 2.0, 3.0, 3.5, 4.0])
+    frac, share = M.phase_gap_shares(tokens, iters, prompt, hit, starts, ends, 1.0, 3.0)
+    assert frac == pytest.approx((40 / 200, 100 / 200, 60 / 200))
+    assert share == pytest.approx((10 / 40, 40 / 100, 40 / 60))
+    # the run's share is the phases' token-weighted sum
+    run = M.prompt_gap_share(tokens, iters, prompt, hit)
+    assert run == pytest.approx(sum(f * s for f, s in zip(frac, share, strict=True)))
+    # no ramp-down: its share is nan, its gaps 0
+    frac2, share2 = M.phase_gap_shares(tokens, iters, prompt, hit, starts, ends, 1.0, 9.0)
+    assert frac2[2] == 0.0 and math.isnan(share2[2])
+
+
+def test_prompt_steps_factor_hand_count():
+    """Window 0.6 of the gaps with share 0.5 of them in prompt steps, ramp-down 0.4 with 0.05,
+    no ramp-up: the run's share is 0.32; it reaches one half at a window share of (0.5 - 0.02)
+    / 0.6 = 0.8, i.e. ln(0.2) / ln(0.5) = 2.32 times the prompt-carrying steps (Poisson)."""
+    s = M.StepSplit(
+        meas_mean_s=0.1,
+        meas_median_s=0.05,
+        sim_mean_s=0.1,
+        sim_median_s=0.03,
+        steps=100.0,
+        prompt_steps=50.0,
+        prompt_tokens=75_000.0,
+        decode_step_s=0.03,
+        prompt_step_s=0.2,
+        run_prompt_share=0.32,
+        phase_tokens=(0.0, 0.6, 0.4),
+        phase_prompt_share=(math.nan, 0.5, 0.05),
+    )
+    assert s.edge_window_share == pytest.approx(0.8)
+    assert s.prompt_steps_factor == pytest.approx(math.log(0.2) / math.log(0.5))
+    assert s.meas_on_prompt_step  # 50 ms > 1.3 x 30 ms
+    # a ramp-down that alone keeps the run under one half: no window share can reach it
+    s2 = replace_split(s, phase_tokens=(0.0, 0.4, 0.6))
+    assert s2.edge_window_share > 1.0 and s2.prompt_steps_factor == math.inf
+
+
+def replace_split(s: M.StepSplit, **kw) -> M.StepSplit:
+    from dataclasses import replace
+
+    return replace(s, **kw)
+
+
+def test_fim_medians_need_a_prompt_step_count_vllm_does_not_share():
+    """The two sides of the fim medians' edge (docs/accuracy.md, "The fim medians between the
+    modes"): Coder-480B-FP8 DP8 at 256 sequences, measured 157 ms (a decode step is ~44 ms),
+    has 0.38 of its gaps in the ramp-down, almost none of them in prompt steps, so its whole-run
+    share is 0.44 although 0.69 of the window's gaps are in prompt steps; for the measured median
+    vLLM's window share must exceed 0.79 (a third more prompt-carrying steps than simulated).
+    Coder-30B on one B200 at 256, measured 29.4 ms (a decode step), must stay under 0.57 (three
+    quarters of the simulated ones)."""
+    cs = {c.key: c for c in M.read_configs()}
+    dp8 = cs["Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8 sourcegraph-fim B200 x8 TP1/EP8/DP8 b256"]
+    s = M.step_split(dp8, M.simulate_config(dp8, engine="iteration"))
+    assert s.phase_tokens[0] < 0.01
+    assert 0.58 < s.phase_tokens[1] < 0.66 and 0.34 < s.phase_tokens[2] < 0.42
+    assert 0.64 < s.phase_prompt_share[1] < 0.74 and s.phase_prompt_share[2] < 0.08
+    assert 0.40 < s.run_prompt_share < 0.48
+    assert s.meas_on_prompt_step and 0.74 < s.edge_window_share < 0.84
+    assert 1.2 < s.prompt_steps_factor < 1.5
+    c30 = cs["Qwen/Qwen3-Coder-30B-A3B-Instruct sourcegraph-fim B200 x1 TP1/EP1/DP1 b256"]
+    s = M.step_split(c30, M.simulate_config(c30, engine="iteration"))
+    assert not s.meas_on_prompt_step
+    assert 0.52 < s.edge_window_share < 0.62 and 0.6 < s.prompt_steps_factor < 0.9
 
 
 def test_median_itl_is_a_prompt_step_past_half_the_gaps():
