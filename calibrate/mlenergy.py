@@ -101,7 +101,7 @@ PROMPT_SHAPES = ("constant", "azure", "azure-code")
 AZURE_PROMPT_TRACES = {"lm-arena-chat": REPO / "data" / "azure-llm-2023" / "conv.csv"}
 #: the harness's (``python -m fleetsim.calibrate.mlenergy``) default shape: ``azure`` keeps every
 #: goal-table floor and signed median of ``constant`` and lowers the p99 ITL error
-#: (docs/accuracy.md, "ITL tails"). The library's functions (:func:`simulate_config`,
+#: (docs/accuracy-log.md, "ITL tails"). The library's functions (:func:`simulate_config`,
 #: :func:`simulate_all`) keep ``constant``: the catalog's fits (``fleetsim calibrate``,
 #: ``calibrate/moe_fit.py``) and the tests that pin their values simulate with it.
 HARNESS_PROMPTS = "azure"
@@ -788,7 +788,7 @@ def repeated_prompts(c: Config) -> bool:
     time), and it is a MoE / expert-parallel row. Dense rows keep unique prompts for now: the
     catalog's power constants (``gpus.toml``) are fitted to the dense rows' simulated work, and
     sharing their repeats moves that fit (B200 ``kv_w`` 496 -> 543 W, past the drift test's
-    tolerance; docs/accuracy.md, MoE section), a refit that belongs with the power model."""
+    tolerance; docs/accuracy-log.md, MoE section), a refit that belongs with the power model."""
     return (
         c.moe_or_ep and c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
     )
@@ -1138,7 +1138,7 @@ class StepSplit:
     The mean gap is ``batch / tokens/s`` (every running sequence gets one token per step, so it
     is the mean step); what lies beyond the median ITL is carried by the steps longer than the
     median: in the simulation those that carry prompt tokens (prefill chunks mixed into the
-    decode batch), in vLLM those and whatever else stalls a step (docs/accuracy.md, "Time beyond
+    decode batch), in vLLM those and whatever else stalls a step (docs/accuracy-log.md, "Time beyond
     the median step")."""
 
     meas_mean_s: float  # measured avg_batch_size / output tokens/s
@@ -1368,13 +1368,14 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 #: weight of the prefill anchor of each model in the fit, in measured rows: one, as a row. At 3
 #: (until 2026-12) the B200's anchors, an assumption there, outweighed its measured rows and put
-#: its leave-one-model-out power 4 % low at the measured pace (docs/accuracy.md, "The power fit")
+#: its leave-one-model-out power 4 % low at the measured pace (docs/accuracy-log.md, "The power
+#: fit")
 PREFILL_ANCHOR_ROWS = 1.0
 #: the fit's loss on the relative residuals (scipy ``least_squares``): ``soft_l1`` with
 #: :data:`FIT_F_SCALE`, quadratic below 5 % and linear above, so that the few rows no step model
-#: explains (the B200's host-limited GPQA series, docs/accuracy.md "B200 data") do not pull every
-#: other row's prediction down; plain least squares gives each GPU's relative residuals a zero
-#: mean, and these skewed residuals a negative median
+#: explains (the B200's host-limited GPQA series, docs/accuracy-log.md "B200 data") do not pull
+#: every other row's prediction down; plain least squares gives each GPU's relative residuals a
+#: zero mean, and these skewed residuals a negative median
 FIT_LOSS = "soft_l1"
 FIT_F_SCALE = 0.05
 
@@ -1385,7 +1386,7 @@ def fit_rows(c: Config) -> bool:
     host-limited one-GPU B200 series (:attr:`Config.host_limited`), which the step fit leaves out
     too: the fit maps the simulated work at the measured pace to power, and on those rows the
     measured pace is set by the host, not by the work (GPU idle within each step, 294-540 W;
-    docs/accuracy.md "B200 data" and "The power fit"). The accuracy tables keep them."""
+    docs/accuracy-log.md "B200 data" and "The power fit"). The accuracy tables keep them."""
     return not c.suspect and not c.host_limited
 
 
@@ -1939,7 +1940,7 @@ def flagged_series(rows: Sequence[Row]) -> set[str]:
     """Keys of the rows whose series (model, task, GPU, parallelism) has a row flagged
     :data:`HOST_LIMITED_REASON`: e.g. Qwen3-8B GPQA on one B200, flagged at 8 to 64 sequences,
     whose 128-sequence row escaped the flag only because no H100 row has that batch
-    (docs/accuracy.md, "B200 data", has the evidence that no step model fits it)."""
+    (docs/accuracy-log.md, "B200 data", has the evidence that no step model fits it)."""
 
     def series(c: Config) -> tuple:
         return (c.model_id, c.task, c.gpu_model, c.num_gpus, c.tp, c.ep, c.dp)
@@ -1963,7 +1964,7 @@ def report(rows: Sequence[Row], skipped: Sequence[tuple[Config, str]], fitted: b
                 if not r.config.suspect and r.config.key not in apart and r.config.gpu_model in gpus
             ],
             "Dense, non-suspect rows without the series flagged host-limited (NOT the goal "
-            "table; docs/accuracy.md, B200 data):",
+            "table; docs/accuracy-log.md, B200 data):",
         )
     sus = [r for r in dense if r.config.suspect]
     if sus:
@@ -1981,7 +1982,7 @@ def report(rows: Sequence[Row], skipped: Sequence[tuple[Config, str]], fitted: b
         )
     lines += tail_table(
         rows,
-        "ITL tail, non-suspect rows, per GPU and kind (NOT the goal table; docs/accuracy.md, "
+        "ITL tail, non-suspect rows, per GPU and kind (NOT the goal table; docs/accuracy-log.md, "
         "'ITL tails'):",
     )
     reasons: dict[str, int] = {}
@@ -2460,7 +2461,7 @@ def main(argv: list[str] | None = None) -> int:
         "--beyond",
         action="store_true",
         help="print every configuration's time beyond the median step, measured and simulated, "
-        "and the simulated prompt-carrying steps (docs/accuracy.md)",
+        "and the simulated prompt-carrying steps (docs/accuracy-log.md)",
     )
     ap.add_argument(
         "--tails",
@@ -2479,7 +2480,7 @@ def main(argv: list[str] | None = None) -> int:
         default=HARNESS_PROMPTS,
         help="prompt lengths: constant (the task's mean, every request), azure (the default: "
         "chat prompts drawn from the Azure LLM inference trace 2023's conversation service, "
-        "rescaled to that mean; docs/accuracy.md, 'ITL tails') or azure-code (also fim's, "
+        "rescaled to that mean; docs/accuracy-log.md, 'ITL tails') or azure-code (also fim's, "
         "from its code service)",
     )
     ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")

@@ -90,7 +90,7 @@ DERIVED = {"a100-80gb": "h100-sxm", "h200": "h100-sxm"}
 #: 32.7 % at 0.34, 41.4 % at 0.22), so the catalog takes the one rate both GPUs share at
 #: ~0.34 PFLOP/s: the kernel does not gain the B200's faster tensor cores, as the measured rows
 #: say (the mean-minus-median step of a model at a batch is the same on both GPUs,
-#: docs/accuracy.md). H200: the H100's (same GH100 chip, derived); A100: 1, no bound (no MoE
+#: docs/accuracy-log.md). H200: the H100's (same GH100 chip, derived); A100: 1, no bound (no MoE
 #: rows on it; its kernel fit's GEMMs stand).
 MMA_FRAC = {"h100-sxm": 0.34, "b200": 0.15, "h200": 0.34, "a100-80gb": 1.0}
 #: FusedMoeFit.fp8_wave_frac, every catalog GPU: the share of a program's K loop that each whole
@@ -385,7 +385,7 @@ def hardware_fit(gpu: str) -> FusedMoeFit:
 def mma_configs(gpu_model: str) -> list[ml.Config]:
     """The rows the MMA-rate fit uses: :func:`fit_configs` of one GPU (``"B200"``), single
     engine (``dp = 1``: the data-parallel rows' slow padded steps are not explained yet,
-    docs/accuracy.md)."""
+    docs/accuracy-log.md)."""
     return [c for c in fit_configs() if c.gpu_model == gpu_model and c.dp == 1]
 
 

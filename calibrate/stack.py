@@ -233,7 +233,7 @@ def fit(rows: list[Row], data: Path | None = None, drop_host_limited: bool = Fal
     """Per GPU: the constants fitted to all rows, and the leave-one-model-out errors; the
     B200 by :func:`fit_b200` and the all-reduce by :func:`fit_allreduce` from ``data`` (the
     default folder when None). ``drop_host_limited``: the B200's step constants fitted
-    without the series of :func:`host_limited_series` (not the catalog's fit: docs/accuracy.md,
+    without the series of :func:`host_limited_series` (not the catalog's fit: docs/accuracy-log.md,
     "B200 data", says what it moves)."""
     out: dict = {}
     data = default_data_dir() if data is None else data
@@ -459,7 +459,7 @@ def host_limited_series(configs: list[Config]) -> set[tuple[str, str]]:
     longer median ITL than the same model and task at the same ``max_num_seqs`` on an H100
     server with no more HBM bandwidth and no more FLOP/s in total (one or two H100s). A decode
     step is bound by those two, so such a series is limited by neither: the host-side limit
-    that SOURCE.md names as one candidate (docs/accuracy.md, "B200 data"). It extends the
+    that SOURCE.md names as one candidate (docs/accuracy-log.md, "B200 data"). It extends the
     benchmark's own "B200 slower than H100" flag (same GPU count only) to the two-H100
     servers: on the dense rows it sets apart the GPQA series of Qwen3-8B, -14B and -32B. Every
     row is compared, suspect or not (the benchmark's flag makes its rows suspect)."""
@@ -987,7 +987,7 @@ def stall_err(r: _Run, c: dict, stall_s: float) -> float:
 #: exposes the power fit's own low bias at the measured pace, -4.2 %). Charged all the same
 #: (the lead's call): a planner's GPU count and kWh follow throughput, whose bias falls from
 #: +12.4 to +4.8 %, and two of the B200's signed medians come within +-5 %; the W median's
-#: 0.2-point excess is the power fit's bias, not this stall's (docs/accuracy.md, "Mean vs
+#: 0.2-point excess is the power fit's bias, not this stall's (docs/accuracy-log.md, "Mean vs
 #: median step"). A GPU left out of this set keeps the fit in ``host_stall_fitted_s`` only.
 HOST_STALL_ADOPTED = frozenset({"h100-sxm", "b200"})
 

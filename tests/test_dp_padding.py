@@ -109,7 +109,7 @@ def test_dp8_row_throughput_with_and_without_padding(monkeypatch):
     128 (sourcegraph-fim): 596 output tokens/s measured. Balanced engines (no padding: a
     prompt costs only its own engine) simulate it 4.2x too fast (+315 %); padded (every engine
     its own scheduler, a prompt step at 8 x the fullest engine's tokens), the simulated
-    throughput is within +80 % (+49.5 %; docs/accuracy.md: the rest is in a tail of DP8 steps,
+    throughput is within +80 % (+49.5 %; docs/accuracy-log.md: the rest is in a tail of DP8 steps,
     and the median ITL sits on the decode mode of a bimodal distribution)."""
     from fleetsim.calibrate import mlenergy as ml
 

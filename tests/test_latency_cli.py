@@ -100,7 +100,7 @@ def test_tp_rule_and_kv_replication():
 def test_device_memory_is_what_cuda_reports():
     """CUDA's total (``torch.cuda.mem_get_info``), which vLLM multiplies by
     ``gpu_memory_utilization``: the H100, H200 and B200 as vLLM's startup line prints it
-    (docs/accuracy.md, "The KV budget against vLLM's"); the A100 80GB keeps nvidia-smi's."""
+    (docs/accuracy-log.md, "The KV budget against vLLM's"); the A100 80GB keeps nvidia-smi's."""
     gib = {"h100-sxm": 79.19, "h200": 139.81, "b200": 178.35}
     for gpu, v in gib.items():
         assert round(catalog.gpu(gpu)["mem_bytes"] / 2**30, 2) == v

@@ -369,7 +369,7 @@ def replace_split(s: M.StepSplit, **kw) -> M.StepSplit:
 
 
 def test_fim_medians_need_a_prompt_step_count_vllm_does_not_share():
-    """The two sides of the fim medians' edge (docs/accuracy.md, "The fim medians between the
+    """The two sides of the fim medians' edge (docs/accuracy-log.md, "The fim medians between the
     modes"): Coder-480B-FP8 DP8 at 256 sequences, measured 157 ms (a decode step is ~44 ms),
     has 0.38 of its gaps in the ramp-down, almost none of them in prompt steps, so its whole-run
     share is 0.44 although 0.69 of the window's gaps are in prompt steps; for the measured median
@@ -393,7 +393,7 @@ def test_fim_medians_need_a_prompt_step_count_vllm_does_not_share():
 
 def test_median_itl_is_a_prompt_step_past_half_the_gaps():
     """Qwen3-Coder-30B fim (1,500-token prompts, about one admission per step at these
-    batches; docs/accuracy.md, "The median ITL of Coder-30B fim at 256 sequences"): on two
+    batches; docs/accuracy-log.md, "The median ITL of Coder-30B fim at 256 sequences"): on two
     H100s at 192 sequences 0.43 of the run's gaps fall in prompt-carrying steps and the median
     is a decode step; on one B200 at 256 it is 0.59 and the median is a prompt step (measured
     29.4 ms, a decode step). The steady window's share is higher than the run's: the ramp-up's
@@ -687,7 +687,7 @@ def test_power_fit_is_unbiased_leave_one_model_out(refit):
     DeepSeek-V3.1/R1) within 5 % too, with the loop level ``moe_loop_w``: without it they read
     -9.3 % (H100, 26 rows) and -17.1 % (B200, 51 rows; the loop seconds zeroed, macro engine).
     The B200's bf16 MoE rows within 8 %: -7.3 % since the loop level (-0.8 % before, when the
-    fp8 rows pulled ``active_w`` up to 410 W for every row; docs/accuracy.md, "The power
+    fp8 rows pulled ``active_w`` up to 410 W for every row; docs/accuracy-log.md, "The power
     fit"); the H100's within 5 %. The B200's fp8 rows within 6 %: -5.6 % since the fused-MoE
     MMA bound (catalog/moe.toml ``mma_frac``, sixth session) lengthened their prompt-carrying
     steps (within 5 % before it)."""
@@ -717,7 +717,7 @@ def test_energy_per_token_signed_median_is_within_the_band(refit):
     row (dense and MoE). J/token per GPU on the committed data (macro engine): H100 -2.6 %,
     B200 -2.9 %, W per GPU -0.7 / +0.8 %. With the host-limited one-GPU B200 series in the power
     fit (before the eleventh session) the B200 read J/token -5.5 %, W -1.5 %: those rows, paced
-    by the host, pulled every B200 row's power down (docs/accuracy.md, "The power fit")."""
+    by the host, pulled every B200 row's power down (docs/accuracy-log.md, "The power fit")."""
     pairs, _ = refit
     M._FITS.clear()
     rows = [r for r in M.evaluate(pairs, fit=True) if not r.config.suspect]

@@ -3,7 +3,8 @@ tuned_fp8_tiles): vLLM's nearest-key lookup gives every launch past 3,584 tokens
 4,096 entry, whose staged tiles set the programs an SM holds. On the B200 that entry has 4 stages
 for Qwen3-Coder-480B-FP8 under EP8 (``E=20,N=2560``: 2 programs per SM) and 3 under EP4
 (``E=40,N=2560``: 3, the default tiles'), which is why eight data-parallel B200 engines serve
-fewer tokens/s than four (docs/accuracy.md, "Why DP8 serves fewer tokens/s than DP4")."""
+fewer tokens/s than four (docs/accuracy-log.md, "Why eight data-parallel B200 engines serve
+fewer tokens/s than four")."""
 
 from __future__ import annotations
 

@@ -523,7 +523,7 @@ def test_the_b200_step_fit_leaves_out_the_series_slower_than_weaker_h100_servers
 
 
 def test_without_the_host_limited_series_the_unit_cap_gives_way_to_a_step_floor():
-    """Fitted without the host-limited series (docs/accuracy.md, "B200 data": small-batch
+    """Fitted without the host-limited series (docs/accuracy-log.md, "B200 data": small-batch
     one-GPU rows), the B200's per-unit KV cap goes to 0 (none: TRTLLM-gen decode splits a
     sequence's KV across CTAs until the SMs are filled) and the per-step overhead rises from
     1.2 to 3.6 ms: the cap had stood in for a one-GPU small-batch floor. gemma-3-12b chat at 8
@@ -655,7 +655,7 @@ def test_no_kv_read_model_fits_the_gpqa_b128_rows_and_the_chat_rows():
     (about 0.22) makes the large-batch chat rows (b256-b2048, which read as much KV per step
     or more) 45-130 % too slow; a per-unit cap fitted to them (about 2.3 GB/s per sequence and
     KV head) makes Qwen3-32B's GPQA rows at 8-64 sequences, with the same attention geometry
-    (8 KV heads of 128), ~100 % too slow. docs/accuracy.md, "B200 data"."""
+    (8 KV heads of 128), ~100 % too slow. docs/accuracy-log.md, "B200 data"."""
     from fleetsim.calibrate import stack
 
     runs = stack.load_runs(stack.default_data_dir(), "B200")

@@ -268,7 +268,7 @@ def fp8_default_grid_waves(
     only 8-14 ms to 64 sequences, while the experts the batch touches grow 2.4x (12.9 -> 31.5
     per GPU under EP4). A grid over the touched experts (:func:`k_loop_latency_s`) makes EP4 at
     64 sequences slower than EP2 at 8 (more programs), against the data; a grid over the local
-    experts fits both GPUs with one step time each (docs/accuracy.md). Which part of vLLM's
+    experts fits both GPUs with one step time each (docs/accuracy-log.md). Which part of vLLM's
     launch sizes the grid so is not established here (``moe_align_block_size``'s padded bound
     ``numel + E x (BLOCK_SIZE_M - 1)`` rows sizes the launch by experts, not by the batch).
 
@@ -517,7 +517,7 @@ def ep_barrier_wait_s(gemm_s: float, n_experts: int, top_k: int, tokens: float, 
     masking the others', and ``maybe_all_reduce_tensor_model_parallel`` sums the ranks'
     partial outputs) every rank enters the layer's all-reduce when its own experts are done and
     spins there until the slowest arrives. The step is the busiest rank's; the time the others
-    wait is communication time (``PowerSpec.comm_w``), not compute (docs/accuracy.md, "The EP
+    wait is communication time (``PowerSpec.comm_w``), not compute (docs/accuracy-log.md, "The EP
     barrier")."""
     if gemm_s <= 0.0:
         return 0.0

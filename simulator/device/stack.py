@@ -119,7 +119,7 @@ vLLM 0.11 (V1 engine, the ML.ENERGY v3 benchmark's engine) runs differently:
   of ``overhead_s``, so throughput, energy and latency all see it; the price is a median step
   longer by the same amount. Charged on the H100 (A100, H200 derived) and the B200; on the
   B200 it moves the accuracy harness's W-per-GPU median from 9.1 to 10.2 % while tokens/s goes
-  from 15.3 to 10.0 % (docs/accuracy.md, "Mean vs median step").
+  from 15.3 to 10.0 % (docs/accuracy-log.md, "Mean vs median step").
 
 The constants are fitted per GPU to the ML.ENERGY rows' median inter-token latency
 (``python -m fleetsim.calibrate.stack``; the values, their provenance and their errors are in

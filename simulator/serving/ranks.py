@@ -28,7 +28,7 @@ request to one of them; the ML.ENERGY Benchmark launches its data-parallel serve
 
 What stays merged: the KV pool (one pool of the replica's blocks, ``dp`` ranks' worth; vLLM
 gives each engine its own, so a rank could run out while another has room: the ML.ENERGY
-data-parallel rows are not KV-limited, docs/accuracy.md), the pure decode steps (timed as the
+data-parallel rows are not KV-limited, docs/accuracy-log.md), the pure decode steps (timed as the
 merged scheduler times them, the decodes spread ``ceil(n / dp)`` to a rank: a decode step's
 time barely depends on the split), the watermark (tested on the replica's sequences), and the
 preemption victim (the replica's most recently admitted running request, not the short rank's).
