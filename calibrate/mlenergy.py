@@ -720,6 +720,9 @@ class SimRun:
     step_seqs: np.ndarray = field(default_factory=lambda: np.zeros(0))
     step_lin_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
     step_in_window: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: ``simulate_config(dp_publish=True)``: the host time moved from the prompt-carrying steps'
+    #: gaps to the gaps before them, summed over the run (:func:`dp_publication_shift`)
+    dp_publish_shift_s: float = 0.0
     #: the replica's largest CUDA-graphed iteration (tokens; -1: no graphs)
     graph_tokens: int = -1
     error: str = ""
@@ -852,6 +855,7 @@ def simulate_config(
     profile_fields: dict | None = None,
     record_steps: bool = False,
     prompts: str = "constant",
+    dp_publish: bool = False,
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
     ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
@@ -859,7 +863,9 @@ def simulate_config(
     ``profile_fields`` replaces fields of the resolved profile (a fit's trial constants, e.g.
     ``calibrate/eager_host.py`` without the eager host floor); ``record_steps`` (iteration
     engine only) keeps every iteration of the run (``SimRun.step_s`` ...); ``prompts`` the
-    prompt lengths' shape (:data:`PROMPT_SHAPES`, :func:`draw_prompts`)."""
+    prompt lengths' shape (:data:`PROMPT_SHAPES`, :func:`draw_prompts`); ``dp_publish`` (data
+    parallelism, iteration engine) times the ITL sample's gaps as the tokens are published
+    (:func:`publication_gaps`, :func:`dp_publication_shift`) instead of as the steps end."""
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
     from fleetsim.serving.pod import Pod
@@ -905,7 +911,8 @@ def simulate_config(
             sink = _Sink()
             pod = Pod(rs, 0, 1, keep_hist=False, request_sink=sink)
             tr = _Tracker(pod.rec)
-            log = _record_iterations(pod.lat, tr) if record_steps else None
+            publish = dp_publish and c.dp > 1 and engine == "iteration"
+            log = _record_iterations(pod.lat, tr) if record_steps or publish else None
             pod.run()
         except (UserError, ValueError) as exc:
             out.error = str(exc).splitlines()[0][:200]
@@ -983,10 +990,16 @@ def simulate_config(
     out.avg_batch = float((tok_per_step[inw] * ov[inw]).sum() / out.window_s)
     # median inter-token gap: every step's duration, weighted by the tokens it produced (one
     # per running sequence), over the whole run
-    out.itl_median_s = _weighted_median(step_s[ok], seg_tok[ok])
+    gap_s = step_s
+    if publish and log is not None and len(log) == len(seg_t) and np.all(seg_it[ok] == 1):
+        lg = np.asarray(log, dtype=float).reshape(-1, 2)
+        shift = dp_publication_shift(pod.lat, lg[:, 0], lg[:, 1], seg_p > 0)
+        gap_s = np.where(ok, publication_gaps(seg_t, shift), 0.0)
+        out.dp_publish_shift_s = float(shift.sum())
+    out.itl_median_s = _weighted_median(gap_s[ok], seg_tok[ok])
     # its tail, by the same definition (whole run, token-weighted; a planner's p99 TPOT)
     out.itl_p90_s, out.itl_p95_s, out.itl_p99_s = _weighted_quantiles(
-        step_s[ok], seg_tok[ok], ITL_QUANTILES
+        gap_s[ok], seg_tok[ok], ITL_QUANTILES
     )
     out.itl_prompt_share = prompt_gap_share(seg_tok[ok], seg_it[ok], seg_p[ok], seg_h[ok])
     out.itl_phase_tokens, out.itl_phase_prompt_share = phase_gap_shares(
@@ -1007,7 +1020,7 @@ def simulate_config(
     out.seg_xflops = seg_x[inw]
     out.seg_prompt = seg_p[inw]
     out.seg_hit = seg_h[inw]
-    if log is not None:
+    if log is not None and record_steps:
         if engine != "iteration" or len(log) != len(seg_t) or not np.all(seg_it == 1):
             out.error = (
                 f"step record: {len(log)} iterations timed for {len(seg_t)} commits of"
@@ -1099,6 +1112,49 @@ def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
     lat.decode_step = timed_decode_step
     tr.steps = []
     return tr.steps
+
+
+def dp_publication_shift(
+    lat, seqs: np.ndarray, lin_tokens: np.ndarray, prompt: np.ndarray
+) -> np.ndarray:
+    """Per iteration of a data-parallel run (its sequences, the tokens its layers run, whether it
+    carries prompt tokens): the host time that delays the publication of the iteration BEFORE
+    it, :meth:`LatencyModel.eager_host_s` where it runs without a CUDA graph (more tokens than
+    the capture size ``lat._gmax``: under data parallelism every prompt-carrying step, padded),
+    else 0 (a graph replay's launch is in every step's host time alike).
+
+    Why, in vLLM 0.11.1 with ``--async-scheduling`` (the benchmark's configs) and
+    ``--data-parallel-size``: each engine core steps with a batch queue of two
+    (``EngineCore.step_with_batch_queue``, ``vllm/v1/engine/core.py``): it schedules step k+1
+    and calls ``execute_model`` on it, which ``UniProcExecutor`` (TP1 ranks) runs inline (the
+    ``non_block`` future is made after the call returns: ``collective_rpc``,
+    ``vllm/v1/executor/uniproc_executor.py``), and only then pops step k's result
+    and runs ``update_from_output`` on it, which sends step k's tokens to the API server. Under
+    data parallelism ``execute_model`` begins with the all-reduce of the step's token count
+    over NCCL read back to the host (``coordinate_batch_across_dp``,
+    ``vllm/v1/worker/dp_utils.py``; a CPU all-reduce only after 0.11.1, vllm-project/vllm PR
+    29311), so the host reaches step k+1's kernel launches only when step k has ended on the
+    GPU. Step k's tokens therefore leave after step k ends AND the host has issued step k+1:
+    a graph replay (decode) adds the same small time to every gap, an eager step its whole
+    host time, which moves from the prompt step's gap to the one before (time conserved)."""
+    eh = lat.eager_host_s
+    gmax = lat._gmax
+    out = np.zeros(len(seqs))
+    for i in range(len(seqs)):
+        if lin_tokens[i] > gmax:
+            out[i] = eh(int(seqs[i]), 1 if prompt[i] else 0)
+    return out
+
+
+def publication_gaps(step_s: np.ndarray, shift_s: np.ndarray) -> np.ndarray:
+    """The inter-token gap of each iteration's tokens when iteration k's tokens are published
+    ``shift_s[k + 1]`` after it ends (the next iteration's host time,
+    :func:`dp_publication_shift`): ``step_s[k] + shift_s[k + 1] - shift_s[k]``; the last
+    iteration has no next one. The gaps sum to the run's time (less the first shift, which
+    delays no published token)."""
+    nxt = np.zeros(len(step_s))
+    nxt[:-1] = shift_s[1:]
+    return step_s + nxt - shift_s
 
 
 #: the quantiles of the inter-token gap beyond the median that the benchmark publishes
@@ -1852,9 +1908,11 @@ def tail_lines(rows: Sequence[Row]) -> list[str]:
     return out
 
 
-def _sim_one(args: tuple[Config, int, str, float | None, dict | None, str]) -> SimRun:
-    c, seed, engine, stall, fields, prompts = args
-    return simulate_config(c, seed, engine, stall, profile_fields=fields, prompts=prompts)
+def _sim_one(args: tuple[Config, int, str, float | None, dict | None, str, bool]) -> SimRun:
+    c, seed, engine, stall, fields, prompts, dp_publish = args
+    return simulate_config(
+        c, seed, engine, stall, profile_fields=fields, prompts=prompts, dp_publish=dp_publish
+    )
 
 
 def lomo_host_stalls(data: Path, configs: Sequence[Config]) -> dict[tuple[str, str], float]:
@@ -1886,16 +1944,26 @@ def simulate_all(
     stalls: dict[tuple[str, str], float] | None = None,
     fields: dict[str, dict] | None = None,
     prompts: str = "constant",
+    dp_publish: bool = False,
 ) -> list[SimRun]:
     """:func:`simulate_config` of every configuration, in a process pool; ``stalls`` (by GPU
     and model, :func:`lomo_host_stalls`) replaces the catalog's host stall per step;
     ``fields`` (by GPU, ``"B200"``) the resolved profile's fields (``profile_fields``: a
     folder's fitted constants, :func:`folder_profile_fields`); ``prompts`` the prompt lengths'
-    shape (:func:`draw_prompts`)."""
+    shape (:func:`draw_prompts`); ``dp_publish`` the data-parallel rows' publication gaps
+    (:func:`publication_gaps`)."""
     st = stalls or {}
     fs = fields or {}
     jobs = [
-        (c, seed, engine, st.get((c.gpu_model, c.model_id)), fs.get(c.gpu_model) or None, prompts)
+        (
+            c,
+            seed,
+            engine,
+            st.get((c.gpu_model, c.model_id)),
+            fs.get(c.gpu_model) or None,
+            prompts,
+            dp_publish,
+        )
         for c in configs
     ]
     if workers <= 1 or len(jobs) <= 1:
@@ -2483,6 +2551,13 @@ def main(argv: list[str] | None = None) -> int:
         "rescaled to that mean; docs/accuracy-log.md, 'ITL tails') or azure-code (also fim's, "
         "from its code service)",
     )
+    ap.add_argument(
+        "--dp-publish",
+        action="store_true",
+        help="time the data-parallel rows' inter-token gaps as vLLM 0.11.1 publishes the tokens "
+        "(a step's tokens after the next step's host launch; docs/accuracy-log.md, 'Two long steps "
+        "per prompt'; not the default)",
+    )
     ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")
     ap.add_argument(
         "--kind",
@@ -2500,7 +2575,14 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
     # the host stall per step, fitted without each row's model (the catalog's is the fit to all)
     stalls = lomo_host_stalls(a.data, configs)
-    runs = simulate_all(configs, a.workers, engine=a.engine, stalls=stalls, prompts=a.prompts)
+    runs = simulate_all(
+        configs,
+        a.workers,
+        engine=a.engine,
+        stalls=stalls,
+        prompts=a.prompts,
+        dp_publish=a.dp_publish,
+    )
     pairs = []
     for c, r in zip(configs, runs, strict=True):
         if r.error:

@@ -1129,3 +1129,58 @@ def test_a_from_mlenergy_profile_carries_every_stack_constant_the_stack_reads(mo
         stack.apply_stack(catalog_profile(gpu, catalog.gpu(gpu)), "vllm-v1", gpu, 256)
     assert {"overhead_s", "host_stall_s", "one_gpu_overhead_s"} <= seen
     assert seen <= set(M.STACK_KEYS), seen - set(M.STACK_KEYS)
+
+
+def test_publication_gaps_hand_count():
+    """Seven iterations: decodes of 20 ms, prompt steps of 300 ms at 2, 4 and 5 with 40 ms of
+    host launch each. A step's tokens leave when the next one has been issued: the decode
+    before a prompt step gives a 60 ms gap, the prompt step 300 - 40 = 260 ms, two prompt steps
+    in a row 300 ms (shifted in and out), the one after the last 260 ms; the time is
+    conserved."""
+    step = np.array([0.02, 0.02, 0.30, 0.02, 0.30, 0.30, 0.02])
+    shift = np.array([0.0, 0.0, 0.04, 0.0, 0.04, 0.04, 0.0])
+    g = M.publication_gaps(step, shift)
+    assert g == pytest.approx([0.02, 0.06, 0.26, 0.06, 0.30, 0.26, 0.02])
+    assert g.sum() == pytest.approx(step.sum())
+    # the last iteration has no next one: its own shift still leaves its gap
+    assert M.publication_gaps(np.array([0.02, 0.3]), np.array([0.0, 0.04])) == pytest.approx(
+        [0.06, 0.26]
+    )
+
+
+def test_dp_publication_shift_is_the_eager_host_time():
+    """Coder-480B-FP8 DP8 b256 on B200: the replica's largest graphed step is 512 tokens (8
+    ranks x 64); a decode step of 256 sequences runs 8 x 32 = 256 tokens (a graph: no shift), a
+    step with a 1,500-token prompt 8 x (32 + 1,500) = 12,256 (eager): 62 MoE layers x 0.6 ms +
+    32 sequences per engine x 60 us = 39.12 ms (stacks.toml eager_moe_layer_host_s,
+    eager_seq_host_s)."""
+    from fleetsim.calibrate import dp_ranks
+
+    cs = {c.key: c for c in M.read_configs()}
+    c = cs["Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8 sourcegraph-fim B200 x8 TP1/EP8/DP8 b256"]
+    lat = dp_ranks.row_latency(c)
+    s = M.dp_publication_shift(
+        lat, np.array([256.0, 256.0]), np.array([256.0, 12256.0]), np.array([False, True])
+    )
+    assert s == pytest.approx([0.0, 62 * 6e-4 + 32 * 6e-5])
+
+
+def test_dp_publication_moves_the_medians_not_the_throughput():
+    """The rows of docs/accuracy-log.md "Two long steps per prompt" (iteration engine, azure
+    prompts as the harness): DP8 b256 (measured 157 ms) 44 -> 83 ms, DP4 b256 (100 ms) 64 ->
+    105 ms, and DP4 b128 (measured 63.5 ms, a decode step) 57 -> 95 ms, the row that keeps the
+    option off; tokens/s and the window unchanged (the time is only moved between gaps)."""
+    cs = {c.key: c for c in M.read_configs()}
+    pre = "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8 sourcegraph-fim B200 "
+    for key, base, moved in (
+        ("x8 TP1/EP8/DP8 b256", 44.2, 83.3),
+        ("x4 TP1/EP4/DP4 b256", 64.4, 105.4),
+        ("x4 TP1/EP4/DP4 b128", 56.6, 95.4),
+    ):
+        c = cs[pre + key]
+        a = M.simulate_config(c, engine="iteration", prompts="azure")
+        b = M.simulate_config(c, engine="iteration", prompts="azure", dp_publish=True)
+        assert 1e3 * a.itl_median_s == pytest.approx(base, abs=0.5)
+        assert 1e3 * b.itl_median_s == pytest.approx(moved, abs=0.5)
+        assert b.tokens == a.tokens and b.window_s == a.window_s
+        assert b.dp_publish_shift_s > 10.0
