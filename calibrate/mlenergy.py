@@ -44,6 +44,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -1356,6 +1357,7 @@ def catalog_power(gpu_model: str) -> PowerSpec:
         moe_loop_w=e.get("moe_loop_w"),
         moe_compute_w=e.get("moe_compute_w", 0.0),
         host_w=e.get("host_w"),
+        compute_u0=e.get("compute_u0"),
     )
 
 
@@ -1460,6 +1462,7 @@ def fit_power(
     comm_cap: bool = True,
     moe: bool = True,
     host: bool = True,
+    u0_grid: Sequence[float | None] | None = None,
 ) -> PowerSpec:
     """``active_w``, ``compute_w``, ``memory_w`` and ``kv_w`` (all >= 0) fitted to measured
     mean power per GPU on the relative residuals of the window means: first linear least squares
@@ -1495,7 +1498,70 @@ def fit_power(
     each iteration's exposed host time (``host_s_per_iter``; fitted where ``host`` and some
     runs have that time, else None), at most ``active_w`` (a GPU waiting for its next launch
     draws no more than a computing one); with ``kv=False`` all five stay off (the older
-    three-term model)."""
+    three-term model).
+
+    ``compute_u0`` (the saturation of the FLOP terms, :meth:`PowerSpec.compute_gain`) is
+    ``base``'s, or with ``u0_grid`` the value of the grid (None: linear) whose fit has the
+    least cost on the exact problem (``exact``; else the first of the grid)."""
+    if not u0_grid:
+        return _fit_power_at(
+            runs,
+            measured_w,
+            base,
+            speeds,
+            anchor,
+            kv,
+            exact,
+            anchor_rows,
+            loss,
+            f_scale,
+            comm_cap,
+            moe,
+            host,
+        )[0]
+    best: tuple[PowerSpec, float] | None = None
+    for u0 in u0_grid:
+        b = replace(base, compute_u0=u0)
+        p, cost = _fit_power_at(
+            runs,
+            measured_w,
+            b,
+            speeds,
+            anchor,
+            kv,
+            exact,
+            anchor_rows,
+            loss,
+            f_scale,
+            comm_cap,
+            moe,
+            host,
+        )
+        if not exact:
+            return p
+        if best is None or cost < best[1]:
+            best = (p, cost)
+    assert best is not None
+    return best[0]
+
+
+def _fit_power_at(
+    runs: Sequence[SimRun],
+    measured_w: Sequence[float],
+    base: PowerSpec,
+    speeds: Sequence[float] | None = None,
+    anchor: bool = True,
+    kv: bool = True,
+    exact: bool = True,
+    anchor_rows: float = PREFILL_ANCHOR_ROWS,
+    loss: str = FIT_LOSS,
+    f_scale: float = FIT_F_SCALE,
+    comm_cap: bool = True,
+    moe: bool = True,
+    host: bool = True,
+) -> tuple[PowerSpec, float]:
+    """:func:`fit_power` at ``base.compute_u0``, with the exact problem's cost (nan without
+    ``exact``)."""
     sp = [1.0] * len(runs) if speeds is None else list(speeds)
     rows = []
     for r, v in zip(runs, sp, strict=True):
@@ -1504,15 +1570,16 @@ def fit_power(
         f = float((fc * dt).sum() / T)
         g = float((fl * dt).sum() / T)
         h = float((fh * dt).sum() / T) if kv and host else 0.0
+        gain = base.compute_gain(uc)  # 1 without compute_u0 (the FLOP terms linear)
         rows.append(
             (
                 1.0 - f - g - h,
-                float((uc * dt).sum() / T),
+                float((gain * uc * dt).sum() / T),
                 float((um * dt).sum() / T),
                 float((ukv * dt).sum() / T) if kv else 0.0,
                 f,
                 g,
-                float((umoe * dt).sum() / T) if kv and moe else 0.0,
+                float((gain * umoe * dt).sum() / T) if kv and moe else 0.0,
                 h,
             )
         )
@@ -1535,7 +1602,8 @@ def fit_power(
                 ukv0 = u0[2] if kv and len(u0) > 2 else 0.0
                 umoe0 = u0[3] if xmoe and len(u0) > 3 else 0.0
                 fh0 = u0[4] if hlev and len(u0) > 4 else 0.0
-                rows.append((1.0 - fh0, u0[0], u0[1], ukv0, 0.0, 0.0, umoe0, fh0))
+                k0 = base.compute_gain(u0[0])
+                rows.append((1.0 - fh0, k0 * u0[0], u0[1], ukv0, 0.0, 0.0, k0 * umoe0, fh0))
                 meas.append(base.max_w)
                 wts.append(anchor_rows)
     a = np.asarray(rows)
@@ -1579,7 +1647,7 @@ def fit_power(
         x = _nnls(a * wgt[:, None], y2 * wgt)
         p = spec(x)
     if not exact:
-        return p
+        return p, math.nan
     # then the exact problem: the capped window means (every commit clipped at the limit)
     # against the measurements, relative, from the linear solution, all terms >= 0
     from scipy.optimize import least_squares
@@ -1636,13 +1704,23 @@ def fit_power(
         loss="linear" if loss == "log" else loss,
         f_scale=f_scale,
     )
-    return spec(full(sol.x))
+    return spec(full(sol.x)), float(sol.cost)
 
 
 def _mean_w(u: tuple[np.ndarray, ...], p: PowerSpec) -> float:
     """:func:`predict_w` from precomputed :func:`utilisation` arrays."""
     dt, uc, um, ukv, fc, fl, umoe, fh = u
     level = p.level_w(fc, fl, fh)
+    if p.compute_u0 is not None:
+        w = np.minimum(
+            p.max_w,
+            p.idle_w
+            + level
+            + p.compute_gain(uc) * (p.compute_w * uc + p.moe_compute_w * umoe)
+            + p.memory_w * um
+            + p.kv_w * ukv,
+        )
+        return float((w * dt).sum() / dt.sum())
     w = np.minimum(
         p.max_w,
         p.idle_w
@@ -1726,6 +1804,10 @@ def evaluate(pairs: Sequence[tuple[Config, SimRun]], fit: bool = True) -> list[R
 _FITS: dict = {}
 #: fit the power model at the measured pace (see fit_power)
 FIT_AT_MEASURED_PACE = True
+#: the saturation of the compute terms the harness's fits choose from (fit_power's
+#: ``u0_grid``; ``--compute-u0``); None: the catalog's (linear: docs/accuracy-log.md, "A saturating
+#: compute term")
+FIT_U0_GRID: tuple[float | None, ...] | None = None
 
 
 def _cached_fit(key, train, base):
@@ -1735,6 +1817,7 @@ def _cached_fit(key, train, base):
             [c.power_per_gpu_w for c, _ in train],
             base,
             [speed_of(c, r) for c, r in train] if FIT_AT_MEASURED_PACE else None,
+            u0_grid=FIT_U0_GRID,
         )
     return _FITS[key]
 
@@ -2456,6 +2539,7 @@ def write_profiles(
             "moe_loop_w": None if p.moe_loop_w is None else round(p.moe_loop_w, 1),
             "moe_compute_w": round(p.moe_compute_w, 1),
             "host_w": None if p.host_w is None else round(p.host_w, 1),
+            "compute_u0": p.compute_u0,
             "method": "mlenergy-fit",
         }
         prof = replace(
@@ -2566,7 +2650,18 @@ def main(argv: list[str] | None = None) -> int:
         help="dense or MoE/expert-parallel rows only (the power fit, leave-one-model-out, "
         "then sees only those rows)",
     )
+    ap.add_argument(
+        "--compute-u0",
+        help="the saturation of the compute terms (PowerSpec.compute_u0) the leave-one-model-out "
+        "fits choose from, comma-separated, 'none' for linear, e.g. none,0.05,0.1,0.2,0.35,0.6,"
+        "1,2 (one value: fixed); default: the catalog's",
+    )
     a = ap.parse_args(argv)
+    global FIT_U0_GRID
+    if a.compute_u0:
+        FIT_U0_GRID = tuple(
+            None if v.strip().lower() == "none" else float(v) for v in a.compute_u0.split(",")
+        )
     t0 = time.perf_counter()
     configs, skipped = select(read_configs(a.data), a.quick)
     if a.gpu:
@@ -2603,6 +2698,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.tails:
         print("\n".join(tail_lines(rows)))
     print("\n".join(report(rows, skipped, not a.catalog)))
+    if FIT_U0_GRID and not a.catalog:
+        chosen = Counter(p.compute_u0 for p in _FITS.values())
+        print(
+            "compute_u0 chosen by the leave-one-model-out fits (value: fits): "
+            + ", ".join(f"{k}: {n}" for k, n in sorted(chosen.items(), key=lambda kv: kv[0] or 0))
+        )
     if a.power_variants:
         print("\n".join(power_variants(pairs)))
     imp = implied_prompts(configs)

@@ -135,6 +135,12 @@ def cmd_validate(args) -> int:
                 else ""
             )
             + ("" if pw.host_w is None else f"; {pw.idle_w + pw.host_w:g} W waiting on the host")
+            + (
+                ""
+                if pw.compute_u0 is None
+                else f"; the compute terms x (1 + {pw.compute_u0:g}) / (compute use + "
+                f"{pw.compute_u0:g})"
+            )
             + f", capped at {pw.max_w:g} W; "
             f"{pw.confidence or 'no provenance'}",
             file=sys.stderr,

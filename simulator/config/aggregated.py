@@ -217,7 +217,7 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         k: v for k, v in hw.model_dump().items() if k not in ("gpu", "profile") and v is not None
     }
     entry.update(over)
-    set_here = [k for k in ("tdp_w", "idle_w", *POWER_TERMS_W) if k in over]
+    set_here = [k for k in ("tdp_w", "idle_w", *POWER_TERMS_W, "compute_u0") if k in over]
     power = PowerSpec(
         idle_w=entry["idle_w"],
         max_w=entry["tdp_w"],
@@ -229,6 +229,7 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
         moe_loop_w=entry.get("moe_loop_w"),
         moe_compute_w=entry.get("moe_compute_w", 0.0),
         host_w=entry.get("host_w"),
+        compute_u0=entry.get("compute_u0"),
         # the catalog's tag (fitted / derived, gpus.toml), or what the scenario changed
         confidence=(
             f"set by the scenario (hardware.{', hardware.'.join(set_here)})"

@@ -150,6 +150,9 @@ SCENARIO: dict[str, str] = {
     "host (the serving stack's exposed host time per iteration: overhead_s, the host stall and "
     "the one-GPU step floor), in W, in place of active_w for that share of the iteration; "
     "unset: active_w (no separate level).",
+    "HardwareSection.compute_u0": "Saturation of the compute terms in the compute "
+    "utilisation u_c (dimensionless, > 0): the FLOP terms take the factor (1 + u0) / (u_c + u0), "
+    "equal to 1 at full use, steeper at low use; unset: linear in the FLOPs.",
     "HardwareSection.node_idle_w": "Host power (CPUs, DRAM, NICs, fans) of a powered node whose "
     "GPUs are idle, in W per node; unset: the catalog's. The serving level is node_overhead_w.",
     "HardwareSection.node_overhead_w": "Power of the rest of the node (CPUs, NICs, fans) per "

@@ -255,6 +255,7 @@ def resolved_dict(rs: Resolved) -> dict:
         moe_loop_w=pw.moe_loop_w,
         moe_compute_w=pw.moe_compute_w,
         host_w=pw.host_w,
+        compute_u0=pw.compute_u0,
         power_confidence=pw.confidence,
         node_overhead_w=g.node_overhead_w,
         node_idle_w=g.node_idle_w,

@@ -122,6 +122,7 @@ class HardwareSection(_Section):
     moe_loop_w: Watts | None = None
     moe_compute_w: Watts | None = None
     host_w: Watts | None = None
+    compute_u0: Annotated[float, bound(0, 1e6, strict_lo=True)] | None = None
     node_overhead_w: Annotated[float, bound(0, 1e6)] | None = None
     node_idle_w: Annotated[float, bound(0, 1e6)] | None = None
     gpus_per_node: Annotated[int, Field(ge=1, le=1024)] | None = None

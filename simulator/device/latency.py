@@ -138,6 +138,23 @@ class PowerSpec:
     #: while step N runs; what is left over is exposed), so no kernel runs in that time; None
     #: keeps ``active_w`` there (no separate level)
     host_w: float | None = None
+    #: the saturation of the compute terms in the compute utilisation: with ``u0`` set, the
+    #: FLOP terms ``compute_w * u_c + moe_compute_w * u_moe`` are multiplied by
+    #: :meth:`compute_gain` ``(1 + u0) / (u_c + u0)``: the compute term is ``compute_w *
+    #: u_c (1 + u0) / (u_c + u0)``, equal to ``compute_w`` at ``u_c = 1`` (a full prefill
+    #: iteration at the power limit keeps its meaning), of slope ``compute_w (1 + u0) / u0`` at
+    #: ``u_c -> 0``, linear as ``u0 -> inf``; the routed experts' term takes the same factor of
+    #: the whole step's ``u_c`` (their grouped GEMMs share the SMs). None keeps the linear
+    #: model bit for bit. Mechanism and fit: docs/accuracy-log.md, "A saturating compute term"
+    compute_u0: float | None = None
+
+    def compute_gain(self, u_c: Any) -> Any:
+        """The factor of the FLOP terms at compute utilisation ``u_c`` (per GPU, >= 0; a float
+        or a numpy array): ``(1 + u0) / (u_c + u0)`` with :attr:`compute_u0`, 1 without it."""
+        u0 = self.compute_u0
+        if u0 is None:
+            return 1.0
+        return (1.0 + u0) / (u_c + u0)
 
     def level_w(self, f_comm: Any, f_loop: Any, f_host: Any) -> Any:
         """The busy level above idle: ``active_w``, with ``comm_w`` for the share ``f_comm`` of
@@ -176,6 +193,16 @@ class PowerSpec:
         level = (
             self.level_w(f_comm, f_loop, f_host) if f_comm or f_loop or f_host else self.active_w
         )
+        if self.compute_u0 is not None:
+            k = (1.0 + self.compute_u0) / (u_c + self.compute_u0)
+            p = (
+                self.idle_w
+                + level
+                + k * (self.compute_w * u_c + self.moe_compute_w * u_moe)
+                + self.memory_w * u_m
+                + self.kv_w * u_kv
+            )
+            return p if p < self.max_w else max(self.max_w, self.idle_w)
         p = self.idle_w + level + self.compute_w * u_c + self.memory_w * u_m + self.kv_w * u_kv
         if u_moe:
             p += self.moe_compute_w * u_moe
@@ -200,10 +227,27 @@ class PowerSpec:
         on the host, doing ``flops`` (``expert_flops`` of them in the routed experts' grouped
         GEMMs) and ``bytes_moved``, of which ``kv_bytes`` KV-cache and linear-state traffic
         (summed over the GPUs): linear in the work, capped so that the mean power stays at or
-        below ``max_w``."""
+        below ``max_w``. With :attr:`compute_u0` the FLOP terms take :meth:`compute_gain` at
+        the span's mean compute utilisation ``flops / (gpus peak_flops busy_s)``: exact for one
+        iteration (or a span at one utilisation), which is how the engine charges it (each
+        run's first iteration apart from its decode steps, serving/core.py)."""
         comm = self.comm_w - self.active_w if self.comm_w is not None else 0.0
         loop = self.moe_loop_w - self.active_w if self.moe_loop_w is not None else 0.0
         host = self.host_w - self.active_w if self.host_w is not None else 0.0
+        if self.compute_u0 is not None:
+            k = self.compute_gain(flops / (gpus * peak_flops * busy_s)) if busy_s > 0 else 1.0
+            e = (
+                self.active_w * gpus * busy_s
+                + comm * gpus * comm_s
+                + loop * gpus * loop_s
+                + host * gpus * host_s
+                + k * (self.compute_w / peak_flops * flops)
+                + self.memory_w / peak_bw * bytes_moved
+                + self.kv_w / peak_bw * kv_bytes
+                + k * (self.moe_compute_w / peak_flops * expert_flops)
+            )
+            cap = max(self.max_w - self.idle_w, 0.0) * gpus * busy_s
+            return e if e < cap else cap
         e = (
             self.active_w * gpus * busy_s
             + comm * gpus * comm_s

@@ -88,7 +88,7 @@ _LINEAR_FIELDS = (
     "peak_flops",
     "mem_bw_bytes_per_s",
 )
-_POWER_FIELDS = ("idle_w", "max_w", *POWER_TERMS_W)
+_POWER_FIELDS = ("idle_w", "max_w", *POWER_TERMS_W, "compute_u0")
 
 
 # Upper bounds of profile fields: orders of magnitude above any device, so that every product
@@ -147,6 +147,12 @@ class PowerFile(BaseModel):
     host_w: float | None = _nonneg(
         MAX_POWER_W, "above idle while an iteration waits on the host (its overhead) (W)", None
     )
+    compute_u0: float | None = Field(
+        None,
+        gt=0.0,
+        le=1e6,
+        description="saturation of the compute terms: factor (1 + u0) / (u_c + u0); unset: linear",
+    )
     method: str | None = Field(
         None,
         description='"nvml-energy" (NVML\'s energy counter), "nvml" (sampled power), "rapl" or '
@@ -172,6 +178,7 @@ class PowerFile(BaseModel):
             moe_loop_w=self.moe_loop_w,
             moe_compute_w=self.moe_compute_w,
             host_w=self.host_w,
+            compute_u0=self.compute_u0,
             confidence=f"from the profile (method {self.method})" if self.method else "",
         )
 

@@ -105,6 +105,12 @@ class EnginePlan:
     # peak_flops), and whether the engine counts those FLOPs at all (a mixture of experts)
     e_xf_j: float = 0.0
     track_xf: bool = False
+    # the saturation of the two FLOP terms (PowerSpec.compute_u0; None: linear) and the
+    # replica's peak FLOP/s (its GPUs'): each iteration's FLOP energy takes the factor
+    # PowerSpec.compute_gain at its compute utilisation FLOPs / (e_peak_flops x its time), a
+    # run's decode steps theirs at their mean (serving/core.py, Replica._commit)
+    e_u0: float | None = None
+    e_peak_flops: float = 0.0
     # data-parallel ranks with a scheduler each (serving/ranks.py: fleet.dp_scheduler
     # "per-rank"), or 1: one scheduler for the replica (dp = 1, or "merged")
     dp_ranks: int = 1

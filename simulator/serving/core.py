@@ -80,6 +80,20 @@ if TYPE_CHECKING:
 _NO_COEFFS = RunCoeffs(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # a run with no decode steps
 
 
+def _flop_j(cfg: EnginePlan, t: float, flops: float, expert_flops: float) -> float:
+    """The FLOP terms' energy of a replica's span of ``t`` seconds at one compute utilisation
+    (an iteration, or a run's decode steps at their mean) doing ``flops`` (``expert_flops``
+    of them the routed experts'): ``(e_flop_j flops + e_xf_j expert_flops)`` times
+    ``PowerSpec.compute_gain`` at ``u_c = flops / (e_peak_flops t)``, ``(1 + u0) / (u_c +
+    u0)``; only with ``cfg.e_u0`` set."""
+    u0 = cfg.e_u0
+    assert u0 is not None
+    e = cfg.e_flop_j * flops + cfg.e_xf_j * expert_flops
+    if t <= 0.0:
+        return e
+    return e * (1.0 + u0) / (flops / (cfg.e_peak_flops * t) + u0)
+
+
 class ReplicaCore(KVPolicy, WindowedDecode):
     """One model replica (``tp`` GPUs): the iteration loop its KV policy and role plug into
     (see the module's docstring for the methods they provide). Not used alone: the replica
@@ -566,16 +580,31 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 xf = self.X_first
                 if m_full > 1:
                     xf += (m_full - 1) * self.coef.expert_flops
-            rec.dyn_j[h] += (
-                cfg.e_active_w * t_sum
-                + cfg.e_flop_j * f_sum
-                + cfg.e_byte_j * b_sum
-                + cfg.e_kv_j * kv
-                + cfg.e_comm_w * cm
-                + cfg.e_loop_w * lp
-                + cfg.e_xf_j * xf
-                + cfg.e_host_j * m_full
-            )
+            if cfg.e_u0 is None:
+                rec.dyn_j[h] += (
+                    cfg.e_active_w * t_sum
+                    + cfg.e_flop_j * f_sum
+                    + cfg.e_byte_j * b_sum
+                    + cfg.e_kv_j * kv
+                    + cfg.e_comm_w * cm
+                    + cfg.e_loop_w * lp
+                    + cfg.e_xf_j * xf
+                    + cfg.e_host_j * m_full
+                )
+            else:  # the FLOP terms saturate (PowerSpec.compute_u0): the first iteration at its
+                # own compute utilisation, the decode steps after it at theirs (their mean)
+                e_c = _flop_j(cfg, t_first, self.F_first, self.X_first if xf else 0.0)
+                if m_full > 1:
+                    e_c += _flop_j(cfg, rt, f_sum - self.F_first, xf - self.X_first if xf else 0.0)
+                rec.dyn_j[h] += (
+                    cfg.e_active_w * t_sum
+                    + e_c
+                    + cfg.e_byte_j * b_sum
+                    + cfg.e_kv_j * kv
+                    + cfg.e_comm_w * cm
+                    + cfg.e_loop_w * lp
+                    + cfg.e_host_j * m_full
+                )
             rec.flops[h] += f_sum
             rec.bytes_moved[h] += b_sum
             if cm:
@@ -609,16 +638,27 @@ class ReplicaCore(KVPolicy, WindowedDecode):
             xf = 0.0
             if cfg.track_xf:
                 xf = self.X_first if k == 1 else self.coef.expert_flops
-            e_l = (
-                cfg.e_active_w * t_l
-                + cfg.e_flop_j * f_l
-                + cfg.e_byte_j * b_l
-                + cfg.e_kv_j * kv
-                + cfg.e_comm_w * cm
-                + cfg.e_loop_w * lp
-                + cfg.e_xf_j * xf
-                + cfg.e_host_j
-            )
+            if cfg.e_u0 is None:
+                e_l = (
+                    cfg.e_active_w * t_l
+                    + cfg.e_flop_j * f_l
+                    + cfg.e_byte_j * b_l
+                    + cfg.e_kv_j * kv
+                    + cfg.e_comm_w * cm
+                    + cfg.e_loop_w * lp
+                    + cfg.e_xf_j * xf
+                    + cfg.e_host_j
+                )
+            else:  # one iteration at its compute utilisation (PowerSpec.compute_u0)
+                e_l = (
+                    cfg.e_active_w * t_l
+                    + _flop_j(cfg, t_l, f_l, xf)
+                    + cfg.e_byte_j * b_l
+                    + cfg.e_kv_j * kv
+                    + cfg.e_comm_w * cm
+                    + cfg.e_loop_w * lp
+                    + cfg.e_host_j
+                )
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
             if cm:

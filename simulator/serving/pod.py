@@ -114,8 +114,9 @@ def energy_coeffs(rs: Resolved) -> dict[str, Any]:
     per FLOP, per byte, per KV/state byte (an iteration's bytes beyond the weights it reads),
     per second of communication in place of the busy level, and whether the replica
     communicates at all; likewise per second in the fp8 fused-MoE K loop; per FLOP of the
-    routed experts' grouped GEMMs on top of the FLOP term (0 for a dense model); and per
-    iteration, its exposed host time at host_w in place of active_w."""
+    routed experts' grouped GEMMs on top of the FLOP term (0 for a dense model); per
+    iteration, its exposed host time at host_w in place of active_w; and the saturation of the
+    FLOP terms in the compute utilisation (compute_u0, with the replica's peak FLOP/s)."""
     p = rs.gpu.power
     prof = rs.profile
     bw = prof.mem_bw_bytes_per_s
@@ -134,6 +135,8 @@ def energy_coeffs(rs: Resolved) -> dict[str, Any]:
         "e_host_j": (
             rs.tp * (p.host_w - p.active_w) * lat.host_s_per_iter if p.host_w is not None else 0.0
         ),
+        "e_u0": p.compute_u0,
+        "e_peak_flops": rs.tp * prof.peak_flops,
     }
 
 
