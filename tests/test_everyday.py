@@ -88,8 +88,10 @@ def test_validate_prints_the_catalog_values_and_the_parameter_count(capsys):
         f"{sec}.{k}"
         for sec in ("model", "hardware")
         for k, v in doc[sec].items()
-        if v is None and k not in ("profile", "config")
+        # compute_u0 unset is the catalog's linear compute term (PowerSpec.compute_u0)
+        if v is None and k not in ("profile", "config", "compute_u0")
     ]
+    assert doc["hardware"]["compute_u0"] is None
     assert nulls == []
     entry = catalog.model("llama-3.1-70b")
     assert doc["model"]["n_layers"] == entry["n_layers"] == 80
