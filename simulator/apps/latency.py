@@ -126,6 +126,12 @@ def _model(arg: str, dtype: str | None):
         err = hf_id_error(arg, "--model")
         if err is not None:
             raise err
+        if "/" in arg or os.sep in arg or arg.startswith((".", "~")):  # a path, not a name
+            raise UserError(
+                f"--model = {io.clean(arg)!r}: no such file or folder (fix: the path of a "
+                "config.json, of its folder or of a TOML file of [model] fields, or a catalog "
+                f"name: {', '.join(catalog.models())})"
+            )
         section = {"name": arg}  # model_spec names the catalog and suggests a close name
     if dtype:
         section["dtype"] = dtype
@@ -233,6 +239,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "gpu": args.gpu,
                 "model": model.name,
                 "dtype": model.dtype,
+                "weights": model.weights_label,
                 "kv_dtype": model.kv_dtype_resolved,
                 "weight_only_quantization": weight_only,
                 "tp": args.tp,
@@ -274,9 +281,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else ""
     )
     c = console()
+    # the GPUs of one replica: tp x dp (vLLM's data-parallel engines), experts over all
+    # of them with --expert-parallel
+    dp = r0["dp"]
+    layout = f" (TP{r0['tp']} x DP{dp}" if dp > 1 else ""
+    if r0["expert_parallel"]:
+        layout = (layout or f" (TP{r0['tp']}") + f", EP{r0['tp'] * dp}"
+    layout += ")" if layout else ""
     c.print(
-        f"{r0['model']} ({r0['dtype']} weights{wq}, kv {r0['kv_dtype']}) on {r0['tp']} x "
-        f"{r0['gpu']}",
+        f"{r0['model']} ({r0['weights']}{wq}, kv {r0['kv_dtype']}) on {r0['tp'] * dp} x "
+        f"{r0['gpu']}{layout}",
         highlight=False,
         markup=False,
     )

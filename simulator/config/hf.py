@@ -441,6 +441,16 @@ def read_hf_config_named(
     from fleetsim.base import io
 
     p = Path(path)
+    if p.is_dir():  # the model's folder (a Hugging Face snapshot), as ``latency --model``
+        if not (p / "config.json").exists():
+            raise ScenarioError(
+                "model.config",
+                written or str(p),
+                f"{p} is a folder with no config.json",
+                "give the path of the model's config.json, or of the folder that holds it",
+                source,
+            )
+        p = p / "config.json"
     if not p.exists() and not p.is_symlink():
         raise ScenarioError(
             "model.config",
@@ -449,7 +459,11 @@ def read_hf_config_named(
             "give the path of the model's config.json (relative to the scenario file)",
             source,
         )
-    cfg, _ = io.load_json(p, "model.config")
+    cfg, _ = io.load_json(
+        p,
+        "model.config",
+        fix="give the model's config.json as Hugging Face writes it: one JSON object",
+    )
     return architecture_from_hf(cfg, str(p), source), hf_model_name(cfg, p)
 
 
