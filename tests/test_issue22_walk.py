@@ -175,3 +175,22 @@ def test_every_repo_model_runs_through_latency_with_its_breakdown(capsys):
         if arch.get("n_experts", 1) > 1:
             assert all(r["parts_s"]["moe_router"] > 0 for r in rows), cfg
             assert all(r["parts_s"]["moe_grouped_gemm"] > 0 for r in rows), cfg
+
+
+def test_a_wrong_kv_head_count_names_the_range_it_may_take():
+    """A string or list for num_key_value_heads said ``give it as a whole number in
+    0..10000000``, and 0 is then refused."""
+    from fleetsim.config.hf import architecture_from_hf
+
+    cfg = json.loads((MODELS / "Qwen/Qwen3-8B/config.json").read_text())
+    for bad, words in (
+        ("8", "num_key_value_heads = '8' is a string (fix: give num_key_value_heads as a whole "
+         "number in 1..10000000)"),
+        (0, "num_key_value_heads = 0: a model has at least one KV head"),
+        (0.0, "num_key_value_heads = 0: a model has at least one KV head"),
+        (-2, "num_key_value_heads = -2 is outside 1..10000000"),
+    ):  # fmt: skip
+        with pytest.raises(ScenarioError) as e:
+            architecture_from_hf({**cfg, "num_key_value_heads": bad}, "config.json")
+        assert words in str(e.value), str(e.value)
+    assert architecture_from_hf({**cfg, "num_key_value_heads": 8.0}, "c")["n_kv_heads"] == 8

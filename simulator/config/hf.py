@@ -271,7 +271,14 @@ def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, A
         )
     n_layers, d_model, n_heads = out["n_layers"], out["d_model"], out["n_heads"]
     mla = r.num("kv_lora_rank", lo=0) or 0
-    kv = r.num("num_key_value_heads", "num_kv_heads", lo=0)
+    # 0 has its own line; any other value is checked in 1.. (the range a wrong type's fix
+    # names: "0..10000000" named 0, which is then refused)
+    kv_raw = next(
+        (r.cfg[k] for k in ("num_key_value_heads", "num_kv_heads") if r.cfg.get(k) is not None),
+        None,
+    )
+    zero = not isinstance(kv_raw, bool) and isinstance(kv_raw, int | float) and kv_raw == 0
+    kv = 0 if zero else r.num("num_key_value_heads", "num_kv_heads")
     if kv == 0:
         raise r.fail(
             "num_key_value_heads = 0: a model has at least one KV head",
