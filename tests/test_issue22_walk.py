@@ -194,3 +194,20 @@ def test_a_wrong_kv_head_count_names_the_range_it_may_take():
             architecture_from_hf({**cfg, "num_key_value_heads": bad}, "config.json")
         assert words in str(e.value), str(e.value)
     assert architecture_from_hf({**cfg, "num_key_value_heads": 8.0}, "c")["n_kv_heads"] == 8
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--tp", "0", "--batch", "1", "--context", "10"],
+         "--tp = 0: must be a positive integer (fix: use 1 or more)"),
+        (["--batch", "0", "--context", "10"],
+         "--batch = '0': expected positive integers separated by commas (fix: e.g. 1,8,64,512)"),
+        (["--prefill-tokens", "1.5"], "--prefill-tokens = '1.5': expected positive integers"),
+    ],
+)  # fmt: skip
+def test_latency_usage_mistakes_are_one_line_with_a_fix(flags, line, capsys):
+    cfg = MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507/config.json"
+    assert main(["latency", "--gpu", "h100-sxm", "--model", str(cfg), *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and line in err and "(fix: " in err, err

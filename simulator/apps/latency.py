@@ -35,7 +35,8 @@ def _ints(text: str, flag: str, hi: int, why: str) -> list[int]:
         vals = []
     if not vals or any(v < 1 for v in vals):
         raise UserError(
-            f"{flag} = {clean(text, 60)!r}: expected positive integers separated by commas"
+            f"{flag} = {clean(text, 60)!r}: expected positive integers separated by commas "
+            "(fix: e.g. 1,8,64,512)"
         )
     big = max(vals)
     if big > hi:
@@ -148,7 +149,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
 
     model = _model(args.model, args.dtype)
     if args.tp < 1:
-        raise UserError(f"--tp = {args.tp}: must be a positive integer")
+        raise UserError(f"--tp = {args.tp}: must be a positive integer (fix: use 1 or more)")
     problem = model.tp_problem(args.tp)
     if problem:
         raise ScenarioError("--tp", args.tp, problem, model.tp_fix(args.tp))
