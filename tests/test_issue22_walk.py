@@ -211,3 +211,26 @@ def test_latency_usage_mistakes_are_one_line_with_a_fix(flags, line, capsys):
     assert main(["latency", "--gpu", "h100-sxm", "--model", str(cfg), *flags]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and line in err and "(fix: " in err, err
+
+
+def test_a_model_toml_that_points_at_a_config_json_keeps_the_files_name(tmp_path, capsys):
+    """``--model m.toml`` holding ``[model] config = ...`` was named ``m`` (the TOML's stem)
+    over the config's ``_name_or_path``; ``[model] name`` still wins, and an inline
+    architecture without a name keeps the stem."""
+    cfg = MODELS / "Qwen/Qwen3-8B/config.json"
+    names = {}
+    for stem, extra in (("m", ""), ("n", 'name = "mine"\n')):
+        p = tmp_path / f"{stem}.toml"
+        p.write_text(f'[model]\nconfig = "{cfg}"\n{extra}')
+        assert main(["latency", "--gpu", "h100-sxm", "--model", str(p), "--batch", "1",
+                     "--context", "10", "--json"]) == 0  # fmt: skip
+        names[stem] = json.loads(capsys.readouterr().out)[0]["model"]
+    assert names == {"m": "Qwen/Qwen3-8B", "n": "mine"}
+    inline = tmp_path / "tiny.toml"
+    inline.write_text(
+        "[model]\nn_layers = 2\nd_model = 256\nn_heads = 4\nn_kv_heads = 4\nd_ff = 512\n"
+        "vocab_size = 1000\n"
+    )
+    assert main(["latency", "--gpu", "h100-sxm", "--model", str(inline), "--batch", "1",
+                 "--context", "10", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)[0]["model"] == "tiny"

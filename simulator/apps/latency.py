@@ -120,7 +120,8 @@ def _model(arg: str, dtype: str | None):
         if not isinstance(model, dict):
             raise UserError(f"{where}: [model] must be a table of model fields")
         section = dict(model)
-        section.setdefault("name", path.stem)
+        if "config" not in section:  # (a config.json names its model: _name_or_path, ...)
+            section.setdefault("name", path.stem)
     elif arg in catalog.models():
         section = {"name": arg}
     else:
