@@ -234,3 +234,10 @@ def test_a_model_toml_that_points_at_a_config_json_keeps_the_files_name(tmp_path
     assert main(["latency", "--gpu", "h100-sxm", "--model", str(inline), "--batch", "1",
                  "--context", "10", "--json"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)[0]["model"] == "tiny"
+
+
+def test_an_empty_model_config_is_refused_as_empty():
+    """``config = ""`` resolved to the scenario's folder and was refused as a folder."""
+    with pytest.raises(ScenarioError) as e:
+        model_spec(scenario_from_dict({"model": {"config": ""}}), "/tmp/x/s.toml")
+    assert "model.config = '': is empty" in str(e.value), str(e.value)

@@ -57,6 +57,14 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
         from fleetsim.config.hf import read_hf_config_named
         from fleetsim.workload.sampling import _resolve_path
 
+        if not m.config.strip():  # ("" resolved to the scenario's own folder)
+            raise ScenarioError(
+                "model.config",
+                m.config,
+                "is empty",
+                "give the path of the model's config.json (or its folder), or leave the key out",
+                src,
+            )
         path = _resolve_path(m.config, src)
         arch, file_name = read_hf_config_named(path, src, m.config)
         file_dtype = arch.pop("dtype", None)
