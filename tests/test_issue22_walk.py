@@ -241,3 +241,13 @@ def test_an_empty_model_config_is_refused_as_empty():
     with pytest.raises(ScenarioError) as e:
         model_spec(scenario_from_dict({"model": {"config": ""}}), "/tmp/x/s.toml")
     assert "model.config = '': is empty" in str(e.value), str(e.value)
+
+
+def test_latency_names_a_tensor_parallel_degree_that_holds_the_weights(capsys):
+    """Maverick (801.4 GB) at --tp 8 on H100s (8 x 85.0 GB): the fix said ``raise --tp``, and
+    --tp 16 is then refused (40 query heads); the degrees vLLM accepts are 1, 2, 4, 8, 40."""
+    assert main(["latency", "--gpu", "h100-sxm", "--model", str(MAVERICK.parent), "--tp", "8",
+                 "--batch", "1", "--context", "10"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "do not fit in 8 x 85.0 GB" in err and "(fix: --tp 40 (the smallest" in err, err

@@ -175,10 +175,20 @@ def rows(args: argparse.Namespace) -> list[dict]:
 
         profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "--fp8-moe-kernel")
     if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
+        # the smallest degree that holds them and that vLLM's head split accepts (raising
+        # --tp to a degree that ModelSpec.tp_problem refuses, 16 for Llama 4 Maverick's 40
+        # heads, only moves the error)
+        fits = [
+            k
+            for k in range(args.tp + 1, 65)
+            if model.tp_problem(k) is None
+            and model.weight_bytes < k * max(args.dp, 1) * profile.mem_bytes
+        ]
+        tp_fix = f"--tp {fits[0]} (the smallest degree that holds them), " if fits else ""
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
             f"fit in {args.tp * max(args.dp, 1)} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 "
-            "bytes, as validate); raise --tp"
+            f"bytes, as validate) (fix: {tp_fix}a larger --gpu or a smaller --dtype)"
         )
     lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
