@@ -251,3 +251,25 @@ def test_latency_names_a_tensor_parallel_degree_that_holds_the_weights(capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
     assert "do not fit in 8 x 85.0 GB" in err and "(fix: --tp 40 (the smallest" in err, err
+
+
+@pytest.mark.parametrize(
+    ("written", "words"),
+    [
+        ("Qwen/Qwen3-8B", "'Qwen/Qwen3-8B' looks like a Hugging Face id, and fleetsim never "
+         "downloads; this checkout has "),
+        ("mistralai/Mistral-7B-v0.1", "like a Hugging Face id, and fleetsim never downloads)"),
+        ("data/models/Qwen/Qwen3-8B/config.json", "scenario file); this checkout has "),
+        ("nope/config.json", "relative to the scenario file))"),
+    ],
+)  # fmt: skip
+def test_a_missing_model_config_names_the_checkouts_file(tmp_path, monkeypatch, written, words):
+    """A scenario outside the checkout with ``config = "Qwen/Qwen3-8B"`` (an id where the path
+    belongs) or ``config = "data/models/..."`` said only ``no such file``."""
+    monkeypatch.chdir(tmp_path)  # (a path relative to the working folder is read from there)
+    with pytest.raises(ScenarioError) as e:
+        model_spec(scenario_from_dict({"model": {"config": written}}), str(tmp_path / "s.toml"))
+    msg = str(e.value)
+    assert "no such file" in msg and words in msg, msg
+    if "checkout has" in words:
+        assert str(MODELS / "Qwen/Qwen3-8B/config.json") in msg

@@ -459,11 +459,18 @@ def read_hf_config_named(
             )
         p = p / "config.json"
     if not p.exists() and not p.is_symlink():
+        # a Hugging Face id written where the path belongs, or a path into data/models from
+        # another folder: name the checkout's file where it has one
+        m = re.search(r"(?:^|data/models/)([\w.-]{1,96}/[\w.-]{1,96})(?:/config\.json)?$", written)
+        local = repo_config_path(m.group(1)) if m else None
+        hint = f"; this checkout has {local}" if local else ""
+        if re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", written) and not written.endswith(".json"):
+            hint = f"; {written!r} looks like a Hugging Face id, and fleetsim never downloads{hint}"
         raise ScenarioError(
             "model.config",
             written or str(p),
             f"no such file: {p}",
-            "give the path of the model's config.json (relative to the scenario file)",
+            f"give the path of the model's config.json (relative to the scenario file){hint}",
             source,
         )
     cfg, _ = io.load_json(
