@@ -273,3 +273,16 @@ def test_a_missing_model_config_names_the_checkouts_file(tmp_path, monkeypatch, 
     assert "no such file" in msg and words in msg, msg
     if "checkout has" in words:
         assert str(MODELS / "Qwen/Qwen3-8B/config.json") in msg
+
+
+def test_a_bad_dtype_flag_is_named_as_the_flag(capsys):
+    """``--dtype int3`` with a config.json was reported as the file's ``model.dtype``."""
+    cfg = MODELS / "Qwen/Qwen3-8B/config.json"
+    assert main(["latency", "--gpu", "h100-sxm", "--model", str(cfg), "--dtype", "int3",
+                 "--batch", "1", "--context", "10"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(cfg) not in err, err
+    assert "--dtype = 'int3': not a weight precision (fix: use one of fp32, bf16" in err, err
+    assert main(["latency", "--gpu", "h100-sxm", "--model", str(cfg), "--dtype", "fp8",
+                 "--batch", "1", "--context", "10", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)[0]["dtype"] == "fp8"

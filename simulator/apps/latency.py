@@ -136,6 +136,15 @@ def _model(arg: str, dtype: str | None):
             )
         section = {"name": arg}  # model_spec names the catalog and suggests a close name
     if dtype:
+        from typing import get_args
+
+        from fleetsim.config.schema import DType
+
+        if dtype not in get_args(DType):  # (else refused as the model file's model.dtype)
+            raise UserError(
+                f"--dtype = {io.clean(dtype, 40)!r}: not a weight precision (fix: use one of "
+                f"{', '.join(get_args(DType))})"
+            )
         section["dtype"] = dtype
     sc = scenario_from_dict({"model": section}, str(path) if path.exists() else "--model")
     return model_spec(sc, str(path) if path.exists() else "")
