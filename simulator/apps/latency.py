@@ -35,7 +35,8 @@ def _ints(text: str, flag: str, hi: int, why: str) -> list[int]:
         vals = []
     if not vals or any(v < 1 for v in vals):
         raise UserError(
-            f"{flag} = {clean(text, 60)!r}: expected positive integers separated by commas"
+            f"{flag} = {clean(text, 60)!r}: expected positive integers separated by commas "
+            "(fix: e.g. 1,8,64,512)"
         )
     big = max(vals)
     if big > hi:
@@ -119,15 +120,31 @@ def _model(arg: str, dtype: str | None):
         if not isinstance(model, dict):
             raise UserError(f"{where}: [model] must be a table of model fields")
         section = dict(model)
-        section.setdefault("name", path.stem)
+        if "config" not in section:  # (a config.json names its model: _name_or_path, ...)
+            section.setdefault("name", path.stem)
     elif arg in catalog.models():
         section = {"name": arg}
     else:
         err = hf_id_error(arg, "--model")
         if err is not None:
             raise err
+        if "/" in arg or os.sep in arg or arg.startswith((".", "~")):  # a path, not a name
+            raise UserError(
+                f"--model = {io.clean(arg)!r}: no such file or folder (fix: the path of a "
+                "config.json, of its folder or of a TOML file of [model] fields, or a catalog "
+                f"name: {', '.join(catalog.models())})"
+            )
         section = {"name": arg}  # model_spec names the catalog and suggests a close name
     if dtype:
+        from typing import get_args
+
+        from fleetsim.config.schema import DType
+
+        if dtype not in get_args(DType):  # (else refused as the model file's model.dtype)
+            raise UserError(
+                f"--dtype = {io.clean(dtype, 40)!r}: not a weight precision (fix: use one of "
+                f"{', '.join(get_args(DType))})"
+            )
         section["dtype"] = dtype
     sc = scenario_from_dict({"model": section}, str(path) if path.exists() else "--model")
     return model_spec(sc, str(path) if path.exists() else "")
@@ -142,7 +159,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
 
     model = _model(args.model, args.dtype)
     if args.tp < 1:
-        raise UserError(f"--tp = {args.tp}: must be a positive integer")
+        raise UserError(f"--tp = {args.tp}: must be a positive integer (fix: use 1 or more)")
     problem = model.tp_problem(args.tp)
     if problem:
         raise ScenarioError("--tp", args.tp, problem, model.tp_fix(args.tp))
@@ -167,10 +184,20 @@ def rows(args: argparse.Namespace) -> list[dict]:
 
         profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "--fp8-moe-kernel")
     if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
+        # the smallest degree that holds them and that vLLM's head split accepts (raising
+        # --tp to a degree that ModelSpec.tp_problem refuses, 16 for Llama 4 Maverick's 40
+        # heads, only moves the error)
+        fits = [
+            k
+            for k in range(args.tp + 1, 65)
+            if model.tp_problem(k) is None
+            and model.weight_bytes < k * max(args.dp, 1) * profile.mem_bytes
+        ]
+        tp_fix = f"--tp {fits[0]} (the smallest degree that holds them), " if fits else ""
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
             f"fit in {args.tp * max(args.dp, 1)} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 "
-            "bytes, as validate); raise --tp"
+            f"bytes, as validate) (fix: {tp_fix}a larger --gpu or a smaller --dtype)"
         )
     lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
@@ -233,6 +260,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "gpu": args.gpu,
                 "model": model.name,
                 "dtype": model.dtype,
+                "weights": model.weights_label,
                 "kv_dtype": model.kv_dtype_resolved,
                 "weight_only_quantization": weight_only,
                 "tp": args.tp,
@@ -274,9 +302,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else ""
     )
     c = console()
+    # the GPUs of one replica: tp x dp (vLLM's data-parallel engines), experts over all
+    # of them with --expert-parallel
+    dp = r0["dp"]
+    layout = f" (TP{r0['tp']} x DP{dp}" if dp > 1 else ""
+    if r0["expert_parallel"]:
+        layout = (layout or f" (TP{r0['tp']}") + f", EP{r0['tp'] * dp}"
+    layout += ")" if layout else ""
     c.print(
-        f"{r0['model']} ({r0['dtype']} weights{wq}, kv {r0['kv_dtype']}) on {r0['tp']} x "
-        f"{r0['gpu']}",
+        f"{r0['model']} ({r0['weights']}{wq}, kv {r0['kv_dtype']}) on {r0['tp'] * dp} x "
+        f"{r0['gpu']}{layout}",
         highlight=False,
         markup=False,
     )

@@ -255,6 +255,12 @@ def parse_toml(text: str, where: str) -> dict:
     try:
         return tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError, ValueError) as exc:
+        if text.lstrip().startswith("{"):  # (no TOML document starts with a brace)
+            raise UserError(
+                f"{where}: is JSON, not TOML (fix: a Hugging Face config.json is read from a "
+                'scenario\'s [model] config = "path/to/config.json" or by '
+                "fleetsim latency --model path/to/config.json)"
+            ) from None
         raise UserError(f"{where}: not valid TOML: {clean(str(exc), 160)}") from None
 
 

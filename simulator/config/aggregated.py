@@ -57,6 +57,14 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
         from fleetsim.config.hf import read_hf_config_named
         from fleetsim.workload.sampling import _resolve_path
 
+        if not m.config.strip():  # ("" resolved to the scenario's own folder)
+            raise ScenarioError(
+                "model.config",
+                m.config,
+                "is empty",
+                "give the path of the model's config.json (or its folder), or leave the key out",
+                src,
+            )
         path = _resolve_path(m.config, src)
         arch, file_name = read_hf_config_named(path, src, m.config)
         file_dtype = arch.pop("dtype", None)
@@ -362,16 +370,19 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
     usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
     if model.weight_bytes >= usable:
         per_gpu = profile.mem_bytes * sc.fleet.gpu_memory_utilization
-        # the smallest degree that holds the weights and that vLLM accepts (it divides the
-        # attention heads)
+        # the smallest degree that holds the weights and that vLLM accepts (ModelSpec.tp_problem:
+        # it divides the query heads, and divides or is a multiple of the KV heads; a degree
+        # that divides the query heads alone, 20 for Llama 4 Maverick's 40 / 8, was suggested
+        # and then refused)
         fits = [
             k
             for k in range(tp + 1, 65)
-            if model.n_heads % k == 0 and model.weight_bytes < k * per_gpu
+            if model.tp_problem(k) is None and model.weight_bytes < k * per_gpu
         ]
         tp_fix = (
             f"set fleet.tensor_parallel = {fits[0]} (the smallest degree that holds the weights "
-            f"and divides the {model.n_heads} attention heads), a larger GPU, or a smaller dtype"
+            "that vLLM's split of the attention heads accepts), a larger GPU, or a smaller "
+            "dtype"
             if fits
             else "no tensor-parallel degree up to 64 that divides the attention heads holds "
             "the weights: use a larger GPU, a smaller dtype or a higher "

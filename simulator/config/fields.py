@@ -49,8 +49,8 @@ SCENARIO: dict[str, str] = {
     # [model]
     "ModelSection.name": "Model name: a catalog entry (simulator/device/catalog/models.toml) or "
     "any name when the architecture is given by `config` or inline fields.",
-    "ModelSection.config": "Path of a Hugging Face config.json to read the architecture from "
-    "(relative to the scenario file).",
+    "ModelSection.config": "Path of a Hugging Face config.json to read the architecture from, "
+    "or of the folder that holds it (relative to the scenario file).",
     "ModelSection.dtype": "Weight precision; fp8/int8/int4 run at the GPU's native peak where it "
     "has one, else as weight-only quantization. vLLM: --dtype / --quantization.",
     "ModelSection.kv_dtype": "KV cache precision; unset: the activation precision (16-bit for "

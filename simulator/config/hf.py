@@ -271,7 +271,14 @@ def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, A
         )
     n_layers, d_model, n_heads = out["n_layers"], out["d_model"], out["n_heads"]
     mla = r.num("kv_lora_rank", lo=0) or 0
-    kv = r.num("num_key_value_heads", "num_kv_heads", lo=0)
+    # 0 has its own line; any other value is checked in 1.. (the range a wrong type's fix
+    # names: "0..10000000" named 0, which is then refused)
+    kv_raw = next(
+        (r.cfg[k] for k in ("num_key_value_heads", "num_kv_heads") if r.cfg.get(k) is not None),
+        None,
+    )
+    zero = not isinstance(kv_raw, bool) and isinstance(kv_raw, int | float) and kv_raw == 0
+    kv = 0 if zero else r.num("num_key_value_heads", "num_kv_heads")
     if kv == 0:
         raise r.fail(
             "num_key_value_heads = 0: a model has at least one KV head",
@@ -441,15 +448,36 @@ def read_hf_config_named(
     from fleetsim.base import io
 
     p = Path(path)
+    if p.is_dir():  # the model's folder (a Hugging Face snapshot), as ``latency --model``
+        if not (p / "config.json").exists():
+            raise ScenarioError(
+                "model.config",
+                written or str(p),
+                f"{p} is a folder with no config.json",
+                "give the path of the model's config.json, or of the folder that holds it",
+                source,
+            )
+        p = p / "config.json"
     if not p.exists() and not p.is_symlink():
+        # a Hugging Face id written where the path belongs, or a path into data/models from
+        # another folder: name the checkout's file where it has one
+        m = re.search(r"(?:^|data/models/)([\w.-]{1,96}/[\w.-]{1,96})(?:/config\.json)?$", written)
+        local = repo_config_path(m.group(1)) if m else None
+        hint = f"; this checkout has {local}" if local else ""
+        if re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", written) and not written.endswith(".json"):
+            hint = f"; {written!r} looks like a Hugging Face id, and fleetsim never downloads{hint}"
         raise ScenarioError(
             "model.config",
             written or str(p),
             f"no such file: {p}",
-            "give the path of the model's config.json (relative to the scenario file)",
+            f"give the path of the model's config.json (relative to the scenario file){hint}",
             source,
         )
-    cfg, _ = io.load_json(p, "model.config")
+    cfg, _ = io.load_json(
+        p,
+        "model.config",
+        fix="give the model's config.json as Hugging Face writes it: one JSON object",
+    )
     return architecture_from_hf(cfg, str(p), source), hf_model_name(cfg, p)
 
 

@@ -446,6 +446,18 @@ class ModelSpec:
         return self.active_params_per_token + self.embedding_params + head
 
     @property
+    def weights_label(self) -> str:
+        """The weights' precision for a header: ``bf16 weights``, and the parts that differ
+        (gpt-oss: ``bf16 weights, experts mxfp4``; an fp8 checkpoint: ``fp8 weights,
+        embedding bf16``)."""
+        out = f"{self.dtype} weights"
+        if self.expert_dtype not in (None, self.dtype) and self.n_experts > 1:
+            out += f", experts {self.expert_dtype}"
+        if self.embed_dtype not in (None, self.dtype):
+            out += f", embedding {self.embed_dtype}"
+        return out
+
+    @property
     def _uniform_dtype(self) -> bool:
         return self.expert_dtype in (None, self.dtype) and self.embed_dtype in (None, self.dtype)
 

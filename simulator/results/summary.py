@@ -244,7 +244,7 @@ def _print_headline(res: Result, c: Console) -> None:
         fleet += f", KV over {ps.link.name}"
     from fleetsim.device.latency import compute_peak
 
-    dt = f"{rs.model.dtype} weights, KV cache {rs.model.kv_dtype_resolved}"
+    dt = f"{rs.model.weights_label}, KV cache {rs.model.kv_dtype_resolved}"
     if compute_peak(rs.profile, rs.model.dtype)[1]:
         dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
     c.print(  # user text is escaped for the console (names are data, not markup)
@@ -370,10 +370,17 @@ def _cost_rows(res: Result, tab: _Rows) -> None:
     """Energy, its cost, hardware, the total and the derived per-request figures."""
     sc = res.scenario
     t = res.totals
+    # the GPUs' static draw (idle while powered, waking, standby) and the iterations' dynamic
+    # energy (PowerSpec), where the result has them (results/result.py)
+    gpu_parts = (
+        ""
+        if math.isnan(t.energy_gpu_idle_kwh) or math.isnan(t.energy_gpu_dynamic_kwh)
+        else f" (idle {_f(t.energy_gpu_idle_kwh)} + dynamic {_f(t.energy_gpu_dynamic_kwh)})"
+    )
     tab.add_row(
         "energy",
         f"{_f(t.energy_facility_kwh)} kWh",
-        f"facility = (GPU {_f(t.energy_gpu_kwh)} + node overhead "
+        f"facility = (GPU {_f(t.energy_gpu_kwh)}{gpu_parts} + node overhead "
         f"{_f(t.energy_overhead_kwh)}) kWh x PUE {sc.power.pue}",
     )
     tab.add_row(
