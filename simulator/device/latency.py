@@ -691,7 +691,8 @@ class LatencyModel:
         # attention: FLOPs at the 16-bit peak x compute_eff_max, the KV cache (this GPU's
         # share, replicas included) read at memory_eff of the bandwidth
         # under data parallelism each engine attends its own sequences: a GPU does 1/(tp dp)
-        # of the scores and holds 1/dp of the sequences' KV (balanced engines)
+        # of the scores and holds 1/dp of the sequences' KV when the engines are balanced; a
+        # decode step then waits for the fullest engine (dp_att_scale scales these per n)
         dp = self.dp
         kvb_gpu = m.kv_bytes_per_token_tp(tp) / tp
         self._att_c = m.attn_flops_per_pair / (tp * dp * p.peak_flops * p.compute_eff_max)
@@ -799,6 +800,22 @@ class LatencyModel:
             v = self._att_m if cap >= self._full_bw else self._att_m * (self._full_bw / cap)
             self._att_m_n[n] = v
         return v
+
+    def dp_att_scale(self, n: int) -> float:
+        """The decode attention of the fullest data-parallel engine over the even split, in a
+        step of ``n`` decoding sequences: ``dp x ceil(n / dp) / n`` (1 for ``dp = 1`` or
+        ``n = 0``). A sequence lives on one engine (vLLM 0.11 binds a request to a DP rank on
+        arrival, ``DPLBAsyncMPClient.get_core_engine_for_request`` in
+        ``vllm/v1/engine/core_client.py``) and the ranks step in lockstep (the MoE layers'
+        collectives need every rank, an idle one runs ``execute_dummy_batch``), so the step
+        waits for the engine with ``ceil(n / dp)`` sequences: the same count
+        :meth:`dp_padded_tokens` gives the linear layers. ``_att_c`` and ``_att_m`` are the
+        even split (1/dp of the scores and of the KV); times this factor they are the fullest
+        engine's ``ceil(n / dp)`` sequences at the mean context. Derived, no constant."""
+        dp = self.dp
+        if dp <= 1 or n <= 0:
+            return 1.0
+        return dp * _ceil(n / dp) / n
 
     def _allreduce_s(self, kf: KernelFit, nbytes: float, graphed: bool) -> float:
         """One all-reduce of ``nbytes`` across the ``tp`` GPUs: the serving stack's own
@@ -1186,9 +1203,17 @@ class LatencyModel:
             x2 = c.a2 + c.b2 * ctx
             return c.base + (x1 if x1 > x2 else x2), flops, nbytes
         if self._kern is not None:
-            att = (pairs + ctx) * self._att_c
             att_m = self._att_m
-            kv = ctx * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
+            if self.dp > 1 and n > 0:  # the decodes of the fullest engine (dp_att_scale)
+                n_e = self.dp * _ceil(n / self.dp)
+                ctx_e = ctx * (n_e / n)
+                att = (pairs + ctx_e) * self._att_c
+                kv = ctx_e * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
+                new_tok = (p_tokens + n_e) * att_m
+            else:
+                att = (pairs + ctx) * self._att_c
+                kv = ctx * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
+                new_tok = tokens * att_m
             # a data-parallel replica's layers run every engine padded to the fullest one
             t_lin = tokens if self.dp <= 1 else t_pad
             lt = self._tok_cache.get(t_lin)
@@ -1200,7 +1225,7 @@ class LatencyModel:
                 if lt is not None and hd is not None
                 else self.linear_time(t_lin, n_prefill + n)
             )
-            t = self._oh + lt + (att if att > kv else kv) + tokens * att_m
+            t = self._oh + lt + (att if att > kv else kv) + new_tok
             if self._pf_tok_s:  # the prompt tokens' chunked scan over the linear-state layers
                 t += self._engine_prompt_tokens(p_tokens, n_prefill) * self._pf_tok_s
             if self._pf_step_s:  # the serial prefill metadata (host, before the forward)
@@ -1273,16 +1298,24 @@ class LatencyModel:
         prof = self.profile
         if self._kern is not None:
             t_lin = n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n)
-            base = self._oh + self.linear_time(t_lin, n) + n * self._att_m
+            b_c = self._att_c
+            b_kv = self.att_m_for(n)
+            if self.dp > 1 and n > 0:  # the fullest engine's decodes (dp_att_scale)
+                n_e = self.dp * _ceil(n / self.dp)
+                base = self._oh + self.linear_time(t_lin, n) + n_e * self._att_m
+                b_c *= n_e / n
+                b_kv *= n_e / n
+            else:
+                base = self._oh + self.linear_time(t_lin, n) + n * self._att_m
             f = self.eager_host_s(n) if self._eh and t_lin > self._gmax else 0.0
             if f > base:
                 # the eager host floor: max(f, base + slope x C) as the run's two lines, the
                 # floor (f - base, flat in the context) and the attention's steeper slope
-                b2 = self._att_c
-                b_kv = self.att_m_for(n)
-                c = RunCoeffs(base, f - base, 0.0, 0.0, b2 if b2 > b_kv else b_kv, fa, fb, ba, bb)
+                c = RunCoeffs(
+                    base, f - base, 0.0, 0.0, b_c if b_c > b_kv else b_kv, fa, fb, ba, bb
+                )
             else:
-                c = RunCoeffs(base, 0.0, self._att_c, 0.0, self.att_m_for(n), fa, fb, ba, bb)
+                c = RunCoeffs(base, 0.0, b_c, 0.0, b_kv, fa, fb, ba, bb)
         elif isinstance(prof, LinearProfile):
             a = prof.per_seq_s * n
             c = RunCoeffs(
@@ -1370,10 +1403,13 @@ class LatencyModel:
             per_seq = seqs * self._per_seq
             lin["lm_head"] -= per_seq
             lin["per_sequence"] = per_seq
-        att = (pairs + ctx) * self._att_c
-        kv = ctx * self.att_m_for(n)
+        # the fullest data-parallel engine's decodes, as iteration times them (dp_att_scale)
+        n_e = n if self.dp <= 1 else self.dp * _ceil(n / self.dp)
+        ctx_e = ctx if n_e == n else ctx * (n_e / n)
+        att = (pairs + ctx_e) * self._att_c
+        kv = ctx_e * self.att_m_for(n)
         out = {"attention_linear": lin.pop("attention_linear")}
-        out["attention_core"] = (att if att > kv else kv) + tokens * self._att_m
+        out["attention_core"] = (att if att > kv else kv) + (p_tokens + n_e) * self._att_m
         out.update(lin)
         out["overhead"] = self._oh
         gap = total - sum(out.values())
