@@ -70,11 +70,12 @@ def test_padding_makes_a_prompt_cost_every_engine():
 
 def test_decode_run_formula_agrees_with_the_padded_step():
     """The engine's decode fast path (run coefficients) pads a dp-8 decode batch of 130 to
-    8 x 17 tokens, as the general iteration does."""
+    8 x 17 tokens, as the general iteration does; the new tokens' attention term is the fullest
+    engine's 17, i.e. 8 x 17 x _att_m (LatencyModel.dp_att_scale)."""
     lat = _lat(8)
     c = lat.run_coeffs(130)
     assert c.base == pytest.approx(
-        lat._oh + lat.linear_time(136, 130) + 130 * lat._att_m,  # type: ignore[attr-defined]
+        lat._oh + lat.linear_time(136, 130) + 136 * lat._att_m,  # type: ignore[attr-defined]
         rel=1e-12,
     )
 

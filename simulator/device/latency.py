@@ -1311,9 +1311,7 @@ class LatencyModel:
             if f > base:
                 # the eager host floor: max(f, base + slope x C) as the run's two lines, the
                 # floor (f - base, flat in the context) and the attention's steeper slope
-                c = RunCoeffs(
-                    base, f - base, 0.0, 0.0, b_c if b_c > b_kv else b_kv, fa, fb, ba, bb
-                )
+                c = RunCoeffs(base, f - base, 0.0, 0.0, b_c if b_c > b_kv else b_kv, fa, fb, ba, bb)
             else:
                 c = RunCoeffs(base, 0.0, b_c, 0.0, b_kv, fa, fb, ba, bb)
         elif isinstance(prof, LinearProfile):
