@@ -144,4 +144,6 @@ def test_one_engine_past_the_capture_size_runs_every_engine_eager():
     padded = 8 * (16 + 1500)
     assert lat.linear_time(padded, 128) == pytest.approx(eager.linear_time(padded, 128), rel=1e-12)
     oh = lat._oh  # type: ignore[attr-defined]
-    assert t == pytest.approx(oh + lat.linear_time(padded, 128) + 1627 * lat._att_m, rel=1e-12)  # type: ignore[attr-defined]
+    # the new tokens' KV term: the prompt's 1,500 and the decodes at the fullest engine, 8 x
+    # ceil(127 / 8) = 128 (decode attention at the fullest data-parallel engine, f39)
+    assert t == pytest.approx(oh + lat.linear_time(padded, 128) + 1628 * lat._att_m, rel=1e-12)  # type: ignore[attr-defined]
