@@ -1503,29 +1503,12 @@ def fit_power(
     ``compute_u0`` (the saturation of the FLOP terms, :meth:`PowerSpec.compute_gain`) is
     ``base``'s, or with ``u0_grid`` the value of the grid (None: linear) whose fit has the
     least cost on the exact problem (``exact``; else the first of the grid)."""
-    if not u0_grid:
-        return _fit_power_at(
-            runs,
-            measured_w,
-            base,
-            speeds,
-            anchor,
-            kv,
-            exact,
-            anchor_rows,
-            loss,
-            f_scale,
-            comm_cap,
-            moe,
-            host,
-        )[0]
     best: tuple[PowerSpec, float] | None = None
-    for u0 in u0_grid:
-        b = replace(base, compute_u0=u0)
+    for u0 in u0_grid or [base.compute_u0]:
         p, cost = _fit_power_at(
             runs,
             measured_w,
-            b,
+            replace(base, compute_u0=u0),
             speeds,
             anchor,
             kv,

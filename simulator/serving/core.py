@@ -580,31 +580,27 @@ class ReplicaCore(KVPolicy, WindowedDecode):
                 xf = self.X_first
                 if m_full > 1:
                     xf += (m_full - 1) * self.coef.expert_flops
+            # the FLOP terms: linear, or saturating in the compute utilisation
+            # (PowerSpec.compute_u0): the first iteration at its own, the decode steps after it
+            # at theirs (their mean); the sum's order is the linear model's either way
             if cfg.e_u0 is None:
-                rec.dyn_j[h] += (
-                    cfg.e_active_w * t_sum
-                    + cfg.e_flop_j * f_sum
-                    + cfg.e_byte_j * b_sum
-                    + cfg.e_kv_j * kv
-                    + cfg.e_comm_w * cm
-                    + cfg.e_loop_w * lp
-                    + cfg.e_xf_j * xf
-                    + cfg.e_host_j * m_full
-                )
-            else:  # the FLOP terms saturate (PowerSpec.compute_u0): the first iteration at its
-                # own compute utilisation, the decode steps after it at theirs (their mean)
-                e_c = _flop_j(cfg, t_first, self.F_first, self.X_first if xf else 0.0)
+                e_f = cfg.e_flop_j * f_sum
+                e_x = cfg.e_xf_j * xf
+            else:
+                e_f = _flop_j(cfg, t_first, self.F_first, self.X_first if xf else 0.0)
                 if m_full > 1:
-                    e_c += _flop_j(cfg, rt, f_sum - self.F_first, xf - self.X_first if xf else 0.0)
-                rec.dyn_j[h] += (
-                    cfg.e_active_w * t_sum
-                    + e_c
-                    + cfg.e_byte_j * b_sum
-                    + cfg.e_kv_j * kv
-                    + cfg.e_comm_w * cm
-                    + cfg.e_loop_w * lp
-                    + cfg.e_host_j * m_full
-                )
+                    e_f += _flop_j(cfg, rt, f_sum - self.F_first, xf - self.X_first if xf else 0.0)
+                e_x = 0.0
+            rec.dyn_j[h] += (
+                cfg.e_active_w * t_sum
+                + e_f
+                + cfg.e_byte_j * b_sum
+                + cfg.e_kv_j * kv
+                + cfg.e_comm_w * cm
+                + cfg.e_loop_w * lp
+                + e_x
+                + cfg.e_host_j * m_full
+            )
             rec.flops[h] += f_sum
             rec.bytes_moved[h] += b_sum
             if cm:
@@ -638,27 +634,23 @@ class ReplicaCore(KVPolicy, WindowedDecode):
             xf = 0.0
             if cfg.track_xf:
                 xf = self.X_first if k == 1 else self.coef.expert_flops
+            # the FLOP terms: linear, or at this iteration's compute utilisation (compute_u0)
             if cfg.e_u0 is None:
-                e_l = (
-                    cfg.e_active_w * t_l
-                    + cfg.e_flop_j * f_l
-                    + cfg.e_byte_j * b_l
-                    + cfg.e_kv_j * kv
-                    + cfg.e_comm_w * cm
-                    + cfg.e_loop_w * lp
-                    + cfg.e_xf_j * xf
-                    + cfg.e_host_j
-                )
-            else:  # one iteration at its compute utilisation (PowerSpec.compute_u0)
-                e_l = (
-                    cfg.e_active_w * t_l
-                    + _flop_j(cfg, t_l, f_l, xf)
-                    + cfg.e_byte_j * b_l
-                    + cfg.e_kv_j * kv
-                    + cfg.e_comm_w * cm
-                    + cfg.e_loop_w * lp
-                    + cfg.e_host_j
-                )
+                e_f = cfg.e_flop_j * f_l
+                e_x = cfg.e_xf_j * xf
+            else:
+                e_f = _flop_j(cfg, t_l, f_l, xf)
+                e_x = 0.0
+            e_l = (
+                cfg.e_active_w * t_l
+                + e_f
+                + cfg.e_byte_j * b_l
+                + cfg.e_kv_j * kv
+                + cfg.e_comm_w * cm
+                + cfg.e_loop_w * lp
+                + e_x
+                + cfg.e_host_j
+            )
             # into every hour it overlaps, by time share (it may span several: issue #16)
             rec.add_work_spread(h, start, t_l, e_l, f_l, b_l)
             if cm:
