@@ -812,10 +812,14 @@ class LatencyModel:
         :meth:`dp_padded_tokens` gives the linear layers. ``_att_c`` and ``_att_m`` are the
         even split (1/dp of the scores and of the KV); times this factor they are the fullest
         engine's ``ceil(n / dp)`` sequences at the mean context. Derived, no constant."""
+        return self.fullest_decodes(n) / n if n > 0 else 1.0
+
+    def fullest_decodes(self, n: int) -> int:
+        """The decoding sequences of a step of ``n``, times ``dp``, that the fullest
+        data-parallel engine holds: ``dp x ceil(n / dp)`` (``n`` for ``dp = 1``): the count
+        the decode attention is timed at (:meth:`dp_att_scale`)."""
         dp = self.dp
-        if dp <= 1 or n <= 0:
-            return 1.0
-        return dp * _ceil(n / dp) / n
+        return n if dp <= 1 else dp * _ceil(n / dp)
 
     def _allreduce_s(self, kf: KernelFit, nbytes: float, graphed: bool) -> float:
         """One all-reduce of ``nbytes`` across the ``tp`` GPUs: the serving stack's own
@@ -1204,16 +1208,12 @@ class LatencyModel:
             return c.base + (x1 if x1 > x2 else x2), flops, nbytes
         if self._kern is not None:
             att_m = self._att_m
-            if self.dp > 1 and n > 0:  # the decodes of the fullest engine (dp_att_scale)
-                n_e = self.dp * _ceil(n / self.dp)
-                ctx_e = ctx * (n_e / n)
-                att = (pairs + ctx_e) * self._att_c
-                kv = ctx_e * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
-                new_tok = (p_tokens + n_e) * att_m
-            else:
-                att = (pairs + ctx) * self._att_c
-                kv = ctx * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
-                new_tok = tokens * att_m
+            # the decodes of the fullest data-parallel engine (dp_att_scale; n for dp = 1)
+            n_e = n if self.dp <= 1 else self.fullest_decodes(n)
+            ctx_e = ctx if n_e == n else ctx * (n_e / n)
+            att = (pairs + ctx_e) * self._att_c
+            kv = ctx_e * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
+            new_tok = (p_tokens + n_e) * att_m
             # a data-parallel replica's layers run every engine padded to the fullest one
             t_lin = tokens if self.dp <= 1 else t_pad
             lt = self._tok_cache.get(t_lin)
@@ -1300,13 +1300,11 @@ class LatencyModel:
             t_lin = n if self.dp <= 1 else self.dp_padded_tokens(0, 0, n)
             b_c = self._att_c
             b_kv = self.att_m_for(n)
-            if self.dp > 1 and n > 0:  # the fullest engine's decodes (dp_att_scale)
-                n_e = self.dp * _ceil(n / self.dp)
-                base = self._oh + self.linear_time(t_lin, n) + n_e * self._att_m
+            n_e = self.fullest_decodes(n)  # the fullest engine's decodes (dp_att_scale)
+            base = self._oh + self.linear_time(t_lin, n) + n_e * self._att_m
+            if n_e != n:
                 b_c *= n_e / n
                 b_kv *= n_e / n
-            else:
-                base = self._oh + self.linear_time(t_lin, n) + n * self._att_m
             f = self.eager_host_s(n) if self._eh and t_lin > self._gmax else 0.0
             if f > base:
                 # the eager host floor: max(f, base + slope x C) as the run's two lines, the
@@ -1402,7 +1400,7 @@ class LatencyModel:
             lin["lm_head"] -= per_seq
             lin["per_sequence"] = per_seq
         # the fullest data-parallel engine's decodes, as iteration times them (dp_att_scale)
-        n_e = n if self.dp <= 1 else self.dp * _ceil(n / self.dp)
+        n_e = self.fullest_decodes(n)
         ctx_e = ctx if n_e == n else ctx * (n_e / n)
         att = (pairs + ctx_e) * self._att_c
         kv = ctx_e * self.att_m_for(n)
