@@ -31,7 +31,8 @@ vLLM 0.11 runs ``dp`` engine cores, and the ML.ENERGY Benchmark launches them so
   every step, an idle rank runs a dummy batch (``DPEngineCoreProc.run_busy_loop``,
   ``execute_dummy_batch``), and each rank's batch is padded to the fullest rank's token count
   (``get_dp_padding`` / ``coordinate_batch_across_dp``); a step takes ``dp x`` the fullest
-  rank's tokens (``LatencyModel.iteration``'s ``t_pad``).
+  rank's tokens (``LatencyModel.iteration``'s ``t_pad``), and its prompt attention that of the
+  rank with the most prompt pairs (``p_full``, ``pairs_full``: a chunk's pairs are its rank's).
 
 What it changes, shown on the rows (:func:`compare`): the per-rank queues drain unevenly (a rank
 whose requests were short runs out first), which gives the measured ``avg_batch_size`` below
@@ -145,6 +146,8 @@ def run_ranks(
         ndec = 0
         ctx = 0.0
         fullest = 0
+        p_rank = [0] * dp  # each rank's prompt tokens and attention pairs in this step
+        pairs_rank = [0.0] * dp
         plans = []
         for r in range(dp):
             budget = max_batched_tokens
@@ -170,13 +173,21 @@ def run_ranks(
             for s, c in chunks:
                 p_tot += c
                 nch += 1
-                pairs += c * (2.0 * s[3] + c)  # the engine's convention (serving/kv_paged.py)
+                pp = c * (2.0 * s[3] + c)  # the engine's convention (serving/kv_paged.py)
+                pairs += pp
+                p_rank[r] += c
+                pairs_rank[r] += pp
         if p_tot == 0 and ndec == 0:
             break
         t_pad = -1
         if p_tot:
-            t_pad = dp * fullest if per_rank and dp > 1 else -1
-            dur = lat.iteration(p_tot, pairs, nch, ndec, ctx, t_pad)[0]
+            if per_rank and dp > 1:  # the fullest rank's tokens, prompt tokens and pairs
+                t_pad = dp * fullest
+                dur = lat.iteration(
+                    p_tot, pairs, nch, ndec, ctx, t_pad, dp * max(p_rank), dp * max(pairs_rank)
+                )[0]
+            else:
+                dur = lat.iteration(p_tot, pairs, nch, ndec, ctx)[0]
         else:
             dur = lat.decode_step(ndec, ctx)[0]
         t += dur

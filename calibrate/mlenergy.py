@@ -1101,9 +1101,9 @@ def _record_iterations(lat, tr: _Tracker) -> list[tuple[int, int]]:
             return p_tokens + n
         return t_pad if t_pad >= 0 else lat.dp_padded_tokens(p_tokens, n_prefill, n)
 
-    def timed_iteration(p_tokens, pairs, n_prefill, n, ctx, t_pad=-1):
+    def timed_iteration(p_tokens, pairs, n_prefill, n, ctx, t_pad=-1, p_full=-1, pairs_full=-1.0):
         tr.last_step = (n_prefill + n, lin(p_tokens, n_prefill, n, t_pad))
-        return iteration(p_tokens, pairs, n_prefill, n, ctx, t_pad)
+        return iteration(p_tokens, pairs, n_prefill, n, ctx, t_pad, p_full, pairs_full)
 
     def timed_decode_step(n, ctx):
         tr.last_step = (n, lin(0, 0, n))

@@ -75,8 +75,8 @@ def test_a_batch_dp_divides_is_the_even_split_bit_for_bit():
 def test_a_batch_dp_does_not_divide_pays_the_fullest_engine():
     """dp 4 at batch 5 (fullest engine: 2): the same decode attention as batch 8 at the same
     per-sequence context, 8/5 of the even split; the run formula (the macro engine) and the
-    general iteration agree, and a mixed step scales only its decodes (prompt attention as
-    before)."""
+    general iteration agree, and a mixed step's one prompt chunk is the fullest engine's whole
+    (4 x its pairs and tokens over the even split: LatencyModel.fullest_prompts)."""
     lat = _lat(4)
     assert lat.dp_att_scale(5) == pytest.approx(8 / 5, rel=1e-15)
     assert lat.dp_att_scale(1) == 4.0
@@ -97,7 +97,7 @@ def test_a_batch_dp_does_not_divide_pays_the_fullest_engine():
     pairs = 1500.0 * 1500 / 2
     ctx = 5 * 5000.0
     mixed = lat.breakdown(1500, pairs, 1, 5, ctx)
-    want = max((pairs + ctx * 8 / 5) * att_c, ctx * 8 / 5 * att_m) + (1500 + 8) * att_m
+    want = max((4 * pairs + ctx * 8 / 5) * att_c, ctx * 8 / 5 * att_m) + (4 * 1500 + 8) * att_m
     assert mixed["attention_core"] == pytest.approx(want, rel=1e-12)
     assert sum(mixed.values()) == pytest.approx(lat.iteration(1500, pairs, 1, 5, ctx)[0], rel=1e-12)
 

@@ -52,14 +52,16 @@ def test_a_prompt_pads_the_moe_dispatch_of_every_engine():
 def test_padding_makes_a_prompt_cost_every_engine():
     """Under dp 8 a step with one prompt costs every engine's layers that prompt: the same step
     as a balanced one of 8 x (16 + 1,500) tokens, far more than the balanced 128 + 1,500; with
-    dp 1 the step is unchanged (the tokens themselves)."""
+    dp 1 the step is unchanged (the tokens themselves). The new tokens' KV term is the fullest
+    engine's: the prompt's 1,500 on its one engine (8 x 1,500 over the even split,
+    LatencyModel.fullest_prompts) and 8 x ceil(128 / 8) = 128 decodes: 12,128 x _att_m."""
     lat = _lat(8)
     t = lat.iteration(1500, 0.0, 1, 128, 0.0)[0]
     padded = lat.linear_time(8 * 1516, 129)
     balanced = lat.linear_time(1628, 129)
     assert padded > 3 * balanced
     oh = lat._oh  # type: ignore[attr-defined]
-    att = 1628 * lat._att_m  # type: ignore[attr-defined]
+    att = 12_128 * lat._att_m  # type: ignore[attr-defined]
     assert t == pytest.approx(oh + padded + att, rel=1e-12)
     one = _lat(1)
     assert one.iteration(1500, 0.0, 1, 128, 0.0)[0] == pytest.approx(
@@ -120,9 +122,13 @@ def test_dp8_row_throughput_with_and_without_padding(monkeypatch):
     err = r.tokens / r.window_s / c.tokens_per_s - 1.0
     assert 0.0 < err < 0.8
     monkeypatch.setattr(LatencyModel, "dp_padded_tokens", lambda self, p, k, n: p + n)
+    # balanced prompt attention too (the even split: 1/dp of every chunk's pairs)
+    monkeypatch.setattr(LatencyModel, "fullest_prompts", lambda self, p, pr, k: (p, pr))
     it = LatencyModel.iteration  # the per-rank engine passes its padded tokens (t_pad)
     monkeypatch.setattr(
-        LatencyModel, "iteration", lambda self, p, pr, k, n, x, t_pad=-1: it(self, p, pr, k, n, x)
+        LatencyModel,
+        "iteration",
+        lambda self, p, pr, k, n, x, t_pad=-1, p_full=-1, pairs_full=-1.0: it(self, p, pr, k, n, x),
     )
     r0 = ml.simulate_config(c)
     assert r0.tokens / r0.window_s / c.tokens_per_s - 1.0 > 2.0

@@ -59,14 +59,20 @@ def test_a_rank_taking_two_prompts_pads_every_rank_to_both():
     """2 ranks, 2 slots each (requests 0, 2, 4, 6 on rank 0; 1, 3, 5, 7 on rank 1). Requests
     0 and 2 end at their first token, so in step 2 rank 0 prefills two prompts while rank 1
     decodes two sequences: every rank runs 2 x P tokens (t_pad 4 x P), where the merged
-    scheduler spreads the two prompts one to a rank (dp_padded_tokens: 2 x (P + 1))."""
+    scheduler spreads the two prompts one to a rank (dp_padded_tokens: 2 x (P + 1)). The
+    prompt attention is rank 0's, both prompts: 2 x 2P tokens and 2 x 2P^2 pairs (p_full,
+    pairs_full); the merged scheduler's split is one prompt to a rank, the even split."""
     lat = _lat(2)
     outs = np.array([1, 5, 1, 5, 3, 3, 3, 3])
     ranks = D.run_ranks(lat, outs, P, 4, 8192)
     merged = D.run_ranks(lat, outs, P, 4, 8192, per_rank=False)
     assert ranks.step_pad[:2] == [4 * P, 4 * P]
     assert lat.dp_padded_tokens(2 * P, 2, 2) == 2 * (P + 1)
-    assert ranks.step_s[1] == lat.iteration(2 * P, 2.0 * P * P, 2, 2, 2.0 * P, 4 * P)[0]
+    assert (
+        ranks.step_s[1]
+        == lat.iteration(2 * P, 2.0 * P * P, 2, 2, 2.0 * P, 4 * P, 4 * P, 4.0 * P * P)[0]
+    )
+    assert lat.fullest_prompts(2 * P, 2.0 * P * P, 2) == (2 * P, 2.0 * P * P)
     assert merged.step_s[1] == lat.iteration(2 * P, 2.0 * P * P, 2, 2, 2.0 * P)[0]
     assert ranks.step_s[1] > merged.step_s[1]
 

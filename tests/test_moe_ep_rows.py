@@ -144,6 +144,7 @@ def test_one_engine_past_the_capture_size_runs_every_engine_eager():
     padded = 8 * (16 + 1500)
     assert lat.linear_time(padded, 128) == pytest.approx(eager.linear_time(padded, 128), rel=1e-12)
     oh = lat._oh  # type: ignore[attr-defined]
-    # the new tokens' KV term: the prompt's 1,500 and the decodes at the fullest engine, 8 x
-    # ceil(127 / 8) = 128 (decode attention at the fullest data-parallel engine, f39)
-    assert t == pytest.approx(oh + lat.linear_time(padded, 128) + 1628 * lat._att_m, rel=1e-12)  # type: ignore[attr-defined]
+    # the new tokens' KV term at the fullest engine: the prompt's 1,500 all on one engine, 8 x
+    # 1,500 over the even split (prompt attention at the fullest engine, g40), and the decodes,
+    # 8 x ceil(127 / 8) = 128 (decode attention at the fullest engine, f39): 12,128
+    assert t == pytest.approx(oh + lat.linear_time(padded, 128) + 12_128 * lat._att_m, rel=1e-12)  # type: ignore[attr-defined]

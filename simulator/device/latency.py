@@ -821,6 +821,30 @@ class LatencyModel:
         dp = self.dp
         return n if dp <= 1 else dp * _ceil(n / dp)
 
+    def fullest_prompts(self, p_tokens: int, pairs: float, n_prefill: int) -> tuple[int, float]:
+        """The prompt tokens and attention pairs of a step's ``n_prefill`` prompt chunks
+        (``p_tokens`` tokens and ``pairs`` pairs in all), times ``dp``, that the fullest
+        data-parallel engine holds: the prompt attention (scores and the new tokens' KV
+        write) is timed at these, as the decodes' at :meth:`fullest_decodes`. A request and
+        its chunks live on one engine (vLLM 0.11 binds it to a DP rank on arrival,
+        ``DPLBAsyncMPClient.get_core_engine_for_request`` in ``vllm/v1/engine/core_client.py``;
+        each rank's ``Scheduler`` schedules its own chunks) and the ranks step in lockstep (an
+        idle rank runs ``execute_dummy_batch``, ``DPEngineCoreProc.run_busy_loop`` in
+        ``vllm/v1/engine/core.py``), so the step waits for the engine whose attention kernel
+        runs the most prompt pairs: a 1,500-token chunk alone costs its engine all of its
+        pairs, not ``1/dp`` of them. Where the ranks' batches are not known (the merged
+        scheduler, the latency CLI, :meth:`breakdown`), the derived split of
+        :meth:`dp_padded_tokens`: the chunks go one to an engine, the fullest taking
+        ``ceil(n_prefill / dp)`` of them, of the mean chunk and the mean pairs (exact for one
+        chunk: ``dp x`` its own); the per-rank engine passes the actual fullest rank's
+        (:meth:`iteration`'s ``p_full``, ``pairs_full``, serving/ranks.py). ``(p_tokens,
+        pairs)`` for ``dp = 1`` or no chunk. Derived, no constant."""
+        dp = self.dp
+        if dp <= 1 or n_prefill <= 0:
+            return p_tokens, pairs
+        k = _ceil(n_prefill / dp)
+        return dp * self._engine_prompt_tokens(p_tokens, n_prefill), dp * k * pairs / n_prefill
+
     def _allreduce_s(self, kf: KernelFit, nbytes: float, graphed: bool) -> float:
         """One all-reduce of ``nbytes`` across the ``tp`` GPUs: the serving stack's own
         (``ar_floor_s``, ``ar_bw_bytes_per_s``) for messages up to ``CUSTOM_AR_MAX_BYTES``,
@@ -1171,12 +1195,23 @@ class LatencyModel:
 
     # -- one general iteration -------------------------------------------------------------
     def iteration(
-        self, p_tokens: int, pairs: float, n_prefill: int, n: int, ctx: float, t_pad: int = -1
+        self,
+        p_tokens: int,
+        pairs: float,
+        n_prefill: int,
+        n: int,
+        ctx: float,
+        t_pad: int = -1,
+        p_full: int = -1,
+        pairs_full: float = -1.0,
     ) -> tuple[float, float, float]:
         """Time (s), FLOPs and bytes of one iteration (see the module docstring). ``t_pad``
         (data parallelism only) replaces :meth:`dp_padded_tokens` as the tokens its layers run:
         ``dp`` times those of the fullest rank when the ranks' batches are known
-        (``calibrate/dp_ranks.py``, every rank its own scheduler)."""
+        (``calibrate/dp_ranks.py``, every rank its own scheduler); ``p_full`` and
+        ``pairs_full`` (likewise, with ``t_pad``) replace :meth:`fullest_prompts`: ``dp`` times
+        the prompt tokens and the attention pairs of the rank with the most of each, which the
+        prompt attention is timed at."""
         # the engine's hot path (once per run): attributes and caches read directly, the
         # helpers (_weights, step_time, run_coeffs, linear_time) inlined where their values are
         # cached; the same float operations in the same order as theirs (bit-identical)
@@ -1208,12 +1243,20 @@ class LatencyModel:
             return c.base + (x1 if x1 > x2 else x2), flops, nbytes
         if self._kern is not None:
             att_m = self._att_m
-            # the decodes of the fullest data-parallel engine (dp_att_scale; n for dp = 1)
-            n_e = n if self.dp <= 1 else self.fullest_decodes(n)
-            ctx_e = ctx if n_e == n else ctx * (n_e / n)
-            att = (pairs + ctx_e) * self._att_c
+            if self.dp <= 1:
+                n_e, ctx_e, p_e, pairs_e = n, ctx, p_tokens, pairs
+            else:
+                # the decodes and the prompt chunks of the fullest data-parallel engine
+                # (dp_att_scale, fullest_prompts; the ranks' own where the engine knows them)
+                n_e = self.fullest_decodes(n)
+                ctx_e = ctx if n_e == n else ctx * (n_e / n)
+                if pairs_full >= 0.0 and p_tokens > 0:
+                    p_e, pairs_e = p_full, pairs_full
+                else:
+                    p_e, pairs_e = self.fullest_prompts(p_tokens, pairs, n_prefill)
+            att = (pairs_e + ctx_e) * self._att_c
             kv = ctx_e * (att_m if self._unit_bw <= 0.0 else self.att_m_for(n))
-            new_tok = (p_tokens + n_e) * att_m
+            new_tok = (p_e + n_e) * att_m
             # a data-parallel replica's layers run every engine padded to the fullest one
             t_lin = tokens if self.dp <= 1 else t_pad
             lt = self._tok_cache.get(t_lin)
@@ -1227,7 +1270,9 @@ class LatencyModel:
             )
             t = self._oh + lt + (att if att > kv else kv) + new_tok
             if self._pf_tok_s:  # the prompt tokens' chunked scan over the linear-state layers
-                t += self._engine_prompt_tokens(p_tokens, n_prefill) * self._pf_tok_s
+                # (the fullest engine's: p_e / dp under data parallelism)
+                p_eng = p_e if self.dp <= 1 else p_e // self.dp
+                t += p_eng * self._pf_tok_s
             if self._pf_step_s:  # the serial prefill metadata (host, before the forward)
                 t += self._pf_step_s
             if self._pf_iter_s > t:  # the Mamba-2 mixers' eager prefill path: a host floor
@@ -1399,13 +1444,15 @@ class LatencyModel:
             per_seq = seqs * self._per_seq
             lin["lm_head"] -= per_seq
             lin["per_sequence"] = per_seq
-        # the fullest data-parallel engine's decodes, as iteration times them (dp_att_scale)
+        # the fullest data-parallel engine's decodes and prompt chunks, as iteration times
+        # them (dp_att_scale, fullest_prompts)
         n_e = self.fullest_decodes(n)
         ctx_e = ctx if n_e == n else ctx * (n_e / n)
-        att = (pairs + ctx_e) * self._att_c
+        p_e, pairs_e = self.fullest_prompts(p_tokens, pairs, n_prefill)
+        att = (pairs_e + ctx_e) * self._att_c
         kv = ctx_e * self.att_m_for(n)
         out = {"attention_linear": lin.pop("attention_linear")}
-        out["attention_core"] = (att if att > kv else kv) + (p_tokens + n_e) * self._att_m
+        out["attention_core"] = (att if att > kv else kv) + (p_e + n_e) * self._att_m
         out.update(lin)
         out["overhead"] = self._oh
         gap = total - sum(out.values())

@@ -39,7 +39,8 @@ as written, preemption by recomputation, chunked prefill, prefix caching; the de
 calls only the methods of :class:`fleetsim.serving.kv_policy.KVPolicy`, which documents each. A
 data-parallel replica with one scheduler per rank (the default) runs
 :class:`fleetsim.serving.ranks.RankedPagedKV`, the paged policy per rank; it sets ``tpad``, the
-tokens every rank runs in an iteration with prompt tokens (-1 elsewhere: ``LatencyModel``'s own).
+tokens every rank runs in an iteration with prompt tokens, and ``p_full`` / ``pairs_full``, its
+fullest rank's prompt tokens and pairs (-1 elsewhere: ``LatencyModel``'s own).
 
 **The pool role** (:mod:`fleetsim.serving.roles`) decides what a finished request does: an
 aggregated replica completes it (:meth:`ReplicaCore._finish_due`, here); a prefill-only replica
@@ -134,6 +135,8 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "planned",
         "re_tok",
         "tpad",
+        "p_full",
+        "pairs_full",
         # the run in progress: its first iteration and its k - 1 decode steps
         "B_first",
         "C_first",
@@ -196,6 +199,8 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "ranks",
         "rb",
         "rcap",
+        "rp",
+        "rpairs",
         "rrun",
         "rtok",
     )
@@ -233,6 +238,10 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         # the tokens every data-parallel rank runs in iteration 0 (LatencyModel.iteration's
         # t_pad); -1: the latency model's own padding (one rank, or the merged scheduler)
         self.tpad = -1
+        # dp x the prompt tokens and pairs of its rank with the most (LatencyModel.iteration's
+        # p_full, pairs_full: the prompt attention's fullest engine); -1: the model's split
+        self.p_full = -1
+        self.pairs_full = -1.0
         self.T0 = 0.0
         self.k = 0
         self.t_first = self.F_first = self.B_first = self.C_first = self.W_first = 0.0
@@ -338,7 +347,9 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         xw = self.xw
         ctx = S + n * it if xw is None else self._x_ctx(it)
         if nchunks:
-            t1, F1, B1 = lat.iteration(self.P, self.pairs, nchunks, n, ctx, self.tpad)
+            t1, F1, B1 = lat.iteration(
+                self.P, self.pairs, nchunks, n, ctx, self.tpad, self.p_full, self.pairs_full
+            )
         else:  # no prefill token (P == 0): the same numbers, cheaper
             t1, F1, B1 = lat.decode_step(n, ctx)
         self.t_first = t1

@@ -24,7 +24,10 @@ request to one of them; the ML.ENERGY Benchmark launches its data-parallel serve
   batch on an idle rank; ``coordinate_batch_across_dp``, ``vllm/v1/worker/dp_utils.py``): an
   iteration with prompt tokens is timed at ``t_pad = dp x`` the fullest rank's tokens (its
   decodes and chunks; :meth:`fleetsim.device.latency.LatencyModel.iteration`), and so are its
-  communication, fp8 K-loop and expert FLOPs (``ReplicaCore.tpad``).
+  communication, fp8 K-loop and expert FLOPs (``ReplicaCore.tpad``); its prompt attention (the
+  chunks' scores and new tokens' KV write) waits for the rank with the most prompt pairs, the
+  chunks being their own rank's: ``dp x`` that rank's pairs and of the rank with the most prompt
+  tokens its tokens (``ReplicaCore.pairs_full``, ``p_full``; ``rpairs``, ``rp`` per rank).
 
 What stays merged: the KV pool (one pool of the replica's blocks, ``dp`` ranks' worth; vLLM
 gives each engine its own, so a rank could run out while another has room: the ML.ENERGY
@@ -96,8 +99,9 @@ class RankedPagedKV(PagedKV):
     """The paged KV policy with one scheduler per data-parallel rank (module docstring). The
     core's state: ``ranks`` (dp), ``rcap`` (a rank's slots), ``rtok`` (a rank's token budget),
     ``rrun`` (each rank's running requests: admitted, not finished), ``rb`` (each rank's tokens
-    left in the iteration being planned), ``radm`` (each rank's requests admitted into it) and
-    ``tpad`` (its padded tokens)."""
+    left in the iteration being planned), ``radm`` (each rank's requests admitted into it),
+    ``rp`` and ``rpairs`` (each rank's prompt tokens and attention pairs in it), ``tpad`` (its
+    padded tokens) and ``p_full`` / ``pairs_full`` (``dp x`` the most of ``rp`` / ``rpairs``)."""
 
     __slots__ = ()
 
@@ -110,6 +114,8 @@ class RankedPagedKV(PagedKV):
         self.rrun = [0] * dp
         self.rb = [self.rtok] * dp
         self.radm = [0] * dp
+        self.rp = [0] * dp
+        self.rpairs = [0.0] * dp
         self.waiting = RankedWaiting(dp)  # type: ignore[assignment]
 
     def leave_queue(self) -> None:
@@ -167,6 +173,8 @@ class RankedPagedKV(PagedKV):
             self._take(d)
         rt = self.rtok
         self.radm = [0] * self.ranks
+        self.rp = [0] * self.ranks  # (the iteration's chunks so far: none, as P and pairs)
+        self.rpairs = [0.0] * self.ranks
         rb = [rt - c for c in self.rrun]  # less the decodes: running less prefilling
         pre = self.pre
         for r in pre:
@@ -208,13 +216,29 @@ class RankedPagedKV(PagedKV):
             rb[k] = budget
         self._planned()
 
+    def _chunk(self, r: Request, c: int, it: int) -> None:
+        """Schedule the chunk (the paged policy's) and count its tokens and pairs on its rank
+        (the pairs as ``_chunk`` adds them to ``pairs``)."""
+        done = r.done
+        super()._chunk(r, c, it)
+        k = r.rank
+        self.rp[k] += c
+        self.rpairs[k] += c * (2.0 * done + c) if self.xw is None else self._x_pairs(done, c)
+
     def _planned(self) -> None:
         """After scheduling: the budget the core tests (a rank's largest), the padded tokens of
         the iteration (``dp x`` the fullest rank's, if it computes prompt tokens), and the
         prompts completing in it at the front of ``pre``."""
         rb = self.rb
         self.budget = max(rb)
-        self.tpad = self.ranks * (self.rtok - min(rb)) if self.nchunks else -1
+        if self.nchunks:
+            dp = self.ranks
+            self.tpad = dp * (self.rtok - min(rb))
+            self.p_full = dp * max(self.rp)
+            self.pairs_full = dp * max(self.rpairs)
+        else:
+            self.tpad = self.p_full = -1
+            self.pairs_full = -1.0
         pf = self.pf
         pre = self.pre
         if pf and len(pf) < len(pre):
