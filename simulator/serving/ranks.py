@@ -218,12 +218,12 @@ class RankedPagedKV(PagedKV):
 
     def _chunk(self, r: Request, c: int, it: int) -> None:
         """Schedule the chunk (the paged policy's) and count its tokens and pairs on its rank
-        (the pairs as ``_chunk`` adds them to ``pairs``)."""
-        done = r.done
+        (the pairs ``_chunk`` adds to ``pairs``)."""
+        pairs0 = self.pairs
         super()._chunk(r, c, it)
         k = r.rank
         self.rp[k] += c
-        self.rpairs[k] += c * (2.0 * done + c) if self.xw is None else self._x_pairs(done, c)
+        self.rpairs[k] += self.pairs - pairs0
 
     def _planned(self) -> None:
         """After scheduling: the budget the core tests (a rank's largest), the padded tokens of
