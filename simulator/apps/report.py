@@ -4,8 +4,9 @@ From ``DIR/hourly.parquet`` (and the scenario in its metadata), or from a :class
 memory (``fleetsim run --report``), this writes into ``DIR``:
 
 * ``cost.png``: hourly cost stacked by part (energy, hardware);
-* ``power.png``: hourly facility power (mean kW over the hour, numerically its kWh) by part,
-  with the electricity price;
+* ``power.png``: hourly facility power (mean kW over the hour, numerically its kWh) by part:
+  GPU idle (the static draw: idle while on, waking, standby while off), GPU dynamic (the
+  iterations' work) and node overhead, each x PUE, with the electricity price;
 * ``utilization.png``: utilisation and the GPUs powered (autoscaling shows here);
 * ``latency.png``: p99 TTFT and TPOT against the SLO lines;
 * ``report.html`` (self-contained: the PNGs are embedded as base64) and ``report.md`` (links).
@@ -281,23 +282,38 @@ def _plot_cost(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
     return png
 
 
+def power_parts(c: dict[str, Any]) -> list[tuple[str, str, np.ndarray]]:
+    """The hourly facility kWh by part, bottom to top, as (label, colour, kWh): the GPUs'
+    static draw (idle while on, waking, standby while off), their dynamic energy (the
+    iterations' work) and the node overhead, each x the hour's PUE (facility / IT energy). An
+    hourly table without the GPU split (an older run) has one GPU part."""
+    fac = np.asarray(c["energy_facility_kwh"], dtype=float)
+    it = np.asarray(c["energy_it_kwh"], dtype=float)
+    pue = np.divide(fac, it, out=np.zeros_like(fac), where=it > 0)
+    gpu = np.asarray(c["energy_gpu_kwh"], dtype=float)
+    idle, dyn = c.get("energy_gpu_idle_kwh"), c.get("energy_gpu_dynamic_kwh")
+    if idle is not None and dyn is not None and np.isfinite(idle).all() and np.isfinite(dyn).all():
+        parts = [
+            ("GPU idle (x PUE)", "#f4a582", np.asarray(idle, dtype=float) * pue),
+            ("GPU dynamic (x PUE)", "#d62728", np.asarray(dyn, dtype=float) * pue),
+        ]
+    else:
+        parts = [("GPUs (x PUE)", "#d62728", gpu * pue)]
+    return [*parts, ("node overhead (x PUE)", "#bababa", (it - gpu) * pue)]
+
+
 def _plot_power(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
-    """Facility power and energy per hour, GPUs vs node overhead, with the price."""
+    """Facility power and energy per hour by part (GPU idle, GPU dynamic, node overhead, each
+    x PUE), with the price."""
     fig, ax = plt.subplots()
     h = _hours_axis(ax, c)
     fac = c["energy_facility_kwh"]
-    it = np.maximum(c["energy_it_kwh"], 1e-300)
-    gpu_share = c["energy_gpu_kwh"] / it
-    ax.bar(h, fac * gpu_share, color="#d62728", label="GPUs (x PUE)")
-    ax.bar(
-        h,
-        fac * (1 - gpu_share),
-        bottom=fac * gpu_share,
-        color="#ff9896",
-        label="node overhead (x PUE)",
-    )
+    bottom = np.zeros(len(h))
+    for label, color, part in power_parts(c):
+        ax.bar(h, part, bottom=bottom, color=color, label=label)
+        bottom = bottom + part
     ax.set_ylabel("facility power, mean kW (= kWh in the hour)")
-    ax.set_ylim(0, float(np.nanmax(fac)) * 1.35 or 1.0)
+    ax.set_ylim(0, float(np.nanmax(fac)) * 1.45 or 1.0)
     ax.set_title(
         f"{for_plot(d.name)}: facility power and energy per hour (day: {np.nansum(fac):,.1f} kWh)"
     )
@@ -309,7 +325,7 @@ def _plot_power(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
     ax2.set_ylim(0, max(float(np.nanmax(c["price_usd_per_kwh"])) * 1.3, 1e-9))
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", ncol=3)
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", ncol=2)
     png = _png(fig)
     plt.close(fig)
     return png
@@ -370,9 +386,9 @@ def _plot_utilization(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
 def _plot_latency(plt: Any, d: RunData, c: dict[str, Any], slo: dict[str, float] | None) -> bytes:
     """p99 (and p50) TTFT and TPOT per hour against the SLO."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, col, key, label, unit in (
-        (a1, "ttft_p99_s", "ttft_s", "p99 TTFT", 1.0),
-        (a2, "tpot_p99_s", "tpot_s", "p99 TPOT", 1000.0),
+    for ax, col, key, label, unit, name in (
+        (a1, "ttft_p99_s", "ttft_s", "p99 TTFT", 1.0, "s"),
+        (a2, "tpot_p99_s", "tpot_s", "p99 TPOT", 1000.0, "ms"),
     ):
         h = _hours_axis(ax, c)
         ax.plot(h, c[col] * unit, "o-", label=label)
@@ -385,11 +401,14 @@ def _plot_latency(plt: Any, d: RunData, c: dict[str, Any], slo: dict[str, float]
                 label=label.replace("p99", "p50"),
             )
         if slo and key in slo:
-            ax.axhline(slo[key] * unit, color="red", ls=":", label=f"SLO {slo[key] * unit:g}")
+            ax.axhline(
+                slo[key] * unit, color="red", ls=":", label=f"SLO {slo[key] * unit:g} {name}"
+            )
         ax.set_ylabel("seconds" if unit == 1.0 else "milliseconds")
         ax.set_ylim(bottom=0)
         ax.legend(loc="best")
-        ax.set_title(f"{label} per hour")
+        ax.set_title(f"{label} per hour (requests completed in it)")
+    fig.suptitle(f"{for_plot(d.name)}: latency against the SLO")
     png = _png(fig)
     plt.close(fig)
     return png
@@ -513,6 +532,8 @@ def peak_analysis(
         "day_cost_usd": day,
         "peak_hour": peak,
         "trough_hour": trough,
+        "peak_hour_utc": hour_of_day(d, peak),
+        "trough_hour_utc": hour_of_day(d, trough),
         "peak_requests": int(arrived[peak]),
         "trough_requests": int(arrived[trough]),
         "peak_cost_share": float(cost[peak] / day) if day else math.nan,
@@ -547,15 +568,14 @@ _fmt = fmt_num
 
 def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
     t = d.totals
-    hs = d.cols["hour_start"]
 
     def hod(i: int) -> str:
-        return f"{np.datetime64(hs[i], 'h').astype(object).hour:02d}:00 UTC (hour {i})"
+        return hour_of_day(d, i)
 
     rows = [
         *_headroom_rows(d),
         ("requests completed", _fmt(t.requests_completed, ",.0f")),
-        ("facility energy", f"{_fmt(t.energy_facility_kwh)} kWh"),
+        ("facility energy", _energy_split(t)),
         ("energy cost", f"$ {_fmt(t.energy_cost_usd)}"),
         ("hardware cost", f"$ {_fmt(t.hardware_cost_usd)}"),
         ("total cost", f"$ {_fmt(t.total_cost_usd)}"),
@@ -567,7 +587,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("Wh per request", _fmt(t.wh_per_request, ",.3f")),
         ("$ per M output tokens", _fmt(t.usd_per_mtok, ",.3f")),
-        ("SLO attainment", _fmt(t.slo_attainment, ".2%")),
+        ("SLO attainment", _fmt(t.slo_attainment, ".2%") + _slo_targets(d)),
         *_latency_rows(d),
         (
             "busiest hour",
@@ -596,6 +616,34 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
     else:
         rows.append(("marginal cost of the peak", a["flat_note"]))
     return rows
+
+
+def _slo_targets(d: RunData) -> str:
+    """`` (TTFT <= 2 s and TPOT <= 200 ms)``: the scenario's targets, when it is known."""
+    slo = (d.config or {}).get("slo") or {}
+    if not isinstance(slo.get("ttft_s"), (int, float)) or not isinstance(
+        slo.get("tpot_s"), (int, float)
+    ):
+        return ""
+    return f" of requests with TTFT <= {slo['ttft_s']:g} s and TPOT <= {slo['tpot_s'] * 1e3:g} ms"
+
+
+def _energy_split(t: DayTotals) -> str:
+    """The day's facility kWh and its parts, as the terminal summary writes them."""
+    total = f"{_fmt(t.energy_facility_kwh)} kWh"
+    if not t.energy_it_kwh > 0:
+        return total
+    gpu = _fmt(t.energy_gpu_kwh)
+    if math.isfinite(t.energy_gpu_idle_kwh) and math.isfinite(t.energy_gpu_dynamic_kwh):
+        gpu = (
+            f"GPU idle {_fmt(t.energy_gpu_idle_kwh)} + GPU dynamic {_fmt(t.energy_gpu_dynamic_kwh)}"
+        )
+    else:
+        gpu = f"GPU {gpu}"
+    return (
+        f"{total} = ({gpu} + node overhead {_fmt(t.energy_overhead_kwh)}) kWh "
+        f"x PUE {_fmt(t.energy_facility_kwh / t.energy_it_kwh, '.3g')}"
+    )
 
 
 def _headroom_rows(d: RunData) -> list[tuple[str, str]]:
@@ -662,6 +710,13 @@ def _peak_load(d: RunData) -> tuple[float, float, float] | None:
     return (rate / cap, rate, cap) if cap > 0 else None
 
 
+def hour_of_day(d: RunData, i: int) -> str:
+    """Hour ``i`` of the run as its UTC hour of day and its index: ``14:00 UTC (hour 4)``."""
+    return (
+        f"{np.datetime64(d.cols['hour_start'][i], 'h').astype(object).hour:02d}:00 UTC (hour {i})"
+    )
+
+
 def _latency_rows(d: RunData) -> list[tuple[str, str]]:
     """TTFT, TPOT, ITL and e2e over the day (p50 / p90 / p99 and mean; TPOT and ITL in ms, as
     in the terminal) and the worst hour's p99 TTFT and TPOT."""
@@ -685,7 +740,7 @@ def _latency_rows(d: RunData) -> list[tuple[str, str]]:
         v = np.asarray(c[col], dtype=float)
         if np.isfinite(v).any():
             i = int(np.nanargmax(v))
-            rows.append((label, f"{_fmt(float(v[i]) * scale, fmt)} {unit} (hour {i})"))
+            rows.append((label, f"{_fmt(float(v[i]) * scale, fmt)} {unit} at {hour_of_day(d, i)}"))
     return rows
 
 
@@ -925,7 +980,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {page.resolve()}, report.md and {pngs} in {page.parent}")
     m = a["marginal_cost_of_peak_usd"]
     print(
-        f"busiest hour {a['peak_hour']}: {a['peak_cost_share']:.2%} of the day's cost; "
+        f"busiest hour {a.get('peak_hour_utc', a['peak_hour'])}: {a['peak_cost_share']:.2%} "
+        "of the day's cost; "
         + (
             f"marginal cost of the peak $ {m:,.2f} (flat day {a.get('flat_source', '')})"
             if m is not None
