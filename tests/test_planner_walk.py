@@ -121,3 +121,171 @@ def test_report_page_splits_the_energy_and_names_utc_hours(day, tmp_path):
         peak["peak_hour_utc"]
         == f"{(22 + peak['peak_hour']) % 24:02d}:00 UTC (hour {peak['peak_hour']})"
     )
+
+
+# -- mistakes: one line naming the field, the value and the fix ---------------------------------
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        (  # rent is a GPU's figure, under [hardware], not [cost]
+            "cost.rent_usd_per_gpu_hour=2.5",
+            "cost.rent_usd_per_gpu_hour = 2.5: unknown key "
+            "(fix: it belongs to [hardware]: hardware.rent_usd_per_gpu_hour)",
+        ),
+        (
+            "fleet.gpu=h200",
+            "fleet.gpu = 'h200': unknown key (fix: it belongs to [hardware]: hardware.gpu)",
+        ),
+        ("slo.pue=1.3", "slo.pue = 1.3: unknown key (fix: it belongs to [power]: power.pue)"),
+        (  # an alias counts: vLLM's name under the wrong header
+            "hardware.max_num_seqs=64",
+            "hardware.max_num_seqs = 64: unknown key "
+            "(fix: it belongs to [fleet]: fleet.max_num_seqs)",
+        ),
+        ("replicas=3", "replicas = 3: unknown key (fix: it belongs to [fleet]: fleet.replicas)"),
+        # a typo still gets its near miss
+        (
+            "hardware.rent=2",
+            "hardware.rent = 2: unknown key (fix: did you mean 'rent_usd_per_gpu_hour'?)",
+        ),
+    ],
+)
+def test_a_key_under_the_wrong_header_names_its_section(override, line):
+    from fleetsim.base.errors import ScenarioError
+    from fleetsim.config.loading import apply_overrides, scenario_from_dict
+
+    with pytest.raises(ScenarioError) as e:
+        scenario_from_dict(apply_overrides(SMALL, [override]), "s.toml")
+    assert str(e.value) == f"s.toml: {line}"
+
+
+def test_a_key_of_the_top_level_or_a_sub_table_gets_no_section_hint():
+    """``name`` is the top level's and model's; ``gpu`` under [disaggregation] is a pool's: no
+    single section to name, so the known keys are listed."""
+    from fleetsim.base.errors import ScenarioError
+    from fleetsim.config.loading import apply_overrides, scenario_from_dict
+
+    for override in ("fleet.name=x", 'disaggregation.gpu="h200"'):
+        with pytest.raises(ScenarioError) as e:
+            scenario_from_dict(apply_overrides(SMALL, [override]), "s.toml")
+        assert "unknown key (fix: known keys: " in str(e.value), override
+
+
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        (["--gpus", ""], "--gpus '': empty list (fix: e.g. --gpus h100-sxm,h200)"),
+        (["--tp", ""], "--tp '': empty list (fix: e.g. --tp 2,4,8)"),
+        (["--tp", " , "], "--tp ' , ': empty list (fix: e.g. --tp 2,4,8)"),
+        (["--tp", "0,4"], "--tp '0,4': values must be >= 1 (fix: e.g. --tp 2,4,8)"),
+        (["--tp", "four"], "--tp 'four': not a list of integers (fix: e.g. --tp 2,4,8)"),
+        (
+            ["--designs", "both", "--decode-gpus", ""],
+            "--decode-gpus '': empty list (fix: e.g. --decode-gpus h100-sxm,h200)",
+        ),
+        (  # a pool's GPUs on a plan that sizes no pools: was silently ignored
+            ["--decode-gpus", "a100-80gb"],
+            "--decode-gpus 'a100-80gb': a pool of the disaggregated design, which this plan does "
+            "not size (fix: add --designs both, or leave it out)",
+        ),
+    ],
+)
+def test_plan_refuses_an_empty_or_bad_list_instead_of_the_default(flags, line, tmp_path, capsys):
+    """An empty ``--gpus ''`` (an unset shell variable) used to plan the default candidates."""
+    from fleetsim.apps.cli import main
+
+    rc = main(["plan", "scenarios/default.toml", *flags, "--out", str(tmp_path / "p")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == f"fleetsim: error: {line}"
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize(
+    "item, axes",
+    [
+        # bare words in an array are strings, as in the comma form and --set
+        ("traffic.diurnal=[flat, azure-conv]", [("traffic.diurnal", ["flat", "azure-conv"])]),
+        ('traffic.diurnal=[flat, "azure-code"]', [("traffic.diurnal", ["flat", '"azure-code"'])]),
+        ("traffic.diurnal=flat,azure-conv", [("traffic.diurnal", ["flat", "azure-conv"])]),
+        ("fleet.replicas=[4, 8]", [("fleet.replicas", ["4", "8"])]),
+        (
+            "autoscaler.replicas_by_hour=[[1, 2], [3]]",
+            [("autoscaler.replicas_by_hour", ["[1, 2]", "[3]"])],
+        ),
+    ],
+)
+def test_sweep_grid_arrays(item, axes):
+    from fleetsim.apps.sweep import parse_grid
+
+    assert parse_grid([item]) == axes
+
+
+@pytest.mark.parametrize(
+    "item, line",
+    [
+        (
+            "fleet.replicas=",
+            "--grid 'fleet.replicas=': no values (fix: e.g. fleet.replicas=[4, 8])",
+        ),
+        (
+            "fleet.replicas=[]",
+            "--grid 'fleet.replicas=[]': an empty list (fix: e.g. fleet.replicas=[4, 8])",
+        ),
+        (
+            "fleet.replicas=[4, 8",
+            "--grid fleet.replicas=[4, 8: the array is not closed "
+            "(fix: e.g. fleet.replicas=[4, 8])",
+        ),
+        (
+            "fleet.replicas=[4,,8]",
+            "--grid 'fleet.replicas=[4,,8]': an empty value (fix: remove the stray comma)",
+        ),
+    ],
+)
+def test_sweep_grid_mistakes(item, line):
+    from fleetsim.apps.sweep import parse_grid
+    from fleetsim.base.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        parse_grid([item])
+    assert str(e.value) == line
+
+
+def test_report_and_compare_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from fleetsim.apps.cli import main
+
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "sweep.parquet").write_bytes(b"")
+    plan = tmp_path / "pl"
+    plan.mkdir()
+    (plan / "plan.parquet").write_bytes(b"")
+    result = tmp_path / "vllm.json"
+    result.write_text('{"completed": 1}')
+    run_fix = "(fix: give the --out folder of a `fleetsim run`)"
+    cases = [
+        (
+            ["report", str(sweep)],
+            f"{sweep}: a `fleetsim sweep` folder (sweep.parquet: one row per point), not a run's "
+            "hours (fix: fleetsim run FILE --set KEY=VALUE --report for the point to look at)",
+        ),
+        (
+            ["report", str(plan)],
+            f"{plan}: a `fleetsim plan` folder (its candidates), not a run's hours (fix: fleetsim "
+            "run FILE --set hardware.gpu=G --set fleet.tensor_parallel=T --set fleet.replicas=N "
+            "--report for the candidate to look at: the plan's probe at N is that run)",
+        ),
+        (["report", str(tmp_path / "nope")], f"{tmp_path / 'nope'}: no such folder {run_fix}"),
+        (["report", str(tmp_path)], f"{tmp_path}: no hourly.parquet in it {run_fix}"),
+        (
+            ["compare", str(result), str(sweep)],
+            f"RUN_DIR = '{result}': a JSON file, not a run's folder (fix: the run's folder first, "
+            "then the vLLM result: fleetsim compare RUN_DIR VLLM_RESULT.json)",
+        ),
+        (["compare", str(plan), str(result)], f"RUN_DIR = '{plan}': a `fleetsim plan` folder"),
+    ]
+    for argv, line in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"fleetsim: error: {line}"), err
+        assert len(err.splitlines()) == 1

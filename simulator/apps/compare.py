@@ -46,10 +46,15 @@ def run_block(run_dir: str | Path) -> dict:
 
     path = Path(run_dir) / "hourly.parquet"
     if not path.is_file():
-        raise UserError(
-            f"RUN_DIR = {clean(str(run_dir))!r}: no hourly.parquet in it (fix: name the --out "
-            "folder of a fleetsim run)"
-        )
+        from fleetsim.apps.common import not_a_run
+
+        why = not_a_run(Path(run_dir))
+        if Path(run_dir).is_file() and str(run_dir).endswith(".json"):
+            why = (
+                "a JSON file, not a run's folder (fix: the run's folder first, then the vLLM "
+                "result: fleetsim compare RUN_DIR VLLM_RESULT.json)"
+            )
+        raise UserError(f"RUN_DIR = {clean(str(run_dir))!r}: {why}")
     md = read_metadata(path)
     if "fleetsim.vllm" in md:
         return json.loads(md["fleetsim.vllm"])

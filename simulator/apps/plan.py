@@ -234,17 +234,18 @@ def plan_table(cands: list[Candidate], pods: int) -> pa.Table:
 
 
 def parse_list(flag: str, raw: str, kind=str) -> list:
+    """A comma-separated flag's values; an empty one (``--gpus ''``, e.g. an unset shell
+    variable) is an error, not the default."""
+    example = f"{flag} 2,4,8" if kind is int else f"{flag} h100-sxm,h200"
     items = [x.strip() for x in raw.split(",") if x.strip()]
     if not items:
-        raise UserError(f"{flag} {raw!r}: empty list (fix: e.g. {flag} h100-sxm,h200)")
+        raise UserError(f"{flag} {raw!r}: empty list (fix: e.g. {example})")
     try:
         out = [kind(x) for x in items]
     except ValueError:
-        raise UserError(
-            f"{flag} {raw!r}: not a list of integers (fix: e.g. {flag} 2,4,8)"
-        ) from None
+        raise UserError(f"{flag} {raw!r}: not a list of integers (fix: e.g. {example})") from None
     if kind is int and any(x < 1 for x in out):
-        raise UserError(f"{flag} {raw!r}: values must be >= 1")
+        raise UserError(f"{flag} {raw!r}: values must be >= 1 (fix: e.g. {example})")
     return out
 
 
@@ -457,12 +458,18 @@ def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
     """The aggregated scenario's data and the candidates of each design to plan."""
     gpus = (
         parse_list("--gpus", args.gpus)
-        if args.gpus
+        if args.gpus is not None
         else list(dict.fromkeys([sc.hardware.gpu, "h200"]))
     )
-    tps = parse_list("--tp", args.tp, int) if args.tp else list(DEFAULT_TPS)
+    tps = parse_list("--tp", args.tp, int) if args.tp is not None else list(DEFAULT_TPS)
     dis_sec = sc.disaggregation
     designs = args.designs or ("both" if dis_sec is not None else "aggregated")
+    for flag, given in (("--prefill-gpus", args.prefill_gpus), ("--decode-gpus", args.decode_gpus)):
+        if given is not None and designs == "aggregated":
+            raise UserError(
+                f"{flag} {given!r}: a pool of the disaggregated design, which this plan does not "
+                "size (fix: add --designs both, or leave it out)"
+            )
     agg_data = {k: v for k, v in data.items() if k != "disaggregation"}
     cands = (
         make_candidates(agg_data, sc, gpus, tps, args.scenario)
@@ -477,8 +484,12 @@ def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
             sec = getattr(dis_sec, pool) if dis_sec is not None else None
             return sec.gpu if sec is not None and sec.gpu else sc.hardware.gpu
 
-        pg = parse_list("--prefill-gpus", args.prefill_gpus) if args.prefill_gpus else None
-        dg = parse_list("--decode-gpus", args.decode_gpus) if args.decode_gpus else None
+        pg = (
+            parse_list("--prefill-gpus", args.prefill_gpus)
+            if args.prefill_gpus is not None
+            else None
+        )
+        dg = parse_list("--decode-gpus", args.decode_gpus) if args.decode_gpus is not None else None
         dcands = make_disagg_candidates(
             data, pg or [pool_gpu("prefill")], dg or [pool_gpu("decode")], args.scenario
         )

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetsim.apps.common import description
+from fleetsim.apps.common import description, not_a_run
 from fleetsim.base.errors import UserError
 from fleetsim.base.units import fmt_num, per_sim_hour
 from fleetsim.results.output import write_bytes_atomic, write_text_atomic
@@ -98,10 +98,7 @@ def _from_dir(out_dir: Path) -> RunData:
 
     path = out_dir / "hourly.parquet"
     if not path.is_file():
-        raise UserError(
-            f"{io.clean(str(out_dir))}: no hourly.parquet in it "
-            "(fix: give the --out folder of a `fleetsim run`)"
-        )
+        raise UserError(f"{io.clean(str(out_dir))}: {not_a_run(out_dir)}")
     where = io.clean(str(path))
     bad = f"{where}: not a fleetsim hourly table"
     raw = io.read_bytes(path, "", io.MAX_TRACE_BYTES)

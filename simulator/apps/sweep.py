@@ -97,14 +97,27 @@ def split_values(raw: str) -> list[str]:
     return out
 
 
-def array_values(raw: str) -> list[str]:
+def array_values(raw: str, key: str = "section.key") -> list[str]:
     """The items of a TOML array ``[v1, v2, ...]`` (parsed as ``--set`` parses a value), each as
-    TOML text for an override; a value that is itself a list is an item: ``[[1, 2], [3, 4]]``."""
+    TOML text for an override; a value that is itself a list is an item: ``[[1, 2], [3, 4]]``.
+    An array that is not TOML only for its bare words (``[flat, azure-conv]``) has them read as
+    strings, as ``--set`` and the comma form read them; an unclosed one is named."""
     from fleetsim.base import io
 
-    items = io.parse_toml(f"v = {raw.strip()}", f"--grid value {io.clean(raw, 80)!r}")["v"]
+    text = raw.strip()
+    where = f"--grid {io.clean(key, 80)}={io.clean(raw, 80)}"
+    io.check_depth(f"v = {text}", where, toml=True)
+    if not text.endswith("]"):
+        raise UserError(f"{where}: the array is not closed (fix: e.g. {key}=[4, 8])")
+    try:
+        items = io.parse_toml(f"v = {text}", where)["v"]
+    except UserError:
+        inner = text[1:-1].strip()
+        if not inner or any(ch in inner for ch in "[]{}"):
+            raise
+        return split_values(inner)  # bare words: each read as --set reads a value
     if not isinstance(items, list):
-        raise UserError(f"--grid value {io.clean(raw, 80)!r}: not a TOML array")
+        raise UserError(f"{where}: not a TOML array")
     return [toml_value(v) for v in items]
 
 
@@ -122,7 +135,9 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
             raise UserError(f"--grid {item!r}: the key must be section.key (e.g. fleet.replicas)")
         if any(k == key for k, _ in axes):
             raise UserError(f"--grid {key}: given twice (fix: list all its values in one --grid)")
-        values = array_values(raw) if raw.strip().startswith("[") else split_values(raw)
+        if not raw.strip():
+            raise UserError(f"--grid {item!r}: no values (fix: e.g. {key}=[4, 8])")
+        values = array_values(raw, key) if raw.strip().startswith("[") else split_values(raw)
         if not values:
             raise UserError(f"--grid {item!r}: an empty list (fix: e.g. {key}=[4, 8])")
         if any(v == "" for v in values):

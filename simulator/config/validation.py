@@ -267,6 +267,32 @@ def _walk(loc: tuple, root: type[BaseModel]) -> dict:
     return {"path": path or "(top level)", "parent": parent, "ann": ann, "union": union}
 
 
+def _section_model(f: FieldInfo) -> type[BaseModel] | None:
+    """The table a field holds (``X`` or ``X | None``), else None."""
+    base = _split(*_field_ann(f))[0]
+    for b in [base, *(_branches(base) or [])]:
+        if _is_model(_split(b)[0]):
+            return _split(b)[0]
+    return None
+
+
+def _home_section(key: str, root: type[BaseModel], parent: type[BaseModel] | None) -> str:
+    """The one other top-level section of ``root`` that has a field (or alias) ``key``, for a
+    key written at the top level or under the wrong header (``[cost] rent_usd_per_gpu_hour``
+    is ``hardware``'s); '' if none or several, or if the key sits deeper."""
+    sections = {n: _section_model(f) for n, f in root.model_fields.items()}
+    if key in _fields(root) or (parent is not root and parent not in sections.values()):
+        return ""
+    if parent is not None and parent is not root:  # a table of its own holds it ([disaggregation])
+        subs = [_section_model(f) for f in parent.model_fields.values()]
+        if any(m is not None and key in _fields(m) for m in subs):
+            return ""
+    homes = [
+        n for n, m in sections.items() if m is not None and m is not parent and key in _fields(m)
+    ]
+    return homes[0] if len(homes) == 1 else ""
+
+
 def _branch_for_tag(br: list, tag: str) -> Any:
     for b in br:
         base, _ = _split(b)
@@ -344,8 +370,12 @@ def format_validation_error(
         parent = w["parent"]
         known = list(parent.model_fields) if parent else []
         key = str(err["loc"][-1])
+        home = _home_section(key, root, parent)
         close = closest(key, known)
-        fix = f"did you mean {close!r}?" if close else f"known keys: {', '.join(known)}"
+        if home:
+            fix = f"it belongs to [{home}]: {home}.{key}"
+        else:
+            fix = f"did you mean {close!r}?" if close else f"known keys: {', '.join(known)}"
         return ScenarioError(w["path"], err.get("input"), "unknown key", fix, source)
     if kind == "missing":
         ann, meta = w["ann"]
