@@ -289,3 +289,23 @@ def test_report_and_compare_on_a_folder_that_is_not_a_run(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"fleetsim: error: {line}"), err
         assert len(err.splitlines()) == 1
+
+
+# -- the sweep's table ------------------------------------------------------------------------
+def test_sweep_rows_carry_gpu_hours_the_energy_split_and_rejections(day):
+    """What an autoscaling or power-state sweep changes: powered GPU-hours and the static
+    (idle) energy; the rows hold the day's totals, and the terminal shows GPU-h and kWh."""
+    from fleetsim.apps.executors import RunSummary
+    from fleetsim.apps.sweep import RESULT_COLUMNS, SHOWN, point_row
+
+    row = point_row(RunSummary(day.hourly, day.totals, dict(day.day_latency)))
+    t = day.totals
+    assert set(row) == set(RESULT_COLUMNS)
+    assert row["gpu_hours"] == t.gpu_hours
+    # 2 GPUs in the first hour, 1 in the second (the schedule) plus the other's 60 s cold
+    # start pre-warmed before the third, 2 in the third
+    assert row["gpu_hours"] == pytest.approx(2 + 1 + 60 / 3600 + 2, rel=1e-12)
+    assert row["requests_rejected"] == 0
+    parts = row["energy_gpu_idle_kwh"] + row["energy_gpu_dynamic_kwh"] + row["energy_overhead_kwh"]
+    assert parts * 1.25 == pytest.approx(row["energy_facility_kwh"], rel=1e-12)
+    assert [s[1] for s in SHOWN[:3]] == ["requests", "GPU-h", "kWh"]

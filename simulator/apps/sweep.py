@@ -48,7 +48,12 @@ RESULT_COLUMNS = (
     "requests",
     "requests_completed",
     "requests_in_flight",
+    "requests_rejected",
+    "gpu_hours",
     "energy_facility_kwh",
+    "energy_gpu_idle_kwh",
+    "energy_gpu_dynamic_kwh",
+    "energy_overhead_kwh",
     "energy_cost_usd",
     "hardware_cost_usd",
     "total_cost_usd",
@@ -179,7 +184,12 @@ def point_row(res: RunSummary) -> dict[str, float]:
         "requests": t.requests_arrived,
         "requests_completed": t.requests_completed,
         "requests_in_flight": t.requests_in_flight,
+        "requests_rejected": t.requests_rejected,
+        "gpu_hours": t.gpu_hours,  # powered (autoscaling and power states show here)
         "energy_facility_kwh": t.energy_facility_kwh,
+        "energy_gpu_idle_kwh": t.energy_gpu_idle_kwh,  # IT energy: x PUE is facility
+        "energy_gpu_dynamic_kwh": t.energy_gpu_dynamic_kwh,
+        "energy_overhead_kwh": t.energy_overhead_kwh,
         "energy_cost_usd": t.energy_cost_usd,
         "hardware_cost_usd": t.hardware_cost_usd,
         "total_cost_usd": t.total_cost_usd,
@@ -334,6 +344,8 @@ def print_sweep(table: pa.Table, axes: list[str], title: str, c) -> None:
 #: and ``fleetsim plan`` (TTFT in s, TPOT in ms, money in $)
 SHOWN = (
     ("requests", "requests", 1.0, ",.0f"),
+    ("gpu_hours", "GPU-h", 1.0, ",.1f"),
+    ("energy_facility_kwh", "kWh", 1.0, ",.1f"),
     ("total_cost_usd", "total $", 1.0, ",.2f"),
     ("usd_per_mtok", "$/Mtok", 1.0, ".3f"),
     ("wh_per_request", "Wh/req", 1.0, ".3f"),
