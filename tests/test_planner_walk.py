@@ -309,3 +309,31 @@ def test_sweep_rows_carry_gpu_hours_the_energy_split_and_rejections(day):
     parts = row["energy_gpu_idle_kwh"] + row["energy_gpu_dynamic_kwh"] + row["energy_overhead_kwh"]
     assert parts * 1.25 == pytest.approx(row["energy_facility_kwh"], rel=1e-12)
     assert [s[1] for s in SHOWN[:3]] == ["requests", "GPU-h", "kWh"]
+
+
+# -- the plan's prices --------------------------------------------------------------------------
+def test_plan_names_where_each_gpus_price_comes_from():
+    """The scenario's [hardware] price is its own GPU's only; another candidate GPU is priced
+    from the catalog (b200: rent $6.50/GPU-h, capex $60,000 in gpus.toml), and the line says so."""
+    from fleetsim.apps.plan import Candidate, candidate_base, price_line
+
+    data = merge(SMALL, hardware={"gpu": "h100-sxm", "rent_usd_per_gpu_hour": 2.5})
+    data["cost"] = {"hardware": "rented"}
+
+    def cands(d):
+        out = []
+        for g in ("h100-sxm", "b200", "h100-sxm"):
+            base = candidate_base(d, g, 1, "h100-sxm")
+            out.append(Candidate(gpu=g, tp=1, base=base, rs=resolved(base)))
+        return out
+
+    assert price_line(cands(data)) == (
+        "hardware prices: h100-sxm $2.50/GPU-h rent (the scenario's [hardware]); "
+        "b200 $6.50/GPU-h rent (catalog)"
+    )
+    owned = merge(data, cost={"hardware": "owned", "amortization_years": 4})
+    assert price_line(cands(owned)) == (
+        "hardware prices: h100-sxm $39,000 per GPU over 4 years (catalog); "
+        "b200 $60,000 per GPU over 4 years (catalog)"
+    )
+    assert price_line([Candidate(gpu="h200", tp=3, base={}, problem="does not fit")]) == ""

@@ -528,6 +528,9 @@ def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> 
     if not args.quiet:
         if cands:
             print_plan(table, slo, sched, wide)
+            line = price_line(cands, args.scenario)
+            if line:
+                wide.print(term(line))
         if dtable is not None:
             from fleetsim.apps.plan_disagg import print_designs
 
@@ -551,6 +554,31 @@ def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> 
                 "wall_s": wall,
             }
         )
+
+
+def price_line(cands: list[Candidate], source: str = "") -> str:
+    """The hardware price behind each GPU's ``hw $``: the scenario's ``[hardware]`` figures
+    hold for its own GPU only, every other GPU is priced from the catalog (so a price set for
+    one GPU is never silently applied to another); '' without a resolved candidate."""
+    from fleetsim.device import catalog
+
+    seen: dict[str, str] = {}
+    for c in cands:
+        rs = c.rs
+        if rs is None or c.gpu in seen:
+            continue
+        g, cost = rs.gpu, rs.scenario.cost
+        cat = catalog.gpus().get(c.gpu, {})
+        key = "rent_usd_per_gpu_hour" if cost.hardware == "rented" else "capex_usd"
+        where = "catalog" if getattr(g, key) == cat.get(key) else "the scenario's [hardware]"
+        if cost.hardware == "rented":
+            seen[c.gpu] = f"{c.gpu} ${g.rent_usd_per_gpu_hour:,.2f}/GPU-h rent ({where})"
+        else:
+            seen[c.gpu] = (
+                f"{c.gpu} ${g.capex_usd:,.0f} per GPU over {cost.amortization_years:g} years "
+                f"({where})"
+            )
+    return ("hardware prices: " + "; ".join(seen.values())) if seen else ""
 
 
 def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
