@@ -337,3 +337,24 @@ def test_plan_names_where_each_gpus_price_comes_from():
         "b200 $60,000 per GPU over 4 years (catalog)"
     )
     assert price_line([Candidate(gpu="h200", tp=3, base={}, problem="does not fit")]) == ""
+
+
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        (
+            ["--slo-ttft-p99-s", "-1"],
+            "--slo-ttft-p99-s -1: must be a positive number of seconds (fix: e.g. 2)",
+        ),
+        (
+            ["--slo-tpot-p99-s", "nan"],
+            "--slo-tpot-p99-s nan: must be a positive number of seconds (fix: e.g. 0.05 (50 ms))",
+        ),
+    ],
+)
+def test_plan_slo_flags_name_a_fix(flags, line, tmp_path, capsys):
+    from fleetsim.apps.cli import main
+
+    rc = main(["plan", "scenarios/default.toml", *flags, "--out", str(tmp_path / "p")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == f"fleetsim: error: {line}"

@@ -407,12 +407,12 @@ def main(argv: list[str]) -> int:
     slo = Slo(
         args.slo_ttft_p99_s or sc.slo.ttft_s, args.slo_tpot_p99_s or sc.slo.tpot_s, args.hours
     )
-    for flag, v in (
-        ("--slo-ttft-p99-s", args.slo_ttft_p99_s),
-        ("--slo-tpot-p99-s", args.slo_tpot_p99_s),
+    for flag, v, eg in (
+        ("--slo-ttft-p99-s", args.slo_ttft_p99_s, "2"),
+        ("--slo-tpot-p99-s", args.slo_tpot_p99_s, "0.05 (50 ms)"),
     ):
         if v is not None and not (v > 0 and math.isfinite(v)):
-            raise UserError(f"{flag} {v}: must be a positive number of seconds")
+            raise UserError(f"{flag} {v:g}: must be a positive number of seconds (fix: e.g. {eg})")
     agg_data, cands, dcands = _candidates(args, sc, data)
     names = ("plan.parquet", "schedule.json") + (("plan_disaggregated.parquet",) if dcands else ())
     outp = open_output(args, Path(args.scenario).stem + "-plan", names)
