@@ -358,3 +358,16 @@ def test_plan_slo_flags_name_a_fix(flags, line, tmp_path, capsys):
     rc = main(["plan", "scenarios/default.toml", *flags, "--out", str(tmp_path / "p")])
     assert rc == 2
     assert capsys.readouterr().err.strip() == f"fleetsim: error: {line}"
+
+
+def test_report_page_says_what_was_simulated(day, tmp_path):
+    from fleetsim.apps.report import write_report
+
+    write_report(tmp_path, result=day, flatten=False)
+    md = (tmp_path / "report.md").read_text().splitlines()
+    line = (
+        "llama-3.1-8b on 2 x h100-sxm (1 pod(s) x 2 replica(s) x TP1); 3 h from 2026-03-01 "
+        "22:00 UTC, seed 7; autoscaler schedule; GPUs owned, electricity {}0.0806/kWh, PUE 1.25."
+    )
+    assert md[2] == line.format("\\$")
+    assert f"<p>{line.format('$')}</p>" in (tmp_path / "report.html").read_text()

@@ -749,8 +749,52 @@ _EXPLAIN = (
 )
 
 
+def what_was_simulated(d: RunData, esc=plain, dollar: str = "$") -> str:
+    """One sentence on the run: model, fleet, hours from when, seed, how the GPUs are paid
+    for and the electricity price ('' when the run's scenario is not known); names (user text)
+    pass through ``esc``, and the dollar sign is ``dollar``."""
+    if d.config is None:
+        return ""
+    try:
+        from fleetsim.config.loading import scenario_from_dict
+        from fleetsim.config.resolve import resolve
+
+        rs = resolve(scenario_from_dict(d.config))
+    except Exception:  # (a scenario this version cannot resolve)
+        return ""
+    sc = rs.scenario
+    if rs.pools is not None:
+        fleet = f"{sc.fleet.pods} pod(s) of " + " + ".join(
+            f"{p.name} {p.replicas} x TP{p.tp} {esc(p.gpu_name)}"
+            for p in (rs.pools.prefill, rs.pools.decode)
+        )
+    else:
+        n = sc.fleet.pods * sc.fleet.replicas * rs.tp
+        shape = f"TP{rs.tp}" if rs.dp == 1 else f"(TP{rs.tp // rs.dp} x DP{rs.dp})"
+        fleet = (
+            f"{n} x {esc(rs.gpu.name)} ({sc.fleet.pods} pod(s) x {sc.fleet.replicas} "
+            f"replica(s) x {shape})"
+        )
+    price = sc.cost.electricity_usd_per_kwh
+    elec = (
+        f"{dollar}{price:g}/kWh"
+        if isinstance(price, (int, float))
+        else f"{dollar}{min(price):g}-{max(price):g}/kWh by hour"
+    )
+    start = sc.simulation.start_utc.strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"{esc(rs.model.name)} on {fleet}; {sc.simulation.hours} h from {start}, seed {sc.seed}; "
+        f"autoscaler {sc.autoscaler.policy}; GPUs {sc.cost.hardware}, electricity {elec}, "
+        f"PUE {sc.power.pue:g}."
+    )
+
+
 def render_markdown(d: RunData, a: dict[str, Any]) -> str:
-    lines = [f"# fleetsim report: {for_heading(d.name)}", "", "| figure | value |", "|---|---|"]
+    lines = [f"# fleetsim report: {for_heading(d.name)}", ""]
+    what = what_was_simulated(d, for_heading, r"\$")
+    if what:
+        lines += [what, ""]
+    lines += ["| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _rows(d, a) + pool_lines(d)]
     lines += ["", _EXPLAIN, ""]
     for p in PLOTS:
@@ -767,11 +811,13 @@ def render_html(d: RunData, a: dict[str, Any], pngs: dict[str, bytes]) -> str:
         f'<p><img alt="{p}" src="data:image/png;base64,{base64.b64encode(pngs[p]).decode()}"></p>'
         for p in PLOTS
     )
+    what = what_was_simulated(d)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>fleetsim report: {html.escape(plain(d.name))}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 th{{text-align:left;padding-right:2em}} td{{text-align:right}} img{{max-width:100%}}</style>
 </head><body><h1>fleetsim report: {html.escape(plain(d.name))}</h1>
+{f"<p>{html.escape(what)}</p>" if what else ""}
 <table>{rows}</table><p>{html.escape(_EXPLAIN)}</p>
 {imgs}
 </body></html>
