@@ -371,3 +371,56 @@ def test_report_page_says_what_was_simulated(day, tmp_path):
     )
     assert md[2] == line.format("\\$")
     assert f"<p>{line.format('$')}</p>" in (tmp_path / "report.html").read_text()
+
+
+# -- the Python API names its own arguments, not the command line's flags ------------------------
+TINY = """
+name = "tiny"
+[simulation]
+hours = 1
+[model]
+name = "llama-3.1-8b"
+[fleet]
+replicas = 1
+[traffic]
+requests_per_day = 2000
+diurnal = "flat"
+"""
+
+
+@pytest.mark.parametrize(
+    "call, line",
+    [
+        (
+            lambda f: f.sweep(TINY, {"fleet.replicas": []}),
+            "sweep grid 'fleet.replicas': no values (fix: e.g. grid={'fleet.replicas': [4, 8]})",
+        ),
+        (
+            lambda f: f.sweep(TINY, {"fleet.replicas": [1]}, workers=0),
+            "workers = 0: must be a whole number >= 1, or None (fix: e.g. workers=2)",
+        ),
+        (
+            lambda f: f.plan(TINY, gpus=["h100-sxm"], tensor_parallel=[1], workers=1.5),
+            "workers = 1.5: must be a whole number >= 1, or None (fix: e.g. workers=2)",
+        ),
+        (
+            lambda f: f.plan(TINY, gpus=["h100"], tensor_parallel=[1]),
+            "gpus = 'h100': hardware.gpu = 'h100': unknown catalog name (fix: did you mean "
+            "'h100-sxm'? known: a100-80gb, b200, h100-sxm, h200)",
+        ),
+        (
+            lambda f: f.plan(TINY, slo_ttft_p99_s=-1),
+            "slo_ttft_p99_s = -1: must be a positive number of seconds (fix: e.g. 2.0)",
+        ),
+        (
+            lambda f: f.plan(TINY, slo_tpot_p99_s=0),
+            "slo_tpot_p99_s = 0: must be a positive number of seconds (fix: e.g. 0.05 (50 ms))",
+        ),
+    ],
+)
+def test_api_mistakes_name_the_argument(call, line):
+    import fleetsim
+
+    with pytest.raises(fleetsim.UserError) as e:
+        call(fleetsim)
+    assert str(e.value) == line

@@ -316,16 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_candidates(
-    data: dict, sc, gpus: list[str], tps: list[int], source: str
+    data: dict, sc, gpus: list[str], tps: list[int], source: str, flag: str = "--gpus"
 ) -> list[Candidate]:
     """Resolve every GPU x TP; a candidate whose weights or KV do not fit is kept with its
-    reason. An unknown GPU name is a user error."""
+    reason. An unknown GPU name is a user error, named by ``flag`` (the Python API's
+    ``gpus =``)."""
     cands = []
     for g in gpus:
         for tp in tps:
             c = Candidate(gpu=g, tp=tp, base=candidate_base(data, g, tp, sc.hardware.gpu))
             resolve_candidate(
-                c, source, lambda f: f.startswith("hardware"), f"--gpus {g!r}", lambda e: e.problem
+                c, source, lambda f: f.startswith("hardware"), f"{flag} {g!r}", lambda e: e.problem
             )
             cands.append(c)
     return cands
