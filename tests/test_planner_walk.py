@@ -424,3 +424,16 @@ def test_api_mistakes_name_the_argument(call, line):
     with pytest.raises(fleetsim.UserError) as e:
         call(fleetsim)
     assert str(e.value) == line
+
+
+def test_sweep_table_shows_a_24_hour_profile_by_its_range_and_mean():
+    """A time-of-use price axis: the terminal cell is its length, range and mean (the whole
+    value stays in sweep.parquet); short lists, scalars and strings are shown as written."""
+    from fleetsim.apps.sweep import _grid_cell
+
+    tou = [0.08] * 17 + [0.30] * 4 + [0.08] * 3
+    assert _grid_cell(tou) == "24 values 0.08..0.3, mean 0.1167"  # (20 x 0.08 + 4 x 0.3) / 24
+    assert _grid_cell(json.dumps(tou)) == "24 values 0.08..0.3, mean 0.1167"  # a mixed axis
+    assert _grid_cell([1, 2]) == "[1, 2]"
+    assert _grid_cell(0.08) == "0.08"
+    assert _grid_cell("azure-conv") == "azure-conv"

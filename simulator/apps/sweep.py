@@ -336,8 +336,34 @@ def print_sweep(table: pa.Table, axes: list[str], title: str, c) -> None:
         c,
         f"{title}: {table.num_rows} points",
         [term(header) for _, header, _, _ in shown],
-        [[_fmt(row[col], scale, fmt) for col, _, scale, fmt in shown] for row in table.to_pylist()],
+        [
+            [
+                _grid_cell(row[col]) if col in axes else _fmt(row[col], scale, fmt)
+                for col, _, scale, fmt in shown
+            ]
+            for row in table.to_pylist()
+        ],
     )
+
+
+def _grid_cell(v: object) -> str:
+    """A grid value for the terminal: a long list of numbers (a 24-hour price or diurnal
+    profile) as its length, range and mean, so the table stays readable; sweep.parquet keeps
+    the whole value."""
+    items = v
+    if isinstance(v, str) and v.startswith("["):
+        try:
+            items = json.loads(v)
+        except ValueError:
+            items = v
+    if (
+        isinstance(items, list)
+        and len(items) > 6
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items)
+    ):
+        lo, hi, mean = min(items), max(items), sum(items) / len(items)
+        return term(f"{len(items)} values {lo:g}..{hi:g}, mean {mean:.4g}")
+    return _fmt(v)
 
 
 #: the terminal table's columns: (column, header, scale, format); units as in ``fleetsim run``
