@@ -437,3 +437,23 @@ def test_sweep_table_shows_a_24_hour_profile_by_its_range_and_mean():
     assert _grid_cell([1, 2]) == "[1, 2]"
     assert _grid_cell(0.08) == "0.08"
     assert _grid_cell("azure-conv") == "azure-conv"
+
+
+def test_a_set_mistake_in_a_sweep_is_not_blamed_on_the_first_point():
+    from fleetsim.apps.sweep import point_scenarios
+    from fleetsim.base.errors import UserError
+    from fleetsim.config.loading import apply_overrides
+
+    base = apply_overrides(SMALL, ["fleet.replicaz=2"])
+    with pytest.raises(UserError) as e:
+        point_scenarios(base, [["fleet.replicas=1"], ["fleet.replicas=2"]], "s.toml")
+    assert str(e.value) == (
+        "s.toml: fleet.replicaz = 2: unknown key (fix: did you mean 'replicas'?)"
+    )
+    # a point's own mistake still names the point
+    with pytest.raises(UserError) as e:
+        point_scenarios(SMALL, [["fleet.replicas=1"], ["fleet.replicas=0"]], "s.toml")
+    assert str(e.value) == (
+        "sweep point fleet.replicas=0: s.toml: fleet.replicas = 0: should be >= 1 "
+        "(fix: use a whole number >= 1 and <= 100,000)"
+    )

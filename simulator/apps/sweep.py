@@ -162,13 +162,20 @@ def grid_points(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
 
 
 def point_scenarios(base: dict, points: list[list[str]], source: str) -> list[dict]:
-    """Validate every point up front (schema and catalogs); the scenario dict of each."""
+    """Validate every point up front (schema and catalogs); the scenario dict of each. A
+    mistake that is not the grid's (in the file or a --set: the base alone fails the same way)
+    is reported as it is, not as the first point's."""
     out = []
     for ov in points:
         try:
             sc = scenario_from_dict(apply_overrides(base, ov), source)
             resolve(sc, source)
         except UserError as exc:
+            try:
+                resolve(scenario_from_dict(base, source), source)
+            except UserError as base_exc:
+                if str(base_exc) == str(exc):
+                    raise exc from None
             raise UserError(f"sweep point {' '.join(ov)}: {exc}") from None
         out.append(sc.model_dump(mode="json"))
     return out
