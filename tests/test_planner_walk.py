@@ -457,3 +457,24 @@ def test_a_set_mistake_in_a_sweep_is_not_blamed_on_the_first_point():
         "sweep point fleet.replicas=0: s.toml: fleet.replicas = 0: should be >= 1 "
         "(fix: use a whole number >= 1 and <= 100,000)"
     )
+
+
+def test_a_sampled_fleets_report_gives_the_interval_over_pods(tmp_path):
+    """k of P pods simulated: the 95% interval the terminal prints is stored with the hourly
+    table (fleetsim.pod_ci95) and the page shows it, from memory and from disk."""
+    from fleetsim.apps.report import main, write_report
+    from fleetsim.apps.simulate import write_outputs
+
+    res = simulate(
+        resolved(merge(SMALL, simulation={"hours": 1}, fleet={"pods": 50, "sample_pods": 3}))
+    )
+    assert set(res.pod_ci) == {"energy_facility_kwh", "total_cost_usd"}
+    lo, hi = res.pod_ci["total_cost_usd"]
+    want = f"| total cost, 95% interval over pods | $ {lo:,.2f} .. $ {hi:,.2f} |"
+    write_outputs(res, tmp_path, "")
+    write_report(tmp_path, result=res, flatten=False)
+    assert want in (tmp_path / "report.md").read_text().splitlines()
+    assert main([str(tmp_path), "--no-flat"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert want in md.splitlines()
+    assert "3 of the 50 pods simulated and scaled" in md

@@ -59,6 +59,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     pools: Any = None  # pools.parquet of a disaggregated run (a pyarrow Table), or None
     latency: dict[str, float] = field(default_factory=dict)  # day-wide (empty if unknown)
+    pod_ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # sampled pods' 95%
 
 
 def _from_result(res) -> RunData:
@@ -66,7 +67,13 @@ def _from_result(res) -> RunData:
     cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
     cfg = json.loads(res.scenario.model_dump_json())
     return RunData(
-        cols, res.totals, cfg, res.scenario.name, pools=res.pools, latency=dict(res.day_latency)
+        cols,
+        res.totals,
+        cfg,
+        res.scenario.name,
+        pools=res.pools,
+        latency=dict(res.day_latency),
+        pod_ci=dict(res.pod_ci),
     )
 
 
@@ -144,6 +151,11 @@ def _from_dir(out_dir: Path) -> RunData:
             cfg = None
     lat = obj("fleetsim.latency") or {}
     latency = {k: float(v) for k, v in lat.items() if isinstance(v, (int, float))}
+    pod_ci = {
+        k: (float(v[0]), float(v[1]))
+        for k, v in (obj("fleetsim.pod_ci95") or {}).items()
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+    }
     pools = None
     if (out_dir / "pools.parquet").is_file():  # a disaggregated run
         try:
@@ -155,7 +167,7 @@ def _from_dir(out_dir: Path) -> RunData:
                 f"{io.clean(str(out_dir / 'pools.parquet'))}: cannot read it as Parquet "
                 f"({io.clean(str(exc), 120)})"
             ) from None
-    return RunData(cols, totals, cfg, name, pools=pools, latency=latency)
+    return RunData(cols, totals, cfg, name, pools=pools, latency=latency, pod_ci=pod_ci)
 
 
 def pool_lines(d: RunData) -> list[tuple[str, str]]:
@@ -576,6 +588,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         ("energy cost", f"$ {_fmt(t.energy_cost_usd)}"),
         ("hardware cost", f"$ {_fmt(t.hardware_cost_usd)}"),
         ("total cost", f"$ {_fmt(t.total_cost_usd)}"),
+        *_ci_rows(d),
         ("GPU-hours powered", _fmt(t.gpu_hours, ",.1f")),
         (
             "busy fraction of powered time",
@@ -612,6 +625,20 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         )
     else:
         rows.append(("marginal cost of the peak", a["flat_note"]))
+    return rows
+
+
+def _ci_rows(d: RunData) -> list[tuple[str, str]]:
+    """A sampled fleet's 95% interval over the simulated pods for the day's energy and cost
+    (the terminal summary's; none when every pod was simulated)."""
+    rows = []
+    for key, label, pre, unit in (
+        ("energy_facility_kwh", "facility energy, 95% interval over pods", "", " kWh"),
+        ("total_cost_usd", "total cost, 95% interval over pods", "$ ", ""),
+    ):
+        if key in d.pod_ci:
+            lo, hi = d.pod_ci[key]
+            rows.append((label, f"{pre}{_fmt(lo)} .. {pre}{_fmt(hi)}{unit}"))
     return rows
 
 
@@ -772,7 +799,7 @@ def what_was_simulated(d: RunData, esc=plain, dollar: str = "$") -> str:
         n = sc.fleet.pods * sc.fleet.replicas * rs.tp
         shape = f"TP{rs.tp}" if rs.dp == 1 else f"(TP{rs.tp // rs.dp} x DP{rs.dp})"
         fleet = (
-            f"{n} x {esc(rs.gpu.name)} ({sc.fleet.pods} pod(s) x {sc.fleet.replicas} "
+            f"{n:,} x {esc(rs.gpu.name)} ({sc.fleet.pods:,} pod(s) x {sc.fleet.replicas:,} "
             f"replica(s) x {shape})"
         )
     price = sc.cost.electricity_usd_per_kwh
@@ -781,6 +808,9 @@ def what_was_simulated(d: RunData, esc=plain, dollar: str = "$") -> str:
         if isinstance(price, (int, float))
         else f"{dollar}{min(price):g}-{max(price):g}/kWh by hour"
     )
+    k = sc.fleet.sample_pods
+    if k is not None and k < sc.fleet.pods:
+        fleet += f", {k} of the {sc.fleet.pods:,} pods simulated and scaled"
     start = sc.simulation.start_utc.strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"{esc(rs.model.name)} on {fleet}; {sc.simulation.hours} h from {start}, seed {sc.seed}; "
