@@ -478,3 +478,31 @@ def test_a_sampled_fleets_report_gives_the_interval_over_pods(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert want in md.splitlines()
     assert "3 of the 50 pods simulated and scaled" in md
+
+
+def test_cost_chart_names_how_the_gpus_are_paid_for_and_the_days_split(day, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fleetsim.apps.report import _from_result, _plot_cost
+
+    labels, titles = [], []
+    orig_bar, orig_title = plt.Axes.bar, plt.Axes.set_title
+    monkeypatch.setattr(
+        plt.Axes,
+        "bar",
+        lambda self, *a, **k: (labels.append(k["label"]), orig_bar(self, *a, **k))[1],
+    )
+    monkeypatch.setattr(
+        plt.Axes, "set_title", lambda self, t, *a, **k: (titles.append(t), orig_title(self, t))[1]
+    )
+    d = _from_result(day)
+    _plot_cost(plt, d, d.cols)
+    assert labels == ["hardware (owned: amortised capex)", "energy (facility kWh x price)"]
+    t = day.totals
+    assert titles == [
+        f"small: hourly cost by part (day: \\${t.total_cost_usd:,.2f} = energy "
+        f"\\${t.energy_cost_usd:,.2f} + hardware \\${t.hardware_cost_usd:,.2f})"
+    ]

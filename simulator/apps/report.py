@@ -280,10 +280,15 @@ def _plot_cost(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
     fig, ax = plt.subplots()
     h = _hours_axis(ax, c)
     e, hw = c["energy_cost_usd"], c["hardware_cost_usd"]
-    ax.bar(h, hw, color="#7f7f7f", label="hardware (amortised or rented)")
+    mode = ((d.config or {}).get("cost") or {}).get("hardware")
+    how = {"owned": "owned: amortised capex", "rented": "rented: rent while powered"}
+    ax.bar(h, hw, color="#7f7f7f", label=f"hardware ({how.get(str(mode), 'amortised or rented')})")
     ax.bar(h, e, bottom=hw, color="#1f77b4", label="energy (facility kWh x price)")
     ax.set_ylabel("cost per hour ($)")
-    ax.set_title(f"{for_plot(d.name)}: hourly cost by part")
+    ax.set_title(
+        f"{for_plot(d.name)}: hourly cost by part (day: \\${np.nansum(e + hw):,.2f} = "
+        f"energy \\${np.nansum(e):,.2f} + hardware \\${np.nansum(hw):,.2f})"
+    )
     ax.set_ylim(0, float(np.nanmax(e + hw)) * 1.3 or 1.0)
     ax.legend(loc="upper left", ncol=2)
     png = _png(fig)
