@@ -506,3 +506,22 @@ def test_cost_chart_names_how_the_gpus_are_paid_for_and_the_days_split(day, monk
         f"small: hourly cost by part (day: \\${t.total_cost_usd:,.2f} = energy "
         f"\\${t.energy_cost_usd:,.2f} + hardware \\${t.hardware_cost_usd:,.2f})"
     ]
+
+
+@pytest.mark.parametrize(
+    "override, fix",
+    [
+        ("slo.tpot_s=50ms", "the field is in seconds, without a unit: 0.05"),
+        ('slo.ttft_s="2 s"', "the field is in seconds, without a unit: 2"),
+        ("power.wake_s=2min", "the field is in seconds, without a unit: 120"),
+        ("slo.tpot_s=fast", "use a number > 0 and <= 1e+06"),  # not a duration: the range
+        ("traffic.requests_per_day=5ms", "use a number >= 0"),  # not a field in seconds
+    ],
+)
+def test_a_duration_written_with_its_unit_is_converted_in_the_fix(override, fix):
+    from fleetsim.base.errors import ScenarioError
+    from fleetsim.config.loading import apply_overrides, scenario_from_dict
+
+    with pytest.raises(ScenarioError) as e:
+        scenario_from_dict(apply_overrides(SMALL, [override]), "s.toml")
+    assert str(e.value).endswith(f": a quoted string where a number goes (fix: {fix})")

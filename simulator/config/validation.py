@@ -217,7 +217,23 @@ def _check_value(v: Any, ann: Any, meta: tuple, path: str, source: str) -> None:
         fix = f"use {describe(ann, meta)}"
         if shape == "str" and _parses_as_number(v):
             fix = "write the number without quotes"
+        elif shape == "str" and (secs := _seconds(v)) is not None and path.endswith("_s"):
+            fix = f"the field is in seconds, without a unit: {secs:g}"
         raise ScenarioError(path, v, f"{what} where a number goes", fix, source)
+
+
+_TIME_UNITS = {"ms": 1e-3, "us": 1e-6, "s": 1.0, "sec": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def _seconds(v: str) -> float | None:
+    """``'50ms'`` / ``'2 s'`` / ``'10min'`` in seconds (a duration written with its unit), else
+    None."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-z]+)\s*", v)
+    if m is None or m.group(2) not in _TIME_UNITS:
+        return None
+    return float(m.group(1)) * _TIME_UNITS[m.group(2)]
 
 
 def _parses_as_number(v: str) -> bool:
