@@ -360,7 +360,8 @@ def plan_fleet(
             log(
                 f"{c.gpu} TP{c.tp}: "
                 + (
-                    f"{c.replicas} replicas per pod ({c.probes} probes)"
+                    f"{c.replicas} replica{'' if c.replicas == 1 else 's'} per pod "
+                    f"({c.probes} probes)"
                     if c.replicas
                     else c.problem
                 )
