@@ -525,3 +525,25 @@ def test_a_duration_written_with_its_unit_is_converted_in_the_fix(override, fix)
     with pytest.raises(ScenarioError) as e:
         scenario_from_dict(apply_overrides(SMALL, [override]), "s.toml")
     assert str(e.value).endswith(f": a quoted string where a number goes (fix: {fix})")
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, differ",
+    [
+        ("llama-3.1-70b", "meta-llama/Llama-3.1-70B-Instruct", False),  # catalog vs HF id
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", "/models/Qwen3-30B-A3B-Instruct-2507/", False),
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", "meta-llama/Llama-3.1-8B-Instruct", True),
+        ("llama-3.1-8b", "llama-3.1-70b", True),
+        ("llama-3.1-8b", None, False),
+    ],
+)
+def test_compare_notes_a_run_and_a_vllm_file_of_different_models(ours, theirs, differ):
+    from fleetsim.apps.compare import model_note
+
+    note = model_note({"model_id": ours}, {"model_id": theirs} if theirs else {})
+    assert bool(note) == differ
+    if differ:
+        assert note == (
+            f"note: different models: the run's {ours!r}, the vLLM file's {theirs!r} "
+            "(the comparison is of unlike things)"
+        )
