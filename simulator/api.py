@@ -211,6 +211,14 @@ def simulate(
     return Run(res, table)
 
 
+def _check_workers(workers: Any) -> None:
+    """``workers``: None (one per CPU) or a whole number >= 1, named as the argument."""
+    if workers is not None and (type(workers) is not int or workers < 1):
+        raise ScenarioError(
+            "workers", workers, "must be a whole number >= 1, or None", "e.g. workers=2"
+        )
+
+
 def sweep(
     scenario: ScenarioLike,
     grid: Mapping[str, Sequence[Any]],
@@ -240,7 +248,7 @@ def sweep(
             values = [values]
         vals = list(values)
         if not vals:
-            raise UserError(f"sweep grid {key!r}: no values")
+            raise UserError(f"sweep grid {key!r}: no values (fix: e.g. grid={{{key!r}: [4, 8]}})")
         try:
             axes.append((key, [toml_value(v) for v in vals]))
         except TypeError:
@@ -248,6 +256,7 @@ def sweep(
                 f"sweep grid {key!r}: {vals!r:.80} holds a value that is not a TOML value "
                 "(fix: numbers, strings, booleans, lists or tables)"
             ) from None
+    _check_workers(workers)
     with make_executor(executor, workers) as ex:
         return run_sweep(sc.model_dump(mode="json"), axes, sc._source, ex)
 
@@ -295,18 +304,27 @@ def plan(
             "expected a list of whole numbers in 1..64",
             "e.g. (1, 2, 4, 8)",
         )
-    for name, v in (("slo_ttft_p99_s", slo_ttft_p99_s), ("slo_tpot_p99_s", slo_tpot_p99_s)):
+    for name, v, eg in (
+        ("slo_ttft_p99_s", slo_ttft_p99_s, "e.g. 2.0"),
+        ("slo_tpot_p99_s", slo_tpot_p99_s, "e.g. 0.05 (50 ms)"),
+    ):
         if v is not None and (
             isinstance(v, bool)
             or not isinstance(v, (int, float))
             or not (math.isfinite(v) and v > 0)
         ):
-            raise ScenarioError(name, v, "must be a positive number of seconds", "e.g. 0.2")
+            raise ScenarioError(name, v, "must be a positive number of seconds", eg)
     slo = Slo(slo_ttft_p99_s or sc.slo.ttft_s, slo_tpot_p99_s or sc.slo.tpot_s, hours)
     data = sc.model_dump(mode="json")
     cands = make_candidates(
-        data, sc, list(gpus or dict.fromkeys([sc.hardware.gpu, "h200"])), list(tensor_parallel), src
+        data,
+        sc,
+        list(gpus or dict.fromkeys([sc.hardware.gpu, "h200"])),
+        list(tensor_parallel),
+        src,
+        flag="gpus =",
     )
+    _check_workers(workers)
     with make_executor(executor, workers) as ex:
         return plan_fleet(data, src, slo, cands, ex, schedule=schedule)
 

@@ -358,6 +358,8 @@ def test_sweep_table_is_never_cut(width):
             "fleet.replicas": [8, 12],
             "traffic.requests_per_day": [1e6, 2.5e6],
             "requests": [1001035.0, 2502588.0],
+            "gpu_hours": [768.0, 1152.0],
+            "energy_facility_kwh": [653.6, 980.4],
             "total_cost_usd": [736.52, 1104.78],
             "usd_per_mtok": [4.011, 2.407],
             "wh_per_request": [0.653, 0.4],
@@ -369,7 +371,11 @@ def test_sweep_table_is_never_cut(width):
     )
     c = _terminal(width)
     print_sweep(table, ["fleet.replicas", "traffic.requests_per_day"], "sweep of x.toml", c)
-    _check(c, width, ["1,001,035", "2,502,588", "1,104.78", "1.234", "55.1", "99.87"])
+    _check(
+        c,
+        width,
+        ["1,001,035", "2,502,588", "1,152.0", "980.4", "1,104.78", "1.234", "55.1", "99.87"],
+    )
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -104,3 +104,25 @@ def description(doc: str | None) -> str:
     para = (doc or "").strip().split("\n\n")[0]
     text = " ".join(line.strip() for line in para.splitlines())
     return re.sub(r"``(.+?)``", r"\1", text)
+
+
+def not_a_run(out_dir: Path) -> str:
+    """Why ``out_dir`` has no report, and the fix: a sweep's or a plan's folder holds one table
+    per point or candidate, not a day's hours; a file is not a folder (``fleetsim report`` and
+    ``fleetsim compare``)."""
+    if not out_dir.exists():
+        return "no such folder (fix: give the --out folder of a `fleetsim run`)"
+    if out_dir.is_file():
+        return "a file, not a folder (fix: give the --out folder of a `fleetsim run`)"
+    if (out_dir / "sweep.parquet").is_file():
+        return (
+            "a `fleetsim sweep` folder (sweep.parquet: one row per point), not a run's hours "
+            "(fix: fleetsim run FILE --set KEY=VALUE --report for the point to look at)"
+        )
+    if (out_dir / "plan.parquet").is_file() or (out_dir / "plan_disaggregated.parquet").is_file():
+        return (
+            "a `fleetsim plan` folder (its candidates), not a run's hours (fix: fleetsim run "
+            "FILE --set hardware.gpu=G --set fleet.tensor_parallel=T --set fleet.replicas=N "
+            "--report for the candidate to look at: the plan's probe at N is that run)"
+        )
+    return "no hourly.parquet in it (fix: give the --out folder of a `fleetsim run`)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,10 +47,15 @@ def run_block(run_dir: str | Path) -> dict:
 
     path = Path(run_dir) / "hourly.parquet"
     if not path.is_file():
-        raise UserError(
-            f"RUN_DIR = {clean(str(run_dir))!r}: no hourly.parquet in it (fix: name the --out "
-            "folder of a fleetsim run)"
-        )
+        from fleetsim.apps.common import not_a_run
+
+        why = not_a_run(Path(run_dir))
+        if Path(run_dir).is_file() and str(run_dir).endswith(".json"):
+            why = (
+                "a JSON file, not a run's folder (fix: the run's folder first, then the vLLM "
+                "result: fleetsim compare RUN_DIR VLLM_RESULT.json)"
+            )
+        raise UserError(f"RUN_DIR = {clean(str(run_dir))!r}: {why}")
     md = read_metadata(path)
     if "fleetsim.vllm" in md:
         return json.loads(md["fleetsim.vllm"])
@@ -105,6 +111,30 @@ def compare(ours: dict, theirs: dict) -> dict[str, dict]:
     return out
 
 
+def model_note(ours: dict, theirs: dict) -> str:
+    """A line when the two files name different models (the last part of each ``model_id``,
+    lower case, letters and digits only, neither containing the other: ``llama-3.1-70b``
+    matches ``meta-llama/Llama-3.1-70B-Instruct``); '' when they agree or one is unnamed."""
+    import re
+
+    a, b = ours.get("model_id"), theirs.get("model_id")
+    if not isinstance(a, str) or not isinstance(b, str) or not a or not b:
+        return ""
+
+    def key(m: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", m.rstrip("/").rsplit("/", 1)[-1].lower())
+
+    ka, kb = key(a), key(b)
+    if not ka or not kb or ka in kb or kb in ka:
+        return ""
+    from fleetsim.base.io import clean
+
+    return (
+        f"note: different models: the run's {clean(a, 80)!r}, the vLLM file's {clean(b, 80)!r} "
+        "(the comparison is of unlike things)"
+    )
+
+
 def _num(v) -> str:
     if v is None:
         return "n/a"
@@ -119,8 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleetsim.base.tables import print_table
 
     args = build_parser().parse_args(argv)
-    rows = compare(run_block(args.run_dir), read_vllm(args.vllm_result))
+    ours, theirs = run_block(args.run_dir), read_vllm(args.vllm_result)
+    rows = compare(ours, theirs)
+    note = model_note(ours, theirs)
     if args.json:
+        if note:
+            print(note, file=sys.stderr)
         print_json(rows)
         return 0
     c = console()
@@ -144,4 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rel. error = (fleetsim - vLLM) / vLLM",
         highlight=False,
     )
+    if note:
+        c.print(term(note), highlight=False)
     return 0

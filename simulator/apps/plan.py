@@ -234,17 +234,18 @@ def plan_table(cands: list[Candidate], pods: int) -> pa.Table:
 
 
 def parse_list(flag: str, raw: str, kind=str) -> list:
+    """A comma-separated flag's values; an empty one (``--gpus ''``, e.g. an unset shell
+    variable) is an error, not the default."""
+    example = f"{flag} 2,4,8" if kind is int else f"{flag} h100-sxm,h200"
     items = [x.strip() for x in raw.split(",") if x.strip()]
     if not items:
-        raise UserError(f"{flag} {raw!r}: empty list (fix: e.g. {flag} h100-sxm,h200)")
+        raise UserError(f"{flag} {raw!r}: empty list (fix: e.g. {example})")
     try:
         out = [kind(x) for x in items]
     except ValueError:
-        raise UserError(
-            f"{flag} {raw!r}: not a list of integers (fix: e.g. {flag} 2,4,8)"
-        ) from None
+        raise UserError(f"{flag} {raw!r}: not a list of integers (fix: e.g. {example})") from None
     if kind is int and any(x < 1 for x in out):
-        raise UserError(f"{flag} {raw!r}: values must be >= 1")
+        raise UserError(f"{flag} {raw!r}: values must be >= 1 (fix: e.g. {example})")
     return out
 
 
@@ -315,16 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_candidates(
-    data: dict, sc, gpus: list[str], tps: list[int], source: str
+    data: dict, sc, gpus: list[str], tps: list[int], source: str, flag: str = "--gpus"
 ) -> list[Candidate]:
     """Resolve every GPU x TP; a candidate whose weights or KV do not fit is kept with its
-    reason. An unknown GPU name is a user error."""
+    reason. An unknown GPU name is a user error, named by ``flag`` (the Python API's
+    ``gpus =``)."""
     cands = []
     for g in gpus:
         for tp in tps:
             c = Candidate(gpu=g, tp=tp, base=candidate_base(data, g, tp, sc.hardware.gpu))
             resolve_candidate(
-                c, source, lambda f: f.startswith("hardware"), f"--gpus {g!r}", lambda e: e.problem
+                c, source, lambda f: f.startswith("hardware"), f"{flag} {g!r}", lambda e: e.problem
             )
             cands.append(c)
     return cands
@@ -358,7 +360,8 @@ def plan_fleet(
             log(
                 f"{c.gpu} TP{c.tp}: "
                 + (
-                    f"{c.replicas} replicas per pod ({c.probes} probes)"
+                    f"{c.replicas} replica{'' if c.replicas == 1 else 's'} per pod "
+                    f"({c.probes} probes)"
                     if c.replicas
                     else c.problem
                 )
@@ -406,12 +409,12 @@ def main(argv: list[str]) -> int:
     slo = Slo(
         args.slo_ttft_p99_s or sc.slo.ttft_s, args.slo_tpot_p99_s or sc.slo.tpot_s, args.hours
     )
-    for flag, v in (
-        ("--slo-ttft-p99-s", args.slo_ttft_p99_s),
-        ("--slo-tpot-p99-s", args.slo_tpot_p99_s),
+    for flag, v, eg in (
+        ("--slo-ttft-p99-s", args.slo_ttft_p99_s, "2"),
+        ("--slo-tpot-p99-s", args.slo_tpot_p99_s, "0.05 (50 ms)"),
     ):
         if v is not None and not (v > 0 and math.isfinite(v)):
-            raise UserError(f"{flag} {v}: must be a positive number of seconds")
+            raise UserError(f"{flag} {v:g}: must be a positive number of seconds (fix: e.g. {eg})")
     agg_data, cands, dcands = _candidates(args, sc, data)
     names = ("plan.parquet", "schedule.json") + (("plan_disaggregated.parquet",) if dcands else ())
     outp = open_output(args, Path(args.scenario).stem + "-plan", names)
@@ -457,12 +460,18 @@ def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
     """The aggregated scenario's data and the candidates of each design to plan."""
     gpus = (
         parse_list("--gpus", args.gpus)
-        if args.gpus
+        if args.gpus is not None
         else list(dict.fromkeys([sc.hardware.gpu, "h200"]))
     )
-    tps = parse_list("--tp", args.tp, int) if args.tp else list(DEFAULT_TPS)
+    tps = parse_list("--tp", args.tp, int) if args.tp is not None else list(DEFAULT_TPS)
     dis_sec = sc.disaggregation
     designs = args.designs or ("both" if dis_sec is not None else "aggregated")
+    for flag, given in (("--prefill-gpus", args.prefill_gpus), ("--decode-gpus", args.decode_gpus)):
+        if given is not None and designs == "aggregated":
+            raise UserError(
+                f"{flag} {given!r}: a pool of the disaggregated design, which this plan does not "
+                "size (fix: add --designs both, or leave it out)"
+            )
     agg_data = {k: v for k, v in data.items() if k != "disaggregation"}
     cands = (
         make_candidates(agg_data, sc, gpus, tps, args.scenario)
@@ -477,8 +486,12 @@ def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
             sec = getattr(dis_sec, pool) if dis_sec is not None else None
             return sec.gpu if sec is not None and sec.gpu else sc.hardware.gpu
 
-        pg = parse_list("--prefill-gpus", args.prefill_gpus) if args.prefill_gpus else None
-        dg = parse_list("--decode-gpus", args.decode_gpus) if args.decode_gpus else None
+        pg = (
+            parse_list("--prefill-gpus", args.prefill_gpus)
+            if args.prefill_gpus is not None
+            else None
+        )
+        dg = parse_list("--decode-gpus", args.decode_gpus) if args.decode_gpus is not None else None
         dcands = make_disagg_candidates(
             data, pg or [pool_gpu("prefill")], dg or [pool_gpu("decode")], args.scenario
         )
@@ -517,6 +530,9 @@ def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> 
     if not args.quiet:
         if cands:
             print_plan(table, slo, sched, wide)
+            line = price_line(cands, args.scenario)
+            if line:
+                wide.print(term(line))
         if dtable is not None:
             from fleetsim.apps.plan_disagg import print_designs
 
@@ -540,6 +556,31 @@ def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> 
                 "wall_s": wall,
             }
         )
+
+
+def price_line(cands: list[Candidate], source: str = "") -> str:
+    """The hardware price behind each GPU's ``hw $``: the scenario's ``[hardware]`` figures
+    hold for its own GPU only, every other GPU is priced from the catalog (so a price set for
+    one GPU is never silently applied to another); '' without a resolved candidate."""
+    from fleetsim.device import catalog
+
+    seen: dict[str, str] = {}
+    for c in cands:
+        rs = c.rs
+        if rs is None or c.gpu in seen:
+            continue
+        g, cost = rs.gpu, rs.scenario.cost
+        cat = catalog.gpus().get(c.gpu, {})
+        key = "rent_usd_per_gpu_hour" if cost.hardware == "rented" else "capex_usd"
+        where = "catalog" if getattr(g, key) == cat.get(key) else "the scenario's [hardware]"
+        if cost.hardware == "rented":
+            seen[c.gpu] = f"{c.gpu} ${g.rent_usd_per_gpu_hour:,.2f}/GPU-h rent ({where})"
+        else:
+            seen[c.gpu] = (
+                f"{c.gpu} ${g.capex_usd:,.0f} per GPU over {cost.amortization_years:g} years "
+                f"({where})"
+            )
+    return ("hardware prices: " + "; ".join(seen.values())) if seen else ""
 
 
 def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:

@@ -4,8 +4,9 @@ From ``DIR/hourly.parquet`` (and the scenario in its metadata), or from a :class
 memory (``fleetsim run --report``), this writes into ``DIR``:
 
 * ``cost.png``: hourly cost stacked by part (energy, hardware);
-* ``power.png``: hourly facility power (mean kW over the hour, numerically its kWh) by part,
-  with the electricity price;
+* ``power.png``: hourly facility power (mean kW over the hour, numerically its kWh) by part:
+  GPU idle (the static draw: idle while on, waking, standby while off), GPU dynamic (the
+  iterations' work) and node overhead, each x PUE, with the electricity price;
 * ``utilization.png``: utilisation and the GPUs powered (autoscaling shows here);
 * ``latency.png``: p99 TTFT and TPOT against the SLO lines;
 * ``report.html`` (self-contained: the PNGs are embedded as base64) and ``report.md`` (links).
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetsim.apps.common import description
+from fleetsim.apps.common import description, not_a_run
 from fleetsim.base.errors import UserError
 from fleetsim.base.units import fmt_num, per_sim_hour
 from fleetsim.results.output import write_bytes_atomic, write_text_atomic
@@ -58,6 +59,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)
     pools: Any = None  # pools.parquet of a disaggregated run (a pyarrow Table), or None
     latency: dict[str, float] = field(default_factory=dict)  # day-wide (empty if unknown)
+    pod_ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # sampled pods' 95%
 
 
 def _from_result(res) -> RunData:
@@ -65,7 +67,13 @@ def _from_result(res) -> RunData:
     cols = {n: t.column(n).to_numpy(zero_copy_only=False) for n in t.schema.names}
     cfg = json.loads(res.scenario.model_dump_json())
     return RunData(
-        cols, res.totals, cfg, res.scenario.name, pools=res.pools, latency=dict(res.day_latency)
+        cols,
+        res.totals,
+        cfg,
+        res.scenario.name,
+        pools=res.pools,
+        latency=dict(res.day_latency),
+        pod_ci=dict(res.pod_ci),
     )
 
 
@@ -97,10 +105,7 @@ def _from_dir(out_dir: Path) -> RunData:
 
     path = out_dir / "hourly.parquet"
     if not path.is_file():
-        raise UserError(
-            f"{io.clean(str(out_dir))}: no hourly.parquet in it "
-            "(fix: give the --out folder of a `fleetsim run`)"
-        )
+        raise UserError(f"{io.clean(str(out_dir))}: {not_a_run(out_dir)}")
     where = io.clean(str(path))
     bad = f"{where}: not a fleetsim hourly table"
     raw = io.read_bytes(path, "", io.MAX_TRACE_BYTES)
@@ -146,6 +151,11 @@ def _from_dir(out_dir: Path) -> RunData:
             cfg = None
     lat = obj("fleetsim.latency") or {}
     latency = {k: float(v) for k, v in lat.items() if isinstance(v, (int, float))}
+    pod_ci = {
+        k: (float(v[0]), float(v[1]))
+        for k, v in (obj("fleetsim.pod_ci95") or {}).items()
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+    }
     pools = None
     if (out_dir / "pools.parquet").is_file():  # a disaggregated run
         try:
@@ -157,7 +167,7 @@ def _from_dir(out_dir: Path) -> RunData:
                 f"{io.clean(str(out_dir / 'pools.parquet'))}: cannot read it as Parquet "
                 f"({io.clean(str(exc), 120)})"
             ) from None
-    return RunData(cols, totals, cfg, name, pools=pools, latency=latency)
+    return RunData(cols, totals, cfg, name, pools=pools, latency=latency, pod_ci=pod_ci)
 
 
 def pool_lines(d: RunData) -> list[tuple[str, str]]:
@@ -270,10 +280,15 @@ def _plot_cost(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
     fig, ax = plt.subplots()
     h = _hours_axis(ax, c)
     e, hw = c["energy_cost_usd"], c["hardware_cost_usd"]
-    ax.bar(h, hw, color="#7f7f7f", label="hardware (amortised or rented)")
+    mode = ((d.config or {}).get("cost") or {}).get("hardware")
+    how = {"owned": "owned: amortised capex", "rented": "rented: rent while powered"}
+    ax.bar(h, hw, color="#7f7f7f", label=f"hardware ({how.get(str(mode), 'amortised or rented')})")
     ax.bar(h, e, bottom=hw, color="#1f77b4", label="energy (facility kWh x price)")
     ax.set_ylabel("cost per hour ($)")
-    ax.set_title(f"{for_plot(d.name)}: hourly cost by part")
+    ax.set_title(
+        f"{for_plot(d.name)}: hourly cost by part (day: \\${np.nansum(e + hw):,.2f} = "
+        f"energy \\${np.nansum(e):,.2f} + hardware \\${np.nansum(hw):,.2f})"
+    )
     ax.set_ylim(0, float(np.nanmax(e + hw)) * 1.3 or 1.0)
     ax.legend(loc="upper left", ncol=2)
     png = _png(fig)
@@ -281,23 +296,38 @@ def _plot_cost(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
     return png
 
 
+def power_parts(c: dict[str, Any]) -> list[tuple[str, str, np.ndarray]]:
+    """The hourly facility kWh by part, bottom to top, as (label, colour, kWh): the GPUs'
+    static draw (idle while on, waking, standby while off), their dynamic energy (the
+    iterations' work) and the node overhead, each x the hour's PUE (facility / IT energy). An
+    hourly table without the GPU split (an older run) has one GPU part."""
+    fac = np.asarray(c["energy_facility_kwh"], dtype=float)
+    it = np.asarray(c["energy_it_kwh"], dtype=float)
+    pue = np.divide(fac, it, out=np.zeros_like(fac), where=it > 0)
+    gpu = np.asarray(c["energy_gpu_kwh"], dtype=float)
+    idle, dyn = c.get("energy_gpu_idle_kwh"), c.get("energy_gpu_dynamic_kwh")
+    if idle is not None and dyn is not None and np.isfinite(idle).all() and np.isfinite(dyn).all():
+        parts = [
+            ("GPU idle (x PUE)", "#f4a582", np.asarray(idle, dtype=float) * pue),
+            ("GPU dynamic (x PUE)", "#d62728", np.asarray(dyn, dtype=float) * pue),
+        ]
+    else:
+        parts = [("GPUs (x PUE)", "#d62728", gpu * pue)]
+    return [*parts, ("node overhead (x PUE)", "#bababa", (it - gpu) * pue)]
+
+
 def _plot_power(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
-    """Facility power and energy per hour, GPUs vs node overhead, with the price."""
+    """Facility power and energy per hour by part (GPU idle, GPU dynamic, node overhead, each
+    x PUE), with the price."""
     fig, ax = plt.subplots()
     h = _hours_axis(ax, c)
     fac = c["energy_facility_kwh"]
-    it = np.maximum(c["energy_it_kwh"], 1e-300)
-    gpu_share = c["energy_gpu_kwh"] / it
-    ax.bar(h, fac * gpu_share, color="#d62728", label="GPUs (x PUE)")
-    ax.bar(
-        h,
-        fac * (1 - gpu_share),
-        bottom=fac * gpu_share,
-        color="#ff9896",
-        label="node overhead (x PUE)",
-    )
+    bottom = np.zeros(len(h))
+    for label, color, part in power_parts(c):
+        ax.bar(h, part, bottom=bottom, color=color, label=label)
+        bottom = bottom + part
     ax.set_ylabel("facility power, mean kW (= kWh in the hour)")
-    ax.set_ylim(0, float(np.nanmax(fac)) * 1.35 or 1.0)
+    ax.set_ylim(0, float(np.nanmax(fac)) * 1.45 or 1.0)
     ax.set_title(
         f"{for_plot(d.name)}: facility power and energy per hour (day: {np.nansum(fac):,.1f} kWh)"
     )
@@ -309,7 +339,7 @@ def _plot_power(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
     ax2.set_ylim(0, max(float(np.nanmax(c["price_usd_per_kwh"])) * 1.3, 1e-9))
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", ncol=3)
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", ncol=2)
     png = _png(fig)
     plt.close(fig)
     return png
@@ -370,9 +400,9 @@ def _plot_utilization(plt: Any, d: RunData, c: dict[str, Any]) -> bytes:
 def _plot_latency(plt: Any, d: RunData, c: dict[str, Any], slo: dict[str, float] | None) -> bytes:
     """p99 (and p50) TTFT and TPOT per hour against the SLO."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, col, key, label, unit in (
-        (a1, "ttft_p99_s", "ttft_s", "p99 TTFT", 1.0),
-        (a2, "tpot_p99_s", "tpot_s", "p99 TPOT", 1000.0),
+    for ax, col, key, label, unit, name in (
+        (a1, "ttft_p99_s", "ttft_s", "p99 TTFT", 1.0, "s"),
+        (a2, "tpot_p99_s", "tpot_s", "p99 TPOT", 1000.0, "ms"),
     ):
         h = _hours_axis(ax, c)
         ax.plot(h, c[col] * unit, "o-", label=label)
@@ -385,11 +415,14 @@ def _plot_latency(plt: Any, d: RunData, c: dict[str, Any], slo: dict[str, float]
                 label=label.replace("p99", "p50"),
             )
         if slo and key in slo:
-            ax.axhline(slo[key] * unit, color="red", ls=":", label=f"SLO {slo[key] * unit:g}")
+            ax.axhline(
+                slo[key] * unit, color="red", ls=":", label=f"SLO {slo[key] * unit:g} {name}"
+            )
         ax.set_ylabel("seconds" if unit == 1.0 else "milliseconds")
         ax.set_ylim(bottom=0)
         ax.legend(loc="best")
-        ax.set_title(f"{label} per hour")
+        ax.set_title(f"{label} per hour (requests completed in it)")
+    fig.suptitle(f"{for_plot(d.name)}: latency against the SLO")
     png = _png(fig)
     plt.close(fig)
     return png
@@ -513,6 +546,8 @@ def peak_analysis(
         "day_cost_usd": day,
         "peak_hour": peak,
         "trough_hour": trough,
+        "peak_hour_utc": hour_of_day(d, peak),
+        "trough_hour_utc": hour_of_day(d, trough),
         "peak_requests": int(arrived[peak]),
         "trough_requests": int(arrived[trough]),
         "peak_cost_share": float(cost[peak] / day) if day else math.nan,
@@ -547,18 +582,18 @@ _fmt = fmt_num
 
 def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
     t = d.totals
-    hs = d.cols["hour_start"]
 
     def hod(i: int) -> str:
-        return f"{np.datetime64(hs[i], 'h').astype(object).hour:02d}:00 UTC (hour {i})"
+        return hour_of_day(d, i)
 
     rows = [
         *_headroom_rows(d),
         ("requests completed", _fmt(t.requests_completed, ",.0f")),
-        ("facility energy", f"{_fmt(t.energy_facility_kwh)} kWh"),
+        ("facility energy", _energy_split(t)),
         ("energy cost", f"$ {_fmt(t.energy_cost_usd)}"),
         ("hardware cost", f"$ {_fmt(t.hardware_cost_usd)}"),
         ("total cost", f"$ {_fmt(t.total_cost_usd)}"),
+        *_ci_rows(d),
         ("GPU-hours powered", _fmt(t.gpu_hours, ",.1f")),
         (
             "busy fraction of powered time",
@@ -567,7 +602,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         ("Wh per request", _fmt(t.wh_per_request, ",.3f")),
         ("$ per M output tokens", _fmt(t.usd_per_mtok, ",.3f")),
-        ("SLO attainment", _fmt(t.slo_attainment, ".2%")),
+        ("SLO attainment", _fmt(t.slo_attainment, ".2%") + _slo_targets(d)),
         *_latency_rows(d),
         (
             "busiest hour",
@@ -596,6 +631,48 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
     else:
         rows.append(("marginal cost of the peak", a["flat_note"]))
     return rows
+
+
+def _ci_rows(d: RunData) -> list[tuple[str, str]]:
+    """A sampled fleet's 95% interval over the simulated pods for the day's energy and cost
+    (the terminal summary's; none when every pod was simulated)."""
+    rows = []
+    for key, label, pre, unit in (
+        ("energy_facility_kwh", "facility energy, 95% interval over pods", "", " kWh"),
+        ("total_cost_usd", "total cost, 95% interval over pods", "$ ", ""),
+    ):
+        if key in d.pod_ci:
+            lo, hi = d.pod_ci[key]
+            rows.append((label, f"{pre}{_fmt(lo)} .. {pre}{_fmt(hi)}{unit}"))
+    return rows
+
+
+def _slo_targets(d: RunData) -> str:
+    """`` (TTFT <= 2 s and TPOT <= 200 ms)``: the scenario's targets, when it is known."""
+    slo = (d.config or {}).get("slo") or {}
+    if not isinstance(slo.get("ttft_s"), (int, float)) or not isinstance(
+        slo.get("tpot_s"), (int, float)
+    ):
+        return ""
+    return f" of requests with TTFT <= {slo['ttft_s']:g} s and TPOT <= {slo['tpot_s'] * 1e3:g} ms"
+
+
+def _energy_split(t: DayTotals) -> str:
+    """The day's facility kWh and its parts, as the terminal summary writes them."""
+    total = f"{_fmt(t.energy_facility_kwh)} kWh"
+    if not t.energy_it_kwh > 0:
+        return total
+    gpu = _fmt(t.energy_gpu_kwh)
+    if math.isfinite(t.energy_gpu_idle_kwh) and math.isfinite(t.energy_gpu_dynamic_kwh):
+        gpu = (
+            f"GPU idle {_fmt(t.energy_gpu_idle_kwh)} + GPU dynamic {_fmt(t.energy_gpu_dynamic_kwh)}"
+        )
+    else:
+        gpu = f"GPU {gpu}"
+    return (
+        f"{total} = ({gpu} + node overhead {_fmt(t.energy_overhead_kwh)}) kWh "
+        f"x PUE {_fmt(t.energy_facility_kwh / t.energy_it_kwh, '.3g')}"
+    )
 
 
 def _headroom_rows(d: RunData) -> list[tuple[str, str]]:
@@ -662,6 +739,13 @@ def _peak_load(d: RunData) -> tuple[float, float, float] | None:
     return (rate / cap, rate, cap) if cap > 0 else None
 
 
+def hour_of_day(d: RunData, i: int) -> str:
+    """Hour ``i`` of the run as its UTC hour of day and its index: ``14:00 UTC (hour 4)``."""
+    return (
+        f"{np.datetime64(d.cols['hour_start'][i], 'h').astype(object).hour:02d}:00 UTC (hour {i})"
+    )
+
+
 def _latency_rows(d: RunData) -> list[tuple[str, str]]:
     """TTFT, TPOT, ITL and e2e over the day (p50 / p90 / p99 and mean; TPOT and ITL in ms, as
     in the terminal) and the worst hour's p99 TTFT and TPOT."""
@@ -685,7 +769,7 @@ def _latency_rows(d: RunData) -> list[tuple[str, str]]:
         v = np.asarray(c[col], dtype=float)
         if np.isfinite(v).any():
             i = int(np.nanargmax(v))
-            rows.append((label, f"{_fmt(float(v[i]) * scale, fmt)} {unit} (hour {i})"))
+            rows.append((label, f"{_fmt(float(v[i]) * scale, fmt)} {unit} at {hour_of_day(d, i)}"))
     return rows
 
 
@@ -697,8 +781,55 @@ _EXPLAIN = (
 )
 
 
+def what_was_simulated(d: RunData, esc=plain, dollar: str = "$") -> str:
+    """One sentence on the run: model, fleet, hours from when, seed, how the GPUs are paid
+    for and the electricity price ('' when the run's scenario is not known); names (user text)
+    pass through ``esc``, and the dollar sign is ``dollar``."""
+    if d.config is None:
+        return ""
+    try:
+        from fleetsim.config.loading import scenario_from_dict
+        from fleetsim.config.resolve import resolve
+
+        rs = resolve(scenario_from_dict(d.config))
+    except Exception:  # (a scenario this version cannot resolve)
+        return ""
+    sc = rs.scenario
+    if rs.pools is not None:
+        fleet = f"{sc.fleet.pods} pod(s) of " + " + ".join(
+            f"{p.name} {p.replicas} x TP{p.tp} {esc(p.gpu_name)}"
+            for p in (rs.pools.prefill, rs.pools.decode)
+        )
+    else:
+        n = sc.fleet.pods * sc.fleet.replicas * rs.tp
+        shape = f"TP{rs.tp}" if rs.dp == 1 else f"(TP{rs.tp // rs.dp} x DP{rs.dp})"
+        fleet = (
+            f"{n:,} x {esc(rs.gpu.name)} ({sc.fleet.pods:,} pod(s) x {sc.fleet.replicas:,} "
+            f"replica(s) x {shape})"
+        )
+    price = sc.cost.electricity_usd_per_kwh
+    elec = (
+        f"{dollar}{price:g}/kWh"
+        if isinstance(price, (int, float))
+        else f"{dollar}{min(price):g}-{max(price):g}/kWh by hour"
+    )
+    k = sc.fleet.sample_pods
+    if k is not None and k < sc.fleet.pods:
+        fleet += f", {k} of the {sc.fleet.pods:,} pods simulated and scaled"
+    start = sc.simulation.start_utc.strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"{esc(rs.model.name)} on {fleet}; {sc.simulation.hours} h from {start}, seed {sc.seed}; "
+        f"autoscaler {sc.autoscaler.policy}; GPUs {sc.cost.hardware}, electricity {elec}, "
+        f"PUE {sc.power.pue:g}."
+    )
+
+
 def render_markdown(d: RunData, a: dict[str, Any]) -> str:
-    lines = [f"# fleetsim report: {for_heading(d.name)}", "", "| figure | value |", "|---|---|"]
+    lines = [f"# fleetsim report: {for_heading(d.name)}", ""]
+    what = what_was_simulated(d, for_heading, r"\$")
+    if what:
+        lines += [what, ""]
+    lines += ["| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _rows(d, a) + pool_lines(d)]
     lines += ["", _EXPLAIN, ""]
     for p in PLOTS:
@@ -715,11 +846,13 @@ def render_html(d: RunData, a: dict[str, Any], pngs: dict[str, bytes]) -> str:
         f'<p><img alt="{p}" src="data:image/png;base64,{base64.b64encode(pngs[p]).decode()}"></p>'
         for p in PLOTS
     )
+    what = what_was_simulated(d)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>fleetsim report: {html.escape(plain(d.name))}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 th{{text-align:left;padding-right:2em}} td{{text-align:right}} img{{max-width:100%}}</style>
 </head><body><h1>fleetsim report: {html.escape(plain(d.name))}</h1>
+{f"<p>{html.escape(what)}</p>" if what else ""}
 <table>{rows}</table><p>{html.escape(_EXPLAIN)}</p>
 {imgs}
 </body></html>
@@ -925,7 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {page.resolve()}, report.md and {pngs} in {page.parent}")
     m = a["marginal_cost_of_peak_usd"]
     print(
-        f"busiest hour {a['peak_hour']}: {a['peak_cost_share']:.2%} of the day's cost; "
+        f"busiest hour {a.get('peak_hour_utc', a['peak_hour'])}: {a['peak_cost_share']:.2%} "
+        "of the day's cost; "
         + (
             f"marginal cost of the peak $ {m:,.2f} (flat day {a.get('flat_source', '')})"
             if m is not None

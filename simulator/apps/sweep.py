@@ -48,7 +48,12 @@ RESULT_COLUMNS = (
     "requests",
     "requests_completed",
     "requests_in_flight",
+    "requests_rejected",
+    "gpu_hours",
     "energy_facility_kwh",
+    "energy_gpu_idle_kwh",
+    "energy_gpu_dynamic_kwh",
+    "energy_overhead_kwh",
     "energy_cost_usd",
     "hardware_cost_usd",
     "total_cost_usd",
@@ -97,14 +102,27 @@ def split_values(raw: str) -> list[str]:
     return out
 
 
-def array_values(raw: str) -> list[str]:
+def array_values(raw: str, key: str = "section.key") -> list[str]:
     """The items of a TOML array ``[v1, v2, ...]`` (parsed as ``--set`` parses a value), each as
-    TOML text for an override; a value that is itself a list is an item: ``[[1, 2], [3, 4]]``."""
+    TOML text for an override; a value that is itself a list is an item: ``[[1, 2], [3, 4]]``.
+    An array that is not TOML only for its bare words (``[flat, azure-conv]``) has them read as
+    strings, as ``--set`` and the comma form read them; an unclosed one is named."""
     from fleetsim.base import io
 
-    items = io.parse_toml(f"v = {raw.strip()}", f"--grid value {io.clean(raw, 80)!r}")["v"]
+    text = raw.strip()
+    where = f"--grid {io.clean(key, 80)}={io.clean(raw, 80)}"
+    io.check_depth(f"v = {text}", where, toml=True)
+    if not text.endswith("]"):
+        raise UserError(f"{where}: the array is not closed (fix: e.g. {key}=[4, 8])")
+    try:
+        items = io.parse_toml(f"v = {text}", where)["v"]
+    except UserError:
+        inner = text[1:-1].strip()
+        if not inner or any(ch in inner for ch in "[]{}"):
+            raise
+        return split_values(inner)  # bare words: each read as --set reads a value
     if not isinstance(items, list):
-        raise UserError(f"--grid value {io.clean(raw, 80)!r}: not a TOML array")
+        raise UserError(f"{where}: not a TOML array")
     return [toml_value(v) for v in items]
 
 
@@ -122,7 +140,9 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
             raise UserError(f"--grid {item!r}: the key must be section.key (e.g. fleet.replicas)")
         if any(k == key for k, _ in axes):
             raise UserError(f"--grid {key}: given twice (fix: list all its values in one --grid)")
-        values = array_values(raw) if raw.strip().startswith("[") else split_values(raw)
+        if not raw.strip():
+            raise UserError(f"--grid {item!r}: no values (fix: e.g. {key}=[4, 8])")
+        values = array_values(raw, key) if raw.strip().startswith("[") else split_values(raw)
         if not values:
             raise UserError(f"--grid {item!r}: an empty list (fix: e.g. {key}=[4, 8])")
         if any(v == "" for v in values):
@@ -142,13 +162,20 @@ def grid_points(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
 
 
 def point_scenarios(base: dict, points: list[list[str]], source: str) -> list[dict]:
-    """Validate every point up front (schema and catalogs); the scenario dict of each."""
+    """Validate every point up front (schema and catalogs); the scenario dict of each. A
+    mistake that is not the grid's (in the file or a --set: the base alone fails the same way)
+    is reported as it is, not as the first point's."""
     out = []
     for ov in points:
         try:
             sc = scenario_from_dict(apply_overrides(base, ov), source)
             resolve(sc, source)
         except UserError as exc:
+            try:
+                resolve(scenario_from_dict(base, source), source)
+            except UserError as base_exc:
+                if str(base_exc) == str(exc):
+                    raise exc from None
             raise UserError(f"sweep point {' '.join(ov)}: {exc}") from None
         out.append(sc.model_dump(mode="json"))
     return out
@@ -164,7 +191,12 @@ def point_row(res: RunSummary) -> dict[str, float]:
         "requests": t.requests_arrived,
         "requests_completed": t.requests_completed,
         "requests_in_flight": t.requests_in_flight,
+        "requests_rejected": t.requests_rejected,
+        "gpu_hours": t.gpu_hours,  # powered (autoscaling and power states show here)
         "energy_facility_kwh": t.energy_facility_kwh,
+        "energy_gpu_idle_kwh": t.energy_gpu_idle_kwh,  # IT energy: x PUE is facility
+        "energy_gpu_dynamic_kwh": t.energy_gpu_dynamic_kwh,
+        "energy_overhead_kwh": t.energy_overhead_kwh,
         "energy_cost_usd": t.energy_cost_usd,
         "hardware_cost_usd": t.hardware_cost_usd,
         "total_cost_usd": t.total_cost_usd,
@@ -311,14 +343,42 @@ def print_sweep(table: pa.Table, axes: list[str], title: str, c) -> None:
         c,
         f"{title}: {table.num_rows} points",
         [term(header) for _, header, _, _ in shown],
-        [[_fmt(row[col], scale, fmt) for col, _, scale, fmt in shown] for row in table.to_pylist()],
+        [
+            [
+                _grid_cell(row[col]) if col in axes else _fmt(row[col], scale, fmt)
+                for col, _, scale, fmt in shown
+            ]
+            for row in table.to_pylist()
+        ],
     )
+
+
+def _grid_cell(v: object) -> str:
+    """A grid value for the terminal: a long list of numbers (a 24-hour price or diurnal
+    profile) as its length, range and mean, so the table stays readable; sweep.parquet keeps
+    the whole value."""
+    items = v
+    if isinstance(v, str) and v.startswith("["):
+        try:
+            items = json.loads(v)
+        except ValueError:
+            items = v
+    if (
+        isinstance(items, list)
+        and len(items) > 6
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items)
+    ):
+        lo, hi, mean = min(items), max(items), sum(items) / len(items)
+        return term(f"{len(items)} values {lo:g}..{hi:g}, mean {mean:.4g}")
+    return _fmt(v)
 
 
 #: the terminal table's columns: (column, header, scale, format); units as in ``fleetsim run``
 #: and ``fleetsim plan`` (TTFT in s, TPOT in ms, money in $)
 SHOWN = (
     ("requests", "requests", 1.0, ",.0f"),
+    ("gpu_hours", "GPU-h", 1.0, ",.1f"),
+    ("energy_facility_kwh", "kWh", 1.0, ",.1f"),
     ("total_cost_usd", "total $", 1.0, ",.2f"),
     ("usd_per_mtok", "$/Mtok", 1.0, ".3f"),
     ("wh_per_request", "Wh/req", 1.0, ".3f"),

@@ -202,6 +202,8 @@ SCENARIO: dict[str, str] = {
     "FleetSection.max_num_seqs": "vLLM's name of max_batch_size.",
     "FleetSection.max_num_batched_tokens": "vLLM's name of max_batched_tokens.",
     "FleetSection.tensor_parallel_size": "vLLM's name of tensor_parallel.",
+    "FleetSection.data_parallel_size": "vLLM's name of data_parallel.",
+    "FleetSection.enable_expert_parallel": "vLLM's name of expert_parallel.",
     "FleetSection.data_parallel": "Data-parallel attention engines per replica (vLLM "
     "--data-parallel-size): a replica has tensor_parallel x data_parallel GPUs, and "
     "max_batch_size / max_batched_tokens are the whole replica's.",

@@ -217,7 +217,23 @@ def _check_value(v: Any, ann: Any, meta: tuple, path: str, source: str) -> None:
         fix = f"use {describe(ann, meta)}"
         if shape == "str" and _parses_as_number(v):
             fix = "write the number without quotes"
+        elif shape == "str" and (secs := _seconds(v)) is not None and path.endswith("_s"):
+            fix = f"the field is in seconds, without a unit: {secs:g}"
         raise ScenarioError(path, v, f"{what} where a number goes", fix, source)
+
+
+_TIME_UNITS = {"ms": 1e-3, "us": 1e-6, "s": 1.0, "sec": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def _seconds(v: str) -> float | None:
+    """``'50ms'`` / ``'2 s'`` / ``'10min'`` in seconds (a duration written with its unit), else
+    None."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-z]+)\s*", v)
+    if m is None or m.group(2) not in _TIME_UNITS:
+        return None
+    return float(m.group(1)) * _TIME_UNITS[m.group(2)]
 
 
 def _parses_as_number(v: str) -> bool:
@@ -265,6 +281,32 @@ def _walk(loc: tuple, root: type[BaseModel]) -> dict:
         path = f"{path}.{part}" if path else part
         ann = (None, ())
     return {"path": path or "(top level)", "parent": parent, "ann": ann, "union": union}
+
+
+def _section_model(f: FieldInfo) -> type[BaseModel] | None:
+    """The table a field holds (``X`` or ``X | None``), else None."""
+    base = _split(*_field_ann(f))[0]
+    for b in [base, *(_branches(base) or [])]:
+        if _is_model(_split(b)[0]):
+            return _split(b)[0]
+    return None
+
+
+def _home_section(key: str, root: type[BaseModel], parent: type[BaseModel] | None) -> str:
+    """The one other top-level section of ``root`` that has a field (or alias) ``key``, for a
+    key written at the top level or under the wrong header (``[cost] rent_usd_per_gpu_hour``
+    is ``hardware``'s); '' if none or several, or if the key sits deeper."""
+    sections = {n: _section_model(f) for n, f in root.model_fields.items()}
+    if key in _fields(root) or (parent is not root and parent not in sections.values()):
+        return ""
+    if parent is not None and parent is not root:  # a table of its own holds it ([disaggregation])
+        subs = [_section_model(f) for f in parent.model_fields.values()]
+        if any(m is not None and key in _fields(m) for m in subs):
+            return ""
+    homes = [
+        n for n, m in sections.items() if m is not None and m is not parent and key in _fields(m)
+    ]
+    return homes[0] if len(homes) == 1 else ""
 
 
 def _branch_for_tag(br: list, tag: str) -> Any:
@@ -344,8 +386,12 @@ def format_validation_error(
         parent = w["parent"]
         known = list(parent.model_fields) if parent else []
         key = str(err["loc"][-1])
+        home = _home_section(key, root, parent)
         close = closest(key, known)
-        fix = f"did you mean {close!r}?" if close else f"known keys: {', '.join(known)}"
+        if home:
+            fix = f"it belongs to [{home}]: {home}.{key}"
+        else:
+            fix = f"did you mean {close!r}?" if close else f"known keys: {', '.join(known)}"
         return ScenarioError(w["path"], err.get("input"), "unknown key", fix, source)
     if kind == "missing":
         ann, meta = w["ann"]

@@ -145,6 +145,12 @@ class Result:
             totals=dumps(self.totals.as_dict()),
             latency=dumps(self.day_latency),
             vllm=dumps(self.vllm()),
+            # the 95% interval over the simulated pods (a sampled fleet; the report shows it)
+            **(
+                {"pod_ci95": dumps({k: list(v) for k, v in self.pod_ci.items()})}
+                if self.pod_ci
+                else {}
+            ),
         )
 
     def vllm(self) -> dict:
