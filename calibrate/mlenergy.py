@@ -2328,22 +2328,51 @@ def implied_prompt_means(
         return list(ex.map(_implied_one, jobs, chunksize=1))
 
 
+def reserve_sensitivity(c: Config) -> tuple[float, float]:
+    """(the simulated KV cache in GiB, the prompt tokens one GiB per GPU of memory the
+    simulator does not reserve moves the row's implied mean by): ``gpus x 2^30 / (b_meas x
+    bytes per token)``. A row whose implied mean a plausible reserve error (a few tenths of a
+    GiB: the profiling run's peak, non-torch memory; docs/accuracy-log.md, KV budget) moves by
+    a few tokens is a trustworthy estimator; one it moves by hundreds is not."""
+    from fleetsim.api import load
+    from fleetsim.config.resolve import resolve
+    from fleetsim.config.resolved import kv_budget
+
+    with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
+        trace = Path(tmp) / "trace.csv"
+        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+        rs = resolve(load(scenario_dict(c, str(trace), 1)), "")
+    kb = kv_budget(rs.scenario, rs.model, rs.profile.mem_bytes)
+    gpus = rs.scenario.fleet.tensor_parallel * rs.scenario.fleet.data_parallel
+    return kb.kv_bytes / 2**30, gpus * 2**30 / (c.avg_batch_size * kb.bytes_per_token)
+
+
 def implied_mean_lines(res: Sequence[ImpliedMean]) -> list[str]:
-    """The table ``--implied-prompt`` prints: per row the measured window batch, the KV
-    budget (tokens the simulated cache holds) per measured sequence, the closed form's prompt
-    (:func:`implied_prompts`) and the simulated one."""
+    """The table ``--implied-prompt`` prints: per row the measured window batch, the closed
+    form's prompt (:func:`implied_prompts`), the simulated one, the simulated KV cache and the
+    implied mean's shift per GiB per GPU of unexplained reserve (:func:`reserve_sensitivity`),
+    and whether the run repeats its prompt list (``rep``: shared where the simulation shares
+    the repeats' blocks, :func:`repeated_prompts`; ``unsh`` where it repeats but does not)."""
     closed = {c.key: p for c, p in implied_prompts([r.config for r in res])}
     lines = [
         "Prompt mean at which the simulated window batch equals the measured one (KV-limited "
         "rows; docs/accuracy-log.md, 'The chat prompt mean'):",
-        f"  {'configuration':70} {'meas.b':>7} {'closed':>7} {'implied':>8}  tried (mean: batch)",
+        f"  {'configuration':70} {'meas.b':>7} {'closed':>7} {'implied':>8} {'KV GiB':>7} "
+        f"{'tok/GiB':>7} {'rep':>5}  tried (mean: batch)",
     ]
     for r in res:
         c = r.config
+        gib, per = reserve_sensitivity(c)
+        rep = (
+            ("share" if repeated_prompts(c) else "unsh")
+            if c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
+            else ""
+        )
         tried = ", ".join(f"{m:.0f}: {b:.1f}" for m, b in r.tried)
         lines.append(
             f"  {c.key:70} {c.avg_batch_size:7.1f} {closed.get(c.key, math.nan):7.0f} "
-            f"{r.mean:8.0f}  {tried}" + (f"  [{r.note}]" if r.note else "")
+            f"{r.mean:8.0f} {gib:7.1f} {per:7.1f} {rep:>5}  {tried}"
+            + (f"  [{r.note}]" if r.note else "")
         )
     return lines
 
