@@ -76,7 +76,9 @@ REQUESTS_PER_TASK = {
 #:   ``avg_batch x (prompt + E[L^2] / (2 E[L]))`` tokens; e.g. Qwen3-8B on one H100 at
 #:   max_num_seqs 512 holds 474 sequences, i.e. prompts of about 240 tokens (issue 21), and the
 #:   chat template adds a few dozen. The benchmark replays multi-turn histories, so this is a mean
-#:   over turns. Confidence L.
+#:   over turns. Confidence L. Solved on the simulation instead (``--implied-prompt``) the same
+#:   row gives 402 and the other large-cache rows 205-689; ``--chat-prompt-mean`` tries a mean;
+#:   not adopted (docs/accuracy-log.md, "The chat prompt mean re-estimated").
 #: * gpqa 250: a GPQA-diamond question with four choices in the benchmark's template (a question
 #:   of ~100-200 words, choices of a few words to a sentence each) plus the chat template;
 #:   outputs are ~7,000 tokens, so the prefill share is under 1% and the figure barely matters.
@@ -2199,10 +2201,7 @@ def kv_limited(c: Config, fill_below: float = 0.95) -> bool:
     :func:`implied_prompts`): non-suspect, one engine (``dp = 1``), expressible, and a batch
     below ``fill_below x max_num_seqs``."""
     return not (
-        c.suspect
-        or c.dp > 1
-        or c.avg_batch_size >= fill_below * c.max_num_seqs
-        or skip_reason(c)
+        c.suspect or c.dp > 1 or c.avg_batch_size >= fill_below * c.max_num_seqs or skip_reason(c)
     )
 
 
@@ -2243,12 +2242,10 @@ def implied_prompt_mean(
     target = 1.0 / c.avg_batch_size
 
     def g(m: float) -> float:
-        r = simulate_config(
-            c, 0, engine, stall, prompts=prompts, prompt_tokens={c.task: int(round(m))}
-        )
+        r = simulate_config(c, 0, engine, stall, prompts=prompts, prompt_tokens={c.task: round(m)})
         if r.error or not r.avg_batch > 0:
             raise ValueError(f"{c.key} at prompt mean {m:.0f}: {r.error or 'no batch'}")
-        out.tried.append((float(int(round(m))), float(r.avg_batch)))
+        out.tried.append((float(round(m)), float(r.avg_batch)))
         return 1.0 / float(r.avg_batch) - target
 
     def close(m: float) -> bool:

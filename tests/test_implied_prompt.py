@@ -48,8 +48,9 @@ def test_qwen3_8b_h100_b512_implies_about_400(configs):
     """Qwen3-8B chat on one H100 at max_num_seqs 512 held 474.4 sequences (measured); the
     simulation holds all 512 at the assumed 250-token mean and 474.4 (within 0.2 %) at a mean
     of about 400 (the solver stops within the tolerance). The simulated cache is 0.9 x 79.19
-    GiB less 15.26 GiB of weights and the 0.81 GiB activation peak: 55.2 GiB, so one GiB per GPU that the simulator does not reserve moves this estimate by
-    2^30 / (474.4 x 147,456 bytes per token) = 15.4 tokens: the most robust estimator."""
+    GiB less 15.26 GiB of weights and the 0.81 GiB activation peak: 55.2 GiB, so one GiB per
+    GPU that the simulator does not reserve moves this estimate by 2^30 / (474.4 x 147,456
+    bytes per token) = 15.3 tokens: the most robust estimator."""
     c = ml.find_config("Qwen/Qwen3-8B", "H100", 1, 512, task="lm-arena-chat", configs=configs)
     r = ml.implied_prompt_mean(c, start=250)
     assert r.note == ""
