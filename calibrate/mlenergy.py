@@ -76,7 +76,9 @@ REQUESTS_PER_TASK = {
 #:   ``avg_batch x (prompt + E[L^2] / (2 E[L]))`` tokens; e.g. Qwen3-8B on one H100 at
 #:   max_num_seqs 512 holds 474 sequences, i.e. prompts of about 240 tokens (issue 21), and the
 #:   chat template adds a few dozen. The benchmark replays multi-turn histories, so this is a mean
-#:   over turns. Confidence L.
+#:   over turns. Confidence L. Solved on the simulation instead (``--implied-prompt``) the same
+#:   row gives 402 and the other large-cache rows 205-689; ``--chat-prompt-mean`` tries a mean;
+#:   not adopted (docs/accuracy-log.md, "The chat prompt mean re-estimated").
 #: * gpqa 250: a GPQA-diamond question with four choices in the benchmark's template (a question
 #:   of ~100-200 words, choices of a few words to a sentence each) plus the chat template;
 #:   outputs are ~7,000 tokens, so the prefill share is under 1% and the figure barely matters.
@@ -487,6 +489,7 @@ def draw_prompts(
     shape: str = "constant",
     max_context_tokens: int | None = None,
     outs: np.ndarray | None = None,
+    mean: float | None = None,
 ) -> np.ndarray:
     """``n`` prompt lengths of the run's requests. ``constant``: :data:`PROMPT_TOKENS` each.
     ``azure`` (tasks of :data:`AZURE_PROMPT_TRACES`, ``azure-code`` those and
@@ -496,8 +499,11 @@ def draw_prompts(
     least one token), then sent in order as the benchmark repeats its list: request ``i``
     carries prompt ``i mod list`` (as :func:`repeat_trace_jsonl` names its blocks), clipped so
     that prompt + output (``outs``) fits ``max_context_tokens``. ``rng`` is the row's seeded
-    stream (drawn after the outputs, so they are the same in both shapes)."""
-    mean = PROMPT_TOKENS[c.task]
+    stream (drawn after the outputs, so they are the same in both shapes). ``mean`` replaces the
+    task's :data:`PROMPT_TOKENS` (``--chat-prompt-mean``, :func:`implied_prompt_means`); the
+    draws do not depend on it, so two means give the same requests' prompts in proportion."""
+    if mean is None:
+        mean = PROMPT_TOKENS[c.task]
     if shape not in PROMPT_SHAPES:
         raise ValueError(f"prompt shape {shape!r}: one of {', '.join(PROMPT_SHAPES)}")
     traces = {"constant": {}, "azure": AZURE_PROMPT_TRACES}.get(
@@ -857,6 +863,7 @@ def simulate_config(
     record_steps: bool = False,
     prompts: str = "constant",
     dp_publish: bool = False,
+    prompt_tokens: dict[str, int] | None = None,
 ) -> SimRun:
     """Simulate one benchmark run of ``c`` and measure it over the steady-state window;
     ``host_stall_s`` replaces the catalog's host stall per step of the vllm-v1 stack (the
@@ -866,7 +873,9 @@ def simulate_config(
     engine only) keeps every iteration of the run (``SimRun.step_s`` ...); ``prompts`` the
     prompt lengths' shape (:data:`PROMPT_SHAPES`, :func:`draw_prompts`); ``dp_publish`` (data
     parallelism, iteration engine) times the ITL sample's gaps as the tokens are published
-    (:func:`publication_gaps`, :func:`dp_publication_shift`) instead of as the steps end."""
+    (:func:`publication_gaps`, :func:`dp_publication_shift`) instead of as the steps end;
+    ``prompt_tokens`` replaces tasks' :data:`PROMPT_TOKENS` (the prompts' mean and the prefill
+    anchor's prompt)."""
     from fleetsim.base.errors import UserError
     from fleetsim.config.scenario import resolve
     from fleetsim.serving.pod import Pod
@@ -880,9 +889,9 @@ def simulate_config(
     if prompts != "constant":
         model, _ = model_section(c.model_id, c.weight_precision, c.architecture)
         ctx = None if model is None else model.get("max_context_tokens")
-    plens = draw_prompts(c, n, rng, prompts, ctx, outs)
     # the task's mean prompt: the prefill anchor below (a full batch of prompts of that length)
-    prompt = PROMPT_TOKENS[c.task]
+    prompt = int({**PROMPT_TOKENS, **(prompt_tokens or {})}[c.task])
+    plens = draw_prompts(c, n, rng, prompts, ctx, outs, prompt)
     with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
         trace = Path(tmp) / "trace.csv"
         with open(trace, "w") as f:
@@ -1974,10 +1983,19 @@ def tail_lines(rows: Sequence[Row]) -> list[str]:
     return out
 
 
-def _sim_one(args: tuple[Config, int, str, float | None, dict | None, str, bool]) -> SimRun:
-    c, seed, engine, stall, fields, prompts, dp_publish = args
+def _sim_one(
+    args: tuple[Config, int, str, float | None, dict | None, str, bool, dict[str, int] | None],
+) -> SimRun:
+    c, seed, engine, stall, fields, prompts, dp_publish, ptok = args
     return simulate_config(
-        c, seed, engine, stall, profile_fields=fields, prompts=prompts, dp_publish=dp_publish
+        c,
+        seed,
+        engine,
+        stall,
+        profile_fields=fields,
+        prompts=prompts,
+        dp_publish=dp_publish,
+        prompt_tokens=ptok,
     )
 
 
@@ -2011,13 +2029,15 @@ def simulate_all(
     fields: dict[str, dict] | None = None,
     prompts: str = "constant",
     dp_publish: bool = False,
+    prompt_tokens: dict[str, int] | None = None,
 ) -> list[SimRun]:
     """:func:`simulate_config` of every configuration, in a process pool; ``stalls`` (by GPU
     and model, :func:`lomo_host_stalls`) replaces the catalog's host stall per step;
     ``fields`` (by GPU, ``"B200"``) the resolved profile's fields (``profile_fields``: a
     folder's fitted constants, :func:`folder_profile_fields`); ``prompts`` the prompt lengths'
     shape (:func:`draw_prompts`); ``dp_publish`` the data-parallel rows' publication gaps
-    (:func:`publication_gaps`)."""
+    (:func:`publication_gaps`); ``prompt_tokens`` tasks' prompt means in place of
+    :data:`PROMPT_TOKENS`."""
     st = stalls or {}
     fs = fields or {}
     jobs = [
@@ -2029,6 +2049,7 @@ def simulate_all(
             fs.get(c.gpu_model) or None,
             prompts,
             dp_publish,
+            prompt_tokens,
         )
         for c in configs
     ]
@@ -2156,12 +2177,7 @@ def implied_prompts(
 
     out = []
     for c in configs:
-        if (
-            c.suspect
-            or c.dp > 1
-            or c.avg_batch_size >= fill_below * c.max_num_seqs
-            or skip_reason(c)
-        ):
+        if not kv_limited(c, fill_below):
             continue
         with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
             trace = Path(tmp) / "trace.csv"
@@ -2178,6 +2194,184 @@ def implied_prompts(
             per_seq = left / md.n_attn_layers * kb.block_size_tokens
         out.append((c, per_seq - length_biased_half(c)))
     return out
+
+
+def kv_limited(c: Config, fill_below: float = 0.95) -> bool:
+    """Whether the row's measured window batch says its KV cache was full (the rows of
+    :func:`implied_prompts`): non-suspect, one engine (``dp = 1``), expressible, and a batch
+    below ``fill_below x max_num_seqs``."""
+    return not (
+        c.suspect or c.dp > 1 or c.avg_batch_size >= fill_below * c.max_num_seqs or skip_reason(c)
+    )
+
+
+@dataclass
+class ImpliedMean:
+    """The prompt mean at which one row's simulated window batch equals the measured one
+    (:func:`implied_prompt_mean`), and every (mean, simulated batch) tried on the way."""
+
+    config: Config
+    mean: float = math.nan
+    #: (prompt mean, simulated window batch) of every simulation, in order
+    tried: list[tuple[float, float]] = field(default_factory=list)
+    #: "" where bracketed and solved; otherwise why not (a bound, not a value)
+    note: str = ""
+
+
+def implied_prompt_mean(
+    c: Config,
+    stall: float | None = None,
+    engine: str = "iteration",
+    prompts: str = HARNESS_PROMPTS,
+    start: float | None = None,
+    lo: float = 16.0,
+    hi: float = 8192.0,
+    rtol: float = 0.002,
+    max_sims: int = 12,
+) -> ImpliedMean:
+    """The task's prompt mean at which the simulated window batch of ``c`` (the harness's
+    engine, prompt shape and host stall) equals the measured ``avg_batch_size``, solved on the
+    simulation itself rather than the steady-state closed form (:func:`implied_prompts`). A
+    full cache holds about ``b (P + h)`` tokens, so ``1 / b`` is close to linear in the mean
+    ``P``: the root of ``1 / b_sim(P) - 1 / b_meas`` is found by regula falsi (Illinois) inside
+    a bracket grown from ``start`` (the task's :data:`PROMPT_TOKENS`) by doubling / halving,
+    until the simulated batch is within ``rtol`` of the measured. Where no mean in
+    ``[lo, hi]`` brackets it (the simulation holds more sequences even at ``hi``, or fewer at
+    ``lo``), ``note`` says so and ``mean`` is the bound reached."""
+    out = ImpliedMean(c)
+    target = 1.0 / c.avg_batch_size
+
+    def g(m: float) -> float:
+        r = simulate_config(c, 0, engine, stall, prompts=prompts, prompt_tokens={c.task: round(m)})
+        if r.error or not r.avg_batch > 0:
+            raise ValueError(f"{c.key} at prompt mean {m:.0f}: {r.error or 'no batch'}")
+        out.tried.append((float(round(m)), float(r.avg_batch)))
+        return 1.0 / float(r.avg_batch) - target
+
+    def close(m: float) -> bool:
+        return abs(out.tried[-1][1] * target - 1.0) <= rtol
+
+    a = float(start if start is not None else PROMPT_TOKENS.get(c.task, 250))
+    fa = g(a)
+    if close(a):
+        out.mean = a
+        return out
+    # grow the bracket: a mean too short (fa < 0: the simulation holds more) doubles
+    b, fb = a, fa
+    while (fa < 0) == (fb < 0):
+        nb = b * 2.0 if fa < 0 else b / 2.0
+        if nb > hi or nb < lo or len(out.tried) >= max_sims:
+            out.mean = b
+            out.note = (
+                f"not bracketed: simulated batch {out.tried[-1][1]:.1f} at mean {b:.0f} "
+                f"(measured {c.avg_batch_size:.1f})"
+            )
+            return out
+        a, fa = b, fb
+        b, fb = nb, g(nb)
+        if close(b):
+            out.mean = b
+            return out
+    # Illinois regula falsi on [a, b]
+    side = 0
+    while len(out.tried) < max_sims:
+        m = (a * fb - b * fa) / (fb - fa)
+        if abs(m - a) < 0.5 or abs(m - b) < 0.5:  # whole tokens: nothing left to split
+            break
+        fm = g(m)
+        if close(m):
+            out.mean = m
+            return out
+        if (fm < 0) == (fb < 0):
+            b, fb = m, fm
+            if side == -1:
+                fa /= 2.0
+            side = -1
+        else:
+            a, fa = m, fm
+            if side == 1:
+                fb /= 2.0
+            side = 1
+    # the closest tried
+    best = min(out.tried, key=lambda t: abs(t[1] * target - 1.0))
+    out.mean = best[0]
+    out.note = f"closest of {len(out.tried)} tried (batch {best[1]:.1f})"
+    return out
+
+
+def _implied_one(args: tuple[Config, float | None, str, str]) -> ImpliedMean:
+    c, stall, engine, prompts = args
+    try:
+        return implied_prompt_mean(c, stall, engine, prompts)
+    except ValueError as exc:
+        return ImpliedMean(c, note=str(exc)[:200])
+
+
+def implied_prompt_means(
+    configs: Sequence[Config],
+    workers: int = 2,
+    engine: str = "iteration",
+    prompts: str = HARNESS_PROMPTS,
+    stalls: dict[tuple[str, str], float] | None = None,
+) -> list[ImpliedMean]:
+    """:func:`implied_prompt_mean` of every KV-limited row of ``configs`` (:func:`kv_limited`),
+    in a process pool."""
+    st = stalls or {}
+    jobs = [(c, st.get((c.gpu_model, c.model_id)), engine, prompts) for c in configs]
+    jobs = [j for j in jobs if kv_limited(j[0])]
+    if workers <= 1 or len(jobs) <= 1:
+        return [_implied_one(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        return list(ex.map(_implied_one, jobs, chunksize=1))
+
+
+def reserve_sensitivity(c: Config) -> tuple[float, float]:
+    """(the simulated KV cache in GiB, the prompt tokens one GiB per GPU of memory the
+    simulator does not reserve moves the row's implied mean by): ``gpus x 2^30 / (b_meas x
+    bytes per token)``. A row whose implied mean a plausible reserve error (a few tenths of a
+    GiB: the profiling run's peak, non-torch memory; docs/accuracy-log.md, KV budget) moves by
+    a few tokens is a trustworthy estimator; one it moves by hundreds is not."""
+    from fleetsim.api import load
+    from fleetsim.config.resolve import resolve
+    from fleetsim.config.resolved import kv_budget
+
+    with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
+        trace = Path(tmp) / "trace.csv"
+        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+        rs = resolve(load(scenario_dict(c, str(trace), 1)), "")
+    kb = kv_budget(rs.scenario, rs.model, rs.profile.mem_bytes)
+    gpus = rs.scenario.fleet.tensor_parallel * rs.scenario.fleet.data_parallel
+    return kb.kv_bytes / 2**30, gpus * 2**30 / (c.avg_batch_size * kb.bytes_per_token)
+
+
+def implied_mean_lines(res: Sequence[ImpliedMean]) -> list[str]:
+    """The table ``--implied-prompt`` prints: per row the measured window batch, the closed
+    form's prompt (:func:`implied_prompts`), the simulated one, the simulated KV cache and the
+    implied mean's shift per GiB per GPU of unexplained reserve (:func:`reserve_sensitivity`),
+    and whether the run repeats its prompt list (``rep``: shared where the simulation shares
+    the repeats' blocks, :func:`repeated_prompts`; ``unsh`` where it repeats but does not)."""
+    closed = {c.key: p for c, p in implied_prompts([r.config for r in res])}
+    lines = [
+        "Prompt mean at which the simulated window batch equals the measured one (KV-limited "
+        "rows; docs/accuracy-log.md, 'The chat prompt mean'):",
+        f"  {'configuration':70} {'meas.b':>7} {'closed':>7} {'implied':>8} {'KV GiB':>7} "
+        f"{'tok/GiB':>7} {'rep':>5}  tried (mean: batch)",
+    ]
+    for r in res:
+        c = r.config
+        gib, per = reserve_sensitivity(c)
+        rep = (
+            ("share" if repeated_prompts(c) else "unsh")
+            if c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
+            else ""
+        )
+        tried = ", ".join(f"{m:.0f}: {b:.1f}" for m, b in r.tried)
+        lines.append(
+            f"  {c.key:70} {c.avg_batch_size:7.1f} {closed.get(c.key, math.nan):7.0f} "
+            f"{r.mean:8.0f} {gib:7.1f} {per:7.1f} {rep:>5}  {tried}"
+            + (f"  [{r.note}]" if r.note else "")
+        )
+    return lines
 
 
 def fit_all(
@@ -2639,7 +2833,26 @@ def main(argv: list[str] | None = None) -> int:
         "fits choose from, comma-separated, 'none' for linear, e.g. none,0.05,0.1,0.2,0.35,0.6,"
         "1,2 (one value: fixed); default: the catalog's",
     )
+    ap.add_argument(
+        "--chat-prompt-mean",
+        type=int,
+        help="the lm-arena-chat prompts' mean in tokens in place of PROMPT_TOKENS' (the "
+        "prompts, the prefill anchor of the power fit and the host stall's fitting rows; "
+        "docs/accuracy-log.md, 'The chat prompt mean'; not the default)",
+    )
+    ap.add_argument(
+        "--implied-prompt",
+        action="store_true",
+        help="only solve, per KV-limited row, the prompt mean at which the simulated window "
+        "batch equals the measured one (implied_prompt_mean; a few simulations a row)",
+    )
     a = ap.parse_args(argv)
+    ptok = None
+    if a.chat_prompt_mean:
+        # module-wide, so that the host stall's fitting rows (stack.load_runs) and the closed
+        # form see it too; passed to the workers explicitly as well
+        PROMPT_TOKENS["lm-arena-chat"] = int(a.chat_prompt_mean)
+        ptok = {"lm-arena-chat": int(a.chat_prompt_mean)}
     global FIT_U0_GRID
     if a.compute_u0:
         FIT_U0_GRID = tuple(
@@ -2653,6 +2866,11 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
     # the host stall per step, fitted without each row's model (the catalog's is the fit to all)
     stalls = lomo_host_stalls(a.data, configs)
+    if a.implied_prompt:
+        res = implied_prompt_means(configs, a.workers, a.engine, a.prompts, stalls)
+        print("\n".join(implied_mean_lines(res)))
+        print(f"({len(res)} rows solved in {time.perf_counter() - t0:.1f} s; prompts {a.prompts})")
+        return 0
     runs = simulate_all(
         configs,
         a.workers,
@@ -2660,6 +2878,7 @@ def main(argv: list[str] | None = None) -> int:
         stalls=stalls,
         prompts=a.prompts,
         dp_publish=a.dp_publish,
+        prompt_tokens=ptok,
     )
     pairs = []
     for c, r in zip(configs, runs, strict=True):
