@@ -341,10 +341,10 @@ def test_prefill_pairs_of_window_layers(tmp_path, monkeypatch, kv):
     seen: list[tuple[int, float, int]] = []
     orig = LatencyModel.iteration
 
-    def spy(self, p_tokens, pairs, n_prefill, n, ctx, t_pad=-1):
+    def spy(self, p_tokens, pairs, n_prefill, n, ctx, t_pad=-1, p_full=-1, pairs_full=-1.0):
         if p_tokens:
             seen.append((p_tokens, pairs, n_prefill))
-        return orig(self, p_tokens, pairs, n_prefill, n, ctx, t_pad)
+        return orig(self, p_tokens, pairs, n_prefill, n, ctx, t_pad, p_full, pairs_full)
 
     monkeypatch.setattr(LatencyModel, "iteration", spy)
     budget = 2048 if kv == "paged" else 8192
