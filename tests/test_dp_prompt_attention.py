@@ -9,6 +9,7 @@ import json
 
 import pytest
 from conftest import moe16, resolved
+from test_dp_engine import _scenario
 
 from fleetsim.apps.cli import main
 from fleetsim.config.schema import FleetSection
@@ -91,30 +92,6 @@ def test_iteration_breakdown_and_the_run_formula_agree():
     assert one.iteration(P, pairs, 1, 5, ctx, -1, 9 * P, 9 * pairs)[0] == t1
 
 
-def _scenario(tmp_path, reqs) -> dict:
-    """Mixtral-8x7B on 2 H100s (DP2, EP), 2 slots per rank (tests/test_dp_engine.py's)."""
-    trace = tmp_path / "trace.csv"
-    trace.write_text(
-        "arrival_s,prompt_tokens,output_tokens\n" + "".join(f"{a},{p},{o}\n" for a, p, o in reqs)
-    )
-    return {
-        "seed": 1,
-        "model": {"name": "mixtral-8x7b"},
-        "hardware": {"gpu": "h100-sxm"},
-        "fleet": {
-            "replicas": 1,
-            "tensor_parallel": 1,
-            "data_parallel": 2,
-            "expert_parallel": True,
-            "max_batch_size": 4,
-            "max_batched_tokens": 16384,
-        },
-        "traffic": {"trace": str(trace), "diurnal": "flat"},
-        "simulation": {"hours": 1},
-        "slo": {"ttft_s": 1e5, "tpot_s": 1e5},
-    }
-
-
 class _Sink:
     def __init__(self) -> None:
         self.first: dict[int, float] = {}
@@ -133,7 +110,7 @@ def test_the_engine_times_the_prompt_attention_of_its_fullest_rank(tmp_path):
     token comes at the end of step 2."""
     reqs = [(0, P, o) for o in (1, 5, 1, 5, 3, 3, 3, 3)]
     sink = _Sink()
-    pod = Pod(resolved(_scenario(tmp_path, reqs)), 0, 1, request_sink=sink)
+    pod = Pod(resolved(_scenario(tmp_path, reqs, max_batch=4)), 0, 1, request_sink=sink)
     lat = pod.lat
     calls: list[tuple] = []
     it = lat.iteration
