@@ -52,43 +52,37 @@ def test_power_chart_parts_are_gpu_idle_dynamic_and_overhead_times_pue(day):
     np.testing.assert_allclose(parts[0][2], c["energy_gpu_kwh"] * 1.25, rtol=1e-12)
 
 
-def test_power_chart_draws_the_three_parts(day, monkeypatch):
+def _labels_of(monkeypatch, method: str):
+    """pyplot (Agg) and the list of the ``label`` each call of ``Axes.<method>`` is given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fleetsim.apps.report import _from_result, _plot_power
-
-    labels = []
-    orig = plt.Axes.bar
+    labels: list[str] = []
+    orig = getattr(plt.Axes, method)
 
     def spy(self, *a, **k):
         labels.append(k.get("label", ""))
         return orig(self, *a, **k)
 
-    monkeypatch.setattr(plt.Axes, "bar", spy)
+    monkeypatch.setattr(plt.Axes, method, spy)
+    return plt, labels
+
+
+def test_power_chart_draws_the_three_parts(day, monkeypatch):
+    from fleetsim.apps.report import _from_result, _plot_power
+
+    plt, labels = _labels_of(monkeypatch, "bar")
     d = _from_result(day)
     _plot_power(plt, d, d.cols)
     assert labels == ["GPU idle (x PUE)", "GPU dynamic (x PUE)", "node overhead (x PUE)"]
 
 
 def test_latency_chart_slo_lines_carry_their_units(day, monkeypatch):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from fleetsim.apps.report import _from_result, _plot_latency
 
-    labels = []
-    orig = plt.Axes.axhline
-
-    def spy(self, *a, **k):
-        labels.append(k.get("label", ""))
-        return orig(self, *a, **k)
-
-    monkeypatch.setattr(plt.Axes, "axhline", spy)
+    plt, labels = _labels_of(monkeypatch, "axhline")
     d = _from_result(day)
     _plot_latency(plt, d, d.cols, d.config["slo"])
     assert labels == ["SLO 1.5 s", "SLO 80 ms"]
