@@ -790,18 +790,18 @@ EVICTION = "vllm"
 
 
 def repeated_prompts(c: Config) -> bool:
-    """Whether the run is simulated with its repeated prompts shared: it sends its task's list
-    of prompts more than once (``num_requests`` above :data:`REQUESTS_PER_TASK`: the
-    benchmark's ``num_request_repeats``, SOURCE.md) on one engine (``dp = 1``; under data
-    parallelism each engine has its own KV and prefix cache and vLLM's DP load balancer routes by
-    queue length, not by prefix, so a repeat lands on its first copy's engine only 1/dp of the
-    time), and it is a MoE / expert-parallel row. Dense rows keep unique prompts for now: the
-    catalog's power constants (``gpus.toml``) are fitted to the dense rows' simulated work, and
-    sharing their repeats moves that fit (B200 ``kv_w`` 496 -> 543 W, past the drift test's
-    tolerance; docs/accuracy-log.md, MoE section), a refit that belongs with the power model."""
-    return (
-        c.moe_or_ep and c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
-    )
+    """Whether the run sends its task's list of prompts more than once (``num_requests`` above
+    :data:`REQUESTS_PER_TASK`: the benchmark's ``num_request_repeats``, SOURCE.md) on one
+    engine (``dp = 1``; under data parallelism each engine has its own KV and prefix cache and
+    vLLM's DP load balancer routes by queue length, not by prefix, so a repeat lands on its
+    first copy's engine only 1/dp of the time), and is then simulated with its repeated prompts
+    named so the engine's prefix cache shares them, dense or MoE alike: the same vLLM server
+    (prefix caching on by default, SOURCE.md) shares a running copy's blocks whatever the model.
+    Models whose prefix caching is not modelled replay unique prompts all the same
+    (:func:`_run_scenario`): sliding-window models (gemma-3) and Mamba hybrids (Nemotron-Nano-v2,
+    for which vLLM 0.11 disables prefix caching). Until r40 dense rows kept unique prompts
+    (docs/accuracy-log.md, 'Dense rows share their repeated prompts')."""
+    return c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
 
 
 def repeat_trace_jsonl(c: Config, prompt: int | np.ndarray, outs: np.ndarray) -> str:
@@ -835,8 +835,10 @@ def _run_scenario(
 ):
     """The loaded scenario of one run: ``csv_trace`` (the run's unique prompts) or, where the
     prompts repeat (:func:`repeated_prompts`) and the engine models prefix caching for the model
-    (not for sliding-window models: ``config/aggregated.py``; hybrids cache none), the JSONL
-    trace of :func:`repeat_trace_jsonl` written beside it."""
+    (not for sliding-window models: ``config/aggregated.py``; nor for Mamba hybrids, which vLLM
+    0.11 serves without prefix caching, "Hybrid or mamba-based model detected: disabling prefix
+    caching", and whose replica caches none: ``serving/kv_paged.py``), the JSONL trace of
+    :func:`repeat_trace_jsonl` written beside it."""
     from fleetsim.api import load
     from fleetsim.config.aggregated import model_spec
 
@@ -849,7 +851,8 @@ def _run_scenario(
         # before them are reused (kv_blocks.py, "vLLM's eviction order")
         sd["fleet"]["prefix_cache_eviction"] = EVICTION
         sc = load(sd)
-        if not model_spec(sc, "").n_sliding_layers:
+        spec = model_spec(sc, "")
+        if not spec.n_sliding_layers and not spec.n_linear_layers:
             return sc
     return load(scenario_dict(c, str(csv_trace), hours, engine))
 

@@ -1,8 +1,9 @@
 """Repeated prompts in the ML.ENERGY harness (calibrate/mlenergy.py): a run of more requests than
 its task's list sends the list again (the benchmark's ``num_request_repeats``), and vLLM's
 prefix cache (on by default) shares a running copy's prompt blocks. The harness names each
-prompt's 16-token blocks so the engine's prefix cache does the same; data-parallel runs keep
-unique prompts (one prefix cache per engine)."""
+prompt's 16-token blocks so the engine's prefix cache does the same, dense or MoE; data-parallel
+runs keep unique prompts (one prefix cache per engine), and so do sliding-window models and Mamba
+hybrids (prefix caching not modelled / disabled by vLLM)."""
 
 from __future__ import annotations
 
@@ -69,25 +70,37 @@ def test_shared_prompts_let_the_kv_cache_hold_the_measured_batch(monkeypatch, sh
         assert run.itl_median_s * 1e3 > 2.0 * c.itl_median_ms
 
 
-def test_sliding_window_models_keep_unique_prompts(tmp_path, monkeypatch):
-    """The engine does not model a sliding-window model's prefix caching (config/aggregated.py),
-    so a repeating gemma-3 run replays unique prompts (CSV) even where repeats are shared; a plain
-    model's repeating run gets the JSONL trace of 16-token block ids. Dense rows are not shared
-    today (the power catalog is fitted to their unshared work): Qwen3-8B chat at 1,024 sequences
-    sends its list four times and keeps unique prompts."""
+def test_sliding_window_and_hybrid_models_keep_unique_prompts(tmp_path, monkeypatch):
+    """The engine does not model a sliding-window model's prefix caching (config/aggregated.py)
+    and vLLM 0.11 disables it for Mamba hybrids (serving/kv_paged.py), so a repeating gemma-3 or
+    Nemotron-Nano-v2 run replays unique prompts (CSV); a plain model's repeating run, dense as
+    MoE (the same server shares either's repeats), gets the JSONL trace of 16-token block ids:
+    Qwen3-8B chat at 1,024 sequences sends its 1,024-prompt list four times."""
     configs, _ = ml.select(ml.read_configs())
     qwen = next(
         c
         for c in configs
         if c.model_id == "Qwen/Qwen3-8B" and c.max_num_seqs == 1024 and c.gpu_model == "B200"
     )
-    assert qwen.num_requests == 4096 and not ml.repeated_prompts(qwen)
-    gemma = next(c for c in configs if c.model_id.startswith("google/gemma-3") and c.dp == 1)
-    monkeypatch.setattr(ml, "repeated_prompts", lambda _c: True)
+    assert not qwen.moe_or_ep and qwen.num_requests == 4096 and ml.repeated_prompts(qwen)
+    nemo = next(
+        c
+        for c in configs
+        if c.model_id == "nvidia/NVIDIA-Nemotron-Nano-9B-v2"
+        and c.gpu_model == "H100"
+        and c.max_num_seqs == 256
+    )
+    assert nemo.num_requests == 396 and ml.repeated_prompts(nemo)
     outs = np.full(qwen.num_requests, 100)
     csv = tmp_path / "trace.csv"
     csv.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
-    sc = ml._run_scenario(gemma, csv, 250, outs[: gemma.num_requests], 1, "iteration")
+    sc = ml._run_scenario(nemo, csv, 250, outs[: nemo.num_requests], 1, "iteration")
+    assert sc.traffic.trace.endswith(".csv")
+    # no gemma-3 row repeats its list: as if one did
+    gemma = next(c for c in configs if c.model_id.startswith("google/gemma-3") and c.dp == 1)
+    with monkeypatch.context() as m:
+        m.setattr(ml, "repeated_prompts", lambda _c: True)
+        sc = ml._run_scenario(gemma, csv, 250, outs[: gemma.num_requests], 1, "iteration")
     assert sc.traffic.trace.endswith(".csv")
     sc = ml._run_scenario(qwen, csv, 250, outs, 1, "iteration")
     assert sc.traffic.trace.endswith(".jsonl")
