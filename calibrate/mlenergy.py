@@ -55,6 +55,7 @@ import numpy as np
 from fleetsim.base import io as fio
 from fleetsim.calibrate import eager_host
 from fleetsim.device.latency import PowerSpec, RooflineProfile
+from fleetsim.device.modelspec import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO / "data" / "mlenergy-v3"
@@ -851,10 +852,29 @@ def _run_scenario(
         # before them are reused (kv_blocks.py, "vLLM's eviction order")
         sd["fleet"]["prefix_cache_eviction"] = EVICTION
         sc = load(sd)
-        spec = model_spec(sc, "")
-        if not spec.n_sliding_layers and not spec.n_linear_layers:
+        if _prefix_cached(model_spec(sc, "")):
             return sc
     return load(scenario_dict(c, str(csv_trace), hours, engine))
+
+
+def _prefix_cached(spec: ModelSpec) -> bool:
+    """Whether the engine models prefix caching for the model (not for sliding-window layers,
+    ``config/aggregated.py``, nor Mamba hybrids, which vLLM 0.11 serves without it)."""
+    return not spec.n_sliding_layers and not spec.n_linear_layers
+
+
+def shares_repeated_prompts(c: Config) -> bool:
+    """Whether the run is simulated with its repeated prompts shared: :func:`repeated_prompts`
+    and a model whose prefix caching the engine models (:func:`_run_scenario`)."""
+    from fleetsim.api import load
+    from fleetsim.config.aggregated import model_spec
+
+    if not repeated_prompts(c):
+        return False
+    with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
+        trace = Path(tmp) / "trace.csv"
+        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
+        return _prefix_cached(model_spec(load(scenario_dict(c, str(trace), 1)), ""))
 
 
 def simulate_config(
@@ -2364,7 +2384,7 @@ def implied_mean_lines(res: Sequence[ImpliedMean]) -> list[str]:
         c = r.config
         gib, per = reserve_sensitivity(c)
         rep = (
-            ("share" if repeated_prompts(c) else "unsh")
+            ("share" if shares_repeated_prompts(c) else "unsh")
             if c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
             else ""
         )

@@ -96,11 +96,14 @@ def test_sliding_window_and_hybrid_models_keep_unique_prompts(tmp_path, monkeypa
     csv.write_text("arrival_s,prompt_tokens,output_tokens\n0,250,100\n")
     sc = ml._run_scenario(nemo, csv, 250, outs[: nemo.num_requests], 1, "iteration")
     assert sc.traffic.trace.endswith(".csv")
+    # the --implied-prompt table's "share" label says the same (shares_repeated_prompts)
+    assert ml.shares_repeated_prompts(qwen) and not ml.shares_repeated_prompts(nemo)
     # no gemma-3 row repeats its list: as if one did
     gemma = next(c for c in configs if c.model_id.startswith("google/gemma-3") and c.dp == 1)
     with monkeypatch.context() as m:
         m.setattr(ml, "repeated_prompts", lambda _c: True)
         sc = ml._run_scenario(gemma, csv, 250, outs[: gemma.num_requests], 1, "iteration")
+        assert not ml.shares_repeated_prompts(gemma)
     assert sc.traffic.trace.endswith(".csv")
     sc = ml._run_scenario(qwen, csv, 250, outs, 1, "iteration")
     assert sc.traffic.trace.endswith(".jsonl")
