@@ -83,7 +83,11 @@ def print_json(doc) -> None:
 
 
 def open_output(
-    args, default_name: str, names: tuple[str, ...] = (), mode: str = "new"
+    args,
+    default_name: str,
+    names: tuple[str, ...] = (),
+    mode: str = "new",
+    resume: bool = False,
 ) -> RunOutput:
     """The command's output folder, opened (locked, checked, probed); see the module doc."""
     from fleetsim.results.output import RunOutput
@@ -93,6 +97,7 @@ def open_output(
         force=bool(getattr(args, "force", False)),
         mode=mode,
         names=names,
+        resume=resume,
     ).open()
 
 
