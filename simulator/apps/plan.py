@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fleetsim.apps.common import description
+from fleetsim.apps.common import OneLineParser, description
 from fleetsim.apps.executors import (
     Executor,
     RunSummary,
@@ -282,7 +282,7 @@ def parse_list(flag: str, raw: str, kind=str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim plan", description=description(__doc__))
+    ap = OneLineParser(prog="fleetsim plan", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file")
     ap.add_argument(
         "--set",

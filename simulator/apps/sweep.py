@@ -25,7 +25,7 @@ from typing import cast
 
 import pyarrow as pa
 
-from fleetsim.apps.common import description
+from fleetsim.apps.common import OneLineParser, description
 from fleetsim.apps.executors import (
     RunSummary,
     add_executor_args,
@@ -379,7 +379,7 @@ def run_sweep(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim sweep", description=description(__doc__))
+    ap = OneLineParser(prog="fleetsim sweep", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file")
     ap.add_argument(
         "--grid",
