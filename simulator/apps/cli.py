@@ -419,7 +419,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args, extra = ap.parse_known_args(argv)
     if extra:
         subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
-        subs.get(getattr(args, "cmd", None), ap).error("unrecognized arguments: " + " ".join(extra))
+        subs.get(str(getattr(args, "cmd", "")), ap).error(
+            "unrecognized arguments: " + " ".join(extra)
+        )
     return args
 
 
