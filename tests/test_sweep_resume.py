@@ -153,3 +153,22 @@ def test_resume_in_help(flag, capsys):
     with pytest.raises(SystemExit):
         sweep.build_parser().parse_args(["--help"])
     assert flag in capsys.readouterr().out
+
+
+def test_resume_after_a_kill_clears_its_leftovers(tmp_path, monkeypatch):
+    """What a SIGKILL leaves (the lock file, the dead process's staging folder, a half-written
+    cache entry under its temporary name) does not stop --resume, and is gone after it."""
+    scen = tmp_path / "s.toml"
+    scen.write_text(_toml(BASE))
+    out = tmp_path / "o"
+    monkeypatch.setattr(sweep, "run_task", _Counted(stop_after=5))
+    assert _sweep(scen, out) == 130
+    dead = 2**22 + 12345  # (above the default pid_max: no such process)
+    (out / ".fleetsim-lock").write_text(str(dead))
+    (out / f".fleetsim-tmp-{dead}-0badc0de").mkdir()
+    (out / SWEEP_CACHE_NAME / f".fleetsim-tmp-{dead}-{'0' * 64}.json.x").write_text("{")
+    counted = _Counted()
+    monkeypatch.setattr(sweep, "run_task", counted)
+    assert _sweep(scen, out, "--resume") == 0
+    assert len(counted.calls) == 1
+    assert sorted(os.listdir(out)) == [".fleetsim-manifest.json", "sweep.parquet"]

@@ -10,6 +10,11 @@ as before, comma-separated TOML values (``key=v1,v2``). All points are
 validated before anything runs. Points share the scenario's seed on purpose (common random
 numbers: two points differ by their parameters, not by their random draws); sweep ``seed=1,2,3``
 for replications. ``sweep.parquet`` has one row per point, in grid order.
+
+Each finished point is kept in ``<out>/.fleetsim-sweep-cache/`` while the sweep runs
+(:class:`PointCache`); after an interrupt or a kill, ``--resume`` into the same ``--out``
+simulates only the points not there and writes the same sweep.parquet, which stays all or
+nothing. A clean finish removes the cache.
 """
 
 from __future__ import annotations

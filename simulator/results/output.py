@@ -583,7 +583,7 @@ class RunOutput:
                 extra = [p.name for p in out.iterdir() if p.name != LOCK_NAME]
                 if self.resume:
                     extra = [n for n in extra if n != SWEEP_CACHE_NAME]
-                if extra == [SWEEP_CACHE_NAME]:
+                if extra == [SWEEP_CACHE_NAME] and "sweep.parquet" in self.names:
                     raise out_error(
                         out,
                         "holds the finished points of an interrupted sweep",
