@@ -47,7 +47,9 @@ class _Usage(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fleetsim calibrate``."""
-    p = argparse.ArgumentParser(
+    from fleetsim.apps.common import OneLineParser
+
+    p = OneLineParser(
         prog="fleetsim calibrate",
         description="Time a real torch Transformer (random weights) on this device and write a "
         "roofline profile for the simulator.",

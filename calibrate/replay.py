@@ -42,7 +42,9 @@ COLUMNS = ("metric", "stat", "real_s", "sim_s", "rel_err")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fleetsim replay``."""
-    p = argparse.ArgumentParser(prog="fleetsim replay", description=__doc__.split("\n\n")[1])
+    from fleetsim.apps.common import OneLineParser
+
+    p = OneLineParser(prog="fleetsim replay", description=__doc__.split("\n\n")[1])
     p.add_argument(
         "--trace",
         required=True,

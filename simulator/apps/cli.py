@@ -312,7 +312,9 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim", description=USAGE_DESCRIPTION)
+    from fleetsim.apps.common import OneLineParser
+
+    ap = OneLineParser(prog="fleetsim", description=USAGE_DESCRIPTION)
     ap.add_argument("--version", action=_Version, help="show the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser(
@@ -409,6 +411,20 @@ DELEGATED = [
 ]
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``build_parser().parse_args(argv)``, with an unknown option reported by the subcommand's
+    parser (``fleetsim run: error: unrecognized arguments: --hours x ...``: its name, and the
+    ``--set`` fix where the option is a scenario field), not the top level's."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        subs = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
+        subs.get(str(getattr(args, "cmd", "")), ap).error(
+            "unrecognized arguments: " + " ".join(extra)
+        )
+    return args
+
+
 def _delegate(module: str, argv: list[str]) -> int:
     import importlib
 
@@ -448,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             func=lambda _a, m=delegated[argv[0]], rest=argv[1:]: _delegate(m, rest)
         )
     else:
-        args = build_parser().parse_args(argv)
+        args = parse_args(argv)
     saved = {s: signal.signal(s, _on_signal) for s in SIGNALS}
     try:
         rc = _main(args)

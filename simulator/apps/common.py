@@ -11,14 +11,15 @@ committed (an error, an interrupt) is aborted by the CLI, leaving the folder as 
 
 from __future__ import annotations
 
+import argparse
 import io
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, cast
+from typing import IO, TYPE_CHECKING, NoReturn, cast
 
 if TYPE_CHECKING:
     from fleetsim.results.output import RunOutput
 
-__all__ = ["open_output", "out_dir"]
+__all__ = ["OneLineParser", "open_output", "out_dir"]
 
 
 def out_dir(args, default_name: str) -> Path:
@@ -83,7 +84,11 @@ def print_json(doc) -> None:
 
 
 def open_output(
-    args, default_name: str, names: tuple[str, ...] = (), mode: str = "new"
+    args,
+    default_name: str,
+    names: tuple[str, ...] = (),
+    mode: str = "new",
+    resume: bool = False,
 ) -> RunOutput:
     """The command's output folder, opened (locked, checked, probed); see the module doc."""
     from fleetsim.results.output import RunOutput
@@ -93,6 +98,7 @@ def open_output(
         force=bool(getattr(args, "force", False)),
         mode=mode,
         names=names,
+        resume=resume,
     ).open()
 
 
@@ -126,3 +132,80 @@ def not_a_run(out_dir: Path) -> str:
             "--report for the candidate to look at: the plan's probe at N is that run)"
         )
     return "no hourly.parquet in it (fix: give the --out folder of a `fleetsim run`)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the README's rule for a user's mistake: one line naming the option, the
+    bad value and the fix (no usage block), exit code 2 as argparse's own; ``--help`` is
+    argparse's. Subcommand parsers made by ``add_subparsers`` are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        from fleetsim.base.io import clean
+
+        self.exit(2, f"{self.prog}: error: {clean(usage_problem(self, message), 600)}\n")
+
+
+def usage_problem(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's ``message`` with the fix for the mistakes it reports."""
+    import re
+
+    prog = parser.prog
+    see = f"{prog} --help lists the options"
+    m = re.fullmatch(r"argument (\S+?)(?:/\S+)?: invalid (int|float) value: '(.*)'", message)
+    if m:
+        opt, kind, _ = m.groups()
+        default = _default_of(parser, opt)
+        eg = default if isinstance(default, (int, float)) and not isinstance(default, bool) else 2
+        what = "a whole number" if kind == "int" else "a number"
+        return f"{message} (fix: {opt} takes {what}, e.g. {opt} {eg})"
+    m = re.fullmatch(
+        r"argument (\S+?)(?:/\S+)?: invalid choice: '(.*)' \(choose from (.*)\)", message
+    )
+    if m:
+        opt, value, choices = m.groups()
+        return f"argument {opt}: invalid choice: {value!r} (fix: one of {choices})"
+    m = re.fullmatch(r"argument (\S+?)(?:/\S+)?: expected one argument", message)
+    if m:
+        opt = m.group(1)
+        return f"{message} (fix: give {opt} a value, e.g. {opt} VALUE; {see})"
+    m = re.fullmatch(r"unrecognized arguments: (.*)", message)
+    if m:
+        words = m.group(1).split()
+        field = next((f for w in words if (f := scenario_field(w))), None)
+        if field is not None and any(a.dest == "overrides" for a in parser._actions):
+            i = next(i for i, w in enumerate(words) if scenario_field(w) == field)
+            opt, eq, value = words[i].partition("=")
+            if not eq and i + 1 < len(words) and not words[i + 1].startswith("-"):
+                value = words[i + 1]
+            shown = f"{opt} {value}" if value else opt
+            return (
+                f"{shown}: not an option of {prog}; {field} is a scenario field (fix: "
+                f"--set {field}={value or 'VALUE'})"
+            )
+        return f"{message} (fix: {see})"
+    return f"{message} (fix: {see})"
+
+
+def _default_of(parser: argparse.ArgumentParser, opt: str):
+    for a in parser._actions:
+        if opt in a.option_strings:
+            return a.default
+    return None
+
+
+def scenario_field(word: str) -> str | None:
+    """``section.key`` when ``word`` (``--hours``, ``--hours=24``) names one scenario field of
+    exactly one section, else None (the fix of an option that is a field: ``--set``)."""
+    if not word.startswith("--"):
+        return None
+    name = word[2:].split("=", 1)[0].replace("-", "_")
+    from fleetsim.config.schema import Scenario
+
+    hits = [name] if name in Scenario.model_fields else []  # (a top-level field: name, seed)
+    for sec, f in Scenario.model_fields.items():
+        ann = f.annotation
+        types = [ann, *getattr(ann, "__args__", ())]
+        model = next((t for t in types if hasattr(t, "model_fields")), None)
+        if model is not None and name in model.model_fields:
+            hits.append(f"{sec}.{name}")
+    return hits[0] if len(hits) == 1 else None

@@ -22,9 +22,9 @@ from fleetsim.base.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fleetsim.apps.common import description
+    from fleetsim.apps.common import OneLineParser, description
 
-    ap = argparse.ArgumentParser(prog="fleetsim compare", description=description(__doc__))
+    ap = OneLineParser(prog="fleetsim compare", description=description(__doc__))
     ap.add_argument("run_dir", metavar="RUN_DIR", help="a fleetsim run's output folder")
     ap.add_argument(
         "vllm_result", metavar="VLLM_RESULT.json", help="vLLM benchmark_serving's result file"

@@ -453,9 +453,9 @@ def print_outcome(table: pa.Table, c) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fleetsim.apps.common import description
+    from fleetsim.apps.common import OneLineParser, description
 
-    ap = argparse.ArgumentParser(prog="fleetsim crossover", description=description(__doc__))
+    ap = OneLineParser(prog="fleetsim crossover", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file (its [disaggregation] gives the link)")
     ap.add_argument(
         "--set",

@@ -18,7 +18,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from fleetsim.base.errors import UserError
 
@@ -44,17 +43,10 @@ def _ints(text: str, flag: str, hi: int, why: str) -> list[int]:
     return vals
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A usage mistake is one line (the flag and the problem), not the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        from fleetsim.base.io import clean
-
-        self.exit(2, f"{self.prog}: error: {clean(message, 300)} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    from fleetsim.apps.common import OneLineParser
+
+    p = OneLineParser(
         prog="fleetsim latency",
         description="Predicted time of one engine iteration on a catalog GPU, and its parts.",
     )

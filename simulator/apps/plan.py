@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from fleetsim.apps.common import description
+from fleetsim.apps.common import OneLineParser, description
 from fleetsim.apps.executors import (
     Executor,
     RunSummary,
@@ -111,7 +111,16 @@ class Planner(Search):
     verification (apps/plan_search.py), then the day below and the schedule."""
 
     def plan_candidate(self, cand: Candidate, ratio: float | None) -> None:
-        """Find the candidate's replica count (screen, then verify on whole days)."""
+        """Find the candidate's replica count (screen, then verify on whole days); when none
+        is found and even one sequence alone misses the TPOT target, the reason says so."""
+        self._plan_candidate(cand, ratio)
+        if not cand.replicas and cand.problem.startswith("no replica count"):
+            assert cand.rs is not None
+            step = one_sequence_tpot_s(cand.rs)
+            if step > self.slo.tpot_p99_s:
+                cand.problem = hopeless_tpot(cand.gpu, cand.tp, step, self.slo.tpot_p99_s)
+
+    def _plan_candidate(self, cand: Candidate, ratio: float | None) -> None:
         rs = cand.rs
         assert rs is not None
         peak = self.set_rates(rs)
@@ -168,6 +177,29 @@ class Planner(Search):
                 if not ok[h]:
                     need[utc_hour(h, hod0)] = N
         return need
+
+
+def one_sequence_tpot_s(rs) -> float:
+    """The smallest TPOT any request can have on this candidate: its model's decode step of one
+    sequence alone (batch 1, no prefill chunk beside it) at the shortest prompt the traffic can
+    draw (its distribution's ``min``; 1 token where it has none, a trace) plus the first output
+    token. A request's TPOT is the mean of its decode steps (serving/recorder.py); a step with
+    more sequences, a prefill chunk or a longer context is no faster, so every request with two
+    or more output tokens has at least this TPOT: above the target, no replica count helps."""
+    shortest = getattr(rs.scenario.traffic.prompt, "min", None)
+    ctx = int(shortest) if isinstance(shortest, (int, float)) and shortest >= 1 else 1
+    return float(rs.latency_model().decode_time(1, ctx + 1))
+
+
+def hopeless_tpot(gpu: str, tp: int, step_s: float, tpot_s: float) -> str:
+    """The reason of a candidate that no replica count can help: one sequence alone misses the
+    TPOT target."""
+    return (
+        f"even one sequence alone decodes at {step_s * 1e3:.1f} ms per token on {gpu} TP{tp} "
+        f"(its one-sequence decode step), above the TPOT SLO of {tpot_s * 1e3:.1f} ms: no replica "
+        "count can meet it (fix: a faster GPU (--gpus), more tensor parallelism (--tp), or a "
+        "looser TPOT (--slo-tpot-p99-s))"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +282,7 @@ def parse_list(flag: str, raw: str, kind=str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim plan", description=description(__doc__))
+    ap = OneLineParser(prog="fleetsim plan", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file")
     ap.add_argument(
         "--set",
@@ -453,7 +485,28 @@ def main(argv: list[str]) -> int:
         write_table_atomic(dtable, outp.path("plan_disaggregated.parquet"), meta)
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall)
-    return 0
+    return no_answer_exit(table if cands else None, dtable)
+
+
+#: the exit code of a plan in which no candidate meets the SLO (README: as ``run --strict``'s for
+#: an overloaded run; the files are written, and each candidate's reason is in them)
+NO_ANSWER_EXIT = 4
+
+
+def no_answer_exit(table: pa.Table | None, dtable: pa.Table | None) -> int:
+    """0 when some candidate (of either design) meets the SLO: an infeasible candidate beside
+    it is an answer too. :data:`NO_ANSWER_EXIT` with one line on stderr when none does."""
+    import sys
+
+    statuses = [s for t in (table, dtable) if t is not None for s in t.column("status").to_pylist()]
+    if "ok" in statuses:
+        return 0
+    print(
+        "fleetsim: plan: no candidate meets the SLO, so the exit code is 4; plan.parquet "
+        "(column problem) and the lines under the table give each candidate's reason and fix",
+        file=sys.stderr,
+    )
+    return NO_ANSWER_EXIT
 
 
 def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:

@@ -23,7 +23,6 @@ written atomically.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import html
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetsim.apps.common import description, not_a_run
+from fleetsim.apps.common import OneLineParser, description, not_a_run
 from fleetsim.base.errors import UserError
 from fleetsim.base.units import fmt_num, per_sim_hour
 from fleetsim.results.output import write_bytes_atomic, write_text_atomic
@@ -1026,7 +1025,7 @@ _CROSSOVER_EXPLAIN = (
 
 def main(argv: list[str] | None = None) -> int:
     """``fleetsim report DIR [--no-flat]``."""
-    ap = argparse.ArgumentParser(prog="fleetsim report", description=description(__doc__))
+    ap = OneLineParser(prog="fleetsim report", description=description(__doc__))
     ap.add_argument(
         "dir",
         help="the --out folder of a `fleetsim run` (holds hourly.parquet) or of a `fleetsim "

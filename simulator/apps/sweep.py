@@ -10,6 +10,11 @@ as before, comma-separated TOML values (``key=v1,v2``). All points are
 validated before anything runs. Points share the scenario's seed on purpose (common random
 numbers: two points differ by their parameters, not by their random draws); sweep ``seed=1,2,3``
 for replications. ``sweep.parquet`` has one row per point, in grid order.
+
+Each finished point is kept in ``<out>/.fleetsim-sweep-cache/`` while the sweep runs
+(:class:`PointCache`); after an interrupt or a kill, ``--resume`` into the same ``--out``
+simulates only the points not there and writes the same sweep.parquet, which stays all or
+nothing. A clean finish removes the cache.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import argparse
 import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
+from typing import cast
 
 import pyarrow as pa
 
-from fleetsim.apps.common import description
+from fleetsim.apps.common import OneLineParser, description
 from fleetsim.apps.executors import (
     RunSummary,
     add_executor_args,
@@ -232,20 +239,152 @@ def sweep_table(axes, points: list[list[str]], rows: list[dict]) -> pa.Table:
     return pa.table(cols)
 
 
-def run_sweep(base: dict, axes, source: str, executor, hooks=None) -> pa.Table:
-    """Validate, simulate every point with ``executor`` and tabulate (in grid order)."""
+def point_key(scenario: dict, source: str) -> str:
+    """A point's key in :class:`PointCache`: the SHA-256 of the fleetsim version, the scenario
+    file's absolute path (relative files resolve against it) and the point's resolved scenario
+    (:func:`~fleetsim.config.resolved.resolved_dict`: every catalog field filled in, the seed,
+    the profile's SHA-256), so a changed grid, scenario, catalog or version misses."""
+    import hashlib
+
+    from fleetsim.apps.executors import _resolved
+    from fleetsim.base.version import __version__
+    from fleetsim.config.resolved import resolved_dict
+
+    rs = _resolved(json.dumps(scenario, sort_keys=True), source)
+    doc = {
+        "fleetsim": __version__,
+        "source": str(Path(source).resolve()) if source else "",
+        "resolved": resolved_dict(rs),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plain_row(row: dict) -> dict[str, float | int]:
+    """A point's row as plain numbers (as sweep.parquet stores them: peak_hour an integer, the
+    rest float64), so a row read back from the cache is the row computed."""
+    return {c: int(row[c]) if c == "peak_hour" else float(row[c]) for c in RESULT_COLUMNS}
+
+
+class PointCache:
+    """The finished points of a sweep, kept in ``<out>/.fleetsim-sweep-cache/`` (the folder's
+    lock held) so that ``--resume`` reuses them after an interrupt or a kill. One JSON file per
+    point, ``<key>.json`` (:func:`point_key`), each written atomically; the sweep's own files stay
+    all or nothing (staged, moved into place at the end), and the cache is removed when they
+    are. Nothing here follows a link: the cache folder must be a real folder (else refused in
+    one line), an entry that is a link, has a second hard link or is not fleetsim's JSON counts
+    as missing (its point re-runs), and removal deletes only ``<key>.json`` regular files."""
+
+    _ENTRY = re.compile(r"^[0-9a-f]{64}\.json$")
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        from fleetsim.results.output import SWEEP_CACHE_NAME
+
+        self.out = out
+        self.dir = out / SWEEP_CACHE_NAME
+        self.resume = resume
+        self._id: tuple[int, int] | None = None
+        self.reused = 0  # points read back (--resume)
+        self.kept = 0  # points simulated and kept
+
+    def _check(self) -> bool:
+        """Whether the cache folder exists (a real folder; anything else is refused)."""
+        from fleetsim.results.output import _dir_id, _shown, out_error
+
+        if not (self.dir.exists() or self.dir.is_symlink()):
+            return False
+        ident = _dir_id(self.dir)
+        if ident is None or (self._id is not None and ident != self._id):
+            raise out_error(
+                self.out,
+                f"{_shown(self.dir)} is not the folder fleetsim keeps a sweep's finished points "
+                "in (a link or a file); nothing was read or written through it",
+                f"remove {_shown(self.dir)} if it is not needed, or choose another --out",
+            )
+        self._id = ident
+        return True
+
+    def get(self, key: str) -> dict | None:
+        """The row of the point ``key`` finished by an earlier run, or None."""
+        from fleetsim.base.io import MiB, load_json
+
+        if not self.resume or not self._check():
+            return None
+        p = self.dir / f"{key}.json"
+        if not p.exists():
+            return None
+        try:
+            d, _ = load_json(p, "sweep cache", MiB, nofollow=True)
+        except UserError:
+            return None
+        row = d.get("row") if isinstance(d, dict) and d.get("key") == key else None
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)
+            for c in RESULT_COLUMNS
+        ):
+            return None
+        self.reused += 1
+        return _plain_row(row)
+
+    def put(self, key: str, row: dict) -> None:
+        """Keep a finished point (atomically: a kill leaves the whole entry or none)."""
+        from fleetsim.base.version import __version__
+        from fleetsim.results.output import LAST, clean_stale, write_text_atomic
+
+        if not self._check():
+            self.dir.mkdir(mode=0o700)  # (fails if anything, a link included, is there)
+            self._check()
+            clean_stale(self.dir)
+        doc = {"fleetsim": __version__, "key": key, "row": row}
+        write_text_atomic(json.dumps(doc, sort_keys=True) + "\n", self.dir / f"{key}.json")
+        self.kept += 1
+        LAST["sweep_points_kept"] = str(self.kept + self.reused)  # (for an interrupt's line)
+
+    def remove(self) -> None:
+        """Delete the entries (regular files with one link) and the folder if then empty."""
+        import contextlib
+        import os
+        import stat
+
+        from fleetsim.results.output import clean_stale
+
+        if not self._check():
+            return
+        clean_stale(self.dir)  # (temporaries of dead processes)
+        for p in self.dir.iterdir():
+            if self._ENTRY.fullmatch(p.name):
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    p.unlink()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()  # (left in place if something else is in it)
+
+
+def run_sweep(
+    base: dict, axes, source: str, executor, hooks=None, cache: PointCache | None = None
+) -> pa.Table:
+    """Validate, simulate every point with ``executor`` and tabulate (in grid order). With a
+    ``cache``, each finished point is kept in it as it finishes, and (``cache.resume``) a point
+    already there is reused, not simulated again."""
     points = grid_points(axes)
     scenarios = point_scenarios(base, points, source)
+    keys = [point_key(d, source) for d in scenarios] if cache is not None else []
+    rows: list[dict | None] = [cache.get(k) for k in keys] if cache is not None else []
+    rows = rows or [None] * len(points)
+    todo = [i for i, r in enumerate(rows) if r is None]
     if hooks is not None:
-        hooks.add(len(points))
-    results = executor.map(
-        run_task, [(d, source) for d in scenarios], hooks.done if hooks is not None else None
-    )
-    return sweep_table(axes, points, [point_row(r) for r in results])
+        hooks.add(len(todo))
+    for j, res in executor.imap_unordered(run_task, [(scenarios[i], source) for i in todo]):
+        i = todo[j]
+        rows[i] = _plain_row(point_row(res))
+        if cache is not None:
+            cache.put(keys[i], rows[i])
+        if hooks is not None:
+            hooks.done()
+    return sweep_table(axes, points, cast(list[dict], rows))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fleetsim sweep", description=description(__doc__))
+    ap = OneLineParser(prog="fleetsim sweep", description=description(__doc__))
     ap.add_argument("scenario", help="scenario TOML file")
     ap.add_argument(
         "--grid",
@@ -268,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default out/<the scenario file's stem>-sweep, e.g. out/default-sweep)",
     )
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the points an interrupted sweep into the same --out finished (kept in its "
+        ".fleetsim-sweep-cache/ until a sweep there completes); only the others are simulated",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar or table")
     ap.add_argument(
         "--json",
@@ -296,13 +441,16 @@ def main(argv: list[str]) -> int:
         base_rs = resolve(scenario_from_dict(base, args.scenario), args.scenario)
     except UserError:
         base_rs = resolve(scenario_from_dict(points[0], args.scenario), args.scenario)
-    outp = open_output(args, Path(args.scenario).stem + "-sweep", ("sweep.parquet",))
+    outp = open_output(
+        args, Path(args.scenario).stem + "-sweep", ("sweep.parquet",), resume=args.resume
+    )
+    cache = PointCache(outp.out, args.resume)
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
         task_progress(f"sweep ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
     ):
-        table = run_sweep(base, axes, args.scenario, ex, hooks)
+        table = run_sweep(base, axes, args.scenario, ex, hooks, cache)
     wall = time.perf_counter() - t0
     path = outp.final("sweep.parquet")
     write_table_atomic(
@@ -317,16 +465,21 @@ def main(argv: list[str]) -> int:
             executor=args.executor,
         ),
     )
+    # the finished points are dropped with the lock still held, just before the files move into
+    # place (a failure in between loses the points, as a sweep without a cache would)
+    cache.remove()
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
     human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
         print_sweep(table, [k for k, _ in axes], f"sweep of {term(args.scenario)}", human)
-        human.print(f"wrote {term(path)} in {wall:.1f} s")
+        reused = f" ({cache.reused} of {table.num_rows} points reused)" if args.resume else ""
+        human.print(f"wrote {term(path)} in {wall:.1f} s{reused}")
     if args.json:
         print_json(
             {
                 "points": table.to_pylist(),
                 "paths": {"sweep": str(path.resolve())},
+                "points_reused": cache.reused,
                 "wall_s": wall,
             }
         )

@@ -284,6 +284,8 @@ def dumps(obj) -> str:
 # a run's output folder, all or nothing
 LOCK_NAME = ".fleetsim-lock"
 MANIFEST_NAME = ".fleetsim-manifest.json"
+# ``fleetsim sweep``'s finished points, kept while the sweep runs (``--resume``: apps/sweep.py)
+SWEEP_CACHE_NAME = ".fleetsim-sweep-cache"
 # The files fleetsim's commands write into an --out folder: ``--force`` may replace these.
 OUTPUT_NAMES = frozenset(
     {
@@ -540,12 +542,19 @@ class RunOutput:
     folder is then as it was."""
 
     def __init__(
-        self, out: Path | str, *, force: bool = False, mode: str = "new", names: Iterable[str] = ()
+        self,
+        out: Path | str,
+        *,
+        force: bool = False,
+        mode: str = "new",
+        names: Iterable[str] = (),
+        resume: bool = False,
     ) -> None:
         self.out = Path(out)
         self.force = force
         self.mode = mode
         self.names = tuple(names)
+        self.resume = resume  # a sweep's --resume: its cache does not make the folder non-empty
         self.stage: Path | None = None
         self._fd: int | None = None
         self._created: list[Path] = []
@@ -572,6 +581,15 @@ class RunOutput:
             clean_stale(out)
             if self.mode == "new" and not self.force:
                 extra = [p.name for p in out.iterdir() if p.name != LOCK_NAME]
+                if self.resume:
+                    extra = [n for n in extra if n != SWEEP_CACHE_NAME]
+                if extra == [SWEEP_CACHE_NAME] and "sweep.parquet" in self.names:
+                    raise out_error(
+                        out,
+                        "holds the finished points of an interrupted sweep",
+                        "pass --resume to reuse them, --force to start over, or choose "
+                        "another --out",
+                    )
                 if extra:
                     raise out_error(
                         out,
@@ -796,6 +814,13 @@ def abort_open_outputs() -> None:
 def interrupted_note() -> str:
     """What an interrupt left, for the one-line message."""
     out, state = LAST.get("out"), LAST.get("state")
+    kept = LAST.get("sweep_points_kept")
+    if kept and state in ("open", "aborted"):
+        return (
+            f"no sweep.parquet was written to {_shown(out or '')}; its {kept} finished points "
+            f"are kept in {SWEEP_CACHE_NAME}/ (fix: rerun with --resume to simulate only the "
+            "others)"
+        )
     if state == "committed":
         return f"the outputs in {_shown(out or '')} were complete before the interrupt"
     if state in ("open", "aborted") and LAST.get("removed"):

@@ -1,0 +1,109 @@
+"""A usage mistake on any subcommand is one line naming the option, the bad value and the fix
+(README's rule), exit code 2 as argparse's; ``--help`` stays argparse's."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetsim.apps.cli import main as cli_main
+
+S = "scenarios/default.toml"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["run", S, "--hours", "x"],
+            "fleetsim run: error: --hours x: not an option of fleetsim run; simulation.hours is a "
+            "scenario field (fix: --set simulation.hours=x)",
+        ),
+        (
+            ["validate", S, "--replicas=8"],
+            "fleetsim validate: error: --replicas 8: not an option of fleetsim validate; "
+            "fleet.replicas is a scenario field (fix: --set fleet.replicas=8)",
+        ),
+        (
+            ["run", S, "--seed", "x"],
+            "fleetsim run: error: argument --seed: invalid int value: 'x' (fix: --seed takes a "
+            "whole number, e.g. --seed 2)",
+        ),
+        (
+            ["run", S, "--executor", "slurm"],
+            "fleetsim run: error: argument --executor: invalid choice: 'slurm' (fix: one of "
+            "'local', 'ray')",
+        ),
+        (
+            ["run", S, "--zz"],
+            "fleetsim run: error: unrecognized arguments: --zz (fix: fleetsim run --help lists "
+            "the options)",
+        ),
+        (
+            ["run"],
+            "fleetsim run: error: the following arguments are required: scenario (fix: fleetsim "
+            "run --help lists the options)",
+        ),
+        (
+            ["runn"],
+            "fleetsim: error: argument cmd: invalid choice: 'runn' (fix: one of 'validate', "
+            "'schema', 'run', 'calibrate', 'replay', 'plan', 'latency', 'sweep', 'crossover', "
+            "'report', 'compare')",
+        ),
+        (
+            ["sweep", S, "--workers", "two"],
+            "fleetsim sweep: error: argument --workers: invalid int value: 'two' (fix: --workers "
+            "takes a whole number, e.g. --workers 2)",
+        ),
+        (
+            ["sweep", S, "--hours", "3"],
+            "fleetsim sweep: error: --hours 3: not an option of fleetsim sweep; simulation.hours "
+            "is a scenario field (fix: --set simulation.hours=3)",
+        ),
+        (
+            ["plan", S, "--hours", "x"],
+            "fleetsim plan: error: argument --hours: invalid choice: 'x' (fix: one of 'all', "
+            "'peak')",
+        ),
+        (
+            ["plan", S, "--slo-ttft-p99-s", "fast"],
+            "fleetsim plan: error: argument --slo-ttft-p99-s: invalid float value: 'fast' (fix: "
+            "--slo-ttft-p99-s takes a number, e.g. --slo-ttft-p99-s 2)",
+        ),
+        (
+            ["crossover", S, "--zzz", "1"],
+            "fleetsim crossover: error: unrecognized arguments: --zzz 1 (fix: fleetsim crossover "
+            "--help lists the options)",
+        ),
+        (
+            ["report"],
+            "fleetsim report: error: the following arguments are required: dir (fix: fleetsim "
+            "report --help lists the options)",
+        ),
+        (
+            ["latency", "--gpu"],
+            "fleetsim latency: error: argument --gpu: expected one argument (fix: give --gpu a "
+            "value, e.g. --gpu VALUE; fleetsim latency --help lists the options)",
+        ),
+        (
+            ["calibrate", "--bogus"],
+            "fleetsim calibrate: error: unrecognized arguments: --bogus (fix: fleetsim calibrate "
+            "--help lists the options)",
+        ),
+    ],
+)
+def test_a_usage_mistake_is_one_line_with_the_fix(argv, line, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2
+    cap = capsys.readouterr()
+    assert cap.err.splitlines() == [line] and cap.out == ""
+
+
+@pytest.mark.parametrize("cmd", ["run", "sweep", "plan", "report", "compare", "latency"])
+def test_help_is_argparses_own(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main([cmd, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fleetsim {cmd} ")
+    assert "options:" in out and "-h, --help" in out
