@@ -110,3 +110,22 @@ def test_a_candidate_that_can_make_it_keeps_the_search_reason(tmp_path):
     )
     (row,) = pq.read_table(tmp_path / "o" / "plan.parquet").to_pylist()
     assert row["problem"].startswith("no replica count up to ")
+
+
+def test_a_hopeless_decode_pool_names_its_step_and_the_fix(tmp_path, capsys):
+    """The disaggregated design: a request's TPOT is its decode replica's steps, so a decode
+    pool on which one sequence alone takes 7.5 ms (h100-sxm TP1) cannot meet 7 ms at any size;
+    the reason names the decode pool's step and its own fix, and the plan exits 4."""
+    scen = tmp_path / "s.toml"
+    scen.write_text(_toml(merge(BASE, disaggregation={"link": "infiniband-ndr"})))
+    argv = ["plan", str(scen), "--designs", "disaggregated", "--workers", "1", "--hours", "peak"]
+    argv += ["--no-schedule", "--quiet", "--out", str(tmp_path / "o")]
+    assert cli_main(argv) == 4
+    (row,) = pq.read_table(tmp_path / "o" / "plan_disaggregated.parquet").to_pylist()
+    assert row["status"] == "infeasible"
+    assert row["problem"] == (
+        "even one sequence alone decodes at 7.5 ms per token on h100-sxm TP1 (its one-sequence "
+        "decode step), above the TPOT SLO of 7.0 ms: no replica count can meet it (fix: a faster "
+        "decode GPU (--decode-gpus), more tensor parallelism in the decode pool "
+        "(disaggregation.decode.tensor_parallel), or a looser TPOT (--slo-tpot-p99-s))"
+    )

@@ -58,7 +58,9 @@ from fleetsim.apps.plan_search import (
     Slo,
     columns,
     day_figures,
+    hopeless_tpot,
     hours_passing,
+    one_sequence_tpot_s,
     passes,
     ranked_table,
     resolve_candidate,
@@ -177,29 +179,6 @@ class Planner(Search):
                 if not ok[h]:
                     need[utc_hour(h, hod0)] = N
         return need
-
-
-def one_sequence_tpot_s(rs) -> float:
-    """The smallest TPOT any request can have on this candidate: its model's decode step of one
-    sequence alone (batch 1, no prefill chunk beside it) at the shortest prompt the traffic can
-    draw (its distribution's ``min``; 1 token where it has none, a trace) plus the first output
-    token. A request's TPOT is the mean of its decode steps (serving/recorder.py); a step with
-    more sequences, a prefill chunk or a longer context is no faster, so every request with two
-    or more output tokens has at least this TPOT: above the target, no replica count helps."""
-    shortest = getattr(rs.scenario.traffic.prompt, "min", None)
-    ctx = int(shortest) if isinstance(shortest, (int, float)) and shortest >= 1 else 1
-    return float(rs.latency_model().decode_time(1, ctx + 1))
-
-
-def hopeless_tpot(gpu: str, tp: int, step_s: float, tpot_s: float) -> str:
-    """The reason of a candidate that no replica count can help: one sequence alone misses the
-    TPOT target."""
-    return (
-        f"even one sequence alone decodes at {step_s * 1e3:.1f} ms per token on {gpu} TP{tp} "
-        f"(its one-sequence decode step), above the TPOT SLO of {tpot_s * 1e3:.1f} ms: no replica "
-        "count can meet it (fix: a faster GPU (--gpus), more tensor parallelism (--tp), or a "
-        "looser TPOT (--slo-tpot-p99-s))"
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,7 +91,25 @@ class DisaggPlanner(plan_search.Search):
     verification on whole days (apps/plan_search.py)."""
 
     def plan(self, cand: DisaggCandidate) -> None:
-        """Size both pools of ``cand`` (see the module docstring)."""
+        """Size both pools of ``cand`` (see the module docstring); when no size is found and
+        even one sequence alone on the decode pool misses the TPOT target (a request's TPOT is
+        its decode replica's steps), the reason says so, as the aggregated plan's does."""
+        self._plan(cand)
+        if cand.prefill is None and cand.problem.startswith(("no decode pool", "no fleet")):
+            assert cand.rs is not None and cand.rs.pools is not None
+            pool = cand.rs.pools.decode
+            step = plan_search.one_sequence_tpot_s(pool.rs)
+            if step > self.slo.tpot_p99_s:
+                cand.problem = plan_search.hopeless_tpot(
+                    pool.gpu_name,
+                    pool.tp,
+                    step,
+                    self.slo.tpot_p99_s,
+                    "a faster decode GPU (--decode-gpus), more tensor parallelism in the decode "
+                    "pool (disaggregation.decode.tensor_parallel)",
+                )
+
+    def _plan(self, cand: DisaggCandidate) -> None:
         rs = cand.rs
         assert rs is not None
         peak = self.set_rates(rs)

@@ -426,3 +426,32 @@ __all__ = [
     "with_pool",
     "worst_hour",
 ]
+
+
+def one_sequence_tpot_s(rs) -> float:
+    """The smallest TPOT any request can have on this candidate: its model's decode step of one
+    sequence alone (batch 1, no prefill chunk beside it) at the shortest prompt the traffic can
+    draw (its distribution's ``min``; 1 token where it has none, a trace) plus the first output
+    token. A request's TPOT is the mean of its decode steps (serving/recorder.py); a step with
+    more sequences, a prefill chunk or a longer context is no faster, so every request with two
+    or more output tokens has at least this TPOT: above the target, no replica count helps."""
+    shortest = getattr(rs.scenario.traffic.prompt, "min", None)
+    ctx = int(shortest) if isinstance(shortest, (int, float)) and shortest >= 1 else 1
+    return float(rs.latency_model().decode_time(1, ctx + 1))
+
+
+def hopeless_tpot(
+    gpu: str,
+    tp: int,
+    step_s: float,
+    tpot_s: float,
+    fix: str = "a faster GPU (--gpus), more tensor parallelism (--tp)",
+) -> str:
+    """The reason of a candidate that no replica count can help: one sequence alone misses the
+    TPOT target; ``fix`` names the GPU and parallelism to change (the disaggregated design's
+    decode pool: its own)."""
+    return (
+        f"even one sequence alone decodes at {step_s * 1e3:.1f} ms per token on {gpu} TP{tp} "
+        f"(its one-sequence decode step), above the TPOT SLO of {tpot_s * 1e3:.1f} ms: no replica "
+        f"count can meet it (fix: {fix}, or a looser TPOT (--slo-tpot-p99-s))"
+    )
