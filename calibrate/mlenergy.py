@@ -866,15 +866,19 @@ def _prefix_cached(spec: ModelSpec) -> bool:
 def shares_repeated_prompts(c: Config) -> bool:
     """Whether the run is simulated with its repeated prompts shared: :func:`repeated_prompts`
     and a model whose prefix caching the engine models (:func:`_run_scenario`)."""
-    from fleetsim.api import load
-    from fleetsim.config.aggregated import model_spec
+    return repeated_prompts(c) and _prefix_cached(_row_resolved(c).model)
 
-    if not repeated_prompts(c):
-        return False
+
+def _row_resolved(c: Config):
+    """The row's server resolved as a scenario (model, GPUs, KV budget), on a one-request trace:
+    what the KV-limited tables read without simulating."""
+    from fleetsim.api import load
+    from fleetsim.config.resolve import resolve
+
     with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
         trace = Path(tmp) / "trace.csv"
         trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
-        return _prefix_cached(model_spec(load(scenario_dict(c, str(trace), 1)), ""))
+        return resolve(load(scenario_dict(c, str(trace), 1)), "")
 
 
 def simulate_config(
@@ -2194,18 +2198,13 @@ def implied_prompts(
     rank serves its own queue, bound on arrival, and the queues drain unevenly (the per-rank
     model of ``calibrate/dp_ranks.py`` gives their measured batch, e.g. 7.5 of 8 for
     Coder-480B-FP8 DP4 b8), not because their KV cache is full."""
-    from fleetsim.api import load
-    from fleetsim.config.resolve import resolve
     from fleetsim.config.resolved import kv_budget
 
     out = []
     for c in configs:
         if not kv_limited(c, fill_below):
             continue
-        with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
-            trace = Path(tmp) / "trace.csv"
-            trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
-            rs = resolve(load(scenario_dict(c, str(trace), 1)), "")
+        rs = _row_resolved(c)
         per_seq = rs.kv_capacity_tokens / c.avg_batch_size
         md = rs.model
         if md.n_linear_layers and not md.n_sliding_layers:
@@ -2354,14 +2353,9 @@ def reserve_sensitivity(c: Config) -> tuple[float, float]:
     bytes per token)``. A row whose implied mean a plausible reserve error (a few tenths of a
     GiB: the profiling run's peak, non-torch memory; docs/accuracy-log.md, KV budget) moves by
     a few tokens is a trustworthy estimator; one it moves by hundreds is not."""
-    from fleetsim.api import load
-    from fleetsim.config.resolve import resolve
     from fleetsim.config.resolved import kv_budget
 
-    with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
-        trace = Path(tmp) / "trace.csv"
-        trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
-        rs = resolve(load(scenario_dict(c, str(trace), 1)), "")
+    rs = _row_resolved(c)
     kb = kv_budget(rs.scenario, rs.model, rs.profile.mem_bytes)
     gpus = rs.scenario.fleet.tensor_parallel * rs.scenario.fleet.data_parallel
     return kb.kv_bytes / 2**30, gpus * 2**30 / (c.avg_batch_size * kb.bytes_per_token)
@@ -2372,7 +2366,8 @@ def implied_mean_lines(res: Sequence[ImpliedMean]) -> list[str]:
     form's prompt (:func:`implied_prompts`), the simulated one, the simulated KV cache and the
     implied mean's shift per GiB per GPU of unexplained reserve (:func:`reserve_sensitivity`),
     and whether the run repeats its prompt list (``rep``: shared where the simulation shares
-    the repeats' blocks, :func:`repeated_prompts`; ``unsh`` where it repeats but does not)."""
+    the repeats' blocks, :func:`shares_repeated_prompts`; ``unsh`` where it repeats but does
+    not)."""
     closed = {c.key: p for c, p in implied_prompts([r.config for r in res])}
     lines = [
         "Prompt mean at which the simulated window batch equals the measured one (KV-limited "
