@@ -1,0 +1,200 @@
+"""Issue 22 walked a second time (helper M41): splits vLLM refuses, quantization formats a user's
+config.json has, contradictory MoE and layer-type fields, and the Hugging Face cache as it lies
+on disk. Each test is a failure the walk found."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SMALL, merge
+
+from fleetsim.apps.cli import main
+from fleetsim.base.errors import ScenarioError
+from fleetsim.config.aggregated import model_spec
+from fleetsim.config.hf import architecture_from_hf
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
+
+MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+Q235_FP8 = MODELS / "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8/config.json"
+LLAMA8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def _latency(capsys, model: str, *flags: str) -> tuple[int, str]:
+    rc = main(["latency", "--gpu", "h200", "--model", model, *flags, "--batch", "1",
+               "--context", "100"])  # fmt: skip
+    cap = capsys.readouterr()
+    return rc, cap.err if rc else cap.out.splitlines()[0]
+
+
+def test_fp8_experts_split_into_partial_blocks_are_refused_as_vllm_does(capsys):
+    """Qwen3-235B-A22B-FP8 at TP8 without expert parallelism: each 1,536-wide expert splits 192
+    wide per GPU, not whole 128-column blocks, and vLLM refuses to load it ("The output_size of
+    gate's and up's weight = 192 is not divisible by weight quantization block_n = 128",
+    Fp8MoEMethod.create_weights); fleetsim simulated it. TP4 (384 = 3 x 128) and EP8 load."""
+    rc, err = _latency(capsys, str(Q235_FP8), "--tp", "8")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "--tp = 8: " in err and "split 192 wide on each of 8 GPUs" in err, err
+    assert "(fix: set expert_parallel = true, or split each expert over 1, 2, 4 GPUs)" in err
+    assert _latency(capsys, str(Q235_FP8), "--tp", "4")[0] == 0
+    assert _latency(capsys, str(Q235_FP8), "--tp", "8", "--expert-parallel")[0] == 0
+    # the scenario checks it too (it checked expert splits only with DP or EP)
+    d = merge(SMALL, hardware={"gpu": "h200"}, fleet={"tensor_parallel": 8})
+    d["model"] = {"config": str(Q235_FP8)}
+    with pytest.raises(ScenarioError) as e:
+        resolve(scenario_from_dict(d))
+    assert str(e.value).startswith("fleet.tensor_parallel = 8: "), str(e.value)
+    d["fleet"]["expert_parallel"] = True
+    assert resolve(scenario_from_dict(d)).tp == 8
+
+
+def test_a_given_dtype_reads_a_quantization_the_reader_does_not(tmp_path):
+    """The refusal of an unknown quant_method said ``(fix: give [model] dtype, ...)``, and with
+    ``[model] dtype`` given it refused the same way."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**LLAMA8B, "quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True}}))  # fmt: skip
+    with pytest.raises(ScenarioError) as e:
+        model_spec(scenario_from_dict({"model": {"config": str(cfg)}}), "")
+    assert "'bitsandbytes' is not one fleetsim reads" in str(e.value)
+    assert "(fix: give [model] dtype (--dtype for fleetsim latency)" in str(e.value)
+    spec = model_spec(scenario_from_dict({"model": {"config": str(cfg), "dtype": "int4"}}), "")
+    assert spec.dtype == "int4" and spec.embed_dtype is None
+
+
+@pytest.mark.parametrize(
+    ("quant", "dtype"),
+    [
+        # Meta's Llama-3.1-405B-Instruct-FP8: fp8 weights per channel, lm_head not converted
+        ({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+          "modules_to_not_convert": ["lm_head"]}, "fp8"),
+        # compressed-tensors FP8 ("float-quantized") was read as int8 from its 8 bits
+        ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}}},
+         "fp8"),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int"}}}},
+         "int4"),
+        ({"quant_method": "compressed-tensors", "config_groups": {
+            "group_0": {"weights": {"num_bits": 8, "type": "int"}}}}, "int8"),
+    ],
+)  # fmt: skip
+def test_quantization_formats_read_as_their_number_type(quant, dtype):
+    arch = architecture_from_hf({**LLAMA8B, "quantization_config": quant}, "config.json")
+    assert (arch["dtype"], arch["embed_dtype"]) == (dtype, "bf16")
+
+
+def test_a_four_bit_float_format_is_refused_in_one_line():
+    """NVFP4 (compressed-tensors ``type: float``, 4 bits) was read as int4."""
+    quant = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+             "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float"}}}}  # fmt: skip
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf({**LLAMA8B, "quantization_config": quant}, "config.json")
+    assert "compressed-tensors with 4-bit float weights (e.g. NVFP4), which fleetsim does not " \
+        "read (fix: give [model] dtype" in str(e.value), str(e.value)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        # read as one expert per token
+        ({"num_experts_per_tok": 0}, "has 128 experts but num_experts_per_tok = 0 (fix: give "
+         "num_experts_per_tok"),
+        ({"num_experts_per_tok": None}, "has 128 experts but num_experts_per_tok = None"),
+        # read as a dense model of intermediate_size
+        ({"num_experts": 0}, "has 0 experts but num_experts_per_tok = 8 (fix: give the number "
+         "of experts"),
+    ],
+)  # fmt: skip
+def test_contradictory_expert_counts_are_refused(change, words):
+    cfg = json.loads((MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507/config.json").read_text())
+    cfg = {k: v for k, v in {**cfg, **change}.items() if v is not None}
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf(cfg, "config.json")
+    assert words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("n", [10, 48])
+def test_layer_types_of_the_wrong_length_are_refused(n):
+    """gpt-oss-20b (24 layers) with 10 or 48 layer types was read as the list's pattern."""
+    cfg = json.loads((MODELS / "openai/gpt-oss-20b/config.json").read_text())
+    cfg["layer_types"] = (["sliding_attention", "full_attention"] * 24)[:n]
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf(cfg, "config.json")
+    assert f"layer_types has {n} entries for num_hidden_layers = 24" in str(e.value)
+
+
+def test_a_head_width_that_cannot_be_derived_names_the_files_keys():
+    """It said ``model.n_heads = 32: d_model must divide by n_heads (or give head_dim)``: the
+    inline fields' names, not the file's, and not the width that fails."""
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf({**LLAMA8B, "hidden_size": 4100}, "config.json")
+    assert str(e.value) == (
+        "model.config = 'config.json': has no head_dim, and hidden_size = 4100 does not divide "
+        "by num_attention_heads = 32 to give one (fix: give head_dim (the width of one "
+        "attention head), or check hidden_size)"
+    )
+
+
+def _snapshot(root: Path, repo: str, h: str, cfg: dict) -> Path:
+    org, name = repo.split("/")
+    snap = root / f"hub/models--{org}--{name}/snapshots/{h}"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps(cfg))
+    return snap
+
+
+def test_a_fine_tune_in_the_cache_is_named_after_its_repository(tmp_path, capsys):
+    """A fine-tune's config.json carries its base's id (or a training run's relative path) in
+    ``_name_or_path``: it was named ``meta-llama/Llama-3.1-8B`` or ``output/checkpoint-500``."""
+    a = _snapshot(tmp_path, "myorg/llama-sft", "beef", {
+        **LLAMA8B, "_name_or_path": "meta-llama/Llama-3.1-8B"})  # fmt: skip
+    b = _snapshot(tmp_path, "myorg/llama-rl", "cafe", {
+        **LLAMA8B, "_name_or_path": "output/checkpoint-500"})  # fmt: skip
+    assert _latency(capsys, str(a))[1].startswith("myorg/llama-sft (")
+    assert _latency(capsys, str(b / "config.json"))[1].startswith("myorg/llama-rl (")
+    # [model] name still wins
+    sc = scenario_from_dict({"model": {"config": str(a), "name": "mine"}})
+    assert model_spec(sc, "").name == "mine"
+
+
+def test_the_caches_repository_folder_reads_the_snapshot_refs_main_names(tmp_path, capsys):
+    """``--model ~/.cache/huggingface/hub/models--Org--Name`` (the repository folder, holding
+    refs/ and snapshots/) said ``is a directory, not a regular file``."""
+    _snapshot(tmp_path, "meta-llama/Llama-3.1-8B", "0123abcd", LLAMA8B)
+    _snapshot(tmp_path, "meta-llama/Llama-3.1-8B", "89ef4567", {**LLAMA8B, "vocab_size": 1000})
+    repo = tmp_path / "hub/models--meta-llama--Llama-3.1-8B"
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text("0123abcd\n")
+    rc, out = _latency(capsys, str(repo))
+    assert rc == 0 and out.startswith("meta-llama/Llama-3.1-8B ("), out
+    spec = model_spec(scenario_from_dict({"model": {"config": str(repo)}}), "")
+    assert spec.vocab_size == 128256  # refs/main's snapshot, not the other one
+    # a folder with neither
+    (tmp_path / "empty").mkdir()
+    rc, err = _latency(capsys, str(tmp_path / "empty"))
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "a folder with no config.json (fix: " in err, err
+
+
+def test_latency_with_a_missing_config_json_names_the_flag(tmp_path, capsys):
+    """It said ``model.config = ...: no such file ... (relative to the scenario file)``, with no
+    scenario file in sight."""
+    rc, err = _latency(capsys, str(tmp_path / "x/config.json"))
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert f"--model = '{tmp_path / 'x/config.json'}': no such file (fix: " in err, err
+    assert "scenario" not in err
