@@ -198,3 +198,55 @@ def test_latency_with_a_missing_config_json_names_the_flag(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1
     assert f"--model = '{tmp_path / 'x/config.json'}': no such file (fix: " in err, err
     assert "scenario" not in err
+
+
+def _day(tmp_path: Path, capsys, config: Path, **fleet) -> str:
+    import tomli_w
+
+    d = merge(SMALL, hardware={"gpu": "h100-sxm"}, fleet={"tensor_parallel": 1, **fleet})
+    d["model"] = {"config": str(config)}
+    d["simulation"] = {**d.get("simulation", {}), "hours": 1}
+    d["traffic"] = {**d["traffic"], "requests_per_day": 0}
+    p = tmp_path / "s.toml"
+    p.write_text(tomli_w.dumps(d))
+    assert main(["validate", str(p)]) == 0
+    err = capsys.readouterr().err
+    assert main(["run", str(p), "--out", str(tmp_path / "out")]) == 0
+    return err + capsys.readouterr().out
+
+
+def test_the_summaries_name_the_kv_kinds_and_the_experts_split(tmp_path, capsys):
+    """gpt-oss-120b on one H100: the KV budget read ``248,816 tokens (KV cache bf16, 73,728
+    bytes per token)``, 18.3 GB of KV where 9.8 GB hold it, with no word of its 18 windowed
+    layers; the run said ``prefix caching``, which the paged engine does not model for window
+    layers; neither named the experts."""
+    out = _day(tmp_path, capsys, MODELS / "openai/gpt-oss-120b/config.json")
+    kinds = (
+        "73,728 bytes per token in full; 18 full-attention + 18 sliding-window layers of 128 "
+        "tokens; 43,108 bytes per token at the traffic's typical sequence"
+    )
+    assert kinds in out, out
+    # (18 x 2,048 B = 36,864 B in the full layers, + 18 x 2,048 B x the share of a typical
+    # sequence of SMALL's traffic the 128-token window, plus its open block, keeps)
+    assert "no prefix caching (not modelled with window or linear-state layers)" in out
+    assert ", prefix caching" not in out
+    assert "(bf16 weights, experts mxfp4, KV cache bf16; MoE 128 experts, top 4) on" in out
+
+
+def test_the_summaries_name_latent_attention_and_an_expert_parallel_split(tmp_path, capsys):
+    """Qwen3-30B-A3B on TP1 x DP2 with EP: 64 whole experts on each GPU."""
+    cfg = MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507/config.json"
+    out = _day(tmp_path, capsys, cfg, data_parallel=2, expert_parallel=True)
+    assert "; MoE 128 experts, top 8, 64 whole experts per GPU (EP2)) on" in out, out
+    assert ", prefix caching;" in out  # (no window: the engine caches prefixes)
+    # DeepSeek-V3.1's latent, (512 + 64) x 61 layers x 2 B, is on every GPU of a TP8 replica
+    from fleetsim.device.modelspec import ModelSpec
+    from fleetsim.results.summary import kv_kinds
+
+    sc = scenario_from_dict({"model": {"config": str(MODELS / "deepseek-ai/DeepSeek-V3.1")}})
+    ds: ModelSpec = model_spec(sc, "")
+    assert ds.kv_bytes_per_token == 70_272
+    assert kv_kinds(ds, 8 * 70_272) == (
+        "latent attention: 512 + 64 cached per token in each of 61 layers; 562,176 bytes per "
+        "token on the replica (the latent on every GPU)"
+    )
