@@ -250,3 +250,31 @@ def test_the_summaries_name_latent_attention_and_an_expert_parallel_split(tmp_pa
         "latent attention: 512 + 64 cached per token in each of 61 layers; 562,176 bytes per "
         "token on the replica (the latent on every GPU)"
     )
+
+
+def test_a_dumped_scenario_loads_back_as_the_configs_model():
+    """``Scenario.model_dump`` wrote the defaults ``name = "llama-3.1-70b"`` and ``dtype =
+    "bf16"``; loaded back (plan's candidates, sweeps, the Python API, the pods' workers), they
+    were set and overrode the file's: Qwen3-235B-A22B-FP8 (236.3 GB of fp8 weights) became a
+    470.2 GB bf16 model named llama-3.1-70b, and ``fleetsim plan`` sized that."""
+    from fleetsim.apps.plan import make_candidates
+    from fleetsim.config.resolved import resolved_dict
+
+    sc = scenario_from_dict({"model": {"config": str(Q235_FP8)}, "hardware": {"gpu": "h200"}})
+    again = model_spec(scenario_from_dict(sc.model_dump(mode="json")), "")
+    assert (again.name, again.dtype) == ("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "fp8")
+    assert round(again.weight_bytes / 1e8) == 2363  # 236.3 GB
+    # what the scenario sets is kept
+    mine = scenario_from_dict({"model": {"config": str(Q235_FP8), "name": "q", "dtype": "bf16"}})
+    spec = model_spec(scenario_from_dict(mine.model_dump(mode="json")), "")
+    assert (spec.name, spec.dtype) == ("q", "bf16")
+    # plan's candidates: TP2 holds the fp8 weights; TP8 splits the experts into partial blocks
+    data = sc.model_dump(mode="json")
+    tp2, tp8 = make_candidates(data, sc, ["h200"], [2, 8], "")
+    assert tp2.rs is not None and tp2.rs.model.dtype == "fp8"
+    assert tp2.rs.model.name == "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8"
+    assert tp8.rs is None and "split 192 wide on each of 8 GPUs" in tp8.problem
+    # validate's JSON still names the resolved model first
+    m = resolved_dict(tp2.rs)["model"]
+    assert list(m)[:3] == ["name", "config", "dtype"]
+    assert (m["name"], m["dtype"]) == ("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "fp8")
