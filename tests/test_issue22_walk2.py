@@ -278,3 +278,15 @@ def test_a_dumped_scenario_loads_back_as_the_configs_model():
     m = resolved_dict(tp2.rs)["model"]
     assert list(m)[:3] == ["name", "config", "dtype"]
     assert (m["name"], m["dtype"]) == ("Qwen/Qwen3-235B-A22B-Instruct-2507-FP8", "fp8")
+
+
+def test_an_uneven_expert_split_says_vllm_would_run_it(capsys):
+    """128 experts over EP3: vLLM runs it (determine_expert_map gives the first 128 mod 3 = 2
+    ranks 43 experts, the last 42); fleetsim's model needs an even split, and said only ``do
+    not divide``, as if vLLM refused it."""
+    cfg = str(MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507")
+    rc, err = _latency(capsys, cfg, "--dp", "3", "--expert-parallel")
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "(vLLM would give the first 2 ranks one more expert, determine_expert_map; " \
+        "fleetsim models an even split) (fix: make tensor_parallel x data_parallel one of 1, " \
+        "2, 4, 8" in err, err  # fmt: skip

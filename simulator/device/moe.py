@@ -920,7 +920,9 @@ def layout_problem(
                 "expert_parallel",
                 True,
                 f"{model.name}'s {model.n_experts} experts do not divide over EP = "
-                f"tensor_parallel x data_parallel = {tp} x {dp} = {ep} GPUs",
+                f"tensor_parallel x data_parallel = {tp} x {dp} = {ep} GPUs (vLLM would give "
+                f"the first {model.n_experts % ep} ranks one more expert, determine_expert_map; "
+                "fleetsim models an even split)",
                 f"make tensor_parallel x data_parallel one of {', '.join(map(str, ok))}",
             )
     elif model.n_moe_layers and ep > 1 and model.d_ff_expert % ep:
