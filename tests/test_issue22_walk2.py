@@ -290,3 +290,28 @@ def test_an_uneven_expert_split_says_vllm_would_run_it(capsys):
     assert "(vLLM would give the first 2 ranks one more expert, determine_expert_map; " \
         "fleetsim models an even split) (fix: make tensor_parallel x data_parallel one of 1, " \
         "2, 4, 8" in err, err  # fmt: skip
+
+
+def test_a_window_no_request_can_fill_is_full_attention():
+    """Phi-3-mini-128k-instruct: sliding_window = 262,144 over max_position_embeddings =
+    131,072. It was read as 32 window layers of 262,144 tokens (the summaries said ``0
+    full-attention + 32 sliding-window layers``, and the paged engine dropped prefix caching
+    for them); no request can fill the window, so every layer holds its whole context."""
+    from fleetsim.device.modelspec import ModelSpec
+    from fleetsim.results.summary import kv_kinds
+
+    phi3 = {
+        "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+        "vocab_size": 32064, "max_position_embeddings": 131072, "sliding_window": 262144,
+    }  # fmt: skip
+    arch = architecture_from_hf(phi3, "config.json")
+    assert "sliding_window_tokens" not in arch and arch["max_context_tokens"] == 131072
+    m = ModelSpec(name="phi3", **arch)
+    assert m.kv_uniform and m.kv_bytes_per_token == 2 * 32 * 96 * 2 * 32  # 393,216 B
+    assert kv_kinds(m, m.kv_bytes_per_token) == ""
+    # Phi-3-mini-4k's 2,047-token window over 4,096 is a window on every layer
+    four_k = {**phi3, "max_position_embeddings": 4096, "sliding_window": 2047}
+    short = ModelSpec(name="phi3-4k", **architecture_from_hf(four_k, "config.json"))
+    assert short.n_sliding_layers == 32 and short.n_global_attn_layers == 0
+    assert kv_kinds(short).startswith("all 32 layers sliding-window, of 2,047 tokens")

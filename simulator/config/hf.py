@@ -29,7 +29,8 @@ n_shared_experts, d_ff_shared     n_shared_experts (DeepSeek), shared_expert_int
 first_k_dense, moe_layer_step     first_k_dense_replace, mlp_only_layers (a leading run);
                                   decoder_sparse_step, moe_layer_freq, interleave_moe_layer_step
 sliding_window_tokens             sliding_window (Qwen: only with use_sliding_window), Llama 4's
-                                  attention_chunk_size (a chunk holds at most as many tokens)
+                                  attention_chunk_size (a chunk holds at most as many tokens);
+                                  none when it is not below max_position_embeddings
 sliding_global_every              sliding_window_pattern (Gemma 3), a periodic layer_types list,
                                   Llama 4's NoPE layers (every 4th)
 attention_sinks                   gpt-oss (learned sink logits)
@@ -427,6 +428,11 @@ def architecture_from_hf(
         window = window if sliding else 0
     elif window:
         every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or 0
+    ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
+    if window and ctx is not None and window >= ctx:
+        # a window no request can fill (Phi-3-mini-128k: 262,144 over a 131,072 context): the
+        # layers hold and attend the whole context, as full attention does
+        window = 0
     if window:
         out["sliding_window_tokens"] = window
         if every:
@@ -459,7 +465,6 @@ def architecture_from_hf(
     out["mlp"] = "gelu" if model_type in UNGATED else "swiglu"
     tied = r.flag("tie_word_embeddings")
     out["tied_embeddings"] = bool(model_type not in UNTIED if tied is None else tied)
-    ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if ctx is not None:
         out["max_context_tokens"] = ctx
     dt = r.text("torch_dtype") if "torch_dtype" in cfg else r.text("dtype")

@@ -53,9 +53,12 @@ def kv_kinds(model, bytes_per_token: float | None = None) -> str:
             f"token in each of {model.n_attn_layers} layers"
         )
     if model.n_sliding_layers:
+        w = f"{model.sliding_window_tokens:,}"
         parts.append(
             f"{model.n_global_attn_layers} full-attention + {model.n_sliding_layers} "
-            f"sliding-window layers of {model.sliding_window_tokens:,} tokens"
+            f"sliding-window layers of {w} tokens"
+            if model.n_global_attn_layers
+            else f"all {model.n_sliding_layers} layers sliding-window, of {w} tokens"
         )
     if model.n_linear_layers:
         parts.append(
