@@ -315,3 +315,34 @@ def test_a_window_no_request_can_fill_is_full_attention():
     short = ModelSpec(name="phi3-4k", **architecture_from_hf(four_k, "config.json"))
     assert short.n_sliding_layers == 32 and short.n_global_attn_layers == 0
     assert kv_kinds(short).startswith("all 32 layers sliding-window, of 2,047 tokens")
+
+
+QWEN3_NEXT = {  # Qwen3-Next-80B-A3B's shape: Gated DeltaNet on 3 layers in 4
+    "model_type": "qwen3_next", "hidden_size": 2048, "num_attention_heads": 16,
+    "num_key_value_heads": 2, "head_dim": 256, "num_hidden_layers": 48, "num_experts": 512,
+    "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "intermediate_size": 5120, "vocab_size": 151936,
+    "max_position_embeddings": 262144, "full_attention_interval": 4,
+    "linear_num_value_heads": 32, "linear_num_key_heads": 16, "decoder_sparse_step": 1,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({}, "has full_attention_interval = 4: layers that are not attention (model_type "
+         "'qwen3_next': linear attention or state-space layers), which the reader does not "
+         "place (fix: describe the model inline in [model]"),
+        # without a sliding window the layer types were not read at all
+        ({"full_attention_interval": None, "linear_num_value_heads": None,
+          "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12},
+         "layer_types has 'linear_attention' (fix: use full_attention and sliding_attention"),
+    ],
+)  # fmt: skip
+def test_layers_that_are_not_attention_are_refused(change, words):
+    """Qwen3-Next was read as 48 attention layers, 4 x the KV it holds (12 full-attention
+    layers; the others keep a constant Gated DeltaNet state fleetsim's reader does not place)."""
+    cfg = {k: v for k, v in {**QWEN3_NEXT, **change}.items() if v is not None}
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf(cfg, "config.json")
+    assert words in str(e.value), str(e.value)

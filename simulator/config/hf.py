@@ -190,9 +190,21 @@ def language_model_config(cfg: dict, where: str, source: str = "") -> dict:
     return {**{k: cfg[k] for k in outer if k in cfg}, **inner}
 
 
-def _layer_types_every(types: list, r: _Reader, n_layers: int) -> tuple[bool, int]:
-    """(any sliding, global every n) of a ``layer_types`` list, when it is periodic."""
-    names = {"full_attention": "F", "sliding_attention": "S"}
+#: keys of layers that are neither attention nor a Nemotron-H pattern's Mamba-2 (Qwen3-Next's
+#: Gated DeltaNet every few layers, Jamba's attention period): read as attention layers, their
+#: KV was counted on every layer
+NOT_ATTENTION_KEYS = (
+    "full_attention_interval",
+    "linear_num_value_heads",
+    "attn_layer_period",
+    "attn_layer_offset",
+)
+
+
+def _layer_type_names(types: list, r: _Reader) -> None:
+    """Refuse a ``layer_types`` entry that is not full or sliding attention (a linear-attention
+    or convolution layer, read as attention, would count KV it does not hold)."""
+    names = ("full_attention", "sliding_attention")
     if not all(isinstance(t, str) and t in names for t in types):
         bad = next(t for t in types if not (isinstance(t, str) and t in names))
         raise r.fail(
@@ -200,6 +212,12 @@ def _layer_types_every(types: list, r: _Reader, n_layers: int) -> tuple[bool, in
             "use full_attention and sliding_attention (other layer kinds: describe the "
             "model inline)",
         )
+
+
+def _layer_types_every(types: list, r: _Reader, n_layers: int) -> tuple[bool, int]:
+    """(any sliding, global every n) of a ``layer_types`` list, when it is periodic."""
+    names = {"full_attention": "F", "sliding_attention": "S"}
+    _layer_type_names(types, r)
     if len(types) != n_layers:  # (a short list was read as its pattern, repeated)
         raise r.fail(
             f"layer_types has {len(types)} entries for num_hidden_layers = {n_layers}",
@@ -420,6 +438,17 @@ def architecture_from_hf(
         )
     every = 0
     types = r.seq("layer_types")
+    if types is not None and model_type != "llama4_text":
+        _layer_type_names(types, r)  # (with or without a window)
+    hybrid_key = next((k for k in NOT_ATTENTION_KEYS if r.cfg.get(k) is not None), None)
+    if hybrid_key is not None:
+        raise r.fail(
+            f"has {hybrid_key} = {_show(r.cfg[hybrid_key])}: layers that are not attention "
+            f"(model_type {_show(model_type)}: linear attention or state-space layers), which "
+            "the reader does not place",
+            "describe the model inline in [model] (hybrid_pattern and the ssm_* fields: an "
+            "approximation you choose)",
+        )
     if model_type == "llama4_text":
         window = r.num("attention_chunk_size", lo=0, hi=TOKENS_MAX) or 0
         every = 4 if window else 0  # every 4th layer is a global NoPE layer
