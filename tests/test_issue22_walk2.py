@@ -346,3 +346,25 @@ def test_layers_that_are_not_attention_are_refused(change, words):
     with pytest.raises(ScenarioError) as e:
         architecture_from_hf(cfg, "config.json")
     assert words in str(e.value), str(e.value)
+
+
+def test_gemma2_without_layer_types_alternates_its_window():
+    """gemma-2-9b's published config.json has sliding_window = 4096 and no layer_types (nor
+    sliding_window_pattern): transformers' Gemma2Config alternates sliding and full layers, as
+    vLLM then runs them. It was read as 42 window layers, which beyond 4,096 tokens hold half
+    the KV the model holds (its 21 full layers keep the whole context)."""
+    from fleetsim.device.modelspec import ModelSpec
+
+    gemma2 = {
+        "model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+        "num_hidden_layers": 42, "vocab_size": 256000, "max_position_embeddings": 8192,
+        "sliding_window": 4096, "torch_dtype": "float32",
+    }  # fmt: skip
+    m = ModelSpec(name="gemma-2-9b", **architecture_from_hf(gemma2, "config.json"))
+    assert (m.n_global_attn_layers, m.n_sliding_layers) == (21, 21)
+    assert m.kv_bytes_per_token == 42 * 2 * 8 * 256 * 4  # fp32, as the file says
+    # a file's own pattern still wins
+    m3 = ModelSpec(name="g", **architecture_from_hf(
+        {**gemma2, "sliding_window_pattern": 3}, "config.json"))  # fmt: skip
+    assert m3.n_global_attn_layers == 14

@@ -32,7 +32,8 @@ sliding_window_tokens             sliding_window (Qwen: only with use_sliding_wi
                                   attention_chunk_size (a chunk holds at most as many tokens);
                                   none when it is not below max_position_embeddings
 sliding_global_every              sliding_window_pattern (Gemma 3), a periodic layer_types list,
-                                  Llama 4's NoPE layers (every 4th)
+                                  Llama 4's NoPE layers (every 4th), else Gemma 2's and gpt-oss's
+                                  default alternation (every 2nd)
 attention_sinks                   gpt-oss (learned sink logits)
 kv_lora_rank ... v_head_dim       the same keys (multi-head latent attention)
 hybrid_pattern, ssm_*             hybrid_override_pattern; mamba_num_heads, mamba_head_dim,
@@ -84,6 +85,9 @@ GEMMA3_DEFAULTS = {
     "sliding_window_pattern": 6,
     "max_position_embeddings": 131_072,
 }
+#: model_type values whose config class alternates sliding and full layers when the file lists
+#: no layer_types (global every 2nd layer)
+ALTERNATING = {"gemma2": 2, "gpt_oss": 2}
 #: the inline [model] bounds (config/scenario.py ArchInt, base/schema.py Tokens)
 ARCH_MAX = 10_000_000
 TOKENS_MAX = 1_000_000_000
@@ -456,7 +460,10 @@ def architecture_from_hf(
         sliding, every = _layer_types_every(types, r, n_layers)
         window = window if sliding else 0
     elif window:
-        every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or 0
+        # a family whose config class makes layer_types when the file has none: Gemma 2 and
+        # gpt-oss alternate sliding and full layers (transformers' Gemma2Config, GptOssConfig:
+        # "sliding_attention" if (i + 1) % 2 else "full_attention"); they were read all windowed
+        every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or ALTERNATING.get(model_type, 0)
     ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if window and ctx is not None and window >= ctx:
         # a window no request can fill (Phi-3-mini-128k: 262,144 over a 131,072 context): the
