@@ -368,3 +368,24 @@ def test_gemma2_without_layer_types_alternates_its_window():
     m3 = ModelSpec(name="g", **architecture_from_hf(
         {**gemma2, "sliding_window_pattern": 3}, "config.json"))  # fmt: skip
     assert m3.n_global_attn_layers == 14
+
+
+def test_plan_counts_a_data_parallel_replicas_gpus(tmp_path, capsys):
+    """Qwen3-30B-A3B on TP1 x DP2 with EP: the plan's GPUs column said 1 per replica while its
+    hardware cost counted 2 (plan.parquet ``gpus`` = pods x replicas x tensor_parallel)."""
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "s.toml"
+    p.write_text(
+        f'[model]\nconfig = "{MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507"}"\n'
+        '[hardware]\ngpu = "h100-sxm"\n'
+        "[fleet]\ntensor_parallel = 1\ndata_parallel = 2\nexpert_parallel = true\n"
+        "[simulation]\nhours = 2\n[traffic]\nrequests_per_day = 2000\n"
+    )
+    out = tmp_path / "plan"
+    argv = ["plan", str(p), "--gpus", "h100-sxm", "--tp", "1", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    row = pq.read_table(out / "plan.parquet").to_pylist()[0]
+    assert (row["tensor_parallel"], row["replicas"], row["gpus"]) == (1, 1, 2)
+    assert "each replica is TP x DP2 GPUs (fleet.data_parallel = 2, expert parallel)" in text
