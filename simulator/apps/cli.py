@@ -93,7 +93,7 @@ def cmd_validate(args) -> int:
             )
             + (
                 # a hybrid's constant state per sequence, as the engine holds it
-                f"; each sequence also holds its constant linear-state (Mamba-2) state, "
+                f"; each sequence also holds its linear-state state, "
                 f"{rs.model.state_bytes_per_seq / 1e6:,.1f} MB"
                 + (
                     f" ({rs.kv.state_blocks:,} layer-blocks of {rs.kv.block_size_tokens} tokens, "
