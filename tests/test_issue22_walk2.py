@@ -389,3 +389,15 @@ def test_plan_counts_a_data_parallel_replicas_gpus(tmp_path, capsys):
     row = pq.read_table(out / "plan.parquet").to_pylist()[0]
     assert (row["tensor_parallel"], row["replicas"], row["gpus"]) == (1, 1, 2)
     assert "each replica is TP x DP2 GPUs (fleet.data_parallel = 2, expert parallel)" in text
+
+
+def test_a_home_relative_cache_path_is_read(tmp_path, monkeypatch, capsys):
+    """``config = "~/.cache/huggingface/hub/models--Qwen--Qwen3-8B/snapshots/abc"`` (the cache's
+    default place) was looked for as ``<scenario folder>/~/.cache/...``."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _snapshot(tmp_path / "home/.cache/huggingface", "Qwen/Qwen3-8B", "abc", LLAMA8B)
+    written = "~/.cache/huggingface/hub/models--Qwen--Qwen3-8B/snapshots/abc"
+    spec = model_spec(scenario_from_dict({"model": {"config": written}}), str(tmp_path / "s.toml"))
+    assert spec.name == "Qwen/Qwen3-8B" and spec.n_layers == 32
+    rc, out = _latency(capsys, "~/.cache/huggingface/hub/models--Qwen--Qwen3-8B")
+    assert rc == 0 and out.startswith("Qwen/Qwen3-8B ("), out

@@ -99,7 +99,7 @@ def _model(arg: str, dtype: str | None):
     from fleetsim.config.loading import scenario_from_dict
     from fleetsim.device import catalog
 
-    path = Path(arg)
+    path = Path(arg).expanduser()  # (a quoted ~, as a scenario's [model] config reads it)
     if path.is_dir():  # a model folder (a Hugging Face snapshot, or the cache's repository)
         from fleetsim.config.hf import config_in_folder
 

@@ -65,7 +65,8 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
                 "give the path of the model's config.json (or its folder), or leave the key out",
                 src,
             )
-        path = _resolve_path(m.config, src)
+        # (~: the Hugging Face cache's default home, ~/.cache/huggingface/hub)
+        path = _resolve_path(os.path.expanduser(m.config), src)
         given = "dtype" in m.model_fields_set
         arch, file_name = read_hf_config_named(path, src, m.config, dtype_given=given)
         file_dtype = arch.pop("dtype", None)
