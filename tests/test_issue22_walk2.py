@@ -49,7 +49,7 @@ def test_fp8_experts_split_into_partial_blocks_are_refused_as_vllm_does(capsys):
     rc, err = _latency(capsys, str(Q235_FP8), "--tp", "8")
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "--tp = 8: " in err and "split 192 wide on each of 8 GPUs" in err, err
-    assert "(fix: set expert_parallel = true, or split each expert over 1, 2, 4 GPUs)" in err
+    assert "(fix: add --expert-parallel, or split each expert over 1, 2, 4 GPUs)" in err
     assert _latency(capsys, str(Q235_FP8), "--tp", "4")[0] == 0
     assert _latency(capsys, str(Q235_FP8), "--tp", "8", "--expert-parallel")[0] == 0
     # the scenario checks it too (it checked expert splits only with DP or EP)
@@ -58,6 +58,9 @@ def test_fp8_experts_split_into_partial_blocks_are_refused_as_vllm_does(capsys):
     with pytest.raises(ScenarioError) as e:
         resolve(scenario_from_dict(d))
     assert str(e.value).startswith("fleet.tensor_parallel = 8: "), str(e.value)
+    assert "(fix: set expert_parallel = true, or split each expert over 1, 2, 4 GPUs)" in str(
+        e.value
+    )
     d["fleet"]["expert_parallel"] = True
     assert resolve(scenario_from_dict(d)).tp == 8
 
@@ -287,9 +290,11 @@ def test_an_uneven_expert_split_says_vllm_would_run_it(capsys):
     cfg = str(MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507")
     rc, err = _latency(capsys, cfg, "--dp", "3", "--expert-parallel")
     assert rc == 2 and len(err.splitlines()) == 1
-    assert "(vLLM would give the first 2 ranks one more expert, determine_expert_map; " \
-        "fleetsim models an even split) (fix: make tensor_parallel x data_parallel one of 1, " \
-        "2, 4, 8" in err, err  # fmt: skip
+    words = (
+        "(vLLM would give the first 2 ranks one more expert, determine_expert_map; fleetsim "
+        "models an even split) (fix: make --tp x --dp one of 1, 2, 4, 8"
+    )
+    assert words in err, err
 
 
 def test_a_window_no_request_can_fill_is_full_attention():

@@ -174,7 +174,17 @@ def rows(args: argparse.Namespace) -> list[dict]:
         flag = {"tensor_parallel": "--tp", "data_parallel": "--dp"}.get(
             split[0], "--expert-parallel"
         )
-        raise ScenarioError(flag, split[1], split[2], split[3])
+        # (the problem and the fix name the scenario's fields: here they are flags)
+        names = (
+            ("set expert_parallel = true", "add --expert-parallel"),
+            ("drop expert_parallel", "drop --expert-parallel"),
+            ("tensor_parallel", "--tp"),
+            ("data_parallel", "--dp"),
+        )
+        problem, fix = split[2], split[3]
+        for a, b in names:
+            problem, fix = problem.replace(a, b), fix.replace(a, b)
+        raise ScenarioError(flag, split[1], problem, fix)
     from fleetsim.config.schema import FleetSection
     from fleetsim.device.stack import apply_stack
 
