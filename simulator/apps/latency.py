@@ -175,15 +175,15 @@ def rows(args: argparse.Namespace) -> list[dict]:
             split[0], "--expert-parallel"
         )
         # (the problem and the fix name the scenario's fields: here they are flags)
-        names = (
+        flags = (
             ("set expert_parallel = true", "add --expert-parallel"),
             ("drop expert_parallel", "drop --expert-parallel"),
             ("tensor_parallel", "--tp"),
             ("data_parallel", "--dp"),
         )
         problem, fix = split[2], split[3]
-        for a, b in names:
-            problem, fix = problem.replace(a, b), fix.replace(a, b)
+        for field, flag_name in flags:
+            problem, fix = problem.replace(field, flag_name), fix.replace(field, flag_name)
         raise ScenarioError(flag, split[1], problem, fix)
     from fleetsim.config.schema import FleetSection
     from fleetsim.device.stack import apply_stack
