@@ -97,7 +97,10 @@ LLAMA = json.loads((DATA / "llama-3.1-70b/config.json").read_text())
     ("change", "words"),
     [
         ({"num_hidden_layers": None}, "has no n_layers"),
-        ({"num_local_experts": 8, "mlp_only_layers": [3]}, "not a leading run of layers"),
+        (
+            {"num_local_experts": 8, "num_experts_per_tok": 2, "mlp_only_layers": [3]},
+            "not a leading run of layers",
+        ),
         ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window = true"),
         (
             {"sliding_window": 128, "layer_types": ["full_attention", "sliding_attention"] * 40},
@@ -192,7 +195,12 @@ def test_models_are_named_from_name_or_path_or_the_hf_cache_folder(tmp_path):
     snap.mkdir(parents=True)
     (snap / "config.json").write_text(json.dumps(cfg))
     assert hf_model_name(cfg, snap / "config.json") == "meta-llama/Llama-3.1-70B"
+    # the cache folder is the repository the file came from: it wins over _name_or_path, which
+    # a fine-tune carries from its base model (helper M41)
     assert hf_model_name({**cfg, "_name_or_path": "Org/Model-1.5"}, snap / "config.json") == (
+        "meta-llama/Llama-3.1-70B"
+    )
+    assert hf_model_name({**cfg, "_name_or_path": "Org/Model-1.5"}, tmp_path / "m/config.json") == (
         "Org/Model-1.5"
     )
     # a local path in _name_or_path is not a name: the folder is

@@ -30,16 +30,18 @@ def test_the_tensor_parallel_hint_names_a_degree_vllm_accepts(tmp_path):
     """Llama-4-Maverick (801 GB bf16, 40 query heads, 8 KV heads) on 8 H100s: the hint was
     ``tensor_parallel = 20``, which divides the 40 query heads but neither divides nor is a
     multiple of the 8 KV heads, so validate then refused the degree it had suggested. The
-    smallest degree vLLM's rule accepts above 8 that holds 801 GB at 76.5 GB per GPU is 40
-    (the divisors of 40 that are multiples of 8: 8, 40)."""
+    degrees the head rule accepts are 8 and 40, and 40 does not split its 8,192-wide experts
+    (helper M41: the hint said 40, which validate then refused for the experts), so no plain
+    degree holds 801 GB at 76.5 GB per GPU: the hint is expert parallelism over two
+    data-parallel engines of 8 (the experts once, the rest twice: 823.7 GB on 16 GPUs)."""
     d = _scenario(tmp_path, config=str(MAVERICK))
     with pytest.raises(ScenarioError) as e:
         resolve(scenario_from_dict(d))
     msg = str(e.value)
-    assert "set fleet.tensor_parallel = 40" in msg, msg
-    assert "= 20" not in msg
-    # the suggested degree is one validate accepts
-    d["fleet"]["tensor_parallel"] = 40
+    assert "set fleet.data_parallel = 2 with fleet.expert_parallel = true" in msg, msg
+    assert "= 20" not in msg and "= 40" not in msg
+    # the suggested split is one validate accepts
+    d["fleet"].update(data_parallel=2, expert_parallel=True)
     assert (
         resolve(scenario_from_dict(d)).model.name == MAVERICK.parent.relative_to(MODELS).as_posix()
     )
@@ -245,12 +247,17 @@ def test_an_empty_model_config_is_refused_as_empty():
 
 def test_latency_names_a_tensor_parallel_degree_that_holds_the_weights(capsys):
     """Maverick (801.4 GB) at --tp 8 on H100s (8 x 85.0 GB): the fix said ``raise --tp``, and
-    --tp 16 is then refused (40 query heads); the degrees vLLM accepts are 1, 2, 4, 8, 40."""
+    --tp 16 is then refused (40 query heads); the degrees the heads accept are 1, 2, 4, 8, 40,
+    and 40 does not split the 8,192-wide experts (helper M41: the fix said --tp 40, which
+    latency then refused), so the fix is expert parallelism, which then runs."""
     assert main(["latency", "--gpu", "h100-sxm", "--model", str(MAVERICK.parent), "--tp", "8",
                  "--batch", "1", "--context", "10"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
-    assert "do not fit in 8 x 85.0 GB" in err and "(fix: --tp 40 (the smallest" in err, err
+    assert "do not fit in 8 x 85.0 GB" in err, err
+    assert "(fix: --dp 2 --expert-parallel (the experts over 16 GPUs)" in err, err
+    ep = ["--tp", "8", "--dp", "2", "--expert-parallel", "--batch", "1", "--context", "10"]
+    assert main(["latency", "--gpu", "h100-sxm", "--model", str(MAVERICK.parent), *ep]) == 0
 
 
 @pytest.mark.parametrize(

@@ -68,18 +68,21 @@ def cmd_validate(args) -> int:
     from fleetsim.config.loading import load_scenario
     from fleetsim.config.resolve import resolve
     from fleetsim.config.resolved import resolved_dict
-    from fleetsim.results.summary import serving_stack
+    from fleetsim.results.summary import kv_kinds, serving_stack
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
     print_json(resolved_dict(rs))  # every catalog field resolved, and the derived figures
     if not args.json:
+        kinds = kv_kinds(rs.model, rs.kv.bytes_per_token if rs.kv is not None else None)
         print(
             f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters "
             f"({rs.model.total_params:,}), {rs.model.weight_bytes / 1e9:.1f} GB weights; "
             f"KV budget {rs.kv_capacity_tokens:,} tokens per replica (KV cache "
             f"{rs.model.kv_dtype_resolved}, {round(rs.model.kv_bytes_per_token):,} bytes per "
-            "token; GB = 10^9 bytes)"
+            + ("token" if rs.model.kv_uniform else "token in full")
+            + (f"; {kinds}" if kinds else "")
+            + "; GB = 10^9 bytes)"
             + (
                 f" ({rs.kv.blocks:,} blocks of {rs.kv.block_size_tokens}; "
                 f"{rs.kv.kv_bytes / 1e9:,.1f} GB = {sc.fleet.gpu_memory_utilization:g} x "

@@ -99,10 +99,24 @@ def _model(arg: str, dtype: str | None):
     from fleetsim.config.loading import scenario_from_dict
     from fleetsim.device import catalog
 
-    path = Path(arg)
-    if path.is_dir() and (path / "config.json").exists():
-        path = path / "config.json"  # a model folder (a Hugging Face snapshot)
+    path = Path(arg).expanduser()  # (a quoted ~, as a scenario's [model] config reads it)
+    if path.is_dir():  # a model folder (a Hugging Face snapshot, or the cache's repository)
+        from fleetsim.config.hf import config_in_folder
+
+        found = config_in_folder(path)
+        if found is None:
+            raise UserError(
+                f"--model = {io.clean(arg)!r}: a folder with no config.json (fix: the path of "
+                "a config.json, of the folder that holds it, or of a TOML file of [model] "
+                "fields)"
+            )
+        path = found
     is_file = os.path.lexists(path)  # (a link, a broken one or a loop included)
+    if path.suffix == ".json" and not is_file:  # (the reader's fix names a scenario file)
+        raise UserError(
+            f"--model = {io.clean(arg)!r}: no such file (fix: the path of a config.json, of "
+            "the folder that holds it, or of a TOML file of [model] fields)"
+        )
     if path.suffix == ".json":  # a Hugging Face config.json
         section: dict = {"config": str(path.absolute())}
     elif arg.endswith(".toml") or is_file:
@@ -160,7 +174,17 @@ def rows(args: argparse.Namespace) -> list[dict]:
         flag = {"tensor_parallel": "--tp", "data_parallel": "--dp"}.get(
             split[0], "--expert-parallel"
         )
-        raise ScenarioError(flag, split[1], split[2], split[3])
+        # (the problem and the fix name the scenario's fields: here they are flags)
+        flags = (
+            ("set expert_parallel = true", "add --expert-parallel"),
+            ("drop expert_parallel", "drop --expert-parallel"),
+            ("tensor_parallel", "--tp"),
+            ("data_parallel", "--dp"),
+        )
+        problem, fix = split[2], split[3]
+        for field, flag_name in flags:
+            problem, fix = problem.replace(field, flag_name), fix.replace(field, flag_name)
+        raise ScenarioError(flag, split[1], problem, fix)
     from fleetsim.config.schema import FleetSection
     from fleetsim.device.stack import apply_stack
 
@@ -179,13 +203,25 @@ def rows(args: argparse.Namespace) -> list[dict]:
         # the smallest degree that holds them and that vLLM's head split accepts (raising
         # --tp to a degree that ModelSpec.tp_problem refuses, 16 for Llama 4 Maverick's 40
         # heads, only moves the error)
+        # (and the experts' split: 40 for Maverick's 8,192-wide experts was suggested, then
+        # refused by layout_problem)
         fits = [
             k
             for k in range(args.tp + 1, 65)
-            if model.tp_problem(k) is None
+            if layout_problem(model, k, args.dp, args.expert_parallel) is None
             and model.weight_bytes < k * max(args.dp, 1) * profile.mem_bytes
         ]
         tp_fix = f"--tp {fits[0]} (the smallest degree that holds them), " if fits else ""
+        eps = [
+            d
+            for d in range(max(args.dp, 1) + 1, 65)
+            if not fits
+            and model.n_moe_layers
+            and layout_problem(model, args.tp, d, True) is None
+            and model.weight_bytes < args.tp * d * profile.mem_bytes
+        ]
+        if eps:
+            tp_fix = f"--dp {eps[0]} --expert-parallel (the experts over {args.tp * eps[0]} GPUs), "
         raise UserError(
             f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
             f"fit in {args.tp * max(args.dp, 1)} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 "

@@ -225,7 +225,9 @@ def candidate_row(c: Candidate, pods: int) -> dict:
         row.update(day_figures(c.day))
         row.update(
             replicas=c.replicas,
-            gpus=pods * c.replicas * c.tp,
+            # a replica's GPUs: tensor_parallel x data_parallel (it said tensor_parallel alone,
+            # half a TP1 x DP2 replica's, while its hardware cost counted both)
+            gpus=pods * c.replicas * (c.rs.tp if c.rs is not None else c.tp),
             requests=t.requests_arrived,
             usd_per_mtok=t.usd_per_mtok,
             wh_per_request=t.wh_per_request,
@@ -562,6 +564,12 @@ def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> 
     if not args.quiet:
         if cands:
             print_plan(table, slo, sched, wide)
+            dp = next((c.rs for c in cands if c.rs is not None), None)
+            if dp is not None and dp.dp > 1:  # (the TP column is tensor_parallel alone)
+                wide.print(
+                    f"each replica is TP x DP{dp.dp} GPUs (fleet.data_parallel = {dp.dp}"
+                    + (", expert parallel)" if dp.expert_parallel else ")")
+                )
             line = price_line(cands, args.scenario)
             if line:
                 wide.print(term(line))

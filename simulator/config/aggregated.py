@@ -65,10 +65,12 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
                 "give the path of the model's config.json (or its folder), or leave the key out",
                 src,
             )
-        path = _resolve_path(m.config, src)
-        arch, file_name = read_hf_config_named(path, src, m.config)
+        # (~: the Hugging Face cache's default home, ~/.cache/huggingface/hub)
+        path = _resolve_path(os.path.expanduser(m.config), src)
+        given = "dtype" in m.model_fields_set
+        arch, file_name = read_hf_config_named(path, src, m.config, dtype_given=given)
         file_dtype = arch.pop("dtype", None)
-        dtype = m.dtype if "dtype" in m.model_fields_set or file_dtype is None else file_dtype
+        dtype = m.dtype if given or file_dtype is None else file_dtype
         name = m.name if "name" in m.model_fields_set else file_name
         spec = ModelSpec(name=name, dtype=dtype, kv_dtype=m.kv_dtype, **{**arch, **inline})
     elif catalog.has_model(m.name):
@@ -361,10 +363,12 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
     if tp_problem:
         raise ScenarioError("fleet.tensor_parallel", tp, tp_problem, model.tp_fix(tp), src)
     dp, ep = sc.fleet.data_parallel, sc.fleet.expert_parallel
+    # (a plain TP split too, as fleetsim latency checks it: an expert width, or an fp8
+    # expert's 128-column blocks, that does not divide over the GPUs)
+    split = layout_problem(model, tp, dp, ep)
+    if split:
+        raise ScenarioError(f"fleet.{split[0]}", split[1], split[2], split[3], src)
     if dp > 1 or ep:
-        split = layout_problem(model, tp, dp, ep)
-        if split:
-            raise ScenarioError(f"fleet.{split[0]}", split[1], split[2], split[3], src)
         _check_dp_weights_fit(sc, model, profile, src)
         return
     usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
@@ -377,16 +381,31 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         fits = [
             k
             for k in range(tp + 1, 65)
-            if model.tp_problem(k) is None and model.weight_bytes < k * per_gpu
+            if layout_problem(model, k, 1, False) is None and model.weight_bytes < k * per_gpu
         ]
+        # a mixture of experts: also the fewest data-parallel engines of this degree whose
+        # expert-parallel replica holds the weights (the experts once, the rest per engine)
+        eps = [
+            d
+            for d in range(2, 65)
+            if model.n_moe_layers
+            and layout_problem(model, tp, d, True) is None
+            and replica_weight_bytes(model, d) < tp * d * per_gpu
+        ]
+        ep_fix = (
+            f"; or set fleet.data_parallel = {eps[0]} with fleet.expert_parallel = true (the "
+            f"experts spread over {tp} x {eps[0]} GPUs)"
+            if eps
+            else ""
+        )
         tp_fix = (
             f"set fleet.tensor_parallel = {fits[0]} (the smallest degree that holds the weights "
-            "that vLLM's split of the attention heads accepts), a larger GPU, or a smaller "
-            "dtype"
+            "that vLLM's split of the attention heads and experts accepts), a larger GPU, or a "
+            f"smaller dtype{ep_fix}"
             if fits
-            else "no tensor-parallel degree up to 64 that divides the attention heads holds "
-            "the weights: use a larger GPU, a smaller dtype or a higher "
-            "fleet.gpu_memory_utilization"
+            else "no tensor-parallel degree up to 64 that vLLM's split of the attention heads "
+            "and experts accepts holds the weights: use a larger GPU, a smaller dtype or a "
+            f"higher fleet.gpu_memory_utilization{ep_fix}"
         )
         raise ScenarioError(
             "fleet.tensor_parallel",

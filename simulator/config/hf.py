@@ -29,18 +29,23 @@ n_shared_experts, d_ff_shared     n_shared_experts (DeepSeek), shared_expert_int
 first_k_dense, moe_layer_step     first_k_dense_replace, mlp_only_layers (a leading run);
                                   decoder_sparse_step, moe_layer_freq, interleave_moe_layer_step
 sliding_window_tokens             sliding_window (Qwen: only with use_sliding_window), Llama 4's
-                                  attention_chunk_size (a chunk holds at most as many tokens)
+                                  attention_chunk_size (a chunk holds at most as many tokens);
+                                  none when it is not below max_position_embeddings
 sliding_global_every              sliding_window_pattern (Gemma 3), a periodic layer_types list,
-                                  Llama 4's NoPE layers (every 4th)
+                                  Llama 4's NoPE layers (every 4th), else Gemma 2's and gpt-oss's
+                                  default alternation (every 2nd)
 attention_sinks                   gpt-oss (learned sink logits)
 kv_lora_rank ... v_head_dim       the same keys (multi-head latent attention)
 hybrid_pattern, ssm_*             hybrid_override_pattern; mamba_num_heads, mamba_head_dim,
                                   ssm_state_size, n_groups, conv_kernel (Nemotron-H)
 tied_embeddings                   tie_word_embeddings (default: the family's, as transformers)
 max_context_tokens                max_position_embeddings, n_positions, seq_length
-dtype, expert_dtype, embed_dtype  torch_dtype or dtype; quantization_config: fp8 (linear layers
-                                  fp8, embedding and LM head bf16), mxfp4 (experts),
-                                  compressed-tensors / gptq / awq (their bits)
+dtype, expert_dtype, embed_dtype  torch_dtype or dtype; quantization_config: fp8 and
+                                  fbgemm_fp8 (linear layers fp8, embedding and LM head bf16),
+                                  mxfp4 (experts), compressed-tensors / gptq / awq (their bits:
+                                  4 int4, 8 int8; compressed-tensors' 8-bit float type fp8);
+                                  another method is refused unless [model] dtype / --dtype
+                                  gives the precision
 mlp                               "gelu" (2 matrices) for the ungated GPT-2/NeoX/OPT/Falcon
                                   families and Nemotron-H's squared ReLU, else "swiglu"
 ================================  ============================================================
@@ -80,6 +85,9 @@ GEMMA3_DEFAULTS = {
     "sliding_window_pattern": 6,
     "max_position_embeddings": 131_072,
 }
+#: model_type values whose config class alternates sliding and full layers when the file lists
+#: no layer_types (global every 2nd layer)
+ALTERNATING = {"gemma2": 2, "gpt_oss": 2}
 #: the inline [model] bounds (config/scenario.py ArchInt, base/schema.py Tokens)
 ARCH_MAX = 10_000_000
 TOKENS_MAX = 1_000_000_000
@@ -186,15 +194,38 @@ def language_model_config(cfg: dict, where: str, source: str = "") -> dict:
     return {**{k: cfg[k] for k in outer if k in cfg}, **inner}
 
 
-def _layer_types_every(types: list, r: _Reader) -> tuple[bool, int]:
-    """(any sliding, global every n) of a ``layer_types`` list, when it is periodic."""
-    names = {"full_attention": "F", "sliding_attention": "S"}
+#: keys of layers that are neither attention nor a Nemotron-H pattern's Mamba-2 (Qwen3-Next's
+#: Gated DeltaNet every few layers, Jamba's attention period): read as attention layers, their
+#: KV was counted on every layer
+NOT_ATTENTION_KEYS = (
+    "full_attention_interval",
+    "linear_num_value_heads",
+    "attn_layer_period",
+    "attn_layer_offset",
+)
+
+
+def _layer_type_names(types: list, r: _Reader) -> None:
+    """Refuse a ``layer_types`` entry that is not full or sliding attention (a linear-attention
+    or convolution layer, read as attention, would count KV it does not hold)."""
+    names = ("full_attention", "sliding_attention")
     if not all(isinstance(t, str) and t in names for t in types):
         bad = next(t for t in types if not (isinstance(t, str) and t in names))
         raise r.fail(
             f"layer_types has {_show(bad)}",
             "use full_attention and sliding_attention (other layer kinds: describe the "
             "model inline)",
+        )
+
+
+def _layer_types_every(types: list, r: _Reader, n_layers: int) -> tuple[bool, int]:
+    """(any sliding, global every n) of a ``layer_types`` list, when it is periodic."""
+    names = {"full_attention": "F", "sliding_attention": "S"}
+    _layer_type_names(types, r)
+    if len(types) != n_layers:  # (a short list was read as its pattern, repeated)
+        raise r.fail(
+            f"layer_types has {len(types)} entries for num_hidden_layers = {n_layers}",
+            "give one layer type per layer (check the file)",
         )
     s = "".join(names[t] for t in types)
     if "S" not in s:
@@ -211,42 +242,62 @@ def _layer_types_every(types: list, r: _Reader) -> tuple[bool, int]:
     return True, g
 
 
-def _quantization(q: dict, r: _Reader, out: dict[str, Any]) -> None:
+def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = False) -> None:
+    """The weights' precision from ``quantization_config``. ``dtype_given``: the user gave the
+    precision (``[model] dtype``, ``--dtype``), so a method fleetsim does not read is left to it
+    (the refusal's fix says to give it) instead of refused."""
     qr = _Reader(q, r.where, r.source)
     method = qr.text("quant_method")
-    if method == "fp8":
+    if method in ("fp8", "fbgemm_fp8"):
+        # fbgemm_fp8 (Meta's Llama 3.1 FP8 checkpoints): fp8 weights per channel, activations
+        # fp8 per token, lm_head not converted (vLLM quantization/fbgemm_fp8.py)
         out["dtype"] = "fp8"
         out["embed_dtype"] = "bf16"  # embedding and LM head are not converted
     elif method == "mxfp4":
         out["expert_dtype"] = "mxfp4"  # gpt-oss: attention, router, embedding stay bf16
     elif method in ("gptq", "awq", "compressed-tensors"):
         bits = qr.num("bits", "num_bits", lo=1, hi=64)
+        kind = None  # compressed-tensors: the weights' number type ("int" or "float")
         if bits is None and method == "compressed-tensors":
             groups = qr.obj("config_groups") or {}
             for g in groups.values():
                 w = g.get("weights") if isinstance(g, dict) else None
                 if isinstance(w, dict):
-                    bits = _Reader(w, r.where, r.source).num("num_bits", lo=1, hi=64)
+                    wr = _Reader(w, r.where, r.source)
+                    bits = wr.num("num_bits", lo=1, hi=64)
+                    kind = wr.text("type")
                     break
-        if bits not in (4, 8):
+        if kind == "float" and bits == 8:  # FP8 W8A8 ("float-quantized"): not int8
+            out["dtype"] = "fp8"
+            out["embed_dtype"] = "bf16"
+            return
+        if kind == "float" or bits not in (4, 8):
+            if dtype_given:
+                return
+            what = f"{bits}-bit float weights (e.g. NVFP4)" if kind == "float" else None
             raise r.fail(
-                f"quantization_config has {method} with bits = {_show(bits)}",
+                f"quantization_config has {method} with "
+                + (what or f"bits = {_show(bits)}")
+                + ", which fleetsim does not read",
                 "give [model] dtype (int4, int8, fp8) for these weights",
             )
         out["dtype"] = "int4" if bits == 4 else "int8"
         out["embed_dtype"] = "bf16"
-    else:
+    elif not dtype_given:
         raise r.fail(
             f"quantization_config.quant_method = {_show(method)} is not one fleetsim reads "
-            "(fp8, mxfp4, gptq, awq, compressed-tensors)",
-            "give [model] dtype, or remove quantization_config",
+            "(fp8, fbgemm_fp8, mxfp4, gptq, awq, compressed-tensors)",
+            "give [model] dtype (--dtype for fleetsim latency), or remove quantization_config",
         )
 
 
-def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, Any]:
+def architecture_from_hf(
+    cfg: dict, where: str, source: str = "", dtype_given: bool = False
+) -> dict[str, Any]:
     """The :class:`ModelSpec` fields (and ``dtype`` when the file gives one) of a parsed
     ``config.json``; a ScenarioError naming ``model.config`` for what it lacks, a value of the
-    wrong type or out of bounds, or what the model cannot represent."""
+    wrong type or out of bounds, or what the model cannot represent. ``dtype_given``: the
+    caller has the weights' precision from the user (see :func:`_quantization`)."""
     top = _Reader(cfg, where, source)
     if not isinstance(cfg, dict):
         raise top.fail("is not a JSON object", "give the model's config.json")
@@ -293,10 +344,22 @@ def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, A
     out["n_kv_heads"] = kv
 
     # ---- mixture of experts -------------------------------------------------------------
-    n_experts = r.num("num_local_experts", "num_experts", "n_routed_experts", lo=0) or 1
+    n_experts = r.num("num_local_experts", "num_experts", "n_routed_experts", lo=0)
+    top_k = r.num("num_experts_per_tok", "experts_per_token", lo=0)
+    if n_experts == 0 and top_k:  # was read as a dense model
+        raise r.fail(
+            f"has 0 experts but num_experts_per_tok = {top_k}",
+            "give the number of experts (num_experts / num_local_experts / n_routed_experts)",
+        )
+    n_experts = n_experts or 1
     out["n_experts"] = n_experts
-    active = r.num("num_experts_per_tok", "experts_per_token", lo=0) if n_experts > 1 else 1
-    out["n_active_experts"] = active or 1
+    active = top_k if n_experts > 1 else 1
+    if not active:  # 0 or absent: was read as one expert per token
+        raise r.fail(
+            f"has {n_experts} experts but num_experts_per_tok = {_show(active)}",
+            "give num_experts_per_tok, the experts each token is routed to (1 or more)",
+        )
+    out["n_active_experts"] = active
     if out["n_active_experts"] > n_experts:
         raise r.fail(
             f"num_experts_per_tok = {active} is more than the {n_experts} experts",
@@ -362,6 +425,12 @@ def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, A
         head_dim = r.num("head_dim")
         if head_dim is not None and head_dim * n_heads != d_model:
             out["head_dim"] = head_dim
+        elif head_dim is None and d_model % n_heads:
+            raise r.fail(
+                f"has no head_dim, and hidden_size = {d_model} does not divide by "
+                f"num_attention_heads = {n_heads} to give one",
+                "give head_dim (the width of one attention head), or check hidden_size",
+            )
     window = r.num("sliding_window", lo=0, hi=TOKENS_MAX) or 0
     if r.flag("use_sliding_window") is False:
         window = 0  # Qwen: the key is present, the window is off
@@ -373,14 +442,33 @@ def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, A
         )
     every = 0
     types = r.seq("layer_types")
+    if types is not None and model_type != "llama4_text":
+        _layer_type_names(types, r)  # (with or without a window)
+    hybrid_key = next((k for k in NOT_ATTENTION_KEYS if r.cfg.get(k) is not None), None)
+    if hybrid_key is not None:
+        raise r.fail(
+            f"has {hybrid_key} = {_show(r.cfg[hybrid_key])}: layers that are not attention "
+            f"(model_type {_show(model_type)}: linear attention or state-space layers), which "
+            "the reader does not place",
+            "describe the model inline in [model] (hybrid_pattern and the ssm_* fields: an "
+            "approximation you choose)",
+        )
     if model_type == "llama4_text":
         window = r.num("attention_chunk_size", lo=0, hi=TOKENS_MAX) or 0
         every = 4 if window else 0  # every 4th layer is a global NoPE layer
     elif types is not None and window:
-        sliding, every = _layer_types_every(types, r)
+        sliding, every = _layer_types_every(types, r, n_layers)
         window = window if sliding else 0
     elif window:
-        every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or 0
+        # a family whose config class makes layer_types when the file has none: Gemma 2 and
+        # gpt-oss alternate sliding and full layers (transformers' Gemma2Config, GptOssConfig:
+        # "sliding_attention" if (i + 1) % 2 else "full_attention"); they were read all windowed
+        every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or ALTERNATING.get(model_type, 0)
+    ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
+    if window and ctx is not None and window >= ctx:
+        # a window no request can fill (Phi-3-mini-128k: 262,144 over a 131,072 context): the
+        # layers hold and attend the whole context, as full attention does
+        window = 0
     if window:
         out["sliding_window_tokens"] = window
         if every:
@@ -413,7 +501,6 @@ def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, A
     out["mlp"] = "gelu" if model_type in UNGATED else "swiglu"
     tied = r.flag("tie_word_embeddings")
     out["tied_embeddings"] = bool(model_type not in UNTIED if tied is None else tied)
-    ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if ctx is not None:
         out["max_context_tokens"] = ctx
     dt = r.text("torch_dtype") if "torch_dtype" in cfg else r.text("dtype")
@@ -421,35 +508,39 @@ def architecture_from_hf(cfg: dict, where: str, source: str = "") -> dict[str, A
         out["dtype"] = DTYPES[dt]
     q = r.obj("quantization_config")
     if q:
-        _quantization(q, r, out)
+        _quantization(q, r, out, dtype_given)
     return out
 
 
 def hf_model_name(cfg: object, path: Path) -> str:
-    """A model's name: ``_name_or_path`` when it is a Hugging Face id, else ``Org/Name`` of a
-    Hugging Face cache folder (``models--Org--Name/snapshots/HASH/config.json``), else the
-    file's folder."""
+    """A model's name: ``Org/Name`` of a Hugging Face cache folder
+    (``models--Org--Name/snapshots/HASH/config.json``: the repository the file was downloaded
+    from), else ``_name_or_path`` when it is a Hugging Face id, else the file's folder. The cache
+    folder comes first because a fine-tune's config.json often carries its base model's id, or
+    a training run's relative path, in ``_name_or_path`` (transformers saves whatever the
+    config was loaded from)."""
+    for part in reversed(path.parts):
+        m = re.fullmatch(r"models--([\w.-]+)--([\w.-]+)", part)
+        if m:
+            return f"{m.group(1)}/{m.group(2)}"
     if isinstance(cfg, dict):
         inner = language_model_config(cfg, str(path))
         n = inner.get("_name_or_path")
         if isinstance(n, str) and re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", n):
             return n
-    for part in reversed(path.parts):
-        m = re.fullmatch(r"models--([\w.-]+)--([\w.-]+)", part)
-        if m:
-            return f"{m.group(1)}/{m.group(2)}"
     return path.parent.name or path.stem
 
 
 def read_hf_config_named(
-    path: str | Path, source: str = "", written: str = ""
+    path: str | Path, source: str = "", written: str = "", dtype_given: bool = False
 ) -> tuple[dict[str, Any], str]:
     """(:func:`architecture_from_hf`, :func:`hf_model_name`) of the file at ``path``."""
     from fleetsim.base import io
 
     p = Path(path)
     if p.is_dir():  # the model's folder (a Hugging Face snapshot), as ``latency --model``
-        if not (p / "config.json").exists():
+        found = config_in_folder(p)
+        if found is None:
             raise ScenarioError(
                 "model.config",
                 written or str(p),
@@ -457,7 +548,7 @@ def read_hf_config_named(
                 "give the path of the model's config.json, or of the folder that holds it",
                 source,
             )
-        p = p / "config.json"
+        p = found
     if not p.exists() and not p.is_symlink():
         # a Hugging Face id written where the path belongs, or a path into data/models from
         # another folder: name the checkout's file where it has one
@@ -478,7 +569,25 @@ def read_hf_config_named(
         "model.config",
         fix="give the model's config.json as Hugging Face writes it: one JSON object",
     )
-    return architecture_from_hf(cfg, str(p), source), hf_model_name(cfg, p)
+    return architecture_from_hf(cfg, str(p), source, dtype_given), hf_model_name(cfg, p)
+
+
+def config_in_folder(folder: Path) -> Path | None:
+    """The config.json a model folder holds: ``folder/config.json``, or for a Hugging Face cache
+    repository folder (``models--Org--Name``, holding ``refs/main`` and ``snapshots/HASH/``) the
+    snapshot ``refs/main`` names, else its only snapshot; None when there is none."""
+    if (folder / "config.json").exists():
+        return folder / "config.json"
+    snaps = folder / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        h = ref.read_text(errors="replace")[:100].strip()
+        if re.fullmatch(r"[0-9a-fA-F]{7,64}", h) and (snaps / h / "config.json").exists():
+            return snaps / h / "config.json"
+    found = sorted(c for c in snaps.glob("*/config.json"))
+    return found[0] if len(found) == 1 else None
 
 
 def read_hf_config(path: str | Path, source: str = "", written: str = "") -> dict[str, Any]:

@@ -233,6 +233,9 @@ def resolved_dict(rs: Resolved) -> dict:
     the catalog, the profile and the overrides (none left null), and a ``derived`` table with
     the figures computed from them (parameter count, weights, KV budget)."""
     d = rs.scenario.model_dump(mode="json")
+    # (a config's name and dtype are left out of the dump when the file gives them: schema.py
+    # ModelSection._dump; they are the resolved model's here, in their place)
+    d["model"] = {"name": None, "config": None, "dtype": None, **d["model"]}
     m = rs.model
     for k in d["model"]:
         if k != "config" and hasattr(m, k):

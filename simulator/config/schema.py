@@ -14,7 +14,7 @@ the same section) are its validators. Reading a file against this schema is
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 from fleetsim.base.schema import Section, Tokens, bound
 from fleetsim.workload.distributions import Dist, LogNormal
@@ -102,6 +102,20 @@ class ModelSection(_Section):
     embed_dtype: DType | None = None
     state_dtype: DType | None = None
     ssm_state_dtype: DType | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        """With ``config``, ``name`` and ``dtype`` are the file's unless the scenario sets them
+        (config/aggregated.py ``model_spec``): a dump leaves their defaults out, so that the
+        dumped scenario loads back as the same model (plan, sweep, the Python API and the pod
+        workers reload dumps; a dump that wrote ``llama-3.1-70b`` / ``bf16`` set them, and
+        Qwen3-235B-A22B-FP8 was planned as a 470 GB bf16 model named llama-3.1-70b)."""
+        d = handler(self)
+        if self.config is not None and isinstance(d, dict):
+            for k in ("name", "dtype"):
+                if k not in self.model_fields_set:
+                    d.pop(k, None)
+        return d
 
 
 class HardwareSection(_Section):

@@ -147,6 +147,10 @@ class FusedMoeFit:
 
 NO_MOE_FIT = FusedMoeFit()
 
+#: the weight block of fp8 block-quantised layers (``weight_block_size: [128, 128]`` of every
+#: fp8 checkpoint in data/models; the latency model times fp8 experts so)
+FP8_BLOCK = 128
+
 #: the tiles of an fp8 block-quantised fused-MoE launch: ``(BLOCK_SIZE_M, BLOCK_SIZE_N,
 #: BLOCK_SIZE_K, num_stages, num_warps)``
 Fp8Tiles = tuple[int, int, int, int, int]
@@ -916,7 +920,9 @@ def layout_problem(
                 "expert_parallel",
                 True,
                 f"{model.name}'s {model.n_experts} experts do not divide over EP = "
-                f"tensor_parallel x data_parallel = {tp} x {dp} = {ep} GPUs",
+                f"tensor_parallel x data_parallel = {tp} x {dp} = {ep} GPUs (vLLM would give "
+                f"the first {model.n_experts % ep} ranks one more expert, determine_expert_map; "
+                "fleetsim models an even split)",
                 f"make tensor_parallel x data_parallel one of {', '.join(map(str, ok))}",
             )
     elif model.n_moe_layers and ep > 1 and model.d_ff_expert % ep:
@@ -927,4 +933,25 @@ def layout_problem(
             f"{ep} GPUs that split each expert without expert parallelism",
             "set expert_parallel = true, or a GPU count that divides it",
         )
+    elif model.n_moe_layers and ep > 1 and (model.expert_dtype or model.dtype) == "fp8":
+        # fp8 experts are 128 x 128 block-quantised (as the latency model times them): vLLM
+        # refuses a split whose slice of an expert is not whole blocks ("The output_size of
+        # gate's and up's weight = 192 is not divisible by weight quantization block_n = 128",
+        # vllm/model_executor/layers/quantization/fp8.py Fp8MoEMethod.create_weights)
+        part = model.d_ff_expert // ep
+        if part % FP8_BLOCK:
+            ok = [
+                g
+                for g in (1, 2, 4, 8, 16, 32)
+                if g < ep and model.d_ff_expert % (g * FP8_BLOCK) == 0
+            ]
+            return (
+                "data_parallel" if dp > 1 else "tensor_parallel",
+                dp if dp > 1 else tp,
+                f"{model.name}'s fp8 experts ({model.d_ff_expert} wide, 128 x 128 blocks) "
+                f"split {part} wide on each of {ep} GPUs without expert parallelism, not whole "
+                "blocks: vLLM refuses to load them",
+                "set expert_parallel = true"
+                + (f", or split each expert over {', '.join(map(str, ok))} GPUs" if ok else ""),
+            )
     return None

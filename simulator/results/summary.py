@@ -41,6 +41,40 @@ def serving_stack(rs: Resolved) -> str:
     return name
 
 
+def kv_kinds(model, bytes_per_token: float | None = None) -> str:
+    """What a sequence's KV holds, by layer kind, for the summaries ("" for a model whose every
+    layer holds its whole context in plain K and V): a sliding window's layers, a latent
+    attention's cached latent, a hybrid's linear-state layers; ``bytes_per_token``: the KV
+    budget's bytes per token at the traffic's typical sequence (what its token count divides)."""
+    parts = []
+    if model.is_mla:
+        parts.append(
+            f"latent attention: {model.kv_lora_rank} + {model.qk_rope_head_dim} cached per "
+            f"token in each of {model.n_attn_layers} layers"
+        )
+    if model.n_sliding_layers:
+        w = f"{model.sliding_window_tokens:,}"
+        parts.append(
+            f"{model.n_global_attn_layers} full-attention + {model.n_sliding_layers} "
+            f"sliding-window layers of {w} tokens"
+            if model.n_global_attn_layers
+            else f"all {model.n_sliding_layers} layers sliding-window, of {w} tokens"
+        )
+    if model.n_linear_layers:
+        parts.append(
+            f"{model.n_attn_layers} attention + {model.n_linear_layers} linear-state layers"
+        )
+    if not model.kv_uniform and bytes_per_token:
+        parts.append(
+            f"{round(bytes_per_token):,} bytes per token at the traffic's typical sequence"
+        )
+    elif bytes_per_token and bytes_per_token > model.kv_bytes_per_token * (1 + 1e-9):
+        # tensor parallelism beyond the KV heads copies them; latent attention's on every GPU
+        copied = "the latent on every GPU" if model.is_mla else "KV heads copied on several GPUs"
+        parts.append(f"{round(bytes_per_token):,} bytes per token on the replica ({copied})")
+    return "; ".join(parts)
+
+
 def backlog_limit(res: Result) -> float:
     """The requests in flight at the end that a fleet keeping up can hold: by Little's law a
     fleet meeting the SLO holds on average ``m = rate x (TTFT target + mean output tokens x TPOT
@@ -245,6 +279,24 @@ def _print_headline(res: Result, c: Console) -> None:
     from fleetsim.device.latency import compute_peak
 
     dt = f"{rs.model.weights_label}, KV cache {rs.model.kv_dtype_resolved}"
+    m = rs.model
+    if m.n_moe_layers:  # the experts and how they are split
+        dt += (
+            f"; MoE {m.n_experts} experts, top {m.n_active_experts}"
+            + (f" + {m.n_shared_experts} shared" if m.n_shared_experts else "")
+            + (
+                f", in {m.n_moe_layers} of {m.n_layers} layers"
+                if m.n_moe_layers < m.n_layers
+                else ""
+            )
+            + (
+                f", {m.n_experts // rs.tp} whole experts per GPU (EP{rs.tp})"
+                if rs.expert_parallel
+                else f", each split over {rs.tp} GPUs"
+                if rs.tp > 1
+                else ""
+            )
+        )
     if compute_peak(rs.profile, rs.model.dtype)[1]:
         dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
     c.print(  # user text is escaped for the console (names are data, not markup)
@@ -330,13 +382,24 @@ def _kv_rows(res: Result, tab: _Rows) -> None:
     kv = rs.kv
     if kv is not None and rs.pools is None:
         f = sc.fleet
+        # (the paged engine caches no prefix for a model with window or linear-state layers:
+        # serving/kv_paged.py)
+        windowed = not rs.model.kv_uniform
         mech = (
             f"paged, blocks of {kv.block_size_tokens}"
             + (", chunked prefill" if f.chunked_prefill else "")
-            + (", prefix caching" if f.prefix_caching else "")
+            + (", prefix caching" if f.prefix_caching and not windowed else "")
+            + (
+                ", no prefix caching (not modelled with window or linear-state layers)"
+                if f.prefix_caching and windowed
+                else ""
+            )
             if f.kv_allocation == "paged"
             else "reserved at admission (prompt + output)"
         )
+        kinds = kv_kinds(rs.model, kv.bytes_per_token)
+        if kinds:
+            mech += f"; {kinds}"
         tab.add_row(
             "KV cache",
             f"{kv.tokens:,} tokens",
