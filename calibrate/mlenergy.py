@@ -2679,6 +2679,12 @@ def fit_mla_prefill(
     )
 
 
+def skip_reasons(skipped: Sequence[tuple[Config, str]], top: int = 3) -> str:
+    """The ``top`` most frequent reasons of ``skipped`` with their counts, most frequent first."""
+    why = Counter(w for _, w in skipped).most_common()
+    return "; ".join(f"{n} x {w}" for w, n in why[:top]) + ("; ..." if len(why) > top else "")
+
+
 def no_rows_message(data_dir: Path, skipped: Sequence[tuple[Config, str]]) -> str:
     """The one line of a folder none of whose rows the simulator expresses: the skip reasons,
     most frequent first, and the fix."""
@@ -2687,12 +2693,11 @@ def no_rows_message(data_dir: Path, skipped: Sequence[tuple[Config, str]]) -> st
             f"{data_dir}/configurations.csv: no rows (fix: a header and one row per "
             "configuration, as data/mlenergy-v3/configurations.csv)"
         )
-    why = Counter(w for _, w in skipped).most_common()
-    listed = "; ".join(f"{n} x {w}" for w, n in why[:3]) + ("; ..." if len(why) > 3 else "")
     return (
         f"{data_dir}: no configuration the simulator can express ({len(skipped)} skipped: "
-        f"{listed}; fix: {'/'.join(GPUS)} rows of text tasks ({', '.join(TEXT_TASKS)}) of models "
-        "with a config in data/models, with their output-length histograms)"
+        f"{skip_reasons(skipped)}; fix: {'/'.join(GPUS)} rows of text tasks "
+        f"({', '.join(TEXT_TASKS)}) of models with a config in data/models, with their "
+        "output-length histograms)"
     )
 
 
@@ -2907,7 +2912,8 @@ def write_profiles(
     fit_path = out_dir / "mlenergy-fit.json"
     fit_path.write_text(json.dumps(summary, indent=1))
     lines.append(
-        f"wrote {fit_path} ({len(pairs)} configurations simulated, {len(skipped)} skipped)"
+        f"wrote {fit_path} ({len(pairs)} configurations simulated, {len(skipped)} skipped"
+        + (f": {skip_reasons(skipped)})" if skipped else ")")
     )
     return lines
 

@@ -1352,3 +1352,11 @@ def test_power_fit_terms_counts_the_fitted_constants():
     assert M.power_fit_terms(replace(p, host_w=0.0), False) == 5
     full = replace(p, host_w=0.0, comm_w=0.0, moe_loop_w=400.0)
     assert M.power_fit_terms(full, True) == 8
+
+
+def test_skip_reasons_lists_the_most_frequent_first():
+    """The line a folder's skipped rows get (after ``wrote mlenergy-fit.json``, or as the error
+    when nothing is left): counts by reason, most frequent first, the rest elided."""
+    sk = [(None, "a"), (None, "b"), (None, "b"), (None, "c"), (None, "d"), (None, "b")]
+    assert M.skip_reasons(sk) == "3 x b; 1 x a; 1 x c; ..."  # type: ignore[arg-type]
+    assert M.skip_reasons(sk[:3]) == "2 x b; 1 x a"  # type: ignore[arg-type]
