@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "measured configurations in the ML.ENERGY Benchmark v3 format (DIR/configurations.csv "
         "and DIR/output_lengths.csv or DIR/models/*.json; see data/mlenergy-v3/SOURCE.md) and "
         "write one profile per GPU into --out (a folder; required); parts without rows keep "
-        "the catalog's",
+        "the catalog's, and so does the power model of a GPU with fewer non-suspect rows than "
+        "its constants (4 to 8); GPUs: H100, B200",
     )
     p.add_argument(
         "--workers",

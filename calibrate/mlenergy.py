@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -246,10 +247,14 @@ def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
                 c = _config(r, hist)
                 kernel = fp8_moe_kernel(env.get((c.model_id, c.task, c.gpu_model), {}), c)
                 out.append(c if kernel == "triton" else replace(c, fp8_moe_kernel=kernel))
-            except (KeyError, ValueError, TypeError) as exc:
+            except KeyError as exc:
                 raise UserError(
-                    f"{table}: row {i + 2}: {type(exc).__name__} {exc} (fix: the columns of "
+                    f"{table}: row {i + 2}: no column {exc} (fix: the columns of "
                     "data/mlenergy-v3/SOURCE.md)"
+                ) from None
+            except (ValueError, TypeError) as exc:
+                raise UserError(
+                    f"{table}: row {i + 2}: {exc} (fix: the columns of data/mlenergy-v3/SOURCE.md)"
                 ) from None
     from fleetsim.calibrate.stack import host_limited_series
 
@@ -341,19 +346,45 @@ def _histograms(data_dir: Path) -> dict[tuple[str, int], tuple[float, float, tup
     hist: dict[tuple[str, int], tuple[float, float, tuple[int, ...]]] = {}
     lengths = data_dir / "output_lengths.csv"
     if lengths.is_file():
+        from fleetsim.base.errors import UserError
+
         with _csv_text(lengths) as f:
-            for r in csv.DictReader(f):
-                counts = tuple(int(x) for x in r["counts"].split())
-                hist[(r["source_file"], int(r["config_index"]))] = (
-                    float(r["min_tokens"]),
-                    float(r["max_tokens"]),
-                    counts,
-                )
+            for i, r in enumerate(csv.DictReader(f)):
+                try:
+                    try:
+                        counts = tuple(int(x) for x in (r["counts"] or "").split())
+                    except ValueError:
+                        raise ValueError(
+                            f"counts = {fio.clean(repr(r['counts']), 60)}: not whole numbers "
+                            "apart by spaces"
+                        ) from None
+                    hist[(r["source_file"], _num(r, "config_index", int, positive=False))] = (
+                        _num(r, "min_tokens", float, positive=False),
+                        _num(r, "max_tokens", float),
+                        counts,
+                    )
+                except KeyError as exc:
+                    raise UserError(
+                        f"{lengths}: row {i + 2}: no column {exc} (fix: the columns of "
+                        "data/mlenergy-v3/SOURCE.md)"
+                    ) from None
+                except ValueError as exc:
+                    raise UserError(
+                        f"{lengths}: row {i + 2}: {exc} (fix: the columns of "
+                        "data/mlenergy-v3/SOURCE.md)"
+                    ) from None
         return hist
     import json
 
     for p in sorted((data_dir / "models").glob("*.json")):
-        d = json.loads(fio.read_text(p, "", fio.MAX_TRACE_BYTES))
+        try:
+            d = json.loads(fio.read_text(p, "", fio.MAX_TRACE_BYTES))
+        except ValueError as exc:
+            from fleetsim.base.errors import UserError
+
+            raise UserError(
+                f"{p}: not JSON ({exc}; fix: the leaderboard's per-model file)"
+            ) from None
         for i, c in enumerate(d.get("configurations", [])):
             h = c.get("output_length_distribution") or {}
             bins, cnt = h.get("bins") or [], h.get("counts") or []
@@ -366,10 +397,28 @@ def _histograms(data_dir: Path) -> dict[tuple[str, int], tuple[float, float, tup
     return hist
 
 
+def _num(r: dict, col: str, kind: Callable[[str], Any], positive: bool = True) -> Any:
+    """Column ``col`` of row ``r`` as ``kind`` (int or float), finite and, with ``positive``,
+    above 0 (every measured figure and parallel degree of the format; a configuration index
+    may be 0); a ValueError naming the column and the value otherwise (KeyError where the
+    column is missing)."""
+    v = r[col]
+    shown = fio.clean(repr(v), 60)
+    what = "a whole number" if kind is int else "a number"
+    try:
+        x = kind(v)
+    except (ValueError, TypeError):
+        raise ValueError(f"{col} = {shown}: not {what}") from None
+    if not math.isfinite(x) or (positive and x <= 0) or x < 0:
+        low = "above 0" if positive else "at least 0"
+        raise ValueError(f"{col} = {shown}: must be finite and {low}")
+    return x
+
+
 def _config(r: dict, hist: dict) -> Config:
-    key = (r["source_file"], int(r["config_index"]))
+    key = (r["source_file"], _num(r, "config_index", int, positive=False))
     lo, hi, counts = hist.get(key, (0.0, 0.0, ()))
-    n_gpus = int(r["num_gpus"])
+    n_gpus = _num(r, "num_gpus", int)
     per_gpu = r.get("power_per_gpu_w") or ""
     return Config(
         model_id=r["model_id"],
@@ -378,31 +427,34 @@ def _config(r: dict, hist: dict) -> Config:
         weight_precision=r["weight_precision"],
         gpu_model=r["gpu_model"],
         num_gpus=n_gpus,
-        tp=int(r["tensor_parallel"]),
-        ep=int(r["expert_parallel"]),
-        dp=int(r["data_parallel"]),
-        max_num_seqs=int(r["max_num_seqs"]),
-        avg_batch_size=float(r["avg_batch_size"]),
-        power_per_gpu_w=float(per_gpu) if per_gpu else float(r["avg_power_w"]) / n_gpus,
-        energy_per_token_j=float(r["energy_per_token_j"]),
-        tokens_per_s=float(r["output_tokens_per_s"]),
-        itl_median_ms=float(r["itl_median_ms"]),
-        avg_output_len=float(r["avg_output_len"]),
+        tp=_num(r, "tensor_parallel", int),
+        ep=_num(r, "expert_parallel", int),
+        dp=_num(r, "data_parallel", int),
+        max_num_seqs=_num(r, "max_num_seqs", int),
+        avg_batch_size=_num(r, "avg_batch_size", float),
+        power_per_gpu_w=_num(r, "power_per_gpu_w", float)
+        if per_gpu
+        else _num(r, "avg_power_w", float) / n_gpus,
+        energy_per_token_j=_num(r, "energy_per_token_j", float),
+        tokens_per_s=_num(r, "output_tokens_per_s", float),
+        itl_median_ms=_num(r, "itl_median_ms", float),
+        avg_output_len=_num(r, "avg_output_len", float),
         suspect=(r.get("suspect") or "").strip().lower() == "true",
         suspect_reason=r.get("suspect_reason") or "",
         source_file=r["source_file"],
-        config_index=int(r["config_index"]),
+        config_index=_num(r, "config_index", int, positive=False),
         hist_lo=lo,
         hist_hi=hi,
         hist_counts=counts,
-        itl_p90_ms=_float_or_nan(r.get("itl_p90_ms")),
-        itl_p95_ms=_float_or_nan(r.get("itl_p95_ms")),
-        itl_p99_ms=_float_or_nan(r.get("itl_p99_ms")),
+        itl_p90_ms=_float_or_nan(r, "itl_p90_ms"),
+        itl_p95_ms=_float_or_nan(r, "itl_p95_ms"),
+        itl_p99_ms=_float_or_nan(r, "itl_p99_ms"),
     )
 
 
-def _float_or_nan(v: str | None) -> float:
-    return float(v) if v else math.nan
+def _float_or_nan(r: dict, col: str) -> float:
+    """Column ``col`` of row ``r`` as a float; nan where it is missing or empty."""
+    return _num(r, col, float) if r.get(col) else math.nan
 
 
 def model_section(
@@ -458,9 +510,9 @@ def skip_reason(c: Config) -> str:
     if c.task not in TEXT_TASKS:
         return f"task {c.task} needs a vision encoder"
     if c.gpu_model not in GPUS:
-        return f"GPU {c.gpu_model} not in the catalog"
+        return f"gpu_model {c.gpu_model!r}: the fit knows {', '.join(GPUS)}"
     if not c.hist_counts or sum(c.hist_counts) == 0:
-        return "no output-length histogram"
+        return "no output-length histogram (output_lengths.csv or models/*.json)"
     _, why = model_section(c.model_id, c.weight_precision, c.architecture)
     return why
 
@@ -1472,6 +1524,20 @@ PREFILL_ANCHOR_ROWS = 1.0
 #: zero mean, and these skewed residuals a negative median
 FIT_LOSS = "soft_l1"
 FIT_F_SCALE = 0.05
+
+
+def power_fit_terms(p: PowerSpec, moe_rows: bool) -> int:
+    """How many constants :func:`fit_power` fitted to give ``p``: ``active_w``, ``compute_w``,
+    ``memory_w``, ``kv_w``, and each optional level it fitted (``comm_w``, ``moe_loop_w``,
+    ``host_w``: None where not fitted) and ``moe_compute_w`` where some rows (``moe_rows``) are
+    mixtures of experts."""
+    return (
+        4
+        + (p.comm_w is not None)
+        + (p.moe_loop_w is not None)
+        + (p.host_w is not None)
+        + bool(moe_rows)
+    )
 
 
 def fit_rows(c: Config) -> bool:
@@ -2613,6 +2679,28 @@ def fit_mla_prefill(
     )
 
 
+def skip_reasons(skipped: Sequence[tuple[Config, str]], top: int = 3) -> str:
+    """The ``top`` most frequent reasons of ``skipped`` with their counts, most frequent first."""
+    why = Counter(w for _, w in skipped).most_common()
+    return "; ".join(f"{n} x {w}" for w, n in why[:top]) + ("; ..." if len(why) > top else "")
+
+
+def no_rows_message(data_dir: Path, skipped: Sequence[tuple[Config, str]]) -> str:
+    """The one line of a folder none of whose rows the simulator expresses: the skip reasons,
+    most frequent first, and the fix."""
+    if not skipped:
+        return (
+            f"{data_dir}/configurations.csv: no rows (fix: a header and one row per "
+            "configuration, as data/mlenergy-v3/configurations.csv)"
+        )
+    return (
+        f"{data_dir}: no configuration the simulator can express ({len(skipped)} skipped: "
+        f"{skip_reasons(skipped)}; fix: {'/'.join(GPUS)} rows of text tasks "
+        f"({', '.join(TEXT_TASKS)}) of models with a config in data/models, with their "
+        "output-length histograms)"
+    )
+
+
 def write_profiles(
     data_dir: Path, out_dir: Path, workers: int = 2, engine: str = "macro", fit_moe: bool = False
 ) -> list[str]:
@@ -2632,11 +2720,7 @@ def write_profiles(
 
     configs, skipped = select(read_configs(data_dir))
     if not configs:
-        raise UserError(
-            f"{data_dir}: no configuration the simulator can express "
-            f"({len(skipped)} skipped; fix: H100/B200 rows of text models with a config in "
-            "data/models)"
-        )
+        raise UserError(no_rows_message(data_dir, skipped))
     gpus = sorted({c.gpu_model for c in configs})
     # the vllm-v1 stack's constants fitted to the folder (calibrate/stack.py; the parts a
     # folder has no rows for, e.g. TP2 all-reduces or hybrids, keep the catalog's)
@@ -2659,7 +2743,11 @@ def write_profiles(
                     if "host_stall_s" in consts
                     else ""
                 )
-                + f" (leave-one-model-out ITL median {sf['lomo']['median_abs']:.1%})"
+                + (
+                    f" (leave-one-model-out ITL median {sf['lomo']['median_abs']:.1%})"
+                    if sf["lomo"]
+                    else " (one model: no leave-one-model-out figure)"
+                )
             )
         per_gpu[g] = {"sf": sf, "consts": consts, "line": stack_line}
     # the fused-MoE constants on the folder's stack (and the catalog's eager floor: the small
@@ -2714,14 +2802,33 @@ def write_profiles(
     pairs = [(c, r) for c, r in zip(configs, runs, strict=True) if not r.error]
     fits = fit_all(pairs)
     if not fits:
-        raise UserError(f"{data_dir}: no non-suspect row simulated; nothing to fit")
+        n_sus = sum(1 for c, _ in pairs if c.suspect)
+        raise UserError(
+            f"{data_dir}: no non-suspect row simulated ({len(pairs)} simulated, {n_sus} of them "
+            "suspect = true); nothing to fit the power model to (fix: rows with suspect false, "
+            "see data/mlenergy-v3/SOURCE.md)"
+        )
     rows = evaluate(pairs, fit=True)
+    rows_catalog = evaluate(pairs, fit=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"source": str(data_dir), "engine": engine, "gpus": {}}
     lines = list(moe_lines)
     for g, (p, n, models) in fits.items():
         name = GPUS[g]
-        lomo = [r for r in rows if r.config.gpu_model == g and fit_rows(r.config)]
+        # fewer rows than the power model's free constants: the fit is not determined (one
+        # row gives any split of the power between the terms); the GPU keeps the catalog's
+        k = power_fit_terms(p, any(c.moe_or_ep for c, _ in pairs if c.gpu_model == g))
+        few = n < k
+        if few:
+            p = catalog_power(g)
+        # one model (or the catalog's power): no leave-one-model-out figure; the errors are
+        # those of the catalog's power model on the rows (evaluate's fallback without others)
+        lomo_ok = len(models) > 1 and not few
+        lomo = [
+            r
+            for r in (rows if lomo_ok else rows_catalog)
+            if r.config.gpu_model == g and fit_rows(r.config)
+        ]
         st = {k: stats(r.err()[k] for r in lomo) for k in ("w_per_gpu", "j_per_token")}
         power = {
             "idle_w": p.idle_w,
@@ -2735,7 +2842,7 @@ def write_profiles(
             "moe_compute_w": round(p.moe_compute_w, 1),
             "host_w": None if p.host_w is None else round(p.host_w, 1),
             "compute_u0": p.compute_u0,
-            "method": "mlenergy-fit",
+            "method": "catalog (too few rows to fit)" if few else "mlenergy-fit",
         }
         prof = replace(
             catalog_profile(name, catalog.gpu(name), None),
@@ -2744,7 +2851,11 @@ def write_profiles(
         )
         d = profile_to_dict(prof, catalog_gpu=name)
         d["power"] = power
-        d["fit"] = {"rows": n, "models": models, "lomo": st}
+        d["fit"] = {"rows": n, "models": models, "lomo": st if lomo_ok else None}
+        if not lomo_ok:
+            d["fit"]["catalog_power_errors"] = st
+        if few:
+            d["fit"]["power_kept"] = f"the catalog's: {n} rows, fewer than the fit's {k} constants"
         pg = per_gpu[g]
         sf, consts, floor = pg["sf"], pg["consts"], pg["floor"]
         if sf:
@@ -2763,11 +2874,31 @@ def write_profiles(
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(d, indent=1))
         tmp.replace(path)
-        summary["gpus"][name] = {"power": power, "rows": n, "models": models, "lomo": st}
+        summary["gpus"][name] = {
+            "power": power,
+            "rows": n,
+            "models": models,
+            "lomo": st if lomo_ok else None,
+        }
         if floor is not None:
             summary["gpus"][name]["eager_host"] = d["fit"]["eager_host"]
         if gf is not None:
             summary["gpus"][name]["moe"] = d["fit"]["moe"]
+        how = (
+            f"leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, J/token median "
+            f"{st['j_per_token']['median']:.1%}"
+            if lomo_ok
+            else "no leave-one-model-out figure (one model); the catalog's power model on these "
+            f"rows: W/GPU median {st['w_per_gpu']['median']:.1%}, J/token median "
+            f"{st['j_per_token']['median']:.1%}"
+        )
+        if few:
+            lines.append(
+                f"{name}: {n} non-suspect rows, fewer than the power model's {k} constants: the "
+                f"catalog's power model kept, not fitted (fix: at least {k} rows, e.g. more batch "
+                f"sizes or models); {how}; {pg['line']}; wrote {path}"
+            )
+            continue
         lines.append(
             f"{name}: {n} rows of {len(models)} model(s): idle {p.idle_w:g} W (kept), active "
             f"{p.active_w:.0f} W, compute {p.compute_w:.0f} W, memory {p.memory_w:.0f} W, KV/state "
@@ -2776,14 +2907,13 @@ def write_profiles(
             + ("" if p.moe_loop_w is None else f"fp8 MoE-loop level {p.moe_loop_w:.0f} W, ")
             + (f"routed-expert compute {p.moe_compute_w:.0f} W, " if p.moe_compute_w else "")
             + ("" if p.host_w is None else f"host-wait level {p.host_w:.0f} W, ")
-            + "cap "
-            f"{p.max_w:g} W; leave-one-model-out W/GPU median {st['w_per_gpu']['median']:.1%}, "
-            f"J/token median {st['j_per_token']['median']:.1%}; {pg['line']}; wrote {path}"
+            + f"cap {p.max_w:g} W; {how}; {pg['line']}; wrote {path}"
         )
     fit_path = out_dir / "mlenergy-fit.json"
     fit_path.write_text(json.dumps(summary, indent=1))
     lines.append(
-        f"wrote {fit_path} ({len(pairs)} configurations simulated, {len(skipped)} skipped)"
+        f"wrote {fit_path} ({len(pairs)} configurations simulated, {len(skipped)} skipped"
+        + (f": {skip_reasons(skipped)})" if skipped else ")")
     )
     return lines
 

@@ -673,7 +673,10 @@ def _lomo_errors(
     """Leave-one-model-out: each model's runs' errors under ``fit`` of the other models' runs."""
     errs: list[float] = []
     for m in sorted({r.config.model_id for r in runs}):
-        f = fit([r for r in runs if r.config.model_id != m])
+        train = [r for r in runs if r.config.model_id != m]
+        if not train:
+            continue  # one model: nothing to fit the others on (no figure, as fit() does)
+        f = fit(train)
         errs += [err(r, f) for r in runs if r.config.model_id == m]
     return errs
 
@@ -804,7 +807,10 @@ def fit_dense_stream(runs: list[_Run], c: dict, stall_s: float = 0.0) -> dict:
         errs: list[float] = []
         picks: dict[str, float] = {}
         for m in sorted(set(models)):
-            e, d = solve([x != m for x in models], effs)
+            keep = [x != m for x in models]
+            if not any(keep):
+                continue  # one model: no leave-one-model-out figure
+            e, d = solve(keep, effs)
             picks[m] = e
             errs += [(t + d) / y - 1.0 for y, t, x in zip(ys, t0[e], models, strict=True) if x == m]
         return errs, picks

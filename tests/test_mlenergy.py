@@ -1184,3 +1184,179 @@ def test_dp_publication_moves_the_medians_not_the_throughput():
         assert 1e3 * b.itl_median_s == pytest.approx(moved, abs=0.5)
         assert b.tokens == a.tokens and b.window_s == a.window_s
         assert b.dp_publish_shift_s > 10.0
+
+
+# -- a user's own folder: one line per defect, a profile from one model, too few rows ------------
+def _mlenergy_rows(keep) -> list[dict]:
+    with open(REPO / "data" / "mlenergy-v3" / "configurations.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if keep(r)]
+
+
+def _csv_folder(d: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    """A folder as a user's benchmark run leaves it: ``rows`` as configurations.csv (with
+    ``fields`` as its header, extra keys dropped), data/mlenergy-v3's output_lengths.csv."""
+    d.mkdir(parents=True)
+    with open(d / "configurations.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    shutil.copy(REPO / "data" / "mlenergy-v3" / "output_lengths.csv", d / "output_lengths.csv")
+    return d
+
+
+def _qwen8b_h100(r: dict) -> bool:
+    return r["model_id"] == "Qwen/Qwen3-8B" and r["gpu_model"] == "H100"
+
+
+def _with(rows: list[dict], i: int, **kw: str) -> list[dict]:
+    out = [dict(r) for r in rows]
+    out[i].update(kw)
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("empty file", "configurations.csv: no rows (fix: a header and one row"),
+        ("header only", "configurations.csv: no rows (fix: a header and one row"),
+        ("missing column", "row 2: no column 'itl_median_ms' (fix: the columns of"),
+        ("non-numeric power", "row 4: power_per_gpu_w = 'n/a': not a number (fix:"),
+        ("zero power", "row 4: power_per_gpu_w = '0': must be finite and above 0 (fix:"),
+        ("nan ITL", "row 4: itl_median_ms = 'nan': must be finite and above 0 (fix:"),
+        ("fractional batch", "row 4: max_num_seqs = '64.5': not a whole number (fix:"),
+        ("GPU H200", "(15 skipped: 15 x gpu_model 'H200': the fit knows H100, B200; fix:"),
+        ("GPU A100", "15 x gpu_model 'A100-SXM4-80GB': the fit knows H100, B200; fix:"),
+        ("no histograms", "15 x no output-length histogram (output_lengths.csv or models/"),
+        ("bad histogram", "output_lengths.csv: row 2: counts = '7 x 11 9 17 11 12 14 12 14 9"),
+        ("suspect only", "no non-suspect row simulated (2 simulated, 2 of them suspect = true)"),
+    ],
+)
+def test_from_mlenergy_a_users_bad_folder_gives_one_line(tmp_path, capsys, case, expect):
+    """Each defect of a user's folder (e41's walk) ends ``fleetsim calibrate --from-mlenergy``
+    with exit code 2 and one line naming the file, row, column and value with the fix; no
+    traceback (before e41 a non-numeric value named no column, and a bad histogram, a zero
+    power or a zero ITL raised)."""
+    from fleetsim.calibrate import cli
+
+    rows = _mlenergy_rows(_qwen8b_h100)
+    assert len(rows) == 15
+    d = tmp_path / "mine"
+    if case == "empty file":
+        d.mkdir()
+        (d / "configurations.csv").write_text("")
+    elif case == "header only":
+        _csv_folder(d, rows[:0], list(rows[0]))
+    elif case == "missing column":
+        _csv_folder(d, rows, [k for k in rows[0] if k != "itl_median_ms"])
+    elif case == "non-numeric power":
+        _csv_folder(d, _with(rows, 2, power_per_gpu_w="n/a"))
+    elif case == "zero power":
+        _csv_folder(d, _with(rows, 2, power_per_gpu_w="0"))
+    elif case == "nan ITL":
+        _csv_folder(d, _with(rows, 2, itl_median_ms="nan"))
+    elif case == "fractional batch":
+        _csv_folder(d, _with(rows, 2, max_num_seqs="64.5"))
+    elif case in ("GPU H200", "GPU A100"):
+        gpu = "H200" if case == "GPU H200" else "A100-SXM4-80GB"
+        _csv_folder(d, [{**r, "gpu_model": gpu} for r in rows])
+    elif case == "no histograms":
+        _csv_folder(d, rows)
+        (d / "output_lengths.csv").unlink()
+    elif case == "bad histogram":
+        _csv_folder(d, rows)
+        lines = (d / "output_lengths.csv").read_text().splitlines()
+        lines[1] = lines[1].replace(" ", " x ", 1)
+        (d / "output_lengths.csv").write_text("\n".join(lines) + "\n")
+    elif case == "suspect only":
+        dense = ("Qwen/Qwen3-32B", "Qwen/Qwen3-8B")
+        _csv_folder(
+            d,
+            _mlenergy_rows(
+                lambda r: (
+                    r["suspect"] == "true" and r["gpu_model"] == "H100" and r["model_id"] in dense
+                )
+            ),
+        )
+    code = cli.main(["--from-mlenergy", str(d), "--out", str(tmp_path / "out"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert expect in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_mlenergy_one_model_gives_profiles_without_a_leave_one_model_out_figure(
+    tmp_path, capsys
+):
+    """A user's folder of one model (Qwen3-8B's 29 rows, H100 and B200): a profile per GPU
+    (before e41 the stack fit raised: no other model to fit on), the power fitted to its rows;
+    no leave-one-model-out figure is claimed (the errors printed are the catalog's power model's
+    on the rows, labelled so)."""
+    from fleetsim.calibrate import cli
+
+    rows = _mlenergy_rows(lambda r: r["model_id"] == "Qwen/Qwen3-8B")
+    assert len(rows) == 29
+    d = _csv_folder(tmp_path / "mine", rows)
+    out = tmp_path / "out"
+    code = cli.main(["--from-mlenergy", str(d), "--out", str(out), "--workers", "1"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    lines = [x for x in cap.out.splitlines() if x.startswith(("h100-sxm:", "b200:"))]
+    assert len(lines) == 2
+    for line in lines:
+        assert "no leave-one-model-out figure (one model); the catalog's power model on" in line
+        assert "leave-one-model-out W/GPU" not in line
+        assert "vllm-v1 fitted to" in line and "(one model: no leave-one-model-out figure)" in line
+    for name in ("h100-sxm", "b200"):
+        prof = json.loads((out / f"{name}-mlenergy.json").read_text())
+        assert prof["fit"]["lomo"] is None and prof["fit"]["models"] == ["Qwen/Qwen3-8B"]
+        assert prof["fit"]["catalog_power_errors"]["w_per_gpu"]["n"] == prof["fit"]["rows"]
+        assert prof["power"]["method"] == "mlenergy-fit"
+    fit = json.loads((out / "mlenergy-fit.json").read_text())
+    assert fit["gpus"]["h100-sxm"]["lomo"] is None
+
+
+def test_from_mlenergy_too_few_rows_keeps_the_catalogs_power(tmp_path, capsys):
+    """One row cannot fix the H100 power model's five constants (active, compute, memory,
+    KV/state and host-wait level): before e41 the fit split its one measurement among them at
+    will (active 490 W, host-wait 171 W against the catalog's 391 / 0). Now the GPU keeps the
+    catalog's power model and the line says so, with the fix; the stack constants are fitted."""
+    from fleetsim.calibrate import cli
+
+    rows = _mlenergy_rows(
+        lambda r: _qwen8b_h100(r) and r["task"] == "lm-arena-chat" and r["max_num_seqs"] == "64"
+    )
+    assert len(rows) == 1
+    d = _csv_folder(tmp_path / "mine", rows)
+    out = tmp_path / "out"
+    code = cli.main(["--from-mlenergy", str(d), "--out", str(out), "--workers", "1"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert "h100-sxm: 1 non-suspect rows, fewer than the power model's 5 constants: the " in cap.out
+    assert "fix: at least 5 rows" in cap.out
+    prof = json.loads((out / "h100-sxm-mlenergy.json").read_text())
+    cat = M.catalog_power("H100")
+    assert prof["power"]["active_w"] == cat.active_w and prof["power"]["kv_w"] == cat.kv_w
+    assert prof["power"]["host_w"] == cat.host_w
+    assert prof["power"]["method"] == "catalog (too few rows to fit)"
+    assert "vllm-v1" in prof["stack_constants"]
+
+
+def test_power_fit_terms_counts_the_fitted_constants():
+    """Hand counts: the four terms always; a level each where fitted (None where not); the
+    routed experts' FLOP term where some rows are mixtures of experts."""
+    from dataclasses import replace
+
+    p = PowerSpec(idle_w=100, max_w=700, active_w=300, compute_w=300, memory_w=30, kv_w=100)
+    assert M.power_fit_terms(p, False) == 4
+    assert M.power_fit_terms(replace(p, host_w=0.0), False) == 5
+    full = replace(p, host_w=0.0, comm_w=0.0, moe_loop_w=400.0)
+    assert M.power_fit_terms(full, True) == 8
+
+
+def test_skip_reasons_lists_the_most_frequent_first():
+    """The line a folder's skipped rows get (after ``wrote mlenergy-fit.json``, or as the error
+    when nothing is left): counts by reason, most frequent first, the rest elided."""
+    sk = [(None, "a"), (None, "b"), (None, "b"), (None, "c"), (None, "d"), (None, "b")]
+    assert M.skip_reasons(sk) == "3 x b; 1 x a; 1 x c; ..."  # type: ignore[arg-type]
+    assert M.skip_reasons(sk[:3]) == "2 x b; 1 x a"  # type: ignore[arg-type]
