@@ -114,22 +114,25 @@ HARNESS_PROMPTS = "azure"
 #: code-completion service's prompts (the surrounding code, as fim's). A trial, not the
 #: default's: the benchmark's sourcegraph-fim prompts are not published either. Confidence L.
 AZURE_CODE_PROMPT_TRACES = {"sourcegraph-fim": REPO / "data" / "azure-llm-2023" / "code.csv"}
-#: ``azure-conv``: the chat list drawn as conversations (:func:`draw_chat_conversations`). The
-#: benchmark's lm-arena-chat list is ``lmarena-ai/arena-human-preference-100k`` conversations, a
-#: conversation of ``T`` turns giving ``T`` adjacent requests, request ``t`` carrying every
-#: earlier user message and model A's answers plus the ``t``-th user message (ml-energy/benchmark
-#: ``mlenergy/llm/datasets.py`` ``LMArenaHumanPreferenceDataset.sample``): each request's prompt
-#: is the previous turn's plus that turn's answer plus a new user message, named as block-id
-#: chains so that vLLM's prefix cache computes a conversation's history once. The turns per
-#: conversation are geometric with mean ``CHAT_TURNS_MEAN`` (the law assumed: the published
-#: figures are means only). With a geometric law the held (per-request) prompt mean is exactly
-#: ``CHAT_TURNS_MEAN x`` the computed (unique) one (:func:`conversation_means`): 1.6 is the
-#: ratio of the two means the measurements give, 400 held (the KV-limited Qwen3-8B H100 b512
-#: row's batch, ``--implied-prompt``: 402) over 250 computed (:data:`PROMPT_TOKENS`, the step
+#: ``azure-conv``: the chat list drawn as conversations (:func:`draw_chat_conversations`; an
+#: option, not the default). The benchmark's lm-arena-chat list is
+#: ``lmarena-ai/arena-human-preference-100k`` conversations, a conversation of ``T`` turns giving
+#: ``T`` adjacent requests, request ``t`` carrying every earlier user message and model A's
+#: answers plus the ``t``-th user message (ml-energy/benchmark ``mlenergy/llm/datasets.py``
+#: ``LMArenaHumanPreferenceDataset.sample``): each request's prompt is the previous turn's plus
+#: that turn's answer plus a new user message, named as block-id chains so that vLLM's prefix
+#: cache computes a conversation's history once. The turns per conversation are geometric with
+#: mean ``CHAT_TURNS_MEAN`` (the law assumed: the published figures are means only). With a
+#: geometric law the held (per-request) prompt mean is exactly ``CHAT_TURNS_MEAN x`` the
+#: computed (unique) one (:func:`conversation_means`): 1.6 is the ratio of the two means the
+#: measurements gave before sharing, 400 held (c40's ``--implied-prompt`` on the KV-limited
+#: Qwen3-8B H100 b512 row, unshared: 402) over 250 computed (:data:`PROMPT_TOKENS`, the step
 #: times' mean). Fitted, L: one row informs the 400, the step fit's rows the 250. Published
 #: means bracket it: Chatbot Arena (Chiang et al. 2024, arXiv 2403.04132, Table 1) 1.3 turns
 #: per conversation, LMSYS-Chat-1M (Zheng et al. 2023, arXiv 2309.11998, Table 1) 2.0 (figures
-#: as recalled; docs/accuracy-log.md, "Conversation histories share their prefix").
+#: as recalled). Turns running at once share their history's blocks in the KV cache too, so at
+#: 1.6 the KV-limited rows imply 303-323 computed tokens (485-517 held), not 250
+#: (docs/accuracy-log.md, "Conversation histories share their prefix": built, not adopted).
 CHAT_TURNS_MEAN = 1.6
 #: a turn's answer length over its user message's: Chiang et al. 2024 Table 1 (as recalled),
 #: ~269 tokens per response over ~95 per prompt. Only the split of the computed tokens between a

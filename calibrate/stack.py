@@ -376,7 +376,7 @@ class _Run:
     d_model: int
 
 
-def run_steps(outputs: np.ndarray, slots: int, prompt: int) -> tuple[np.ndarray, ...]:
+def run_steps(outputs: np.ndarray, slots: int, prompt: float) -> tuple[np.ndarray, ...]:
     """(decoding sequences, their total context, prompts admitted) per step of a run where
     every request arrives at once, ``slots`` run at a time in arrival order and each running
     request gains one token per step: the benchmark's load (all requests at t = 0,
