@@ -584,7 +584,9 @@ def draw_prompt_list(
 
 
 def conversation_means(
-    unique_mean: float, turns_mean: float = CHAT_TURNS_MEAN, answer_per_user: float = 0.0
+    unique_mean: float,
+    turns_mean: float = CHAT_TURNS_MEAN,
+    answer_per_user: float = CHAT_ANSWER_PER_USER,
 ) -> tuple[float, float, float]:
     """(user message mean ``u``, answer mean ``a``, held prompt mean per request) of the
     conversation model whose computed (unique) prompt per request averages ``unique_mean``:
