@@ -93,7 +93,7 @@ PROMPT_TOKENS = {"lm-arena-chat": 250, "gpqa": 250, "sourcegraph-fim": 1500}
 #: a task :data:`PROMPT_TOKENS`; ``azure`` draws each chat prompt from a production chat
 #: service's prompt lengths, rescaled to that mean (:func:`draw_prompts`); ``azure-code`` also
 #: draws the fim prompts from the same trace's code service (:data:`AZURE_CODE_PROMPT_TRACES`)
-PROMPT_SHAPES = ("constant", "azure", "azure-code")
+PROMPT_SHAPES = ("constant", "azure", "azure-code", "azure-conv")
 #: the prompt lengths ``azure`` draws from, by task: the Azure LLM inference trace 2023
 #: (Patel et al., "Splitwise", ISCA 2024; ``data/azure-llm-2023``, CC-BY 4.0), column
 #: ContextTokens of its conversation service (19,366 requests: mean 1,155, median 1,020, p99
@@ -115,6 +115,31 @@ HARNESS_PROMPTS = "azure"
 #: code-completion service's prompts (the surrounding code, as fim's). A trial, not the
 #: default's: the benchmark's sourcegraph-fim prompts are not published either. Confidence L.
 AZURE_CODE_PROMPT_TRACES = {"sourcegraph-fim": REPO / "data" / "azure-llm-2023" / "code.csv"}
+#: ``azure-conv``: the chat list drawn as conversations (:func:`draw_chat_conversations`; an
+#: option, not the default). The benchmark's lm-arena-chat list is
+#: ``lmarena-ai/arena-human-preference-100k`` conversations, a conversation of ``T`` turns giving
+#: ``T`` adjacent requests, request ``t`` carrying every earlier user message and model A's
+#: answers plus the ``t``-th user message (ml-energy/benchmark ``mlenergy/llm/datasets.py``
+#: ``LMArenaHumanPreferenceDataset.sample``): each request's prompt is the previous turn's plus
+#: that turn's answer plus a new user message, named as block-id chains so that vLLM's prefix
+#: cache computes a conversation's history once. The turns per conversation are geometric with
+#: mean ``CHAT_TURNS_MEAN`` (the law assumed: the published figures are means only). With a
+#: geometric law the held (per-request) prompt mean is exactly ``CHAT_TURNS_MEAN x`` the
+#: computed (unique) one (:func:`conversation_means`): 1.6 is the ratio of the two means the
+#: measurements gave before sharing, 400 held (c40's ``--implied-prompt`` on the KV-limited
+#: Qwen3-8B H100 b512 row, unshared: 402) over 250 computed (:data:`PROMPT_TOKENS`, the step
+#: times' mean). Fitted, L: one row informs the 400, the step fit's rows the 250. Published
+#: means bracket it: Chatbot Arena (Chiang et al. 2024, arXiv 2403.04132, Table 1) 1.3 turns
+#: per conversation, LMSYS-Chat-1M (Zheng et al. 2023, arXiv 2309.11998, Table 1) 2.0 (figures
+#: as recalled). Turns running at once share their history's blocks in the KV cache too, so at
+#: 1.6 the KV-limited rows imply 303-323 computed tokens (485-517 held), not 250
+#: (docs/accuracy-log.md, "Conversation histories share their prefix": built, not adopted).
+CHAT_TURNS_MEAN = 1.6
+#: a turn's answer length over its user message's: Chiang et al. 2024 Table 1 (as recalled),
+#: ~269 tokens per response over ~95 per prompt. Only the split of the computed tokens between a
+#: conversation's first request (its user message) and the later ones (the previous answer and
+#: a user message) depends on it, not the means. Assumed, L.
+CHAT_ANSWER_PER_USER = 269.0 / 95.0
 
 #: the benchmark's GPUs as catalog names
 GPUS = {"H100": "h100-sxm", "B200": "b200"}
@@ -554,26 +579,128 @@ def draw_prompts(
     that prompt + output (``outs``) fits ``max_context_tokens``. ``rng`` is the row's seeded
     stream (drawn after the outputs, so they are the same in both shapes). ``mean`` replaces the
     task's :data:`PROMPT_TOKENS` (``--chat-prompt-mean``, :func:`implied_prompt_means`); the
-    draws do not depend on it, so two means give the same requests' prompts in proportion."""
+    draws do not depend on it, so two means give the same requests' prompts in proportion.
+    ``azure-conv``: the chat list as conversations (:func:`draw_prompt_list`)."""
+    return draw_prompt_list(c, n, rng, shape, max_context_tokens, outs, mean)[0]
+
+
+def draw_prompt_list(
+    c: Config,
+    n: int,
+    rng: np.random.Generator,
+    shape: str = "constant",
+    max_context_tokens: int | None = None,
+    outs: np.ndarray | None = None,
+    mean: float | None = None,
+    turns_mean: float | None = None,
+) -> tuple[np.ndarray, list[list[int]] | None]:
+    """(:func:`draw_prompts`' lengths, each request's prompt block ids or None). ``azure-conv``
+    (lm-arena-chat; fim as ``azure``): the same unit-mean draws of the Azure shape as ``azure``
+    are each listed request's computed tokens at mean ``mean`` (:data:`PROMPT_TOKENS`), the
+    list drawn as conversations with ``turns_mean`` turns (:data:`CHAT_TURNS_MEAN`;
+    :func:`draw_chat_conversations`), so the lengths are the held prompts (mean ``turns_mean x
+    mean``) and the ids their chains of :data:`PROMPT_BLOCK_TOKENS` tokens
+    (:func:`conversation_block_ids`), the list's repeats carrying their first copy's ids; a
+    prompt clipped to the context keeps its leading ids."""
     if mean is None:
         mean = PROMPT_TOKENS[c.task]
     if shape not in PROMPT_SHAPES:
         raise ValueError(f"prompt shape {shape!r}: one of {', '.join(PROMPT_SHAPES)}")
-    traces = {"constant": {}, "azure": AZURE_PROMPT_TRACES}.get(
+    traces = {"constant": {}, "azure": AZURE_PROMPT_TRACES, "azure-conv": AZURE_PROMPT_TRACES}.get(
         shape, {**AZURE_PROMPT_TRACES, **AZURE_CODE_PROMPT_TRACES}
     )
+    chain: list[list[int]] | None = None
     if c.task not in traces:
         p = np.full(n, mean, dtype=np.int64)
     else:
         tr = trace_context_tokens(traces[c.task])
         uniq = max(1, min(n, REQUESTS_PER_TASK.get(c.task, n)))
-        scaled = tr[rng.integers(len(tr), size=uniq)] * (mean / float(tr.mean()))
-        listed = np.maximum(1, np.rint(scaled)).astype(np.int64)
+        drawn = tr[rng.integers(len(tr), size=uniq)]
+        if shape == "azure-conv" and c.task == "lm-arena-chat":
+            tau = CHAT_TURNS_MEAN if turns_mean is None else turns_mean
+            unit = drawn / float(tr.mean())
+            turn, listed = draw_chat_conversations(uniq, rng, unit, mean, tau)
+            chain = conversation_block_ids(turn, listed, PROMPT_BLOCK_TOKENS)
+        else:
+            scaled = drawn * (mean / float(tr.mean()))
+            listed = np.maximum(1, np.rint(scaled)).astype(np.int64)
         p = listed[np.arange(n) % uniq]
     if max_context_tokens is not None:
         room = max_context_tokens - (np.zeros(n, np.int64) if outs is None else outs)
         p = np.maximum(1, np.minimum(p, room))
-    return p
+    if chain is None:
+        return p, None
+    uniq = len(chain)
+    b = PROMPT_BLOCK_TOKENS
+    return p, [chain[i % uniq][: -(-int(p[i]) // b)] for i in range(n)]
+
+
+def conversation_means(
+    unique_mean: float,
+    turns_mean: float = CHAT_TURNS_MEAN,
+    answer_per_user: float = CHAT_ANSWER_PER_USER,
+) -> tuple[float, float, float]:
+    """(user message mean ``u``, answer mean ``a``, held prompt mean per request) of the
+    conversation model whose computed (unique) prompt per request averages ``unique_mean``:
+    turns ``T`` geometric with mean ``tau`` (``P(T = k) = p (1 - p)^(k - 1)``, ``p = 1 / tau``),
+    request ``t`` of a conversation holding ``t u + (t - 1) a`` tokens and computing ``u`` (its
+    first) or ``a + u`` (the earlier answer is history text no earlier request computed). Over the
+    requests (a conversation of ``T`` turns gives ``T``): a request is its conversation's first
+    with probability ``1 / tau``, so the computed mean is ``u + a (1 - 1 / tau)``; the held mean
+    is ``E[sum_t (t u + (t - 1) a)] / E[T] = (u tau^2 + a tau (tau - 1)) / tau = u tau + a (tau -
+    1)`` (``E[T(T + 1) / 2] = tau^2``, ``E[T(T - 1) / 2] = tau (tau - 1)`` for the geometric law),
+    i.e. exactly ``tau x`` the computed mean whatever the split ``a = answer_per_user x u``."""
+    tau = float(turns_mean)
+    u = unique_mean / (1.0 + answer_per_user * (1.0 - 1.0 / tau))
+    a = answer_per_user * u
+    return u, a, u * tau + a * (tau - 1.0)
+
+
+def draw_chat_conversations(
+    n_list: int,
+    rng: np.random.Generator,
+    unit: np.ndarray,
+    unique_mean: float,
+    turns_mean: float = CHAT_TURNS_MEAN,
+    answer_per_user: float = CHAT_ANSWER_PER_USER,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(turn of each request, its held prompt) of a chat list of ``n_list`` requests drawn as
+    conversations (:data:`CHAT_TURNS_MEAN`, :func:`conversation_means`): turns per conversation
+    geometric with mean ``turns_mean``, conversations in order until the list is full (the last
+    one cut, as the benchmark stops at its request count); each request's computed tokens
+    ``unit`` (a draw per request of the prompt shape at mean 1) x ``u`` for a conversation's
+    first request, x ``u + a`` for a later one (rounded, at least one token), and its prompt the
+    previous turn's plus those."""
+    u, a, _ = conversation_means(unique_mean, turns_mean, answer_per_user)
+    turns = rng.geometric(1.0 / float(turns_mean), size=max(1, n_list))
+    k = int(np.searchsorted(np.cumsum(turns), n_list)) + 1
+    turn = np.concatenate([np.arange(1, int(t) + 1) for t in turns[:k]])[:n_list]
+    add = np.maximum(1, np.rint(unit[:n_list] * np.where(turn == 1, u, u + a))).astype(np.int64)
+    held = np.empty(n_list, dtype=np.int64)
+    acc = 0
+    for j in range(n_list):
+        acc = int(add[j]) if turn[j] == 1 else acc + int(add[j])
+        held[j] = acc
+    return turn, held
+
+
+def conversation_block_ids(turn: np.ndarray, held: np.ndarray, block: int = 16) -> list[list[int]]:
+    """Each listed request's prompt block ids (one per ``block`` tokens, the last one partial)
+    as a chain: request ``t > 1`` of a conversation starts with request ``t - 1``'s ids of its
+    full blocks (``floor(P_(t-1) / block)`` of them: the blocks vLLM's prefix cache can hold;
+    the previous prompt's partial last block continues with the answer here, other text) and
+    then new ids; a conversation's first request has new ids only. vLLM then computes a
+    block once, by the first request that carries it: a turn's answer is computed by the next
+    turn (its history text), never by the turn that produced it."""
+    out: list[list[int]] = []
+    nxt = 0
+    for j in range(len(held)):
+        keep = out[j - 1][: int(held[j - 1]) // block] if turn[j] > 1 else []
+        nb = -(-int(held[j]) // block)
+        new = list(range(nxt, nxt + nb - len(keep)))
+        nxt += len(new)
+        out.append(keep + new)
+    return out
 
 
 # -- one simulation ----------------------------------------------------------------------------
@@ -883,21 +1010,45 @@ def repeat_trace_jsonl(c: Config, prompt: int | np.ndarray, outs: np.ndarray) ->
     return "".join(lines)
 
 
+def ids_trace_jsonl(lens: np.ndarray, outs: np.ndarray, ids: Sequence[Sequence[int]]) -> str:
+    """The run as a Mooncake-format JSONL trace (all requests at time 0) with each request's
+    prompt block ids (:func:`draw_prompt_list`'s conversation chains)."""
+    return "".join(
+        f'{{"timestamp":0,"input_length":{int(p)},"output_length":{int(o)},'
+        f'"hash_ids":[{",".join(map(str, b))}]}}\n'
+        for p, o, b in zip(lens, outs, ids, strict=True)
+    )
+
+
 def _run_scenario(
-    c: Config, csv_trace: Path, prompt: int | np.ndarray, outs: np.ndarray, hours: int, engine: str
+    c: Config,
+    csv_trace: Path,
+    prompt: int | np.ndarray,
+    outs: np.ndarray,
+    hours: int,
+    engine: str,
+    ids: Sequence[Sequence[int]] | None = None,
 ):
     """The loaded scenario of one run: ``csv_trace`` (the run's unique prompts) or, where the
     prompts repeat (:func:`repeated_prompts`) and the engine models prefix caching for the model
     (not for sliding-window models: ``config/aggregated.py``; nor for Mamba hybrids, which vLLM
     0.11 serves without prefix caching, "Hybrid or mamba-based model detected: disabling prefix
     caching", and whose replica caches none: ``serving/kv_paged.py``), the JSONL trace of
-    :func:`repeat_trace_jsonl` written beside it."""
+    :func:`repeat_trace_jsonl` written beside it. ``ids``: each request's prompt block ids
+    (the chat list drawn as conversations, :func:`draw_prompt_list`), replayed so on one engine
+    (``dp = 1``) for a model whose prefix caching is modelled; under data parallelism vLLM binds
+    a request to the rank with the shortest queue, so a turn meets its history's rank only
+    ``1 / dp`` of the time, and the run replays unique prompts (every token computed), as
+    :func:`repeated_prompts` does for a repeated list."""
     from fleetsim.api import load
     from fleetsim.config.aggregated import model_spec
 
-    if repeated_prompts(c):
+    if (ids is not None and c.dp == 1) or (ids is None and repeated_prompts(c)):
         trace = csv_trace.with_suffix(".jsonl")
-        trace.write_text(repeat_trace_jsonl(c, prompt, outs))
+        lens = np.broadcast_to(np.asarray(prompt, dtype=np.int64), (len(outs),))
+        trace.write_text(
+            repeat_trace_jsonl(c, prompt, outs) if ids is None else ids_trace_jsonl(lens, outs, ids)
+        )
         sd = scenario_dict(c, str(trace), hours, engine)
         sd["traffic"]["trace_block_tokens"] = PROMPT_BLOCK_TOKENS
         # vLLM V1's one free-block queue: a copy's cached blocks last until the blocks freed
@@ -970,7 +1121,7 @@ def simulate_config(
         ctx = None if model is None else model.get("max_context_tokens")
     # the task's mean prompt: the prefill anchor below (a full batch of prompts of that length)
     prompt = int({**PROMPT_TOKENS, **(prompt_tokens or {})}[c.task])
-    plens = draw_prompts(c, n, rng, prompts, ctx, outs, prompt)
+    plens, pids = draw_prompt_list(c, n, rng, prompts, ctx, outs, prompt)
     with tempfile.TemporaryDirectory(prefix="fleetsim-mlenergy-") as tmp:
         trace = Path(tmp) / "trace.csv"
         with open(trace, "w") as f:
@@ -980,7 +1131,7 @@ def simulate_config(
             # hours: enough for the run at a pessimistic 5 ms per output token per sequence slot
             est_s = float(outs.sum()) / c.max_num_seqs * 0.2 + 60.0
             hours = max(1, min(48, math.ceil(est_s / 3600.0) + 1))
-            sc = _run_scenario(c, trace, plens, outs, hours, engine)
+            sc = _run_scenario(c, trace, plens, outs, hours, engine, pids)
             rs = resolve(sc, "")
             prof0 = rs.profile
             if (
@@ -2427,13 +2578,15 @@ def reserve_sensitivity(c: Config) -> tuple[float, float]:
     return kb.kv_bytes / 2**30, gpus * 2**30 / (c.avg_batch_size * kb.bytes_per_token)
 
 
-def implied_mean_lines(res: Sequence[ImpliedMean]) -> list[str]:
+def implied_mean_lines(res: Sequence[ImpliedMean], turns_mean: float | None = None) -> list[str]:
     """The table ``--implied-prompt`` prints: per row the measured window batch, the closed
     form's prompt (:func:`implied_prompts`), the simulated one, the simulated KV cache and the
     implied mean's shift per GiB per GPU of unexplained reserve (:func:`reserve_sensitivity`),
     and whether the run repeats its prompt list (``rep``: shared where the simulation shares
     the repeats' blocks, :func:`shares_repeated_prompts`; ``unsh`` where it repeats but does
-    not)."""
+    not). ``turns_mean`` (the chat list as conversations, ``azure-conv``): the implied mean is
+    the computed prompt per request, and a column gives the held one, ``turns_mean x`` it
+    (:func:`conversation_means`)."""
     closed = {c.key: p for c, p in implied_prompts([r.config for r in res])}
     lines = [
         "Prompt mean at which the simulated window batch equals the measured one (KV-limited "
@@ -2441,6 +2594,8 @@ def implied_mean_lines(res: Sequence[ImpliedMean]) -> list[str]:
         f"  {'configuration':70} {'meas.b':>7} {'closed':>7} {'implied':>8} {'KV GiB':>7} "
         f"{'tok/GiB':>7} {'rep':>5}  tried (mean: batch)",
     ]
+    if turns_mean:
+        lines[1] = lines[1].replace(" implied", "computed") + f"  (held = {turns_mean:g} x chat's)"
     for r in res:
         c = r.config
         gib, per = reserve_sensitivity(c)
@@ -2450,6 +2605,8 @@ def implied_mean_lines(res: Sequence[ImpliedMean]) -> list[str]:
             else ""
         )
         tried = ", ".join(f"{m:.0f}: {b:.1f}" for m, b in r.tried)
+        if turns_mean and c.task == "lm-arena-chat":
+            tried = f"held {r.mean * turns_mean:.0f}; " + tried
         lines.append(
             f"  {c.key:70} {c.avg_batch_size:7.1f} {closed.get(c.key, math.nan):7.0f} "
             f"{r.mean:8.0f} {gib:7.1f} {per:7.1f} {rep:>5}  {tried}"
@@ -2989,6 +3146,12 @@ def main(argv: list[str] | None = None) -> int:
         "docs/accuracy-log.md, 'The chat prompt mean'; not the default)",
     )
     ap.add_argument(
+        "--chat-turns-mean",
+        type=float,
+        help="with --prompts azure-conv: the mean turns per conversation in place of "
+        "CHAT_TURNS_MEAN's (docs/accuracy-log.md, 'Conversation histories share their prefix')",
+    )
+    ap.add_argument(
         "--implied-prompt",
         action="store_true",
         help="only solve, per KV-limited row, the prompt mean at which the simulated window "
@@ -3001,7 +3164,10 @@ def main(argv: list[str] | None = None) -> int:
         # form see it too; passed to the workers explicitly as well
         PROMPT_TOKENS["lm-arena-chat"] = int(a.chat_prompt_mean)
         ptok = {"lm-arena-chat": int(a.chat_prompt_mean)}
-    global FIT_U0_GRID
+    global FIT_U0_GRID, CHAT_TURNS_MEAN
+    if a.chat_turns_mean:
+        # module-wide: the workers (forked) and the host stall's fitting rows read it
+        CHAT_TURNS_MEAN = float(a.chat_turns_mean)
     if a.compute_u0:
         FIT_U0_GRID = tuple(
             None if v.strip().lower() == "none" else float(v) for v in a.compute_u0.split(",")
@@ -3012,11 +3178,17 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c.gpu_model.upper() == a.gpu.upper()]
     if a.kind != "all":
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
+    if a.prompts == "azure-conv":
+        # the host stall's fitting rows (stack.load_runs) at the conversations' held contexts
+        from fleetsim.calibrate import stack
+
+        stack.CHAT_TURNS_MEAN = CHAT_TURNS_MEAN
     # the host stall per step, fitted without each row's model (the catalog's is the fit to all)
     stalls = lomo_host_stalls(a.data, configs)
     if a.implied_prompt:
         res = implied_prompt_means(configs, a.workers, a.engine, a.prompts, stalls)
-        print("\n".join(implied_mean_lines(res)))
+        conv = CHAT_TURNS_MEAN if a.prompts == "azure-conv" else None
+        print("\n".join(implied_mean_lines(res, conv)))
         print(f"({len(res)} rows solved in {time.perf_counter() - t0:.1f} s; prompts {a.prompts})")
         return 0
     runs = simulate_all(

@@ -83,6 +83,26 @@ MAX_PREFILLS_PER_STEP = 0.2
 GPUS = {"H100": "h100-sxm", "B200": "b200"}
 #: prompt tokens per task (not published; see the module docstring)
 PROMPT_TOKENS = {"lm-arena-chat": 250, "gpqa": 250}
+#: the chat list drawn as conversations (``mlenergy`` prompt shape ``azure-conv``,
+#: ``mlenergy.CHAT_TURNS_MEAN``): a request then holds ``CHAT_TURNS_MEAN x`` the prompt it
+#: computes (its history is computed once, by the earlier turns), so the running sequences'
+#: context takes the held mean and the prefill the computed one (:func:`prompt_means`). None:
+#: every prompt held and computed whole (``--chat-turns-mean``)
+CHAT_TURNS_MEAN: float | None = None
+
+
+def prompt_means(task: str) -> tuple[float, float]:
+    """(held, computed) prompt tokens per request of ``task``: ``mlenergy.PROMPT_TOKENS``
+    computed, and held ``CHAT_TURNS_MEAN x`` that for chat when set (``mlenergy.
+    conversation_means``), else the same."""
+    from fleetsim.calibrate import mlenergy as ml
+
+    p = float(ml.PROMPT_TOKENS[task])
+    if CHAT_TURNS_MEAN and task == "lm-arena-chat":
+        return ml.conversation_means(p, CHAT_TURNS_MEAN)[2], p
+    return p, p
+
+
 #: models the step-time model expresses, from their Hugging Face config.json
 #: (num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads,
 #: intermediate_size, vocab_size); head_dim = hidden / heads for both
@@ -146,7 +166,8 @@ def load_rows(data: Path) -> list[Row]:
             continue
         if c.avg_batch_size / c.avg_output_len >= MAX_PREFILLS_PER_STEP:
             continue
-        ctx = PROMPT_TOKENS[c.task] + length_biased_half(c.hist_lo, c.hist_hi, c.hist_counts)
+        held = prompt_means(c.task)[0] if CHAT_TURNS_MEAN else PROMPT_TOKENS[c.task]
+        ctx = held + length_biased_half(c.hist_lo, c.hist_hi, c.hist_counts)
         out.append(
             Row(
                 c.model_id,
@@ -355,7 +376,7 @@ class _Run:
     d_model: int
 
 
-def run_steps(outputs: np.ndarray, slots: int, prompt: int) -> tuple[np.ndarray, ...]:
+def run_steps(outputs: np.ndarray, slots: int, prompt: float) -> tuple[np.ndarray, ...]:
     """(decoding sequences, their total context, prompts admitted) per step of a run where
     every request arrives at once, ``slots`` run at a time in arrival order and each running
     request gains one token per step: the benchmark's load (all requests at t = 0,
@@ -395,25 +416,38 @@ def row_steps(cfg: Config) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(np.random.SeedSequence([0, cfg.config_index, len(cfg.source_file)]))
     outs = ml.draw_outputs(cfg, cfg.num_requests, rng)
     slots = min(cfg.max_num_seqs, max(1, round(cfg.avg_batch_size / 0.98)))
-    n, ctx, adm = run_steps(outs, slots, ml.PROMPT_TOKENS[cfg.task])
+    held = prompt_means(cfg.task)[0] if CHAT_TURNS_MEAN else ml.PROMPT_TOKENS[cfg.task]
+    n, ctx, adm = run_steps(outs, slots, held)
     keep = n > 0
     return n[keep], ctx[keep], adm[keep]
 
 
-def _steps_without_kv(lm: LatencyModel, n: np.ndarray, adm: np.ndarray, prompt: int) -> np.ndarray:
+def _steps_without_kv(
+    lm: LatencyModel, n: np.ndarray, adm: np.ndarray, prompt: int, held: float | None = None
+) -> np.ndarray:
     """Seconds of each step of a run (:func:`row_steps`) without its KV read: ``n`` decoding
-    sequences at no context beside ``adm`` admitted prompts of ``prompt`` tokens (each distinct
-    step timed once)."""
+    sequences at no context beside ``adm`` admitted prompts of ``prompt`` computed tokens (each
+    distinct step timed once), each after ``held - prompt`` cached tokens (the engine's pair
+    count ``c (2 d + c)`` of a chunk of ``c`` after ``d``; ``held`` None: ``prompt``)."""
+    pp = float(prompt * prompt) if held is None else float(prompt * (2.0 * held - prompt))
     out = np.empty(len(n))
     cache: dict[tuple[int, int], float] = {}
     for i, (ni, ai) in enumerate(zip(n.astype(int), adm.astype(int), strict=True)):
         v = cache.get((ni, ai))
         if v is None:
-            v = cache[(ni, ai)] = lm.iteration(
-                ai * prompt, float(ai * prompt * prompt), ai, ni, 0.0
-            )[0]
+            v = cache[(ni, ai)] = lm.iteration(round(ai * prompt), ai * pp, ai, ni, 0.0)[0]
         out[i] = v
     return out
+
+
+def _prefill_args(task: str) -> tuple[int, float | None]:
+    """:func:`_steps_without_kv`'s ``prompt`` and ``held`` for ``task`` (:func:`prompt_means`)."""
+    from fleetsim.calibrate import mlenergy as ml
+
+    if not CHAT_TURNS_MEAN:
+        return ml.PROMPT_TOKENS[task], None
+    held, comp = prompt_means(task)
+    return round(comp), held
 
 
 def _weighted_median_index(t: np.ndarray, w: np.ndarray) -> int:
@@ -526,7 +560,7 @@ def load_runs(
         lm = LatencyModel(m, prof, rs.tp)
         n, ctx, adm = row_steps(c)
         att_m = lm.att_m_for(1)
-        fixed = _steps_without_kv(lm, n, adm, ml.PROMPT_TOKENS[c.task])
+        fixed = _steps_without_kv(lm, n, adm, *_prefill_args(c.task))
         out.append(
             _Run(
                 c,
@@ -751,7 +785,6 @@ DENSE_STREAM_GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 def runs_at_stream(runs: list[_Run], eff: float) -> list[_Run]:
     """``runs`` with each step's kernels timed with the dense GEMMs streaming their weights at
     ``eff`` of the bandwidth (``RooflineProfile.dense_gemm_bw_eff``; 0: the kernel fit's)."""
-    from fleetsim.calibrate import mlenergy as ml
 
     out = []
     for r in runs:
@@ -759,7 +792,7 @@ def runs_at_stream(runs: list[_Run], eff: float) -> list[_Run]:
         assert isinstance(p0, RooflineProfile)
         prof = dataclasses.replace(p0, dense_gemm_bw_eff=eff)
         lm = LatencyModel(r.lm.model, prof, r.lm.tp)
-        fixed = _steps_without_kv(lm, r.n, r.adm, ml.PROMPT_TOKENS[r.config.task])
+        fixed = _steps_without_kv(lm, r.n, r.adm, *_prefill_args(r.config.task))
         out.append(dataclasses.replace(r, lm=lm, fixed=fixed))
     return out
 
@@ -859,7 +892,6 @@ class _HybridRun:
 def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
     """The non-suspect single-GPU hybrid rows of ``gpu_model``, each run in steps as
     :func:`load_runs` runs a dense row, under the GPU's fitted constants ``c``."""
-    from fleetsim.calibrate import mlenergy as ml
     from fleetsim.device.moe import linear_state_scan_bytes
 
     def keep(c: Config) -> bool:
@@ -888,7 +920,7 @@ def load_hybrid_runs(data: Path, gpu_model: str, c: dict) -> list[_HybridRun]:
         kf = prof.kernels
         assert kf is not None
         n, ctx, adm = row_steps(cfg)
-        rest = _steps_without_kv(lm, n, adm, ml.PROMPT_TOKENS[cfg.task])
+        rest = _steps_without_kv(lm, n, adm, *_prefill_args(cfg.task))
         rest += ctx * np.array([lm.att_m_for(int(ni)) for ni in n])
         bw = prof.mem_bw_bytes_per_s
         per_seq = m.n_linear_layers * linear_state_scan_bytes(m, 1) / bw
@@ -1382,7 +1414,16 @@ def main(argv: list[str] | None = None) -> int:
         help="fit the B200's step constants without the host-limited series"
         " (host_limited_series; not the catalog's fit)",
     )
+    ap.add_argument(
+        "--chat-turns-mean",
+        type=float,
+        help="fit with the chat list drawn as conversations of this many turns on average "
+        "(CHAT_TURNS_MEAN: contexts at the held prompt, prefill at the computed one)",
+    )
     a = ap.parse_args(argv)
+    global CHAT_TURNS_MEAN
+    if a.chat_turns_mean:
+        CHAT_TURNS_MEAN = float(a.chat_turns_mean)
     res = fit(load_rows(a.data), a.data, drop_host_limited=a.drop_host_limited)
     if a.write:
         path = Path(catalog.__file__).parent / "stacks.toml"
