@@ -2299,8 +2299,37 @@ def simulate_all(
     ]
     if workers <= 1 or len(jobs) <= 1:
         return [_sim_one(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as ex:
+    with _pool(workers) as ex:
         return list(ex.map(_sim_one, jobs, chunksize=1))
+
+
+def _harness_options() -> tuple:
+    """The module-wide options the command line sets (``--chat-prompt-mean``,
+    ``--chat-turns-mean``), for :func:`_pool`'s workers."""
+    from fleetsim.calibrate import stack
+
+    return dict(PROMPT_TOKENS), CHAT_TURNS_MEAN, stack.CHAT_TURNS_MEAN
+
+
+def _set_harness_options(opts: tuple) -> None:
+    """A worker's copy of :func:`_harness_options` (whatever the start method: a spawned or
+    forkserver worker does not inherit the parent's module state)."""
+    global CHAT_TURNS_MEAN
+    from fleetsim.calibrate import stack
+
+    prompt_tokens, CHAT_TURNS_MEAN, stack.CHAT_TURNS_MEAN = opts
+    PROMPT_TOKENS.update(prompt_tokens)
+
+
+def _pool(workers: int, mp_context=None) -> ProcessPoolExecutor:
+    """The harness's process pool, each worker with the command line's options (``mp_context``:
+    a start method's context, the platform's default if None)."""
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=mp_context,
+        initializer=_set_harness_options,
+        initargs=(_harness_options(),),
+    )
 
 
 QUICK = (  # the reduced subset: both models, both GPUs, small to large batches
@@ -2560,7 +2589,7 @@ def implied_prompt_means(
     jobs = [j for j in jobs if kv_limited(j[0])]
     if workers <= 1 or len(jobs) <= 1:
         return [_implied_one(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as ex:
+    with _pool(workers) as ex:
         return list(ex.map(_implied_one, jobs, chunksize=1))
 
 
@@ -3166,7 +3195,7 @@ def main(argv: list[str] | None = None) -> int:
         ptok = {"lm-arena-chat": int(a.chat_prompt_mean)}
     global FIT_U0_GRID, CHAT_TURNS_MEAN
     if a.chat_turns_mean:
-        # module-wide: the workers (forked) and the host stall's fitting rows read it
+        # module-wide: the pool's workers (_pool) and the host stall's fitting rows read it
         CHAT_TURNS_MEAN = float(a.chat_turns_mean)
     if a.compute_u0:
         FIT_U0_GRID = tuple(

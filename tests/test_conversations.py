@@ -133,3 +133,19 @@ def test_stack_fit_means():
         assert stack._prefill_args("lm-arena-chat") == (250, pytest.approx(400.0))
     finally:
         stack.CHAT_TURNS_MEAN = None
+
+
+def test_pool_workers_get_the_command_lines_options_under_spawn(monkeypatch):
+    """A spawned worker does not inherit module state: ``_pool``'s initializer hands it the
+    chat prompt mean (--chat-prompt-mean) and the turns mean (--chat-turns-mean) the parent set,
+    so a harness run reads the same options whatever the platform's start method."""
+    import multiprocessing
+
+    monkeypatch.setitem(ml.PROMPT_TOKENS, "lm-arena-chat", 333)
+    monkeypatch.setattr(ml, "CHAT_TURNS_MEAN", 2.0)
+    monkeypatch.setattr(stack, "CHAT_TURNS_MEAN", 2.0)
+    with ml._pool(1, multiprocessing.get_context("spawn")) as ex:
+        tokens, turns, stack_turns = ex.submit(ml._harness_options).result()
+    assert tokens["lm-arena-chat"] == 333
+    assert tokens["gpqa"] == ml.PROMPT_TOKENS["gpqa"]
+    assert (turns, stack_turns) == (2.0, 2.0)
