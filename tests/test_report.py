@@ -70,7 +70,20 @@ def test_report_from_disk_and_peak_analysis(run, capsys):
     assert a["marginal_cost_of_peak_usd"] == pytest.approx(
         cost.sum() - a["flat_day_cost_usd"], rel=1e-12
     )
-    assert "marginal cost of the peak" in capsys.readouterr().out
+    # the terminal line gives the figure as the page does (four decimals under a dollar: a
+    # flat day within a cent of the real one printed '$ -0.00')
+    m = a["marginal_cost_of_peak_usd"]
+    shown = f"$ {m:,.2f}" if abs(m) >= 1 else f"$ {m:.4f}"
+    assert f"marginal cost of the peak {shown} (flat day" in capsys.readouterr().out
+    assert f"| marginal cost of the peak | {shown} (" in (out / "report.md").read_text()
+
+
+def test_marginal_cost_under_a_dollar_keeps_its_digits():
+    from fleetsim.apps.report import _marginal_usd
+
+    assert _marginal_usd(-0.0004) == "$ -0.0004"  # the default day's 2-hour run: was '$ -0.00'
+    assert _marginal_usd(0.25) == "$ 0.2500"
+    assert _marginal_usd(-1234.5) == "$ -1,234.50"
 
 
 def test_report_without_scenario_says_so(run):

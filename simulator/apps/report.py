@@ -579,6 +579,12 @@ def peak_analysis(
 _fmt = fmt_num
 
 
+def _marginal_usd(m: float) -> str:
+    """The marginal cost of the peak as the page and the terminal print it: cents from a dollar
+    up, four decimals below (a flat day within a cent of the real one is not '$ -0.00')."""
+    return f"$ {_fmt(m, ',.2f' if abs(m) >= 1 else '.4f')}"
+
+
 def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
     t = d.totals
 
@@ -622,7 +628,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (
                 "marginal cost of the peak",
-                f"$ {_fmt(m, ',.2f' if abs(m) >= 1 else '.4f')} "
+                f"{_marginal_usd(m)} "
                 f"({_fmt(m / a['day_cost_usd'] if a['day_cost_usd'] else math.nan, '.2%')} "
                 "of the day)",
             )
@@ -1060,7 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
         f"busiest hour {a.get('peak_hour_utc', a['peak_hour'])}: {a['peak_cost_share']:.2%} "
         "of the day's cost; "
         + (
-            f"marginal cost of the peak $ {m:,.2f} (flat day {a.get('flat_source', '')})"
+            f"marginal cost of the peak {_marginal_usd(m)} (flat day {a.get('flat_source', '')})"
             if m is not None
             else f"marginal cost of the peak {a['flat_note']}"
         )
