@@ -382,6 +382,14 @@ def best_ratio(t: pa.Table, workload: str) -> np.ndarray:
     return out
 
 
+def cell_counts(r: np.ndarray) -> tuple[int, int, int]:
+    """Of :func:`best_ratio`'s cells: those where the best split is cheaper (ratio < 1, "D only"
+    included), those where either design meets the targets (not nan), and those only the
+    aggregated fleet meets ("A only", inf): the terminal's table and the report's page count the
+    same cells."""
+    return int(np.nansum(r < 1.0)), int(np.sum(~np.isnan(r))), int(np.sum(np.isposinf(r)))
+
+
 def draw(t: pa.Table) -> bytes:
     """The heat maps of the best disaggregated / aggregated cost per SLO-meeting request."""
     import io
@@ -439,8 +447,7 @@ def print_outcome(table: pa.Table, c) -> None:
     rows = []
     for name in dict.fromkeys(table.column("workload").to_pylist()):
         r = best_ratio(table, name)
-        wins = int(np.nansum(r < 1.0))
-        cells = int(np.sum(~np.isnan(r)))
+        wins, cells, _ = cell_counts(r)
         best = float(np.nanmin(r)) if cells else math.nan
         rows.append((term(name), f"{wins} of {cells}", fmt_num(best, ".3f", missing="n/a")))
     print_table(
