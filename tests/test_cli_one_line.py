@@ -107,3 +107,21 @@ def test_help_is_argparses_own(cmd, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: fleetsim {cmd} ")
     assert "options:" in out and "-h, --help" in out
+
+
+def test_run_workers_zero_is_one_line_before_the_folder_and_the_bar(tmp_path):
+    """`fleetsim run FILE --workers 0` (progress bar on): the error alone on stderr, exit 2, the
+    folder not created (the transient bar's exit printed a blank line ahead of the error)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    p = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "run", S, "--workers", "0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    assert p.stderr == "fleetsim: error: --workers 0: must be at least 1 (fix: --workers 2)\n"
+    assert p.stdout == "" and not out.exists()

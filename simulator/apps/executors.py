@@ -268,12 +268,17 @@ class RayExecutor(Executor):
             self._started = False
 
 
+def check_workers(workers: int | None) -> None:
+    """``--workers`` is unset or at least 1 (checked before any output or progress bar)."""
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1 (fix: --workers 2)")
+
+
 def make_executor(
     name: str = "local", workers: int | None = None, address: str | None = None
 ) -> Executor:
     """An executor by name: ``local`` (process pool) or ``ray``."""
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers {workers}: must be at least 1 (fix: --workers 2)")
+    check_workers(workers)
     if name == "local":
         if address:
             raise UserError(f"--address {address!r}: only for --executor ray")
