@@ -125,3 +125,12 @@ def test_run_workers_zero_is_one_line_before_the_folder_and_the_bar(tmp_path):
     assert p.returncode == 2
     assert p.stderr == "fleetsim: error: --workers 0: must be at least 1 (fix: --workers 2)\n"
     assert p.stdout == "" and not out.exists()
+
+
+def test_progress_label_counts_workers_in_the_singular_and_plural():
+    """The progress bar of sweep / plan / crossover: 'sweep (local, 1 worker)' (it read
+    '1 workers')."""
+    from fleetsim.apps.executors import LocalExecutor, progress_label
+
+    assert progress_label("sweep", LocalExecutor(1)) == "sweep (local, 1 worker)"
+    assert progress_label("plan", LocalExecutor(2)) == "plan (local, 2 workers)"

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from fleetsim.apps.executors import add_executor_args, make_executor, task_progress
+from fleetsim.apps.executors import add_executor_args, make_executor, progress_label, task_progress
 from fleetsim.base import io
 from fleetsim.base.errors import UserError
 from fleetsim.base.io import term
@@ -531,7 +531,7 @@ def main(argv: list[str]) -> int:
     with (
         tempfile.TemporaryDirectory(prefix="fleetsim-crossover-") as tmp,
         make_executor(args.executor, args.workers, args.address) as ex,
-        task_progress(f"crossover ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
+        task_progress(progress_label("crossover", ex), args.quiet) as hooks,
     ):
         table = run_crossover(
             data,

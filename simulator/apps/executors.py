@@ -319,6 +319,11 @@ def pod_runner(executor: Executor, on_done: Callable[[], None] | None = None) ->
     return run
 
 
+def progress_label(command: str, ex: Executor) -> str:
+    """The progress bar's label of a command's tasks: ``sweep (local, 2 workers)``, ``1 worker``."""
+    return f"{command} ({ex.name}, {ex.workers} worker{'' if ex.workers == 1 else 's'})"
+
+
 @contextmanager
 def task_progress(label: str, quiet: bool = False):
     """A rich progress bar over tasks on stderr; yields ``add(n)``, ``done()``, ``describe(text)``
