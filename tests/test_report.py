@@ -94,6 +94,23 @@ def test_report_without_scenario_says_so(run):
     assert a["marginal_cost_of_peak_usd"] is None and "not in the file" in a["flat_note"]
 
 
+def test_flat_day_that_cannot_load_a_relative_file_names_scenario(tmp_path):
+    """A run whose scenario names a file by a relative path (coding-assistant.toml's sizes):
+    `fleetsim report DIR` without --scenario cannot re-simulate it and says which option fixes
+    it; with the scenario's path the same failure has no such hint."""
+    from conftest import SMALL
+
+    from fleetsim.apps.report import flat_day_cost
+
+    sizes = {"dist": "empirical", "file": "no-such-folder/sizes.csv", "column": "tokens"}
+    cfg = merge(SMALL, traffic={"requests_per_day": 1000, "prompt": sizes})
+    cost, note = flat_day_cost(cfg)
+    assert cost is None and "could not be re-simulated here" in note
+    assert "fix: fleetsim report DIR --scenario FILE" in note
+    cost, note = flat_day_cost(cfg, source=str(tmp_path / "s.toml"))
+    assert cost is None and "--scenario" not in note
+
+
 def test_report_of_a_folder_without_a_run(tmp_path):
     with pytest.raises(UserError, match=r"no hourly\.parquet"):
         main([str(tmp_path)])

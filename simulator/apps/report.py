@@ -516,7 +516,15 @@ def flat_day_cost(
                 step = progress(len(pods_to_simulate(sc)) * sc.simulation.hours)
             res = simulate(sc, source=source, progress=step)
         except (UserError, ScenarioError) as exc:
-            return None, f"the scenario could not be re-simulated here ({exc})"
+            # without --scenario, a relative path (a trace, a size file) resolves against the
+            # working folder, not the scenario's: name the option that fixes it
+            fix = (
+                ""
+                if source
+                else "; fix: fleetsim report DIR --scenario FILE, the scenario file the run "
+                "came from, to resolve its relative paths"
+            )
+            return None, f"the scenario could not be re-simulated here ({exc}{fix})"
         cost = float(res.totals.total_cost_usd)
     if save is not None:
         doc = {"key": key, "flat_day_cost_usd": cost, "requests_per_day": tr["requests_per_day"]}
