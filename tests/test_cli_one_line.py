@@ -134,3 +134,25 @@ def test_progress_label_counts_workers_in_the_singular_and_plural():
 
     assert progress_label("sweep", LocalExecutor(1)) == "sweep (local, 1 worker)"
     assert progress_label("plan", LocalExecutor(2)) == "plan (local, 2 workers)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["crossover", S, "--load", "0"],
+            "fleetsim: error: --load 0: the arrival rate over the aggregated fleet's capacity "
+            "must be in (0, 10) (fix: e.g. --load 0.7)",
+        ),
+        (
+            ["crossover", S, "--hours", "0"],
+            "fleetsim: error: --hours 0: must be at least 1 (fix: e.g. --hours 2)",
+        ),
+    ],
+)
+def test_crossover_range_mistakes_name_the_value_and_the_fix(argv, line, capsys):
+    """(They read '--load must be in (0, 10) and --hours >= 1' for either, with no value or
+    fix.)"""
+    assert cli_main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.err.splitlines() == [line] and cap.out == ""

@@ -509,8 +509,13 @@ def main(argv: list[str]) -> int:
     from fleetsim.results.output import write_bytes_atomic, write_table_atomic
 
     args = build_parser().parse_args(argv)
-    if not (0 < args.load < 10) or args.hours < 1:
-        raise UserError("--load must be in (0, 10) and --hours >= 1")
+    if not (0 < args.load < 10):
+        raise UserError(
+            f"--load {args.load:g}: the arrival rate over the aggregated fleet's capacity must be "
+            "in (0, 10) (fix: e.g. --load 0.7)"
+        )
+    if args.hours < 1:
+        raise UserError(f"--hours {args.hours}: must be at least 1 (fix: e.g. --hours 2)")
     data, _text = read_toml(args.scenario)
     data = apply_overrides(data, args.overrides)
     sc = scenario_from_dict(data, args.scenario)
