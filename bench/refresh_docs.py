@@ -2,6 +2,7 @@
 
     python bench/refresh_docs.py            # simulate, write docs/figures.json, render the page
     python bench/refresh_docs.py --render   # only render scenarios/README.md from the JSON
+    python bench/refresh_docs.py --check    # simulate, compare with the stored JSON; write nothing
 
 Each run below is a shipped scenario (with a few ``--set`` variants the page compares), run
 through fleetsim's Python API with the file's own seed. Their figures are stored in
@@ -12,7 +13,10 @@ where ``[[run.field|format]]`` stands for a figure (``[[version]]``: the version
 this rendering of the stored JSON and that the JSON's version is the installed one; rerun this
 script whenever a change moves the figures (about 25 minutes on a loaded 2-core machine).
 ``--render`` also writes ``docs/scenario-fields.md``, the field reference generated from the
-scenario's JSON Schema.
+scenario's JSON Schema. ``--check`` simulates every run and compares its figures with
+``docs/figures.json`` (all but the wall time, exactly: the runs are deterministic) and both pages
+with their rendering, writes nothing and exits 1 naming what differs (``--check --render``: only
+the pages, nothing simulated).
 """
 
 from __future__ import annotations
@@ -162,10 +166,60 @@ def fields_page() -> str:
     )
 
 
+#: figures that differ from run to run of the same scenario and seed (not simulated results)
+UNSTABLE = frozenset({"wall_s"})
+
+
+def stale_figures(stored: dict, fresh: dict) -> list[str]:
+    """``run.field: stored -> fresh`` for every figure of ``fresh``'s runs that differs from the
+    stored one (a run or a figure missing on either side included), the wall time aside."""
+    out = []
+    for name in sorted(set(stored["runs"]) | set(fresh["runs"])):
+        a, b = stored["runs"].get(name), fresh["runs"].get(name)
+        if a is None or b is None:
+            out.append(f"{name}: {'not stored' if a is None else 'not simulated'}")
+            continue
+        for k in sorted((set(a) | set(b)) - UNSTABLE):
+            if a.get(k, "(missing)") != b.get(k, "(missing)"):
+                out.append(f"{name}.{k}: {a.get(k, '(missing)')} -> {b.get(k, '(missing)')}")
+    return out
+
+
+def check(simulate: bool) -> int:
+    """``--check``: 0 when the pages are the rendering of the stored figures and (``simulate``)
+    today's runs give those figures; else 1, each difference on a line. Writes nothing."""
+    doc = load_figures()
+    problems = []
+    if simulate:
+        problems += stale_figures(doc, simulate_all(list(RUNS)))
+    if PAGE.read_text(encoding="utf-8") != render(TEMPLATE.read_text(encoding="utf-8"), doc):
+        problems.append(f"{PAGE.relative_to(ROOT)}: not the rendering of {FIGURES.name}")
+    if FIELDS.read_text(encoding="utf-8") != fields_page():
+        problems.append(f"{FIELDS.relative_to(ROOT)}: not the rendering of the schema")
+    for line in problems:
+        print(line)
+    what = "figures and pages" if simulate else "pages"
+    print(
+        f"{what}: {len(problems)} stale (fix: python bench/refresh_docs.py)"
+        if problems
+        else f"{what}: up to date (fleetsim {doc['fleetsim_version']})",
+        file=sys.stderr,
+    )
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--render", action="store_true", help="only render the page from the JSON")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="simulate and compare with docs/figures.json and the pages; write nothing, exit 1 "
+        "on a difference (with --render: only the pages)",
+    )
     args = ap.parse_args(argv)
+    if args.check:
+        return check(simulate=not args.render)
     if not args.render:
         doc = simulate_all(list(RUNS))
         FIGURES.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")

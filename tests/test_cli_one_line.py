@@ -107,3 +107,52 @@ def test_help_is_argparses_own(cmd, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: fleetsim {cmd} ")
     assert "options:" in out and "-h, --help" in out
+
+
+def test_run_workers_zero_is_one_line_before_the_folder_and_the_bar(tmp_path):
+    """`fleetsim run FILE --workers 0` (progress bar on): the error alone on stderr, exit 2, the
+    folder not created (the transient bar's exit printed a blank line ahead of the error)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "o"
+    p = subprocess.run(
+        [sys.executable, "-m", "fleetsim", "run", S, "--workers", "0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    assert p.stderr == "fleetsim: error: --workers 0: must be at least 1 (fix: --workers 2)\n"
+    assert p.stdout == "" and not out.exists()
+
+
+def test_progress_label_counts_workers_in_the_singular_and_plural():
+    """The progress bar of sweep / plan / crossover: 'sweep (local, 1 worker)' (it read
+    '1 workers')."""
+    from fleetsim.apps.executors import LocalExecutor, progress_label
+
+    assert progress_label("sweep", LocalExecutor(1)) == "sweep (local, 1 worker)"
+    assert progress_label("plan", LocalExecutor(2)) == "plan (local, 2 workers)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["crossover", S, "--load", "0"],
+            "fleetsim: error: --load 0: the arrival rate over the aggregated fleet's capacity "
+            "must be in (0, 10) (fix: e.g. --load 0.7)",
+        ),
+        (
+            ["crossover", S, "--hours", "0"],
+            "fleetsim: error: --hours 0: must be at least 1 (fix: e.g. --hours 2)",
+        ),
+    ],
+)
+def test_crossover_range_mistakes_name_the_value_and_the_fix(argv, line, capsys):
+    """(They read '--load must be in (0, 10) and --hours >= 1' for either, with no value or
+    fix.)"""
+    assert cli_main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.err.splitlines() == [line] and cap.out == ""

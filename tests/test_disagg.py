@@ -506,6 +506,50 @@ def test_report_draws_the_crossover(tmp_path):
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
+def test_crossover_report_counts_the_cells_the_terminal_counts():
+    """A cell only the aggregated fleet meets (the split has no SLO-meeting request: inf) is a
+    cell the split loses: the report's page counts it as the terminal's table does (it read
+    '4 of 28' where the terminal read '4 of 49' for the 8B crossover of docs/disaggregation.md)."""
+    import io
+
+    import pyarrow as pa
+    from rich.console import Console
+
+    from fleetsim.apps.crossover import FACTORS, best_ratio, cell_counts, print_outcome
+    from fleetsim.apps.report import crossover_lines
+
+    rows: dict[str, list] = {}
+    for f in FACTORS:
+        for g in FACTORS:
+            # the split meets nothing at the tightest TTFT (7 cells: A only), wins at TPOT <= 2 x
+            # (0.5 x) and loses (1.25 x) elsewhere
+            split = math.inf if f == FACTORS[0] else (0.5 if g <= 2 else 1.25)
+            for design, P, usd in (("aggregated", None, 1.0), ("disaggregated", 1, split)):
+                for k, v in dict(
+                    workload="short",
+                    design=design,
+                    prefill_replicas=P,
+                    decode_replicas=None if P is None else 1,
+                    replicas=2,
+                    rate_per_s=3.0,
+                    ttft_factor=f,
+                    tpot_factor=g,
+                    usd_per_good_request=usd,
+                    ttft_p99_s=0.5,
+                    tpot_p99_s=0.03,
+                    total_cost_usd=10.0,
+                    energy_facility_kwh=5.0,
+                ).items():
+                    rows.setdefault(k, []).append(v)
+    t = pa.table(rows)
+    assert cell_counts(best_ratio(t, "short")) == (12, 49, 7)  # 6 TTFT rows x 2 TPOT columns
+    line = dict(crossover_lines(t))["short prompts"]
+    assert "in 12 of 49 target cells (ratio 0.50-1.25; 7 met only by the aggregated fleet)" in line
+    buf = io.StringIO()
+    print_outcome(t, Console(file=buf, width=200))
+    assert "12 of 49" in buf.getvalue()
+
+
 def test_crossover_long_trace_is_the_mooncake_trace_at_the_measured_rate(tmp_path):
     """`--long-trace`: the Mooncake trace replayed at a given mean rate, its prompts over the
     cap dropped, its block ids kept, so that the prefill pool's prefix cache hits."""

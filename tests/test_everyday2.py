@@ -628,3 +628,25 @@ def test_help_texts_are_for_users(capsys):
     with pytest.raises(SystemExit):
         cli_main(["run", "--help"])
     assert "out/<the scenario file's stem>" in " ".join(capsys.readouterr().out.split())
+
+
+def test_refresh_check_names_each_stale_figure_and_ignores_the_wall_time(capsys):
+    """`python bench/refresh_docs.py --check`: a figure that moved is named with both values, a
+    run missing on either side too; the wall time is not a figure. `--check --render` on the
+    checkout: the pages are the stored figures' rendering (exit 0, nothing written)."""
+    mod = _refresh_module()
+    stored = {"runs": {"a": {"kwh": 1.5, "wall_s": 3.0}, "b": {"x": 1}}}
+    same = {"runs": {"a": {"kwh": 1.5, "wall_s": 9.0}, "b": {"x": 1}}}
+    assert mod.stale_figures(stored, same) == []
+    moved = {"runs": {"a": {"kwh": 1.25, "wall_s": 3.0, "new": 2}, "c": {}}}
+    assert mod.stale_figures(stored, moved) == [
+        "a.kwh: 1.5 -> 1.25",
+        "a.new: (missing) -> 2",
+        "b: not simulated",
+        "c: not stored",
+    ]
+    before = (ROOT / "scenarios/README.md").read_bytes(), (ROOT / "docs/figures.json").read_bytes()
+    assert mod.main(["--check", "--render"]) == 0
+    assert "pages: up to date" in capsys.readouterr().err
+    after = (ROOT / "scenarios/README.md").read_bytes(), (ROOT / "docs/figures.json").read_bytes()
+    assert after == before

@@ -70,7 +70,20 @@ def test_report_from_disk_and_peak_analysis(run, capsys):
     assert a["marginal_cost_of_peak_usd"] == pytest.approx(
         cost.sum() - a["flat_day_cost_usd"], rel=1e-12
     )
-    assert "marginal cost of the peak" in capsys.readouterr().out
+    # the terminal line gives the figure as the page does (four decimals under a dollar: a
+    # flat day within a cent of the real one printed '$ -0.00')
+    m = a["marginal_cost_of_peak_usd"]
+    shown = f"$ {m:,.2f}" if abs(m) >= 1 else f"$ {m:.4f}"
+    assert f"marginal cost of the peak {shown} (flat day" in capsys.readouterr().out
+    assert f"| marginal cost of the peak | {shown} (" in (out / "report.md").read_text()
+
+
+def test_marginal_cost_under_a_dollar_keeps_its_digits():
+    from fleetsim.apps.report import _marginal_usd
+
+    assert _marginal_usd(-0.0004) == "$ -0.0004"  # the default day's 2-hour run: was '$ -0.00'
+    assert _marginal_usd(0.25) == "$ 0.2500"
+    assert _marginal_usd(-1234.5) == "$ -1,234.50"
 
 
 def test_report_without_scenario_says_so(run):
@@ -79,6 +92,23 @@ def test_report_without_scenario_says_so(run):
     d.config = None
     a = peak_analysis(d)
     assert a["marginal_cost_of_peak_usd"] is None and "not in the file" in a["flat_note"]
+
+
+def test_flat_day_that_cannot_load_a_relative_file_names_scenario(tmp_path):
+    """A run whose scenario names a file by a relative path (coding-assistant.toml's sizes):
+    `fleetsim report DIR` without --scenario cannot re-simulate it and says which option fixes
+    it; with the scenario's path the same failure has no such hint."""
+    from conftest import SMALL
+
+    from fleetsim.apps.report import flat_day_cost
+
+    sizes = {"dist": "empirical", "file": "no-such-folder/sizes.csv", "column": "tokens"}
+    cfg = merge(SMALL, traffic={"requests_per_day": 1000, "prompt": sizes})
+    cost, note = flat_day_cost(cfg)
+    assert cost is None and "could not be re-simulated here" in note
+    assert "fix: fleetsim report DIR --scenario FILE" in note
+    cost, note = flat_day_cost(cfg, source=str(tmp_path / "s.toml"))
+    assert cost is None and "--scenario" not in note
 
 
 def test_report_of_a_folder_without_a_run(tmp_path):

@@ -210,6 +210,12 @@ def cmd_run(args) -> int:
         raise UserError(
             f"--format {args.format}: it is the format of the --json document (fix: add --json)"
         )
+    if args.workers is not None:
+        from fleetsim.apps.executors import check_workers
+
+        # before the folder and the progress bar: a mistake is one line (the transient bar's
+        # exit printed a blank line ahead of it)
+        check_workers(args.workers)
     sc, text = load_scenario(args.scenario, args.overrides, args.seed)
     rs = resolve(sc, args.scenario)
     names = ("hourly.parquet",) + (("requests.parquet",) if args.requests else ())

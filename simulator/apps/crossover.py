@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from fleetsim.apps.executors import add_executor_args, make_executor, task_progress
+from fleetsim.apps.executors import add_executor_args, make_executor, progress_label, task_progress
 from fleetsim.base import io
 from fleetsim.base.errors import UserError
 from fleetsim.base.io import term
@@ -382,6 +382,14 @@ def best_ratio(t: pa.Table, workload: str) -> np.ndarray:
     return out
 
 
+def cell_counts(r: np.ndarray) -> tuple[int, int, int]:
+    """Of :func:`best_ratio`'s cells: those where the best split is cheaper (ratio < 1, "D only"
+    included), those where either design meets the targets (not nan), and those only the
+    aggregated fleet meets ("A only", inf): the terminal's table and the report's page count the
+    same cells."""
+    return int(np.nansum(r < 1.0)), int(np.sum(~np.isnan(r))), int(np.sum(np.isposinf(r)))
+
+
 def draw(t: pa.Table) -> bytes:
     """The heat maps of the best disaggregated / aggregated cost per SLO-meeting request."""
     import io
@@ -439,8 +447,7 @@ def print_outcome(table: pa.Table, c) -> None:
     rows = []
     for name in dict.fromkeys(table.column("workload").to_pylist()):
         r = best_ratio(table, name)
-        wins = int(np.nansum(r < 1.0))
-        cells = int(np.sum(~np.isnan(r)))
+        wins, cells, _ = cell_counts(r)
         best = float(np.nanmin(r)) if cells else math.nan
         rows.append((term(name), f"{wins} of {cells}", fmt_num(best, ".3f", missing="n/a")))
     print_table(
@@ -502,8 +509,13 @@ def main(argv: list[str]) -> int:
     from fleetsim.results.output import write_bytes_atomic, write_table_atomic
 
     args = build_parser().parse_args(argv)
-    if not (0 < args.load < 10) or args.hours < 1:
-        raise UserError("--load must be in (0, 10) and --hours >= 1")
+    if not (0 < args.load < 10):
+        raise UserError(
+            f"--load {args.load:g}: the arrival rate over the aggregated fleet's capacity must be "
+            "in (0, 10) (fix: e.g. --load 0.7)"
+        )
+    if args.hours < 1:
+        raise UserError(f"--hours {args.hours}: must be at least 1 (fix: e.g. --hours 2)")
     data, _text = read_toml(args.scenario)
     data = apply_overrides(data, args.overrides)
     sc = scenario_from_dict(data, args.scenario)
@@ -524,7 +536,7 @@ def main(argv: list[str]) -> int:
     with (
         tempfile.TemporaryDirectory(prefix="fleetsim-crossover-") as tmp,
         make_executor(args.executor, args.workers, args.address) as ex,
-        task_progress(f"crossover ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
+        task_progress(progress_label("crossover", ex), args.quiet) as hooks,
     ):
         table = run_crossover(
             data,

@@ -268,12 +268,17 @@ class RayExecutor(Executor):
             self._started = False
 
 
+def check_workers(workers: int | None) -> None:
+    """``--workers`` is unset or at least 1 (checked before any output or progress bar)."""
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1 (fix: --workers 2)")
+
+
 def make_executor(
     name: str = "local", workers: int | None = None, address: str | None = None
 ) -> Executor:
     """An executor by name: ``local`` (process pool) or ``ray``."""
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers {workers}: must be at least 1 (fix: --workers 2)")
+    check_workers(workers)
     if name == "local":
         if address:
             raise UserError(f"--address {address!r}: only for --executor ray")
@@ -312,6 +317,11 @@ def pod_runner(executor: Executor, on_done: Callable[[], None] | None = None) ->
         return executor.map(pod_task, [(data, source, i) for i in indices], on_done)
 
     return run
+
+
+def progress_label(command: str, ex: Executor) -> str:
+    """The progress bar's label of a command's tasks: ``sweep (local, 2 workers)``, ``1 worker``."""
+    return f"{command} ({ex.name}, {ex.workers} worker{'' if ex.workers == 1 else 's'})"
 
 
 @contextmanager

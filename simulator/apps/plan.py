@@ -46,6 +46,7 @@ from fleetsim.apps.executors import (
     RunSummary,
     add_executor_args,
     make_executor,
+    progress_label,
     task_progress,
 )
 from fleetsim.apps.plan_search import (
@@ -434,7 +435,7 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
-        task_progress(f"plan ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
+        task_progress(progress_label("plan", ex), args.quiet) as hooks,
     ):
         table, sched = plan_fleet(
             agg_data,

@@ -516,7 +516,15 @@ def flat_day_cost(
                 step = progress(len(pods_to_simulate(sc)) * sc.simulation.hours)
             res = simulate(sc, source=source, progress=step)
         except (UserError, ScenarioError) as exc:
-            return None, f"the scenario could not be re-simulated here ({exc})"
+            # without --scenario, a relative path (a trace, a size file) resolves against the
+            # working folder, not the scenario's: name the option that fixes it
+            fix = (
+                ""
+                if source
+                else "; fix: fleetsim report DIR --scenario FILE, the scenario file the run "
+                "came from, to resolve its relative paths"
+            )
+            return None, f"the scenario could not be re-simulated here ({exc}{fix})"
         cost = float(res.totals.total_cost_usd)
     if save is not None:
         doc = {"key": key, "flat_day_cost_usd": cost, "requests_per_day": tr["requests_per_day"]}
@@ -579,6 +587,12 @@ def peak_analysis(
 _fmt = fmt_num
 
 
+def _marginal_usd(m: float) -> str:
+    """The marginal cost of the peak as the page and the terminal print it: cents from a dollar
+    up, four decimals below (a flat day within a cent of the real one is not '$ -0.00')."""
+    return f"$ {_fmt(m, ',.2f' if abs(m) >= 1 else '.4f')}"
+
+
 def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
     t = d.totals
 
@@ -622,7 +636,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (
                 "marginal cost of the peak",
-                f"$ {_fmt(m, ',.2f' if abs(m) >= 1 else '.4f')} "
+                f"{_marginal_usd(m)} "
                 f"({_fmt(m / a['day_cost_usd'] if a['day_cost_usd'] else math.nan, '.2%')} "
                 "of the day)",
             )
@@ -934,7 +948,7 @@ CROSSOVER_FILES = ("crossover.png", "report.md", "report.html")
 def crossover_lines(table) -> list[tuple[str, str]]:
     """Per workload of a ``fleetsim crossover`` table: the rate, where the best split wins and
     by how much, and each design's p99 TTFT and TPOT (as (label, text))."""
-    from fleetsim.apps.crossover import best_ratio
+    from fleetsim.apps.crossover import best_ratio, cell_counts
 
     df = table.to_pandas()
     out = []
@@ -942,13 +956,17 @@ def crossover_lines(table) -> list[tuple[str, str]]:
         g = df[df.workload == wl]
         r = best_ratio(table, wl)
         ok = r[np.isfinite(r)]
-        wins = int(np.sum(ok < 1.0))
+        # the cells the terminal's table counts: every cell either design meets (a cell only
+        # the aggregated fleet meets is one the split loses, not one left out)
+        wins, cells, a_only = cell_counts(r)
         rng = f"{ok.min():.2f}-{ok.max():.2f}" if len(ok) else "n/a"
+        if a_only:
+            rng += f"; {a_only} met only by the aggregated fleet"
         out.append(
             (
                 f"{wl} prompts",
                 f"{g.rate_per_s.iloc[0]:,.2f} requests/s; the best split is cheaper per "
-                f"SLO-meeting request in {wins} of {len(ok)} target cells (ratio {rng})",
+                f"SLO-meeting request in {wins} of {cells} target cells (ratio {rng})",
             )
         )
         first = g.groupby(["design", "prefill_replicas"], dropna=False).first().reset_index()
@@ -1060,7 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
         f"busiest hour {a.get('peak_hour_utc', a['peak_hour'])}: {a['peak_cost_share']:.2%} "
         "of the day's cost; "
         + (
-            f"marginal cost of the peak $ {m:,.2f} (flat day {a.get('flat_source', '')})"
+            f"marginal cost of the peak {_marginal_usd(m)} (flat day {a.get('flat_source', '')})"
             if m is not None
             else f"marginal cost of the peak {a['flat_note']}"
         )

@@ -35,6 +35,7 @@ from fleetsim.apps.executors import (
     RunSummary,
     add_executor_args,
     make_executor,
+    progress_label,
     run_task,
     task_progress,
 )
@@ -448,7 +449,7 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     with (
         make_executor(args.executor, args.workers, args.address) as ex,
-        task_progress(f"sweep ({ex.name}, {ex.workers} workers)", args.quiet) as hooks,
+        task_progress(progress_label("sweep", ex), args.quiet) as hooks,
     ):
         table = run_sweep(base, axes, args.scenario, ex, hooks, cache)
     wall = time.perf_counter() - t0
