@@ -583,7 +583,13 @@ def config_in_folder(folder: Path) -> Path | None:
         return None
     ref = folder / "refs" / "main"
     if ref.is_file():
-        h = ref.read_text(errors="replace")[:100].strip()
+        from fleetsim.base.errors import UserError
+        from fleetsim.base.io import read_bytes
+
+        try:  # a ref is one commit hash; anything else falls back to the only snapshot
+            h = read_bytes(ref, "refs/main", limit=4096).decode("utf-8", "replace").strip()
+        except UserError:
+            h = ""
         if re.fullmatch(r"[0-9a-fA-F]{7,64}", h) and (snaps / h / "config.json").exists():
             return snaps / h / "config.json"
     found = sorted(c for c in snaps.glob("*/config.json"))
