@@ -299,6 +299,11 @@ def _print_headline(res: Result, c: Console) -> None:
         )
     if compute_peak(rs.profile, rs.model.dtype)[1]:
         dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
+    from fleetsim.config.aggregated import model_source_note
+
+    # (the scenario's folder is not kept: a relative [model] config is looked up from here)
+    note = model_source_note(sc.model, "", rs.model)
+    dt += f"; {note}" if note else ""
     c.print(  # user text is escaped for the console (names are data, not markup)
         f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({dt}) on "
         f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}, "
