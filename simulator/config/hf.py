@@ -464,7 +464,18 @@ def architecture_from_hf(
     elif window:
         # a family whose config class makes layer_types when the file has none: Gemma 2 and
         # gpt-oss alternate sliding and full layers (transformers' Gemma2Config, GptOssConfig:
-        # "sliding_attention" if (i + 1) % 2 else "full_attention"); they were read all windowed
+        # "sliding_attention" if (i + 1) % 2 else "full_attention"); they were read all windowed.
+        # Any other file with a window and no layer_types (Mistral-7B-v0.1: 4096; Phi-3-mini-4k:
+        # 2047) is windowed on every layer, as vLLM 0.11 runs it: is_interleaved() is false
+        # without layer_types (vllm/transformers_utils/config.py), so
+        # EngineArgs.create_engine_config sets CacheConfig.sliding_window =
+        # ModelConfig.get_sliding_window() (the file's sliding_window, None when
+        # use_sliding_window is false: get_hf_config_sliding_window, vllm/config/model.py)
+        # for the whole model (vllm/engine/arg_utils.py), and each Attention layer without a
+        # per_layer_sliding_window takes it ("model-level sliding window",
+        # vllm/attention/layer.py Attention.__init__). LlamaAttention, which Mistral and Phi-3
+        # run on (MistralForCausalLM, Phi3ForCausalLM subclass LlamaForCausalLM), sets a
+        # per-layer window only from layer_types.
         every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or ALTERNATING.get(model_type, 0)
     ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if window and ctx is not None and window >= ctx:
