@@ -186,6 +186,28 @@ def test_eight_bit_gptq_and_awq_name_their_approximation(method, tmp_path, capsy
     assert "GPTQ/AWQ" not in _latency_head(capsys, str(cfg), "--dtype", "fp8")
 
 
+def test_the_run_and_validate_headers_name_it_for_a_relative_config(tmp_path, monkeypatch, capsys):
+    """A scenario's ``config = "m/config.json"`` is relative to the scenario's folder: the run
+    summary, which kept no path, reads it from there too."""
+    cfg = tmp_path / "m" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({**LLAMA8B, "quantization_config": {
+        "quant_method": "gptq", "bits": 8, "group_size": 128}}))  # fmt: skip
+    d = merge(SMALL, model={"config": "m/config.json"}, simulation={"hours": 1})
+    d["traffic"]["requests_per_day"] = 0
+    import tomli_w
+
+    (tmp_path / "s.toml").write_text(tomli_w.dumps(d))
+    monkeypatch.chdir(tmp_path.parent)  # (not the scenario's folder)
+    scenario = str(tmp_path / "s.toml")
+    note = "GPTQ/AWQ int8 weights timed at the int8 peak, though vLLM runs them weight-only"
+    assert main(["validate", scenario]) == 0
+    assert note in capsys.readouterr().err.splitlines()[0]
+    assert main(["run", scenario, "--out", str(tmp_path / "out")]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "(int8 weights, embedding bf16, KV cache bf16; " + note in head, head
+
+
 # ---- 5. a sliding window without layer_types --------------------------------------------------
 
 #: the keys that matter of the public config.json files (mistralai/Mistral-7B-v0.1,

@@ -272,7 +272,7 @@ def cmd_run(args) -> int:
     # the human summary: stdout, or stderr when stdout carries the JSON document
     if not args.quiet:
         human = make_console(stderr=args.json)
-        print_summary(res, human)
+        print_summary(res, human, args.scenario)
         human.print(
             f"wrote {', '.join(p.name for p in written)} in {_shown(out)} in {res.wall_s:.1f} s",
             markup=False,
