@@ -71,13 +71,14 @@ def model_source_note(m: ModelSection, src: str, model: ModelSpec) -> str:
     checkout's copy (:func:`checkout_config`), and for GPTQ / AWQ 8-bit weights the
     approximation that times them at the int8 peak (``hf.int8_weight_only``)."""
     from fleetsim.config.hf import config_in_folder, int8_weight_only, repo_relative
-    from fleetsim.workload.sampling import _resolve_path
 
     notes = []
     path = checkout_config(m)
     if path is not None:
         notes.append(f"config: {repo_relative(path)}")
     elif m.config is not None and m.config.strip():
+        from fleetsim.workload.sampling import _resolve_path  # (numpy: only for a config)
+
         path = _resolve_path(os.path.expanduser(m.config), src)
         path = config_in_folder(path) if path.is_dir() else path
     if path is not None and model.dtype == "int8" and int8_weight_only(path):
