@@ -96,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model(arg: str, dtype: str | None) -> tuple[ModelSpec, str]:
-    """The model ``--model`` names and the summary's note on its source
+def _model(arg: str, dtype: str | None) -> ModelSpec:
+    """The model ``--model`` names."""
+    return _model_and_source(arg, dtype)[0]
+
+
+def _model_and_source(arg: str, dtype: str | None) -> tuple[ModelSpec, str]:
+    """The model ``--model`` names and the header's note on its source
     (:func:`fleetsim.config.aggregated.model_source_note`)."""
     from fleetsim.base import io
     from fleetsim.config.aggregated import model_source_note, model_spec
@@ -172,7 +177,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.device.moe import layout_problem
     from fleetsim.device.profile import catalog_profile
 
-    model, source = _model(args.model, args.dtype)
+    model, source = _model_and_source(args.model, args.dtype)
     if args.tp < 1:
         raise UserError(f"--tp = {args.tp}: must be a positive integer (fix: use 1 or more)")
     problem = model.tp_problem(args.tp)
