@@ -473,9 +473,10 @@ def architecture_from_hf(
         # use_sliding_window is false: get_hf_config_sliding_window, vllm/config/model.py)
         # for the whole model (vllm/engine/arg_utils.py), and each Attention layer without a
         # per_layer_sliding_window takes it ("model-level sliding window",
-        # vllm/attention/layer.py Attention.__init__). LlamaAttention, which Mistral and Phi-3
-        # run on (MistralForCausalLM, Phi3ForCausalLM subclass LlamaForCausalLM), sets a
-        # per-layer window only from layer_types.
+        # vllm/attention/layer.py Attention.__init__). LlamaAttention, which both run on (the
+        # model registry maps MistralForCausalLM to LlamaForCausalLM; models/phi3.py's
+        # Phi3ForCausalLM subclasses it), sets a per-layer window only from layer_types
+        # (vllm/model_executor/models/llama.py: "if layer_types := getattr(config, ...)").
         every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or ALTERNATING.get(model_type, 0)
     ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if window and ctx is not None and window >= ctx:
