@@ -215,11 +215,15 @@ def test_a_missing_file_names_its_absolute_path(tmp_path, monkeypatch):
 
 
 def test_a_hugging_face_id_is_told_how_to_point_at_a_local_file(capsys):
+    """An id the checkout lacks is refused (never downloaded). One it ships in data/models is
+    read from there (helper M42: it was refused with the path of the very file it could read;
+    tests/test_issue22_walk3.py)."""
     with pytest.raises(ScenarioError) as e:
-        model_spec(scenario_from_dict({"model": {"name": "Qwen/Qwen3-8B"}}), "")
+        model_spec(scenario_from_dict({"model": {"name": "Qwen/Qwen3-999B"}}), "")
     msg = str(e.value)
-    assert "model.name = 'Qwen/Qwen3-8B': a Hugging Face id" in msg and "never downloads" in msg
-    assert "[model] config" in msg and "data/models/Qwen/Qwen3-8B/config.json" in msg
+    assert "model.name = 'Qwen/Qwen3-999B': a Hugging Face id" in msg and "never downloads" in msg
+    assert "[model] config" in msg and len(msg.splitlines()) == 1
+    assert model_spec(scenario_from_dict({"model": {"name": "Qwen/Qwen3-8B"}}), "").n_layers == 36
     # a name that is no id keeps the catalog's suggestion
     with pytest.raises(ScenarioError, match="did you mean 'qwen3-8b'"):
         model_spec(scenario_from_dict({"model": {"name": "qwen3-8"}}), "")

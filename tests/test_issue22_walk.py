@@ -272,7 +272,10 @@ def test_latency_names_a_tensor_parallel_degree_that_holds_the_weights(capsys):
 )  # fmt: skip
 def test_a_missing_model_config_names_the_checkouts_file(tmp_path, monkeypatch, written, words):
     """A scenario outside the checkout with ``config = "Qwen/Qwen3-8B"`` (an id where the path
-    belongs) or ``config = "data/models/..."`` said only ``no such file``."""
+    belongs) or ``config = "data/models/..."`` said only ``no such file``. ``[model] config``
+    stays a path, read as written (helper M42): reading another file for a path that does not
+    exist would hide a typo; the id as ``[model] name`` reads the checkout's copy, and the fix
+    says so."""
     monkeypatch.chdir(tmp_path)  # (a path relative to the working folder is read from there)
     with pytest.raises(ScenarioError) as e:
         model_spec(scenario_from_dict({"model": {"config": written}}), str(tmp_path / "s.toml"))
@@ -280,6 +283,8 @@ def test_a_missing_model_config_names_the_checkouts_file(tmp_path, monkeypatch, 
     assert "no such file" in msg and words in msg, msg
     if "checkout has" in words:
         assert str(MODELS / "Qwen/Qwen3-8B/config.json") in msg
+    if written == "Qwen/Qwen3-8B":
+        assert msg.endswith(' (or [model] name = "Qwen/Qwen3-8B" reads it))'), msg
 
 
 def test_a_bad_dtype_flag_is_named_as_the_flag(capsys):

@@ -74,9 +74,14 @@ def cmd_validate(args) -> int:
     rs = resolve(sc, args.scenario)
     print_json(resolved_dict(rs))  # every catalog field resolved, and the derived figures
     if not args.json:
+        from fleetsim.config.aggregated import model_source_note
+
         kinds = kv_kinds(rs.model, rs.kv.bytes_per_token if rs.kv is not None else None)
+        note = model_source_note(sc.model, args.scenario, rs.model)
         print(
-            f"# model {rs.model.name}: {rs.model.total_params / 1e9:.2f} B parameters "
+            f"# model {rs.model.name}"
+            + (f" ({note})" if note else "")
+            + f": {rs.model.total_params / 1e9:.2f} B parameters "
             f"({rs.model.total_params:,}), {rs.model.weight_bytes / 1e9:.1f} GB weights; "
             f"KV budget {rs.kv_capacity_tokens:,} tokens per replica (KV cache "
             f"{rs.model.kv_dtype_resolved}, {round(rs.model.kv_bytes_per_token):,} bytes per "
@@ -273,7 +278,7 @@ def cmd_run(args) -> int:
     # the human summary: stdout, or stderr when stdout carries the JSON document
     if not args.quiet:
         human = make_console(stderr=args.json)
-        print_summary(res, human)
+        print_summary(res, human, args.scenario)
         human.print(
             f"wrote {', '.join(p.name for p in written)} in {_shown(out)} in {res.wall_s:.1f} s",
             markup=False,

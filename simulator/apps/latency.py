@@ -18,8 +18,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleetsim.base.errors import UserError
+
+if TYPE_CHECKING:
+    from fleetsim.device.modelspec import ModelSpec
 
 MAX_BATCH = 1_000_000  # sequences in one decode step (vLLM's max_num_seqs is 256-1024)
 
@@ -92,10 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model(arg: str, dtype: str | None):
+def _model(arg: str, dtype: str | None) -> ModelSpec:
+    """The model ``--model`` names."""
+    return _model_and_source(arg, dtype)[0]
+
+
+def _model_and_source(arg: str, dtype: str | None) -> tuple[ModelSpec, str]:
+    """The model ``--model`` names and the header's note on its source
+    (:func:`fleetsim.config.aggregated.model_source_note`)."""
     from fleetsim.base import io
-    from fleetsim.config.aggregated import model_spec
-    from fleetsim.config.hf import hf_id_error
+    from fleetsim.config.aggregated import model_source_note, model_spec
+    from fleetsim.config.hf import hf_id_error, repo_config_path
     from fleetsim.config.loading import scenario_from_dict
     from fleetsim.device import catalog
 
@@ -128,7 +139,9 @@ def _model(arg: str, dtype: str | None):
         section = dict(model)
         if "config" not in section:  # (a config.json names its model: _name_or_path, ...)
             section.setdefault("name", path.stem)
-    elif arg in catalog.models():
+    elif arg in catalog.models() or repo_config_path(arg) is not None:
+        # (a catalog name, or a Hugging Face id whose config.json the checkout ships:
+        # model_spec reads that copy, aggregated.checkout_config)
         section = {"name": arg}
     else:
         err = hf_id_error(arg, "--model")
@@ -153,7 +166,8 @@ def _model(arg: str, dtype: str | None):
             )
         section["dtype"] = dtype
     sc = scenario_from_dict({"model": section}, str(path) if path.exists() else "--model")
-    return model_spec(sc, str(path) if path.exists() else "")
+    spec = model_spec(sc, str(path) if path.exists() else "")
+    return spec, model_source_note(sc.model, str(path) if path.exists() else "", spec)
 
 
 def rows(args: argparse.Namespace) -> list[dict]:
@@ -163,7 +177,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.device.moe import layout_problem
     from fleetsim.device.profile import catalog_profile
 
-    model = _model(args.model, args.dtype)
+    model, source = _model_and_source(args.model, args.dtype)
     if args.tp < 1:
         raise UserError(f"--tp = {args.tp}: must be a positive integer (fix: use 1 or more)")
     problem = model.tp_problem(args.tp)
@@ -287,6 +301,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
             {
                 "gpu": args.gpu,
                 "model": model.name,
+                # where the architecture came from, when the header should say (a Hugging
+                # Face id read from data/models; GPTQ/AWQ int8 weights' approximation)
+                "source": source,
                 "dtype": model.dtype,
                 "weights": model.weights_label,
                 "kv_dtype": model.kv_dtype_resolved,
@@ -337,9 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if r0["expert_parallel"]:
         layout = (layout or f" (TP{r0['tp']}") + f", EP{r0['tp'] * dp}"
     layout += ")" if layout else ""
+    note = f"; {r0['source']}" if r0["source"] else ""
     c.print(
         f"{r0['model']} ({r0['weights']}{wq}, kv {r0['kv_dtype']}) on {r0['tp'] * dp} x "
-        f"{r0['gpu']}{layout}",
+        f"{r0['gpu']}{layout}{note}",
         highlight=False,
         markup=False,
     )

@@ -23,7 +23,7 @@ from fleetsim.base.units import DAY_S, rotate_to_start
 from fleetsim.config.budget import check_work
 from fleetsim.config.resolved import GpuSpec, KvBudget, Resolved, kv_budget
 from fleetsim.config.schedules import check_autoscaler, diurnal_weights
-from fleetsim.config.schema import Scenario, TrafficSection
+from fleetsim.config.schema import ModelSection, Scenario, TrafficSection
 from fleetsim.device import catalog
 from fleetsim.device.latency import POWER_TERMS_W, LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import ModelSpec, model_from_catalog
@@ -45,6 +45,50 @@ def _longest_field(tr: TrafficSection, trace_max: dict[str, int]) -> tuple[str, 
     return f"traffic.{which}.{d.max_field}", getattr(d, d.max_field)
 
 
+#: the [model] fields an architecture without a catalog entry or a config.json must give
+REQUIRED_INLINE = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
+
+
+def checkout_config(m: ModelSection) -> Path | None:
+    """The checkout's ``data/models/ORG/NAME/config.json`` that ``[model] name = "ORG/NAME"``
+    (a Hugging Face id; ``latency --model ORG/NAME``) reads, never a download; None when the
+    section gives a config, names a catalog model, gives every field inline, or the checkout
+    has no copy. A catalog name is looked up first and keeps meaning the catalog entry: a
+    scenario that worked keeps its model (no catalog name has an "/" today, and each entry
+    with an ``hf_id`` is tested equal to its file, tests/test_hf_config.py)."""
+    if m.config is not None or catalog.has_model(m.name):
+        return None
+    if all(getattr(m, k, None) is not None for k in REQUIRED_INLINE):
+        return None
+    from fleetsim.config.hf import repo_config_path
+
+    return repo_config_path(m.name)
+
+
+def model_source_note(m: ModelSection, src: str, model: ModelSpec) -> str:
+    """The summaries' words on what the architecture was read from, "" when there is nothing
+    to say: ``config: data/models/ORG/NAME/config.json`` for a Hugging Face id read from the
+    checkout's copy (:func:`checkout_config`), and for GPTQ / AWQ 8-bit weights the
+    approximation that times them at the int8 peak (``hf.int8_weight_only``)."""
+    from fleetsim.config.hf import config_in_folder, int8_weight_only, repo_relative
+
+    notes = []
+    path = checkout_config(m)
+    if path is not None:
+        notes.append(f"config: {repo_relative(path)}")
+    elif m.config is not None and m.config.strip():
+        from fleetsim.workload.sampling import _resolve_path  # (numpy: only for a config)
+
+        path = _resolve_path(os.path.expanduser(m.config), src)
+        path = config_in_folder(path) if path.is_dir() else path
+    if path is not None and model.dtype == "int8" and int8_weight_only(path):
+        notes.append(
+            "GPTQ/AWQ int8 weights timed at the int8 peak, though vLLM runs them weight-only "
+            "(16-bit GEMMs): compute-bound steps read fast (docs/model.md)"
+        )
+    return "; ".join(notes)
+
+
 def model_spec(sc: Scenario, src: str) -> ModelSpec:
     m = sc.model
     inline = {
@@ -52,23 +96,25 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
         for k, v in m.model_dump().items()
         if k not in ("name", "dtype", "kv_dtype", "config") and v is not None
     }
-    required = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "vocab_size")
-    if m.config is not None:  # a Hugging Face config.json; inline fields override it
+    required = REQUIRED_INLINE
+    local = checkout_config(m)
+    config = str(local) if local is not None else m.config
+    if config is not None:  # a Hugging Face config.json; inline fields override it
         from fleetsim.config.hf import read_hf_config_named
         from fleetsim.workload.sampling import _resolve_path
 
-        if not m.config.strip():  # ("" resolved to the scenario's own folder)
+        if not config.strip():  # ("" resolved to the scenario's own folder)
             raise ScenarioError(
                 "model.config",
-                m.config,
+                config,
                 "is empty",
                 "give the path of the model's config.json (or its folder), or leave the key out",
                 src,
             )
         # (~: the Hugging Face cache's default home, ~/.cache/huggingface/hub)
-        path = _resolve_path(os.path.expanduser(m.config), src)
+        path = _resolve_path(os.path.expanduser(config), src)
         given = "dtype" in m.model_fields_set
-        arch, file_name = read_hf_config_named(path, src, m.config, dtype_given=given)
+        arch, file_name = read_hf_config_named(path, src, config, dtype_given=given)
         file_dtype = arch.pop("dtype", None)
         dtype = m.dtype if given or file_dtype is None else file_dtype
         name = m.name if "name" in m.model_fields_set else file_name

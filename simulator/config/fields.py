@@ -47,8 +47,9 @@ SCENARIO: dict[str, str] = {
     "SimulationSection.engine": "'macro': steps of the same batch are advanced in one event "
     "(exact, fast); 'iteration': one event per engine iteration (the reference).",
     # [model]
-    "ModelSection.name": "Model name: a catalog entry (simulator/device/catalog/models.toml) or "
-    "any name when the architecture is given by `config` or inline fields.",
+    "ModelSection.name": "Model name: a catalog entry (simulator/device/catalog/models.toml), "
+    "a Hugging Face id the checkout ships in data/models (read from its config.json, never "
+    "downloaded), or any name when the architecture is given by `config` or inline fields.",
     "ModelSection.config": "Path of a Hugging Face config.json to read the architecture from, "
     "or of the folder that holds it (relative to the scenario file).",
     "ModelSection.dtype": "Weight precision; fp8/int8/int4 run at the GPU's native peak where it "

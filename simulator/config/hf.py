@@ -40,7 +40,9 @@ hybrid_pattern, ssm_*             hybrid_override_pattern; mamba_num_heads, mamb
                                   ssm_state_size, n_groups, conv_kernel (Nemotron-H)
 tied_embeddings                   tie_word_embeddings (default: the family's, as transformers)
 max_context_tokens                max_position_embeddings, n_positions, seq_length
-dtype, expert_dtype, embed_dtype  torch_dtype or dtype; quantization_config: fp8 and
+dtype, expert_dtype, embed_dtype  dtype, else torch_dtype (as transformers; another value is
+                                  refused unless quantization_config or [model] dtype sets
+                                  the precision); quantization_config: fp8 and
                                   fbgemm_fp8 (linear layers fp8, embedding and LM head bf16),
                                   mxfp4 (experts), compressed-tensors / gptq / awq (their bits:
                                   4 int4, 8 int8; compressed-tensors' 8-bit float type fp8);
@@ -462,7 +464,19 @@ def architecture_from_hf(
     elif window:
         # a family whose config class makes layer_types when the file has none: Gemma 2 and
         # gpt-oss alternate sliding and full layers (transformers' Gemma2Config, GptOssConfig:
-        # "sliding_attention" if (i + 1) % 2 else "full_attention"); they were read all windowed
+        # "sliding_attention" if (i + 1) % 2 else "full_attention"); they were read all windowed.
+        # Any other file with a window and no layer_types (Mistral-7B-v0.1: 4096; Phi-3-mini-4k:
+        # 2047) is windowed on every layer, as vLLM 0.11 runs it: is_interleaved() is false
+        # without layer_types (vllm/transformers_utils/config.py), so
+        # EngineArgs.create_engine_config sets CacheConfig.sliding_window =
+        # ModelConfig.get_sliding_window() (the file's sliding_window, None when
+        # use_sliding_window is false: get_hf_config_sliding_window, vllm/config/model.py)
+        # for the whole model (vllm/engine/arg_utils.py), and each Attention layer without a
+        # per_layer_sliding_window takes it ("model-level sliding window",
+        # vllm/attention/layer.py Attention.__init__). LlamaAttention, which both run on (the
+        # model registry maps MistralForCausalLM to LlamaForCausalLM; models/phi3.py's
+        # Phi3ForCausalLM subclasses it), sets a per-layer window only from layer_types
+        # (vllm/model_executor/models/llama.py: "if layer_types := getattr(config, ...)").
         every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or ALTERNATING.get(model_type, 0)
     ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if window and ctx is not None and window >= ctx:
@@ -503,12 +517,25 @@ def architecture_from_hf(
     out["tied_embeddings"] = bool(model_type not in UNTIED if tied is None else tied)
     if ctx is not None:
         out["max_context_tokens"] = ctx
-    dt = r.text("torch_dtype") if "torch_dtype" in cfg else r.text("dtype")
+    # transformers keeps ``dtype`` when a file has both it and the older ``torch_dtype``
+    # (PretrainedConfig.__init__, src/transformers/configuration_utils.py: "If both are
+    # provided, keep `dtype`"); a null ``dtype`` falls back to ``torch_dtype``
+    dt_key = "dtype" if cfg.get("dtype") is not None else "torch_dtype"
+    dt = r.text(dt_key)
     if dt in DTYPES:
         out["dtype"] = DTYPES[dt]
     q = r.obj("quantization_config")
     if q:
         _quantization(q, r, out, dtype_given)
+    if dt is not None and dt not in DTYPES and not dtype_given and "dtype" not in out:
+        # (was read as bf16 without a word; a quantization_config that sets the linear
+        # layers' precision, or the user's [model] dtype, decides it without this key)
+        raise r.fail(
+            f"{dt_key} = {_show(dt)} is not a precision fleetsim reads (bfloat16, float16, "
+            "half, float32, float)",
+            "give [model] dtype (--dtype for fleetsim latency): bf16, fp16, fp32, fp8, int8 "
+            "or int4",
+        )
     return out
 
 
@@ -556,7 +583,11 @@ def read_hf_config_named(
         local = repo_config_path(m.group(1)) if m else None
         hint = f"; this checkout has {local}" if local else ""
         if re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", written) and not written.endswith(".json"):
+            # (a path is read as the path it is, not as an id: a typo must not silently read
+            # another file; [model] name = "ORG/NAME" reads the checkout's copy)
             hint = f"; {written!r} looks like a Hugging Face id, and fleetsim never downloads{hint}"
+            if local:
+                hint += f' (or [model] name = "{written}" reads it)'
         raise ScenarioError(
             "model.config",
             written or str(p),
@@ -610,18 +641,54 @@ def repo_config_path(hf_id: str) -> Path | None:
     return p if p.is_file() else None
 
 
+def int8_weight_only(path: Path) -> bool:
+    """Whether the config.json at ``path`` (already read once by the model) quantizes its
+    linear layers to 8-bit integers with GPTQ or AWQ. The reader gives them ``dtype = int8``,
+    which the step-time model runs at the GPU's int8 peak (device/latency.py compute_peak),
+    but vLLM runs these checkpoints weight-only, the activations in 16 bits: GPTQ's
+    ``GPTQLinearMethod.apply`` (vllm/model_executor/layers/quantization/gptq.py) and
+    ``gptq_marlin.py`` (TYPE_MAP ``(8, True): uint8b128``, Marlin's W8A16 GEMM) take bf16 /
+    fp16 activations; AWQ (awq.py) dequantizes into a 16-bit ``torch.matmul`` and its
+    ``AWQConfig`` accepts 4-bit weights only. The summaries name the approximation
+    (docs/model.md)."""
+    from fleetsim.base import io
+    from fleetsim.base.errors import UserError
+
+    try:
+        cfg, _ = io.load_json(path, "model.config")
+    except (UserError, OSError):
+        return False
+    if not isinstance(cfg, dict):
+        return False
+    q = language_model_config(cfg, str(path)).get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") not in ("gptq", "awq"):
+        return False
+    return q.get("bits", q.get("num_bits")) == 8
+
+
+def repo_relative(p: Path) -> str:
+    """``p`` relative to the source checkout (``data/models/ORG/NAME/config.json``) for
+    summaries, else as it is."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return p.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def hf_id_error(hf_id: str, field: str, source: str = "") -> ScenarioError | None:
-    """The error for a Hugging Face id given where a catalog name belongs (fleetsim never
-    downloads), or None when ``hf_id`` does not look like one."""
+    """The error for a Hugging Face id given where a catalog name belongs, when the checkout
+    has no copy of its config.json (an id it has is read from data/models:
+    ``aggregated.checkout_config``; fleetsim never downloads), or None when ``hf_id`` does not
+    look like one."""
     if not re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", hf_id):
         return None
-    local = repo_config_path(hf_id)
-    where = f" (this checkout has {local})" if local else ""
     return ScenarioError(
         field,
         hf_id,
-        "a Hugging Face id, not a catalog name; fleetsim never downloads",
-        f'point at a local config.json{where}: [model] config = "path/to/config.json" or '
+        "a Hugging Face id that is neither a catalog name nor in this checkout's data/models; "
+        "fleetsim never downloads",
+        'point at a local config.json: [model] config = "path/to/config.json" or '
         "--model path/to/config.json (huggingface-cli download ID config.json fetches it)",
         source,
     )

@@ -228,14 +228,15 @@ def print_warnings(res: Result, console: Console) -> None:
         console.print(f"[bold red]WARNING[/bold red] {w}", soft_wrap=True)
 
 
-def print_summary(res: Result, console: Console | None = None) -> None:
-    """Print the day's figures with the energy -> cost breakdown."""
+def print_summary(res: Result, console: Console | None = None, source: str = "") -> None:
+    """Print the day's figures with the energy -> cost breakdown (``source``: the scenario
+    file, which a relative ``[model] config`` is read from)."""
     from rich.console import Console
 
     from fleetsim.base.tables import print_rows
 
     c = console or Console()
-    _print_headline(res, c)
+    _print_headline(res, c, source)
     tab = _Rows()
     _headroom_rows(res, tab)
     _volume_rows(res, tab)
@@ -257,7 +258,7 @@ class _Rows(list):
         self.append((label, value, detail))
 
 
-def _print_headline(res: Result, c: Console) -> None:
+def _print_headline(res: Result, c: Console, source: str = "") -> None:
     """The scenario, model, precision and fleet in one line (and the pod sampling)."""
     sc = res.scenario
     rs = res.resolved
@@ -299,6 +300,10 @@ def _print_headline(res: Result, c: Console) -> None:
         )
     if compute_peak(rs.profile, rs.model.dtype)[1]:
         dt += f"; weight-only: {rs.gpu.name} has no {rs.model.dtype} compute, GEMMs at 16-bit peak"
+    from fleetsim.config.aggregated import model_source_note
+
+    note = model_source_note(sc.model, source, rs.model)
+    dt += f"; {note}" if note else ""
     c.print(  # user text is escaped for the console (names are data, not markup)
         f"[bold]{term(sc.name)}[/bold]: {term(rs.model.name)} ({dt}) on "
         f"{term(fleet)}; {hours} h, seed {sc.seed}, profile {term(rs.profile_id)}, "
