@@ -3155,7 +3155,7 @@ def main(argv: list[str] | None = None) -> int:
         "(a step's tokens after the next step's host launch; docs/accuracy-log.md, 'Two long steps "
         "per prompt'; not the default)",
     )
-    ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")
+    ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 or b200 (the fit stays per GPU)")
     ap.add_argument(
         "--kind",
         choices=("all", "dense", "moe"),
@@ -3206,7 +3206,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     configs, skipped = select(read_configs(a.data), a.quick)
     if a.gpu:
-        configs = [c for c in configs if c.gpu_model.upper() == a.gpu.upper()]
+        want = gpu_names.benchmark_name(a.gpu).upper()  # any spelling (calibrate/gpu_names.py)
+        configs = [c for c in configs if c.gpu_model.upper() == want]
     if a.kind != "all":
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
     if a.prompts == "azure-conv":
