@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and DIR/output_lengths.csv or DIR/models/*.json; see data/mlenergy-v3/SOURCE.md) and "
         "write one profile per GPU into --out (a folder; required); parts without rows keep "
         "the catalog's, and so does the power model of a GPU with fewer non-suspect rows than "
-        "its constants (4 to 8); GPUs: H100, B200",
+        "its constants (4 to 8); GPUs: any catalog GPU, gpu_model as H100, H200, A100, B200, "
+        "the catalog id or the chip with words of its description, any case (A100-SXM4-80GB; "
+        "calibrate/gpu_names.py); others are skipped with the reason",
     )
     p.add_argument(
         "--workers",

@@ -35,8 +35,10 @@ the steps (:func:`best_pair`, on a grid), over the rows whose prompt-carrying sh
 at least :data:`MIN_PROMPT_SHARE`; the serial ``a`` is kept only where it cuts the floor-alone
 error by :data:`SERIAL_MIN_GAIN`, and each model is predicted from the other's rows (two models:
 9B from 12B and back). Committed: H100 floor 2.01 ms per layer, serial 26.4 ms (12 rows; 12B
-from the 9B's rows 2.01 / 25.5 ms, 9B from the 12B's 2.21 / 28.2 ms); B200 floor 3.12 ms, no
-serial (5 rows; 3.12 / 0 and 2.93 / 37.8 ms). docs/accuracy-log.md, "Mamba-2 prefill".
+from the 9B's rows 2.01 / 25.5 ms, 9B from the 12B's 2.21 / 28.2 ms); B200 floor 3.08 ms, no
+serial (5 rows; 3.08 / 0 and 2.89 / 38.0 ms; 3.12 / 0 and 2.93 / 37.8 when fitted, before the
+B200's dense weight stream and one-GPU floor were refitted: g41 refitted it).
+docs/accuracy-log.md, "Mamba-2 prefill".
 
     python -m fleetsim.calibrate.mamba_prefill [--gpu H100] [--workers 2]
 """

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from fleetsim.base import io as fio
-from fleetsim.calibrate import eager_host
+from fleetsim.calibrate import eager_host, gpu_names
 from fleetsim.device.latency import PowerSpec, RooflineProfile
 from fleetsim.device.modelspec import ModelSpec
 
@@ -141,8 +141,10 @@ CHAT_TURNS_MEAN = 1.6
 #: a user message) depends on it, not the means. Assumed, L.
 CHAT_ANSWER_PER_USER = 269.0 / 95.0
 
-#: the benchmark's GPUs as catalog names
-GPUS = {"H100": "h100-sxm", "B200": "b200"}
+#: the benchmark's GPUs as catalog names: every catalog GPU, by its chip (``H100``: h100-sxm,
+#: ``H200``, ``A100``: a100-80gb, ``B200``); a folder's other spellings of them (``h200``,
+#: ``A100-SXM4-80GB``) are read as these (calibrate/gpu_names.py says the rule)
+GPUS = gpu_names.GPUS
 TEXT_TASKS = ("lm-arena-chat", "gpqa", "sourcegraph-fim")
 MAX_BATCHED_TOKENS = 8192  # the benchmark's --max-num-batched-tokens (SOURCE.md)
 
@@ -450,7 +452,7 @@ def _config(r: dict, hist: dict) -> Config:
         task=r["task"],
         architecture=r["architecture"],
         weight_precision=r["weight_precision"],
-        gpu_model=r["gpu_model"],
+        gpu_model=gpu_names.benchmark_name(r["gpu_model"]),
         num_gpus=n_gpus,
         tp=_num(r, "tensor_parallel", int),
         ep=_num(r, "expert_parallel", int),
@@ -535,7 +537,7 @@ def skip_reason(c: Config) -> str:
     if c.task not in TEXT_TASKS:
         return f"task {c.task} needs a vision encoder"
     if c.gpu_model not in GPUS:
-        return f"gpu_model {c.gpu_model!r}: the fit knows {', '.join(GPUS)}"
+        return gpu_names.resolve(c.gpu_model)[1]
     if not c.hist_counts or sum(c.hist_counts) == 0:
         return "no output-length histogram (output_lengths.csv or models/*.json)"
     _, why = model_section(c.model_id, c.weight_precision, c.architecture)
@@ -3153,7 +3155,7 @@ def main(argv: list[str] | None = None) -> int:
         "(a step's tokens after the next step's host launch; docs/accuracy-log.md, 'Two long steps "
         "per prompt'; not the default)",
     )
-    ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 (the fit stays per GPU)")
+    ap.add_argument("--gpu", help="only this GPU's rows, e.g. B200 or b200 (the fit stays per GPU)")
     ap.add_argument(
         "--kind",
         choices=("all", "dense", "moe"),
@@ -3204,7 +3206,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     configs, skipped = select(read_configs(a.data), a.quick)
     if a.gpu:
-        configs = [c for c in configs if c.gpu_model.upper() == a.gpu.upper()]
+        want = gpu_names.benchmark_name(a.gpu).upper()  # any spelling (calibrate/gpu_names.py)
+        configs = [c for c in configs if c.gpu_model.upper() == want]
     if a.kind != "all":
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]
     if a.prompts == "azure-conv":

@@ -72,6 +72,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from fleetsim.calibrate import gpu_names
 from fleetsim.calibrate.mlenergy import Config
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel, RooflineProfile
@@ -80,7 +81,9 @@ from fleetsim.device.profile import catalog_profile
 from fleetsim.device.stack import capture_max_tokens
 
 MAX_PREFILLS_PER_STEP = 0.2
-GPUS = {"H100": "h100-sxm", "B200": "b200"}
+#: the benchmark's GPU names as catalog GPUs: every catalog GPU (calibrate/gpu_names.py); the
+#: B200 has its own fit (:func:`fit_b200`), the others the H100's form (FlashAttention decode)
+GPUS = gpu_names.GPUS
 #: prompt tokens per task (not published; see the module docstring)
 PROMPT_TOKENS = {"lm-arena-chat": 250, "gpqa": 250}
 #: the chat list drawn as conversations (``mlenergy`` prompt shape ``azure-conv``,
@@ -322,11 +325,18 @@ def fit(rows: list[Row], data: Path | None = None, drop_host_limited: bool = Fal
         if gpu in out:
             out[gpu].update(fit_linear_state(load_hybrid_runs(data, gpu_model, out[gpu])))
             out[gpu].update(fit_host_stall(single(gpu_model), out[gpu], gpu))
-    tp_parts = parts_at(load_runs(data, "H100", tp=2), out["h100-sxm"]) if "h100-sxm" in out else []
-    if tp_parts:  # a folder without H100 TP2 rows fits no all-reduce (the catalog's stays)
-        ar = fit_allreduce(tp_parts, out["h100-sxm"])
-        out["h100-sxm"].update(ar)
-        if "b200" in out:
+    # the custom all-reduce, fitted to each GPU's dense TP2 rows in the H100's form (the
+    # B200's dense rows are one-GPU: it takes the H100's floor, NVLink-scaled); a folder
+    # without a GPU's TP2 rows fits none for it (the catalog's stays)
+    for gpu_model, gpu in GPUS.items():
+        if gpu == "b200" or gpu not in out:
+            continue
+        tp_parts = parts_at(load_runs(data, gpu_model, tp=2), out[gpu])
+        if not tp_parts:
+            continue
+        ar = fit_allreduce(tp_parts, out[gpu], gpu)
+        out[gpu].update(ar)
+        if gpu == "h100-sxm" and "b200" in out:
             scale = _link_bw("b200") / _link_bw("h100-sxm")
             out["b200"]["ar_floor_s"] = ar["ar_floor_s"]
             out["b200"]["ar_bw_bytes_per_s"] = ar["ar_bw_bytes_per_s"] * scale
@@ -1027,7 +1037,9 @@ def stall_err(r: _Run, c: dict, stall_s: float) -> float:
 #: +12.4 to +4.8 %, and two of the B200's signed medians come within +-5 %; the W median's
 #: 0.2-point excess is the power fit's bias, not this stall's (docs/accuracy-log.md, "Mean vs
 #: median step"). A GPU left out of this set keeps the fit in ``host_stall_fitted_s`` only.
-HOST_STALL_ADOPTED = frozenset({"h100-sxm", "b200"})
+#: The H200 and the A100 run the H100's host-side stack: the catalog charges them the H100's
+#: stall (derived, stacks.toml); a folder of their own rows charges its own, fitted alike.
+HOST_STALL_ADOPTED = frozenset({"h100-sxm", "b200", "h200", "a100-80gb"})
 
 
 def fit_host_stall(runs: list[_Run], c: dict, gpu: str = "") -> dict:

@@ -1224,8 +1224,8 @@ def _with(rows: list[dict], i: int, **kw: str) -> list[dict]:
         ("zero power", "row 4: power_per_gpu_w = '0': must be finite and above 0 (fix:"),
         ("nan ITL", "row 4: itl_median_ms = 'nan': must be finite and above 0 (fix:"),
         ("fractional batch", "row 4: max_num_seqs = '64.5': not a whole number (fix:"),
-        ("GPU H200", "(15 skipped: 15 x gpu_model 'H200': the fit knows H100, B200; fix:"),
-        ("GPU A100", "15 x gpu_model 'A100-SXM4-80GB': the fit knows H100, B200; fix:"),
+        ("GPU H100-PCIe", "(15 skipped: 15 x gpu_model 'H100-PCIe': no catalog GPU (known: A"),
+        ("GPU MI300X", "15 x gpu_model 'MI300X': no catalog GPU (known: A100 = a100-80gb, B200 "),
         ("no histograms", "15 x no output-length histogram (output_lengths.csv or models/"),
         ("bad histogram", "output_lengths.csv: row 2: counts = '7 x 11 9 17 11 12 14 12 14 9"),
         ("suspect only", "no non-suspect row simulated (2 simulated, 2 of them suspect = true)"),
@@ -1256,9 +1256,8 @@ def test_from_mlenergy_a_users_bad_folder_gives_one_line(tmp_path, capsys, case,
         _csv_folder(d, _with(rows, 2, itl_median_ms="nan"))
     elif case == "fractional batch":
         _csv_folder(d, _with(rows, 2, max_num_seqs="64.5"))
-    elif case in ("GPU H200", "GPU A100"):
-        gpu = "H200" if case == "GPU H200" else "A100-SXM4-80GB"
-        _csv_folder(d, [{**r, "gpu_model": gpu} for r in rows])
+    elif case.startswith("GPU "):
+        _csv_folder(d, [{**r, "gpu_model": case[4:]} for r in rows])
     elif case == "no histograms":
         _csv_folder(d, rows)
         (d / "output_lengths.csv").unlink()
@@ -1340,6 +1339,137 @@ def test_from_mlenergy_too_few_rows_keeps_the_catalogs_power(tmp_path, capsys):
     assert prof["power"]["host_w"] == cat.host_w
     assert prof["power"]["method"] == "catalog (too few rows to fit)"
     assert "vllm-v1" in prof["stack_constants"]
+
+
+@pytest.mark.parametrize(
+    "name, gpu",
+    [
+        ("H100", "h100-sxm"),
+        ("h100-sxm", "h100-sxm"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),  # the leaderboard's long name (SOURCE.md)
+        ("H200", "h200"),
+        ("h200", "h200"),
+        ("A100", "a100-80gb"),
+        ("A100-SXM4-80GB", "a100-80gb"),
+        ("a100 80g", "a100-80gb"),
+        ("B200", "b200"),
+        ("H100-PCIe", None),  # another board (350 W): not the catalog's SXM
+        ("A100-40GB", None),  # another memory size
+        ("GH200", None),
+        ("MI300X", None),
+    ],
+)
+def test_a_benchmark_gpu_name_is_read_as_its_catalog_gpu(name, gpu):
+    """calibrate/gpu_names.py's rule: the catalog id, or the chip and words of the catalog's
+    id and description, any case; a row of a matched name is read as the benchmark name
+    (H100, H200, A100, B200), so the fit's GPU rules hold whatever the spelling."""
+    from fleetsim.calibrate import gpu_names
+
+    assert gpu_names.GPUS == {
+        "A100": "a100-80gb",
+        "B200": "b200",
+        "H100": "h100-sxm",
+        "H200": "h200",
+    }
+    found, why = gpu_names.resolve(name)
+    assert found == gpu
+    if gpu is None:
+        assert why.startswith(f"gpu_model {name!r}: no catalog GPU (known: A100 = a100-80gb,")
+        assert "gpus.toml" in why and gpu_names.benchmark_name(name) == name
+    else:
+        assert why == "" and gpu_names.GPUS[gpu_names.benchmark_name(name)] == gpu
+
+
+def test_a_gpu_name_two_catalog_gpus_share_is_refused_with_the_choices():
+    """With an A100 40 GB beside the 80 GB (a catalog as a user might extend it), ``A100``
+    could be either: no pick (the KV budget depends on the memory); ``A100-40GB`` is one."""
+    from fleetsim.calibrate import gpu_names
+    from fleetsim.device import catalog
+
+    table = {**catalog.gpus(), "a100-40gb": {"description": "NVIDIA A100 SXM 40GB"}}
+    assert gpu_names.candidates("A100", table) == ["a100-40gb", "a100-80gb"]
+    assert gpu_names.candidates("A100-SXM4-40GB", table) == ["a100-40gb"]
+    assert gpu_names.candidates("a100-80gb", table) == ["a100-80gb"]
+
+
+def _h100_chat_rows() -> list[dict]:
+    return _mlenergy_rows(
+        lambda r: (
+            r["gpu_model"] == "H100"
+            and r["model_id"] in ("Qwen/Qwen3-8B", "Qwen/Qwen3-14B")
+            and r["task"] == "lm-arena-chat"
+        )
+    )
+
+
+def test_from_mlenergy_fits_an_h200_folder_from_the_h200_catalog_entry(tmp_path):
+    """A user's H200 rows (here the committed H100 Qwen3-8B/14B chat rows renamed H200: before
+    g41 every row was skipped, "the fit knows H100, B200"): nothing skipped, the fit starts
+    from the h200 catalog entry (idle 113 W kept, cap its 700 W TDP, the stack constants it
+    does not fit the h200's in stacks.toml), and the profile runs a scenario on an H200. The
+    same rows as H100 rows give the same counts and the same kept constants; the fitted step
+    constants differ only by the GPU: the same measured ITL over the H200's 4.8 TB/s (H100:
+    3.35) leaves more time to the host, so the H200's fitted overhead is the larger."""
+    import fleetsim
+    from fleetsim.api import load
+    from fleetsim.config.scenario import resolve
+    from fleetsim.device import catalog
+    from fleetsim.device.stack import stack_constants
+
+    rows = _h100_chat_rows()
+    assert len(rows) == 18
+    profs, lines = {}, {}
+    for name, gpu in (("H100", "h100-sxm"), ("H200", "h200")):
+        d = _folder(tmp_path / name, [{**r, "gpu_model": name} for r in rows])
+        out = tmp_path / f"{name}-out"
+        lines[name] = M.write_profiles(d, out, workers=1)
+        assert lines[name][-1].endswith("(18 configurations simulated, 0 skipped)")
+        assert sorted(p.name for p in out.iterdir()) == [
+            f"{gpu}-mlenergy.json",
+            "mlenergy-fit.json",
+        ]
+        profs[name] = json.loads((out / f"{gpu}-mlenergy.json").read_text())
+    h1, h2 = profs["H100"], profs["H200"]
+    assert h2["catalog_gpu"] == "h200" and h2["name"] == "h200-mlenergy"
+    e = catalog.gpu("h200")
+    assert h2["mem_bw_bytes_per_s"] == e["mem_bw_bytes_per_s"] == 4.8e12
+    assert (h2["power"]["idle_w"], h2["power"]["max_w"]) == (e["idle_w"], e["tdp_w"]) == (113, 700)
+    assert (h1["power"]["idle_w"], h1["power"]["max_w"]) == (113, 700)  # same constants
+    assert h2["fit"]["rows"] == h1["fit"]["rows"] == 18
+    assert h2["fit"]["stack"]["rows"] == h1["fit"]["stack"]["rows"] == 11
+    assert h2["fit"]["models"] == h1["fit"]["models"] == ["Qwen/Qwen3-14B", "Qwen/Qwen3-8B"]
+    c2, c1 = h2["stack_constants"]["vllm-v1"], h1["stack_constants"]["vllm-v1"]
+    assert set(c2) == set(c1) and "ar_floor_s" not in c2  # no TP2 rows: the catalog's
+    assert c2["overhead_s"] > c1["overhead_s"] + 1e-3
+    # the profile as a scenario on an H200 runs it, by hand: the stack's overhead is the fitted
+    # one plus the fitted host stall; the all-reduce the h200 catalog entry's (derived, L)
+    cat = stack_constants("vllm-v1", "h200")
+    assert cat is not None and cat["ar_bw_bytes_per_s"] == 4.5e11
+    prof = str(tmp_path / "H200-out" / "h200-mlenergy.json")
+    sc = {"hardware": {"gpu": "h200", "profile": prof}, "model": {"name": "llama-3.1-8b"}}
+    p = resolve(load(sc), "").profile
+    assert p.overhead_s == pytest.approx(c2["overhead_s"] + c2["host_stall_s"], rel=1e-12)
+    assert p.per_seq_s == c2["per_seq_s"] and p.ar_floor_s == cat["ar_floor_s"]
+    assert p.mem_bw_bytes_per_s == 4.8e12
+    res = fleetsim.resolved(sc)
+    assert res["hardware"]["active_w"] == pytest.approx(h2["power"]["active_w"])
+
+
+def test_from_mlenergy_reads_an_a100_spelling_beside_h100_rows(tmp_path):
+    """One folder, two spellings: Qwen3-8B's chat rows as ``H100`` and as ``nvidia
+    a100-sxm4-80gb``: a profile each, the A100's from the a100-80gb entry (idle 88 W, cap
+    400 W), nothing skipped."""
+    rows = [r for r in _h100_chat_rows() if r["model_id"] == "Qwen/Qwen3-8B"]
+    d = _folder(
+        tmp_path / "mine", rows + [{**r, "gpu_model": "nvidia a100-sxm4-80gb"} for r in rows]
+    )
+    out = tmp_path / "out"
+    lines = M.write_profiles(d, out, workers=1)
+    assert lines[-1].endswith(f"({2 * len(rows)} configurations simulated, 0 skipped)")
+    a = json.loads((out / "a100-80gb-mlenergy.json").read_text())
+    assert a["catalog_gpu"] == "a100-80gb"
+    assert (a["power"]["idle_w"], a["power"]["max_w"]) == (88, 400)
+    assert a["fit"]["rows"] == len(rows) and (out / "h100-sxm-mlenergy.json").is_file()
 
 
 def test_power_fit_terms_counts_the_fitted_constants():

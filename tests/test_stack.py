@@ -422,7 +422,7 @@ def test_prefill_tokens_keep_the_elementwise_scan():
     """A prefill chunk of 2,000 prompt tokens of one sequence (vLLM's chunked scan, another
     kernel) is charged the state update's difference for its one sequence, not per token; at
     linear_state_eff equal to the elementwise efficiency nothing changes (without the prefill
-    floor, which would hide both: 27 x 3.12 ms on the B200)."""
+    floor, which would hide both: 27 x 3.08 ms on the B200)."""
     lm = _nemotron("b200", prefill_floor=False)
     base = _nemotron("b200", 0.0, prefill_floor=False)
     eff = lm.profile.linear_state_eff
