@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMALL, merge
+from test_issue22_walk2 import LLAMA8B  # the same Llama-3.1-8B file as the m41 walk
 
 from fleetsim.apps.cli import main
 from fleetsim.base.errors import ScenarioError
@@ -19,19 +20,6 @@ from fleetsim.device.modelspec import model_from_catalog
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 QWEN8B = MODELS / "Qwen/Qwen3-8B/config.json"
-LLAMA8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
 
 
 def _spec(**model):
