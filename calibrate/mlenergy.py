@@ -2712,7 +2712,7 @@ def fit_eager_floor(
     (``eager_host.FloorFit``, the line). The constants the profile carries
     (``FloorFit.profile_constants``) are 0 where the fit does not predict the models left out
     better than no floor (``FloorFit.adopted``); (None, line) where the folder has no such
-    rows (the catalog's floor stays)."""
+    rows, or rows of one model only (the catalog's floor stays)."""
     name = GPUS[gpu_model]
     fields = folder_profile_fields(name, stack, moe) or None
     rows = eager_host.simulate_rows(gpu_model, data_dir, workers, profile_fields=fields)
@@ -2720,6 +2720,15 @@ def fit_eager_floor(
         return None, (
             "eager MoE host floor: the catalog's (no non-suspect row of a mixture of experts "
             "to fit it to)"
+        )
+    models = sorted({r.model for r in rows})
+    if len(models) < 2:
+        # the floor is adopted only where it predicts a model left out better than none (the
+        # catalog's rule, eager_host.FloorFit.adopted): one model leaves none to check it on
+        return None, (
+            f"eager MoE host floor: the catalog's (the folder's {len(rows)} MoE rows are of one "
+            f"model, {models[0]}: none left out to check a fitted floor on; fix: rows of two or "
+            "more MoE models)"
         )
     f = eager_host.fit_gpu(rows, gpu_model)
     lomo = float(np.median(np.abs(f.err_lomo[:, 1])))

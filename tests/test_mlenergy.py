@@ -1490,3 +1490,28 @@ def test_skip_reasons_lists_the_most_frequent_first():
     sk = [(None, "a"), (None, "b"), (None, "b"), (None, "c"), (None, "d"), (None, "b")]
     assert M.skip_reasons(sk) == "3 x b; 1 x a; 1 x c; ..."  # type: ignore[arg-type]
     assert M.skip_reasons(sk[:3]) == "2 x b; 1 x a"  # type: ignore[arg-type]
+
+
+def test_eager_floor_of_one_moe_model_keeps_the_catalogs(tmp_path):
+    """A user's folder whose MoE rows are of one model: the eager host floor is adopted only
+    where it predicts a model left out better than none (eager_host.FloorFit.adopted), and one
+    model leaves none, so the catalog's floor stays and the line says why (before, the empty
+    leave-one-model-out fit read as "no better than none" and the profile dropped the floor)."""
+    rows = _mlenergy_rows(
+        lambda r: (
+            r["model_id"] == "Qwen/Qwen3-30B-A3B-Instruct-2507"
+            and r["gpu_model"] == "B200"
+            and r["task"] == "lm-arena-chat"
+            and r["num_gpus"] == "1"
+            and r["max_num_seqs"] in ("8", "16")
+        )
+    )
+    assert len(rows) == 2
+    d = _csv_folder(tmp_path / "mine", rows)
+    floor, line = M.fit_eager_floor(d, "B200", {}, workers=1)
+    assert floor is None
+    assert line == (
+        "eager MoE host floor: the catalog's (the folder's 2 MoE rows are of one model, "
+        "Qwen/Qwen3-30B-A3B-Instruct-2507: none left out to check a fitted floor on; fix: rows "
+        "of two or more MoE models)"
+    )
