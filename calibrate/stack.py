@@ -340,6 +340,7 @@ def fit(rows: list[Row], data: Path | None = None, drop_host_limited: bool = Fal
             scale = _link_bw("b200") / _link_bw("h100-sxm")
             out["b200"]["ar_floor_s"] = ar["ar_floor_s"]
             out["b200"]["ar_bw_bytes_per_s"] = ar["ar_bw_bytes_per_s"] * scale
+            out["b200"]["ar_derived_from"] = "h100-sxm"
     return out
 
 
@@ -1255,8 +1256,11 @@ def stacks_toml(res: dict) -> str:
             )
         lines += _linear_state_lines(v)
         if "ar_floor_s" in v:
-            tag = "derived" if gpu != "h100-sxm" else "fitted"
-            why = "" if gpu == "h100-sxm" else " (the H100's; NVLink-scaled bandwidth)"
+            # derived where another GPU's fit was copied (a catalog GPU without rows, or the
+            # B200, whose dense rows are one-GPU); fitted where this GPU's own TP2 rows gave it
+            src = v.get("ar_derived_from", v.get("derived_from"))
+            tag = "fitted" if src is None else "derived"
+            why = "" if src is None else " (the H100's; NVLink-scaled bandwidth)"
             lines.append(
                 f"ar_floor_s = {v['ar_floor_s']:.4e}  # {tag}: custom all-reduce, per call{why}"
             )
@@ -1264,7 +1268,7 @@ def stacks_toml(res: dict) -> str:
                 f"ar_bw_bytes_per_s = {v['ar_bw_bytes_per_s']:.4e}  # assumed: the GPU's NVLink"
                 " bandwidth (catalog link_bw)"
             )
-            if gpu == "h100-sxm" and v.get("ar_lomo"):
+            if src is None and v.get("ar_lomo"):
                 lo = v["ar_lomo"]
                 lines.append(
                     f"ar_lomo_median_err = {lo['median_abs']:.4f}  # {v['ar_rows']} TP2 rows"

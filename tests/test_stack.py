@@ -802,3 +802,42 @@ def test_harness_takes_the_host_stall_leave_one_model_out():
     # the other models' median row: 0.57 ms (0.76 ms before branch k29's one-GPU step floor)
     assert 0.5e-3 < st[("B200", models[0])] < 1.5e-3
     assert st[("B200", models[0])] != pytest.approx(b["host_stall_fitted_s"], rel=1e-3)
+
+
+def test_stacks_toml_tags_an_all_reduce_fitted_to_the_gpus_own_tp2_rows():
+    """The all-reduce floor's tag follows where it came from, not the GPU's name: an H200
+    folder with its own TP2 rows writes its floor "fitted" with its own leave-one-model-out
+    line; the B200 (the H100's floor, NVLink-scaled) and a GPU without rows (derived from the
+    H100) write "derived". Before, every GPU but the H100 was labelled "derived"."""
+    from fleetsim.calibrate import stack as S
+
+    summ = {"median_abs": 0.03, "worst_abs": 0.07, "signed_median": 0.001}
+    base = {
+        "rows": 11,
+        "models": ["Qwen/Qwen3-8B"],
+        "lomo": summ,
+        "in_sample": summ,
+        "overhead_s": 1.2e-3,
+        "per_seq_s": 3.7e-5,
+        "graph_floor_frac": 0.5,
+        "kv_memory_eff": 0.9,
+        "ar_floor_s": 1.6e-5,
+        "ar_bw_bytes_per_s": 4.5e11,
+        "ar_rows": 19,
+        "ar_models": ["Qwen/Qwen3-32B"],
+        "ar_lomo": summ,
+    }
+    res = {
+        "h100-sxm": dict(base),
+        "h200": {**base, "ar_floor_s": 2.5e-5},
+        "b200": {**base, "ar_bw_bytes_per_s": 9e11, "ar_derived_from": "h100-sxm"},
+    }
+    blocks = {b.split('"]', 1)[0]: b for b in S.stacks_toml(res).split('["vllm-v1"."')[1:]}
+    assert set(blocks) == {"a100-80gb", "b200", "h100-sxm", "h200"}
+    for gpu, tag in (("h100-sxm", "fitted"), ("h200", "fitted"), ("b200", "derived")):
+        assert f"# {tag}: custom all-reduce, per call" in blocks[gpu], gpu
+        assert ("ar_lomo_median_err = 0.0300  # 19 TP2 rows" in blocks[gpu]) == (tag == "fitted")
+    assert "ar_floor_s = 2.5000e-05  # fitted" in blocks["h200"]  # its own, not the H100's
+    a100 = blocks["a100-80gb"]  # no rows: the H100's constants, derived
+    assert 'provenance = "derived"' in a100 and "# derived: custom all-reduce" in a100
+    assert "ar_floor_s = 1.6000e-05" in a100
