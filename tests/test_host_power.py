@@ -13,11 +13,17 @@ of ``active_w``:
 * power_w / dynamic_j agree with each other over a second with a host share;
 * the harness's host share is iterations x host seconds / commit time, and the fit recovers a
   synthetic host level, capped at active_w.
+
+The node's host (CPUs, DRAM, NICs, NVSwitches, fans) by state, ``node_idle_w`` /
+``node_overhead_w``: the A100's two levels and the bracket on the others' idle level are
+recomputed from the measured DGX A100 (data/flagperf-dgx-a100).
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +163,67 @@ def test_fit_recovers_a_synthetic_host_level():
     meas_hot = [M.predict_w(r, hot) for r in runs]
     ph = M.fit_power(runs, meas_hot, base)
     assert ph.host_w is not None and ph.host_w <= ph.active_w + 1e-9
+
+
+#: FlagPerf's DGX A100 readings (data/flagperf-dgx-a100/SOURCE.md): BMC node input power with one
+#: GPU busy (seven idle, no process on them) or all eight in an NCCL all-reduce
+_FLAGPERF = Path(__file__).resolve().parents[1] / "data" / "flagperf-dgx-a100" / "readings.csv"
+#: an A100's bare idle (no CUDA context), gpus.toml's a100-80gb idle_w comment: 50 W bare + 38 W
+#: loaded context
+_A100_BARE_IDLE_W = 50.0
+
+
+def _flagperf_rows() -> list[dict]:
+    with _FLAGPERF.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_unused_flagperf_row_straddles_its_load():
+    """bmm FP16's system mean is left out: 1,579.5 W mean, 1,872 W maximum and 168.87 W
+    deviation are four 120 s BMC samples in 26 W steps, three at 1,482 W (57 steps) and one at
+    1,872 W (72 steps), so the mean mixes the loaded node with an unloaded one."""
+    rows = _flagperf_rows()
+    out = [r for r in rows if r["used"] != "yes"]
+    assert [r["run"] for r in out] == ["bmm FP16 nativetorch"]
+    samples = np.array([57, 57, 57, 72]) * 26.0
+    assert samples.mean() == pytest.approx(float(out[0]["system_w"]))
+    assert samples.max() == 1872.0 and samples.std() == pytest.approx(168.87, abs=0.01)
+    assert len([r for r in rows if r["used"] == "yes"]) == 17
+
+
+def test_node_host_levels_from_the_measured_dgx_a100():
+    """The A100's host levels by hand from the 15 one-GPU runs and the two eight-GPU runs:
+    idle = mean of (median of node - busy GPU) - 7 x 50 W = 1,016.7 W and the line node =
+    1,156.3 + 1.880 x GPU at eight idle GPUs less 8 x 50 W = 850.3 W: 933.5 -> 930 W; serving
+    floor = 2,574 - 8 x 151.42 = 1,362.6 -> 1,360 W. The H100, H200 and B200 keep 2/3 of their
+    serving level, inside the measured bracket idle / eight-busy-GPU host = 0.62-0.80."""
+    rows = [r for r in _flagperf_rows() if r["used"] == "yes"]
+    one = [r for r in rows if r["gpus_busy"] == "1"]
+    eight = {r["run"]: r for r in rows if r["gpus_busy"] == "8"}
+    assert len(one) == 15 and len(eight) == 2
+    assert all(float(r["cpu_util_pct"]) < 5.0 for r in rows)  # the host's CPUs idle throughout
+    gpu = np.array([float(r["gpu_w"]) for r in one])
+    node = np.array([float(r["system_w"]) for r in one])
+    by_median = float(np.median(node - gpu)) - 7 * _A100_BARE_IDLE_W
+    assert by_median == pytest.approx(1016.7, abs=0.05)
+    slope, intercept = np.polyfit(gpu, node, 1)
+    assert (intercept, slope) == (pytest.approx(1156.3, abs=0.1), pytest.approx(1.880, abs=1e-3))
+    by_line = intercept + slope * _A100_BARE_IDLE_W - 8 * _A100_BARE_IDLE_W
+    assert by_line == pytest.approx(850.3, abs=0.1)
+    idle = (by_median + by_line) / 2
+    hosts = {k: float(r["system_w"]) - 8 * float(r["gpu_w"]) for k, r in eight.items()}
+    intra = hosts["ncclAllReduce in one node"]
+    inter = hosts["ncclAllReduce across two nodes"]
+    assert (intra, inter) == (pytest.approx(1362.64), pytest.approx(1273.36))
+    a100 = catalog.gpu("a100-80gb")
+    assert a100["node_idle_w"] == round(idle, -1) == 930
+    assert a100["node_overhead_w"] == round(intra, -1) == 1360
+    # the bracket: idle over the eight-busy-GPU host; serving draws at least that host
+    lo, hi = by_line / intra, by_median / inter
+    assert (lo, hi) == (pytest.approx(0.624, abs=1e-3), pytest.approx(0.798, abs=1e-3))
+    for name in ("h100-sxm", "h200", "b200", "a100-80gb"):
+        g = catalog.gpu(name)
+        ratio = g["node_idle_w"] / g["node_overhead_w"]
+        assert lo <= ratio <= hi, name
+        if name != "a100-80gb":  # assumed: two thirds of the serving level, to 10 W
+            assert g["node_idle_w"] == round(g["node_overhead_w"] * 2 / 3, -1), name
