@@ -1,0 +1,162 @@
+"""A capacity engineer's walk of ``fleetsim plan`` for today's MoE models (helper W43):
+Qwen3-235B-A22B-FP8 named by its Hugging Face id, data-parallel x expert-parallel splits as a
+searched dimension (``--dp``), refusals that name the smallest split that holds the weights,
+and plan tables that say over what horizon their cost is. Each test is a failure the walk found
+or a capability it added; values are hand counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from fleetsim.apps.cli import main
+from fleetsim.apps.plan import candidate_base, make_candidates
+from fleetsim.base.errors import ScenarioError
+from fleetsim.config.aggregated import model_spec
+from fleetsim.config.loading import scenario_from_dict
+from fleetsim.config.resolve import resolve
+from fleetsim.device.moe import replica_weight_bytes
+
+MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+Q235_ID = "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8"
+Q30 = MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507"
+
+# Qwen3-235B-A22B's weights outside the experts, by hand (config.json: hidden 4096, 64 query
+# heads and 4 KV heads of 128, 94 layers, 128 experts, vocabulary 151,936, untied embeddings):
+# per layer q 4096 x 8192 + k, v 2 x 4096 x 512 + o 8192 x 4096 + router 4096 x 128 =
+# 71,827,456, x 94 = 6,751,780,864 fp8 bytes; embedding and LM head 2 x 151,936 x 4096 =
+# 1,244,659,712 bf16 parameters = 2,489,319,424 bytes (the norms' 0.8 MB are not counted).
+NON_EXPERT_BYTES = 6_751_780_864 + 2_489_319_424
+
+
+def _q235(**fleet) -> dict:
+    return {
+        "model": {"name": Q235_ID},
+        "hardware": {"gpu": "h100-sxm"},
+        "fleet": {"max_batch_size": 256, "max_batched_tokens": 8192, **fleet},
+        "simulation": {"hours": 1},
+    }
+
+
+def test_a_checkout_id_plans_at_its_files_precision():
+    """``[model] name = "Qwen/Qwen3-235B-A22B-Instruct-2507-FP8"`` (an id the checkout ships, no
+    ``config``): the scenario dump the planner, sweeps and pod workers reload wrote the default
+    ``dtype = "bf16"``, so every plan candidate was a 470.2 GB bf16 model and TP2 x DP2 H100s
+    (4 x 85.0 GB x 0.9 = 306.1 GB usable) was refused as needing 486.2 GB."""
+    sc = scenario_from_dict(_q235(tensor_parallel=2, data_parallel=2, expert_parallel=True))
+    data = sc.model_dump(mode="json")
+    assert "dtype" not in data["model"]
+    again = resolve(scenario_from_dict(data), "").model
+    assert again.dtype == "fp8" and round(again.weight_bytes / 1e8) == 2363  # 236.3 GB
+    # the experts once, the rest once per engine: 236.3 + 9.24 = 245.6 GB on TP2 x DP2
+    assert replica_weight_bytes(again, 2) - again.weight_bytes == pytest.approx(
+        NON_EXPERT_BYTES, rel=1e-6
+    )
+    (c,) = make_candidates(data, sc, ["h100-sxm"], [2], "")
+    assert c.rs is not None, c.problem
+    kv = c.rs.kv
+    assert kv is not None
+    assert round(kv.weight_bytes / 1e8) == 2456
+    # 0.9 x 4 x 85,029,615,043 B - weights - activations, in 192,512-byte tokens (94 layers x
+    # 4 KV heads x 128 x 2 x 2 bytes)
+    usable = 0.9 * 4 * 85_029_615_043
+    assert kv.tokens == pytest.approx(
+        (usable - kv.weight_bytes - kv.activation_bytes) / 192_512, abs=16
+    )
+    # a scenario that sets the precision keeps it
+    mine = scenario_from_dict({"model": {"name": Q235_ID, "dtype": "bf16"}})
+    assert model_spec(scenario_from_dict(mine.model_dump(mode="json")), "").dtype == "bf16"
+
+
+def test_a_data_parallel_split_that_does_not_fit_names_the_smallest_that_does():
+    """TP1 x DP2 H100s (153.1 GB) for 245.6 GB: it said ``use more GPUs per replica``. The
+    smallest vLLM accepts: TP2 at DP2 (4 GPUs: 245.6 < 306.1 GB), or DP4 at TP1 (EP4, 128
+    experts / 4; 236.3 + 3 x 9.24 = 264.1 < 306.1 GB; DP3's EP3 does not divide 128)."""
+    sc = scenario_from_dict(_q235(tensor_parallel=1, data_parallel=2, expert_parallel=True))
+    with pytest.raises(ScenarioError) as e:
+        resolve(sc, "")
+    msg = str(e.value)
+    assert "weights need 245.6 GB on a replica of 2 GPUs" in msg
+    assert "153.1 GB usable (2 x 85 GB x 0.9)" in msg
+    assert (
+        "set fleet.tensor_parallel = 2 (4 GPUs per replica) or fleet.data_parallel = 4 "
+        "(4 GPUs per replica)" in msg
+    )
+
+
+def test_a_candidate_of_another_dp_keeps_the_per_engine_batch_limits():
+    """vLLM's ``--max-num-seqs`` / ``--max-num-batched-tokens`` hold for each engine of a
+    ``--data-parallel-size`` launch; fleetsim's are the replica's totals. A scenario at DP2 with
+    256 / 8192 runs 128 / 4096 per engine; its DP4 candidate keeps them: 512 / 16384, DP1 128 /
+    4096."""
+    sc = scenario_from_dict(_q235(tensor_parallel=2, data_parallel=2, expert_parallel=True))
+    data = sc.model_dump(mode="json")
+    four = candidate_base(data, "b200", 2, "h100-sxm", 4)["fleet"]
+    one = candidate_base(data, "b200", 2, "h100-sxm", 1)["fleet"]
+    assert (four["data_parallel"], four["max_batch_size"], four["max_batched_tokens"]) == (
+        4,
+        512,
+        16384,
+    )
+    assert (one["data_parallel"], one["max_batch_size"], one["max_batched_tokens"]) == (
+        1,
+        128,
+        4096,
+    )
+    same = candidate_base(data, "b200", 2, "h100-sxm")["fleet"]
+    assert (same["data_parallel"], same["max_batch_size"]) == (2, 256)
+
+
+def test_plan_searches_data_parallel_splits(tmp_path, capsys):
+    """``fleetsim plan --dp 1,2``: Qwen3-30B-A3B (128 experts) on TP1 H100s, each replica TP1 x
+    DP1 or TP1 x DP2 with EP2; the table has a DP column and its GPUs are replicas x TP x DP;
+    the schedule names its data_parallel and a scenario of another DP refuses it by name."""
+    p = tmp_path / "s.toml"
+    p.write_text(
+        f'[model]\nconfig = "{Q30}"\n[hardware]\ngpu = "h100-sxm"\n'
+        "[fleet]\ntensor_parallel = 1\nexpert_parallel = true\nmax_batch_size = 64\n"
+        "[simulation]\nhours = 1\n[traffic]\nrequests_per_day = 2000\ndiurnal = 'flat'\n"
+    )
+    out = tmp_path / "plan"
+    argv = ["plan", str(p), "--gpus", "h100-sxm", "--tp", "1", "--dp", "1,2", "--out", str(out)]
+    assert main([*argv, "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    rows = {r["data_parallel"]: r for r in pq.read_table(out / "plan.parquet").to_pylist()}
+    assert set(rows) == {1, 2}
+    for dp, r in rows.items():
+        assert r["status"] == "ok"
+        assert r["gpus"] == r["replicas"] * 1 * dp
+    assert "DP" in text and "each replica is TP x DP GPUs" in text
+    sched = json.loads((out / "schedule.json").read_text())
+    best = pq.read_table(out / "plan.parquet").to_pylist()[0]
+    assert sched["data_parallel"] == best["data_parallel"]
+    # the schedule against a scenario of another data-parallel degree
+    other = 2 if best["data_parallel"] == 1 else 1
+    bad = scenario_from_dict(
+        {
+            "model": {"config": str(Q30)},
+            "fleet": {"tensor_parallel": 1, "data_parallel": other, "expert_parallel": True},
+            "autoscaler": {"policy": "schedule", "schedule_file": str(out / "schedule.json")},
+        }
+    )
+    with pytest.raises(ScenarioError, match=f"set fleet.data_parallel = {best['data_parallel']}"):
+        resolve(bad, "")
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--dp", ""], "--dp '': empty list"),
+        (["--dp", "0"], "--dp '0': values must be >= 1"),
+        (["--dp", "2", "--designs", "disaggregated"], "--dp '2': a dimension of the aggregated"),
+    ],
+)
+def test_plan_dp_flag_mistakes_are_one_line(flags, line, tmp_path, capsys):
+    p = tmp_path / "s.toml"
+    p.write_text(f'[model]\nconfig = "{Q30}"\n[simulation]\nhours = 1\n')
+    rc = main(["plan", str(p), "--out", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and line in err and "Traceback" not in err
