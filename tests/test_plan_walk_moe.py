@@ -160,3 +160,44 @@ def test_plan_dp_flag_mistakes_are_one_line(flags, line, tmp_path, capsys):
     rc = main(["plan", str(p), "--out", str(tmp_path / "o"), *flags])
     err = capsys.readouterr().err
     assert rc == 2 and line in err and "Traceback" not in err
+
+
+def test_a_sweep_over_gpus_says_the_scenarios_hardware_fields_hold_for_each():
+    """``--set hardware.rent_usd_per_gpu_hour=2.0 --grid 'hardware.gpu=["h100-sxm","b200"]'``:
+    the B200 row was priced at the H100's $2.00 (8 GPU-h: $16.33 against the H100's $16.25)
+    without a word, where ``fleetsim plan`` prices it from the catalog ($6.50)."""
+    from fleetsim.apps.sweep import parse_grid, shared_hardware_note
+
+    axes = parse_grid(['hardware.gpu=["h100-sxm","b200"]', "fleet.tensor_parallel=2"])
+    base = {"hardware": {"gpu": "h100-sxm", "rent_usd_per_gpu_hour": 2.0}}
+    note = shared_hardware_note(base, axes)
+    assert note.startswith(
+        "note: the scenario's [hardware] rent_usd_per_gpu_hour = 2.0 holds for every "
+        "hardware.gpu of the grid (h100-sxm, b200), as given"
+    )
+    assert "fix: make it a grid axis" in note
+    # nothing to say: no GPU axis, no other [hardware] field, or the field is an axis itself
+    assert shared_hardware_note(base, parse_grid(["fleet.replicas=1,2"])) == ""
+    assert shared_hardware_note({"hardware": {"gpu": "b200"}}, axes) == ""
+    both = parse_grid(['hardware.gpu=["h100-sxm","b200"]', "hardware.rent_usd_per_gpu_hour=2,6"])
+    assert shared_hardware_note(base, both) == ""
+
+
+def test_plan_tables_label_cost_over_the_simulated_horizon(capsys):
+    """A 2-hour plan's ``$/day`` column held 2 hours of cost (4 B200 x $6.50 x 2 h = $52, read
+    as a day's: 12 times too small)."""
+    import pyarrow as pa
+
+    from fleetsim.apps.common import console
+    from fleetsim.apps.plan import PLAN_COLUMNS, Slo, print_plan
+    from fleetsim.apps.plan_search import horizon
+
+    assert (horizon(24), horizon(2)) == ("day", "2 h")
+    row = {k: None for k, _ in PLAN_COLUMNS}
+    row.update(gpu="b200", tensor_parallel=4, data_parallel=1, status="ok", rank=1)
+    row.update(replicas=1, gpus=4, total_cost_usd=52.9, hardware_cost_usd=52.0)
+    table = pa.Table.from_pylist([row])
+    print_plan(table, Slo(2.0, 0.1), None, console(), hours=2)
+    out = capsys.readouterr().out
+    assert "$/2 h" in out and "kWh/2 h" in out and "$/day" not in out
+    assert "$ and kWh over the simulated 2 h (simulation.hours), not a day" in out
