@@ -201,3 +201,35 @@ def test_plan_tables_label_cost_over_the_simulated_horizon(capsys):
     out = capsys.readouterr().out
     assert "$/2 h" in out and "kWh/2 h" in out and "$/day" not in out
     assert "$ and kWh over the simulated 2 h (simulation.hours), not a day" in out
+
+
+def test_the_python_api_plans_data_parallel_splits():
+    """``fleetsim.plan(..., data_parallel=2)`` as ``--dp 2``: one TP1 x DP2 replica of
+    Qwen3-30B-A3B on H100s is 2 GPUs; a bad list names the argument."""
+    import fleetsim
+
+    sc = {
+        "model": {"config": str(Q30)},
+        "fleet": {"tensor_parallel": 1, "expert_parallel": True, "max_batch_size": 64},
+        "simulation": {"hours": 1},
+        "traffic": {"requests_per_day": 2000, "diurnal": "flat"},
+    }
+    table, sched = fleetsim.plan(sc, gpus=["h100-sxm"], tensor_parallel=[1], data_parallel=2)
+    (row,) = table.to_pylist()
+    assert (row["data_parallel"], row["replicas"], row["gpus"], row["status"]) == (2, 1, 2, "ok")
+    assert sched is not None and sched["data_parallel"] == 2
+    with pytest.raises(ScenarioError, match=r"data_parallel = \[0\]: expected a list"):
+        fleetsim.plan(sc, data_parallel=[0])
+
+
+def test_latency_header_puts_the_weight_only_note_on_the_weights(capsys):
+    """DeepSeek-V3.1 (fp8) on A100s, which have no fp8 compute: the header read ``fp8 weights,
+    embedding bf16 (weight-only: ...)``, as if the bf16 embedding were the weight-only part."""
+    argv = ["latency", "--gpu", "a100-80gb", "--model", "deepseek-ai/DeepSeek-V3.1", "--tp", "8",
+            "--dp", "2", "--expert-parallel", "--batch", "1", "--context", "100"]  # fmt: skip
+    assert main(argv) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith(
+        "deepseek-ai/DeepSeek-V3.1 (fp8 weights (weight-only: no native compute in that "
+        "precision), embedding bf16, kv bf16) on 16 x a100-80gb (TP8 x DP2, EP16)"
+    )
