@@ -233,3 +233,16 @@ def test_latency_header_puts_the_weight_only_note_on_the_weights(capsys):
         "deepseek-ai/DeepSeek-V3.1 (fp8 weights (weight-only: no native compute in that "
         "precision), embedding bf16, kv bf16) on 16 x a100-80gb (TP8 x DP2, EP16)"
     )
+
+
+def test_a_candidate_whose_weights_do_not_fit_names_the_smallest_split_that_does():
+    """The plan's ``does not fit`` lines dropped the fix: H100 TP1 x DP2 for Qwen3-235B-A22B-FP8
+    now says TP2 (at DP2) or DP4 (at TP1) holds the weights, candidates to add."""
+    sc = scenario_from_dict(_q235(tensor_parallel=2, data_parallel=2, expert_parallel=True))
+    (c,) = make_candidates(sc.model_dump(mode="json"), sc, ["h100-sxm"], [1], "", dps=[2])
+    assert c.rs is None
+    assert c.problem.startswith("does not fit: ") and "weights need 245.6 GB" in c.problem
+    assert (
+        "(fix: set fleet.tensor_parallel = 2 (4 GPUs per replica) or fleet.data_parallel = 4"
+        in (c.problem)
+    )

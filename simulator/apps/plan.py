@@ -357,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def fit_reason(e) -> str:
+    """A candidate's ``does not fit`` reason: the error's problem, and for weights that a split
+    does not hold, its fix, which names the smallest TP / DP that does (the plan's candidates
+    to add with ``--tp`` / ``--dp``)."""
+    if "weights need" in e.problem and e.fix:
+        return f"{e.problem} (fix: {e.fix})"
+    return str(e.problem)
+
+
 def make_candidates(
     data: dict,
     sc,
@@ -377,11 +386,7 @@ def make_candidates(
                 base = candidate_base(data, g, tp, sc.hardware.gpu, dp)
                 c = Candidate(gpu=g, tp=tp, dp=dp, base=base)
                 resolve_candidate(
-                    c,
-                    source,
-                    lambda f: f.startswith("hardware"),
-                    f"{flag} {g!r}",
-                    lambda e: e.problem,
+                    c, source, lambda f: f.startswith("hardware"), f"{flag} {g!r}", fit_reason
                 )
                 cands.append(c)
     return cands
@@ -744,7 +749,7 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c, hours: int = 24
     for r in rows_in:
         if r["problem"]:
             name = label(r["gpu"], r["tensor_parallel"], r["data_parallel"] or 1)
-            c.print(term(f"  {name}: {r['problem']}", 400))
+            c.print(term(f"  {name}: {r['problem']}", 700))
     if sched:
         name = label(sched["gpu"], sched["tensor_parallel"], sched.get("data_parallel", 1))
         c.print(
