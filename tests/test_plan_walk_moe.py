@@ -133,17 +133,23 @@ def test_plan_searches_data_parallel_splits(tmp_path, capsys):
     sched = json.loads((out / "schedule.json").read_text())
     best = pq.read_table(out / "plan.parquet").to_pylist()[0]
     assert sched["data_parallel"] == best["data_parallel"]
-    # the schedule against a scenario of another data-parallel degree
-    other = 2 if best["data_parallel"] == 1 else 1
-    bad = scenario_from_dict(
-        {
-            "model": {"config": str(Q30)},
-            "fleet": {"tensor_parallel": 1, "data_parallel": other, "expert_parallel": True},
-            "autoscaler": {"policy": "schedule", "schedule_file": str(out / "schedule.json")},
-        }
+
+    # the schedule runs on a scenario of its split, and is refused by one of another
+    def with_schedule(dp: int):
+        fleet = {"tensor_parallel": 1, "data_parallel": dp, "expert_parallel": True}
+        fleet["max_batch_size"] = 64 * dp
+        auto = {"policy": "schedule", "schedule_file": str(out / "schedule.json")}
+        return scenario_from_dict(
+            {"model": {"config": str(Q30)}, "fleet": fleet, "autoscaler": auto}
+        )
+
+    assert (
+        resolve(with_schedule(best["data_parallel"]), "").scenario.fleet.data_parallel
+        == (best["data_parallel"])
     )
+    other = 2 if best["data_parallel"] == 1 else 1
     with pytest.raises(ScenarioError, match=f"set fleet.data_parallel = {best['data_parallel']}"):
-        resolve(bad, "")
+        resolve(with_schedule(other), "")
 
 
 @pytest.mark.parametrize(
