@@ -548,7 +548,8 @@ def _check_dp_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src:
             f.data_parallel if f.data_parallel > 1 else f.tensor_parallel,
             f"{model.name} weights need {need / 1e9:.1f} GB on a replica of {gpus} "
             f"GPU{'' if gpus == 1 else 's'} "
-            f"(non-expert weights once per data-parallel engine) but it has "
+            + ("(non-expert weights once per data-parallel engine) " if dp > 1 else "")
+            + "but it has "
             f"{usable / 1e9:.1f} GB usable ({gpus} x {profile.mem_bytes / 1e9:.0f} GB x "
             f"{f.gpu_memory_utilization})",
             (
