@@ -252,3 +252,24 @@ def test_a_candidate_whose_weights_do_not_fit_names_the_smallest_split_that_does
         "(fix: set fleet.tensor_parallel = 2 (4 GPUs per replica) or fleet.data_parallel = 4"
         in (c.problem)
     )
+
+
+def test_a_split_vllm_refuses_is_not_accepted_rather_than_does_not_fit():
+    """``--dp 1,2,3`` on Qwen3-30B-A3B: DP3's EP3 does not divide 128 experts, and a central
+    queue cannot feed a per-rank DP replica; both read ``does not fit`` though 30.5 GB of
+    weights fit one H100 with room to spare."""
+    sc = scenario_from_dict(
+        {
+            "model": {"config": str(Q30)},
+            "fleet": {"tensor_parallel": 1, "expert_parallel": True, "router": "central_queue"},
+        }
+    )
+    one, two, three = make_candidates(
+        sc.model_dump(mode="json"), sc, ["h100-sxm"], [1], "", dps=[1, 2, 3]
+    )
+    assert one.rs is not None
+    assert two.problem.startswith("not accepted: a central queue hands requests to replicas")
+    assert three.problem.startswith("not accepted: ") and "do not divide over EP" in three.problem
+    from fleetsim.apps.plan import candidate_row
+
+    assert [candidate_row(c, 1)["status"] for c in (two, three)] == ["not accepted"] * 2

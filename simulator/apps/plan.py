@@ -227,6 +227,8 @@ def candidate_row(c: Candidate, pods: int) -> dict:
         else (
             "does not fit"
             if c.problem.startswith("does not fit")
+            else "not accepted"
+            if c.problem.startswith("not accepted")
             else "infeasible"
             if c.problem
             else "not planned"
@@ -357,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: the words of the refusals that are about memory (the weights, the KV cache): a candidate
+#: refused for anything else is ``not accepted``, not ``does not fit``
+MEMORY_WORDS = ("weights need", "no memory left for the KV cache", "exceeds the KV budget")
+
+
 def fit_reason(e) -> str:
     """A candidate's ``does not fit`` reason: the error's problem, and for weights that a split
     does not hold, its fix, which names the smallest TP / DP that does (the plan's candidates
@@ -388,6 +395,10 @@ def make_candidates(
                 resolve_candidate(
                     c, source, lambda f: f.startswith("hardware"), f"{flag} {g!r}", fit_reason
                 )
+                if c.rs is None and not any(w in c.problem for w in MEMORY_WORDS):
+                    # a split vLLM refuses (heads, experts, a router a DP replica cannot
+                    # take): not a question of memory
+                    c.problem = "not accepted: " + c.problem.removeprefix("does not fit: ")
                 cands.append(c)
     return cands
 
