@@ -273,3 +273,45 @@ def test_a_split_vllm_refuses_is_not_accepted_rather_than_does_not_fit():
     from fleetsim.apps.plan import candidate_row
 
     assert [candidate_row(c, 1)["status"] for c in (two, three)] == ["not accepted"] * 2
+
+
+def test_the_planners_best_case_holds_gemma3s_windowed_sequences():
+    """gemma-3-27b on one H100 at ~25k-token prompts: 10 full-attention layers keep 81,920 bytes
+    per token (16 KV heads x 128 x 2 x 2 bytes x 10) and 52 sliding layers 1,024 tokens each
+    (436,207,616 bytes per sequence), so a 25,000-token sequence holds 2.48 GB where full
+    attention would hold 12.7 GB (507,904 bytes per token): the 21.1 GB KV budget holds 8 such
+    sequences, not 1, and the planner's best case (where its search starts) counts 8."""
+    from fleetsim.apps.plan_search import BestCase, mean_sizes
+
+    sc = scenario_from_dict(
+        {
+            "model": {"name": "google/gemma-3-27b-it"},
+            "hardware": {"gpu": "h100-sxm"},
+            "fleet": {"tensor_parallel": 1, "max_batch_size": 128, "max_batched_tokens": 8192},
+            "traffic": {
+                "prompt": {
+                    "dist": "lognormal",
+                    "median": 24000,
+                    "sigma": 0.3,
+                    "min": 8000,
+                    "max": 60000,
+                },
+                "output": {
+                    "dist": "lognormal",
+                    "median": 300,
+                    "sigma": 0.5,
+                    "min": 20,
+                    "max": 2000,
+                },
+            },
+        }
+    )
+    rs = resolve(sc, "")
+    assert rs.kv is not None and round(rs.kv.kv_bytes / 1e8) == 211  # 21.1 GB
+    assert rs.model.kv_bytes_per_token == 507_904
+    ep, eo = mean_sizes(rs, "")
+    per_seq = ep + eo / 2
+    windowed = 81_920 * per_seq + 52 * 1024 * 8192
+    assert int(rs.kv.kv_bytes // windowed) == 8
+    assert int(rs.kv.kv_bytes // (507_904 * per_seq)) == 1
+    assert BestCase.of(rs, 128, 8192, ep, eo).batch == 8
