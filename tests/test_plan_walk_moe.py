@@ -315,3 +315,26 @@ def test_the_planners_best_case_holds_gemma3s_windowed_sequences():
     assert int(rs.kv.kv_bytes // windowed) == 8
     assert int(rs.kv.kv_bytes // (507_904 * per_seq)) == 1
     assert BestCase.of(rs, 128, 8192, ep, eo).batch == 8
+
+
+def test_pod_workers_run_a_checkout_id_at_its_files_precision(tmp_path, capsys):
+    """Qwen3-235B-A22B-FP8 named by its id on TP4 x DP2 H100s: with ``--workers`` the pods are
+    tasks that reload the dumped scenario (apps/executors.py ``pod_runner``), which said bf16,
+    so ``fleetsim run --workers 1`` simulated 470 GB of bf16 weights under a header that said
+    fp8 (the walk's scenario, an hour at 20,000 requests a day: 6.74 facility kWh against 8.36
+    in-process; ``plan``, ``sweep``, ``crossover`` and the report's flat day reload dumps
+    too). The same day either way."""
+    p = tmp_path / "s.toml"
+    p.write_text(
+        f'[model]\nname = "{Q235_ID}"\n[hardware]\ngpu = "h100-sxm"\n'
+        "[fleet]\ntensor_parallel = 4\ndata_parallel = 2\nexpert_parallel = true\n"
+        "max_batch_size = 256\nmax_batched_tokens = 8192\n"
+        "[simulation]\nhours = 1\n[traffic]\nrequests_per_day = 20000\ndiurnal = 'flat'\n"
+    )
+    totals = []
+    for workers in ([], ["--workers", "1"]):
+        argv = ["run", str(p), "--out", str(tmp_path / "o"), "--force", "--json", *workers]
+        assert main(argv) == 0
+        totals.append(json.loads(capsys.readouterr().out)["totals"])
+    for k in ("energy_facility_kwh", "requests_completed", "output_tokens"):
+        assert totals[0][k] == totals[1][k]
