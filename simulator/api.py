@@ -267,6 +267,7 @@ def plan(
     *,
     gpus: Sequence[str] | None = None,
     tensor_parallel: Sequence[int] = (1, 2, 4, 8),
+    data_parallel: Sequence[int] | None = None,
     slo_ttft_p99_s: float | None = None,
     slo_tpot_p99_s: float | None = None,
     hours: str = "all",
@@ -275,7 +276,9 @@ def plan(
     executor: str = "local",
 ) -> tuple[pa.Table, dict | None]:
     """The capacity plan of ``fleetsim plan``: ``plan.parquet``'s table (candidates ranked by
-    the day's cost) and the best candidate's schedule (``schedule.json``'s content, or None)."""
+    the day's cost) and the best candidate's schedule (``schedule.json``'s content, or None).
+    ``data_parallel``: the data-parallel engines per replica to search (``--dp``; None: the
+    scenario's)."""
     from fleetsim.apps.executors import make_executor
     from fleetsim.apps.plan import make_candidates, plan_fleet
     from fleetsim.apps.plan_search import Slo
@@ -293,17 +296,19 @@ def plan(
         raise ScenarioError("gpus", gpus, "expected a list of catalog GPU names", "e.g. ['h200']")
     if isinstance(tensor_parallel, int):
         tensor_parallel = [tensor_parallel]
-    if (
-        not isinstance(tensor_parallel, Sequence)
-        or not tensor_parallel
-        or not all(type(t) is int and 1 <= t <= 64 for t in tensor_parallel)
-    ):
-        raise ScenarioError(
-            "tensor_parallel",
-            tensor_parallel,
-            "expected a list of whole numbers in 1..64",
-            "e.g. (1, 2, 4, 8)",
-        )
+    if isinstance(data_parallel, int):
+        data_parallel = [data_parallel]
+    for name, degrees in (("tensor_parallel", tensor_parallel), ("data_parallel", data_parallel)):
+        if name == "data_parallel" and degrees is None:
+            continue
+        if (
+            not isinstance(degrees, Sequence)
+            or not degrees
+            or not all(type(t) is int and 1 <= t <= 64 for t in degrees)
+        ):
+            raise ScenarioError(
+                name, degrees, "expected a list of whole numbers in 1..64", "e.g. (1, 2, 4, 8)"
+            )
     for name, v, eg in (
         ("slo_ttft_p99_s", slo_ttft_p99_s, "e.g. 2.0"),
         ("slo_tpot_p99_s", slo_tpot_p99_s, "e.g. 0.05 (50 ms)"),
@@ -323,6 +328,7 @@ def plan(
         list(tensor_parallel),
         src,
         flag="gpus =",
+        dps=list(data_parallel) if data_parallel is not None else None,
     )
     _check_workers(workers)
     with make_executor(executor, workers) as ex:

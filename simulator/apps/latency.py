@@ -355,8 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout = (layout or f" (TP{r0['tp']}") + f", EP{r0['tp'] * dp}"
     layout += ")" if layout else ""
     note = f"; {r0['source']}" if r0["source"] else ""
+    # the note is the weights' precision's ("fp8 weights (weight-only ...), embedding bf16"):
+    # after the parts' list it read as the embedding's
+    head, sep, rest = str(r0["weights"]).partition(",")
     c.print(
-        f"{r0['model']} ({r0['weights']}{wq}, kv {r0['kv_dtype']}) on {r0['tp'] * dp} x "
+        f"{r0['model']} ({head}{wq}{sep}{rest}, kv {r0['kv_dtype']}) on {r0['tp'] * dp} x "
         f"{r0['gpu']}{layout}{note}",
         highlight=False,
         markup=False,

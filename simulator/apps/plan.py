@@ -60,6 +60,7 @@ from fleetsim.apps.plan_search import (
     columns,
     day_figures,
     hopeless_tpot,
+    horizon,
     hours_passing,
     one_sequence_tpot_s,
     passes,
@@ -81,12 +82,13 @@ CAP_FACTOR = 16  # give up on a candidate above CAP_FACTOR x its throughput boun
 
 @dataclass
 class Candidate(PlanCandidate):
-    """One GPU type x TP degree, with what the planner learns about it; its size is
-    (replicas per pod,)."""
+    """One GPU type x TP degree (x data-parallel engines per replica), with what the planner
+    learns about it; its size is (replicas per pod,)."""
 
     POOLS = (("fleet", "replicas"),)
     gpu: str
     tp: int
+    dp: int = 1  # data-parallel engines per replica (fleet.data_parallel)
     capacity_rps: float = math.nan  # best-case requests/s of one replica
     lower_bound: int = 0
     screened: int | None = None
@@ -97,15 +99,31 @@ class Candidate(PlanCandidate):
 
 # ---------------------------------------------------------------------------------------------
 # candidates and their throughput bound
-def candidate_base(data: dict, gpu: str, tp: int, own_gpu: str) -> dict:
+def candidate_base(data: dict, gpu: str, tp: int, own_gpu: str, dp: int | None = None) -> dict:
     """The scenario dict for a candidate: the scenario's own hardware section for its own GPU
-    (a calibrated profile stays), the bare catalog entry for any other GPU."""
+    (a calibrated profile stays), the bare catalog entry for any other GPU. ``dp`` (None: the
+    scenario's): data-parallel engines per replica; each engine keeps the scenario's
+    per-engine ``max_batch_size`` and ``max_batched_tokens`` (the replica's totals over its
+    ``data_parallel``), as vLLM's ``--max-num-seqs`` and ``--max-num-batched-tokens`` hold
+    for every engine of a ``--data-parallel-size`` launch."""
     d = copy.deepcopy(data)
     d["hardware"] = dict(d.get("hardware", {})) if gpu == own_gpu else {}
     d["hardware"]["gpu"] = gpu
-    d.setdefault("fleet", {})["tensor_parallel"] = tp
-    d["fleet"].pop("replicas_per_pod", None)
+    fleet = d.setdefault("fleet", {})
+    fleet["tensor_parallel"] = tp
+    fleet.pop("replicas_per_pod", None)
+    dp0 = int(fleet.get("data_parallel") or 1)
+    if dp is not None and dp != dp0:
+        fleet["data_parallel"] = dp
+        for key, default in (("max_batch_size", None), ("max_batched_tokens", None)):
+            if fleet.get(key, default) is not None:
+                fleet[key] = max(1, int(fleet[key]) * dp // dp0)
     return d
+
+
+def label(gpu: str, tp: int, dp: int = 1) -> str:
+    """A candidate's name in the log and the reasons: ``h100-sxm TP4``, ``b200 TP2 x DP4``."""
+    return f"{gpu} TP{tp}" + (f" x DP{dp}" if dp > 1 else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +139,9 @@ class Planner(Search):
             assert cand.rs is not None
             step = one_sequence_tpot_s(cand.rs)
             if step > self.slo.tpot_p99_s:
-                cand.problem = hopeless_tpot(cand.gpu, cand.tp, step, self.slo.tpot_p99_s)
+                cand.problem = hopeless_tpot(
+                    cand.gpu, cand.tp, step, self.slo.tpot_p99_s, dp=cand.dp
+                )
 
     def _plan_candidate(self, cand: Candidate, ratio: float | None) -> None:
         rs = cand.rs
@@ -186,8 +206,8 @@ class Planner(Search):
 # results
 PLAN_COLUMNS = (  # after the rank (ranked_table)
     *columns(
-        "gpu:str tensor_parallel:int status:str problem:str replicas:int pods:int gpus:int "
-        "lower_bound_replicas:int probes:int requests:float"
+        "gpu:str tensor_parallel:int data_parallel:int status:str problem:str replicas:int "
+        "pods:int gpus:int lower_bound_replicas:int probes:int requests:float"
     ),
     *COST_COLUMNS,
     *columns("usd_per_mtok:float wh_per_request:float ttft_p99_s:float tpot_p99_s:float"),
@@ -207,6 +227,8 @@ def candidate_row(c: Candidate, pods: int) -> dict:
         else (
             "does not fit"
             if c.problem.startswith("does not fit")
+            else "not accepted"
+            if c.problem.startswith("not accepted")
             else "infeasible"
             if c.problem
             else "not planned"
@@ -215,6 +237,7 @@ def candidate_row(c: Candidate, pods: int) -> dict:
     row.update(
         gpu=c.gpu,
         tensor_parallel=c.tp,
+        data_parallel=c.dp,
         pods=pods,
         probes=c.probes,
         lower_bound_replicas=c.lower_bound or None,
@@ -279,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--tp", help="candidate tensor-parallel degrees (default 1,2,4,8)")
     ap.add_argument(
+        "--dp",
+        help="candidate data-parallel engines per replica, comma-separated (default: the "
+        "scenario's fleet.data_parallel); each engine keeps the scenario's per-engine "
+        "max_batch_size and max_batched_tokens, and a mixture of experts keeps "
+        "fleet.expert_parallel (EP = TP x DP)",
+    )
+    ap.add_argument(
         "--slo-ttft-p99-s",
         type=float,
         default=None,
@@ -329,20 +359,47 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: the words of the refusals that are about memory (the weights, the KV cache): a candidate
+#: refused for anything else is ``not accepted``, not ``does not fit``
+MEMORY_WORDS = ("weights need", "no memory left for the KV cache", "exceeds the KV budget")
+
+
+def fit_reason(e) -> str:
+    """A candidate's ``does not fit`` reason: the error's problem, and for weights that a split
+    does not hold, its fix, which names the smallest TP / DP that does (the plan's candidates
+    to add with ``--tp`` / ``--dp``)."""
+    if "weights need" in e.problem and e.fix:
+        return f"{e.problem} (fix: {e.fix})"
+    return str(e.problem)
+
+
 def make_candidates(
-    data: dict, sc, gpus: list[str], tps: list[int], source: str, flag: str = "--gpus"
+    data: dict,
+    sc,
+    gpus: list[str],
+    tps: list[int],
+    source: str,
+    flag: str = "--gpus",
+    dps: list[int] | None = None,
 ) -> list[Candidate]:
-    """Resolve every GPU x TP; a candidate whose weights or KV do not fit is kept with its
+    """Resolve every GPU x TP (x DP: ``dps``, None for the scenario's ``data_parallel``); a
+    candidate whose weights or KV do not fit, or whose split vLLM refuses, is kept with its
     reason. An unknown GPU name is a user error, named by ``flag`` (the Python API's
     ``gpus =``)."""
     cands = []
     for g in gpus:
         for tp in tps:
-            c = Candidate(gpu=g, tp=tp, base=candidate_base(data, g, tp, sc.hardware.gpu))
-            resolve_candidate(
-                c, source, lambda f: f.startswith("hardware"), f"{flag} {g!r}", lambda e: e.problem
-            )
-            cands.append(c)
+            for dp in dps or [sc.fleet.data_parallel]:
+                base = candidate_base(data, g, tp, sc.hardware.gpu, dp)
+                c = Candidate(gpu=g, tp=tp, dp=dp, base=base)
+                resolve_candidate(
+                    c, source, lambda f: f.startswith("hardware"), f"{flag} {g!r}", fit_reason
+                )
+                if c.rs is None and not any(w in c.problem for w in MEMORY_WORDS):
+                    # a split vLLM refuses (heads, experts, a router a DP replica cannot
+                    # take): not a question of memory
+                    c.problem = "not accepted: " + c.problem.removeprefix("does not fit: ")
+                cands.append(c)
     return cands
 
 
@@ -360,19 +417,19 @@ def plan_fleet(
     """Plan every candidate (see the module docstring); the ranked table and the schedule of the
     best candidate (None without one, or with ``schedule=False``)."""
     planner = Planner(data, source, slo, ex, hooks)
-    ratios: dict[int, float] = {}  # TP -> replicas / throughput bound, last planned
+    ratios: dict[tuple[int, int], float] = {}  # (TP, DP) -> replicas / throughput bound
     last = None
     for c in cands:
         if c.rs is None:
             continue
         if hooks is not None:
-            hooks.describe(f"plan {c.gpu} TP{c.tp}")
-        planner.plan_candidate(c, ratios.get(c.tp, last))
+            hooks.describe(f"plan {label(c.gpu, c.tp, c.dp)}")
+        planner.plan_candidate(c, ratios.get((c.tp, c.dp), last))
         if c.replicas and c.lower_bound:
-            ratios[c.tp] = last = c.replicas / c.lower_bound
+            ratios[(c.tp, c.dp)] = last = c.replicas / c.lower_bound
         if log is not None:
             log(
-                f"{c.gpu} TP{c.tp}: "
+                f"{label(c.gpu, c.tp, c.dp)}: "
                 + (
                     f"{c.replicas} replica{'' if c.replicas == 1 else 's'} per pod "
                     f"({c.probes} probes)"
@@ -390,6 +447,7 @@ def plan_fleet(
                 if c.replicas
                 and c.gpu == table["gpu"][0].as_py()
                 and c.tp == table["tensor_parallel"][0].as_py()
+                and c.dp == table["data_parallel"][0].as_py()
             ),
             None,
         )
@@ -399,10 +457,11 @@ def plan_fleet(
     sched = None
     if best is not None and schedule:
         if hooks is not None:
-            hooks.describe(f"schedule {best.gpu} TP{best.tp}")
+            hooks.describe(f"schedule {label(best.gpu, best.tp, best.dp)}")
         sched = {
             "gpu": best.gpu,
             "tensor_parallel": best.tp,
+            "data_parallel": best.dp,
             "replicas_by_hour": planner.schedule(best),
         }
     return table, sched
@@ -466,7 +525,7 @@ def main(argv: list[str]) -> int:
     if dtable is not None:
         write_table_atomic(dtable, outp.path("plan_disaggregated.parquet"), meta)
     outp.commit()  # (an error or interrupt before this leaves the folder as it was)
-    _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall)
+    _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall, sc.simulation.hours)
     return no_answer_exit(table if cands else None, dtable)
 
 
@@ -499,8 +558,14 @@ def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
         else list(dict.fromkeys([sc.hardware.gpu, "h200"]))
     )
     tps = parse_list("--tp", args.tp, int) if args.tp is not None else list(DEFAULT_TPS)
+    dps = parse_list("--dp", args.dp, int) if args.dp is not None else None
     dis_sec = sc.disaggregation
     designs = args.designs or ("both" if dis_sec is not None else "aggregated")
+    if args.dp is not None and designs == "disaggregated":
+        raise UserError(
+            f"--dp {args.dp!r}: a dimension of the aggregated design, which this plan does not "
+            "size (fix: --designs both, or leave it out)"
+        )
     for flag, given in (("--prefill-gpus", args.prefill_gpus), ("--decode-gpus", args.decode_gpus)):
         if given is not None and designs == "aggregated":
             raise UserError(
@@ -509,7 +574,7 @@ def _candidates(args, sc, data: dict) -> tuple[dict, list, list]:
             )
     agg_data = {k: v for k, v in data.items() if k != "disaggregation"}
     cands = (
-        make_candidates(agg_data, sc, gpus, tps, args.scenario)
+        make_candidates(agg_data, sc, gpus, tps, args.scenario, dps=dps)
         if designs != "disaggregated"
         else []
     )
@@ -557,19 +622,27 @@ def _plan_disaggregated(agg_data, args, sc, slo, dcands, ex, hooks) -> pa.Table 
     return dtable
 
 
-def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> None:
+def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall, hours=24) -> None:
     """The ranked tables and the paths written, for a person (and as JSON with --json)."""
     from fleetsim.apps.common import console, print_json
 
     wide = console(stderr=args.json)  # stderr when stdout carries the JSON document
     if not args.quiet:
         if cands:
-            print_plan(table, slo, sched, wide)
-            dp = next((c.rs for c in cands if c.rs is not None), None)
-            if dp is not None and dp.dp > 1:  # (the TP column is tensor_parallel alone)
+            print_plan(table, slo, sched, wide, hours)
+            dps = sorted({c.dp for c in cands if c.rs is not None})
+            ep = any(c.rs.expert_parallel for c in cands if c.rs is not None)
+            if len(dps) == 1 and dps[0] > 1:  # (the TP column is tensor_parallel alone)
                 wide.print(
-                    f"each replica is TP x DP{dp.dp} GPUs (fleet.data_parallel = {dp.dp}"
-                    + (", expert parallel)" if dp.expert_parallel else ")")
+                    f"each replica is TP x DP{dps[0]} GPUs (fleet.data_parallel = {dps[0]}"
+                    + (", expert parallel)" if ep else ")")
+                )
+            elif len(dps) > 1:
+                wide.print(
+                    "each replica is TP x DP GPUs (DP: fleet.data_parallel"
+                    + (", expert parallel over TP x DP" if ep else "")
+                    + "); each engine keeps the scenario's per-engine max_batch_size and "
+                    "max_batched_tokens"
                 )
             line = price_line(cands, args.scenario)
             if line:
@@ -577,7 +650,7 @@ def _print_outcome(args, table, dtable, sched, slo, cands, outp, path, wall) -> 
         if dtable is not None:
             from fleetsim.apps.plan_disagg import print_designs
 
-            print_designs(table if cands else None, dtable, slo, wide)
+            print_designs(table if cands else None, dtable, slo, wide, hours)
         wide.print(
             f"wrote {term(path)}" + (" and schedule.json" if sched else "") + f" in {wall:.1f} s"
         )
@@ -624,23 +697,27 @@ def price_line(cands: list[Candidate], source: str = "") -> str:
     return ("hardware prices: " + "; ".join(seen.values())) if seen else ""
 
 
-def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
-    """The ranked candidates as a table (never cut: :mod:`fleetsim.base.tables`)."""
+def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c, hours: int = 24) -> None:
+    """The ranked candidates as a table (never cut: :mod:`fleetsim.base.tables`); ``hours``:
+    the simulated horizon its cost and energy columns cover."""
     from fleetsim.base.tables import print_table
 
     def f(v: object, fmt: str) -> str:
         return fmt_num(v, fmt, missing="")
 
+    rows_in = table.to_pylist()
+    show_dp = any((r["data_parallel"] or 1) > 1 for r in rows_in)
     headers = (
         "#",
         "GPU",
         "TP",
+        *(("DP",) if show_dp else ()),
         "repl",
         "GPUs",
-        "$/day",
+        f"$/{horizon(hours)}",
         "energy $",
         "hw $",
-        "kWh/day",
+        f"kWh/{horizon(hours)}",
         "$/Mtok",
         "Wh/req",
         "TTFT s",
@@ -652,6 +729,7 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
             f(r["rank"], "d"),
             term(r["gpu"]),
             str(r["tensor_parallel"]),
+            *((str(r["data_parallel"]),) if show_dp else ()),
             f(r["replicas"], "d"),
             f(r["gpus"], ",d"),
             f(r["total_cost_usd"], ",.2f"),
@@ -664,20 +742,28 @@ def print_plan(table: pa.Table, slo: Slo, sched: dict | None, c) -> None:
             f((r["worst_hour_tpot_p99_s"] or math.nan) * 1000, ".1f"),
             term(r["status"]),
         )
-        for r in table.to_pylist()
+        for r in rows_in
     ]
     title = (
         f"capacity plan: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
         f"{slo.tpot_p99_s * 1000:g} ms in {'every hour' if slo.hours == 'all' else 'the peak hour'}"
     )
     print_table(c, title, headers, rows, left=("GPU", "status"))
-    c.print("repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count")
-    for r in table.to_pylist():
+    c.print(
+        "repl = replicas per pod; TTFT/TPOT = the worst hour's p99 at that count"
+        + (
+            ""
+            if hours == 24
+            else f"; $ and kWh over the simulated {hours} h (simulation.hours), not a day"
+        )
+    )
+    for r in rows_in:
         if r["problem"]:
-            c.print(term(f"  {r['gpu']} TP{r['tensor_parallel']}: {r['problem']}", 400))
+            name = label(r["gpu"], r["tensor_parallel"], r["data_parallel"] or 1)
+            c.print(term(f"  {name}: {r['problem']}", 700))
     if sched:
+        name = label(sched["gpu"], sched["tensor_parallel"], sched.get("data_parallel", 1))
         c.print(
-            f"schedule ({term(sched['gpu'])} TP{sched['tensor_parallel']}), replicas per pod by "
-            f"hour: {sched['replicas_by_hour']}",
+            f"schedule ({term(name)}), replicas per pod by hour: {sched['replicas_by_hour']}",
             highlight=False,
         )

@@ -209,8 +209,9 @@ def disagg_table(cands: list[DisaggCandidate], pods: int) -> pa.Table:
     return plan_search.ranked_table(rows, DISAGG_COLUMNS)
 
 
-def print_designs(agg: pa.Table | None, dis: pa.Table, slo, c) -> None:
-    """The best aggregated and the best disaggregated fleet side by side."""
+def print_designs(agg: pa.Table | None, dis: pa.Table, slo, c, hours: int = 24) -> None:
+    """The best aggregated and the best disaggregated fleet side by side (``hours``: the
+    simulated horizon of their cost and energy)."""
     from fleetsim.base.tables import print_table
 
     def f(v, fmt):
@@ -220,14 +221,17 @@ def print_designs(agg: pa.Table | None, dis: pa.Table, slo, c) -> None:
         f"best fleet of each design: p99 TTFT <= {slo.ttft_p99_s:g} s and p99 TPOT <= "
         f"{slo.tpot_p99_s * 1000:g} ms in {'every hour' if slo.hours == 'all' else 'the peak hour'}"
     )
-    headers = ("design", "fleet (per pod)", "GPUs", "$/day", "kWh/day", "TTFT s", "TPOT ms")
+    per = plan_search.horizon(hours)
+    headers = ("design", "fleet (per pod)", "GPUs", f"$/{per}", f"kWh/{per}", "TTFT s", "TPOT ms")
     rows = []
     if agg is not None and agg.num_rows and agg["rank"][0].as_py() is not None:
         a = agg.slice(0, 1).to_pylist()[0]
         rows.append(
             (
                 "aggregated",
-                f"{a['replicas']} x TP{a['tensor_parallel']} {a['gpu']}",
+                f"{a['replicas']} x TP{a['tensor_parallel']}"
+                + (f" x DP{a['data_parallel']}" if (a.get("data_parallel") or 1) > 1 else "")
+                + f" {a['gpu']}",
                 a,
             )
         )

@@ -235,6 +235,13 @@ SLO_COLUMNS = columns(
 )
 
 
+def horizon(hours: int) -> str:
+    """What a plan table's cost and energy columns cover: the simulated horizon
+    (``simulation.hours``), ``day`` for 24 hours (``$/day``); a plan of a 2-hour scenario
+    labelled ``$/day`` read as a day's cost 12 times too small."""
+    return "day" if hours == 24 else f"{hours} h"
+
+
 def worst_hour(res: RunSummary, metric: str) -> float:
     """The worst hour's p99 of ``metric`` ("ttft" or "tpot")."""
     return float(np.nanmax(res.hourly.column(f"{metric}_p99_s").to_numpy()))
@@ -417,6 +424,7 @@ __all__ = [
     "backlog_ok",
     "columns",
     "day_figures",
+    "horizon",
     "hours_passing",
     "mean_sizes",
     "passes",
@@ -446,12 +454,15 @@ def hopeless_tpot(
     step_s: float,
     tpot_s: float,
     fix: str = "a faster GPU (--gpus), more tensor parallelism (--tp)",
+    dp: int = 1,
 ) -> str:
     """The reason of a candidate that no replica count can help: one sequence alone misses the
     TPOT target; ``fix`` names the GPU and parallelism to change (the disaggregated design's
-    decode pool: its own)."""
+    decode pool: its own); ``dp``: the candidate's data-parallel engines per replica."""
     return (
-        f"even one sequence alone decodes at {step_s * 1e3:.1f} ms per token on {gpu} TP{tp} "
+        f"even one sequence alone decodes at {step_s * 1e3:.1f} ms per token on {gpu} TP{tp}"
+        + (f" x DP{dp}" if dp > 1 else "")
+        + " "
         f"(its one-sequence decode step), above the TPOT SLO of {tpot_s * 1e3:.1f} ms: no replica "
         f"count can meet it (fix: {fix}, or a looser TPOT (--slo-tpot-p99-s))"
     )

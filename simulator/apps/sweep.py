@@ -425,6 +425,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def shared_hardware_note(base: dict, axes: list) -> str:
+    """A line for a grid over ``hardware.gpu`` whose scenario sets other ``[hardware]`` fields
+    (a price, a profile, power constants) outside the grid: every GPU of the grid runs with
+    them, as given (``fleetsim plan`` instead prices any GPU but the scenario's own from the
+    catalog); '' when there is nothing to say. A FinOps sweep of H100 vs B200 with an H100
+    contract price set in ``[hardware]`` priced the B200 at it without a word."""
+    keys = [k for k, _ in axes]
+    gpus = next((v for k, v in axes if k == "hardware.gpu"), None)
+    if gpus is None:
+        return ""
+    hw = base.get("hardware") or {}
+    shared = {
+        k: v for k, v in hw.items() if k != "gpu" and v is not None and f"hardware.{k}" not in keys
+    }
+    if not shared:
+        return ""
+    given = ", ".join(f"{k} = {json.dumps(v)}" for k, v in shared.items())
+    names = ", ".join(str(g).strip().strip('"') for g in gpus)
+    return (
+        f"note: the scenario's [hardware] {given} holds for every hardware.gpu of the grid "
+        f"({names}), as given; fleetsim plan prices each GPU other than the "
+        "scenario's from the catalog (fix: make it a grid axis, or leave it out for each "
+        "GPU's catalog value)"
+    )
+
+
 def main(argv: list[str]) -> int:
     """``fleetsim sweep``: see the module docstring."""
     from fleetsim.apps.common import console, open_output, print_json
@@ -473,6 +499,9 @@ def main(argv: list[str]) -> int:
     human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
         print_sweep(table, [k for k, _ in axes], f"sweep of {term(args.scenario)}", human)
+        note = shared_hardware_note(base, axes)
+        if note:
+            human.print(term(note, 400))
         reused = f" ({cache.reused} of {table.num_rows} points reused)" if args.resume else ""
         human.print(f"wrote {term(path)} in {wall:.1f} s{reused}")
     if args.json:

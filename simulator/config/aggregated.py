@@ -511,14 +511,54 @@ def _check_dp_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src:
     usable = gpus * profile.mem_bytes * f.gpu_memory_utilization
     need = replica_weight_bytes(model, f.data_parallel)
     if need >= usable:
+        tp, dp, ep = f.tensor_parallel, f.data_parallel, f.expert_parallel
+        per_gpu = profile.mem_bytes * f.gpu_memory_utilization
+        # the smallest split of each kind that holds the weights and that vLLM accepts: more
+        # tensor parallelism at these engines, or more engines at this degree (the experts
+        # spread over more GPUs, the rest once more per engine)
+        more_tp = next(
+            (
+                k
+                for k in range(tp + 1, 65)
+                if layout_problem(model, k, dp, ep) is None
+                and replica_weight_bytes(model, dp) < k * dp * per_gpu
+            ),
+            None,
+        )
+        more_dp = next(
+            (
+                d
+                for d in range(dp + 1, 65)
+                if layout_problem(model, tp, d, ep) is None
+                and replica_weight_bytes(model, d) < tp * d * per_gpu
+            ),
+            None,
+        )
+        splits = [
+            f"fleet.tensor_parallel = {k} ({k * dp} GPUs per replica)"
+            for k in [more_tp]
+            if k is not None
+        ] + [
+            f"fleet.data_parallel = {d} ({tp * d} GPUs per replica)"
+            for d in [more_dp]
+            if d is not None
+        ]
         raise ScenarioError(
             "fleet.data_parallel" if f.data_parallel > 1 else "fleet.tensor_parallel",
             f.data_parallel if f.data_parallel > 1 else f.tensor_parallel,
-            f"{model.name} weights need {need / 1e9:.1f} GB on a replica of {gpus} GPUs "
-            f"(non-expert weights once per data-parallel engine) but it has "
-            f"{usable / 1e9:.1f} GB usable",
-            "use more GPUs per replica (tensor_parallel x data_parallel), a larger GPU, or a "
-            "smaller dtype",
+            f"{model.name} weights need {need / 1e9:.1f} GB on a replica of {gpus} "
+            f"GPU{'' if gpus == 1 else 's'} "
+            + ("(non-expert weights once per data-parallel engine) " if dp > 1 else "")
+            + "but it has "
+            f"{usable / 1e9:.1f} GB usable ({gpus} x {profile.mem_bytes / 1e9:.0f} GB x "
+            f"{f.gpu_memory_utilization})",
+            (
+                "set " + " or ".join(splits) + " (the smallest that holds the weights and "
+                "that vLLM's split accepts), a larger GPU, or a smaller dtype"
+            )
+            if splits
+            else "no split up to 64 GPUs per replica that vLLM accepts holds the weights: "
+            "use a larger GPU, a smaller dtype or a higher fleet.gpu_memory_utilization",
             src,
         )
 

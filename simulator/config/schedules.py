@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -41,8 +42,9 @@ def hourly_values(v: float | list[float] | None, hours: int) -> list[float] | No
 
 
 def load_schedule_file(path: str, source: str) -> dict:
-    """The JSON schedule ``{"gpu", "tensor_parallel", "replicas_by_hour": [24 ints]}``;
-    a relative path resolves against the scenario file's folder."""
+    """The JSON schedule ``{"gpu", "tensor_parallel", "data_parallel", "replicas_by_hour":
+    [24 ints]}`` (a file without ``data_parallel``, written before the plan searched it, is
+    read); a relative path resolves against the scenario file's folder."""
     from fleetsim.base import io
 
     p = Path(path)
@@ -89,16 +91,17 @@ def check_autoscaler(sc: Scenario, source: str = "") -> tuple[int, ...] | None:
             )
         if a.schedule_file is not None:
             data = load_schedule_file(a.schedule_file, source)
-            for key, mine in (
-                ("gpu", sc.hardware.gpu),
-                ("tensor_parallel", sc.fleet.tensor_parallel),
+            for field, key, mine in (
+                ("hardware.gpu", "gpu", sc.hardware.gpu),
+                ("fleet.tensor_parallel", "tensor_parallel", sc.fleet.tensor_parallel),
+                ("fleet.data_parallel", "data_parallel", sc.fleet.data_parallel),
             ):
                 if key in data and data[key] != mine:
                     raise ScenarioError(
                         "autoscaler.schedule_file",
                         a.schedule_file,
                         f"was planned for {key} {data[key]!r} but the scenario has {mine!r}",
-                        f"set {key} to {data[key]!r} or re-plan",
+                        f"set {field} = {json.dumps(data[key])} or re-plan",
                         source,
                     )
             sched = tuple(int(x) for x in data["replicas_by_hour"])

@@ -109,10 +109,16 @@ class ModelSection(_Section):
         (config/aggregated.py ``model_spec``): a dump leaves their defaults out, so that the
         dumped scenario loads back as the same model (plan, sweep, the Python API and the pod
         workers reload dumps; a dump that wrote ``llama-3.1-70b`` / ``bf16`` set them, and
-        Qwen3-235B-A22B-FP8 was planned as a 470 GB bf16 model named llama-3.1-70b)."""
+        Qwen3-235B-A22B-FP8 was planned as a 470 GB bf16 model named llama-3.1-70b); ``dtype``
+        likewise for a Hugging Face id the checkout ships, read without ``config``."""
         d = handler(self)
-        if self.config is not None and isinstance(d, dict):
-            for k in ("name", "dtype"):
+        if isinstance(d, dict):
+            # ``dtype`` unset is the file's for a checkout id too (``name = "ORG/NAME"`` without
+            # ``config``, aggregated.checkout_config): dumped as "bf16", it was set on reload and
+            # ``fleetsim plan`` sized Qwen3-235B-A22B-FP8 named by its id as 470 GB of bf16
+            # (a catalog model reloads the default "bf16" either way)
+            unset = ("name", "dtype") if self.config is not None else ("dtype",)
+            for k in unset:
                 if k not in self.model_fields_set:
                     d.pop(k, None)
         return d
