@@ -718,6 +718,8 @@ class LatencyModel:
         #: block-quantised (128 x 128 scales, as every fp8 MoE checkpoint the catalog reads)
         self._moe_fit = p.fused_moe_fit()
         self._fp8_block = e_dt == "fp8"
+        #: mxfp4 experts (gpt-oss) run their own kernels (device/moe.py mxfp4_moe_gemm_s)
+        self._mxfp4 = e_dt == "mxfp4"
         self._fp8_kernel = p.fp8_moe_kernel
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
@@ -960,6 +962,7 @@ class LatencyModel:
                 self._moe_fit,
                 self._fp8_block,
                 self._fp8_kernel,
+                self._mxfp4,
             )
             parts["shared_mlp"] = n_moe * mo["shared_mlp"]
             parts["moe_router"] = n_moe * (mo["moe_router"] + mo["moe_route"])

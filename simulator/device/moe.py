@@ -373,6 +373,46 @@ def flashinfer_moe_gemm_s(
     return t_m if t_m > t_c else t_c
 
 
+def mxfp4_moe_gemm_s(
+    fit: KernelFit,
+    peak_flops: float,
+    bw_bytes_per_s: float,
+    rows: float,
+    touched: float,
+    n: float,
+    k: float,
+    weight_bytes_per_param: float,
+) -> float:
+    """One grouped GEMM of mxfp4 experts (gpt-oss: 4-bit e2m1 weights, one e8m0 scale per 32,
+    :data:`fleetsim.device.modelspec.DTYPE_BYTES` ``"mxfp4"`` = 4.25 / 8 bytes a parameter) as
+    vLLM 0.11 runs them: ``rows`` routed rows of this GPU's experts over ``touched`` experts,
+    each an ``n x k`` weight. Not the Triton ``fused_moe_kernel``: ``Mxfp4MoEMethod``
+    (``vllm/model_executor/layers/quantization/mxfp4.py``, ``get_mxfp4_backend``) runs the
+    ``triton_kernels`` ``matmul_ogs`` grouped GEMM on Hopper (Marlin's fp4 MoE without
+    ``triton_kernels``, FlashInfer's CUTLASS kernel with ``VLLM_USE_FLASHINFER_MOE_MXFP4_BF16``)
+    and FlashInfer's TensorRT-LLM MoE on Blackwell (bf16 or, with
+    ``VLLM_USE_FLASHINFER_MOE_MXFP4_MXFP8``, mxfp8 activations), so neither the fitted K-loop
+    latency of :func:`k_loop_latency_s` (fitted on ``fused_moe_kernel``'s
+    ``get_default_config`` tiles with 16-bit and fp8 experts) nor the dense GEMM fit's small-tile
+    compute shape applies (derived: the kernels differ). The time is one launch floor plus the
+    larger of
+
+    * memory: the touched experts' packed weights (``touched x n x k x weight_bytes_per_param``)
+      and the rows' 16-bit input (``rows x k``) and output (``rows x n``) at the kernel fit's
+      GEMM bandwidth efficiency (the weight stream of a decode step), and
+    * compute: ``2 x rows x n x k`` FLOPs at ``gemm_eff_max`` of ``peak_flops`` (the caller's
+      experts' peak: the 16-bit one, the weights dequantised in registers; assumed).
+
+    Checked against published H100 decode steps of gpt-oss-120b (docs/accuracy-log.md,
+    "gpt-oss's mxfp4 experts"); no ML.ENERGY row has mxfp4 experts."""
+    if rows <= 0 or touched <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    w = touched * n * k * weight_bytes_per_param
+    t_m = (w + (rows * k + rows * n) * 2.0) / (bw_bytes_per_s * fit.gemm_bw_eff)
+    t_c = 2.0 * rows * n * k / (peak_flops * fit.gemm_eff_max)
+    return fit.gemm_launch_s + (t_m if t_m > t_c else t_c)
+
+
 def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedMoeFit:
     """The catalog's :class:`FusedMoeFit` of a profile: its ``catalog_gpu``, else the catalog GPU
     whose name the profile's name is or starts with (``"b200-analytic"``: ``b200``); none
@@ -612,6 +652,7 @@ def moe_layer_parts_s(
     moe_fit: FusedMoeFit = NO_MOE_FIT,
     fp8_block: bool = False,
     fp8_kernel: str = "triton",
+    mxfp4: bool = False,
 ) -> dict[str, float]:
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
     whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
@@ -627,7 +668,9 @@ def moe_layer_parts_s(
     ``"flashinfer-trtllm"`` the grouped GEMMs are :func:`flashinfer_moe_gemm_s` (no loop
     latency, ``moe_fp8_loop`` 0), the routing, top-k and weighted sum are inside the kernel
     (its ``fi_layer_s`` in ``moe_route``) and the kernel handles this GPU's experts' rows only
-    (no zero tiles for other ranks' rows)."""
+    (no zero tiles for other ranks' rows). ``mxfp4``: the experts are mxfp4 (gpt-oss), whose
+    grouped GEMMs are :func:`mxfp4_moe_gemm_s` (no Triton K-loop latency, no small-tile compute
+    shape; ``expert_weight_bytes`` the packed bytes a parameter)."""
     ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
     epk = peak_flops if expert_peak_flops is None else expert_peak_flops
     d = model.d_model
@@ -701,6 +744,12 @@ def moe_layer_parts_s(
     )
     out["moe_combine"] = comm
     out["moe_fp8_loop"] = loop_up + loop_down if fp8_block else 0.0
+    if mxfp4 and not fp8_block:
+        # matmul_ogs (Hopper) / FlashInfer TensorRT-LLM (Blackwell), not fused_moe_kernel:
+        # the touched experts' packed weights streamed, no serial K-loop latency
+        loop_up = loop_down = 0.0
+        out["moe_gemm_up"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, n_up, d, ewb)
+        out["moe_gemm_down"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, d, cols, ewb)
     if fp8_block and fp8_kernel == "flashinfer-trtllm":
         # FlashInfer's TensorRT-LLM block-scale kernel: routing, top-k and the weighted sum
         # fused in one call of fixed time fi_layer_s, this GPU's experts' rows only, the
