@@ -2423,6 +2423,57 @@ def report(rows: Sequence[Row], skipped: Sequence[tuple[Config, str]], fitted: b
     return lines
 
 
+def sweep_offsets(
+    errs: Sequence[tuple[str, str, float]],
+) -> dict[str, tuple[float, float, list[tuple[str, int, float]]]]:
+    """Per GPU (the first of each triple): (the median |error|, the median |error| left after
+    each sweep's own median error is taken off, and every sweep's (name, rows, median signed
+    error), by that median) of ``(gpu, sweep, error)`` triples, a sweep being one model, task
+    and parallelism across its batch sizes (:func:`sweep_lines`). What a per-sweep constant
+    offset (a power level the work does not show, or a run's node) explains of the median
+    error: docs/accuracy-log.md, "The W and J medians by task"."""
+    by: dict[str, dict[str, list[float]]] = {}
+    for gpu, sweep, e in errs:
+        by.setdefault(gpu, {}).setdefault(sweep, []).append(float(e))
+    out = {}
+    for gpu, sweeps in by.items():
+        allv = [abs(e) for v in sweeps.values() for e in v]
+        meds = {k: float(np.median(v)) for k, v in sweeps.items()}
+        within = [abs(e - meds[k]) for k, v in sweeps.items() for e in v]
+        out[gpu] = (
+            float(np.median(allv)),
+            float(np.median(within)),
+            sorted(((k, len(sweeps[k]), meds[k]) for k in sweeps), key=lambda t: t[2]),
+        )
+    return out
+
+
+def sweep_lines(
+    rows: Sequence[Row], metrics: Sequence[str] = ("w_per_gpu", "j_per_token")
+) -> list[str]:
+    """``--sweeps``: :func:`sweep_offsets` of the goal table's rows (non-suspect), per GPU and
+    metric, each sweep's median signed error in %."""
+    lines = []
+    for metric in metrics:
+        errs = [
+            (
+                r.config.gpu_model,
+                f"{r.config.model_id} {r.config.task} x{r.config.num_gpus} "
+                f"TP{r.config.tp}/EP{r.config.ep}/DP{r.config.dp}",
+                100.0 * r.err()[metric],
+            )
+            for r in rows
+            if not r.config.suspect and metric in r.sim
+        ]
+        for gpu, (med, within, sweeps) in sorted(sweep_offsets(errs).items()):
+            lines.append(
+                f"{gpu} {METRIC_NAMES.get(metric, metric)}: median |error| {med:.1f} %, "
+                f"{within:.1f} % within the sweeps ({len(sweeps)} sweeps; their medians, signed):"
+            )
+            lines += [f"  {m:+6.1f} %  {n:3d} rows  {k}" for k, n, m in sweeps]
+    return lines
+
+
 def length_biased_half(c: Config) -> float:
     """``E[L^2] / (2 E[L])`` of the configuration's output histogram (bin centres): the mean
     generated length of a running sequence, sampled over time, in steady state."""
@@ -3138,6 +3189,13 @@ def main(argv: list[str] | None = None) -> int:
         "and the simulated prompt-carrying steps (docs/accuracy-log.md)",
     )
     ap.add_argument(
+        "--sweeps",
+        action="store_true",
+        help="print, per GPU, each sweep's (model, task, parallelism) median W and J/token "
+        "error and the median error left within the sweeps (docs/accuracy-log.md, 'The W and "
+        "J medians by task')",
+    )
+    ap.add_argument(
         "--tails",
         action="store_true",
         help="print every configuration's median, p90 and p99 ITL, measured and simulated",
@@ -3260,6 +3318,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(split_lines(pairs)))
     if a.tails:
         print("\n".join(tail_lines(rows)))
+    if a.sweeps:
+        print("\n".join(sweep_lines(rows)))
     print("\n".join(report(rows, skipped, not a.catalog)))
     if FIT_U0_GRID and not a.catalog:
         chosen = Counter(p.compute_u0 for p in _FITS.values())
