@@ -1,0 +1,358 @@
+"""Property tests of the one engine core under issue 22's models (brief R43: a red team with
+properties). A generator draws small scenarios (tens of requests in the first two minutes of a
+one-hour run, one or two replicas, seconds of wall time) over the model kinds the engine serves
+(dense full attention; Gemma-3-like 5:1 sliding windows; gpt-oss-like alternating windows with
+sinks; DeepSeek-like MLA + MoE with dense first layers; a Nemotron-H-like Mamba-2 hybrid;
+Qwen3-MoE with expert parallelism over data-parallel attention ranks), a KV budget from tight
+(forcing preemption) to roomy, prefix caching with repeated prompts (Mooncake-style hash ids),
+chunked-prefill budgets, the reserve policy, disaggregated pools and autoscaling, and checks
+on every one:
+
+* **conservation**: every request is completed, rejected or in flight exactly once in the
+  request stream, and those counts are the table's; the traffic drains, so nothing is in flight
+  and the output tokens are the completed requests' outputs, the prompt tokens their prompts;
+* **KV**: after every commit the pool recounts from the requests held
+  (:func:`fleetsim.serving.audit.audited`), never above its blocks, and an engine that drained
+  holds nothing but unreferenced cached blocks;
+* **latency**: arrival <= first token <= finish <= the horizon for every completed request;
+* **energy**: the powered and off GPU-seconds of each hour are the fleet's GPU-seconds, busy
+  within powered, the idle, dynamic and host energy the integrals of their powers over those
+  seconds, and the day's totals the hours' sums;
+* **determinism**: the same seed twice gives identical tables and request streams; and the
+  per-iteration engine gives the macro-stepping engine's table.
+
+Hypothesis example counts are small (``deadline=None``, derandomized); the heavier variant is
+``@pytest.mark.slow``."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import resolved, tables_equal
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleetsim.apps.simulate import simulate
+from fleetsim.base.units import HOUR_S
+from fleetsim.results.accounting import J_PER_KWH
+from fleetsim.serving.audit import audited
+
+# the model kinds: (model section, fleet fields)
+KINDS: dict[str, tuple[dict, dict]] = {
+    "dense": ({"name": "llama-3.1-8b"}, {}),
+    "gemma3": ({"name": "gemma-3-12b"}, {}),  # 5 sliding (W 1,024) : 1 global
+    "gpt-oss": ({"name": "gpt-oss-20b"}, {}),  # alternating sliding (W 128) with sinks
+    # DeepSeek-V3's MLA and MoE cut to 4 layers (the first dense) and 32 experts: one H100
+    "mla-moe": ({"name": "deepseek-v3", "n_layers": 4, "first_k_dense": 1, "n_experts": 32}, {}),
+    "mamba2": ({"name": "nemotron-nano-9b-v2"}, {}),  # 4 attention + 27 Mamba-2 layers
+    "moe-ep": ({"name": "qwen3-30b-a3b"}, {"data_parallel": 2, "expert_parallel": True}),
+}
+HASH_TOKENS = 64  # the traces' block of hash ids (traffic.trace_block_tokens)
+WINDOW_KINDS = ("gemma3", "gpt-oss", "mamba2")  # no prefix caching in the engine (vLLM 0.11)
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str
+    reqs: tuple[tuple[float, int, int, int], ...]  # (arrival_s, prompt, output, family)
+    kv_factor: float  # KV budget in multiples of the longest request's KV
+    prefix: bool
+    max_batched_tokens: int
+    chunked: bool
+    max_batch_size: int
+    block: int
+    replicas: int
+    router: str
+    kv: str  # "paged" | "reserve"
+    disagg: bool
+    autoscale: str  # "static" | "reactive" | "schedule"
+    watermark: float
+    seed: int
+    dp_scheduler: str = "per-rank"  # (moe-ep) or "merged"
+
+
+_BASE: dict[tuple, tuple[float, float, int, float]] = {}
+
+
+def _budget(model: dict, fleet: dict) -> tuple[float, float, int, float]:
+    """(weight bytes of a replica, KV bytes per token, GPUs per replica, a hybrid's state
+    bytes per sequence) of a kind, from one resolve on a roomy GPU."""
+    key = (json.dumps(model, sort_keys=True), json.dumps(fleet, sort_keys=True))
+    if key not in _BASE:
+        d = {
+            "simulation": {"hours": 1},
+            "model": model,
+            "hardware": {"gpu": "h100-sxm"},
+            "fleet": {**fleet, "activation_reserve_bytes": 0},
+            "traffic": {"requests_per_day": 100},
+        }
+        rs = resolved(d)
+        m = rs.model
+        full = m.kv_bytes_per_token_tp(rs.scenario.fleet.tensor_parallel)
+        _BASE[key] = (rs.kv.weight_bytes, full, rs.tp, float(m.state_bytes_per_seq))
+    return _BASE[key]
+
+
+def build(case: Case, folder: Path) -> dict:
+    """The scenario of ``case``: a trace (Mooncake JSONL with hash ids when prefix caching is
+    drawn, else CSV) and a device memory that leaves ``kv_factor`` x the longest request's KV."""
+    model, fleet = KINDS[case.kind]
+    weights, bpt, gpus, state = _budget(model, fleet)
+    longest = max(p + o for _a, p, o, _f in case.reqs)
+    kv = case.kv_factor * (longest + 4 * case.block) * bpt + math.ceil(case.kv_factor) * 2 * state
+    mem = (weights + kv) / (0.9 * gpus)
+    if case.prefix:
+        f = folder / "trace.jsonl"
+        lines = []
+        for i, (a, p, o, fam) in enumerate(case.reqs):
+            n = -(-p // HASH_TOKENS)
+            # a family shares its leading blocks (a system prompt and earlier turns); the
+            # rest of each prompt is its own
+            ids = [fam * 1000 + j if j < 1 + 2 * fam else 10**6 + i * 1000 + j for j in range(n)]
+            lines.append(
+                json.dumps(
+                    {
+                        "timestamp": int(a * 1000),
+                        "input_length": p,
+                        "output_length": o,
+                        "hash_ids": ids,
+                    }
+                )
+            )
+        f.write_text("\n".join(lines) + "\n")
+    else:
+        f = folder / "trace.csv"
+        rows = sorted((a, p, o) for a, p, o, _f in case.reqs)
+        f.write_text(
+            "arrival_s,prompt_tokens,output_tokens\n"
+            + "".join(f"{a!r},{p},{o}\n" for a, p, o in rows)
+        )
+    fl = {
+        **fleet,
+        "replicas": case.replicas,
+        "router": case.router,
+        "max_batch_size": case.max_batch_size,
+        "max_batched_tokens": case.max_batched_tokens,
+        "block_size_tokens": case.block,
+        "kv_allocation": case.kv,
+        "activation_reserve_bytes": 0,
+        "kv_watermark_fraction": case.watermark,
+    }
+    if fleet.get("data_parallel", 1) > 1:
+        # one scheduler per rank runs paged KV behind a router that binds requests to it
+        per_rank = case.kv == "paged" and case.router != "central_queue"
+        fl["dp_scheduler"] = case.dp_scheduler if per_rank else "merged"
+    if case.kv == "paged":
+        fl["enable_chunked_prefill"] = case.chunked
+        # (the trace's ids stay: such a replica must ignore them)
+        fl["enable_prefix_caching"] = case.prefix and case.kind not in WINDOW_KINDS
+    d: dict = {
+        "name": f"prop-{case.kind}",
+        "seed": case.seed,
+        "simulation": {"hours": 1},
+        "model": model,
+        "hardware": {"gpu": "h100-sxm", "mem_bytes": mem},
+        "fleet": fl,
+        "traffic": {"trace": str(f), "trace_block_tokens": HASH_TOKENS},
+        "slo": {"ttft_s": 1e5, "tpot_s": 1e5},
+        "power": {"wake_s": 20.0},
+    }
+    if case.autoscale == "reactive":
+        d["autoscaler"] = {
+            "policy": "reactive",
+            "min_replicas": 0,
+            "initial_replicas": 0,
+            "interval_s": 5.0,
+            "idle_timeout_s": 30.0,
+            "target_requests_per_replica": 4.0,
+        }
+    elif case.autoscale == "schedule":
+        d["autoscaler"] = {"policy": "schedule", "replicas_by_hour": [1] * 24}
+    if case.disagg:
+        d["disaggregation"] = {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}
+    return d
+
+
+class Sink:
+    """Every request record: rid -> (status, arrival, prompt, out, first token, finish)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, tuple] = {}
+
+    def add(self, r, replica, finish_s, ttft_s, tpot_s, e2e_s, status) -> None:
+        assert r.rid not in self.rows, f"request {r.rid} recorded twice"
+        self.rows[r.rid] = (status, r.arrival_s, r.prompt, r.out, r.first_token_s, finish_s)
+
+
+def _col(t, name: str) -> np.ndarray:
+    return t.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def check_energy(res) -> None:
+    """Each hour's GPU-seconds add up, and its energies are the integrals of their powers."""
+    rs = res.resolved
+    sc = rs.scenario
+    t = res.hourly
+    pods = res.pods
+    if rs.pools is None:
+        parts = [(rs.gpu, sc.fleet.replicas * rs.tp, rs.tp, None)]
+    else:
+        parts = [
+            (spec.rs.gpu, spec.replicas * spec.rs.tp, spec.rs.tp, spec.name)
+            for spec in (rs.pools.by_name()[n] for n in ("prefill", "decode"))
+        ]
+    e_idle = e_dyn = e_host = 0.0
+    for g, n_gpus, tp, name in parts:
+
+        def tot(key: str, name=name) -> np.ndarray:
+            vals = [p.pools[name][key] if name else getattr(p, key) for p in pods]
+            vals = [v if len(v) else [0.0] * sc.simulation.hours for v in vals]
+            return np.sum(np.asarray(vals, dtype=np.float64), axis=0)
+
+        powered, waking, off = tot("powered_gpu_s"), tot("waking_gpu_s"), tot("off_gpu_s")
+        busy = tot("busy_s") * tp
+        dyn = tot("dyn_j")
+        # conservation of GPU-seconds: every GPU is powered (on or waking) or off, all hour
+        np.testing.assert_allclose(powered + off, n_gpus * HOUR_S, rtol=1e-9)
+        assert np.all(waking <= powered * (1 + 1e-12) + 1e-9)
+        assert np.all(busy <= powered * (1 + 1e-12) + 1e-6), (busy, powered)
+        assert np.all(dyn >= 0)
+        wake_w = g.idle_w if sc.power.wake_w is None else sc.power.wake_w
+        e_idle += g.idle_w * (powered - waking) + wake_w * waking + sc.power.standby_w * off
+        e_dyn += np.minimum(dyn, max(g.power.max_w - g.idle_w, 0.0) * busy)
+        hi = g.host_idle_w_per_gpu
+        e_host += hi * powered + (g.overhead_w_per_gpu - hi) * busy
+    np.testing.assert_allclose(_col(t, "energy_gpu_idle_kwh") * J_PER_KWH, e_idle, rtol=1e-9)
+    np.testing.assert_allclose(_col(t, "energy_gpu_dynamic_kwh") * J_PER_KWH, e_dyn, rtol=1e-9)
+    np.testing.assert_allclose(_col(t, "energy_overhead_kwh") * J_PER_KWH, e_host, rtol=1e-9)
+    total = res.totals
+    for c in ("energy_gpu_kwh", "energy_it_kwh", "energy_facility_kwh"):
+        assert math.isclose(getattr(total, c), float(_col(t, c).sum()), rel_tol=1e-9)
+
+
+def run_case(case: Case, *, modes: bool = False) -> dict:
+    """Simulate ``case`` under the KV audit and check every property; returns what it saw."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = build(case, Path(tmp))
+        rs = resolved(d)
+        sink = Sink()
+        with audited() as log:
+            res = simulate(rs, request_sink=sink)
+        H = rs.scenario.simulation.hours * HOUR_S
+        T = res.totals
+        status = [r[0] for r in sink.rows.values()]
+        n = {s: status.count(s) for s in ("completed", "rejected", "in_flight")}
+        assert len(sink.rows) == len(case.reqs) == T.requests_arrived
+        assert sum(n.values()) == len(status)
+        assert (n["completed"], n["rejected"], n["in_flight"]) == (
+            T.requests_completed,
+            T.requests_rejected,
+            T.requests_in_flight,
+        )
+        # the traffic drains long before the horizon
+        assert n["in_flight"] == 0, n
+        done = [r for r in sink.rows.values() if r[0] == "completed"]
+        assert T.output_tokens == sum(r[3] for r in done)
+        assert T.prompt_tokens == sum(r[2] for r in done)
+        for _s, a, _p, _o, first, fin in done:
+            assert 0.0 <= a < first <= fin <= H, (a, first, fin)
+        assert log.checks > 0
+        assert log.max_used_frac <= 1.0
+        check_energy(res)
+        # the same seed twice: the same tables and the same request stream
+        sink2 = Sink()
+        res2 = simulate(resolved(d), request_sink=sink2)
+        assert tables_equal(res.hourly, res2.hourly)
+        assert _same_rows(sink.rows, sink2.rows)
+        if modes:
+            d["simulation"]["engine"] = "iteration"
+            res3 = simulate(resolved(d))
+            assert tables_equal(res.hourly, res3.hourly)
+        return {"res": res, "log": log, "sink": sink}
+
+
+def _same_rows(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if x[:4] != y[:4]:
+            return False
+        for u, v in zip(x[4:], y[4:]):
+            if not (u == v or (math.isnan(u) and math.isnan(v))):
+                return False
+    return True
+
+
+@st.composite
+def cases(draw, kinds=tuple(KINDS)) -> Case:
+    kind = draw(st.sampled_from(kinds))
+    n = draw(st.integers(1, 24))
+    reqs = tuple(
+        sorted(
+            (
+                draw(st.integers(0, 120_000)) / 1000.0,
+                draw(st.integers(1, 3000)),
+                draw(st.integers(1, 300)),
+                draw(st.integers(0, 3)),
+            )
+            for _ in range(n)
+        )
+    )
+    kv = draw(st.sampled_from(["paged", "paged", "reserve"]))
+    disagg = draw(st.sampled_from([False, False, True])) and kind != "moe-ep"
+    prefix = kv == "paged" and draw(st.booleans())
+    mbt = draw(st.sampled_from([16384, 4096, 1024, 256, 64]))
+    chunked = draw(st.booleans()) if kv == "paged" else False
+    if not chunked:  # every prompt must fit one iteration's budget
+        mbt = max(mbt, max(p for _a, p, _o, _f in reqs) + 2 * 256)
+    return Case(
+        kind=kind,
+        reqs=reqs,
+        kv_factor=draw(st.sampled_from([1.05, 1.3, 2.0, 4.0, 40.0])),
+        prefix=prefix,
+        max_batched_tokens=mbt,
+        chunked=chunked,
+        max_batch_size=draw(st.sampled_from([2, 8, 256])),
+        block=draw(st.sampled_from([16, 16, 32, 64])),
+        replicas=1 if disagg else draw(st.integers(1, 2)),
+        # (a decode pool cannot use a central queue)
+        router=draw(
+            st.sampled_from(["round_robin", "least_loaded"] + ([] if disagg else ["central_queue"]))
+        ),
+        kv=kv,
+        disagg=disagg,
+        autoscale="static" if disagg else draw(st.sampled_from(["static", "reactive"])),
+        watermark=draw(st.sampled_from([0.0, 0.0, 0.01])),
+        seed=draw(st.integers(0, 3)),
+        dp_scheduler=draw(st.sampled_from(["per-rank", "merged"])),
+    )
+
+
+def _settings(n: int):
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+@_settings(30)
+@given(cases())
+def test_generated_scenarios_keep_the_invariants(case):
+    run_case(case)
+
+
+@pytest.mark.slow
+@_settings(400)
+@given(cases())
+def test_generated_scenarios_keep_the_invariants_slow(case):
+    run_case(case, modes=True)
