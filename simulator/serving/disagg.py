@@ -288,7 +288,8 @@ class DisaggPod:
         # without chunked prefill a prompt longer than the prefill pool's token budget can never
         # be scheduled (with it, it is prefilled in chunks)
         pf_sc = pools.prefill.rs.scenario.fleet
-        self.max_tokens_p = pools.prefill.max_tokens if not pf_sc.chunked_prefill else 1 << 62
+        # (a data-parallel rank's share with a scheduler per rank: FleetSection.prompt_token_budget)
+        self.max_tokens_p = pf_sc.prompt_token_budget if not pf_sc.chunked_prefill else 1 << 62
         self._ids: list[list[int]] | None = None
 
     # ---- arrivals -----------------------------------------------------------------------------

@@ -168,7 +168,8 @@ class Pod:
         paged = self.paged is not None
         # without chunked prefill a prompt longer than the token budget can never be scheduled
         chunked = sc.fleet.chunked_prefill
-        self.max_prompt = sc.fleet.max_batched_tokens if not chunked else 1 << 62
+        # (a data-parallel rank's share with a scheduler per rank: serving/ranks.py)
+        self.max_prompt = sc.fleet.prompt_token_budget if not chunked else 1 << 62
         self.queue_floor = 0.0  # central queue: the latest boundary at which a head left it
         self.max_context = rs.model.max_context_tokens
         # prompt + output above this is refused: the KV capacity or the context window
