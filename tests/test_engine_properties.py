@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from fleetsim.apps.simulate import simulate
 from fleetsim.base.units import HOUR_S
 from fleetsim.results.accounting import J_PER_KWH
-from fleetsim.serving.audit import audited
+from fleetsim.serving.audit import assert_drained, audited
 
 # the model kinds: (model section, fleet fields)
 KINDS: dict[str, tuple[dict, dict]] = {
@@ -77,12 +77,12 @@ class Case:
     dp_scheduler: str = "per-rank"  # (moe-ep) or "merged"
 
 
-_BASE: dict[tuple, tuple[float, float, int, float]] = {}
+_BASE: dict[tuple, tuple] = {}
 
 
-def _budget(model: dict, fleet: dict) -> tuple[float, float, int, float]:
-    """(weight bytes of a replica, KV bytes per token, GPUs per replica, a hybrid's state
-    bytes per sequence) of a kind, from one resolve on a roomy GPU."""
+def _budget(model: dict, fleet: dict) -> tuple:
+    """(weight bytes of a replica, its ModelSpec, GPUs per replica) of a kind, from one
+    resolve on a roomy GPU."""
     key = (json.dumps(model, sort_keys=True), json.dumps(fleet, sort_keys=True))
     if key not in _BASE:
         d = {
@@ -93,9 +93,7 @@ def _budget(model: dict, fleet: dict) -> tuple[float, float, int, float]:
             "traffic": {"requests_per_day": 100},
         }
         rs = resolved(d)
-        m = rs.model
-        full = m.kv_bytes_per_token_tp(rs.scenario.fleet.tensor_parallel)
-        _BASE[key] = (rs.kv.weight_bytes, full, rs.tp, float(m.state_bytes_per_seq))
+        _BASE[key] = (rs.kv.weight_bytes, rs.model, rs.tp)
     return _BASE[key]
 
 
@@ -103,9 +101,16 @@ def build(case: Case, folder: Path) -> dict:
     """The scenario of ``case``: a trace (Mooncake JSONL with hash ids when prefix caching is
     drawn, else CSV) and a device memory that leaves ``kv_factor`` x the longest request's KV."""
     model, fleet = KINDS[case.kind]
-    weights, bpt, gpus, state = _budget(model, fleet)
+    weights, m, gpus = _budget(model, fleet)
     longest = max(p + o for _a, p, o, _f in case.reqs)
-    kv = case.kv_factor * (longest + 4 * case.block) * bpt + math.ceil(case.kv_factor) * 2 * state
+    # the bytes of the longest sequence as the model holds it (its window layers at most the
+    # window, a hybrid's state), with room for the blocks' rounding; reserve KV charges every
+    # token in every attention layer
+    if case.kv == "paged":
+        seq = m.kv_bytes(longest + 4 * case.block) + 2 * m.state_bytes_per_seq
+    else:
+        seq = (longest + 4 * case.block) * m.kv_bytes_per_token + 2 * m.state_bytes_per_seq
+    kv = case.kv_factor * seq
     mem = (weights + kv) / (0.9 * gpus)
     if case.prefix:
         f = folder / "trace.jsonl"
@@ -264,6 +269,7 @@ def run_case(case: Case, *, modes: bool = False) -> dict:
             assert 0.0 <= a < first <= fin <= H, (a, first, fin)
         assert log.checks > 0
         assert log.max_used_frac <= 1.0
+        assert_drained(log)
         check_energy(res)
         # the same seed twice: the same tables and the same request stream
         sink2 = Sink()
@@ -319,12 +325,17 @@ def _same_rows(a: dict, b: dict) -> bool:
 def cases(draw, kinds=tuple(KINDS)) -> Case:
     kind = draw(st.sampled_from(kinds))
     n = draw(st.integers(1, 24))
+    spread_ms = draw(st.sampled_from([0, 500, 5_000, 120_000]))  # a burst .. two minutes
+    # sizes within a factor of 3 of the largest: with a budget of a few of the longest, tens
+    # of requests in a burst outgrow the pool (preemption)
+    p_hi = draw(st.sampled_from([1, 40, 300, 1500, 3000]))
+    o_hi = draw(st.sampled_from([1, 16, 300, 1000]))
     reqs = tuple(
         sorted(
             (
-                draw(st.integers(0, 120_000)) / 1000.0,
-                draw(st.integers(1, 3000)),
-                draw(st.integers(1, 300)),
+                draw(st.integers(0, spread_ms)) / 1000.0,
+                draw(st.integers(max(1, p_hi // 3), p_hi)),
+                draw(st.integers(max(1, o_hi // 3), o_hi)),
                 draw(st.integers(0, 3)),
             )
             for _ in range(n)
@@ -335,12 +346,12 @@ def cases(draw, kinds=tuple(KINDS)) -> Case:
     prefix = kv == "paged" and draw(st.booleans())
     mbt = draw(st.sampled_from([16384, 4096, 1024, 256, 64]))
     chunked = draw(st.booleans()) if kv == "paged" else False
-    if not chunked:  # every prompt must fit one iteration's budget
-        mbt = max(mbt, max(p for _a, p, _o, _f in reqs) + 2 * 256)
+    if not chunked:  # every prompt must fit one iteration's budget (a rank's: half of it)
+        mbt = max(mbt, 2 * (max(p for _a, p, _o, _f in reqs) + 256))
     return Case(
         kind=kind,
         reqs=reqs,
-        kv_factor=draw(st.sampled_from([1.05, 1.3, 2.0, 4.0, 40.0])),
+        kv_factor=draw(st.sampled_from([1.05, 1.5, 3.0, 6.0, 40.0])),
         prefix=prefix,
         max_batched_tokens=mbt,
         chunked=chunked,
@@ -429,3 +440,93 @@ def test_a_prompt_longer_than_a_ranks_token_budget_is_refused():
     at_share = [(a, min(p, 513), o, f) for a, p, o, f in reqs]
     out = run_case(replace(case, reqs=tuple(at_share)))
     assert out["res"].totals.requests_completed == 8
+
+
+# ---- the longest request: refused above the budget, served at it ------------------------------
+
+
+def _write_trace(folder: Path, rows: list[tuple[float, int, int]], name: str) -> str:
+    f = folder / name
+    f.write_text(
+        "arrival_s,prompt_tokens,output_tokens\n" + "".join(f"{a},{p},{o}\n" for a, p, o in rows)
+    )
+    return str(f)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kv", ["paged", "reserve"])
+def test_the_longest_request_completes_and_one_token_more_is_refused(kind, kv):
+    """On every model kind and both KV policies, a trace whose longest request is exactly the
+    replica's KV budget (``KvBudget.request_tokens``: per layer kind for windows, less a
+    hybrid's state) completes beside short requests that arrive with it, the engine's pool
+    recounting after every commit and empty at the end; one token more is refused at
+    validation with one message naming the KV budget (it would never fit: a loop or a stall)."""
+    from fleetsim.base.errors import ScenarioError
+
+    case = _regression(kind, [(0.0, 2000, 50, 0)], kv_factor=1.3, kv=kv, max_batch_size=8)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        d = build(case, folder)
+        rs = resolved(d)
+        R = min(rs.kv.request_tokens, rs.model.max_context_tokens)
+        assert R >= 2000 + 50
+        rows = [(0.0, 10, 5), (0.0, R - 40, 40), (0.001, 30, 3), (0.002, 7, 20)]
+        d["traffic"]["trace"] = _write_trace(folder, rows, "longest.csv")
+        sink = Sink()
+        with audited() as log:
+            res = simulate(resolved(d), request_sink=sink)
+        assert res.totals.requests_completed == 4
+        assert log.checks > 0
+        assert_drained(log)
+        if kv == "paged" and rs.kv.layer_blocks:
+            # it held its hand count at its end (the pool's layer-blocks, or fewer)
+            assert log.max_used <= rs.kv.layer_blocks
+        d["traffic"]["trace"] = _write_trace(folder, [*rows, (0.01, R - 40, 41)], "over.csv")
+        with pytest.raises(ScenarioError, match="KV budget"):
+            resolved(d)
+
+
+# ---- the window layers' hand count -----------------------------------------------------------
+
+
+def _vllm_window_blocks(L: int, W: int, b: int) -> int:
+    """Blocks a sliding-window layer of vLLM 0.11 holds for a sequence while it allocates the
+    slot of its ``L``-th token (``L - 1`` computed): ``SlidingWindowManager``'s
+    ``remove_skipped_blocks`` has freed the blocks wholly before the first token the window
+    still attends, token ``L - W`` (0-based), so ``ceil(L / b) - max(0, L - W) // b``."""
+    return -(-L // b) - max(0, L - W) // b
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    st.integers(1, 200_000),
+    st.sampled_from([128, 512, 1000, 1024, 4096]),
+    st.sampled_from([16, 32, 64]),
+    st.integers(0, 12),
+    st.integers(1, 60),
+    st.integers(0, 2000),
+)
+def test_window_layer_blocks_bound_vllms(L, W, b, G, S, C):
+    """``kv_blocks_for`` (serving/kv_blocks.py) charges a window layer ``min(ceil(L / b), cap)``
+    blocks, ``cap = ceil(W / b) + 1``: never fewer than vLLM's window layer holds, at most one
+    more (after the window fills, where vLLM's count swings between ``ceil(W / b)`` and
+    ``cap`` with the phase of ``L - W``), and exactly vLLM's count before the window fills; a
+    global layer holds ``ceil(L / b)``; a hybrid's state ``C`` is constant."""
+    from types import SimpleNamespace
+
+    from fleetsim.serving.kv_blocks import BlockPool
+
+    cap = -(-W // b) + 1
+    pool = SimpleNamespace(b=b, win=(G, S, cap, C))
+    got = BlockPool.kv_blocks_for(pool, L)  # type: ignore[arg-type]
+    win = (got - C - G * -(-L // b)) // S
+    assert got == G * -(-L // b) + S * win + C
+    v = _vllm_window_blocks(L, W, b)
+    assert v <= win <= v + 1
+    assert win <= cap
+    if L <= W:
+        assert win == v == -(-L // b)
+    # vLLM's most over a block's phases past the window is the cap (ceil(W / b) when W is
+    # one token past a block boundary): the bound is tight
+    most = max(_vllm_window_blocks(W + r, W, b) for r in range(1, b + 1))
+    assert most == (cap - 1 if W % b == 1 else cap)

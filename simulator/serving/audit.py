@@ -45,6 +45,7 @@ class AuditLog:
     checks: int = 0
     max_used: int = 0  # the most blocks (layer-blocks) in use at a commit, any replica
     max_used_frac: float = 0.0  # of its pool
+    replicas: list = field(default_factory=list)  # every replica audited, in first-seen order
     handed: Any = field(default_factory=weakref.WeakKeyDictionary)  # replica -> {rid: request}
     last_t: Any = field(default_factory=weakref.WeakKeyDictionary)  # replica -> last T0
 
@@ -100,6 +101,23 @@ def _reserve_recount(rep: ReserveKV, log: AuditLog) -> None:
     assert 0 <= rep.kv_used <= rep.kv_cap, f"{where}: kv_used {rep.kv_used} > {rep.kv_cap}"
 
 
+def assert_drained(log: AuditLog) -> None:
+    """Every replica the block audited holds nothing: no request decoding, prefilling or
+    handed off, and no block in use (paged: every block free or an unreferenced cached one;
+    reserve: nothing reserved). For simulations whose traffic drained before the horizon."""
+    for rep in log.replicas:
+        where = f"replica {rep.index} at the end"
+        assert not rep.heap and not rep.pre and rep.n == 0, f"{where}: requests held"
+        assert not log.handed.get(rep), f"{where}: handed-off KV not released"
+        if isinstance(rep, PagedKV):
+            assert rep.used_blocks() == 0, f"{where}: {rep.used_blocks()} blocks in use"
+            assert rep.free + rep.g * len(rep.lru) == rep.NB, f"{where}: blocks lost"
+            assert not any(rep.cache.values()), f"{where}: cached blocks still referenced"
+            assert rep.cnt2 == [0] * (2 * rep.b) and rep.S == 0, f"{where}: decode counts"
+        else:
+            assert rep.kv_used == 0, f"{where}: {rep.kv_used} tokens reserved"
+
+
 @contextlib.contextmanager
 def audited() -> Iterator[AuditLog]:
     """Recount every replica's KV after each commit of the simulations run in the block."""
@@ -116,6 +134,8 @@ def audited() -> Iterator[AuditLog]:
         def _commit_kv(self: Any, *a: Any) -> None:
             orig(self, *a)
             last = log.last_t.get(self)
+            if last is None:
+                log.replicas.append(self)
             assert last is None or self.T0 >= last, (self.index, last, self.T0)
             # (an event's time is SimPy's ``now + (t - now)``, which may round an ulp above t)
             now = self.env.now
