@@ -177,6 +177,11 @@ class Pod:
         # with its state: KvBudget.request_tokens; == kv_cap for every other reserve replica)
         cap = rs.kv.request_tokens if rs.kv is not None else self.limits.kv_cap
         self._max_tokens = min(cap, self.max_context)
+        if paged and not chunked:
+            # a request preempted as it decodes is prefilled again whole with the tokens it
+            # generated (at most prompt + output - 1): longer could never be scheduled again
+            # (config/resolve.py _check_recompute_fits; session turns grow past the check)
+            self._max_tokens = min(self._max_tokens, self.max_prompt + 1)
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.sink = request_sink
         self.in_flight = 0
