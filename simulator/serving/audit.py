@@ -171,5 +171,5 @@ def audited() -> Iterator[AuditLog]:
             setattr(cls, "_release_kv", wrap_release(cls))  # noqa: B010
         yield log
     finally:
-        for (cls, name), fn in saved.items():
-            setattr(cls, name, fn)
+        for (owner, name), fn in saved.items():
+            setattr(owner, name, fn)
