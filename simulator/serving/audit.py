@@ -17,6 +17,8 @@ inside it, from the requests each replica holds:
   ``sum(eff - join_it)``;
 * **reserve policy**: ``kv_used`` equals the reservations of the requests held, within
   ``kv_cap``;
+* **batch**: the first iteration of every run holds at most ``max_batch_size`` sequences and
+  ``max_batched_tokens`` tokens (its decodes and prefill chunks);
 * **clock**: each replica's boundary times never go back, nor behind the event clock (to
   the ulp by which SimPy's ``now + (t - now)`` may round ``t``).
 
@@ -34,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetsim.serving.core import ReplicaCore
 from fleetsim.serving.kv_paged import PagedKV
 from fleetsim.serving.kv_reserve import ReserveKV
 
@@ -127,6 +130,19 @@ def audited() -> Iterator[AuditLog]:
         for cls in (PagedKV, ReserveKV)
         for name in ("_commit_kv", "_keep_kv", "_release_kv")
     }
+    saved[(ReplicaCore, "plan")] = ReplicaCore.__dict__["plan"]
+    plan = saved[(ReplicaCore, "plan")]
+
+    def audited_plan(self: Any, T: float) -> None:
+        plan(self, T)
+        if self.busy and self.T0 == T:
+            # the run's first iteration: its decodes and prefill chunks within the token budget
+            tokens = self.P + self.n
+            assert tokens <= self.max_tokens, (
+                f"replica {self.index} iteration {self.it}: {self.n} decodes + {self.P} prompt "
+                f"tokens > max_batched_tokens {self.max_tokens}"
+            )
+            assert self.n + len(self.pre) <= self.max_batch, (self.index, self.n, self.max_batch)
 
     def wrap_commit(cls: type, recount: Any) -> Any:
         orig = saved[(cls, "_commit_kv")]
@@ -169,6 +185,7 @@ def audited() -> Iterator[AuditLog]:
             setattr(cls, "_commit_kv", wrap_commit(cls, recount))  # noqa: B010
             setattr(cls, "_keep_kv", wrap_keep(cls))  # noqa: B010
             setattr(cls, "_release_kv", wrap_release(cls))  # noqa: B010
+        setattr(ReplicaCore, "plan", audited_plan)  # noqa: B010
         yield log
     finally:
         for (owner, name), fn in saved.items():
