@@ -786,3 +786,54 @@ def test_a_preempted_request_too_long_to_recompute_is_refused():
     out = run_case(replace(case, chunked=True))
     assert out["res"].totals.requests_completed == 24
     assert out["res"].totals.preemptions > 0
+
+
+# ---- the horizon cuts the day: requests in flight ---------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_requests_in_flight_at_the_horizon_are_counted_once(seed):
+    """The generator's scenario with its traffic moved to the last seconds of the day: the
+    horizon finds requests queued, prefilling, decoding, handed off between pools or on the
+    link. Each is recorded once, as completed (by the horizon), rejected or in flight, and the
+    counts are the table's and the pods' (arrived = completed + rejected + in flight); a
+    request in flight that had its first token has it before the horizon; the pools recount
+    after every commit, the horizon's included; the energy integrates."""
+    case = make_case(_Rng(seed))
+    last = max(a for a, _p, _o, _f in case.reqs)
+    case = replace(case, offset_s=HOUR_S - 1.0 - last)
+    res, rows, log = simulate_case(case)
+    T = res.totals
+    status = [r[0] for r in rows.values()]
+    assert len(rows) == len(case.reqs) == T.requests_arrived
+    assert (status.count("completed"), status.count("rejected"), status.count("in_flight")) == (
+        T.requests_completed,
+        T.requests_rejected,
+        T.requests_in_flight,
+    )
+    assert T.requests_arrived == T.requests_completed + T.requests_rejected + T.requests_in_flight
+    for st_, a, _p, _o, first, fin in rows.values():
+        if st_ == "completed":
+            assert a < first <= fin <= HOUR_S
+        elif st_ == "in_flight" and not math.isnan(first):
+            assert a < first <= HOUR_S
+    # (a reactive fleet from zero replicas may wake none before the horizon: nothing commits)
+    assert log.checks > 0 or T.requests_completed == 0
+    assert log.max_used_frac <= 1.0
+    check_energy(res)
+
+
+@pytest.mark.parametrize("disagg", [False, True])
+def test_a_first_token_after_the_horizon_is_not_recorded(disagg):
+    """A 3,000-token prompt arriving 5 ms before the end of the day: its prefill iteration
+    straddles the horizon, which the engine commits whole (its work past the horizon goes to
+    the dropped spill-over hour). The request is in flight at the end; its record used to carry
+    that iteration's end, after the horizon, as its first token (and a TTFT the day never
+    saw); now it has neither, as a request still queued."""
+    case = _regression("dense", [(HOUR_S - 0.005, 3000, 10, 0)], disagg=disagg, kv_factor=40.0)
+    res, rows, _log = simulate_case(case)
+    ((status, _a, _p, _o, first, _fin),) = rows.values()
+    assert status == "in_flight" and res.totals.requests_in_flight == 1
+    assert math.isnan(first)
+    assert res.totals.prompt_tokens == 0 and res.totals.output_tokens == 0
+    assert res.totals.gpu_busy_s > 0  # the straddling iteration's share before the horizon

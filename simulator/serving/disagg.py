@@ -53,7 +53,7 @@ from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.events import run_until, wake_at
-from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv
+from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv, untimed_after
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
@@ -473,6 +473,7 @@ class DisaggPod:
         rows += [(r, -1) for r in self.prefill.shared_queue or ()]
         rows += [(r, r.dst.index if r.dst else -1) for r in self._moving.values()]
         for r, idx in rows:
+            untimed_after(r, self.horizon_s)
             sink.add(
                 r, idx, math.nan, r.first_token_s - r.arrival_s, math.nan, math.nan, "in_flight"
             )

@@ -140,6 +140,15 @@ def energy_coeffs(rs: Resolved) -> dict[str, Any]:
     }
 
 
+def untimed_after(r: Request, horizon_s: float) -> None:
+    """A request in flight at the horizon whose first token came in the iteration that
+    straddles it (``ReplicaCore.stop`` commits that iteration whole, its work past the horizon
+    going to the dropped spill-over hour): the day did not see that token, so its record has no
+    first token and no TTFT, as a request still queued."""
+    if r.first_token_s > horizon_s:
+        r.first_token_s = math.nan
+
+
 class Pod:
     """Simulates one pod for the scenario's horizon."""
 
@@ -446,6 +455,7 @@ class Pod:
         if self.sink is not None:
             for rep in self.replicas:
                 for r in rep.pending():
+                    untimed_after(r, self.horizon_s)
                     self.sink.add(
                         r,
                         rep.index,
