@@ -837,3 +837,70 @@ def test_a_first_token_after_the_horizon_is_not_recorded(disagg):
     assert math.isnan(first)
     assert res.totals.prompt_tokens == 0 and res.totals.output_tokens == 0
     assert res.totals.gpu_busy_s > 0  # the straddling iteration's share before the horizon
+
+
+# ---- synthetic traffic over several hours, power states -----------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_synthetic_hours_with_power_states(seed):
+    """Three hours of synthetic traffic with a diurnal curve that idles the fleet in its second
+    hour (a reactive autoscaler from zero replicas powers replicas off and wakes them), on a
+    drawn kind and KV budget: the pools recount after every commit, every GPU-second of every
+    hour is powered or off and the energies integrate, the requests are counted once, and the
+    same seed gives the same tables."""
+    rng = random.Random(seed)
+    kind = rng.choice(list(KINDS))
+    model, fleet = KINDS[kind]
+    weights, m, gpus = _budget(model, fleet)
+    kv = rng.choice([1.5, 4.0, 40.0]) * (m.kv_bytes(3000) + 2 * m.state_bytes_per_seq)
+    diurnal = [1.0] * 24
+    diurnal[1] = 0.0  # the fleet's second hour is idle
+    d = {
+        "name": f"prop-hours-{kind}",
+        "seed": seed,
+        "simulation": {"hours": 3},
+        "model": model,
+        "hardware": {"gpu": "h100-sxm", "mem_bytes": (weights + kv) / (0.9 * gpus)},
+        "fleet": {
+            **fleet,
+            "replicas": 3,
+            "router": rng.choice(["round_robin", "least_loaded"]),
+            "max_batch_size": 64,
+            "activation_reserve_bytes": 0,
+            "kv_allocation": rng.choice(["paged", "paged", "reserve"]),
+        },
+        "traffic": {
+            "requests_per_day": 24 * 120,
+            "diurnal": diurnal,
+            "prompt": {"dist": "uniform", "low": 10, "high": 1500},
+            "output": {"dist": "uniform", "low": 1, "high": 1500},
+        },
+        "slo": {"ttft_s": 1e5, "tpot_s": 1e5},
+        "power": {"wake_s": 45.0},
+        "autoscaler": {
+            "policy": "reactive",
+            "min_replicas": 0,
+            "initial_replicas": rng.choice([0, 1, 3]),
+            "interval_s": 10.0,
+            "idle_timeout_s": 120.0,
+            "target_requests_per_replica": 4.0,
+        },
+    }
+    if d["fleet"]["kv_allocation"] == "reserve" and fleet.get("data_parallel", 1) > 1:
+        d["fleet"]["dp_scheduler"] = "merged"
+    sink = Sink()
+    with audited() as log:
+        res = simulate(resolved(d), request_sink=sink)
+    T = res.totals
+    status = [r[0] for r in sink.rows.values()]
+    assert len(status) == T.requests_arrived > 0
+    assert status.count("completed") == T.requests_completed > 0
+    assert status.count("in_flight") == T.requests_in_flight
+    assert log.checks > 0 and log.max_used_frac <= 1.0
+    check_energy(res)
+    off = np.sum([np.asarray(p.off_gpu_s, dtype=float) for p in res.pods], axis=0)
+    assert off[1] > 0  # the idle hour powers replicas off
+    assert _col(res.hourly, "requests_arrived")[1] == 0
+    res2 = simulate(resolved(d))
+    assert tables_equal(res.hourly, res2.hourly)
