@@ -77,6 +77,7 @@ class Case:
     seed: int
     dp_scheduler: str = "per-rank"  # (moe-ep) or "merged"
     eviction: str = "vllm"  # fleet.prefix_cache_eviction ("vllm" or "pool-first")
+    pods: int = 1  # the trace's requests split over them
     offset_s: float = 0.0  # added to every arrival
     hours: int = 1
 
@@ -154,6 +155,7 @@ def build(case: Case, folder: Path) -> dict:
         "activation_reserve_bytes": 0,
         "kv_watermark_fraction": case.watermark,
         "prefix_cache_eviction": case.eviction,
+        "pods": case.pods,
     }
     if fleet.get("data_parallel", 1) > 1:
         # one scheduler per rank runs paged KV behind a router that binds requests to it
@@ -211,11 +213,12 @@ def check_energy(res) -> None:
     sc = rs.scenario
     t = res.hourly
     pods = res.pods
+    n_pods = sc.fleet.pods  # (every pod simulated: no sample_pods here)
     if rs.pools is None:
-        parts = [(rs.gpu, sc.fleet.replicas * rs.tp, rs.tp, None)]
+        parts = [(rs.gpu, n_pods * sc.fleet.replicas * rs.tp, rs.tp, None)]
     else:
         parts = [
-            (spec.rs.gpu, spec.replicas * spec.rs.tp, spec.rs.tp, spec.name)
+            (spec.rs.gpu, n_pods * spec.replicas * spec.rs.tp, spec.rs.tp, spec.name)
             for spec in (rs.pools.by_name()[n] for n in ("prefill", "decode"))
         ]
     e_idle = e_dyn = e_host = 0.0
@@ -418,6 +421,7 @@ def make_case(c, kinds=tuple(KINDS)) -> Case:
         seed=c.int(0, 3),
         dp_scheduler=c.pick(["per-rank", "merged"]),
         eviction=c.pick(["vllm", "pool-first"]),
+        pods=c.pick([1, 1, 1, 3]),
     )
 
 
