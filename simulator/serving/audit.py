@@ -22,10 +22,14 @@ inside it, from the requests each replica holds:
 * **clock**: each replica's boundary times never go back, nor behind the event clock (to
   the ulp by which SimPy's ``now + (t - now)`` may round ``t``).
 
+:func:`assert_drained` then checks that a simulation whose traffic drained left every pool
+empty but for unreferenced cached blocks.
+
 Off by default and free when off: the engine never imports this module; :func:`audited` patches
-the policies' ``_commit_kv`` (and the hand-off methods) for the duration of a ``with`` block and
-restores them. A violation raises :class:`AssertionError` naming the replica, the iteration and
-the two counts. tests/test_engine_properties.py runs generated scenarios under it.
+the policies' ``_commit_kv``, their hand-off methods and the core's ``plan`` for the duration
+of a ``with`` block and restores them. A violation raises :class:`AssertionError` naming the
+replica, the iteration and the two counts. tests/test_engine_properties.py runs generated
+scenarios under it.
 """
 
 from __future__ import annotations
