@@ -908,3 +908,33 @@ def test_synthetic_hours_with_power_states(seed):
     assert _col(res.hourly, "requests_arrived")[1] == 0
     res2 = simulate(resolved(d))
     assert tables_equal(res.hourly, res2.hourly)
+
+
+def test_ranks_admitted_into_one_iteration_keep_one_order_in_both_engines():
+    """Qwen3-30B-A3B over 2 data-parallel ranks (a scheduler each) on a pool of 25 blocks:
+    requests 7 (rank 1, arriving at 0.495 s) and 8 (rank 0, at 0.497 s) join the same
+    iteration. The per-iteration engine admits both at its boundary, rank by rank (8, then 7);
+    the macro engine had admitted 7 when it arrived (cutting its run at that boundary, ahead of
+    time) and 8 when its own arrival replanned that iteration, so the two engines disagreed on
+    the most recently admitted request, preempted 8 or 7 twice, and 8 finished at 1.756 s or
+    1.390 s. The admission order is now by iteration, then rank, then first come first served,
+    however the iteration was planned, and the engines agree."""
+    reqs = (
+        (0.155, 1, 73, 1),
+        (0.308, 1, 25, 2),
+        (0.353, 1, 8, 2),
+        (0.361, 1, 34, 2),
+        (0.367, 1, 34, 3),
+        (0.385, 1, 24, 1),
+        (0.448, 1, 212, 0),
+        (0.495, 1, 198, 1),
+        (0.497, 1, 134, 0),
+    )
+    case = _regression("moe-ep", reqs, kv_factor=1.5, max_batch_size=256)
+    out = run_case(case, modes=True)
+    rows = out["sink"].rows
+    assert out["res"].totals.preemptions == 2
+    assert out["res"].resolved.kv.blocks == 25
+    last = sorted(rows)[-1]  # request 8
+    assert rows[last][1] == 0.497
+    assert rows[last][5] == pytest.approx(1.39024, abs=1e-5)
