@@ -53,7 +53,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "v-tight-kv-watermark": ("default", (*_TIGHT, "fleet.kv_watermark_fraction=0.05")),
     "v-tight-kv-nochunk": (
         "default",
-        (*_TIGHT, "fleet.enable_chunked_prefill=false", "fleet.max_batched_tokens=32768"),
+        # (the longest recompute of a preempted request: 32,000 + 1,000 - 1 tokens)
+        (*_TIGHT, "fleet.enable_chunked_prefill=false", "fleet.max_batched_tokens=33000"),
     ),
     "v-tight-kv-iteration": ("default", (*_TIGHT, 'simulation.engine="iteration"')),
     "v-tight-kv-reserve": (

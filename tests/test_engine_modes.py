@@ -120,8 +120,11 @@ CASES.update(
             "traffic": {"requests_per_day": 200_000},
             "fleet": {
                 **PREEMPT,
-                "gpu_memory_utilization": 0.216,
-                "max_batched_tokens": 4096,
+                "gpu_memory_utilization": 0.217,  # (the larger budget's activation reserve)
+                # without chunking a preempted request is prefilled again whole, with what it
+                # had generated: up to the longest prompt + output - 1 = 4,999 tokens (a
+                # smaller budget is refused, as vLLM refuses it: config/resolve.py)
+                "max_batched_tokens": 5000,
                 "enable_chunked_prefill": False,
             },
         },

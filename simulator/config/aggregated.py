@@ -631,13 +631,26 @@ def _check_request_sizes(
             "lower the maxima",
             src,
         )
-    if pmax > sc.fleet.max_batched_tokens and not sc.fleet.chunked_prefill:
+    f = sc.fleet
+    if pmax > f.prompt_token_budget and not f.chunked_prefill:
+        if f.prompt_token_budget == f.max_batched_tokens:
+            raise ScenarioError(
+                "fleet.max_batched_tokens",
+                f.max_batched_tokens,
+                f"smaller than the longest prompt ({pmax} tokens); such prompts could "
+                "never be scheduled",
+                f"set it >= {pmax}, or fleet.enable_chunked_prefill = true",
+                src,
+            )
+        # a scheduler per data-parallel rank: each rank has its share of the token budget
         raise ScenarioError(
             "fleet.max_batched_tokens",
-            sc.fleet.max_batched_tokens,
-            f"smaller than the longest prompt ({pmax} tokens); such prompts could "
-            "never be scheduled",
-            f"set it >= {pmax}, or fleet.enable_chunked_prefill = true",
+            f.max_batched_tokens,
+            f"gives each of the {f.data_parallel} data-parallel ranks "
+            f"{f.prompt_token_budget} tokens per iteration, fewer than the longest prompt "
+            f"({pmax} tokens); such prompts could never be scheduled",
+            f"set it >= {f.data_parallel * pmax}, fleet.enable_chunked_prefill = true, or "
+            'fleet.dp_scheduler = "merged"',
             src,
         )
     return max_req, trace_t

@@ -238,6 +238,17 @@ class FleetSection(_Section):
         return self.kv_allocation == "paged" if c is None else c
 
     @property
+    def prompt_token_budget(self) -> int:
+        """The most prompt tokens one scheduler gives a prompt in one iteration:
+        ``max_batched_tokens``, or a data-parallel rank's share ``ceil(max_batched_tokens /
+        data_parallel)`` with a scheduler per rank (serving/ranks.py). Without chunked prefill
+        a longer prompt can never be scheduled."""
+        dp = self.data_parallel
+        if dp > 1 and self.dp_scheduler == "per-rank":
+            return -(-self.max_batched_tokens // dp)
+        return self.max_batched_tokens
+
+    @property
     def prefix_caching(self) -> bool:
         c = self.enable_prefix_caching
         return self.kv_allocation == "paged" if c is None else c

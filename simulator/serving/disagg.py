@@ -53,7 +53,7 @@ from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
 from fleetsim.serving.events import run_until, wake_at
-from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv
+from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv, untimed_after
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
@@ -288,7 +288,8 @@ class DisaggPod:
         # without chunked prefill a prompt longer than the prefill pool's token budget can never
         # be scheduled (with it, it is prefilled in chunks)
         pf_sc = pools.prefill.rs.scenario.fleet
-        self.max_tokens_p = pools.prefill.max_tokens if not pf_sc.chunked_prefill else 1 << 62
+        # (a data-parallel rank's share with a scheduler per rank: FleetSection.prompt_token_budget)
+        self.max_tokens_p = pf_sc.prompt_token_budget if not pf_sc.chunked_prefill else 1 << 62
         self._ids: list[list[int]] | None = None
 
     # ---- arrivals -----------------------------------------------------------------------------
@@ -472,6 +473,7 @@ class DisaggPod:
         rows += [(r, -1) for r in self.prefill.shared_queue or ()]
         rows += [(r, r.dst.index if r.dst else -1) for r in self._moving.values()]
         for r, idx in rows:
+            untimed_after(r, self.horizon_s)
             sink.add(
                 r, idx, math.nan, r.first_token_s - r.arrival_s, math.nan, math.nan, "in_flight"
             )

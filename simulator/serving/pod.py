@@ -140,6 +140,15 @@ def energy_coeffs(rs: Resolved) -> dict[str, Any]:
     }
 
 
+def untimed_after(r: Request, horizon_s: float) -> None:
+    """A request in flight at the horizon whose first token came in the iteration that
+    straddles it (``ReplicaCore.stop`` commits that iteration whole, its work past the horizon
+    going to the dropped spill-over hour): the day did not see that token, so its record has no
+    first token and no TTFT, as a request still queued."""
+    if r.first_token_s > horizon_s:
+        r.first_token_s = math.nan
+
+
 class Pod:
     """Simulates one pod for the scenario's horizon."""
 
@@ -168,7 +177,8 @@ class Pod:
         paged = self.paged is not None
         # without chunked prefill a prompt longer than the token budget can never be scheduled
         chunked = sc.fleet.chunked_prefill
-        self.max_prompt = sc.fleet.max_batched_tokens if not chunked else 1 << 62
+        # (a data-parallel rank's share with a scheduler per rank: serving/ranks.py)
+        self.max_prompt = sc.fleet.prompt_token_budget if not chunked else 1 << 62
         self.queue_floor = 0.0  # central queue: the latest boundary at which a head left it
         self.max_context = rs.model.max_context_tokens
         # prompt + output above this is refused: the KV capacity or the context window
@@ -176,6 +186,11 @@ class Pod:
         # with its state: KvBudget.request_tokens; == kv_cap for every other reserve replica)
         cap = rs.kv.request_tokens if rs.kv is not None else self.limits.kv_cap
         self._max_tokens = min(cap, self.max_context)
+        if paged and not chunked:
+            # a request preempted as it decodes is prefilled again whole with the tokens it
+            # generated (at most prompt + output - 1): longer could never be scheduled again
+            # (config/resolve.py _check_recompute_fits; session turns grow past the check)
+            self._max_tokens = min(self._max_tokens, self.max_prompt + 1)
         self.rec = Recorder(self.hours, sc.slo.ttft_s, sc.slo.tpot_s, keep_hist, request_sink)
         self.sink = request_sink
         self.in_flight = 0
@@ -440,6 +455,7 @@ class Pod:
         if self.sink is not None:
             for rep in self.replicas:
                 for r in rep.pending():
+                    untimed_after(r, self.horizon_s)
                     self.sink.add(
                         r,
                         rep.index,

@@ -57,6 +57,10 @@ if TYPE_CHECKING:
     from fleetsim.serving.ports import PodPort
 
 
+def _adm(r: Request) -> int:
+    return r.adm
+
+
 class RankedWaiting:
     """The waiting requests of a data-parallel replica: one first-come-first-served queue per
     rank (``qs``), ``n`` in all. What the core asks of its waiting deque: length, truth,
@@ -200,20 +204,31 @@ class RankedPagedKV(PagedKV):
         rrun = self.rrun
         cap = self.rcap
         nt = self.n + len(self.pre)
+        top = (it * self.ranks) << 40
+        admitted = False
         for k, q in enumerate(w.qs):
             budget = rb[k]
             if not q or budget <= 0 or rrun[k] >= cap:
                 continue
             w.cur = k
             while q and rrun[k] < cap and budget > 0:
-                c = self._admit_head(q[0], it, nt, budget)
+                r = q[0]
+                c = self._admit_head(r, it, nt, budget)
                 if not c:
                     break
+                # the admission order (the preemption victim is the most recent): by iteration,
+                # then rank by rank, each first come first served, as one call admits a batch,
+                # also when a macro run's first iteration is replanned as requests arrive (its
+                # later ranks' heads may have joined it first)
+                r.adm = top + (k << 40) + self.adm_seq
+                admitted = True
                 budget -= c
                 nt += 1
                 rrun[k] += 1
                 self.radm[k] += 1
             rb[k] = budget
+        if admitted:
+            self.pre.sort(key=_adm)  # (stable, nearly sorted: pf's move is _planned's)
         self._planned()
 
     def _chunk(self, r: Request, c: int, it: int) -> None:
