@@ -627,24 +627,30 @@ def test_window_layer_blocks_bound_vllms(L, W, b, G, S, C):
 PRESSURE = tuple((0.01 * i, 300 + (i * 389) % 701, 300 + (i * 577) % 701, i % 4) for i in range(24))
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+#: the pressure variants, by name
+PRESSURE_VARIANTS = {
+    "chunked": {},
+    "prefix-512": {"prefix": True, "max_batched_tokens": 512},
+    "disagg": {"disagg": True},
+    "central-reactive": {"replicas": 2, "router": "central_queue", "autoscale": "reactive"},
+}
+
+
 @pytest.mark.parametrize(
-    "variant",
+    ("kind", "variant"),
     [
-        {},
-        {"prefix": True, "max_batched_tokens": 512},
-        {"disagg": True},
-        {"replicas": 2, "router": "central_queue", "autoscale": "reactive"},
+        pytest.param(k, v, id=f"{name}-{k}")
+        for name, v in PRESSURE_VARIANTS.items()
+        for k in KINDS
+        # data and expert parallelism run on aggregated fleets only (config/resolve.py)
+        if not (v.get("disagg") and k == "moe-ep")
     ],
-    ids=["chunked", "prefix-512", "disagg", "central-reactive"],
 )
 def test_every_kind_under_kv_pressure(kind, variant):
     """Each model kind, a burst that outgrows the pool: it preempts (on the aggregated
     replicas), every request completes with its outputs counted once, the pool recounts after
     every commit and drains to nothing held; the prefix-caching variant serves some prompt
     tokens from the cache where the model allows prefix caching (not windows, not Mamba)."""
-    if variant.get("disagg") and kind == "moe-ep":
-        pytest.skip("data and expert parallelism run on aggregated fleets only (config/resolve.py)")
     case = _regression(kind, PRESSURE, kv_factor=3.0, max_batch_size=256, **variant)
     out = run_case(case)
     T = out["res"].totals
