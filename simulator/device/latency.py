@@ -1230,7 +1230,12 @@ class LatencyModel:
             if t_pad < 0:
                 t_pad = self.dp_padded_tokens(p_tokens, n_prefill, n)
             flops += (t_pad - tokens) * f_lin
-        nbytes = self._weights(tokens) + self.kvb * (ctx + tokens) + self._sb * (n_prefill + n)
+        wd = self.dense_weight_bytes  # (_weights inlined for a dense model)
+        nbytes = (
+            (wd if wd is not None else self._weights(tokens))
+            + self.kvb * (ctx + tokens)
+            + self._sb * (n_prefill + n)
+        )
         if p_tokens and self._pf_bytes:  # the prompt tokens' chunked scan (SSD)
             flops += p_tokens * self._pf_flops
             nbytes += p_tokens * self._pf_bytes
@@ -1324,8 +1329,9 @@ class LatencyModel:
             c = self.run_coeffs(n)
         x1 = c.a1 + c.b1 * ctx
         x2 = c.a2 + c.b2 * ctx
-        # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped
-        nbytes = self._weights(n) + self.kvb * (ctx + n) + self._sb * n
+        # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped;
+        # c.weight_bytes is _weights(n) (run_coeffs)
+        nbytes = c.weight_bytes + self.kvb * (ctx + n) + self._sb * n
         return c.base + (x1 if x1 > x2 else x2), c.fa + ctx * self.f_pair, nbytes
 
     # -- decode runs -----------------------------------------------------------------------
