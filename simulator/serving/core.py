@@ -354,9 +354,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
             if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
                 # at the tokens its layers run: padded under data parallelism, as iteration()
                 # times them
-                tc = (
-                    self.P + n if lat.dp <= 1 else lat.padded_tokens(self.P, nchunks, n, self.tpad)
-                )
+                tc = self.P + n if lat.dp <= 1 else lat.padded_tokens(self.P, nchunks, n, self.tpad)
                 cm = lat._comm_cache.get(tc)  # (lat.comm_s, its cache read inline)
                 self.C_first = cm if cm is not None else lat.comm_s(tc, nchunks + n)
             if cfg.track_loop:  # seconds of it in the fp8 fused-MoE K loop (PowerSpec.moe_loop_w)

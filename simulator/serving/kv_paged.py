@@ -615,7 +615,13 @@ class PagedKV(BlockPool):
         r.held = 0
 
     def _release_kv(self, r: Request) -> None:
-        r.held = r.kv_held  # type: ignore[attr-defined]
+        H = r.kv_held  # type: ignore[attr-defined]
+        if not H and self.win is None and not self.qc:
+            # no cached blocks and no queue to keep: _drop's free blocks, inlined (once per
+            # request in a disaggregated fleet's prefill pool)
+            self.free += -(-r.kv_tokens // self.b)  # type: ignore[attr-defined]
+            return
+        r.held = H
         self._drop(r, r.kv_tokens)  # type: ignore[attr-defined]
         r.kv_held = 0  # type: ignore[attr-defined]
 
