@@ -556,6 +556,37 @@ def steps_to_reach(
         m = m_max
     elif m < 1:
         m = 1
+    db = c.db
+    slope = db * n
+    if slope != 0.0 and c.da == 0.0 and c0 >= 0.0:
+        # run_time's first branch (every step on one line), inlined with its very expression
+        # ``m * base + (m * (a + b * c0) + b * n * (m * (m - 1) / 2.0))`` and its constant
+        # parts computed once: this search calls it two or three times (once per arrival
+        # that cuts a run)
+        if slope < 0.0:
+            b_ = c.b2
+            u = c.a2 + b_ * c0
+        else:
+            b_ = c.b1
+            u = c.a1 + b_ * c0
+        bn = b_ * n
+        cb = c.base
+        rt = m * cb + (m * u + bn * (m * (m - 1) / 2.0)) if m > 0 else 0.0
+        if base + rt >= target:
+            while m > 0:
+                p = m - 1
+                prev = p * cb + (p * u + bn * (p * (p - 1) / 2.0)) if p > 0 else 0.0
+                if base + prev < target:
+                    break
+                m = p
+                rt = prev
+        else:
+            while m < m_max:
+                m += 1
+                rt = m * cb + (m * u + bn * (m * (m - 1) / 2.0))
+                if base + rt >= target:
+                    break
+        return m, rt
     rt = run_time(c, c0, n, m)
     if base + rt >= target:
         while m > 0:
