@@ -11,6 +11,7 @@ from fleetsim.device import catalog
 from fleetsim.device.latency import (
     LatencyModel,
     LinearProfile,
+    RunCoeffs,
     run_sums,
     run_time,
     step_time,
@@ -74,6 +75,53 @@ def test_run_sums_equal_step_by_step(model, gpu, tp):
         assert rt == run_time(c, c0, n, k)
         assert (base + run_time(c, c0, n, k) >= target) or k == m
         assert k == 0 or base + run_time(c, c0, n, k - 1) < target
+
+
+def _reach_by_run_time(c, c0, n, m_max, base, target, m):
+    """steps_to_reach's nudge from a first guess ``m``, on run_time itself (the reference)."""
+    rt = run_time(c, c0, n, m)
+    if base + rt >= target:
+        while m > 0:
+            prev = run_time(c, c0, n, m - 1)
+            if base + prev < target:
+                break
+            m -= 1
+            rt = prev
+    else:
+        while m < m_max:
+            m += 1
+            rt = run_time(c, c0, n, m)
+            if base + rt >= target:
+                break
+    return m, rt
+
+
+def test_steps_to_reach_inlined_branch_is_run_time():
+    """steps_to_reach evaluates run_time's one-line branch (both lines through the origin, the
+    kernel model's) inline: the same step count and the same float as the nudge on run_time
+    itself, from every first guess, on either line (slope of either sign), m_max 0 included."""
+    rng = np.random.default_rng(5)
+    for i in range(3000):
+        b1, b2 = (float(x) for x in rng.uniform(1e-9, 1e-6, 2))
+        if i % 2:
+            b1, b2 = b2, b1
+        c = RunCoeffs(float(rng.uniform(0.0, 0.03)), 0.0, b1, 0.0, b2, 1.0, 1.0, 1.0, 1.0)
+        n = int(rng.integers(1, 300)) if i % 3 else float(rng.uniform(0.5, 300.0))
+        c0 = float(rng.integers(0, 2_000_000))
+        m_max = int(rng.integers(0, 4000))
+        base = float(rng.uniform(0.0, 86400.0))
+        T = run_time(c, c0, n, m_max)
+        target = base + float(rng.uniform(-0.01, 1.1 * T + 1e-9))
+        k, rt = steps_to_reach(c, c0, n, m_max, base, target)
+        if base >= target:
+            assert (k, rt) == (0, 0.0)
+            continue
+        assert rt == run_time(c, c0, n, k) and (base + rt >= target or k == m_max)
+        assert k == 0 or base + run_time(c, c0, n, k - 1) < target
+        for guess in {1, k, max(1, k - 1), min(m_max, k + 1)} - {0}:
+            if guess <= m_max:
+                ref = _reach_by_run_time(c, c0, n, m_max, base, target, guess)
+                assert ref == (k, rt) or (m_max == 0 and ref[0] == 0)
 
 
 def test_roofline_regimes_h100_70b_tp4():

@@ -22,6 +22,7 @@ from fleetsim.config.loading import scenario_from_dict
 from fleetsim.config.resolved import activation_reserve_bytes, kv_budget
 from fleetsim.device.modelspec import model_from_catalog
 from fleetsim.serving.kv_blocks import blocks_in, cumulative, first_short
+from fleetsim.serving.pod import Pod
 from fleetsim.workload.mooncake import prefix_hit_oracle, read_mooncake
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,3 +420,47 @@ def test_vllm_eviction_order_by_hand(tmp_path, off, pool_first, vllm):
         T = simulate(resolved(scenario(ev))).totals
         assert T.requests_completed == 4 and T.preemptions == 0
         assert T.prefix_hit_tokens == hit
+
+
+def test_vllm_free_queue_is_built_with_its_first_cached_entry(tmp_path):
+    """The vLLM order's free-block queue (kv_blocks.py, ``qc``) is kept only while it holds a
+    cached entry: until then allocation and release change ``free`` alone; the first cached id
+    rebuilds it as one run of the ``free`` uncached blocks ahead of that id; taking more than
+    the uncached blocks evicts the id (its remaining blocks back at the head), and the queue is
+    then let go again. Hand counts on a 114-block replica (blocks of 16, ids of 2 blocks)."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        json.dumps({"timestamp": 0, "input_length": 64, "output_length": 4, "hash_ids": [0, 1]})
+        + "\n"
+    )
+    rs = resolved(
+        {
+            "simulation": {"hours": 1},
+            "model": {"name": "llama-3.1-8b"},
+            "hardware": {"mem_bytes": 16.3e9, "peak_flops": 1e15, "mem_bw_bytes_per_s": 3e12},
+            "fleet": {
+                "replicas": 1,
+                "gpu_memory_utilization": 1.0,
+                "activation_reserve_bytes": 0,
+                "prefix_cache_eviction": "vllm",
+            },
+            "traffic": {"trace": str(trace), "trace_block_tokens": 32},
+        }
+    )
+    rep = Pod(rs, 0, 1).replicas[0]
+    assert rep.uq and rep.g == 2 and rep.free == 114
+    assert rep.qc == 0 and not rep.q  # no cached entry: no queue
+    rep._take(30)
+    rep._q_free(4)
+    assert rep.free == 88 and rep.qc == 0 and not rep.q
+    rep.cache[7] = 0
+    rep._q_cached(7)  # the first cached entry: the queue is the 88 free blocks, then id 7
+    assert rep.qc == 1 and [list(e) for e in rep.q] == [[-1, 88, 0], [7, 2, 1]]
+    assert list(rep._q_entries()) == [([-1, 88, 0], 0), ([7, 2, 1], 88)]
+    rep._q_free(5)  # released after it: queued behind it
+    assert rep.free == 93 and [e[1] for e in rep.q] == [88, 2, 5]
+    rep._take(89)  # the 88 ahead of it, then 1 of its 2 blocks: evicted, 1 back at the head
+    assert 7 not in rep.cache and 7 not in rep.lru and rep.qc == 0
+    assert rep.free == 93 - 88 + 1 == 6 and [e[1] for e in rep.q] == [1, 5]
+    rep._take(6)  # no cached entry left: free blocks only
+    assert rep.free == 0 and rep.qc == 0

@@ -556,6 +556,37 @@ def steps_to_reach(
         m = m_max
     elif m < 1:
         m = 1
+    db = c.db
+    slope = db * n
+    if slope != 0.0 and c.da == 0.0 and c0 >= 0.0:
+        # run_time's first branch (every step on one line), inlined with its very expression
+        # ``m * base + (m * (a + b * c0) + b * n * (m * (m - 1) / 2.0))`` and its constant
+        # parts computed once: this search calls it two or three times (once per arrival
+        # that cuts a run)
+        if slope < 0.0:
+            b_ = c.b2
+            u = c.a2 + b_ * c0
+        else:
+            b_ = c.b1
+            u = c.a1 + b_ * c0
+        bn = b_ * n
+        cb = c.base
+        rt = m * cb + (m * u + bn * (m * (m - 1) / 2.0)) if m > 0 else 0.0
+        if base + rt >= target:
+            while m > 0:
+                p = m - 1
+                prev = p * cb + (p * u + bn * (p * (p - 1) / 2.0)) if p > 0 else 0.0
+                if base + prev < target:
+                    break
+                m = p
+                rt = prev
+        else:
+            while m < m_max:
+                m += 1
+                rt = m * cb + (m * u + bn * (m * (m - 1) / 2.0))
+                if base + rt >= target:
+                    break
+        return m, rt
     rt = run_time(c, c0, n, m)
     if base + rt >= target:
         while m > 0:
@@ -1233,7 +1264,12 @@ class LatencyModel:
             if t_pad < 0:
                 t_pad = self.dp_padded_tokens(p_tokens, n_prefill, n)
             flops += (t_pad - tokens) * f_lin
-        nbytes = self._weights(tokens) + self.kvb * (ctx + tokens) + self._sb * (n_prefill + n)
+        wd = self.dense_weight_bytes  # (_weights inlined for a dense model)
+        nbytes = (
+            (wd if wd is not None else self._weights(tokens))
+            + self.kvb * (ctx + tokens)
+            + self._sb * (n_prefill + n)
+        )
         if p_tokens and self._pf_bytes:  # the prompt tokens' chunked scan (SSD)
             flops += p_tokens * self._pf_flops
             nbytes += p_tokens * self._pf_bytes
@@ -1327,8 +1363,9 @@ class LatencyModel:
             c = self.run_coeffs(n)
         x1 = c.a1 + c.b1 * ctx
         x2 = c.a2 + c.b2 * ctx
-        # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped
-        nbytes = self._weights(n) + self.kvb * (ctx + n) + self._sb * n
+        # c.fa is n * (f_lin + f_head): iteration's FLOPs with its zero prefill terms dropped;
+        # c.weight_bytes is _weights(n) (run_coeffs)
+        nbytes = c.weight_bytes + self.kvb * (ctx + n) + self._sb * n
         return c.base + (x1 if x1 > x2 else x2), c.fa + ctx * self.f_pair, nbytes
 
     # -- decode runs -----------------------------------------------------------------------

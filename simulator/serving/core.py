@@ -187,6 +187,7 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "mask",
         "prefix",
         "q",
+        "qc",
         "qv",
         "uq",
         "wm",
@@ -350,24 +351,37 @@ class ReplicaCore(KVPolicy, WindowedDecode):
             t1, F1, B1 = lat.iteration(
                 self.P, self.pairs, nchunks, n, ctx, self.tpad, self.p_full, self.pairs_full
             )
+            if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
+                # at the tokens its layers run: padded under data parallelism, as iteration()
+                # times them
+                tc = self.P + n if lat.dp <= 1 else lat.padded_tokens(self.P, nchunks, n, self.tpad)
+                cm = lat._comm_cache.get(tc)  # (lat.comm_s, its cache read inline)
+                self.C_first = cm if cm is not None else lat.comm_s(tc, nchunks + n)
+            if cfg.track_loop:  # seconds of it in the fp8 fused-MoE K loop (PowerSpec.moe_loop_w)
+                self.L_first = lat.moe_loop_iter_s(self.P, nchunks, n, self.tpad)
+            if cfg.track_xf:  # its routed experts' FLOPs (PowerSpec.moe_compute_w)
+                self.X_first = lat.expert_flops_iter(self.P, nchunks, n, self.tpad)
+            if cfg.e_kv_j:  # its weight bytes: the rest of B1 is KV and state (PowerSpec.kv_w)
+                # a dense model reads all its weights in every iteration (no call on the hot path)
+                wd = lat.dense_weight_bytes
+                self.W_first = wd if wd is not None else lat.weight_bytes_per_iteration(self.P + n)
         else:  # no prefill token (P == 0): the same numbers, cheaper
             t1, F1, B1 = lat.decode_step(n, ctx)
+            # a pure decode step's communication seconds, fp8 K-loop seconds, routed-expert
+            # FLOPs and weight bytes are its run coefficients' (LatencyModel.run_coeffs: the
+            # same calls at the same token count, dp_padded_tokens(0, 0, n) under data
+            # parallelism, as the branch above makes with P == 0); each is read only where its
+            # term is on (cfg.track_comm, track_loop, track_xf, e_kv_j), so all four are set
+            c0 = self._coeffs.get(n)
+            if c0 is None:
+                c0 = lat.run_coeffs(n)
+            self.C_first = c0.comm_s
+            self.L_first = c0.loop_s
+            self.X_first = c0.expert_flops
+            self.W_first = c0.weight_bytes
         self.t_first = t1
         self.F_first = F1
         self.B_first = B1
-        if cfg.track_comm:  # seconds of it in communication (PowerSpec.comm_w)
-            # at the tokens its layers run: padded under data parallelism, as iteration() times
-            tc = self.P + n if lat.dp <= 1 else lat.padded_tokens(self.P, nchunks, n, self.tpad)
-            cm = lat._comm_cache.get(tc)  # (lat.comm_s, its cache read inline)
-            self.C_first = cm if cm is not None else lat.comm_s(tc, nchunks + n)
-        if cfg.track_loop:  # seconds of it in the fp8 fused-MoE K loop (PowerSpec.moe_loop_w)
-            self.L_first = lat.moe_loop_iter_s(self.P, nchunks, n, self.tpad)
-        if cfg.track_xf:  # its routed experts' FLOPs (PowerSpec.moe_compute_w)
-            self.X_first = lat.expert_flops_iter(self.P, nchunks, n, self.tpad)
-        if cfg.e_kv_j:  # its weight bytes: the rest of B1 is KV and state (PowerSpec.kv_w)
-            # a dense model reads all its weights in every iteration (no call on the hot path)
-            wd = lat.dense_weight_bytes
-            self.W_first = wd if wd is not None else lat.weight_bytes_per_iteration(self.P + n)
         heap = self.heap
         nxt = heap[0][0] if heap else 1 << 62
         S1 = S

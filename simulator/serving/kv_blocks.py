@@ -24,6 +24,14 @@ blocks ahead of it have been allocated, however many never-cached blocks are rel
 ``q`` is that queue in entries ``[key, blocks, version]``: ``key < 0`` a run of uncached blocks,
 else a cached id (``g`` blocks), stale when its id left ``lru`` or re-entered it since
 (``qv``: the id's current version); ``free`` stays the count of the uncached free blocks.
+``qc`` counts the queue's cached entries (live or stale). While it is 0 the queue holds only
+uncached runs, which the allocation order cannot tell apart from one run of ``free`` blocks
+(runs are taken from the head in turn, and the offsets :meth:`BlockPool._q_entries` gives a
+cached entry are the uncached blocks ahead of it, however they are split): the queue is then
+not kept at all, ``free`` is the whole of it (allocation and release are the pool-first
+policy's ``free -= x``, ``free += n``), and the first cached entry rebuilds it as that one
+run (:meth:`BlockPool._q_cached`). The default day's requests carry no block ids, so their
+replicas never build it (bench/RESULTS.md, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -94,6 +102,7 @@ class BlockPool(ReplicaCore):
     prefix: bool
     win: tuple[int, int, int, int] | None
     q: deque[list[int]] | None
+    qc: int
     qv: dict[int, int]
     uq: bool
 
@@ -118,21 +127,28 @@ class BlockPool(ReplicaCore):
 
     # -- vLLM's single free-block queue (uq) -------------------------------------------------------
     def _q_free(self, n: int) -> None:
-        """``n`` uncached blocks released: ``free`` grows, and with ``uq`` they join the queue."""
+        """``n`` uncached blocks released: ``free`` grows, and with ``uq`` they join the queue
+        (kept only while it holds a cached entry, ``qc``)."""
         self.free += n
-        if self.uq and n > 0:
+        if self.qc and n > 0:
             q = self.q
             assert q is not None
             q.append([-1, n, 0])
 
     def _q_cached(self, h: int) -> None:
-        """Cached id ``h`` lost its last reference: into ``lru`` and, with ``uq``, the queue."""
+        """Cached id ``h`` lost its last reference: into ``lru`` and, with ``uq``, the queue
+        (the queue's first cached entry: the queue is first rebuilt as its one uncached run)."""
         self.lru[h] = None
         if self.uq:
             v = self.qv.get(h, 0) + 1
             self.qv[h] = v
             q = self.q
             assert q is not None
+            if not self.qc:
+                q.clear()
+                if self.free:
+                    q.append([-1, self.free, 0])
+            self.qc += 1
             q.append([h, self.g, v])
 
     def _q_live(self, e: list[int]) -> bool:
@@ -167,6 +183,7 @@ class BlockPool(ReplicaCore):
                     q.popleft()
                 continue
             q.popleft()
+            self.qc -= 1
             if not (h in lru and self.qv.get(h) == e[2]):
                 continue  # stale: hit again since, or released again later in the queue
             del lru[h]
@@ -181,8 +198,9 @@ class BlockPool(ReplicaCore):
 
     def _take(self, x: int) -> None:
         """Allocate ``x`` blocks: free ones first, then evict least recently used cached ones
-        (with ``uq``: from the head of vLLM's one free queue)."""
-        if self.uq:
+        (with ``uq``: from the head of vLLM's one free queue, while it holds a cached entry;
+        else ``lru`` is empty and the free ones suffice)."""
+        if self.qc:
             self._q_take(x)
             return
         f = self.free

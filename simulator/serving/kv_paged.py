@@ -125,7 +125,8 @@ class PagedKV(BlockPool):
         self.lru = OrderedDict()  # unreferenced resident ids, LRU first
         # vLLM's one free-block queue (kv_blocks.py, "vLLM's eviction order"); prefix caching only
         self.uq = kv.fifo_eviction and kv.prefix
-        self.q = deque([[-1, kv.blocks, 0]]) if self.uq else None
+        self.q = deque() if self.uq else None  # (built with its first cached entry)
+        self.qc = 0  # cached entries in q: none, so every fast path below takes free blocks
         self.qv = {}
         # decoding sequences by block residue, written twice (cnt2[i] == cnt2[i + b]) so that a
         # run's partial sum is one slice: sum(cnt2[s : s + rem]) for any s < b, rem <= b
@@ -300,7 +301,7 @@ class PagedKV(BlockPool):
         if self.win is not None and self.wsat:
             self._w_saturate(it)
         d = self.cnt2[it & mask] if n else 0
-        if not self.pre and d <= self.free and not self.uq:
+        if not self.pre and d <= self.free and not self.qc:
             # the common case: no chunk to continue and the decodes' new blocks (if any) are
             # free ones (_take inlined)
             if d:
@@ -386,7 +387,7 @@ class PagedKV(BlockPool):
             self.adm_seq += 1
             r.adm = self.adm_seq
             self.pre.append(r)
-            if need <= free and not self.uq:
+            if need <= free and not self.qc:
                 self.free = free - need
             else:
                 self._take(need)
@@ -560,7 +561,7 @@ class PagedKV(BlockPool):
                 s0 = (it0 + 1) & mask
                 x += sum(self.cnt2[s0 : s0 + rem])
             free = self.free
-            if x <= free and not self.uq:
+            if x <= free and not self.qc:
                 self.free = free - x
             else:
                 self._take(x)
@@ -601,7 +602,7 @@ class PagedKV(BlockPool):
             self._register(r, full if full < len(ids) else len(ids))
         if r.held:
             self._drop(r, tokens)
-        elif self.uq:
+        elif self.qc:
             self._q_free(-(-tokens // self.b))  # kv_blocks_for(tokens)
         else:
             self.free += -(-tokens // self.b)  # kv_blocks_for(tokens)
@@ -614,7 +615,13 @@ class PagedKV(BlockPool):
         r.held = 0
 
     def _release_kv(self, r: Request) -> None:
-        r.held = r.kv_held  # type: ignore[attr-defined]
+        H = r.kv_held  # type: ignore[attr-defined]
+        if not H and self.win is None and not self.qc:
+            # no cached blocks and no queue to keep: _drop's free blocks, inlined (once per
+            # request in a disaggregated fleet's prefill pool)
+            self.free += -(-r.kv_tokens // self.b)  # type: ignore[attr-defined]
+            return
+        r.held = H
         self._drop(r, r.kv_tokens)  # type: ignore[attr-defined]
         r.kv_held = 0  # type: ignore[attr-defined]
 
