@@ -288,27 +288,12 @@ def run_case(case: Case, *, modes: bool = False) -> dict:
         res2 = simulate(resolved(d), request_sink=sink2)
         assert tables_equal(res.hourly, res2.hourly)
         assert _same_rows(sink.rows, sink2.rows)
-        if modes and not _ranks_admit_ahead(case):
+        if modes:
             d["simulation"]["engine"] = "iteration"
             sink3 = Sink()
             res3 = simulate(resolved(d), request_sink=sink3)
             assert_same_run(res, sink.rows, res3, sink3.rows)
         return {"res": res, "log": log, "sink": sink}
-
-
-def _ranks_admit_ahead(case: Case) -> bool:
-    """A scheduler per data-parallel rank without chunked prefill: the macro engine admits an
-    arrival into a boundary ahead of time, before a lower rank's later arrival that the
-    per-iteration engine, admitting rank by rank at the boundary, would let in first; under a
-    tight pool the two may differ (not fixed: test_ranks_admitted_ahead_of_time_... below)."""
-    fleet = KINDS[case.kind][1]
-    return (
-        fleet.get("data_parallel", 1) > 1
-        and case.dp_scheduler == "per-rank"
-        and case.kv == "paged"
-        and case.router != "central_queue"
-        and not case.chunked
-    )
 
 
 def assert_same_run(a, rows_a: dict, b, rows_b: dict) -> None:
@@ -955,7 +940,6 @@ def test_ranks_admitted_into_one_iteration_keep_one_order_in_both_engines():
     assert rows[last][5] == pytest.approx(1.39024, abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="known: a ranked replica admits ahead of time (see below)")
 def test_ranks_admitted_ahead_of_time_differ_between_the_engines():
     """Known and left open (brief R43): Qwen3-30B-A3B over 2 ranks, a scheduler each, no
     chunked prefill, 8 requests at t = 0. While the first iteration runs, request 5 (rank 1)
