@@ -36,8 +36,10 @@ merged scheduler times them, the decodes spread ``ceil(n / dp)`` to a rank: a de
 time barely depends on the split), the watermark (tested on the replica's sequences), and the
 preemption victim (the replica's most recently admitted running request, not the short rank's).
 A rank with room and a waiting request ends a macro run at its first boundary, as the merged
-scheduler's waiting head does; with prefix caching the run is not cut where the decodes would
-evict a waiting request's cached prefix (the harness's data-parallel rows carry no prefix ids).
+scheduler's waiting head does, and is admitted there, with whatever every rank has waiting then
+(not ahead of time, as the core admits its one queue's head: ``on_arrival``); with prefix
+caching the run is not cut where the decodes would evict a waiting request's cached prefix (the
+harness's data-parallel rows carry no prefix ids).
 ``pf`` is kept at the front of ``pre`` (the core retires ``pre[:len(pf)]``): with one budget per
 rank, a later rank's prompt can complete while an earlier rank's is still partial.
 """
@@ -170,9 +172,7 @@ class RankedPagedKV(PagedKV):
         T = self.T0 + self.t_first
         if j > 1:
             xs = j - 1
-            dec = (
-                self.cut_rt if xs == self.cut_m else run_time(self.coef, self.c1, self.g1, xs)
-            )
+            dec = self.cut_rt if xs == self.cut_m else run_time(self.coef, self.c1, self.g1, xs)
             T += dec
         else:
             dec = 0.0
