@@ -288,27 +288,12 @@ def run_case(case: Case, *, modes: bool = False) -> dict:
         res2 = simulate(resolved(d), request_sink=sink2)
         assert tables_equal(res.hourly, res2.hourly)
         assert _same_rows(sink.rows, sink2.rows)
-        if modes and not _ranks_admit_ahead(case):
+        if modes:
             d["simulation"]["engine"] = "iteration"
             sink3 = Sink()
             res3 = simulate(resolved(d), request_sink=sink3)
             assert_same_run(res, sink.rows, res3, sink3.rows)
         return {"res": res, "log": log, "sink": sink}
-
-
-def _ranks_admit_ahead(case: Case) -> bool:
-    """A scheduler per data-parallel rank without chunked prefill: the macro engine admits an
-    arrival into a boundary ahead of time, before a lower rank's later arrival that the
-    per-iteration engine, admitting rank by rank at the boundary, would let in first; under a
-    tight pool the two may differ (not fixed: test_ranks_admitted_ahead_of_time_... below)."""
-    fleet = KINDS[case.kind][1]
-    return (
-        fleet.get("data_parallel", 1) > 1
-        and case.dp_scheduler == "per-rank"
-        and case.kv == "paged"
-        and case.router != "central_queue"
-        and not case.chunked
-    )
 
 
 def assert_same_run(a, rows_a: dict, b, rows_b: dict) -> None:
@@ -961,18 +946,18 @@ def test_ranks_admitted_into_one_iteration_keep_one_order_in_both_engines():
     assert rows[last][5] == pytest.approx(1.39024, abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="known: a ranked replica admits ahead of time (see below)")
-def test_ranks_admitted_ahead_of_time_differ_between_the_engines():
-    """Known and left open (brief R43): Qwen3-30B-A3B over 2 ranks, a scheduler each, no
-    chunked prefill, 8 requests at t = 0. While the first iteration runs, request 5 (rank 1)
-    arrives; the macro engine cuts its run at the iteration's end and admits 5 there at once
-    (ahead of time); request 6 (rank 0) arrives next and no longer fits the shared pool. The
-    per-iteration engine admits at the boundary, rank by rank: 6 first, then 5 does not fit.
-    The engines then disagree (5 and 6 swap places; 7 finishes 0.172 s or 0.214 s). With one
-    queue (dp = 1, or the merged scheduler) admission ahead of time is exact, first come first
-    served either way; with chunked prefill a head rarely waits on the budget. Making it exact
-    means deferring a ranked replica's admissions to the boundary itself (or giving each rank
-    its own pool, as vLLM does)."""
+def test_ranks_admit_at_the_boundary_in_both_engines():
+    """Qwen3-30B-A3B over 2 ranks, a scheduler each, no chunked prefill, 8 requests at t = 0
+    (535 blocks). Requests 0-4 fill the first iteration; request 5 (rank 1) does not fit it and
+    waits for boundary 1, and request 6 (rank 0), arriving after it, waits there too. At the
+    boundary each rank admits first come first served, rank 0 first (vLLM: an engine core per
+    rank, each admitting at its own step boundary): 6 fits, then the pool is short for 5. The
+    macro engine used to admit 5 when it arrived (cutting its run at boundary 1 ahead of time),
+    so there 6 no longer fitted: 5 and 6 swapped places, 6 and 7 were admitted together at
+    boundary 2 and 7 finished at 0.172 s in 3 iterations, not at 0.214 s in 4 (brief R43's
+    strict xfail). A ranked replica now ends its run at the boundary and admits
+    there (serving/ranks.py ``on_arrival``), and the engines agree: 6 comes out with 3 and 4
+    (0.1046 s), 5 with 0-2 (0.1467 s), 7 last (0.2137 s); no preemption, 4 iterations."""
     reqs = (
         (0.0, 1, 3, 1),
         (0.0, 1134, 3, 1),
@@ -999,3 +984,10 @@ def test_ranks_admitted_ahead_of_time_differ_between_the_engines():
         d["simulation"]["engine"] = "iteration"
         ref = simulate(resolved(d), request_sink=ref_sink)
     assert_same_run(macro, macro_sink.rows, ref, ref_sink.rows)
+    rows = macro_sink.rows
+    assert macro.resolved.kv.blocks == 535
+    assert macro.totals.preemptions == 0 and macro.totals.iterations == 4
+    assert [rows[i][0] for i in sorted(rows)] == ["completed"] * 8
+    assert rows[6][4] == rows[6][5] == rows[3][5] == pytest.approx(0.104622, abs=1e-6)
+    assert rows[5][4] == rows[5][5] == rows[0][5] == pytest.approx(0.146654, abs=1e-6)
+    assert rows[7][5] == pytest.approx(0.213744, abs=1e-6)

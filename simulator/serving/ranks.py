@@ -36,8 +36,10 @@ merged scheduler times them, the decodes spread ``ceil(n / dp)`` to a rank: a de
 time barely depends on the split), the watermark (tested on the replica's sequences), and the
 preemption victim (the replica's most recently admitted running request, not the short rank's).
 A rank with room and a waiting request ends a macro run at its first boundary, as the merged
-scheduler's waiting head does; with prefix caching the run is not cut where the decodes would
-evict a waiting request's cached prefix (the harness's data-parallel rows carry no prefix ids).
+scheduler's waiting head does, and is admitted there, with whatever every rank has waiting then
+(not ahead of time, as the core admits its one queue's head: ``on_arrival``); with prefix
+caching the run is not cut where the decodes would evict a waiting request's cached prefix (the
+harness's data-parallel rows carry no prefix ids).
 ``pf`` is kept at the front of ``pre`` (the core retires ``pre[:len(pf)]``): with one budget per
 rank, a later rank's prompt can complete while an earlier rank's is still partial.
 """
@@ -49,6 +51,7 @@ from collections.abc import Iterator
 from itertools import chain
 from typing import TYPE_CHECKING
 
+from fleetsim.device.latency import run_time
 from fleetsim.serving.kv_paged import PagedKV
 from fleetsim.serving.request import Request
 
@@ -131,22 +134,23 @@ class RankedPagedKV(PagedKV):
         the lowest index on a tie (vLLM's ``get_core_engine_for_request``)."""
         qs = self.waiting.qs  # type: ignore[attr-defined]
         rrun = self.rrun
-        # requests admitted into an iteration that starts later (a macro run cut ahead of now)
-        # are still waiting to vLLM's balancer: 3 more each
-        ahead = self.radm if self.busy and self.env._now < self.T0 else None
+        # (nothing is admitted ahead of now: on_arrival admits at the boundary itself)
         best = 0
         score = -1
         for k in range(self.ranks):
             s = 4 * len(qs[k]) + rrun[k]
-            if ahead is not None:
-                s += 3 * ahead[k]
             if score < 0 or s < score:
                 best, score = k, s
         return best
 
     def on_arrival(self, r: Request) -> None:
-        """Bind ``r`` to its rank and queue it there; if it is its rank's head, cut the current
-        run where it can join (the core's rule, per rank)."""
+        """Bind ``r`` to its rank and queue it there; if it is its rank's head, end the current
+        run at the boundary where it can join (the core's rule, per rank), and admit there.
+
+        Unlike the core, which cuts the run at once and admits its head into the boundary ahead
+        of time (exact with one first-come-first-served queue), a ranked replica admits at the
+        boundary itself: a lower rank's head arriving before the boundary is admitted there
+        first, as the per-iteration engine (and each rank's own scheduler) does."""
         self.outstanding += 1
         k = self.rank_for()
         r.rank = k
@@ -156,10 +160,26 @@ class RankedPagedKV(PagedKV):
             self.plan(self.env._now)
         elif len(w.qs[k]) == 1:  # type: ignore[attr-defined]
             j = self._cut_point(r)
-            if j >= 0:
-                if j > 0:
-                    self._commit(j, True, self.cut_x)
+            if j == 0:
                 self.plan(self.T0)
+            elif j > 0:
+                self._end_at(j)
+
+    def _end_at(self, j: int) -> None:
+        """End the current run at its boundary ``j`` (0 < j < k): the run's end, its decode
+        time and its end event become boundary ``j``'s, whose commit and plan admit every rank's
+        waiting heads then (the same times as the core's cut: ``_commit``'s association)."""
+        T = self.T0 + self.t_first
+        if j > 1:
+            xs = j - 1
+            dec = self.cut_rt if xs == self.cut_m else run_time(self.coef, self.c1, self.g1, xs)
+            T += dec
+        else:
+            dec = 0.0
+        self.k = j
+        self.dec_s = dec
+        self.run_end = T
+        self._arm(T)
 
     # ---- scheduling one iteration -------------------------------------------------------------
     def _schedule_running(self, it: int) -> None:
