@@ -57,7 +57,7 @@ from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv, untime
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
-from fleetsim.serving.routers import make_router
+from fleetsim.serving.routers import least_outstanding, make_router
 from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
 
 if TYPE_CHECKING:
@@ -355,16 +355,7 @@ class DisaggPod:
         reps = self.decode.active
         rule = self._droute
         if rule == "least_loaded":
-            # min(reps, key=outstanding) as a loop, the first of the least loaded as min() keeps it
-            # (routers.LeastLoaded.route: twice as fast for a few replicas)
-            best = reps[0]
-            least = best.outstanding
-            for rep in reps:
-                o = rep.outstanding
-                if o < least:
-                    best = rep
-                    least = o
-            return best
+            return least_outstanding(reps)
         if rule == "round_robin":
             self._rr = (self._rr + 1) % len(reps)
             return reps[self._rr]
