@@ -722,7 +722,7 @@ def moe_layer_parts_s(
             )
         loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned, tiles)
         loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned, tiles)
-    elif shape not in moe_fit.tuned:
+    elif not mxfp4 and shape not in moe_fit.tuned:  # (mxfp4: no such loop, below)
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
@@ -732,24 +732,26 @@ def moe_layer_parts_s(
     out["moe_dispatch"] = comm
     # the fused kernel's sustained MMA rate (FusedMoeFit.mma_frac; 0: no such bound)
     mma = epk * moe_fit.mma_frac * occupancy if moe_fit.mma_frac < 1.0 else 0.0
-    out["moe_gemm_up"] = grouped_gemm_time_s(
-        fit, epk, bw, rows, touched, (2.0 if gated else 1.0) * cols, d, ewb, loop_up, foreign, mma
-    )
+    if mxfp4:
+        # matmul_ogs (Hopper) / FlashInfer TensorRT-LLM (Blackwell), not fused_moe_kernel:
+        # the touched experts' packed weights streamed, no serial K-loop latency
+        out["moe_gemm_up"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, n_up, d, ewb)
+    else:
+        out["moe_gemm_up"] = grouped_gemm_time_s(
+            fit, epk, bw, rows, touched, n_up, d, ewb, loop_up, foreign, mma
+        )
     act_bytes = (3.0 if gated else 2.0) * 2.0 * rows_all * cols
     if fp8_block:  # the activation re-quantised for the fp8 down GEMM: 16-bit in, 8-bit out
         act_bytes += 3.0 * rows_all * cols
     out["moe_act"] = elem_time_s(fit, bw, "act", act_bytes)
-    out["moe_gemm_down"] = grouped_gemm_time_s(
-        fit, epk, bw, rows, touched, d, cols, ewb, loop_down, foreign, mma
-    )
+    if mxfp4:
+        out["moe_gemm_down"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, d, cols, ewb)
+    else:
+        out["moe_gemm_down"] = grouped_gemm_time_s(
+            fit, epk, bw, rows, touched, d, cols, ewb, loop_down, foreign, mma
+        )
     out["moe_combine"] = comm
     out["moe_fp8_loop"] = loop_up + loop_down if fp8_block else 0.0
-    if mxfp4 and not fp8_block:
-        # matmul_ogs (Hopper) / FlashInfer TensorRT-LLM (Blackwell), not fused_moe_kernel:
-        # the touched experts' packed weights streamed, no serial K-loop latency
-        loop_up = loop_down = 0.0
-        out["moe_gemm_up"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, n_up, d, ewb)
-        out["moe_gemm_down"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, d, cols, ewb)
     if fp8_block and fp8_kernel == "flashinfer-trtllm":
         # FlashInfer's TensorRT-LLM block-scale kernel: routing, top-k and the weighted sum
         # fused in one call of fixed time fi_layer_s, this GPU's experts' rows only, the
