@@ -42,24 +42,19 @@ def test_loop_seconds_by_hand_count(tmp_path):
     vLLM has no tuned fp8 file for 32 local experts of width 1,536, so the launch runs
     ``get_default_config``'s fp8 block tiles (64 x 128 x 128, 3 stages: 72 KiB of shared memory,
     3 per SM, 132 x 3 = 396 a wave) over a grid of every local expert (device/moe.py
-    ``fp8_default_grid_waves``): at 8 tokens the up GEMM (N = 2 x 1,536) 32 x 24 = 768 programs,
-    2 waves, the down GEMM (N = 4,096) 32 x 32 = 1,024, 3 waves. Each program loops over K in
-    128-wide steps: 4,096 / 128 = 32 (up) and 1,536 / 128 = 12 (down), the first wave the whole
-    loop and each later one the catalog's ``fp8_wave_frac`` a of it, so the iteration spends 94 x
-    (32 x (1 + a) + 12 x (1 + 2 a)) K steps in the loop, each of the default tiles'
-    ``k_step_fp8_default_s``. At one token vLLM's small-batch bound on the grid
-    (``invoke_fused_moe_kernel``: ``A.size(0) < BLOCK_SIZE_M`` -> at most ``A.size(0) x top_k``
-    row blocks; docs/accuracy-log.md, "Published serving measurements beyond ML.ENERGY") leaves
-    8 row blocks to each launch: 8 x 24 = 192 and 8 x 32 = 256 programs, one wave each, 94 x (32
-    + 12) steps. The bf16 twin records none."""
+    ``fp8_default_grid_waves``): the up GEMM (N = 2 x 1,536) 32 x 24 = 768 programs, 2 waves,
+    the down GEMM (N = 4,096) 32 x 32 = 1,024, 3 waves. Each program loops over K in 128-wide
+    steps: 4,096 / 128 = 32 (up) and 1,536 / 128 = 12 (down), the first wave the whole loop and
+    each later one the catalog's ``fp8_wave_frac`` a of it, so the iteration spends 94 x (32 x
+    (1 + a) + 12 x (1 + 2 a)) K steps in the loop, each of the default tiles'
+    ``k_step_fp8_default_s``. The bf16 twin records none."""
     c = _config(FP8)
     lat = _rs(c, tmp_path).latency_model()
     step = catalog.moe()["h100-sxm"]["k_step_fp8_default_s"]
     assert step > 0.0
     a = catalog.moe()["h100-sxm"]["fp8_wave_frac"]
     steps = 32 * (1 + a) + 12 * (1 + 2 * a)
-    assert lat.moe_loop_s(8) == pytest.approx(94 * steps * step, rel=1e-12)
-    assert lat.moe_loop_s(1) == pytest.approx(94 * (32 + 12) * step, rel=1e-12)
+    assert lat.moe_loop_s(1) == pytest.approx(94 * steps * step, rel=1e-12)
     # a part of the iteration's time, not added to it: the grouped GEMMs hold it
     assert 0.0 < lat.moe_loop_s(1) < lat.decode_time(1, 300)
     assert lat.run_coeffs(1).loop_s == lat.moe_loop_s(1)
