@@ -16,7 +16,6 @@ from fleetsim.apps.latency import _model
 from fleetsim.config.schema import FleetSection
 from fleetsim.device import catalog
 from fleetsim.device.latency import LatencyModel
-from fleetsim.device.moe import FusedMoeFit, fp8_default_grid_waves
 from fleetsim.device.profile import catalog_profile
 from fleetsim.device.stack import apply_stack
 
@@ -95,14 +94,13 @@ def test_the_h200_excess_at_300_sequences_is_the_per_sequence_host_time() -> Non
 
 def test_deepseek_v31_h200_tp8_is_slower_than_measured() -> None:
     """DeepSeek-V3.1 on eight H200s (TP8, fp8 block-quantised experts on vLLM's Triton
-    fused_moe_kernel; 16 sequences of 2-token prompts, 100 tokens each): 32.1 ms a step against
-    at most 23.4 ms measured (+37 %; +53 % before the small-batch grid bound; a known gap, the
-    log's "Published serving measurements"), 25.5 ms of it the fused-MoE grouped GEMMs alone:
-    their fitted fp8 K loop (catalog moe.toml, fitted at 20-64 local experts and K 4,096) priced
-    at 256 local experts and K 7,168. Band 1.25-1.5: a further fix of the MoE loop moves it and
-    must update the log."""
+    fused_moe_kernel; 16 sequences of 2-token prompts, 100 tokens each): 35.7 ms a step against
+    at most 23.4 ms measured (+53 %; a known gap, the log's "Published serving measurements"),
+    29.1 ms of it the fused-MoE grouped GEMMs alone: their fitted fp8 K-loop (catalog moe.toml,
+    fitted at 20-64 local experts and K 4,096) priced at 256 local experts and K 7,168. Band
+    1.4-1.7: a fix of the MoE loop moves it and must update the log."""
     r = _rows()["dsv31-h200-tp8-c16"]
-    assert 1.25 < _ratio(r) < 1.5
+    assert 1.4 < _ratio(r) < 1.7
     assert _parts_ms(r)["moe_grouped_gemm"] > float(r["measured_ms"])
 
 
@@ -116,38 +114,3 @@ def test_context_rows_are_not_held() -> None:
     assert {k for k, r in rows.items() if r["use"] == "test"} == {
         "gptoss-h200-tp8-c8", "gptoss-h200-tp8-c128", "gptoss-h200-tp4-c300", "dsv31-h200-tp8-c16",
     }  # fmt: skip
-
-
-def test_the_small_batch_grid_bound_by_hand() -> None:
-    """vLLM's ``invoke_fused_moe_kernel`` bounds the grid's row blocks by the routed rows when
-    ``A.size(0) < BLOCK_SIZE_M`` (``EM = min(EM, A.size(0) x top_k x BLOCK_SIZE_M)``). H200 (132
-    SMs x 3 default fp8 programs = 396 a wave), DeepSeek TP8: 256 local experts, gate+up 2 x
-    2,048 / 8 = 512 columns (4 N blocks), down 7,168 (56). 8 tokens: gate/up 8 < 64 -> at most
-    8 x 8 = 64 row blocks, 256 programs, 1 wave (without the bound 256 x 4 = 1,024, 3 waves);
-    down 64 rows, not < 64: unbounded, 256 x 56 = 14,336 programs, 37 waves. 2 tokens: down 16
-    rows < 64 -> 16 blocks, 896 programs, 3 waves. Qwen3-235B-A22B-FP8 on the B200 under EP2 (64
-    local experts, the measured rows) at 8 tokens: 8 x 8 = 64 blocks, the expert count: 4
-    waves as before; at 6 tokens 48 blocks, 1,152 programs, 3 waves."""
-    h200 = FusedMoeFit(sms=132, smem_per_sm_bytes=233472)
-    b200 = FusedMoeFit(sms=148, smem_per_sm_bytes=233472)
-    assert fp8_default_grid_waves(h200, 256, 64, 512) == 3
-    assert fp8_default_grid_waves(h200, 256, 64, 512, None, 8, 8) == 1
-    assert fp8_default_grid_waves(h200, 256, 64, 7168, None, 64, 1) == 37
-    assert fp8_default_grid_waves(h200, 256, 16, 7168, None, 16, 1) == 3
-    assert fp8_default_grid_waves(b200, 64, 32, 3072, None, 8, 8) == 4
-    assert fp8_default_grid_waves(b200, 64, 32, 3072, None, 6, 8) == 3  # 48 blocks: 1,152
-
-
-def test_deepseek_h200_tp8_step_with_the_bound() -> None:
-    """The DeepSeek-V3.1 row's step (16 sequences, 52 tokens of context): the gate/up launch of
-    16 tokens (< 64) has at most 128 row blocks, 512 programs, 2 waves (3 unbounded): its K loop
-    56 x 2.8 us x (1 + 0.4) = 219.5 us a layer instead of 56 x 2.8 x 1.8 = 282.2 us, 58 MoE
-    layers: 3.64 ms less, 35.69 -> 32.05 ms against <= 23.38 measured (+53 -> +37 %)."""
-    r = _rows()["dsv31-h200-tp8-c16"]
-    lat = _lat(r)
-    mf = lat._moe_fit
-    assert (mf.k_step_fp8_default_s, mf.fp8_wave_frac) == (2.8e-6, 0.4)
-    saved = 58 * 56 * 2.8e-6 * (1.8 - 1.4)
-    assert saved == pytest.approx(3.64e-3, rel=1e-3)
-    assert lat.decode_time(16, 52) == pytest.approx(32.05e-3, rel=2e-3)
-    assert lat.decode_time(16, 52) + saved == pytest.approx(35.69e-3, rel=2e-3)

@@ -254,13 +254,7 @@ def k_loop_latency_s(
 
 
 def fp8_default_grid_waves(
-    mf: FusedMoeFit,
-    local_experts: float,
-    rows: float,
-    n: float,
-    tiles: Fp8Tiles | None = None,
-    a_rows: float = 0.0,
-    top_k: float = 1.0,
+    mf: FusedMoeFit, local_experts: float, rows: float, n: float, tiles: Fp8Tiles | None = None
 ) -> int:
     """Whole waves of the program grid an fp8 block-quantised fused-MoE launch with
     ``get_default_config``'s tiles (M 64, N 128, K 128, 3 stages) runs on this GPU: one
@@ -284,26 +278,13 @@ def fp8_default_grid_waves(
 
     ``tiles``: a tuned configuration's tiles (:func:`tuned_fp8_tiles`) instead of the default's,
     their ``BLOCK_SIZE_M`` and ``BLOCK_SIZE_N`` in the grid and their programs per SM
-    (:func:`fp8_programs_per_sm`) in a wave.
-
-    ``a_rows`` and ``top_k``: the launch's input rows (``A.size(0)``: the tokens for the gate/up
-    GEMM, the tokens x top-k for the down GEMM) and the ``top_k`` it is called with (top-k, 1).
-    ``invoke_fused_moe_kernel`` (vllm/model_executor/layers/fused_moe/fused_moe.py) bounds the
-    grid's row extent for a small batch: ``if A.size(0) < BLOCK_SIZE_M: EM = min(EM, A.size(0) x
-    top_k x BLOCK_SIZE_M)`` ("optimize for small batch_size ... skip some invalid blocks"), at
-    most one row block per routed row (``a_rows x top_k`` blocks). With 20-64 local experts (the
-    measured rows) the bound is above the expert count from 8 sequences up; with DeepSeek's 256
-    experts sharded by tensor parallelism it sets the gate/up grid below 64 sequences. 0: no
-    bound (the form before, every caller that does not give the rows)."""
+    (:func:`fp8_programs_per_sm`) in a wave."""
     if local_experts <= 0 or n <= 0:
         return 0
     t = fp8_default_tiles() if tiles is None else tiles
     bm, bn = t[0], t[1]
     per_expert = max(1, math.ceil(rows / local_experts / bm)) if rows > 0 else 1
-    blocks = math.ceil(local_experts) * per_expert
-    if 0.0 < a_rows < bm:
-        blocks = min(blocks, max(1, math.ceil(a_rows * top_k)))
-    programs = blocks * math.ceil(n / bn)
+    programs = math.ceil(local_experts) * per_expert * math.ceil(n / bn)
     per_sm = fp8_programs_per_sm(mf, t)
     return max(1, math.ceil(programs / (mf.sms * per_sm)))
 
@@ -316,8 +297,6 @@ def fp8_default_loop_latency_s(
     n: float = 1.0,
     tuned: bool = False,
     tiles: Fp8Tiles | None = None,
-    a_rows: float = 0.0,
-    top_k: float = 1.0,
 ) -> float:
     """The loop latency of one fp8 block-quantised fused-MoE launch of ``n`` output columns over
     a reduction of ``k`` where vLLM has no tuned configuration for the layer: ``ceil(k / 128)``
@@ -348,13 +327,12 @@ def fp8_default_loop_latency_s(
 
     ``tiles``: the tuned configuration's tiles of a prefill-sized launch
     (:func:`tuned_fp8_tiles`): its ``BLOCK_SIZE_K`` sets the K steps and its grid and programs
-    per SM the waves (:func:`fp8_default_grid_waves`). ``a_rows``, ``top_k``: the launch's input
-    rows and top-k, for the small-batch bound on its grid (:func:`fp8_default_grid_waves`)."""
+    per SM the waves (:func:`fp8_default_grid_waves`)."""
     step = mf.k_step_fp8_s if tuned else mf.k_step_fp8_default_s
     if step <= 0.0 or k <= 0:
         return 0.0
     bk = (fp8_default_tiles() if tiles is None else tiles)[2]
-    waves = fp8_default_grid_waves(mf, local_experts, rows, n, tiles, a_rows, top_k)
+    waves = fp8_default_grid_waves(mf, local_experts, rows, n, tiles)
     if waves <= 0:
         return 0.0
     return math.ceil(k / bk) * step * (1.0 + mf.fp8_wave_frac * (waves - 1))
@@ -742,14 +720,8 @@ def moe_layer_parts_s(
             occupancy = fp8_programs_per_sm(moe_fit, tiles) / fp8_programs_per_sm(
                 moe_fit, fp8_default_tiles()
             )
-        # the launches' input rows for vLLM's small-batch grid bound: the gate/up GEMM reads
-        # the m tokens (top_k k), the down GEMM the m x k activated rows (top_k 1)
-        loop_up = fp8_default_loop_latency_s(
-            moe_fit, d, local_experts, rows, n_up, tuned, tiles, m, float(k)
-        )
-        loop_down = fp8_default_loop_latency_s(
-            moe_fit, cols, local_experts, rows, d, tuned, tiles, rows_all, 1.0
-        )
+        loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned, tiles)
+        loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned, tiles)
     elif not mxfp4 and shape not in moe_fit.tuned:  # (mxfp4: no such loop, below)
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
