@@ -7,7 +7,10 @@ The grid is the cartesian product of the ``--grid`` axes; each point is the scen
 point's values applied as ``--set`` overrides (the same parsing: values are TOML). An axis's
 values are a TOML array (``key=[v1, v2]``; a list-valued field takes an array of arrays) or,
 as before, comma-separated TOML values (``key=v1,v2``). All points are
-validated before anything runs. Points share the scenario's seed on purpose (common random
+validated before anything runs; a point whose weights or KV cache do not fit the GPU at its TP
+(or whose split vLLM refuses) is a row with ``status`` and ``problem`` saying why, its figures
+null, and the other points are simulated (``fleetsim plan`` keeps such candidates the same
+way); any other mistake refuses the grid. Points share the scenario's seed on purpose (common random
 numbers: two points differ by their parameters, not by their random draws); sweep ``seed=1,2,3``
 for replications. ``sweep.parquet`` has one row per point, in grid order.
 
@@ -169,24 +172,69 @@ def grid_points(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
     ]
 
 
-def point_scenarios(base: dict, points: list[list[str]], source: str) -> list[dict]:
-    """Validate every point up front (schema and catalogs); the scenario dict of each. A
-    mistake that is not the grid's (in the file or a --set: the base alone fails the same way)
-    is reported as it is, not as the first point's."""
-    out = []
+#: the fields whose refusal at resolution is vLLM refusing a split of the model (the heads,
+#: the experts over TP x DP): a point refused there is ``not accepted``, kept as a row
+SPLIT_FIELDS = ("fleet.tensor_parallel", "fleet.data_parallel", "fleet.expert_parallel")
+
+
+def unfit_reason(exc: UserError) -> str:
+    """``"does not fit: ..."`` for a point whose weights or KV cache do not fit the GPU at its
+    TP (plan's :data:`~fleetsim.apps.plan.MEMORY_WORDS`, with the fix that names the smallest TP
+    that holds the weights), ``"not accepted: ..."`` for a split vLLM refuses, '' for any other
+    mistake (a typo, a value out of range: the whole grid is refused)."""
+    from fleetsim.apps.plan import MEMORY_WORDS, fit_reason
+    from fleetsim.base.errors import ScenarioError
+
+    if not isinstance(exc, ScenarioError):
+        return ""
+    if any(w in exc.problem for w in MEMORY_WORDS):
+        return f"does not fit: {fit_reason(exc)}"
+    if exc.field in SPLIT_FIELDS:
+        return f"not accepted: {exc.problem}" + (f" (fix: {exc.fix})" if exc.fix else "")
+    return ""
+
+
+def point_scenarios(base: dict, points: list[list[str]], source: str) -> list[dict | str]:
+    """Validate every point up front (schema and catalogs); the scenario dict of each, or for a
+    point that does not fit the GPU at its TP (or whose split vLLM refuses) the reason
+    (:func:`unfit_reason`): kept as a row of the table, as ``fleetsim plan`` keeps such a
+    candidate, the other points simulated. Any other mistake refuses the grid, and so does a
+    grid none of whose points fits. A mistake that is not the grid's (in the file or a --set:
+    the base alone fails the same way) is reported as it is, not as the first point's."""
+    out: list[dict | str] = []
+    first: UserError | None = None
     for ov in points:
         try:
             sc = scenario_from_dict(apply_overrides(base, ov), source)
+        except UserError as exc:
+            raise _point_error(base, ov, source, exc) from None
+        try:
             resolve(sc, source)
         except UserError as exc:
-            try:
-                resolve(scenario_from_dict(base, source), source)
-            except UserError as base_exc:
-                if str(base_exc) == str(exc):
-                    raise exc from None
-            raise UserError(f"sweep point {' '.join(ov)}: {exc}") from None
+            why = unfit_reason(exc)
+            if not why:
+                raise _point_error(base, ov, source, exc) from None
+            first = first or _point_error(base, ov, source, exc)
+            out.append(why)
+            continue
         out.append(sc.model_dump(mode="json"))
+    if first is not None and not any(isinstance(d, dict) for d in out):
+        if len(out) == 1:
+            raise first
+        raise UserError(
+            f"sweep: none of the {len(out)} points can be simulated; the first: {first}"
+        )
     return out
+
+
+def _point_error(base: dict, ov: list[str], source: str, exc: UserError) -> UserError:
+    """``exc`` as it is when the base scenario fails the same way, else naming the point."""
+    try:
+        resolve(scenario_from_dict(base, source), source)
+    except UserError as base_exc:
+        if str(base_exc) == str(exc):
+            return exc
+    return UserError(f"sweep point {' '.join(ov)}: {exc}")
 
 
 def point_row(res: RunSummary) -> dict[str, float]:
@@ -229,14 +277,21 @@ def _grid_column(values: list):
         return pa.array([json.dumps(v) if not isinstance(v, str) else v for v in values])
 
 
-def sweep_table(axes, points: list[list[str]], rows: list[dict]) -> pa.Table:
-    """One row per point: the grid values (typed as parsed), then :data:`RESULT_COLUMNS`."""
+def sweep_table(
+    axes, points: list[list[str]], rows: list[dict | None], problems: list[str] | None = None
+) -> pa.Table:
+    """One row per point: the grid values (typed as parsed), ``status`` (``ok``, ``does not
+    fit``, ``not accepted``: plan's words) and ``problem`` (the reason, null when ok), then
+    :data:`RESULT_COLUMNS` (null for a point not simulated: ``rows[i]`` None)."""
+    problems = problems or [""] * len(points)
     cols: dict[str, pa.Array] = {}
     for j, (key, _) in enumerate(axes):
         cols[key] = _grid_column([parse_override(p[j])[1] for p in points])
+    cols["status"] = pa.array([p.split(":", 1)[0] if p else "ok" for p in problems], pa.string())
+    cols["problem"] = pa.array([p or None for p in problems], pa.string())
     for c in RESULT_COLUMNS:
         typ = pa.int64() if c == "peak_hour" else pa.float64()
-        cols[c] = pa.array([r[c] for r in rows], type=typ)
+        cols[c] = pa.array([r[c] if r is not None else None for r in rows], type=typ)
     return pa.table(cols)
 
 
@@ -367,21 +422,25 @@ def run_sweep(
     ``cache``, each finished point is kept in it as it finishes, and (``cache.resume``) a point
     already there is reused, not simulated again."""
     points = grid_points(axes)
-    scenarios = point_scenarios(base, points, source)
-    keys = [point_key(d, source) for d in scenarios] if cache is not None else []
-    rows: list[dict | None] = [cache.get(k) for k in keys] if cache is not None else []
-    rows = rows or [None] * len(points)
-    todo = [i for i, r in enumerate(rows) if r is None]
+    checked = point_scenarios(base, points, source)
+    problems = [d if isinstance(d, str) else "" for d in checked]
+    fit = [i for i, d in enumerate(checked) if isinstance(d, dict)]
+    scenarios = {i: cast(dict, checked[i]) for i in fit}
+    keys = {i: point_key(scenarios[i], source) for i in fit} if cache is not None else {}
+    rows: dict[int, dict | None] = {
+        i: (cache.get(keys[i]) if cache is not None else None) for i in fit
+    }
+    todo = [i for i in fit if rows[i] is None]
     if hooks is not None:
         hooks.add(len(todo))
     for j, res in executor.imap_unordered(run_task, [(scenarios[i], source) for i in todo]):
         i = todo[j]
         rows[i] = _plain_row(point_row(res))
         if cache is not None:
-            cache.put(keys[i], rows[i])
+            cache.put(keys[i], cast(dict, rows[i]))
         if hooks is not None:
             hooks.done()
-    return sweep_table(axes, points, cast(list[dict], rows))
+    return sweep_table(axes, points, [rows.get(i) for i in range(len(points))], problems)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,12 +521,13 @@ def main(argv: list[str]) -> int:
     data, text = read_toml(args.scenario)
     base = apply_overrides(data, args.overrides)
     points = point_scenarios(base, grid_points(axes), args.scenario)  # fail fast, before work
-    # the provenance: the base scenario (overrides applied), or the first point where the grid
-    # is needed to make it valid; the grid's values are in the table
+    # the provenance: the base scenario (overrides applied), or the first point that fits where
+    # the grid is needed to make it valid; the grid's values are in the table
     try:
         base_rs = resolve(scenario_from_dict(base, args.scenario), args.scenario)
     except UserError:
-        base_rs = resolve(scenario_from_dict(points[0], args.scenario), args.scenario)
+        first = next(d for d in points if isinstance(d, dict))
+        base_rs = resolve(scenario_from_dict(first, args.scenario), args.scenario)
     outp = open_output(
         args, Path(args.scenario).stem + "-sweep", ("sweep.parquet",), resume=args.resume
     )
@@ -518,22 +578,39 @@ def main(argv: list[str]) -> int:
 
 def print_sweep(table: pa.Table, axes: list[str], title: str, c) -> None:
     """One row per point: the grid's values, then :data:`SHOWN` (never cut:
-    :mod:`fleetsim.base.tables`)."""
+    :mod:`fleetsim.base.tables`). Where a point does not fit (or its split is not accepted),
+    its figures are blank, a ``status`` column says so, and each such point's reason follows
+    the table (as ``fleetsim plan`` prints its candidates')."""
     from fleetsim.base.tables import print_table
 
+    rows = table.to_pylist()
+    unfit = [r for r in rows if r.get("status", "ok") != "ok"]
     shown = [(k, k, 1.0, "") for k in axes] + list(SHOWN)
+    if unfit:
+        shown.append(("status", "status", 1.0, ""))
+    counts = f"{len(rows)} points" + (
+        f", {len(unfit)} not simulated (why: below the table)" if unfit else ""
+    )
     print_table(
         c,
-        f"{title}: {table.num_rows} points",
+        f"{title}: {counts}",
         [term(header) for _, header, _, _ in shown],
         [
             [
-                _grid_cell(row[col]) if col in axes else _fmt(row[col], scale, fmt)
+                _grid_cell(row[col])
+                if col in axes
+                else term(row[col])
+                if col == "status"
+                else _fmt(row[col], scale, fmt, "" if row.get("status", "ok") != "ok" else "n/a")
                 for col, _, scale, fmt in shown
             ]
-            for row in table.to_pylist()
+            for row in rows
         ],
+        left=("status",) if unfit else (),
     )
+    for r in unfit:
+        name = " ".join(f"{k}={_grid_cell(r[k])}" for k in axes)
+        c.print(term(f"  {name}: {r['problem']}", 700))
 
 
 def _grid_cell(v: object) -> str:
@@ -572,8 +649,8 @@ SHOWN = (
 )
 
 
-def _fmt(v: object, scale: float = 1.0, fmt: str = "") -> str:
+def _fmt(v: object, scale: float = 1.0, fmt: str = "", missing: str = "n/a") -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and scale != 1.0:
         v = v * scale
-    s = fmt_num(v, fmt or (",.4g" if isinstance(v, float) else ","))
+    s = fmt_num(v, fmt or (",.4g" if isinstance(v, float) else ","), missing)
     return s if isinstance(v, (int, float)) else term(s)  # a grid value is user text: escaped
