@@ -618,7 +618,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         ("SLO attainment", _fmt(t.slo_attainment, ".2%") + _slo_targets(d)),
         *_latency_rows(d),
         (
-            "busiest hour",
+            "busiest hour (by arrivals)",
             f"{hod(a['peak_hour'])}: {a['peak_requests']:,} requests "
             f"({_fmt(a['peak_to_mean_traffic'], '.2f')} x the hourly mean)",
         ),
@@ -710,7 +710,8 @@ def _headroom_rows(d: RunData) -> list[tuple[str, str]]:
     rows.append(
         (
             "batch occupancy (of max_num_seqs)",
-            f"{_fmt(t.batch_occupancy, '.1%')}; busiest hour {_fmt(top('batch_occupancy'), '.1%')}",
+            f"{_fmt(t.batch_occupancy, '.1%')}; highest hourly mean "
+            f"{_fmt(top('batch_occupancy'), '.1%')}",
         )
     )
     if "kv_utilization" in c and top("kv_utilization") > 0:
@@ -1075,7 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {page.resolve()}, report.md and {pngs} in {page.parent}")
     m = a["marginal_cost_of_peak_usd"]
     print(
-        f"busiest hour {a.get('peak_hour_utc', a['peak_hour'])}: {a['peak_cost_share']:.2%} "
+        f"busiest hour by arrivals {a.get('peak_hour_utc', a['peak_hour'])}: "
+        f"{a['peak_cost_share']:.2%} "
         "of the day's cost; "
         + (
             f"marginal cost of the peak {_marginal_usd(m)} (flat day {a.get('flat_source', '')})"
