@@ -59,3 +59,52 @@ def test_summary_says_the_busiest_hour_is_by_arrivals_and_the_peak_hour_by_cost(
     print_summary(res, c)
     peak = next(ln for ln in c.file.getvalue().splitlines() if ln.startswith("peak hour "))
     assert "01:00 UTC (hour 1)" in peak and "by arrivals" not in peak
+
+
+# -- fleetsim latency: how mxfp4 experts are computed -------------------------------------------
+def _latency_head(capsys, *argv: str) -> list[str]:
+    from fleetsim.apps.latency import main
+
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out.splitlines()[:2]
+
+
+def test_latency_header_says_mxfp4_experts_compute_at_the_bf16_peak(capsys):
+    """gpt-oss's experts are mxfp4 and vLLM keeps the activations bf16 on every GPU (Marlin on
+    an A100, triton_kernels' matmul_ogs on Hopper, FlashInfer's TensorRT-LLM MoE on a B200):
+    the header says so, and the latency model does time them at the bf16 peak (989 TFLOP/s on
+    an H100, 2,250 on a B200: gpus.toml), not at the fp8 one."""
+    import json
+
+    from fleetsim.apps.latency import _model, main
+    from fleetsim.device import catalog
+    from fleetsim.device.latency import LatencyModel
+    from fleetsim.device.moe import MXFP4_MOE_PATHS
+    from fleetsim.device.profile import catalog_profile
+
+    assert set(MXFP4_MOE_PATHS) == set(catalog.gpus())  # every catalog GPU has its line
+    argv = ("--model", "gpt-oss-120b", "--tp", "2", "--batch", "1", "--context", "1000")
+    head = _latency_head(capsys, "--gpu", "h100-sxm", *argv)
+    assert head == [
+        "gpt-oss-120b (bf16 weights, experts mxfp4, kv bf16) on 2 x h100-sxm",
+        "experts mxfp4, weight-only on this GPU (vLLM runs triton_kernels' matmul_ogs, the "
+        "weights dequantised to bf16 in registers): compute at the bf16 peak",
+    ]
+    a100 = _latency_head(capsys, "--gpu", "a100-80gb", *argv)[1]
+    assert a100.startswith("experts mxfp4, weight-only on this GPU (vLLM runs Marlin's fp4 MoE")
+    b200 = _latency_head(capsys, "--gpu", "b200", *argv)[1]
+    assert b200.startswith(
+        "experts mxfp4 with bf16 activations (vLLM's default on Blackwell: FlashInfer's "
+        "TensorRT-LLM MoE): compute at the bf16 peak, assumed"
+    )
+    # the claim holds in the model: the experts' peak is the 16-bit one
+    model = _model("gpt-oss-120b", None)
+    for gpu, peak in (("h100-sxm", 989e12), ("b200", 2250e12)):
+        lat = LatencyModel(model, catalog_profile(gpu, catalog.gpu(gpu)), 2)
+        assert lat._mxfp4 and lat._epeak == peak
+    # a MoE whose experts are the weights' precision: no line, and --json says ""
+    head = _latency_head(capsys, "--gpu", "h100-sxm", "--model", "qwen3-30b-a3b", *argv[2:])
+    assert head[0] == "qwen3-30b-a3b (bf16 weights, kv bf16) on 2 x h100-sxm"
+    assert not head[1].startswith("experts")
+    assert main(["--gpu", "h100-sxm", "--model", "qwen3-30b-a3b", *argv[2:], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["experts_note"] == ""
