@@ -5,6 +5,7 @@ report (the sweep's unfit points: tests/test_plan_sweep.py)."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from conftest import SMALL, merge
 from rich.console import Console
@@ -12,6 +13,8 @@ from rich.console import Console
 from fleetsim.apps.simulate import simulate
 from fleetsim.config.loading import scenario_from_dict
 from fleetsim.config.resolve import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: a flat three hours at 48,000 requests a day, with electricity at $0.50/kWh in hour 2 and
 #: $0.10 otherwise: hour 1 has the most arrivals (2,022 with seed 7), hour 2 the highest cost
@@ -108,3 +111,61 @@ def test_latency_header_says_mxfp4_experts_compute_at_the_bf16_peak(capsys):
     assert not head[1].startswith("experts")
     assert main(["--gpu", "h100-sxm", "--model", "qwen3-30b-a3b", *argv[2:], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["experts_note"] == ""
+
+
+# -- the FinOps walk: sweep and crossover ---------------------------------------------------------
+def test_sweep_says_when_its_figures_are_not_a_days():
+    """A sweep of a 2-hour scenario printed "total $ 15.10" with nothing saying it was two
+    hours' (plan heads its columns $/2 h); a grid over simulation.hours mixes horizons."""
+    from fleetsim.apps.sweep import horizon_note
+
+    assert horizon_note({24}) == "" and horizon_note(set()) == ""
+    assert horizon_note({2}) == (
+        "requests, GPU-h, kWh and $ are over the simulated 2 h (simulation.hours), not a day"
+    )
+    assert horizon_note({24, 1, 2}) == (
+        "requests, GPU-h, kWh and $ are over each point's simulation.hours (1 h, 2 h, 24 h), "
+        "not a day; $/Mtok and Wh/req compare across points"
+    )
+
+
+def test_crossover_outcome_names_cells_met_by_one_design_only():
+    """The default scenario's 2-replica crossover (1 h, load 0.7): on the short workload only
+    the aggregated fleet met any target cell, and the table's "lowest ratio" read "n/a"."""
+    import math
+
+    import numpy as np
+
+    from fleetsim.apps.crossover import lowest_ratio_text
+
+    inf = math.inf
+    assert lowest_ratio_text(np.full((7, 7), inf)) == "49 met only by the aggregated fleet"
+    assert lowest_ratio_text(np.full((7, 7), np.nan)) == (
+        "n/a: neither design meets any target cell"
+    )
+    mixed = np.array([[0.0, 0.8, 1.25], [inf, np.nan, 0.5]])
+    assert lowest_ratio_text(mixed) == (
+        "0.500; 1 met only by the split; 1 met only by the aggregated fleet"
+    )
+    assert lowest_ratio_text(np.array([[1.25, 0.8]])) == "0.800"  # as before
+
+
+def test_crossover_says_what_it_compared_and_which_link():
+    """default.toml has no [disaggregation]: the split runs on the schema's default link, and
+    the terminal now says so (it named neither N, the link nor the load)."""
+
+    from fleetsim.apps.crossover import fleet_size, setup_line
+    from fleetsim.config.loading import read_toml
+
+    data, _ = read_toml(ROOT / "scenarios/default.toml")
+    assert fleet_size(data) == 8
+    assert setup_line(data, 0.7, 1, "scenario") == (
+        "8 replicas of TP4 h100-sxm: aggregated vs every split P + D = 8; KV link "
+        "infiniband-ndr (the default: the scenario has no [disaggregation]); each workload "
+        "flat at 0.7 x the aggregated fleet's capacity for 1 h; engine: the scenario's"
+    )
+    data, _ = read_toml(ROOT / "scenarios/disaggregated.toml")
+    assert fleet_size(data) == 6  # 3 prefill + 3 decode
+    line = setup_line(data, 1.2, 2, "reserve")
+    assert "P + D = 6; KV link infiniband-ndr; each workload flat at 1.2 x" in line
+    assert line.endswith("for 2 h; engine: reserve")

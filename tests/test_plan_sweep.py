@@ -242,6 +242,10 @@ def test_sweep_keeps_the_points_that_do_not_fit_as_rows(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "4 points, 3 not simulated (why: below the table)" in text
     assert (
+        "requests, GPU-h, kWh and $ are over the simulated 1 h (simulation.hours), not a day"
+        in (text)
+    )
+    assert (
         "  model.name=llama-3.1-70b fleet.tensor_parallel=1: does not fit: llama-3.1-70b "
         "weights need 141.1 GB" in text
     )

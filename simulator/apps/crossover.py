@@ -246,12 +246,7 @@ def run_crossover(
     """The sweep (see the module docstring) as one row per workload x design x split x cell."""
     from fleetsim.apps.plan import replica_capacity_rps
 
-    dis = data.get("disaggregation") or {}
-    n = (
-        (dis.get("prefill") or {}).get("replicas", 1) + (dis.get("decode") or {}).get("replicas", 1)
-        if dis
-        else data.get("fleet", {}).get("replicas", 2)
-    )
+    n = fleet_size(data)
     if n < 2:
         raise UserError(f"crossover: the fleet has {n} replica; it needs at least 2 to split")
     specs = []
@@ -439,6 +434,50 @@ def draw(t: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def fleet_size(data: dict) -> int:
+    """N, the replicas both designs share: prefill + decode replicas of ``[disaggregation]``,
+    else ``fleet.replicas``."""
+    dis = data.get("disaggregation") or {}
+    if dis:
+        pre, dec = dis.get("prefill") or {}, dis.get("decode") or {}
+        return int(pre.get("replicas", 1)) + int(dec.get("replicas", 1))
+    return int(data.get("fleet", {}).get("replicas", 2))
+
+
+def setup_line(data: dict, load: float, hours: int, engine: str) -> str:
+    """What the sweep compared, for the terminal: N replicas of the scenario's GPU and TP, the
+    splits, the KV link (and that it is the default where the scenario has no
+    ``[disaggregation]``), the load and the hours."""
+    from fleetsim.config.schema import DisaggregationSection
+
+    n = fleet_size(data)
+    f, dis = data.get("fleet") or {}, data.get("disaggregation") or {}
+    gpu = (data.get("hardware") or {}).get("gpu", "")
+    link = dis.get("link") or DisaggregationSection.model_fields["link"].default
+    where = "" if dis else " (the default: the scenario has no [disaggregation])"
+    return (
+        f"{n} replicas of TP{f.get('tensor_parallel', 1)} {gpu}: aggregated vs every split "
+        f"P + D = {n}; KV link {link}{where}; each workload flat at {load:g} x the aggregated "
+        f"fleet's capacity for {hours} h; engine: "
+        + ("the scenario's" if engine == "scenario" else engine)
+    )
+
+
+def lowest_ratio_text(r: np.ndarray) -> str:
+    """The outcome table's ``lowest ratio`` of :func:`best_ratio`'s cells: the lowest ratio of
+    the cells both designs meet, and the cells only one design meets, counted (they have no
+    ratio: a cell only the aggregated fleet meets read ``n/a`` when every cell was one, and a
+    cell only the split meets counted as a ratio of 0)."""
+    both = r[np.isfinite(r) & (r > 0)]
+    parts = [fmt_num(float(both.min()), ".3f")] if len(both) else []
+    d_only, a_only = int(np.sum(r == 0)), int(np.sum(np.isposinf(r)))
+    if d_only:
+        parts.append(f"{d_only} met only by the split")
+    if a_only:
+        parts.append(f"{a_only} met only by the aggregated fleet")
+    return "; ".join(parts) or "n/a: neither design meets any target cell"
+
+
 def print_outcome(table: pa.Table, c) -> None:
     """For each workload, the target cells where the best split is cheaper per SLO-meeting
     request, as a table (never cut: :mod:`fleetsim.base.tables`)."""
@@ -448,8 +487,7 @@ def print_outcome(table: pa.Table, c) -> None:
     for name in dict.fromkeys(table.column("workload").to_pylist()):
         r = best_ratio(table, name)
         wins, cells, _ = cell_counts(r)
-        best = float(np.nanmin(r)) if cells else math.nan
-        rows.append((term(name), f"{wins} of {cells}", fmt_num(best, ".3f", missing="n/a")))
+        rows.append((term(name), f"{wins} of {cells}", lowest_ratio_text(r)))
     print_table(
         c,
         "disaggregated (best split) vs aggregated, cost per SLO-meeting request",
@@ -556,6 +594,7 @@ def main(argv: list[str]) -> int:
         from fleetsim.apps.common import console
 
         c = console()
+        c.print(term(setup_line(data, args.load, args.hours, args.engine), 400), highlight=False)
         print_outcome(table, c)
         c.print(
             f"wrote {term(outp.out)}/crossover.parquet and crossover.png in "

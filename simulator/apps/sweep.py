@@ -510,6 +510,25 @@ def shared_hardware_note(base: dict, axes: list) -> str:
     )
 
 
+def horizon_note(hours: set[int]) -> str:
+    """A line for the table when its requests, GPU-h, kWh and $ are not a day's: the points'
+    ``simulation.hours`` (one value other than 24, or several when it is a grid axis); '' for a
+    day. A FinOps sweep over a 2-hour scenario printed "total $ 15.10" with nothing saying it
+    was 2 hours' (``fleetsim plan`` heads its columns ``$/2 h``)."""
+    if not hours or hours == {24}:
+        return ""
+    if len(hours) == 1:
+        (h,) = hours
+        return (
+            f"requests, GPU-h, kWh and $ are over the simulated {h} h (simulation.hours), not a day"
+        )
+    return (
+        "requests, GPU-h, kWh and $ are over each point's simulation.hours ("
+        + ", ".join(f"{h} h" for h in sorted(hours))
+        + "), not a day; $/Mtok and Wh/req compare across points"
+    )
+
+
 def main(argv: list[str]) -> int:
     """``fleetsim sweep``: see the module docstring."""
     from fleetsim.apps.common import console, open_output, print_json
@@ -559,6 +578,10 @@ def main(argv: list[str]) -> int:
     human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
         print_sweep(table, [k for k, _ in axes], f"sweep of {term(args.scenario)}", human)
+        hours = {d["simulation"]["hours"] for d in points if isinstance(d, dict)}
+        span = horizon_note(hours)
+        if span:
+            human.print(span, highlight=False)
         note = shared_hardware_note(base, axes)
         if note:
             human.print(term(note, 400))
