@@ -169,3 +169,24 @@ def test_crossover_says_what_it_compared_and_which_link():
     line = setup_line(data, 1.2, 2, "reserve")
     assert "P + D = 6; KV link infiniband-ndr; each workload flat at 1.2 x" in line
     assert line.endswith("for 2 h; engine: reserve")
+
+
+def test_sweep_unfit_reasons_cover_the_pools_and_nothing_else():
+    """A disaggregated pool's TP that vLLM refuses is a row (``not accepted``) as ``[fleet]``'s
+    is; the memory refusals are ``does not fit`` with their fix; a value out of range or a
+    typo refuses the grid ('')."""
+    from fleetsim.apps.sweep import unfit_reason
+    from fleetsim.base.errors import ScenarioError, UserError
+
+    heads = "does not divide llama-3.1-70b's 64 attention heads"
+    fix = "use one of 1, 2, 4, 8, 16, 32, 64"
+    for field in ("fleet.tensor_parallel", "disaggregation.prefill.tensor_parallel"):
+        assert unfit_reason(ScenarioError(field, 3, heads, fix)) == (
+            f"not accepted: {heads} (fix: {fix})"
+        )
+    kv = "no memory left for the KV cache: 76.5 GB usable - 80.0 GB"
+    assert unfit_reason(ScenarioError("fleet.gpu_memory_utilization", 0.9, kv, "")) == (
+        f"does not fit: {kv}"
+    )
+    assert unfit_reason(ScenarioError("fleet.replicas", 0, "should be >= 1", "")) == ""
+    assert unfit_reason(UserError("--grid: something")) == ""

@@ -173,8 +173,10 @@ def grid_points(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
 
 
 #: the fields whose refusal at resolution is vLLM refusing a split of the model (the heads,
-#: the experts over TP x DP): a point refused there is ``not accepted``, kept as a row
-SPLIT_FIELDS = ("fleet.tensor_parallel", "fleet.data_parallel", "fleet.expert_parallel")
+#: the experts over TP x DP), in ``[fleet]`` or a disaggregated pool
+#: (``disaggregation.prefill.tensor_parallel``): a point refused there is ``not accepted``,
+#: kept as a row
+SPLIT_FIELDS = ("tensor_parallel", "data_parallel", "expert_parallel")
 
 
 def unfit_reason(exc: UserError) -> str:
@@ -189,7 +191,7 @@ def unfit_reason(exc: UserError) -> str:
         return ""
     if any(w in exc.problem for w in MEMORY_WORDS):
         return f"does not fit: {fit_reason(exc)}"
-    if exc.field in SPLIT_FIELDS:
+    if exc.field.rsplit(".", 1)[-1] in SPLIT_FIELDS:
         return f"not accepted: {exc.problem}" + (f" (fix: {exc.fix})" if exc.fix else "")
     return ""
 
