@@ -48,7 +48,7 @@ def test_summary_says_the_busiest_hour_is_by_arrivals_and_the_peak_hour_by_cost(
     share = cost[2] / sum(cost)
     assert peak == (
         f"peak hour 02:00 UTC (hour 2) the costliest hour: $ {cost[2]:,.2f} = {share:.1%} of "
-        f"the day; {arrived[2]:,} requests; p99 TTFT "
+        f"the 3 h simulated; {arrived[2]:,} requests; p99 TTFT "
         f"{res.hourly.column('ttft_p99_s')[2].as_py():.3f} s; the busiest hour by arrivals is "
         "01:00 UTC (2,022 requests)"
     )
@@ -190,3 +190,25 @@ def test_sweep_unfit_reasons_cover_the_pools_and_nothing_else():
     )
     assert unfit_reason(ScenarioError("fleet.replicas", 0, "should be >= 1", "")) == ""
     assert unfit_reason(UserError("--grid: something")) == ""
+
+
+def test_report_says_its_shares_are_of_the_hours_simulated(tmp_path, capsys):
+    """A 3-hour run's busiest hour held "59.1% of the day's cost" (the run summary's peak hour
+    the same): the share is of the 3 h simulated, and a day's report still says the day."""
+    from fleetsim.apps.report import main
+    from fleetsim.apps.simulate import write_outputs
+    from fleetsim.base.units import run_span
+
+    assert run_span(24) == "the day" and run_span(3) == "the 3 h simulated"
+    res = simulate(resolve(scenario_from_dict(FLAT3)))
+    write_outputs(res, tmp_path, "")
+    assert main([str(tmp_path), "--no-flat"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    cost = res.hourly.column("total_cost_usd").to_pylist()
+    share = cost[1] / sum(cost)  # hour 1: the most arrivals
+    assert last.startswith(
+        f"busiest hour by arrivals 01:00 UTC (hour 1): {share:.2%} of the cost of the 3 h "
+        "simulated; "
+    )
+    md = (tmp_path / "report.md").read_text()
+    assert f"| busiest hour's share of the cost of the 3 h simulated | {share:.2%} |" in md

@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from fleetsim.base.io import json_safe, term
-from fleetsim.base.units import HOUR_S, fmt_num
+from fleetsim.base.units import HOUR_S, fmt_num, run_span
 
 if TYPE_CHECKING:  # (imported where used: ``fleetsim validate`` needs serving_stack only)
     import numpy as np
@@ -538,7 +538,8 @@ def _peak_row(res: Result, tab: _Rows) -> None:
         "peak hour",
         f"{row['hour_start']:%H:00} UTC (hour {ph})",
         f"the costliest hour: $ {_f(row['total_cost_usd'])} = "
-        f"{row['total_cost_usd'] / t.total_cost_usd:.1%} of the day; "
+        f"{row['total_cost_usd'] / t.total_cost_usd:.1%} of "
+        f"{run_span(res.scenario.simulation.hours)}; "
         f"{row['requests_arrived']:,} requests; p99 TTFT {_f(row['ttft_p99_s'], '.3f')} s{other}"
         if t.total_cost_usd
         else "",
