@@ -212,3 +212,41 @@ def test_report_says_its_shares_are_of_the_hours_simulated(tmp_path, capsys):
     )
     md = (tmp_path / "report.md").read_text()
     assert f"| busiest hour's share of the cost of the 3 h simulated | {share:.2%} |" in md
+
+
+def test_sweep_names_a_price_axis_no_point_pays():
+    """Rent on owned GPUs (the default scenario's way) changes no figure: the two points'
+    rows are identical, and the sweep now says why and how to make the axis count; with
+    cost.hardware an axis too, the rented points pay it and nothing is said."""
+    from fleetsim.apps.executors import make_executor
+    from fleetsim.apps.sweep import (
+        grid_points,
+        parse_grid,
+        point_scenarios,
+        run_sweep,
+        unused_price_notes,
+    )
+
+    base = merge(FLAT3, simulation={"hours": 1}, cost={"hardware": "owned"})
+    axes = parse_grid(["hardware.rent_usd_per_gpu_hour=[2.5, 4.25]"])
+    with make_executor("local", 1) as ex:
+        t = run_sweep(base, axes, "", ex)
+    rows = t.drop_columns(["hardware.rent_usd_per_gpu_hour"]).to_pylist()
+    assert rows[0] == rows[1] and rows[0]["hardware_cost_usd"] > 0
+    points = point_scenarios(base, grid_points(axes), "")
+    assert unused_price_notes(axes, points) == [
+        "note: hardware.rent_usd_per_gpu_hour changes no figure: every point has "
+        'cost.hardware = "owned", which does not read it (fix: --set cost.hardware="rented", '
+        'or add --grid \'cost.hardware=["owned", "rented"]\')'
+    ]
+    both = parse_grid(
+        ["hardware.rent_usd_per_gpu_hour=2.5,4.25", 'cost.hardware=["owned", "rented"]']
+    )
+    assert unused_price_notes(both, point_scenarios(base, grid_points(both), "")) == []
+    rented = merge(base, cost={"hardware": "rented"})
+    capex = parse_grid(["hardware.capex_usd=[20000, 40000]", "cost.amortization_years=[4, 6]"])
+    notes = unused_price_notes(capex, point_scenarios(rented, grid_points(capex), ""))
+    assert [n.split(" changes")[0] for n in notes] == [
+        "note: hardware.capex_usd",
+        "note: cost.amortization_years",
+    ]

@@ -512,6 +512,36 @@ def shared_hardware_note(base: dict, axes: list) -> str:
     )
 
 
+#: the price fields each way of paying for the GPUs reads (results/accounting.py: owned GPUs
+#: cost capex over the amortization plus maintenance per GPU-hour, whether busy or not; rented
+#: ones the rent per powered GPU-hour), by the last part of the field's name
+PRICE_FIELDS = {
+    "owned": ("capex_usd", "amortization_years", "maintenance_usd_per_gpu_hour"),
+    "rented": ("rent_usd_per_gpu_hour",),
+}
+
+
+def unused_price_notes(axes: list, points: list) -> list[str]:
+    """A line for each grid axis over a price that no simulated point pays: a rent with every
+    point's ``cost.hardware = "owned"``, a capex, amortization or maintenance with every point
+    rented. A FinOps sweep of ``hardware.rent_usd_per_gpu_hour=[2.5, 4.25]`` on the default
+    (owned) scenario printed two identical rows and nothing else."""
+    ways = {d["cost"]["hardware"] for d in points if isinstance(d, dict)}
+    out = []
+    for key, values in axes:
+        if len(values) < 2 or len(ways) != 1:
+            continue
+        (way,) = ways
+        other = "rented" if way == "owned" else "owned"
+        if key.rsplit(".", 1)[-1] in PRICE_FIELDS[other]:
+            out.append(
+                f'note: {key} changes no figure: every point has cost.hardware = "{way}", '
+                f'which does not read it (fix: --set cost.hardware="{other}", or add '
+                f'--grid \'cost.hardware=["owned", "rented"]\')'
+            )
+    return out
+
+
 def horizon_note(hours: set[int]) -> str:
     """A line for the table when its requests, GPU-h, kWh and $ are not a day's: the points'
     ``simulation.hours`` (one value other than 24, or several when it is a grid axis); '' for a
@@ -584,6 +614,8 @@ def main(argv: list[str]) -> int:
         span = horizon_note(hours)
         if span:
             human.print(span, highlight=False)
+        for line in unused_price_notes(axes, points):
+            human.print(term(line, 400), highlight=False)
         note = shared_hardware_note(base, axes)
         if note:
             human.print(term(note, 400))
