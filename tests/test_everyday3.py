@@ -250,3 +250,39 @@ def test_sweep_names_a_price_axis_no_point_pays():
         "note: hardware.capex_usd",
         "note: cost.amortization_years",
     ]
+
+
+def test_crossover_leaves_out_a_long_workload_the_model_cannot_take():
+    """chatgpt-2023.toml's GPT-3 has a 4,096-token context: the long (Mooncake) workload's
+    32,768-token prompts were refused as if the scenario's traffic.prompt.max said so
+    ("traffic.prompt.max = 32768", a value the file does not hold). It is left out with a
+    note and the short workload is compared; a fleet of one replica names its fix."""
+    import pytest
+
+    from fleetsim.apps.crossover import run_crossover
+    from fleetsim.apps.executors import make_executor
+    from fleetsim.base.errors import UserError
+    from fleetsim.config.loading import apply_overrides, read_toml
+
+    src = str(ROOT / "scenarios/chatgpt-2023.toml")
+    data, _ = read_toml(src)
+    data = scenario_from_dict(apply_overrides(data, ["fleet.replicas=2"]), src).model_dump(
+        mode="json", exclude_none=True
+    )
+    notes: list[str] = []
+    with make_executor("local", 1) as ex:
+        t = run_crossover(data, src, ex, None, 0.7, 1, notes=notes)
+    assert set(t.column("workload").to_pylist()) == {"short"}
+    assert t.num_rows == 2 * 49  # aggregated and the one split (1 + 1), 7 x 7 target cells
+    assert notes == [
+        "the long workload (Mooncake sizes: prompts up to 32,768 tokens) does not fit this "
+        "model: traffic.prompt.max = 32768: prompt + output (34768 tokens) exceeds gpt3-175b's "
+        "context of 4096 tokens; left out, the short workload only"
+    ]
+    one = scenario_from_dict(apply_overrides(data, ["fleet.replicas=1"]), src)
+    with make_executor("local", 1) as ex, pytest.raises(UserError) as e:
+        run_crossover(one.model_dump(mode="json", exclude_none=True), src, ex, None, 0.7, 1)
+    assert str(e.value) == (
+        "crossover: the fleet has 1 replica; it needs at least 2 to split (fix: --set "
+        "fleet.replicas=2 or more, or give the scenario a [disaggregation] section)"
+    )

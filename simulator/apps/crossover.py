@@ -242,20 +242,46 @@ def run_crossover(
     engine: str = "scenario",
     long_trace: str | None = None,
     tmp: Path | None = None,
+    notes: list[str] | None = None,
 ) -> pa.Table:
-    """The sweep (see the module docstring) as one row per workload x design x split x cell."""
+    """The sweep (see the module docstring) as one row per workload x design x split x cell.
+    The long workload is left out, with a line in ``notes``, where the model cannot take its
+    sizes (a context shorter than its longest prompt and output: GPT-3's 4,096 tokens in
+    chatgpt-2023.toml); the short one is the scenario's own, and its mistakes are the
+    scenario's."""
     from fleetsim.apps.plan import replica_capacity_rps
+    from fleetsim.base.errors import ScenarioError
 
     n = fleet_size(data)
     if n < 2:
-        raise UserError(f"crossover: the fleet has {n} replica; it needs at least 2 to split")
+        raise UserError(
+            f"crossover: the fleet has {n} replica; it needs at least 2 to split (fix: --set "
+            "fleet.replicas=2 or more, or give the scenario a [disaggregation] section)"
+        )
     specs = []
     info = {}
     wls = workloads(data)
     sat = []
-    for name, wl in wls.items():
+    for name, wl in list(wls.items()):
         agg = point(data, wl, "aggregated", n, 0, 1.0, hours, engine)
-        rs = resolve(scenario_from_dict(agg, source), source)
+        try:
+            rs = resolve(scenario_from_dict(agg, source), source)
+        except ScenarioError as exc:
+            if name != "long" or not exc.field.startswith("traffic."):
+                raise
+            why = (
+                f"the long workload (Mooncake sizes: prompts up to {MOONCAKE_MAX_PROMPT:,} "
+                f"tokens) does not fit this model: {exc.field} = {exc.value!r}: {exc.problem}"
+            )
+            if long_trace is not None:
+                raise UserError(
+                    f"--long-trace: {why} (fix: drop --long-trace, or a model with a longer "
+                    "context)"
+                ) from None
+            if notes is not None:
+                notes.append(f"{why}; left out, the short workload only")
+            del wls[name]
+            continue
         bound = n * replica_capacity_rps(rs, source)
         sat.append(point(data, wl, "aggregated", n, 0, 1.5 * bound, hours, engine))
         info[name] = (0.0, *base_latencies(rs, source))
@@ -571,6 +597,7 @@ def main(argv: list[str]) -> int:
         args, Path(args.scenario).stem + "-crossover", ("crossover.parquet", "crossover.png")
     )
     t0 = time.perf_counter()
+    notes: list[str] = []
     with (
         tempfile.TemporaryDirectory(prefix="fleetsim-crossover-") as tmp,
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -586,6 +613,7 @@ def main(argv: list[str]) -> int:
             args.engine,
             os.path.abspath(args.long_trace) if args.long_trace else None,
             Path(tmp),
+            notes,
         )
     write_table_atomic(table, outp.path("crossover.parquet"))
     write_bytes_atomic(draw(table), outp.path("crossover.png"))
@@ -595,6 +623,8 @@ def main(argv: list[str]) -> int:
 
         c = console()
         c.print(term(setup_line(data, args.load, args.hours, args.engine), 400), highlight=False)
+        for line in notes:
+            c.print(term(f"note: {line}", 600), highlight=False)
         print_outcome(table, c)
         c.print(
             f"wrote {term(outp.out)}/crossover.parquet and crossover.png in "
