@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pytest
 from conftest import SMALL, merge
 from rich.console import Console
 
@@ -257,8 +258,6 @@ def test_crossover_leaves_out_a_long_workload_the_model_cannot_take():
     32,768-token prompts were refused as if the scenario's traffic.prompt.max said so
     ("traffic.prompt.max = 32768", a value the file does not hold). It is left out with a
     note and the short workload is compared; a fleet of one replica names its fix."""
-    import pytest
-
     from fleetsim.apps.crossover import run_crossover
     from fleetsim.apps.executors import make_executor
     from fleetsim.base.errors import UserError
