@@ -225,7 +225,7 @@ def test_sweep_names_a_price_axis_no_point_pays():
         parse_grid,
         point_scenarios,
         run_sweep,
-        unused_price_notes,
+        unused_axis_notes,
     )
 
     base = merge(FLAT3, simulation={"hours": 1}, cost={"hardware": "owned"})
@@ -235,7 +235,7 @@ def test_sweep_names_a_price_axis_no_point_pays():
     rows = t.drop_columns(["hardware.rent_usd_per_gpu_hour"]).to_pylist()
     assert rows[0] == rows[1] and rows[0]["hardware_cost_usd"] > 0
     points = point_scenarios(base, grid_points(axes), "")
-    assert unused_price_notes(axes, points) == [
+    assert unused_axis_notes(axes, points) == [
         "note: hardware.rent_usd_per_gpu_hour changes no figure: every point has "
         'cost.hardware = "owned", which does not read it (fix: --set cost.hardware="rented", '
         'or add --grid \'cost.hardware=["owned", "rented"]\')'
@@ -243,10 +243,10 @@ def test_sweep_names_a_price_axis_no_point_pays():
     both = parse_grid(
         ["hardware.rent_usd_per_gpu_hour=2.5,4.25", 'cost.hardware=["owned", "rented"]']
     )
-    assert unused_price_notes(both, point_scenarios(base, grid_points(both), "")) == []
+    assert unused_axis_notes(both, point_scenarios(base, grid_points(both), "")) == []
     rented = merge(base, cost={"hardware": "rented"})
     capex = parse_grid(["hardware.capex_usd=[20000, 40000]", "cost.amortization_years=[4, 6]"])
-    notes = unused_price_notes(capex, point_scenarios(rented, grid_points(capex), ""))
+    notes = unused_axis_notes(capex, point_scenarios(rented, grid_points(capex), ""))
     assert [n.split(" changes")[0] for n in notes] == [
         "note: hardware.capex_usd",
         "note: cost.amortization_years",
@@ -285,3 +285,27 @@ def test_crossover_leaves_out_a_long_workload_the_model_cannot_take():
         "crossover: the fleet has 1 replica; it needs at least 2 to split (fix: --set "
         "fleet.replicas=2 or more, or give the scenario a [disaggregation] section)"
     )
+
+
+def test_sweep_names_a_traffic_axis_a_trace_replaces():
+    """mooncake-conversation.toml replays a timed trace: a grid over the request rate gave two
+    identical rows (12,031 requests each, 2 replicas, 2 h). The note says why."""
+    from fleetsim.apps.sweep import grid_points, parse_grid, point_scenarios, unused_axis_notes
+    from fleetsim.config.loading import apply_overrides, read_toml
+
+    src = str(ROOT / "scenarios/mooncake-conversation.toml")
+    data, _ = read_toml(src)
+    base = apply_overrides(data, ["fleet.replicas=2"])
+    axes = parse_grid(["traffic.requests_per_day=[1000, 2000]", "fleet.replicas=[2, 3]"])
+    notes = unused_axis_notes(axes, point_scenarios(base, grid_points(axes), src))
+    assert notes == [
+        "note: traffic.requests_per_day changes no figure: every point replays traffic.trace, "
+        "whose requests bring their own arrival times and sizes (fix: sweep a fleet or cost "
+        "field, or --set traffic.trace='' for the distributions)"
+    ]
+    shape = parse_grid(['traffic.diurnal=["flat", "azure-conv"]'])
+    assert len(unused_axis_notes(shape, point_scenarios(base, grid_points(shape), src))) == 1
+    # without the trace the rate is read: nothing to say
+    flat = apply_overrides(base, ["traffic.trace=''"])
+    axes = parse_grid(["traffic.requests_per_day=[1000, 2000]"])
+    assert unused_axis_notes(axes, point_scenarios(flat, grid_points(axes), src)) == []

@@ -520,24 +520,39 @@ PRICE_FIELDS = {
     "rented": ("rent_usd_per_gpu_hour",),
 }
 
+#: the traffic fields a timed trace replaces (``traffic.trace``: its own arrivals and sizes;
+#: serving/pod.py replays it, config/aggregated.py checks its requests, not the distributions)
+TRACE_REPLACES = ("traffic.requests_per_day", "traffic.diurnal", "traffic.prompt", "traffic.output")
 
-def unused_price_notes(axes: list, points: list) -> list[str]:
-    """A line for each grid axis over a price that no simulated point pays: a rent with every
-    point's ``cost.hardware = "owned"``, a capex, amortization or maintenance with every point
-    rented. A FinOps sweep of ``hardware.rent_usd_per_gpu_hour=[2.5, 4.25]`` on the default
-    (owned) scenario printed two identical rows and nothing else."""
-    ways = {d["cost"]["hardware"] for d in points if isinstance(d, dict)}
+
+def unused_axis_notes(axes: list, points: list) -> list[str]:
+    """A line for each grid axis that no simulated point reads, so its rows are identical: a
+    rent with every point's ``cost.hardware = "owned"``, a capex, amortization or maintenance
+    with every point rented, the request rate, diurnal shape or sizes with every point
+    replaying a timed ``traffic.trace``. A FinOps sweep of
+    ``hardware.rent_usd_per_gpu_hour=[2.5, 4.25]`` on the default (owned) scenario printed two
+    identical rows and nothing else."""
+    fit = [d for d in points if isinstance(d, dict)]
+    ways = {d["cost"]["hardware"] for d in fit}
+    traced = bool(fit) and all(d["traffic"].get("trace") for d in fit)
     out = []
     for key, values in axes:
-        if len(values) < 2 or len(ways) != 1:
+        if len(values) < 2:
             continue
-        (way,) = ways
-        other = "rented" if way == "owned" else "owned"
-        if key.rsplit(".", 1)[-1] in PRICE_FIELDS[other]:
+        if len(ways) == 1:
+            (way,) = ways
+            other = "rented" if way == "owned" else "owned"
+            if key.rsplit(".", 1)[-1] in PRICE_FIELDS[other]:
+                out.append(
+                    f"note: {key} changes no figure: every point has cost.hardware = "
+                    f'"{way}", which does not read it (fix: --set cost.hardware="{other}", or '
+                    'add --grid \'cost.hardware=["owned", "rented"]\')'
+                )
+        if traced and any(key == f or key.startswith(f + ".") for f in TRACE_REPLACES):
             out.append(
-                f'note: {key} changes no figure: every point has cost.hardware = "{way}", '
-                f'which does not read it (fix: --set cost.hardware="{other}", or add '
-                f'--grid \'cost.hardware=["owned", "rented"]\')'
+                f"note: {key} changes no figure: every point replays traffic.trace, whose "
+                "requests bring their own arrival times and sizes (fix: sweep a fleet or cost "
+                "field, or --set traffic.trace='' for the distributions)"
             )
     return out
 
@@ -614,7 +629,7 @@ def main(argv: list[str]) -> int:
         span = horizon_note(hours)
         if span:
             human.print(span, highlight=False)
-        for line in unused_price_notes(axes, points):
+        for line in unused_axis_notes(axes, points):
             human.print(term(line, 400), highlight=False)
         note = shared_hardware_note(base, axes)
         if note:
