@@ -309,3 +309,23 @@ def test_sweep_names_a_traffic_axis_a_trace_replaces():
     flat = apply_overrides(base, ["traffic.trace=''"])
     axes = parse_grid(["traffic.requests_per_day=[1000, 2000]"])
     assert unused_axis_notes(axes, point_scenarios(flat, grid_points(axes), src)) == []
+
+
+# -- fleetsim compare -----------------------------------------------------------------------------
+def test_compare_says_when_the_durations_differ():
+    """A 3-hour run against the documented 1,003.42 s benchmark file: completed read +504%
+    and the token totals +698% / +531% as if they were the model's errors."""
+    import json
+
+    from fleetsim.apps.compare import compare, duration_note
+
+    theirs = json.loads((ROOT / "tests/data/vllm/serving-result.json").read_text())
+    ours = {**theirs, "duration": 10_800.0, "completed": 6_038}
+    rows = compare(ours, theirs)
+    assert duration_note(rows) == (
+        "note: the run lasted 10,800 s, the benchmark 1,003 s: duration, completed, "
+        "total_input_tokens, total_output_tokens are totals over each duration and differ by "
+        "it, not by the model; compare the throughputs and latencies"
+    )
+    assert duration_note(compare({**theirs, "duration": 1_100.0}, theirs)) == ""  # +9.6%
+    assert duration_note(compare(theirs, theirs)) == ""
