@@ -634,7 +634,8 @@ def main(argv: list[str]) -> int:
         note = shared_hardware_note(base, axes)
         if note:
             human.print(term(note, 400))
-        reused = f" ({cache.reused} of {table.num_rows} points reused)" if args.resume else ""
+        ran = sum(1 for d in points if isinstance(d, dict))  # (the points that fit)
+        reused = f" ({cache.reused} of {ran} points reused)" if args.resume else ""
         human.print(f"wrote {term(path)} in {wall:.1f} s{reused}")
     if args.json:
         print_json(
