@@ -712,6 +712,10 @@ SHOWN = (
     ("requests", "requests", 1.0, ",.0f"),
     ("gpu_hours", "GPU-h", 1.0, ",.1f"),
     ("energy_facility_kwh", "kWh", 1.0, ",.1f"),
+    # the cost's two parts, as plan's table and the run summary split it (a FinOps sweep of
+    # owned vs rented, or of the electricity price, reads which part moved)
+    ("energy_cost_usd", "energy $", 1.0, ",.2f"),
+    ("hardware_cost_usd", "hw $", 1.0, ",.2f"),
     ("total_cost_usd", "total $", 1.0, ",.2f"),
     ("usd_per_mtok", "$/Mtok", 1.0, ".3f"),
     ("wh_per_request", "Wh/req", 1.0, ".3f"),
