@@ -73,6 +73,8 @@ RESULT_COLUMNS = (
     "slo_attainment",
     "ttft_p99_s",
     "tpot_p99_s",
+    # the hour of the highest total cost (the run summary's "peak hour"; not the busiest hour
+    # by arrivals of its "peak-hour load" row and of fleetsim report)
     "peak_hour",
     "peak_hour_total_cost_usd",
     "peak_hour_ttft_p99_s",
