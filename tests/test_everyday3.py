@@ -149,6 +149,37 @@ def test_crossover_outcome_names_cells_met_by_one_design_only():
         "0.500; 1 met only by the split; 1 met only by the aggregated fleet"
     )
     assert lowest_ratio_text(np.array([[1.25, 0.8]])) == "0.800"  # as before
+    # the report's line on the same cells: "(ratio n/a; 49 met only ...)" before
+    import pyarrow as pa
+
+    from fleetsim.apps.crossover import FACTORS
+    from fleetsim.apps.report import crossover_lines
+
+    rows: dict[str, list] = {}
+    for f in FACTORS:
+        for g in FACTORS:
+            for design, P, usd in (("aggregated", None, 1.0), ("disaggregated", 1, inf)):
+                cell = dict(
+                    workload="short",
+                    design=design,
+                    prefill_replicas=P,
+                    decode_replicas=None if P is None else 1,
+                    replicas=2,
+                    rate_per_s=3.0,
+                    ttft_factor=f,
+                    tpot_factor=g,
+                    usd_per_good_request=usd,
+                    ttft_p99_s=0.5,
+                    tpot_p99_s=0.03,
+                    total_cost_usd=10.0,
+                    energy_facility_kwh=5.0,
+                )
+                for k, v in cell.items():
+                    rows.setdefault(k, []).append(v)
+    line = dict(crossover_lines(pa.table(rows)))["short prompts"]
+    assert line.endswith(
+        "in 0 of 49 target cells (no cell met by both; 49 met only by the aggregated fleet)"
+    )
 
 
 def test_crossover_says_what_it_compared_and_which_link():

@@ -966,14 +966,14 @@ def crossover_lines(table) -> list[tuple[str, str]]:
         # the cells the terminal's table counts: every cell either design meets (a cell only
         # the aggregated fleet meets is one the split loses, not one left out)
         wins, cells, a_only = cell_counts(r)
-        rng = f"{ok.min():.2f}-{ok.max():.2f}" if len(ok) else "n/a"
+        rng = f"ratio {ok.min():.2f}-{ok.max():.2f}" if len(ok) else "no cell met by both"
         if a_only:
             rng += f"; {a_only} met only by the aggregated fleet"
         out.append(
             (
                 f"{wl} prompts",
                 f"{g.rate_per_s.iloc[0]:,.2f} requests/s; the best split is cheaper per "
-                f"SLO-meeting request in {wins} of {cells} target cells (ratio {rng})",
+                f"SLO-meeting request in {wins} of {cells} target cells ({rng})",
             )
         )
         first = g.groupby(["design", "prefill_replicas"], dropna=False).first().reset_index()
