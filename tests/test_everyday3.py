@@ -360,3 +360,26 @@ def test_compare_says_when_the_durations_differ():
     )
     assert duration_note(compare({**theirs, "duration": 1_100.0}, theirs)) == ""  # +9.6%
     assert duration_note(compare(theirs, theirs)) == ""
+
+
+def test_sweep_names_the_points_that_missed_the_slo():
+    """kv-pressure-70b-a100.toml, 1 h, paged vs reserve: both at 0.00% SLO attainment (fleetsim
+    run prints "SLO MISSED" below 90%), $/Mtok 0.664 / 0.608; the sweep said nothing."""
+    import pyarrow as pa
+
+    from fleetsim.apps.sweep import slo_note
+
+    t = pa.table(
+        {
+            "fleet.kv_allocation": ["paged", "reserve", "paged"],
+            "status": ["ok", "ok", "does not fit"],
+            "slo_attainment": [0.0, 0.95, None],
+        }
+    )
+    assert slo_note(t, ["fleet.kv_allocation"]) == (
+        'note: 1 of 3 points met the SLO for under 90% of requests (fleetsim run warns "SLO '
+        'MISSED"): fleet.kv_allocation=paged 0.00%; such a fleet is overloaded or too slow, and '
+        "its $/Mtok and Wh/req are not a cheaper way to serve the same requests (fix: more "
+        "replicas, or compare only the points that meet it)"
+    )
+    assert slo_note(t.slice(1, 2), ["fleet.kv_allocation"]) == ""

@@ -559,6 +559,38 @@ def unused_axis_notes(axes: list, points: list) -> list[str]:
     return out
 
 
+def slo_note(table: pa.Table, axes: list[str]) -> str:
+    """A line naming the simulated points whose SLO attainment is below the run's warning level
+    (``SLO_ATTAINMENT_WARN_BELOW``: ``fleetsim run`` prints "SLO MISSED" for them, the sweep
+    printed nothing): an overloaded point serves fewer requests with the same GPUs, so its
+    $/Mtok and Wh/req can read as the cheapest (kv-pressure-70b-a100.toml paged vs reserve: 0%
+    both, $/Mtok 0.66 / 0.61); '' when every point meets it."""
+    from fleetsim.results.summary import SLO_ATTAINMENT_WARN_BELOW
+
+    rows = table.to_pylist()
+    low = [
+        r
+        for r in rows
+        if r.get("status", "ok") == "ok"
+        and r["slo_attainment"] is not None
+        and r["slo_attainment"] < SLO_ATTAINMENT_WARN_BELOW
+    ]
+    if not low:
+        return ""
+    shown = "; ".join(
+        " ".join(f"{k}={_grid_cell(r[k])}" for k in axes) + f" {r['slo_attainment']:.2%}"
+        for r in low[:5]
+    )
+    more = f"; and {len(low) - 5} more" if len(low) > 5 else ""
+    return (
+        f"note: {len(low)} of {len(rows)} points met the SLO for under "
+        f'{SLO_ATTAINMENT_WARN_BELOW:.0%} of requests (fleetsim run warns "SLO MISSED"): '
+        f"{shown}{more}; such a fleet is overloaded or too slow, and its $/Mtok and Wh/req are "
+        "not a cheaper way to serve the same requests (fix: more replicas, or compare only the "
+        "points that meet it)"
+    )
+
+
 def horizon_note(hours: set[int]) -> str:
     """A line for the table when its requests, GPU-h, kWh and $ are not a day's: the points'
     ``simulation.hours`` (one value other than 24, or several when it is a grid axis); '' for a
@@ -631,6 +663,9 @@ def main(argv: list[str]) -> int:
         span = horizon_note(hours)
         if span:
             human.print(span, highlight=False)
+        low = slo_note(table, [k for k, _ in axes])
+        if low:
+            human.print(term(low, 1200), highlight=False)
         for line in unused_axis_notes(axes, points):
             human.print(term(line, 400), highlight=False)
         note = shared_hardware_note(base, axes)
