@@ -383,3 +383,23 @@ def test_sweep_names_the_points_that_missed_the_slo():
         "replicas, or compare only the points that meet it)"
     )
     assert slo_note(t.slice(1, 2), ["fleet.kv_allocation"]) == ""
+
+
+def test_grid_text_after_a_closed_array_is_named():
+    """`--grid 'power.pue=[1.1, 1.3]x'` said "the array is not closed" (it is) with the
+    example [4, 8]; an array of arrays cut short is still "not closed"."""
+    from fleetsim.apps.sweep import parse_grid
+    from fleetsim.base.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        parse_grid(["power.pue=[1.1, 1.3]x"])
+    assert str(e.value) == (
+        "--grid power.pue=[1.1, 1.3]x: 'x' after the array's closing ']' (fix: end the value "
+        "there, e.g. power.pue=[1.1, 1.3])"
+    )
+    with pytest.raises(UserError, match=r"the array is not closed \(fix: e.g. fleet.x=\[4, 8\]"):
+        parse_grid(["fleet.x=[[1, 2], [3"])
+    assert parse_grid(['traffic.diurnal=["a]b", "flat"]']) == [
+        ("traffic.diurnal", ['"a]b"', '"flat"'])
+    ]
+    assert parse_grid(["power.pue=[1.1, 1.3] "]) == [("power.pue", ["1.1", "1.3"])]

@@ -115,6 +115,24 @@ def split_values(raw: str) -> list[str]:
     return out
 
 
+def _array_end(text: str) -> int | None:
+    """The index of the ``]`` that closes the array ``text`` opens (brackets and braces counted,
+    quoted text skipped), or None when it is not closed."""
+    depth, quote = 0, ""
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
+
+
 def array_values(raw: str, key: str = "section.key") -> list[str]:
     """The items of a TOML array ``[v1, v2, ...]`` (parsed as ``--set`` parses a value), each as
     TOML text for an override; a value that is itself a list is an item: ``[[1, 2], [3, 4]]``.
@@ -125,6 +143,12 @@ def array_values(raw: str, key: str = "section.key") -> list[str]:
     text = raw.strip()
     where = f"--grid {io.clean(key, 80)}={io.clean(raw, 80)}"
     io.check_depth(f"v = {text}", where, toml=True)
+    end = _array_end(text)
+    if end is not None and end < len(text) - 1:  # closed, then more: "[1.1, 1.3]x"
+        raise UserError(
+            f"{where}: {io.clean(text[end + 1 :], 40)!r} after the array's closing ']' (fix: "
+            f"end the value there, e.g. {key}={io.clean(text[: end + 1], 80)})"
+        )
     if not text.endswith("]"):
         raise UserError(f"{where}: the array is not closed (fix: e.g. {key}=[4, 8])")
     try:
