@@ -10,9 +10,9 @@ as before, comma-separated TOML values (``key=v1,v2``). All points are
 validated before anything runs; a point whose weights or KV cache do not fit the GPU at its TP
 (or whose split vLLM refuses) is a row with ``status`` and ``problem`` saying why, its figures
 null, and the other points are simulated (``fleetsim plan`` keeps such candidates the same
-way); any other mistake refuses the grid. Points share the scenario's seed on purpose (common random
-numbers: two points differ by their parameters, not by their random draws); sweep ``seed=1,2,3``
-for replications. ``sweep.parquet`` has one row per point, in grid order.
+way); any other mistake refuses the grid. Points share the scenario's seed on purpose (common
+random numbers: two points differ by their parameters, not by their random draws); sweep
+``seed=1,2,3`` for replications. ``sweep.parquet`` has one row per point, in grid order.
 
 Each finished point is kept in ``<out>/.fleetsim-sweep-cache/`` while the sweep runs
 (:class:`PointCache`); after an interrupt or a kill, ``--resume`` into the same ``--out``
