@@ -15,7 +15,7 @@ from fleetsim.apps.cli import main as cli_main
 from fleetsim.apps.executors import make_executor
 from fleetsim.apps.plan_search import search_min
 from fleetsim.apps.simulate import simulate
-from fleetsim.apps.sweep import grid_points, parse_grid, run_sweep, split_values
+from fleetsim.apps.sweep import RESULT_COLUMNS, grid_points, parse_grid, run_sweep, split_values
 from fleetsim.base.errors import UserError
 from fleetsim.base.version import __version__
 from fleetsim.config.loading import scenario_from_dict
@@ -188,8 +188,70 @@ def test_sweep_cli(tmp_path):
     )
     t = pq.read_table(out / "sweep.parquet")
     assert t.column("fleet.replicas").to_pylist() == [1, 2]
-    assert t.schema.names[1:4] == ["requests", "requests_completed", "requests_in_flight"]
+    assert t.schema.names[1:5] == ["status", "problem", "requests", "requests_completed"]
+    assert t.column("status").to_pylist() == ["ok", "ok"]
+    assert t.column("problem").to_pylist() == [None, None]
     _check_provenance(out / "sweep.parquet", scen, SWEEP_BASE["seed"])
+
+
+def test_sweep_keeps_the_points_that_do_not_fit_as_rows(tmp_path, capsys):
+    """A grid of model x TP on H100s where three points cannot run: Llama-3.1-70B's 141.1 GB of
+    weights at TP1 (76.5 GB usable: 85.03 GB x 0.9) do not fit, and TP3 divides neither
+    model's heads (32 and 64). They are rows with their reason, as ``fleetsim plan`` keeps such
+    candidates; the one point that fits is simulated as in a sweep without the others."""
+    scen = tmp_path / "s.toml"
+    scen.write_text(_toml(SWEEP_BASE))
+    out = tmp_path / "sw"
+    grid = ['model.name=["llama-3.1-8b", "llama-3.1-70b"]', "fleet.tensor_parallel=[1, 3]"]
+    argv = ["sweep", str(scen), "--workers", "1", "--out", str(out), "--json"]
+    assert cli_main([*argv, "--grid", grid[0], "--grid", grid[1]]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    t = pq.read_table(out / "sweep.parquet")
+    assert t.schema.names[:4] == ["model.name", "fleet.tensor_parallel", "status", "problem"]
+    assert t.column("status").to_pylist() == [
+        "ok",
+        "not accepted",
+        "does not fit",
+        "not accepted",
+    ]
+    problems = t.column("problem").to_pylist()
+    assert problems[0] is None
+    assert problems[1] == (
+        "not accepted: does not divide llama-3.1-8b's 32 attention heads "
+        "(fix: use one of 1, 2, 4, 8, 16, 32)"
+    )
+    assert problems[2].startswith(
+        "does not fit: llama-3.1-70b weights need 141.1 GB but a replica has 76.5 GB usable "
+        "(1 x 85 GB x 0.9); 64.6 GB missing (fix: set fleet.tensor_parallel = 2 "
+    )
+    assert problems[3].startswith("not accepted: does not divide llama-3.1-70b's 64 attention")
+    rows = t.to_pylist()
+    assert all(r["requests"] is None and r["total_cost_usd"] is None for r in rows[1:])
+    assert [p["status"] for p in doc["points"]] == t.column("status").to_pylist()
+    assert doc["points"][2]["problem"] == problems[2] and doc["points"][2]["requests"] is None
+    # the point that fits, exactly as a sweep of it alone
+    with make_executor("local", 1) as ex:
+        alone = run_sweep(SWEEP_BASE, parse_grid(['model.name=["llama-3.1-8b"]']), "", ex)
+    assert alone.column("status").to_pylist() == ["ok"]
+    assert rows[0]["requests"] > 0
+    assert {k: rows[0][k] for k in RESULT_COLUMNS} == {
+        k: alone.to_pylist()[0][k] for k in RESULT_COLUMNS
+    }
+    # the terminal: a status column, blank figures, the reasons after the table
+    assert cli_main([*argv[:-1], "--force", "--grid", grid[0], "--grid", grid[1]]) == 0
+    text = capsys.readouterr().out
+    assert "4 points, 3 not simulated (why: below the table)" in text
+    assert (
+        "requests, GPU-h, kWh and $ are over the simulated 1 h (simulation.hours), not a day"
+        in (text)
+    )
+    assert (
+        "  model.name=llama-3.1-70b fleet.tensor_parallel=1: does not fit: llama-3.1-70b "
+        "weights need 141.1 GB" in text
+    )
+    line = next(x for x in text.splitlines() if "llama-3.1-70b" in x and "does not fit" in x)
+    blank = ["│"] * 13  # the 12 figures' cells, empty
+    assert line.split() == ["│", "llama-3.1-70b", "│", "1", *blank, "does", "not", "fit", "│"]
 
 
 def test_grid_parsing_and_validation(tmp_path):
@@ -211,12 +273,18 @@ def test_grid_parsing_and_validation(tmp_path):
     # one bad point among good ones: a clear error before anything runs, naming the point
     with pytest.raises(UserError, match=r"sweep point fleet.replicas=0: .*fleet.replicas = 0"):
         main([str(scen), "--grid", "fleet.replicas=1,0", "--out", str(tmp_path / "o")])
-    with pytest.raises(UserError, match=r"fleet.tensor_parallel = 1 .*exceed|does not|need"):
+    # a grid none of whose points fits is refused (a point that does not fit among others
+    # that do is a row: test_sweep_keeps_the_points_that_do_not_fit_as_rows)
+    with pytest.raises(UserError, match=r"fleet.tensor_parallel = 1: llama-3.1-70b weights need"):
+        main([str(scen), "--grid", 'model.name="llama-3.1-70b"', "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match=r"none of the 2 points can be simulated; the first: .*"):
         main(
             [
                 str(scen),
                 "--grid",
-                'model.name="llama-3.1-8b","llama-3.1-70b"',
+                'model.name="llama-3.1-70b"',
+                "--grid",
+                "fleet.tensor_parallel=1,3",
                 "--out",
                 str(tmp_path / "o"),
             ]

@@ -135,6 +135,25 @@ def model_note(ours: dict, theirs: dict) -> str:
     )
 
 
+#: the keys that are totals over the benchmark's duration (they scale with it)
+TOTALS = ("duration", "completed", "total_input_tokens", "total_output_tokens")
+
+
+def duration_note(rows: dict[str, dict]) -> str:
+    """A line when the run and the benchmark lasted differently (by more than 10%): their
+    totals (:data:`TOTALS`) then differ by the durations, not by the model, and read as
+    errors (a 3-hour run against a 1,000 s benchmark: completed +504%); '' otherwise."""
+    d = rows.get("duration")
+    if d is None or d["relative_error"] is None or abs(d["relative_error"]) <= 0.10:
+        return ""
+    shown = ", ".join(k for k in TOTALS if k in rows)
+    return (
+        f"note: the run lasted {d['fleetsim']:,.0f} s, the benchmark {d['vllm']:,.0f} s: "
+        f"{shown} are totals over each duration and differ by it, not by the model; compare "
+        "the throughputs and latencies"
+    )
+
+
 def _num(v) -> str:
     if v is None:
         return "n/a"
@@ -152,9 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours, theirs = run_block(args.run_dir), read_vllm(args.vllm_result)
     rows = compare(ours, theirs)
     note = model_note(ours, theirs)
+    span = duration_note(rows)
     if args.json:
-        if note:
-            print(note, file=sys.stderr)
+        for line in (note, span):
+            if line:
+                print(line, file=sys.stderr)
         print_json(rows)
         return 0
     c = console()
@@ -178,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rel. error = (fleetsim - vLLM) / vLLM",
         highlight=False,
     )
-    if note:
-        c.print(term(note), highlight=False)
+    for line in (note, span):
+        if line:
+            c.print(term(line, 600), highlight=False)
     return 0

@@ -242,25 +242,46 @@ def run_crossover(
     engine: str = "scenario",
     long_trace: str | None = None,
     tmp: Path | None = None,
+    notes: list[str] | None = None,
 ) -> pa.Table:
-    """The sweep (see the module docstring) as one row per workload x design x split x cell."""
+    """The sweep (see the module docstring) as one row per workload x design x split x cell.
+    The long workload is left out, with a line in ``notes``, where the model cannot take its
+    sizes (a context shorter than its longest prompt and output: GPT-3's 4,096 tokens in
+    chatgpt-2023.toml); the short one is the scenario's own, and its mistakes are the
+    scenario's."""
     from fleetsim.apps.plan import replica_capacity_rps
+    from fleetsim.base.errors import ScenarioError
 
-    dis = data.get("disaggregation") or {}
-    n = (
-        (dis.get("prefill") or {}).get("replicas", 1) + (dis.get("decode") or {}).get("replicas", 1)
-        if dis
-        else data.get("fleet", {}).get("replicas", 2)
-    )
+    n = fleet_size(data)
     if n < 2:
-        raise UserError(f"crossover: the fleet has {n} replica; it needs at least 2 to split")
+        raise UserError(
+            f"crossover: the fleet has {n} replica; it needs at least 2 to split (fix: --set "
+            "fleet.replicas=2 or more, or give the scenario a [disaggregation] section)"
+        )
     specs = []
     info = {}
     wls = workloads(data)
     sat = []
-    for name, wl in wls.items():
+    for name, wl in list(wls.items()):
         agg = point(data, wl, "aggregated", n, 0, 1.0, hours, engine)
-        rs = resolve(scenario_from_dict(agg, source), source)
+        try:
+            rs = resolve(scenario_from_dict(agg, source), source)
+        except ScenarioError as exc:
+            if name != "long" or not exc.field.startswith("traffic."):
+                raise
+            why = (
+                f"the long workload (Mooncake sizes: prompts up to {MOONCAKE_MAX_PROMPT:,} "
+                f"tokens) does not fit this model: {exc.field} = {exc.value!r}: {exc.problem}"
+            )
+            if long_trace is not None:
+                raise UserError(
+                    f"--long-trace: {why} (fix: drop --long-trace, or a model with a longer "
+                    "context)"
+                ) from None
+            if notes is not None:
+                notes.append(f"{why}; left out, the short workload only")
+            del wls[name]
+            continue
         bound = n * replica_capacity_rps(rs, source)
         sat.append(point(data, wl, "aggregated", n, 0, 1.5 * bound, hours, engine))
         info[name] = (0.0, *base_latencies(rs, source))
@@ -439,6 +460,50 @@ def draw(t: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def fleet_size(data: dict) -> int:
+    """N, the replicas both designs share: prefill + decode replicas of ``[disaggregation]``,
+    else ``fleet.replicas``."""
+    dis = data.get("disaggregation") or {}
+    if dis:
+        pre, dec = dis.get("prefill") or {}, dis.get("decode") or {}
+        return int(pre.get("replicas", 1)) + int(dec.get("replicas", 1))
+    return int(data.get("fleet", {}).get("replicas", 2))
+
+
+def setup_line(data: dict, load: float, hours: int, engine: str) -> str:
+    """What the sweep compared, for the terminal: N replicas of the scenario's GPU and TP, the
+    splits, the KV link (and that it is the default where the scenario has no
+    ``[disaggregation]``), the load and the hours."""
+    from fleetsim.config.schema import DisaggregationSection
+
+    n = fleet_size(data)
+    f, dis = data.get("fleet") or {}, data.get("disaggregation") or {}
+    gpu = (data.get("hardware") or {}).get("gpu", "")
+    link = dis.get("link") or DisaggregationSection.model_fields["link"].default
+    where = "" if dis else " (the default: the scenario has no [disaggregation])"
+    return (
+        f"{n} replicas of TP{f.get('tensor_parallel', 1)} {gpu}: aggregated vs every split "
+        f"P + D = {n}; KV link {link}{where}; each workload flat at {load:g} x the aggregated "
+        f"fleet's capacity for {hours} h; engine: "
+        + ("the scenario's" if engine == "scenario" else engine)
+    )
+
+
+def lowest_ratio_text(r: np.ndarray) -> str:
+    """The outcome table's ``lowest ratio`` of :func:`best_ratio`'s cells: the lowest ratio of
+    the cells both designs meet, and the cells only one design meets, counted (they have no
+    ratio: a cell only the aggregated fleet meets read ``n/a`` when every cell was one, and a
+    cell only the split meets counted as a ratio of 0)."""
+    both = r[np.isfinite(r) & (r > 0)]
+    parts = [fmt_num(float(both.min()), ".3f")] if len(both) else []
+    d_only, a_only = int(np.sum(r == 0)), int(np.sum(np.isposinf(r)))
+    if d_only:
+        parts.append(f"{d_only} met only by the split")
+    if a_only:
+        parts.append(f"{a_only} met only by the aggregated fleet")
+    return "; ".join(parts) or "n/a: neither design meets any target cell"
+
+
 def print_outcome(table: pa.Table, c) -> None:
     """For each workload, the target cells where the best split is cheaper per SLO-meeting
     request, as a table (never cut: :mod:`fleetsim.base.tables`)."""
@@ -448,8 +513,7 @@ def print_outcome(table: pa.Table, c) -> None:
     for name in dict.fromkeys(table.column("workload").to_pylist()):
         r = best_ratio(table, name)
         wins, cells, _ = cell_counts(r)
-        best = float(np.nanmin(r)) if cells else math.nan
-        rows.append((term(name), f"{wins} of {cells}", fmt_num(best, ".3f", missing="n/a")))
+        rows.append((term(name), f"{wins} of {cells}", lowest_ratio_text(r)))
     print_table(
         c,
         "disaggregated (best split) vs aggregated, cost per SLO-meeting request",
@@ -533,6 +597,7 @@ def main(argv: list[str]) -> int:
         args, Path(args.scenario).stem + "-crossover", ("crossover.parquet", "crossover.png")
     )
     t0 = time.perf_counter()
+    notes: list[str] = []
     with (
         tempfile.TemporaryDirectory(prefix="fleetsim-crossover-") as tmp,
         make_executor(args.executor, args.workers, args.address) as ex,
@@ -548,6 +613,7 @@ def main(argv: list[str]) -> int:
             args.engine,
             os.path.abspath(args.long_trace) if args.long_trace else None,
             Path(tmp),
+            notes,
         )
     write_table_atomic(table, outp.path("crossover.parquet"))
     write_bytes_atomic(draw(table), outp.path("crossover.png"))
@@ -556,6 +622,9 @@ def main(argv: list[str]) -> int:
         from fleetsim.apps.common import console
 
         c = console()
+        c.print(term(setup_line(data, args.load, args.hours, args.engine), 400), highlight=False)
+        for line in notes:
+            c.print(term(f"note: {line}", 600), highlight=False)
         print_outcome(table, c)
         c.print(
             f"wrote {term(outp.out)}/crossover.parquet and crossover.png in "

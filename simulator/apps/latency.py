@@ -174,7 +174,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
     from fleetsim.device.latency import LatencyModel, RooflineProfile, compute_peak
-    from fleetsim.device.moe import layout_problem
+    from fleetsim.device.moe import layout_problem, mxfp4_moe_path
     from fleetsim.device.profile import catalog_profile
 
     model, source = _model_and_source(args.model, args.dtype)
@@ -243,6 +243,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
         )
     lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
+    mxfp4 = model.expert_dtype == "mxfp4" and model.n_experts > 1
     out = []
     ctx_max = model.max_context_tokens
     why = f"{model.name}'s context is {ctx_max:,} tokens"
@@ -308,6 +309,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "weights": model.weights_label,
                 "kv_dtype": model.kv_dtype_resolved,
                 "weight_only_quantization": weight_only,
+                # how the experts' own precision is computed, when it differs (mxfp4 experts:
+                # vLLM's kernel on this GPU, the peak they run at; device/moe.py)
+                "experts_note": mxfp4_moe_path(args.gpu) if mxfp4 else "",
                 "tp": args.tp,
                 "phase": "decode" if b else "prefill",
                 "tokens": tokens,
@@ -364,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         highlight=False,
         markup=False,
     )
+    if r0["experts_note"]:
+        c.print(r0["experts_note"], highlight=False, markup=False)
     # the parts: every *_s field the model returns besides the total, in its order (parts that
     # a model adds appear without an edit here)
     parts = [k for k in r0 if k.endswith("_s") and k not in ("total_s", "parts_s")]

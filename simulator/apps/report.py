@@ -39,7 +39,7 @@ import numpy as np
 
 from fleetsim.apps.common import OneLineParser, description, not_a_run
 from fleetsim.base.errors import UserError
-from fleetsim.base.units import fmt_num, per_sim_hour
+from fleetsim.base.units import fmt_num, per_sim_hour, run_span
 from fleetsim.results.output import write_bytes_atomic, write_text_atomic
 from fleetsim.results.result import DayTotals
 
@@ -551,6 +551,7 @@ def peak_analysis(
     trough = int(served[np.argmin(arrived[served])]) if len(served) else int(np.argmin(arrived))
     a: dict[str, Any] = {
         "day_cost_usd": day,
+        "hours": len(cost),  # what day_cost_usd covers (simulation.hours)
         "peak_hour": peak,
         "trough_hour": trough,
         "peak_hour_utc": hour_of_day(d, peak),
@@ -618,11 +619,16 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
         ("SLO attainment", _fmt(t.slo_attainment, ".2%") + _slo_targets(d)),
         *_latency_rows(d),
         (
-            "busiest hour",
+            "busiest hour (by arrivals)",
             f"{hod(a['peak_hour'])}: {a['peak_requests']:,} requests "
             f"({_fmt(a['peak_to_mean_traffic'], '.2f')} x the hourly mean)",
         ),
-        ("busiest hour's share of the day's cost", _fmt(a["peak_cost_share"], ".2%")),
+        (
+            f"busiest hour's share of the cost of {run_span(a.get('hours', 24))}"
+            if a.get("hours", 24) != 24
+            else "busiest hour's share of the day's cost",
+            _fmt(a["peak_cost_share"], ".2%"),
+        ),
         ("cost per request, busiest hour", f"$ {_fmt(a['peak_usd_per_request'], '.6f')}"),
         (
             "cost per request, quietest hour",
@@ -638,7 +644,7 @@ def _rows(d: RunData, a: dict[str, Any]) -> list[tuple[str, str]]:
                 "marginal cost of the peak",
                 f"{_marginal_usd(m)} "
                 f"({_fmt(m / a['day_cost_usd'] if a['day_cost_usd'] else math.nan, '.2%')} "
-                "of the day)",
+                f"of {run_span(a.get('hours', 24))})",
             )
         )
     else:
@@ -710,7 +716,8 @@ def _headroom_rows(d: RunData) -> list[tuple[str, str]]:
     rows.append(
         (
             "batch occupancy (of max_num_seqs)",
-            f"{_fmt(t.batch_occupancy, '.1%')}; busiest hour {_fmt(top('batch_occupancy'), '.1%')}",
+            f"{_fmt(t.batch_occupancy, '.1%')}; highest hourly mean "
+            f"{_fmt(top('batch_occupancy'), '.1%')}",
         )
     )
     if "kv_utilization" in c and top("kv_utilization") > 0:
@@ -959,14 +966,14 @@ def crossover_lines(table) -> list[tuple[str, str]]:
         # the cells the terminal's table counts: every cell either design meets (a cell only
         # the aggregated fleet meets is one the split loses, not one left out)
         wins, cells, a_only = cell_counts(r)
-        rng = f"{ok.min():.2f}-{ok.max():.2f}" if len(ok) else "n/a"
+        rng = f"ratio {ok.min():.2f}-{ok.max():.2f}" if len(ok) else "no cell met by both"
         if a_only:
             rng += f"; {a_only} met only by the aggregated fleet"
         out.append(
             (
                 f"{wl} prompts",
                 f"{g.rate_per_s.iloc[0]:,.2f} requests/s; the best split is cheaper per "
-                f"SLO-meeting request in {wins} of {cells} target cells (ratio {rng})",
+                f"SLO-meeting request in {wins} of {cells} target cells ({rng})",
             )
         )
         first = g.groupby(["design", "prefill_replicas"], dropna=False).first().reset_index()
@@ -1075,8 +1082,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {page.resolve()}, report.md and {pngs} in {page.parent}")
     m = a["marginal_cost_of_peak_usd"]
     print(
-        f"busiest hour {a.get('peak_hour_utc', a['peak_hour'])}: {a['peak_cost_share']:.2%} "
-        "of the day's cost; "
+        f"busiest hour by arrivals {a.get('peak_hour_utc', a['peak_hour'])}: "
+        f"{a['peak_cost_share']:.2%} of "
+        + (
+            "the day's cost; "
+            if a.get("hours", 24) == 24
+            else f"the cost of {run_span(a['hours'])}; "
+        )
         + (
             f"marginal cost of the peak {_marginal_usd(m)} (flat day {a.get('flat_source', '')})"
             if m is not None

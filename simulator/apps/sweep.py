@@ -7,9 +7,12 @@ The grid is the cartesian product of the ``--grid`` axes; each point is the scen
 point's values applied as ``--set`` overrides (the same parsing: values are TOML). An axis's
 values are a TOML array (``key=[v1, v2]``; a list-valued field takes an array of arrays) or,
 as before, comma-separated TOML values (``key=v1,v2``). All points are
-validated before anything runs. Points share the scenario's seed on purpose (common random
-numbers: two points differ by their parameters, not by their random draws); sweep ``seed=1,2,3``
-for replications. ``sweep.parquet`` has one row per point, in grid order.
+validated before anything runs; a point whose weights or KV cache do not fit the GPU at its TP
+(or whose split vLLM refuses) is a row with ``status`` and ``problem`` saying why, its figures
+null, and the other points are simulated (``fleetsim plan`` keeps such candidates the same
+way); any other mistake refuses the grid. Points share the scenario's seed on purpose (common
+random numbers: two points differ by their parameters, not by their random draws); sweep
+``seed=1,2,3`` for replications. ``sweep.parquet`` has one row per point, in grid order.
 
 Each finished point is kept in ``<out>/.fleetsim-sweep-cache/`` while the sweep runs
 (:class:`PointCache`); after an interrupt or a kill, ``--resume`` into the same ``--out``
@@ -70,6 +73,8 @@ RESULT_COLUMNS = (
     "slo_attainment",
     "ttft_p99_s",
     "tpot_p99_s",
+    # the hour of the highest total cost (the run summary's "peak hour"; not the busiest hour
+    # by arrivals of its "peak-hour load" row and of fleetsim report)
     "peak_hour",
     "peak_hour_total_cost_usd",
     "peak_hour_ttft_p99_s",
@@ -110,6 +115,24 @@ def split_values(raw: str) -> list[str]:
     return out
 
 
+def _array_end(text: str) -> int | None:
+    """The index of the ``]`` that closes the array ``text`` opens (brackets and braces counted,
+    quoted text skipped), or None when it is not closed."""
+    depth, quote = 0, ""
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    return None
+
+
 def array_values(raw: str, key: str = "section.key") -> list[str]:
     """The items of a TOML array ``[v1, v2, ...]`` (parsed as ``--set`` parses a value), each as
     TOML text for an override; a value that is itself a list is an item: ``[[1, 2], [3, 4]]``.
@@ -120,6 +143,12 @@ def array_values(raw: str, key: str = "section.key") -> list[str]:
     text = raw.strip()
     where = f"--grid {io.clean(key, 80)}={io.clean(raw, 80)}"
     io.check_depth(f"v = {text}", where, toml=True)
+    end = _array_end(text)
+    if end is not None and end < len(text) - 1:  # closed, then more: "[1.1, 1.3]x"
+        raise UserError(
+            f"{where}: {io.clean(text[end + 1 :], 40)!r} after the array's closing ']' (fix: "
+            f"end the value there, e.g. {key}={io.clean(text[: end + 1], 80)})"
+        )
     if not text.endswith("]"):
         raise UserError(f"{where}: the array is not closed (fix: e.g. {key}=[4, 8])")
     try:
@@ -169,24 +198,71 @@ def grid_points(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
     ]
 
 
-def point_scenarios(base: dict, points: list[list[str]], source: str) -> list[dict]:
-    """Validate every point up front (schema and catalogs); the scenario dict of each. A
-    mistake that is not the grid's (in the file or a --set: the base alone fails the same way)
-    is reported as it is, not as the first point's."""
-    out = []
+#: the fields whose refusal at resolution is vLLM refusing a split of the model (the heads,
+#: the experts over TP x DP), in ``[fleet]`` or a disaggregated pool
+#: (``disaggregation.prefill.tensor_parallel``): a point refused there is ``not accepted``,
+#: kept as a row
+SPLIT_FIELDS = ("tensor_parallel", "data_parallel", "expert_parallel")
+
+
+def unfit_reason(exc: UserError) -> str:
+    """``"does not fit: ..."`` for a point whose weights or KV cache do not fit the GPU at its
+    TP (plan's :data:`~fleetsim.apps.plan.MEMORY_WORDS`, with the fix that names the smallest TP
+    that holds the weights), ``"not accepted: ..."`` for a split vLLM refuses, '' for any other
+    mistake (a typo, a value out of range: the whole grid is refused)."""
+    from fleetsim.apps.plan import MEMORY_WORDS, fit_reason
+    from fleetsim.base.errors import ScenarioError
+
+    if not isinstance(exc, ScenarioError):
+        return ""
+    if any(w in exc.problem for w in MEMORY_WORDS):
+        return f"does not fit: {fit_reason(exc)}"
+    if exc.field.rsplit(".", 1)[-1] in SPLIT_FIELDS:
+        return f"not accepted: {exc.problem}" + (f" (fix: {exc.fix})" if exc.fix else "")
+    return ""
+
+
+def point_scenarios(base: dict, points: list[list[str]], source: str) -> list[dict | str]:
+    """Validate every point up front (schema and catalogs); the scenario dict of each, or for a
+    point that does not fit the GPU at its TP (or whose split vLLM refuses) the reason
+    (:func:`unfit_reason`): kept as a row of the table, as ``fleetsim plan`` keeps such a
+    candidate, the other points simulated. Any other mistake refuses the grid, and so does a
+    grid none of whose points fits. A mistake that is not the grid's (in the file or a --set:
+    the base alone fails the same way) is reported as it is, not as the first point's."""
+    out: list[dict | str] = []
+    first: UserError | None = None
     for ov in points:
         try:
             sc = scenario_from_dict(apply_overrides(base, ov), source)
+        except UserError as exc:
+            raise _point_error(base, ov, source, exc) from None
+        try:
             resolve(sc, source)
         except UserError as exc:
-            try:
-                resolve(scenario_from_dict(base, source), source)
-            except UserError as base_exc:
-                if str(base_exc) == str(exc):
-                    raise exc from None
-            raise UserError(f"sweep point {' '.join(ov)}: {exc}") from None
+            why = unfit_reason(exc)
+            if not why:
+                raise _point_error(base, ov, source, exc) from None
+            first = first or _point_error(base, ov, source, exc)
+            out.append(why)
+            continue
         out.append(sc.model_dump(mode="json"))
+    if first is not None and not any(isinstance(d, dict) for d in out):
+        if len(out) == 1:
+            raise first
+        raise UserError(
+            f"sweep: none of the {len(out)} points can be simulated; the first: {first}"
+        )
     return out
+
+
+def _point_error(base: dict, ov: list[str], source: str, exc: UserError) -> UserError:
+    """``exc`` as it is when the base scenario fails the same way, else naming the point."""
+    try:
+        resolve(scenario_from_dict(base, source), source)
+    except UserError as base_exc:
+        if str(base_exc) == str(exc):
+            return exc
+    return UserError(f"sweep point {' '.join(ov)}: {exc}")
 
 
 def point_row(res: RunSummary) -> dict[str, float]:
@@ -229,14 +305,21 @@ def _grid_column(values: list):
         return pa.array([json.dumps(v) if not isinstance(v, str) else v for v in values])
 
 
-def sweep_table(axes, points: list[list[str]], rows: list[dict]) -> pa.Table:
-    """One row per point: the grid values (typed as parsed), then :data:`RESULT_COLUMNS`."""
+def sweep_table(
+    axes, points: list[list[str]], rows: list[dict | None], problems: list[str] | None = None
+) -> pa.Table:
+    """One row per point: the grid values (typed as parsed), ``status`` (``ok``, ``does not
+    fit``, ``not accepted``: plan's words) and ``problem`` (the reason, null when ok), then
+    :data:`RESULT_COLUMNS` (null for a point not simulated: ``rows[i]`` None)."""
+    problems = problems or [""] * len(points)
     cols: dict[str, pa.Array] = {}
     for j, (key, _) in enumerate(axes):
         cols[key] = _grid_column([parse_override(p[j])[1] for p in points])
+    cols["status"] = pa.array([p.split(":", 1)[0] if p else "ok" for p in problems], pa.string())
+    cols["problem"] = pa.array([p or None for p in problems], pa.string())
     for c in RESULT_COLUMNS:
         typ = pa.int64() if c == "peak_hour" else pa.float64()
-        cols[c] = pa.array([r[c] for r in rows], type=typ)
+        cols[c] = pa.array([r[c] if r is not None else None for r in rows], type=typ)
     return pa.table(cols)
 
 
@@ -367,21 +450,25 @@ def run_sweep(
     ``cache``, each finished point is kept in it as it finishes, and (``cache.resume``) a point
     already there is reused, not simulated again."""
     points = grid_points(axes)
-    scenarios = point_scenarios(base, points, source)
-    keys = [point_key(d, source) for d in scenarios] if cache is not None else []
-    rows: list[dict | None] = [cache.get(k) for k in keys] if cache is not None else []
-    rows = rows or [None] * len(points)
-    todo = [i for i, r in enumerate(rows) if r is None]
+    checked = point_scenarios(base, points, source)
+    problems = [d if isinstance(d, str) else "" for d in checked]
+    fit = [i for i, d in enumerate(checked) if isinstance(d, dict)]
+    scenarios = {i: cast(dict, checked[i]) for i in fit}
+    keys = {i: point_key(scenarios[i], source) for i in fit} if cache is not None else {}
+    rows: dict[int, dict | None] = {
+        i: (cache.get(keys[i]) if cache is not None else None) for i in fit
+    }
+    todo = [i for i in fit if rows[i] is None]
     if hooks is not None:
         hooks.add(len(todo))
     for j, res in executor.imap_unordered(run_task, [(scenarios[i], source) for i in todo]):
         i = todo[j]
         rows[i] = _plain_row(point_row(res))
         if cache is not None:
-            cache.put(keys[i], rows[i])
+            cache.put(keys[i], cast(dict, rows[i]))
         if hooks is not None:
             hooks.done()
-    return sweep_table(axes, points, cast(list[dict], rows))
+    return sweep_table(axes, points, [rows.get(i) for i in range(len(points))], problems)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,6 +538,102 @@ def shared_hardware_note(base: dict, axes: list) -> str:
     )
 
 
+#: the price fields each way of paying for the GPUs reads (results/accounting.py: owned GPUs
+#: cost capex over the amortization plus maintenance per GPU-hour, whether busy or not; rented
+#: ones the rent per powered GPU-hour), by the last part of the field's name
+PRICE_FIELDS = {
+    "owned": ("capex_usd", "amortization_years", "maintenance_usd_per_gpu_hour"),
+    "rented": ("rent_usd_per_gpu_hour",),
+}
+
+#: the traffic fields a timed trace replaces (``traffic.trace``: its own arrivals and sizes;
+#: serving/pod.py replays it, config/aggregated.py checks its requests, not the distributions)
+TRACE_REPLACES = ("traffic.requests_per_day", "traffic.diurnal", "traffic.prompt", "traffic.output")
+
+
+def unused_axis_notes(axes: list, points: list) -> list[str]:
+    """A line for each grid axis that no simulated point reads, so its rows are identical: a
+    rent with every point's ``cost.hardware = "owned"``, a capex, amortization or maintenance
+    with every point rented, the request rate, diurnal shape or sizes with every point
+    replaying a timed ``traffic.trace``. A FinOps sweep of
+    ``hardware.rent_usd_per_gpu_hour=[2.5, 4.25]`` on the default (owned) scenario printed two
+    identical rows and nothing else."""
+    fit = [d for d in points if isinstance(d, dict)]
+    ways = {d["cost"]["hardware"] for d in fit}
+    traced = bool(fit) and all(d["traffic"].get("trace") for d in fit)
+    out = []
+    for key, values in axes:
+        if len(values) < 2:
+            continue
+        if len(ways) == 1:
+            (way,) = ways
+            other = "rented" if way == "owned" else "owned"
+            if key.rsplit(".", 1)[-1] in PRICE_FIELDS[other]:
+                out.append(
+                    f"note: {key} changes no figure: every point has cost.hardware = "
+                    f'"{way}", which does not read it (fix: --set cost.hardware="{other}", or '
+                    'add --grid \'cost.hardware=["owned", "rented"]\')'
+                )
+        if traced and any(key == f or key.startswith(f + ".") for f in TRACE_REPLACES):
+            out.append(
+                f"note: {key} changes no figure: every point replays traffic.trace, whose "
+                "requests bring their own arrival times and sizes (fix: sweep a fleet or cost "
+                "field, or --set traffic.trace='' for the distributions)"
+            )
+    return out
+
+
+def slo_note(table: pa.Table, axes: list[str]) -> str:
+    """A line naming the simulated points whose SLO attainment is below the run's warning level
+    (``SLO_ATTAINMENT_WARN_BELOW``: ``fleetsim run`` prints "SLO MISSED" for them, the sweep
+    printed nothing): an overloaded point serves fewer requests with the same GPUs, so its
+    $/Mtok and Wh/req can read as the cheapest (kv-pressure-70b-a100.toml paged vs reserve: 0%
+    both, $/Mtok 0.66 / 0.61); '' when every point meets it."""
+    from fleetsim.results.summary import SLO_ATTAINMENT_WARN_BELOW
+
+    rows = table.to_pylist()
+    low = [
+        r
+        for r in rows
+        if r.get("status", "ok") == "ok"
+        and r["slo_attainment"] is not None
+        and r["slo_attainment"] < SLO_ATTAINMENT_WARN_BELOW
+    ]
+    if not low:
+        return ""
+    shown = "; ".join(
+        " ".join(f"{k}={_grid_cell(r[k])}" for k in axes) + f" {r['slo_attainment']:.2%}"
+        for r in low[:5]
+    )
+    more = f"; and {len(low) - 5} more" if len(low) > 5 else ""
+    return (
+        f"note: {len(low)} of {len(rows)} points met the SLO for under "
+        f'{SLO_ATTAINMENT_WARN_BELOW:.0%} of requests (fleetsim run warns "SLO MISSED"): '
+        f"{shown}{more}; such a fleet is overloaded or too slow, and its $/Mtok and Wh/req are "
+        "not a cheaper way to serve the same requests (fix: more replicas, or compare only the "
+        "points that meet it)"
+    )
+
+
+def horizon_note(hours: set[int]) -> str:
+    """A line for the table when its requests, GPU-h, kWh and $ are not a day's: the points'
+    ``simulation.hours`` (one value other than 24, or several when it is a grid axis); '' for a
+    day. A FinOps sweep over a 2-hour scenario printed "total $ 15.10" with nothing saying it
+    was 2 hours' (``fleetsim plan`` heads its columns ``$/2 h``)."""
+    if not hours or hours == {24}:
+        return ""
+    if len(hours) == 1:
+        (h,) = hours
+        return (
+            f"requests, GPU-h, kWh and $ are over the simulated {h} h (simulation.hours), not a day"
+        )
+    return (
+        "requests, GPU-h, kWh and $ are over each point's simulation.hours ("
+        + ", ".join(f"{h} h" for h in sorted(hours))
+        + "), not a day; $/Mtok and Wh/req compare across points"
+    )
+
+
 def main(argv: list[str]) -> int:
     """``fleetsim sweep``: see the module docstring."""
     from fleetsim.apps.common import console, open_output, print_json
@@ -462,12 +645,13 @@ def main(argv: list[str]) -> int:
     data, text = read_toml(args.scenario)
     base = apply_overrides(data, args.overrides)
     points = point_scenarios(base, grid_points(axes), args.scenario)  # fail fast, before work
-    # the provenance: the base scenario (overrides applied), or the first point where the grid
-    # is needed to make it valid; the grid's values are in the table
+    # the provenance: the base scenario (overrides applied), or the first point that fits where
+    # the grid is needed to make it valid; the grid's values are in the table
     try:
         base_rs = resolve(scenario_from_dict(base, args.scenario), args.scenario)
     except UserError:
-        base_rs = resolve(scenario_from_dict(points[0], args.scenario), args.scenario)
+        first = next(d for d in points if isinstance(d, dict))
+        base_rs = resolve(scenario_from_dict(first, args.scenario), args.scenario)
     outp = open_output(
         args, Path(args.scenario).stem + "-sweep", ("sweep.parquet",), resume=args.resume
     )
@@ -499,10 +683,20 @@ def main(argv: list[str]) -> int:
     human = console(stderr=args.json, quiet=args.quiet)  # stderr when stdout carries JSON
     if not args.quiet:
         print_sweep(table, [k for k, _ in axes], f"sweep of {term(args.scenario)}", human)
+        hours = {d["simulation"]["hours"] for d in points if isinstance(d, dict)}
+        span = horizon_note(hours)
+        if span:
+            human.print(span, highlight=False)
+        low = slo_note(table, [k for k, _ in axes])
+        if low:
+            human.print(term(low, 1200), highlight=False)
+        for line in unused_axis_notes(axes, points):
+            human.print(term(line, 400), highlight=False)
         note = shared_hardware_note(base, axes)
         if note:
             human.print(term(note, 400))
-        reused = f" ({cache.reused} of {table.num_rows} points reused)" if args.resume else ""
+        ran = sum(1 for d in points if isinstance(d, dict))  # (the points that fit)
+        reused = f" ({cache.reused} of {ran} points reused)" if args.resume else ""
         human.print(f"wrote {term(path)} in {wall:.1f} s{reused}")
     if args.json:
         print_json(
@@ -518,22 +712,39 @@ def main(argv: list[str]) -> int:
 
 def print_sweep(table: pa.Table, axes: list[str], title: str, c) -> None:
     """One row per point: the grid's values, then :data:`SHOWN` (never cut:
-    :mod:`fleetsim.base.tables`)."""
+    :mod:`fleetsim.base.tables`). Where a point does not fit (or its split is not accepted),
+    its figures are blank, a ``status`` column says so, and each such point's reason follows
+    the table (as ``fleetsim plan`` prints its candidates')."""
     from fleetsim.base.tables import print_table
 
+    rows = table.to_pylist()
+    unfit = [r for r in rows if r.get("status", "ok") != "ok"]
     shown = [(k, k, 1.0, "") for k in axes] + list(SHOWN)
+    if unfit:
+        shown.append(("status", "status", 1.0, ""))
+    counts = f"{len(rows)} points" + (
+        f", {len(unfit)} not simulated (why: below the table)" if unfit else ""
+    )
     print_table(
         c,
-        f"{title}: {table.num_rows} points",
+        f"{title}: {counts}",
         [term(header) for _, header, _, _ in shown],
         [
             [
-                _grid_cell(row[col]) if col in axes else _fmt(row[col], scale, fmt)
+                _grid_cell(row[col])
+                if col in axes
+                else term(row[col])
+                if col == "status"
+                else _fmt(row[col], scale, fmt, "" if row.get("status", "ok") != "ok" else "n/a")
                 for col, _, scale, fmt in shown
             ]
-            for row in table.to_pylist()
+            for row in rows
         ],
+        left=("status",) if unfit else (),
     )
+    for r in unfit:
+        name = " ".join(f"{k}={_grid_cell(r[k])}" for k in axes)
+        c.print(term(f"  {name}: {r['problem']}", 700))
 
 
 def _grid_cell(v: object) -> str:
@@ -562,6 +773,10 @@ SHOWN = (
     ("requests", "requests", 1.0, ",.0f"),
     ("gpu_hours", "GPU-h", 1.0, ",.1f"),
     ("energy_facility_kwh", "kWh", 1.0, ",.1f"),
+    # the cost's two parts, as plan's table and the run summary split it (a FinOps sweep of
+    # owned vs rented, or of the electricity price, reads which part moved)
+    ("energy_cost_usd", "energy $", 1.0, ",.2f"),
+    ("hardware_cost_usd", "hw $", 1.0, ",.2f"),
     ("total_cost_usd", "total $", 1.0, ",.2f"),
     ("usd_per_mtok", "$/Mtok", 1.0, ".3f"),
     ("wh_per_request", "Wh/req", 1.0, ".3f"),
@@ -572,8 +787,8 @@ SHOWN = (
 )
 
 
-def _fmt(v: object, scale: float = 1.0, fmt: str = "") -> str:
+def _fmt(v: object, scale: float = 1.0, fmt: str = "", missing: str = "n/a") -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and scale != 1.0:
         v = v * scale
-    s = fmt_num(v, fmt or (",.4g" if isinstance(v, float) else ","))
+    s = fmt_num(v, fmt or (",.4g" if isinstance(v, float) else ","), missing)
     return s if isinstance(v, (int, float)) else term(s)  # a grid value is user text: escaped

@@ -43,3 +43,9 @@ def fmt_num(x: object, spec: str = ",.2f", missing: str = "n/a") -> str:
     if isinstance(x, (int, float)):
         return format(x, spec)
     return str(x)
+
+
+def run_span(hours: int) -> str:
+    """What a run's totals cover, for a share of them: ``the day`` for 24 hours, else ``the
+    2 h simulated`` (a 2-hour run's peak hour read "59.1% of the day")."""
+    return "the day" if hours == 24 else f"the {hours} h simulated"

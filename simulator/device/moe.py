@@ -413,6 +413,41 @@ def mxfp4_moe_gemm_s(
     return fit.gemm_launch_s + (t_m if t_m > t_c else t_c)
 
 
+#: how vLLM runs mxfp4 experts on each catalog GPU (``Mxfp4MoEMethod``, ``get_mxfp4_backend`` in
+#: vllm/model_executor/layers/quantization/mxfp4.py), and what :func:`mxfp4_moe_gemm_s` times of
+#: it: on every GPU the activations stay bf16 by default, so the GEMMs run at the bf16 peak
+#: (``LatencyModel``'s experts' peak, ``compute_peak(profile, "mxfp4")``); only the weight
+#: stream shrinks. For ``fleetsim latency``'s header (a user reading "experts mxfp4" should not
+#: assume fp4 tensor-core FLOPs). Derived from the source (the backends); the bf16 peak on the
+#: B200 is assumed (docs/accuracy-log.md, "gpt-oss's mxfp4 experts").
+MXFP4_MOE_PATHS = {
+    # SM80: triton_kernels needs SM90, so vLLM falls back to Marlin's fp4 MoE (no fp4 units)
+    "a100-80gb": "experts mxfp4, weight-only on this GPU (vLLM runs Marlin's fp4 MoE, the "
+    "weights dequantised to bf16 in registers): compute at the bf16 peak; Marlin's own costs "
+    "are not modelled",
+    # SM90: the Triton backend, triton_kernels' matmul_ogs (no fp4 tensor cores on Hopper)
+    "h100-sxm": "experts mxfp4, weight-only on this GPU (vLLM runs triton_kernels' matmul_ogs, "
+    "the weights dequantised to bf16 in registers): compute at the bf16 peak",
+    "h200": "experts mxfp4, weight-only on this GPU (vLLM runs triton_kernels' matmul_ogs, "
+    "the weights dequantised to bf16 in registers): compute at the bf16 peak",
+    # SM100: FlashInfer's TensorRT-LLM MoE with bf16 activations (SM100_FI_MXFP4_BF16), the
+    # default; mxfp8 activations only with VLLM_USE_FLASHINFER_MOE_MXFP4_MXFP8
+    "b200": "experts mxfp4 with bf16 activations (vLLM's default on Blackwell: FlashInfer's "
+    "TensorRT-LLM MoE): compute at the bf16 peak, assumed, not the fp4 or fp8 tensor cores' "
+    "(VLLM_USE_FLASHINFER_MOE_MXFP4_MXFP8's mxfp8 activations are not modelled)",
+}
+
+
+def mxfp4_moe_path(gpu: str) -> str:
+    """The line :data:`MXFP4_MOE_PATHS` has for catalog GPU ``gpu``; for another GPU (a profile
+    or a catalog entry added later) what the model assumes."""
+    return MXFP4_MOE_PATHS.get(
+        gpu,
+        "experts mxfp4: compute at the bf16 peak (assumed: the weights dequantised to bf16, as "
+        "vLLM's mxfp4 MoE kernels run with bf16 activations by default)",
+    )
+
+
 def catalog_moe_fit(profile_name: str, catalog_gpu: str | None = None) -> FusedMoeFit:
     """The catalog's :class:`FusedMoeFit` of a profile: its ``catalog_gpu``, else the catalog GPU
     whose name the profile's name is or starts with (``"b200-analytic"``: ``b200``); none

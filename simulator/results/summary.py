@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from fleetsim.base.io import json_safe, term
-from fleetsim.base.units import HOUR_S, fmt_num
+from fleetsim.base.units import HOUR_S, fmt_num, run_span
 
 if TYPE_CHECKING:  # (imported where used: ``fleetsim validate`` needs serving_stack only)
     import numpy as np
@@ -330,7 +330,8 @@ def _headroom_rows(res: Result, tab: _Rows) -> None:
         tab.add_row(
             "peak-hour load",
             _pct(h["peak_hour_load"], ".0f"),
-            f"the busiest hour ({row['hour_start']:%H:00} UTC) used "
+            f"the busiest hour by arrivals ({row['hour_start']:%H:00} UTC, "
+            f"{row['requests_arrived']:,} requests) used "
             f"{_pct(h['peak_hour_load'], '.0f')} of the SLO-bound capacity: "
             f"{_f(h['peak_hour_rate_per_s'], ',.2f')} req/s of an "
             f"estimated {_f(h['slo_capacity_per_s'], ',.2f')} req/s within the TPOT target "
@@ -339,8 +340,8 @@ def _headroom_rows(res: Result, tab: _Rows) -> None:
     tab.add_row(
         "batch occupancy",
         _pct(h["batch_occupancy"]),
-        f"mean sequences per iteration of max_num_seqs ({h['max_num_seqs']}); busiest hour "
-        f"{_pct(h['batch_occupancy_peak_hour'])}",
+        f"mean sequences per iteration of max_num_seqs ({h['max_num_seqs']}); highest hourly "
+        f"mean {_pct(h['batch_occupancy_peak_hour'])}",
     )
     if res.resolved.kv is not None and res.scenario.fleet.kv_allocation == "paged":
         tab.add_row(
@@ -512,18 +513,34 @@ def _latency_rows(res: Result, tab: _Rows) -> None:
 
 
 def _peak_row(res: Result, tab: _Rows) -> None:
-    """The most expensive hour."""
+    """The most expensive hour (``DayTotals.peak_hour``, sweep.parquet's ``peak_hour``), said to
+    be ranked by total cost: the ``peak-hour load`` row's busiest hour is ranked by arrivals,
+    and on a flat day (or under a time-of-use price) the two can be different hours, named here
+    when they are."""
+    import numpy as np
+
+    from fleetsim.results.arrow import row as table_row
+    from fleetsim.results.arrow import to_numpy
+
     t = res.totals
     ph = t.peak_hour
-    from fleetsim.results.arrow import row as table_row
-
     row = table_row(res.hourly, ph)
+    arrived = to_numpy(res.hourly.column("requests_arrived")).astype(float)
+    busiest = int(np.argmax(arrived)) if len(arrived) and arrived.max() > 0 else ph
+    other = ""
+    if busiest != ph:
+        b = table_row(res.hourly, busiest)
+        other = (
+            f"; the busiest hour by arrivals is {b['hour_start']:%H:00} UTC "
+            f"({b['requests_arrived']:,} requests)"
+        )
     tab.add_row(
         "peak hour",
         f"{row['hour_start']:%H:00} UTC (hour {ph})",
-        f"$ {_f(row['total_cost_usd'])} = {row['total_cost_usd'] / t.total_cost_usd:.1%}"
-        f" of the day; {row['requests_arrived']:,} requests; p99 TTFT "
-        f"{_f(row['ttft_p99_s'], '.3f')} s"
+        f"the costliest hour: $ {_f(row['total_cost_usd'])} = "
+        f"{row['total_cost_usd'] / t.total_cost_usd:.1%} of "
+        f"{run_span(res.scenario.simulation.hours)}; "
+        f"{row['requests_arrived']:,} requests; p99 TTFT {_f(row['ttft_p99_s'], '.3f')} s{other}"
         if t.total_cost_usd
         else "",
     )
