@@ -222,7 +222,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     gpu, profile, profile_id, sha = _resolve_gpu(sc, src)
     tp = sc.fleet.tensor_parallel * sc.fleet.data_parallel  # GPUs per replica
     _check_weights_fit(sc, model, profile, src)
-    _check_dp_scheduler(sc, src)
+    _check_dp_scheduler(sc, src, model)
     kvb = _checked_kv_budget(sc, model, profile, src)
     kv_tokens = kvb.tokens
     tr = sc.traffic
@@ -465,10 +465,12 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         )
 
 
-def _check_dp_scheduler(sc: Scenario, src: str) -> None:
+def _check_dp_scheduler(sc: Scenario, src: str, model: ModelSpec | None = None) -> None:
     """A data-parallel replica with a scheduler per rank (serving/ranks.py): its ranks split
     ``max_batch_size`` evenly, and it runs paged KV behind a router that binds requests to it
-    (a central queue hands requests to replicas, not to ranks)."""
+    (a central queue hands requests to replicas, not to ranks); a KV pool per rank
+    (``dp_kv_pool = "per-rank"``) is simulated for models whose every layer holds the whole
+    context (no sliding-window or linear-state layers)."""
     f = sc.fleet
     dp = f.data_parallel
     if dp <= 1 or f.dp_scheduler != "per-rank":
@@ -499,6 +501,19 @@ def _check_dp_scheduler(sc: Scenario, src: str) -> None:
             "a central queue hands requests to replicas, but a data-parallel replica with a "
             "scheduler per rank binds them to its ranks on arrival",
             f"use another router, {merged}",
+            src,
+        )
+    if (
+        model is not None
+        and f.dp_kv_pool == "per-rank"
+        and (model.n_sliding_layers or model.n_linear_layers)
+    ):
+        raise ScenarioError(
+            "fleet.dp_kv_pool",
+            f.dp_kv_pool,
+            f"a KV pool per data-parallel rank is not simulated for {model.name}, whose "
+            "sliding-window or linear-state layers are counted in layer-blocks",
+            'set fleet.dp_kv_pool = "shared" (one pool of the replica\'s blocks)',
             src,
         )
 
@@ -613,11 +628,14 @@ def _check_request_sizes(
         max_req, pmax = int((tp_ + to_).max()), int(tp_.max())
     big_field, big_value = _longest_field(tr, trace_max)
     if max_req > kv_tokens:
+        f = sc.fleet
+        per_rank = f.data_parallel > 1 and f.dp_scheduler == f.dp_kv_pool == "per-rank"
         raise ScenarioError(
             big_field,
             big_value,
-            f"a maximum-length request ({max_req} tokens) exceeds the KV budget of a replica "
-            f"({kv_tokens} tokens)",
+            f"a maximum-length request ({max_req} tokens) exceeds the KV budget of a "
+            + ("data-parallel rank, whose own cache serves it" if per_rank else "replica")
+            + f" ({kv_tokens} tokens)",
             "lower the prompt/output maximum, raise fleet.tensor_parallel or "
             "fleet.gpu_memory_utilization",
             src,

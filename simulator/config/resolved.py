@@ -165,6 +165,10 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
         tokens = max(0, int(kv // bpt))
         blocks = tokens // b
     longest = tokens
+    if f.kv_allocation == "paged" and dp > 1 and f.dp_scheduler == f.dp_kv_pool == "per-rank":
+        # every rank's engine core its own cache (serving/ranks.py): a request is served from
+        # one rank's blocks // dp (= floor(kv / dp / (bpt b)))
+        longest = blocks // dp * b
     layer_blocks = state_blocks = attn_tokens = state_tokens = 0
     hybrid = model.n_linear_layers > 0
     if f.kv_allocation == "paged" and (model.n_sliding_layers or hybrid):
