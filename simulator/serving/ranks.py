@@ -29,13 +29,29 @@ request to one of them; the ML.ENERGY Benchmark launches its data-parallel serve
   chunks being their own rank's: ``dp x`` that rank's pairs and of the rank with the most prompt
   tokens its tokens (``ReplicaCore.pairs_full``, ``p_full``; ``rpairs``, ``rp`` per rank).
 
-What stays merged: the KV pool (one pool of the replica's blocks, ``dp`` ranks' worth; vLLM
-gives each engine its own, so a rank could run out while another has room: the ML.ENERGY
-data-parallel rows are not KV-limited, docs/accuracy-log.md), the pure decode steps (timed as the
-merged scheduler times them, the decodes spread ``ceil(n / dp)`` to a rank: a decode step's
-time barely depends on the split), the watermark (tested on the replica's sequences), and the
-preemption victim (the replica's most recently admitted running request, not the short rank's).
-A rank with room and a waiting request ends a macro run at its first boundary, as the merged
+**Each rank has its own KV cache** (``fleet.dp_kv_pool = "per-rank"``, the default): vLLM's
+engine core per rank sizes its own cache from its own GPUs' profiling run and builds its own
+scheduler and ``KVCacheManager`` on it (``EngineCore._initialize_kv_caches``,
+``vllm/v1/engine/core.py``; ``unify_kv_cache_configs`` agrees only that core's workers), so a
+rank has ``blocks // dp`` blocks (the replica's budget is ``dp`` engines' worth, config/
+resolved.py ``kv_budget``), its own prefix cache, LRU and free-block queue, and its own decode
+residue counts (``pools``; :meth:`RankedPagedKV._use` selects the rank a pool operation acts
+for). Per rank, then: the full-sequence admission gate and the watermark (``wm // dp``) test
+the rank's free blocks; a rank whose decodes or chunks are short of blocks preempts its own
+most recently admitted request, however much room another rank has, and admits nothing more
+into that iteration (the others still do); a prefix hits only the rank's own cache; a pure
+decode run ends at the first step at which any rank is short of its own blocks; and a request
+must fit one rank's cache (``KvBudget.request_tokens``). ``dp_kv_pool = "shared"`` keeps one
+pool of the replica's blocks for every rank, as before (a rank could then hold more than its
+GPU's KV; the preemption victim is the replica's most recent request, on whichever rank, and a
+step that preempted admits nothing on any rank). With a pool per rank, the order in which two
+ranks' heads are admitted at one boundary (rank 0 first) no longer matters: neither takes the
+other's blocks. A pool per rank is simulated for full-attention models only (a model with
+window or linear-state layers is refused: ``dp_kv_pool = "shared"``).
+
+What stays merged: the pure decode steps (timed as the merged scheduler times them, the decodes
+spread ``ceil(n / dp)`` to a rank: a decode step's time barely depends on the split). A rank
+with room and a waiting request ends a macro run at its first boundary, as the merged
 scheduler's waiting head does, and is admitted there, with whatever every rank has waiting then
 (not ahead of time, as the core admits its one queue's head: ``on_arrival``); with prefix
 caching the run is not cut where the decodes would evict a waiting request's cached prefix (the
