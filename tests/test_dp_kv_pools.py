@@ -103,7 +103,10 @@ def test_the_longest_request_fits_one_ranks_pool():
         assert resolved(d).kv.request_tokens == 2432
 
 
-def test_a_pool_per_rank_needs_full_attention_layers():
+def test_a_windowed_models_longest_request_is_one_ranks_layer_blocks():
+    """gpt-oss-20b (alternating 128-token windows) over 2 ranks: the pool is counted in
+    layer-blocks, and with a pool per rank the longest request is the one whose blocks fit half
+    of them (ModelSpec.max_tokens_in_layer_blocks), not the replica's."""
     d = {
         "simulation": {"hours": 1},
         "model": {"name": "gpt-oss-20b"},
@@ -111,7 +114,50 @@ def test_a_pool_per_rank_needs_full_attention_layers():
         "fleet": {"data_parallel": 2, "max_batch_size": 8},
         "traffic": {"requests_per_day": 100},
     }
-    with pytest.raises(ScenarioError, match="dp_kv_pool"):
-        resolved(d)
+    per = resolved(d)
     d["fleet"]["dp_kv_pool"] = "shared"
-    assert resolved(d).kv.blocks > 0
+    shared = resolved(d)
+    kv = per.kv
+    assert kv.layer_blocks == shared.kv.layer_blocks > 0
+    m, b = per.model, kv.block_size_tokens
+    assert shared.kv.request_tokens == m.max_tokens_in_layer_blocks(
+        kv.layer_blocks - kv.state_blocks, b
+    )
+    assert kv.request_tokens == m.max_tokens_in_layer_blocks(
+        kv.layer_blocks // 2 - kv.state_blocks, b
+    )
+    assert kv.request_tokens < shared.kv.request_tokens
+
+
+WINDOW_DP_KINDS = {
+    "gpt-oss-dp": ({"name": "gpt-oss-20b"}, {"data_parallel": 2, "expert_parallel": True}),
+    "gemma3-dp": ({"name": "gemma-3-12b"}, {"data_parallel": 2}),
+    "mamba2-dp": ({"name": "nemotron-nano-9b-v2"}, {"data_parallel": 2}),
+}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_windowed_and_hybrid_models_keep_the_invariants_per_rank(seed, monkeypatch):
+    """Window and linear-state layers with a pool per rank (each sequence's window weight on its
+    own rank's residue counts): generated cases under the audit, both engines equal."""
+    import random
+    from dataclasses import replace
+
+    import test_engine_properties as tep
+
+    for k, v in WINDOW_DP_KINDS.items():
+        monkeypatch.setitem(tep.KINDS, k, v)
+    rng = random.Random(seed)
+    c = tep.make_case(tep._Rng(seed), kinds=tuple(WINDOW_DP_KINDS))
+    c = replace(
+        c,
+        kv="paged",
+        prefix=False,  # (no prefix caching with windows in the engine)
+        disagg=False,
+        dp_scheduler="per-rank",
+        dp_kv_pool="per-rank",
+        kv_factor=rng.choice([1.05, 1.2, 1.5, 2.0]),
+        router="least_loaded" if c.router == "central_queue" else c.router,
+        max_batch_size=2 * c.max_batch_size if c.max_batch_size % 2 else c.max_batch_size,
+    )
+    run_case(c, modes=True)

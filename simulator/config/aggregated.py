@@ -222,7 +222,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     gpu, profile, profile_id, sha = _resolve_gpu(sc, src)
     tp = sc.fleet.tensor_parallel * sc.fleet.data_parallel  # GPUs per replica
     _check_weights_fit(sc, model, profile, src)
-    _check_dp_scheduler(sc, src, model)
+    _check_dp_scheduler(sc, src)
     kvb = _checked_kv_budget(sc, model, profile, src)
     kv_tokens = kvb.tokens
     tr = sc.traffic
@@ -465,12 +465,10 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         )
 
 
-def _check_dp_scheduler(sc: Scenario, src: str, model: ModelSpec | None = None) -> None:
+def _check_dp_scheduler(sc: Scenario, src: str) -> None:
     """A data-parallel replica with a scheduler per rank (serving/ranks.py): its ranks split
     ``max_batch_size`` evenly, and it runs paged KV behind a router that binds requests to it
-    (a central queue hands requests to replicas, not to ranks); a KV pool per rank
-    (``dp_kv_pool = "per-rank"``) is simulated for models whose every layer holds the whole
-    context (no sliding-window or linear-state layers)."""
+    (a central queue hands requests to replicas, not to ranks)."""
     f = sc.fleet
     dp = f.data_parallel
     if dp <= 1 or f.dp_scheduler != "per-rank":
@@ -501,19 +499,6 @@ def _check_dp_scheduler(sc: Scenario, src: str, model: ModelSpec | None = None) 
             "a central queue hands requests to replicas, but a data-parallel replica with a "
             "scheduler per rank binds them to its ranks on arrival",
             f"use another router, {merged}",
-            src,
-        )
-    if (
-        model is not None
-        and f.dp_kv_pool == "per-rank"
-        and (model.n_sliding_layers or model.n_linear_layers)
-    ):
-        raise ScenarioError(
-            "fleet.dp_kv_pool",
-            f.dp_kv_pool,
-            f"a KV pool per data-parallel rank is not simulated for {model.name}, whose "
-            "sliding-window or linear-state layers are counted in layer-blocks",
-            'set fleet.dp_kv_pool = "shared" (one pool of the replica\'s blocks)',
             src,
         )
 

@@ -217,8 +217,7 @@ SCENARIO: dict[str, str] = {
     "FleetSection.dp_kv_pool": "With dp_scheduler 'per-rank': 'per-rank' (vLLM: every "
     "data-parallel rank its own KV cache of the replica's blocks // data_parallel, and its own "
     "prefix cache; a request must fit one rank's cache) or 'shared' (one pool of the replica's "
-    "blocks that every rank allocates from). per-rank is not simulated for sliding-window or "
-    "hybrid models.",
+    "blocks that every rank allocates from).",
     "FleetSection.expert_parallel": "Spread the experts over the replica's GPUs instead of "
     "splitting each one (vLLM --enable-expert-parallel; EP = tensor_parallel x data_parallel).",
     "FleetSection.serving_stack": "The serving stack the step times represent: 'vllm-v1' (vLLM "

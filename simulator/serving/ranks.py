@@ -46,8 +46,8 @@ pool of the replica's blocks for every rank, as before (a rank could then hold m
 GPU's KV; the preemption victim is the replica's most recent request, on whichever rank, and a
 step that preempted admits nothing on any rank). With a pool per rank, the order in which two
 ranks' heads are admitted at one boundary (rank 0 first) no longer matters: neither takes the
-other's blocks. A pool per rank is simulated for full-attention models only (a model with
-window or linear-state layers is refused: ``dp_kv_pool = "shared"``).
+other's blocks. A model with window or linear-state layers counts each rank's pool in
+layer-blocks, a sequence's window weight on its own rank's residue counts (``_w_saturate``).
 
 What stays merged: the pure decode steps (timed as the merged scheduler times them, the decodes
 spread ``ceil(n / dp)`` to a rank: a decode step's time barely depends on the split). A rank
@@ -62,6 +62,7 @@ rank, a later rank's prompt can complete while an earlier rank's is still partia
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from itertools import chain
@@ -159,7 +160,8 @@ class RankedPagedKV(PagedKV):
             # every rank's engine core its own KV cache: blocks // dp each (the replica's
             # budget is dp engines' worth, kv_budget; the floor of a floor over dp is the
             # engine's own floor), its own prefix cache, its own free-block queue
-            assert self.win is None, "a KV pool per rank: full-attention layers only"
+            # (a model with window or linear-state layers: its pool in layer-blocks, each
+            # rank's the same share; the window bookkeeping wsat / wcur is per sequence)
             nb = self.NB // dp
             self.NB = self.free = nb
             self.wm //= dp
@@ -259,6 +261,28 @@ class RankedPagedKV(PagedKV):
         self.dec_s = dec
         self.run_end = T
         self._arm(T)
+
+    def _w_saturate(self, it: int) -> None:
+        """The paged policy's, each sequence's weight taken off its own rank's counts."""
+        if self.pools is None:
+            super()._w_saturate(it)
+            return
+        heap = self.wsat
+        win = self.win
+        assert win is not None
+        S = win[1]
+        cur = self.wcur
+        b = self.b
+        while heap and heap[0][0] < it:
+            i_sat, _rid, r = heapq.heappop(heap)
+            c = cur.get(r)
+            if c is None or c[1] != i_sat:
+                continue  # it left the decode set (or re-entered) since
+            cur[r] = (c[0] - S, -1)
+            self._use(r.rank)
+            self.cnt2[r.rho] -= S
+            self.cnt2[r.rho + b] -= S
+            self.cum = None
 
     # ---- scheduling one iteration -------------------------------------------------------------
     def _schedule_running(self, it: int) -> None:
@@ -435,7 +459,7 @@ class RankedPagedKV(PagedKV):
                 if nk:
                     self._take(self._blocks(it0 + 1, j - 1, nk))
             used += self.NB - self.free - g * len(self.lru)
-        self.rec.kv_block_s[h] += used * dt
+        self.rec.kv_block_s[h] += (used * self.wscale if self.win is not None else used) * dt
 
     # ---- cut points and run lengths -----------------------------------------------------------
     def _fits_now(self, r: Request) -> bool:
