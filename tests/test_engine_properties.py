@@ -80,6 +80,7 @@ class Case:
     pods: int = 1  # the trace's requests split over them
     offset_s: float = 0.0  # added to every arrival
     hours: int = 1
+    dp_kv_pool: str = "per-rank"  # (moe-ep, per-rank scheduler) or "shared"
 
 
 _BASE: dict[tuple, tuple] = {}
@@ -102,6 +103,16 @@ def _budget(model: dict, fleet: dict) -> tuple:
     return _BASE[key]
 
 
+def _pool_per_rank(case: Case) -> bool:
+    """A data-parallel kind's scenario runs a scheduler and a KV pool per rank."""
+    return (
+        case.kv == "paged"
+        and case.router != "central_queue"
+        and case.dp_scheduler == "per-rank"
+        and case.dp_kv_pool == "per-rank"
+    )
+
+
 def build(case: Case, folder: Path) -> dict:
     """The scenario of ``case``: a trace (Mooncake JSONL with hash ids when prefix caching is
     drawn, else CSV) and a device memory that leaves ``kv_factor`` x the longest request's KV."""
@@ -116,6 +127,9 @@ def build(case: Case, folder: Path) -> dict:
     else:
         seq = (longest + 4 * case.block) * m.kv_bytes_per_token + 2 * m.state_bytes_per_seq
     kv = case.kv_factor * seq
+    dp = fleet.get("data_parallel", 1)
+    if dp > 1 and _pool_per_rank(case):
+        kv *= dp  # every rank its own pool of kv_factor x the longest request's
     mem = (weights + kv) / (0.9 * gpus)
     if case.prefix:
         f = folder / "trace.jsonl"
@@ -161,6 +175,7 @@ def build(case: Case, folder: Path) -> dict:
         # one scheduler per rank runs paged KV behind a router that binds requests to it
         per_rank = case.kv == "paged" and case.router != "central_queue"
         fl["dp_scheduler"] = case.dp_scheduler if per_rank else "merged"
+        fl["dp_kv_pool"] = case.dp_kv_pool
     if case.kv == "paged":
         fl["enable_chunked_prefill"] = case.chunked
         # (the trace's ids stay: such a replica must ignore them)
@@ -422,6 +437,7 @@ def make_case(c, kinds=tuple(KINDS)) -> Case:
         dp_scheduler=c.pick(["per-rank", "merged"]),
         eviction=c.pick(["vllm", "pool-first"]),
         pods=c.pick([1, 1, 1, 3]),
+        dp_kv_pool=c.pick(["per-rank", "shared"]),
     )
 
 
@@ -936,7 +952,7 @@ def test_ranks_admitted_into_one_iteration_keep_one_order_in_both_engines():
         (0.495, 1, 198, 1),
         (0.497, 1, 134, 0),
     )
-    case = _regression("moe-ep", reqs, kv_factor=1.5, max_batch_size=256)
+    case = _regression("moe-ep", reqs, kv_factor=1.5, max_batch_size=256, dp_kv_pool="shared")
     out = run_case(case, modes=True)
     rows = out["sink"].rows
     assert out["res"].totals.preemptions == 2
@@ -976,6 +992,7 @@ def test_ranks_admit_at_the_boundary_in_both_engines():
         max_batched_tokens=6668,
         max_batch_size=8,
         watermark=0.1,
+        dp_kv_pool="shared",  # (the one pool of the replica these counts were made with)
     )
     with tempfile.TemporaryDirectory() as tmp:
         d = build(case, Path(tmp))

@@ -613,11 +613,14 @@ def _check_request_sizes(
         max_req, pmax = int((tp_ + to_).max()), int(tp_.max())
     big_field, big_value = _longest_field(tr, trace_max)
     if max_req > kv_tokens:
+        f = sc.fleet
+        per_rank = f.data_parallel > 1 and f.dp_scheduler == f.dp_kv_pool == "per-rank"
         raise ScenarioError(
             big_field,
             big_value,
-            f"a maximum-length request ({max_req} tokens) exceeds the KV budget of a replica "
-            f"({kv_tokens} tokens)",
+            f"a maximum-length request ({max_req} tokens) exceeds the KV budget of a "
+            + ("data-parallel rank, whose own cache serves it" if per_rank else "replica")
+            + f" ({kv_tokens} tokens)",
             "lower the prompt/output maximum, raise fleet.tensor_parallel or "
             "fleet.gpu_memory_utilization",
             src,

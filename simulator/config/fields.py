@@ -214,6 +214,10 @@ SCENARIO: dict[str, str] = {
     "with the lowest 4 x waiting + running, the ranks stepping together padded to the fullest) "
     "or 'merged' (one scheduler for the replica). per-rank needs paged KV, a router other than "
     "central_queue and a max_batch_size that data_parallel divides.",
+    "FleetSection.dp_kv_pool": "With dp_scheduler 'per-rank': 'per-rank' (vLLM: every "
+    "data-parallel rank its own KV cache of the replica's blocks // data_parallel, and its own "
+    "prefix cache; a request must fit one rank's cache) or 'shared' (one pool of the replica's "
+    "blocks that every rank allocates from).",
     "FleetSection.expert_parallel": "Spread the experts over the replica's GPUs instead of "
     "splitting each one (vLLM --enable-expert-parallel; EP = tensor_parallel x data_parallel).",
     "FleetSection.serving_stack": "The serving stack the step times represent: 'vllm-v1' (vLLM "

@@ -165,6 +165,11 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
         tokens = max(0, int(kv // bpt))
         blocks = tokens // b
     longest = tokens
+    # every data-parallel rank's engine core its own cache (serving/ranks.py): a request is
+    # served from one rank's blocks // dp (= floor(kv / dp / (bpt b)))
+    ranks = dp if dp > 1 and f.dp_scheduler == f.dp_kv_pool == "per-rank" else 1
+    if f.kv_allocation == "paged" and ranks > 1:
+        longest = blocks // ranks * b
     layer_blocks = state_blocks = attn_tokens = state_tokens = 0
     hybrid = model.n_linear_layers > 0
     if f.kv_allocation == "paged" and (model.n_sliding_layers or hybrid):
@@ -173,7 +178,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
         layer_block_bytes = b * model.kv_bytes_per_token_tp(tp) / model.n_attn_layers
         layer_blocks = max(0, int(kv // layer_block_bytes))
         state_blocks = model.state_layer_blocks(b, tp)
-        longest = model.max_tokens_in_layer_blocks(max(0, layer_blocks - state_blocks), b)
+        longest = model.max_tokens_in_layer_blocks(max(0, layer_blocks // ranks - state_blocks), b)
     elif hybrid:
         # reserve: a request reserves its whole prompt + output in every attention layer and
         # its constant state, counted in tokens of the attention layers

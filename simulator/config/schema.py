@@ -177,6 +177,10 @@ class FleetSection(_Section):
     #: data_parallel budget, a request bound to a rank on arrival) or "merged" (one scheduler
     #: for the replica, its prompt steps padded as if their prompts went one to a rank)
     dp_scheduler: Literal["per-rank", "merged"] = "per-rank"
+    #: with a scheduler per rank, whose KV blocks a rank allocates (serving/ranks.py):
+    #: "per-rank" (vLLM: every engine core its own KV cache, blocks // data_parallel blocks,
+    #: and its own prefix cache) or "shared" (one pool of the replica's blocks for all ranks)
+    dp_kv_pool: Literal["per-rank", "shared"] = "per-rank"
     router: Literal["round_robin", "random", "least_loaded", "central_queue", "prefix_affinity"] = (
         "least_loaded"
     )

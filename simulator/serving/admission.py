@@ -114,3 +114,6 @@ class EnginePlan:
     # data-parallel ranks with a scheduler each (serving/ranks.py: fleet.dp_scheduler
     # "per-rank"), or 1: one scheduler for the replica (dp = 1, or "merged")
     dp_ranks: int = 1
+    # with dp_ranks > 1: every rank its own block pool and prefix cache of blocks // dp_ranks
+    # blocks (fleet.dp_kv_pool "per-rank", vLLM's engine core per rank), or one shared pool
+    dp_kv_per_rank: bool = False

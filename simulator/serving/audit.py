@@ -9,7 +9,9 @@ inside it, from the requests each replica holds:
   g x cached ids referenced)``, where a decoding request holds the tokens written through the
   last committed iteration (``eff + min(f, it - 1) - join_it``, ``f`` its last iteration), a
   partly prefilled one its ``done`` tokens, and a prefill replica's handed-off request its
-  ``kv_tokens`` until released; ``0 <= free <= NB``;
+  ``kv_tokens`` until released; ``0 <= free <= NB``; a data-parallel replica with a pool per
+  rank (``fleet.dp_kv_pool = "per-rank"``, serving/ranks.py) recounts each rank's pool from
+  the requests bound to that rank, its ``NB`` being one rank's blocks (no rank ever holds more);
 * **prefix cache**: every resident id's reference count equals the requests referencing it, and
   the unreferenced ids are exactly ``lru``'s;
 * **residues**: ``cnt2`` is two equal copies whose weights sum to the decode set's (1 each, or a
@@ -43,6 +45,7 @@ from typing import Any
 from fleetsim.serving.core import ReplicaCore
 from fleetsim.serving.kv_paged import PagedKV
 from fleetsim.serving.kv_reserve import ReserveKV
+from fleetsim.serving.ranks import RankedPagedKV
 
 
 @dataclass
@@ -53,11 +56,28 @@ class AuditLog:
     max_used: int = 0  # the most blocks (layer-blocks) in use at a commit, any replica
     max_used_frac: float = 0.0  # of its pool
     replicas: list = field(default_factory=list)  # every replica audited, in first-seen order
+    depth: int = 0  # nested audited commits (a ranked replica's calls its paged policy's)
     handed: Any = field(default_factory=weakref.WeakKeyDictionary)  # replica -> {rid: request}
     last_t: Any = field(default_factory=weakref.WeakKeyDictionary)  # replica -> last T0
 
 
 def _paged_recount(rep: PagedKV, log: AuditLog) -> None:
+    pools = getattr(rep, "pools", None)
+    if pools is None:
+        _pool_recount(rep, log, None)
+        return
+    # a data-parallel replica with a pool per rank (serving/ranks.py): every rank's pool
+    # recounted from its own requests, none above its blocks; the decode set counted whole
+    assert rep.n == len(rep.heap), f"replica {rep.index}: n {rep.n} != {len(rep.heap)}"
+    assert sum(r.eff - r.join_it for _f, _i, r in rep.heap) == rep.S, f"replica {rep.index}: S"
+    for k in range(rep.ranks):  # type: ignore[attr-defined]
+        rep._use(k)  # type: ignore[attr-defined]
+        _pool_recount(rep, log, k)
+
+
+def _pool_recount(rep: PagedKV, log: AuditLog, rank: int | None) -> None:
+    """One pool's recount: the replica's (``rank`` None) or data-parallel rank ``rank``'s,
+    from the requests bound to it."""
     it = rep.it
     g = rep.g
     refs: dict[int, int] = {}
@@ -74,16 +94,20 @@ def _paged_recount(rep: PagedKV, log: AuditLog) -> None:
     wsum = 0
     S = 0
     for f, _rid, r in rep.heap:
+        if rank is not None and r.rank != rank:
+            continue
         hold(r, r.eff + min(f, it - 1) - r.join_it, r.held)
         S += r.eff - r.join_it
         wsum += rep.wcur[r][0] if rep.win is not None else 1
     for r in rep.pre:
-        hold(r, r.done, r.held)
+        if rank is None or r.rank == rank:
+            hold(r, r.done, r.held)
     for r in log.handed.get(rep, {}).values():
         hold(r, r.kv_tokens, r.kv_held)
     NB = rep.NB
     expect = NB - own - g * len(rep.cache)
-    where = f"replica {rep.index} after iteration {it - 1}"
+    where = f"replica {rep.index}" + ("" if rank is None else f" rank {rank}")
+    where += f" after iteration {it - 1}"
     assert rep.free == expect, f"{where}: free blocks {rep.free} != recount {expect}"
     assert 0 <= rep.free <= NB, f"{where}: free {rep.free} outside [0, {NB}]"
     assert refs == {h: c for h, c in rep.cache.items() if c}, f"{where}: cache references"
@@ -91,8 +115,9 @@ def _paged_recount(rep: PagedKV, log: AuditLog) -> None:
     b = rep.b
     assert rep.cnt2[:b] == rep.cnt2[b:], f"{where}: cnt2 copies differ"
     assert sum(rep.cnt2[:b]) == wsum, f"{where}: cnt2 sums {sum(rep.cnt2[:b])} != {wsum}"
-    assert rep.n == len(rep.heap), f"{where}: n {rep.n} != decode set {len(rep.heap)}"
-    assert rep.S == S, f"{where}: S {rep.S} != {S}"
+    if rank is None:
+        assert rep.n == len(rep.heap), f"{where}: n {rep.n} != decode set {len(rep.heap)}"
+        assert rep.S == S, f"{where}: S {rep.S} != {S}"
     used = NB - rep.free - g * len(rep.lru)
     log.max_used = max(log.max_used, used)
     if NB:
@@ -118,9 +143,14 @@ def assert_drained(log: AuditLog) -> None:
         assert not log.handed.get(rep), f"{where}: handed-off KV not released"
         if isinstance(rep, PagedKV):
             assert rep.used_blocks() == 0, f"{where}: {rep.used_blocks()} blocks in use"
-            assert rep.free + rep.g * len(rep.lru) == rep.NB, f"{where}: blocks lost"
-            assert not any(rep.cache.values()), f"{where}: cached blocks still referenced"
-            assert rep.cnt2 == [0] * (2 * rep.b) and rep.S == 0, f"{where}: decode counts"
+            pools = getattr(rep, "pools", None)
+            for k in range(1 if pools is None else len(pools)):
+                if pools is not None:
+                    rep._use(k)  # type: ignore[attr-defined]
+                at = where if pools is None else f"{where}, rank {k}"
+                assert rep.free + rep.g * len(rep.lru) == rep.NB, f"{at}: blocks lost"
+                assert not any(rep.cache.values()), f"{at}: cached blocks still referenced"
+                assert rep.cnt2 == [0] * (2 * rep.b) and rep.S == 0, f"{at}: decode counts"
         else:
             assert rep.kv_used == 0, f"{where}: {rep.kv_used} tokens reserved"
 
@@ -134,6 +164,7 @@ def audited() -> Iterator[AuditLog]:
         for cls in (PagedKV, ReserveKV)
         for name in ("_commit_kv", "_keep_kv", "_release_kv")
     }
+    saved[(RankedPagedKV, "_commit_kv")] = RankedPagedKV.__dict__["_commit_kv"]
     saved[(ReplicaCore, "plan")] = ReplicaCore.__dict__["plan"]
     plan = saved[(ReplicaCore, "plan")]
 
@@ -152,7 +183,13 @@ def audited() -> Iterator[AuditLog]:
         orig = saved[(cls, "_commit_kv")]
 
         def _commit_kv(self: Any, *a: Any) -> None:
-            orig(self, *a)
+            log.depth += 1
+            try:
+                orig(self, *a)
+            finally:
+                log.depth -= 1
+            if log.depth:
+                return  # (the outer call recounts)
             last = log.last_t.get(self)
             if last is None:
                 log.replicas.append(self)
@@ -189,6 +226,7 @@ def audited() -> Iterator[AuditLog]:
             setattr(cls, "_commit_kv", wrap_commit(cls, recount))  # noqa: B010
             setattr(cls, "_keep_kv", wrap_keep(cls))  # noqa: B010
             setattr(cls, "_release_kv", wrap_release(cls))  # noqa: B010
+        setattr(RankedPagedKV, "_commit_kv", wrap_commit(RankedPagedKV, _paged_recount))  # noqa: B010
         setattr(ReplicaCore, "plan", audited_plan)  # noqa: B010
         yield log
     finally:

@@ -204,6 +204,12 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         "rpairs",
         "rrun",
         "rtok",
+        # ... with a KV pool per rank (fleet.dp_kv_pool "per-rank"; else pools is None): the
+        # ranks' pool states, the rank whose pool the pool attributes hold, the last iteration
+        # each rank preempted in
+        "kcur",
+        "pools",
+        "rpre",
     )
 
     def __init__(self, index: int, pod: PodPort, cfg: EnginePlan) -> None:

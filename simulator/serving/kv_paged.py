@@ -167,7 +167,14 @@ class PagedKV(BlockPool):
             if dec is None or r.adm > dec.adm:
                 dec = r
         if dec is not None and (victim is None or dec.adm > victim.adm):
-            r = dec
+            return self._preempt(dec, True, it, after_alloc)
+        assert victim is not None
+        return self._preempt(victim, False, it, after_alloc)
+
+    def _preempt(self, r: Request, decoding: bool, it: int, after_alloc: bool) -> Request:
+        """Preempt ``r``: a decoding request (its blocks through iteration ``it``'s, if
+        ``after_alloc``) or one being prefilled; back to the front of its queue."""
+        if decoding:
             self._drop(r, r.eff + (it - r.join_it if after_alloc else it - 1 - r.join_it))
             self.n -= 1
             self.S -= r.eff - r.join_it
@@ -186,10 +193,12 @@ class PagedKV(BlockPool):
             if self.n == 0:
                 self.S = 0.0
         else:
-            assert victim is not None
-            r = victim
             self._drop(r, r.done)
-            self.pre.pop()
+            pre = self.pre
+            if pre[-1] is r:
+                pre.pop()
+            else:  # (a data-parallel rank's most recent: serving/ranks.py)
+                pre.remove(r)
         r.done = 0
         r.preemptions += 1
         self.waiting.appendleft(r)

@@ -105,6 +105,7 @@ def engine_plan(rs: Resolved, horizon_s: float) -> EnginePlan:
         per_iteration=sc.simulation.engine == "iteration",
         paged=paged_limits(rs),
         dp_ranks=rs.dp if sc.fleet.dp_scheduler == "per-rank" else 1,
+        dp_kv_per_rank=sc.fleet.dp_kv_pool == "per-rank",
         **energy_coeffs(rs),
     )
 

@@ -29,13 +29,29 @@ request to one of them; the ML.ENERGY Benchmark launches its data-parallel serve
   chunks being their own rank's: ``dp x`` that rank's pairs and of the rank with the most prompt
   tokens its tokens (``ReplicaCore.pairs_full``, ``p_full``; ``rpairs``, ``rp`` per rank).
 
-What stays merged: the KV pool (one pool of the replica's blocks, ``dp`` ranks' worth; vLLM
-gives each engine its own, so a rank could run out while another has room: the ML.ENERGY
-data-parallel rows are not KV-limited, docs/accuracy-log.md), the pure decode steps (timed as the
-merged scheduler times them, the decodes spread ``ceil(n / dp)`` to a rank: a decode step's
-time barely depends on the split), the watermark (tested on the replica's sequences), and the
-preemption victim (the replica's most recently admitted running request, not the short rank's).
-A rank with room and a waiting request ends a macro run at its first boundary, as the merged
+**Each rank has its own KV cache** (``fleet.dp_kv_pool = "per-rank"``, the default): vLLM's
+engine core per rank sizes its own cache from its own GPUs' profiling run and builds its own
+scheduler and ``KVCacheManager`` on it (``EngineCore._initialize_kv_caches``,
+``vllm/v1/engine/core.py``; ``unify_kv_cache_configs`` agrees only that core's workers), so a
+rank has ``blocks // dp`` blocks (the replica's budget is ``dp`` engines' worth, config/
+resolved.py ``kv_budget``), its own prefix cache, LRU and free-block queue, and its own decode
+residue counts (``pools``; :meth:`RankedPagedKV._use` selects the rank a pool operation acts
+for). Per rank, then: the full-sequence admission gate and the watermark (``wm // dp``) test
+the rank's free blocks; a rank whose decodes or chunks are short of blocks preempts its own
+most recently admitted request, however much room another rank has, and admits nothing more
+into that iteration (the others still do); a prefix hits only the rank's own cache; a pure
+decode run ends at the first step at which any rank is short of its own blocks; and a request
+must fit one rank's cache (``KvBudget.request_tokens``). ``dp_kv_pool = "shared"`` keeps one
+pool of the replica's blocks for every rank, as before (a rank could then hold more than its
+GPU's KV; the preemption victim is the replica's most recent request, on whichever rank, and a
+step that preempted admits nothing on any rank). With a pool per rank, the order in which two
+ranks' heads are admitted at one boundary (rank 0 first) no longer matters: neither takes the
+other's blocks. A model with window or linear-state layers counts each rank's pool in
+layer-blocks, a sequence's window weight on its own rank's residue counts (``_w_saturate``).
+
+What stays merged: the pure decode steps (timed as the merged scheduler times them, the decodes
+spread ``ceil(n / dp)`` to a rank: a decode step's time barely depends on the split). A rank
+with room and a waiting request ends a macro run at its first boundary, as the merged
 scheduler's waiting head does, and is admitted there, with whatever every rank has waiting then
 (not ahead of time, as the core admits its one queue's head: ``on_arrival``); with prefix
 caching the run is not cut where the decodes would evict a waiting request's cached prefix (the
@@ -46,7 +62,8 @@ rank, a later rank's prompt can complete while an earlier rank's is still partia
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -99,6 +116,18 @@ class RankedWaiting:
         return self.qs[self.cur].popleft()
 
 
+# a rank's block pool (a pool per rank): free, cache, lru, q, qc, qv, cnt2, cum (kv_blocks.py)
+_Pool = tuple[
+    int,
+    dict[int, int],
+    "OrderedDict[int, None]",
+    "deque[list[int]] | None",
+    int,
+    dict[int, int],
+    list[int],
+    "list[int] | None",
+]
+
 _NOBODY: deque[Request] = deque()  # a waiting queue to hide the ranks' from the merged checks
 
 
@@ -124,9 +153,61 @@ class RankedPagedKV(PagedKV):
         self.rp = [0] * dp
         self.rpairs = [0.0] * dp
         self.waiting = RankedWaiting(dp)  # type: ignore[assignment]
+        self.kcur = 0
+        self.rpre = [-1] * dp
+        self.pools: list[_Pool] | None = None
+        if cfg.dp_kv_per_rank:
+            # every rank's engine core its own KV cache: blocks // dp each (the replica's
+            # budget is dp engines' worth, kv_budget; the floor of a floor over dp is the
+            # engine's own floor), its own prefix cache, its own free-block queue
+            # (a model with window or linear-state layers: its pool in layer-blocks, each
+            # rank's the same share; the window bookkeeping wsat / wcur is per sequence)
+            nb = self.NB // dp
+            self.NB = self.free = nb
+            self.wm //= dp
+            b2 = 2 * self.b
+            self.pools = [
+                (nb, {}, OrderedDict(), deque() if self.uq else None, 0, {}, [0] * b2, None)
+                for _ in range(dp)
+            ]
 
     def leave_queue(self) -> None:
         self.waiting = RankedWaiting(self.ranks)  # type: ignore[assignment]
+
+    # ---- a KV pool per rank ---------------------------------------------------------------------
+    def _use(self, k: int) -> None:
+        """Make rank ``k``'s pool the one the paged policy's methods act on: its free blocks,
+        prefix cache, LRU, free-block queue and decode residue counts (``pools``; the other
+        ranks' states are kept there). No pool is "current" between calls: every method that
+        touches a pool first selects the rank it acts for."""
+        c = self.kcur
+        if k == c:
+            return
+        pools = self.pools
+        assert pools is not None
+        pools[c] = (self.free, self.cache, self.lru, self.q, self.qc, self.qv, self.cnt2, self.cum)
+        (self.free, self.cache, self.lru, self.q, self.qc, self.qv, self.cnt2, self.cum) = pools[k]
+        self.kcur = k
+
+    def _rank_dec(self) -> int:
+        """The decoding sequences of the current rank (its residue counts' sum)."""
+        return sum(self.cnt2[: self.b])
+
+    def _rank_blocked(self, k: int) -> bool:
+        """Rank ``k`` preempted while scheduling the iteration being planned and runs something
+        in it: its scheduler admits nothing into it (vLLM's ``if not preempted_reqs``, per
+        engine core). Selects rank ``k``'s pool."""
+        self._use(k)
+        return self.rpre[k] == self.it and (self._rank_dec() > 0 or self.rp[k] > 0)
+
+    def used_blocks(self) -> int:
+        if self.pools is None:
+            return super().used_blocks()
+        used = 0
+        for k in range(self.ranks):
+            self._use(k)
+            used += super().used_blocks()
+        return used
 
     # ---- binding on arrival ---------------------------------------------------------------------
     def rank_for(self) -> int:
@@ -181,6 +262,28 @@ class RankedPagedKV(PagedKV):
         self.run_end = T
         self._arm(T)
 
+    def _w_saturate(self, it: int) -> None:
+        """The paged policy's, each sequence's weight taken off its own rank's counts."""
+        if self.pools is None:
+            super()._w_saturate(it)
+            return
+        heap = self.wsat
+        win = self.win
+        assert win is not None
+        S = win[1]
+        cur = self.wcur
+        b = self.b
+        while heap and heap[0][0] < it:
+            i_sat, _rid, r = heapq.heappop(heap)
+            c = cur.get(r)
+            if c is None or c[1] != i_sat:
+                continue  # it left the decode set (or re-entered) since
+            cur[r] = (c[0] - S, -1)
+            self._use(r.rank)
+            self.cnt2[r.rho] -= S
+            self.cnt2[r.rho + b] -= S
+            self.cum = None
+
     # ---- scheduling one iteration -------------------------------------------------------------
     def _schedule_running(self, it: int) -> None:
         """The decodes' blocks (preempting while short, as the merged policy), then each rank's
@@ -189,7 +292,18 @@ class RankedPagedKV(PagedKV):
         if self.win is not None and self.wsat:
             self._w_saturate(it)
         g = self.g
-        d = self.cnt2[it & mask] if self.n else 0
+        per_rank = self.pools is not None
+        if per_rank:
+            # each rank's decodes from its own pool, preempting its own most recent
+            for k in range(self.ranks if self.n else 0):
+                self._use(k)
+                d = self.cnt2[it & mask]
+                if d:
+                    while d > self.free + g * len(self.lru):
+                        self._preempt_last(it, False)
+                        d = self.cnt2[it & mask]
+                    self._take(d)
+        d = self.cnt2[it & mask] if self.n and not per_rank else 0
         if d:
             while d > self.free + g * len(self.lru):
                 self._preempt_last(it, False)
@@ -209,8 +323,13 @@ class RankedPagedKV(PagedKV):
             r = pre[i]
             k = r.rank
             if rb[k] > 0:
+                if per_rank:
+                    self._use(k)
                 c = self._next_chunk(r, rb[k], it)
                 if not c:
+                    if per_rank:  # r preempted itself from its rank's pool: the next rank's
+                        pre = self.pre  # (r and its rank's later prompts left pre)
+                        continue
                     break
                 rb[k] -= c
             i += 1
@@ -226,14 +345,18 @@ class RankedPagedKV(PagedKV):
         nt = self.n + len(self.pre)
         top = (it * self.ranks) << 40
         admitted = False
+        per_rank = self.pools is not None
         for k, q in enumerate(w.qs):
             budget = rb[k]
             if not q or budget <= 0 or rrun[k] >= cap:
                 continue
+            if per_rank and self._rank_blocked(k):  # (selects rank k's pool)
+                continue
             w.cur = k
             while q and rrun[k] < cap and budget > 0:
                 r = q[0]
-                c = self._admit_head(r, it, nt, budget)
+                # (the watermark counts the rank's own sequences when it has its own pool)
+                c = self._admit_head(r, it, rrun[k] if per_rank else nt, budget)
                 if not c:
                     break
                 # the admission order (the preemption victim is the most recent): by iteration,
@@ -282,8 +405,31 @@ class RankedPagedKV(PagedKV):
                 self.pre = [r for r in pre if r in ids] + [r for r in pre if r not in ids]
 
     def _preempt_last(self, it: int, after_alloc: bool) -> Request:
+        """The replica's most recently admitted running request (one shared pool), or with a
+        pool per rank the most recent of the rank whose pool is short (the current one: each
+        engine core's scheduler preempts from its own running list, ``Scheduler.schedule``,
+        vllm/v1/core/sched/scheduler.py); that rank then admits nothing into the iteration."""
         npre = len(self.pre)
-        r = super()._preempt_last(it, after_alloc)
+        if self.pools is None:
+            r = super()._preempt_last(it, after_alloc)
+        else:
+            k = self.kcur
+            self.rpre[k] = it
+            victim = None
+            for q in reversed(self.pre):
+                if q.rank == k:
+                    victim = q
+                    break
+            dec = None
+            for e in self.heap:
+                q = e[2]
+                if q.rank == k and (dec is None or q.adm > dec.adm):
+                    dec = q
+            if dec is not None and (victim is None or dec.adm > victim.adm):
+                r = self._preempt(dec, True, it, after_alloc)
+            else:
+                assert victim is not None, "a rank short of blocks runs nothing"
+                r = self._preempt(victim, False, it, after_alloc)
         self.rrun[r.rank] -= 1
         if after_alloc and len(self.pre) == npre:  # a decode: it no longer takes its token
             self.rb[r.rank] += 1
@@ -291,45 +437,93 @@ class RankedPagedKV(PagedKV):
 
     def _free_kv(self, r: Request, f: int) -> None:
         self.rrun[r.rank] -= 1
+        if self.pools is not None:
+            self._use(r.rank)
         super()._free_kv(r, f)
+
+    def _commit_kv(self, j: int, it0: int, n: int, x: int, h: int, dt: float) -> None:
+        """One shared pool: the paged policy's. A pool per rank: each rank's decodes take
+        their blocks of steps ``1 .. j - 1`` from its own pool, and the blocks in use are the
+        ranks' sum."""
+        pools = self.pools
+        if pools is None:
+            super()._commit_kv(j, it0, n, x, h, dt)
+            return
+        assert x < 0, "a ranked replica's runs end at a boundary, not at a cut (_end_at)"
+        used = 0
+        g = self.g
+        for k in range(self.ranks):
+            self._use(k)
+            if j > 1:
+                nk = self._rank_dec()
+                if nk:
+                    self._take(self._blocks(it0 + 1, j - 1, nk))
+            used += self.NB - self.free - g * len(self.lru)
+        self.rec.kv_block_s[h] += (used * self.wscale if self.win is not None else used) * dt
 
     # ---- cut points and run lengths -----------------------------------------------------------
     def _fits_now(self, r: Request) -> bool:
         """Whether ``r`` (its rank's head) joins the iteration being planned."""
+        k = r.rank
+        if self.pools is not None:
+            if self._rank_blocked(k) or self.rrun[k] >= self.rcap:  # (selects k's pool)
+                return False
+            return self._head_fits(r, self.rrun[k], self.rb[k], 0)
         if self.preempt_it == self.it and (self.n or self.nchunks):
             return False
-        k = r.rank
         if self.rrun[k] >= self.rcap:
             return False
         return self._head_fits(r, self.n + len(self.pre), self.rb[k], 0)
 
     def _fit_cut(self, r: Request, j: int) -> int:
         """Whether ``r`` (its rank's head) joins boundary ``j`` of the current pure decode run
-        (its rank's slots and budget; the pool after the run's decodes' blocks): ``j`` or -1.
-        A later boundary only has fewer free blocks."""
+        (its rank's slots and budget; the pool after the run's decodes' blocks: its rank's own
+        with a pool per rank): ``j`` or -1. A later boundary only has fewer free blocks."""
         self.cut_x = -1
         k = r.rank
         m = self.rrun[k]
         if m >= self.rcap:
             return -1
+        if self.pools is not None:
+            self._use(k)
+            x = self._blocks(self.it + 1, j, self._rank_dec())
+            return j if self._head_fits(r, m, self.rtok - m, x) else -1
         n1 = self.n + len(self.pf)
         return j if self._head_fits(r, n1, self.rtok - m, self._taken(j, n1)) else -1
 
     def _run_length(self, it: int, n1: int, k: int) -> int:
         """A rank with room whose head fits ends the run at its first boundary; else the
-        merged policy's ends (the first step short of a block), no waiting head considered."""
+        merged policy's ends (the first step short of a block), no waiting head considered;
+        with a pool per rank, the first step at which any rank's decodes are short of its
+        own blocks."""
         w = self.waiting
-        if not w:
+        pools = self.pools
+        if not w and pools is None:
             return super()._run_length(it, n1, k)
-        x = self.cnt2[(it + 1) & self.mask]
         rrun = self.rrun
         cap = self.rcap
         rt = self.rtok
-        for kk, q in enumerate(w.qs):  # type: ignore[attr-defined]
-            if q and rrun[kk] < cap and self._head_fits(q[0], n1, rt - rrun[kk], x):
-                return 1
+        if w:
+            s1 = (it + 1) & self.mask
+            x = self.cnt2[s1]
+            for kk, q in enumerate(w.qs):  # type: ignore[attr-defined]
+                if not q or rrun[kk] >= cap:
+                    continue
+                if pools is not None:
+                    self._use(kk)
+                    if self._head_fits(q[0], rrun[kk], rt - rrun[kk], self.cnt2[s1]):
+                        return 1
+                elif self._head_fits(q[0], n1, rt - rrun[kk], x):
+                    return 1
         self.waiting = _NOBODY
         try:
-            return super()._run_length(it, n1, k)
+            if pools is None:
+                return super()._run_length(it, n1, k)
+            for kk in range(self.ranks):
+                self._use(kk)
+                nk = self._rank_dec()
+                if nk:
+                    k = super()._run_length(it, nk, k)
+            return k
         finally:
             self.waiting = w
