@@ -67,6 +67,13 @@ RUNS: dict[str, tuple[str, list[str]]] = {
             "fleet.replicas=3",
         ],
     ),
+    "gemma_lc": ("gemma3-long-context-h100.toml", []),
+    # the same model with every layer global: on the same 20 GPUs, and on the 68 it needs
+    "gemma_lc_global_5": ("gemma3-long-context-h100.toml", ["model.sliding_window_tokens=0"]),
+    "gemma_lc_global": (
+        "gemma3-long-context-h100.toml",
+        ["model.sliding_window_tokens=0", "fleet.replicas=17"],
+    ),
 }
 
 
@@ -120,6 +127,9 @@ def derived(runs: dict[str, dict]) -> dict[str, float]:
     for k in ("gpu_hours", "energy_facility_kwh", "total_cost_usd"):
         out[f"qwen3_moe_{k}_change"] = m[k] / d[k] - 1.0
     # the reasoning day's energy per million output tokens (facility kWh)
+    g, gg = runs["gemma_lc"], runs["gemma_lc_global"]
+    for k in ("gpu_hours", "energy_facility_kwh"):
+        out[f"gemma_lc_{k}_change"] = g[k] / gg[k] - 1.0
     r = runs["r1_b200"]
     out["r1_kwh_per_m_output_tokens"] = r["energy_facility_kwh"] / r["output_tokens"] * 1e6
     return out

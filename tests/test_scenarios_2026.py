@@ -1,7 +1,8 @@
 """The 2026 models' scenarios of the library (scenarios/deepseek-r1-b200.toml,
-scenarios/qwen3-moe-vs-dense-h100.toml): their KV budgets by hand from the shipped config.json
-files, their fleets against Little's law and a measured ML.ENERGY row, and the cost identity on a
-shortened run. (Validation and a one-hour run of every shipped file: tests/test_everyday.py.)"""
+scenarios/qwen3-moe-vs-dense-h100.toml, scenarios/gemma3-long-context-h100.toml): their KV
+budgets by hand from the shipped config.json files, their fleets against Little's law and a
+measured ML.ENERGY row, and the cost identity on a shortened run. (Validation and a one-hour run
+of every shipped file: tests/test_everyday.py.)"""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 
 import fleetsim
+from fleetsim.base.errors import ScenarioError
 from fleetsim.device import catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 R1 = ROOT / "scenarios/deepseek-r1-b200.toml"
+GEMMA = ROOT / "scenarios/gemma3-long-context-h100.toml"
 QWEN = ROOT / "scenarios/qwen3-moe-vs-dense-h100.toml"
 DENSE = [
     'model.config="../data/models/Qwen/Qwen3-32B"',
@@ -158,6 +161,57 @@ def test_qwen_dense_day_and_cost_identity_on_a_short_run():
     assert t["slo_attainment"] == 1.0
 
 
+# ---- gemma-3-27b long-context chat on H100 ----------------------------------------------------
+def test_gemma_windows_by_hand_one_h100_holds_the_longest_request_only_with_them():
+    """A layer-token of gemma-3-27b's K and V is 2 x 16 KV heads x 128 x 2 B = 8,192 bytes. On
+    one H100 the paged pool is floor(KV bytes / (16 x 8,192)) layer-blocks; a sequence of L
+    tokens takes ceil(L / 16) blocks in each of the 10 global layers and at most 1,024 / 16 + 1
+    (the window and its open block) in each of the 52 window layers, so the longest request the
+    pool holds is 16 x floor((blocks - 52 x 65) / 10) = 252,176 tokens: the trace's longest
+    (126,527 with its output) fits. With every layer global a token costs 62 x 8,192 bytes and
+    the same memory holds 41,536 tokens: the longest request is refused."""
+    c = _config("google/gemma-3-27b-it")
+    layer_token = 2 * c["num_key_value_heads"] * c["head_dim"] * 2
+    assert layer_token == 8192
+    n_global = c["num_hidden_layers"] // c["sliding_window_pattern"]
+    assert (n_global, c["num_hidden_layers"] - n_global) == (10, 52)
+    one = ["fleet.tensor_parallel=1"]
+    doc = fleetsim.resolved(GEMMA, one)
+    kv = doc["derived"]["kv_budget"]
+    blocks = math.floor(kv["kv_bytes"] / (16 * layer_token))
+    assert kv["layer_blocks"] == blocks
+    window_blocks = c["sliding_window"] // 16 + 1
+    longest = 16 * ((blocks - 52 * window_blocks) // 10)
+    assert kv["request_tokens"] == longest == 252_176
+    assert doc["derived"]["max_request_tokens"] == 126_527 < longest
+    # the token count of a file-sized traffic charges every token in all 62 layers
+    assert kv["bytes_per_token"] == 62 * layer_token == 507_904
+    assert kv["tokens"] == 16 * math.floor(kv["kv_bytes"] / (16 * 507_904)) == 41_536
+    with pytest.raises(
+        ScenarioError,
+        match=r"126527 tokens\) exceeds the KV budget of a replica "
+        r"\(41536 tokens\)",
+    ):
+        fleetsim.simulate(GEMMA, [*one, "model.sliding_window_tokens=0"])
+
+
+def test_gemma_cost_identity_and_the_counterfactual_fleet():
+    """The file's 5 x TP4 = 20 H100s over its 2 simulated hours are 40 GPU-h; the page's
+    counterfactual is 17 x TP4 = 68; cost = kWh x price + GPU-h x capex / (5 x 8,760 h)."""
+    sc = fleetsim.load(GEMMA)
+    assert (sc.fleet.replicas, sc.fleet.tensor_parallel, sc.simulation.hours) == (5, 4, 2)
+    glob = fleetsim.load(GEMMA, ["model.sliding_window_tokens=0", "fleet.replicas=17"])
+    assert glob.fleet.replicas * glob.fleet.tensor_parallel == 68
+    run = fleetsim.simulate(GEMMA)
+    t = run.totals
+    assert t["gpu_hours"] == 40.0
+    assert t["requests_completed"] == t["requests_arrived"] == 12_031  # the whole trace
+    capex = catalog.gpu("h100-sxm")["capex_usd"]
+    assert t["total_cost_usd"] == pytest.approx(
+        0.0806 * t["energy_facility_kwh"] + 40.0 * capex / (5 * HOURS_PER_YEAR), rel=1e-9
+    )
+
+
 # ---- what a planner tripped over while writing them ------------------------------------------
 def test_kv_line_of_a_windowed_model_on_a_trace_says_every_token_is_charged(tmp_path, capsys):
     """gemma-3-27b replaying the Mooncake trace: the KV budget read ``507,904 bytes per token at
@@ -199,7 +253,8 @@ def test_refresh_only_refuses_an_unknown_run(capsys):
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert {"r1_b200", "r1_b200_8", "qwen3_moe", "qwen3_dense"} <= set(mod.RUNS)
+    new = {"r1_b200", "r1_b200_8", "qwen3_moe", "qwen3_dense", "gemma_lc", "gemma_lc_global"}
+    assert new <= set(mod.RUNS)
     before = (ROOT / "docs/figures.json").read_bytes()
     with pytest.raises(SystemExit) as e:
         mod.main(["--only", "r1_b200,nosuch"])
