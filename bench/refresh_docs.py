@@ -3,6 +3,7 @@
     python bench/refresh_docs.py            # simulate, write docs/figures.json, render the page
     python bench/refresh_docs.py --render   # only render scenarios/README.md from the JSON
     python bench/refresh_docs.py --check    # simulate, compare with the stored JSON; write nothing
+    python bench/refresh_docs.py --only r1_b200,qwen3_moe   # simulate these runs, keep the rest
 
 Each run below is a shipped scenario (with a few ``--set`` variants the page compares), run
 through fleetsim's Python API with the file's own seed. Their figures are stored in
@@ -16,7 +17,9 @@ script whenever a change moves the figures (about 25 minutes on a loaded 2-core 
 scenario's JSON Schema. ``--check`` simulates every run and compares its figures with
 ``docs/figures.json`` (all but the wall time, exactly: the runs are deterministic) and both pages
 with their rendering, writes nothing and exits 1 naming what differs (``--check --render``: only
-the pages, nothing simulated).
+the pages, nothing simulated). ``--only NAMES`` simulates the named runs (comma-separated) and keeps
+every other run's stored figures: for a new scenario's rows, where no stored figure can have
+moved; ``--check`` still simulates all of them.
 """
 
 from __future__ import annotations
@@ -53,6 +56,24 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "chatgpt2023_2500": ("chatgpt-2023.toml", ["fleet.pods=2500"]),
     "kvp": ("kv-pressure-70b-a100.toml", []),
     "kvp_reserve": ("kv-pressure-70b-a100.toml", ['fleet.kv_allocation="reserve"']),
+    "r1_b200": ("deepseek-r1-b200.toml", []),
+    "r1_b200_8": ("deepseek-r1-b200.toml", ["fleet.replicas=8"]),
+    "qwen3_moe": ("qwen3-moe-vs-dense-h100.toml", []),
+    "qwen3_dense": (
+        "qwen3-moe-vs-dense-h100.toml",
+        [
+            'model.config="../data/models/Qwen/Qwen3-32B"',
+            "fleet.tensor_parallel=2",
+            "fleet.replicas=3",
+        ],
+    ),
+    "gemma_lc": ("gemma3-long-context-h100.toml", []),
+    # the same model with every layer global: on the same 20 GPUs, and on the 68 it needs
+    "gemma_lc_global_5": ("gemma3-long-context-h100.toml", ["model.sliding_window_tokens=0"]),
+    "gemma_lc_global": (
+        "gemma3-long-context-h100.toml",
+        ["model.sliding_window_tokens=0", "fleet.replicas=17"],
+    ),
 }
 
 
@@ -101,12 +122,22 @@ def derived(runs: dict[str, dict]) -> dict[str, float]:
         out[f"{name}_completed_share"] = (
             runs[name]["requests_completed"] / runs[name]["requests_arrived"]
         )
+    # the MoE day against the dense one (same traffic): what the MoE saves
+    m, d = runs["qwen3_moe"], runs["qwen3_dense"]
+    for k in ("gpu_hours", "energy_facility_kwh", "total_cost_usd"):
+        out[f"qwen3_moe_{k}_change"] = m[k] / d[k] - 1.0
+    # the reasoning day's energy per million output tokens (facility kWh)
+    g, gg = runs["gemma_lc"], runs["gemma_lc_global"]
+    for k in ("gpu_hours", "energy_facility_kwh"):
+        out[f"gemma_lc_{k}_change"] = g[k] / gg[k] - 1.0
+    r = runs["r1_b200"]
+    out["r1_kwh_per_m_output_tokens"] = r["energy_facility_kwh"] / r["output_tokens"] * 1e6
     return out
 
 
-def simulate_all(names: list[str]) -> dict:
+def simulate_runs(names: list[str]) -> dict[str, dict]:
+    """The figures of the named runs of :data:`RUNS`, simulated."""
     import fleetsim
-    from fleetsim.base.version import __version__
 
     runs = {}
     for name in names:
@@ -114,6 +145,13 @@ def simulate_all(names: list[str]) -> dict:
         t0 = time.perf_counter()
         runs[name] = figures(fleetsim.simulate(ROOT / "scenarios" / path, sets))
         print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return runs
+
+
+def simulate_all(names: list[str]) -> dict:
+    from fleetsim.base.version import __version__
+
+    runs = simulate_runs(names)
     return {
         "fleetsim_version": __version__,
         "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -217,10 +255,36 @@ def main(argv: list[str] | None = None) -> int:
         help="simulate and compare with docs/figures.json and the pages; write nothing, exit 1 "
         "on a difference (with --render: only the pages)",
     )
+    ap.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="simulate only these runs (comma-separated names of RUNS) and keep the other runs' "
+        "stored figures",
+    )
     args = ap.parse_args(argv)
     if args.check:
         return check(simulate=not args.render)
-    if not args.render:
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in RUNS]
+        if unknown:
+            ap.error(f"--only: no run named {', '.join(unknown)} (runs: {', '.join(RUNS)})")
+        from fleetsim.base.version import __version__
+
+        doc = json.loads(FIGURES.read_text(encoding="utf-8"))
+        if doc["fleetsim_version"] != __version__:  # one version's figures on the page
+            ap.error(
+                f"--only: {FIGURES.name} holds fleetsim {doc['fleetsim_version']}'s figures, this "
+                f"is {__version__}: rerun every run (python bench/refresh_docs.py)"
+            )
+        fresh = simulate_runs(names)
+        doc["runs"] = {n: fresh.get(n, doc["runs"].get(n)) for n in RUNS}
+        doc["runs"] = {n: v for n, v in doc["runs"].items() if v is not None}
+        doc["generated_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        doc["derived"] = derived(doc["runs"])
+        FIGURES.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {FIGURES.relative_to(ROOT)} ({len(names)} run(s) simulated)", file=sys.stderr)
+    elif not args.render:
         doc = simulate_all(list(RUNS))
         FIGURES.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote {FIGURES.relative_to(ROOT)}", file=sys.stderr)

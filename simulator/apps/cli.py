@@ -67,7 +67,7 @@ def cmd_validate(args) -> int:
     from fleetsim.apps.common import print_json
     from fleetsim.config.loading import load_scenario
     from fleetsim.config.resolve import resolve
-    from fleetsim.config.resolved import resolved_dict
+    from fleetsim.config.resolved import resolved_dict, sizes_from_file
     from fleetsim.results.summary import kv_kinds, serving_stack
 
     sc, _ = load_scenario(args.scenario, args.overrides, args.seed)
@@ -76,7 +76,11 @@ def cmd_validate(args) -> int:
     if not args.json:
         from fleetsim.config.aggregated import model_source_note
 
-        kinds = kv_kinds(rs.model, rs.kv.bytes_per_token if rs.kv is not None else None)
+        kinds = kv_kinds(
+            rs.model,
+            rs.kv.bytes_per_token if rs.kv is not None else None,
+            sizes_from_file(sc),
+        )
         note = model_source_note(sc.model, args.scenario, rs.model)
         print(
             f"# model {rs.model.name}"

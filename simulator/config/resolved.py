@@ -114,6 +114,16 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seq
     return max(forward, sampler)
 
 
+def sizes_from_file(sc: Scenario) -> bool:
+    """Whether the traffic's request sizes come from a file (a trace or an empirical column),
+    where :func:`typical_contexts` draws none and the KV budget charges every token in every
+    layer."""
+    from fleetsim.workload.distributions import Empirical
+
+    tr = sc.traffic
+    return bool(tr.trace) or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical)
+
+
 def typical_contexts(sc: Scenario, n: int = 4096) -> list[float]:
     """Contexts of ``n`` sequences as a replica holds them: a prompt and half its output, drawn
     from the traffic's size distributions (a fixed SeedSequence stream, so that the budget does
@@ -124,6 +134,7 @@ def typical_contexts(sc: Scenario, n: int = 4096) -> list[float]:
     from fleetsim.workload.distributions import Empirical
 
     tr = sc.traffic
+    # (sizes_from_file, spelled out so that the types narrow)
     if tr.trace or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical):
         return []
     rng = np.random.default_rng(np.random.SeedSequence(0x4B56))  # "KV"

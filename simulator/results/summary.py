@@ -41,11 +41,14 @@ def serving_stack(rs: Resolved) -> str:
     return name
 
 
-def kv_kinds(model, bytes_per_token: float | None = None) -> str:
+def kv_kinds(model, bytes_per_token: float | None = None, sizes_from_file: bool = False) -> str:
     """What a sequence's KV holds, by layer kind, for the summaries ("" for a model whose every
     layer holds its whole context in plain K and V): a sliding window's layers, a latent
     attention's cached latent, a hybrid's linear-state layers; ``bytes_per_token``: the KV
-    budget's bytes per token at the traffic's typical sequence (what its token count divides)."""
+    budget's bytes per token at the traffic's typical sequence (what its token count divides);
+    ``sizes_from_file``: the traffic's sizes come from a trace or a CSV column, so the budget drew
+    no typical sequence and charged every token in every layer (``typical_contexts``), which the
+    line then says instead (the engine itself counts the windows' blocks exactly)."""
     parts = []
     if model.is_mla:
         parts.append(
@@ -64,7 +67,13 @@ def kv_kinds(model, bytes_per_token: float | None = None) -> str:
         parts.append(
             f"{model.n_attn_layers} attention + {model.n_linear_layers} linear-state layers"
         )
-    if not model.kv_uniform and bytes_per_token:
+    if not model.kv_uniform and bytes_per_token and sizes_from_file:
+        parts.append(
+            f"token count at {round(bytes_per_token):,} bytes per token, every token in every "
+            "layer (the traffic's sizes come from a file; the engine itself counts each layer "
+            "kind's blocks)"
+        )
+    elif not model.kv_uniform and bytes_per_token:
         parts.append(
             f"{round(bytes_per_token):,} bytes per token at the traffic's typical sequence"
         )
@@ -382,6 +391,8 @@ def _volume_rows(res: Result, tab: _Rows) -> None:
 
 def _kv_rows(res: Result, tab: _Rows) -> None:
     """The KV budget and the prefix cache (an aggregated fleet); the autoscaler's range."""
+    from fleetsim.config.resolved import sizes_from_file
+
     sc = res.scenario
     t = res.totals
     rs = res.resolved
@@ -403,7 +414,7 @@ def _kv_rows(res: Result, tab: _Rows) -> None:
             if f.kv_allocation == "paged"
             else "reserved at admission (prompt + output)"
         )
-        kinds = kv_kinds(rs.model, kv.bytes_per_token)
+        kinds = kv_kinds(rs.model, kv.bytes_per_token, sizes_from_file(sc))
         if kinds:
             mech += f"; {kinds}"
         tab.add_row(
