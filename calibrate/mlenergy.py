@@ -269,7 +269,15 @@ def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
     env = server_env(data_dir)
     out = []
     with _csv_text(table) as f:
-        for i, r in enumerate(csv.DictReader(f)):
+        reader = csv.DictReader(f)
+        for i, r in enumerate(reader):
+            if None in r.values():  # (csv fills the missing fields of a short row with None)
+                n = sum(v is not None for v in r.values())
+                raise UserError(
+                    f"{table}: row {i + 2}: {n} of the header's {len(reader.fieldnames or [])} "
+                    "columns (fix: one value per column, as data/mlenergy-v3/configurations.csv; "
+                    "an empty field is written as nothing between two commas)"
+                )
             try:
                 c = _config(r, hist)
                 kernel = fp8_moe_kernel(env.get((c.model_id, c.task, c.gpu_model), {}), c)

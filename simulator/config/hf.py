@@ -117,6 +117,7 @@ def _kind(v: object) -> str:
         dict: "an object",
         bool: "a boolean",
         float: "a float",
+        int: "a whole number",
     }.get(type(v), type(v).__name__)
 
 
@@ -244,6 +245,47 @@ def _layer_types_every(types: list, r: _Reader, n_layers: int) -> tuple[bool, in
     return True, g
 
 
+#: the ends of transformers' class names for heads that do not generate text token by token
+#: (BertForMaskedLM, RobertaForSequenceClassification, WhisperForConditionalGeneration is caught
+#: by is_encoder_decoder): read as a decoder, such a file was simulated as one without a word
+NOT_GENERATIVE_HEADS = (
+    "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+    "ForQuestionAnswering", "ForMultipleChoice", "ForNextSentencePrediction",
+    "ForPreTraining", "ForImageClassification", "ForAudioClassification", "ForCTC",
+    "ForSeq2SeqLM", "ForSpeechSeq2Seq", "ForMaskedImageModeling",
+)  # fmt: skip
+#: model_type values of encoder-only and encoder-decoder families (whose files may list no
+#: architectures or a bare ``BertModel``)
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta",
+    "deberta-v2", "modernbert", "camembert", "mpnet", "t5", "mt5", "umt5", "bart", "mbart",
+    "pegasus", "marian", "whisper", "nllb-moe", "m2m_100", "longt5", "switch_transformers",
+}  # fmt: skip
+
+
+def _refuse_non_decoder(r: _Reader) -> None:
+    """Refuse an encoder or encoder-decoder model (BERT, T5, Whisper...): fleetsim simulates
+    decoder-only generation (prefill, then one token per iteration), and such a file, which
+    also has num_hidden_layers, hidden_size, num_attention_heads and vocab_size, was read as a
+    decoder of that shape."""
+    model_type = r.cfg.get("model_type")
+    archs = r.cfg.get("architectures")
+    names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    what = None
+    if r.cfg.get("is_encoder_decoder") is True:
+        what = "is_encoder_decoder = true: an encoder-decoder model"
+    elif names and all(a.endswith(NOT_GENERATIVE_HEADS) for a in names):
+        what = f"architectures = {names[:3]!r}: a model that does not generate text"
+    elif isinstance(model_type, str) and model_type.lower() in ENCODER_TYPES:
+        what = f"model_type = {_show(model_type)}: an encoder or encoder-decoder family"
+    if what is not None:
+        raise r.fail(
+            f"{what}, which fleetsim (decoder-only generation) does not simulate",
+            "give a decoder-only model's config.json (architectures ...ForCausalLM), or "
+            "describe the model inline in [model]",
+        )
+
+
 def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = False) -> None:
     """The weights' precision from ``quantization_config``. ``dtype_given``: the user gave the
     precision (``[model] dtype``, ``--dtype``), so a method fleetsim does not read is left to it
@@ -303,6 +345,7 @@ def architecture_from_hf(
     top = _Reader(cfg, where, source)
     if not isinstance(cfg, dict):
         raise top.fail("is not a JSON object", "give the model's config.json")
+    _refuse_non_decoder(top)
     cfg = language_model_config(cfg, where, source)
     r = _Reader(cfg, where, source)
     model_type = r.text("model_type") or ""
@@ -315,11 +358,16 @@ def architecture_from_hf(
         "n_heads": r.num("num_attention_heads", "n_head"),
         "vocab_size": r.num("vocab_size"),
     }
-    missing = [k for k, v in out.items() if v is None]
+    keys = {
+        "n_layers": "num_hidden_layers",
+        "d_model": "hidden_size",
+        "n_heads": "num_attention_heads",
+        "vocab_size": "vocab_size",
+    }
+    missing = [keys[k] for k, v in out.items() if v is None]
     if missing:
         raise r.fail(
-            f"has no {', '.join(missing)} (keys like num_hidden_layers, hidden_size, "
-            "num_attention_heads, vocab_size)",
+            f"has no {', '.join(missing)}",
             "give a decoder-only model's config.json, or an inline [model] architecture",
         )
     n_layers, d_model, n_heads = out["n_layers"], out["d_model"], out["n_heads"]
