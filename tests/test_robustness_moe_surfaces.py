@@ -1,0 +1,321 @@
+"""A new user's mistakes on the newest surfaces (red-team pass R45): the Hugging Face config
+reader, the MoE / expert-parallel / data-parallel fields, true/false fields, ``calibrate
+--from-mlenergy``; and the MoE path's reproducibility and all-or-nothing output.
+
+Every mistake is one line naming the field, the value and the fix, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import fleetsim
+from fleetsim.apps import cli
+from fleetsim.base.errors import ScenarioError, UserError
+from fleetsim.config.hf import architecture_from_hf
+from fleetsim.results import output
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "data" / "models"
+
+MOE = """
+seed = 1
+[simulation]
+hours = 1
+[model]
+name = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+[hardware]
+gpu = "h100-sxm"
+[fleet]
+replicas = 1
+tensor_parallel = 2
+data_parallel = 2
+expert_parallel = true
+[traffic]
+requests_per_day = 20000
+diurnal = "flat"
+prompt = { dist = "lognormal", median = 1020, sigma = 0.985, min = 2, max = 14050 }
+output = { dist = "lognormal", median = 129, sigma = 0.859, min = 7, max = 1000 }
+"""
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+    rc = cli.main([str(a) for a in args])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and not x.startswith("#")]
+    return rc, err
+
+
+def _moe(tmp_path: Path, text: str = MOE) -> Path:
+    f = tmp_path / "moe.toml"
+    f.write_text(text)
+    return f
+
+
+def _cfg(name: str) -> dict:
+    return json.loads((MODELS / name / "config.json").read_text())
+
+
+# ---- true/false fields ---------------------------------------------------------------------
+# pydantic's lax mode read "yes" / "no" / "false" / 0 / 1 as booleans: `--set
+# fleet.expert_parallel="no"` ran *with* expert parallelism refused silently, and
+# `enable_chunked_prefill = "no"` surfaced as an unrelated max_batched_tokens error.
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "fix"),
+    [
+        ('fleet.expert_parallel="yes"', "fleet.expert_parallel", "write true without quotes"),
+        ('fleet.expert_parallel="false"', "fleet.expert_parallel", "write false without quotes"),
+        ('fleet.enable_chunked_prefill="no"', "fleet.enable_chunked_prefill", "write false"),
+        ("fleet.enable_chunked_prefill=0", "fleet.enable_chunked_prefill", "use true or false"),
+        ("model.attention_sinks=1", "model.attention_sinks", "use true or false"),
+        ('model.tied_embeddings="maybe"', "model.tied_embeddings", "use true or false"),
+    ],
+)
+def test_true_false_fields_refuse_strings_and_numbers(tmp_path, override, field, fix):
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.load(_moe(tmp_path), [override])
+    assert exc.value.field == field
+    assert "where true or false goes" in exc.value.problem
+    assert fix in exc.value.fix
+
+
+def test_true_false_alias_in_a_file_is_named_as_written(tmp_path):
+    """vLLM's name in the file (enable_expert_parallel) is checked before it is renamed, and
+    the message names it as the file spells it."""
+    f = _moe(tmp_path, MOE.replace("expert_parallel = true", 'enable_expert_parallel = "yes"'))
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.load(f)
+    assert exc.value.field == "fleet.enable_expert_parallel"
+    assert exc.value.value == "yes"
+
+
+def test_true_false_cli_is_one_line_exit_2(tmp_path, capsys):
+    rc, err = _cli(capsys, "validate", _moe(tmp_path), "--set", 'fleet.expert_parallel="no"')
+    assert rc == 2 and len(err) == 1, err
+    assert "fleet.expert_parallel = 'no': a quoted string where true or false goes" in err[0]
+    assert "(fix: write false without quotes)" in err[0]
+
+
+def test_real_booleans_still_pass(tmp_path):
+    sc = fleetsim.load(_moe(tmp_path), ["fleet.expert_parallel=false", "fleet.data_parallel=1"])
+    assert sc.fleet.expert_parallel is False
+
+
+# ---- config.json: what is not a decoder ----------------------------------------------------
+BERT = {
+    "architectures": ["BertForMaskedLM"],
+    "model_type": "bert",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "max_position_embeddings": 512,
+    "vocab_size": 30522,
+}
+
+
+@pytest.mark.parametrize(
+    ("cfg", "said"),
+    [
+        # bert-base-uncased as published: every key a decoder has, so it was read as a
+        # 12-layer decoder and simulated without a word
+        (BERT, "architectures = ['BertForMaskedLM']: a model that does not generate text"),
+        ({**BERT, "architectures": ["BertModel"]}, "model_type = 'bert': an encoder"),
+        # a reward / classifier head on a decoder body (Qwen3ForSequenceClassification)
+        (
+            {**_cfg("Qwen/Qwen3-8B"), "architectures": ["Qwen3ForSequenceClassification"]},
+            "a model that does not generate text",
+        ),
+        (
+            {"model_type": "t5", "is_encoder_decoder": True, "d_model": 512, "num_layers": 6},
+            "is_encoder_decoder = true: an encoder-decoder model",
+        ),
+    ],
+)
+def test_non_decoder_configs_are_refused(cfg, said):
+    with pytest.raises(ScenarioError) as exc:
+        architecture_from_hf(cfg, "config.json")
+    assert exc.value.field == "model.config"
+    assert said in exc.value.problem
+    assert "which fleetsim (decoder-only generation) does not simulate" in exc.value.problem
+    assert "ForCausalLM" in exc.value.fix
+
+
+def test_every_shipped_config_is_still_read():
+    """The refusal leaves the checkout's decoders alone (ForCausalLM, ForConditionalGeneration
+    of the multimodal files, Nemotron's NemotronH_Nano_VL_V2)."""
+    files = sorted(MODELS.glob("*/*/config.json"))
+    assert len(files) == 29
+    for p in files:
+        arch = architecture_from_hf(json.loads(p.read_text()), str(p))
+        assert arch["n_layers"] > 0, p
+
+
+def test_a_file_without_architectures_is_read_as_before():
+    cfg = _cfg("Qwen/Qwen3-8B")
+    del cfg["architectures"]
+    assert architecture_from_hf(cfg, "c.json") == architecture_from_hf(_cfg("Qwen/Qwen3-8B"), "c")
+
+
+def test_missing_keys_are_named_as_the_file_spells_them():
+    cfg = _cfg("Qwen/Qwen3-8B")
+    del cfg["num_hidden_layers"], cfg["vocab_size"]
+    with pytest.raises(ScenarioError) as exc:
+        architecture_from_hf(cfg, "c.json")
+    assert exc.value.problem == "has no num_hidden_layers, vocab_size"  # (was: n_layers)
+
+
+def test_a_whole_number_is_named_as_one():
+    cfg = {**_cfg("Qwen/Qwen3-8B"), "quantization_config": {"quant_method": 4}}
+    with pytest.raises(ScenarioError) as exc:
+        architecture_from_hf(cfg, "c.json")
+    assert exc.value.problem == "quant_method = 4 is a whole number"  # (was: "is int")
+
+
+# ---- config.json: experts but no MoE layer --------------------------------------------------
+@pytest.mark.parametrize(
+    ("model", "key", "value", "field"),
+    [
+        # Qwen3-MoE: layer i is MoE when (i + 1) % decoder_sparse_step == 0 (vLLM
+        # qwen3_moe.py): a step past the 48th layer leaves every layer dense
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", "decoder_sparse_step", 49, "model.moe_layer_step"),
+        # DeepSeek-V3: layers below first_k_dense_replace are dense; 61 of 61
+        ("deepseek-ai/DeepSeek-V3.1", "first_k_dense_replace", 61, "model.first_k_dense"),
+    ],
+)
+def test_experts_without_a_moe_layer_are_refused(tmp_path, model, key, value, field):
+    cfg = {**_cfg(model), key: value}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    text = MOE.replace('name = "Qwen/Qwen3-30B-A3B-Instruct-2507"', 'config = "config.json"')
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.resolved(_moe(tmp_path, text))
+    assert exc.value.field == field
+    assert exc.value.value == value
+    assert "leaves none of the" in exc.value.problem and "a mixture of experts" in exc.value.problem
+
+
+def test_inline_experts_without_a_moe_layer_are_refused(tmp_path):
+    text = MOE.replace(
+        'name = "Qwen/Qwen3-30B-A3B-Instruct-2507"',
+        'name = "qwen3-30b-a3b"\nmoe_layer_step = 64',
+    )
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.resolved(_moe(tmp_path, text))
+    assert exc.value.field == "model.moe_layer_step"
+    assert "leaves none of the 48 layers a mixture of experts, though n_experts is 128" in (
+        exc.value.problem
+    )
+
+
+def test_a_moe_step_that_leaves_some_moe_layers_is_kept():
+    arch = architecture_from_hf(
+        {**_cfg("Qwen/Qwen3-30B-A3B-Instruct-2507"), "decoder_sparse_step": 48}, "c.json"
+    )
+    assert arch["moe_layer_step"] == 48  # one MoE layer (the 48th): vLLM runs it
+
+
+# ---- calibrate --from-mlenergy ---------------------------------------------------------------
+def test_mlenergy_short_row_names_the_row_and_its_columns(tmp_path):
+    from fleetsim.calibrate.mlenergy import read_configs
+
+    src = REPO / "data" / "mlenergy-v3" / "configurations.csv"
+    header = src.read_text().splitlines()[0]
+    (tmp_path / "configurations.csv").write_text(header + "\nQwen/Qwen3-14B,gpqa\n")
+    with pytest.raises(UserError) as exc:
+        read_configs(tmp_path)
+    msg = str(exc.value)
+    assert "row 2: 2 of the header's 29 columns" in msg  # (was: "config_index = None")
+    assert "\n" not in msg
+
+
+# ---- the MoE / EP path: reproducible, all or nothing ------------------------------------------
+def _table_bytes(p: Path) -> bytes:
+    """The table's Parquet bytes without its metadata."""
+    buf = io.BytesIO()
+    pq.write_table(pq.read_table(p).replace_schema_metadata(None), buf)
+    return buf.getvalue()
+
+
+def test_same_seed_twice_gives_the_same_files_on_the_ep_path(tmp_path, capsys):
+    """Qwen3-30B-A3B, TP2 x DP2 with expert parallelism, per-rank schedulers: two runs of one
+    seed write the same tables and the same metadata, but for the run's wall time
+    (``fleetsim.wall_s``, by design); a third with another seed differs."""
+    f = _moe(tmp_path)
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        rc, err = _cli(capsys, "run", f, "--out", tmp_path / name, "--requests", "--seed", seed)
+        assert rc == 0, err
+    for table in ("hourly.parquet", "requests.parquet"):
+        a, b, c = (tmp_path / n / table for n in "abc")
+        assert _table_bytes(a) == _table_bytes(b)
+        assert _table_bytes(a) != _table_bytes(c)
+        ma, mb = (dict(pq.read_schema(p).metadata or {}) for p in (a, b))
+        assert {k for k in ma if ma[k] != mb.get(k)} <= {b"fleetsim.wall_s"}
+        assert set(ma) == set(mb)
+    assert b"fleetsim.seed" in pq.read_schema(tmp_path / "a" / "hourly.parquet").metadata
+
+
+def test_sigint_mid_run_on_the_ep_path_keeps_the_previous_files(tmp_path, capsys):
+    """gpt-oss-120b TP1 x DP2 with expert parallelism, two pods on two workers: SIGINT while it
+    simulates leaves the previous run's files byte for byte and nothing temporary, exit 130."""
+    text = (
+        MOE.replace('name = "Qwen/Qwen3-30B-A3B-Instruct-2507"', 'name = "openai/gpt-oss-120b"')
+        .replace("tensor_parallel = 2", "tensor_parallel = 1\npods = 2")
+        .replace("hours = 1", "hours = 6")
+        .replace("requests_per_day = 20000", "requests_per_day = 3000000")
+    )
+    f = _moe(tmp_path, text)
+    out = tmp_path / "X"
+    rc, err = _cli(capsys, "run", f, "--out", out, "--set", "simulation.hours=1", "--set",
+                   "traffic.requests_per_day=20000")  # fmt: skip
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    a = subprocess.Popen(
+        [sys.executable, "-m", "fleetsim", "run", str(f), "--out", str(out), "--force",
+         "--requests", "--workers", "2", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        while not (out / output.LOCK_NAME).exists() and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+        time.sleep(1.0)  # (the pods are being simulated: the day takes tens of seconds)
+        assert a.poll() is None
+    finally:
+        a.send_signal(signal.SIGINT)
+        _, stderr = a.communicate(timeout=60)
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert a.returncode == 130, stderr
+    assert len(lines) == 1 and "interrupted by SIGINT" in lines[0], stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    shutil.rmtree(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # a misspelt GPU simulated nothing and printed an empty goal table, exit 0
+        (["--gpu", "H999"], "--gpu H999: no simulated row of that GPU in"),
+        (["--workers", "0"], "--workers 0: must be at least 1"),
+    ],
+)
+def test_accuracy_harness_refuses_before_simulating(capsys, args, said):
+    from fleetsim.calibrate import mlenergy
+
+    t0 = time.monotonic()
+    assert mlenergy.main(args) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and said in err[0], err
+    assert time.monotonic() - t0 < 30  # (nothing simulated: the whole table takes minutes)
