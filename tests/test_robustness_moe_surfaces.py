@@ -319,3 +319,49 @@ def test_accuracy_harness_refuses_before_simulating(capsys, args, said):
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and said in err[0], err
     assert time.monotonic() - t0 < 30  # (nothing simulated: the whole table takes minutes)
+
+
+# ---- [model] name beside [model] config -------------------------------------------------------
+def _named(tmp_path: Path, name: str, config: Path) -> Path:
+    return _moe(
+        tmp_path,
+        MOE.replace(
+            'name = "Qwen/Qwen3-30B-A3B-Instruct-2507"', f'name = "{name}"\nconfig = "{config}"'
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "said"),
+    [
+        # a checkout id left in while switching to another file: the errors called Qwen3-8B
+        # "Qwen/Qwen3-30B-A3B-Instruct-2507 ... is not a mixture of experts"
+        (
+            "Qwen/Qwen3-30B-A3B-Instruct-2507",
+            "Qwen/Qwen3-8B",
+            "names this checkout's Qwen3-30B-A3B-Instruct-2507 config (n_layers = 48), but "
+            "model.config = ",
+        ),
+        # a catalog name over another model's config: "model qwen3-8b: 30.53 B parameters"
+        ("qwen3-8b", "Qwen/Qwen3-30B-A3B-Instruct-2507", "names the catalog model (n_layers = 36)"),
+    ],
+)
+def test_a_name_that_means_another_architecture_is_refused(tmp_path, name, config, said):
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.resolved(_named(tmp_path, name, MODELS / config / "config.json"))
+    assert exc.value.field == "model.name" and exc.value.value == name
+    assert said in exc.value.problem and "the name would only label it" in exc.value.problem
+    assert "drop [model] name" in exc.value.fix
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("my-finetune", "Qwen/Qwen3-30B-A3B-Instruct-2507"),  # a label
+        ("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B-Thinking-2507"),  # the catalog's shape
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", "Qwen/Qwen3-Coder-30B-A3B-Instruct"),  # same shape
+    ],
+)
+def test_a_name_that_labels_the_configs_shape_is_kept(tmp_path, name, config):
+    info = fleetsim.resolved(_named(tmp_path, name, MODELS / config / "config.json"))
+    assert info["model"]["name"] == name and info["model"]["n_layers"] == 48
