@@ -365,3 +365,108 @@ def test_a_name_that_means_another_architecture_is_refused(tmp_path, name, confi
 def test_a_name_that_labels_the_configs_shape_is_kept(tmp_path, name, config):
     info = fleetsim.resolved(_named(tmp_path, name, MODELS / config / "config.json"))
     assert info["model"]["name"] == name and info["model"]["n_layers"] == 48
+
+
+# ---- fp8 scaled per tensor / channel: not 128 x 128 blocks --------------------------------------
+Q30 = "Qwen/Qwen3-30B-A3B-Instruct-2507"
+FP8_TENSOR = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+FP8_BLOCK = {**FP8_TENSOR, "weight_block_size": [128, 128]}
+CT_FP8 = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "float", "dynamic": True},
+        }
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("q", "block"),
+    [
+        (FP8_BLOCK, True),  # Qwen3's -FP8 and DeepSeek's files: the key is left out
+        (FP8_TENSOR, False),  # vLLM Fp8Config: weight_block_size None, block_quant False
+        ({"quant_method": "fbgemm_fp8"}, False),  # per channel
+        (CT_FP8, False),  # RedHatAI's FP8-dynamic: channel strategy
+        ({**CT_FP8, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float",
+                                                        "strategy": "block"}}}}, True),
+    ],
+)  # fmt: skip
+def test_fp8_scales_are_read(q, block):
+    arch = architecture_from_hf({**_cfg(Q30), "quantization_config": q}, "c.json")
+    assert arch["dtype"] == "fp8"
+    assert arch.get("fp8_block", True) is block
+
+
+def _latency(capsys, cfg: dict, tmp_path: Path, *args) -> tuple[int, str, str]:
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    rc = cli.main(["latency", "--model", str(p), "--batch", "8", "--context", "1000", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err.strip()
+
+
+def test_fp8_per_tensor_experts_split_at_any_width(tmp_path, capsys):
+    """Qwen3-30B-A3B's 768-wide experts over TP8 without EP are 96 wide: whole 128 x 128 blocks
+    they are not, which vLLM refuses for block-quantised weights only (Fp8MoEMethod's check
+    under ``if self.block_quant``); per-tensor fp8 was refused all the same."""
+    gpu = ["--gpu", "h100-sxm", "--tp", "8"]
+    rc, _, err = _latency(capsys, {**_cfg(Q30), "quantization_config": FP8_BLOCK}, tmp_path, *gpu)
+    assert rc == 2 and "not whole blocks: vLLM refuses to load them" in err
+    rc, out, err = _latency(
+        capsys, {**_cfg(Q30), "quantization_config": FP8_TENSOR}, tmp_path, *gpu
+    )
+    assert rc == 0, err
+    assert "fp8 weights" in out
+
+
+def test_fp8_per_tensor_experts_run_no_block_scaled_k_loop():
+    """The block-scaled K loop (moe_fp8_loop, the share moe_loop_w draws) is block-quantised
+    fp8's; per-tensor fp8 experts run the kernel's default tiles and 16-bit K-loop step
+    (assumed: no measured row has them), so at TP2 the same weights take less time."""
+    from fleetsim.device import catalog
+    from fleetsim.device.latency import LatencyModel
+    from fleetsim.device.modelspec import ModelSpec
+    from fleetsim.device.profile import catalog_profile
+
+    prof = catalog_profile("h100-sxm", catalog.gpu("h100-sxm"))
+    lat = {}
+    for name, q in (("block", FP8_BLOCK), ("tensor", FP8_TENSOR)):
+        arch = architecture_from_hf({**_cfg(Q30), "quantization_config": q}, "c.json")
+        m = ModelSpec(name=name, **arch)
+        lm = LatencyModel(m, prof, 2)
+        lat[name] = (lm.moe_loop_s(8), lm.iteration(0, 0.0, 0, 8, 8000.0)[0], m.weight_bytes)
+    assert lat["block"][2] == lat["tensor"][2] == pytest.approx(31.15e9, rel=1e-3)  # same bytes
+    assert lat["block"][0] > 0 and lat["tensor"][0] == 0.0
+    assert lat["tensor"][1] < lat["block"][1]
+
+
+@pytest.mark.parametrize(
+    ("model", "q", "said"),
+    [
+        (Q30, None, "has bf16 experts"),
+        (Q30, FP8_TENSOR, "has fp8 experts scaled per tensor or channel"),
+        ("Qwen/Qwen3-8B", None, "is not a mixture of experts"),
+    ],
+)
+def test_the_flashinfer_kernel_is_refused_where_it_does_not_apply(tmp_path, capsys, model, q, said):
+    """``fp8_moe_kernel = "flashinfer-trtllm"`` times fp8 block-quantised experts only; on a
+    bf16 MoE, a dense model or per-tensor fp8 it was ignored without a word (exit 0)."""
+    cfg = _cfg(model) if q is None else {**_cfg(model), "quantization_config": q}
+    rc, _, err = _latency(
+        capsys, cfg, tmp_path, "--gpu", "b200", "--fp8-moe-kernel", "flashinfer-trtllm"
+    )
+    assert rc == 2 and "\n" not in err
+    assert "--fp8-moe-kernel = 'flashinfer-trtllm': is the kernel of fp8 block-quantised" in err
+    assert said in err and "leave it at triton" in err
+    text = MOE.replace("expert_parallel = true", "").replace("data_parallel = 2", "")
+    text = text.replace('gpu = "h100-sxm"', 'gpu = "b200"')
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    text = text.replace(f'name = "{Q30}"', 'config = "config.json"')
+    f = _moe(tmp_path, text.replace("[fleet]", '[fleet]\nfp8_moe_kernel = "flashinfer-trtllm"'))
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.resolved(f)
+    assert exc.value.field == "fleet.fp8_moe_kernel" and said in exc.value.problem

@@ -210,8 +210,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
     )
     kernel = getattr(args, "fp8_moe_kernel", "triton")
     if kernel != "triton":
-        from fleetsim.config.aggregated import _with_fp8_moe_kernel
+        from fleetsim.config.aggregated import _with_fp8_moe_kernel, check_fp8_moe_kernel
 
+        check_fp8_moe_kernel(kernel, model, "--fp8-moe-kernel", "")
         profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "--fp8-moe-kernel")
     if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         # the smallest degree that holds them and that vLLM's head split accepts (raising

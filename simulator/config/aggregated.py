@@ -253,6 +253,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     sizes, the prefix blocks, the hourly rates, the work budget and the autoscaler."""
     src = source
     model = model_spec(sc, src)
+    check_fp8_moe_kernel(sc.fleet.fp8_moe_kernel, model, "fleet.fp8_moe_kernel", src)
     gpu, profile, profile_id, sha = _resolve_gpu(sc, src)
     tp = sc.fleet.tensor_parallel * sc.fleet.data_parallel  # GPUs per replica
     _check_weights_fit(sc, model, profile, src)
@@ -410,6 +411,33 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
     )
 
     return gpu, profile, profile_id, sha
+
+
+def check_fp8_moe_kernel(kernel: str, model: ModelSpec, field: str, src: str) -> None:
+    """A kernel other than Triton's is a kernel of fp8 block-quantised experts (FlashInfer's
+    ``trtllm_fp8_block_scale_moe``: vLLM 0.11 ``get_fp8_moe_backend`` picks it for
+    ``Fp8MoEMethod`` with ``block_quant``); the latency model applies it to nothing else, so on
+    any other model the setting was ignored without a word."""
+    if kernel == "triton":
+        return
+    e_dt = model.expert_dtype or model.dtype
+    if model.n_moe_layers and e_dt == "fp8" and model.fp8_block:
+        return
+    what = (
+        "is not a mixture of experts"
+        if not model.n_moe_layers
+        else f"has {e_dt} experts"
+        if e_dt != "fp8"
+        else "has fp8 experts scaled per tensor or channel, not in 128 x 128 blocks"
+    )
+    raise ScenarioError(
+        field,
+        kernel,
+        f"is the kernel of fp8 block-quantised experts, and {model.name} {what}",
+        "leave it at triton (the default), or use a model with fp8 block-quantised experts "
+        "(e.g. deepseek-ai/DeepSeek-V3.1)",
+        src,
+    )
 
 
 def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> Profile:

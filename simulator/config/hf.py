@@ -43,7 +43,8 @@ max_context_tokens                max_position_embeddings, n_positions, seq_leng
 dtype, expert_dtype, embed_dtype  dtype, else torch_dtype (as transformers; another value is
                                   refused unless quantization_config or [model] dtype sets
                                   the precision); quantization_config: fp8 and
-                                  fbgemm_fp8 (linear layers fp8, embedding and LM head bf16),
+                                  fbgemm_fp8 (linear layers fp8, embedding and LM head bf16;
+                                  fp8_block false without weight_block_size),
                                   mxfp4 (experts), compressed-tensors / gptq / awq (their bits:
                                   4 int4, 8 int8; compressed-tensors' 8-bit float type fp8);
                                   another method is refused unless [model] dtype / --dtype
@@ -297,11 +298,16 @@ def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = 
         # fp8 per token, lm_head not converted (vLLM quantization/fbgemm_fp8.py)
         out["dtype"] = "fp8"
         out["embed_dtype"] = "bf16"  # embedding and LM head are not converted
+        if method == "fbgemm_fp8" or q.get("weight_block_size") is None:
+            # per-tensor / per-channel scales: no 128 x 128 blocks (vLLM Fp8Config:
+            # weight_block_size None, Fp8MoEMethod.block_quant False)
+            out["fp8_block"] = False
     elif method == "mxfp4":
         out["expert_dtype"] = "mxfp4"  # gpt-oss: attention, router, embedding stay bf16
     elif method in ("gptq", "awq", "compressed-tensors"):
         bits = qr.num("bits", "num_bits", lo=1, hi=64)
         kind = None  # compressed-tensors: the weights' number type ("int" or "float")
+        strategy = None  # compressed-tensors: "tensor", "channel", "group" or "block"
         if bits is None and method == "compressed-tensors":
             groups = qr.obj("config_groups") or {}
             for g in groups.values():
@@ -310,10 +316,13 @@ def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = 
                     wr = _Reader(w, r.where, r.source)
                     bits = wr.num("num_bits", lo=1, hi=64)
                     kind = wr.text("type")
+                    strategy = wr.text("strategy")
                     break
         if kind == "float" and bits == 8:  # FP8 W8A8 ("float-quantized"): not int8
             out["dtype"] = "fp8"
             out["embed_dtype"] = "bf16"
+            if strategy != "block":  # (per-tensor / per-channel: RedHatAI's FP8-dynamic)
+                out["fp8_block"] = False
             return
         if kind == "float" or bits not in (4, 8):
             if dtype_given:

@@ -119,6 +119,14 @@ class ModelSpec:
     ssm_conv_kernel: int = 4
     # ---- precision per part -----------------------------------------------------------------
     expert_dtype: str | None = None  # None: dtype
+    #: fp8 weights carry 128 x 128 block scales (the checkpoint's ``weight_block_size``, as
+    #: DeepSeek-V3 and Qwen3's -FP8 files); False: per-tensor or per-channel scales (``fp8``
+    #: without ``weight_block_size``, ``fbgemm_fp8``, compressed-tensors' channel / tensor
+    #: strategies), whose experts vLLM splits at any width and runs in the fused MoE kernel's
+    #: default tiles without the block-scaled K loop (``Fp8MoEMethod``: ``block_quant`` is
+    #: ``weight_block_size is not None``; its block-width check and ``get_default_config``'s
+    #: block tiles apply only then)
+    fp8_block: bool = True
     embed_dtype: str | None = None  # None: dtype
     state_dtype: str | None = None  # linear-state cache; None: the KV dtype
     #: the SSM (temporal) state's precision when it differs from the convolution state's
