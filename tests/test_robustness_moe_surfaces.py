@@ -470,3 +470,25 @@ def test_the_flashinfer_kernel_is_refused_where_it_does_not_apply(tmp_path, caps
     with pytest.raises(ScenarioError) as exc:
         fleetsim.resolved(f)
     assert exc.value.field == "fleet.fp8_moe_kernel" and said in exc.value.problem
+
+
+def test_a_cache_folder_with_several_snapshots_and_no_ref_says_so(tmp_path, capsys):
+    """Two snapshots and no refs/main: the folder has config.json files, but none is chosen;
+    it was reported as "a folder with no config.json"."""
+    repo = tmp_path / "models--Qwen--Qwen3-8B"
+    for h in ("aaa1111", "bbb2222"):
+        (repo / "snapshots" / h).mkdir(parents=True)
+        shutil.copy(MODELS / "Qwen/Qwen3-8B/config.json", repo / "snapshots" / h)
+    rc = cli.main(["latency", "--gpu", "h100-sxm", "--model", str(repo), "--batch", "1",
+                   "--context", "10"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert "a Hugging Face cache folder with 2 snapshots and no refs/main naming one" in err
+    f = _moe(tmp_path, MOE.replace(f'name = "{Q30}"', f'config = "{repo}"'))
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.resolved(f)
+    assert exc.value.field == "model.config" and "2 snapshots" in exc.value.problem
+    assert "snapshots/HASH" in exc.value.fix
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("bbb2222")  # a ref picks one: read
+    assert fleetsim.resolved(f, ["fleet.expert_parallel=false"])["model"]["n_layers"] == 36

@@ -625,11 +625,17 @@ def read_hf_config_named(
     if p.is_dir():  # the model's folder (a Hugging Face snapshot), as ``latency --model``
         found = config_in_folder(p)
         if found is None:
+            n = snapshots_without_ref(p)
             raise ScenarioError(
                 "model.config",
                 written or str(p),
-                f"{p} is a folder with no config.json",
-                "give the path of the model's config.json, or of the folder that holds it",
+                f"{p} is a Hugging Face cache folder with {n} snapshots and no refs/main "
+                "naming one of them"
+                if n
+                else f"{p} is a folder with no config.json",
+                "give the snapshot's folder (snapshots/HASH) or its config.json"
+                if n
+                else "give the path of the model's config.json, or of the folder that holds it",
                 source,
             )
         p = found
@@ -682,6 +688,17 @@ def config_in_folder(folder: Path) -> Path | None:
             return snaps / h / "config.json"
     found = sorted(c for c in snaps.glob("*/config.json"))
     return found[0] if len(found) == 1 else None
+
+
+def snapshots_without_ref(folder: Path) -> int:
+    """The snapshots holding a config.json of a Hugging Face cache repository folder when
+    :func:`config_in_folder` cannot pick one (several, and no ``refs/main`` naming one of
+    them); 0 otherwise."""
+    snaps = folder / "snapshots"
+    if not snaps.is_dir():
+        return 0
+    n = len(list(snaps.glob("*/config.json")))
+    return n if n > 1 else 0
 
 
 def read_hf_config(path: str | Path, source: str = "", written: str = "") -> dict[str, Any]:
