@@ -492,3 +492,25 @@ def test_a_cache_folder_with_several_snapshots_and_no_ref_says_so(tmp_path, caps
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("bbb2222")  # a ref picks one: read
     assert fleetsim.resolved(f, ["fleet.expert_parallel=false"])["model"]["n_layers"] == 36
+
+
+def test_fp8_block_is_an_inline_field(tmp_path):
+    """An inline (or catalog) model in fp8 is block-quantised unless ``fp8_block = false``."""
+    text = (
+        MOE.replace(f'name = "{Q30}"', 'name = "qwen3-30b-a3b"\ndtype = "fp8"')
+        .replace("tensor_parallel = 2", "tensor_parallel = 8")
+        .replace("data_parallel = 2", "data_parallel = 1")
+        .replace("expert_parallel = true", "expert_parallel = false")
+    )
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.resolved(_moe(tmp_path, text))
+    assert "not whole blocks" in exc.value.problem
+    info = fleetsim.resolved(
+        _moe(tmp_path, text.replace('dtype = "fp8"', 'dtype = "fp8"\nfp8_block = false'))
+    )
+    assert info["model"]["fp8_block"] is False
+    with pytest.raises(ScenarioError) as exc:
+        fleetsim.load(
+            _moe(tmp_path, text.replace('dtype = "fp8"', 'dtype = "fp8"\nfp8_block = "no"'))
+        )
+    assert exc.value.field == "model.fp8_block"
