@@ -269,7 +269,15 @@ def read_configs(data_dir: Path = DATA_DIR) -> list[Config]:
     env = server_env(data_dir)
     out = []
     with _csv_text(table) as f:
-        for i, r in enumerate(csv.DictReader(f)):
+        reader = csv.DictReader(f)
+        for i, r in enumerate(reader):
+            if None in r.values():  # (csv fills the missing fields of a short row with None)
+                n = sum(v is not None for v in r.values())
+                raise UserError(
+                    f"{table}: row {i + 2}: {n} of the header's {len(reader.fieldnames or [])} "
+                    "columns (fix: one value per column, as data/mlenergy-v3/configurations.csv; "
+                    "an empty field is written as nothing between two commas)"
+                )
             try:
                 c = _config(r, hist)
                 kernel = fp8_moe_kernel(env.get((c.model_id, c.task, c.gpu_model), {}), c)
@@ -3270,10 +3278,22 @@ def main(argv: list[str] | None = None) -> int:
         FIT_U0_GRID = tuple(
             None if v.strip().lower() == "none" else float(v) for v in a.compute_u0.split(",")
         )
+    if a.workers < 1:
+        print(f"{ap.prog}: error: --workers {a.workers}: must be at least 1", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     configs, skipped = select(read_configs(a.data), a.quick)
     if a.gpu:
         want = gpu_names.benchmark_name(a.gpu).upper()  # any spelling (calibrate/gpu_names.py)
+        have = sorted({c.gpu_model for c in configs})
+        if want not in {g.upper() for g in have}:
+            # (a misspelt GPU simulated nothing and printed an empty table)
+            print(
+                f"{ap.prog}: error: --gpu {a.gpu}: no simulated row of that GPU in {a.data} "
+                f"(fix: one of {', '.join(have) or 'none'})",
+                file=sys.stderr,
+            )
+            return 2
         configs = [c for c in configs if c.gpu_model.upper() == want]
     if a.kind != "all":
         configs = [c for c in configs if c.moe_or_ep == (a.kind == "moe")]

@@ -96,7 +96,7 @@ LLAMA = json.loads((DATA / "llama-3.1-70b/config.json").read_text())
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"num_hidden_layers": None}, "has no n_layers"),
+        ({"num_hidden_layers": None}, "has no num_hidden_layers"),
         (
             {"num_local_experts": 8, "num_experts_per_tok": 2, "mlp_only_layers": [3]},
             "not a leading run of layers",

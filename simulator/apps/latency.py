@@ -112,9 +112,15 @@ def _model_and_source(arg: str, dtype: str | None) -> tuple[ModelSpec, str]:
 
     path = Path(arg).expanduser()  # (a quoted ~, as a scenario's [model] config reads it)
     if path.is_dir():  # a model folder (a Hugging Face snapshot, or the cache's repository)
-        from fleetsim.config.hf import config_in_folder
+        from fleetsim.config.hf import config_in_folder, snapshots_without_ref
 
         found = config_in_folder(path)
+        if found is None and (n := snapshots_without_ref(path)):
+            raise UserError(
+                f"--model = {io.clean(arg)!r}: a Hugging Face cache folder with {n} snapshots "
+                "and no refs/main naming one of them (fix: the snapshot's folder, "
+                "snapshots/HASH, or its config.json)"
+            )
         if found is None:
             raise UserError(
                 f"--model = {io.clean(arg)!r}: a folder with no config.json (fix: the path of "
@@ -210,8 +216,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
     )
     kernel = getattr(args, "fp8_moe_kernel", "triton")
     if kernel != "triton":
-        from fleetsim.config.aggregated import _with_fp8_moe_kernel
+        from fleetsim.config.aggregated import _with_fp8_moe_kernel, check_fp8_moe_kernel
 
+        check_fp8_moe_kernel(kernel, model, "--fp8-moe-kernel", "")
         profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "--fp8-moe-kernel")
     if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         # the smallest degree that holds them and that vLLM's head split accepts (raising

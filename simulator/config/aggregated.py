@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,38 @@ def model_source_note(m: ModelSection, src: str, model: ModelSpec) -> str:
     return "; ".join(notes)
 
 
+#: the fields that tell two architectures apart (a name that means one model, a config another)
+_SHAPE = ("n_layers", "d_model", "n_heads", "n_experts", "vocab_size")
+
+
+def _check_name_matches_config(m: ModelSection, arch: dict, config: str, src: str) -> None:
+    """``[model] name`` is only a label when ``config`` is given; but a name that itself means
+    an architecture (a catalog model, or a Hugging Face id this checkout holds) and a config of
+    another shape is a mistake (a scenario switched to a config with the old name left in,
+    or the reverse): the summaries and errors would call the config's model by the other's
+    name ("Qwen/Qwen3-30B-A3B-Instruct-2507 is not a mixture of experts")."""
+    from fleetsim.config.hf import read_hf_config, repo_config_path
+
+    if catalog.has_model(m.name):
+        other, what = asdict(model_from_catalog(m.name, m.dtype)), "the catalog model"
+    elif (local := repo_config_path(m.name)) is not None:
+        other, what = read_hf_config(local), f"this checkout's {local.parent.name} config"
+    else:
+        return
+    differ = [k for k in _SHAPE if other.get(k, 1) != arch.get(k, 1)]
+    if differ:
+        k = differ[0]
+        raise ScenarioError(
+            "model.name",
+            m.name,
+            f"names {what} ({k} = {other.get(k, 1)}), but model.config = {config!r} reads "
+            f"another architecture ({k} = {arch.get(k, 1)}); the name would only label it",
+            "drop [model] name (the config names the model) or model.config, or give a name "
+            "that is not a catalog model",
+            src,
+        )
+
+
 def model_spec(sc: Scenario, src: str) -> ModelSpec:
     m = sc.model
     inline = {
@@ -118,6 +150,8 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
         file_dtype = arch.pop("dtype", None)
         dtype = m.dtype if given or file_dtype is None else file_dtype
         name = m.name if "name" in m.model_fields_set else file_name
+        if "name" in m.model_fields_set:
+            _check_name_matches_config(m, arch, config, src)
         spec = ModelSpec(name=name, dtype=dtype, kv_dtype=m.kv_dtype, **{**arch, **inline})
     elif catalog.has_model(m.name):
         spec = model_from_catalog(m.name, m.dtype)
@@ -219,6 +253,7 @@ def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:
     sizes, the prefix blocks, the hourly rates, the work budget and the autoscaler."""
     src = source
     model = model_spec(sc, src)
+    check_fp8_moe_kernel(sc.fleet.fp8_moe_kernel, model, "fleet.fp8_moe_kernel", src)
     gpu, profile, profile_id, sha = _resolve_gpu(sc, src)
     tp = sc.fleet.tensor_parallel * sc.fleet.data_parallel  # GPUs per replica
     _check_weights_fit(sc, model, profile, src)
@@ -376,6 +411,33 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
     )
 
     return gpu, profile, profile_id, sha
+
+
+def check_fp8_moe_kernel(kernel: str, model: ModelSpec, field: str, src: str) -> None:
+    """A kernel other than Triton's is a kernel of fp8 block-quantised experts (FlashInfer's
+    ``trtllm_fp8_block_scale_moe``: vLLM 0.11 ``get_fp8_moe_backend`` picks it for
+    ``Fp8MoEMethod`` with ``block_quant``); the latency model applies it to nothing else, so on
+    any other model the setting was ignored without a word."""
+    if kernel == "triton":
+        return
+    e_dt = model.expert_dtype or model.dtype
+    if model.n_moe_layers and e_dt == "fp8" and model.fp8_block:
+        return
+    what = (
+        "is not a mixture of experts"
+        if not model.n_moe_layers
+        else f"has {e_dt} experts"
+        if e_dt != "fp8"
+        else "has fp8 experts scaled per tensor or channel, not in 128 x 128 blocks"
+    )
+    raise ScenarioError(
+        field,
+        kernel,
+        f"is the kernel of fp8 block-quantised experts, and {model.name} {what}",
+        "leave it at triton (the default), or use a model with fp8 block-quantised experts "
+        "(e.g. deepseek-ai/DeepSeek-V3.1)",
+        src,
+    )
 
 
 def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> Profile:

@@ -104,6 +104,10 @@ SCENARIO: dict[str, str] = {
     "(HF conv_kernel); its last tokens are part of the state.",
     "ModelSection.expert_dtype": "Precision of the routed experts' weights when it differs from "
     "dtype (gpt-oss: mxfp4); unset: dtype.",
+    "ModelSection.fp8_block": "fp8 weights carry 128 x 128 block scales (a config.json's "
+    "weight_block_size: DeepSeek-V3, Qwen3 -FP8); false: per-tensor or per-channel scales "
+    "(fp8 without weight_block_size, fbgemm_fp8), whose experts split at any width and run "
+    "no block-scaled K loop; unset: the config's, else true.",
     "ModelSection.embed_dtype": "Precision of the embedding and LM head when it differs from "
     "dtype; unset: dtype (16-bit for quantized weights).",
     "ModelSection.state_dtype": "Precision of the Mamba-2 state per sequence; unset: the KV "

@@ -43,7 +43,8 @@ max_context_tokens                max_position_embeddings, n_positions, seq_leng
 dtype, expert_dtype, embed_dtype  dtype, else torch_dtype (as transformers; another value is
                                   refused unless quantization_config or [model] dtype sets
                                   the precision); quantization_config: fp8 and
-                                  fbgemm_fp8 (linear layers fp8, embedding and LM head bf16),
+                                  fbgemm_fp8 (linear layers fp8, embedding and LM head bf16;
+                                  fp8_block false without weight_block_size),
                                   mxfp4 (experts), compressed-tensors / gptq / awq (their bits:
                                   4 int4, 8 int8; compressed-tensors' 8-bit float type fp8);
                                   another method is refused unless [model] dtype / --dtype
@@ -117,6 +118,7 @@ def _kind(v: object) -> str:
         dict: "an object",
         bool: "a boolean",
         float: "a float",
+        int: "a whole number",
     }.get(type(v), type(v).__name__)
 
 
@@ -244,6 +246,47 @@ def _layer_types_every(types: list, r: _Reader, n_layers: int) -> tuple[bool, in
     return True, g
 
 
+#: the ends of transformers' class names for heads that do not generate text token by token
+#: (BertForMaskedLM, RobertaForSequenceClassification, WhisperForConditionalGeneration is caught
+#: by is_encoder_decoder): read as a decoder, such a file was simulated as one without a word
+NOT_GENERATIVE_HEADS = (
+    "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+    "ForQuestionAnswering", "ForMultipleChoice", "ForNextSentencePrediction",
+    "ForPreTraining", "ForImageClassification", "ForAudioClassification", "ForCTC",
+    "ForSeq2SeqLM", "ForSpeechSeq2Seq", "ForMaskedImageModeling",
+)  # fmt: skip
+#: model_type values of encoder-only and encoder-decoder families (whose files may list no
+#: architectures or a bare ``BertModel``)
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta",
+    "deberta-v2", "modernbert", "camembert", "mpnet", "t5", "mt5", "umt5", "bart", "mbart",
+    "pegasus", "marian", "whisper", "nllb-moe", "m2m_100", "longt5", "switch_transformers",
+}  # fmt: skip
+
+
+def _refuse_non_decoder(r: _Reader) -> None:
+    """Refuse an encoder or encoder-decoder model (BERT, T5, Whisper...): fleetsim simulates
+    decoder-only generation (prefill, then one token per iteration), and such a file, which
+    also has num_hidden_layers, hidden_size, num_attention_heads and vocab_size, was read as a
+    decoder of that shape."""
+    model_type = r.cfg.get("model_type")
+    archs = r.cfg.get("architectures")
+    names = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    what = None
+    if r.cfg.get("is_encoder_decoder") is True:
+        what = "is_encoder_decoder = true: an encoder-decoder model"
+    elif names and all(a.endswith(NOT_GENERATIVE_HEADS) for a in names):
+        what = f"architectures = {names[:3]!r}: a model that does not generate text"
+    elif isinstance(model_type, str) and model_type.lower() in ENCODER_TYPES:
+        what = f"model_type = {_show(model_type)}: an encoder or encoder-decoder family"
+    if what is not None:
+        raise r.fail(
+            f"{what}, which fleetsim (decoder-only generation) does not simulate",
+            "give a decoder-only model's config.json (architectures ...ForCausalLM), or "
+            "describe the model inline in [model]",
+        )
+
+
 def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = False) -> None:
     """The weights' precision from ``quantization_config``. ``dtype_given``: the user gave the
     precision (``[model] dtype``, ``--dtype``), so a method fleetsim does not read is left to it
@@ -255,11 +298,16 @@ def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = 
         # fp8 per token, lm_head not converted (vLLM quantization/fbgemm_fp8.py)
         out["dtype"] = "fp8"
         out["embed_dtype"] = "bf16"  # embedding and LM head are not converted
+        if method == "fbgemm_fp8" or q.get("weight_block_size") is None:
+            # per-tensor / per-channel scales: no 128 x 128 blocks (vLLM Fp8Config:
+            # weight_block_size None, Fp8MoEMethod.block_quant False)
+            out["fp8_block"] = False
     elif method == "mxfp4":
         out["expert_dtype"] = "mxfp4"  # gpt-oss: attention, router, embedding stay bf16
     elif method in ("gptq", "awq", "compressed-tensors"):
         bits = qr.num("bits", "num_bits", lo=1, hi=64)
         kind = None  # compressed-tensors: the weights' number type ("int" or "float")
+        strategy = None  # compressed-tensors: "tensor", "channel", "group" or "block"
         if bits is None and method == "compressed-tensors":
             groups = qr.obj("config_groups") or {}
             for g in groups.values():
@@ -268,10 +316,13 @@ def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = 
                     wr = _Reader(w, r.where, r.source)
                     bits = wr.num("num_bits", lo=1, hi=64)
                     kind = wr.text("type")
+                    strategy = wr.text("strategy")
                     break
         if kind == "float" and bits == 8:  # FP8 W8A8 ("float-quantized"): not int8
             out["dtype"] = "fp8"
             out["embed_dtype"] = "bf16"
+            if strategy != "block":  # (per-tensor / per-channel: RedHatAI's FP8-dynamic)
+                out["fp8_block"] = False
             return
         if kind == "float" or bits not in (4, 8):
             if dtype_given:
@@ -303,6 +354,7 @@ def architecture_from_hf(
     top = _Reader(cfg, where, source)
     if not isinstance(cfg, dict):
         raise top.fail("is not a JSON object", "give the model's config.json")
+    _refuse_non_decoder(top)
     cfg = language_model_config(cfg, where, source)
     r = _Reader(cfg, where, source)
     model_type = r.text("model_type") or ""
@@ -315,11 +367,16 @@ def architecture_from_hf(
         "n_heads": r.num("num_attention_heads", "n_head"),
         "vocab_size": r.num("vocab_size"),
     }
-    missing = [k for k, v in out.items() if v is None]
+    keys = {
+        "n_layers": "num_hidden_layers",
+        "d_model": "hidden_size",
+        "n_heads": "num_attention_heads",
+        "vocab_size": "vocab_size",
+    }
+    missing = [keys[k] for k, v in out.items() if v is None]
     if missing:
         raise r.fail(
-            f"has no {', '.join(missing)} (keys like num_hidden_layers, hidden_size, "
-            "num_attention_heads, vocab_size)",
+            f"has no {', '.join(missing)}",
             "give a decoder-only model's config.json, or an inline [model] architecture",
         )
     n_layers, d_model, n_heads = out["n_layers"], out["d_model"], out["n_heads"]
@@ -568,11 +625,17 @@ def read_hf_config_named(
     if p.is_dir():  # the model's folder (a Hugging Face snapshot), as ``latency --model``
         found = config_in_folder(p)
         if found is None:
+            n = snapshots_without_ref(p)
             raise ScenarioError(
                 "model.config",
                 written or str(p),
-                f"{p} is a folder with no config.json",
-                "give the path of the model's config.json, or of the folder that holds it",
+                f"{p} is a Hugging Face cache folder with {n} snapshots and no refs/main "
+                "naming one of them"
+                if n
+                else f"{p} is a folder with no config.json",
+                "give the snapshot's folder (snapshots/HASH) or its config.json"
+                if n
+                else "give the path of the model's config.json, or of the folder that holds it",
                 source,
             )
         p = found
@@ -625,6 +688,17 @@ def config_in_folder(folder: Path) -> Path | None:
             return snaps / h / "config.json"
     found = sorted(c for c in snaps.glob("*/config.json"))
     return found[0] if len(found) == 1 else None
+
+
+def snapshots_without_ref(folder: Path) -> int:
+    """The snapshots holding a config.json of a Hugging Face cache repository folder when
+    :func:`config_in_folder` cannot pick one (several, and no ``refs/main`` naming one of
+    them); 0 otherwise."""
+    snaps = folder / "snapshots"
+    if not snaps.is_dir():
+        return 0
+    n = len(list(snaps.glob("*/config.json")))
+    return n if n > 1 else 0
 
 
 def read_hf_config(path: str | Path, source: str = "", written: str = "") -> dict[str, Any]:

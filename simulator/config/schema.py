@@ -99,6 +99,7 @@ class ModelSection(_Section):
     ssm_n_groups: ArchInt | None = None
     ssm_conv_kernel: ArchInt | None = None
     expert_dtype: WeightDType | None = None
+    fp8_block: bool | None = None
     embed_dtype: DType | None = None
     state_dtype: DType | None = None
     ssm_state_dtype: DType | None = None

@@ -180,7 +180,8 @@ def _pick_model(models: list, v: dict) -> Any:
 # booleans and strings where numbers go
 def check_scalar_types(data: Any, root: type[BaseModel], source: str) -> None:
     """Reject ``true``/``false`` and quoted strings in numeric fields (pydantic would convert
-    ``"2"`` to 2 and ``true`` to 1): a ScenarioError naming the field."""
+    ``"2"`` to 2 and ``true`` to 1), and quoted strings and numbers in true/false fields
+    (``"yes"``, ``"false"``, ``0``): a ScenarioError naming the field."""
     if isinstance(data, dict):
         _check_table(data, root, "", source)
 
@@ -220,6 +221,16 @@ def _check_value(v: Any, ann: Any, meta: tuple, path: str, source: str) -> None:
         elif shape == "str" and (secs := _seconds(v)) is not None and path.endswith("_s"):
             fix = f"the field is in seconds, without a unit: {secs:g}"
         raise ScenarioError(path, v, f"{what} where a number goes", fix, source)
+    if shape in ("str", "number") and "bool" in kinds and shape not in kinds:
+        # pydantic's lax mode reads "yes", "no", "off", 0 and 1 as booleans: a typed value
+        # in a true/false field is refused as a quoted number is in a numeric one
+        what = "a quoted string" if shape == "str" else "a number"
+        word = str(v).strip().lower()
+        fix = "use true or false"
+        if word in ("true", "false", "yes", "no", "on", "off", "1", "0", "y", "n", "t", "f"):
+            truth = word in ("true", "yes", "on", "1", "y", "t")
+            fix = f"write {str(truth).lower()} without quotes" if shape == "str" else fix
+        raise ScenarioError(path, v, f"{what} where true or false goes", fix, source)
 
 
 _TIME_UNITS = {"ms": 1e-3, "us": 1e-6, "s": 1.0, "sec": 1.0, "min": 60.0, "h": 3600.0}

@@ -747,8 +747,10 @@ class LatencyModel:
         self._hwb = DTYPE_BYTES[h_dt]
         #: the fused MoE kernel's latency floor on this GPU (catalog moe.toml); fp8 experts are
         #: block-quantised (128 x 128 scales, as every fp8 MoE checkpoint the catalog reads)
+        #: unless the checkpoint scales them per tensor or channel (ModelSpec.fp8_block: the
+        #: 16-bit default tiles and K-loop step, assumed)
         self._moe_fit = p.fused_moe_fit()
-        self._fp8_block = e_dt == "fp8"
+        self._fp8_block = e_dt == "fp8" and m.fp8_block
         #: mxfp4 experts (gpt-oss) run their own kernels (device/moe.py mxfp4_moe_gemm_s)
         self._mxfp4 = e_dt == "mxfp4"
         self._fp8_kernel = p.fp8_moe_kernel

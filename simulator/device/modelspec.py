@@ -119,6 +119,14 @@ class ModelSpec:
     ssm_conv_kernel: int = 4
     # ---- precision per part -----------------------------------------------------------------
     expert_dtype: str | None = None  # None: dtype
+    #: fp8 weights carry 128 x 128 block scales (the checkpoint's ``weight_block_size``, as
+    #: DeepSeek-V3 and Qwen3's -FP8 files); False: per-tensor or per-channel scales (``fp8``
+    #: without ``weight_block_size``, ``fbgemm_fp8``, compressed-tensors' channel / tensor
+    #: strategies), whose experts vLLM splits at any width and runs in the fused MoE kernel's
+    #: default tiles without the block-scaled K loop (``Fp8MoEMethod``: ``block_quant`` is
+    #: ``weight_block_size is not None``; its block-width check and ``get_default_config``'s
+    #: block tiles apply only then)
+    fp8_block: bool = True
     embed_dtype: str | None = None  # None: dtype
     state_dtype: str | None = None  # linear-state cache; None: the KV dtype
     #: the SSM (temporal) state's precision when it differs from the convolution state's
@@ -184,6 +192,23 @@ class ModelSpec:
             out.append(("moe_layer_step", self.moe_layer_step, "must be at least 1"))
         if not 0 <= self.first_k_dense <= self.n_layers:
             out.append(("first_k_dense", self.first_k_dense, f"is not in 0..{self.n_layers}"))
+        if (
+            self.n_experts > 1
+            and not self.hybrid_pattern
+            and self.moe_layer_step >= 1
+            and 0 <= self.first_k_dense <= self.n_layers
+            and self.n_moe_layers == 0
+        ):
+            # (HF decoder_sparse_step or first_k_dense_replace past the last layer: every layer
+            # dense, while the experts were counted in n_experts, expert parallelism, the plan)
+            out.append(
+                (
+                    "moe_layer_step" if self.moe_layer_step > 1 else "first_k_dense",
+                    self.moe_layer_step if self.moe_layer_step > 1 else self.first_k_dense,
+                    f"leaves none of the {self.n_layers} layers a mixture of experts, though "
+                    f"n_experts is {self.n_experts}",
+                )
+            )
         if self.sliding_window_tokens < 0 or self.sliding_global_every < 0:
             out.append(("sliding_window_tokens", self.sliding_window_tokens, "is negative"))
         if self.kv_lora_rank > 0 and (self.qk_rope_head_dim < 1 or self.v_head_dim < 1):

@@ -1019,7 +1019,9 @@ def layout_problem(
             f"{ep} GPUs that split each expert without expert parallelism",
             "set expert_parallel = true, or a GPU count that divides it",
         )
-    elif model.n_moe_layers and ep > 1 and (model.expert_dtype or model.dtype) == "fp8":
+    elif (
+        model.n_moe_layers and ep > 1 and (model.expert_dtype or model.dtype) == "fp8"
+    ) and model.fp8_block:
         # fp8 experts are 128 x 128 block-quantised (as the latency model times them): vLLM
         # refuses a split whose slice of an expert is not whole blocks ("The output_size of
         # gate's and up's weight = 192 is not divisible by weight quantization block_n = 128",
