@@ -367,3 +367,16 @@ def test_an_empty_quantization_config_is_read_as_none_as_vllm_does():
     empty = architecture_from_hf({**LLAMA, "quantization_config": {}}, "config.json")
     assert empty == plain and empty["dtype"] == "bf16"
     assert "fp8_block" not in empty and "embed_dtype" not in empty
+
+
+def test_inline_mamba_groups_that_do_not_divide_the_heads_are_refused():
+    """The same rule for an inline or catalog model: nemotron-nano-9b-v2 with ssm_n_groups = 7
+    (its 128 heads in 8 groups)."""
+    d = merge(SMALL, model={"name": "nemotron-nano-9b-v2", "ssm_n_groups": 7})
+    d["fleet"] = {**d.get("fleet", {}), "tensor_parallel": 1}
+    with pytest.raises(ScenarioError) as e:
+        resolve(scenario_from_dict(d))
+    assert e.value.field == "model.ssm_n_groups" and e.value.problem == (
+        "does not divide ssm_n_heads = 128: vLLM's Mamba-2 kernels give each group of B and C "
+        "a whole number of heads"
+    )

@@ -31,13 +31,15 @@ first_k_dense, moe_layer_step     first_k_dense_replace, mlp_only_layers (a lead
 sliding_window_tokens             sliding_window (Qwen: only with use_sliding_window), Llama 4's
                                   attention_chunk_size (a chunk holds at most as many tokens);
                                   none when it is not below max_position_embeddings
-sliding_global_every              sliding_window_pattern (Gemma 3), a periodic layer_types list,
+sliding_global_every              sliding_window_pattern (Gemma 3; 0 refused: transformers
+                                  divides by it), a periodic layer_types list,
                                   Llama 4's NoPE layers (every 4th), else Gemma 2's and gpt-oss's
                                   default alternation (every 2nd)
 attention_sinks                   gpt-oss (learned sink logits)
 kv_lora_rank ... v_head_dim       the same keys (multi-head latent attention)
 hybrid_pattern, ssm_*             hybrid_override_pattern; mamba_num_heads, mamba_head_dim,
-                                  ssm_state_size, n_groups, conv_kernel (Nemotron-H)
+                                  ssm_state_size, n_groups (a divisor of the heads, as
+                                  vLLM's kernels need), conv_kernel (Nemotron-H)
 tied_embeddings                   tie_word_embeddings (default: the family's, as transformers)
 max_context_tokens                max_position_embeddings, n_positions, seq_length
 dtype, expert_dtype, embed_dtype  dtype, else torch_dtype (as transformers; another value is
@@ -48,7 +50,8 @@ dtype, expert_dtype, embed_dtype  dtype, else torch_dtype (as transformers; anot
                                   mxfp4 (experts), compressed-tensors / gptq / awq (their bits:
                                   4 int4, 8 int8; compressed-tensors' 8-bit float type fp8);
                                   another method is refused unless [model] dtype / --dtype
-                                  gives the precision
+                                  gives the precision; an empty quantization_config is none,
+                                  as vLLM reads it (quant_method "" -> None)
 mlp                               "gelu" (2 matrices) for the ungated GPT-2/NeoX/OPT/Falcon
                                   families and Nemotron-H's squared ReLU, else "swiglu"
 ================================  ============================================================
@@ -541,7 +544,8 @@ def architecture_from_hf(
         # the layer_types it makes). A pattern of 0 is not "no global layer" there: the modulo
         # divides by zero and transformers cannot load the file, so it is refused (it was
         # read as every layer windowed).
-        if type(r.cfg.get("sliding_window_pattern")) is int and r.cfg["sliding_window_pattern"] == 0:
+        pattern0 = r.cfg.get("sliding_window_pattern")
+        if type(pattern0) is int and pattern0 == 0:
             raise r.fail(
                 "sliding_window_pattern = 0: transformers makes layer i global when (i + 1) % "
                 "sliding_window_pattern == 0 (Gemma3TextConfig), which divides by zero; it "
@@ -549,9 +553,7 @@ def architecture_from_hf(
                 "give sliding_window_pattern >= 1 (6 for Gemma 3: every 6th layer global; 1: "
                 "every layer global), or layer_types",
             )
-        every = r.num("sliding_window_pattern", lo=1, hi=ARCH_MAX) or ALTERNATING.get(
-            model_type, 0
-        )
+        every = r.num("sliding_window_pattern", lo=1, hi=ARCH_MAX) or ALTERNATING.get(model_type, 0)
     ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if window and ctx is not None and window >= ctx:
         # a window no request can fill (Phi-3-mini-128k: 262,144 over a 131,072 context): the
@@ -597,8 +599,7 @@ def architecture_from_hf(
                 raise r.fail(
                     f"{g_key} = {groups} does not divide mamba_num_heads = {heads}: vLLM's "
                     "Mamba-2 kernels give each group of B and C a whole number of heads",
-                    f"check the file: {g_key} is a divisor of mamba_num_heads (8 in "
-                    "Nemotron-H)",
+                    f"check the file: {g_key} is a divisor of mamba_num_heads (8 in Nemotron-H)",
                 )
 
     out["mlp"] = "gelu" if model_type in UNGATED else "swiglu"
