@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from fleetsim.device.modelspec import ModelSpec
 
 INSTALL_HINT = (
-    "fleetsim calibrate needs torch: pip install -e '.[calibrate]'  (or: pip install torch==2.13.0)"
+    "fleetsim: error: fleetsim calibrate needs torch (fix: pip install -e '.[calibrate]', or "
+    "pip install torch==2.13.0)"
 )
 DEFAULT_MODEL = "llama-3.1-8b"
 CPU_DEFAULT_LAYERS = 2
@@ -251,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``fleetsim calibrate``; returns the exit code (0 ok, 2 user error or missing torch)."""
     args = build_parser().parse_args(argv)
     if args.fit_moe and args.from_mlenergy is None:
-        print("fleetsim calibrate: --fit-moe: only with --from-mlenergy DIR", file=sys.stderr)
+        print(
+            "fleetsim: error: --fit-moe: only with --from-mlenergy DIR (fix: add "
+            "--from-mlenergy data/mlenergy-v3 --out DIR, or leave out --fit-moe)",
+            file=sys.stderr,
+        )
         return 2
     if args.from_mlenergy is not None:
         from fleetsim.base.errors import UserError
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _from_mlenergy(args)
         except (_Usage, UserError) as exc:
-            print(f"fleetsim calibrate: {exc}", file=sys.stderr)
+            print(f"fleetsim: error: {exc}", file=sys.stderr)
             return 2
     if args.from_vidur is not None:
         from fleetsim.base.errors import UserError
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _from_vidur(args)
         except (_Usage, UserError) as exc:
-            print(f"fleetsim calibrate: {exc}", file=sys.stderr)
+            print(f"fleetsim: error: {exc}", file=sys.stderr)
             return 2
     try:
         import torch
@@ -277,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, torch)
     except _Usage as exc:
-        print(f"fleetsim calibrate: {exc}", file=sys.stderr)
+        print(f"fleetsim: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fleetsim calibrate: interrupted; nothing written", file=sys.stderr)
+        print("fleetsim: interrupted; nothing written", file=sys.stderr)
         return 130
 
 

@@ -82,8 +82,8 @@ def test_missing_torch_prints_install_hint():
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
-        "fleetsim calibrate needs torch: pip install -e '.[calibrate]'  "
-        "(or: pip install torch==2.13.0)"
+        "fleetsim: error: fleetsim calibrate needs torch (fix: pip install -e '.[calibrate]', "
+        "or pip install torch==2.13.0)"
     ]
 
 

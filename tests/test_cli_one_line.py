@@ -156,3 +156,73 @@ def test_crossover_range_mistakes_name_the_value_and_the_fix(argv, line, capsys)
     assert cli_main(argv) == 2
     cap = capsys.readouterr()
     assert cap.err.splitlines() == [line] and cap.out == ""
+
+
+def test_set_of_an_alias_and_its_field_is_refused_as_in_a_file(tmp_path, capsys):
+    """``--set fleet.max_num_seqs=8 --set fleet.max_batch_size=16`` (vLLM's name and the
+    field's) let the later win without a word; the same pair in a file is refused: so is this,
+    in one line naming both. The same name twice is an override of an override (the later
+    wins), and an alias in the file with the field in --set overrides the file."""
+    from fleetsim.config.loading import apply_overrides
+
+    argv = ["validate", S, "--set", "fleet.max_num_seqs=8", "--set", "fleet.max_batch_size=16"]
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fleetsim: error: --set: fleet.max_batch_size = 16: the same field as "
+        "fleet.max_num_seqs, which --set also gives (fix: keep one of --set "
+        "fleet.max_num_seqs=... and --set fleet.max_batch_size=...)"
+    )
+    f = tmp_path / "s.toml"
+    f.write_text("[fleet]\nmax_num_seqs = 8\nmax_batch_size = 16\n")
+    assert cli_main(["validate", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "fleet.max_num_seqs = 8: the same field as fleet.max_batch_size, which is also given "
+        "(fix: keep one of fleet.max_batch_size and fleet.max_num_seqs)"
+    )
+    twice = ["fleet.max_num_seqs=8", "fleet.max_num_seqs=16"]
+    assert apply_overrides({}, twice)["fleet"] == {"max_batch_size": 16}
+    over = apply_overrides({"fleet": {"max_num_seqs": 8}}, ["fleet.max_batch_size=16"])
+    assert over["fleet"] == {"max_batch_size": 16}
+
+
+def test_validate_power_line_names_only_the_terms_that_apply(capsys):
+    """validate's power line named the fp8 fused-MoE K loop (and the routed experts, and the
+    communication) for every model: Llama-3.1-8B at TP1 has none of them; Llama-3.1-70B at
+    TP4 communicates; Qwen3-30B-A3B fp8 at TP2 has all three (H100 catalog constants)."""
+
+    def line(*sets: str) -> str:
+        argv = ["validate", S] + [x for s in sets for x in ("--set", s)]
+        assert cli_main(argv) == 0
+        err = capsys.readouterr().err
+        return next(x for x in err.splitlines() if x.startswith("# power model"))
+
+    head = (
+        "# power model (h100-sxm, per GPU): idle 113 W, busy 504 W + 339 W x compute use + "
+        "30 W x bandwidth use + 195 W x its KV/state part"
+    )
+    tail = "; 113 W waiting on the host, capped at 700 W; fitted to ML.ENERGY v3 H100 rows"
+    dense1 = line("model.name=llama-3.1-8b", "fleet.tensor_parallel=1")
+    assert dense1.startswith(head + tail)
+    assert line().startswith(head + "; 113 W while communicating" + tail)  # 70B at TP4
+    moe = line("model.name=qwen3-30b-a3b", "model.dtype=fp8", "fleet.tensor_parallel=2")
+    assert moe.startswith(
+        head + "; 113 W while communicating; 589 W in the fp8 fused-MoE K loop; + 690 W x the "
+        "routed experts' compute use" + tail
+    )
+
+
+def test_calibrate_errors_start_as_the_other_commands(capsys):
+    """``fleetsim calibrate``'s own errors began "fleetsim calibrate:"; every other command's
+    user error begins "fleetsim: error:" (argparse's usage errors keep their
+    "fleetsim calibrate: error:")."""
+    assert cli_main(["calibrate", "--fit-moe"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fleetsim: error: --fit-moe: only with --from-mlenergy DIR (fix: add --from-mlenergy "
+        "data/mlenergy-v3 --out DIR, or leave out --fit-moe)"
+    )
+    assert cli_main(["calibrate", "--from-mlenergy", "/nonexistent-q46", "--out", "o"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fleetsim: error: --from-mlenergy /nonexistent-q46: not a folder (fix: a folder as "
+        "data/mlenergy-v3)"
+    )

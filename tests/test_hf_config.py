@@ -297,3 +297,86 @@ def test_a_spec_written_inline_reads_back_the_same(name):
     }
     back = model_spec(scenario_from_dict({"model": {"name": "mine", **fields}}), "")
     assert back == replace(spec, name="mine")
+
+
+NEMOTRON_9B = json.loads((MODELS / "nvidia/NVIDIA-Nemotron-Nano-9B-v2/config.json").read_text())
+GEMMA3_27B = json.loads((MODELS / "google/gemma-3-27b-it/config.json").read_text())
+
+
+def test_mamba_groups_that_do_not_divide_the_heads_are_refused():
+    """Nemotron-Nano-9B-v2: 128 Mamba heads in n_groups = 8 groups of B and C (16 heads share a
+    group). 7 groups cannot: vLLM's Mamba-2 kernels assert nheads % ngroups == 0
+    (ops/mamba_ssm.py selective_state_update, ops/ssd_chunk_state.py); the reader accepted it
+    (a state and a conv window sized with 7 groups)."""
+    ok = architecture_from_hf(NEMOTRON_9B, "config.json")
+    assert (ok["ssm_n_heads"], ok["ssm_n_groups"]) == (128, 8)
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf({**NEMOTRON_9B, "n_groups": 7}, "config.json")
+    assert str(e.value) == (
+        "model.config = 'config.json': n_groups = 7 does not divide mamba_num_heads = 128: "
+        "vLLM's Mamba-2 kernels give each group of B and C a whole number of heads (fix: check "
+        "the file: n_groups is a divisor of mamba_num_heads (8 in Nemotron-H))"
+    )
+
+
+def test_gemma3_sliding_window_pattern_zero_is_refused_not_read_as_no_global_layer():
+    """transformers' Gemma3TextConfig makes layer i global when (i + 1) % sliding_window_pattern
+    == 0: a pattern of 0 divides by zero (it cannot load the file); the reader took it for "no
+    global layer" (62 windowed layers of gemma-3-27b). 6 (the file's) and 1 (every layer
+    global) are read as transformers makes them; with layer_types the pattern is not used."""
+    text = GEMMA3_27B["text_config"]
+    ok = architecture_from_hf(GEMMA3_27B, "config.json")
+    assert (ok["sliding_window_tokens"], ok["sliding_global_every"]) == (1024, 6)
+    every1 = architecture_from_hf(
+        {**GEMMA3_27B, "text_config": {**text, "sliding_window_pattern": 1}}, "config.json"
+    )
+    assert every1["sliding_global_every"] == 1  # 62 // 1 = 62 global layers: none windowed
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf(
+            {**GEMMA3_27B, "text_config": {**text, "sliding_window_pattern": 0}}, "config.json"
+        )
+    assert str(e.value) == (
+        "model.config = 'config.json': sliding_window_pattern = 0: transformers makes layer i "
+        "global when (i + 1) % sliding_window_pattern == 0 (Gemma3TextConfig), which divides "
+        "by zero; it cannot load this file (fix: give sliding_window_pattern >= 1 (6 for "
+        "Gemma 3: every 6th layer global; 1: every layer global), or layer_types)"
+    )
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    listed = architecture_from_hf(
+        {
+            **GEMMA3_27B,
+            "text_config": {
+                **text,
+                "sliding_window_pattern": 0,
+                "layer_types": (types * 11)[:62],
+            },
+        },
+        "config.json",
+    )
+    assert listed["sliding_global_every"] == 6  # (the layer_types decide; the 0 is unused)
+
+
+def test_an_empty_quantization_config_is_read_as_none_as_vllm_does():
+    """``quantization_config = {}``: vLLM 0.11 reads it as unquantized
+    (ModelConfig._verify_quantization, vllm/config/model.py: quant_method "" -> None, so
+    self.quantization stays None and the weights load in the file's dtype); the reader does the
+    same: the precision is the file's torch_dtype. (transformers' from_pretrained would refuse
+    it, AutoHfQuantizer.supports_quant_method: no quant_method; fleetsim simulates vLLM's
+    engine, which loads the weights itself.)"""
+    plain = architecture_from_hf(LLAMA, "config.json")
+    empty = architecture_from_hf({**LLAMA, "quantization_config": {}}, "config.json")
+    assert empty == plain and empty["dtype"] == "bf16"
+    assert "fp8_block" not in empty and "embed_dtype" not in empty
+
+
+def test_inline_mamba_groups_that_do_not_divide_the_heads_are_refused():
+    """The same rule for an inline or catalog model: nemotron-nano-9b-v2 with ssm_n_groups = 7
+    (its 128 heads in 8 groups)."""
+    d = merge(SMALL, model={"name": "nemotron-nano-9b-v2", "ssm_n_groups": 7})
+    d["fleet"] = {**d.get("fleet", {}), "tensor_parallel": 1}
+    with pytest.raises(ScenarioError) as e:
+        resolve(scenario_from_dict(d))
+    assert e.value.field == "model.ssm_n_groups" and e.value.problem == (
+        "does not divide ssm_n_heads = 128: vLLM's Mamba-2 kernels give each group of B and C "
+        "a whole number of heads"
+    )

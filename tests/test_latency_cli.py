@@ -162,3 +162,34 @@ def test_scenario_tp_checks_and_kv_replicas():
     # kv_dtype is explicit: int8 weights keep a bf16 cache unless told otherwise
     assert rs(1, dtype="int8").model.kv_bytes_per_element == 2.0
     assert rs(1, dtype="int8", kv_dtype="fp8").model.kv_bytes_per_element == 1.0
+
+
+def test_dp_batch_is_the_replicas_and_the_figures_add_up_by_hand(capsys):
+    """``--dp D --batch B``: B is the replica's batch (all D engines, ceil(B / D) each; --help
+    and docs/model.md say so) and every printed figure is the replica's. Llama-3.1-8B on H100,
+    context 1,000: DP2 x 8 sequences is two engines of DP1 x 4: its FLOPs, bytes and KV read
+    exactly twice theirs, the attention and dense MLP parts the one engine's, and its time
+    DP1 x 4's plus the serving stack's per-sequence time of the 4 more sequences (the only
+    term counted over the replica's sequences); 7 sequences pad to 4 per engine: the same
+    layer FLOPs, 1,000 fewer KV tokens read."""
+    argv = ("--gpu", "h100-sxm", "--model", "llama-3.1-8b", "--context", "1000")
+    dp2 = _json(capsys, *argv, "--dp", "2", "--batch", "8,7")
+    one = _json(capsys, *argv, "--batch", "4")[0]
+    r8, r7 = dp2
+    assert (r8["tokens"], r8["kv_tokens_read"], r8["dp"]) == (8, 8000, 2)
+    assert r8["flops"] == 2 * one["flops"] and r8["bytes"] == 2 * one["bytes"]
+    for part in ("attention_linear", "attention_core", "dense_mlp", "overhead"):
+        assert r8["parts_s"][part] == pytest.approx(one["parts_s"][part], rel=1e-12)
+    per_seq = one["parts_s"]["per_sequence"] / 4
+    assert r8["parts_s"]["per_sequence"] == pytest.approx(8 * per_seq, rel=1e-12)
+    assert r8["total_s"] == pytest.approx(one["total_s"] + 4 * per_seq, rel=1e-12)
+    # 7 sequences: engines of 4 and 3, the layers padded to 2 x 4 tokens; 7,000 KV tokens
+    m = model_from_catalog("llama-3.1-8b")
+    assert r7["kv_tokens_read"] == 7000
+    assert r8["flops"] - r7["flops"] == pytest.approx(
+        m.flops_lm_head + 1000 * m.attn_flops_per_pair, rel=1e-9
+    )
+    assert main(["latency", *argv, "--dp", "2", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "on 2 x h100-sxm (TP1 x DP2)" in out
+    assert "DP2: the figures are the replica's" in " ".join(out.split())

@@ -131,22 +131,37 @@ def cmd_validate(args) -> int:
                 file=sys.stderr,
             )
         pw = rs.gpu.power
+        # only the terms that apply to this model and fleet, as the simulation charges them
+        # (serving.pod.energy_coeffs): communication where the replica communicates, the fp8
+        # fused-MoE K loop for fp8 block-quantised experts, the routed experts' compute for an
+        # MoE, the host wait where an iteration has exposed host time
+        from fleetsim.serving.pod import energy_coeffs
+
+        ec = energy_coeffs(rs)
         print(
             f"# power model ({rs.gpu.name}, per GPU): idle {pw.idle_w:g} W, busy "
             f"{pw.idle_w + pw.active_w:g} W + {pw.compute_w:g} W x compute use + "
             f"{pw.memory_w:g} W x bandwidth use + {pw.kv_w:g} W x its KV/state part"
-            + ("" if pw.comm_w is None else f"; {pw.idle_w + pw.comm_w:g} W while communicating")
             + (
-                ""
-                if pw.moe_loop_w is None
-                else f"; {pw.idle_w + pw.moe_loop_w:g} W in the fp8 fused-MoE K loop"
+                f"; {pw.idle_w + pw.comm_w:g} W while communicating"
+                if pw.comm_w is not None and ec["track_comm"]
+                else ""
+            )
+            + (
+                f"; {pw.idle_w + pw.moe_loop_w:g} W in the fp8 fused-MoE K loop"
+                if pw.moe_loop_w is not None and ec["track_loop"]
+                else ""
             )
             + (
                 f"; + {pw.moe_compute_w:g} W x the routed experts' compute use"
-                if pw.moe_compute_w
+                if pw.moe_compute_w and ec["track_xf"]
                 else ""
             )
-            + ("" if pw.host_w is None else f"; {pw.idle_w + pw.host_w:g} W waiting on the host")
+            + (
+                f"; {pw.idle_w + pw.host_w:g} W waiting on the host"
+                if pw.host_w is not None and ec["e_host_j"]
+                else ""
+            )
             + (
                 ""
                 if pw.compute_u0 is None

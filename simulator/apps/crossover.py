@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import tempfile
@@ -72,6 +73,8 @@ MOONCAKE_PROMPT = {
 MOONCAKE_OUTPUT = {"dist": "lognormal", "median": 350, "sigma": 1.358, "min": 1, "max": 2000}
 FACTORS = (1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 WARMUP_S = 1800.0
+#: crossover.parquet's metadata key for the run's notes (a JSON list of lines)
+NOTES_KEY = "crossover_notes"
 
 
 def workloads(data: dict) -> dict[str, dict]:
@@ -162,8 +165,6 @@ def scaled_trace(path: str, rate: float, max_prompt: int, dest: Path) -> tuple[s
     mean arrival rate is ``rate`` per second (the order, sizes and block ids kept), without the
     requests whose prompt exceeds ``max_prompt`` (the lognormal workload's cap). Returns the
     copy's path and its number of requests."""
-    import json
-
     from fleetsim.workload.mooncake import read_mooncake
 
     tr = read_mooncake(path, "--long-trace")
@@ -479,11 +480,26 @@ def setup_line(data: dict, load: float, hours: int, engine: str) -> str:
     n = fleet_size(data)
     f, dis = data.get("fleet") or {}, data.get("disaggregation") or {}
     gpu = (data.get("hardware") or {}).get("gpu", "")
+    tp = f.get("tensor_parallel") or 1
     link = dis.get("link") or DisaggregationSection.model_fields["link"].default
     where = "" if dis else " (the default: the scenario has no [disaggregation])"
+    # a pool that sets its own tensor_parallel or gpu runs the split's replicas on those (the
+    # aggregated fleet keeps [fleet]'s and [hardware]'s: point()); the line said [fleet]'s TP
+    # for both designs
+    pools = {}
+    for name in ("prefill", "decode"):
+        sec = dis.get(name) or {}
+        pools[name] = (sec.get("tensor_parallel") or tp, sec.get("gpu") or gpu)
+    if all(v == (tp, gpu) for v in pools.values()):
+        designs = f"{n} replicas of TP{tp} {gpu}: aggregated vs every split P + D = {n}"
+    else:
+        (tp_p, g_p), (tp_d, g_d) = pools["prefill"], pools["decode"]
+        designs = (
+            f"{n} replicas: aggregated of TP{tp} {gpu} vs every split P + D = {n} of prefill "
+            f"TP{tp_p} {g_p} and decode TP{tp_d} {g_d}"
+        )
     return (
-        f"{n} replicas of TP{f.get('tensor_parallel', 1)} {gpu}: aggregated vs every split "
-        f"P + D = {n}; KV link {link}{where}; each workload flat at {load:g} x the aggregated "
+        f"{designs}; KV link {link}{where}; each workload flat at {load:g} x the aggregated "
         f"fleet's capacity for {hours} h; engine: "
         + ("the scenario's" if engine == "scenario" else engine)
     )
@@ -514,13 +530,24 @@ def print_outcome(table: pa.Table, c) -> None:
         r = best_ratio(table, name)
         wins, cells, _ = cell_counts(r)
         rows.append((term(name), f"{wins} of {cells}", lowest_ratio_text(r)))
+    # a column of numbers is right-aligned; one that holds text ("0.500; 3 met only by the
+    # split", "n/a: ...") reads from the left, as the other text columns
+    texts = any(not _is_number(row[2]) for row in rows)
     print_table(
         c,
         "disaggregated (best split) vs aggregated, cost per SLO-meeting request",
         ("workload", "target cells where disaggregation is cheaper", "lowest ratio"),
         rows,
-        left=("workload",),
+        left=("workload", "lowest ratio") if texts else ("workload",),
     )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -562,7 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. out/default-crossover)",
     )
     ap.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar or outcome table")
+    ap.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar, outcome table or notes (a note, e.g. a workload left out, is "
+        "also kept in crossover.parquet's metadata, and fleetsim report shows it)",
+    )
     add_executor_args(ap)
     return ap
 
@@ -615,7 +647,11 @@ def main(argv: list[str]) -> int:
             Path(tmp),
             notes,
         )
-    write_table_atomic(table, outp.path("crossover.parquet"))
+    # the notes (a workload left out, and why) travel with the table: a --quiet run prints
+    # none, and fleetsim report shows them on the page (NOTES_KEY)
+    write_table_atomic(
+        table, outp.path("crossover.parquet"), {NOTES_KEY: json.dumps(notes)} if notes else None
+    )
     write_bytes_atomic(draw(table), outp.path("crossover.png"))
     outp.commit()
     if not args.quiet:

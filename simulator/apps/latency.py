@@ -4,7 +4,14 @@
                      (--batch B[,B...] --context C | --prefill-tokens P[,P...]) [--json]
 
 ``--batch B --context C`` is a decode step of B sequences each attending C tokens;
-``--prefill-tokens P`` one prompt of P tokens. The device is the catalog GPU's analytic profile
+``--prefill-tokens P`` one prompt of P tokens. Under ``--dp D`` (D data-parallel engines of
+``--tp`` GPUs each: one replica) ``--batch B`` is the replica's batch, all D engines together:
+each runs ``ceil(B / D)`` sequences (the fullest one's attention is timed; vLLM pads every
+engine's batch to the largest before the forward pass), and the printed figures are the
+replica's: ``tokens`` and ``kv_tokens_read`` its B and B x C, ``flops`` and ``bytes`` those of
+all D engines (D x ``ceil(B / D)`` tokens, each engine reading the weights it holds),
+``total_s`` one iteration of the engines in step. A prompt runs on one engine, the
+others padded to its tokens. The device is the catalog GPU's analytic profile
 (the kernel model fitted to measured operator times where the GPU has one) as
 ``--serving-stack`` runs it (:mod:`fleetsim.device.stack`). ``overhead_s`` is the fixed CPU-side
 time per iteration that kernel profiles do not see.
@@ -75,8 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", default=None, help="weight dtype (default: the model's, or bf16)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--batch", help="decode: sequences per step, comma-separated list")
-    g.add_argument("--prefill-tokens", help="prefill: prompt tokens, comma-separated list")
+    g.add_argument(
+        "--batch",
+        help="decode: sequences per step, comma-separated list; under --dp the replica's (all "
+        "its engines together, ceil(B / dp) on each, as vLLM's DP load balancer spreads them)",
+    )
+    g.add_argument(
+        "--prefill-tokens",
+        help="prefill: prompt tokens, comma-separated list (one prompt; under --dp on one "
+        "engine, the others padded to it)",
+    )
     p.add_argument("--context", type=int, default=None, help="decode: context per sequence")
     p.add_argument(
         "--serving-stack",
@@ -392,7 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.print(
         "context: tokens each sequence attends; compute: the FLOPs at the achievable peak (shown "
         "even when memory bounds the step); memory: the rest of the kernel time; bound: the "
-        "larger of the FLOP and byte times",
+        "larger of the FLOP and byte times"
+        + (
+            f"; DP{dp}: the figures are the replica's (a decode's tokens: its sequences, "
+            f"all {dp} engines together, ceil(tokens / {dp}) on each; a prompt on one engine, "
+            "the others padded to it), the time one iteration of the engines in step"
+            if dp > 1
+            else ""
+        ),
         highlight=False,
     )
     # the named parts of the layer stack (attention, dense MLP, MoE dispatch / grouped GEMM /

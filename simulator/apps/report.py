@@ -955,18 +955,31 @@ CROSSOVER_FILES = ("crossover.png", "report.md", "report.html")
 def crossover_lines(table) -> list[tuple[str, str]]:
     """Per workload of a ``fleetsim crossover`` table: the rate, where the best split wins and
     by how much, and each design's p99 TTFT and TPOT (as (label, text))."""
-    from fleetsim.apps.crossover import best_ratio, cell_counts
+    from fleetsim.apps.crossover import NOTES_KEY, best_ratio, cell_counts
+    from fleetsim.base.io import clean
 
     df = table.to_pandas()
     out = []
+    # the run's notes (a workload left out, and why: crossover.parquet's metadata)
+    raw = (table.schema.metadata or {}).get(NOTES_KEY.encode())
+    if raw is not None:
+        notes = json.loads(raw)
+        if not isinstance(notes, list):
+            raise ValueError(f"{NOTES_KEY} is not a list")
+        out += [("note", clean(str(line), 600)) for line in notes]
     for wl in dict.fromkeys(df.workload):
         g = df[df.workload == wl]
         r = best_ratio(table, wl)
-        ok = r[np.isfinite(r)]
+        # the ratios of the cells both designs meet: a cell only the split meets ("D only",
+        # 0 in best_ratio) has none (the range read "ratio 0.00-..."), it is counted apart
+        ok = r[np.isfinite(r) & (r > 0)]
         # the cells the terminal's table counts: every cell either design meets (a cell only
         # the aggregated fleet meets is one the split loses, not one left out)
         wins, cells, a_only = cell_counts(r)
+        d_only = int(np.sum(r == 0))
         rng = f"ratio {ok.min():.2f}-{ok.max():.2f}" if len(ok) else "no cell met by both"
+        if d_only:
+            rng += f"; {d_only} met only by the split"
         if a_only:
             rng += f"; {a_only} met only by the aggregated fleet"
         out.append(

@@ -31,13 +31,15 @@ first_k_dense, moe_layer_step     first_k_dense_replace, mlp_only_layers (a lead
 sliding_window_tokens             sliding_window (Qwen: only with use_sliding_window), Llama 4's
                                   attention_chunk_size (a chunk holds at most as many tokens);
                                   none when it is not below max_position_embeddings
-sliding_global_every              sliding_window_pattern (Gemma 3), a periodic layer_types list,
+sliding_global_every              sliding_window_pattern (Gemma 3; 0 refused: transformers
+                                  divides by it), a periodic layer_types list,
                                   Llama 4's NoPE layers (every 4th), else Gemma 2's and gpt-oss's
                                   default alternation (every 2nd)
 attention_sinks                   gpt-oss (learned sink logits)
 kv_lora_rank ... v_head_dim       the same keys (multi-head latent attention)
 hybrid_pattern, ssm_*             hybrid_override_pattern; mamba_num_heads, mamba_head_dim,
-                                  ssm_state_size, n_groups, conv_kernel (Nemotron-H)
+                                  ssm_state_size, n_groups (a divisor of the heads, as
+                                  vLLM's kernels need), conv_kernel (Nemotron-H)
 tied_embeddings                   tie_word_embeddings (default: the family's, as transformers)
 max_context_tokens                max_position_embeddings, n_positions, seq_length
 dtype, expert_dtype, embed_dtype  dtype, else torch_dtype (as transformers; another value is
@@ -48,7 +50,8 @@ dtype, expert_dtype, embed_dtype  dtype, else torch_dtype (as transformers; anot
                                   mxfp4 (experts), compressed-tensors / gptq / awq (their bits:
                                   4 int4, 8 int8; compressed-tensors' 8-bit float type fp8);
                                   another method is refused unless [model] dtype / --dtype
-                                  gives the precision
+                                  gives the precision; an empty quantization_config is none,
+                                  as vLLM reads it (quant_method "" -> None)
 mlp                               "gelu" (2 matrices) for the ungated GPT-2/NeoX/OPT/Falcon
                                   families and Nemotron-H's squared ReLU, else "swiglu"
 ================================  ============================================================
@@ -534,7 +537,23 @@ def architecture_from_hf(
         # model registry maps MistralForCausalLM to LlamaForCausalLM; models/phi3.py's
         # Phi3ForCausalLM subclasses it), sets a per-layer window only from layer_types
         # (vllm/model_executor/models/llama.py: "if layer_types := getattr(config, ...)").
-        every = r.num("sliding_window_pattern", lo=0, hi=ARCH_MAX) or ALTERNATING.get(model_type, 0)
+        #
+        # Gemma 3 without layer_types: transformers' Gemma3TextConfig makes them from
+        # sliding_window_pattern (default 6: GEMMA3_DEFAULTS), layer i global when (i + 1) %
+        # pattern == 0 (models/gemma3/configuration_gemma3.py; vLLM's models/gemma3.py reads
+        # the layer_types it makes). A pattern of 0 is not "no global layer" there: the modulo
+        # divides by zero and transformers cannot load the file, so it is refused (it was
+        # read as every layer windowed).
+        pattern0 = r.cfg.get("sliding_window_pattern")
+        if type(pattern0) is int and pattern0 == 0:
+            raise r.fail(
+                "sliding_window_pattern = 0: transformers makes layer i global when (i + 1) % "
+                "sliding_window_pattern == 0 (Gemma3TextConfig), which divides by zero; it "
+                "cannot load this file",
+                "give sliding_window_pattern >= 1 (6 for Gemma 3: every 6th layer global; 1: "
+                "every layer global), or layer_types",
+            )
+        every = r.num("sliding_window_pattern", lo=1, hi=ARCH_MAX) or ALTERNATING.get(model_type, 0)
     ctx = r.num("max_position_embeddings", "n_positions", "seq_length", hi=TOKENS_MAX)
     if window and ctx is not None and window >= ctx:
         # a window no request can fill (Phi-3-mini-128k: 262,144 over a 131,072 context): the
@@ -567,6 +586,20 @@ def architecture_from_hf(
                 raise r.fail(
                     "has Mamba layers but no mamba_num_heads, mamba_head_dim or ssm_state_size",
                     "give the model's config.json",
+                )
+            heads, groups = out["ssm_n_heads"], out["ssm_n_groups"]
+            if heads % groups:
+                # vLLM's Mamba-2 kernels share one group of B and C among heads // groups
+                # heads and assert it whole: selective_state_update ("nheads must be divisible
+                # by ngroups", vllm/model_executor/layers/mamba/ops/mamba_ssm.py) for decode,
+                # the chunked scan (ops/ssd_chunk_state.py, ssd_chunk_scan.py: nheads % ngroups
+                # == 0) for prefill; MambaMixer2 (layers/mamba/mamba_mixer2.py) hands them
+                # its n_groups groups, and maps its heads to them by num_heads // n_groups
+                g_key = "n_groups" if r.cfg.get("n_groups") is not None else "mamba_n_groups"
+                raise r.fail(
+                    f"{g_key} = {groups} does not divide mamba_num_heads = {heads}: vLLM's "
+                    "Mamba-2 kernels give each group of B and C a whole number of heads",
+                    f"check the file: {g_key} is a divisor of mamba_num_heads (8 in Nemotron-H)",
                 )
 
     out["mlp"] = "gelu" if model_type in UNGATED else "swiglu"

@@ -114,15 +114,31 @@ def toml_value(v: Any) -> str:
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """A copy of ``data`` with each ``section.key=value`` applied. Keys are matched by the
-    fields' own names, whichever alias the file or the override uses."""
+    fields' own names, whichever alias the file or the override uses. One field set twice
+    under two of its names (``fleet.max_num_seqs`` and ``fleet.max_batch_size``) is refused,
+    as the same pair in a file is (:func:`canonical_keys`); the same name twice: the later
+    wins."""
     import copy
 
     out = copy.deepcopy(data)
     if overrides:
         out, _ = canonical_keys(out)
+    spelled: dict[tuple[str, ...], str] = {}  # canonical path -> the key as --set wrote it
     for item in overrides or []:
         path, value = parse_override(item)
+        from fleetsim.base import io
+
+        key = io.clean(".".join(path), 80)
         path = canonical_path(path)
+        first = spelled.setdefault(tuple(path), key)
+        if first != key:
+            raise ScenarioError(
+                key,
+                value,
+                f"the same field as {first}, which --set also gives",
+                f"keep one of --set {first}=... and --set {key}=...",
+                "--set",
+            )
         node = out
         for p in path[:-1]:
             nxt = node.setdefault(p, {})

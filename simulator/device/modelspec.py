@@ -226,6 +226,17 @@ class ModelSpec:
                 out.append(("hybrid_pattern", p, "has MoE layers (E) but n_experts < 2"))
             if "M" in p and min(self.ssm_state_size, self.ssm_n_heads, self.ssm_head_dim) < 1:
                 out.append(("hybrid_pattern", p, "has linear-state layers (M) but no ssm_* sizes"))
+            elif "M" in p and self.ssm_n_groups >= 1 and self.ssm_n_heads % self.ssm_n_groups:
+                # vLLM's Mamba-2 kernels give each group of B and C a whole number of heads
+                # (nheads % ngroups == 0: ops/mamba_ssm.py, ops/ssd_chunk_state.py)
+                out.append(
+                    (
+                        "ssm_n_groups",
+                        self.ssm_n_groups,
+                        f"does not divide ssm_n_heads = {self.ssm_n_heads}: vLLM's Mamba-2 "
+                        "kernels give each group of B and C a whole number of heads",
+                    )
+                )
             if not bad and "*" not in p:
                 # the KV pool is counted in pages of an attention layer (vLLM's page size
                 # unification: serving/kv_paged.py); a stack with none is not modelled
