@@ -264,6 +264,7 @@ class DisaggPod:
         self.prefill.router = make_router(
             pools.prefill.router, self.prefill, np.random.default_rng(seeds[1])
         )
+        self._proute = self.prefill.router.route  # (the router is set once, here)
         self._drng = np.random.default_rng(seeds[2])
         self._dbuf: list[int] = []
         self._rr = -1
@@ -371,10 +372,18 @@ class DisaggPod:
             self.in_prefill += 1
             self.prefill.in_flight += 1  # (what a reactive prefill pool scales on)
             ids = self._ids[i] if self._ids is not None else None
-            self.prefill.router.route(DisaggRequest(rid, t, p, o, ids))
+            self._proute(DisaggRequest(rid, t, p, o, ids))
         i += 1
         self._i = i
-        if i < len(self._times) or self._next_chunk():
+        times = self._times
+        if i < len(times):  # _schedule(), inlined (as serving.pod.Pod._arrive's)
+            t = times[i]
+            env = self.env
+            now = env._now
+            self.next_t = now + (t - now if t > now else 0.0)
+            self.next_eid = next(env._eid)
+            self.rec.events += 1
+        elif self._next_chunk():
             self._schedule()
         else:
             self.next_t = math.inf

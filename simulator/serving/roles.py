@@ -62,7 +62,7 @@ class PrefillRole(ReplicaCore):
             if self.pod.shared_queue is not None:
                 self.pod.router.dispatch()
             elif self.waiting:
-                self.plan(self.env.now)
+                self.plan(self.env._now)
 
     def is_empty(self) -> bool:
         """Also holds no KV of handed-off requests (``outstanding`` counts them)."""
