@@ -633,9 +633,10 @@ def _run_record(d: dict) -> tuple:
 def test_hand_inlined_decode_paths_equal_the_generic_ones(case, monkeypatch):
     """The paged decode replica's ``_admit`` and ``_fit_cut`` (the policy's ``_join_fits``,
     ``_join_kv``, ``_taken`` inlined, ``cut_x`` passed to the commit), ``_taken``'s slice sum,
-    ``_keep_kv``'s inlined leave and the hand-off's bytes per token and inline Wakes
-    (bench/RESULTS.md, 2026-12-07 late): every request's times, every hourly figure, the
-    transfers and the event count equal those of the generic paths, bit for bit."""
+    ``_keep_kv``'s inlined leave, the hand-off's bytes per token and inline Wakes, and the KV
+    arrival's inlined ``on_arrival`` (bench/RESULTS.md, 2026-12-07 late): every request's
+    times, every hourly figure, the transfers and the event count equal those of the generic
+    paths, bit for bit."""
     from fleetsim.serving.kv_paged import PagedKV
     from fleetsim.serving.roles import DecodeRole, PagedDecodeReplica
 
@@ -645,6 +646,7 @@ def test_hand_inlined_decode_paths_equal_the_generic_ones(case, monkeypatch):
     monkeypatch.setattr(PagedKV, "_taken", _generic_taken)
     monkeypatch.setattr(PagedKV, "_keep_kv", _generic_keep_kv)
     monkeypatch.setattr(Tap, "handoff", _generic_handoff)
+    monkeypatch.setattr(DisaggPod, "_kv_arrived", _generic_kv_arrived)
     generic = _run_record(CASES[case])
     assert len(fast[3]) > 5000
     assert fast == generic
@@ -688,3 +690,18 @@ def _generic_handoff(self, r, t, rep) -> None:
     wake_at(self.env, end, [self._kv_arrived], r)
     self.rec.events += 1
     self._balance()
+
+
+def _generic_kv_arrived(self, ev) -> None:
+    """DisaggPod._kv_arrived as it was: the decode replica's on_arrival called."""
+    r = ev.value
+    self.in_transfer -= 1
+    del self._moving[r.rid]
+    self.decode.in_flight += 1
+    h = min(int(self.env.now // 3600.0), self.hours)
+    self.xfer_count[h] += 1
+    self.xfer_bytes[h] += r.xfer_bytes
+    self.xfer_sum_s[h] += r.xfer_s
+    self.xfer_times[h].append(r.xfer_s)
+    r.dst.outstanding -= 1
+    r.dst.on_arrival(r)

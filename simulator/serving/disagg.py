@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import bisect
 import math
-from heapq import heappush
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from heapq import heappush
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,7 +58,7 @@ from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv, untime
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
-from fleetsim.serving.routers import least_outstanding, make_router
+from fleetsim.serving.routers import LeastLoaded, least_outstanding, make_router
 from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
 
 if TYPE_CHECKING:
@@ -265,6 +265,10 @@ class DisaggPod:
             pools.prefill.router, self.prefill, np.random.default_rng(seeds[1])
         )
         self._proute = self.prefill.router.route  # (the router is set once, here)
+        # least_loaded: its pick called directly on the routable replicas (LeastLoaded.route)
+        self._pll: Sequence[Any] | None = (
+            self.prefill.router.replicas if type(self.prefill.router) is LeastLoaded else None
+        )
         self._drng = np.random.default_rng(seeds[2])
         self._dbuf: list[int] = []
         self._rr = -1
@@ -372,7 +376,11 @@ class DisaggPod:
             self.in_prefill += 1
             self.prefill.in_flight += 1  # (what a reactive prefill pool scales on)
             ids = self._ids[i] if self._ids is not None else None
-            self._proute(DisaggRequest(rid, t, p, o, ids))
+            pll = self._pll
+            if pll is not None:
+                least_outstanding(pll).on_arrival(DisaggRequest(rid, t, p, o, ids))
+            else:
+                self._proute(DisaggRequest(rid, t, p, o, ids))
         i += 1
         self._i = i
         times = self._times
@@ -457,8 +465,18 @@ class DisaggPod:
         self.xfer_times[h].append(r.xfer_s)
         dst = r.dst
         assert dst is not None
-        dst.outstanding -= 1  # on_arrival counts it again
-        dst.on_arrival(r)
+        # dst.on_arrival(r), inlined (once per request; its outstanding was counted at the
+        # hand-off): start a run if idle, else (alone in the queue) cut the current run
+        w = dst.waiting
+        w.append(r)
+        if not dst.busy:
+            dst.plan(self.env._now)
+        elif len(w) == 1:
+            j = dst._cut_point(r)
+            if j >= 0:
+                if j > 0:
+                    dst._commit(j, True, dst.cut_x)
+                dst.plan(dst.T0)
 
     def on_admitted(self, joined: list, T: float, _rep: Replica) -> None:
         """A decode replica admitted ``joined`` at boundary ``T``: their KV leaves the prefill
