@@ -705,3 +705,19 @@ def _generic_kv_arrived(self, ev) -> None:
     self.xfer_times[h].append(r.xfer_s)
     r.dst.outstanding -= 1
     r.dst.on_arrival(r)
+
+
+def test_disagg_request_sets_every_request_field_as_request_does():
+    """DisaggRequest's inlined Request.__init__ (out = 1 in the prefill pool): every slot of
+    Request holds what Request(rid, t, prompt, 1, ids) gives it (so a field added to Request
+    and not to the copy fails here)."""
+    from fleetsim.serving.disagg import DisaggRequest
+    from fleetsim.serving.request import Request
+
+    for ids in (None, [7, 8]):
+        a = DisaggRequest(5, 1.25, 900, 40, ids)
+        b = Request(5, 1.25, 900, 1, ids)
+        for name in Request.__slots__:
+            u, v = getattr(a, name), getattr(b, name)
+            assert u == v or (u != u and v != v), name  # (NaN first-token times)
+        assert a.out_total == 40 and a.pf_need == 901
