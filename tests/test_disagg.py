@@ -606,3 +606,118 @@ def test_pool_reactive_autoscalers_follow_each_pools_load():
     assert e.field == "disaggregation.decode.min_replicas"
     e = _err(disagg(decode={"replicas": 2, "autoscaler": "reactive", "initial_replicas": 3}))
     assert e.field == "disaggregation.decode.initial_replicas"
+
+
+def _generic_taken(self, j: int, n1: int) -> int:
+    """PagedKV._taken as it was: blocks_in through the prefix sums (``_blocks``)."""
+    return self._blocks(self.it + 1, j, n1 if self.win is None else self._wsum())
+
+
+def _run_record(d: dict) -> tuple:
+    sink = ListSink()
+    pod = Tap(resolved(merge(d, simulation={"hours": 1})), 0, 1, request_sink=sink)
+    pod.run()
+    rec = pod.rec
+    per_hour = [
+        getattr(r, f)
+        for r in (rec, pod.rec_prefill)
+        for f in ("arrived", "completed", "busy_s", "dyn_j", "output_tokens", "kv_block_s")
+    ]
+    xfers = [(r.rid, r.xfer_s, r.link_wait_s, r.xfer_bytes, r.dst.index) for r in pod.arrived_kv]
+    st = pod.pool_state()
+    st["transfer"]["hist"] = [(h.lo, h.counts.tolist()) for h in st["transfer"]["hist"]]
+    return per_hour, rec.events, rec.iterations, sink.rows, xfers, st
+
+
+@pytest.mark.parametrize("case", ["light", "two_by_two", "decode_full", "chunk_and_decode_preempt"])
+def test_hand_inlined_decode_paths_equal_the_generic_ones(case, monkeypatch):
+    """The paged decode replica's ``_admit`` and ``_fit_cut`` (the policy's ``_join_fits``,
+    ``_join_kv``, ``_taken`` inlined, ``cut_x`` passed to the commit), ``_taken``'s slice sum,
+    ``_keep_kv``'s inlined leave, the hand-off's bytes per token and inline Wakes, and the KV
+    arrival's inlined ``on_arrival`` (bench/RESULTS.md, 2026-12-07 late): every request's
+    times, every hourly figure, the transfers and the event count equal those of the generic
+    paths, bit for bit."""
+    from fleetsim.serving.kv_paged import PagedKV
+    from fleetsim.serving.roles import DecodeRole, PagedDecodeReplica
+
+    fast = _run_record(CASES[case])
+    monkeypatch.setattr(PagedDecodeReplica, "_admit", DecodeRole._admit)
+    monkeypatch.setattr(PagedDecodeReplica, "_fit_cut", DecodeRole._fit_cut)
+    monkeypatch.setattr(PagedKV, "_taken", _generic_taken)
+    monkeypatch.setattr(PagedKV, "_keep_kv", _generic_keep_kv)
+    monkeypatch.setattr(Tap, "handoff", _generic_handoff)
+    monkeypatch.setattr(DisaggPod, "_kv_arrived", _generic_kv_arrived)
+    generic = _run_record(CASES[case])
+    assert len(fast[3]) > 5000
+    assert fast == generic
+
+
+def _generic_keep_kv(self, r, f: int) -> None:
+    r.kv_tokens = self._leave_decode(r, f)
+    r.kv_held = r.held
+    r.held = 0
+
+
+def _generic_handoff(self, r, t, rep) -> None:
+    """DisaggPod.handoff as it was (_pick_decode, transfer_bytes, wake_at), then Tap's check."""
+    from fleetsim.serving.events import wake_at
+
+    self.in_prefill -= 1
+    self.prefill.in_flight -= 1
+    r.src = rep
+    if r.out_total == 1:
+        self.rec.complete(r, t, rep.index)
+        rep.release(r)
+        self._balance()
+        return
+    r.out = r.out_total
+    r.need = r.prompt + r.out_total
+    dst = self._pick_decode()
+    dst.outstanding += 1
+    r.dst = dst
+    k = rep.index - self.prefill.replicas[0].index
+    free = self._link_free[k]
+    start = free if free > t else t
+    nbytes = self.pools.transfer_bytes(r.prompt)
+    r.xfer_bytes = nbytes
+    dur = self._lat_s + nbytes / self._bw
+    end = start + dur
+    self._link_free[k] = end
+    r.link_wait_s = start - t
+    r.xfer_s = r.link_wait_s + dur
+    self.in_transfer += 1
+    self._moving[r.rid] = r
+    wake_at(self.env, end, [self._kv_arrived], r)
+    self.rec.events += 1
+    self._balance()
+
+
+def _generic_kv_arrived(self, ev) -> None:
+    """DisaggPod._kv_arrived as it was: the decode replica's on_arrival called."""
+    r = ev.value
+    self.in_transfer -= 1
+    del self._moving[r.rid]
+    self.decode.in_flight += 1
+    h = min(int(self.env.now // 3600.0), self.hours)
+    self.xfer_count[h] += 1
+    self.xfer_bytes[h] += r.xfer_bytes
+    self.xfer_sum_s[h] += r.xfer_s
+    self.xfer_times[h].append(r.xfer_s)
+    r.dst.outstanding -= 1
+    r.dst.on_arrival(r)
+
+
+def test_disagg_request_sets_every_request_field_as_request_does():
+    """DisaggRequest's inlined Request.__init__ (out = 1 in the prefill pool): every slot of
+    Request holds what Request(rid, t, prompt, 1, ids) gives it (so a field added to Request
+    and not to the copy fails here)."""
+    from fleetsim.serving.disagg import DisaggRequest
+    from fleetsim.serving.request import Request
+
+    for ids in (None, [7, 8]):
+        a = DisaggRequest(5, 1.25, 900, 40, ids)
+        b = Request(5, 1.25, 900, 1, ids)
+        for name in Request.__slots__:
+            u, v = getattr(a, name), getattr(b, name)
+            assert u == v or (u != u and v != v), name  # (NaN first-token times)
+        assert a.out_total == 40 and a.pf_need == 901

@@ -725,21 +725,30 @@ class ReplicaCore(KVPolicy, WindowedDecode):
         n = self.n
         S = self.S
         hand = self.hand
+        xw = self.xw
+        if hand is not None:  # a prefill-only replica: the role's loop, without the locals below
+            keep_kv = self._keep_kv
+            while heap and heap[0][0] < it:
+                f, _, r = heappop(heap)
+                n -= 1
+                S -= r.eff - r.join_it
+                if xw is not None:
+                    self._x_leave(r)
+                keep_kv(r, f)
+                hand(r, end, self)
+            self.n = n
+            self.S = 0.0 if n == 0 else S
+            return
         free_kv = self._free_kv
         pod = self.pod
         complete = pod.rec.complete
         index = self.index
-        xw = self.xw
         while heap and heap[0][0] < it:
             f, _, r = heappop(heap)
             n -= 1
             S -= r.eff - r.join_it
             if xw is not None:
                 self._x_leave(r)
-            if hand is not None:
-                self._keep_kv(r, f)
-                hand(r, end, self)
-                continue
             free_kv(r, f)
             self.outstanding -= 1
             complete(r, end, index)

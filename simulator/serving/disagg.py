@@ -41,7 +41,8 @@ import bisect
 import math
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from heapq import heappush
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,12 +53,12 @@ from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
-from fleetsim.serving.events import run_until, wake_at
+from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
 from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv, untimed_after
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
-from fleetsim.serving.routers import least_outstanding, make_router
+from fleetsim.serving.routers import LeastLoaded, least_outstanding, make_router
 from fleetsim.workload.sampling import SizeSampler, hourly_arrivals, trace_arrivals
 
 if TYPE_CHECKING:
@@ -83,7 +84,26 @@ class DisaggRequest(Request):
     def __init__(
         self, rid: int, arrival_s: float, prompt: int, out: int, ids: list[int] | None = None
     ) -> None:
-        super().__init__(rid, arrival_s, prompt, 1, ids)  # the prefill pool makes the first token
+        # Request.__init__ with out = 1 (the prefill pool makes the first token), inlined: once
+        # per request on the disaggregated hot path
+        self.rid = rid
+        self.arrival_s = arrival_s
+        self.prompt = prompt
+        self.out = 1
+        self.need = prompt + 1
+        self.join_it = -1
+        self.first_token_s = math.nan
+        self.ids = ids
+        self.eff = prompt
+        self.done = 0
+        self.held = 0
+        self.gen = 0
+        self.adm = 0
+        self.rho = 0
+        self.preemptions = 0
+        self.cached = 0
+        self.rank = 0
+        self.session = None
         self.out_total = out
         self.pf_need = self.need  # reserve policy: prompt + 1 tokens of KV held in prefill
         self.kv_tokens = 0  # paged policy: KV tokens held in the prefill replica after hand-off
@@ -244,6 +264,11 @@ class DisaggPod:
         self.prefill.router = make_router(
             pools.prefill.router, self.prefill, np.random.default_rng(seeds[1])
         )
+        self._proute = self.prefill.router.route  # (the router is set once, here)
+        # least_loaded: its pick called directly on the routable replicas (LeastLoaded.route)
+        self._pll: Sequence[Any] | None = (
+            self.prefill.router.replicas if type(self.prefill.router) is LeastLoaded else None
+        )
         self._drng = np.random.default_rng(seeds[2])
         self._dbuf: list[int] = []
         self._rr = -1
@@ -254,6 +279,17 @@ class DisaggPod:
         self._lat_s = pools.link.latency_s
         #: a prompt's KV bytes by layer kind (Pools.transfer_bytes)
         self._kv_of: Callable[[int], float] = pools.transfer_bytes
+        #: its bytes per prompt token when every layer holds the whole prompt (Pools.
+        #: transfer_bytes's first branch, without its lookups per request), else None
+        self._kv_tok: float | None = (
+            pools.kv_bytes_per_token if pools.decode.rs.model.kv_uniform else None
+        )
+        self._p0 = self.prefill.replicas[0].index  # the prefill pool's first replica index
+        # the hand-off's events (serving/events.py Wakes, pushed inline; one list each)
+        self._queue = queue_of(self.env)
+        self._eid = self.env._eid
+        self._arrived_cbs = [self._kv_arrived]
+        self._release_cbs = [self._release]
         self._bw = pools.egress_bytes_per_s
         # transfer statistics by the hour in which the KV arrives
         n = self.hours + 1
@@ -340,10 +376,22 @@ class DisaggPod:
             self.in_prefill += 1
             self.prefill.in_flight += 1  # (what a reactive prefill pool scales on)
             ids = self._ids[i] if self._ids is not None else None
-            self.prefill.router.route(DisaggRequest(rid, t, p, o, ids))
+            pll = self._pll
+            if pll is not None:
+                least_outstanding(pll).on_arrival(DisaggRequest(rid, t, p, o, ids))
+            else:
+                self._proute(DisaggRequest(rid, t, p, o, ids))
         i += 1
         self._i = i
-        if i < len(self._times) or self._next_chunk():
+        times = self._times
+        if i < len(times):  # _schedule(), inlined (as serving.pod.Pod._arrive's)
+            t = times[i]
+            env = self.env
+            now = env._now
+            self.next_t = now + (t - now if t > now else 0.0)
+            self.next_eid = next(env._eid)
+            self.rec.events += 1
+        elif self._next_chunk():
             self._schedule()
         else:
             self.next_t = math.inf
@@ -369,28 +417,38 @@ class DisaggPod:
         self.in_prefill -= 1
         self.prefill.in_flight -= 1
         r.src = rep
-        if r.out_total == 1:
+        out = r.out_total
+        if out == 1:
             self.rec.complete(r, t, rep.index)
             rep.release(r)
             return
-        r.out = r.out_total
-        r.need = r.prompt + r.out_total
-        dst = self._pick_decode()
+        r.out = out
+        r.need = r.prompt + out
+        # the decode replica: _pick_decode, its least_loaded rule called directly
+        dst = least_outstanding(self.decode.active) if self._droute == "least_loaded" else None
+        if dst is None:
+            dst = self._pick_decode()
         dst.outstanding += 1  # counted from now, so that least_loaded sees transfers
         r.dst = dst
-        k = rep.index - self.prefill.replicas[0].index
-        free = self._link_free[k]
+        k = rep.index - self._p0
+        link_free = self._link_free
+        free = link_free[k]
         start = free if free > t else t
-        nbytes = self._kv_of(r.prompt)
+        kv_tok = self._kv_tok
+        nbytes = r.prompt * kv_tok if kv_tok is not None else self._kv_of(r.prompt)
         r.xfer_bytes = nbytes
         dur = self._lat_s + nbytes / self._bw  # on the link, FIFO
         end = start + dur
-        self._link_free[k] = end
-        r.link_wait_s = start - t
-        r.xfer_s = r.link_wait_s + dur  # (not end - t: that would round in the clock's digits)
+        link_free[k] = end
+        wait = start - t
+        r.link_wait_s = wait
+        r.xfer_s = wait + dur  # (not end - t: that would round in the clock's digits)
         self.in_transfer += 1
         self._moving[r.rid] = r
-        wake_at(self.env, end, [self._kv_arrived], r)
+        # wake_at(env, end, [_kv_arrived], r), inlined
+        now = self.env._now
+        key = now + (end - now if end > now else 0.0)
+        heappush(self._queue, (key, NORMAL, next(self._eid), Wake(self._arrived_cbs, r)))
         self.rec.events += 1
 
     def _kv_arrived(self, ev) -> None:
@@ -398,7 +456,7 @@ class DisaggPod:
         self.in_transfer -= 1
         del self._moving[r.rid]
         self.decode.in_flight += 1
-        h = int(self.env.now // HOUR_S)
+        h = int(self.env._now // HOUR_S)
         if h > self.hours:
             h = self.hours
         self.xfer_count[h] += 1
@@ -407,18 +465,29 @@ class DisaggPod:
         self.xfer_times[h].append(r.xfer_s)
         dst = r.dst
         assert dst is not None
-        dst.outstanding -= 1  # on_arrival counts it again
-        dst.on_arrival(r)
+        # dst.on_arrival(r), inlined (once per request; its outstanding was counted at the
+        # hand-off): start a run if idle, else (alone in the queue) cut the current run
+        w = dst.waiting
+        w.append(r)
+        if not dst.busy:
+            dst.plan(self.env._now)
+        elif len(w) == 1:
+            j = dst._cut_point(r)
+            if j >= 0:
+                if j > 0:
+                    dst._commit(j, True, dst.cut_x)
+                dst.plan(dst.T0)
 
     def on_admitted(self, joined: list, T: float, _rep: Replica) -> None:
         """A decode replica admitted ``joined`` at boundary ``T``: their KV leaves the prefill
         replicas then (now, or by an event at ``T`` when the boundary lies ahead)."""
-        now = self.env.now
+        now = self.env._now
         if now >= T:
             for r in joined:
                 r.src.release(r)
-        else:
-            wake_at(self.env, T, [self._release], joined)
+        else:  # wake_at(env, T, [_release], joined), inlined: its key, as T > now
+            key = now + (T - now)
+            heappush(self._queue, (key, NORMAL, next(self._eid), Wake(self._release_cbs, joined)))
             self.rec.events += 1
 
     @staticmethod

@@ -619,7 +619,15 @@ class PagedKV(BlockPool):
     def _keep_kv(self, r: Request, f: int) -> None:
         """A prefill replica's hand-off: its blocks and its references to cached prefix blocks
         stay until :meth:`_release_kv`."""
-        r.kv_tokens = self._leave_decode(r, f)  # type: ignore[attr-defined]
+        if self.win is None:  # _leave_decode, inlined: once per request in the prefill pool
+            rho = r.rho
+            cnt2 = self.cnt2
+            cnt2[rho] -= 1
+            cnt2[rho + self.b] -= 1
+            self.cum = None
+            r.kv_tokens = r.eff + f - r.join_it  # type: ignore[attr-defined]
+        else:
+            r.kv_tokens = self._leave_decode(r, f)  # type: ignore[attr-defined]
         r.kv_held = r.held  # type: ignore[attr-defined]
         r.held = 0
 
@@ -675,7 +683,15 @@ class PagedKV(BlockPool):
 
     # ---- the decode role (serving/roles.py) ----------------------------------------------------
     def _taken(self, j: int, n1: int) -> int:
-        return self._blocks(self.it + 1, j, n1 if self.win is None else self._wsum())
+        # _blocks(it + 1, j, n) with blocks_in's partial sum as a slice of cnt2 (see _fit_cut):
+        # the same integer, without rebuilding ``cum`` after each join or leave
+        mask = self.mask
+        x = (j >> self.lb) * (n1 if self.win is None else self._wsum())
+        rem = j & mask
+        if rem:
+            s = (self.it + 1) & mask
+            x += sum(self.cnt2[s : s + rem])
+        return x
 
     def _join_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
         """Whether ``r``, whose prompt KV arrived, joins a boundary with ``n`` sequences,

@@ -62,7 +62,7 @@ class PrefillRole(ReplicaCore):
             if self.pod.shared_queue is not None:
                 self.pod.router.dispatch()
             elif self.waiting:
-                self.plan(self.env.now)
+                self.plan(self.env._now)
 
     def is_empty(self) -> bool:
         """Also holds no KV of handed-off requests (``outstanding`` counts them)."""
@@ -172,7 +172,94 @@ class ReserveDecodeReplica(DecodeRole, ReserveKV):
 
 
 class PagedDecodeReplica(DecodeRole, PagedKV):
+    """Decode-only, paged KV. Without window layers (``win`` None) the role's two per-request
+    paths, :meth:`_admit` and :meth:`_fit_cut`, have the policy's ``_join_fits``,
+    ``_join_kv`` and ``_taken`` hand-inlined: the same integer tests and updates in the same
+    order (a disaggregated day makes them once per request each, bench/RESULTS.md)."""
+
     __slots__ = ()
+
+    def _admit(self, it: int) -> None:
+        """:meth:`DecodeRole._admit` with ``_join_fits(r, nt, budget, 0)`` and
+        ``_join_kv(r, it)`` inlined (their common case: free blocks suffice, no queue)."""
+        if self.win is not None:
+            DecodeRole._admit(self, it)
+            return
+        w = self.waiting
+        nt = self.n + len(self.pre)
+        budget = self.budget
+        max_batch = self.max_batch
+        heap = self.heap
+        lb = self.lb
+        mask = self.mask
+        b = self.b
+        cnt2 = self.cnt2
+        joined = self.joined
+        while w and nt < max_batch and budget > 0:
+            r = w[0]
+            if r.gen:  # preempted here: recompute prompt + generated tokens
+                c = self._admit_head(r, it, nt, budget)
+                if not c:
+                    break
+                budget -= c
+                nt += 1
+                continue
+            # _join_fits: its prompt's blocks and the one its first decode step may open
+            # (nt < max_batch and budget > 0 hold here)
+            p = r.eff
+            need = (p >> lb) + 1
+            free = self.free
+            if need > free + self.g * len(self.lru) - (self.wm if nt else 0):
+                break
+            w.popleft()
+            # _join_kv: _take(need), then its decode residue
+            if need <= free and not self.qc:
+                self.free = free - need
+            else:
+                self._take(need)
+            self.adm_seq += 1
+            r.adm = self.adm_seq
+            r.done = p
+            rho = (it - p) & mask
+            r.rho = rho
+            cnt2[rho] += 1
+            cnt2[rho + b] += 1
+            self.cum = None
+            r.join_it = it - 1
+            self.S += r.eff - (it - 1)
+            if self.xw is not None:
+                self._x_join(r)
+            heappush(heap, (it + r.out - 2, r.rid, r))
+            self.n += 1
+            budget -= 1
+            nt += 1
+            joined.append(r)
+        self.budget = budget
+
+    def _fit_cut(self, r: Request, j: int) -> int:
+        """:meth:`DecodeRole._fit_cut` with ``_taken`` (as a slice sum of ``cnt2``, like
+        :meth:`PagedKV._fit_cut`'s) and ``_join_fits`` inlined; sets ``cut_x``, the blocks of
+        the cut's ``j - 1`` decode steps, for ``_commit`` (PagedKV._fit_cut's formula)."""
+        if r.gen or self.win is not None:
+            return DecodeRole._fit_cut(self, r, j)
+        n1 = self.n + len(self.pf)
+        if n1 >= self.max_batch or self.max_tokens - n1 <= 0:
+            self.cut_x = -1
+            return -1
+        mask = self.mask
+        cnt2 = self.cnt2
+        it1 = self.it + 1
+        x = (j >> self.lb) * n1
+        rem = j & mask
+        if rem:
+            s = it1 & mask
+            x += sum(cnt2[s : s + rem])
+        avail = self.free + self.g * len(self.lru) - x
+        if (r.eff >> self.lb) + 1 > avail - (self.wm if n1 else 0):
+            self.cut_x = -1
+            return -1
+        self.cut_x = x - cnt2[(it1 + j - 1) & mask]
+        return j
 
 
 class RankedPagedReplica(RankedPagedKV):
