@@ -132,10 +132,10 @@ def cmd_validate(args) -> int:
             )
         pw = rs.gpu.power
         # only the terms that apply to this model and fleet, as the simulation charges them
-        # (serving.pod.energy_coeffs): communication where the replica communicates, the fp8
+        # (serving.energy.energy_coeffs): communication where the replica communicates, the fp8
         # fused-MoE K loop for fp8 block-quantised experts, the routed experts' compute for an
         # MoE, the host wait where an iteration has exposed host time
-        from fleetsim.serving.pod import energy_coeffs
+        from fleetsim.serving.energy import energy_coeffs
 
         ec = energy_coeffs(rs)
         print(

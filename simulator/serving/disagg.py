@@ -53,8 +53,9 @@ from fleetsim.config.pools import Pools, PoolSpec
 from fleetsim.config.resolved import Resolved
 from fleetsim.serving.admission import EnginePlan, Limits, PagedLimits
 from fleetsim.serving.autoscale import make_autoscaler
+from fleetsim.serving.energy import energy_coeffs
 from fleetsim.serving.events import NORMAL, Wake, queue_of, run_until
-from fleetsim.serving.pod import energy_coeffs, paged_limits, reserve_kv, untimed_after
+from fleetsim.serving.pod import paged_limits, reserve_kv, untimed_after
 from fleetsim.serving.recorder import Recorder
 from fleetsim.serving.request import Request
 from fleetsim.serving.roles import PrefillRole, Replica, replica_class
