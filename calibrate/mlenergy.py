@@ -981,8 +981,9 @@ def repeated_prompts(c: Config) -> bool:
     (prefix caching on by default, SOURCE.md) shares a running copy's blocks whatever the model.
     Mamba hybrids (Nemotron-Nano-v2), for which vLLM 0.11 disables prefix caching, replay unique
     prompts all the same (:func:`_run_scenario`); sliding-window models (gemma-3) share them as
-    vLLM's hybrid KV cache manager does since h46 (no gemma-3 row repeats its list). Until r40 dense rows kept unique prompts
-    (docs/accuracy-log.md, 'Dense rows share their repeated prompts')."""
+    vLLM's hybrid KV cache manager does since h46 (no gemma-3 row repeats its list). Until r40
+    dense rows kept unique prompts (docs/accuracy-log.md, 'Dense rows share their repeated
+    prompts')."""
     return c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
 
 

@@ -60,7 +60,7 @@ ALL_KINDS = {**KINDS, "gemma3-dp": ({"name": "gemma-3-12b"}, {"data_parallel": 2
 HASH_TOKENS = 64  # the traces' block of hash ids (traffic.trace_block_tokens)
 # vLLM 0.11 disables prefix caching for Mamba hybrids; window models cache their prompts (the
 # hybrid manager's hit rule, serving/kv_blocks.py), but sessions' answers are not modelled there
-NO_PREFIX_KINDS = ("mamba2",)
+NO_PREFIX_KINDS = ("mamba2", "mamba2-dp")
 WINDOW_KINDS = ("gemma3", "gpt-oss", "mamba2", "gemma3-dp")  # no prefix caching in sessions
 
 
@@ -122,7 +122,7 @@ def _pool_per_rank(case: Case) -> bool:
 def build(case: Case, folder: Path) -> dict:
     """The scenario of ``case``: a trace (Mooncake JSONL with hash ids when prefix caching is
     drawn, else CSV) and a device memory that leaves ``kv_factor`` x the longest request's KV."""
-    model, fleet = ALL_KINDS[case.kind]
+    model, fleet = KINDS[case.kind] if case.kind in KINDS else ALL_KINDS[case.kind]
     weights, m, gpus = _budget(model, fleet)
     longest = max(p + o for _a, p, o, _f in case.reqs)
     # the bytes of the longest sequence as the model holds it (its window layers at most the
