@@ -72,12 +72,22 @@ opening that reaches ``cap`` (``wsat``, a heap by that iteration; ``wcur`` its c
 ``G`` after. A run's decode steps end by the first such last opening (the top of ``wsat``,
 :meth:`_run_length`), so the weights in ``cnt2`` hold over the run and its blocks keep their
 closed forms, with the weights' sum (:meth:`_wsum`) in place of the sequence count. Such a
-replica has no prefix caching, and records ``kv_block_s`` in the configured blocks
-(``wscale``). Without windows
-``win`` is None and none of this runs. docs/serving-engine.md gives the measured hand counts.
+replica records ``kv_block_s`` in the configured blocks (``wscale``). Without windows ``win``
+is None and none of this runs. docs/serving-engine.md gives the measured hand counts.
 
-Size: about 665 lines, a little over the project's ~600: the block arithmetic above (residues,
-prefix blocks, window weights) is one invariant over one pool, kept in one module.
+**Prefix caching with window layers** (no linear-state layers) is vLLM 0.11's hybrid manager's:
+an id names a full-attention part (``gf = G g`` layer-blocks) and a window part (``gw = S g``,
+key ``id + WKEY``), cached, referenced and evicted apart (``lrub`` counts the unreferenced
+entries' blocks); the hit is :meth:`BlockPool._w_hit`'s; a request references the full parts of
+its ``held`` ids and the window parts of ids ``wlo .. held - 1``, and as a chunk ends releases
+the window parts no longer wholly within its window's last ``cap`` blocks
+(:meth:`BlockPool._w_release`): they stay cached, evictable, and its window layers open blocks
+in their place (the chunk's need counts those whose parts others hold too, :meth:`_w_shared`).
+A decoding sequence keeps its window parts to its finish (the same count as vLLM's release as
+the window passes; only which blocks are evictable differs).
+
+Size: about 750 lines, over the project's ~600: the block arithmetic above (residues, prefix
+blocks, window weights and parts) is one invariant over one pool, kept in one module.
 """
 
 from __future__ import annotations
