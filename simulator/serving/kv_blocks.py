@@ -346,9 +346,23 @@ class BlockPool(ReplicaCore):
         ids = r.ids
         assert ids is not None
         cache = self.cache
-        win = self.win is not None
+        if self.win is None:
+            g = self.g
+            for j in range(r.held, f):
+                h = ids[j]
+                ref = cache.get(h)
+                if ref is None:
+                    cache[h] = 1
+                else:
+                    if ref == 0:
+                        del self.lru[h]
+                        self.lrub -= g
+                    cache[h] = ref + 1
+                    self._q_free(g)
+            r.held = f
+            return
         for j in range(r.held, f):
-            for h in (ids[j], ids[j] + WKEY) if win else (ids[j],):
+            for h in (ids[j], ids[j] + WKEY):  # its full and its window part
                 ref = cache.get(h)
                 if ref is None:
                     cache[h] = 1
@@ -398,13 +412,30 @@ class BlockPool(ReplicaCore):
         if H:
             ids = r.ids
             assert ids is not None
-            wlo = r.wlo if self.win is not None else H
+            if self.win is not None:
+                wlo = r.wlo
+                for j in range(H - 1, -1, -1):
+                    if j >= wlo:
+                        self._unref(ids[j] + WKEY)
+                    self._unref(ids[j])
+                r.held = r.wlo = 0
+                return
+            # (without windows: _unref inlined, once per cached id of every finished request)
+            cache = self.cache
+            lru = self.lru
+            uq = self.uq
+            g = self.g
             for j in range(H - 1, -1, -1):
-                if j >= wlo:
-                    self._unref(ids[j] + WKEY)
-                self._unref(ids[j])
+                h = ids[j]
+                ref = cache[h] - 1
+                cache[h] = ref
+                if ref == 0:
+                    if uq:
+                        self._q_cached(h)
+                    else:
+                        lru[h] = None
+                        self.lrub += g
             r.held = 0
-            r.wlo = 0
 
     def _head_cap(self, avail: int, it: int, n: int, m: int) -> int:
         """With prefix caching: the blocks a decode run may take before it would evict a cached
