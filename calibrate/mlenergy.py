@@ -987,10 +987,11 @@ def repeated_prompts(c: Config) -> bool:
     first copy's engine only 1/dp of the time), and is then simulated with its repeated prompts
     named so the engine's prefix cache shares them, dense or MoE alike: the same vLLM server
     (prefix caching on by default, SOURCE.md) shares a running copy's blocks whatever the model.
-    Models whose prefix caching is not modelled replay unique prompts all the same
-    (:func:`_run_scenario`): sliding-window models (gemma-3) and Mamba hybrids (Nemotron-Nano-v2,
-    for which vLLM 0.11 disables prefix caching). Until r40 dense rows kept unique prompts
-    (docs/accuracy-log.md, 'Dense rows share their repeated prompts')."""
+    Mamba hybrids (Nemotron-Nano-v2), for which vLLM 0.11 disables prefix caching, replay unique
+    prompts all the same (:func:`_run_scenario`); sliding-window models (gemma-3) share them as
+    vLLM's hybrid KV cache manager does since h46 (no gemma-3 row repeats its list). Until r40
+    dense rows kept unique prompts (docs/accuracy-log.md, 'Dense rows share their repeated
+    prompts')."""
     return c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
 
 
@@ -1041,7 +1042,7 @@ def _run_scenario(
 ):
     """The loaded scenario of one run: ``csv_trace`` (the run's unique prompts) or, where the
     prompts repeat (:func:`repeated_prompts`) and the engine models prefix caching for the model
-    (not for sliding-window models: ``config/aggregated.py``; nor for Mamba hybrids, which vLLM
+    (sliding-window models too, serving/kv_blocks.py; not Mamba hybrids, which vLLM
     0.11 serves without prefix caching, "Hybrid or mamba-based model detected: disabling prefix
     caching", and whose replica caches none: ``serving/kv_paged.py``), the JSONL trace of
     :func:`repeat_trace_jsonl` written beside it. ``ids``: each request's prompt block ids
@@ -1071,9 +1072,10 @@ def _run_scenario(
 
 
 def _prefix_cached(spec: ModelSpec) -> bool:
-    """Whether the engine models prefix caching for the model (not for sliding-window layers,
-    ``config/aggregated.py``, nor Mamba hybrids, which vLLM 0.11 serves without it)."""
-    return not spec.n_sliding_layers and not spec.n_linear_layers
+    """Whether the engine models prefix caching for the model: sliding-window layers as vLLM's
+    hybrid KV cache manager (serving/kv_blocks.py, since h46), not Mamba hybrids, which vLLM
+    0.11 serves without it."""
+    return not spec.n_linear_layers
 
 
 def shares_repeated_prompts(c: Config) -> bool:

@@ -139,7 +139,8 @@ WINDOW_DP_KINDS = {
 @pytest.mark.parametrize("seed", range(12))
 def test_windowed_and_hybrid_models_keep_the_invariants_per_rank(seed, monkeypatch):
     """Window and linear-state layers with a pool per rank (each sequence's window weight on its
-    own rank's residue counts): generated cases under the audit, both engines equal."""
+    own rank's residue counts; with prefix caching where drawn, each rank's cache holding
+    window parts too): generated cases under the audit, both engines equal."""
     import random
     from dataclasses import replace
 
@@ -152,7 +153,8 @@ def test_windowed_and_hybrid_models_keep_the_invariants_per_rank(seed, monkeypat
     c = replace(
         c,
         kv="paged",
-        prefix=False,  # (no prefix caching with windows in the engine)
+        # prefix caching as drawn: window parts cached per rank (h46); none for the hybrid
+        prefix=c.prefix,
         disagg=False,
         dp_scheduler="per-rank",
         dp_kv_pool="per-rank",

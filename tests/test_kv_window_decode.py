@@ -277,10 +277,14 @@ def test_disaggregated_transfer_sends_the_kv_by_layer_kind(tmp_path, model):
     assert got == pytest.approx(total, rel=1e-12)
 
 
-def test_prefix_caching_of_a_windowed_model_is_refused_in_one_line():
+def test_prefix_caching_of_a_windowed_model_on_a_trace_validates_and_in_sessions_is_refused(
+    tmp_path,
+):
     """Traffic that names prompt blocks (Mooncake's trace) with a sliding-window model and
-    prefix caching on (the paged default): one line naming fleet.enable_prefix_caching and the
-    fix, exit 2, no traceback; with it off the scenario validates."""
+    prefix caching on (the paged default) validates: the engine caches its prompts as vLLM's
+    hybrid manager does (tests/test_kv_window_prefix.py). Sessions cache a turn's answer at its
+    finish too, which is not modelled for window layers: one line naming
+    fleet.enable_prefix_caching and the fix, exit 2, no traceback; with it off it validates."""
     import subprocess
     import sys
 
@@ -288,14 +292,23 @@ def test_prefix_caching_of_a_windowed_model_is_refused_in_one_line():
     base = [sys.executable, "-m", "fleetsim", "validate", "scenarios/mooncake-conversation.toml"]
     sets = ["--set", 'model.name="gemma-3-27b"', "--set", "fleet.tensor_parallel=2"]
     r = subprocess.run(base + sets, cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    f = tmp_path / "s.toml"
+    f.write_text(
+        '[model]\nname = "gemma-3-27b"\n[hardware]\ngpu = "h100-sxm"\n'
+        "[fleet]\ntensor_parallel = 2\n[traffic]\nrequests_per_day = 1000\n"
+        "[traffic.sessions]\nblock_tokens = 64\n"
+    )
+    base = [sys.executable, "-m", "fleetsim", "validate", str(f)]
+    r = subprocess.run(base, cwd=root, capture_output=True, text=True)
     assert r.returncode == 2
     err = r.stderr.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "fleet.enable_prefix_caching = True" in err
-    assert "sliding-window model (gemma-3-27b)" in err
+    assert "sliding-window model (gemma-3-27b) in sessions" in err
     assert "fix: set fleet.enable_prefix_caching = false" in err
     ok = subprocess.run(
-        [*base, *sets, "--set", "fleet.enable_prefix_caching=false"],
+        [*base, "--set", "fleet.enable_prefix_caching=false"],
         cwd=root,
         capture_output=True,
         text=True,

@@ -230,19 +230,23 @@ def _check_prefix_blocks(sc: Scenario, model: ModelSpec, src: str) -> None:
             src,
         )
     f = sc.fleet
-    ids = ses is not None or bool(tr.trace and tr.trace.endswith(".jsonl"))
-    if ids and f.kv_allocation == "paged" and f.prefix_caching and model.n_sliding_layers:
-        # the paged policy counts a windowed model's pool in layer-blocks (serving/kv_paged.py)
-        # and caches no prefix there: vLLM's hybrid manager caches the full-attention blocks of
-        # a prefix and takes a hit only where the window layers' last blocks are still cached
-        # (vllm/v1/core/kv_cache_coordinator.py, single_type_kv_cache_manager.py), not modelled
+    if (
+        ses is not None
+        and f.kv_allocation == "paged"
+        and f.prefix_caching
+        and model.n_sliding_layers
+    ):
+        # the paged policy caches a windowed model's prompt blocks as vLLM's hybrid manager
+        # does (serving/kv_blocks.py, _w_hit), but not a session turn's answer blocks at its
+        # finish: their window parts left the window as it decoded, not modelled
         raise ScenarioError(
             "fleet.enable_prefix_caching",
             True,
-            f"prefix caching of a sliding-window model ({model.name}) is not modelled, and this "
-            "traffic names prompt blocks to cache"
+            f"prefix caching of a sliding-window model ({model.name}) in sessions is not "
+            "modelled (a turn's answer blocks would be cached at its finish)"
             + (" (it is on by default with paged KV)" if f.enable_prefix_caching is None else ""),
-            "set fleet.enable_prefix_caching = false (every prompt is then computed)",
+            "set fleet.enable_prefix_caching = false (every prompt is then computed), or "
+            "replay a trace",
             src,
         )
 

@@ -399,16 +399,16 @@ def _kv_rows(res: Result, tab: _Rows) -> None:
     kv = rs.kv
     if kv is not None and rs.pools is None:
         f = sc.fleet
-        # (the paged engine caches no prefix for a model with window or linear-state layers:
-        # serving/kv_paged.py)
-        windowed = not rs.model.kv_uniform
+        # (the paged engine caches no prefix for a model with linear-state layers, as vLLM 0.11
+        # disables it there; window layers' prefixes it caches: serving/kv_paged.py)
+        linear = rs.model.n_linear_layers > 0
         mech = (
             f"paged, blocks of {kv.block_size_tokens}"
             + (", chunked prefill" if f.chunked_prefill else "")
-            + (", prefix caching" if f.prefix_caching and not windowed else "")
+            + (", prefix caching" if f.prefix_caching and not linear else "")
             + (
-                ", no prefix caching (not modelled with window or linear-state layers)"
-                if f.prefix_caching and windowed
+                ", no prefix caching (vLLM 0.11 disables it with linear-state layers)"
+                if f.prefix_caching and linear
                 else ""
             )
             if f.kv_allocation == "paged"

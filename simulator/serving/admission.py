@@ -68,6 +68,7 @@ class PagedLimits:
     win_global_layers: int = 0
     win_sliding_layers: int = 0
     win_cap_blocks: int = 0
+    win_window_tokens: int = 0  # the window W (prefix caching's hit rule: kv_blocks.py)
     # a hybrid model's linear-state state per sequence, in layer-blocks (held from admission
     # to finish or preemption, whatever the sequence's length)
     win_state_blocks: int = 0

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetsim.serving.core import ReplicaCore
+from fleetsim.serving.kv_blocks import WKEY
 from fleetsim.serving.kv_paged import PagedKV
 from fleetsim.serving.kv_reserve import ReserveKV
 from fleetsim.serving.ranks import RankedPagedKV
@@ -79,14 +80,22 @@ def _pool_recount(rep: PagedKV, log: AuditLog, rank: int | None) -> None:
     """One pool's recount: the replica's (``rank`` None) or data-parallel rank ``rank``'s,
     from the requests bound to it."""
     it = rep.it
-    g = rep.g
+    win = rep.win is not None
     refs: dict[int, int] = {}
     own = 0
 
-    def hold(r: Any, tokens: int, held: int) -> None:
+    def hold(r: Any, tokens: int, held: int, wlo: int = 0) -> None:
+        # its own blocks: its sequence's less the cached entries it references (the full
+        # parts of its held ids; with windows the window parts of ids wlo .. held - 1)
         nonlocal own
         assert tokens >= 0, (rep.index, it, r.rid, tokens)
-        own += rep.kv_blocks_for(tokens) - g * held
+        mine = rep.kv_blocks_for(tokens) - rep.gf * held
+        if win and held:
+            mine -= rep.gw * (held - wlo)
+            for h in r.ids[wlo:held]:
+                refs[h + WKEY] = refs.get(h + WKEY, 0) + 1
+        assert mine >= 0, (rep.index, it, r.rid, "references more than it holds")
+        own += mine
         if held:
             for h in r.ids[:held]:
                 refs[h] = refs.get(h, 0) + 1
@@ -96,29 +105,30 @@ def _pool_recount(rep: PagedKV, log: AuditLog, rank: int | None) -> None:
     for f, _rid, r in rep.heap:
         if rank is not None and r.rank != rank:
             continue
-        hold(r, r.eff + min(f, it - 1) - r.join_it, r.held)
+        hold(r, r.eff + min(f, it - 1) - r.join_it, r.held, r.wlo)
         S += r.eff - r.join_it
         wsum += rep.wcur[r][0] if rep.win is not None else 1
     for r in rep.pre:
         if rank is None or r.rank == rank:
-            hold(r, r.done, r.held)
+            hold(r, r.done, r.held, r.wlo)
     for r in log.handed.get(rep, {}).values():
-        hold(r, r.kv_tokens, r.kv_held)
+        hold(r, r.kv_tokens, r.kv_held, r.kv_wlo)
     NB = rep.NB
-    expect = NB - own - g * len(rep.cache)
+    expect = NB - own - sum(map(rep._sz, rep.cache))
     where = f"replica {rep.index}" + ("" if rank is None else f" rank {rank}")
     where += f" after iteration {it - 1}"
     assert rep.free == expect, f"{where}: free blocks {rep.free} != recount {expect}"
     assert 0 <= rep.free <= NB, f"{where}: free {rep.free} outside [0, {NB}]"
     assert refs == {h: c for h, c in rep.cache.items() if c}, f"{where}: cache references"
     assert set(rep.lru) == {h for h, c in rep.cache.items() if c == 0}, f"{where}: lru"
+    assert rep.lrub == sum(map(rep._sz, rep.lru)), f"{where}: lru blocks {rep.lrub}"
     b = rep.b
     assert rep.cnt2[:b] == rep.cnt2[b:], f"{where}: cnt2 copies differ"
     assert sum(rep.cnt2[:b]) == wsum, f"{where}: cnt2 sums {sum(rep.cnt2[:b])} != {wsum}"
     if rank is None:
         assert rep.n == len(rep.heap), f"{where}: n {rep.n} != decode set {len(rep.heap)}"
         assert rep.S == S, f"{where}: S {rep.S} != {S}"
-    used = NB - rep.free - g * len(rep.lru)
+    used = NB - rep.free - rep.lrub
     log.max_used = max(log.max_used, used)
     if NB:
         log.max_used_frac = max(log.max_used_frac, used / NB)
@@ -148,7 +158,7 @@ def assert_drained(log: AuditLog) -> None:
                 if pools is not None:
                     rep._use(k)  # type: ignore[attr-defined]
                 at = where if pools is None else f"{where}, rank {k}"
-                assert rep.free + rep.g * len(rep.lru) == rep.NB, f"{at}: blocks lost"
+                assert rep.free + rep.lrub == rep.NB, f"{at}: blocks lost"
                 assert not any(rep.cache.values()), f"{at}: cached blocks still referenced"
                 assert rep.cnt2 == [0] * (2 * rep.b) and rep.S == 0, f"{at}: decode counts"
         else:

@@ -74,6 +74,7 @@ class DisaggRequest(Request):
         "dst",
         "kv_held",
         "kv_tokens",
+        "kv_wlo",
         "link_wait_s",
         "out_total",
         "pf_need",
@@ -109,6 +110,7 @@ class DisaggRequest(Request):
         self.pf_need = self.need  # reserve policy: prompt + 1 tokens of KV held in prefill
         self.kv_tokens = 0  # paged policy: KV tokens held in the prefill replica after hand-off
         self.kv_held = 0  # paged policy: cached prefix blocks it references there
+        self.kv_wlo = 0  # (and with windows its first referenced window part's id)
         self.src: PrefillRole | None = None
         self.dst: Replica | None = None
         self.xfer_s = math.nan  # hand-off to KV arrival: link wait + latency + bytes / bw

@@ -43,6 +43,10 @@ from typing import TYPE_CHECKING
 
 from fleetsim.serving.core import ReplicaCore
 
+#: the cache key of an id's window part (models with window layers): ``id + WKEY`` (the ids are
+#: int64 prompt-block names, well below it)
+WKEY = 1 << 62
+
 if TYPE_CHECKING:
     from fleetsim.serving.request import Request
 
@@ -105,6 +109,11 @@ class BlockPool(ReplicaCore):
     qc: int
     qv: dict[int, int]
     uq: bool
+    gf: int  # layer-blocks of a cached id's full-attention part (g without windows)
+    gw: int  # layer-blocks of a cached id's window part (windows only)
+    wn: int  # ids of window parts a hit needs before its end (windows only)
+    wci: int  # most window parts a sequence references: cap // g (windows only)
+    lrub: int  # blocks of the unreferenced cached entries (lru)
 
     def kv_blocks_for(self, tokens: int) -> int:
         """KV blocks that a sequence holding ``tokens`` tokens of context occupies: the one
@@ -123,7 +132,12 @@ class BlockPool(ReplicaCore):
 
     def used_blocks(self) -> int:
         """Blocks referenced by running requests (not counting unreferenced cached blocks)."""
-        return self.NB - self.free - self.g * len(self.lru)
+        return self.NB - self.free - self.lrub
+
+    def _sz(self, h: int) -> int:
+        """Blocks of cached entry ``h``: an id's full-attention part (``gf``), or with windows
+        its window part (key ``h + WKEY``, ``gw``)."""
+        return self.gw if h >= WKEY else self.gf
 
     # -- vLLM's single free-block queue (uq) -------------------------------------------------------
     def _q_free(self, n: int) -> None:
@@ -139,6 +153,8 @@ class BlockPool(ReplicaCore):
         """Cached id ``h`` lost its last reference: into ``lru`` and, with ``uq``, the queue
         (the queue's first cached entry: the queue is first rebuilt as its one uncached run)."""
         self.lru[h] = None
+        sz = self.gw if h >= WKEY else self.gf
+        self.lrub += sz
         if self.uq:
             v = self.qv.get(h, 0) + 1
             self.qv[h] = v
@@ -149,7 +165,7 @@ class BlockPool(ReplicaCore):
                 if self.free:
                     q.append([-1, self.free, 0])
             self.qc += 1
-            q.append([h, self.g, v])
+            q.append([h, sz, v])
 
     def _q_live(self, e: list[int]) -> bool:
         h = e[0]
@@ -188,7 +204,8 @@ class BlockPool(ReplicaCore):
                 continue  # stale: hit again since, or released again later in the queue
             del lru[h]
             del cache[h]
-            g = self.g
+            g = e[1]
+            self.lrub -= g
             if g <= x:
                 x -= g
             else:  # the rest of its blocks are the next free ones
@@ -208,14 +225,15 @@ class BlockPool(ReplicaCore):
             self.free = f - x
             return
         x -= f
-        g = self.g
-        e = -(-x // g)
         lru = self.lru
         cache = self.cache
-        for _ in range(e):
+        got = 0
+        while got < x:
             h, _v = lru.popitem(last=False)
             del cache[h]
-        self.free = e * g - x
+            got += self.gw if h >= WKEY else self.gf
+        self.lrub -= got
+        self.free = got - x
 
     def _blocks(self, it: int, m: int, n: int) -> int:
         """:func:`blocks_in` of the replica's decoding sequences (``n`` of them)."""
@@ -236,8 +254,10 @@ class BlockPool(ReplicaCore):
         s = it & self.mask
         return (q << self.lb) + bisect_right(cum, cum[s] + R, s) - s
 
-    def _lookup(self, r: Request) -> tuple[int, int]:
-        """(cached leading blocks of ``r``, how many of them are unreferenced)."""
+    def _lookup(self, r: Request, gone: set[int] | None = None) -> tuple[int, int]:
+        """(cached leading ids of ``r``, the blocks of the entries a hit on them takes that
+        are unreferenced); ``gone``: cached entries to count as evicted. With windows the hit
+        is vLLM 0.11's hybrid one (:meth:`_w_hit`)."""
         ids = r.ids
         if ids is None or not self.prefix:
             return 0, 0
@@ -247,21 +267,77 @@ class BlockPool(ReplicaCore):
         H = ev = 0
         while cap > H:
             ref = cache.get(ids[H])
-            if ref is None:
+            if ref is None or (gone and ids[H] in gone):
                 break
             if ref == 0:
                 ev += 1
             H += 1
+        if self.win is None:
+            return H, ev * self.g
+        H = self._w_hit(ids, H, gone)
+        ev = 0
+        for j in range(H):
+            if cache[ids[j]] == 0:
+                ev += self.gf
+        for j in range(self._w_lo(H), H):
+            if cache[ids[j] + WKEY] == 0:
+                ev += self.gw
         return H, ev
 
-    def _acquire(self, ids: list[int], H: int) -> None:
+    def _w_hit(self, ids: list[int], H: int, gone: set[int] | None) -> int:
+        """The hit of a model with window layers, ``H`` ids of whose full-attention parts lead
+        cached: vLLM 0.11's ``HybridKVCacheCoordinator.find_longest_cache_hit`` (vllm/v1/core/
+        kv_cache_coordinator.py) takes the full-attention hit, then the window layers' within
+        it, and cuts the first to the second. ``SlidingWindowManager.find_longest_cache_hit``
+        (single_type_kv_cache_manager.py) scans from the right for ``ceil((W - 1) / b)``
+        contiguous cached blocks (``wn`` ids here) and ends the hit after the first such run;
+        without one, the run of cached blocks from the first is the hit."""
+        cache = self.cache
+        wn = self.wn
+        run = 0
+        for j in range(H - 1, -1, -1):
+            k = ids[j] + WKEY
+            if k in cache and not (gone and k in gone):
+                run += 1
+                if run >= wn:
+                    return j + run
+            else:
+                run = 0
+        return run
+
+    def _w_lo(self, H: int) -> int:
+        """The first id whose window part a hit of ``H`` ids references: the last ``wn`` (at
+        most ``wci``, so that they fit the window's ``cap`` blocks)."""
+        lo = H - (self.wn if self.wn < self.wci else self.wci)
+        return lo if lo > 0 else 0
+
+    def _w_rel(self, wlo: int, f: int, nd: int) -> int:
+        """Window parts a sequence referencing ids ``wlo .. f - 1`` releases once it holds
+        ``nd`` tokens: those not wholly within its window layers' last ``cap`` blocks (vLLM's
+        ``remove_skipped_blocks`` frees them; a freed block keeps its hash until evicted)."""
+        win = self.win
+        assert win is not None
+        q = -(-nd // self.b)  # its blocks; its window layers hold the last cap = win[2]
+        t = -(-(q - win[2]) // self.g)
+        lo = t if t < f else f
+        return lo - wlo if lo > wlo else 0
+
+    def _acquire(self, r: Request, H: int) -> None:
+        """``r`` takes its hit of ``H`` ids (with windows: their full parts, and the window
+        parts of the last ones, :meth:`_w_lo`)."""
+        ids = r.ids
+        assert ids is not None
         cache = self.cache
         lru = self.lru
-        for j in range(H):
-            h = ids[j]
+        keys = list(ids[:H])
+        if self.win is not None:
+            r.wlo = self._w_lo(H)
+            keys += [ids[j] + WKEY for j in range(r.wlo, H)]
+        for h in keys:
             ref = cache[h]
             if ref == 0:
                 del lru[h]
+                self.lrub -= self.gw if h >= WKEY else self.gf
             cache[h] = ref + 1
 
     def _register(self, r: Request, f: int) -> None:
@@ -270,29 +346,85 @@ class BlockPool(ReplicaCore):
         ids = r.ids
         assert ids is not None
         cache = self.cache
+        if self.win is None:
+            g = self.g
+            for j in range(r.held, f):
+                h = ids[j]
+                ref = cache.get(h)
+                if ref is None:
+                    cache[h] = 1
+                else:
+                    if ref == 0:
+                        del self.lru[h]
+                        self.lrub -= g
+                    cache[h] = ref + 1
+                    self._q_free(g)
+            r.held = f
+            return
         for j in range(r.held, f):
-            h = ids[j]
-            ref = cache.get(h)
-            if ref is None:
-                cache[h] = 1
-            else:
-                if ref == 0:
-                    del self.lru[h]
-                cache[h] = ref + 1
-                self._q_free(self.g)
+            for h in (ids[j], ids[j] + WKEY):  # its full and its window part
+                ref = cache.get(h)
+                if ref is None:
+                    cache[h] = 1
+                else:
+                    sz = self.gw if h >= WKEY else self.gf
+                    if ref == 0:
+                        del self.lru[h]
+                        self.lrub -= sz
+                    cache[h] = ref + 1
+                    self._q_free(sz)
         r.held = f
+
+    def _unref(self, h: int) -> None:
+        """Entry ``h`` loses a reference: into ``lru`` (and vLLM's queue) at its last."""
+        ref = self.cache[h] - 1
+        self.cache[h] = ref
+        if ref == 0:
+            if self.uq:
+                self._q_cached(h)
+            else:
+                self.lru[h] = None
+                self.lrub += self.gw if h >= WKEY else self.gf
+
+    def _w_release(self, r: Request, nd: int) -> None:
+        """``r`` holds ``nd`` tokens: its window parts that left the window are released
+        (:meth:`_w_rel`; the blocks its window layers open in their place were taken with the
+        chunk's, :meth:`PagedKV._next_chunk`)."""
+        k = self._w_rel(r.wlo, r.held, nd)
+        if k:
+            ids = r.ids
+            assert ids is not None
+            for j in range(r.wlo, r.wlo + k):
+                self._unref(ids[j] + WKEY)
+            r.wlo += k
+            # its window layers' blocks in their place: those it alone held came back (as
+            # cached, at the LRU's / vLLM queue's tail), the others' were counted in the need
+            self._take(self.gw * k)
 
     def _drop(self, r: Request, tokens: int) -> None:
         """Free the blocks of ``r``, which holds ``tokens`` tokens of KV: its own blocks become
         free, its cached blocks lose a reference (the last block first, as vLLM frees them)."""
         H = r.held
-        self._q_free(self.kv_blocks_for(tokens) - H * self.g)
+        if self.win is None:
+            self._q_free(self.kv_blocks_for(tokens) - H * self.g)
+        else:
+            self._q_free(self.kv_blocks_for(tokens) - H * self.gf - (H - r.wlo) * self.gw)
         if H:
             ids = r.ids
             assert ids is not None
+            if self.win is not None:
+                wlo = r.wlo
+                for j in range(H - 1, -1, -1):
+                    if j >= wlo:
+                        self._unref(ids[j] + WKEY)
+                    self._unref(ids[j])
+                r.held = r.wlo = 0
+                return
+            # (without windows: _unref inlined, once per cached id of every finished request)
             cache = self.cache
             lru = self.lru
             uq = self.uq
+            g = self.g
             for j in range(H - 1, -1, -1):
                 h = ids[j]
                 ref = cache[h] - 1
@@ -302,6 +434,7 @@ class BlockPool(ReplicaCore):
                         self._q_cached(h)
                     else:
                         lru[h] = None
+                        self.lrub += g
             r.held = 0
 
     def _head_cap(self, avail: int, it: int, n: int, m: int) -> int:
@@ -311,8 +444,8 @@ class BlockPool(ReplicaCore):
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
         if not ev:
             return avail
+        chain = self._chain(r, H)
         if self.uq:
-            chain = set(r.ids[:H]) if r.ids is not None else set()
             total = self._blocks(it, m, n)
             for e, off in self._q_entries():
                 if off >= total:
@@ -323,14 +456,33 @@ class BlockPool(ReplicaCore):
         x = self._blocks(it, m, n) - self.free
         if x <= 0:
             return avail
-        chain = set(r.ids[:H]) if r.ids is not None else set()
-        limit = -(-x // self.g)
-        for p, h in enumerate(self.lru):
-            if p >= limit:
+        off = 0
+        for h in self.lru:
+            if off >= x:
                 break
             if h in chain:
-                return min(avail, self.free + self.g * p)
+                return min(avail, self.free + off)
+            off += self.gw if h >= WKEY else self.gf
         return avail
+
+    def _chain(self, r: Request, H: int) -> set[int]:
+        """The cached entries whose eviction may shorten ``r``'s hit of ``H`` ids (with
+        windows, their window parts too)."""
+        ids = r.ids
+        if ids is None:
+            return set()
+        chain = set(ids[:H])
+        if self.win is not None:
+            chain.update(h + WKEY for h in ids[:H])
+        return chain
+
+    def _lru_order(self):
+        """The unreferenced cached entries in eviction order (pool-first), each with the blocks
+        taken before it goes."""
+        off = self.free
+        for h in self.lru:
+            yield h, off
+            off += self.gw if h >= WKEY else self.gf
 
     def _evicting_cut(self, r: Request, j: int, k: int, n1: int, it1: int) -> int:
         """``r`` does not fit at boundary ``j`` of the run (``k`` iterations, ``n1`` decoding
@@ -350,10 +502,10 @@ class BlockPool(ReplicaCore):
         else:
             total = self._blocks(it1, k - 1, n1) - self.free
             base = self.free
-            order = ((h, self.free + self.g * p) for p, h in enumerate(self.lru))
+            order = self._lru_order()
         if not ev or total <= 0:
             return -1
-        chain = set(r.ids[:H]) if r.ids is not None else set()
+        chain = self._chain(r, H)
         cands = []
         for h, off in order:
             if off - base >= total:

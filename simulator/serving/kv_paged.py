@@ -72,23 +72,32 @@ opening that reaches ``cap`` (``wsat``, a heap by that iteration; ``wcur`` its c
 ``G`` after. A run's decode steps end by the first such last opening (the top of ``wsat``,
 :meth:`_run_length`), so the weights in ``cnt2`` hold over the run and its blocks keep their
 closed forms, with the weights' sum (:meth:`_wsum`) in place of the sequence count. Such a
-replica has no prefix caching, and records ``kv_block_s`` in the configured blocks
-(``wscale``). Without windows
-``win`` is None and none of this runs. docs/serving-engine.md gives the measured hand counts.
+replica records ``kv_block_s`` in the configured blocks (``wscale``). Without windows ``win``
+is None and none of this runs. docs/serving-engine.md gives the measured hand counts.
 
-Size: about 665 lines, a little over the project's ~600: the block arithmetic above (residues,
-prefix blocks, window weights) is one invariant over one pool, kept in one module.
+**Prefix caching with window layers** (no linear-state layers) is vLLM 0.11's hybrid manager's:
+an id names a full-attention part (``gf = G g`` layer-blocks) and a window part (``gw = S g``,
+key ``id + WKEY``), cached, referenced and evicted apart (``lrub`` counts the unreferenced
+entries' blocks); the hit is :meth:`BlockPool._w_hit`'s; a request references the full parts of
+its ``held`` ids and the window parts of ids ``wlo .. held - 1``, and as a chunk ends releases
+the window parts no longer wholly within its window's last ``cap`` blocks
+(:meth:`BlockPool._w_release`): they stay cached, evictable, and its window layers open blocks
+in their place (the chunk's need counts those whose parts others hold too, :meth:`_w_shared`).
+A decoding sequence keeps its window parts to its finish (the same count as vLLM's release as
+the window passes; only which blocks are evictable differs).
+
+Size: about 750 lines, over the project's ~600: the block arithmetic above (residues, prefix
+blocks, window weights and parts) is one invariant over one pool, kept in one module.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
-from itertools import islice
 from typing import TYPE_CHECKING
 
 from fleetsim.base.units import HOUR_S
-from fleetsim.serving.kv_blocks import BlockPool
+from fleetsim.serving.kv_blocks import WKEY, BlockPool
 from fleetsim.serving.request import Request
 
 if TYPE_CHECKING:
@@ -121,6 +130,9 @@ class PagedKV(BlockPool):
         self.prefix = kv.prefix
         self.ht = kv.hash_tokens
         self.g = max(1, kv.hash_tokens // b)
+        self.gf = self.g
+        self.gw = self.wn = self.wci = 0
+        self.lrub = 0
         self.cache = {}  # resident block id -> references
         self.lru = OrderedDict()  # unreferenced resident ids, LRU first
         # vLLM's one free-block queue (kv_blocks.py, "vLLM's eviction order"); prefix caching only
@@ -139,7 +151,8 @@ class PagedKV(BlockPool):
         self.wcur = {}
         self.wscale = 1.0
         if kv.win_global_layers + kv.win_sliding_layers:
-            # sliding windows or linear-state layers: the pool in layer-blocks, no prefix caching
+            # sliding windows or linear-state layers: the pool in layer-blocks; prefix caching
+            # with window layers as vLLM's hybrid manager, none with linear-state layers
             self.win = (
                 kv.win_global_layers,
                 kv.win_sliding_layers,
@@ -148,10 +161,19 @@ class PagedKV(BlockPool):
             )
             self.NB = self.free = kv.win_blocks
             self.wm = kv.win_watermark_blocks
-            self.prefix = False
-            self.uq = False
-            self.q = None
-            self.g = 1
+            if kv.win_state_blocks or not kv.win_sliding_layers:
+                self.prefix = False  # (vLLM 0.11 disables prefix caching for Mamba hybrids)
+                self.uq = False
+                self.q = None
+                self.g = 1
+            else:
+                g = self.g
+                self.gf = kv.win_global_layers * g
+                self.gw = kv.win_sliding_layers * g
+                # a window hit needs ceil((W - 1) / b) blocks cached: whole ids of g blocks
+                nwb = -(-(kv.win_window_tokens - 1) // b)
+                self.wn = max(1, -(-nwb // g))
+                self.wci = kv.win_cap_blocks // g
             # kv_block_s in the configured blocks, so that the KV utilisation keeps its meaning
             self.wscale = kv.blocks / kv.win_blocks if kv.win_blocks else 0.0
 
@@ -229,6 +251,8 @@ class PagedKV(BlockPool):
                 f = fmax
             if f > r.held:
                 self._register(r, f)
+            if self.win is not None and r.held:
+                self._w_release(r, nd)
         if nd == r.eff:  # the last chunk: it decodes from the next iteration on
             self.pf.append(r)
             rho = (it + 1 - nd) & self.mask
@@ -317,9 +341,8 @@ class PagedKV(BlockPool):
                 self.free -= d
             self.budget = self.max_tokens - n
             return
-        g = self.g
         if n and d:
-            while d > self.free + g * len(self.lru):
+            while d > self.free + self.lrub:
                 self._preempt_last(it, False)
                 d = self.cnt2[it & mask]
             self._take(d)
@@ -346,8 +369,16 @@ class PagedKV(BlockPool):
             need = -(-(done + c) // b) - -(-done // b)
         else:
             need = self.kv_blocks_for(done + c) - self.kv_blocks_for(done)
-        g = self.g
-        while need > self.free + g * len(self.lru):
+            if r.held:
+                # the window parts it releases that others hold too: its window layers open
+                # blocks in their place (its own come back as cached, _w_release takes them)
+                k = self._w_rel(r.wlo, self._f_at(r, done + c), done + c)
+                while need + self.gw * self._w_shared(r, r.wlo, k, r.held, 2) > (
+                    self.free + self.lrub
+                ):
+                    if self._preempt_last(it, True) is r:
+                        return 0
+        while need > self.free + self.lrub:
             if self._preempt_last(it, True) is r:
                 return 0
         self._take(need)
@@ -360,7 +391,7 @@ class PagedKV(BlockPool):
         shared = self.pod.shared_queue is not None
         nt = self.n + len(self.pre)
         budget = self.budget
-        b, g = self.b, self.g
+        b = self.b
         max_batch = self.max_batch
         chunked, prefix = self.chunked, self.prefix
         while w and nt < max_batch and budget > 0:
@@ -384,9 +415,8 @@ class PagedKV(BlockPool):
                 c = budget
             need = -(-c // b)  # kv_blocks_for(c)
             free = self.free
-            lru = self.lru
             # the whole sequence must fit, not only its first chunk (vLLM's full-ISL gate)
-            if -(-eff // b) > free + (g * len(lru) if lru else 0) - (self.wm if nt else 0):
+            if -(-eff // b) > free + self.lrub - (self.wm if nt else 0):
                 break
             w.popleft()
             if shared:
@@ -427,15 +457,17 @@ class PagedKV(BlockPool):
         chunk's tokens, or 0 if it does not fit (it stays at the head)."""
         H, ev = self._lookup(r)
         c, need = self._head_chunk(r, H, budget)
-        if not c or self._full_need(r, H) > self.free + self.g * (len(self.lru) - ev) - (
-            self.wm if nt else 0
-        ):
+        full = self._full_need(r, H)
+        if not c or max(full, need) > self.free + self.lrub - ev - (self.wm if nt else 0):
             return 0
+        if self.win is not None and H:
+            lo = self._w_lo(H)
+            k = self._w_rel(lo, self._f_at(r, H * self.ht + c), H * self.ht + c)
+            need -= self.gw * self._w_shared(r, lo, k, H, 1)  # (taken by _w_release)
         done = H * self.ht
         self.waiting.popleft()
         if H:
-            assert r.ids is not None
-            self._acquire(r.ids, H)
+            self._acquire(r, H)
         r.held = H
         r.done = done
         if r.gen == 0 and r.preemptions == 0:
@@ -471,8 +503,40 @@ class PagedKV(BlockPool):
         else:
             return 0, 0
         if self.win is not None:
-            return c, self.kv_blocks_for(done + c)  # (no cached prefix: H == 0)
+            need = self.kv_blocks_for(done + c)
+            if H:
+                lo = self._w_lo(H)
+                k = self._w_rel(lo, self._f_at(r, done + c), done + c)
+                need += self.gw * self._w_shared(r, lo, k, H, 1) - self._w_cached(H)
+            return c, need
         return c, -(-(done + c) // self.b) - H * self.g  # kv_blocks_for(done + c) - cached
+
+    def _w_shared(self, r: Request, lo: int, k: int, hi: int, refs: int) -> int:
+        """Of the window parts of ``r``'s ids ``lo .. lo + k - 1`` that it releases, those it
+        holds (ids below ``hi``; or, admitting, takes) that others hold too: ``refs`` or more
+        references now. (The parts of ids it publishes and releases in the same chunk, and those
+        it alone holds, come back as cached entries as it releases them.)"""
+        ids = r.ids
+        assert ids is not None
+        cache = self.cache
+        n = 0
+        for j in range(lo, min(lo + k, hi)):
+            if cache.get(ids[j] + WKEY, 0) >= refs:
+                n += 1
+        return n
+
+    def _w_cached(self, H: int) -> int:
+        """With windows: the layer-blocks a hit of ``H`` ids references (their full parts, the
+        last ones' window parts)."""
+        return H * self.gf + (H - self._w_lo(H)) * self.gw
+
+    def _f_at(self, r: Request, nd: int) -> int:
+        """The prompt ids ``r`` has published once it holds ``nd`` tokens (:meth:`_chunk`)."""
+        ids = r.ids
+        if ids is None or not self.prefix:
+            return 0
+        f = min(nd // self.ht, len(ids), r.prompt // self.ht)
+        return f if f > r.held else r.held
 
     def _full_need(self, r: Request, H: int) -> int:
         """The blocks that admitting ``r`` with ``H`` cached leading blocks requires to be
@@ -481,7 +545,7 @@ class PagedKV(BlockPool):
         ``allocate_slots(full_sequence_must_fit=True)``, ``scheduler_reserve_full_isl``, on by
         default). Only the first chunk's blocks are taken at admission."""
         if self.win is not None:
-            return self.kv_blocks_for(r.eff)  # (no prefix caching with windows: H == 0)
+            return self.kv_blocks_for(r.eff) - (self._w_cached(H) if H else 0)
         return -(-r.eff // self.b) - H * self.g  # kv_blocks_for(eff) - cached
 
     def _head_fits(self, r: Request, n: int, budget: int, x: int) -> bool:
@@ -492,7 +556,6 @@ class PagedKV(BlockPool):
         if n >= self.max_batch or budget <= 0:
             return False
         H, ev = self._lookup(r) if r.ids is not None else (0, 0)
-        g = self.g
         # the cached ids that the decodes' x blocks evict: from the head of vLLM's one queue
         # (uq), or, once the x blocks exceed the free ones, the least recently used
         gone: set[int] = set()
@@ -504,25 +567,17 @@ class PagedKV(BlockPool):
                     if e[0] >= 0:
                         gone.add(e[0])
             elif x > self.free:
-                gone = set(islice(self.lru, -(-(x - self.free) // g)))
+                for h, off in self._lru_order():
+                    if off >= x:
+                        break
+                    gone.add(h)
         if gone:
-            ids = r.ids
-            assert ids is not None
-            cache = self.cache
-            h = e = 0
-            while h < H:
-                key = ids[h]
-                if key in gone:
-                    break
-                if cache[key] == 0:
-                    e += 1
-                h += 1
-            H, ev = h, e
-        c, _need = self._head_chunk(r, H, budget)
+            H, ev = self._lookup(r, gone)
+        c, need = self._head_chunk(r, H, budget)
         if not c:
             return False
-        avail = self.free + g * (len(self.lru) - ev) - x
-        return self._full_need(r, H) <= avail - (self.wm if n else 0)
+        avail = self.free + self.lrub - ev - x
+        return max(self._full_need(r, H), need) <= avail - (self.wm if n else 0)
 
     # ---- the run and its commit ---------------------------------------------------------------
     def _run_length(self, it: int, n1: int, k: int) -> int:
@@ -542,7 +597,7 @@ class PagedKV(BlockPool):
             return 1
         free = self.free
         lru = self.lru
-        avail = free + self.g * len(lru) if lru else free
+        avail = free + self.lrub
         # no sequence needs more than ((k - 1) >> lb) + 1 new blocks in k - 1 steps
         worst = nw * (((k - 1) >> self.lb) + 1)
         if avail < worst or (w and lru and free < worst):
@@ -575,8 +630,7 @@ class PagedKV(BlockPool):
             else:
                 self._take(x)
         # KV in use over the committed iterations (blocks after their allocations x time)
-        lru = self.lru  # (empty without prefix caching: no len() call then)
-        used = self.NB - self.free - (self.g * len(lru) if lru else 0)
+        used = self.NB - self.free - self.lrub
         self.rec.kv_block_s[h] += (used * self.wscale if self.win is not None else used) * dt
 
     def _leave_decode(self, r: Request, f: int) -> int:
@@ -599,7 +653,10 @@ class PagedKV(BlockPool):
             cnt2[rho] -= wt
             cnt2[rho + self.b] -= wt
             self.cum = None
-            self.free += self.kv_blocks_for(tokens)
+            if r.held:
+                self._drop(r, tokens)
+            else:
+                self._q_free(self.kv_blocks_for(tokens))
             return
         cnt2[rho] -= 1
         cnt2[rho + self.b] -= 1
@@ -629,7 +686,8 @@ class PagedKV(BlockPool):
         else:
             r.kv_tokens = self._leave_decode(r, f)  # type: ignore[attr-defined]
         r.kv_held = r.held  # type: ignore[attr-defined]
-        r.held = 0
+        r.kv_wlo = r.wlo  # type: ignore[attr-defined]
+        r.held = r.wlo = 0
 
     def _release_kv(self, r: Request) -> None:
         H = r.kv_held  # type: ignore[attr-defined]
@@ -639,6 +697,7 @@ class PagedKV(BlockPool):
             self.free += -(-r.kv_tokens // self.b)  # type: ignore[attr-defined]
             return
         r.held = H
+        r.wlo = r.kv_wlo  # type: ignore[attr-defined]
         self._drop(r, r.kv_tokens)  # type: ignore[attr-defined]
         r.kv_held = 0  # type: ignore[attr-defined]
 
@@ -666,8 +725,7 @@ class PagedKV(BlockPool):
             eff = r.eff
             if eff > budget and not self.chunked:
                 return -1
-            lru = self.lru
-            avail = self.free + (self.g * len(lru) if lru else 0) - x
+            avail = self.free + self.lrub - x
             # the whole sequence must fit (_full_need with nothing cached)
             full = -(-eff // self.b) if self.win is None else self.kv_blocks_for(eff)
             if full > avail - (self.wm if n1 else 0):
@@ -700,7 +758,7 @@ class PagedKV(BlockPool):
         kv_blocks_for(prompt + 1)), above the watermark when others run."""
         if n >= self.max_batch or budget <= 0:
             return False
-        avail = self.free + self.g * len(self.lru) - x
+        avail = self.free + self.lrub - x
         if self.win is not None:
             return self.kv_blocks_for(r.eff + 1) <= avail - (self.wm if n else 0)
         return (r.eff >> self.lb) + 1 <= avail - (self.wm if n else 0)

@@ -65,6 +65,7 @@ def paged_limits(rs: Resolved) -> PagedLimits | None:
             "win_global_layers": m.n_global_attn_layers,
             "win_sliding_layers": m.n_sliding_layers,
             "win_cap_blocks": -(-m.sliding_window_tokens // b) + 1 if m.n_sliding_layers else 0,
+            "win_window_tokens": m.sliding_window_tokens if m.n_sliding_layers else 0,
             "win_state_blocks": kv.state_blocks,
         }
     return PagedLimits(

@@ -116,11 +116,13 @@ class RankedWaiting:
         return self.qs[self.cur].popleft()
 
 
-# a rank's block pool (a pool per rank): free, cache, lru, q, qc, qv, cnt2, cum (kv_blocks.py)
+# a rank's block pool (a pool per rank): free, cache, lru, lrub, q, qc, qv, cnt2, cum
+# (kv_blocks.py)
 _Pool = tuple[
     int,
     dict[int, int],
     "OrderedDict[int, None]",
+    int,
     "deque[list[int]] | None",
     int,
     dict[int, int],
@@ -167,7 +169,7 @@ class RankedPagedKV(PagedKV):
             self.wm //= dp
             b2 = 2 * self.b
             self.pools = [
-                (nb, {}, OrderedDict(), deque() if self.uq else None, 0, {}, [0] * b2, None)
+                (nb, {}, OrderedDict(), 0, deque() if self.uq else None, 0, {}, [0] * b2, None)
                 for _ in range(dp)
             ]
 
@@ -185,8 +187,14 @@ class RankedPagedKV(PagedKV):
             return
         pools = self.pools
         assert pools is not None
-        pools[c] = (self.free, self.cache, self.lru, self.q, self.qc, self.qv, self.cnt2, self.cum)
-        (self.free, self.cache, self.lru, self.q, self.qc, self.qv, self.cnt2, self.cum) = pools[k]
+        pools[c] = (
+            self.free, self.cache, self.lru, self.lrub, self.q, self.qc, self.qv, self.cnt2,
+            self.cum,
+        )  # fmt: skip
+        (
+            self.free, self.cache, self.lru, self.lrub, self.q, self.qc, self.qv, self.cnt2,
+            self.cum,
+        ) = pools[k]  # fmt: skip
         self.kcur = k
 
     def _rank_dec(self) -> int:
@@ -291,7 +299,6 @@ class RankedPagedKV(PagedKV):
         mask = self.mask
         if self.win is not None and self.wsat:
             self._w_saturate(it)
-        g = self.g
         per_rank = self.pools is not None
         if per_rank:
             # each rank's decodes from its own pool, preempting its own most recent
@@ -299,13 +306,13 @@ class RankedPagedKV(PagedKV):
                 self._use(k)
                 d = self.cnt2[it & mask]
                 if d:
-                    while d > self.free + g * len(self.lru):
+                    while d > self.free + self.lrub:
                         self._preempt_last(it, False)
                         d = self.cnt2[it & mask]
                     self._take(d)
         d = self.cnt2[it & mask] if self.n and not per_rank else 0
         if d:
-            while d > self.free + g * len(self.lru):
+            while d > self.free + self.lrub:
                 self._preempt_last(it, False)
                 d = self.cnt2[it & mask]
             self._take(d)
@@ -451,14 +458,13 @@ class RankedPagedKV(PagedKV):
             return
         assert x < 0, "a ranked replica's runs end at a boundary, not at a cut (_end_at)"
         used = 0
-        g = self.g
         for k in range(self.ranks):
             self._use(k)
             if j > 1:
                 nk = self._rank_dec()
                 if nk:
                     self._take(self._blocks(it0 + 1, j - 1, nk))
-            used += self.NB - self.free - g * len(self.lru)
+            used += self.NB - self.free - self.lrub
         self.rec.kv_block_s[h] += (used * self.wscale if self.win is not None else used) * dt
 
     # ---- cut points and run lengths -----------------------------------------------------------

@@ -44,6 +44,7 @@ class Request:
         "rho",
         "rid",
         "session",
+        "wlo",
     )
 
     def __init__(
@@ -60,6 +61,7 @@ class Request:
         self.eff = prompt
         self.done = 0
         self.held = 0
+        self.wlo = 0  # with window layers: the first of its held ids whose window part it holds
         self.gen = 0
         self.adm = 0
         self.rho = 0
