@@ -105,6 +105,7 @@ class DisaggRequest(Request):
         self.preemptions = 0
         self.cached = 0
         self.rank = 0
+        self.wlo = 0
         self.session = None
         self.out_total = out
         self.pf_need = self.need  # reserve policy: prompt + 1 tokens of KV held in prefill
