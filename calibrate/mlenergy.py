@@ -1077,8 +1077,9 @@ def _run_scenario(
     (the chat list drawn as conversations, :func:`draw_prompt_list`), replayed so on one engine
     (``dp = 1``) for a model whose prefix caching is modelled; under data parallelism vLLM binds
     a request to the rank with the shortest queue, so a turn meets its history's rank only
-    ``1 / dp`` of the time, and the run replays unique prompts (every token computed), as
-    :func:`repeated_prompts` does for a repeated list."""
+    ``1 / dp`` of the time, and the run replays unique prompts (every token computed); a
+    repeated list under data parallelism is shared per rank (:func:`repeat_trace_jsonl`); the
+    conversation chains (``azure-conv``, not the default) are not, under data parallelism."""
     from fleetsim.api import load
     from fleetsim.config.aggregated import model_spec
 
