@@ -981,18 +981,24 @@ EVICTION = "vllm"
 
 def repeated_prompts(c: Config) -> bool:
     """Whether the run sends its task's list of prompts more than once (``num_requests`` above
-    :data:`REQUESTS_PER_TASK`: the benchmark's ``num_request_repeats``, SOURCE.md) on one
-    engine (``dp = 1``; under data parallelism each engine has its own KV and prefix cache and
-    vLLM's DP load balancer routes by queue length, not by prefix, so a repeat lands on its
-    first copy's engine only 1/dp of the time), and is then simulated with its repeated prompts
-    named so the engine's prefix cache shares them, dense or MoE alike: the same vLLM server
-    (prefix caching on by default, SOURCE.md) shares a running copy's blocks whatever the model.
+    :data:`REQUESTS_PER_TASK`: the benchmark's ``num_request_repeats``, SOURCE.md), and is then
+    simulated with its repeated prompts named so the engine's prefix cache shares them, dense or
+    MoE alike: the same vLLM server (prefix caching on by default, SOURCE.md) shares a running
+    copy's blocks whatever the model. Under data parallelism each engine core has its own prefix
+    cache (fleetsim: ``fleet.dp_kv_pool = "per-rank"``), so a repeat hits only a copy held by
+    the rank it is routed to, and vLLM routes by load, not by prompt: the trace's later passes
+    reach the ranks in an order unrelated to the first's (:func:`repeat_trace_jsonl`).
     Mamba hybrids (Nemotron-Nano-v2), for which vLLM 0.11 disables prefix caching, replay unique
     prompts all the same (:func:`_run_scenario`); sliding-window models (gemma-3) share them as
     vLLM's hybrid KV cache manager does since h46 (no gemma-3 row repeats its list). Until r40
-    dense rows kept unique prompts (docs/accuracy-log.md, 'Dense rows share their repeated
-    prompts')."""
-    return c.dp == 1 and c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
+    dense rows kept unique prompts, until d46 data-parallel rows did (docs/accuracy-log.md,
+    'Dense rows share their repeated prompts', 'Data-parallel rows share their repeated prompts
+    per rank')."""
+    return c.num_requests > REQUESTS_PER_TASK.get(c.task, c.num_requests)
+
+
+#: the stream of the data-parallel rows' later passes' orders (:func:`repeat_trace_jsonl`)
+DP_PASS_SEED = 0xD46
 
 
 def repeat_trace_jsonl(c: Config, prompt: int | np.ndarray, outs: np.ndarray) -> str:
@@ -1004,14 +1010,37 @@ def repeat_trace_jsonl(c: Config, prompt: int | np.ndarray, outs: np.ndarray) ->
     set by the benchmark) then shares a running copy's full blocks, or reuses a finished one's
     while they are still cached, instead of computing and holding them again. ``prompt``: one
     length for every request, or each request's (:func:`draw_prompts`; a repeat carries its
-    first copy's length, and its ids are its first copy's)."""
+    first copy's length, and its ids are its first copy's).
+
+    Under data parallelism (``c.dp > 1``) every later pass of the list is written in an order
+    drawn at random (a fixed stream per row, :data:`DP_PASS_SEED`): the simulated front end
+    binds the ``i``-th arrival of a burst to rank ``i mod dp`` (lowest ``4 x waiting +
+    running``, counted at once), which would put every repeat on its first copy's rank; vLLM's
+    front end does not keep that phase. Its ``DPLBAsyncMPClient`` counts its own sends at once,
+    but the ``DPCoordinator`` replaces its view with the engines' own (waiting, running) every
+    100 ms (vllm/v1/engine/core_client.py ``get_core_engine_for_request``, coordinator.py), and
+    those lag the sends still in flight; with several API server processes (``api-server-count``,
+    3 in the benchmark's chat configs, SOURCE.md) each has its own view and start index and gets
+    whichever requests its HTTP connections carry. A 4,096-request burst takes seconds to
+    tokenize and send, so the rank a repeat lands on is unrelated to its first copy's: it meets
+    a given earlier copy's rank ``1 / dp`` of the time, what a random order of the later passes
+    gives (the measured rows refute the aligned phase: docs/accuracy-log.md, 'Data-parallel rows
+    share their repeated prompts per rank'). A request keeps its
+    own prompt, length and output; only the order of arrival within a later pass changes."""
     uniq = max(1, REQUESTS_PER_TASK.get(c.task, len(outs)))
-    lens = np.broadcast_to(np.asarray(prompt, dtype=np.int64), (len(outs),))
+    n = len(outs)
+    lens = np.broadcast_to(np.asarray(prompt, dtype=np.int64), (n,))
     nb = -(-lens // PROMPT_BLOCK_TOKENS)
     # the first block id of each listed prompt: ids never shared between two listed prompts
     span = int(nb.max()) if len(nb) else 0
+    order = np.arange(n)
+    if c.dp > 1:
+        rng = np.random.default_rng(np.random.SeedSequence([DP_PASS_SEED, c.config_index]))
+        for p0 in range(uniq, n, uniq):
+            order[p0 : p0 + uniq] = p0 + rng.permutation(min(uniq, n - p0))
     lines = []
-    for i, o in enumerate(outs):
+    for i in order.tolist():
+        o = outs[i]
         base = (i % uniq) * span
         ids = ",".join(str(base + j) for j in range(int(nb[i])))
         lines.append(
@@ -1049,8 +1078,9 @@ def _run_scenario(
     (the chat list drawn as conversations, :func:`draw_prompt_list`), replayed so on one engine
     (``dp = 1``) for a model whose prefix caching is modelled; under data parallelism vLLM binds
     a request to the rank with the shortest queue, so a turn meets its history's rank only
-    ``1 / dp`` of the time, and the run replays unique prompts (every token computed), as
-    :func:`repeated_prompts` does for a repeated list."""
+    ``1 / dp`` of the time, and the run replays unique prompts (every token computed); a
+    repeated list under data parallelism is shared per rank (:func:`repeat_trace_jsonl`); the
+    conversation chains (``azure-conv``, not the default) are not, under data parallelism."""
     from fleetsim.api import load
     from fleetsim.config.aggregated import model_spec
 

@@ -163,3 +163,31 @@ def test_windowed_and_hybrid_models_keep_the_invariants_per_rank(seed, monkeypat
         max_batch_size=2 * c.max_batch_size if c.max_batch_size % 2 else c.max_batch_size,
     )
     run_case(c, modes=True)
+
+
+def test_a_prefix_hits_only_its_own_ranks_cache():
+    """Four copies of one 800-token prompt (13 hash ids of 64 tokens, all shared: family 6)
+    arrive 1 ms apart: A and C go to rank 0, B and D to rank 1 (lowest ``4 x waiting +
+    running``, the lower index on a tie). A copy hits the 12 full 64-token blocks (768 tokens)
+    a copy on its own rank published when it was scheduled (vLLM's engine core per rank, its
+    own prefix cache). Per rank: C hits A's, D hits B's, 2 x 768 = 1,536 tokens; B, the first
+    on rank 1, computes its whole prompt. One shared pool: B, C and D all hit A's, 3 x 768."""
+    reqs = tuple((0.001 * k, 800, 40, 6) for k in range(4))
+    hits = {}
+    for pool in ("per-rank", "shared"):
+        f = 4.0 if pool == "shared" else 2.0
+        c = _regression(
+            "moe-ep",
+            reqs,
+            kv_factor=f,
+            dp_kv_pool=pool,
+            prefix=True,
+            chunked=False,
+            max_batched_tokens=8192,
+        )
+        out = run_case(c, modes=True)
+        T = out["res"].totals
+        assert T.requests_completed == 4 and T.preemptions == 0
+        assert T.prompt_tokens == 4 * 800
+        hits[pool] = T.prefix_hit_tokens
+    assert hits == {"per-rank": 2 * 768, "shared": 3 * 768}

@@ -2,8 +2,10 @@
 its task's list sends the list again (the benchmark's ``num_request_repeats``), and vLLM's
 prefix cache (on by default) shares a running copy's prompt blocks. The harness names each
 prompt's 16-token blocks so the engine's prefix cache does the same, dense or MoE; data-parallel
-runs keep unique prompts (one prefix cache per engine), and so do sliding-window models and Mamba
-hybrids (prefix caching not modelled / disabled by vLLM)."""
+runs too (one prefix cache per engine: a repeat hits only a copy on its own rank, and the later
+passes arrive in a random order, as vLLM's front end routes them by load, not by prompt); sliding-
+window models and Mamba hybrids keep unique prompts (prefix caching not modelled / disabled by
+vLLM)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ def _row(model: str, gpu: str, n_gpus: int, batch: int, dp: int = 1) -> ml.Confi
 
 
 def test_which_runs_repeat_their_prompts():
-    """4,096 requests of a 1,024-prompt list on one engine repeat it; the 1,024-request run and
-    the data-parallel run (one prefix cache per engine) do not."""
+    """4,096 requests of a 1,024-prompt list on one engine repeat it, and so do 3,072 over eight
+    data-parallel engines; the 1,024-request run does not."""
     big = _row("Qwen/Qwen3-Coder-480B-A35B-Instruct", "B200", 8, 1024)
     assert big.num_requests == 4096
     assert ml.repeated_prompts(big)
@@ -32,7 +34,38 @@ def test_which_runs_repeat_their_prompts():
     assert not ml.repeated_prompts(small)
     dp8 = _row("Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "B200", 8, 1024, dp=8)
     assert dp8.num_requests == 3072
-    assert not ml.repeated_prompts(dp8)
+    assert ml.repeated_prompts(dp8)
+    dp8_small = _row("Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "B200", 8, 512, dp=8)
+    assert dp8_small.num_requests == 1024
+    assert not ml.repeated_prompts(dp8_small)
+
+
+def test_a_data_parallel_runs_later_passes_arrive_in_a_random_order():
+    """DP8 b1024 (3,072 requests, the list sent three times): the first pass in list order; each
+    later pass holds every listed prompt once, in an order of its own, each request with its own
+    output; so the simulated router (arrival k to rank k mod 8 in a burst) puts a repeat on its
+    first copy's rank about 1 / 8 of the time (1,024 draws: 128 +- 10.6). One engine: in order."""
+    c = _row("Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "B200", 8, 1024, dp=8)
+    n = c.num_requests
+    outs = np.arange(1, n + 1)
+    lines = [json.loads(x) for x in ml.repeat_trace_jsonl(c, 1500, outs).splitlines()]
+    assert len(lines) == n == 3072
+    # a request's prompt, by its first id (94 ids of 16 tokens per prompt), and its index
+    prompt = [d["hash_ids"][0] // 94 for d in lines]
+    req = [d["output_length"] - 1 for d in lines]
+    assert prompt[:1024] == list(range(1024)) and req[:1024] == list(range(1024))
+    assert all(p == r % 1024 for p, r in zip(prompt, req, strict=True))
+    for p0 in (1024, 2048):
+        assert sorted(prompt[p0 : p0 + 1024]) == list(range(1024))
+        assert prompt[p0 : p0 + 1024] != list(range(1024))
+        same_rank = sum(1 for j in range(1024) if prompt[p0 + j] % 8 == j % 8)
+        assert 96 <= same_rank <= 160
+    assert prompt[1024:2048] != prompt[2048:]
+    # the same row gives the same trace (a fixed stream per row)
+    assert ml.repeat_trace_jsonl(c, 1500, outs) == ml.repeat_trace_jsonl(c, 1500, outs)
+    one = replace(c, dp=1)
+    lines1 = [json.loads(x) for x in ml.repeat_trace_jsonl(one, 1500, outs).splitlines()]
+    assert [d["hash_ids"][0] // 94 for d in lines1] == [i % 1024 for i in range(n)]
 
 
 def test_repeat_trace_names_the_same_blocks_for_the_same_prompt():

@@ -54,8 +54,10 @@ spread ``ceil(n / dp)`` to a rank: a decode step's time barely depends on the sp
 with room and a waiting request ends a macro run at its first boundary, as the merged
 scheduler's waiting head does, and is admitted there, with whatever every rank has waiting then
 (not ahead of time, as the core admits its one queue's head: ``on_arrival``); with prefix
-caching the run is not cut where the decodes would evict a waiting request's cached prefix (the
-harness's data-parallel rows carry no prefix ids).
+caching the run is not cut where the decodes would evict a waiting request's cached prefix
+(the merged policy's ``_head_cap``): not needed so far: the harness's data-parallel rows with
+repeated prompts (branch d46) and 240 scratch DP2 cases of repeated prompts at time 0 in tight
+pools ran the same under both engines (tests/test_dp_kv_pools.py holds a hand count).
 ``pf`` is kept at the front of ``pre`` (the core retires ``pre[:len(pf)]``): with one budget per
 rank, a later rank's prompt can complete while an earlier rank's is still partial.
 """
