@@ -146,3 +146,30 @@ def test_engine_kv_in_flight_matches_the_weighted_estimate(light_run):
     assert est == pytest.approx(400 + 400 - 1, rel=0.01)
     assert est + (block - 1) / 2 == pytest.approx(measured, rel=0.01)
     assert p.mean() + o.mean() / 2 < 0.8 * measured
+
+
+@pytest.mark.parametrize("nodes,warned", [(8, True), (9, False)])
+def test_summary_warns_when_the_kv_bound_estimate_is_near_full(nodes, warned):
+    """One flat hour of the R1 day at its busiest rate (135,000 a day: 1.5625 req/s, the
+    azure-conv peak of 100,000 a day). The estimate's batch is 122 sequences of 10,219 KV
+    tokens, bound by the KV budget; at the hour's own mean sizes (its completed requests) 8 nodes
+    need ~101 % of it (a KV NEAR FULL warning, not ``overloaded``), 9 nodes ~89 % (none)."""
+    from fleetsim.api import simulate
+    from fleetsim.results.summary import headroom, health
+
+    path = str(ROOT / "scenarios" / "deepseek-r1-b200.toml")
+    ov = [
+        f"fleet.replicas={nodes}",
+        "simulation.hours=1",
+        "traffic.diurnal=flat",
+        "traffic.requests_per_day=135000",
+    ]
+    res = simulate(path, ov).result
+    h = headroom(res, path)
+    assert h["capacity_bound"] == "kv" and h["batch_bound"] == 122
+    assert h["peak_hour_load"] == h["peak_hour_rate_per_s"] / h["slo_capacity_per_s"]
+    assert bool(h["peak_hour_load"] >= 0.9) is warned
+    assert h["peak_hour_load"] == pytest.approx(1.006 if warned else 0.889, abs=0.01)
+    hl = health(res)
+    assert hl["kv_near_full"] is warned and not hl["overloaded"]
+    assert any(w.startswith("KV NEAR FULL") for w in hl["warnings"]) is warned
