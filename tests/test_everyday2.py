@@ -467,7 +467,7 @@ def test_headroom_figures_are_the_hourly_columns_and_the_capacity_bound(small_ru
     """Batch occupancy and KV use are the hourly columns' day figures; the peak hour's load is
     its arrival rate over powered replicas x the TPOT-bound capacity of one replica, which is
     never above the plain throughput bound and shrinks with a tighter TPOT target."""
-    from fleetsim.results.capacity import replica_capacity_rps
+    from fleetsim.results.capacity import replica_capacity_rps, run_sizes
     from fleetsim.results.summary import headroom
 
     res, _ = small_run
@@ -477,7 +477,9 @@ def test_headroom_figures_are_the_hourly_columns_and_the_capacity_bound(small_ru
     assert h["batch_occupancy"] == pytest.approx(res.totals.batch_occupancy)
     rs = res.resolved
     t = res.totals
-    sizes = (t.prompt_tokens / t.requests_completed, t.output_tokens / t.requests_completed)
+    ep, eo = t.prompt_tokens / t.requests_completed, t.output_tokens / t.requests_completed
+    sizes = run_sizes(rs, "", ep, eo)  # (the KV per running sequence: the size distributions')
+    assert h["kv_tokens_per_sequence"] == sizes.kv_per_seq > ep + eo / 2 - 1
     one = replica_capacity_rps(rs, "", tpot_s=rs.scenario.slo.tpot_s, sizes=sizes)
     assert one <= replica_capacity_rps(rs, "", sizes=sizes) * (1 + 1e-12)
     replicas = hr["gpus_powered_mean"][h["peak_hour"]] / rs.tp

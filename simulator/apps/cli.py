@@ -241,6 +241,7 @@ def cmd_run(args) -> int:
         # exit printed a blank line ahead of it)
         check_workers(args.workers)
     sc, text = load_scenario(args.scenario, args.overrides, args.seed)
+    sc._source = args.scenario  # (the summary's capacity estimate reads a trace's sizes)
     rs = resolve(sc, args.scenario)
     names = ("hourly.parquet",) + (("requests.parquet",) if args.requests else ())
     if rs.pools is not None:  # a disaggregated fleet: one row per (hour, pool) as well

@@ -26,6 +26,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from fleetsim.apps import plan_search
@@ -75,12 +76,18 @@ def pool_bounds(rs: Resolved, source: str) -> tuple[int, int]:
     budget holds (optimistic, as the aggregated planner's bound)."""
     pools = rs.pools
     assert pools is not None
-    ep, eo = plan_search.mean_sizes(rs, source)
+    from fleetsim.results.capacity import Sizes, kv_tokens_per_sequence, size_draws
+
+    p, o = size_draws(rs.scenario, source)
+    # the decode pool receives each prompt's KV whole (no chunks of its own to prefill) and
+    # holds prompt + tokens so far, weighted by time in flight (results/capacity.py)
+    sizes = Sizes(float(np.mean(p)), float(np.mean(o)), kv_tokens_per_sequence(p, o))
+    eo = sizes.output
     peak = max(rs.hourly_rate_per_s) / rs.scenario.fleet.pods
     pp, dp = pools.prefill, pools.decode
-    bp = plan_search.BestCase.of(pp.rs, pp.max_batch, pp.max_tokens, ep, eo)
+    bp = plan_search.BestCase.of(pp.rs, pp.max_batch, pp.max_tokens, sizes)
     t_pf = bp.chunk_s / bp.chunk_prompts  # per prompt
-    bd = plan_search.BestCase.of(dp.rs, dp.max_batch, dp.max_tokens, ep, eo)
+    bd = plan_search.BestCase.of(dp.rs, dp.max_batch, dp.max_tokens, sizes)
     t_tok = bd.step_s / bd.batch  # per output token
     return max(1, math.ceil(peak * t_pf)), max(1, math.ceil(peak * eo * t_tok))
 

@@ -38,6 +38,7 @@ from fleetsim.base.units import DAY_S, HOUR_S
 from fleetsim.config.loading import scenario_from_dict
 from fleetsim.config.resolve import resolve
 from fleetsim.config.resolved import Resolved
+from fleetsim.results.capacity import Sizes, scenario_sizes
 
 Size = tuple[int, ...]  # replicas per pod of each pool of the design
 
@@ -135,16 +136,12 @@ def search_min(
 
 # ---------------------------------------------------------------------------------------------
 # throughput bounds (where the searches start)
-def mean_sizes(rs: Resolved, source: str) -> tuple[float, float]:
-    """Mean prompt and output tokens of the scenario's requests (20,000 draws on a stream of
-    their own, so every candidate of a plan sees the same)."""
-    from fleetsim.workload.sampling import SizeSampler
-
-    sc = rs.scenario
-    p, o = SizeSampler(sc.traffic.prompt, sc.traffic.output, source).draw(
-        20_000, np.random.default_rng(np.random.SeedSequence(sc.seed, spawn_key=(2**31,)))
-    )
-    return float(p.mean()), float(o.mean())
+def mean_sizes(rs: Resolved, source: str) -> Sizes:
+    """The scenario's request sizes: mean prompt and output tokens and the KV a running
+    sequence holds, weighted by its time in flight (:func:`fleetsim.results.capacity.
+    scenario_sizes`: 20,000 draws on a stream of their own, so every candidate of a plan sees
+    the same, or a timed trace's own requests)."""
+    return scenario_sizes(rs, source)
 
 
 @dataclass(frozen=True)
@@ -159,9 +156,9 @@ class BestCase:
     batch: int
 
     @classmethod
-    def of(cls, rs: Resolved, max_batch: int, max_tokens: int, ep: float, eo: float) -> BestCase:
+    def of(cls, rs: Resolved, max_batch: int, max_tokens: int, sizes: Sizes) -> BestCase:
         lat = rs.latency_model()
-        per_seq = ep + eo / 2.0
+        ep, per_seq = sizes.prompt, sizes.kv_per_seq  # (KV weighted by time in flight)
         batch = int(max(1, min(max_batch, rs.kv_capacity_tokens // max(per_seq, 1.0))))
         chunk = max(1, max_tokens // max(int(ep), 1))
         return cls(

@@ -739,7 +739,7 @@ def _peak_load(d: RunData) -> tuple[float, float, float] | None:
     try:
         from fleetsim.config.loading import scenario_from_dict
         from fleetsim.config.resolve import resolve
-        from fleetsim.results.capacity import replica_capacity_rps
+        from fleetsim.results.capacity import replica_capacity_rps, run_sizes
 
         rs = resolve(scenario_from_dict(d.config))
         arrived = np.asarray(d.cols["requests_arrived"], dtype=float)
@@ -750,7 +750,7 @@ def _peak_load(d: RunData) -> tuple[float, float, float] | None:
             rs,
             "",
             tpot_s=rs.scenario.slo.tpot_s,
-            sizes=(t.prompt_tokens / done, t.output_tokens / done),
+            sizes=run_sizes(rs, "", t.prompt_tokens / done, t.output_tokens / done),
         )
         cap *= float(d.cols["gpus_powered_mean"][h]) / rs.tp
         rate = float(arrived[h]) / 3600.0

@@ -22,6 +22,10 @@ _f = fmt_num  # (short: used in every row below)
 #: ``--strict``)
 SLO_ATTAINMENT_WARN_BELOW = 0.9
 
+#: above this peak-hour load of a fleet whose estimated batch the KV budget bounds, a run is
+#: flagged (a warning line; not ``overloaded``: the estimate is a best case without queueing)
+KV_LOAD_WARN_ABOVE = 0.9
+
 
 def serving_stack(rs: Resolved) -> str:
     """The serving stack the run's step times represent (``fleet.serving_stack`` as applied to
@@ -103,7 +107,9 @@ def backlog_limit(res: Result) -> float:
 def health(res: Result) -> dict:
     """Whether the run is overloaded: ``queue_unbounded`` (more requests in flight at the end
     than :func:`backlog_limit`), ``slo_attainment_low`` (below
-    :data:`SLO_ATTAINMENT_WARN_BELOW`), ``overloaded`` (either), and one-line ``warnings``."""
+    :data:`SLO_ATTAINMENT_WARN_BELOW`), ``overloaded`` (either), ``kv_near_full`` (the peak
+    hour's load of :func:`headroom` at or above :data:`KV_LOAD_WARN_ABOVE` with the KV budget
+    bounding the estimated batch; a warning, not ``overloaded``), and one-line ``warnings``."""
     t = res.totals
     limit = backlog_limit(res)
     unbounded = t.requests_in_flight > limit
@@ -121,16 +127,31 @@ def health(res: Result) -> dict:
             f"SLO MISSED: only {att:.1%} of requests met the TTFT and TPOT targets (warning "
             f"below {SLO_ATTAINMENT_WARN_BELOW:.0%})"
         )
+    hr = headroom(res)
+    kv_full = (
+        hr["capacity_bound"] == "kv"
+        and hr["peak_hour_load"] is not None
+        and hr["peak_hour_load"] >= KV_LOAD_WARN_ABOVE
+    )
+    if kv_full:
+        warnings.append(
+            f"KV NEAR FULL: the busiest hour's arrivals need {hr['peak_hour_load']:.0%} of the "
+            f"rate the KV budget carries (an estimate: {hr['batch_bound']:,} sequences of "
+            f"{hr['kv_tokens_per_sequence']:,.0f} KV tokens each, weighted by time in flight; "
+            f"warning above {KV_LOAD_WARN_ABOVE:.0%}): expect preemptions and queueing; add "
+            "replicas (`fleetsim plan` sizes the fleet)"
+        )
     return {
         "overloaded": unbounded or low,
         "queue_unbounded": bool(unbounded),
         "slo_attainment_low": bool(low),
+        "kv_near_full": bool(kv_full),
         "backlog_limit_requests": limit,
         "warnings": warnings,
     }
 
 
-def headroom(res: Result) -> dict:
+def headroom(res: Result, source: str = "") -> dict:
     """How much of the fleet the day used, by the measures that matter under continuous
     batching (``busy`` is near 100% at modest load: a replica with anything in flight is busy):
 
@@ -142,7 +163,11 @@ def headroom(res: Result) -> dict:
       request: steady batches at the largest size whose decode step meets the target, and whole
       ``max_num_batched_tokens`` prefills; no queueing, so a fleet
       near 100% may still miss the TTFT target; ``fleetsim plan`` sizes it by simulation).
-      None for a disaggregated fleet."""
+      The KV a running sequence holds is weighted by its time in flight
+      (``kv_tokens_per_sequence``: :mod:`fleetsim.results.capacity`, from the scenario's size
+      distributions or trace, read relative to ``source``); ``batch_bound``: the batch of the
+      estimate and ``capacity_bound`` what bounds it (``"kv"``, ``"max_num_seqs"``,
+      ``"tpot"``). None for a disaggregated fleet."""
     import numpy as np
 
     from fleetsim.results.arrow import to_numpy
@@ -170,27 +195,33 @@ def headroom(res: Result) -> dict:
         "peak_hour_rate_per_s": None,
         "slo_capacity_per_s": None,
         "peak_hour_load": None,
+        "capacity_bound": None,
+        "kv_tokens_per_sequence": None,
+        "batch_bound": None,
     }
     rs = res.resolved
     if rs.pools is None and len(arrived) and arrived.max() > 0:
-        from fleetsim.results.capacity import replica_capacity_rps
+        from fleetsim.results.capacity import replica_capacity, run_sizes
 
         h = int(np.argmax(arrived))
         done = max(t.requests_completed, 1.0)  # the run's own mean sizes (traces included)
-        per_replica = replica_capacity_rps(
+        c = replica_capacity(
             rs,
-            "",
+            source,
             tpot_s=res.scenario.slo.tpot_s,
-            sizes=(t.prompt_tokens / done, t.output_tokens / done),
+            sizes=run_sizes(rs, source, t.prompt_tokens / done, t.output_tokens / done),
         )
         replicas = powered[h] / rs.tp if math.isfinite(powered[h]) else 0.0
-        cap = per_replica * replicas
+        cap = c.rps * replicas
         rate = float(arrived[h]) / HOUR_S
         out.update(
             peak_hour=h,
             peak_hour_rate_per_s=rate,
             slo_capacity_per_s=cap,
             peak_hour_load=rate / cap if cap > 0 else math.nan,
+            capacity_bound=c.bound,
+            kv_tokens_per_sequence=c.sizes.kv_per_seq,
+            batch_bound=c.batch,
         )
     return out
 
@@ -247,7 +278,7 @@ def print_summary(res: Result, console: Console | None = None, source: str = "")
     c = console or Console()
     _print_headline(res, c, source)
     tab = _Rows()
-    _headroom_rows(res, tab)
+    _headroom_rows(res, tab, source)
     _volume_rows(res, tab)
     _kv_rows(res, tab)
     _cost_rows(res, tab)
@@ -328,10 +359,13 @@ def _pct(v: float | None, fmt: str = ".1f") -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{_f(v * 100, fmt)}%"
 
 
-def _headroom_rows(res: Result, tab: _Rows) -> None:
+_BOUND = {"kv": "the KV budget", "max_num_seqs": "max_num_seqs", "tpot": "the TPOT target"}
+
+
+def _headroom_rows(res: Result, tab: _Rows, source: str = "") -> None:
     """Capacity headroom first (:func:`headroom`): the peak hour's load against the SLO-bound
     capacity, batch occupancy, KV use, FLOP/s and bandwidth against peak."""
-    h = headroom(res)
+    h = headroom(res, source)
     if h["peak_hour_load"] is not None:
         from fleetsim.results.arrow import row as table_row
 
@@ -344,7 +378,9 @@ def _headroom_rows(res: Result, tab: _Rows) -> None:
             f"{_pct(h['peak_hour_load'], '.0f')} of the SLO-bound capacity: "
             f"{_f(h['peak_hour_rate_per_s'], ',.2f')} req/s of an "
             f"estimated {_f(h['slo_capacity_per_s'], ',.2f')} req/s within the TPOT target "
-            "(no queueing); `fleetsim plan` sizes it",
+            f"(no queueing; batches of {h['batch_bound']:,} sequences, bound by "
+            f"{_BOUND[h['capacity_bound']]}, at {_f(h['kv_tokens_per_sequence'], ',.0f')} KV "
+            "tokens each, weighted by time in flight); `fleetsim plan` sizes it",
         )
     tab.add_row(
         "batch occupancy",
