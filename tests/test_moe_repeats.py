@@ -3,9 +3,9 @@ its task's list sends the list again (the benchmark's ``num_request_repeats``), 
 prefix cache (on by default) shares a running copy's prompt blocks. The harness names each
 prompt's 16-token blocks so the engine's prefix cache does the same, dense or MoE; data-parallel
 runs too (one prefix cache per engine: a repeat hits only a copy on its own rank, and the later
-passes arrive in a random order, as vLLM's front end routes them by load, not by prompt); sliding-
-window models and Mamba hybrids keep unique prompts (prefix caching not modelled / disabled by
-vLLM)."""
+passes arrive in a random order, as vLLM's front end routes them by load, not by prompt), and
+sliding-window models (vLLM's hybrid KV cache manager, h46); Mamba hybrids keep unique prompts
+(prefix caching disabled by vLLM 0.11)."""
 
 from __future__ import annotations
 
@@ -103,12 +103,13 @@ def test_shared_prompts_let_the_kv_cache_hold_the_measured_batch(monkeypatch, sh
         assert run.itl_median_s * 1e3 > 2.0 * c.itl_median_ms
 
 
-def test_sliding_window_and_hybrid_models_keep_unique_prompts(tmp_path, monkeypatch):
-    """The engine does not model a sliding-window model's prefix caching (config/aggregated.py)
-    and vLLM 0.11 disables it for Mamba hybrids (serving/kv_paged.py), so a repeating gemma-3 or
-    Nemotron-Nano-v2 run replays unique prompts (CSV); a plain model's repeating run, dense as
-    MoE (the same server shares either's repeats), gets the JSONL trace of 16-token block ids:
-    Qwen3-8B chat at 1,024 sequences sends its 1,024-prompt list four times."""
+def test_hybrid_models_keep_unique_prompts_and_window_models_share_them(tmp_path, monkeypatch):
+    """vLLM 0.11 disables prefix caching for Mamba hybrids (serving/kv_paged.py), so a repeating
+    Nemotron-Nano-v2 run replays unique prompts (CSV); a sliding-window model's prefix caching is
+    modelled as vLLM's hybrid KV cache manager (h46), so a repeating gemma-3 run shares them, as
+    a plain model's repeating run, dense as MoE (the same server shares either's repeats), with
+    the JSONL trace of 16-token block ids: Qwen3-8B chat at 1,024 sequences sends its
+    1,024-prompt list four times."""
     configs, _ = ml.select(ml.read_configs())
     qwen = next(
         c
@@ -136,8 +137,8 @@ def test_sliding_window_and_hybrid_models_keep_unique_prompts(tmp_path, monkeypa
     with monkeypatch.context() as m:
         m.setattr(ml, "repeated_prompts", lambda _c: True)
         sc = ml._run_scenario(gemma, csv, 250, outs[: gemma.num_requests], 1, "iteration")
-        assert not ml.shares_repeated_prompts(gemma)
-    assert sc.traffic.trace.endswith(".csv")
+        assert ml.shares_repeated_prompts(gemma)
+    assert sc.traffic.trace.endswith(".jsonl")
     sc = ml._run_scenario(qwen, csv, 250, outs, 1, "iteration")
     assert sc.traffic.trace.endswith(".jsonl")
     assert sc.traffic.trace_block_tokens == ml.PROMPT_BLOCK_TOKENS == 16

@@ -302,9 +302,14 @@ class PagedKV(BlockPool):
             if c is None or c[1] != i_sat:
                 continue  # it left the decode set (or re-entered) since
             cur[r] = (c[0] - S, -1)
+            self._w_pool(r)
             self.cnt2[r.rho] -= S
             self.cnt2[r.rho + b] -= S
             self.cum = None
+
+    def _w_pool(self, r: Request) -> None:
+        """Select the pool whose counts ``r``'s weight is in (one pool here; a data-parallel
+        replica selects ``r``'s rank's, serving/ranks.py)."""
 
     def _wsum(self) -> int:
         """The decoding sequences' block openings per ``b`` steps: their weights' sum."""

@@ -64,7 +64,6 @@ rank, a later rank's prompt can complete while an earlier rank's is still partia
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from itertools import chain
@@ -272,27 +271,11 @@ class RankedPagedKV(PagedKV):
         self.run_end = T
         self._arm(T)
 
-    def _w_saturate(self, it: int) -> None:
-        """The paged policy's, each sequence's weight taken off its own rank's counts."""
-        if self.pools is None:
-            super()._w_saturate(it)
-            return
-        heap = self.wsat
-        win = self.win
-        assert win is not None
-        S = win[1]
-        cur = self.wcur
-        b = self.b
-        while heap and heap[0][0] < it:
-            i_sat, _rid, r = heapq.heappop(heap)
-            c = cur.get(r)
-            if c is None or c[1] != i_sat:
-                continue  # it left the decode set (or re-entered) since
-            cur[r] = (c[0] - S, -1)
+    def _w_pool(self, r: Request) -> None:
+        """The paged policy's window saturation takes each sequence's weight off its own
+        rank's counts."""
+        if self.pools is not None:
             self._use(r.rank)
-            self.cnt2[r.rho] -= S
-            self.cnt2[r.rho + b] -= S
-            self.cum = None
 
     # ---- scheduling one iteration -------------------------------------------------------------
     def _schedule_running(self, it: int) -> None:
