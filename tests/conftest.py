@@ -234,3 +234,24 @@ def simulated_rows(keys: list, profile_fields: dict) -> list[dict]:
         r["output_tokens_per_s"] = repr(c.avg_batch_size / s.sim_mean_s)
         rows.append(r)
     return rows
+
+
+def crossover_row(f: float, g: float, design: str, P: int | None, usd: float) -> dict:
+    """One row of a crossover table (``crossover.parquet``): the short workload's cell at TTFT
+    factor ``f`` and TPOT factor ``g``, ``design`` with ``P`` prefill replicas, its dollars per
+    SLO-meeting request ``usd``; the rest fixed."""
+    return dict(
+        workload="short",
+        design=design,
+        prefill_replicas=P,
+        decode_replicas=None if P is None else 1,
+        replicas=2,
+        rate_per_s=3.0,
+        ttft_factor=f,
+        tpot_factor=g,
+        usd_per_good_request=usd,
+        ttft_p99_s=0.5,
+        tpot_p99_s=0.03,
+        total_cost_usd=10.0,
+        energy_facility_kwh=5.0,
+    )

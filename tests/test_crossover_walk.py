@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import crossover_row
 
 from fleetsim.apps import crossover
 from fleetsim.apps.crossover import FACTORS, setup_line
@@ -26,21 +27,7 @@ def _table(split_at) -> pa.Table:
         for g in FACTORS:
             agg, split = split_at(f, g)
             for design, P, usd in (("aggregated", None, agg), ("disaggregated", 1, split)):
-                cell = dict(
-                    workload="short",
-                    design=design,
-                    prefill_replicas=P,
-                    decode_replicas=None if P is None else 1,
-                    replicas=2,
-                    rate_per_s=3.0,
-                    ttft_factor=f,
-                    tpot_factor=g,
-                    usd_per_good_request=usd,
-                    ttft_p99_s=0.5,
-                    tpot_p99_s=0.03,
-                    total_cost_usd=10.0,
-                    energy_facility_kwh=5.0,
-                )
+                cell = crossover_row(f, g, design, P, usd)
                 for k, v in cell.items():
                     rows.setdefault(k, []).append(v)
     return pa.table(rows)

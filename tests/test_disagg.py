@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, ListSink, merge, resolved
+from conftest import SMALL, ListSink, crossover_row, merge, resolved
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.base.errors import ScenarioError
@@ -459,27 +459,6 @@ def test_decode_replica_joins_with_no_prefill_at_context_prompt_plus_one():
     assert dec.free == dec.NB and pod.prefill.replicas[0].free == pod.prefill.replicas[0].NB
 
 
-def _xo_row(f: float, g: float, design: str, P: int | None, usd: float) -> dict:
-    """One row of a crossover table (``crossover.parquet``): the short workload's cell at TTFT
-    factor ``f`` and TPOT factor ``g``, ``design`` with ``P`` prefill replicas, its dollars per
-    SLO-meeting request ``usd``; the rest fixed."""
-    return dict(
-        workload="short",
-        design=design,
-        prefill_replicas=P,
-        decode_replicas=None if P is None else 1,
-        replicas=2,
-        rate_per_s=3.0,
-        ttft_factor=f,
-        tpot_factor=g,
-        usd_per_good_request=usd,
-        ttft_p99_s=0.5,
-        tpot_p99_s=0.03,
-        total_cost_usd=10.0,
-        energy_facility_kwh=5.0,
-    )
-
-
 def test_report_draws_the_crossover(tmp_path):
     """`fleetsim report` on a `fleetsim crossover` folder: the heat map drawn from
     crossover.parquet and one line per workload with the cells the split wins."""
@@ -501,7 +480,7 @@ def test_report_draws_the_crossover(tmp_path):
             for design, P, usd in (("aggregated", None, 1.0), ("disaggregated", 1, 0.5)):
                 if design == "disaggregated" and g > 2:
                     usd = 1.25
-                add(**_xo_row(f, g, design, P, usd))
+                add(**crossover_row(f, g, design, P, usd))
     out = tmp_path / "xo"
     out.mkdir()
     pq.write_table(pa.table(rows), out / "crossover.parquet")
@@ -532,7 +511,7 @@ def test_crossover_report_counts_the_cells_the_terminal_counts():
             # (0.5 x) and loses (1.25 x) elsewhere
             split = math.inf if f == FACTORS[0] else (0.5 if g <= 2 else 1.25)
             for design, P, usd in (("aggregated", None, 1.0), ("disaggregated", 1, split)):
-                for k, v in _xo_row(f, g, design, P, usd).items():
+                for k, v in crossover_row(f, g, design, P, usd).items():
                     rows.setdefault(k, []).append(v)
     t = pa.table(rows)
     assert cell_counts(best_ratio(t, "short")) == (12, 49, 7)  # 6 TTFT rows x 2 TPOT columns

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, merge
+from conftest import SMALL, crossover_row, merge
 from rich.console import Console
 
 from fleetsim.apps.simulate import simulate
@@ -159,21 +159,7 @@ def test_crossover_outcome_names_cells_met_by_one_design_only():
     for f in FACTORS:
         for g in FACTORS:
             for design, P, usd in (("aggregated", None, 1.0), ("disaggregated", 1, inf)):
-                cell = dict(
-                    workload="short",
-                    design=design,
-                    prefill_replicas=P,
-                    decode_replicas=None if P is None else 1,
-                    replicas=2,
-                    rate_per_s=3.0,
-                    ttft_factor=f,
-                    tpot_factor=g,
-                    usd_per_good_request=usd,
-                    ttft_p99_s=0.5,
-                    tpot_p99_s=0.03,
-                    total_cost_usd=10.0,
-                    energy_facility_kwh=5.0,
-                )
+                cell = crossover_row(f, g, design, P, usd)
                 for k, v in cell.items():
                     rows.setdefault(k, []).append(v)
     line = dict(crossover_lines(pa.table(rows)))["short prompts"]
