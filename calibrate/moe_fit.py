@@ -105,8 +105,6 @@ MMA_FRAC = {"h100-sxm": 0.34, "b200": 0.15, "h200": 0.34, "a100-80gb": 1.0}
 #: local-expert count per class) cannot tell it from the step times and take the same (with
 #: one fp8 step for both classes they pick 0.25-0.4 too: 2.3-3.0 %)
 FP8_WAVE_FRAC = 0.4
-#: branch d47's experiment: the fp8 grid over the touched experts (FusedMoeFit.fp8_grid_touched)
-FP8_GRID_TOUCHED = False
 #: the --mma search grid per GPU (fractions of the experts' dense peak)
 MMA_GRID = {
     "h100-sxm": (1.0, 0.5, 0.4, 0.34, 0.28, 0.22, 0.17),
@@ -381,7 +379,6 @@ def hardware_fit(gpu: str) -> FusedMoeFit:
         tuned_fp8_large_m=tuple(TUNED_FP8_LARGE_M.get(gpu, ())),
         mma_frac=MMA_FRAC.get(gpu, 1.0),
         fp8_wave_frac=FP8_WAVE_FRAC,
-        fp8_grid_touched=FP8_GRID_TOUCHED,
     )
 
 

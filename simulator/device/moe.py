@@ -143,12 +143,6 @@ class FusedMoeFit:
     #: ``M`` above ``(key_below + key_top) / 2`` (:func:`tuned_fp8_tiles`); the files'
     #: values, not fitted (``calibrate/moe_fit.py``, ``TUNED_FP8_LARGE_M``)
     tuned_fp8_large_m: tuple[tuple[int, ...], ...] = ()
-    #: size the fp8 launch's grid (:func:`fp8_default_grid_waves`) over the experts the batch
-    #: touched, as ``fused_moe_kernel`` runs it (a program whose row block starts past
-    #: ``num_tokens_post_padded`` returns at once; ``moe_align_block_size`` pads only the
-    #: touched experts), instead of over every local expert (False, the fitted form); an
-    #: experiment of branch d47 (docs/accuracy-log.md), not a catalog key
-    fp8_grid_touched: bool = False
 
 
 NO_MOE_FIT = FusedMoeFit()
@@ -260,12 +254,7 @@ def k_loop_latency_s(
 
 
 def fp8_default_grid_waves(
-    mf: FusedMoeFit,
-    local_experts: float,
-    rows: float,
-    n: float,
-    tiles: Fp8Tiles | None = None,
-    touched: float | None = None,
+    mf: FusedMoeFit, local_experts: float, rows: float, n: float, tiles: Fp8Tiles | None = None
 ) -> int:
     """Whole waves of the program grid an fp8 block-quantised fused-MoE launch with
     ``get_default_config``'s tiles (M 64, N 128, K 128, 3 stages) runs on this GPU: one
@@ -289,19 +278,13 @@ def fp8_default_grid_waves(
 
     ``tiles``: a tuned configuration's tiles (:func:`tuned_fp8_tiles`) instead of the default's,
     their ``BLOCK_SIZE_M`` and ``BLOCK_SIZE_N`` in the grid and their programs per SM
-    (:func:`fp8_programs_per_sm`) in a wave.
-
-    ``touched``: the local experts the batch touches; with ``mf.fp8_grid_touched`` the grid is
-    over them (the programs that run their K loop), not over every local expert."""
+    (:func:`fp8_programs_per_sm`) in a wave."""
     if local_experts <= 0 or n <= 0:
         return 0
     t = fp8_default_tiles() if tiles is None else tiles
     bm, bn = t[0], t[1]
-    experts = local_experts
-    if mf.fp8_grid_touched and touched is not None:
-        experts = max(1.0, min(local_experts, touched))
-    per_expert = max(1, math.ceil(rows / experts / bm)) if rows > 0 else 1
-    programs = math.ceil(experts) * per_expert * math.ceil(n / bn)
+    per_expert = max(1, math.ceil(rows / local_experts / bm)) if rows > 0 else 1
+    programs = math.ceil(local_experts) * per_expert * math.ceil(n / bn)
     per_sm = fp8_programs_per_sm(mf, t)
     return max(1, math.ceil(programs / (mf.sms * per_sm)))
 
@@ -314,7 +297,6 @@ def fp8_default_loop_latency_s(
     n: float = 1.0,
     tuned: bool = False,
     tiles: Fp8Tiles | None = None,
-    touched: float | None = None,
 ) -> float:
     """The loop latency of one fp8 block-quantised fused-MoE launch of ``n`` output columns over
     a reduction of ``k`` where vLLM has no tuned configuration for the layer: ``ceil(k / 128)``
@@ -350,7 +332,7 @@ def fp8_default_loop_latency_s(
     if step <= 0.0 or k <= 0:
         return 0.0
     bk = (fp8_default_tiles() if tiles is None else tiles)[2]
-    waves = fp8_default_grid_waves(mf, local_experts, rows, n, tiles, touched)
+    waves = fp8_default_grid_waves(mf, local_experts, rows, n, tiles)
     if waves <= 0:
         return 0.0
     return math.ceil(k / bk) * step * (1.0 + mf.fp8_wave_frac * (waves - 1))
@@ -773,12 +755,8 @@ def moe_layer_parts_s(
             occupancy = fp8_programs_per_sm(moe_fit, tiles) / fp8_programs_per_sm(
                 moe_fit, fp8_default_tiles()
             )
-        loop_up = fp8_default_loop_latency_s(
-            moe_fit, d, local_experts, rows, n_up, tuned, tiles, touched
-        )
-        loop_down = fp8_default_loop_latency_s(
-            moe_fit, cols, local_experts, rows, d, tuned, tiles, touched
-        )
+        loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned, tiles)
+        loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned, tiles)
     elif not mxfp4 and shape not in moe_fit.tuned:  # (mxfp4: no such loop, below)
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
