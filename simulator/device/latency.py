@@ -1067,7 +1067,10 @@ class LatencyModel:
         )
         if self._ls_eff > 0.0:
             h += self._state_update_s(seqs)
-        return h + seqs * self._per_seq if self._per_seq else h
+        # the serving stack's per-sequence time is each engine core's own (every data-parallel
+        # rank its own scheduler, input preparation and sampler, in its own process): the
+        # engine's share, as the head's rows (docs/accuracy-log.md, h47)
+        return h + rows * self._per_seq if self._per_seq else h
 
     def dp_padded_tokens(self, p_tokens: int, n_prefill: int, n: int) -> int:
         """The tokens a data-parallel replica's layers run in an iteration of ``p_tokens`` prompt
@@ -1483,7 +1486,8 @@ class LatencyModel:
             if self._pf_step_s:
                 lin["prefill_metadata"] = self._pf_step_s
         if self._per_seq and seqs > 0:  # the serving stack's per-sequence time, on its own
-            per_seq = seqs * self._per_seq
+            # (each data-parallel engine's share, as _head_time charges it)
+            per_seq = (seqs if self.dp <= 1 else _ceil(seqs / self.dp)) * self._per_seq
             lin["lm_head"] -= per_seq
             lin["per_sequence"] = per_seq
         # the fullest data-parallel engine's decodes and prompt chunks, as iteration times
