@@ -157,12 +157,13 @@ def test_tiles_slow_the_dp8_prompt_step_not_the_dp4_one():
 
 def test_dp8_serves_fewer_tokens_per_s_than_dp4_at_64_sequences():
     """The measured rows (data/mlenergy-v3, sourcegraph-fim): DP8 b64 520 tokens/s, DP4 b64 721.
-    Per-rank simulation (calibrate/dp_ranks.py, as the engine schedules): DP8 now reads 588
-    (+13.2 %; 577, +11.1 %, before the serving stack's per-sequence time was charged per engine,
+    Per-rank simulation (calibrate/dp_ranks.py, as the engine schedules): DP8 now reads 579
+    (+11.5 %; 588, +13.2 %, before the B200's ``k_step_fp8_s`` 2.4 -> 2.5 us refit after h47;
+    577, +11.1 %, before the serving stack's per-sequence time was charged per engine,
     branch h47; 583, +12.2 %, before prompt attention was timed at the fullest engine, branch
     g40; 576, +10.8 %, before the B200's GEMMs streamed at 0.75 of the peak with moe.toml
-    refitted on it, branch b38; 716, +37.7 %, before the tuned tiles), below DP4's 654 (-9.4 %;
-    642, -11.0 %, before h47; 648, -10.1 %, before g40; 650, -9.9 %, before b38), the measured
+    refitted on it, branch b38; 716, +37.7 %, before the tuned tiles), below DP4's 643 (-10.9 %;
+    654, -9.4 %, before the refit; 642, -11.0 %, before h47; 648, -10.1 %, before g40; 650, -9.9 %, before b38), the measured
     order."""
     from fleetsim.calibrate import dp_ranks
 
@@ -176,5 +177,5 @@ def test_dp8_serves_fewer_tokens_per_s_than_dp4_at_64_sequences():
             got[c.dp] = (dp_ranks.simulate_row(c).tokens_per_s, c.tokens_per_s)
     assert got[8][1] < got[4][1]  # measured: 520 < 721
     assert got[8][0] < got[4][0]
-    assert got[8][0] / got[8][1] - 1.0 == pytest.approx(0.132, abs=0.01)
-    assert got[4][0] / got[4][1] - 1.0 == pytest.approx(-0.094, abs=0.01)
+    assert got[8][0] / got[8][1] - 1.0 == pytest.approx(0.115, abs=0.01)
+    assert got[4][0] / got[4][1] - 1.0 == pytest.approx(-0.109, abs=0.01)
