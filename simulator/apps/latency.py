@@ -234,7 +234,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
         from fleetsim.config.aggregated import _with_fp8_moe_kernel, check_fp8_moe_kernel
 
         check_fp8_moe_kernel(kernel, model, "--fp8-moe-kernel", "")
-        profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "--fp8-moe-kernel")
+        profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "", flags=True)
     if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         # the smallest degree that holds them and that vLLM's head split accepts (raising
         # --tp to a degree that ModelSpec.tp_problem refuses, 16 for Llama 4 Maverick's 40

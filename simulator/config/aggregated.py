@@ -444,12 +444,16 @@ def check_fp8_moe_kernel(kernel: str, model: ModelSpec, field: str, src: str) ->
     )
 
 
-def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> Profile:
+def _with_fp8_moe_kernel(
+    profile: Profile, kernel: str, gpu: str, src: str, flags: bool = False
+) -> Profile:
     """The profile with ``fleet.fp8_moe_kernel`` set (the fused-MoE kernel of fp8
     block-quantised experts, fleetsim.device.moe.FP8_MOE_KERNELS). FlashInfer's TensorRT-LLM
     kernel needs its constants in catalog/moe.toml for the profile's GPU (fitted on the B200:
     vLLM runs it on Blackwell only, ``get_flashinfer_moe_backend`` in vllm/model_executor/
-    layers/quantization/utils/flashinfer_utils.py: "latency" is CUTLASS below SM100)."""
+    layers/quantization/utils/flashinfer_utils.py: "latency" is CUTLASS below SM100).
+    ``flags``: the refusal names ``fleetsim latency``'s options (``--fp8-moe-kernel``,
+    ``--gpu``), not the scenario's fields."""
     from fleetsim.device.latency import RooflineProfile
 
     if not isinstance(profile, RooflineProfile):
@@ -457,12 +461,18 @@ def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> P
     fit = profile.fused_moe_fit(gpu)  # a profile file's moe_constants, else the catalog's
     if fit.fi_bw_frac <= 0.0 and fit.fi_layer_s <= 0.0:
         have = sorted(k for k, e in catalog.moe().items() if float(e.get("fi_bw_frac", 0.0)) > 0)
+        gpus = ", ".join(have)
+        fix = (
+            f"drop --fp8-moe-kernel (triton, the default) or use --gpu {gpus}"
+            if flags
+            else f'set fleet.fp8_moe_kernel = "triton" or use a GPU with them: {gpus}'
+        )
         raise ScenarioError(
-            "fleet.fp8_moe_kernel",
+            "--fp8-moe-kernel" if flags else "fleet.fp8_moe_kernel",
             kernel,
-            f"has no fitted constants for hardware.gpu = {gpu!r} (vLLM runs FlashInfer's "
-            "TensorRT-LLM fp8 MoE kernel on Blackwell only)",
-            'set fp8_moe_kernel = "triton" or use a GPU with them: ' + ", ".join(have),
+            f"has no fitted constants for {'--gpu' if flags else 'hardware.gpu'} = {gpu!r} "
+            "(vLLM runs FlashInfer's TensorRT-LLM fp8 MoE kernel on Blackwell only)",
+            fix,
             src,
         )
     return replace(profile, fp8_moe_kernel=kernel)
