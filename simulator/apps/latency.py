@@ -230,6 +230,10 @@ def rows(args: argparse.Namespace) -> list[dict]:
         FleetSection().max_batch_size,
     )
     kernel = getattr(args, "fp8_moe_kernel", "triton")
+    stack = getattr(args, "serving_stack", "vllm-v1")
+    fp8_block = bool(
+        model.n_moe_layers and (model.expert_dtype or model.dtype) == "fp8" and model.fp8_block
+    )
     if kernel != "triton":
         from fleetsim.config.aggregated import _with_fp8_moe_kernel, check_fp8_moe_kernel
 
@@ -334,6 +338,11 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 # how the experts' own precision is computed, when it differs (mxfp4 experts:
                 # vLLM's kernel on this GPU, the peak they run at; device/moe.py)
                 "experts_note": mxfp4_moe_path(args.gpu) if mxfp4 else "",
+                # the fused-MoE kernel of fp8 block-quantised experts (None for other models:
+                # it times nothing else) and the serving stack, as a scenario's
+                # fleet.fp8_moe_kernel and fleet.serving_stack (a run summary names both)
+                "fp8_moe_kernel": kernel if fp8_block else None,
+                "serving_stack": stack,
                 "tp": args.tp,
                 "phase": "decode" if b else "prefill",
                 "tokens": tokens,
@@ -392,6 +401,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if r0["experts_note"]:
         c.print(r0["experts_note"], highlight=False, markup=False)
+    if r0["fp8_moe_kernel"] or r0["serving_stack"] != "vllm-v1":
+        # which kernel and stack the figures are of: a scenario's fleet.fp8_moe_kernel (the
+        # B200 R1 scenario's flashinfer-trtllm) is not this command's default (triton), and
+        # the two differ by a third of a decode step
+        said = [f"serving stack {r0['serving_stack']}"]
+        if r0["fp8_moe_kernel"]:
+            said.append(
+                f"fp8 MoE kernel {r0['fp8_moe_kernel']} (--fp8-moe-kernel, as a scenario's "
+                "fleet.fp8_moe_kernel: triton or flashinfer-trtllm)"
+            )
+        c.print("; ".join(said), highlight=False, markup=False)
     # the parts: every *_s field the model returns besides the total, in its order (parts that
     # a model adds appear without an edit here)
     parts = [k for k in r0 if k.endswith("_s") and k not in ("total_s", "parts_s")]
