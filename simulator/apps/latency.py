@@ -120,6 +120,7 @@ def _model_and_source(arg: str, dtype: str | None) -> tuple[ModelSpec, str]:
     """The model ``--model`` names and the header's note on its source
     (:func:`fleetsim.config.aggregated.model_source_note`)."""
     from fleetsim.base import io
+    from fleetsim.base.errors import ScenarioError
     from fleetsim.config.aggregated import model_source_note, model_spec
     from fleetsim.config.hf import hf_id_error, repo_config_path
     from fleetsim.config.loading import scenario_from_dict
@@ -187,7 +188,14 @@ def _model_and_source(arg: str, dtype: str | None) -> tuple[ModelSpec, str]:
             )
         section["dtype"] = dtype
     sc = scenario_from_dict({"model": section}, str(path) if path.exists() else "--model")
-    spec = model_spec(sc, str(path) if path.exists() else "")
+    try:
+        spec = model_spec(sc, str(path) if path.exists() else "")
+    except ScenarioError as exc:
+        if exc.field != "model.name" or is_file:
+            raise
+        # a name that is no model: the flag's, and its fix this command's (no inline fields)
+        fix = exc.fix.replace("; or give ", "; or a TOML file of [model] fields: ")
+        raise ScenarioError("--model", exc.value, exc.problem, fix) from None
     return spec, model_source_note(sc.model, str(path) if path.exists() else "", spec)
 
 

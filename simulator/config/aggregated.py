@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleetsim.base.errors import ScenarioError
-from fleetsim.base.names import closest
 from fleetsim.base.units import DAY_S, rotate_to_start
 from fleetsim.config.budget import check_work
 from fleetsim.config.resolved import GpuSpec, KvBudget, Resolved, kv_budget
@@ -160,18 +159,21 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
     else:
         missing = [k for k in required if k not in inline]
         if missing:
-            from fleetsim.config.hf import hf_id_error
+            from fleetsim.config.hf import closest_model, hf_id_error
 
             err = hf_id_error(m.name, "model.name", src)
             if err is not None:
                 raise err
-            close = closest(m.name, catalog.models())
+            # (today's models are the Hugging Face ids of data/models, not catalog names)
+            close = closest_model(m.name, catalog.models())
             hint = f"did you mean {close!r}? " if close else ""
             raise ScenarioError(
                 "model.name",
                 m.name,
                 "not in the catalog and no inline architecture",
-                f"{hint}catalog: {', '.join(catalog.models())}; or give {', '.join(missing)}",
+                f"{hint}catalog: {', '.join(catalog.models())}; or a Hugging Face id of "
+                "data/models (ORG/NAME, e.g. deepseek-ai/DeepSeek-R1-0528); or give "
+                f"{', '.join(missing)}",
                 src,
             )
         spec = ModelSpec(name=m.name, dtype=m.dtype, kv_dtype=m.kv_dtype, **inline)

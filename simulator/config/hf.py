@@ -748,6 +748,28 @@ def repo_config_path(hf_id: str) -> Path | None:
     return p if p.is_file() else None
 
 
+def checkout_ids() -> list[str]:
+    """The Hugging Face ids whose config.json a source checkout ships in data/models
+    (``ORG/NAME``, sorted; empty for an installed package without them)."""
+    root = Path(__file__).resolve().parents[2] / "data" / "models"
+    return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in root.glob("*/*/config.json"))
+
+
+def closest_model(name: str, catalog_names: list[str]) -> str | None:
+    """The model a mistyped ``[model] name`` most likely meant: a catalog name, or a Hugging
+    Face id of the checkout by its name part (``llama-4-scout`` ->
+    ``meta-llama/Llama-4-Scout-17B-16E-Instruct``, ``deepseek-r1`` ->
+    ``deepseek-ai/DeepSeek-R1-0528``: today's models are data/models ids, not catalog names);
+    :func:`fleetsim.base.names.closest` over both, a catalog name first where both begin
+    alike."""
+    from fleetsim.base.names import closest
+
+    ids = {i.split("/", 1)[1]: i for i in checkout_ids()}
+    known = list(catalog_names) + [k for k in ids if k not in catalog_names]
+    hit = closest(name.rsplit("/", 1)[-1], known)
+    return ids.get(hit, hit) if hit is not None and hit not in catalog_names else hit
+
+
 def int8_weight_only(path: Path) -> bool:
     """Whether the config.json at ``path`` (already read once by the model) quantizes its
     linear layers to 8-bit integers with GPTQ or AWQ. The reader gives them ``dtype = int8``,
