@@ -63,6 +63,7 @@ Every value is type-checked before it is compared or used, and bounded as the in
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -755,7 +756,7 @@ def checkout_ids() -> list[str]:
     return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in root.glob("*/*/config.json"))
 
 
-def closest_model(name: str, catalog_names: list[str]) -> str | None:
+def closest_model(name: str, catalog_names: Iterable[str]) -> str | None:
     """The model a mistyped ``[model] name`` most likely meant: a catalog name, or a Hugging
     Face id of the checkout by its name part (``llama-4-scout`` ->
     ``meta-llama/Llama-4-Scout-17B-16E-Instruct``, ``deepseek-r1`` ->
@@ -764,10 +765,11 @@ def closest_model(name: str, catalog_names: list[str]) -> str | None:
     alike."""
     from fleetsim.base.names import closest
 
+    names = list(catalog_names)
     ids = {i.split("/", 1)[1]: i for i in checkout_ids()}
-    known = list(catalog_names) + [k for k in ids if k not in catalog_names]
+    known = names + [k for k in ids if k not in names]
     hit = closest(name.rsplit("/", 1)[-1], known)
-    return ids.get(hit, hit) if hit is not None and hit not in catalog_names else hit
+    return ids.get(hit, hit) if hit is not None and hit not in names else hit
 
 
 def int8_weight_only(path: Path) -> bool:
