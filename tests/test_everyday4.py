@@ -208,3 +208,29 @@ def test_validate_says_the_longest_request_a_windowed_model_holds(capsys):
     assert "longest request" not in flat
     # a model whose every layer holds its whole context (R1's latent): no second figure
     assert "longest request" not in _validate_line(capsys, R1)
+
+
+def test_crossover_refuses_expert_parallel_replicas_before_simulating(tmp_path, capsys):
+    """``fleetsim crossover scenarios/deepseek-r1-b200.toml``: the disaggregated designs are
+    simulated without data / expert parallelism; it failed after the saturation runs with the
+    fix "drop it, or drop [disaggregation]" (a section the user never wrote). Now one line
+    with crossover's fix, exit 2, and no output folder."""
+    from fleetsim.apps.cli import main
+
+    out = tmp_path / "xo"
+    assert main(["crossover", str(R1), "--hours", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "fleetsim: error: crossover: fleet.expert_parallel = true: data and expert parallelism "
+        "are simulated for aggregated fleets only, and crossover compares the aggregated fleet "
+        "with disaggregated splits of its replicas (fix: --set fleet.expert_parallel=false, to "
+        "compare TP8 replicas without them)"
+    )
+    assert not out.exists()
+    argv = ["crossover", str(QWEN_MOE), "--set", "fleet.data_parallel=2", "--out", str(out)]
+    assert main([*argv, "--set", "fleet.expert_parallel=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fleetsim: error: crossover: fleet.data_parallel = 2: ")
+    assert err.endswith(
+        "(fix: --set fleet.expert_parallel=false --set fleet.data_parallel=1, to compare TP1 "
+        "replicas without them)"
+    )
