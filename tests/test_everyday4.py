@@ -234,3 +234,37 @@ def test_crossover_refuses_expert_parallel_replicas_before_simulating(tmp_path, 
         "(fix: --set fleet.expert_parallel=false --set fleet.data_parallel=1, to compare TP1 "
         "replicas without them)"
     )
+
+
+def test_plan_of_both_designs_says_the_disaggregated_one_is_not_accepted_with_its_fix():
+    """``fleetsim plan scenarios/deepseek-r1-b200.toml --designs both``: the disaggregated
+    design of expert-parallel replicas read ``does not fit: scenarios/...toml: ... (fix: drop
+    it, or drop )``: the file's name in the reason, a refusal that is not about memory as
+    ``does not fit``, a fix for a section the plan added itself, and "[disaggregation]" eaten
+    by the console as markup. Now ``not accepted`` with the plan's fix, printed as written."""
+    import io
+
+    from rich.console import Console
+
+    from fleetsim.apps.plan_disagg import disagg_table, make_disagg_candidates, print_designs
+    from fleetsim.apps.plan_search import Slo
+    from fleetsim.config.loading import read_toml
+
+    data, _ = read_toml(QWEN_MOE)
+    data["fleet"]["expert_parallel"] = True
+    (c,) = make_disagg_candidates(data, ["h100-sxm"], ["h100-sxm"], str(QWEN_MOE))
+    want = (
+        "not accepted: fleet.expert_parallel = true: data and expert parallelism are simulated "
+        "for aggregated fleets only (fix: --set fleet.expert_parallel=false to plan the "
+        "disaggregated design without it, or --designs aggregated)"
+    )
+    assert c.rs is None and c.problem == want
+    table = disagg_table([c], 1)
+    assert table.column("status").to_pylist() == ["not accepted"]
+    # a reason is printed as written, brackets included
+    c.problem = "does not fit: [disaggregation] prefill: [red]x[/red]"
+    con = Console(file=io.StringIO(), width=400, color_system=None)
+    print_designs(None, disagg_table([c], 1), Slo(2.0, 0.2), con, 1)
+    assert con.file.getvalue().splitlines()[-1] == (
+        "  disaggregated h100-sxm/h100-sxm: does not fit: [disaggregation] prefill: [red]x[/red]"
+    )

@@ -51,6 +51,7 @@ from fleetsim.apps.executors import (
 )
 from fleetsim.apps.plan_search import (
     COST_COLUMNS,
+    MEMORY_WORDS,
     SLO_COLUMNS,
     PlanCandidate,
     ScreenStep,
@@ -358,10 +359,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_executor_args(ap)
     return ap
 
-
-#: the words of the refusals that are about memory (the weights, the KV cache): a candidate
-#: refused for anything else is ``not accepted``, not ``does not fit``
-MEMORY_WORDS = ("weights need", "no memory left for the KV cache", "exceeds the KV budget")
 
 #: the field of a kernel that only some GPUs or models run (config/aggregated.py
 #: ``_with_fp8_moe_kernel``, ``check_fp8_moe_kernel``): a candidate or sweep point refused
