@@ -268,3 +268,24 @@ def test_plan_of_both_designs_says_the_disaggregated_one_is_not_accepted_with_it
     assert con.file.getvalue().splitlines()[-1] == (
         "  disaggregated h100-sxm/h100-sxm: does not fit: [disaggregation] prefill: [red]x[/red]"
     )
+
+
+def test_a_mistyped_data_models_folder_names_the_one_meant(monkeypatch):
+    """``[model] config = "../data/models/google/gemma-3-27b"`` (the folder is
+    ``gemma-3-27b-it``) said only ``no such file``; a scenario given as a dict (no file) was
+    told its path is relative to "the scenario file", though it is read from the working
+    directory (workload/sampling.py ``_resolve_path``)."""
+    with pytest.raises(ScenarioError) as e:
+        fleetsim.resolved(GEMMA, {"model.config": "../data/models/google/gemma-3-27b"})
+    assert str(e.value) == (
+        f"{GEMMA}: model.config = '../data/models/google/gemma-3-27b': no such file: "
+        f"{ROOT}/data/models/google/gemma-3-27b (fix: give the path of the model's config.json "
+        "(relative to the scenario file); did you mean '../data/models/google/gemma-3-27b-it'?)"
+    )
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ScenarioError) as e:
+        fleetsim.resolved({"model": {"config": "data/models/deepseek-ai/DeepSeek-R1"}})
+    assert e.value.fix == (
+        "give the path of the model's config.json (relative to the working directory); did you "
+        "mean 'data/models/deepseek-ai/DeepSeek-R1-0528'?"
+    )

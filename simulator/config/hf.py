@@ -679,6 +679,13 @@ def read_hf_config_named(
         m = re.search(r"(?:^|data/models/)([\w.-]{1,96}/[\w.-]{1,96})(?:/config\.json)?$", written)
         local = repo_config_path(m.group(1)) if m else None
         hint = f"; this checkout has {local}" if local else ""
+        if m and not local and "data/models/" in written:
+            # a folder of data/models mistyped (gemma-3-12b for gemma-3-12b-it): the one meant
+            from fleetsim.base.names import closest
+
+            close = closest(m.group(1), checkout_ids())
+            if close is not None:
+                hint = f"; did you mean {written.replace(m.group(1), close)!r}?"
         if re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", written) and not written.endswith(".json"):
             # (a path is read as the path it is, not as an id: a typo must not silently read
             # another file; [model] name = "ORG/NAME" reads the checkout's copy)
@@ -689,7 +696,10 @@ def read_hf_config_named(
             "model.config",
             written or str(p),
             f"no such file: {p}",
-            f"give the path of the model's config.json (relative to the scenario file){hint}",
+            "give the path of the model's config.json (relative to the "
+            # (sampling._resolve_path: a scenario given as a dict or text has no file)
+            + ("scenario file" if source else "working directory")
+            + f"){hint}",
             source,
         )
     cfg, _ = io.load_json(
