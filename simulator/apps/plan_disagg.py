@@ -185,14 +185,11 @@ def disagg_reason(exc) -> str:
     disaggregated design is simulated without (config/resolve.py, whose fix "drop
     [disaggregation]" is no fix for the plan that added it), gets the plan's fix."""
     if exc.field in ("fleet.data_parallel", "fleet.expert_parallel"):
-        off = (
-            "fleet.data_parallel=1"
-            if exc.field == "fleet.data_parallel"
-            else ("fleet.expert_parallel=false")
-        )
+        off = {"fleet.data_parallel": "1", "fleet.expert_parallel": "false"}[exc.field]
         return (
-            f"{exc.field} = {str(exc.value).lower()}: {exc.problem} (fix: --set {off} to plan "
-            "the disaggregated design without it, or --designs aggregated)"
+            f"{exc.field} = {str(exc.value).lower()}: {exc.problem} (fix: --set "
+            f"{exc.field}={off} to plan the disaggregated design without it, or --designs "
+            "aggregated)"
         )
     return f"{exc.field} = {exc.value!r}: {exc.problem}" + (f" (fix: {exc.fix})" if exc.fix else "")
 
