@@ -289,3 +289,23 @@ def test_a_mistyped_data_models_folder_names_the_one_meant(monkeypatch):
         "give the path of the model's config.json (relative to the working directory); did you "
         "mean 'data/models/deepseek-ai/DeepSeek-R1-0528'?"
     )
+
+
+def test_a_checkout_id_as_the_name_of_another_config_says_how_to_read_its_file():
+    """``fleetsim run scenarios/qwen3-moe-vs-dense-h100.toml --set 'model.name="Qwen/Qwen3-32B"'``
+    (the dense model the scenario compares): the scenario's ``config`` names the MoE, so the
+    name is refused; its fix said "drop ... model.config", which --set cannot do. It now also
+    gives the --set that reads the dense model's file, relative to the scenario file (the
+    command scenarios/README.md gives)."""
+    with pytest.raises(ScenarioError) as e:
+        fleetsim.resolved(QWEN_MOE, {"model.name": "Qwen/Qwen3-32B"})
+    assert e.value.fix.endswith(
+        "or give a name that is not a catalog model; to simulate Qwen/Qwen3-32B: --set "
+        "'model.config=\"../data/models/Qwen/Qwen3-32B\"' reads its file"
+    )
+    ok = fleetsim.resolved(QWEN_MOE, {"model.config": "../data/models/Qwen/Qwen3-32B"})
+    assert ok["model"]["name"] == "Qwen/Qwen3-32B" and ok["model"]["n_layers"] == 64
+    # a catalog name has no file: the fix as it was
+    with pytest.raises(ScenarioError) as e:
+        fleetsim.resolved(QWEN_MOE, {"model.name": "qwen3-32b"})
+    assert e.value.fix.endswith("or give a name that is not a catalog model")

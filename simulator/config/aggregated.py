@@ -100,10 +100,13 @@ def _check_name_matches_config(m: ModelSection, arch: dict, config: str, src: st
     name ("Qwen/Qwen3-30B-A3B-Instruct-2507 is not a mixture of experts")."""
     from fleetsim.config.hf import read_hf_config, repo_config_path
 
+    swap = ""  # (a checkout id: its file is what --set can point model.config at)
     if catalog.has_model(m.name):
         other, what = asdict(model_from_catalog(m.name, m.dtype)), "the catalog model"
     elif (local := repo_config_path(m.name)) is not None:
         other, what = read_hf_config(local), f"this checkout's {local.parent.name} config"
+        folder = os.path.relpath(local.parent, Path(src).parent) if src else str(local.parent)
+        swap = f"; to simulate {m.name}: --set 'model.config=\"{folder}\"' reads its file"
     else:
         return
     differ = [k for k in _SHAPE if other.get(k, 1) != arch.get(k, 1)]
@@ -115,7 +118,7 @@ def _check_name_matches_config(m: ModelSection, arch: dict, config: str, src: st
             f"names {what} ({k} = {other.get(k, 1)}), but model.config = {config!r} reads "
             f"another architecture ({k} = {arch.get(k, 1)}); the name would only label it",
             "drop [model] name (the config names the model) or model.config, or give a name "
-            "that is not a catalog model",
+            f"that is not a catalog model{swap}",
             src,
         )
 
