@@ -309,3 +309,31 @@ def test_a_checkout_id_as_the_name_of_another_config_says_how_to_read_its_file()
     with pytest.raises(ScenarioError) as e:
         fleetsim.resolved(QWEN_MOE, {"model.name": "qwen3-32b"})
     assert e.value.fix.endswith("or give a name that is not a catalog model")
+
+
+@pytest.mark.parametrize(
+    ("typed", "fix"),
+    [
+        # it said "model is a scenario field (fix: --set model=x)", which replaces the section
+        (["--model", "x"], "; model.name is a scenario field (fix: --set model.name=x)"),
+        # plan's and latency's options, and vLLM's names (accepted in [fleet]): "unrecognized"
+        (["--tp", "8"], "tensor_parallel is a scenario field (fix: --set fleet.tensor_parallel=8)"),
+        (["--dp", "2"], "data_parallel is a scenario field (fix: --set fleet.data_parallel=2)"),
+        (["--tensor-parallel-size", "8"], "(fix: --set fleet.tensor_parallel_size=8)"),
+        (["--max-num-seqs", "64"], "(fix: --set fleet.max_num_seqs=64)"),
+        # a true / false field typed as a flag: it said "=VALUE"
+        (["--expert-parallel"], "(fix: --set fleet.expert_parallel=true)"),
+        (["--enable-expert-parallel"], "(fix: --set fleet.enable_expert_parallel=true)"),
+    ],
+)  # fmt: skip
+def test_another_commands_option_given_to_run_names_its_field(capsys, typed, fix):
+    from fleetsim.apps.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(R1), *typed])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"fleetsim run: error: {' '.join(typed)}: not an option of fleetsim run; "
+    )
+    assert err.endswith(fix) and "\n" not in err
