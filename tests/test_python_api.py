@@ -32,6 +32,9 @@ def test_the_documented_session_runs(monkeypatch, capsys):
     out = capsys.readouterr().out
     # what the session printed and built is what the page says it is
     assert "hardware.gpu -> did you mean 'h100-sxm'" in out
+    # a scenario of [model] config only: the section's name is the default, the resolved one
+    # the config's (docs/python-api.md says which is which)
+    assert "llama-3.1-70b -> deepseek-ai/DeepSeek-R1-0528\n" in out
     assert "OVERLOADED" in out
     assert isinstance(ns["run"], fleetsim.Run) and ns["run"].hourly.num_rows == 2
     assert ns["table"].num_rows == 4

@@ -113,6 +113,16 @@ def cmd_validate(args) -> int:
                 if rs.kv is not None and rs.model.n_linear_layers
                 else ""
             )
+            + (
+                # a windowed model: the longest request the engine admits counts the windows'
+                # blocks exactly, not at the token count's bytes per token (gemma-3-27b-it on
+                # one H100: 252,176 tokens against 41,536; scenarios/README.md)
+                f"; longest request {rs.kv.request_tokens:,} tokens (each layer kind's blocks)"
+                if rs.kv is not None
+                and not rs.model.n_linear_layers
+                and rs.kv.request_tokens != rs.kv_capacity_tokens
+                else ""
+            )
             + f"; profile {rs.profile_id}; serving stack {serving_stack(rs)}",
             file=sys.stderr,
         )

@@ -178,9 +178,11 @@ def usage_problem(parser: argparse.ArgumentParser, message: str) -> str:
             if not eq and i + 1 < len(words) and not words[i + 1].startswith("-"):
                 value = words[i + 1]
             shown = f"{opt} {value}" if value else opt
+            if not value:
+                value = "true" if is_flag_field(field) else "VALUE"
             return (
                 f"{shown}: not an option of {prog}; {field} is a scenario field (fix: "
-                f"--set {field}={value or 'VALUE'})"
+                f"--set {field}={value})"
             )
         return f"{message} (fix: {see})"
     return f"{message} (fix: {see})"
@@ -193,19 +195,53 @@ def _default_of(parser: argparse.ArgumentParser, opt: str):
     return None
 
 
+#: options of other fleetsim commands (``plan --tp``, ``latency --dp``...) and a section's
+#: name, typed to ``run`` / ``validate`` / ``sweep``: the scenario field each stands for
+FLAG_FIELDS = {
+    "tp": "fleet.tensor_parallel",
+    "dp": "fleet.data_parallel",
+    "ep": "fleet.expert_parallel",
+    "model": "model.name",  # (a section: "--set model=x" replaced the whole section)
+    "gpus": "hardware.gpu",
+}
+
+
 def scenario_field(word: str) -> str | None:
     """``section.key`` when ``word`` (``--hours``, ``--hours=24``) names one scenario field of
-    exactly one section, else None (the fix of an option that is a field: ``--set``)."""
+    exactly one section (a top-level scalar, ``name`` or ``seed``; a section's alias, vLLM's
+    ``--tensor-parallel-size``; another command's option, :data:`FLAG_FIELDS`), else None (the
+    fix of an option that is a field: ``--set``)."""
     if not word.startswith("--"):
         return None
     name = word[2:].split("=", 1)[0].replace("-", "_")
+    if name in FLAG_FIELDS:
+        return FLAG_FIELDS[name]
     from fleetsim.config.schema import Scenario
 
-    hits = [name] if name in Scenario.model_fields else []  # (a top-level field: name, seed)
+    hits = []
     for sec, f in Scenario.model_fields.items():
         ann = f.annotation
         types = [ann, *getattr(ann, "__args__", ())]
         model = next((t for t in types if hasattr(t, "model_fields")), None)
-        if model is not None and name in model.model_fields:
+        if model is None:
+            if sec == name:  # a top-level scalar: name, seed
+                hits.append(sec)
+            continue
+        if name in model.model_fields or name in getattr(model, "ALIASES", {}):
             hits.append(f"{sec}.{name}")
     return hits[0] if len(hits) == 1 else None
+
+
+def is_flag_field(field: str) -> bool:
+    """Whether the scenario field ``section.key`` is a true / false one (an option typed
+    without a value, ``--expert-parallel``, is ``--set field=true``)."""
+    from fleetsim.config.schema import Scenario
+
+    sec, _, key = field.partition(".")
+    f = Scenario.model_fields.get(sec)
+    types = [f.annotation, *getattr(f.annotation, "__args__", ())] if f is not None else []
+    model = next((t for t in types if hasattr(t, "model_fields")), None)
+    if model is None or not key:
+        return False
+    key = getattr(model, "ALIASES", {}).get(key, key)
+    return key in model.model_fields and model.model_fields[key].annotation is bool

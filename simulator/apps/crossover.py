@@ -233,6 +233,27 @@ def base_latencies(rs, source: str) -> tuple[float, float]:
     return lat.prefill_time(ep), lat.decode_time(1, int(ep + eo / 2))
 
 
+def check_no_dp_ep(data: dict) -> None:
+    """A scenario of data- or expert-parallel replicas is refused before anything is simulated:
+    config/resolve.py refuses them in a disaggregated fleet, with the fix "drop
+    [disaggregation]", which is no fix here, and it was said after the saturation runs."""
+    fleet = data.get("fleet", {})
+    dp, ep = int(fleet.get("data_parallel", 1)), bool(fleet.get("expert_parallel", False))
+    if dp > 1 or ep:
+        field, value = ("fleet.data_parallel", dp) if dp > 1 else ("fleet.expert_parallel", ep)
+        drop = " ".join(
+            f"--set {k}"
+            for k, on in (("fleet.expert_parallel=false", ep), ("fleet.data_parallel=1", dp > 1))
+            if on
+        )
+        raise UserError(
+            f"crossover: {field} = {str(value).lower()}: data and expert parallelism are "
+            "simulated for aggregated fleets only, and crossover compares the aggregated fleet "
+            f"with disaggregated splits of its replicas (fix: {drop}, to compare "
+            f"TP{fleet.get('tensor_parallel', 1)} replicas without them)"
+        )
+
+
 def run_crossover(
     data: dict,
     source: str,
@@ -253,6 +274,7 @@ def run_crossover(
     from fleetsim.apps.plan import replica_capacity_rps
     from fleetsim.base.errors import ScenarioError
 
+    check_no_dp_ep(data)
     n = fleet_size(data)
     if n < 2:
         raise UserError(
@@ -616,6 +638,7 @@ def main(argv: list[str]) -> int:
     data = apply_overrides(data, args.overrides)
     sc = scenario_from_dict(data, args.scenario)
     data = sc.model_dump(mode="json", exclude_none=True)
+    check_no_dp_ep(data)
     if args.long_trace is not None:  # read and checked whole before anything is simulated
         from fleetsim.workload.mooncake import is_mooncake
 

@@ -120,6 +120,7 @@ def _model_and_source(arg: str, dtype: str | None) -> tuple[ModelSpec, str]:
     """The model ``--model`` names and the header's note on its source
     (:func:`fleetsim.config.aggregated.model_source_note`)."""
     from fleetsim.base import io
+    from fleetsim.base.errors import ScenarioError
     from fleetsim.config.aggregated import model_source_note, model_spec
     from fleetsim.config.hf import hf_id_error, repo_config_path
     from fleetsim.config.loading import scenario_from_dict
@@ -187,7 +188,14 @@ def _model_and_source(arg: str, dtype: str | None) -> tuple[ModelSpec, str]:
             )
         section["dtype"] = dtype
     sc = scenario_from_dict({"model": section}, str(path) if path.exists() else "--model")
-    spec = model_spec(sc, str(path) if path.exists() else "")
+    try:
+        spec = model_spec(sc, str(path) if path.exists() else "")
+    except ScenarioError as exc:
+        if exc.field != "model.name" or is_file:
+            raise
+        # a name that is no model: the flag's, and its fix this command's (no inline fields)
+        fix = exc.fix.replace("; or give ", "; or a TOML file of [model] fields: ")
+        raise ScenarioError("--model", exc.value, exc.problem, fix) from None
     return spec, model_source_note(sc.model, str(path) if path.exists() else "", spec)
 
 
@@ -230,11 +238,15 @@ def rows(args: argparse.Namespace) -> list[dict]:
         FleetSection().max_batch_size,
     )
     kernel = getattr(args, "fp8_moe_kernel", "triton")
+    stack = getattr(args, "serving_stack", "vllm-v1")
+    fp8_block = bool(
+        model.n_moe_layers and (model.expert_dtype or model.dtype) == "fp8" and model.fp8_block
+    )
     if kernel != "triton":
         from fleetsim.config.aggregated import _with_fp8_moe_kernel, check_fp8_moe_kernel
 
         check_fp8_moe_kernel(kernel, model, "--fp8-moe-kernel", "")
-        profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "--fp8-moe-kernel")
+        profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "", flags=True)
     if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         # the smallest degree that holds them and that vLLM's head split accepts (raising
         # --tp to a degree that ModelSpec.tp_problem refuses, 16 for Llama 4 Maverick's 40
@@ -334,6 +346,11 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 # how the experts' own precision is computed, when it differs (mxfp4 experts:
                 # vLLM's kernel on this GPU, the peak they run at; device/moe.py)
                 "experts_note": mxfp4_moe_path(args.gpu) if mxfp4 else "",
+                # the fused-MoE kernel of fp8 block-quantised experts (None for other models:
+                # it times nothing else) and the serving stack, as a scenario's
+                # fleet.fp8_moe_kernel and fleet.serving_stack (a run summary names both)
+                "fp8_moe_kernel": kernel if fp8_block else None,
+                "serving_stack": stack,
                 "tp": args.tp,
                 "phase": "decode" if b else "prefill",
                 "tokens": tokens,
@@ -392,6 +409,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if r0["experts_note"]:
         c.print(r0["experts_note"], highlight=False, markup=False)
+    if r0["fp8_moe_kernel"] or r0["serving_stack"] != "vllm-v1":
+        # which kernel and stack the figures are of: a scenario's fleet.fp8_moe_kernel (the
+        # B200 R1 scenario's flashinfer-trtllm) is not this command's default (triton), and
+        # the two differ by a third of a decode step
+        said = [f"serving stack {r0['serving_stack']}"]
+        if r0["fp8_moe_kernel"]:
+            said.append(
+                f"fp8 MoE kernel {r0['fp8_moe_kernel']} (--fp8-moe-kernel, as a scenario's "
+                "fleet.fp8_moe_kernel: triton or flashinfer-trtllm)"
+            )
+        c.print("; ".join(said), highlight=False, markup=False)
     # the parts: every *_s field the model returns besides the total, in its order (parts that
     # a model adds appear without an edit here)
     parts = [k for k in r0 if k.endswith("_s") and k not in ("total_s", "parts_s")]

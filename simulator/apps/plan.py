@@ -51,6 +51,7 @@ from fleetsim.apps.executors import (
 )
 from fleetsim.apps.plan_search import (
     COST_COLUMNS,
+    MEMORY_WORDS,
     SLO_COLUMNS,
     PlanCandidate,
     ScreenStep,
@@ -359,17 +360,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-#: the words of the refusals that are about memory (the weights, the KV cache): a candidate
-#: refused for anything else is ``not accepted``, not ``does not fit``
-MEMORY_WORDS = ("weights need", "no memory left for the KV cache", "exceeds the KV budget")
+#: the field of a kernel that only some GPUs or models run (config/aggregated.py
+#: ``_with_fp8_moe_kernel``, ``check_fp8_moe_kernel``): a candidate or sweep point refused
+#: for it is ``not accepted``, as a split vLLM refuses
+KERNEL_FIELD = "fp8_moe_kernel"
 
 
 def fit_reason(e) -> str:
     """A candidate's ``does not fit`` reason: the error's problem, and for weights that a split
     does not hold, its fix, which names the smallest TP / DP that does (the plan's candidates
-    to add with ``--tp`` / ``--dp``)."""
+    to add with ``--tp`` / ``--dp``). A kernel the candidate's GPU cannot run
+    (``fleet.fp8_moe_kernel``: FlashInfer's TensorRT-LLM fp8 MoE kernel off Blackwell) is named
+    with its value and its fix: its problem ("has no fitted constants for hardware.gpu =
+    'h200'") does not say what has none."""
     if "weights need" in e.problem and e.fix:
         return f"{e.problem} (fix: {e.fix})"
+    if e.field.endswith(KERNEL_FIELD):
+        return f"{e.field} = {e.value!r}: {e.problem}" + (f" (fix: {e.fix})" if e.fix else "")
     return str(e.problem)
 
 

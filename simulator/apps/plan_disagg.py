@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from fleetsim.apps import plan_search
+from fleetsim.base.io import term
 from fleetsim.config.resolved import Resolved
 
 CAP = 400  # give up on a pool above this many replicas per pod
@@ -158,16 +159,39 @@ class DisaggPlanner(plan_search.Search):
 def make_disagg_candidates(
     data: dict, prefill_gpus: list[str], decode_gpus: list[str], source: str
 ) -> list[DisaggCandidate]:
-    """Every (prefill GPU, decode GPU) pair; one that does not fit keeps its reason."""
+    """Every (prefill GPU, decode GPU) pair; one that does not fit keeps its reason
+    (:func:`disagg_reason`), ``not accepted`` where it is not about memory, as the aggregated
+    plan's."""
     cands = []
     for pg in prefill_gpus:
         for dg in decode_gpus:
             c = DisaggCandidate(prefill_gpu=pg, decode_gpu=dg, base=disagg_base(data, pg, dg))
             plan_search.resolve_candidate(
-                c, source, lambda f: f.endswith(".gpu"), "--prefill-gpus/--decode-gpus", str
+                c,
+                source,
+                lambda f: f.endswith(".gpu"),
+                "--prefill-gpus/--decode-gpus",
+                disagg_reason,
             )
+            if c.rs is None and not any(w in c.problem for w in plan_search.MEMORY_WORDS):
+                c.problem = "not accepted: " + c.problem.removeprefix("does not fit: ")
             cands.append(c)
     return cands
+
+
+def disagg_reason(exc) -> str:
+    """A disaggregated candidate's refusal: the field (which pool's), the value, the problem
+    and the fix, without the scenario file's name. Data or expert parallelism, which the
+    disaggregated design is simulated without (config/resolve.py, whose fix "drop
+    [disaggregation]" is no fix for the plan that added it), gets the plan's fix."""
+    if exc.field in ("fleet.data_parallel", "fleet.expert_parallel"):
+        off = {"fleet.data_parallel": "1", "fleet.expert_parallel": "false"}[exc.field]
+        return (
+            f"{exc.field} = {str(exc.value).lower()}: {exc.problem} (fix: --set "
+            f"{exc.field}={off} to plan the disaggregated design without it, or --designs "
+            "aggregated)"
+        )
+    return f"{exc.field} = {exc.value!r}: {exc.problem}" + (f" (fix: {exc.fix})" if exc.fix else "")
 
 
 DISAGG_COLUMNS = (  # after the rank (plan_search.ranked_table)
@@ -193,7 +217,11 @@ def disagg_table(cands: list[DisaggCandidate], pods: int) -> pa.Table:
             probes=c.probes,
             status="ok"
             if c.day is not None
-            else ("does not fit" if c.rs is None else "infeasible"),
+            else (
+                ("not accepted" if c.problem.startswith("not accepted") else "does not fit")
+                if c.rs is None
+                else "infeasible"
+            ),
             problem=c.problem or None,
             screened_prefill=c.screened_prefill,
             screened_decode=c.screened_decode,
@@ -270,4 +298,6 @@ def print_designs(agg: pa.Table | None, dis: pa.Table, slo, c, hours: int = 24) 
     c.print("TTFT/TPOT = the worst hour's p99 of the day at that fleet")
     for r in dis.to_pylist():
         if r["problem"]:
-            c.print(f"  disaggregated {r['prefill_gpu']}/{r['decode_gpu']}: {r['problem']}")
+            # (as written: "[disaggregation]" in a reason is no console markup)
+            line = f"  disaggregated {r['prefill_gpu']}/{r['decode_gpu']}: {r['problem']}"
+            c.print(term(line, 700), highlight=False)

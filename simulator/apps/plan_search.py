@@ -196,6 +196,11 @@ class PlanCandidate:
         return d
 
 
+#: the words of the refusals that are about memory (the weights, the KV cache): a candidate
+#: refused for anything else is ``not accepted``, not ``does not fit`` (both designs' plans)
+MEMORY_WORDS = ("weights need", "no memory left for the KV cache", "exceeds the KV budget")
+
+
 def resolve_candidate(
     cand: PlanCandidate,
     source: str,

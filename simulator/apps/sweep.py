@@ -208,9 +208,10 @@ SPLIT_FIELDS = ("tensor_parallel", "data_parallel", "expert_parallel")
 def unfit_reason(exc: UserError) -> str:
     """``"does not fit: ..."`` for a point whose weights or KV cache do not fit the GPU at its
     TP (plan's :data:`~fleetsim.apps.plan.MEMORY_WORDS`, with the fix that names the smallest TP
-    that holds the weights), ``"not accepted: ..."`` for a split vLLM refuses, '' for any other
-    mistake (a typo, a value out of range: the whole grid is refused)."""
-    from fleetsim.apps.plan import MEMORY_WORDS, fit_reason
+    that holds the weights), ``"not accepted: ..."`` for a split vLLM refuses or a kernel the
+    point's GPU or model does not run (``fleet.fp8_moe_kernel``: a grid of GPUs x kernels),
+    '' for any other mistake (a typo, a value out of range: the whole grid is refused)."""
+    from fleetsim.apps.plan import KERNEL_FIELD, MEMORY_WORDS, fit_reason
     from fleetsim.base.errors import ScenarioError
 
     if not isinstance(exc, ScenarioError):
@@ -219,6 +220,8 @@ def unfit_reason(exc: UserError) -> str:
         return f"does not fit: {fit_reason(exc)}"
     if exc.field.rsplit(".", 1)[-1] in SPLIT_FIELDS:
         return f"not accepted: {exc.problem}" + (f" (fix: {exc.fix})" if exc.fix else "")
+    if exc.field.rsplit(".", 1)[-1] == KERNEL_FIELD:  # (a kernel the point's GPU cannot run)
+        return f"not accepted: {fit_reason(exc)}"
     return ""
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleetsim.base.errors import ScenarioError
-from fleetsim.base.names import closest
 from fleetsim.base.units import DAY_S, rotate_to_start
 from fleetsim.config.budget import check_work
 from fleetsim.config.resolved import GpuSpec, KvBudget, Resolved, kv_budget
@@ -101,10 +100,13 @@ def _check_name_matches_config(m: ModelSection, arch: dict, config: str, src: st
     name ("Qwen/Qwen3-30B-A3B-Instruct-2507 is not a mixture of experts")."""
     from fleetsim.config.hf import read_hf_config, repo_config_path
 
+    swap = ""  # (a checkout id: its file is what --set can point model.config at)
     if catalog.has_model(m.name):
         other, what = asdict(model_from_catalog(m.name, m.dtype)), "the catalog model"
     elif (local := repo_config_path(m.name)) is not None:
         other, what = read_hf_config(local), f"this checkout's {local.parent.name} config"
+        folder = os.path.relpath(local.parent, Path(src).parent) if src else str(local.parent)
+        swap = f"; to simulate {m.name}: --set 'model.config=\"{folder}\"' reads its file"
     else:
         return
     differ = [k for k in _SHAPE if other.get(k, 1) != arch.get(k, 1)]
@@ -116,7 +118,7 @@ def _check_name_matches_config(m: ModelSection, arch: dict, config: str, src: st
             f"names {what} ({k} = {other.get(k, 1)}), but model.config = {config!r} reads "
             f"another architecture ({k} = {arch.get(k, 1)}); the name would only label it",
             "drop [model] name (the config names the model) or model.config, or give a name "
-            "that is not a catalog model",
+            f"that is not a catalog model{swap}",
             src,
         )
 
@@ -160,18 +162,21 @@ def model_spec(sc: Scenario, src: str) -> ModelSpec:
     else:
         missing = [k for k in required if k not in inline]
         if missing:
-            from fleetsim.config.hf import hf_id_error
+            from fleetsim.config.hf import closest_model, hf_id_error
 
             err = hf_id_error(m.name, "model.name", src)
             if err is not None:
                 raise err
-            close = closest(m.name, catalog.models())
+            # (today's models are the Hugging Face ids of data/models, not catalog names)
+            close = closest_model(m.name, catalog.models())
             hint = f"did you mean {close!r}? " if close else ""
             raise ScenarioError(
                 "model.name",
                 m.name,
                 "not in the catalog and no inline architecture",
-                f"{hint}catalog: {', '.join(catalog.models())}; or give {', '.join(missing)}",
+                f"{hint}catalog: {', '.join(catalog.models())}; or a Hugging Face id of "
+                "data/models (ORG/NAME, e.g. deepseek-ai/DeepSeek-R1-0528); or give "
+                f"{', '.join(missing)}",
                 src,
             )
         spec = ModelSpec(name=m.name, dtype=m.dtype, kv_dtype=m.kv_dtype, **inline)
@@ -444,12 +449,16 @@ def check_fp8_moe_kernel(kernel: str, model: ModelSpec, field: str, src: str) ->
     )
 
 
-def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> Profile:
+def _with_fp8_moe_kernel(
+    profile: Profile, kernel: str, gpu: str, src: str, flags: bool = False
+) -> Profile:
     """The profile with ``fleet.fp8_moe_kernel`` set (the fused-MoE kernel of fp8
     block-quantised experts, fleetsim.device.moe.FP8_MOE_KERNELS). FlashInfer's TensorRT-LLM
     kernel needs its constants in catalog/moe.toml for the profile's GPU (fitted on the B200:
     vLLM runs it on Blackwell only, ``get_flashinfer_moe_backend`` in vllm/model_executor/
-    layers/quantization/utils/flashinfer_utils.py: "latency" is CUTLASS below SM100)."""
+    layers/quantization/utils/flashinfer_utils.py: "latency" is CUTLASS below SM100).
+    ``flags``: the refusal names ``fleetsim latency``'s options (``--fp8-moe-kernel``,
+    ``--gpu``), not the scenario's fields."""
     from fleetsim.device.latency import RooflineProfile
 
     if not isinstance(profile, RooflineProfile):
@@ -457,12 +466,18 @@ def _with_fp8_moe_kernel(profile: Profile, kernel: str, gpu: str, src: str) -> P
     fit = profile.fused_moe_fit(gpu)  # a profile file's moe_constants, else the catalog's
     if fit.fi_bw_frac <= 0.0 and fit.fi_layer_s <= 0.0:
         have = sorted(k for k, e in catalog.moe().items() if float(e.get("fi_bw_frac", 0.0)) > 0)
+        gpus = ", ".join(have)
+        fix = (
+            f"drop --fp8-moe-kernel (triton, the default) or use --gpu {gpus}"
+            if flags
+            else f'set fleet.fp8_moe_kernel = "triton" or use a GPU with them: {gpus}'
+        )
         raise ScenarioError(
-            "fleet.fp8_moe_kernel",
+            "--fp8-moe-kernel" if flags else "fleet.fp8_moe_kernel",
             kernel,
-            f"has no fitted constants for hardware.gpu = {gpu!r} (vLLM runs FlashInfer's "
-            "TensorRT-LLM fp8 MoE kernel on Blackwell only)",
-            'set fp8_moe_kernel = "triton" or use a GPU with them: ' + ", ".join(have),
+            f"has no fitted constants for {'--gpu' if flags else 'hardware.gpu'} = {gpu!r} "
+            "(vLLM runs FlashInfer's TensorRT-LLM fp8 MoE kernel on Blackwell only)",
+            fix,
             src,
         )
     return replace(profile, fp8_moe_kernel=kernel)

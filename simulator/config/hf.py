@@ -63,6 +63,7 @@ Every value is type-checked before it is compared or used, and bounded as the in
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -678,6 +679,13 @@ def read_hf_config_named(
         m = re.search(r"(?:^|data/models/)([\w.-]{1,96}/[\w.-]{1,96})(?:/config\.json)?$", written)
         local = repo_config_path(m.group(1)) if m else None
         hint = f"; this checkout has {local}" if local else ""
+        if m and not local and "data/models/" in written:
+            # a folder of data/models mistyped (gemma-3-12b for gemma-3-12b-it): the one meant
+            from fleetsim.base.names import closest
+
+            close = closest(m.group(1), checkout_ids())
+            if close is not None:
+                hint = f"; did you mean {written.replace(m.group(1), close)!r}?"
         if re.fullmatch(r"[\w.-]{1,96}/[\w.-]{1,96}", written) and not written.endswith(".json"):
             # (a path is read as the path it is, not as an id: a typo must not silently read
             # another file; [model] name = "ORG/NAME" reads the checkout's copy)
@@ -688,7 +696,10 @@ def read_hf_config_named(
             "model.config",
             written or str(p),
             f"no such file: {p}",
-            f"give the path of the model's config.json (relative to the scenario file){hint}",
+            "give the path of the model's config.json (relative to the "
+            # (sampling._resolve_path: a scenario given as a dict or text has no file)
+            + ("scenario file" if source else "working directory")
+            + f"){hint}",
             source,
         )
     cfg, _ = io.load_json(
@@ -746,6 +757,29 @@ def repo_config_path(hf_id: str) -> Path | None:
         return None
     p = Path(__file__).resolve().parents[2] / "data" / "models" / hf_id / "config.json"
     return p if p.is_file() else None
+
+
+def checkout_ids() -> list[str]:
+    """The Hugging Face ids whose config.json a source checkout ships in data/models
+    (``ORG/NAME``, sorted; empty for an installed package without them)."""
+    root = Path(__file__).resolve().parents[2] / "data" / "models"
+    return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in root.glob("*/*/config.json"))
+
+
+def closest_model(name: str, catalog_names: Iterable[str]) -> str | None:
+    """The model a mistyped ``[model] name`` most likely meant: a catalog name, or a Hugging
+    Face id of the checkout by its name part (``llama-4-scout`` ->
+    ``meta-llama/Llama-4-Scout-17B-16E-Instruct``, ``deepseek-r1`` ->
+    ``deepseek-ai/DeepSeek-R1-0528``: today's models are data/models ids, not catalog names);
+    :func:`fleetsim.base.names.closest` over both, a catalog name first where both begin
+    alike."""
+    from fleetsim.base.names import closest
+
+    names = list(catalog_names)
+    ids = {i.split("/", 1)[1]: i for i in checkout_ids()}
+    known = names + [k for k in ids if k not in names]
+    hit = closest(name.rsplit("/", 1)[-1], known)
+    return ids.get(hit, hit) if hit is not None and hit not in names else hit
 
 
 def int8_weight_only(path: Path) -> bool:
