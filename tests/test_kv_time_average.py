@@ -6,12 +6,15 @@ load, where the engine's pure-decode runs are long."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ListSink, resolved
 
 from fleetsim.apps.simulate import simulate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 P, O = 1000, 300  # one request's prompt and output tokens
 
@@ -116,3 +119,79 @@ def test_littles_law_at_low_load():
     est = kv_tokens_per_sequence(p, o, rs.scenario.fleet.max_batched_tokens)
     assert est == pytest.approx(801.4, abs=0.1)
     assert measured == pytest.approx(est + 7.5, rel=1e-3)
+
+
+# ---- a window model's KV budget in tokens: its typical sequences over their time in flight ----
+def test_window_token_iterations_against_the_iterations():
+    """``token_iterations`` (results/capacity.py) against each iteration's context listed: a
+    prompt's chunks hold min(j C, P), decode step k holds P + k (k = 1..L-1), reserved P + L
+    throughout; with a window each is capped at W. 300 random (P, L, W, C) cases, chunk sizes
+    above and below the window."""
+    from fleetsim.results.capacity import token_iterations
+
+    rng = np.random.default_rng(1)
+    for case in range(300):
+        p, n_out, w = (int(x) for x in rng.integers(1, 3000, 3))
+        c = None if case % 2 else int(rng.integers(1, 1500))
+        reserve = case % 3 == 0
+        n = -(-p // c) if c else 1
+        ctx = [min(j * c, p) for j in range(1, n + 1)] if c else [p]
+        ctx += [p + k for k in range(1, n_out)]
+        if reserve:
+            ctx = [p + n_out] * len(ctx)
+        held, iters = token_iterations(np.array([p]), np.array([n_out]), c, reserve)
+        win, _ = token_iterations(np.array([p]), np.array([n_out]), c, reserve, window=w)
+        assert (held[0], iters[0]) == (sum(ctx), len(ctx))
+        assert win[0] == sum(min(x, w) for x in ctx), (p, n_out, w, c, reserve)
+
+
+def test_gpt_oss_two_point_outputs_by_hand():
+    """gpt-oss-120b (18 global + 18 window layers of 128 tokens, 2,048 B per token and layer):
+    prompt 100, output 1 or 99 equally likely. The 1-token request holds 100 tokens for one
+    iteration (all within the window); the 99-token one 100 + 9,800 + 4,851 = 14,751
+    token-iterations over 99, of which the window keeps 100 + (28 x 100 + 28 x 29 / 2) + 70 x
+    128 = 12,266 (decode steps 1..28 still within it). Per token held: 36,864 x (1 + 6,183 /
+    7,425.5) = 67,560 B; the mid-life contexts unweighted (100.5 and 149.5, the old estimate)
+    said 36,864 x (1 + 228.5 / 250) = 70,558 B."""
+    from fleetsim.config.hf import read_hf_config_named
+    from fleetsim.device.modelspec import ModelSpec
+    from fleetsim.results.capacity import token_iterations
+
+    arch, name = read_hf_config_named(ROOT / "data/models/openai/gpt-oss-120b/config.json")
+    m = ModelSpec(name=name, **arch)
+    assert (m.n_global_attn_layers, m.n_sliding_layers, m.sliding_window_tokens) == (18, 18, 128)
+    p, o = np.array([100, 100]), np.array([1, 99])
+    held, iters = token_iterations(p, o)
+    win, _ = token_iterations(p, o, window=128)
+    assert held.tolist() == [100, 14_751] and win.tolist() == [100, 12_266]
+    assert iters.tolist() == [1, 99]
+    bpt = m.kv_bytes_per_token_held_tp(1, held.mean(), win.mean(), iters.mean())
+    assert bpt == pytest.approx(36_864 * (1 + 6183 / 7425.5), rel=1e-12)
+    assert round(bpt) == 67_560
+
+
+def test_gemma_budget_of_a_sequence_crossing_its_window():
+    """gemma-3-27b (10 global + 52 window layers of 1,024 tokens, 8,192 B per token and layer),
+    every request 500 + 1,000 tokens on one H100: a sequence holds 500 .. 1,499 tokens, 999,500
+    token-iterations over 1,000 iterations, of which the window keeps 500 + (524 x 500 + 524 x
+    525 / 2) + 475 x 1,024 = 886,450 (decode steps 1..524 within it). The KV budget's bytes per
+    token are 8,192 x (10 + 52 x 886,450 / 999,500) = 459,722, 9.5 % under every token in every
+    layer (507,904), which the mid-life context, 500 + 1,000 / 2 = 1,000 < 1,024, said."""
+    d = {
+        "simulation": {"hours": 1},
+        "model": {"config": str(ROOT / "data/models/google/gemma-3-27b-it")},
+        "hardware": {"gpu": "h100-sxm"},
+        "fleet": {"tensor_parallel": 1},
+        "traffic": {
+            "requests_per_day": 1000,
+            "prompt": {"dist": "fixed", "value": 500},
+            "output": {"dist": "fixed", "value": 1000},
+        },
+    }
+    rs = resolved(d)
+    assert rs.kv.bytes_per_token == pytest.approx(8192 * (10 + 52 * 886_450 / 999_500), 1e-12)
+    assert round(rs.kv.bytes_per_token) == 459_722
+    assert 8192 * 62 == 507_904
+    # the budget in tokens: the KV bytes over them (its whole blocks)
+    b = rs.kv.block_size_tokens
+    assert rs.kv_capacity_tokens == int(rs.kv.kv_bytes // (rs.kv.bytes_per_token * b)) * b
