@@ -226,11 +226,13 @@ def test_the_summaries_name_the_kv_kinds_and_the_experts_split(tmp_path, capsys)
     out = _day(tmp_path, capsys, MODELS / "openai/gpt-oss-120b/config.json")
     kinds = (
         "73,728 bytes per token in full; 18 full-attention + 18 sliding-window layers of 128 "
-        "tokens; 43,108 bytes per token at the traffic's typical sequence"
+        "tokens; 42,639 bytes per token at the traffic's typical sequence"
     )
     assert kinds in out, out
-    # (18 x 2,048 B = 36,864 B in the full layers, + 18 x 2,048 B x the share of a typical
-    # sequence of SMALL's traffic the 128-token window, plus its open block, keeps)
+    # (18 x 2,048 B = 36,864 B in the full layers, + 18 x 2,048 B x the share of the tokens
+    # that SMALL's typical sequences hold over their time in flight that the 128-token window
+    # keeps: config/resolved.py typical_kv_bytes_per_token; 43,108 at their mid-life contexts,
+    # unweighted, before 2026-12-08)
     # (its window layers' prefixes are cached as vLLM's hybrid manager caches them: h46)
     assert ", prefix caching" in out
     assert "no prefix caching" not in out

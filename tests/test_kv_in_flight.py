@@ -92,9 +92,8 @@ def light_run(request):
     """One llama-3.1-8b replica on an H100 for an hour at 10 req/s: prompts 200-600 tokens,
     geometric outputs of mean 400 (long-tailed), no prefix caching, KV blocks of 1 and of 16
     tokens: ~58 sequences in flight, nothing queues and nothing is preempted. (At a low rate
-    the engine's pure-decode runs grow long, and its KV accounting charges a run's blocks at the
-    run's end over the whole run, serving/kv_paged.py ``_commit_kv``, which overstates the KV in
-    use by about half a run's steps per sequence: 13 % at 0.5 req/s.)"""
+    the engine's pure-decode runs grow long: tests/test_kv_time_average.py holds the KV
+    utilisation to the blocks held over time there.)"""
     from fleetsim.api import simulate
 
     d = {
@@ -122,10 +121,10 @@ def light_run(request):
 def test_engine_kv_in_flight_matches_the_weighted_estimate(light_run):
     """Little's law, measured: the hour's mean KV tokens in use (kv_utilization x the budget)
     over its mean sequences in flight (the requests' arrival-to-finish times within the hour
-    / 3,600 s; nothing waits unadmitted) is the KV a running sequence holds: 798 tokens with
+    / 3,600 s; nothing waits unadmitted) is the KV a running sequence holds: 795 tokens with
     one-token blocks. The time-weighted estimate of the same requests (796: prompt ~400 +
     geometric mean 400 - 1) matches it within 1 %, and with 16-token blocks it matches once the
-    partly filled last block, (16 - 1) / 2 = 7.5 tokens on average, is added (806 measured);
+    partly filled last block, (16 - 1) / 2 = 7.5 tokens on average, is added (802.5 measured);
     the mean-size estimate prompt + output / 2 (600) is 25 % low."""
     run, block = light_run
     T = run.totals

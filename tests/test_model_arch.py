@@ -175,13 +175,16 @@ def test_todays_catalog_entries_are_their_config_files(name):
 
 
 def test_kv_bytes_per_token_of_a_mix_of_sequences():
+    """Two sequences held one iteration each, of 1,000 and 32,768 tokens (means per request:
+    16,884 token-iterations, 1,012 of them within gemma-3's 1,024-token window): the 10 global
+    layers hold every token, the 52 window layers at most 1,024 of each."""
     g = _repo("google/gemma-3-27b-it")
     per = 2 * 16 * 128 * 2
-    mixed = g.kv_bytes_per_token_mean_tp(1, [1000, 32768])
-    assert mixed == per * (62 * 1000 + 10 * 32768 + 52 * 1024) / 33768
+    mixed = g.kv_bytes_per_token_held_tp(1, (1000 + 32768) / 2, (1000 + 1024) / 2, 1.0)
+    assert mixed == pytest.approx(per * (62 * 1000 + 10 * 32768 + 52 * 1024) / 33768, rel=1e-12)
     # tp 32 exceeds the 16 KV heads: each is held twice
-    assert g.kv_bytes_per_token_mean_tp(32, [1000, 32768]) == 2 * mixed
+    assert g.kv_bytes_per_token_held_tp(32, 16_884, 1012, 1.0) == 2 * mixed
     llama = model_from_catalog("llama-3.1-70b")
-    assert llama.kv_bytes_per_token_mean_tp(4, [5, 70_000]) == llama.kv_bytes_per_token_tp(4)
+    assert llama.kv_bytes_per_token_held_tp(4, 35_002, 5, 1.0) == llama.kv_bytes_per_token_tp(4)
     nem = _repo("nvidia/NVIDIA-Nemotron-Nano-9B-v2")  # the state is split over GPUs, not held twice
     assert nem.kv_bytes_tp(100, 2) == nem.kv_bytes(100)

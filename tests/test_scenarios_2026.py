@@ -196,7 +196,9 @@ def test_gemma_windows_by_hand_one_h100_holds_the_longest_request_only_with_them
 
 
 def test_gemma_cost_identity_and_the_counterfactual_fleet():
-    """The file's 5 x TP4 = 20 H100s over its 2 simulated hours are 40 GPU-h; the page's
+    """The file's 5 x TP4 = 20 H100s over its 2 simulated hours are 40 GPU-h (`fleetsim plan
+    --gpus h100-sxm --tp 2,4`'s fewest with prefix caching on, as the file runs, are 4 x TP4 at
+    the TPOT limit, 174.7 ms of 175: the file keeps one replica of margin); the page's
     counterfactual is 17 x TP4 = 68; cost = kWh x price + GPU-h x capex / (5 x 8,760 h)."""
     sc = fleetsim.load(GEMMA)
     assert (sc.fleet.replicas, sc.fleet.tensor_parallel, sc.simulation.hours) == (5, 4, 2)

@@ -9,12 +9,15 @@ The resolution itself is :func:`fleetsim.config.resolve.resolve`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetsim.config.schema import Scenario
 from fleetsim.device.latency import LatencyModel, PowerSpec, Profile
 from fleetsim.device.modelspec import ModelSpec
 from fleetsim.device.moe import replica_weight_bytes
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,11 @@ class KvBudget:
     block_size_tokens: int
     blocks: int
     #: blocks x block size (paged) or whole tokens (reserve): for a model with sliding-window or
-    #: linear-state layers these are tokens at ``bytes_per_token``, the mean of the traffic's
-    #: typical sequences (:func:`typical_contexts`), an estimate of how many tokens of such
-    #: sequences the cache holds (what the capacity estimates divide); the engine counts such a
-    #: model exactly: paged in layer-blocks (``layer_blocks``, ``state_blocks``), a hybrid under
-    #: reserve in ``attn_tokens`` and ``state_tokens``
+    #: linear-state layers these are tokens at ``bytes_per_token``, that of the traffic's typical
+    #: sequences over their time in flight (:func:`typical_kv_bytes_per_token`), an estimate of
+    #: how many tokens of such sequences the cache holds (what the capacity estimates divide);
+    #: the engine counts such a model exactly: paged in layer-blocks (``layer_blocks``,
+    #: ``state_blocks``), a hybrid under reserve in ``attn_tokens`` and ``state_tokens``
     tokens: int
     #: the longest single request (prompt + output) the cache holds, what the engine itself
     #: admits: ``tokens``; for a windowed or hybrid model under paged KV its layer-blocks
@@ -116,7 +119,7 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seq
 
 def sizes_from_file(sc: Scenario) -> bool:
     """Whether the traffic's request sizes come from a file (a trace or an empirical column),
-    where :func:`typical_contexts` draws none and the KV budget charges every token in every
+    where :func:`typical_sizes` draws none and the KV budget charges every token in every
     layer."""
     from fleetsim.workload.distributions import Empirical
 
@@ -124,11 +127,11 @@ def sizes_from_file(sc: Scenario) -> bool:
     return bool(tr.trace) or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical)
 
 
-def typical_contexts(sc: Scenario, n: int = 4096) -> list[float]:
-    """Contexts of ``n`` sequences as a replica holds them: a prompt and half its output, drawn
-    from the traffic's size distributions (a fixed SeedSequence stream, so that the budget does
-    not depend on the run's seed); empty when a size comes from a file (trace or empirical
-    column): the budget then charges every token in every layer (the most a token can cost)."""
+def typical_sizes(sc: Scenario, n: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
+    """Prompt and output tokens of ``n`` requests drawn from the traffic's size distributions
+    (a fixed SeedSequence stream, so that the budget does not depend on the run's seed); None
+    when a size comes from a file (trace or empirical column): the budget then charges every
+    token in every layer (the most a token can cost)."""
     import numpy as np
 
     from fleetsim.workload.distributions import Empirical
@@ -136,11 +139,36 @@ def typical_contexts(sc: Scenario, n: int = 4096) -> list[float]:
     tr = sc.traffic
     # (sizes_from_file, spelled out so that the types narrow)
     if tr.trace or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical):
-        return []
+        return None
     rng = np.random.default_rng(np.random.SeedSequence(0x4B56))  # "KV"
-    p = tr.prompt.draw(rng, n)
-    o = tr.output.draw(rng, n)
-    return (p + 0.5 * o).tolist()
+    return tr.prompt.draw(rng, n), tr.output.draw(rng, n)
+
+
+def typical_kv_bytes_per_token(sc: Scenario, model: ModelSpec, tp: int) -> float:
+    """The KV bytes per token of a replica holding the traffic's typical sequences, each
+    weighted by its time in flight: the bytes they hold summed over their iterations over the
+    tokens they hold summed likewise (:meth:`ModelSpec.kv_bytes_per_token_held_tp`; the sums
+    are :func:`fleetsim.results.capacity.token_iterations`', under the fleet's chunked prefill
+    and KV allocation), so that ``kv bytes / this`` is the budget in the tokens that the
+    capacity estimate's KV per running sequence (results/capacity.py, weighted the same way)
+    divides. A window layer holds ``min(L, W)`` of a context ``L``, so a sequence whose life
+    crosses ``W`` holds less there than its mid-life context would say, and a long output holds
+    its KV longer. :meth:`ModelSpec.kv_bytes_per_token_tp` (every token in every layer) for a
+    model whose KV is proportional to its context, or where :func:`typical_sizes` draws none."""
+    sizes = None if model.kv_uniform else typical_sizes(sc)
+    if sizes is None:
+        return model.kv_bytes_per_token_tp(tp)
+    from fleetsim.results.capacity import token_iterations
+
+    f = sc.fleet
+    chunk = f.prompt_token_budget if f.chunked_prefill else None
+    reserve = f.kv_allocation == "reserve"
+    held, iters = token_iterations(*sizes, chunk, reserve)
+    w = model.sliding_window_tokens if model.n_sliding_layers else None
+    win = held if w is None else token_iterations(*sizes, chunk, reserve, window=w)[0]
+    return model.kv_bytes_per_token_held_tp(
+        tp, float(held.mean()), float(win.mean()), float(iters.mean())
+    )
 
 
 def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
@@ -166,8 +194,8 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     kv = usable - weights - act
     # KV heads replicated when tp exceeds them; a model with sliding-window or linear-state
     # layers holds less than its context: its bytes per token are those of the traffic's
-    # typical sequences (typical_contexts)
-    bpt = model.kv_bytes_per_token_mean_tp(tp, () if model.kv_uniform else typical_contexts(sc))
+    # typical sequences over their time in flight (typical_kv_bytes_per_token)
+    bpt = typical_kv_bytes_per_token(sc, model, tp)
     b = f.block_size_tokens
     if f.kv_allocation == "paged":
         blocks = max(0, int(kv // (bpt * b)))

@@ -52,7 +52,6 @@ blocks carries one fp32 scale per 16,384 weights, 0.02%, not counted).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 DTYPE_BYTES = {
@@ -638,14 +637,26 @@ class ModelSpec:
             group = max(kinds)
         return int(-(-M // group) * group * per_layer)
 
-    def kv_bytes_per_token_mean_tp(self, tp: int, contexts: Sequence[float]) -> float:
-        """KV bytes per token of a replica holding sequences of ``contexts`` tokens: their
-        bytes (:meth:`kv_bytes_tp`) over their tokens. :meth:`kv_bytes_per_token_tp` exactly
-        when the KV is proportional to the context."""
-        if self.kv_uniform or not contexts:
+    def kv_bytes_per_token_held_tp(
+        self, tp: int, tokens: float, window_tokens: float, iterations: float
+    ) -> float:
+        """KV bytes per token of a replica holding sequences that hold ``tokens`` token-
+        iterations (a sequence's context summed over its iterations in flight), ``window_tokens``
+        of them within the sliding window (each iteration's context capped at the window) over
+        ``iterations`` iterations (means per request: results/capacity.py
+        ``token_iterations``): their bytes over their tokens, ``(e rep (G tokens + S
+        window_tokens) + state iterations) / tokens`` with ``e`` one token's K and V in one layer,
+        ``rep`` the KV heads' copies over the ``tp`` GPUs (:meth:`kv_bytes_tp` summed over the
+        iterations). :meth:`kv_bytes_per_token_tp` exactly when the KV is proportional to the
+        context."""
+        if self.kv_uniform:
             return self.kv_bytes_per_token_tp(tp)
-        total = sum(max(float(c), 1.0) for c in contexts)
-        return sum(self.kv_bytes_tp(max(float(c), 1.0), tp) for c in contexts) / total
+        per = self.kv_elements_per_token_layer * self.kv_bytes_per_element
+        attn = self.n_global_attn_layers * tokens
+        if self.n_sliding_layers:
+            attn += self.n_sliding_layers * window_tokens
+        held = per * self._tp_replication(tp) * attn + self.state_bytes_per_seq * iterations
+        return held / max(tokens, 1.0)
 
     def tp_problem(self, tp: int) -> str | None:
         """Why ``tp``-way tensor parallelism cannot shard this model (vLLM's rule: the query

@@ -156,7 +156,8 @@ def headroom(res: Result, source: str = "") -> dict:
     batching (``busy`` is near 100% at modest load: a replica with anything in flight is busy):
 
     * ``batch_occupancy``: mean sequences per iteration / ``max_num_seqs`` (day and busiest hour);
-    * ``kv_use``: KV blocks in use / the KV budget (day mean, and the highest hourly mean);
+    * ``kv_use``: KV blocks held, averaged over time, / the KV budget (day mean, and the
+      highest hourly mean; serving/kv_paged.py ``_held_block_s``);
     * ``flops_utilization`` / ``bandwidth_utilization``: achieved / peak of the powered GPUs;
     * ``peak_hour_load``: the busiest hour's arrival rate / the rate the powered fleet can carry
       within the TPOT target (an estimate at the run's mean prompt and output tokens per

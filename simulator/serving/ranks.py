@@ -435,22 +435,26 @@ class RankedPagedKV(PagedKV):
 
     def _commit_kv(self, j: int, it0: int, n: int, x: int, h: int, dt: float) -> None:
         """One shared pool: the paged policy's. A pool per rank: each rank's decodes take
-        their blocks of steps ``1 .. j - 1`` from its own pool, and the blocks in use are the
+        their blocks of steps ``1 .. j - 1`` from its own pool, and the blocks held are the
         ranks' sum."""
         pools = self.pools
         if pools is None:
             super()._commit_kv(j, it0, n, x, h, dt)
             return
         assert x < 0, "a ranked replica's runs end at a boundary, not at a cut (_end_at)"
-        used = 0
+        used = 0  # the ranks' blocks held in the run's first iteration
+        x = 0  # the blocks their decode steps open
         for k in range(self.ranks):
             self._use(k)
+            used += self.NB - self.free - self.lrub
             if j > 1:
                 nk = self._rank_dec()
                 if nk:
-                    self._take(self._blocks(it0 + 1, j - 1, nk))
-            used += self.NB - self.free - self.lrub
-        self.rec.kv_block_s[h] += (used * self.wscale if self.win is not None else used) * dt
+                    xk = self._blocks(it0 + 1, j - 1, nk)
+                    self._take(xk)
+                    x += xk
+        bs = self._held_block_s(used, x, j, dt)
+        self.rec.kv_block_s[h] += bs * self.wscale if self.win is not None else bs
 
     # ---- cut points and run lengths -----------------------------------------------------------
     def _fits_now(self, r: Request) -> bool:
