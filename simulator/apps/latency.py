@@ -195,7 +195,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
     from fleetsim.device.latency import LatencyModel, RooflineProfile, compute_peak
-    from fleetsim.device.moe import layout_problem, mxfp4_moe_path
+    from fleetsim.device.moe import layout_problem, mxfp4_moe_path, nvfp4_moe_path
     from fleetsim.device.profile import catalog_profile
 
     model, source = _model_and_source(args.model, args.dtype)
@@ -265,7 +265,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
         )
     lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
-    mxfp4 = model.expert_dtype == "mxfp4" and model.n_experts > 1
+    e_note = {"mxfp4": mxfp4_moe_path, "nvfp4": nvfp4_moe_path}.get(str(model.expert_dtype))
+    if model.n_experts <= 1:
+        e_note = None
     out = []
     ctx_max = model.max_context_tokens
     why = f"{model.name}'s context is {ctx_max:,} tokens"
@@ -331,9 +333,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "weights": model.weights_label,
                 "kv_dtype": model.kv_dtype_resolved,
                 "weight_only_quantization": weight_only,
-                # how the experts' own precision is computed, when it differs (mxfp4 experts:
-                # vLLM's kernel on this GPU, the peak they run at; device/moe.py)
-                "experts_note": mxfp4_moe_path(args.gpu) if mxfp4 else "",
+                # how the experts' own precision is computed, when it differs (mxfp4 and
+                # nvfp4 experts: vLLM's kernel on this GPU, the peak they run at; device/moe.py)
+                "experts_note": e_note(args.gpu) if e_note else "",
                 "tp": args.tp,
                 "phase": "decode" if b else "prefill",
                 "tokens": tokens,

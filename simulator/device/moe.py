@@ -438,6 +438,39 @@ MXFP4_MOE_PATHS = {
 }
 
 
+#: how vLLM 0.11 runs NVFP4 experts (ModelOpt checkpoints: ``ModelOptNvFp4FusedMoE`` in
+#: vllm/model_executor/layers/quantization/modelopt.py, its backend from
+#: ``detect_nvfp4_moe_support`` in utils/nvfp4_moe_support.py) on each catalog GPU, and the peak
+#: :func:`mxfp4_moe_gemm_s` times them at (``compute_peak(profile, "nvfp4")``). Without FP4
+#: tensor cores (``cutlass_fp4_supported()`` false: SM80, SM90) vLLM falls back to Marlin's FP4
+#: MoE, weight-only; on SM100 it quantises the activations to NVFP4 (``scaled_fp4_quant``) and
+#: runs CUTLASS's FP4 grouped GEMM (``cutlass_moe_fp4``), or FlashInfer's CUTLASS / TensorRT-LLM
+#: FP4 MoE with ``VLLM_USE_FLASHINFER_MOE_FP4=1``: W4A4 at the dense FP4 peak (gpus.toml
+#: ``peak_flops_fp4``). Derived from the source; the kernels' own costs (the activation
+#: quantisation, the block-scale loads) are not modelled beyond the packed weight stream.
+NVFP4_MOE_PATHS = {
+    "a100-80gb": "experts nvfp4, weight-only on this GPU (vLLM falls back to Marlin's FP4 "
+    "MoE, the weights dequantised to bf16 in registers): compute at the bf16 peak",
+    "h100-sxm": "experts nvfp4, weight-only on this GPU (no FP4 tensor cores: vLLM falls back "
+    "to Marlin's FP4 MoE, the weights dequantised to bf16 in registers): compute at the bf16 "
+    "peak",
+    "h200": "experts nvfp4, weight-only on this GPU (no FP4 tensor cores: vLLM falls back to "
+    "Marlin's FP4 MoE, the weights dequantised to bf16 in registers): compute at the bf16 peak",
+    "b200": "experts nvfp4 with nvfp4 activations (vLLM's CUTLASS FP4 grouped GEMM, or "
+    "FlashInfer's FP4 MoE with VLLM_USE_FLASHINFER_MOE_FP4=1): compute at the dense FP4 peak",
+}
+
+
+def nvfp4_moe_path(gpu: str) -> str:
+    """The line :data:`NVFP4_MOE_PATHS` has for catalog GPU ``gpu``; for another GPU what the
+    model assumes."""
+    return NVFP4_MOE_PATHS.get(
+        gpu,
+        "experts nvfp4: compute at the GPU's FP4 peak where its profile gives one "
+        "(peak_flops_fp4), else weight-only at the bf16 peak (vLLM's Marlin fallback)",
+    )
+
+
 def mxfp4_moe_path(gpu: str) -> str:
     """The line :data:`MXFP4_MOE_PATHS` has for catalog GPU ``gpu``; for another GPU (a profile
     or a catalog entry added later) what the model assumes."""
@@ -687,7 +720,7 @@ def moe_layer_parts_s(
     moe_fit: FusedMoeFit = NO_MOE_FIT,
     fp8_block: bool = False,
     fp8_kernel: str = "triton",
-    mxfp4: bool = False,
+    fp4: bool = False,
 ) -> dict[str, float]:
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
     whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
@@ -703,9 +736,11 @@ def moe_layer_parts_s(
     ``"flashinfer-trtllm"`` the grouped GEMMs are :func:`flashinfer_moe_gemm_s` (no loop
     latency, ``moe_fp8_loop`` 0), the routing, top-k and weighted sum are inside the kernel
     (its ``fi_layer_s`` in ``moe_route``) and the kernel handles this GPU's experts' rows only
-    (no zero tiles for other ranks' rows). ``mxfp4``: the experts are mxfp4 (gpt-oss), whose
-    grouped GEMMs are :func:`mxfp4_moe_gemm_s` (no Triton K-loop latency, no small-tile compute
-    shape; ``expert_weight_bytes`` the packed bytes a parameter)."""
+    (no zero tiles for other ranks' rows). ``fp4``: the experts are mxfp4 (gpt-oss) or nvfp4
+    (ModelOpt NVFP4 checkpoints), whose grouped GEMMs are not the Triton ``fused_moe_kernel``
+    but :func:`mxfp4_moe_gemm_s` (no Triton K-loop latency, no small-tile compute shape;
+    ``expert_weight_bytes`` the packed bytes a parameter, ``expert_peak_flops`` the peak the
+    backend runs at: :data:`MXFP4_MOE_PATHS`, :data:`NVFP4_MOE_PATHS`)."""
     ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
     epk = peak_flops if expert_peak_flops is None else expert_peak_flops
     d = model.d_model
@@ -757,7 +792,7 @@ def moe_layer_parts_s(
             )
         loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned, tiles)
         loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned, tiles)
-    elif not mxfp4 and shape not in moe_fit.tuned:  # (mxfp4: no such loop, below)
+    elif not fp4 and shape not in moe_fit.tuned:  # (fp4 experts: no such loop, below)
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
@@ -767,9 +802,10 @@ def moe_layer_parts_s(
     out["moe_dispatch"] = comm
     # the fused kernel's sustained MMA rate (FusedMoeFit.mma_frac; 0: no such bound)
     mma = epk * moe_fit.mma_frac * occupancy if moe_fit.mma_frac < 1.0 else 0.0
-    if mxfp4:
-        # matmul_ogs (Hopper) / FlashInfer TensorRT-LLM (Blackwell), not fused_moe_kernel:
-        # the touched experts' packed weights streamed, no serial K-loop latency
+    if fp4:
+        # mxfp4: matmul_ogs (Hopper) / FlashInfer TensorRT-LLM (Blackwell); nvfp4: Marlin's FP4
+        # MoE (Hopper) / CUTLASS's FP4 grouped GEMM (Blackwell); not fused_moe_kernel: the
+        # touched experts' packed weights streamed, no serial K-loop latency
         out["moe_gemm_up"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, n_up, d, ewb)
     else:
         out["moe_gemm_up"] = grouped_gemm_time_s(
@@ -779,7 +815,7 @@ def moe_layer_parts_s(
     if fp8_block:  # the activation re-quantised for the fp8 down GEMM: 16-bit in, 8-bit out
         act_bytes += 3.0 * rows_all * cols
     out["moe_act"] = elem_time_s(fit, bw, "act", act_bytes)
-    if mxfp4:
+    if fp4:
         out["moe_gemm_down"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, d, cols, ewb)
     else:
         out["moe_gemm_down"] = grouped_gemm_time_s(

@@ -1,0 +1,241 @@
+"""ModelOpt checkpoints (NVFP4, FP8) as vLLM 0.11 runs them (issue 22, helper N47): the reader
+(config/hf.py ``_modelopt``, ``with_hf_quant_config``), the weights' bytes at 4.5 bits a
+parameter, the B200's FP4 peak against Hopper's weight-only fallback, and the experts' own
+grouped GEMMs (docs/accuracy-log.md, "NVFP4 checkpoints (ModelOpt) on the B200")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fleetsim.apps.latency import _model
+from fleetsim.apps.latency import main as latency_main
+from fleetsim.base.errors import ScenarioError
+from fleetsim.config.hf import architecture_from_hf, read_hf_config_named
+from fleetsim.device import catalog
+from fleetsim.device.latency import LatencyModel, compute_peak
+from fleetsim.device.modelspec import DTYPE_BYTES, ModelSpec
+from fleetsim.device.moe import MoeLayout, moe_layer_parts_s, mxfp4_moe_gemm_s
+from fleetsim.device.profile import catalog_profile
+from fleetsim.device.stack import apply_stack
+
+R1_FP4 = Path(__file__).resolve().parents[1] / "data/models/nvidia/DeepSeek-R1-0528-FP4"
+
+#: a Llama-3.1-8B-shaped config.json with ModelOpt's config.json form of the quantization
+#: (ModelOpt 0.31 and after: quant_method "modelopt", quant_algo, ignore, group_size)
+LLAMA8 = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "torch_dtype": "bfloat16",
+    "quantization_config": {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "group_size": 16,
+        "kv_cache_scheme": None,
+        "ignore": ["lm_head"],
+    },
+}
+
+
+def _arch(quant: dict | None = None, **over: object) -> dict:
+    cfg = {**LLAMA8, **over}
+    if quant is not None:
+        cfg["quantization_config"] = quant
+    return architecture_from_hf(cfg, "config.json")
+
+
+def _refusal(quant: dict, cfg: dict | None = None) -> str:
+    with pytest.raises(ScenarioError) as e:
+        architecture_from_hf({**(cfg or LLAMA8), "quantization_config": quant}, "config.json")
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_nvfp4_is_four_bits_and_one_e4m3_scale_per_16():
+    """16 e2m1 weights (8 bytes) and one e4m3 block scale (1 byte): 9 bytes per 16 weights."""
+    assert DTYPE_BYTES["nvfp4"] * 16 == 9.0
+    assert DTYPE_BYTES["nvfp4"] == 0.5625
+
+
+def test_a_dense_nvfp4_config_json_by_hand():
+    """Llama-3.1-8B shapes, every linear layer NVFP4, the LM head excluded, the embedding never
+    quantised: 6,979,321,856 parameters at 0.5625 bytes, 2 x 525,336,576 at 2 bytes."""
+    f = _arch()
+    assert (f["dtype"], f["embed_dtype"]) == ("nvfp4", "bf16")
+    m = ModelSpec(name="llama-8b-nvfp4", **f)
+    attn = 4096 * 4096 * 2 + 2 * 4096 * 1024  # q, o; k, v (8 KV heads x 128)
+    mlp = 3 * 4096 * 14336
+    assert 32 * (attn + mlp) == 6_979_321_856
+    emb = 128256 * 4096
+    assert emb == 525_336_576
+    assert m.weight_bytes == 6_979_321_856 * 0.5625 + 2 * emb * 2.0
+    # one decode step streams every linear weight once and the LM head (not the embedding)
+    assert m.weight_bytes_read(1) == 6_979_321_856 * 0.5625 + emb * 2.0
+
+
+def test_modelopt_fp8_is_per_tensor_fp8():
+    """quant_algo FP8: ModelOptFp8LinearMethod, one fp32 scale a tensor (no 128 x 128 blocks)."""
+    f = _arch({"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"]})
+    assert (f["dtype"], f["embed_dtype"], f["fp8_block"]) == ("fp8", "bf16", False)
+
+
+def test_the_hf_quant_config_json_form_and_its_sidecar_file(tmp_path):
+    """ModelOpt 0.29 and before: no quantization_config in config.json, hf_quant_config.json
+    beside it (read as vLLM does); a config.json with its own quantization_config keeps it."""
+    cfg = {k: v for k, v in LLAMA8.items() if k != "quantization_config"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert read_hf_config_named(tmp_path / "config.json")[0]["dtype"] == "bf16"
+    side = {
+        "producer": {"name": "modelopt", "version": "0.29.0"},
+        "quantization": {
+            "quant_algo": "NVFP4",
+            "kv_cache_quant_algo": None,
+            "group_size": 16,
+            "exclude_modules": ["lm_head"],
+        },
+    }
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps(side))
+    assert read_hf_config_named(tmp_path / "config.json")[0]["dtype"] == "nvfp4"
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA8 | {"quantization_config": None}))
+    assert read_hf_config_named(tmp_path / "config.json")[0]["dtype"] == "nvfp4"
+    fp8 = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA8 | {"quantization_config": fp8}))
+    assert read_hf_config_named(tmp_path / "config.json")[0]["dtype"] == "fp8"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps({"quant_algo": "NVFP4"}))
+    with pytest.raises(ScenarioError, match=r"is not ModelOpt's hf_quant_config\.json"):
+        read_hf_config_named(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize(
+    ("quant", "says"),
+    [
+        (
+            {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4"},
+            "quant_algo = 'W4A16_NVFP4', which vLLM 0.11 does not run (it reads FP8 and NVFP4)",
+        ),
+        (
+            {"quant_method": "modelopt", "quant_algo": "FP8_PB_WO"},
+            "quant_algo = 'FP8_PB_WO', which vLLM 0.11 does not run",
+        ),
+        (
+            {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 32},
+            "group_size = 32 with NVFP4: NVFP4 scales blocks of 16",
+        ),
+        (
+            {
+                "quant_method": "modelopt",
+                "quant_algo": "NVFP4",
+                "ignore": ["model.layers.0.self_attn*"],
+            },
+            "keeps attention 16-bit in part only (layers [0]",
+        ),
+        (
+            {
+                "quant_method": "modelopt",
+                "quant_algo": "NVFP4",
+                "ignore": [f"model.layers.{i}.self_attn.q_proj" for i in range(32)],
+            },
+            "keeps attention 16-bit in part only",
+        ),
+        (
+            {"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": ["model.norm"]},
+            "excludes 'model.norm', a module fleetsim cannot place",
+        ),
+    ],
+)
+def test_what_is_not_supported_is_refused_in_one_line(quant, says):
+    assert says in _refusal(quant)
+
+
+def test_attention_excluded_in_every_layer_stays_16_bit():
+    """Whole attention excluded (a wildcard, or every projection of every layer): dtype bf16,
+    the experts (none here) and the MLPs' precision is then the attention's too."""
+    for ignore in (
+        ["lm_head", "*self_attn*"],
+        ["lm_head"] + [f"model.layers.{i}.self_attn*" for i in range(32)],
+        ["lm_head"]
+        + [f"model.layers.{i}.self_attn.{p}" for i in range(32) for p in ("qkv_proj", "o_proj")],
+    ):
+        f = _arch({"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": ignore})
+        assert f["dtype"] == "bf16", ignore
+
+
+def test_deepseek_r1_0528_fp4_precision_per_part_and_weights_by_hand():
+    """nvidia/DeepSeek-R1-0528-FP4 as data/models writes it (hf_quant_config.json beside
+    config.json: every attention projection and the MTP layer 61 excluded): attention, the
+    three dense MLPs and the routers bf16, every expert (58 MoE layers x (256 routed + 1
+    shared) x 3 x 7,168 x 2,048) nvfp4, embedding and LM head bf16. 656.46 B expert parameters
+    at 0.5625 bytes + 14.56 B at 2 bytes = 398.39 GB = 371.0 GiB."""
+    f, name = read_hf_config_named(R1_FP4 / "config.json")
+    assert name == "nvidia/DeepSeek-R1-0528-FP4"
+    assert (f["dtype"], f["expert_dtype"], f["embed_dtype"]) == ("bf16", "nvfp4", "bf16")
+    m = ModelSpec(name=name, **f)
+    experts = 58 * 257 * 3 * 7168 * 2048
+    assert experts == m.expert_params_total == 656_463_101_952
+    rest = m.total_params - experts
+    assert rest == 14_562_295_808
+    assert m.weight_bytes == experts * 0.5625 + rest * 2.0
+    assert m.weight_bytes == pytest.approx(398.385e9, rel=1e-5)
+    assert m.weight_bytes / 2**30 == pytest.approx(371.03, abs=0.01)
+    # a batch-1 decode step streams the 8 routed experts a token picks and the shared one
+    one = 58 * 9 * 3 * 7168 * 2048
+    fixed = m.n_attn_layers * m.attn_params_per_layer + 3 * m.dense_mlp_params
+    fixed += 58 * m.router_params_per_layer
+    assert m.weight_bytes_read(1) == pytest.approx(
+        one * 0.5625 + fixed * 2.0 + m.lm_head_params * 2.0, rel=1e-12
+    )
+
+
+def _profile(gpu: str):
+    return apply_stack(catalog_profile(gpu, catalog.gpu(gpu)), "vllm-v1", gpu, 256)
+
+
+def test_the_b200_runs_nvfp4_at_its_fp4_peak_and_hopper_weight_only():
+    """B200: DGX B200 data sheet 144 PFLOPS sparse FP4 / 8 GPUs / 2 = 9 PFLOP/s dense, W4A4
+    (vLLM quantises the activations: scaled_fp4_quant + cutlass_scaled_fp4_mm); H100 / H200 have
+    no FP4 units: Marlin's FP4 kernels, weight-only at the bf16 peak."""
+    assert compute_peak(_profile("b200"), "nvfp4") == (9000e12, False)
+    for gpu in ("h100-sxm", "h200"):
+        p = _profile(gpu)
+        assert compute_peak(p, "nvfp4") == (p.peak_flops, True)
+    assert compute_peak(_profile("b200"), "mxfp4") == (2250e12, False)  # unchanged (bf16 acts)
+
+
+def test_nvfp4_experts_are_their_own_grouped_gemms_on_the_b200():
+    """DeepSeek-R1-0528-FP4, TP8, a batch-1 decode on the B200: each MoE layer's two grouped
+    GEMMs are mxfp4_moe_gemm_s over the 8 touched experts' nvfp4 weights (no Triton K-loop),
+    at the FP4 peak."""
+    lat = LatencyModel(_model(str(R1_FP4), None), _profile("b200"), 8)
+    assert lat._fp4_moe and lat._epeak == 9000e12 and lat._ewb == 0.5625
+    kf = lat._kern_g
+    parts = moe_layer_parts_s(
+        kf, lat._peak_lin, lat._bw, lat.model, MoeLayout(8, 1, False), 1, lat._wb,
+        1e11, 0.0, lat._ewb, lat._epeak, lat._moe_fit, False, "triton", True,
+    )  # fmt: skip
+    cols = 2048 / 8
+    up = mxfp4_moe_gemm_s(kf, 9000e12, 8.0e12, 8.0, 8.0, 2 * cols, 7168, 0.5625)
+    down = mxfp4_moe_gemm_s(kf, 9000e12, 8.0e12, 8.0, 8.0, 7168, cols, 0.5625)
+    assert parts["moe_gemm_up"] == pytest.approx(up, rel=1e-12)
+    assert parts["moe_gemm_down"] == pytest.approx(down, rel=1e-12)
+
+
+def test_fleetsim_latency_prints_the_nvfp4_parts(capsys):
+    args = ["--tp", "8", "--model", str(R1_FP4), "--context", "2048"]
+    assert latency_main(["--gpu", "b200", *args, "--batch", "1,64"]) == 0
+    out = capsys.readouterr().out
+    assert "nvidia/DeepSeek-R1-0528-FP4 (bf16 weights, experts nvfp4, kv bf16) on 8 x b200" in out
+    assert "experts nvfp4 with nvfp4 activations" in out and "dense FP4 peak" in out
+    assert "moe_grouped_gemm" in out
+    assert latency_main(["--gpu", "h200", *args, "--batch", "1"]) == 0
+    assert "weight-only on this GPU (no FP4 tensor cores" in capsys.readouterr().out
