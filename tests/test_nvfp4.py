@@ -239,3 +239,34 @@ def test_fleetsim_latency_prints_the_nvfp4_parts(capsys):
     assert "moe_grouped_gemm" in out
     assert latency_main(["--gpu", "h200", *args, "--batch", "1"]) == 0
     assert "weight-only on this GPU (no FP4 tensor cores" in capsys.readouterr().out
+
+
+def test_flashinfer_trtllm_takes_nvfp4_experts_and_refuses_mxfp4():
+    """--fp8-moe-kernel flashinfer-trtllm on nvfp4 experts: FlashInfer's TensorRT-LLM FP4 MoE
+    (VLLM_USE_FLASHINFER_MOE_FP4=1), its fitted fixed time per layer (fi_layer_s, the fp8
+    kernel's: assumed) in moe_route and the grouped GEMMs' packed nvfp4 weights and nvfp4 rows at
+    its fitted bandwidth fraction; mxfp4 experts refuse it (vLLM runs no such kernel for them)."""
+    from fleetsim.device.moe import flashinfer_moe_gemm_s
+
+    lat = LatencyModel(_model(str(R1_FP4), None), _profile("b200"), 8)
+    kf, mf = lat._kern_g, lat._moe_fit
+    args = (kf, lat._peak_lin, lat._bw, lat.model, MoeLayout(8, 1, False), 64, lat._wb, 1e11, 0.0)
+    fi = moe_layer_parts_s(*args, 0.5625, 9000e12, mf, False, "flashinfer-trtllm", True)
+    assert fi["moe_route"] == mf.fi_layer_s == 164e-6
+    touched = 256 * (1.0 - (1.0 - 8 / 256) ** 64)
+    rows, cols = 64 * 8.0, 2048 / 8
+    w = touched * 2 * cols * 7168 * 0.5625
+    t_m = (w + rows * 7168 * 0.5625 + rows * 2 * cols * 2.0) / (8.0e12 * mf.fi_bw_frac)
+    assert fi["moe_gemm_up"] == pytest.approx(t_m, rel=1e-12)  # memory-bound at 64 tokens
+    up = flashinfer_moe_gemm_s(
+        mf, 9000e12, kf.gemm_eff_max, 8.0e12, rows, touched, 2 * cols, 7168, kf.gemm_bw_eff,
+        0.5625, 0.5625,
+    )  # fmt: skip
+    assert fi["moe_gemm_up"] == up and fi["moe_act"] == 0.0
+    # the fp8 call is unchanged by the new arguments' defaults
+    fp8 = flashinfer_moe_gemm_s(mf, 4500e12, 0.7, 8.0e12, rows, touched, 512, 7168, 0.9)
+    w8 = touched * 512 * 7168 * (1.0 + 4.0 / 128**2)
+    assert fp8 == pytest.approx((w8 + rows * 7168 + rows * 512 * 2.0) / (8.0e12 * 0.6), 1e-12)
+    with pytest.raises(ScenarioError, match="openai/gpt-oss-120b has mxfp4 experts"):
+        gpt = ["--model", "data/models/openai/gpt-oss-120b", "--batch", "1", "--context", "64"]
+        latency_main(["--gpu", "b200", *gpt, "--fp8-moe-kernel", "flashinfer-trtllm"])

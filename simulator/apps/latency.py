@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp8-moe-kernel",
         choices=("triton", "flashinfer-trtllm"),
         default="triton",
-        help="the fused-MoE kernel fp8 block-quantised experts run (default triton, as"
-        " fleet.fp8_moe_kernel; flashinfer-trtllm: B200 only)",
+        help="the fused-MoE kernel fp8 block-quantised (or nvfp4) experts run (default triton,"
+        " as fleet.fp8_moe_kernel; flashinfer-trtllm: B200 only)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return p
