@@ -158,6 +158,16 @@ def test_what_is_not_supported_is_refused_in_one_line(quant, says):
     assert says in _refusal(quant)
 
 
+def test_routers_and_16_bit_parts_are_ignored_in_exclude_modules():
+    """Routers (vLLM builds them unquantised), the embedding, vision towers and the MTP layer
+    are not parts fleetsim quantises: listing them changes nothing."""
+    ignore = ["lm_head", "model.embed_tokens", "model.layers.3.mlp.gate", "*router*"]
+    ignore += ["model.layers.0.mlp.shared_expert_gate", "model.visual*", "mtp*"]
+    ignore += ["model.layers.40.self_attn*"]  # beyond the 32 layers: an MTP layer
+    f = _arch({"quant_method": "modelopt", "quant_algo": "NVFP4", "ignore": ignore})
+    assert (f["dtype"], f["embed_dtype"]) == ("nvfp4", "bf16")
+
+
 def test_attention_excluded_in_every_layer_stays_16_bit():
     """Whole attention excluded (a wildcard, or every projection of every layer): dtype bf16,
     the experts (none here) and the MLPs' precision is then the attention's too."""
@@ -323,3 +333,18 @@ def test_published_mistral_24b_bf16_and_nvfp4_on_one_b200():
     assert steps["bf16"] / steps["nvfp4"] == pytest.approx(13.7 / 6.8, rel=0.02)
     assert steps["bf16"] / 13.7e-3 - 1 == pytest.approx(0.49, abs=0.03)
     assert steps["nvfp4"] / 6.8e-3 - 1 == pytest.approx(0.49, abs=0.03)
+
+
+def test_experts_excluded_everywhere_or_refused_in_part():
+    """DeepSeek-R1's shapes with ModelOpt's config.json form: experts excluded in all 58 MoE
+    layers stay bf16 (the rest nvfp4); in one layer only, refused; shared experts alone, refused."""
+    cfg = json.loads((R1_FP4 / "config.json").read_text())
+    quant = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}
+    f = architecture_from_hf(
+        {**cfg, "quantization_config": {**quant, "ignore": ["lm_head", "*mlp.experts*"]}}, "c"
+    )
+    assert (f["dtype"], f["expert_dtype"], f["embed_dtype"]) == ("nvfp4", "bf16", "bf16")
+    one = {**quant, "ignore": ["model.layers.3.mlp.experts*"]}
+    assert "keeps the experts 16-bit in 1 of 58 MoE layers" in _refusal(one, cfg)
+    shared = {**quant, "ignore": ["model.layers.3.mlp.shared_experts*"]}
+    assert "keeps the shared experts 16-bit" in _refusal(shared, cfg)

@@ -365,8 +365,8 @@ MODELOPT_ALGOS = {"FP8": "fp8", "NVFP4": "nvfp4"}
 #: builds unquantised whatever the checkpoint says (``ReplicatedLinear(..., quant_config=None)``
 #: of ``DeepseekV2MoE.gate``, ``Qwen3MoeSparseMoeBlock.gate``, ``Llama4MoE.router_gate``)
 _MODELOPT_16BIT = re.compile(
-    r"(lm_head|embed|vision|visual|mm_projector|multi_modal|mtp|router|(^|\.)gate\*?$|"
-    r"mlp\.gate\b(?!_))"
+    r"(lm_head|embed|vision|visual|mm_projector|multi_modal|mtp|router|shared_expert_gate|"
+    r"(^|\.)gate\*?$|mlp\.gate\b(?!_))"
 )
 _ATTN = re.compile(r"(self_attn|attention|attn)(\.([a-z_]+))?")
 _LAYER = re.compile(r"layers\.(\d+)(\.|\*|$)")
