@@ -348,3 +348,10 @@ def test_experts_excluded_everywhere_or_refused_in_part():
     assert "keeps the experts 16-bit in 1 of 58 MoE layers" in _refusal(one, cfg)
     shared = {**quant, "ignore": ["model.layers.3.mlp.shared_experts*"]}
     assert "keeps the shared experts 16-bit" in _refusal(shared, cfg)
+
+
+def test_every_catalog_gpu_has_its_nvfp4_experts_line():
+    from fleetsim.device.moe import NVFP4_MOE_PATHS, nvfp4_moe_path
+
+    assert set(NVFP4_MOE_PATHS) == set(catalog.gpus())
+    assert "peak_flops_fp4" in nvfp4_moe_path("some-future-gpu")
