@@ -105,7 +105,7 @@ def test_latency_header_says_mxfp4_experts_compute_at_the_bf16_peak(capsys):
     model = _model("gpt-oss-120b", None)
     for gpu, peak in (("h100-sxm", 989e12), ("b200", 2250e12)):
         lat = LatencyModel(model, catalog_profile(gpu, catalog.gpu(gpu)), 2)
-        assert lat._mxfp4 and lat._epeak == peak
+        assert lat._fp4_moe and lat._epeak == peak
     # a MoE whose experts are the weights' precision: no line, and --json says ""
     head = _latency_head(capsys, "--gpu", "h100-sxm", "--model", "qwen3-30b-a3b", *argv[2:])
     assert head[0] == "qwen3-30b-a3b (bf16 weights, kv bf16) on 2 x h100-sxm"

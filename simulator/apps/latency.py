@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp8-moe-kernel",
         choices=("triton", "flashinfer-trtllm"),
         default="triton",
-        help="the fused-MoE kernel fp8 block-quantised experts run (default triton, as"
-        " fleet.fp8_moe_kernel; flashinfer-trtllm: B200 only)",
+        help="the fused-MoE kernel fp8 block-quantised (or nvfp4) experts run (default triton,"
+        " as fleet.fp8_moe_kernel; flashinfer-trtllm: B200 only)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return p
@@ -203,7 +203,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
     from fleetsim.device.latency import LatencyModel, RooflineProfile, compute_peak
-    from fleetsim.device.moe import layout_problem, mxfp4_moe_path
+    from fleetsim.device.moe import layout_problem, mxfp4_moe_path, nvfp4_moe_path
     from fleetsim.device.profile import catalog_profile
 
     model, source = _model_and_source(args.model, args.dtype)
@@ -242,6 +242,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     fp8_block = bool(
         model.n_moe_layers and (model.expert_dtype or model.dtype) == "fp8" and model.fp8_block
     )
+    nvfp4_experts = bool(model.n_moe_layers and (model.expert_dtype or model.dtype) == "nvfp4")
     if kernel != "triton":
         from fleetsim.config.aggregated import _with_fp8_moe_kernel, check_fp8_moe_kernel
 
@@ -277,7 +278,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
         )
     lat = LatencyModel(model, profile, args.tp, dp=args.dp, expert_parallel=args.expert_parallel)
     _, weight_only = compute_peak(profile, model.dtype)
-    mxfp4 = model.expert_dtype == "mxfp4" and model.n_experts > 1
+    e_note = {"mxfp4": mxfp4_moe_path, "nvfp4": nvfp4_moe_path}.get(str(model.expert_dtype))
+    if model.n_experts <= 1:
+        e_note = None
     out = []
     ctx_max = model.max_context_tokens
     why = f"{model.name}'s context is {ctx_max:,} tokens"
@@ -343,13 +346,13 @@ def rows(args: argparse.Namespace) -> list[dict]:
                 "weights": model.weights_label,
                 "kv_dtype": model.kv_dtype_resolved,
                 "weight_only_quantization": weight_only,
-                # how the experts' own precision is computed, when it differs (mxfp4 experts:
-                # vLLM's kernel on this GPU, the peak they run at; device/moe.py)
-                "experts_note": mxfp4_moe_path(args.gpu) if mxfp4 else "",
-                # the fused-MoE kernel of fp8 block-quantised experts (None for other models:
-                # it times nothing else) and the serving stack, as a scenario's
+                # how the experts' own precision is computed, when it differs (mxfp4 and
+                # nvfp4 experts: vLLM's kernel on this GPU, the peak they run at; device/moe.py)
+                "experts_note": e_note(args.gpu) if e_note else "",
+                # the fused-MoE kernel of fp8 block-quantised or nvfp4 experts (None for other
+                # models: it times nothing else) and the serving stack, as a scenario's
                 # fleet.fp8_moe_kernel and fleet.serving_stack (a run summary names both)
-                "fp8_moe_kernel": kernel if fp8_block else None,
+                "fp8_moe_kernel": kernel if (fp8_block or nvfp4_experts) else None,
                 "serving_stack": stack,
                 "tp": args.tp,
                 "phase": "decode" if b else "prefill",

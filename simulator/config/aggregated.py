@@ -425,12 +425,14 @@ def _resolve_gpu(sc: Scenario, src: str) -> tuple[GpuSpec, Profile, str, str]:
 def check_fp8_moe_kernel(kernel: str, model: ModelSpec, field: str, src: str) -> None:
     """A kernel other than Triton's is a kernel of fp8 block-quantised experts (FlashInfer's
     ``trtllm_fp8_block_scale_moe``: vLLM 0.11 ``get_fp8_moe_backend`` picks it for
-    ``Fp8MoEMethod`` with ``block_quant``); the latency model applies it to nothing else, so on
+    ``Fp8MoEMethod`` with ``block_quant``) or of nvfp4 experts (its FP4 sibling
+    ``trtllm_fp4_block_scale_moe``, ``ModelOptNvFp4FusedMoE`` with
+    ``VLLM_USE_FLASHINFER_MOE_FP4=1``); the latency model applies it to nothing else, so on
     any other model the setting was ignored without a word."""
     if kernel == "triton":
         return
     e_dt = model.expert_dtype or model.dtype
-    if model.n_moe_layers and e_dt == "fp8" and model.fp8_block:
+    if model.n_moe_layers and (e_dt == "nvfp4" or (e_dt == "fp8" and model.fp8_block)):
         return
     what = (
         "is not a mixture of experts"
@@ -442,9 +444,9 @@ def check_fp8_moe_kernel(kernel: str, model: ModelSpec, field: str, src: str) ->
     raise ScenarioError(
         field,
         kernel,
-        f"is the kernel of fp8 block-quantised experts, and {model.name} {what}",
-        "leave it at triton (the default), or use a model with fp8 block-quantised experts "
-        "(e.g. deepseek-ai/DeepSeek-V3.1)",
+        f"is the kernel of fp8 block-quantised or nvfp4 experts, and {model.name} {what}",
+        "leave it at triton (the default), or use a model with fp8 block-quantised or nvfp4 "
+        "experts (e.g. deepseek-ai/DeepSeek-V3.1, nvidia/DeepSeek-R1-0528-FP4)",
         src,
     )
 

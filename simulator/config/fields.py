@@ -104,7 +104,8 @@ SCENARIO: dict[str, str] = {
     "ModelSection.ssm_conv_kernel": "Mamba-2 layers: width of the causal convolution, in tokens "
     "(HF conv_kernel); its last tokens are part of the state.",
     "ModelSection.expert_dtype": "Precision of the routed experts' weights when it differs from "
-    "dtype (gpt-oss: mxfp4); unset: dtype.",
+    "dtype (gpt-oss: mxfp4; NVIDIA's ModelOpt NVFP4 DeepSeek-R1: nvfp4, 4.5 bits a weight, run "
+    "at the B200's FP4 peak and weight-only on Hopper); unset: dtype.",
     "ModelSection.fp8_block": "fp8 weights carry 128 x 128 block scales (a config.json's "
     "weight_block_size: DeepSeek-V3, Qwen3 -FP8); false: per-tensor or per-channel scales "
     "(fp8 without weight_block_size, fbgemm_fp8), whose experts split at any width and run "
@@ -231,8 +232,10 @@ SCENARIO: dict[str, str] = {
     "FleetSection.fp8_moe_kernel": "The fused mixture-of-experts kernel that fp8 "
     "block-quantised experts run: 'triton' (vLLM's default fused_moe kernel, with its serial K "
     "loop) or 'flashinfer-trtllm' (FlashInfer's TensorRT-LLM block-scale kernel, which vLLM "
-    "0.11 runs on a B200 with VLLM_USE_FLASHINFER_MOE_FP8=1; B200 only). Other experts ignore "
-    "it.",
+    "0.11 runs on a B200 with VLLM_USE_FLASHINFER_MOE_FP8=1; B200 only). nvfp4 experts take it "
+    "too: 'triton' is then vLLM's CUTLASS FP4 MoE, 'flashinfer-trtllm' FlashInfer's FP4 sibling "
+    "(VLLM_USE_FLASHINFER_MOE_FP4=1, VLLM_FLASHINFER_MOE_BACKEND=latency; the fp8 kernel's "
+    "fitted fixed time, assumed). Other experts refuse it.",
     # [traffic]
     "TrafficSection.requests_per_day": "Mean requests per day for the whole fleet; the hourly "
     "rate follows `diurnal`.",

@@ -47,8 +47,12 @@ dtype, expert_dtype, embed_dtype  dtype, else torch_dtype (as transformers; anot
                                   the precision); quantization_config: fp8 and
                                   fbgemm_fp8 (linear layers fp8, embedding and LM head bf16;
                                   fp8_block false without weight_block_size),
-                                  mxfp4 (experts), compressed-tensors / gptq / awq (their bits:
-                                  4 int4, 8 int8; compressed-tensors' 8-bit float type fp8);
+                                  mxfp4 (experts), modelopt (quant_algo NVFP4: nvfp4, FP8:
+                                  per-tensor fp8; exclude_modules / ignore keep whole parts
+                                  16-bit; hf_quant_config.json beside the file when it has no
+                                  quantization_config, as vLLM reads it), compressed-tensors /
+                                  gptq / awq (their bits: 4 int4, 8 int8; compressed-tensors'
+                                  8-bit float type fp8);
                                   another method is refused unless [model] dtype / --dtype
                                   gives the precision; an empty quantization_config is none,
                                   as vLLM reads it (quant_method "" -> None)
@@ -308,6 +312,8 @@ def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = 
             out["fp8_block"] = False
     elif method == "mxfp4":
         out["expert_dtype"] = "mxfp4"  # gpt-oss: attention, router, embedding stay bf16
+    elif method in ("modelopt", "modelopt_fp4"):
+        _modelopt(q, r, out, dtype_given)
     elif method in ("gptq", "awq", "compressed-tensors"):
         bits = qr.num("bits", "num_bits", lo=1, hi=64)
         kind = None  # compressed-tensors: the weights' number type ("int" or "float")
@@ -343,9 +349,158 @@ def _quantization(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool = 
     elif not dtype_given:
         raise r.fail(
             f"quantization_config.quant_method = {_show(method)} is not one fleetsim reads "
-            "(fp8, fbgemm_fp8, mxfp4, gptq, awq, compressed-tensors)",
+            "(fp8, fbgemm_fp8, mxfp4, modelopt, gptq, awq, compressed-tensors)",
             "give [model] dtype (--dtype for fleetsim latency), or remove quantization_config",
         )
+
+
+#: ModelOpt's ``quant_algo`` values vLLM 0.11 runs (``QUANT_ALGOS = ["FP8", "NVFP4"]`` in
+#: vllm/model_executor/layers/quantization/modelopt.py) and the precision each gives the
+#: weights it quantises: ``ModelOptFp8Config`` per-tensor fp8 (``ModelOptFp8LinearMethod``:
+#: one fp32 scale a tensor, ``Fp8LinearOp`` per-tensor activations; no 128 x 128 blocks),
+#: ``ModelOptNvFp4Config`` NVFP4 (e2m1 weights, one e4m3 scale per 16, one fp32 scale a tensor)
+MODELOPT_ALGOS = {"FP8": "fp8", "NVFP4": "nvfp4"}
+#: ModelOpt's ``exclude_modules`` entries that name parts fleetsim does not quantise anyway
+#: (the LM head and embedding stay 16-bit: ``embed_dtype``; vision towers and the
+#: multi-token-prediction layer are out of scope), or a mixture of experts' router, which vLLM
+#: builds unquantised whatever the checkpoint says (``ReplicatedLinear(..., quant_config=None)``
+#: of ``DeepseekV2MoE.gate``, ``Qwen3MoeSparseMoeBlock.gate``, ``Llama4MoE.router_gate``)
+_MODELOPT_16BIT = re.compile(
+    r"(lm_head|embed|vision|visual|mm_projector|multi_modal|mtp|router|shared_expert_gate|"
+    r"(^|\.)gate\*?$|mlp\.gate\b(?!_))"
+)
+_ATTN = re.compile(r"(self_attn|attention|attn)(\.([a-z_]+))?")
+_LAYER = re.compile(r"layers\.(\d+)(\.|\*|$)")
+
+
+def _modelopt_excluded(
+    patterns: list, out: dict[str, Any], r: _Reader, key: str
+) -> tuple[bool, bool]:
+    """(whether every attention layer's projections stay 16-bit, whether every MoE layer's
+    experts do) from ModelOpt's excluded-module patterns (``exclude_modules`` of
+    hf_quant_config.json, ``ignore`` of config.json: fnmatch wildcards over vLLM's module
+    names, ``ModelOptNvFp4Config.is_layer_excluded``). A pattern naming a layer index at or
+    beyond ``n_layers`` is the multi-token-prediction layer (DeepSeek's layer 61), not
+    simulated. A part excluded in some layers only, some of attention's projections only, or a
+    pattern fleetsim cannot place is refused: fleetsim gives one precision to the attention
+    and dense layers (``dtype``) and one to the experts (``expert_dtype``)."""
+    n_layers = out["n_layers"]
+    mla = out.get("kv_lora_rank", 0) > 0
+    if mla:
+        q = ("q_a_proj", "q_b_proj") if out.get("q_lora_rank") else ("q_proj",)
+        projections = {*q, "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    else:
+        projections = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    pattern = out.get("hybrid_pattern") or ""
+    attn_layers = (
+        {i for i, c in enumerate(pattern) if c == "*"} if pattern else set(range(n_layers))
+    )
+    attn: dict[int, set[str]] = {}  # layer -> excluded projections ("*": all)
+    experts: set[int] = set()
+    fix = "give [model] dtype and expert_dtype for this checkpoint, or inline [model] fields"
+    for p in patterns:
+        if not isinstance(p, str):
+            raise r.fail(f"quantization_config.{key} holds {_show(p)}, not a string", fix)
+        name = p.strip().lower()
+        m = _LAYER.search(name)
+        layers = {int(m.group(1))} if m else set(range(n_layers))
+        if m and int(m.group(1)) >= n_layers:
+            continue  # the multi-token-prediction layer
+        if _MODELOPT_16BIT.search(name):
+            continue
+        a = _ATTN.search(name)
+        if a:
+            proj = a.group(3)
+            if proj == "qkv_proj":
+                got = {"q_proj", "k_proj", "v_proj"}
+            else:
+                got = {proj} if proj else {"*"}
+            for i in layers:
+                attn.setdefault(i, set()).update(got)
+        elif "expert" in name or re.search(r"(mlp|feed_forward)\*?$", name):
+            if "shared_expert" in name:
+                raise r.fail(
+                    f"quantization_config.{key} keeps the shared experts 16-bit ({_show(p)}), "
+                    "which fleetsim does not separate from the routed experts (expert_dtype)",
+                    fix,
+                )
+            experts |= layers
+        else:
+            raise r.fail(
+                f"quantization_config.{key} excludes {_show(p)}, a module fleetsim cannot place "
+                "(it reads attention, experts, router, LM head, embedding and vision entries)",
+                fix,
+            )
+    full = {i for i, s in attn.items() if "*" in s or projections <= s}
+    attn_16 = bool(attn_layers) and attn_layers <= full
+    if attn and not attn_16:
+        some = sorted(attn)[:3]
+        raise r.fail(
+            f"quantization_config.{key} keeps attention 16-bit in part only (layers "
+            f"{some}{'...' if len(attn) > 3 else ''}: some layers or some projections), which "
+            "fleetsim's one precision for the attention layers (dtype) does not represent",
+            fix,
+        )
+    # the MoE layers (ModelSpec.layer_kinds: after first_k_dense, every moe_layer_step-th)
+    k0, step = out.get("first_k_dense", 0), out.get("moe_layer_step", 1)
+    moe = set()
+    if out.get("n_experts", 1) > 1:
+        moe = {i for i in range(k0, n_layers) if (i - k0 + 1) % max(step, 1) == 0}
+    if pattern:
+        moe = {i for i, c in enumerate(pattern) if c == "E"}
+    experts_16 = bool(moe) and moe <= experts
+    if moe and experts & moe and not experts_16:
+        raise r.fail(
+            f"quantization_config.{key} keeps the experts 16-bit in {len(experts & moe)} of "
+            f"{len(moe)} MoE layers, which fleetsim's one expert precision does not represent",
+            fix,
+        )
+    return attn_16, experts_16
+
+
+def _modelopt(q: dict, r: _Reader, out: dict[str, Any], dtype_given: bool) -> None:
+    """A ModelOpt checkpoint's precision per part, as vLLM 0.11 reads it
+    (``ModelOptFp8Config`` / ``ModelOptNvFp4Config.from_config``): the ``quantization`` object
+    of hf_quant_config.json (``quant_algo``, ``exclude_modules``, ``group_size``) or the
+    config.json form (``quant_algo``, ``ignore``, ``group_size`` beside ``quant_method``).
+    The quantised layers take ``quant_algo``'s precision (:data:`MODELOPT_ALGOS`); the
+    attention layers stay 16-bit when ``exclude_modules`` lists all of them (NVIDIA's
+    DeepSeek-R1 FP4 checkpoints; the dense MLPs of its first layers are then counted 16-bit
+    too: fleetsim has one precision for both); the embedding and the LM head stay 16-bit
+    (vLLM 0.11 quantises neither: ``get_quant_method`` returns a method for ``LinearBase``,
+    attention and ``FusedMoE`` layers only). The KV cache is not changed:
+    ``kv_cache_quant_algo`` ships fp8 scales, which vLLM uses with ``--kv-cache-dtype fp8``
+    (``[model] kv_dtype``)."""
+    inner = q.get("quantization")
+    nested = isinstance(inner, dict)
+    qr = _Reader(inner if isinstance(inner, dict) else q, r.where, r.source)
+    algo = (qr.text("quant_algo") or "").upper()
+    key = "exclude_modules" if nested else "ignore"
+    if algo not in MODELOPT_ALGOS:
+        if dtype_given:
+            return
+        raise r.fail(
+            f"quantization_config has ModelOpt's quant_algo = {_show(algo or None)}, which "
+            "vLLM 0.11 does not run (it reads FP8 and NVFP4)",
+            "give [model] dtype (--dtype for fleetsim latency), or a ModelOpt FP8 / NVFP4 "
+            "checkpoint",
+        )
+    part = MODELOPT_ALGOS[algo]
+    group = qr.num("group_size", lo=1, hi=ARCH_MAX)
+    if part == "nvfp4" and group not in (None, 16):
+        raise r.fail(
+            f"quantization_config.group_size = {group} with NVFP4: NVFP4 scales blocks of 16 "
+            "(vLLM's scaled_fp4_quant and its FP4 GEMMs take no other size)",
+            "check the file: NVFP4 checkpoints have group_size 16",
+        )
+    attn_16, experts_16 = _modelopt_excluded(qr.seq(key) or [], out, r, key)
+    half = out.get("dtype") if out.get("dtype") in ("bf16", "fp16") else "bf16"
+    out["dtype"] = half if attn_16 else part
+    if out.get("n_experts", 1) > 1:
+        out["expert_dtype"] = half if experts_16 else part
+    out["embed_dtype"] = half
+    if part == "fp8":
+        out["fp8_block"] = False  # one scale a tensor (ModelOptFp8LinearMethod)
 
 
 def architecture_from_hf(
@@ -707,7 +862,38 @@ def read_hf_config_named(
         "model.config",
         fix="give the model's config.json as Hugging Face writes it: one JSON object",
     )
+    cfg = with_hf_quant_config(cfg, p)
     return architecture_from_hf(cfg, str(p), source, dtype_given), hf_model_name(cfg, p)
+
+
+def with_hf_quant_config(cfg: Any, path: Path) -> Any:
+    """``cfg`` with the ``hf_quant_config.json`` beside ``path`` as its quantization_config when
+    the file has none: ModelOpt 0.29 and before saved the quantization there, not in
+    config.json, and vLLM reads it in that case (vllm/transformers_utils/config.py:
+    ``quantization_config is None and file_or_path_exists(model, "hf_quant_config.json")``;
+    ModelOpt's ``{"producer": {"name": "modelopt"}, "quantization": {...}}`` is then read by
+    ``ModelOptNvFp4Config.from_config``). A config.json that has a quantization_config keeps
+    it, as vLLM does."""
+    from fleetsim.base import io
+
+    side = path.parent / "hf_quant_config.json"
+    if not isinstance(cfg, dict) or not side.is_file():
+        return cfg
+    if language_model_config(cfg, str(path)).get("quantization_config") is not None:
+        return cfg
+    q, _ = io.load_json(
+        side,
+        "model.config",
+        fix="give hf_quant_config.json as ModelOpt writes it: one JSON object",
+    )
+    if not isinstance(q, dict) or not isinstance(q.get("quantization"), dict):
+        raise ScenarioError(
+            "model.config",
+            str(side),
+            'is not ModelOpt\'s hf_quant_config.json (no "quantization" object)',
+            "give the checkpoint's hf_quant_config.json, or remove it from the folder",
+        )
+    return {**cfg, "quantization_config": {"quant_method": "modelopt", **q}}
 
 
 def config_in_folder(folder: Path) -> Path | None:

@@ -32,7 +32,8 @@ PricePerKwh = Annotated[float, bound(0, 1e3)]  # $/kWh; wholesale price caps are
 CarbonPerKwh = Annotated[float, bound(0, 1e2)]  # kg/kWh; coal is ~1
 ArchInt = Annotated[int, Field(ge=1, le=10_000_000)]
 ArchCount = Annotated[int, Field(ge=0, le=10_000_000)]  # may be 0
-#: weight precisions (mxfp4 and nvfp4: 4-bit block formats, for the experts of e.g. gpt-oss)
+#: weight precisions (mxfp4 and nvfp4: 4-bit block formats; mxfp4 for gpt-oss's experts, nvfp4
+#: for ModelOpt NVFP4 checkpoints' linear layers and experts)
 WeightDType = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "mxfp4", "nvfp4"]
 
 

@@ -59,5 +59,6 @@ def catalog_profile(name: str, entry: dict, power: PowerSpec | None = None) -> R
         source="analytic",
         peak_flops_fp8=entry.get("peak_flops_fp8"),
         peak_flops_int8=entry.get("peak_flops_int8"),
+        peak_flops_fp4=entry.get("peak_flops_fp4"),
         kernels=catalog_kernel_fit(name),
     )

@@ -288,6 +288,9 @@ class RooflineProfile:
     #: dense tensor-core peaks in 8-bit precisions (None: the GPU has no such units)
     peak_flops_fp8: float | None = None
     peak_flops_int8: float | None = None
+    #: the dense FP4 tensor-core peak (NVFP4 operands: Blackwell's block-scaled e2m1 MMA; None:
+    #: the GPU has no such units, and nvfp4 weights run weight-only at the 16-bit peak)
+    peak_flops_fp4: float | None = None
     #: the kernel model of the linear layers and the all-reduce (fleetsim.device.kernels); when
     #: set it replaces the roofline for everything but attention
     kernels: KernelFit | None = None
@@ -379,18 +382,32 @@ _DenseTok = tuple[DenseLayer, float, float, KernelFit]
 _GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj", "mlp_router")
 
 
+#: weight precisions that run at their own tensor-core peak where the GPU has one, else
+#: weight-only at the 16-bit peak (mxfp4 is not here: vLLM runs gpt-oss's experts with 16-bit
+#: activations on every GPU, device/moe.py MXFP4_MOE_PATHS)
+_QUANTISED = ("fp8", "int8", "int4", "nvfp4")
+
+
 def compute_peak(profile: Profile, dtype: str) -> tuple[float, bool]:
-    """(peak FLOP/s of the linear layers for weights in ``dtype``, weight_only): fp8 and int8
-    run at the GPU's peak in that precision; where it has none (fp8 on an A100, int4
-    anywhere) the weights still shrink but the GEMMs run at the 16-bit peak after
-    dequantization (weight-only quantization, as vLLM runs fp8 on Ampere)."""
+    """(peak FLOP/s of the linear layers for weights in ``dtype``, weight_only): fp8, int8 and
+    nvfp4 run at the GPU's peak in that precision; where it has none (fp8 on an A100, nvfp4
+    on Hopper, int4 anywhere) the weights still shrink but the GEMMs run at the 16-bit peak
+    after dequantization (weight-only quantization, as vLLM runs fp8 on Ampere and NVFP4 on
+    Hopper: Marlin's FP4 kernels, ``ModelOptNvFp4LinearMethod`` / ``ModelOptNvFp4FusedMoE``
+    when ``cutlass_fp4_supported()`` is false). nvfp4 on a GPU with FP4 units is W4A4: vLLM
+    quantises the activations to NVFP4 (``scaled_fp4_quant``) and runs FlashInfer's / CUTLASS's
+    FP4 GEMM (``cutlass_scaled_fp4_mm``), the FP4 tensor-core peak."""
     base = profile.peak_flops
-    if dtype in ("fp8", "int8", "int4") and isinstance(profile, RooflineProfile):
-        p8 = {"fp8": profile.peak_flops_fp8, "int8": profile.peak_flops_int8}.get(dtype)
+    if dtype in _QUANTISED and isinstance(profile, RooflineProfile):
+        p8 = {
+            "fp8": profile.peak_flops_fp8,
+            "int8": profile.peak_flops_int8,
+            "nvfp4": profile.peak_flops_fp4,
+        }.get(dtype)
         if p8:
             return p8, False
         return base, True
-    return base, dtype in ("fp8", "int8", "int4")
+    return base, dtype in _QUANTISED
 
 
 def eff_from_table(table: tuple[tuple[float, float], ...], tokens: float) -> float:
@@ -751,8 +768,9 @@ class LatencyModel:
         #: 16-bit default tiles and K-loop step, assumed)
         self._moe_fit = p.fused_moe_fit()
         self._fp8_block = e_dt == "fp8" and m.fp8_block
-        #: mxfp4 experts (gpt-oss) run their own kernels (device/moe.py mxfp4_moe_gemm_s)
-        self._mxfp4 = e_dt == "mxfp4"
+        #: mxfp4 experts (gpt-oss) and nvfp4 experts (ModelOpt NVFP4) run their own grouped
+        #: GEMMs, not the Triton fused-MoE kernel (device/moe.py mxfp4_moe_gemm_s)
+        self._fp4_moe = e_dt in ("mxfp4", "nvfp4")
         self._fp8_kernel = p.fp8_moe_kernel
         self.kvb = m.kv_bytes_per_token_tp(tp)
         self._lin_cache: dict[tuple[int, int], tuple[float, float, float]] = {}
@@ -995,7 +1013,7 @@ class LatencyModel:
                 self._moe_fit,
                 self._fp8_block,
                 self._fp8_kernel,
-                self._mxfp4,
+                self._fp4_moe,
             )
             parts["shared_mlp"] = n_moe * mo["shared_mlp"]
             parts["moe_router"] = n_moe * (mo["moe_router"] + mo["moe_route"])

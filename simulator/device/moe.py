@@ -162,7 +162,10 @@ MAX_WARPS_PER_SM = 64
 #: the fp8 fused-MoE kernels the simulator knows (``fleet.fp8_moe_kernel``): vLLM's Triton
 #: ``fused_moe_kernel`` (w8a8 block, :func:`k_loop_latency_s`), or FlashInfer's TensorRT-LLM
 #: block-scale kernel that vLLM 0.11 runs on Blackwell (SM100) with
-#: ``VLLM_USE_FLASHINFER_MOE_FP8=1`` (:func:`flashinfer_moe_gemm_s`)
+#: ``VLLM_USE_FLASHINFER_MOE_FP8=1`` (:func:`flashinfer_moe_gemm_s`). nvfp4 experts take the
+#: same setting: "triton" is then vLLM's default CUTLASS FP4 grouped GEMM
+#: (:func:`mxfp4_moe_gemm_s`), "flashinfer-trtllm" the kernel family's FP4 MoE
+#: (``VLLM_USE_FLASHINFER_MOE_FP4=1``, ``VLLM_FLASHINFER_MOE_BACKEND=latency``)
 FP8_MOE_KERNELS = ("triton", "flashinfer-trtllm")
 
 #: most programs of 4 warps (Triton's default) one SM holds: 2,048 threads / 128 (CUDA C++
@@ -348,6 +351,8 @@ def flashinfer_moe_gemm_s(
     n: float,
     k: float,
     bw_frac: float = 1.0,
+    weight_bytes_per_param: float = 1.0 + 4.0 / (128.0 * 128.0),
+    input_bytes_per_elem: float = 1.0,
 ) -> float:
     """One grouped GEMM of FlashInfer's TensorRT-LLM fp8 block-scale MoE kernel
     (``trtllm_fp8_block_scale_moe``, which vLLM 0.11 calls through
@@ -364,11 +369,17 @@ def flashinfer_moe_gemm_s(
     * compute: ``2 x rows x n x k`` FLOPs at ``mma_eff`` of the fp8 dense peak (the kernel
       fit's sustained GEMM efficiency: a tuned tensor-core GEMM, not Triton's MMA rate).
 
-    The layer's fixed time (``fi_layer_s``) is charged once per layer by the caller."""
+    The layer's fixed time (``fi_layer_s``) is charged once per layer by the caller. nvfp4
+    experts (the same kernel family's FP4 block-scale MoE, ``trtllm_fp4_block_scale_moe``, which
+    vLLM 0.11 runs for ``ModelOptNvFp4FusedMoE`` on SM100 with ``VLLM_USE_FLASHINFER_MOE_FP4=1``
+    and ``VLLM_FLASHINFER_MOE_BACKEND=latency``) pass ``weight_bytes_per_param`` 0.5625 and
+    ``input_bytes_per_elem`` 0.5625 (NVFP4 activations) and the FP4 peak; the fitted
+    ``fi_layer_s`` and ``fi_bw_frac`` are the fp8 kernel's (assumed, L: no measured FP4 row)."""
     if rows <= 0 or touched <= 0 or n <= 0 or k <= 0:
         return 0.0
-    w = touched * n * k * (1.0 + 4.0 / (128.0 * 128.0))
-    t_m = (w + rows * k + rows * n * 2.0) / (bw_bytes_per_s * (mf.fi_bw_frac or bw_frac))
+    w = touched * n * k * weight_bytes_per_param
+    t_in = rows * k * input_bytes_per_elem
+    t_m = (w + t_in + rows * n * 2.0) / (bw_bytes_per_s * (mf.fi_bw_frac or bw_frac))
     t_c = 2.0 * rows * n * k / (fp8_peak_flops * mma_eff)
     return t_m if t_m > t_c else t_c
 
@@ -436,6 +447,41 @@ MXFP4_MOE_PATHS = {
     "TensorRT-LLM MoE): compute at the bf16 peak, assumed, not the fp4 or fp8 tensor cores' "
     "(VLLM_USE_FLASHINFER_MOE_MXFP4_MXFP8's mxfp8 activations are not modelled)",
 }
+
+
+#: how vLLM 0.11 runs NVFP4 experts (ModelOpt checkpoints: ``ModelOptNvFp4FusedMoE`` in
+#: vllm/model_executor/layers/quantization/modelopt.py, its backend from
+#: ``detect_nvfp4_moe_support`` in utils/nvfp4_moe_support.py) on each catalog GPU, and the peak
+#: :func:`mxfp4_moe_gemm_s` times them at (``compute_peak(profile, "nvfp4")``). Without FP4
+#: tensor cores (``cutlass_fp4_supported()`` false: SM80, SM90) vLLM falls back to Marlin's FP4
+#: MoE, weight-only; on SM100 it quantises the activations to NVFP4 (``scaled_fp4_quant``) and
+#: runs CUTLASS's FP4 grouped GEMM (``cutlass_moe_fp4``), or FlashInfer's CUTLASS / TensorRT-LLM
+#: FP4 MoE with ``VLLM_USE_FLASHINFER_MOE_FP4=1``: W4A4 at the dense FP4 peak (gpus.toml
+#: ``peak_flops_fp4``). Derived from the source; the kernels' own costs (the activation
+#: quantisation, the block-scale loads) are not modelled beyond the packed weight stream.
+NVFP4_MOE_PATHS = {
+    "a100-80gb": "experts nvfp4, weight-only on this GPU (vLLM falls back to Marlin's FP4 "
+    "MoE, the weights dequantised to bf16 in registers): compute at the bf16 peak",
+    "h100-sxm": "experts nvfp4, weight-only on this GPU (no FP4 tensor cores: vLLM falls back "
+    "to Marlin's FP4 MoE, the weights dequantised to bf16 in registers): compute at the bf16 "
+    "peak",
+    "h200": "experts nvfp4, weight-only on this GPU (no FP4 tensor cores: vLLM falls back to "
+    "Marlin's FP4 MoE, the weights dequantised to bf16 in registers): compute at the bf16 peak",
+    "b200": "experts nvfp4 with nvfp4 activations (vLLM's CUTLASS FP4 grouped GEMM; "
+    "--fp8-moe-kernel flashinfer-trtllm: FlashInfer's TensorRT-LLM FP4 MoE, "
+    "VLLM_USE_FLASHINFER_MOE_FP4=1, with the fp8 kernel's fitted fixed time, assumed): compute "
+    "at the dense FP4 peak",
+}
+
+
+def nvfp4_moe_path(gpu: str) -> str:
+    """The line :data:`NVFP4_MOE_PATHS` has for catalog GPU ``gpu``; for another GPU what the
+    model assumes."""
+    return NVFP4_MOE_PATHS.get(
+        gpu,
+        "experts nvfp4: compute at the GPU's FP4 peak where its profile gives one "
+        "(peak_flops_fp4), else weight-only at the bf16 peak (vLLM's Marlin fallback)",
+    )
 
 
 def mxfp4_moe_path(gpu: str) -> str:
@@ -687,7 +733,7 @@ def moe_layer_parts_s(
     moe_fit: FusedMoeFit = NO_MOE_FIT,
     fp8_block: bool = False,
     fp8_kernel: str = "triton",
-    mxfp4: bool = False,
+    fp4: bool = False,
 ) -> dict[str, float]:
     """Seconds of each part of one MoE layer's MLP block on one GPU, for ``tokens`` tokens in the
     whole replica (all engines): ``moe_router``, ``moe_route`` (top-k, align, sum),
@@ -703,9 +749,11 @@ def moe_layer_parts_s(
     ``"flashinfer-trtllm"`` the grouped GEMMs are :func:`flashinfer_moe_gemm_s` (no loop
     latency, ``moe_fp8_loop`` 0), the routing, top-k and weighted sum are inside the kernel
     (its ``fi_layer_s`` in ``moe_route``) and the kernel handles this GPU's experts' rows only
-    (no zero tiles for other ranks' rows). ``mxfp4``: the experts are mxfp4 (gpt-oss), whose
-    grouped GEMMs are :func:`mxfp4_moe_gemm_s` (no Triton K-loop latency, no small-tile compute
-    shape; ``expert_weight_bytes`` the packed bytes a parameter)."""
+    (no zero tiles for other ranks' rows). ``fp4``: the experts are mxfp4 (gpt-oss) or nvfp4
+    (ModelOpt NVFP4 checkpoints), whose grouped GEMMs are not the Triton ``fused_moe_kernel``
+    but :func:`mxfp4_moe_gemm_s` (no Triton K-loop latency, no small-tile compute shape;
+    ``expert_weight_bytes`` the packed bytes a parameter, ``expert_peak_flops`` the peak the
+    backend runs at: :data:`MXFP4_MOE_PATHS`, :data:`NVFP4_MOE_PATHS`)."""
     ewb = weight_bytes if expert_weight_bytes is None else expert_weight_bytes
     epk = peak_flops if expert_peak_flops is None else expert_peak_flops
     d = model.d_model
@@ -757,7 +805,7 @@ def moe_layer_parts_s(
             )
         loop_up = fp8_default_loop_latency_s(moe_fit, d, local_experts, rows, n_up, tuned, tiles)
         loop_down = fp8_default_loop_latency_s(moe_fit, cols, local_experts, rows, d, tuned, tiles)
-    elif not mxfp4 and shape not in moe_fit.tuned:  # (mxfp4: no such loop, below)
+    elif not fp4 and shape not in moe_fit.tuned:  # (fp4 experts: no such loop, below)
         loop_up = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, n_up, d, fp8_block)
         loop_down = k_loop_latency_s(moe_fit, m, local_experts, touched, rows, d, cols, fp8_block)
     comm = 0.0
@@ -767,9 +815,10 @@ def moe_layer_parts_s(
     out["moe_dispatch"] = comm
     # the fused kernel's sustained MMA rate (FusedMoeFit.mma_frac; 0: no such bound)
     mma = epk * moe_fit.mma_frac * occupancy if moe_fit.mma_frac < 1.0 else 0.0
-    if mxfp4:
-        # matmul_ogs (Hopper) / FlashInfer TensorRT-LLM (Blackwell), not fused_moe_kernel:
-        # the touched experts' packed weights streamed, no serial K-loop latency
+    if fp4:
+        # mxfp4: matmul_ogs (Hopper) / FlashInfer TensorRT-LLM (Blackwell); nvfp4: Marlin's FP4
+        # MoE (Hopper) / CUTLASS's FP4 grouped GEMM (Blackwell); not fused_moe_kernel: the
+        # touched experts' packed weights streamed, no serial K-loop latency
         out["moe_gemm_up"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, n_up, d, ewb)
     else:
         out["moe_gemm_up"] = grouped_gemm_time_s(
@@ -779,7 +828,7 @@ def moe_layer_parts_s(
     if fp8_block:  # the activation re-quantised for the fp8 down GEMM: 16-bit in, 8-bit out
         act_bytes += 3.0 * rows_all * cols
     out["moe_act"] = elem_time_s(fit, bw, "act", act_bytes)
-    if mxfp4:
+    if fp4:
         out["moe_gemm_down"] = mxfp4_moe_gemm_s(fit, epk, bw, rows, touched, d, cols, ewb)
     else:
         out["moe_gemm_down"] = grouped_gemm_time_s(
@@ -787,19 +836,23 @@ def moe_layer_parts_s(
         )
     out["moe_combine"] = comm
     out["moe_fp8_loop"] = loop_up + loop_down if fp8_block else 0.0
-    if fp8_block and fp8_kernel == "flashinfer-trtllm":
+    # FlashInfer's TensorRT-LLM kernel for fp8 block-quantised experts, or its FP4 sibling for
+    # nvfp4 experts (fp4 here: fleet.fp8_moe_kernel refuses mxfp4 experts)
+    fi = fp8_kernel == "flashinfer-trtllm" and (fp8_block or fp4)
+    if fi:
         # FlashInfer's TensorRT-LLM block-scale kernel: routing, top-k and the weighted sum
         # fused in one call of fixed time fi_layer_s, this GPU's experts' rows only, the
         # activation between the two grouped GEMMs inside it, no K loop
         eff = fit.gemm_eff_max
         out["moe_route"] = moe_fit.fi_layer_s
         bwf = fit.gemm_bw_eff
+        wpp, ipe = (1.0 + 4.0 / (128.0 * 128.0), 1.0) if fp8_block else (ewb, ewb)
         out["moe_gemm_up"] = flashinfer_moe_gemm_s(
-            moe_fit, epk, eff, bw, rows, touched, n_up, d, bwf
+            moe_fit, epk, eff, bw, rows, touched, n_up, d, bwf, wpp, ipe
         )
         out["moe_act"] = 0.0
         out["moe_gemm_down"] = flashinfer_moe_gemm_s(
-            moe_fit, epk, eff, bw, rows, touched, d, cols, bwf
+            moe_fit, epk, eff, bw, rows, touched, d, cols, bwf, wpp, ipe
         )
         out["moe_fp8_loop"] = 0.0
     # the mean rank's wait at the layer's all-reduce for the busiest one (ep_barrier_wait_s):
@@ -808,7 +861,7 @@ def moe_layer_parts_s(
     ep_gemm = 0.0
     if layout.expert_parallel and ep > 1:
         ep_gemm = out["moe_gemm_up"] + out["moe_gemm_down"]
-        if not (fp8_block and fp8_kernel == "flashinfer-trtllm"):
+        if not fi:
             ep_gemm -= 2.0 * fit.gemm_launch_s + loop_up + loop_down
     out["moe_ep_wait"] = ep_barrier_wait_s(ep_gemm, n, k, m, ep) if ep_gemm > 0.0 else 0.0
     up, act, down = mlp_parts_s(fit, epk, bw, t_eng, d, shared_cols / layout.tp, gated, ewb)

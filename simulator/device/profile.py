@@ -77,6 +77,7 @@ _ROOFLINE_OPTIONAL = (
     "link_latency_s",
     "peak_flops_fp8",
     "peak_flops_int8",
+    "peak_flops_fp4",
 )
 _LINEAR_FIELDS = (
     "base_s",
@@ -219,6 +220,7 @@ class RooflineFile(_ProfileBase):
     link_latency_s: float | None = _time("GPU link latency", None)
     peak_flops_fp8: float | None = _nonneg(math.inf, "dense FP8 peak FLOP/s", None)
     peak_flops_int8: float | None = _nonneg(math.inf, "dense INT8 peak FLOP/s", None)
+    peak_flops_fp4: float | None = _nonneg(math.inf, "dense FP4 (NVFP4) peak FLOP/s", None)
     compute_eff_table: list[tuple[float, float]] | None = Field(
         None,
         description="measured compute efficiency by tokens per iteration: [[tokens, eff], ...] "
