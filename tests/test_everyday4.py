@@ -84,9 +84,10 @@ def test_a_sweep_over_gpus_and_kernels_keeps_the_point_a_gpu_cannot_run():
         fleetsim.resolved(QWEN_MOE, {"fleet.fp8_moe_kernel": "flashinfer-trtllm"})
     assert unfit_reason(e.value) == (
         "not accepted: fleet.fp8_moe_kernel = 'flashinfer-trtllm': is the kernel of fp8 "
-        "block-quantised experts, and Qwen/Qwen3-30B-A3B-Instruct-2507 has bf16 experts (fix: "
-        "leave it at triton (the default), or use a model with fp8 block-quantised experts "
-        "(e.g. deepseek-ai/DeepSeek-V3.1))"
+        "block-quantised or nvfp4 experts, and Qwen/Qwen3-30B-A3B-Instruct-2507 has bf16 "
+        "experts (fix: leave it at triton (the default), or use a model with fp8 "
+        "block-quantised or nvfp4 experts (e.g. deepseek-ai/DeepSeek-V3.1, "
+        "nvidia/DeepSeek-R1-0528-FP4))"
     )
 
 

@@ -169,8 +169,9 @@ def test_dp_batch_is_the_replicas_and_the_figures_add_up_by_hand(capsys):
     and docs/model.md say so) and every printed figure is the replica's. Llama-3.1-8B on H100,
     context 1,000: DP2 x 8 sequences is two engines of DP1 x 4: its FLOPs, bytes and KV read
     exactly twice theirs, the attention and dense MLP parts the one engine's, and its time
-    DP1 x 4's plus the serving stack's per-sequence time of the 4 more sequences (the only
-    term counted over the replica's sequences); 7 sequences pad to 4 per engine: the same
+    DP1 x 4's (the serving stack's per-sequence time too is one engine's, ceil(8 / 2) = 4
+    sequences: every DP rank is its own engine-core process, branch h47; it was counted over
+    the replica's 8 before); 7 sequences pad to 4 per engine: the same
     layer FLOPs, 1,000 fewer KV tokens read."""
     argv = ("--gpu", "h100-sxm", "--model", "llama-3.1-8b", "--context", "1000")
     dp2 = _json(capsys, *argv, "--dp", "2", "--batch", "8,7")
@@ -181,8 +182,8 @@ def test_dp_batch_is_the_replicas_and_the_figures_add_up_by_hand(capsys):
     for part in ("attention_linear", "attention_core", "dense_mlp", "overhead"):
         assert r8["parts_s"][part] == pytest.approx(one["parts_s"][part], rel=1e-12)
     per_seq = one["parts_s"]["per_sequence"] / 4
-    assert r8["parts_s"]["per_sequence"] == pytest.approx(8 * per_seq, rel=1e-12)
-    assert r8["total_s"] == pytest.approx(one["total_s"] + 4 * per_seq, rel=1e-12)
+    assert r8["parts_s"]["per_sequence"] == pytest.approx(4 * per_seq, rel=1e-12)
+    assert r8["total_s"] == pytest.approx(one["total_s"], rel=1e-12)
     # 7 sequences: engines of 4 and 3, the layers padded to 2 x 4 tokens; 7,000 KV tokens
     m = model_from_catalog("llama-3.1-8b")
     assert r7["kv_tokens_read"] == 7000
