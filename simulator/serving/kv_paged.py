@@ -658,7 +658,9 @@ class PagedKV(BlockPool):
             cnt2[rho] -= wt
             cnt2[rho + self.b] -= wt
             self.cum = None
-            if r.held:
+            if r.session is not None and r.ids is not None and self.prefix:
+                self._w_finish(r, tokens)  # a session turn: its answer's blocks stay cached
+            elif r.held:
                 self._drop(r, tokens)
             else:
                 self._q_free(self.kv_blocks_for(tokens))
