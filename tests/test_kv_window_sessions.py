@@ -146,14 +146,12 @@ def test_a_long_answer_turn_2_hits_all_or_nothing(tmp_path, monkeypatch):
         hits = [rep._lookup(nxt, set(order[:k]))[0] for k in (0, 154, 155)]
         return r.ids, order, hits, all(h in rep.cache for h in r.ids[:218])
 
-    turns, (ids, order, hits, full) = _sessions(
-        tmp_path, monkeypatch, "gemma-3-27b", 1500, probe
-    )
+    turns, (ids, order, hits, full) = _sessions(tmp_path, monkeypatch, "gemma-3-27b", 1500, probe)
     assert {(k, p, c) for k, p, c in turns} == {(0, 2000, 0), (1, 5500, 3488)}
     assert order[:154] == [ids[j] + WKEY for j in range(154)]
     assert order[154:156] == [ids[217] + WKEY, ids[217]]
     assert hits == [218, 218, 0]
-    assert full  # (the full-attention layers alone would still hit all 218: the cut is the window's)
+    assert full  # (the full-attention layers alone would hit all 218: the window cuts it)
 
 
 @pytest.mark.parametrize(

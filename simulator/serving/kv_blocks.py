@@ -444,19 +444,19 @@ class BlockPool(ReplicaCore):
         vLLM hashes every group's blocks as they fill, the answer's too
         (``Request.append_output_token_ids`` extends ``block_hashes``, ``allocate_slots``
         caches each step's full blocks; ``cache_full_blocks`` skips a window group's null
-        blocks); as it decodes a window group frees each block the window has passed (``remove_skipped_blocks``:
-        the hash kept, to the free queue's tail) and takes a new one; at the finish it frees
-        the rest, the last block first (``SingleTypeKVCacheManager.free``). Here a decoding
-        sequence kept its prompt's window parts to its finish, so, in vLLM's order: (1) the
-        prompt's window parts that the window passed lose their reference; (2) the answer's
-        ids that the window passed get an unreferenced cached window part; (3) the answer's
-        whole ids publish their full parts and, those wholly within the window's last ``cap``
-        blocks, their window parts; (4) its own blocks are freed, then its references, the
-        last id first (as :meth:`_drop`); (5) the blocks the new entries hold beyond its own
-        (the window layers' exchanges as they decoded) are taken from the pool's head. The
-        window parts within the window are its last ``wn`` ids or more (the last ``cap``
-        blocks span ``ceil((W - 1) / b)``), so while they stay cached the next turn hits the
-        whole turn (:meth:`_w_hit`)."""
+        blocks); as it decodes, a window group frees each block the window has passed
+        (``remove_skipped_blocks``: the hash kept, to the free queue's tail) and takes a new
+        one; at the finish it frees the rest, the last block first
+        (``SingleTypeKVCacheManager.free``). Here a decoding sequence kept its prompt's window
+        parts to its finish, so, in vLLM's order: (1) the prompt's window parts that the
+        window passed lose their reference; (2) the answer's ids that the window passed get
+        an unreferenced cached window part; (3) the answer's whole ids publish their full
+        parts and, those wholly within the window's last ``cap`` blocks, their window parts;
+        (4) its own blocks are freed, then its references, the last id first (as
+        :meth:`_drop`); (5) the blocks the new entries hold beyond its own (the window layers'
+        exchanges as it decoded) are taken from the pool's head. The window parts within the
+        window are its last ``wn`` ids or more (the last ``cap`` blocks span ``ceil((W - 1) /
+        b)``), so while they stay cached the next turn hits the whole turn (:meth:`_w_hit`)."""
         ids = r.ids
         win = self.win
         assert ids is not None and win is not None
@@ -484,7 +484,7 @@ class BlockPool(ReplicaCore):
         # (3) the answer's ids: full parts, and window parts within the window
         wl = wlo if wlo > t else t
         keys = list(ids[H:f])
-        keys += [ids[j] + WKEY for j in range(H if H > wl else wl, f)]
+        keys += [ids[j] + WKEY for j in range(wl if wl > H else H, f)]
         for h in keys:
             ref = cache.get(h)
             if ref is None:
