@@ -199,3 +199,29 @@ def test_window_sessions_macro_equal_per_iteration():
             traffic={**SESSIONS["traffic"], "requests_per_day": 8_000},
         )
         assert_modes_equal(d, hits=0.8)
+
+
+@pytest.mark.parametrize(
+    ("model", "pc", "want"),
+    [
+        ("llama-3.1-8b", True, (7537, 14_520_960, 17_928_979, 1.0691850106780532)),
+        ("gemma-3-12b", False, (3663, 0, 8_802_285, 0.7097019938082999)),
+    ],
+)
+def test_sessions_without_window_caching_are_unchanged(model, pc, want):
+    """The paths this change leaves alone, bit for bit: the session traffic of
+    tests/test_paged.py on Llama-3.1-8B with prefix caching (no window layers: a turn's answer
+    is published by ``_register`` as before), 2 h, and on Gemma-3-12B without prefix caching,
+    1 h: the completed requests, the prompt tokens hit and computed, and the GPU kWh are those
+    of main 0e4983a (before sessions on window models were modelled)."""
+    from test_paged import SESSIONS
+
+    fleet = {**SESSIONS["fleet"]}
+    if not pc:
+        fleet.update(gpu_memory_utilization=0.5, enable_prefix_caching=False)
+    d = merge(SESSIONS, model={"name": model}, simulation={"hours": 2 if pc else 1}, fleet=fleet)
+    res = simulate(resolved(d))
+    T = res.totals
+    kwh = float(res.hourly.column("energy_gpu_kwh").to_numpy().sum())
+    assert (T.requests_completed, T.prefix_hit_tokens, T.prompt_tokens) == want[:3]
+    assert kwh == pytest.approx(want[3], rel=1e-12)
