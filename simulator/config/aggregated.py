@@ -234,26 +234,6 @@ def _check_prefix_blocks(sc: Scenario, model: ModelSpec, src: str) -> None:
             f"use a multiple of {b}",
             src,
         )
-    f = sc.fleet
-    if (
-        ses is not None
-        and f.kv_allocation == "paged"
-        and f.prefix_caching
-        and model.n_sliding_layers
-    ):
-        # the paged policy caches a windowed model's prompt blocks as vLLM's hybrid manager
-        # does (serving/kv_blocks.py, _w_hit), but not a session turn's answer blocks at its
-        # finish: their window parts left the window as it decoded, not modelled
-        raise ScenarioError(
-            "fleet.enable_prefix_caching",
-            True,
-            f"prefix caching of a sliding-window model ({model.name}) in sessions is not "
-            "modelled (a turn's answer blocks would be cached at its finish)"
-            + (" (it is on by default with paged KV)" if f.enable_prefix_caching is None else ""),
-            "set fleet.enable_prefix_caching = false (every prompt is then computed), or "
-            "replay a trace",
-            src,
-        )
 
 
 def resolve_aggregated(sc: Scenario, source: str = "") -> Resolved:

@@ -437,6 +437,77 @@ class BlockPool(ReplicaCore):
                         self.lrub += g
             r.held = 0
 
+    def _w_finish(self, r: Request, tokens: int) -> None:
+        """A session turn of a window model finishes holding ``tokens`` tokens (its ids cover
+        its answer too): its blocks left cached and freed as vLLM 0.11's hybrid manager leaves
+        them, in its order (docs/serving-engine.md, "Sessions on sliding-window models").
+        vLLM hashes every group's blocks as they fill, the answer's too
+        (``Request.append_output_token_ids`` extends ``block_hashes``, ``allocate_slots``
+        caches each step's full blocks; ``cache_full_blocks`` skips a window group's null
+        blocks); as it decodes, a window group frees each block the window has passed
+        (``remove_skipped_blocks``: the hash kept, to the free queue's tail) and takes a new
+        one; at the finish it frees the rest, the last block first
+        (``SingleTypeKVCacheManager.free``). Here a decoding sequence kept its prompt's window
+        parts to its finish, so, in vLLM's order: (1) the prompt's window parts that the
+        window passed lose their reference; (2) the answer's ids that the window passed get
+        an unreferenced cached window part; (3) the answer's whole ids publish their full
+        parts and, those wholly within the window's last ``cap`` blocks, their window parts;
+        (4) its own blocks are freed, then its references, the last id first (as
+        :meth:`_drop`); (5) the blocks the new entries hold beyond its own (the window layers'
+        exchanges as it decoded) are taken from the pool's head. The window parts within the
+        window are its last ``wn`` ids or more (the last ``cap`` blocks span ``ceil((W - 1) /
+        b)``), so while they stay cached the next turn hits the whole turn (:meth:`_w_hit`)."""
+        ids = r.ids
+        win = self.win
+        assert ids is not None and win is not None
+        H, wlo = r.held, r.wlo
+        f = tokens // self.ht
+        if f > len(ids):
+            f = len(ids)
+        # the first id wholly within the window layers' last cap blocks (as _w_rel)
+        t = -(-(-(-tokens // self.b) - win[2]) // self.g)
+        t = 0 if t < 0 else (t if t < f else f)
+        gf, gw = self.gf, self.gw
+        # its own blocks (the pool's recount: NB - free = own blocks + cached entries' blocks)
+        own = self.kv_blocks_for(tokens) - H * gf - (H - wlo) * gw
+        cache = self.cache
+        # (1) the prompt's window parts that the window passed as it decoded
+        for j in range(wlo, t if t < H else H):
+            self._unref(ids[j] + WKEY)
+        # (2) the answer's ids that the window passed: cached as filled, freed as passed
+        for j in range(H, t):
+            h = ids[j] + WKEY
+            if h not in cache:
+                cache[h] = 1
+                self._unref(h)
+                own -= gw
+        # (3) the answer's ids: full parts, and window parts within the window
+        wl = wlo if wlo > t else t
+        keys = list(ids[H:f])
+        keys += [ids[j] + WKEY for j in range(wl if wl > H else H, f)]
+        for h in keys:
+            ref = cache.get(h)
+            if ref is None:
+                cache[h] = 1
+                own -= gw if h >= WKEY else gf
+            else:  # resident already: shared, its own copy freed with the rest
+                if ref == 0:
+                    del self.lru[h]
+                    self.lrub -= gw if h >= WKEY else gf
+                cache[h] = ref + 1
+        # (4) its own blocks, then its references, the last id first
+        if own > 0:
+            self._q_free(own)
+        for j in range(f - 1, -1, -1):
+            if j >= wl:
+                self._unref(ids[j] + WKEY)
+            self._unref(ids[j])
+        r.held = r.wlo = 0
+        # (5) the exchanges' blocks: free ones first, then the oldest cached (never short:
+        # the new entries, unreferenced now, hold more than that)
+        if own < 0:
+            self._take(-own)
+
     def _head_cap(self, avail: int, it: int, n: int, m: int) -> int:
         """With prefix caching: the blocks a decode run may take before it would evict a cached
         block of the waiting head's prefix (``avail`` if it never would in ``m`` steps)."""

@@ -84,7 +84,9 @@ the window parts no longer wholly within its window's last ``cap`` blocks
 (:meth:`BlockPool._w_release`): they stay cached, evictable, and its window layers open blocks
 in their place (the chunk's need counts those whose parts others hold too, :meth:`_w_shared`).
 A decoding sequence keeps its window parts to its finish (the same count as vLLM's release as
-the window passes; only which blocks are evictable differs).
+the window passes; only which blocks are evictable differs). A session turn's finish caches its
+answer's parts too, and orders what the window passed ahead of the rest, as vLLM leaves them
+(:meth:`BlockPool._w_finish`).
 
 Size: about 750 lines, over the project's ~600: the block arithmetic above (residues, prefix
 blocks, window weights and parts) is one invariant over one pool, kept in one module.
@@ -683,7 +685,9 @@ class PagedKV(BlockPool):
             cnt2[rho] -= wt
             cnt2[rho + self.b] -= wt
             self.cum = None
-            if r.held:
+            if r.session is not None and r.ids is not None and self.prefix:
+                self._w_finish(r, tokens)  # a session turn: its answer's blocks stay cached
+            elif r.held:
                 self._drop(r, tokens)
             else:
                 self._q_free(self.kv_blocks_for(tokens))
