@@ -301,7 +301,13 @@ def test_scenario_fields_with_vllms_names():
     m = rs.model
     experts_b = m.expert_params_total * 2.0
     assert rs.kv is not None and base.kv is not None
-    assert rs.kv.weight_bytes == pytest.approx(2 * m.weight_bytes - experts_b, rel=1e-12)
+    # each engine's second rank holds the router whole (vLLM's ReplicatedLinear gate): 32
+    # layers x 4,096 x 8 bf16 = 2,097,152 bytes an engine; 8 KV heads: none replicated at TP2
+    router_b = 32 * 4096 * 8 * 2.0
+    assert m.tp_extra_weight_bytes(2) == router_b
+    assert rs.kv.weight_bytes == pytest.approx(
+        2 * (m.weight_bytes + router_b) - experts_b, rel=1e-12
+    )
     assert rs.kv.memory_bytes == pytest.approx(2 * base.kv.memory_bytes, rel=1e-12)
     assert rs.kv.bytes_per_token == base.kv.bytes_per_token  # a token lives in one engine
     lat = rs.latency_model()

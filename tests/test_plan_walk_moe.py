@@ -26,10 +26,14 @@ Q30 = MODELS / "Qwen/Qwen3-30B-A3B-Instruct-2507"
 
 # Qwen3-235B-A22B's weights outside the experts, by hand (config.json: hidden 4096, 64 query
 # heads and 4 KV heads of 128, 94 layers, 128 experts, vocabulary 151,936, untied embeddings):
-# per layer q 4096 x 8192 + k, v 2 x 4096 x 512 + o 8192 x 4096 + router 4096 x 128 =
-# 71,827,456, x 94 = 6,751,780,864 fp8 bytes; embedding and LM head 2 x 151,936 x 4096 =
-# 1,244,659,712 bf16 parameters = 2,489,319,424 bytes (the norms' 0.8 MB are not counted).
-NON_EXPERT_BYTES = 6_751_780_864 + 2_489_319_424
+# per layer q 4096 x 8192 + k, v 2 x 4096 x 512 + o 8192 x 4096 = 71,303,168, x 94 =
+# 6,702,497,792 fp8 bytes; the router 4096 x 128 x 94 = 49,283,072 bf16 parameters (vLLM's gate
+# is unquantized) = 98,566,144 bytes; embedding and LM head 2 x 151,936 x 4096 = 1,244,659,712
+# bf16 parameters = 2,489,319,424 bytes (the norms' 0.8 MB are not counted).
+NON_EXPERT_BYTES = 6_702_497_792 + 98_566_144 + 2_489_319_424
+#: what each further tensor-parallel rank of an engine holds beyond its share: the router whole
+#: (ModelSpec.tp_extra_weight_bytes; 4 KV heads: none replicated at TP2)
+ROUTER_BYTES = 98_566_144
 
 
 def _q235(**fleet) -> dict:
@@ -50,16 +54,20 @@ def test_a_checkout_id_plans_at_its_files_precision():
     data = sc.model_dump(mode="json")
     assert "dtype" not in data["model"]
     again = resolve(scenario_from_dict(data), "").model
-    assert again.dtype == "fp8" and round(again.weight_bytes / 1e8) == 2363  # 236.3 GB
-    # the experts once, the rest once per engine: 236.3 + 9.24 = 245.6 GB on TP2 x DP2
-    assert replica_weight_bytes(again, 2) - again.weight_bytes == pytest.approx(
+    assert again.dtype == "fp8" and round(again.weight_bytes / 1e8) == 2364  # 236.4 GB
+    # the experts once, the rest once per engine: 236.4 + 9.29 = 245.7 GB at DP2; at TP2 each
+    # engine's second rank holds the router too: + 2 x 0.099 = 245.9 GB
+    assert replica_weight_bytes(again, 2, 1) - again.weight_bytes == pytest.approx(
         NON_EXPERT_BYTES, rel=1e-6
+    )
+    assert replica_weight_bytes(again, 2, 2) - again.weight_bytes == pytest.approx(
+        NON_EXPERT_BYTES + 2 * ROUTER_BYTES, rel=1e-6
     )
     (c,) = make_candidates(data, sc, ["h100-sxm"], [2], "")
     assert c.rs is not None, c.problem
     kv = c.rs.kv
     assert kv is not None
-    assert round(kv.weight_bytes / 1e8) == 2456
+    assert round(kv.weight_bytes / 1e8) == 2459
     # 0.9 x 4 x 85,029,615,043 B - weights - activations, in 192,512-byte tokens (94 layers x
     # 4 KV heads x 128 x 2 x 2 bytes)
     usable = 0.9 * 4 * 85_029_615_043
@@ -72,14 +80,14 @@ def test_a_checkout_id_plans_at_its_files_precision():
 
 
 def test_a_data_parallel_split_that_does_not_fit_names_the_smallest_that_does():
-    """TP1 x DP2 H100s (153.1 GB) for 245.6 GB: it said ``use more GPUs per replica``. The
-    smallest vLLM accepts: TP2 at DP2 (4 GPUs: 245.6 < 306.1 GB), or DP4 at TP1 (EP4, 128
-    experts / 4; 236.3 + 3 x 9.24 = 264.1 < 306.1 GB; DP3's EP3 does not divide 128)."""
+    """TP1 x DP2 H100s (153.1 GB) for 245.7 GB: it said ``use more GPUs per replica``. The
+    smallest vLLM accepts: TP2 at DP2 (4 GPUs: 245.9 < 306.1 GB), or DP4 at TP1 (EP4, 128
+    experts / 4; 236.4 + 3 x 9.29 = 264.3 < 306.1 GB; DP3's EP3 does not divide 128)."""
     sc = scenario_from_dict(_q235(tensor_parallel=1, data_parallel=2, expert_parallel=True))
     with pytest.raises(ScenarioError) as e:
         resolve(sc, "")
     msg = str(e.value)
-    assert "weights need 245.6 GB on a replica of 2 GPUs" in msg
+    assert "weights need 245.7 GB on a replica of 2 GPUs" in msg
     assert "153.1 GB usable (2 x 85 GB x 0.9)" in msg
     assert (
         "set fleet.tensor_parallel = 2 (4 GPUs per replica) or fleet.data_parallel = 4 "
@@ -247,7 +255,7 @@ def test_a_candidate_whose_weights_do_not_fit_names_the_smallest_split_that_does
     sc = scenario_from_dict(_q235(tensor_parallel=2, data_parallel=2, expert_parallel=True))
     (c,) = make_candidates(sc.model_dump(mode="json"), sc, ["h100-sxm"], [1], "", dps=[2])
     assert c.rs is None
-    assert c.problem.startswith("does not fit: ") and "weights need 245.6 GB" in c.problem
+    assert c.problem.startswith("does not fit: ") and "weights need 245.7 GB" in c.problem
     assert (
         "(fix: set fleet.tensor_parallel = 2 (4 GPUs per replica) or fleet.data_parallel = 4"
         in (c.problem)

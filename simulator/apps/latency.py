@@ -203,7 +203,12 @@ def rows(args: argparse.Namespace) -> list[dict]:
     from fleetsim.base.errors import ScenarioError
     from fleetsim.device import catalog
     from fleetsim.device.latency import LatencyModel, RooflineProfile, compute_peak
-    from fleetsim.device.moe import layout_problem, mxfp4_moe_path, nvfp4_moe_path
+    from fleetsim.device.moe import (
+        layout_problem,
+        mxfp4_moe_path,
+        nvfp4_moe_path,
+        replica_weight_bytes,
+    )
     from fleetsim.device.profile import catalog_profile
 
     model, source = _model_and_source(args.model, args.dtype)
@@ -248,7 +253,8 @@ def rows(args: argparse.Namespace) -> list[dict]:
 
         check_fp8_moe_kernel(kernel, model, "--fp8-moe-kernel", "")
         profile = _with_fp8_moe_kernel(profile, kernel, args.gpu, "", flags=True)
-    if model.weight_bytes >= args.tp * max(args.dp, 1) * profile.mem_bytes:
+    need = replica_weight_bytes(model, max(args.dp, 1), args.tp)
+    if need >= args.tp * max(args.dp, 1) * profile.mem_bytes:
         # the smallest degree that holds them and that vLLM's head split accepts (raising
         # --tp to a degree that ModelSpec.tp_problem refuses, 16 for Llama 4 Maverick's 40
         # heads, only moves the error)
@@ -258,7 +264,8 @@ def rows(args: argparse.Namespace) -> list[dict]:
             k
             for k in range(args.tp + 1, 65)
             if layout_problem(model, k, args.dp, args.expert_parallel) is None
-            and model.weight_bytes < k * max(args.dp, 1) * profile.mem_bytes
+            and replica_weight_bytes(model, max(args.dp, 1), k)
+            < k * max(args.dp, 1) * profile.mem_bytes
         ]
         tp_fix = f"--tp {fits[0]} (the smallest degree that holds them), " if fits else ""
         eps = [
@@ -267,12 +274,12 @@ def rows(args: argparse.Namespace) -> list[dict]:
             if not fits
             and model.n_moe_layers
             and layout_problem(model, args.tp, d, True) is None
-            and model.weight_bytes < args.tp * d * profile.mem_bytes
+            and replica_weight_bytes(model, d, args.tp) < args.tp * d * profile.mem_bytes
         ]
         if eps:
             tp_fix = f"--dp {eps[0]} --expert-parallel (the experts over {args.tp * eps[0]} GPUs), "
         raise UserError(
-            f"--tp = {args.tp}: {model.name} weights ({model.weight_bytes / 1e9:.1f} GB) do not "
+            f"--tp = {args.tp}: {model.name} weights ({need / 1e9:.1f} GB) do not "
             f"fit in {args.tp * max(args.dp, 1)} x {profile.mem_bytes / 1e9:.1f} GB (GB = 10^9 "
             f"bytes, as validate) (fix: {tp_fix}a larger --gpu or a smaller --dtype)"
         )

@@ -481,7 +481,8 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         _check_dp_weights_fit(sc, model, profile, src)
         return
     usable = tp * profile.mem_bytes * sc.fleet.gpu_memory_utilization
-    if model.weight_bytes >= usable:
+    need = replica_weight_bytes(model, 1, tp)  # the rank-replicated parts once per GPU
+    if need >= usable:
         per_gpu = profile.mem_bytes * sc.fleet.gpu_memory_utilization
         # the smallest degree that holds the weights and that vLLM accepts (ModelSpec.tp_problem:
         # it divides the query heads, and divides or is a multiple of the KV heads; a degree
@@ -490,7 +491,8 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         fits = [
             k
             for k in range(tp + 1, 65)
-            if layout_problem(model, k, 1, False) is None and model.weight_bytes < k * per_gpu
+            if layout_problem(model, k, 1, False) is None
+            and replica_weight_bytes(model, 1, k) < k * per_gpu
         ]
         # a mixture of experts: also the fewest data-parallel engines of this degree whose
         # expert-parallel replica holds the weights (the experts once, the rest per engine)
@@ -499,7 +501,7 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
             for d in range(2, 65)
             if model.n_moe_layers
             and layout_problem(model, tp, d, True) is None
-            and replica_weight_bytes(model, d) < tp * d * per_gpu
+            and replica_weight_bytes(model, d, tp) < tp * d * per_gpu
         ]
         ep_fix = (
             f"; or set fleet.data_parallel = {eps[0]} with fleet.expert_parallel = true (the "
@@ -519,10 +521,10 @@ def _check_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         raise ScenarioError(
             "fleet.tensor_parallel",
             tp,
-            f"{model.name} weights need {model.weight_bytes / 1e9:.1f} GB but a replica has "
+            f"{model.name} weights need {need / 1e9:.1f} GB but a replica has "
             f"{usable / 1e9:.1f} GB usable ({tp} x {profile.mem_bytes / 1e9:.0f} GB x "
             f"{sc.fleet.gpu_memory_utilization}); "
-            f"{(model.weight_bytes - usable) / 1e9:.1f} GB missing",
+            f"{(need - usable) / 1e9:.1f} GB missing",
             tp_fix,
             src,
         )
@@ -572,7 +574,7 @@ def _check_dp_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src:
     f = sc.fleet
     gpus = f.tensor_parallel * f.data_parallel
     usable = gpus * profile.mem_bytes * f.gpu_memory_utilization
-    need = replica_weight_bytes(model, f.data_parallel)
+    need = replica_weight_bytes(model, f.data_parallel, f.tensor_parallel)
     if need >= usable:
         tp, dp, ep = f.tensor_parallel, f.data_parallel, f.expert_parallel
         per_gpu = profile.mem_bytes * f.gpu_memory_utilization
@@ -584,7 +586,7 @@ def _check_dp_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src:
                 k
                 for k in range(tp + 1, 65)
                 if layout_problem(model, k, dp, ep) is None
-                and replica_weight_bytes(model, dp) < k * dp * per_gpu
+                and replica_weight_bytes(model, dp, k) < k * dp * per_gpu
             ),
             None,
         )
@@ -593,7 +595,7 @@ def _check_dp_weights_fit(sc: Scenario, model: ModelSpec, profile: Profile, src:
                 d
                 for d in range(dp + 1, 65)
                 if layout_problem(model, tp, d, ep) is None
-                and replica_weight_bytes(model, d) < tp * d * per_gpu
+                and replica_weight_bytes(model, d, tp) < tp * d * per_gpu
             ),
             None,
         )

@@ -190,7 +190,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
         else f.activation_reserve_bytes
     )
     act = gpus * act_gpu
-    weights = model.weight_bytes if dp == 1 else replica_weight_bytes(model, dp)
+    weights = replica_weight_bytes(model, dp, tp)
     kv = usable - weights - act
     # KV heads replicated when tp exceeds them; a model with sliding-window or linear-state
     # layers holds less than its context: its bytes per token are those of the traffic's

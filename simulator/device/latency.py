@@ -655,7 +655,9 @@ class LatencyModel:
         self._moe_path = model.n_experts > 1 or dp > 1 or model.is_mla or bool(model.hybrid_pattern)
         self.kind = profile.kind
         m = model
-        self.f_lin = m.flops_per_token_linear
+        #: (with the further copies' FLOPs of the parts every tensor-parallel rank holds whole:
+        #: ModelSpec.tp_extra_flops_per_token)
+        self.f_lin = m.flops_per_token_linear + m.tp_extra_flops_per_token(tp)
         #: the routed experts' part of f_lin (PowerSpec.moe_compute_w; 0 for a dense model)
         self.f_exp = m.routed_expert_flops_per_token
         self.f_head = m.flops_lm_head
@@ -668,8 +670,11 @@ class LatencyModel:
         #: the ranks in lockstep and an idle one on a dummy batch (``DPEngineCoreProc.
         #: run_busy_loop`` / ``execute_dummy_batch``, ``vllm/v1/engine/core.py``); the routed
         #: experts are held once across the ranks and read once. 0 on one engine.
-        self._w_dp = (dp - 1) * m.weight_bytes_read(0.0) if dp > 1 else 0.0
-        self._w_dense = m.weight_bytes_read(1.0) + self._w_dp
+        #: Within an engine each of the ``tp`` ranks reads its own copy of the parts vLLM holds
+        #: whole on every rank (``ModelSpec.weight_bytes_read_tp``: latent attention's down
+        #: projections, the routers, KV heads fewer than the ranks).
+        self._w_dp = (dp - 1) * m.weight_bytes_read_tp(0.0, tp) if dp > 1 else 0.0
+        self._w_dense = m.weight_bytes_read_tp(1.0, tp) + self._w_dp
         #: the weight bytes of every iteration of a dense model (None for a mixture of experts,
         #: whose iterations read the experts their tokens touch: weight_bytes_per_iteration)
         self.dense_weight_bytes: float | None = self._w_dense if self._dense else None
@@ -1163,7 +1168,9 @@ class LatencyModel:
 
     # -- helpers ---------------------------------------------------------------------------
     def _weights(self, tokens: float) -> float:
-        return self._w_dense if self._dense else self.model.weight_bytes_read(tokens) + self._w_dp
+        if self._dense:
+            return self._w_dense
+        return self.model.weight_bytes_read_tp(tokens, self.tp) + self._w_dp
 
     def comm_s(self, tokens: int, seqs: int) -> float:
         """Seconds of an iteration over ``tokens`` tokens of ``seqs`` sequences spent in the

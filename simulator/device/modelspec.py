@@ -382,6 +382,68 @@ class ModelSpec:
         return out + self.n_heads if self.attention_sinks else out
 
     @property
+    def mla_down_params_per_layer(self) -> int:
+        """Multi-head latent attention's down projections of one layer: the query's (``d x
+        q_lora_rank``, absent without a query LoRA) and the joint KV one with the rotary key
+        (``d x (kv_lora_rank + qk_rope_head_dim)``); 0 for other attention. vLLM 0.11 builds them
+        unsplit on every tensor-parallel rank (``DeepseekV2MLAAttention``,
+        ``vllm/model_executor/models/deepseek_v2.py``: ``fused_qkv_a_proj`` a
+        ``MergedColumnParallelLinear(..., disable_tp=True)``, without a query LoRA
+        ``kv_a_proj_with_mqa`` a ``ReplicatedLinear``); the up projections (``q_b_proj``,
+        ``kv_b_proj``: column) and ``o_proj`` (row) are split."""
+        if not self.is_mla:
+            return 0
+        return self.d_model * (self.q_lora_rank + self.kv_lora_rank + self.qk_rope_head_dim)
+
+    @property
+    def router_bytes_per_param(self) -> float:
+        """Bytes per parameter of a router: vLLM builds every router unquantized, in the
+        activation dtype (DeepSeek's and Qwen3-MoE's ``gate`` a ``ReplicatedLinear(...,
+        quant_config=None)``, gpt-oss's ``router`` a bf16 ``torch.nn.Linear``), so 16 bits under
+        an 8- or 4-bit checkpoint (whose routers the checkpoints keep in bf16)."""
+        return self.bytes_per_param if self.dtype in ("fp32", "bf16", "fp16") else 2.0
+
+    def _tp_extra_params(self, tp: int) -> tuple[int, int]:
+        """(linear-layer, router) parameters that a ``tp``-way engine holds beyond one copy of
+        the model (:meth:`tp_extra_weight_bytes`)."""
+        if tp <= 1:
+            return 0, 0
+        lin = (tp - 1) * self.n_attn_layers * self.mla_down_params_per_layer
+        if not self.is_mla and self.n_kv_heads and tp > self.n_kv_heads:
+            lin += (tp - self.n_kv_heads) * self.n_attn_layers * 2 * self.d_model * self.head_dim
+        return lin, (tp - 1) * self.n_moe_layers * self.router_params_per_layer
+
+    def tp_extra_weight_bytes(self, tp: int) -> float:
+        """Weight bytes that a ``tp``-way tensor-parallel engine holds beyond one copy of the
+        model, the parts every rank holds whole (vLLM 0.11): multi-head latent attention's down
+        projections (:attr:`mla_down_params_per_layer`) and the MoE routers (replicated,
+        16-bit: :attr:`router_bytes_per_param`), ``tp - 1`` further copies each; and, with more
+        ranks than KV heads, the K and V projections of one head on every rank
+        (``QKVParallelLinear``'s ``num_kv_head_replicas``, as the KV cache:
+        :meth:`kv_bytes_per_token_tp`), ``tp - n_kv_heads`` further heads. Every rank reads its
+        copies every iteration, so this is also the bytes an iteration reads beyond
+        :meth:`weight_bytes_read` (:meth:`weight_bytes_read_tp`). 0 on one GPU."""
+        lin, router = self._tp_extra_params(tp)
+        return lin * self.bytes_per_param + router * self.router_bytes_per_param
+
+    def tp_extra_flops_per_token(self, tp: int) -> float:
+        """Matmul FLOPs per token that a ``tp``-way engine's ranks do beyond
+        :attr:`flops_per_token_linear`: every rank multiplies each token by its own copy of the
+        replicated parts (:meth:`tp_extra_weight_bytes`). 0 on one GPU."""
+        return 2.0 * sum(self._tp_extra_params(tp))
+
+    def weight_bytes_tp(self, tp: int) -> float:
+        """Weight bytes the ``tp`` GPUs of one tensor-parallel engine hold together:
+        :attr:`weight_bytes` and the replicated parts' further copies
+        (:meth:`tp_extra_weight_bytes`)."""
+        return self.weight_bytes + self.tp_extra_weight_bytes(tp)
+
+    def weight_bytes_read_tp(self, tokens: float, tp: int) -> float:
+        """Weight bytes the ``tp`` GPUs of one engine read together in an iteration over
+        ``tokens`` tokens: :meth:`weight_bytes_read` and the replicated parts' further copies."""
+        return self.weight_bytes_read(tokens) + self.tp_extra_weight_bytes(tp)
+
+    @property
     def _mlp_matrices(self) -> int:
         return 3 if self.mlp == "swiglu" else 2
 
@@ -497,9 +559,15 @@ class ModelSpec:
         return self.expert_dtype in (None, self.dtype) and self.embed_dtype in (None, self.dtype)
 
     @property
+    def _router_dtype_bytes(self) -> float:
+        """What the routers' 16 bits add over their count at ``dtype`` (0 for a 16-bit model)."""
+        extra = self.router_bytes_per_param - self.bytes_per_param
+        return self.n_moe_layers * self.router_params_per_layer * extra
+
+    @property
     def weight_bytes(self) -> float:
         if self._uniform_dtype:
-            return self.total_params * self.bytes_per_param
+            return self.total_params * self.bytes_per_param + self._router_dtype_bytes
         emb = self.embedding_params + (0 if self.tied_embeddings else self.lm_head_params)
         experts = self.expert_params_total
         rest = self.total_params - emb - experts
@@ -507,6 +575,7 @@ class ModelSpec:
             rest * self.bytes_per_param
             + experts * DTYPE_BYTES[self.expert_dtype or self.dtype]
             + emb * DTYPE_BYTES[self.embed_dtype or self.dtype]
+            + self._router_dtype_bytes
         )
 
     # ---- KV cache and state -------------------------------------------------------------
@@ -778,7 +847,8 @@ class ModelSpec:
         if simple:
             per_layer: float = self.attn_params_per_layer + self.router_params_per_layer
             per_layer += self.expected_experts_touched(tokens) * self.expert_params
-            return (self.n_layers * per_layer + self.lm_head_params) * self.bytes_per_param
+            out = (self.n_layers * per_layer + self.lm_head_params) * self.bytes_per_param
+            return out + self._router_dtype_bytes
         b = self.bytes_per_param
         fixed = (
             self.n_attn_layers * self.attn_params_per_layer
@@ -791,7 +861,7 @@ class ModelSpec:
         )
         eb = DTYPE_BYTES[self.expert_dtype or self.dtype]
         hb = DTYPE_BYTES[self.embed_dtype or self.dtype]
-        return fixed * b + experts * eb + self.lm_head_params * hb
+        return fixed * b + experts * eb + self.lm_head_params * hb + self._router_dtype_bytes
 
 
 def model_from_catalog(name: str, dtype: str = "bf16", field: str = "model.name") -> ModelSpec:

@@ -883,12 +883,16 @@ def attention_block_s(
     core (norms, the input and output projections, rotary embedding, residual adds) over
     ``tokens`` tokens: the operators of :func:`fleetsim.device.kernels.layer_parts_s` before the
     MLP. Multi-head latent attention's projections (query and KV down/up) are one input GEMM of
-    their parameters' width, its output projection ``n_heads x v_head_dim`` wide."""
+    their parameters' width, its output projection ``n_heads x v_head_dim`` wide; of the input
+    GEMM's width the down projections' part is whole on every GPU (vLLM 0.11 replicates them:
+    ``ModelSpec.mla_down_params_per_layer``), the up projections' split ``tp`` ways."""
     m = float(tokens)
     d = s.d_model
     if model.is_mla:
         o_in = model.n_heads * model.v_head_dim / tp
-        pre_out = (model.attn_params_per_layer - model.n_heads * model.v_head_dim * d) / d / tp
+        down = model.mla_down_params_per_layer
+        up = model.attn_params_per_layer - model.n_heads * model.v_head_dim * d - down
+        pre_out = down / d + up / d / tp
         rope = 2.0 * model.n_heads * model.qk_rope_head_dim / tp
     else:
         o_in, pre_out, rope = s.attn_in, s.qkv_out, s.rope_heads
@@ -1018,16 +1022,19 @@ def linear_state_update_extra_s(
     return seqs * linear_state_scan_bytes(model, tp) * (1.0 / state_eff - 1.0 / act_eff) / bw
 
 
-def replica_weight_bytes(model: ModelSpec, dp: int) -> float:
-    """Weights held by a replica of ``dp`` data-parallel engines: the experts once (spread over
-    the GPUs, with or without expert parallelism), everything else (attention, dense layers,
-    embeddings, LM head) once per engine."""
+def replica_weight_bytes(model: ModelSpec, dp: int, tp: int) -> float:
+    """Weights held by a replica of ``dp`` data-parallel engines of ``tp`` GPUs each: the experts
+    once (spread over the GPUs, with or without expert parallelism), everything else (attention,
+    dense layers, embeddings, LM head) once per engine, and in each engine the parts every
+    tensor-parallel rank holds whole once per rank (``ModelSpec.weight_bytes_tp``: latent
+    attention's down projections, the routers, KV heads fewer than the ranks)."""
+    engine = model.weight_bytes_tp(tp)
     if dp <= 1:
-        return model.weight_bytes
+        return engine
     from fleetsim.device.modelspec import DTYPE_BYTES
 
     experts = model.expert_params_total * DTYPE_BYTES[model.expert_dtype or model.dtype]
-    return model.weight_bytes + (dp - 1) * (model.weight_bytes - experts)
+    return engine + (dp - 1) * (engine - experts)
 
 
 def layout_problem(
