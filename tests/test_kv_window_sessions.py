@@ -205,7 +205,7 @@ def test_window_sessions_macro_equal_per_iteration():
     ("model", "pc", "want"),
     [
         ("llama-3.1-8b", True, (7537, 14_520_960, 17_928_979, 1.0691850106780532)),
-        ("gemma-3-12b", False, (3663, 0, 8_802_285, 0.7097019938082999)),
+        ("gemma-3-12b", False, (3663, 0, 8_802_285, 0.7093184061588184)),
     ],
 )
 def test_sessions_without_window_caching_are_unchanged(model, pc, want):
@@ -213,7 +213,9 @@ def test_sessions_without_window_caching_are_unchanged(model, pc, want):
     tests/test_paged.py on Llama-3.1-8B with prefix caching (no window layers: a turn's answer
     is published by ``_register`` as before), 2 h, and on Gemma-3-12B without prefix caching,
     1 h: the completed requests, the prompt tokens hit and computed, and the GPU kWh are those
-    of main 0e4983a (before sessions on window models were modelled)."""
+    of main 0e4983a (before sessions on window models were modelled), but for Gemma's kWh
+    (0.7097019938082999 there): branch c47's window budget by time in flight gives 2,788 blocks
+    of typical tokens, not 2,771, and the admission watermark is a share of them."""
     from test_paged import SESSIONS
 
     fleet = {**SESSIONS["fleet"]}
