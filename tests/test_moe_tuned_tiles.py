@@ -163,8 +163,8 @@ def test_dp8_serves_fewer_tokens_per_s_than_dp4_at_64_sequences():
     branch h47; 583, +12.2 %, before prompt attention was timed at the fullest engine, branch
     g40; 576, +10.8 %, before the B200's GEMMs streamed at 0.75 of the peak with moe.toml
     refitted on it, branch b38; 716, +37.7 %, before the tuned tiles), below DP4's 643 (-10.9 %;
-    654, -9.4 %, before the refit; 642, -11.0 %, before h47; 648, -10.1 %, before g40; 650, -9.9 %, before b38), the measured
-    order."""
+    654, -9.4 %, before the refit; 642, -11.0 %, before h47; 648, -10.1 %, before g40; 650,
+    -9.9 %, before b38), the measured order."""
     from fleetsim.calibrate import dp_ranks
 
     got = {}
