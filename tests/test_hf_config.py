@@ -269,12 +269,15 @@ def test_the_kv_budget_of_a_windowed_model_counts_what_its_sequences_hold():
                     "output": {"dist": "fixed", "value": 2}}  # fmt: skip
     rs = resolve(scenario_from_dict(d))
     per = 2 * 16 * 128 * 2  # K and V of 16 heads of 128 in bf16, one layer
-    ctx = 8001  # a prompt and half its output
-    bpt = per * (10 * ctx + 52 * 1024) / ctx  # 10 global layers, 52 windows of 1,024
+    # weighted by time in flight (branch c47): the prompt in one iteration (8,000 tokens under
+    # the 16,384-token budget), then one decode step holding 8,001: 16,001 token-iterations on
+    # a global layer, 1,024 + 1,024 on a window layer (was the mid-life context 8,001 once)
+    full, win = 8000 + 8001, 1024 + 1024
+    bpt = per * (10 * full + 52 * win) / full  # 10 global layers, 52 windows of 1,024
     assert rs.kv.bytes_per_token == pytest.approx(bpt, rel=1e-12)
     assert rs.kv.blocks == int(rs.kv.kv_bytes // (rs.kv.bytes_per_token * 16))
     # 3.7 times the tokens that counting every layer at every token would give
-    assert rs.kv.bytes_per_token / rs.model.kv_bytes_per_token == pytest.approx(0.2686, abs=1e-4)
+    assert rs.kv.bytes_per_token / rs.model.kv_bytes_per_token == pytest.approx(0.2687, abs=1e-4)
 
 
 def test_sizes_from_a_file_charge_every_layer_for_every_token(tmp_path):

@@ -148,7 +148,7 @@ def typical_kv_bytes_per_token(sc: Scenario, model: ModelSpec, tp: int) -> float
     """The KV bytes per token of a replica holding the traffic's typical sequences, each
     weighted by its time in flight: the bytes they hold summed over their iterations over the
     tokens they hold summed likewise (:meth:`ModelSpec.kv_bytes_per_token_held_tp`; the sums
-    are :func:`fleetsim.results.capacity.token_iterations`', under the fleet's chunked prefill
+    are :func:`fleetsim.workload.inflight.token_iterations`', under the fleet's chunked prefill
     and KV allocation), so that ``kv bytes / this`` is the budget in the tokens that the
     capacity estimate's KV per running sequence (results/capacity.py, weighted the same way)
     divides. A window layer holds ``min(L, W)`` of a context ``L``, so a sequence whose life
@@ -158,7 +158,7 @@ def typical_kv_bytes_per_token(sc: Scenario, model: ModelSpec, tp: int) -> float
     sizes = None if model.kv_uniform else typical_sizes(sc)
     if sizes is None:
         return model.kv_bytes_per_token_tp(tp)
-    from fleetsim.results.capacity import token_iterations
+    from fleetsim.workload.inflight import token_iterations
 
     f = sc.fleet
     chunk = f.prompt_token_budget if f.chunked_prefill else None
