@@ -404,23 +404,20 @@ class BlockPool(ReplicaCore):
     def _drop(self, r: Request, tokens: int) -> None:
         """Free the blocks of ``r``, which holds ``tokens`` tokens of KV: its own blocks become
         free, its cached blocks lose a reference (the last block first, as vLLM frees them)."""
+        if self.win is not None:
+            if r.held:
+                # the window parts the window passed first, as vLLM freed them (one path with
+                # a session turn's finish, which also publishes its answer: _w_finish)
+                self._w_finish(r, tokens, False)
+            else:
+                self._q_free(self.kv_blocks_for(tokens))
+            return
         H = r.held
-        if self.win is None:
-            self._q_free(self.kv_blocks_for(tokens) - H * self.g)
-        else:
-            self._q_free(self.kv_blocks_for(tokens) - H * self.gf - (H - r.wlo) * self.gw)
+        self._q_free(self.kv_blocks_for(tokens) - H * self.g)
         if H:
             ids = r.ids
             assert ids is not None
-            if self.win is not None:
-                wlo = r.wlo
-                for j in range(H - 1, -1, -1):
-                    if j >= wlo:
-                        self._unref(ids[j] + WKEY)
-                    self._unref(ids[j])
-                r.held = r.wlo = 0
-                return
-            # (without windows: _unref inlined, once per cached id of every finished request)
+            # (_unref inlined, once per cached id of every finished request)
             cache = self.cache
             lru = self.lru
             uq = self.uq
@@ -437,10 +434,12 @@ class BlockPool(ReplicaCore):
                         self.lrub += g
             r.held = 0
 
-    def _w_finish(self, r: Request, tokens: int) -> None:
-        """A session turn of a window model finishes holding ``tokens`` tokens (its ids cover
-        its answer too): its blocks left cached and freed as vLLM 0.11's hybrid manager leaves
+    def _w_finish(self, r: Request, tokens: int, answer: bool = True) -> None:
+        """A request of a window model finishes (or is preempted, or hands its KV off) holding
+        ``tokens`` tokens: its blocks left cached and freed as vLLM 0.11's hybrid manager leaves
         them, in its order (docs/serving-engine.md, "Sessions on sliding-window models").
+        ``answer``: a session turn, whose ids cover its answer too (steps 2 and 3 publish it);
+        else only its ``held`` prompt ids are released, steps 1 and 4 (:meth:`_drop`).
         vLLM hashes every group's blocks as they fill, the answer's too
         (``Request.append_output_token_ids`` extends ``block_hashes``, ``allocate_slots``
         caches each step's full blocks; ``cache_full_blocks`` skips a window group's null
@@ -461,9 +460,12 @@ class BlockPool(ReplicaCore):
         win = self.win
         assert ids is not None and win is not None
         H, wlo = r.held, r.wlo
-        f = tokens // self.ht
-        if f > len(ids):
-            f = len(ids)
+        if answer:
+            f = tokens // self.ht
+            if f > len(ids):
+                f = len(ids)
+        else:
+            f = H
         # the first id wholly within the window layers' last cap blocks (as _w_rel)
         t = -(-(-(-tokens // self.b) - win[2]) // self.g)
         t = 0 if t < 0 else (t if t < f else f)

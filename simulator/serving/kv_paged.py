@@ -84,9 +84,9 @@ the window parts no longer wholly within its window's last ``cap`` blocks
 (:meth:`BlockPool._w_release`): they stay cached, evictable, and its window layers open blocks
 in their place (the chunk's need counts those whose parts others hold too, :meth:`_w_shared`).
 A decoding sequence keeps its window parts to its finish (the same count as vLLM's release as
-the window passes; only which blocks are evictable differs). A session turn's finish caches its
-answer's parts too, and orders what the window passed ahead of the rest, as vLLM leaves them
-(:meth:`BlockPool._w_finish`).
+the window passes; only which blocks are evictable differs). Every finish (and preemption)
+orders what the window passed ahead of the rest, as vLLM leaves them; a session turn's caches
+its answer's parts too (:meth:`BlockPool._w_finish`, one path for both).
 
 Size: about 750 lines, over the project's ~600: the block arithmetic above (residues, prefix
 blocks, window weights and parts) is one invariant over one pool, kept in one module.
