@@ -22,8 +22,10 @@ block held (``get_new_blocks``, ``_maybe_evict_cached_block``), and a cache hit 
 out of the queue (``touch``). A released prompt block therefore survives only until the free
 blocks ahead of it have been allocated, however many never-cached blocks are released after it.
 ``q`` is that queue in entries ``[key, blocks, version]``: ``key < 0`` a run of uncached blocks,
-else a cached id (``g`` blocks), stale when its id left ``lru`` or re-entered it since
-(``qv``: the id's current version); ``free`` stays the count of the uncached free blocks.
+else a cached id (``g`` blocks), stale when its id left ``lru`` or re-entered it since: each
+entry gets a new version (``qv`` counts them) and ``lru`` maps a cached id to its entry's, so an
+entry is live iff ``lru.get(key) == version``; ``free`` stays the count of the uncached free
+blocks.
 ``qc`` counts the queue's cached entries (live or stale). While it is 0 the queue holds only
 uncached runs, which the allocation order cannot tell apart from one run of ``free`` blocks
 (runs are taken from the head in turn, and the offsets :meth:`BlockPool._q_entries` gives a
@@ -101,13 +103,13 @@ class BlockPool(ReplicaCore):
     g: int
     ht: int
     lb: int
-    lru: OrderedDict[int, None]
+    lru: OrderedDict[int, int | None]  # with uq: its queue entry's version (else None)
     mask: int
     prefix: bool
     win: tuple[int, int, int, int] | None
     q: deque[list[int]] | None
     qc: int
-    qv: dict[int, int]
+    qv: int  # the last version given a queue entry (uq)
     uq: bool
     gf: int  # layer-blocks of a cached id's full-attention part (g without windows)
     gw: int  # layer-blocks of a cached id's window part (windows only)
@@ -152,12 +154,11 @@ class BlockPool(ReplicaCore):
     def _q_cached(self, h: int) -> None:
         """Cached id ``h`` lost its last reference: into ``lru`` and, with ``uq``, the queue
         (the queue's first cached entry: the queue is first rebuilt as its one uncached run)."""
-        self.lru[h] = None
         sz = self.gw if h >= WKEY else self.gf
         self.lrub += sz
         if self.uq:
-            v = self.qv.get(h, 0) + 1
-            self.qv[h] = v
+            v = self.qv = self.qv + 1
+            self.lru[h] = v
             q = self.q
             assert q is not None
             if not self.qc:
@@ -166,10 +167,53 @@ class BlockPool(ReplicaCore):
                     q.append([-1, self.free, 0])
             self.qc += 1
             q.append([h, sz, v])
+        else:
+            self.lru[h] = None
+
+    def _unrefs(self, keys) -> None:
+        """Entries ``keys`` (in that order) each lose a reference: :meth:`_unref` over them,
+        inlined (a finish releases every id's parts: ~1.7 M an hour of sessions on Gemma 3)."""
+        cache = self.cache
+        lru = self.lru
+        gw, gf = self.gw, self.gf
+        if not self.uq:
+            n = 0
+            for h in keys:
+                ref = cache[h] - 1
+                cache[h] = ref
+                if ref == 0:
+                    lru[h] = None
+                    n += gw if h >= WKEY else gf
+            self.lrub += n
+            return
+        q = self.q
+        assert q is not None
+        append = q.append
+        v = self.qv
+        n = c = 0
+        built = self.qc > 0
+        for h in keys:
+            ref = cache[h] - 1
+            cache[h] = ref
+            if ref == 0:
+                if not built:  # the queue's first cached entry: rebuilt as its one run
+                    q.clear()
+                    if self.free:
+                        append([-1, self.free, 0])
+                    built = True
+                sz = gw if h >= WKEY else gf
+                v += 1
+                lru[h] = v
+                append([h, sz, v])
+                n += sz
+                c += 1
+        self.qv = v
+        self.qc += c
+        self.lrub += n
 
     def _q_live(self, e: list[int]) -> bool:
         h = e[0]
-        return h < 0 or (h in self.lru and self.qv.get(h) == e[2])
+        return h < 0 or self.lru.get(h) == e[2]
 
     def _q_entries(self):
         """The queue's live entries from its head, each with the free blocks ahead of it."""
@@ -187,31 +231,38 @@ class BlockPool(ReplicaCore):
         assert q is not None
         cache = self.cache
         lru = self.lru
+        popleft = q.popleft
+        free = self.free
+        qc = self.qc
+        lrub = self.lrub
         while x > 0:
             e = q[0]
             h = e[0]
             if h < 0:
                 use = e[1] if e[1] < x else x
                 e[1] -= use
-                self.free -= use
+                free -= use
                 x -= use
                 if e[1] == 0:
-                    q.popleft()
+                    popleft()
                 continue
-            q.popleft()
-            self.qc -= 1
-            if not (h in lru and self.qv.get(h) == e[2]):
+            popleft()
+            qc -= 1
+            if lru.get(h) != e[2]:
                 continue  # stale: hit again since, or released again later in the queue
             del lru[h]
             del cache[h]
             g = e[1]
-            self.lrub -= g
+            lrub -= g
             if g <= x:
                 x -= g
             else:  # the rest of its blocks are the next free ones
-                self.free += g - x
+                free += g - x
                 q.appendleft([-1, g - x, 0])
                 x = 0
+        self.free = free
+        self.qc = qc
+        self.lrub = lrub
 
     def _take(self, x: int) -> None:
         """Allocate ``x`` blocks: free ones first, then evict least recently used cached ones
@@ -394,8 +445,7 @@ class BlockPool(ReplicaCore):
         if k:
             ids = r.ids
             assert ids is not None
-            for j in range(r.wlo, r.wlo + k):
-                self._unref(ids[j] + WKEY)
+            self._unrefs([ids[j] + WKEY for j in range(r.wlo, r.wlo + k)])
             r.wlo += k
             # its window layers' blocks in their place: those it alone held came back (as
             # cached, at the LRU's / vLLM queue's tail), the others' were counted in the need
@@ -417,21 +467,7 @@ class BlockPool(ReplicaCore):
         if H:
             ids = r.ids
             assert ids is not None
-            # (_unref inlined, once per cached id of every finished request)
-            cache = self.cache
-            lru = self.lru
-            uq = self.uq
-            g = self.g
-            for j in range(H - 1, -1, -1):
-                h = ids[j]
-                ref = cache[h] - 1
-                cache[h] = ref
-                if ref == 0:
-                    if uq:
-                        self._q_cached(h)
-                    else:
-                        lru[h] = None
-                        self.lrub += g
+            self._unrefs(ids[H - 1 :: -1])  # the last first
             r.held = 0
 
     def _w_finish(self, r: Request, tokens: int, answer: bool = True) -> None:
@@ -474,15 +510,16 @@ class BlockPool(ReplicaCore):
         own = self.kv_blocks_for(tokens) - H * gf - (H - wlo) * gw
         cache = self.cache
         # (1) the prompt's window parts that the window passed as it decoded
-        for j in range(wlo, t if t < H else H):
-            self._unref(ids[j] + WKEY)
+        self._unrefs([ids[j] + WKEY for j in range(wlo, t if t < H else H)])
         # (2) the answer's ids that the window passed: cached as filled, freed as passed
+        passed = []
         for j in range(H, t):
             h = ids[j] + WKEY
             if h not in cache:
                 cache[h] = 1
-                self._unref(h)
+                passed.append(h)
                 own -= gw
+        self._unrefs(passed)
         # (3) the answer's ids: full parts, and window parts within the window
         wl = wlo if wlo > t else t
         keys = list(ids[H:f])
@@ -500,10 +537,14 @@ class BlockPool(ReplicaCore):
         # (4) its own blocks, then its references, the last id first
         if own > 0:
             self._q_free(own)
-        for j in range(f - 1, -1, -1):
-            if j >= wl:
-                self._unref(ids[j] + WKEY)
-            self._unref(ids[j])
+        m = wl if wl < f else f
+        rel: list[int] = []
+        for j in range(f - 1, m - 1, -1):
+            h = ids[j]
+            rel += (h + WKEY, h)
+        if m:
+            rel += ids[m - 1 :: -1]
+        self._unrefs(rel)
         r.held = r.wlo = 0
         # (5) the exchanges' blocks: free ones first, then the oldest cached (never short:
         # the new entries, unreferenced now, hold more than that)

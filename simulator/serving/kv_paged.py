@@ -141,7 +141,7 @@ class PagedKV(BlockPool):
         self.uq = kv.fifo_eviction and kv.prefix
         self.q = deque() if self.uq else None  # (built with its first cached entry)
         self.qc = 0  # cached entries in q: none, so every fast path below takes free blocks
-        self.qv = {}
+        self.qv = 0  # the last version given a queue entry
         # decoding sequences by block residue, written twice (cnt2[i] == cnt2[i + b]) so that a
         # run's partial sum is one slice: sum(cnt2[s : s + rem]) for any s < b, rem <= b
         self.cnt2 = [0] * (2 * b)

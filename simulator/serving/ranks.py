@@ -170,7 +170,7 @@ class RankedPagedKV(PagedKV):
             self.wm //= dp
             b2 = 2 * self.b
             self.pools = [
-                (nb, {}, OrderedDict(), 0, deque() if self.uq else None, 0, {}, [0] * b2, None)
+                (nb, {}, OrderedDict(), 0, deque() if self.uq else None, 0, 0, [0] * b2, None)
                 for _ in range(dp)
             ]
 
