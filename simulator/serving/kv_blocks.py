@@ -103,7 +103,9 @@ class BlockPool(ReplicaCore):
     g: int
     ht: int
     lb: int
-    lru: OrderedDict[int, int | None]  # with uq: its queue entry's version (else None)
+    # with uq a dict (same order), mapping an id to its queue entry's version; else an
+    # OrderedDict of None
+    lru: dict[int, int | None]
     mask: int
     prefix: bool
     win: tuple[int, int, int, int] | None
@@ -280,6 +282,7 @@ class BlockPool(ReplicaCore):
         cache = self.cache
         got = 0
         while got < x:
+            assert isinstance(lru, OrderedDict)  # (pool-first: with uq the queue evicts)
             h, _v = lru.popitem(last=False)
             del cache[h]
             got += self.gw if h >= WKEY else self.gf

@@ -136,9 +136,11 @@ class PagedKV(BlockPool):
         self.gw = self.wn = self.wci = 0
         self.lrub = 0
         self.cache = {}  # resident block id -> references
-        self.lru = OrderedDict()  # unreferenced resident ids, LRU first
         # vLLM's one free-block queue (kv_blocks.py, "vLLM's eviction order"); prefix caching only
         self.uq = kv.fifo_eviction and kv.prefix
+        # unreferenced resident ids, LRU first (with uq a dict: its insertion order is the same,
+        # and the queue, not lru.popitem, evicts)
+        self.lru = {} if self.uq else OrderedDict()
         self.q = deque() if self.uq else None  # (built with its first cached entry)
         self.qc = 0  # cached entries in q: none, so every fast path below takes free blocks
         self.qv = 0  # the last version given a queue entry
