@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from itertools import accumulate
+from itertools import accumulate, takewhile
 from typing import TYPE_CHECKING
 
 from fleetsim.serving.core import ReplicaCore
@@ -318,24 +318,25 @@ class BlockPool(ReplicaCore):
         ht = self.ht
         cap = min(len(ids), r.prompt // ht, (r.eff - 1) // ht)
         cache = self.cache
-        H = ev = 0
-        while cap > H:
-            ref = cache.get(ids[H])
-            if ref is None or (gone and ids[H] in gone):
-                break
-            if ref == 0:
-                ev += 1
-            H += 1
+        if gone:
+            H = 0
+            while cap > H:
+                if ids[H] not in cache or ids[H] in gone:
+                    break
+                H += 1
+        elif cap > 0:
+            # (the leading cached ids, counted at C speed: once per admission and replan)
+            H = len(list(takewhile(cache.__contains__, ids[:cap])))
+        else:
+            H = 0
+        get = cache.__getitem__
         if self.win is None:
-            return H, ev * self.g
+            return H, list(map(get, ids[:H])).count(0) * self.g
         H = self._w_hit(ids, H, gone)
-        ev = 0
-        for j in range(H):
-            if cache[ids[j]] == 0:
-                ev += self.gf
-        for j in range(self._w_lo(H), H):
-            if cache[ids[j] + WKEY] == 0:
-                ev += self.gw
+        ev = list(map(get, ids[:H])).count(0) * self.gf
+        lo = self._w_lo(H)
+        if lo < H:
+            ev += list(map(get, [ids[j] + WKEY for j in range(lo, H)])).count(0) * self.gw
         return H, ev
 
     def _w_hit(self, ids: list[int], H: int, gone: set[int] | None) -> int:
