@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import resolved
 from test_theory import write_profile
 
@@ -23,7 +24,12 @@ B = 16
 A_IDS = list(range(250))  # a 4,000-token prompt: 250 blocks of 16 tokens
 
 
-def _run(tmp_path: Path, rows: list[tuple[float, int, int, list[int]]], monkeypatch) -> tuple:
+def _run(
+    tmp_path: Path,
+    rows: list[tuple[float, int, int, list[int]]],
+    monkeypatch,
+    eviction: str = "pool-first",
+) -> tuple:
     """Simulate ``rows`` (arrival s, prompt, output, ids) on one Gemma-3-27B replica with room
     for a few such prompts; the replica and the totals."""
     m = model_from_catalog("gemma-3-27b")
@@ -56,7 +62,7 @@ def _run(tmp_path: Path, rows: list[tuple[float, int, int, list[int]]], monkeypa
             "block_size_tokens": B,
             "activation_reserve_bytes": 0,
             "enable_prefix_caching": True,
-            "prefix_cache_eviction": "pool-first",
+            "prefix_cache_eviction": eviction,
         },
         "traffic": {"trace": str(f), "trace_block_tokens": B},
         "slo": {"ttft_s": 1e5, "tpot_s": 1e5},
@@ -124,3 +130,40 @@ def test_a_short_prompt_hits_from_its_first_block(tmp_path, monkeypatch):
     ids = list(range(20))
     _rep, T = _run(tmp_path, [(0.0, 320, 8, ids), (60.0, 320, 8, ids)], monkeypatch)
     assert T.prefix_hit_tokens == 304
+
+
+@pytest.mark.parametrize("eviction", ["pool-first", "vllm"])
+def test_the_window_passed_as_it_decoded_goes_first(tmp_path, monkeypatch, eviction):
+    """A request outside sessions (a trace's: its ids cover its prompt only) releases its
+    prompt's window parts in vLLM 0.11's order (kv_blocks.py ``_drop`` -> ``_w_finish``, one
+    path with a session turn's). A 2,000-token prompt (125 ids) and 500 answer tokens: its one
+    chunk left it holding 125 blocks, so the window layers released ids 0 .. 59 (those before
+    the last cap = 65 blocks) as it ended; at the finish its KV holds 2,499 tokens = 157
+    blocks, the window's last 65 are 92 .. 156, so the window passed ids 60 .. 91 as it
+    decoded. vLLM's ``remove_skipped_blocks`` freed those during the decode (to the free
+    queue's tail, ahead of the finish's blocks); then ``SingleTypeKVCacheManager.free`` frees
+    the rest, the last block first: ids 124 .. 92 (each id's window part before its full part
+    here), then the full parts 91 .. 0. Until this branch the passed parts 60 .. 91 were
+    released with the finish's, in that last-first order. The same order in LRU (pool-first)
+    and in vLLM's one free queue."""
+    ids = list(range(125))
+    captured: list[list[int]] = []
+    free_kv = PagedKV._free_kv
+
+    def probe(self, r, fin):
+        free_kv(self, r, fin)
+        if self.uq:
+            captured.append([e[0] for e, _off in self._q_entries() if e[0] >= 0])
+        else:
+            captured.append(list(self.lru))
+
+    monkeypatch.setattr(PagedKV, "_free_kv", probe)
+    rep, T = _run(tmp_path, [(0.0, 2000, 500, ids)], monkeypatch, eviction)
+    assert T.requests_completed == 1
+    assert (rep.win[2], rep.wn, rep.gf, rep.gw) == (65, 64, 10, 52)
+    want = [WKEY + j for j in range(92)]  # 0 .. 59 at the chunk's end, 60 .. 91 as it decoded
+    for j in range(124, 91, -1):
+        want += [WKEY + j, j]
+    want += list(range(91, -1, -1))
+    assert captured == [want]
+    assert len(want) == 125 + 125  # every id's full and window part, cached and unreferenced

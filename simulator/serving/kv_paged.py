@@ -84,9 +84,9 @@ the window parts no longer wholly within its window's last ``cap`` blocks
 (:meth:`BlockPool._w_release`): they stay cached, evictable, and its window layers open blocks
 in their place (the chunk's need counts those whose parts others hold too, :meth:`_w_shared`).
 A decoding sequence keeps its window parts to its finish (the same count as vLLM's release as
-the window passes; only which blocks are evictable differs). A session turn's finish caches its
-answer's parts too, and orders what the window passed ahead of the rest, as vLLM leaves them
-(:meth:`BlockPool._w_finish`).
+the window passes; only which blocks are evictable differs). Every finish (and preemption)
+orders what the window passed ahead of the rest, as vLLM leaves them; a session turn's caches
+its answer's parts too (:meth:`BlockPool._w_finish`, one path for both).
 
 Size: about 750 lines, over the project's ~600: the block arithmetic above (residues, prefix
 blocks, window weights and parts) is one invariant over one pool, kept in one module.
@@ -136,12 +136,14 @@ class PagedKV(BlockPool):
         self.gw = self.wn = self.wci = 0
         self.lrub = 0
         self.cache = {}  # resident block id -> references
-        self.lru = OrderedDict()  # unreferenced resident ids, LRU first
         # vLLM's one free-block queue (kv_blocks.py, "vLLM's eviction order"); prefix caching only
         self.uq = kv.fifo_eviction and kv.prefix
+        # unreferenced resident ids, LRU first (with uq a dict: its insertion order is the same,
+        # and the queue, not lru.popitem, evicts)
+        self.lru = {} if self.uq else OrderedDict()
         self.q = deque() if self.uq else None  # (built with its first cached entry)
         self.qc = 0  # cached entries in q: none, so every fast path below takes free blocks
-        self.qv = {}
+        self.qv = 0  # the last version given a queue entry
         # decoding sequences by block residue, written twice (cnt2[i] == cnt2[i + b]) so that a
         # run's partial sum is one slice: sum(cnt2[s : s + rem]) for any s < b, rem <= b
         self.cnt2 = [0] * (2 * b)

@@ -122,11 +122,11 @@ class RankedWaiting:
 _Pool = tuple[
     int,
     dict[int, int],
-    "OrderedDict[int, None]",
+    dict[int, "int | None"],
     int,
     "deque[list[int]] | None",
     int,
-    dict[int, int],
+    int,
     list[int],
     "list[int] | None",
 ]
@@ -170,7 +170,17 @@ class RankedPagedKV(PagedKV):
             self.wm //= dp
             b2 = 2 * self.b
             self.pools = [
-                (nb, {}, OrderedDict(), 0, deque() if self.uq else None, 0, {}, [0] * b2, None)
+                (
+                    nb,
+                    {},
+                    {} if self.uq else OrderedDict(),
+                    0,
+                    deque() if self.uq else None,
+                    0,
+                    0,
+                    [0] * b2,
+                    None,
+                )
                 for _ in range(dp)
             ]
 

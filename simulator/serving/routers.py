@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from itertools import takewhile
 from operator import attrgetter
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -192,11 +193,7 @@ class PrefixAffinity(Router):
             tree = trees.get(rep.index)
             if tree is None:
                 continue
-            h = 0
-            for x in ids:
-                if x not in tree:
-                    break
-                h += 1
+            h = len(list(takewhile(tree.__contains__, ids)))  # its leading ids in the tree
             if h > best_h or (
                 h == best_h and best is not None and rep.outstanding < best.outstanding
             ):
