@@ -269,24 +269,33 @@ def test_the_kv_budget_of_a_windowed_model_counts_what_its_sequences_hold():
                     "output": {"dist": "fixed", "value": 2}}  # fmt: skip
     rs = resolve(scenario_from_dict(d))
     per = 2 * 16 * 128 * 2  # K and V of 16 heads of 128 in bf16, one layer
-    ctx = 8001  # a prompt and half its output
-    bpt = per * (10 * ctx + 52 * 1024) / ctx  # 10 global layers, 52 windows of 1,024
+    # over its time in flight (branch c47): 8,000 tokens in its prefill iteration (one chunk:
+    # the default budget of 8,192), 8,001 in its one decode step, 1,024 of each in a window
+    held = 8000 + 8001
+    bpt = per * (10 * held + 52 * 2 * 1024) / held  # 10 global layers, 52 windows of 1,024
     assert rs.kv.bytes_per_token == pytest.approx(bpt, rel=1e-12)
     assert rs.kv.blocks == int(rs.kv.kv_bytes // (rs.kv.bytes_per_token * 16))
     # 3.7 times the tokens that counting every layer at every token would give
     assert rs.kv.bytes_per_token / rs.model.kv_bytes_per_token == pytest.approx(0.2686, abs=1e-4)
 
 
-def test_sizes_from_a_file_charge_every_layer_for_every_token(tmp_path):
-    """Without analytic sizes there is no typical context: the budget charges a token in every
-    layer (the most a token can cost), as it does for a full-attention model."""
-    trace = tmp_path / "sizes.csv"
-    trace.write_text("p,o\n3000,200\n9000,10\n")
+def test_sizes_from_a_file_weigh_their_requests(tmp_path):
+    """An empirical column's requests are the typical sequences (branch t48; before, without
+    analytic sizes the budget charged every token in every layer, 507,904 B). Every row 3,000 +
+    200 tokens (both columns of one file): 3,000 tokens in the prefill iteration, 3,000 + k in
+    decode step k = 1..199, 619,900 token-iterations over 200 iterations, of which a window
+    layer holds 1,024 in each (204,800): 8,192 x (10 + 52 x 204,800 / 619,900) = 222,655 B."""
+    sizes = tmp_path / "sizes.csv"
+    sizes.write_text("p,o\n3000,200\n3000,200\n")
     d = merge(SMALL, model={"name": "gemma-3-27b"}, fleet={"tensor_parallel": 2})
-    d["traffic"] = {**d["traffic"], "prompt": {"dist": "empirical", "file": str(trace),
-                    "column": "p"}}  # fmt: skip
+    d["traffic"] = {**d["traffic"],
+                    "prompt": {"dist": "empirical", "file": str(sizes), "column": "p"},
+                    "output": {"dist": "empirical", "file": str(sizes), "column": "o"}}  # fmt: skip
     rs = resolve(scenario_from_dict(d))
-    assert rs.kv.bytes_per_token == rs.model.kv_bytes_per_token_tp(2)
+    assert 3000 + 3000 * 199 + 200 * 199 // 2 == 619_900
+    bpt = 8192 * (10 + 52 * 204_800 / 619_900)
+    assert rs.kv.bytes_per_token == pytest.approx(bpt, rel=1e-12)
+    assert round(bpt) == 222_655 < rs.model.kv_bytes_per_token_tp(2) == 507_904
 
 
 @pytest.mark.parametrize("name", ["gemma-3-27b", "deepseek-v3", "nemotron-nano-9b-v2"])
