@@ -231,7 +231,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float, source: str = ""
         # its constant state, counted in tokens of the attention layers
         attn_bpt = model.kv_bytes_per_token_tp(tp)
         attn_tokens = max(0, int(kv // attn_bpt))
-        state_tokens = int(-(-model.state_bytes_per_seq // attn_bpt))
+        state_tokens = int(-(-model.state_bytes_per_seq_tp(tp) // attn_bpt))
         longest = max(0, attn_tokens - state_tokens)
     return KvBudget(
         mem,
