@@ -2537,7 +2537,6 @@ def implied_prompts(
     rank serves its own queue, bound on arrival, and the queues drain unevenly (the per-rank
     model of ``calibrate/dp_ranks.py`` gives their measured batch, e.g. 7.5 of 8 for
     Coder-480B-FP8 DP4 b8), not because their KV cache is full."""
-    from fleetsim.config.resolved import kv_budget
 
     out = []
     for c in configs:
@@ -2550,7 +2549,8 @@ def implied_prompts(
             # a Mamba-Transformer hybrid: each sequence holds its constant state (state_blocks
             # layer-blocks, vLLM's Mamba pages) beside its tokens' blocks in the attention
             # layers, so only what is left of a sequence's share holds tokens
-            kb = kv_budget(rs.scenario, md, rs.profile.mem_bytes)
+            kb = rs.kv  # (kv_budget, as resolved: its one-request trace is gone)
+            assert kb is not None
             left = kb.layer_blocks / c.avg_batch_size - kb.state_blocks
             per_seq = left / md.n_attn_layers * kb.block_size_tokens
         out.append((c, per_seq - length_biased_half(c)))
@@ -2692,10 +2692,10 @@ def reserve_sensitivity(c: Config) -> tuple[float, float]:
     bytes per token)``. A row whose implied mean a plausible reserve error (a few tenths of a
     GiB: the profiling run's peak, non-torch memory; docs/accuracy-log.md, KV budget) moves by
     a few tokens is a trustworthy estimator; one it moves by hundreds is not."""
-    from fleetsim.config.resolved import kv_budget
 
     rs = _row_resolved(c)
-    kb = kv_budget(rs.scenario, rs.model, rs.profile.mem_bytes)
+    kb = rs.kv  # (kv_budget, as resolved: its one-request trace is gone)
+    assert kb is not None
     gpus = rs.scenario.fleet.tensor_parallel * rs.scenario.fleet.data_parallel
     return kb.kv_bytes / 2**30, gpus * 2**30 / (c.avg_batch_size * kb.bytes_per_token)
 

@@ -186,13 +186,14 @@ def test_validate_says_the_longest_request_a_windowed_model_holds(capsys):
     """scenarios/README.md: one H100 holds the Mooncake trace's longest request of
     gemma-3-27b-it with its windows (252,176 tokens) and refuses it without (41,536 tokens,
     ``fleetsim validate --set fleet.tensor_parallel=1``); validate's line showed 41,536 either
-    way (the trace's sizes come from a file: the token count charges every token in every
-    layer). Hand count: 21.10 GB of KV / (16 tokens x 8,192 bytes per layer-token: 16 KV heads
-    x 128 x K and V x 2 bytes) = 160,990 layer-blocks; a window layer spans at most 65 blocks of
-    16 (1,024 tokens, unaligned), so 52 x 65 = 3,380 and the 10 full layers 15,761 blocks each,
-    252,176 tokens."""
+    way (the trace's sizes came from a file: the token count charged every token in every
+    layer; since branch t48 it weighs the trace's requests, 183,440 tokens, an estimate; the
+    engine counts the layer-blocks). Hand count: 21.10 GB of KV / (16 tokens x 8,192 bytes per
+    layer-token: 16 KV heads x 128 x K and V x 2 bytes) = 160,990 layer-blocks; a window layer
+    spans at most 65 blocks of 16 (1,024 tokens, unaligned), so 52 x 65 = 3,380 and the 10 full
+    layers 15,761 blocks each, 252,176 tokens."""
     line = _validate_line(capsys, GEMMA, "fleet.tensor_parallel=1")
-    assert "KV budget 41,536 tokens per replica" in line
+    assert "KV budget 183,440 tokens per replica" in line
     assert "; longest request 252,176 tokens (each layer kind's blocks); profile " in line
     rs = fleetsim.resolved(GEMMA, {"fleet.tensor_parallel": 1})["derived"]["kv_budget"]
     assert (rs["request_tokens"], rs["layer_blocks"]) == (252_176, 160_990)

@@ -280,16 +280,23 @@ def test_the_kv_budget_of_a_windowed_model_counts_what_its_sequences_hold():
     assert rs.kv.bytes_per_token / rs.model.kv_bytes_per_token == pytest.approx(0.2687, abs=1e-4)
 
 
-def test_sizes_from_a_file_charge_every_layer_for_every_token(tmp_path):
-    """Without analytic sizes there is no typical context: the budget charges a token in every
-    layer (the most a token can cost), as it does for a full-attention model."""
-    trace = tmp_path / "sizes.csv"
-    trace.write_text("p,o\n3000,200\n9000,10\n")
+def test_sizes_from_a_file_weigh_their_requests(tmp_path):
+    """An empirical column's requests are the typical sequences (branch t48; before, without
+    analytic sizes the budget charged every token in every layer, 507,904 B). Every row 3,000 +
+    200 tokens (both columns of one file): 3,000 tokens in the prefill iteration, 3,000 + k in
+    decode step k = 1..199, 619,900 token-iterations over 200 iterations, of which a window
+    layer holds 1,024 in each (204,800): 8,192 x (10 + 52 x 204,800 / 619,900) = 222,655 B."""
+    sizes = tmp_path / "sizes.csv"
+    sizes.write_text("p,o\n3000,200\n3000,200\n")
     d = merge(SMALL, model={"name": "gemma-3-27b"}, fleet={"tensor_parallel": 2})
-    d["traffic"] = {**d["traffic"], "prompt": {"dist": "empirical", "file": str(trace),
-                    "column": "p"}}  # fmt: skip
+    d["traffic"] = {**d["traffic"],
+                    "prompt": {"dist": "empirical", "file": str(sizes), "column": "p"},
+                    "output": {"dist": "empirical", "file": str(sizes), "column": "o"}}  # fmt: skip
     rs = resolve(scenario_from_dict(d))
-    assert rs.kv.bytes_per_token == rs.model.kv_bytes_per_token_tp(2)
+    assert 3000 + 3000 * 199 + 200 * 199 // 2 == 619_900
+    bpt = 8192 * (10 + 52 * 204_800 / 619_900)
+    assert rs.kv.bytes_per_token == pytest.approx(bpt, rel=1e-12)
+    assert round(bpt) == 222_655 < rs.model.kv_bytes_per_token_tp(2) == 507_904
 
 
 @pytest.mark.parametrize("name", ["gemma-3-27b", "deepseek-v3", "nemotron-nano-9b-v2"])

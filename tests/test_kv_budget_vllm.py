@@ -18,7 +18,7 @@ from pathlib import Path
 from fleetsim.api import load
 from fleetsim.calibrate import mlenergy as M
 from fleetsim.config.resolve import resolve
-from fleetsim.config.resolved import KvBudget, kv_budget
+from fleetsim.config.resolved import KvBudget
 from fleetsim.device.modelspec import ModelSpec
 
 GIB = 2**30
@@ -43,7 +43,8 @@ def _row(model_id: str, task: str, max_num_seqs: int) -> tuple[M.Config, ModelSp
         trace = Path(tmp) / "trace.csv"
         trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,100\n")
         rs = resolve(load(M.scenario_dict(c, str(trace), 1)), "")
-    return c, rs.model, kv_budget(rs.scenario, rs.model, rs.profile.mem_bytes)
+    assert rs.kv is not None  # (kv_budget as resolved: the one-request trace is gone)
+    return c, rs.model, rs.kv
 
 
 def test_qwen3_32b_one_h100_budget_by_hand():
@@ -135,4 +136,5 @@ def test_implied_prompt_of_a_hybrid_counts_its_state():
     tokens_per_seq = (kb.layer_blocks / c.avg_batch_size - kb.state_blocks) / 6 * BLOCK
     assert prompt == tokens_per_seq - M.length_biased_half(c)
     assert 1_400 < prompt < 1_600  # 1,511 (the attention tokens alone: 8,000 and more)
-    assert kb.tokens / c.avg_batch_size - M.length_biased_half(c) > 8_000
+    # (the attention layers' tokens alone: the budget's blocks over its 6 attention layers)
+    assert kb.layer_blocks / 6 * BLOCK / c.avg_batch_size - M.length_biased_half(c) > 8_000

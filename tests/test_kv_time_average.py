@@ -195,3 +195,72 @@ def test_gemma_budget_of_a_sequence_crossing_its_window():
     # the budget in tokens: the KV bytes over them (its whole blocks)
     b = rs.kv.block_size_tokens
     assert rs.kv_capacity_tokens == int(rs.kv.kv_bytes // (rs.kv.bytes_per_token * b)) * b
+
+
+def _gemma_sizes(traffic: dict, seed: int = 0):
+    d = {
+        "seed": seed,
+        "simulation": {"hours": 1},
+        "model": {"config": str(ROOT / "data/models/google/gemma-3-27b-it")},
+        "hardware": {"gpu": "h100-sxm"},
+        "fleet": {"tensor_parallel": 1},
+        "traffic": traffic,
+    }
+    return resolved(d)
+
+
+def test_gemma_budget_of_a_trace_weighs_its_requests(tmp_path):
+    """Branch t48: a trace's window model had its budget charged every token in every layer
+    (507,904 B per token: the trace drew no typical sequence). Now the trace's own requests
+    are the typical sequences. A trace of 500 + 1,000-token requests only gives the budget of
+    the same sizes drawn (fixed distributions: 459,722 B, the test above), and so does an
+    empirical CSV column of them; a trace of one such request and one of 2,000 + 1 tokens, by
+    hand: the second holds 2,000 tokens for one iteration, 1,024 of them in a window layer (one
+    prefill chunk: the default budget is larger), so the means are (999,500 + 2,000) / 2 held,
+    (886,450 + 1,024) / 2 within the window over (1,000 + 1) / 2 iterations, and the bytes per
+    token 8,192 x (10 + 52 x 887,474 / 1,001,500) = 459,403."""
+    head = "arrival_s,prompt_tokens,output_tokens\n"
+    same = tmp_path / "same.csv"
+    same.write_text(head + "".join(f"{10 * i},500,1000\n" for i in range(50)))
+    rs = _gemma_sizes({"trace": str(same)})
+    assert rs.kv.bytes_per_token == pytest.approx(8192 * (10 + 52 * 886_450 / 999_500), 1e-12)
+    assert round(rs.kv.bytes_per_token) == 459_722  # not 8,192 x 62 = 507,904
+    fixed = {
+        "requests_per_day": 1000,
+        "prompt": {"dist": "fixed", "value": 500},
+        "output": {"dist": "fixed", "value": 1000},
+    }
+    assert _gemma_sizes(fixed).kv == rs.kv  # the same budget, blocks and tokens
+    # an empirical column (both sizes of one file: sampled jointly)
+    col = tmp_path / "sizes.csv"
+    col.write_text("p,o\n" + "500,1000\n" * 7)
+    emp = {
+        "requests_per_day": 1000,
+        "prompt": {"dist": "empirical", "file": str(col), "column": "p"},
+        "output": {"dist": "empirical", "file": str(col), "column": "o"},
+    }
+    assert _gemma_sizes(emp).kv == rs.kv
+    two = tmp_path / "two.csv"
+    two.write_text(head + "10,500,1000\n20,2000,1\n")
+    bpt = _gemma_sizes({"trace": str(two)}).kv.bytes_per_token
+    assert bpt == pytest.approx(8192 * (10 + 52 * 887_474 / 1_001_500), rel=1e-12)
+    assert round(bpt) == 459_403
+
+
+def test_window_budget_of_an_empirical_column_is_seed_independent(tmp_path):
+    """An empirical column's draws for the budget come from a fixed stream (config/resolved.py
+    ``typical_sizes``): the scenario's seed moves the run's requests, not its KV budget; and
+    the column's sizes do move it (mostly 100-token prompts under the window, against mostly
+    4,000: more bytes per token held where the window keeps the whole context)."""
+    col = tmp_path / "sizes.csv"
+    col.write_text("p,o\n" + "100,50\n" * 3 + "4000,50\n")
+    emp = {
+        "requests_per_day": 1000,
+        "prompt": {"dist": "empirical", "file": str(col), "column": "p"},
+        "output": {"dist": "fixed", "value": 50},
+    }
+    a, b = _gemma_sizes(emp, seed=1).kv, _gemma_sizes(emp, seed=2).kv
+    assert a == b
+    col.write_text("p,o\n" + "100,50\n" + "4000,50\n" * 3)
+    c = _gemma_sizes(emp, seed=1).kv
+    assert 8192 * 10 < c.bytes_per_token < a.bytes_per_token < 8192 * 62

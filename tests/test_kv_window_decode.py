@@ -307,7 +307,10 @@ def test_longest_request_is_counted_per_layer_kind(tmp_path, monkeypatch):
     each): a sequence of L tokens takes 10 ceil(L / 16) + 52 x 65 of them past its window, so
     the longest request is (45,776 - 3,380) // 10 x 16 = 67,824 tokens, not the 11,808 that
     the bytes of a full-attention token would allow. A 60,000-token request is admitted and
-    completes holding the hand count; 70,000 tokens are refused at validation."""
+    completes holding the hand count; 70,000 tokens are refused at validation. The budget in
+    tokens, an estimate at the trace's request weighted by its time in flight (branch t48;
+    11,808 when a trace's tokens were charged in every layer), is 66,624: under the exact
+    count, which the request's last iterations reach."""
     from test_kv_window import _scenario, _spy
 
     from fleetsim.base.errors import ScenarioError
@@ -318,7 +321,9 @@ def test_longest_request_is_counted_per_layer_kind(tmp_path, monkeypatch):
     assert kv is not None
     nb = int(kv.kv_bytes // (16 * 507_904 / 62))
     assert kv.request_tokens == (nb - 52 * 65) // 10 * 16
-    assert kv.tokens < 12_000 < 60_000 < kv.request_tokens < 70_000
+    assert nb // 62 * 16 == 11_808  # every token in every layer
+    assert kv.tokens == int(kv.kv_bytes // (kv.bytes_per_token * 16)) * 16 == 66_624
+    assert 60_000 < kv.tokens < kv.request_tokens < 70_000
     seen = _spy(monkeypatch)
     sink = ListSink()
     simulate(rs, request_sink=sink)

@@ -184,9 +184,13 @@ def test_gemma_windows_by_hand_one_h100_holds_the_longest_request_only_with_them
     longest = 16 * ((blocks - 52 * window_blocks) // 10)
     assert kv["request_tokens"] == longest == 252_176
     assert doc["derived"]["max_request_tokens"] == 126_527 < longest
-    # the token count of a file-sized traffic charges every token in all 62 layers
-    assert kv["bytes_per_token"] == 62 * layer_token == 507_904
-    assert kv["tokens"] == 16 * math.floor(kv["kv_bytes"] / (16 * 507_904)) == 41_536
+    # the token count (an estimate; the engine counts the layer-blocks) weighs the trace's
+    # requests by their time in flight (branch t48; before, every token in all 62 layers:
+    # 507,904 B, 41,536 tokens, what the counterfactual below holds)
+    assert round(kv["bytes_per_token"]) == 115_025
+    assert kv["tokens"] == 16 * math.floor(kv["kv_bytes"] / (16 * kv["bytes_per_token"]))
+    assert kv["tokens"] == 183_440
+    assert 16 * math.floor(kv["kv_bytes"] / (16 * 62 * layer_token)) == 41_536
     with pytest.raises(
         ScenarioError,
         match=r"126527 tokens\) exceeds the KV budget of a replica "
@@ -215,11 +219,14 @@ def test_gemma_cost_identity_and_the_counterfactual_fleet():
 
 
 # ---- what a planner tripped over while writing them ------------------------------------------
-def test_kv_line_of_a_windowed_model_on_a_trace_says_every_token_is_charged(tmp_path, capsys):
+def test_kv_line_of_a_windowed_model_on_a_trace_weighs_the_trace_requests(tmp_path, capsys):
     """gemma-3-27b replaying the Mooncake trace: the KV budget read ``507,904 bytes per token at
     the traffic's typical sequence``, which is every token in all 62 layers (2 x 16 KV heads x
-    128 x 2 B x 62): with sizes from a file the budget draws no typical sequence. The line now
-    says so; a drawn traffic keeps its typical sequence (its bytes per token below the full)."""
+    128 x 2 B x 62): with sizes from a file the budget drew no typical sequence. Branch t48: the
+    trace's own requests are the typical sequences (config/resolved.py ``typical_sizes``), each
+    weighted by its time in flight, as drawn sizes are; the line says their bytes per token,
+    under the full (its 10 global layers' share and more: the trace's mean prompt is 12,035
+    tokens, 12 x the 1,024-token window), and that the sizes come from the file."""
     from fleetsim.apps.cli import main
 
     gemma = ROOT / "data/models/google/gemma-3-27b-it"
@@ -234,8 +241,12 @@ def test_kv_line_of_a_windowed_model_on_a_trace_says_every_token_is_charged(tmp_
     assert full == 507_904
     assert main(["validate", str(p)]) == 0
     out = capsys.readouterr().err  # (the "# model" line; stdout is the JSON)
-    assert f"token count at {full:,} bytes per token, every token in every layer" in out
-    assert "at the traffic's typical sequence" not in out
+    assert "every token in every layer" not in out
+    assert (
+        "115,052 bytes per token at the traffic's typical sequence (its requests' sizes from "
+        "the file, each weighted by its time in flight)" in out
+    )
+    assert 2 * 16 * 128 * 2 * 10 < 115_052 < full
     drawn = tmp_path / "d.toml"
     drawn.write_text(
         f'[model]\nconfig = "{gemma}"\n[hardware]\ngpu = "h100-sxm"\n[fleet]\ntensor_parallel = 2\n'
@@ -243,7 +254,33 @@ def test_kv_line_of_a_windowed_model_on_a_trace_says_every_token_is_charged(tmp_
     assert main(["validate", str(drawn)]) == 0
     out = capsys.readouterr().err
     assert "bytes per token at the traffic's typical sequence" in out
-    assert "every token in every layer" not in out
+    assert "sizes from the file" not in out
+
+
+def test_gemma_plan_starts_at_the_four_replicas_that_pass():
+    """scenarios/gemma3-long-context-h100.toml (5 x TP4; its header: 4 x TP4 are the fewest that
+    meet the SLO): the planner's lower bound, ceil(peak / a replica's best-case rate), was 5,
+    above the answer, because its KV budget charged the trace's tokens in every layer (507,904
+    B per token: 491,472 tokens, a KV batch of 37 sequences of 13,154 tokens held over their
+    time in flight). Branch t48 weighs the trace's own requests (115,025 B per token: 2,170,176
+    tokens, 164 sequences); the bound is 4. Only the estimates move: the engine counts the
+    windows in layer-blocks (1,904,482 per replica, either way)."""
+    from fleetsim.config.loading import load_scenario
+    from fleetsim.config.resolve import resolve
+    from fleetsim.results.capacity import replica_capacity
+
+    sc, _ = load_scenario(str(GEMMA), [], None)
+    rs = resolve(sc, str(GEMMA))
+    kv = rs.kv
+    assert round(kv.bytes_per_token) == 115_025
+    assert kv.tokens == int(kv.kv_bytes // (kv.bytes_per_token * 16)) * 16 == 2_170_176
+    assert kv.layer_blocks == int(kv.kv_bytes // (16 * 8192)) == 1_904_482
+    c = replica_capacity(rs, str(GEMMA))
+    assert round(c.sizes.kv_per_seq) == 13_154
+    assert c.kv_batch == pytest.approx(2_170_176 / c.sizes.kv_per_seq, rel=1e-12)
+    assert (int(c.kv_batch), c.batch, c.bound) == (164, 164, "kv")
+    peak = max(rs.hourly_rate_per_s[:2])  # the two simulated hours
+    assert math.ceil(peak / c.rps) == 4
 
 
 def test_refresh_only_refuses_an_unknown_run(capsys):

@@ -103,7 +103,7 @@ def cmd_validate(args) -> int:
             + (
                 # a hybrid's constant state per sequence, as the engine holds it
                 f"; each sequence also holds its linear-state state, "
-                f"{rs.model.state_bytes_per_seq / 1e6:,.1f} MB"
+                f"{rs.model.state_bytes_per_seq_tp(sc.fleet.tensor_parallel) / 1e6:,.1f} MB"
                 + (
                     f" ({rs.kv.state_blocks:,} layer-blocks of {rs.kv.block_size_tokens} tokens, "
                     f"padded as vLLM pages it); longest request {rs.kv.request_tokens:,} tokens"

@@ -636,7 +636,7 @@ def _checked_kv_budget(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         * profile.mem_bytes
         * sc.fleet.gpu_memory_utilization
     )
-    kvb = kv_budget(sc, model, profile.mem_bytes)
+    kvb = kv_budget(sc, model, profile.mem_bytes, src)
     kv_tokens = kvb.tokens
     if kv_tokens <= 0:
         raise ScenarioError(

@@ -100,7 +100,8 @@ SCENARIO: dict[str, str] = {
     "ModelSection.ssm_n_heads": "Mamba-2 layers: heads (HF mamba_num_heads).",
     "ModelSection.ssm_head_dim": "Mamba-2 layers: width of one head (HF mamba_head_dim).",
     "ModelSection.ssm_n_groups": "Mamba-2 layers: groups of B and C projections (HF n_groups); "
-    "a divisor of ssm_n_heads (vLLM's Mamba-2 kernels give each group whole heads).",
+    "a divisor of ssm_n_heads (vLLM's Mamba-2 kernels give each group whole heads); split "
+    "over the tensor-parallel ranks, which must divide it, or one group copied on every rank.",
     "ModelSection.ssm_conv_kernel": "Mamba-2 layers: width of the causal convolution, in tokens "
     "(HF conv_kernel); its last tokens are part of the state.",
     "ModelSection.expert_dtype": "Precision of the routed experts' weights when it differs from "

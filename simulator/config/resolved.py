@@ -118,46 +118,52 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, max_tokens: int, max_seq
 
 
 def sizes_from_file(sc: Scenario) -> bool:
-    """Whether the traffic's request sizes come from a file (a trace or an empirical column),
-    where :func:`typical_sizes` draws none and the KV budget charges every token in every
-    layer."""
+    """Whether the traffic's request sizes come from a file (a trace or an empirical column):
+    :func:`typical_sizes` then takes the trace's own requests or draws the column."""
     from fleetsim.workload.distributions import Empirical
 
     tr = sc.traffic
     return bool(tr.trace) or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical)
 
 
-def typical_sizes(sc: Scenario, n: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
-    """Prompt and output tokens of ``n`` requests drawn from the traffic's size distributions
-    (a fixed SeedSequence stream, so that the budget does not depend on the run's seed); None
-    when a size comes from a file (trace or empirical column): the budget then charges every
-    token in every layer (the most a token can cost)."""
+def typical_sizes(sc: Scenario, n: int = 4096, source: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and output tokens of the traffic's typical requests: a timed trace's own requests
+    (``traffic.trace``, every one, as :func:`fleetsim.results.capacity.size_draws` reads them),
+    else ``n`` draws of its size distributions, an empirical column's included (jointly when
+    both columns are of one file, as the run samples them: ``SizeSampler``), on a fixed
+    SeedSequence stream, so that the budget depends neither on the run's seed nor on anything
+    but the scenario. ``source``: the scenario file, what a file's path is relative to
+    (default: the file the scenario was loaded from, if any)."""
     import numpy as np
 
-    from fleetsim.workload.distributions import Empirical
+    from fleetsim.workload.sampling import SizeSampler, _resolve_path, read_arrival_trace
 
     tr = sc.traffic
-    # (sizes_from_file, spelled out so that the types narrow)
-    if tr.trace or isinstance(tr.prompt, Empirical) or isinstance(tr.output, Empirical):
-        return None
+    source = source or sc._source
+    if tr.trace:
+        _, p, o = read_arrival_trace(str(_resolve_path(tr.trace, source)))
+        return np.asarray(p, dtype=float), np.asarray(o, dtype=float)
     rng = np.random.default_rng(np.random.SeedSequence(0x4B56))  # "KV"
-    return tr.prompt.draw(rng, n), tr.output.draw(rng, n)
+    # (for two analytic distributions the same draws as prompt.draw then output.draw)
+    p, o = SizeSampler(tr.prompt, tr.output, source).draw(n, rng)
+    return np.asarray(p, dtype=float), np.asarray(o, dtype=float)
 
 
-def typical_kv_bytes_per_token(sc: Scenario, model: ModelSpec, tp: int) -> float:
-    """The KV bytes per token of a replica holding the traffic's typical sequences, each
-    weighted by its time in flight: the bytes they hold summed over their iterations over the
-    tokens they hold summed likewise (:meth:`ModelSpec.kv_bytes_per_token_held_tp`; the sums
-    are :func:`fleetsim.workload.inflight.token_iterations`', under the fleet's chunked prefill
-    and KV allocation), so that ``kv bytes / this`` is the budget in the tokens that the
-    capacity estimate's KV per running sequence (results/capacity.py, weighted the same way)
-    divides. A window layer holds ``min(L, W)`` of a context ``L``, so a sequence whose life
-    crosses ``W`` holds less there than its mid-life context would say, and a long output holds
-    its KV longer. :meth:`ModelSpec.kv_bytes_per_token_tp` (every token in every layer) for a
-    model whose KV is proportional to its context, or where :func:`typical_sizes` draws none."""
-    sizes = None if model.kv_uniform else typical_sizes(sc)
-    if sizes is None:
+def typical_kv_bytes_per_token(sc: Scenario, model: ModelSpec, tp: int, source: str = "") -> float:
+    """The KV bytes per token of a replica holding the traffic's typical sequences
+    (:func:`typical_sizes`: drawn, or a trace's own), each weighted by its time in flight: the
+    bytes they hold summed over their iterations over the tokens they hold summed likewise
+    (:meth:`ModelSpec.kv_bytes_per_token_held_tp`; the sums are
+    :func:`fleetsim.workload.inflight.token_iterations`', under the fleet's chunked prefill and
+    KV allocation), so that ``kv bytes / this`` is the budget in the tokens that the capacity
+    estimate's KV per running sequence (results/capacity.py, weighted the same way) divides. A
+    window layer holds ``min(L, W)`` of a context ``L``, so a sequence whose life crosses ``W``
+    holds less there than its mid-life context would say, and a long output holds its KV
+    longer. :meth:`ModelSpec.kv_bytes_per_token_tp` (every token in every layer) for a model
+    whose KV is proportional to its context."""
+    if model.kv_uniform:
         return model.kv_bytes_per_token_tp(tp)
+    sizes = typical_sizes(sc, source=source)
     from fleetsim.workload.inflight import token_iterations
 
     f = sc.fleet
@@ -171,10 +177,12 @@ def typical_kv_bytes_per_token(sc: Scenario, model: ModelSpec, tp: int) -> float
     )
 
 
-def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
+def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float, source: str = "") -> KvBudget:
     """KV budget of a replica = gpu_memory_utilization x memory - weights - activation reserve.
 
-    Paged: whole blocks of ``block_size_tokens``; reserve (the first engine): whole tokens."""
+    Paged: whole blocks of ``block_size_tokens``; reserve (the first engine): whole tokens.
+    ``source``: the scenario file (a trace's or a sizes column's path is relative to it: the
+    sizes :func:`typical_kv_bytes_per_token` weighs a window or hybrid model's tokens at)."""
     f = sc.fleet
     tp = f.tensor_parallel
     dp = f.data_parallel
@@ -195,7 +203,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
     # KV heads replicated when tp exceeds them; a model with sliding-window or linear-state
     # layers holds less than its context: its bytes per token are those of the traffic's
     # typical sequences over their time in flight (typical_kv_bytes_per_token)
-    bpt = typical_kv_bytes_per_token(sc, model, tp)
+    bpt = typical_kv_bytes_per_token(sc, model, tp, source)
     b = f.block_size_tokens
     if f.kv_allocation == "paged":
         blocks = max(0, int(kv // (bpt * b)))
@@ -223,7 +231,7 @@ def kv_budget(sc: Scenario, model: ModelSpec, mem_bytes: float) -> KvBudget:
         # its constant state, counted in tokens of the attention layers
         attn_bpt = model.kv_bytes_per_token_tp(tp)
         attn_tokens = max(0, int(kv // attn_bpt))
-        state_tokens = int(-(-model.state_bytes_per_seq // attn_bpt))
+        state_tokens = int(-(-model.state_bytes_per_seq_tp(tp) // attn_bpt))
         longest = max(0, attn_tokens - state_tokens)
     return KvBudget(
         mem,

@@ -680,7 +680,7 @@ class LatencyModel:
         self.dense_weight_bytes: float | None = self._w_dense if self._dense else None
         #: bytes of linear-state (Mamba) state read and written per sequence per iteration (the
         #: scan reads and writes each sequence's state once: 0 for attention-only models)
-        self._sb = 2.0 * m.state_bytes_per_seq
+        self._sb = 2.0 * m.state_bytes_per_seq_tp(tp)
         #: a prompt token's FLOPs and bytes in the linear-state layers' chunked scan (the SSD
         #: algorithm, fleetsim.device.moe.ssd_scan_flops_per_token), the FLOPs beyond the
         #: recurrent scan's that f_lin counts (linear_state_flops_per_token); 0: no such layers

@@ -39,9 +39,11 @@ FLOPs per pair, what vLLM's MLA decode kernels compute).
 
 **Linear-state layers** (Mamba-2, ``ssm_*``) hold a fixed state per sequence: the SSM state
 ``ssm_n_heads * ssm_head_dim * ssm_state_size`` and the convolution window ``(ssm_conv_kernel
-- 1) * (d_inner + 2 * ssm_n_groups * ssm_state_size)`` elements; a step costs ``5 * d_inner *
-ssm_state_size`` FLOPs per token besides its projections (the state decay, the input outer
-product and the read-out).
+- 1) * (d_inner + 2 * ssm_n_groups * ssm_state_size)`` elements (under tensor parallelism
+the groups are split over the ranks, which must divide them, or a single group is copied on
+every rank, in the state and the B and C weights: :meth:`ModelSpec.ssm_groups_tp`, vLLM 0.11's
+``MambaMixer2``); a step costs ``5 * d_inner * ssm_state_size`` FLOPs per token besides its
+projections (the state decay, the input outer product and the read-out).
 
 **Precision per part.** ``dtype`` is that of the linear layers; ``expert_dtype`` overrides it
 for the experts (gpt-oss: mxfp4 experts, bf16 attention); ``embed_dtype`` for the embedding and
@@ -411,6 +413,12 @@ class ModelSpec:
         lin = (tp - 1) * self.n_attn_layers * self.mla_down_params_per_layer
         if not self.is_mla and self.n_kv_heads and tp > self.n_kv_heads:
             lin += (tp - self.n_kv_heads) * self.n_attn_layers * 2 * self.d_model * self.head_dim
+        if self.n_linear_layers:
+            # a single Mamba-2 group replicated on every rank (ssm_groups_tp): its B and C
+            # columns of the input projection and of the convolution, tp - 1 further copies
+            lin += self.n_linear_layers * (
+                self.linear_state_params_per_layer_tp(tp) - self.linear_state_params_per_layer
+            )
         return lin, (tp - 1) * self.n_moe_layers * self.router_params_per_layer
 
     def tp_extra_weight_bytes(self, tp: int) -> float:
@@ -472,9 +480,18 @@ class ModelSpec:
     def ssm_d_inner(self) -> int:
         return self.ssm_n_heads * self.ssm_head_dim
 
-    @property
-    def _ssm_conv_dim(self) -> int:
-        return self.ssm_d_inner + 2 * self.ssm_n_groups * self.ssm_state_size
+    def ssm_groups_tp(self, tp: int) -> int:
+        """The Mamba-2 B and C groups a ``tp``-way engine holds together: ``ssm_n_groups``
+        split over the ranks when ``tp`` divides them; a single group (the only other case vLLM
+        0.11 accepts: :meth:`tp_problem`) is replicated on every rank, ``tp`` copies
+        (vllm/model_executor/layers/mamba/mamba_mixer2.py ``MambaMixer2.__init__``: ``n_groups +
+        extra_groups_for_head_shards(n_groups, tp)`` in the conv and in_proj widths, the same
+        extra groups in the conv state, ``mamba_utils.py`` ``mamba2_state_shape``)."""
+        g = self.ssm_n_groups
+        return g if tp <= 1 or g % tp == 0 else g + (tp - g)
+
+    def _ssm_conv_dim_tp(self, tp: int) -> int:
+        return self.ssm_d_inner + 2 * self.ssm_groups_tp(tp) * self.ssm_state_size
 
     @property
     def linear_state_params_per_layer(self) -> int:
@@ -482,8 +499,17 @@ class ModelSpec:
         the output projection."""
         if not self.n_linear_layers:
             return 0
-        in_proj = self.d_model * (self.ssm_d_inner + self._ssm_conv_dim + self.ssm_n_heads)
-        conv = self._ssm_conv_dim * self.ssm_conv_kernel
+        return self.linear_state_params_per_layer_tp(1)
+
+    def linear_state_params_per_layer_tp(self, tp: int) -> int:
+        """:attr:`linear_state_params_per_layer` summed over the ``tp`` ranks of an engine: a
+        single group's B and C columns (of the input projection and the convolution) on every
+        rank (:meth:`ssm_groups_tp`), ``2 (tp - 1) N (d_model + conv_kernel)`` more."""
+        if not self.n_linear_layers:
+            return 0
+        conv_dim = self._ssm_conv_dim_tp(tp)
+        in_proj = self.d_model * (self.ssm_d_inner + conv_dim + self.ssm_n_heads)
+        conv = conv_dim * self.ssm_conv_kernel
         return in_proj + conv + self.ssm_d_inner * self.d_model
 
     @property
@@ -609,11 +635,19 @@ class ModelSpec:
         head dim x state size, at ``ssm_state_dtype``) and the convolution's last
         ``conv_kernel - 1`` inputs (at ``state_dtype``), vLLM's two Mamba-2 state tensors
         (``MambaStateShapeCalculator.mamba2_state_shape``)."""
+        return self.state_bytes_per_seq_tp(1)
+
+    def state_bytes_per_seq_tp(self, tp: int) -> float:
+        """:attr:`state_bytes_per_seq` summed over the ``tp`` GPUs of an engine: the SSM state
+        split by heads; the convolution's window over x, B and C split likewise, but for a
+        single group replicated on every rank (:meth:`ssm_groups_tp`), whose B and C columns
+        every rank's conv state holds (``mamba2_state_shape``: ``(conv_kernel - 1, (d_inner + 2
+        (n_groups + extra) N) / tp)``)."""
         if not self.n_linear_layers:
             return 0.0
         dt = self.state_dtype or self.kv_dtype_resolved
         ssm = self.ssm_d_inner * self.ssm_state_size * DTYPE_BYTES[self.ssm_state_dtype or dt]
-        conv = (self.ssm_conv_kernel - 1) * self._ssm_conv_dim * DTYPE_BYTES[dt]
+        conv = (self.ssm_conv_kernel - 1) * self._ssm_conv_dim_tp(tp) * DTYPE_BYTES[dt]
         return self.n_linear_layers * (ssm + conv)
 
     def kv_tokens_by_layer(self, context_tokens: int) -> tuple[int, ...]:
@@ -653,9 +687,12 @@ class ModelSpec:
 
     def kv_bytes_tp(self, context_tokens: float, tp: int) -> float:
         """:meth:`kv_bytes` summed over the ``tp`` GPUs of a replica (the linear-state state is
-        split by heads, not replicated)."""
+        split by heads, not replicated, but for a single Mamba group's conv columns:
+        :meth:`state_bytes_per_seq_tp`)."""
         state = self.state_bytes_per_seq
-        return (self.kv_bytes(context_tokens) - state) * self._tp_replication(tp) + state
+        return (self.kv_bytes(context_tokens) - state) * self._tp_replication(
+            tp
+        ) + self.state_bytes_per_seq_tp(tp)
 
     @property
     def kv_uniform(self) -> bool:
@@ -699,7 +736,7 @@ class ModelSpec:
         if not M:
             return 0
         layer_block = block_tokens * self.kv_bytes_per_token_tp(tp) / max(self.n_attn_layers, 1)
-        per_layer = -(-self.state_bytes_per_seq / M // layer_block)  # ceil, whole layer-blocks
+        per_layer = -(-self.state_bytes_per_seq_tp(tp) / M // layer_block)  # ceil, whole blocks
         kinds = [n for n in (self.n_global_attn_layers, self.n_sliding_layers, M) if n]
         group = min(kinds)
         if max(kinds) < 1.25 * group:
@@ -724,7 +761,7 @@ class ModelSpec:
         attn = self.n_global_attn_layers * tokens
         if self.n_sliding_layers:
             attn += self.n_sliding_layers * window_tokens
-        held = per * self._tp_replication(tp) * attn + self.state_bytes_per_seq * iterations
+        held = per * self._tp_replication(tp) * attn + self.state_bytes_per_seq_tp(tp) * iterations
         return held / max(tokens, 1.0)
 
     def tp_problem(self, tp: int) -> str | None:
@@ -738,6 +775,11 @@ class ModelSpec:
             return f"neither divides nor is a multiple of {self.name}'s {kv} KV heads"
         if self.n_linear_layers and self.ssm_n_heads % tp:
             return f"does not divide {self.name}'s {self.ssm_n_heads} linear-state heads"
+        g = self.ssm_n_groups
+        if self.n_linear_layers and g > 1 and g % tp:
+            # MambaMixer2 asserts n_groups % tp == 0 or n_groups == 1 (vllm/model_executor/
+            # layers/mamba/mamba_mixer2.py): only a single group is replicated over the ranks
+            return f"does not divide {self.name}'s {g} Mamba groups (vLLM replicates only one)"
         return None
 
     def tp_fix(self, tp: int) -> str:

@@ -926,7 +926,8 @@ def linear_state_block_s(
     m = float(tokens)
     d = model.d_model
     inner = model.ssm_d_inner
-    in_cols = (model.linear_state_params_per_layer - inner * d) / d / tp
+    # (a single Mamba group's B and C columns on every rank: ModelSpec.ssm_groups_tp)
+    in_cols = (model.linear_state_params_per_layer_tp(tp) - inner * d) / d / tp
     gemms = gemm_time_s(fit, peak_flops, bw, m, in_cols, d, weight_bytes) + gemm_time_s(
         fit, peak_flops, bw, m, d, inner / tp, weight_bytes
     )

@@ -50,9 +50,10 @@ def kv_kinds(model, bytes_per_token: float | None = None, sizes_from_file: bool 
     layer holds its whole context in plain K and V): a sliding window's layers, a latent
     attention's cached latent, a hybrid's linear-state layers; ``bytes_per_token``: the KV
     budget's bytes per token at the traffic's typical sequence (what its token count divides);
-    ``sizes_from_file``: the traffic's sizes come from a trace or a CSV column, so the budget drew
-    no typical sequence and charged every token in every layer (``typical_contexts``), which the
-    line then says instead (the engine itself counts the windows' blocks exactly)."""
+    ``sizes_from_file``: the traffic's sizes come from a trace or a CSV column, so the typical
+    sequences are the trace's own requests or the column's draws (config/resolved.py
+    ``typical_sizes``), which the line then says (the engine itself counts the windows' blocks
+    exactly)."""
     parts = []
     if model.is_mla:
         parts.append(
@@ -73,9 +74,8 @@ def kv_kinds(model, bytes_per_token: float | None = None, sizes_from_file: bool 
         )
     if not model.kv_uniform and bytes_per_token and sizes_from_file:
         parts.append(
-            f"token count at {round(bytes_per_token):,} bytes per token, every token in every "
-            "layer (the traffic's sizes come from a file; the engine itself counts each layer "
-            "kind's blocks)"
+            f"{round(bytes_per_token):,} bytes per token at the traffic's typical sequence (its "
+            "requests' sizes from the file, each weighted by its time in flight)"
         )
     elif not model.kv_uniform and bytes_per_token:
         parts.append(
