@@ -255,3 +255,48 @@ def crossover_row(f: float, g: float, design: str, P: int | None, usd: float) ->
         total_cost_usd=10.0,
         energy_facility_kwh=5.0,
     )
+
+
+def one_llama_replica(traffic: dict, block: int = 16) -> dict:
+    """One llama-3.1-8b replica on an H100, no prefix caching, static, 1 hour, seed 7: the
+    scenario of the KV-in-flight checks (tests/test_kv_in_flight.py, test_kv_time_average.py),
+    with ``traffic`` and a block of ``block`` tokens."""
+    return {
+        "seed": 7,
+        "simulation": {"hours": 1},
+        "model": {"name": "llama-3.1-8b"},
+        "hardware": {"gpu": "h100-sxm"},
+        "fleet": {
+            "replicas": 1,
+            "tensor_parallel": 1,
+            "block_size_tokens": block,
+            "enable_prefix_caching": False,
+        },
+        "traffic": traffic,
+        "autoscaler": {"policy": "static"},
+    }
+
+
+#: the flat light traffic of the KV-in-flight checks (requests_per_day set by each)
+KV_LIGHT_SIZES = {
+    "diurnal": "flat",
+    "prompt": {"dist": "uniform", "low": 200, "high": 600},
+    "output": {"dist": "geometric", "mean": 400, "max": 4000},
+}
+
+
+def linear_profile(path: Path, weight_bytes: float, kv_bytes: float) -> Path:
+    """A linear step profile (tests/test_theory.py ``write_profile``: 10 ms a step, 2 ms + 1 us
+    a prompt token, 10 us a sequence, 1 ns a context token) whose memory at 0.9 utilisation
+    holds ``weight_bytes`` and ``kv_bytes`` of KV: the KV engine tests' replica."""
+    from test_theory import write_profile
+
+    return write_profile(
+        path,
+        base_s=0.01,
+        prefill_base_s=0.002,
+        per_prefill_token_s=1e-6,
+        per_seq_s=1e-5,
+        per_context_token_s=1e-9,
+        mem_bytes=(weight_bytes + kv_bytes) / 0.9,
+    )

@@ -10,9 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import ListSink, resolved
+from conftest import ListSink, linear_profile, resolved
 from test_kv_window import _spy
-from test_theory import write_profile
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.base.errors import ScenarioError
@@ -33,15 +32,7 @@ STATE_BLOCKS = 28 * 42  # 1,176
 
 def _scenario(tmp_path: Path, rows: list[tuple[float, int, int]], kv_gb: float, **fleet) -> dict:
     m = model_from_catalog(MODEL)
-    prof = write_profile(
-        tmp_path / "lin.json",
-        base_s=0.01,
-        prefill_base_s=0.002,
-        per_prefill_token_s=1e-6,
-        per_seq_s=1e-5,
-        per_context_token_s=1e-9,
-        mem_bytes=(m.weight_bytes + kv_gb * 1e9) / 0.9,
-    )
+    prof = linear_profile(tmp_path / "lin.json", m.weight_bytes, kv_gb * 1e9)
     f = tmp_path / "trace.csv"
     f.write_text(
         "arrival_s,prompt_tokens,output_tokens\n" + "".join(f"{a},{p},{o}\n" for a, p, o in rows)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import KV_LIGHT_SIZES, one_llama_replica
 
 from fleetsim.config.loading import load_scenario
 from fleetsim.config.resolve import resolve
@@ -97,25 +98,7 @@ def light_run(request):
     utilisation to the blocks held over time there.)"""
     from fleetsim.api import simulate
 
-    d = {
-        "seed": 7,
-        "simulation": {"hours": 1},
-        "model": {"name": "llama-3.1-8b"},
-        "hardware": {"gpu": "h100-sxm"},
-        "fleet": {
-            "replicas": 1,
-            "tensor_parallel": 1,
-            "block_size_tokens": request.param,
-            "enable_prefix_caching": False,
-        },
-        "traffic": {
-            "requests_per_day": 864_000,
-            "diurnal": "flat",
-            "prompt": {"dist": "uniform", "low": 200, "high": 600},
-            "output": {"dist": "geometric", "mean": 400, "max": 4000},
-        },
-        "autoscaler": {"policy": "static"},
-    }
+    d = one_llama_replica({"requests_per_day": 864_000, **KV_LIGHT_SIZES}, request.param)
     return simulate(d, requests=True), request.param
 
 

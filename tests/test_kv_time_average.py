@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ListSink, resolved
+from conftest import KV_LIGHT_SIZES, ListSink, one_llama_replica, resolved
 
 from fleetsim.apps.simulate import simulate
 
@@ -25,20 +25,7 @@ def _one_at_a_time(tmp_path, block: int):
     trace = tmp_path / "trace.csv"
     rows = [f"{10 + 60 * i},{P},{O}" for i in range(59)]
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n" + "\n".join(rows) + "\n")
-    d = {
-        "seed": 7,
-        "simulation": {"hours": 1},
-        "model": {"name": "llama-3.1-8b"},
-        "hardware": {"gpu": "h100-sxm"},
-        "fleet": {
-            "replicas": 1,
-            "tensor_parallel": 1,
-            "block_size_tokens": block,
-            "enable_prefix_caching": False,
-        },
-        "traffic": {"trace": str(trace)},
-        "autoscaler": {"policy": "static"},
-    }
+    d = one_llama_replica({"trace": str(trace)}, block)
     rs = resolved(d)
     sink = ListSink()
     res = simulate(rs, request_sink=sink)
@@ -83,25 +70,7 @@ def test_littles_law_at_low_load():
     from fleetsim.api import simulate as run_scenario
     from fleetsim.results.capacity import kv_tokens_per_sequence
 
-    d = {
-        "seed": 7,
-        "simulation": {"hours": 1},
-        "model": {"name": "llama-3.1-8b"},
-        "hardware": {"gpu": "h100-sxm"},
-        "fleet": {
-            "replicas": 1,
-            "tensor_parallel": 1,
-            "block_size_tokens": 16,
-            "enable_prefix_caching": False,
-        },
-        "traffic": {
-            "requests_per_day": 43_200,
-            "diurnal": "flat",
-            "prompt": {"dist": "uniform", "low": 200, "high": 600},
-            "output": {"dist": "geometric", "mean": 400, "max": 4000},
-        },
-        "autoscaler": {"policy": "static"},
-    }
+    d = one_llama_replica({"requests_per_day": 43_200, **KV_LIGHT_SIZES})
     run = run_scenario(d, requests=True)
     assert run.totals["preemptions"] == 0
     req = run.requests

@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from conftest import ListSink, merge, resolved
-from test_theory import write_profile
+from conftest import ListSink, linear_profile, merge, resolved
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.device.modelspec import model_from_catalog
@@ -21,15 +20,7 @@ _COMMIT, _FREE = PagedKV._commit_kv, PagedKV._free_kv
 
 def _scenario(tmp_path: Path, trace_rows: list[tuple[float, int, int]], kv_gb: float) -> dict:
     m = model_from_catalog("gemma-3-27b")
-    prof = write_profile(
-        tmp_path / "lin.json",
-        base_s=0.01,
-        prefill_base_s=0.002,
-        per_prefill_token_s=1e-6,
-        per_seq_s=1e-5,
-        per_context_token_s=1e-9,
-        mem_bytes=(m.weight_bytes + kv_gb * 1e9) / 0.9,
-    )
+    prof = linear_profile(tmp_path / "lin.json", m.weight_bytes, kv_gb * 1e9)
     f = tmp_path / "trace.csv"
     f.write_text(
         "arrival_s,prompt_tokens,output_tokens\n"

@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import resolved
-from test_theory import write_profile
+from conftest import linear_profile, resolved
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.device.modelspec import model_from_catalog
@@ -33,15 +32,7 @@ def _run(
     """Simulate ``rows`` (arrival s, prompt, output, ids) on one Gemma-3-27B replica with room
     for a few such prompts; the replica and the totals."""
     m = model_from_catalog("gemma-3-27b")
-    prof = write_profile(
-        tmp_path / "lin.json",
-        base_s=0.01,
-        prefill_base_s=0.002,
-        per_prefill_token_s=1e-6,
-        per_seq_s=1e-5,
-        per_context_token_s=1e-9,
-        mem_bytes=(m.weight_bytes + 4e9) / 0.9,
-    )
+    prof = linear_profile(tmp_path / "lin.json", m.weight_bytes, 4e9)
     f = tmp_path / "trace.jsonl"
     f.write_text(
         "".join(

@@ -16,8 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import merge, resolved
-from test_theory import write_profile
+from conftest import linear_profile, merge, resolved
 
 from fleetsim.apps.simulate import simulate
 from fleetsim.device.modelspec import model_from_catalog
@@ -38,15 +37,7 @@ def _sessions(
     request, its unreferenced entries in eviction order)`` returns right after the first
     turn 1 finished."""
     m = model_from_catalog(model)
-    prof = write_profile(
-        tmp_path / "lin.json",
-        base_s=0.01,
-        prefill_base_s=0.002,
-        per_prefill_token_s=1e-6,
-        per_seq_s=1e-5,
-        per_context_token_s=1e-9,
-        mem_bytes=(m.weight_bytes + 8e9) / 0.9,
-    )
+    prof = linear_profile(tmp_path / "lin.json", m.weight_bytes, 8e9)
     d = {
         "seed": 5,
         "simulation": {"hours": 1},
