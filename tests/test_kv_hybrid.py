@@ -251,3 +251,20 @@ def test_validate_says_what_the_state_holds():
     line = next(x for x in r.stderr.splitlines() if x.startswith("# model"))
     assert "linear-state state, 72.8 MB (1,176 layer-blocks of 16 tokens" in line
     assert "longest request" in line
+
+
+def test_a_trace_of_tiny_requests_is_not_refused_for_its_typical_tokens(tmp_path):
+    """0.3 GB of KV on Nemotron-Nano-9B-v2 holds 4,577 layer-blocks: 3 sequences' states
+    (1,176 each) and their attention blocks. A trace of 1 + 1-token requests makes the typical
+    sequence's bytes per token its whole state (72.8 MB for 2 tokens held over 1 + 1
+    iterations: branch t48), so the budget in typical tokens is less than one 16-token block
+    (0 tokens) while the engine holds 3 such requests at once; the replica is refused only when
+    the engine cannot hold one request (the longest request: (4,577 - 1,176) // 4 x 16 =
+    13,600 tokens), and all 12 complete."""
+    rows = [(0.01 * i, 1, 1) for i in range(12)]
+    rs = resolved(_scenario(tmp_path, rows, 0.3))
+    assert rs.kv.layer_blocks == int(0.3e9 // LAYER_BLOCK_BYTES) == 4577
+    assert rs.kv.tokens == 0
+    assert rs.kv.request_tokens == (4577 - STATE_BLOCKS) // 4 * B == 13_600
+    res = simulate(rs)
+    assert res.totals.requests_completed == 12

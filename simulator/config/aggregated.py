@@ -637,8 +637,11 @@ def _checked_kv_budget(sc: Scenario, model: ModelSpec, profile: Profile, src: st
         * sc.fleet.gpu_memory_utilization
     )
     kvb = kv_budget(sc, model, profile.mem_bytes, src)
-    kv_tokens = kvb.tokens
-    if kv_tokens <= 0:
+    # what the engine itself can hold (the longest request; a window or hybrid model's
+    # layer-blocks), not the estimate in typical tokens: a hybrid's state per sequence spread
+    # over a trace of very short requests makes that estimate less than one block while the
+    # cache still holds several of them
+    if kvb.request_tokens <= 0:
         raise ScenarioError(
             "fleet.gpu_memory_utilization",
             sc.fleet.gpu_memory_utilization,
