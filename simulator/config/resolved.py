@@ -160,8 +160,13 @@ def typical_kv_bytes_per_token(sc: Scenario, model: ModelSpec, tp: int, source: 
     window layer holds ``min(L, W)`` of a context ``L``, so a sequence whose life crosses ``W``
     holds less there than its mid-life context would say, and a long output holds its KV
     longer. :meth:`ModelSpec.kv_bytes_per_token_tp` (every token in every layer) for a model
-    whose KV is proportional to its context."""
+    whose KV is proportional to its context, and under the reserve policy with sizes from a
+    file: that engine admits a window model's request against this budget in tokens, so the
+    longest request a trace may hold would otherwise depend on the trace's other requests (a
+    paged engine counts window models exactly, in layer-blocks)."""
     if model.kv_uniform:
+        return model.kv_bytes_per_token_tp(tp)
+    if sc.fleet.kv_allocation == "reserve" and sizes_from_file(sc):
         return model.kv_bytes_per_token_tp(tp)
     sizes = typical_sizes(sc, source=source)
     from fleetsim.workload.inflight import token_iterations
