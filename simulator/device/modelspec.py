@@ -749,7 +749,7 @@ class ModelSpec:
         """KV bytes per token of a replica holding sequences that hold ``tokens`` token-
         iterations (a sequence's context summed over its iterations in flight), ``window_tokens``
         of them within the sliding window (each iteration's context capped at the window) over
-        ``iterations`` iterations (means per request: results/capacity.py
+        ``iterations`` iterations (means per request: workload/inflight.py
         ``token_iterations``): their bytes over their tokens, ``(e rep (G tokens + S
         window_tokens) + state iterations) / tokens`` with ``e`` one token's K and V in one layer,
         ``rep`` the KV heads' copies over the ``tp`` GPUs (:meth:`kv_bytes_tp` summed over the

@@ -640,10 +640,7 @@ class PagedKV(BlockPool):
                 self.free = free - x
             else:
                 self._take(x)
-            # _held_block_s, inlined (once per run)
-            bs = used * dt + x * (0.5 * j / m) * (dt - self.t_first)
-        else:
-            bs = used * dt
+        bs = self._held_block_s(used, x, j, dt)
         self.rec.kv_block_s[h] += bs * self.wscale if self.win is not None else bs
 
     def _held_block_s(self, used: int, x: int, j: int, dt: float) -> float:
